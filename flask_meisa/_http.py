@@ -1,0 +1,271 @@
+"""The transport under :class:`~flask_meisa.client.MeisaClient`: its pooled session, one
+HTTP attempt, and safe error text.
+
+An attempt returns either a 2xx status and its parsed body, or a typed error built from
+the answer or from the ``requests`` exception. Errors are built here, returned and raised
+by the caller outside any ``except`` block, so they chain no ``requests`` exception (those
+hold the prepared request, headers included). Text taken from an answer is cleaned of
+the API key, anything shaped like a Meisa key or an email address, and control
+characters, and cut short.
+"""
+
+from __future__ import annotations
+
+import html
+import http.client
+import json
+import os
+import re
+import socket
+import ssl
+import threading
+from collections.abc import Iterator
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+import urllib3.exceptions
+from requests.adapters import HTTPAdapter
+
+from .errors import APIConnectionError
+from .errors import APIError
+from .errors import APITimeoutError
+from .errors import MeisaError
+from .errors import error_for_status
+from .retry import parse_retry_after
+
+__all__ = ["Request", "SessionHolder", "attempt", "clean_text", "describe", "new_session"]
+
+#: Longest message kept from an error answer.
+MAX_MESSAGE = 200
+#: Longest excerpt kept from a non-JSON error answer.
+MAX_EXCERPT = 120
+
+_KEY_SHAPE = re.compile(r"meisa_[A-Za-z0-9]+_[A-Za-z0-9_\-]+")
+_EMAIL_SHAPE = re.compile(r"[^\s@\"'<>(),;:\[\]]+@[^\s@\"'<>(),;:\[\]]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_TAG = re.compile(r"<[^>]*>")
+_SPACES = re.compile(r"\s+")
+
+
+@dataclass(frozen=True)
+class Request:
+    """What one call sends on every attempt (the body is encoded once)."""
+
+    method: str
+    url: str
+    endpoint: str
+    data: bytes | None
+    params: Mapping[str, str] | None
+
+
+class SessionHolder:
+    """The session a client and its ``with_options`` copies share.
+
+    The client's own session is made on first use and made again in a forked child, whose
+    inherited pooled sockets belong to the parent.
+    """
+
+    def __init__(self, session: requests.Session | None, pool_size: int) -> None:
+        self._given = session
+        self._session = session
+        self._pool_size = pool_size
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def get(self) -> requests.Session:
+        """The session to use now (made on first use, and again after a fork)."""
+        session = self._session
+        if session is not None and (self._given is not None or self._pid == os.getpid()):
+            return session
+        with self._lock:
+            if self._closed:
+                raise MeisaError("this MeisaClient is closed")
+            if self._session is None or self._pid != os.getpid():
+                self._session = new_session(self._pool_size)
+                self._pid = os.getpid()
+            return self._session
+
+    def close(self) -> None:
+        """Close the session unless it was passed in; later use raises."""
+        with self._lock:
+            self._closed = True
+            session, self._session = self._session, None
+        if session is not None and self._given is None:
+            session.close()
+
+
+def new_session(pool_size: int) -> requests.Session:
+    """A session with a keep-alive pool of ``pool_size`` connections per host."""
+    session = requests.Session()
+    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    return session
+
+
+def attempt(
+    session: requests.Session,
+    request: Request,
+    headers: Mapping[str, str],
+    timeout: tuple[float, float],
+    secret: str,
+) -> tuple[int, Any, MeisaError | None]:
+    """Make one attempt: ``(status, parsed body, None)`` on 2xx, else ``(status, None,
+    error)`` with status 0 when no answer came."""
+    try:
+        response = session.request(
+            request.method,
+            request.url,
+            params=request.params,
+            data=request.data,
+            headers=headers,
+            timeout=timeout,
+            allow_redirects=False,  # a redirect would carry the key to another host
+        )
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+        return 0, None, _connection_error(request.endpoint, exc, timeout)
+    status = response.status_code
+    if 200 <= status < 300:
+        return status, _json(response.content), None
+    return status, None, _api_error(request.endpoint, response, secret)
+
+
+def describe(error: MeisaError) -> str:
+    """A short account of a failed attempt for a log line: status and code, or reason."""
+    if isinstance(error, APIError):
+        code = f" [{error.code}]" if error.code else ""
+        return f"answered {error.status}{code}"
+    if isinstance(error, APIConnectionError):
+        return f"failed: {error.reason}"
+    return "failed"
+
+
+def _json(content: bytes) -> Any:
+    if not content:
+        return None
+    try:
+        return json.loads(content)
+    except ValueError:
+        return None
+
+
+def clean_text(text: str, secret: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` without the key, key- or email-shaped words and control characters,
+    whitespace collapsed and cut to ``limit`` characters."""
+    if secret:
+        text = text.replace(secret, "[redacted]")
+    text = _KEY_SHAPE.sub("[redacted]", text)
+    text = _EMAIL_SHAPE.sub("[email]", text)
+    text = _SPACES.sub(" ", _CONTROL.sub(" ", text)).strip()
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def _scrub(value: Any, secret: str) -> Any:
+    """An error body with the same cleaning applied to every string (no length cap)."""
+    if isinstance(value, str):
+        return clean_text(value, secret, limit=len(value) + 1)
+    if isinstance(value, Mapping):
+        return {str(k): _scrub(v, secret) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub(v, secret) for v in value]
+    return value
+
+
+def _api_error(endpoint: str, response: requests.Response, secret: str) -> APIError:
+    status = response.status_code
+    body = _json(response.content)
+    code: str | None = None
+    message: str | None = None
+    if isinstance(body, Mapping):
+        raw_code = body.get("code")
+        if isinstance(raw_code, str) and raw_code.strip():
+            code = clean_text(raw_code, secret, limit=64)
+        for name in ("detail", "message", "error"):
+            value = body.get(name)
+            if isinstance(value, str) and value.strip():
+                message = clean_text(value, secret)
+                break
+            if isinstance(value, (Mapping, list)) and value:
+                message = clean_text(json.dumps(value, ensure_ascii=False), secret)
+                break
+    elif body is None and response.content:
+        excerpt = response.content[:2048].decode("utf-8", "replace")
+        excerpt = clean_text(html.unescape(_TAG.sub(" ", excerpt)), secret, MAX_EXCERPT)
+        if excerpt:
+            message = f"non-JSON answer: {excerpt}"
+    if not message:
+        message = clean_text(response.reason or "", secret) or "no details"
+    return error_for_status(status)(
+        endpoint,
+        status,
+        message,
+        code=code,
+        body=_scrub(body, secret),
+        retry_after=parse_retry_after(response.headers.get("Retry-After")),
+    )
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it wraps: args, urllib3's ``reason``, causes."""
+    pending = [exc]
+    seen: set[int] = set()
+    while pending and len(seen) < 32:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        inner = [a for a in current.args if isinstance(a, BaseException)]
+        reason = getattr(current, "reason", None)
+        if isinstance(reason, BaseException):
+            inner.append(reason)
+        inner.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+        pending.extend(inner)
+
+
+# Checked in order: RemoteDisconnected is a ConnectionResetError, the certificate error
+# an SSLError.
+_REASONS: tuple[tuple[tuple[type[BaseException], ...], str, bool], ...] = (
+    ((http.client.RemoteDisconnected,), "the server closed the connection unanswered", True),
+    ((ConnectionRefusedError,), "connection refused", True),
+    ((ConnectionResetError, BrokenPipeError), "connection reset", True),
+    (
+        (
+            http.client.IncompleteRead,
+            urllib3.exceptions.IncompleteRead,
+            urllib3.exceptions.InvalidChunkLength,
+            requests.exceptions.ChunkedEncodingError,
+        ),
+        "the answer was cut off",
+        True,
+    ),
+    ((ssl.SSLCertVerificationError,), "TLS certificate verification failed", False),
+    ((ssl.SSLError, requests.exceptions.SSLError), "TLS error", True),
+    ((socket.gaierror, urllib3.exceptions.NameResolutionError), "host not resolved", True),
+    ((requests.exceptions.ContentDecodingError,), "the answer could not be decoded", True),
+    ((requests.ConnectionError, urllib3.exceptions.ProtocolError), "connection failed", True),
+)
+
+
+def _connection_error(
+    endpoint: str, exc: BaseException, timeout: tuple[float, float]
+) -> APIConnectionError:
+    chain = list(_chain(exc))
+    # Trust requests' own split: urllib3's NewConnectionError (a refusal) subclasses its
+    # ConnectTimeoutError, so the chain alone cannot tell a refusal from a timeout.
+    if isinstance(exc, requests.ConnectTimeout):
+        return APITimeoutError(endpoint, f"no connection within {timeout[0]:g} s")
+    if isinstance(exc, requests.Timeout) or any(
+        isinstance(e, (urllib3.exceptions.ReadTimeoutError, TimeoutError)) for e in chain
+    ):
+        return APITimeoutError(endpoint, f"no answer within {timeout[1]:g} s")
+    for kinds, reason, retryable in _REASONS:
+        if any(isinstance(e, kinds) for e in chain):
+            return APIConnectionError(endpoint, reason, retryable=retryable)
+    # InvalidURL, InvalidHeader and the like: a fault here, not a flaky network.
+    return APIConnectionError(
+        endpoint, f"request not sent ({type(exc).__name__})", retryable=False
+    )

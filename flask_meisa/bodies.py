@@ -1,0 +1,119 @@
+"""Validated request bodies of the calls the extension queues: upsert, track, trigger.
+
+The extension validates an operation with these before it queues anything, and the
+client builds its request bodies with the same functions, so a payload that was queued
+is one the client accepts. Each returns a JSON-ready dict without ``None`` fields and
+raises :class:`~flask_meisa.errors.ValidationError` naming the field.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from .errors import ValidationError
+from .payloads import JSONValue
+from .payloads import json_object
+from .payloads import normalize_email
+from .payloads import normalize_external_id
+from .payloads import optional_text
+from .payloads import require_text
+from .payloads import text_list
+
+__all__ = ["CONTACT_SOURCES", "track_body", "trigger_body", "upsert_body"]
+
+#: The ``source`` values Meisa accepts on an upsert.
+CONTACT_SOURCES = frozenset({"api", "import", "manual", "signup", "initial_sync"})
+
+_UPSERT_FIELDS = frozenset(
+    {
+        "email",
+        "external_id",
+        "first_name",
+        "last_name",
+        "display_name",
+        "source",
+        "custom_fields",
+        "tag_names",
+    }
+)
+
+
+def _without_none(body: Mapping[str, JSONValue]) -> dict[str, JSONValue]:
+    return {name: value for name, value in body.items() if value is not None}
+
+
+def _unknown(fields: Mapping[str, Any], known: frozenset[str], what: str) -> None:
+    for name in fields:
+        if name not in known:
+            raise ValidationError(str(name), f"is not a field of {what}")
+
+
+def upsert_body(fields: Mapping[str, Any]) -> dict[str, JSONValue]:
+    """The body of ``POST /contacts/upsert/`` from its fields (``email`` required)."""
+    _unknown(fields, _UPSERT_FIELDS, "a contact upsert")
+    if fields.get("email") is None:
+        raise ValidationError("email", "is required")
+    source = optional_text(fields.get("source"), "source")
+    if source is not None and source not in CONTACT_SOURCES:
+        raise ValidationError("source", f"must be one of {', '.join(sorted(CONTACT_SOURCES))}")
+    external_id = fields.get("external_id")
+    tag_names = fields.get("tag_names")
+    return _without_none(
+        {
+            "email": normalize_email(fields["email"]),
+            "external_id": None if external_id is None else normalize_external_id(external_id),
+            "first_name": optional_text(fields.get("first_name"), "first_name"),
+            "last_name": optional_text(fields.get("last_name"), "last_name"),
+            "display_name": optional_text(fields.get("display_name"), "display_name"),
+            "source": source,
+            "custom_fields": json_object(fields.get("custom_fields"), "custom_fields"),
+            "tag_names": None
+            if tag_names is None
+            else list(dict.fromkeys(text_list(tag_names, "tag_names"))),
+        }
+    )
+
+
+def track_body(
+    event_name: object,
+    *,
+    email: object = None,
+    external_id: object = None,
+    properties: object = None,
+) -> dict[str, JSONValue]:
+    """The body of ``POST /events/track/`` (``email`` or ``external_id`` required)."""
+    name = require_text(event_name, "event_name")
+    if email is None and external_id is None:
+        raise ValidationError("email", "an email or an external_id is required")
+    return _without_none(
+        {
+            "event_name": name,
+            "email": None if email is None else normalize_email(email),
+            "external_id": None if external_id is None else normalize_external_id(external_id),
+            "properties": json_object(properties, "properties"),
+        }
+    )
+
+
+def trigger_body(
+    trigger_key: object,
+    to_email: object,
+    *,
+    variables: object = None,
+    recipient: object = None,
+    idempotency_key: object = None,
+) -> dict[str, JSONValue]:
+    """The body of ``POST /emails/trigger/``, with an ``idempotency_key`` (a random one
+    when none is given)."""
+    key = uuid.uuid4().hex if idempotency_key is None else idempotency_key
+    return _without_none(
+        {
+            "trigger_key": require_text(trigger_key, "trigger_key"),
+            "to_email": normalize_email(to_email, "to_email"),
+            "variables": json_object(variables, "variables"),
+            "recipient": json_object(recipient, "recipient"),
+            "idempotency_key": require_text(key, "idempotency_key"),
+        }
+    )

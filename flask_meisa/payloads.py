@@ -1,0 +1,280 @@
+"""Input validation and JSON conversion, applied before any request is made.
+
+Every check raises :class:`~flask_meisa.errors.ValidationError` naming the offending field
+(``"email"``, ``"custom_fields.tags[2]"``) and never repeating its value, so the error can be
+logged as is.
+
+Conversions done by :func:`to_json_value`:
+
+=====================  ===============================================================
+``str``, ``int``,      passed through (``bool`` stays ``bool``); ``NaN`` and infinities
+``float``, ``bool``,   are refused
+``None``
+``datetime``           ISO 8601 in UTC with a ``Z`` suffix; a naive value is taken as UTC
+``date``               ``"YYYY-MM-DD"``
+``time``               ``time.isoformat()`` (``"HH:MM:SS"``, with its UTC offset if aware)
+``Decimal``            ``int`` when integral, else ``float``; ``NaN``/infinities refused
+``UUID``               its canonical string
+``Enum``               its ``value``, converted in turn
+mapping (``str`` keys) ``dict``
+``list``, ``tuple``    ``list``
+anything else          refused (sets, bytes, arbitrary objects)
+=====================  ===============================================================
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import re
+import uuid
+from collections.abc import Iterable
+from collections.abc import Mapping
+from decimal import Decimal
+from enum import Enum
+from typing import Any
+from typing import TypeAlias
+
+from .errors import ValidationError
+
+__all__ = [
+    "MAX_BODY_BYTES",
+    "MAX_DEPTH",
+    "MAX_EMAIL_LENGTH",
+    "MAX_TEXT_LENGTH",
+    "JSONValue",
+    "encode_body",
+    "json_object",
+    "normalize_email",
+    "normalize_external_id",
+    "optional_text",
+    "require_text",
+    "text_list",
+    "to_json_value",
+    "unique_emails",
+]
+
+JSONValue: TypeAlias = "str | int | float | bool | list[JSONValue] | dict[str, JSONValue] | None"
+
+#: The longest email address accepted (RFC 5321's path limit).
+MAX_EMAIL_LENGTH = 254
+#: The default length limit of :func:`require_text`.
+MAX_TEXT_LENGTH = 255
+#: How deeply :func:`to_json_value` lets containers nest.
+MAX_DEPTH = 32
+#: The largest request body :func:`encode_body` produces (512 KiB).
+MAX_BODY_BYTES = 512 * 1024
+
+# C0 and C1 control characters plus the Unicode line and paragraph separators: none of them
+# belongs in an address or a name, and CR/LF could split a header or a log line.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_WHITESPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
+_UTC = dt.timezone.utc
+
+
+def _type_name(value: object) -> str:
+    return type(value).__name__
+
+
+def normalize_email(value: object, field: str = "email") -> str:
+    """Check one email address and return it stripped and lowercased.
+
+    :raises ValidationError: if ``value`` is not a string holding exactly one plausible
+        address (one ``@``, a non-empty local part, a dotted domain without empty labels,
+        no whitespace or control characters, at most 254 characters).
+    """
+    if not isinstance(value, str):
+        raise ValidationError(field, f"must be a string, not {_type_name(value)}")
+    email = value.strip()
+    if not email:
+        raise ValidationError(field, "must not be empty")
+    if len(email) > MAX_EMAIL_LENGTH:
+        raise ValidationError(field, f"is longer than {MAX_EMAIL_LENGTH} characters")
+    if _WHITESPACE_OR_CONTROL.search(email):
+        raise ValidationError(field, "must not contain whitespace or control characters")
+    local, at, domain = email.partition("@")
+    if not at or "@" in domain:
+        raise ValidationError(field, "must contain exactly one '@'")
+    if not local:
+        raise ValidationError(field, "has an empty part before the '@'")
+    if len(local) > 64:
+        raise ValidationError(field, "has more than 64 characters before the '@'")
+    labels = domain.split(".")
+    if len(labels) < 2 or not all(labels):
+        raise ValidationError(field, "must have a domain like 'example.com' after the '@'")
+    return email.lower()
+
+
+def require_text(value: object, field: str, max_length: int = MAX_TEXT_LENGTH) -> str:
+    """Check a short identifier or name (trigger key, event name, slug, tag) and strip it.
+
+    :raises ValidationError: unless ``value`` is a string that is non-empty after stripping,
+        at most ``max_length`` characters long and free of line breaks and other control
+        characters (surrounding ones included; surrounding spaces are stripped).
+    """
+    if not isinstance(value, str):
+        raise ValidationError(field, f"must be a string, not {_type_name(value)}")
+    text = value.strip()
+    if not text:
+        raise ValidationError(field, "must not be empty")
+    # Checked before stripping too: a stray CR/LF at the end is a bug, not padding.
+    if _CONTROL.search(value):
+        raise ValidationError(field, "must not contain line breaks or control characters")
+    if len(text) > max_length:
+        raise ValidationError(field, f"is longer than {max_length} characters")
+    return text
+
+
+def optional_text(value: object, field: str, max_length: int = MAX_TEXT_LENGTH) -> str | None:
+    """:func:`require_text`, except that ``None`` passes through."""
+    return None if value is None else require_text(value, field, max_length)
+
+
+def normalize_external_id(value: object, field: str = "external_id") -> str:
+    """Check the app's own user id: a non-empty string, or an integer (made a string)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if not isinstance(value, str):
+        raise ValidationError(field, f"must be a string or an integer, not {_type_name(value)}")
+    return require_text(value, field)
+
+
+def text_list(value: object, field: str, max_length: int = MAX_TEXT_LENGTH) -> list[str]:
+    """Check a list (or tuple) of names, e.g. ``tag_names``; each item as :func:`require_text`."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise ValidationError(field, f"must be a list of strings, not {_type_name(value)}")
+    return [require_text(item, f"{field}[{i}]", max_length) for i, item in enumerate(value)]
+
+
+def json_object(value: object, field: str) -> dict[str, JSONValue] | None:
+    """Convert a JSON object field (``custom_fields``, ``properties``, ``variables``...).
+
+    ``None`` passes through; a mapping is converted with :func:`to_json_value`; anything
+    else is refused.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ValidationError(field, f"must be a mapping (a JSON object), not {_type_name(value)}")
+    converted = to_json_value(value, field)
+    assert isinstance(converted, dict)
+    return converted
+
+
+def to_json_value(value: object, field: str, *, _depth: int = 0) -> JSONValue:
+    """Convert ``value`` to plain JSON data (see the module's table), recursively.
+
+    :param field: the path reported in errors; nested items extend it, e.g.
+        ``custom_fields.tags[2]``.
+    :raises ValidationError: for a value that has no JSON form, a non-string mapping key,
+        ``NaN`` or an infinity, or nesting deeper than :data:`MAX_DEPTH`.
+    """
+    kind = type(value)
+    # Exact-type fast paths first: most values are plain.
+    if value is None or kind is bool:
+        return value  # type: ignore[return-value]
+    if kind is str:
+        return _check_str(value, field)  # type: ignore[arg-type]
+    if kind is int:
+        return value  # type: ignore[return-value]
+    if kind is float:
+        return _check_float(value, field)  # type: ignore[arg-type]
+    # Enum before str/int: a str- or int-based Enum must become its plain value.
+    if isinstance(value, Enum):
+        return to_json_value(value.value, field, _depth=_depth)
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, str):
+        return _check_str(str(value), field)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return _check_float(float(value), field)
+    if isinstance(value, dt.datetime):
+        aware = value.replace(tzinfo=_UTC) if value.tzinfo is None else value.astimezone(_UTC)
+        return aware.replace(tzinfo=None).isoformat() + "Z"
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    if isinstance(value, dt.time):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return _decimal(value, field)
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, (Mapping, list, tuple)):
+        if _depth >= MAX_DEPTH:
+            raise ValidationError(field, f"nests deeper than {MAX_DEPTH} levels")
+        if isinstance(value, Mapping):
+            return _mapping(value, field, _depth + 1)
+        return [
+            to_json_value(item, f"{field}[{i}]", _depth=_depth + 1) for i, item in enumerate(value)
+        ]
+    raise ValidationError(field, f"cannot be sent as JSON ({_type_name(value)})")
+
+
+def _mapping(value: Mapping[Any, Any], field: str, depth: int) -> dict[str, JSONValue]:
+    out: dict[str, JSONValue] = {}
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise ValidationError(field, f"has a key that is not a string ({_type_name(key)})")
+        out[str(key)] = to_json_value(item, f"{field}.{key}", _depth=depth)
+    return out
+
+
+def _check_str(value: str, field: str) -> str:
+    if not value.isascii() and not _encodable(value):
+        # Raised outside the except clause: the codec error would chain the whole text.
+        raise ValidationError(field, "is not valid Unicode text")
+    return value
+
+
+def _encodable(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_float(value: float, field: str) -> float:
+    if not math.isfinite(value):
+        raise ValidationError(field, "must be a finite number (not NaN or infinity)")
+    return value
+
+
+def _decimal(value: Decimal, field: str) -> int | float:
+    if not value.is_finite():
+        raise ValidationError(field, "must be a finite number (not NaN or infinity)")
+    if value == value.to_integral_value():
+        return int(value)
+    return _check_float(float(value), field)
+
+
+def encode_body(body: Mapping[str, JSONValue], max_bytes: int = MAX_BODY_BYTES) -> bytes:
+    """Serialise an already converted request body as compact UTF-8 JSON.
+
+    :raises ValidationError: when the result is larger than ``max_bytes``; the field named
+        is the largest top-level field.
+    """
+    data = json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    encoded = data.encode("utf-8")
+    if len(encoded) > max_bytes:
+        largest = max(body, key=lambda k: len(json.dumps(body[k], ensure_ascii=False)))
+        raise ValidationError(
+            largest,
+            f"makes the request body {len(encoded)} bytes, over the {max_bytes}-byte limit",
+        )
+    return encoded
+
+
+def unique_emails(values: Iterable[object], field: str) -> list[str]:
+    """Normalise each address (errors name ``field[i]``) and drop repeats, keeping order."""
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
+        raise ValidationError(field, f"must be a list of addresses, not {_type_name(values)}")
+    seen: dict[str, None] = {}
+    for i, item in enumerate(values):
+        seen.setdefault(normalize_email(item, f"{field}[{i}]"), None)
+    return list(seen)

@@ -1,0 +1,338 @@
+"""Key hygiene, configuration checks, and validation that stops a call before any request."""
+
+from __future__ import annotations
+
+import logging
+import math
+import pickle
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+
+from flask_meisa import _http
+from flask_meisa.client import MeisaClient
+from flask_meisa.errors import APIConnectionError
+from flask_meisa.errors import BadRequestError
+from flask_meisa.errors import ConfigurationError
+from flask_meisa.errors import MeisaError
+from flask_meisa.errors import ValidationError
+from flask_meisa.payloads import MAX_BODY_BYTES
+from flask_meisa.retry import RetryPolicy
+
+FAST = RetryPolicy(max_attempts=2, base_delay=0.01, max_delay=0.02, deadline=5.0)
+
+
+@pytest.fixture
+def secret(emulator: Any) -> str:
+    """A long random key with every scope, made for this test."""
+    key: str = emulator.create_key()
+    assert len(key) >= 32
+    return key
+
+
+@pytest.fixture
+def client(emulator: Any, secret: str) -> Iterator[MeisaClient]:
+    with MeisaClient(secret, emulator.url, retry=FAST, timeout=(1.0, 0.3)) as meisa:
+        yield meisa
+
+
+def texts_of(error: BaseException) -> Iterator[str]:
+    """Every text an error shows: str, repr, args, attributes, and its chained causes."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield str(current)
+        yield repr(current)
+        yield repr(current.args)
+        yield repr(vars(current))
+        pending += [current.__cause__, current.__context__]
+
+
+# -- the key stays secret --------------------------------------------------------------
+
+
+def test_key_absent_from_logs_and_errors(
+    client: MeisaClient, emulator: Any, secret: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    emulator.add_trigger("verify_email")
+    limited = emulator.create_key(scopes=["contacts:read"])
+    errors: list[BaseException] = []
+
+    def expect_failure(call: Any) -> None:
+        try:
+            call()
+        except MeisaError as error:
+            errors.append(error)
+        else:
+            raise AssertionError("the call should have failed")
+
+    with caplog.at_level(logging.DEBUG):
+        for name in ("requests", "urllib3", "flask_meisa"):
+            assert logging.getLogger(name).isEnabledFor(logging.DEBUG)
+        client.ping()
+        client.upsert_contact("ada@example.com", custom_fields={"plan": "pro"})
+        client.trigger_email("verify_email", "ada@example.com", variables={"code": "9"})
+        emulator.faults.fail_next(5, status=503)
+        expect_failure(client.ping)
+        emulator.faults.drop_next(5)
+        expect_failure(client.ping)
+        emulator.faults.set(latency=0.6)
+        expect_failure(client.ping)
+        emulator.faults.set(latency=0)
+        expect_failure(lambda: client.track_event("x", email="nobody@example.com"))
+        expect_failure(lambda: client.trigger_email("nope", "ada@example.com"))
+        expect_failure(lambda: client.upsert_contact("ada@example.com", source="bogus"))
+        with MeisaClient(limited, emulator.url) as narrow:
+            expect_failure(lambda: narrow.upsert_contact("ada@example.com"))
+        with MeisaClient(secret + "x", emulator.url) as wrong:
+            expect_failure(wrong.ping)
+        with MeisaClient(secret, "http://127.0.0.1:9/api/v1", retry=FAST) as nowhere:
+            expect_failure(nowhere.ping)
+
+    assert len(errors) == 9
+    assert any(r.name.startswith("urllib3") for r in caplog.records)
+    assert any(r.name == "flask_meisa.client" for r in caplog.records)
+    for record in caplog.records:
+        assert secret not in record.getMessage()
+        assert limited not in record.getMessage()
+    for error in errors:
+        for text in texts_of(error):
+            assert secret not in text
+            assert secret[-12:] not in text
+            assert limited not in text
+            assert "ada@example.com" not in text
+
+
+def test_connection_errors_chain_nothing(emulator: Any, secret: str) -> None:
+    nowhere = "http://127.0.0.1:9/api/v1"
+    with (
+        MeisaClient(secret, nowhere, retry=RetryPolicy.never()) as meisa,
+        pytest.raises(APIConnectionError) as info,
+    ):
+        meisa.ping()
+    assert info.value.__cause__ is None
+    assert info.value.__context__ is None
+    assert info.value.reason == "connection refused"
+    assert str(info.value) == "GET /ping/ failed: connection refused"
+
+
+def test_repr_shows_at_most_the_last_four(emulator: Any, secret: str) -> None:
+    with MeisaClient(secret, emulator.url + "//") as meisa:
+        text = repr(meisa)
+        assert text == f"MeisaClient(base_url={emulator.url!r}, api_key='…{secret[-4:]}')"
+        assert repr(meisa.with_options(retry=RetryPolicy.never())) == text
+        assert secret[:-4] not in text and secret[-5:] not in text
+        assert secret not in str(vars(meisa.retry))
+    with MeisaClient("short-key", emulator.url) as short:
+        assert "short" not in repr(short) and "-key" not in repr(short)
+
+
+def test_client_cannot_be_pickled(emulator: Any, secret: str) -> None:
+    with MeisaClient(secret, emulator.url) as meisa, pytest.raises(TypeError) as info:
+        pickle.dumps(meisa)
+    assert secret not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "bad", [None, 123, b"meisa_live_abc", "", "   ", "meisa live key", "meisa_live_\nx", "clé"]
+)
+def test_bad_keys_refused(bad: Any) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        MeisaClient(bad)
+    if isinstance(bad, str) and bad.strip():
+        assert bad.strip() not in str(info.value)
+
+
+def test_key_is_stripped(emulator: Any, secret: str) -> None:
+    with MeisaClient(f"  {secret}\n", emulator.url) as meisa:
+        assert meisa.ping().environment == "live"
+
+
+# -- base URL, timeout, policy -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "normalised"),
+    [
+        ("https://api.meisa.io/api/v1", "https://api.meisa.io/api/v1"),
+        ("https://api.meisa.io/api/v1///", "https://api.meisa.io/api/v1"),
+        ("http://127.0.0.1:8000/api/v1/", "http://127.0.0.1:8000/api/v1"),
+        ("http://127.9.9.9/api/v1", "http://127.9.9.9/api/v1"),
+        ("http://localhost:5000/api/v1", "http://localhost:5000/api/v1"),
+        ("http://[::1]:5000/api/v1", "http://[::1]:5000/api/v1"),
+    ],
+)
+def test_base_url_accepted(url: str, normalised: str) -> None:
+    with MeisaClient("meisa_live_" + "a" * 32, url) as meisa:
+        assert meisa.base_url == normalised
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://api.meisa.io/api/v1",
+        "http://10.0.0.5/api/v1",
+        "http://128.0.0.1/api/v1",
+        "http://localhost.example.com/api/v1",
+        "ftp://api.meisa.io/api/v1",
+        "api.meisa.io/api/v1",
+        "https:///api/v1",
+        "https://user:pw@api.meisa.io/api/v1",
+        "https://api.meisa.io/api/v1?x=1",
+        "https://api.meisa.io:99999/api/v1",
+        "",
+        None,
+    ],
+)
+def test_base_url_refused(url: Any) -> None:
+    with pytest.raises(ConfigurationError):
+        MeisaClient("meisa_live_" + "a" * 32, url)
+
+
+@pytest.mark.parametrize("timeout", [0, -1, math.nan, math.inf, (1.0,), (1.0, 0), "5", True])
+def test_bad_timeout_refused(timeout: Any) -> None:
+    with pytest.raises(ConfigurationError):
+        MeisaClient("meisa_live_" + "a" * 32, timeout=timeout)
+
+
+def test_timeout_forms() -> None:
+    key = "meisa_live_" + "a" * 32
+    with MeisaClient(key, timeout=5) as meisa:
+        assert meisa.timeout == (5.0, 5.0)
+        assert meisa.with_options(timeout=(1, 2)).timeout == (1.0, 2.0)
+        assert meisa.timeout == (5.0, 5.0)
+    with MeisaClient(key) as meisa:
+        assert meisa.timeout == (3.05, 10.0)
+        assert meisa.retry == RetryPolicy()
+
+
+def test_bad_retry_and_session_refused() -> None:
+    key = "meisa_live_" + "a" * 32
+    with pytest.raises(ConfigurationError):
+        MeisaClient(key, retry=5)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError):
+        MeisaClient(key, session=object())  # type: ignore[arg-type]
+
+
+# -- sessions --------------------------------------------------------------------------
+
+
+def test_copies_share_the_session_and_only_the_original_closes_it(
+    emulator: Any, secret: str
+) -> None:
+    meisa = MeisaClient(secret, emulator.url)
+    single = meisa.with_options(retry=RetryPolicy.never())
+    single.ping()
+    single.close()
+    assert meisa.ping().environment == "live"  # still open
+    meisa.close()
+    with pytest.raises(MeisaError, match="closed"):
+        single.ping()
+
+
+def test_a_given_session_is_used_and_left_open(emulator: Any, secret: str) -> None:
+    with requests.Session() as session:
+        with MeisaClient(secret, emulator.url, session=session) as meisa:
+            meisa.ping()
+        response = session.get(emulator.url + "/ping/", headers={"X-API-Key": secret})
+        assert response.status_code == 200
+
+
+# -- validation before any request -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda c: c.upsert_contact("not-an-email"), "email"),
+        (lambda c: c.upsert_contact("a@x.io", external_id=True), "external_id"),
+        (lambda c: c.upsert_contact("a@x.io", external_id=""), "external_id"),
+        (lambda c: c.upsert_contact("a@x.io", custom_fields={"s": {1}}), "custom_fields.s"),
+        (lambda c: c.upsert_contact("a@x.io", custom_fields={"n": math.nan}), "custom_fields.n"),
+        (lambda c: c.upsert_contact("a@x.io", custom_fields=["x"]), "custom_fields"),
+        (lambda c: c.upsert_contact("a@x.io", tag_names="vip"), "tag_names"),
+        (lambda c: c.upsert_contact("a@x.io", first_name="A\r\nB"), "first_name"),
+        (
+            lambda c: c.upsert_contact("a@x.io", custom_fields={"b": "x" * MAX_BODY_BYTES}),
+            "custom_fields",
+        ),
+        (lambda c: c.track_event("opened"), "email"),
+        (lambda c: c.track_event("", email="a@x.io"), "event_name"),
+        (lambda c: c.track_event("x", email="a@x.io", properties={"t": b"x"}), "properties.t"),
+        (lambda c: c.add_tag("id"), "tag_name"),
+        (lambda c: c.add_tag("id", tag_name="a", tag_id="b"), "tag_name"),
+        (lambda c: c.add_tag("", tag_name="a"), "contact_id"),
+        (lambda c: c.enroll("a@x.io", " "), "sequence_slug"),
+        (lambda c: c.enroll("a@x.io", "s", override_unsubscribe="yes"), "override_unsubscribe"),
+        (lambda c: c.enroll("a@x.io", "s", metadata={"d": object()}), "metadata.d"),
+        (
+            lambda c: c.bulk_enroll("s", [f"u{i}@x.io" for i in range(600)] + ["bad"]),
+            "emails[600]",
+        ),
+        (lambda c: c.bulk_enroll("s", "a@x.io"), "emails"),
+        (lambda c: c.list_sequences(status="a\nb"), "status"),
+        (lambda c: c.contact_enrollments("nope"), "email"),
+        (lambda c: c.trigger_email("", "a@x.io"), "trigger_key"),
+        (lambda c: c.trigger_email("t", "a@x.io, b@x.io"), "to_email"),
+        (lambda c: c.trigger_email("t", "a@x.io", recipient="a@x.io"), "recipient"),
+        (lambda c: c.trigger_email("t", "a@x.io", variables={"when": {1, 2}}), "variables.when"),
+        (lambda c: c.trigger_email("t", "a@x.io", idempotency_key=" "), "idempotency_key"),
+    ],
+)
+def test_validation_makes_no_request(
+    client: MeisaClient, emulator: Any, call: Any, field: str
+) -> None:
+    with pytest.raises(ValidationError) as info:
+        call(client)
+    assert info.value.field == field
+    assert emulator.requests == []
+
+
+# -- error text from unusual answers ---------------------------------------------------
+
+
+def answer(status: int, content: bytes, content_type: str = "application/json") -> Any:
+    response = requests.Response()
+    response.status_code = status
+    response._content = content
+    response.headers["Content-Type"] = content_type
+    response.reason = "Bad Gateway" if status == 502 else "Error"
+    return response
+
+
+def test_non_json_error_gets_a_short_clean_excerpt() -> None:
+    page = b"<html><body><h1>502 Bad Gateway</h1>" + b"<p>nginx</p>" * 100 + b"</body></html>"
+    error = _http._api_error("POST /contacts/upsert/", answer(502, page, "text/html"), "k")
+    assert error.message.startswith("non-JSON answer: 502 Bad Gateway nginx")
+    assert len(error.message) <= len("non-JSON answer: ") + _http.MAX_EXCERPT
+    assert "<" not in error.message
+    assert error.body is None
+
+
+def test_echoed_key_and_addresses_are_redacted() -> None:
+    key = "meisa_live_" + "f" * 32
+    body = (
+        b'{"detail": "Key meisa_live_' + b"f" * 32 + b' cannot email ada@example.com",'
+        b' "code": "nope", "errors": {"to_email": ["ada@example.com is bad"]}}'
+    )
+    error = _http._api_error("POST /emails/trigger/", answer(400, body), key)
+    assert isinstance(error, BadRequestError)
+    assert error.message == "Key [redacted] cannot email [email]"
+    assert error.field_errors == {"to_email": ["[email] is bad"]}
+    assert key not in repr(vars(error))
+
+
+def test_empty_or_odd_error_bodies() -> None:
+    assert _http._api_error("GET /ping/", answer(502, b""), "k").message == "Bad Gateway"
+    listed = _http._api_error("GET /ping/", answer(500, b'{"detail": ["a", "b"]}'), "k")
+    assert listed.message == '["a", "b"]'
+    assert _http._api_error("GET /ping/", answer(500, b"[1, 2]"), "k").message == "Error"
+    long = _http._api_error("GET /ping/", answer(500, b'{"detail": "' + b"x" * 999 + b'"}'), "k")
+    assert len(long.message) == _http.MAX_MESSAGE
+    assert long.message.endswith("…")

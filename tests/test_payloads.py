@@ -1,0 +1,310 @@
+"""payloads: every conversion and every refusal, without a network."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import json
+import uuid
+from collections import OrderedDict
+from decimal import Decimal
+from types import MappingProxyType
+from typing import Any
+
+import pytest
+
+from flask_meisa.errors import ValidationError
+from flask_meisa.payloads import MAX_BODY_BYTES
+from flask_meisa.payloads import MAX_DEPTH
+from flask_meisa.payloads import encode_body
+from flask_meisa.payloads import json_object
+from flask_meisa.payloads import normalize_email
+from flask_meisa.payloads import normalize_external_id
+from flask_meisa.payloads import optional_text
+from flask_meisa.payloads import require_text
+from flask_meisa.payloads import text_list
+from flask_meisa.payloads import to_json_value
+from flask_meisa.payloads import unique_emails
+
+
+class Plan(str, enum.Enum):
+    PRO = "pro"
+
+
+class Level(enum.IntEnum):
+    HIGH = 3
+
+
+class Nested(enum.Enum):
+    WHEN = dt.date(2024, 5, 1)
+
+
+# -- emails ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("ada@example.com", "ada@example.com"),
+        ("  Ada.Lovelace+x@Example.CO.uk \n", "ada.lovelace+x@example.co.uk"),
+        ("a@b.io", "a@b.io"),
+    ],
+)
+def test_normalize_email(value: str, expected: str) -> None:
+    assert normalize_email(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        (None, "must be a string"),
+        (b"ada@example.com", "must be a string"),
+        (42, "must be a string"),
+        ("", "must not be empty"),
+        ("   ", "must not be empty"),
+        ("ada.example.com", "exactly one '@'"),
+        ("ada@@example.com", "exactly one '@'"),
+        ("a@b@example.com", "exactly one '@'"),
+        ("@example.com", "empty part"),
+        ("ada@localhost", "domain"),
+        ("ada@example.", "domain"),
+        ("ada@.example.com", "domain"),
+        ("ada@example..com", "domain"),
+        ("ada@", "domain"),
+        ("ada lovelace@example.com", "whitespace"),
+        ("ada@example.com\r\nBcc: eve@example.com", "whitespace"),
+        ("ada\x00@example.com", "control"),
+        ("ada\x85@example.com", "control"),
+        ("a" * 65 + "@example.com", "64 characters"),
+        ("ada@" + "d" * 250 + ".com", "254"),
+    ],
+)
+def test_normalize_email_refusals(value: Any, fragment: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        normalize_email(value, "to_email")
+    assert info.value.field == "to_email"
+    assert fragment in info.value.message
+    if isinstance(value, str) and value.strip():
+        assert value.strip() not in str(info.value)
+
+
+def test_email_error_never_repeats_the_value() -> None:
+    with pytest.raises(ValidationError) as info:
+        normalize_email("secret.person@nowhere")
+    assert "secret.person" not in str(info.value)
+    assert str(info.value).startswith("email: ")
+
+
+# -- text ------------------------------------------------------------------------------
+
+
+def test_require_text_strips() -> None:
+    assert require_text("  welcome-email ", "trigger_key") == "welcome-email"
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        (None, "must be a string"),
+        (3, "must be a string"),
+        ("", "must not be empty"),
+        (" \t ", "must not be empty"),
+        ("a\nb", "control"),
+        ("welcome\n", "control"),
+        ("\r\nwelcome", "control"),
+        ("a\rb", "control"),
+        ("a\x1bb", "control"),
+        ("a\u2028b", "control"),
+        ("x" * 256, "longer than 255"),
+    ],
+)
+def test_require_text_refusals(value: Any, fragment: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        require_text(value, "event_name")
+    assert info.value.field == "event_name"
+    assert fragment in info.value.message
+
+
+def test_require_text_custom_length() -> None:
+    assert require_text("abc", "slug", max_length=3) == "abc"
+    with pytest.raises(ValidationError):
+        require_text("abcd", "slug", max_length=3)
+
+
+def test_optional_text() -> None:
+    assert optional_text(None, "first_name") is None
+    assert optional_text(" Ada ", "first_name") == "Ada"
+    with pytest.raises(ValidationError):
+        optional_text("", "first_name")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(42, "42"), ("u-1", "u-1"), (" 7 ", "7"), (uuid.UUID(int=1), str(uuid.UUID(int=1)))],
+)
+def test_external_id(value: Any, expected: str) -> None:
+    assert normalize_external_id(value) == expected
+
+
+@pytest.mark.parametrize("value", [True, 1.5, "", "  ", None, ["1"]])
+def test_external_id_refusals(value: Any) -> None:
+    with pytest.raises(ValidationError) as info:
+        normalize_external_id(value)
+    assert info.value.field == "external_id"
+
+
+def test_text_list() -> None:
+    assert text_list(("trial", " beta "), "tag_names") == ["trial", "beta"]
+    with pytest.raises(ValidationError) as info:
+        text_list("trial", "tag_names")
+    assert info.value.field == "tag_names"
+    with pytest.raises(ValidationError) as info:
+        text_list(["ok", ""], "tag_names")
+    assert info.value.field == "tag_names[1]"
+
+
+def test_unique_emails() -> None:
+    assert unique_emails(["A@x.io", "b@x.io", "a@X.io"], "emails") == ["a@x.io", "b@x.io"]
+    assert unique_emails(iter(()), "emails") == []
+    with pytest.raises(ValidationError) as info:
+        unique_emails(["a@x.io", "nope"], "emails")
+    assert info.value.field == "emails[1]"
+    for bad in ("a@x.io", 5, {"a@x.io": 1}):
+        with pytest.raises(ValidationError):
+            unique_emails(bad, "emails")  # type: ignore[arg-type]
+
+
+# -- JSON conversion -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("text", "text"),
+        (0, 0),
+        (-12, -12),
+        (1.25, 1.25),
+        (True, True),
+        (False, False),
+        (None, None),
+        (dt.datetime(2024, 3, 1, 12, 30, 5), "2024-03-01T12:30:05Z"),
+        (dt.datetime(2024, 3, 1, 12, 30, 5, 123000), "2024-03-01T12:30:05.123000Z"),
+        (
+            dt.datetime(2024, 3, 1, 14, 30, tzinfo=dt.timezone(dt.timedelta(hours=2))),
+            "2024-03-01T12:30:00Z",
+        ),
+        (dt.datetime(2024, 3, 1, tzinfo=dt.timezone.utc), "2024-03-01T00:00:00Z"),
+        (dt.date(2024, 3, 1), "2024-03-01"),
+        (dt.time(9, 30), "09:30:00"),
+        (dt.time(9, 30, tzinfo=dt.timezone.utc), "09:30:00+00:00"),
+        (Decimal("19.99"), 19.99),
+        (Decimal("20.00"), 20),
+        (Decimal("1E+3"), 1000),
+        (uuid.UUID(int=255), "00000000-0000-0000-0000-0000000000ff"),
+        (Plan.PRO, "pro"),
+        (Level.HIGH, 3),
+        (Nested.WHEN, "2024-05-01"),
+        ((1, "a"), [1, "a"]),
+        ([dt.date(2024, 1, 2)], ["2024-01-02"]),
+        ({"a": {"b": [Decimal("2")]}}, {"a": {"b": [2]}}),
+        (OrderedDict(x=1), {"x": 1}),
+        (MappingProxyType({"y": Plan.PRO}), {"y": "pro"}),
+    ],
+)
+def test_to_json_value(value: Any, expected: Any) -> None:
+    converted = to_json_value(value, "custom_fields")
+    assert converted == expected
+    assert type(converted) is type(expected)
+
+
+def test_plain_types_come_out_plain() -> None:
+    class Text(str):
+        pass
+
+    class Count(int):
+        pass
+
+    out = to_json_value({"t": Text("x"), "c": Count(3), "l": Level.HIGH}, "f")
+    assert isinstance(out, dict)
+    assert type(out["t"]) is str
+    assert type(out["c"]) is int
+    assert type(out["l"]) is int
+    assert json.dumps(out) == '{"t": "x", "c": 3, "l": 3}'
+
+
+@pytest.mark.parametrize(
+    ("value", "field", "fragment"),
+    [
+        (float("nan"), "custom_fields", "finite"),
+        (float("inf"), "custom_fields", "finite"),
+        (float("-inf"), "custom_fields", "finite"),
+        (Decimal("NaN"), "custom_fields", "finite"),
+        (Decimal("Infinity"), "custom_fields", "finite"),
+        ({1, 2}, "custom_fields", "(set)"),
+        (frozenset(), "custom_fields", "(frozenset)"),
+        (b"bytes", "custom_fields", "(bytes)"),
+        (object(), "custom_fields", "(object)"),
+        (dt.timedelta(days=1), "custom_fields", "(timedelta)"),
+        ({"tags": ["a", "b", {1}]}, "custom_fields.tags[2]", "(set)"),
+        ({"a": {"b": float("nan")}}, "custom_fields.a.b", "finite"),
+        ({1: "x"}, "custom_fields", "key that is not a string"),
+        ("bad \ud800 surrogate", "custom_fields", "Unicode"),
+    ],
+)
+def test_to_json_value_refusals(value: Any, field: str, fragment: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        to_json_value(value, "custom_fields")
+    assert info.value.field == field
+    assert fragment in info.value.message
+
+
+def test_refusal_chains_no_exception_holding_the_value() -> None:
+    with pytest.raises(ValidationError) as info:
+        to_json_value({"name": "Zoë \ud800"}, "recipient")
+    assert info.value.__context__ is None and info.value.__cause__ is None
+
+
+def test_depth_limit() -> None:
+    value: Any = "leaf"
+    for _ in range(MAX_DEPTH):
+        value = [value]
+    assert to_json_value(value, "v") is not None
+    with pytest.raises(ValidationError) as info:
+        to_json_value([value], "v")
+    assert "deeper than 32" in info.value.message
+
+
+def test_cycle_is_refused_not_recursed_forever() -> None:
+    loop: dict[str, Any] = {}
+    loop["self"] = loop
+    with pytest.raises(ValidationError) as info:
+        to_json_value(loop, "metadata")
+    assert info.value.field.startswith("metadata.self.self")
+
+
+def test_json_object() -> None:
+    assert json_object(None, "variables") is None
+    assert json_object({"code": 123456}, "variables") == {"code": 123456}
+    for bad in (["a"], "text", 3):
+        with pytest.raises(ValidationError) as info:
+            json_object(bad, "variables")
+        assert info.value.field == "variables"
+        assert "mapping" in info.value.message
+
+
+def test_encode_body_is_compact_utf8() -> None:
+    assert encode_body({"name": "Zoë", "n": [1, 2]}) == '{"name":"Zoë","n":[1,2]}'.encode()
+
+
+def test_encode_body_size_limit_names_the_largest_field() -> None:
+    body: dict[str, Any] = {"email": "a@x.io", "custom_fields": {"blob": "x" * MAX_BODY_BYTES}}
+    with pytest.raises(ValidationError) as info:
+        encode_body(body)
+    assert info.value.field == "custom_fields"
+    assert "524288-byte limit" in info.value.message
+    assert "xxxx" not in str(info.value)
+    small: dict[str, Any] = {
+        "email": "a@x.io",
+        "custom_fields": {"blob": "x" * (MAX_BODY_BYTES - 100)},
+    }
+    assert len(encode_body(small)) <= MAX_BODY_BYTES

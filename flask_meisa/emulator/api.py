@@ -1,0 +1,132 @@
+"""The Meisa API: routing, authentication, the key's rate limit and scopes.
+
+:func:`handle` takes one parsed request and answers ``(status, body, headers)``. It holds
+the store's lock for the whole call, so every call is atomic.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from collections.abc import Mapping
+from typing import Any
+
+from . import contacts
+from . import sequences
+from . import triggers
+from .call import Call
+from .call import Request
+from .paths import BASE_PATH
+from .ratelimit import retry_after_header
+from .state import Store
+from .validation import ApiError
+
+__all__ = ["BASE_PATH", "Answer", "Request", "handle", "parse_body"]
+
+#: ``(status, JSON body, extra headers)``
+Answer = tuple[int, Any, Mapping[str, str]]
+_Endpoint = Callable[[Call], tuple[int, Any]]
+_Route = tuple[str, "str | None", _Endpoint]
+
+_ROUTES: dict[str, _Route] = {
+    "/ping/": ("GET", None, contacts.ping),
+    "/contacts/upsert/": ("POST", "contacts:write", contacts.upsert),
+    "/events/track/": ("POST", "events:track", contacts.track),
+    "/contacts/api/unsubscribed-emails/": ("GET", "contacts:read", contacts.unsubscribed),
+    "/sequences/enroll/": ("POST", "sequences:enroll", sequences.enroll),
+    "/sequences/api/bulk-enroll/": ("POST", "sequences:enroll", sequences.bulk_enroll),
+    "/sequences/api/list/": ("GET", "sequences:read", sequences.list_sequences),
+    "/sequences/api/contact-enrollments/": ("GET", "sequences:read", sequences.enrollments),
+    "/emails/trigger/": ("POST", "emails:trigger", triggers.trigger),
+}
+_TAG_ROUTES: dict[str, _Route] = {
+    "add_tag": ("POST", "contacts:write", contacts.add_tag),
+    "remove_tag": ("POST", "contacts:write", contacts.remove_tag),
+}
+_TAG_PATH = re.compile(r"^/contacts/([^/]+)/(add_tag|remove_tag)/$")
+
+
+def parse_body(raw: bytes) -> tuple[Any, bool]:
+    """The JSON body (``None`` when empty) and whether it parsed."""
+    if not raw.strip():
+        return None, True
+    try:
+        return json.loads(raw), True
+    except (ValueError, UnicodeDecodeError):
+        return None, False
+
+
+def handle(store: Store, request: Request) -> Answer:
+    """Answer one API call (``request.path`` is relative to :data:`BASE_PATH`).
+
+    Order: unknown path 404, key 401, rate limit 429 (a call answered 429 is not counted),
+    method 405, scope 403, body 400, then the endpoint.
+    """
+    route, contact_id = _resolve(request.path)
+    if route is None:
+        return _error(ApiError(404, "not_found", "Not found."))
+    method, scope, endpoint = route
+    with store.lock:
+        api_key = store.keys.get(request.key) if request.key else None
+        if api_key is None:
+            detail = "Invalid API key." if request.key else "No API key was provided."
+            return _error(ApiError(401, "authentication_failed", detail))
+        hit = store.clock.monotonic()
+        limiter = api_key.limiter
+        if limiter is not None:
+            wait = limiter.acquire(hit)
+            if wait is not None:
+                return _error(
+                    ApiError(
+                        429,
+                        "rate_limited",
+                        "Request was throttled.",
+                        headers={"Retry-After": retry_after_header(wait)},
+                    )
+                )
+        headers: Mapping[str, str] = {}
+        try:
+            _check(request, method, scope, api_key.scopes)
+            call = Call(store, store.envs[api_key.environment], api_key, request, {}, contact_id)
+            if method == "POST":
+                call.body = request.body or {}
+            status, body = endpoint(call)
+        except ApiError as error:
+            status, body, headers = error.status, error.body(), error.headers
+        if status == 429 and limiter is not None:
+            limiter.release(hit)
+        return status, body, headers
+
+
+def _check(request: Request, method: str, scope: str | None, scopes: frozenset[str]) -> None:
+    if request.method != method:
+        raise ApiError(
+            405,
+            "method_not_allowed",
+            f"Method {request.method} not allowed.",
+            headers={"Allow": method},
+        )
+    if scope is not None and scope not in scopes:
+        raise ApiError(403, "missing_scope", f"This API key lacks the '{scope}' scope.")
+    if method != "POST":
+        return
+    if not request.body_ok:
+        raise ApiError(400, "parse_error", "Malformed JSON body.")
+    if request.body is not None and not isinstance(request.body, dict):
+        message = "Expected a JSON object."
+        raise ApiError(400, "invalid", message, errors={"non_field_errors": [message]})
+
+
+def _error(error: ApiError) -> Answer:
+    return error.status, error.body(), error.headers
+
+
+def _resolve(path: str) -> tuple[_Route | None, str]:
+    route = _ROUTES.get(path)
+    if route is not None:
+        return route, ""
+    match = _TAG_PATH.match(path)
+    if match:
+        return _TAG_ROUTES[match.group(2)], match.group(1)
+    return None, ""

@@ -1,0 +1,238 @@
+"""Fault injection: latency, error answers, dropped connections, forced 429s, outages.
+
+Faults sit in front of the API, like trouble between the client and Meisa: a request
+refused by a fault is not processed and not counted by the key's rate limit. A fault with
+``after=True`` lets the request be processed first and then loses or replaces its answer.
+Admin calls (``/_emulator/``) are never faulted.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+from collections.abc import Iterable
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .clock import ClockLike
+from .paths import path_matches
+
+__all__ = ["FaultPlan", "FaultReply", "Faults"]
+
+_CODES = {
+    429: "rate_limited",
+    500: "server_error",
+    502: "bad_gateway",
+    503: "service_unavailable",
+    504: "gateway_timeout",
+}
+
+
+@dataclass(frozen=True)
+class FaultReply:
+    """What a fault answers instead: an error status, or a dropped connection."""
+
+    kind: str  # "error" or "drop"
+    label: str  # what the recorded request's ``fault`` says
+    status: int = 503
+    retry_after: float | None = None
+
+    def answer(self) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """The error answer (for ``kind == "error"``)."""
+        code = _CODES.get(self.status, "injected_fault")
+        body = {"detail": f"Emulated fault ({code}).", "code": code}
+        headers = {}
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(max(0, math.ceil(self.retry_after)))
+        return self.status, body, headers
+
+
+@dataclass(frozen=True)
+class FaultPlan:
+    """What the faults decided for one request."""
+
+    latency: float = 0.0
+    #: Answer this instead of processing the request.
+    before: FaultReply | None = None
+    #: Process the request, then answer this instead of its answer.
+    after: FaultReply | None = None
+
+
+_NO_FAULT = FaultPlan()
+
+
+@dataclass
+class _OneShot:
+    remaining: int
+    reply: FaultReply
+    path: str | None
+    after: bool
+
+
+class Faults:
+    """The fault settings of one emulator; every method is thread-safe.
+
+    One-shot faults (:meth:`fail_next`, :meth:`drop_next`, :meth:`force_429`) are used in
+    the order they were added, one per matching request, before anything else.
+    """
+
+    def __init__(self, clock: ClockLike, seed: int | None = None) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._random = random.Random(seed)
+        self._one_shots: list[_OneShot] = []
+        self.clear()
+
+    def set(
+        self,
+        latency: float = 0.0,
+        error_rate: float = 0.0,
+        error_statuses: Iterable[int] = (500, 502, 503),
+        drop_rate: float = 0.0,
+        paths: Iterable[str] | None = None,
+    ) -> None:
+        """Standing faults, replacing earlier ones: ``latency`` seconds before every answer,
+        then an error (one of ``error_statuses``) with probability ``error_rate``, or a
+        dropped connection with probability ``drop_rate``. ``paths``: only these paths
+        (e.g. ``"/emails/trigger/"``, globs allowed); ``None``: every API path.
+        """
+        statuses = tuple(int(s) for s in error_statuses)
+        if latency < 0 or not 0 <= error_rate <= 1 or not 0 <= drop_rate <= 1:
+            raise ValueError("latency must be >= 0 and rates within [0, 1]")
+        if error_rate and not statuses:
+            raise ValueError("error_rate needs at least one error status")
+        with self._lock:
+            self._latency = float(latency)
+            self._error_rate = float(error_rate)
+            self._error_statuses = statuses
+            self._drop_rate = float(drop_rate)
+            self._paths = tuple(paths) if paths is not None else None
+
+    def fail_next(
+        self,
+        n: int = 1,
+        status: int = 503,
+        path: str | None = None,
+        after: bool = False,
+        retry_after: float | None = None,
+    ) -> None:
+        """Answer the next ``n`` requests (to ``path``, if given) with ``status``.
+
+        ``after=True``: process each request, then answer ``status`` (the effect stays, the
+        answer is lost). ``retry_after``: also send a ``Retry-After`` header.
+        """
+        reply = FaultReply("error", "error_after" if after else "error", status, retry_after)
+        self._add(n, reply, path, after)
+
+    def drop_next(self, n: int = 1, path: str | None = None, after: bool = False) -> None:
+        """Close the connection of the next ``n`` requests without answering.
+
+        ``after=True``: process each request first (the effect stays).
+        """
+        self._add(n, FaultReply("drop", "drop_after" if after else "drop"), path, after)
+
+    def force_429(self, n: int = 1, retry_after: float = 1, path: str | None = None) -> None:
+        """Answer the next ``n`` requests 429 ``rate_limited`` with ``Retry-After``."""
+        self._add(n, FaultReply("error", "429", 429, retry_after), path, False)
+
+    def outage(self, seconds: float, drop: bool = False) -> None:
+        """Answer every API request 503 (or drop it) for ``seconds`` of emulator time."""
+        with self._lock:
+            self._outage_until = self._clock.monotonic() + seconds
+            self._outage_drop = drop
+
+    def clear(self) -> None:
+        """Remove every fault."""
+        with self._lock:
+            self._one_shots.clear()
+            self._outage_until = float("-inf")
+            self._outage_drop = False
+        self.set()
+
+    def _add(self, n: int, reply: FaultReply, path: str | None, after: bool) -> None:
+        if n < 1:
+            raise ValueError("n must be at least 1")
+        with self._lock:
+            self._one_shots.append(_OneShot(n, reply, path, after))
+
+    def plan(self, path: str) -> FaultPlan:
+        """Decide the faults of one request to ``path`` (consumes one-shot faults)."""
+        with self._lock:
+            if not self._one_shots and self._is_quiet():
+                return _NO_FAULT
+            standing = self._paths is None or any(path_matches(p, path) for p in self._paths)
+            latency = self._latency if standing else 0.0
+            for shot in self._one_shots:
+                if shot.path is None or path_matches(shot.path, path):
+                    shot.remaining -= 1
+                    if not shot.remaining:
+                        self._one_shots.remove(shot)
+                    if shot.after:
+                        return FaultPlan(latency, after=shot.reply)
+                    return FaultPlan(latency, before=shot.reply)
+            if self._clock.monotonic() < self._outage_until:
+                kind = "drop" if self._outage_drop else "error"
+                return FaultPlan(latency, before=FaultReply(kind, "outage", 503))
+            if standing and self._drop_rate and self._random.random() < self._drop_rate:
+                return FaultPlan(latency, before=FaultReply("drop", "drop"))
+            if standing and self._error_rate and self._random.random() < self._error_rate:
+                status = self._random.choice(self._error_statuses)
+                return FaultPlan(latency, before=FaultReply("error", "error", status))
+            return FaultPlan(latency)
+
+    def _is_quiet(self) -> bool:
+        return (
+            not self._latency
+            and not self._error_rate
+            and not self._drop_rate
+            and self._outage_until == float("-inf")
+        )
+
+    def snapshot(self) -> dict[str, Any]:
+        """The current settings as JSON."""
+        with self._lock:
+            remaining = self._outage_until - self._clock.monotonic()
+            return {
+                "latency": self._latency,
+                "error_rate": self._error_rate,
+                "error_statuses": list(self._error_statuses),
+                "drop_rate": self._drop_rate,
+                "paths": list(self._paths) if self._paths is not None else None,
+                "outage_remaining": max(0.0, remaining),
+                "pending": [
+                    {
+                        "kind": s.reply.label,
+                        "remaining": s.remaining,
+                        "status": s.reply.status if s.reply.kind == "error" else None,
+                        "path": s.path,
+                    }
+                    for s in self._one_shots
+                ],
+            }
+
+    def configure(self, data: Mapping[str, Any]) -> None:
+        """Apply the JSON of ``POST /_emulator/faults`` (see ``docs/emulator.md``).
+
+        :raises ValueError: a field is of the wrong type or out of range.
+        :raises TypeError: an object carries unknown fields.
+        """
+        standing = ("latency", "error_rate", "error_statuses", "drop_rate", "paths")
+        if any(k in data for k in standing):
+            self.set(**{k: data[k] for k in standing if k in data})
+        for name, method in (
+            ("fail_next", self.fail_next),
+            ("drop_next", self.drop_next),
+            ("force_429", self.force_429),
+        ):
+            value = data.get(name)
+            if isinstance(value, Mapping):
+                method(**value)
+            elif value is not None:
+                method(int(value))
+        outage = data.get("outage")
+        if isinstance(outage, Mapping):
+            self.outage(**outage)
+        elif outage is not None:
+            self.outage(float(outage))

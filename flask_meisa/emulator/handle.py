@@ -1,0 +1,358 @@
+"""The Python handle: start an emulator, read its state, shape it, inject faults, wait."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import threading
+from collections.abc import Callable
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any
+from typing import Literal
+
+from . import admin
+from .clock import Clock
+from .clock import ClockLike
+from .faults import Faults
+from .model import ENVIRONMENTS
+from .model import INHERIT
+from .model import Inherit
+from .paths import BASE_PATH
+from .recording import RecordedRequest
+from .recording import Recorder
+from .seed import SeedSource
+from .seed import load_seed
+from .server import Backend
+from .server import EmulatorServer
+from .state import DEFAULT_RATE_LIMIT
+from .state import EnvState
+from .state import Store
+
+__all__ = ["Emulator"]
+
+
+class Emulator:
+    """A stateful Meisa API on loopback, for tests, examples and benchmarks.
+
+    :param seed: ``"demo"`` (the packaged ``seed.json``), a path to a seed file, a seed
+        dict, or ``None`` for an empty product (with a sender and generated keys).
+    :param rate_limit: every key's default limit, e.g. ``"60/minute;1000/hour"``;
+        ``None`` disables rate limiting.
+    :param host: the address to listen on (loopback by default).
+    :param port: the port; ``0`` picks a free one.
+    :param send_guardrail: per-recipient send limit of ``/emails/trigger/``, e.g.
+        ``"3/hour"``; ``None`` disables it; by default the seed's.
+    :param clock: the clock to read (default: real time that :meth:`advance_clock` moves).
+    :param fault_seed: seeds the random choices of ``error_rate`` and ``drop_rate``.
+
+    Use it as a context manager, or call :meth:`start` and :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        seed: SeedSource = "demo",
+        rate_limit: str | None = DEFAULT_RATE_LIMIT,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        send_guardrail: str | Literal[Inherit.INHERIT] | None = INHERIT,
+        clock: ClockLike | None = None,
+        fault_seed: int | None = None,
+    ) -> None:
+        self._seed = load_seed(seed)
+        self._is_demo = seed == "demo"
+        self._clock: ClockLike = clock if clock is not None else Clock()
+        self._rate_limit = rate_limit
+        self._store = Store(
+            self._seed, clock=self._clock, rate_limit=rate_limit, send_guardrail=send_guardrail
+        )
+        # Generated keys go into the seed, so that reset() brings back the same ones.
+        self._seed["keys"] = [k.seed_entry() for k in self._store.keys.values()]
+        #: Fault injection (see :class:`~.faults.Faults`).
+        self.faults = Faults(self._clock, seed=fault_seed)
+        self._recorder = Recorder()
+        self._host = host
+        self._port = port
+        self._server: EmulatorServer | None = None
+        self._stopping = threading.Event()
+        self._lifecycle = threading.Lock()
+
+    # Lifecycle
+
+    def start(self) -> Emulator:
+        """Start serving (no-op when already started); returns the emulator."""
+        with self._lifecycle:
+            if self._server is None:
+                self._stopping.clear()
+                backend = Backend(
+                    self._store,
+                    self.faults,
+                    self._recorder,
+                    functools.partial(admin.handle, self),
+                    self._stopping,
+                )
+                self._server = EmulatorServer(backend, self._host, self._port)
+                # A restart binds the same port again, so URLs handed out stay valid.
+                self._port = self._server.port
+        return self
+
+    def stop(self) -> None:
+        """Stop serving: close every client connection and join every thread.
+
+        :meth:`start` serves again on the same port (state, faults and record kept).
+        """
+        with self._lifecycle:
+            server, self._server = self._server, None
+        if server is not None:
+            server.stop()
+
+    def __enter__(self) -> Emulator:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<Emulator {self.root_url if self._server else 'stopped'}>"
+
+    @property
+    def running(self) -> bool:
+        """Whether the emulator is serving."""
+        return self._server is not None
+
+    @property
+    def root_url(self) -> str:
+        """``http://<host>:<port>`` (once started; it stays the same after a stop or restart)."""
+        if not self._port:
+            raise RuntimeError("the emulator was never started")
+        host = "127.0.0.1" if self._host in ("", "0.0.0.0") else self._host
+        return f"http://{host}:{self._port}"
+
+    @property
+    def url(self) -> str:
+        """The API base URL, ``http://<host>:<port>/api/v1`` (no trailing slash)."""
+        return self.root_url + BASE_PATH
+
+    @property
+    def is_demo(self) -> bool:
+        """Whether the packaged demo seed is loaded."""
+        return self._is_demo
+
+    # Keys and settings
+
+    @property
+    def live_key(self) -> str:
+        """A live key with every scope (the seed's first, else a generated one)."""
+        return self._store.live_key
+
+    @property
+    def test_key(self) -> str:
+        """A test key with every scope (the seed's first, else a generated one)."""
+        return self._store.test_key
+
+    @property
+    def keys(self) -> dict[str, str]:
+        """Every key by name (the seed's names; others ``<environment>-<n>`` or as created)."""
+        with self._store.lock:
+            return {k.name: k.key for k in self._store.keys.values()}
+
+    def key_scopes(self, key: str) -> list[str]:
+        """The scopes of a key, sorted (``KeyError`` for an unknown key)."""
+        with self._store.lock:
+            return sorted(self._store.keys[key].scopes)
+
+    def create_key(
+        self,
+        scopes: Iterable[str] | None = None,
+        environment: str = "live",
+        rate_limit: str | Literal[Inherit.INHERIT] | None = INHERIT,
+        *,
+        name: str | None = None,
+    ) -> str:
+        """A new key: ``scopes`` None means all; ``rate_limit`` defaults to the emulator's."""
+        scope_list = None if scopes is None else list(scopes)
+        key = self._store.add_key(
+            environment=environment, scopes=scope_list, rate_limit=rate_limit, name=name
+        )
+        return key.key
+
+    def set_rate_limit(
+        self, rate_limit: str | Literal[Inherit.INHERIT] | None, key: str | None = None
+    ) -> None:
+        """Change every inheriting key's limit (``key`` None), or one key's."""
+        self._store.set_rate_limit(rate_limit, key)
+
+    def set_send_guardrail(self, spec: str | None) -> None:
+        """Change the per-recipient send guardrail, e.g. ``"3/hour"``; ``None`` disables."""
+        self._store.set_send_guardrail(spec)
+
+    def set_sender(self, configured: bool) -> None:
+        """Give the product a sender or take it away (triggers then answer 422 no_sender)."""
+        self._store.set_sender(configured)
+        self._recorder.notify()
+
+    def add_trigger(
+        self,
+        key: str,
+        *,
+        active: bool = True,
+        delay_seconds: float = 0,
+        conditions: Any = None,
+        name: str | None = None,
+    ) -> None:
+        """Configure a trigger.
+
+        ``conditions``: e.g. ``{"custom_field": "plan", "equals": "pro"}`` (see the docs).
+        """
+        self._store.add_trigger(
+            key, name=name, active=active, delay_seconds=delay_seconds, conditions=conditions
+        )
+
+    def add_sequence(
+        self, slug: str, *, name: str | None = None, status: str = "active", steps: int = 3
+    ) -> None:
+        """Configure a sequence (``status``: active, paused or archived)."""
+        self._store.add_sequence(slug, name=name, status=status, steps=steps)
+
+    def suppress(
+        self, email: str, reason: str = "unsubscribed", environment: str | None = None
+    ) -> None:
+        """Put an address on the suppression list (of both environments by default)."""
+        with self._store.lock:
+            now = self._clock.time()
+            for env in self._envs(environment):
+                env.suppress(email, reason, now)
+        self._recorder.notify()
+
+    def unsuppress(self, email: str, environment: str | None = None) -> None:
+        """Take an address off the suppression list (of both environments by default)."""
+        with self._store.lock:
+            for env in self._envs(environment):
+                env.suppressions.pop(email.lower(), None)
+        self._recorder.notify()
+
+    def advance_clock(self, seconds: float) -> None:
+        """Move the emulator's clock forward (rate windows, idempotency hour, outages)."""
+        self._clock.advance(seconds)
+        self._recorder.notify()
+
+    def now(self) -> float:
+        """The emulator clock's time, seconds since the epoch."""
+        return self._clock.time()
+
+    def clear_requests(self) -> None:
+        """Forget the recorded requests (state and faults stay)."""
+        self._recorder.clear()
+
+    def reset(self) -> None:
+        """Back to the seed: state, keys and limits as constructed; no faults, no requests."""
+        with self._store.lock:
+            self._store.rate_limit = self._rate_limit
+            self._store.load(self._seed)
+        self.faults.clear()
+        self._recorder.clear()
+
+    # Reading the state
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        """Every API request received so far, oldest first (a copy)."""
+        return self._recorder.snapshot()
+
+    def requests_to(self, path: str, method: str | None = None) -> list[RecordedRequest]:
+        """The requests to ``path`` (``"/ping/"``, ``"/api/v1/ping/"`` or a glob)."""
+        return self._recorder.matching(path, method)
+
+    def contacts(self, environment: str = "live") -> list[dict[str, Any]]:
+        """Every contact of an environment, as the API shows them, oldest first."""
+        with self._store.lock:
+            env = self._env(environment)
+            return [env.contact_json(c) for c in env.contacts.values()]
+
+    def contact(
+        self,
+        email: str | None = None,
+        external_id: str | None = None,
+        environment: str = "live",
+    ) -> dict[str, Any] | None:
+        """The contact with this external id or address (case-insensitive), or ``None``."""
+        if email is None and external_id is None:
+            raise ValueError("give an email or an external_id")
+        with self._store.lock:
+            env = self._env(environment)
+            found = env.find(email=email, external_id=external_id)
+            return env.contact_json(found) if found else None
+
+    def events(
+        self, environment: str = "live", *, event_name: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Tracked events, oldest first (optionally only those named ``event_name``)."""
+        with self._store.lock:
+            events = self._env(environment).events
+            return copy.deepcopy(
+                [e for e in events if event_name is None or e["event_name"] == event_name]
+            )
+
+    def sends(
+        self, environment: str = "live", *, trigger_key: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Recorded sends (sent or scheduled; not skipped or refused), oldest first."""
+        with self._store.lock:
+            sends = self._env(environment).sends
+            return copy.deepcopy(
+                [s for s in sends if trigger_key is None or s["trigger_key"] == trigger_key]
+            )
+
+    def enrollments(
+        self, environment: str = "live", *, sequence_slug: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Enrollments, oldest first (optionally only in ``sequence_slug``)."""
+        with self._store.lock:
+            env = self._env(environment)
+            return [
+                env.enrollment_json(e)
+                for e in env.enrollments
+                if sequence_slug is None or e.sequence_slug == sequence_slug
+            ]
+
+    def suppressions(self, environment: str = "live") -> dict[str, str]:
+        """The suppression list: address -> reason."""
+        with self._store.lock:
+            return {e[0]: e[1] for e in self._env(environment).suppressions.values()}
+
+    def state(self) -> dict[str, Any]:
+        """The configuration and counts (what ``GET /_emulator/state`` shows)."""
+        summary = self._store.summary()
+        summary["url"] = self.url if self._server else None
+        summary["faults"] = self.faults.snapshot()
+        summary["requests"] = len(self._recorder.snapshot())
+        return summary
+
+    # Waiting
+
+    def wait_for(self, predicate: Callable[[Emulator], bool], timeout: float = 5.0) -> bool:
+        """Wait until ``predicate(emulator)`` holds; re-checked after every request or change.
+
+        Returns ``False`` on timeout.
+        """
+        return self._recorder.wait_for(lambda: predicate(self), timeout)
+
+    def wait_for_requests(self, n: int, path: str | None = None, timeout: float = 5.0) -> bool:
+        """Wait until at least ``n`` requests (to ``path``, if given) were answered."""
+        return self._recorder.wait_for(lambda: len(self._recorder.matching(path)) >= n, timeout)
+
+    def _env(self, environment: str) -> EnvState:
+        if environment not in ENVIRONMENTS:
+            raise ValueError("environment must be 'live' or 'test'")
+        return self._store.envs[environment]
+
+    def _envs(self, environment: str | None) -> list[EnvState]:
+        if environment is None:
+            return list(self._store.envs.values())
+        return [self._env(environment)]

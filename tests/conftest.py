@@ -1,0 +1,102 @@
+"""Shared fixtures: a fresh Meisa emulator per test, a factory for custom ones, an HTTP helper."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+
+from flask_meisa.emulator import Emulator
+
+#: ``key=`` value of :class:`EmulatorAPI` calls meaning "the helper's own key".
+OWN_KEY = ""
+
+
+class EmulatorAPI:
+    """A keep-alive ``requests.Session`` bound to an emulator's API and one key.
+
+    ``get("/ping/")`` and ``post("/contacts/upsert/", {...})`` send the helper's key;
+    ``key=None`` sends none, ``key="..."`` another one.
+    """
+
+    def __init__(self, emulator: Emulator, key: str | None = None) -> None:
+        self.emulator = emulator
+        self.key = key or emulator.live_key
+        self.session = requests.Session()
+
+    def request(
+        self, method: str, path: str, *, key: str | None = OWN_KEY, **kwargs: Any
+    ) -> requests.Response:
+        """Send a request to ``emulator.url + path``."""
+        headers = dict(kwargs.pop("headers", None) or {})
+        sent_key = self.key if key == OWN_KEY else key
+        if sent_key is not None:
+            headers["X-API-Key"] = sent_key
+        kwargs.setdefault("timeout", 10)
+        return self.session.request(method, self.emulator.url + path, headers=headers, **kwargs)
+
+    def get(self, path: str, *, key: str | None = OWN_KEY, **kwargs: Any) -> requests.Response:
+        """GET ``path`` (``params=`` for the query)."""
+        return self.request("GET", path, key=key, **kwargs)
+
+    def post(
+        self, path: str, json: Any = None, *, key: str | None = OWN_KEY, **kwargs: Any
+    ) -> requests.Response:
+        """POST ``json`` to ``path``."""
+        return self.request("POST", path, key=key, json=json, **kwargs)
+
+    def close(self) -> None:
+        """Close the session's connections."""
+        self.session.close()
+
+
+@pytest.fixture
+def emulator() -> Iterator[Emulator]:
+    """A fresh demo emulator without rate limits, stopped after the test."""
+    with Emulator(seed="demo", rate_limit=None) as emu:
+        yield emu
+
+
+@pytest.fixture
+def emulator_factory() -> Iterator[Callable[..., Emulator]]:
+    """Start emulators with any ``Emulator`` arguments; every one is stopped after the test.
+
+    The arguments' defaults are ``Emulator``'s own (so Meisa's default rate limit applies
+    unless ``rate_limit=None`` is given).
+    """
+    started: list[Emulator] = []
+
+    def start(**kwargs: Any) -> Emulator:
+        emu = Emulator(**kwargs)
+        started.append(emu)
+        return emu.start()
+
+    yield start
+    for emu in started:
+        emu.stop()
+
+
+@pytest.fixture
+def emulator_api(emulator: Emulator) -> Iterator[EmulatorAPI]:
+    """An :class:`EmulatorAPI` on the ``emulator`` fixture with its live key."""
+    api = EmulatorAPI(emulator)
+    yield api
+    api.close()
+
+
+@pytest.fixture
+def emulator_api_factory() -> Iterator[Callable[..., EmulatorAPI]]:
+    """Make :class:`EmulatorAPI` helpers (``(emulator, key=None)``); all closed after."""
+    made: list[EmulatorAPI] = []
+
+    def make(emulator: Emulator, key: str | None = None) -> EmulatorAPI:
+        api = EmulatorAPI(emulator, key)
+        made.append(api)
+        return api
+
+    yield make
+    for api in made:
+        api.close()

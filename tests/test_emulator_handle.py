@@ -1,0 +1,242 @@
+"""The emulator's Python handle, admin endpoints, seeds and command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import requests
+
+from flask_meisa.emulator import Emulator
+from flask_meisa.emulator import ManualClock
+
+# The handle
+
+
+def test_urls_keys_and_repr(emulator):
+    assert emulator.url == emulator.root_url + "/api/v1"
+    assert emulator.root_url.startswith("http://127.0.0.1:")
+    assert emulator.live_key.startswith("meisa_live_")
+    assert emulator.test_key.startswith("meisa_test_")
+    assert emulator.live_key not in repr(emulator)
+
+
+def test_recorded_requests(emulator, emulator_api):
+    emulator_api.post("/contacts/upsert/", {"email": "ada@example.com"}, params={"x": "1"})
+    contact_id = emulator.contacts()[0]["id"]
+    emulator_api.post(f"/contacts/{contact_id}/add_tag/", {"tag_name": "vip"})
+    emulator_api.get("/ping/", key=None)
+    upsert, tag, ping = emulator.requests
+    assert (upsert.method, upsert.path, upsert.query) == (
+        "POST",
+        "/api/v1/contacts/upsert/",
+        {"x": "1"},
+    )
+    assert upsert.body == {"email": "ada@example.com"}
+    assert upsert.key == emulator.live_key
+    assert upsert.status == 201
+    assert upsert.duration >= 0
+    assert abs(upsert.time - time.time()) < 60
+    assert "x-api-key" not in {h.lower() for h in upsert.headers}
+    assert emulator.live_key not in repr(upsert)
+    assert (ping.key, ping.status) == (None, 401)
+    assert emulator.requests_to("/contacts/*/add_tag/") == [tag]
+    assert emulator.requests_to("/api/v1/ping/") == [ping]
+    assert emulator.requests_to("/contacts/upsert/", method="GET") == []
+    emulator.clear_requests()
+    assert emulator.requests == []
+
+
+def test_wait_for_is_woken_by_requests(emulator, emulator_api):
+    worker = threading.Thread(
+        target=emulator_api.post, args=("/contacts/upsert/", {"email": "ada@example.com"})
+    )
+    worker.start()
+    try:
+        assert emulator.wait_for(lambda emu: emu.contact(email="ada@example.com") is not None)
+        assert emulator.wait_for_requests(1, path="/contacts/upsert/")
+    finally:
+        worker.join()
+    assert emulator.wait_for_requests(2, timeout=0.05) is False
+    assert emulator.wait_for(lambda emu: False, timeout=0.05) is False
+
+
+def test_reset_returns_to_the_seed(emulator, emulator_api):
+    key = emulator.create_key()
+    emulator_api.post("/contacts/upsert/", {"email": "ada@example.com"})
+    emulator.add_trigger("extra")
+    emulator.suppress("ada@example.com")
+    emulator.faults.outage(60)
+    emulator.reset()
+    assert emulator.contacts() == []
+    assert emulator.requests == []
+    assert key not in emulator.keys.values()
+    assert "ada@example.com" not in emulator.suppressions()
+    assert emulator_api.get("/ping/").ok
+    answer = emulator_api.post("/emails/trigger/", {"trigger_key": "extra", "to_email": "a@b.co"})
+    assert answer.json()["code"] == "invalid_trigger"
+
+
+def test_add_trigger_and_sequence(emulator, emulator_api):
+    emulator.add_trigger("plan_mail", conditions=[{"custom_field": "plan", "in": ["pro", "team"]}])
+    emulator.add_sequence("paused_one", status="paused")
+    payload = {
+        "trigger_key": "plan_mail",
+        "to_email": "ada@example.com",
+        "recipient": {"custom_fields": {"plan": "team"}},
+    }
+    assert emulator_api.post("/emails/trigger/", payload).json()["status"] == "sent"
+    listed = emulator_api.get("/sequences/api/list/", params={"status": "paused"}).json()
+    assert [s["slug"] for s in listed["results"]] == ["winback", "paused_one"]
+    with pytest.raises(ValueError):
+        emulator.add_trigger("broken", conditions={"custom_field": "plan"})
+
+
+def test_stop_closes_keep_alive_connections_promptly(emulator_factory, emulator_api_factory):
+    emu = emulator_factory(rate_limit=None)
+    api = emulator_api_factory(emu)
+    assert api.get("/ping/").ok  # leaves a keep-alive connection open
+    started = time.perf_counter()
+    emu.stop()
+    assert time.perf_counter() - started < 2
+    assert not emu.running
+    with pytest.raises(requests.ConnectionError):
+        api.get("/ping/")
+    emu.start()  # same port again, state kept
+    assert api.get("/ping/").ok
+    assert len(emu.requests) == 2  # the refused connection never reached it
+
+
+def test_manual_clock_drives_timestamps(emulator_factory, emulator_api_factory):
+    clock = ManualClock(start=1_700_000_000)
+    emu = emulator_factory(rate_limit="1/minute", clock=clock)
+    api = emulator_api_factory(emu)
+    created = api.post("/contacts/upsert/", {"email": "ada@example.com"}).json()
+    assert created["created_at"] == "2023-11-14T22:13:20.000000+00:00"
+    assert api.get("/ping/").status_code == 429
+    emu.advance_clock(60)
+    assert api.get("/ping/").ok
+
+
+@pytest.mark.parametrize("kind", ["dict", "path", "none"])
+def test_seeds(emulator_factory, emulator_api_factory, tmp_path, kind):
+    seed = {
+        "product": {"name": "Tiny"},
+        "triggers": [{"key": "hello"}],
+        "keys": [{"name": "only", "key": "meisa_live_tiny_1", "scopes": ["emails:trigger"]}],
+        "contacts": {"test": [{"email": "seeded@example.com", "custom_fields": {"plan": "pro"}}]},
+    }
+    if kind == "path":
+        path = tmp_path / "seed.json"
+        path.write_text(json.dumps(seed))
+        emu = emulator_factory(seed=path, rate_limit=None)
+    else:
+        emu = emulator_factory(seed=seed if kind == "dict" else None, rate_limit=None)
+    api = emulator_api_factory(emu)
+    ping = api.get("/ping/").json()
+    assert ping["product"]["name"] == ("Meisa Emulator" if kind == "none" else "Tiny")
+    answer = api.post("/emails/trigger/", {"trigger_key": "hello", "to_email": "a@example.com"})
+    assert answer.status_code == (400 if kind == "none" else 200)
+    seeded = emu.contact(email="seeded@example.com", environment="test")
+    assert (seeded is None) == (kind == "none")
+    key = emu.live_key
+    emu.reset()
+    assert emu.live_key == key  # generated keys survive a reset
+    with pytest.raises(ValueError):
+        Emulator(seed={"unknown": 1})
+
+
+# Admin endpoints
+
+
+def admin(api, method, name, **kwargs):
+    url = api.emulator.root_url + "/_emulator/" + name
+    return api.session.request(method, url, timeout=5, **kwargs)
+
+
+def test_admin_reads_state_and_lists(emulator, emulator_api):
+    emulator_api.post("/contacts/upsert/", {"email": "ada@example.com"})
+    emulator_api.post("/events/track/", {"event_name": "login", "email": "ada@example.com"})
+    emulator_api.post("/emails/trigger/", {"trigger_key": "receipt", "to_email": "a@example.com"})
+    emulator_api.post(
+        "/sequences/enroll/", {"email": "ada@example.com", "sequence_slug": "onboarding"}
+    )
+    state = admin(emulator_api, "GET", "state").json()
+    assert state["product"]["name"] == "Demo SaaS"
+    assert state["environments"]["live"]["contacts"] == 2
+    assert state["requests"] == 4
+    assert all(emulator.live_key not in json.dumps(k) for k in state["keys"])
+    assert len(admin(emulator_api, "GET", "events").json()) == 1
+    assert len(admin(emulator_api, "GET", "sends").json()) == 1
+    assert len(admin(emulator_api, "GET", "enrollments").json()) == 1
+    contacts = admin(emulator_api, "GET", "contacts", params={"environment": "test"})
+    assert contacts.json() == []
+    logged = admin(emulator_api, "GET", "requests").json()
+    assert [r["path"] for r in logged][:1] == ["/api/v1/contacts/upsert/"]
+    assert emulator.live_key not in json.dumps(logged)
+    assert len(emulator.requests) == 4  # admin calls are not recorded
+    assert admin(emulator_api, "GET", "nope").status_code == 404
+
+
+def test_admin_faults_keys_clock_reset(emulator, emulator_api):
+    posted = admin(
+        emulator_api, "POST", "faults", json={"fail_next": {"n": 1, "status": 502}, "outage": 0}
+    )
+    assert posted.status_code == 200
+    assert emulator_api.get("/ping/").status_code == 502
+    admin(emulator_api, "POST", "faults", json={"error_rate": 1.0, "error_statuses": [504]})
+    assert emulator_api.get("/ping/").status_code == 504
+    assert admin(emulator_api, "DELETE", "faults").json()["error_rate"] == 0
+    assert emulator_api.get("/ping/").ok
+    bad = admin(emulator_api, "POST", "faults", json={"drop_rate": 3})
+    assert bad.status_code == 400
+    made = admin(
+        emulator_api, "POST", "keys", json={"environment": "test", "scopes": ["contacts:read"]}
+    )
+    assert made.status_code == 201
+    ping = emulator_api.get("/ping/", key=made.json()["key"]).json()
+    assert (ping["environment"], ping["scopes"]) == ("test", ["contacts:read"])
+    before = emulator.now()
+    admin(emulator_api, "POST", "clock", json={"advance": 120})
+    assert emulator.now() - before >= 120
+    admin(emulator_api, "POST", "suppressions", json={"email": "x@example.com"})
+    assert "x@example.com" in emulator.suppressions("test")
+    emulator_api.post("/contacts/upsert/", {"email": "ada@example.com"})
+    assert admin(emulator_api, "POST", "reset").json() == {"status": "reset"}
+    assert emulator.contacts() == []
+    assert emulator.requests == []
+
+
+# Command line
+
+
+def test_command_line_serves_the_demo_and_exits_cleanly_on_sigterm():
+    command = [sys.executable, "-m", "flask_meisa.emulator", "--port", "0", "--rate-limit", "none"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    ) as process:
+        assert process.stdout is not None and process.stderr is not None
+        try:
+            lines = [process.stdout.readline() for _ in range(4)]
+            assert lines[0].startswith("Meisa emulator listening on http://127.0.0.1:")
+            url = lines[0].split()[-1]
+            key = lines[3].split()[-1]
+            assert key.startswith("meisa_live_demo_")
+            assert "not secrets" in lines[2]
+            with requests.Session() as session:
+                ping = session.get(url + "/ping/", headers={"X-API-Key": key}, timeout=5)
+            assert ping.json()["product"]["name"] == "Demo SaaS"
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=10) == 0
+            assert process.stderr.read() == ""
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()

@@ -1,0 +1,442 @@
+"""The TTL-cached suppression set: addresses Meisa says not to email.
+
+Meisa publishes the full list of unsubscribed, bounced and complained addresses at
+``GET /contacts/api/unsubscribed-emails/``. :class:`SuppressionSet` keeps the last list it
+loaded as a :class:`frozenset` and answers :meth:`~SuppressionSet.is_suppressed` from it
+without taking a lock: one hash probe, however long the list.
+
+- **Freshness.** Each successful load publishes, by one atomic reference swap, the new set
+  together with a one-entry :class:`cachetools.TTLCache` (``ttl`` seconds, on the injected
+  clock). That cache is filled before it is published and never written again, so
+  lookups may read it without a lock (cachetools caches are not safe to *write* from
+  several threads). When its entry expires the set is *stale*: the next lookup starts one
+  background refresh and answers from the last good set at once. Senders never wait on a
+  refresh.
+- **First use.** With nothing loaded yet, the first caller loads synchronously and
+  concurrent callers wait for that same load. A failed load answers ``False`` (fail open:
+  Meisa itself refuses a suppressed recipient with 422 ``recipient_suppressed``) and no
+  new attempt is made before ``retry_interval`` has passed, so a down Meisa does not make
+  every send wait.
+- **Failures.** A failed refresh keeps the last set, logs a warning (never an address or a
+  key) and is retried after ``retry_interval``.
+- **Local additions.** :meth:`~SuppressionSet.add` (e.g. after a 422) suppresses an
+  address until a load whose fetch *started after* the addition succeeds; from then on
+  Meisa's list is the truth. This needs no comparison of the local clock with Meisa's
+  ``as_of``.
+- **Case.** Addresses are stripped and lowercased on the way in, from Meisa and callers.
+- **Fork.** Every instance is tracked through a weak reference. After ``os.fork`` the
+  child gets a fresh lock and condition and no "refresh running" flag (the parent's
+  refresh thread does not exist there); it keeps the parent's set.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import operator
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from collections.abc import Collection
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from cachetools import TTLCache
+
+from .errors import ConfigurationError
+from .errors import MeisaError
+from .errors import ValidationError
+
+__all__ = ["SuppressionSet", "SuppressionSnapshot"]
+
+_logger = logging.getLogger(__name__)
+
+#: The one key of a load's freshness cache.
+_FRESH = "fresh"
+#: Local additions beyond this many push out the oldest (with a warning).
+_MAX_LOCAL = 100_000
+
+
+class SuppressionSnapshot(Protocol):
+    """What a fetch returns: Meisa's list of addresses not to email, and its time stamp.
+
+    ``MeisaClient.unsubscribed_emails()`` returns such an object (its ``emails`` is a
+    ``frozenset[str]``).
+    """
+
+    @property
+    def emails(self) -> Iterable[str]:
+        """The addresses (any case, any surrounding whitespace)."""
+
+    @property
+    def as_of(self) -> str | dt.datetime | None:
+        """Meisa's time stamp of the list (as sent, or parsed to a datetime)."""
+
+
+@dataclass(frozen=True, eq=False, slots=True)
+class _Loaded:
+    """One successful load, published whole and never changed."""
+
+    emails: frozenset[str]
+    as_of: str | None
+    loaded_at: float
+    #: Holds :data:`_FRESH` until ``ttl`` has passed; only read after publication.
+    fresh: TTLCache[str, bool]
+
+
+class _UnreadableSnapshot(Exception):
+    """The fetch returned something that is not a list of addresses (fixed messages only)."""
+
+
+class SuppressionSet:
+    """A per-process set of addresses not to email, refreshed from Meisa every ``ttl`` seconds.
+
+    :param fetch: returns a :class:`SuppressionSnapshot`, typically
+        ``client.unsubscribed_emails``. It runs in the first caller's thread or in a
+        background thread, never under the set's lock.
+    :param ttl: seconds a loaded list stays fresh.
+    :param retry_interval: seconds to wait after a failed load before fetching again.
+    :param clock: monotonic seconds; injectable so tests advance time instead of sleeping.
+    :param logger: where warnings go; ``flask_meisa.suppression`` by default.
+    """
+
+    def __init__(
+        self,
+        fetch: Callable[[], SuppressionSnapshot],
+        *,
+        ttl: float = 300.0,
+        retry_interval: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        if not ttl > 0:
+            raise ConfigurationError("ttl must be a positive number of seconds")
+        if not retry_interval >= 0:
+            raise ConfigurationError("retry_interval must be zero or more seconds")
+        self._fetch = fetch
+        self._ttl = float(ttl)
+        self._retry_interval = float(retry_interval)
+        self._clock = clock
+        self._logger = logger if logger is not None else _logger
+        # Read without the lock; replaced (never mutated) under it.
+        self._current: _Loaded | None = None
+        # address -> sequence number of the first fetch that started after its addition.
+        # Written under the lock; single dict lookups read it without.
+        self._local: dict[str, int] = {}
+        # Loading state: guarded by the lock.
+        self._fetches_started = 0
+        self._loading = False
+        self._retry_at: float | None = None
+        self._last_error: str | None = None
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._done = threading.Condition(self._lock)
+        _instances.add(self)
+
+    def __repr__(self) -> str:
+        current = self._current
+        if current is None:
+            return f"<{type(self).__name__} not loaded>"
+        return f"<{type(self).__name__} count={len(current.emails)} as_of={current.as_of!r}>"
+
+    # -- answering -------------------------------------------------------------------------
+
+    def is_suppressed(self, email: str) -> bool:
+        """Whether Meisa (or :meth:`add`) says not to email ``email``, in any case.
+
+        Loads synchronously on first use; when the set is stale, starts a background refresh
+        and answers from the last good set at once. Answers ``False`` while no list could be
+        loaded.
+
+        :raises ValidationError: ``email`` is not a string or is blank.
+        """
+        key = _normalize_input(email)
+        current = self._current
+        if current is None:
+            current = self._load_first()
+        elif _FRESH not in current.fresh and not self._loading:
+            self._refresh_stale()
+        return key in self._local or (current is not None and key in current.emails)
+
+    def peek(self, email: str) -> bool:
+        """Like :meth:`is_suppressed`, from what is held now: never loads, never refreshes.
+
+        :raises ValidationError: ``email`` is not a string or is blank.
+        """
+        key = _normalize_input(email)
+        current = self._current
+        return key in self._local or (current is not None and key in current.emails)
+
+    def add(self, email: str) -> None:
+        """Suppress ``email`` locally, e.g. after Meisa answered 422 ``recipient_suppressed``.
+
+        The addition lasts until a load whose fetch started after this call succeeds; from
+        then on Meisa's list decides.
+
+        :raises ValidationError: ``email`` is not a string or is blank.
+        """
+        key = _normalize_input(email)
+        with self._lock:
+            self._local.pop(key, None)
+            self._local[key] = self._fetches_started
+            overflow = len(self._local) > _MAX_LOCAL
+            if overflow:
+                del self._local[next(iter(self._local))]
+        if overflow:
+            self._logger.warning(
+                "Meisa suppression set: over %d local additions, dropped the oldest", _MAX_LOCAL
+            )
+
+    # -- loading ---------------------------------------------------------------------------
+
+    def load(self) -> bool:
+        """Fetch the list now, in this thread, and install it; ``True`` on success.
+
+        Waits for a fetch already running to finish first, then fetches anew (so the result
+        reflects Meisa after this call). Ignores ``retry_interval``. Never raises: a failure
+        is logged and kept in :attr:`last_error`.
+        """
+        with self._lock:
+            while self._loading:
+                self._done.wait()
+            seq = self._begin_fetch_locked()
+        return self._run_fetch(seq)
+
+    def refresh_in_background(self) -> bool:
+        """Start a refresh thread unless a fetch is running or the set is closed.
+
+        Ignores ``retry_interval``. Returns whether a thread was started.
+        """
+        with self._lock:
+            return self._start_refresh_locked(respect_retry=False)
+
+    def wait_for_refresh(self, timeout: float | None = None) -> bool:
+        """Wait until no fetch is running; ``True`` if none is running by the end."""
+        with self._lock:
+            return self._done.wait_for(lambda: not self._loading, timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop refreshing and join a running refresh thread for at most ``timeout`` seconds.
+
+        Afterwards :meth:`is_suppressed` answers from the last loaded set and fetches nothing;
+        :meth:`load` still works. A fetch cannot be interrupted: if it outlasts ``timeout``
+        its daemon thread finishes on its own.
+        """
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    # -- state -----------------------------------------------------------------------------
+
+    @property
+    def loaded(self) -> bool:
+        """Whether a list has ever been loaded."""
+        return self._current is not None
+
+    @property
+    def count(self) -> int:
+        """How many addresses the loaded list holds (local additions not counted)."""
+        current = self._current
+        return 0 if current is None else len(current.emails)
+
+    @property
+    def as_of(self) -> str | None:
+        """Meisa's ``as_of`` of the loaded list, or ``None``."""
+        current = self._current
+        return None if current is None else current.as_of
+
+    @property
+    def age(self) -> float | None:
+        """Seconds (by the clock) since the last successful load, or ``None``."""
+        current = self._current
+        return None if current is None else self._clock() - current.loaded_at
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the last fetch failed, or ``None`` once a fetch succeeded after it."""
+        return self._last_error
+
+    # -- internals (``_locked`` ones are called with the lock held) ------------------------
+
+    def _load_first(self) -> _Loaded | None:
+        with self._lock:
+            while self._loading:
+                self._done.wait()
+            if self._current is not None or self._closed or not self._may_attempt_locked():
+                return self._current
+            seq = self._begin_fetch_locked()
+        self._run_fetch(seq)
+        return self._current
+
+    def _refresh_stale(self) -> None:
+        with self._lock:
+            current = self._current
+            if current is not None and _FRESH not in current.fresh:
+                self._start_refresh_locked(respect_retry=True)
+
+    def _may_attempt_locked(self) -> bool:
+        return self._retry_at is None or self._clock() >= self._retry_at
+
+    def _begin_fetch_locked(self) -> int:
+        self._loading = True
+        seq = self._fetches_started
+        self._fetches_started += 1
+        return seq
+
+    def _start_refresh_locked(self, *, respect_retry: bool) -> bool:
+        if self._loading or self._closed:
+            return False
+        if respect_retry and not self._may_attempt_locked():
+            return False
+        seq = self._begin_fetch_locked()
+        thread = threading.Thread(
+            target=self._run_fetch,
+            args=(seq,),
+            name="flask-meisa-suppression-refresh",
+            daemon=True,
+        )
+        try:
+            thread.start()
+        except RuntimeError:  # no new threads at interpreter shutdown
+            self._loading = False
+            self._done.notify_all()
+            return False
+        self._thread = thread
+        return True
+
+    def _run_fetch(self, seq: int) -> bool:
+        """Fetch, install and log, then clear the loading flag whatever happened.
+
+        Called without the lock. The flag is cleared last, so :meth:`wait_for_refresh`
+        returns only once the outcome is installed and logged.
+        """
+        try:
+            return self._fetch_and_install(seq)
+        finally:
+            with self._lock:
+                self._loading = False
+                self._done.notify_all()
+
+    def _fetch_and_install(self, seq: int) -> bool:
+        try:
+            loaded = _read_snapshot(self._fetch(), self._clock, self._ttl)
+        except Exception as exc:
+            error = _describe(exc)
+            with self._lock:
+                had_list = self._current is not None
+                self._retry_at = self._clock() + self._retry_interval
+                self._last_error = error
+            if had_list:
+                self._logger.warning(
+                    "Meisa suppression list refresh failed (%s); keeping the last list; "
+                    "next attempt in %gs",
+                    error,
+                    self._retry_interval,
+                )
+            else:
+                self._logger.warning(
+                    "Meisa suppression list could not be loaded (%s); suppressing nothing "
+                    "until it loads; next attempt in %gs",
+                    error,
+                    self._retry_interval,
+                )
+            return False
+        with self._lock:
+            self._current = loaded
+            # Additions made before this fetch started are now Meisa's to answer for.
+            self._local = {k: v for k, v in self._local.items() if v > seq}
+            self._retry_at = None
+            self._last_error = None
+        self._logger.debug(
+            "Meisa suppression list loaded: %d addresses as of %s",
+            len(loaded.emails),
+            loaded.as_of,
+        )
+        return True
+
+    def _reinit_after_fork_in_child(self) -> None:
+        # The parent's lock may have been held by a thread that does not exist here.
+        self._lock = threading.Lock()
+        self._done = threading.Condition(self._lock)
+        self._loading = False
+        self._thread = None
+
+
+def _normalize_input(email: object) -> str:
+    if not isinstance(email, str):
+        raise ValidationError("email", "must be a string")
+    key = email.strip().lower()
+    if not key:
+        raise ValidationError("email", "must not be blank")
+    return key
+
+
+def _is_clean(emails: frozenset[object]) -> bool:
+    """Whether every entry is already lowercase and unpadded (C-speed passes, no copies)."""
+    try:
+        return all(map(str.islower, emails)) and all(  # type: ignore[arg-type]
+            map(operator.is_, emails, map(str.strip, emails))  # type: ignore[arg-type]
+        )
+    except TypeError:  # an entry that is not a string
+        return False
+
+
+def _normalized(emails: Iterable[object]) -> frozenset[str]:
+    if isinstance(emails, frozenset) and _is_clean(emails):
+        return emails  # share the client's set instead of holding a second copy
+    if not isinstance(emails, Collection):
+        emails = tuple(emails)  # the fallback below must be able to iterate again
+    try:
+        keys = frozenset(map(str.lower, map(str.strip, emails)))
+    except TypeError:
+        keys = frozenset(e.strip().lower() for e in emails if isinstance(e, str))
+    return keys - {""} if "" in keys else keys
+
+
+def _read_snapshot(
+    snapshot: SuppressionSnapshot, clock: Callable[[], float], ttl: float
+) -> _Loaded:
+    try:
+        emails: object = snapshot.emails
+        as_of: object = snapshot.as_of
+    except AttributeError:
+        raise _UnreadableSnapshot("the answer has no emails or as_of") from None
+    if isinstance(emails, (str, bytes)) or not isinstance(emails, Iterable):
+        raise _UnreadableSnapshot("the answer's emails is not a collection of addresses")
+    normalized = _normalized(emails)
+    fresh: TTLCache[str, bool] = TTLCache(maxsize=1, ttl=ttl, timer=clock)
+    fresh[_FRESH] = True
+    if isinstance(as_of, dt.datetime):
+        as_of = as_of.isoformat()
+    return _Loaded(
+        emails=normalized,
+        as_of=None if as_of is None else str(as_of),
+        loaded_at=clock(),
+        fresh=fresh,
+    )
+
+
+def _describe(exc: Exception) -> str:
+    # flask-meisa's errors never carry payload values or keys; other text might, so only
+    # their type is told.
+    if isinstance(exc, (MeisaError, _UnreadableSnapshot)):
+        return str(exc)
+    return type(exc).__name__
+
+
+_instances: weakref.WeakSet[SuppressionSet] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for instance in list(_instances):
+        instance._reinit_after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

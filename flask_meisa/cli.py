@@ -1,0 +1,177 @@
+"""``flask meisa ...``: the extension's command-line interface."""
+
+from __future__ import annotations
+
+import importlib.resources
+import time
+from typing import TYPE_CHECKING
+from typing import Any
+
+import click
+from flask import current_app
+from flask.cli import AppGroup
+
+from .errors import MeisaError
+
+if TYPE_CHECKING:
+    from .extension import Meisa
+
+__all__ = ["meisa_cli"]
+
+meisa_cli = AppGroup("meisa", help="Meisa: check the connection, sync users, inspect delivery.")
+
+
+def _extension() -> Meisa:
+    meisa = current_app.extensions.get("meisa")
+    if meisa is None:
+        raise click.ClickException("Meisa is not initialised on this app (call init_app).")
+    return meisa  # type: ignore[no-any-return]
+
+
+def _fail(error: MeisaError) -> click.ClickException:
+    return click.ClickException(str(error))
+
+
+@meisa_cli.command("ping")
+def ping_command() -> None:
+    """Check the API key: its environment, scopes and product."""
+    try:
+        result = _extension().client.ping()
+    except MeisaError as error:
+        raise _fail(error) from None
+    click.echo(f"ok: {result.environment} key for {result.product_name or result.product_id}")
+    click.echo(f"scopes: {', '.join(result.scopes) or '(none)'}")
+
+
+@meisa_cli.command("suppressions")
+@click.option("--check", "check", metavar="EMAIL", help="Say whether this address is suppressed.")
+def suppressions_command(check: str | None) -> None:
+    """Load the suppression set now and show its size (or check one address)."""
+    meisa = _extension()
+    suppression = meisa.state().suppression
+    if not suppression.load():
+        raise click.ClickException(
+            f"could not load the suppression set: {suppression.last_error or 'unknown error'}"
+        )
+    click.echo(f"{suppression.count} suppressed addresses (as of {suppression.as_of or '?'})")
+    if check is not None:
+        try:
+            suppressed = meisa.is_suppressed(check)
+        except MeisaError as error:
+            raise _fail(error) from None
+        click.echo(f"{check.strip()}: {'suppressed' if suppressed else 'not suppressed'}")
+
+
+@meisa_cli.command("sequences")
+@click.option("--all", "show_all", is_flag=True, help="Include paused and archived sequences.")
+@click.option("--search", default=None, help="Only sequences whose name or slug contains this.")
+def sequences_command(show_all: bool, search: str | None) -> None:
+    """List the product's sequences with their slugs."""
+    try:
+        sequences = _extension().client.list_sequences(
+            status="all" if show_all else None, search=search
+        )
+    except MeisaError as error:
+        raise _fail(error) from None
+    if not sequences:
+        click.echo("no sequences")
+    for sequence in sequences:
+        click.echo(f"{sequence.slug}\t{sequence.status or ''}\t{sequence.name or ''}")
+
+
+@meisa_cli.command("sync-users")
+@click.option(
+    "--timeout",
+    default=None,
+    type=float,
+    help="Seconds to wait for delivery at the end (default: until done).",
+)
+def sync_users_command(timeout: float | None) -> None:
+    """Upsert every user from the query registered with @meisa.users_to_sync, within
+    the rate budget."""
+    meisa = _extension()
+    query = meisa._users_to_sync
+    if query is None:
+        raise click.ClickException(
+            "no user query registered: decorate a function returning the users with"
+            " @meisa.users_to_sync"
+        )
+    users: Any = query()
+    length = len(users) if hasattr(users, "__len__") else None
+    queued = invalid = 0
+    with click.progressbar(users, length=length, label="queueing users") as bar:
+        for user in bar:
+            try:
+                payload = meisa.map_user(user)
+            except MeisaError as error:
+                invalid += 1
+                click.echo(f"\nskipped a user: {error}", err=True)
+                continue
+            payload.setdefault("source", "initial_sync")
+            meisa.upsert(payload)
+            queued += 1
+    click.echo(f"{queued} users queued, {invalid} skipped")
+    _wait_for_delivery(meisa, timeout)
+
+
+def _wait_for_delivery(meisa: Meisa, timeout: float | None) -> None:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        step = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
+        if meisa.flush(step):
+            break
+        status = meisa.status()
+        click.echo(f"  {status.delivered} delivered, {status.pending} pending", err=True)
+        if deadline is not None and time.monotonic() >= deadline:
+            raise click.ClickException(f"{status.pending} operations still pending")
+    status = meisa.status()
+    click.echo(f"done: {status.delivered} delivered, {status.failed} failed")
+
+
+@meisa_cli.command("flush")
+@click.option("--timeout", default=30.0, show_default=True, type=float)
+def flush_command(timeout: float) -> None:
+    """Deliver everything pending in this process."""
+    meisa = _extension()
+    if not meisa.flush(timeout):
+        raise click.ClickException(f"{meisa.status().pending} operations still pending")
+    click.echo("nothing pending")
+
+
+@meisa_cli.command("status")
+def status_command() -> None:
+    """Show the delivery engine of this process: queues, budget, counters."""
+    status = _extension().status()
+    click.echo(f"engine: {status.engine}")
+    for lane, depth in status.queued.items():
+        click.echo(f"queued {lane}: {depth}")
+    click.echo(f"in flight: {status.in_flight}")
+    click.echo(f"waiting to retry: {status.retry_waiting}")
+    if status.budget_left is not None:
+        for window, left in status.budget_left.items():
+            click.echo(f"budget left {window}: {left}")
+    if status.paused_for:
+        click.echo(f"paused for: {status.paused_for:.1f}s")
+    click.echo(
+        f"delivered: {status.delivered}  failed: {status.failed}  dropped: {status.dropped}"
+    )
+
+
+@meisa_cli.command("config-template")
+def config_template_command() -> None:
+    """Print the configuration template: every MEISA_* key with its default."""
+    source = importlib.resources.files("flask_meisa").joinpath("config_template.py")
+    click.echo(source.read_text(encoding="utf-8"), nl=False)
+
+
+@meisa_cli.command(
+    "emulator",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def emulator_command(args: tuple[str, ...]) -> None:
+    """Serve the embedded Meisa emulator (options: --help)."""
+    from .emulator.__main__ import main
+
+    raise SystemExit(main(list(args)))

@@ -1,0 +1,88 @@
+"""``@track_event``: record an in-product action when a view succeeds."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from collections.abc import Mapping
+from typing import Any
+from typing import TypeVar
+from typing import cast
+
+from flask import Response
+from flask import after_this_request
+from flask import current_app
+
+from .errors import ValidationError
+from .payloads import json_object
+from .payloads import require_text
+
+__all__ = ["track_event"]
+
+logger = logging.getLogger("flask_meisa")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+Properties = Mapping[str, Any] | Callable[..., Mapping[str, Any] | None] | None
+
+
+def _current_user() -> Any:
+    try:
+        from flask_login import current_user
+    except ImportError:  # pragma: no cover - flask-login is a dependency
+        return None
+    if not hasattr(current_app, "login_manager"):
+        return None
+    return cast(Any, current_user)._get_current_object()
+
+
+def track_event(name: str, properties: Properties = None) -> Callable[[F], F]:
+    """Decorator: track the event ``name`` for ``current_user`` once the view answered
+    below 400.
+
+    ``properties`` is a mapping, or a callable that takes the view's arguments and
+    returns one (evaluated only after the view succeeded). Anonymous users are skipped
+    (a debug log line). Works on sync and async views, and keeps the view's name and
+    docstring. The event is delivered after the response, like every operation made in
+    a request.
+
+    :raises ValidationError: at decoration time, for an empty name or properties that
+        JSON cannot carry.
+    """
+    event_name = require_text(name, "event_name")
+    if properties is not None and not callable(properties):
+        properties = json_object(properties, "properties")
+
+    def decorator(view: F) -> F:
+        @functools.wraps(view)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            @after_this_request
+            def track_on_success(response: Response) -> Response:
+                if response.status_code < 400:
+                    _track(event_name, properties, args, kwargs)
+                return response
+
+            return current_app.ensure_sync(view)(*args, **kwargs)
+
+        return cast(F, wrapper)
+
+    return decorator
+
+
+def _track(
+    event_name: str, properties: Properties, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    # Runs in an after-request hook: a problem is logged, never turned into a 500.
+    user = _current_user()
+    if user is None or not getattr(user, "is_authenticated", False):
+        logger.debug("meisa: %s not tracked: no authenticated user", event_name)
+        return
+    try:
+        props = properties(*args, **kwargs) if callable(properties) else properties
+        meisa = current_app.extensions["meisa"]
+        meisa.track(event_name, user=user, properties=props)
+    except ValidationError as error:
+        logger.error("meisa: %s not tracked: %s", event_name, error)
+    except Exception:
+        logger.exception("meisa: %s not tracked", event_name)

@@ -1,0 +1,98 @@
+"""Helpers for testing an app that uses flask-meisa.
+
+Record what the extension would deliver, with sending suppressed (the default under
+``TESTING``)::
+
+    from flask_meisa.testing import record_operations
+
+    def test_signup_syncs_the_user(app, client):
+        with record_operations(app) as operations:
+            client.post("/signup", data={...})
+        assert [op.kind for op in operations] == ["upsert", "send"]
+
+Or run against the embedded emulator over real HTTP: add
+``pytest_plugins = ["flask_meisa.testing"]`` to your ``conftest.py`` and use the
+``meisa_emulator`` and ``meisa_config`` fixtures::
+
+    def test_login_reaches_meisa(meisa_emulator, meisa_config):
+        app = create_app(meisa_config)
+        ...
+        assert meisa_emulator.contact(email="ada@example.com") is not None
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+from typing import Any
+from typing import cast
+
+from flask import Flask
+from flask import current_app
+
+from .signals import operation_queued
+
+if TYPE_CHECKING:
+    from .emulator import Emulator
+    from .operations import Operation
+
+__all__ = ["emulator_config", "record_operations"]
+
+
+@contextmanager
+def record_operations(app: Flask | None = None) -> Iterator[list[Operation]]:
+    """Collect a copy of every operation ``app`` (default: the current app) hands to
+    delivery, or would hand when delivery is suppressed, while the block runs.
+
+    Operations made in a request are recorded once the response is done (when they are
+    released). Recording does not suppress delivery: ``MEISA_SUPPRESS_SEND`` does.
+    """
+    target = app if app is not None else cast(Any, current_app)._get_current_object()
+    recorded: list[Operation] = []
+
+    def receiver(sender: Flask, operation: Operation, **extra: Any) -> None:
+        recorded.append(copy.deepcopy(operation))
+
+    with operation_queued.connected_to(receiver, sender=target):
+        yield recorded
+
+
+def emulator_config(emulator: Emulator, **overrides: Any) -> dict[str, Any]:
+    """Config keys that point an app at ``emulator`` and deliver for real, inline.
+
+    ``MEISA_DELIVERY = "sync"`` makes each call before the next line runs, so tests can
+    assert on the emulator's state without waiting; pass ``MEISA_DELIVERY="thread"``
+    and call ``meisa.flush()`` to test background delivery.
+    """
+    config: dict[str, Any] = {
+        "MEISA_API_KEY": emulator.live_key,
+        "MEISA_BASE_URL": emulator.url,
+        "MEISA_SUPPRESS_SEND": False,
+        "MEISA_DELIVERY": "sync",
+        "MEISA_RATE_LIMIT": None,
+    }
+    config.update(overrides)
+    return config
+
+
+try:
+    import pytest
+except ImportError:  # pragma: no cover - pytest is only needed for the fixtures
+    pass
+else:
+
+    @pytest.fixture
+    def meisa_emulator() -> Iterator[Emulator]:
+        """A fresh embedded Meisa emulator (demo seed, no rate limit), stopped after."""
+        from .emulator import Emulator
+
+        with Emulator(seed="demo", rate_limit=None) as emulator:
+            yield emulator
+
+    @pytest.fixture
+    def meisa_config(meisa_emulator: Emulator) -> dict[str, Any]:
+        """Config keys pointing an app at ``meisa_emulator`` (see
+        :func:`emulator_config`)."""
+        return emulator_config(meisa_emulator)

@@ -1,0 +1,110 @@
+"""flask meisa ... through the test CLI runner."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from flask import Flask
+
+from flask_meisa import Meisa
+from flask_meisa.testing import emulator_config
+from tests.apps import build_app
+
+
+@pytest.fixture
+def app(emulator: Any) -> Flask:
+    return build_app(emulator_config(emulator))
+
+
+def invoke(app: Flask, *args: str) -> Any:
+    return app.test_cli_runner().invoke(args=["meisa", *args])
+
+
+def test_ping_reports_the_keys_environment_and_scopes(emulator: Any, app: Flask) -> None:
+    result = invoke(app, "ping")
+    assert result.exit_code == 0, result.output
+    assert "ok: live key for Demo SaaS" in result.output
+    assert "emails:trigger" in result.output
+    assert emulator.live_key not in result.output
+
+
+def test_ping_with_a_bad_key_fails_with_the_servers_message(emulator: Any) -> None:
+    app = build_app(emulator_config(emulator, MEISA_API_KEY="meisa_live_not_a_real_key_0000"))
+    result = invoke(app, "ping")
+    assert result.exit_code == 1
+    assert "401" in result.output
+    assert "meisa_live_not_a_real_key" not in result.output
+
+
+def test_suppressions_count_and_check(emulator: Any, app: Flask) -> None:
+    emulator.suppress("gone@example.com")
+    result = invoke(app, "suppressions", "--check", "Gone@Example.com")
+    assert result.exit_code == 0, result.output
+    count = len(emulator.suppressions())
+    assert f"{count} suppressed addresses" in result.output
+    assert "Gone@Example.com: suppressed" in result.output
+    assert (
+        "ok@example.com: not suppressed"
+        in invoke(app, "suppressions", "--check", "ok@example.com").output
+    )
+
+
+def test_sequences_lists_active_ones_or_all(app: Flask) -> None:
+    active = invoke(app, "sequences").output
+    assert "onboarding" in active
+    assert "winback" not in active
+    assert "winback" in invoke(app, "sequences", "--all").output
+
+
+def test_sync_users_backfills_every_registered_user(emulator: Any) -> None:
+    meisa = Meisa()
+    app = build_app(emulator_config(emulator, MEISA_DELIVERY="thread"), meisa=meisa)
+
+    @meisa.users_to_sync
+    def every_user() -> list[Any]:
+        return list(app.config["USERS"].values())
+
+    try:
+        result = invoke(app, "sync-users", "--timeout", "10")
+        assert result.exit_code == 0, result.output
+        assert "2 users queued" in result.output
+        assert "done: 2 delivered, 0 failed" in result.output
+    finally:
+        meisa.state(app).close(5)
+    contacts = {c["email"]: c for c in emulator.contacts()}
+    assert set(contacts) == {"ada@example.com", "grace@example.com"}
+    assert contacts["ada@example.com"]["source"] == "initial_sync"
+
+
+def test_sync_users_without_a_query_explains_what_to_do(app: Flask) -> None:
+    result = invoke(app, "sync-users")
+    assert result.exit_code == 1
+    assert "@meisa.users_to_sync" in result.output
+
+
+def test_flush_and_status(app: Flask) -> None:
+    assert "nothing pending" in invoke(app, "flush").output
+    status = invoke(app, "status").output
+    assert "engine: sync" in status
+    assert "delivered: 0" in status
+
+
+def test_config_template_prints_every_key(app: Flask) -> None:
+    output = invoke(app, "config-template").output
+    assert 'MEISA_RATE_LIMIT = "60/minute;1000/hour"' in output
+    assert "MEISA_FLUSH_TIMEOUT = 5.0" in output
+
+
+def test_emulator_command_passes_its_options_on(app: Flask) -> None:
+    result = invoke(app, "emulator", "--help")
+    assert result.exit_code == 0
+    assert "--rate-limit" in result.output
+
+
+def test_commands_on_an_app_without_meisa_say_so() -> None:
+    from flask_meisa.cli import meisa_cli
+
+    result = Flask(__name__).test_cli_runner().invoke(meisa_cli, ["status"])
+    assert result.exit_code == 1
+    assert "Meisa is not initialised" in result.output

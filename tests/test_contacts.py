@@ -1,0 +1,150 @@
+"""User → contact mapping and meisa.upsert input."""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from flask import Flask
+
+from flask_meisa import Meisa
+from flask_meisa import ValidationError
+from flask_meisa.contacts import default_contact_mapper
+from flask_meisa.operations import merge_upsert_payloads
+from flask_meisa.testing import emulator_config
+from flask_meisa.testing import record_operations
+from tests.apps import Plan
+from tests.apps import User
+from tests.apps import build_app
+
+
+def test_default_mapper_reads_identity_names_and_custom_fields() -> None:
+    tz = dt.timezone(dt.timedelta(hours=2))
+    user = User(
+        7,
+        "Ada@Example.com",
+        first_name="Ada",
+        display_name="Countess",
+        plan=Plan.PRO,
+        signup_date=dt.datetime(2026, 3, 1, 12, 0, tzinfo=tz),
+        mrr=Decimal("49.50"),
+        projects=lambda: 3,
+    )
+    payload = default_contact_mapper(
+        user,
+        custom_fields={
+            "plan": "plan",
+            "signup_date": "signup_date",
+            "mrr": "mrr",
+            "projects_created": "projects",
+        },
+        source="signup",
+    )
+    app = Flask(__name__)
+    app.config.update(MEISA_ENABLED=False)
+    meisa = Meisa(app)
+    with app.app_context():
+        assert meisa.map_user(user)["email"] == "ada@example.com"
+    from flask_meisa.contacts import upsert_payload
+
+    assert upsert_payload(payload) == {
+        "email": "ada@example.com",
+        "external_id": "7",
+        "first_name": "Ada",
+        "display_name": "Countess",
+        "source": "signup",
+        "custom_fields": {
+            "plan": "pro",
+            "signup_date": "2026-03-01T10:00:00Z",
+            "mrr": 49.5,
+            "projects_created": 3,
+        },
+    }
+
+
+def test_a_missing_configured_attribute_names_the_field() -> None:
+    with pytest.raises(ValidationError) as raised:
+        default_contact_mapper(User(1, "a@b.co"), custom_fields={"seats": "seat_count"})
+    assert raised.value.field == "custom_fields.seats"
+
+
+def test_a_user_without_email_is_refused() -> None:
+    with pytest.raises(ValidationError, match="email"):
+        default_contact_mapper(object(), custom_fields={})
+
+
+def test_contact_mapper_decorator_replaces_the_default(emulator: Any) -> None:
+    meisa = Meisa()
+
+    @meisa.contact_mapper
+    def to_contact(user: User) -> dict[str, Any]:
+        return {"email": user.email, "external_id": f"u-{user.id}", "tag_names": ["beta"]}
+
+    app = build_app(emulator_config(emulator), meisa=meisa)
+    app.test_client().post("/login/1", buffered=True)
+    contact = emulator.contact(external_id="u-1")
+    assert [tag["name"] for tag in contact["tags"]] == ["beta"]
+    assert contact["custom_fields"] == {}
+
+
+def test_a_mapper_returning_a_non_mapping_is_a_clear_error() -> None:
+    app = Flask(__name__)
+    app.config.update(MEISA_ENABLED=False)
+    meisa = Meisa(app, contact_mapper=lambda user: ["not", "a", "mapping"])  # type: ignore[arg-type, return-value]
+    with app.app_context(), pytest.raises(ValidationError, match="must return a mapping"):
+        meisa.upsert(User(1, "a@b.co"))
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({}, "email"),
+        ({"email": "no-at-sign"}, "email"),
+        ({"email": "a@b.co", "status": "unsubscribed"}, "status"),
+        ({"email": "a@b.co", "source": "carrier"}, "source"),
+        ({"email": "a@b.co", "custom_fields": [("x", 1)]}, "custom_fields"),
+        ({"email": "a@b.co", "custom_fields": {"x": b"bytes"}}, "custom_fields.x"),
+        ({"email": "a@b.co", "custom_fields": {"x": float("inf")}}, "custom_fields.x"),
+        ({"email": "a@b.co", "custom_fields": {1: "x"}}, "custom_fields"),
+        ({"email": "a@b.co", "tag_names": "vip"}, "tag_names"),
+        ({"email": "a@b.co", "tag_names": ["ok", ""]}, "tag_names[1]"),
+        ({"email": "a@b.co", "first_name": "A\nB"}, "first_name"),
+    ],
+)
+def test_bad_upsert_payloads_raise_naming_the_field_and_queue_nothing(
+    payload: dict[Any, Any], field: str
+) -> None:
+    app = Flask(__name__)
+    app.config.update(MEISA_ENABLED=False)
+    meisa = Meisa(app)
+    with (
+        app.app_context(),
+        record_operations() as recorded,
+        pytest.raises(ValidationError) as raised,
+    ):
+        meisa.upsert(payload)
+    assert raised.value.field.startswith(field)
+    assert recorded == []
+
+
+def test_upsert_of_none_is_refused() -> None:
+    app = Flask(__name__)
+    app.config.update(MEISA_ENABLED=False)
+    meisa = Meisa(app)
+    with app.app_context(), pytest.raises(ValidationError):
+        meisa.upsert(None)
+
+
+def test_merge_keeps_the_creation_source_and_unites_tags() -> None:
+    merged = merge_upsert_payloads(
+        {"email": "a@b.co", "source": "signup", "tag_names": ["a"], "custom_fields": {"x": 1}},
+        {"email": "a@b.co", "source": "api", "tag_names": ["b", "a"], "custom_fields": {"y": 2}},
+    )
+    assert merged == {
+        "email": "a@b.co",
+        "source": "signup",
+        "tag_names": ["a", "b"],
+        "custom_fields": {"x": 1, "y": 2},
+    }

@@ -1,0 +1,175 @@
+"""What syncs, and when: after the response, coalesced, never for a failed view."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from typing import Any
+
+import flask_login
+import pytest
+import requests
+from flask import Flask
+
+from flask_meisa import Meisa
+from flask_meisa.testing import emulator_config
+from flask_meisa.testing import record_operations
+from tests.apps import build_app
+from tests.servers import serve
+
+UPSERT = "/contacts/upsert/"
+
+
+@pytest.fixture
+def app(emulator: Any) -> Flask:
+    return build_app(emulator_config(emulator))
+
+
+def upserts(emulator: Any) -> list[Any]:
+    return list(emulator.requests_to(UPSERT))
+
+
+def test_login_upsert_arrives_only_after_the_client_has_its_response(
+    emulator: Any, app: Flask
+) -> None:
+    emulator.faults.set(latency=0.5)
+    with serve(app) as url, requests.Session() as http:
+        started = time.monotonic()
+        response = http.post(f"{url}/login/1")
+        elapsed = time.monotonic() - started
+        assert response.status_code == 200
+        # The upsert takes 0.5 s at the emulator; the login answered before it was made.
+        assert elapsed < 0.5
+        assert upserts(emulator) == []
+        assert emulator.wait_for_requests(1, path=UPSERT, timeout=5)
+    (request,) = upserts(emulator)
+    assert request.body["email"] == "ada@example.com"
+    assert request.body["external_id"] == "1"
+    assert request.body["first_name"] == "Ada"
+    assert request.body["custom_fields"] == {
+        "plan": "free",
+        "signup_date": "2026-01-02T03:04:05Z",
+        "mrr": 0,
+    }
+    assert emulator.contact(email="ada@example.com")["external_id"] == "1"
+
+
+def test_plan_change_upserts_the_new_plan(emulator: Any, app: Flask) -> None:
+    with app.test_client() as client:
+        client.post("/plan/2/pro", buffered=True)
+    (request,) = upserts(emulator)
+    assert request.body["custom_fields"]["plan"] == "pro"
+    assert emulator.contact(email="grace@example.com")["custom_fields"]["plan"] == "pro"
+
+
+def test_three_changes_of_one_user_in_one_request_make_one_merged_upsert(
+    emulator: Any, app: Flask
+) -> None:
+    app.test_client().post("/triple/1", buffered=True)
+    (request,) = upserts(emulator)
+    assert request.body == {
+        "email": "ada@example.com",
+        "external_id": "1",
+        "first_name": "Ady",
+        "custom_fields": {"a": 1, "b": 2},
+        "tag_names": ["x", "y"],
+    }
+
+
+@pytest.mark.parametrize("path", ["/fail/1", "/abort/1"])
+def test_a_failed_view_releases_nothing(emulator: Any, app: Flask, path: str) -> None:
+    app.config["PROPAGATE_EXCEPTIONS"] = False
+    with record_operations(app) as recorded:
+        response = app.test_client().post(path, buffered=True)
+    assert response.status_code >= 500
+    assert recorded == []
+    assert emulator.requests == []
+
+
+def test_a_raising_view_under_testing_releases_nothing(emulator: Any, app: Flask) -> None:
+    app.config["TESTING"] = True
+    app.config["MEISA_SUPPRESS_SEND"] = False
+    with record_operations(app) as recorded, pytest.raises(RuntimeError):
+        app.test_client().post("/fail/1", buffered=True)
+    assert recorded == []
+    assert emulator.requests == []
+
+
+def test_release_on_error_releases_a_failed_views_work(emulator: Any) -> None:
+    app = build_app(emulator_config(emulator, MEISA_RELEASE_ON_ERROR=True))
+    app.config["PROPAGATE_EXCEPTIONS"] = False
+    assert app.test_client().post("/abort/1", buffered=True).status_code == 503
+    assert len(upserts(emulator)) == 1
+
+
+@pytest.mark.parametrize("path", ["/file/1", "/stream/1"])
+def test_send_file_and_streamed_responses_still_release(
+    emulator: Any, app: Flask, path: str
+) -> None:
+    with serve(app) as url, requests.Session() as http:
+        response = http.get(f"{url}{path}")
+        assert response.status_code == 200
+        assert emulator.wait_for_requests(1, path=UPSERT, timeout=5)
+    assert upserts(emulator)[0].body["email"] == "ada@example.com"
+
+
+def test_outside_a_request_operations_go_straight_to_delivery(emulator: Any, app: Flask) -> None:
+    meisa: Meisa = app.extensions["meisa"]
+    with app.app_context():
+        meisa.upsert({"email": "cli@example.com", "custom_fields": {"plan": "pro"}})
+        assert len(upserts(emulator)) == 1
+        meisa.track("ran_job", email="cli@example.com", properties={"n": 1})
+    assert emulator.events()[0]["event_name"] == "ran_job"
+
+
+def test_test_request_context_releases_at_teardown(emulator: Any, app: Flask) -> None:
+    users = app.config["USERS"]
+    with app.test_request_context("/"):
+        flask_login.login_user(users[1])
+        assert upserts(emulator) == []
+    assert len(upserts(emulator)) == 1
+
+
+def test_login_still_syncs_after_garbage_collection(emulator: Any) -> None:
+    app = build_app(emulator_config(emulator))
+    gc.collect()
+    app.test_client().post("/login/2", buffered=True)
+    assert len(upserts(emulator)) == 1
+
+
+def test_a_failing_mapper_never_breaks_login(
+    emulator: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    meisa = Meisa()
+
+    @meisa.contact_mapper
+    def broken(user: Any) -> dict[str, Any]:
+        raise LookupError("mapper bug")
+
+    app = build_app(emulator_config(emulator), meisa=meisa)
+    with caplog.at_level(logging.ERROR, logger="flask_meisa"):
+        response = app.test_client().post("/login/1", buffered=True)
+    assert response.status_code == 200
+    assert "could not sync the user who logged in" in caplog.text
+    assert emulator.requests == []
+
+
+def test_sync_on_login_can_be_switched_off(emulator: Any) -> None:
+    app = build_app(emulator_config(emulator, MEISA_SYNC_ON_LOGIN=False))
+    app.test_client().post("/login/1", buffered=True)
+    assert emulator.requests == []
+
+
+def test_background_thread_delivery_after_the_response(emulator: Any) -> None:
+    app = build_app(emulator_config(emulator, MEISA_DELIVERY="thread"))
+    meisa: Meisa = app.extensions["meisa"]
+    try:
+        app.test_client().post("/login/1", buffered=True)
+        app.test_client().post("/plan/1/pro", buffered=True)
+        with app.app_context():
+            assert meisa.flush(5.0)
+            assert meisa.status().delivered == 2
+        assert emulator.contact(email="ada@example.com")["custom_fields"]["plan"] == "pro"
+    finally:
+        meisa.state(app).close(5.0)

@@ -1,0 +1,189 @@
+"""meisa.send: suppression first, synchronous outcomes, background delivery."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from flask import Flask
+
+from flask_meisa import Meisa
+from flask_meisa import UnprocessableEntityError
+from flask_meisa import ValidationError
+from flask_meisa.signals import email_sent
+from flask_meisa.signals import email_suppressed
+from flask_meisa.suppression import SuppressionSet
+from flask_meisa.testing import emulator_config
+from flask_meisa.testing import record_operations
+from tests.apps import build_app
+
+TRIGGER = "/emails/trigger/"
+
+
+@pytest.fixture
+def app(emulator: Any) -> Flask:
+    return build_app(emulator_config(emulator))
+
+
+@pytest.fixture
+def meisa(app: Flask) -> Meisa:
+    extension: Meisa = app.extensions["meisa"]
+    return extension
+
+
+def test_a_synchronous_send_returns_sent_with_its_ids(
+    emulator: Any, app: Flask, meisa: Meisa
+) -> None:
+    with app.app_context(), email_sent.connected_to(sent := _Collector(), sender=app):
+        result = meisa.send("verification_code", "  Ada@Example.com ", variables={"code": "1"})
+    assert result.status == "sent"
+    assert result.to_email == "ada@example.com"
+    assert result.email_send_id
+    assert result.contact_created is True
+    (send,) = emulator.sends()
+    assert send["to_email"] == "ada@example.com"
+    assert send["idempotency_key"] == result.idempotency_key
+    assert sent.calls[0]["result"] == result
+
+
+def test_scheduled_and_skipped_statuses(emulator: Any, app: Flask, meisa: Meisa) -> None:
+    with app.app_context():
+        assert meisa.send("welcome_delayed", "ada@example.com").status == "scheduled"
+        skipped = meisa.send("pro_only", "ada@example.com")
+    assert skipped.status == "skipped"
+    assert skipped.reason == "conditions_not_met"
+
+
+def test_a_suppressed_address_is_not_sent_and_is_signalled(
+    emulator: Any, app: Flask, meisa: Meisa
+) -> None:
+    emulator.suppress("gone@example.com")
+    with app.app_context(), email_suppressed.connected_to(seen := _Collector(), sender=app):
+        result = meisa.send("password_reset", "GONE@example.com")
+    assert result.status == "suppressed"
+    assert emulator.requests_to(TRIGGER) == []
+    assert seen.calls == [
+        {"trigger_key": "password_reset", "to_email": "gone@example.com", "operation": None}
+    ]
+
+
+def test_a_422_recipient_suppressed_raises_and_joins_the_local_set(
+    emulator: Any, app: Flask, meisa: Meisa
+) -> None:
+    with app.app_context():
+        assert not meisa.is_suppressed("late@example.com")  # loads the set
+        emulator.suppress("late@example.com")  # Meisa learns it after the load
+        with pytest.raises(UnprocessableEntityError) as raised:
+            meisa.send("password_reset", "late@example.com")
+        assert raised.value.code == "recipient_suppressed"
+        assert meisa.is_suppressed("late@example.com")
+        assert meisa.send("password_reset", "late@example.com").status == "suppressed"
+    assert len(emulator.requests_to(TRIGGER)) == 1
+
+
+def test_a_4xx_raises_the_typed_error(emulator: Any, app: Flask, meisa: Meisa) -> None:
+    emulator.set_sender(False)
+    with app.app_context(), pytest.raises(UnprocessableEntityError) as raised:
+        meisa.send("receipt", "ada@example.com")
+    assert raised.value.code == "no_sender"
+
+
+def test_a_503_after_the_send_is_retried_without_a_second_email(emulator: Any) -> None:
+    app = build_app(emulator_config(emulator, MEISA_RETRY_BASE_DELAY=0.0))
+    meisa: Meisa = app.extensions["meisa"]
+    emulator.faults.fail_next(1, status=503, path=TRIGGER, after=True)
+    with app.app_context():
+        result = meisa.send("receipt", "ada@example.com", idempotency_key="receipt-42")
+    assert result.status == "sent"
+    assert result.duplicate is True
+    assert len(emulator.sends()) == 1
+    assert [r.body["idempotency_key"] for r in emulator.requests_to(TRIGGER)] == [
+        "receipt-42",
+        "receipt-42",
+    ]
+
+
+def test_background_send_is_queued_and_delivered_after_the_response(
+    emulator: Any, app: Flask
+) -> None:
+    response = app.test_client().post("/send-later/invite/grace@example.com", buffered=True)
+    assert response.get_json() == {"status": "queued"}
+    (send,) = emulator.sends()
+    assert send["trigger_key"] == "invite"
+
+
+def test_background_send_skips_a_suppressed_address_at_delivery(
+    emulator: Any, app: Flask, meisa: Meisa
+) -> None:
+    emulator.suppress("gone@example.com")
+    with app.app_context(), email_suppressed.connected_to(seen := _Collector(), sender=app):
+        result = meisa.send("invite", "gone@example.com", background=True)
+        assert result.status in ("queued", "suppressed")
+    assert emulator.requests_to(TRIGGER) == []
+    assert len(seen.calls) == 1
+
+
+def test_suppression_is_refreshed_after_the_ttl_without_a_sender_waiting(
+    emulator: Any, app: Flask, meisa: Meisa
+) -> None:
+    now = [0.0]
+    state = meisa.state(app)
+    state.suppression = SuppressionSet(
+        state.client.unsubscribed_emails, ttl=60.0, clock=lambda: now[0]
+    )
+    state.reporter.suppression = state.suppression
+    with app.app_context():
+        assert not meisa.is_suppressed("new@example.com")
+        emulator.suppress("new@example.com")
+        emulator.faults.set(latency=0.5)
+        now[0] = 61.0
+        # Stale: the answer comes from the old set at once, the refresh runs behind it.
+        assert not meisa.is_suppressed("new@example.com")
+        assert state.suppression.wait_for_refresh(5.0)
+        assert meisa.is_suppressed("new@example.com")
+    state.suppression.close()
+
+
+def test_under_testing_nothing_is_sent_but_everything_is_recorded(emulator: Any) -> None:
+    app = build_app(emulator_config(emulator, TESTING=True, MEISA_SUPPRESS_SEND=None))
+    meisa: Meisa = app.extensions["meisa"]
+    with app.app_context(), record_operations() as recorded:
+        result = meisa.send("verification_code", "ada@example.com", idempotency_key="k1")
+    assert result.status == "skipped"
+    assert result.reason == "delivery_suppressed"
+    assert recorded[0].payload["idempotency_key"] == "k1"
+    assert emulator.requests == []
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "field"),
+    [
+        (("", "ada@example.com"), {}, "trigger_key"),
+        (("receipt", "not-an-address"), {}, "to_email"),
+        (("receipt", "ada@example.com\r\nBcc: x@y.z"), {}, "to_email"),
+        (("receipt", "ada@example.com"), {"variables": {"when": object()}}, "variables.when"),
+        (("receipt", "ada@example.com"), {"variables": ["a"]}, "variables"),
+        (("receipt", "ada@example.com"), {"idempotency_key": ""}, "idempotency_key"),
+        (("receipt", "ada@example.com"), {"background": "yes"}, "background"),
+    ],
+)
+def test_bad_input_to_send_raises_at_the_call_site_and_queues_nothing(
+    emulator: Any, app: Flask, meisa: Meisa, args: tuple[Any, ...], kwargs: Any, field: str
+) -> None:
+    with (
+        app.app_context(),
+        record_operations() as recorded,
+        pytest.raises(ValidationError) as raised,
+    ):
+        meisa.send(*args, **kwargs)
+    assert raised.value.field == field
+    assert recorded == []
+    assert emulator.requests == []
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+
+    def __call__(self, sender: Any, **kwargs: Any) -> None:
+        self.calls.append(kwargs)

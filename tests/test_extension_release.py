@@ -173,3 +173,34 @@ def test_background_thread_delivery_after_the_response(emulator: Any) -> None:
         assert emulator.contact(email="ada@example.com")["custom_fields"]["plan"] == "pro"
     finally:
         meisa.state(app).close(5.0)
+
+
+def test_plan_changed_without_a_new_plan_is_a_clear_error(emulator: Any, app: Flask) -> None:
+    from flask_meisa import ValidationError
+    from flask_meisa import plan_changed
+
+    user = app.config["USERS"][1]
+    with app.test_request_context("/"), pytest.raises(ValidationError, match="new_plan"):
+        plan_changed.send(app, user=user, old_plan="free")
+    with app.test_request_context("/"), pytest.raises(ValidationError, match="user"):
+        plan_changed.send(app, new_plan="pro")
+    assert emulator.requests == []
+
+
+def test_plan_changed_from_another_app_is_ignored(emulator: Any, app: Flask) -> None:
+    from flask_meisa import plan_changed
+
+    other = Flask("other")
+    with other.app_context():
+        plan_changed.send(other, user=app.config["USERS"][1], new_plan="pro")
+    assert emulator.requests == []
+
+
+def test_flush_in_a_request_releases_the_requests_work_first(emulator: Any, app: Flask) -> None:
+    meisa: Meisa = app.extensions["meisa"]
+    with app.test_request_context("/"):
+        meisa.upsert({"email": "now@example.com"})
+        assert upserts(emulator) == []
+        assert meisa.flush()
+        assert len(upserts(emulator)) == 1
+    assert len(upserts(emulator)) == 1

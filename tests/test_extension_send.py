@@ -187,3 +187,12 @@ class _Collector:
 
     def __call__(self, sender: Any, **kwargs: Any) -> None:
         self.calls.append(kwargs)
+
+
+@pytest.mark.parametrize("email", ["", "two@@example.com", None, 42])
+def test_is_suppressed_refuses_what_is_not_an_address(
+    emulator: Any, app: Flask, meisa: Meisa, email: Any
+) -> None:
+    with app.app_context(), pytest.raises(ValidationError):
+        meisa.is_suppressed(email)
+    assert emulator.requests == []

@@ -1,0 +1,65 @@
+"""flask_meisa.testing: the recorder and the pytest fixtures for users' own tests."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+from flask import Flask
+
+from flask_meisa import Meisa
+from flask_meisa.testing import record_operations
+
+pytest_plugins = ["pytester"]
+
+
+def test_record_operations_snapshots_what_would_be_delivered() -> None:
+    app = Flask(__name__)
+    app.config.update(MEISA_API_KEY="meisa_test_recorder_key_0000", TESTING=True)
+    meisa = Meisa(app)
+    payload = {"email": "ada@example.com", "custom_fields": {"plan": "free"}}
+    with app.app_context(), record_operations() as recorded:
+        meisa.upsert(payload)
+        payload["custom_fields"]["plan"] = "pro"  # the recording is a snapshot
+        meisa.track("opened_app", email="ada@example.com")
+    assert [op.kind for op in recorded] == ["upsert", "track"]
+    assert recorded[0].payload["custom_fields"] == {"plan": "free"}
+
+
+def test_record_operations_only_hears_its_own_app() -> None:
+    first, second = Flask("first"), Flask("second")
+    for app in (first, second):
+        app.config.update(MEISA_ENABLED=False)
+    meisa = Meisa()
+    meisa.init_app(first)
+    meisa.init_app(second)
+    with record_operations(first) as recorded:
+        with second.app_context():
+            meisa.upsert({"email": "b@example.com"})
+        with first.app_context():
+            meisa.upsert({"email": "a@example.com"})
+    assert [op.payload["email"] for op in recorded] == ["a@example.com"]
+
+
+def test_the_fixtures_give_an_emulator_and_config_for_a_users_app(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makeconftest('pytest_plugins = ["flask_meisa.testing"]')
+    pytester.makepyfile(
+        textwrap.dedent(
+            """
+            from flask import Flask
+            from flask_meisa import Meisa
+
+            def test_upsert_reaches_the_emulator(meisa_emulator, meisa_config):
+                app = Flask(__name__)
+                app.config.update(meisa_config)
+                meisa = Meisa(app)
+                with app.app_context():
+                    meisa.upsert({"email": "user@example.com", "external_id": 9})
+                assert meisa_emulator.contact(external_id="9")["email"] == "user@example.com"
+            """
+        )
+    )
+    result = pytester.runpytest_subprocess("-W", "error", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)

@@ -17,10 +17,11 @@ def test_record_operations_snapshots_what_would_be_delivered() -> None:
     app = Flask(__name__)
     app.config.update(MEISA_API_KEY="meisa_test_recorder_key_0000", TESTING=True)
     meisa = Meisa(app)
-    payload = {"email": "ada@example.com", "custom_fields": {"plan": "free"}}
+    fields = {"plan": "free"}
+    payload = {"email": "ada@example.com", "custom_fields": fields}
     with app.app_context(), record_operations() as recorded:
         meisa.upsert(payload)
-        payload["custom_fields"]["plan"] = "pro"  # the recording is a snapshot
+        fields["plan"] = "pro"  # the recording is a snapshot
         meisa.track("opened_app", email="ada@example.com")
     assert [op.kind for op in recorded] == ["upsert", "track"]
     assert recorded[0].payload["custom_fields"] == {"plan": "free"}

@@ -80,6 +80,10 @@ class SessionHolder:
         session = self._session
         if session is not None and (self._given is not None or self._pid == os.getpid()):
             return session
+        if self._pid != os.getpid():
+            # A forked child: the parent's lock may have been held by a thread that does not
+            # exist here.
+            self._lock = threading.Lock()
         with self._lock:
             if self._closed:
                 raise MeisaError("this MeisaClient is closed")

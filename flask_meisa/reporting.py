@@ -97,10 +97,11 @@ class SignalReporter:
             and error.code == "recipient_suppressed"
         ):
             self.suppression.add(operation.payload["to_email"])
-        logger.warning("meisa: %s failed: %s", operation.describe(), error)
+        # The engine logs the failure itself (once, without payload values).
+        logger.debug("meisa: %s failed: %s", operation.describe(), error)
         self._emit(delivery_failed, operation=operation, error=error)
 
     def dropped(self, operation: Operation, reason: str) -> None:
         """Report an operation shed or abandoned."""
-        logger.warning("meisa: %s dropped: %s", operation.describe(), reason)
+        logger.debug("meisa: %s dropped: %s", operation.describe(), reason)
         self._emit(delivery_dropped, operation=operation, reason=reason)

@@ -1,0 +1,163 @@
+"""Test support for the delivery engine: a recording ``DeliveryHooks``, and the
+scenarios the engine tests run in a separate interpreter (exit and fork).
+
+Run as ``python -m tests.engine_support <scenario>`` with ``MEISA_TEST_URL`` and
+``MEISA_TEST_KEY`` in the environment (the key never goes on a command line):
+
+- ``exit <n>``: submit ``n`` upserts and leave the interpreter without flushing;
+- ``fork <n_parent> <n_child>``: submit upserts, fork while they are still pending, let
+  the child check that it starts empty and deliver its own, then both exit.
+
+Each prints what its hooks saw as ``outcome <kind> <count>`` lines at exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from flask_meisa.client import MeisaClient
+from flask_meisa.engine.thread import ThreadDispatcher
+from flask_meisa.operations import Operation
+from flask_meisa.retry import RetryPolicy
+
+
+class RecordingHooks:
+    """Records every outcome; lets a test wait for one without sleeping."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[tuple[str, Operation, Any]] = []
+        self.skip: Callable[[Operation], str | None] = lambda op: None
+        self.raise_in: set[str] = set()
+        self._changed = threading.Condition()
+
+    def _record(self, kind: str, operation: Operation, detail: Any) -> None:
+        with self._changed:
+            self.outcomes.append((kind, operation, detail))
+            self._changed.notify_all()
+        if kind in self.raise_in:
+            raise RuntimeError(f"the {kind} hook failed on purpose")
+
+    def skip_reason(self, operation: Operation) -> str | None:
+        if "skip_reason" in self.raise_in:
+            raise RuntimeError("the skip_reason hook failed on purpose")
+        return self.skip(operation)
+
+    def skipped(self, operation: Operation, reason: str) -> None:
+        self._record("skipped", operation, reason)
+
+    def delivered(self, operation: Operation, result: Any) -> None:
+        self._record("delivered", operation, result)
+
+    def failed(self, operation: Operation, error: BaseException) -> None:
+        self._record("failed", operation, error)
+
+    def dropped(self, operation: Operation, reason: str) -> None:
+        self._record("dropped", operation, reason)
+
+    def of(self, kind: str) -> list[Operation]:
+        """The operations with outcome ``kind``, in the order they were reported."""
+        with self._changed:
+            return [op for k, op, _ in self.outcomes if k == kind]
+
+    def detail(self, operation: Operation) -> Any:
+        """What was reported with ``operation`` (result, error or reason)."""
+        with self._changed:
+            return next(d for _, op, d in self.outcomes if op is operation)
+
+    def wait_for(self, kind: str, count: int, timeout: float = 5.0) -> bool:
+        """Wait until at least ``count`` outcomes of ``kind`` were reported."""
+        with self._changed:
+            return self._changed.wait_for(
+                lambda: sum(1 for k, _, _ in self.outcomes if k == kind) >= count, timeout
+            )
+
+
+def upsert(n: int, *, tag: str = "t", **fields: Any) -> Operation:
+    """An upsert of user ``n`` whose ``custom_fields`` carry ``tag`` and ``fields``."""
+    return Operation(
+        "upsert",
+        {
+            "email": f"user{n}@example.com",
+            "external_id": f"{tag}-{n}",
+            "custom_fields": {"tag": tag, **fields},
+        },
+    )
+
+
+def _engine(hooks: RecordingHooks, **options: Any) -> ThreadDispatcher:
+    url, key = os.environ["MEISA_TEST_URL"], os.environ["MEISA_TEST_KEY"]
+    return ThreadDispatcher(
+        client_factory=lambda: MeisaClient(key, url, timeout=(0.5, 2.0)),
+        hooks=hooks,
+        retry=RetryPolicy(max_attempts=10, base_delay=0.05, max_delay=0.2, deadline=30.0),
+        **options,
+    )
+
+
+def say(line: str) -> None:
+    """Print one line with a single write, so that lines of a parent and its forked
+    child never interleave."""
+    os.write(1, (line + "\n").encode())
+
+
+def _print_outcomes(hooks: RecordingHooks, who: str) -> None:
+    counts: dict[str, int] = {}
+    for kind, _, detail in hooks.outcomes:
+        name = f"{kind}:{detail}" if kind in ("dropped", "skipped") else kind
+        counts[name] = counts.get(name, 0) + 1
+    for name, count in sorted(counts.items()):
+        say(f"{who} outcome {name} {count}")
+
+
+def exit_scenario(count: int) -> None:
+    hooks = RecordingHooks()
+    # Registered before the first engine exists, so it runs after the engines' exit hook
+    # (atexit runs the last registered first).
+    atexit.register(_print_outcomes, hooks, "exit")
+    engine = _engine(hooks, rate_limit=None, flush_timeout=float(os.environ["FLUSH_TIMEOUT"]))
+    for n in range(count):
+        engine.submit(upsert(n, tag="exit"))
+    # Leave without flush() or close(): the exit hook must deliver or report the rest.
+
+
+def fork_scenario(parent_count: int, child_count: int) -> None:
+    hooks = RecordingHooks()
+    engine = _engine(hooks, rate_limit="2/second")
+    for n in range(parent_count):
+        engine.submit(upsert(n, tag="parent"))
+    say(f"parent pending_at_fork {engine.status().pending}")
+    pid = os.fork()
+    if pid == 0:
+        status = engine.status()
+        say(f"child pending_at_start {status.pending} delivered {status.delivered}")
+        for n in range(child_count):
+            engine.submit(upsert(n, tag="child"))
+        flushed = engine.flush(10.0)
+        say(f"child flushed {flushed}")
+        _print_outcomes(hooks, "child")
+        engine.close()
+        os._exit(0)
+    _, wait_status = os.waitpid(pid, 0)
+    flushed = engine.flush(10.0)
+    say(f"parent flushed {flushed} child_exit {os.waitstatus_to_exitcode(wait_status)}")
+    _print_outcomes(hooks, "parent")
+    engine.close()
+
+
+def main(argv: list[str]) -> None:
+    scenario, *numbers = argv
+    if scenario == "exit":
+        exit_scenario(int(numbers[0]))
+    elif scenario == "fork":
+        fork_scenario(int(numbers[0]), int(numbers[1]))
+    else:
+        raise SystemExit(f"unknown scenario {scenario!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

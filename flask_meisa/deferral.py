@@ -2,12 +2,17 @@
 
 During a request, operations go into a :class:`RequestBatch` kept in the WSGI environ,
 where upserts of one contact are coalesced. :class:`AfterResponseMiddleware` wraps the
-app's ``wsgi_app``; when a request leaves work behind, it wraps the response body in a
-:class:`~werkzeug.wsgi.ClosingIterator`, whose ``close()`` the WSGI server calls after it
-has written the body. That is the one point that runs after the client has its
-response, and it runs for every kind of response, ``send_file`` and streams included
-(``Response.call_on_close`` is skipped for ``send_file``). Requests that queue nothing
-keep the server's original body object, and with it any sendfile fast path.
+app's ``wsgi_app``; when a request leaves work behind, it wraps the response body in an
+iterable whose ``close()`` the WSGI server calls after it has written the body. That is
+the one point that runs after the client has its response, and it runs for every kind of
+response, ``send_file`` and streams included (``Response.call_on_close`` is skipped for
+``send_file``). Requests that queue nothing keep the server's original body object, and
+with it any sendfile fast path.
+
+A server that lets go of a body without closing it (Werkzeug's development server does,
+when the client resets the connection just after the answer) would lose the batch; the
+wrapper therefore also releases when it is garbage-collected unclosed, which in CPython is
+the moment the server drops it. The release runs once either way.
 """
 
 from __future__ import annotations
@@ -15,10 +20,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from collections.abc import Iterable
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 from typing import Any
-
-from werkzeug.wsgi import ClosingIterator
 
 from .operations import Operation
 from .operations import contact_key
@@ -142,4 +146,30 @@ class AfterResponseMiddleware:
             batch.status = status[0]
             self._release(batch)
 
-        return ClosingIterator(body, release)
+        return _ReleasingBody(body, release)
+
+
+class _ReleasingBody:
+    """A response body that runs ``release`` once, after the server is done with it."""
+
+    def __init__(self, body: Iterable[bytes], release: Callable[[], None]) -> None:
+        self._body = body
+        self._release: Callable[[], None] | None = release
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._body)
+
+    def close(self) -> None:
+        """Close the wrapped body, then release the request's batch (once)."""
+        release, self._release = self._release, None
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            if release is not None:
+                release()
+
+    def __del__(self) -> None:
+        if self._release is not None:
+            self.close()

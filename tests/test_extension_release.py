@@ -218,8 +218,7 @@ def test_a_connection_reset_right_after_the_answer_loses_no_sync(
         for n in range(1, 11):
             with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
                 raw.sendall(
-                    b"POST /login/1 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                    b"Content-Length: 4\r\n\r\nabcd"
+                    b"POST /login/1 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 4\r\n\r\nabcd"
                 )
                 assert raw.recv(12) == b"HTTP/1.1 200"
                 raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib.resources
+import json
 import time
 from typing import TYPE_CHECKING
 from typing import Any
@@ -11,6 +13,10 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
+from .engine.deadletters import DeadLetters
+from .engine.hostlock import HostLock
+from .engine.outbox import OUTBOX_ERRORS
+from .engine.outbox import Outbox
 from .errors import MeisaError
 
 if TYPE_CHECKING:
@@ -152,6 +158,10 @@ def status_command() -> None:
             click.echo(f"budget left {window}: {left}")
     if status.paused_for:
         click.echo(f"paused for: {status.paused_for:.1f}s")
+    if status.holder is not None:
+        role = "this process" if status.holder else "another process"
+        click.echo(f"outbox: {status.stored} stored, delivered by {role}")
+        click.echo(f"dead letters: {status.dead_letters}")
     click.echo(
         f"delivered: {status.delivered}  failed: {status.failed}  dropped: {status.dropped}"
     )
@@ -162,6 +172,143 @@ def config_template_command() -> None:
     """Print the configuration template: every MEISA_* key with its default."""
     source = importlib.resources.files("flask_meisa").joinpath("config_template.py")
     click.echo(source.read_text(encoding="utf-8"), nl=False)
+
+
+def _outbox() -> Outbox:
+    outbox = _extension().state().outbox
+    if outbox is None:
+        raise click.ClickException("MEISA_OUTBOX is not set: there is no outbox.")
+    return outbox
+
+
+def _when(timestamp: float) -> str:
+    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+@meisa_cli.command("outbox")
+def outbox_command() -> None:
+    """Show the outbox: its file, what waits in it, and which process delivers."""
+    outbox = _outbox()
+    try:
+        counts = outbox.counts()
+    except OUTBOX_ERRORS as error:
+        raise click.ClickException(f"cannot read the outbox: {error}") from None
+    holder = HostLock.holder(outbox.path + ".lock")
+    click.echo(f"outbox: {outbox.path}")
+    click.echo(f"waiting: {counts.pending + counts.claimed}")
+    click.echo(f"dead letters: {counts.dead}")
+    click.echo(f"delivering process: {'none' if holder is None else holder or 'unknown pid'}")
+
+
+@meisa_cli.group("dead-letters", invoke_without_command=True)
+@click.pass_context
+def dead_letters_group(context: click.Context) -> None:
+    """Operations Meisa refused or that ran out of retries: list, show, retry, purge."""
+    if context.invoked_subcommand is None:
+        context.invoke(dead_letters_list)
+
+
+def _chosen(ids: tuple[int, ...], every: bool) -> list[int] | None:
+    if every and ids:
+        raise click.UsageError("give IDs or --all, not both")
+    if not every and not ids:
+        raise click.UsageError("give the IDs of dead letters (see 'list'), or --all")
+    return None if every else list(ids)
+
+
+def _missing(outbox: Outbox, ids: list[int] | None) -> None:
+    if ids is None:
+        return
+    found = {letter.seq for letter in DeadLetters(outbox).list(ids)}
+    unknown = [str(seq) for seq in ids if seq not in found]
+    if unknown:
+        raise click.ClickException(f"no dead letter with ID {', '.join(unknown)}")
+
+
+@dead_letters_group.command("list")
+def dead_letters_list() -> None:
+    """List dead letters, oldest first, with their errors (no payload values)."""
+    letters = DeadLetters(_outbox()).list()
+    if not letters:
+        click.echo("no dead letters")
+        return
+    for letter in letters:
+        merged = f", {letter.merged} merged" if letter.merged > 1 else ""
+        error = " ".join(
+            part
+            for part in (
+                f"HTTP {letter.status}" if letter.status is not None else "",
+                f"[{letter.code}]" if letter.code else "",
+                letter.message,
+            )
+            if part
+        )
+        click.echo(
+            f"{letter.seq}\t{letter.operation.describe()}\t{error}\t"
+            f"{letter.attempts} attempt(s){merged}\t{_when(letter.failed_at)}"
+        )
+    click.echo(f"{len(letters)} dead letter(s)")
+
+
+@dead_letters_group.command("show")
+@click.argument("seq", metavar="ID", type=int)
+def dead_letters_show(seq: int) -> None:
+    """Print one dead letter with its payload, as JSON."""
+    letters = DeadLetters(_outbox()).list([seq])
+    if not letters:
+        raise click.ClickException(f"no dead letter with ID {seq}")
+    letter = letters[0]
+    record = {
+        "id": letter.seq,
+        "operation": letter.operation.to_dict(),
+        "error": {"status": letter.status, "code": letter.code, "message": letter.message},
+        "attempts": letter.attempts,
+        "failed_at": _when(letter.failed_at),
+    }
+    click.echo(json.dumps(record, indent=2, sort_keys=True))
+
+
+@dead_letters_group.command("retry")
+@click.argument("ids", metavar="[ID]...", nargs=-1, type=int)
+@click.option("--all", "every", is_flag=True, help="Retry every dead letter.")
+@click.option(
+    "--timeout",
+    default=30.0,
+    show_default=True,
+    type=float,
+    help="Seconds to wait for delivery (0: queue them and return).",
+)
+def dead_letters_retry(ids: tuple[int, ...], every: bool, timeout: float) -> None:
+    """Queue dead letters for delivery again, then wait for them."""
+    outbox = _outbox()
+    chosen = _chosen(ids, every)
+    _missing(outbox, chosen)
+    queued = DeadLetters(outbox).requeue(chosen)
+    click.echo(f"{queued} operation(s) queued again")
+    if timeout <= 0 or not queued:
+        return
+    meisa = _extension()
+    if not meisa.state().delivering():
+        raise click.ClickException("delivery is off here (MEISA_ENABLED / MEISA_SUPPRESS_SEND)")
+    delivered = meisa.flush(timeout)
+    dead = outbox.counts().dead
+    if not delivered:
+        raise click.ClickException(f"not all delivered within {timeout:g}s; {dead} dead letters")
+    click.echo(f"done; {dead} dead letter(s) left")
+
+
+@dead_letters_group.command("purge")
+@click.argument("ids", metavar="[ID]...", nargs=-1, type=int)
+@click.option("--all", "every", is_flag=True, help="Delete every dead letter.")
+@click.option("--yes", is_flag=True, help="Do not ask before deleting every dead letter.")
+def dead_letters_purge(ids: tuple[int, ...], every: bool, yes: bool) -> None:
+    """Delete dead letters for good."""
+    outbox = _outbox()
+    chosen = _chosen(ids, every)
+    _missing(outbox, chosen)
+    if chosen is None and not yes:
+        click.confirm(f"Delete all {outbox.counts().dead} dead letters?", abort=True)
+    click.echo(f"{DeadLetters(outbox).purge(chosen)} dead letter(s) deleted")
 
 
 @meisa_cli.command(

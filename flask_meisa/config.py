@@ -9,6 +9,7 @@ operation, so that flipping ``TESTING`` in a test fixture takes effect.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +17,13 @@ from typing import Any
 
 from .errors import ConfigurationError
 
-__all__ = ["DEFAULTS", "DELIVERY_MODES", "MeisaSettings", "parse_custom_fields"]
+__all__ = [
+    "DEFAULTS",
+    "DELIVERY_MODES",
+    "INSTANCE_PREFIX",
+    "MeisaSettings",
+    "parse_custom_fields",
+]
 
 #: Delivery engines ``MEISA_DELIVERY`` can name.
 DELIVERY_MODES = ("thread", "sync")
@@ -46,7 +53,12 @@ DEFAULTS: dict[str, Any] = {
     "MEISA_QUEUE_SIZE": 10_000,
     "MEISA_WORKERS": 1,
     "MEISA_FLUSH_TIMEOUT": 5.0,
+    "MEISA_OUTBOX": None,
+    "MEISA_OUTBOX_BUSY_TIMEOUT": 1.0,
 }
+
+#: ``MEISA_OUTBOX`` values starting with this name a file in the app's instance folder.
+INSTANCE_PREFIX = "instance:"
 
 
 def parse_custom_fields(value: Any) -> dict[str, str]:
@@ -119,6 +131,8 @@ class MeisaSettings:
     queue_size: int
     workers: int
     flush_timeout: float
+    outbox: str | None = None
+    outbox_busy_timeout: float = 1.0
 
     def __repr__(self) -> str:
         # The key never appears in a repr: at most its last four characters.
@@ -150,11 +164,14 @@ class MeisaSettings:
             raise ConfigurationError(
                 'MEISA_RATE_LIMIT must be a string such as "60/minute;1000/hour", or None'
             )
+        if rate_limit is not None:
+            _check_rate_limit(rate_limit)
         delivery = config["MEISA_DELIVERY"]
         if delivery not in DELIVERY_MODES:
             raise ConfigurationError(
                 f"MEISA_DELIVERY must be one of {', '.join(DELIVERY_MODES)}, got {delivery!r}"
             )
+        outbox = _outbox(config, delivery)
         source = config["MEISA_DEFAULT_SOURCE"]
         if source is not None and not isinstance(source, str):
             raise ConfigurationError("MEISA_DEFAULT_SOURCE must be a string or None")
@@ -179,4 +196,40 @@ class MeisaSettings:
             queue_size=_integer(config, "MEISA_QUEUE_SIZE"),
             workers=_integer(config, "MEISA_WORKERS"),
             flush_timeout=_number(config, "MEISA_FLUSH_TIMEOUT"),
+            outbox=outbox,
+            outbox_busy_timeout=_number(config, "MEISA_OUTBOX_BUSY_TIMEOUT"),
         )
+
+
+def _check_rate_limit(spec: str) -> None:
+    from .engine.ratelimit import parse_rate_limit
+
+    try:
+        parse_rate_limit(spec)
+    except (ValueError, ConfigurationError) as error:
+        raise ConfigurationError(
+            f"MEISA_RATE_LIMIT {spec!r} is not a rate limit: {error}"
+        ) from None
+
+
+def _outbox(config: Mapping[str, Any], delivery: str) -> str | None:
+    value = config["MEISA_OUTBOX"]
+    if value is None:
+        return None
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigurationError(
+            "MEISA_OUTBOX must be None, a SQLite file path, or "
+            f'"{INSTANCE_PREFIX}<file name>" for a file in the instance folder'
+        )
+    value = value.strip()
+    if value.startswith(INSTANCE_PREFIX) and not value[len(INSTANCE_PREFIX) :].strip():
+        raise ConfigurationError(f"MEISA_OUTBOX {value!r} names no file")
+    if value == ":memory:":
+        raise ConfigurationError("MEISA_OUTBOX must be a file: an in-memory database is lost")
+    if delivery != "thread":
+        raise ConfigurationError(
+            f'MEISA_OUTBOX works with MEISA_DELIVERY = "thread", not {delivery!r}'
+        )
+    return value

@@ -89,3 +89,17 @@ MEISA_WORKERS = 1
 
 # float seconds, default 5.0. How long interpreter exit waits to deliver what is pending.
 MEISA_FLUSH_TIMEOUT = 5.0
+
+# str or None, default None (no outbox: operations wait in memory only). A SQLite file
+# that makes delivery durable: every operation is written there after the response and
+# removed once Meisa took it, so a crash, kill or deploy loses nothing, and operations
+# Meisa refused stay there as dead letters (`flask meisa dead-letters`). All worker
+# processes of a host that share the file share one rate budget: one of them delivers, the
+# others only write. "instance:<name>" puts the file in the app's instance folder, e.g.
+# "instance:meisa-outbox.sqlite3". Use a local filesystem (not NFS). Needs
+# MEISA_DELIVERY = "thread".
+MEISA_OUTBOX = None
+
+# float seconds, default 1.0. How long an outbox write waits for another process's write
+# to finish. Past that the operation is held in memory instead (logged), never raised.
+MEISA_OUTBOX_BUSY_TIMEOUT = 1.0

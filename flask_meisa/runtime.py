@@ -1,9 +1,15 @@
-"""Per-app runtime state: the client, the suppression set and the delivery engine.
+"""Per-app runtime state: the client, the suppression set, the outbox and the engine.
 
 One :class:`MeisaState` exists per app that :meth:`Meisa.init_app
 <flask_meisa.Meisa.init_app>` registered. Its parts are made on first use and remade in
 a forked child (gunicorn ``--preload``): the child gets its own HTTP session, suppression
 lock and delivery threads.
+
+With ``MEISA_OUTBOX`` the outbox file is opened and checked when the state is made (a
+damaged file fails ``init_app``), and closed again at once: a process that forks (a
+preloading master) holds no connection. The engine starts with a process's first request
+(or its first operation or flush), never in a master that only forks workers, so that
+each worker picks up what an earlier run left in the outbox.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ import weakref
 from typing import TYPE_CHECKING
 
 from .client import MeisaClient
+from .config import INSTANCE_PREFIX
 from .engine.base import Dispatcher
+from .engine.outbox import Outbox
 from .engine.sync import SyncDispatcher
 from .reporting import SignalReporter
 from .retry import RetryPolicy
@@ -53,6 +61,30 @@ class MeisaState:
             logger=logging.getLogger("flask_meisa.suppression"),
         )
         self.reporter = SignalReporter(app, self.suppression)
+        #: The outbox (``MEISA_OUTBOX``), or ``None``.
+        self.outbox = self._open_outbox(app, settings)
+        self._started_in: int | None = None
+        if self.outbox is not None:
+            app.before_request(self._start_delivery)
+
+    @staticmethod
+    def _open_outbox(app: Flask, settings: MeisaSettings) -> Outbox | None:
+        path = settings.outbox
+        if path is None:
+            return None
+        if path.startswith(INSTANCE_PREFIX):
+            path = os.path.join(app.instance_path, path[len(INSTANCE_PREFIX) :].strip())
+        return Outbox(path, busy_timeout=settings.outbox_busy_timeout)
+
+    def _start_delivery(self) -> None:
+        # Once per process: the first request starts the engine, which picks up rows left
+        # in the outbox by an earlier run.
+        if self._started_in == os.getpid() or not self.delivering():
+            return
+        self._started_in = os.getpid()
+        start = getattr(self.dispatcher, "start", None)
+        if start is not None:
+            start()
 
     @property
     def app(self) -> Flask:
@@ -136,6 +168,19 @@ class MeisaState:
         settings = self.settings
         if settings.delivery == "sync":
             return SyncDispatcher(client_factory=lambda: self.client, hooks=self.reporter)
+        if self.outbox is not None:
+            from .engine.durable import OutboxDispatcher
+
+            return OutboxDispatcher(
+                outbox=self.outbox,
+                client_factory=self.make_client,
+                hooks=self.reporter,
+                retry=self.retry_policy(),
+                rate_limit=settings.rate_limit,
+                queue_size=settings.queue_size,
+                workers=settings.workers,
+                flush_timeout=settings.flush_timeout,
+            )
         from .engine.thread import ThreadDispatcher
 
         return ThreadDispatcher(
@@ -149,7 +194,10 @@ class MeisaState:
         )
 
     def has_dispatcher(self) -> bool:
-        """Whether an engine was made (``flush`` needs none otherwise)."""
+        """Whether an engine was made (``flush`` needs none otherwise). With an outbox,
+        whenever delivering: rows an earlier run left there need an engine too."""
+        if self.outbox is not None and self.delivering():
+            return True
         return self._dispatcher is not None and self._pid == os.getpid()
 
     def close(self, timeout: float | None = None) -> int:
@@ -163,4 +211,6 @@ class MeisaState:
         self.suppression.close()
         if client is not None:
             client.close()
+        if self.outbox is not None:
+            self.outbox.close()
         return left

@@ -108,3 +108,21 @@ def test_commands_on_an_app_without_meisa_say_so() -> None:
     result = Flask(__name__).test_cli_runner().invoke(meisa_cli, ["status"])
     assert result.exit_code == 1
     assert "Meisa is not initialised" in result.output
+
+
+def test_status_shows_the_outbox(emulator: Any, tmp_path: Any) -> None:
+    config = emulator_config(
+        emulator, MEISA_DELIVERY="thread", MEISA_OUTBOX=str(tmp_path / "outbox.sqlite3")
+    )
+    app = build_app(config)
+    meisa: Meisa = app.extensions["meisa"]
+    try:
+        with app.app_context():
+            meisa.upsert({"email": "ada@example.com"})
+            assert meisa.flush(5.0)
+        status = invoke(app, "status").output
+        assert "outbox: 0 stored, delivered by this process" in status
+        assert "dead letters: 0" in status
+        assert "delivered: 1" in status
+    finally:
+        meisa.state(app).close(5.0)

@@ -101,6 +101,8 @@ def test_testing_suppresses_delivery_by_default_and_is_read_lazily() -> None:
         ("MEISA_CUSTOM_FIELDS", "plan", "not a string"),
         ("MEISA_CUSTOM_FIELDS", {"plan": ""}, "must name a user attribute"),
         ("MEISA_RATE_LIMIT", "", "MEISA_RATE_LIMIT must be a string"),
+        ("MEISA_RATE_LIMIT", "lots/minute", "is not a rate limit"),
+        ("MEISA_RATE_LIMIT", "60/fortnight", "is not a rate limit"),
         ("MEISA_API_KEY", 123, "MEISA_API_KEY must be a string"),
         ("MEISA_BASE_URL", "", "MEISA_BASE_URL must be a URL"),
     ],

@@ -52,11 +52,17 @@ class DeliveryStatus:
     dropped: int = 0
     budget_left: dict[str, int] | None = None
     paused_for: float = 0.0
+    #: With an outbox: operations stored there and not held in this process's memory.
+    stored: int = 0
+    #: With an outbox: operations kept as dead letters (``flask meisa dead-letters``).
+    dead_letters: int = 0
+    #: With an outbox: whether this process is the one delivering for the host.
+    holder: bool | None = None
 
     @property
     def pending(self) -> int:
-        """Operations not yet finished: queued, in flight or waiting to retry."""
-        return sum(self.queued.values()) + self.in_flight + self.retry_waiting
+        """Operations not yet finished: queued, in flight, waiting to retry or stored."""
+        return sum(self.queued.values()) + self.in_flight + self.retry_waiting + self.stored
 
 
 class Dispatcher(Protocol):

@@ -139,6 +139,10 @@ class ThreadDispatcher:
         self._stopping = False
         self._reporting = 0  # finished entries whose hooks are still running
 
+    #: The level of the line :meth:`close` logs about what it left (an owner that keeps
+    #: those operations elsewhere lowers it).
+    leftover_log_level = logging.WARNING
+
     def __repr__(self) -> str:
         return (
             f"ThreadDispatcher(workers={self._workers}, rate_limit={self._rate_limit!r}, "
@@ -242,7 +246,8 @@ class ThreadDispatcher:
             threads = list(self._threads)
         if remaining:
             lanes = Counter(LANE_NAMES[op.lane] for op in remaining)
-            self._logger.warning(
+            self._logger.log(
+                self.leftover_log_level,
                 "flask-meisa: %d operations were not delivered before shutdown (%s)",
                 len(remaining),
                 ", ".join(f"{name}: {n}" for name, n in sorted(lanes.items())),
@@ -265,6 +270,12 @@ class ThreadDispatcher:
         in each window, and how long every lane stays paused."""
         with self._lock:
             return self._core.status(time.monotonic())
+
+    def hold(self) -> None:
+        """Start no new call from now on (calls in flight finish and report); for an owner
+        about to close the engine that keeps what was never started."""
+        with self._lock:
+            self._core.hold_until = math.inf
 
     def failed_operations(self) -> list[FailedOperation]:
         """The latest operations that failed for good (at most ``keep_failed``), oldest

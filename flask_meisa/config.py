@@ -26,7 +26,7 @@ __all__ = [
 ]
 
 #: Delivery engines ``MEISA_DELIVERY`` can name.
-DELIVERY_MODES = ("thread", "sync")
+DELIVERY_MODES = ("thread", "sync", "celery")
 
 #: Every key with its default. ``None`` for ``MEISA_SUPPRESS_SEND`` means "follow
 #: ``TESTING``".
@@ -55,6 +55,10 @@ DEFAULTS: dict[str, Any] = {
     "MEISA_FLUSH_TIMEOUT": 5.0,
     "MEISA_OUTBOX": None,
     "MEISA_OUTBOX_BUSY_TIMEOUT": 1.0,
+    "MEISA_CELERY_APP": None,
+    "MEISA_CELERY_QUEUE": "meisa",
+    "MEISA_CELERY_REDIS_URL": None,
+    "MEISA_CELERY_COALESCE": True,
 }
 
 #: ``MEISA_OUTBOX`` values starting with this name a file in the app's instance folder.

@@ -75,9 +75,10 @@ MEISA_SUPPRESSION_PRELOAD = False
 # answered 5xx.
 MEISA_RELEASE_ON_ERROR = False
 
-# "thread" (default) or "sync". "thread": a background engine delivers after the response,
-# within MEISA_RATE_LIMIT. "sync": every operation is delivered inline (debugging,
-# scripts).
+# "thread" (default), "sync" or "celery". "thread": a background engine delivers after the
+# response, within MEISA_RATE_LIMIT. "sync": every operation is delivered inline (debugging,
+# scripts). "celery": Celery workers deliver (pip install "flask-meisa[celery]"); the web
+# process only publishes one task per operation. See flask_meisa/engine/celery.py.
 MEISA_DELIVERY = "thread"
 
 # int, default 10000. Operations the engine holds in memory; past that, events and then
@@ -103,3 +104,23 @@ MEISA_OUTBOX = None
 # float seconds, default 1.0. How long an outbox write waits for another process's write
 # to finish. Past that the operation is held in memory instead (logged), never raised.
 MEISA_OUTBOX_BUSY_TIMEOUT = 1.0
+
+# celery.Celery or None, default None (= app.extensions["celery"]). With MEISA_DELIVERY =
+# "celery": the Celery app carrying the task flask_meisa.deliver. Set it, or
+# app.extensions["celery"], before meisa.init_app(app).
+MEISA_CELERY_APP = None
+
+# str, default "meisa". With MEISA_DELIVERY = "celery": prefix of the lane queues
+# <prefix>.transactional, <prefix>.sync and <prefix>.events and of the engine's Redis keys.
+# Run workers with -Q meisa.transactional,meisa.sync,meisa.events (in that order) and
+# broker_transport_options = {"queue_order_strategy": "priority"}.
+MEISA_CELERY_QUEUE = "meisa"
+
+# str or None, default None (= the Celery broker URL, when it is Redis). With
+# MEISA_DELIVERY = "celery": the Redis holding the shared rate budget (MEISA_RATE_LIMIT,
+# counted across every worker and machine), coalesced upserts and the pending count.
+MEISA_CELERY_REDIS_URL = None
+
+# bool, default True. With MEISA_DELIVERY = "celery": upserts of one contact waiting in the
+# queue become one call with their fields merged.
+MEISA_CELERY_COALESCE = True

@@ -19,12 +19,15 @@ import os
 import threading
 import weakref
 from typing import TYPE_CHECKING
+from typing import Any
+from typing import cast
 
 from .client import MeisaClient
 from .config import INSTANCE_PREFIX
 from .engine.base import Dispatcher
 from .engine.outbox import Outbox
 from .engine.sync import SyncDispatcher
+from .errors import ConfigurationError
 from .reporting import SignalReporter
 from .retry import RetryPolicy
 from .suppression import SuppressionSet
@@ -36,6 +39,17 @@ if TYPE_CHECKING:
     from .results import UnsubscribedEmails
 
 __all__ = ["MeisaState"]
+
+
+def _celery_engine() -> Any:
+    try:
+        from .engine import celery as celery_engine
+    except ImportError as error:
+        raise ConfigurationError(
+            'MEISA_DELIVERY = "celery" needs Celery and redis: pip install "flask-meisa[celery]"'
+        ) from error
+    return celery_engine
+
 
 logger = logging.getLogger("flask_meisa")
 
@@ -61,6 +75,8 @@ class MeisaState:
             logger=logging.getLogger("flask_meisa.suppression"),
         )
         self.reporter = SignalReporter(app, self.suppression)
+        if settings.delivery == "celery":
+            _celery_engine().init_celery(app)
         #: The outbox (``MEISA_OUTBOX``), or ``None``.
         self.outbox = self._open_outbox(app, settings)
         self._started_in: int | None = None
@@ -168,6 +184,8 @@ class MeisaState:
         settings = self.settings
         if settings.delivery == "sync":
             return SyncDispatcher(client_factory=lambda: self.client, hooks=self.reporter)
+        if settings.delivery == "celery":
+            return cast(Dispatcher, _celery_engine().make_dispatcher(self))
         if self.outbox is not None:
             from .engine.durable import OutboxDispatcher
 

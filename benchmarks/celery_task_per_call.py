@@ -1,0 +1,207 @@
+"""What a task per call costs with the Celery engine, and what coalescing saves.
+
+Starts a ``redis-server`` on a free loopback port, an in-process emulator, and real
+``celery worker`` processes (the test suite's worker app, ``tests.celery_support``), then
+measures:
+
+1. **submit**: the web process's cost of ``CeleryDispatcher.submit`` per operation (Redis
+   round trips: the coalescing record and the publish), p50 and p99;
+2. **throughput**: operations delivered per second by 1 and by 2 workers (threads pool,
+   concurrency 4 each) with no rate budget and a fast emulator: the engine's overhead per
+   call (a broker round trip, the Redis records, the budget script);
+3. **storm**: ``--logins`` upserts of ``--users`` users submitted at once under a budget of
+   ``--budget``; how many calls reach Meisa with coalescing, and how long it takes.
+
+    .venv/bin/python benchmarks/celery_task_per_call.py [--ops 1000] [--logins 2000]
+        [--users 200] [--budget 60/second]
+
+Needs ``redis-server`` and the ``celery`` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from flask_meisa.emulator import Emulator
+from flask_meisa.engine.celery import CeleryDispatcher
+from flask_meisa.operations import Operation
+from tests.celery_support import WorkerProcess
+from tests.celery_support import make_celery
+from tests.engine_support import RecordingHooks
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_redis() -> tuple[subprocess.Popen[bytes], str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not installed (apt-get install redis-server)")
+    port = free_port()
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    for _ in range(500):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.01)
+    client.close()
+    return process, url
+
+
+class Rig:
+    """A Redis, an emulator and a producer; workers started on demand."""
+
+    def __init__(self, redis_url: str, emulator: Emulator, logs: Path) -> None:
+        self.redis_url = redis_url
+        self.emulator = emulator
+        self.logs = logs
+        self.celery = make_celery(redis_url)
+        self.client = redis.Redis.from_url(redis_url)
+
+    def dispatcher(self, rate_limit: str | None) -> CeleryDispatcher:
+        return CeleryDispatcher(
+            self.celery,
+            redis=redis.Redis.from_url(self.redis_url),
+            hooks=RecordingHooks(),
+            rate_limit=rate_limit,
+            budget_key=self.emulator.live_key,
+        )
+
+    def workers(self, count: int, rate_limit: str | None) -> list[WorkerProcess]:
+        env = {
+            "MEISA_TEST_URL": self.emulator.url,
+            "MEISA_TEST_KEY": self.emulator.live_key,
+            "MEISA_TEST_REDIS_URL": self.redis_url,
+            "MEISA_TEST_RATE_LIMIT": rate_limit or "",
+        }
+        started = [
+            WorkerProcess(env, self.logs / f"worker-{n}.log", concurrency=4) for n in range(count)
+        ]
+        for worker in started:
+            worker.wait_ready()
+        return started
+
+    def reset(self) -> None:
+        self.client.flushall()
+        self.emulator.reset()
+
+    def close(self) -> None:
+        self.client.close()
+        self.celery.close()
+
+
+def upsert(n: int, **fields: Any) -> Operation:
+    return Operation("upsert", {"email": f"user{n}@example.com", "external_id": str(n), **fields})
+
+
+def measure_submit(rig: Rig, ops: int) -> None:
+    dispatcher = rig.dispatcher(None)
+    costs = []
+    for n in range(ops):
+        started = time.perf_counter()
+        dispatcher.submit(upsert(n))
+        costs.append(time.perf_counter() - started)
+    dispatcher.close()
+    costs.sort()
+    p50 = statistics.median(costs) * 1000
+    p99 = costs[int(len(costs) * 0.99) - 1] * 1000
+    print(f"submit: {ops} upserts, p50 {p50:.2f} ms, p99 {p99:.2f} ms per operation")
+    rig.reset()
+
+
+def measure_throughput(rig: Rig, ops: int, workers: int) -> None:
+    started_workers = rig.workers(workers, None)
+    dispatcher = rig.dispatcher(None)
+    try:
+        started = time.perf_counter()
+        for n in range(ops):
+            dispatcher.submit(upsert(n))
+        assert dispatcher.flush(timeout=300), "not delivered in time"
+        elapsed = time.perf_counter() - started
+        calls = len(rig.emulator.requests)
+        print(
+            f"throughput: {workers} worker(s) x 4 threads: {ops} upserts in {elapsed:.2f} s, "
+            f"{ops / elapsed:.0f} ops/s ({calls} calls)"
+        )
+    finally:
+        dispatcher.close()
+        for worker in started_workers:
+            worker.stop()
+        rig.reset()
+
+
+def measure_storm(rig: Rig, logins: int, users: int, budget: str) -> None:
+    started_workers = rig.workers(2, budget)
+    dispatcher = rig.dispatcher(budget)
+    try:
+        started = time.perf_counter()
+        for n in range(logins):
+            user = n % users
+            dispatcher.submit(upsert(user, custom_fields={"signin_count": n // users + 1}))
+        submitted = time.perf_counter() - started
+        assert dispatcher.flush(timeout=600), "not delivered in time"
+        elapsed = time.perf_counter() - started
+        requests = rig.emulator.requests
+        throttled = sum(1 for r in requests if r.status == 429)
+        current = sum(
+            1
+            for contact in rig.emulator.contacts()
+            if contact["custom_fields"].get("signin_count") == logins // users
+        )
+        print(
+            f"storm: {logins} logins of {users} users under {budget}: submitted in "
+            f"{submitted:.2f} s, {len(requests)} calls ({throttled} answered 429), "
+            f"{current}/{users} users current, all delivered in {elapsed:.2f} s"
+        )
+    finally:
+        dispatcher.close()
+        for worker in started_workers:
+            worker.stop()
+        rig.reset()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ops", type=int, default=1000)
+    parser.add_argument("--logins", type=int, default=2000)
+    parser.add_argument("--users", type=int, default=200)
+    parser.add_argument("--budget", default="60/second")
+    args = parser.parse_args()
+    process, url = start_redis()
+    emulator = Emulator(seed="demo", rate_limit=None).start()
+    with tempfile.TemporaryDirectory() as logs:
+        rig = Rig(url, emulator, Path(logs))
+        try:
+            measure_submit(rig, args.ops)
+            measure_throughput(rig, args.ops, 1)
+            measure_throughput(rig, args.ops, 2)
+            emulator.set_rate_limit(args.budget)
+            measure_storm(rig, args.logins, args.users, args.budget)
+        finally:
+            rig.close()
+            emulator.stop()
+            process.terminate()
+            process.wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""The rate budget kept in Redis: slots dated by answers, in-flight calls, the reserve
+for sends, leases of dead workers, pauses, tickets, and one budget per API key."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from flask_meisa.engine.redis_budget import RedisBudget
+from flask_meisa.engine.redis_budget import budget_prefix
+from flask_meisa.errors import ConfigurationError
+from tests.celery_support import redis_server_fixture  # noqa: F401
+from tests.celery_support import redis_url_fixture  # noqa: F401
+
+KEY = "meisa_live_budget_test_key_0123456789"
+LEASE = 5.0
+
+MakeBudget = Callable[..., RedisBudget]
+
+
+@pytest.fixture
+def make_budget(redis_url: str) -> Iterator[MakeBudget]:
+    """``make_budget(spec, key=KEY)``: a budget on its own Redis connection, like a
+    worker on another machine would have."""
+    clients: list[Any] = []
+
+    def make(spec: str, key: str = KEY, **options: Any) -> RedisBudget:
+        client = redis.Redis.from_url(redis_url)
+        clients.append(client)
+        return RedisBudget(client, spec, prefix=budget_prefix(key), **options)
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+def take(budget: RedisBudget, n: int, *, priority: bool = False) -> None:
+    """Make ``n`` calls that are answered at once."""
+    for _ in range(n):
+        got = budget.acquire(lease=LEASE, priority=priority)
+        assert got.token is not None
+        budget.finish(got.token)
+
+
+def test_slots_are_free_until_the_limit_then_a_wait(make_budget: MakeBudget) -> None:
+    budget = make_budget("3/second")
+    take(budget, 3)
+    got = budget.acquire(lease=LEASE)
+    assert got.token is None
+    assert 0.0 < got.wait <= 1.0
+    _, in_flight, remaining = budget.snapshot()
+    assert (in_flight, remaining) == (0, {"3/second": 0})
+
+
+def test_a_slot_is_dated_by_its_answer_not_its_start(make_budget: MakeBudget) -> None:
+    budget = make_budget("1/second")
+    got = budget.acquire(lease=LEASE)
+    assert got.token is not None
+    time.sleep(0.3)  # the call takes 0.3 s to be answered
+    budget.finish(got.token)
+    # Dated by its start, the slot would be free again in 0.7 s.
+    assert budget.acquire(lease=LEASE).wait > 0.9
+
+
+def test_calls_in_flight_hold_their_slots(make_budget: MakeBudget) -> None:
+    budget = make_budget("2/second")
+    first = budget.acquire(lease=LEASE)
+    second = budget.acquire(lease=LEASE)
+    assert first.token and second.token
+    blocked = budget.acquire(lease=LEASE)
+    assert blocked.token is None
+    assert blocked.wait <= 0.5  # only an answer frees a slot: look again soon
+    assert budget.snapshot()[1] == 2
+    budget.finish(first.token, made=False)  # no request went out: the slot comes back
+    assert budget.acquire(lease=LEASE).token is not None
+
+
+def test_only_sends_use_the_reserve(make_budget: MakeBudget) -> None:
+    budget = make_budget("20/minute")  # 5 % of 20: one slot held back for sends
+    take(budget, 19)
+    assert budget.acquire(lease=LEASE).token is None
+    take(budget, 1, priority=True)
+    assert budget.acquire(lease=LEASE, priority=True).token is None
+
+
+def test_a_dead_workers_slot_is_freed_when_its_lease_ends(make_budget: MakeBudget) -> None:
+    budget = make_budget("1/0.3s")
+    assert budget.acquire(lease=0.05).token is not None  # never finished: the worker died
+    time.sleep(0.06)  # past the lease
+    wait = budget.acquire(lease=LEASE).wait
+    # Counted as answered when its lease ended, then one period: not forever.
+    assert 0.0 < wait <= 0.3
+    assert budget.snapshot()[1] == 0
+
+
+def test_a_pause_holds_every_call_and_is_never_shortened(make_budget: MakeBudget) -> None:
+    budget = make_budget("100/second")
+    budget.pause(0.5)
+    budget.pause(0.1)
+    got = budget.acquire(lease=LEASE, priority=True)
+    assert got.token is None
+    assert 0.4 < got.wait <= 0.5
+    assert 0.4 < budget.snapshot()[0] <= 0.5
+
+
+def test_waiters_get_tickets_spaced_by_the_budget(make_budget: MakeBudget) -> None:
+    budget = make_budget("10/second")
+    take(budget, 10)
+    waits = [budget.acquire(lease=LEASE).wait for _ in range(4)]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(waits)]
+    assert all(0.08 < gap < 0.12 for gap in gaps), waits
+    # A send takes no ticket: it comes back before the syncs queued for later slots.
+    assert budget.acquire(lease=LEASE, priority=True).wait < waits[1]
+
+
+def test_workers_on_one_key_share_one_budget(make_budget: MakeBudget, redis_url: str) -> None:
+    first, second = make_budget("4/minute"), make_budget("4/minute")
+    other_key = make_budget("4/minute", key="meisa_live_another_key_987654321")
+    take(first, 2)
+    take(second, 2)
+    assert first.acquire(lease=LEASE).token is None
+    assert second.acquire(lease=LEASE).token is None
+    take(other_key, 4)  # another key, another budget
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        names = " ".join(str(name) for name in client.keys("*"))
+    finally:
+        client.close()
+    assert "budget" in names
+    assert KEY not in names
+    assert "meisa_live" not in names
+
+
+@pytest.mark.parametrize("spec", ["", "ten/second", "0/minute"])
+def test_an_invalid_budget_is_refused(make_budget: MakeBudget, spec: str) -> None:
+    with pytest.raises(ConfigurationError):
+        make_budget(spec)

@@ -25,9 +25,11 @@ import shutil
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 from typing import Any
 
 import redis
@@ -35,9 +37,11 @@ import redis
 from flask_meisa.emulator import Emulator
 from flask_meisa.engine.celery import CeleryDispatcher
 from flask_meisa.operations import Operation
-from tests.celery_support import WorkerProcess
-from tests.celery_support import make_celery
-from tests.engine_support import RecordingHooks
+
+if TYPE_CHECKING:
+    from tests.celery_support import WorkerProcess
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -47,6 +51,12 @@ def free_port() -> int:
 
 
 def start_redis() -> tuple[subprocess.Popen[bytes], str]:
+    """A ``redis-server`` without persistence on a free loopback port, answering pings:
+    (its process, its URL). The caller stops the process (:func:`stop_process`).
+
+    :raises SystemExit: redis-server is not installed.
+    :raises RuntimeError: it did not answer within ten seconds (the process is stopped).
+    """
     binary = shutil.which("redis-server")
     if binary is None:
         raise SystemExit("redis-server is not installed (apt-get install redis-server)")
@@ -57,20 +67,41 @@ def start_redis() -> tuple[subprocess.Popen[bytes], str]:
     )
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url)
-    for _ in range(500):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.01)
-    client.close()
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # another process: nothing to wait on but its port
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.01)
+    except BaseException:
+        stop_process(process)
+        raise
+    finally:
+        client.close()
     return process, url
+
+
+def stop_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it is still running after ``timeout`` seconds."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    process.wait()
 
 
 class Rig:
     """A Redis, an emulator and a producer; workers started on demand."""
 
     def __init__(self, redis_url: str, emulator: Emulator, logs: Path) -> None:
+        from tests.celery_support import make_celery
+
         self.redis_url = redis_url
         self.emulator = emulator
         self.logs = logs
@@ -78,6 +109,8 @@ class Rig:
         self.client = redis.Redis.from_url(redis_url)
 
     def dispatcher(self, rate_limit: str | None) -> CeleryDispatcher:
+        from tests.engine_support import RecordingHooks
+
         return CeleryDispatcher(
             self.celery,
             redis=redis.Redis.from_url(self.redis_url),
@@ -87,6 +120,8 @@ class Rig:
         )
 
     def workers(self, count: int, rate_limit: str | None) -> list[WorkerProcess]:
+        from tests.celery_support import WorkerProcess
+
         env = {
             "MEISA_TEST_URL": self.emulator.url,
             "MEISA_TEST_KEY": self.emulator.live_key,
@@ -186,21 +221,24 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=200)
     parser.add_argument("--budget", default="60/second")
     args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))  # the worker app is in tests/, beside flask_meisa
     process, url = start_redis()
-    emulator = Emulator(seed="demo", rate_limit=None).start()
-    with tempfile.TemporaryDirectory() as logs:
-        rig = Rig(url, emulator, Path(logs))
-        try:
-            measure_submit(rig, args.ops)
-            measure_throughput(rig, args.ops, 1)
-            measure_throughput(rig, args.ops, 2)
-            emulator.set_rate_limit(args.budget)
-            measure_storm(rig, args.logins, args.users, args.budget)
-        finally:
-            rig.close()
-            emulator.stop()
-            process.terminate()
-            process.wait()
+    try:
+        with (
+            Emulator(seed="demo", rate_limit=None) as emulator,
+            tempfile.TemporaryDirectory() as logs,
+        ):
+            rig = Rig(url, emulator, Path(logs))
+            try:
+                measure_submit(rig, args.ops)
+                measure_throughput(rig, args.ops, 1)
+                measure_throughput(rig, args.ops, 2)
+                emulator.set_rate_limit(args.budget)
+                measure_storm(rig, args.logins, args.users, args.budget)
+            finally:
+                rig.close()
+    finally:
+        stop_process(process)
 
 
 if __name__ == "__main__":

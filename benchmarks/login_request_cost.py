@@ -31,6 +31,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from collections.abc import Collection
 from collections.abc import Iterator
 from typing import Any
 
@@ -53,7 +55,11 @@ class User(UserMixin):  # type: ignore[misc]
         self.signin_count = 0
 
 
-def make_app(variant: str, base_url: str, key: str) -> Flask:
+def make_app(
+    variant: str, base_url: str, key: str, on_login: Callable[[User], None] | None = None
+) -> Flask:
+    """The login app of ``variant``; ``on_login``, when given, runs in the view after
+    ``login_user`` (another integration's sync)."""
     app = Flask(f"bench_{variant.replace('-', '_')}")
     app.config.update(SECRET_KEY="bench", MEISA_CUSTOM_FIELDS=["plan", "signin_count"])
     users = {i: User(i) for i in range(1, 201)}
@@ -78,6 +84,8 @@ def make_app(variant: str, base_url: str, key: str) -> Flask:
                 external_id=user.id,
                 custom_fields={"plan": user.plan, "signin_count": user.signin_count},
             )
+        if on_login is not None:
+            on_login(user)
         return "ok"
 
     return app
@@ -126,7 +134,13 @@ def emulator_process() -> Iterator[tuple[str, str]]:
         yield f"http://127.0.0.1:{port}", key.group(1)
     finally:
         process.terminate()
-        process.wait(10)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
 
 
 def set_latency(root_url: str, seconds: float) -> None:
@@ -144,6 +158,33 @@ def time_logins(http: requests.Session, url: str, count: int, offset: int) -> li
     return times
 
 
+def measure(
+    http: requests.Session,
+    urls: dict[str, str],
+    latency: float,
+    logins: int,
+    rounds: int,
+    *,
+    blocking: Collection[str] = ("naive",),
+    rotate: bool = False,
+) -> dict[str, list[float]]:
+    """Time ``logins`` logins per version in ``rounds`` interleaved rounds: seconds per login.
+
+    A ``blocking`` version (one that waits on Meisa in the view) makes only two logins a
+    round when the emulator is slow. With ``rotate``, each round starts with the next
+    version, so that none always follows the same one.
+    """
+    names = list(urls)
+    results: dict[str, list[float]] = {name: [] for name in names}
+    per_round = max(1, logins // rounds)
+    for round_no in range(rounds):
+        shift = round_no % len(names) if rotate else 0
+        for name in [*names[shift:], *names[:shift]]:
+            count = per_round if name not in blocking or latency == 0 else 2
+            results[name] += time_logins(http, urls[name], count, round_no * 7)
+    return results
+
+
 def run(logins: int, rounds: int) -> None:
     variants = ["bare", "meisa-off", "meisa", "meisa-nolimit", "naive"]
     with emulator_process() as (root_url, key):
@@ -154,12 +195,7 @@ def run(logins: int, rounds: int) -> None:
             http = stack.enter_context(requests.Session())
             for latency in (0.0, 0.3):
                 set_latency(root_url, latency)
-                results: dict[str, list[float]] = {name: [] for name in variants}
-                per_round = max(1, logins // rounds)
-                for round_no in range(rounds):
-                    for name in variants:
-                        count = per_round if name != "naive" or latency == 0 else 2
-                        results[name] += time_logins(http, urls[name], count, round_no * 7)
+                results = measure(http, urls, latency, logins, rounds)
                 unlimited = apps["meisa-nolimit"]
                 with unlimited.app_context():
                     delivered = unlimited.extensions["meisa"].flush(60.0)

@@ -194,14 +194,19 @@ def run(mode: str, args: argparse.Namespace) -> Result:
     )
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The storm's options (``parse_args([])`` gives the defaults)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, default=60.0, help="time compression factor")
     parser.add_argument("--logins", type=int, default=2000)
     parser.add_argument("--users", type=int, default=200)
     parser.add_argument("--threads", type=int, default=32, help="request threads")
     parser.add_argument("--seed", type=int, default=1)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     scale = args.scale
 
     def seconds(value: float | None, *, budget_bound: bool = True) -> str:

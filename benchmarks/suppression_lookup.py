@@ -56,24 +56,75 @@ def loaded_set(emails: frozenset[str]) -> SuppressionSet:
     return s
 
 
-def per_call_ns(stmt: str, namespace: dict[str, object], number: int) -> float:
-    """Best of five runs of ``number`` calls, in nanoseconds per call."""
-    runs = timeit.repeat(stmt, globals=namespace, number=number, repeat=5)
-    return min(runs) / number * 1e9
+#: The per-call measures: name → statement timed in :func:`lookup_namespace`.
+LOOKUPS = {
+    "frozenset hit": "hit in emails",
+    "frozenset miss": "miss in emails",
+    "is_suppressed hit": "is_suppressed(hit)",
+    "is_suppressed miss": "is_suppressed(miss)",
+    "is_suppressed upper-case hit": "is_suppressed(shouting)",
+    "TTLCache membership": "'fresh' in fresh",
+    "monotonic": "monotonic()",
+}
 
 
-def report_mixed(size: int) -> None:
-    """Memory and load time over a mixed-case list (normalized into a set of its own)."""
-    mixed = addresses(size, mixed_case=True)
+def per_call_ns(
+    statements: dict[str, str], namespace: dict[str, object], number: int, repeat: int = 5
+) -> dict[str, float]:
+    """Best of ``repeat`` runs of ``number`` calls of each statement, in nanoseconds per
+    call; the runs are interleaved, so that drift hits every statement alike."""
+    best = dict.fromkeys(statements, float("inf"))
+    for _ in range(repeat):
+        for name, stmt in statements.items():
+            run = timeit.timeit(stmt, globals=namespace, number=number)
+            best[name] = min(best[name], run / number * 1e9)
+    return best
+
+
+def lookup_namespace(s: SuppressionSet, emails: frozenset[str], size: int) -> dict[str, object]:
+    """What the :data:`LOOKUPS` statements read: a hit, a miss and an upper-case hit of
+    ``emails`` (as built by :func:`addresses`), the loaded set and the bare frozenset."""
+    hit = f"user{size // 2}@example{(size // 2) % 997}.com"
+    miss = "nobody@example.org"
+    shouting = hit.upper()
+    fresh: TTLCache[str, bool] = TTLCache(maxsize=1, ttl=300)
+    fresh["fresh"] = True
+    assert s.is_suppressed(hit) and s.is_suppressed(shouting) and not s.is_suppressed(miss)
+    return {
+        "is_suppressed": s.is_suppressed,
+        "fresh": fresh,
+        "monotonic": time.monotonic,
+        "emails": emails,
+        "hit": hit,
+        "miss": miss,
+        "shouting": shouting,
+    }
+
+
+def load_traced(emails: frozenset[str]) -> tuple[SuppressionSet, int, int, float]:
+    """Load a set over ``emails`` under tracemalloc: (the set, bytes it added, peak bytes,
+    seconds the load took)."""
     started = time.perf_counter()
-    s, added, peak = traced(lambda: loaded_set(mixed))
+    s, added, peak = traced(lambda: loaded_set(emails))
     seconds = time.perf_counter() - started
     assert isinstance(s, SuppressionSet)
-    print(
-        f"  SuppressionSet over a mixed-case list adds:      {mib(added)}"
-        f" (peak {mib(peak).strip()}; load {seconds:.2f}s under tracemalloc)"
-    )
+    return s, added, peak, seconds
+
+
+def mixed_case_footprint(size: int) -> tuple[int, int, float]:
+    """What a set over a mixed-case list (normalized into a set of its own) adds: (bytes
+    added, peak bytes, load seconds under tracemalloc)."""
+    mixed = addresses(size, mixed_case=True)
+    s, added, peak, seconds = load_traced(mixed)
     s.close()
+    return added, peak, seconds
+
+
+def clean_list(size: int) -> tuple[frozenset[str], int]:
+    """A clean list of ``size`` addresses and the bytes it holds (strings and table)."""
+    clean, held, _ = traced(lambda: addresses(size, mixed_case=False))
+    assert isinstance(clean, frozenset)
+    return clean, held
 
 
 def mib(n: int) -> str:
@@ -87,51 +138,32 @@ def main() -> None:
     args = parser.parse_args()
     size: int = args.size
 
-    clean, clean_held, _ = traced(lambda: addresses(size, mixed_case=False))
-    assert isinstance(clean, frozenset)
+    clean, clean_held = clean_list(size)
     print(f"{size:,} addresses")
     print(f"  Meisa's list as a frozenset (strings + table):   {mib(clean_held)}")
 
-    started = time.perf_counter()
-    s, added_clean, peak_clean = traced(lambda: loaded_set(clean))
-    load_clean_s = time.perf_counter() - started
-    assert isinstance(s, SuppressionSet)
+    s, added_clean, peak_clean, load_clean_s = load_traced(clean)
     print(
         f"  SuppressionSet over a clean list adds:           {mib(added_clean)}"
         f" (peak {mib(peak_clean).strip()}; load {load_clean_s:.2f}s under tracemalloc)"
     )
 
-    report_mixed(size)
+    added, peak, seconds = mixed_case_footprint(size)
+    print(
+        f"  SuppressionSet over a mixed-case list adds:      {mib(added)}"
+        f" (peak {mib(peak).strip()}; load {seconds:.2f}s under tracemalloc)"
+    )
 
     started = time.perf_counter()
     untraced = loaded_set(clean)
     print(f"  load of a clean list, untraced: {time.perf_counter() - started:.3f}s")
     untraced.close()
 
-    hit = f"user{size // 2}@example{(size // 2) % 997}.com"
-    miss = "nobody@example.org"
-    shouting = hit.upper()
-    fresh: TTLCache[str, bool] = TTLCache(maxsize=1, ttl=300)
-    fresh["fresh"] = True
-    namespace: dict[str, object] = {
-        "is_suppressed": s.is_suppressed,
-        "fresh": fresh,
-        "monotonic": time.monotonic,
-        "emails": clean,
-        "hit": hit,
-        "miss": miss,
-        "shouting": shouting,
-    }
-    assert s.is_suppressed(hit) and s.is_suppressed(shouting) and not s.is_suppressed(miss)
-
     n = args.calls
-    base_hit = per_call_ns("hit in emails", namespace, n)
-    base_miss = per_call_ns("miss in emails", namespace, n)
-    sup_hit = per_call_ns("is_suppressed(hit)", namespace, n)
-    sup_miss = per_call_ns("is_suppressed(miss)", namespace, n)
-    sup_shout = per_call_ns("is_suppressed(shouting)", namespace, n)
-    ttl_check = per_call_ns("'fresh' in fresh", namespace, n)
-    clock_read = per_call_ns("monotonic()", namespace, n)
+    ns = per_call_ns(LOOKUPS, lookup_namespace(s, clean, size), n)
+    base_hit, base_miss = ns["frozenset hit"], ns["frozenset miss"]
+    sup_hit, sup_miss = ns["is_suppressed hit"], ns["is_suppressed miss"]
+    sup_shout = ns["is_suppressed upper-case hit"]
     print(f"per call (best of 5 x {n:,}):")
     print(f"  frozenset membership, hit:        {base_hit:7.1f} ns")
     print(f"  frozenset membership, miss:       {base_miss:7.1f} ns")
@@ -141,8 +173,8 @@ def main() -> None:
         f"  is_suppressed, upper-case hit:    {sup_shout:7.1f} ns  ({sup_shout / base_hit:.1f}x)"
     )
     print("  parts of is_suppressed, for scale:")
-    print(f"    one-entry TTLCache membership (freshness): {ttl_check:7.1f} ns")
-    print(f"    time.monotonic() (one clock read):         {clock_read:7.1f} ns")
+    print(f"    one-entry TTLCache membership (freshness): {ns['TTLCache membership']:7.1f} ns")
+    print(f"    time.monotonic() (one clock read):         {ns['monotonic']:7.1f} ns")
     s.close()
 
 

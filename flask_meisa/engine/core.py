@@ -113,6 +113,8 @@ class DeliveryCore:
         self.logger = logger
         self.hold_until = 0.0
         self.failures = 0  # failures in a row without an answer, or with a 5xx
+        #: Whether the workers last waited on the pause, the outage probe or the budget.
+        self.blocked = False
         self.calls = 0  # calls in flight
         self.delivered = self.failed = self.dropped = self.skipped = 0
         self.failed_ops: deque[FailedOperation] = deque(maxlen=keep_failed)
@@ -121,13 +123,16 @@ class DeliveryCore:
 
     def gate(self, now: float) -> float | None:
         """``None`` when a call may start now, else how long to wait (``inf``: until
-        something changes)."""
+        something changes). Sets :attr:`blocked` when the wait is for the pause, the
+        outage probe or the budget: then only a transactional send could go sooner."""
+        self.blocked = True
         if self.hold_until > now:
             return self.hold_until - now
         if self.failures >= OUTAGE_THRESHOLD and self.calls:
             return math.inf  # while Meisa looks down, one probe at a time
         lane = self.scheduler.next_lane(now)
         if lane is None:
+            self.blocked = False
             due = self.scheduler.next_due()
             return math.inf if due is None else max(due - now, 0.001)
         if self.limiter is not None:
@@ -136,6 +141,7 @@ class DeliveryCore:
                 return math.inf
             if delay > 0:
                 return delay
+        self.blocked = False
         return None
 
     def take(self, now: float) -> Entry | None:

@@ -180,7 +180,10 @@ class ThreadDispatcher:
                     ) from None
                 shed, reason = outcome.shed, "queue_full"
                 self._start_workers()
-                self._work.notify()
+                # Waking a worker that waits on the budget only to wait again costs the
+                # request threads the GIL; only a send (the budget's reserve) could go sooner.
+                if not self._core.blocked or operation.kind == "send":
+                    self._work.notify()
             self._core.dropped += len(shed)
             if shed:
                 self._reporting += 1

@@ -28,8 +28,10 @@ MEISA_TIMEOUT = 10.0
 # float seconds, default 3.05. Connect timeout of every call to Meisa.
 MEISA_CONNECT_TIMEOUT = 3.05
 
-# int, default 5. Attempts per operation, the first included. Only connection errors,
-# timeouts, 5xx and 429 are retried; any other 4xx is final.
+# int, default 5. Attempts of a call made in the caller's thread (meisa.send, CLI
+# commands, meisa.client), the first included. Background delivery is not limited by a
+# count: it retries until MEISA_RETRY_DEADLINE. Only connection errors, timeouts, 5xx and
+# 429 are retried; any other 4xx is final.
 MEISA_MAX_ATTEMPTS = 5
 
 # float seconds, default 0.5. First backoff delay; doubles per attempt, with full jitter.
@@ -39,7 +41,9 @@ MEISA_RETRY_BASE_DELAY = 0.5
 # Retry-After).
 MEISA_RETRY_MAX_DELAY = 30.0
 
-# float seconds, default 600.0. Total time a background operation may spend retrying.
+# float seconds, default 600.0. Total time a background operation may spend retrying (an
+# outage or a run of 429s shorter than this loses nothing); past it the operation is
+# reported through delivery_failed, and kept as a dead letter with MEISA_OUTBOX.
 MEISA_RETRY_DEADLINE = 600.0
 
 # float seconds, default 10.0. Total time a synchronous meisa.send() may spend retrying

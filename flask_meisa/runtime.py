@@ -14,6 +14,7 @@ each worker picks up what an earlier run left in the outbox.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -39,6 +40,9 @@ if TYPE_CHECKING:
     from .results import UnsubscribedEmails
 
 __all__ = ["MeisaState"]
+
+#: Background delivery is bounded by its deadline, not by a count of attempts.
+_UNLIMITED_ATTEMPTS = 2**31
 
 
 def _celery_engine() -> Any:
@@ -123,7 +127,8 @@ class MeisaState:
         return not suppress
 
     def retry_policy(self) -> RetryPolicy:
-        """The retry policy of background delivery, from the settings."""
+        """The retry policy of calls made in the caller's thread (``meisa.send``, CLI
+        commands, ``meisa.client``): at most ``MEISA_MAX_ATTEMPTS`` attempts."""
         settings = self.settings
         return RetryPolicy(
             max_attempts=settings.max_attempts,
@@ -132,6 +137,12 @@ class MeisaState:
             max_retry_after=settings.retry_max_delay,
             deadline=settings.retry_deadline,
         )
+
+    def background_retry_policy(self) -> RetryPolicy:
+        """The retry policy of background delivery: retried until ``MEISA_RETRY_DEADLINE``
+        however many attempts that takes, so that an outage or a run of 429s of a few
+        minutes loses nothing (the engine waits between attempts without a worker)."""
+        return dataclasses.replace(self.retry_policy(), max_attempts=_UNLIMITED_ATTEMPTS)
 
     def _check_fork(self) -> None:
         # After a fork the child must not touch the parent's session or threads.
@@ -193,7 +204,7 @@ class MeisaState:
                 outbox=self.outbox,
                 client_factory=self.make_client,
                 hooks=self.reporter,
-                retry=self.retry_policy(),
+                retry=self.background_retry_policy(),
                 rate_limit=settings.rate_limit,
                 queue_size=settings.queue_size,
                 workers=settings.workers,
@@ -204,7 +215,7 @@ class MeisaState:
         return ThreadDispatcher(
             client_factory=self.make_client,
             hooks=self.reporter,
-            retry=self.retry_policy(),
+            retry=self.background_retry_policy(),
             rate_limit=settings.rate_limit,
             queue_size=settings.queue_size,
             workers=settings.workers,

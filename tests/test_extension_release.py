@@ -224,3 +224,24 @@ def test_a_connection_reset_right_after_the_answer_loses_no_sync(
                 raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             assert emulator.wait_for_requests(n, path=UPSERT, timeout=5)
     assert len(upserts(emulator)) == 10
+
+
+def test_background_delivery_outlasts_more_failures_than_max_attempts(emulator: Any) -> None:
+    config = emulator_config(
+        emulator,
+        MEISA_DELIVERY="thread",
+        MEISA_MAX_ATTEMPTS=2,
+        MEISA_RETRY_BASE_DELAY=0.01,
+        MEISA_RETRY_MAX_DELAY=0.05,
+    )
+    app = build_app(config)
+    meisa: Meisa = app.extensions["meisa"]
+    emulator.faults.fail_next(8, status=503, path=UPSERT)
+    try:
+        with app.app_context():
+            meisa.upsert({"email": "patient@example.com"})
+            assert meisa.flush(10.0)
+            assert meisa.status().failed == 0
+        assert [r.status for r in upserts(emulator)] == [503] * 8 + [201]
+    finally:
+        meisa.state(app).close(5.0)

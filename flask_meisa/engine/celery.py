@@ -377,7 +377,7 @@ def init_celery(app: Flask, celery_app: Any = None) -> Any:
         return DeliveryWorker(
             client_factory=state.make_client,
             hooks=state.reporter,
-            retry=state.retry_policy(),
+            retry=state.background_retry_policy(),
             store=RedisDeliveryStore(redis, settings.queue),
             budget=budget,
             call_timeout=options.connect_timeout + options.timeout,

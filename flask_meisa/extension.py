@@ -289,7 +289,8 @@ class Meisa:
             )
         policy = dataclasses.replace(state.retry_policy(), deadline=state.settings.send_deadline)
         try:
-            result = state.client.with_options(retry=policy).trigger_email(**cast(Any, body))
+            with state.budget_slot(state.settings.send_deadline):
+                result = state.client.with_options(retry=policy).trigger_email(**cast(Any, body))
         except UnprocessableEntityError as error:
             if error.code == "recipient_suppressed":
                 state.suppression.add(address)

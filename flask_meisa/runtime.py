@@ -14,11 +14,13 @@ each worker picks up what an earlier run left in the outbox.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import threading
 import weakref
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 from typing import Any
 from typing import cast
@@ -176,8 +178,20 @@ class MeisaState:
             retry=self.retry_policy(),
         )
 
+    def budget_slot(self, timeout: float) -> AbstractContextManager[Any]:
+        """Hold a slot of the thread engine's rate budget for a call made outside it (a
+        synchronous send, a suppression list load), so that those calls and background
+        delivery together stay within the key's limit. A no-op for other engines."""
+        if self.settings.delivery != "thread" or not self.delivering():
+            return contextlib.nullcontext()
+        slot = getattr(self.dispatcher, "budget_slot", None)
+        if slot is None:
+            return contextlib.nullcontext()
+        return cast(AbstractContextManager[Any], slot(timeout))
+
     def _fetch_suppressions(self) -> UnsubscribedEmails:
-        return self.client.unsubscribed_emails()
+        with self.budget_slot(self.settings.timeout):
+            return self.client.unsubscribed_emails()
 
     @property
     def dispatcher(self) -> Dispatcher:

@@ -196,3 +196,24 @@ def test_is_suppressed_refuses_what_is_not_an_address(
     with app.app_context(), pytest.raises(ValidationError):
         meisa.is_suppressed(email)
     assert emulator.requests == []
+
+
+def test_synchronous_sends_spend_the_engines_budget_so_nothing_draws_a_429(
+    emulator_factory: Any,
+) -> None:
+    emulator = emulator_factory(seed="demo", rate_limit="10/second")
+    config = emulator_config(emulator, MEISA_DELIVERY="thread", MEISA_RATE_LIMIT="10/second")
+    app = build_app(config)
+    meisa: Meisa = app.extensions["meisa"]
+    try:
+        with app.app_context():
+            for n in range(20):
+                meisa.upsert({"email": f"user{n}@example.com"})
+            results = [meisa.send("receipt", f"buyer{n}@example.com") for n in range(3)]
+            assert meisa.flush(10.0)
+        assert [r.status for r in results] == ["sent"] * 3
+        statuses = [r.status for r in emulator.requests]
+        assert 429 not in statuses
+        assert len(statuses) == 20 + 3 + 1  # upserts, sends, the suppression list
+    finally:
+        meisa.state(app).close(5.0)

@@ -29,11 +29,13 @@ Failure modes:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
+from collections.abc import Iterator
 
 from ..errors import ConfigurationError
 from ..errors import DeliveryError
@@ -128,6 +130,17 @@ class OutboxDispatcher:
         return self._host_lock.held
 
     # -- the Dispatcher interface --------------------------------------------------------
+
+    @contextlib.contextmanager
+    def budget_slot(self, timeout: float) -> Iterator[bool]:
+        """A slot of the host's budget for a synchronous call (see
+        :meth:`.ThreadDispatcher.budget_slot`); only the delivering process holds the
+        budget, so elsewhere this takes none."""
+        if not self.is_holder:
+            yield False
+            return
+        with self._inner.budget_slot(timeout) as taken:
+            yield taken
 
     def submit(self, operation: Operation) -> None:
         """Write ``operation`` to the outbox (or, when that fails, hold it in memory).

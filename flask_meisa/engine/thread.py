@@ -16,12 +16,14 @@ Exit, fork and gevent are handled with :mod:`~flask_meisa.engine.lifecycle`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 from typing import Any
 
@@ -197,6 +199,41 @@ class ThreadDispatcher:
                 )
                 self._hooks.call("dropped", dropped, reason)
             self._done_reporting()
+
+    @contextlib.contextmanager
+    def budget_slot(self, timeout: float) -> Iterator[bool]:
+        """Hold a slot of the rate budget for a call made outside the engine (a
+        synchronous ``meisa.send``), so that it spends the budget the engine counts instead
+        of drawing a 429. Sends may use the budget's reserve. Waits at most ``timeout``
+        seconds for a slot; yields whether one was taken (without one, the call is made
+        anyway and the client's retries handle a 429).
+        """
+        limiter = self._core.limiter
+        if limiter is None or threading.get_ident() in self._worker_ids:
+            # A worker (a hook loading the suppression list) already holds its call's slot.
+            yield False
+            return
+        deadline = time.monotonic() + max(timeout, 0.0)
+        taken = False
+        with self._lock:
+            while not self._closed:
+                now = time.monotonic()
+                delay = limiter.delay(now, priority=True)
+                if delay == 0.0:
+                    limiter.start(now, priority=True)
+                    taken = True
+                    break
+                if now >= deadline or (delay is not None and now + delay > deadline):
+                    break
+                # A call's answer (notify_all) or the window moving frees a slot.
+                self._work.wait(deadline - now if delay is None else delay)
+        try:
+            yield taken
+        finally:
+            if taken:
+                with self._lock:
+                    limiter.finish(time.monotonic(), made=True)
+                    self._work.notify_all()
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until nothing is pending (each operation delivered, failed, skipped or

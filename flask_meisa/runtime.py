@@ -211,30 +211,22 @@ class MeisaState:
             return SyncDispatcher(client_factory=lambda: self.client, hooks=self.reporter)
         if settings.delivery == "celery":
             return cast(Dispatcher, _celery_engine().make_dispatcher(self))
+        engine_options: dict[str, Any] = {
+            "client_factory": self.make_client,
+            "hooks": self.reporter,
+            "retry": self.background_retry_policy(),
+            "rate_limit": settings.rate_limit,
+            "queue_size": settings.queue_size,
+            "workers": settings.workers,
+            "flush_timeout": settings.flush_timeout,
+        }
         if self.outbox is not None:
             from .engine.durable import OutboxDispatcher
 
-            return OutboxDispatcher(
-                outbox=self.outbox,
-                client_factory=self.make_client,
-                hooks=self.reporter,
-                retry=self.background_retry_policy(),
-                rate_limit=settings.rate_limit,
-                queue_size=settings.queue_size,
-                workers=settings.workers,
-                flush_timeout=settings.flush_timeout,
-            )
+            return OutboxDispatcher(outbox=self.outbox, **engine_options)
         from .engine.thread import ThreadDispatcher
 
-        return ThreadDispatcher(
-            client_factory=self.make_client,
-            hooks=self.reporter,
-            retry=self.background_retry_policy(),
-            rate_limit=settings.rate_limit,
-            queue_size=settings.queue_size,
-            workers=settings.workers,
-            flush_timeout=settings.flush_timeout,
-        )
+        return ThreadDispatcher(**engine_options)
 
     def has_dispatcher(self) -> bool:
         """Whether an engine was made (``flush`` needs none otherwise). With an outbox,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Mapping
@@ -287,9 +288,13 @@ class Meisa:
                 idempotency_key=cast(str, body["idempotency_key"]),
                 reason="delivery_suppressed",
             )
-        policy = dataclasses.replace(state.retry_policy(), deadline=state.settings.send_deadline)
+        deadline = state.settings.send_deadline
+        started = time.monotonic()
         try:
-            with state.budget_slot(state.settings.send_deadline):
+            with state.budget_slot(deadline):
+                # The wait for a budget slot counts against the send's deadline.
+                left = max(deadline - (time.monotonic() - started), 0.001)
+                policy = dataclasses.replace(state.retry_policy(), deadline=left)
                 result = state.client.with_options(retry=policy).trigger_email(**cast(Any, body))
         except UnprocessableEntityError as error:
             if error.code == "recipient_suppressed":

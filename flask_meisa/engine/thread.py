@@ -140,6 +140,7 @@ class ThreadDispatcher:
         self._started = False
         self._stopping = False
         self._reporting = 0  # finished entries whose hooks are still running
+        self._callers_waiting = 0  # synchronous calls waiting for a budget slot
 
     #: The level of the line :meth:`close` logs about what it left (an owner that keeps
     #: those operations elsewhere lowers it).
@@ -216,17 +217,24 @@ class ThreadDispatcher:
         deadline = time.monotonic() + max(timeout, 0.0)
         taken = False
         with self._lock:
-            while not self._closed:
-                now = time.monotonic()
-                delay = limiter.delay(now, priority=True)
-                if delay == 0.0:
-                    limiter.start(now, priority=True)
-                    taken = True
-                    break
-                if now >= deadline or (delay is not None and now + delay > deadline):
-                    break
-                # A call's answer (notify_all) or the window moving frees a slot.
-                self._work.wait(deadline - now if delay is None else delay)
+            # While a synchronous call waits, the workers start nothing: the caller is a
+            # request waiting for its email, so it gets the next free slot.
+            self._callers_waiting += 1
+            try:
+                while not self._closed:
+                    now = time.monotonic()
+                    delay = limiter.delay(now, priority=True)
+                    if delay == 0.0:
+                        limiter.start(now, priority=True)
+                        taken = True
+                        break
+                    if now >= deadline or (delay is not None and now + delay > deadline):
+                        break
+                    # A call's answer (notify_all) or the window moving frees a slot.
+                    self._work.wait(deadline - now if delay is None else delay)
+            finally:
+                self._callers_waiting -= 1
+                self._work.notify_all()
         try:
             yield taken
         finally:
@@ -398,6 +406,8 @@ class ThreadDispatcher:
             if deadline is not None and now >= deadline:
                 return None
             wait = self._core.gate(now)
+            if self._callers_waiting:
+                wait = math.inf  # a synchronous call takes the next slot (budget_slot)
             if wait is None:
                 entry = self._core.take(now)
                 if entry is not None:

@@ -230,6 +230,7 @@ def test_one_engine_per_outbox_delivers_and_takes_the_others_rows(
     for n in range(10):
         writer.submit(upsert(n, tag="w"))
     assert writer.flush(5)  # the holder delivered them
+    assert holder.flush(5)  # and its hooks ran (the rows leave the outbox first)
     assert not writer.is_holder
     assert writer_hooks.outcomes == []
     assert len(holder_hooks.of("delivered")) == 11

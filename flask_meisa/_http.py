@@ -41,9 +41,13 @@ __all__ = ["Request", "SessionHolder", "attempt", "clean_text", "describe", "new
 MAX_MESSAGE = 200
 #: Longest excerpt kept from a non-JSON error answer.
 MAX_EXCERPT = 120
+#: Deepest nesting kept in an error's ``body``.
+MAX_BODY_DEPTH = 32
 
 _KEY_SHAPE = re.compile(r"meisa_[A-Za-z0-9]+_[A-Za-z0-9_\-]+")
-_EMAIL_SHAPE = re.compile(r"[^\s@\"'<>(),;:\[\]]+@[^\s@\"'<>(),;:\[\]]+")
+# A match may only start where a run of address characters starts (the lookbehind), so a
+# long run without an "@" is scanned once, not once per character (quadratic).
+_EMAIL_SHAPE = re.compile(r"(?<![^\s@\"'<>(),;:\[\]])[^\s@\"'<>(),;:\[\]]+@[^\s@\"'<>(),;:\[\]]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _TAG = re.compile(r"<[^>]*>")
 _SPACES = re.compile(r"\s+")
@@ -152,7 +156,7 @@ def _json(content: bytes) -> Any:
         return None
     try:
         return json.loads(content)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the stack
         return None
 
 
@@ -167,20 +171,24 @@ def clean_text(text: str, secret: str, limit: int = MAX_MESSAGE) -> str:
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
-def _scrub(value: Any, secret: str) -> Any:
-    """An error body with the same cleaning applied to every string (no length cap)."""
+def _scrub(value: Any, secret: str, depth: int = 0) -> Any:
+    """An error body with the same cleaning applied to every string (no length cap), and
+    containers nested deeper than :data:`MAX_BODY_DEPTH` dropped (``None``)."""
     if isinstance(value, str):
         return clean_text(value, secret, limit=len(value) + 1)
+    if isinstance(value, (Mapping, list)) and depth >= MAX_BODY_DEPTH:
+        return None
     if isinstance(value, Mapping):
-        return {str(k): _scrub(v, secret) for k, v in value.items()}
+        return {str(k): _scrub(v, secret, depth + 1) for k, v in value.items()}
     if isinstance(value, list):
-        return [_scrub(v, secret) for v in value]
+        return [_scrub(v, secret, depth + 1) for v in value]
     return value
 
 
 def _api_error(endpoint: str, response: requests.Response, secret: str) -> APIError:
     status = response.status_code
-    body = _json(response.content)
+    # Scrubbed first: it also bounds the depth that json.dumps and repr() meet below.
+    body = _scrub(_json(response.content), secret)
     code: str | None = None
     message: str | None = None
     if isinstance(body, Mapping):
@@ -207,7 +215,7 @@ def _api_error(endpoint: str, response: requests.Response, secret: str) -> APIEr
         status,
         message,
         code=code,
-        body=_scrub(body, secret),
+        body=body,
         retry_after=parse_retry_after(response.headers.get("Retry-After")),
     )
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from .errors import ValidationError
 from .payloads import JSONValue
+from .payloads import encode_body
 from .payloads import json_object
 from .payloads import normalize_email
 from .payloads import normalize_external_id
@@ -40,8 +41,11 @@ _UPSERT_FIELDS = frozenset(
 )
 
 
-def _without_none(body: Mapping[str, JSONValue]) -> dict[str, JSONValue]:
-    return {name: value for name, value in body.items() if value is not None}
+def _sendable(body: Mapping[str, JSONValue]) -> dict[str, JSONValue]:
+    sendable: dict[str, JSONValue] = {k: v for k, v in body.items() if v is not None}
+    # The client refuses a body over its size limit: refuse it here, before it is queued.
+    encode_body(sendable)
+    return sendable
 
 
 def _unknown(fields: Mapping[str, Any], known: frozenset[str], what: str) -> None:
@@ -60,7 +64,7 @@ def upsert_body(fields: Mapping[str, Any]) -> dict[str, JSONValue]:
         raise ValidationError("source", f"must be one of {', '.join(sorted(CONTACT_SOURCES))}")
     external_id = fields.get("external_id")
     tag_names = fields.get("tag_names")
-    return _without_none(
+    return _sendable(
         {
             "email": normalize_email(fields["email"]),
             "external_id": None if external_id is None else normalize_external_id(external_id),
@@ -76,6 +80,22 @@ def upsert_body(fields: Mapping[str, Any]) -> dict[str, JSONValue]:
     )
 
 
+def _recipient(value: object) -> dict[str, JSONValue] | None:
+    recipient = json_object(value, "recipient")
+    if recipient is None:
+        return None
+    # Meisa creates or enriches the contact from these, refusing what an upsert refuses.
+    external_id = recipient.get("external_id")
+    if external_id is not None:
+        recipient["external_id"] = normalize_external_id(external_id, "recipient.external_id")
+    for name in ("first_name", "last_name", "display_name"):
+        if recipient.get(name) is not None:
+            recipient[name] = require_text(recipient[name], f"recipient.{name}")
+    if recipient.get("custom_fields") is not None:
+        json_object(recipient["custom_fields"], "recipient.custom_fields")
+    return recipient
+
+
 def track_body(
     event_name: object,
     *,
@@ -87,7 +107,7 @@ def track_body(
     name = require_text(event_name, "event_name")
     if email is None and external_id is None:
         raise ValidationError("email", "an email or an external_id is required")
-    return _without_none(
+    return _sendable(
         {
             "event_name": name,
             "email": None if email is None else normalize_email(email),
@@ -106,14 +126,15 @@ def trigger_body(
     idempotency_key: object = None,
 ) -> dict[str, JSONValue]:
     """The body of ``POST /emails/trigger/``, with an ``idempotency_key`` (a random one
-    when none is given)."""
+    when none is given). ``recipient`` may hold any JSON; the contact fields Meisa reads
+    from it are checked as an upsert's."""
     key = uuid.uuid4().hex if idempotency_key is None else idempotency_key
-    return _without_none(
+    return _sendable(
         {
             "trigger_key": require_text(trigger_key, "trigger_key"),
             "to_email": normalize_email(to_email, "to_email"),
             "variables": json_object(variables, "variables"),
-            "recipient": json_object(recipient, "recipient"),
+            "recipient": _recipient(recipient),
             "idempotency_key": require_text(key, "idempotency_key"),
         }
     )

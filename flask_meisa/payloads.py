@@ -71,6 +71,8 @@ MAX_BODY_BYTES = 512 * 1024
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _WHITESPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
 _UTC = dt.timezone.utc
+# Python's default limit on the digits of an int it writes out.
+_MAX_INT_DIGITS = 4300
 
 
 def _type_name(value: object) -> str:
@@ -82,17 +84,24 @@ def normalize_email(value: object, field: str = "email") -> str:
 
     :raises ValidationError: if ``value`` is not a string holding exactly one plausible
         address (one ``@``, a non-empty local part, a dotted domain without empty labels,
-        no whitespace or control characters, at most 254 characters).
+        no whitespace, control, invisible or unassigned characters, at most 254 characters
+        once lowercased).
     """
     if not isinstance(value, str):
         raise ValidationError(field, f"must be a string, not {_type_name(value)}")
-    email = value.strip()
+    # Lowercased first: a few characters lowercase to two ("İ"), and the limits apply to
+    # what is sent.
+    email = value.strip().lower()
     if not email:
         raise ValidationError(field, "must not be empty")
     if len(email) > MAX_EMAIL_LENGTH:
         raise ValidationError(field, f"is longer than {MAX_EMAIL_LENGTH} characters")
-    if _WHITESPACE_OR_CONTROL.search(email):
-        raise ValidationError(field, "must not contain whitespace or control characters")
+    # isprintable() also refuses format characters (zero-width, bidi overrides),
+    # surrogates (no UTF-8 form) and unassigned code points, as Meisa does.
+    if _WHITESPACE_OR_CONTROL.search(email) or not email.isprintable():
+        raise ValidationError(
+            field, "must not contain whitespace, control or invisible characters"
+        )
     local, at, domain = email.partition("@")
     if not at or "@" in domain:
         raise ValidationError(field, "must contain exactly one '@'")
@@ -103,7 +112,7 @@ def normalize_email(value: object, field: str = "email") -> str:
     labels = domain.split(".")
     if len(labels) < 2 or not all(labels):
         raise ValidationError(field, "must have a domain like 'example.com' after the '@'")
-    return email.lower()
+    return email
 
 
 def require_text(value: object, field: str, max_length: int = MAX_TEXT_LENGTH) -> str:
@@ -123,7 +132,7 @@ def require_text(value: object, field: str, max_length: int = MAX_TEXT_LENGTH) -
         raise ValidationError(field, "must not contain line breaks or control characters")
     if len(text) > max_length:
         raise ValidationError(field, f"is longer than {max_length} characters")
-    return text
+    return _check_str(text, field)
 
 
 def optional_text(value: object, field: str, max_length: int = MAX_TEXT_LENGTH) -> str | None:
@@ -134,7 +143,10 @@ def optional_text(value: object, field: str, max_length: int = MAX_TEXT_LENGTH) 
 def normalize_external_id(value: object, field: str = "external_id") -> str:
     """Check the app's own user id: a non-empty string, or an integer (made a string)."""
     if isinstance(value, int) and not isinstance(value, bool):
-        return str(int(value))
+        # The bit count first: str() of a huge int is slow, or refused past 4,300 digits.
+        if value.bit_length() > 4 * MAX_TEXT_LENGTH:
+            raise ValidationError(field, f"is longer than {MAX_TEXT_LENGTH} characters")
+        return require_text(str(int(value)), field)
     if isinstance(value, uuid.UUID):
         return str(value)
     if not isinstance(value, str):
@@ -179,7 +191,7 @@ def to_json_value(value: object, field: str, *, _depth: int = 0) -> JSONValue:
     if kind is str:
         return _check_str(value, field)  # type: ignore[arg-type]
     if kind is int:
-        return value  # type: ignore[return-value]
+        return _check_int(value, field)  # type: ignore[arg-type]
     if kind is float:
         return _check_float(value, field)  # type: ignore[arg-type]
     # Enum before str/int: a str- or int-based Enum must become its plain value.
@@ -190,16 +202,15 @@ def to_json_value(value: object, field: str, *, _depth: int = 0) -> JSONValue:
     if isinstance(value, str):
         return _check_str(str(value), field)
     if isinstance(value, int):
-        return int(value)
+        return _check_int(int(value), field)
     if isinstance(value, float):
         return _check_float(float(value), field)
     if isinstance(value, dt.datetime):
-        aware = value.replace(tzinfo=_UTC) if value.tzinfo is None else value.astimezone(_UTC)
-        return aware.replace(tzinfo=None).isoformat() + "Z"
+        return _datetime(value, field)
     if isinstance(value, dt.date):
         return value.isoformat()
     if isinstance(value, dt.time):
-        return value.isoformat()
+        return _time(value, field)
     if isinstance(value, Decimal):
         return _decimal(value, field)
     if isinstance(value, uuid.UUID):
@@ -220,6 +231,8 @@ def _mapping(value: Mapping[Any, Any], field: str, depth: int) -> dict[str, JSON
     for key, item in value.items():
         if not isinstance(key, str):
             raise ValidationError(field, f"has a key that is not a string ({_type_name(key)})")
+        if not key.isascii() and not _encodable(key):
+            raise ValidationError(field, "has a key that is not valid Unicode text")
         out[str(key)] = to_json_value(item, f"{field}.{key}", _depth=depth)
     return out
 
@@ -239,6 +252,45 @@ def _encodable(value: str) -> bool:
     return True
 
 
+def _check_int(value: int, field: str) -> int:
+    # Python writes out no int of more than sys.get_int_max_str_digits() digits (4,300 by
+    # default), so json.dumps would fail on it long after the call returned.
+    if value.bit_length() > 64 and not _writable(value):
+        raise ValidationError(field, "is too large a number to send as JSON")
+    return value
+
+
+def _writable(value: int) -> bool:
+    try:
+        str(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _datetime(value: dt.datetime, field: str) -> str:
+    # A tzinfo may answer no offset (naive, so taken as UTC) or a bad one, and the ends of
+    # the datetime range overflow once moved to UTC.
+    try:
+        naive = value.utcoffset() is None
+        aware = value.replace(tzinfo=_UTC) if naive else value.astimezone(_UTC)
+    except (OverflowError, ValueError):
+        aware = None
+    if aware is None:
+        raise ValidationError(field, "is a datetime that has no form in UTC")
+    return aware.replace(tzinfo=None).isoformat() + "Z"
+
+
+def _time(value: dt.time, field: str) -> str:
+    try:
+        text: str | None = value.isoformat()
+    except (OverflowError, ValueError):
+        text = None
+    if text is None:
+        raise ValidationError(field, "is a time with an invalid offset")
+    return text
+
+
 def _check_float(value: float, field: str) -> float:
     if not math.isfinite(value):
         raise ValidationError(field, "must be a finite number (not NaN or infinity)")
@@ -249,7 +301,10 @@ def _decimal(value: Decimal, field: str) -> int | float:
     if not value.is_finite():
         raise ValidationError(field, "must be a finite number (not NaN or infinity)")
     if value == value.to_integral_value():
-        return int(value)
+        # Checked before int(): Decimal("1E+100000000") would take a while to become one.
+        if value.adjusted() >= _MAX_INT_DIGITS:
+            raise ValidationError(field, "is too large a number to send as JSON")
+        return _check_int(int(value), field)
     return _check_float(float(value), field)
 
 

@@ -48,13 +48,21 @@ _TAG_PATH = re.compile(r"^/contacts/([^/]+)/(add_tag|remove_tag)/$")
 
 
 def parse_body(raw: bytes) -> tuple[Any, bool]:
-    """The JSON body (``None`` when empty) and whether it parsed."""
+    """The JSON body (``None`` when empty) and whether it parsed.
+
+    Strict JSON only: ``NaN`` and ``Infinity`` are refused (they are not JSON, and an
+    answer echoing them would not be either), and so is nesting too deep to parse.
+    """
     if not raw.strip():
         return None, True
     try:
-        return json.loads(raw), True
-    except (ValueError, UnicodeDecodeError):
+        return json.loads(raw, parse_constant=_refuse_constant), True
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None, False
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def handle(store: Store, request: Request) -> Answer:

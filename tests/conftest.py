@@ -11,6 +11,9 @@ import requests
 
 from flask_meisa.emulator import Emulator
 
+#: Fails any test whose logs, errors, reprs, CLI output or operations show an API key.
+pytest_plugins = ["tests.secrets_guard"]
+
 #: ``key=`` value of :class:`EmulatorAPI` calls meaning "the helper's own key".
 OWN_KEY = ""
 

@@ -151,7 +151,7 @@ class Enrollment:
 class ApiKey:
     """An API key: its environment, scopes and own rate limit."""
 
-    key: str
+    key: str = field(repr=False)
     name: str
     environment: str
     scopes: frozenset[str]

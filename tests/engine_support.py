@@ -133,6 +133,10 @@ def fork_scenario(parent_count: int, child_count: int) -> None:
     say(f"parent pending_at_fork {engine.status().pending}")
     pid = os.fork()
     if pid == 0:
+        # The child reports only its own outcomes, not those the parent had before the
+        # fork (the condition may have been held by a parent thread: make a new one).
+        hooks.outcomes = []
+        hooks._changed = threading.Condition()
         status = engine.status()
         say(f"child pending_at_start {status.pending} delivered {status.delivered}")
         for n in range(child_count):

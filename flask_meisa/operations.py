@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import field
@@ -25,6 +26,8 @@ from typing import Any
 from typing import Literal
 from typing import cast
 
+from .errors import ValidationError
+
 if TYPE_CHECKING:
     from .client import MeisaClient
 
@@ -32,8 +35,10 @@ __all__ = [
     "LANE_EVENTS",
     "LANE_SYNC",
     "LANE_TRANSACTIONAL",
+    "Attempt",
     "Operation",
     "OperationKind",
+    "attempt",
     "contact_key",
     "deliver",
     "merge_upsert_payloads",
@@ -172,3 +177,32 @@ def deliver(client: MeisaClient, operation: Operation) -> Any:
     if operation.kind == "track":
         return client.track_event(**payload)
     return client.trigger_email(**payload)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """The outcome of one call made by :func:`attempt`."""
+
+    result: Any = None
+    error: BaseException | None = None
+    #: Whether a request may have reached Meisa (and so counts against its rate limit).
+    made: bool = False
+
+
+def attempt(get_client: Callable[[], MeisaClient], operation: Operation) -> Attempt:
+    """Make the operation's call once and capture its outcome instead of raising.
+
+    A :class:`~flask_meisa.errors.ValidationError` means the client refused the call
+    before any request went out, so ``made`` is false; any other error may have been
+    answered (or half-sent), so it counts as made.
+    """
+    try:
+        client = get_client()
+    except Exception as error:
+        return Attempt(error=error)
+    try:
+        return Attempt(result=deliver(client, operation), made=True)
+    except ValidationError as error:
+        return Attempt(error=error)
+    except Exception as error:
+        return Attempt(error=error, made=True)

@@ -45,10 +45,10 @@ from redis.exceptions import RedisError
 
 from ..errors import NotFoundError
 from ..errors import RateLimitError
-from ..errors import ValidationError
+from ..operations import Attempt
 from ..operations import Operation
+from ..operations import attempt
 from ..operations import contact_key
-from ..operations import deliver
 from ..retry import RetryPolicy
 from .base import ClientFactory
 from .base import DeliveryHooks
@@ -242,20 +242,13 @@ class DeliveryWorker:
             call = Operation("upsert", operation.contact, id=operation.id)
         operation.attempts += 1
         first = float(meta.get("first_attempt") or time.time())
-        result: Any = None
-        error: BaseException | None = None
-        made = False
+        outcome = Attempt(made=True)  # if interrupted mid-call, count the slot as spent
         try:
-            client = self._get_client()
-            made = True
-            result = deliver(client, call)
-        except ValidationError as exc:
-            error, made = exc, False  # refused before any request went out
-        except Exception as exc:
-            error = exc
+            outcome = attempt(self._get_client, call)
         finally:
             if token is not None and self.budget is not None:
-                self.budget.finish(token, made=made)
+                self.budget.finish(token, made=outcome.made)
+        result, error = outcome.result, outcome.error
         meta = {**meta, "first_attempt": first}
         if error is None:
             if recovering:

@@ -25,13 +25,11 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
-from typing import Any
 
 from ..errors import ConfigurationError
 from ..errors import DeliveryError
-from ..errors import ValidationError
 from ..operations import Operation
-from ..operations import deliver
+from ..operations import attempt
 from ..retry import RetryPolicy
 from . import lifecycle
 from .base import ClientFactory
@@ -433,21 +431,11 @@ class ThreadDispatcher:
             with self._lock:
                 self._begin_reporting()
                 return self._core.settle_skip(entry, reason, time.monotonic())
-        result: Any = None
-        error: BaseException | None = None
-        made = False
-        try:
-            client = self._get_client()
-            made = True
-            result = deliver(client, entry.call)
-        except ValidationError as exc:
-            error, made = exc, False  # refused before any request went out
-        except Exception as exc:
-            error = exc
+        call = attempt(self._get_client, entry.call)
         with self._lock:
             self._begin_reporting()
             # The slot is dated now, after the answer: see ratelimit.py.
-            return self._core.settle(entry, result, error, made, time.monotonic())
+            return self._core.settle(entry, call.result, call.error, call.made, time.monotonic())
 
     def _begin_reporting(self) -> None:
         """A call ended (lock held): its hooks are still to run; wake the workers."""

@@ -40,6 +40,7 @@ from .errors import UnprocessableEntityError
 from .errors import ValidationError
 from .operations import Operation
 from .outcomes import SendResult
+from .outcomes import SendStatus
 from .payloads import normalize_email
 from .payloads import to_json_value
 from .reporting import emit
@@ -260,34 +261,27 @@ class Meisa:
         )
         key = cast(str, body["trigger_key"])
         address = cast(str, body["to_email"])
+
+        def without_a_call(status: SendStatus, reason: str | None = None) -> SendResult:
+            return SendResult(
+                status=status,
+                trigger_key=key,
+                to_email=address,
+                idempotency_key=cast(str, body["idempotency_key"]),
+                reason=reason,
+            )
+
         delivering = state.delivering()
         if self._suppressed_now(state, address, wait=not background and delivering):
             emit(email_suppressed, state.app, trigger_key=key, to_email=address, operation=None)
-            return SendResult(
-                status="suppressed",
-                trigger_key=key,
-                to_email=address,
-                idempotency_key=cast(str, body["idempotency_key"]),
-                reason="suppressed",
-            )
+            return without_a_call("suppressed", "suppressed")
         operation = Operation("send", body)
         if background:
             self._enqueue(state, operation)
-            return SendResult(
-                status="queued",
-                trigger_key=key,
-                to_email=address,
-                idempotency_key=cast(str, body["idempotency_key"]),
-            )
+            return without_a_call("queued")
         emit(operation_queued, state.app, operation=operation, delivering=delivering)
         if not delivering:
-            return SendResult(
-                status="skipped",
-                trigger_key=key,
-                to_email=address,
-                idempotency_key=cast(str, body["idempotency_key"]),
-                reason="delivery_suppressed",
-            )
+            return without_a_call("skipped", "delivery_suppressed")
         deadline = state.settings.send_deadline
         started = time.monotonic()
         try:

@@ -206,7 +206,7 @@ class MeisaSettings:
 
 
 def _check_rate_limit(spec: str) -> None:
-    from .engine.ratelimit import parse_rate_limit
+    from ._ratelimit import parse_rate_limit
 
     try:
         parse_rate_limit(spec)

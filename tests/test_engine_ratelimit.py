@@ -6,10 +6,10 @@ import random
 
 import pytest
 
+from flask_meisa._ratelimit import RateWindow
+from flask_meisa._ratelimit import SlidingWindowLimiter
+from flask_meisa._ratelimit import parse_rate_limit
 from flask_meisa.emulator import RateLimiter as ServerLimiter
-from flask_meisa.engine.ratelimit import RateWindow
-from flask_meisa.engine.ratelimit import SlidingWindowLimiter
-from flask_meisa.engine.ratelimit import parse_rate_limit
 from flask_meisa.errors import ConfigurationError
 
 

@@ -3,55 +3,14 @@
 from __future__ import annotations
 
 import math
-import re
 from collections import deque
-from dataclasses import dataclass
 
-__all__ = ["RateLimiter", "Rule", "parse_rules", "retry_after_header"]
+from .._ratelimit import parse_rate_limit
 
-_UNITS = {
-    "s": 1.0,
-    "sec": 1.0,
-    "second": 1.0,
-    "m": 60.0,
-    "min": 60.0,
-    "minute": 60.0,
-    "h": 3600.0,
-    "hour": 3600.0,
-    "d": 86400.0,
-    "day": 86400.0,
-}
-_RULE = re.compile(r"^\s*(\d+)\s*/\s*(\d*(?:\.\d+)?)\s*([a-z]+?)s?\s*$")
+__all__ = ["RateLimiter", "parse_rules", "retry_after_header"]
 
-
-@dataclass(frozen=True)
-class Rule:
-    """At most ``limit`` hits in any window of ``period`` seconds."""
-
-    limit: int
-    period: float
-
-
-def parse_rules(spec: str) -> tuple[Rule, ...]:
-    """Parse ``"60/minute;1000/hour"`` (also ``"10/second"``, ``"5/10s"``, ``,`` as separator).
-
-    :raises ValueError: when a part is not ``<count>/[<n>]<unit>`` with a known unit.
-    """
-    rules: list[Rule] = []
-    for part in re.split(r"[;,]", spec):
-        if not part.strip():
-            continue
-        match = _RULE.match(part.lower())
-        if not match or match.group(3) not in _UNITS:
-            raise ValueError(f"invalid rate limit rule: {part.strip()!r}")
-        count, multiple, unit = match.groups()
-        period = (float(multiple) if multiple else 1.0) * _UNITS[unit]
-        if period <= 0:
-            raise ValueError(f"invalid rate limit period: {part.strip()!r}")
-        rules.append(Rule(int(count), period))
-    if not rules:
-        raise ValueError("a rate limit needs at least one rule")
-    return tuple(rules)
+#: The project's one rate-limit parser: ``"60/minute;1000/hour"``, ``"10 per second"``...
+parse_rules = parse_rate_limit
 
 
 def retry_after_header(seconds: float) -> str:

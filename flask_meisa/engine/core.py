@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from dataclasses import field
 from typing import Any
 
+from .._ratelimit import RateWindow
+from .._ratelimit import SlidingWindowLimiter
 from ..errors import APIConnectionError
 from ..errors import APIError
 from ..errors import NotFoundError
@@ -38,8 +40,6 @@ from ..operations import LANE_TRANSACTIONAL
 from ..operations import Operation
 from ..retry import RetryPolicy
 from .base import DeliveryStatus
-from .ratelimit import RateWindow
-from .ratelimit import SlidingWindowLimiter
 from .reporting import FailedOperation
 from .reporting import HookCaller
 from .reporting import error_summary

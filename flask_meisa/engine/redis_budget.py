@@ -1,6 +1,6 @@
 """The key's rate budget in Redis, shared by every worker on every machine.
 
-The rules are those of :mod:`~flask_meisa.engine.ratelimit`, kept in Redis instead of in
+The rules are those of :mod:`~flask_meisa._ratelimit`, kept in Redis instead of in
 one process's memory:
 
 - a call takes a slot when it starts and holds it while it is in flight (a sorted set of
@@ -36,10 +36,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .._ratelimit import RateWindow
+from .._ratelimit import parse_rate_limit
 from ..errors import ConfigurationError
 from .core import TRANSACTIONAL_RESERVE
-from .ratelimit import RateWindow
-from .ratelimit import parse_rate_limit
 
 __all__ = ["Acquired", "RedisBudget", "budget_prefix"]
 
@@ -182,7 +182,7 @@ class RedisBudget:
 
     :param redis: a ``redis.Redis`` client (thread-safe; one per process).
     :param spec: the budget, e.g. ``"60/minute;1000/hour"`` (see
-        :func:`~flask_meisa.engine.ratelimit.parse_rate_limit`).
+        :func:`~flask_meisa._ratelimit.parse_rate_limit`).
     :param prefix: the key prefix, one per API key (see :func:`budget_prefix`).
     :param reserve: the share of each window only transactional sends may use.
     :raises ConfigurationError: for an invalid ``spec`` or ``reserve``.

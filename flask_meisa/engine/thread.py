@@ -4,7 +4,7 @@ One engine per app and process. ``submit`` only files the operation with the
 :class:`~flask_meisa.engine.scheduler.Scheduler` (no I/O, no waiting on Meisa); worker
 threads, started on the first submit, wait on a condition until
 :class:`~flask_meisa.engine.core.DeliveryCore` lets a call start (no pause, a budget slot
-in :mod:`~flask_meisa.engine.ratelimit`, a ready operation), then make it with a client
+in :mod:`~flask_meisa._ratelimit`, a ready operation), then make it with a client
 that tries once. A failure that may pass is not slept on: the operation goes to a timer
 and the worker moves on to other work. Outcomes go back through
 :class:`~flask_meisa.engine.base.DeliveryHooks`, always outside the engine's lock, and an
@@ -26,6 +26,7 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from .._ratelimit import parse_rate_limit
 from ..errors import ConfigurationError
 from ..errors import DeliveryError
 from ..operations import Operation
@@ -37,7 +38,6 @@ from .base import DeliveryHooks
 from .base import DeliveryStatus
 from .core import DeliveryCore
 from .core import Report
-from .ratelimit import parse_rate_limit
 from .reporting import FailedOperation
 from .reporting import HookCaller
 from .scheduler import LANE_NAMES

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..errors import ConfigurationError
+from .errors import ConfigurationError
 
 __all__ = ["RateWindow", "SlidingWindowLimiter", "parse_rate_limit"]
 

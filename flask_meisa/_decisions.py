@@ -1,0 +1,136 @@
+"""What the outcome of one call means for its operation: the one place every engine asks."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+from .errors import APIConnectionError
+from .errors import APIError
+from .errors import NotFoundError
+from .errors import RateLimitError
+from .errors import ServerError
+from .errors import ValidationError
+from .retry import RetryPolicy
+
+__all__ = ["Decision", "decide", "error_summary", "log_decision"]
+
+Action = Literal["done", "retry", "recover", "fail"]
+
+#: The ``code`` of a 429 from Meisa's per-recipient send guardrail.
+SEND_GUARDRAIL = "send_guardrail"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do after a call.
+
+    - ``"done"``: Meisa took it;
+    - ``"retry"``: try again in ``delay`` seconds;
+    - ``"recover"``: an event answered 404: upsert its contact, then track it again;
+    - ``"fail"``: refused for good, or out of retries.
+
+    ``pause`` is how long no call on the key may start (a 429 about the key's budget);
+    ``outage`` says the call got no answer or a 5xx (one more failure in a row), and
+    ``answered`` that Meisa answered otherwise (the failures in a row are over).
+    ``recipient`` marks a 429 of the send guardrail: only this recipient waits.
+    """
+
+    action: Action
+    delay: float = 0.0
+    pause: float = 0.0
+    outage: bool = False
+    answered: bool = True
+    recipient: bool = False
+
+
+def decide(
+    kind: str,
+    error: BaseException | None,
+    *,
+    attempts: int,
+    elapsed: float,
+    policy: RetryPolicy,
+    can_recover: bool = False,
+) -> Decision:
+    """Decide what the outcome of a call means (pure: no I/O, no clock).
+
+    :param kind: the operation's kind (``"upsert"``, ``"track"``, ``"send"``).
+    :param error: what the call raised, or ``None`` when Meisa took it.
+    :param attempts: attempts made so far, this one included.
+    :param elapsed: seconds since the first attempt.
+    :param policy: what is retried, and how long to wait.
+    :param can_recover: an event answered 404 can still be recovered (its contact's
+        payload is known and it was not recovered before).
+    """
+    if error is None:
+        return Decision("done")
+    outage = isinstance(error, ServerError) or (
+        isinstance(error, APIConnectionError) and error.retryable
+    )
+    answered = isinstance(error, APIError) and not isinstance(error, ServerError)
+    if isinstance(error, NotFoundError) and kind == "track" and can_recover:
+        return Decision("recover", answered=True)
+    if isinstance(error, RateLimitError) and kind == "send" and error.code == SEND_GUARDRAIL:
+        # About one recipient: that recipient's sends wait as long as Meisa asks (capped
+        # only by the deadline); the key and everyone else carry on.
+        wait = error.retry_after if error.retry_after is not None else policy.backoff(attempts)
+        if policy.deadline is not None and elapsed + wait > policy.deadline:
+            return Decision("fail", recipient=True)
+        return Decision("retry", delay=wait, recipient=True)
+    delay = policy.delay_for(attempts, error, elapsed)
+    pause = 0.0
+    if isinstance(error, RateLimitError):
+        # About the key (any other code, or none: the safe side): every call waits.
+        wanted = error.retry_after if error.retry_after is not None else (delay or 1.0)
+        pause = min(wanted, policy.max_retry_after)
+    if delay is None:
+        return Decision("fail", pause=pause, outage=outage, answered=answered)
+    return Decision(
+        "retry", delay=max(delay, pause), pause=pause, outage=outage, answered=answered
+    )
+
+
+def error_summary(error: BaseException) -> str:
+    """A log-safe account of an error: ``"HTTP 400 [invalid]"``, ``"APITimeoutError (no
+    answer within 10 s)"``, ``"ValidationError on email"``."""
+    if isinstance(error, APIError):
+        code = f" [{error.code}]" if error.code else ""
+        return f"HTTP {error.status}{code}"
+    if isinstance(error, APIConnectionError):
+        return f"{type(error).__name__} ({error.reason})"
+    if isinstance(error, ValidationError):
+        return f"ValidationError on {error.field}"
+    return type(error).__name__
+
+
+def log_decision(
+    logger: logging.Logger,
+    decision: Decision,
+    what: str,
+    error: BaseException | None,
+    attempts: int,
+) -> None:
+    """The one log line of a decision (``what`` is a log-safe description)."""
+    if decision.pause:
+        logger.warning(
+            "flask-meisa: Meisa answered 429 for the key; pausing delivery for %.1f s",
+            decision.pause,
+        )
+    if error is None or decision.action == "done":
+        return
+    summary = error_summary(error)
+    if decision.action == "recover":
+        logger.info("flask-meisa: %s answered 404; upserting its contact, then again", what)
+    elif decision.action == "retry":
+        logger.info(
+            "flask-meisa: %s: %s on attempt %d; retrying in %.2f s%s",
+            what,
+            summary,
+            attempts,
+            decision.delay,
+            " (this recipient only)" if decision.recipient else "",
+        )
+    else:
+        logger.warning("flask-meisa: %s failed after %d attempt(s): %s", what, attempts, summary)

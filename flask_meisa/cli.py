@@ -13,10 +13,8 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
-from .engine.deadletters import DeadLetters
-from .engine.hostlock import HostLock
-from .engine.outbox import OUTBOX_ERRORS
-from .engine.outbox import Outbox
+from .engine import pending
+from .engine.store import Store
 from .errors import MeisaError
 
 if TYPE_CHECKING:
@@ -137,33 +135,79 @@ def _wait_for_delivery(meisa: Meisa, timeout: float | None) -> None:
 @meisa_cli.command("flush")
 @click.option("--timeout", default=30.0, show_default=True, type=float)
 def flush_command(timeout: float) -> None:
-    """Deliver everything pending in this process."""
+    """Wait until the host has delivered everything pending (this process delivers when
+    no other does)."""
     meisa = _extension()
     if not meisa.flush(timeout):
-        raise click.ClickException(f"{meisa.status().pending} operations still pending")
+        status = meisa.status()
+        who = f"pid {status.delivering_pid}" if status.delivering_pid else "no process"
+        raise click.ClickException(
+            f"{status.pending} operations still pending after {timeout:g}s ({who} delivers)"
+        )
     click.echo("nothing pending")
+
+
+def _seconds(value: float) -> str:
+    if value < 60:
+        return f"{value:.1f}s"
+    minutes, seconds = divmod(int(value), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {seconds:02d}s"
 
 
 @meisa_cli.command("status")
 def status_command() -> None:
-    """Show the delivery engine of this process: queues, budget, counters."""
-    status = _extension().status()
-    click.echo(f"engine: {status.engine}")
+    """Show delivery for the whole host: pending work per lane and its age, latency,
+    retries, dead letters, budget, which process delivers, counters, the backfill."""
+    meisa = _extension()
+    status = meisa.status()
+    state = meisa.state()
+    where = "memory of this process"
+    if status.durable:
+        where = f"{state.store_path()} (every process of this host)"
+    click.echo(f"engine: {status.engine}, store: {where}")
+    if status.engine == "thread":
+        pid = status.delivering_pid
+        click.echo(f"delivering process: {'pid ' + str(pid) if pid else 'none running'}")
+    rows = [("lane", "waiting", "oldest", "p50", "p99")]
     for lane, depth in status.queued.items():
-        click.echo(f"queued {lane}: {depth}")
-    click.echo(f"in flight: {status.in_flight}")
-    click.echo(f"waiting to retry: {status.retry_waiting}")
-    if status.budget_left is not None:
-        for window, left in status.budget_left.items():
-            click.echo(f"budget left {window}: {left}")
-    if status.paused_for:
-        click.echo(f"paused for: {status.paused_for:.1f}s")
-    if status.holder is not None:
-        role = "this process" if status.holder else "another process"
-        click.echo(f"outbox: {status.stored} stored, delivered by {role}")
-        click.echo(f"dead letters: {status.dead_letters}")
+        p50, p99 = status.latency.get(lane, (None, None))
+        oldest = status.oldest_wait.get(lane)
+        rows.append(
+            (
+                lane,
+                str(depth),
+                "-" if oldest is None else _seconds(oldest),
+                "-" if p50 is None else _seconds(p50),
+                "-" if p99 is None else _seconds(p99),
+            )
+        )
+    for row in rows:
+        click.echo(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, (14, 8, 9, 8, 8), strict=True))
+        )
     click.echo(
-        f"delivered: {status.delivered}  failed: {status.failed}  dropped: {status.dropped}"
+        f"in flight: {status.in_flight}  waiting to retry: {status.retry_waiting}  "
+        f"dead letters: {status.dead_letters}"
+    )
+    if status.budget_left is not None:
+        left = ", ".join(f"{window}: {n}" for window, n in status.budget_left.items())
+        click.echo(f"budget left: {left}")
+    if status.paused_for:
+        click.echo(f"paused for: {_seconds(status.paused_for)}")
+    click.echo(
+        f"delivered: {status.delivered}  unchanged (no call needed): {status.unchanged}  "
+        f"failed: {status.failed}  dropped: {status.dropped}"
+    )
+    if status.backfill:
+        click.echo(f"backfill: {_backfill_line(status.backfill)}")
+
+
+def _backfill_line(run: dict[str, Any]) -> str:
+    done = f"{run.get('position', 0)} of {run.get('total') or '?'} users read"
+    return (
+        f"{run.get('state', 'running')}, {done}, {run.get('skipped', 0)} unchanged, "
+        f"{run.get('failed', 0)} failed (started {_when(float(run.get('started_at', 0)))})"
     )
 
 
@@ -174,30 +218,17 @@ def config_template_command() -> None:
     click.echo(source.read_text(encoding="utf-8"), nl=False)
 
 
-def _outbox() -> Outbox:
-    outbox = _extension().state().outbox
-    if outbox is None:
-        raise click.ClickException("MEISA_OUTBOX is not set: there is no outbox.")
-    return outbox
+def _store() -> Store:
+    state = _extension().state()
+    if state.settings.delivery != "thread":
+        raise click.ClickException(
+            f'dead letters are kept by MEISA_DELIVERY = "thread", not {state.settings.delivery!r}'
+        )
+    return state.store()
 
 
 def _when(timestamp: float) -> str:
     return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
-
-
-@meisa_cli.command("outbox")
-def outbox_command() -> None:
-    """Show the outbox: its file, what waits in it, and which process delivers."""
-    outbox = _outbox()
-    try:
-        counts = outbox.counts()
-    except OUTBOX_ERRORS as error:
-        raise click.ClickException(f"cannot read the outbox: {error}") from None
-    holder = HostLock.holder(outbox.path + ".lock")
-    click.echo(f"outbox: {outbox.path}")
-    click.echo(f"waiting: {counts.pending + counts.claimed}")
-    click.echo(f"dead letters: {counts.dead}")
-    click.echo(f"delivering process: {'none' if holder is None else holder or 'unknown pid'}")
 
 
 @meisa_cli.group("dead-letters", invoke_without_command=True)
@@ -216,10 +247,11 @@ def _chosen(ids: tuple[int, ...], every: bool) -> list[int] | None:
     return None if every else list(ids)
 
 
-def _missing(outbox: Outbox, ids: list[int] | None) -> None:
+def _missing(store: Store, ids: list[int] | None) -> None:
     if ids is None:
         return
-    found = {letter.seq for letter in DeadLetters(outbox).list(ids)}
+    with store.read() as db:
+        found = {letter.seq for letter in pending.dead_letters(db, ids)}
     unknown = [str(seq) for seq in ids if seq not in found]
     if unknown:
         raise click.ClickException(f"no dead letter with ID {', '.join(unknown)}")
@@ -228,7 +260,8 @@ def _missing(outbox: Outbox, ids: list[int] | None) -> None:
 @dead_letters_group.command("list")
 def dead_letters_list() -> None:
     """List dead letters, oldest first, with their errors (no payload values)."""
-    letters = DeadLetters(_outbox()).list()
+    with _store().read() as db:
+        letters = pending.dead_letters(db)
     if not letters:
         click.echo("no dead letters")
         return
@@ -254,7 +287,8 @@ def dead_letters_list() -> None:
 @click.argument("seq", metavar="ID", type=int)
 def dead_letters_show(seq: int) -> None:
     """Print one dead letter with its payload, as JSON."""
-    letters = DeadLetters(_outbox()).list([seq])
+    with _store().read() as db:
+        letters = pending.dead_letters(db, [seq])
     if not letters:
         raise click.ClickException(f"no dead letter with ID {seq}")
     letter = letters[0]
@@ -280,10 +314,11 @@ def dead_letters_show(seq: int) -> None:
 )
 def dead_letters_retry(ids: tuple[int, ...], every: bool, timeout: float) -> None:
     """Queue dead letters for delivery again, then wait for them."""
-    outbox = _outbox()
+    store = _store()
     chosen = _chosen(ids, every)
-    _missing(outbox, chosen)
-    queued = DeadLetters(outbox).requeue(chosen)
+    _missing(store, chosen)
+    with store.write() as db:
+        queued = pending.requeue(db, chosen)
     click.echo(f"{queued} operation(s) queued again")
     if timeout <= 0 or not queued:
         return
@@ -291,7 +326,7 @@ def dead_letters_retry(ids: tuple[int, ...], every: bool, timeout: float) -> Non
     if not meisa.state().delivering():
         raise click.ClickException("delivery is off here (MEISA_ENABLED / MEISA_SUPPRESS_SEND)")
     delivered = meisa.flush(timeout)
-    dead = outbox.counts().dead
+    dead = meisa.status().dead_letters
     if not delivered:
         raise click.ClickException(f"not all delivered within {timeout:g}s; {dead} dead letters")
     click.echo(f"done; {dead} dead letter(s) left")
@@ -303,12 +338,14 @@ def dead_letters_retry(ids: tuple[int, ...], every: bool, timeout: float) -> Non
 @click.option("--yes", is_flag=True, help="Do not ask before deleting every dead letter.")
 def dead_letters_purge(ids: tuple[int, ...], every: bool, yes: bool) -> None:
     """Delete dead letters for good."""
-    outbox = _outbox()
+    store = _store()
     chosen = _chosen(ids, every)
-    _missing(outbox, chosen)
+    _missing(store, chosen)
     if chosen is None and not yes:
-        click.confirm(f"Delete all {outbox.counts().dead} dead letters?", abort=True)
-    click.echo(f"{DeadLetters(outbox).purge(chosen)} dead letter(s) deleted")
+        count = _extension().status().dead_letters
+        click.confirm(f"Delete all {count} dead letters?", abort=True)
+    with store.write() as db:
+        click.echo(f"{pending.purge(db, chosen)} dead letter(s) deleted")
 
 
 @meisa_cli.command(

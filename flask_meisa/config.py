@@ -53,7 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "MEISA_QUEUE_SIZE": 10_000,
     "MEISA_WORKERS": 1,
     "MEISA_FLUSH_TIMEOUT": 5.0,
-    "MEISA_OUTBOX": None,
+    "MEISA_OUTBOX": "instance:meisa-outbox.sqlite3",
     "MEISA_OUTBOX_BUSY_TIMEOUT": 1.0,
     "MEISA_CELERY_APP": None,
     "MEISA_CELERY_QUEUE": "meisa",
@@ -63,6 +63,8 @@ DEFAULTS: dict[str, Any] = {
 
 #: ``MEISA_OUTBOX`` values starting with this name a file in the app's instance folder.
 INSTANCE_PREFIX = "instance:"
+#: ``MEISA_OUTBOX`` value (like ``None``) for delivery from memory only.
+MEMORY = "memory"
 
 
 def parse_custom_fields(value: Any) -> dict[str, str]:
@@ -218,22 +220,18 @@ def _check_rate_limit(spec: str) -> None:
 
 def _outbox(config: Mapping[str, Any], delivery: str) -> str | None:
     value = config["MEISA_OUTBOX"]
-    if value is None:
-        return None
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
+    if value is None or (isinstance(value, str) and value.strip().lower() == MEMORY):
+        return None
     if not isinstance(value, str) or not value.strip():
         raise ConfigurationError(
-            "MEISA_OUTBOX must be None, a SQLite file path, or "
-            f'"{INSTANCE_PREFIX}<file name>" for a file in the instance folder'
+            f'MEISA_OUTBOX must be a SQLite file path, "{INSTANCE_PREFIX}<file name>" for a '
+            f'file in the instance folder, or None (or "{MEMORY}") for memory only'
         )
     value = value.strip()
     if value.startswith(INSTANCE_PREFIX) and not value[len(INSTANCE_PREFIX) :].strip():
         raise ConfigurationError(f"MEISA_OUTBOX {value!r} names no file")
     if value == ":memory:":
-        raise ConfigurationError("MEISA_OUTBOX must be a file: an in-memory database is lost")
-    if delivery != "thread":
-        raise ConfigurationError(
-            f'MEISA_OUTBOX works with MEISA_DELIVERY = "thread", not {delivery!r}'
-        )
-    return value
+        raise ConfigurationError(f'MEISA_OUTBOX: for memory only, set None or "{MEMORY}"')
+    return value if delivery == "thread" else None

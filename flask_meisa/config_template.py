@@ -95,15 +95,13 @@ MEISA_WORKERS = 1
 # float seconds, default 5.0. How long interpreter exit waits to deliver what is pending.
 MEISA_FLUSH_TIMEOUT = 5.0
 
-# str or None, default None (no outbox: operations wait in memory only). A SQLite file
-# that makes delivery durable: every operation is written there after the response and
-# removed once Meisa took it, so a crash, kill or deploy loses nothing, and operations
-# Meisa refused stay there as dead letters (`flask meisa dead-letters`). All worker
-# processes of a host that share the file share one rate budget: one of them delivers, the
-# others only write. "instance:<name>" puts the file in the app's instance folder, e.g.
-# "instance:meisa-outbox.sqlite3". Use a local filesystem (not NFS). Needs
-# MEISA_DELIVERY = "thread".
-MEISA_OUTBOX = None
+# str or None, default "instance:meisa-outbox.sqlite3". Where background work waits for
+# Meisa: a SQLite file every process of the host shares (one budget, one delivery order,
+# one delivering process; nothing released is lost when a process is killed or
+# redeployed). "instance:<name>" is a file in the app's instance folder (mount a volume
+# there in a container). None (or "memory") keeps work in each process's memory only.
+# Use a local filesystem (not NFS).
+MEISA_OUTBOX = "instance:meisa-outbox.sqlite3"
 
 # float seconds, default 1.0. How long an outbox write waits for another process's write
 # to finish. Past that the operation is held in memory instead (logged), never raised.

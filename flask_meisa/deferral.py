@@ -1,23 +1,12 @@
-"""After-response release: collect a request's operations, hand them over once it is done.
-
-During a request, operations go into a :class:`RequestBatch` kept in the WSGI environ,
-where upserts of one contact are coalesced. :class:`AfterResponseMiddleware` wraps the
-app's ``wsgi_app``; when a request leaves work behind, it wraps the response body in an
-iterable whose ``close()`` the WSGI server calls after it has written the body. That is
-the one point that runs after the client has its response, and it runs for every kind of
-response, ``send_file`` and streams included (``Response.call_on_close`` is skipped for
-``send_file``). Requests that queue nothing keep the server's original body object, and
-with it any sendfile fast path.
-
-A server that lets go of a body without closing it (Werkzeug's development server does,
-when the client resets the connection just after the answer) would lose the batch; the
-wrapper therefore also releases when it is garbage-collected unclosed, which in CPython is
-the moment the server drops it. The release runs once either way.
-"""
+"""After-response release: a request's operations are collected (coalesced per contact)
+and handed to delivery once the server has written the response, for every kind of
+response; under ``TESTING``, as soon as the view returned, so a test can assert right
+after ``client.post()``."""
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Iterator
@@ -107,6 +96,8 @@ class AfterResponseMiddleware:
     :param release: called with the batch once the response is done; decides what to
         deliver. It must not raise.
     :param discard: called with the batch when the app raised instead of answering.
+    :param early: when it answers true, the batch is released as soon as the app
+        returned, before the body is written (under the test client).
     """
 
     def __init__(
@@ -114,10 +105,24 @@ class AfterResponseMiddleware:
         wsgi_app: WSGIApplication,
         release: Callable[[RequestBatch], None],
         discard: Callable[[RequestBatch], None],
+        early: Callable[[], bool] = lambda: False,
     ) -> None:
         self.wsgi_app = wsgi_app
         self._release = release
         self._discard = discard
+        self._early = early
+        self._open = 0  # batches held by responses not yet closed
+        self._released = threading.Condition()
+
+    @property
+    def open_batches(self) -> int:
+        """Batches held by responses the server has not closed yet."""
+        return self._open
+
+    def wait_released(self, timeout: float | None) -> bool:
+        """Wait until no response holds a batch, at most ``timeout`` seconds."""
+        with self._released:
+            return self._released.wait_for(lambda: self._open == 0, timeout)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         environ[MIDDLEWARE_KEY] = True
@@ -141,12 +146,21 @@ class AfterResponseMiddleware:
         batch = environ.pop(BATCH_KEY, None)
         if batch is None:
             return body
-
-        def release() -> None:
-            batch.status = status[0]
+        batch.status = status[0]
+        if self._early():
             self._release(batch)
+            return body
+        with self._released:
+            self._open += 1
+        return _ReleasingBody(body, lambda: self._finish(batch))
 
-        return _ReleasingBody(body, release)
+    def _finish(self, batch: RequestBatch) -> None:
+        try:
+            self._release(batch)
+        finally:
+            with self._released:
+                self._open -= 1
+                self._released.notify_all()
 
 
 class _ReleasingBody:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Mapping
 from typing import Any
+from typing import Literal
 from typing import TypeVar
 from typing import cast
 from weakref import WeakKeyDictionary
@@ -45,6 +46,7 @@ from .payloads import normalize_email
 from .payloads import to_json_value
 from .reporting import emit
 from .runtime import MeisaState
+from .signals import delivery_failed
 from .signals import email_sent
 from .signals import email_suppressed
 from .signals import operation_queued
@@ -107,12 +109,15 @@ class Meisa:
         self._states[app] = state
         app.extensions["meisa"] = self
 
-        app.wsgi_app = AfterResponseMiddleware(  # type: ignore[method-assign]
+        state.middleware = AfterResponseMiddleware(
             app.wsgi_app,
             release=lambda batch: self._release(state, batch),
             discard=lambda batch: self._release(state, batch, raised=True),
+            early=lambda: bool(app.testing),
         )
+        app.wsgi_app = state.middleware  # type: ignore[method-assign]
         app.teardown_request(self._teardown_request)
+        app.before_request(state.start)
         # Bound methods: held weakly by blinker, alive as long as this instance is.
         plan_changed.connect(self._on_plan_changed)
         if settings.sync_on_login:
@@ -126,8 +131,12 @@ class Meisa:
         from .cli import meisa_cli
 
         app.cli.add_command(meisa_cli)
-        if settings.suppression_preload and state.delivering():
-            state.suppression.refresh_in_background()
+        if state.delivering():
+            # Opened now, so that a damaged store is found at startup; delivery starts
+            # now too, except in a command of the Flask CLI (which delivers on first use).
+            state.open(start=not os.environ.get("FLASK_RUN_FROM_CLI"))
+            if settings.suppression_preload:
+                state.suppression.refresh_in_background()
 
     def _state(self, app: Flask | None = None) -> MeisaState:
         if app is None:
@@ -179,22 +188,40 @@ class Meisa:
         """The validated upsert payload of ``user``, by the contact mapper in use."""
         return self._map(self._state(), user)
 
-    def upsert(self, user_or_payload: Any) -> None:
+    def upsert(
+        self,
+        user_or_payload: Any,
+        *,
+        priority: Literal["high", "normal"] = "normal",
+        force: bool = False,
+    ) -> None:
         """Sync a contact: a user object (mapped now) or a mapping of upsert fields.
 
         In a request, delivery waits until the response has been written, and several
-        upserts of one contact become one call.
+        upserts of one contact become one call. An upsert that would send Meisa a state
+        it already has makes no call (see ``MEISA_RESYNC_AFTER``).
 
+        :param priority: ``"high"`` delivers it with the changes that start automations,
+            ahead of routine syncs.
+        :param force: make the call even if Meisa already has this state (when Meisa's
+            copy was changed by hand).
         :raises ValidationError: before anything is queued, for a field Meisa cannot take.
         """
         state = self._state()
         if user_or_payload is None:
             raise ValidationError("user_or_payload", "is required")
+        if priority not in ("high", "normal"):
+            raise ValidationError("priority", 'must be "high" or "normal"')
+        if not isinstance(force, bool):
+            raise ValidationError("force", "must be True or False")
         if isinstance(user_or_payload, Mapping):
             payload = upsert_payload(user_or_payload)
         else:
             payload = self._map(state, user_or_payload)
-        self._enqueue(state, Operation("upsert", payload))
+        operation = Operation("upsert", payload, force=force)
+        if priority == "high":
+            operation.priority = "high"
+        self._enqueue(state, operation)
 
     def track(
         self,
@@ -227,6 +254,7 @@ class Meisa:
         self,
         trigger_key: str,
         to_email: str,
+        *,
         variables: Mapping[str, Any] | None = None,
         recipient: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
@@ -272,7 +300,11 @@ class Meisa:
             )
 
         delivering = state.delivering()
-        if self._suppressed_now(state, address, wait=not background and delivering):
+        deadline = state.settings.send_deadline
+        started = time.monotonic()
+        # The first send of a process waits for the suppression list at most its deadline.
+        wait = deadline if delivering and not background else 0.0
+        if self._suppressed_now(state, address, wait=wait):
             emit(email_suppressed, state.app, trigger_key=key, to_email=address, operation=None)
             return without_a_call("suppressed", "suppressed")
         operation = Operation("send", body)
@@ -281,14 +313,12 @@ class Meisa:
             return without_a_call("queued")
         emit(operation_queued, state.app, operation=operation, delivering=delivering)
         if not delivering:
-            return without_a_call("skipped", "delivery_suppressed")
-        deadline = state.settings.send_deadline
-        started = time.monotonic()
+            return without_a_call("disabled", "delivery_suppressed")
         try:
-            with state.budget_slot(deadline):
-                # The wait for a budget slot counts against the send's deadline.
+            # Waiting for the list and for a budget slot count against the deadline.
+            with state.budget_slot(max(deadline - (time.monotonic() - started), 0.0)):
                 left = max(deadline - (time.monotonic() - started), 0.001)
-                policy = dataclasses.replace(state.retry_policy(), deadline=left)
+                policy = state.retry_policy(deadline=left)
                 result = state.client.with_options(retry=policy).trigger_email(**cast(Any, body))
         except UnprocessableEntityError as error:
             if error.code == "recipient_suppressed":
@@ -301,32 +331,52 @@ class Meisa:
     def is_suppressed(self, email: str) -> bool:
         """Whether Meisa says not to email ``email`` (the TTL-cached suppression set).
 
-        The first call loads the set; later calls answer at once, refreshing a stale set
-        in the background. While delivery is suppressed nothing is fetched and only
-        addresses added locally count.
+        The first call loads the set, waiting at most ``MEISA_SEND_DEADLINE``; later calls
+        answer at once, refreshing a stale set in the background. While delivery is
+        suppressed nothing is fetched and only addresses added locally count.
         """
         state = self._state()
         address = normalize_email(email)
-        return self._suppressed_now(state, address, wait=state.delivering())
+        wait = state.settings.send_deadline if state.delivering() else 0.0
+        return self._suppressed_now(state, address, wait=wait)
 
     def flush(self, timeout: float | None = 5.0) -> bool:
         """Deliver everything pending within ``timeout`` seconds; ``True`` when nothing
-        is left. In a request, the request's own collected work is released first."""
+        is left, including work still held by responses not yet closed. In a request,
+        the request's own collected work is released first. With the store, waits for
+        the host's delivering process, whichever it is."""
         state = self._state()
         if has_request_context():
             batch = request.environ.pop(BATCH_KEY, None)
             if batch is not None:
                 self._dispatch(state, batch.operations)
+        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        if not state.middleware.wait_released(timeout):
+            return False
         if not state.has_dispatcher():
             return True
-        return state.dispatcher.flush(timeout)
+        left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        return state.dispatcher.flush(left)
 
     def status(self) -> DeliveryStatus:
-        """A snapshot of the delivery engine: queues, in flight, retries, counters."""
+        """A snapshot of delivery: pending work per lane and its age, in flight, waiting to
+        retry, dead letters, the budget left, which process delivers, and counters. With
+        the store, it describes the whole host, from any of its processes."""
         state = self._state()
         if not state.has_dispatcher():
             return DeliveryStatus(engine=state.settings.delivery)
-        return state.dispatcher.status()
+        status = state.dispatcher.status()
+        status.dropped += state.refused
+        return status
+
+    def close(self, app: Flask | None = None, timeout: float | None = None) -> int:
+        """Stop delivery for ``app`` (default: every app of this extension): deliver for up
+        to ``timeout`` seconds (default ``MEISA_FLUSH_TIMEOUT``), stop the threads and
+        close the connections. What a file store holds waits for the next start. Returns
+        how many operations were lost. For tests and app factories; an app that is
+        garbage-collected is closed too, and every app at interpreter exit."""
+        states = [self._state(app)] if app is not None else list(self._states.values())
+        return sum(state.close(timeout) for state in states)
 
     # -- internals ---------------------------------------------------------------------
 
@@ -342,15 +392,11 @@ class Meisa:
 
         return map_contact(mapper, user)
 
-    def _suppressed_now(self, state: MeisaState, address: str, *, wait: bool) -> bool:
-        suppression = state.suppression
-        if wait or suppression.loaded:
-            return suppression.is_suppressed(address)
-        # Never make a caller wait on the first load when it asked not to wait: start
-        # it, and let delivery check again before the call.
-        if state.delivering():
-            suppression.refresh_in_background()
-        return suppression.peek(address)
+    def _suppressed_now(self, state: MeisaState, address: str, *, wait: float) -> bool:
+        if not state.delivering():
+            return state.suppression.peek(address)
+        # wait=0: never wait on a first load; delivery checks again before the call.
+        return state.suppression.is_suppressed(address, wait=wait)
 
     def _enqueue(self, state: MeisaState, operation: Operation) -> None:
         if has_request_context():
@@ -361,16 +407,29 @@ class Meisa:
                     batch = environ[BATCH_KEY] = RequestBatch()
                 batch.add(operation)
                 return
-        self._dispatch(state, [operation])
+        self._dispatch(state, [operation], raise_refused=True)
 
-    def _dispatch(self, state: MeisaState, operations: Iterable[Operation]) -> None:
+    def _dispatch(
+        self, state: MeisaState, operations: Iterable[Operation], *, raise_refused: bool = False
+    ) -> None:
         delivering = state.delivering()
         for operation in operations:
             emit(operation_queued, state.app, operation=operation, delivering=delivering)
-            if delivering:
-                state.dispatcher.submit(operation)
+            if not delivering:
+                continue
+            try:  # one at a time: an operation refused never holds back the others
+                state.dispatcher.submit([operation])
+            except DeliveryError as error:
+                if raise_refused:
+                    raise
+                state.refused += 1
+                logger.error("meisa: %s was not accepted: %s", operation.describe(), error)
+                state.reporter.dropped(operation, "refused")
 
     def _release(self, state: MeisaState, batch: RequestBatch, raised: bool = False) -> None:
+        if not state.alive:  # a response outlived its app (a test's kept response)
+            logger.debug("meisa: %d operations of a discarded app not released", len(batch))
+            return
         failed = raised or (batch.status is not None and batch.status >= 500)
         if failed and not state.settings.release_on_error:
             logger.info(
@@ -379,8 +438,6 @@ class Meisa:
             return
         try:
             self._dispatch(state, batch.operations)
-        except DeliveryError as error:
-            logger.error("meisa: operations collected in a request were not accepted: %s", error)
         except Exception:
             logger.exception("meisa: releasing a request's operations failed")
 
@@ -415,12 +472,19 @@ class Meisa:
         if not isinstance(app, Flask) or app not in self._states:
             return
         state = self._states[app]
-        if user is None:
-            raise ValidationError("user", "plan_changed needs the user whose plan changed")
-        if new_plan is None:
-            raise ValidationError("new_plan", "plan_changed needs the new plan")
-        payload = self._map(state, user)
-        fields = dict(cast(Mapping[str, Any], payload.get("custom_fields") or {}))
-        fields["plan"] = to_json_value(new_plan, "new_plan")
-        payload["custom_fields"] = fields
-        self._enqueue(state, Operation("upsert", payload))
+        # Like a login, a plan change never breaks the billing view that signalled it.
+        try:
+            if user is None:
+                raise ValidationError("user", "plan_changed needs the user whose plan changed")
+            if new_plan is None:
+                raise ValidationError("new_plan", "plan_changed needs the new plan")
+            payload = self._map(state, user)
+            fields = dict(cast(Mapping[str, Any], payload.get("custom_fields") or {}))
+            fields["plan"] = to_json_value(new_plan, "new_plan")
+            payload["custom_fields"] = fields
+            operation = Operation("upsert", payload, priority="high")
+        except ValidationError as error:
+            logger.error("meisa: the plan change was not synced: %s", error)
+            emit(delivery_failed, app, operation=None, error=error)
+            return
+        self._enqueue(state, operation)

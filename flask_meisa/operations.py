@@ -1,16 +1,7 @@
 """Operations: the plain-data units of work that flow from the extension to delivery.
 
 An :class:`Operation` holds only JSON-ready data (validated when it was made), never a user
-or ORM object, so it can wait in a queue, cross a thread, be written to an outbox or become
-a Celery task. Each kind maps to one client method:
-
-=========  =====================================  ====
-kind       client method                          lane
-=========  =====================================  ====
-``send``   :meth:`MeisaClient.trigger_email`      0 (first)
-``upsert`` :meth:`MeisaClient.upsert_contact`     1
-``track``  :meth:`MeisaClient.track_event`        2 (last)
-=========  =====================================  ====
+or ORM object, so it can wait in a queue, cross a thread, be stored or become a Celery task.
 """
 
 from __future__ import annotations
@@ -32,37 +23,59 @@ if TYPE_CHECKING:
     from .client import MeisaClient
 
 __all__ = [
-    "LANE_EVENTS",
-    "LANE_SYNC",
+    "LANE_AUTOMATION",
+    "LANE_BACKFILL",
+    "LANE_NAMES",
+    "LANE_ROUTINE",
     "LANE_TRANSACTIONAL",
     "Attempt",
     "Operation",
     "OperationKind",
+    "Priority",
     "attempt",
     "contact_key",
     "deliver",
+    "identities",
+    "merge_priorities",
     "merge_upsert_payloads",
 ]
 
 OperationKind = Literal["upsert", "track", "send"]
+#: ``"high"``: goes with the changes that start automations; ``"backfill"``: below all
+#: live work (``flask meisa sync-users``).
+Priority = Literal["high", "backfill"]
 
-#: Lane numbers: a lower number is delivered first.
+#: Lanes, first to last: transactional sends; changes that start Meisa automations (plan
+#: changes, a contact's first upsert, a change of a priority field, events); routine
+#: syncs; backfill.
 LANE_TRANSACTIONAL = 0
-LANE_SYNC = 1
-LANE_EVENTS = 2
-
-_LANES: dict[str, int] = {"send": LANE_TRANSACTIONAL, "upsert": LANE_SYNC, "track": LANE_EVENTS}
+LANE_AUTOMATION = 1
+LANE_ROUTINE = 2
+LANE_BACKFILL = 3
+#: Lane names as :class:`~flask_meisa.engine.base.DeliveryStatus` reports them.
+LANE_NAMES: dict[int, str] = {
+    LANE_TRANSACTIONAL: "transactional",
+    LANE_AUTOMATION: "automation",
+    LANE_ROUTINE: "routine",
+    LANE_BACKFILL: "backfill",
+}
 
 
 def contact_key(payload: Mapping[str, Any]) -> str | None:
     """The identity Meisa matches a contact on: ``external_id`` first, then ``email``."""
+    ext, email = identities(payload)
+    return ext or email
+
+
+def identities(payload: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """Both names of a contact, ``("ext:<id>", "email:<address>")``, either ``None`` when
+    absent. Operations sharing either name concern one contact."""
     external_id = payload.get("external_id")
-    if external_id not in (None, ""):
-        return f"ext:{external_id}"
     email = payload.get("email")
-    if email:
-        return f"email:{str(email).lower()}"
-    return None
+    return (
+        None if external_id in (None, "") else f"ext:{external_id}",
+        f"email:{str(email).lower()}" if email else None,
+    )
 
 
 def merge_upsert_payloads(earlier: Mapping[str, Any], later: Mapping[str, Any]) -> dict[str, Any]:
@@ -91,6 +104,13 @@ def merge_upsert_payloads(earlier: Mapping[str, Any], later: Mapping[str, Any]) 
     return merged
 
 
+def merge_priorities(first: Priority | None, second: Priority | None) -> Priority | None:
+    """The priority of two merged upserts: the more urgent one's."""
+    if "high" in (first, second):
+        return "high"
+    return "backfill" if first == second == "backfill" else None
+
+
 @dataclass
 class Operation:
     """One call to Meisa waiting to be made.
@@ -109,11 +129,22 @@ class Operation:
     created_at: float = field(default_factory=time.time)
     #: Attempts made so far (incremented by delivery).
     attempts: int = 0
+    #: ``"high"`` or ``"backfill"`` to move an upsert ahead of or behind routine syncs.
+    priority: Priority | None = None
+    #: Make the call even if Meisa already has this exact state.
+    force: bool = False
 
     @property
     def lane(self) -> int:
-        """The priority lane: transactional sends, then contact syncs, then events."""
-        return _LANES[self.kind]
+        """The lane this operation asks for on its own (delivery may move an upsert up:
+        a contact's first upsert, or one that changes a priority field)."""
+        if self.kind == "send":
+            return LANE_TRANSACTIONAL
+        if self.priority == "backfill":
+            return LANE_BACKFILL
+        if self.kind == "track" or self.priority == "high":
+            return LANE_AUTOMATION
+        return LANE_AUTOMATION if self.payload.get("source") == "signup" else LANE_ROUTINE
 
     @property
     def contact_key(self) -> str | None:
@@ -128,6 +159,8 @@ class Operation:
         if self.kind != "upsert" or later.kind != "upsert":
             raise ValueError("only upserts can be merged")
         self.payload = merge_upsert_payloads(self.payload, later.payload)
+        self.force = self.force or later.force
+        self.priority = merge_priorities(self.priority, later.priority)
 
     def describe(self) -> str:
         """A log-safe description: kind, trigger or event name and id; no payload values."""
@@ -138,7 +171,7 @@ class Operation:
         return f"upsert ({self.id})"
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of this operation (for an outbox or a task queue)."""
+        """A JSON-ready dict of this operation (for a store or a task queue)."""
         return {
             "id": self.id,
             "kind": self.kind,
@@ -146,14 +179,19 @@ class Operation:
             "contact": self.contact,
             "created_at": self.created_at,
             "attempts": self.attempts,
+            "priority": self.priority,
+            "force": self.force,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Operation:
         """Rebuild an operation from :meth:`to_dict`'s output."""
         kind = data["kind"]
-        if kind not in _LANES:
+        if kind not in ("upsert", "track", "send"):
             raise ValueError(f"unknown operation kind {kind!r}")
+        priority = data.get("priority")
+        if priority not in (None, "high", "backfill"):
+            raise ValueError(f"unknown priority {priority!r}")
         return cls(
             kind=cast(OperationKind, kind),
             payload=dict(data["payload"]),
@@ -161,6 +199,8 @@ class Operation:
             id=str(data["id"]),
             created_at=float(data["created_at"]),
             attempts=int(data.get("attempts", 0)),
+            priority=priority,
+            force=bool(data.get("force", False)),
         )
 
 

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SendResult", "SendStatus"]
 
-SendStatus = Literal["sent", "scheduled", "skipped", "suppressed", "queued"]
+SendStatus = Literal["sent", "scheduled", "skipped", "suppressed", "queued", "disabled"]
 
 
 @dataclass(frozen=True)
@@ -23,11 +23,12 @@ class SendResult:
 
     - ``"sent"``: Meisa sent it (``email_send_id`` set);
     - ``"scheduled"``: the trigger has a delay; Meisa will send it later;
-    - ``"skipped"``: not sent on purpose; ``reason`` says why: Meisa's
-      ``"conditions_not_met"``, or ``"delivery_suppressed"`` when sending is suppressed
-      (``MEISA_SUPPRESS_SEND``, ``MEISA_ENABLED = False``, testing);
+    - ``"skipped"``: Meisa did not send it: the trigger's conditions were not met
+      (``reason == "conditions_not_met"``);
     - ``"suppressed"``: the address is in the suppression set; no call was made;
-    - ``"queued"``: ``background=True``; it will be delivered after the response.
+    - ``"queued"``: ``background=True``; it will be delivered after the response;
+    - ``"disabled"``: delivery is off here (``MEISA_ENABLED = False``,
+      ``MEISA_SUPPRESS_SEND``, or ``TESTING``); nothing was sent.
     """
 
     status: SendStatus

@@ -78,7 +78,9 @@ class SignalReporter:
         """Send the outcome signal of a delivered operation."""
         logger.debug("meisa: %s delivered", operation.describe())
         if operation.kind == "upsert":
-            self._emit(contact_synced, operation=operation, contact=result)
+            self._emit(
+                contact_synced, operation=operation, contact=result, unchanged=result is None
+            )
         elif operation.kind == "track":
             self._emit(event_tracked, operation=operation, result=result)
         else:

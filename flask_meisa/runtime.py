@@ -1,19 +1,9 @@
-"""Per-app runtime state: the client, the suppression set, the outbox and the engine.
-
-One :class:`MeisaState` exists per app that :meth:`Meisa.init_app
-<flask_meisa.Meisa.init_app>` registered. Its parts are made on first use and remade in
-a forked child (gunicorn ``--preload``): the child gets its own HTTP session, suppression
-lock and delivery threads.
-
-With ``MEISA_OUTBOX`` the outbox file is opened and checked when the state is made (a
-damaged file fails ``init_app``), and closed again at once: a process that forks (a
-preloading master) holds no connection. The engine starts with a process's first request
-(or its first operation or flush), never in a master that only forks workers, so that
-each worker picks up what an earlier run left in the outbox.
-"""
+"""Per-app runtime state: the client, the suppression set and the delivery engine, made on
+first use, remade in a forked child, and closed with the app."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import logging
@@ -23,13 +13,10 @@ import weakref
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 from typing import Any
-from typing import cast
 
 from .client import MeisaClient
 from .config import INSTANCE_PREFIX
 from .engine.base import Dispatcher
-from .engine.outbox import Outbox
-from .engine.sync import SyncDispatcher
 from .errors import ConfigurationError
 from .reporting import SignalReporter
 from .retry import RetryPolicy
@@ -39,25 +26,16 @@ if TYPE_CHECKING:
     from flask import Flask
 
     from .config import MeisaSettings
+    from .deferral import AfterResponseMiddleware
+    from .engine.store import Store
     from .results import UnsubscribedEmails
 
 __all__ = ["MeisaState"]
 
-#: Background delivery is bounded by its deadline, not by a count of attempts.
-_UNLIMITED_ATTEMPTS = 2**31
-
-
-def _celery_engine() -> Any:
-    try:
-        from .engine import celery as celery_engine
-    except ImportError as error:
-        raise ConfigurationError(
-            'MEISA_DELIVERY = "celery" needs Celery and redis: pip install "flask-meisa[celery]"'
-        ) from error
-    return celery_engine
-
-
 logger = logging.getLogger("flask_meisa")
+
+#: Attempts of a suppression list load (each within the load's deadline).
+_SUPPRESSION_ATTEMPTS = 3
 
 
 class MeisaState:
@@ -74,6 +52,7 @@ class MeisaState:
         self._pid = os.getpid()
         self._client: MeisaClient | None = None
         self._dispatcher: Dispatcher | None = None
+        self._store: Store | None = None
         #: The suppression set consulted before every send.
         self.suppression = SuppressionSet(
             self._fetch_suppressions,
@@ -81,32 +60,18 @@ class MeisaState:
             logger=logging.getLogger("flask_meisa.suppression"),
         )
         self.reporter = SignalReporter(app, self.suppression)
-        if settings.delivery == "celery":
-            _celery_engine().init_celery(app)
-        #: The outbox (``MEISA_OUTBOX``), or ``None``.
-        self.outbox = self._open_outbox(app, settings)
+        #: The app's after-response middleware (its open responses count for ``flush``).
+        self.middleware: AfterResponseMiddleware
+        #: Operations the engine refused (counted into ``status().dropped``).
+        self.refused = 0
         self._started_in: int | None = None
-        if self.outbox is not None:
-            app.before_request(self._start_delivery)
+        if settings.delivery == "celery":
+            from .engine import celery as celery_engine
 
-    @staticmethod
-    def _open_outbox(app: Flask, settings: MeisaSettings) -> Outbox | None:
-        path = settings.outbox
-        if path is None:
-            return None
-        if path.startswith(INSTANCE_PREFIX):
-            path = os.path.join(app.instance_path, path[len(INSTANCE_PREFIX) :].strip())
-        return Outbox(path, busy_timeout=settings.outbox_busy_timeout)
-
-    def _start_delivery(self) -> None:
-        # Once per process: the first request starts the engine, which picks up rows left
-        # in the outbox by an earlier run.
-        if self._started_in == os.getpid() or not self.delivering():
-            return
-        self._started_in = os.getpid()
-        start = getattr(self.dispatcher, "start", None)
-        if start is not None:
-            start()
+            celery_engine.init_celery(app)
+        _live.add(self)
+        # The engine's threads must not keep a dropped app's engine running.
+        weakref.finalize(app, _close_quietly, self)
 
     @property
     def app(self) -> Flask:
@@ -115,6 +80,11 @@ class MeisaState:
         if app is None:
             raise RuntimeError("the Flask app of this Meisa state no longer exists")
         return app
+
+    @property
+    def alive(self) -> bool:
+        """Whether the app still exists."""
+        return self._app() is not None
 
     def delivering(self) -> bool:
         """Whether operations are delivered now (read on every operation):
@@ -128,7 +98,7 @@ class MeisaState:
             suppress = config.get("TESTING", False)
         return not suppress
 
-    def retry_policy(self) -> RetryPolicy:
+    def retry_policy(self, *, deadline: float | None = None) -> RetryPolicy:
         """The retry policy of calls made in the caller's thread (``meisa.send``, CLI
         commands, ``meisa.client``): at most ``MEISA_MAX_ATTEMPTS`` attempts."""
         settings = self.settings
@@ -137,37 +107,63 @@ class MeisaState:
             base_delay=settings.retry_base_delay,
             max_delay=settings.retry_max_delay,
             max_retry_after=settings.retry_max_delay,
-            deadline=settings.retry_deadline,
+            deadline=settings.retry_deadline if deadline is None else deadline,
         )
 
     def background_retry_policy(self) -> RetryPolicy:
         """The retry policy of background delivery: retried until ``MEISA_RETRY_DEADLINE``
-        however many attempts that takes, so that an outage or a run of 429s of a few
-        minutes loses nothing (the engine waits between attempts without a worker)."""
-        return dataclasses.replace(self.retry_policy(), max_attempts=_UNLIMITED_ATTEMPTS)
+        however many attempts that takes (waits hold no thread)."""
+        return dataclasses.replace(self.retry_policy(), max_attempts=2**31)
+
+    # -- parts made on first use -------------------------------------------------------
+
+    def open(self, *, start: bool) -> None:
+        """Make the engine now (a file store is opened and checked), and start it."""
+        dispatcher = self.dispatcher
+        if start:
+            self._started_in = os.getpid()
+            dispatcher.start()
+
+    def start(self) -> None:
+        """Start delivering in this process, once (the first request of a process run by
+        the Flask CLI, such as ``flask run``)."""
+        if self._started_in == os.getpid() or not self.delivering():
+            return
+        self._started_in = os.getpid()
+        self.dispatcher.start()
 
     def _check_fork(self) -> None:
-        # After a fork the child must not touch the parent's session or threads.
         if self._pid != os.getpid():
-            self._pid = os.getpid()
-            self._lock = threading.Lock()
-            self._client = None
-            self._dispatcher = None
+            self.after_fork()
+
+    def after_fork(self) -> None:
+        """In a forked child: forget the parent's client, threads and locks, and start
+        delivering again if the parent was (gunicorn ``--preload`` workers deliver
+        without waiting for a request)."""
+        if self._pid == os.getpid():
+            return
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._client = None
+        self.suppression.after_fork()
+        dispatcher = self._dispatcher
+        if dispatcher is not None:
+            dispatcher.after_fork()
+            with contextlib.suppress(RuntimeError):
+                if self.delivering():
+                    dispatcher.start()
 
     @property
     def client(self) -> MeisaClient:
         """The app's client (made on first use, remade after a fork)."""
         self._check_fork()
-        client = self._client
-        if client is None:
-            with self._lock:
-                if self._client is None:
-                    self._client = self.make_client()
-                client = self._client
-        return client
+        with self._lock:
+            if self._client is None:
+                self._client = self.make_client()
+            return self._client
 
     def make_client(self) -> MeisaClient:
-        """A new client from the settings (the engines call this after a fork)."""
+        """A new client from the settings."""
         settings = self.settings
         if not settings.api_key:
             raise RuntimeError("MEISA_API_KEY is not set, so Meisa cannot be called")
@@ -178,74 +174,153 @@ class MeisaState:
             retry=self.retry_policy(),
         )
 
-    def budget_slot(self, timeout: float) -> AbstractContextManager[Any]:
-        """Hold a slot of the thread engine's rate budget for a call made outside it (a
-        synchronous send, a suppression list load), so that those calls and background
-        delivery together stay within the key's limit. A no-op for other engines."""
-        if self.settings.delivery != "thread" or not self.delivering():
-            return contextlib.nullcontext()
-        slot = getattr(self.dispatcher, "budget_slot", None)
-        if slot is None:
-            return contextlib.nullcontext()
-        return cast(AbstractContextManager[Any], slot(timeout))
-
-    def _fetch_suppressions(self) -> UnsubscribedEmails:
-        with self.budget_slot(self.settings.timeout):
-            return self.client.unsubscribed_emails()
-
     @property
     def dispatcher(self) -> Dispatcher:
-        """The app's delivery engine (made on first use, remade after a fork)."""
+        """The app's delivery engine (made on first use)."""
         self._check_fork()
-        dispatcher = self._dispatcher
-        if dispatcher is None:
-            with self._lock:
-                if self._dispatcher is None:
-                    self._dispatcher = self._make_dispatcher()
-                dispatcher = self._dispatcher
-        return dispatcher
-
-    def _make_dispatcher(self) -> Dispatcher:
-        settings = self.settings
-        if settings.delivery == "sync":
-            return SyncDispatcher(client_factory=lambda: self.client, hooks=self.reporter)
-        if settings.delivery == "celery":
-            return cast(Dispatcher, _celery_engine().make_dispatcher(self))
-        engine_options: dict[str, Any] = {
-            "client_factory": self.make_client,
-            "hooks": self.reporter,
-            "retry": self.background_retry_policy(),
-            "rate_limit": settings.rate_limit,
-            "queue_size": settings.queue_size,
-            "workers": settings.workers,
-            "flush_timeout": settings.flush_timeout,
-        }
-        if self.outbox is not None:
-            from .engine.durable import OutboxDispatcher
-
-            return OutboxDispatcher(outbox=self.outbox, **engine_options)
-        from .engine.thread import ThreadDispatcher
-
-        return ThreadDispatcher(**engine_options)
+        with self._lock:
+            if self._dispatcher is None:
+                self._dispatcher = _ENGINES[self.settings.delivery](self)
+            return self._dispatcher
 
     def has_dispatcher(self) -> bool:
-        """Whether an engine was made (``flush`` needs none otherwise). With an outbox,
-        whenever delivering: rows an earlier run left there need an engine too."""
-        if self.outbox is not None and self.delivering():
-            return True
-        return self._dispatcher is not None and self._pid == os.getpid()
+        """Whether an engine was made, or one is needed now (a file store may hold work
+        an earlier process left)."""
+        return self._dispatcher is not None or (
+            self.settings.delivery == "thread" and self.delivering()
+        )
+
+    def store(self) -> Store:
+        """The delivery store of ``MEISA_DELIVERY = "thread"`` (opened on first use): the
+        ``MEISA_OUTBOX`` file, or memory when it is ``None`` or cannot be written."""
+        if self._store is None:
+            from .engine.store import Store
+
+            path = self.store_path()
+            try:
+                self._store = Store(path, busy_timeout=self.settings.outbox_busy_timeout)
+            except ConfigurationError as error:
+                if path is None or not _default_location(self.settings):
+                    raise
+                logger.warning(
+                    "meisa: %s. Delivery falls back to memory: work pending when a process "
+                    "stops is lost, and each process has its own budget. Make the instance "
+                    "folder writable (a mounted volume in a container), or set MEISA_OUTBOX.",
+                    error,
+                )
+                self._store = Store(None)
+        return self._store
+
+    def store_path(self) -> str | None:
+        """The file of the delivery store, or ``None`` for memory."""
+        path = self.settings.outbox
+        if path is None:
+            return None
+        if path.startswith(INSTANCE_PREFIX):
+            return os.path.join(self.app.instance_path, path[len(INSTANCE_PREFIX) :].strip())
+        return path
+
+    def budget_slot(self, timeout: float) -> AbstractContextManager[Any]:
+        """Hold a slot of the key's budget for a call made outside the engine (a
+        synchronous send, a suppression list load), so that those calls and delivery
+        together stay within the key's limit, from any process."""
+        if not self.delivering():
+            return contextlib.nullcontext()
+        return self.dispatcher.budget_slot(timeout)
+
+    def _fetch_suppressions(self) -> UnsubscribedEmails:
+        # Bounded like a send: a first send waits for this load at most its deadline.
+        deadline = self.settings.send_deadline
+        policy = dataclasses.replace(
+            self.retry_policy(deadline=deadline), max_attempts=_SUPPRESSION_ATTEMPTS
+        )
+        with self.budget_slot(deadline):
+            return self.client.with_options(retry=policy).unsubscribed_emails()
 
     def close(self, timeout: float | None = None) -> int:
-        """Flush and stop the engine, close the client; returns what was left undelivered."""
-        left = 0
+        """Flush and stop the engine, close the client; returns what was lost."""
         with self._lock:
             dispatcher, self._dispatcher = self._dispatcher, None
             client, self._client = self._client, None
+        left = 0
         if dispatcher is not None and self._pid == os.getpid():
             left = dispatcher.close(timeout)
         self.suppression.close()
         if client is not None:
             client.close()
-        if self.outbox is not None:
-            self.outbox.close()
+        if self._store is not None:
+            self._store.close()
+        _live.discard(self)
         return left
+
+
+def _default_location(settings: MeisaSettings) -> bool:
+    from .config import DEFAULTS
+
+    return bool(settings.outbox == DEFAULTS["MEISA_OUTBOX"])
+
+
+def _thread_engine(state: MeisaState) -> Dispatcher:
+    from .engine.delivery import Delivery
+
+    settings = state.settings
+    return Delivery(
+        store=state.store(),
+        client_factory=state.make_client,
+        hooks=state.reporter,
+        retry=state.background_retry_policy(),
+        rate_limit=settings.rate_limit,
+        lease=settings.connect_timeout + settings.timeout + 5.0,
+        capacity=settings.queue_size,
+        workers=settings.workers,
+        flush_timeout=settings.flush_timeout,
+        resync_after=float(state.app.config.get("MEISA_RESYNC_AFTER", 86400.0)),
+        priority_fields=tuple(
+            state.app.config.get("MEISA_PRIORITY_FIELDS", ("plan", "subscription_status"))
+        ),
+        routine_max_age=float(state.app.config.get("MEISA_ROUTINE_MAX_AGE", 3600.0)),
+    )
+
+
+def _inline_engine(state: MeisaState) -> Dispatcher:
+    from .engine.sync import InlineDispatcher
+
+    return InlineDispatcher(client_factory=lambda: state.client, hooks=state.reporter)
+
+
+def _celery_engine(state: MeisaState) -> Dispatcher:
+    from .engine import celery as celery_engine
+
+    return celery_engine.make_dispatcher(state)
+
+
+#: The engine of each ``MEISA_DELIVERY``.
+_ENGINES = {"thread": _thread_engine, "sync": _inline_engine, "celery": _celery_engine}
+
+# One mechanism for process events: exit flushes every live state's engine, a forked
+# child resets them all.
+_live: weakref.WeakSet[MeisaState] = weakref.WeakSet()
+
+
+def _close_quietly(state: MeisaState, timeout: float | None = 0.0) -> None:
+    try:
+        state.close(timeout)
+    except Exception:
+        logger.exception("meisa: closing delivery failed")
+
+
+def _at_exit() -> None:
+    for state in list(_live):
+        _close_quietly(state, None)
+
+
+def _after_fork_in_child() -> None:
+    for state in list(_live):
+        try:
+            state.after_fork()
+        except Exception:
+            logger.exception("meisa: resetting delivery after fork failed")
+
+
+atexit.register(_at_exit)
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -37,8 +37,9 @@ plan_changed = _signals.signal("meisa-plan-changed")
 #: was only recorded).
 operation_queued = _signals.signal("meisa-operation-queued")
 
-#: Meisa accepted a contact upsert. Arguments: ``operation``, ``contact``
-#: (:class:`~flask_meisa.results.Contact`).
+#: Meisa accepted a contact upsert, or already had its state. Arguments: ``operation``,
+#: ``contact`` (:class:`~flask_meisa.results.Contact`, or ``None`` when no call was
+#: needed), ``unchanged`` (``True`` when Meisa already had this state: no call was made).
 contact_synced = _signals.signal("meisa-contact-synced")
 
 #: Meisa recorded an event. Arguments: ``operation``, ``result``
@@ -53,8 +54,9 @@ email_sent = _signals.signal("meisa-email-sent")
 #: ``trigger_key``, ``to_email``, ``operation`` (``None`` for a synchronous send).
 email_suppressed = _signals.signal("meisa-email-suppressed")
 
-#: Meisa refused an operation (a 4xx) or its retry budget ran out. Arguments:
-#: ``operation``, ``error`` (:class:`~flask_meisa.errors.MeisaError`).
+#: Meisa refused an operation (a 4xx), its retry budget ran out, or it could not be made
+#: (a ``plan_changed`` whose user cannot be mapped). Arguments: ``operation`` (``None``
+#: when none could be made), ``error`` (:class:`~flask_meisa.errors.MeisaError`).
 delivery_failed = _signals.signal("meisa-delivery-failed")
 
 #: An operation was shed (a full queue) or abandoned (shutdown) without an attempt to

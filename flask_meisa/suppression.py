@@ -1,43 +1,13 @@
-"""The TTL-cached suppression set: addresses Meisa says not to email.
-
-Meisa publishes the full list of unsubscribed, bounced and complained addresses at
-``GET /contacts/api/unsubscribed-emails/``. :class:`SuppressionSet` keeps the last list it
-loaded as a :class:`frozenset` and answers :meth:`~SuppressionSet.is_suppressed` from it
-without taking a lock: one hash probe, however long the list.
-
-- **Freshness.** Each successful load publishes, by one atomic reference swap, the new set
-  together with a one-entry :class:`cachetools.TTLCache` (``ttl`` seconds, on the injected
-  clock). That cache is filled before it is published and never written again, so
-  lookups may read it without a lock (cachetools caches are not safe to *write* from
-  several threads). When its entry expires the set is *stale*: the next lookup starts one
-  background refresh and answers from the last good set at once. Senders never wait on a
-  refresh.
-- **First use.** With nothing loaded yet, the first caller loads synchronously and
-  concurrent callers wait for that same load. A failed load answers ``False`` (fail open:
-  Meisa itself refuses a suppressed recipient with 422 ``recipient_suppressed``) and no
-  new attempt is made before ``retry_interval`` has passed, so a down Meisa does not make
-  every send wait.
-- **Failures.** A failed refresh keeps the last set, logs a warning (never an address or a
-  key) and is retried after ``retry_interval``.
-- **Local additions.** :meth:`~SuppressionSet.add` (e.g. after a 422) suppresses an
-  address until a load whose fetch *started after* the addition succeeds; from then on
-  Meisa's list is the truth. This needs no comparison of the local clock with Meisa's
-  ``as_of``.
-- **Case.** Addresses are stripped and lowercased on the way in, from Meisa and callers.
-- **Fork.** Every instance is tracked through a weak reference. After ``os.fork`` the
-  child gets a fresh lock and condition and no "refresh running" flag (the parent's
-  refresh thread does not exist there); it keeps the parent's set.
-"""
+"""The TTL-cached suppression set: addresses Meisa says not to email, answered without a
+lock, refreshed in the background, never making a sender wait longer than it asked."""
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
 import operator
-import os
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from collections.abc import Collection
 from collections.abc import Iterable
@@ -135,7 +105,6 @@ class SuppressionSet:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._done = threading.Condition(self._lock)
-        _instances.add(self)
 
     def __repr__(self) -> str:
         current = self._current
@@ -145,19 +114,21 @@ class SuppressionSet:
 
     # -- answering -------------------------------------------------------------------------
 
-    def is_suppressed(self, email: str) -> bool:
+    def is_suppressed(self, email: str, *, wait: float | None = None) -> bool:
         """Whether Meisa (or :meth:`add`) says not to email ``email``, in any case.
 
-        Loads synchronously on first use; when the set is stale, starts a background refresh
-        and answers from the last good set at once. Answers ``False`` while no list could be
-        loaded.
+        The first use loads the list and waits for it at most ``wait`` seconds (``None``:
+        until it is loaded or failed); a load that takes longer goes on in the background
+        while this call answers from what it has (a warning says so). When the set is
+        stale, a background refresh starts and the last good set answers at once. Answers
+        ``False`` while no list could be loaded.
 
         :raises ValidationError: ``email`` is not a string or is blank.
         """
         key = _normalize_input(email)
         current = self._current
         if current is None:
-            current = self._load_first()
+            current = self._load_first(wait)
         elif _FRESH not in current.fresh and not self._loading:
             self._refresh_stale()
         return key in self._local or (current is not None and key in current.emails)
@@ -264,15 +235,17 @@ class SuppressionSet:
 
     # -- internals (``_locked`` ones are called with the lock held) ------------------------
 
-    def _load_first(self) -> _Loaded | None:
+    def _load_first(self, wait: float | None) -> _Loaded | None:
         with self._lock:
-            while self._loading:
-                self._done.wait()
-            if self._current is not None or self._closed or not self._may_attempt_locked():
-                return self._current
-            seq = self._begin_fetch_locked()
-        self._run_fetch(seq)
-        return self._current
+            if self._current is None and not self._loading:
+                self._start_refresh_locked(respect_retry=True)
+            if not self._done.wait_for(lambda: not self._loading, wait):
+                self._logger.warning(
+                    "Meisa suppression list not loaded within %gs; going on without it "
+                    "while it loads",
+                    wait,
+                )
+            return self._current
 
     def _refresh_stale(self) -> None:
         with self._lock:
@@ -360,7 +333,8 @@ class SuppressionSet:
         )
         return True
 
-    def _reinit_after_fork_in_child(self) -> None:
+    def after_fork(self) -> None:
+        """In a forked child: the parent's lock and refresh thread are not ours."""
         # The parent's lock may have been held by a thread that does not exist here.
         self._lock = threading.Lock()
         self._done = threading.Condition(self._lock)
@@ -428,15 +402,3 @@ def _describe(exc: Exception) -> str:
     if isinstance(exc, (MeisaError, _UnreadableSnapshot)):
         return str(exc)
     return type(exc).__name__
-
-
-_instances: weakref.WeakSet[SuppressionSet] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for instance in list(_instances):
-        instance._reinit_after_fork_in_child()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -103,3 +103,22 @@ def emulator_api_factory() -> Iterator[Callable[..., EmulatorAPI]]:
     yield make
     for api in made:
         api.close()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_apps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every Flask app a test builds gets its own instance folder (where the delivery store
+    lives by default), and every app's delivery is closed when the test ends."""
+    from flask import Flask
+
+    from flask_meisa import runtime
+
+    instance = str(tmp_path_factory.mktemp("instance"))
+    original = Flask.auto_find_instance_path
+    Flask.auto_find_instance_path = lambda self: instance  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Flask.auto_find_instance_path = original  # type: ignore[method-assign]
+        for state in list(runtime._live):
+            state.close(0.0)

@@ -21,7 +21,8 @@ from collections.abc import Callable
 from typing import Any
 
 from flask_meisa.client import MeisaClient
-from flask_meisa.engine.thread import ThreadDispatcher
+from flask_meisa.engine.delivery import Delivery
+from flask_meisa.engine.store import Store
 from flask_meisa.operations import Operation
 from flask_meisa.retry import RetryPolicy
 
@@ -89,14 +90,33 @@ def upsert(n: int, *, tag: str = "t", **fields: Any) -> Operation:
     )
 
 
-def _engine(hooks: RecordingHooks, **options: Any) -> ThreadDispatcher:
-    url, key = os.environ["MEISA_TEST_URL"], os.environ["MEISA_TEST_KEY"]
-    return ThreadDispatcher(
+def make_engine(
+    hooks: RecordingHooks,
+    url: str,
+    key: str,
+    *,
+    store: Store | None = None,
+    retry: RetryPolicy | None = None,
+    **options: Any,
+) -> Delivery:
+    """A background delivery engine on ``store`` (default: memory) calling ``url``."""
+    options.setdefault("rate_limit", None)
+    return Delivery(
+        store=store or Store(None),
         client_factory=lambda: MeisaClient(key, url, timeout=(0.5, 2.0)),
         hooks=hooks,
-        retry=RetryPolicy(max_attempts=10, base_delay=0.05, max_delay=0.2, deadline=30.0),
+        retry=retry or RetryPolicy(max_attempts=10, base_delay=0.05, max_delay=0.2, deadline=30.0),
+        lease=10.0,
         **options,
     )
+
+
+def _engine(hooks: RecordingHooks, **options: Any) -> Delivery:
+    engine = make_engine(
+        hooks, os.environ["MEISA_TEST_URL"], os.environ["MEISA_TEST_KEY"], **options
+    )
+    atexit.register(engine.close)
+    return engine
 
 
 def say(line: str) -> None:
@@ -121,7 +141,7 @@ def exit_scenario(count: int) -> None:
     atexit.register(_print_outcomes, hooks, "exit")
     engine = _engine(hooks, rate_limit=None, flush_timeout=float(os.environ["FLUSH_TIMEOUT"]))
     for n in range(count):
-        engine.submit(upsert(n, tag="exit"))
+        engine.submit([upsert(n, tag="exit")])
     # Leave without flush() or close(): the exit hook must deliver or report the rest.
 
 
@@ -129,7 +149,7 @@ def fork_scenario(parent_count: int, child_count: int) -> None:
     hooks = RecordingHooks()
     engine = _engine(hooks, rate_limit="2/second")
     for n in range(parent_count):
-        engine.submit(upsert(n, tag="parent"))
+        engine.submit([upsert(n, tag="parent")])
     say(f"parent pending_at_fork {engine.status().pending}")
     pid = os.fork()
     if pid == 0:
@@ -137,10 +157,11 @@ def fork_scenario(parent_count: int, child_count: int) -> None:
         # fork (the condition may have been held by a parent thread: make a new one).
         hooks.outcomes = []
         hooks._changed = threading.Condition()
+        engine.after_fork()
         status = engine.status()
         say(f"child pending_at_start {status.pending} delivered {status.delivered}")
         for n in range(child_count):
-            engine.submit(upsert(n, tag="child"))
+            engine.submit([upsert(n, tag="child")])
         flushed = engine.flush(10.0)
         say(f"child flushed {flushed}")
         _print_outcomes(hooks, "child")

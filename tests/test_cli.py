@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -110,7 +111,7 @@ def test_commands_on_an_app_without_meisa_say_so() -> None:
     assert "Meisa is not initialised" in result.output
 
 
-def test_status_shows_the_outbox(emulator: Any, tmp_path: Any) -> None:
+def test_status_shows_the_store_and_who_delivers(emulator: Any, tmp_path: Any) -> None:
     config = emulator_config(
         emulator, MEISA_DELIVERY="thread", MEISA_OUTBOX=str(tmp_path / "outbox.sqlite3")
     )
@@ -121,7 +122,8 @@ def test_status_shows_the_outbox(emulator: Any, tmp_path: Any) -> None:
             meisa.upsert({"email": "ada@example.com"})
             assert meisa.flush(5.0)
         status = invoke(app, "status").output
-        assert "outbox: 0 stored, delivered by this process" in status
+        assert f"store: {tmp_path / 'outbox.sqlite3'} (every process of this host)" in status
+        assert f"delivering process: pid {os.getpid()}" in status
         assert "dead letters: 0" in status
         assert "delivered: 1" in status
     finally:

@@ -75,7 +75,7 @@ def test_disabled_needs_no_key_and_records_without_delivering() -> None:
         meisa.upsert({"email": "ada@example.com"})
         result = meisa.send("welcome", "ada@example.com")
     assert [op.kind for op in recorded] == ["upsert", "send"]
-    assert result.status == "skipped"
+    assert result.status == "disabled"
     assert result.reason == "delivery_suppressed"
 
 

@@ -149,7 +149,7 @@ def test_under_testing_nothing_is_sent_but_everything_is_recorded(emulator: Any)
     meisa: Meisa = app.extensions["meisa"]
     with app.app_context(), record_operations() as recorded:
         result = meisa.send("verification_code", "ada@example.com", idempotency_key="k1")
-    assert result.status == "skipped"
+    assert result.status == "disabled"
     assert result.reason == "delivery_suppressed"
     assert recorded[0].payload["idempotency_key"] == "k1"
     assert emulator.requests == []

@@ -182,7 +182,7 @@ def test_send(
     if isinstance(result, ValidationError):
         assert recorded == [], "a refused send was queued"
         return
-    assert result.status == ("queued" if background else "skipped")
+    assert result.status == ("queued" if background else "disabled")
     (operation,) = recorded
     assert operation.kind == "send"
     assert operation.payload["idempotency_key"] == result.idempotency_key

@@ -1,8 +1,13 @@
-"""The delivery interface between the extension and the engines that make the calls."""
+"""The interface between the extension and the engines that deliver: what an engine offers
+(:class:`Dispatcher`), what it reports back (:class:`DeliveryHooks`), and the snapshot it
+gives of itself (:class:`DeliveryStatus`)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from dataclasses import field
 from typing import TYPE_CHECKING
@@ -13,10 +18,9 @@ if TYPE_CHECKING:
     from ..client import MeisaClient
     from ..operations import Operation
 
-__all__ = ["ClientFactory", "DeliveryHooks", "DeliveryStatus", "Dispatcher"]
+__all__ = ["ClientFactory", "DeliveryHooks", "DeliveryStatus", "Dispatcher", "HookCaller"]
 
-#: Builds the client a delivery engine calls Meisa with. Called again after a fork, so
-#: the child gets its own HTTP session.
+#: Builds the client an engine calls Meisa with (again in a forked child).
 ClientFactory = Callable[[], "MeisaClient"]
 
 
@@ -30,7 +34,8 @@ class DeliveryHooks(Protocol):
         """The operation was not delivered on purpose (see :meth:`skip_reason`)."""
 
     def delivered(self, operation: Operation, result: Any) -> None:
-        """Meisa accepted the operation; ``result`` is the client's typed result."""
+        """Meisa accepted the operation (``result`` is the client's typed result), or, for
+        an upsert, already had its state (``result`` is ``None``: no call was needed)."""
 
     def failed(self, operation: Operation, error: BaseException) -> None:
         """Meisa refused the operation or its retry budget ran out."""
@@ -39,44 +44,93 @@ class DeliveryHooks(Protocol):
         """The operation was shed (e.g. a full queue) or abandoned at exit."""
 
 
+class HookCaller:
+    """Calls :class:`DeliveryHooks` methods, logging any exception instead of raising it
+    (a hook is the app's code running on a delivery thread)."""
+
+    def __init__(self, hooks: DeliveryHooks, logger: logging.Logger) -> None:
+        self.hooks = hooks
+        self.logger = logger
+
+    def skip_reason(self, operation: Operation) -> str | None:
+        """The hook's reason to skip ``operation``; a hook that raises skips nothing."""
+        try:
+            return self.hooks.skip_reason(operation)
+        except Exception:
+            self.logger.exception(
+                "flask-meisa: the skip_reason hook raised for %s; delivering it anyway",
+                operation.describe(),
+            )
+            return None
+
+    def call(self, name: str, operation: Operation, *args: Any) -> None:
+        """Call hook ``name`` (``skipped``, ``delivered``, ``failed`` or ``dropped``)."""
+        try:
+            getattr(self.hooks, name)(operation, *args)
+        except Exception:
+            self.logger.exception(
+                "flask-meisa: the %s hook raised for %s; ignored", name, operation.describe()
+            )
+
+
 @dataclass
 class DeliveryStatus:
-    """A snapshot of an engine's state, for ``flask meisa status`` and monitoring."""
+    """A snapshot of delivery, for ``flask meisa status`` and monitoring. With the store,
+    it describes the whole host, whichever process asks."""
 
     engine: str
+    #: Operations waiting, by lane (in flight and waiting to retry not included).
     queued: dict[str, int] = field(default_factory=dict)
     in_flight: int = 0
     retry_waiting: int = 0
     delivered: int = 0
     failed: int = 0
     dropped: int = 0
+    #: Upserts that needed no call: Meisa already had their state.
+    unchanged: int = 0
     budget_left: dict[str, int] | None = None
     paused_for: float = 0.0
-    #: With an outbox: operations stored there and not held in this process's memory.
-    stored: int = 0
-    #: With an outbox: operations kept as dead letters (``flask meisa dead-letters``).
+    #: Dead letters kept (``flask meisa dead-letters``).
     dead_letters: int = 0
-    #: With an outbox: whether this process is the one delivering for the host.
-    holder: bool | None = None
+    #: The pid of the process delivering for the host (``None``: nobody now).
+    delivering_pid: int | None = None
+    #: Whether the store is a file that outlives the process.
+    durable: bool = False
+    #: By lane: seconds the oldest waiting operation has waited.
+    oldest_wait: dict[str, float] = field(default_factory=dict)
+    #: By lane: (p50, p99) seconds from release to Meisa's answer over the last window.
+    latency: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: The backfill run (``flask meisa sync-users``), when there is one.
+    backfill: dict[str, Any] | None = None
 
     @property
     def pending(self) -> int:
-        """Operations not yet finished: queued, in flight, waiting to retry or stored."""
-        return sum(self.queued.values()) + self.in_flight + self.retry_waiting + self.stored
+        """Operations not yet finished: queued, in flight or waiting to retry."""
+        return sum(self.queued.values()) + self.in_flight + self.retry_waiting
 
 
 class Dispatcher(Protocol):
     """An engine: takes operations and delivers them."""
 
-    def submit(self, operation: Operation) -> None:
-        """Take an operation. Raises :class:`~flask_meisa.errors.DeliveryError` when a
-        transactional send cannot be accepted; other operations are shed and reported."""
+    def start(self) -> None:
+        """Begin delivering (threads, the host's delivery lock); idempotent."""
+
+    def submit(self, operations: Iterable[Operation]) -> None:
+        """Take operations; never waits on Meisa. What cannot be taken is reported to
+        ``hooks.dropped``; a background send raises
+        :class:`~flask_meisa.errors.DeliveryError` only when it cannot be held at all."""
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything submitted is finished; ``True`` if nothing is left."""
 
     def close(self, timeout: float | None = None) -> int:
-        """Flush within ``timeout``, stop, and return how many operations remain."""
+        """Flush within ``timeout``, stop, and return how many operations were lost."""
 
     def status(self) -> DeliveryStatus:
         """A snapshot of the engine's queues and counters."""
+
+    def budget_slot(self, timeout: float) -> AbstractContextManager[bool]:
+        """A slot of the key's budget for a call made outside the engine."""
+
+    def after_fork(self) -> None:
+        """In a forked child: forget the parent's threads, locks and connections."""

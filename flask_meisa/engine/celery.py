@@ -56,6 +56,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -65,19 +66,17 @@ import redis
 
 from ..errors import ConfigurationError
 from ..errors import DeliveryError
-from ..operations import LANE_EVENTS
-from ..operations import LANE_SYNC
-from ..operations import LANE_TRANSACTIONAL
+from ..operations import LANE_NAMES
 from ..operations import Operation
 from .base import DeliveryHooks
 from .base import DeliveryStatus
+from .base import HookCaller
 from .celery_worker import TASK_NAME
 from .celery_worker import DeliveryWorker
 from .celery_worker import register_tasks
 from .redis_budget import RedisBudget
 from .redis_budget import budget_prefix
 from .redis_store import RedisDeliveryStore
-from .reporting import HookCaller
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -104,7 +103,7 @@ CELERY_DEFAULTS: dict[str, Any] = {
     "MEISA_CELERY_COALESCE": True,
 }
 
-_LANE_SUFFIXES = {LANE_TRANSACTIONAL: "transactional", LANE_SYNC: "sync", LANE_EVENTS: "events"}
+_LANE_SUFFIXES = LANE_NAMES
 
 
 def lane_queues(prefix: str = "meisa") -> dict[str, str]:
@@ -221,7 +220,22 @@ class CeleryDispatcher:
         """The queue of each lane, by lane name."""
         return dict(self._queues)
 
-    def submit(self, operation: Operation) -> None:
+    def start(self) -> None:
+        """Nothing to start: the workers deliver."""
+
+    def after_fork(self) -> None:
+        """Nothing to reset: the Redis client reconnects in a forked child."""
+
+    def budget_slot(self, timeout: float) -> contextlib.AbstractContextManager[bool]:
+        """A slot of the shared budget for a call made in the caller's thread."""
+        return contextlib.nullcontext(False)
+
+    def submit(self, operations: Iterable[Operation]) -> None:
+        """Publish each operation (see :meth:`publish`)."""
+        for operation in operations:
+            self.publish(operation)
+
+    def publish(self, operation: Operation) -> None:
         """Publish ``operation`` on its lane's queue (a few Redis round trips; never
         waits on Meisa).
 

@@ -43,6 +43,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from .._decisions import error_summary
 from ..errors import NotFoundError
 from ..errors import RateLimitError
 from ..operations import Attempt
@@ -52,11 +53,10 @@ from ..operations import contact_key
 from ..retry import RetryPolicy
 from .base import ClientFactory
 from .base import DeliveryHooks
+from .base import HookCaller
 from .redis_budget import RedisBudget
 from .redis_store import Claim
 from .redis_store import RedisDeliveryStore
-from .reporting import HookCaller
-from .reporting import error_summary
 
 if TYPE_CHECKING:
     from ..client import MeisaClient

@@ -8,7 +8,7 @@ one process's memory:
 - its slot is dated by the moment the answer came back (a sorted set per window, scored
   by that moment) and leaves the window one full period later, so steady traffic at the
   budget never earns a 429 from a server that counts calls on arrival;
-- a share of each window (:data:`~flask_meisa.engine.core.TRANSACTIONAL_RESERVE`) is
+- a share of each window (:data:`~flask_meisa.engine.budget.TRANSACTIONAL_RESERVE`) is
   held back for transactional sends;
 - a 429 that still arrives (another client of the key, the send guardrail) pauses every
   worker until its ``Retry-After`` has passed.
@@ -39,7 +39,7 @@ from typing import Any
 from .._ratelimit import RateWindow
 from .._ratelimit import parse_rate_limit
 from ..errors import ConfigurationError
-from .core import TRANSACTIONAL_RESERVE
+from .budget import TRANSACTIONAL_RESERVE
 
 __all__ = ["Acquired", "RedisBudget", "budget_prefix"]
 

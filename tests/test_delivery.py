@@ -1,4 +1,4 @@
-"""The thread engine against the emulator over loopback HTTP: budget, lanes, coalescing,
+"""Background delivery against the emulator over loopback HTTP: budget, lanes, coalescing,
 ordering, 404 recovery, scheduled retries, outages, 429 pauses and a full queue."""
 
 from __future__ import annotations
@@ -12,21 +12,22 @@ from typing import Any
 
 import pytest
 
-from flask_meisa.client import MeisaClient
 from flask_meisa.emulator import Emulator
-from flask_meisa.engine.thread import ThreadDispatcher
+from flask_meisa.engine.delivery import Delivery
+from flask_meisa.engine.store import Store
 from flask_meisa.errors import DeliveryError
 from flask_meisa.operations import Operation
 from flask_meisa.retry import RetryPolicy
 from tests.engine_support import RecordingHooks
+from tests.engine_support import make_engine as build_engine
 from tests.engine_support import upsert
 
-FAST = RetryPolicy(max_attempts=20, base_delay=0.05, max_delay=0.2, deadline=30.0)
+FAST = RetryPolicy(max_attempts=2**31, base_delay=0.05, max_delay=0.2, deadline=30.0)
 UPSERT = "/contacts/upsert/"
 TRACK = "/events/track/"
 TRIGGER = "/emails/trigger/"
 
-MakeEngine = Callable[..., ThreadDispatcher]
+MakeEngine = Callable[..., Delivery]
 
 
 @pytest.fixture
@@ -36,18 +37,13 @@ def hooks() -> RecordingHooks:
 
 @pytest.fixture
 def make_engine(hooks: RecordingHooks) -> Iterator[MakeEngine]:
-    """``make_engine(emulator, **options)``: an engine on that emulator (no budget and fast
-    retries unless given); every engine is closed after the test."""
-    made: list[ThreadDispatcher] = []
+    """``make_engine(emulator, **options)``: an engine on that emulator (a memory store, no
+    budget and fast retries unless given); every engine is closed after the test."""
+    made: list[Delivery] = []
 
-    def make(emu: Emulator, **options: Any) -> ThreadDispatcher:
+    def make(emu: Emulator, **options: Any) -> Delivery:
         options.setdefault("retry", FAST)
-        options.setdefault("rate_limit", None)
-        engine = ThreadDispatcher(
-            client_factory=lambda: MeisaClient(emu.live_key, emu.url, timeout=(1.0, 2.0)),
-            hooks=hooks,
-            **options,
-        )
+        engine = build_engine(hooks, emu.url, emu.live_key, **options)
         made.append(engine)
         return engine
 
@@ -57,20 +53,27 @@ def make_engine(hooks: RecordingHooks) -> Iterator[MakeEngine]:
 
 
 def track(n: int, name: str = "clicked", tag: str = "t", **extra: Any) -> Operation:
-    payload = {"event_name": name, "external_id": f"{tag}-{n}", **extra}
-    return Operation("track", payload)
+    return Operation("track", {"event_name": name, "external_id": f"{tag}-{n}", **extra})
 
 
-def send(n: int, trigger: str = "receipt") -> Operation:
+def send(n: int, trigger: str = "receipt", to: str | None = None) -> Operation:
     return Operation(
         "send",
-        {"trigger_key": trigger, "to_email": f"buyer{n}@example.com", "idempotency_key": f"s{n}"},
+        {
+            "trigger_key": trigger,
+            "to_email": to or f"buyer{n}@example.com",
+            "idempotency_key": f"s{n}",
+        },
     )
 
 
 def statuses(emu: Emulator, path: str | None = None) -> list[int | None]:
     requests = emu.requests if path is None else emu.requests_to(path)
     return [r.status for r in requests]
+
+
+def ids(operations: list[Operation]) -> list[str]:
+    return [op.id for op in operations]
 
 
 @pytest.mark.slow
@@ -85,10 +88,8 @@ def test_300_operations_at_the_budget_get_no_429(
     operations = [upsert(n) for n in range(100)]
     operations += [track(n % 100, f"e{n}") for n in range(150)]
     operations += [send(n) for n in range(50)]
-    for op in operations:
-        engine.submit(op)
-    assert hooks.wait_for("delivered", 300, timeout=30)
-    assert engine.flush(5)
+    engine.submit(operations)
+    assert engine.flush(30)
     assert 429 not in statuses(emu)
     assert all(status in (200, 201) for status in statuses(emu))
     assert len(emu.requests) == 300
@@ -102,31 +103,27 @@ def test_a_send_behind_200_pending_syncs_goes_first_or_second(
 ) -> None:
     emulator.faults.set(latency=0.2)  # the first sync is still in flight meanwhile
     engine = make_engine(emulator)
-    for n in range(200):
-        engine.submit(upsert(n))
-    reset = send(1, "password_reset")
-    engine.submit(reset)
-    assert hooks.wait_for("delivered", 1)
-    paths = [r.path for r in emulator.requests]
+    engine.submit([upsert(n) for n in range(200)])
+    assert emulator.wait_for_requests(1)
+    engine.submit([send(1, "password_reset")])
     assert emulator.wait_for(lambda e: len(e.requests_to(TRIGGER)) == 1)
     position = [r.path for r in emulator.requests].index("/api/v1" + TRIGGER)
-    assert position <= 1, paths
-    assert engine.status().queued["sync"] >= 190
+    assert position <= 2
+    assert engine.status().queued["automation"] >= 190  # first upserts of new contacts
 
 
 def test_syncs_never_spend_the_share_of_the_budget_kept_for_sends(
     emulator: Emulator, make_engine: MakeEngine, hooks: RecordingHooks
 ) -> None:
     engine = make_engine(emulator, rate_limit="20/minute")  # one call of 20 is reserved
-    for n in range(25):
-        engine.submit(upsert(n))
+    engine.submit([upsert(n) for n in range(25)])
     assert hooks.wait_for("delivered", 19)
     reset = send(1, "password_reset")
-    engine.submit(reset)
+    engine.submit([reset])
     assert hooks.wait_for("delivered", 20)
-    assert hooks.of("delivered")[-1] is reset
+    assert hooks.of("delivered")[-1].id == reset.id
     status = engine.status()
-    assert status.queued["sync"] == 6
+    assert status.queued["automation"] == 6
     assert status.budget_left == {"20/minute": 0}
     assert len(emulator.requests) == 20
 
@@ -138,7 +135,7 @@ def test_50_upserts_of_one_contact_during_an_outage_make_one_call(
     engine = make_engine(emulator)
     for n in range(50):
         fields: dict[str, Any] = {"seq": n, f"field{n}": n}
-        engine.submit(upsert(7, **fields))
+        engine.submit([upsert(7, **fields)])
     # Once an attempt carrying the final state was refused, end the outage.
     assert emulator.wait_for(
         lambda e: any(
@@ -155,7 +152,7 @@ def test_50_upserts_of_one_contact_during_an_outage_make_one_call(
     assert fields["seq"] == 49
     assert all(fields[f"field{n}"] == n for n in range(50))
     assert emulator.contact(external_id="t-7")["custom_fields"]["seq"] == 49  # type: ignore[index]
-    assert len(hooks.of("delivered")) == 50  # each submitted operation has its outcome
+    assert engine.status().delivered == 50  # every submitted operation is counted
 
 
 def test_events_never_overtake_their_contacts_upsert(
@@ -169,7 +166,7 @@ def test_events_never_overtake_their_contacts_upsert(
     rng = random.Random(5)
     while queues:
         contact = rng.choice(sorted(queues))
-        engine.submit(queues[contact].pop(0))
+        engine.submit([queues[contact].pop(0)])
         if not queues[contact]:
             del queues[contact]
     assert engine.flush(15)
@@ -188,6 +185,59 @@ def test_events_never_overtake_their_contacts_upsert(
         assert tracked == ["step0", "step1", "step2"]
 
 
+def test_an_event_by_email_waits_for_its_contacts_upsert_by_external_id(
+    emulator: Emulator, make_engine: MakeEngine, hooks: RecordingHooks
+) -> None:
+    # One contact, named by both in the upsert and by email only in the event: one 503 on
+    # the upsert must not let the event go first (it would be answered 404 and lost).
+    engine = make_engine(emulator)
+    emulator.faults.fail_next(1, status=503, path=UPSERT)
+    engine.submit(
+        [
+            Operation("upsert", {"email": "ada@example.com", "external_id": "u1"}),
+            Operation("track", {"event_name": "exported", "email": "ada@example.com"}),
+        ]
+    )
+    assert engine.flush(5)
+    seen = [(r.path.removeprefix("/api/v1"), r.status) for r in emulator.requests]
+    assert seen == [(UPSERT, 503), (UPSERT, 201), (TRACK, 200)]
+    assert hooks.of("failed") == []
+
+
+def test_a_stale_upsert_never_wins_over_a_later_one_by_another_name(
+    emulator: Emulator, make_engine: MakeEngine, hooks: RecordingHooks
+) -> None:
+    with emulator_client(emulator) as client:
+        client.upsert_contact("ada@example.com", external_id="u1")
+    emulator.clear_requests()
+    engine = make_engine(emulator)
+    emulator.faults.fail_next(1, status=503, path=UPSERT)
+    engine.submit(
+        [
+            Operation(
+                "upsert",
+                {
+                    "email": "ada@example.com",
+                    "external_id": "u1",
+                    "custom_fields": {"plan": "free"},
+                },
+            ),
+        ]
+    )
+    assert emulator.wait_for_requests(1)  # the first attempt was refused; it waits to retry
+    engine.submit(
+        [Operation("upsert", {"email": "ada@example.com", "custom_fields": {"plan": "pro"}})]
+    )
+    assert engine.flush(5)
+    assert emulator.contact(external_id="u1")["custom_fields"]["plan"] == "pro"  # type: ignore[index]
+
+
+def emulator_client(emulator: Emulator) -> Any:
+    from flask_meisa.client import MeisaClient
+
+    return MeisaClient(emulator.live_key, emulator.url)
+
+
 def test_an_event_answered_404_upserts_its_contact_then_tracks_again(
     emulator: Emulator, make_engine: MakeEngine, hooks: RecordingHooks
 ) -> None:
@@ -196,7 +246,7 @@ def test_an_event_answered_404_upserts_its_contact_then_tracks_again(
     event = Operation(
         "track", {"event_name": "signed_up", "external_id": "u-404"}, contact=contact
     )
-    engine.submit(event)
+    engine.submit([event])
     assert engine.flush(5)
     assert [(r.path.removeprefix("/api/v1"), r.status) for r in emulator.requests] == [
         (TRACK, 404),
@@ -204,35 +254,38 @@ def test_an_event_answered_404_upserts_its_contact_then_tracks_again(
         (TRACK, 200),
     ]
     assert emulator.contact(external_id="u-404")["first_name"] == "Nova"  # type: ignore[index]
-    assert hooks.of("delivered") == [event]
+    assert ids(hooks.of("delivered")) == [event.id]
     assert hooks.of("failed") == []
 
 
-def test_an_event_answered_404_without_a_known_contact_fails(
+def test_an_event_answered_404_without_a_known_contact_fails_as_a_dead_letter(
     emulator: Emulator, make_engine: MakeEngine, hooks: RecordingHooks
 ) -> None:
+    from flask_meisa.engine import pending
+
     engine = make_engine(emulator)
     event = track(1, tag="nobody")
-    engine.submit(event)
+    engine.submit([event])
     assert engine.flush(5)
     assert statuses(emulator) == [404]
-    assert hooks.of("failed") == [event]
-    assert engine.failed_operations()[0].error.status == 404  # type: ignore[attr-defined]
+    assert ids(hooks.of("failed")) == [event.id]
+    with engine.store.read() as db:
+        (letter,) = pending.dead_letters(db)
+    assert (letter.operation.id, letter.status, letter.attempts) == (event.id, 404, 1)
+    assert engine.status().dead_letters == 1
 
 
 def test_a_retrying_contact_does_not_hold_up_the_others(
     emulator: Emulator, make_engine: MakeEngine, hooks: RecordingHooks
 ) -> None:
-    with MeisaClient(emulator.live_key, emulator.url) as client:
+    with emulator_client(emulator) as client:
         for n in (1, 2):
             client.upsert_contact(f"user{n}@example.com", external_id=f"t-{n}")
     emulator.clear_requests()
     slow = RetryPolicy(max_attempts=5, base_delay=0.3, max_delay=1.0, random=lambda: 1.0)
     engine = make_engine(emulator, retry=slow)
     emulator.faults.fail_next(2, status=503, path=UPSERT)
-    engine.submit(upsert(0))
-    engine.submit(track(1))
-    engine.submit(track(2))
+    engine.submit([upsert(0), track(1), track(2)])
     assert engine.flush(5)
     seen = [(r.path.removeprefix("/api/v1"), r.status) for r in emulator.requests]
     assert seen == [(UPSERT, 503), (TRACK, 200), (TRACK, 200), (UPSERT, 503), (UPSERT, 201)]
@@ -246,12 +299,10 @@ def test_an_outage_of_seconds_loses_nothing_and_wastes_little(
     emulator.faults.outage(2.0)
     policy = RetryPolicy(max_attempts=50, base_delay=0.1, max_delay=0.5, deadline=30.0)
     engine = make_engine(emulator, retry=policy)
-    contact = {"email": "user{}@example.com"}
     for n in range(10):
-        engine.submit(upsert(n))
-        payload = {"email": contact["email"].format(n), "external_id": f"t-{n}"}
-        engine.submit(Operation("track", {"event_name": "x", "external_id": f"t-{n}"}, payload))
-        engine.submit(send(n))
+        payload = {"email": f"user{n}@example.com", "external_id": f"t-{n}"}
+        event = Operation("track", {"event_name": "x", "external_id": f"t-{n}"}, payload)
+        engine.submit([upsert(n), event, send(n)])
     assert engine.flush(10)
     assert len(hooks.of("delivered")) == 30
     assert hooks.of("failed") == []
@@ -266,9 +317,9 @@ def test_a_429_pauses_every_lane_for_its_retry_after(
 ) -> None:
     engine = make_engine(emulator)
     emulator.faults.force_429(1, retry_after=1)
-    engine.submit(upsert(1))
+    engine.submit([upsert(1)])
     assert emulator.wait_for_requests(1)
-    engine.submit(send(1, "password_reset"))  # the top lane waits too
+    engine.submit([send(1, "password_reset")])  # the top lane waits too
     assert engine.flush(5)
     limited, *after = emulator.requests
     assert limited.status == 429
@@ -277,42 +328,60 @@ def test_a_429_pauses_every_lane_for_its_retry_after(
     assert after[0].time - limited.time >= 1.0
 
 
-def test_a_full_queue_sheds_events_then_syncs_never_sends(
+def test_the_send_guardrail_of_one_recipient_delays_nobody_else(
+    emulator_factory: Callable[..., Emulator], make_engine: MakeEngine, hooks: RecordingHooks
+) -> None:
+    # Four resets to one address against a guardrail of 3 an hour: the fourth waits (an
+    # hour: past the retry deadline, it fails at once), and 20 syncs and another user's
+    # email go through without any pause.
+    emu = emulator_factory(rate_limit=None, send_guardrail="3/hour")
+    engine = make_engine(emu)
+    flood = [send(n, "password_reset", to="target@example.com") for n in range(4)]
+    others = [upsert(n) for n in range(20)] + [send(99, "verification_code")]
+    engine.submit(flood + others)
+    assert engine.flush(10)
+    recipients = [sent["to_email"] for sent in emu.sends()]
+    assert recipients.count("target@example.com") == 3
+    assert recipients.count("buyer99@example.com") == 1
+    assert len(emu.contacts()) >= 21
+    assert statuses(emu).count(429) == 1
+    assert engine.status().paused_for == 0.0
+    assert ids(hooks.of("failed")) == [flood[3].id]
+    assert hooks.detail(hooks.of("failed")[0]).code == "send_guardrail"
+
+
+def test_a_full_queue_sheds_routine_then_other_live_work_never_sends(
     emulator: Emulator,
     make_engine: MakeEngine,
     hooks: RecordingHooks,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # One call a minute: after the first, everything stays queued.
-    engine = make_engine(emulator, rate_limit="1/minute", queue_size=3)
-    engine.submit(send(0))
+    engine = make_engine(emulator, rate_limit="1/minute", capacity=3)
+    engine.submit([send(0)])
     assert hooks.wait_for("delivered", 1)
-    first_event, sync_1, second_event = track(1, "first"), upsert(2), track(3, "second")
-    for op in (first_event, sync_1, second_event):
-        engine.submit(op)
-    sync_2 = upsert(4)
     caplog.set_level(logging.WARNING, logger="flask_meisa.engine")
-    engine.submit(sync_2)
-    assert hooks.of("dropped") == [first_event]
+    first_event, second_event = track(1, "first"), track(3, "second")
+    sync_1, sync_2 = upsert(2), upsert(4)
+    engine.submit([first_event, sync_1, second_event, sync_2])
+    assert hooks.wait_for("dropped", 1)
+    assert ids(hooks.of("dropped")) == [first_event.id]  # all automation-lane: oldest first
     sends = [send(n) for n in (1, 2, 3)]
-    for op in sends:
-        engine.submit(op)
-    assert hooks.of("dropped") == [first_event, second_event, sync_1, sync_2]
-    with pytest.raises(DeliveryError, match="queue is full"):
-        engine.submit(send(4))
-    late_event = track(5, "late")
-    engine.submit(late_event)
-    assert hooks.of("dropped")[-1] is late_event
-    assert [d for kind, _, d in hooks.outcomes if kind == "dropped"] == ["queue_full"] * 5
+    engine.submit(sends)
+    assert hooks.wait_for("dropped", 4)
+    assert sorted(ids(hooks.of("dropped"))) == sorted(
+        ids([first_event, sync_1, second_event, sync_2])
+    )
+    assert [d for kind, _, d in hooks.outcomes if kind == "dropped"] == ["queue_full"] * 4
     status = engine.status()
-    assert status.queued == {"transactional": 3, "sync": 0, "events": 0}
-    assert status.dropped == 5
+    assert status.queued == {"transactional": 3, "automation": 0, "routine": 0, "backfill": 0}
+    assert status.dropped == 4
     assert status.budget_left == {"1/minute": 0}
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(first_event.describe() in line and "queue_full" in line for line in warnings)
     assert not any("example.com" in line for line in warnings)
-    assert engine.close(timeout=0) == 3
-    assert hooks.of("dropped")[-3:] == sends
+    assert engine.close(timeout=0) == 3  # a memory store: the sends are lost, and said so
+    assert sorted(ids(hooks.of("dropped")[-3:])) == sorted(ids(sends))
 
 
 def test_flush_says_whether_anything_is_left(
@@ -321,8 +390,8 @@ def test_flush_says_whether_anything_is_left(
     engine = make_engine(emulator)
     assert engine.flush(0)  # nothing submitted
     emulator.faults.outage(60)
-    engine.submit(upsert(1))
-    assert not engine.flush(0.2)
+    engine.submit([upsert(1)])
+    assert not engine.flush(0.3)
     assert engine.status().pending == 1
     emulator.faults.clear()
     assert engine.flush(5)
@@ -344,20 +413,17 @@ def test_status_counters_failures_and_skips(
     hooks.skip = lambda op: "suppressed" if op.kind == "send" else None
     emulator.faults.fail_next(1, status=400, path=UPSERT)
     refused, accepted, suppressed = upsert(1), upsert(2), send(3)
-    for op in (refused, accepted, suppressed):
-        engine.submit(op)
+    engine.submit([refused, accepted, suppressed])
     assert engine.flush(5)
     status = engine.status()
     assert (status.delivered, status.failed, status.dropped) == (1, 1, 0)
-    assert status.queued == {"transactional": 0, "sync": 0, "events": 0}
+    assert status.pending == 0 and status.dead_letters == 1
     assert status.budget_left == {"100/minute": 98, "1000/hour": 998}  # no call for a skip
-    assert engine.skipped == 1
-    assert hooks.of("skipped") == [suppressed]
+    assert ids(hooks.of("skipped")) == [suppressed.id]
     assert emulator.requests_to(TRIGGER) == []
-    assert hooks.of("failed") == [refused]
-    (failure,) = engine.failed_operations()
-    assert failure.operation is refused and failure.attempts == 1
-    assert failure.error.status == 400  # type: ignore[attr-defined]
+    (failed,) = hooks.of("failed")
+    assert failed.id == refused.id and failed.attempts == 1
+    assert hooks.detail(failed).status == 400
     line = next(r.getMessage() for r in caplog.records if "failed after" in r.getMessage())
     assert refused.describe() in line and "HTTP 400" in line
     logged = caplog.text
@@ -372,26 +438,29 @@ def test_a_raising_hook_never_stops_the_worker(
 ) -> None:
     hooks.raise_in = {"delivered", "skip_reason"}
     engine = make_engine(emulator)
-    for n in range(3):
-        engine.submit(upsert(n))
+    engine.submit([upsert(n) for n in range(3)] + [send(1)])
     assert engine.flush(5)
-    engine.submit(upsert(3))  # the same worker is still there
+    engine.submit([upsert(3)])  # the same worker is still there
     assert engine.flush(5)
-    assert len(hooks.of("delivered")) == 4
+    assert len(hooks.of("delivered")) == 5
     assert len(emulator.requests_to(UPSERT)) == 4
     assert "the delivered hook raised" in caplog.text
     assert "the skip_reason hook raised" in caplog.text
 
 
-def test_workers_start_on_the_first_submit_and_stop_at_close(
+def test_threads_start_on_the_first_submit_and_stop_at_close(
     emulator: Emulator, make_engine: MakeEngine
 ) -> None:
     before = set(threading.enumerate())
     engine = make_engine(emulator, workers=2)
     assert set(threading.enumerate()) == before
-    engine.submit(upsert(1))
+    engine.submit([upsert(1)])
     started = set(threading.enumerate()) - before
-    assert sorted(t.name for t in started) == ["flask-meisa-delivery-1", "flask-meisa-delivery-2"]
+    assert sorted(t.name for t in started) == [
+        "flask-meisa-delivery-1",
+        "flask-meisa-delivery-2",
+        "flask-meisa-writer",
+    ]
     assert all(t.daemon for t in started)
     assert engine.close() == 0
     assert not any(t.is_alive() for t in started)
@@ -403,8 +472,28 @@ def test_submit_after_close(
     engine = make_engine(emulator)
     engine.close()
     late = upsert(1)
-    engine.submit(late)
-    assert hooks.of("dropped") == [late]
+    engine.submit([late])
+    assert ids(hooks.of("dropped")) == [late.id]
     with pytest.raises(DeliveryError, match="closed"):
-        engine.submit(send(1))
+        engine.submit([send(1)])
     assert emulator.requests == []
+
+
+def test_two_big_upserts_of_one_contact_are_not_merged_past_the_body_limit(
+    emulator: Emulator, make_engine: MakeEngine, hooks: RecordingHooks, tmp_path: Any
+) -> None:
+    # About 300 KB each: merged they would be refused (512 KiB); they go one after another.
+    engine = make_engine(emulator, store=Store(tmp_path / "store.sqlite3"))
+    engine.start()
+    emulator.faults.outage(60)  # nothing leaves until both are stored
+    big = "x" * 300_000
+    first, second = upsert(1, a=big), upsert(1, b=big)
+    engine.submit([first, second])
+    assert not engine.flush(0.5)
+    emulator.faults.clear()
+    assert engine.flush(10)
+    answered = [r for r in emulator.requests_to(UPSERT) if r.status in (200, 201)]
+    assert len(answered) == 2
+    fields = emulator.contact(external_id="t-1")["custom_fields"]  # type: ignore[index]
+    assert fields["a"] == big and fields["b"] == big
+    assert hooks.of("failed") == []

@@ -1,0 +1,154 @@
+"""The key's rate budget, kept in the store so that every process of the host (web
+workers, the CLI, a shell) draws from one budget, and a new delivering process inherits
+what the last one spent.
+
+A call takes a slot when it starts and holds it (under a lease, in case its process dies)
+until its answer, which dates the slot; the slot leaves each window one period later.
+Transactional sends may use the last :data:`TRANSACTIONAL_RESERVE` of each window; a
+backfill may use at most its share of the rest."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterator
+
+from .._ratelimit import parse_rate_limit
+from .._ratelimit import slot_wait
+from ..operations import LANE_BACKFILL
+from ..operations import LANE_TRANSACTIONAL
+from .store import Store
+
+__all__ = ["TRANSACTIONAL_RESERVE", "Budget"]
+
+#: The share of each window (rounded down) that only transactional sends may use: 3 of
+#: 60/minute, 50 of 1000/hour.
+TRANSACTIONAL_RESERVE = 0.05
+#: How often a caller waiting for a slot that only an answer can free looks again.
+_POLL = 0.05
+
+
+class Budget:
+    """A sliding-window budget in ``store`` (see the module's docstring).
+
+    :param spec: e.g. ``"60/minute;1000/hour"``; ``None`` for no budget.
+    :param lease: the longest a call can take, in seconds; a slot held longer counts as
+        answered when its lease ends.
+    """
+
+    def __init__(self, store: Store, spec: str | None, *, lease: float) -> None:
+        self.store = store
+        self.windows = parse_rate_limit(spec) if spec else ()
+        self.lease = lease
+        self._reserved = [int(window.limit * TRANSACTIONAL_RESERVE) for window in self.windows]
+        self._horizon = max((window.period for window in self.windows), default=0.0)
+
+    def __repr__(self) -> str:
+        return f"Budget({';'.join(window.label for window in self.windows) or None!r})"
+
+    def _allowed(self, index: int, lane: int, share: float) -> int:
+        limit = self.windows[index].limit
+        if lane == LANE_TRANSACTIONAL:
+            return limit
+        allowed = limit - self._reserved[index]
+        return max(int(allowed * share), 1) if lane == LANE_BACKFILL else allowed
+
+    def _wait(self, db: sqlite3.Connection, now: float, lane: int, share: float) -> float | None:
+        db.execute(
+            "UPDATE meisa_calls SET answered_at = lease_until "
+            "WHERE answered_at IS NULL AND lease_until <= ?",
+            (now,),
+        )
+        db.execute("DELETE FROM meisa_calls WHERE answered_at <= ?", (now - self._horizon,))
+        flying = db.execute(
+            "SELECT count(*) FROM meisa_calls WHERE answered_at IS NULL"
+        ).fetchone()[0]
+        wait: float | None = 0.0
+        for index, window in enumerate(self.windows):
+            since = now - window.period
+            answered = db.execute(
+                "SELECT count(*) FROM meisa_calls WHERE answered_at > ?", (since,)
+            ).fetchone()[0]
+
+            def oldest(n: int, since: float = since) -> float:
+                row = db.execute(
+                    "SELECT answered_at FROM meisa_calls WHERE answered_at > ? "
+                    "ORDER BY answered_at LIMIT 1 OFFSET ?",
+                    (since, n - 1),
+                ).fetchone()
+                return float(row[0])
+
+            this = slot_wait(
+                window, self._allowed(index, lane, share), answered, flying, now, oldest
+            )
+            if this is None:
+                return None
+            wait = max(wait or 0.0, this)
+        return wait
+
+    def take(
+        self, db: sqlite3.Connection, now: float, lane: int, share: float = 1.0
+    ) -> tuple[str | None, float | None]:
+        """In the caller's write transaction: take a slot for a call of ``lane`` about to
+        start, ``(token, 0.0)``; or ``(None, seconds)`` to wait first, ``(None, None)``
+        when only an answer to a call in flight can free one."""
+        if not self.windows:
+            return "", 0.0
+        wait = self._wait(db, now, lane, share)
+        if wait != 0.0:
+            return None, wait
+        token = uuid.uuid4().hex
+        db.execute(
+            "INSERT INTO meisa_calls (token, lease_until) VALUES (?, ?)", (token, now + self.lease)
+        )
+        return token, 0.0
+
+    def settle(self, db: sqlite3.Connection, token: str, *, made: bool, now: float) -> None:
+        """In the caller's write transaction: the call holding ``token`` is over; date its
+        slot ``now``, or with ``made=False`` (no request went out) give it back."""
+        if not token:
+            return
+        if made:
+            db.execute("UPDATE meisa_calls SET answered_at = ? WHERE token = ?", (now, token))
+        else:
+            db.execute("DELETE FROM meisa_calls WHERE token = ?", (token,))
+
+    @contextlib.contextmanager
+    def slot(self, timeout: float) -> Iterator[bool]:
+        """Hold a transactional slot for a call made in the caller's thread (a synchronous
+        send, a suppression list load), waiting at most ``timeout`` seconds; yields
+        whether one was taken (without one the call is made anyway)."""
+        deadline = time.monotonic() + max(timeout, 0.0)
+        while True:
+            with self.store.write() as db:
+                token, wait = self.take(db, time.time(), LANE_TRANSACTIONAL)
+            left = deadline - time.monotonic()
+            if token is not None or left <= 0:
+                break
+            time.sleep(min(left, _POLL if wait is None else max(wait, 0.001)))
+        try:
+            yield token is not None
+        finally:
+            if token:
+                with self.store.write() as db:
+                    self.settle(db, token, made=True, now=time.time())
+
+    def remaining(self) -> dict[str, int]:
+        """Calls that could start now in each window, by label (``{"60/minute": 57}``)."""
+        now = time.time()
+        left: dict[str, int] = {}
+        with self.store.read() as db:
+            flying = db.execute(
+                "SELECT count(*) FROM meisa_calls WHERE answered_at IS NULL AND lease_until > ?",
+                (now,),
+            ).fetchone()[0]
+            for window in self.windows:
+                answered = db.execute(
+                    "SELECT count(*) FROM meisa_calls WHERE coalesce(answered_at, lease_until) > ?"
+                    " AND (answered_at IS NOT NULL OR lease_until <= ?)",
+                    (now - window.period, now),
+                ).fetchone()[0]
+                left[window.label] = max(window.limit - answered - flying, 0)
+        return left

@@ -1,0 +1,247 @@
+"""One call at a time from the store, in the delivering process: wait for the pause, the
+outage probe and the budget; skip what Meisa already has; make the call; settle its
+outcome as :func:`~flask_meisa._decisions.decide` says."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+from typing import Any
+
+from .._decisions import Decision
+from .._decisions import decide
+from .._decisions import log_decision
+from ..operations import Attempt
+from ..operations import Operation
+from ..operations import attempt
+from ..retry import RetryPolicy
+from . import known
+from . import pending
+from .base import ClientFactory
+from .base import HookCaller
+from .budget import Budget
+from .store import Store
+
+if TYPE_CHECKING:
+    from ..client import MeisaClient
+
+__all__ = ["OUTAGE_THRESHOLD", "Caller"]
+
+#: Failures in a row (no answer, or 5xx) after which Meisa is treated as down: delivery
+#: pauses with a growing backoff, then probes with one call at a time.
+OUTAGE_THRESHOLD = 3
+
+Report = Callable[[], None]
+
+
+class Caller:
+    """Makes the calls of one process (see the module's docstring); thread-safe.
+
+    :param changed: called (without locks) after each outcome's hooks ran.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        budget: Budget,
+        client_factory: ClientFactory,
+        hooks: HookCaller,
+        retry: RetryPolicy,
+        resync_after: float,
+        logger: logging.Logger,
+        changed: Callable[[], None],
+    ) -> None:
+        self.store = store
+        self.budget = budget
+        self._client_factory = client_factory
+        self._hooks = hooks
+        self._retry = retry
+        self._resync_after = resync_after
+        self._logger = logger
+        self._changed = changed
+        self._lock = threading.Lock()
+        self._client: MeisaClient | None = None
+        self._owned: MeisaClient | None = None
+        self.calls = 0  # calls in flight
+        self.reporting = 0  # outcomes stored whose hooks have not run yet
+        self.in_hook = threading.local()
+
+    def close(self) -> None:
+        """Close the client."""
+        with self._lock:
+            owned, self._owned, self._client = self._owned, None, None
+        if owned is not None:
+            owned.close()
+
+    def step(self) -> float:
+        """Make one call, or say how long to wait before there may be one."""
+        now = time.time()
+        with self.store.write() as db:
+            wait = self._gate(db, now)
+            if wait:
+                return wait
+            row = pending.next_ready(db, now)
+            if row is None:
+                due = pending.next_due(db, now)
+                return 1.0 if due is None else due - now
+            report = self._unchanged(db, row, now)
+            if report is None:
+                share = float((Store.get_meta(db, "backfill") or {}).get("max_share", 1.0))
+                token, wait_for = self.budget.take(db, now, row.lane, share)
+                if token is None:
+                    return 0.05 if wait_for is None else wait_for
+                pending.take(db, row, now)
+                self._count(calls=1)
+        if report is None:
+            assert token is not None
+            report = self._call(row, token)
+        self._run(report)
+        return 0.0
+
+    def _gate(self, db: sqlite3.Connection, now: float) -> float:
+        pause = float(Store.get_meta(db, "pause_until", 0.0)) - now
+        if pause > 0:
+            return pause
+        if int(Store.get_meta(db, "failures", 0)) >= OUTAGE_THRESHOLD and self.calls:
+            return 1.0  # Meisa looks down: one probe at a time
+        return 0.0
+
+    def _unchanged(self, db: sqlite3.Connection, row: pending.Row, now: float) -> Report | None:
+        operation = row.operation
+        if operation.kind != "upsert" or operation.force:
+            return None
+        had = known.lookup(db, operation.payload)
+        if had is None or had.accepted_at < now - self._resync_after:
+            return None
+        if not had.has(known.digest(operation.payload)):
+            return None
+        pending.finish(db, row)
+        Store.count(db, "unchanged", row.merged)
+        self._count(reporting=1)
+        return lambda: self._hooks.call("delivered", operation, None)
+
+    def _count(self, *, calls: int = 0, reporting: int = 0) -> None:
+        with self._lock:
+            self.calls += calls
+            self.reporting += reporting
+
+    def _run(self, report: Report) -> None:
+        self.in_hook.active = True
+        try:
+            report()
+        finally:
+            self.in_hook.active = False
+            self._count(reporting=-1)
+            self._changed()
+
+    def _get_client(self) -> MeisaClient:
+        with self._lock:
+            if self._client is None:
+                self._owned = self._client_factory()
+                self._client = self._owned.with_options(retry=RetryPolicy.never())
+            return self._client
+
+    def _call(self, row: pending.Row, token: str) -> Report:
+        operation = row.operation
+        reason = None if row.recover else self._hooks.skip_reason(operation)
+        outcome = Attempt()
+        if reason is None:
+            call = operation
+            if row.recover == 1 and operation.contact is not None:
+                call = Operation("upsert", operation.contact, id=operation.id)
+            outcome = attempt(self._get_client, call)
+        self._count(calls=-1, reporting=1)
+        try:
+            return self._settle(row, token, reason, outcome)
+        except BaseException:
+            self._count(reporting=-1)
+            raise
+
+    def _settle(
+        self, row: pending.Row, token: str, reason: str | None, outcome: Attempt
+    ) -> Report:
+        operation, now = row.operation, time.time()
+        recovering = row.recover == 1
+        decision = decide(
+            "upsert" if recovering else operation.kind,
+            outcome.error,
+            attempts=operation.attempts,
+            elapsed=now - (row.first_attempt or now),
+            policy=self._retry,
+            can_recover=operation.contact is not None and row.recover == 0,
+        )
+        error, what = outcome.error, _describe(row, recovering)
+        with self.store.write() as db:
+            self.budget.settle(db, token, made=outcome.made, now=now)
+            if reason is not None:
+                pending.finish(db, row)
+                Store.count(db, "skipped", row.merged)
+                return lambda: self._hooks.call("skipped", operation, reason)
+            self._note_health(db, decision, now)
+            if decision.action == "done":
+                return self._done(db, row, recovering, outcome.result, now)
+            if decision.action != "fail":
+                if decision.action == "recover":
+                    known.forget(db, operation.payload)
+                recover = 1 if decision.action == "recover" else row.recover
+                pending.retry_at(db, row, now + decision.delay, recover=recover)
+                if operation.kind == "upsert":
+                    pending.absorb_later(db, row)
+                return lambda: log_decision(
+                    self._logger, decision, what, error, operation.attempts
+                )
+            pending.bury(db, row, error or RuntimeError("failed"))
+            Store.count(db, "failed", row.merged)
+
+        def failed() -> None:
+            log_decision(self._logger, decision, what, error, operation.attempts)
+            self._hooks.call("failed", operation, error)
+
+        return failed
+
+    def _note_health(self, db: sqlite3.Connection, decision: Decision, now: float) -> None:
+        failures = int(Store.get_meta(db, "failures", 0))
+        failures = 0 if decision.answered else failures + int(decision.outage)
+        Store.set_meta(db, "failures", failures or None)
+        pause = decision.pause
+        if decision.outage and failures >= OUTAGE_THRESHOLD:
+            pause = max(pause, self._retry.backoff(failures - OUTAGE_THRESHOLD + 1))
+            self._logger.info(
+                "flask-meisa: %d failed calls in a row; pausing delivery for %.2f s",
+                failures,
+                pause,
+            )
+        if pause:
+            until = max(float(Store.get_meta(db, "pause_until", 0.0)), now + pause)
+            Store.set_meta(db, "pause_until", until)
+
+    def _done(
+        self, db: sqlite3.Connection, row: pending.Row, recovering: bool, result: Any, now: float
+    ) -> Report:
+        operation = row.operation
+        if recovering:
+            assert operation.contact is not None
+            known.remember(db, operation.contact, now)
+            pending.retry_at(db, row, 0.0, recover=2)  # the event again, at once
+            return lambda: None
+        pending.finish(db, row)
+        Store.count(db, "delivered", row.merged)
+        if operation.kind == "upsert":
+            known.remember(db, operation.payload, now)
+        db.execute(
+            "INSERT INTO meisa_answers (lane, at, waited) VALUES (?, ?, ?)",
+            (row.lane, now, max(now - operation.created_at, 0.0)),
+        )
+        return lambda: self._hooks.call("delivered", operation, result)
+
+
+def _describe(row: pending.Row, recovering: bool) -> str:
+    text = row.operation.describe()
+    if recovering:
+        return f"{text} (upserting its contact first)"
+    return text + (f" (coalesced from {row.merged} operations)" if row.merged > 1 else "")

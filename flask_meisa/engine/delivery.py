@@ -1,0 +1,440 @@
+"""Background delivery (``MEISA_DELIVERY = "thread"``): a request hands its operations over
+in memory; a writer thread stores them in groups; one process of the host, the holder of
+the delivery lock, delivers from the store in lane and contact order within the key's
+budget, and decides each outcome with :func:`~flask_meisa._decisions.decide`."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Iterator
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from ..errors import DeliveryError
+from ..operations import LANE_ROUTINE
+from ..operations import Operation
+from ..retry import RetryPolicy
+from . import known
+from . import pending
+from .base import ClientFactory
+from .base import DeliveryHooks
+from .base import DeliveryStatus
+from .base import HookCaller
+from .budget import Budget
+from .caller import Caller
+from .hostlock import HostLock
+from .store import STORE_ERRORS
+from .store import Store
+
+if TYPE_CHECKING:
+    import sqlite3
+
+
+__all__ = ["Delivery"]
+
+#: Seconds between passes that age routine syncs and prune old records.
+_HOUSEKEEPING = 30.0
+_JOIN_TIMEOUT = 2.0
+
+
+class Delivery:
+    """Delivers one app's operations through ``store`` (see the module's docstring).
+
+    :param store: where operations wait; a file is shared by every process of the host.
+    :param client_factory: builds the client (once per process); its calls try once.
+    :param hooks: told about every outcome, in the delivering process.
+    :param retry: when and how long to wait before retrying (never slept on).
+    :param rate_limit: the key's budget, e.g. ``"60/minute;1000/hour"``; ``None``: none.
+    :param lease: the longest one call can take, in seconds.
+    :param capacity: the most operations waiting; past it routine syncs, then other
+        live work, are shed (reported). Sends and backfill are never shed.
+    :param workers: delivery threads in the delivering process.
+    :param flush_timeout: how long closing (and interpreter exit) waits for delivery.
+    :param resync_after: seconds after which a state Meisa has is sent again anyway.
+    :param priority_fields: custom fields whose change moves an upsert ahead.
+    :param routine_max_age: seconds after which a routine sync is promoted.
+    :param poll_interval: how often a process looks for the delivery lock and for rows
+        other processes wrote.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        client_factory: ClientFactory,
+        hooks: DeliveryHooks,
+        retry: RetryPolicy,
+        rate_limit: str | None,
+        lease: float,
+        capacity: int = 10_000,
+        workers: int = 1,
+        flush_timeout: float = 5.0,
+        resync_after: float = 86400.0,
+        priority_fields: Sequence[str] = ("plan", "subscription_status"),
+        routine_max_age: float = 3600.0,
+        poll_interval: float = 0.1,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.store = store
+        self.budget = Budget(store, rate_limit, lease=lease)
+        self._client_factory = client_factory
+        self._logger = logger or logging.getLogger("flask_meisa.engine")
+        self._hooks = HookCaller(hooks, self._logger)
+        self._retry = retry
+        self._capacity = capacity
+        self._workers = workers
+        self._flush_timeout = flush_timeout
+        self._resync_after = resync_after
+        self._priority_fields = tuple(priority_fields)
+        self._routine_max_age = routine_max_age
+        self._poll = poll_interval
+        self._lock_path = None if store.path is None else store.path + ".lock"
+        self._fresh()
+
+    def _fresh(self) -> None:
+        """Everything that belongs to one process (again in a forked child)."""
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)  # the threads wait here
+        self._idle = threading.Condition(self._lock)  # flush waits here
+        self._intake: list[Operation] = []
+        self._writing = 0  # operations taken by the writer, not yet stored
+        self._generation = 0  # bumped whenever there may be new work
+        self._threads: list[threading.Thread] = []
+        self._started = self._stopping = self._closed = False
+        self._host_lock = None if self._lock_path is None else HostLock(self._lock_path)
+        self._caller = Caller(
+            store=self.store,
+            budget=self.budget,
+            client_factory=self._client_factory,
+            hooks=self._hooks,
+            retry=self._retry,
+            resync_after=self._resync_after,
+            logger=self._logger,
+            changed=self._kick,
+        )
+        self._store_failing = False
+
+    def __repr__(self) -> str:
+        return f"Delivery({self.store!r}, holder={self.is_holder})"
+
+    @property
+    def is_holder(self) -> bool:
+        """Whether this process delivers (a memory store: always)."""
+        return self._host_lock is None or self._host_lock.held
+
+    # -- the Dispatcher interface ------------------------------------------------------
+
+    def start(self) -> None:
+        """Start this process's writer thread (and, in the delivering process, the
+        delivery threads); idempotent."""
+        self._check_fork()
+        with self._lock:
+            if self._started or self._closed:
+                return
+            self._started = True
+            self._spawn(self._write_loop, "flask-meisa-writer")
+            if self._host_lock is None:
+                self._spawn_workers()
+
+    def submit(self, operations: Iterable[Operation]) -> None:
+        """Hand operations over (a list append; the writer thread stores them)."""
+        self._check_fork()
+        batch = list(operations)
+        with self._lock:
+            if self._closed:
+                refused, batch = batch, []
+            else:
+                refused = []
+                self._intake.extend(batch)
+                self._wake.notify_all()
+        if batch and not self._started:
+            self.start()
+        for operation in refused:
+            if operation.kind == "send":
+                raise DeliveryError(
+                    f"the delivery engine is closed; {operation.describe()} was not sent"
+                )
+            self._hooks.call("dropped", operation, "closed")
+
+    def budget_slot(self, timeout: float) -> contextlib.AbstractContextManager[bool]:
+        """A slot of the host's budget for a call made in the caller's thread."""
+        return self.budget.slot(timeout)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every operation handed over before the call is delivered, failed,
+        skipped or dropped, with its hooks run, at most ``timeout`` seconds (``None``: no
+        limit). In another process of the host, waits for the delivering one."""
+        self.start()
+        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        if getattr(self._caller.in_hook, "active", False):
+            return self._left(None) == 0  # waiting from a hook would deadlock
+        target: int | None = None
+        while True:
+            if target is None and not self._unstored():
+                target = self._last_seq()
+            if target is not None and self._left(target) == 0:
+                return True
+            with self._lock:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._idle.wait(self._poll if left is None else min(left, self._poll))
+
+    def close(self, timeout: float | None = None) -> int:
+        """Deliver for up to ``timeout`` seconds (default ``flush_timeout``), then stop.
+        A file store keeps what is left for the next start; a memory store reports it
+        to ``hooks.dropped(op, "shutdown")``. Returns how many operations were lost."""
+        if self._pid != os.getpid():
+            return 0
+        with self._lock:
+            if self._closed:
+                return 0
+            self._closed = True  # no new operations from here on
+            started = self._started
+        if started:
+            self._drain(self._flush_timeout if timeout is None else timeout)
+        with self._lock:
+            self._stopping = True
+            self._wake.notify_all()
+            threads, lost_intake = list(self._threads), self._intake
+            self._intake = []
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join(_JOIN_TIMEOUT)
+        lost = list(lost_intake)
+        if not self.store.durable:
+            with contextlib.suppress(*STORE_ERRORS), self.store.write() as db:
+                lost += [row.operation for row in _all_waiting(db)]
+        if lost:
+            self._logger.warning(
+                "flask-meisa: %d operations were not delivered before shutdown", len(lost)
+            )
+            for operation in lost:
+                self._hooks.call("dropped", operation, "shutdown")
+        elif self.store.durable:
+            with contextlib.suppress(*STORE_ERRORS), self.store.read() as db:
+                left = _waiting_count(db)
+            if left and self.is_holder:
+                self._logger.info(
+                    "flask-meisa: %d operations stay in the store for the next start", left
+                )
+        if self._host_lock is not None:
+            self._host_lock.release()
+        self.store.close()
+        self._caller.close()
+        return len(lost)
+
+    def status(self) -> DeliveryStatus:
+        """The host's delivery (see :class:`~.base.DeliveryStatus`)."""
+        self._check_fork()
+        now = time.time()
+        status = DeliveryStatus(engine="thread", durable=self.store.durable)
+        with self.store.read() as db:
+            pending.describe(db, now, status)
+        if self.budget.windows:
+            status.budget_left = self.budget.remaining()
+        if self._lock_path is None:
+            status.delivering_pid = os.getpid() if self._started else None
+        else:
+            status.delivering_pid = HostLock.holder(self._lock_path)
+        return status
+
+    def after_fork(self) -> None:
+        """In a forked child: the parent's threads, intake and lock are the parent's."""
+        if self._host_lock is not None:
+            self._host_lock.forget_after_fork()
+        self._fresh()
+
+    def _check_fork(self) -> None:
+        if self._pid != os.getpid():
+            self.after_fork()
+
+    # -- threads -----------------------------------------------------------------------
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # no new threads at interpreter shutdown
+            self._logger.warning("flask-meisa: cannot start the %s thread", name)
+            return
+        self._threads.append(thread)
+
+    def _spawn_workers(self) -> None:
+        for number in range(1, self._workers + 1):
+            self._spawn(self._deliver_loop, f"flask-meisa-delivery-{number}")
+
+    def _kick(self) -> None:
+        with self._lock:
+            self._generation += 1
+            self._wake.notify_all()
+            self._idle.notify_all()
+
+    def _sleep(self, seen: int, seconds: float) -> None:
+        with self._lock:
+            if self._generation == seen and not self._stopping and not self._intake:
+                self._wake.wait(max(min(seconds, 1.0), 0.0))
+
+    # -- the writer: intake, the delivery lock, other processes' rows, housekeeping ----
+
+    def _write_loop(self) -> None:
+        version: int | None = None
+        housekeeping = 0.0
+        while True:
+            with self._lock:
+                if self._stopping and not self._intake:
+                    return
+                if not self._intake:
+                    self._wake.wait(self._poll)
+                batch, self._intake = self._intake, []
+                self._writing = len(batch)
+            try:
+                if batch:
+                    self._store_batch(batch)
+                    batch = []
+                if self._host_lock is not None and not self._host_lock.held:
+                    self._try_to_deliver()
+                seen = self.store.data_version()
+                if seen != version:
+                    version = seen
+                    self._kick()
+                if self.is_holder and time.monotonic() >= housekeeping:
+                    housekeeping = time.monotonic() + _HOUSEKEEPING
+                    self._housekeeping()
+                self._store_ok()
+            except STORE_ERRORS as error:
+                self._store_failed(error)
+                with self._lock:
+                    self._intake[:0] = batch  # kept in memory until the store takes them
+                    self._wake.wait(self._poll)
+            except Exception:
+                self._logger.exception("flask-meisa: delivery writer error; carrying on")
+            finally:
+                with self._lock:
+                    self._writing = 0
+                    self._idle.notify_all()
+
+    def _store_batch(self, batch: list[Operation]) -> None:
+        with self.store.write() as db:
+            for operation in batch:
+                pending.add(db, operation, self._lane_of(db, operation))
+            shed = pending.shed(db, self._capacity)
+            Store.count(db, "dropped", len(shed))
+        self._kick()
+        for operation in shed:
+            self._logger.warning(
+                "flask-meisa: dropped %s (queue_full; at most %d operations wait)",
+                operation.describe(),
+                self._capacity,
+            )
+            self._hooks.call("dropped", operation, "queue_full")
+
+    def _lane_of(self, db: sqlite3.Connection, operation: Operation) -> int:
+        lane = operation.lane
+        if operation.kind != "upsert" or lane != LANE_ROUTINE:
+            return lane
+        had = known.lookup(db, operation.payload)
+        if had is None or had.changes(known.digest(operation.payload), self._priority_fields):
+            return lane - 1  # a first upsert, or a priority field changed
+        return lane
+
+    def _try_to_deliver(self) -> None:
+        assert self._host_lock is not None
+        if not self._host_lock.try_acquire():
+            return
+        with self.store.write() as db:
+            released = pending.release_flights(db)
+        self._logger.info(
+            "flask-meisa: this process (pid %d) now delivers for the host (%d operations "
+            "in flight from an earlier process taken back)",
+            os.getpid(),
+            released,
+        )
+        with self._lock:
+            if not self._stopping:
+                self._spawn_workers()
+
+    def _housekeeping(self) -> None:
+        now = time.time()
+        with self.store.write() as db:
+            pending.age_routine(db, now - self._routine_max_age)
+            known.prune(db, now - max(known.KEEP_FOR, self._resync_after))
+            db.execute("DELETE FROM meisa_answers WHERE at < ?", (now - pending.LATENCY_WINDOW,))
+
+    def _store_ok(self) -> None:
+        if self._store_failing:
+            self._store_failing = False
+            self._logger.warning("flask-meisa: the delivery store works again")
+
+    def _store_failed(self, error: BaseException) -> None:
+        if not self._store_failing:
+            self._store_failing = True
+            self._logger.warning(
+                "flask-meisa: the delivery store failed (%s); operations wait in memory", error
+            )
+
+    # -- delivering --------------------------------------------------------------------
+
+    def _deliver_loop(self) -> None:
+        while True:
+            with self._lock:
+                if self._stopping:
+                    return
+                seen = self._generation
+            try:
+                wait = self._caller.step()
+            except STORE_ERRORS as error:
+                self._store_failed(error)
+                wait = 1.0
+            except Exception:
+                self._logger.exception("flask-meisa: delivery error; carrying on")
+                wait = 0.1
+            if wait:
+                self._sleep(seen, wait)
+
+    # -- flush and close helpers -------------------------------------------------------
+
+    def _unstored(self) -> int:
+        with self._lock:
+            return len(self._intake) + self._writing
+
+    def _last_seq(self) -> int:
+        with self.store.read() as db:
+            return int(db.execute("SELECT coalesce(max(seq), 0) FROM meisa_ops").fetchone()[0])
+
+    def _left(self, target: int | None) -> int:
+        with self._lock:
+            left = len(self._intake) + self._writing + self._caller.reporting
+        with self.store.read() as db:
+            query = "SELECT count(*) FROM meisa_ops WHERE state != 'dead'"
+            if target is None:
+                return left + int(db.execute(query).fetchone()[0])
+            return left + int(db.execute(query + " AND seq <= ?", (target,)).fetchone()[0])
+
+    def _drain(self, timeout: float) -> None:
+        """At close: store the intake, and deliver for up to ``timeout`` when holding."""
+        deadline = time.monotonic() + max(timeout, 0.0)
+        while self._unstored() and time.monotonic() < deadline:
+            with self._lock:
+                self._idle.wait(min(self._poll, max(deadline - time.monotonic(), 0.0)))
+        if self.is_holder:
+            self.flush(max(deadline - time.monotonic(), 0.0))
+
+
+def _all_waiting(db: sqlite3.Connection) -> Iterator[pending.Row]:
+    rows = db.execute(
+        f"SELECT {pending.OP_COLUMNS} FROM meisa_ops WHERE state != 'dead' ORDER BY seq"
+    ).fetchall()
+    db.execute("DELETE FROM meisa_ops WHERE state != 'dead'")
+    return (pending.row_of(values) for values in rows)
+
+
+def _waiting_count(db: sqlite3.Connection) -> int:
+    return int(db.execute("SELECT count(*) FROM meisa_ops WHERE state != 'dead'").fetchone()[0])

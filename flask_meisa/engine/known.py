@@ -1,0 +1,97 @@
+"""What Meisa already has: per contact, a short digest of each field Meisa last accepted
+from us, so that a state Meisa has is never sent again (within ``MEISA_RESYNC_AFTER``),
+and so that a contact's first upsert, or a change of a priority field, can be told apart
+from a routine sync."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import Iterable
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..operations import identities
+
+__all__ = ["Known", "digest", "forget", "lookup", "prune", "remember"]
+
+#: Entries unused for this long are forgotten, whatever ``MEISA_RESYNC_AFTER`` says.
+KEEP_FOR = 30 * 86400.0
+
+
+def _hash(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+def digest(payload: Mapping[str, Any]) -> dict[str, str]:
+    """``{field: short hash}`` of an upsert payload: one entry per top-level field, per
+    custom field and per tag. ``source`` is left out: Meisa keeps a contact's first."""
+    fields: dict[str, str] = {}
+    for name, value in payload.items():
+        if name == "custom_fields":
+            for field, item in value.items():
+                fields[f"custom_fields.{field}"] = _hash(item)
+        elif name == "tag_names":
+            fields.update((f"tag:{tag}", "1") for tag in value)
+        elif name != "source":
+            fields[name] = _hash(value)
+    return fields
+
+
+@dataclass(frozen=True)
+class Known:
+    """What Meisa last accepted of a contact, and when."""
+
+    fields: dict[str, str]
+    accepted_at: float
+
+    def has(self, wanted: Mapping[str, str]) -> bool:
+        """Whether every field of ``wanted`` is already there with the same value."""
+        return all(self.fields.get(name) == value for name, value in wanted.items())
+
+    def changes(self, wanted: Mapping[str, str], names: Iterable[str]) -> bool:
+        """Whether ``wanted`` changes one of the custom fields ``names``."""
+        return any(
+            (key := f"custom_fields.{name}") in wanted and self.fields.get(key) != wanted[key]
+            for name in names
+        )
+
+
+def _keys(payload: Mapping[str, Any]) -> list[str]:
+    return [key for key in identities(payload) if key is not None]
+
+
+def lookup(db: sqlite3.Connection, payload: Mapping[str, Any]) -> Known | None:
+    """What Meisa has of the contact ``payload`` names (by ``external_id`` first)."""
+    for key in _keys(payload):
+        row = db.execute(
+            "SELECT fields, accepted_at FROM meisa_known WHERE key = ?", (key,)
+        ).fetchone()
+        if row is not None:
+            return Known(json.loads(row[0]), float(row[1]))
+    return None
+
+
+def remember(db: sqlite3.Connection, payload: Mapping[str, Any], now: float) -> None:
+    """Meisa accepted ``payload``: fold its fields into what it has of the contact."""
+    known = lookup(db, payload)
+    fields = {**(known.fields if known else {}), **digest(payload)}
+    text = json.dumps(fields, separators=(",", ":"))
+    db.executemany(
+        "INSERT OR REPLACE INTO meisa_known (key, fields, accepted_at) VALUES (?, ?, ?)",
+        [(key, text, now) for key in _keys(payload)],
+    )
+
+
+def forget(db: sqlite3.Connection, payload: Mapping[str, Any]) -> None:
+    """Meisa no longer knows the contact (an event answered 404): forget it."""
+    for key in _keys(payload):
+        db.execute("DELETE FROM meisa_known WHERE key = ?", (key,))
+
+
+def prune(db: sqlite3.Connection, before: float) -> int:
+    """Forget entries accepted before ``before``."""
+    return db.execute("DELETE FROM meisa_known WHERE accepted_at < ?", (before,)).rowcount

@@ -1,0 +1,419 @@
+"""What waits for Meisa: the operations table of the store.
+
+Rows are delivered lowest lane first, oldest first, with two rules that hold across
+processes and restarts:
+
+- one contact's rows go one at a time in the order they came (``seq``); a contact is one
+  contact whether a row names it by ``external_id``, by email, or by both, so a row waits
+  while an earlier row sharing either name is pending or in flight;
+- a later upsert merges into its contact's latest upsert still waiting (never one in
+  flight), unless the names disagree or the merged body would be too large; a row that
+  joins a contact in a higher lane takes the contact's earlier rows up with it.
+
+A refused row stays as a dead letter, with its error, until it is retried or purged.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import APIConnectionError
+from ..errors import APIError
+from ..errors import ValidationError
+from ..operations import LANE_AUTOMATION
+from ..operations import LANE_NAMES
+from ..operations import LANE_ROUTINE
+from ..operations import Operation
+from ..operations import identities
+from ..operations import merge_priorities
+from ..operations import merge_upsert_payloads
+from ..payloads import MAX_BODY_BYTES
+from .base import DeliveryStatus
+from .store import OP_COLUMNS
+from .store import Store
+
+__all__ = [
+    "OP_COLUMNS",
+    "DeadLetter",
+    "Row",
+    "add",
+    "dead_letters",
+    "next_ready",
+    "row_of",
+    "shed",
+]
+
+_MESSAGE_LIMIT = 300
+#: The window of answers that the latency figures of the status cover, in seconds.
+LATENCY_WINDOW = 900.0
+
+
+@dataclass
+class Row:
+    """A stored operation with its delivery state."""
+
+    seq: int
+    operation: Operation
+    lane: int
+    first_attempt: float | None
+    #: 1: an event answered 404, whose contact is upserted before it goes again; 2: done.
+    recover: int
+    #: How many submitted operations this row stands for (merged upserts).
+    merged: int
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A row Meisa refused, or whose retries ran out, kept with its error."""
+
+    seq: int
+    operation: Operation
+    status: int | None
+    code: str | None
+    message: str
+    attempts: int
+    merged: int
+    failed_at: float
+
+
+def _dump(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def row_of(values: Any) -> Row:
+    """The :class:`Row` of values selected with :data:`OP_COLUMNS`."""
+    seq, op_id, kind, lane, payload, contact, priority, force, created, attempts = values[:10]
+    operation = Operation(
+        kind=kind,
+        payload=json.loads(payload),
+        contact=json.loads(contact) if contact else None,
+        id=op_id,
+        created_at=created,
+        attempts=attempts,
+        priority=priority,
+        force=bool(force),
+    )
+    return Row(int(seq), operation, int(lane), values[10], int(values[11]), int(values[12]))
+
+
+def keys(operation: Operation) -> tuple[str | None, str | None]:
+    """The names a row is ordered by: a contact's two, or ``send:<address>`` for a send
+    (so that one recipient's sends keep their order and wait together)."""
+    if operation.kind == "send":
+        return None, f"send:{operation.payload['to_email']}"
+    return identities(operation.payload)
+
+
+# -- taking operations in --------------------------------------------------------------
+
+
+def add(db: sqlite3.Connection, operation: Operation, lane: int) -> tuple[int, bool]:
+    """Store ``operation`` in ``lane`` (or merge it into its contact's waiting upsert);
+    returns the row's ``seq`` and whether it was merged."""
+    ext, email = keys(operation)
+    if operation.kind == "upsert":
+        merged = _merge(db, operation, lane, ext, email)
+        if merged is not None:
+            return merged, True
+    cursor = db.execute(
+        "INSERT INTO meisa_ops (id, kind, lane, ext, email, payload, contact, priority, force,"
+        " created_at, attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            operation.id,
+            operation.kind,
+            lane,
+            ext,
+            email,
+            _dump(operation.payload),
+            None if operation.contact is None else _dump(operation.contact),
+            operation.priority,
+            int(operation.force),
+            operation.created_at,
+            operation.attempts,
+        ),
+    )
+    seq = int(cursor.lastrowid or 0)
+    _promote(db, seq, lane, ext, email)
+    return seq, False
+
+
+def _merge(
+    db: sqlite3.Connection, operation: Operation, lane: int, ext: str | None, email: str | None
+) -> int | None:
+    row = db.execute(
+        "SELECT seq, payload, lane, priority, force, ext FROM meisa_ops WHERE kind = 'upsert' "
+        "AND state = 'pending' AND (ext = ? OR email = ?) ORDER BY seq DESC LIMIT 1",
+        (ext, email),
+    ).fetchone()
+    if row is None or (ext is not None and row[5] is not None and row[5] != ext):
+        return None
+    payload = merge_upsert_payloads(json.loads(row[1]), operation.payload)
+    body = _dump(payload)
+    if len(body.encode()) > MAX_BODY_BYTES - 1024:
+        return None  # one call could not carry both: they go one after the other
+    new_ext, new_email = identities(payload)
+    db.execute(
+        "UPDATE meisa_ops SET payload = ?, lane = ?, ext = ?, email = ?, priority = ?, "
+        "force = ?, merged = merged + 1 WHERE seq = ?",
+        (
+            body,
+            min(row[2], lane),
+            new_ext,
+            new_email,
+            merge_priorities(row[3], operation.priority),
+            int(bool(row[4]) or operation.force),
+            row[0],
+        ),
+    )
+    _promote(db, row[0], min(row[2], lane), new_ext, new_email)
+    return int(row[0])
+
+
+def _promote(
+    db: sqlite3.Connection, seq: int, lane: int, ext: str | None, email: str | None
+) -> None:
+    """Rows of the contact ahead of ``seq`` go no later than it: an urgent row never waits
+    behind its contact's routine ones in a lower lane."""
+    db.execute(
+        "UPDATE meisa_ops SET lane = ? WHERE seq < ? AND lane > ? AND state != 'dead' "
+        "AND (ext = ? OR email = ?)",
+        (lane, seq, lane, ext, email),
+    )
+
+
+def shed(db: sqlite3.Connection, capacity: int) -> list[Operation]:
+    """Past ``capacity`` rows waiting, remove the oldest routine syncs, then the oldest
+    automation-lane rows (never sends, backfill or rows in flight); returns them."""
+    waiting = db.execute("SELECT count(*) FROM meisa_ops WHERE state != 'dead'").fetchone()[0]
+    excess = int(waiting) - capacity
+    if excess <= 0:
+        return []
+    victims = db.execute(
+        f"SELECT {OP_COLUMNS} FROM meisa_ops WHERE state = 'pending' AND lane IN (?, ?) "
+        "ORDER BY lane DESC, seq LIMIT ?",
+        (LANE_AUTOMATION, LANE_ROUTINE, excess),
+    ).fetchall()
+    rows = [row_of(values) for values in victims]
+    _each(db, "DELETE FROM meisa_ops WHERE", [row.seq for row in rows])
+    return [row.operation for row in rows]
+
+
+def age_routine(db: sqlite3.Connection, older_than: float) -> int:
+    """Promote routine syncs released before ``older_than`` (nothing waits forever)."""
+    cursor = db.execute(
+        "UPDATE meisa_ops SET lane = ? WHERE lane = ? AND state = 'pending' AND created_at < ?",
+        (LANE_AUTOMATION, LANE_ROUTINE, older_than),
+    )
+    return cursor.rowcount
+
+
+# -- handing operations out ------------------------------------------------------------
+
+
+def next_ready(db: sqlite3.Connection, now: float) -> Row | None:
+    """The row to call next: ready, first in its contact, lowest lane, oldest."""
+    values = db.execute(
+        f"SELECT {', '.join('r.' + c.strip() for c in OP_COLUMNS.split(','))} "
+        "FROM meisa_ops r WHERE r.state = 'pending' AND r.ready_at <= ? "
+        "AND NOT EXISTS (SELECT 1 FROM meisa_ops p WHERE p.ext = r.ext AND p.seq < r.seq "
+        "AND p.state != 'dead') "
+        "AND NOT EXISTS (SELECT 1 FROM meisa_ops p WHERE p.email = r.email AND p.seq < r.seq "
+        "AND p.state != 'dead') ORDER BY r.lane, r.seq LIMIT 1",
+        (now,),
+    ).fetchone()
+    return None if values is None else row_of(values)
+
+
+def next_due(db: sqlite3.Connection, now: float) -> float | None:
+    """When the earliest row waiting to retry comes due, or ``None``."""
+    row = db.execute(
+        "SELECT min(ready_at) FROM meisa_ops WHERE ready_at > ? AND state = 'pending'", (now,)
+    ).fetchone()
+    return None if row[0] is None else float(row[0])
+
+
+def take(db: sqlite3.Connection, row: Row, now: float) -> None:
+    """Mark ``row`` in flight (one more attempt)."""
+    row.operation.attempts += 1
+    if row.first_attempt is None:
+        row.first_attempt = now
+    db.execute(
+        "UPDATE meisa_ops SET state = 'flight', attempts = ?, first_attempt = ? WHERE seq = ?",
+        (row.operation.attempts, row.first_attempt, row.seq),
+    )
+
+
+def finish(db: sqlite3.Connection, row: Row) -> None:
+    """The row is over (delivered or skipped): it goes."""
+    db.execute("DELETE FROM meisa_ops WHERE seq = ?", (row.seq,))
+
+
+def retry_at(db: sqlite3.Connection, row: Row, when: float, *, recover: int = 0) -> None:
+    """Wait until ``when``. ``recover``: 1, upsert the event's contact first; 2, that was
+    done (an event is recovered once)."""
+    db.execute(
+        "UPDATE meisa_ops SET state = 'pending', ready_at = ?, recover = ? WHERE seq = ?",
+        (when, int(recover), row.seq),
+    )
+
+
+def absorb_later(db: sqlite3.Connection, row: Row) -> None:
+    """An upsert going back to wait takes in its contact's later upserts that came while
+    it was in flight, so that its next attempt carries the newest state."""
+    ext, email = keys(row.operation)
+    later = db.execute(
+        "SELECT seq, payload, ext, lane, merged FROM meisa_ops WHERE kind = 'upsert' AND "
+        "state = 'pending' AND seq > ? AND (ext = ? OR email = ?) ORDER BY seq",
+        (row.seq, ext, email),
+    ).fetchall()
+    payload, lane, merged, taken = row.operation.payload, row.lane, row.merged, []
+    for seq, body, their_ext, their_lane, their_merged in later:
+        if ext is not None and their_ext is not None and their_ext != ext:
+            break
+        candidate = merge_upsert_payloads(payload, json.loads(body))
+        if len(_dump(candidate).encode()) > MAX_BODY_BYTES - 1024:
+            break
+        payload, lane, merged = candidate, min(lane, their_lane), merged + their_merged
+        taken.append(seq)
+    if not taken:
+        return
+    _each(db, "DELETE FROM meisa_ops WHERE", taken)
+    new_ext, new_email = identities(payload)
+    db.execute(
+        "UPDATE meisa_ops SET payload = ?, lane = ?, merged = ?, ext = ?, email = ? WHERE seq = ?",
+        (_dump(payload), lane, merged, new_ext, new_email, row.seq),
+    )
+    row.operation.payload, row.lane, row.merged = payload, lane, merged
+
+
+def release_flights(db: sqlite3.Connection) -> int:
+    """Rows a delivering process left in flight (it died) wait again."""
+    return db.execute("UPDATE meisa_ops SET state = 'pending' WHERE state = 'flight'").rowcount
+
+
+# -- dead letters ----------------------------------------------------------------------
+
+
+def error_fields(error: BaseException) -> tuple[int | None, str | None, str]:
+    """``(status, code, message)`` as a dead letter keeps them (never a payload value)."""
+    if isinstance(error, APIError):
+        status: int | None = error.status
+        code, message = error.code, error.message
+    elif isinstance(error, APIConnectionError):
+        status, code, message = None, None, f"{type(error).__name__}: {error.reason}"
+    elif isinstance(error, ValidationError):
+        status, code, message = None, "validation", f"{error.field}: {error.message}"
+    else:
+        status, code, message = None, None, type(error).__name__
+    return status, code, message[:_MESSAGE_LIMIT]
+
+
+def bury(db: sqlite3.Connection, row: Row, error: BaseException) -> None:
+    """Keep ``row`` as a dead letter with ``error``."""
+    status, code, message = error_fields(error)
+    db.execute(
+        "UPDATE meisa_ops SET state = 'dead', error_status = ?, error_code = ?, "
+        "error_message = ?, failed_at = ? WHERE seq = ?",
+        (status, code, message, time.time(), row.seq),
+    )
+
+
+def dead_letters(db: sqlite3.Connection, seqs: Iterable[int] | None = None) -> list[DeadLetter]:
+    """Dead letters (those in ``seqs``, or all), oldest first."""
+    query = (
+        f"SELECT {OP_COLUMNS}, error_status, error_code, error_message, failed_at "
+        "FROM meisa_ops WHERE state = 'dead'"
+    )
+    params = [] if seqs is None else [int(seq) for seq in seqs]
+    if seqs is not None:
+        query += f" AND seq IN ({', '.join('?' * len(params))})"
+    letters = []
+    for values in db.execute(query + " ORDER BY seq", params).fetchall():
+        row = row_of(values)
+        letters.append(
+            DeadLetter(
+                seq=row.seq,
+                operation=row.operation,
+                status=values[13],
+                code=values[14],
+                message=values[15] or "",
+                attempts=row.operation.attempts,
+                merged=row.merged,
+                failed_at=float(values[16] or 0.0),
+            )
+        )
+    return letters
+
+
+def requeue(db: sqlite3.Connection, seqs: Iterable[int] | None = None) -> int:
+    """Make dead letters (those in ``seqs``, or all) wait again, errors cleared."""
+    reset = (
+        "UPDATE meisa_ops SET state = 'pending', attempts = 0, first_attempt = NULL, "
+        "ready_at = 0, error_status = NULL, error_code = NULL, error_message = NULL, "
+        "failed_at = NULL WHERE state = 'dead'"
+    )
+    if seqs is None:
+        return db.execute(reset).rowcount
+    return _each(db, reset + " AND", seqs)
+
+
+def purge(db: sqlite3.Connection, seqs: Iterable[int] | None = None) -> int:
+    """Delete dead letters (those in ``seqs``, or all)."""
+    if seqs is None:
+        return db.execute("DELETE FROM meisa_ops WHERE state = 'dead'").rowcount
+    return _each(db, "DELETE FROM meisa_ops WHERE state = 'dead' AND", seqs)
+
+
+def _each(db: sqlite3.Connection, statement: str, seqs: Iterable[int]) -> int:
+    wanted = [int(seq) for seq in seqs]
+    done = 0
+    for start in range(0, len(wanted), 500):
+        chunk = wanted[start : start + 500]
+        done += db.execute(f"{statement} seq IN ({', '.join('?' * len(chunk))})", chunk).rowcount
+    return done
+
+
+# -- the host's status -----------------------------------------------------------------
+
+
+def describe(db: sqlite3.Connection, now: float, status: DeliveryStatus) -> None:
+    """Fill ``status`` with what the store holds: work per lane and its age, in flight,
+    waiting to retry, dead letters, latency, counters, pause and the backfill run."""
+    status.queued = dict.fromkeys(LANE_NAMES.values(), 0)
+    for lane, state, due, count, oldest in db.execute(
+        "SELECT lane, state, ready_at > ?, count(*), min(created_at) FROM meisa_ops "
+        "GROUP BY lane, state, ready_at > ?",
+        (now, now),
+    ):
+        name = LANE_NAMES.get(lane, str(lane))
+        if state == "dead":
+            status.dead_letters += count
+            continue
+        if state == "flight":
+            status.in_flight += count
+        elif due:
+            status.retry_waiting += count
+        else:
+            status.queued[name] += count
+        waited = max(now - oldest, 0.0)
+        status.oldest_wait[name] = max(status.oldest_wait.get(name, 0.0), waited)
+    for lane, name in LANE_NAMES.items():
+        waits = [
+            float(w)
+            for (w,) in db.execute(
+                "SELECT waited FROM meisa_answers WHERE lane = ? AND at >= ? ORDER BY waited",
+                (lane, now - LATENCY_WINDOW),
+            )
+        ]
+        if waits:
+            p99 = waits[min(len(waits) - 1, int(len(waits) * 0.99))]
+            status.latency[name] = (waits[(len(waits) - 1) // 2], p99)
+    for name in ("delivered", "failed", "dropped", "unchanged"):
+        setattr(status, name, int(Store.get_meta(db, name, 0)))
+    status.paused_for = max(float(Store.get_meta(db, "pause_until", 0.0)) - now, 0.0)
+    status.backfill = Store.get_meta(db, "backfill")

@@ -1,0 +1,298 @@
+"""The delivery store: one SQLite database holding what waits for Meisa, the key's budget,
+what Meisa already has, and the host's counters; a file shared by every process of the
+host, or memory for this process alone."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextlib import suppress
+from typing import Any
+
+from ..errors import ConfigurationError
+
+__all__ = ["STORE_ERRORS", "Store"]
+
+logger = logging.getLogger("flask_meisa.engine")
+
+#: What a read or write of the store may raise (locked, full, unreadable or vanished).
+STORE_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error, OSError)
+
+SCHEMA_VERSION = 2
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meisa_ops (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    lane INTEGER NOT NULL,
+    ext TEXT,
+    email TEXT,
+    payload TEXT NOT NULL,
+    contact TEXT,
+    priority TEXT,
+    force INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    ready_at REAL NOT NULL DEFAULT 0,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    first_attempt REAL,
+    recover INTEGER NOT NULL DEFAULT 0,
+    merged INTEGER NOT NULL DEFAULT 1,
+    error_status INTEGER,
+    error_code TEXT,
+    error_message TEXT,
+    failed_at REAL
+);
+CREATE INDEX IF NOT EXISTS meisa_ops_next ON meisa_ops (state, lane, seq);
+CREATE INDEX IF NOT EXISTS meisa_ops_ext ON meisa_ops (ext, seq) WHERE ext IS NOT NULL;
+CREATE INDEX IF NOT EXISTS meisa_ops_email ON meisa_ops (email, seq) WHERE email IS NOT NULL;
+CREATE TABLE IF NOT EXISTS meisa_calls (
+    token TEXT PRIMARY KEY,
+    lease_until REAL NOT NULL,
+    answered_at REAL
+);
+CREATE INDEX IF NOT EXISTS meisa_calls_answered ON meisa_calls (answered_at);
+CREATE TABLE IF NOT EXISTS meisa_known (
+    key TEXT PRIMARY KEY,
+    fields TEXT NOT NULL,
+    accepted_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meisa_answers (lane INTEGER NOT NULL, at REAL NOT NULL, waited REAL);
+CREATE INDEX IF NOT EXISTS meisa_answers_at ON meisa_answers (at);
+CREATE TABLE IF NOT EXISTS meisa_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+#: The ops columns that come back into an operation's row, in order.
+OP_COLUMNS = (
+    "seq, id, kind, lane, payload, contact, priority, force, created_at, attempts, "
+    "first_attempt, recover, merged"
+)
+
+# A forked child must neither use nor close its parent's connection (SQLite's rule): kept
+# referenced here so that nothing finalises it either.
+_INHERITED: list[sqlite3.Connection] = []
+
+
+class Store:
+    """The database (see the module's docstring). Every method is safe from any thread;
+    in a forked child the store opens its own connection.
+
+    :param path: the SQLite file (its folder is made when missing), or ``None`` for a
+        database in this process's memory.
+    :param busy_timeout: seconds a write waits for another process's write.
+    :raises ConfigurationError: the file cannot be used (not writable, not a database
+        that can be set aside).
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None, *, busy_timeout: float = 1.0) -> None:
+        self.path = None if path is None else os.path.abspath(os.fspath(path))
+        self.busy_timeout = float(busy_timeout)
+        self._pid = os.getpid()
+        self._lock = threading.RLock()
+        self._db: sqlite3.Connection | None = None
+        try:
+            if self.path is not None:
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            self._prepare()
+        except STORE_ERRORS as error:
+            raise ConfigurationError(
+                f"the delivery store {self.path!r} cannot be used ({error}); set MEISA_OUTBOX "
+                "to a writable local file, or to None for memory only"
+            ) from None
+
+    def __repr__(self) -> str:
+        return f"Store({self.path or ':memory:'!r})"
+
+    @property
+    def durable(self) -> bool:
+        """Whether the store is a file (shared by the host, kept across restarts)."""
+        return self.path is not None
+
+    # -- connection --------------------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._pid != os.getpid():  # a forked child: the parent's connection is not ours
+            self._pid = os.getpid()
+            self._lock = threading.RLock()
+            if self._db is not None:
+                _INHERITED.append(self._db)
+            self._db = None
+        if self._db is None:
+            self._db = self._open(self.path or ":memory:")
+            self._db.executescript(_SCHEMA)
+        return self._db
+
+    def _open(self, target: str) -> sqlite3.Connection:
+        db = sqlite3.connect(
+            target, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
+        )
+        try:
+            db.execute("PRAGMA synchronous = NORMAL")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    @contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """This process's connection, for reads (and single autocommit writes)."""
+        with self._lock:
+            yield self._connection()
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction, holding the database's write lock from its start."""
+        with self._lock:
+            db = self._connection()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                with suppress(sqlite3.Error):  # the original error says more
+                    db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close this process's connection (a later use opens a new one; a memory
+        database starts empty again)."""
+        with self._lock:
+            db, self._db = self._db, None
+            if db is not None and self._pid == os.getpid():
+                db.close()
+
+    def data_version(self) -> int:
+        """A number that changes whenever another connection (any process) commits."""
+        with self.read() as db:
+            return int(db.execute("PRAGMA data_version").fetchone()[0])
+
+    # -- the small key-value table -----------------------------------------------------
+
+    @staticmethod
+    def get_meta(db: sqlite3.Connection, name: str, default: Any = None) -> Any:
+        """A JSON value kept under ``name``."""
+        row = db.execute("SELECT value FROM meisa_meta WHERE name = ?", (name,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    @staticmethod
+    def set_meta(db: sqlite3.Connection, name: str, value: Any) -> None:
+        """Keep ``value`` (JSON) under ``name``; ``None`` deletes it."""
+        if value is None:
+            db.execute("DELETE FROM meisa_meta WHERE name = ?", (name,))
+        else:
+            db.execute(
+                "INSERT OR REPLACE INTO meisa_meta (name, value) VALUES (?, ?)",
+                (name, json.dumps(value)),
+            )
+
+    @staticmethod
+    def count(db: sqlite3.Connection, name: str, delta: int) -> None:
+        """Add ``delta`` to the counter ``name``."""
+        if delta:
+            db.execute(
+                "INSERT INTO meisa_meta (name, value) VALUES (?, ?) ON CONFLICT (name) "
+                "DO UPDATE SET value = CAST(value AS INTEGER) + excluded.value",
+                (name, str(int(delta))),
+            )
+
+    # -- opening, checking, setting a damaged file aside -------------------------------
+
+    def _prepare(self) -> None:
+        if self.path is None:
+            with self.read():
+                return
+        try:
+            self._check()
+        except sqlite3.DatabaseError as error:
+            self.close()
+            self._set_aside(error)
+
+    def _check(self) -> None:
+        with self.read() as db:
+            if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                db.execute("PRAGMA journal_mode = WAL")
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise ConfigurationError(
+                    f"the delivery store {self.path!r} was written by a newer flask-meisa "
+                    f"(schema {version}; this one reads {SCHEMA_VERSION})"
+                )
+            problems = [row[0] for row in db.execute("PRAGMA quick_check").fetchall()]
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError("; ".join(problems[:3]))
+            if version < SCHEMA_VERSION:
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _set_aside(self, error: BaseException) -> None:
+        assert self.path is not None
+        damaged = f"{self.path}.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        for suffix in ("", "-wal", "-shm"):
+            with suppress(FileNotFoundError):
+                os.replace(self.path + suffix, damaged + suffix)
+        rows = _salvage(damaged)
+        self._check()
+        with self.write() as db:
+            db.executemany(
+                f"INSERT INTO meisa_ops ({', '.join(_SALVAGED)}) "
+                f"VALUES ({', '.join('?' * len(_SALVAGED))})",
+                rows,
+            )
+        logger.error(
+            "flask-meisa: the delivery store %s is damaged (%s); it was moved to %s and a "
+            "fresh one started with the %d operations that could still be read. Keep the "
+            "damaged file for inspection, or delete it.",
+            self.path,
+            error,
+            damaged,
+            len(rows),
+        )
+
+
+_SALVAGED = (
+    "seq",
+    "id",
+    "kind",
+    "lane",
+    "ext",
+    "email",
+    "payload",
+    "contact",
+    "priority",
+    "force",
+    "created_at",
+    "state",
+    "attempts",
+    "merged",
+    "error_status",
+    "error_code",
+    "error_message",
+    "failed_at",
+)
+
+
+def _salvage(path: str) -> list[tuple[Any, ...]]:
+    """The operations that can still be read from a damaged store, skipping bad pages."""
+    rows: list[tuple[Any, ...]] = []
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return rows
+    query = f"SELECT {', '.join(_SALVAGED)} FROM meisa_ops WHERE seq > ? ORDER BY seq"
+    after, skip = -1, 1
+    try:
+        while skip < 1 << 40:
+            try:
+                for row in db.execute(query, (after,)):
+                    rows.append(tuple("pending" if v == "flight" else v for v in row))
+                    after, skip = row[0], 1
+                break
+            except sqlite3.DatabaseError:
+                after, skip = after + skip, skip * 2  # jump past the damage
+    finally:
+        db.close()
+    return rows

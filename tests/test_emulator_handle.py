@@ -232,7 +232,13 @@ def test_command_line_serves_the_demo_and_exits_cleanly_on_sigterm():
             assert "not secrets" in lines[2]
             with requests.Session() as session:
                 ping = session.get(url + "/ping/", headers={"X-API-Key": key}, timeout=5)
+                inbox = session.get(lines[1].split()[-1], timeout=5)
             assert ping.json()["product"]["name"] == "Demo SaaS"
+            assert lines[1].startswith("Inbox and admin endpoints: http://127.0.0.1:")
+            assert (inbox.status_code, inbox.headers["Content-Type"]) == (
+                200,
+                "text/html; charset=utf-8",
+            )
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=10) == 0
             assert process.stderr.read() == ""

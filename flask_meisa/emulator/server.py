@@ -24,6 +24,7 @@ from urllib.parse import parse_qs
 from urllib.parse import unquote
 
 from . import api
+from . import inbox
 from .call import Request
 from .faults import Faults
 from .paths import BASE_PATH
@@ -37,7 +38,8 @@ from .wire import read_fields
 
 __all__ = ["ADMIN_PREFIX", "Backend", "EmulatorServer"]
 
-#: Where the admin endpoints live (no key, no rate limit, no faults, not recorded).
+#: Where the inbox page and the admin endpoints live (no key, no rate limit, no faults,
+#: not recorded).
 ADMIN_PREFIX = "/_emulator/"
 _MAX_BODY = 10 * 1024 * 1024
 _POLL_INTERVAL = 0.02
@@ -137,6 +139,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         started = time.perf_counter()
         backend = self.server.backend
+        path, _, query_string = self.path.partition("?")
+        admin = path.startswith(ADMIN_PREFIX)
         try:
             raw = self._read_body()
         except _BadRequest as error:
@@ -144,17 +148,19 @@ class _Handler(BaseHTTPRequestHandler):
             body = {"detail": error.detail, "code": error.code}
             self._respond(error.status, body, {})
             return
-        path, _, query_string = self.path.partition("?")
         query = {}
         if query_string:
             parsed = parse_qs(query_string, keep_blank_values=True)
             query = {k: v[0] for k, v in parsed.items()}
-        if path.startswith(ADMIN_PREFIX):
+        if admin:
+            name = path[len(ADMIN_PREFIX) :].strip("/")
+            if not name and self.command == "GET":
+                self._send(200, inbox.PAGE, inbox.HEADERS)
+                return
             body, ok = api.parse_body(raw)
             if not ok:
                 self._respond(400, {"detail": "Malformed JSON body.", "code": "parse_error"}, {})
                 return
-            name = path[len(ADMIN_PREFIX) :].strip("/")
             status, answer = backend.admin(self.command, name, query, body)
             self._respond(status, answer, {})
             return
@@ -235,8 +241,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _respond(self, status: int, body: Any, headers: Mapping[str, str]) -> None:
         data = _ENCODER.encode(body).encode()
+        self._send(status, data, {"Content-Type": "application/json", **headers})
+
+    def _send(self, status: int, data: bytes, headers: Mapping[str, str]) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         for name, value in headers.items():
             self.send_header(name, value)

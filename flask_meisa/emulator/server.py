@@ -2,7 +2,8 @@
 
 Every answer leaves in one write (buffered ``wfile``, Nagle off) so keep-alive clients are
 not held up by delayed ACKs. :meth:`EmulatorServer.stop` shuts every open client connection
-down, so handler threads blocked on a keep-alive read end and can be joined.
+down, so handler threads blocked on a keep-alive read end and can be joined. Requests that
+:mod:`.guard` refuses are answered before anything else.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from . import api
 from . import inbox
 from .call import Request
 from .faults import Faults
+from .guard import refusal
 from .paths import BASE_PATH
 from .recording import RecordedRequest
 from .recording import Recorder
@@ -142,6 +144,9 @@ class _Handler(BaseHTTPRequestHandler):
         path, _, query_string = self.path.partition("?")
         admin = path.startswith(ADMIN_PREFIX)
         try:
+            refused = refusal(self.command, admin, self.fields, self.server.own_host)
+            if refused is not None:
+                raise _BadRequest(*refused)
             raw = self._read_body()
         except _BadRequest as error:
             self.close_connection = True
@@ -266,6 +271,8 @@ class _HTTPServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], backend: Backend) -> None:
         self.backend = backend
+        #: The address given to listen on: a Host header may name it (see :mod:`.guard`).
+        self.own_host = address[0]
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
         super().__init__(address, _Handler)

@@ -145,7 +145,7 @@ class Admin:
 
     def clear(self) -> None:
         """Remove every fault."""
-        self.http.delete(f"{self.root}/faults", timeout=10).raise_for_status()
+        self.http.delete(f"{self.root}/faults", json={}, timeout=10).raise_for_status()
 
     def close(self) -> None:
         """Close the session."""

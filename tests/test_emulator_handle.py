@@ -192,7 +192,7 @@ def test_admin_faults_keys_clock_reset(emulator, emulator_api):
     assert emulator_api.get("/ping/").status_code == 502
     admin(emulator_api, "POST", "faults", json={"error_rate": 1.0, "error_statuses": [504]})
     assert emulator_api.get("/ping/").status_code == 504
-    assert admin(emulator_api, "DELETE", "faults").json()["error_rate"] == 0
+    assert admin(emulator_api, "DELETE", "faults", json={}).json()["error_rate"] == 0
     assert emulator_api.get("/ping/").ok
     bad = admin(emulator_api, "POST", "faults", json={"drop_rate": 3})
     assert bad.status_code == 400
@@ -208,7 +208,7 @@ def test_admin_faults_keys_clock_reset(emulator, emulator_api):
     admin(emulator_api, "POST", "suppressions", json={"email": "x@example.com"})
     assert "x@example.com" in emulator.suppressions("test")
     emulator_api.post("/contacts/upsert/", {"email": "ada@example.com"})
-    assert admin(emulator_api, "POST", "reset").json() == {"status": "reset"}
+    assert admin(emulator_api, "POST", "reset", json={}).json() == {"status": "reset"}
     assert emulator.contacts() == []
     assert emulator.requests == []
 
@@ -232,7 +232,13 @@ def test_command_line_serves_the_demo_and_exits_cleanly_on_sigterm():
             assert "not secrets" in lines[2]
             with requests.Session() as session:
                 ping = session.get(url + "/ping/", headers={"X-API-Key": key}, timeout=5)
+                inbox = session.get(lines[1].split()[-1], timeout=5)
             assert ping.json()["product"]["name"] == "Demo SaaS"
+            assert lines[1].startswith("Inbox and admin endpoints: http://127.0.0.1:")
+            assert (inbox.status_code, inbox.headers["Content-Type"]) == (
+                200,
+                "text/html; charset=utf-8",
+            )
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=10) == 0
             assert process.stderr.read() == ""

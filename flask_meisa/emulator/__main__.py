@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         print(f"Meisa emulator listening on {emulator.url}", flush=True)
-        print(f"Admin endpoints under {emulator.root_url}/_emulator/", flush=True)
+        print(f"Inbox and admin endpoints: {emulator.root_url}/_emulator/", flush=True)
         if emulator.is_demo:
             print("Demo keys (keys of this local emulator only, not secrets):", flush=True)
             for name, key in emulator.keys.items():

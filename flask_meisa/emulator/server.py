@@ -2,7 +2,8 @@
 
 Every answer leaves in one write (buffered ``wfile``, Nagle off) so keep-alive clients are
 not held up by delayed ACKs. :meth:`EmulatorServer.stop` shuts every open client connection
-down, so handler threads blocked on a keep-alive read end and can be joined.
+down, so handler threads blocked on a keep-alive read end and can be joined. Requests that
+:mod:`.guard` refuses are answered before anything else.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from urllib.parse import parse_qs
 from urllib.parse import unquote
 
 from . import api
+from . import inbox
 from .call import Request
 from .faults import Faults
+from .guard import refusal
 from .paths import BASE_PATH
 from .recording import RecordedRequest
 from .recording import Recorder
@@ -37,7 +40,8 @@ from .wire import read_fields
 
 __all__ = ["ADMIN_PREFIX", "Backend", "EmulatorServer"]
 
-#: Where the admin endpoints live (no key, no rate limit, no faults, not recorded).
+#: Where the inbox page and the admin endpoints live (no key, no rate limit, no faults,
+#: not recorded).
 ADMIN_PREFIX = "/_emulator/"
 _MAX_BODY = 10 * 1024 * 1024
 _POLL_INTERVAL = 0.02
@@ -137,24 +141,31 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         started = time.perf_counter()
         backend = self.server.backend
+        path, _, query_string = self.path.partition("?")
+        admin = path.startswith(ADMIN_PREFIX)
         try:
+            refused = refusal(self.command, admin, self.fields, self.server.own_host)
+            if refused is not None:
+                raise _BadRequest(*refused)
             raw = self._read_body()
         except _BadRequest as error:
             self.close_connection = True
             body = {"detail": error.detail, "code": error.code}
             self._respond(error.status, body, {})
             return
-        path, _, query_string = self.path.partition("?")
         query = {}
         if query_string:
             parsed = parse_qs(query_string, keep_blank_values=True)
             query = {k: v[0] for k, v in parsed.items()}
-        if path.startswith(ADMIN_PREFIX):
+        if admin:
+            name = path[len(ADMIN_PREFIX) :].strip("/")
+            if not name and self.command == "GET":
+                self._send(200, inbox.PAGE, inbox.HEADERS)
+                return
             body, ok = api.parse_body(raw)
             if not ok:
                 self._respond(400, {"detail": "Malformed JSON body.", "code": "parse_error"}, {})
                 return
-            name = path[len(ADMIN_PREFIX) :].strip("/")
             status, answer = backend.admin(self.command, name, query, body)
             self._respond(status, answer, {})
             return
@@ -235,8 +246,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _respond(self, status: int, body: Any, headers: Mapping[str, str]) -> None:
         data = _ENCODER.encode(body).encode()
+        self._send(status, data, {"Content-Type": "application/json", **headers})
+
+    def _send(self, status: int, data: bytes, headers: Mapping[str, str]) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         for name, value in headers.items():
             self.send_header(name, value)
@@ -258,6 +271,8 @@ class _HTTPServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], backend: Backend) -> None:
         self.backend = backend
+        #: The address given to listen on: a Host header may name it (see :mod:`.guard`).
+        self.own_host = address[0]
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
         super().__init__(address, _Handler)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from ..errors import ConfigurationError
 from ..errors import DeliveryError
 from ..operations import LANE_ROUTINE
 from ..operations import Operation
@@ -81,6 +83,12 @@ class Delivery:
         poll_interval: float = 0.1,
         logger: logging.Logger | None = None,
     ) -> None:
+        green = _green_threads()
+        if green is not None:
+            raise ConfigurationError(
+                f"background delivery needs real threads, and {green} monkey-patching makes "
+                'them greenlets: set MEISA_DELIVERY = "sync" (or "celery")'
+            )
         self.store = store
         self.budget = Budget(store, rate_limit, lease=lease)
         self._client_factory = client_factory
@@ -438,3 +446,17 @@ def _all_waiting(db: sqlite3.Connection) -> Iterator[pending.Row]:
 
 def _waiting_count(db: sqlite3.Connection) -> int:
     return int(db.execute("SELECT count(*) FROM meisa_ops WHERE state != 'dead'").fetchone()[0])
+
+
+def _green_threads() -> str | None:
+    """``"gevent"`` or ``"eventlet"`` when that library has patched ``threading``."""
+    checks = (
+        ("gevent.monkey", "is_module_patched", "threading", "gevent"),
+        ("eventlet.patcher", "is_monkey_patched", "thread", "eventlet"),
+    )
+    for module, function, name, library in checks:
+        patched = getattr(sys.modules.get(module), function, None)
+        with contextlib.suppress(Exception):
+            if patched is not None and patched(name):
+                return library
+    return None

@@ -35,6 +35,8 @@ class Decision:
     ``outage`` says the call got no answer or a 5xx (one more failure in a row), and
     ``answered`` that Meisa answered otherwise (the failures in a row are over).
     ``recipient`` marks a 429 of the send guardrail: only this recipient waits.
+    ``unknown_contact`` says Meisa does not know the event's contact (whatever it was
+    told of it before is lost).
     """
 
     action: Action
@@ -43,6 +45,7 @@ class Decision:
     outage: bool = False
     answered: bool = True
     recipient: bool = False
+    unknown_contact: bool = False
 
 
 def decide(
@@ -70,8 +73,10 @@ def decide(
         isinstance(error, APIConnectionError) and error.retryable
     )
     answered = isinstance(error, APIError) and not isinstance(error, ServerError)
-    if isinstance(error, NotFoundError) and kind == "track" and can_recover:
-        return Decision("recover", answered=True)
+    if isinstance(error, NotFoundError) and kind == "track":
+        if can_recover:
+            return Decision("recover", unknown_contact=True)
+        return Decision("fail", unknown_contact=True)
     if isinstance(error, RateLimitError) and kind == "send" and error.code == SEND_GUARDRAIL:
         # About one recipient: that recipient's sends wait as long as Meisa asks (capped
         # only by the deadline); the key and everyone else carry on.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.resources
+import itertools
 import json
-import time
 from typing import TYPE_CHECKING
 from typing import Any
 
@@ -13,9 +13,11 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
+from .engine import backfill
 from .engine import pending
 from .engine.store import Store
 from .errors import MeisaError
+from .operations import Operation
 
 if TYPE_CHECKING:
     from .extension import Meisa
@@ -85,51 +87,129 @@ def sequences_command(show_all: bool, search: str | None) -> None:
 
 @meisa_cli.command("sync-users")
 @click.option(
-    "--timeout",
-    default=None,
-    type=float,
-    help="Seconds to wait for delivery at the end (default: until done).",
+    "--max-share",
+    type=click.FloatRange(0.01, 1.0),
+    default=1.0,
+    show_default=True,
+    help="The most of the key's budget the backfill may use; live work always goes first.",
 )
-def sync_users_command(timeout: float | None) -> None:
-    """Upsert every user from the query registered with @meisa.users_to_sync, within
-    the rate budget."""
+@click.option("--restart", is_flag=True, help="Start again from the first user.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and the first mapped users only.")
+@click.option("--failures", is_flag=True, help="List the users the last run could not sync.")
+def sync_users_command(max_share: float, restart: bool, dry_run: bool, failures: bool) -> None:
+    """Backfill: upsert every user registered with @meisa.users_to_sync, behind live work,
+    within the shared budget, resumable (run it again after an interruption)."""
     meisa = _extension()
-    query = meisa._users_to_sync
-    if query is None:
+    state = meisa.state()
+    if failures:
+        _show_failures(state.store())
+        return
+    if meisa.user_source is None:
         raise click.ClickException(
             "no user query registered: decorate a function returning the users with"
             " @meisa.users_to_sync"
         )
+    query, count = meisa.user_source
     users: Any = query()
-    length = len(users) if hasattr(users, "__len__") else None
-    queued = invalid = 0
-    with click.progressbar(users, length=length, label="queueing users") as bar:
-        for user in bar:
-            try:
-                payload = meisa.map_user(user)
-            except MeisaError as error:
-                invalid += 1
-                click.echo(f"\nskipped a user: {error}", err=True)
-                continue
-            payload.setdefault("source", "initial_sync")
-            meisa.upsert(payload)
-            queued += 1
-    click.echo(f"{queued} users queued, {invalid} skipped")
-    _wait_for_delivery(meisa, timeout)
+    total = count() if count is not None else len(users) if hasattr(users, "__len__") else None
+    per_hour = backfill.estimate_per_hour(_windows(state.settings.rate_limit), max_share)
+    click.echo(_plan(total, per_hour))
+    if dry_run:
+        for user in itertools.islice(users, 3):
+            click.echo(json.dumps(meisa.map_user(user), sort_keys=True, default=str))
+        return
+    if state.settings.delivery != "thread" or not state.delivering():
+        raise click.ClickException(
+            'sync-users needs background delivery (MEISA_DELIVERY = "thread", delivery on)'
+        )
+    store = state.store()
+    if not store.durable:
+        click.echo("note: MEISA_OUTBOX is memory: the backfill cannot resume after an exit")
+    state.dispatcher.start()  # delivers when no other process of the host does
+
+    def to_operation(user: Any) -> Operation:
+        payload = meisa.map_user(user)
+        payload.setdefault("source", "initial_sync")
+        return Operation("upsert", payload, priority="backfill")
+
+    try:
+        result = backfill.run(
+            store,
+            users,
+            to_operation,
+            total=total,
+            max_share=max_share,
+            restart=restart,
+            resync_after=state.settings.resync_after,
+            report=lambda progress: click.echo(_progress_line(progress), err=True),
+        )
+    except KeyboardInterrupt:
+        click.echo("interrupted: run the command again to go on from where it stopped", err=True)
+        raise SystemExit(130) from None
+    click.echo(_progress_line(result))
+    failed = result.run.failed + result.refused
+    if failed:
+        raise click.ClickException(
+            f"{failed} users were not synced: see 'flask meisa sync-users --failures'"
+        )
 
 
-def _wait_for_delivery(meisa: Meisa, timeout: float | None) -> None:
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        step = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
-        if meisa.flush(step):
-            break
-        status = meisa.status()
-        click.echo(f"  {status.delivered} delivered, {status.pending} pending", err=True)
-        if deadline is not None and time.monotonic() >= deadline:
-            raise click.ClickException(f"{status.pending} operations still pending")
-    status = meisa.status()
-    click.echo(f"done: {status.delivered} delivered, {status.failed} failed")
+def _windows(spec: str | None) -> tuple[Any, ...]:
+    from ._ratelimit import parse_rate_limit
+
+    return parse_rate_limit(spec) if spec else ()
+
+
+def _duration(seconds: float) -> str:
+    minutes = int(seconds // 60)
+    days, minutes = divmod(minutes, 1440)
+    hours, minutes = divmod(minutes, 60)
+    parts = [(days, "day"), (hours, "hour"), (minutes, "minute")]
+    words = [f"{n} {unit}{'s' if n != 1 else ''}" for n, unit in parts if n][:2]
+    return " ".join(words) or "under a minute"
+
+
+def _plan(total: int | None, per_hour: float | None) -> str:
+    users = "an unknown number of users" if total is None else f"{total:,} users"
+    if per_hour is None:
+        return f"{users}, no budget set: as fast as Meisa answers"
+    if total is None:
+        return f"{users} at ~{per_hour:,.0f}/hour"
+    return f"{users} at ~{per_hour:,.0f}/hour: about {_duration(total * 3600 / per_hour)}"
+
+
+def _progress_line(progress: backfill.Progress) -> str:
+    run = progress.run
+    total = f" of {run.total:,}" if run.total is not None else ""
+    rate = f"{progress.rate:,.0f}/hour" if progress.rate else "rate not yet known"
+    eta = ""
+    if progress.rate and progress.left is not None:
+        eta = (
+            f", about {_duration((progress.left + progress.waiting) * 3600 / progress.rate)} left"
+        )
+    return (
+        f"{progress.done:,}{total} users done ({rate}), {run.skipped:,} unchanged, "
+        f"{run.failed + progress.refused:,} failed, {progress.waiting:,} waiting{eta}"
+    )
+
+
+def _show_failures(store: Store) -> None:
+    found = backfill.failures(store)
+    with store.read() as db:
+        refused = [
+            letter
+            for letter in pending.dead_letters(db)
+            if letter.operation.priority == "backfill"
+        ]
+    for failure in found:
+        who = failure["user"] or f"#{failure['position']}"
+        click.echo(f"user {who}: {failure['reason']}")
+    for letter in refused:
+        click.echo(
+            f"dead letter {letter.seq}: HTTP {letter.status} [{letter.code}] {letter.message}"
+        )
+    if not found and not refused:
+        click.echo("no failures")
 
 
 @meisa_cli.command("flush")

@@ -59,6 +59,9 @@ DEFAULTS: dict[str, Any] = {
     "MEISA_CELERY_QUEUE": "meisa",
     "MEISA_CELERY_REDIS_URL": None,
     "MEISA_CELERY_COALESCE": True,
+    "MEISA_RESYNC_AFTER": 86400.0,
+    "MEISA_PRIORITY_FIELDS": ("plan", "subscription_status"),
+    "MEISA_ROUTINE_MAX_AGE": 3600.0,
 }
 
 #: ``MEISA_OUTBOX`` values starting with this name a file in the app's instance folder.
@@ -139,6 +142,9 @@ class MeisaSettings:
     flush_timeout: float
     outbox: str | None = None
     outbox_busy_timeout: float = 1.0
+    resync_after: float = 86400.0
+    priority_fields: tuple[str, ...] = ("plan", "subscription_status")
+    routine_max_age: float = 3600.0
 
     def __repr__(self) -> str:
         # The key never appears in a repr: at most its last four characters.
@@ -204,6 +210,9 @@ class MeisaSettings:
             flush_timeout=_number(config, "MEISA_FLUSH_TIMEOUT"),
             outbox=outbox,
             outbox_busy_timeout=_number(config, "MEISA_OUTBOX_BUSY_TIMEOUT"),
+            resync_after=_number(config, "MEISA_RESYNC_AFTER"),
+            priority_fields=tuple(parse_custom_fields(config["MEISA_PRIORITY_FIELDS"])),
+            routine_max_age=_number(config, "MEISA_ROUTINE_MAX_AGE"),
         )
 
 

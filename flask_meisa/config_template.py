@@ -126,3 +126,16 @@ MEISA_CELERY_REDIS_URL = None
 # bool, default True. With MEISA_DELIVERY = "celery": upserts of one contact waiting in the
 # queue become one call with their fields merged.
 MEISA_CELERY_COALESCE = True
+
+# float seconds, default 86400.0 (a day). An upsert whose state Meisa already has (as
+# last accepted from this app) makes no call; past this long Meisa is told again anyway.
+MEISA_RESYNC_AFTER = 86400.0
+
+# list of custom field names, default ("plan", "subscription_status"). An upsert that
+# changes one of them goes ahead of routine syncs, with the changes that start Meisa's
+# automations (plan changes, first upserts, events).
+MEISA_PRIORITY_FIELDS = ("plan", "subscription_status")
+
+# float seconds, default 3600.0. A routine sync waiting longer than this is promoted, so
+# that nothing waits forever behind more urgent work.
+MEISA_ROUTINE_MAX_AGE = 3600.0

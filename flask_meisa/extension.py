@@ -79,7 +79,10 @@ class Meisa:
         self, app: Flask | None = None, *, contact_mapper: ContactMapper | None = None
     ) -> None:
         self._contact_mapper = contact_mapper
-        self._users_to_sync: Callable[[], Iterable[Any]] | None = None
+        #: The users ``flask meisa sync-users`` backfills, and how to count them
+        #: (see :meth:`users_to_sync`).
+        self.user_source: tuple[Callable[[], Iterable[Any]], Callable[[], int] | None] | None
+        self.user_source = None
         self._states: WeakKeyDictionary[Flask, MeisaState] = WeakKeyDictionary()
         if app is not None:
             self.init_app(app)
@@ -171,11 +174,26 @@ class Meisa:
         self._contact_mapper = mapper
         return mapper
 
-    def users_to_sync(self, query: F) -> F:
+    def users_to_sync(
+        self, query: F | None = None, *, count: Callable[[], int] | None = None
+    ) -> Any:
         """Decorator: register the function ``flask meisa sync-users`` takes every user
-        from (it returns an iterable of user objects, e.g. a streamed ORM query)."""
-        self._users_to_sync = query
-        return query
+        from. It returns an iterable of user objects in a stable order, streamed (for
+        SQLAlchemy, ``session.scalars(select(User).order_by(User.id)
+        .execution_options(yield_per=500))``, so that 100,000 ORM objects are never alive
+        at once). ``count`` returns how many there are, for the estimate and the progress
+        (a list's own length is used when it has one)::
+
+            @meisa.users_to_sync(count=lambda: db.session.scalar(select(func.count(User.id))))
+            def all_users():
+                ...
+        """
+
+        def register(function: F) -> F:
+            self.user_source = (function, count)
+            return function
+
+        return register if query is None else register(query)
 
     # -- public calls ------------------------------------------------------------------
 

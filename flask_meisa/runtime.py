@@ -274,11 +274,9 @@ def _thread_engine(state: MeisaState) -> Dispatcher:
         capacity=settings.queue_size,
         workers=settings.workers,
         flush_timeout=settings.flush_timeout,
-        resync_after=float(state.app.config.get("MEISA_RESYNC_AFTER", 86400.0)),
-        priority_fields=tuple(
-            state.app.config.get("MEISA_PRIORITY_FIELDS", ("plan", "subscription_status"))
-        ),
-        routine_max_age=float(state.app.config.get("MEISA_ROUTINE_MAX_AGE", 3600.0)),
+        resync_after=settings.resync_after,
+        priority_fields=settings.priority_fields,
+        routine_max_age=settings.routine_max_age,
     )
 
 

@@ -25,23 +25,29 @@ class Secret:
 
     key: str = field(repr=False)
     windows: frozenset[str] = field(repr=False)
-    tail: str | None = field(repr=False)
+    #: The key's last 5 to 11 characters standing alone (not inside a longer word, such
+    #: as a random hex id that happens to hold them), or ``None``.
+    tails: re.Pattern[str] | None = field(repr=False)
 
     @classmethod
     def of(cls, key: str) -> Secret:
         """The secret for ``key``."""
         body = _PREFIX.sub("", key)
         windows = frozenset(body[i : i + WINDOW] for i in range(len(body) - WINDOW + 1))
-        tail = key[-5:]
         # A low-entropy tail ("_0000") would match unrelated text.
-        return cls(key, windows, tail if len(body) >= 9 and len(set(tail)) >= 3 else None)
+        suffixes = [key[-n:] for n in range(WINDOW - 1, 4, -1) if len(set(key[-5:])) >= 3]
+        tails = None
+        if len(body) >= 9 and suffixes:
+            alternatives = "|".join(re.escape(suffix) for suffix in suffixes)
+            tails = re.compile(f"(?<![A-Za-z0-9])(?:{alternatives})(?![A-Za-z0-9])")
+        return cls(key, windows, tails)
 
     def leaks_in(self, text: str) -> bool:
         """Whether ``text`` shows this key, a cut-off piece of it, or more than its last
         four characters."""
         if self.key in text:
             return True
-        if self.tail is not None and self.tail in text:
+        if self.tails is not None and self.tails.search(text):
             return True
         return any(window in text for window in self.windows)
 
@@ -52,8 +58,8 @@ def mask(text: str, secrets: Iterable[Secret]) -> str:
         text = text.replace(secret.key, "[KEY]")
         for piece in sorted(secret.windows, key=len, reverse=True):
             text = text.replace(piece, "[KEY]")
-        if secret.tail is not None:
-            text = text.replace(secret.tail, "[KEY]")
+        if secret.tails is not None:
+            text = secret.tails.sub("[KEY]", text)
     return text
 
 

@@ -67,10 +67,10 @@ def test_sync_users_backfills_every_registered_user(emulator: Any) -> None:
         return list(app.config["USERS"].values())
 
     try:
-        result = invoke(app, "sync-users", "--timeout", "10")
+        result = invoke(app, "sync-users")
         assert result.exit_code == 0, result.output
-        assert "2 users queued" in result.output
-        assert "done: 2 delivered, 0 failed" in result.output
+        assert "2 users, no budget set" in result.output
+        assert "2 of 2 users done" in result.output and "0 failed" in result.output
     finally:
         meisa.state(app).close(5)
     contacts = {c["email"]: c for c in emulator.contacts()}

@@ -66,9 +66,9 @@ def test_a_refusal_before_any_request_fails_without_an_answer():
 def test_an_event_answered_404_is_recovered_once():
     error = NotFoundError("POST /events/track/", 404, "no such contact")
     first = decide("track", error, attempts=1, elapsed=0.0, policy=POLICY, can_recover=True)
-    assert first.action == "recover"
+    assert first == Decision("recover", unknown_contact=True)
     again = decide("track", error, attempts=2, elapsed=0.0, policy=POLICY, can_recover=False)
-    assert again.action == "fail"
+    assert again == Decision("fail", unknown_contact=True)
     assert decide(
         "upsert", error, attempts=1, elapsed=0, policy=POLICY, can_recover=True
     ).action == ("fail")

@@ -92,6 +92,9 @@ def test_a_key_leaks_whole_cut_off_or_by_more_than_its_last_four() -> None:
     assert secret.leaks_in("…" + KEY[-5:])  # five is more than four
     assert not secret.leaks_in("api_key='…" + KEY[-4:] + "'")
     assert not secret.leaks_in("meisa_live_[redacted] meisa_live_demo_…")
+    # A random id that merely holds the last five characters is not a leak.
+    assert not secret.leaks_in("upsert (775c24" + KEY[-5:] + "b4730aa26a5f8)")
+    assert secret.leaks_in("key=…" + KEY[-8:] + ")")
     assert find_leaks([("log", f"k={KEY}!"), ("ok", "nothing")], [secret]) == ["log: k=[KEY]!"]
     assert KEY[-5:] not in mask(f"{KEY} {KEY[3:]} {KEY[-7:]}", [secret])
 

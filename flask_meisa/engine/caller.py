@@ -183,11 +183,11 @@ class Caller:
                 Store.count(db, "skipped", row.merged)
                 return lambda: self._hooks.call("skipped", operation, reason)
             self._note_health(db, decision, now)
+            if decision.unknown_contact:
+                known.forget(db, operation.payload)
             if decision.action == "done":
                 return self._done(db, row, recovering, outcome.result, now)
             if decision.action != "fail":
-                if decision.action == "recover":
-                    known.forget(db, operation.payload)
                 recover = 1 if decision.action == "recover" else row.recover
                 pending.retry_at(db, row, now + decision.delay, recover=recover)
                 if operation.kind == "upsert":

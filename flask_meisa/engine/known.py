@@ -79,17 +79,28 @@ def remember(db: sqlite3.Connection, payload: Mapping[str, Any], now: float) -> 
     """Meisa accepted ``payload``: fold its fields into what it has of the contact."""
     known = lookup(db, payload)
     fields = {**(known.fields if known else {}), **digest(payload)}
-    text = json.dumps(fields, separators=(",", ":"))
+    names = sorted(set(_keys(payload)) | set(_names(db, payload)))
+    text, listed = json.dumps(fields, separators=(",", ":")), json.dumps(names)
     db.executemany(
-        "INSERT OR REPLACE INTO meisa_known (key, fields, accepted_at) VALUES (?, ?, ?)",
-        [(key, text, now) for key in _keys(payload)],
+        "INSERT OR REPLACE INTO meisa_known (key, names, fields, accepted_at) VALUES (?, ?, ?, ?)",
+        [(key, listed, text, now) for key in names],
     )
 
 
 def forget(db: sqlite3.Connection, payload: Mapping[str, Any]) -> None:
-    """Meisa no longer knows the contact (an event answered 404): forget it."""
-    for key in _keys(payload):
+    """Meisa no longer knows the contact (an event answered 404): forget it, by every
+    name it was known by."""
+    for key in _names(db, payload) or _keys(payload):
         db.execute("DELETE FROM meisa_known WHERE key = ?", (key,))
+
+
+def _names(db: sqlite3.Connection, payload: Mapping[str, Any]) -> list[str]:
+    names: set[str] = set()
+    for key in _keys(payload):
+        row = db.execute("SELECT names FROM meisa_known WHERE key = ?", (key,)).fetchone()
+        if row is not None:
+            names.update(json.loads(row[0]))
+    return sorted(names)
 
 
 def prune(db: sqlite3.Connection, before: float) -> int:

@@ -187,15 +187,18 @@ def _promote(
 
 
 def shed(db: sqlite3.Connection, capacity: int) -> list[Operation]:
-    """Past ``capacity`` rows waiting, remove the oldest routine syncs, then the oldest
-    automation-lane rows (never sends, backfill or rows in flight); returns them."""
-    waiting = db.execute("SELECT count(*) FROM meisa_ops WHERE state != 'dead'").fetchone()[0]
+    """Past ``capacity`` live rows waiting, remove the oldest routine syncs, then the
+    oldest automation-lane rows (never sends, backfill or rows in flight); returns them."""
+    # A backfill bounds itself (it reads users only as fast as they are answered).
+    waiting = db.execute(
+        "SELECT count(*) FROM meisa_ops WHERE state != 'dead' AND priority IS NOT 'backfill'"
+    ).fetchone()[0]
     excess = int(waiting) - capacity
     if excess <= 0:
         return []
     victims = db.execute(
         f"SELECT {OP_COLUMNS} FROM meisa_ops WHERE state = 'pending' AND lane IN (?, ?) "
-        "ORDER BY lane DESC, seq LIMIT ?",
+        "AND priority IS NOT 'backfill' ORDER BY lane DESC, seq LIMIT ?",
         (LANE_AUTOMATION, LANE_ROUTINE, excess),
     ).fetchall()
     rows = [row_of(values) for values in victims]

@@ -60,6 +60,7 @@ CREATE TABLE IF NOT EXISTS meisa_calls (
 CREATE INDEX IF NOT EXISTS meisa_calls_answered ON meisa_calls (answered_at);
 CREATE TABLE IF NOT EXISTS meisa_known (
     key TEXT PRIMARY KEY,
+    names TEXT NOT NULL,
     fields TEXT NOT NULL,
     accepted_at REAL NOT NULL
 );

@@ -1,0 +1,280 @@
+"""``flask meisa sync-users``: a streamed, resumable backfill in the lowest lane of the
+shared budget, that never sends a state Meisa already has."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+
+from flask_meisa import Meisa
+from flask_meisa import contact_synced
+from flask_meisa.emulator import Emulator
+from flask_meisa.engine import backfill
+from flask_meisa.testing import emulator_config
+from tests.backfill_app import create_app
+
+UPSERT = "/contacts/upsert/"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_app(emulator: Emulator, users: int, **config: Any) -> Flask:
+    settings = emulator_config(emulator, MEISA_DELIVERY="thread", MEISA_CUSTOM_FIELDS=["plan"])
+    settings.update(config)
+    return create_app(settings, users=users)
+
+
+def upserts_by_user(emulator: Emulator) -> collections.Counter[str]:
+    return collections.Counter(
+        r.body["external_id"] for r in emulator.requests_to(UPSERT) if r.status in (200, 201)
+    )
+
+
+def sync_users(app: Flask, *args: str) -> Any:
+    return app.test_cli_runner().invoke(args=["meisa", "sync-users", *args])
+
+
+def test_a_backfill_reads_users_a_chunk_at_a_time_and_never_sheds(emulator: Emulator) -> None:
+    app = make_app(emulator, 3_000, MEISA_QUEUE_SIZE=200)
+    read = 0
+    most_waiting = 0
+    meisa: Meisa = app.extensions["meisa"]
+    query, count = meisa.user_source  # type: ignore[misc]
+
+    def counted() -> Any:
+        nonlocal read
+        for user in query():
+            read += 1
+            yield user
+
+    meisa.users_to_sync(counted, count=count)
+    watching = True
+
+    def watch() -> None:
+        nonlocal most_waiting
+        while watching:
+            with app.app_context():
+                status = meisa.status()
+            most_waiting = max(most_waiting, status.queued["backfill"] + status.in_flight)
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        result = sync_users(app)
+    finally:
+        watching = False
+        watcher.join()
+    assert result.exit_code == 0, result.output
+    assert read == 3_000
+    assert most_waiting <= backfill.HIGH_WATER + backfill.CHUNK
+    by_user = upserts_by_user(emulator)
+    assert len(by_user) == 3_000 and set(by_user.values()) == {1}
+    with app.app_context():
+        status = meisa.status()
+    assert (status.dropped, status.failed, status.pending) == (0, 0, 0)
+    assert status.backfill is not None and status.backfill["state"] == "done"
+
+
+def test_live_work_goes_ahead_of_a_backfill_at_the_full_budget(
+    emulator_factory: Callable[..., Emulator],
+) -> None:
+    emulator = emulator_factory(rate_limit="20/second")
+    app = make_app(emulator, 400, MEISA_RATE_LIMIT="20/second")
+    meisa: Meisa = app.extensions["meisa"]
+    outcome: list[Any] = []
+    runner = threading.Thread(target=lambda: outcome.append(sync_users(app)))
+    runner.start()
+    try:
+        assert emulator.wait_for(lambda e: len(e.requests_to(UPSERT)) >= 60, timeout=30)
+        # A login sync of a new user and a password reset, made while the budget is spent.
+        login_at = time.monotonic()
+        with app.test_request_context("/"):
+            meisa.upsert({"email": "live@example.com", "external_id": "live"})
+        reset_at = time.monotonic()
+        with app.app_context():
+            meisa.send("password_reset", "user3@example.com", background=True)
+        assert emulator.wait_for(lambda e: e.contact(external_id="live") is not None)
+        login_arrived = next(
+            r.time for r in emulator.requests_to(UPSERT) if r.body["external_id"] == "live"
+        )
+        assert emulator.wait_for(lambda e: len(e.sends()) == 1)
+        reset_arrived = emulator.requests_to("/emails/trigger/")[0].time
+    finally:
+        runner.join(60)
+    assert outcome and outcome[0].exit_code == 0, outcome and outcome[0].output
+    # One slot of 20/second is 0.05 s: each waited about one slot, not for the backlog.
+    login_wait = login_arrived - (login_at - time.monotonic() + time.time())
+    reset_wait = reset_arrived - (reset_at - time.monotonic() + time.time())
+    assert login_wait < 0.5 and reset_wait < 0.5, (login_wait, reset_wait)
+    assert 429 not in [r.status for r in emulator.requests]
+    assert len(upserts_by_user(emulator)) == 401
+
+
+def test_the_share_option_keeps_part_of_the_budget_for_live_work(
+    emulator_factory: Callable[..., Emulator],
+) -> None:
+    emulator = emulator_factory(rate_limit=None)
+    app = make_app(emulator, 60, MEISA_RATE_LIMIT="40/second")
+    started = time.monotonic()
+    result = sync_users(app, "--max-share", "0.5")
+    took = time.monotonic() - started
+    assert result.exit_code == 0, result.output
+    assert "60 users at ~68,400/hour" in result.output  # (40 - 2 reserved) * 3600 * 0.5
+    # 19 calls a second at most: 60 upserts take over 2 s (a full budget would take 1.5).
+    times = sorted(r.time for r in emulator.requests_to(UPSERT))
+    in_one_second = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
+    assert in_one_second <= 19
+    assert took >= 2.0
+
+
+def test_running_a_finished_backfill_again_makes_no_call(emulator: Emulator) -> None:
+    app = make_app(emulator, 300)
+    assert sync_users(app).exit_code == 0
+    assert len(emulator.requests_to(UPSERT)) == 300
+    emulator.clear_requests()
+    again = sync_users(app)
+    assert again.exit_code == 0, again.output
+    assert "300 unchanged" in again.output
+    assert emulator.requests == []
+
+
+def test_logins_that_change_no_synced_field_cost_nothing(emulator: Emulator) -> None:
+    app = make_app(emulator, 200)
+    meisa: Meisa = app.extensions["meisa"]
+    synced: list[bool] = []
+    client = app.test_client()
+    with contact_synced.connected_to(
+        lambda sender, unchanged, **extra: synced.append(unchanged), sender=app
+    ):
+        for _ in range(10):
+            for number in range(200):
+                client.post(f"/login/{number}", buffered=True)
+            with app.app_context():
+                assert meisa.flush(30)
+    assert len(emulator.requests_to(UPSERT)) == 200  # the first login of each user only
+    assert synced.count(False) == 200 and synced.count(True) == 1_800
+    with app.app_context():
+        assert meisa.status().unchanged == 1_800
+
+
+def test_force_and_an_event_answered_404_send_the_state_again(emulator: Emulator) -> None:
+    app = make_app(emulator, 1)
+    meisa: Meisa = app.extensions["meisa"]
+    contact = {"email": "user0@example.com", "external_id": "0", "custom_fields": {"plan": "free"}}
+    with app.app_context():
+        meisa.upsert(contact)
+        assert meisa.flush(5)
+        meisa.upsert(contact)  # Meisa has it: no call
+        assert meisa.flush(5)
+        assert len(emulator.requests_to(UPSERT)) == 1
+        meisa.upsert(contact, force=True)  # Meisa's copy was changed by hand
+        assert meisa.flush(5)
+        assert len(emulator.requests_to(UPSERT)) == 2
+        # Meisa lost the contact: an event of it is answered 404, which forgets the
+        # digest, so the same state is sent again.
+        emulator.reset()
+        meisa.track("opened", email="user0@example.com")
+        assert meisa.flush(5)
+        meisa.upsert(contact)
+        assert meisa.flush(5)
+        assert paths(emulator) == [("/events/track/", 404), (UPSERT, 201)]
+        # An event that knows its contact upserts it itself, then goes again.
+        emulator.reset()
+        meisa.track("opened", user=app.config["PEOPLE"][0])
+        assert meisa.flush(5)
+        assert paths(emulator) == [("/events/track/", 404), (UPSERT, 201), ("/events/track/", 200)]
+
+
+def paths(emulator: Emulator) -> list[tuple[str, int | None]]:
+    return [(r.path.removeprefix("/api/v1"), r.status) for r in emulator.requests]
+
+
+def test_the_plan_the_dry_run_and_the_progress_tell_the_truth(
+    emulator: Emulator,
+) -> None:
+    app = make_app(emulator, 100_000, MEISA_RATE_LIMIT="60/minute;1000/hour")
+    dry = sync_users(app, "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    lines = dry.output.splitlines()
+    assert lines[0] == "100,000 users at ~950/hour: about 4 days 9 hours"
+    first = json.loads(lines[1])
+    assert first == {
+        "custom_fields": {"plan": "free"},
+        "email": "user0@example.com",
+        "external_id": "0",
+    }
+    assert len(lines) == 4
+    assert emulator.requests == []
+    with app.app_context():
+        assert app.extensions["meisa"].status().backfill is None  # nothing was started
+
+    small = make_app(emulator, 30)
+    result = sync_users(small)
+    assert result.exit_code == 0, result.output
+    assert "30 of 30 users done" in result.output.splitlines()[-1]
+    status = small.test_cli_runner().invoke(args=["meisa", "status"]).output
+    assert "backfill: done, 30 of 30 users read, 0 unchanged, 0 failed" in status
+
+
+def test_users_that_cannot_be_mapped_are_skipped_counted_and_listed(emulator: Emulator) -> None:
+    app = make_app(emulator, 50)
+    people = app.config["PEOPLE"]
+    people[7].email = None
+    people[9].plan = {"not", "json"}
+    result = sync_users(app)
+    assert result.exit_code == 1
+    assert "48 users" not in result.output  # the summary counts every user read
+    assert "50 of 50 users done" in result.output and "2 failed" in result.output
+    assert "flask meisa sync-users --failures" in result.output
+    assert len(upserts_by_user(emulator)) == 48
+    listed = sync_users(app, "--failures").output.splitlines()
+    assert listed == [
+        "user 7: email: the user object has no email attribute",
+        "user 9: custom_fields.plan: cannot be sent as JSON (set)",
+    ]
+
+
+@pytest.mark.slow
+def test_a_backfill_killed_at_any_moment_goes_on_where_it_stopped(
+    emulator_factory: Callable[..., Emulator], tmp_path: Path
+) -> None:
+    emulator = emulator_factory(rate_limit=None)
+    emulator.faults.set(latency=0.002)
+    env = {
+        **os.environ,
+        "MEISA_TEST_URL": emulator.url,
+        "MEISA_TEST_KEY": emulator.live_key,
+        "BACKFILL_USERS": "3000",
+        "BACKFILL_INSTANCE": str(tmp_path / "instance"),
+        "PYTHONPATH": str(ROOT),
+    }
+    command = [sys.executable, "-m", "flask", "--app", "tests.backfill_app", "meisa", "sync-users"]
+    first = subprocess.Popen(
+        command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        assert emulator.wait_for(lambda e: len(e.requests_to(UPSERT)) >= 1_000, timeout=60)
+        first.send_signal(signal.SIGKILL)
+    finally:
+        first.wait(30)
+    killed_at = len(emulator.requests_to(UPSERT))
+    second = subprocess.run(
+        command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert second.returncode == 0, second.stderr
+    by_user = upserts_by_user(emulator)
+    assert len(by_user) == 3_000
+    extra = sum(by_user.values()) - 3_000
+    assert extra <= 30, (killed_at, extra)  # only what was in flight at the kill

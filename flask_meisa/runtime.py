@@ -27,6 +27,7 @@ from typing import cast
 
 from .client import MeisaClient
 from .config import INSTANCE_PREFIX
+from .config import is_delivering
 from .engine.base import Dispatcher
 from .engine.outbox import Outbox
 from .engine.sync import SyncDispatcher
@@ -119,14 +120,8 @@ class MeisaState:
     def delivering(self) -> bool:
         """Whether operations are delivered now (read on every operation):
         ``MEISA_ENABLED`` and not ``MEISA_SUPPRESS_SEND`` (which follows ``TESTING``
-        while it is ``None``)."""
-        config = self.app.config
-        if not config.get("MEISA_ENABLED", True):
-            return False
-        suppress = config.get("MEISA_SUPPRESS_SEND")
-        if suppress is None:
-            suppress = config.get("TESTING", False)
-        return not suppress
+        while it is ``None``); ``"false"`` read from the environment is false."""
+        return is_delivering(self.app.config)
 
     def retry_policy(self) -> RetryPolicy:
         """The retry policy of calls made in the caller's thread (``meisa.send``, CLI

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import importlib.resources
 import json
 import time
 from typing import TYPE_CHECKING
@@ -13,6 +12,7 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
+from .config import config_template
 from .engine.deadletters import DeadLetters
 from .engine.hostlock import HostLock
 from .engine.outbox import OUTBOX_ERRORS
@@ -170,8 +170,7 @@ def status_command() -> None:
 @meisa_cli.command("config-template")
 def config_template_command() -> None:
     """Print the configuration template: every MEISA_* key with its default."""
-    source = importlib.resources.files("flask_meisa").joinpath("config_template.py")
-    click.echo(source.read_text(encoding="utf-8"), nl=False)
+    click.echo(config_template(), nl=False)
 
 
 def _outbox() -> Outbox:

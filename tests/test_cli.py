@@ -8,6 +8,7 @@ import pytest
 from flask import Flask
 
 from flask_meisa import Meisa
+from flask_meisa.config import config_template
 from flask_meisa.testing import emulator_config
 from tests.apps import build_app
 
@@ -91,9 +92,11 @@ def test_flush_and_status(app: Flask) -> None:
 
 
 def test_config_template_prints_every_key(app: Flask) -> None:
-    output = invoke(app, "config-template").output
-    assert 'MEISA_RATE_LIMIT = "60/minute;1000/hour"' in output
-    assert "MEISA_FLUSH_TIMEOUT = 5.0" in output
+    result = invoke(app, "config-template")
+    assert result.exit_code == 0
+    assert result.output == config_template()
+    assert 'MEISA_RATE_LIMIT = "60/minute;1000/hour"' in result.output
+    assert "MEISA_FLUSH_TIMEOUT = 5.0" in result.output
 
 
 def test_emulator_command_passes_its_options_on(app: Flask) -> None:

@@ -2,7 +2,7 @@
 
 :func:`defaults` is read by :func:`~example_app.create_app` first; the ``config`` mapping
 given to ``create_app`` overrides it. Every ``MEISA_*`` key the extension understands is
-documented in ``flask_meisa/config_template.py`` (``flask meisa config-template``).
+documented by ``flask meisa config-template`` (``flask_meisa.config.KEYS``).
 
 Running against the real Meisa
 ------------------------------

@@ -1,9 +1,14 @@
-"""``flask meisa ...``: the extension's command-line interface."""
+"""``flask meisa ...``: the extension's command-line interface.
+
+The group is registered on every app through the ``flask.commands`` entry point (and on
+``app.cli`` by ``init_app``), so ``config-template`` and ``emulator``, which need neither
+the extension nor a key, work before ``init_app`` is called; the other commands say
+that Meisa is not initialised on such an app.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
-import importlib.resources
 import itertools
 import json
 from typing import TYPE_CHECKING
@@ -13,6 +18,7 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
+from .config import config_template
 from .engine import backfill
 from .engine import pending
 from .engine.store import Store
@@ -291,11 +297,10 @@ def _backfill_line(run: dict[str, Any]) -> str:
     )
 
 
-@meisa_cli.command("config-template")
+@meisa_cli.command("config-template", with_appcontext=False)
 def config_template_command() -> None:
     """Print the configuration template: every MEISA_* key with its default."""
-    source = importlib.resources.files("flask_meisa").joinpath("config_template.py")
-    click.echo(source.read_text(encoding="utf-8"), nl=False)
+    click.echo(config_template(), nl=False)
 
 
 def _store() -> Store:
@@ -432,10 +437,12 @@ def dead_letters_purge(ids: tuple[int, ...], every: bool, yes: bool) -> None:
     "emulator",
     context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
     add_help_option=False,
+    with_appcontext=False,
 )
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def emulator_command(args: tuple[str, ...]) -> None:
+@click.pass_context
+def emulator_command(context: click.Context, args: tuple[str, ...]) -> None:
     """Serve the embedded Meisa emulator (options: --help)."""
     from .emulator.__main__ import main
 
-    raise SystemExit(main(list(args)))
+    raise SystemExit(main(list(args), prog=context.command_path))

@@ -11,7 +11,6 @@ The API key travels only in the ``X-API-Key`` header: it is never logged, never 
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import math
 import time
@@ -20,15 +19,16 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote
-from urllib.parse import urlsplit
 
 import requests
 
 from . import _http
+from . import _values
 from ._version import __version__
 from .bodies import track_body
 from .bodies import trigger_body
 from .bodies import upsert_body
+from .config import DEFAULTS
 from .errors import ConfigurationError
 from .errors import ValidationError
 from .payloads import encode_body
@@ -52,10 +52,13 @@ from .retry import RetryPolicy
 
 __all__ = ["BULK_ENROLL_LIMIT", "DEFAULT_BASE_URL", "DEFAULT_TIMEOUT", "MeisaClient", "Timeout"]
 
-#: Meisa's production API.
-DEFAULT_BASE_URL = "https://api.meisa.io/api/v1"
-#: (connect, read) seconds.
-DEFAULT_TIMEOUT: tuple[float, float] = (3.05, 10.0)
+#: Meisa's production API (``MEISA_BASE_URL``'s default).
+DEFAULT_BASE_URL: str = DEFAULTS["MEISA_BASE_URL"]
+#: (connect, read) seconds (``MEISA_CONNECT_TIMEOUT``'s and ``MEISA_TIMEOUT``'s defaults).
+DEFAULT_TIMEOUT: tuple[float, float] = (
+    DEFAULTS["MEISA_CONNECT_TIMEOUT"],
+    DEFAULTS["MEISA_TIMEOUT"],
+)
 #: The most addresses one bulk-enroll call takes; more are split over several calls.
 BULK_ENROLL_LIMIT = 500
 
@@ -394,46 +397,20 @@ def _flag(value: object, field: str) -> bool | None:
 
 
 def _check_key(api_key: object) -> str:
-    if not isinstance(api_key, str):
-        raise ConfigurationError("api_key must be a string (MEISA_API_KEY)")
-    key = api_key.strip()
-    if not key:
-        raise ConfigurationError("api_key is empty (set MEISA_API_KEY)")
-    if not key.isascii() or not key.isprintable() or " " in key:
-        raise ConfigurationError("api_key holds spaces or characters no API key has")
+    try:
+        key = _values.api_key(api_key)
+    except _values.InvalidValue as error:
+        raise ConfigurationError(f"api_key {error} (MEISA_API_KEY)") from None
+    if key is None:
+        raise ConfigurationError("api_key is not set (set MEISA_API_KEY)")
     return key
 
 
 def _check_base_url(base_url: object) -> str:
-    if not isinstance(base_url, str) or not base_url.strip():
-        raise ConfigurationError("base_url must be a non-empty string")
-    url = base_url.strip().rstrip("/")
     try:
-        parts = urlsplit(url)
-        host = parts.hostname
-        parts.port  # noqa: B018 - raises ValueError for a malformed port
-    except ValueError:
-        raise ConfigurationError("base_url is not a valid URL") from None
-    if parts.scheme not in ("http", "https") or not host:
-        raise ConfigurationError("base_url must be an http(s) URL with a host")
-    if parts.username is not None or parts.password is not None:
-        raise ConfigurationError("base_url must not hold credentials")
-    if parts.query or parts.fragment:
-        raise ConfigurationError("base_url must not have a query or a fragment")
-    if parts.scheme == "http" and not _is_loopback(host):
-        raise ConfigurationError(
-            "base_url must use https:// (plain http:// is allowed only for a loopback host)"
-        )
-    return url
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+        return _values.base_url(base_url)
+    except _values.InvalidValue as error:
+        raise ConfigurationError(f"base_url {error}") from None
 
 
 def _check_timeout(timeout: object) -> tuple[float, float]:

@@ -1,124 +1,471 @@
-"""The ``MEISA_*`` configuration keys: defaults, validation and the resolved settings.
+"""The ``MEISA_*`` configuration keys: one table, and everything made from it.
 
-Every key is documented in ``config_template.py`` (printed by ``flask meisa
-config-template``). ``init_app`` sets each default with ``app.config.setdefault`` and
-resolves the keys once into a :class:`MeisaSettings`; change config before ``init_app``.
-The exceptions are :data:`MEISA_SUPPRESS_SEND` and :data:`MEISA_ENABLED`, read on every
-operation, so that flipping ``TESTING`` in a test fixture takes effect.
+:data:`KEYS` holds each key's name, type, default, meaning and parser. From it come the
+defaults ``init_app`` sets with ``app.config.setdefault``, the validation, the resolved
+:class:`MeisaSettings`, the template ``flask meisa config-template`` prints
+(:func:`config_template`) and the README's table (:func:`markdown_table`).
+
+``init_app`` resolves the keys once; change config before it. The exceptions are
+``MEISA_ENABLED`` and ``MEISA_SUPPRESS_SEND``, read on every operation
+(:func:`is_delivering`) so that flipping ``TESTING`` in a test fixture takes effect, and
+the ``MEISA_CELERY_*`` keys, read by the Celery engine when it starts.
 """
 
 from __future__ import annotations
 
-import os
+import difflib
+import json
+import logging
+import re
+import textwrap
+from collections.abc import Callable
+from collections.abc import Iterable
 from collections.abc import Mapping
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from . import _values
+from ._values import INSTANCE_PREFIX
+from ._values import MEMORY
 from .errors import ConfigurationError
 
 __all__ = [
     "DEFAULTS",
     "DELIVERY_MODES",
     "INSTANCE_PREFIX",
+    "KEYS",
+    "MEMORY",
+    "Key",
     "MeisaSettings",
-    "parse_custom_fields",
+    "config_template",
+    "is_delivering",
+    "markdown_table",
+    "resolve_keys",
+    "warn_unknown_keys",
 ]
+
+logger = logging.getLogger("flask_meisa")
 
 #: Delivery engines ``MEISA_DELIVERY`` can name.
 DELIVERY_MODES = ("thread", "sync", "celery")
 
-#: Every key with its default. ``None`` for ``MEISA_SUPPRESS_SEND`` means "follow
-#: ``TESTING``".
-DEFAULTS: dict[str, Any] = {
-    "MEISA_API_KEY": None,
-    "MEISA_BASE_URL": "https://api.meisa.io/api/v1",
-    "MEISA_ENABLED": True,
-    "MEISA_SUPPRESS_SEND": None,
-    "MEISA_TIMEOUT": 10.0,
-    "MEISA_CONNECT_TIMEOUT": 3.05,
-    "MEISA_MAX_ATTEMPTS": 5,
-    "MEISA_RETRY_BASE_DELAY": 0.5,
-    "MEISA_RETRY_MAX_DELAY": 30.0,
-    "MEISA_RETRY_DEADLINE": 600.0,
-    "MEISA_SEND_DEADLINE": 10.0,
-    "MEISA_RATE_LIMIT": "60/minute;1000/hour",
-    "MEISA_SYNC_ON_LOGIN": True,
-    "MEISA_CUSTOM_FIELDS": (),
-    "MEISA_DEFAULT_SOURCE": None,
-    "MEISA_SUPPRESSION_TTL": 300.0,
-    "MEISA_SUPPRESSION_PRELOAD": False,
-    "MEISA_RELEASE_ON_ERROR": False,
-    "MEISA_DELIVERY": "thread",
-    "MEISA_QUEUE_SIZE": 10_000,
-    "MEISA_WORKERS": 1,
-    "MEISA_FLUSH_TIMEOUT": 5.0,
-    "MEISA_OUTBOX": "instance:meisa-outbox.sqlite3",
-    "MEISA_OUTBOX_BUSY_TIMEOUT": 1.0,
-    "MEISA_CELERY_APP": None,
-    "MEISA_CELERY_QUEUE": "meisa",
-    "MEISA_CELERY_REDIS_URL": None,
-    "MEISA_CELERY_COALESCE": True,
-    "MEISA_RESYNC_AFTER": 86400.0,
-    "MEISA_PRIORITY_FIELDS": ("plan", "subscription_status"),
-    "MEISA_ROUTINE_MAX_AGE": 3600.0,
-}
-
-#: ``MEISA_OUTBOX`` values starting with this name a file in the app's instance folder.
-INSTANCE_PREFIX = "instance:"
-#: ``MEISA_OUTBOX`` value (like ``None``) for delivery from memory only.
-MEMORY = "memory"
+_SECONDS = "float seconds"
 
 
-def parse_custom_fields(value: Any) -> dict[str, str]:
-    """``MEISA_CUSTOM_FIELDS`` → ``{custom field name: user attribute name}``.
+@dataclass(frozen=True)
+class Key:
+    """One ``MEISA_*`` key: what it is, what it defaults to, and how it is read."""
 
-    Accepts a sequence of attribute names (each becomes a custom field of the same name)
-    or a mapping of custom field name to attribute name.
+    #: The config key.
+    name: str
+    #: Its type, as documented.
+    type: str
+    #: The default ``init_app`` sets.
+    default: Any
+    #: One line on what it does (README table and template).
+    meaning: str
+    #: Turns a config value into the value used; raises :class:`_values.InvalidValue`.
+    parse: Callable[[Any], Any]
+    #: More for the template.
+    notes: str = ""
+    #: What the default stands for, e.g. "= TESTING".
+    default_note: str = ""
+    #: The template's right-hand side, when it is not the default's literal.
+    template: str | None = None
+    #: Whether its value is a secret, never shown in an error.
+    secret: bool = False
+    #: Whether :class:`MeisaSettings` carries it (else it is read where it is used).
+    resolved: bool = True
+
+    @property
+    def attribute(self) -> str:
+        """Its :class:`MeisaSettings` attribute: ``MEISA_RETRY_DEADLINE`` →
+        ``retry_deadline``."""
+        return self.name.removeprefix("MEISA_").lower()
+
+
+#: Every key, in the order the template and the README list them.
+KEYS: tuple[Key, ...] = (
+    Key(
+        "MEISA_API_KEY",
+        "str",
+        None,
+        "the server-side API key (`meisa_live_...` or `meisa_test_...`); not needed while"
+        " delivery is off (`MEISA_ENABLED = False`, or under `TESTING`)",
+        _values.api_key,
+        notes="From Meisa's dashboard. Read it from the environment; never commit it.",
+        default_note="required while delivering",
+        template='os.environ.get("MEISA_API_KEY")',
+        secret=True,
+    ),
+    Key(
+        "MEISA_BASE_URL",
+        "str",
+        "https://api.meisa.io/api/v1",
+        "Meisa's API root: `https://`, or `http://` for localhost or a loopback address",
+        _values.base_url,
+        notes="For local work point it at the embedded emulator (`flask meisa emulator`),"
+        ' e.g. "http://127.0.0.1:8025/api/v1".',
+        template='os.environ.get("MEISA_BASE_URL", "https://api.meisa.io/api/v1")',
+    ),
+    Key(
+        "MEISA_ENABLED",
+        "bool",
+        True,
+        "`False` turns delivery off: operations are still validated, recorded and signalled,"
+        " no call is made and no key is needed; read on every operation",
+        _values.flag,
+        resolved=False,
+    ),
+    Key(
+        "MEISA_SUPPRESS_SEND",
+        "bool/None",
+        None,
+        "`True`: like `MEISA_ENABLED = False`; `None` follows `TESTING`; read on every operation",
+        _values.optional_flag,
+        default_note="= `TESTING`",
+        resolved=False,
+    ),
+    Key(
+        "MEISA_TIMEOUT",
+        _SECONDS,
+        10.0,
+        "read timeout of every call to Meisa",
+        _values.seconds(0, inclusive=False),
+    ),
+    Key(
+        "MEISA_CONNECT_TIMEOUT",
+        _SECONDS,
+        3.05,
+        "connect timeout of every call to Meisa",
+        _values.seconds(0, inclusive=False),
+    ),
+    Key(
+        "MEISA_MAX_ATTEMPTS",
+        "int",
+        5,
+        "attempts of a call made in the caller's thread (`meisa.send`, CLI commands,"
+        " `meisa.client`), the first included; background delivery retries until"
+        " `MEISA_RETRY_DEADLINE`",
+        _values.count(1),
+        notes="Only connection errors, timeouts, 5xx and 429 are retried; any other 4xx is final.",
+    ),
+    Key(
+        "MEISA_RETRY_BASE_DELAY",
+        _SECONDS,
+        0.5,
+        "first backoff ceiling; doubles per attempt, with full jitter",
+        _values.seconds(0),
+    ),
+    Key(
+        "MEISA_RETRY_MAX_DELAY",
+        _SECONDS,
+        30.0,
+        "cap on any one backoff delay and on an honoured `Retry-After`",
+        _values.seconds(0),
+    ),
+    Key(
+        "MEISA_RETRY_DEADLINE",
+        _SECONDS,
+        600.0,
+        "total time a background operation may spend retrying, however many attempts",
+        _values.seconds(0, inclusive=False),
+        notes="An outage or a run of 429s shorter than this loses nothing; past it the"
+        " operation is reported through delivery_failed (and kept as a dead letter with"
+        " MEISA_OUTBOX).",
+    ),
+    Key(
+        "MEISA_SEND_DEADLINE",
+        _SECONDS,
+        10.0,
+        "total time a synchronous `meisa.send()` may spend retrying before it raises",
+        _values.seconds(0, inclusive=False),
+        notes="Keep it well below your WSGI server's worker timeout.",
+    ),
+    Key(
+        "MEISA_RATE_LIMIT",
+        "str/None",
+        "60/minute;1000/hour",
+        "the key's rate budget, shared by every background call; `None` turns it off",
+        _values.rate_limit,
+        notes="Raise it when Meisa raises your key's limits.",
+    ),
+    Key(
+        "MEISA_SYNC_ON_LOGIN",
+        "bool",
+        True,
+        "upsert the user on Flask-Login's `user_logged_in`",
+        _values.flag,
+    ),
+    Key(
+        "MEISA_CUSTOM_FIELDS",
+        "list or dict",
+        (),
+        "user attributes the default mapper sends as `custom_fields`: names (a list, or a"
+        " comma-separated string), or `{custom field: attribute}`",
+        _values.field_map,
+        notes="A callable attribute is called; dates become ISO 8601 (UTC), Decimal a"
+        ' number, Enum its value. For example ["plan", "signup_date", "last_active",'
+        ' "signin_count"].',
+    ),
+    Key(
+        "MEISA_DEFAULT_SOURCE",
+        "str/None",
+        None,
+        "`source` of the upserts the default mapper makes: `api`, `import`, `manual`,"
+        " `signup` or `initial_sync`",
+        _values.source,
+        notes="Meisa keeps the source a contact was created with.",
+    ),
+    Key(
+        "MEISA_SUPPRESSION_TTL",
+        _SECONDS,
+        300.0,
+        "how long the suppression set is used before a background refresh",
+        _values.seconds(1),
+        notes="The set holds the unsubscribed, bounced and complained addresses.",
+    ),
+    Key(
+        "MEISA_SUPPRESSION_PRELOAD",
+        "bool",
+        False,
+        "load the suppression set at startup instead of on the first send",
+        _values.flag,
+    ),
+    Key(
+        "MEISA_RELEASE_ON_ERROR",
+        "bool",
+        False,
+        "release a request's syncs and events even when its view raised or answered 5xx",
+        _values.flag,
+    ),
+    Key(
+        "MEISA_DELIVERY",
+        "str",
+        "thread",
+        '`"thread"`: a background engine delivers after the response; `"sync"`: every'
+        ' operation inline; `"celery"`: Celery workers deliver',
+        _values.choice(*DELIVERY_MODES),
+        notes='"sync" is for debugging and scripts. "celery" needs'
+        ' pip install "flask-meisa[celery]"; the web process only publishes one task per'
+        " operation (see flask_meisa/engine/celery.py).",
+    ),
+    Key(
+        "MEISA_QUEUE_SIZE",
+        "int",
+        10_000,
+        "operations the engine holds in memory; past it events, then syncs, are shed"
+        " (reported through `delivery_dropped`), never sends",
+        _values.count(1),
+    ),
+    Key("MEISA_WORKERS", "int", 1, "delivery threads per process", _values.count(1)),
+    Key(
+        "MEISA_FLUSH_TIMEOUT",
+        _SECONDS,
+        5.0,
+        "how long interpreter exit waits to deliver what is pending",
+        _values.seconds(0),
+    ),
+    Key(
+        "MEISA_RESYNC_AFTER",
+        _SECONDS,
+        86400.0,
+        "after this long Meisa is told a contact's state again, even when nothing changed",
+        _values.seconds(0, inclusive=False),
+    ),
+    Key(
+        "MEISA_PRIORITY_FIELDS",
+        "list",
+        ("plan", "subscription_status"),
+        "custom fields whose change puts an upsert ahead of routine syncs (a list, or a"
+        " comma-separated string)",
+        _values.names,
+    ),
+    Key(
+        "MEISA_ROUTINE_MAX_AGE",
+        _SECONDS,
+        3600.0,
+        "a routine sync waiting longer than this is promoted, so that nothing waits forever",
+        _values.seconds(0, inclusive=False),
+    ),
+    Key(
+        "MEISA_OUTBOX",
+        "str/None",
+        f"{INSTANCE_PREFIX}meisa-outbox.sqlite3",
+        "where background work waits for Meisa: a SQLite file every process of the host"
+        f' shares (`"{INSTANCE_PREFIX}<name>"`: in the instance folder), or None (or'
+        f' `"{MEMORY}"`) for each process\'s memory only',
+        _values.outbox,
+        notes="With the file, the host's processes share one budget and one delivery order,"
+        " one of them delivers, and nothing released is lost when a process is killed or"
+        " redeployed; operations Meisa refused stay as dead letters (flask meisa"
+        " dead-letters). In a container, mount a volume on the instance folder. Use a local"
+        ' filesystem (not NFS). Only for MEISA_DELIVERY = "thread".',
+    ),
+    Key(
+        "MEISA_OUTBOX_BUSY_TIMEOUT",
+        _SECONDS,
+        1.0,
+        "how long an outbox write waits for another process's write; past it the operation"
+        " is held in memory (logged)",
+        _values.seconds(0),
+    ),
+    Key(
+        "MEISA_CELERY_APP",
+        "Celery/None",
+        None,
+        'with `MEISA_DELIVERY = "celery"`: the Celery app that carries the task'
+        " `flask_meisa.deliver`",
+        _values.celery_app,
+        notes='Set it, or app.extensions["celery"], before meisa.init_app(app).',
+        default_note='= `app.extensions["celery"]`',
+        resolved=False,
+    ),
+    Key(
+        "MEISA_CELERY_QUEUE",
+        "str",
+        "meisa",
+        "with Celery: prefix of the lane queues (`<prefix>.transactional`, `.sync`,"
+        " `.events`) and of the engine's Redis keys",
+        _values.queue_name,
+        notes="Run workers with -Q meisa.transactional,meisa.sync,meisa.events (in that"
+        ' order) and broker_transport_options = {"queue_order_strategy": "priority"}.',
+        resolved=False,
+    ),
+    Key(
+        "MEISA_CELERY_REDIS_URL",
+        "str/None",
+        None,
+        "with Celery: the Redis holding the shared budget, coalesced upserts and the"
+        " pending count",
+        _values.redis_url,
+        default_note="= the broker's URL, when it is Redis",
+        secret=True,
+        resolved=False,
+    ),
+    Key(
+        "MEISA_CELERY_COALESCE",
+        "bool",
+        True,
+        "with Celery: a contact's upserts waiting in the queue become one call",
+        _values.flag,
+        resolved=False,
+    ),
+)
+
+_BY_NAME = {key.name: key for key in KEYS}
+
+#: Every key with its default.
+DEFAULTS: dict[str, Any] = {key.name: key.default for key in KEYS}
+
+
+# -- validation -------------------------------------------------------------------------
+
+
+#: The parts of a URL that can carry a secret: credentials, a query, a fragment.
+_URL_SECRETS = (re.compile(r"(://)[^/@\s]*@"), re.compile(r"([?#])[^'\"]*"))
+
+
+def _shown(key: Key, value: object) -> str:
+    """How an error shows a refused value: its type, and the value unless it is a
+    secret, long, or not a plain scalar (a URL's credentials, query and fragment are
+    masked)."""
+    if value is None:
+        return "None"
+    kind = type(value).__name__
+    if key.secret or not isinstance(value, str | int | float):
+        return f"{kind} (value not shown)" if key.secret else kind
+    text = repr(value)
+    if "://" in text:
+        credentials, rest = _URL_SECRETS
+        text = rest.sub(r"\1***", credentials.sub(r"\1***@", text))
+    return f"{kind} {text if len(text) <= 80 else text[:77] + '...'}"
+
+
+def _parse(config: Mapping[str, Any], keys: Iterable[Key]) -> tuple[dict[str, Any], list[str]]:
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for key in keys:
+        raw = config.get(key.name, key.default)
+        try:
+            values[key.name] = key.parse(raw)
+        except _values.InvalidValue as error:
+            problems.append(f"{key.name} {error}, got {_shown(key, raw)}")
+    return values, problems
+
+
+def _error(problems: list[str]) -> ConfigurationError:
+    count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+    lines = "".join(f"\n  - {problem}" for problem in problems)
+    return ConfigurationError(
+        f"invalid Meisa configuration ({count}; `flask meisa config-template` describes"
+        f" every key):{lines}"
+    )
+
+
+def resolve_keys(config: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
+    """The parsed values of the keys ``names`` (a missing key takes its default).
+
+    :raises ConfigurationError: one, listing every invalid key.
     """
-    if isinstance(value, str):
-        raise ConfigurationError(
-            "MEISA_CUSTOM_FIELDS must be a list of attribute names or a mapping, not a string"
+    values, problems = _parse(config, [_BY_NAME[name] for name in names])
+    if problems:
+        raise _error(problems)
+    return values
+
+
+def _delivering(enabled: bool, suppress: bool | None, testing: object) -> bool:
+    return enabled and not (bool(testing) if suppress is None else suppress)
+
+
+def is_delivering(config: Mapping[str, Any]) -> bool:
+    """Whether operations are delivered now: ``MEISA_ENABLED`` and not
+    ``MEISA_SUPPRESS_SEND``, which follows ``TESTING`` while it is ``None``.
+
+    :raises ConfigurationError: one of the two is not a boolean.
+    """
+    values = resolve_keys(config, ("MEISA_ENABLED", "MEISA_SUPPRESS_SEND"))
+    return _delivering(
+        values["MEISA_ENABLED"], values["MEISA_SUPPRESS_SEND"], config.get("TESTING")
+    )
+
+
+def _combined_problems(config: Mapping[str, Any], values: Mapping[str, Any]) -> list[str]:
+    """What is wrong with keys that are each valid but do not go together."""
+    problems = []
+    switches = ("MEISA_API_KEY", "MEISA_ENABLED", "MEISA_SUPPRESS_SEND")
+    if (
+        all(name in values for name in switches)
+        and values["MEISA_API_KEY"] is None
+        and _delivering(
+            values["MEISA_ENABLED"], values["MEISA_SUPPRESS_SEND"], config.get("TESTING")
         )
-    if isinstance(value, Mapping):
-        pairs = list(value.items())
-    elif isinstance(value, Sequence | set | frozenset):
-        pairs = [(name, name) for name in value]
-    else:
-        raise ConfigurationError("MEISA_CUSTOM_FIELDS must be a list or a mapping")
-    fields: dict[str, str] = {}
-    for field_name, attribute in pairs:
-        if not isinstance(field_name, str) or not field_name.strip():
-            raise ConfigurationError("MEISA_CUSTOM_FIELDS names must be non-empty strings")
-        if not isinstance(attribute, str) or not attribute.strip():
-            raise ConfigurationError(
-                f"MEISA_CUSTOM_FIELDS[{field_name!r}] must name a user attribute"
-            )
-        fields[field_name] = attribute
-    return fields
+    ):
+        problems.append(
+            "MEISA_API_KEY is not set: set it to your Meisa API key, or turn delivery off"
+            " (MEISA_ENABLED = False; under TESTING it is off unless MEISA_SUPPRESS_SEND ="
+            " False)"
+        )
+    return problems
 
 
-def _number(config: Mapping[str, Any], key: str, *, minimum: float = 0.0) -> float:
-    value = config[key]
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigurationError(f"{key} must be a number, got {type(value).__name__}")
-    if value < minimum:
-        raise ConfigurationError(f"{key} must be at least {minimum}")
-    return float(value)
-
-
-def _integer(config: Mapping[str, Any], key: str, *, minimum: int = 1) -> int:
-    value = config[key]
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigurationError(f"{key} must be an integer, got {type(value).__name__}")
-    if value < minimum:
-        raise ConfigurationError(f"{key} must be at least {minimum}")
-    return value
+def warn_unknown_keys(config: Mapping[str, Any]) -> None:
+    """Log a warning for each ``MEISA_*`` key of ``config`` that no setting has, naming
+    the closest known key (a misspelt key is otherwise ignored without a word)."""
+    for name in config:
+        if not isinstance(name, str) or not name.upper().startswith("MEISA_"):
+            continue
+        if name in _BY_NAME:
+            continue
+        close = difflib.get_close_matches(name.upper(), _BY_NAME, n=1)
+        hint = f"did you mean {close[0]}?" if close else "see `flask meisa config-template`"
+        logger.warning("flask-meisa: %s is not a Meisa setting and is ignored; %s", name, hint)
 
 
 @dataclass(frozen=True)
 class MeisaSettings:
-    """The resolved, validated ``MEISA_*`` settings of one app."""
+    """The resolved, validated ``MEISA_*`` settings of one app (one attribute per key of
+    :data:`KEYS` that is read once; see :attr:`Key.attribute`)."""
 
     api_key: str | None
     base_url: str
@@ -140,11 +487,11 @@ class MeisaSettings:
     queue_size: int
     workers: int
     flush_timeout: float
-    outbox: str | None = None
-    outbox_busy_timeout: float = 1.0
-    resync_after: float = 86400.0
-    priority_fields: tuple[str, ...] = ("plan", "subscription_status")
-    routine_max_age: float = 3600.0
+    resync_after: float
+    priority_fields: tuple[str, ...]
+    routine_max_age: float
+    outbox: str | None
+    outbox_busy_timeout: float
 
     def __repr__(self) -> str:
         # The key never appears in a repr: at most its last four characters.
@@ -155,92 +502,74 @@ class MeisaSettings:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> MeisaSettings:
-        """Validate ``config`` (with every default applied) into settings.
+        """Validate every key of ``config`` (a missing key takes its default) into
+        settings, and warn about ``MEISA_*`` keys that are no setting.
 
-        :raises ConfigurationError: naming the key that is missing or invalid.
+        :raises ConfigurationError: one, naming every invalid key, the type of its value
+            and what is allowed.
         """
-        enabled = bool(config["MEISA_ENABLED"])
-        api_key = config["MEISA_API_KEY"]
-        if api_key is not None and not isinstance(api_key, str):
-            raise ConfigurationError("MEISA_API_KEY must be a string")
-        if enabled and not (api_key and api_key.strip()):
-            raise ConfigurationError(
-                "MEISA_API_KEY is not set. Set it to your Meisa API key, or set "
-                "MEISA_ENABLED = False to run without Meisa."
-            )
-        base_url = config["MEISA_BASE_URL"]
-        if not isinstance(base_url, str) or not base_url.strip():
-            raise ConfigurationError("MEISA_BASE_URL must be a URL")
-        rate_limit = config["MEISA_RATE_LIMIT"]
-        if rate_limit is not None and (not isinstance(rate_limit, str) or not rate_limit.strip()):
-            raise ConfigurationError(
-                'MEISA_RATE_LIMIT must be a string such as "60/minute;1000/hour", or None'
-            )
-        if rate_limit is not None:
-            _check_rate_limit(rate_limit)
-        delivery = config["MEISA_DELIVERY"]
-        if delivery not in DELIVERY_MODES:
-            raise ConfigurationError(
-                f"MEISA_DELIVERY must be one of {', '.join(DELIVERY_MODES)}, got {delivery!r}"
-            )
-        outbox = _outbox(config, delivery)
-        source = config["MEISA_DEFAULT_SOURCE"]
-        if source is not None and not isinstance(source, str):
-            raise ConfigurationError("MEISA_DEFAULT_SOURCE must be a string or None")
-        return cls(
-            api_key=api_key.strip() if api_key else None,
-            base_url=base_url.strip(),
-            timeout=_number(config, "MEISA_TIMEOUT", minimum=0.001),
-            connect_timeout=_number(config, "MEISA_CONNECT_TIMEOUT", minimum=0.001),
-            max_attempts=_integer(config, "MEISA_MAX_ATTEMPTS"),
-            retry_base_delay=_number(config, "MEISA_RETRY_BASE_DELAY"),
-            retry_max_delay=_number(config, "MEISA_RETRY_MAX_DELAY"),
-            retry_deadline=_number(config, "MEISA_RETRY_DEADLINE"),
-            send_deadline=_number(config, "MEISA_SEND_DEADLINE"),
-            rate_limit=rate_limit.strip() if rate_limit else None,
-            sync_on_login=bool(config["MEISA_SYNC_ON_LOGIN"]),
-            custom_fields=parse_custom_fields(config["MEISA_CUSTOM_FIELDS"]),
-            default_source=source,
-            suppression_ttl=_number(config, "MEISA_SUPPRESSION_TTL", minimum=1.0),
-            suppression_preload=bool(config["MEISA_SUPPRESSION_PRELOAD"]),
-            release_on_error=bool(config["MEISA_RELEASE_ON_ERROR"]),
-            delivery=delivery,
-            queue_size=_integer(config, "MEISA_QUEUE_SIZE"),
-            workers=_integer(config, "MEISA_WORKERS"),
-            flush_timeout=_number(config, "MEISA_FLUSH_TIMEOUT"),
-            outbox=outbox,
-            outbox_busy_timeout=_number(config, "MEISA_OUTBOX_BUSY_TIMEOUT"),
-            resync_after=_number(config, "MEISA_RESYNC_AFTER"),
-            priority_fields=tuple(parse_custom_fields(config["MEISA_PRIORITY_FIELDS"])),
-            routine_max_age=_number(config, "MEISA_ROUTINE_MAX_AGE"),
-        )
+        warn_unknown_keys(config)
+        values, problems = _parse(config, KEYS)
+        problems += _combined_problems(config, values)
+        if problems:
+            raise _error(problems)
+        settings = {key.attribute: values[key.name] for key in KEYS if key.resolved}
+        if settings["delivery"] != "thread":
+            settings["outbox"] = None  # only background delivery has a store
+        return cls(**settings)
 
 
-def _check_rate_limit(spec: str) -> None:
-    from ._ratelimit import parse_rate_limit
-
-    try:
-        parse_rate_limit(spec)
-    except (ValueError, ConfigurationError) as error:
-        raise ConfigurationError(
-            f"MEISA_RATE_LIMIT {spec!r} is not a rate limit: {error}"
-        ) from None
+# -- documentation ---------------------------------------------------------------------
 
 
-def _outbox(config: Mapping[str, Any], delivery: str) -> str | None:
-    value = config["MEISA_OUTBOX"]
-    if isinstance(value, os.PathLike):
-        value = os.fspath(value)
-    if value is None or (isinstance(value, str) and value.strip().lower() == MEMORY):
-        return None
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigurationError(
-            f'MEISA_OUTBOX must be a SQLite file path, "{INSTANCE_PREFIX}<file name>" for a '
-            f'file in the instance folder, or None (or "{MEMORY}") for memory only'
-        )
-    value = value.strip()
-    if value.startswith(INSTANCE_PREFIX) and not value[len(INSTANCE_PREFIX) :].strip():
-        raise ConfigurationError(f"MEISA_OUTBOX {value!r} names no file")
-    if value == ":memory:":
-        raise ConfigurationError(f'MEISA_OUTBOX: for memory only, set None or "{MEMORY}"')
-    return value if delivery == "thread" else None
+def _literal(value: Any) -> str:
+    """``value`` as Python source, in the project's style (double quotes, 10_000)."""
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, tuple):
+        items = ", ".join(_literal(item) for item in value)
+        return f"({items},)" if len(value) == 1 else f"({items})"
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 10_000:
+        return f"{value:_}"
+    return repr(value)
+
+
+def _default_text(key: Key) -> str:
+    note = f" ({key.default_note})" if key.default_note else ""
+    return f"`{_literal(key.default)}`{note}"
+
+
+_TEMPLATE_HEADER = """\
+# flask-meisa configuration: every MEISA_* key with its type, default and meaning.
+#
+# Copy the keys you need into your Flask config (config.py, app.config.from_mapping, ...).
+# Set them before meisa.init_app(app): it reads them once and refuses invalid values, all
+# of them in one error; MEISA_ENABLED and MEISA_SUPPRESS_SEND are read on every operation.
+# Values read from the environment arrive as strings, and are accepted: "true"/"false",
+# "yes"/"no", "on"/"off" or "1"/"0" for a bool, "2.5" for a number, "a, b" for a list.
+# `flask meisa config-template` prints this file.
+import os
+"""
+
+
+def config_template() -> str:
+    """The configuration template (``flask meisa config-template``): a Python config
+    file assigning every key its default, each under a comment saying what it is."""
+    parts = [_TEMPLATE_HEADER]
+    for key in KEYS:
+        meaning = key.meaning.replace("`", "")
+        text = f"{key.type}, default {_default_text(key)}. {meaning[0].upper()}{meaning[1:]}."
+        text = f"{text} {key.notes}".replace("`", "").strip()
+        lines = textwrap.wrap(text, width=89, break_long_words=False, break_on_hyphens=False)
+        comment = "".join(f"# {line}\n" for line in lines)
+        parts.append(f"{comment}{key.name} = {key.template or _literal(key.default)}\n")
+    return "\n".join(parts)
+
+
+def markdown_table() -> str:
+    """The README's table of keys: key, type, default, meaning."""
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    rows += [
+        f"| `{key.name}` | {key.type} | {_default_text(key)} | {key.meaning} |" for key in KEYS
+    ]
+    return "\n".join(rows) + "\n"

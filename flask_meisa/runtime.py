@@ -16,6 +16,7 @@ from typing import Any
 
 from .client import MeisaClient
 from .config import INSTANCE_PREFIX
+from .config import is_delivering
 from .engine.base import Dispatcher
 from .errors import ConfigurationError
 from .reporting import SignalReporter
@@ -89,14 +90,8 @@ class MeisaState:
     def delivering(self) -> bool:
         """Whether operations are delivered now (read on every operation):
         ``MEISA_ENABLED`` and not ``MEISA_SUPPRESS_SEND`` (which follows ``TESTING``
-        while it is ``None``)."""
-        config = self.app.config
-        if not config.get("MEISA_ENABLED", True):
-            return False
-        suppress = config.get("MEISA_SUPPRESS_SEND")
-        if suppress is None:
-            suppress = config.get("TESTING", False)
-        return not suppress
+        while it is ``None``); ``"false"`` read from the environment is false."""
+        return is_delivering(self.app.config)
 
     def retry_policy(self, *, deadline: float | None = None) -> RetryPolicy:
         """The retry policy of calls made in the caller's thread (``meisa.send``, CLI

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
+from click.testing import CliRunner
 from flask import Flask
+from flask.cli import FlaskGroup
 
 from flask_meisa import Meisa
+from flask_meisa.config import config_template
 from flask_meisa.testing import emulator_config
 from tests.apps import build_app
 
@@ -92,15 +105,19 @@ def test_flush_and_status(app: Flask) -> None:
 
 
 def test_config_template_prints_every_key(app: Flask) -> None:
-    output = invoke(app, "config-template").output
-    assert 'MEISA_RATE_LIMIT = "60/minute;1000/hour"' in output
-    assert "MEISA_FLUSH_TIMEOUT = 5.0" in output
+    result = invoke(app, "config-template")
+    assert result.exit_code == 0
+    assert result.output == config_template()
+    assert 'MEISA_RATE_LIMIT = "60/minute;1000/hour"' in result.output
+    assert "MEISA_FLUSH_TIMEOUT = 5.0" in result.output
 
 
-def test_emulator_command_passes_its_options_on(app: Flask) -> None:
+def test_emulator_command_passes_its_options_on_and_names_itself(app: Flask) -> None:
     result = invoke(app, "emulator", "--help")
     assert result.exit_code == 0
     assert "--rate-limit" in result.output
+    assert "python -m flask_meisa.emulator" not in result.output
+    assert " meisa emulator [-h]" in result.output
 
 
 def test_commands_on_an_app_without_meisa_say_so() -> None:
@@ -128,3 +145,97 @@ def test_status_shows_the_store_and_who_delivers(emulator: Any, tmp_path: Any) -
         assert "delivered: 1" in status
     finally:
         meisa.state(app).close(5.0)
+
+
+# -- the first hour: `flask meisa` on any app, before init_app and without a key ----------
+
+
+def app_without_a_key() -> Flask:
+    """An app factory as a user's is before the key is set: init_app refuses to run."""
+    app = Flask(__name__)
+    Meisa(app)  # raises ConfigurationError: MEISA_API_KEY is not set
+    return app
+
+
+def flask_command(*args: str, create_app: Any = None) -> Any:
+    """Run ``flask <args>`` as the ``flask`` command does, with its plugin commands."""
+    group = FlaskGroup(create_app=create_app or (lambda: Flask(__name__)))
+    return CliRunner().invoke(group, list(args), prog_name="flask")
+
+
+def test_the_group_is_a_flask_commands_entry_point() -> None:
+    (entry,) = [e for e in entry_points(group="flask.commands") if e.name == "meisa"]
+    assert entry.value == "flask_meisa.cli:meisa_cli"
+
+
+def test_config_template_works_before_init_app_and_without_a_key() -> None:
+    for factory in (lambda: Flask(__name__), app_without_a_key):
+        result = flask_command("meisa", "config-template", create_app=factory)
+        assert result.exit_code == 0, result.output
+        assert result.output == config_template()
+
+
+def test_emulator_help_works_before_init_app_and_names_itself() -> None:
+    result = flask_command("meisa", "emulator", "--help", create_app=app_without_a_key)
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("usage: flask meisa emulator [-h]")
+    assert "--rate-limit" in result.output
+
+
+def test_other_commands_on_an_app_without_meisa_say_to_call_init_app() -> None:
+    for command in (["status"], ["ping"], ["flush"], ["dead-letters", "list"]):
+        result = flask_command("meisa", *command)
+        assert result.exit_code == 1, command
+        assert "Meisa is not initialised on this app (call init_app)" in result.output
+
+
+def test_flask_meisa_emulator_starts_without_a_key(tmp_path: Path) -> None:
+    # The real `flask` command, on an app whose factory fails for want of a key.
+    (tmp_path / "keyless_app.py").write_text(
+        "from flask import Flask\n"
+        "from flask_meisa import Meisa\n\n"
+        "def create_app():\n"
+        "    app = Flask(__name__)\n"
+        "    Meisa(app)\n"
+        "    return app\n",
+        encoding="utf-8",
+    )
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("MEISA_", "FLASK_"))}
+    command = [sys.executable, "-m", "flask", "--app", "keyless_app", "meisa", "emulator"]
+    process = subprocess.Popen(
+        [*command, "--port", "0", "--rate-limit", "none"],
+        cwd=tmp_path,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        for line in process.stdout or ():
+            lines.put(line)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        url = None
+        deadline = time.monotonic() + 60
+        while url is None and time.monotonic() < deadline and process.poll() is None:
+            with contextlib.suppress(queue.Empty):
+                found = re.search(r"listening on (\S+)", lines.get(timeout=1))
+                url = found.group(1) if found else None
+        assert url is not None, f"no 'listening on' line; exit status {process.poll()}"
+        answer = requests.get(url + "/ping/", timeout=10)
+        assert answer.status_code == 401  # a Meisa API, asking for a key
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        reader.join(timeout=30)
+        if process.stdout is not None:
+            process.stdout.close()
+    assert process.returncode == 0

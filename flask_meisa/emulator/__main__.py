@@ -15,6 +15,9 @@ from .state import DEFAULT_RATE_LIMIT
 
 __all__ = ["main"]
 
+#: How the command is named when run as a module.
+_PROG = "python -m flask_meisa.emulator"
+
 
 def _limit(value: str) -> str | None:
     if value.strip().lower() in ("", "none", "off"):
@@ -37,10 +40,10 @@ def _rate(value: str) -> float:
     return rate
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command line's options."""
+def build_parser(prog: str = _PROG) -> argparse.ArgumentParser:
+    """The command line's options; ``prog`` names the command in its help."""
     parser = argparse.ArgumentParser(
-        prog="python -m flask_meisa.emulator",
+        prog=prog,
         description="Serve the Meisa emulator (a stateful Meisa API) until SIGINT/SIGTERM.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1)")
@@ -64,9 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the emulator; returns the exit status."""
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, *, prog: str = _PROG) -> int:
+    """Run the emulator; returns the exit status. ``prog`` names the command in its help."""
+    args = build_parser(prog).parse_args(argv)
     kwargs = {} if args.send_guardrail == "seed" else {"send_guardrail": args.send_guardrail}
     try:
         emulator = Emulator(

@@ -1,0 +1,312 @@
+"""Parsers of ``MEISA_*`` values, used by :mod:`flask_meisa.config` and the client.
+
+Each takes what a config holds (a Python value, or a string read from the environment)
+and returns the value to use, or raises :class:`InvalidValue` saying what is allowed. No
+message ever repeats the value: the caller decides whether it may be shown.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import threading
+from collections.abc import Callable
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+__all__ = [
+    "INSTANCE_PREFIX",
+    "MEMORY",
+    "InvalidValue",
+    "api_key",
+    "base_url",
+    "celery_app",
+    "choice",
+    "count",
+    "field_map",
+    "flag",
+    "names",
+    "optional_flag",
+    "outbox",
+    "queue_name",
+    "rate_limit",
+    "redis_url",
+    "seconds",
+    "source",
+]
+
+#: ``MEISA_OUTBOX`` values starting with this name a file in the app's instance folder.
+INSTANCE_PREFIX = "instance:"
+#: ``MEISA_OUTBOX`` value (like ``None``) for delivery from memory only.
+MEMORY = "memory"
+
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
+#: Longer than any wait a thread, lock or socket can be given.
+_MAX_SECONDS = threading.TIMEOUT_MAX
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+class InvalidValue(ValueError):
+    """A value was refused. The message says what is allowed (it reads after the key's
+    name, e.g. "must be a number") and never holds the value."""
+
+
+def flag(value: object) -> bool:
+    """A boolean: ``True``/``False`` or one of the usual words, any case."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in _TRUE:
+            return True
+        if word in _FALSE:
+            return False
+    raise InvalidValue(
+        'must be True or False (or a string "true"/"false", "yes"/"no", "on"/"off", "1"/"0")'
+    )
+
+
+def optional_flag(value: object) -> bool | None:
+    """A boolean, or ``None``."""
+    if value is None:
+        return None
+    try:
+        return flag(value)
+    except InvalidValue:
+        raise InvalidValue(
+            'must be None, True or False (or a string "true"/"false", "yes"/"no", "on"/"off",'
+            ' "1"/"0")'
+        ) from None
+
+
+def _number(value: object) -> float | None:
+    """The finite number ``value`` holds (an int, a float or a numeric string), or None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return None
+    if isinstance(value, int):
+        try:
+            value = float(value)
+        except OverflowError:
+            return None
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    return None
+
+
+def seconds(minimum: float, *, inclusive: bool = True) -> Callable[[object], float]:
+    """A parser of a finite number of seconds, at least (or above) ``minimum``."""
+    bound = f"{'>=' if inclusive else '>'} {minimum:g}"
+
+    def parse(value: object) -> float:
+        number = _number(value)
+        if number is None or number < minimum or (number == minimum and not inclusive):
+            raise InvalidValue(f"must be a finite number of seconds {bound}")
+        if number > _MAX_SECONDS:
+            raise InvalidValue(f"must be at most {_MAX_SECONDS:.0f} seconds")
+        return number
+
+    return parse
+
+
+def count(minimum: int = 1) -> Callable[[object], int]:
+    """A parser of a whole number, at least ``minimum``."""
+
+    def parse(value: object) -> int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            number: int | None = value
+        else:
+            real = _number(value)
+            number = int(real) if real is not None and real.is_integer() else None
+        if number is None or number < minimum:
+            raise InvalidValue(f"must be a whole number >= {minimum}")
+        return number
+
+    return parse
+
+
+def choice(*options: str) -> Callable[[object], str]:
+    """A parser of one of ``options`` (any case, surrounding spaces ignored)."""
+    allowed = ", ".join(f'"{option}"' for option in options)
+
+    def parse(value: object) -> str:
+        word = value.strip().lower() if isinstance(value, str) else None
+        if word is None or word not in options:
+            raise InvalidValue(f"must be one of {allowed}")
+        return word
+
+    return parse
+
+
+def names(value: object) -> tuple[str, ...]:
+    """Names: a list or tuple of strings, or one comma-separated string (as read from
+    the environment; empty parts are skipped). Duplicates are dropped."""
+    if isinstance(value, str):
+        parts = [part.strip() for part in value.split(",") if part.strip()]
+    elif isinstance(value, list | tuple | set | frozenset):
+        if not all(isinstance(part, str) and part.strip() for part in value):
+            raise InvalidValue("must hold names only (non-empty strings)")
+        parts = [part.strip() for part in value]
+    else:
+        raise InvalidValue('must be a list of names, or a comma-separated string "a, b"')
+    return tuple(dict.fromkeys(parts))
+
+
+def field_map(value: object) -> dict[str, str]:
+    """``MEISA_CUSTOM_FIELDS``: ``{custom field name: user attribute name}`` from a
+    mapping, or from names (each a custom field of the same name, see :func:`names`)."""
+    if not isinstance(value, Mapping):
+        try:
+            return {name: name for name in names(value)}
+        except InvalidValue:
+            raise InvalidValue(
+                "must be a list of attribute names, a comma-separated string of them, or a"
+                " mapping {custom field: attribute}"
+            ) from None
+    fields: dict[str, str] = {}
+    for field_name, attribute in value.items():
+        if not isinstance(field_name, str) or not field_name.strip():
+            raise InvalidValue("must have custom field names (non-empty strings) as keys")
+        if not isinstance(attribute, str) or not attribute.strip():
+            raise InvalidValue("must map each custom field to a user attribute name")
+        fields[field_name.strip()] = attribute.strip()
+    return fields
+
+
+def api_key(value: object) -> str | None:
+    """The API key without surrounding whitespace, or ``None`` when unset or blank."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidValue("must be a string")
+    key = value.strip()
+    if not key:
+        return None
+    if not key.isascii() or not key.isprintable() or any(c.isspace() for c in key):
+        raise InvalidValue(
+            "must be the key alone: no whitespace inside, no control or non-ASCII characters"
+        )
+    return key
+
+
+def base_url(value: object) -> str:
+    """Meisa's API root, without a trailing slash: ``https://``, or ``http://`` for
+    localhost or a loopback address; a host, and no credentials, query or fragment."""
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidValue("must be the API's URL, such as https://api.meisa.io/api/v1")
+    url = value.strip().rstrip("/")
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError for a malformed port
+    except ValueError:
+        raise InvalidValue("must be a valid URL") from None
+    if parts.scheme not in ("http", "https"):
+        raise InvalidValue(
+            "must be an https:// URL (http:// only for localhost or a loopback address)"
+        )
+    if not host:
+        raise InvalidValue("must name a host")
+    if parts.username is not None or parts.password is not None:
+        raise InvalidValue("must not hold a user name or password")
+    if parts.query or parts.fragment:
+        raise InvalidValue("must not have a query (?...) or a fragment (#...)")
+    if parts.scheme == "http" and not _is_loopback(host):
+        raise InvalidValue(
+            "must use https:// (plain http:// only for localhost or a loopback address)"
+        )
+    return url
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def rate_limit(value: object) -> str | None:
+    """A budget such as ``"60/minute;1000/hour"``, or ``None`` for none."""
+    if value is None:
+        return None
+    allowed = 'must be a budget such as "60/minute;1000/hour", or None'
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidValue(allowed)
+    from ._ratelimit import parse_rate_limit
+    from .errors import ConfigurationError
+
+    try:
+        parse_rate_limit(value)
+    except ConfigurationError as error:
+        raise InvalidValue(f"{allowed} ({error})") from None
+    return value.strip()
+
+
+def source(value: object) -> str | None:
+    """A contact ``source`` Meisa accepts, or ``None``."""
+    from .bodies import CONTACT_SOURCES
+
+    if value is None:
+        return None
+    word = value.strip() if isinstance(value, str) else None
+    if word is None or word not in CONTACT_SOURCES:
+        allowed = ", ".join(f'"{name}"' for name in sorted(CONTACT_SOURCES))
+        raise InvalidValue(f"must be None or one of {allowed}")
+    return word
+
+
+def outbox(value: object) -> str | None:
+    """A SQLite file path, ``"instance:<file name>"``, or ``None``/``"memory"`` (memory)."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if value is None or (isinstance(value, str) and value.strip().lower() == MEMORY):
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidValue(
+            f'must be a SQLite file path, "{INSTANCE_PREFIX}<file name>" for a file in the '
+            f'instance folder, or None (or "{MEMORY}") for memory only'
+        )
+    path = value.strip()
+    if path.startswith(INSTANCE_PREFIX) and not path[len(INSTANCE_PREFIX) :].strip():
+        raise InvalidValue(f'names no file: give "{INSTANCE_PREFIX}<file name>"')
+    if path == ":memory:":
+        raise InvalidValue(f'must be a file; for memory only, set None or "{MEMORY}"')
+    return path
+
+
+def celery_app(value: object) -> Any:
+    """A ``celery.Celery`` (anything with ``send_task``), or ``None``."""
+    if value is not None and not callable(getattr(value, "send_task", None)):
+        raise InvalidValue("must be a celery.Celery instance, or None")
+    return value
+
+
+def queue_name(value: object) -> str:
+    """A queue name: a non-empty string without whitespace."""
+    name = value.strip() if isinstance(value, str) else ""
+    if not name or any(c.isspace() for c in name):
+        raise InvalidValue("must be a queue name without spaces")
+    return name
+
+
+def redis_url(value: object) -> str | None:
+    """A ``redis://``, ``rediss://`` or ``unix://`` URL, or ``None``."""
+    if value is None:
+        return None
+    url = value.strip() if isinstance(value, str) else ""
+    try:
+        scheme = urlsplit(url).scheme
+    except ValueError:
+        scheme = ""
+    if scheme not in _REDIS_SCHEMES:
+        raise InvalidValue("must be a redis://, rediss:// or unix:// URL, or None")
+    return url

@@ -10,7 +10,10 @@ with :func:`create_app`. What it shows:
 - login through Flask-Login, synced by the extension (``signin_count``, ``last_active``);
 - billing changes announced with the ``plan_changed`` signal;
 - an in-product action recorded with ``@track_event``;
-- a password reset email, and what to say when Meisa will not email an address.
+- a password reset email sent in the background, the same answer whether or not the
+  address has an account, and a reset that ends the user's other sessions;
+- on the embedded emulator (development), "What Meisa received": every call the emulator
+  got, verification codes and reset links included.
 
 No view holds HTTP code for Meisa: everything goes through the extension.
 """
@@ -27,19 +30,28 @@ from werkzeug.exceptions import HTTPException
 
 from . import contacts as _contacts  # noqa: F401  (registers the contact mapper)
 from . import db
-from . import security
-from .config import defaults
+from .config import app_config
+from .config import on_emulator
+from .extensions import csrf
+from .extensions import limiter
 from .extensions import login_manager
 from .extensions import meisa
+from .models import User
 
 __all__ = ["create_app", "meisa"]
 
 
-def _load_user(user_id: str) -> Any:
+def _load_user(session_id: str) -> User | None:
+    # session_id is User.get_id(): "<id>:<session version>". A session made before the
+    # version changed (a password reset) loads no one, so it is logged out.
+    user_id, _, version = session_id.partition(":")
     try:
-        return db.get_db().user(int(user_id))
+        user = db.get_db().user(int(user_id))
     except ValueError:
         return None
+    if user is None or str(user.session_version) != version:
+        return None
+    return user
 
 
 def _http_error(error: HTTPException) -> ResponseReturnValue:
@@ -47,17 +59,17 @@ def _http_error(error: HTTPException) -> ResponseReturnValue:
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
-    """Build the app: :func:`~example_app.config.defaults`, then ``config`` over them.
+    """Build the app with :func:`~example_app.config.app_config` of ``config``.
 
     :raises flask_meisa.ConfigurationError: a ``MEISA_*`` key is missing or invalid (no
         ``MEISA_API_KEY``, for one).
     """
     app = Flask(__name__)
-    app.config.update(defaults())
-    if config:
-        app.config.update(config)
+    app.config.update(app_config(config))
+    development = on_emulator(app.config)
     db.init_app(app)
-    security.init_app(app)
+    csrf.init_app(app)
+    limiter.init_app(app)
     login_manager.init_app(app)
     login_manager.user_loader(_load_user)
     meisa.init_app(app)
@@ -67,12 +79,15 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     from .billing import bp as billing_bp
     from .inspection import bp as inspection_bp
 
-    for blueprint in (account_bp, auth_bp, billing_bp, inspection_bp):
+    for blueprint in (account_bp, auth_bp, billing_bp):
         app.register_blueprint(blueprint)
+    if development:
+        # It shows every email's codes and links: never on an app that emails people.
+        app.register_blueprint(inspection_bp)
     app.register_error_handler(HTTPException, _http_error)
 
     @app.context_processor
     def _globals() -> dict[str, Any]:
-        return {"emulator_url": app.config.get("EXAMPLE_EMULATOR_URL")}
+        return {"development": development}
 
     return app

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from urllib.parse import urlsplit
+
 from flask import Blueprint
 from flask import current_app
 from flask import flash
@@ -24,6 +27,7 @@ from .db import get_db
 from .emails import Outcome
 from .emails import send_password_reset
 from .emails import send_verification_code
+from .extensions import limiter
 from .extensions import meisa
 from .models import User
 from .models import utcnow
@@ -79,10 +83,50 @@ def _pending_user() -> User | None:
     return user
 
 
+# Browsers drop tabs and newlines from a URL and read a backslash as a slash.
+_URL_DROPPED = re.compile(r"[\t\r\n]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _safe_next(target: str | None) -> str:
-    if target and target.startswith("/") and not target.startswith("//"):
-        return target
+    """``target`` when it is a path on this site as a browser reads it; else the
+    dashboard. (``/%09/evil.example/`` arrives as slash, tab, slash: a browser drops the
+    tab and goes to ``//evil.example/``, another site.)"""
+    if target:
+        path = _URL_DROPPED.sub("", target).replace("\\", "/")
+        parts = urlsplit(path)
+        if (
+            not parts.scheme
+            and not parts.netloc
+            and path.startswith("/")
+            and not path.startswith("//")
+            and not _CONTROL.search(path)
+        ):
+            return path
     return url_for("account.dashboard")
+
+
+def _email_limit_per_address() -> str:
+    return str(current_app.config["EXAMPLE_EMAIL_LIMIT_PER_ADDRESS"])
+
+
+def _email_limit_per_client() -> str:
+    return str(current_app.config["EXAMPLE_EMAIL_LIMIT_PER_CLIENT"])
+
+
+def _reset_address() -> str:
+    return request.form.get("email", "").strip().lower()
+
+
+_TOO_MANY_EMAILS = "Too many emails were asked for. Wait a while, then try again."
+
+#: Per client address, password resets and new codes share one count.
+_emails_per_client = limiter.shared_limit(
+    _email_limit_per_client,
+    scope="emails",
+    methods=["POST"],
+    error_message=_TOO_MANY_EMAILS,
+)
 
 
 @bp.route("/signup", methods=["GET", "POST"])
@@ -155,6 +199,7 @@ def verify() -> ResponseReturnValue:
 
 
 @bp.post("/verify/resend")
+@_emails_per_client
 def resend_code() -> ResponseReturnValue:
     """Email a new code (the old one stops working)."""
     user = _pending_user()
@@ -198,33 +243,30 @@ def logout() -> ResponseReturnValue:
 
 
 @bp.route("/forgot-password", methods=["GET", "POST"])
+@limiter.limit(
+    _email_limit_per_address,
+    key_func=_reset_address,
+    methods=["POST"],
+    error_message=_TOO_MANY_EMAILS,
+)
+@_emails_per_client
 def forgot_password() -> ResponseReturnValue:
-    """Email a reset link. The answer is the same whether or not the address has an
-    account; only an address Meisa will not email gets its own message (whoever types
-    it, so that says nothing about accounts either)."""
-    email = ""
-    if request.method == "POST":
-        email = request.form.get("email", "").strip()
-        user = get_db().user_by_email(email)
-        if user is not None:
-            outcome = send_password_reset(user)
-        else:
-            try:
-                outcome = "suppressed" if meisa.is_suppressed(email) else "sent"
-            except ValidationError:
-                error = "Enter a valid email address, like ada@example.com."
-                return render_template("forgot.html", email=email, error=error), 400
-        # "failed" and "skipped" read like "sent": a different answer would tell that the
-        # address has an account.
-        suppressed = outcome == "suppressed"
-        return render_template(
-            "forgot_done.html",
-            email=email,
-            suppressed=suppressed,
-            suppressed_message=_SUPPRESSED.format(email=email),
-            minutes=current_app.config["EXAMPLE_RESET_MAX_AGE"] // 60,
-        )
-    return render_template("forgot.html", email=email, error=None)
+    """Email a reset link. The answer is the same, in words and in time, whatever the
+    address: with an account or without, suppressed by Meisa or not."""
+    if request.method == "GET":
+        return render_template("forgot.html", email="", error=None)
+    email = request.form.get("email", "").strip()
+    if not email:
+        error = "Enter your email address."
+        return render_template("forgot.html", email=email, error=error), 400
+    user = get_db().user_by_email(email)
+    if user is not None:
+        send_password_reset(user)
+    return render_template(
+        "forgot_done.html",
+        email=email,
+        minutes=current_app.config["EXAMPLE_RESET_MAX_AGE"] // 60,
+    )
 
 
 @bp.route("/reset/<token>", methods=["GET", "POST"])

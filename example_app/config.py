@@ -1,20 +1,25 @@
 """The example app's configuration: its own ``EXAMPLE_*`` keys and the Meisa keys it sets.
 
-:func:`defaults` is read by :func:`~example_app.create_app` first; the ``config`` mapping
-given to ``create_app`` overrides it. Every ``MEISA_*`` key the extension understands is
+:func:`app_config` is what :func:`~example_app.create_app` loads: :func:`defaults`, the
+``config`` mapping given to ``create_app`` over them, then what follows from both (secure
+cookies unless :func:`on_emulator`). Every ``MEISA_*`` key the extension understands is
 documented by ``flask meisa config-template`` (``flask_meisa.config.KEYS``).
 
-Running against the real Meisa
-------------------------------
-``python -m example_app`` starts the embedded Meisa emulator and points the app at it.
-To run against the real Meisa instead, set both variables in the environment::
+Development and production
+--------------------------
+``python -m example_app`` starts the embedded Meisa emulator and points the app at it:
+that is development. The app shows a development banner on every page and the "What
+Meisa received" page (every email the emulator got, verification codes and reset links
+included). To run against the real Meisa instead, set both variables in the environment::
 
     export MEISA_API_KEY=meisa_test_...         # a test key touches no real contacts
     export MEISA_BASE_URL=https://api.meisa.io/api/v1
     python -m example_app
 
-No emulator is started then, and the "What Meisa received" page is off (it reads the
-emulator's inspection endpoints, which the real Meisa does not have). The demo's
+No emulator is started then: that is production. The "What Meisa received" page does
+not exist (404) and the session and remember-me cookies are ``Secure``: sent over HTTPS
+only (browsers such as Chromium also send them to ``http://127.0.0.1`` and
+``localhost``, so this command still works on loopback). The demo's
 triggers (``verification_code``, ``password_reset``) must exist and be active in the
 Meisa dashboard.
 
@@ -25,8 +30,8 @@ Environment variables
 ``MEISA_RATE_LIMIT``
     The key's budget (default ``60/minute;1000/hour``, Meisa's default limits).
 ``EXAMPLE_SECRET_KEY``
-    Signs the session cookie and password reset links. Without it a random key is made
-    at start, so sessions end when the process does.
+    Signs the session cookie, CSRF tokens and password reset links. Without it a random
+    key is made at start, so sessions end when the process does.
 ``EXAMPLE_DATABASE``
     The SQLite file (default ``example_app.sqlite3`` in the app's instance folder).
 """
@@ -38,7 +43,7 @@ import secrets
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["DEFAULT_RATE_LIMIT", "defaults"]
+__all__ = ["DEFAULT_RATE_LIMIT", "app_config", "defaults", "on_emulator"]
 
 #: Meisa's default per-key limits.
 DEFAULT_RATE_LIMIT = "60/minute;1000/hour"
@@ -54,16 +59,48 @@ def defaults(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         # The SQLite file; None means "example_app.sqlite3" in the instance folder.
         "EXAMPLE_DATABASE": env.get("EXAMPLE_DATABASE") or None,
         # Root URL of the embedded emulator (``emulator.root_url``) when the app runs on
-        # it; turns on the "What Meisa received" page. None against the real Meisa.
+        # it: development (see on_emulator). None against the real Meisa.
         "EXAMPLE_EMULATOR_URL": None,
         # Minutes a verification code stays valid, and wrong tries allowed per code.
         "EXAMPLE_CODE_TTL_MINUTES": 15,
         "EXAMPLE_CODE_MAX_ATTEMPTS": 5,
         # Seconds a password reset link stays valid.
         "EXAMPLE_RESET_MAX_AGE": 3600,
-        # Refuse POSTs without the session's CSRF token.
-        "EXAMPLE_CSRF": True,
+        # Emails a visitor can make the app send (Flask-Limiter's notation): password
+        # resets per address, and password resets and new codes together per client
+        # address. Each email also spends the Meisa key's budget that every sync needs.
+        "EXAMPLE_EMAIL_LIMIT_PER_ADDRESS": "3/hour",
+        "EXAMPLE_EMAIL_LIMIT_PER_CLIENT": "10/hour",
+        # Where Flask-Limiter counts. In memory, each process counts on its own and
+        # forgets at restart: production uses Redis ("redis://localhost:6379"), shared by
+        # every worker. Behind a proxy, wrap the app in werkzeug's ProxyFix so that the
+        # client address is the visitor's, not the proxy's.
+        "RATELIMIT_STORAGE_URI": "memory://",
         "MEISA_API_KEY": env.get("MEISA_API_KEY"),
         "MEISA_BASE_URL": env.get("MEISA_BASE_URL", "https://api.meisa.io/api/v1"),
         "MEISA_RATE_LIMIT": env.get("MEISA_RATE_LIMIT", DEFAULT_RATE_LIMIT),
     }
+
+
+def on_emulator(config: Mapping[str, Any]) -> bool:
+    """Whether ``config`` points the app at the embedded emulator (development).
+
+    True when ``EXAMPLE_EMULATOR_URL`` is set and ``MEISA_BASE_URL`` lies under it: an
+    inspection URL alone does not make an app that talks to the real Meisa a development
+    one.
+    """
+    root = config.get("EXAMPLE_EMULATOR_URL")
+    base = config.get("MEISA_BASE_URL")
+    if not (isinstance(root, str) and root and isinstance(base, str)):
+        return False
+    return base.startswith(root.rstrip("/") + "/")
+
+
+def app_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """:func:`defaults`, then ``config`` over them; off the emulator, the session and
+    remember-me cookies are ``Secure`` unless ``config`` says otherwise."""
+    settings = {**defaults(), **(config or {})}
+    production = not on_emulator(settings)
+    settings.setdefault("SESSION_COOKIE_SECURE", production)
+    settings.setdefault("REMEMBER_COOKIE_SECURE", production)
+    return settings

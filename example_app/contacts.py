@@ -33,7 +33,7 @@ def user_to_contact(user: User) -> dict[str, Any]:
     """The upsert payload of ``user`` (used for login syncs, plan changes, milestones)."""
     contact: dict[str, Any] = {
         "email": user.email,
-        "external_id": user.get_id(),
+        "external_id": str(user.id),
         "first_name": user.first_name,
         "custom_fields": {
             "plan": user.plan,

@@ -44,6 +44,7 @@ CREATE TABLE IF NOT EXISTS users (
     signin_count INTEGER NOT NULL DEFAULT 0,
     onboarding_completed INTEGER NOT NULL DEFAULT 0,
     reports_exported INTEGER NOT NULL DEFAULT 0,
+    session_version INTEGER NOT NULL DEFAULT 0,
     code_hash TEXT,
     code_sent_at TEXT,
     code_attempts INTEGER NOT NULL DEFAULT 0
@@ -52,7 +53,8 @@ CREATE TABLE IF NOT EXISTS users (
 
 _USER_COLUMNS = (
     "id, email, name, password_hash, email_verified, plan, subscription_status, "
-    "signup_date, last_active, signin_count, onboarding_completed, reports_exported"
+    "signup_date, last_active, signin_count, onboarding_completed, reports_exported, "
+    "session_version"
 )
 
 
@@ -76,6 +78,7 @@ def _user(row: sqlite3.Row | None) -> User | None:
         signin_count=row["signin_count"],
         onboarding_completed=bool(row["onboarding_completed"]),
         reports_exported=row["reports_exported"],
+        session_version=row["session_version"],
     )
 
 
@@ -103,6 +106,12 @@ class Database:
         """Create the table when it does not exist yet."""
         with self.connection:
             self.connection.executescript(SCHEMA)
+            # A database made by an earlier version of the example lacks this column.
+            columns = {row["name"] for row in self.connection.execute("PRAGMA table_info(users)")}
+            if "session_version" not in columns:
+                self.connection.execute(
+                    "ALTER TABLE users ADD COLUMN session_version INTEGER NOT NULL DEFAULT 0"
+                )
 
     def _one(self, sql: str, *params: Any) -> User | None:
         cursor = self.connection.execute(f"SELECT {_USER_COLUMNS} FROM users {sql}", params)
@@ -187,8 +196,10 @@ class Database:
         )
 
     def set_password(self, user_id: int, password_hash: str) -> User:
-        """Replace the password hash."""
-        return self._update(user_id, "password_hash = ?", password_hash)
+        """Replace the password hash and end the user's sessions (a new session version)."""
+        return self._update(
+            user_id, "password_hash = ?, session_version = session_version + 1", password_hash
+        )
 
 
 def database_path(app: Flask) -> str:

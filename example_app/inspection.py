@@ -2,8 +2,9 @@
 
 This is the one place where the app speaks HTTP itself, and not to Meisa: it reads the
 embedded emulator's inspection endpoints (``/_emulator/requests``, ``contacts``,
-``events``, ``sends``). It is on only when ``EXAMPLE_EMULATOR_URL`` is set, which
-``python -m example_app`` does when it starts the emulator.
+``events``, ``sends``). It shows every email's codes and links to whoever can reach it,
+so :func:`~example_app.create_app` registers it only on the emulator (development, see
+:func:`~example_app.config.on_emulator`): against the real Meisa it does not exist.
 """
 
 from __future__ import annotations
@@ -146,19 +147,15 @@ def read_emulator(root_url: str, timeout: float = 5.0) -> dict[str, list[dict[st
 @bp.get("/meisa")
 def received() -> ResponseReturnValue:
     """What the emulator received: every request in order, then the contacts it holds."""
-    root_url = current_app.config.get("EXAMPLE_EMULATOR_URL")
-    if not root_url:
-        return render_template("received.html", enabled=False)
     try:
-        lists = read_emulator(str(root_url))
+        lists = read_emulator(str(current_app.config["EXAMPLE_EMULATOR_URL"]))
     except (requests.RequestException, ValueError) as error:
         current_app.logger.warning("the emulator could not be read: %s", type(error).__name__)
-        return render_template("received.html", enabled=True, unreachable=True), 502
+        return render_template("received.html", unreachable=True), 502
     entries = timeline(lists["requests"], lists["sends"])
     counts = {kind: sum(e.kind == kind for e in entries) for kind in ("upsert", "event", "email")}
     return render_template(
         "received.html",
-        enabled=True,
         unreachable=False,
         entries=entries,
         counts=counts,

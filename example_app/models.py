@@ -79,6 +79,8 @@ class User:
     signin_count: int
     onboarding_completed: bool
     reports_exported: int
+    #: Counts password resets; a session remembers the version it logged in with.
+    session_version: int
 
     # Flask-Login's user protocol.
     @property
@@ -97,8 +99,12 @@ class User:
         return False
 
     def get_id(self) -> str:
-        """The id Flask-Login keeps in the session; also Meisa's ``external_id``."""
-        return str(self.id)
+        """The id Flask-Login keeps in the session: ``"<id>:<session version>"``.
+
+        Flask-Login's alternative id: a password reset raises the version, which ends
+        every session made with the old one (the user loader refuses it).
+        """
+        return f"{self.id}:{self.session_version}"
 
     @property
     def first_name(self) -> str:

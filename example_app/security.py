@@ -1,4 +1,7 @@
-"""Small security helpers: CSRF tokens, verification codes, password reset tokens."""
+"""Small security helpers: verification codes and password reset tokens.
+
+CSRF protection is Flask-WTF's (see :mod:`example_app.extensions`).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +10,7 @@ import hmac
 import secrets
 from typing import Any
 
-from flask import Flask
-from flask import abort
 from flask import current_app
-from flask import request
-from flask import session
 from itsdangerous import BadSignature
 from itsdangerous import URLSafeTimedSerializer
 
@@ -20,38 +19,11 @@ from .models import User
 __all__ = [
     "code_hash",
     "codes_match",
-    "csrf_token",
-    "init_app",
     "new_code",
     "reset_token",
     "reset_token_matches",
     "user_id_from_reset_token",
 ]
-
-_CSRF_KEY = "csrf_token"
-
-
-def csrf_token() -> str:
-    """The session's CSRF token (made on first use); every form posts it back."""
-    token = session.get(_CSRF_KEY)
-    if not isinstance(token, str):
-        token = session[_CSRF_KEY] = secrets.token_urlsafe(32)
-    return token
-
-
-def _check_csrf() -> None:
-    if request.method != "POST" or not current_app.config.get("EXAMPLE_CSRF", True):
-        return
-    expected = session.get(_CSRF_KEY)
-    sent = request.form.get(_CSRF_KEY, "")
-    if not isinstance(expected, str) or not hmac.compare_digest(expected, sent):
-        abort(400, description="The form expired. Go back, reload the page and try again.")
-
-
-def init_app(app: Flask) -> None:
-    """Check the CSRF token of every POST and give templates ``csrf_token()``."""
-    app.before_request(_check_csrf)
-    app.jinja_env.globals["csrf_token"] = csrf_token
 
 
 def new_code() -> str:

@@ -17,30 +17,24 @@ import requests
 from flask import Flask
 from flask.testing import FlaskClient
 
-from example_app import create_app
 from example_app import meisa
-from flask_meisa.testing import emulator_config
 from flask_meisa.testing import record_operations
+from tests.example_helpers import ADA
+from tests.example_helpers import TRACK
+from tests.example_helpers import UPSERT
+from tests.example_helpers import code_sent_to
+from tests.example_helpers import csrf_token
+from tests.example_helpers import get
+from tests.example_helpers import log_in
+from tests.example_helpers import make_app
+from tests.example_helpers import new_client
+from tests.example_helpers import post
+from tests.example_helpers import sign_up
+from tests.example_helpers import verify
 from tests.servers import serve
 
 ROOT = Path(__file__).resolve().parent.parent
-UPSERT = "/contacts/upsert/"
-TRIGGER = "/emails/trigger/"
-TRACK = "/events/track/"
-CSRF = "test-csrf-token"
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
-ADA = {"email": "ada@example.com", "name": "Ada Lovelace", "password": "analytical-engine"}
-
-
-def make_app(emulator: Any, tmp_path: Path, **overrides: Any) -> Flask:
-    config = emulator_config(
-        emulator,
-        SECRET_KEY="test-secret",
-        EXAMPLE_DATABASE=str(tmp_path / "example.sqlite3"),
-        EXAMPLE_EMULATOR_URL=emulator.root_url,
-    )
-    config.update(overrides)
-    return create_app(config)
 
 
 @pytest.fixture
@@ -48,48 +42,9 @@ def app(emulator: Any, tmp_path: Path) -> Flask:
     return make_app(emulator, tmp_path)
 
 
-def new_client(app: Flask) -> FlaskClient:
-    client = app.test_client()
-    with client.session_transaction() as session:
-        session["csrf_token"] = CSRF
-    return client
-
-
 @pytest.fixture
 def client(app: Flask) -> FlaskClient:
     return new_client(app)
-
-
-def post(client: FlaskClient, path: str, **form: str) -> Any:
-    # buffered=True closes the response, which is when the extension releases its work.
-    return client.post(path, data={"csrf_token": CSRF, **form}, buffered=True)
-
-
-def get(client: FlaskClient, path: str) -> Any:
-    return client.get(path, buffered=True)
-
-
-def code_sent_to(emulator: Any, email: str) -> str:
-    sends = [s for s in emulator.sends(trigger_key="verification_code") if s["to_email"] == email]
-    return str(sends[-1]["variables"]["code"])
-
-
-def sign_up(client: FlaskClient, **fields: str) -> Any:
-    response = post(client, "/signup", **{**ADA, **fields})
-    assert response.status_code == 302, response.get_data(as_text=True)
-    assert response.location == "/verify"
-    return response
-
-
-def verify(client: FlaskClient, emulator: Any, email: str = ADA["email"]) -> Any:
-    response = post(client, "/verify", code=code_sent_to(emulator, email))
-    assert response.status_code == 302
-    assert response.location == "/app"
-    return response
-
-
-def log_in(client: FlaskClient, password: str = ADA["password"]) -> Any:
-    return post(client, "/login", email=ADA["email"], password=password)
 
 
 def upserts(emulator: Any) -> list[dict[str, Any]]:
@@ -310,22 +265,6 @@ def test_forgot_password_answers_the_same_for_an_unknown_address(
     assert emulator.sends() == []
 
 
-def test_forgot_password_says_when_an_address_is_suppressed(
-    emulator: Any, app: Flask, client: FlaskClient
-) -> None:
-    sign_up(client)
-    verify(client, emulator)
-    # Suppressed after the app loaded the list: Meisa refuses the send (422) itself.
-    emulator.suppress("ada@example.com", reason="bounced")
-    response = post(new_client(app), "/forgot-password", email="ada@example.com")
-    assert response.status_code == 200
-    assert "We can't email that address" in response.get_data(as_text=True)
-    assert emulator.sends(trigger_key="password_reset") == []
-    # An address without an account gets the same answer when it is suppressed.
-    unknown = post(new_client(app), "/forgot-password", email="complained@example.com")
-    assert "We can't email that address" in unknown.get_data(as_text=True)
-
-
 def test_what_meisa_received_lists_each_upsert_event_and_email(
     emulator: Any, client: FlaskClient
 ) -> None:
@@ -344,21 +283,6 @@ def test_what_meisa_received_lists_each_upsert_event_and_email(
     assert f"verify:1:{code}" in page
     assert "Event · exported_report" in page
     assert "<td>signup</td>" in page
-
-
-def test_what_meisa_received_is_off_without_the_emulator(emulator: Any, tmp_path: Path) -> None:
-    app = make_app(emulator, tmp_path, EXAMPLE_EMULATOR_URL=None)
-    client = new_client(app)
-    assert "What Meisa received" not in get(client, "/").get_data(as_text=True)
-    page = get(client, "/meisa").get_data(as_text=True)
-    assert "runs against the real Meisa" in page
-
-
-def test_a_post_without_the_csrf_token_is_refused(emulator: Any, client: FlaskClient) -> None:
-    response = client.post("/signup", data=ADA, buffered=True)
-    assert response.status_code == 400
-    assert "The form expired" in response.get_data(as_text=True)
-    assert emulator.requests == []
 
 
 def test_with_delivery_suppressed_the_signup_is_recorded_not_sent(
@@ -407,12 +331,13 @@ def test_a_connection_reset_after_the_answer_loses_no_sync(
 ) -> None:
     sign_up(client)
     verify(client, emulator)
-    session = {"csrf_token": CSRF, "_user_id": "1", "_fresh": True}
-    cookie = app.session_interface.get_signing_serializer(app).dumps(session)  # type: ignore[attr-defined]
+    session = client.get_cookie("session")
+    assert session is not None
+    form = f"csrf_token={csrf_token(client)}&format=csv"
     with serve(app) as url:
         port = int(url.rsplit(":", 1)[1])
         for n in range(1, 6):
-            post_then_reset(port, "/reports/export", cookie, f"csrf_token={CSRF}&format=csv")
+            post_then_reset(port, "/reports/export", session.value, form)
             assert emulator.wait_for_requests(n, path=TRACK, timeout=5)
     assert ada(emulator)["custom_fields"]["reports_exported"] == 5
 
@@ -459,7 +384,7 @@ def test_python_m_example_app_serves_until_sigterm(
     try:
         with requests.Session() as http:
             home = http.get(url + "/", timeout=10)
-            meisa_page = http.get(url + "/meisa", timeout=10).text
+            meisa_page = http.get(url + "/meisa", timeout=10)
     finally:
         output = started + stop_example(process)
     assert home.status_code == 200
@@ -468,7 +393,7 @@ def test_python_m_example_app_serves_until_sigterm(
     assert emulator.live_key not in output
     if on_emulator:
         assert "Meisa emulator (demo seed) on http://127.0.0.1:" in output
-        assert "Every API request the emulator received" in meisa_page
+        assert "Every API request the emulator received" in meisa_page.text
     else:
         assert f"Using Meisa at {emulator.url}" in output
-        assert "runs against the real Meisa" in meisa_page
+        assert meisa_page.status_code == 404

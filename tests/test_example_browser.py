@@ -13,19 +13,28 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
+from flask import Flask
 
 from example_app import create_app
 from example_app import meisa
 from flask_meisa.testing import emulator_config
+from tests.example_helpers import make_app
+from tests.example_helpers import new_client
+from tests.example_helpers import sign_up
+from tests.example_helpers import verify
 from tests.servers import serve
 
 if TYPE_CHECKING:
+    from playwright.sync_api import Browser
     from playwright.sync_api import Page
 
 CHROMIUM = os.environ.get("MEISA_CHROMIUM", "/usr/bin/chromium")
@@ -41,6 +50,8 @@ CHROMIUM_ARGS = [
 ]
 UPSERT = "/contacts/upsert/"
 TRACK = "/events/track/"
+TRIGGER = "/emails/trigger/"
+PHONE_WIDTH = 390
 EMAIL = "ada@example.com"
 PASSWORD = "analytical-engine"
 
@@ -56,8 +67,8 @@ def _missing() -> str | None:
 
 
 @pytest.fixture
-def page() -> Iterator[Page]:
-    """A fresh page in headless Chromium."""
+def chromium() -> Iterator[Callable[..., Browser]]:
+    """Launch headless Chromium (``launch(*extra_args)``); every browser closed after."""
     reason = _missing()
     if reason is not None:
         if os.environ.get("CI"):
@@ -66,14 +77,51 @@ def page() -> Iterator[Page]:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        launched: list[Browser] = []
+
+        def launch(*extra_args: str) -> Browser:
+            browser = playwright.chromium.launch(
+                executable_path=CHROMIUM, args=[*CHROMIUM_ARGS, *extra_args]
+            )
+            launched.append(browser)
+            return browser
+
         try:
-            context = browser.new_context(viewport={"width": 1200, "height": 900})
-            context.set_default_timeout(10_000)
-            yield context.new_page()
-            context.close()
+            yield launch
         finally:
-            browser.close()
+            for browser in launched:
+                browser.close()
+
+
+@pytest.fixture
+def browser(chromium: Callable[..., Browser]) -> Browser:
+    """Headless Chromium."""
+    return chromium()
+
+
+@contextmanager
+def new_page(browser: Browser, width: int, height: int) -> Iterator[Page]:
+    """A page in a fresh browser context (no cookies) of ``width`` x ``height`` pixels."""
+    context = browser.new_context(viewport={"width": width, "height": height})
+    context.set_default_timeout(10_000)
+    try:
+        yield context.new_page()
+    finally:
+        context.close()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    """A fresh page at a desktop's size."""
+    with new_page(browser, 1200, 900) as fresh:
+        yield fresh
+
+
+@pytest.fixture
+def phone(browser: Browser) -> Iterator[Page]:
+    """A fresh page at a phone's size (390 x 844 CSS pixels)."""
+    with new_page(browser, PHONE_WIDTH, 844) as fresh:
+        yield fresh
 
 
 def wait_for_calls(emulator: Any, path: str, n: int) -> None:
@@ -171,6 +219,7 @@ def drive(page: Page, url: str, emulator: Any) -> None:
     page.fill("input[name=email]", EMAIL)
     page.click("button:has-text('Send the reset link')")
     assert "If an account exists for" in page.inner_text("#reset-result")
+    wait_for_calls(emulator, TRIGGER, 2)  # sent after the response
 
 
 def check_what_meisa_received(emulator: Any, url: str) -> None:
@@ -220,3 +269,116 @@ def check_what_meisa_received(emulator: Any, url: str) -> None:
     assert contact["custom_fields"]["plan"] == "standard"
     assert contact["custom_fields"]["signin_count"] == 2
     assert contact["custom_fields"]["reports_exported"] == 1
+
+
+def test_a_login_link_whose_next_leads_off_the_site_lands_on_the_app(
+    emulator: Any, chromium: Callable[..., Browser], tmp_path: Path
+) -> None:
+    app = make_app(emulator, tmp_path)
+    client = new_client(app)
+    sign_up(client)
+    verify(client, emulator)
+    other = Flask("other_site")
+    visits: list[str] = []
+
+    @other.get("/", defaults={"path": ""})
+    @other.get("/<path:path>")
+    def another_site(path: str) -> str:
+        visits.append(path)
+        return "<h1>Another site</h1>"
+
+    with serve(app) as url, serve(other) as other_url:
+        # evil.example is the other server on loopback, for this browser alone.
+        rule = f"MAP evil.example {urlsplit(other_url).netloc}"
+        with new_page(chromium(f"--host-resolver-rules={rule}"), 1200, 900) as page:
+            # "/", tab, "/evil.example/": a browser drops the tab, reads //evil.example/.
+            page.goto(url + "/login?next=/%09/evil.example/")
+            page.fill("input[name=email]", EMAIL)
+            page.fill("input[name=password]", PASSWORD)
+            with page.expect_navigation():
+                page.click("button:has-text('Log in')")
+            landed = page.url
+    assert visits == []
+    assert urlsplit(landed).netloc == urlsplit(url).netloc
+    assert landed == url + "/app"
+
+
+#: The elements that stick out of the viewport, or clip what they hold, outside of a
+#: container that scrolls sideways on purpose (a wide table).
+OVERFLOWING = """() => {
+  const scrollsSideways = (el) => {
+    for (let p = el.parentElement; p; p = p.parentElement) {
+      const o = getComputedStyle(p).overflowX;
+      if (o === "auto" || o === "scroll") return true;
+    }
+    return false;
+  };
+  const name = (el) => {
+    const classes = typeof el.className === "string" ? el.className.trim() : "";
+    return el.tagName.toLowerCase() + (el.id ? "#" + el.id : "")
+      + (classes ? "." + classes.split(/\\s+/).join(".") : "");
+  };
+  const found = [];
+  for (const el of document.querySelectorAll("body *")) {
+    if (scrollsSideways(el)) continue;
+    const box = el.getBoundingClientRect();
+    if (box.width && (box.right > innerWidth + 0.5 || box.left < -0.5)) {
+      found.push(name(el) + " spans " + Math.round(box.left) + ".." + Math.round(box.right));
+    }
+    const o = getComputedStyle(el).overflowX;
+    if ((o === "hidden" || o === "clip") && el.scrollWidth > el.clientWidth + 1) {
+      found.push(name(el) + " clips " + el.scrollWidth + " to " + el.clientWidth);
+    }
+  }
+  return found;
+}"""
+
+
+def fits_the_phone(page: Page) -> None:
+    """Nothing is wider than the phone's screen, and nothing is cut off."""
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= PHONE_WIDTH, (page.url, width)
+    assert page.evaluate(OVERFLOWING) == [], page.url
+    # The top bar holds the brand and the menu on one row.
+    tops = page.eval_on_selector_all(
+        ".topbar .brand, .topbar nav > *", "nodes => nodes.map(n => n.getBoundingClientRect().top)"
+    )
+    assert max(tops) - min(tops) < 20, (page.url, tops)
+
+
+def test_every_page_fits_a_phone_screen(emulator: Any, phone: Page, tmp_path: Path) -> None:
+    app = make_app(emulator, tmp_path)
+    with serve(app) as url:
+
+        def visit(path: str) -> None:
+            phone.goto(url + path)
+            fits_the_phone(phone)
+
+        for path in ("/", "/signup", "/login", "/forgot-password", "/no-such-page"):
+            visit(path)
+        phone.goto(url + "/signup")
+        phone.fill("input[name=name]", "Ada Augusta King, Countess of Lovelace")
+        phone.fill("input[name=email]", EMAIL)
+        phone.fill("input[name=password]", PASSWORD)
+        phone.click("button:has-text('Sign up')")
+        phone.wait_for_url(url + "/verify")
+        fits_the_phone(phone)
+        (send,) = emulator.sends(trigger_key="verification_code")
+        phone.fill("input[name=code]", send["variables"]["code"])
+        phone.click("button:has-text('Verify')")
+        phone.wait_for_url(url + "/app")
+        fits_the_phone(phone)
+        phone.click("#export")
+        phone.wait_for_selector("text=Your usage report is exported as CSV (1 so far).")
+        fits_the_phone(phone)
+        visit("/billing/")
+        phone.click("#upgrade")
+        phone.wait_for_selector("text=You are on the Standard plan now.")
+        fits_the_phone(phone)
+        visit("/forgot-password")
+        phone.fill("input[name=email]", EMAIL)
+        phone.click("button:has-text('Send the reset link')")
+        phone.wait_for_selector("#reset-result")
+        fits_the_phone(phone)
+        visit("/meisa")  # its entries hold the longest values: URLs, keys, names
+        assert phone.locator("li.entry").count() >= 8

@@ -832,6 +832,7 @@ def run(duration: float, clients: int, seed: int) -> int:
                 "MEISA_API_KEY": key,
                 "MEISA_BASE_URL": f"{root_url}/api/v1",
                 "MEISA_RATE_LIMIT": RATE_LIMIT,
+                "MEISA_OUTBOX": str(Path(tmp) / "meisa-outbox.sqlite3"),
                 # Plain HTTP on loopback, and every client from one address asking for
                 # resets: the example's production cookie and email limits are not tested here.
                 "SESSION_COOKIE_SECURE": False,

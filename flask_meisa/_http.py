@@ -1,12 +1,13 @@
 """The transport under :class:`~flask_meisa.client.MeisaClient`: its pooled session, one
 HTTP attempt, and safe error text.
 
-An attempt returns either a 2xx status and its parsed body, or a typed error built from
-the answer or from the ``requests`` exception. Errors are built here, returned and raised
-by the caller outside any ``except`` block, so they chain no ``requests`` exception (those
-hold the prepared request, headers included). Text taken from an answer is cleaned of
-the API key, anything shaped like a Meisa key or an email address, and control
-characters, and cut short.
+An attempt has a total time limit however slowly the answer comes (see
+:mod:`flask_meisa._watchdog`) and reads at most :data:`MAX_ANSWER_BYTES`. It returns either
+a 2xx status and its parsed body, or a typed error built from the answer or from the
+``requests`` exception. Errors are built here, returned and raised by the caller outside
+any ``except`` block, so they chain no ``requests`` exception (those hold the prepared
+request, headers included). Text taken from an answer is cleaned of the API key, anything
+shaped like a Meisa key or an email address, and control characters, and cut short.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from typing import Any
 
 import requests
 import urllib3.exceptions
-from requests.adapters import HTTPAdapter
 
+from ._watchdog import WatchedAdapter
+from ._watchdog import time_limit
 from .errors import APIConnectionError
 from .errors import APIError
 from .errors import APITimeoutError
@@ -43,6 +45,9 @@ MAX_MESSAGE = 200
 MAX_EXCERPT = 120
 #: Deepest nesting kept in an error's ``body``.
 MAX_BODY_DEPTH = 32
+#: Largest answer read, decoded (the suppression list of a million addresses fits).
+MAX_ANSWER_BYTES = 32 * 1024 * 1024
+_CHUNK_BYTES = 64 * 1024
 
 _KEY_SHAPE = re.compile(r"meisa_[A-Za-z0-9]+_[A-Za-z0-9_\-]+")
 # A match may only start where a run of address characters starts (the lookbehind), so a
@@ -108,7 +113,7 @@ class SessionHolder:
 def new_session(pool_size: int) -> requests.Session:
     """A session with a keep-alive pool of ``pool_size`` connections per host."""
     session = requests.Session()
-    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
+    adapter = WatchedAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
     session.mount("https://", adapter)
     session.mount("http://", adapter)
     return session
@@ -119,26 +124,58 @@ def attempt(
     request: Request,
     headers: Mapping[str, str],
     timeout: tuple[float, float],
+    limit: float,
     secret: str,
 ) -> tuple[int, Any, MeisaError | None]:
-    """Make one attempt: ``(status, parsed body, None)`` on 2xx, else ``(status, None,
-    error)`` with status 0 when no answer came."""
-    try:
-        response = session.request(
-            request.method,
-            request.url,
-            params=request.params,
-            data=request.data,
-            headers=headers,
-            timeout=timeout,
-            allow_redirects=False,  # a redirect would carry the key to another host
-        )
-    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-        return 0, None, _connection_error(request.endpoint, exc, timeout)
+    """Make one attempt that ends within ``limit`` seconds: ``(status, parsed body,
+    None)`` on 2xx, else ``(status, None, error)`` with status 0 when no whole answer came.
+
+    :param timeout: the ``(connect, read)`` timeout of each socket operation.
+    """
+    timeout = (min(timeout[0], limit), min(timeout[1], limit))
+    failure: BaseException | None = None
+    content: bytes | None = None
+    with time_limit(limit) as watch:
+        try:
+            response = session.request(
+                request.method,
+                request.url,
+                params=request.params,
+                data=request.data,
+                headers=headers,
+                timeout=timeout,
+                allow_redirects=False,  # a redirect would carry the key to another host
+                stream=True,
+            )
+            with response:
+                content = _read(response)
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            failure = exc
+    if watch.expired:  # whatever the cut socket made of the answer
+        reason = f"no complete answer within {limit:.3g} s"
+        return 0, None, APITimeoutError(request.endpoint, reason)
+    if failure is not None:
+        return 0, None, _connection_error(request.endpoint, failure, timeout)
+    if content is None:
+        reason = f"the answer is larger than {MAX_ANSWER_BYTES // 2**20} MiB"
+        return 0, None, APIConnectionError(request.endpoint, reason, retryable=False)
     status = response.status_code
     if 200 <= status < 300:
-        return status, _json(response.content), None
-    return status, None, _api_error(request.endpoint, response, secret)
+        return status, _json(content), None
+    return status, None, _api_error(request.endpoint, response, content, secret)
+
+
+def _read(response: requests.Response) -> bytes | None:
+    """The whole (decoded) body, or ``None`` when it is larger than the limit."""
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > MAX_ANSWER_BYTES:
+        return None
+    body = bytearray()
+    for chunk in response.iter_content(_CHUNK_BYTES):
+        body += chunk
+        if len(body) > MAX_ANSWER_BYTES:
+            return None
+    return bytes(body)
 
 
 def describe(error: MeisaError) -> str:
@@ -185,10 +222,12 @@ def _scrub(value: Any, secret: str, depth: int = 0) -> Any:
     return value
 
 
-def _api_error(endpoint: str, response: requests.Response, secret: str) -> APIError:
+def _api_error(
+    endpoint: str, response: requests.Response, content: bytes, secret: str
+) -> APIError:
     status = response.status_code
     # Scrubbed first: it also bounds the depth that json.dumps and repr() meet below.
-    body = _scrub(_json(response.content), secret)
+    body = _scrub(_json(content), secret)
     code: str | None = None
     message: str | None = None
     if isinstance(body, Mapping):
@@ -203,8 +242,8 @@ def _api_error(endpoint: str, response: requests.Response, secret: str) -> APIEr
             if isinstance(value, (Mapping, list)) and value:
                 message = clean_text(json.dumps(value, ensure_ascii=False), secret)
                 break
-    elif body is None and response.content:
-        excerpt = response.content[:2048].decode("utf-8", "replace")
+    elif body is None and content:
+        excerpt = content[:2048].decode("utf-8", "replace")
         excerpt = clean_text(html.unescape(_TAG.sub(" ", excerpt)), secret, MAX_EXCERPT)
         if excerpt:
             message = f"non-JSON answer: {excerpt}"

@@ -297,18 +297,20 @@ def test_validation_makes_no_request(
 # -- error text from unusual answers ---------------------------------------------------
 
 
-def answer(status: int, content: bytes, content_type: str = "application/json") -> Any:
+def answer(
+    status: int, content: bytes, content_type: str = "application/json"
+) -> tuple[requests.Response, bytes]:
+    """An answer's head and its body, as an attempt has read them."""
     response = requests.Response()
     response.status_code = status
-    response._content = content
     response.headers["Content-Type"] = content_type
     response.reason = "Bad Gateway" if status == 502 else "Error"
-    return response
+    return response, content
 
 
 def test_non_json_error_gets_a_short_clean_excerpt() -> None:
     page = b"<html><body><h1>502 Bad Gateway</h1>" + b"<p>nginx</p>" * 100 + b"</body></html>"
-    error = _http._api_error("POST /contacts/upsert/", answer(502, page, "text/html"), "k")
+    error = _http._api_error("POST /contacts/upsert/", *answer(502, page, "text/html"), "k")
     assert error.message.startswith("non-JSON answer: 502 Bad Gateway nginx")
     assert len(error.message) <= len("non-JSON answer: ") + _http.MAX_EXCERPT
     assert "<" not in error.message
@@ -321,7 +323,7 @@ def test_echoed_key_and_addresses_are_redacted() -> None:
         b'{"detail": "Key meisa_live_' + b"f" * 32 + b' cannot email ada@example.com",'
         b' "code": "nope", "errors": {"to_email": ["ada@example.com is bad"]}}'
     )
-    error = _http._api_error("POST /emails/trigger/", answer(400, body), key)
+    error = _http._api_error("POST /emails/trigger/", *answer(400, body), key)
     assert isinstance(error, BadRequestError)
     assert error.message == "Key [redacted] cannot email [email]"
     assert error.field_errors == {"to_email": ["[email] is bad"]}
@@ -329,10 +331,10 @@ def test_echoed_key_and_addresses_are_redacted() -> None:
 
 
 def test_empty_or_odd_error_bodies() -> None:
-    assert _http._api_error("GET /ping/", answer(502, b""), "k").message == "Bad Gateway"
-    listed = _http._api_error("GET /ping/", answer(500, b'{"detail": ["a", "b"]}'), "k")
+    assert _http._api_error("GET /ping/", *answer(502, b""), "k").message == "Bad Gateway"
+    listed = _http._api_error("GET /ping/", *answer(500, b'{"detail": ["a", "b"]}'), "k")
     assert listed.message == '["a", "b"]'
-    assert _http._api_error("GET /ping/", answer(500, b"[1, 2]"), "k").message == "Error"
-    long = _http._api_error("GET /ping/", answer(500, b'{"detail": "' + b"x" * 999 + b'"}'), "k")
+    assert _http._api_error("GET /ping/", *answer(500, b"[1, 2]"), "k").message == "Error"
+    long = _http._api_error("GET /ping/", *answer(500, b'{"detail": "' + b"x" * 999 + b'"}'), "k")
     assert len(long.message) == _http.MAX_MESSAGE
     assert long.message.endswith("…")

@@ -6,8 +6,9 @@ An attempt has a total time limit however slowly the answer comes (see
 a 2xx status and its parsed body, or a typed error built from the answer or from the
 ``requests`` exception. Errors are built here, returned and raised by the caller outside
 any ``except`` block, so they chain no ``requests`` exception (those hold the prepared
-request, headers included). Text taken from an answer is cleaned of the API key, anything
-shaped like a Meisa key or an email address, and control characters, and cut short.
+request, headers included). Text taken from an answer (the keys of its objects too) is
+cleaned of the API key, anything shaped like a Meisa key or an email address, and
+control characters, and cut short.
 """
 
 from __future__ import annotations
@@ -209,14 +210,15 @@ def clean_text(text: str, secret: str, limit: int = MAX_MESSAGE) -> str:
 
 
 def _scrub(value: Any, secret: str, depth: int = 0) -> Any:
-    """An error body with the same cleaning applied to every string (no length cap), and
-    containers nested deeper than :data:`MAX_BODY_DEPTH` dropped (``None``)."""
+    """An error body with the same cleaning applied to every string, object keys included
+    (no length cap), and containers nested deeper than :data:`MAX_BODY_DEPTH` dropped
+    (``None``)."""
     if isinstance(value, str):
         return clean_text(value, secret, limit=len(value) + 1)
     if isinstance(value, (Mapping, list)) and depth >= MAX_BODY_DEPTH:
         return None
     if isinstance(value, Mapping):
-        return {str(k): _scrub(v, secret, depth + 1) for k, v in value.items()}
+        return {_scrub(str(k), secret): _scrub(v, secret, depth + 1) for k, v in value.items()}
     if isinstance(value, list):
         return [_scrub(v, secret, depth + 1) for v in value]
     return value

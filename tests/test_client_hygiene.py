@@ -20,6 +20,9 @@ from flask_meisa.errors import MeisaError
 from flask_meisa.errors import ValidationError
 from flask_meisa.payloads import MAX_BODY_BYTES
 from flask_meisa.retry import RetryPolicy
+from tests.hostile import Exchange
+from tests.hostile import hostile
+from tests.hostile import response
 
 FAST = RetryPolicy(max_attempts=2, base_delay=0.01, max_delay=0.02, deadline=5.0)
 
@@ -107,6 +110,44 @@ def test_key_absent_from_logs_and_errors(
             assert secret[-12:] not in text
             assert limited not in text
             assert "ada@example.com" not in text
+
+
+@pytest.mark.parametrize("key", ["meisa_live_" + "ech0ed" * 6, "opaque-" + "ech0ed" * 6])
+def test_a_key_echoed_in_an_error_body_is_redacted_everywhere(key: str) -> None:
+    body = {
+        "detail": "Invalid fields.",
+        "code": "invalid",
+        "errors": {key: ["unknown field"], "email": [f"{key} is not an address"]},
+        "echo": [{key: {"deeper": {key: key}}}],
+    }
+
+    def refuse(exchange: Exchange) -> None:
+        exchange.send(response(400, body))
+
+    with (
+        hostile(refuse) as server,
+        MeisaClient(key, server.url, retry=RetryPolicy.never()) as meisa,
+        pytest.raises(BadRequestError) as info,
+    ):
+        meisa.upsert_contact("ada@example.com")
+    error = info.value
+    assert error.field_errors == {
+        "[redacted]": ["unknown field"],
+        "email": ["[redacted] is not an address"],
+    }
+    assert error.body["echo"] == [{"[redacted]": {"deeper": {"[redacted]": "[redacted]"}}}]
+    once = pickle.loads(pickle.dumps(error))
+    twice = pickle.loads(pickle.dumps(once))
+    for copy in (error, once, twice):
+        assert key.encode() not in pickle.dumps(copy)
+        texts = [*texts_of(copy), repr(copy.body), repr(copy.field_errors)]
+        for text in texts:
+            assert key not in text
+    assert (str(twice), twice.body, twice.field_errors) == (
+        str(error),
+        error.body,
+        error.field_errors,
+    )
 
 
 def test_connection_errors_chain_nothing(emulator: Any, secret: str) -> None:

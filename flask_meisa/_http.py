@@ -35,6 +35,7 @@ from .errors import APIConnectionError
 from .errors import APIError
 from .errors import APITimeoutError
 from .errors import MeisaError
+from .errors import PermissionDeniedError
 from .errors import error_for_status
 from .retry import parse_retry_after
 
@@ -68,6 +69,8 @@ class Request:
     endpoint: str
     data: bytes | None
     params: Mapping[str, str] | None
+    #: The key scope the endpoint needs, named by a 403's error.
+    scope: str | None = None
 
 
 class SessionHolder:
@@ -163,7 +166,7 @@ def attempt(
     status = response.status_code
     if 200 <= status < 300:
         return status, _json(content), None
-    return status, None, _api_error(request.endpoint, response, content, secret)
+    return status, None, _api_error(request.endpoint, response, content, secret, request.scope)
 
 
 def _read(response: requests.Response) -> bytes | None:
@@ -225,7 +228,11 @@ def _scrub(value: Any, secret: str, depth: int = 0) -> Any:
 
 
 def _api_error(
-    endpoint: str, response: requests.Response, content: bytes, secret: str
+    endpoint: str,
+    response: requests.Response,
+    content: bytes,
+    secret: str,
+    scope: str | None = None,
 ) -> APIError:
     status = response.status_code
     # Scrubbed first: it also bounds the depth that json.dumps and repr() meet below.
@@ -251,14 +258,15 @@ def _api_error(
             message = f"non-JSON answer: {excerpt}"
     if not message:
         message = clean_text(response.reason or "", secret) or "no details"
-    return error_for_status(status)(
-        endpoint,
-        status,
-        message,
-        code=code,
-        body=body,
-        retry_after=parse_retry_after(response.headers.get("Retry-After")),
-    )
+    options: dict[str, Any] = {
+        "code": code,
+        "body": body,
+        "retry_after": parse_retry_after(response.headers.get("Retry-After")),
+    }
+    kind = error_for_status(status)
+    if issubclass(kind, PermissionDeniedError):
+        options["scope"] = scope
+    return kind(endpoint, status, message, **options)
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:

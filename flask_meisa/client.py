@@ -61,6 +61,20 @@ BULK_ENROLL_LIMIT = 500
 
 Timeout = float | tuple[float, float]
 
+#: The key scope each endpoint needs (``GET /ping/`` needs none), named by a 403's error.
+_SCOPES = {
+    "POST /contacts/upsert/": "contacts:write",
+    "POST /contacts/{id}/add_tag/": "contacts:write",
+    "POST /contacts/{id}/remove_tag/": "contacts:write",
+    "GET /contacts/api/unsubscribed-emails/": "contacts:read",
+    "POST /events/track/": "events:track",
+    "GET /sequences/api/list/": "sequences:read",
+    "GET /sequences/api/contact-enrollments/": "sequences:read",
+    "POST /sequences/enroll/": "sequences:enroll",
+    "POST /sequences/api/bulk-enroll/": "sequences:enroll",
+    "POST /emails/trigger/": "emails:trigger",
+}
+
 logger = logging.getLogger("flask_meisa.client")
 
 
@@ -350,7 +364,9 @@ class MeisaClient:
             data = encode_body({k: v for k, v in body.items() if v is not None})
         query = {k: v for k, v in params.items() if v is not None} if params else None
         name = f"{method} {endpoint or path}"
-        request = _http.Request(method, self._base_url + path, name, data, query)
+        request = _http.Request(
+            method, self._base_url + path, name, data, query, _SCOPES.get(name)
+        )
         session = self._sessions.get()
         policy = self._retry
         started = time.monotonic()

@@ -1,12 +1,14 @@
 """The transport under :class:`~flask_meisa.client.MeisaClient`: its pooled session, one
 HTTP attempt, and safe error text.
 
-An attempt returns either a 2xx status and its parsed body, or a typed error built from
-the answer or from the ``requests`` exception. Errors are built here, returned and raised
-by the caller outside any ``except`` block, so they chain no ``requests`` exception (those
-hold the prepared request, headers included). Text taken from an answer is cleaned of
-the API key, anything shaped like a Meisa key or an email address, and control
-characters, and cut short.
+An attempt has a total time limit however slowly the answer comes (see
+:mod:`flask_meisa._watchdog`) and reads at most :data:`MAX_ANSWER_BYTES`. It returns either
+a 2xx status and its parsed body, or a typed error built from the answer or from the
+``requests`` exception. Errors are built here, returned and raised by the caller outside
+any ``except`` block, so they chain no ``requests`` exception (those hold the prepared
+request, headers included). Text taken from an answer (the keys of its objects too) is
+cleaned of the API key, anything shaped like a Meisa key or an email address, and
+control characters, and cut short.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ from typing import Any
 
 import requests
 import urllib3.exceptions
-from requests.adapters import HTTPAdapter
 
+from ._watchdog import WatchedAdapter
+from ._watchdog import time_limit
 from .errors import APIConnectionError
 from .errors import APIError
 from .errors import APITimeoutError
 from .errors import MeisaError
+from .errors import PermissionDeniedError
 from .errors import error_for_status
 from .retry import parse_retry_after
 
@@ -43,6 +47,9 @@ MAX_MESSAGE = 200
 MAX_EXCERPT = 120
 #: Deepest nesting kept in an error's ``body``.
 MAX_BODY_DEPTH = 32
+#: Largest answer read, decoded (the suppression list of a million addresses fits).
+MAX_ANSWER_BYTES = 32 * 1024 * 1024
+_CHUNK_BYTES = 64 * 1024
 
 _KEY_SHAPE = re.compile(r"meisa_[A-Za-z0-9]+_[A-Za-z0-9_\-]+")
 # A match may only start where a run of address characters starts (the lookbehind), so a
@@ -62,6 +69,8 @@ class Request:
     endpoint: str
     data: bytes | None
     params: Mapping[str, str] | None
+    #: The key scope the endpoint needs, named by a 403's error.
+    scope: str | None = None
 
 
 class SessionHolder:
@@ -108,7 +117,7 @@ class SessionHolder:
 def new_session(pool_size: int) -> requests.Session:
     """A session with a keep-alive pool of ``pool_size`` connections per host."""
     session = requests.Session()
-    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
+    adapter = WatchedAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
     session.mount("https://", adapter)
     session.mount("http://", adapter)
     return session
@@ -119,26 +128,58 @@ def attempt(
     request: Request,
     headers: Mapping[str, str],
     timeout: tuple[float, float],
+    limit: float,
     secret: str,
 ) -> tuple[int, Any, MeisaError | None]:
-    """Make one attempt: ``(status, parsed body, None)`` on 2xx, else ``(status, None,
-    error)`` with status 0 when no answer came."""
-    try:
-        response = session.request(
-            request.method,
-            request.url,
-            params=request.params,
-            data=request.data,
-            headers=headers,
-            timeout=timeout,
-            allow_redirects=False,  # a redirect would carry the key to another host
-        )
-    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-        return 0, None, _connection_error(request.endpoint, exc, timeout)
+    """Make one attempt that ends within ``limit`` seconds: ``(status, parsed body,
+    None)`` on 2xx, else ``(status, None, error)`` with status 0 when no whole answer came.
+
+    :param timeout: the ``(connect, read)`` timeout of each socket operation.
+    """
+    timeout = (min(timeout[0], limit), min(timeout[1], limit))
+    failure: BaseException | None = None
+    content: bytes | None = None
+    with time_limit(limit) as watch:
+        try:
+            response = session.request(
+                request.method,
+                request.url,
+                params=request.params,
+                data=request.data,
+                headers=headers,
+                timeout=timeout,
+                allow_redirects=False,  # a redirect would carry the key to another host
+                stream=True,
+            )
+            with response:
+                content = _read(response)
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            failure = exc
+    if watch.expired:  # whatever the cut socket made of the answer
+        reason = f"no complete answer within {limit:.3g} s"
+        return 0, None, APITimeoutError(request.endpoint, reason)
+    if failure is not None:
+        return 0, None, _connection_error(request.endpoint, failure, timeout)
+    if content is None:
+        reason = f"the answer is larger than {MAX_ANSWER_BYTES // 2**20} MiB"
+        return 0, None, APIConnectionError(request.endpoint, reason, retryable=False)
     status = response.status_code
     if 200 <= status < 300:
-        return status, _json(response.content), None
-    return status, None, _api_error(request.endpoint, response, secret)
+        return status, _json(content), None
+    return status, None, _api_error(request.endpoint, response, content, secret, request.scope)
+
+
+def _read(response: requests.Response) -> bytes | None:
+    """The whole (decoded) body, or ``None`` when it is larger than the limit."""
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > MAX_ANSWER_BYTES:
+        return None
+    body = bytearray()
+    for chunk in response.iter_content(_CHUNK_BYTES):
+        body += chunk
+        if len(body) > MAX_ANSWER_BYTES:
+            return None
+    return bytes(body)
 
 
 def describe(error: MeisaError) -> str:
@@ -172,23 +213,30 @@ def clean_text(text: str, secret: str, limit: int = MAX_MESSAGE) -> str:
 
 
 def _scrub(value: Any, secret: str, depth: int = 0) -> Any:
-    """An error body with the same cleaning applied to every string (no length cap), and
-    containers nested deeper than :data:`MAX_BODY_DEPTH` dropped (``None``)."""
+    """An error body with the same cleaning applied to every string, object keys included
+    (no length cap), and containers nested deeper than :data:`MAX_BODY_DEPTH` dropped
+    (``None``)."""
     if isinstance(value, str):
         return clean_text(value, secret, limit=len(value) + 1)
     if isinstance(value, (Mapping, list)) and depth >= MAX_BODY_DEPTH:
         return None
     if isinstance(value, Mapping):
-        return {str(k): _scrub(v, secret, depth + 1) for k, v in value.items()}
+        return {_scrub(str(k), secret): _scrub(v, secret, depth + 1) for k, v in value.items()}
     if isinstance(value, list):
         return [_scrub(v, secret, depth + 1) for v in value]
     return value
 
 
-def _api_error(endpoint: str, response: requests.Response, secret: str) -> APIError:
+def _api_error(
+    endpoint: str,
+    response: requests.Response,
+    content: bytes,
+    secret: str,
+    scope: str | None = None,
+) -> APIError:
     status = response.status_code
     # Scrubbed first: it also bounds the depth that json.dumps and repr() meet below.
-    body = _scrub(_json(response.content), secret)
+    body = _scrub(_json(content), secret)
     code: str | None = None
     message: str | None = None
     if isinstance(body, Mapping):
@@ -203,21 +251,22 @@ def _api_error(endpoint: str, response: requests.Response, secret: str) -> APIEr
             if isinstance(value, (Mapping, list)) and value:
                 message = clean_text(json.dumps(value, ensure_ascii=False), secret)
                 break
-    elif body is None and response.content:
-        excerpt = response.content[:2048].decode("utf-8", "replace")
+    elif body is None and content:
+        excerpt = content[:2048].decode("utf-8", "replace")
         excerpt = clean_text(html.unescape(_TAG.sub(" ", excerpt)), secret, MAX_EXCERPT)
         if excerpt:
             message = f"non-JSON answer: {excerpt}"
     if not message:
         message = clean_text(response.reason or "", secret) or "no details"
-    return error_for_status(status)(
-        endpoint,
-        status,
-        message,
-        code=code,
-        body=body,
-        retry_after=parse_retry_after(response.headers.get("Retry-After")),
-    )
+    options: dict[str, Any] = {
+        "code": code,
+        "body": body,
+        "retry_after": parse_retry_after(response.headers.get("Retry-After")),
+    }
+    kind = error_for_status(status)
+    if issubclass(kind, PermissionDeniedError):
+        options["scope"] = scope
+    return kind(endpoint, status, message, **options)
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:

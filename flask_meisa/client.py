@@ -64,6 +64,20 @@ BULK_ENROLL_LIMIT = 500
 
 Timeout = float | tuple[float, float]
 
+#: The key scope each endpoint needs (``GET /ping/`` needs none), named by a 403's error.
+_SCOPES = {
+    "POST /contacts/upsert/": "contacts:write",
+    "POST /contacts/{id}/add_tag/": "contacts:write",
+    "POST /contacts/{id}/remove_tag/": "contacts:write",
+    "GET /contacts/api/unsubscribed-emails/": "contacts:read",
+    "POST /events/track/": "events:track",
+    "GET /sequences/api/list/": "sequences:read",
+    "GET /sequences/api/contact-enrollments/": "sequences:read",
+    "POST /sequences/enroll/": "sequences:enroll",
+    "POST /sequences/api/bulk-enroll/": "sequences:enroll",
+    "POST /emails/trigger/": "emails:trigger",
+}
+
 logger = logging.getLogger("flask_meisa.client")
 
 
@@ -73,10 +87,13 @@ class MeisaClient:
     :param api_key: the key sent as ``X-API-Key``.
     :param base_url: the API root; ``https://`` (``http://`` only for a loopback host).
     :param timeout: seconds, for connecting and for each read, or a ``(connect, read)``
-        pair. No attempt outlives the retry policy's deadline either.
+        pair. An attempt ends after ``connect + read`` seconds in all, however slowly the
+        answer comes, and never outlives the retry policy's deadline.
     :param retry: the retry policy; default :class:`RetryPolicy()`.
     :param session: a ``requests.Session`` to use (the caller closes it); by default the
         client makes its own pooled session on first use and closes it in :meth:`close`.
+        On a given session, an answer that trickles in is limited by ``timeout`` per read
+        only, not in all.
     :param pool_size: connections kept alive per host by the client's own session.
     :raises ConfigurationError: for a missing or malformed key, URL, timeout or policy.
     """
@@ -350,16 +367,22 @@ class MeisaClient:
             data = encode_body({k: v for k, v in body.items() if v is not None})
         query = {k: v for k, v in params.items() if v is not None} if params else None
         name = f"{method} {endpoint or path}"
-        request = _http.Request(method, self._base_url + path, name, data, query)
+        request = _http.Request(
+            method, self._base_url + path, name, data, query, _SCOPES.get(name)
+        )
         session = self._sessions.get()
         policy = self._retry
         started = time.monotonic()
         attempt = 0
         while True:
             attempt += 1
-            timeout = self._attempt_timeout(policy, started)
             status, answer, error = _http.attempt(
-                session, request, self._headers, timeout, self._api_key
+                session,
+                request,
+                self._headers,
+                self._timeout,
+                self._attempt_limit(policy, started),
+                self._api_key,
             )
             if error is None:
                 if logger.isEnabledFor(logging.DEBUG):
@@ -376,13 +399,13 @@ class MeisaClient:
             logger.info("%s %s on attempt %d; retrying in %.2f s", name, outcome, attempt, delay)
             time.sleep(delay)
 
-    def _attempt_timeout(self, policy: RetryPolicy, started: float) -> tuple[float, float]:
-        connect, read = self._timeout
+    def _attempt_limit(self, policy: RetryPolicy, started: float) -> float:
+        """Seconds the next attempt may take in all."""
+        limit = sum(self._timeout)
         if policy.deadline is None:
-            return connect, read
+            return limit
         # No attempt may run past the deadline; a floor keeps the last one meaningful.
-        left = max(policy.deadline - (time.monotonic() - started), 0.05)
-        return min(connect, left), min(read, left)
+        return min(limit, max(policy.deadline - (time.monotonic() - started), 0.05))
 
 
 def _maybe(check: Any, value: Any, field: str) -> Any:

@@ -94,31 +94,19 @@ class APIError(MeisaError):
         code = f" [{self.code}]" if self.code else ""
         return f"{self.endpoint} answered {self.status}{code}: {self.message}"
 
+    def _options(self) -> dict[str, Any]:
+        """The keyword arguments that rebuild this error (for pickling)."""
+        return {"code": self.code, "body": self.body, "retry_after": self.retry_after}
+
     def __reduce__(self) -> tuple[Any, ...]:
-        return (
-            _rebuild_api_error,
-            (
-                type(self),
-                self.endpoint,
-                self.status,
-                self.message,
-                self.code,
-                self.body,
-                self.retry_after,
-            ),
-        )
+        args = (type(self), self.endpoint, self.status, self.message, self._options())
+        return _rebuild_api_error, args
 
 
 def _rebuild_api_error(
-    cls: type[APIError],
-    endpoint: str,
-    status: int,
-    message: str,
-    code: str | None,
-    body: Any,
-    retry_after: float | None,
+    cls: type[APIError], endpoint: str, status: int, message: str, options: dict[str, Any]
 ) -> APIError:
-    return cls(endpoint, status, message, code=code, body=body, retry_after=retry_after)
+    return cls(endpoint, status, message, **options)
 
 
 class BadRequestError(APIError):
@@ -140,7 +128,24 @@ class AuthenticationError(APIError):
 
 
 class PermissionDeniedError(APIError):
-    """403: the API key lacks the scope this endpoint needs."""
+    """403: the API key lacks the scope this endpoint needs.
+
+    :param scope: that scope (e.g. ``"contacts:write"``) when the endpoint is known to
+        need one; the message names it too.
+    """
+
+    def __init__(
+        self, endpoint: str, status: int, message: str, *, scope: str | None = None, **options: Any
+    ) -> None:
+        self.scope = scope
+        super().__init__(endpoint, status, message, **options)
+
+    def _describe(self) -> str:
+        text = super()._describe()
+        return f"{text} (this call needs the key scope {self.scope})" if self.scope else text
+
+    def _options(self) -> dict[str, Any]:
+        return {**super()._options(), "scope": self.scope}
 
 
 class NotFoundError(APIError):

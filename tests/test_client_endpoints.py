@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import pickle
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -20,6 +21,9 @@ from flask_meisa.errors import RateLimitError
 from flask_meisa.errors import UnprocessableEntityError
 from flask_meisa.results import BulkEnrollOutcome
 from flask_meisa.retry import RetryPolicy
+from tests.hostile import Exchange
+from tests.hostile import hostile
+from tests.hostile import response
 
 FAST = RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.05, deadline=5.0)
 
@@ -81,6 +85,70 @@ def test_missing_scope_is_403(emulator: Any) -> None:
     assert info.value.status == 403
     assert info.value.endpoint == "POST /contacts/upsert/"
     assert emulator.contact(email="ada@example.com") is None
+
+
+CONTACT_ID = "00000000-0000-4000-8000-000000000001"
+
+
+@pytest.mark.parametrize(
+    ("call", "scope"),
+    [
+        (lambda c: c.upsert_contact("ada@example.com"), "contacts:write"),
+        (lambda c: c.add_tag(CONTACT_ID, tag_name="vip"), "contacts:write"),
+        (lambda c: c.remove_tag(CONTACT_ID, tag_name="vip"), "contacts:write"),
+        (lambda c: c.unsubscribed_emails(), "contacts:read"),
+        (lambda c: c.track_event("opened", email="ada@example.com"), "events:track"),
+        (lambda c: c.list_sequences(), "sequences:read"),
+        (lambda c: c.contact_enrollments("ada@example.com"), "sequences:read"),
+        (lambda c: c.enroll("ada@example.com", "onboarding"), "sequences:enroll"),
+        (lambda c: c.bulk_enroll("onboarding", ["ada@example.com"]), "sequences:enroll"),
+        (lambda c: c.trigger_email("verify_email", "ada@example.com"), "emails:trigger"),
+    ],
+    ids=[
+        "upsert",
+        "add_tag",
+        "remove_tag",
+        "unsubscribed",
+        "track",
+        "list",
+        "enrollments",
+        "enroll",
+        "bulk_enroll",
+        "trigger",
+    ],
+)
+def test_a_403_names_the_scope_the_endpoint_needs(emulator: Any, call: Any, scope: str) -> None:
+    key = emulator.create_key(scopes=[])
+    with (
+        MeisaClient(key, emulator.url, retry=FAST) as meisa,
+        pytest.raises(PermissionDeniedError) as info,
+    ):
+        call(meisa)
+    error = info.value
+    assert error.scope == scope
+    assert f"'{scope}'" in error.message  # the emulator says which scope it wanted
+    assert str(error).endswith(f"(this call needs the key scope {scope})")
+    copy = pickle.loads(pickle.dumps(error))
+    assert (copy.scope, str(copy), copy.code) == (scope, str(error), "missing_scope")
+
+
+def test_a_bare_403_still_names_the_scope() -> None:
+    def forbidden(exchange: Exchange) -> None:
+        exchange.send(response(403, {"detail": "Forbidden."}))
+
+    with (
+        hostile(forbidden) as server,
+        MeisaClient("meisa_live_" + "n0sc0pe" * 5, server.url, retry=FAST) as meisa,
+    ):
+        with pytest.raises(PermissionDeniedError) as info:
+            meisa.track_event("opened", email="ada@example.com")
+        with pytest.raises(PermissionDeniedError) as bare:
+            meisa.ping()  # ping needs no scope, so its 403 names none
+    assert str(info.value) == (
+        "POST /events/track/ answered 403: Forbidden. (this call needs the key scope events:track)"
+    )
+    assert bare.value.scope is None
+    assert str(bare.value) == "GET /ping/ answered 403: Forbidden."
 
 
 def test_rate_limited_key_is_429(emulator: Any) -> None:

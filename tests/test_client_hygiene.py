@@ -20,6 +20,9 @@ from flask_meisa.errors import MeisaError
 from flask_meisa.errors import ValidationError
 from flask_meisa.payloads import MAX_BODY_BYTES
 from flask_meisa.retry import RetryPolicy
+from tests.hostile import Exchange
+from tests.hostile import hostile
+from tests.hostile import response
 
 FAST = RetryPolicy(max_attempts=2, base_delay=0.01, max_delay=0.02, deadline=5.0)
 
@@ -107,6 +110,44 @@ def test_key_absent_from_logs_and_errors(
             assert secret[-12:] not in text
             assert limited not in text
             assert "ada@example.com" not in text
+
+
+@pytest.mark.parametrize("key", ["meisa_live_" + "ech0ed" * 6, "opaque-" + "ech0ed" * 6])
+def test_a_key_echoed_in_an_error_body_is_redacted_everywhere(key: str) -> None:
+    body = {
+        "detail": "Invalid fields.",
+        "code": "invalid",
+        "errors": {key: ["unknown field"], "email": [f"{key} is not an address"]},
+        "echo": [{key: {"deeper": {key: key}}}],
+    }
+
+    def refuse(exchange: Exchange) -> None:
+        exchange.send(response(400, body))
+
+    with (
+        hostile(refuse) as server,
+        MeisaClient(key, server.url, retry=RetryPolicy.never()) as meisa,
+        pytest.raises(BadRequestError) as info,
+    ):
+        meisa.upsert_contact("ada@example.com")
+    error = info.value
+    assert error.field_errors == {
+        "[redacted]": ["unknown field"],
+        "email": ["[redacted] is not an address"],
+    }
+    assert error.body["echo"] == [{"[redacted]": {"deeper": {"[redacted]": "[redacted]"}}}]
+    once = pickle.loads(pickle.dumps(error))
+    twice = pickle.loads(pickle.dumps(once))
+    for copy in (error, once, twice):
+        assert key.encode() not in pickle.dumps(copy)
+        texts = [*texts_of(copy), repr(copy.body), repr(copy.field_errors)]
+        for text in texts:
+            assert key not in text
+    assert (str(twice), twice.body, twice.field_errors) == (
+        str(error),
+        error.body,
+        error.field_errors,
+    )
 
 
 def test_connection_errors_chain_nothing(emulator: Any, secret: str) -> None:
@@ -297,18 +338,20 @@ def test_validation_makes_no_request(
 # -- error text from unusual answers ---------------------------------------------------
 
 
-def answer(status: int, content: bytes, content_type: str = "application/json") -> Any:
+def answer(
+    status: int, content: bytes, content_type: str = "application/json"
+) -> tuple[requests.Response, bytes]:
+    """An answer's head and its body, as an attempt has read them."""
     response = requests.Response()
     response.status_code = status
-    response._content = content
     response.headers["Content-Type"] = content_type
     response.reason = "Bad Gateway" if status == 502 else "Error"
-    return response
+    return response, content
 
 
 def test_non_json_error_gets_a_short_clean_excerpt() -> None:
     page = b"<html><body><h1>502 Bad Gateway</h1>" + b"<p>nginx</p>" * 100 + b"</body></html>"
-    error = _http._api_error("POST /contacts/upsert/", answer(502, page, "text/html"), "k")
+    error = _http._api_error("POST /contacts/upsert/", *answer(502, page, "text/html"), "k")
     assert error.message.startswith("non-JSON answer: 502 Bad Gateway nginx")
     assert len(error.message) <= len("non-JSON answer: ") + _http.MAX_EXCERPT
     assert "<" not in error.message
@@ -321,7 +364,7 @@ def test_echoed_key_and_addresses_are_redacted() -> None:
         b'{"detail": "Key meisa_live_' + b"f" * 32 + b' cannot email ada@example.com",'
         b' "code": "nope", "errors": {"to_email": ["ada@example.com is bad"]}}'
     )
-    error = _http._api_error("POST /emails/trigger/", answer(400, body), key)
+    error = _http._api_error("POST /emails/trigger/", *answer(400, body), key)
     assert isinstance(error, BadRequestError)
     assert error.message == "Key [redacted] cannot email [email]"
     assert error.field_errors == {"to_email": ["[email] is bad"]}
@@ -329,10 +372,10 @@ def test_echoed_key_and_addresses_are_redacted() -> None:
 
 
 def test_empty_or_odd_error_bodies() -> None:
-    assert _http._api_error("GET /ping/", answer(502, b""), "k").message == "Bad Gateway"
-    listed = _http._api_error("GET /ping/", answer(500, b'{"detail": ["a", "b"]}'), "k")
+    assert _http._api_error("GET /ping/", *answer(502, b""), "k").message == "Bad Gateway"
+    listed = _http._api_error("GET /ping/", *answer(500, b'{"detail": ["a", "b"]}'), "k")
     assert listed.message == '["a", "b"]'
-    assert _http._api_error("GET /ping/", answer(500, b"[1, 2]"), "k").message == "Error"
-    long = _http._api_error("GET /ping/", answer(500, b'{"detail": "' + b"x" * 999 + b'"}'), "k")
+    assert _http._api_error("GET /ping/", *answer(500, b"[1, 2]"), "k").message == "Error"
+    long = _http._api_error("GET /ping/", *answer(500, b'{"detail": "' + b"x" * 999 + b'"}'), "k")
     assert len(long.message) == _http.MAX_MESSAGE
     assert long.message.endswith("…")

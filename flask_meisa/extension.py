@@ -320,8 +320,9 @@ class Meisa:
         delivering = state.delivering()
         deadline = state.settings.send_deadline
         started = time.monotonic()
-        # The first send of a process waits for the suppression list at most its deadline.
-        wait = deadline if delivering and not background else 0.0
+        # The first send of a process waits for the suppression list at most half its
+        # deadline, keeping the other half for its own call.
+        wait = deadline / 2 if delivering and not background else 0.0
         if self._suppressed_now(state, address, wait=wait):
             emit(email_suppressed, state.app, trigger_key=key, to_email=address, operation=None)
             return without_a_call("suppressed", "suppressed")

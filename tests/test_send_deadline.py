@@ -1,0 +1,115 @@
+"""A synchronous send, including the suppression list load it triggers, ends within
+``MEISA_SEND_DEADLINE`` plus one connect timeout, whatever the server does."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+from flask import Flask
+
+from flask_meisa import Meisa
+from tests.hostile import Exchange
+from tests.hostile import hostile
+from tests.hostile import response
+
+DEADLINE, READ, CONNECT = 3.0, 2.0, 1.0
+SENT = {"status": "sent", "email_send_id": "e1", "contact_id": "c1"}
+
+
+def make_app(url: str) -> Flask:
+    app = Flask(__name__)
+    app.config.update(
+        MEISA_API_KEY="meisa_live_" + "h" * 24,
+        MEISA_BASE_URL=url,
+        MEISA_SUPPRESS_SEND=False,
+        MEISA_SEND_DEADLINE=DEADLINE,
+        MEISA_TIMEOUT=READ,
+        MEISA_CONNECT_TIMEOUT=CONNECT,
+        MEISA_RATE_LIMIT=None,
+    )
+    Meisa(app)
+    return app
+
+
+def four_concurrent_sends(app: Flask) -> list[float]:
+    """The wall time of each of four sends made at once, as the first of the process."""
+    times: list[float] = []
+    errors: list[BaseException] = []
+
+    def one(number: int) -> None:
+        started = time.monotonic()
+        try:
+            with app.app_context():
+                result = app.extensions["meisa"].send(
+                    "password_reset", f"user{number}@example.com"
+                )
+            assert result.status == "sent"
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+        times.append(time.monotonic() - started)
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors
+    return times
+
+
+def list_answers(answer_list: Callable[[Exchange], None]) -> Callable[[Exchange], None]:
+    def answer(exchange: Exchange) -> None:
+        if exchange.path.endswith("/contacts/api/unsubscribed-emails/"):
+            answer_list(exchange)
+        else:
+            exchange.send(response(200, SENT))
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["the list always answers 429", "the list never answers", "the list drips"],
+)
+def test_the_first_sends_end_within_the_deadline_whatever_the_list_does(
+    name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    def answer_list(exchange: Exchange) -> None:
+        if name == "the list always answers 429":
+            limited = {"detail": "slow down", "code": "rate_limited"}
+            exchange.send(response(429, limited, {"Retry-After": "30"}))
+        elif name == "the list never answers":
+            exchange.stall()
+        else:
+            exchange.drip(response(200, {"as_of": None, "count": 0, "emails": []}), every=0.5)
+
+    with hostile(list_answers(answer_list)) as server, caplog.at_level(logging.WARNING):
+        app = make_app(server.url)
+        times = four_concurrent_sends(app)
+        app.extensions["meisa"].close(app, 0)
+    print(f"{name}: worst send {max(times):.2f} s (deadline {DEADLINE:g} s)")
+    assert max(times) <= DEADLINE + CONNECT + 1.0, times
+    # Said once way or another: the sends went on without the list.
+    assert (
+        "suppression list not loaded within 1.5s" in caplog.text
+        or "suppression list could not be loaded" in caplog.text
+    )
+
+
+def test_a_list_that_loads_is_used_and_later_sends_wait_for_nothing() -> None:
+    def answer_list(exchange: Exchange) -> None:
+        exchange.send(response(200, {"as_of": None, "count": 1, "emails": ["user1@example.com"]}))
+
+    with hostile(list_answers(answer_list)) as server:
+        app = make_app(server.url)
+        with app.app_context():
+            meisa = app.extensions["meisa"]
+            assert meisa.send("password_reset", "user1@example.com").status == "suppressed"
+            assert meisa.send("password_reset", "user2@example.com").status == "sent"
+        app.extensions["meisa"].close(app, 0)
+    paths = [path for _, path in server.requests]
+    assert paths.count("/api/v1/contacts/api/unsubscribed-emails/") == 1

@@ -53,6 +53,19 @@ def ping_command() -> None:
         raise _fail(error) from None
     click.echo(f"ok: {result.environment} key for {result.product_name or result.product_id}")
     click.echo(f"scopes: {', '.join(result.scopes) or '(none)'}")
+    missing = [scope for scope in _USES if scope not in result.scopes]
+    if missing:
+        lines = "\n".join(f"  {scope}: needed for {_USES[scope]}" for scope in missing)
+        raise click.ClickException(f"the key lacks scopes this extension uses:\n{lines}")
+
+
+#: The scopes the extension uses, and what for.
+_USES = {
+    "contacts:write": "contact syncs (logins, plan changes, meisa.upsert, sync-users)",
+    "events:track": "events (@track_event, meisa.track)",
+    "emails:trigger": "transactional email (meisa.send)",
+    "contacts:read": "the suppression list checked before every send",
+}
 
 
 @meisa_cli.command("suppressions")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -330,7 +331,7 @@ class Meisa:
         if background:
             self._enqueue(state, operation)
             return without_a_call("queued")
-        emit(operation_queued, state.app, operation=operation, delivering=delivering)
+        self._queued(state, operation, delivering)
         if not delivering:
             return without_a_call("disabled", "delivery_suppressed")
         try:
@@ -433,7 +434,7 @@ class Meisa:
     ) -> None:
         delivering = state.delivering()
         for operation in operations:
-            emit(operation_queued, state.app, operation=operation, delivering=delivering)
+            self._queued(state, operation, delivering)
             if not delivering:
                 continue
             try:  # one at a time: an operation refused never holds back the others
@@ -444,6 +445,13 @@ class Meisa:
                 state.refused += 1
                 logger.error("meisa: %s was not accepted: %s", operation.describe(), error)
                 state.reporter.dropped(operation, "refused")
+
+    def _queued(self, state: MeisaState, operation: Operation, delivering: bool) -> None:
+        emit(operation_queued, state.app, operation=operation, delivering=delivering)
+        if not delivering and state.app.debug:
+            # Like a console mail backend: in development, show what Meisa would get.
+            payload = json.dumps(operation.payload, ensure_ascii=False, sort_keys=True)
+            logger.info("meisa (delivery off) would %s: %s", operation.kind, payload)
 
     def _release(self, state: MeisaState, batch: RequestBatch, raised: bool = False) -> None:
         if not state.alive:  # a response outlived its app (a test's kept response)

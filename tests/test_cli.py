@@ -43,6 +43,17 @@ def test_ping_reports_the_keys_environment_and_scopes(emulator: Any, app: Flask)
     assert emulator.live_key not in result.output
 
 
+def test_ping_names_the_scopes_the_key_lacks_and_what_they_are_for(emulator: Any) -> None:
+    key = emulator.create_key(scopes=["contacts:write", "contacts:read"])
+    app = build_app(emulator_config(emulator, MEISA_API_KEY=key))
+    result = invoke(app, "ping")
+    assert result.exit_code == 1
+    assert "the key lacks scopes this extension uses:" in result.output
+    assert "events:track: needed for events (@track_event, meisa.track)" in result.output
+    assert "emails:trigger: needed for transactional email (meisa.send)" in result.output
+    assert "contacts:write: needed" not in result.output
+
+
 def test_ping_with_a_bad_key_fails_with_the_servers_message(emulator: Any) -> None:
     app = build_app(emulator_config(emulator, MEISA_API_KEY="meisa_live_not_a_real_key_0000"))
     result = invoke(app, "ping")

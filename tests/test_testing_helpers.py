@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import textwrap
 
 import pytest
@@ -25,6 +26,35 @@ def test_record_operations_snapshots_what_would_be_delivered() -> None:
         meisa.track("opened_app", email="ada@example.com")
     assert [op.kind for op in recorded] == ["upsert", "track"]
     assert recorded[0].payload["custom_fields"] == {"plan": "free"}
+
+
+def test_in_development_with_delivery_off_each_operation_is_logged_once_readably(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = Flask(__name__)
+    app.config.update(MEISA_ENABLED=False, DEBUG=True)
+    meisa = Meisa(app)
+    with caplog.at_level(logging.INFO, logger="flask_meisa"), app.app_context():
+        meisa.upsert({"email": "ada@example.com", "custom_fields": {"plan": "pro"}})
+        meisa.track("opened_app", email="ada@example.com")
+        result = meisa.send("password_reset", "ada@example.com", variables={"url": "/r/1"})
+    assert result.status == "disabled"
+    lines = [r.getMessage() for r in caplog.records if "would" in r.getMessage()]
+    assert lines == [
+        'meisa (delivery off) would upsert: {"custom_fields": {"plan": "pro"},'
+        ' "email": "ada@example.com"}',
+        'meisa (delivery off) would track: {"email": "ada@example.com",'
+        ' "event_name": "opened_app"}',
+        'meisa (delivery off) would send: {"idempotency_key": "'
+        + str(result.idempotency_key)
+        + '", "to_email": "ada@example.com", "trigger_key": "password_reset",'
+        ' "variables": {"url": "/r/1"}}',
+    ]
+    app.debug = False
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="flask_meisa"), app.app_context():
+        meisa.upsert({"email": "ada@example.com"})
+    assert not any("would" in r.getMessage() for r in caplog.records)
 
 
 def test_record_operations_only_hears_its_own_app() -> None:

@@ -182,7 +182,7 @@ class MeisaState:
         """Hold a slot of the thread engine's rate budget for a call made outside it (a
         synchronous send, a suppression list load), so that those calls and background
         delivery together stay within the key's limit. A no-op for other engines."""
-        if self.settings.delivery != "thread" or not self.delivering():
+        if self.settings.delivery == "sync" or not self.delivering():
             return contextlib.nullcontext()
         slot = getattr(self.dispatcher, "budget_slot", None)
         if slot is None:

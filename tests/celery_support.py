@@ -3,19 +3,21 @@ and the worker's own app.
 
 The worker side: ``celery -A tests.celery_support:worker_app worker`` builds a Flask app
 with Meisa and a Celery app from the environment (``MEISA_TEST_URL``, ``MEISA_TEST_KEY``,
-``MEISA_TEST_REDIS_URL``; the key never goes on a command line) and registers the delivery
-task. Its outcome signals are pushed to the Redis list :data:`OUTCOMES` as JSON, so that a
-test can see what the worker's hooks saw. With ``MEISA_TEST_HANG_AFTER_SEND`` set, the
+``MEISA_TEST_REDIS_URL``; the key never goes on a command line; ``MEISA_TEST_CONFIG``, a
+JSON object of extra ``MEISA_*`` keys) and registers the delivery task. Its outcome
+signals are pushed to the Redis list :data:`OUTCOMES` as JSON, so that a test can see
+what the worker's hooks saw. With ``MEISA_TEST_HANG_AFTER_SEND`` set, the
 worker's ``email_sent`` receiver announces itself on :data:`HUNG` and then blocks, so that
 a test can kill the worker between a send and its acknowledgement.
 
 The test side: the fixtures :func:`redis_server_fixture` (one ``redis-server`` per
-session) and :func:`redis_url_fixture` (an emptied Redis per test), :func:`make_celery`
-and :class:`WorkerProcess`.
+session) and :func:`redis_url_fixture` (an emptied Redis per test), :class:`RedisServer`
+(one a test can restart), :func:`make_celery` and :class:`WorkerProcess`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -26,6 +28,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,9 +37,11 @@ import pytest
 import redis
 from celery import Celery  # type: ignore[import-untyped]
 from flask import Flask
+from redis import Redis
 
 from flask_meisa import Meisa
-from flask_meisa.engine.celery import init_celery
+from flask_meisa.emulator import Emulator
+from flask_meisa.engine.celery import CeleryDispatcher
 from flask_meisa.engine.celery import lane_queues
 from flask_meisa.signals import contact_synced
 from flask_meisa.signals import delivery_dropped
@@ -44,6 +49,7 @@ from flask_meisa.signals import delivery_failed
 from flask_meisa.signals import email_sent
 from flask_meisa.signals import email_suppressed
 from flask_meisa.signals import event_tracked
+from tests.engine_support import RecordingHooks
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Redis list of the worker's outcome signals (JSON objects).
@@ -53,21 +59,24 @@ HUNG = "test:hung"
 QUEUES = ",".join(lane_queues("meisa").values())
 
 
-def make_celery(redis_url: str, *, visibility_timeout: float = 3600.0) -> Celery:
+def make_celery(redis_url: str, *, visibility_timeout: float | None = None) -> Celery:
     """A Celery app on ``redis_url`` set up as the engine's docs advise: lanes taken in
-    priority order, one message reserved per worker thread, JSON only."""
+    priority order, one message reserved per worker thread, JSON only; the visibility
+    timeout is the engine's default unless given."""
     app = Celery("flask-meisa-tests", set_as_current=False)
+    options: dict[str, Any] = {
+        "queue_order_strategy": "priority",
+        "unacked_restore_interval": 0.25,
+        "unacked_restore_throttle": 1,
+        # A stopping worker waits out its pending BRPOP: keep it short in tests.
+        "polling_interval": 0.2,
+    }
+    if visibility_timeout is not None:
+        options["visibility_timeout"] = visibility_timeout
     app.conf.update(
         broker_url=redis_url,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={
-            "queue_order_strategy": "priority",
-            "visibility_timeout": visibility_timeout,
-            "unacked_restore_interval": 0.25,
-            "unacked_restore_throttle": 1,
-            # A stopping worker waits out its pending BRPOP: keep it short in tests.
-            "polling_interval": 0.2,
-        },
+        broker_transport_options=options,
         worker_prefetch_multiplier=1,
         task_serializer="json",
         accept_content=["json"],
@@ -94,6 +103,7 @@ def _build_worker_app() -> Celery:
     flask_app = Flask("celery-worker")
     flask_app.config.update(
         MEISA_API_KEY=env["MEISA_TEST_KEY"],
+        MEISA_DELIVERY="celery",
         MEISA_BASE_URL=env["MEISA_TEST_URL"],
         MEISA_RATE_LIMIT=env.get("MEISA_TEST_RATE_LIMIT") or None,
         MEISA_MAX_ATTEMPTS=5,
@@ -103,12 +113,13 @@ def _build_worker_app() -> Celery:
         MEISA_TIMEOUT=3.0,
         MEISA_CONNECT_TIMEOUT=1.0,
     )
+    flask_app.config.update(json.loads(env.get("MEISA_TEST_CONFIG") or "{}"))
+    visibility = env.get("MEISA_TEST_VISIBILITY")
     celery_app = make_celery(
-        redis_url, visibility_timeout=float(env.get("MEISA_TEST_VISIBILITY", "3600"))
+        redis_url, visibility_timeout=float(visibility) if visibility else None
     )
     flask_app.extensions["celery"] = celery_app
-    Meisa(flask_app)
-    init_celery(flask_app)
+    Meisa(flask_app)  # registers the delivery task, as the app factory of a worker does
 
     recorder = redis.Redis.from_url(redis_url)
     receivers: list[Any] = []  # blinker holds receivers weakly
@@ -176,10 +187,8 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="session", name="redis_server")
-def redis_server_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A ``redis-server`` on a free loopback port, without persistence, for the session;
-    yields its URL. Skipped when redis-server is not installed, unless ``CI`` is set."""
+def _redis_binary() -> str:
+    """The ``redis-server`` binary; the test is skipped without it, unless ``CI`` is set."""
     binary = shutil.which("redis-server")
     if binary is None:
         if os.environ.get("CI"):
@@ -187,35 +196,87 @@ def redis_server_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[s
                 "redis-server is not installed (CI needs it: apt-get install redis-server)"
             )
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    port = _free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        cwd=workdir,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    try:
-        deadline = time.monotonic() + 10
-        while True:  # a process on its own: nothing to wait on but its port
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.02)
-        yield url
-    finally:
-        client.close()
+    return binary
+
+
+class RedisServer:
+    """A ``redis-server`` on a free loopback port, with its files in ``workdir``; with
+    ``appendonly`` it persists every write (AOF), else nothing. Stopped by pid."""
+
+    def __init__(self, workdir: Path, *, appendonly: bool = False) -> None:
+        self.binary = _redis_binary()
+        self.workdir = workdir
+        self.appendonly = appendonly
+        self.port = _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RedisServer:
+        """Start it and wait until it answers."""
+        command = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        command += ["--appendonly", "yes" if self.appendonly else "no"]
+        self.process = subprocess.Popen(
+            command, cwd=self.workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        client = redis.Redis.from_url(self.url)
+        try:
+            deadline = time.monotonic() + 10
+            while True:  # a process on its own: nothing to wait on but its port
+                try:
+                    client.ping()
+                    return self
+                except redis.ConnectionError:
+                    if self.process.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError("redis-server did not start") from None
+                    time.sleep(0.02)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        """SIGTERM (a clean shutdown, which writes the AOF), then SIGKILL if it lingers."""
+        process, self.process = self.process, None
+        if process is None:
+            return
         process.terminate()
         try:
             process.wait(10)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+    def restart(self) -> None:
+        """Stop it and start it again on the same port and files."""
+        self.stop()
+        self.start()
+
+
+@pytest.fixture(name="own_redis")
+def own_redis_fixture(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+    """``own_redis(appendonly=False)``: a started :class:`RedisServer` of the test's own,
+    which it may restart; stopped after the test (request it before ``start_worker``, so
+    that the workers stop first)."""
+    servers: list[RedisServer] = []
+
+    def start(*, appendonly: bool = False) -> RedisServer:
+        workdir = tmp_path / f"redis-{len(servers)}"
+        workdir.mkdir()
+        servers.append(RedisServer(workdir, appendonly=appendonly))
+        return servers[-1].start()
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session", name="redis_server")
+def redis_server_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A ``redis-server`` without persistence for the session; yields its URL. Skipped
+    when redis-server is not installed, unless ``CI`` is set."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
 
 
 @pytest.fixture(name="redis_url")
@@ -264,8 +325,14 @@ class WorkerProcess:
             "--loglevel=WARNING",
         ]
         with open(log, "wb") as out:
+            # Its own process group: the main process and its pool can be killed at once.
             self.process = subprocess.Popen(
-                command, cwd=ROOT, env=environment, stdout=out, stderr=subprocess.STDOUT
+                command,
+                cwd=ROOT,
+                env=environment,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
 
     def wait_ready(self, timeout: float = 30.0) -> None:
@@ -279,19 +346,20 @@ class WorkerProcess:
         raise AssertionError(f"the worker did not start:\n{self.log.read_text()[-3000:]}")
 
     def kill(self) -> None:
-        """SIGKILL: no warm shutdown, no acknowledgement of the task in hand."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
+        """SIGKILL to the main process and its pool: no warm shutdown, no acknowledgement
+        of the tasks in hand."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(10)
 
     def stop(self) -> None:
-        """Warm shutdown (SIGTERM), then SIGKILL if it lingers; closes the Redis client."""
+        """Warm shutdown (SIGTERM), then :meth:`kill` if it lingers (its pool too);
+        closes the Redis client."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        self.kill()
         self._redis.close()
 
 
@@ -302,3 +370,71 @@ def outcomes(redis_url: str) -> list[dict[str, Any]]:
         return [json.loads(raw) for raw in client.lrange(OUTCOMES, 0, -1)]
     finally:
         client.close()
+
+
+#: ``start_worker(emulator, wait=True, concurrency=2, pool="threads", **env)``.
+StartWorker = Callable[..., WorkerProcess]
+
+
+@pytest.fixture(name="start_worker")
+def start_worker_fixture(redis_url: str, tmp_path: Path) -> Iterator[StartWorker]:
+    """``start_worker(emulator, ...)``: a worker process on that emulator and the test's
+    Redis (``redis=`` another URL; extra ``MEISA_TEST_*`` variables in ``env``); every
+    worker is stopped after."""
+    started: list[WorkerProcess] = []
+
+    def start(
+        emulator: Emulator,
+        *,
+        wait: bool = True,
+        concurrency: int = 2,
+        pool: str = "threads",
+        redis: str | None = None,
+        **env: str,
+    ) -> WorkerProcess:
+        variables = {
+            "MEISA_TEST_URL": emulator.url,
+            "MEISA_TEST_KEY": emulator.live_key,
+            "MEISA_TEST_REDIS_URL": redis or redis_url,
+            **env,
+        }
+        log = tmp_path / f"worker-{len(started)}.log"
+        worker = WorkerProcess(variables, log, concurrency=concurrency, pool=pool)
+        started.append(worker)
+        if wait:
+            worker.wait_ready()
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+@pytest.fixture(name="producer")
+def producer_fixture(redis_url: str) -> Iterator[Callable[..., CeleryDispatcher]]:
+    """``producer(emulator, rate_limit=None, redis=None, hooks=None)``: a dispatcher
+    publishing for that emulator's key (on the test's Redis unless ``redis`` is given);
+    all closed after."""
+    made: list[tuple[CeleryDispatcher, Celery]] = []
+
+    def make(
+        emulator: Emulator,
+        rate_limit: str | None = None,
+        redis: str | None = None,
+        hooks: Any = None,
+    ) -> CeleryDispatcher:
+        celery_app = make_celery(redis or redis_url)
+        dispatcher = CeleryDispatcher(
+            celery_app,
+            redis=Redis.from_url(redis or redis_url),
+            hooks=hooks or RecordingHooks(),
+            rate_limit=rate_limit,
+            budget_key=emulator.live_key,
+        )
+        made.append((dispatcher, celery_app))
+        return dispatcher
+
+    yield make
+    for dispatcher, celery_app in made:
+        dispatcher.close()
+        celery_app.close()

@@ -30,7 +30,7 @@ def make_budget(redis_url: str) -> Iterator[MakeBudget]:
     worker on another machine would have."""
     clients: list[Any] = []
 
-    def make(spec: str, key: str = KEY, **options: Any) -> RedisBudget:
+    def make(spec: str | None, key: str = KEY, **options: Any) -> RedisBudget:
         client = redis.Redis.from_url(redis_url)
         clients.append(client)
         return RedisBudget(client, spec, prefix=budget_prefix(key), **options)
@@ -141,3 +141,29 @@ def test_workers_on_one_key_share_one_budget(make_budget: MakeBudget, redis_url:
 def test_an_invalid_budget_is_refused(make_budget: MakeBudget, spec: str) -> None:
     with pytest.raises(ConfigurationError):
         make_budget(spec)
+
+
+def test_failures_in_a_row_let_one_probe_through_until_one_is_answered(
+    make_budget: MakeBudget,
+) -> None:
+    first, second = make_budget("100/second"), make_budget("100/second")
+    for n in range(1, 4):  # three calls without an answer, from either worker
+        got = (first if n % 2 else second).acquire(lease=LEASE)
+        assert got.token is not None
+        assert first.finish(got.token, outage=True) == n
+    probe = first.acquire(lease=LEASE)
+    assert probe.token is not None
+    held = second.acquire(lease=LEASE, priority=True)  # Meisa looks down: one at a time
+    assert held.token is None
+    assert 0.0 < held.wait <= 1.0
+    assert first.finish(probe.token, answered=True) == 0
+    assert second.acquire(lease=LEASE).token is not None  # answered: all may call again
+
+
+def test_a_budget_without_a_limit_still_pauses_and_probes(make_budget: MakeBudget) -> None:
+    budget = make_budget(None)
+    take(budget, 50)
+    assert budget.snapshot() == (0.0, 0, None)
+    budget.pause(0.5)
+    assert budget.acquire(lease=LEASE).token is None
+    assert budget.snapshot()[0] > 0.4

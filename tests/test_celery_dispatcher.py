@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Callable
 from collections.abc import Iterator
 from typing import Any
@@ -15,8 +16,12 @@ import redis
 from flask import Flask
 
 from flask_meisa import Meisa
+from flask_meisa.config import DEFAULTS
+from flask_meisa.config import MeisaSettings
+from flask_meisa.engine.celery import DEFAULT_VISIBILITY_TIMEOUT
 from flask_meisa.engine.celery import CeleryDispatcher
 from flask_meisa.engine.celery import CelerySettings
+from flask_meisa.engine.celery import configure_visibility
 from flask_meisa.engine.celery import init_celery
 from flask_meisa.engine.celery import lane_queues
 from flask_meisa.engine.celery import make_dispatcher
@@ -96,7 +101,7 @@ def test_operations_go_to_their_lane_queue_as_json(make: MakeDispatcher, client:
         Operation("send", {"trigger_key": "receipt", "to_email": "a@example.com"}),
     ]
     for op in ops:
-        dispatcher.submit(op)
+        dispatcher.publish(op)
     assert dispatcher.queues == lane_queues("meisa")
     for op, queue in zip(ops, ["meisa.events", "meisa.sync", "meisa.transactional"], strict=True):
         (message,) = messages(client, queue)
@@ -110,22 +115,22 @@ def test_operations_go_to_their_lane_queue_as_json(make: MakeDispatcher, client:
 def test_upserts_of_one_contact_carry_rising_versions(make: MakeDispatcher, client: Any) -> None:
     dispatcher = make()
     for n in range(3):
-        dispatcher.submit(upsert(custom_fields={"n": n}))
+        dispatcher.publish(upsert(custom_fields={"n": n}))
     assert [m["kwargs"]["meta"] for m in messages(client, "meisa.sync")] == [
         {"version": 1},
         {"version": 2},
         {"version": 3},
     ]
     unmerged = make(queue="plain", coalesce=False)
-    unmerged.submit(upsert())
+    unmerged.publish(upsert())
     assert messages(client, "plain.sync")[0]["kwargs"]["meta"] == {}
 
 
 def test_status_reads_queues_pending_counters_and_budget(make: MakeDispatcher) -> None:
     dispatcher = make()
-    dispatcher.submit(upsert(1))
-    dispatcher.submit(upsert(2))
-    dispatcher.submit(Operation("send", {"trigger_key": "receipt", "to_email": "a@example.com"}))
+    dispatcher.publish(upsert(1))
+    dispatcher.publish(upsert(2))
+    dispatcher.publish(Operation("send", {"trigger_key": "receipt", "to_email": "a@example.com"}))
     status = dispatcher.status()
     assert status.engine == "celery"
     assert status.queued == {"transactional": 1, "sync": 2, "events": 0}
@@ -139,7 +144,7 @@ def test_flush_is_true_once_every_operation_is_finished(make: MakeDispatcher) ->
     dispatcher = make()
     ops = [upsert(n) for n in range(3)]
     for op in ops:
-        dispatcher.submit(op)
+        dispatcher.publish(op)
     assert dispatcher.flush(timeout=0.05) is False  # no worker has run them
     dispatcher.store.finish([op.id for op in ops], "delivered", 3)  # as a worker would
     assert dispatcher.flush(timeout=0) is True
@@ -151,9 +156,9 @@ def test_a_closed_dispatcher_refuses_sends_and_drops_the_rest(
     dispatcher = make()
     assert dispatcher.close() == 0
     with pytest.raises(DeliveryError, match="closed"):
-        dispatcher.submit(Operation("send", {"trigger_key": "receipt", "to_email": "a@b.co"}))
+        dispatcher.publish(Operation("send", {"trigger_key": "receipt", "to_email": "a@b.co"}))
     op = upsert()
-    dispatcher.submit(op)
+    dispatcher.publish(op)
     assert hooks.of("dropped") == [op]
     assert hooks.detail(op) == "closed"
 
@@ -163,9 +168,9 @@ def test_an_unreachable_broker_refuses_sends_and_drops_the_rest(
 ) -> None:
     dispatcher = make(broker_url="redis://:hunter2@127.0.0.1:9/0")  # nothing listens
     with pytest.raises(DeliveryError, match="publishing failed") as refused:
-        dispatcher.submit(Operation("send", {"trigger_key": "receipt", "to_email": "a@b.co"}))
+        dispatcher.publish(Operation("send", {"trigger_key": "receipt", "to_email": "a@b.co"}))
     op = upsert()
-    dispatcher.submit(op)
+    dispatcher.publish(op)
     assert hooks.detail(op) == "broker_unavailable"
     assert "hunter2" not in str(refused.value)
     assert "hunter2" not in caplog.text
@@ -236,3 +241,77 @@ def test_init_celery_gives_the_worker_the_apps_client_budget_and_hooks(redis_url
         worker.store._redis.close()
     finally:
         celery_app.close()
+
+
+def test_the_visibility_timeout_is_set_and_checked_against_the_idempotency_hour(
+    redis_url: str,
+) -> None:
+    app = app_with_celery(redis_url, MEISA_DELIVERY="celery")  # no visibility_timeout set
+    options = app.extensions["celery"].conf.broker_transport_options
+    assert options["visibility_timeout"] == DEFAULT_VISIBILITY_TIMEOUT == 600.0
+    assert options["queue_order_strategy"] == "priority"  # the app's own options kept
+    app.extensions["celery"].close()
+    for visibility, config, refused in [
+        # 3600 s, less 600 s of margin, the retry deadline and kombu's sweep (0.25 s here)
+        (3600.0, {}, "and 2399.75 s"),
+        (2000.0, {"MEISA_RETRY_DEADLINE": 1000.0}, "and 1999.75 s"),
+        (50.0, {}, "between 53.2 s"),  # 4 x (3.05 + 10) + 1: a run may outlast it
+    ]:
+        celery_app = make_celery(redis_url, visibility_timeout=visibility)
+        app = Flask(__name__)
+        app.config.update(MEISA_API_KEY=KEY, MEISA_DELIVERY="celery", **config)
+        app.extensions["celery"] = celery_app
+        with pytest.raises(ConfigurationError, match=refused):
+            Meisa(app)
+        celery_app.close()
+
+
+def test_the_longest_countdown_fits_in_the_visibility_timeout(redis_url: str) -> None:
+    fast = MeisaSettings.from_config(
+        {**DEFAULTS, "MEISA_API_KEY": KEY, "MEISA_TIMEOUT": 1.5, "MEISA_CONNECT_TIMEOUT": 0.5}
+    )
+    for visibility, longest in [(600.0, 300.0), (20.0, 12.0)]:
+        celery_app = make_celery(redis_url, visibility_timeout=visibility)
+        assert configure_visibility(celery_app, fast) == longest
+        celery_app.close()
+    amqp = make_celery("amqp://guest@127.0.0.1:9//")  # no visibility timeout to set
+    assert configure_visibility(amqp, fast) == 300.0
+    assert "visibility_timeout" not in amqp.conf.broker_transport_options
+    amqp.close()
+
+
+def test_a_budget_slot_waits_for_the_shared_budget(make: MakeDispatcher) -> None:
+    dispatcher = make(rate_limit="3/2 seconds")
+    other = make(rate_limit="3/2 seconds")  # another process on the same key
+    held = [other._budget.acquire(lease=5.0, priority=True) for _ in range(3)]  # type: ignore[union-attr]
+    for got in held:
+        assert got.token is not None
+        other._budget.finish(got.token)  # type: ignore[union-attr]
+    with dispatcher.budget_slot(0.1) as taken:
+        assert taken is False  # the window is spent: no slot within 0.1 s
+    started = time.monotonic()
+    with dispatcher.budget_slot(5.0) as taken:
+        assert taken is True
+        waited = time.monotonic() - started
+    assert 1.0 < waited < 2.5  # until the first answer left the 2 s window
+
+
+def test_a_redis_that_lost_its_data_has_what_was_pending_reported(
+    make: MakeDispatcher, hooks: RecordingHooks, client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    dispatcher = make()
+    ops = [upsert(n) for n in range(3)]
+    for op in ops:
+        dispatcher.publish(op)
+    dispatcher.store.finish([ops[0].id], "delivered", 1)  # as a worker would
+    dispatcher.status()  # it looks now and then, and finds ops[0] finished
+    client.flushall()  # as a restart without persistence does
+    assert dispatcher.flush(timeout=1) is False
+    assert [op.id for op in hooks.of("dropped")] == [ops[1].id, ops[2].id]
+    assert {hooks.detail(op) for op in hooks.of("dropped")} == {"redis_data_lost"}
+    assert "2 operation(s) this process submitted were pending" in caplog.text
+    assert dispatcher.status().dropped == 2
+    assert dispatcher.flush(timeout=0) is True  # reported once; the new Redis is empty
+    dispatcher.publish(upsert(9))  # and the engine carries on
+    assert dispatcher.store.pending() == 1
+    assert len(hooks.of("dropped")) == 2

@@ -1,18 +1,18 @@
 """The Celery engine end to end: a real Redis, real ``celery worker`` processes and the
 emulator. Operations from a Flask app reach Meisa; two workers share one budget; a send
 overtakes queued syncs; a 503 is retried by the task with the same idempotency key; a
-refusal is reported by the worker's signals; a worker killed mid-task loses nothing and
-sends nothing twice; upserts queued behind a stopped worker make one call."""
+refusal is reported by the worker's signals; a worker killed whole (main process and
+pool) with sends in flight loses nothing and sends each email once; upserts queued behind
+a stopped worker make one call."""
 
 from __future__ import annotations
 
 import functools
+import json
+import time
 from collections.abc import Callable
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
 import redis
 from flask import Flask
 
@@ -22,66 +22,23 @@ from flask_meisa.engine.celery import CeleryDispatcher
 from flask_meisa.operations import Operation
 from flask_meisa.operations import merge_upsert_payloads
 from tests.celery_support import HUNG
-from tests.celery_support import WorkerProcess
+from tests.celery_support import StartWorker
 from tests.celery_support import make_celery
 from tests.celery_support import outcomes
+from tests.celery_support import producer_fixture  # noqa: F401
 from tests.celery_support import redis_server_fixture  # noqa: F401
 from tests.celery_support import redis_url_fixture  # noqa: F401
-from tests.engine_support import RecordingHooks
+from tests.celery_support import start_worker_fixture  # noqa: F401
 
 UPSERT = "/api/v1/contacts/upsert/"
 TRACK = "/api/v1/events/track/"
 TRIGGER = "/api/v1/emails/trigger/"
-
-StartWorker = Callable[..., WorkerProcess]
-
-
-@pytest.fixture
-def start_worker(redis_url: str, tmp_path: Path) -> Iterator[StartWorker]:
-    """``start_worker(emulator, wait=True, **env)``: a worker process on that emulator
-    (extra ``MEISA_TEST_*`` variables in ``env``); every worker is stopped after."""
-    started: list[WorkerProcess] = []
-
-    def start(emulator: Emulator, *, wait: bool = True, concurrency: int = 2, **env: str):
-        variables = {
-            "MEISA_TEST_URL": emulator.url,
-            "MEISA_TEST_KEY": emulator.live_key,
-            "MEISA_TEST_REDIS_URL": redis_url,
-            **env,
-        }
-        log = tmp_path / f"worker-{len(started)}.log"
-        worker = WorkerProcess(variables, log, concurrency=concurrency)
-        started.append(worker)
-        if wait:
-            worker.wait_ready()
-        return worker
-
-    yield start
-    for worker in started:
-        worker.stop()
-
-
-@pytest.fixture
-def producer(redis_url: str) -> Iterator[Callable[[Emulator], CeleryDispatcher]]:
-    """``producer(emulator)``: a dispatcher publishing for that emulator's key."""
-    made: list[tuple[CeleryDispatcher, Any]] = []
-
-    def make(emulator: Emulator, rate_limit: str | None = None) -> CeleryDispatcher:
-        celery_app = make_celery(redis_url)
-        dispatcher = CeleryDispatcher(
-            celery_app,
-            redis=redis.Redis.from_url(redis_url),
-            hooks=RecordingHooks(),
-            rate_limit=rate_limit,
-            budget_key=emulator.live_key,
-        )
-        made.append((dispatcher, celery_app))
-        return dispatcher
-
-    yield make
-    for dispatcher, celery_app in made:
-        dispatcher.close()
-        celery_app.close()
+#: A worker with short call timeouts, so that a short visibility timeout is accepted.
+QUICK_VISIBILITY = 9.0
+QUICK = {
+    "MEISA_TEST_CONFIG": json.dumps({"MEISA_TIMEOUT": 1.5, "MEISA_CONNECT_TIMEOUT": 0.5}),
+    "MEISA_TEST_VISIBILITY": str(QUICK_VISIBILITY),
+}
 
 
 def signals(redis_url: str, name: str) -> list[dict[str, Any]]:
@@ -150,7 +107,7 @@ def test_two_workers_share_one_budget(
         worker.wait_ready()
     dispatcher = producer(emulator, rate_limit="10/second")
     for n in range(60):
-        dispatcher.submit(upsert(n))
+        dispatcher.publish(upsert(n))
     assert dispatcher.flush(timeout=25)
     requests = emulator.requests_to(UPSERT)
     assert len(requests) == 60
@@ -167,8 +124,8 @@ def test_a_send_overtakes_queued_syncs(
 ) -> None:
     dispatcher = producer(emulator)
     for n in range(20):
-        dispatcher.submit(upsert(n))
-    dispatcher.submit(receipt())
+        dispatcher.publish(upsert(n))
+    dispatcher.publish(receipt())
     assert dispatcher.status().queued == {"transactional": 1, "sync": 20, "events": 0}
     start_worker(emulator, concurrency=1)
     assert dispatcher.flush(timeout=15)
@@ -189,7 +146,7 @@ def test_a_503_is_retried_by_the_task_with_the_same_idempotency_key(
     start_worker(emulator)
     dispatcher = producer(emulator)
     op = receipt()
-    dispatcher.submit(op)
+    dispatcher.publish(op)
     assert dispatcher.flush(timeout=15)
     requests = emulator.requests_to(TRIGGER)
     assert [r.status for r in requests] == [503, 200]
@@ -208,7 +165,7 @@ def test_a_refusal_is_reported_by_the_workers_signals_and_not_retried(
     start_worker(emulator)
     dispatcher = producer(emulator)
     op = Operation("send", {"trigger_key": "no_such_trigger", "to_email": "a@example.com"})
-    dispatcher.submit(op)
+    dispatcher.publish(op)
     assert dispatcher.flush(timeout=15)
     (failed,) = signals(redis_url, "delivery_failed")
     assert (failed["op"], failed["status"]) == (op.id, 400)
@@ -216,34 +173,40 @@ def test_a_refusal_is_reported_by_the_workers_signals_and_not_retried(
     assert dispatcher.status().failed == 1
 
 
-def test_a_worker_killed_mid_task_loses_nothing_and_sends_once(
+def test_a_worker_killed_whole_with_sends_in_flight_sends_each_email_once(
     emulator: Emulator,
     redis_url: str,
     start_worker: StartWorker,
     producer: Callable[..., CeleryDispatcher],
 ) -> None:
-    doomed = start_worker(emulator, MEISA_TEST_HANG_AFTER_SEND="1")
+    doomed = start_worker(
+        emulator, pool="prefork", concurrency=2, MEISA_TEST_HANG_AFTER_SEND="1", **QUICK
+    )
     dispatcher = producer(emulator)
-    op = receipt()
-    dispatcher.submit(op)
+    ops = [receipt(f"buyer{n}@example.com") for n in range(6)]
+    for op in ops:
+        dispatcher.publish(op)
     client = redis.Redis.from_url(redis_url)
     try:
-        # The send was made and answered; the worker is in a hook, its task not acked.
-        assert client.blpop([HUNG], timeout=15) is not None
+        # Both pool processes made their send, were answered, and hang in a hook with
+        # their message not acknowledged.
+        for _ in range(2):
+            assert client.blpop([HUNG], timeout=15) is not None
     finally:
         client.close()
-    assert len(emulator.sends()) == 1
-    doomed.kill()
-    assert dispatcher.status().pending == 1
-    # Another worker takes the message back once it is older than its visibility timeout.
-    start_worker(emulator, MEISA_TEST_VISIBILITY="1")
-    assert dispatcher.flush(timeout=20)
+    assert len(emulator.sends()) == 2
+    doomed.kill()  # SIGKILL to the main process and its pool
+    started = time.monotonic()
+    start_worker(emulator, **QUICK)
+    assert dispatcher.flush(timeout=30)
+    # The other worker took the two messages back after their visibility timeout (9 s).
+    assert time.monotonic() - started < QUICK_VISIBILITY + 10
     requests = emulator.requests_to(TRIGGER)
-    assert len(requests) == 2
-    assert {r.body["idempotency_key"] for r in requests} == {op.payload["idempotency_key"]}
-    assert len(emulator.sends()) == 1  # Meisa deduplicated the replay
-    (replayed,) = [e for e in signals(redis_url, "email_sent") if e["duplicate"]]
-    assert replayed["op"] == op.id
+    assert len(requests) == 8
+    sent = sorted(s["to_email"] for s in emulator.sends())
+    assert sent == sorted(op.payload["to_email"] for op in ops)  # each email once
+    replayed = [e for e in signals(redis_url, "email_sent") if e["duplicate"]]
+    assert len(replayed) == 2  # the replays, deduplicated by their idempotency keys
 
 
 def test_upserts_queued_behind_a_stopped_worker_make_one_call(
@@ -263,7 +226,7 @@ def test_upserts_queued_behind_a_stopped_worker_make_one_call(
         for n in range(20)
     ]
     for op in ops:
-        dispatcher.submit(op)
+        dispatcher.publish(op)
     expected: dict[str, Any] = {}
     for op in ops:
         expected = merge_upsert_payloads(expected, op.payload)

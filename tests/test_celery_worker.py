@@ -60,13 +60,12 @@ def hooks() -> RecordingHooks:
 def make_worker(
     emulator: Emulator, store: RedisDeliveryStore, client: Any, hooks: RecordingHooks
 ) -> Iterator[MakeWorker]:
-    """``make_worker(rate_limit=None, **options)``: a worker on the emulator; closed after."""
+    """``make_worker(rate_limit=None, **options)``: a worker on the emulator with the
+    shared budget, pause and breaker (without a limit unless given); closed after."""
     made: list[DeliveryWorker] = []
 
     def make(rate_limit: str | None = None, **options: Any) -> DeliveryWorker:
-        budget = None
-        if rate_limit is not None:
-            budget = RedisBudget(client, rate_limit, prefix=budget_prefix(emulator.live_key))
+        budget = RedisBudget(client, rate_limit, prefix=budget_prefix(emulator.live_key))
         options.setdefault("retry", FAST)
         options.setdefault("hooks", hooks)
         worker = DeliveryWorker(
@@ -234,6 +233,65 @@ def test_a_429_pauses_every_worker(
     assert isinstance(held, RunAgain)
     assert 1.5 < held.countdown <= 2.0
     assert len(emulator.requests) == 1  # the second worker made no call
+
+
+def test_a_send_guardrail_429_delays_only_that_send(
+    make_worker: MakeWorker, store: RedisDeliveryStore, emulator: Emulator
+) -> None:
+    emulator.set_send_guardrail("1/10 seconds")
+    worker = make_worker(rate_limit="100/minute")
+
+    def receipt(n: int, to: str) -> Operation:
+        body = {"trigger_key": "receipt", "to_email": to, "idempotency_key": f"r-{n}"}
+        return Operation("send", body)
+
+    assert worker.run(*submitted(store, receipt(1, "ada@example.com"))) is None
+    again = worker.run(*submitted(store, receipt(2, "ada@example.com")))
+    assert isinstance(again, RunAgain)
+    assert 9.0 <= again.countdown <= 10.0  # as long as Meisa asks, for this recipient
+    assert worker.budget is not None
+    assert worker.budget.snapshot()[0] == 0.0  # the key is not paused
+    assert worker.run(*submitted(store, receipt(3, "bob@example.com"))) is None  # others go
+    assert [r.status for r in emulator.requests_to(TRIGGER)] == [200, 429, 200]
+
+
+def test_failures_in_a_row_pause_every_worker_then_one_probe_goes(
+    make_worker: MakeWorker,
+    store: RedisDeliveryStore,
+    emulator: Emulator,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="flask_meisa")
+    emulator.faults.fail_next(4, 503, path=UPSERT)
+    policy = RetryPolicy(max_attempts=10, base_delay=0.5, max_delay=4.0, deadline=60.0)
+    first, second = make_worker(retry=policy), make_worker(retry=policy)
+    for n in range(3):
+        again = (first, second)[n % 2].run(
+            *submitted(store, Operation("upsert", {"email": f"u{n}@b.co"}))
+        )
+        assert isinstance(again, RunAgain)
+    assert first.budget is not None
+    paused, _, _ = first.budget.snapshot()
+    assert 1.5 < paused <= 2.0  # the backoff's ceiling after 3 failures: 0.5 * 2 ** 2
+    held = second.run(*submitted(store, send()))
+    assert isinstance(held, RunAgain)
+    assert len(emulator.requests) == 3  # paused: no call
+    assert "3 failed calls in a row; pausing delivery for 2.00 s" in caplog.text
+
+
+def test_a_wait_longer_than_the_longest_countdown_is_made_of_several(
+    make_worker: MakeWorker, store: RedisDeliveryStore, emulator: Emulator
+) -> None:
+    worker = make_worker(rate_limit="1/minute", max_countdown=5.0)
+    assert worker.run(*submitted(store, Operation("upsert", {"email": "a@b.co"}))) is None
+    again = worker.run(*submitted(store, Operation("upsert", {"email": "c@d.co"})))
+    assert isinstance(again, RunAgain)
+    assert again.countdown == 5.0
+    assert worker.max_countdown == 5.0
+    waited = worker.run(again.op, again.meta)  # back early: waits again, makes no call
+    assert isinstance(waited, RunAgain)
+    assert 0 < waited.countdown <= 5.0
+    assert len(emulator.requests) == 1
 
 
 def test_upserts_waiting_together_make_one_call(

@@ -1,53 +1,9 @@
 """``MEISA_DELIVERY = "celery"``: delivery by Celery workers, scaled out across machines.
 
-Install the extra (``pip install flask-meisa[celery]``) and follow Flask's own Celery
-pattern: the app factory creates the Celery app and stores it as
-``app.extensions["celery"]`` (or sets ``MEISA_CELERY_APP``) *before*
-``meisa.init_app(app)``, and the worker imports a module that calls the factory::
-
-    # yourapp/__init__.py
-    def create_app():
-        app = Flask(__name__)
-        app.config.from_mapping(
-            MEISA_DELIVERY="celery",
-            CELERY={
-                "broker_url": "redis://127.0.0.1:6379/0",
-                "broker_transport_options": {"queue_order_strategy": "priority"},
-                "worker_prefetch_multiplier": 1,
-            },
-        )
-        celery_app = Celery(app.name)
-        celery_app.config_from_object(app.config["CELERY"])
-        app.extensions["celery"] = celery_app
-        meisa.init_app(app)         # registers the task flask_meisa.deliver
-        return app
-
-    # yourapp/make_celery.py
-    flask_app = create_app()
-    celery_app = flask_app.extensions["celery"]
-
-    $ celery -A yourapp.make_celery worker -Q meisa.transactional,meisa.sync,meisa.events
-
-The web process only publishes: :meth:`CeleryDispatcher.submit` files each operation
-(as JSON, never pickle) on its lane's queue and returns. Lanes are separate queues,
-``<MEISA_CELERY_QUEUE>.transactional``, ``.sync`` and ``.events``: a worker consuming them
-in that order with the Redis transport's ``queue_order_strategy = "priority"`` always
-takes a waiting send first (without it, kombu takes the queues in turn, so a send waits
-behind at most two other messages); a dedicated worker can serve the transactional queue
-alone; each lane's backlog is one ``LLEN``; and it works on any broker.
-
-The worker runs the task inside the Flask app's context, with a client, retry policy and
-hooks (the app's outcome signals, sent in the worker) built from that app's config. The
-rate budget (``MEISA_RATE_LIMIT``), coalesced upserts and the pending count live in Redis
-(``MEISA_CELERY_REDIS_URL``, by default the broker's URL when the broker is Redis), so
-every worker on every machine shares them; see :mod:`.redis_budget`,
-:mod:`.redis_store` and :mod:`.celery_worker`.
-
-Waits are Celery countdowns held by a worker until due (at most
-:data:`~flask_meisa.engine.redis_budget.MAX_WAIT`, 300 s), so keep the Redis transport's
-``visibility_timeout`` (one hour by default) well above that: a message held longer than
-it is handed to another worker as well. ``flush()`` waits until the workers have finished
-what was submitted; ``close()`` waits for nothing, since the broker holds the work.
+The web process publishes each operation as a JSON task on its lane's queue
+(:class:`CeleryDispatcher`); workers run it (:mod:`.celery_worker`) within one budget kept
+in Redis (:mod:`.redis_budget`, :mod:`.redis_store`). Setup, settings and the design are
+in the README's Celery section and docs/celery.md.
 """
 
 from __future__ import annotations
@@ -57,15 +13,17 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
+from collections.abc import Iterator
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from typing import Any
 
 import redis
+from redis.exceptions import RedisError
 
 from ..config import DEFAULTS
-from ..config import resolve_keys
+from ..config import MeisaSettings
 from ..errors import ConfigurationError
 from ..errors import DeliveryError
 from ..operations import LANE_NAMES
@@ -76,6 +34,7 @@ from .base import HookCaller
 from .celery_worker import TASK_NAME
 from .celery_worker import DeliveryWorker
 from .celery_worker import register_tasks
+from .redis_budget import MAX_WAIT
 from .redis_budget import RedisBudget
 from .redis_budget import budget_prefix
 from .redis_store import RedisDeliveryStore
@@ -89,6 +48,7 @@ __all__ = [
     "CELERY_DEFAULTS",
     "CeleryDispatcher",
     "CelerySettings",
+    "configure_visibility",
     "init_celery",
     "lane_queues",
     "make_dispatcher",
@@ -97,10 +57,25 @@ __all__ = [
 
 logger = logging.getLogger("flask_meisa.engine")
 
-#: The ``MEISA_CELERY_*`` keys and their defaults (from :data:`flask_meisa.config.KEYS`).
+#: The ``MEISA_CELERY_*`` keys and their defaults.
 CELERY_DEFAULTS: dict[str, Any] = {
-    name: default for name, default in DEFAULTS.items() if name.startswith("MEISA_CELERY_")
+    "MEISA_CELERY_APP": None,
+    "MEISA_CELERY_QUEUE": "meisa",
+    "MEISA_CELERY_REDIS_URL": None,
+    "MEISA_CELERY_COALESCE": True,
 }
+
+#: Meisa deduplicates a send's idempotency key for this long, in seconds.
+IDEMPOTENCY_WINDOW = 3600.0
+#: What a replayed send leaves of that window for its wait in the queue, in seconds.
+REPLAY_MARGIN = 600.0
+#: The Redis transport's ``visibility_timeout`` when the app sets none, in seconds.
+DEFAULT_VISIBILITY_TIMEOUT = 600.0
+#: Calls' timeouts a worker may hold a message beyond its countdown: waiting for a busy
+#: pool, then a run (a suppression load's budget wait and call, then its own call).
+RUN_TIMEOUTS = 4
+#: How often, at most, a busy dispatcher checks which of its operations are finished.
+_LOOK_EVERY = 1.0
 
 _LANE_SUFFIXES = LANE_NAMES
 
@@ -126,12 +101,18 @@ class CelerySettings:
 
         :raises ConfigurationError: naming the key that is invalid.
         """
-        values = resolve_keys(config, CELERY_DEFAULTS)
+        values = {key: config.get(key, default) for key, default in CELERY_DEFAULTS.items()}
+        queue = values["MEISA_CELERY_QUEUE"]
+        if not isinstance(queue, str) or not queue.strip() or any(c.isspace() for c in queue):
+            raise ConfigurationError("MEISA_CELERY_QUEUE must be a queue name without spaces")
+        redis_url = values["MEISA_CELERY_REDIS_URL"]
+        if redis_url is not None and (not isinstance(redis_url, str) or not redis_url.strip()):
+            raise ConfigurationError("MEISA_CELERY_REDIS_URL must be a redis:// URL or None")
         return cls(
             celery_app=values["MEISA_CELERY_APP"],
-            queue=values["MEISA_CELERY_QUEUE"],
-            redis_url=values["MEISA_CELERY_REDIS_URL"],
-            coalesce=values["MEISA_CELERY_COALESCE"],
+            queue=queue.strip(),
+            redis_url=redis_url.strip() if redis_url else None,
+            coalesce=bool(values["MEISA_CELERY_COALESCE"]),
         )
 
 
@@ -163,6 +144,40 @@ def _redis_client(url: str | None, celery_app: Any) -> Any:
     return redis.Redis.from_url(url, health_check_interval=30)
 
 
+def configure_visibility(celery_app: Any, settings: MeisaSettings) -> float:
+    """Set the Redis transport's ``visibility_timeout`` when the app set none
+    (:data:`DEFAULT_VISIBILITY_TIMEOUT`), check it, and return the longest countdown a
+    task may hold: :data:`~.redis_budget.MAX_WAIT`, or less so that a held message is
+    never handed to a second worker.
+
+    :raises ConfigurationError: saying what to set, when it cannot hold.
+    """
+    scheme = str(celery_app.conf.broker_url or "").partition("://")[0]
+    if scheme not in ("redis", "rediss", "redis+socket", "sentinel"):
+        return MAX_WAIT  # a broker without a visibility timeout
+    options = dict(celery_app.conf.broker_transport_options or {})
+    visibility = options.setdefault("visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT)
+    celery_app.conf.broker_transport_options = options
+    # A run holds its message beyond its countdown; a message whose worker died comes
+    # back after the visibility timeout and kombu's next sweep (interval x throttle).
+    run = RUN_TIMEOUTS * (settings.connect_timeout + settings.timeout)
+    sweep = float(options.get("unacked_restore_interval", 10)) * float(
+        options.get("unacked_restore_throttle", 10)
+    )
+    highest = IDEMPOTENCY_WINDOW - REPLAY_MARGIN - settings.retry_deadline - sweep
+    if not isinstance(visibility, (int, float)) or not run + 1.0 <= visibility <= highest:
+        raise ConfigurationError(
+            f"broker_transport_options['visibility_timeout'] is {visibility!r}: set it "
+            f"between {run + 1.0:g} s ({RUN_TIMEOUTS} x (MEISA_CONNECT_TIMEOUT + "
+            f"MEISA_TIMEOUT) + 1 s, what a worker may hold a message for besides its "
+            f"countdown) and {highest:g} s (so that a send replayed after its worker died, "
+            "as late as MEISA_RETRY_DEADLINE after its first attempt, lands within Meisa's "
+            "one-hour idempotency window), lowering MEISA_RETRY_DEADLINE or the timeouts "
+            "if there is no room"
+        )
+    return min(MAX_WAIT, visibility - run)
+
+
 class CeleryDispatcher:
     """Publishes operations as Celery tasks (implements the dispatcher protocol).
 
@@ -170,13 +185,15 @@ class CeleryDispatcher:
         registered (:func:`init_celery` or :func:`register_tasks`).
     :param redis: a ``redis.Redis`` client for the engine's records; the dispatcher
         closes it in :meth:`close`.
-    :param hooks: told about operations that cannot be published (``dropped``); every
-        other outcome is reported by the worker, to the worker's hooks.
+    :param hooks: told about operations that cannot be published or that Redis lost
+        (``dropped``); every other outcome is reported by the worker, to its hooks.
     :param queue: the queue prefix; one queue per lane (see :func:`lane_queues`).
-    :param rate_limit: the key's budget, for :meth:`status` (the workers enforce it).
-    :param budget_key: the API key whose budget :meth:`status` reads (only a digest of
-        it is used).
+    :param rate_limit: the key's budget, for :meth:`status` and :meth:`budget_slot`.
+    :param budget_key: the API key whose budget is shared (only a digest of it is used).
     :param coalesce: merge upserts of one contact that wait in the queue.
+    :param call_timeout: the longest one call can take (a budget slot's lease).
+    :param ledger_size: how many operations submitted here, not yet seen finished, are
+        remembered to be reported if Redis loses them.
     """
 
     def __init__(
@@ -189,6 +206,8 @@ class CeleryDispatcher:
         rate_limit: str | None = None,
         budget_key: str | None = None,
         coalesce: bool = True,
+        call_timeout: float = 15.0,
+        ledger_size: int = 10_000,
     ) -> None:
         self._celery = celery_app
         self._redis = redis
@@ -198,12 +217,21 @@ class CeleryDispatcher:
         self.store = RedisDeliveryStore(redis, queue)
         self._budget = (
             RedisBudget(redis, rate_limit, prefix=budget_prefix(budget_key))
-            if rate_limit is not None and budget_key
+            if budget_key
             else None
         )
         self._coalesce = coalesce
+        self._lease = call_timeout + 5.0
+        self._ledger_size = ledger_size
         self._lock = threading.Lock()
         self._closed = False
+        # Redis's epoch when last seen, and the operations submitted here not yet seen
+        # finished (oldest first): what to report if Redis loses its data.
+        self._epoch: str | None = None
+        self._ledger: dict[str, Operation] = {}
+        self._forgotten = 0
+        self._looked_at = 0.0
+        self._lost = False
 
     def __repr__(self) -> str:
         return f"CeleryDispatcher(queues={list(self._queues.values())!r})"
@@ -218,10 +246,6 @@ class CeleryDispatcher:
 
     def after_fork(self) -> None:
         """Nothing to reset: the Redis client reconnects in a forked child."""
-
-    def budget_slot(self, timeout: float) -> contextlib.AbstractContextManager[bool]:
-        """A slot of the shared budget for a call made in the caller's thread."""
-        return contextlib.nullcontext(False)
 
     def submit(self, operations: Iterable[Operation]) -> None:
         """Publish each operation (see :meth:`publish`)."""
@@ -246,6 +270,7 @@ class CeleryDispatcher:
             return
         meta: dict[str, Any] = {}
         try:
+            self._look()
             contact = operation.contact_key
             if self._coalesce and operation.kind == "upsert" and contact is not None:
                 meta["version"] = self.store.coalesce(operation, contact)
@@ -263,6 +288,9 @@ class CeleryDispatcher:
         except Exception as error:
             # The text of a broker error can hold its URL: only its class is reported.
             self._drop(operation, "broker_unavailable", type(error).__name__)
+            return
+        with self._lock:
+            self._ledger[operation.id] = operation
 
     def _drop(self, operation: Operation, reason: str, cause: str | None = None) -> None:
         if operation.kind == "send":
@@ -278,22 +306,100 @@ class CeleryDispatcher:
         )
         self._hooks.call("dropped", operation, reason)
 
+    def _look(self, *, force: bool = False) -> int:
+        """Check Redis's epoch and, at most every :data:`_LOOK_EVERY` seconds (or when
+        ``force``d or the ledger is full), forget the operations found finished; report
+        the ledger as dropped if Redis lost its data. Returns the pending count."""
+        with self._lock:
+            now = time.monotonic()
+            due = force or now - self._looked_at >= _LOOK_EVERY
+            if due or len(self._ledger) >= self._ledger_size:
+                self._looked_at = now
+                ids = list(self._ledger)
+            else:
+                ids = []
+        epoch, pending, unfinished = self.store.look(ids)
+        with self._lock:
+            known, self._epoch = self._epoch, epoch
+            if known is not None and known != epoch:
+                lost, self._ledger = list(self._ledger.values()), {}
+                forgotten, self._forgotten, self._lost = self._forgotten, 0, True
+            else:
+                lost, forgotten = [], -1
+                for op_id, waiting in zip(ids, unfinished, strict=True):
+                    if not waiting:
+                        self._ledger.pop(op_id, None)
+                while len(self._ledger) >= self._ledger_size:
+                    del self._ledger[next(iter(self._ledger))]
+                    self._forgotten += 1
+                if not self._ledger:
+                    self._forgotten = 0  # older than all it saw finish: taken as finished
+        if forgotten >= 0:
+            self._report_lost(lost, forgotten)
+        return pending
+
+    def _report_lost(self, lost: list[Operation], forgotten: int) -> None:
+        logger.error(
+            "flask-meisa: Redis lost the Celery engine's data (a restart without persistence, "
+            "or a flush): %d operation(s) this process submitted were pending and are "
+            "reported dropped%s; keep Redis persistent (appendonly yes)",
+            len(lost) + forgotten,
+            f" ({forgotten} of them, over the ledger's size, not one by one)" if forgotten else "",
+        )
+        with contextlib.suppress(Exception):
+            self.store.finish([], "dropped", len(lost) + forgotten)
+        for operation in lost:
+            self._hooks.call("dropped", operation, "redis_data_lost")
+
+    @contextlib.contextmanager
+    def budget_slot(self, timeout: float) -> Iterator[bool]:
+        """Hold a slot of the shared budget (a send's, from the reserve) for a call made
+        outside the workers: a synchronous ``meisa.send``, a suppression list load. Waits
+        at most ``timeout`` seconds; yields whether a slot was taken (without one, the
+        call is made anyway and the client's retries handle a 429)."""
+        budget, token = self._budget, None
+        if budget is not None:
+            deadline = time.monotonic() + max(timeout, 0.0)
+            try:
+                got = budget.acquire(lease=self._lease, priority=True)
+                while got.token is None and time.monotonic() + got.wait <= deadline:
+                    time.sleep(got.wait)
+                    got = budget.acquire(lease=self._lease, priority=True)
+                token = got.token
+            except RedisError as error:
+                logger.warning(
+                    "flask-meisa: no budget slot from Redis (%s); calling without one",
+                    type(error).__name__,
+                )
+        try:
+            yield token is not None
+        finally:
+            if budget is not None and token is not None:
+                with contextlib.suppress(RedisError):
+                    budget.finish(token)
+
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until the workers have finished every operation submitted under this
         queue prefix (by any process), at most ``timeout`` seconds (``None``: no limit).
 
-        :returns: ``True`` when none is left; ``False`` on timeout or when Redis cannot
-            be read.
+        :returns: ``True`` when none is left; ``False`` on timeout, when Redis cannot be
+            read, or when Redis lost its data since the last flush (the operations it
+            lost were reported dropped).
         """
         deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
         pause = 0.005
         while True:
             try:
-                if self.store.pending() == 0:
-                    return True
+                pending = self._look()
             except Exception:
                 logger.warning("flask-meisa: cannot read the pending count from Redis")
                 return False
+            with self._lock:
+                lost, self._lost = self._lost, False
+            if lost:
+                return False
+            if pending == 0:
+                return True
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -319,12 +425,12 @@ class CeleryDispatcher:
         """Queue length per lane, calls in flight, operations waiting to run again
         (retries, budget waits, messages reserved by workers), counters from every
         worker, budget left in each window and the pause every worker observes."""
+        pending = self._look(force=True)
         pipe = self._redis.pipeline(transaction=False)
         for name in self._queues.values():
             pipe.llen(name)
         lengths = pipe.execute()
         queued = {lane: int(n) for lane, n in zip(self._queues, lengths, strict=True)}
-        pending = self.store.pending()
         counters = self.store.counters()
         paused_for, in_flight, budget_left = 0.0, 0, None
         if self._budget is not None:
@@ -347,31 +453,39 @@ def make_dispatcher(state: MeisaState) -> CeleryDispatcher:
     app = state.app
     settings = CelerySettings.from_config(app.config)
     celery_app = settings.celery_app or resolve_celery_app(app)
+    options = state.settings
     return CeleryDispatcher(
         celery_app,
         redis=_redis_client(settings.redis_url, celery_app),
         hooks=state.reporter,
         queue=settings.queue,
-        rate_limit=state.settings.rate_limit,
-        budget_key=state.settings.api_key,
+        rate_limit=options.rate_limit,
+        budget_key=options.api_key,
         coalesce=settings.coalesce,
+        call_timeout=options.connect_timeout + options.timeout,
+        ledger_size=options.queue_size,
     )
 
 
 def init_celery(app: Flask, celery_app: Any = None) -> Any:
     """Register the delivery task on the app's Celery app (``init_app`` calls this when
-    ``MEISA_DELIVERY = "celery"``); returns the task.
+    ``MEISA_DELIVERY = "celery"``) and set up its visibility timeout
+    (:func:`configure_visibility`); returns the task.
 
     In each worker process the first task builds, from ``app``: the client (its key,
     URL and timeouts), the retry policy, the hooks (``app``'s outcome signals), the
     shared budget (``MEISA_RATE_LIMIT``) and the Redis records; every task runs inside
     ``app.app_context()``.
 
-    :raises ConfigurationError: no Celery app, or an invalid ``MEISA_CELERY_*`` key.
+    :raises ConfigurationError: no Celery app, an invalid ``MEISA_CELERY_*`` key, or a
+        visibility timeout that cannot hold.
     """
     settings = CelerySettings.from_config(app.config)
     if celery_app is None:
         celery_app = settings.celery_app or resolve_celery_app(app)
+    max_countdown = configure_visibility(
+        celery_app, MeisaSettings.from_config({**DEFAULTS, **app.config})
+    )
 
     def build() -> DeliveryWorker:
         meisa = app.extensions["meisa"]
@@ -379,7 +493,7 @@ def init_celery(app: Flask, celery_app: Any = None) -> Any:
         redis = _redis_client(settings.redis_url, celery_app)
         options = state.settings
         budget = None
-        if options.rate_limit is not None and options.api_key:
+        if options.api_key:
             budget = RedisBudget(redis, options.rate_limit, prefix=budget_prefix(options.api_key))
         return DeliveryWorker(
             client_factory=state.make_client,
@@ -388,6 +502,7 @@ def init_celery(app: Flask, celery_app: Any = None) -> Any:
             store=RedisDeliveryStore(redis, settings.queue),
             budget=budget,
             call_timeout=options.connect_timeout + options.timeout,
+            max_countdown=max_countdown,
             context=app.app_context,
             enabled=state.delivering,
         )

@@ -1,30 +1,7 @@
-"""The Celery worker's side: one delivery task, each run of which makes at most one call.
-
-:func:`register_tasks` puts the task ``flask_meisa.deliver`` on a Celery app. Each run
-hands the task's JSON arguments to a :class:`DeliveryWorker`, which either finishes the
-operation (delivered, failed or skipped, reported to the worker's
-:class:`~flask_meisa.engine.base.DeliveryHooks`) or answers "run me again in so many
-seconds", which the task turns into ``self.retry(countdown=...)``: a worker never sleeps
-on a backoff or on the budget, and a retry keeps the task id, the operation id and a
-send's idempotency key.
-
-The task acknowledges late (``acks_late``, ``reject_on_worker_lost``): a worker that dies
-mid-task leaves its message to be delivered again, and a send's idempotency key keeps
-that replay from sending twice.
-
-What one run does, in order:
-
-1. an upsert claims its contact's coalesced record (see
-   :mod:`~flask_meisa.engine.redis_store`): a version already delivered ends here;
-2. an event whose contact still has an upsert pending waits for it (at most the retry
-   policy's deadline), so that it does not reach Meisa before its contact;
-3. ``hooks.skip_reason`` (a send to a suppressed address is skipped);
-4. a slot in the shared budget (:mod:`~flask_meisa.engine.redis_budget`), or a wait;
-5. the call, with a client that tries once; then the outcome: delivered; an event
-   answered 404 with its contact known is run again as "upsert the contact, then the
-   event"; a retryable failure is retried after
-   :meth:`~flask_meisa.retry.RetryPolicy.delay_for` (a 429 also pauses the budget for
-   every worker); anything else failed for good.
+"""The Celery worker's side: the task ``flask_meisa.deliver``. Each run makes at most one
+call, then finishes its operation or runs again after a countdown (never sleeping on a
+wait). What an outcome means is decided by :func:`~flask_meisa._decisions.decide`; this
+module applies the decision to the shared budget, pause, breaker and records in Redis.
 """
 
 from __future__ import annotations
@@ -43,10 +20,9 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from .._decisions import error_summary
-from ..errors import NotFoundError
-from ..errors import RateLimitError
-from ..operations import Attempt
+from .._decisions import Decision
+from .._decisions import decide
+from .._decisions import log_decision
 from ..operations import Operation
 from ..operations import attempt
 from ..operations import contact_key
@@ -54,6 +30,8 @@ from ..retry import RetryPolicy
 from .base import ClientFactory
 from .base import DeliveryHooks
 from .base import HookCaller
+from .caller import OUTAGE_THRESHOLD
+from .redis_budget import MAX_WAIT
 from .redis_budget import RedisBudget
 from .redis_store import Claim
 from .redis_store import RedisDeliveryStore
@@ -91,9 +69,11 @@ class DeliveryWorker:
     :param hooks: told about every outcome, in the worker.
     :param retry: when and how long to wait before retrying.
     :param store: coalesced upserts, pending operations, counters.
-    :param budget: the shared rate budget, or ``None`` for none.
+    :param budget: the shared rate budget, pause and outage breaker, or ``None``.
     :param call_timeout: the longest one call can take (connect plus read timeout); a
         budget slot or a contact's lease held longer is given up.
+    :param max_countdown: the longest countdown a task holds (it must fit in the
+        broker's visibility timeout); a longer wait is made of several.
     :param context: entered around every run (the Flask app context).
     :param enabled: read on every run; while it returns ``False`` operations are skipped
         with reason ``"delivery_suppressed"`` (``MEISA_ENABLED = False`` on the worker).
@@ -108,6 +88,7 @@ class DeliveryWorker:
         store: RedisDeliveryStore,
         budget: RedisBudget | None,
         call_timeout: float,
+        max_countdown: float = MAX_WAIT,
         context: Callable[[], AbstractContextManager[Any]] | None = None,
         enabled: Callable[[], bool] | None = None,
     ) -> None:
@@ -117,6 +98,7 @@ class DeliveryWorker:
         self.store = store
         self.budget = budget
         self._lease = call_timeout + 5.0
+        self.max_countdown = max_countdown
         self._context = context or contextlib.nullcontext
         self._enabled = enabled
         self._client_lock = threading.Lock()
@@ -163,6 +145,9 @@ class DeliveryWorker:
                 return None
 
     def _run(self, operation: Operation, meta: dict[str, Any]) -> RunAgain | None:
+        due = float(meta.get("due") or 0.0)
+        if due > time.time():
+            return self._again(due - time.time(), operation, meta)  # a wait made of several
         contact = operation.contact_key
         if operation.kind == "upsert" and contact is not None and meta.get("version") is not None:
             return self._run_coalesced(operation, contact, meta)
@@ -233,73 +218,78 @@ class DeliveryWorker:
         if self.budget is not None:
             got = self.budget.acquire(lease=self._lease, priority=operation.kind == "send")
             if got.token is None:
-                if claim is not None and contact is not None:
-                    self.store.release(contact, claim)
+                self._release(contact, claim)
                 return self._again(got.wait, operation, meta)
             token = got.token
         call = operation
         if recovering and operation.contact:
             call = Operation("upsert", operation.contact, id=operation.id)
         operation.attempts += 1
-        first = float(meta.get("first_attempt") or time.time())
-        outcome = Attempt(made=True)  # if interrupted mid-call, count the slot as spent
+        meta = {**meta, "first_attempt": float(meta.get("first_attempt") or time.time())}
         try:
             outcome = attempt(self._get_client, call)
-        finally:
+        except BaseException:
             if token is not None and self.budget is not None:
-                self.budget.finish(token, made=outcome.made)
-        result, error = outcome.result, outcome.error
-        meta = {**meta, "first_attempt": first}
-        if error is None:
-            if recovering:
-                # The contact exists now: the event again, at once.
-                return self._again(0.0, operation, {**meta, "recover": False, "recovered": True})
-            for member in members:
-                member.attempts = operation.attempts
-            self._report("delivered", members, result, contact, claim)
-            return None
-        if (
-            isinstance(error, NotFoundError)
-            and operation.kind == "track"
-            and operation.contact
-            and not recovering
-            and not meta.get("recovered")
-        ):
-            logger.info(
-                "flask-meisa: %s answered 404; upserting its contact, then retrying it",
-                operation.describe(),
-            )
-            return self._again(0.0, operation, {**meta, "recover": True})
-        if isinstance(error, RateLimitError) and self.budget is not None:
-            wanted = error.retry_after if error.retry_after is not None else 1.0
-            pause = min(wanted, self._retry.max_retry_after)
-            self.budget.pause(pause)
-            logger.warning("flask-meisa: Meisa answered 429; pausing delivery for %.1f s", pause)
-        delay = self._retry.delay_for(operation.attempts, error, time.time() - first)
-        if delay is not None:
-            if claim is not None and contact is not None:
-                self.store.release(contact, claim)
-            logger.info(
-                "flask-meisa: %s: %s on attempt %d; retrying in %.2f s",
-                operation.describe(),
-                error_summary(error),
-                operation.attempts,
-                delay,
-            )
-            return self._again(delay, operation, meta)
-        logger.warning(
-            "flask-meisa: %s failed after %d attempt(s): %s",
-            operation.describe(),
-            operation.attempts,
-            error_summary(error),
+                self.budget.finish(token)  # interrupted mid-call: count the slot as spent
+            raise
+        decision = decide(
+            call.kind,
+            outcome.error,
+            attempts=operation.attempts,
+            elapsed=time.time() - meta["first_attempt"],
+            policy=self._retry,
+            can_recover=bool(operation.contact) and not recovering and not meta.get("recovered"),
         )
+        log_decision(logger, decision, operation.describe(), outcome.error, operation.attempts)
+        if token is not None and self.budget is not None:
+            self._settle_budget(self.budget, token, outcome.made, decision)
+        if decision.action == "recover":
+            return self._again(0.0, operation, {**meta, "recover": True})
+        if decision.action == "done" and recovering:
+            # The contact exists now: the event again, at once.
+            return self._again(0.0, operation, {**meta, "recover": False, "recovered": True})
+        if decision.action == "retry":
+            self._release(contact, claim)
+            return self._again(decision.delay, operation, meta)
         for member in members:
             member.attempts = operation.attempts
-        self._report("failed", members, error, contact, claim)
+        if decision.action == "done":
+            self._report("delivered", members, outcome.result, contact, claim)
+        else:
+            self._report("failed", members, outcome.error, contact, claim)
         return None
 
+    def _settle_budget(
+        self, budget: RedisBudget, token: str, made: bool, decision: Decision
+    ) -> None:
+        """Free the call's slot and apply the decision to every worker: a 429 about the
+        key pauses them all; an outage opens the breaker with a growing pause."""
+        failures = budget.finish(
+            token, made=made, outage=decision.outage, answered=decision.answered
+        )
+        budget.pause(decision.pause)
+        if decision.outage and failures >= OUTAGE_THRESHOLD:
+            # The backoff's ceiling, not a draw: one pause shared by every worker.
+            exponent = min(failures - 1, 64)
+            pause = min(self._retry.max_delay, self._retry.base_delay * 2.0**exponent)
+            budget.pause(pause)
+            logger.info(
+                "flask-meisa: %d failed calls in a row; pausing delivery for %.2f s",
+                failures,
+                pause,
+            )
+
+    def _release(self, contact: str | None, claim: Claim | None) -> None:
+        if claim is not None and contact is not None:
+            self.store.release(contact, claim)
+
     def _again(self, countdown: float, operation: Operation, meta: dict[str, Any]) -> RunAgain:
-        return RunAgain(max(countdown, 0.0), operation.to_dict(), dict(meta))
+        meta = dict(meta)
+        meta.pop("due", None)
+        if countdown > self.max_countdown:
+            meta["due"] = time.time() + countdown
+            countdown = self.max_countdown
+        return RunAgain(max(countdown, 0.0), operation.to_dict(), meta)
 
     def _report(
         self,

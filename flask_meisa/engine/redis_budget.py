@@ -1,30 +1,7 @@
-"""The key's rate budget in Redis, shared by every worker on every machine.
-
-The rules are those of :mod:`~flask_meisa._ratelimit`, kept in Redis instead of in
-one process's memory:
-
-- a call takes a slot when it starts and holds it while it is in flight (a sorted set of
-  tokens scored by a lease expiry, so that a worker killed mid-call frees its slot);
-- its slot is dated by the moment the answer came back (a sorted set per window, scored
-  by that moment) and leaves the window one full period later, so steady traffic at the
-  budget never earns a 429 from a server that counts calls on arrival;
-- a share of each window (:data:`~flask_meisa.engine.budget.TRANSACTIONAL_RESERVE`) is
-  held back for transactional sends;
-- a 429 that still arrives (another client of the key, the send guardrail) pauses every
-  worker until its ``Retry-After`` has passed.
-
-Every decision is one Lua script, so it is atomic across workers, and reads the time from
-Redis (``TIME``), so machines whose clocks disagree still share one window.
-
-When no slot is free, :meth:`RedisBudget.acquire` says how long to wait. A worker does not
-sleep on it: the task retries itself with that countdown. So that a backlog does not come
-back all at once, waits are handed out like tickets, each one a slot's spacing (the
-binding window's period divided by its limit) after the one before; a transactional send
-takes no ticket and so comes back first.
-
-Written here rather than taken from a package: general-purpose Redis limiters (``limits``'
-moving window among them) date a slot by the moment it was taken, the one rule that must
-be different here.
+"""The key's rate budget in Redis, shared by every worker on every machine: the rules of
+:mod:`~flask_meisa._ratelimit` (slots dated by answers, a reserve for sends), the pause
+after a 429, and the outage breaker (one probe at a time while Meisa looks down), each
+one atomic Lua script on Redis's clock. docs/celery.md explains the design.
 """
 
 from __future__ import annotations
@@ -40,8 +17,9 @@ from .._ratelimit import RateWindow
 from .._ratelimit import parse_rate_limit
 from ..errors import ConfigurationError
 from .budget import TRANSACTIONAL_RESERVE
+from .caller import OUTAGE_THRESHOLD
 
-__all__ = ["Acquired", "RedisBudget", "budget_prefix"]
+__all__ = ["MAX_WAIT", "Acquired", "RedisBudget", "budget_prefix"]
 
 #: The longest wait handed out at once; the task comes back and asks again.
 MAX_WAIT = 300.0
@@ -51,8 +29,9 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 """
 
-# KEYS: pause, in-flight, tickets, answered window 1..n
-# ARGV: token, lease, priority (0/1), n, then limit, period, reserved per window
+# KEYS: pause, in-flight, tickets, failures, answered window 1..n
+# ARGV: token, lease, priority (0/1), n, outage threshold, then limit, period, reserved
+# per window
 _ACQUIRE = (
     _TIME
     + """
@@ -62,18 +41,23 @@ if pause > now then return {0, tostring(pause - now)} end
 -- A call whose lease ran out (its worker died) counts as answered when the lease ended.
 local stale = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'WITHSCORES')
 for i = 1, #stale, 2 do
-  for w = 1, n do redis.call('ZADD', KEYS[3 + w], stale[i + 1], stale[i]) end
+  for w = 1, n do redis.call('ZADD', KEYS[4 + w], stale[i + 1], stale[i]) end
   redis.call('ZREM', KEYS[2], stale[i])
 end
 local flying = redis.call('ZCARD', KEYS[2])
 local priority = ARGV[3] == '1'
 local wait, spacing = 0, 0
+if flying > 0 and tonumber(redis.call('GET', KEYS[4]) or '0') >= tonumber(ARGV[5]) then
+  -- Meisa looks down: one probe at a time; look again soon.
+  local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+  wait = math.min(1, tonumber(first[2]) - now)
+end
 for w = 1, n do
-  local limit = tonumber(ARGV[3 * w + 2])
-  local period = tonumber(ARGV[3 * w + 3])
-  local reserved = tonumber(ARGV[3 * w + 4])
-  redis.call('ZREMRANGEBYSCORE', KEYS[3 + w], '-inf', now - period)
-  local answered = redis.call('ZCARD', KEYS[3 + w])
+  local limit = tonumber(ARGV[3 * w + 3])
+  local period = tonumber(ARGV[3 * w + 4])
+  local reserved = tonumber(ARGV[3 * w + 5])
+  redis.call('ZREMRANGEBYSCORE', KEYS[4 + w], '-inf', now - period)
+  local answered = redis.call('ZCARD', KEYS[4 + w])
   local allowed = limit
   if not priority then allowed = limit - reserved end
   local excess = answered + flying - allowed + 1
@@ -85,7 +69,7 @@ for w = 1, n do
       this = period / limit
       if first[2] then this = math.min(this, tonumber(first[2]) - now) end
     else
-      local entry = redis.call('ZRANGE', KEYS[3 + w], excess - 1, excess - 1, 'WITHSCORES')
+      local entry = redis.call('ZRANGE', KEYS[4 + w], excess - 1, excess - 1, 'WITHSCORES')
       this = tonumber(entry[2]) + period - now
     end
     if this > wait then wait = this; spacing = period / limit end
@@ -109,8 +93,8 @@ return {1, '0'}
 """
 )
 
-# KEYS: in-flight, answered window 1..n
-# ARGV: token, made (0/1), n, then the period of each window
+# KEYS: in-flight, failures, answered window 1..n
+# ARGV: token, made (0/1), n, outcome ('outage', 'answered' or ''), then each period
 _FINISH = (
     _TIME
     + """
@@ -119,13 +103,18 @@ redis.call('ZREM', KEYS[1], ARGV[1])
 for w = 1, n do
   if ARGV[2] == '1' then
     -- Dated by the answer; updates the date if the lease ran out first.
-    redis.call('ZADD', KEYS[1 + w], now, ARGV[1])
-    redis.call('PEXPIRE', KEYS[1 + w], math.ceil(tonumber(ARGV[3 + w]) * 1000) + 1000)
+    redis.call('ZADD', KEYS[2 + w], now, ARGV[1])
+    redis.call('PEXPIRE', KEYS[2 + w], math.ceil(tonumber(ARGV[4 + w]) * 1000) + 1000)
   else
-    redis.call('ZREM', KEYS[1 + w], ARGV[1])
+    redis.call('ZREM', KEYS[2 + w], ARGV[1])
   end
 end
-return 1
+if ARGV[4] == 'answered' then
+  redis.call('DEL', KEYS[2])
+  return 0
+end
+if ARGV[4] == 'outage' then return redis.call('INCR', KEYS[2]) end
+return tonumber(redis.call('GET', KEYS[2]) or '0')
 """
 )
 
@@ -178,11 +167,13 @@ class Acquired:
 
 
 class RedisBudget:
-    """A sliding-window rate budget kept in Redis (see the module's docstring).
+    """The key's budget, pause and outage breaker kept in Redis (see the module's
+    docstring).
 
     :param redis: a ``redis.Redis`` client (thread-safe; one per process).
     :param spec: the budget, e.g. ``"60/minute;1000/hour"`` (see
-        :func:`~flask_meisa._ratelimit.parse_rate_limit`).
+        :func:`~flask_meisa._ratelimit.parse_rate_limit`), or ``None`` for no limit (the
+        pause and the breaker still hold).
     :param prefix: the key prefix, one per API key (see :func:`budget_prefix`).
     :param reserve: the share of each window only transactional sends may use.
     :raises ConfigurationError: for an invalid ``spec`` or ``reserve``.
@@ -191,19 +182,20 @@ class RedisBudget:
     def __init__(
         self,
         redis: Any,
-        spec: str,
+        spec: str | None,
         *,
         prefix: str,
         reserve: float = TRANSACTIONAL_RESERVE,
     ) -> None:
         if not 0.0 <= reserve < 1.0:
             raise ConfigurationError("the transactional reserve must be a fraction in [0, 1)")
-        self.windows: Sequence[RateWindow] = parse_rate_limit(spec)
+        self.windows: Sequence[RateWindow] = parse_rate_limit(spec) if spec is not None else ()
         self._redis = redis
         self._reserved = [int(window.limit * reserve) for window in self.windows]
         self._pause_key = f"{prefix}:pause"
         self._flying_key = f"{prefix}:flying"
         self._tickets_key = f"{prefix}:tickets"
+        self._failures_key = f"{prefix}:failures"
         # Keyed by period, not by limit: apps on one key with different limits still
         # count the same calls.
         self._window_keys = [f"{prefix}:w{window.period:g}" for window in self.windows]
@@ -217,7 +209,9 @@ class RedisBudget:
         return f"RedisBudget({spec!r})"
 
     def acquire(self, *, lease: float, priority: bool = False) -> Acquired:
-        """Take a slot for a call about to start, or learn how long to wait.
+        """Take a slot for a call about to start, or learn how long to wait (during a
+        pause; while another call probes a Meisa that looks down; when the budget is
+        spent).
 
         :param lease: the longest the call can take, in seconds; a slot held longer (its
             worker died) counts as answered when the lease ends.
@@ -226,33 +220,43 @@ class RedisBudget:
         """
         token = uuid.uuid4().hex
         args: list[Any] = [token, max(lease, 0.001), int(priority), len(self.windows)]
+        args.append(OUTAGE_THRESHOLD)
         for window, reserved in zip(self.windows, self._reserved, strict=True):
             args += [window.limit, window.period, reserved]
-        keys = [self._pause_key, self._flying_key, self._tickets_key, *self._window_keys]
-        granted, wait = self._acquire(keys=keys, args=args)
+        keys = [self._pause_key, self._flying_key, self._tickets_key, self._failures_key]
+        granted, wait = self._acquire(keys=[*keys, *self._window_keys], args=args)
         if int(granted):
             return Acquired(token)
         return Acquired(None, min(float(wait), MAX_WAIT))
 
-    def finish(self, token: str, *, made: bool = True) -> None:
+    def finish(
+        self, token: str, *, made: bool = True, outage: bool = False, answered: bool = False
+    ) -> int:
         """The call holding ``token`` is over: date its slot now, or with ``made=False``
-        (no request went out) give the slot back."""
-        args: list[Any] = [token, int(made), len(self.windows)]
+        (no request went out) give the slot back; count it as one more failure in a row
+        (``outage``) or end the run of failures (``answered``).
+
+        :returns: the failures in a row, of every worker.
+        """
+        outcome = "answered" if answered else "outage" if outage else ""
+        args: list[Any] = [token, int(made), len(self.windows), outcome]
         args += [window.period for window in self.windows]
-        self._finish(keys=[self._flying_key, *self._window_keys], args=args)
+        keys = [self._flying_key, self._failures_key, *self._window_keys]
+        return int(self._finish(keys=keys, args=args))
 
     def pause(self, seconds: float) -> None:
-        """Let no call start for ``seconds`` (a 429 arrived); never shortens a pause."""
+        """Let no call start for ``seconds`` (a 429, an outage); never shortens a pause."""
         if seconds > 0 and math.isfinite(seconds):
             self._pause(keys=[self._pause_key], args=[seconds])
 
-    def snapshot(self) -> tuple[float, int, dict[str, int]]:
+    def snapshot(self) -> tuple[float, int, dict[str, int] | None]:
         """``(paused_for, in_flight, remaining)``: seconds every worker stays paused,
-        calls in flight, and calls that could start now in each window by label."""
+        calls in flight, and calls that could start now in each window by label
+        (``None`` without a limit)."""
         args: list[Any] = [len(self.windows)]
         for window in self.windows:
             args += [window.limit, window.period]
         keys = [self._pause_key, self._flying_key, *self._window_keys]
         paused, flying, *left = self._read(keys=keys, args=args)
         remaining = {window.label: int(n) for window, n in zip(self.windows, left, strict=True)}
-        return float(paused), int(flying), remaining
+        return float(paused), int(flying), remaining if self.windows else None

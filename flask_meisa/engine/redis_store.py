@@ -1,23 +1,7 @@
-"""What the Celery engine keeps in Redis besides the budget: coalesced upserts, the
-operations not yet finished, and outcome counters.
-
-**Coalescing.** Each contact with upserts not yet delivered has a record (a hash) holding
-the merged payload of those upserts
-(:func:`~flask_meisa.operations.merge_upsert_payloads`), the ids of the operations merged
-into it, a version that every new upsert raises, and the highest version delivered. Each
-upsert still becomes one task, carrying its version. The first of a contact's tasks to
-run delivers the record's payload as it is then (the newest state, every earlier field
-included) and marks its version delivered; the tasks of versions already delivered find
-nothing to do. So 20 upserts queued behind a stopped worker make one call, and a later
-upsert never waits on a task that was lost. One call per contact is made at a time (a
-lease with an expiry), so an older payload can never land after a newer one.
-
-**Pending.** A sorted set of operation ids, scored by when they were submitted: added on
-submit, removed once an operation is finished (delivered, failed or skipped, its hooks
-called). ``flush()`` waits for it to empty; removing an id twice does no harm, so a task
-redelivered after its worker died leaves no count behind.
-
-Record keys hold a digest of the contact's identity, never the address itself.
+"""What the Celery engine keeps in Redis besides the budget: coalesced upserts (one
+record per contact, delivered by whichever of its tasks runs first), the operations not
+yet finished, outcome counters, and the epoch that reveals a Redis that lost its data.
+docs/celery.md explains the design. Keys hold digests of contacts, never addresses.
 """
 
 from __future__ import annotations
@@ -78,6 +62,7 @@ class RedisDeliveryStore:
         self._prefix = f"meisa:{namespace}"
         self.pending_key = f"{self._prefix}:pending"
         self.stats_key = f"{self._prefix}:stats"
+        self.epoch_key = f"{self._prefix}:epoch"
 
     def __repr__(self) -> str:
         return f"RedisDeliveryStore({self._prefix!r})"
@@ -216,6 +201,21 @@ class RedisDeliveryStore:
     def pending(self) -> int:
         """How many operations are not yet finished."""
         return int(self._redis.zcard(self.pending_key))
+
+    def look(self, ids: list[str]) -> tuple[str, int, list[bool]]:
+        """In one transaction: the epoch of these records (a random token written by the
+        first process to look; another one later means Redis lost its data, and with it
+        every pending operation), how many operations are pending, and whether each of
+        ``ids`` still is."""
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.set(self.epoch_key, uuid.uuid4().hex, nx=True)
+        pipe.get(self.epoch_key)
+        pipe.zcard(self.pending_key)
+        if ids:
+            pipe.zmscore(self.pending_key, ids)
+        _, epoch, pending, *scores = pipe.execute()
+        unfinished = [score is not None for score in scores[0]] if ids else []
+        return _text(epoch) or "", int(pending), unfinished
 
     def counters(self) -> dict[str, int]:
         """Outcome counters: ``delivered``, ``failed``, ``skipped``, ``dropped``."""

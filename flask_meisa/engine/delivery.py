@@ -357,8 +357,12 @@ class Delivery:
         assert self._host_lock is not None
         if not self._host_lock.try_acquire():
             return
-        with self.store.write() as db:
-            released = pending.release_flights(db)
+        try:
+            with self.store.write() as db:
+                released = pending.release_flights(db)
+        except BaseException:
+            self._host_lock.release()  # taken again on a later pass, once the store works
+            raise
         self._logger.info(
             "flask-meisa: this process (pid %d) now delivers for the host (%d operations "
             "in flight from an earlier process taken back)",

@@ -211,12 +211,12 @@ class Delivery:
         with self._lock:
             self._stopping = True
             self._wake.notify_all()
-            threads, lost_intake = list(self._threads), self._intake
-            self._intake = []
-        for thread in threads:
+            threads = list(self._threads)
+        for thread in threads:  # the writer stores what it can before it stops
             if thread is not threading.current_thread():
                 thread.join(_JOIN_TIMEOUT)
-        lost = list(lost_intake)
+        with self._lock:
+            lost, self._intake = self._intake, []
         if not self.store.durable:
             with contextlib.suppress(*STORE_ERRORS), self.store.write() as db:
                 lost += [row.operation for row in _all_waiting(db)]
@@ -321,6 +321,8 @@ class Delivery:
                 self._store_failed(error)
                 with self._lock:
                     self._intake[:0] = batch  # kept in memory until the store takes them
+                    if self._stopping:
+                        return  # closing: what is left is reported lost
                     self._wake.wait(self._poll)
             except Exception:
                 self._logger.exception("flask-meisa: delivery writer error; carrying on")

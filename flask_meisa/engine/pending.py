@@ -351,11 +351,12 @@ def dead_letters(db: sqlite3.Connection, seqs: Iterable[int] | None = None) -> l
 
 
 def requeue(db: sqlite3.Connection, seqs: Iterable[int] | None = None) -> int:
-    """Make dead letters (those in ``seqs``, or all) wait again, errors cleared."""
+    """Make dead letters (those in ``seqs``, or all) wait again, as new: errors cleared,
+    and an event may recover its contact again."""
     reset = (
         "UPDATE meisa_ops SET state = 'pending', attempts = 0, first_attempt = NULL, "
-        "ready_at = 0, error_status = NULL, error_code = NULL, error_message = NULL, "
-        "failed_at = NULL WHERE state = 'dead'"
+        "ready_at = 0, recover = 0, error_status = NULL, error_code = NULL, "
+        "error_message = NULL, failed_at = NULL WHERE state = 'dead'"
     )
     if seqs is None:
         return db.execute(reset).rowcount

@@ -336,7 +336,6 @@ class Delivery:
             for operation in batch:
                 pending.add(db, operation, self._lane_of(db, operation))
             shed = pending.shed(db, self._capacity)
-            Store.count(db, "dropped", len(shed))
         self._kick()
         for operation in shed:
             self._logger.warning(

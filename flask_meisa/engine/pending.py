@@ -188,7 +188,8 @@ def _promote(
 
 def shed(db: sqlite3.Connection, capacity: int) -> list[Operation]:
     """Past ``capacity`` rows waiting, remove the oldest routine syncs, then the oldest
-    automation-lane rows (never sends, backfill or rows in flight); returns them."""
+    automation-lane rows (never sends, backfill or rows in flight); returns them, and
+    counts every operation they stood for as dropped."""
     waiting = db.execute("SELECT count(*) FROM meisa_ops WHERE state != 'dead'").fetchone()[0]
     excess = int(waiting) - capacity
     if excess <= 0:
@@ -200,6 +201,7 @@ def shed(db: sqlite3.Connection, capacity: int) -> list[Operation]:
     ).fetchall()
     rows = [row_of(values) for values in victims]
     _each(db, "DELETE FROM meisa_ops WHERE", [row.seq for row in rows])
+    Store.count(db, "dropped", sum(row.merged for row in rows))
     return [row.operation for row in rows]
 
 

@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 
 from ..config import DEFAULTS
 from ..config import MeisaSettings
+from ..config import resolve_keys
 from ..errors import ConfigurationError
 from ..errors import DeliveryError
 from ..operations import LANE_NAMES
@@ -57,12 +58,9 @@ __all__ = [
 
 logger = logging.getLogger("flask_meisa.engine")
 
-#: The ``MEISA_CELERY_*`` keys and their defaults.
+#: The ``MEISA_CELERY_*`` keys and their defaults (from :data:`flask_meisa.config.KEYS`).
 CELERY_DEFAULTS: dict[str, Any] = {
-    "MEISA_CELERY_APP": None,
-    "MEISA_CELERY_QUEUE": "meisa",
-    "MEISA_CELERY_REDIS_URL": None,
-    "MEISA_CELERY_COALESCE": True,
+    name: default for name, default in DEFAULTS.items() if name.startswith("MEISA_CELERY_")
 }
 
 #: Meisa deduplicates a send's idempotency key for this long, in seconds.
@@ -101,18 +99,12 @@ class CelerySettings:
 
         :raises ConfigurationError: naming the key that is invalid.
         """
-        values = {key: config.get(key, default) for key, default in CELERY_DEFAULTS.items()}
-        queue = values["MEISA_CELERY_QUEUE"]
-        if not isinstance(queue, str) or not queue.strip() or any(c.isspace() for c in queue):
-            raise ConfigurationError("MEISA_CELERY_QUEUE must be a queue name without spaces")
-        redis_url = values["MEISA_CELERY_REDIS_URL"]
-        if redis_url is not None and (not isinstance(redis_url, str) or not redis_url.strip()):
-            raise ConfigurationError("MEISA_CELERY_REDIS_URL must be a redis:// URL or None")
+        values = resolve_keys(config, CELERY_DEFAULTS)
         return cls(
             celery_app=values["MEISA_CELERY_APP"],
-            queue=queue.strip(),
-            redis_url=redis_url.strip() if redis_url else None,
-            coalesce=bool(values["MEISA_CELERY_COALESCE"]),
+            queue=values["MEISA_CELERY_QUEUE"],
+            redis_url=values["MEISA_CELERY_REDIS_URL"],
+            coalesce=values["MEISA_CELERY_COALESCE"],
         )
 
 

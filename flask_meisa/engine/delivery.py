@@ -113,6 +113,7 @@ class Delivery:
         self._idle = threading.Condition(self._lock)  # flush waits here
         self._intake: list[Operation] = []
         self._writing = 0  # operations taken by the writer, not yet stored
+        self._dropped_here = 0  # shed from memory while the store took nothing
         self._generation = 0  # bumped whenever there may be new work
         self._threads: list[threading.Thread] = []
         self._started = self._stopping = self._closed = False
@@ -155,13 +156,29 @@ class Delivery:
         """Hand operations over (a list append; the writer thread stores them)."""
         self._check_fork()
         batch = list(operations)
+        shed: list[Operation] = []
         with self._lock:
             if self._closed:
                 refused, batch = batch, []
             else:
                 refused = []
                 self._intake.extend(batch)
+                # Bounded while the store cannot take them: the oldest non-sends go.
+                excess = len(self._intake) - self._capacity
+                if excess > 0:
+                    shed = [op for op in self._intake if op.kind != "send"][:excess]
+                    gone = {id(op) for op in shed}
+                    self._intake = [op for op in self._intake if id(op) not in gone]
+                    self._dropped_here += len(shed)
                 self._wake.notify_all()
+        for operation in shed:
+            self._logger.warning(
+                "flask-meisa: dropped %s (queue_full: the store takes nothing and %d "
+                "operations wait in memory)",
+                operation.describe(),
+                self._capacity,
+            )
+            self._hooks.call("dropped", operation, "queue_full")
         if batch and not self._started:
             self.start()
         for operation in refused:
@@ -211,12 +228,12 @@ class Delivery:
         with self._lock:
             self._stopping = True
             self._wake.notify_all()
-            threads, lost_intake = list(self._threads), self._intake
-            self._intake = []
-        for thread in threads:
+            threads = list(self._threads)
+        for thread in threads:  # the writer stores what it can before it stops
             if thread is not threading.current_thread():
                 thread.join(_JOIN_TIMEOUT)
-        lost = list(lost_intake)
+        with self._lock:
+            lost, self._intake = self._intake, []
         if not self.store.durable:
             with contextlib.suppress(*STORE_ERRORS), self.store.write() as db:
                 lost += [row.operation for row in _all_waiting(db)]
@@ -246,6 +263,7 @@ class Delivery:
         status = DeliveryStatus(engine="thread", durable=self.store.durable)
         with self.store.read() as db:
             pending.describe(db, now, status)
+        status.dropped += self._dropped_here
         if self.budget.windows:
             status.budget_left = self.budget.remaining()
         if self._lock_path is None:
@@ -321,6 +339,8 @@ class Delivery:
                 self._store_failed(error)
                 with self._lock:
                     self._intake[:0] = batch  # kept in memory until the store takes them
+                    if self._stopping:
+                        return  # closing: what is left is reported lost
                     self._wake.wait(self._poll)
             except Exception:
                 self._logger.exception("flask-meisa: delivery writer error; carrying on")
@@ -334,7 +354,6 @@ class Delivery:
             for operation in batch:
                 pending.add(db, operation, self._lane_of(db, operation))
             shed = pending.shed(db, self._capacity)
-            Store.count(db, "dropped", len(shed))
         self._kick()
         for operation in shed:
             self._logger.warning(
@@ -357,8 +376,12 @@ class Delivery:
         assert self._host_lock is not None
         if not self._host_lock.try_acquire():
             return
-        with self.store.write() as db:
-            released = pending.release_flights(db)
+        try:
+            with self.store.write() as db:
+                released = pending.release_flights(db)
+        except BaseException:
+            self._host_lock.release()  # taken again on a later pass, once the store works
+            raise
         self._logger.info(
             "flask-meisa: this process (pid %d) now delivers for the host (%d operations "
             "in flight from an earlier process taken back)",

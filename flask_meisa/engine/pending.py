@@ -188,7 +188,8 @@ def _promote(
 
 def shed(db: sqlite3.Connection, capacity: int) -> list[Operation]:
     """Past ``capacity`` live rows waiting, remove the oldest routine syncs, then the
-    oldest automation-lane rows (never sends, backfill or rows in flight); returns them."""
+    oldest automation-lane rows (never sends, backfill or rows in flight); returns them,
+    and counts every operation they stood for as dropped."""
     # A backfill bounds itself (it reads users only as fast as they are answered).
     waiting = db.execute(
         "SELECT count(*) FROM meisa_ops WHERE state != 'dead' AND priority IS NOT 'backfill'"
@@ -203,6 +204,7 @@ def shed(db: sqlite3.Connection, capacity: int) -> list[Operation]:
     ).fetchall()
     rows = [row_of(values) for values in victims]
     _each(db, "DELETE FROM meisa_ops WHERE", [row.seq for row in rows])
+    Store.count(db, "dropped", sum(row.merged for row in rows))
     return [row.operation for row in rows]
 
 
@@ -354,11 +356,12 @@ def dead_letters(db: sqlite3.Connection, seqs: Iterable[int] | None = None) -> l
 
 
 def requeue(db: sqlite3.Connection, seqs: Iterable[int] | None = None) -> int:
-    """Make dead letters (those in ``seqs``, or all) wait again, errors cleared."""
+    """Make dead letters (those in ``seqs``, or all) wait again, as new: errors cleared,
+    and an event may recover its contact again."""
     reset = (
         "UPDATE meisa_ops SET state = 'pending', attempts = 0, first_attempt = NULL, "
-        "ready_at = 0, error_status = NULL, error_code = NULL, error_message = NULL, "
-        "failed_at = NULL WHERE state = 'dead'"
+        "ready_at = 0, recover = 0, error_status = NULL, error_code = NULL, "
+        "error_message = NULL, failed_at = NULL WHERE state = 'dead'"
     )
     if seqs is None:
         return db.execute(reset).rowcount

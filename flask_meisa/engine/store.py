@@ -211,6 +211,8 @@ class Store:
             self._check()
         except sqlite3.DatabaseError as error:
             self.close()
+            if isinstance(error, sqlite3.OperationalError):
+                raise  # cannot be opened, locked, read-only: a problem of access, not damage
             self._set_aside(error)
 
     def _check(self) -> None:

@@ -1,0 +1,206 @@
+"""What Meisa already has: digests of accepted upserts (lookup by external_id then email,
+merge, forget, prune), and the lane a new upsert takes from them."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from flask_meisa.emulator import Emulator
+from flask_meisa.engine import known
+from flask_meisa.engine.delivery import Delivery
+from flask_meisa.engine.store import Store
+from flask_meisa.operations import Operation
+from tests.engine_support import RecordingHooks
+from tests.engine_support import make_engine
+
+
+@pytest.fixture
+def db() -> Iterator[sqlite3.Connection]:
+    """A connection to a fresh memory store."""
+    store = Store(None)
+    with store.read() as connection:
+        yield connection
+    store.close()
+
+
+def entries(db: sqlite3.Connection) -> dict[str, tuple[dict[str, str], float]]:
+    rows = db.execute("SELECT key, fields, accepted_at FROM meisa_known")
+    return {key: (json.loads(fields), accepted) for key, fields, accepted in rows}
+
+
+def test_a_digest_has_one_entry_per_field_custom_field_and_tag() -> None:
+    payload = {
+        "email": "ada@example.com",
+        "external_id": 7,
+        "first_name": "Ada",
+        "source": "signup",
+        "custom_fields": {"plan": "pro", "mrr": 12.5, "flags": {"a": [1, 2]}},
+        "tag_names": ["beta", "vip"],
+    }
+    fields = known.digest(payload)
+    assert set(fields) == {
+        "email",
+        "external_id",
+        "first_name",
+        "custom_fields.plan",
+        "custom_fields.mrr",
+        "custom_fields.flags",
+        "tag:beta",
+        "tag:vip",
+    }
+    assert all(len(value) == 16 for name, value in fields.items() if not name.startswith("tag:"))
+    assert "ada@example.com" not in str(fields) and "pro" not in fields.values()
+
+
+def test_a_digest_changes_with_a_value_and_not_with_key_order() -> None:
+    first = known.digest({"email": "a@example.com", "custom_fields": {"x": {"b": 1, "a": 2}}})
+    same = known.digest({"custom_fields": {"x": {"a": 2, "b": 1}}, "email": "a@example.com"})
+    other = known.digest({"email": "a@example.com", "custom_fields": {"x": {"a": 2, "b": 2}}})
+    assert first == same
+    assert first["custom_fields.x"] != other["custom_fields.x"]
+    assert known.digest({"custom_fields": {"n": 1}}) != known.digest({"custom_fields": {"n": "1"}})
+
+
+def test_nothing_is_known_of_a_new_contact(db: sqlite3.Connection) -> None:
+    assert known.lookup(db, {"email": "ada@example.com", "external_id": "u1"}) is None
+
+
+def test_remember_keeps_the_contact_under_both_names(db: sqlite3.Connection) -> None:
+    payload = {"email": "Ada@Example.com", "external_id": "u1", "first_name": "Ada"}
+    known.remember(db, payload, 100.0)
+    assert set(entries(db)) == {"ext:u1", "email:ada@example.com"}
+    by_email = known.lookup(db, {"email": "ada@example.com"})
+    by_id = known.lookup(db, {"external_id": "u1"})
+    assert by_email is not None and by_id is not None
+    assert by_email == by_id and by_email.accepted_at == 100.0
+    assert by_email.has(known.digest(payload))
+
+
+def test_lookup_goes_by_external_id_first(db: sqlite3.Connection) -> None:
+    known.remember(db, {"email": "ada@example.com", "first_name": "By email"}, 1.0)
+    known.remember(db, {"external_id": "u1", "first_name": "By id"}, 2.0)
+    found = known.lookup(db, {"email": "ada@example.com", "external_id": "u1"})
+    assert found is not None and found.accepted_at == 2.0
+    assert found.has(known.digest({"first_name": "By id"}))
+    fallback = known.lookup(db, {"email": "ada@example.com", "external_id": "unknown"})
+    assert fallback is not None and fallback.accepted_at == 1.0
+
+
+def test_remember_merges_what_meisa_accepted_over_time(db: sqlite3.Connection) -> None:
+    known.remember(
+        db,
+        {"email": "ada@example.com", "custom_fields": {"plan": "free", "seats": 1}},
+        1.0,
+    )
+    known.remember(db, {"email": "ada@example.com", "custom_fields": {"plan": "pro"}}, 2.0)
+    known.remember(db, {"email": "ada@example.com", "tag_names": ["vip"]}, 3.0)
+    found = known.lookup(db, {"email": "ada@example.com"})
+    assert found is not None and found.accepted_at == 3.0
+    assert found.has(known.digest({"custom_fields": {"plan": "pro", "seats": 1}}))
+    assert found.has(known.digest({"tag_names": ["vip"]}))
+    assert not found.has(known.digest({"custom_fields": {"plan": "free"}}))
+    assert not found.has(known.digest({"first_name": "Ada"}))  # never sent: not known
+
+
+def test_changes_looks_only_at_the_named_custom_fields(db: sqlite3.Connection) -> None:
+    known.remember(db, {"email": "a@example.com", "custom_fields": {"plan": "free"}}, 1.0)
+    found = known.lookup(db, {"email": "a@example.com"})
+    assert found is not None
+    priority = ("plan", "subscription_status")
+    assert found.changes(known.digest({"custom_fields": {"plan": "pro"}}), priority)
+    assert found.changes(known.digest({"custom_fields": {"subscription_status": "x"}}), priority)
+    assert not found.changes(known.digest({"custom_fields": {"plan": "free"}}), priority)
+    assert not found.changes(known.digest({"custom_fields": {"seats": 3}}), priority)
+    assert not found.changes(known.digest({"first_name": "Ada"}), priority)
+
+
+def test_forget_drops_both_names(db: sqlite3.Connection) -> None:
+    known.remember(db, {"email": "ada@example.com", "external_id": "u1"}, 1.0)
+    known.remember(db, {"email": "bob@example.com"}, 1.0)
+    known.forget(db, {"event_name": "x", "external_id": "u1", "email": "ada@example.com"})
+    assert set(entries(db)) == {"email:bob@example.com"}
+
+
+def test_prune_forgets_what_was_accepted_before_a_time(db: sqlite3.Connection) -> None:
+    known.remember(db, {"email": "old@example.com", "external_id": "o"}, 10.0)
+    known.remember(db, {"email": "new@example.com"}, 20.0)
+    assert known.prune(db, 15.0) == 2
+    assert set(entries(db)) == {"email:new@example.com"}
+    assert known.prune(db, 15.0) == 0
+
+
+# -- the lane of an upsert -------------------------------------------------------------
+
+
+@pytest.fixture
+def engine(emulator: Emulator) -> Iterator[Delivery]:
+    """An engine on a memory store whose budget lets nothing through after one call."""
+    hooks = RecordingHooks()
+    made = make_engine(hooks, emulator.url, emulator.live_key, rate_limit="1/hour")
+    made.submit([Operation("send", {"trigger_key": "receipt", "to_email": "x@example.com"})])
+    assert hooks.wait_for("delivered", 1)
+    yield made
+    made.close(timeout=0)
+
+
+def lanes_after(engine: Delivery, *operations: Operation) -> dict[str, int]:
+    """The lanes of ``operations`` (of distinct contacts) once they are stored."""
+    engine.submit(operations)
+    deadline = time.monotonic() + 5.0
+    while (status := engine.status()).pending < len(operations):
+        assert time.monotonic() < deadline, "not stored within 5 s"
+        engine.flush(0.02)  # nothing is delivered: this only waits a little
+    assert (status.pending, status.delivered) == (len(operations), 1)
+    return {lane: count for lane, count in status.queued.items() if count}
+
+
+def payload(n: int, **fields: Any) -> dict[str, Any]:
+    return {"email": f"user{n}@example.com", "external_id": f"u{n}", "custom_fields": fields}
+
+
+def remember(engine: Delivery, body: dict[str, Any]) -> None:
+    with engine.store.write() as db:
+        known.remember(db, body, time.time())
+
+
+def test_a_first_upsert_goes_to_the_automation_lane(engine: Delivery) -> None:
+    assert lanes_after(engine, Operation("upsert", payload(1, plan="free"))) == {"automation": 1}
+
+
+def test_an_upsert_of_a_known_contact_is_routine(engine: Delivery) -> None:
+    remember(engine, payload(1, plan="free", seats=1))
+    update = Operation("upsert", payload(1, plan="free", seats=2))
+    assert lanes_after(engine, update) == {"routine": 1}
+
+
+def test_an_upsert_changing_a_priority_field_goes_to_the_automation_lane(
+    engine: Delivery,
+) -> None:
+    remember(engine, payload(1, plan="free"))
+    remember(engine, payload(2, plan="free"))
+    upgrade = Operation("upsert", payload(1, plan="pro"))
+    status_change = Operation("upsert", payload(2, subscription_status="past_due"))
+    assert lanes_after(engine, upgrade, status_change) == {"automation": 2}
+
+
+def test_an_upsert_known_by_its_email_only_is_routine(engine: Delivery) -> None:
+    remember(engine, {"email": "user1@example.com", "custom_fields": {"plan": "free"}})
+    update = Operation("upsert", {"email": "USER1@example.com", "custom_fields": {"seats": 2}})
+    assert lanes_after(engine, update) == {"routine": 1}
+
+
+def test_the_lane_asked_for_is_kept_for_other_operations(engine: Delivery) -> None:
+    remember(engine, payload(1, plan="free"))
+    high = Operation("upsert", payload(1, seats=3), priority="high")
+    backfill = Operation("upsert", payload(2, plan="free"), priority="backfill")
+    signup = Operation("upsert", {**payload(3), "source": "signup"})
+    event = Operation("track", {"event_name": "x", "external_id": "u4"})
+    send = Operation("send", {"trigger_key": "receipt", "to_email": "y@example.com"})
+    lanes = lanes_after(engine, high, backfill, signup, event, send)
+    assert lanes == {"transactional": 1, "automation": 3, "backfill": 1}

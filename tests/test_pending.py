@@ -1,0 +1,459 @@
+"""The ordering rules of the operations table on their own, on a real SQLite store (no
+threads, explicit times): lanes, one row of a contact at a time by either name,
+coalescing, promotion, ageing, shedding and the status it describes."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from flask_meisa.engine import pending
+from flask_meisa.engine.base import DeliveryStatus
+from flask_meisa.engine.store import Store
+from flask_meisa.operations import LANE_AUTOMATION
+from flask_meisa.operations import LANE_BACKFILL
+from flask_meisa.operations import LANE_ROUTINE
+from flask_meisa.operations import LANE_TRANSACTIONAL
+from flask_meisa.operations import Operation
+from flask_meisa.operations import Priority
+from flask_meisa.payloads import MAX_BODY_BYTES
+
+
+@pytest.fixture
+def db() -> Iterator[sqlite3.Connection]:
+    """A connection to a fresh memory store."""
+    store = Store(None)
+    with store.read() as connection:
+        yield connection
+    store.close()
+
+
+def upsert(user: int, priority: Priority | None = None, **fields: Any) -> Operation:
+    payload = {"email": f"u{user}@example.com", "external_id": str(user), **fields}
+    return Operation("upsert", payload, priority=priority)
+
+
+def track(user: int, name: str = "clicked", priority: Priority | None = None) -> Operation:
+    return Operation("track", {"event_name": name, "external_id": str(user)}, priority=priority)
+
+
+def send(n: int = 0, to: str | None = None) -> Operation:
+    return Operation(
+        "send",
+        {
+            "trigger_key": "reset",
+            "to_email": to or f"s{n}@example.com",
+            "idempotency_key": str(n),
+        },
+    )
+
+
+def add(db: sqlite3.Connection, operation: Operation, lane: int | None = None) -> int:
+    """Store ``operation`` in ``lane`` (default: its own); the row's seq."""
+    seq, _ = pending.add(db, operation, operation.lane if lane is None else lane)
+    return seq
+
+
+def take(db: sqlite3.Connection, now: float = 0.0) -> pending.Row | None:
+    """The next row, marked in flight."""
+    row = pending.next_ready(db, now)
+    if row is not None:
+        pending.take(db, row, now)
+    return row
+
+
+def drain(db: sqlite3.Connection, now: float = 0.0) -> list[pending.Row]:
+    """Every row in delivery order, each finished before the next is taken."""
+    taken = []
+    while (row := take(db, now)) is not None:
+        taken.append(row)
+        pending.finish(db, row)
+    return taken
+
+
+def rows(db: sqlite3.Connection) -> int:
+    return int(db.execute("SELECT count(*) FROM meisa_ops").fetchone()[0])
+
+
+def lane_of(db: sqlite3.Connection, seq: int) -> int:
+    return int(db.execute("SELECT lane FROM meisa_ops WHERE seq = ?", (seq,)).fetchone()[0])
+
+
+def describe(row: pending.Row) -> tuple[str, str | None]:
+    payload = row.operation.payload
+    return row.operation.kind, payload.get("event_name") or payload.get("external_id")
+
+
+def test_lanes_in_order_whatever_the_order_of_arrival(db: sqlite3.Connection) -> None:
+    add(db, upsert(4, priority="backfill"), LANE_BACKFILL)
+    add(db, upsert(3), LANE_ROUTINE)
+    add(db, track(1))
+    add(db, send())
+    kinds = [(row.operation.kind, row.lane) for row in drain(db)]
+    assert kinds == [
+        ("send", LANE_TRANSACTIONAL),
+        ("track", LANE_AUTOMATION),
+        ("upsert", LANE_ROUTINE),
+        ("upsert", LANE_BACKFILL),
+    ]
+    assert rows(db) == 0
+
+
+def test_an_operation_comes_back_as_it_went_in(db: sqlite3.Connection) -> None:
+    contact = {"email": "ada@example.com", "external_id": "1", "custom_fields": {"n": 1.5}}
+    event = Operation(
+        "track",
+        {"event_name": "ünïcode", "external_id": "1", "properties": {"a": [1, None]}},
+        contact=contact,
+        priority="high",
+        force=True,
+    )
+    add(db, event)
+    row = pending.next_ready(db, 0.0)
+    assert row is not None
+    assert row.operation == event
+    assert (row.lane, row.recover, row.merged, row.first_attempt) == (LANE_AUTOMATION, 0, 1, None)
+
+
+def test_waiting_upserts_coalesce_into_one_row(db: sqlite3.Connection) -> None:
+    first = upsert(1, custom_fields={"plan": "free", "a": 1}, tag_names=["x"], source="signup")
+    seq, merged = pending.add(db, first, LANE_ROUTINE)
+    assert not merged
+    later = upsert(1, custom_fields={"plan": "pro"}, tag_names=["y"], source="api")
+    assert pending.add(db, later, LANE_ROUTINE) == (seq, True)
+    assert rows(db) == 1
+    (row,) = drain(db)
+    payload = row.operation.payload
+    assert payload["custom_fields"] == {"plan": "pro", "a": 1}
+    assert payload["tag_names"] == ["x", "y"]
+    assert payload["source"] == "signup"  # Meisa keeps a contact's first source
+    assert row.merged == 2
+    assert row.operation.id == first.id
+    assert first.payload["custom_fields"] == {"plan": "free", "a": 1}  # not mutated
+
+
+def test_a_merge_keeps_the_more_urgent_priority_and_force(db: sqlite3.Connection) -> None:
+    add(db, upsert(1, first_name="A"), LANE_ROUTINE)
+    urgent = upsert(1, last_name="B", priority="high")
+    urgent.force = True
+    add(db, urgent, LANE_AUTOMATION)
+    (row,) = drain(db)
+    assert (row.lane, row.operation.priority, row.operation.force) == (
+        LANE_AUTOMATION,
+        "high",
+        True,
+    )
+
+
+def test_an_upsert_in_flight_is_not_merged_into_and_blocks_the_next(
+    db: sqlite3.Connection,
+) -> None:
+    add(db, upsert(1, first_name="A"))
+    flying = take(db)
+    assert flying is not None
+    second, merged = pending.add(db, upsert(1, first_name="B"), LANE_ROUTINE)
+    assert not merged and second > flying.seq
+    assert pending.add(db, upsert(1, last_name="C"), LANE_ROUTINE) == (second, True)
+    assert rows(db) == 2
+    assert pending.next_ready(db, 0.0) is None  # one row of a contact at a time
+    pending.finish(db, flying)
+    (row,) = drain(db)
+    assert (row.operation.payload["first_name"], row.operation.payload["last_name"]) == ("B", "C")
+    assert row.merged == 2
+
+
+def test_a_retried_upsert_absorbs_the_ones_that_came_while_it_was_in_flight(
+    db: sqlite3.Connection,
+) -> None:
+    add(db, upsert(1, first_name="A", last_name="Old"), LANE_ROUTINE)
+    add(db, upsert(2), LANE_ROUTINE)  # another contact's: untouched
+    flying = take(db)
+    assert flying is not None
+    add(db, upsert(1, first_name="B"), LANE_ROUTINE)
+    add(db, track(1, "between"))  # an event is not an upsert: it stays, in its place
+    add(db, upsert(1, custom_fields={"c": 3}, priority="high"), LANE_AUTOMATION)
+    pending.retry_at(db, flying, 5.0)
+    pending.absorb_later(db, flying)
+    assert rows(db) == 3
+    assert flying.operation.payload["first_name"] == "B"
+    assert (flying.merged, flying.lane) == (3, LANE_AUTOMATION)
+    assert take(db, 4.0) is not None  # contact 2's upsert; contact 1 waits for 5.0
+    assert pending.next_ready(db, 4.0) is None
+    assert pending.next_due(db, 4.0) == 5.0
+    again = take(db, 5.0)
+    assert again is not None and again.seq == flying.seq
+    assert again.operation.attempts == 2 and again.first_attempt == 0.0
+    payload = again.operation.payload
+    assert (payload["first_name"], payload["last_name"]) == ("B", "Old")
+    assert payload["custom_fields"] == {"c": 3}
+    assert (again.merged, again.lane) == (3, LANE_AUTOMATION)
+    pending.finish(db, again)
+    assert [describe(row) for row in drain(db, 5.0)] == [("track", "between")]
+
+
+def test_a_retried_upsert_absorbs_nothing_past_the_body_limit(db: sqlite3.Connection) -> None:
+    big = "x" * (MAX_BODY_BYTES // 2)
+    add(db, upsert(1, custom_fields={"a": big}), LANE_ROUTINE)
+    flying = take(db)
+    assert flying is not None
+    add(db, upsert(1, custom_fields={"b": big}), LANE_ROUTINE)
+    pending.retry_at(db, flying, 0.0)
+    pending.absorb_later(db, flying)
+    assert rows(db) == 2 and flying.merged == 1
+    assert [sorted(row.operation.payload["custom_fields"]) for row in drain(db)] == [["a"], ["b"]]
+
+
+def test_two_big_upserts_are_not_merged_past_the_body_limit(db: sqlite3.Connection) -> None:
+    big = "x" * (MAX_BODY_BYTES // 2)
+    first = add(db, upsert(1, custom_fields={"a": big}), LANE_ROUTINE)
+    second, merged = pending.add(db, upsert(1, custom_fields={"b": big}), LANE_ROUTINE)
+    assert not merged and second > first
+    assert pending.add(db, upsert(1, first_name="small"), LANE_ROUTINE) == (second, True)
+    order = [sorted(row.operation.payload) for row in drain(db)]
+    assert order == [
+        ["custom_fields", "email", "external_id"],
+        ["custom_fields", "email", "external_id", "first_name"],
+    ]
+
+
+def test_events_wait_for_their_contacts_upsert_and_keep_their_order(
+    db: sqlite3.Connection,
+) -> None:
+    add(db, upsert(1), LANE_AUTOMATION)
+    add(db, track(1, "first"))
+    add(db, track(1, "second"))
+    add(db, track(2, "other"))
+    flying = take(db)
+    assert flying is not None and flying.operation.kind == "upsert"
+    other = take(db)  # the contact's events wait; another contact's goes
+    assert other is not None and describe(other) == ("track", "other")
+    pending.finish(db, other)
+    assert pending.next_ready(db, 0.0) is None
+    pending.retry_at(db, flying, 10.0)  # a retrying upsert holds its place
+    assert pending.next_ready(db, 9.0) is None
+    assert [describe(row) for row in drain(db, 10.0)] == [
+        ("upsert", "1"),
+        ("track", "first"),
+        ("track", "second"),
+    ]
+
+
+def test_one_row_of_a_contact_at_a_time(db: sqlite3.Connection) -> None:
+    add(db, track(1, "a"))
+    add(db, track(1, "b"))
+    first = take(db)
+    assert first is not None and pending.next_ready(db, 0.0) is None
+    pending.retry_at(db, first, 1.0)
+    assert pending.next_ready(db, 0.5) is None  # "b" waits behind the retrying "a"
+    again = pending.next_ready(db, 1.0)
+    assert again is not None and again.seq == first.seq
+
+
+def test_one_recipients_sends_go_one_at_a_time_in_order(db: sqlite3.Connection) -> None:
+    add(db, send(1, to="ada@example.com"))
+    add(db, send(2, to="ada@example.com"))
+    add(db, send(3, to="bob@example.com"))
+    first = take(db)
+    assert first is not None and first.operation.payload["idempotency_key"] == "1"
+    other = take(db)
+    assert other is not None and other.operation.payload["idempotency_key"] == "3"
+    assert pending.next_ready(db, 0.0) is None
+
+
+def test_a_contact_named_by_email_in_one_row_and_by_external_id_in_another_is_one(
+    db: sqlite3.Connection,
+) -> None:
+    add(db, Operation("upsert", {"email": "Ada@Example.com", "external_id": "u1"}))
+    add(db, Operation("track", {"event_name": "by_email", "email": "ada@example.com"}))
+    add(db, Operation("track", {"event_name": "by_id", "external_id": "u1"}))
+    flying = take(db)
+    assert flying is not None and flying.operation.kind == "upsert"
+    assert pending.next_ready(db, 0.0) is None  # neither event overtakes it
+    pending.finish(db, flying)
+    assert [describe(row) for row in drain(db)] == [("track", "by_email"), ("track", "by_id")]
+
+
+def test_an_upsert_by_email_merges_into_the_contacts_upsert_by_both_names(
+    db: sqlite3.Connection,
+) -> None:
+    seq = add(db, Operation("upsert", {"email": "ada@example.com", "external_id": "u1"}))
+    later = Operation("upsert", {"email": "ada@example.com", "first_name": "Ada"})
+    assert pending.add(db, later, LANE_ROUTINE) == (seq, True)
+    (row,) = drain(db)
+    assert row.operation.payload == {
+        "email": "ada@example.com",
+        "external_id": "u1",
+        "first_name": "Ada",
+    }
+
+
+def test_upserts_whose_external_ids_disagree_are_not_merged_but_keep_their_order(
+    db: sqlite3.Connection,
+) -> None:
+    first = add(db, Operation("upsert", {"email": "ada@example.com", "external_id": "u1"}))
+    other = Operation("upsert", {"email": "ada@example.com", "external_id": "u2"})
+    second, merged = pending.add(db, other, LANE_ROUTINE)
+    assert not merged and second > first
+    flying = take(db)
+    assert flying is not None and flying.seq == first
+    assert pending.next_ready(db, 0.0) is None  # they share an address: one at a time
+
+
+def test_a_row_joining_its_contact_in_a_higher_lane_promotes_the_earlier_rows(
+    db: sqlite3.Connection,
+) -> None:
+    other = add(db, upsert(2), LANE_ROUTINE)
+    earlier = add(db, upsert(1, first_name="A"), LANE_ROUTINE)
+    add(db, track(1, "upgraded"))
+    assert (lane_of(db, earlier), lane_of(db, other)) == (LANE_AUTOMATION, LANE_ROUTINE)
+    assert [describe(row) for row in drain(db)] == [
+        ("upsert", "1"),
+        ("track", "upgraded"),
+        ("upsert", "2"),
+    ]
+
+
+def test_a_send_to_a_contacts_address_promotes_nothing_of_the_contact(
+    db: sqlite3.Connection,
+) -> None:
+    earlier = add(db, upsert(1), LANE_ROUTINE)
+    add(db, send(to="u1@example.com"))
+    assert lane_of(db, earlier) == LANE_ROUTINE
+
+
+def test_a_merge_into_a_higher_lane_promotes_the_contacts_earlier_rows(
+    db: sqlite3.Connection,
+) -> None:
+    add(db, upsert(1), LANE_ROUTINE)
+    flying = take(db)
+    assert flying is not None
+    event = add(db, track(1, priority="backfill"))
+    waiting = add(db, upsert(1, first_name="A"), LANE_ROUTINE)
+    assert (lane_of(db, event), lane_of(db, waiting)) == (LANE_ROUTINE, LANE_ROUTINE)
+    urgent = upsert(1, custom_fields={"plan": "pro"}, priority="high")
+    assert pending.add(db, urgent, LANE_AUTOMATION) == (waiting, True)
+    lanes = (lane_of(db, flying.seq), lane_of(db, event), lane_of(db, waiting))
+    assert lanes == (LANE_AUTOMATION,) * 3
+
+
+def test_age_routine_promotes_old_routine_syncs_only(db: sqlite3.Connection) -> None:
+    old = add(db, Operation("upsert", {"email": "a@example.com"}, created_at=100.0), LANE_ROUTINE)
+    young = add(
+        db, Operation("upsert", {"email": "b@example.com"}, created_at=200.0), LANE_ROUTINE
+    )
+    backfill = add(
+        db,
+        Operation("upsert", {"email": "c@example.com"}, created_at=100.0, priority="backfill"),
+        LANE_BACKFILL,
+    )
+    assert pending.age_routine(db, 150.0) == 1
+    lanes = (lane_of(db, old), lane_of(db, young), lane_of(db, backfill))
+    assert lanes == (LANE_AUTOMATION, LANE_ROUTINE, LANE_BACKFILL)
+
+
+def test_shedding_takes_routine_then_automation_rows_oldest_first(
+    db: sqlite3.Connection,
+) -> None:
+    add(db, track(9, "flying"))
+    assert take(db) is not None  # in flight: never shed
+    add(db, send(1))
+    add(db, upsert(7, priority="backfill"), LANE_BACKFILL)
+    old_event, new_event = track(1, "old"), track(2, "new")
+    old_sync, new_sync = upsert(3), upsert(4)
+    for operation in (old_event, old_sync, new_event, new_sync):
+        add(db, operation)
+    assert pending.shed(db, 7) == []
+    assert pending.shed(db, 5) == [old_sync, new_sync]
+    assert pending.shed(db, 4) == [old_event]
+    # Only a send, a backfill and the row in flight are left: none of them goes.
+    assert pending.shed(db, 0) == [new_event]
+    assert rows(db) == 3
+    kinds = sorted(r[0] for r in db.execute("SELECT kind FROM meisa_ops"))
+    assert kinds == ["send", "track", "upsert"]
+
+
+def test_shedding_counts_every_operation_a_row_stood_for(db: sqlite3.Connection) -> None:
+    for n in range(3):
+        add(db, upsert(1, first_name=f"v{n}"), LANE_ROUTINE)
+    add(db, upsert(2), LANE_ROUTINE)
+    (shed,) = pending.shed(db, 1)
+    assert shed.payload["first_name"] == "v2"
+    assert Store.get_meta(db, "dropped") == 3
+    status = DeliveryStatus(engine="thread")
+    pending.describe(db, 0.0, status)
+    assert (status.dropped, status.pending) == (3, 1)
+
+
+def test_a_merge_takes_no_room(db: sqlite3.Connection) -> None:
+    add(db, upsert(1, first_name="A"), LANE_ROUTINE)
+    add(db, upsert(1, first_name="B"), LANE_ROUTINE)
+    assert pending.shed(db, 1) == []
+
+
+def test_a_requeued_dead_letter_waits_again_as_new(db: sqlite3.Connection) -> None:
+    add(db, track(1, "a"))
+    add(db, track(2, "b"))
+    first, second = take(db, 5.0), take(db, 5.0)
+    assert first is not None and second is not None
+    pending.retry_at(db, first, 6.0, recover=2)  # its contact was upserted once already
+    again = take(db, 6.0)
+    assert again is not None and again.recover == 2
+    pending.bury(db, again, RuntimeError("no"))
+    pending.bury(db, second, RuntimeError("no"))
+    assert pending.requeue(db, [first.seq]) == 1
+    (row,) = drain(db, 7.0)
+    assert (row.seq, row.recover, row.operation.attempts, row.first_attempt) == (
+        first.seq,
+        0,
+        1,
+        7.0,
+    )
+    assert [letter.seq for letter in pending.dead_letters(db)] == [second.seq]
+
+
+def test_dead_letters_neither_block_their_contact_nor_count_as_waiting(
+    db: sqlite3.Connection,
+) -> None:
+    add(db, upsert(1), LANE_AUTOMATION)
+    add(db, track(1, "after"))
+    refused = take(db)
+    assert refused is not None
+    pending.bury(db, refused, RuntimeError("refused"))
+    assert pending.shed(db, 1) == []  # one waiting row: within capacity
+    assert [describe(row) for row in drain(db)] == [("track", "after")]
+    (letter,) = pending.dead_letters(db)
+    assert (letter.seq, letter.message, letter.attempts) == (refused.seq, "RuntimeError", 1)
+
+
+def test_flights_left_by_a_process_that_died_wait_again(db: sqlite3.Connection) -> None:
+    for n in range(3):
+        add(db, track(n))
+    first, second = take(db), take(db)
+    assert first is not None and second is not None
+    assert pending.release_flights(db) == 2
+    again = take(db)
+    assert again is not None and again.seq == first.seq
+    assert again.operation.attempts == 2 and again.first_attempt == 0.0
+
+
+def test_the_status_describes_lanes_flights_retries_and_dead_letters(
+    db: sqlite3.Connection,
+) -> None:
+    add(db, send(), LANE_TRANSACTIONAL)
+    add(db, Operation("upsert", {"email": "a@example.com"}, created_at=90.0), LANE_ROUTINE)
+    add(db, track(1, "a"))
+    add(db, track(2, "b"))
+    add(db, track(3, "c"))
+    flying, retrying, refused = take(db, 100.0), take(db, 100.0), take(db, 100.0)
+    assert flying is not None and retrying is not None and refused is not None
+    pending.retry_at(db, retrying, 110.0)
+    pending.bury(db, refused, RuntimeError("no"))
+    status = DeliveryStatus(engine="thread")
+    pending.describe(db, 100.0, status)
+    assert status.queued == {"transactional": 0, "automation": 1, "routine": 1, "backfill": 0}
+    assert (status.in_flight, status.retry_waiting, status.dead_letters) == (1, 1, 1)
+    assert status.pending == 4
+    assert status.oldest_wait["routine"] == pytest.approx(10.0)

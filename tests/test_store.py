@@ -1,0 +1,145 @@
+"""The delivery store and the delivery lock on their own: a file in WAL mode with its
+schema, what another connection's commit shows, a schema too new, the error fields dead
+letters keep, and one lock holder per file."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from flask_meisa.engine import pending
+from flask_meisa.engine.hostlock import HostLock
+from flask_meisa.engine.store import SCHEMA_VERSION
+from flask_meisa.engine.store import Store
+from flask_meisa.errors import APITimeoutError
+from flask_meisa.errors import BadRequestError
+from flask_meisa.errors import ConfigurationError
+from flask_meisa.errors import ValidationError
+from flask_meisa.operations import LANE_ROUTINE
+from tests.engine_support import upsert
+
+TABLES = {"meisa_ops", "meisa_calls", "meisa_known", "meisa_answers", "meisa_meta"}
+
+
+def test_a_new_store_is_a_file_in_wal_mode_with_its_schema(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "folder" / "store.sqlite3"
+    store = Store(path)
+    assert store.durable and store.path == str(path)
+    db = sqlite3.connect(path)
+    try:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        names = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+        assert names >= TABLES
+    finally:
+        db.close()
+        store.close()
+
+
+def test_a_memory_store_is_this_processes_and_starts_empty_again(tmp_path: Path) -> None:
+    store = Store(None)
+    assert not store.durable and repr(store) == "Store(':memory:')"
+    with store.write() as db:
+        pending.add(db, upsert(1), LANE_ROUTINE)
+    with store.read() as db:
+        assert db.execute("SELECT count(*) FROM meisa_ops").fetchone()[0] == 1
+    store.close()
+    with store.read() as db:
+        assert db.execute("SELECT count(*) FROM meisa_ops").fetchone()[0] == 0
+    store.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_what_one_store_writes_another_on_the_file_reads(tmp_path: Path) -> None:
+    path = tmp_path / "store.sqlite3"
+    writer, reader = Store(path), Store(path)
+    try:
+        with writer.write() as db:
+            pending.add(db, upsert(1), LANE_ROUTINE)
+        with reader.read() as db:
+            row = pending.next_ready(db, 0.0)
+        assert row is not None and row.operation.payload["external_id"] == "t-1"
+    finally:
+        writer.close()
+        reader.close()
+
+
+def test_a_failed_write_leaves_nothing_behind(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store.sqlite3")
+    with pytest.raises(RuntimeError), store.write() as db:
+        pending.add(db, upsert(1), LANE_ROUTINE)
+        raise RuntimeError("half way")
+    with store.read() as db:
+        assert db.execute("SELECT count(*) FROM meisa_ops").fetchone()[0] == 0
+    store.close()
+
+
+def test_data_version_moves_when_another_connection_commits(tmp_path: Path) -> None:
+    path = tmp_path / "store.sqlite3"
+    store, other = Store(path), Store(path)
+    try:
+        before = store.data_version()
+        with store.write() as db:  # its own commits do not move it
+            pending.add(db, upsert(1), LANE_ROUTINE)
+        assert store.data_version() == before
+        with other.write() as db:
+            pending.add(db, upsert(2), LANE_ROUTINE)
+        assert store.data_version() != before
+    finally:
+        store.close()
+        other.close()
+
+
+def test_a_store_of_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "store.sqlite3"
+    Store(path).close()
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(ConfigurationError, match="newer flask-meisa") as caught:
+        Store(path)
+    assert str(path) in str(caught.value)
+    assert path.is_file()  # left as it is, not set aside
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "a-folder"])
+def test_a_path_that_cannot_be_a_file_is_a_configuration_error(tmp_path: Path, where: str) -> None:
+    (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "a-folder").mkdir()
+    path = tmp_path / "a-file" / "store.sqlite3" if where == "under-a-file" else tmp_path / where
+    with pytest.raises(ConfigurationError, match="MEISA_OUTBOX") as caught:
+        Store(path)
+    assert f"{str(path)!r} cannot be used" in str(caught.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "a-folder"]
+
+
+def test_error_fields_hold_no_payload_values() -> None:
+    refused = BadRequestError(
+        "POST /contacts/upsert/", 400, "Enter a valid email.", code="invalid", body={}
+    )
+    assert pending.error_fields(refused) == (400, "invalid", "Enter a valid email.")
+    timeout = APITimeoutError("POST /events/track/", "no answer within 2 s")
+    assert pending.error_fields(timeout) == (None, None, "APITimeoutError: no answer within 2 s")
+    invalid = ValidationError("email", "is not an address")
+    assert pending.error_fields(invalid) == (None, "validation", "email: is not an address")
+    assert pending.error_fields(RuntimeError("secret@example.com")) == (None, None, "RuntimeError")
+    long = BadRequestError("POST /contacts/upsert/", 400, "x" * 1000, code="invalid", body={})
+    assert len(pending.error_fields(long)[2]) == 300
+
+
+def test_one_holder_per_lock_file(tmp_path: Path) -> None:
+    path = str(tmp_path / "store.sqlite3.lock")
+    first, second = HostLock(path), HostLock(path)
+    assert HostLock.holder(path) is None
+    assert first.try_acquire() and first.try_acquire()  # again: still held
+    assert not second.try_acquire()
+    assert HostLock.holder(path) == os.getpid()
+    first.release()
+    assert HostLock.holder(path) is None
+    assert second.try_acquire() and second.held
+    assert not first.try_acquire()
+    second.release()
+    first.release()  # twice is harmless

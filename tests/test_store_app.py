@@ -1,0 +1,405 @@
+"""The delivery store in an app: ``MEISA_OUTBOX``, the checks at ``init_app`` (a damaged
+file set aside and salvaged, a folder that cannot be made, a newer schema), what an
+earlier run left, ``flask meisa dead-letters``, and no file under ``TESTING``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+
+from flask_meisa import Meisa
+from flask_meisa.emulator import Emulator
+from flask_meisa.engine import pending
+from flask_meisa.engine.store import SCHEMA_VERSION
+from flask_meisa.engine.store import Store
+from flask_meisa.errors import ConfigurationError
+from flask_meisa.operations import LANE_ROUTINE
+from flask_meisa.operations import Operation
+from flask_meisa.testing import emulator_config
+from tests.apps import build_app
+
+UPSERT = "/contacts/upsert/"
+STORE_FILE = "meisa-outbox.sqlite3"
+PAGE = 4096
+
+
+def thread_app(emulator: Emulator, **config: Any) -> Flask:
+    """The test app delivering in the background through its store (by default the file
+    in its own instance folder)."""
+    settings = emulator_config(emulator, MEISA_DELIVERY="thread", MEISA_RETRY_BASE_DELAY=0.01)
+    return build_app({**settings, **config})
+
+
+def meisa_of(app: Flask) -> Meisa:
+    extension: Meisa = app.extensions["meisa"]
+    return extension
+
+
+def invoke(app: Flask, *args: str, input: str | None = None) -> Any:
+    return app.test_cli_runner().invoke(args=["meisa", *args], input=input)
+
+
+def leave_rows(path: Path, count: int, **fields: Any) -> list[str]:
+    """Store ``count`` upserts in a store file at ``path``, as an earlier run would leave
+    them; their external ids."""
+    store = Store(path)
+    with store.write() as db:
+        for n in range(count):
+            payload = {"email": f"left{n}@example.com", "external_id": f"left-{n}", **fields}
+            pending.add(db, Operation("upsert", payload), LANE_ROUTINE)
+    store.close()  # the last connection: the file holds everything, no WAL left
+    return [f"left-{n}" for n in range(count)]
+
+
+def delivered_ids(emulator: Emulator) -> set[str]:
+    return {
+        str(r.body["external_id"])
+        for r in emulator.requests_to(UPSERT)
+        if r.status in (200, 201) and "external_id" in r.body
+    }
+
+
+def test_instance_names_a_file_in_the_instance_folder(emulator: Emulator, tmp_path: Path) -> None:
+    app = Flask(__name__, instance_path=str(tmp_path / "instance"))
+    app.config.update(emulator_config(emulator, MEISA_DELIVERY="thread"))
+    app.config["MEISA_OUTBOX"] = "instance:  shared.sqlite3 "
+    meisa = Meisa(app)
+    path = tmp_path / "instance" / "shared.sqlite3"
+    assert path.is_file()  # made (and checked) at init_app
+    state = meisa.state(app)
+    assert state.store_path() == str(path) and state.store().path == str(path)
+    with app.app_context():
+        meisa.upsert({"email": "ada@example.com"})
+        assert meisa.flush(5)
+        assert meisa.status().durable
+
+
+def test_the_default_store_is_a_file_in_the_instance_folder(emulator: Emulator) -> None:
+    app = thread_app(emulator)
+    path = Path(app.instance_path) / STORE_FILE
+    assert app.config["MEISA_OUTBOX"] == f"instance:{STORE_FILE}"
+    assert path.is_file()
+    assert meisa_of(app).state(app).store().path == str(path)
+
+
+@pytest.mark.parametrize("value", [None, "memory", " Memory "])
+def test_none_or_memory_keeps_delivery_in_memory(emulator: Emulator, value: Any) -> None:
+    app = thread_app(emulator, MEISA_OUTBOX=value)
+    meisa = meisa_of(app)
+    with app.app_context():
+        meisa.upsert({"email": "ada@example.com"})
+        assert meisa.flush(5)
+        assert not meisa.status().durable
+    assert meisa.state(app).store_path() is None
+    assert os.listdir(app.instance_path) == []
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("", "MEISA_OUTBOX must be a SQLite file path"),
+        ("   ", "MEISA_OUTBOX must be a SQLite file path"),
+        (5, "MEISA_OUTBOX must be a SQLite file path"),
+        (b"outbox.sqlite3", "MEISA_OUTBOX must be a SQLite file path"),
+        ("instance:", "names no file"),
+        ("instance:  ", "names no file"),
+        (":memory:", 'for memory only, set None or "memory"'),
+    ],
+)
+def test_invalid_values_are_refused(value: Any, message: str) -> None:
+    app = Flask(__name__)
+    app.config.update(MEISA_API_KEY="meisa_live_x", MEISA_OUTBOX=value)
+    with pytest.raises(ConfigurationError, match=message):
+        Meisa(app)
+
+
+def damage_one_page(path: Path) -> bytes:
+    """Overwrite one 4 KB page holding operations (in the middle of them) with garbage;
+    the file's new bytes."""
+    data = bytearray(path.read_bytes())
+    pages = [
+        number
+        for number in range(1, len(data) // PAGE)
+        if data[number * PAGE] == 0x0D  # a table's leaf page...
+        and b'"external_id"' in data[number * PAGE : (number + 1) * PAGE]  # ...of operations
+    ]
+    assert len(pages) > 4
+    number = pages[len(pages) // 2]
+    data[number * PAGE : (number + 1) * PAGE] = bytes(range(256)) * (PAGE // 256)
+    path.write_bytes(data)
+    return bytes(data)
+
+
+def set_aside(path: Path) -> list[Path]:
+    pattern = re.compile(re.escape(path.name) + r"\.damaged-\d{8}T\d{6}-" + str(os.getpid()) + "$")
+    return [found for found in path.parent.iterdir() if pattern.match(found.name)]
+
+
+def test_a_store_with_a_damaged_page_is_set_aside_and_what_can_be_read_is_delivered(
+    emulator: Emulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "instance" / STORE_FILE
+    path.parent.mkdir()
+    left = leave_rows(path, 120, custom_fields={"note": "x" * 200})
+    damaged = damage_one_page(path)
+    caplog.set_level(logging.ERROR, logger="flask_meisa.engine")
+    app = Flask(__name__, instance_path=str(path.parent))
+    app.config.update(emulator_config(emulator, MEISA_DELIVERY="thread"))
+    meisa = Meisa(app)  # init_app does not fail
+    (aside,) = set_aside(path)
+    assert aside.read_bytes() == damaged  # kept as it was, for inspection
+    (error,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert f"{path} is damaged" in error and str(aside) in error
+    assert "Keep the damaged file for inspection, or delete it" in error
+    salvaged = int(re.search(r"with the (\d+) operations", error).group(1))  # type: ignore[union-attr]
+    assert 100 <= salvaged < 120
+    with app.app_context():
+        assert meisa.flush(10)
+        status = meisa.status()
+    assert (status.delivered, status.pending, status.durable) == (salvaged, 0, True)
+    assert len(delivered_ids(emulator)) == salvaged
+    assert delivered_ids(emulator) <= set(left)
+
+
+def test_a_file_that_is_not_a_database_is_set_aside_and_a_fresh_store_used(
+    emulator: Emulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / STORE_FILE
+    path.write_bytes(b"these bytes are no database " * 100)
+    caplog.set_level(logging.ERROR, logger="flask_meisa.engine")
+    app = thread_app(emulator, MEISA_OUTBOX=str(path))
+    (aside,) = set_aside(path)
+    assert aside.read_bytes() == b"these bytes are no database " * 100
+    (error,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert str(path) in error and "with the 0 operations" in error
+    assert emulator.live_key not in error
+    meisa = meisa_of(app)
+    with app.app_context():
+        meisa.upsert({"email": "ada@example.com", "external_id": "fresh"})
+        assert meisa.flush(5)
+    assert delivered_ids(emulator) == {"fresh"}
+
+
+def test_a_default_store_that_cannot_be_made_falls_back_to_memory_with_one_warning(
+    emulator: Emulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "a-file").write_text("not a folder")
+    caplog.set_level(logging.WARNING)
+    app = Flask(__name__, instance_path=str(tmp_path / "a-file" / "instance"))
+    app.config.update(emulator_config(emulator, MEISA_DELIVERY="thread"))
+    meisa = Meisa(app)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1
+    assert str(tmp_path / "a-file" / "instance" / STORE_FILE) in warnings[0]
+    assert "falls back to memory" in warnings[0] and "set MEISA_OUTBOX" in warnings[0]
+    with app.app_context():
+        meisa.upsert({"email": "ada@example.com", "external_id": "kept"})
+        assert meisa.flush(5)
+        assert not meisa.status().durable
+    assert delivered_ids(emulator) == {"kept"}
+
+
+@pytest.mark.parametrize("where", ["a-file/store.sqlite3", "a-folder"])
+def test_an_explicit_store_that_cannot_be_made_fails_init_app(
+    emulator: Emulator, tmp_path: Path, where: str
+) -> None:
+    (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "a-folder").mkdir()
+    path = tmp_path / where
+    app = Flask(__name__)
+    app.config.update(emulator_config(emulator, MEISA_DELIVERY="thread", MEISA_OUTBOX=str(path)))
+    with pytest.raises(ConfigurationError, match="cannot be used") as caught:
+        Meisa(app)
+    assert str(path) in str(caught.value) and "MEISA_OUTBOX" in str(caught.value)
+    assert emulator.live_key not in str(caught.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "a-folder"]
+
+
+def newer(path: Path) -> None:
+    Store(path).close()
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+
+
+def test_a_store_of_a_newer_schema_is_refused(emulator: Emulator, tmp_path: Path) -> None:
+    path = tmp_path / "store.sqlite3"
+    newer(path)
+    app = Flask(__name__)
+    app.config.update(emulator_config(emulator, MEISA_DELIVERY="thread", MEISA_OUTBOX=str(path)))
+    with pytest.raises(ConfigurationError, match="newer flask-meisa") as caught:
+        Meisa(app)
+    assert str(path) in str(caught.value)
+    assert set_aside(path) == []
+
+
+def test_a_default_store_of_a_newer_schema_is_left_alone(
+    emulator: Emulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / STORE_FILE
+    newer(path)
+    before = path.read_bytes()
+    caplog.set_level(logging.WARNING)
+    app = Flask(__name__, instance_path=str(tmp_path))
+    app.config.update(emulator_config(emulator, MEISA_DELIVERY="thread"))
+    meisa = Meisa(app)
+    assert any("newer flask-meisa" in r.getMessage() for r in caplog.records)
+    with app.app_context():
+        assert not meisa.status().durable  # memory, this time
+    assert path.read_bytes() == before and set_aside(path) == []
+
+
+def test_init_app_picks_up_what_an_earlier_run_left(emulator: Emulator, tmp_path: Path) -> None:
+    path = tmp_path / STORE_FILE
+    left = leave_rows(path, 5)
+    app = Flask(__name__, instance_path=str(tmp_path))
+    app.config.update(emulator_config(emulator, MEISA_DELIVERY="thread"))
+    Meisa(app)
+    assert emulator.wait_for(lambda e: delivered_ids(e) == set(left))
+
+
+def test_under_the_flask_cli_the_first_request_picks_up_what_an_earlier_run_left(
+    emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLASK_RUN_FROM_CLI", "true")
+    path = tmp_path / STORE_FILE
+    left = leave_rows(path, 5)
+    app = build_app(emulator_config(emulator, MEISA_DELIVERY="thread", MEISA_OUTBOX=str(path)))
+    state = meisa_of(app).state(app)
+    assert state.store().path == str(path)  # opened and checked at init_app...
+    assert state.dispatcher.status().delivering_pid is None  # ...and nobody delivers yet
+    app.test_client().get("/nothing-here").close()
+    assert emulator.wait_for(lambda e: delivered_ids(e) == set(left))
+
+
+# -- flask meisa dead-letters ----------------------------------------------------------
+
+
+def make_dead_letters(app: Flask, count: int) -> None:
+    with app.app_context():
+        meisa = meisa_of(app)
+        for n in range(count):
+            meisa.send("launch_day", f"buyer{n}@example.com", background=True)
+        assert meisa.flush(5)
+        assert meisa.status().dead_letters == count
+
+
+def test_dead_letters_list_show_retry_and_purge(emulator: Emulator) -> None:
+    app = thread_app(emulator)
+    assert invoke(app, "dead-letters").output == "no dead letters\n"
+    make_dead_letters(app, 3)
+
+    listed = invoke(app, "dead-letters", "list")
+    assert listed.exit_code == 0, listed.output
+    rows = listed.output.splitlines()
+    assert rows[-1] == "3 dead letter(s)"
+    ids = [int(row.split("\t")[0]) for row in rows[:-1]]
+    assert all("\tsend launch_day (" in row for row in rows[:-1])
+    assert all(
+        "\tHTTP 400 [invalid_trigger] Unknown or inactive trigger_key.\t1 attempt(s)\t" in row
+        for row in rows[:-1]
+    )
+    assert "buyer" not in listed.output  # no payload values in the listing
+
+    shown = invoke(app, "dead-letters", "show", str(ids[0]))
+    assert shown.exit_code == 0, shown.output
+    assert '"to_email": "buyer0@example.com"' in shown.output
+    assert '"code": "invalid_trigger"' in shown.output and '"status": 400' in shown.output
+    missing = invoke(app, "dead-letters", "show", "999")
+    assert missing.exit_code == 1 and "no dead letter with ID 999" in missing.output
+
+    emulator.add_trigger("launch_day")
+    retried = invoke(app, "dead-letters", "retry", str(ids[0]), "--timeout", "5")
+    assert retried.exit_code == 0, retried.output
+    assert "1 operation(s) queued again" in retried.output
+    assert "done; 2 dead letter(s) left" in retried.output
+    assert [s["to_email"] for s in emulator.sends()] == ["buyer0@example.com"]
+
+    status = invoke(app, "status").output
+    assert "waiting to retry: 0  dead letters: 2" in status
+    assert f"store: {Path(app.instance_path) / STORE_FILE} (every process of this host)" in status
+
+    purged = invoke(app, "dead-letters", "purge", str(ids[1]))
+    assert purged.output == "1 dead letter(s) deleted\n"
+    refused = invoke(app, "dead-letters", "purge", "--all", input="n\n")
+    assert refused.exit_code == 1 and "Delete all 1 dead letters?" in refused.output
+    everything = invoke(app, "dead-letters", "purge", "--all", "--yes")
+    assert everything.output == "1 dead letter(s) deleted\n"
+    assert "dead letters: 0" in invoke(app, "status").output
+    assert invoke(app, "dead-letters", "list").output == "no dead letters\n"
+
+
+def test_retry_all_and_wrong_ids(emulator: Emulator) -> None:
+    app = thread_app(emulator)
+    make_dead_letters(app, 2)
+    unknown = invoke(app, "dead-letters", "retry", "999")
+    assert unknown.exit_code == 1 and "no dead letter with ID 999" in unknown.output
+    both = invoke(app, "dead-letters", "retry", "1", "--all")
+    assert both.exit_code == 2 and "not both" in both.output
+    neither = invoke(app, "dead-letters", "purge")
+    assert neither.exit_code == 2 and "or --all" in neither.output
+    emulator.add_trigger("launch_day")
+    retried = invoke(app, "dead-letters", "retry", "--all", "--timeout", "5")
+    assert "2 operation(s) queued again" in retried.output, retried.output
+    assert "done; 0 dead letter(s) left" in retried.output
+    assert len(emulator.sends()) == 2
+
+
+def test_retry_without_waiting_only_queues(emulator: Emulator) -> None:
+    app = thread_app(emulator)
+    make_dead_letters(app, 1)
+    emulator.add_trigger("launch_day")
+    retried = invoke(app, "dead-letters", "retry", "--all", "--timeout", "0")
+    assert retried.output == "1 operation(s) queued again\n"
+    with app.app_context():
+        assert meisa_of(app).flush(5)
+    assert len(emulator.sends()) == 1
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["dead-letters"],
+        ["dead-letters", "list"],
+        ["dead-letters", "show", "1"],
+        ["dead-letters", "retry", "--all"],
+        ["dead-letters", "purge", "--all", "--yes"],
+    ],
+)
+def test_dead_letter_commands_say_when_there_is_no_store(
+    emulator: Emulator, args: list[str]
+) -> None:
+    app = build_app(emulator_config(emulator))  # MEISA_DELIVERY = "sync"
+    result = invoke(app, *args)
+    assert result.exit_code == 1
+    assert """dead letters are kept by MEISA_DELIVERY = "thread", not 'sync'""" in result.output
+    assert os.listdir(app.instance_path) == []
+
+
+def test_no_store_file_under_testing_with_delivery_suppressed(emulator: Emulator) -> None:
+    app = build_app(
+        {
+            **emulator_config(emulator, MEISA_DELIVERY="thread"),
+            "TESTING": True,
+            "MEISA_SUPPRESS_SEND": None,
+        }
+    )
+    meisa = meisa_of(app)
+    client = app.test_client()
+    client.post("/login/1").close()
+    client.post("/send-later/receipt/ada@example.com").close()
+    with app.app_context():
+        meisa.track("exported", email="ada@example.com")
+        assert meisa.flush(1)
+        status = meisa.status()
+    assert (status.engine, status.pending, status.durable) == ("thread", 0, False)
+    assert "engine: thread" in invoke(app, "status").output
+    assert os.listdir(app.instance_path) == []
+    assert emulator.requests == []

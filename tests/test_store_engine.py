@@ -1,0 +1,567 @@
+"""Background delivery through a store file, against the emulator over loopback: rows
+written on submit and removed once delivered, left for the next engine, coalesced and
+ordered across restarts, dead letters, one delivering engine per file, stores whose
+writes fail, and the host's status seen from another engine."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flask_meisa.emulator import Emulator
+from flask_meisa.engine import known
+from flask_meisa.engine import pending
+from flask_meisa.engine.delivery import Delivery
+from flask_meisa.engine.hostlock import HostLock
+from flask_meisa.engine.store import Store
+from flask_meisa.errors import DeliveryError
+from flask_meisa.operations import Operation
+from flask_meisa.retry import RetryPolicy
+from tests.engine_support import RecordingHooks
+from tests.engine_support import make_engine as build_engine
+from tests.engine_support import upsert
+
+FAST = RetryPolicy(max_attempts=2**31, base_delay=0.05, max_delay=0.2, deadline=30.0)
+UPSERT = "/contacts/upsert/"
+TRACK = "/events/track/"
+TRIGGER = "/emails/trigger/"
+
+MakeEngine = Callable[..., Delivery]
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "store.sqlite3"
+
+
+@pytest.fixture
+def make_engine(path: Path) -> Iterator[MakeEngine]:
+    """``make_engine(emulator, hooks, **options)``: an engine on a store of ``path`` (no
+    budget, fast retries, short polls unless given); all closed after the test."""
+    made: list[Delivery] = []
+
+    def make(emu: Emulator, hooks: RecordingHooks, **options: Any) -> Delivery:
+        options.setdefault("retry", FAST)
+        options.setdefault("poll_interval", 0.02)
+        if "store" not in options:
+            options["store"] = Store(path)
+        engine = build_engine(hooks, emu.url, emu.live_key, **options)
+        made.append(engine)
+        return engine
+
+    yield make
+    for engine in made:
+        engine.close(timeout=0)
+
+
+@pytest.fixture
+def lock(path: Path) -> Iterator[HostLock]:
+    """The host's delivery lock, held by the test: engines on ``path`` only write until
+    the test releases it."""
+    held = HostLock(f"{path}.lock")
+    assert held.try_acquire()
+    yield held
+    held.release()
+
+
+def track(n: int, name: str = "clicked", tag: str = "t") -> Operation:
+    return Operation("track", {"event_name": name, "external_id": f"{tag}-{n}"})
+
+
+def send(n: int, trigger: str = "receipt") -> Operation:
+    return Operation(
+        "send",
+        {"trigger_key": trigger, "to_email": f"buyer{n}@example.com", "idempotency_key": f"s{n}"},
+    )
+
+
+def answered(emu: Emulator, path: str) -> list[Any]:
+    return [r for r in emu.requests_to(path) if r.status is not None and r.status < 300]
+
+
+def seen(emu: Emulator) -> list[tuple[str, int | None]]:
+    return [(r.path.removeprefix("/api/v1"), r.status) for r in emu.requests]
+
+
+def query(path: Path, sql: str, *params: Any) -> list[Any]:
+    """Rows of ``sql`` read through a store of its own (another process's view)."""
+    store = Store(path)
+    try:
+        with store.read() as db:
+            return db.execute(sql, params).fetchall()
+    finally:
+        store.close()
+
+
+def waiting(path: Path) -> int:
+    return int(query(path, "SELECT count(*) FROM meisa_ops WHERE state != 'dead'")[0][0])
+
+
+def letters(path: Path) -> list[pending.DeadLetter]:
+    store = Store(path)
+    try:
+        with store.read() as db:
+            return pending.dead_letters(db)
+    finally:
+        store.close()
+
+
+def eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll ``check`` until it holds or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_rows_are_written_on_submit_and_removed_once_delivered(
+    emulator: Emulator, make_engine: MakeEngine, path: Path
+) -> None:
+    hooks = RecordingHooks()
+    emulator.faults.outage(60)
+    engine = make_engine(emulator, hooks)
+    engine.submit([upsert(n) for n in range(5)] + [send(1)])
+    assert eventually(lambda: waiting(path) == 6)  # on disk before any call succeeded
+    emulator.faults.clear()
+    assert engine.flush(5)
+    assert query(path, "SELECT count(*) FROM meisa_ops") == [(0,)]
+    assert len(hooks.of("delivered")) == 6
+    assert len(answered(emulator, UPSERT)) == 5
+    status = engine.status()
+    assert (status.engine, status.durable, status.pending, status.delivered) == (
+        "thread",
+        True,
+        0,
+        6,
+    )
+    assert status.delivering_pid == os.getpid()
+
+
+def test_the_next_engine_delivers_what_a_closed_one_left(
+    emulator: Emulator, make_engine: MakeEngine, path: Path
+) -> None:
+    first_hooks, second_hooks = RecordingHooks(), RecordingHooks()
+    emulator.faults.outage(60)
+    first = make_engine(emulator, first_hooks, flush_timeout=0.1)
+    operations = [upsert(n) for n in range(20)] + [track(n) for n in range(20)] + [send(9)]
+    first.submit(operations)
+    assert first.close() == 0  # nothing lost: it all stays in the store
+    assert first_hooks.of("dropped") == []
+    assert waiting(path) == 41
+    emulator.faults.clear()
+    second = make_engine(emulator, second_hooks)
+    assert second.flush(10)
+    assert len(second_hooks.of("delivered")) == 41
+    assert {op.id for op in second_hooks.of("delivered")} == {op.id for op in operations}
+    assert len(answered(emulator, TRACK)) == 20
+    assert [r.body["idempotency_key"] for r in answered(emulator, TRIGGER)] == ["s9"]
+    assert len(emulator.sends()) == 1
+
+
+def test_closing_at_once_keeps_what_was_just_handed_over(
+    emulator: Emulator, make_engine: MakeEngine, path: Path, lock: HostLock
+) -> None:
+    hooks = RecordingHooks()
+    engine = make_engine(emulator, hooks)
+    engine.submit([upsert(n) for n in range(50)])
+    assert engine.close(0) == 0  # stored for the next start, not lost
+    assert hooks.outcomes == []
+    assert waiting(path) == 50
+
+
+def test_coalescing_and_order_hold_across_a_restart(
+    emulator: Emulator, make_engine: MakeEngine, path: Path
+) -> None:
+    emulator.faults.outage(60)
+    first = make_engine(emulator, RecordingHooks(), flush_timeout=0)
+    first.submit([upsert(1, a=1), track(1, "first"), upsert(1, b=2), track(1, "second")])
+    assert first.close() == 0
+    assert waiting(path) == 3
+    emulator.faults.clear()
+    emulator.clear_requests()
+    second = make_engine(emulator, RecordingHooks())
+    assert second.flush(5)
+    assert seen(emulator) == [(UPSERT, 201), (TRACK, 200), (TRACK, 200)]
+    assert emulator.requests[0].body["custom_fields"] == {"tag": "t", "a": 1, "b": 2}
+    assert [r.body["event_name"] for r in emulator.requests[1:]] == ["first", "second"]
+    assert second.status().delivered == 4
+
+
+def test_an_upsert_merges_into_its_contacts_stored_row_while_it_waits(
+    emulator: Emulator, make_engine: MakeEngine, path: Path, lock: HostLock
+) -> None:
+    hooks = RecordingHooks()
+    engine = make_engine(emulator, hooks)
+    engine.submit([upsert(1, a=1)])
+    assert eventually(lambda: waiting(path) == 1)
+    engine.submit([upsert(1, b=2)])
+    engine.submit([upsert(2)])
+    assert eventually(lambda: waiting(path) == 2)
+    rows = query(path, "SELECT payload, merged FROM meisa_ops ORDER BY seq")
+    assert [merged for _, merged in rows] == [2, 1]
+    assert '"a":1' in rows[0][0] and '"b":2' in rows[0][0]
+    lock.release()  # the engine takes over and delivers
+    assert engine.flush(5)
+    assert [r.body["custom_fields"] for r in answered(emulator, UPSERT)] == [
+        {"tag": "t", "a": 1, "b": 2},
+        {"tag": "t"},
+    ]
+    assert engine.status().delivered == 3
+
+
+def test_sends_are_delivered_first_behind_a_backlog(
+    emulator: Emulator, make_engine: MakeEngine, path: Path, lock: HostLock
+) -> None:
+    hooks = RecordingHooks()
+    engine = make_engine(emulator, hooks)
+    for n in range(5):
+        engine.submit([upsert(n), track(n)])
+    engine.submit([send(1)])
+    assert eventually(lambda: waiting(path) == 11)
+    lock.release()
+    assert engine.flush(5)
+    assert seen(emulator)[0] == (TRIGGER, 200)
+    assert len(hooks.of("delivered")) == 11
+
+
+def test_refused_operations_become_dead_letters_without_payload_values(
+    emulator: Emulator, make_engine: MakeEngine, path: Path
+) -> None:
+    hooks = RecordingHooks()
+    engine = make_engine(emulator, hooks)
+    bad = send(1, trigger="no_such_trigger")
+    engine.submit([bad, upsert(3)])
+    assert engine.flush(5)
+    assert [op.id for op in hooks.of("failed")] == [bad.id]
+    (letter,) = letters(path)
+    assert (letter.status, letter.code, letter.attempts) == (400, "invalid_trigger", 1)
+    assert letter.operation == Operation(
+        "send", bad.payload, id=bad.id, created_at=bad.created_at, attempts=1
+    )  # kept whole, idempotency key too
+    errors = query(path, "SELECT error_status, error_code, error_message FROM meisa_ops")
+    assert "buyer1" not in repr(errors)
+    status = engine.status()
+    assert (status.dead_letters, status.failed, status.delivered, status.pending) == (1, 1, 1, 0)
+
+
+def test_running_out_of_retries_makes_a_dead_letter(
+    emulator: Emulator, make_engine: MakeEngine, path: Path
+) -> None:
+    emulator.faults.outage(60)
+    hooks = RecordingHooks()
+    retry = RetryPolicy(max_attempts=2**31, base_delay=0.01, max_delay=0.05, deadline=0.5)
+    engine = make_engine(emulator, hooks, retry=retry)
+    operation = upsert(1)
+    engine.submit([operation])
+    assert engine.flush(10)  # a dead letter is finished
+    (letter,) = letters(path)
+    assert (letter.status, letter.code) == (503, "service_unavailable")
+    assert letter.attempts >= 2 and letter.operation.id == operation.id
+    assert [op.id for op in hooks.of("failed")] == [operation.id]
+    assert hooks.detail(hooks.of("failed")[0]).status == 503
+
+
+def test_dead_letters_are_requeued_and_purged_from_another_process(
+    emulator: Emulator, make_engine: MakeEngine, path: Path
+) -> None:
+    hooks = RecordingHooks()
+    engine = make_engine(emulator, hooks)
+    engine.submit([send(n, trigger="launch_day") for n in range(3)])  # not configured: 400
+    assert engine.flush(5)
+    dead = letters(path)
+    assert [letter.code for letter in dead] == ["invalid_trigger"] * 3
+    emulator.add_trigger("launch_day")
+    other = Store(path)  # e.g. the CLI
+    try:
+        with other.write() as db:
+            assert pending.requeue(db, [dead[0].seq]) == 1
+        assert engine.flush(5)
+        assert [s["to_email"] for s in emulator.sends()] == ["buyer0@example.com"]
+        with other.write() as db:
+            assert pending.purge(db, [dead[1].seq, dead[0].seq]) == 1  # only dead ones go
+            assert [letter.seq for letter in pending.dead_letters(db)] == [dead[2].seq]
+            assert pending.requeue(db, [dead[1].seq]) == 0
+            assert pending.purge(db) == 1
+            assert pending.dead_letters(db) == []
+    finally:
+        other.close()
+    assert engine.status().dead_letters == 0
+
+
+def test_a_requeued_event_may_recover_its_contact_again(
+    emulator: Emulator, make_engine: MakeEngine, path: Path
+) -> None:
+    # Answered 404 twice: its contact was upserted once, then it failed. Requeued later,
+    # it starts afresh: a 404 leads to its contact's upsert again, not straight back.
+    hooks = RecordingHooks()
+    engine = make_engine(emulator, hooks)
+    contact = {"email": "ada@example.com", "external_id": "u1"}
+    event = Operation("track", {"event_name": "x", "external_id": "u1"}, contact=contact)
+    emulator.faults.fail_next(2, status=404, path=TRACK)
+    engine.submit([event])
+    assert engine.flush(5)
+    assert seen(emulator) == [(TRACK, 404), (UPSERT, 201), (TRACK, 404)]
+    assert [op.id for op in hooks.of("failed")] == [event.id]
+    emulator.clear_requests()
+    emulator.faults.fail_next(1, status=404, path=TRACK)
+    with engine.store.write() as db:
+        assert pending.requeue(db) == 1
+    assert engine.flush(5)
+    assert seen(emulator) == [(TRACK, 404), (UPSERT, 200), (TRACK, 200)]
+    assert [op.id for op in hooks.of("delivered")] == [event.id]
+
+
+def test_one_engine_per_file_delivers_and_takes_the_others_rows(
+    emulator: Emulator, make_engine: MakeEngine, path: Path
+) -> None:
+    holder_hooks, writer_hooks = RecordingHooks(), RecordingHooks()
+    holder = make_engine(emulator, holder_hooks)
+    holder.submit([upsert(0, tag="h")])
+    assert holder.flush(5)
+    writer = make_engine(emulator, writer_hooks)  # another process's engine on the file
+    writer.submit([upsert(n, tag="w") for n in range(10)])
+    assert writer.flush(5)  # the holder delivered them
+    assert holder.flush(5)  # and its hooks ran
+    assert [holder.is_holder, writer.is_holder] == [True, False]
+    assert writer_hooks.outcomes == []
+    assert len(holder_hooks.of("delivered")) == 11
+    assert writer.status().delivered == 11
+    # The holder leaves; the writer takes over and delivers what comes next.
+    holder.close()
+    writer.submit([upsert(99, tag="w")])
+    assert writer.flush(5)
+    assert writer.is_holder
+    assert [op.payload["external_id"] for op in writer_hooks.of("delivered")] == ["w-99"]
+
+
+def test_a_send_after_close_is_refused(
+    emulator: Emulator, make_engine: MakeEngine, path: Path
+) -> None:
+    hooks = RecordingHooks()
+    engine = make_engine(emulator, hooks)
+    engine.submit([upsert(0)])
+    assert engine.flush(5)
+    engine.close()
+    with pytest.raises(DeliveryError, match="closed"):
+        engine.submit([send(1)])
+    late = upsert(1)
+    engine.submit([late])
+    assert hooks.detail(hooks.of("dropped")[0]) == "closed"
+    assert [op.id for op in hooks.of("dropped")] == [late.id]
+    assert query(path, "SELECT count(*) FROM meisa_ops") == [(0,)]
+    assert len(emulator.requests) == 1
+
+
+# -- a store whose writes fail ---------------------------------------------------------
+
+
+def _full(store: Store, path: Path) -> Callable[[], None]:
+    """The disk is full: the store's connection may not grow the file."""
+    with store.read() as db:
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        db.execute(f"PRAGMA max_page_count = {pages}")
+
+    def mend() -> None:
+        with store.read() as db:
+            db.execute("PRAGMA max_page_count = 1073741823")
+
+    return mend
+
+
+def _read_only(store: Store, path: Path) -> Callable[[], None]:
+    """The file can be read, not written."""
+    with store.read() as db:
+        db.execute("PRAGMA query_only = 1")
+
+    def mend() -> None:
+        with store.read() as db:
+            db.execute("PRAGMA query_only = 0")
+
+    return mend
+
+
+def _locked(store: Store, path: Path) -> Callable[[], None]:
+    """Another process holds the write lock longer than the store waits for it."""
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+
+    def mend() -> None:
+        other.execute("COMMIT")
+        other.close()
+
+    return mend
+
+
+def failures(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "store failed" in r.getMessage()]
+
+
+@pytest.mark.parametrize(
+    "fault", [_full, _read_only, _locked], ids=["full", "read-only", "locked"]
+)
+def test_operations_wait_in_memory_while_the_store_fails_and_are_stored_after(
+    emulator: Emulator,
+    make_engine: MakeEngine,
+    path: Path,
+    lock: HostLock,
+    caplog: pytest.LogCaptureFixture,
+    fault: Callable[[Store, Path], Callable[[], None]],
+) -> None:
+    caplog.set_level(logging.INFO, logger="flask_meisa.engine")
+    hooks = RecordingHooks()
+    store = Store(path, busy_timeout=0.05)
+    engine = make_engine(emulator, hooks, store=store)
+    engine.submit([upsert(0)])
+    assert eventually(lambda: waiting(path) == 1)
+    mend = fault(store, path)
+    try:
+        engine.submit([upsert(n, note="x" * 5000) for n in range(1, 11)])
+        assert eventually(lambda: len(failures(caplog)) == 1)
+        assert not engine.flush(0.3)  # the writer tries again and again meanwhile
+        assert len(failures(caplog)) == 1  # once per run of failures, not once per attempt
+        assert "example.com" not in failures(caplog)[0]
+        assert engine.status().pending == 1  # the rest waits in this process's memory
+    finally:
+        mend()
+    lock.release()
+    assert engine.flush(10)
+    assert len(hooks.of("delivered")) == 11
+    assert hooks.of("dropped") == []
+    assert {r.body["external_id"] for r in answered(emulator, UPSERT)} == {
+        f"t-{n}" for n in range(11)
+    }
+    assert any("works again" in r.getMessage() for r in caplog.records)
+
+
+def test_memory_stays_bounded_while_the_store_takes_nothing(
+    emulator: Emulator,
+    make_engine: MakeEngine,
+    path: Path,
+    lock: HostLock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="flask_meisa.engine")
+    hooks = RecordingHooks()
+    store = Store(path, busy_timeout=0.05)
+    engine = make_engine(emulator, hooks, store=store, capacity=5)
+    engine.start()
+    mend = _locked(store, path)
+    try:
+        syncs = [upsert(n) for n in range(8)]
+        resets = [send(n, "password_reset") for n in range(3)]
+        engine.submit(syncs[:4] + resets + syncs[4:])
+        # The oldest syncs go; sends never do.
+        assert sorted(op.id for op in hooks.of("dropped")) == sorted(op.id for op in syncs[:6])
+        assert {hooks.detail(op) for op in hooks.of("dropped")} == {"queue_full"}
+        assert engine.status().dropped == 6
+    finally:
+        mend()
+    lock.release()
+    assert engine.flush(10)
+    assert len(answered(emulator, "/emails/trigger/")) == 3
+    assert {r.body["external_id"] for r in answered(emulator, UPSERT)} == {"t-6", "t-7"}
+    assert sum("queue_full" in r.getMessage() for r in caplog.records) == 6
+
+
+def test_what_the_store_never_took_is_reported_at_close(
+    emulator: Emulator,
+    make_engine: MakeEngine,
+    path: Path,
+    lock: HostLock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="flask_meisa.engine")
+    hooks = RecordingHooks()
+    store = Store(path, busy_timeout=1.0)
+    engine = make_engine(emulator, hooks, store=store)
+    engine.start()
+    mend = _locked(store, path)
+    try:
+        operations = [track(n) for n in range(3)]
+        engine.submit(operations)
+        assert eventually(lambda: len(failures(caplog)) == 1)
+        assert not engine.flush(0.3)  # the writer holds them, trying the store again
+        assert engine.close(0) == 3
+        writers = [t for t in threading.enumerate() if t.name == "flask-meisa-writer"]
+        assert not any(t.is_alive() for t in writers)
+    finally:
+        mend()
+    assert sorted(op.id for op in hooks.of("dropped")) == sorted(op.id for op in operations)
+    assert {hooks.detail(op) for op in hooks.of("dropped")} == {"shutdown"}
+    assert waiting(path) == 0
+
+
+def test_a_process_that_takes_the_lock_while_the_store_is_locked_still_delivers(
+    emulator: Emulator,
+    make_engine: MakeEngine,
+    path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Taking over means handing back what an earlier process left in flight, a write: when
+    # that write fails, the lock must not stay taken by a process that never delivers.
+    caplog.set_level(logging.WARNING, logger="flask_meisa.engine")
+    hooks = RecordingHooks()
+    store = Store(path, busy_timeout=0.05)
+    mend = _locked(store, path)
+    try:
+        engine = make_engine(emulator, hooks, store=store)
+        engine.start()
+        assert eventually(lambda: len(failures(caplog)) == 1)
+    finally:
+        mend()
+    engine.submit([upsert(1)])
+    assert engine.flush(5)
+    assert [op.payload["external_id"] for op in hooks.of("delivered")] == ["t-1"]
+    assert engine.is_holder
+
+
+# -- the host's status from another process --------------------------------------------
+
+
+def test_the_status_seen_from_another_engine_is_the_hosts(
+    emulator: Emulator, make_engine: MakeEngine, path: Path
+) -> None:
+    hooks = RecordingHooks()
+    slow = RetryPolicy(
+        max_attempts=10, base_delay=60.0, max_delay=60.0, deadline=None, random=lambda: 1.0
+    )
+    holder = make_engine(emulator, hooks, rate_limit="3/hour", retry=slow)
+    holder.submit([send(1, trigger="no_such_trigger")])  # call 1: a dead letter
+    assert hooks.wait_for("failed", 1)
+    emulator.faults.fail_next(1, status=503, path=UPSERT)
+    holder.submit([upsert(1)])  # call 2: waits a minute to retry
+    assert emulator.wait_for_requests(2)
+    assert eventually(lambda: holder.status().retry_waiting == 1)
+    emulator.faults.set(latency=2.0, paths=[TRIGGER])
+    holder.submit([send(2)])  # call 3: in flight for two seconds
+    assert eventually(lambda: holder.status().in_flight == 1)
+    with holder.store.write() as db:
+        known.remember(db, {"external_id": "t-5", "custom_fields": {"tag": "t"}}, time.time())
+    viewer = make_engine(emulator, RecordingHooks(), rate_limit="3/hour")  # another process
+    viewer.submit(
+        [
+            send(3),
+            track(4),
+            upsert(5, seen=1),
+            Operation("upsert", {"email": "b@example.com"}, priority="backfill"),
+        ]
+    )
+    assert eventually(lambda: viewer.status().pending == 6)
+    status = viewer.status()
+    assert status.queued == {"transactional": 1, "automation": 1, "routine": 1, "backfill": 1}
+    assert (status.in_flight, status.retry_waiting, status.dead_letters) == (1, 1, 1)
+    assert (status.delivering_pid, status.durable, status.failed) == (os.getpid(), True, 1)
+    assert status.budget_left == {"3/hour": 0}
+    assert not viewer.is_holder
+    assert eventually(lambda: holder.status().in_flight == 0, 10.0)

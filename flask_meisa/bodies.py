@@ -14,7 +14,6 @@ from typing import Any
 
 from .errors import ValidationError
 from .payloads import JSONValue
-from .payloads import encode_body
 from .payloads import json_object
 from .payloads import normalize_email
 from .payloads import normalize_external_id
@@ -42,10 +41,7 @@ _UPSERT_FIELDS = frozenset(
 
 
 def _sendable(body: Mapping[str, JSONValue]) -> dict[str, JSONValue]:
-    sendable: dict[str, JSONValue] = {k: v for k, v in body.items() if v is not None}
-    # The client refuses a body over its size limit: refuse it here, before it is queued.
-    encode_body(sendable)
-    return sendable
+    return {k: v for k, v in body.items() if v is not None}
 
 
 def _unknown(fields: Mapping[str, Any], known: frozenset[str], what: str) -> None:

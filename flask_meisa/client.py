@@ -11,6 +11,7 @@ The API key travels only in the ``X-API-Key`` header: it is never logged, never 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -65,6 +66,9 @@ BULK_ENROLL_LIMIT = 500
 Timeout = float | tuple[float, float]
 
 #: The key scope each endpoint needs (``GET /ping/`` needs none), named by a 403's error.
+#: The endpoint of each kind of operation.
+_PATHS = {"upsert": "/contacts/upsert/", "track": "/events/track/", "send": "/emails/trigger/"}
+
 _SCOPES = {
     "POST /contacts/upsert/": "contacts:write",
     "POST /contacts/{id}/add_tag/": "contacts:write",
@@ -350,6 +354,19 @@ class MeisaClient:
         status, answer = self._call("POST", "/emails/trigger/", body=body)
         return TriggerResult.from_body(answer, status, str(body["idempotency_key"]))
 
+    def send_json(self, kind: str, body: str) -> Contact | TrackResult | TriggerResult:
+        """Make the call of a body already validated and encoded (what the delivery
+        engines do with an :class:`~flask_meisa.operations.Operation`): ``kind`` is
+        ``"upsert"``, ``"track"`` or ``"send"``."""
+        path = _PATHS[kind]
+        status, answer = self._call("POST", path, data=body.encode())
+        if kind == "upsert":
+            return Contact.from_body(answer, status)
+        if kind == "track":
+            return TrackResult.from_body(answer)
+        key = json.loads(body).get("idempotency_key")
+        return TriggerResult.from_body(answer, status, key)
+
     # -- transport ---------------------------------------------------------------------
 
     def _call(
@@ -358,13 +375,13 @@ class MeisaClient:
         path: str,
         *,
         body: Mapping[str, Any] | None = None,
+        data: bytes | None = None,
         params: Mapping[str, str | None] | None = None,
         endpoint: str | None = None,
     ) -> tuple[int, Any]:
         """Make the call, retrying per the policy; return (status, parsed body)."""
-        data = None
         if body is not None:
-            data = encode_body({k: v for k, v in body.items() if v is not None})
+            data = encode_body({k: v for k, v in body.items() if v is not None}).encode()
         query = {k: v for k, v in params.items() if v is not None} if params else None
         name = f"{method} {endpoint or path}"
         request = _http.Request(

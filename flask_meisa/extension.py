@@ -237,7 +237,7 @@ class Meisa:
             payload = upsert_payload(user_or_payload)
         else:
             payload = self._map(state, user_or_payload)
-        operation = Operation("upsert", payload, force=force)
+        operation = Operation.checked("upsert", payload, force=force)
         if priority == "high":
             operation.priority = "high"
         self._enqueue(state, operation)
@@ -267,7 +267,7 @@ class Meisa:
         else:
             identity = {"email": email, "external_id": external_id}
         body = track_body(event_name, properties=properties, **identity)
-        self._enqueue(state, Operation("track", body, contact=contact))
+        self._enqueue(state, Operation.checked("track", body, contact=contact))
 
     def send(
         self,
@@ -327,7 +327,7 @@ class Meisa:
         if self._suppressed_now(state, address, wait=wait):
             emit(email_suppressed, state.app, trigger_key=key, to_email=address, operation=None)
             return without_a_call("suppressed", "suppressed")
-        operation = Operation("send", body)
+        operation = Operation.checked("send", body)
         if background:
             self._enqueue(state, operation)
             return without_a_call("queued")
@@ -482,7 +482,7 @@ class Meisa:
         # Never let a sync problem break login_user(): log it instead.
         try:
             state = self._state(sender)
-            self._enqueue(state, Operation("upsert", self._map(state, user)))
+            self._enqueue(state, Operation.checked("upsert", self._map(state, user)))
         except Exception:
             logger.exception("meisa: could not sync the user who logged in")
 
@@ -509,7 +509,7 @@ class Meisa:
             fields = dict(cast(Mapping[str, Any], payload.get("custom_fields") or {}))
             fields["plan"] = to_json_value(new_plan, "new_plan")
             payload["custom_fields"] = fields
-            operation = Operation("upsert", payload, priority="high")
+            operation = Operation.checked("upsert", payload, priority="high")
         except ValidationError as error:
             logger.error("meisa: the plan change was not synced: %s", error)
             emit(delivery_failed, app, operation=None, error=error)

@@ -6,8 +6,8 @@ or ORM object, so it can wait in a queue, cross a thread, be stored or become a 
 
 from __future__ import annotations
 
+import random
 import time
-import uuid
 from collections.abc import Callable
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,6 +18,7 @@ from typing import Literal
 from typing import cast
 
 from .errors import ValidationError
+from .payloads import encode_body
 
 if TYPE_CHECKING:
     from .client import MeisaClient
@@ -125,7 +126,7 @@ class Operation:
     kind: OperationKind
     payload: dict[str, Any]
     contact: dict[str, Any] | None = None
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    id: str = field(default_factory=lambda: f"{random.getrandbits(128):032x}")
     created_at: float = field(default_factory=time.time)
     #: Attempts made so far (incremented by delivery).
     attempts: int = 0
@@ -133,6 +134,23 @@ class Operation:
     priority: Priority | None = None
     #: Make the call even if Meisa already has this exact state.
     force: bool = False
+    #: The payload as JSON, made once (see :meth:`checked`), or ``None`` until needed.
+    body: str | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def checked(cls, kind: OperationKind, payload: dict[str, Any], **options: Any) -> Operation:
+        """An operation whose payload is encoded now, once, for every later use.
+
+        :raises ValidationError: the body would be larger than Meisa takes.
+        """
+        return cls(kind, payload, body=encode_body(payload), **options)
+
+    @property
+    def json(self) -> str:
+        """The payload as compact JSON (the request body)."""
+        if self.body is None:
+            self.body = encode_body(self.payload)
+        return self.body
 
     @property
     def lane(self) -> int:
@@ -159,6 +177,7 @@ class Operation:
         if self.kind != "upsert" or later.kind != "upsert":
             raise ValueError("only upserts can be merged")
         self.payload = merge_upsert_payloads(self.payload, later.payload)
+        self.body = None
         self.force = self.force or later.force
         self.priority = merge_priorities(self.priority, later.priority)
 
@@ -205,18 +224,14 @@ class Operation:
 
 
 def deliver(client: MeisaClient, operation: Operation) -> Any:
-    """Make the operation's call with ``client`` and return the client's result.
+    """Make the operation's call with ``client`` and return the client's typed result
+    (the body was validated and encoded when the operation was made: it is sent as is).
 
     Retries are the client's (its :class:`~flask_meisa.retry.RetryPolicy`); a delivery
     engine that schedules its own retries passes a client built with
     ``retry=RetryPolicy.never()``.
     """
-    payload = operation.payload
-    if operation.kind == "upsert":
-        return client.upsert_contact(**payload)
-    if operation.kind == "track":
-        return client.track_event(**payload)
-    return client.trigger_email(**payload)
+    return client.send_json(operation.kind, operation.json)
 
 
 @dataclass(frozen=True)

@@ -233,7 +233,12 @@ def _mapping(value: Mapping[Any, Any], field: str, depth: int) -> dict[str, JSON
             raise ValidationError(field, f"has a key that is not a string ({_type_name(key)})")
         if not key.isascii() and not _encodable(key):
             raise ValidationError(field, "has a key that is not valid Unicode text")
-        out[str(key)] = to_json_value(item, f"{field}.{key}", _depth=depth)
+        kind = type(item)
+        # The common leaves need no conversion: skip the call (and the error path's name).
+        if item is None or kind is bool or (kind is str and item.isascii()):
+            out[str(key)] = item
+        else:
+            out[str(key)] = to_json_value(item, f"{field}.{key}", _depth=depth)
     return out
 
 
@@ -308,21 +313,23 @@ def _decimal(value: Decimal, field: str) -> int | float:
     return _check_float(float(value), field)
 
 
-def encode_body(body: Mapping[str, JSONValue], max_bytes: int = MAX_BODY_BYTES) -> bytes:
-    """Serialise an already converted request body as compact UTF-8 JSON.
+def encode_body(body: Mapping[str, JSONValue], max_bytes: int = MAX_BODY_BYTES) -> str:
+    """Serialise an already converted request body as compact JSON (ASCII, so its length
+    is its size in bytes).
 
     :raises ValidationError: when the result is larger than ``max_bytes``; the field named
         is the largest top-level field.
     """
-    data = json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    encoded = data.encode("utf-8")
-    if len(encoded) > max_bytes:
-        largest = max(body, key=lambda k: len(json.dumps(body[k], ensure_ascii=False)))
+    text = _ENCODER.encode(body)
+    if len(text) > max_bytes:
+        largest = max(body, key=lambda k: len(_ENCODER.encode(body[k])))
         raise ValidationError(
-            largest,
-            f"makes the request body {len(encoded)} bytes, over the {max_bytes}-byte limit",
+            largest, f"makes the request body {len(text)} bytes, over the {max_bytes}-byte limit"
         )
-    return encoded
+    return text
+
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
 def unique_emails(values: Iterable[object], field: str) -> list[str]:

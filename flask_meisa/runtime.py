@@ -54,6 +54,8 @@ class MeisaState:
         self._client: MeisaClient | None = None
         self._dispatcher: Dispatcher | None = None
         self._store: Store | None = None
+        self._switches: tuple[Any, ...] | None = None
+        self._delivering = False
         #: The suppression set consulted before every send.
         self.suppression = SuppressionSet(
             self._fetch_suppressions,
@@ -91,7 +93,15 @@ class MeisaState:
         """Whether operations are delivered now (read on every operation):
         ``MEISA_ENABLED`` and not ``MEISA_SUPPRESS_SEND`` (which follows ``TESTING``
         while it is ``None``); ``"false"`` read from the environment is false."""
-        return is_delivering(self.app.config)
+        config = self.app.config
+        switches = (
+            config.get("MEISA_ENABLED"),
+            config.get("MEISA_SUPPRESS_SEND"),
+            config.get("TESTING"),
+        )
+        if switches != self._switches:  # parsed again only when one of them changed
+            self._delivering, self._switches = is_delivering(config), switches
+        return self._delivering
 
     def retry_policy(self, *, deadline: float | None = None) -> RetryPolicy:
         """The retry policy of calls made in the caller's thread (``meisa.send``, CLI
@@ -173,6 +183,9 @@ class MeisaState:
     def dispatcher(self) -> Dispatcher:
         """The app's delivery engine (made on first use)."""
         self._check_fork()
+        dispatcher = self._dispatcher
+        if dispatcher is not None:
+            return dispatcher
         with self._lock:
             if self._dispatcher is None:
                 self._dispatcher = _ENGINES[self.settings.delivery](self)

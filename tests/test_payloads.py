@@ -292,8 +292,10 @@ def test_json_object() -> None:
         assert "mapping" in info.value.message
 
 
-def test_encode_body_is_compact_utf8() -> None:
-    assert encode_body({"name": "Zoë", "n": [1, 2]}) == '{"name":"Zoë","n":[1,2]}'.encode()
+def test_encode_body_is_compact_ascii_json_whose_length_is_its_size() -> None:
+    text = encode_body({"name": "Zoë", "n": [1, 2]})
+    assert text == '{"name":"Zo\\u00eb","n":[1,2]}'
+    assert len(text) == len(text.encode())
 
 
 def test_encode_body_size_limit_names_the_largest_field() -> None:

@@ -365,9 +365,10 @@ def test_shedding_takes_routine_then_automation_rows_oldest_first(
     old_sync, new_sync = upsert(3), upsert(4)
     for operation in (old_event, old_sync, new_event, new_sync):
         add(db, operation)
-    assert pending.shed(db, 7) == []
-    assert pending.shed(db, 5) == [old_sync, new_sync]
-    assert pending.shed(db, 4) == [old_event]
+    # Six live rows: a backfill bounds itself and does not count.
+    assert pending.shed(db, 6) == []
+    assert pending.shed(db, 4) == [old_sync, new_sync]
+    assert pending.shed(db, 3) == [old_event]
     # Only a send, a backfill and the row in flight are left: none of them goes.
     assert pending.shed(db, 0) == [new_event]
     assert rows(db) == 3

@@ -18,6 +18,7 @@ from flask_meisa.bodies import upsert_body
 from flask_meisa.emulator.validation import Payload
 from flask_meisa.emulator.validation import is_valid_email
 from flask_meisa.errors import ValidationError
+from flask_meisa.operations import Operation
 from flask_meisa.payloads import MAX_EMAIL_LENGTH
 from flask_meisa.payloads import MAX_TEXT_LENGTH
 from flask_meisa.payloads import json_object
@@ -159,6 +160,8 @@ def test_unique_emails_normalises_and_deduplicates(value: Any) -> None:
 def test_upsert_body_is_json_and_stable(fields: dict[Any, Any]) -> None:
     try:
         body = upsert_body(fields)
+        # The size is checked once, when the operation is made (the extension's calls).
+        Operation.checked("upsert", body)
     except ValidationError as error:
         s.assert_validation_error(error)
         s.assert_no_values_in(error, fields)

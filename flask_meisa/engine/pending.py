@@ -32,7 +32,7 @@ from ..operations import Operation
 from ..operations import identities
 from ..operations import merge_priorities
 from ..operations import merge_upsert_payloads
-from ..payloads import MAX_BODY_BYTES
+from ..payloads import encode_body
 from .base import DeliveryStatus
 from .store import OP_COLUMNS
 from .store import Store
@@ -79,6 +79,14 @@ class DeadLetter:
     attempts: int
     merged: int
     failed_at: float
+
+
+def _fits(payload: dict[str, Any]) -> str | None:
+    """The JSON of a merged upsert, or ``None`` when one call could not carry it."""
+    try:
+        return encode_body(payload)
+    except ValidationError:
+        return None
 
 
 def _dump(value: Any) -> str:
@@ -129,7 +137,7 @@ def add(db: sqlite3.Connection, operation: Operation, lane: int) -> tuple[int, b
             lane,
             ext,
             email,
-            _dump(operation.payload),
+            operation.json,
             None if operation.contact is None else _dump(operation.contact),
             operation.priority,
             int(operation.force),
@@ -153,8 +161,8 @@ def _merge(
     if row is None or (ext is not None and row[5] is not None and row[5] != ext):
         return None
     payload = merge_upsert_payloads(json.loads(row[1]), operation.payload)
-    body = _dump(payload)
-    if len(body.encode()) > MAX_BODY_BYTES - 1024:
+    body = _fits(payload)
+    if body is None:
         return None  # one call could not carry both: they go one after the other
     new_ext, new_email = identities(payload)
     db.execute(
@@ -281,7 +289,7 @@ def absorb_later(db: sqlite3.Connection, row: Row) -> None:
         if ext is not None and their_ext is not None and their_ext != ext:
             break
         candidate = merge_upsert_payloads(payload, json.loads(body))
-        if len(_dump(candidate).encode()) > MAX_BODY_BYTES - 1024:
+        if _fits(candidate) is None:
             break
         payload, lane, merged = candidate, min(lane, their_lane), merged + their_merged
         taken.append(seq)

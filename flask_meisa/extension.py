@@ -41,11 +41,11 @@ from .errors import DeliveryError
 from .errors import UnprocessableEntityError
 from .errors import ValidationError
 from .operations import Operation
-from .outcomes import SendResult
-from .outcomes import SendStatus
 from .payloads import normalize_email
 from .payloads import to_json_value
 from .reporting import emit
+from .results import SendResult
+from .results import SendStatus
 from .runtime import MeisaState
 from .signals import delivery_failed
 from .signals import email_sent

@@ -10,7 +10,7 @@ from typing import Any
 from blinker import Signal
 
 from .errors import UnprocessableEntityError
-from .outcomes import SendResult
+from .results import SendResult
 from .signals import contact_synced
 from .signals import delivery_dropped
 from .signals import delivery_failed

@@ -118,7 +118,7 @@ class MeisaState:
     def background_retry_policy(self) -> RetryPolicy:
         """The retry policy of background delivery: retried until ``MEISA_RETRY_DEADLINE``
         however many attempts that takes (waits hold no thread)."""
-        return dataclasses.replace(self.retry_policy(), max_attempts=2**31)
+        return dataclasses.replace(self.retry_policy(), max_attempts=None)
 
     # -- parts made on first use -------------------------------------------------------
 

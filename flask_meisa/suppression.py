@@ -14,7 +14,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-
 from .errors import ConfigurationError
 from .errors import MeisaError
 from .errors import ValidationError

@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.shutdown()
         server.server_close()
         thread.join(5)
-        left = meisa.state(app).close(app.config["MEISA_FLUSH_TIMEOUT"])
+        left = meisa.close(app)
         if left:
             print(f"{left} operation(s) were not delivered before stopping.", flush=True)
         if emulator is not None:

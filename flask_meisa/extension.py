@@ -199,6 +199,12 @@ class Meisa:
     # -- public calls ------------------------------------------------------------------
 
     @property
+    def delivering(self) -> bool:
+        """Whether the current app delivers now: ``MEISA_ENABLED`` and not
+        ``MEISA_SUPPRESS_SEND`` (which follows ``TESTING``), read on every call."""
+        return self._state().delivering()
+
+    @property
     def client(self) -> MeisaClient:
         """The current app's :class:`~flask_meisa.client.MeisaClient`."""
         return self._state().client

@@ -19,8 +19,8 @@ from .config import INSTANCE_PREFIX
 from .config import is_delivering
 from .engine.base import Dispatcher
 from .errors import ConfigurationError
-from .reporting import SignalReporter
 from .retry import RetryPolicy
+from .signals import SignalReporter
 from .suppression import SuppressionSet
 
 if TYPE_CHECKING:

@@ -109,11 +109,12 @@ def test_testing_suppresses_delivery_by_default_and_is_read_lazily() -> None:
     app = make_app(MEISA_BASE_URL="http://127.0.0.1:9/api/v1")
     meisa = Meisa(app)
     with app.app_context():
-        assert meisa.delivering
+        seen = [meisa.delivering]
         app.config["TESTING"] = True  # set after init_app: still honoured
-        assert not meisa.delivering
+        seen.append(meisa.delivering)
         app.config["MEISA_SUPPRESS_SEND"] = False
-        assert meisa.delivering
+        seen.append(meisa.delivering)
+    assert seen == [True, False, True]
 
 
 def test_enabled_false_read_from_the_environment_sends_nothing(emulator: Any) -> None:

@@ -162,7 +162,7 @@ def test_the_transactional_lane_may_use_the_reserve(store: Store) -> None:
     calls = budget(store, "20/minute;1000/hour")  # 1 of 20 and 50 of 1000 held back
     start = time.time() - 1.0
     for _ in range(19):
-        calls.call(start, start, LANE_ROUTINE)
+        calls.call(start, start, LANE_AUTOMATION)
     for lane in (LANE_AUTOMATION, LANE_ROUTINE, LANE_BACKFILL):
         assert calls.wait(start, lane) == pytest.approx(60.0)
     calls.call(start, start, LANE_TRANSACTIONAL)
@@ -179,14 +179,30 @@ def test_the_hour_reserve_holds_when_the_minute_has_room(store: Store) -> None:
 
 
 def test_a_backfill_uses_at_most_its_share_and_never_blocks_live_work(store: Store) -> None:
-    calls = budget(store, "20/minute")  # 19 for all but sends
-    for _ in range(9):
-        assert calls.take(0.0, LANE_BACKFILL, share=0.5) is not None
-    assert calls.wait(0.0, LANE_BACKFILL, share=0.5) is None  # 9 of 19 in flight
+    calls = budget(store, "20/minute")  # 19 for all but sends; 9 of them for the backfill
+    spacing = 60.0 / 9  # a backfill's calls are spread out at its share's pace
+    for n in range(9):
+        assert calls.take(n * spacing, LANE_BACKFILL, share=0.5) is not None
+    assert calls.wait(9 * spacing, LANE_BACKFILL, share=0.5) is None  # 9 of 19 in flight
     for _ in range(10):
-        assert calls.take(0.0, LANE_ROUTINE) is not None
-    assert calls.wait(0.0, LANE_ROUTINE) is None
+        assert calls.take(9 * spacing, LANE_AUTOMATION) is not None
+    assert calls.wait(9 * spacing, LANE_AUTOMATION) is None
+    assert calls.take(9 * spacing, LANE_TRANSACTIONAL) is not None
+
+
+def test_routine_and_backfill_calls_are_spread_out_and_urgent_ones_are_not(
+    store: Store,
+) -> None:
+    # 57 of 60 a minute for all but sends: a routine call at most every 60/57 s, so that a
+    # burst of routine work never spends the window ahead of a plan change.
+    calls = budget(store, "60/minute")
+    assert calls.take(0.0, LANE_ROUTINE) is not None
+    assert calls.wait(0.0, LANE_ROUTINE) == pytest.approx(60 / 57)
+    assert calls.wait(0.0, LANE_BACKFILL) == pytest.approx(60 / 57)
+    assert calls.take(0.0, LANE_AUTOMATION) is not None
     assert calls.take(0.0, LANE_TRANSACTIONAL) is not None
+    assert calls.wait(0.5, LANE_ROUTINE) == pytest.approx(60 / 57 - 0.5)
+    assert calls.take(60 / 57, LANE_ROUTINE) is not None
 
 
 def test_a_backfill_share_never_rounds_down_to_nothing(store: Store) -> None:

@@ -197,10 +197,11 @@ def _unchanged(db: Any, operation: Operation, now: float, resync_after: float) -
         return False
     ext, email = identities(operation.payload)
     waiting = db.execute(
-        "SELECT 1 FROM meisa_ops WHERE state != 'dead' AND (ext = ? OR email = ?) LIMIT 1",
+        "SELECT EXISTS (SELECT 1 FROM meisa_ops WHERE ext = ? AND state != 'dead') "
+        "OR EXISTS (SELECT 1 FROM meisa_ops WHERE email = ? AND state != 'dead')",
         (ext, email),
-    ).fetchone()
-    return waiting is None
+    ).fetchone()[0]
+    return not waiting
 
 
 def _failure(user: Any, position: int, error: MeisaError) -> dict[str, Any]:

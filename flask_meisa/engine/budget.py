@@ -5,7 +5,8 @@ what the last one spent.
 A call takes a slot when it starts and holds it (under a lease, in case its process dies)
 until its answer, which dates the slot; the slot leaves each window one period later.
 Transactional sends may use the last :data:`TRANSACTIONAL_RESERVE` of each window; a
-backfill may use at most its share of the rest."""
+backfill may use at most its share of the rest; routine and backfill calls are spread out
+at the rate the budget can last."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from .._ratelimit import parse_rate_limit
 from .._ratelimit import slot_wait
 from ..operations import LANE_BACKFILL
+from ..operations import LANE_ROUTINE
 from ..operations import LANE_TRANSACTIONAL
 from .store import Store
 
@@ -86,7 +88,21 @@ class Budget:
             if this is None:
                 return None
             wait = max(wait or 0.0, this)
-        return wait
+        if lane >= LANE_ROUTINE and wait == 0.0:
+            wait = self._pace(db, now, lane, share)
+        return 0.0 if wait is not None and wait < 1e-9 else wait  # float error, not a wait
+
+    def _pace(self, db: sqlite3.Connection, now: float, lane: int, share: float) -> float:
+        """Routine and backfill calls go no faster than the budget can last, so that a
+        freed slot is soon there for urgent work instead of a window spent in a burst."""
+        spacing = max(
+            window.period / self._allowed(index, lane, share)
+            for index, window in enumerate(self.windows)
+        )
+        started = db.execute("SELECT max(lease_until) FROM meisa_calls").fetchone()[0]
+        if started is None:
+            return 0.0
+        return max(float(started) - self.lease + spacing - now, 0.0)
 
     def take(
         self, db: sqlite3.Connection, now: float, lane: int, share: float = 1.0

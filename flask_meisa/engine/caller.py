@@ -68,6 +68,8 @@ class Caller:
         self._client: MeisaClient | None = None
         self._owned: MeisaClient | None = None
         self.calls = 0  # calls in flight
+        #: The lane of the row last held back by the budget (``None``: not held back).
+        self.blocked_lane: int | None = None
         self.reporting = 0  # outcomes stored whose hooks have not run yet
         self.in_hook = threading.local()
 
@@ -94,7 +96,9 @@ class Caller:
                 share = float((Store.get_meta(db, "backfill") or {}).get("max_share", 1.0))
                 token, wait_for = self.budget.take(db, now, row.lane, share)
                 if token is None:
+                    self.blocked_lane = row.lane
                     return 0.05 if wait_for is None else wait_for
+                self.blocked_lane = None
                 pending.take(db, row, now)
                 self._count(calls=1)
         if report is None:

@@ -111,7 +111,8 @@ class Delivery:
         """Everything that belongs to one process (again in a forked child)."""
         self._pid = os.getpid()
         self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)  # the threads wait here
+        self._wake = threading.Condition(self._lock)  # the writer waits here
+        self._work = threading.Condition(self._lock)  # the delivery threads wait here
         self._idle = threading.Condition(self._lock)  # flush waits here
         self._intake: list[Operation] = []
         self._writing = 0  # operations taken by the writer, not yet stored
@@ -230,6 +231,7 @@ class Delivery:
         with self._lock:
             self._stopping = True
             self._wake.notify_all()
+            self._work.notify_all()
             threads = list(self._threads)
         for thread in threads:  # the writer stores what it can before it stops
             if thread is not threading.current_thread():
@@ -302,13 +304,13 @@ class Delivery:
     def _kick(self) -> None:
         with self._lock:
             self._generation += 1
-            self._wake.notify_all()
+            self._work.notify_all()
             self._idle.notify_all()
 
     def _sleep(self, seen: int, seconds: float) -> None:
         with self._lock:
-            if self._generation == seen and not self._stopping and not self._intake:
-                self._wake.wait(max(min(seconds, 1.0), 0.0))
+            if self._generation == seen and not self._stopping:
+                self._work.wait(max(min(seconds, 1.0), 0.0))
 
     # -- the writer: intake, the delivery lock, other processes' rows, housekeeping ----
 
@@ -358,10 +360,17 @@ class Delivery:
 
     def _store_batch(self, batch: list[Operation]) -> None:
         with self.store.write() as db:
-            for operation in batch:
-                pending.add(db, operation, self._lane_of(db, operation))
+            lanes = [self._lane_of(db, operation) for operation in batch]
+            for operation, lane in zip(batch, lanes, strict=True):
+                pending.add(db, operation, lane)
             shed = pending.shed(db, self._capacity)
-        self._kick()
+        # Delivery waiting for the budget only wakes for work that could go sooner.
+        blocked = self._caller.blocked_lane
+        if blocked is None or min(lanes) < blocked:
+            self._kick()
+        else:
+            with self._lock:
+                self._idle.notify_all()
         for operation in shed:
             self._logger.warning(
                 "flask-meisa: dropped %s (queue_full; at most %d operations wait)",

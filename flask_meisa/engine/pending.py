@@ -49,6 +49,12 @@ __all__ = [
 ]
 
 _MESSAGE_LIMIT = 300
+# A contact's rows by either of its names, each through its own index.
+_BY_NAME = (
+    "SELECT {columns} FROM meisa_ops WHERE ext = ? AND {where} "
+    "UNION ALL SELECT {columns} FROM meisa_ops WHERE email = ? AND {where}"
+)
+_UPSERTS = "kind = 'upsert' AND state = 'pending'"
 #: The window of answers that the latency figures of the status cover, in seconds.
 LATENCY_WINDOW = 900.0
 
@@ -154,8 +160,8 @@ def _merge(
     db: sqlite3.Connection, operation: Operation, lane: int, ext: str | None, email: str | None
 ) -> int | None:
     row = db.execute(
-        "SELECT seq, payload, lane, priority, force, ext FROM meisa_ops WHERE kind = 'upsert' "
-        "AND state = 'pending' AND (ext = ? OR email = ?) ORDER BY seq DESC LIMIT 1",
+        "SELECT seq, payload, lane, priority, force, ext FROM meisa_ops WHERE seq = "
+        f"(SELECT max(seq) FROM ({_BY_NAME.format(columns='max(seq) AS seq', where=_UPSERTS)}))",
         (ext, email),
     ).fetchone()
     if row is None or (ext is not None and row[5] is not None and row[5] != ext):
@@ -187,11 +193,13 @@ def _promote(
 ) -> None:
     """Rows of the contact ahead of ``seq`` go no later than it: an urgent row never waits
     behind its contact's routine ones in a lower lane."""
-    db.execute(
-        "UPDATE meisa_ops SET lane = ? WHERE seq < ? AND lane > ? AND state != 'dead' "
-        "AND (ext = ? OR email = ?)",
-        (lane, seq, lane, ext, email),
-    )
+    for column, name in (("ext", ext), ("email", email)):
+        if name is not None:
+            db.execute(
+                f"UPDATE meisa_ops SET lane = ? WHERE {column} = ? AND seq < ? AND lane > ? "
+                "AND state != 'dead'",
+                (lane, name, seq, lane),
+            )
 
 
 def shed(db: sqlite3.Connection, capacity: int) -> list[Operation]:
@@ -280,8 +288,8 @@ def absorb_later(db: sqlite3.Connection, row: Row) -> None:
     it was in flight, so that its next attempt carries the newest state."""
     ext, email = keys(row.operation)
     later = db.execute(
-        "SELECT seq, payload, ext, lane, merged FROM meisa_ops WHERE kind = 'upsert' AND "
-        "state = 'pending' AND seq > ? AND (ext = ? OR email = ?) ORDER BY seq",
+        "SELECT seq, payload, ext, lane, merged FROM meisa_ops WHERE seq > ? AND seq IN "
+        f"({_BY_NAME.format(columns='seq', where=_UPSERTS)}) ORDER BY seq",
         (row.seq, ext, email),
     ).fetchall()
     payload, lane, merged, taken = row.operation.payload, row.lane, row.merged, []

@@ -517,7 +517,9 @@ class CeleryBackfill:
 
     def backlog(self) -> tuple[int, int]:
         """Backfill upserts not finished, and those Meisa refused."""
-        return self._store.pending(LANE_BACKFILL), self._store.counters()["backfill_refused"]
+        return self._store.pending(LANE_BACKFILL), self._store.counters().get(
+            "backfill_refused", 0
+        )
 
     def failures(self) -> list[dict[str, Any]]:
         """Users the last runs could not map."""

@@ -282,6 +282,8 @@ def status_command() -> None:
     where = "memory of this process"
     if status.durable:
         where = f"{state.store_path()} (every process of this host)"
+    elif status.engine == "celery":
+        where = "Redis (every worker)"
     click.echo(f"engine: {status.engine}, store: {where}")
     if status.engine == "thread":
         pid = status.delivering_pid

@@ -171,6 +171,8 @@ def test_an_event_takes_its_contacts_pending_upsert_to_its_lane(
     (queued,) = messages(client, "meisa.routine")
     companion, own = messages(client, "meisa.automation")
     assert own["kwargs"]["op"] == event.to_dict()
+    meta = queued["kwargs"]["meta"]
+    assert own["kwargs"]["meta"]["after"] == [meta["contact"], meta["version"]]
     assert companion["kwargs"]["meta"] == {
         **queued["kwargs"]["meta"],
         "lane": 1,

@@ -385,6 +385,18 @@ def test_an_event_goes_after_its_contacts_pending_upsert_which_its_lane_delivers
     assert store.pending() == 0
 
 
+def test_an_event_does_not_wait_for_an_upsert_released_after_it(
+    make_worker: MakeWorker, submit: Submit, store: RedisDeliveryStore, emulator: Emulator
+) -> None:
+    payload = {"email": "old@example.com", "external_id": "7"}
+    store.remember(payload, time.time())
+    assert make_worker().run(*submit(Operation("upsert", payload, force=True))) is None
+    event = submit(Operation("track", {"event_name": "opened", "external_id": "7"}))
+    submit(Operation("upsert", {**payload, "first_name": "Later"}))  # pending, routine
+    assert make_worker().run(*event) is None  # tracked at once
+    assert [r.path for r in emulator.requests] == ["/api/v1" + UPSERT, "/api/v1" + TRACK]
+
+
 def test_skip_reasons_and_a_disabled_worker_skip_without_a_call(
     make_worker: MakeWorker,
     submit: Submit,
@@ -467,8 +479,7 @@ def test_a_routine_operation_waiting_too_long_goes_on_the_automation_lane(
     old = Operation("upsert", {**payload, "first_name": "A"}, created_at=time.time() - 61)
     ((lane, data, meta),) = dispatcher.tasks(old)
     assert lane == LANE_ROUTINE
-    queues = {LANE_ROUTINE: "meisa.routine", LANE_AUTOMATION: "meisa.automation"}
-    worker = make_worker(rate_limit="1/minute", routine_max_age=60.0, queues=queues)
+    worker = make_worker(rate_limit="1/minute", routine_max_age=60.0)
     assert worker.budget is not None
     assert worker.budget.acquire(lease=5.0).token  # the budget is spent
     again = worker.run(data, meta)

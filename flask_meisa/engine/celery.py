@@ -311,6 +311,7 @@ class CeleryDispatcher:
                 companion = Operation("upsert", {}, created_at=operation.created_at)
                 extra = {"contact": found[0], "version": found[1], "companion": True}
                 tasks.append((lane, companion.to_dict(), {"lane": lane, **extra}))
+                meta["after"] = list(found)
         return [*tasks, (lane, operation.to_dict(), meta)]
 
     def _drop(self, operation: Operation, reason: str, cause: str | None = None) -> None:
@@ -586,7 +587,6 @@ def init_celery(app: Flask, celery_app: Any = None) -> Any:
             enabled=state.delivering,
             resync_after=options.resync_after,
             routine_max_age=options.routine_max_age,
-            queues={lane: f"{settings.queue}.{name}" for lane, name in LANE_NAMES.items()},
         )
 
     return register_tasks(celery_app, build)

@@ -13,7 +13,6 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -26,6 +25,7 @@ from .._decisions import decide
 from .._decisions import log_decision
 from ..operations import LANE_AUTOMATION
 from ..operations import LANE_BACKFILL
+from ..operations import LANE_NAMES
 from ..operations import LANE_ROUTINE
 from ..operations import Operation
 from ..operations import attempt
@@ -59,7 +59,7 @@ logger = logging.getLogger("flask_meisa.engine")
 @dataclass(frozen=True)
 class RunAgain:
     """Run the task again in ``countdown`` seconds with these arguments, on ``queue``
-    (its lane's) or, when ``None``, the one it came from."""
+    (its lane's; ``None``: the one it came from)."""
 
     countdown: float
     op: dict[str, Any]
@@ -72,9 +72,10 @@ class DeliveryWorker:
     worker process, shared by its threads.
 
     A task's ``meta`` says how to run it: ``lane``; for a coalesced upsert, its contact's
-    record (``contact``) and ``version`` (``companion``: a copy published on a higher lane
-    for an event, delivering the record but none of its own); while it runs: ``due``,
-    ``first_attempt`` and an event's recovery (``recover``, ``recovered``).
+    record (``contact``) and ``version`` (``companion``: a copy published on an event's
+    lane, delivering the record but none of its own); for an event, the upsert to wait
+    for (``after``: contact and version); while it runs: ``due``, ``first_attempt`` and
+    an event's recovery (``recover``, ``recovered``).
 
     :param client_factory: builds the client (once; its calls are made with
         ``retry=RetryPolicy.never()``); closed by :meth:`close`.
@@ -91,7 +92,6 @@ class DeliveryWorker:
         with reason ``"delivery_suppressed"`` (``MEISA_ENABLED = False`` on the worker).
     :param resync_after: seconds after which a state Meisa has is sent again anyway.
     :param routine_max_age: seconds after which a routine operation is promoted.
-    :param queues: the queue of each lane, for the runs of a promoted operation.
     """
 
     def __init__(
@@ -108,7 +108,6 @@ class DeliveryWorker:
         enabled: Callable[[], bool] | None = None,
         resync_after: float = 86400.0,
         routine_max_age: float = 3600.0,
-        queues: Mapping[int, str] | None = None,
     ) -> None:
         self._client_factory = client_factory
         self._hooks = HookCaller(hooks, logger)
@@ -121,7 +120,6 @@ class DeliveryWorker:
         self._enabled = enabled
         self._resync_after = resync_after
         self._routine_max_age = routine_max_age
-        self._queues = queues
         self._client_lock = threading.Lock()
         self._owned: MeisaClient | None = None
         self._client: MeisaClient | None = None
@@ -219,15 +217,11 @@ class DeliveryWorker:
             raise
 
     def _event_wait(self, operation: Operation, meta: dict[str, Any]) -> RunAgain | None:
-        """An event waits while its contact has an upsert pending (at most the retry
-        deadline), so that it never reaches Meisa before its contact's state."""
-        contacts = [
-            contact
-            for payload in (operation.payload, operation.contact)
-            if payload
-            for contact in self.store.contacts(payload)
-        ]
-        if not contacts or self.store.pending_version(contacts) is None:
+        """An event waits until the upsert its contact had pending when it was released
+        is delivered (at most the retry deadline), so that it never reaches Meisa before
+        its contact's state."""
+        contact, version = meta.get("after") or (None, 0)
+        if contact is None or self.store.pending_version([contact], upto=version) is None:
             return None
         limit = self._retry.deadline if self._retry.deadline is not None else EVENT_WAIT_LIMIT
         if time.time() - operation.created_at > limit:
@@ -343,8 +337,8 @@ class DeliveryWorker:
         if countdown > self.max_countdown:
             meta["due"] = time.time() + countdown
             countdown = self.max_countdown
-        lane = meta.get("lane")
-        queue = None if self._queues is None or lane is None else self._queues[int(lane)]
+        lane = LANE_NAMES[int(meta.get("lane", operation.lane))]
+        queue = f"{self.store.namespace}.{lane}"  # the queue of the lane it is in now
         return RunAgain(max(countdown, 0.0), operation.to_dict(), meta, queue)
 
     def _report(
@@ -375,7 +369,7 @@ class DeliveryWorker:
             len(members),
             answer=None if answer is None else (lane, answer),
         )
-        if outcome == "failed" and members[0].priority == "backfill":
+        if outcome == "failed" and any(member.priority == "backfill" for member in members):
             self.store.count("backfill_refused", len(members))
 
 

@@ -78,6 +78,8 @@ class RedisDeliveryStore:
 
     def __init__(self, redis: Any, namespace: str) -> None:
         self._redis = redis
+        #: The queue prefix these records belong to.
+        self.namespace = namespace
         self._prefix = f"meisa:{namespace}"
         self.stats_key = f"{self._prefix}:stats"
         self.epoch_key = f"{self._prefix}:epoch"
@@ -264,15 +266,19 @@ class RedisDeliveryStore:
 
         self._redis.transaction(update, record, lease_key)
 
-    def pending_version(self, contacts: Iterable[str]) -> tuple[str, int] | None:
-        """The first of ``contacts`` with an upsert not yet delivered, with the version
-        its record is at; ``None`` when there is none."""
+    def pending_version(
+        self, contacts: Iterable[str], *, upto: int | None = None
+    ) -> tuple[str, int] | None:
+        """The first of ``contacts`` with an upsert not yet delivered (of version ``upto``
+        or earlier, when given), with the version its record is at; ``None`` when there
+        is none."""
         contacts = list(dict.fromkeys(contacts))
         pipe = self._redis.pipeline(transaction=False)
         for contact in contacts:
             pipe.hmget(self._key("contact", contact), "version", "delivered")
         for contact, (version, delivered) in zip(contacts, pipe.execute(), strict=True):
-            if version is not None and int(version) > int(delivered or 0):
+            wanted = int(version or 0) if upto is None else upto
+            if version is not None and wanted > int(delivered or 0):
                 return contact, int(version)
         return None
 

@@ -239,7 +239,7 @@ def _show_failures(target: backfill.Target) -> None:
                 if letter.operation.priority == "backfill"
             ]
     elif count := target.backlog()[1]:
-        refused = [f"{count} upserts refused by Meisa (see the workers' delivery_failed signal)"]
+        refused = [f"{count} upsert(s) refused by Meisa (see the workers' delivery_failed signal)"]
     for failure in found:
         who = failure["user"] or f"#{failure['position']}"
         click.echo(f"user {who}: {failure['reason']}")

@@ -145,6 +145,28 @@ def test_an_interrupted_backfill_goes_on_where_it_stopped(
     assert len(by_user) == 1_000 and set(by_user.values()) == {1}
 
 
+def test_users_that_cannot_be_mapped_or_were_refused_are_counted_and_listed(
+    emulator: Emulator, start_worker: StartWorker, make_app: MakeApp
+) -> None:
+    start_workers(start_worker, emulator)
+    app = make_app(50)
+    people = app.config["PEOPLE"]
+    people[7].email = None
+    people[9].plan = {"not", "json"}
+    emulator.faults.fail_next(1, 400, path=UPSERT)  # and Meisa refuses one upsert
+    result = sync_users(app)
+    assert result.exit_code == 1
+    assert "50 of 50 users done" in result.output and "3 failed" in result.output
+    assert "flask meisa sync-users --failures" in result.output
+    assert len(upserts_by_user(emulator)) == 47
+    listed = sync_users(app, "--failures").output.splitlines()
+    assert listed == [
+        "user 7: email: the user object has no email attribute",
+        "user 9: custom_fields.plan: cannot be sent as JSON (set)",
+        "1 upsert(s) refused by Meisa (see the workers' delivery_failed signal)",
+    ]
+
+
 def test_the_share_option_keeps_part_of_the_budget_for_live_work(
     emulator_factory: Callable[..., Emulator], start_worker: StartWorker, make_app: MakeApp
 ) -> None:

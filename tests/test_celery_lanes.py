@@ -75,7 +75,9 @@ def test_urgent_changes_overtake_600_routine_syncs_with_two_workers(
 
     waits = {
         "plan change": arrived(
-            lambda r: r.path.endswith(UPSERT) and r.body["custom_fields"].get("plan") == "pro"
+            lambda r: (
+                r.path.endswith(UPSERT) and r.body.get("custom_fields", {}).get("plan") == "pro"
+            )
         ),
         "signup": arrived(lambda r: r.path.endswith(UPSERT) and r.body["external_id"] == "new"),
         "event": arrived(lambda r: r.path.endswith("/events/track/")),

@@ -4,7 +4,7 @@ Starts a ``redis-server`` on a free loopback port, an in-process emulator, and r
 ``celery worker`` processes (the test suite's worker app, ``tests.celery_support``), then
 measures:
 
-1. **submit**: the web process's cost of ``CeleryDispatcher.submit`` per operation (Redis
+1. **submit**: the web process's cost of ``CeleryDispatcher.publish`` per operation (Redis
    round trips: the coalescing record and the publish), p50 and p99;
 2. **throughput**: operations delivered per second by 1 and by 2 workers (threads pool,
    concurrency 4 each) with no rate budget and a fast emulator: the engine's overhead per
@@ -153,7 +153,7 @@ def measure_submit(rig: Rig, ops: int) -> None:
     costs = []
     for n in range(ops):
         started = time.perf_counter()
-        dispatcher.submit(upsert(n))
+        dispatcher.publish(upsert(n))
         costs.append(time.perf_counter() - started)
     dispatcher.close()
     costs.sort()
@@ -169,7 +169,7 @@ def measure_throughput(rig: Rig, ops: int, workers: int) -> None:
     try:
         started = time.perf_counter()
         for n in range(ops):
-            dispatcher.submit(upsert(n))
+            dispatcher.publish(upsert(n))
         assert dispatcher.flush(timeout=300), "not delivered in time"
         elapsed = time.perf_counter() - started
         calls = len(rig.emulator.requests)
@@ -191,7 +191,7 @@ def measure_storm(rig: Rig, logins: int, users: int, budget: str) -> None:
         started = time.perf_counter()
         for n in range(logins):
             user = n % users
-            dispatcher.submit(upsert(user, custom_fields={"signin_count": n // users + 1}))
+            dispatcher.publish(upsert(user, custom_fields={"signin_count": n // users + 1}))
         submitted = time.perf_counter() - started
         assert dispatcher.flush(timeout=600), "not delivered in time"
         elapsed = time.perf_counter() - started

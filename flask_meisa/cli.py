@@ -27,6 +27,7 @@ from .operations import Operation
 
 if TYPE_CHECKING:
     from .extension import Meisa
+    from .runtime import MeisaState
 
 __all__ = ["meisa_cli"]
 
@@ -121,7 +122,7 @@ def sync_users_command(max_share: float, restart: bool, dry_run: bool, failures:
     meisa = _extension()
     state = meisa.state()
     if failures:
-        _show_failures(state.store())
+        _show_failures(_backfill_target(state, start=False))
         return
     if meisa.user_source is None:
         raise click.ClickException(
@@ -137,14 +138,7 @@ def sync_users_command(max_share: float, restart: bool, dry_run: bool, failures:
         for user in itertools.islice(users, 3):
             click.echo(json.dumps(meisa.map_user(user), sort_keys=True, default=str))
         return
-    if state.settings.delivery != "thread" or not state.delivering():
-        raise click.ClickException(
-            'sync-users needs background delivery (MEISA_DELIVERY = "thread", delivery on)'
-        )
-    store = state.store()
-    if not store.durable:
-        click.echo("note: MEISA_OUTBOX is memory: the backfill cannot resume after an exit")
-    state.dispatcher.start()  # delivers when no other process of the host does
+    target = _backfill_target(state, start=True)
 
     def to_operation(user: Any) -> Operation:
         payload = meisa.map_user(user)
@@ -153,13 +147,12 @@ def sync_users_command(max_share: float, restart: bool, dry_run: bool, failures:
 
     try:
         result = backfill.run(
-            store,
+            target,
             users,
             to_operation,
             total=total,
             max_share=max_share,
             restart=restart,
-            resync_after=state.settings.resync_after,
             report=lambda progress: click.echo(_progress_line(progress), err=True),
         )
     except KeyboardInterrupt:
@@ -171,6 +164,29 @@ def sync_users_command(max_share: float, restart: bool, dry_run: bool, failures:
         raise click.ClickException(
             f"{failed} users were not synced: see 'flask meisa sync-users --failures'"
         )
+
+
+def _backfill_target(state: MeisaState, *, start: bool) -> backfill.Target:
+    """Where a backfill goes: Redis under Celery, else the delivery store (whose delivery
+    is started here when ``start``: this process delivers when no other does)."""
+    delivery = state.settings.delivery
+    if start and (delivery not in ("thread", "celery") or not state.delivering()):
+        raise click.ClickException(
+            'sync-users needs background delivery (MEISA_DELIVERY = "thread" or "celery",'
+            " delivery on)"
+        )
+    if delivery == "celery":
+        from .engine.celery import CeleryDispatcher
+
+        dispatcher = state.dispatcher
+        assert isinstance(dispatcher, CeleryDispatcher)
+        return dispatcher.backfill(state.settings.resync_after)
+    store = state.store()
+    if start:
+        if not store.durable:
+            click.echo("note: MEISA_OUTBOX is memory: the backfill cannot resume after an exit")
+        state.dispatcher.start()
+    return backfill.StoreTarget(store, state.settings.resync_after)
 
 
 def _windows(spec: str | None) -> tuple[Any, ...]:
@@ -212,21 +228,23 @@ def _progress_line(progress: backfill.Progress) -> str:
     )
 
 
-def _show_failures(store: Store) -> None:
-    found = backfill.failures(store)
-    with store.read() as db:
-        refused = [
-            letter
-            for letter in pending.dead_letters(db)
-            if letter.operation.priority == "backfill"
-        ]
+def _show_failures(target: backfill.Target) -> None:
+    found = target.failures()
+    refused = []
+    if isinstance(target, backfill.StoreTarget):
+        with target.store.read() as db:
+            refused = [
+                f"dead letter {letter.seq}: HTTP {letter.status} [{letter.code}] {letter.message}"
+                for letter in pending.dead_letters(db)
+                if letter.operation.priority == "backfill"
+            ]
+    elif count := target.backlog()[1]:
+        refused = [f"{count} upsert(s) refused by Meisa (see the workers' delivery_failed signal)"]
     for failure in found:
         who = failure["user"] or f"#{failure['position']}"
         click.echo(f"user {who}: {failure['reason']}")
-    for letter in refused:
-        click.echo(
-            f"dead letter {letter.seq}: HTTP {letter.status} [{letter.code}] {letter.message}"
-        )
+    for line in refused:
+        click.echo(line)
     if not found and not refused:
         click.echo("no failures")
 
@@ -264,6 +282,8 @@ def status_command() -> None:
     where = "memory of this process"
     if status.durable:
         where = f"{state.store_path()} (every process of this host)"
+    elif status.engine == "celery":
+        where = "Redis (every worker)"
     click.echo(f"engine: {status.engine}, store: {where}")
     if status.engine == "thread":
         pid = status.delivering_pid

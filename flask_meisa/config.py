@@ -325,19 +325,20 @@ KEYS: tuple[Key, ...] = (
         "MEISA_CELERY_QUEUE",
         "str",
         "meisa",
-        "with Celery: prefix of the lane queues (`<prefix>.transactional`, `.sync`,"
-        " `.events`) and of the engine's Redis keys",
+        "with Celery: prefix of the lane queues (`<prefix>.transactional`, `.automation`,"
+        " `.routine`, `.backfill`) and of the engine's Redis keys",
         _values.queue_name,
-        notes="Run workers with -Q meisa.transactional,meisa.sync,meisa.events (in that"
-        ' order) and broker_transport_options = {"queue_order_strategy": "priority"}.',
+        notes="Run workers with -Q meisa.transactional,meisa.automation,meisa.routine,"
+        'meisa.backfill (in that order) and broker_transport_options = {"queue_order_strategy":'
+        ' "priority"}.',
         resolved=False,
     ),
     Key(
         "MEISA_CELERY_REDIS_URL",
         "str/None",
         None,
-        "with Celery: the Redis holding the shared budget, coalesced upserts and the"
-        " pending count",
+        "with Celery: the Redis holding the shared budget, coalesced upserts, what Meisa"
+        " has of each contact and the pending count",
         _values.redis_url,
         default_note="= the broker's URL, when it is Redis",
         secret=True,

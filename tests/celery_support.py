@@ -133,6 +133,8 @@ def _build_worker_app() -> Celery:
                 detail["reason"] = extra["reason"]
             if "result" in extra and hasattr(extra["result"], "duplicate"):
                 detail["duplicate"] = extra["result"].duplicate
+            if "unchanged" in extra:
+                detail["unchanged"] = extra["unchanged"]
             _record(recorder, name, operation, **detail)
 
         receivers.append(receive)

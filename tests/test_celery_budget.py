@@ -1,5 +1,6 @@
 """The rate budget kept in Redis: slots dated by answers, in-flight calls, the reserve
-for sends, leases of dead workers, pauses, tickets, and one budget per API key."""
+for sends, a backfill's share, leases of dead workers, pauses, tickets by lane (a due
+waiter of a higher lane holds its slot), and one budget per API key."""
 
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ import redis
 from flask_meisa.engine.redis_budget import RedisBudget
 from flask_meisa.engine.redis_budget import budget_prefix
 from flask_meisa.errors import ConfigurationError
+from flask_meisa.operations import LANE_AUTOMATION
+from flask_meisa.operations import LANE_BACKFILL
+from flask_meisa.operations import LANE_ROUTINE
+from flask_meisa.operations import LANE_TRANSACTIONAL
 from tests.celery_support import redis_server_fixture  # noqa: F401
 from tests.celery_support import redis_url_fixture  # noqa: F401
 
@@ -40,10 +45,10 @@ def make_budget(redis_url: str) -> Iterator[MakeBudget]:
         client.close()
 
 
-def take(budget: RedisBudget, n: int, *, priority: bool = False) -> None:
+def take(budget: RedisBudget, n: int, *, lane: int = LANE_ROUTINE) -> None:
     """Make ``n`` calls that are answered at once."""
     for _ in range(n):
-        got = budget.acquire(lease=LEASE, priority=priority)
+        got = budget.acquire(lease=LEASE, lane=lane)
         assert got.token is not None
         budget.finish(got.token)
 
@@ -55,7 +60,7 @@ def test_slots_are_free_until_the_limit_then_a_wait(make_budget: MakeBudget) -> 
     assert got.token is None
     assert 0.0 < got.wait <= 1.0
     _, in_flight, remaining = budget.snapshot()
-    assert (in_flight, remaining) == (0, {"3/second": 0})
+    assert (sum(in_flight.values()), remaining) == (0, {"3/second": 0})
 
 
 def test_a_slot_is_dated_by_its_answer_not_its_start(make_budget: MakeBudget) -> None:
@@ -76,7 +81,7 @@ def test_calls_in_flight_hold_their_slots(make_budget: MakeBudget) -> None:
     blocked = budget.acquire(lease=LEASE)
     assert blocked.token is None
     assert blocked.wait <= 0.5  # only an answer frees a slot: look again soon
-    assert budget.snapshot()[1] == 2
+    assert budget.snapshot()[1] == {0: 0, 1: 0, 2: 2, 3: 0}  # in flight, by lane
     budget.finish(first.token, made=False)  # no request went out: the slot comes back
     assert budget.acquire(lease=LEASE).token is not None
 
@@ -85,8 +90,8 @@ def test_only_sends_use_the_reserve(make_budget: MakeBudget) -> None:
     budget = make_budget("20/minute")  # 5 % of 20: one slot held back for sends
     take(budget, 19)
     assert budget.acquire(lease=LEASE).token is None
-    take(budget, 1, priority=True)
-    assert budget.acquire(lease=LEASE, priority=True).token is None
+    take(budget, 1, lane=LANE_TRANSACTIONAL)
+    assert budget.acquire(lease=LEASE, lane=LANE_TRANSACTIONAL).token is None
 
 
 def test_a_dead_workers_slot_is_freed_when_its_lease_ends(make_budget: MakeBudget) -> None:
@@ -96,27 +101,57 @@ def test_a_dead_workers_slot_is_freed_when_its_lease_ends(make_budget: MakeBudge
     wait = budget.acquire(lease=LEASE).wait
     # Counted as answered when its lease ended, then one period: not forever.
     assert 0.0 < wait <= 0.3
-    assert budget.snapshot()[1] == 0
+    assert sum(budget.snapshot()[1].values()) == 0
 
 
 def test_a_pause_holds_every_call_and_is_never_shortened(make_budget: MakeBudget) -> None:
     budget = make_budget("100/second")
     budget.pause(0.5)
     budget.pause(0.1)
-    got = budget.acquire(lease=LEASE, priority=True)
+    got = budget.acquire(lease=LEASE, lane=LANE_TRANSACTIONAL)
     assert got.token is None
     assert 0.4 < got.wait <= 0.5
     assert 0.4 < budget.snapshot()[0] <= 0.5
 
 
-def test_waiters_get_tickets_spaced_by_the_budget(make_budget: MakeBudget) -> None:
+def test_waiters_get_tickets_spaced_by_the_budget_after_the_lanes_ahead(
+    make_budget: MakeBudget,
+) -> None:
     budget = make_budget("10/second")
     take(budget, 10)
-    waits = [budget.acquire(lease=LEASE).wait for _ in range(4)]
+    waits = [budget.acquire(lease=LEASE, waiter=f"r{n}").wait for n in range(4)]
     gaps = [later - earlier for earlier, later in itertools.pairwise(waits)]
     assert all(0.08 < gap < 0.12 for gap in gaps), waits
-    # A send takes no ticket: it comes back before the syncs queued for later slots.
-    assert budget.acquire(lease=LEASE, priority=True).wait < waits[1]
+    # A send and an automation change come back before the routine syncs waiting.
+    assert budget.acquire(lease=LEASE, lane=LANE_TRANSACTIONAL).wait < waits[1]
+    assert budget.acquire(lease=LEASE, lane=LANE_AUTOMATION, waiter="a").wait < waits[1]
+    # Asked again, a waiter keeps its place: its ticket is not pushed back by its own.
+    assert budget.acquire(lease=LEASE, waiter="r3").wait <= waits[3]
+
+
+def test_a_due_waiter_of_a_higher_lane_holds_its_slot(make_budget: MakeBudget) -> None:
+    budget = make_budget("1/0.5 seconds")
+    take(budget, 1)
+    urgent = budget.acquire(lease=LEASE, lane=LANE_AUTOMATION, waiter="urgent")
+    assert urgent.token is None
+    time.sleep(urgent.wait + 0.05)  # the slot is free now, and the urgent one is due
+    routine = budget.acquire(lease=LEASE, waiter="routine")
+    assert routine.token is None  # held for the urgent one
+    granted = budget.acquire(lease=LEASE, lane=LANE_AUTOMATION, waiter="urgent").token
+    assert granted is not None
+    budget.finish(granted)
+    gone = budget.acquire(lease=LEASE, lane=LANE_AUTOMATION, waiter="gone")
+    assert gone.token is None
+    time.sleep(gone.wait + 1.1)  # past its time and a grace: one that never came back
+    assert budget.acquire(lease=LEASE, waiter="routine").token  # holds nothing
+
+
+def test_a_backfill_uses_at_most_its_share(make_budget: MakeBudget) -> None:
+    budget = make_budget("40/minute")  # 2 held back for sends: 38, half of it 19
+    for _ in range(19):
+        assert budget.acquire(lease=LEASE, lane=LANE_BACKFILL, share=0.5).token
+    assert budget.acquire(lease=LEASE, lane=LANE_BACKFILL, share=0.5).token is None
+    take(budget, 19)  # live work has the rest
 
 
 def test_workers_on_one_key_share_one_budget(make_budget: MakeBudget, redis_url: str) -> None:
@@ -153,7 +188,7 @@ def test_failures_in_a_row_let_one_probe_through_until_one_is_answered(
         assert first.finish(got.token, outage=True) == n
     probe = first.acquire(lease=LEASE)
     assert probe.token is not None
-    held = second.acquire(lease=LEASE, priority=True)  # Meisa looks down: one at a time
+    held = second.acquire(lease=LEASE, lane=LANE_TRANSACTIONAL)  # one probe at a time
     assert held.token is None
     assert 0.0 < held.wait <= 1.0
     assert first.finish(probe.token, answered=True) == 0
@@ -163,7 +198,7 @@ def test_failures_in_a_row_let_one_probe_through_until_one_is_answered(
 def test_a_budget_without_a_limit_still_pauses_and_probes(make_budget: MakeBudget) -> None:
     budget = make_budget(None)
     take(budget, 50)
-    assert budget.snapshot() == (0.0, 0, None)
+    assert budget.snapshot() == (0.0, {0: 0, 1: 0, 2: 0, 3: 0}, None)
     budget.pause(0.5)
     assert budget.acquire(lease=LEASE).token is None
     assert budget.snapshot()[0] > 0.4

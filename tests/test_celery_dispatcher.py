@@ -1,6 +1,8 @@
 """The Celery engine's publishing side, against a real Redis and no worker: JSON messages
-on lane queues, versions of coalesced upserts, status, flush, refusals, and the wiring
-from a Flask app's config."""
+on the queue of each operation's lane (by significance: what Meisa has of a contact
+decides an upsert's), versions of coalesced upserts, a companion for an event whose
+contact's upsert is pending, status, flush, refusals, and the wiring from a Flask app's
+config."""
 
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from flask_meisa.engine.celery_worker import TASK_NAME
 from flask_meisa.engine.celery_worker import DeliveryWorker
 from flask_meisa.errors import ConfigurationError
 from flask_meisa.errors import DeliveryError
+from flask_meisa.operations import LANE_AUTOMATION
 from flask_meisa.operations import Operation
 from tests.celery_support import make_celery
 from tests.celery_support import redis_server_fixture  # noqa: F401
@@ -103,41 +106,111 @@ def test_operations_go_to_their_lane_queue_as_json(make: MakeDispatcher, client:
     for op in ops:
         dispatcher.publish(op)
     assert dispatcher.queues == lane_queues("meisa")
-    for op, queue in zip(ops, ["meisa.events", "meisa.sync", "meisa.transactional"], strict=True):
-        (message,) = messages(client, queue)
+    assert list(dispatcher.queues) == ["transactional", "automation", "routine", "backfill"]
+    queues = ["meisa.automation", "meisa.automation", "meisa.transactional"]
+    assert [m["kwargs"]["op"] for m in messages(client, "meisa.automation")] == [
+        ops[0].to_dict(),
+        ops[1].to_dict(),
+    ]
+    for op, queue in zip(ops, queues, strict=True):
+        (message,) = [m for m in messages(client, queue) if m["kwargs"]["op"]["id"] == op.id]
         assert message["headers"]["task"] == TASK_NAME
         assert message["headers"]["id"] == op.id  # the task id is the operation id
         assert message["args"] == []
-        assert message["kwargs"]["op"] == op.to_dict()
-    assert messages(client, "meisa.sync")[0]["kwargs"]["meta"] == {"version": 1}
+    meta = messages(client, "meisa.automation")[1]["kwargs"]["meta"]
+    assert (meta["lane"], meta["version"]) == (LANE_AUTOMATION, 1)
+    assert len(meta["contact"]) == 32  # a digest, not the address
+
+
+def test_the_lane_of_an_upsert_depends_on_what_meisa_has_of_its_contact(
+    make: MakeDispatcher, client: Any
+) -> None:
+    dispatcher = make(priority_fields=("plan",))
+    had = {"email": "ada@example.com", "external_id": "1", "custom_fields": {"plan": "free"}}
+    dispatcher.store.remember(had, time.time())
+    cases = {
+        "a contact Meisa does not have": (upsert(2), "automation"),
+        "nothing but routine fields": (
+            Operation("upsert", {**had, "custom_fields": {"last_active": "now"}}),
+            "routine",
+        ),
+        "a priority field changed": (
+            Operation("upsert", {**had, "custom_fields": {"plan": "pro"}}),
+            "automation",
+        ),
+        "a priority field unchanged": (Operation("upsert", had), "routine"),
+        "a plan change": (Operation("upsert", had, priority="high"), "automation"),
+        "a signup": (Operation("upsert", {**had, "source": "signup"}), "automation"),
+        "a backfill": (Operation("upsert", had, priority="backfill"), "backfill"),
+        "an event": (
+            Operation("track", {"event_name": "x", "email": "b@example.com"}),
+            "automation",
+        ),
+        "a send": (Operation("send", {"trigger_key": "r", "to_email": "a@b.co"}), "transactional"),
+    }
+    for case, (op, lane) in cases.items():
+        dispatcher.publish(op)
+        found = {
+            queue.removeprefix("meisa.")
+            for queue in dispatcher.queues.values()
+            if any(m["kwargs"]["op"]["id"] == op.id for m in messages(client, queue))
+        }
+        assert found == {lane}, case
+
+
+def test_an_event_takes_its_contacts_pending_upsert_to_its_lane(
+    make: MakeDispatcher, client: Any
+) -> None:
+    dispatcher = make()
+    had = {"email": "ada@example.com", "external_id": "1"}
+    dispatcher.store.remember(had, time.time())
+    routine = Operation("upsert", {**had, "first_name": "Ada"})
+    dispatcher.publish(routine)
+    event = Operation("track", {"event_name": "opened", "email": "ada@example.com"})
+    dispatcher.publish(event)  # by email: the same contact
+    (queued,) = messages(client, "meisa.routine")
+    companion, own = messages(client, "meisa.automation")
+    assert own["kwargs"]["op"] == event.to_dict()
+    meta = queued["kwargs"]["meta"]
+    assert own["kwargs"]["meta"]["after"] == [meta["contact"], meta["version"]]
+    assert companion["kwargs"]["meta"] == {
+        **queued["kwargs"]["meta"],
+        "lane": 1,
+        "companion": True,
+    }
+    assert dispatcher.store.pending() == 2  # the companion is no operation of its own
+    dispatcher.publish(Operation("track", {"event_name": "again", "external_id": "2"}))
+    assert len(messages(client, "meisa.automation")) == 3  # nothing pending: no companion
 
 
 def test_upserts_of_one_contact_carry_rising_versions(make: MakeDispatcher, client: Any) -> None:
     dispatcher = make()
     for n in range(3):
         dispatcher.publish(upsert(custom_fields={"n": n}))
-    assert [m["kwargs"]["meta"] for m in messages(client, "meisa.sync")] == [
-        {"version": 1},
-        {"version": 2},
-        {"version": 3},
+    assert [m["kwargs"]["meta"]["version"] for m in messages(client, "meisa.automation")] == [
+        1,
+        2,
+        3,
     ]
     unmerged = make(queue="plain", coalesce=False)
     unmerged.publish(upsert())
-    assert messages(client, "plain.sync")[0]["kwargs"]["meta"] == {}
+    assert messages(client, "plain.automation")[0]["kwargs"]["meta"] == {"lane": 1}
 
 
-def test_status_reads_queues_pending_counters_and_budget(make: MakeDispatcher) -> None:
+def test_status_reads_lanes_pending_counters_and_budget(make: MakeDispatcher) -> None:
     dispatcher = make()
     dispatcher.publish(upsert(1))
     dispatcher.publish(upsert(2))
     dispatcher.publish(Operation("send", {"trigger_key": "receipt", "to_email": "a@example.com"}))
     status = dispatcher.status()
     assert status.engine == "celery"
-    assert status.queued == {"transactional": 1, "sync": 2, "events": 0}
+    assert status.queued == {"transactional": 1, "automation": 2, "routine": 0, "backfill": 0}
     assert status.pending == 3
+    assert 0.0 <= status.oldest_wait["automation"] < 5.0
     assert (status.in_flight, status.retry_waiting, status.paused_for) == (0, 0, 0.0)
     assert status.budget_left == {"60/minute": 60, "1000/hour": 1000}
-    assert (status.delivered, status.failed, status.dropped) == (0, 0, 0)
+    assert (status.delivered, status.failed, status.dropped, status.unchanged) == (0, 0, 0, 0)
+    assert status.backfill is None
 
 
 def test_flush_is_true_once_every_operation_is_finished(make: MakeDispatcher) -> None:
@@ -191,8 +264,9 @@ def test_the_dispatcher_is_made_from_the_apps_config(redis_url: str) -> None:
     try:
         assert dispatcher.queues == {
             "transactional": "billing.transactional",
-            "sync": "billing.sync",
-            "events": "billing.events",
+            "automation": "billing.automation",
+            "routine": "billing.routine",
+            "backfill": "billing.backfill",
         }
         assert dispatcher.status().budget_left == {"5/second": 5}
         assert KEY not in repr(dispatcher)
@@ -283,7 +357,7 @@ def test_the_longest_countdown_fits_in_the_visibility_timeout(redis_url: str) ->
 def test_a_budget_slot_waits_for_the_shared_budget(make: MakeDispatcher) -> None:
     dispatcher = make(rate_limit="3/2 seconds")
     other = make(rate_limit="3/2 seconds")  # another process on the same key
-    held = [other._budget.acquire(lease=5.0, priority=True) for _ in range(3)]  # type: ignore[union-attr]
+    held = [other._budget.acquire(lease=5.0, lane=0) for _ in range(3)]  # type: ignore[union-attr]
     for got in held:
         assert got.token is not None
         other._budget.finish(got.token)  # type: ignore[union-attr]

@@ -126,7 +126,12 @@ def test_a_send_overtakes_queued_syncs(
     for n in range(20):
         dispatcher.publish(upsert(n))
     dispatcher.publish(receipt())
-    assert dispatcher.status().queued == {"transactional": 1, "sync": 20, "events": 0}
+    assert dispatcher.status().queued == {
+        "transactional": 1,
+        "automation": 20,
+        "routine": 0,
+        "backfill": 0,
+    }
     start_worker(emulator, concurrency=1)
     assert dispatcher.flush(timeout=15)
     paths = [

@@ -1,4 +1,5 @@
-"""The engine's records in Redis: coalesced upserts, claims and leases, the pending set."""
+"""The engine's records in Redis: coalesced upserts, claims and leases, a contact known by
+either name, what Meisa has of it, the pending sets per lane, recent answers."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ from typing import Any
 import pytest
 import redis
 
+from flask_meisa.engine.base import DeliveryStatus
+from flask_meisa.engine.known import digest
+from flask_meisa.engine.redis_store import ANSWERS_KEPT
 from flask_meisa.engine.redis_store import RedisDeliveryStore
+from flask_meisa.operations import LANE_AUTOMATION
+from flask_meisa.operations import LANE_ROUTINE
+from flask_meisa.operations import LANE_TRANSACTIONAL
 from flask_meisa.operations import Operation
 from tests.celery_support import redis_server_fixture  # noqa: F401
 from tests.celery_support import redis_url_fixture  # noqa: F401
-
-CONTACT = "ext:42"
 
 
 @pytest.fixture
@@ -33,17 +38,26 @@ def upsert(**fields: Any) -> Operation:
     return Operation("upsert", {"email": "ada@example.com", "external_id": "42", **fields})
 
 
-def test_upserts_of_a_contact_merge_into_one_record(store: RedisDeliveryStore) -> None:
+@pytest.fixture(name="contact")
+def contact_fixture(store: RedisDeliveryStore) -> str:
+    found = store.contact_of(upsert().payload)
+    assert found is not None
+    return found
+
+
+def test_upserts_of_a_contact_merge_into_one_record(
+    store: RedisDeliveryStore, contact: str
+) -> None:
     ops = [
         upsert(custom_fields={"plan": "free", "seats": 1}, tag_names=["a"], source="signup"),
         upsert(custom_fields={"plan": "pro"}, tag_names=["b"], source="api"),
         upsert(first_name="Ada", tag_names=["a"]),
     ]
-    versions = [store.coalesce(op, CONTACT) for op in ops]
+    versions = [store.coalesce(op, contact, LANE_ROUTINE) for op in ops]
     assert versions == [1, 2, 3]
     assert store.pending() == 3
 
-    claim = store.claim(CONTACT, 1, lease=5.0)  # the oldest task runs first
+    claim = store.claim(contact, 1, lease=5.0)  # the oldest task runs first
     assert claim.state == "deliver"
     assert claim.version == 3
     assert claim.members == tuple(op.id for op in ops)
@@ -55,69 +69,143 @@ def test_upserts_of_a_contact_merge_into_one_record(store: RedisDeliveryStore) -
         "source": "signup",
         "first_name": "Ada",
     }
-    store.settle(CONTACT, claim)
+    store.settle(contact, claim)
     store.finish(claim.members, "delivered", 3)
     # The later tasks find their versions delivered.
-    assert store.claim(CONTACT, 2, lease=5.0).state == "covered"
-    assert store.claim(CONTACT, 3, lease=5.0).state == "covered"
+    assert store.claim(contact, 2, lease=5.0).state == "covered"
+    assert store.claim(contact, 3, lease=5.0).state == "covered"
     assert store.pending() == 0
     assert store.counters()["delivered"] == 3
 
 
-def test_one_call_per_contact_at_a_time(store: RedisDeliveryStore) -> None:
-    store.coalesce(upsert(first_name="A"), CONTACT)
-    store.coalesce(upsert(first_name="B"), CONTACT)
-    held = store.claim(CONTACT, 1, lease=5.0)
-    busy = store.claim(CONTACT, 2, lease=5.0)
+def test_one_call_per_contact_at_a_time(store: RedisDeliveryStore, contact: str) -> None:
+    store.coalesce(upsert(first_name="A"), contact, LANE_ROUTINE)
+    store.coalesce(upsert(first_name="B"), contact, LANE_ROUTINE)
+    held = store.claim(contact, 1, lease=5.0)
+    busy = store.claim(contact, 2, lease=5.0)
     assert (held.state, busy.state) == ("deliver", "busy")
     assert 0 < busy.wait <= 0.25
-    store.release(CONTACT, held)  # e.g. the budget said wait
-    again = store.claim(CONTACT, 2, lease=5.0)
+    store.release(contact, held)  # e.g. the budget said wait
+    again = store.claim(contact, 2, lease=5.0)
     assert again.state == "deliver"
     assert again.payload["first_name"] == "B"
 
 
-def test_an_expired_lease_lets_another_worker_deliver(store: RedisDeliveryStore) -> None:
-    store.coalesce(upsert(), CONTACT)
-    assert store.claim(CONTACT, 1, lease=0.05).state == "deliver"  # its worker dies mid-call
-    assert store.claim(CONTACT, 1, lease=5.0).state == "busy"
+def test_an_expired_lease_lets_another_worker_deliver(
+    store: RedisDeliveryStore, contact: str
+) -> None:
+    store.coalesce(upsert(), contact, LANE_ROUTINE)
+    assert store.claim(contact, 1, lease=0.05).state == "deliver"  # its worker dies mid-call
+    assert store.claim(contact, 1, lease=5.0).state == "busy"
     time.sleep(0.06)  # the lease runs out
-    assert store.claim(CONTACT, 1, lease=5.0).state == "deliver"
+    assert store.claim(contact, 1, lease=5.0).state == "deliver"
 
 
-def test_an_upsert_arriving_mid_call_is_delivered_next(store: RedisDeliveryStore) -> None:
+def test_an_upsert_arriving_mid_call_is_delivered_next(
+    store: RedisDeliveryStore, contact: str
+) -> None:
     first, second = upsert(custom_fields={"plan": "free"}), upsert(custom_fields={"plan": "pro"})
-    store.coalesce(first, CONTACT)
-    claim = store.claim(CONTACT, 1, lease=5.0)
-    store.coalesce(second, CONTACT)  # while the call of version 1 is in flight
-    store.settle(CONTACT, claim)
+    store.coalesce(first, contact, LANE_ROUTINE)
+    claim = store.claim(contact, 1, lease=5.0)
+    store.coalesce(second, contact, LANE_ROUTINE)  # while the call of version 1 is in flight
+    store.settle(contact, claim)
     store.finish(claim.members)
-    assert store.upsert_pending([CONTACT])
-    next_claim = store.claim(CONTACT, 2, lease=5.0)
+    assert store.pending_version([contact]) == (contact, 2)
+    next_claim = store.claim(contact, 2, lease=5.0)
     assert next_claim.state == "deliver"
     assert next_claim.members == (second.id,)
     assert next_claim.payload["custom_fields"] == {"plan": "pro"}
-    store.settle(CONTACT, next_claim)
-    assert not store.upsert_pending([CONTACT])
+    store.settle(contact, next_claim)
+    assert store.pending_version([contact]) is None
 
 
-def test_a_lost_record_is_reported_missing(store: RedisDeliveryStore) -> None:
-    assert store.claim(CONTACT, 7, lease=5.0).state == "missing"
-    assert not store.upsert_pending([CONTACT, "email:nobody@example.com"])
+def test_a_lost_record_is_reported_missing(store: RedisDeliveryStore, contact: str) -> None:
+    assert store.claim(contact, 7, lease=5.0).state == "missing"
+    assert store.pending_version([contact, "0" * 32]) is None
 
 
 def test_finishing_twice_leaves_no_count_behind(store: RedisDeliveryStore) -> None:
     op = Operation("send", {"trigger_key": "t", "to_email": "a@example.com"})
-    store.add_pending(op)
+    store.add_pending(op, LANE_TRANSACTIONAL)
     store.finish([op.id], "delivered", 1)
     store.finish([op.id])  # a redelivered task finishing again
     assert store.pending() == 0
-    assert store.counters() == {"delivered": 1, "failed": 0, "skipped": 0, "dropped": 0}
+    assert store.counters() == {
+        "delivered": 1,
+        "failed": 0,
+        "skipped": 0,
+        "dropped": 0,
+        "unchanged": 0,
+    }
 
 
 def test_record_keys_name_no_address(store: RedisDeliveryStore, client: Any) -> None:
-    store.coalesce(upsert(), "email:ada@example.com")
+    payload = {"email": "ada@example.com", "first_name": "Ada"}
+    contact = store.contact_of(payload)
+    assert contact is not None
+    store.coalesce(Operation("upsert", payload), contact, LANE_ROUTINE)
+    store.remember({**payload, "external_id": "42"}, time.time())
     names = b" ".join(client.keys("*"))
-    assert b"contact" in names
+    assert b"contact" in names and b"known" in names and b"alias" in names
     assert b"ada" not in names
     assert b"@" not in names
+    assert b"42" not in names
+
+
+def test_a_contact_is_one_contact_by_either_name(store: RedisDeliveryStore) -> None:
+    both = {"email": "Ada@Example.com", "external_id": "42"}
+    by_email, by_id = {"email": "ada@example.com"}, {"external_id": "42"}
+    assert store.contact_of(by_email) != store.contact_of(by_id)  # not yet linked
+    store.coalesce(Operation("upsert", both), store.contact_of(both) or "", LANE_ROUTINE)
+    assert store.contact_of(by_email) == store.contact_of(by_id) == store.contact_of(both)
+    # The record of an upsert by either name is the one the event's names find.
+    contacts = store.contacts(by_email)
+    assert store.pending_version(contacts) == (store.contact_of(by_id), 1)
+
+
+def test_what_meisa_has_is_remembered_merged_and_forgotten_by_any_name(
+    store: RedisDeliveryStore,
+) -> None:
+    first = {"email": "ada@example.com", "external_id": "42", "custom_fields": {"plan": "free"}}
+    later = {"external_id": "42", "first_name": "Ada", "custom_fields": {"seats": 3}}
+    store.remember(first, 1000.0)
+    store.remember(later, 2000.0)
+    had = store.known(store.contact_of({"email": "ada@example.com"}))
+    assert had is not None
+    assert had.accepted_at == 2000.0
+    assert had.has(digest(first)) and had.has(digest(later))
+    assert not had.has(digest({**first, "custom_fields": {"plan": "pro"}}))
+    store.forget([{"email": "ada@example.com"}, None])  # an event by email answered 404
+    assert store.known(store.contact_of({"external_id": "42"})) is None
+
+
+def test_pending_operations_are_counted_per_lane_with_their_age(
+    store: RedisDeliveryStore,
+) -> None:
+    old = Operation("upsert", {"email": "a@example.com"}, created_at=time.time() - 30)
+    new = Operation("track", {"event_name": "x", "email": "a@example.com"})
+    store.add_pending(old, LANE_ROUTINE)
+    store.add_pending(new, LANE_AUTOMATION)
+    store.move(old, LANE_AUTOMATION)  # promoted: it waited too long
+    status = DeliveryStatus(engine="celery")
+    store.describe(status)
+    assert status.queued == {"transactional": 0, "automation": 2, "routine": 0, "backfill": 0}
+    assert 29.0 < status.oldest_wait["automation"] < 40.0
+    assert store.pending(LANE_AUTOMATION) == 2
+    epoch, pending, unfinished = store.look([old.id, "gone"])
+    assert (pending, unfinished) == (2, [True, False])
+    assert store.look([])[0] == epoch
+
+
+def test_latency_covers_recent_answers_and_keeps_a_bounded_number(
+    store: RedisDeliveryStore, client: Any
+) -> None:
+    for n in range(ANSWERS_KEPT + 500):
+        store.finish([], answer=(LANE_AUTOMATION, 0.001 * (n % 100)))
+    key = next(k for k in client.keys("*answers*"))
+    assert client.llen(key) == ANSWERS_KEPT
+    status = DeliveryStatus(engine="celery")
+    store.describe(status)
+    p50, p99 = status.latency["automation"]
+    assert 0.045 <= p50 <= 0.055 and 0.097 <= p99 <= 0.1
+    assert "routine" not in status.latency

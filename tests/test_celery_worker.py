@@ -1,11 +1,13 @@
-"""The delivery task's body, run in this process against the emulator and a real Redis:
-one call per run, retries as "run again", 404 recovery, budget waits, 429 pauses,
-coalesced upserts, events behind their contact's upsert, skips; and the task's
-registration on a Celery app."""
+"""The delivery task's body, run in this process against the emulator and a real Redis on
+the tasks the dispatcher would publish: one call per run, retries as "run again", 404
+recovery, budget waits, 429 pauses, coalesced upserts, events behind their contact's
+upsert (delivered by a companion on the event's lane), no call for a state Meisa has,
+routine work promoted with age, skips; and the task's registration on a Celery app."""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from collections.abc import Iterator
 from typing import Any
@@ -15,6 +17,7 @@ import redis
 
 from flask_meisa.client import MeisaClient
 from flask_meisa.emulator import Emulator
+from flask_meisa.engine.celery import CeleryDispatcher
 from flask_meisa.engine.celery_worker import TASK_NAME
 from flask_meisa.engine.celery_worker import DeliveryWorker
 from flask_meisa.engine.celery_worker import RunAgain
@@ -24,6 +27,8 @@ from flask_meisa.engine.redis_budget import budget_prefix
 from flask_meisa.engine.redis_store import RedisDeliveryStore
 from flask_meisa.errors import BadRequestError
 from flask_meisa.errors import NotFoundError
+from flask_meisa.operations import LANE_AUTOMATION
+from flask_meisa.operations import LANE_ROUTINE
 from flask_meisa.operations import Operation
 from flask_meisa.retry import RetryPolicy
 from tests.celery_support import make_celery
@@ -37,6 +42,8 @@ TRACK = "/events/track/"
 TRIGGER = "/emails/trigger/"
 
 MakeWorker = Callable[..., DeliveryWorker]
+Task = tuple[dict[str, Any], dict[str, Any]]
+Submit = Callable[[Operation], Task]
 
 
 @pytest.fixture
@@ -47,8 +54,16 @@ def client(redis_url: str) -> Iterator[Any]:
 
 
 @pytest.fixture
-def store(client: Any) -> RedisDeliveryStore:
-    return RedisDeliveryStore(client, "meisa")
+def dispatcher(redis_url: str, client: Any) -> Iterator[CeleryDispatcher]:
+    """A dispatcher whose tasks the tests run themselves (nothing is published)."""
+    celery_app = make_celery(redis_url)
+    yield CeleryDispatcher(celery_app, redis=client, hooks=RecordingHooks())
+    celery_app.close()
+
+
+@pytest.fixture
+def store(dispatcher: CeleryDispatcher) -> RedisDeliveryStore:
+    return dispatcher.store
 
 
 @pytest.fixture
@@ -87,15 +102,15 @@ def send(key: str = "receipt", to: str = "ada@example.com") -> Operation:
     return Operation("send", {"trigger_key": key, "to_email": to, "idempotency_key": "k-1"})
 
 
-def submitted(store: RedisDeliveryStore, op: Operation) -> tuple[dict[str, Any], dict[str, Any]]:
-    """What the dispatcher would publish for ``op``: the task's ``op`` and ``meta``."""
-    meta: dict[str, Any] = {}
-    contact = op.contact_key
-    if op.kind == "upsert" and contact is not None:
-        meta["version"] = store.coalesce(op, contact)
-    else:
-        store.add_pending(op)
-    return op.to_dict(), meta
+@pytest.fixture
+def submit(dispatcher: CeleryDispatcher) -> Submit:
+    """``submit(op)``: the task the dispatcher would publish for ``op``: ``(op, meta)``."""
+
+    def tasks(op: Operation) -> Task:
+        *_, (_, data, meta) = dispatcher.tasks(op)
+        return data, meta
+
+    return tasks
 
 
 def run_through(worker: DeliveryWorker, data: dict[str, Any], meta: dict[str, Any]) -> int:
@@ -111,10 +126,14 @@ def run_through(worker: DeliveryWorker, data: dict[str, Any], meta: dict[str, An
 
 
 def test_a_send_is_delivered_and_finished(
-    make_worker: MakeWorker, store: RedisDeliveryStore, hooks: RecordingHooks, emulator: Emulator
+    make_worker: MakeWorker,
+    submit: Submit,
+    store: RedisDeliveryStore,
+    hooks: RecordingHooks,
+    emulator: Emulator,
 ) -> None:
     worker = make_worker()
-    assert worker.run(*submitted(store, send())) is None
+    assert worker.run(*submit(send())) is None
     assert [op.kind for op in hooks.of("delivered")] == ["send"]
     assert len(emulator.sends()) == 1
     assert store.pending() == 0
@@ -122,12 +141,16 @@ def test_a_send_is_delivered_and_finished(
 
 
 def test_a_retryable_failure_runs_again_with_the_same_key(
-    make_worker: MakeWorker, store: RedisDeliveryStore, hooks: RecordingHooks, emulator: Emulator
+    make_worker: MakeWorker,
+    submit: Submit,
+    store: RedisDeliveryStore,
+    hooks: RecordingHooks,
+    emulator: Emulator,
 ) -> None:
     emulator.faults.fail_next(1, 503, path=TRIGGER)
     worker = make_worker()
     op = send()
-    again = worker.run(*submitted(store, op))
+    again = worker.run(*submit(op))
     assert isinstance(again, RunAgain)
     assert 0.0 <= again.countdown <= 0.05  # FAST's first backoff, never slept on here
     assert again.op["id"] == op.id
@@ -143,11 +166,15 @@ def test_a_retryable_failure_runs_again_with_the_same_key(
 
 
 def test_retries_end_at_the_policy_limit(
-    make_worker: MakeWorker, store: RedisDeliveryStore, hooks: RecordingHooks, emulator: Emulator
+    make_worker: MakeWorker,
+    submit: Submit,
+    store: RedisDeliveryStore,
+    hooks: RecordingHooks,
+    emulator: Emulator,
 ) -> None:
     emulator.faults.fail_next(5, 503, path=UPSERT)
     worker = make_worker()
-    assert run_through(worker, *submitted(store, Operation("upsert", {"email": "a@b.co"}))) == 3
+    assert run_through(worker, *submit(Operation("upsert", {"email": "a@b.co"}))) == 3
     (failed,) = hooks.of("failed")
     assert failed.attempts == 3
     assert store.pending() == 0
@@ -156,6 +183,7 @@ def test_retries_end_at_the_policy_limit(
 
 def test_a_refused_call_fails_at_once_and_logs_no_secret(
     make_worker: MakeWorker,
+    submit: Submit,
     store: RedisDeliveryStore,
     hooks: RecordingHooks,
     emulator: Emulator,
@@ -163,7 +191,7 @@ def test_a_refused_call_fails_at_once_and_logs_no_secret(
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="flask_meisa")
     worker = make_worker()
-    assert worker.run(*submitted(store, send(key="no_such_trigger"))) is None
+    assert worker.run(*submit(send(key="no_such_trigger"))) is None
     (failed,) = hooks.of("failed")
     assert isinstance(hooks.detail(failed), BadRequestError)
     assert len(emulator.requests_to(TRIGGER)) == 1
@@ -174,11 +202,15 @@ def test_a_refused_call_fails_at_once_and_logs_no_secret(
 
 
 def test_an_event_answered_404_upserts_its_contact_then_tracks_again(
-    make_worker: MakeWorker, store: RedisDeliveryStore, hooks: RecordingHooks, emulator: Emulator
+    make_worker: MakeWorker,
+    submit: Submit,
+    store: RedisDeliveryStore,
+    hooks: RecordingHooks,
+    emulator: Emulator,
 ) -> None:
     contact = {"email": "new@example.com", "external_id": "new-1", "first_name": "Nova"}
     op = Operation("track", {"event_name": "opened", "external_id": "new-1"}, contact=contact)
-    assert run_through(make_worker(), *submitted(store, op)) == 3
+    assert run_through(make_worker(), *submit(op)) == 3
     assert [(r.path, r.status) for r in emulator.requests] == [
         ("/api/v1" + TRACK, 404),
         ("/api/v1" + UPSERT, 201),
@@ -189,20 +221,20 @@ def test_an_event_answered_404_upserts_its_contact_then_tracks_again(
 
 
 def test_an_event_answered_404_without_a_contact_fails(
-    make_worker: MakeWorker, store: RedisDeliveryStore, hooks: RecordingHooks
+    make_worker: MakeWorker, submit: Submit, store: RedisDeliveryStore, hooks: RecordingHooks
 ) -> None:
     op = Operation("track", {"event_name": "opened", "email": "ghost@example.com"})
-    assert make_worker().run(*submitted(store, op)) is None
+    assert make_worker().run(*submit(op)) is None
     (failed,) = hooks.of("failed")
     assert isinstance(hooks.detail(failed), NotFoundError)
 
 
 def test_an_exhausted_budget_runs_the_task_again_later_without_a_call(
-    make_worker: MakeWorker, store: RedisDeliveryStore, emulator: Emulator
+    make_worker: MakeWorker, submit: Submit, store: RedisDeliveryStore, emulator: Emulator
 ) -> None:
     worker = make_worker(rate_limit="1/minute")
-    assert worker.run(*submitted(store, Operation("upsert", {"email": "a@b.co"}))) is None
-    again = worker.run(*submitted(store, Operation("upsert", {"email": "c@d.co"})))
+    assert worker.run(*submit(Operation("upsert", {"email": "a@b.co"}))) is None
+    again = worker.run(*submit(Operation("upsert", {"email": "c@d.co"})))
     assert isinstance(again, RunAgain)
     assert 50.0 < again.countdown <= 60.0
     assert again.op["attempts"] == 0  # waiting spends no attempt
@@ -210,33 +242,33 @@ def test_an_exhausted_budget_runs_the_task_again_later_without_a_call(
 
 
 def test_a_send_takes_the_slot_held_back_for_sends(
-    make_worker: MakeWorker, store: RedisDeliveryStore, emulator: Emulator
+    make_worker: MakeWorker, submit: Submit, store: RedisDeliveryStore, emulator: Emulator
 ) -> None:
     worker = make_worker(rate_limit="20/minute")  # one slot of 20 held back for sends
     for n in range(19):
-        assert worker.run(*submitted(store, Operation("upsert", {"email": f"u{n}@b.co"}))) is None
-    blocked = worker.run(*submitted(store, Operation("upsert", {"email": "late@b.co"})))
+        assert worker.run(*submit(Operation("upsert", {"email": f"u{n}@b.co"}))) is None
+    blocked = worker.run(*submit(Operation("upsert", {"email": "late@b.co"})))
     assert isinstance(blocked, RunAgain)
-    assert worker.run(*submitted(store, send())) is None
+    assert worker.run(*submit(send())) is None
     assert len(emulator.sends()) == 1
 
 
 def test_a_429_pauses_every_worker(
-    make_worker: MakeWorker, store: RedisDeliveryStore, emulator: Emulator
+    make_worker: MakeWorker, submit: Submit, store: RedisDeliveryStore, emulator: Emulator
 ) -> None:
     emulator.faults.force_429(1, retry_after=2, path=UPSERT)
     first, second = make_worker(rate_limit="100/minute"), make_worker(rate_limit="100/minute")
-    again = first.run(*submitted(store, Operation("upsert", {"email": "a@b.co"})))
+    again = first.run(*submit(Operation("upsert", {"email": "a@b.co"})))
     assert isinstance(again, RunAgain)
     assert again.countdown >= 2.0  # Retry-After is the least wait
-    held = second.run(*submitted(store, send()))
+    held = second.run(*submit(send()))
     assert isinstance(held, RunAgain)
     assert 1.5 < held.countdown <= 2.0
     assert len(emulator.requests) == 1  # the second worker made no call
 
 
 def test_a_send_guardrail_429_delays_only_that_send(
-    make_worker: MakeWorker, store: RedisDeliveryStore, emulator: Emulator
+    make_worker: MakeWorker, submit: Submit, store: RedisDeliveryStore, emulator: Emulator
 ) -> None:
     emulator.set_send_guardrail("1/10 seconds")
     worker = make_worker(rate_limit="100/minute")
@@ -245,18 +277,19 @@ def test_a_send_guardrail_429_delays_only_that_send(
         body = {"trigger_key": "receipt", "to_email": to, "idempotency_key": f"r-{n}"}
         return Operation("send", body)
 
-    assert worker.run(*submitted(store, receipt(1, "ada@example.com"))) is None
-    again = worker.run(*submitted(store, receipt(2, "ada@example.com")))
+    assert worker.run(*submit(receipt(1, "ada@example.com"))) is None
+    again = worker.run(*submit(receipt(2, "ada@example.com")))
     assert isinstance(again, RunAgain)
     assert 9.0 <= again.countdown <= 10.0  # as long as Meisa asks, for this recipient
     assert worker.budget is not None
     assert worker.budget.snapshot()[0] == 0.0  # the key is not paused
-    assert worker.run(*submitted(store, receipt(3, "bob@example.com"))) is None  # others go
+    assert worker.run(*submit(receipt(3, "bob@example.com"))) is None  # others go
     assert [r.status for r in emulator.requests_to(TRIGGER)] == [200, 429, 200]
 
 
 def test_failures_in_a_row_pause_every_worker_then_one_probe_goes(
     make_worker: MakeWorker,
+    submit: Submit,
     store: RedisDeliveryStore,
     emulator: Emulator,
     caplog: pytest.LogCaptureFixture,
@@ -266,25 +299,23 @@ def test_failures_in_a_row_pause_every_worker_then_one_probe_goes(
     policy = RetryPolicy(max_attempts=10, base_delay=0.5, max_delay=4.0, deadline=60.0)
     first, second = make_worker(retry=policy), make_worker(retry=policy)
     for n in range(3):
-        again = (first, second)[n % 2].run(
-            *submitted(store, Operation("upsert", {"email": f"u{n}@b.co"}))
-        )
+        again = (first, second)[n % 2].run(*submit(Operation("upsert", {"email": f"u{n}@b.co"})))
         assert isinstance(again, RunAgain)
     assert first.budget is not None
     paused, _, _ = first.budget.snapshot()
     assert 1.5 < paused <= 2.0  # the backoff's ceiling after 3 failures: 0.5 * 2 ** 2
-    held = second.run(*submitted(store, send()))
+    held = second.run(*submit(send()))
     assert isinstance(held, RunAgain)
     assert len(emulator.requests) == 3  # paused: no call
     assert "3 failed calls in a row; pausing delivery for 2.00 s" in caplog.text
 
 
 def test_a_wait_longer_than_the_longest_countdown_is_made_of_several(
-    make_worker: MakeWorker, store: RedisDeliveryStore, emulator: Emulator
+    make_worker: MakeWorker, submit: Submit, store: RedisDeliveryStore, emulator: Emulator
 ) -> None:
     worker = make_worker(rate_limit="1/minute", max_countdown=5.0)
-    assert worker.run(*submitted(store, Operation("upsert", {"email": "a@b.co"}))) is None
-    again = worker.run(*submitted(store, Operation("upsert", {"email": "c@d.co"})))
+    assert worker.run(*submit(Operation("upsert", {"email": "a@b.co"}))) is None
+    again = worker.run(*submit(Operation("upsert", {"email": "c@d.co"})))
     assert isinstance(again, RunAgain)
     assert again.countdown == 5.0
     assert worker.max_countdown == 5.0
@@ -295,13 +326,17 @@ def test_a_wait_longer_than_the_longest_countdown_is_made_of_several(
 
 
 def test_upserts_waiting_together_make_one_call(
-    make_worker: MakeWorker, store: RedisDeliveryStore, hooks: RecordingHooks, emulator: Emulator
+    make_worker: MakeWorker,
+    submit: Submit,
+    store: RedisDeliveryStore,
+    hooks: RecordingHooks,
+    emulator: Emulator,
 ) -> None:
     ops = [
         Operation("upsert", {"email": "ada@example.com", "custom_fields": {f"f{n}": n}})
         for n in range(5)
     ]
-    tasks = [submitted(store, op) for op in ops]
+    tasks = [submit(op) for op in ops]
     worker = make_worker()
     for task in tasks:
         assert worker.run(*task) is None
@@ -312,37 +347,67 @@ def test_upserts_waiting_together_make_one_call(
 
 
 def test_a_contact_in_another_workers_hands_runs_again_soon(
-    make_worker: MakeWorker, store: RedisDeliveryStore, emulator: Emulator
+    make_worker: MakeWorker, submit: Submit, store: RedisDeliveryStore, emulator: Emulator
 ) -> None:
     op = Operation("upsert", {"email": "ada@example.com"})
-    task = submitted(store, op)
-    store.claim("email:ada@example.com", 1, lease=5.0)  # another worker is calling
+    task = submit(op)
+    store.claim(task[1]["contact"], 1, lease=5.0)  # another worker is calling
     again = make_worker().run(*task)
     assert isinstance(again, RunAgain)
     assert again.countdown <= 0.3
     assert emulator.requests == []
 
 
-def test_an_event_waits_behind_its_contacts_pending_upsert(
-    make_worker: MakeWorker, store: RedisDeliveryStore, emulator: Emulator
+def test_an_event_goes_after_its_contacts_pending_upsert_which_its_lane_delivers(
+    make_worker: MakeWorker,
+    dispatcher: CeleryDispatcher,
+    store: RedisDeliveryStore,
+    hooks: RecordingHooks,
+    emulator: Emulator,
 ) -> None:
     worker = make_worker()
-    upsert_task = submitted(store, Operation("upsert", {"email": "new@example.com"}))
-    event = Operation("track", {"event_name": "opened", "email": "new@example.com"})
-    event_task = submitted(store, event)
-    assert isinstance(worker.run(*event_task), RunAgain)  # its contact is not there yet
-    assert worker.run(*upsert_task) is None
+    known = {"email": "old@example.com", "external_id": "7", "custom_fields": {"n": 1}}
+    store.remember(known, time.time())  # Meisa has the contact: its next upsert is routine
+    routine = Operation("upsert", {**known, "custom_fields": {"n": 2}})
+    ((lane, *upsert_task),) = dispatcher.tasks(routine)
+    assert lane == LANE_ROUTINE
+    event = Operation("track", {"event_name": "opened", "external_id": "7"})
+    (lane, *companion), (event_lane, *event_task) = dispatcher.tasks(event)
+    assert lane == event_lane == LANE_AUTOMATION
+    assert companion[1]["version"] == 1
+    assert isinstance(worker.run(*event_task), RunAgain)  # its contact's upsert is pending
+    assert worker.run(*companion) is None  # delivers the upsert on the event's lane
+    assert [op.id for op in hooks.of("delivered")] == [routine.id]
     assert worker.run(*event_task) is None
+    assert worker.run(*upsert_task) is None  # covered: no call
+    assert [r.path for r in emulator.requests] == ["/api/v1" + UPSERT, "/api/v1" + TRACK]
+    assert emulator.requests[0].body["custom_fields"] == {"n": 2}
+    assert store.pending() == 0
+
+
+def test_an_event_does_not_wait_for_an_upsert_released_after_it(
+    make_worker: MakeWorker, submit: Submit, store: RedisDeliveryStore, emulator: Emulator
+) -> None:
+    payload = {"email": "old@example.com", "external_id": "7"}
+    store.remember(payload, time.time())
+    assert make_worker().run(*submit(Operation("upsert", payload, force=True))) is None
+    event = submit(Operation("track", {"event_name": "opened", "external_id": "7"}))
+    submit(Operation("upsert", {**payload, "first_name": "Later"}))  # pending, routine
+    assert make_worker().run(*event) is None  # tracked at once
     assert [r.path for r in emulator.requests] == ["/api/v1" + UPSERT, "/api/v1" + TRACK]
 
 
 def test_skip_reasons_and_a_disabled_worker_skip_without_a_call(
-    make_worker: MakeWorker, store: RedisDeliveryStore, hooks: RecordingHooks, emulator: Emulator
+    make_worker: MakeWorker,
+    submit: Submit,
+    store: RedisDeliveryStore,
+    hooks: RecordingHooks,
+    emulator: Emulator,
 ) -> None:
     hooks.skip = lambda op: "suppressed"
-    assert make_worker().run(*submitted(store, send())) is None
+    assert make_worker().run(*submit(send())) is None
     hooks.skip = lambda op: None
-    assert make_worker(enabled=lambda: False).run(*submitted(store, send())) is None
+    assert make_worker(enabled=lambda: False).run(*submit(send())) is None
     assert [hooks.detail(op) for op in hooks.of("skipped")] == [
         "suppressed",
         "delivery_suppressed",
@@ -356,10 +421,71 @@ def test_an_upsert_whose_record_was_lost_delivers_its_own_payload(
     make_worker: MakeWorker, store: RedisDeliveryStore, emulator: Emulator
 ) -> None:
     op = Operation("upsert", {"email": "ada@example.com", "first_name": "Ada"})
-    store.add_pending(op)
-    assert make_worker().run(op.to_dict(), {"version": 4}) is None
+    store.add_pending(op, LANE_ROUTINE)
+    meta = {"lane": LANE_ROUTINE, "contact": store.contact_of(op.payload), "version": 4}
+    assert make_worker().run(op.to_dict(), meta) is None
     (request,) = emulator.requests_to(UPSERT)
     assert request.body["first_name"] == "Ada"
+
+
+def test_a_state_meisa_has_needs_no_call_unless_forced(
+    make_worker: MakeWorker,
+    submit: Submit,
+    store: RedisDeliveryStore,
+    hooks: RecordingHooks,
+    emulator: Emulator,
+) -> None:
+    worker = make_worker()
+    payload = {"email": "ada@example.com", "external_id": "1", "custom_fields": {"plan": "free"}}
+    for _ in range(3):
+        assert worker.run(*submit(Operation("upsert", payload))) is None
+    assert worker.run(*submit(Operation("upsert", payload, force=True))) is None
+    assert len(emulator.requests_to(UPSERT)) == 2  # the first, and the forced one
+    assert [hooks.detail(op) is None for op in hooks.of("delivered")] == [
+        False,
+        True,
+        True,
+        False,
+    ]
+    assert (store.counters()["delivered"], store.counters()["unchanged"]) == (2, 2)
+    # A change of one field is a call; a state older than resync_after is sent again.
+    assert worker.run(*submit(Operation("upsert", {**payload, "first_name": "A"}))) is None
+    assert make_worker(resync_after=0.0).run(*submit(Operation("upsert", payload))) is None
+    assert len(emulator.requests_to(UPSERT)) == 4
+
+
+def test_an_event_answered_404_forgets_what_meisa_had(
+    make_worker: MakeWorker, submit: Submit, store: RedisDeliveryStore, emulator: Emulator
+) -> None:
+    worker = make_worker()
+    payload = {"email": "ada@example.com", "external_id": "1"}
+    assert worker.run(*submit(Operation("upsert", payload))) is None
+    emulator.reset()  # Meisa lost the contact
+    event = Operation("track", {"event_name": "opened", "email": "ada@example.com"})
+    assert worker.run(*submit(event)) is None  # 404, and no contact to recover with
+    assert store.known(store.contact_of(payload)) is None
+    assert worker.run(*submit(Operation("upsert", payload))) is None  # sent again
+    assert [(r.path, r.status) for r in emulator.requests] == [
+        ("/api/v1" + TRACK, 404),
+        ("/api/v1" + UPSERT, 201),
+    ]
+
+
+def test_a_routine_operation_waiting_too_long_goes_on_the_automation_lane(
+    make_worker: MakeWorker, store: RedisDeliveryStore, dispatcher: CeleryDispatcher
+) -> None:
+    payload = {"email": "ada@example.com", "external_id": "1"}
+    store.remember(payload, time.time())
+    old = Operation("upsert", {**payload, "first_name": "A"}, created_at=time.time() - 61)
+    ((lane, data, meta),) = dispatcher.tasks(old)
+    assert lane == LANE_ROUTINE
+    worker = make_worker(rate_limit="1/minute", routine_max_age=60.0)
+    assert worker.budget is not None
+    assert worker.budget.acquire(lease=5.0).token  # the budget is spent
+    again = worker.run(data, meta)
+    assert isinstance(again, RunAgain)
+    assert (again.queue, again.meta["lane"]) == ("meisa.automation", LANE_AUTOMATION)
+    assert (store.pending(LANE_ROUTINE), store.pending(LANE_AUTOMATION)) == (0, 1)
 
 
 def test_the_task_acks_late_takes_json_and_keeps_the_latest_factory(

@@ -1,11 +1,12 @@
 """A backfill: every user of ``@meisa.users_to_sync`` upserted once, in the lowest lane,
-read a chunk at a time (the store holds at most a bounded number of them waiting), and
-resumable: the position in the user list is stored with each chunk's rows."""
+read a chunk at a time (at most a bounded number of them waiting), and resumable: the
+position in the user list is kept with each chunk. Where the upserts go and the run is
+kept is the engine's :class:`Target`: the delivery store, or Redis under Celery."""
 
 from __future__ import annotations
 
+import functools
 import itertools
-import json
 import time
 from collections.abc import Callable
 from collections.abc import Iterable
@@ -14,6 +15,7 @@ from dataclasses import asdict
 from dataclasses import dataclass
 from dataclasses import field
 from typing import Any
+from typing import Protocol
 
 from ..errors import MeisaError
 from ..operations import LANE_BACKFILL
@@ -24,7 +26,7 @@ from . import pending
 from .budget import TRANSACTIONAL_RESERVE
 from .store import Store
 
-__all__ = ["CHUNK", "Progress", "Run", "estimate_per_hour", "run"]
+__all__ = ["CHUNK", "Progress", "Run", "StoreTarget", "Target", "estimate_per_hour", "run"]
 
 #: Users read, mapped and stored together (one transaction).
 CHUNK = 200
@@ -67,19 +69,6 @@ class Progress:
         return self.run.position - self.waiting
 
 
-def load(store: Store) -> Run | None:
-    """The last run, or ``None``."""
-    with store.read() as db:
-        data = Store.get_meta(db, _RUN)
-    return None if data is None else Run(**data)
-
-
-def failures(store: Store) -> list[dict[str, Any]]:
-    """Users the last runs could not map (at most :data:`KEEP_FAILURES`)."""
-    with store.read() as db:
-        return list(Store.get_meta(db, _FAILURES, []))
-
-
 def estimate_per_hour(spec_windows: Iterable[Any], share: float) -> float | None:
     """The calls an hour a backfill can make with ``share`` of the budget (``None``: no
     budget, as fast as Meisa answers)."""
@@ -90,48 +79,65 @@ def estimate_per_hour(spec_windows: Iterable[Any], share: float) -> float | None
     return min(rates) * share if rates else None
 
 
+class Target(Protocol):
+    """Where a backfill's upserts go and its run is kept."""
+
+    def load(self) -> Run | None:
+        """The last run, or ``None``."""
+
+    def save(self, run: Run, *, fresh: bool = False) -> None:
+        """Keep ``run``; ``fresh``: it starts over, so forget earlier runs' failures."""
+
+    def add(
+        self, run: Run, operations: list[Operation], failed: list[dict[str, Any]], now: float
+    ) -> None:
+        """Queue ``operations`` in the backfill lane but for those Meisa already has (each
+        counted in ``run.queued`` or ``run.skipped``), keep ``failed`` for ``--failures``,
+        and keep ``run`` with them."""
+
+    def backlog(self) -> tuple[int, int]:
+        """Backfill upserts waiting for Meisa, and those Meisa refused."""
+
+    def failures(self) -> list[dict[str, Any]]:
+        """Users the last runs could not map (at most :data:`KEEP_FAILURES`)."""
+
+
 def run(
-    store: Store,
+    target: Target,
     users: Iterable[Any],
     to_operation: Callable[[Any], Operation],
     *,
     total: int | None,
     max_share: float = 1.0,
     restart: bool = False,
-    resync_after: float = 86400.0,
     report: Callable[[Progress], None] = lambda progress: None,
     every: float = 1.0,
 ) -> Progress:
-    """Store an upsert of each user (from where the last unfinished run stopped), never
+    """Queue an upsert of each user (from where the last unfinished run stopped), never
     more than :data:`HIGH_WATER` waiting at once, and wait until they are answered.
 
     :param to_operation: maps a user to its upsert (raises ``MeisaError`` for a user that
         cannot be mapped: counted, kept for ``--failures``, and skipped).
     :param report: called about every ``every`` seconds, and at the end.
     """
-    previous = load(store)
-    if previous is None or previous.state == "done" or restart:
+    previous = target.load()
+    fresh = previous is None or previous.state == "done" or restart
+    if fresh or previous is None:
         current = Run(started_at=time.time(), total=total, max_share=max_share)
-        with store.write() as db:
-            Store.set_meta(db, _FAILURES, None)
     else:
         current = previous
         current.total, current.max_share = total, max_share
-    _save(store, current)
+    target.save(current, fresh=fresh)
     started, start_position = time.monotonic(), current.position
     last_report = 0.0
 
     def progress() -> Progress:
-        with store.read() as db:
-            waiting, refused = db.execute(
-                "SELECT sum(state != 'dead'), sum(state = 'dead') FROM meisa_ops "
-                "WHERE priority = 'backfill'"
-            ).fetchone()
+        waiting, refused = target.backlog()
         elapsed = time.monotonic() - started
-        done_now = current.position - (waiting or 0) - start_position
+        done_now = current.position - waiting - start_position
         rate = done_now * 3600.0 / elapsed if elapsed > 1 and done_now > 0 else 0.0
         left = None if current.total is None else max(current.total - current.position, 0)
-        return Progress(current, waiting or 0, refused or 0, rate, elapsed, left)
+        return Progress(current, waiting, refused, rate, elapsed, left)
 
     def tick(force: bool = False) -> Progress:
         nonlocal last_report
@@ -145,63 +151,94 @@ def run(
     for chunk in _chunks(rest, CHUNK):
         while tick().waiting > HIGH_WATER:
             time.sleep(min(every, 0.2))
-        _store_chunk(store, current, chunk, to_operation, resync_after)
+        operations, failed = [], []
+        for offset, user in enumerate(chunk):
+            try:
+                operations.append(to_operation(user))
+            except MeisaError as error:
+                failed.append(_failure(user, current.position + offset, error))
+        current.failed += len(failed)
+        current.position += len(chunk)
+        target.add(current, operations, failed, time.time())
     while tick().waiting:
         time.sleep(min(every, 0.2))
     current.state = "done"
-    _save(store, current)
+    target.save(current)
     return tick(force=True)
+
+
+class StoreTarget:
+    """A backfill through the delivery store (``MEISA_DELIVERY = "thread"``): its rows
+    and its position are written in one transaction.
+
+    :param resync_after: seconds after which a state Meisa has is sent again anyway.
+    """
+
+    def __init__(self, store: Store, resync_after: float = 86400.0) -> None:
+        self.store = store
+        self.resync_after = resync_after
+
+    def load(self) -> Run | None:
+        """The last run, or ``None``."""
+        with self.store.read() as db:
+            data = Store.get_meta(db, _RUN)
+        return None if data is None else Run(**data)
+
+    def save(self, run: Run, *, fresh: bool = False) -> None:
+        """Keep ``run`` (``fresh``: and forget earlier failures)."""
+        with self.store.write() as db:
+            if fresh:
+                Store.set_meta(db, _FAILURES, None)
+            Store.set_meta(db, _RUN, asdict(run))
+
+    def add(
+        self, run: Run, operations: list[Operation], failed: list[dict[str, Any]], now: float
+    ) -> None:
+        """Store the chunk's rows, its failures and ``run`` in one transaction."""
+        with self.store.write() as db:
+            for operation in operations:
+                if self._unchanged(db, operation, now):
+                    run.skipped += 1
+                    continue
+                pending.add(db, operation, LANE_BACKFILL)
+                run.queued += 1
+            if failed:
+                kept = Store.get_meta(db, _FAILURES, [])
+                Store.set_meta(db, _FAILURES, (kept + failed)[:KEEP_FAILURES])
+            Store.set_meta(db, _RUN, asdict(run))
+
+    def backlog(self) -> tuple[int, int]:
+        """Backfill rows waiting, and dead letters among them."""
+        with self.store.read() as db:
+            waiting, refused = db.execute(
+                "SELECT sum(state != 'dead'), sum(state = 'dead') FROM meisa_ops "
+                "WHERE priority = 'backfill'"
+            ).fetchone()
+        return waiting or 0, refused or 0
+
+    def failures(self) -> list[dict[str, Any]]:
+        """Users the last runs could not map."""
+        with self.store.read() as db:
+            return list(Store.get_meta(db, _FAILURES, []))
+
+    def _unchanged(self, db: Any, operation: Operation, now: float) -> bool:
+        """Meisa has this state already and nothing of the contact waits: no row at all."""
+        had = functools.partial(known.lookup, db, operation.payload)
+        if not known.unchanged(operation, had, now, self.resync_after):
+            return False
+        ext, email = identities(operation.payload)
+        waiting = db.execute(
+            "SELECT EXISTS (SELECT 1 FROM meisa_ops WHERE ext = ? AND state != 'dead') "
+            "OR EXISTS (SELECT 1 FROM meisa_ops WHERE email = ? AND state != 'dead')",
+            (ext, email),
+        ).fetchone()[0]
+        return not waiting
 
 
 def _chunks(users: Iterable[Any], size: int) -> Iterator[list[Any]]:
     iterator = iter(users)
     while chunk := list(itertools.islice(iterator, size)):
         yield chunk
-
-
-def _store_chunk(
-    store: Store,
-    current: Run,
-    chunk: list[Any],
-    to_operation: Callable[[Any], Operation],
-    resync_after: float,
-) -> None:
-    operations, failed = [], []
-    for offset, user in enumerate(chunk):
-        try:
-            operations.append(to_operation(user))
-        except MeisaError as error:
-            failed.append(_failure(user, current.position + offset, error))
-    now = time.time()
-    with store.write() as db:
-        for operation in operations:
-            if _unchanged(db, operation, now, resync_after):
-                current.skipped += 1
-                continue
-            pending.add(db, operation, LANE_BACKFILL)
-            current.queued += 1
-        current.failed += len(failed)
-        current.position += len(chunk)
-        if failed:
-            kept = Store.get_meta(db, _FAILURES, [])
-            Store.set_meta(db, _FAILURES, (kept + failed)[:KEEP_FAILURES])
-        Store.set_meta(db, _RUN, asdict(current))
-
-
-def _unchanged(db: Any, operation: Operation, now: float, resync_after: float) -> bool:
-    """Meisa has this state already and nothing of the contact waits: no row at all."""
-    had = known.lookup(db, operation.payload)
-    if had is None or had.accepted_at < now - resync_after:
-        return False
-    if not had.has(known.digest(operation.payload)):
-        return False
-    ext, email = identities(operation.payload)
-    waiting = db.execute(
-        "SELECT EXISTS (SELECT 1 FROM meisa_ops WHERE ext = ? AND state != 'dead') "
-        "OR EXISTS (SELECT 1 FROM meisa_ops WHERE email = ? AND state != 'dead')",
-        (ext, email),
-    ).fetchone()[0]
-    return not waiting
 
 
 def _failure(user: Any, position: int, error: MeisaError) -> dict[str, Any]:
@@ -211,8 +248,3 @@ def _failure(user: Any, position: int, error: MeisaError) -> dict[str, Any]:
     except Exception:
         who = None
     return {"position": position, "user": who, "reason": str(error)}
-
-
-def _save(store: Store, current: Run) -> None:
-    with store.write() as db:
-        Store.set_meta(db, _RUN, json.loads(json.dumps(asdict(current))))

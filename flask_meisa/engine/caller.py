@@ -4,6 +4,7 @@ outcome as :func:`~flask_meisa._decisions.decide` says."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
 import threading
@@ -117,12 +118,8 @@ class Caller:
 
     def _unchanged(self, db: sqlite3.Connection, row: pending.Row, now: float) -> Report | None:
         operation = row.operation
-        if operation.kind != "upsert" or operation.force:
-            return None
-        had = known.lookup(db, operation.payload)
-        if had is None or had.accepted_at < now - self._resync_after:
-            return None
-        if not had.has(known.digest(operation.payload)):
+        had = functools.partial(known.lookup, db, operation.payload)
+        if not known.unchanged(operation, had, now, self._resync_after):
             return None
         pending.finish(db, row)
         Store.count(db, "unchanged", row.merged)

@@ -9,12 +9,16 @@ in the README's Celery section and docs/celery.md.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Iterable
 from collections.abc import Iterator
 from collections.abc import Mapping
+from collections.abc import Sequence
+from dataclasses import asdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from typing import Any
@@ -27,8 +31,12 @@ from ..config import MeisaSettings
 from ..config import resolve_keys
 from ..errors import ConfigurationError
 from ..errors import DeliveryError
+from ..operations import LANE_BACKFILL
 from ..operations import LANE_NAMES
+from ..operations import LANE_TRANSACTIONAL
 from ..operations import Operation
+from . import backfill
+from . import known
 from .base import DeliveryHooks
 from .base import DeliveryStatus
 from .base import HookCaller
@@ -58,9 +66,15 @@ __all__ = [
 
 logger = logging.getLogger("flask_meisa.engine")
 
-#: The ``MEISA_CELERY_*`` keys and their defaults (from :data:`flask_meisa.config.KEYS`).
+#: The ``MEISA_CELERY_*`` keys and their defaults.
 CELERY_DEFAULTS: dict[str, Any] = {
-    name: default for name, default in DEFAULTS.items() if name.startswith("MEISA_CELERY_")
+    name: DEFAULTS[name]
+    for name in (
+        "MEISA_CELERY_APP",
+        "MEISA_CELERY_QUEUE",
+        "MEISA_CELERY_REDIS_URL",
+        "MEISA_CELERY_COALESCE",
+    )
 }
 
 #: Meisa deduplicates a send's idempotency key for this long, in seconds.
@@ -75,13 +89,12 @@ RUN_TIMEOUTS = 4
 #: How often, at most, a busy dispatcher checks which of its operations are finished.
 _LOOK_EVERY = 1.0
 
-_LANE_SUFFIXES = LANE_NAMES
-
 
 def lane_queues(prefix: str = "meisa") -> dict[str, str]:
     """The queue of each lane by lane name, first lane first: ``{"transactional":
-    "meisa.transactional", "sync": "meisa.sync", "events": "meisa.events"}``."""
-    return {name: f"{prefix}.{name}" for name in _LANE_SUFFIXES.values()}
+    "meisa.transactional", "automation": "meisa.automation", "routine": "meisa.routine",
+    "backfill": "meisa.backfill"}``."""
+    return {name: f"{prefix}.{name}" for name in LANE_NAMES.values()}
 
 
 @dataclass(frozen=True)
@@ -97,15 +110,10 @@ class CelerySettings:
     def from_config(cls, config: Mapping[str, Any]) -> CelerySettings:
         """Read and check the keys (a missing key takes its default).
 
-        :raises ConfigurationError: naming the key that is invalid.
+        :raises ConfigurationError: naming each key that is invalid.
         """
         values = resolve_keys(config, CELERY_DEFAULTS)
-        return cls(
-            celery_app=values["MEISA_CELERY_APP"],
-            queue=values["MEISA_CELERY_QUEUE"],
-            redis_url=values["MEISA_CELERY_REDIS_URL"],
-            coalesce=values["MEISA_CELERY_COALESCE"],
-        )
+        return cls(*(values[name] for name in CELERY_DEFAULTS))
 
 
 def resolve_celery_app(app: Flask) -> Any:
@@ -186,6 +194,7 @@ class CeleryDispatcher:
     :param call_timeout: the longest one call can take (a budget slot's lease).
     :param ledger_size: how many operations submitted here, not yet seen finished, are
         remembered to be reported if Redis loses them.
+    :param priority_fields: custom fields whose change moves an upsert ahead.
     """
 
     def __init__(
@@ -200,12 +209,12 @@ class CeleryDispatcher:
         coalesce: bool = True,
         call_timeout: float = 15.0,
         ledger_size: int = 10_000,
+        priority_fields: Sequence[str] = ("plan", "subscription_status"),
     ) -> None:
         self._celery = celery_app
         self._redis = redis
         self._hooks = HookCaller(hooks, logger)
         self._queues = lane_queues(queue)
-        self._lane_queue = {lane: self._queues[name] for lane, name in _LANE_SUFFIXES.items()}
         self.store = RedisDeliveryStore(redis, queue)
         self._budget = (
             RedisBudget(redis, rate_limit, prefix=budget_prefix(budget_key))
@@ -213,6 +222,7 @@ class CeleryDispatcher:
             else None
         )
         self._coalesce = coalesce
+        self._priority_fields = tuple(priority_fields)
         self._lease = call_timeout + 5.0
         self._ledger_size = ledger_size
         self._lock = threading.Lock()
@@ -260,29 +270,49 @@ class CeleryDispatcher:
         if closed:
             self._drop(operation, "closed")
             return
-        meta: dict[str, Any] = {}
         try:
             self._look()
-            contact = operation.contact_key
-            if self._coalesce and operation.kind == "upsert" and contact is not None:
-                meta["version"] = self.store.coalesce(operation, contact)
-            else:
-                self.store.add_pending(operation)
-            self._celery.send_task(
-                TASK_NAME,
-                kwargs={"op": operation.to_dict(), "meta": meta},
-                queue=self._lane_queue[operation.lane],
-                routing_key=self._lane_queue[operation.lane],
-                serializer="json",
-                task_id=operation.id,
-                ignore_result=True,
-            )
+            for lane, op, meta in self.tasks(operation):
+                queue = self._queues[LANE_NAMES[lane]]
+                self._celery.send_task(
+                    TASK_NAME,
+                    kwargs={"op": op, "meta": meta},
+                    queue=queue,
+                    routing_key=queue,
+                    serializer="json",
+                    task_id=op["id"],
+                    ignore_result=True,
+                )
         except Exception as error:
             # The text of a broker error can hold its URL: only its class is reported.
             self._drop(operation, "broker_unavailable", type(error).__name__)
             return
         with self._lock:
             self._ledger[operation.id] = operation
+
+    def tasks(self, operation: Operation) -> list[tuple[int, dict[str, Any], dict[str, Any]]]:
+        """Record ``operation`` in Redis and return the tasks that deliver it, as ``(lane,
+        op, meta)``: its own, in the lane of its significance (an upsert's depends on
+        what Meisa has of its contact), and before it, for an event whose contact has an
+        upsert pending, a companion that delivers that upsert on the event's lane."""
+        store = self.store
+        contact = store.contact_of(operation.payload) if operation.kind == "upsert" else None
+        lane = known.lane_of(operation, lambda: store.known(contact), self._priority_fields)
+        meta: dict[str, Any] = {"lane": lane}
+        tasks = []
+        if contact is not None and self._coalesce:
+            meta.update(contact=contact, version=store.coalesce(operation, contact, lane))
+        else:
+            store.add_pending(operation, lane)
+        if operation.kind == "track":
+            names = (operation.payload, operation.contact)
+            found = store.pending_version(c for p in names if p for c in store.contacts(p))
+            if found is not None:
+                companion = Operation("upsert", {}, created_at=operation.created_at)
+                extra = {"contact": found[0], "version": found[1], "companion": True}
+                tasks.append((lane, companion.to_dict(), {"lane": lane, **extra}))
+                meta["after"] = list(found)
+        return [*tasks, (lane, operation.to_dict(), meta)]
 
     def _drop(self, operation: Operation, reason: str, cause: str | None = None) -> None:
         if operation.kind == "send":
@@ -352,12 +382,18 @@ class CeleryDispatcher:
         budget, token = self._budget, None
         if budget is not None:
             deadline = time.monotonic() + max(timeout, 0.0)
+            waiter = uuid.uuid4().hex
+            take = functools.partial(
+                budget.acquire, lease=self._lease, lane=LANE_TRANSACTIONAL, waiter=waiter
+            )
             try:
-                got = budget.acquire(lease=self._lease, priority=True)
+                got = take()
                 while got.token is None and time.monotonic() + got.wait <= deadline:
                     time.sleep(got.wait)
-                    got = budget.acquire(lease=self._lease, priority=True)
+                    got = take()
                 token = got.token
+                if token is None:
+                    budget.give_up(waiter, LANE_TRANSACTIONAL)
             except RedisError as error:
                 logger.warning(
                     "flask-meisa: no budget slot from Redis (%s); calling without one",
@@ -414,30 +450,81 @@ class CeleryDispatcher:
         return 0
 
     def status(self) -> DeliveryStatus:
-        """Queue length per lane, calls in flight, operations waiting to run again
-        (retries, budget waits, messages reserved by workers), counters from every
-        worker, budget left in each window and the pause every worker observes."""
-        pending = self._look(force=True)
-        pipe = self._redis.pipeline(transaction=False)
-        for name in self._queues.values():
-            pipe.llen(name)
-        lengths = pipe.execute()
-        queued = {lane: int(n) for lane, n in zip(self._queues, lengths, strict=True)}
-        counters = self.store.counters()
-        paused_for, in_flight, budget_left = 0.0, 0, None
+        """Operations not finished per lane (held by workers for a countdown included;
+        calls in flight apart), the oldest one's wait and the latency of each lane,
+        counters from every worker, the budget left in each window, the pause every
+        worker observes, and the backfill run."""
+        self._look(force=True)
+        status = DeliveryStatus(engine="celery", queued=dict.fromkeys(self._queues, 0))
+        self.store.describe(status)
         if self._budget is not None:
-            paused_for, in_flight, budget_left = self._budget.snapshot()
-        return DeliveryStatus(
-            engine="celery",
-            queued=queued,
-            in_flight=in_flight,
-            retry_waiting=max(pending - sum(queued.values()) - in_flight, 0),
-            delivered=counters["delivered"],
-            failed=counters["failed"],
-            dropped=counters["dropped"],
-            budget_left=budget_left,
-            paused_for=paused_for,
+            status.paused_for, flying, status.budget_left = self._budget.snapshot()
+            for lane, count in flying.items():
+                name = LANE_NAMES[lane]
+                status.queued[name] = max(status.queued[name] - count, 0)
+                status.in_flight += count
+        return status
+
+    def backfill(self, resync_after: float = 86400.0) -> CeleryBackfill:
+        """The target of ``flask meisa sync-users`` (see :class:`CeleryBackfill`)."""
+        return CeleryBackfill(self, resync_after)
+
+
+class CeleryBackfill:
+    """A backfill through Celery (a :class:`~.backfill.Target`): upserts published on the
+    backfill queue, but for those Meisa already has; the run, its failures and the upserts
+    Meisa refused kept in Redis (workers read the run's ``max_share``)."""
+
+    def __init__(self, dispatcher: CeleryDispatcher, resync_after: float) -> None:
+        self._dispatcher = dispatcher
+        self._store = dispatcher.store
+        self._resync_after = resync_after
+
+    def load(self) -> backfill.Run | None:
+        """The last run, or ``None``."""
+        data = self._store.get("backfill")
+        return None if data is None else backfill.Run(**data)
+
+    def save(self, run: backfill.Run, *, fresh: bool = False) -> None:
+        """Keep ``run`` (``fresh``: and forget earlier runs' failures)."""
+        if fresh:
+            self._store.put("backfill_failures", None)
+            self._store.count("backfill_refused", 0)
+        self._store.put("backfill", asdict(run))
+
+    def add(
+        self,
+        run: backfill.Run,
+        operations: list[Operation],
+        failed: list[dict[str, Any]],
+        now: float,
+    ) -> None:
+        """Publish the chunk's upserts, then keep its failures and ``run``."""
+        store = self._store
+        for operation in operations:
+            contacts = store.contacts(operation.payload)
+            had = functools.partial(store.known, contacts[0] if contacts else None)
+            if known.unchanged(operation, had, now, self._resync_after) and (
+                store.pending_version(contacts) is None
+            ):
+                run.skipped += 1
+                continue
+            self._dispatcher.publish(operation)
+            run.queued += 1
+        if failed:
+            kept = store.get("backfill_failures", [])
+            store.put("backfill_failures", (kept + failed)[: backfill.KEEP_FAILURES])
+        store.put("backfill", asdict(run))
+
+    def backlog(self) -> tuple[int, int]:
+        """Backfill upserts not finished, and those Meisa refused."""
+        return self._store.pending(LANE_BACKFILL), self._store.counters().get(
+            "backfill_refused", 0
         )
+
+    def failures(self) -> list[dict[str, Any]]:
+        """Users the last runs could not map."""
+        return list(self._store.get("backfill_failures", []))
 
 
 def make_dispatcher(state: MeisaState) -> CeleryDispatcher:
@@ -456,6 +543,7 @@ def make_dispatcher(state: MeisaState) -> CeleryDispatcher:
         coalesce=settings.coalesce,
         call_timeout=options.connect_timeout + options.timeout,
         ledger_size=options.queue_size,
+        priority_fields=options.priority_fields,
     )
 
 
@@ -497,6 +585,8 @@ def init_celery(app: Flask, celery_app: Any = None) -> Any:
             max_countdown=max_countdown,
             context=app.app_context,
             enabled=state.delivering,
+            resync_after=options.resync_after,
+            routine_max_age=options.routine_max_age,
         )
 
     return register_tasks(celery_app, build)

@@ -23,14 +23,19 @@ from redis.exceptions import RedisError
 from .._decisions import Decision
 from .._decisions import decide
 from .._decisions import log_decision
+from ..operations import LANE_AUTOMATION
+from ..operations import LANE_BACKFILL
+from ..operations import LANE_NAMES
+from ..operations import LANE_ROUTINE
 from ..operations import Operation
 from ..operations import attempt
-from ..operations import contact_key
 from ..retry import RetryPolicy
+from . import known
 from .base import ClientFactory
 from .base import DeliveryHooks
 from .base import HookCaller
 from .caller import OUTAGE_THRESHOLD
+from .known import Known
 from .redis_budget import MAX_WAIT
 from .redis_budget import RedisBudget
 from .redis_store import Claim
@@ -53,22 +58,30 @@ logger = logging.getLogger("flask_meisa.engine")
 
 @dataclass(frozen=True)
 class RunAgain:
-    """Run the task again in ``countdown`` seconds with these arguments."""
+    """Run the task again in ``countdown`` seconds with these arguments, on ``queue``
+    (its lane's; ``None``: the one it came from)."""
 
     countdown: float
     op: dict[str, Any]
     meta: dict[str, Any]
+    queue: str | None = None
 
 
 class DeliveryWorker:
     """Runs the delivery task's body (see the module's docstring). Thread-safe: one per
     worker process, shared by its threads.
 
+    A task's ``meta`` says how to run it: ``lane``; for a coalesced upsert, its contact's
+    record (``contact``) and ``version`` (``companion``: a copy published on an event's
+    lane, delivering the record but none of its own); for an event, the upsert to wait
+    for (``after``: contact and version); while it runs: ``due``, ``first_attempt`` and
+    an event's recovery (``recover``, ``recovered``).
+
     :param client_factory: builds the client (once; its calls are made with
         ``retry=RetryPolicy.never()``); closed by :meth:`close`.
     :param hooks: told about every outcome, in the worker.
     :param retry: when and how long to wait before retrying.
-    :param store: coalesced upserts, pending operations, counters.
+    :param store: coalesced upserts, what Meisa has, pending operations, counters.
     :param budget: the shared rate budget, pause and outage breaker, or ``None``.
     :param call_timeout: the longest one call can take (connect plus read timeout); a
         budget slot or a contact's lease held longer is given up.
@@ -77,6 +90,8 @@ class DeliveryWorker:
     :param context: entered around every run (the Flask app context).
     :param enabled: read on every run; while it returns ``False`` operations are skipped
         with reason ``"delivery_suppressed"`` (``MEISA_ENABLED = False`` on the worker).
+    :param resync_after: seconds after which a state Meisa has is sent again anyway.
+    :param routine_max_age: seconds after which a routine operation is promoted.
     """
 
     def __init__(
@@ -91,6 +106,8 @@ class DeliveryWorker:
         max_countdown: float = MAX_WAIT,
         context: Callable[[], AbstractContextManager[Any]] | None = None,
         enabled: Callable[[], bool] | None = None,
+        resync_after: float = 86400.0,
+        routine_max_age: float = 3600.0,
     ) -> None:
         self._client_factory = client_factory
         self._hooks = HookCaller(hooks, logger)
@@ -101,6 +118,8 @@ class DeliveryWorker:
         self.max_countdown = max_countdown
         self._context = context or contextlib.nullcontext
         self._enabled = enabled
+        self._resync_after = resync_after
+        self._routine_max_age = routine_max_age
         self._client_lock = threading.Lock()
         self._owned: MeisaClient | None = None
         self._client: MeisaClient | None = None
@@ -130,6 +149,7 @@ class DeliveryWorker:
         :raises RedisError: the engine's records are out of reach (no call was made).
         """
         operation = Operation.from_dict(data)
+        meta = dict(meta)
         with self._context():
             try:
                 return self._run(operation, meta)
@@ -141,60 +161,72 @@ class DeliveryWorker:
                 logger.exception(
                     "flask-meisa: delivering %s raised; reported as failed", operation.describe()
                 )
-                self._report("failed", [operation], error, None, None)
+                self._report("failed", [operation], error, meta)
                 return None
 
     def _run(self, operation: Operation, meta: dict[str, Any]) -> RunAgain | None:
         due = float(meta.get("due") or 0.0)
         if due > time.time():
             return self._again(due - time.time(), operation, meta)  # a wait made of several
-        contact = operation.contact_key
-        if operation.kind == "upsert" and contact is not None and meta.get("version") is not None:
-            return self._run_coalesced(operation, contact, meta)
+        meta["lane"] = int(meta.get("lane", operation.lane))
+        if meta["lane"] == LANE_ROUTINE and time.time() - operation.created_at > (
+            self._routine_max_age
+        ):
+            meta["lane"] = LANE_AUTOMATION  # nothing waits forever
+            self.store.move(operation, LANE_AUTOMATION)
+        if operation.kind == "upsert" and meta.get("contact") is not None:
+            return self._run_coalesced(operation, meta)
         if operation.kind == "track" and not meta.get("recover"):
             wait = self._event_wait(operation, meta)
             if wait is not None:
                 return wait
         return self._attempt(operation, meta, members=[operation])
 
-    def _run_coalesced(
-        self, operation: Operation, contact: str, meta: dict[str, Any]
-    ) -> RunAgain | None:
-        claim = self.store.claim(contact, int(meta["version"]), self._lease)
+    def _run_coalesced(self, operation: Operation, meta: dict[str, Any]) -> RunAgain | None:
+        own = not meta.get("companion")
+        claim = self.store.claim(str(meta["contact"]), int(meta["version"]), self._lease)
         if claim.state == "covered":
-            self.store.finish([operation.id])  # already finished with the call that covered it
+            if own:  # already finished with the call that covered it
+                self.store.finish([operation.id])
             return None
         if claim.state == "busy":
             return self._again(claim.wait + random.uniform(0, 0.05), operation, meta)
         if claim.state == "missing":
-            return self._attempt(operation, meta, members=[operation])
-        call = Operation("upsert", claim.payload, id=operation.id, attempts=operation.attempts)
-        call.created_at = operation.created_at
+            return self._attempt(operation, meta, members=[operation]) if own else None
+        call = Operation(
+            "upsert",
+            claim.payload,
+            id=operation.id,
+            created_at=operation.created_at,
+            attempts=operation.attempts,
+            priority=operation.priority,
+            force=claim.force,
+        )
         members = [
             call
             if member == operation.id
             else Operation("upsert", claim.payload, id=member, attempts=operation.attempts)
             for member in claim.members
         ]
-        if operation.id not in claim.members:
+        if own and operation.id not in claim.members:
             members.append(call)  # e.g. its record expired and was made again since
         try:
-            return self._attempt(call, meta, members=members, contact=contact, claim=claim)
+            return self._attempt(call, meta, members=members, claim=claim)
         except BaseException:
-            self.store.release(contact, claim)
+            self._release(meta, claim)
             raise
 
     def _event_wait(self, operation: Operation, meta: dict[str, Any]) -> RunAgain | None:
-        contacts = {contact_key(operation.payload), operation.contact_key}
-        if operation.contact:
-            contacts.add(contact_key(operation.contact))
-        keys = [key for key in contacts if key is not None]
-        if not keys or not self.store.upsert_pending(keys):
+        """An event waits until the upsert its contact had pending when it was released
+        is delivered (at most the retry deadline), so that it never reaches Meisa before
+        its contact's state."""
+        contact, version = meta.get("after") or (None, 0)
+        if contact is None or self.store.pending_version([contact], upto=version) is None:
             return None
         limit = self._retry.deadline if self._retry.deadline is not None else EVENT_WAIT_LIMIT
         if time.time() - operation.created_at > limit:
             return None  # the upsert is stuck; the event goes anyway (a 404 recovers it)
-        return self._again(0.2 + random.uniform(0, 0.1), operation, meta)
+        return self._again(0.1 + random.uniform(0, 0.05), operation, meta)
 
     def _attempt(
         self,
@@ -202,9 +234,15 @@ class DeliveryWorker:
         meta: dict[str, Any],
         *,
         members: list[Operation],
-        contact: str | None = None,
         claim: Claim | None = None,
     ) -> RunAgain | None:
+        def had() -> Known | None:
+            contact = meta.get("contact") or self.store.contact_of(operation.payload)
+            return self.store.known(contact)
+
+        if known.unchanged(operation, had, time.time(), self._resync_after):
+            self._report("delivered", members, None, meta, claim, counter="unchanged")
+            return None
         recovering = operation.kind == "track" and bool(meta.get("recover"))
         if not recovering:
             if self._enabled is not None and not self._enabled():
@@ -212,13 +250,18 @@ class DeliveryWorker:
             else:
                 reason = self._hooks.skip_reason(operation)
             if reason is not None:
-                self._report("skipped", members, reason, contact, claim)
+                self._report("skipped", members, reason, meta, claim)
                 return None
-        token = None
+        lane, token = int(meta["lane"]), None
         if self.budget is not None:
-            got = self.budget.acquire(lease=self._lease, priority=operation.kind == "send")
+            share = 1.0
+            if lane == LANE_BACKFILL:
+                share = float((self.store.get("backfill") or {}).get("max_share", 1.0))
+            got = self.budget.acquire(
+                lease=self._lease, lane=lane, share=share, waiter=operation.id
+            )
             if got.token is None:
-                self._release(contact, claim)
+                self._release(meta, claim)
                 return self._again(got.wait, operation, meta)
             token = got.token
         call = operation
@@ -243,20 +286,25 @@ class DeliveryWorker:
         log_decision(logger, decision, operation.describe(), outcome.error, operation.attempts)
         if token is not None and self.budget is not None:
             self._settle_budget(self.budget, token, outcome.made, decision)
+        if decision.unknown_contact:
+            self.store.forget([operation.payload, operation.contact])
+        if decision.action == "done" and call.kind == "upsert":
+            self.store.remember(call.payload, time.time())
         if decision.action == "recover":
             return self._again(0.0, operation, {**meta, "recover": True})
         if decision.action == "done" and recovering:
             # The contact exists now: the event again, at once.
             return self._again(0.0, operation, {**meta, "recover": False, "recovered": True})
         if decision.action == "retry":
-            self._release(contact, claim)
+            self._release(meta, claim)
             return self._again(decision.delay, operation, meta)
         for member in members:
             member.attempts = operation.attempts
         if decision.action == "done":
-            self._report("delivered", members, outcome.result, contact, claim)
+            waited = time.time() - operation.created_at
+            self._report("delivered", members, outcome.result, meta, claim, answer=waited)
         else:
-            self._report("failed", members, outcome.error, contact, claim)
+            self._report("failed", members, outcome.error, meta, claim)
         return None
 
     def _settle_budget(
@@ -279,9 +327,9 @@ class DeliveryWorker:
                 pause,
             )
 
-    def _release(self, contact: str | None, claim: Claim | None) -> None:
-        if claim is not None and contact is not None:
-            self.store.release(contact, claim)
+    def _release(self, meta: dict[str, Any], claim: Claim | None) -> None:
+        if claim is not None:
+            self.store.release(str(meta["contact"]), claim)
 
     def _again(self, countdown: float, operation: Operation, meta: dict[str, Any]) -> RunAgain:
         meta = dict(meta)
@@ -289,15 +337,20 @@ class DeliveryWorker:
         if countdown > self.max_countdown:
             meta["due"] = time.time() + countdown
             countdown = self.max_countdown
-        return RunAgain(max(countdown, 0.0), operation.to_dict(), meta)
+        lane = LANE_NAMES[int(meta.get("lane", operation.lane))]
+        queue = f"{self.store.namespace}.{lane}"  # the queue of the lane it is in now
+        return RunAgain(max(countdown, 0.0), operation.to_dict(), meta, queue)
 
     def _report(
         self,
         outcome: str,
         members: list[Operation],
         detail: Any,
-        contact: str | None,
-        claim: Claim | None,
+        meta: dict[str, Any],
+        claim: Claim | None = None,
+        *,
+        counter: str | None = None,
+        answer: float | None = None,
     ) -> None:
         """Settle the contact's claim, call the hooks, then finish the operations.
 
@@ -305,11 +358,19 @@ class DeliveryWorker:
         again meanwhile; the operations stay pending until their hooks ran (a worker
         killed in a hook leaves its task to be run again, and that run finds its version
         delivered)."""
-        if claim is not None and contact is not None:
-            self.store.settle(contact, claim)
+        if claim is not None:
+            self.store.settle(str(meta["contact"]), claim)
         for member in members:
             self._hooks.call(outcome, member, detail)
-        self.store.finish([member.id for member in members], outcome, len(members))
+        lane = int(meta.get("lane", members[0].lane))
+        self.store.finish(
+            [member.id for member in members],
+            counter or outcome,
+            len(members),
+            answer=None if answer is None else (lane, answer),
+        )
+        if outcome == "failed" and any(member.priority == "backfill" for member in members):
+            self.store.count("backfill_refused", len(members))
 
 
 class _WorkerHolder:
@@ -384,10 +445,12 @@ def register_tasks(
             )
             again = RunAgain(1.0 + random.uniform(0, 4.0), op, meta)
         if again is not None:
+            where = {"queue": again.queue} if again.queue else {}
             raise self.retry(
                 kwargs={"op": again.op, "meta": again.meta},
                 countdown=again.countdown,
                 max_retries=None,
+                **where,
             )
 
     holder.task = deliver_operation

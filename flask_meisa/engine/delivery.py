@@ -6,6 +6,7 @@ budget, and decides each outcome with :func:`~flask_meisa._decisions.decide`."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -19,7 +20,6 @@ from typing import TYPE_CHECKING
 
 from ..errors import ConfigurationError
 from ..errors import DeliveryError
-from ..operations import LANE_ROUTINE
 from ..operations import Operation
 from ..retry import RetryPolicy
 from . import known
@@ -380,13 +380,8 @@ class Delivery:
             self._hooks.call("dropped", operation, "queue_full")
 
     def _lane_of(self, db: sqlite3.Connection, operation: Operation) -> int:
-        lane = operation.lane
-        if operation.kind != "upsert" or lane != LANE_ROUTINE:
-            return lane
-        had = known.lookup(db, operation.payload)
-        if had is None or had.changes(known.digest(operation.payload), self._priority_fields):
-            return lane - 1  # a first upsert, or a priority field changed
-        return lane
+        had = functools.partial(known.lookup, db, operation.payload)
+        return known.lane_of(operation, had, self._priority_fields)
 
     def _try_to_deliver(self) -> None:
         assert self._host_lock is not None

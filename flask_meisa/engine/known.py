@@ -8,14 +8,27 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..operations import LANE_AUTOMATION
+from ..operations import LANE_ROUTINE
+from ..operations import Operation
 from ..operations import identities
 
-__all__ = ["Known", "digest", "forget", "lookup", "prune", "remember"]
+__all__ = [
+    "Known",
+    "digest",
+    "forget",
+    "lane_of",
+    "lookup",
+    "prune",
+    "remember",
+    "unchanged",
+]
 
 #: Entries unused for this long are forgotten, whatever ``MEISA_RESYNC_AFTER`` says.
 KEEP_FOR = 30 * 86400.0
@@ -58,6 +71,35 @@ class Known:
             (key := f"custom_fields.{name}") in wanted and self.fields.get(key) != wanted[key]
             for name in names
         )
+
+
+Lookup = Callable[[], "Known | None"]
+
+
+def lane_of(operation: Operation, had: Lookup, priority_fields: Iterable[str]) -> int:
+    """The lane of ``operation``, given ``had()``, what Meisa has of its contact (looked up
+    only for a routine upsert): a contact's first upsert, or one that changes a priority
+    field, goes ahead of routine syncs."""
+    lane = operation.lane
+    if operation.kind != "upsert" or lane != LANE_ROUTINE:
+        return lane
+    known = had()
+    if known is None or known.changes(digest(operation.payload), priority_fields):
+        return LANE_AUTOMATION
+    return lane
+
+
+def unchanged(operation: Operation, had: Lookup, now: float, resync_after: float) -> bool:
+    """Whether Meisa already has every field of the upsert ``operation``, accepted within
+    ``resync_after`` seconds, so that no call is needed (never when it is forced)."""
+    if operation.kind != "upsert" or operation.force:
+        return False
+    known = had()
+    return (
+        known is not None
+        and known.accepted_at >= now - resync_after
+        and known.has(digest(operation.payload))
+    )
 
 
 def _keys(payload: Mapping[str, Any]) -> list[str]:

@@ -403,6 +403,11 @@ def _each(db: sqlite3.Connection, statement: str, seqs: Iterable[int]) -> int:
 # -- the host's status -----------------------------------------------------------------
 
 
+def percentiles(waits: list[float]) -> tuple[float, float]:
+    """``(p50, p99)`` of ``waits``, sorted and not empty."""
+    return waits[(len(waits) - 1) // 2], waits[min(len(waits) - 1, int(len(waits) * 0.99))]
+
+
 def describe(db: sqlite3.Connection, now: float, status: DeliveryStatus) -> None:
     """Fill ``status`` with what the store holds: work per lane and its age, in flight,
     waiting to retry, dead letters, latency, counters, pause and the backfill run."""
@@ -433,8 +438,7 @@ def describe(db: sqlite3.Connection, now: float, status: DeliveryStatus) -> None
             )
         ]
         if waits:
-            p99 = waits[min(len(waits) - 1, int(len(waits) * 0.99))]
-            status.latency[name] = (waits[(len(waits) - 1) // 2], p99)
+            status.latency[name] = percentiles(waits)
     for name in ("delivered", "failed", "dropped", "unchanged"):
         setattr(status, name, int(Store.get_meta(db, name, 0)))
     status.paused_for = max(float(Store.get_meta(db, "pause_until", 0.0)) - now, 0.0)

@@ -1,7 +1,8 @@
-"""What the Celery engine keeps in Redis besides the budget: coalesced upserts (one
-record per contact, delivered by whichever of its tasks runs first), the operations not
-yet finished, outcome counters, and the epoch that reveals a Redis that lost its data.
-docs/celery.md explains the design. Keys hold digests of contacts, never addresses.
+"""What the Celery engine keeps in Redis besides the budget: per contact, its coalesced
+upserts not yet delivered and the digest of what Meisa accepted of it; the operations not
+yet finished, by lane; counters, recent answers, the backfill run, and the epoch that
+reveals a Redis that lost its data. docs/celery.md explains the design. Keys hold digests
+of contacts, never addresses.
 """
 
 from __future__ import annotations
@@ -17,13 +18,24 @@ from dataclasses import field
 from typing import Any
 from typing import Literal
 
+from ..operations import LANE_NAMES
 from ..operations import Operation
+from ..operations import identities
 from ..operations import merge_upsert_payloads
+from .base import DeliveryStatus
+from .known import KEEP_FOR
+from .known import Known
+from .known import digest
+from .pending import LATENCY_WINDOW
+from .pending import percentiles
 
 __all__ = ["Claim", "RedisDeliveryStore"]
 
 #: How long a contact's record outlives its last upsert, in seconds.
 RECORD_TTL = 7 * 86400
+#: Answers kept per lane for the status's latency figures.
+ANSWERS_KEPT = 2_000
+_COUNTERS = ("delivered", "failed", "skipped", "dropped", "unchanged")
 
 ClaimState = Literal["deliver", "covered", "busy", "missing"]
 
@@ -33,9 +45,9 @@ class Claim:
     """What :meth:`RedisDeliveryStore.claim` found for an upsert task.
 
     - ``"deliver"``: this task makes the contact's call with ``payload`` (version
-      ``version``), on behalf of the operations ``members``; it holds the lease
-      ``token`` until :meth:`~RedisDeliveryStore.settle` or
-      :meth:`~RedisDeliveryStore.release`.
+      ``version``, ``force`` if one of them asked for it), on behalf of the operations
+      ``members``; it holds the lease ``token`` until :meth:`~RedisDeliveryStore.settle`
+      or :meth:`~RedisDeliveryStore.release`.
     - ``"covered"``: a call already carried this task's version; nothing to do.
     - ``"busy"``: another worker is making this contact's call; look again in ``wait``.
     - ``"missing"``: no record (it expired, or Redis lost it): deliver the task's own
@@ -48,10 +60,17 @@ class Claim:
     members: tuple[str, ...] = ()
     token: str = ""
     wait: float = 0.0
+    force: bool = False
+
+
+def _digest(name: str) -> str:
+    return hashlib.sha256(name.encode("utf-8")).hexdigest()[:32]
 
 
 class RedisDeliveryStore:
-    """The engine's records in Redis, under ``meisa:<namespace>:``.
+    """The engine's records in Redis, under ``meisa:<namespace>:``. A contact is kept
+    under the digest of its external_id, or of its email while it has none; an email
+    upserted with an external_id points to it, so either name finds the contact.
 
     :param redis: a ``redis.Redis`` client (thread-safe; one per process).
     :param namespace: one per queue prefix, so that two apps sharing a Redis keep apart.
@@ -59,49 +78,120 @@ class RedisDeliveryStore:
 
     def __init__(self, redis: Any, namespace: str) -> None:
         self._redis = redis
+        #: The queue prefix these records belong to.
+        self.namespace = namespace
         self._prefix = f"meisa:{namespace}"
-        self.pending_key = f"{self._prefix}:pending"
         self.stats_key = f"{self._prefix}:stats"
         self.epoch_key = f"{self._prefix}:epoch"
+        self._pending = {lane: f"{self._prefix}:pending:{n}" for lane, n in LANE_NAMES.items()}
+        self._answers = {lane: f"{self._prefix}:answers:{n}" for lane, n in LANE_NAMES.items()}
 
     def __repr__(self) -> str:
         return f"RedisDeliveryStore({self._prefix!r})"
 
-    def _record_keys(self, contact: str) -> tuple[str, str]:
-        digest = hashlib.sha256(contact.encode("utf-8")).hexdigest()[:32]
-        base = f"{self._prefix}:contact:{{{digest}}}"
-        return base, base + ":lease"
+    def _key(self, kind: str, contact: str) -> str:
+        # The braces keep a contact's keys in one Redis Cluster slot.
+        return f"{self._prefix}:{kind}:{{{contact}}}"
+
+    # -- contacts ------------------------------------------------------------------------
+
+    def contacts(self, payload: Mapping[str, Any]) -> list[str]:
+        """The ids under which the contact ``payload`` names may be kept, the one its
+        upserts use first: its external_id's, the one its email points to, its email's."""
+        ext, email = identities(payload)
+        found = [] if ext is None else [_digest(ext)]
+        if email is not None:
+            alias = _text(self._redis.get(self._key("alias", _digest(email))))
+            found += [alias, _digest(email)] if alias else [_digest(email)]
+        return list(dict.fromkeys(found))
+
+    def contact_of(self, payload: Mapping[str, Any]) -> str | None:
+        """The id an upsert of ``payload`` is kept under (see :meth:`contacts`)."""
+        ext, _ = identities(payload)
+        if ext is not None:
+            return _digest(ext)
+        return next(iter(self.contacts(payload)), None)
+
+    def _link(self, pipe: Any, payload: Mapping[str, Any]) -> None:
+        ext, email = identities(payload)
+        if ext is not None and email is not None:
+            pipe.set(self._key("alias", _digest(email)), _digest(ext), ex=int(KEEP_FOR))
+
+    def known(self, contact: str | None) -> Known | None:
+        """What Meisa last accepted of ``contact`` (see :mod:`.known`), or ``None``."""
+        if contact is None:
+            return None
+        raw = self._redis.hgetall(self._key("known", contact))
+        fields = {_text(name) or "": _text(value) or "" for name, value in raw.items()}
+        accepted_at = fields.pop("@at", None)
+        return None if accepted_at is None else Known(fields, float(accepted_at))
+
+    def remember(self, payload: Mapping[str, Any], now: float) -> None:
+        """Meisa accepted ``payload``: fold its fields into what it has of the contact."""
+        contact = self.contact_of(payload)
+        if contact is None:
+            return
+        key = self._key("known", contact)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hset(key, mapping={**digest(payload), "@at": repr(now)})
+        pipe.expire(key, int(KEEP_FOR))
+        self._link(pipe, payload)
+        pipe.execute()
+
+    def forget(self, payloads: Iterable[Mapping[str, Any] | None]) -> None:
+        """Meisa does not know the contact (an event answered 404): forget what it had,
+        under every name."""
+        keys = {
+            self._key("known", contact)
+            for payload in payloads
+            if payload
+            for contact in self.contacts(payload)
+        }
+        if keys:
+            self._redis.delete(*keys)
 
     # -- submitting ----------------------------------------------------------------------
 
-    def add_pending(self, operation: Operation) -> None:
-        """Count ``operation`` as pending (a send, an event, or an upsert not coalesced)."""
-        self._redis.zadd(self.pending_key, {operation.id: time.time()})
+    def add_pending(self, operation: Operation, lane: int) -> None:
+        """Count ``operation`` pending in ``lane`` (a send, an event, an upsert not
+        coalesced)."""
+        self._redis.zadd(self._pending[lane], {operation.id: operation.created_at})
 
-    def coalesce(self, operation: Operation, contact: str) -> int:
-        """Merge an upsert into its contact's record, count it pending, and return the
-        record's new version (the task's to carry)."""
-        record, _ = self._record_keys(contact)
+    def move(self, operation: Operation, lane: int) -> None:
+        """Count ``operation`` pending in ``lane`` from now on (it was promoted)."""
+        pipe = self._redis.pipeline(transaction=True)
+        for key in self._pending.values():
+            pipe.zrem(key, operation.id)
+        pipe.zadd(self._pending[lane], {operation.id: operation.created_at})
+        pipe.execute()
+
+    def coalesce(self, operation: Operation, contact: str, lane: int) -> int:
+        """Merge an upsert into its contact's record, count it pending in ``lane``, and
+        return the record's new version (the task's to carry)."""
+        record = self._key("contact", contact)
 
         def update(pipe: Any) -> int:
-            version, payload, members = pipe.hmget(record, "version", "payload", "members")
+            version, payload, members, force = pipe.hmget(
+                record, "version", "payload", "members", "force"
+            )
             merged = operation.payload
             if payload is not None:
                 merged = merge_upsert_payloads(json.loads(payload), operation.payload)
             ids = [*json.loads(members), operation.id] if members is not None else [operation.id]
-            new_version = int(version or 0) + 1
             pipe.multi()
             pipe.hset(
                 record,
                 mapping={
-                    "version": new_version,
+                    "version": int(version or 0) + 1,
                     "payload": json.dumps(merged, separators=(",", ":")),
                     "members": json.dumps(ids),
+                    "force": int(operation.force or int(force or 0)),
                 },
             )
             pipe.expire(record, RECORD_TTL)
-            pipe.zadd(self.pending_key, {operation.id: time.time()})
-            return new_version
+            self._link(pipe, operation.payload)
+            pipe.zadd(self._pending[lane], {operation.id: operation.created_at})
+            return int(version or 0) + 1
 
         return int(self._redis.transaction(update, record, value_from_callable=True))
 
@@ -109,12 +199,12 @@ class RedisDeliveryStore:
 
     def claim(self, contact: str, version: int, lease: float) -> Claim:
         """Decide what the upsert task of ``version`` does (see :class:`Claim`)."""
-        record, lease_key = self._record_keys(contact)
+        record, lease_key = self._key("contact", contact), self._key("lease", contact)
         token = uuid.uuid4().hex
 
         def decide(pipe: Any) -> Claim:
-            current, delivered, payload, members = pipe.hmget(
-                record, "version", "delivered", "payload", "members"
+            current, delivered, payload, members, force = pipe.hmget(
+                record, "version", "delivered", "payload", "members", "force"
             )
             if current is None:
                 return Claim("missing")
@@ -131,6 +221,7 @@ class RedisDeliveryStore:
                 version=int(current),
                 members=tuple(json.loads(members or "[]")),
                 token=token,
+                force=bool(int(force or 0)),
             )
 
         return self._redis.transaction(  # type: ignore[no-any-return]
@@ -139,7 +230,7 @@ class RedisDeliveryStore:
 
     def release(self, contact: str, claim: Claim) -> None:
         """Give back a claim's lease without a call having been made."""
-        _, lease_key = self._record_keys(contact)
+        lease_key = self._key("lease", contact)
 
         def drop(pipe: Any) -> None:
             if _text(pipe.get(lease_key)) == claim.token:
@@ -149,10 +240,10 @@ class RedisDeliveryStore:
         self._redis.transaction(drop, lease_key)
 
     def settle(self, contact: str, claim: Claim) -> None:
-        """The claimed call is over for good (delivered, or refused for good): mark its
+        """The claimed call is over for good (delivered, unchanged, or refused): mark its
         version delivered, forget its payload unless newer upserts arrived meanwhile,
         and release the lease. Its operations stay pending until :meth:`finish`."""
-        record, lease_key = self._record_keys(contact)
+        record, lease_key = self._key("contact", contact), self._key("lease", contact)
 
         def update(pipe: Any) -> None:
             current, delivered, members = pipe.hmget(record, "version", "delivered", "members")
@@ -169,38 +260,70 @@ class RedisDeliveryStore:
                     },
                 )
                 if int(current) == claim.version:
-                    pipe.hdel(record, "payload")
+                    pipe.hdel(record, "payload", "force")
             if lease_holder == claim.token:
                 pipe.delete(lease_key)
 
         self._redis.transaction(update, record, lease_key)
 
-    def upsert_pending(self, contacts: Iterable[str]) -> bool:
-        """Whether any of ``contacts`` has an upsert submitted and not yet delivered."""
+    def pending_version(
+        self, contacts: Iterable[str], *, upto: int | None = None
+    ) -> tuple[str, int] | None:
+        """The first of ``contacts`` with an upsert not yet delivered (of version ``upto``
+        or earlier, when given), with the version its record is at; ``None`` when there
+        is none."""
+        contacts = list(dict.fromkeys(contacts))
         pipe = self._redis.pipeline(transaction=False)
         for contact in contacts:
-            pipe.hmget(self._record_keys(contact)[0], "version", "delivered")
-        for version, delivered in pipe.execute():
-            if version is not None and int(version) > int(delivered or 0):
-                return True
-        return False
+            pipe.hmget(self._key("contact", contact), "version", "delivered")
+        for contact, (version, delivered) in zip(contacts, pipe.execute(), strict=True):
+            wanted = int(version or 0) if upto is None else upto
+            if version is not None and wanted > int(delivered or 0):
+                return contact, int(version)
+        return None
 
     # -- finishing and reading -----------------------------------------------------------
 
-    def finish(self, ids: Iterable[str], outcome: str | None = None, count: int = 0) -> None:
+    def finish(
+        self,
+        ids: Iterable[str],
+        outcome: str | None = None,
+        count: int = 0,
+        *,
+        answer: tuple[int, float] | None = None,
+    ) -> None:
         """Operations are finished: no longer pending; add ``count`` to counter
-        ``outcome`` (``"delivered"``, ``"failed"``, ``"skipped"`` or ``"dropped"``)."""
+        ``outcome`` (``"delivered"``, ``"unchanged"``, ``"failed"``, ``"skipped"`` or
+        ``"dropped"``); ``answer``: ``(lane, seconds)`` from release to Meisa's answer."""
         ids = list(ids)
+        now = time.time()
         pipe = self._redis.pipeline(transaction=True)
         if ids:
-            pipe.zrem(self.pending_key, *ids)
+            for key in self._pending.values():
+                pipe.zrem(key, *ids)
         if outcome is not None and count:
             pipe.hincrby(self.stats_key, outcome, count)
+        if answer is not None:
+            key = self._answers[answer[0]]
+            pipe.lpush(key, f"{now:.3f} {max(answer[1], 0.0):.3f}")
+            pipe.ltrim(key, 0, ANSWERS_KEPT - 1)
+            pipe.expire(key, int(LATENCY_WINDOW))
         pipe.execute()
 
-    def pending(self) -> int:
-        """How many operations are not yet finished."""
-        return int(self._redis.zcard(self.pending_key))
+    def count(self, name: str, delta: int) -> None:
+        """Add ``delta`` to the counter ``name`` (``0``: reset it)."""
+        if delta:
+            self._redis.hincrby(self.stats_key, name, delta)
+        else:
+            self._redis.hdel(self.stats_key, name)
+
+    def pending(self, lane: int | None = None) -> int:
+        """How many operations (of ``lane``, or all) are not yet finished."""
+        lanes = self._pending.values() if lane is None else [self._pending[lane]]
+        pipe = self._redis.pipeline(transaction=False)
+        for key in lanes:
+            pipe.zcard(key)
+        return sum(int(n) for n in pipe.execute())
 
     def look(self, ids: list[str]) -> tuple[str, int, list[bool]]:
         """In one transaction: the epoch of these records (a random token written by the
@@ -210,20 +333,74 @@ class RedisDeliveryStore:
         pipe = self._redis.pipeline(transaction=True)
         pipe.set(self.epoch_key, uuid.uuid4().hex, nx=True)
         pipe.get(self.epoch_key)
-        pipe.zcard(self.pending_key)
-        if ids:
-            pipe.zmscore(self.pending_key, ids)
-        _, epoch, pending, *scores = pipe.execute()
-        unfinished = [score is not None for score in scores[0]] if ids else []
-        return _text(epoch) or "", int(pending), unfinished
+        for key in self._pending.values():
+            pipe.zcard(key)
+            if ids:
+                pipe.zmscore(key, ids)
+        _, epoch, *found = pipe.execute()
+        step = 2 if ids else 1
+        pending = sum(int(n) for n in found[::step])
+        unfinished = [False] * len(ids)
+        for scores in found[1::step] if ids else []:
+            unfinished = [
+                was or score is not None for was, score in zip(unfinished, scores, strict=True)
+            ]
+        return _text(epoch) or "", pending, unfinished
+
+    def describe(self, status: DeliveryStatus) -> None:
+        """Fill ``status`` with what Redis holds: operations not finished per lane and the
+        oldest one's wait, latency over the last :data:`~.pending.LATENCY_WINDOW`
+        seconds, the counters and the backfill run."""
+        pipe = self._redis.pipeline(transaction=False)
+        for lane in LANE_NAMES:
+            pipe.zcard(self._pending[lane])
+            pipe.zrange(self._pending[lane], 0, 0, withscores=True)
+            pipe.lrange(self._answers[lane], 0, -1)
+        pipe.hgetall(self.stats_key)
+        pipe.get(f"{self._prefix}:backfill")
+        *per_lane, stats, run = pipe.execute()
+        now = time.time()
+        for lane, name in LANE_NAMES.items():
+            count, oldest, answers = per_lane[3 * lane : 3 * lane + 3]
+            status.queued[name] = int(count)
+            if oldest:
+                status.oldest_wait[name] = max(now - float(oldest[0][1]), 0.0)
+            waits = sorted(
+                float(waited)
+                for at, waited in (entry.split() for entry in map(_text, answers) if entry)
+                if float(at) >= now - LATENCY_WINDOW
+            )
+            if waits:
+                status.latency[name] = percentiles(waits)
+        counters = _counts(stats)
+        for name in ("delivered", "failed", "dropped", "unchanged"):
+            setattr(status, name, counters[name])
+        status.backfill = json.loads(run) if run else None
 
     def counters(self) -> dict[str, int]:
-        """Outcome counters: ``delivered``, ``failed``, ``skipped``, ``dropped``."""
-        raw: Mapping[Any, Any] = self._redis.hgetall(self.stats_key)
-        counts = {"delivered": 0, "failed": 0, "skipped": 0, "dropped": 0}
-        for name, value in raw.items():
-            counts[_text(name) or ""] = int(value)
-        return counts
+        """Counters by name: ``delivered``, ``unchanged``, ``failed``, ``skipped``,
+        ``dropped``, and any other :meth:`count` keeps."""
+        return _counts(self._redis.hgetall(self.stats_key))
+
+    # -- the backfill's records ----------------------------------------------------------
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """A JSON value kept under ``name``."""
+        raw = self._redis.get(f"{self._prefix}:{name}")
+        return default if raw is None else json.loads(raw)
+
+    def put(self, name: str, value: Any) -> None:
+        """Keep ``value`` (JSON) under ``name``; ``None`` deletes it."""
+        if value is None:
+            self._redis.delete(f"{self._prefix}:{name}")
+        else:
+            self._redis.set(f"{self._prefix}:{name}", json.dumps(value))
+
+
+def _counts(raw: Mapping[Any, Any]) -> dict[str, int]:
+    counts = dict.fromkeys(_COUNTERS, 0)
+    counts.update((_text(name) or "", int(value)) for name, value in raw.items())
+    return counts
 
 
 def _text(value: Any) -> str | None:

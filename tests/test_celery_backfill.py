@@ -1,0 +1,239 @@
+"""``flask meisa sync-users`` and logins under Celery, end to end (a real Redis, real
+``celery worker`` processes, the emulator): a backfill published on the backfill queue a
+chunk at a time with back-pressure, resumable, within its share of the shared budget and
+behind live work, skipping the users Meisa already has; and logins that change nothing
+synced make no call."""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from celery import Celery  # type: ignore[import-untyped]
+from flask import Flask
+
+from flask_meisa import Meisa
+from flask_meisa.emulator import Emulator
+from flask_meisa.engine import backfill
+from flask_meisa.testing import emulator_config
+from tests.backfill_app import create_app
+from tests.celery_support import StartWorker
+from tests.celery_support import make_celery
+from tests.celery_support import outcomes
+from tests.celery_support import redis_server_fixture  # noqa: F401
+from tests.celery_support import redis_url_fixture  # noqa: F401
+from tests.celery_support import start_worker_fixture  # noqa: F401
+
+UPSERT = "/contacts/upsert/"
+
+MakeApp = Callable[..., Flask]
+
+
+@pytest.fixture
+def make_app(emulator: Emulator, redis_url: str) -> Iterator[MakeApp]:
+    """``make_app(users, **config)``: the backfill app delivering through Celery on the
+    test's Redis; closed after."""
+    made: list[tuple[Flask, Celery]] = []
+
+    def make(users: int, **config: Any) -> Flask:
+        celery_app = make_celery(redis_url)
+        settings = emulator_config(
+            emulator, MEISA_DELIVERY="celery", MEISA_CELERY_APP=celery_app, **config
+        )
+        app = create_app(settings, users=users)
+        made.append((app, celery_app))
+        return app
+
+    yield make
+    for app, celery_app in made:
+        app.extensions["meisa"].close(app, timeout=0)
+        celery_app.close()
+
+
+def start_workers(start_worker: StartWorker, emulator: Emulator, **env: str) -> None:
+    workers = [start_worker(emulator, wait=False, concurrency=4, **env) for _ in range(2)]
+    for worker in workers:
+        worker.wait_ready()
+
+
+def upserts_by_user(emulator: Emulator) -> collections.Counter[str]:
+    return collections.Counter(
+        r.body["external_id"] for r in emulator.requests_to(UPSERT) if r.status in (200, 201)
+    )
+
+
+def sync_users(app: Flask, *args: str) -> Any:
+    return app.test_cli_runner().invoke(args=["meisa", "sync-users", *args])
+
+
+def test_a_backfill_goes_a_chunk_at_a_time_and_a_rerun_makes_no_call(
+    emulator: Emulator, start_worker: StartWorker, make_app: MakeApp
+) -> None:
+    start_workers(start_worker, emulator)
+    app = make_app(1_500)
+    meisa: Meisa = app.extensions["meisa"]
+    most_waiting = 0
+    watching = True
+
+    def watch() -> None:
+        nonlocal most_waiting
+        with app.app_context():
+            while watching:
+                status = meisa.status()
+                most_waiting = max(most_waiting, status.queued["backfill"] + status.in_flight)
+                time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        result = sync_users(app)
+    finally:
+        watching = False
+        watcher.join()
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0] == "1,500 users, no budget set: as fast as Meisa answers"
+    assert "1,500 of 1,500 users done" in result.output.splitlines()[-1]
+    print("most backfill upserts waiting at once:", most_waiting)
+    assert 0 < most_waiting <= backfill.HIGH_WATER + backfill.CHUNK
+    by_user = upserts_by_user(emulator)
+    assert len(by_user) == 1_500 and set(by_user.values()) == {1}
+    with app.app_context():
+        status = meisa.status()
+    assert (status.dropped, status.failed, status.pending) == (0, 0, 0)
+    assert status.backfill is not None
+    assert (status.backfill["state"], status.backfill["position"]) == ("done", 1_500)
+    shown = app.test_cli_runner().invoke(args=["meisa", "status"]).output
+    assert "backfill: done, 1500 of 1500 users read, 0 unchanged, 0 failed" in shown
+
+    emulator.clear_requests()
+    again = sync_users(app)
+    assert again.exit_code == 0, again.output
+    assert "1,500 unchanged" in again.output
+    assert emulator.requests == []  # Meisa has every user's state: no call at all
+
+
+def test_an_interrupted_backfill_goes_on_where_it_stopped(
+    emulator: Emulator, start_worker: StartWorker, make_app: MakeApp
+) -> None:
+    start_workers(start_worker, emulator)
+    app = make_app(1_000)
+    meisa: Meisa = app.extensions["meisa"]
+    query, count = meisa.user_source  # type: ignore[misc]
+    runs = 0
+
+    def interrupted() -> Iterator[Any]:
+        nonlocal runs
+        runs += 1
+        for read, person in enumerate(query(), start=1):
+            if runs == 1 and read == 700:
+                raise KeyboardInterrupt  # Ctrl-C while the fourth chunk is read
+            yield person
+
+    meisa.users_to_sync(interrupted, count=count)
+    first = sync_users(app)
+    assert first.exit_code == 130, first.output
+    assert "run the command again" in first.output
+    second = sync_users(app)
+    assert second.exit_code == 0, second.output
+    assert "1,000 of 1,000 users done" in second.output.splitlines()[-1]
+    by_user = upserts_by_user(emulator)
+    assert len(by_user) == 1_000 and set(by_user.values()) == {1}
+
+
+def test_users_that_cannot_be_mapped_or_were_refused_are_counted_and_listed(
+    emulator: Emulator, start_worker: StartWorker, make_app: MakeApp
+) -> None:
+    start_workers(start_worker, emulator)
+    app = make_app(50)
+    people = app.config["PEOPLE"]
+    people[7].email = None
+    people[9].plan = {"not", "json"}
+    emulator.faults.fail_next(1, 400, path=UPSERT)  # and Meisa refuses one upsert
+    result = sync_users(app)
+    assert result.exit_code == 1
+    assert "50 of 50 users done" in result.output and "3 failed" in result.output
+    assert "flask meisa sync-users --failures" in result.output
+    assert len(upserts_by_user(emulator)) == 47
+    listed = sync_users(app, "--failures").output.splitlines()
+    assert listed == [
+        "user 7: email: the user object has no email attribute",
+        "user 9: custom_fields.plan: cannot be sent as JSON (set)",
+        "1 upsert(s) refused by Meisa (see the workers' delivery_failed signal)",
+    ]
+
+
+def test_the_share_option_keeps_part_of_the_budget_for_live_work(
+    emulator_factory: Callable[..., Emulator], start_worker: StartWorker, make_app: MakeApp
+) -> None:
+    emulator = emulator_factory(rate_limit=None)
+    start_workers(start_worker, emulator, MEISA_TEST_RATE_LIMIT="40/second")
+    app = make_app(60, MEISA_RATE_LIMIT="40/second")
+    started = time.monotonic()
+    result = sync_users(app, "--max-share", "0.5")
+    took = time.monotonic() - started
+    assert result.exit_code == 0, result.output
+    assert "60 users at ~68,400/hour" in result.output  # (40 - 2 reserved) * 3600 * 0.5
+    # 19 calls a second at most: 60 upserts take over 2 s (a full budget would take 1.5).
+    times = sorted(r.time for r in emulator.requests_to(UPSERT))
+    in_one_second = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
+    assert in_one_second <= 19
+    assert took >= 2.0
+
+
+def test_live_work_goes_ahead_of_a_backfill_at_the_full_budget(
+    emulator_factory: Callable[..., Emulator], start_worker: StartWorker, make_app: MakeApp
+) -> None:
+    emulator = emulator_factory(rate_limit="20/second")
+    start_workers(start_worker, emulator, MEISA_TEST_RATE_LIMIT="20/second")
+    app = make_app(200, MEISA_RATE_LIMIT="20/second")
+    meisa: Meisa = app.extensions["meisa"]
+    outcome: list[Any] = []
+    runner = threading.Thread(target=lambda: outcome.append(sync_users(app)))
+    runner.start()
+    try:
+        assert emulator.wait_for(lambda e: len(e.requests_to(UPSERT)) >= 60, timeout=30)
+        # A login sync of a new user and a password reset, made while the budget is spent.
+        with app.app_context():
+            login_at = time.time()
+            meisa.upsert({"email": "live@example.com", "external_id": "live"})
+            reset_at = time.time()
+            meisa.send("password_reset", "user3@example.com", background=True)
+        assert emulator.wait_for(lambda e: e.contact(external_id="live") is not None)
+        login_arrived = next(
+            r.time for r in emulator.requests_to(UPSERT) if r.body["external_id"] == "live"
+        )
+        assert emulator.wait_for(lambda e: len(e.sends()) == 1)
+        reset_arrived = emulator.requests_to("/emails/trigger/")[0].time
+    finally:
+        runner.join(60)
+    assert outcome and outcome[0].exit_code == 0, outcome and outcome[0].output
+    # One slot of 20/second is 0.05 s: each waited about one slot, not for the backlog.
+    login_wait, reset_wait = login_arrived - login_at, reset_arrived - reset_at
+    print("waits behind the backfill:", round(login_wait, 3), round(reset_wait, 3))
+    assert login_wait < 0.5 and reset_wait < 0.5, (login_wait, reset_wait)
+    assert 429 not in [r.status for r in emulator.requests]
+    assert len(upserts_by_user(emulator)) == 201
+
+
+def test_logins_that_change_no_synced_field_cost_nothing(
+    emulator: Emulator, redis_url: str, start_worker: StartWorker, make_app: MakeApp
+) -> None:
+    start_workers(start_worker, emulator)
+    app = make_app(200)
+    meisa: Meisa = app.extensions["meisa"]
+    client = app.test_client()
+    for _ in range(10):
+        for number in range(200):
+            client.post(f"/login/{number}", buffered=True)
+        with app.app_context():
+            assert meisa.flush(60)
+    assert len(emulator.requests_to(UPSERT)) == 200  # the first login of each user only
+    synced = [e["unchanged"] for e in outcomes(redis_url) if e["signal"] == "contact_synced"]
+    assert synced.count(False) == 200 and synced.count(True) == 1_800
+    with app.app_context():
+        assert meisa.status().unchanged == 1_800

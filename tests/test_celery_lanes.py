@@ -1,0 +1,108 @@
+"""Lanes by significance under Celery, end to end (a real Redis, two real ``celery worker``
+processes, the emulator): behind 600 routine syncs at a budget of 60/second, a plan
+change, a signup and an event each reach Meisa within about a second, every routine sync
+arrives, each contact's order holds, and the status tells each lane's age and latency."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from typing import Any
+
+from flask_meisa.emulator import Emulator
+from flask_meisa.engine.celery import CeleryDispatcher
+from flask_meisa.operations import Operation
+from tests.celery_support import StartWorker
+from tests.celery_support import producer_fixture  # noqa: F401
+from tests.celery_support import redis_server_fixture  # noqa: F401
+from tests.celery_support import redis_url_fixture  # noqa: F401
+from tests.celery_support import start_worker_fixture  # noqa: F401
+
+UPSERT = "/contacts/upsert/"
+BUDGET = "60/second"
+
+
+def user(n: int, **fields: Any) -> dict[str, Any]:
+    return {
+        "email": f"user{n}@example.com",
+        "external_id": str(n),
+        "custom_fields": {"plan": "free", **fields},
+    }
+
+
+def test_urgent_changes_overtake_600_routine_syncs_with_two_workers(
+    emulator_factory: Callable[..., Emulator],
+    start_worker: StartWorker,
+    producer: Callable[..., CeleryDispatcher],
+) -> None:
+    emulator = emulator_factory(rate_limit=None)
+    # Meisa first learns of 600 users (without a budget), so that their next syncs are
+    # routine: they change last_active only.
+    first = [start_worker(emulator, wait=False, concurrency=4) for _ in range(2)]
+    for worker in first:
+        worker.wait_ready()
+    dispatcher = producer(emulator, rate_limit=BUDGET)
+    for n in range(600):
+        dispatcher.publish(Operation("upsert", user(n)))
+    assert dispatcher.flush(timeout=90)
+    for worker in first:
+        worker.stop()
+    emulator.clear_requests()
+    emulator.set_rate_limit(BUDGET)
+
+    launch = functools.partial(start_worker, emulator, wait=False, MEISA_TEST_RATE_LIMIT=BUDGET)
+    workers = [launch(), launch()]
+    for worker in workers:
+        worker.wait_ready()
+    for n in range(600):
+        dispatcher.publish(Operation("upsert", user(n, last_active=f"t{n}")))
+    status = dispatcher.status()  # publishing took a second or two: ~100 were delivered
+    assert status.queued["routine"] > 300  # at least 5 s of routine work waits
+    assert status.queued["automation"] == 0
+    released = time.time()
+    plan = Operation("upsert", user(599, plan="pro"), priority="high")  # surely waiting
+    signup = Operation(
+        "upsert", {"email": "new@example.com", "external_id": "new", "source": "signup"}
+    )
+    event = Operation("track", {"event_name": "exported_report", "external_id": "450"})
+    for op in (plan, signup, event):
+        dispatcher.publish(op)
+
+    def arrived(match: Callable[[Any], bool]) -> float:
+        assert emulator.wait_for(lambda e: any(match(r) for r in e.requests), timeout=15)
+        return next(r.time for r in emulator.requests if match(r)) - released
+
+    waits = {
+        "plan change": arrived(
+            lambda r: (
+                r.path.endswith(UPSERT) and r.body.get("custom_fields", {}).get("plan") == "pro"
+            )
+        ),
+        "signup": arrived(lambda r: r.path.endswith(UPSERT) and r.body["external_id"] == "new"),
+        "event": arrived(lambda r: r.path.endswith("/events/track/")),
+    }
+    print("time to Meisa:", {k: round(v, 3) for k, v in waits.items()})
+    assert all(wait < 1.0 for wait in waits.values()), waits
+    status = dispatcher.status()
+    assert status.oldest_wait["routine"] > 0.5  # the routine syncs still wait, and age
+    assert dispatcher.flush(timeout=60)
+    status = dispatcher.status()
+    # Counters are Redis's: the first 600 are counted too.
+    assert (status.delivered, status.dropped, status.failed) == (1203, 0, 0)
+    (automation_p50, automation_p99) = status.latency["automation"]
+    (routine_p50, routine_p99) = status.latency["routine"]
+    print("latency p50/p99:", status.latency)
+    assert routine_p50 <= routine_p99 and routine_p99 > 5.0  # the last waited ~10 s
+    assert automation_p50 <= automation_p99
+    assert 429 not in [r.status for r in emulator.requests]
+    # Every routine sync arrived, and user 599's routine change went with its plan change
+    # (merged into one call, not after it with the old plan).
+    contacts = {c["external_id"]: c for c in emulator.contacts()}
+    assert all(contacts[str(n)]["custom_fields"]["last_active"] == f"t{n}" for n in range(600))
+    assert contacts["599"]["custom_fields"]["plan"] == "pro"
+    calls_for_599 = [r for r in emulator.requests_to(UPSERT) if r.body["external_id"] == "599"]
+    assert len(calls_for_599) == 1
+    # The event of user 450 went after user 450's routine sync, never before.
+    mine = [r.path for r in emulator.requests if (r.body or {}).get("external_id") == "450"]
+    assert mine == ["/api/v1" + UPSERT, "/api/v1/events/track/"]

@@ -1,7 +1,8 @@
 """What one ``meisa.upsert(payload)`` costs its caller, beside PostHog's and Segment's SDKs.
 
 Each variant runs in a fresh child process per round, the variants of a round in a rotated
-order, and the median of the rounds is printed: microseconds per call, outside a request,
+order; each warms up with 200 calls and rests, then times ``--calls`` calls in a row; the
+median of the rounds is printed: microseconds per call, outside a request,
 with delivery held back (Meisa is a host that accepts connections and never answers, and
 the budget is ``1/day``), so that only the caller's side is timed (with whatever the
 SDK's background threads take from it meanwhile):
@@ -10,6 +11,9 @@ SDK's background threads take from it meanwhile):
   the new engine with ``MEISA_OUTBOX = None``, and today's engine (``baseline.py``);
 - PostHog's ``Posthog(...).capture(...)`` (its default background consumer, not
   ``sync_mode``) and Segment's ``Client(...).track(...)``, against the same silent host.
+
+Beside the wall time, the CPU time the process spent meanwhile (the caller and the SDK's
+threads), which the load of other processes on a shared machine does not inflate.
 
 The issue's target: ``meisa.upsert`` <= 15 us. Then a breakdown of ``meisa.upsert`` on the
 new engine, each part timed on its own once the writer thread is idle: validation, the
@@ -55,6 +59,9 @@ PARTS = {
     "writer": "the writer thread's share (whole - the above)",
 }
 WARMUP = 200
+#: Seconds every variant rests after its warm-up, so that no start-up work of a background
+#: thread (opening, a first pass, a first upload) falls into the timed calls.
+SETTLE = 0.5
 
 
 def payload(n: int) -> dict[str, Any]:
@@ -68,11 +75,19 @@ def payload(n: int) -> dict[str, Any]:
 
 def per_call(call: Callable[[dict[str, Any]], Any], first: int, count: int) -> float:
     """Microseconds per ``call(payload)`` over ``count`` fresh payloads."""
+    return measured(call, first, count)["us"]
+
+
+def measured(call: Callable[[dict[str, Any]], Any], first: int, count: int) -> dict[str, float]:
+    """Per ``call(payload)`` over ``count`` fresh payloads: wall microseconds (``us``) and
+    the microseconds of CPU this process spent meanwhile, every thread (``cpu``), which
+    other processes' load does not inflate."""
     payloads = [payload(n) for n in range(first, first + count)]
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for item in payloads:
         call(item)
-    return (time.perf_counter() - started) / count * 1e6
+    cpu = time.process_time() - cpu
+    return {"us": (time.perf_counter() - started) / count * 1e6, "cpu": cpu / count * 1e6}
 
 
 def meisa_app(url: str, instance: str, config: dict[str, Any]) -> Any:
@@ -106,7 +121,8 @@ def enqueue(params: dict[str, Any]) -> dict[str, Any]:
         if variant in ("posthog", "segment"):
             call = sdk_call(variant, url)
             per_call(call, 0, WARMUP)
-            return {"us": per_call(call, WARMUP, calls)}
+            time.sleep(SETTLE)
+            return measured(call, WARMUP, calls)
         if variant == "breakdown":
             return breakdown(url, params["instance"], calls)
         config = {"MEISA_OUTBOX": None} if variant == "memory" else {}
@@ -114,7 +130,9 @@ def enqueue(params: dict[str, Any]) -> dict[str, Any]:
         meisa = app.extensions["meisa"]
         with app.app_context():
             per_call(meisa.upsert, 0, WARMUP)
-            return {"us": per_call(meisa.upsert, WARMUP, calls)}
+            time.sleep(SETTLE)
+            settle(meisa)
+            return measured(meisa.upsert, WARMUP, calls)
 
 
 def breakdown(url: str, instance: str, calls: int) -> dict[str, Any]:
@@ -127,6 +145,7 @@ def breakdown(url: str, instance: str, calls: int) -> dict[str, Any]:
         meisa = app.extensions["meisa"]
         with app.app_context():
             per_call(meisa.upsert, 0, WARMUP)
+            time.sleep(SETTLE)
             for name, part in parts(app, calls).items():
                 settle(meisa)
                 results.setdefault(name, []).append(part())
@@ -184,22 +203,25 @@ def timed(call: Callable[[int], Any], count: int) -> float:
     return (time.perf_counter() - started) / count * 1e6
 
 
-def run(calls: int, rounds: int) -> tuple[dict[str, float], dict[str, float]]:
-    """(median microseconds per call of each variant, the breakdown's parts)."""
+def run(calls: int, rounds: int) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """({variant: median wall ``us`` and ``cpu`` per call}, the breakdown's parts)."""
     names = list(VARIANTS)
-    results: dict[str, list[float]] = {name: [] for name in names}
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory(prefix="bench-enqueue-") as folder:
         for number in range(rounds):
             progress(f"enqueue: round {number + 1}/{rounds}")
             shift = number % len(names)
             for name in names[shift:] + names[:shift]:
                 params = {"variant": name, "calls": calls, "instance": f"{folder}/{number}{name}"}
-                engine = VARIANTS[name][0]
-                results[name].append(baseline.run(engine, "enqueue_cost.py", params)["us"])
+                results[name].append(baseline.run(VARIANTS[name][0], "enqueue_cost.py", params))
         progress("enqueue: breakdown")
         params = {"variant": "breakdown", "calls": calls, "instance": f"{folder}/breakdown"}
         parts = baseline.run("new", "enqueue_cost.py", params)["parts"]
-    return {name: statistics.median(values) for name, values in results.items()}, parts
+    medians = {
+        name: {key: statistics.median(r[key] for r in runs) for key in ("us", "cpu")}
+        for name, runs in results.items()
+    }
+    return medians, parts
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -211,8 +233,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"load average at the start: {load_average()}")
     us, parts = run(args.calls, args.rounds)
     print(f"per call, median of {args.rounds} rounds of {args.calls} calls; delivery held back")
+    print(f"  {'':48} {'wall':>8}  {'x PostHog':>9}  {'CPU, all threads':>16}")
     for name, (_, label) in VARIANTS.items():
-        print(f"  {label:48} {us[name]:6.1f} us  {us[name] / us['posthog']:.2f}x PostHog")
+        wall, cpu = us[name]["us"], us[name]["cpu"]
+        ratio = wall / us["posthog"]["us"]
+        print(f"  {label:48} {wall:5.1f} us  {ratio:8.2f}x  {cpu:13.1f} us")
     print("target: meisa.upsert <= 15 us")
     print(f"breakdown of meisa.upsert, new engine (whole: {parts['whole']:.1f} us)")
     for name, label in PARTS.items():

@@ -205,10 +205,13 @@ def enqueue(sizes: Sizes, table: Table) -> None:
         "",
     )
     for name, (_, label) in enqueue_cost.VARIANTS.items():
-        ratio = f"{us[name] / us['posthog']:.2f}x PostHog"
+        wall, cpu = us[name]["us"], us[name]["cpu"]
+        ratio = f"{wall / us['posthog']['us']:.2f}x PostHog"
         if name == "default":
             ratio += " (target <= 15 us)"
-        table.add(section, label, f"{us[name]:.1f} us", ratio)
+        table.add(
+            section, f"{label}: wall (CPU, all threads)", f"{wall:.1f} ({cpu:.1f}) us", ratio
+        )
     table.add(section, "breakdown of meisa.upsert (new engine), whole", f"{parts['whole']:.1f} us")
     for name, label in enqueue_cost.PARTS.items():
         table.add(section, f"  {label}", f"{parts[name]:.1f} us")

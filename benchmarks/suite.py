@@ -130,6 +130,12 @@ def request_cost(sizes: Sizes, table: Table) -> None:
         if row["name"] == "default":
             ratio += " (target 1.05 / 1.20)"
         table.add(section, label, f"{ms(row['p50'])} / {ms(row['p99'])}", ratio)
+        table.add(
+            section,
+            "  worker CPU per login, every thread",
+            ms(row["cpu"]),
+            f"{row['cpu_ratio']:.2f}x bare",
+        )
         if row["backlog"] is not None:
             table.add(section, "  Celery tasks left in the broker then", str(row["backlog"]))
 

@@ -7,13 +7,13 @@ digest of what Meisa already has (``MEISA_OUTBOX`` was ``None`` by default). Its
 extracted once with ``git archive`` into ``.bench/baseline-0ab1d82/`` (gitignored), and a
 scenario runs against it in a child process whose ``PYTHONPATH`` starts there; the same
 scenario runs against this tree with ``PYTHONPATH`` at the repository's root. Scenarios use
-only the public API (``Meisa(app)``, ``meisa.upsert``, ``meisa.track``,
-``plan_changed.send``, ``meisa.send``, ``meisa.flush``, ``meisa.status``), so that one
-script drives both.
+only the public API that both have (``Meisa(app)``, ``meisa.users_to_sync``,
+``meisa.upsert``, ``meisa.track``, ``plan_changed.send``, ``meisa.flush``, Flask-Login's
+``login_user``), so that one script drives both.
 
-A script that has a scenario calls :func:`main_or_scenario` first thing: given
-``--scenario JSON`` it runs the scenario and prints its result as JSON, which
-:func:`run` reads back.
+A script with a scenario calls :func:`main_or_scenario` before its own ``main``: given
+``--scenario JSON``, it runs the scenario and prints its result as JSON, which :func:`run`
+reads back.
 """
 
 from __future__ import annotations

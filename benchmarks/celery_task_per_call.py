@@ -4,7 +4,7 @@ Starts a ``redis-server`` on a free loopback port, an in-process emulator, and r
 ``celery worker`` processes (the test suite's worker app, ``tests.celery_support``), then
 measures:
 
-1. **submit**: the web process's cost of ``CeleryDispatcher.publish`` per operation (Redis
+1. **submit**: the web process's cost of ``CeleryDispatcher.submit`` per operation (Redis
    round trips: the coalescing record and the publish), p50 and p99;
 2. **throughput**: operations delivered per second by 1 and by 2 workers (threads pool,
    concurrency 4 each) with no rate budget and a fast emulator: the engine's overhead per
@@ -21,10 +21,7 @@ Needs ``redis-server`` and the ``celery`` extra.
 from __future__ import annotations
 
 import argparse
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +30,9 @@ from typing import TYPE_CHECKING
 from typing import Any
 
 import redis
+from support import ROOT
+from support import redis_server
+from support import sigterm_unwinds
 
 from flask_meisa.emulator import Emulator
 from flask_meisa.engine.celery import CeleryDispatcher
@@ -40,60 +40,6 @@ from flask_meisa.operations import Operation
 
 if TYPE_CHECKING:
     from tests.celery_support import WorkerProcess
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_redis() -> tuple[subprocess.Popen[bytes], str]:
-    """A ``redis-server`` without persistence on a free loopback port, answering pings:
-    (its process, its URL). The caller stops the process (:func:`stop_process`).
-
-    :raises SystemExit: redis-server is not installed.
-    :raises RuntimeError: it did not answer within ten seconds (the process is stopped).
-    """
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is not installed (apt-get install redis-server)")
-    port = free_port()
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    try:
-        deadline = time.monotonic() + 10
-        while True:  # another process: nothing to wait on but its port
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.01)
-    except BaseException:
-        stop_process(process)
-        raise
-    finally:
-        client.close()
-    return process, url
-
-
-def stop_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL if it is still running after ``timeout`` seconds."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-    process.wait()
 
 
 class Rig:
@@ -153,7 +99,7 @@ def measure_submit(rig: Rig, ops: int) -> None:
     costs = []
     for n in range(ops):
         started = time.perf_counter()
-        dispatcher.publish(upsert(n))
+        dispatcher.submit([upsert(n)])
         costs.append(time.perf_counter() - started)
     dispatcher.close()
     costs.sort()
@@ -169,7 +115,7 @@ def measure_throughput(rig: Rig, ops: int, workers: int) -> None:
     try:
         started = time.perf_counter()
         for n in range(ops):
-            dispatcher.publish(upsert(n))
+            dispatcher.submit([upsert(n)])
         assert dispatcher.flush(timeout=300), "not delivered in time"
         elapsed = time.perf_counter() - started
         calls = len(rig.emulator.requests)
@@ -191,7 +137,7 @@ def measure_storm(rig: Rig, logins: int, users: int, budget: str) -> None:
         started = time.perf_counter()
         for n in range(logins):
             user = n % users
-            dispatcher.publish(upsert(user, custom_fields={"signin_count": n // users + 1}))
+            dispatcher.submit([upsert(user, custom_fields={"signin_count": n // users + 1})])
         submitted = time.perf_counter() - started
         assert dispatcher.flush(timeout=600), "not delivered in time"
         elapsed = time.perf_counter() - started
@@ -222,23 +168,21 @@ def main() -> None:
     parser.add_argument("--budget", default="60/second")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))  # the worker app is in tests/, beside flask_meisa
-    process, url = start_redis()
-    try:
-        with (
-            Emulator(seed="demo", rate_limit=None) as emulator,
-            tempfile.TemporaryDirectory() as logs,
-        ):
-            rig = Rig(url, emulator, Path(logs))
-            try:
-                measure_submit(rig, args.ops)
-                measure_throughput(rig, args.ops, 1)
-                measure_throughput(rig, args.ops, 2)
-                emulator.set_rate_limit(args.budget)
-                measure_storm(rig, args.logins, args.users, args.budget)
-            finally:
-                rig.close()
-    finally:
-        stop_process(process)
+    sigterm_unwinds()
+    with (
+        redis_server() as url,
+        Emulator(seed="demo", rate_limit=None) as emulator,
+        tempfile.TemporaryDirectory() as logs,
+    ):
+        rig = Rig(url, emulator, Path(logs))
+        try:
+            measure_submit(rig, args.ops)
+            measure_throughput(rig, args.ops, 1)
+            measure_throughput(rig, args.ops, 2)
+            emulator.set_rate_limit(args.budget)
+            measure_storm(rig, args.logins, args.users, args.budget)
+        finally:
+            rig.close()
 
 
 if __name__ == "__main__":

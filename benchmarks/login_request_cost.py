@@ -1,232 +1,273 @@
-"""The request-path cost of a login that syncs to Meisa.
+"""What a syncing login costs the request, in production: gunicorn, default config.
 
-Serves three versions of one Flask login view with a real threaded WSGI server
-(Werkzeug's) on loopback and times logins over HTTP, interleaved in rounds so drift on a
+Each variant of one login app (``bench_app.py``) is served by its own gunicorn (gthread, 1
+worker, 4 threads), side by side, and a client times logins over HTTP (keep-alive), in
+interleaved rounds that start with a different variant each time, so that drift on a
 shared machine hits all of them alike:
 
 - ``bare``: Flask-Login only, no Meisa;
-- ``meisa-off``: ``Meisa(app)`` with ``MEISA_ENABLED = False``: the extension's own
-  in-request work (mapping, validation, collection, release) without any delivery;
-- ``meisa``: ``Meisa(app)`` as shipped: thread delivery within the default budget
-  (60/minute), so most syncs wait in the engine while the logins run;
-- ``meisa-nolimit``: thread delivery with the budget off, so the delivery thread makes a
-  call per login and competes with the requests for the GIL;
-- ``naive``: the same app calling ``MeisaClient.upsert_contact`` inside the view.
+- ``naive``: a synchronous ``requests.post`` to Meisa in the login view;
+- ``celery``: a plain Celery task per login (``.delay()`` in the view), a real
+  ``redis-server`` broker and one ``celery worker`` (threads pool, 2 threads) making the
+  calls; left out when redis-server or Celery is missing;
+- ``today``: ``Meisa(app)`` on today's engine (commit 0ab1d82, see ``baseline.py``): memory;
+- ``default``: ``Meisa(app)`` on the new engine as shipped: the store file in the instance
+  folder;
+- ``memory``: the new engine with ``MEISA_OUTBOX = None``.
 
-The emulator runs in its own process, answering at once and then after 300 ms. Prints
-per-login milliseconds (median and mean) and each version's ratio to ``bare``.
+Every Meisa variant keeps the default budget (60/minute, 1,000/hour), so most syncs wait
+in the engine while the logins run, as in production. Each login changes the user's
+``signin_count`` and ``last_active``, so every login is a sync. The emulator runs in its
+own process, answering at once, then after 300 ms. Prints p50 and p99 per variant and their
+ratios to ``bare`` (the issue's target for ``default``: p50 <= 1.05x, p99 <= 1.20x), and
+the CPU each gunicorn worker used per login, every thread (background delivery included),
+which other processes' load on a shared machine does not inflate.
 
-    .venv/bin/python benchmarks/login_request_cost.py [--logins 200] [--rounds 10]
+    .venv/bin/python benchmarks/login_request_cost.py [--logins 1000] [--rounds 20]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
-import re
-import socket
-import statistics
+import importlib.util
+import json
+import os
+import shutil
 import subprocess
 import sys
-import threading
+import tempfile
 import time
-from collections.abc import Callable
-from collections.abc import Collection
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
+import baseline
 import requests
-from flask import Flask
-from flask_login import LoginManager
-from flask_login import UserMixin
-from flask_login import login_user
-from werkzeug.serving import make_server
+from support import HERE
+from support import EmulatorProcess
+from support import emulator_process
+from support import free_port
+from support import load_average
+from support import percentile
+from support import progress
+from support import redis_server
+from support import sigterm_unwinds
+from support import stop
+from support import wait_for_port
 
-from flask_meisa import Meisa
-from flask_meisa import MeisaClient
+#: name: (engine, app variant, config, label)
+VARIANTS: dict[str, tuple[str, str, dict[str, Any], str]] = {
+    "bare": ("new", "bare", {}, "bare app (no Meisa)"),
+    "naive": ("new", "naive", {}, "naive (requests.post in the view)"),
+    "celery": ("new", "celery", {}, "Celery task per call (.delay)"),
+    "today": ("baseline", "meisa", {}, "today's engine (memory)"),
+    "default": ("new", "meisa", {}, "new default (store file)"),
+    "memory": ("new", "meisa", {"MEISA_OUTBOX": None}, "new, MEISA_OUTBOX = None"),
+}
+LATENCIES = (0.0, 0.3)
+USERS = 200
 
 
-class User(UserMixin):  # type: ignore[misc]
-    def __init__(self, user_id: int) -> None:
-        self.id = user_id
-        self.email = f"user{user_id}@example.com"
-        self.plan = "free"
-        self.signin_count = 0
+@dataclass(frozen=True)
+class Served:
+    """One variant under gunicorn."""
+
+    name: str
+    url: str
+    master: subprocess.Popen[bytes]
+
+    def cpu(self) -> float:
+        """Seconds of CPU the worker process has used, every thread."""
+        with open(f"/proc/{self.master.pid}/task/{self.master.pid}/children") as children:
+            worker = children.read().split()[0]
+        with open(f"/proc/{worker}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def make_app(
-    variant: str, base_url: str, key: str, on_login: Callable[[User], None] | None = None
-) -> Flask:
-    """The login app of ``variant``; ``on_login``, when given, runs in the view after
-    ``login_user`` (another integration's sync)."""
-    app = Flask(f"bench_{variant.replace('-', '_')}")
-    app.config.update(SECRET_KEY="bench", MEISA_CUSTOM_FIELDS=["plan", "signin_count"])
-    users = {i: User(i) for i in range(1, 201)}
-    LoginManager(app).user_loader(lambda user_id: users.get(int(user_id)))
-    client = MeisaClient(key, base_url)
-    if variant.startswith("meisa"):
-        app.config.update(MEISA_API_KEY=key, MEISA_BASE_URL=base_url)
-        if variant == "meisa-off":
-            app.config["MEISA_ENABLED"] = False
-        if variant == "meisa-nolimit":
-            app.config["MEISA_RATE_LIMIT"] = None
-        Meisa(app)
-
-    @app.post("/login/<int:user_id>")
-    def login(user_id: int) -> str:
-        user = users[user_id]
-        user.signin_count += 1
-        login_user(user)
-        if variant == "naive":
-            client.upsert_contact(
-                user.email,
-                external_id=user.id,
-                custom_fields={"plan": user.plan, "signin_count": user.signin_count},
-            )
-        if on_login is not None:
-            on_login(user)
-        return "ok"
-
-    return app
+def celery_missing() -> str | None:
+    """Why the Celery variant cannot run here, or ``None``."""
+    if shutil.which("redis-server") is None:
+        return "redis-server is not installed"
+    if not all(importlib.util.find_spec(name) for name in ("celery", "redis")):
+        return "Celery is not installed (pip install -e '.[celery]')"
+    return None
 
 
 @contextlib.contextmanager
-def serve(app: Flask) -> Iterator[str]:
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+def celery_worker(meisa: EmulatorProcess, broker: str, log: str) -> Iterator[Any]:
+    """One ``celery worker`` (threads pool, 2 threads: as many as the default prefork pool
+    on two cores, in one process that its pid stops) consuming ``broker``; yields a Redis
+    client of the broker."""
+    import redis
+
+    env = baseline.environ("new", BENCH_BROKER=broker, BENCH_URL=meisa.url, BENCH_KEY=meisa.key)
+    command = [sys.executable, "-m", "celery", "-A", "bench_app:worker", "worker"]
+    command += ["--pool=threads", "--concurrency=2", "--without-gossip", "--without-mingle"]
+    command += ["--without-heartbeat", "--loglevel=WARNING"]
+    with open(log, "wb") as out:
+        worker = subprocess.Popen(command, cwd=HERE, env=env, stdout=out, stderr=out)
+    client = redis.Redis.from_url(broker)
     try:
-        yield f"http://127.0.0.1:{server.server_port}"
+        deadline = time.monotonic() + 60
+        while not client.blpop(["bench:ready"], timeout=1):
+            if worker.poll() is not None or time.monotonic() > deadline:
+                with open(log) as text:
+                    raise RuntimeError(f"the celery worker did not start:\n{text.read()}")
+        yield client
     finally:
-        server.shutdown()
-        server.server_close()
+        stop(worker)
+        client.close()
 
 
 @contextlib.contextmanager
-def emulator_process() -> Iterator[tuple[str, str]]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "flask_meisa.emulator",
-            "--port",
-            str(port),
-            "--rate-limit",
-            "none",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
+def gunicorn(
+    name: str, meisa: EmulatorProcess, instance: str, broker: str = ""
+) -> Iterator[Served]:
+    """Serve variant ``name`` with gunicorn (gthread, 1 worker, 4 threads); the master is
+    stopped by its pid when the block ends (it stops its worker)."""
+    engine, variant, config, _ = VARIANTS[name]
+    port = free_port()
+    env = baseline.environ(
+        engine,
+        BENCH_VARIANT=variant,
+        BENCH_URL=meisa.url,
+        BENCH_KEY=meisa.key,
+        BENCH_INSTANCE=instance,
+        BENCH_USERS=str(USERS),
+        BENCH_CONFIG=json.dumps(config),
+        BENCH_BROKER=broker,
     )
+    command = [sys.executable, "-m", "gunicorn", "--chdir", str(HERE), "--bind"]
+    command += [f"127.0.0.1:{port}", "--worker-class", "gthread", "--workers", "1"]
+    command += ["--threads", "4", "--keep-alive", "60", "--graceful-timeout", "10"]
+    command += ["--log-level", "warning", "bench_app:create_app()"]
+    with open(f"{instance}.log", "wb") as log:
+        master = subprocess.Popen(command, env=env, cwd=HERE, stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
     try:
-        assert process.stdout is not None
-        output = ""
-        while "meisa_live_" not in output:
-            line = process.stdout.readline()
-            if not line:
-                raise RuntimeError("the emulator did not start")
-            output += line
-        key = re.search(r"(meisa_live_\w+)", output)
-        assert key is not None
-        yield f"http://127.0.0.1:{port}", key.group(1)
-    finally:
-        process.terminate()
         try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        if process.stdout is not None:
-            process.stdout.close()
+            wait_for_port(port, master)
+            baseline.check(engine, requests.get(f"{url}/ping", timeout=10).text)
+        except Exception:
+            with open(f"{instance}.log") as log:
+                print(log.read()[-3000:], file=sys.stderr)
+            raise
+        yield Served(name, url, master)
+    finally:
+        stop(master, timeout=20)
 
 
-def set_latency(root_url: str, seconds: float) -> None:
-    requests.post(f"{root_url}/_emulator/faults", json={"latency": seconds}, timeout=5)
-
-
-def time_logins(http: requests.Session, url: str, count: int, offset: int) -> list[float]:
+def time_logins(http: requests.Session, url: str, count: int, start: int) -> list[float]:
+    """Seconds per login of ``count`` logins, users taken in turn from ``start``."""
     times = []
     for i in range(count):
-        user_id = (offset + i) % 200 + 1
-        started = time.perf_counter()
-        response = http.post(f"{url}/login/{user_id}")
-        times.append(time.perf_counter() - started)
-        response.raise_for_status()
+        began = time.perf_counter()
+        answer = http.post(f"{url}/login/{(start + i) % USERS}")
+        times.append(time.perf_counter() - began)
+        answer.raise_for_status()
     return times
 
 
 def measure(
-    http: requests.Session,
-    urls: dict[str, str],
-    latency: float,
-    logins: int,
-    rounds: int,
-    *,
-    blocking: Collection[str] = ("naive",),
-    rotate: bool = False,
+    sessions: dict[str, tuple[requests.Session, str]], latency: float, logins: int, rounds: int
 ) -> dict[str, list[float]]:
-    """Time ``logins`` logins per version in ``rounds`` interleaved rounds: seconds per login.
-
-    A ``blocking`` version (one that waits on Meisa in the view) makes only two logins a
-    round when the emulator is slow. With ``rotate``, each round starts with the next
-    version, so that none always follows the same one.
-    """
-    names = list(urls)
-    results: dict[str, list[float]] = {name: [] for name in names}
-    per_round = max(1, logins // rounds)
-    for round_no in range(rounds):
-        shift = round_no % len(names) if rotate else 0
-        for name in [*names[shift:], *names[:shift]]:
-            count = per_round if name not in blocking or latency == 0 else 2
-            results[name] += time_logins(http, urls[name], count, round_no * 7)
-    return results
+    """Seconds per login, per variant, in ``rounds`` interleaved rounds. ``naive`` waits
+    on Meisa, so with a slow Meisa it makes a tenth of the logins."""
+    names = list(sessions)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    per_round = max(logins // rounds, 1)
+    for number in range(rounds):
+        shift = number % len(names)
+        for name in names[shift:] + names[:shift]:
+            count = max(per_round // 10, 2) if name == "naive" and latency else per_round
+            http, url = sessions[name]
+            times[name] += time_logins(http, url, count, number * per_round)
+    return times
 
 
-def run(logins: int, rounds: int) -> None:
-    variants = ["bare", "meisa-off", "meisa", "meisa-nolimit", "naive"]
-    with emulator_process() as (root_url, key):
-        base_url = f"{root_url}/api/v1"
-        apps = {name: make_app(name, base_url, key) for name in variants}
-        with contextlib.ExitStack() as stack:
-            urls = {name: stack.enter_context(serve(app)) for name, app in apps.items()}
-            http = stack.enter_context(requests.Session())
-            for latency in (0.0, 0.3):
-                set_latency(root_url, latency)
-                results = measure(http, urls, latency, logins, rounds)
-                unlimited = apps["meisa-nolimit"]
-                with unlimited.app_context():
-                    delivered = unlimited.extensions["meisa"].flush(60.0)
-                report(latency, results, delivered)
-            for name in ("meisa", "meisa-nolimit"):
-                meisa: Meisa = apps[name].extensions["meisa"]
-                meisa.state(apps[name]).close(0.1)
+def run(logins: int, rounds: int, names: list[str]) -> list[dict[str, Any]]:
+    """Serve the variants, time them at each latency; one row per variant and latency:
+    latency, name, label, n, p50, p99 (seconds), ratios to bare, the worker's CPU seconds
+    per login (every thread, background work included) and its ratio to bare, and for
+    Celery the tasks left in the broker after the variants' logins."""
+    rows = []
+    with contextlib.ExitStack() as stack:
+        meisa = stack.enter_context(emulator_process())
+        folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-login-"))
+        broker, queue = "", None
+        if "celery" in names:
+            progress("login cost: starting redis-server and a celery worker")
+            broker = stack.enter_context(redis_server())
+            queue = stack.enter_context(celery_worker(meisa, broker, f"{folder}/celery.log"))
+        progress(f"login cost: starting {len(names)} gunicorns")
+        served = [
+            stack.enter_context(gunicorn(name, meisa, f"{folder}/{name}", broker))
+            for name in names
+        ]
+        sessions = {s.name: (stack.enter_context(requests.Session()), s.url) for s in served}
+        workers = {s.name: s for s in served}
+        for latency in LATENCIES:
+            meisa.set_latency(latency)
+            progress(f"login cost: Meisa answering after {latency * 1000:.0f} ms")
+            for http, url in sessions.values():  # connections, imports, first syncs
+                time_logins(http, url, 20, 0)
+            before = {name: served.cpu() for name, served in workers.items()}
+            times = measure(sessions, latency, logins, rounds)
+            cpu = {
+                name: (served.cpu() - before[name]) / len(times[name])
+                for name, served in workers.items()
+            }
+            bare = times["bare"]
+            for name, values in times.items():
+                p50, p99 = percentile(values, 0.5), percentile(values, 0.99)
+                rows.append(
+                    {
+                        "latency": latency,
+                        "name": name,
+                        "label": VARIANTS[name][3],
+                        "n": len(values),
+                        "p50": p50,
+                        "p99": p99,
+                        "p50_ratio": p50 / percentile(bare, 0.5),
+                        "p99_ratio": p99 / percentile(bare, 0.99),
+                        "cpu": cpu[name],
+                        "cpu_ratio": cpu[name] / cpu["bare"],
+                        "backlog": queue.llen("celery") if name == "celery" and queue else None,
+                    }
+                )
+    return rows
 
 
-def report(latency: float, results: dict[str, list[float]], delivered: bool) -> None:
-    bare = statistics.median(results["bare"])
-    print(f"\nemulator latency {latency * 1000:.0f} ms (meisa-nolimit delivered all: {delivered})")
-    print(f"{'version':<14} {'logins':>6} {'median ms':>10} {'mean ms':>9} {'x bare':>7}")
-    for name, times in results.items():
-        median = statistics.median(times)
-        print(
-            f"{name:<14} {len(times):>6} {median * 1000:>10.3f} "
-            f"{statistics.mean(times) * 1000:>9.3f} {median / bare:>7.2f}"
-        )
-
-
-def main(argv: Any = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--logins", type=int, default=200, help="logins per version")
-    parser.add_argument("--rounds", type=int, default=10)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--logins", type=int, default=1000, help="per variant and latency")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--only", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args(argv)
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    logging.getLogger("flask_meisa").setLevel(
-        logging.ERROR
-    )  # the budget-bound app ends with work pending
-    run(args.logins, args.rounds)
+    sigterm_unwinds()
+    names = ["bare", *(name for name in args.only if name != "bare")]
+    missing = celery_missing()
+    if "celery" in names and missing:
+        print(f"Celery variant left out: {missing}")
+        names.remove("celery")
+    print(f"load average at the start: {load_average()}")
+    rows = run(args.logins, args.rounds, names)
+    print(
+        f"{'latency':>7}  {'variant':36} {'n':>5} {'p50 ms':>8} {'p99 ms':>8}  x bare p50/p99"
+        "   CPU ms/login, x bare"
+    )
+    for row in rows:
+        print(
+            f"{row['latency'] * 1000:>5.0f}ms  {row['label']:36} {row['n']:>5} "
+            f"{row['p50'] * 1000:>8.2f} {row['p99'] * 1000:>8.2f}  "
+            f"{row['p50_ratio']:.2f}x / {row['p99_ratio']:.2f}x"
+            f"   {row['cpu'] * 1000:6.2f}  {row['cpu_ratio']:.2f}x"
+        )
+        if row["backlog"] is not None:
+            print(f"{'':9}Celery tasks left in the broker after them: {row['backlog']}")
+    print("target for the new default: p50 <= 1.05x bare, p99 <= 1.20x bare")
 
 
 if __name__ == "__main__":

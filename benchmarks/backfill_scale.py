@@ -1,0 +1,177 @@
+"""A backfill at scale, its rerun, and a storm of logins that change nothing.
+
+1. ``flask meisa sync-users`` over ``--users`` users (``bench_app.py``, users streamed as
+   a database cursor gives them) in a child process, against an emulator whose budget is
+   raised to ``--budget``, with the app's ``MEISA_RATE_LIMIT`` the same: calls made, 429s,
+   the child's peak RSS growth (its peak, ``ru_maxrss`` from ``wait4``, minus its RSS when
+   it printed the plan, after startup) and the wall time. The issue's target: under 50 MB
+   for 100,000 users.
+2. The same command again on the finished backfill: the calls it makes (target: 0).
+3. 2,000 logins by 200 users whose synced fields do not change (only ``plan`` is synced),
+   in 10 passes of one login each, flushed after each pass, on the new engine and on
+   today's (``baseline.py``), each against its own emulator: the calls each makes
+   (target: at most 200, the first login of each user).
+
+    .venv/bin/python benchmarks/backfill_scale.py [--users 100000] [--budget 2000/second]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import baseline
+from support import HERE
+from support import load_average
+from support import progress
+from support import sigterm_unwinds
+from support import stop
+
+from flask_meisa.emulator import Emulator
+
+UPSERT = "/api/v1/contacts/upsert/"
+
+
+@dataclass(frozen=True)
+class Backfill:
+    """What one ``sync-users`` run did."""
+
+    calls: int
+    throttled: int
+    rss_start: int  # bytes
+    rss_peak: int  # bytes
+    wall: float  # seconds, start to exit
+    last_line: str
+
+    @property
+    def growth(self) -> int:
+        return self.rss_peak - self.rss_start
+
+
+def rss(pid: int) -> int:
+    """The process's resident set now, in bytes."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def sync_users(emulator: Emulator, users: int, budget: str, instance: str) -> Backfill:
+    """Run ``flask meisa sync-users`` in a child process (stopped by its pid on errors)."""
+    before = len(emulator.requests)
+    env = baseline.environ(
+        "new",
+        BENCH_URL=emulator.url,
+        BENCH_KEY=emulator.live_key,
+        BENCH_USERS=str(users),
+        BENCH_INSTANCE=instance,
+        BENCH_CONFIG=json.dumps({"MEISA_RATE_LIMIT": budget}),
+    )
+    command = [sys.executable, "-m", "flask", "--app", "bench_app:create_app"]
+    command += ["meisa", "sync-users"]
+    started = time.monotonic()
+    with open(f"{instance}.log", "ab") as log:
+        child = subprocess.Popen(
+            command, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=log, text=True
+        )
+    try:
+        assert child.stdout is not None
+        plan = child.stdout.readline()  # printed once the app is up, before any user is read
+        if not plan:
+            raise RuntimeError("sync-users printed nothing")
+        start = rss(child.pid)
+        lines = [plan, *child.stdout]
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+    finally:
+        stop(child)
+        if child.stdout is not None:
+            child.stdout.close()
+    wall = time.monotonic() - started
+    if child.returncode != 0:
+        raise RuntimeError(f"sync-users exited {child.returncode}: {''.join(lines)[-2000:]}")
+    made = emulator.requests[before:]
+    throttled = sum(1 for r in made if r.status == 429)
+    return Backfill(len(made), throttled, start, usage.ru_maxrss * 1024, wall, lines[-1].strip())
+
+
+def storm(params: dict[str, Any]) -> dict[str, Any]:
+    """The scenario (either engine): 10 passes of 200 logins that change no synced field."""
+    import bench_app
+
+    app = bench_app.create_app(
+        {"MEISA_CUSTOM_FIELDS": ["plan"], "MEISA_RATE_LIMIT": None},
+        url=params["url"],
+        key=params["key"],
+        instance=params["instance"],
+    )
+    client = app.test_client()
+    flushed = True
+    for _ in range(params["passes"]):
+        for number in range(params["users"]):
+            client.post(f"/login/{number}", buffered=True)
+        with app.app_context():
+            flushed = app.extensions["meisa"].flush(60) and flushed
+    return {"flushed": flushed}
+
+
+def unchanged_storm(engine: str, folder: str, users: int = 200, passes: int = 10) -> int:
+    """Calls ``engine`` makes for the storm, against its own emulator."""
+    with Emulator(seed="demo", rate_limit=None, send_guardrail=None) as emulator:
+        params = {"url": emulator.url, "key": emulator.live_key, "users": users}
+        params.update(passes=passes, instance=f"{folder}/storm-{engine}")
+        result = baseline.run(engine, "backfill_scale.py", params)
+        if not result["flushed"]:
+            raise RuntimeError(f"the {engine} storm did not deliver everything")
+        return len(emulator.requests)
+
+
+def measure(users: int, budget: str) -> tuple[Backfill, Backfill, dict[str, int]]:
+    """The backfill, its rerun, and the storm's calls per engine."""
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-backfill-") as folder,
+        Emulator(seed="demo", rate_limit=budget, send_guardrail=None) as emulator,
+    ):
+        progress(f"backfill: {users:,} users")
+        first = sync_users(emulator, users, budget, f"{folder}/instance")
+        progress("backfill: again")
+        again = sync_users(emulator, users, budget, f"{folder}/instance")
+        calls = {}
+        for engine in baseline.ENGINES:
+            progress(f"unchanged logins: {baseline.LABELS[engine]}")
+            calls[engine] = unchanged_storm(engine, folder)
+    return first, again, calls
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--users", type=int, default=100_000)
+    parser.add_argument("--budget", default="2000/second", help="emulator and app alike")
+    args = parser.parse_args(argv)
+    sigterm_unwinds()
+    print(f"load average at the start: {load_average()}")
+    first, again, calls = measure(args.users, args.budget)
+    print(f"backfill of {args.users:,} users, budget {args.budget} (emulator and app)")
+    print(f"  calls {first.calls:,}, 429s {first.throttled}, wall {first.wall:.1f} s")
+    print(
+        f"  RSS after startup {first.rss_start / 2**20:.1f} MiB, peak "
+        f"{first.rss_peak / 2**20:.1f} MiB: growth {first.growth / 2**20:.1f} MiB (target < 50)"
+    )
+    print(f"  last line: {first.last_line}")
+    print(f"rerun: calls {again.calls} (target 0), wall {again.wall:.1f} s")
+    print("2,000 logins by 200 users, synced fields unchanged: calls (target <= 200)")
+    for engine, count in calls.items():
+        print(f"  {baseline.LABELS[engine]}: {count}")
+
+
+if __name__ == "__main__":
+    baseline.main_or_scenario(storm)
+    main()

@@ -12,8 +12,8 @@ with :func:`create_app`. What it shows:
 - an in-product action recorded with ``@track_event``;
 - a password reset email sent in the background, the same answer whether or not the
   address has an account, and a reset that ends the user's other sessions;
-- on the embedded emulator (development), "What Meisa received": every call the emulator
-  got, verification codes and reset links included.
+- on the embedded emulator (development), a banner linking to the emulator's inbox: every
+  call it got, verification codes and reset links included.
 
 No view holds HTTP code for Meisa: everything goes through the extension.
 """
@@ -21,6 +21,7 @@ No view holds HTTP code for Meisa: everything goes through the extension.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 from flask import Flask
@@ -31,6 +32,7 @@ from werkzeug.exceptions import HTTPException
 from . import contacts as _contacts  # noqa: F401  (registers the contact mapper)
 from . import db
 from .config import app_config
+from .config import inbox_url
 from .config import on_emulator
 from .extensions import csrf
 from .extensions import limiter
@@ -77,17 +79,14 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     from .account import bp as account_bp
     from .auth import bp as auth_bp
     from .billing import bp as billing_bp
-    from .inspection import bp as inspection_bp
 
     for blueprint in (account_bp, auth_bp, billing_bp):
         app.register_blueprint(blueprint)
-    if development:
-        # It shows every email's codes and links: never on an app that emails people.
-        app.register_blueprint(inspection_bp)
     app.register_error_handler(HTTPException, _http_error)
+    inbox = partial(inbox_url, app.config)
 
     @app.context_processor
     def _globals() -> dict[str, Any]:
-        return {"development": development}
+        return {"development": development, "inbox_url": inbox}
 
     return app

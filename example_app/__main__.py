@@ -28,6 +28,7 @@ from flask_meisa.emulator import Emulator
 
 from . import create_app
 from .config import DEFAULT_RATE_LIMIT
+from .config import inbox_url
 from .extensions import meisa
 
 __all__ = ["build_parser", "main"]
@@ -92,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if emulator is not None:
             print(f"Meisa emulator (demo seed) on {emulator.url}", flush=True)
+            print(f"What Meisa received: {inbox_url(app.config)}", flush=True)
         else:
             print(f"Using Meisa at {app.config['MEISA_BASE_URL']}", flush=True)
         print(f"Example app on http://{args.host}:{server.server_port}/", flush=True)
@@ -103,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.shutdown()
         server.server_close()
         thread.join(5)
-        left = meisa.state(app).close(app.config["MEISA_FLUSH_TIMEOUT"])
+        left = meisa.close(app)
         if left:
             print(f"{left} operation(s) were not delivered before stopping.", flush=True)
         if emulator is not None:

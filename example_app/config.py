@@ -8,20 +8,20 @@ documented by ``flask meisa config-template`` (``flask_meisa.config.KEYS``).
 Development and production
 --------------------------
 ``python -m example_app`` starts the embedded Meisa emulator and points the app at it:
-that is development. The app shows a development banner on every page and the "What
-Meisa received" page (every email the emulator got, verification codes and reset links
-included). To run against the real Meisa instead, set both variables in the environment::
+that is development. The app shows a development banner on every page, linking to the
+emulator's inbox (:func:`inbox_url`: every email the emulator got, verification codes and
+reset links included). To run against the real Meisa instead, set both variables in the
+environment::
 
     export MEISA_API_KEY=meisa_test_...         # a test key touches no real contacts
     export MEISA_BASE_URL=https://api.meisa.io/api/v1
     python -m example_app
 
-No emulator is started then: that is production. The "What Meisa received" page does
-not exist (404) and the session and remember-me cookies are ``Secure``: sent over HTTPS
-only (browsers such as Chromium also send them to ``http://127.0.0.1`` and
-``localhost``, so this command still works on loopback). The demo's
-triggers (``verification_code``, ``password_reset``) must exist and be active in the
-Meisa dashboard.
+No emulator is started then: that is production. No page links to an inbox, and the
+session and remember-me cookies are ``Secure``: sent over HTTPS only (browsers such as
+Chromium also send them to ``http://127.0.0.1`` and ``localhost``, so this command still
+works on loopback). The demo's triggers (``verification_code``, ``password_reset``) must
+exist and be active in the Meisa dashboard.
 
 Environment variables
 ---------------------
@@ -42,8 +42,9 @@ import os
 import secrets
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlencode
 
-__all__ = ["DEFAULT_RATE_LIMIT", "app_config", "defaults", "on_emulator"]
+__all__ = ["DEFAULT_RATE_LIMIT", "app_config", "defaults", "inbox_url", "on_emulator"]
 
 #: Meisa's default per-key limits.
 DEFAULT_RATE_LIMIT = "60/minute;1000/hour"
@@ -86,7 +87,7 @@ def on_emulator(config: Mapping[str, Any]) -> bool:
     """Whether ``config`` points the app at the embedded emulator (development).
 
     True when ``EXAMPLE_EMULATOR_URL`` is set and ``MEISA_BASE_URL`` lies under it: an
-    inspection URL alone does not make an app that talks to the real Meisa a development
+    emulator URL alone does not make an app that talks to the real Meisa a development
     one.
     """
     root = config.get("EXAMPLE_EMULATOR_URL")
@@ -94,6 +95,17 @@ def on_emulator(config: Mapping[str, Any]) -> bool:
     if not (isinstance(root, str) and root and isinstance(base, str)):
         return False
     return base.startswith(root.rstrip("/") + "/")
+
+
+def inbox_url(config: Mapping[str, Any], address: str | None = None) -> str | None:
+    """The embedded emulator's inbox (``<root>/_emulator/``), showing only what concerns
+    ``address`` when one is given; ``None`` unless :func:`on_emulator`: the real Meisa has
+    no such page, and people's codes and links must never be shown to whoever asks."""
+    if not on_emulator(config):
+        return None
+    url = str(config["EXAMPLE_EMULATOR_URL"]).rstrip("/") + "/_emulator/"
+    # "@" stays readable; "+" and the rest are escaped as the page's URLSearchParams reads them.
+    return f"{url}?{urlencode({'address': address}, safe='@')}" if address else url
 
 
 def app_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:

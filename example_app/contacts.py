@@ -62,7 +62,7 @@ def sync_signup(user: User) -> None:
     longer) and the send below creates the contact meanwhile.
     """
     payload = {**meisa.map_user(user), "source": "signup"}
-    if not meisa.state().delivering():
+    if not meisa.delivering:
         meisa.upsert(payload)  # delivery is off (tests): recorded and signalled only
         return
     try:

@@ -26,7 +26,7 @@ from .errors import UnprocessableEntityError
 from .errors import ValidationError
 from .extension import Meisa
 from .operations import Operation
-from .outcomes import SendResult
+from .results import SendResult
 from .retry import RetryPolicy
 from .signals import contact_synced
 from .signals import delivery_dropped

@@ -408,7 +408,7 @@ class MeisaClient:
             delay = policy.delay_for(attempt, error, time.monotonic() - started)
             outcome = _http.describe(error)
             if delay is None:
-                if policy.is_retryable(error) and policy.max_attempts > 1:
+                if policy.is_retryable(error) and policy.max_attempts != 1:
                     logger.warning("%s %s on attempt %d; giving up", name, outcome, attempt)
                 else:
                     logger.debug("%s %s on attempt %d", name, outcome, attempt)

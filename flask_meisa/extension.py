@@ -21,16 +21,16 @@ from flask import has_app_context
 from flask import has_request_context
 from flask import request
 
+from .bodies import ContactMapper
+from .bodies import default_contact_mapper
+from .bodies import identity_of
+from .bodies import map_contact
 from .bodies import track_body
 from .bodies import trigger_body
+from .bodies import upsert_payload
 from .client import MeisaClient
 from .config import DEFAULTS
 from .config import MeisaSettings
-from .contacts import ContactMapper
-from .contacts import default_contact_mapper
-from .contacts import identity_of
-from .contacts import map_contact
-from .contacts import upsert_payload
 from .deferral import BATCH_KEY
 from .deferral import MIDDLEWARE_KEY
 from .deferral import RESPONDED_KEY
@@ -41,15 +41,15 @@ from .errors import DeliveryError
 from .errors import UnprocessableEntityError
 from .errors import ValidationError
 from .operations import Operation
-from .outcomes import SendResult
-from .outcomes import SendStatus
 from .payloads import normalize_email
 from .payloads import to_json_value
-from .reporting import emit
+from .results import SendResult
+from .results import SendStatus
 from .runtime import MeisaState
 from .signals import delivery_failed
 from .signals import email_sent
 from .signals import email_suppressed
+from .signals import emit
 from .signals import operation_queued
 from .signals import plan_changed
 
@@ -197,6 +197,12 @@ class Meisa:
         return register if query is None else register(query)
 
     # -- public calls ------------------------------------------------------------------
+
+    @property
+    def delivering(self) -> bool:
+        """Whether the current app delivers now: ``MEISA_ENABLED`` and not
+        ``MEISA_SUPPRESS_SEND`` (which follows ``TESTING``), read on every call."""
+        return self._state().delivering()
 
     @property
     def client(self) -> MeisaClient:

@@ -24,6 +24,8 @@ __all__ = [
     "Enrollment",
     "EnrollmentStatus",
     "PingResult",
+    "SendResult",
+    "SendStatus",
     "Sequence",
     "TagResult",
     "TrackResult",
@@ -426,4 +428,52 @@ class TriggerResult:
             idempotency_key=_str(data.get("idempotency_key")) or idempotency_key,
             http_status=http_status,
             raw=body,
+        )
+
+
+SendStatus = Literal["sent", "scheduled", "skipped", "suppressed", "queued", "disabled"]
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """The outcome of a transactional send.
+
+    ``status`` is one of:
+
+    - ``"sent"``: Meisa sent it (``email_send_id`` set);
+    - ``"scheduled"``: the trigger has a delay; Meisa will send it later;
+    - ``"skipped"``: Meisa did not send it: the trigger's conditions were not met
+      (``reason == "conditions_not_met"``);
+    - ``"suppressed"``: the address is in the suppression set; no call was made;
+    - ``"queued"``: ``background=True``; it will be delivered after the response;
+    - ``"disabled"``: delivery is off here (``MEISA_ENABLED = False``,
+      ``MEISA_SUPPRESS_SEND``, or ``TESTING``); nothing was sent.
+    """
+
+    status: SendStatus
+    trigger_key: str
+    to_email: str = field(repr=False)
+    idempotency_key: str | None = None
+    email_send_id: str | None = None
+    contact_id: str | None = None
+    contact_created: bool | None = None
+    reason: str | None = None
+    duplicate: bool = False
+    #: The client's result for a call that was made, else ``None``.
+    trigger: TriggerResult | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_trigger(cls, result: TriggerResult, *, trigger_key: str, to_email: str) -> SendResult:
+        """Build from the client's :class:`~flask_meisa.results.TriggerResult`."""
+        return cls(
+            status=result.status,
+            trigger_key=trigger_key,
+            to_email=to_email,
+            idempotency_key=result.idempotency_key,
+            email_send_id=result.email_send_id,
+            contact_id=result.contact_id,
+            contact_created=result.contact_created,
+            reason=result.reason,
+            duplicate=result.duplicate,
+            trigger=result,
         )

@@ -34,7 +34,8 @@ class RetryPolicy:
     ``Retry-After``, that many seconds (capped at ``max_retry_after``) is the least wait.
     No retry starts once it could not begin within ``deadline`` seconds of the first try.
 
-    :param max_attempts: attempts in all, the first included (1 = never retry).
+    :param max_attempts: attempts in all, the first included (1 = never retry); ``None``
+        for no limit but the deadline.
     :param base_delay: the backoff's first ceiling, in seconds.
     :param max_delay: the backoff's largest ceiling, in seconds.
     :param max_retry_after: the longest ``Retry-After`` honoured, in seconds.
@@ -43,7 +44,7 @@ class RetryPolicy:
     :param random: returns a float in ``[0, 1)``; injectable for tests.
     """
 
-    max_attempts: int = 5
+    max_attempts: int | None = 5
     base_delay: float = 0.5
     max_delay: float = 20.0
     max_retry_after: float = 60.0
@@ -51,9 +52,10 @@ class RetryPolicy:
     random: Callable[[], float] = field(default=_random.random, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int):
-            raise ConfigurationError("RetryPolicy.max_attempts must be an integer")
-        if self.max_attempts < 1:
+        attempts = self.max_attempts
+        if attempts is not None and (isinstance(attempts, bool) or not isinstance(attempts, int)):
+            raise ConfigurationError("RetryPolicy.max_attempts must be an integer or None")
+        if attempts is not None and attempts < 1:
             raise ConfigurationError("RetryPolicy.max_attempts must be at least 1")
         for name in ("base_delay", "max_delay", "max_retry_after"):
             value = getattr(self, name)
@@ -91,7 +93,8 @@ class RetryPolicy:
         :returns: ``None`` when ``error`` is not retryable, the attempts are used up, or
             the retry could not start before the deadline.
         """
-        if not self.is_retryable(error) or attempt >= self.max_attempts:
+        limit = self.max_attempts
+        if not self.is_retryable(error) or (limit is not None and attempt >= limit):
             return None
         delay = self.backoff(attempt)
         retry_after = error.retry_after if isinstance(error, APIError) else None

@@ -19,8 +19,8 @@ from .config import INSTANCE_PREFIX
 from .config import is_delivering
 from .engine.base import Dispatcher
 from .errors import ConfigurationError
-from .reporting import SignalReporter
 from .retry import RetryPolicy
+from .signals import SignalReporter
 from .suppression import SuppressionSet
 
 if TYPE_CHECKING:
@@ -118,7 +118,7 @@ class MeisaState:
     def background_retry_policy(self) -> RetryPolicy:
         """The retry policy of background delivery: retried until ``MEISA_RETRY_DEADLINE``
         however many attempts that takes (waits hold no thread)."""
-        return dataclasses.replace(self.retry_policy(), max_attempts=2**31)
+        return dataclasses.replace(self.retry_policy(), max_attempts=None)
 
     # -- parts made on first use -------------------------------------------------------
 

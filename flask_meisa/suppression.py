@@ -14,8 +14,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from cachetools import TTLCache
-
 from .errors import ConfigurationError
 from .errors import MeisaError
 from .errors import ValidationError
@@ -24,8 +22,6 @@ __all__ = ["SuppressionSet", "SuppressionSnapshot"]
 
 _logger = logging.getLogger(__name__)
 
-#: The one key of a load's freshness cache.
-_FRESH = "fresh"
 #: Local additions beyond this many push out the oldest (with a warning).
 _MAX_LOCAL = 100_000
 
@@ -53,8 +49,8 @@ class _Loaded:
     emails: frozenset[str]
     as_of: str | None
     loaded_at: float
-    #: Holds :data:`_FRESH` until ``ttl`` has passed; only read after publication.
-    fresh: TTLCache[str, bool]
+    #: The clock's time from which the set is stale (a refresh starts).
+    stale_at: float
 
 
 class _UnreadableSnapshot(Exception):
@@ -129,7 +125,7 @@ class SuppressionSet:
         current = self._current
         if current is None:
             current = self._load_first(wait)
-        elif _FRESH not in current.fresh and not self._loading:
+        elif self._clock() >= current.stale_at and not self._loading:
             self._refresh_stale()
         return key in self._local or (current is not None and key in current.emails)
 
@@ -250,7 +246,7 @@ class SuppressionSet:
     def _refresh_stale(self) -> None:
         with self._lock:
             current = self._current
-            if current is not None and _FRESH not in current.fresh:
+            if current is not None and self._clock() >= current.stale_at:
                 self._start_refresh_locked(respect_retry=True)
 
     def _may_attempt_locked(self) -> bool:
@@ -384,15 +380,14 @@ def _read_snapshot(
     if isinstance(emails, (str, bytes)) or not isinstance(emails, Iterable):
         raise _UnreadableSnapshot("the answer's emails is not a collection of addresses")
     normalized = _normalized(emails)
-    fresh: TTLCache[str, bool] = TTLCache(maxsize=1, ttl=ttl, timer=clock)
-    fresh[_FRESH] = True
     if isinstance(as_of, dt.datetime):
         as_of = as_of.isoformat()
+    now = clock()
     return _Loaded(
         emails=normalized,
         as_of=None if as_of is None else str(as_of),
-        loaded_at=clock(),
-        fresh=fresh,
+        loaded_at=now,
+        stale_at=now + ttl,
     )
 
 

@@ -41,8 +41,9 @@ def _missing() -> str | None:
 
 
 @contextmanager
-def chromium() -> Iterator[Browser]:
-    """A headless Chromium, closed on exit; skips the test (fails it under CI) without one."""
+def chromium(*extra_args: str) -> Iterator[Browser]:
+    """A headless Chromium (with ``extra_args`` on its command line), closed on exit;
+    skips the test (fails it under CI) without one."""
     reason = _missing()
     if reason is not None:
         if os.environ.get("CI"):
@@ -51,7 +52,9 @@ def chromium() -> Iterator[Browser]:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=[*CHROMIUM_ARGS, *extra_args]
+        )
         try:
             yield browser
         finally:

@@ -20,7 +20,7 @@ from flask_meisa.errors import ValidationError
 from flask_meisa.retry import RetryPolicy
 
 POLICY = RetryPolicy(
-    max_attempts=2**31, base_delay=1.0, max_delay=8.0, max_retry_after=30.0, deadline=600.0,
+    max_attempts=None, base_delay=1.0, max_delay=8.0, max_retry_after=30.0, deadline=600.0,
     random=lambda: 0.5,
 )  # fmt: skip
 

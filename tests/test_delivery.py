@@ -22,7 +22,7 @@ from tests.engine_support import RecordingHooks
 from tests.engine_support import make_engine as build_engine
 from tests.engine_support import upsert
 
-FAST = RetryPolicy(max_attempts=2**31, base_delay=0.05, max_delay=0.2, deadline=30.0)
+FAST = RetryPolicy(max_attempts=None, base_delay=0.05, max_delay=0.2, deadline=30.0)
 UPSERT = "/contacts/upsert/"
 TRACK = "/events/track/"
 TRIGGER = "/emails/trigger/"

@@ -1,8 +1,9 @@
 """The example app is safe to copy: redirects, email floods, account probing, the
-development-only inspection page, sessions after a password reset, CSRF, cookies."""
+development banner and its inbox link, sessions after a password reset, CSRF, cookies."""
 
 from __future__ import annotations
 
+import html
 import re
 import sqlite3
 import statistics
@@ -13,6 +14,7 @@ from urllib.parse import quote
 from urllib.parse import urlsplit
 
 import pytest
+import requests
 from flask import Flask
 from flask.testing import FlaskClient
 
@@ -216,30 +218,47 @@ def test_forgot_password_calls_meisa_only_after_the_response(
         meisa.state(app).close(5.0)
 
 
-# -- 4. What Meisa received ------------------------------------------------------------
+# -- 4. What Meisa received -------------------------------------------------------------
 
 
-def test_what_meisa_received_and_the_banner_only_on_the_emulator(
+def banner_link(page: str) -> str | None:
+    """Where the development banner's link leads; ``None`` without a banner."""
+    found = re.search(r'<p class="dev-banner" id="dev-banner".*?<a href="([^"]+)"', page, re.S)
+    return html.unescape(found.group(1)) if found else None
+
+
+def test_the_banner_links_to_the_emulators_inbox_only_on_the_emulator(
     emulator: Any, app: Flask, client: FlaskClient, tmp_path: Path
 ) -> None:
+    inbox = emulator.root_url + "/_emulator/"
     for path in ("/", "/login", "/forgot-password", "/no-such-page"):
-        page = get(client, path).get_data(as_text=True)
-        assert 'id="dev-banner"' in page, path
-        assert 'href="/meisa"' in page, path
-    assert get(client, "/meisa").status_code == 200
+        assert banner_link(get(client, path).get_data(as_text=True)) == inbox, path
+    sign_up(client, email="ada+work@example.com")
+    verify(client, emulator, email="ada+work@example.com")
+    mine = inbox + "?address=ada%2Bwork@example.com"  # "+" is a space in a query
+    for path in ("/app", "/billing/", "/no-such-page"):
+        assert banner_link(get(client, path).get_data(as_text=True)) == mine, path
+    answer = requests.get(mine, timeout=5)
+    assert answer.status_code == 200
+    assert "<title>Meisa emulator inbox</title>" in answer.text
+    assert get(client, "/meisa").status_code == 404  # the app has no such page of its own
 
     production = production_app(emulator, tmp_path / "production")
-    # An inspection URL alone does not make it development: Meisa is elsewhere.
+    # An emulator URL alone does not make it development: Meisa is elsewhere.
     elsewhere = make_app(
         emulator, tmp_path / "elsewhere", EXAMPLE_EMULATOR_URL="http://127.0.0.1:9"
     )
     for other in (production, elsewhere):
         visitor = new_client(other)
+        sign_up(visitor)
+        pages = [get(visitor, path) for path in ("/", "/login", "/verify", "/no-such-page")]
+        pages.append(post(visitor, "/forgot-password", email=ADA["email"]))
         assert get(visitor, "/meisa").status_code == 404
-        for path in ("/", "/login", "/forgot-password", "/no-such-page"):
-            page = get(visitor, path).get_data(as_text=True)
-            assert "dev-banner" not in page, path
-            assert "What Meisa received" not in page, path
+        for page in pages:
+            text = page.get_data(as_text=True)
+            assert banner_link(text) is None and "dev-banner" not in text, page.request.path
+            assert "_emulator" not in text and "What Meisa received" not in text
+        emulator.reset()
 
 
 # -- 5. sessions after a password reset ------------------------------------------------
@@ -304,15 +323,17 @@ def test_a_post_without_the_right_csrf_token_is_refused(
 def test_the_pages_say_where_the_email_is(emulator: Any, tmp_path: Path) -> None:
     development = make_app(emulator, tmp_path / "development")
     production = production_app(emulator, tmp_path / "production")
-    for app, expected in ((development, "What Meisa received"), (production, "inbox")):
+    inbox = f'href="{emulator.root_url}/_emulator/?address=ada@example.com"'
+    for app, expected in ((development, inbox), (production, "Look in your inbox.")):
         client = new_client(app)
         sign_up(client)
         verify_page = get(client, "/verify").get_data(as_text=True)
         done_page = post(client, "/forgot-password", email=ADA["email"]).get_data(as_text=True)
-        for page in (verify_page, done_page):
+        for page, trigger in ((verify_page, "verification_code"), (done_page, "password_reset")):
             where = re.search(r'<p class="muted" id="where-email">(.*?)</p>', page, re.S)
             assert where is not None
             assert expected in where.group(1)
+            assert (f"“{trigger} → ada@example.com”" in where.group(1)) is (app is development)
         emulator.reset()
 
 

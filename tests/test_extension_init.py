@@ -108,12 +108,13 @@ def test_under_testing_no_key_is_needed_unless_delivery_is_forced_on() -> None:
 def test_testing_suppresses_delivery_by_default_and_is_read_lazily() -> None:
     app = make_app(MEISA_BASE_URL="http://127.0.0.1:9/api/v1")
     meisa = Meisa(app)
-    state = meisa.state(app)
-    assert state.delivering()
-    app.config["TESTING"] = True  # set after init_app: still honoured
-    assert not state.delivering()
-    app.config["MEISA_SUPPRESS_SEND"] = False
-    assert state.delivering()
+    with app.app_context():
+        seen = [meisa.delivering]
+        app.config["TESTING"] = True  # set after init_app: still honoured
+        seen.append(meisa.delivering)
+        app.config["MEISA_SUPPRESS_SEND"] = False
+        seen.append(meisa.delivering)
+    assert seen == [True, False, True]
 
 
 def test_enabled_false_read_from_the_environment_sends_nothing(emulator: Any) -> None:

@@ -226,3 +226,12 @@ def test_parse_retry_after_defaults_to_the_clock() -> None:
     seconds = parse_retry_after(header)
     assert seconds is not None
     assert 100.0 < seconds <= 120.0
+
+
+def test_no_attempt_limit_retries_until_the_deadline_only() -> None:
+    policy = RetryPolicy(
+        max_attempts=None, base_delay=1.0, max_delay=1.0, deadline=100.0, random=lambda: 1.0
+    )
+    error = ServerError("POST /contacts/upsert/", 503, "down")
+    assert policy.delay_for(10_000, error, elapsed=10.0) is not None
+    assert policy.delay_for(10_000, error, elapsed=99.5) is None

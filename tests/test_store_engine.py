@@ -30,7 +30,7 @@ from tests.engine_support import RecordingHooks
 from tests.engine_support import make_engine as build_engine
 from tests.engine_support import upsert
 
-FAST = RetryPolicy(max_attempts=2**31, base_delay=0.05, max_delay=0.2, deadline=30.0)
+FAST = RetryPolicy(max_attempts=None, base_delay=0.05, max_delay=0.2, deadline=30.0)
 UPSERT = "/contacts/upsert/"
 TRACK = "/events/track/"
 TRIGGER = "/emails/trigger/"
@@ -260,7 +260,7 @@ def test_running_out_of_retries_makes_a_dead_letter(
 ) -> None:
     emulator.faults.outage(60)
     hooks = RecordingHooks()
-    retry = RetryPolicy(max_attempts=2**31, base_delay=0.01, max_delay=0.05, deadline=0.5)
+    retry = RetryPolicy(max_attempts=None, base_delay=0.01, max_delay=0.05, deadline=0.5)
     engine = make_engine(emulator, hooks, retry=retry)
     operation = upsert(1)
     engine.submit([operation])

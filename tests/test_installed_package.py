@@ -25,7 +25,7 @@ from flask_meisa.testing import emulator_config
 def test_the_package_ships_its_data_files() -> None:
     package = resources.files("flask_meisa")
     assert package.joinpath("py.typed").is_file()
-    assert package.joinpath("emulator", "seed.json").is_file()
+    assert (package / "emulator" / "seed.json").is_file()
 
 
 def test_the_installed_version_is_the_packages() -> None:

@@ -171,7 +171,10 @@ def app_without_a_key() -> Flask:
 def flask_command(*args: str, create_app: Any = None) -> Any:
     """Run ``flask <args>`` as the ``flask`` command does, with its plugin commands."""
     group = FlaskGroup(create_app=create_app or (lambda: Flask(__name__)))
-    return CliRunner().invoke(group, list(args), prog_name="flask")
+    # FlaskGroup sets FLASK_RUN_FROM_CLI in os.environ and leaves it: the runner restores
+    # it, or every later app of this process would wait for a first use to deliver.
+    env = {"FLASK_RUN_FROM_CLI": None}
+    return CliRunner().invoke(group, list(args), prog_name="flask", env=env)
 
 
 def test_the_group_is_a_flask_commands_entry_point() -> None:

@@ -1,10 +1,9 @@
 """The total time limit of one HTTP attempt.
 
-``requests`` applies its read timeout to each socket read, so an answer that trickles in
-a byte at a time never times out. Here one daemon thread per process keeps a heap of
-attempt deadlines and shuts down the socket of any attempt still running at its deadline,
-which makes that attempt's next read fail. The connections of a :class:`WatchedAdapter`
-hand themselves to the attempt running in their thread.
+``requests`` times each socket read alone, so an answer that trickles in never times out.
+One daemon thread per process shuts down the socket of an attempt still running at its
+deadline, which fails its next read; a :class:`WatchedAdapter`'s connections tell the
+attempt running in their context which socket is theirs.
 """
 
 from __future__ import annotations
@@ -26,98 +25,71 @@ from urllib3.connectionpool import HTTPConnectionPool
 from urllib3.connectionpool import HTTPSConnectionPool
 from urllib3.poolmanager import PoolManager
 
-__all__ = ["Watch", "WatchedAdapter", "time_limit"]
-
 
 class Watch:
-    """One attempt's deadline and the connection to cut when it passes."""
-
-    __slots__ = ("connection", "deadline", "expired", "finished")
+    """One attempt: its deadline, its connection, and whether the deadline passed first."""
 
     def __init__(self, deadline: float) -> None:
         self.deadline = deadline
         self.connection: HTTPConnection | None = None
-        #: Whether the deadline passed before the attempt finished.
-        self.expired = False
-        self.finished = False
+        self.expired = self.finished = False
 
     def __lt__(self, other: Watch) -> bool:
         return self.deadline < other.deadline
 
+    def cut(self) -> None:
+        """Shut the connection's socket down if the deadline passed while the attempt ran."""
+        if not self.expired or self.finished or self.connection is None:
+            return
+        sock: Any = self.connection.sock
+        if not isinstance(sock, socket.socket):
+            sock = getattr(sock, "socket", None)  # urllib3's TLS-in-TLS transport
+        if isinstance(sock, socket.socket):
+            # The plain socket's shutdown: SSLSocket's would also drop its TLS state under
+            # the thread that is reading.
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
 
 class _Watchdog:
-    """The process's one watchdog thread, started on first use."""
+    """The process's watchdog thread (started on first use) and the attempts it watches."""
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
-        """Start afresh: in a forked child the thread is gone and the lock may be held."""
-        self._cond = threading.Condition()
-        self._heap: list[Watch] = []
-        self._thread: threading.Thread | None = None
+        """Start afresh, as in a forked child: the thread is gone, the lock may be held."""
+        self.cond = threading.Condition()
+        self.heap: list[Watch] = []
+        self.running = False
 
-    def start(self, seconds: float) -> Watch:
-        """Watch an attempt that must finish within ``seconds``."""
-        watch = Watch(time.monotonic() + seconds)
-        with self._cond:
-            if self._thread is None:
-                thread = threading.Thread(
-                    target=self._run, name="flask-meisa-watchdog", daemon=True
-                )
+    def add(self, watch: Watch) -> None:
+        """Watch an attempt until it finishes or its deadline passes."""
+        with self.cond:
+            if not self.running:
+                thread = threading.Thread(target=self._run, name="flask-meisa-watchdog")
+                thread.daemon = True
                 try:
                     thread.start()
                 except RuntimeError:  # at interpreter shutdown: per-read timeouts only
-                    return watch
-                self._thread = thread
-            heapq.heappush(self._heap, watch)
-            if self._heap[0] is watch:
-                self._cond.notify()
-        return watch
-
-    def attach(self, watch: Watch, connection: HTTPConnection) -> None:
-        """Note the connection ``watch``'s attempt uses (cut at once if already late)."""
-        with self._cond:
-            if watch.finished:
-                return
-            watch.connection = connection
-            if watch.expired:
-                _cut(connection)
-
-    def finish(self, watch: Watch) -> None:
-        """The attempt is over: its connection is no longer to be cut."""
-        with self._cond:
-            watch.finished = True
-            watch.connection = None
+                    return
+                self.running = True
+            heapq.heappush(self.heap, watch)
+            self.cond.notify()
 
     def _run(self) -> None:
-        with self._cond:
+        with self.cond:
             while True:
-                now = time.monotonic()
-                while self._heap and self._heap[0].deadline <= now:
-                    watch = heapq.heappop(self._heap)
-                    if not watch.finished:
-                        watch.expired = True
-                        if watch.connection is not None:
-                            _cut(watch.connection)
-                self._cond.wait(self._heap[0].deadline - now if self._heap else None)
-
-
-def _cut(connection: HTTPConnection) -> None:
-    sock: Any = connection.sock
-    if sock is not None and not isinstance(sock, socket.socket):
-        sock = getattr(sock, "socket", None)  # urllib3's TLS-in-TLS transport
-    if isinstance(sock, socket.socket):
-        # The plain socket's shutdown: SSLSocket's own would also drop its TLS state
-        # under the thread that is reading.
-        with contextlib.suppress(OSError):
-            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+                while self.heap and self.heap[0].deadline <= time.monotonic():
+                    watch = heapq.heappop(self.heap)
+                    watch.expired = not watch.finished
+                    watch.cut()
+                self.cond.wait(self.heap[0].deadline - time.monotonic() if self.heap else None)
 
 
 _watchdog = _Watchdog()
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_watchdog.reset)
-
 _current: ContextVar[Watch | None] = ContextVar("flask_meisa_attempt", default=None)
 
 
@@ -125,19 +97,23 @@ _current: ContextVar[Watch | None] = ContextVar("flask_meisa_attempt", default=N
 def time_limit(seconds: float) -> Iterator[Watch]:
     """Cut the connection of the attempt made inside if it is still running after
     ``seconds``; the watch says afterwards whether that happened."""
-    watch = _watchdog.start(seconds)
+    watch = Watch(time.monotonic() + seconds)
+    _watchdog.add(watch)
     token = _current.set(watch)
     try:
         yield watch
     finally:
         _current.reset(token)
-        _watchdog.finish(watch)
+        with _watchdog.cond:
+            watch.finished = True
 
 
 def _attach(connection: HTTPConnection) -> None:
     watch = _current.get()
     if watch is not None:
-        _watchdog.attach(watch, connection)
+        with _watchdog.cond:
+            watch.connection = connection
+            watch.cut()
 
 
 class _WatchedHTTPConnection(HTTPConnection):
@@ -163,18 +139,11 @@ class _WatchedHTTPSPool(HTTPSConnectionPool):
     ConnectionCls = _WatchedHTTPSConnection
 
 
-_WATCHED_POOLS: dict[type[HTTPConnectionPool], type[HTTPConnectionPool]] = {
-    HTTPConnectionPool: _WatchedHTTPPool,
-    HTTPSConnectionPool: _WatchedHTTPSPool,
-}
-
-
 def _watch_pools(manager: PoolManager) -> PoolManager:
     # A SOCKS proxy's own pool classes are left as they are.
-    manager.pool_classes_by_scheme = {
-        scheme: _WATCHED_POOLS.get(cls, cls)
-        for scheme, cls in manager.pool_classes_by_scheme.items()
-    }
+    watched = {HTTPConnectionPool: _WatchedHTTPPool, HTTPSConnectionPool: _WatchedHTTPSPool}
+    classes = manager.pool_classes_by_scheme
+    manager.pool_classes_by_scheme = {k: watched.get(v, v) for k, v in classes.items()}
     return manager
 
 

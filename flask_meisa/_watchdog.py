@@ -9,7 +9,6 @@ attempt running in their context which socket is theirs.
 from __future__ import annotations
 
 import contextlib
-import heapq
 import os
 import socket
 import threading
@@ -29,20 +28,15 @@ from urllib3.poolmanager import PoolManager
 class Watch:
     """One attempt: its deadline, its connection, and whether the deadline passed first."""
 
-    def __init__(self, deadline: float) -> None:
-        self.deadline = deadline
+    def __init__(self, seconds: float) -> None:
+        self.deadline = time.monotonic() + seconds
         self.connection: HTTPConnection | None = None
-        self.expired = self.finished = False
-
-    def __lt__(self, other: Watch) -> bool:
-        return self.deadline < other.deadline
+        self.expired = False
 
     def cut(self) -> None:
-        """Shut the connection's socket down if the deadline passed while the attempt ran."""
-        if not self.expired or self.finished or self.connection is None:
-            return
-        sock: Any = self.connection.sock
-        if not isinstance(sock, socket.socket):
+        """Shut the connection's socket down if the deadline has passed."""
+        sock: Any = self.connection.sock if self.expired and self.connection else None
+        if sock is not None and not isinstance(sock, socket.socket):
             sock = getattr(sock, "socket", None)  # urllib3's TLS-in-TLS transport
         if isinstance(sock, socket.socket):
             # The plain socket's shutdown: SSLSocket's would also drop its TLS state under
@@ -60,31 +54,36 @@ class _Watchdog:
     def reset(self) -> None:
         """Start afresh, as in a forked child: the thread is gone, the lock may be held."""
         self.cond = threading.Condition()
-        self.heap: list[Watch] = []
-        self.running = False
+        self.watches: set[Watch] = set()
+        self.started = False
 
     def add(self, watch: Watch) -> None:
-        """Watch an attempt until it finishes or its deadline passes."""
+        """Watch an attempt until :meth:`discard` or its deadline."""
         with self.cond:
-            if not self.running:
+            if not self.started:
                 thread = threading.Thread(target=self._run, name="flask-meisa-watchdog")
                 thread.daemon = True
-                try:
+                with contextlib.suppress(RuntimeError):  # at interpreter shutdown: per read only
                     thread.start()
-                except RuntimeError:  # at interpreter shutdown: per-read timeouts only
-                    return
-                self.running = True
-            heapq.heappush(self.heap, watch)
+                    self.started = True
+            self.watches.add(watch)
             self.cond.notify()
+
+    def discard(self, watch: Watch) -> None:
+        """Stop watching a finished attempt."""
+        with self.cond:
+            self.watches.discard(watch)
 
     def _run(self) -> None:
         with self.cond:
             while True:
-                while self.heap and self.heap[0].deadline <= time.monotonic():
-                    watch = heapq.heappop(self.heap)
-                    watch.expired = not watch.finished
+                now = time.monotonic()
+                for watch in [w for w in self.watches if w.deadline <= now]:
+                    self.watches.discard(watch)
+                    watch.expired = True
                     watch.cut()
-                self.cond.wait(self.heap[0].deadline - time.monotonic() if self.heap else None)
+                deadlines = [w.deadline for w in self.watches]
+                self.cond.wait(min(deadlines) - now if deadlines else None)
 
 
 _watchdog = _Watchdog()
@@ -97,15 +96,14 @@ _current: ContextVar[Watch | None] = ContextVar("flask_meisa_attempt", default=N
 def time_limit(seconds: float) -> Iterator[Watch]:
     """Cut the connection of the attempt made inside if it is still running after
     ``seconds``; the watch says afterwards whether that happened."""
-    watch = Watch(time.monotonic() + seconds)
+    watch = Watch(seconds)
     _watchdog.add(watch)
     token = _current.set(watch)
     try:
         yield watch
     finally:
         _current.reset(token)
-        with _watchdog.cond:
-            watch.finished = True
+        _watchdog.discard(watch)
 
 
 def _attach(connection: HTTPConnection) -> None:

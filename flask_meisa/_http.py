@@ -22,6 +22,7 @@ from typing import Any
 
 import requests
 import urllib3.exceptions
+from requests.exceptions import ChunkedEncodingError
 
 from ._watchdog import WatchedAdapter
 from ._watchdog import time_limit
@@ -112,9 +113,8 @@ def attempt(
 ) -> tuple[int, Any, APIError | APIConnectionError | None]:
     """One attempt that ends within ``limit`` seconds (``timeout``: each socket operation's):
     ``(status, parsed body, None)`` on 2xx, else ``(status or 0, None, error)``."""
-    timeout = (min(timeout[0], limit), min(timeout[1], limit))
+    endpoint, timeout = request.endpoint, (min(timeout[0], limit), min(timeout[1], limit))
     failure: BaseException | None = None
-    content: bytes | None = None
     with time_limit(limit) as watch:
         try:
             response = session.request(
@@ -132,20 +132,16 @@ def attempt(
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
             failure = exc
     if watch.expired:  # whatever the cut socket made of the answer
-        return (
-            0,
-            None,
-            APITimeoutError(request.endpoint, f"no complete answer within {limit:.3g} s"),
-        )
+        return 0, None, APITimeoutError(endpoint, f"no complete answer within {limit:.3g} s")
     if failure is not None:
-        return 0, None, _connection_error(request.endpoint, failure, timeout)
+        return 0, None, _connection_error(endpoint, failure, timeout)
     if content is None:
         reason = f"the answer is larger than {MAX_ANSWER_BYTES // 2**20} MiB"
-        return 0, None, APIConnectionError(request.endpoint, reason, retryable=False)
-    if 200 <= response.status_code < 300:
-        return response.status_code, _json(content), None
-    error = _api_error(request.endpoint, response, content, secret, request.scope)
-    return response.status_code, None, error
+        return 0, None, APIConnectionError(endpoint, reason, retryable=False)
+    status = response.status_code
+    if 200 <= status < 300:
+        return status, _json(content), None
+    return status, None, _api_error(endpoint, response, content, secret, request.scope)
 
 
 def _read(response: requests.Response) -> bytes | None:
@@ -223,6 +219,7 @@ def _api_error(
         if excerpt := clean_text(excerpt, secret, MAX_EXCERPT):
             message = f"non-JSON answer: {excerpt}"
     kind = error_for_status(response.status_code)
+    scoped = {"scope": scope} if issubclass(kind, PermissionDeniedError) else {}
     return kind(
         endpoint,
         response.status_code,
@@ -230,7 +227,7 @@ def _api_error(
         code=code,
         body=body,
         retry_after=parse_retry_after(response.headers.get("Retry-After")),
-        **({"scope": scope} if issubclass(kind, PermissionDeniedError) else {}),
+        **scoped,
     )
 
 
@@ -240,16 +237,8 @@ _REASONS: list[tuple[str, bool, tuple[type[BaseException], ...]]] = [
     ("the server closed the connection unanswered", True, (http.client.RemoteDisconnected,)),
     ("connection refused", True, (ConnectionRefusedError,)),
     ("connection reset", True, (ConnectionResetError, BrokenPipeError)),
-    (
-        "the answer was cut off",
-        True,
-        (
-            http.client.IncompleteRead,
-            urllib3.exceptions.IncompleteRead,
-            urllib3.exceptions.InvalidChunkLength,
-            requests.exceptions.ChunkedEncodingError,
-        ),
-    ),
+    # urllib3's IncompleteRead and InvalidChunkLength are http.client's IncompleteRead.
+    ("the answer was cut off", True, (http.client.IncompleteRead, ChunkedEncodingError)),
     ("TLS certificate verification failed", False, (ssl.SSLCertVerificationError,)),
     ("TLS error", True, (ssl.SSLError, requests.exceptions.SSLError)),
     ("host not resolved", True, (socket.gaierror, urllib3.exceptions.NameResolutionError)),
@@ -268,12 +257,8 @@ def _connection_error(
         current = pending.pop(0)
         if not any(current is seen for seen in chain):
             chain.append(current)
-            inner = (*current.args, getattr(current, "reason", None))
-            pending += [
-                e
-                for e in (*inner, current.__cause__, current.__context__)
-                if isinstance(e, BaseException)
-            ]
+            inner = (*current.args, getattr(current, "reason", None), current.__cause__)
+            pending += [e for e in (*inner, current.__context__) if isinstance(e, BaseException)]
     # Trust requests' own split: urllib3's NewConnectionError (a refusal) subclasses its
     # ConnectTimeoutError, so the chain alone cannot tell a refusal from a timeout.
     if isinstance(exc, requests.ConnectTimeout):

@@ -14,7 +14,6 @@ import math
 import time
 from collections.abc import Iterable
 from collections.abc import Mapping
-from types import TracebackType
 from typing import Any
 from urllib.parse import quote
 
@@ -22,6 +21,7 @@ import requests
 
 from . import _http
 from . import _values
+from . import payloads
 from ._version import __version__
 from .bodies import track_body
 from .bodies import trigger_body
@@ -29,13 +29,6 @@ from .bodies import upsert_body
 from .config import DEFAULTS
 from .errors import ConfigurationError
 from .errors import ValidationError
-from .payloads import encode_body
-from .payloads import json_object
-from .payloads import normalize_email
-from .payloads import normalize_external_id
-from .payloads import optional_text
-from .payloads import require_text
-from .payloads import unique_emails
 from .results import BulkEnrollResult
 from .results import Contact
 from .results import ContactEnrollments
@@ -168,12 +161,7 @@ class MeisaClient:
     def __enter__(self) -> MeisaClient:
         return self
 
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
@@ -182,8 +170,6 @@ class MeisaClient:
 
     def __reduce__(self) -> Any:
         raise TypeError("MeisaClient holds a secret and cannot be pickled")
-
-    # -- endpoints ---------------------------------------------------------------------
 
     def ping(self) -> PingResult:
         """``GET /ping/``: the key's environment, scopes and product."""
@@ -233,11 +219,11 @@ class MeisaClient:
         return self._tag("remove_tag", contact_id, tag_name, tag_id)
 
     def _tag(self, action: str, contact_id: object, tag_name: object, tag_id: object) -> TagResult:
-        contact = normalize_external_id(contact_id, "contact_id")
+        contact = payloads.normalize_external_id(contact_id, "contact_id")
         if (tag_name is None) == (tag_id is None):
             raise ValidationError("tag_name", "give exactly one of tag_name or tag_id")
-        name = optional_text(tag_name, "tag_name")
-        tag = None if tag_id is None else normalize_external_id(tag_id, "tag_id")
+        name = payloads.optional_text(tag_name, "tag_name")
+        tag = None if tag_id is None else payloads.normalize_external_id(tag_id, "tag_id")
         answer = self._call(action, {"tag_name": name, "tag_id": tag}, contact_id=contact)[1]
         return TagResult.from_body(answer, contact, name)
 
@@ -257,10 +243,10 @@ class MeisaClient:
         """``POST /sequences/enroll/``: enroll a contact (made if missing) in an active
         sequence; already enrolled: :class:`~flask_meisa.errors.ConflictError`."""
         body: dict[str, Any] = {
-            "email": normalize_email(email),
-            "sequence_slug": require_text(sequence_slug, "sequence_slug"),
-            "metadata": json_object(metadata, "metadata"),
-            "trigger_source": optional_text(trigger_source, "trigger_source"),
+            "email": payloads.normalize_email(email),
+            "sequence_slug": payloads.require_text(sequence_slug, "sequence_slug"),
+            "metadata": payloads.json_object(metadata, "metadata"),
+            "trigger_source": payloads.optional_text(trigger_source, "trigger_source"),
             "override_unsubscribe": _flag(override_unsubscribe, "override_unsubscribe"),
         }
         return Enrollment.from_body(self._call("enroll", body)[1], body["sequence_slug"])
@@ -274,8 +260,8 @@ class MeisaClient:
         An error in a later call raises after the earlier calls took effect; calling again
         is safe, as already enrolled addresses are skipped.
         """
-        slug = require_text(sequence_slug, "sequence_slug")
-        addresses = unique_emails(emails, "emails")
+        slug = payloads.require_text(sequence_slug, "sequence_slug")
+        addresses = payloads.unique_emails(emails, "emails")
         override = _flag(override_unsubscribe, "override_unsubscribe")
         bodies = []
         for start in range(0, len(addresses), BULK_ENROLL_LIMIT):
@@ -289,14 +275,14 @@ class MeisaClient:
     ) -> tuple[Sequence, ...]:
         """``GET /sequences/api/list/``: active sequences, or ``status="all"``."""
         params = {
-            "status": optional_text(status, "status"),
-            "search": optional_text(search, "search"),
+            "status": payloads.optional_text(status, "status"),
+            "search": payloads.optional_text(search, "search"),
         }
         return Sequence.list_from_body(self._call("sequences", params=params)[1])
 
     def contact_enrollments(self, email: str) -> ContactEnrollments:
         """``GET /sequences/api/contact-enrollments/``: one contact's enrollments."""
-        address = normalize_email(email)
+        address = payloads.normalize_email(email)
         answer = self._call("enrollments", params={"email": address})[1]
         return ContactEnrollments.from_body(answer, address)
 
@@ -348,7 +334,7 @@ class MeisaClient:
         """Call endpoint ``name``, retrying per the policy: ``(status, parsed body)``."""
         method, path, scope = _ENDPOINTS[name]
         if isinstance(body, Mapping):
-            body = encode_body({k: v for k, v in body.items() if v is not None})
+            body = payloads.encode_body({k: v for k, v in body.items() if v is not None})
         request = _http.Request(
             method,
             self._base_url + path.replace("{id}", quote(contact_id, safe="")),

@@ -24,6 +24,7 @@ import requests
 import urllib3.exceptions
 from requests.exceptions import ChunkedEncodingError
 
+from ._version import __version__
 from ._watchdog import WatchedAdapter
 from ._watchdog import time_limit
 from .errors import APIConnectionError
@@ -64,18 +65,24 @@ class Request:
     scope: str | None
 
 
-class SessionHolder:
-    """The session a client and its ``with_options`` copies share: the one given, or the
-    client's own, made on first use and again in a forked child (the parent's sockets)."""
+class Transport:
+    """What a client and its ``with_options`` copies share: the key's headers, and the
+    session given or the client's own (made on first use, and again in a forked child)."""
 
-    def __init__(self, session: requests.Session | None, pool_size: int) -> None:
-        self._given, self._pool_size = session, pool_size
+    def __init__(self, api_key: str, session: requests.Session | None, pool_size: int) -> None:
+        self._key, self._given, self._pool_size = api_key, session, pool_size
         self._own: requests.Session | None = None
         self._pid, self._lock, self._closed = os.getpid(), threading.Lock(), False
+        self._headers = {
+            "X-API-Key": api_key,
+            "User-Agent": f"flask-meisa/{__version__} python-requests/{requests.__version__}",
+            "Accept": "application/json",
+            "Content-Type": "application/json",
+        }
 
-    def get(self) -> requests.Session:
+    def session(self) -> requests.Session:
         """The session to use now."""
-        if self._pid != os.getpid():  # the parent's lock may be held by a thread gone here
+        if self._pid != os.getpid():  # the parent's sockets, and a lock maybe held by a thread
             self._pid, self._lock, self._own = os.getpid(), threading.Lock(), None
         with self._lock:
             if self._closed:
@@ -83,7 +90,10 @@ class SessionHolder:
             if self._given is not None:
                 return self._given
             if self._own is None:
-                self._own = new_session(self._pool_size)
+                self._own = requests.Session()
+                adapter = WatchedAdapter(pool_connections=4, pool_maxsize=self._pool_size)
+                self._own.mount("https://", adapter)
+                self._own.mount("http://", adapter)
             return self._own
 
     def close(self) -> None:
@@ -93,55 +103,43 @@ class SessionHolder:
         if own is not None:
             own.close()
 
-
-def new_session(pool_size: int) -> requests.Session:
-    """A session with a keep-alive pool of ``pool_size`` connections per host."""
-    session = requests.Session()
-    adapter = WatchedAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
-    session.mount("https://", adapter)
-    session.mount("http://", adapter)
-    return session
-
-
-def attempt(
-    session: requests.Session,
-    request: Request,
-    headers: Mapping[str, str],
-    timeout: tuple[float, float],
-    limit: float,
-    secret: str,
-) -> tuple[int, Any, APIError | APIConnectionError | None]:
-    """One attempt that ends within ``limit`` seconds (``timeout``: each socket operation's):
-    ``(status, parsed body, None)`` on 2xx, else ``(status or 0, None, error)``."""
-    endpoint, timeout = request.endpoint, (min(timeout[0], limit), min(timeout[1], limit))
-    failure: BaseException | None = None
-    with time_limit(limit) as watch:
-        try:
-            response = session.request(
-                request.method,
-                request.url,
-                params=request.params,
-                data=request.data,
-                headers=headers,
-                timeout=timeout,
-                allow_redirects=False,  # a redirect would carry the key to another host
-                stream=True,
-            )
-            with response:
-                content = _read(response)
-        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-            failure = exc
-    if watch.expired:  # whatever the cut socket made of the answer
-        return 0, None, APITimeoutError(endpoint, f"no complete answer within {limit:.3g} s")
-    if failure is not None:
-        return 0, None, _connection_error(endpoint, failure, timeout)
-    if content is None:
-        reason = f"the answer is larger than {MAX_ANSWER_BYTES // 2**20} MiB"
-        return 0, None, APIConnectionError(endpoint, reason, retryable=False)
-    status = response.status_code
-    if 200 <= status < 300:
-        return status, _json(content), None
-    return status, None, _api_error(endpoint, response, content, secret, request.scope)
+    def attempt(
+        self, request: Request, timeout: tuple[float, float], limit: float
+    ) -> tuple[int, Any, APIError | APIConnectionError | None]:
+        """One attempt that ends within ``limit`` seconds (``timeout``: each socket
+        operation's): ``(status, parsed body, None)`` on 2xx, else ``(status or 0, None,
+        error)``."""
+        session, endpoint = self.session(), request.endpoint
+        timeout = (min(timeout[0], limit), min(timeout[1], limit))
+        failure: BaseException | None = None
+        with time_limit(limit) as watch:
+            try:
+                response = session.request(
+                    request.method,
+                    request.url,
+                    params=request.params,
+                    data=request.data,
+                    headers=self._headers,
+                    timeout=timeout,
+                    allow_redirects=False,  # a redirect would carry the key to another host
+                    stream=True,
+                )
+                with response:
+                    content = _read(response)
+            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+                failure = exc
+        if watch.expired:  # whatever the cut socket made of the answer
+            reason = f"no complete answer within {limit:.3g} s"
+            return 0, None, APITimeoutError(endpoint, reason)
+        if failure is not None:
+            return 0, None, _connection_error(endpoint, failure, timeout)
+        if content is None:
+            reason = f"the answer is larger than {MAX_ANSWER_BYTES // 2**20} MiB"
+            return 0, None, APIConnectionError(endpoint, reason, retryable=False)
+        status = response.status_code
+        if 200 <= status < 300:
+            return status, _json(content), None
+        return status, None, _api_error(endpoint, response, content, self._key, request.scope)
 
 
 def _read(response: requests.Response) -> bytes | None:

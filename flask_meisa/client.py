@@ -22,7 +22,6 @@ import requests
 from . import _http
 from . import _values
 from . import payloads
-from ._version import __version__
 from .bodies import track_body
 from .bodies import trigger_body
 from .bodies import upsert_body
@@ -116,14 +115,8 @@ class MeisaClient:
         self._api_key = key
         self._timeout = _check_timeout(timeout)
         self._retry = _check_retry(retry)
-        self._sessions = _http.SessionHolder(session, pool_size)
+        self._http = _http.Transport(key, session, pool_size)
         self._owner = True
-        self._headers = {
-            "X-API-Key": key,
-            "User-Agent": f"flask-meisa/{__version__} python-requests/{requests.__version__}",
-            "Accept": "application/json",
-            "Content-Type": "application/json",
-        }
 
     @property
     def base_url(self) -> str:
@@ -156,7 +149,7 @@ class MeisaClient:
     def close(self) -> None:
         """Close the client's own session (a session passed in stays open)."""
         if self._owner:
-            self._sessions.close()
+            self._http.close()
 
     def __enter__(self) -> MeisaClient:
         return self
@@ -343,15 +336,13 @@ class MeisaClient:
             {k: v for k, v in (params or {}).items() if v is not None},
             scope,
         )
-        session, policy, started, attempt = self._sessions.get(), self._retry, time.monotonic(), 0
+        policy, started, attempt = self._retry, time.monotonic(), 0
         while True:
             attempt += 1
             limit = sum(self._timeout)
             if policy.deadline is not None:  # no attempt runs past it; a floor keeps the last
                 limit = min(limit, max(policy.deadline - (time.monotonic() - started), 0.05))
-            status, answer, error = _http.attempt(
-                session, request, self._headers, self._timeout, limit, self._api_key
-            )
+            status, answer, error = self._http.attempt(request, self._timeout, limit)
             if error is None:
                 logger.debug("%s answered %d (attempt %d)", request.endpoint, status, attempt)
                 return status, answer

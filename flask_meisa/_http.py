@@ -1,9 +1,5 @@
-"""The transport under :class:`~flask_meisa.client.MeisaClient`: its session, one HTTP
-attempt within a total time and size limit, and the typed error of a failed one.
-
-Errors are returned, not raised, so that the caller raises them outside any ``except`` block:
-they chain no ``requests`` exception (those hold the request's headers). Text taken from an
-answer is cleaned of the key, key- and email-shaped words and control characters.
+"""The client's transport: its session, one HTTP attempt within a time and size limit, and
+the typed error of a failed one, cleaned of the key, emails and control characters.
 """
 
 from __future__ import annotations
@@ -33,6 +29,8 @@ from .errors import APITimeoutError
 from .errors import MeisaError
 from .errors import PermissionDeniedError
 from .errors import error_for_status
+
+__all__ = ["MAX_ANSWER_BYTES", "Request", "Transport", "clean_text", "describe"]
 from .retry import parse_retry_after
 
 #: Longest message kept from an error answer.
@@ -106,9 +104,9 @@ class Transport:
     def attempt(
         self, request: Request, timeout: tuple[float, float], limit: float
     ) -> tuple[int, Any, APIError | APIConnectionError | None]:
-        """One attempt that ends within ``limit`` seconds (``timeout``: each socket
-        operation's): ``(status, parsed body, None)`` on 2xx, else ``(status or 0, None,
-        error)``."""
+        """One attempt within ``limit`` seconds: ``(status, parsed body, None)`` on 2xx, else
+        ``(status or 0, None, error)``; the error is raised by the caller, out of any
+        ``except`` block, so it chains no ``requests`` exception (those hold the headers)."""
         session, endpoint = self.session(), request.endpoint
         timeout = (min(timeout[0], limit), min(timeout[1], limit))
         failure: BaseException | None = None

@@ -1,9 +1,5 @@
-"""The total time limit of one HTTP attempt.
-
-``requests`` times each socket read alone, so an answer that trickles in never times out.
-One daemon thread per process shuts down the socket of an attempt still running at its
-deadline, which fails its next read; a :class:`WatchedAdapter`'s connections tell the
-attempt running in their context which socket is theirs.
+"""The total time limit of one HTTP attempt, which ``requests`` times per socket read only:
+one thread per process shuts down the socket of an attempt past its deadline.
 """
 
 from __future__ import annotations
@@ -24,6 +20,8 @@ from urllib3.connectionpool import HTTPConnectionPool
 from urllib3.connectionpool import HTTPSConnectionPool
 from urllib3.poolmanager import PoolManager
 
+__all__ = ["Watch", "WatchedAdapter", "time_limit"]
+
 
 class Watch:
     """One attempt: its deadline, its connection, and whether the deadline passed first."""
@@ -36,7 +34,7 @@ class Watch:
     def cut(self) -> None:
         """Shut the connection's socket down if the deadline has passed."""
         sock: Any = self.connection.sock if self.expired and self.connection else None
-        if sock is not None and not isinstance(sock, socket.socket):
+        if not isinstance(sock, socket.socket):
             sock = getattr(sock, "socket", None)  # urllib3's TLS-in-TLS transport
         if isinstance(sock, socket.socket):
             # The plain socket's shutdown: SSLSocket's would also drop its TLS state under
@@ -57,8 +55,11 @@ class _Watchdog:
         self.watches: set[Watch] = set()
         self.started = False
 
-    def add(self, watch: Watch) -> None:
-        """Watch an attempt until :meth:`discard` or its deadline."""
+    @contextlib.contextmanager
+    def time_limit(self, seconds: float) -> Iterator[Watch]:
+        """Cut the connection of the attempt made inside if it is still running after
+        ``seconds``; the watch says afterwards whether that happened."""
+        watch = Watch(seconds)
         with self.cond:
             if not self.started:
                 thread = threading.Thread(target=self._run, name="flask-meisa-watchdog")
@@ -68,11 +69,13 @@ class _Watchdog:
                     self.started = True
             self.watches.add(watch)
             self.cond.notify()
-
-    def discard(self, watch: Watch) -> None:
-        """Stop watching a finished attempt."""
-        with self.cond:
-            self.watches.discard(watch)
+        token = _current.set(watch)
+        try:
+            yield watch
+        finally:
+            _current.reset(token)
+            with self.cond:
+                self.watches.discard(watch)
 
     def _run(self) -> None:
         with self.cond:
@@ -86,24 +89,11 @@ class _Watchdog:
                 self.cond.wait(min(deadlines) - now if deadlines else None)
 
 
+_current: ContextVar[Watch | None] = ContextVar("flask_meisa_attempt", default=None)
 _watchdog = _Watchdog()
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_watchdog.reset)
-_current: ContextVar[Watch | None] = ContextVar("flask_meisa_attempt", default=None)
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float) -> Iterator[Watch]:
-    """Cut the connection of the attempt made inside if it is still running after
-    ``seconds``; the watch says afterwards whether that happened."""
-    watch = Watch(seconds)
-    _watchdog.add(watch)
-    token = _current.set(watch)
-    try:
-        yield watch
-    finally:
-        _current.reset(token)
-        _watchdog.discard(watch)
+time_limit = _watchdog.time_limit
 
 
 def _attach(connection: HTTPConnection) -> None:

@@ -1,9 +1,5 @@
-"""``MeisaClient``: one method per Meisa endpoint over one pooled ``requests.Session``.
-
-Each method checks its input (a :class:`~flask_meisa.errors.ValidationError` means nothing
-was sent), makes the call, retrying per its :class:`~flask_meisa.retry.RetryPolicy`, and
-returns a typed result or raises a typed error. The API key travels only in the ``X-API-Key``
-header: no log line, ``repr`` or error holds it.
+"""``MeisaClient``: one method per Meisa endpoint. Each checks its input (a ``ValidationError``
+means nothing was sent), calls with retries and returns a typed result or raises a typed error.
 """
 
 from __future__ import annotations
@@ -73,18 +69,13 @@ logger = logging.getLogger("flask_meisa.client")
 
 
 class MeisaClient:
-    """A synchronous client of the Meisa API.
+    """A synchronous client of the Meisa API; the key is sent as ``X-API-Key`` only.
 
-    :param api_key: the key sent as ``X-API-Key``.
-    :param base_url: the API root; ``https://`` (``http://`` only for a loopback host).
-    :param timeout: seconds to connect and for each read, or a ``(connect, read)`` pair. An
-        attempt ends after ``connect + read`` seconds in all however slowly the answer
-        comes (on a given ``session``: per read only), and never outlives the policy's
-        deadline.
-    :param retry: the retry policy; default :class:`RetryPolicy()`.
-    :param session: a ``requests.Session`` to use and leave open; by default the client
-        makes its own on first use and closes it in :meth:`close`.
-    :param pool_size: connections kept alive per host by the client's own session.
+    :param base_url: ``https://`` (``http://`` only for a loopback host).
+    :param timeout: seconds, or ``(connect, read)``; an attempt ends after ``connect + read``
+        in all (on a given ``session``: per read only), and within the policy's deadline.
+    :param session: a session to use and leave open; by default the client's own, made on
+        first use with ``pool_size`` connections per host and closed by :meth:`close`.
     :raises ConfigurationError: for a missing or malformed key, URL, timeout or policy.
     """
 
@@ -247,12 +238,9 @@ class MeisaClient:
     def bulk_enroll(
         self, sequence_slug: str, emails: Iterable[str], *, override_unsubscribe: bool = False
     ) -> BulkEnrollResult:
-        """``POST /sequences/api/bulk-enroll/`` for many addresses (checked first, repeats
-        dropped), in calls of :data:`BULK_ENROLL_LIMIT` combined into one result.
-
-        An error in a later call raises after the earlier calls took effect; calling again
-        is safe, as already enrolled addresses are skipped.
-        """
+        """``POST /sequences/api/bulk-enroll/`` in calls of :data:`BULK_ENROLL_LIMIT`, one
+        result; a failed call raises after the earlier ones took effect (calling again is
+        safe: enrolled addresses are skipped)."""
         slug = payloads.require_text(sequence_slug, "sequence_slug")
         addresses = payloads.unique_emails(emails, "emails")
         override = _flag(override_unsubscribe, "override_unsubscribe")
@@ -288,13 +276,9 @@ class MeisaClient:
         recipient: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> TriggerResult:
-        """``POST /emails/trigger/``: send a transactional email.
-
-        Every attempt carries the same ``idempotency_key`` (a random one when none is given;
-        it is in the result), so a retry after a lost answer sends nothing twice. A
-        suppressed recipient or a missing sender raises
-        :class:`~flask_meisa.errors.UnprocessableEntityError`.
-        """
+        """``POST /emails/trigger/``: send a transactional email. Every attempt carries the
+        same ``idempotency_key`` (random when none is given), so nothing is sent twice; a
+        suppressed recipient raises :class:`~flask_meisa.errors.UnprocessableEntityError`."""
         body = trigger_body(
             trigger_key,
             to_email,
@@ -306,8 +290,7 @@ class MeisaClient:
         return TriggerResult.from_body(answer, status, str(body["idempotency_key"]))
 
     def send_json(self, kind: str, body: str) -> Contact | TrackResult | TriggerResult:
-        """Make the call of a body already checked and encoded (a delivery engine's
-        :class:`~flask_meisa.operations.Operation`); ``kind``: ``"upsert"``, ``"track"`` or
+        """Send a body already checked and encoded; ``kind``: ``"upsert"``, ``"track"`` or
         ``"send"``."""
         status, answer = self._call(kind, body)
         if kind == "upsert":
@@ -328,14 +311,10 @@ class MeisaClient:
         method, path, scope = _ENDPOINTS[name]
         if isinstance(body, Mapping):
             body = payloads.encode_body({k: v for k, v in body.items() if v is not None})
-        request = _http.Request(
-            method,
-            self._base_url + path.replace("{id}", quote(contact_id, safe="")),
-            f"{method} {path}",
-            None if body is None else body.encode(),
-            {k: v for k, v in (params or {}).items() if v is not None},
-            scope,
-        )
+        url = self._base_url + path.replace("{id}", quote(contact_id, safe=""))
+        data = None if body is None else body.encode()
+        query = {k: v for k, v in (params or {}).items() if v is not None}
+        request = _http.Request(method, url, f"{method} {path}", data, query, scope)
         policy, started, attempt = self._retry, time.monotonic(), 0
         while True:
             attempt += 1

@@ -1,7 +1,5 @@
-"""The error hierarchy: everything flask-meisa raises derives from :class:`MeisaError`.
-
-No error holds the API key or a payload value: its text comes only from the endpoint, the
-status and what Meisa said (cleaned).
+"""The error hierarchy. No error holds the API key or a payload value: its text comes from
+the endpoint, the status and what Meisa said (cleaned).
 """
 
 from __future__ import annotations
@@ -45,11 +43,8 @@ class ConfigurationError(MeisaError, ValueError):
 
 
 class ValidationError(MeisaError, ValueError):
-    """A call's input was refused before anything was sent or queued.
-
-    :param field: the offending field, e.g. ``"custom_fields.signup_date"``.
-    :param message: what is wrong with it, without repeating its value.
-    """
+    """A call's input was refused before anything was sent or queued: ``field`` (e.g.
+    ``"custom_fields.plan"``) and what is wrong with it (``message``, without its value)."""
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
@@ -65,11 +60,9 @@ class APIError(MeisaError):
     """Meisa answered with an error status.
 
     :param endpoint: method and path, e.g. ``"POST /emails/trigger/"``.
-    :param status: the HTTP status code.
-    :param message: Meisa's message (``detail``), or a short description of the body.
-    :param code: Meisa's snake_case error code, when the body had one.
-    :param body: the parsed JSON body, cleaned (``None`` when it was not JSON).
-    :param retry_after: seconds to wait before retrying, from ``Retry-After``.
+    :param message: Meisa's ``detail``, or a short description of the body.
+    :param code: Meisa's error code; ``body``: the cleaned JSON body (``None`` if not JSON);
+        ``retry_after``: seconds, from ``Retry-After``.
     """
 
     def __init__(
@@ -147,12 +140,8 @@ class ServerError(APIError):
 
 
 class APIConnectionError(MeisaError):
-    """No answer came: connection refused, reset or dropped.
-
-    :param endpoint: method and path of the call.
-    :param reason: what failed (never a payload value).
-    :param retryable: ``False`` for a failure a retry cannot fix (an untrusted certificate).
-    """
+    """No answer came (``reason``: refused, reset, dropped...); ``retryable=False`` for a
+    failure a retry cannot fix (an untrusted certificate)."""
 
     retryable = True
 

@@ -1,9 +1,6 @@
-"""Typed results of :class:`~flask_meisa.client.MeisaClient` calls.
-
-Each is a frozen dataclass built from any 2xx body by its ``from_body``, defensively: a missing
-or mistyped key gives ``None`` or an empty value, never an exception. A field is read from the
-body's key of its name by its type, unless ``from_body`` says otherwise; ``raw`` keeps the
-parsed body (left out of ``repr`` and comparisons).
+"""Typed results of :class:`~flask_meisa.client.MeisaClient` calls, built from any 2xx body
+by ``from_body``: a missing or mistyped key gives ``None`` or an empty value, never an error.
+``raw`` keeps the parsed body (left out of ``repr`` and comparisons).
 """
 
 from __future__ import annotations
@@ -360,11 +357,8 @@ class ContactEnrollments(_Result):
 
 @dataclass(frozen=True)
 class TriggerResult(_Result):
-    """``POST /emails/trigger/``: what Meisa did with a transactional email.
-
-    ``idempotency_key`` is the call's (generated when none was given); ``duplicate``: Meisa
-    had seen that key and sent nothing this time.
-    """
+    """``POST /emails/trigger/``: what Meisa did; ``duplicate``: it had seen the call's
+    ``idempotency_key`` and sent nothing this time."""
 
     status: TriggerStatus
     email_send_id: str | None
@@ -391,16 +385,10 @@ class TriggerResult(_Result):
 
 @dataclass(frozen=True)
 class SendResult:
-    """The outcome of a transactional send. ``status`` is one of:
-
-    - ``"sent"``: Meisa sent it (``email_send_id`` set);
-    - ``"scheduled"``: the trigger has a delay; Meisa will send it later;
-    - ``"skipped"``: the trigger's conditions were not met (``reason``);
-    - ``"suppressed"``: the address is in the suppression set; no call was made;
-    - ``"queued"``: ``background=True``; it will be delivered after the response;
-    - ``"disabled"``: delivery is off here (``MEISA_ENABLED = False``,
-      ``MEISA_SUPPRESS_SEND``, or ``TESTING``); nothing was sent.
-    """
+    """The outcome of a transactional send; ``status``: ``"sent"``, ``"scheduled"`` (the
+    trigger has a delay), ``"skipped"`` (its conditions were not met), ``"suppressed"`` (no
+    call made), ``"queued"`` (``background=True``) or ``"disabled"`` (``MEISA_ENABLED``
+    off, ``MEISA_SUPPRESS_SEND`` or ``TESTING``: nothing sent)."""
 
     status: SendStatus
     trigger_key: str

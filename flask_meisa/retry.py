@@ -1,8 +1,5 @@
-"""What is retried and how long to wait: a pure policy that never sleeps itself.
-
-The client sleeps the delays :meth:`RetryPolicy.delay_for` returns; the delivery engines use
-it to schedule a retry without holding a thread.
-"""
+"""What is retried and how long to wait: a policy that never sleeps itself (the client sleeps
+its delays; the delivery engines schedule with them)."""
 
 from __future__ import annotations
 

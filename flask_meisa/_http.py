@@ -29,9 +29,9 @@ from .errors import APITimeoutError
 from .errors import MeisaError
 from .errors import PermissionDeniedError
 from .errors import error_for_status
+from .retry import parse_retry_after
 
 __all__ = ["MAX_ANSWER_BYTES", "Request", "Transport", "clean_text", "describe"]
-from .retry import parse_retry_after
 
 #: Longest message kept from an error answer.
 MAX_MESSAGE = 200

@@ -293,11 +293,9 @@ class BulkEnrollResult:
 def _outcome(item: Any) -> BulkEnrollOutcome | None:
     data = _obj(item)
     email, reason = _str(data.get("email")), _first(data.get("reason"), data.get("code"))
-    return (
-        None
-        if email is None
-        else BulkEnrollOutcome(email.lower(), _str(data.get("status")), reason)
-    )
+    if email is None:
+        return None
+    return BulkEnrollOutcome(email.lower(), _str(data.get("status")), reason)
 
 
 @dataclass(frozen=True)
@@ -404,14 +402,6 @@ class SendResult:
 
     @classmethod
     def from_trigger(cls, result: TriggerResult, *, trigger_key: str, to_email: str) -> SendResult:
-        """Build from the client's :class:`TriggerResult`."""
-        shared = ("idempotency_key", "email_send_id", "contact_id", "contact_created", "reason")
-        copied = {name: getattr(result, name) for name in shared}
-        return cls(
-            result.status,
-            trigger_key,
-            to_email,
-            **copied,
-            duplicate=result.duplicate,
-            trigger=result,
-        )
+        """Build from the client's :class:`TriggerResult` (the fields they share)."""
+        shared = {f.name: getattr(result, f.name) for f in fields(cls) if hasattr(result, f.name)}
+        return cls(**shared, trigger_key=trigger_key, to_email=to_email, trigger=result)

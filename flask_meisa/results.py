@@ -102,7 +102,7 @@ def _dict(value: Any) -> dict[str, Any]:
     return dict(value) if isinstance(value, Mapping) else {}
 
 
-#: How a field is read, by its annotation.
+#: How a field is read, by its annotation as written (annotations are strings here).
 _READERS: dict[str, Callable[[Any], Any]] = {
     "str | None": _str,
     "dt.datetime | None": _time,

@@ -99,13 +99,13 @@ class MeisaClient:
             self._base_url = _values.base_url(base_url)
         except _values.InvalidValue as error:
             raise ConfigurationError(f"base_url {error}") from None
+        self._api_key = key
+        self._timeout = _check_timeout(timeout)
+        self._retry = _check_retry(retry)
         if session is not None and not isinstance(session, requests.Session):
             raise ConfigurationError("session must be a requests.Session")
         if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
             raise ConfigurationError("pool_size must be an integer >= 1")
-        self._api_key = key
-        self._timeout = _check_timeout(timeout)
-        self._retry = _check_retry(retry)
         self._http = _http.Transport(key, session, pool_size)
         self._owner = True
 

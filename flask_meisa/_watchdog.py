@@ -1,16 +1,10 @@
-"""The total time limit of one HTTP attempt.
-
-``requests`` applies its read timeout to each socket read, so an answer that trickles in
-a byte at a time never times out. Here one daemon thread per process keeps a heap of
-attempt deadlines and shuts down the socket of any attempt still running at its deadline,
-which makes that attempt's next read fail. The connections of a :class:`WatchedAdapter`
-hand themselves to the attempt running in their thread.
+"""The total time limit of one HTTP attempt, which ``requests`` times per socket read only:
+one thread per process shuts down the socket of an attempt past its deadline.
 """
 
 from __future__ import annotations
 
 import contextlib
-import heapq
 import os
 import socket
 import threading
@@ -30,114 +24,84 @@ __all__ = ["Watch", "WatchedAdapter", "time_limit"]
 
 
 class Watch:
-    """One attempt's deadline and the connection to cut when it passes."""
+    """One attempt: its deadline, its connection, and whether the deadline passed first."""
 
-    __slots__ = ("connection", "deadline", "expired", "finished")
-
-    def __init__(self, deadline: float) -> None:
-        self.deadline = deadline
+    def __init__(self, seconds: float) -> None:
+        self.deadline = time.monotonic() + seconds
         self.connection: HTTPConnection | None = None
-        #: Whether the deadline passed before the attempt finished.
         self.expired = False
-        self.finished = False
 
-    def __lt__(self, other: Watch) -> bool:
-        return self.deadline < other.deadline
+    def cut(self) -> None:
+        """Shut the connection's socket down if the deadline has passed."""
+        sock: Any = self.connection.sock if self.expired and self.connection else None
+        if not isinstance(sock, socket.socket):
+            sock = getattr(sock, "socket", None)  # urllib3's TLS-in-TLS transport
+        if isinstance(sock, socket.socket):
+            # The plain socket's shutdown: SSLSocket's would also drop its TLS state under
+            # the thread that is reading.
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
 class _Watchdog:
-    """The process's one watchdog thread, started on first use."""
+    """The process's watchdog thread (started on first use) and the attempts it watches."""
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
-        """Start afresh: in a forked child the thread is gone and the lock may be held."""
-        self._cond = threading.Condition()
-        self._heap: list[Watch] = []
-        self._thread: threading.Thread | None = None
+        """Start afresh, as in a forked child: the thread is gone, the lock may be held."""
+        self.cond = threading.Condition()
+        self.watches: set[Watch] = set()
+        self.started = False
 
-    def start(self, seconds: float) -> Watch:
-        """Watch an attempt that must finish within ``seconds``."""
-        watch = Watch(time.monotonic() + seconds)
-        with self._cond:
-            if self._thread is None:
-                thread = threading.Thread(
-                    target=self._run, name="flask-meisa-watchdog", daemon=True
-                )
-                try:
+    @contextlib.contextmanager
+    def time_limit(self, seconds: float) -> Iterator[Watch]:
+        """Cut the connection of the attempt made inside if it is still running after
+        ``seconds``; the watch says afterwards whether that happened."""
+        watch = Watch(seconds)
+        with self.cond:
+            if not self.started:
+                thread = threading.Thread(target=self._run, name="flask-meisa-watchdog")
+                thread.daemon = True
+                with contextlib.suppress(RuntimeError):  # at interpreter shutdown: per read only
                     thread.start()
-                except RuntimeError:  # at interpreter shutdown: per-read timeouts only
-                    return watch
-                self._thread = thread
-            heapq.heappush(self._heap, watch)
-            if self._heap[0] is watch:
-                self._cond.notify()
-        return watch
-
-    def attach(self, watch: Watch, connection: HTTPConnection) -> None:
-        """Note the connection ``watch``'s attempt uses (cut at once if already late)."""
-        with self._cond:
-            if watch.finished:
-                return
-            watch.connection = connection
-            if watch.expired:
-                _cut(connection)
-
-    def finish(self, watch: Watch) -> None:
-        """The attempt is over: its connection is no longer to be cut."""
-        with self._cond:
-            watch.finished = True
-            watch.connection = None
+                    self.started = True
+            self.watches.add(watch)
+            self.cond.notify()
+        token = _current.set(watch)
+        try:
+            yield watch
+        finally:
+            _current.reset(token)
+            with self.cond:
+                self.watches.discard(watch)
 
     def _run(self) -> None:
-        with self._cond:
+        with self.cond:
             while True:
                 now = time.monotonic()
-                while self._heap and self._heap[0].deadline <= now:
-                    watch = heapq.heappop(self._heap)
-                    if not watch.finished:
-                        watch.expired = True
-                        if watch.connection is not None:
-                            _cut(watch.connection)
-                self._cond.wait(self._heap[0].deadline - now if self._heap else None)
+                for watch in [w for w in self.watches if w.deadline <= now]:
+                    self.watches.discard(watch)
+                    watch.expired = True
+                    watch.cut()
+                deadlines = [w.deadline for w in self.watches]
+                self.cond.wait(min(deadlines) - now if deadlines else None)
 
 
-def _cut(connection: HTTPConnection) -> None:
-    sock: Any = connection.sock
-    if sock is not None and not isinstance(sock, socket.socket):
-        sock = getattr(sock, "socket", None)  # urllib3's TLS-in-TLS transport
-    if isinstance(sock, socket.socket):
-        # The plain socket's shutdown: SSLSocket's own would also drop its TLS state
-        # under the thread that is reading.
-        with contextlib.suppress(OSError):
-            socket.socket.shutdown(sock, socket.SHUT_RDWR)
-
-
+_current: ContextVar[Watch | None] = ContextVar("flask_meisa_attempt", default=None)
 _watchdog = _Watchdog()
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_watchdog.reset)
-
-_current: ContextVar[Watch | None] = ContextVar("flask_meisa_attempt", default=None)
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float) -> Iterator[Watch]:
-    """Cut the connection of the attempt made inside if it is still running after
-    ``seconds``; the watch says afterwards whether that happened."""
-    watch = _watchdog.start(seconds)
-    token = _current.set(watch)
-    try:
-        yield watch
-    finally:
-        _current.reset(token)
-        _watchdog.finish(watch)
+time_limit = _watchdog.time_limit
 
 
 def _attach(connection: HTTPConnection) -> None:
     watch = _current.get()
     if watch is not None:
-        _watchdog.attach(watch, connection)
+        with _watchdog.cond:
+            watch.connection = connection
+            watch.cut()
 
 
 class _WatchedHTTPConnection(HTTPConnection):
@@ -163,18 +127,11 @@ class _WatchedHTTPSPool(HTTPSConnectionPool):
     ConnectionCls = _WatchedHTTPSConnection
 
 
-_WATCHED_POOLS: dict[type[HTTPConnectionPool], type[HTTPConnectionPool]] = {
-    HTTPConnectionPool: _WatchedHTTPPool,
-    HTTPSConnectionPool: _WatchedHTTPSPool,
-}
-
-
 def _watch_pools(manager: PoolManager) -> PoolManager:
     # A SOCKS proxy's own pool classes are left as they are.
-    manager.pool_classes_by_scheme = {
-        scheme: _WATCHED_POOLS.get(cls, cls)
-        for scheme, cls in manager.pool_classes_by_scheme.items()
-    }
+    watched = {HTTPConnectionPool: _WatchedHTTPPool, HTTPSConnectionPool: _WatchedHTTPSPool}
+    classes = manager.pool_classes_by_scheme
+    manager.pool_classes_by_scheme = {k: watched.get(v, v) for k, v in classes.items()}
     return manager
 
 

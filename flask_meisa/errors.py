@@ -1,10 +1,5 @@
-"""The error hierarchy.
-
-Every error raised by flask-meisa derives from :class:`MeisaError`. Errors that come from
-an HTTP answer carry the endpoint, status, Meisa's error ``code`` and message, and whether
-a retry could succeed. No error ever holds the API key or a payload value (an email
-address, a custom field's value): error text is built only from the endpoint, the status
-and what Meisa said.
+"""The error hierarchy. No error holds the API key or a payload value: its text comes from
+the endpoint, the status and what Meisa said (cleaned).
 """
 
 from __future__ import annotations
@@ -38,18 +33,18 @@ class MeisaError(Exception):
     #: Whether the same call could succeed if tried again later.
     retryable: bool = False
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled as its state: subclasses' constructors take other arguments than ``args``.
+        return type(self).__new__, (type(self),), {**vars(self), "args": self.args}
+
 
 class ConfigurationError(MeisaError, ValueError):
     """A ``MEISA_*`` setting or a constructor argument is missing or invalid."""
 
 
 class ValidationError(MeisaError, ValueError):
-    """A call's input was refused before anything was sent or queued.
-
-    :param field: the name of the offending field, e.g. ``"email"`` or
-        ``"custom_fields.signup_date"``.
-    :param message: what is wrong with it, without repeating its value.
-    """
+    """A call's input was refused before anything was sent or queued: ``field`` (e.g.
+    ``"custom_fields.plan"``) and what is wrong with it (``message``, without its value)."""
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
@@ -64,12 +59,10 @@ class DeliveryError(MeisaError):
 class APIError(MeisaError):
     """Meisa answered with an error status.
 
-    :param endpoint: the method and path that answered, e.g. ``"POST /emails/trigger/"``.
-    :param status: the HTTP status code.
-    :param code: Meisa's snake_case error code when the body had one, else ``None``.
-    :param message: Meisa's message (``detail``), or a short description of the body.
-    :param body: the parsed JSON body (or ``None`` when the body was not JSON).
-    :param retry_after: seconds to wait before retrying, from ``Retry-After``.
+    :param endpoint: method and path, e.g. ``"POST /emails/trigger/"``.
+    :param message: Meisa's ``detail``, or a short description of the body.
+    :param code: Meisa's error code; ``body``: the cleaned JSON body (``None`` if not JSON);
+        ``retry_after``: seconds, from ``Retry-After``.
     """
 
     def __init__(
@@ -82,31 +75,13 @@ class APIError(MeisaError):
         body: Any = None,
         retry_after: float | None = None,
     ) -> None:
+        super().__init__(f"{endpoint} answered {status}{f' [{code}]' if code else ''}: {message}")
         self.endpoint = endpoint
         self.status = status
         self.code = code
         self.message = message
         self.body = body
         self.retry_after = retry_after
-        super().__init__(self._describe())
-
-    def _describe(self) -> str:
-        code = f" [{self.code}]" if self.code else ""
-        return f"{self.endpoint} answered {self.status}{code}: {self.message}"
-
-    def _options(self) -> dict[str, Any]:
-        """The keyword arguments that rebuild this error (for pickling)."""
-        return {"code": self.code, "body": self.body, "retry_after": self.retry_after}
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        args = (type(self), self.endpoint, self.status, self.message, self._options())
-        return _rebuild_api_error, args
-
-
-def _rebuild_api_error(
-    cls: type[APIError], endpoint: str, status: int, message: str, options: dict[str, Any]
-) -> APIError:
-    return cls(endpoint, status, message, **options)
 
 
 class BadRequestError(APIError):
@@ -114,6 +89,7 @@ class BadRequestError(APIError):
 
     @property
     def field_errors(self) -> dict[str, list[str]]:
+        """Meisa's ``errors`` object, each field's messages as a list."""
         errors = self.body.get("errors") if isinstance(self.body, Mapping) else None
         if not isinstance(errors, Mapping):
             return {}
@@ -128,24 +104,15 @@ class AuthenticationError(APIError):
 
 
 class PermissionDeniedError(APIError):
-    """403: the API key lacks the scope this endpoint needs.
-
-    :param scope: that scope (e.g. ``"contacts:write"``) when the endpoint is known to
-        need one; the message names it too.
-    """
+    """403: the API key lacks the scope the endpoint needs; ``scope`` names it when known."""
 
     def __init__(
         self, endpoint: str, status: int, message: str, *, scope: str | None = None, **options: Any
     ) -> None:
-        self.scope = scope
         super().__init__(endpoint, status, message, **options)
-
-    def _describe(self) -> str:
-        text = super()._describe()
-        return f"{text} (this call needs the key scope {self.scope})" if self.scope else text
-
-    def _options(self) -> dict[str, Any]:
-        return {**super()._options(), "scope": self.scope}
+        self.scope = scope
+        if scope:
+            self.args = (f"{self.args[0]} (this call needs the key scope {scope})",)
 
 
 class NotFoundError(APIError):
@@ -173,13 +140,8 @@ class ServerError(APIError):
 
 
 class APIConnectionError(MeisaError):
-    """The request did not get an answer: connection refused, reset or dropped.
-
-    :param endpoint: the method and path that was being called.
-    :param reason: a short description of the failure (never a payload value).
-    :param retryable: ``False`` for a failure a retry cannot fix (an untrusted TLS
-        certificate, a malformed request); by default the class's ``True``.
-    """
+    """No answer came (``reason``: refused, reset, dropped...); ``retryable=False`` for a
+    failure a retry cannot fix (an untrusted certificate)."""
 
     retryable = True
 
@@ -189,18 +151,6 @@ class APIConnectionError(MeisaError):
         self.reason = reason
         if retryable is not None:
             self.retryable = retryable
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (
-            _rebuild_connection_error,
-            (type(self), self.endpoint, self.reason, self.retryable),
-        )
-
-
-def _rebuild_connection_error(
-    cls: type[APIConnectionError], endpoint: str, reason: str, retryable: bool
-) -> APIConnectionError:
-    return cls(endpoint, reason, retryable=retryable)
 
 
 class APITimeoutError(APIConnectionError):
@@ -220,6 +170,4 @@ _BY_STATUS: dict[int, type[APIError]] = {
 
 def error_for_status(status: int) -> type[APIError]:
     """The :class:`APIError` subclass for an HTTP status code."""
-    if status >= 500:
-        return ServerError
-    return _BY_STATUS.get(status, APIError)
+    return ServerError if status >= 500 else _BY_STATUS.get(status, APIError)

@@ -1,20 +1,20 @@
-"""Typed results of :class:`~flask_meisa.client.MeisaClient` calls.
-
-Each result is a frozen dataclass built from any 2xx body by its ``from_body`` class method.
-Parsing is defensive: a missing or mistyped key gives ``None`` (or an empty default), never
-an exception, because the service may answer with more, less or differently shaped data
-than documented. The parsed body is kept in ``raw`` (left out of ``repr`` and comparisons).
+"""Typed results of :class:`~flask_meisa.client.MeisaClient` calls, built from any 2xx body
+by ``from_body``: a missing or mistyped key gives ``None`` or an empty value, never an error.
+``raw`` keeps the parsed body (left out of ``repr`` and comparisons).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
 from dataclasses import field
+from dataclasses import fields
 from typing import Any
 from typing import Literal
+from typing import TypeVar
 
 __all__ = [
     "BulkEnrollOutcome",
@@ -35,28 +35,32 @@ __all__ = [
 ]
 
 TriggerStatus = Literal["sent", "scheduled", "skipped"]
-
-_EMPTY: Mapping[str, Any] = {}
+SendStatus = Literal["sent", "scheduled", "skipped", "suppressed", "queued", "disabled"]
 
 
 def _obj(value: Any) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else _EMPTY
+    return value if isinstance(value, Mapping) else {}
 
 
 def _str(value: Any) -> str | None:
-    if isinstance(value, str):
-        return value
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
-    return None
+    return value if isinstance(value, str) else None
 
 
-def _int(value: Any, default: int = 0) -> int:
+def _first(*values: Any) -> str | None:
+    """The first value that reads as a non-empty string (what ``a or b`` picks)."""
+    text = None
+    for value in values:
+        if text := _str(value):
+            return text
+    return text
+
+
+def _int(value: Any, default: int) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    if isinstance(value, (list, tuple)):
-        return len(value)
-    return default
+    return len(value) if isinstance(value, (list, tuple)) else default
 
 
 def _bool(value: Any, default: bool = False) -> bool:
@@ -64,18 +68,23 @@ def _bool(value: Any, default: bool = False) -> bool:
 
 
 def _list(value: Any) -> list[Any]:
-    if isinstance(value, SequenceABC) and not isinstance(value, (str, bytes)):
-        return list(value)
-    return []
+    is_list = isinstance(value, SequenceABC) and not isinstance(value, (str, bytes))
+    return list(value) if is_list else []
+
+
+def _items(body: Any, key: str) -> list[Mapping[str, Any]]:
+    """The objects of a list given bare or under ``key`` (or ``results``)."""
+    data = _obj(body)
+    items = body if isinstance(body, list) else data.get(key, data.get("results"))
+    return [item for item in _list(items) if isinstance(item, Mapping)]
 
 
 def _name_of(item: Any) -> str | None:
-    """The name of one tag or scope entry: a string, or an object's ``name``."""
+    """The name of one tag or scope: a string, or an object's ``name``."""
     return _str(item.get("name")) if isinstance(item, Mapping) else _str(item)
 
 
 def _names(value: Any) -> tuple[str, ...]:
-    """Names from a list of strings or of ``{"name": ...}`` objects."""
     return tuple(name for item in _list(value) if (name := _name_of(item)) is not None)
 
 
@@ -83,9 +92,8 @@ def _time(value: Any) -> dt.datetime | None:
     """An ISO 8601 timestamp (``Z`` accepted on Python 3.10 too), or ``None``."""
     if not isinstance(value, str) or not value:
         return None
-    text = value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value
     try:
-        return dt.datetime.fromisoformat(text)
+        return dt.datetime.fromisoformat(value[:-1] + "+00:00" if value[-1] in "Zz" else value)
     except ValueError:
         return None
 
@@ -94,36 +102,55 @@ def _dict(value: Any) -> dict[str, Any]:
     return dict(value) if isinstance(value, Mapping) else {}
 
 
+#: How a field is read, by its annotation as written (annotations are strings here).
+_READERS: dict[str, Callable[[Any], Any]] = {
+    "str | None": _str,
+    "dt.datetime | None": _time,
+    "tuple[str, ...]": _names,
+    "dict[str, Any]": _dict,
+    "bool": _bool,
+}
+
+_R = TypeVar("_R", bound="_Result")
+
+
 @dataclass(frozen=True)
-class PingResult:
+class _Result:
+    raw: Any = field(default=None, repr=False, compare=False, kw_only=True)
+
+    @classmethod
+    def _parse(cls: type[_R], body: Any, data: Any = None, **given: Any) -> _R:
+        """The result whose fields not ``given`` are read from ``data`` (default: ``body``)."""
+        data = _obj(body if data is None else data)
+        read = {
+            f.name: _READERS[str(f.type)](data.get(f.name))
+            for f in fields(cls)
+            if f.name != "raw" and f.name not in given
+        }
+        return cls(**read, **given, raw=body)
+
+
+@dataclass(frozen=True)
+class PingResult(_Result):
     """``GET /ping/``: what the key is allowed to do."""
 
     environment: str | None
     scopes: tuple[str, ...]
     product_id: str | None
     product_name: str | None
-    raw: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_body(cls, body: Any) -> PingResult:
         """Parse a ping answer."""
-        data = _obj(body)
-        product = _obj(data.get("product"))
-        return cls(
-            environment=_str(data.get("environment")),
-            scopes=_names(data.get("scopes")),
-            product_id=_str(product.get("id")),
-            product_name=_str(product.get("name")),
-            raw=body,
+        product = _obj(_obj(body).get("product"))
+        return cls._parse(
+            body, product_id=_str(product.get("id")), product_name=_str(product.get("name"))
         )
 
 
 @dataclass(frozen=True)
-class Contact:
-    """A contact as ``POST /contacts/upsert/`` returns it.
-
-    :attr:`created` is true when the upsert made a new contact (HTTP 201).
-    """
+class Contact(_Result):
+    """A contact as ``POST /contacts/upsert/`` returns it; ``created`` when it is new (201)."""
 
     id: str | None
     email: str | None
@@ -138,7 +165,6 @@ class Contact:
     created_at: dt.datetime | None
     updated_at: dt.datetime | None
     created: bool = False
-    raw: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_body(cls, body: Any, http_status: int = 200) -> Contact:
@@ -146,84 +172,54 @@ class Contact:
         data = _obj(body)
         if "email" not in data and isinstance(data.get("contact"), Mapping):
             data = data["contact"]
-        return cls(
-            id=_str(data.get("id")),
-            email=_str(data.get("email")),
-            external_id=_str(data.get("external_id")),
-            first_name=_str(data.get("first_name")),
-            last_name=_str(data.get("last_name")),
-            display_name=_str(data.get("display_name")),
-            custom_fields=_dict(data.get("custom_fields")),
-            tags=_names(data.get("tags")),
-            status=_str(data.get("status")),
-            source=_str(data.get("source")),
-            created_at=_time(data.get("created_at")),
-            updated_at=_time(data.get("updated_at")),
-            created=_bool(data.get("created"), http_status == 201),
-            raw=body,
-        )
+        return cls._parse(body, data, created=_bool(data.get("created"), http_status == 201))
 
 
 @dataclass(frozen=True)
-class TrackResult:
+class TrackResult(_Result):
     """``POST /events/track/``: the event was recorded for this contact."""
 
     contact_id: str | None
     event_name: str | None
     timestamp: dt.datetime | None
-    raw: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_body(cls, body: Any) -> TrackResult:
         """Parse a track answer."""
-        data = _obj(body)
-        return cls(
-            contact_id=_str(data.get("contact_id")),
-            event_name=_str(data.get("event_name")),
-            timestamp=_time(data.get("timestamp")),
-            raw=body,
-        )
+        return cls._parse(body)
 
 
 @dataclass(frozen=True)
-class TagResult:
-    """``POST /contacts/{id}/add_tag/`` or ``remove_tag/``.
-
-    :attr:`tags` holds the contact's tag names after the change when the answer listed
-    them, else ``None``.
-    """
+class TagResult(_Result):
+    """``POST /contacts/{id}/add_tag/`` or ``remove_tag/``; ``tags``: the contact's tag names
+    after the change when the answer listed them."""
 
     contact_id: str
     tag_name: str | None
     tags: tuple[str, ...] | None
-    raw: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_body(cls, body: Any, contact_id: str, tag_name: str | None = None) -> TagResult:
         """Parse a tag answer; ``contact_id`` and ``tag_name`` are what was asked for."""
         data = _obj(body)
-        contact = _obj(data.get("contact")) if "tags" not in data else data
-        tag = data.get("tag")
-        tags = contact.get("tags")
+        contact = data if "tags" in data else _obj(data.get("contact"))
+        tag, tags = data.get("tag"), contact.get("tags")
         return cls(
-            contact_id=_str(data.get("contact_id")) or _str(contact.get("id")) or contact_id,
-            tag_name=_name_of(tag) if tag is not None else _str(data.get("tag_name")) or tag_name,
-            tags=_names(tags) if isinstance(tags, list) else None,
+            _first(data.get("contact_id"), contact.get("id")) or contact_id,
+            _name_of(tag) if tag is not None else _first(data.get("tag_name"), tag_name),
+            _names(tags) if isinstance(tags, list) else None,
             raw=body,
         )
 
 
 @dataclass(frozen=True)
-class UnsubscribedEmails:
-    """``GET /contacts/api/unsubscribed-emails/``: addresses not to email, lowercased.
-
-    ``email in result`` checks an address case-insensitively.
-    """
+class UnsubscribedEmails(_Result):
+    """``GET /contacts/api/unsubscribed-emails/``: addresses not to email, lowercased
+    (``email in result`` ignores case)."""
 
     as_of: dt.datetime | None
     count: int
     emails: frozenset[str]
-    raw: Any = field(default=None, repr=False, compare=False)
 
     def __contains__(self, email: object) -> bool:
         return isinstance(email, str) and email.strip().lower() in self.emails
@@ -232,50 +228,37 @@ class UnsubscribedEmails:
     def from_body(cls, body: Any) -> UnsubscribedEmails:
         """Parse the suppression list."""
         data = _obj(body)
-        emails = frozenset(
-            e.strip().lower() for e in _list(data.get("emails")) if isinstance(e, str)
-        )
-        return cls(
-            as_of=_time(data.get("as_of")),
-            count=_int(data.get("count"), len(emails)),
-            emails=emails,
-            raw=body,
-        )
+        listed = _list(data.get("emails"))
+        emails = frozenset(e.strip().lower() for e in listed if isinstance(e, str))
+        return cls._parse(body, count=_int(data.get("count"), len(emails)), emails=emails)
 
 
 @dataclass(frozen=True)
-class Enrollment:
+class Enrollment(_Result):
     """``POST /sequences/enroll/``: the contact's enrollment."""
 
     status: str | None
     contact_id: str | None
     sequence_slug: str | None
     enrollment_id: str | None
-    raw: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_body(cls, body: Any, sequence_slug: str | None = None) -> Enrollment:
-        """Parse an enroll answer."""
+        """Parse an enroll answer (flat, or with nested ``enrollment`` and ``sequence``)."""
         data = _obj(body)
-        enrollment = _obj(data.get("enrollment"))
-        sequence = _obj(data.get("sequence"))
+        inner, sequence = _obj(data.get("enrollment")), _obj(data.get("sequence"))
         return cls(
-            status=_str(data.get("status")) or _str(enrollment.get("status")),
-            contact_id=_str(data.get("contact_id")) or _str(enrollment.get("contact_id")),
-            sequence_slug=_str(data.get("sequence_slug"))
-            or _str(sequence.get("slug"))
-            or sequence_slug,
-            enrollment_id=_str(data.get("enrollment_id"))
-            or _str(enrollment.get("id"))
-            or _str(data.get("id")),
+            _first(data.get("status"), inner.get("status")),
+            _first(data.get("contact_id"), inner.get("contact_id")),
+            _first(data.get("sequence_slug"), sequence.get("slug"), sequence_slug),
+            _first(data.get("enrollment_id"), inner.get("id"), data.get("id")),
             raw=body,
         )
 
 
 @dataclass(frozen=True)
 class BulkEnrollOutcome:
-    """One address of a bulk enrollment and what happened to it (``"enrolled"``,
-    ``"skipped"``...); ``reason`` says why when Meisa gave one."""
+    """One address of a bulk enrollment, its ``status`` and Meisa's ``reason`` if any."""
 
     email: str
     status: str | None
@@ -284,10 +267,7 @@ class BulkEnrollOutcome:
 
 @dataclass(frozen=True)
 class BulkEnrollResult:
-    """``POST /sequences/api/bulk-enroll/``, combined over every call it took.
-
-    :attr:`raw` holds one parsed body per call.
-    """
+    """``POST /sequences/api/bulk-enroll/``, summed over its calls (``raw``: a body each)."""
 
     sequence_slug: str
     enrolled: int
@@ -312,86 +292,71 @@ class BulkEnrollResult:
 
 def _outcome(item: Any) -> BulkEnrollOutcome | None:
     data = _obj(item)
-    email = _str(data.get("email"))
+    email, reason = _str(data.get("email")), _first(data.get("reason"), data.get("code"))
     if email is None:
         return None
-    reason = _str(data.get("reason")) or _str(data.get("code"))
     return BulkEnrollOutcome(email.lower(), _str(data.get("status")), reason)
 
 
 @dataclass(frozen=True)
-class Sequence:
+class Sequence(_Result):
     """One sequence from ``GET /sequences/api/list/``."""
 
     slug: str | None
     name: str | None
     status: str | None
-    raw: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_body(cls, body: Any) -> Sequence:
         """Parse one sequence entry."""
-        data = _obj(body)
-        return cls(_str(data.get("slug")), _str(data.get("name")), _str(data.get("status")), body)
+        return cls._parse(body)
 
     @classmethod
     def list_from_body(cls, body: Any) -> tuple[Sequence, ...]:
         """Parse a sequence list: a bare list, or one under ``sequences``/``results``."""
-        data = _obj(body)
-        items = body if isinstance(body, list) else data.get("sequences", data.get("results"))
-        return tuple(cls.from_body(item) for item in _list(items) if isinstance(item, Mapping))
+        return tuple(map(cls.from_body, _items(body, "sequences")))
 
 
 @dataclass(frozen=True)
-class EnrollmentStatus:
+class EnrollmentStatus(_Result):
     """One of a contact's enrollments."""
 
     sequence_slug: str | None
     sequence_name: str | None
     status: str | None
     enrolled_at: dt.datetime | None
-    raw: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_body(cls, body: Any) -> EnrollmentStatus:
         """Parse one enrollment entry (flat, or with a nested ``sequence`` object)."""
         data = _obj(body)
         sequence = _obj(data.get("sequence"))
-        return cls(
-            sequence_slug=_str(data.get("sequence_slug")) or _str(sequence.get("slug")),
-            sequence_name=_str(data.get("sequence_name")) or _str(sequence.get("name")),
-            status=_str(data.get("status")),
+        return cls._parse(
+            body,
+            sequence_slug=_first(data.get("sequence_slug"), sequence.get("slug")),
+            sequence_name=_first(data.get("sequence_name"), sequence.get("name")),
             enrolled_at=_time(data.get("enrolled_at")) or _time(data.get("created_at")),
-            raw=body,
         )
 
 
 @dataclass(frozen=True)
-class ContactEnrollments:
+class ContactEnrollments(_Result):
     """``GET /sequences/api/contact-enrollments/``: a contact's enrollments."""
 
     email: str | None
     enrollments: tuple[EnrollmentStatus, ...]
-    raw: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_body(cls, body: Any, email: str | None = None) -> ContactEnrollments:
         """Parse the list: a bare list, or one under ``enrollments``/``results``."""
-        data = _obj(body)
-        items = body if isinstance(body, list) else data.get("enrollments", data.get("results"))
-        entries = tuple(
-            EnrollmentStatus.from_body(item) for item in _list(items) if isinstance(item, Mapping)
-        )
-        return cls(_str(data.get("email")) or email, entries, body)
+        entries = tuple(map(EnrollmentStatus.from_body, _items(body, "enrollments")))
+        return cls(_first(_obj(body).get("email"), email), entries, raw=body)
 
 
 @dataclass(frozen=True)
-class TriggerResult:
-    """``POST /emails/trigger/``: what Meisa did with a transactional email.
-
-    :attr:`idempotency_key` is the key the call carried (generated when none was given);
-    :attr:`duplicate` is true when Meisa had seen that key and sent nothing this time.
-    """
+class TriggerResult(_Result):
+    """``POST /emails/trigger/``: what Meisa did; ``duplicate``: it had seen the call's
+    ``idempotency_key`` and sent nothing this time."""
 
     status: TriggerStatus
     email_send_id: str | None
@@ -401,7 +366,6 @@ class TriggerResult:
     duplicate: bool
     idempotency_key: str | None
     http_status: int
-    raw: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_body(
@@ -409,46 +373,20 @@ class TriggerResult:
     ) -> TriggerResult:
         """Parse a trigger answer; an unknown ``status`` is inferred from the HTTP status."""
         data = _obj(body)
-        reason = _str(data.get("reason"))
-        status: TriggerStatus
-        given = data.get("status")
-        if given in ("sent", "scheduled", "skipped"):
-            status = given
-        elif http_status == 202:
-            status = "scheduled"
-        else:
-            status = "skipped" if reason else "sent"
-        return cls(
-            status=status,
-            email_send_id=_str(data.get("email_send_id")),
-            contact_id=_str(data.get("contact_id")),
-            contact_created=_bool(data.get("contact_created")),
-            reason=reason,
-            duplicate=_bool(data.get("duplicate")),
-            idempotency_key=_str(data.get("idempotency_key")) or idempotency_key,
-            http_status=http_status,
-            raw=body,
-        )
-
-
-SendStatus = Literal["sent", "scheduled", "skipped", "suppressed", "queued", "disabled"]
+        status = data.get("status")
+        if status not in ("sent", "scheduled", "skipped"):
+            skipped = _str(data.get("reason"))
+            status = "scheduled" if http_status == 202 else "skipped" if skipped else "sent"
+        key = _first(data.get("idempotency_key"), idempotency_key)
+        return cls._parse(body, status=status, idempotency_key=key, http_status=http_status)
 
 
 @dataclass(frozen=True)
 class SendResult:
-    """The outcome of a transactional send.
-
-    ``status`` is one of:
-
-    - ``"sent"``: Meisa sent it (``email_send_id`` set);
-    - ``"scheduled"``: the trigger has a delay; Meisa will send it later;
-    - ``"skipped"``: Meisa did not send it: the trigger's conditions were not met
-      (``reason == "conditions_not_met"``);
-    - ``"suppressed"``: the address is in the suppression set; no call was made;
-    - ``"queued"``: ``background=True``; it will be delivered after the response;
-    - ``"disabled"``: delivery is off here (``MEISA_ENABLED = False``,
-      ``MEISA_SUPPRESS_SEND``, or ``TESTING``); nothing was sent.
-    """
+    """The outcome of a transactional send; ``status``: ``"sent"``, ``"scheduled"`` (the
+    trigger has a delay), ``"skipped"`` (its conditions were not met), ``"suppressed"`` (no
+    call made), ``"queued"`` (``background=True``) or ``"disabled"`` (``MEISA_ENABLED``
+    off, ``MEISA_SUPPRESS_SEND`` or ``TESTING``: nothing sent)."""
 
     status: SendStatus
     trigger_key: str
@@ -464,16 +402,6 @@ class SendResult:
 
     @classmethod
     def from_trigger(cls, result: TriggerResult, *, trigger_key: str, to_email: str) -> SendResult:
-        """Build from the client's :class:`~flask_meisa.results.TriggerResult`."""
-        return cls(
-            status=result.status,
-            trigger_key=trigger_key,
-            to_email=to_email,
-            idempotency_key=result.idempotency_key,
-            email_send_id=result.email_send_id,
-            contact_id=result.contact_id,
-            contact_created=result.contact_created,
-            reason=result.reason,
-            duplicate=result.duplicate,
-            trigger=result,
-        )
+        """Build from the client's :class:`TriggerResult` (the fields they share)."""
+        shared = {f.name: getattr(result, f.name) for f in fields(cls) if hasattr(result, f.name)}
+        return cls(**shared, trigger_key=trigger_key, to_email=to_email, trigger=result)

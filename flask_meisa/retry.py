@@ -1,8 +1,5 @@
-"""What is retried and how long to wait: a pure policy, no sleeping.
-
-:class:`MeisaClient` sleeps the delays :meth:`RetryPolicy.delay_for` returns; the delivery
-engine uses the same method to schedule a retry without holding a thread.
-"""
+"""What is retried and how long to wait: a policy that never sleeps itself (the client sleeps
+its delays; the delivery engines schedule with them)."""
 
 from __future__ import annotations
 
@@ -26,21 +23,13 @@ _SECONDS = re.compile(r"-?\d+(?:\.\d+)?")
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """When to retry a failed call and how long to wait first.
+    """When to retry a failed call (network errors, timeouts, 5xx, 429) and how long to wait.
 
-    Retried: connection errors and timeouts, 5xx and 429; never any other status. The wait
-    is exponential backoff with full jitter (a uniform draw between 0 and
-    ``min(max_delay, base_delay * 2 ** (attempt - 1))``). When the answer carried
-    ``Retry-After``, that many seconds (capped at ``max_retry_after``) is the least wait.
-    No retry starts once it could not begin within ``deadline`` seconds of the first try.
+    The wait is a uniform draw in ``[0, min(max_delay, base_delay * 2 ** (attempt - 1))]``,
+    at least the answer's ``Retry-After`` (capped at ``max_retry_after``). No retry starts
+    once it could not begin within ``deadline`` seconds of the first attempt.
 
-    :param max_attempts: attempts in all, the first included (1 = never retry); ``None``
-        for no limit but the deadline.
-    :param base_delay: the backoff's first ceiling, in seconds.
-    :param max_delay: the backoff's largest ceiling, in seconds.
-    :param max_retry_after: the longest ``Retry-After`` honoured, in seconds.
-    :param deadline: seconds from the first attempt after which nothing more is tried,
-        or ``None`` for no limit.
+    :param max_attempts: attempts in all, the first included; ``None``: only the deadline.
     :param random: returns a float in ``[0, 1)``; injectable for tests.
     """
 
@@ -70,29 +59,17 @@ class RetryPolicy:
         return cls(max_attempts=1)
 
     def is_retryable(self, error: BaseException) -> bool:
-        """Whether a retry of the call that raised ``error`` could succeed.
-
-        True for :class:`~flask_meisa.errors.APIConnectionError` (timeouts included),
-        :class:`~flask_meisa.errors.ServerError` and
-        :class:`~flask_meisa.errors.RateLimitError`; false for everything else.
-        """
+        """Whether a retry could succeed (the error is a retryable ``MeisaError``)."""
         return isinstance(error, MeisaError) and error.retryable
 
     def backoff(self, attempt: int) -> float:
-        """The jittered backoff after failed attempt number ``attempt`` (1-based)."""
+        """The jittered backoff after failed attempt number ``attempt`` (from 1)."""
         exponent = min(max(attempt - 1, 0), 64)  # 2**64 * base_delay is past any cap
-        ceiling = min(self.max_delay, self.base_delay * 2.0**exponent)
-        return ceiling * self.random()
+        return min(self.max_delay, self.base_delay * 2.0**exponent) * self.random()
 
     def delay_for(self, attempt: int, error: BaseException, elapsed: float) -> float | None:
-        """Seconds to wait before retrying, or ``None`` to give up.
-
-        :param attempt: the number of the attempt that just failed, counting from 1.
-        :param error: what that attempt raised.
-        :param elapsed: seconds since the first attempt started.
-        :returns: ``None`` when ``error`` is not retryable, the attempts are used up, or
-            the retry could not start before the deadline.
-        """
+        """Seconds to wait before retrying after failed attempt number ``attempt`` (from 1),
+        ``elapsed`` seconds after the first began; ``None`` to give up."""
         limit = self.max_attempts
         if not self.is_retryable(error) or (limit is not None and attempt >= limit):
             return None
@@ -110,15 +87,9 @@ def _is_number(value: object) -> bool:
 
 
 def parse_retry_after(value: str | None, now: dt.datetime | None = None) -> float | None:
-    """Read a ``Retry-After`` header: delta seconds or an HTTP date.
-
-    :param now: the current time for an HTTP date (default: now, UTC).
-    :returns: seconds to wait (a past date or a negative number gives ``0.0``), or
-        ``None`` when the header is absent or unreadable.
-    """
-    if value is None:
-        return None
-    text = value.strip()
+    """Seconds a ``Retry-After`` header (delta seconds or an HTTP date, compared with ``now``)
+    asks to wait, at least 0; ``None`` when it is absent or unreadable."""
+    text = (value or "").strip()
     if not text:
         return None
     if _SECONDS.fullmatch(text):
@@ -127,10 +98,9 @@ def parse_retry_after(value: str | None, now: dt.datetime | None = None) -> floa
         when = parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.timezone.utc)
-    if now is None:
-        now = dt.datetime.now(dt.timezone.utc)
-    elif now.tzinfo is None:
-        now = now.replace(tzinfo=dt.timezone.utc)
-    return max((when - now).total_seconds(), 0.0)
+    now = now or dt.datetime.now(dt.timezone.utc)
+    return max((_aware(when) - _aware(now)).total_seconds(), 0.0)
+
+
+def _aware(moment: dt.datetime) -> dt.datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=dt.timezone.utc)

@@ -86,6 +86,22 @@ def test_connection_error_marked_final_is_not_retried() -> None:
     assert pickle.loads(pickle.dumps(APITimeoutError(EP, "slow"))).retryable is True
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        ValidationError("custom_fields.plan", "must not be empty"),
+        ConfigurationError("MEISA_TIMEOUT must be a number"),
+        RateLimitError(EP, 429, "slow down", code="rate_limited", body={"a": [1]}, retry_after=2),
+        PermissionDeniedError(EP, 403, "Forbidden.", scope="emails:trigger"),
+        APITimeoutError(EP, "no answer within 1 s"),
+    ],
+    ids=lambda error: type(error).__name__,
+)
+def test_every_error_survives_pickling(error: Exception) -> None:
+    copied = pickle.loads(pickle.dumps(error))
+    assert (type(copied), str(copied), vars(copied)) == (type(error), str(error), vars(error))
+
+
 def test_backoff_doubles_up_to_the_cap() -> None:
     policy = RetryPolicy(max_attempts=20, base_delay=0.5, max_delay=5.0, random=lambda: 1.0)
     delays = [policy.delay_for(n, ServerError(EP, 502, "x"), 0.0) for n in range(1, 8)]

@@ -66,7 +66,7 @@ contact_synced = _signals.signal("meisa-contact-synced")
 event_tracked = _signals.signal("meisa-event-tracked")
 
 #: Meisa accepted a transactional email. Arguments: ``operation`` (``None`` for a
-#: synchronous send), ``result`` (:class:`~flask_meisa.outcomes.SendResult`).
+#: synchronous send), ``result`` (:class:`~flask_meisa.results.SendResult`).
 email_sent = _signals.signal("meisa-email-sent")
 
 #: A transactional email was not sent because the address is suppressed. Arguments:

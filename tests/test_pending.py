@@ -332,7 +332,9 @@ def test_a_merge_into_a_higher_lane_promotes_the_contacts_earlier_rows(
     assert flying is not None
     event = add(db, track(1, priority="backfill"))
     waiting = add(db, upsert(1, first_name="A"), LANE_ROUTINE)
-    assert (lane_of(db, event), lane_of(db, waiting)) == (LANE_ROUTINE, LANE_ROUTINE)
+    # Routine work takes nothing along: it merges into its contact's waiting upsert, or
+    # waits its turn.
+    assert (lane_of(db, event), lane_of(db, waiting)) == (LANE_BACKFILL, LANE_ROUTINE)
     urgent = upsert(1, custom_fields={"plan": "pro"}, priority="high")
     assert pending.add(db, urgent, LANE_AUTOMATION) == (waiting, True)
     lanes = (lane_of(db, flying.seq), lane_of(db, event), lane_of(db, waiting))

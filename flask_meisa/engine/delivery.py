@@ -117,6 +117,8 @@ class Delivery:
         self._intake: list[Operation] = []
         self._writing = 0  # operations taken by the writer, not yet stored
         self._dropped_here = 0  # shed from memory while the store took nothing
+        self._live_rows = 0  # live operations stored, as last counted plus added since
+        self._count_at = 0.0  # when to count them again
         self._generation = 0  # bumped whenever there may be new work
         self._threads: list[threading.Thread] = []
         self._started = self._stopping = self._closed = False
@@ -363,7 +365,13 @@ class Delivery:
             lanes = [self._lane_of(db, operation) for operation in batch]
             for operation, lane in zip(batch, lanes, strict=True):
                 pending.add(db, operation, lane)
-            shed = pending.shed(db, self._capacity)
+            # Counted at most once a second, or when the count may be near the bound.
+            self._live_rows += len(batch)
+            shed: list[Operation] = []
+            if self._live_rows >= self._capacity or time.monotonic() >= self._count_at:
+                shed = pending.shed(db, self._capacity)
+                self._live_rows = pending.live_count(db)
+                self._count_at = time.monotonic() + 1.0
         # Delivery waiting for the budget only wakes for work that could go sooner.
         blocked = self._caller.blocked_lane
         if blocked is None or min(lanes) < blocked:

@@ -84,7 +84,12 @@ def lane_of(operation: Operation, had: Lookup, priority_fields: Iterable[str]) -
     if operation.kind != "upsert" or lane != LANE_ROUTINE:
         return lane
     known = had()
-    if known is None or known.changes(digest(operation.payload), priority_fields):
+    custom = operation.payload.get("custom_fields") or {}
+    # Only the priority fields the upsert carries are hashed: a login's other fields are not.
+    wanted = {
+        f"custom_fields.{name}": _hash(custom[name]) for name in priority_fields if name in custom
+    }
+    if known is None or known.changes(wanted, priority_fields):
         return LANE_AUTOMATION
     return lane
 

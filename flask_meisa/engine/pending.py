@@ -152,7 +152,8 @@ def add(db: sqlite3.Connection, operation: Operation, lane: int) -> tuple[int, b
         ),
     )
     seq = int(cursor.lastrowid or 0)
-    _promote(db, seq, lane, ext, email)
+    if lane < LANE_ROUTINE:  # routine work takes nothing along (it merges, or waits)
+        _promote(db, seq, lane, ext, email)
     return seq, False
 
 
@@ -184,7 +185,8 @@ def _merge(
             row[0],
         ),
     )
-    _promote(db, row[0], min(row[2], lane), new_ext, new_email)
+    if min(row[2], lane) < LANE_ROUTINE:
+        _promote(db, row[0], min(row[2], lane), new_ext, new_email)
     return int(row[0])
 
 
@@ -206,11 +208,7 @@ def shed(db: sqlite3.Connection, capacity: int) -> list[Operation]:
     """Past ``capacity`` live rows waiting, remove the oldest routine syncs, then the
     oldest automation-lane rows (never sends, backfill or rows in flight); returns them,
     and counts every operation they stood for as dropped."""
-    # A backfill bounds itself (it reads users only as fast as they are answered).
-    waiting = db.execute(
-        "SELECT count(*) FROM meisa_ops WHERE state != 'dead' AND priority IS NOT 'backfill'"
-    ).fetchone()[0]
-    excess = int(waiting) - capacity
+    excess = live_count(db) - capacity
     if excess <= 0:
         return []
     victims = db.execute(
@@ -222,6 +220,16 @@ def shed(db: sqlite3.Connection, capacity: int) -> list[Operation]:
     _each(db, "DELETE FROM meisa_ops WHERE", [row.seq for row in rows])
     Store.count(db, "dropped", sum(row.merged for row in rows))
     return [row.operation for row in rows]
+
+
+def live_count(db: sqlite3.Connection) -> int:
+    """Live operations waiting (a backfill bounds itself: it reads users only as fast as
+    they are answered)."""
+    return int(
+        db.execute(
+            "SELECT count(*) FROM meisa_ops WHERE state != 'dead' AND priority IS NOT 'backfill'"
+        ).fetchone()[0]
+    )
 
 
 def age_routine(db: sqlite3.Connection, older_than: float) -> int:

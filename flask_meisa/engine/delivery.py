@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 __all__ = ["Delivery"]
 
 #: How long the writer lets operations gather before storing them, in seconds.
-GROUP_WINDOW = 0.002
+GROUP_WINDOW = 0.005
 #: Seconds between passes that age routine syncs and prune old records.
 _HOUSEKEEPING = 30.0
 _JOIN_TIMEOUT = 2.0

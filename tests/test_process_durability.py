@@ -1,0 +1,193 @@
+"""Durability of the default delivery (the store in the instance folder) in app processes
+of their own (``tests/served_app.py``) against the emulator: SIGKILL with hundreds of
+operations pending during an outage, SIGTERM, a send replayed after a crash, a forked
+child, and a store locked by another connection."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sqlite3
+import time
+from collections.abc import Callable
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from flask_meisa import Meisa
+from flask_meisa.emulator import Emulator
+from tests.process_support import Processes
+from tests.process_support import environment
+from tests.process_support import run_app
+from tests.process_support import stored
+from tests.process_support import tally
+from tests.process_support import wait_stored
+
+UPSERT = "/contacts/upsert/"
+TRACK = "/events/track/"
+TRIGGER = "/emails/trigger/"
+
+
+@pytest.fixture
+def emu(emulator_factory: Callable[..., Emulator]) -> Emulator:
+    """An emulator without rate limit nor send guardrail."""
+    return emulator_factory(rate_limit=None, send_guardrail=None)
+
+
+@pytest.fixture
+def processes() -> Iterator[Processes]:
+    """Start app processes; those still running after the test are stopped, by pid."""
+    started = Processes()
+    yield started
+    started.stop_all()
+
+
+@pytest.fixture
+def instance(tmp_path: Path) -> Path:
+    """The instance folder the app processes share."""
+    return tmp_path / "instance"
+
+
+def no_loss(numbers: dict[str, int]) -> bool:
+    return numbers == dict.fromkeys(numbers, 0)
+
+
+@pytest.mark.slow
+def test_sigkill_during_an_outage_loses_and_repeats_nothing(
+    emu: Emulator, instance: Path, processes: Processes
+) -> None:
+    requests = 200  # 200 upserts (of 20 users), 200 events, 20 sends
+    env = environment(emu, instance, MEISA_TEST_RATE="none")
+    emu.faults.outage(600)
+    app = processes.app(env, "serve", str(requests))
+    assert app.wait_for_line("ready"), app.output
+    # Handed over in memory, then stored by the writer thread in groups: a request's
+    # operations are stored together, so once every event is, everything is.
+    assert wait_stored(instance, "track", requests)
+    rows = stored(instance).pending
+    assert rows >= requests + requests // 10  # events and sends a row each; upserts merge
+    assert emu.wait_for(lambda e: len(e.requests) >= 3)  # it was trying
+    app.signal(signal.SIGKILL)
+    assert app.wait() == -signal.SIGKILL
+    emu.faults.clear()
+    output = run_app(env, "drain")
+    assert "flushed True" in output
+    numbers = tally(emu, requests)
+    print(f"\nSIGKILL with {rows} rows stored: {numbers}")
+    assert no_loss(numbers), numbers
+    assert stored(instance).pending == 0
+    assert emu.live_key not in app.output + output
+
+
+@pytest.mark.slow
+def test_sigterm_flushes_within_the_timeout_and_leaves_the_rest_stored(
+    emu: Emulator, instance: Path, processes: Processes
+) -> None:
+    requests = 60  # 20 users' upserts, 60 events, 6 sends: over a second of calls
+    flush_timeout = 0.5
+    env = environment(
+        emu, instance, MEISA_TEST_RATE="none", MEISA_TEST_FLUSH_TIMEOUT=str(flush_timeout)
+    )
+    emu.faults.outage(600)
+    app = processes.app(env, "serve", str(requests))
+    assert app.wait_for_line("ready"), app.output
+    emu.faults.clear()
+    emu.faults.set(latency=0.05)  # about ten calls fit in the flush timeout
+    assert emu.wait_for(lambda e: any(r.status in (200, 201) for r in e.requests), 30)
+    began = time.monotonic()
+    app.signal(signal.SIGTERM)
+    assert app.wait() == 0, app.output
+    took = time.monotonic() - began
+    delivered = sum(1 for r in emu.requests if r.status in (200, 201))
+    left = stored(instance)
+    print(f"\nSIGTERM: exit in {took:.2f}s, {delivered} calls made, {left.pending} rows left")
+    # The flush timeout, one call in flight (2 s of client timeout at most), the exit.
+    assert took < flush_timeout + 2.0 + 3.0
+    assert left.pending > 0 and left.in_flight == 0  # kept, none stuck in flight
+    assert "stay in the store for the next start" in app.output
+    emu.faults.clear()
+    assert "flushed True" in run_app(env, "drain")
+    numbers = tally(emu, requests)
+    assert no_loss(numbers), numbers
+
+
+@pytest.mark.slow
+def test_a_send_replayed_after_a_crash_is_not_sent_twice(
+    emu: Emulator, instance: Path, processes: Processes
+) -> None:
+    env = environment(emu, instance, MEISA_TEST_RATE="none")
+    # The send is taken but its answer lost; every later call fails unprocessed.
+    emu.faults.drop_next(1, path=TRIGGER, after=True)
+    for path in (TRIGGER, UPSERT, TRACK):
+        emu.faults.fail_next(10_000, status=503, path=path)
+    app = processes.app(env, "serve", "1")
+    assert app.wait_for_line("ready"), app.output
+    assert emu.wait_for(lambda e: any(r.fault == "drop_after" for r in e.requests), 30)
+    app.signal(signal.SIGKILL)
+    app.wait()
+    assert len(emu.sends()) == 1  # Meisa sent it; the app never learnt so
+    emu.faults.clear()
+    assert "flushed True" in run_app(env, "drain")
+    triggers = [r for r in emu.requests_to(TRIGGER) if r.fault is None]
+    assert [r.body["idempotency_key"] for r in triggers] == ["k0"]
+    assert len(emu.sends()) == 1  # the replay carried the same key: not sent again
+    assert no_loss(tally(emu, 1))
+
+
+def test_a_forked_child_writes_and_its_parent_delivers(emu: Emulator, instance: Path) -> None:
+    env = environment(emu, instance, MEISA_TEST_RATE="none")
+    output = run_app(env, "fork")
+    lines = [line for line in output.splitlines() if line.startswith(("parent ", "child "))]
+    assert lines == [
+        "parent delivers True",
+        "child flushed True delivering parent",
+        "parent flushed True child_exit 0",
+    ], output
+    assert sorted(e["properties"]["n"] for e in emu.events(event_name="worked")) == list(
+        range(1, 7)
+    )
+    assert emu.live_key not in output
+
+
+def test_a_locked_store_never_fails_a_request(
+    emu: Emulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.apps import build_app
+
+    app = build_app(
+        {
+            "MEISA_API_KEY": emu.live_key,
+            "MEISA_BASE_URL": emu.url,
+            "MEISA_RATE_LIMIT": None,
+            "MEISA_OUTBOX_BUSY_TIMEOUT": 0.05,
+        }
+    )
+    meisa: Meisa = app.extensions["meisa"]
+    path = meisa.state(app).store_path()
+    assert path is not None and path.startswith(app.instance_path)
+    locker = sqlite3.connect(path, isolation_level=None)
+    client = app.test_client()
+    caplog.set_level(logging.WARNING, logger="flask_meisa")
+    try:
+        locker.execute("BEGIN IMMEDIATE")  # another connection holds the write lock
+        for n in range(3):
+            began = time.monotonic()
+            response = client.post(f"/login/{1 + n % 2}")
+            response.close()
+            assert response.status_code == 200
+            assert time.monotonic() - began < 1.0  # no wait for the store
+        client.post("/send-later/receipt/later@example.com").close()
+        with app.app_context():
+            assert not meisa.flush(0.5)  # held in memory until the store takes them
+        assert emu.requests_to(UPSERT) == []
+        assert "the delivery store failed (database is locked)" in caplog.text
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    with app.app_context():
+        assert meisa.flush(10)
+    assert "the delivery store works again" in caplog.text
+    assert [r.status for r in emu.requests_to(UPSERT)] == [201, 201]  # two users, merged
+    assert [s["to_email"] for s in emu.sends()] == ["later@example.com"]
+    assert stored(Path(app.instance_path)).pending == 0

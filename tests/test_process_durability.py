@@ -178,6 +178,11 @@ def test_a_locked_store_never_fails_a_request(
             assert response.status_code == 200
             assert time.monotonic() - began < 1.0  # no wait for the store
         client.post("/send-later/receipt/later@example.com").close()
+        began = time.monotonic()
+        response = client.post("/send/receipt/now@example.com")
+        assert response.status_code == 200  # a synchronous send, made now
+        assert response.json == {"status": "sent", "reason": None}
+        assert time.monotonic() - began < 5.0
         with app.app_context():
             assert not meisa.flush(0.5)  # held in memory until the store takes them
         assert emu.requests_to(UPSERT) == []
@@ -189,5 +194,5 @@ def test_a_locked_store_never_fails_a_request(
         assert meisa.flush(10)
     assert "the delivery store works again" in caplog.text
     assert [r.status for r in emu.requests_to(UPSERT)] == [201, 201]  # two users, merged
-    assert [s["to_email"] for s in emu.sends()] == ["later@example.com"]
+    assert sorted(s["to_email"] for s in emu.sends()) == ["later@example.com", "now@example.com"]
     assert stored(Path(app.instance_path)).pending == 0

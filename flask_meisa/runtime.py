@@ -73,8 +73,9 @@ class MeisaState:
 
             celery_engine.init_celery(app)
         _live.add(self)
-        # The engine's threads must not keep a dropped app's engine running.
-        weakref.finalize(app, _close_quietly, self)
+        # The engine's threads must not keep a dropped app's engine running. Not at exit:
+        # there _at_exit closes it, flushing for MEISA_FLUSH_TIMEOUT.
+        weakref.finalize(app, _close_quietly, self).atexit = False
 
     @property
     def app(self) -> Flask:

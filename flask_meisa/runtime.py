@@ -56,6 +56,7 @@ class MeisaState:
         self._store: Store | None = None
         self._switches: tuple[Any, ...] | None = None
         self._delivering = False
+        self._held: Store | None = None  # held across a fork in progress
         #: The suppression set consulted before every send.
         self.suppression = SuppressionSet(
             self._fetch_suppressions,
@@ -151,6 +152,9 @@ class MeisaState:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._client = None
+        self._held = None
+        if self._store is not None:
+            self._store.after_fork()
         self.suppression.after_fork()
         dispatcher = self._dispatcher
         if dispatcher is not None:
@@ -158,6 +162,18 @@ class MeisaState:
             with contextlib.suppress(RuntimeError):
                 if self.delivering():
                     dispatcher.start()
+
+    def before_fork(self) -> None:
+        """Before a fork: hold the store across it (see :meth:`Store.before_fork`)."""
+        self._held = self._store
+        if self._held is not None:
+            self._held.before_fork()
+
+    def after_fork_in_parent(self) -> None:
+        """After a fork, in the parent: let go of what :meth:`before_fork` held."""
+        held, self._held = self._held, None
+        if held is not None:
+            held.after_fork_in_parent()
 
     @property
     def client(self) -> MeisaClient:
@@ -321,7 +337,24 @@ def _at_exit() -> None:
         _close_quietly(state, None)
 
 
+#: The states whose stores are held across a fork in progress.
+_forking: list[MeisaState] = []
+
+
+def _before_fork() -> None:
+    _forking[:] = list(_live)
+    for state in _forking:
+        state.before_fork()
+
+
+def _after_fork_in_parent() -> None:
+    for state in _forking:
+        state.after_fork_in_parent()
+    _forking.clear()
+
+
 def _after_fork_in_child() -> None:
+    _forking.clear()
     for state in list(_live):
         try:
             state.after_fork()
@@ -330,4 +363,8 @@ def _after_fork_in_child() -> None:
 
 
 atexit.register(_at_exit)
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(
+    before=_before_fork,
+    after_in_parent=_after_fork_in_parent,
+    after_in_child=_after_fork_in_child,
+)

@@ -13,8 +13,10 @@ Scenarios:
 - ``serve <n>``: make ``n`` requests to ``POST /work/<i>``, print ``ready``, then wait for
   a signal (SIGTERM exits normally, as WSGI servers make it do);
 - ``drain``: start the app, flush what the store holds, print ``flushed <bool>``;
-- ``fork``: deliver a request's operations, fork, let the child make five requests and
-  wait for the parent (the delivering process) to deliver them.
+- ``fork [mid-write]``: deliver a request's operations, fork, let the child make five
+  requests and wait for the parent (the delivering process) to deliver them; with
+  ``mid-write``, another thread of the parent is inside a write of the store when the
+  fork is called (as the writer thread may be). The child gives up after 45 seconds.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -147,15 +150,27 @@ def drain() -> None:
     say(f"flushed {flushed}")
 
 
-def fork() -> None:
+def fork(mid_write: bool) -> None:
     app = create_app()
     meisa: Meisa = app.extensions["meisa"]
     app.test_client().post("/work/1").close()
     with app.app_context():
         meisa.flush(10)
         say(f"parent delivers {meisa.status().delivering_pid == os.getpid()}")
+    writing = threading.Event()
+
+    def a_long_write() -> None:
+        with meisa.state(app).store().write():
+            writing.set()
+            time.sleep(0.5)  # a slow commit, such as a busy disk makes
+
+    writer = threading.Thread(target=a_long_write)
+    if mid_write:
+        writer.start()
+        writing.wait(10)
     pid = os.fork()  # with the delivery lock held and the store open
     if pid == 0:
+        signal.alarm(45)
         child = app.test_client()
         for n in range(2, 7):
             child.post(f"/work/{n}").close()
@@ -165,6 +180,8 @@ def fork() -> None:
         who = "parent" if delivering == os.getppid() else delivering
         say(f"child flushed {flushed} delivering {who}")
         os._exit(0)
+    if mid_write:
+        writer.join()
     _, status = os.waitpid(pid, 0)
     with app.app_context():
         say(f"parent flushed {meisa.flush(10)} child_exit {os.waitstatus_to_exitcode(status)}")
@@ -178,7 +195,7 @@ def main(argv: list[str]) -> None:
     elif scenario == "drain":
         drain()
     elif scenario == "fork":
-        fork()
+        fork(mid_write=numbers == ["mid-write"])
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
 

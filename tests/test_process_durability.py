@@ -145,9 +145,14 @@ def test_a_send_replayed_after_a_crash_is_not_sent_twice(
     assert no_loss(tally(emu, 1))
 
 
-def test_a_forked_child_writes_and_its_parent_delivers(emu: Emulator, instance: Path) -> None:
+@pytest.mark.parametrize("moment", ["idle", "mid-write"])
+def test_a_forked_child_writes_and_its_parent_delivers(
+    emu: Emulator, instance: Path, moment: str
+) -> None:
+    # "mid-write": another thread of the parent is inside a store transaction at the
+    # fork; the child must not wait for a lock that thread (absent in the child) holds.
     env = environment(emu, instance, MEISA_TEST_RATE="none")
-    output = run_app(env, "fork")
+    output = run_app(env, "fork", moment)
     lines = [line for line in output.splitlines() if line.startswith(("parent ", "child "))]
     assert lines == [
         "parent delivers True",

@@ -64,8 +64,7 @@ class MeisaState:
             logger=logging.getLogger("flask_meisa.suppression"),
         )
         self.reporter = SignalReporter(app, self.suppression)
-        #: The app's after-response middleware (its open responses count for ``flush``).
-        self.middleware: AfterResponseMiddleware
+        self._middleware: weakref.ref[AfterResponseMiddleware] | None = None
         #: Operations the engine refused (counted into ``status().dropped``).
         self.refused = 0
         self._started_in: int | None = None
@@ -85,6 +84,19 @@ class MeisaState:
         if app is None:
             raise RuntimeError("the Flask app of this Meisa state no longer exists")
         return app
+
+    @property
+    def middleware(self) -> AfterResponseMiddleware:
+        """The app's after-response middleware (its open responses count for ``flush``).
+        Held weakly: the app holds it, and delivery threads hold this state."""
+        middleware = None if self._middleware is None else self._middleware()
+        if middleware is None:
+            raise RuntimeError("the Flask app of this Meisa state no longer exists")
+        return middleware
+
+    @middleware.setter
+    def middleware(self, middleware: AfterResponseMiddleware) -> None:
+        self._middleware = weakref.ref(middleware)
 
     @property
     def alive(self) -> bool:

@@ -7,6 +7,7 @@ emulator of the test over loopback.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import subprocess
@@ -220,6 +221,39 @@ def wait_until(test: object, timeout: float = 10.0) -> bool:
             return False
         time.sleep(0.01)
     return True
+
+
+def use_an_app(emulator: Emulator, user: int) -> None:
+    """Build an app with the default delivery (the store in its instance folder), log a
+    user in and wait for the sync; then let the app go."""
+    app = build_app(emulator_config(emulator, MEISA_DELIVERY="thread"))
+    app.test_client().post(f"/login/{user}").close()
+    with app.app_context():
+        assert app.extensions["meisa"].flush(10)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_fifty_dropped_apps_leave_no_thread_and_no_descriptor(emulator: Emulator) -> None:
+    use_an_app(emulator, 1)  # imports, loggers and the emulator's first connections
+    gc.collect()
+    assert wait_until(lambda: not meisa_threads())
+    threads, descriptors = threading.enumerate(), open_descriptors()
+    for n in range(50):
+        use_an_app(emulator, 1 + n % 2)
+    gc.collect()
+    assert wait_until(lambda: not meisa_threads()), meisa_threads()
+    left = [t.name for t in threading.enumerate() if t not in threads]
+    assert left == []
+    assert wait_until(lambda: len(open_descriptors()) <= len(descriptors)), (
+        descriptors,
+        open_descriptors(),
+    )
+    assert len(emulator.requests_to(UPSERT)) >= 2
+    print(
+        f"\n50 apps dropped: threads {len(threads)} -> {len(threading.enumerate())}, "
+        f"descriptors {len(descriptors)} -> {len(open_descriptors())}"
+    )
 
 
 def test_close_stops_an_apps_delivery_at_once(emulator: Emulator) -> None:

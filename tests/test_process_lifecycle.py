@@ -120,6 +120,22 @@ def test_exit_leaves_what_a_file_store_could_not_deliver_for_the_next_start(
     assert waiting_in(store) == 0
 
 
+def test_exit_with_no_time_to_flush_still_stores_what_was_handed_over(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    # MEISA_FLUSH_TIMEOUT = 0: no time to deliver, but what a request handed over in
+    # memory goes into the store file rather than being lost.
+    store = tmp_path / "store.sqlite3"
+    emulator.faults.outage(600)
+    done = run_scenario(
+        emulator.url, emulator.live_key, "exit", "7", flush_timeout=0.0, store=store
+    )
+    assert done.returncode == 0, done.stderr
+    assert "not delivered" not in done.stderr
+    assert "dropped" not in done.stdout
+    assert waiting_in(store) == 7
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_a_forked_child_of_a_memory_store_starts_empty_and_both_deliver_their_own(

@@ -78,12 +78,7 @@ def stored_kinds(instance: Path) -> Counter[str]:
 def wait_stored(instance: Path, kind: str, count: int, timeout: float = 30.0) -> bool:
     """Wait until the store holds ``count`` operations of ``kind`` (the writer threads store
     what requests handed over in groups, a moment later)."""
-    deadline = time.monotonic() + timeout
-    while stored_kinds(instance)[kind] < count:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
+    return wait_until(lambda: stored_kinds(instance)[kind] >= count, timeout)
 
 
 class Process:
@@ -102,6 +97,7 @@ class Process:
         self.pid = self.popen.pid
         self.out: list[str] = []
         self.err: list[str] = []
+        self._read_at: list[float] = []  # when each line of ``err`` was read
         self._changed = threading.Condition()
         self._readers = [
             threading.Thread(target=self._read, args=(stream, lines), daemon=True)
@@ -114,9 +110,16 @@ class Process:
         for line in stream:  # type: ignore[attr-defined]
             with self._changed:
                 lines.append(line)
+                if lines is self.err:
+                    self._read_at.append(time.time())
                 self._changed.notify_all()
         with self._changed:
             self._changed.notify_all()
+
+    def timed_err(self) -> list[tuple[float, str]]:
+        """The lines of stderr so far, each with the time it was read (``time.time()``)."""
+        with self._changed:
+            return list(zip(self._read_at, self.err, strict=True))
 
     @property
     def output(self) -> str:
@@ -206,6 +209,21 @@ def run_app(env: dict[str, str], *scenario: str, timeout: float = 90.0) -> str:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout + done.stderr
+
+
+def wait_until(test: Callable[[], bool], timeout: float = 30.0) -> bool:
+    """Poll ``test()`` until it holds, at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not test():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def no_loss(numbers: dict[str, int]) -> bool:
+    """Whether a :func:`tally` found nothing lost and nothing repeated."""
+    return numbers == dict.fromkeys(numbers, 0)
 
 
 def tally(emu: Emulator, requests: int) -> dict[str, int]:

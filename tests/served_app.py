@@ -50,6 +50,7 @@ def create_app() -> Flask:
     - ``POST /work/<n>``: upserts user ``n % USERS`` with the custom field ``f<n>``, tracks
       ``worked`` with ``{"n": n}``, and for every tenth ``n`` sends ``receipt`` in the
       background with the idempotency key ``k<n>``;
+    - ``POST /sync/<n>``: only the upsert of ``/work/<n>``;
     - ``POST /login/<user>/<visit>``: logs the user in (Flask-Login syncs them, with the
       custom field ``login_<visit>``) and tracks ``logged_in`` with the visit;
     - ``POST /hang``: in the process that delivers for the host, writes ``hung-<pid>`` in
@@ -100,6 +101,18 @@ def create_app() -> Flask:
             meisa.send(
                 "receipt", f"buyer{n}@example.com", idempotency_key=f"k{n}", background=True
             )
+        return "ok"
+
+    @app.post("/sync/<int:n>")
+    def sync(n: int) -> str:
+        user = n % USERS
+        meisa.upsert(
+            {
+                "email": f"user{user}@example.com",
+                "external_id": f"u{user}",
+                "custom_fields": {f"f{n}": n},
+            }
+        )
         return "ok"
 
     @app.post("/login/<int:user_id>/<int:visit>")

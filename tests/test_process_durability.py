@@ -19,6 +19,7 @@ from flask_meisa import Meisa
 from flask_meisa.emulator import Emulator
 from tests.process_support import Processes
 from tests.process_support import environment
+from tests.process_support import no_loss
 from tests.process_support import run_app
 from tests.process_support import stored
 from tests.process_support import tally
@@ -47,10 +48,6 @@ def processes() -> Iterator[Processes]:
 def instance(tmp_path: Path) -> Path:
     """The instance folder the app processes share."""
     return tmp_path / "instance"
-
-
-def no_loss(numbers: dict[str, int]) -> bool:
-    return numbers == dict.fromkeys(numbers, 0)
 
 
 @pytest.mark.slow

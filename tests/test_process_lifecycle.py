@@ -29,6 +29,7 @@ from tests.apps import build_app
 from tests.engine_support import RecordingHooks
 from tests.engine_support import make_engine
 from tests.process_support import ROOT
+from tests.process_support import wait_until
 
 UPSERT = "/contacts/upsert/"
 
@@ -227,16 +228,6 @@ def meisa_threads() -> list[threading.Thread]:
 
 def open_descriptors() -> list[str]:
     return sorted(os.listdir("/proc/self/fd"))
-
-
-def wait_until(test: object, timeout: float = 10.0) -> bool:
-    """Poll ``test()`` until it holds, at most ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not test():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def use_an_app(emulator: Emulator, user: int) -> None:

@@ -13,6 +13,8 @@ Scenarios:
 - ``serve <n>``: make ``n`` requests to ``POST /work/<i>``, print ``ready``, then wait for
   a signal (SIGTERM exits normally, as WSGI servers make it do);
 - ``drain``: start the app, flush what the store holds, print ``flushed <bool>``;
+- ``keep-response [testing]``: make a request with the test client, keep its response
+  unclosed, drop the app and exit;
 - ``fork [mid-write]``: deliver a request's operations, fork, let the child make five
   requests and wait for the parent (the delivering process) to deliver them; with
   ``mid-write``, another thread of the parent is inside a write of the store when the
@@ -21,6 +23,7 @@ Scenarios:
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -200,6 +203,20 @@ def fork(mid_write: bool) -> None:
         say(f"parent flushed {meisa.flush(10)} child_exit {os.waitstatus_to_exitcode(status)}")
 
 
+def keep_response(testing: bool) -> None:
+    global KEPT
+    app = create_app()
+    app.config.update(TESTING=testing, MEISA_SUPPRESS_SEND=False)
+    KEPT = app.test_client().post("/work/1")  # never closed
+    del app
+    gc.collect()
+    say("kept a response; exiting")
+
+
+#: The response ``keep-response`` keeps until the interpreter's end.
+KEPT: object = None
+
+
 def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
     scenario, *numbers = argv
@@ -207,6 +224,8 @@ def main(argv: list[str]) -> None:
         serve(int(numbers[0]))
     elif scenario == "drain":
         drain()
+    elif scenario == "keep-response":
+        keep_response(testing=numbers == ["testing"])
     elif scenario == "fork":
         fork(mid_write=numbers == ["mid-write"])
     else:

@@ -276,6 +276,7 @@ def test_close_stops_an_apps_delivery_at_once(emulator: Emulator) -> None:
     assert meisa.close(app, timeout=0) == 0  # nothing lost: the store keeps it
     took = time.monotonic() - began
     assert not meisa_threads()
+    print(f"\nclose(timeout=0) with an operation pending: {took:.2f}s")
     assert took < 3.0  # no flush: at most a call in flight (none: it is paused)
     assert waiting_in(Path(path)) == 1
     requests = len(emulator.requests)

@@ -75,7 +75,7 @@ class MeisaState:
         _live.add(self)
         # The engine's threads must not keep a dropped app's engine running. Not at exit:
         # there _at_exit closes it, flushing for MEISA_FLUSH_TIMEOUT.
-        weakref.finalize(app, _close_quietly, self).atexit = False
+        weakref.finalize(app, _close_apart, self).atexit = False
 
     @property
     def app(self) -> Flask:
@@ -335,6 +335,18 @@ _ENGINES = {"thread": _thread_engine, "sync": _inline_engine, "celery": _celery_
 # One mechanism for process events: exit flushes every live state's engine, a forked
 # child resets them all.
 _live: weakref.WeakSet[MeisaState] = weakref.WeakSet()
+
+
+def _close_apart(state: MeisaState) -> None:
+    # A finalizer runs in whichever thread the collector ran in, maybe a delivery thread
+    # inside a call on the store: closing there would close the store under that call.
+    if state not in _live:  # closed already
+        return
+    thread = threading.Thread(
+        target=_close_quietly, args=(state, 0.0), name="flask-meisa-close", daemon=True
+    )
+    with contextlib.suppress(RuntimeError):  # no new threads at interpreter shutdown
+        thread.start()
 
 
 def _close_quietly(state: MeisaState, timeout: float | None = 0.0) -> None:

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import types
+import weakref
 from pathlib import Path
 
 import pytest
@@ -266,6 +267,22 @@ def test_fifty_dropped_apps_leave_no_thread_and_no_descriptor(emulator: Emulator
         f"\n50 apps dropped: threads {len(threads)} -> {len(threading.enumerate())}, "
         f"descriptors {len(descriptors)} -> {len(open_descriptors())}"
     )
+
+
+def test_an_app_collected_inside_a_store_transaction_is_closed_after_it(
+    emulator: Emulator,
+) -> None:
+    # The collector runs finalizers in whichever thread it ran in: here (as it may in a
+    # delivery thread) one inside a transaction of the app's own store.
+    app = build_app(emulator_config(emulator, MEISA_DELIVERY="thread"))
+    store = app.extensions["meisa"].state(app).store()
+    gone = weakref.ref(app)
+    with store.write() as db:
+        del app
+        gc.collect()
+        assert gone() is None
+        assert db.execute("SELECT count(*) FROM meisa_ops").fetchone() == (0,)  # still open
+    assert wait_until(lambda: not meisa_threads()), meisa_threads()
 
 
 def test_close_stops_an_apps_delivery_at_once(emulator: Emulator) -> None:

@@ -113,13 +113,13 @@ class Meisa:
         self._states[app] = state
         app.extensions["meisa"] = self
 
-        state.middleware = AfterResponseMiddleware(
+        middleware = AfterResponseMiddleware(
             app.wsgi_app,
             release=lambda batch: self._release(state, batch),
             discard=lambda batch: self._release(state, batch, raised=True),
             early=lambda: bool(app.testing),
         )
-        app.wsgi_app = state.middleware  # type: ignore[method-assign]
+        app.wsgi_app = state.middleware = middleware  # type: ignore[method-assign]
         app.teardown_request(self._teardown_request)
         app.before_request(state.start)
         # Bound methods: held weakly by blinker, alive as long as this instance is.

@@ -56,6 +56,7 @@ class MeisaState:
         self._store: Store | None = None
         self._switches: tuple[Any, ...] | None = None
         self._delivering = False
+        self._held: Store | None = None  # held across a fork in progress
         #: The suppression set consulted before every send.
         self.suppression = SuppressionSet(
             self._fetch_suppressions,
@@ -63,8 +64,7 @@ class MeisaState:
             logger=logging.getLogger("flask_meisa.suppression"),
         )
         self.reporter = SignalReporter(app, self.suppression)
-        #: The app's after-response middleware (its open responses count for ``flush``).
-        self.middleware: AfterResponseMiddleware
+        self._middleware: weakref.ref[AfterResponseMiddleware] | None = None
         #: Operations the engine refused (counted into ``status().dropped``).
         self.refused = 0
         self._started_in: int | None = None
@@ -73,8 +73,9 @@ class MeisaState:
 
             celery_engine.init_celery(app)
         _live.add(self)
-        # The engine's threads must not keep a dropped app's engine running.
-        weakref.finalize(app, _close_quietly, self)
+        # The engine's threads must not keep a dropped app's engine running. Not at exit:
+        # there _at_exit closes it, flushing for MEISA_FLUSH_TIMEOUT.
+        weakref.finalize(app, _close_apart, self).atexit = False
 
     @property
     def app(self) -> Flask:
@@ -83,6 +84,19 @@ class MeisaState:
         if app is None:
             raise RuntimeError("the Flask app of this Meisa state no longer exists")
         return app
+
+    @property
+    def middleware(self) -> AfterResponseMiddleware:
+        """The app's after-response middleware (its open responses count for ``flush``).
+        Held weakly: the app holds it, and delivery threads hold this state."""
+        middleware = None if self._middleware is None else self._middleware()
+        if middleware is None:
+            raise RuntimeError("the Flask app of this Meisa state no longer exists")
+        return middleware
+
+    @middleware.setter
+    def middleware(self, middleware: AfterResponseMiddleware) -> None:
+        self._middleware = weakref.ref(middleware)
 
     @property
     def alive(self) -> bool:
@@ -150,6 +164,9 @@ class MeisaState:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._client = None
+        self._held = None
+        if self._store is not None:
+            self._store.after_fork()
         self.suppression.after_fork()
         dispatcher = self._dispatcher
         if dispatcher is not None:
@@ -157,6 +174,18 @@ class MeisaState:
             with contextlib.suppress(RuntimeError):
                 if self.delivering():
                     dispatcher.start()
+
+    def before_fork(self) -> None:
+        """Before a fork: hold the store across it (see :meth:`Store.before_fork`)."""
+        self._held = self._store
+        if self._held is not None:
+            self._held.before_fork()
+
+    def after_fork_in_parent(self) -> None:
+        """After a fork, in the parent: let go of what :meth:`before_fork` held."""
+        held, self._held = self._held, None
+        if held is not None:
+            held.after_fork_in_parent()
 
     @property
     def client(self) -> MeisaClient:
@@ -308,6 +337,18 @@ _ENGINES = {"thread": _thread_engine, "sync": _inline_engine, "celery": _celery_
 _live: weakref.WeakSet[MeisaState] = weakref.WeakSet()
 
 
+def _close_apart(state: MeisaState) -> None:
+    # A finalizer runs in whichever thread the collector ran in, maybe a delivery thread
+    # inside a call on the store: closing there would close the store under that call.
+    if state not in _live:  # closed already
+        return
+    thread = threading.Thread(
+        target=_close_quietly, args=(state, 0.0), name="flask-meisa-close", daemon=True
+    )
+    with contextlib.suppress(RuntimeError):  # no new threads at interpreter shutdown
+        thread.start()
+
+
 def _close_quietly(state: MeisaState, timeout: float | None = 0.0) -> None:
     try:
         state.close(timeout)
@@ -320,7 +361,24 @@ def _at_exit() -> None:
         _close_quietly(state, None)
 
 
+#: The states whose stores are held across a fork in progress.
+_forking: list[MeisaState] = []
+
+
+def _before_fork() -> None:
+    _forking[:] = list(_live)
+    for state in _forking:
+        state.before_fork()
+
+
+def _after_fork_in_parent() -> None:
+    for state in _forking:
+        state.after_fork_in_parent()
+    _forking.clear()
+
+
 def _after_fork_in_child() -> None:
+    _forking.clear()
     for state in list(_live):
         try:
             state.after_fork()
@@ -329,4 +387,8 @@ def _after_fork_in_child() -> None:
 
 
 atexit.register(_at_exit)
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(
+    before=_before_fork,
+    after_in_parent=_after_fork_in_parent,
+    after_in_child=_after_fork_in_child,
+)

@@ -2,11 +2,13 @@
 scenarios the engine tests run in a separate interpreter (exit and fork).
 
 Run as ``python -m tests.engine_support <scenario>`` with ``MEISA_TEST_URL`` and
-``MEISA_TEST_KEY`` in the environment (the key never goes on a command line):
+``MEISA_TEST_KEY`` in the environment (the key never goes on a command line), and
+``MEISA_TEST_STORE`` for a store file (default: memory):
 
 - ``exit <n>``: submit ``n`` upserts and leave the interpreter without flushing;
+- ``drain``: deliver what the store holds, then exit;
 - ``fork <n_parent> <n_child>``: submit upserts, fork while they are still pending, let
-  the child check that it starts empty and deliver its own, then both exit.
+  the child report what it sees at its start and submit its own, then both flush and exit.
 
 Each prints what its hooks saw as ``outcome <kind> <count>`` lines at exit.
 """
@@ -17,6 +19,7 @@ import atexit
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -112,8 +115,13 @@ def make_engine(
 
 
 def _engine(hooks: RecordingHooks, **options: Any) -> Delivery:
+    path = os.environ.get("MEISA_TEST_STORE")
     engine = make_engine(
-        hooks, os.environ["MEISA_TEST_URL"], os.environ["MEISA_TEST_KEY"], **options
+        hooks,
+        os.environ["MEISA_TEST_URL"],
+        os.environ["MEISA_TEST_KEY"],
+        store=None if path is None else Store(path),
+        **options,
     )
     atexit.register(engine.close)
     return engine
@@ -145,12 +153,33 @@ def exit_scenario(count: int) -> None:
     # Leave without flush() or close(): the exit hook must deliver or report the rest.
 
 
+def drain_scenario() -> None:
+    hooks = RecordingHooks()
+    atexit.register(_print_outcomes, hooks, "drain")
+    engine = _engine(hooks)
+    say(f"drain flushed {engine.flush(30.0)}")
+
+
+def _stored(engine: Delivery, count: int) -> None:
+    """Wait until ``count`` operations handed over are stored (the writer thread stores
+    them a moment later), at most ten seconds."""
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline:
+        status = engine.status()
+        if status.pending + status.delivered >= count:
+            return
+        time.sleep(0.01)
+
+
 def fork_scenario(parent_count: int, child_count: int) -> None:
     hooks = RecordingHooks()
     engine = _engine(hooks, rate_limit="2/second")
     for n in range(parent_count):
         engine.submit([upsert(n, tag="parent")])
+    _stored(engine, parent_count)
     say(f"parent pending_at_fork {engine.status().pending}")
+    # What the extension's fork hook does for its store: no transaction crosses the fork.
+    engine.store.before_fork()
     pid = os.fork()
     if pid == 0:
         # The child reports only its own outcomes, not those the parent had before the
@@ -163,10 +192,11 @@ def fork_scenario(parent_count: int, child_count: int) -> None:
         for n in range(child_count):
             engine.submit([upsert(n, tag="child")])
         flushed = engine.flush(10.0)
-        say(f"child flushed {flushed}")
+        say(f"child flushed {flushed} delivers {engine.is_holder}")
         _print_outcomes(hooks, "child")
         engine.close()
         os._exit(0)
+    engine.store.after_fork_in_parent()
     _, wait_status = os.waitpid(pid, 0)
     flushed = engine.flush(10.0)
     say(f"parent flushed {flushed} child_exit {os.waitstatus_to_exitcode(wait_status)}")
@@ -178,6 +208,8 @@ def main(argv: list[str]) -> None:
     scenario, *numbers = argv
     if scenario == "exit":
         exit_scenario(int(numbers[0]))
+    elif scenario == "drain":
+        drain_scenario()
     elif scenario == "fork":
         fork_scenario(int(numbers[0]), int(numbers[1]))
     else:

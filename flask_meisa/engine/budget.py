@@ -21,6 +21,7 @@ from .._ratelimit import slot_wait
 from ..operations import LANE_BACKFILL
 from ..operations import LANE_ROUTINE
 from ..operations import LANE_TRANSACTIONAL
+from .store import STORE_ERRORS
 from .store import Store
 
 __all__ = ["TRANSACTIONAL_RESERVE", "Budget"]
@@ -138,8 +139,12 @@ class Budget:
         whether one was taken (without one the call is made anyway)."""
         deadline = time.monotonic() + max(timeout, 0.0)
         while True:
-            with self.store.write() as db:
-                token, wait = self.take(db, time.time(), LANE_TRANSACTIONAL)
+            try:
+                with self.store.write() as db:
+                    token, wait = self.take(db, time.time(), LANE_TRANSACTIONAL)
+            except STORE_ERRORS:  # a locked or broken store never fails the call
+                token = None
+                break
             left = deadline - time.monotonic()
             if token is not None or left <= 0:
                 break
@@ -148,7 +153,8 @@ class Budget:
             yield token is not None
         finally:
             if token:
-                with self.store.write() as db:
+                # Not settled: the slot's lease ends it.
+                with contextlib.suppress(*STORE_ERRORS), self.store.write() as db:
                     self.settle(db, token, made=True, now=time.time())
 
     def remaining(self) -> dict[str, int]:

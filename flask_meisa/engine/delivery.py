@@ -280,6 +280,7 @@ class Delivery:
 
     def after_fork(self) -> None:
         """In a forked child: the parent's threads, intake and lock are the parent's."""
+        self.store.after_fork()
         if self._host_lock is not None:
             self._host_lock.forget_after_fork()
         self._fresh()

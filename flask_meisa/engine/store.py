@@ -116,13 +116,30 @@ class Store:
 
     # -- connection --------------------------------------------------------------------
 
+    def before_fork(self) -> None:
+        """Before a fork: wait for this process's read or write to end and hold the lock
+        across the fork, so that the child inherits no transaction in progress (SQLite's
+        record of the parent's locks would block the child's own connection)."""
+        self._lock.acquire()
+
+    def after_fork_in_parent(self) -> None:
+        """After a fork, in the parent: let go of the lock :meth:`before_fork` took."""
+        self._lock.release()
+
+    def after_fork(self) -> None:
+        """In a forked child, before its other threads run: a lock of its own and, on
+        first use, a connection of its own."""
+        if self._pid == os.getpid():
+            return
+        self._pid = os.getpid()
+        self._lock = threading.RLock()
+        if self._db is not None:
+            _INHERITED.append(self._db)
+        self._db = None
+
     def _connection(self) -> sqlite3.Connection:
         if self._pid != os.getpid():  # a forked child: the parent's connection is not ours
-            self._pid = os.getpid()
-            self._lock = threading.RLock()
-            if self._db is not None:
-                _INHERITED.append(self._db)
-            self._db = None
+            self.after_fork()
         if self._db is None:
             self._db = self._open(self.path or ":memory:")
             self._db.executescript(_SCHEMA)

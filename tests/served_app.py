@@ -1,0 +1,234 @@
+"""The app that the process tests run in processes of their own: served by gunicorn
+(``tests.served_app:create_app()``), named by ``FLASK_APP`` for ``flask meisa ...``, or
+run as ``python -m tests.served_app <scenario>``.
+
+It is configured from the environment, so that the API key never goes on a command line:
+``MEISA_TEST_URL``, ``MEISA_TEST_KEY``, ``MEISA_TEST_INSTANCE`` (the instance folder, where
+the delivery store is by default), and optionally ``MEISA_TEST_RATE`` (the key's budget;
+``none`` for none) and ``MEISA_TEST_FLUSH_TIMEOUT``. Nothing else of flask-meisa's
+configuration is set: delivery is the default one.
+
+Scenarios:
+
+- ``serve <n>``: make ``n`` requests to ``POST /work/<i>``, print ``ready``, then wait for
+  a signal (SIGTERM exits normally, as WSGI servers make it do);
+- ``drain``: start the app, flush what the store holds, print ``flushed <bool>``;
+- ``keep-response [testing]``: make a request with the test client, keep its response
+  unclosed, drop the app and exit;
+- ``fork [mid-write]``: deliver a request's operations, fork, let the child make five
+  requests and wait for the parent (the delivering process) to deliver them; with
+  ``mid-write``, another thread of the parent is inside a write of the store when the
+  fork is called (as the writer thread may be). The child gives up after 45 seconds.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+from flask import Flask
+from flask_login import LoginManager
+from flask_login import login_user
+
+from flask_meisa import Meisa
+from tests.apps import User
+
+#: ``POST /work/<n>`` upserts user ``n % USERS``.
+USERS = 20
+#: How long ``POST /hang`` waits at most for its release file, in seconds.
+HANG_LIMIT = 300.0
+#: The file in the instance folder whose creation ends every hanging request.
+RELEASE_FILE = "release-hung-requests"
+
+
+def create_app() -> Flask:
+    """The app (see the module's docstring). Its views:
+
+    - ``POST /work/<n>``: upserts user ``n % USERS`` with the custom field ``f<n>``, tracks
+      ``worked`` with ``{"n": n}``, and for every tenth ``n`` sends ``receipt`` in the
+      background with the idempotency key ``k<n>``;
+    - ``POST /sync/<n>``: only the upsert of ``/work/<n>``;
+    - ``POST /login/<user>/<visit>``: logs the user in (Flask-Login syncs them, with the
+      custom field ``login_<visit>``) and tracks ``logged_in`` with the visit;
+    - ``POST /hang``: in the process that delivers for the host, writes ``hung-<pid>`` in
+      the instance folder and answers only once :data:`RELEASE_FILE` exists there; in
+      any other process answers 409 at once;
+    - ``GET /pid``: the serving process's pid.
+    """
+    app = Flask(__name__, instance_path=os.environ["MEISA_TEST_INSTANCE"])
+    app.config.update(
+        SECRET_KEY="test",
+        MEISA_API_KEY=os.environ["MEISA_TEST_KEY"],
+        MEISA_BASE_URL=os.environ["MEISA_TEST_URL"],
+        MEISA_RETRY_BASE_DELAY=0.05,
+        MEISA_RETRY_MAX_DELAY=0.5,
+        MEISA_TIMEOUT=2.0,
+    )
+    rate = os.environ.get("MEISA_TEST_RATE")
+    if rate is not None:
+        app.config["MEISA_RATE_LIMIT"] = None if rate == "none" else rate
+    if "MEISA_TEST_FLUSH_TIMEOUT" in os.environ:
+        app.config["MEISA_FLUSH_TIMEOUT"] = float(os.environ["MEISA_TEST_FLUSH_TIMEOUT"])
+    login_manager = LoginManager(app)
+    login_manager.user_loader(lambda user_id: None)
+    meisa = Meisa(app)
+
+    @meisa.contact_mapper
+    def to_contact(user: User) -> dict[str, Any]:
+        return {
+            "email": user.email,
+            "external_id": str(user.id),
+            "custom_fields": {f"login_{user.visit}": user.visit},
+        }
+
+    @app.post("/work/<int:n>")
+    def work(n: int) -> str:
+        user = n % USERS
+        meisa.upsert(
+            {
+                "email": f"user{user}@example.com",
+                "external_id": f"u{user}",
+                "custom_fields": {f"f{n}": n},
+            }
+        )
+        meisa.track("worked", external_id=f"u{user}", properties={"n": n})
+        if n % 10 == 0:
+            meisa.send(
+                "receipt", f"buyer{n}@example.com", idempotency_key=f"k{n}", background=True
+            )
+        return "ok"
+
+    @app.post("/sync/<int:n>")
+    def sync(n: int) -> str:
+        user = n % USERS
+        meisa.upsert(
+            {
+                "email": f"user{user}@example.com",
+                "external_id": f"u{user}",
+                "custom_fields": {f"f{n}": n},
+            }
+        )
+        return "ok"
+
+    @app.post("/login/<int:user_id>/<int:visit>")
+    def login(user_id: int, visit: int) -> dict[str, int]:
+        user = User(user_id, f"user{user_id}@example.com", visit=visit)
+        login_user(user)
+        meisa.track("logged_in", user=user, properties={"visit": visit})
+        return {"pid": os.getpid()}
+
+    @app.post("/hang")
+    def hang() -> tuple[str, int]:
+        if meisa.status().delivering_pid != os.getpid():
+            return "not the delivering process", 409
+        with open(os.path.join(app.instance_path, f"hung-{os.getpid()}"), "w"):
+            pass
+        release = os.path.join(app.instance_path, RELEASE_FILE)
+        deadline = time.monotonic() + HANG_LIMIT
+        while not os.path.exists(release) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return "released", 200
+
+    @app.get("/pid")
+    def pid() -> dict[str, int]:
+        return {"pid": os.getpid()}
+
+    return app
+
+
+def say(line: str) -> None:
+    """Print one line with a single write (a parent's and its child's never interleave)."""
+    os.write(1, (line + "\n").encode())
+
+
+def serve(requests: int) -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    client = create_app().test_client()
+    for n in range(requests):
+        client.post(f"/work/{n}").close()  # closing the response releases its operations
+    say("ready")
+    while True:
+        signal.pause()
+
+
+def drain() -> None:
+    app = create_app()
+    with app.app_context():
+        flushed = app.extensions["meisa"].flush(60)
+    say(f"flushed {flushed}")
+
+
+def fork(mid_write: bool) -> None:
+    app = create_app()
+    meisa: Meisa = app.extensions["meisa"]
+    app.test_client().post("/work/1").close()
+    with app.app_context():
+        meisa.flush(10)
+        say(f"parent delivers {meisa.status().delivering_pid == os.getpid()}")
+    writing = threading.Event()
+
+    def a_long_write() -> None:
+        with meisa.state(app).store().write():
+            writing.set()
+            time.sleep(0.5)  # a slow commit, such as a busy disk makes
+
+    writer = threading.Thread(target=a_long_write)
+    if mid_write:
+        writer.start()
+        writing.wait(10)
+    pid = os.fork()  # with the delivery lock held and the store open
+    if pid == 0:
+        signal.alarm(45)
+        child = app.test_client()
+        for n in range(2, 7):
+            child.post(f"/work/{n}").close()
+        with app.app_context():
+            flushed = meisa.flush(20)  # the parent delivers the child's rows
+            delivering = meisa.status().delivering_pid
+        who = "parent" if delivering == os.getppid() else delivering
+        say(f"child flushed {flushed} delivering {who}")
+        os._exit(0)
+    if mid_write:
+        writer.join()
+    _, status = os.waitpid(pid, 0)
+    with app.app_context():
+        say(f"parent flushed {meisa.flush(10)} child_exit {os.waitstatus_to_exitcode(status)}")
+
+
+def keep_response(testing: bool) -> None:
+    global KEPT
+    app = create_app()
+    app.config.update(TESTING=testing, MEISA_SUPPRESS_SEND=False)
+    KEPT = app.test_client().post("/work/1")  # never closed
+    del app
+    gc.collect()
+    say("kept a response; exiting")
+
+
+#: The response ``keep-response`` keeps until the interpreter's end.
+KEPT: object = None
+
+
+def main(argv: list[str]) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
+    scenario, *numbers = argv
+    if scenario == "serve":
+        serve(int(numbers[0]))
+    elif scenario == "drain":
+        drain()
+    elif scenario == "keep-response":
+        keep_response(testing=numbers == ["testing"])
+    elif scenario == "fork":
+        fork(mid_write=numbers == ["mid-write"])
+    else:
+        raise SystemExit(f"unknown scenario {scenario!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,92 @@
+"""``meisa.flush()`` and responses the test client has not closed: under ``TESTING`` a
+request's work is released as soon as the view returned, whatever the test does with
+the response; otherwise it waits for the response to close, and ``flush`` says so."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from werkzeug.test import TestResponse
+
+from flask_meisa import Meisa
+from flask_meisa.emulator import Emulator
+from flask_meisa.operations import Operation
+from flask_meisa.testing import emulator_config
+from flask_meisa.testing import record_operations
+from tests.apps import build_app
+from tests.process_support import environment
+from tests.process_support import run_app
+
+UPSERT = "/contacts/upsert/"
+
+
+def make_app(emulator: Emulator, **config: Any) -> Flask:
+    """The test app with the default delivery (the store in its instance folder)."""
+    return build_app(emulator_config(emulator, MEISA_DELIVERY="thread", **config))
+
+
+@contextmanager
+def login(client: FlaskClient, idiom: str) -> Iterator[TestResponse]:
+    """``POST /login/1`` the way a test may write it; the block runs while the response
+    (and, for ``with client``, the request context) is still held."""
+    with ExitStack() as stack:
+        if idiom == "with client":
+            stack.enter_context(client)
+        response = client.post("/login/1", buffered=idiom == "buffered")
+        yield response
+
+
+@pytest.mark.parametrize("idiom", ["kept", "buffered", "with client"])
+def test_under_testing_work_is_released_when_the_view_returns(
+    emulator: Emulator, idiom: str
+) -> None:
+    emulator.faults.set(latency=0.3)  # the call is still being made when flush is called
+    app = make_app(emulator, TESTING=True)
+    meisa: Meisa = app.extensions["meisa"]
+    recorded: list[Operation]
+    with record_operations(app) as recorded, login(app.test_client(), idiom) as response:
+        assert response.status_code == 200
+        assert [op.kind for op in recorded] == ["upsert"]  # right after client.post()
+        with app.app_context():
+            assert meisa.flush(10)
+        assert len(emulator.requests_to(UPSERT)) == 1  # True only once it was delivered
+        with app.app_context():
+            assert meisa.status().delivered == 1
+    assert emulator.contact(external_id="1") is not None
+
+
+def test_without_testing_a_response_kept_open_holds_its_work_and_flush_says_so(
+    emulator: Emulator,
+) -> None:
+    app = make_app(emulator)
+    meisa: Meisa = app.extensions["meisa"]
+    with record_operations(app) as recorded:
+        response = app.test_client().post("/login/1")
+        assert response.status_code == 200
+        assert recorded == []  # held until the server is done with the response
+        with app.app_context():
+            assert not meisa.flush(0.2)
+        assert emulator.requests_to(UPSERT) == []
+        response.close()
+        assert [op.kind for op in recorded] == ["upsert"]
+        with app.app_context():
+            assert meisa.flush(10)
+    assert len(emulator.requests_to(UPSERT)) == 1
+
+
+@pytest.mark.parametrize("testing", [False, True], ids=["not-testing", "testing"])
+def test_a_response_kept_past_its_apps_life_logs_no_error_at_exit(
+    emulator: Emulator, tmp_path: Any, testing: bool
+) -> None:
+    env = environment(emulator, tmp_path / "instance")
+    output = run_app(env, "keep-response", *(["testing"] if testing else []))
+    assert "kept a response" in output
+    for sign in ("Traceback", "Exception ignored", "ERROR", "CRITICAL", "Error"):
+        assert sign not in output, output
+    assert emulator.live_key not in output

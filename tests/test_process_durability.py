@@ -1,0 +1,212 @@
+"""Durability of the default delivery (the store in the instance folder) in app processes
+of their own (``tests/served_app.py``) against the emulator: SIGKILL with hundreds of
+operations pending during an outage, SIGTERM, a send replayed after a crash, a forked
+child, and a store locked by another connection."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sqlite3
+import time
+from collections.abc import Callable
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from flask_meisa import Meisa
+from flask_meisa.emulator import Emulator
+from tests.process_support import Processes
+from tests.process_support import environment
+from tests.process_support import no_loss
+from tests.process_support import run_app
+from tests.process_support import stored
+from tests.process_support import tally
+from tests.process_support import wait_stored
+
+UPSERT = "/contacts/upsert/"
+TRACK = "/events/track/"
+TRIGGER = "/emails/trigger/"
+
+
+@pytest.fixture
+def emu(emulator_factory: Callable[..., Emulator]) -> Emulator:
+    """An emulator without rate limit nor send guardrail."""
+    return emulator_factory(rate_limit=None, send_guardrail=None)
+
+
+@pytest.fixture
+def processes() -> Iterator[Processes]:
+    """Start app processes; those still running after the test are stopped, by pid."""
+    started = Processes()
+    yield started
+    started.stop_all()
+
+
+@pytest.fixture
+def instance(tmp_path: Path) -> Path:
+    """The instance folder the app processes share."""
+    return tmp_path / "instance"
+
+
+@pytest.mark.slow
+def test_sigkill_during_an_outage_loses_and_repeats_nothing(
+    emu: Emulator, instance: Path, processes: Processes
+) -> None:
+    requests = 200  # 200 upserts (of 20 users), 200 events, 20 sends
+    env = environment(emu, instance, MEISA_TEST_RATE="none")
+    emu.faults.outage(600)
+    app = processes.app(env, "serve", str(requests))
+    assert app.wait_for_line("ready"), app.output
+    # Handed over in memory, then stored by the writer thread in groups, in the order
+    # handed over: the last operation is an event, so once every event is, all are.
+    assert wait_stored(instance, "track", requests)
+    rows = stored(instance).pending
+    assert rows >= requests + requests // 10  # events and sends a row each; upserts merge
+    assert emu.wait_for(lambda e: len(e.requests) >= 3)  # it was trying
+    app.signal(signal.SIGKILL)
+    assert app.wait() == -signal.SIGKILL
+    emu.faults.clear()
+    output = run_app(env, "drain")
+    assert "flushed True" in output
+    numbers = tally(emu, requests)
+    print(f"\nSIGKILL with {rows} rows stored: {numbers}")
+    assert no_loss(numbers), numbers
+    assert stored(instance).pending == 0
+    assert emu.live_key not in app.output + output
+
+
+@pytest.mark.slow
+def test_sigterm_flushes_within_the_timeout_and_leaves_the_rest_stored(
+    emu: Emulator, instance: Path, processes: Processes
+) -> None:
+    requests = 60  # 20 users' upserts, 60 events, 6 sends: over four seconds of calls
+    flush_timeout = 1.0
+    env = environment(
+        emu, instance, MEISA_TEST_RATE="none", MEISA_TEST_FLUSH_TIMEOUT=str(flush_timeout)
+    )
+    emu.faults.outage(600)
+    app = processes.app(env, "serve", str(requests))
+    assert app.wait_for_line("ready"), app.output
+    assert wait_stored(instance, "track", requests)
+    emu.faults.clear()
+    emu.faults.set(latency=0.05)  # about twenty calls fit in the flush timeout
+    assert emu.wait_for(lambda e: any(r.status in (200, 201) for r in e.requests), 30)
+
+    def answered() -> int:
+        return sum(1 for r in emu.requests if r.status in (200, 201))
+
+    before = answered()
+    began = time.monotonic()
+    app.signal(signal.SIGTERM)
+    assert app.wait() == 0, app.output
+    took = time.monotonic() - began
+    during = answered() - before
+    left = stored(instance)
+    print(
+        f"\nSIGTERM: exit in {took:.2f}s, {during} calls made while exiting, "
+        f"{left.pending} rows left"
+    )
+    assert during >= 3  # it went on delivering for the flush timeout
+    # The flush timeout, one call in flight (2 s of client timeout at most), the exit.
+    assert took < flush_timeout + 2.0 + 3.0
+    assert left.pending > 0 and left.in_flight == 0  # kept, none stuck in flight
+    assert "stay in the store for the next start" in app.output
+    emu.faults.clear()
+    assert "flushed True" in run_app(env, "drain")
+    numbers = tally(emu, requests)
+    assert no_loss(numbers), numbers
+
+
+@pytest.mark.slow
+def test_a_send_replayed_after_a_crash_is_not_sent_twice(
+    emu: Emulator, instance: Path, processes: Processes
+) -> None:
+    env = environment(emu, instance, MEISA_TEST_RATE="none")
+    # The send is taken but its answer lost; every later call fails unprocessed.
+    emu.faults.drop_next(1, path=TRIGGER, after=True)
+    for path in (TRIGGER, UPSERT, TRACK):
+        emu.faults.fail_next(10_000, status=503, path=path)
+    app = processes.app(env, "serve", "1")
+    assert app.wait_for_line("ready"), app.output
+    assert emu.wait_for(lambda e: any(r.fault == "drop_after" for r in e.requests), 30)
+    app.signal(signal.SIGKILL)
+    app.wait()
+    assert len(emu.sends()) == 1  # Meisa sent it; the app never learnt so
+    emu.faults.clear()
+    assert "flushed True" in run_app(env, "drain")
+    triggers = [r for r in emu.requests_to(TRIGGER) if r.fault is None]
+    assert [r.body["idempotency_key"] for r in triggers] == ["k0"]
+    assert len(emu.sends()) == 1  # the replay carried the same key: not sent again
+    assert no_loss(tally(emu, 1))
+
+
+@pytest.mark.parametrize("moment", ["idle", "mid-write"])
+def test_a_forked_child_writes_and_its_parent_delivers(
+    emu: Emulator, instance: Path, moment: str
+) -> None:
+    # "mid-write": another thread of the parent is inside a store transaction at the
+    # fork; the child must not wait for a lock that thread (absent in the child) holds.
+    env = environment(emu, instance, MEISA_TEST_RATE="none")
+    output = run_app(env, "fork", moment)
+    lines = [line for line in output.splitlines() if line.startswith(("parent ", "child "))]
+    assert lines == [
+        "parent delivers True",
+        "child flushed True delivering parent",
+        "parent flushed True child_exit 0",
+    ], output
+    assert sorted(e["properties"]["n"] for e in emu.events(event_name="worked")) == list(
+        range(1, 7)
+    )
+    assert emu.live_key not in output
+
+
+def test_a_locked_store_never_fails_a_request(
+    emu: Emulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.apps import build_app
+
+    app = build_app(
+        {
+            "MEISA_API_KEY": emu.live_key,
+            "MEISA_BASE_URL": emu.url,
+            "MEISA_RATE_LIMIT": None,
+            "MEISA_OUTBOX_BUSY_TIMEOUT": 1.5,
+        }
+    )
+    meisa: Meisa = app.extensions["meisa"]
+    path = meisa.state(app).store_path()
+    assert path is not None and path.startswith(app.instance_path)
+    locker = sqlite3.connect(path, isolation_level=None)
+    client = app.test_client()
+    caplog.set_level(logging.WARNING, logger="flask_meisa")
+    try:
+        locker.execute("BEGIN IMMEDIATE")  # another connection holds the write lock
+        for n in range(3):
+            began = time.monotonic()
+            response = client.post(f"/login/{1 + n % 2}")
+            response.close()
+            assert response.status_code == 200
+            # No wait for the store's lock (that would be its 1.5 s busy timeout).
+            assert time.monotonic() - began < 1.0
+        client.post("/send-later/receipt/later@example.com").close()
+        began = time.monotonic()
+        response = client.post("/send/receipt/now@example.com")
+        assert response.status_code == 200  # a synchronous send, made now
+        assert response.json == {"status": "sent", "reason": None}
+        # It waits for the locked store (for a budget slot), then goes without a slot.
+        assert time.monotonic() - began < 10.0 + 3.0  # the send's deadline, and slack
+        with app.app_context():
+            assert not meisa.flush(0.5)  # held in memory until the store takes them
+        assert emu.requests_to(UPSERT) == []
+        assert "the delivery store failed (database is locked)" in caplog.text
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    with app.app_context():
+        assert meisa.flush(10)
+    assert "the delivery store works again" in caplog.text
+    assert [r.status for r in emu.requests_to(UPSERT)] == [201, 201]  # two users, merged
+    assert sorted(s["to_email"] for s in emu.sends()) == ["later@example.com", "now@example.com"]
+    assert stored(Path(app.instance_path)).pending == 0

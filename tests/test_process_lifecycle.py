@@ -1,0 +1,307 @@
+"""Background delivery across a process's life: interpreter exit (memory and file stores),
+fork, green-thread monkey-patching, and apps that are closed or dropped.
+
+Exit and fork run in a separate interpreter (``tests/engine_support.py``) talking to the
+emulator of the test over loopback.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import types
+import weakref
+from pathlib import Path
+
+import pytest
+from flask import Flask
+
+from flask_meisa import Meisa
+from flask_meisa.emulator import Emulator
+from flask_meisa.engine.store import Store
+from flask_meisa.errors import ConfigurationError
+from flask_meisa.testing import emulator_config
+from tests.apps import build_app
+from tests.engine_support import RecordingHooks
+from tests.engine_support import make_engine
+from tests.process_support import ROOT
+from tests.process_support import wait_until
+
+UPSERT = "/contacts/upsert/"
+
+
+def run_scenario(
+    url: str, key: str, *args: str, flush_timeout: float = 5.0, store: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "MEISA_TEST_URL": url,
+        "MEISA_TEST_KEY": key,
+        "FLUSH_TIMEOUT": str(flush_timeout),
+        "PYTHONPATH": str(ROOT),
+    }
+    if store is not None:
+        env["MEISA_TEST_STORE"] = str(store)
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.engine_support", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert key not in done.stdout + done.stderr
+    return done
+
+
+def closed_port() -> int:
+    """A loopback port nobody listens on (connections are refused at once)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def waiting_in(path: Path) -> int:
+    """How many operations wait in the store file ``path``."""
+    store = Store(path)
+    try:
+        with store.read() as db:
+            return int(
+                db.execute("SELECT count(*) FROM meisa_ops WHERE state != 'dead'").fetchone()[0]
+            )
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("where", ["memory", "file"])
+def test_exit_delivers_what_is_pending(emulator: Emulator, tmp_path: Path, where: str) -> None:
+    store = tmp_path / "store.sqlite3" if where == "file" else None
+    done = run_scenario(emulator.url, emulator.live_key, "exit", "25", store=store)
+    assert done.returncode == 0, done.stderr
+    upserts = emulator.requests_to(UPSERT)
+    assert len(upserts) == 25
+    assert {r.body["external_id"] for r in upserts} == {f"exit-{n}" for n in range(25)}
+    assert "exit outcome delivered 25" in done.stdout
+    assert "not delivered" not in done.stderr
+    if store is not None:
+        assert waiting_in(store) == 0
+
+
+def test_exit_drops_what_a_memory_store_could_not_deliver_and_says_so() -> None:
+    url = f"http://127.0.0.1:{closed_port()}/api/v1"
+    done = run_scenario(url, "meisa_live_unreachable_0000", "exit", "7", flush_timeout=0.3)
+    assert done.returncode == 0, done.stderr
+    assert "7 operations were not delivered before shutdown" in done.stderr
+    assert "exit outcome dropped:shutdown 7" in done.stdout
+
+
+def test_exit_leaves_what_a_file_store_could_not_deliver_for_the_next_start(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    store = tmp_path / "store.sqlite3"
+    url = f"http://127.0.0.1:{closed_port()}/api/v1"
+    done = run_scenario(url, emulator.live_key, "exit", "7", flush_timeout=0.3, store=store)
+    assert done.returncode == 0, done.stderr
+    assert "not delivered" not in done.stderr
+    assert "dropped" not in done.stdout  # nothing lost, nothing reported lost
+    assert waiting_in(store) == 7
+    assert emulator.requests == []
+    done = run_scenario(emulator.url, emulator.live_key, "drain", store=store)
+    assert done.returncode == 0, done.stderr
+    assert "drain flushed True" in done.stdout
+    assert "drain outcome delivered 7" in done.stdout
+    assert sorted(r.body["external_id"] for r in emulator.requests_to(UPSERT)) == sorted(
+        f"exit-{n}" for n in range(7)
+    )
+    assert waiting_in(store) == 0
+
+
+def test_exit_with_no_time_to_flush_still_stores_what_was_handed_over(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    # MEISA_FLUSH_TIMEOUT = 0: no time to deliver, but what a request handed over in
+    # memory goes into the store file rather than being lost.
+    store = tmp_path / "store.sqlite3"
+    emulator.faults.outage(600)
+    done = run_scenario(
+        emulator.url, emulator.live_key, "exit", "7", flush_timeout=0.0, store=store
+    )
+    assert done.returncode == 0, done.stderr
+    assert "not delivered" not in done.stderr
+    assert "dropped" not in done.stdout
+    assert waiting_in(store) == 7
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_of_a_memory_store_starts_empty_and_both_deliver_their_own(
+    emulator: Emulator,
+) -> None:
+    done = run_scenario(emulator.url, emulator.live_key, "fork", "4", "3")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    parent_pending = int(next(line for line in lines if "pending_at_fork" in line).split()[-1])
+    assert parent_pending >= 1, done.stdout  # the budget (2/second) held some at the fork
+    assert "child pending_at_start 0 delivered 0" in lines
+    assert "child flushed True delivers True" in lines
+    assert "child outcome delivered 3" in lines
+    assert "parent flushed True child_exit 0" in lines
+    assert "parent outcome delivered 4" in lines
+    ids = sorted(r.body["external_id"] for r in emulator.requests_to(UPSERT))
+    assert ids == sorted([f"parent-{n}" for n in range(4)] + [f"child-{n}" for n in range(3)])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_of_a_file_store_writes_and_its_parent_delivers_it_all(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    store = tmp_path / "store.sqlite3"
+    done = run_scenario(emulator.url, emulator.live_key, "fork", "4", "3", store=store)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    parent_pending = int(next(line for line in lines if "pending_at_fork" in line).split()[-1])
+    assert parent_pending >= 1, done.stdout
+    # The child sees the host's store: the parent's work, waiting there or delivered.
+    start = next(line for line in lines if "pending_at_start" in line).split()
+    assert int(start[-3]) + int(start[-1]) == 4, done.stdout
+    assert "child flushed True delivers False" in lines  # the parent delivered its rows
+    assert not any(line.startswith("child outcome") for line in lines), done.stdout
+    assert "parent flushed True child_exit 0" in lines
+    assert "parent outcome delivered 7" in lines
+    ids = sorted(r.body["external_id"] for r in emulator.requests_to(UPSERT))
+    assert ids == sorted([f"parent-{n}" for n in range(4)] + [f"child-{n}" for n in range(3)])
+    assert waiting_in(store) == 0
+
+
+@pytest.mark.parametrize(
+    ("module", "function", "argument", "library"),
+    [
+        ("gevent.monkey", "is_module_patched", "threading", "gevent"),
+        ("eventlet.patcher", "is_monkey_patched", "thread", "eventlet"),
+    ],
+)
+def test_green_thread_patching_is_refused(
+    emulator: Emulator,
+    monkeypatch: pytest.MonkeyPatch,
+    module: str,
+    argument: str,
+    function: str,
+    library: str,
+) -> None:
+    # Neither library is installed here: stand in for a patched one the way its own
+    # query would answer, with a module object in sys.modules.
+    stub = types.ModuleType(module)
+    setattr(stub, function, lambda name: name == argument)
+    monkeypatch.setitem(sys.modules, module, stub)
+    with pytest.raises(ConfigurationError, match=f"{library} monkey-patching"):
+        make_engine(RecordingHooks(), emulator.url, emulator.live_key)
+    with pytest.raises(ConfigurationError, match='MEISA_DELIVERY = "sync"'):
+        build_app(emulator_config(emulator, MEISA_DELIVERY="thread"))
+    # The engines that need no threads of their own are fine.
+    app = build_app(emulator_config(emulator, MEISA_DELIVERY="sync"))
+    app.test_client().post("/login/1").close()
+    assert len(emulator.requests_to(UPSERT)) == 1
+
+
+def test_unpatched_green_thread_libraries_are_fine(
+    emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stub = types.ModuleType("gevent.monkey")
+    stub.is_module_patched = lambda name: False  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "gevent.monkey", stub)
+    engine = make_engine(RecordingHooks(), emulator.url, emulator.live_key)
+    assert engine.close() == 0
+
+
+# -- apps closed or dropped ------------------------------------------------------------
+
+
+def meisa_threads() -> list[threading.Thread]:
+    """Threads of an app's delivery (the process's one HTTP watchdog is not one)."""
+    return [
+        t
+        for t in threading.enumerate()
+        if t.name.startswith("flask-meisa") and t.name != "flask-meisa-watchdog"
+    ]
+
+
+def open_descriptors() -> list[str]:
+    return sorted(os.listdir("/proc/self/fd"))
+
+
+def use_an_app(emulator: Emulator, user: int) -> None:
+    """Build an app with the default delivery (the store in its instance folder), log a
+    user in and wait for the sync; then let the app go."""
+    app = build_app(emulator_config(emulator, MEISA_DELIVERY="thread"))
+    app.test_client().post(f"/login/{user}").close()
+    with app.app_context():
+        assert app.extensions["meisa"].flush(10)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_fifty_dropped_apps_leave_no_thread_and_no_descriptor(emulator: Emulator) -> None:
+    use_an_app(emulator, 1)  # imports, loggers and the emulator's first connections
+    gc.collect()
+    assert wait_until(lambda: not meisa_threads())
+    threads, descriptors = threading.enumerate(), open_descriptors()
+    for n in range(50):
+        use_an_app(emulator, 1 + n % 2)
+    gc.collect()
+    assert wait_until(lambda: not meisa_threads()), meisa_threads()
+    left = [t.name for t in threading.enumerate() if t not in threads]
+    assert left == []
+    assert wait_until(lambda: len(open_descriptors()) <= len(descriptors)), (
+        descriptors,
+        open_descriptors(),
+    )
+    assert len(emulator.requests_to(UPSERT)) >= 2
+    print(
+        f"\n50 apps dropped: threads {len(threads)} -> {len(threading.enumerate())}, "
+        f"descriptors {len(descriptors)} -> {len(open_descriptors())}"
+    )
+
+
+def test_an_app_collected_inside_a_store_transaction_is_closed_after_it(
+    emulator: Emulator,
+) -> None:
+    # The collector runs finalizers in whichever thread it ran in: here (as it may in a
+    # delivery thread) one inside a transaction of the app's own store.
+    app = build_app(emulator_config(emulator, MEISA_DELIVERY="thread"))
+    store = app.extensions["meisa"].state(app).store()
+    gone = weakref.ref(app)
+    with store.write() as db:
+        del app
+        gc.collect()
+        assert gone() is None
+        assert db.execute("SELECT count(*) FROM meisa_ops").fetchone() == (0,)  # still open
+    assert wait_until(lambda: not meisa_threads()), meisa_threads()
+
+
+def test_close_stops_an_apps_delivery_at_once(emulator: Emulator) -> None:
+    app: Flask = build_app(emulator_config(emulator, MEISA_DELIVERY="thread"))
+    meisa: Meisa = app.extensions["meisa"]
+    path = meisa.state(app).store_path()
+    assert path is not None
+    emulator.faults.outage(600)
+    app.test_client().post("/login/1").close()
+    assert emulator.wait_for_requests(1, path=UPSERT)  # in delivery, failing
+    assert meisa_threads()
+    began = time.monotonic()
+    assert meisa.close(app, timeout=0) == 0  # nothing lost: the store keeps it
+    took = time.monotonic() - began
+    assert not meisa_threads()
+    print(f"\nclose(timeout=0) with an operation pending: {took:.2f}s")
+    assert took < 3.0  # no flush: at most a call in flight (none: it is paused)
+    assert waiting_in(Path(path)) == 1
+    requests = len(emulator.requests)
+    emulator.faults.clear()
+    assert not wait_until(lambda: len(emulator.requests) > requests, timeout=0.5)
+    assert meisa.close(app) == 0  # closing again does nothing

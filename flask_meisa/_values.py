@@ -1,8 +1,8 @@
-"""Parsers of ``MEISA_*`` values, used by :mod:`flask_meisa.config` and the client.
+"""Parsers of ``MEISA_*`` values, for :mod:`flask_meisa.config` and the client.
 
-Each takes what a config holds (a Python value, or a string read from the environment)
-and returns the value to use, or raises :class:`InvalidValue` saying what is allowed. No
-message ever repeats the value: the caller decides whether it may be shown.
+Each takes a config value (a Python value, or a string read from the environment) and
+returns the value to use, or raises :class:`InvalidValue` saying what is allowed. No
+message repeats the value: the caller decides whether it may be shown.
 """
 
 from __future__ import annotations
@@ -16,26 +16,9 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = [
-    "INSTANCE_PREFIX",
-    "MEMORY",
-    "InvalidValue",
-    "api_key",
-    "base_url",
-    "celery_app",
-    "choice",
-    "count",
-    "field_map",
-    "flag",
-    "names",
-    "optional_flag",
-    "outbox",
-    "queue_name",
-    "rate_limit",
-    "redis_url",
-    "seconds",
-    "source",
-]
+from ._ratelimit import parse_rate_limit
+from .bodies import CONTACT_SOURCES
+from .errors import ConfigurationError
 
 #: ``MEISA_OUTBOX`` values starting with this name a file in the app's instance folder.
 INSTANCE_PREFIX = "instance:"
@@ -44,29 +27,24 @@ MEMORY = "memory"
 
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
+_FLAG = 'True or False (or a string "true"/"false", "yes"/"no", "on"/"off", "1"/"0")'
 #: Longer than any wait a thread, lock or socket can be given.
 _MAX_SECONDS = threading.TIMEOUT_MAX
-_REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 class InvalidValue(ValueError):
-    """A value was refused. The message says what is allowed (it reads after the key's
-    name, e.g. "must be a number") and never holds the value."""
+    """A refused value. The message says what is allowed (it reads after the key's name,
+    e.g. "must be a number") and never holds the value."""
 
 
 def flag(value: object) -> bool:
     """A boolean: ``True``/``False`` or one of the usual words, any case."""
     if isinstance(value, bool):
         return value
-    if isinstance(value, str):
-        word = value.strip().lower()
-        if word in _TRUE:
-            return True
-        if word in _FALSE:
-            return False
-    raise InvalidValue(
-        'must be True or False (or a string "true"/"false", "yes"/"no", "on"/"off", "1"/"0")'
-    )
+    word = value.strip().lower() if isinstance(value, str) else ""
+    if word not in _TRUE | _FALSE:
+        raise InvalidValue(f"must be {_FLAG}")
+    return word in _TRUE
 
 
 def optional_flag(value: object) -> bool | None:
@@ -76,29 +54,18 @@ def optional_flag(value: object) -> bool | None:
     try:
         return flag(value)
     except InvalidValue:
-        raise InvalidValue(
-            'must be None, True or False (or a string "true"/"false", "yes"/"no", "on"/"off",'
-            ' "1"/"0")'
-        ) from None
+        raise InvalidValue(f"must be None, {_FLAG}") from None
 
 
 def _number(value: object) -> float | None:
     """The finite number ``value`` holds (an int, a float or a numeric string), or None."""
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
         return None
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            return None
-    if isinstance(value, int):
-        try:
-            value = float(value)
-        except OverflowError:
-            return None
-    if isinstance(value, float) and math.isfinite(value):
-        return value
-    return None
+    try:
+        number = float(value)  # a string's surrounding whitespace is ignored
+    except (ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 def seconds(minimum: float, *, inclusive: bool = True) -> Callable[[object], float]:
@@ -120,14 +87,11 @@ def count(minimum: int = 1) -> Callable[[object], int]:
     """A parser of a whole number, at least ``minimum``."""
 
     def parse(value: object) -> int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            number: int | None = value
-        else:
-            real = _number(value)
-            number = int(real) if real is not None and real.is_integer() else None
-        if number is None or number < minimum:
+        exact = isinstance(value, int) and not isinstance(value, bool)
+        number = value if exact else _number(value)
+        if not isinstance(number, int | float) or number < minimum or number != int(number):
             raise InvalidValue(f"must be a whole number >= {minimum}")
-        return number
+        return int(number)
 
     return parse
 
@@ -137,8 +101,8 @@ def choice(*options: str) -> Callable[[object], str]:
     allowed = ", ".join(f'"{option}"' for option in options)
 
     def parse(value: object) -> str:
-        word = value.strip().lower() if isinstance(value, str) else None
-        if word is None or word not in options:
+        word = value.strip().lower() if isinstance(value, str) else ""
+        if word not in options:
             raise InvalidValue(f"must be one of {allowed}")
         return word
 
@@ -187,13 +151,11 @@ def api_key(value: object) -> str | None:
     if not isinstance(value, str):
         raise InvalidValue("must be a string")
     key = value.strip()
-    if not key:
-        return None
     if not key.isascii() or not key.isprintable() or any(c.isspace() for c in key):
         raise InvalidValue(
             "must be the key alone: no whitespace inside, no control or non-ASCII characters"
         )
-    return key
+    return key or None
 
 
 def base_url(value: object) -> str:
@@ -241,9 +203,6 @@ def rate_limit(value: object) -> str | None:
     allowed = 'must be a budget such as "60/minute;1000/hour", or None'
     if not isinstance(value, str) or not value.strip():
         raise InvalidValue(allowed)
-    from ._ratelimit import parse_rate_limit
-    from .errors import ConfigurationError
-
     try:
         parse_rate_limit(value)
     except ConfigurationError as error:
@@ -253,12 +212,10 @@ def rate_limit(value: object) -> str | None:
 
 def source(value: object) -> str | None:
     """A contact ``source`` Meisa accepts, or ``None``."""
-    from .bodies import CONTACT_SOURCES
-
     if value is None:
         return None
-    word = value.strip() if isinstance(value, str) else None
-    if word is None or word not in CONTACT_SOURCES:
+    word = value.strip() if isinstance(value, str) else ""
+    if word not in CONTACT_SOURCES:
         allowed = ", ".join(f'"{name}"' for name in sorted(CONTACT_SOURCES))
         raise InvalidValue(f"must be None or one of {allowed}")
     return word
@@ -276,7 +233,7 @@ def outbox(value: object) -> str | None:
             f'instance folder, or None (or "{MEMORY}") for memory only'
         )
     path = value.strip()
-    if path.startswith(INSTANCE_PREFIX) and not path[len(INSTANCE_PREFIX) :].strip():
+    if path.startswith(INSTANCE_PREFIX) and not path.removeprefix(INSTANCE_PREFIX).strip():
         raise InvalidValue(f'names no file: give "{INSTANCE_PREFIX}<file name>"')
     if path == ":memory:":
         raise InvalidValue(f'must be a file; for memory only, set None or "{MEMORY}"')
@@ -307,6 +264,6 @@ def redis_url(value: object) -> str | None:
         scheme = urlsplit(url).scheme
     except ValueError:
         scheme = ""
-    if scheme not in _REDIS_SCHEMES:
+    if scheme not in ("redis", "rediss", "unix"):
         raise InvalidValue("must be a redis://, rediss:// or unix:// URL, or None")
     return url

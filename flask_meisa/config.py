@@ -1,14 +1,10 @@
 """The ``MEISA_*`` configuration keys: one table, and everything made from it.
 
-:data:`KEYS` holds each key's name, type, default, meaning and parser. From it come the
-defaults ``init_app`` sets with ``app.config.setdefault``, the validation, the resolved
-:class:`MeisaSettings`, the template ``flask meisa config-template`` prints
-(:func:`config_template`) and the README's table (:func:`markdown_table`).
-
-``init_app`` resolves the keys once; change config before it. The exceptions are
-``MEISA_ENABLED`` and ``MEISA_SUPPRESS_SEND``, read on every operation
-(:func:`is_delivering`) so that flipping ``TESTING`` in a test fixture takes effect, and
-the ``MEISA_CELERY_*`` keys, read by the Celery engine when it starts.
+:data:`KEYS` gives the defaults ``init_app`` sets, the validation, the resolved
+:class:`MeisaSettings`, the template (:func:`config_template`) and the README's table
+(:func:`markdown_table`). ``init_app`` resolves the keys once, except ``MEISA_ENABLED`` and
+``MEISA_SUPPRESS_SEND`` (read on every operation, :func:`is_delivering`) and the
+``MEISA_CELERY_*`` keys (read by the Celery engine when it starts).
 """
 
 from __future__ import annotations
@@ -49,23 +45,18 @@ logger = logging.getLogger("flask_meisa")
 #: Delivery engines ``MEISA_DELIVERY`` can name.
 DELIVERY_MODES = ("thread", "sync", "celery")
 
-_SECONDS = "float seconds"
-
 
 @dataclass(frozen=True)
 class Key:
-    """One ``MEISA_*`` key: what it is, what it defaults to, and how it is read."""
+    """One ``MEISA_*`` key: its name, documented type, default, parser and meaning."""
 
-    #: The config key.
     name: str
-    #: Its type, as documented.
     type: str
-    #: The default ``init_app`` sets.
     default: Any
-    #: One line on what it does (README table and template).
-    meaning: str
     #: Turns a config value into the value used; raises :class:`_values.InvalidValue`.
     parse: Callable[[Any], Any]
+    #: One line on what it does (README table and template).
+    meaning: str
     #: More for the template.
     notes: str = ""
     #: What the default stands for, e.g. "= TESTING".
@@ -79,280 +70,130 @@ class Key:
 
     @property
     def attribute(self) -> str:
-        """Its :class:`MeisaSettings` attribute: ``MEISA_RETRY_DEADLINE`` →
-        ``retry_deadline``."""
+        """Its :class:`MeisaSettings` attribute: ``MEISA_RETRY_DEADLINE`` → ``retry_deadline``."""
         return self.name.removeprefix("MEISA_").lower()
 
 
+_SECONDS = "float seconds"
+_ABOVE_0 = _values.seconds(0, inclusive=False)
+
+# One key a row: name, type, default, parser, meaning, then what more the docs say.
+# fmt: off
 #: Every key, in the order the template and the README list them.
 KEYS: tuple[Key, ...] = (
-    Key(
-        "MEISA_API_KEY",
-        "str",
-        None,
+    Key("MEISA_API_KEY", "str", None, _values.api_key,
         "the server-side API key (`meisa_live_...` or `meisa_test_...`); not needed while"
         " delivery is off (`MEISA_ENABLED = False`, or under `TESTING`)",
-        _values.api_key,
         notes="From Meisa's dashboard. Read it from the environment; never commit it.",
-        default_note="required while delivering",
-        template='os.environ.get("MEISA_API_KEY")',
-        secret=True,
-    ),
-    Key(
-        "MEISA_BASE_URL",
-        "str",
-        "https://api.meisa.io/api/v1",
+        default_note="required while delivering", template='os.environ.get("MEISA_API_KEY")',
+        secret=True),
+    Key("MEISA_BASE_URL", "str", "https://api.meisa.io/api/v1", _values.base_url,
         "Meisa's API root: `https://`, or `http://` for localhost or a loopback address",
-        _values.base_url,
         notes="For local work point it at the embedded emulator (`flask meisa emulator`),"
-        ' e.g. "http://127.0.0.1:8025/api/v1".',
-        template='os.environ.get("MEISA_BASE_URL", "https://api.meisa.io/api/v1")',
-    ),
-    Key(
-        "MEISA_ENABLED",
-        "bool",
-        True,
+              ' e.g. "http://127.0.0.1:8025/api/v1".',
+        template='os.environ.get("MEISA_BASE_URL", "https://api.meisa.io/api/v1")'),
+    Key("MEISA_ENABLED", "bool", True, _values.flag,
         "`False` turns delivery off: operations are still validated, recorded and signalled,"
         " no call is made and no key is needed; read on every operation",
-        _values.flag,
-        resolved=False,
-    ),
-    Key(
-        "MEISA_SUPPRESS_SEND",
-        "bool/None",
-        None,
+        resolved=False),
+    Key("MEISA_SUPPRESS_SEND", "bool/None", None, _values.optional_flag,
         "`True`: like `MEISA_ENABLED = False`; `None` follows `TESTING`; read on every operation",
-        _values.optional_flag,
-        default_note="= `TESTING`",
-        resolved=False,
-    ),
-    Key(
-        "MEISA_TIMEOUT",
-        _SECONDS,
-        10.0,
-        "read timeout of every call to Meisa",
-        _values.seconds(0, inclusive=False),
-    ),
-    Key(
-        "MEISA_CONNECT_TIMEOUT",
-        _SECONDS,
-        3.05,
-        "connect timeout of every call to Meisa",
-        _values.seconds(0, inclusive=False),
-    ),
-    Key(
-        "MEISA_MAX_ATTEMPTS",
-        "int",
-        5,
+        default_note="= `TESTING`", resolved=False),
+    Key("MEISA_TIMEOUT", _SECONDS, 10.0, _ABOVE_0, "read timeout of every call to Meisa"),
+    Key("MEISA_CONNECT_TIMEOUT", _SECONDS, 3.05, _ABOVE_0,
+        "connect timeout of every call to Meisa"),
+    Key("MEISA_MAX_ATTEMPTS", "int", 5, _values.count(1),
         "attempts of a call made in the caller's thread (`meisa.send`, CLI commands,"
         " `meisa.client`), the first included; background delivery retries until"
         " `MEISA_RETRY_DEADLINE`",
-        _values.count(1),
-        notes="Only connection errors, timeouts, 5xx and 429 are retried; any other 4xx is final.",
-    ),
-    Key(
-        "MEISA_RETRY_BASE_DELAY",
-        _SECONDS,
-        0.5,
-        "first backoff ceiling; doubles per attempt, with full jitter",
-        _values.seconds(0),
-    ),
-    Key(
-        "MEISA_RETRY_MAX_DELAY",
-        _SECONDS,
-        30.0,
-        "cap on any one backoff delay and on an honoured `Retry-After`",
-        _values.seconds(0),
-    ),
-    Key(
-        "MEISA_RETRY_DEADLINE",
-        _SECONDS,
-        600.0,
+        notes="Only connection errors, timeouts, 5xx and 429 are retried; any other 4xx is"
+              " final."),
+    Key("MEISA_RETRY_BASE_DELAY", _SECONDS, 0.5, _values.seconds(0),
+        "first backoff ceiling; doubles per attempt, with full jitter"),
+    Key("MEISA_RETRY_MAX_DELAY", _SECONDS, 30.0, _values.seconds(0),
+        "cap on any one backoff delay and on an honoured `Retry-After`"),
+    Key("MEISA_RETRY_DEADLINE", _SECONDS, 600.0, _ABOVE_0,
         "total time a background operation may spend retrying, however many attempts",
-        _values.seconds(0, inclusive=False),
         notes="An outage or a run of 429s shorter than this loses nothing; past it the"
-        " operation is reported through delivery_failed (and kept as a dead letter with"
-        " MEISA_OUTBOX).",
-    ),
-    Key(
-        "MEISA_SEND_DEADLINE",
-        _SECONDS,
-        10.0,
+              " operation is reported through delivery_failed (and kept as a dead letter with"
+              " MEISA_OUTBOX)."),
+    Key("MEISA_SEND_DEADLINE", _SECONDS, 10.0, _ABOVE_0,
         "total time a synchronous `meisa.send()` may spend retrying before it raises",
-        _values.seconds(0, inclusive=False),
-        notes="Keep it well below your WSGI server's worker timeout.",
-    ),
-    Key(
-        "MEISA_RATE_LIMIT",
-        "str/None",
-        "60/minute;1000/hour",
+        notes="Keep it well below your WSGI server's worker timeout."),
+    Key("MEISA_RATE_LIMIT", "str/None", "60/minute;1000/hour", _values.rate_limit,
         "the key's rate budget, shared by every background call; `None` turns it off",
-        _values.rate_limit,
-        notes="Raise it when Meisa raises your key's limits.",
-    ),
-    Key(
-        "MEISA_SYNC_ON_LOGIN",
-        "bool",
-        True,
-        "upsert the user on Flask-Login's `user_logged_in`",
-        _values.flag,
-    ),
-    Key(
-        "MEISA_CUSTOM_FIELDS",
-        "list or dict",
-        (),
+        notes="Raise it when Meisa raises your key's limits."),
+    Key("MEISA_SYNC_ON_LOGIN", "bool", True, _values.flag,
+        "upsert the user on Flask-Login's `user_logged_in`"),
+    Key("MEISA_CUSTOM_FIELDS", "list or dict", (), _values.field_map,
         "user attributes the default mapper sends as `custom_fields`: names (a list, or a"
         " comma-separated string), or `{custom field: attribute}`",
-        _values.field_map,
         notes="A callable attribute is called; dates become ISO 8601 (UTC), Decimal a"
-        ' number, Enum its value. For example ["plan", "signup_date", "last_active",'
-        ' "signin_count"].',
-    ),
-    Key(
-        "MEISA_DEFAULT_SOURCE",
-        "str/None",
-        None,
+              ' number, Enum its value. For example ["plan", "signup_date", "last_active",'
+              ' "signin_count"].'),
+    Key("MEISA_DEFAULT_SOURCE", "str/None", None, _values.source,
         "`source` of the upserts the default mapper makes: `api`, `import`, `manual`,"
         " `signup` or `initial_sync`",
-        _values.source,
-        notes="Meisa keeps the source a contact was created with.",
-    ),
-    Key(
-        "MEISA_SUPPRESSION_TTL",
-        _SECONDS,
-        300.0,
+        notes="Meisa keeps the source a contact was created with."),
+    Key("MEISA_SUPPRESSION_TTL", _SECONDS, 300.0, _values.seconds(1),
         "how long the suppression set is used before a background refresh",
-        _values.seconds(1),
-        notes="The set holds the unsubscribed, bounced and complained addresses.",
-    ),
-    Key(
-        "MEISA_SUPPRESSION_PRELOAD",
-        "bool",
-        False,
-        "load the suppression set at startup instead of on the first send",
-        _values.flag,
-    ),
-    Key(
-        "MEISA_RELEASE_ON_ERROR",
-        "bool",
-        False,
-        "release a request's syncs and events even when its view raised or answered 5xx",
-        _values.flag,
-    ),
-    Key(
-        "MEISA_DELIVERY",
-        "str",
-        "thread",
+        notes="The set holds the unsubscribed, bounced and complained addresses."),
+    Key("MEISA_SUPPRESSION_PRELOAD", "bool", False, _values.flag,
+        "load the suppression set at startup instead of on the first send"),
+    Key("MEISA_RELEASE_ON_ERROR", "bool", False, _values.flag,
+        "release a request's syncs and events even when its view raised or answered 5xx"),
+    Key("MEISA_DELIVERY", "str", "thread", _values.choice(*DELIVERY_MODES),
         '`"thread"`: a background engine delivers after the response; `"sync"`: every'
         ' operation inline; `"celery"`: Celery workers deliver',
-        _values.choice(*DELIVERY_MODES),
         notes='"sync" is for debugging and scripts. "celery" needs'
-        ' pip install "flask-meisa[celery]"; the web process only publishes one task per'
-        " operation (see flask_meisa/engine/celery.py).",
-    ),
-    Key(
-        "MEISA_QUEUE_SIZE",
-        "int",
-        10_000,
+              ' pip install "flask-meisa[celery]"; the web process only publishes one task per'
+              " operation (see flask_meisa/engine/celery.py)."),
+    Key("MEISA_QUEUE_SIZE", "int", 10_000, _values.count(1),
         "operations the engine holds in memory; past it events, then syncs, are shed"
-        " (reported through `delivery_dropped`), never sends",
-        _values.count(1),
-    ),
-    Key("MEISA_WORKERS", "int", 1, "delivery threads per process", _values.count(1)),
-    Key(
-        "MEISA_FLUSH_TIMEOUT",
-        _SECONDS,
-        5.0,
-        "how long interpreter exit waits to deliver what is pending",
-        _values.seconds(0),
-    ),
-    Key(
-        "MEISA_RESYNC_AFTER",
-        _SECONDS,
-        86400.0,
-        "after this long Meisa is told a contact's state again, even when nothing changed",
-        _values.seconds(0, inclusive=False),
-    ),
-    Key(
-        "MEISA_PRIORITY_FIELDS",
-        "list",
-        ("plan", "subscription_status"),
+        " (reported through `delivery_dropped`), never sends"),
+    Key("MEISA_WORKERS", "int", 1, _values.count(1), "delivery threads per process"),
+    Key("MEISA_FLUSH_TIMEOUT", _SECONDS, 5.0, _values.seconds(0),
+        "how long interpreter exit waits to deliver what is pending"),
+    Key("MEISA_RESYNC_AFTER", _SECONDS, 86400.0, _ABOVE_0,
+        "after this long Meisa is told a contact's state again, even when nothing changed"),
+    Key("MEISA_PRIORITY_FIELDS", "list", ("plan", "subscription_status"), _values.names,
         "custom fields whose change puts an upsert ahead of routine syncs (a list, or a"
-        " comma-separated string)",
-        _values.names,
-    ),
-    Key(
-        "MEISA_ROUTINE_MAX_AGE",
-        _SECONDS,
-        3600.0,
-        "a routine sync waiting longer than this is promoted, so that nothing waits forever",
-        _values.seconds(0, inclusive=False),
-    ),
-    Key(
-        "MEISA_OUTBOX",
-        "str/None",
-        f"{INSTANCE_PREFIX}meisa-outbox.sqlite3",
+        " comma-separated string)"),
+    Key("MEISA_ROUTINE_MAX_AGE", _SECONDS, 3600.0, _ABOVE_0,
+        "a routine sync waiting longer than this is promoted, so that nothing waits forever"),
+    Key("MEISA_OUTBOX", "str/None", f"{INSTANCE_PREFIX}meisa-outbox.sqlite3", _values.outbox,
         "where background work waits for Meisa: a SQLite file every process of the host"
         f' shares (`"{INSTANCE_PREFIX}<name>"`: in the instance folder), or None (or'
         f' `"{MEMORY}"`) for each process\'s memory only',
-        _values.outbox,
         notes="With the file, the host's processes share one budget and one delivery order,"
-        " one of them delivers, and nothing released is lost when a process is killed or"
-        " redeployed; operations Meisa refused stay as dead letters (flask meisa"
-        " dead-letters). In a container, mount a volume on the instance folder. Use a local"
-        ' filesystem (not NFS). Only for MEISA_DELIVERY = "thread".',
-    ),
-    Key(
-        "MEISA_OUTBOX_BUSY_TIMEOUT",
-        _SECONDS,
-        1.0,
+              " one of them delivers, and nothing released is lost when a process is killed"
+              " or redeployed; operations Meisa refused stay as dead letters (flask meisa"
+              " dead-letters). In a container, mount a volume on the instance folder. Use a"
+              ' local filesystem (not NFS). Only for MEISA_DELIVERY = "thread".'),
+    Key("MEISA_OUTBOX_BUSY_TIMEOUT", _SECONDS, 1.0, _values.seconds(0),
         "how long an outbox write waits for another process's write; past it the operation"
-        " is held in memory (logged)",
-        _values.seconds(0),
-    ),
-    Key(
-        "MEISA_CELERY_APP",
-        "Celery/None",
-        None,
+        " is held in memory (logged)"),
+    Key("MEISA_CELERY_APP", "Celery/None", None, _values.celery_app,
         'with `MEISA_DELIVERY = "celery"`: the Celery app that carries the task'
         " `flask_meisa.deliver`",
-        _values.celery_app,
         notes='Set it, or app.extensions["celery"], before meisa.init_app(app).',
-        default_note='= `app.extensions["celery"]`',
-        resolved=False,
-    ),
-    Key(
-        "MEISA_CELERY_QUEUE",
-        "str",
-        "meisa",
+        default_note='= `app.extensions["celery"]`', resolved=False),
+    Key("MEISA_CELERY_QUEUE", "str", "meisa", _values.queue_name,
         "with Celery: prefix of the lane queues (`<prefix>.transactional`, `.automation`,"
         " `.routine`, `.backfill`) and of the engine's Redis keys",
-        _values.queue_name,
         notes="Run workers with -Q meisa.transactional,meisa.automation,meisa.routine,"
-        'meisa.backfill (in that order) and broker_transport_options = {"queue_order_strategy":'
-        ' "priority"}.',
-        resolved=False,
-    ),
-    Key(
-        "MEISA_CELERY_REDIS_URL",
-        "str/None",
-        None,
+              'meisa.backfill (in that order) and broker_transport_options = '
+              '{"queue_order_strategy": "priority"}.',
+        resolved=False),
+    Key("MEISA_CELERY_REDIS_URL", "str/None", None, _values.redis_url,
         "with Celery: the Redis holding the shared budget, coalesced upserts, what Meisa"
         " has of each contact and the pending count",
-        _values.redis_url,
-        default_note="= the broker's URL, when it is Redis",
-        secret=True,
-        resolved=False,
-    ),
-    Key(
-        "MEISA_CELERY_COALESCE",
-        "bool",
-        True,
+        default_note="= the broker's URL, when it is Redis", secret=True, resolved=False),
+    Key("MEISA_CELERY_COALESCE", "bool", True, _values.flag,
         "with Celery: a contact's upserts waiting in the queue become one call",
-        _values.flag,
-        resolved=False,
-    ),
+        resolved=False),
 )
+# fmt: on
 
 _BY_NAME = {key.name: key for key in KEYS}
 
@@ -362,20 +203,22 @@ DEFAULTS: dict[str, Any] = {key.name: key.default for key in KEYS}
 
 # -- validation -------------------------------------------------------------------------
 
-
 #: The parts of a URL that can carry a secret: credentials, a query, a fragment.
 _URL_SECRETS = (re.compile(r"(://)[^/@\s]*@"), re.compile(r"([?#])[^'\"]*"))
+#: The keys that turn delivery on and off, read on every operation.
+_SWITCHES = ("MEISA_ENABLED", "MEISA_SUPPRESS_SEND")
 
 
 def _shown(key: Key, value: object) -> str:
-    """How an error shows a refused value: its type, and the value unless it is a
-    secret, long, or not a plain scalar (a URL's credentials, query and fragment are
-    masked)."""
+    """How an error shows a refused value: its type, and the value unless it is a secret,
+    long, or not a plain scalar (a URL's credentials, query and fragment are masked)."""
+    kind = type(value).__name__
     if value is None:
         return "None"
-    kind = type(value).__name__
-    if key.secret or not isinstance(value, str | int | float):
-        return f"{kind} (value not shown)" if key.secret else kind
+    if key.secret:
+        return f"{kind} (value not shown)"
+    if not isinstance(value, str | int | float):
+        return kind
     text = repr(value)
     if "://" in text:
         credentials, rest = _URL_SECRETS
@@ -384,6 +227,7 @@ def _shown(key: Key, value: object) -> str:
 
 
 def _parse(config: Mapping[str, Any], keys: Iterable[Key]) -> tuple[dict[str, Any], list[str]]:
+    """The parsed values of ``keys``, and a line for each that is invalid."""
     values: dict[str, Any] = {}
     problems: list[str] = []
     for key in keys:
@@ -415,8 +259,10 @@ def resolve_keys(config: Mapping[str, Any], names: Iterable[str]) -> dict[str, A
     return values
 
 
-def _delivering(enabled: bool, suppress: bool | None, testing: object) -> bool:
-    return enabled and not (bool(testing) if suppress is None else suppress)
+def _delivering(switches: Mapping[str, Any], config: Mapping[str, Any]) -> bool:
+    suppress = switches["MEISA_SUPPRESS_SEND"]
+    suppressed = bool(config.get("TESTING")) if suppress is None else suppress
+    return bool(switches["MEISA_ENABLED"]) and not suppressed
 
 
 def is_delivering(config: Mapping[str, Any]) -> bool:
@@ -425,42 +271,17 @@ def is_delivering(config: Mapping[str, Any]) -> bool:
 
     :raises ConfigurationError: one of the two is not a boolean.
     """
-    values = resolve_keys(config, ("MEISA_ENABLED", "MEISA_SUPPRESS_SEND"))
-    return _delivering(
-        values["MEISA_ENABLED"], values["MEISA_SUPPRESS_SEND"], config.get("TESTING")
-    )
-
-
-def _combined_problems(config: Mapping[str, Any], values: Mapping[str, Any]) -> list[str]:
-    """What is wrong with keys that are each valid but do not go together."""
-    problems = []
-    switches = ("MEISA_API_KEY", "MEISA_ENABLED", "MEISA_SUPPRESS_SEND")
-    if (
-        all(name in values for name in switches)
-        and values["MEISA_API_KEY"] is None
-        and _delivering(
-            values["MEISA_ENABLED"], values["MEISA_SUPPRESS_SEND"], config.get("TESTING")
-        )
-    ):
-        problems.append(
-            "MEISA_API_KEY is not set: set it to your Meisa API key, or turn delivery off"
-            " (MEISA_ENABLED = False; under TESTING it is off unless MEISA_SUPPRESS_SEND ="
-            " False)"
-        )
-    return problems
+    return _delivering(resolve_keys(config, _SWITCHES), config)
 
 
 def warn_unknown_keys(config: Mapping[str, Any]) -> None:
     """Log a warning for each ``MEISA_*`` key of ``config`` that no setting has, naming
     the closest known key (a misspelt key is otherwise ignored without a word)."""
     for name in config:
-        if not isinstance(name, str) or not name.upper().startswith("MEISA_"):
-            continue
-        if name in _BY_NAME:
-            continue
-        close = difflib.get_close_matches(name.upper(), _BY_NAME, n=1)
-        hint = f"did you mean {close[0]}?" if close else "see `flask meisa config-template`"
-        logger.warning("flask-meisa: %s is not a Meisa setting and is ignored; %s", name, hint)
+        if isinstance(name, str) and name.upper().startswith("MEISA_") and name not in _BY_NAME:
+            close = difflib.get_close_matches(name.upper(), _BY_NAME, n=1)
+            hint = f"did you mean {close[0]}?" if close else "see `flask meisa config-template`"
+            logger.warning("flask-meisa: %s is not a Meisa setting and is ignored; %s", name, hint)
 
 
 @dataclass(frozen=True)
@@ -511,7 +332,13 @@ class MeisaSettings:
         """
         warn_unknown_keys(config)
         values, problems = _parse(config, KEYS)
-        problems += _combined_problems(config, values)
+        known = values.keys() >= {"MEISA_API_KEY", *_SWITCHES}
+        if known and values["MEISA_API_KEY"] is None and _delivering(values, config):
+            problems.append(
+                "MEISA_API_KEY is not set: set it to your Meisa API key, or turn delivery off"
+                " (MEISA_ENABLED = False; under TESTING it is off unless MEISA_SUPPRESS_SEND ="
+                " False)"
+            )
         if problems:
             raise _error(problems)
         settings = {key.attribute: values[key.name] for key in KEYS if key.resolved}

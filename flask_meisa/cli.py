@@ -1,9 +1,8 @@
 """``flask meisa ...``: the extension's command-line interface.
 
 The group is registered on every app through the ``flask.commands`` entry point (and on
-``app.cli`` by ``init_app``), so ``config-template`` and ``emulator``, which need neither
-the extension nor a key, work before ``init_app`` is called; the other commands say
-that Meisa is not initialised on such an app.
+``app.cli`` by ``init_app``): ``config-template`` and ``emulator`` work before ``init_app``
+is called, the other commands say that Meisa is not initialised on such an app.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
+from ._ratelimit import parse_rate_limit
 from .config import config_template
 from .engine import backfill
 from .engine import pending
@@ -33,6 +33,16 @@ __all__ = ["meisa_cli"]
 
 meisa_cli = AppGroup("meisa", help="Meisa: check the connection, sync users, inspect delivery.")
 
+#: The scopes the extension uses, and what for.
+_USES = {
+    "contacts:write": "contact syncs (logins, plan changes, meisa.upsert, sync-users)",
+    "events:track": "events (@track_event, meisa.track)",
+    "emails:trigger": "transactional email (meisa.send)",
+    "contacts:read": "the suppression list checked before every send",
+}
+#: A row of the status table: lane, waiting, oldest, p50, p99.
+_ROW = "{:<14}  {:<8}  {:<9}  {:<8}  {:<8}"
+
 
 def _extension() -> Meisa:
     meisa = current_app.extensions.get("meisa")
@@ -41,32 +51,22 @@ def _extension() -> Meisa:
     return meisa  # type: ignore[no-any-return]
 
 
-def _fail(error: MeisaError) -> click.ClickException:
-    return click.ClickException(str(error))
-
-
 @meisa_cli.command("ping")
 def ping_command() -> None:
     """Check the API key: its environment, scopes and product."""
     try:
         result = _extension().client.ping()
     except MeisaError as error:
-        raise _fail(error) from None
+        raise click.ClickException(str(error)) from None
     click.echo(f"ok: {result.environment} key for {result.product_name or result.product_id}")
     click.echo(f"scopes: {', '.join(result.scopes) or '(none)'}")
-    missing = [scope for scope in _USES if scope not in result.scopes]
+    missing = "".join(
+        f"\n  {scope}: needed for {use}"
+        for scope, use in _USES.items()
+        if scope not in result.scopes
+    )
     if missing:
-        lines = "\n".join(f"  {scope}: needed for {_USES[scope]}" for scope in missing)
-        raise click.ClickException(f"the key lacks scopes this extension uses:\n{lines}")
-
-
-#: The scopes the extension uses, and what for.
-_USES = {
-    "contacts:write": "contact syncs (logins, plan changes, meisa.upsert, sync-users)",
-    "events:track": "events (@track_event, meisa.track)",
-    "emails:trigger": "transactional email (meisa.send)",
-    "contacts:read": "the suppression list checked before every send",
-}
+        raise click.ClickException(f"the key lacks scopes this extension uses:{missing}")
 
 
 @meisa_cli.command("suppressions")
@@ -84,7 +84,7 @@ def suppressions_command(check: str | None) -> None:
         try:
             suppressed = meisa.is_suppressed(check)
         except MeisaError as error:
-            raise _fail(error) from None
+            raise click.ClickException(str(error)) from None
         click.echo(f"{check.strip()}: {'suppressed' if suppressed else 'not suppressed'}")
 
 
@@ -98,7 +98,7 @@ def sequences_command(show_all: bool, search: str | None) -> None:
             status="all" if show_all else None, search=search
         )
     except MeisaError as error:
-        raise _fail(error) from None
+        raise click.ClickException(str(error)) from None
     if not sequences:
         click.echo("no sequences")
     for sequence in sequences:
@@ -132,8 +132,9 @@ def sync_users_command(max_share: float, restart: bool, dry_run: bool, failures:
     query, count = meisa.user_source
     users: Any = query()
     total = count() if count is not None else len(users) if hasattr(users, "__len__") else None
-    per_hour = backfill.estimate_per_hour(_windows(state.settings.rate_limit), max_share)
-    click.echo(_plan(total, per_hour))
+    budget = state.settings.rate_limit
+    windows = parse_rate_limit(budget) if budget else ()
+    click.echo(_plan(total, backfill.estimate_per_hour(windows, max_share)))
     if dry_run:
         for user in itertools.islice(users, 3):
             click.echo(json.dumps(meisa.map_user(user), sort_keys=True, default=str))
@@ -189,13 +190,8 @@ def _backfill_target(state: MeisaState, *, start: bool) -> backfill.Target:
     return backfill.StoreTarget(store, state.settings.resync_after)
 
 
-def _windows(spec: str | None) -> tuple[Any, ...]:
-    from ._ratelimit import parse_rate_limit
-
-    return parse_rate_limit(spec) if spec else ()
-
-
 def _duration(seconds: float) -> str:
+    """A long time, roughly: "4 days 9 hours", "1 hour 5 minutes", "under a minute"."""
     minutes = int(seconds // 60)
     days, minutes = divmod(minutes, 1440)
     hours, minutes = divmod(minutes, 60)
@@ -219,9 +215,8 @@ def _progress_line(progress: backfill.Progress) -> str:
     rate = f"{progress.rate:,.0f}/hour" if progress.rate else "rate not yet known"
     eta = ""
     if progress.rate and progress.left is not None:
-        eta = (
-            f", about {_duration((progress.left + progress.waiting) * 3600 / progress.rate)} left"
-        )
+        left = (progress.left + progress.waiting) * 3600 / progress.rate
+        eta = f", about {_duration(left)} left"
     return (
         f"{progress.done:,}{total} users done ({rate}), {run.skipped:,} unchanged, "
         f"{run.failed + progress.refused:,} failed, {progress.waiting:,} waiting{eta}"
@@ -229,24 +224,21 @@ def _progress_line(progress: backfill.Progress) -> str:
 
 
 def _show_failures(target: backfill.Target) -> None:
-    found = target.failures()
-    refused = []
+    lines = [
+        f"user {failure['user'] or '#' + str(failure['position'])}: {failure['reason']}"
+        for failure in target.failures()
+    ]
     if isinstance(target, backfill.StoreTarget):
-        with target.store.read() as db:
-            refused = [
-                f"dead letter {letter.seq}: HTTP {letter.status} [{letter.code}] {letter.message}"
-                for letter in pending.dead_letters(db)
-                if letter.operation.priority == "backfill"
-            ]
+        lines += [
+            f"dead letter {letter.seq}: {_refusal(letter)}"
+            for letter in _letters(target.store)
+            if letter.operation.priority == "backfill"
+        ]
     elif count := target.backlog()[1]:
-        refused = [f"{count} upsert(s) refused by Meisa (see the workers' delivery_failed signal)"]
-    for failure in found:
-        who = failure["user"] or f"#{failure['position']}"
-        click.echo(f"user {who}: {failure['reason']}")
-    for line in refused:
-        click.echo(line)
-    if not found and not refused:
-        click.echo("no failures")
+        lines.append(
+            f"{count} upsert(s) refused by Meisa (see the workers' delivery_failed signal)"
+        )
+    click.echo("\n".join(lines) or "no failures")
 
 
 @meisa_cli.command("flush")
@@ -264,47 +256,25 @@ def flush_command(timeout: float) -> None:
     click.echo("nothing pending")
 
 
-def _seconds(value: float) -> str:
-    if value < 60:
-        return f"{value:.1f}s"
-    minutes, seconds = divmod(int(value), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {seconds:02d}s"
-
-
 @meisa_cli.command("status")
 def status_command() -> None:
     """Show delivery for the whole host: pending work per lane and its age, latency,
     retries, dead letters, budget, which process delivers, counters, the backfill."""
     meisa = _extension()
     status = meisa.status()
-    state = meisa.state()
     where = "memory of this process"
     if status.durable:
-        where = f"{state.store_path()} (every process of this host)"
+        where = f"{meisa.state().store_path()} (every process of this host)"
     elif status.engine == "celery":
         where = "Redis (every worker)"
     click.echo(f"engine: {status.engine}, store: {where}")
     if status.engine == "thread":
         pid = status.delivering_pid
-        click.echo(f"delivering process: {'pid ' + str(pid) if pid else 'none running'}")
-    rows = [("lane", "waiting", "oldest", "p50", "p99")]
+        click.echo(f"delivering process: {f'pid {pid}' if pid else 'none running'}")
+    click.echo(_ROW.format("lane", "waiting", "oldest", "p50", "p99"))
     for lane, depth in status.queued.items():
-        p50, p99 = status.latency.get(lane, (None, None))
-        oldest = status.oldest_wait.get(lane)
-        rows.append(
-            (
-                lane,
-                str(depth),
-                "-" if oldest is None else _seconds(oldest),
-                "-" if p50 is None else _seconds(p50),
-                "-" if p99 is None else _seconds(p99),
-            )
-        )
-    for row in rows:
-        click.echo(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, (14, 8, 9, 8, 8), strict=True))
-        )
+        ages = (status.oldest_wait.get(lane), *status.latency.get(lane, (None, None)))
+        click.echo(_ROW.format(lane, depth, *map(_age, ages)))
     click.echo(
         f"in flight: {status.in_flight}  waiting to retry: {status.retry_waiting}  "
         f"dead letters: {status.dead_letters}"
@@ -313,27 +283,41 @@ def status_command() -> None:
         left = ", ".join(f"{window}: {n}" for window, n in status.budget_left.items())
         click.echo(f"budget left: {left}")
     if status.paused_for:
-        click.echo(f"paused for: {_seconds(status.paused_for)}")
+        click.echo(f"paused for: {_age(status.paused_for)}")
     click.echo(
         f"delivered: {status.delivered}  unchanged (no call needed): {status.unchanged}  "
         f"failed: {status.failed}  dropped: {status.dropped}"
     )
-    if status.backfill:
-        click.echo(f"backfill: {_backfill_line(status.backfill)}")
+    if run := status.backfill:
+        click.echo(
+            f"backfill: {run.get('state', 'running')}, {run.get('position', 0)} of"
+            f" {run.get('total') or '?'} users read, {run.get('skipped', 0)} unchanged,"
+            f" {run.get('failed', 0)} failed (started {_when(float(run.get('started_at', 0)))})"
+        )
 
 
-def _backfill_line(run: dict[str, Any]) -> str:
-    done = f"{run.get('position', 0)} of {run.get('total') or '?'} users read"
-    return (
-        f"{run.get('state', 'running')}, {done}, {run.get('skipped', 0)} unchanged, "
-        f"{run.get('failed', 0)} failed (started {_when(float(run.get('started_at', 0)))})"
-    )
+def _age(seconds: float | None) -> str:
+    """Seconds as the status table shows them: "0.3s", "4m 05s", "2h 05m", or "-"."""
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, seconds_left = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {seconds_left:02d}s"
+
+
+def _when(timestamp: float) -> str:
+    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 @meisa_cli.command("config-template", with_appcontext=False)
 def config_template_command() -> None:
     """Print the configuration template: every MEISA_* key with its default."""
     click.echo(config_template(), nl=False)
+
+
+# -- dead letters -----------------------------------------------------------------------
 
 
 def _store() -> Store:
@@ -345,8 +329,33 @@ def _store() -> Store:
     return state.store()
 
 
-def _when(timestamp: float) -> str:
-    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+def _letters(store: Store, ids: list[int] | None = None) -> list[pending.DeadLetter]:
+    """The dead letters ``ids`` (``None``: all, oldest first); an unknown ID is an error."""
+    with store.read() as db:
+        letters = pending.dead_letters(db, ids)
+    found = {letter.seq for letter in letters}
+    unknown = [str(seq) for seq in ids or () if seq not in found]
+    if unknown:
+        raise click.ClickException(f"no dead letter with ID {', '.join(unknown)}")
+    return letters
+
+
+def _chosen(store: Store, ids: tuple[int, ...], every: bool) -> list[int] | None:
+    """The dead letters a command names: ``ids`` (each checked), or ``None`` for all."""
+    if every and ids:
+        raise click.UsageError("give IDs or --all, not both")
+    if not every and not ids:
+        raise click.UsageError("give the IDs of dead letters (see 'list'), or --all")
+    if every:
+        return None
+    _letters(store, list(ids))
+    return list(ids)
+
+
+def _refusal(letter: pending.DeadLetter) -> str:
+    """A dead letter's error: HTTP status, [code] and message, each when there is one."""
+    status = f"HTTP {letter.status}" if letter.status is not None else ""
+    return " ".join(filter(None, (status, letter.code and f"[{letter.code}]", letter.message)))
 
 
 @meisa_cli.group("dead-letters", invoke_without_command=True)
@@ -357,59 +366,24 @@ def dead_letters_group(context: click.Context) -> None:
         context.invoke(dead_letters_list)
 
 
-def _chosen(ids: tuple[int, ...], every: bool) -> list[int] | None:
-    if every and ids:
-        raise click.UsageError("give IDs or --all, not both")
-    if not every and not ids:
-        raise click.UsageError("give the IDs of dead letters (see 'list'), or --all")
-    return None if every else list(ids)
-
-
-def _missing(store: Store, ids: list[int] | None) -> None:
-    if ids is None:
-        return
-    with store.read() as db:
-        found = {letter.seq for letter in pending.dead_letters(db, ids)}
-    unknown = [str(seq) for seq in ids if seq not in found]
-    if unknown:
-        raise click.ClickException(f"no dead letter with ID {', '.join(unknown)}")
-
-
 @dead_letters_group.command("list")
 def dead_letters_list() -> None:
     """List dead letters, oldest first, with their errors (no payload values)."""
-    with _store().read() as db:
-        letters = pending.dead_letters(db)
-    if not letters:
-        click.echo("no dead letters")
-        return
+    letters = _letters(_store())
     for letter in letters:
         merged = f", {letter.merged} merged" if letter.merged > 1 else ""
-        error = " ".join(
-            part
-            for part in (
-                f"HTTP {letter.status}" if letter.status is not None else "",
-                f"[{letter.code}]" if letter.code else "",
-                letter.message,
-            )
-            if part
-        )
         click.echo(
-            f"{letter.seq}\t{letter.operation.describe()}\t{error}\t"
+            f"{letter.seq}\t{letter.operation.describe()}\t{_refusal(letter)}\t"
             f"{letter.attempts} attempt(s){merged}\t{_when(letter.failed_at)}"
         )
-    click.echo(f"{len(letters)} dead letter(s)")
+    click.echo(f"{len(letters)} dead letter(s)" if letters else "no dead letters")
 
 
 @dead_letters_group.command("show")
 @click.argument("seq", metavar="ID", type=int)
 def dead_letters_show(seq: int) -> None:
     """Print one dead letter with its payload, as JSON."""
-    with _store().read() as db:
-        letters = pending.dead_letters(db, [seq])
-    if not letters:
-        raise click.ClickException(f"no dead letter with ID {seq}")
-    letter = letters[0]
+    (letter,) = _letters(_store(), [seq])
     record = {
         "id": letter.seq,
         "operation": letter.operation.to_dict(),
@@ -433,8 +407,7 @@ def dead_letters_show(seq: int) -> None:
 def dead_letters_retry(ids: tuple[int, ...], every: bool, timeout: float) -> None:
     """Queue dead letters for delivery again, then wait for them."""
     store = _store()
-    chosen = _chosen(ids, every)
-    _missing(store, chosen)
+    chosen = _chosen(store, ids, every)
     with store.write() as db:
         queued = pending.requeue(db, chosen)
     click.echo(f"{queued} operation(s) queued again")
@@ -457,8 +430,7 @@ def dead_letters_retry(ids: tuple[int, ...], every: bool, timeout: float) -> Non
 def dead_letters_purge(ids: tuple[int, ...], every: bool, yes: bool) -> None:
     """Delete dead letters for good."""
     store = _store()
-    chosen = _chosen(ids, every)
-    _missing(store, chosen)
+    chosen = _chosen(store, ids, every)
     if chosen is None and not yes:
         count = _extension().status().dead_letters
         click.confirm(f"Delete all {count} dead letters?", abort=True)

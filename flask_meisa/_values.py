@@ -1,8 +1,6 @@
-"""Parsers of ``MEISA_*`` values, for :mod:`flask_meisa.config` and the client.
-
-Each takes a config value (a Python value, or a string read from the environment) and
-returns the value to use, or raises :class:`InvalidValue` saying what is allowed. No
-message repeats the value: the caller decides whether it may be shown.
+"""Parsers of ``MEISA_*`` values (a Python value, or a string read from the environment)
+into the values used, for :mod:`flask_meisa.config` and the client. A refusal says what is
+allowed and never repeats the value: the caller decides whether it may be shown.
 """
 
 from __future__ import annotations
@@ -83,17 +81,13 @@ def seconds(minimum: float, *, inclusive: bool = True) -> Callable[[object], flo
     return parse
 
 
-def count(minimum: int = 1) -> Callable[[object], int]:
-    """A parser of a whole number, at least ``minimum``."""
-
-    def parse(value: object) -> int:
-        exact = isinstance(value, int) and not isinstance(value, bool)
-        number = value if exact else _number(value)
-        if not isinstance(number, int | float) or number < minimum or number != int(number):
-            raise InvalidValue(f"must be a whole number >= {minimum}")
-        return int(number)
-
-    return parse
+def count(value: object) -> int:
+    """A whole number, at least 1."""
+    exact = isinstance(value, int) and not isinstance(value, bool)
+    number = value if exact else _number(value)
+    if not isinstance(number, int | float) or number < 1 or number != int(number):
+        raise InvalidValue("must be a whole number >= 1")
+    return int(number)
 
 
 def choice(*options: str) -> Callable[[object], str]:
@@ -188,10 +182,8 @@ def base_url(value: object) -> str:
 
 
 def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return host.lower() == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
 

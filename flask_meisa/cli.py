@@ -1,13 +1,12 @@
 """``flask meisa ...``: the extension's command-line interface.
 
-The group is registered on every app through the ``flask.commands`` entry point (and on
-``app.cli`` by ``init_app``): ``config-template`` and ``emulator`` work before ``init_app``
-is called, the other commands say that Meisa is not initialised on such an app.
+The group is on every app (the ``flask.commands`` entry point, and ``init_app``), so
+``config-template`` and ``emulator`` work before ``init_app``; the other commands say when
+Meisa is not initialised.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import itertools
 import json
 from typing import TYPE_CHECKING
@@ -17,6 +16,7 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
+from . import _cli_text
 from ._ratelimit import parse_rate_limit
 from .config import config_template
 from .engine import backfill
@@ -40,8 +40,6 @@ _USES = {
     "emails:trigger": "transactional email (meisa.send)",
     "contacts:read": "the suppression list checked before every send",
 }
-#: A row of the status table: lane, waiting, oldest, p50, p99.
-_ROW = "{:<14}  {:<8}  {:<9}  {:<8}  {:<8}"
 
 
 def _extension() -> Meisa:
@@ -134,7 +132,7 @@ def sync_users_command(max_share: float, restart: bool, dry_run: bool, failures:
     total = count() if count is not None else len(users) if hasattr(users, "__len__") else None
     budget = state.settings.rate_limit
     windows = parse_rate_limit(budget) if budget else ()
-    click.echo(_plan(total, backfill.estimate_per_hour(windows, max_share)))
+    click.echo(_cli_text.plan(total, backfill.estimate_per_hour(windows, max_share)))
     if dry_run:
         for user in itertools.islice(users, 3):
             click.echo(json.dumps(meisa.map_user(user), sort_keys=True, default=str))
@@ -154,12 +152,12 @@ def sync_users_command(max_share: float, restart: bool, dry_run: bool, failures:
             total=total,
             max_share=max_share,
             restart=restart,
-            report=lambda progress: click.echo(_progress_line(progress), err=True),
+            report=lambda progress: click.echo(_cli_text.progress_line(progress), err=True),
         )
     except KeyboardInterrupt:
         click.echo("interrupted: run the command again to go on from where it stopped", err=True)
         raise SystemExit(130) from None
-    click.echo(_progress_line(result))
+    click.echo(_cli_text.progress_line(result))
     failed = result.run.failed + result.refused
     if failed:
         raise click.ClickException(
@@ -190,39 +188,6 @@ def _backfill_target(state: MeisaState, *, start: bool) -> backfill.Target:
     return backfill.StoreTarget(store, state.settings.resync_after)
 
 
-def _duration(seconds: float) -> str:
-    """A long time, roughly: "4 days 9 hours", "1 hour 5 minutes", "under a minute"."""
-    minutes = int(seconds // 60)
-    days, minutes = divmod(minutes, 1440)
-    hours, minutes = divmod(minutes, 60)
-    parts = [(days, "day"), (hours, "hour"), (minutes, "minute")]
-    words = [f"{n} {unit}{'s' if n != 1 else ''}" for n, unit in parts if n][:2]
-    return " ".join(words) or "under a minute"
-
-
-def _plan(total: int | None, per_hour: float | None) -> str:
-    users = "an unknown number of users" if total is None else f"{total:,} users"
-    if per_hour is None:
-        return f"{users}, no budget set: as fast as Meisa answers"
-    if total is None:
-        return f"{users} at ~{per_hour:,.0f}/hour"
-    return f"{users} at ~{per_hour:,.0f}/hour: about {_duration(total * 3600 / per_hour)}"
-
-
-def _progress_line(progress: backfill.Progress) -> str:
-    run = progress.run
-    total = f" of {run.total:,}" if run.total is not None else ""
-    rate = f"{progress.rate:,.0f}/hour" if progress.rate else "rate not yet known"
-    eta = ""
-    if progress.rate and progress.left is not None:
-        left = (progress.left + progress.waiting) * 3600 / progress.rate
-        eta = f", about {_duration(left)} left"
-    return (
-        f"{progress.done:,}{total} users done ({rate}), {run.skipped:,} unchanged, "
-        f"{run.failed + progress.refused:,} failed, {progress.waiting:,} waiting{eta}"
-    )
-
-
 def _show_failures(target: backfill.Target) -> None:
     lines = [
         f"user {failure['user'] or '#' + str(failure['position'])}: {failure['reason']}"
@@ -230,7 +195,7 @@ def _show_failures(target: backfill.Target) -> None:
     ]
     if isinstance(target, backfill.StoreTarget):
         lines += [
-            f"dead letter {letter.seq}: {_refusal(letter)}"
+            f"dead letter {letter.seq}: {_cli_text.refusal(letter)}"
             for letter in _letters(target.store)
             if letter.operation.priority == "backfill"
         ]
@@ -261,54 +226,7 @@ def status_command() -> None:
     """Show delivery for the whole host: pending work per lane and its age, latency,
     retries, dead letters, budget, which process delivers, counters, the backfill."""
     meisa = _extension()
-    status = meisa.status()
-    where = "memory of this process"
-    if status.durable:
-        where = f"{meisa.state().store_path()} (every process of this host)"
-    elif status.engine == "celery":
-        where = "Redis (every worker)"
-    click.echo(f"engine: {status.engine}, store: {where}")
-    if status.engine == "thread":
-        pid = status.delivering_pid
-        click.echo(f"delivering process: {f'pid {pid}' if pid else 'none running'}")
-    click.echo(_ROW.format("lane", "waiting", "oldest", "p50", "p99"))
-    for lane, depth in status.queued.items():
-        ages = (status.oldest_wait.get(lane), *status.latency.get(lane, (None, None)))
-        click.echo(_ROW.format(lane, depth, *map(_age, ages)))
-    click.echo(
-        f"in flight: {status.in_flight}  waiting to retry: {status.retry_waiting}  "
-        f"dead letters: {status.dead_letters}"
-    )
-    if status.budget_left is not None:
-        left = ", ".join(f"{window}: {n}" for window, n in status.budget_left.items())
-        click.echo(f"budget left: {left}")
-    if status.paused_for:
-        click.echo(f"paused for: {_age(status.paused_for)}")
-    click.echo(
-        f"delivered: {status.delivered}  unchanged (no call needed): {status.unchanged}  "
-        f"failed: {status.failed}  dropped: {status.dropped}"
-    )
-    if run := status.backfill:
-        click.echo(
-            f"backfill: {run.get('state', 'running')}, {run.get('position', 0)} of"
-            f" {run.get('total') or '?'} users read, {run.get('skipped', 0)} unchanged,"
-            f" {run.get('failed', 0)} failed (started {_when(float(run.get('started_at', 0)))})"
-        )
-
-
-def _age(seconds: float | None) -> str:
-    """Seconds as the status table shows them: "0.3s", "4m 05s", "2h 05m", or "-"."""
-    if seconds is None:
-        return "-"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, seconds_left = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {seconds_left:02d}s"
-
-
-def _when(timestamp: float) -> str:
-    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+    click.echo(_cli_text.status_report(meisa.status(), meisa.state().store_path()))
 
 
 @meisa_cli.command("config-template", with_appcontext=False)
@@ -352,12 +270,6 @@ def _chosen(store: Store, ids: tuple[int, ...], every: bool) -> list[int] | None
     return list(ids)
 
 
-def _refusal(letter: pending.DeadLetter) -> str:
-    """A dead letter's error: HTTP status, [code] and message, each when there is one."""
-    status = f"HTTP {letter.status}" if letter.status is not None else ""
-    return " ".join(filter(None, (status, letter.code and f"[{letter.code}]", letter.message)))
-
-
 @meisa_cli.group("dead-letters", invoke_without_command=True)
 @click.pass_context
 def dead_letters_group(context: click.Context) -> None:
@@ -373,8 +285,8 @@ def dead_letters_list() -> None:
     for letter in letters:
         merged = f", {letter.merged} merged" if letter.merged > 1 else ""
         click.echo(
-            f"{letter.seq}\t{letter.operation.describe()}\t{_refusal(letter)}\t"
-            f"{letter.attempts} attempt(s){merged}\t{_when(letter.failed_at)}"
+            f"{letter.seq}\t{letter.operation.describe()}\t{_cli_text.refusal(letter)}\t"
+            f"{letter.attempts} attempt(s){merged}\t{_cli_text.when(letter.failed_at)}"
         )
     click.echo(f"{len(letters)} dead letter(s)" if letters else "no dead letters")
 
@@ -389,7 +301,7 @@ def dead_letters_show(seq: int) -> None:
         "operation": letter.operation.to_dict(),
         "error": {"status": letter.status, "code": letter.code, "message": letter.message},
         "attempts": letter.attempts,
-        "failed_at": _when(letter.failed_at),
+        "failed_at": _cli_text.when(letter.failed_at),
     }
     click.echo(json.dumps(record, indent=2, sort_keys=True))
 

@@ -27,7 +27,6 @@ from .errors import ConfigurationError
 
 __all__ = [
     "DEFAULTS",
-    "DELIVERY_MODES",
     "INSTANCE_PREFIX",
     "KEYS",
     "MEMORY",
@@ -41,9 +40,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("flask_meisa")
-
-#: Delivery engines ``MEISA_DELIVERY`` can name.
-DELIVERY_MODES = ("thread", "sync", "celery")
 
 
 @dataclass(frozen=True)
@@ -102,7 +98,7 @@ KEYS: tuple[Key, ...] = (
     Key("MEISA_TIMEOUT", _SECONDS, 10.0, _ABOVE_0, "read timeout of every call to Meisa"),
     Key("MEISA_CONNECT_TIMEOUT", _SECONDS, 3.05, _ABOVE_0,
         "connect timeout of every call to Meisa"),
-    Key("MEISA_MAX_ATTEMPTS", "int", 5, _values.count(1),
+    Key("MEISA_MAX_ATTEMPTS", "int", 5, _values.count,
         "attempts of a call made in the caller's thread (`meisa.send`, CLI commands,"
         " `meisa.client`), the first included; background delivery retries until"
         " `MEISA_RETRY_DEADLINE`",
@@ -142,16 +138,16 @@ KEYS: tuple[Key, ...] = (
         "load the suppression set at startup instead of on the first send"),
     Key("MEISA_RELEASE_ON_ERROR", "bool", False, _values.flag,
         "release a request's syncs and events even when its view raised or answered 5xx"),
-    Key("MEISA_DELIVERY", "str", "thread", _values.choice(*DELIVERY_MODES),
+    Key("MEISA_DELIVERY", "str", "thread", _values.choice("thread", "sync", "celery"),
         '`"thread"`: a background engine delivers after the response; `"sync"`: every'
         ' operation inline; `"celery"`: Celery workers deliver',
         notes='"sync" is for debugging and scripts. "celery" needs'
               ' pip install "flask-meisa[celery]"; the web process only publishes one task per'
               " operation (see flask_meisa/engine/celery.py)."),
-    Key("MEISA_QUEUE_SIZE", "int", 10_000, _values.count(1),
+    Key("MEISA_QUEUE_SIZE", "int", 10_000, _values.count,
         "operations the engine holds in memory; past it events, then syncs, are shed"
         " (reported through `delivery_dropped`), never sends"),
-    Key("MEISA_WORKERS", "int", 1, _values.count(1), "delivery threads per process"),
+    Key("MEISA_WORKERS", "int", 1, _values.count, "delivery threads per process"),
     Key("MEISA_FLUSH_TIMEOUT", _SECONDS, 5.0, _values.seconds(0),
         "how long interpreter exit waits to deliver what is pending"),
     Key("MEISA_RESYNC_AFTER", _SECONDS, 86400.0, _ABOVE_0,
@@ -239,13 +235,15 @@ def _parse(config: Mapping[str, Any], keys: Iterable[Key]) -> tuple[dict[str, An
     return values, problems
 
 
-def _error(problems: list[str]) -> ConfigurationError:
-    count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
-    lines = "".join(f"\n  - {problem}" for problem in problems)
-    return ConfigurationError(
-        f"invalid Meisa configuration ({count}; `flask meisa config-template` describes"
-        f" every key):{lines}"
-    )
+def _check(problems: list[str]) -> None:
+    """Raise one error listing every problem, if there is any."""
+    if problems:
+        count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+        lines = "".join(f"\n  - {problem}" for problem in problems)
+        raise ConfigurationError(
+            f"invalid Meisa configuration ({count}; `flask meisa config-template` describes"
+            f" every key):{lines}"
+        )
 
 
 def resolve_keys(config: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
@@ -254,8 +252,7 @@ def resolve_keys(config: Mapping[str, Any], names: Iterable[str]) -> dict[str, A
     :raises ConfigurationError: one, listing every invalid key.
     """
     values, problems = _parse(config, [_BY_NAME[name] for name in names])
-    if problems:
-        raise _error(problems)
+    _check(problems)
     return values
 
 
@@ -339,8 +336,7 @@ class MeisaSettings:
                 " (MEISA_ENABLED = False; under TESTING it is off unless MEISA_SUPPRESS_SEND ="
                 " False)"
             )
-        if problems:
-            raise _error(problems)
+        _check(problems)
         settings = {key.attribute: values[key.name] for key in KEYS if key.resolved}
         if settings["delivery"] != "thread":
             settings["outbox"] = None  # only background delivery has a store

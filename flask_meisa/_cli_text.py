@@ -1,0 +1,111 @@
+"""What ``flask meisa`` prints about delivery: a backfill's plan and progress, the status
+report, a dead letter's error, and the times in them."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .engine.backfill import Progress
+    from .engine.base import DeliveryStatus
+    from .engine.pending import DeadLetter
+
+__all__ = ["plan", "progress_line", "refusal", "status_report", "when"]
+
+#: A row of the status table: lane, waiting, oldest, p50, p99.
+_ROW = "{:<14}  {:<8}  {:<9}  {:<8}  {:<8}"
+
+
+def plan(total: int | None, per_hour: float | None) -> str:
+    """A backfill's plan: how many users, how fast, and how long that takes."""
+    users = "an unknown number of users" if total is None else f"{total:,} users"
+    if per_hour is None:
+        return f"{users}, no budget set: as fast as Meisa answers"
+    if total is None:
+        return f"{users} at ~{per_hour:,.0f}/hour"
+    return f"{users} at ~{per_hour:,.0f}/hour: about {_duration(total * 3600 / per_hour)}"
+
+
+def progress_line(progress: Progress) -> str:
+    """A backfill's progress: users done, the rate, what is left and how long it takes."""
+    run = progress.run
+    total = f" of {run.total:,}" if run.total is not None else ""
+    rate = f"{progress.rate:,.0f}/hour" if progress.rate else "rate not yet known"
+    eta = ""
+    if progress.rate and progress.left is not None:
+        left = (progress.left + progress.waiting) * 3600 / progress.rate
+        eta = f", about {_duration(left)} left"
+    return (
+        f"{progress.done:,}{total} users done ({rate}), {run.skipped:,} unchanged, "
+        f"{run.failed + progress.refused:,} failed, {progress.waiting:,} waiting{eta}"
+    )
+
+
+def status_report(status: DeliveryStatus, store_path: str | None) -> str:
+    """``flask meisa status``: the store, who delivers, a row per lane, the counters and
+    the backfill."""
+    where = "memory of this process"
+    if status.durable:
+        where = f"{store_path} (every process of this host)"
+    elif status.engine == "celery":
+        where = "Redis (every worker)"
+    lines = [f"engine: {status.engine}, store: {where}"]
+    if status.engine == "thread":
+        pid = status.delivering_pid
+        lines.append(f"delivering process: {f'pid {pid}' if pid else 'none running'}")
+    lines.append(_ROW.format("lane", "waiting", "oldest", "p50", "p99"))
+    for lane, depth in status.queued.items():
+        ages = (status.oldest_wait.get(lane), *status.latency.get(lane, (None, None)))
+        lines.append(_ROW.format(lane, depth, *map(_age, ages)))
+    lines.append(
+        f"in flight: {status.in_flight}  waiting to retry: {status.retry_waiting}  "
+        f"dead letters: {status.dead_letters}"
+    )
+    if status.budget_left is not None:
+        left = ", ".join(f"{window}: {n}" for window, n in status.budget_left.items())
+        lines.append(f"budget left: {left}")
+    if status.paused_for:
+        lines.append(f"paused for: {_age(status.paused_for)}")
+    lines.append(
+        f"delivered: {status.delivered}  unchanged (no call needed): {status.unchanged}  "
+        f"failed: {status.failed}  dropped: {status.dropped}"
+    )
+    if run := status.backfill:
+        lines.append(
+            f"backfill: {run.get('state', 'running')}, {run.get('position', 0)} of"
+            f" {run.get('total') or '?'} users read, {run.get('skipped', 0)} unchanged,"
+            f" {run.get('failed', 0)} failed (started {when(float(run.get('started_at', 0)))})"
+        )
+    return "\n".join(lines)
+
+
+def refusal(letter: DeadLetter) -> str:
+    """A dead letter's error: HTTP status, [code] and message, each when there is one."""
+    status = f"HTTP {letter.status}" if letter.status is not None else ""
+    return " ".join(filter(None, (status, letter.code and f"[{letter.code}]", letter.message)))
+
+
+def when(timestamp: float) -> str:
+    """A Unix time in UTC: ``2024-05-01 12:00:00Z``."""
+    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _duration(seconds: float) -> str:
+    """A long time, roughly: "4 days 9 hours", "1 hour 5 minutes", "under a minute"."""
+    days, minutes = divmod(int(seconds // 60), 1440)
+    hours, minutes = divmod(minutes, 60)
+    parts = [(days, "day"), (hours, "hour"), (minutes, "minute")]
+    words = [f"{n} {unit}{'s' if n != 1 else ''}" for n, unit in parts if n][:2]
+    return " ".join(words) or "under a minute"
+
+
+def _age(seconds: float | None) -> str:
+    """A wait as the status table shows it: "0.3s", "4m 05s", "2h 05m", or "-"."""
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, whole_seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {whole_seconds:02d}s"

@@ -313,7 +313,6 @@ def dead_letters_show(seq: int) -> None:
     "--timeout",
     default=30.0,
     show_default=True,
-    type=float,
     help="Seconds to wait for delivery (0: queue them and return).",
 )
 def dead_letters_retry(ids: tuple[int, ...], every: bool, timeout: float) -> None:

@@ -1,10 +1,7 @@
-"""The ``MEISA_*`` configuration keys: one table, and everything made from it.
-
-:data:`KEYS` gives the defaults ``init_app`` sets, the validation, the resolved
-:class:`MeisaSettings`, the template (:func:`config_template`) and the README's table
-(:func:`markdown_table`). ``init_app`` resolves the keys once, except ``MEISA_ENABLED`` and
-``MEISA_SUPPRESS_SEND`` (read on every operation, :func:`is_delivering`) and the
-``MEISA_CELERY_*`` keys (read by the Celery engine when it starts).
+"""The ``MEISA_*`` configuration keys: one table, :data:`KEYS`, and what is made from it:
+the defaults, the validation, :class:`MeisaSettings`, the template and the README's table.
+``init_app`` resolves the keys once, but ``MEISA_ENABLED`` and ``MEISA_SUPPRESS_SEND`` are
+read on every operation (:func:`is_delivering`), ``MEISA_CELERY_*`` by the Celery engine.
 """
 
 from __future__ import annotations

@@ -11,8 +11,6 @@ if TYPE_CHECKING:
     from .engine.base import DeliveryStatus
     from .engine.pending import DeadLetter
 
-__all__ = ["plan", "progress_line", "refusal", "status_report", "when"]
-
 #: A row of the status table: lane, waiting, oldest, p50, p99.
 _ROW = "{:<14}  {:<8}  {:<9}  {:<8}  {:<8}"
 

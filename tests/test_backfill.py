@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -243,6 +244,27 @@ def test_users_that_cannot_be_mapped_are_skipped_counted_and_listed(emulator: Em
     assert listed == [
         "user 7: email: the user object has no email attribute",
         "user 9: custom_fields.plan: cannot be sent as JSON (set)",
+    ]
+
+
+def test_upserts_meisa_refused_or_never_answered_are_listed_as_dead_letters(
+    emulator: Emulator,
+) -> None:
+    app = make_app(emulator, 2, MEISA_RETRY_DEADLINE=0.5, MEISA_RETRY_BASE_DELAY=0.05)
+    emulator.faults.fail_next(1, 400, path=UPSERT)  # one upsert refused,
+    emulator.faults.drop_next(10_000, path=UPSERT)  # the other never answered
+    try:
+        result = sync_users(app)
+    finally:
+        emulator.faults.clear()
+        app.extensions["meisa"].state(app).close(5)
+    assert result.exit_code == 1, result.output
+    assert "2 of 2 users done" in result.output and "2 failed" in result.output
+    listed = sync_users(app, "--failures").output.splitlines()
+    shown = sorted(re.sub(r"^dead letter \d+: ", "", line) for line in listed)
+    assert shown == [
+        "APIConnectionError: the server closed the connection unanswered",  # no status, no code
+        "HTTP 400 [injected_fault] Emulated fault (injected_fault).",
     ]
 
 

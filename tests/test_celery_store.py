@@ -186,7 +186,7 @@ def test_pending_operations_are_counted_per_lane_with_their_age(
     new = Operation("track", {"event_name": "x", "email": "a@example.com"})
     store.add_pending(old, LANE_ROUTINE)
     store.add_pending(new, LANE_AUTOMATION)
-    store.move(old, LANE_AUTOMATION)  # promoted: it waited too long
+    store.add_pending(old, LANE_AUTOMATION)  # promoted: it waited too long
     status = DeliveryStatus(engine="celery")
     store.describe(status)
     assert status.queued == {"transactional": 0, "automation": 2, "routine": 0, "backfill": 0}

@@ -144,18 +144,10 @@ def configure_visibility(celery_app: Any, settings: MeisaSettings) -> float:
 
 
 class CeleryDispatcher:
-    """Publishes operations as Celery tasks (the :class:`~.base.Dispatcher` of the
-    engine); the workers report every outcome but those of publishing.
-
-    :param redis: a ``redis.Redis`` client for the engine's records; closed by
-        :meth:`close`.
-    :param queue: the queue prefix (see :func:`lane_queues`).
-    :param rate_limit: the key's budget, for :meth:`status` and :meth:`budget_slot`.
-    :param budget_key: the API key whose budget is shared.
-    :param coalesce: merge upserts of one contact that wait in the queue.
-    :param ledger_size: how many operations submitted here, not yet seen finished, are
-        remembered to be reported if Redis loses them.
-    """
+    """Publishes operations as Celery tasks on the queues of ``queue`` (a prefix), keeping
+    the engine's records through ``redis`` (closed by :meth:`close`). ``budget_key``: the
+    API key whose budget (``rate_limit``) is shared; ``ledger_size``: how many operations
+    submitted here are remembered, to be reported if Redis loses them."""
 
     def __init__(
         self,
@@ -191,9 +183,6 @@ class CeleryDispatcher:
         self._forgotten = 0
         self._looked_at = 0.0
         self._lost = False
-
-    def __repr__(self) -> str:
-        return f"CeleryDispatcher(queues={list(self.queues.values())!r})"
 
     def start(self) -> None:
         """Nothing to start: the workers deliver."""
@@ -312,14 +301,12 @@ class CeleryDispatcher:
         budget, token = self._budget, None
         if budget is not None:
             deadline, waiter = time.monotonic() + max(timeout, 0.0), uuid.uuid4().hex
-            take = functools.partial(
-                budget.acquire, lease=self._lease, lane=LANE_TRANSACTIONAL, waiter=waiter
-            )
             try:
-                got = take()
-                while got.token is None and time.monotonic() + got.wait <= deadline:
+                while True:
+                    got = budget.acquire(lease=self._lease, lane=LANE_TRANSACTIONAL, waiter=waiter)
+                    if got.token is not None or time.monotonic() + got.wait > deadline:
+                        break
                     time.sleep(got.wait)
-                    got = take()
                 if got.token is None:
                     budget.give_up(waiter, LANE_TRANSACTIONAL)
                 token = got.token
@@ -435,9 +422,8 @@ class CeleryBackfill:
 
     def backlog(self) -> tuple[int, int]:
         """Backfill upserts not finished, and those Meisa refused."""
-        return self._store.pending(LANE_BACKFILL), self._store.counters().get(
-            "backfill_refused", 0
-        )
+        refused = self._store.counters().get("backfill_refused", 0)
+        return self._store.pending(LANE_BACKFILL), refused
 
     def failures(self) -> list[dict[str, Any]]:
         """Users the last runs could not map."""
@@ -455,10 +441,14 @@ def _redis_client(url: str | None, celery_app: Any) -> Any:
     return redis.Redis.from_url(url, health_check_interval=30)
 
 
+def _settings(app: Flask, celery_app: Any = None) -> tuple[CelerySettings, Any]:
+    settings = CelerySettings.from_config(app.config)
+    return settings, celery_app or settings.celery_app or resolve_celery_app(app)
+
+
 def make_dispatcher(state: MeisaState) -> CeleryDispatcher:
     """The Celery engine of an app, from its config."""
-    settings = CelerySettings.from_config(state.app.config)
-    celery_app = settings.celery_app or resolve_celery_app(state.app)
+    settings, celery_app = _settings(state.app)
     options = state.settings
     return CeleryDispatcher(
         celery_app,
@@ -475,18 +465,14 @@ def make_dispatcher(state: MeisaState) -> CeleryDispatcher:
 
 
 def init_celery(app: Flask, celery_app: Any = None) -> Any:
-    """Register the delivery task on the app's Celery app and set up its visibility
+    """Register the delivery task on the app's Celery app (each worker process builds
+    its :class:`DeliveryWorker` from ``app`` on its first task) and set up the visibility
     timeout (:func:`configure_visibility`); returns the task. ``init_app`` calls this.
-
-    Each worker process builds its :class:`DeliveryWorker` from ``app`` on its first task,
-    and runs every task inside ``app.app_context()``.
 
     :raises ConfigurationError: no Celery app, an invalid ``MEISA_CELERY_*`` key, or a
         visibility timeout that cannot hold.
     """
-    settings = CelerySettings.from_config(app.config)
-    if celery_app is None:
-        celery_app = settings.celery_app or resolve_celery_app(app)
+    settings, celery_app = _settings(app, celery_app)
     options = MeisaSettings.from_config({**DEFAULTS, **app.config})
     max_countdown = configure_visibility(celery_app, options)
 

@@ -105,18 +105,6 @@ if ARGV[4] == 'outage' then return redis.call('INCR', KEYS[2]) end
 return tonumber(redis.call('GET', KEYS[2]) or '0')
 """
 
-# KEYS: pause, in-flight, answered window 1..n; ARGV: n, then each window's limit, period
-_READ = """
-local flying = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. tostring(now), '+inf')
-local out = {tostring(math.max(tonumber(redis.call('GET', KEYS[1]) or '0') - now, 0)), flying}
-for w = 1, tonumber(ARGV[1]) do
-  local since = now - tonumber(ARGV[1 + 2 * w])
-  local answered = redis.call('ZCOUNT', KEYS[2 + w], '(' .. tostring(since), '+inf')
-  out[#out + 1] = math.max(tonumber(ARGV[2 * w]) - answered - #flying, 0)
-end
-return out
-"""
-
 # KEYS: pause; ARGV: seconds. A pause is never shortened.
 _PAUSE = """
 local untl = now + tonumber(ARGV[1])
@@ -147,39 +135,40 @@ class RedisBudget:
 
     def __init__(self, redis: Any, spec: str | None, api_key: str) -> None:
         self.windows = parse_rate_limit(spec) if spec is not None else ()
-        self._reserved = [int(window.limit * TRANSACTIONAL_RESERVE) for window in self.windows]
+        # Per window, what the scripts need: its limit, period, and the part only sends use.
+        self._limits = [
+            n
+            for w in self.windows
+            for n in (w.limit, w.period, int(w.limit * TRANSACTIONAL_RESERVE))
+        ]
         # Every key of one budget in one Redis Cluster slot (the braces).
         prefix = f"meisa:{{budget:{hashlib.sha256(api_key.encode()).hexdigest()[:20]}}}"
-        self._keys = [f"{prefix}:{name}" for name in ("pause", "flying", "failures")]
+        self._pause_key, self._flying_key, self._failures_key = (
+            f"{prefix}:{name}" for name in ("pause", "flying", "failures")
+        )
         self._waiting = [f"{prefix}:waiting:{name}" for name in LANE_NAMES.values()]
         # By period, not limit: apps on one key with different limits count the same calls.
         self._windows = [f"{prefix}:w{window.period:g}" for window in self.windows]
         self._redis = redis
-        self._acquire, self._finish, self._read, self._pause = (
-            redis.register_script(_TIME + body) for body in (_ACQUIRE, _FINISH, _READ, _PAUSE)
+        self._acquire, self._finish, self._pause = (
+            redis.register_script(_TIME + body) for body in (_ACQUIRE, _FINISH, _PAUSE)
         )
 
     def acquire(
         self, *, lease: float, lane: int = LANE_ROUTINE, share: float = 1.0, waiter: str = ""
     ) -> Acquired:
-        """Take a slot for a call about to start, or learn how long to wait: during a
-        pause, while another call probes a Meisa that looks down, when the budget is
-        spent or a waiter of a lane ahead is due.
-
-        :param lease: the longest the call can take; a slot held longer (its worker died)
-            counts as answered when the lease ends.
-        :param lane: a send may use the reserve, a backfill at most ``share`` of the rest;
-            a wait is a ticket after the waiters of this lane and of those ahead.
-        :param waiter: who waits, the same on every try (an operation's id).
-        """
+        """Take a slot for a call about to start, or learn how long to wait (a pause,
+        another call probing a Meisa that looks down, the budget spent, a waiter of a lane
+        ahead due). ``lease``: the longest the call can take (a slot held longer counts as
+        answered when it ends); ``lane``: a send may use the reserve, a backfill at most
+        ``share`` of the rest; ``waiter``: the same on every try (an operation's id)."""
         token = f"{lane}:{uuid.uuid4().hex}"
-        args: list[Any] = [token, max(lease, 0.001), lane, share, len(self.windows)]
-        args += [OUTAGE_THRESHOLD, waiter or token]
-        for window, reserved in zip(self.windows, self._reserved, strict=True):
-            args += [window.limit, window.period, reserved]
-        keys = [*self._keys, *self._waiting, *self._windows]
-        granted, wait = self._acquire(keys=keys, args=args)
-        return Acquired(token) if int(granted) else Acquired(None, min(float(wait), MAX_WAIT))
+        args = [token, max(lease, 0.001), lane, share, len(self.windows), OUTAGE_THRESHOLD]
+        keys = [self._pause_key, self._flying_key, self._failures_key, *self._waiting]
+        got = self._acquire(
+            keys=[*keys, *self._windows], args=[*args, waiter or token, *self._limits]
+        )
+        return Acquired(token) if int(got[0]) else Acquired(None, min(float(got[1]), MAX_WAIT))
 
     def give_up(self, waiter: str, lane: int) -> None:
         """``waiter`` of ``lane`` will not come back: its ticket holds no slot."""
@@ -192,26 +181,32 @@ class RedisBudget:
         out, give it back); count one more failure in a row (``outage``) or end the run
         (``answered``). Returns the failures in a row, of every worker."""
         outcome = "answered" if answered else "outage" if outage else ""
-        args: list[Any] = [token, int(made), len(self.windows), outcome]
-        keys = [*self._keys[1:], *self._windows]
-        return int(self._finish(keys=keys, args=[*args, *(w.period for w in self.windows)]))
+        args = [token, int(made), len(self.windows), outcome, *(w.period for w in self.windows)]
+        keys = [self._flying_key, self._failures_key, *self._windows]
+        return int(self._finish(keys=keys, args=args))
 
     def pause(self, seconds: float) -> None:
         """Let no call start for ``seconds`` (a 429, an outage); never shortens a pause."""
         if seconds > 0 and math.isfinite(seconds):
-            self._pause(keys=self._keys[:1], args=[seconds])
+            self._pause(keys=[self._pause_key], args=[seconds])
 
     def snapshot(self) -> tuple[float, dict[int, int], dict[str, int] | None]:
         """``(paused_for, in_flight, remaining)``: seconds every worker stays paused, calls
         in flight by lane, and calls that could start now per window label (``None``
         without a limit)."""
-        args: list[Any] = [len(self.windows)]
-        for window in self.windows:
-            args += [window.limit, window.period]
-        keys = [*self._keys[:2], *self._windows]
-        paused, flying, *left = self._read(keys=keys, args=args)
+        seconds, micros = self._redis.time()
+        now = seconds + micros / 1_000_000
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.get(self._pause_key)
+        pipe.zrangebyscore(self._flying_key, f"({now}", "+inf")
+        for key, window in zip(self._windows, self.windows, strict=True):
+            pipe.zcount(key, f"({now - window.period}", "+inf")
+        paused, flying, *answered = pipe.execute()
         in_flight = dict.fromkeys(LANE_NAMES, 0)
         for token in flying:  # "<lane>:<random>"
             in_flight[int(token[:1])] += 1
-        remaining = {window.label: int(n) for window, n in zip(self.windows, left, strict=True)}
-        return float(paused), in_flight, remaining if self.windows else None
+        remaining = {
+            window.label: max(window.limit - n - len(flying), 0)
+            for window, n in zip(self.windows, answered, strict=True)
+        }
+        return max(float(paused or 0) - now, 0.0), in_flight, remaining if self.windows else None

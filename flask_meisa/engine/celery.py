@@ -86,19 +86,15 @@ class CelerySettings:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> CelerySettings:
-        """Read and check the keys (a missing key takes its default).
-
-        :raises ConfigurationError: naming each key that is invalid.
-        """
+        """Read the keys (a missing one takes its default); a :class:`ConfigurationError`
+        names each invalid one."""
         values = resolve_keys(config, CELERY_DEFAULTS)
         return cls(*(values[name] for name in CELERY_DEFAULTS))
 
 
 def resolve_celery_app(app: Flask) -> Any:
-    """The Celery app of ``app``: ``MEISA_CELERY_APP``, else ``app.extensions["celery"]``.
-
-    :raises ConfigurationError: when there is neither.
-    """
+    """The Celery app of ``app``: ``MEISA_CELERY_APP``, else ``app.extensions["celery"]``
+    (a :class:`ConfigurationError` when there is neither)."""
     celery_app = app.config.get("MEISA_CELERY_APP") or app.extensions.get("celery")
     if celery_app is None:
         raise ConfigurationError(
@@ -111,20 +107,16 @@ def resolve_celery_app(app: Flask) -> Any:
 
 
 def configure_visibility(celery_app: Any, settings: MeisaSettings) -> float:
-    """Set the Redis transport's ``visibility_timeout`` when the app set none, check it,
-    and return the longest countdown a task may hold: :data:`~.redis_budget.MAX_WAIT`, or
-    less so that a held message is never handed to a second worker.
-
-    :raises ConfigurationError: saying what to set, when it cannot hold.
-    """
+    """Set the Redis transport's ``visibility_timeout`` if the app set none, check it (a
+    :class:`ConfigurationError` says what to set), and return the longest countdown a task
+    may hold so that a held message is never handed to a second worker."""
     scheme = str(celery_app.conf.broker_url or "").partition("://")[0]
     if scheme not in ("redis", "rediss", "redis+socket", "sentinel"):
         return MAX_WAIT  # a broker without a visibility timeout
     options = dict(celery_app.conf.broker_transport_options or {})
     visibility = options.setdefault("visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT)
     celery_app.conf.broker_transport_options = options
-    # A message whose worker died comes back after the visibility timeout and kombu's
-    # next sweep (interval x throttle).
+    # A dead worker's message comes back after the timeout and kombu's next sweep.
     run = RUN_TIMEOUTS * (settings.connect_timeout + settings.timeout)
     sweep = float(options.get("unacked_restore_interval", 10)) * float(
         options.get("unacked_restore_throttle", 10)
@@ -255,9 +247,8 @@ class CeleryDispatcher:
         return [*tasks, (lane, operation.to_dict(), meta)]
 
     def _look(self, *, force: bool = False) -> int:
-        """Check Redis's epoch and return the pending count; forget the operations found
-        finished (at most every :data:`_LOOK_EVERY` seconds, unless ``force``d or the
-        ledger is full), and report the ledger dropped if Redis lost its data."""
+        """The pending count; forgets the ledger's finished operations (every
+        :data:`_LOOK_EVERY` seconds at most), or reports it dropped if Redis lost its data."""
         with self._lock:
             now = time.monotonic()
             full = len(self._ledger) >= self._ledger_size
@@ -323,10 +314,9 @@ class CeleryDispatcher:
                     budget.finish(token)
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until the workers have finished every operation submitted under this queue
-        prefix (by any process), at most ``timeout`` seconds (``None``: no limit). ``False``
-        on timeout, when Redis cannot be read, or when it lost its data since the last
-        flush (what it lost was reported dropped)."""
+        """Wait at most ``timeout`` seconds until the workers finished every operation of
+        this queue prefix, by any process; ``False`` on timeout, when Redis cannot be read
+        or when it lost its data since the last flush."""
         deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
         pause = 0.005
         while True:
@@ -355,9 +345,8 @@ class CeleryDispatcher:
         return 0
 
     def status(self) -> DeliveryStatus:
-        """Operations not finished per lane (those held for a countdown included; calls in
-        flight apart), their wait and latency, every worker's counters, the budget left,
-        the pause and the backfill run."""
+        """Operations not finished per lane (calls in flight apart), their wait and latency,
+        every worker's counters, the budget left, the pause and the backfill run."""
         self._look(force=True)
         status = DeliveryStatus(engine="celery", queued=dict.fromkeys(self.queues, 0))
         self.store.describe(status)
@@ -375,9 +364,8 @@ class CeleryDispatcher:
 
 
 class CeleryBackfill:
-    """A backfill through Celery (a :class:`~.backfill.Target`): upserts published on the
-    backfill queue, but for those Meisa already has; the run, its failures and the count
-    Meisa refused kept in Redis."""
+    """A backfill through Celery (a :class:`~.backfill.Target`): upserts published but for
+    those Meisa has; the run, its failures and the count Meisa refused kept in Redis."""
 
     def __init__(self, dispatcher: CeleryDispatcher, resync_after: float) -> None:
         self._dispatcher = dispatcher

@@ -67,23 +67,10 @@ class RunAgain:
 
 
 class DeliveryWorker:
-    """Runs the delivery task; one per worker process, shared by its threads.
-
-    A task's ``meta`` holds its ``lane``; for a coalesced upsert, its contact's record
-    (``contact``) and ``version`` (``companion``: a copy on an event's lane, delivering the
-    record but none of its own); for an event, the upsert to wait for (``after``); while
-    it runs, ``due``, ``first_attempt``, ``recover`` and ``recovered``.
-
-    :param client_factory: builds the client once; its calls are made without retries.
-    :param budget: the shared budget, pause and outage breaker, or ``None``.
-    :param call_timeout: the longest one call can take; a slot or a contact's lease held
-        longer is given up.
-    :param max_countdown: the longest countdown a task holds (it must fit in the broker's
-        visibility timeout); a longer wait is made of several.
-    :param context: entered around every run (the Flask app context).
-    :param enabled: while it returns ``False``, operations are skipped with reason
-        ``"delivery_suppressed"``.
-    """
+    """Runs the delivery task (one per worker process, shared by its threads); a task's
+    ``meta`` is described in docs/celery.md. ``max_countdown``: the longest countdown a
+    task holds (a longer wait is made of several); ``context``: entered around every run;
+    while ``enabled()`` is false, operations are skipped (``"delivery_suppressed"``)."""
 
     def __init__(
         self,
@@ -143,7 +130,7 @@ class DeliveryWorker:
                 # Not Meisa's answer: reported, never acknowledged in silence.
                 what = operation.describe()
                 logger.exception("flask-meisa: delivering %s raised; reported as failed", what)
-                self._report("failed", [operation], error, meta)
+                self._report("failed", [operation], error)
                 return None
 
     def _run(self, operation: Operation, meta: dict[str, Any]) -> RunAgain | None:
@@ -191,7 +178,7 @@ class DeliveryWorker:
         try:
             return self._attempt(call, meta, members, claim)
         except BaseException:
-            self._release(meta, claim)
+            self._release(claim)
             raise
 
     def _attempt(
@@ -207,7 +194,7 @@ class DeliveryWorker:
             )
 
         if known.unchanged(operation, had, time.time(), self._resync_after):
-            self._report("delivered", members, None, meta, claim, counter="unchanged")
+            self._report("delivered", members, None, claim, counter="unchanged")
             return None
         recovering = operation.kind == "track" and bool(meta.get("recover"))
         if not recovering:
@@ -215,7 +202,7 @@ class DeliveryWorker:
                 self._hooks.skip_reason(operation) if self._enabled() else "delivery_suppressed"
             )
             if reason is not None:
-                self._report("skipped", members, reason, meta, claim)
+                self._report("skipped", members, reason, claim)
                 return None
         budget, token, lane = self.budget, None, int(meta["lane"])
         if budget is not None:
@@ -224,7 +211,7 @@ class DeliveryWorker:
                 share = float((self.store.get("backfill") or {}).get("max_share", 1.0))
             got = budget.acquire(lease=self._lease, lane=lane, share=share, waiter=operation.id)
             if got.token is None:
-                self._release(meta, claim)
+                self._release(claim)
                 return self._again(got.wait, operation, meta)
             token = got.token
         call = operation
@@ -258,15 +245,15 @@ class DeliveryWorker:
         if decision.action == "done" and recovering:  # the contact exists now: the event again
             return self._again(0.0, operation, {**meta, "recover": False, "recovered": True})
         if decision.action == "retry":
-            self._release(meta, claim)
+            self._release(claim)
             return self._again(decision.delay, operation, meta)
         for member in members:
             member.attempts = operation.attempts
         if decision.action == "fail":
-            self._report("failed", members, outcome.error, meta, claim)
+            self._report("failed", members, outcome.error, claim)
         else:
             waited = (lane, time.time() - operation.created_at)
-            self._report("delivered", members, outcome.result, meta, claim, answer=waited)
+            self._report("delivered", members, outcome.result, claim, answer=waited)
         return None
 
     def _settle_budget(
@@ -289,9 +276,9 @@ class DeliveryWorker:
                 pause,
             )
 
-    def _release(self, meta: dict[str, Any], claim: Claim | None) -> None:
+    def _release(self, claim: Claim | None) -> None:
         if claim is not None:
-            self.store.release(str(meta["contact"]), claim)
+            self.store.release(claim)
 
     def _again(self, countdown: float, operation: Operation, meta: dict[str, Any]) -> RunAgain:
         meta = dict(meta)
@@ -307,7 +294,6 @@ class DeliveryWorker:
         outcome: str,
         members: list[Operation],
         detail: Any,
-        meta: dict[str, Any],
         claim: Claim | None = None,
         *,
         counter: str | None = None,
@@ -317,7 +303,7 @@ class DeliveryWorker:
         call the hooks; then finish the operations (a worker killed in a hook leaves its
         task to run again, and that run finds its version delivered)."""
         if claim is not None:
-            self.store.settle(str(meta["contact"]), claim)
+            self.store.settle(claim)
         for member in members:
             self._hooks.call(outcome, member, detail)
         ids = [member.id for member in members]

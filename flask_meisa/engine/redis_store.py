@@ -40,12 +40,13 @@ _COUNTERS = ("delivered", "failed", "skipped", "dropped", "unchanged")
 @dataclass(frozen=True)
 class Claim:
     """What :meth:`RedisDeliveryStore.claim` found for an upsert task: ``"deliver"`` (make
-    the contact's call with ``payload``, at ``version``, for the operations ``members``,
+    ``contact``'s call with ``payload``, at ``version``, for the operations ``members``,
     holding the lease ``token``), ``"covered"`` (a call carried this version already),
     ``"busy"`` (another worker is calling: look again in ``wait``) or ``"missing"`` (no
     record: deliver the task's own payload)."""
 
     state: Literal["deliver", "covered", "busy", "missing"]
+    contact: str = ""
     payload: dict[str, Any] = field(default_factory=dict)
     version: int = 0
     members: tuple[str, ...] = ()
@@ -190,6 +191,7 @@ class RedisDeliveryStore:
             pipe.set(lease_key, token, px=max(int(lease * 1000), 1))
             return Claim(
                 "deliver",
+                contact,
                 json.loads(payload),
                 int(current),
                 tuple(json.loads(members or "[]")),
@@ -201,18 +203,18 @@ class RedisDeliveryStore:
             decide, record, lease_key, value_from_callable=True
         )
 
-    def release(self, contact: str, claim: Claim) -> None:
+    def release(self, claim: Claim) -> None:
         """Give back a claim's lease without a call having been made."""
-        self._settle(contact, claim, delivered=False)
+        self._settle(claim, delivered=False)
 
-    def settle(self, contact: str, claim: Claim) -> None:
+    def settle(self, claim: Claim) -> None:
         """The claimed call is over for good (delivered, unchanged, or refused): mark its
         version delivered, forget its payload unless newer upserts came meanwhile, and
         release the lease. Its operations stay pending until :meth:`finish`."""
-        self._settle(contact, claim, delivered=True)
+        self._settle(claim, delivered=True)
 
-    def _settle(self, contact: str, claim: Claim, *, delivered: bool) -> None:
-        record, lease_key = self._key("contact", contact), self._key("lease", contact)
+    def _settle(self, claim: Claim, *, delivered: bool) -> None:
+        record, lease_key = self._key("contact", claim.contact), self._key("lease", claim.contact)
 
         def update(pipe: Any) -> None:
             current, done, members = pipe.hmget(record, "version", "delivered", "members")

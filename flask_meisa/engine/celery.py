@@ -39,6 +39,7 @@ from .base import DeliveryStatus
 from .base import HookCaller
 from .celery_worker import TASK_NAME
 from .celery_worker import DeliveryWorker
+from .celery_worker import lane_queues
 from .celery_worker import register_tasks
 from .redis_budget import MAX_WAIT
 from .redis_budget import RedisBudget
@@ -68,11 +69,6 @@ DEFAULT_VISIBILITY_TIMEOUT = 600.0
 RUN_TIMEOUTS = 4
 #: How often, at most, a busy dispatcher checks which of its operations are finished.
 _LOOK_EVERY = 1.0
-
-
-def lane_queues(prefix: str = "meisa") -> dict[str, str]:
-    """The queue of each lane by lane name, first lane first (``"meisa.transactional"``)."""
-    return {name: f"{prefix}.{name}" for name in LANE_NAMES.values()}
 
 
 @dataclass(frozen=True)

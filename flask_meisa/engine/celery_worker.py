@@ -44,7 +44,7 @@ from .redis_store import RedisDeliveryStore
 if TYPE_CHECKING:
     from ..client import MeisaClient
 
-__all__ = ["TASK_NAME", "DeliveryWorker", "RunAgain", "register_tasks"]
+__all__ = ["TASK_NAME", "DeliveryWorker", "RunAgain", "lane_queues", "register_tasks"]
 
 #: The name of the delivery task on the Celery app.
 TASK_NAME = "flask_meisa.deliver"
@@ -53,6 +53,11 @@ TASK_NAME = "flask_meisa.deliver"
 EVENT_WAIT_LIMIT = 600.0
 
 logger = logging.getLogger("flask_meisa.engine")
+
+
+def lane_queues(prefix: str = "meisa") -> dict[str, str]:
+    """The queue of each lane by lane name, first lane first (``"meisa.transactional"``)."""
+    return {name: f"{prefix}.{name}" for name in LANE_NAMES.values()}
 
 
 @dataclass(frozen=True)
@@ -286,7 +291,8 @@ class DeliveryWorker:
         if countdown > self.max_countdown:
             meta["due"] = time.time() + countdown
             countdown = self.max_countdown
-        queue = f"{self.store.namespace}.{LANE_NAMES[int(meta.get('lane', operation.lane))]}"
+        lane = LANE_NAMES[int(meta.get("lane", operation.lane))]
+        queue = lane_queues(self.store.namespace)[lane]
         return RunAgain(max(countdown, 0.0), operation.to_dict(), meta, queue)
 
     def _report(

@@ -199,7 +199,7 @@ class DeliveryWorker:
             )
 
         if known.unchanged(operation, had, time.time(), self._resync_after):
-            self._report("delivered", members, None, claim, counter="unchanged")
+            self._report("unchanged", members, None, claim)
             return None
         recovering = operation.kind == "track" and bool(meta.get("recover"))
         if not recovering:
@@ -301,19 +301,18 @@ class DeliveryWorker:
         members: list[Operation],
         detail: Any,
         claim: Claim | None = None,
-        *,
-        counter: str | None = None,
         answer: tuple[int, float] | None = None,
     ) -> None:
         """Settle the contact's claim first, so that no other task sends its payload again;
-        call the hooks; then finish the operations (a worker killed in a hook leaves its
-        task to run again, and that run finds its version delivered)."""
+        call the hooks (an ``"unchanged"`` upsert is delivered); then finish the operations
+        (a worker killed in a hook leaves its task to run again, which finds its version
+        delivered)."""
         if claim is not None:
             self.store.settle(claim)
         for member in members:
-            self._hooks.call(outcome, member, detail)
+            self._hooks.call("delivered" if outcome == "unchanged" else outcome, member, detail)
         ids = [member.id for member in members]
-        self.store.finish(ids, counter or outcome, len(members), answer=answer)
+        self.store.finish(ids, outcome, len(members), answer=answer)
         if outcome == "failed" and any(member.priority == "backfill" for member in members):
             self.store.count("backfill_refused", len(members))
 

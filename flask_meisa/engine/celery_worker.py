@@ -369,9 +369,15 @@ def register_tasks(
     if previous is not None and previous.task.name == name:
         task = previous.task
     else:
-        options = {"acks_late": True, "reject_on_worker_lost": True, "ignore_result": True}
         task = celery_app.task(
-            name=name, bind=True, shared=False, serializer="json", max_retries=None, **options
+            name=name,
+            bind=True,
+            shared=False,
+            acks_late=True,
+            reject_on_worker_lost=True,
+            ignore_result=True,
+            serializer="json",
+            max_retries=None,
         )(_deliver)
     setattr(celery_app, _HOLDER, _Holder(worker_factory, task))
     return task

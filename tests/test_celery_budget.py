@@ -14,7 +14,6 @@ import pytest
 import redis
 
 from flask_meisa.engine.redis_budget import RedisBudget
-from flask_meisa.engine.redis_budget import budget_prefix
 from flask_meisa.errors import ConfigurationError
 from flask_meisa.operations import LANE_AUTOMATION
 from flask_meisa.operations import LANE_BACKFILL
@@ -38,7 +37,7 @@ def make_budget(redis_url: str) -> Iterator[MakeBudget]:
     def make(spec: str | None, key: str = KEY, **options: Any) -> RedisBudget:
         client = redis.Redis.from_url(redis_url)
         clients.append(client)
-        return RedisBudget(client, spec, prefix=budget_prefix(key), **options)
+        return RedisBudget(client, spec, key, **options)
 
     yield make
     for client in clients:

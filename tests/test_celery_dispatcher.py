@@ -25,11 +25,11 @@ from flask_meisa.engine.celery import CeleryDispatcher
 from flask_meisa.engine.celery import CelerySettings
 from flask_meisa.engine.celery import configure_visibility
 from flask_meisa.engine.celery import init_celery
-from flask_meisa.engine.celery import lane_queues
 from flask_meisa.engine.celery import make_dispatcher
 from flask_meisa.engine.celery import resolve_celery_app
 from flask_meisa.engine.celery_worker import TASK_NAME
 from flask_meisa.engine.celery_worker import DeliveryWorker
+from flask_meisa.engine.celery_worker import lane_queues
 from flask_meisa.errors import ConfigurationError
 from flask_meisa.errors import DeliveryError
 from flask_meisa.operations import LANE_AUTOMATION

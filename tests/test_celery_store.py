@@ -69,7 +69,7 @@ def test_upserts_of_a_contact_merge_into_one_record(
         "source": "signup",
         "first_name": "Ada",
     }
-    store.settle(contact, claim)
+    store.settle(claim)
     store.finish(claim.members, "delivered", 3)
     # The later tasks find their versions delivered.
     assert store.claim(contact, 2, lease=5.0).state == "covered"
@@ -85,7 +85,7 @@ def test_one_call_per_contact_at_a_time(store: RedisDeliveryStore, contact: str)
     busy = store.claim(contact, 2, lease=5.0)
     assert (held.state, busy.state) == ("deliver", "busy")
     assert 0 < busy.wait <= 0.25
-    store.release(contact, held)  # e.g. the budget said wait
+    store.release(held)  # e.g. the budget said wait
     again = store.claim(contact, 2, lease=5.0)
     assert again.state == "deliver"
     assert again.payload["first_name"] == "B"
@@ -108,14 +108,14 @@ def test_an_upsert_arriving_mid_call_is_delivered_next(
     store.coalesce(first, contact, LANE_ROUTINE)
     claim = store.claim(contact, 1, lease=5.0)
     store.coalesce(second, contact, LANE_ROUTINE)  # while the call of version 1 is in flight
-    store.settle(contact, claim)
+    store.settle(claim)
     store.finish(claim.members)
     assert store.pending_version([contact]) == (contact, 2)
     next_claim = store.claim(contact, 2, lease=5.0)
     assert next_claim.state == "deliver"
     assert next_claim.members == (second.id,)
     assert next_claim.payload["custom_fields"] == {"plan": "pro"}
-    store.settle(contact, next_claim)
+    store.settle(next_claim)
     assert store.pending_version([contact]) is None
 
 
@@ -186,7 +186,7 @@ def test_pending_operations_are_counted_per_lane_with_their_age(
     new = Operation("track", {"event_name": "x", "email": "a@example.com"})
     store.add_pending(old, LANE_ROUTINE)
     store.add_pending(new, LANE_AUTOMATION)
-    store.move(old, LANE_AUTOMATION)  # promoted: it waited too long
+    store.add_pending(old, LANE_AUTOMATION)  # promoted: it waited too long
     status = DeliveryStatus(engine="celery")
     store.describe(status)
     assert status.queued == {"transactional": 0, "automation": 2, "routine": 0, "backfill": 0}

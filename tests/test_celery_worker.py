@@ -23,7 +23,6 @@ from flask_meisa.engine.celery_worker import DeliveryWorker
 from flask_meisa.engine.celery_worker import RunAgain
 from flask_meisa.engine.celery_worker import register_tasks
 from flask_meisa.engine.redis_budget import RedisBudget
-from flask_meisa.engine.redis_budget import budget_prefix
 from flask_meisa.engine.redis_store import RedisDeliveryStore
 from flask_meisa.errors import BadRequestError
 from flask_meisa.errors import NotFoundError
@@ -80,7 +79,7 @@ def make_worker(
     made: list[DeliveryWorker] = []
 
     def make(rate_limit: str | None = None, **options: Any) -> DeliveryWorker:
-        budget = RedisBudget(client, rate_limit, prefix=budget_prefix(emulator.live_key))
+        budget = RedisBudget(client, rate_limit, emulator.live_key)
         options.setdefault("retry", FAST)
         options.setdefault("hooks", hooks)
         worker = DeliveryWorker(

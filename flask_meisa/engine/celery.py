@@ -1,9 +1,6 @@
-"""``MEISA_DELIVERY = "celery"``: delivery by Celery workers, scaled out across machines.
-
-The web process publishes each operation as a JSON task on its lane's queue
-(:class:`CeleryDispatcher`); workers run it (:mod:`.celery_worker`) within one budget kept
-in Redis (:mod:`.redis_budget`, :mod:`.redis_store`). Setup, settings and the design are
-in the README's Celery section and docs/celery.md.
+"""``MEISA_DELIVERY = "celery"``: the web process publishes each operation as a JSON task
+on its lane's queue; Celery workers deliver it (:mod:`.celery_worker`) within one budget
+kept in Redis. docs/celery.md has the setup and the design.
 """
 
 from __future__ import annotations
@@ -42,10 +39,10 @@ from .base import DeliveryStatus
 from .base import HookCaller
 from .celery_worker import TASK_NAME
 from .celery_worker import DeliveryWorker
+from .celery_worker import lane_queues
 from .celery_worker import register_tasks
 from .redis_budget import MAX_WAIT
 from .redis_budget import RedisBudget
-from .redis_budget import budget_prefix
 from .redis_store import RedisDeliveryStore
 
 if TYPE_CHECKING:
@@ -53,30 +50,14 @@ if TYPE_CHECKING:
 
     from ..runtime import MeisaState
 
-__all__ = [
-    "CELERY_DEFAULTS",
-    "CeleryDispatcher",
-    "CelerySettings",
-    "configure_visibility",
-    "init_celery",
-    "lane_queues",
-    "make_dispatcher",
-    "resolve_celery_app",
-]
+__all__ = ["CELERY_DEFAULTS", "CeleryDispatcher", "CelerySettings", "init_celery"]
 
 logger = logging.getLogger("flask_meisa.engine")
 
 #: The ``MEISA_CELERY_*`` keys and their defaults.
 CELERY_DEFAULTS: dict[str, Any] = {
-    name: DEFAULTS[name]
-    for name in (
-        "MEISA_CELERY_APP",
-        "MEISA_CELERY_QUEUE",
-        "MEISA_CELERY_REDIS_URL",
-        "MEISA_CELERY_COALESCE",
-    )
+    name: value for name, value in DEFAULTS.items() if name.startswith("MEISA_CELERY_")
 }
-
 #: Meisa deduplicates a send's idempotency key for this long, in seconds.
 IDEMPOTENCY_WINDOW = 3600.0
 #: What a replayed send leaves of that window for its wait in the queue, in seconds.
@@ -90,16 +71,9 @@ RUN_TIMEOUTS = 4
 _LOOK_EVERY = 1.0
 
 
-def lane_queues(prefix: str = "meisa") -> dict[str, str]:
-    """The queue of each lane by lane name, first lane first: ``{"transactional":
-    "meisa.transactional", "automation": "meisa.automation", "routine": "meisa.routine",
-    "backfill": "meisa.backfill"}``."""
-    return {name: f"{prefix}.{name}" for name in LANE_NAMES.values()}
-
-
 @dataclass(frozen=True)
 class CelerySettings:
-    """The resolved ``MEISA_CELERY_*`` settings (see :data:`CELERY_DEFAULTS`)."""
+    """The ``MEISA_CELERY_*`` settings (see :data:`CELERY_DEFAULTS`)."""
 
     celery_app: Any
     queue: str
@@ -108,19 +82,15 @@ class CelerySettings:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> CelerySettings:
-        """Read and check the keys (a missing key takes its default).
-
-        :raises ConfigurationError: naming each key that is invalid.
-        """
+        """Read the keys (a missing one takes its default); a :class:`ConfigurationError`
+        names each invalid one."""
         values = resolve_keys(config, CELERY_DEFAULTS)
         return cls(*(values[name] for name in CELERY_DEFAULTS))
 
 
 def resolve_celery_app(app: Flask) -> Any:
-    """The Celery app of ``app``: ``MEISA_CELERY_APP``, else ``app.extensions["celery"]``.
-
-    :raises ConfigurationError: when there is neither.
-    """
+    """The Celery app of ``app``: ``MEISA_CELERY_APP``, else ``app.extensions["celery"]``
+    (a :class:`ConfigurationError` when there is neither)."""
     celery_app = app.config.get("MEISA_CELERY_APP") or app.extensions.get("celery")
     if celery_app is None:
         raise ConfigurationError(
@@ -132,34 +102,17 @@ def resolve_celery_app(app: Flask) -> Any:
     return celery_app
 
 
-def _redis_client(url: str | None, celery_app: Any) -> Any:
-    if url is None:
-        broker = str(celery_app.conf.broker_url or "")
-        if not broker.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigurationError(
-                "the Celery engine keeps its rate budget and coalesced upserts in Redis: "
-                "set MEISA_CELERY_REDIS_URL (the broker is not Redis)"
-            )
-        url = broker
-    return redis.Redis.from_url(url, health_check_interval=30)
-
-
 def configure_visibility(celery_app: Any, settings: MeisaSettings) -> float:
-    """Set the Redis transport's ``visibility_timeout`` when the app set none
-    (:data:`DEFAULT_VISIBILITY_TIMEOUT`), check it, and return the longest countdown a
-    task may hold: :data:`~.redis_budget.MAX_WAIT`, or less so that a held message is
-    never handed to a second worker.
-
-    :raises ConfigurationError: saying what to set, when it cannot hold.
-    """
+    """Set the Redis transport's ``visibility_timeout`` if the app set none, check it (a
+    :class:`ConfigurationError` says what to set), and return the longest countdown a task
+    may hold so that a held message is never handed to a second worker."""
     scheme = str(celery_app.conf.broker_url or "").partition("://")[0]
     if scheme not in ("redis", "rediss", "redis+socket", "sentinel"):
         return MAX_WAIT  # a broker without a visibility timeout
     options = dict(celery_app.conf.broker_transport_options or {})
     visibility = options.setdefault("visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT)
     celery_app.conf.broker_transport_options = options
-    # A run holds its message beyond its countdown; a message whose worker died comes
-    # back after the visibility timeout and kombu's next sweep (interval x throttle).
+    # A dead worker's message comes back after the timeout and kombu's next sweep.
     run = RUN_TIMEOUTS * (settings.connect_timeout + settings.timeout)
     sweep = float(options.get("unacked_restore_interval", 10)) * float(
         options.get("unacked_restore_throttle", 10)
@@ -179,23 +132,10 @@ def configure_visibility(celery_app: Any, settings: MeisaSettings) -> float:
 
 
 class CeleryDispatcher:
-    """Publishes operations as Celery tasks (implements the dispatcher protocol).
-
-    :param celery_app: the app's ``celery.Celery``; the worker must have the task
-        registered (:func:`init_celery` or :func:`register_tasks`).
-    :param redis: a ``redis.Redis`` client for the engine's records; the dispatcher
-        closes it in :meth:`close`.
-    :param hooks: told about operations that cannot be published or that Redis lost
-        (``dropped``); every other outcome is reported by the worker, to its hooks.
-    :param queue: the queue prefix; one queue per lane (see :func:`lane_queues`).
-    :param rate_limit: the key's budget, for :meth:`status` and :meth:`budget_slot`.
-    :param budget_key: the API key whose budget is shared (only a digest of it is used).
-    :param coalesce: merge upserts of one contact that wait in the queue.
-    :param call_timeout: the longest one call can take (a budget slot's lease).
-    :param ledger_size: how many operations submitted here, not yet seen finished, are
-        remembered to be reported if Redis loses them.
-    :param priority_fields: custom fields whose change moves an upsert ahead.
-    """
+    """Publishes operations as Celery tasks on the queues of ``queue`` (a prefix), keeping
+    the engine's records through ``redis`` (closed by :meth:`close`). ``budget_key``: the
+    API key whose budget (``rate_limit``) is shared; ``ledger_size``: how many operations
+    submitted here are remembered, to be reported if Redis loses them."""
 
     def __init__(
         self,
@@ -214,13 +154,10 @@ class CeleryDispatcher:
         self._celery = celery_app
         self._redis = redis
         self._hooks = HookCaller(hooks, logger)
-        self._queues = lane_queues(queue)
+        #: The queue of each lane, by lane name.
+        self.queues = lane_queues(queue)
         self.store = RedisDeliveryStore(redis, queue)
-        self._budget = (
-            RedisBudget(redis, rate_limit, prefix=budget_prefix(budget_key))
-            if budget_key
-            else None
-        )
+        self._budget = RedisBudget(redis, rate_limit, budget_key) if budget_key else None
         self._coalesce = coalesce
         self._priority_fields = tuple(priority_fields)
         self._lease = call_timeout + 5.0
@@ -235,14 +172,6 @@ class CeleryDispatcher:
         self._looked_at = 0.0
         self._lost = False
 
-    def __repr__(self) -> str:
-        return f"CeleryDispatcher(queues={list(self._queues.values())!r})"
-
-    @property
-    def queues(self) -> dict[str, str]:
-        """The queue of each lane, by lane name."""
-        return dict(self._queues)
-
     def start(self) -> None:
         """Nothing to start: the workers deliver."""
 
@@ -255,25 +184,15 @@ class CeleryDispatcher:
             self.publish(operation)
 
     def publish(self, operation: Operation) -> None:
-        """Publish ``operation`` on its lane's queue (a few Redis round trips; never
-        waits on Meisa).
-
-        An operation that cannot be published (the broker is down, the dispatcher is
-        closed) is reported to ``hooks.dropped`` and logged.
-
-        :raises DeliveryError: for a transactional send that cannot be published.
-        """
-        if not isinstance(operation, Operation):
-            raise TypeError(f"expected an Operation, not {type(operation).__name__}")
-        with self._lock:
-            closed = self._closed
-        if closed:
+        """Publish ``operation`` on its lane's queue; what cannot be published is reported
+        to ``hooks.dropped``, but a send raises :class:`DeliveryError`."""
+        if self._closed:
             self._drop(operation, "closed")
             return
         try:
             self._look()
             for lane, op, meta in self.tasks(operation):
-                queue = self._queues[LANE_NAMES[lane]]
+                queue = self.queues[LANE_NAMES[lane]]
                 self._celery.send_task(
                     TASK_NAME,
                     kwargs={"op": op, "meta": meta},
@@ -284,17 +203,26 @@ class CeleryDispatcher:
                     ignore_result=True,
                 )
         except Exception as error:
-            # The text of a broker error can hold its URL: only its class is reported.
+            # The text of a broker error can hold its URL: only its class is told.
             self._drop(operation, "broker_unavailable", type(error).__name__)
             return
         with self._lock:
             self._ledger[operation.id] = operation
 
+    def _drop(self, operation: Operation, reason: str, cause: str | None = None) -> None:
+        if operation.kind == "send":
+            where = f"publishing failed ({cause})" if cause else "the delivery engine is closed"
+            raise DeliveryError(f"{where}; {operation.describe()} was not sent") from None
+        with contextlib.suppress(Exception):  # Redis may be out of reach too
+            self.store.finish([operation.id], "dropped", 1)
+        detail = f"{reason}: {cause}" if cause else reason
+        logger.warning("flask-meisa: dropped %s (%s)", operation.describe(), detail)
+        self._hooks.call("dropped", operation, reason)
+
     def tasks(self, operation: Operation) -> list[tuple[int, dict[str, Any], dict[str, Any]]]:
-        """Record ``operation`` in Redis and return the tasks that deliver it, as ``(lane,
-        op, meta)``: its own, in the lane of its significance (an upsert's depends on
-        what Meisa has of its contact), and before it, for an event whose contact has an
-        upsert pending, a companion that delivers that upsert on the event's lane."""
+        """Record ``operation`` in Redis and return the tasks that deliver it as ``(lane,
+        op, meta)``: its own, and before it, for an event whose contact has an upsert
+        pending, a companion that delivers that upsert on the event's lane."""
         store = self.store
         contact = store.contact_of(operation.payload) if operation.kind == "upsert" else None
         lane = known.lane_of(operation, lambda: store.known(contact), self._priority_fields)
@@ -314,40 +242,20 @@ class CeleryDispatcher:
                 meta["after"] = list(found)
         return [*tasks, (lane, operation.to_dict(), meta)]
 
-    def _drop(self, operation: Operation, reason: str, cause: str | None = None) -> None:
-        if operation.kind == "send":
-            where = f"publishing failed ({cause})" if cause else "the delivery engine is closed"
-            raise DeliveryError(f"{where}; {operation.describe()} was not sent") from None
-        with contextlib.suppress(Exception):  # unreachable Redis: why it was dropped
-            self.store.finish([operation.id], "dropped", 1)
-        logger.warning(
-            "flask-meisa: dropped %s (%s%s)",
-            operation.describe(),
-            reason,
-            f": {cause}" if cause else "",
-        )
-        self._hooks.call("dropped", operation, reason)
-
     def _look(self, *, force: bool = False) -> int:
-        """Check Redis's epoch and, at most every :data:`_LOOK_EVERY` seconds (or when
-        ``force``d or the ledger is full), forget the operations found finished; report
-        the ledger as dropped if Redis lost its data. Returns the pending count."""
+        """The pending count; forgets the ledger's finished operations (every
+        :data:`_LOOK_EVERY` seconds at most), or reports it dropped if Redis lost its data."""
         with self._lock:
             now = time.monotonic()
-            due = force or now - self._looked_at >= _LOOK_EVERY
-            if due or len(self._ledger) >= self._ledger_size:
+            full = len(self._ledger) >= self._ledger_size
+            due = force or full or now - self._looked_at >= _LOOK_EVERY
+            if due:
                 self._looked_at = now
-                ids = list(self._ledger)
-            else:
-                ids = []
+            ids = list(self._ledger) if due else []
         epoch, pending, unfinished = self.store.look(ids)
         with self._lock:
-            known, self._epoch = self._epoch, epoch
-            if known is not None and known != epoch:
-                lost, self._ledger = list(self._ledger.values()), {}
-                forgotten, self._forgotten, self._lost = self._forgotten, 0, True
-            else:
-                lost, forgotten = [], -1
+            seen, self._epoch = self._epoch, epoch
+            if seen is None or seen == epoch:
                 for op_id, waiting in zip(ids, unfinished, strict=True):
                     if not waiting:
                         self._ledger.pop(op_id, None)
@@ -356,11 +264,9 @@ class CeleryDispatcher:
                     self._forgotten += 1
                 if not self._ledger:
                     self._forgotten = 0  # older than all it saw finish: taken as finished
-        if forgotten >= 0:
-            self._report_lost(lost, forgotten)
-        return pending
-
-    def _report_lost(self, lost: list[Operation], forgotten: int) -> None:
+                return pending
+            lost, self._ledger = list(self._ledger.values()), {}
+            forgotten, self._forgotten, self._lost = self._forgotten, 0, True
         logger.error(
             "flask-meisa: Redis lost the Celery engine's data (a restart without persistence, "
             "or a flush): %d operation(s) this process submitted were pending and are "
@@ -372,28 +278,25 @@ class CeleryDispatcher:
             self.store.finish([], "dropped", len(lost) + forgotten)
         for operation in lost:
             self._hooks.call("dropped", operation, "redis_data_lost")
+        return pending
 
     @contextlib.contextmanager
     def budget_slot(self, timeout: float) -> Iterator[bool]:
-        """Hold a slot of the shared budget (a send's, from the reserve) for a call made
-        outside the workers: a synchronous ``meisa.send``, a suppression list load. Waits
-        at most ``timeout`` seconds; yields whether a slot was taken (without one, the
-        call is made anyway and the client's retries handle a 429)."""
+        """Hold a slot of the shared budget (from the reserve) for a call made outside the
+        workers, waiting at most ``timeout`` seconds; yields whether one was taken
+        (without one, the call is made anyway and the client's retries handle a 429)."""
         budget, token = self._budget, None
         if budget is not None:
-            deadline = time.monotonic() + max(timeout, 0.0)
-            waiter = uuid.uuid4().hex
-            take = functools.partial(
-                budget.acquire, lease=self._lease, lane=LANE_TRANSACTIONAL, waiter=waiter
-            )
+            deadline, waiter = time.monotonic() + max(timeout, 0.0), uuid.uuid4().hex
             try:
-                got = take()
-                while got.token is None and time.monotonic() + got.wait <= deadline:
+                while True:
+                    got = budget.acquire(lease=self._lease, lane=LANE_TRANSACTIONAL, waiter=waiter)
+                    if got.token is not None or time.monotonic() + got.wait > deadline:
+                        break
                     time.sleep(got.wait)
-                    got = take()
-                token = got.token
-                if token is None:
+                if got.token is None:
                     budget.give_up(waiter, LANE_TRANSACTIONAL)
+                token = got.token
             except RedisError as error:
                 logger.warning(
                     "flask-meisa: no budget slot from Redis (%s); calling without one",
@@ -407,13 +310,9 @@ class CeleryDispatcher:
                     budget.finish(token)
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until the workers have finished every operation submitted under this
-        queue prefix (by any process), at most ``timeout`` seconds (``None``: no limit).
-
-        :returns: ``True`` when none is left; ``False`` on timeout, when Redis cannot be
-            read, or when Redis lost its data since the last flush (the operations it
-            lost were reported dropped).
-        """
+        """Wait at most ``timeout`` seconds until the workers finished every operation of
+        this queue prefix, by any process; ``False`` on timeout, when Redis cannot be read
+        or when it lost its data since the last flush."""
         deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
         pause = 0.005
         while True:
@@ -424,38 +323,28 @@ class CeleryDispatcher:
                 return False
             with self._lock:
                 lost, self._lost = self._lost, False
-            if lost:
+            if lost or pending == 0:
+                return not lost
+            left = 1.0 if deadline is None else deadline - time.monotonic()
+            if left <= 0:
                 return False
-            if pending == 0:
-                return True
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                pause = min(pause, left)
-            time.sleep(pause)
+            time.sleep(min(pause, left))
             pause = min(pause * 2, 0.1)
 
     def close(self, timeout: float | None = None) -> int:
-        """Stop publishing and close the Redis connections; waits for nothing, since
-        what was published is held by the broker for the workers.
-
-        :returns: ``0``: nothing is held in this process.
-        """
+        """Stop publishing and close the Redis connections; returns ``0``: the broker holds
+        what was published, nothing is held here."""
         with self._lock:
-            if self._closed:
-                return 0
-            self._closed = True
-        self._redis.close()
+            closed, self._closed = self._closed, True
+        if not closed:
+            self._redis.close()
         return 0
 
     def status(self) -> DeliveryStatus:
-        """Operations not finished per lane (held by workers for a countdown included;
-        calls in flight apart), the oldest one's wait and the latency of each lane,
-        counters from every worker, the budget left in each window, the pause every
-        worker observes, and the backfill run."""
+        """Operations not finished per lane (calls in flight apart), their wait and latency,
+        every worker's counters, the budget left, the pause and the backfill run."""
         self._look(force=True)
-        status = DeliveryStatus(engine="celery", queued=dict.fromkeys(self._queues, 0))
+        status = DeliveryStatus(engine="celery", queued=dict.fromkeys(self.queues, 0))
         self.store.describe(status)
         if self._budget is not None:
             status.paused_for, flying, status.budget_left = self._budget.snapshot()
@@ -471,9 +360,8 @@ class CeleryDispatcher:
 
 
 class CeleryBackfill:
-    """A backfill through Celery (a :class:`~.backfill.Target`): upserts published on the
-    backfill queue, but for those Meisa already has; the run, its failures and the upserts
-    Meisa refused kept in Redis (workers read the run's ``max_share``)."""
+    """A backfill through Celery (a :class:`~.backfill.Target`): upserts published but for
+    those Meisa has; the run, its failures and the count Meisa refused kept in Redis."""
 
     def __init__(self, dispatcher: CeleryDispatcher, resync_after: float) -> None:
         self._dispatcher = dispatcher
@@ -518,20 +406,33 @@ class CeleryBackfill:
 
     def backlog(self) -> tuple[int, int]:
         """Backfill upserts not finished, and those Meisa refused."""
-        return self._store.pending(LANE_BACKFILL), self._store.counters().get(
-            "backfill_refused", 0
-        )
+        refused = self._store.counters().get("backfill_refused", 0)
+        return self._store.pending(LANE_BACKFILL), refused
 
     def failures(self) -> list[dict[str, Any]]:
         """Users the last runs could not map."""
         return list(self._store.get("backfill_failures", []))
 
 
-def make_dispatcher(state: MeisaState) -> CeleryDispatcher:
-    """The Celery engine of an app, from its config (``MeisaState._make_dispatcher``)."""
-    app = state.app
+def _redis_client(url: str | None, celery_app: Any) -> Any:
+    if url is None:
+        url = str(celery_app.conf.broker_url or "")
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigurationError(
+                "the Celery engine keeps its rate budget and coalesced upserts in Redis: "
+                "set MEISA_CELERY_REDIS_URL (the broker is not Redis)"
+            )
+    return redis.Redis.from_url(url, health_check_interval=30)
+
+
+def _settings(app: Flask, celery_app: Any = None) -> tuple[CelerySettings, Any]:
     settings = CelerySettings.from_config(app.config)
-    celery_app = settings.celery_app or resolve_celery_app(app)
+    return settings, celery_app or settings.celery_app or resolve_celery_app(app)
+
+
+def make_dispatcher(state: MeisaState) -> CeleryDispatcher:
+    """The Celery engine of an app, from its config."""
+    settings, celery_app = _settings(state.app)
     options = state.settings
     return CeleryDispatcher(
         celery_app,
@@ -548,39 +449,27 @@ def make_dispatcher(state: MeisaState) -> CeleryDispatcher:
 
 
 def init_celery(app: Flask, celery_app: Any = None) -> Any:
-    """Register the delivery task on the app's Celery app (``init_app`` calls this when
-    ``MEISA_DELIVERY = "celery"``) and set up its visibility timeout
-    (:func:`configure_visibility`); returns the task.
-
-    In each worker process the first task builds, from ``app``: the client (its key,
-    URL and timeouts), the retry policy, the hooks (``app``'s outcome signals), the
-    shared budget (``MEISA_RATE_LIMIT``) and the Redis records; every task runs inside
-    ``app.app_context()``.
+    """Register the delivery task on the app's Celery app (each worker process builds
+    its :class:`DeliveryWorker` from ``app`` on its first task) and set up the visibility
+    timeout (:func:`configure_visibility`); returns the task. ``init_app`` calls this.
 
     :raises ConfigurationError: no Celery app, an invalid ``MEISA_CELERY_*`` key, or a
         visibility timeout that cannot hold.
     """
-    settings = CelerySettings.from_config(app.config)
-    if celery_app is None:
-        celery_app = settings.celery_app or resolve_celery_app(app)
-    max_countdown = configure_visibility(
-        celery_app, MeisaSettings.from_config({**DEFAULTS, **app.config})
-    )
+    settings, celery_app = _settings(app, celery_app)
+    options = MeisaSettings.from_config({**DEFAULTS, **app.config})
+    max_countdown = configure_visibility(celery_app, options)
 
     def build() -> DeliveryWorker:
-        meisa = app.extensions["meisa"]
-        state: MeisaState = meisa.state(app)
-        redis = _redis_client(settings.redis_url, celery_app)
-        options = state.settings
-        budget = None
-        if options.api_key:
-            budget = RedisBudget(redis, options.rate_limit, prefix=budget_prefix(options.api_key))
+        state: MeisaState = app.extensions["meisa"].state(app)
+        options, redis = state.settings, _redis_client(settings.redis_url, celery_app)
+        key = options.api_key
         return DeliveryWorker(
             client_factory=state.make_client,
             hooks=state.reporter,
             retry=state.background_retry_policy(),
             store=RedisDeliveryStore(redis, settings.queue),
-            budget=budget,
+            budget=RedisBudget(redis, options.rate_limit, key) if key else None,
             call_timeout=options.connect_timeout + options.timeout,
             max_countdown=max_countdown,
             context=app.app_context,

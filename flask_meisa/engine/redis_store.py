@@ -1,8 +1,7 @@
-"""What the Celery engine keeps in Redis besides the budget: per contact, its coalesced
-upserts not yet delivered and the digest of what Meisa accepted of it; the operations not
-yet finished, by lane; counters, recent answers, the backfill run, and the epoch that
-reveals a Redis that lost its data. docs/celery.md explains the design. Keys hold digests
-of contacts, never addresses.
+"""The Celery engine's records in Redis besides the budget: per contact, its coalesced
+upserts and what Meisa has of it; the operations not yet finished, by lane; counters,
+recent answers, the backfill run, and the epoch that reveals a Redis that lost its data.
+Keys hold digests of contacts, never addresses (docs/celery.md explains the design).
 """
 
 from __future__ import annotations
@@ -37,24 +36,17 @@ RECORD_TTL = 7 * 86400
 ANSWERS_KEPT = 2_000
 _COUNTERS = ("delivered", "failed", "skipped", "dropped", "unchanged")
 
-ClaimState = Literal["deliver", "covered", "busy", "missing"]
-
 
 @dataclass(frozen=True)
 class Claim:
-    """What :meth:`RedisDeliveryStore.claim` found for an upsert task.
+    """What :meth:`RedisDeliveryStore.claim` found for an upsert task: ``"deliver"`` (make
+    ``contact``'s call with ``payload``, at ``version``, for the operations ``members``,
+    holding the lease ``token``), ``"covered"`` (a call carried this version already),
+    ``"busy"`` (another worker is calling: look again in ``wait``) or ``"missing"`` (no
+    record: deliver the task's own payload)."""
 
-    - ``"deliver"``: this task makes the contact's call with ``payload`` (version
-      ``version``, ``force`` if one of them asked for it), on behalf of the operations
-      ``members``; it holds the lease ``token`` until :meth:`~RedisDeliveryStore.settle`
-      or :meth:`~RedisDeliveryStore.release`.
-    - ``"covered"``: a call already carried this task's version; nothing to do.
-    - ``"busy"``: another worker is making this contact's call; look again in ``wait``.
-    - ``"missing"``: no record (it expired, or Redis lost it): deliver the task's own
-      payload.
-    """
-
-    state: ClaimState
+    state: Literal["deliver", "covered", "busy", "missing"]
+    contact: str = ""
     payload: dict[str, Any] = field(default_factory=dict)
     version: int = 0
     members: tuple[str, ...] = ()
@@ -67,13 +59,18 @@ def _digest(name: str) -> str:
     return hashlib.sha256(name.encode("utf-8")).hexdigest()[:32]
 
 
-class RedisDeliveryStore:
-    """The engine's records in Redis, under ``meisa:<namespace>:``. A contact is kept
-    under the digest of its external_id, or of its email while it has none; an email
-    upserted with an external_id points to it, so either name finds the contact.
+def _text(value: bytes | str | None) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    return value or ""
 
-    :param redis: a ``redis.Redis`` client (thread-safe; one per process).
-    :param namespace: one per queue prefix, so that two apps sharing a Redis keep apart.
+
+class RedisDeliveryStore:
+    """The engine's records under ``meisa:<namespace>:``, one namespace per queue prefix.
+    A contact is kept under the digest of its external_id, or of its email while it has
+    none; an email upserted with an external_id points to it.
+
+    :param redis: a ``redis.Redis`` client.
     """
 
     def __init__(self, redis: Any, namespace: str) -> None:
@@ -81,36 +78,28 @@ class RedisDeliveryStore:
         #: The queue prefix these records belong to.
         self.namespace = namespace
         self._prefix = f"meisa:{namespace}"
-        self.stats_key = f"{self._prefix}:stats"
-        self.epoch_key = f"{self._prefix}:epoch"
+        self._stats = f"{self._prefix}:stats"
         self._pending = {lane: f"{self._prefix}:pending:{n}" for lane, n in LANE_NAMES.items()}
         self._answers = {lane: f"{self._prefix}:answers:{n}" for lane, n in LANE_NAMES.items()}
 
-    def __repr__(self) -> str:
-        return f"RedisDeliveryStore({self._prefix!r})"
-
     def _key(self, kind: str, contact: str) -> str:
-        # The braces keep a contact's keys in one Redis Cluster slot.
-        return f"{self._prefix}:{kind}:{{{contact}}}"
+        return f"{self._prefix}:{kind}:{{{contact}}}"  # braces: one Redis Cluster slot
 
     # -- contacts ------------------------------------------------------------------------
 
     def contacts(self, payload: Mapping[str, Any]) -> list[str]:
-        """The ids under which the contact ``payload`` names may be kept, the one its
-        upserts use first: its external_id's, the one its email points to, its email's."""
+        """The ids the contact ``payload`` names may be kept under, the one its upserts use
+        first: its external_id's, the one its email points to, its email's."""
         ext, email = identities(payload)
         found = [] if ext is None else [_digest(ext)]
         if email is not None:
-            alias = _text(self._redis.get(self._key("alias", _digest(email))))
-            found += [alias, _digest(email)] if alias else [_digest(email)]
-        return list(dict.fromkeys(found))
+            found += [_text(self._redis.get(self._key("alias", _digest(email)))), _digest(email)]
+        return [contact for contact in dict.fromkeys(found) if contact]
 
     def contact_of(self, payload: Mapping[str, Any]) -> str | None:
         """The id an upsert of ``payload`` is kept under (see :meth:`contacts`)."""
         ext, _ = identities(payload)
-        if ext is not None:
-            return _digest(ext)
-        return next(iter(self.contacts(payload)), None)
+        return _digest(ext) if ext is not None else next(iter(self.contacts(payload)), None)
 
     def _link(self, pipe: Any, payload: Mapping[str, Any]) -> None:
         ext, email = identities(payload)
@@ -122,7 +111,7 @@ class RedisDeliveryStore:
         if contact is None:
             return None
         raw = self._redis.hgetall(self._key("known", contact))
-        fields = {_text(name) or "": _text(value) or "" for name, value in raw.items()}
+        fields = {_text(name): _text(value) for name, value in raw.items()}
         accepted_at = fields.pop("@at", None)
         return None if accepted_at is None else Known(fields, float(accepted_at))
 
@@ -141,24 +130,14 @@ class RedisDeliveryStore:
     def forget(self, payloads: Iterable[Mapping[str, Any] | None]) -> None:
         """Meisa does not know the contact (an event answered 404): forget what it had,
         under every name."""
-        keys = {
-            self._key("known", contact)
-            for payload in payloads
-            if payload
-            for contact in self.contacts(payload)
-        }
+        keys = {self._key("known", c) for p in payloads if p for c in self.contacts(p)}
         if keys:
             self._redis.delete(*keys)
 
-    # -- submitting ----------------------------------------------------------------------
+    # -- submitting and delivering -------------------------------------------------------
 
     def add_pending(self, operation: Operation, lane: int) -> None:
-        """Count ``operation`` pending in ``lane`` (a send, an event, an upsert not
-        coalesced)."""
-        self._redis.zadd(self._pending[lane], {operation.id: operation.created_at})
-
-    def move(self, operation: Operation, lane: int) -> None:
-        """Count ``operation`` pending in ``lane`` from now on (it was promoted)."""
+        """Count ``operation`` pending in ``lane`` and no other (it may have been promoted)."""
         pipe = self._redis.pipeline(transaction=True)
         for key in self._pending.values():
             pipe.zrem(key, operation.id)
@@ -171,20 +150,18 @@ class RedisDeliveryStore:
         record = self._key("contact", contact)
 
         def update(pipe: Any) -> int:
-            version, payload, members, force = pipe.hmget(
-                record, "version", "payload", "members", "force"
-            )
+            fields = pipe.hmget(record, "version", "payload", "members", "force")
+            version, payload, members, force = fields
             merged = operation.payload
             if payload is not None:
                 merged = merge_upsert_payloads(json.loads(payload), operation.payload)
-            ids = [*json.loads(members), operation.id] if members is not None else [operation.id]
             pipe.multi()
             pipe.hset(
                 record,
                 mapping={
                     "version": int(version or 0) + 1,
                     "payload": json.dumps(merged, separators=(",", ":")),
-                    "members": json.dumps(ids),
+                    "members": json.dumps([*json.loads(members or "[]"), operation.id]),
                     "force": int(operation.force or int(force or 0)),
                 },
             )
@@ -195,17 +172,14 @@ class RedisDeliveryStore:
 
         return int(self._redis.transaction(update, record, value_from_callable=True))
 
-    # -- delivering ----------------------------------------------------------------------
-
     def claim(self, contact: str, version: int, lease: float) -> Claim:
         """Decide what the upsert task of ``version`` does (see :class:`Claim`)."""
         record, lease_key = self._key("contact", contact), self._key("lease", contact)
         token = uuid.uuid4().hex
 
         def decide(pipe: Any) -> Claim:
-            current, delivered, payload, members, force = pipe.hmget(
-                record, "version", "delivered", "payload", "members", "force"
-            )
+            fields = pipe.hmget(record, "version", "delivered", "payload", "members", "force")
+            current, delivered, payload, members, force = fields
             if current is None:
                 return Claim("missing")
             if int(delivered or 0) >= version or payload is None:
@@ -217,10 +191,11 @@ class RedisDeliveryStore:
             pipe.set(lease_key, token, px=max(int(lease * 1000), 1))
             return Claim(
                 "deliver",
-                payload=json.loads(payload),
-                version=int(current),
-                members=tuple(json.loads(members or "[]")),
-                token=token,
+                contact,
+                json.loads(payload),
+                int(current),
+                tuple(json.loads(members or "[]")),
+                token,
                 force=bool(int(force or 0)),
             )
 
@@ -228,40 +203,31 @@ class RedisDeliveryStore:
             decide, record, lease_key, value_from_callable=True
         )
 
-    def release(self, contact: str, claim: Claim) -> None:
+    def release(self, claim: Claim) -> None:
         """Give back a claim's lease without a call having been made."""
-        lease_key = self._key("lease", contact)
+        self._settle(claim, delivered=False)
 
-        def drop(pipe: Any) -> None:
-            if _text(pipe.get(lease_key)) == claim.token:
-                pipe.multi()
-                pipe.delete(lease_key)
-
-        self._redis.transaction(drop, lease_key)
-
-    def settle(self, contact: str, claim: Claim) -> None:
+    def settle(self, claim: Claim) -> None:
         """The claimed call is over for good (delivered, unchanged, or refused): mark its
-        version delivered, forget its payload unless newer upserts arrived meanwhile,
-        and release the lease. Its operations stay pending until :meth:`finish`."""
-        record, lease_key = self._key("contact", contact), self._key("lease", contact)
+        version delivered, forget its payload unless newer upserts came meanwhile, and
+        release the lease. Its operations stay pending until :meth:`finish`."""
+        self._settle(claim, delivered=True)
+
+    def _settle(self, claim: Claim, *, delivered: bool) -> None:
+        record, lease_key = self._key("contact", claim.contact), self._key("lease", claim.contact)
 
         def update(pipe: Any) -> None:
-            current, delivered, members = pipe.hmget(record, "version", "delivered", "members")
-            lease_holder = _text(pipe.get(lease_key))
-            # Members only grow at the end, so the claimed ones are a prefix.
-            ids = json.loads(members or "[]")[len(claim.members) :]
+            current, done, members = pipe.hmget(record, "version", "delivered", "members")
+            holder = _text(pipe.get(lease_key))
             pipe.multi()
-            if current is not None:
-                pipe.hset(
-                    record,
-                    mapping={
-                        "delivered": max(int(delivered or 0), claim.version),
-                        "members": json.dumps(ids),
-                    },
-                )
+            if delivered and current is not None:
+                # Members only grow at the end, so the claimed ones are a prefix.
+                rest = json.loads(members or "[]")[len(claim.members) :]
+                done = max(int(done or 0), claim.version)
+                pipe.hset(record, mapping={"delivered": done, "members": json.dumps(rest)})
                 if int(current) == claim.version:
                     pipe.hdel(record, "payload", "force")
-            if lease_holder == claim.token:
+            if holder == claim.token:
                 pipe.delete(lease_key)
 
         self._redis.transaction(update, record, lease_key)
@@ -270,8 +236,7 @@ class RedisDeliveryStore:
         self, contacts: Iterable[str], *, upto: int | None = None
     ) -> tuple[str, int] | None:
         """The first of ``contacts`` with an upsert not yet delivered (of version ``upto``
-        or earlier, when given), with the version its record is at; ``None`` when there
-        is none."""
+        or earlier, when given), with its record's version; ``None`` when there is none."""
         contacts = list(dict.fromkeys(contacts))
         pipe = self._redis.pipeline(transaction=False)
         for contact in contacts:
@@ -292,20 +257,18 @@ class RedisDeliveryStore:
         *,
         answer: tuple[int, float] | None = None,
     ) -> None:
-        """Operations are finished: no longer pending; add ``count`` to counter
-        ``outcome`` (``"delivered"``, ``"unchanged"``, ``"failed"``, ``"skipped"`` or
-        ``"dropped"``); ``answer``: ``(lane, seconds)`` from release to Meisa's answer."""
+        """Operations are finished: no longer pending; add ``count`` to the counter
+        ``outcome``; ``answer``: ``(lane, seconds)`` from release to Meisa's answer."""
         ids = list(ids)
-        now = time.time()
         pipe = self._redis.pipeline(transaction=True)
         if ids:
             for key in self._pending.values():
                 pipe.zrem(key, *ids)
         if outcome is not None and count:
-            pipe.hincrby(self.stats_key, outcome, count)
+            pipe.hincrby(self._stats, outcome, count)
         if answer is not None:
             key = self._answers[answer[0]]
-            pipe.lpush(key, f"{now:.3f} {max(answer[1], 0.0):.3f}")
+            pipe.lpush(key, f"{time.time():.3f} {max(answer[1], 0.0):.3f}")
             pipe.ltrim(key, 0, ANSWERS_KEPT - 1)
             pipe.expire(key, int(LATENCY_WINDOW))
         pipe.execute()
@@ -313,50 +276,50 @@ class RedisDeliveryStore:
     def count(self, name: str, delta: int) -> None:
         """Add ``delta`` to the counter ``name`` (``0``: reset it)."""
         if delta:
-            self._redis.hincrby(self.stats_key, name, delta)
+            self._redis.hincrby(self._stats, name, delta)
         else:
-            self._redis.hdel(self.stats_key, name)
+            self._redis.hdel(self._stats, name)
+
+    def counters(self) -> dict[str, int]:
+        """Counters by name: those of :meth:`finish` and any other :meth:`count` keeps."""
+        return _counts(self._redis.hgetall(self._stats))
 
     def pending(self, lane: int | None = None) -> int:
         """How many operations (of ``lane``, or all) are not yet finished."""
-        lanes = self._pending.values() if lane is None else [self._pending[lane]]
+        keys = self._pending.values() if lane is None else [self._pending[lane]]
         pipe = self._redis.pipeline(transaction=False)
-        for key in lanes:
+        for key in keys:
             pipe.zcard(key)
-        return sum(int(n) for n in pipe.execute())
+        return sum(pipe.execute())
 
     def look(self, ids: list[str]) -> tuple[str, int, list[bool]]:
-        """In one transaction: the epoch of these records (a random token written by the
-        first process to look; another one later means Redis lost its data, and with it
-        every pending operation), how many operations are pending, and whether each of
-        ``ids`` still is."""
+        """In one transaction: the epoch of these records (a random token the first to look
+        writes: another one later means Redis lost its data), how many operations are
+        pending, and whether each of ``ids`` still is."""
+        epoch = f"{self._prefix}:epoch"
         pipe = self._redis.pipeline(transaction=True)
-        pipe.set(self.epoch_key, uuid.uuid4().hex, nx=True)
-        pipe.get(self.epoch_key)
+        pipe.set(epoch, uuid.uuid4().hex, nx=True)
+        pipe.get(epoch)
         for key in self._pending.values():
             pipe.zcard(key)
-            if ids:
+        if ids:
+            for key in self._pending.values():
                 pipe.zmscore(key, ids)
-        _, epoch, *found = pipe.execute()
-        step = 2 if ids else 1
-        pending = sum(int(n) for n in found[::step])
-        unfinished = [False] * len(ids)
-        for scores in found[1::step] if ids else []:
-            unfinished = [
-                was or score is not None for was, score in zip(unfinished, scores, strict=True)
-            ]
-        return _text(epoch) or "", pending, unfinished
+        _, token, *found = pipe.execute()
+        counts, scores = found[: len(LANE_NAMES)], found[len(LANE_NAMES) :]
+        unfinished = [any(lane[n] is not None for lane in scores) for n in range(len(ids))]
+        return _text(token) or "", sum(counts), unfinished
 
     def describe(self, status: DeliveryStatus) -> None:
-        """Fill ``status`` with what Redis holds: operations not finished per lane and the
-        oldest one's wait, latency over the last :data:`~.pending.LATENCY_WINDOW`
-        seconds, the counters and the backfill run."""
+        """Fill ``status`` with the operations not finished per lane and the oldest one's
+        wait, the latency over the last :data:`~.pending.LATENCY_WINDOW`, the counters and
+        the backfill run."""
         pipe = self._redis.pipeline(transaction=False)
         for lane in LANE_NAMES:
             pipe.zcard(self._pending[lane])
             pipe.zrange(self._pending[lane], 0, 0, withscores=True)
             pipe.lrange(self._answers[lane], 0, -1)
-        pipe.hgetall(self.stats_key)
+        pipe.hgetall(self._stats)
         pipe.get(f"{self._prefix}:backfill")
         *per_lane, stats, run = pipe.execute()
         now = time.time()
@@ -365,11 +328,8 @@ class RedisDeliveryStore:
             status.queued[name] = int(count)
             if oldest:
                 status.oldest_wait[name] = max(now - float(oldest[0][1]), 0.0)
-            waits = sorted(
-                float(waited)
-                for at, waited in (entry.split() for entry in map(_text, answers) if entry)
-                if float(at) >= now - LATENCY_WINDOW
-            )
+            entries = (answer.split() for answer in answers)
+            waits = sorted(float(w) for at, w in entries if float(at) >= now - LATENCY_WINDOW)
             if waits:
                 status.latency[name] = percentiles(waits)
         counters = _counts(stats)
@@ -377,15 +337,10 @@ class RedisDeliveryStore:
             setattr(status, name, counters[name])
         status.backfill = json.loads(run) if run else None
 
-    def counters(self) -> dict[str, int]:
-        """Counters by name: ``delivered``, ``unchanged``, ``failed``, ``skipped``,
-        ``dropped``, and any other :meth:`count` keeps."""
-        return _counts(self._redis.hgetall(self.stats_key))
-
     # -- the backfill's records ----------------------------------------------------------
 
     def get(self, name: str, default: Any = None) -> Any:
-        """A JSON value kept under ``name``."""
+        """The JSON value kept under ``name``."""
         raw = self._redis.get(f"{self._prefix}:{name}")
         return default if raw is None else json.loads(raw)
 
@@ -398,12 +353,4 @@ class RedisDeliveryStore:
 
 
 def _counts(raw: Mapping[Any, Any]) -> dict[str, int]:
-    counts = dict.fromkeys(_COUNTERS, 0)
-    counts.update((_text(name) or "", int(value)) for name, value in raw.items())
-    return counts
-
-
-def _text(value: Any) -> str | None:
-    if isinstance(value, bytes):
-        return value.decode("utf-8")
-    return None if value is None else str(value)
+    return {**dict.fromkeys(_COUNTERS, 0), **{_text(k): int(v) for k, v in raw.items()}}

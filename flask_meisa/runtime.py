@@ -1,5 +1,5 @@
 """Per-app runtime state: the client, the suppression set and the delivery engine, made on
-first use, remade in a forked child, and closed with the app."""
+first use, remade in a forked child, and closed with the app or at exit."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from typing import Any
 
 from .client import MeisaClient
+from .config import DEFAULTS
 from .config import INSTANCE_PREFIX
 from .config import is_delivering
 from .engine.base import Dispatcher
@@ -35,9 +36,6 @@ __all__ = ["MeisaState"]
 
 logger = logging.getLogger("flask_meisa")
 
-#: Attempts of a suppression list load (each within the load's deadline).
-_SUPPRESSION_ATTEMPTS = 3
-
 
 class MeisaState:
     """The runtime parts of :class:`~flask_meisa.Meisa` for one app.
@@ -54,9 +52,12 @@ class MeisaState:
         self._client: MeisaClient | None = None
         self._dispatcher: Dispatcher | None = None
         self._store: Store | None = None
+        self._held: Store | None = None  # held across a fork in progress
         self._switches: tuple[Any, ...] | None = None
         self._delivering = False
-        self._held: Store | None = None  # held across a fork in progress
+        self._started_in: int | None = None
+        # Held weakly: the app holds it, and delivery threads hold this state.
+        self._middleware: weakref.ref[AfterResponseMiddleware] | None = None
         #: The suppression set consulted before every send.
         self.suppression = SuppressionSet(
             self._fetch_suppressions,
@@ -64,10 +65,8 @@ class MeisaState:
             logger=logging.getLogger("flask_meisa.suppression"),
         )
         self.reporter = SignalReporter(app, self.suppression)
-        self._middleware: weakref.ref[AfterResponseMiddleware] | None = None
         #: Operations the engine refused (counted into ``status().dropped``).
         self.refused = 0
-        self._started_in: int | None = None
         if settings.delivery == "celery":
             from .engine import celery as celery_engine
 
@@ -86,9 +85,13 @@ class MeisaState:
         return app
 
     @property
+    def alive(self) -> bool:
+        """Whether the app still exists."""
+        return self._app() is not None
+
+    @property
     def middleware(self) -> AfterResponseMiddleware:
-        """The app's after-response middleware (its open responses count for ``flush``).
-        Held weakly: the app holds it, and delivery threads hold this state."""
+        """The app's after-response middleware (its open responses count for ``flush``)."""
         middleware = None if self._middleware is None else self._middleware()
         if middleware is None:
             raise RuntimeError("the Flask app of this Meisa state no longer exists")
@@ -98,15 +101,9 @@ class MeisaState:
     def middleware(self, middleware: AfterResponseMiddleware) -> None:
         self._middleware = weakref.ref(middleware)
 
-    @property
-    def alive(self) -> bool:
-        """Whether the app still exists."""
-        return self._app() is not None
-
     def delivering(self) -> bool:
         """Whether operations are delivered now (read on every operation):
-        ``MEISA_ENABLED`` and not ``MEISA_SUPPRESS_SEND`` (which follows ``TESTING``
-        while it is ``None``); ``"false"`` read from the environment is false."""
+        ``MEISA_ENABLED`` and not ``MEISA_SUPPRESS_SEND`` (which follows ``TESTING``)."""
         config = self.app.config
         switches = (
             config.get("MEISA_ENABLED"),
@@ -116,6 +113,13 @@ class MeisaState:
         if switches != self._switches:  # parsed again only when one of them changed
             self._delivering, self._switches = is_delivering(config), switches
         return self._delivering
+
+    def is_suppressed(self, address: str, *, wait: float) -> bool:
+        """Whether the suppression set holds ``address`` (a first load waited for at most
+        ``wait`` seconds); while delivery is off, from what it holds, fetching nothing."""
+        if not self.delivering():
+            return self.suppression.peek(address)
+        return self.suppression.is_suppressed(address, wait=wait)
 
     def retry_policy(self, *, deadline: float | None = None) -> RetryPolicy:
         """The retry policy of calls made in the caller's thread (``meisa.send``, CLI
@@ -131,10 +135,8 @@ class MeisaState:
 
     def background_retry_policy(self) -> RetryPolicy:
         """The retry policy of background delivery: retried until ``MEISA_RETRY_DEADLINE``
-        however many attempts that takes (waits hold no thread)."""
+        however many attempts that takes."""
         return dataclasses.replace(self.retry_policy(), max_attempts=None)
-
-    # -- parts made on first use -------------------------------------------------------
 
     def open(self, *, start: bool) -> None:
         """Make the engine now (a file store is opened and checked), and start it."""
@@ -144,16 +146,12 @@ class MeisaState:
             dispatcher.start()
 
     def start(self) -> None:
-        """Start delivering in this process, once (the first request of a process run by
-        the Flask CLI, such as ``flask run``)."""
+        """Start delivering in this process, once (also the first request of a process
+        run by the Flask CLI, such as ``flask run``)."""
         if self._started_in == os.getpid() or not self.delivering():
             return
         self._started_in = os.getpid()
         self.dispatcher.start()
-
-    def _check_fork(self) -> None:
-        if self._pid != os.getpid():
-            self.after_fork()
 
     def after_fork(self) -> None:
         """In a forked child: forget the parent's client, threads and locks, and start
@@ -190,7 +188,7 @@ class MeisaState:
     @property
     def client(self) -> MeisaClient:
         """The app's client (made on first use, remade after a fork)."""
-        self._check_fork()
+        self.after_fork()
         with self._lock:
             if self._client is None:
                 self._client = self.make_client()
@@ -211,13 +209,13 @@ class MeisaState:
     @property
     def dispatcher(self) -> Dispatcher:
         """The app's delivery engine (made on first use)."""
-        self._check_fork()
+        self.after_fork()
         dispatcher = self._dispatcher
         if dispatcher is not None:
             return dispatcher
         with self._lock:
             if self._dispatcher is None:
-                self._dispatcher = _ENGINES[self.settings.delivery](self)
+                self._dispatcher = self._make_engine()
             return self._dispatcher
 
     def has_dispatcher(self) -> bool:
@@ -225,6 +223,33 @@ class MeisaState:
         an earlier process left)."""
         return self._dispatcher is not None or (
             self.settings.delivery == "thread" and self.delivering()
+        )
+
+    def _make_engine(self) -> Dispatcher:
+        settings = self.settings
+        if settings.delivery == "sync":
+            from .engine.sync import InlineDispatcher
+
+            return InlineDispatcher(client_factory=lambda: self.client, hooks=self.reporter)
+        if settings.delivery == "celery":
+            from .engine import celery as celery_engine
+
+            return celery_engine.make_dispatcher(self)
+        from .engine.delivery import Delivery
+
+        return Delivery(
+            store=self.store(),
+            client_factory=self.make_client,
+            hooks=self.reporter,
+            retry=self.background_retry_policy(),
+            rate_limit=settings.rate_limit,
+            lease=settings.connect_timeout + settings.timeout + 5.0,
+            capacity=settings.queue_size,
+            workers=settings.workers,
+            flush_timeout=settings.flush_timeout,
+            resync_after=settings.resync_after,
+            priority_fields=settings.priority_fields,
+            routine_max_age=settings.routine_max_age,
         )
 
     def store(self) -> Store:
@@ -237,7 +262,7 @@ class MeisaState:
             try:
                 self._store = Store(path, busy_timeout=self.settings.outbox_busy_timeout)
             except ConfigurationError as error:
-                if path is None or not _default_location(self.settings):
+                if path is None or self.settings.outbox != DEFAULTS["MEISA_OUTBOX"]:
                     raise
                 logger.warning(
                     "meisa: %s. Delivery falls back to memory: work pending when a process "
@@ -251,26 +276,21 @@ class MeisaState:
     def store_path(self) -> str | None:
         """The file of the delivery store, or ``None`` for memory."""
         path = self.settings.outbox
-        if path is None:
-            return None
-        if path.startswith(INSTANCE_PREFIX):
+        if path is not None and path.startswith(INSTANCE_PREFIX):
             return os.path.join(self.app.instance_path, path[len(INSTANCE_PREFIX) :].strip())
         return path
 
     def budget_slot(self, timeout: float) -> AbstractContextManager[Any]:
         """Hold a slot of the key's budget for a call made outside the engine (a
-        synchronous send, a suppression list load), so that those calls and delivery
-        together stay within the key's limit, from any process."""
+        synchronous send, a suppression list load), from any process of the host."""
         if not self.delivering():
             return contextlib.nullcontext()
         return self.dispatcher.budget_slot(timeout)
 
     def _fetch_suppressions(self) -> UnsubscribedEmails:
-        # Bounded like a send: a first send waits for this load at most its deadline.
+        # Bounded like a send (a first send waits for it), in at most 3 attempts.
         deadline = self.settings.send_deadline
-        policy = dataclasses.replace(
-            self.retry_policy(deadline=deadline), max_attempts=_SUPPRESSION_ATTEMPTS
-        )
+        policy = dataclasses.replace(self.retry_policy(deadline=deadline), max_attempts=3)
         with self.budget_slot(deadline):
             return self.client.with_options(retry=policy).unsubscribed_emails()
 
@@ -291,65 +311,24 @@ class MeisaState:
         return left
 
 
-def _default_location(settings: MeisaSettings) -> bool:
-    from .config import DEFAULTS
-
-    return bool(settings.outbox == DEFAULTS["MEISA_OUTBOX"])
-
-
-def _thread_engine(state: MeisaState) -> Dispatcher:
-    from .engine.delivery import Delivery
-
-    settings = state.settings
-    return Delivery(
-        store=state.store(),
-        client_factory=state.make_client,
-        hooks=state.reporter,
-        retry=state.background_retry_policy(),
-        rate_limit=settings.rate_limit,
-        lease=settings.connect_timeout + settings.timeout + 5.0,
-        capacity=settings.queue_size,
-        workers=settings.workers,
-        flush_timeout=settings.flush_timeout,
-        resync_after=settings.resync_after,
-        priority_fields=settings.priority_fields,
-        routine_max_age=settings.routine_max_age,
-    )
-
-
-def _inline_engine(state: MeisaState) -> Dispatcher:
-    from .engine.sync import InlineDispatcher
-
-    return InlineDispatcher(client_factory=lambda: state.client, hooks=state.reporter)
-
-
-def _celery_engine(state: MeisaState) -> Dispatcher:
-    from .engine import celery as celery_engine
-
-    return celery_engine.make_dispatcher(state)
-
-
-#: The engine of each ``MEISA_DELIVERY``.
-_ENGINES = {"thread": _thread_engine, "sync": _inline_engine, "celery": _celery_engine}
-
-# One mechanism for process events: exit flushes every live state's engine, a forked
-# child resets them all.
+# Exit closes every live state's engine; a fork holds their stores, and the child resets them.
 _live: weakref.WeakSet[MeisaState] = weakref.WeakSet()
+#: The states whose stores are held across a fork in progress.
+_forking: list[MeisaState] = []
 
 
 def _close_apart(state: MeisaState) -> None:
     # A finalizer runs in whichever thread the collector ran in, maybe a delivery thread
     # inside a call on the store: closing there would close the store under that call.
-    if state not in _live:  # closed already
-        return
-    thread = threading.Thread(
-        target=_close_quietly, args=(state, 0.0), name="flask-meisa-close", daemon=True
-    )
-    with contextlib.suppress(RuntimeError):  # no new threads at interpreter shutdown
-        thread.start()
+    if state in _live:  # not closed already
+        thread = threading.Thread(
+            target=_close_quietly, args=(state, 0.0), name="flask-meisa-close", daemon=True
+        )
+        with contextlib.suppress(RuntimeError):  # no new threads at interpreter shutdown
+            thread.start()
 
 
-def _close_quietly(state: MeisaState, timeout: float | None = 0.0) -> None:
+def _close_quietly(state: MeisaState, timeout: float | None) -> None:
     try:
         state.close(timeout)
     except Exception:
@@ -359,10 +338,6 @@ def _close_quietly(state: MeisaState, timeout: float | None = 0.0) -> None:
 def _at_exit() -> None:
     for state in list(_live):
         _close_quietly(state, None)
-
-
-#: The states whose stores are held across a fork in progress.
-_forking: list[MeisaState] = []
 
 
 def _before_fork() -> None:

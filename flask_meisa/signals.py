@@ -1,13 +1,6 @@
-"""flask-meisa's signals, in its own blinker namespace.
-
-One signal comes **in**: the app sends :data:`plan_changed` when a user's plan changes, and
-the extension syncs the new plan. The others go **out**: they report what became of each
-operation. Every outgoing signal is sent with the Flask app as sender, so connect with
-``signal.connect(receiver, sender=app)``. Receivers should take ``(sender, **kwargs)``,
-since later versions may add keyword arguments. Outgoing signals may be sent from the
-delivery thread, outside any request or app context; a receiver that raises is logged
-and never breaks delivery.
-"""
+"""flask-meisa's signals, in their own blinker namespace: :data:`plan_changed` comes in from
+the app; the others report what became of each operation, with the app as sender, maybe
+from a delivery thread. A receiver that raises is logged and never breaks delivery."""
 
 from __future__ import annotations
 
@@ -83,12 +76,9 @@ delivery_failed = _signals.signal("meisa-delivery-failed")
 delivery_dropped = _signals.signal("meisa-delivery-dropped")
 
 
-# -- sending them -------------------------------------------------------------------------
-
-
 def emit(signal: Signal, app: Flask, **kwargs: Any) -> None:
     """Send ``signal`` with ``app`` as sender; a receiver that raises is logged, never
-    propagated (outcome signals fire in delivery threads and after responses)."""
+    propagated."""
     try:
         signal.send(app, **kwargs)
     except Exception:
@@ -96,11 +86,11 @@ def emit(signal: Signal, app: Flask, **kwargs: Any) -> None:
 
 
 class SignalReporter:
-    """Implements :class:`~flask_meisa.engine.base.DeliveryHooks` for one app.
+    """The :class:`~flask_meisa.engine.base.DeliveryHooks` of one app: outcome signals,
+    and the app's suppression set for sends.
 
-    :param app: the Flask app, the sender of every outcome signal.
-    :param suppression: the app's suppression set: sends to suppressed addresses are
-        skipped, and a 422 ``recipient_suppressed`` adds the address to it.
+    :param app: the Flask app, the sender of every outcome signal (held weakly).
+    :param suppression: the app's suppression set.
     """
 
     def __init__(self, app: Flask, suppression: SuppressionSet) -> None:
@@ -150,12 +140,8 @@ class SignalReporter:
 
     def failed(self, operation: Operation, error: BaseException) -> None:
         """Report a refused operation or one whose retries ran out."""
-        if (
-            operation.kind == "send"
-            and isinstance(error, UnprocessableEntityError)
-            and error.code == "recipient_suppressed"
-        ):
-            self.suppression.add(operation.payload["to_email"])
+        if operation.kind == "send":
+            self.learn(operation.payload["to_email"], error)
         # The engine logs the failure itself (once, without payload values).
         logger.debug("meisa: %s failed: %s", operation.describe(), error)
         self._emit(delivery_failed, operation=operation, error=error)
@@ -164,3 +150,9 @@ class SignalReporter:
         """Report an operation shed or abandoned."""
         logger.debug("meisa: %s dropped: %s", operation.describe(), reason)
         self._emit(delivery_dropped, operation=operation, reason=reason)
+
+    def learn(self, address: str, error: BaseException) -> None:
+        """A send to ``address`` Meisa refused with 422 ``recipient_suppressed``: the
+        address joins the suppression set."""
+        if isinstance(error, UnprocessableEntityError) and error.code == "recipient_suppressed":
+            self.suppression.add(address)

@@ -18,20 +18,14 @@ from weakref import WeakKeyDictionary
 from flask import Flask
 from flask import current_app
 from flask import has_app_context
+from flask_login import user_logged_in
 
-from .bodies import ContactMapper
-from .bodies import default_contact_mapper
-from .bodies import map_contact
-from .bodies import track_body
-from .bodies import trigger_body
-from .bodies import upsert_payload
+from . import bodies
+from . import deferral
+from . import signals
 from .client import MeisaClient
 from .config import DEFAULTS
 from .config import MeisaSettings
-from .deferral import AfterResponseMiddleware
-from .deferral import enqueue
-from .deferral import release_now
-from .deferral import report_queued
 from .engine.base import DeliveryStatus
 from .errors import UnprocessableEntityError
 from .errors import ValidationError
@@ -40,11 +34,6 @@ from .payloads import normalize_email
 from .payloads import to_json_value
 from .results import SendResult
 from .runtime import MeisaState
-from .signals import delivery_failed
-from .signals import email_sent
-from .signals import email_suppressed
-from .signals import emit
-from .signals import plan_changed
 
 __all__ = ["Meisa"]
 
@@ -57,11 +46,10 @@ class Meisa:
     """The Flask extension: syncs users to Meisa and sends transactional email.
 
     :param app: the app to register with now; or call :meth:`init_app` later.
-    :param contact_mapper: the user → contact payload function (see :meth:`contact_mapper`).
-    """
+    :param contact_mapper: the user → contact payload function (see :meth:`contact_mapper`)."""
 
     def __init__(
-        self, app: Flask | None = None, *, contact_mapper: ContactMapper | None = None
+        self, app: Flask | None = None, *, contact_mapper: bodies.ContactMapper | None = None
     ) -> None:
         self._contact_mapper = contact_mapper
         #: The users ``flask meisa sync-users`` backfills, and how to count them
@@ -80,8 +68,7 @@ class Meisa:
         hooks, the ``flask meisa`` commands; delivery starts (except in a CLI command).
 
         :raises RuntimeError: the app already has a Meisa extension.
-        :raises ConfigurationError: a ``MEISA_*`` key is missing or invalid.
-        """
+        :raises ConfigurationError: a ``MEISA_*`` key is missing or invalid."""
         if "meisa" in app.extensions:
             raise RuntimeError(
                 "A 'Meisa' instance has already been registered on this Flask app."
@@ -93,16 +80,13 @@ class Meisa:
         state = MeisaState(app, settings)
         self._states[app] = state
         app.extensions["meisa"] = self
-
-        middleware = AfterResponseMiddleware(app.wsgi_app, state)
+        middleware = deferral.AfterResponseMiddleware(app.wsgi_app, state)
         app.wsgi_app = state.middleware = middleware  # type: ignore[method-assign]
         app.teardown_request(middleware.teardown)
         app.before_request(state.start)
         # Bound methods: held weakly by blinker, alive as long as this instance is.
-        plan_changed.connect(self._on_plan_changed)
+        signals.plan_changed.connect(self._on_plan_changed)
         if settings.sync_on_login:
-            from flask_login import user_logged_in
-
             user_logged_in.connect(self._on_user_logged_in, sender=app)
 
         from .cli import meisa_cli
@@ -116,8 +100,7 @@ class Meisa:
                 state.suppression.refresh_in_background()
 
     def state(self, app: Flask | None = None) -> MeisaState:
-        """The runtime state (client, suppression set, engine) of ``app`` or the
-        current app."""
+        """The runtime state (client, suppression set, engine) of ``app`` or the current app."""
         if app is None:
             if not has_app_context():
                 raise RuntimeError(
@@ -179,8 +162,7 @@ class Meisa:
 
         :param priority: ``"high"`` delivers it ahead of routine syncs.
         :param force: make the call even if Meisa already has this state.
-        :raises ValidationError: before anything is queued.
-        """
+        :raises ValidationError: before anything is queued."""
         state = self.state()
         if user_or_payload is None:
             raise ValidationError("user_or_payload", "is required")
@@ -189,11 +171,11 @@ class Meisa:
         if not isinstance(force, bool):
             raise ValidationError("force", "must be True or False")
         if isinstance(user_or_payload, Mapping):
-            payload = upsert_payload(user_or_payload)
+            payload = bodies.upsert_payload(user_or_payload)
         else:
             payload = self._map(state, user_or_payload)
         high = "high" if priority == "high" else None
-        enqueue(state, Operation.checked("upsert", payload, force=force, priority=high))
+        deferral.enqueue(state, Operation.checked("upsert", payload, force=force, priority=high))
 
     def track(
         self,
@@ -204,11 +186,9 @@ class Meisa:
         external_id: str | int | None = None,
         properties: Mapping[str, Any] | None = None,
     ) -> None:
-        """Record an in-product event for a user object, or for ``email`` /
-        ``external_id``.
+        """Record an in-product event for a user object, or for ``email`` / ``external_id``.
 
-        :raises ValidationError: before anything is queued.
-        """
+        :raises ValidationError: before anything is queued."""
         state = self.state()
         contact: dict[str, Any] | None = None
         if user is not None:
@@ -216,8 +196,10 @@ class Meisa:
                 raise ValidationError("user", "give a user or an email/external_id, not both")
             contact = self._map(state, user)
             email, external_id = contact["email"], contact.get("external_id")
-        body = track_body(event_name, email=email, external_id=external_id, properties=properties)
-        enqueue(state, Operation.checked("track", body, contact=contact))
+        body = bodies.track_body(
+            event_name, email=email, external_id=external_id, properties=properties
+        )
+        deferral.enqueue(state, Operation.checked("track", body, contact=contact))
 
     def send(
         self,
@@ -238,12 +220,11 @@ class Meisa:
         :raises APIError: (a call made now) Meisa refused the send; a 422
             ``recipient_suppressed`` also adds the address to the suppression set.
         :raises DeliveryError: (``background=True`` outside a request) the engine cannot
-            hold another send.
-        """
+            hold another send."""
         state = self.state()
         if not isinstance(background, bool):
             raise ValidationError("background", "must be True or False")
-        body: dict[str, Any] = trigger_body(
+        body: dict[str, Any] = bodies.trigger_body(
             trigger_key,
             to_email,
             variables=variables,
@@ -260,13 +241,13 @@ class Meisa:
         # keeping the other half for its call; a queued one does not wait (delivery checks).
         wait = state.settings.send_deadline / 2 if delivering and not background else 0.0
         if state.is_suppressed(address, wait=wait):
-            emit(email_suppressed, state.app, trigger_key=key, to_email=address, operation=None)
+            state.reporter.suppressed(key, address, operation=None)
             return no_call("suppressed", reason="suppressed")
         operation = Operation.checked("send", body)
         if background:
-            enqueue(state, operation)
+            deferral.enqueue(state, operation)
             return no_call("queued")
-        report_queued(state, operation, delivering)
+        deferral.report_queued(state, operation, delivering)
         if not delivering:
             return no_call("disabled", reason="delivery_suppressed")
         try:
@@ -278,7 +259,7 @@ class Meisa:
             state.reporter.learn(address, error)
             raise
         outcome = SendResult.from_trigger(result, trigger_key=key, to_email=address)
-        emit(email_sent, state.app, operation=None, result=outcome)
+        signals.emit(signals.email_sent, state.app, operation=None, result=outcome)
         return outcome
 
     def is_suppressed(self, email: str) -> bool:
@@ -293,7 +274,7 @@ class Meisa:
         ``timeout`` seconds; ``True`` when nothing is left, including work held by
         responses not yet closed. With the store, whichever process of the host delivers."""
         state = self.state()
-        release_now(state)
+        deferral.release_now(state)
         deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
         if not state.middleware.wait_released(timeout):
             return False
@@ -321,16 +302,16 @@ class Meisa:
 
     def _map(self, state: MeisaState, user: Any) -> dict[str, Any]:
         mapper = self._contact_mapper or functools.partial(
-            default_contact_mapper,
+            bodies.default_contact_mapper,
             custom_fields=state.settings.custom_fields,
             source=state.settings.default_source,
         )
-        return map_contact(mapper, user)
+        return bodies.map_contact(mapper, user)
 
     def _on_user_logged_in(self, sender: Flask, user: Any = None, **extra: Any) -> None:
         try:  # never let a sync problem break login_user(): log it instead
             state = self.state(sender)
-            enqueue(state, Operation.checked("upsert", self._map(state, user)))
+            deferral.enqueue(state, Operation.checked("upsert", self._map(state, user)))
         except Exception:
             logger.exception("meisa: could not sync the user who logged in")
 
@@ -354,6 +335,6 @@ class Meisa:
             operation = Operation.checked("upsert", payload, priority="high")
         except ValidationError as error:
             logger.error("meisa: the plan change was not synced: %s", error)
-            emit(delivery_failed, app, operation=None, error=error)
+            signals.emit(signals.delivery_failed, app, operation=None, error=error)
             return
-        enqueue(state, operation)
+        deferral.enqueue(state, operation)

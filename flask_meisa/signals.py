@@ -114,12 +114,14 @@ class SignalReporter:
         """Report a send skipped for a suppressed address."""
         logger.info("meisa: %s skipped: %s", operation.describe(), reason)
         if reason == "suppressed":
-            self._emit(
-                email_suppressed,
-                trigger_key=operation.payload["trigger_key"],
-                to_email=operation.payload["to_email"],
-                operation=operation,
-            )
+            payload = operation.payload
+            self.suppressed(payload["trigger_key"], payload["to_email"], operation=operation)
+
+    def suppressed(self, trigger_key: str, to_email: str, *, operation: Operation | None) -> None:
+        """Report a send not made because the address is suppressed."""
+        self._emit(
+            email_suppressed, trigger_key=trigger_key, to_email=to_email, operation=operation
+        )
 
     def delivered(self, operation: Operation, result: Any) -> None:
         """Send the outcome signal of a delivered operation."""

@@ -52,18 +52,13 @@ class MeisaState:
         self._client: MeisaClient | None = None
         self._dispatcher: Dispatcher | None = None
         self._store: Store | None = None
-        self._held: Store | None = None  # held across a fork in progress
         self._switches: tuple[Any, ...] | None = None
         self._delivering = False
         self._started_in: int | None = None
         # Held weakly: the app holds it, and delivery threads hold this state.
         self._middleware: weakref.ref[AfterResponseMiddleware] | None = None
         #: The suppression set consulted before every send.
-        self.suppression = SuppressionSet(
-            self._fetch_suppressions,
-            ttl=settings.suppression_ttl,
-            logger=logging.getLogger("flask_meisa.suppression"),
-        )
+        self.suppression = SuppressionSet(self._fetch_suppressions, ttl=settings.suppression_ttl)
         self.reporter = SignalReporter(app, self.suppression)
         #: Operations the engine refused (counted into ``status().dropped``).
         self.refused = 0
@@ -162,7 +157,6 @@ class MeisaState:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._client = None
-        self._held = None
         if self._store is not None:
             self._store.after_fork()
         self.suppression.after_fork()
@@ -172,18 +166,6 @@ class MeisaState:
             with contextlib.suppress(RuntimeError):
                 if self.delivering():
                     dispatcher.start()
-
-    def before_fork(self) -> None:
-        """Before a fork: hold the store across it (see :meth:`Store.before_fork`)."""
-        self._held = self._store
-        if self._held is not None:
-            self._held.before_fork()
-
-    def after_fork_in_parent(self) -> None:
-        """After a fork, in the parent: let go of what :meth:`before_fork` held."""
-        held, self._held = self._held, None
-        if held is not None:
-            held.after_fork_in_parent()
 
     @property
     def client(self) -> MeisaClient:
@@ -311,10 +293,10 @@ class MeisaState:
         return left
 
 
-# Exit closes every live state's engine; a fork holds their stores, and the child resets them.
+# Exit closes every live state's engine; a fork holds their stores (see Store.before_fork),
+# and the child resets them.
 _live: weakref.WeakSet[MeisaState] = weakref.WeakSet()
-#: The states whose stores are held across a fork in progress.
-_forking: list[MeisaState] = []
+_held: list[Store] = []
 
 
 def _close_apart(state: MeisaState) -> None:
@@ -341,19 +323,19 @@ def _at_exit() -> None:
 
 
 def _before_fork() -> None:
-    _forking[:] = list(_live)
-    for state in _forking:
-        state.before_fork()
+    _held[:] = [state._store for state in _live if state._store is not None]
+    for store in _held:
+        store.before_fork()
 
 
 def _after_fork_in_parent() -> None:
-    for state in _forking:
-        state.after_fork_in_parent()
-    _forking.clear()
+    for store in _held:
+        store.after_fork_in_parent()
+    _held.clear()
 
 
 def _after_fork_in_child() -> None:
-    _forking.clear()
+    _held.clear()
     for state in list(_live):
         try:
             state.after_fork()

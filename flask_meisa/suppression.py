@@ -59,7 +59,6 @@ class SuppressionSet:
     :param ttl: seconds a loaded list stays fresh.
     :param retry_interval: seconds to wait after a failed load before fetching again.
     :param clock: monotonic seconds (tests advance their own).
-    :param logger: where warnings go; ``flask_meisa.suppression`` by default.
     """
 
     def __init__(
@@ -69,7 +68,6 @@ class SuppressionSet:
         ttl: float = 300.0,
         retry_interval: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
-        logger: logging.Logger | None = None,
     ) -> None:
         if not ttl > 0:
             raise ConfigurationError("ttl must be a positive number of seconds")
@@ -79,7 +77,6 @@ class SuppressionSet:
         self._ttl = float(ttl)
         self._retry_interval = float(retry_interval)
         self._clock = clock
-        self._logger = logger or _logger
         self._current: _Loaded | None = None  # read without the lock, replaced under it
         # address -> the number of the first fetch started after its addition.
         self._local: dict[str, int] = {}
@@ -135,7 +132,7 @@ class SuppressionSet:
             if overflow:
                 del self._local[next(iter(self._local))]
         if overflow:
-            self._logger.warning(
+            _logger.warning(
                 "Meisa suppression set: over %d local additions, dropped the oldest", _MAX_LOCAL
             )
 
@@ -208,7 +205,7 @@ class SuppressionSet:
             if self._current is None:
                 self._start_refresh(respect_retry=True)
             if not self._done.wait_for(lambda: not self._loading, wait):
-                self._logger.warning(
+                _logger.warning(
                     "Meisa suppression list not loaded within %gs; going on without it "
                     "while it loads",
                     wait,
@@ -259,7 +256,7 @@ class SuppressionSet:
                 had_list = self._current is not None
                 self._retry_at = self._clock() + self._retry_interval
                 self._last_error = error
-            self._logger.warning(
+            _logger.warning(
                 "Meisa suppression list %s; next attempt in %gs",
                 f"refresh failed ({error}); keeping the last list"
                 if had_list
@@ -273,7 +270,7 @@ class SuppressionSet:
             self._local = {k: v for k, v in self._local.items() if v > number}
             self._retry_at = None
             self._last_error = None
-        self._logger.debug(
+        _logger.debug(
             "Meisa suppression list loaded: %d addresses as of %s",
             len(loaded.emails),
             loaded.as_of,

@@ -30,18 +30,18 @@ if TYPE_CHECKING:
 
     from .runtime import MeisaState
 
-__all__ = ["AfterResponseMiddleware", "RequestBatch", "dispatch", "enqueue", "report_queued"]
+__all__ = ["AfterResponseMiddleware", "enqueue", "release_now", "report_queued"]
 
 #: Environ keys: the request's batch; set while the middleware handles the request; set
 #: once the app has returned its response.
-BATCH_KEY = "flask_meisa.batch"
-MIDDLEWARE_KEY = "flask_meisa.middleware"
-RESPONDED_KEY = "flask_meisa.responded"
+_BATCH_KEY = "flask_meisa.batch"
+_MIDDLEWARE_KEY = "flask_meisa.middleware"
+_RESPONDED_KEY = "flask_meisa.responded"
 
 logger = logging.getLogger("flask_meisa")
 
 
-class RequestBatch:
+class _RequestBatch:
     """The operations one request produced, in arrival order; a later upsert of a contact
     merges into the request's first one (see :meth:`Operation.merge`)."""
 
@@ -77,16 +77,16 @@ def enqueue(state: MeisaState, operation: Operation) -> None:
     """
     if has_request_context():
         environ = request.environ
-        if not environ.get(RESPONDED_KEY):
-            batch = environ.get(BATCH_KEY)
+        if not environ.get(_RESPONDED_KEY):
+            batch = environ.get(_BATCH_KEY)
             if batch is None:
-                batch = environ[BATCH_KEY] = RequestBatch()
+                batch = environ[_BATCH_KEY] = _RequestBatch()
             batch.add(operation)
             return
-    dispatch(state, [operation], raise_refused=True)
+    _dispatch(state, [operation], raise_refused=True)
 
 
-def dispatch(
+def _dispatch(
     state: MeisaState, operations: Iterable[Operation], *, raise_refused: bool = False
 ) -> None:
     """Hand ``operations`` to delivery (only report them while delivery is off); one the
@@ -115,7 +115,7 @@ def report_queued(state: MeisaState, operation: Operation, delivering: bool) -> 
         logger.info("meisa (delivery off) would %s: %s", operation.kind, payload)
 
 
-def release(state: MeisaState, batch: RequestBatch, *, failed: bool = False) -> None:
+def _release(state: MeisaState, batch: _RequestBatch, *, failed: bool = False) -> None:
     """Deliver a finished request's batch, unless the request failed (and
     ``MEISA_RELEASE_ON_ERROR`` is off) or its app is gone. Never raises."""
     count = len(batch.operations)
@@ -125,7 +125,7 @@ def release(state: MeisaState, batch: RequestBatch, *, failed: bool = False) -> 
         logger.info("meisa: the request failed; %d collected operation(s) not released", count)
     else:
         try:
-            dispatch(state, batch.operations)
+            _dispatch(state, batch.operations)
         except Exception:
             logger.exception("meisa: releasing a request's operations failed")
 
@@ -133,9 +133,9 @@ def release(state: MeisaState, batch: RequestBatch, *, failed: bool = False) -> 
 def release_now(state: MeisaState) -> None:
     """Hand the current request's batch, if any, to delivery now (``meisa.flush``)."""
     if has_request_context():
-        batch = request.environ.pop(BATCH_KEY, None)
+        batch = request.environ.pop(_BATCH_KEY, None)
         if batch is not None:
-            dispatch(state, batch.operations)
+            _dispatch(state, batch.operations)
 
 
 class AfterResponseMiddleware:
@@ -158,12 +158,12 @@ class AfterResponseMiddleware:
         """Teardown hook: a request context pushed without this middleware
         (``test_request_context``) has no after-response point, so it releases here."""
         environ = request.environ
-        batch = None if environ.get(MIDDLEWARE_KEY) else environ.pop(BATCH_KEY, None)
+        batch = None if environ.get(_MIDDLEWARE_KEY) else environ.pop(_BATCH_KEY, None)
         if batch is not None:
-            release(self._state, batch, failed=error is not None)
+            _release(self._state, batch, failed=error is not None)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        environ[MIDDLEWARE_KEY] = True
+        environ[_MIDDLEWARE_KEY] = True
         failed = False
 
         def recording_start_response(line: str, headers: Any, exc_info: Any = None) -> Any:
@@ -174,27 +174,27 @@ class AfterResponseMiddleware:
         try:
             body = self.wsgi_app(environ, recording_start_response)
         except BaseException:
-            batch = environ.pop(BATCH_KEY, None)
+            batch = environ.pop(_BATCH_KEY, None)
             if batch is not None:
-                release(self._state, batch, failed=True)
+                _release(self._state, batch, failed=True)
             raise
         finally:
             # From here on the response is on its way: work queued while a stream is
             # being written goes straight to delivery.
-            environ[RESPONDED_KEY] = True
-        batch = environ.pop(BATCH_KEY, None)
+            environ[_RESPONDED_KEY] = True
+        batch = environ.pop(_BATCH_KEY, None)
         if batch is None:
             return body
         if self._state.app.testing:
-            release(self._state, batch, failed=failed)
+            _release(self._state, batch, failed=failed)
             return body
         with self._released:
             self._open += 1
         return _ReleasingBody(body, functools.partial(self._finish, batch, failed))
 
-    def _finish(self, batch: RequestBatch, failed: bool) -> None:
+    def _finish(self, batch: _RequestBatch, failed: bool) -> None:
         try:
-            release(self._state, batch, failed=failed)
+            _release(self._state, batch, failed=failed)
         finally:
             with self._released:
                 self._open -= 1

@@ -238,16 +238,6 @@ class SuppressionSet:
         return True
 
     def _run_fetch(self, number: int) -> bool:
-        # The loading flag is cleared last, so that wait_for_refresh returns only once the
-        # outcome is installed and logged.
-        try:
-            return self._fetch_and_install(number)
-        finally:
-            with self._lock:
-                self._loading = False
-                self._done.notify_all()
-
-    def _fetch_and_install(self, number: int) -> bool:
         try:
             loaded = _read_snapshot(self._fetch(), self._clock, self._ttl)
         except Exception as exc:
@@ -264,18 +254,20 @@ class SuppressionSet:
                 self._retry_interval,
             )
             return False
-        with self._lock:
-            self._current = loaded
-            # Additions made before this fetch started are now Meisa's to answer for.
-            self._local = {k: v for k, v in self._local.items() if v > number}
-            self._retry_at = None
-            self._last_error = None
-        _logger.debug(
-            "Meisa suppression list loaded: %d addresses as of %s",
-            len(loaded.emails),
-            loaded.as_of,
-        )
-        return True
+        else:
+            with self._lock:
+                self._current = loaded
+                # Additions made before this fetch started are now Meisa's to answer for.
+                self._local = {k: v for k, v in self._local.items() if v > number}
+                self._retry_at = self._last_error = None
+            count, as_of = len(loaded.emails), loaded.as_of
+            _logger.debug("Meisa suppression list loaded: %d addresses as of %s", count, as_of)
+            return True
+        finally:
+            # Cleared last: wait_for_refresh returns once the outcome is installed and logged.
+            with self._lock:
+                self._loading = False
+                self._done.notify_all()
 
 
 def _key(email: object) -> str:

@@ -51,12 +51,9 @@ LANE_AUTOMATION = 1
 LANE_ROUTINE = 2
 LANE_BACKFILL = 3
 #: Lane names as :class:`~flask_meisa.engine.base.DeliveryStatus` reports them.
-LANE_NAMES: dict[int, str] = {
-    LANE_TRANSACTIONAL: "transactional",
-    LANE_AUTOMATION: "automation",
-    LANE_ROUTINE: "routine",
-    LANE_BACKFILL: "backfill",
-}
+LANE_NAMES: dict[int, str] = dict(
+    enumerate(("transactional", "automation", "routine", "backfill"))
+)
 
 
 def contact_key(payload: Mapping[str, Any]) -> str | None:
@@ -85,9 +82,7 @@ def merge_upsert_payloads(earlier: Mapping[str, Any], later: Mapping[str, Any]) 
         if value is None:
             continue
         if name == "custom_fields":
-            fields = dict(merged.get("custom_fields") or {})
-            fields.update(value)
-            merged[name] = fields
+            merged[name] = {**(merged.get(name) or {}), **value}
         elif name == "tag_names":
             tags = list(merged.get("tag_names") or [])
             tags.extend(tag for tag in value if tag not in tags)

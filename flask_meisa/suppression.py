@@ -44,7 +44,6 @@ class _Loaded:
     emails: frozenset[str]
     as_of: str | None
     loaded_at: float
-    stale_at: float
 
 
 class _UnreadableSnapshot(Exception):
@@ -109,7 +108,7 @@ class SuppressionSet:
         current = self._current
         if current is None:
             current = self._load_first(wait)
-        elif self._clock() >= current.stale_at and not self._loading:
+        elif self._clock() >= current.loaded_at + self._ttl and not self._loading:
             with self._lock:
                 if self._current is current:
                     self._start_refresh(respect_retry=True)
@@ -239,7 +238,7 @@ class SuppressionSet:
 
     def _run_fetch(self, number: int) -> bool:
         try:
-            loaded = _read_snapshot(self._fetch(), self._clock, self._ttl)
+            loaded = _read_snapshot(self._fetch(), self._clock)
         except Exception as exc:
             error = _describe(exc)
             with self._lock:
@@ -301,9 +300,7 @@ def _normalized(emails: Iterable[object]) -> frozenset[str]:
     return keys - {""} if "" in keys else keys
 
 
-def _read_snapshot(
-    snapshot: SuppressionSnapshot, clock: Callable[[], float], ttl: float
-) -> _Loaded:
+def _read_snapshot(snapshot: SuppressionSnapshot, clock: Callable[[], float]) -> _Loaded:
     try:
         emails: object = snapshot.emails
         as_of: object = snapshot.as_of
@@ -314,9 +311,7 @@ def _read_snapshot(
     normalized = _normalized(emails)
     if isinstance(as_of, dt.datetime):
         as_of = as_of.isoformat()
-    now = clock()
-    as_text = None if as_of is None else str(as_of)
-    return _Loaded(emails=normalized, as_of=as_text, loaded_at=now, stale_at=now + ttl)
+    return _Loaded(normalized, None if as_of is None else str(as_of), clock())
 
 
 def _describe(exc: Exception) -> str:

@@ -64,11 +64,8 @@ class Meisa:
         return f"<Meisa apps={len(self._states)}>"
 
     def init_app(self, app: Flask) -> None:
-        """Register on ``app``: config defaults, after-response release, the login and plan
-        hooks, the ``flask meisa`` commands; delivery starts (except in a CLI command).
-
-        :raises RuntimeError: the app already has a Meisa extension.
-        :raises ConfigurationError: a ``MEISA_*`` key is missing or invalid."""
+        """Register on ``app`` (config defaults, hooks, ``flask meisa`` commands) and start
+        delivery; a ``MEISA_*`` key missing or invalid raises :class:`ConfigurationError`."""
         if "meisa" in app.extensions:
             raise RuntimeError(
                 "A 'Meisa' instance has already been registered on this Flask app."
@@ -117,8 +114,8 @@ class Meisa:
         return state
 
     def contact_mapper(self, mapper: F) -> F:
-        """Decorator: replace the default user → contact mapping. The function takes a
-        user object and returns the upsert fields (``email`` required)."""
+        """Decorator: the function from a user object to its upsert fields (``email``
+        required), instead of the default mapping."""
         self._contact_mapper = mapper
         return mapper
 
@@ -126,8 +123,7 @@ class Meisa:
         self, query: F | None = None, *, count: Callable[[], int] | None = None
     ) -> Any:
         """Decorator: register the function ``flask meisa sync-users`` takes every user
-        from, an iterable in a stable order, best streamed; ``count`` returns how many
-        there are (a list's own length is used when it has one)."""
+        from (in a stable order, best streamed), and ``count``, how many there are."""
 
         def register(function: F) -> F:
             self.user_source = (function, count)
@@ -157,12 +153,9 @@ class Meisa:
         priority: Literal["high", "normal"] = "normal",
         force: bool = False,
     ) -> None:
-        """Sync a contact: a user object or a mapping of upsert fields. In a request, after
-        the response, one call per contact; no call for a state Meisa already has.
-
-        :param priority: ``"high"`` delivers it ahead of routine syncs.
-        :param force: make the call even if Meisa already has this state.
-        :raises ValidationError: before anything is queued."""
+        """Sync a contact (a user object or a mapping of upsert fields): after the response,
+        ahead of routine syncs with ``priority="high"``, even if Meisa has this state with
+        ``force``. Bad input raises :class:`ValidationError` before anything is queued."""
         state = self.state()
         if user_or_payload is None:
             raise ValidationError("user_or_payload", "is required")
@@ -186,9 +179,8 @@ class Meisa:
         external_id: str | int | None = None,
         properties: Mapping[str, Any] | None = None,
     ) -> None:
-        """Record an in-product event for a user object, or for ``email`` / ``external_id``.
-
-        :raises ValidationError: before anything is queued."""
+        """Record an in-product event for a user object, or for ``email`` / ``external_id``
+        (bad input raises :class:`ValidationError` before anything is queued)."""
         state = self.state()
         contact: dict[str, Any] | None = None
         if user is not None:
@@ -211,16 +203,10 @@ class Meisa:
         idempotency_key: str | None = None,
         background: bool = False,
     ) -> SendResult:
-        """Send a transactional email through the trigger ``trigger_key``, unless the
-        address is suppressed. By default the call is made now, within
-        ``MEISA_SEND_DEADLINE``; ``background=True`` queues it. Every attempt carries the
-        same ``idempotency_key`` (a random one when none is given).
-
-        :raises ValidationError: before anything is sent or queued.
-        :raises APIError: (a call made now) Meisa refused the send; a 422
-            ``recipient_suppressed`` also adds the address to the suppression set.
-        :raises DeliveryError: (``background=True`` outside a request) the engine cannot
-            hold another send."""
+        """Send a transactional email through the trigger ``trigger_key`` unless the address
+        is suppressed: now, within ``MEISA_SEND_DEADLINE`` (Meisa's refusal raises its
+        :class:`APIError`), or queued with ``background=True``. Every attempt carries the
+        same ``idempotency_key``. Bad input raises :class:`ValidationError`."""
         state = self.state()
         if not isinstance(background, bool):
             raise ValidationError("background", "must be True or False")
@@ -263,16 +249,13 @@ class Meisa:
         return outcome
 
     def is_suppressed(self, email: str) -> bool:
-        """Whether Meisa says not to email ``email`` (the TTL-cached suppression set,
-        loaded on first use within ``MEISA_SEND_DEADLINE``; nothing is fetched while
-        delivery is off)."""
+        """Whether Meisa says not to email ``email`` (the TTL-cached suppression set)."""
         state = self.state()
         return state.is_suppressed(normalize_email(email), wait=state.settings.send_deadline)
 
     def flush(self, timeout: float | None = 5.0) -> bool:
-        """Deliver everything pending (the current request's work first) within
-        ``timeout`` seconds; ``True`` when nothing is left, including work held by
-        responses not yet closed. With the store, whichever process of the host delivers."""
+        """Deliver everything pending (the current request's work first) within ``timeout``
+        seconds; ``True`` when nothing is left, including work of responses not yet closed."""
         state = self.state()
         deferral.release_now(state)
         deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
@@ -284,8 +267,7 @@ class Meisa:
         return state.dispatcher.flush(left)
 
     def status(self) -> DeliveryStatus:
-        """A snapshot of the host's delivery: pending work per lane, in flight, retries,
-        dead letters, the budget left, which process delivers, counters."""
+        """A snapshot of the host's delivery: pending work per lane, the budget, who delivers."""
         state = self.state()
         if not state.has_dispatcher():
             return DeliveryStatus(engine=state.settings.delivery)
@@ -294,9 +276,8 @@ class Meisa:
         return status
 
     def close(self, app: Flask | None = None, timeout: float | None = None) -> int:
-        """Stop delivery for ``app`` (default: every app of this extension) after
-        delivering for up to ``timeout`` seconds (default ``MEISA_FLUSH_TIMEOUT``); returns
-        how many operations were lost. For tests and app factories."""
+        """Stop delivery for ``app`` (default: every app of this extension) after up to
+        ``timeout`` seconds (``MEISA_FLUSH_TIMEOUT``) of delivering; returns what was lost."""
         states = [self.state(app)] if app is not None else list(self._states.values())
         return sum(state.close(timeout) for state in states)
 

@@ -38,11 +38,8 @@ logger = logging.getLogger("flask_meisa")
 
 
 class MeisaState:
-    """The runtime parts of :class:`~flask_meisa.Meisa` for one app.
-
-    :param app: the app; held weakly, so an app that is gone takes its state with it.
-    :param settings: the app's resolved ``MEISA_*`` settings.
-    """
+    """The runtime parts of :class:`~flask_meisa.Meisa` for one app (held weakly: an app
+    that is gone takes its state with it), from its resolved ``MEISA_*`` settings."""
 
     def __init__(self, app: Flask, settings: MeisaSettings) -> None:
         self._app = weakref.ref(app)
@@ -97,8 +94,8 @@ class MeisaState:
         self._middleware = weakref.ref(middleware)
 
     def delivering(self) -> bool:
-        """Whether operations are delivered now (read on every operation):
-        ``MEISA_ENABLED`` and not ``MEISA_SUPPRESS_SEND`` (which follows ``TESTING``)."""
+        """Whether operations are delivered now: ``MEISA_ENABLED`` and not
+        ``MEISA_SUPPRESS_SEND`` (which follows ``TESTING``), read on every operation."""
         config = self.app.config
         switches = (
             config.get("MEISA_ENABLED"),
@@ -117,8 +114,8 @@ class MeisaState:
         return self.suppression.is_suppressed(address, wait=wait)
 
     def retry_policy(self, *, deadline: float | None = None) -> RetryPolicy:
-        """The retry policy of calls made in the caller's thread (``meisa.send``, CLI
-        commands, ``meisa.client``): at most ``MEISA_MAX_ATTEMPTS`` attempts."""
+        """The retry policy of calls made in the caller's thread (``meisa.send``, the CLI,
+        ``meisa.client``): at most ``MEISA_MAX_ATTEMPTS`` attempts."""
         settings = self.settings
         return RetryPolicy(
             max_attempts=settings.max_attempts,
@@ -129,8 +126,7 @@ class MeisaState:
         )
 
     def background_retry_policy(self) -> RetryPolicy:
-        """The retry policy of background delivery: retried until ``MEISA_RETRY_DEADLINE``
-        however many attempts that takes."""
+        """The retry policy of background delivery: until ``MEISA_RETRY_DEADLINE``."""
         return dataclasses.replace(self.retry_policy(), max_attempts=None)
 
     def open(self, *, start: bool) -> None:
@@ -141,17 +137,15 @@ class MeisaState:
             dispatcher.start()
 
     def start(self) -> None:
-        """Start delivering in this process, once (also the first request of a process
-        run by the Flask CLI, such as ``flask run``)."""
+        """Start delivering in this process, once (also on each request: ``flask run``)."""
         if self._started_in == os.getpid() or not self.delivering():
             return
         self._started_in = os.getpid()
         self.dispatcher.start()
 
     def after_fork(self) -> None:
-        """In a forked child: forget the parent's client, threads and locks, and start
-        delivering again if the parent was (gunicorn ``--preload`` workers deliver
-        without waiting for a request)."""
+        """In a forked child: forget the parent's client, threads and locks, and deliver
+        again if the parent did (gunicorn ``--preload``)."""
         if self._pid == os.getpid():
             return
         self._pid = os.getpid()
@@ -201,8 +195,7 @@ class MeisaState:
             return self._dispatcher
 
     def has_dispatcher(self) -> bool:
-        """Whether an engine was made, or one is needed now (a file store may hold work
-        an earlier process left)."""
+        """Whether an engine was made, or one is needed (a store may hold earlier work)."""
         return self._dispatcher is not None or (
             self.settings.delivery == "thread" and self.delivering()
         )
@@ -235,7 +228,7 @@ class MeisaState:
         )
 
     def store(self) -> Store:
-        """The delivery store of ``MEISA_DELIVERY = "thread"`` (opened on first use): the
+        """The store of ``MEISA_DELIVERY = "thread"`` (opened on first use): the
         ``MEISA_OUTBOX`` file, or memory when it is ``None`` or cannot be written."""
         if self._store is None:
             from .engine.store import Store
@@ -264,7 +257,7 @@ class MeisaState:
 
     def budget_slot(self, timeout: float) -> AbstractContextManager[Any]:
         """Hold a slot of the key's budget for a call made outside the engine (a
-        synchronous send, a suppression list load), from any process of the host."""
+        synchronous send, a suppression list load)."""
         if not self.delivering():
             return contextlib.nullcontext()
         return self.dispatcher.budget_slot(timeout)

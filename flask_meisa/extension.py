@@ -227,7 +227,7 @@ class Meisa:
         # keeping the other half for its call; a queued one does not wait (delivery checks).
         wait = state.settings.send_deadline / 2 if delivering and not background else 0.0
         if state.is_suppressed(address, wait=wait):
-            state.reporter.suppressed(key, address, operation=None)
+            state.reporter.suppressed(body, operation=None)
             return no_call("suppressed", reason="suppressed")
         operation = Operation.checked("send", body)
         if background:
@@ -244,9 +244,7 @@ class Meisa:
         except UnprocessableEntityError as error:
             state.reporter.learn(address, error)
             raise
-        outcome = SendResult.from_trigger(result, trigger_key=key, to_email=address)
-        signals.emit(signals.email_sent, state.app, operation=None, result=outcome)
-        return outcome
+        return state.reporter.sent(body, result, operation=None)
 
     def is_suppressed(self, email: str) -> bool:
         """Whether Meisa says not to email ``email`` (the TTL-cached suppression set)."""

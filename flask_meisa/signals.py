@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 from typing import Any
 
@@ -114,14 +115,21 @@ class SignalReporter:
         """Report a send skipped for a suppressed address."""
         logger.info("meisa: %s skipped: %s", operation.describe(), reason)
         if reason == "suppressed":
-            payload = operation.payload
-            self.suppressed(payload["trigger_key"], payload["to_email"], operation=operation)
+            self.suppressed(operation.payload, operation=operation)
 
-    def suppressed(self, trigger_key: str, to_email: str, *, operation: Operation | None) -> None:
-        """Report a send not made because the address is suppressed."""
-        self._emit(
-            email_suppressed, trigger_key=trigger_key, to_email=to_email, operation=operation
-        )
+    def suppressed(self, payload: Mapping[str, Any], *, operation: Operation | None) -> None:
+        """Report a send (its ``payload``) not made because its address is suppressed."""
+        key, to_email = payload["trigger_key"], payload["to_email"]
+        self._emit(email_suppressed, trigger_key=key, to_email=to_email, operation=operation)
+
+    def sent(
+        self, payload: Mapping[str, Any], result: Any, *, operation: Operation | None
+    ) -> SendResult:
+        """Report a send (its ``payload``) Meisa accepted, and return its outcome."""
+        key, to_email = payload["trigger_key"], payload["to_email"]
+        outcome = SendResult.from_trigger(result, trigger_key=key, to_email=to_email)
+        self._emit(email_sent, operation=operation, result=outcome)
+        return outcome
 
     def delivered(self, operation: Operation, result: Any) -> None:
         """Send the outcome signal of a delivered operation."""
@@ -133,12 +141,7 @@ class SignalReporter:
         elif operation.kind == "track":
             self._emit(event_tracked, operation=operation, result=result)
         else:
-            outcome = SendResult.from_trigger(
-                result,
-                trigger_key=operation.payload["trigger_key"],
-                to_email=operation.payload["to_email"],
-            )
-            self._emit(email_sent, operation=operation, result=outcome)
+            self.sent(operation.payload, result, operation=operation)
 
     def failed(self, operation: Operation, error: BaseException) -> None:
         """Report a refused operation or one whose retries ran out."""

@@ -51,14 +51,9 @@ def decide(
     policy: RetryPolicy,
     can_recover: bool = False,
 ) -> Decision:
-    """Decide what the outcome of a call means (pure: no I/O, no clock).
-
-    :param error: what the call raised, or ``None`` when Meisa took it.
-    :param attempts: attempts made so far, this one included.
-    :param elapsed: seconds since the first attempt.
-    :param can_recover: an event answered 404 can still be recovered (its contact's
-        payload is known and it was not recovered before).
-    """
+    """Decide what the outcome of a call (``error``: what it raised, or ``None``) means,
+    after ``attempts`` attempts over ``elapsed`` seconds; ``can_recover``: an event answered
+    404 may upsert its contact and come again. Pure: no I/O, no clock."""
     if error is None:
         return Decision("done")
     outage = isinstance(error, ServerError) or (

@@ -1,9 +1,6 @@
 """The validated request bodies of upsert, track and trigger (the extension queues them, the
-client sends them: one check for both), and the mapping of a user object to an upsert.
-
-Each returns a JSON-ready dict without ``None`` fields, or raises
-:class:`~flask_meisa.errors.ValidationError` naming the field.
-"""
+client sends them: one check for both), JSON-ready without ``None`` fields, and the mapping
+of a user object to an upsert."""
 
 from __future__ import annotations
 
@@ -144,11 +141,8 @@ def default_contact_mapper(
 ) -> dict[str, Any]:
     """Map a Flask-Login style user to an upsert payload: ``email``, ``get_id()`` (as
     ``external_id``), ``first_name``, ``last_name`` and ``display_name`` when it has them,
-    and each attribute named in ``custom_fields`` (``{custom field: attribute}``); a
-    callable attribute is called.
-
-    :raises ValidationError: the user has no ``email``, or a configured attribute is missing.
-    """
+    and each attribute named in ``custom_fields`` (``{custom field: attribute}``; a
+    callable one is called)."""
     email = getattr(user, "email", None)
     if email is None:
         raise ValidationError("email", "the user object has no email attribute")

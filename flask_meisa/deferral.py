@@ -71,10 +71,7 @@ def _names(operation: Operation) -> list[str]:
 
 def enqueue(state: MeisaState, operation: Operation) -> None:
     """Add ``operation`` to the current request's batch while its response is being made;
-    otherwise hand it to delivery now.
-
-    :raises DeliveryError: (outside a request) the engine cannot hold it.
-    """
+    otherwise hand it to delivery now (:class:`DeliveryError` if the engine is full)."""
     if has_request_context():
         environ = request.environ
         if not environ.get(_RESPONDED_KEY):

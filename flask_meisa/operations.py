@@ -132,10 +132,8 @@ class Operation:
 
     @classmethod
     def checked(cls, kind: OperationKind, payload: dict[str, Any], **options: Any) -> Operation:
-        """An operation whose payload is encoded now, once, for every later use.
-
-        :raises ValidationError: the body is larger than Meisa takes.
-        """
+        """An operation whose payload is encoded now, once, for every later use (a body
+        larger than Meisa takes raises :class:`ValidationError`)."""
         return cls(kind, payload, body=encode_body(payload), **options)
 
     @property

@@ -87,12 +87,8 @@ def emit(signal: Signal, app: Flask, **kwargs: Any) -> None:
 
 
 class SignalReporter:
-    """The :class:`~flask_meisa.engine.base.DeliveryHooks` of one app: outcome signals,
-    and the app's suppression set for sends.
-
-    :param app: the Flask app, the sender of every outcome signal (held weakly).
-    :param suppression: the app's suppression set.
-    """
+    """The :class:`~flask_meisa.engine.base.DeliveryHooks` of one app (held weakly, the
+    sender of every outcome signal), and its suppression set for sends."""
 
     def __init__(self, app: Flask, suppression: SuppressionSet) -> None:
         self._app = weakref.ref(app)

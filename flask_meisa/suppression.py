@@ -96,14 +96,9 @@ class SuppressionSet:
         return f"<{type(self).__name__} count={len(current.emails)} as_of={current.as_of!r}>"
 
     def is_suppressed(self, email: str, *, wait: float | None = None) -> bool:
-        """Whether Meisa (or :meth:`add`) says not to email ``email``, in any case.
-
-        The first use loads the list, waiting at most ``wait`` seconds (``None``: until
-        it is loaded or failed); a stale list answers while a background refresh runs.
-        ``False`` while no list could be loaded.
-
-        :raises ValidationError: ``email`` is not a string or is blank.
-        """
+        """Whether Meisa (or :meth:`add`) says not to email ``email``, in any case. The first
+        use loads the list, waiting at most ``wait`` seconds (``None``: until it is loaded or
+        failed); a stale list answers while a background refresh runs."""
         key = _key(email)
         current = self._current
         if current is None:

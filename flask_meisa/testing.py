@@ -41,15 +41,14 @@ def record_operations(app: Flask | None = None) -> Iterator[list[Operation]]:
 def emulator_config(emulator: Emulator, **overrides: Any) -> dict[str, Any]:
     """Config keys that point an app at ``emulator`` and deliver for real, inline
     (``MEISA_DELIVERY = "sync"``: each call is made before the next line runs)."""
-    config: dict[str, Any] = {
+    return {
         "MEISA_API_KEY": emulator.live_key,
         "MEISA_BASE_URL": emulator.url,
         "MEISA_SUPPRESS_SEND": False,
         "MEISA_DELIVERY": "sync",
         "MEISA_RATE_LIMIT": None,
+        **overrides,
     }
-    config.update(overrides)
-    return config
 
 
 try:

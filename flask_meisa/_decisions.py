@@ -24,27 +24,21 @@ SEND_GUARDRAIL = "send_guardrail"
 
 @dataclass(frozen=True)
 class Decision:
-    """What to do after a call.
-
-    - ``"done"``: Meisa took it;
-    - ``"retry"``: try again in ``delay`` seconds;
-    - ``"recover"``: an event answered 404: upsert its contact, then track it again;
-    - ``"fail"``: refused for good, or out of retries.
-
-    ``pause`` is how long no call on the key may start (a 429 about the key's budget);
-    ``outage`` says the call got no answer or a 5xx (one more failure in a row), and
-    ``answered`` that Meisa answered otherwise (the failures in a row are over).
-    ``recipient`` marks a 429 of the send guardrail: only this recipient waits.
-    ``unknown_contact`` says Meisa does not know the event's contact (whatever it was
-    told of it before is lost).
-    """
+    """What to do after a call: ``"done"`` (Meisa took it), ``"retry"`` (in ``delay``
+    seconds), ``"recover"`` (an event answered 404: upsert its contact, then track it
+    again) or ``"fail"`` (refused for good, or out of retries)."""
 
     action: Action
     delay: float = 0.0
+    #: How long no call on the key may start (a 429 about the key's budget).
     pause: float = 0.0
+    #: No answer or a 5xx: one more failure in a row.
     outage: bool = False
+    #: Meisa answered otherwise: the failures in a row are over.
     answered: bool = True
+    #: A 429 of the send guardrail: only this recipient waits.
     recipient: bool = False
+    #: Meisa does not know the event's contact (what it was told of it before is lost).
     unknown_contact: bool = False
 
 
@@ -57,16 +51,9 @@ def decide(
     policy: RetryPolicy,
     can_recover: bool = False,
 ) -> Decision:
-    """Decide what the outcome of a call means (pure: no I/O, no clock).
-
-    :param kind: the operation's kind (``"upsert"``, ``"track"``, ``"send"``).
-    :param error: what the call raised, or ``None`` when Meisa took it.
-    :param attempts: attempts made so far, this one included.
-    :param elapsed: seconds since the first attempt.
-    :param policy: what is retried, and how long to wait.
-    :param can_recover: an event answered 404 can still be recovered (its contact's
-        payload is known and it was not recovered before).
-    """
+    """Decide what the outcome of a call (``error``: what it raised, or ``None``) means,
+    after ``attempts`` attempts over ``elapsed`` seconds; ``can_recover``: an event answered
+    404 may upsert its contact and come again. Pure: no I/O, no clock."""
     if error is None:
         return Decision("done")
     outage = isinstance(error, ServerError) or (

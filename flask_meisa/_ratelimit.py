@@ -11,19 +11,9 @@ from .errors import ConfigurationError
 
 __all__ = ["RateWindow", "parse_rate_limit", "slot_wait"]
 
-_UNITS: dict[str, tuple[float, str]] = {
-    "s": (1.0, "second"),
-    "sec": (1.0, "second"),
-    "second": (1.0, "second"),
-    "m": (60.0, "minute"),
-    "min": (60.0, "minute"),
-    "minute": (60.0, "minute"),
-    "h": (3600.0, "hour"),
-    "hr": (3600.0, "hour"),
-    "hour": (3600.0, "hour"),
-    "d": (86400.0, "day"),
-    "day": (86400.0, "day"),
-}
+#: Seconds per unit, and the short forms taken beside the names (both also as plurals).
+_SECONDS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
+_SHORT = dict(s="second", sec="second", m="minute", min="minute", h="hour", hr="hour", d="day")
 _RULE = re.compile(
     r"^\s*(?P<limit>\d+)\s*(?:/|\bper\b)\s*(?P<count>\d+(?:\.\d+)?)?\s*(?P<unit>[a-z]+)\s*$"
 )
@@ -57,15 +47,16 @@ def parse_rate_limit(spec: str) -> tuple[RateWindow, ...]:
             continue
         match = _RULE.match(part.lower())
         unit = match.group("unit") if match else ""
-        if match and unit not in _UNITS and len(unit) > 2 and unit.endswith("s"):
+        if len(unit) > 2 and unit.endswith("s") and unit[:-1] in (*_SECONDS, *_SHORT):
             unit = unit[:-1]
-        if not match or unit not in _UNITS:
+        name = _SHORT.get(unit, unit)
+        if not match or name not in _SECONDS:
             raise ConfigurationError(
                 f"invalid rate limit {part.strip()!r}: expected a budget like {_EXAMPLE}"
             )
         limit = int(match.group("limit"))
         count = float(match.group("count")) if match.group("count") else 1.0
-        seconds, name = _UNITS[unit]
+        seconds = _SECONDS[name]
         if limit < 1 or count <= 0:
             raise ConfigurationError(
                 f"invalid rate limit {part.strip()!r}: the limit and period must be positive"

@@ -1,11 +1,6 @@
-"""Validated request bodies of the calls the extension queues (upsert, track, trigger), and
-the mapping of a user object to an upsert.
-
-The extension validates an operation with these before it queues anything, and the
-client builds its request bodies with the same functions, so a payload that was queued
-is one the client accepts. Each returns a JSON-ready dict without ``None`` fields and
-raises :class:`~flask_meisa.errors.ValidationError` naming the field.
-"""
+"""The validated request bodies of upsert, track and trigger (the extension queues them, the
+client sends them: one check for both), JSON-ready without ``None`` fields, and the mapping
+of a user object to an upsert."""
 
 from __future__ import annotations
 
@@ -14,20 +9,14 @@ from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
 
+from . import payloads
 from .errors import ValidationError
 from .payloads import JSONValue
-from .payloads import json_object
-from .payloads import normalize_email
-from .payloads import normalize_external_id
-from .payloads import optional_text
-from .payloads import require_text
-from .payloads import text_list
 
 __all__ = [
     "CONTACT_SOURCES",
     "ContactMapper",
     "default_contact_mapper",
-    "identity_of",
     "map_contact",
     "track_body",
     "trigger_body",
@@ -38,70 +27,43 @@ __all__ = [
 #: The ``source`` values Meisa accepts on an upsert.
 CONTACT_SOURCES = frozenset({"api", "import", "manual", "signup", "initial_sync"})
 
-_UPSERT_FIELDS = frozenset(
-    {
-        "email",
-        "external_id",
-        "first_name",
-        "last_name",
-        "display_name",
-        "source",
-        "custom_fields",
-        "tag_names",
-    }
-)
+
+def _source(value: object, field: str) -> str:
+    source = payloads.require_text(value, field)
+    if source not in CONTACT_SOURCES:
+        raise ValidationError(field, f"must be one of {', '.join(sorted(CONTACT_SOURCES))}")
+    return source
 
 
-def _sendable(body: Mapping[str, JSONValue]) -> dict[str, JSONValue]:
-    return {k: v for k, v in body.items() if v is not None}
+def _tags(value: object, field: str) -> list[JSONValue]:
+    return list(dict.fromkeys(payloads.text_list(value, field)))
 
 
-def _unknown(fields: Mapping[str, Any], known: frozenset[str], what: str) -> None:
-    for name in fields:
-        if name not in known:
-            raise ValidationError(str(name), f"is not a field of {what}")
+#: The fields of an upsert, in the order sent, and the check of each.
+_UPSERT_FIELDS: dict[str, Callable[[Any, str], JSONValue]] = {
+    "email": payloads.normalize_email,
+    "external_id": payloads.normalize_external_id,
+    "first_name": payloads.require_text,
+    "last_name": payloads.require_text,
+    "display_name": payloads.require_text,
+    "source": _source,
+    "custom_fields": payloads.json_object,
+    "tag_names": _tags,
+}
 
 
 def upsert_body(fields: Mapping[str, Any]) -> dict[str, JSONValue]:
     """The body of ``POST /contacts/upsert/`` from its fields (``email`` required)."""
-    _unknown(fields, _UPSERT_FIELDS, "a contact upsert")
+    for name in fields:
+        if name not in _UPSERT_FIELDS:
+            raise ValidationError(str(name), "is not a field of a contact upsert")
     if fields.get("email") is None:
         raise ValidationError("email", "is required")
-    source = optional_text(fields.get("source"), "source")
-    if source is not None and source not in CONTACT_SOURCES:
-        raise ValidationError("source", f"must be one of {', '.join(sorted(CONTACT_SOURCES))}")
-    external_id = fields.get("external_id")
-    tag_names = fields.get("tag_names")
-    return _sendable(
-        {
-            "email": normalize_email(fields["email"]),
-            "external_id": None if external_id is None else normalize_external_id(external_id),
-            "first_name": optional_text(fields.get("first_name"), "first_name"),
-            "last_name": optional_text(fields.get("last_name"), "last_name"),
-            "display_name": optional_text(fields.get("display_name"), "display_name"),
-            "source": source,
-            "custom_fields": json_object(fields.get("custom_fields"), "custom_fields"),
-            "tag_names": None
-            if tag_names is None
-            else list(dict.fromkeys(text_list(tag_names, "tag_names"))),
-        }
-    )
-
-
-def _recipient(value: object) -> dict[str, JSONValue] | None:
-    recipient = json_object(value, "recipient")
-    if recipient is None:
-        return None
-    # Meisa creates or enriches the contact from these, refusing what an upsert refuses.
-    external_id = recipient.get("external_id")
-    if external_id is not None:
-        recipient["external_id"] = normalize_external_id(external_id, "recipient.external_id")
-    for name in ("first_name", "last_name", "display_name"):
-        if recipient.get(name) is not None:
-            recipient[name] = require_text(recipient[name], f"recipient.{name}")
-    if recipient.get("custom_fields") is not None:
-        json_object(recipient["custom_fields"], "recipient.custom_fields")
-    return recipient
+    return {
+        name: check(fields[name], name)
+        for name, check in _UPSERT_FIELDS.items()
+        if fields.get(name) is not None
+    }
 
 
 def track_body(
@@ -112,15 +74,17 @@ def track_body(
     properties: object = None,
 ) -> dict[str, JSONValue]:
     """The body of ``POST /events/track/`` (``email`` or ``external_id`` required)."""
-    name = require_text(event_name, "event_name")
+    name = payloads.require_text(event_name, "event_name")
     if email is None and external_id is None:
         raise ValidationError("email", "an email or an external_id is required")
     return _sendable(
         {
             "event_name": name,
-            "email": None if email is None else normalize_email(email),
-            "external_id": None if external_id is None else normalize_external_id(external_id),
-            "properties": json_object(properties, "properties"),
+            "email": None if email is None else payloads.normalize_email(email),
+            "external_id": None
+            if external_id is None
+            else payloads.normalize_external_id(external_id),
+            "properties": payloads.json_object(properties, "properties"),
         }
     )
 
@@ -139,22 +103,32 @@ def trigger_body(
     key = uuid.uuid4().hex if idempotency_key is None else idempotency_key
     return _sendable(
         {
-            "trigger_key": require_text(trigger_key, "trigger_key"),
-            "to_email": normalize_email(to_email, "to_email"),
-            "variables": json_object(variables, "variables"),
+            "trigger_key": payloads.require_text(trigger_key, "trigger_key"),
+            "to_email": payloads.normalize_email(to_email, "to_email"),
+            "variables": payloads.json_object(variables, "variables"),
             "recipient": _recipient(recipient),
-            "idempotency_key": require_text(key, "idempotency_key"),
+            "idempotency_key": payloads.require_text(key, "idempotency_key"),
         }
     )
 
 
-# -- a user object as an upsert payload -------------------------------------------------
+def _recipient(value: object) -> dict[str, JSONValue] | None:
+    recipient = payloads.json_object(value, "recipient")
+    if recipient is None:
+        return None
+    # Meisa creates or enriches the contact from these, refusing what an upsert refuses.
+    for name in ("external_id", "first_name", "last_name", "display_name", "custom_fields"):
+        if recipient.get(name) is not None:
+            recipient[name] = _UPSERT_FIELDS[name](recipient[name], f"recipient.{name}")
+    return recipient
 
-#: A function from a user object to an upsert payload (a mapping with at least
-#: ``email``; see :meth:`~flask_meisa.client.MeisaClient.upsert_contact` for the fields).
+
+def _sendable(body: Mapping[str, JSONValue]) -> dict[str, JSONValue]:
+    return {k: v for k, v in body.items() if v is not None}
+
+
+#: A function from a user object to an upsert payload (a mapping with at least ``email``).
 ContactMapper = Callable[[Any], Mapping[str, Any]]
-
-_NAME_ATTRIBUTES = ("first_name", "last_name", "display_name")
 
 
 def _attribute(user: Any, name: str) -> Any:
@@ -165,17 +139,10 @@ def _attribute(user: Any, name: str) -> Any:
 def default_contact_mapper(
     user: Any, *, custom_fields: Mapping[str, str], source: str | None = None
 ) -> dict[str, Any]:
-    """Map a Flask-Login style user to an upsert payload.
-
-    Reads ``email``, ``get_id()`` (→ ``external_id``), ``first_name``, ``last_name`` and
-    ``display_name`` when the user has them, and each attribute named in
-    ``custom_fields`` (``{custom field: attribute}``); a callable attribute is called.
-    Values are converted by :func:`~flask_meisa.payloads.to_json_value` (dates → ISO
-    8601 UTC, Decimal → number, Enum → value).
-
-    :raises ValidationError: the user has no usable ``email``, or a configured attribute
-        is missing.
-    """
+    """Map a Flask-Login style user to an upsert payload: ``email``, ``get_id()`` (as
+    ``external_id``), ``first_name``, ``last_name`` and ``display_name`` when it has them,
+    and each attribute named in ``custom_fields`` (``{custom field: attribute}``; a
+    callable one is called)."""
     email = getattr(user, "email", None)
     if email is None:
         raise ValidationError("email", "the user object has no email attribute")
@@ -185,7 +152,7 @@ def default_contact_mapper(
         external_id = get_id()
         if external_id not in (None, ""):
             payload["external_id"] = external_id
-    for name in _NAME_ATTRIBUTES:
+    for name in ("first_name", "last_name", "display_name"):
         value = _attribute(user, name)
         if value not in (None, ""):
             payload[name] = value
@@ -205,17 +172,13 @@ def default_contact_mapper(
 
 
 def map_contact(mapper: ContactMapper, user: Any) -> dict[str, Any]:
-    """Run ``mapper`` on ``user`` and validate its answer into a JSON-ready payload.
-
-    :raises ValidationError: the mapper returned something other than a mapping, or a
-        field that Meisa cannot take.
-    """
+    """Run ``mapper`` on ``user`` and validate its answer as an upsert payload."""
     mapped = mapper(user)
     if not isinstance(mapped, Mapping):
         raise ValidationError(
             "contact", f"the contact mapper must return a mapping, not {type(mapped).__name__}"
         )
-    return upsert_payload(mapped)
+    return upsert_body(mapped)
 
 
 def upsert_payload(fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -223,10 +186,3 @@ def upsert_payload(fields: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(fields, Mapping):
         raise ValidationError("contact", f"must be a mapping, not {type(fields).__name__}")
     return upsert_body(fields)
-
-
-def identity_of(payload: Mapping[str, Any]) -> dict[str, Any]:
-    """The fields an event needs to name its contact: ``external_id`` and ``email``."""
-    return {
-        name: payload[name] for name in ("email", "external_id") if payload.get(name) is not None
-    }

@@ -13,6 +13,7 @@ from typing import cast
 from flask import Response
 from flask import after_this_request
 from flask import current_app
+from flask_login import current_user
 
 from .errors import ValidationError
 from .payloads import json_object
@@ -27,29 +28,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 Properties = Mapping[str, Any] | Callable[..., Mapping[str, Any] | None] | None
 
 
-def _current_user() -> Any:
-    try:
-        from flask_login import current_user
-    except ImportError:  # pragma: no cover - flask-login is a dependency
-        return None
-    if not hasattr(current_app, "login_manager"):
-        return None
-    return cast(Any, current_user)._get_current_object()
-
-
 def track_event(name: str, properties: Properties = None) -> Callable[[F], F]:
-    """Decorator: track the event ``name`` for ``current_user`` once the view answered
-    below 400.
-
-    ``properties`` is a mapping, or a callable that takes the view's arguments and
-    returns one (evaluated only after the view succeeded). Anonymous users are skipped
-    (a debug log line). Works on sync and async views, and keeps the view's name and
-    docstring. The event is delivered after the response, like every operation made in
-    a request.
+    """Decorator: track the event ``name`` for ``current_user`` (anonymous users are
+    skipped) once the view (sync or async) answered below 400. ``properties`` is a mapping,
+    or a callable that takes the view's arguments and returns one.
 
     :raises ValidationError: at decoration time, for an empty name or properties that
-        JSON cannot carry.
-    """
+        JSON cannot carry."""
     event_name = require_text(name, "event_name")
     if properties is not None and not callable(properties):
         properties = json_object(properties, "properties")
@@ -74,7 +59,8 @@ def _track(
     event_name: str, properties: Properties, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> None:
     # Runs in an after-request hook: a problem is logged, never turned into a 500.
-    user = _current_user()
+    uses_login = hasattr(current_app, "login_manager")
+    user = cast(Any, current_user)._get_current_object() if uses_login else None
     if user is None or not getattr(user, "is_authenticated", False):
         logger.debug("meisa: %s not tracked: no authenticated user", event_name)
         return

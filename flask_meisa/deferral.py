@@ -1,10 +1,11 @@
-"""After-response release: a request's operations are collected (coalesced per contact)
-and handed to delivery once the server has written the response, for every kind of
-response; under ``TESTING``, as soon as the view returned, so a test can assert right
-after ``client.post()``."""
+"""A request's operations: collected while the view runs (coalesced per contact), released
+to delivery once the server has written the response (under ``TESTING``, once the view
+returned), never for a failed view. Outside a request, work goes to delivery at once."""
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import threading
 from collections.abc import Callable
@@ -13,158 +14,200 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 from typing import Any
 
+from flask import has_request_context
+from flask import request
+
+from .errors import DeliveryError
 from .operations import Operation
-from .operations import contact_key
+from .operations import identities
+from .signals import emit
+from .signals import operation_queued
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse
     from _typeshed.wsgi import WSGIApplication
     from _typeshed.wsgi import WSGIEnvironment
 
-__all__ = [
-    "BATCH_KEY",
-    "MIDDLEWARE_KEY",
-    "RESPONDED_KEY",
-    "AfterResponseMiddleware",
-    "RequestBatch",
-]
+    from .runtime import MeisaState
 
-#: Environ key of the request's :class:`RequestBatch`.
-BATCH_KEY = "flask_meisa.batch"
-#: Environ key set while :class:`AfterResponseMiddleware` handles the request.
-MIDDLEWARE_KEY = "flask_meisa.middleware"
-#: Environ key set once the app has returned its response to the middleware.
-RESPONDED_KEY = "flask_meisa.responded"
+__all__ = ["AfterResponseMiddleware", "enqueue", "release_now", "report_queued"]
+
+#: Environ keys: the request's batch; set while the middleware handles the request; set
+#: once the app has returned its response.
+_BATCH_KEY = "flask_meisa.batch"
+_MIDDLEWARE_KEY = "flask_meisa.middleware"
+_RESPONDED_KEY = "flask_meisa.responded"
 
 logger = logging.getLogger("flask_meisa")
 
 
-class RequestBatch:
-    """The operations one request produced, coalesced per contact, in arrival order.
-
-    A later upsert of a contact already upserted in this request merges into the first
-    one (later fields win, custom fields merged, tags united), so a request that changes
-    a user three times makes one call. Events and sends keep their place.
-    """
+class _RequestBatch:
+    """The operations one request produced, in arrival order; a later upsert of a contact
+    merges into the request's first one (see :meth:`Operation.merge`)."""
 
     def __init__(self) -> None:
         self.operations: list[Operation] = []
-        self._upserts: dict[str, Operation] = {}
-        #: The response's HTTP status, once known.
-        self.status: int | None = None
-
-    def __len__(self) -> int:
-        return len(self.operations)
+        self._upserts: dict[str, Operation] = {}  # by each name of its contact
 
     def add(self, operation: Operation) -> None:
         """Append ``operation``, or merge it into this request's upsert of its contact."""
-        if operation.kind == "upsert":
-            keys = _identity_keys(operation.payload)
-            earlier = next((self._upserts[k] for k in keys if k in self._upserts), None)
-            if earlier is not None:
-                earlier.merge(operation)
-                for key in _identity_keys(earlier.payload):
-                    self._upserts[key] = earlier
-                return
-            for key in keys:
-                self._upserts[key] = operation
-        self.operations.append(operation)
+        if operation.kind != "upsert":
+            self.operations.append(operation)
+            return
+        names = _names(operation)
+        earlier = next((self._upserts[n] for n in names if n in self._upserts), None)
+        if earlier is None:
+            self.operations.append(operation)
+        else:
+            earlier.merge(operation)
+            operation, names = earlier, _names(earlier)
+        for name in names:
+            self._upserts[name] = operation
 
 
-def _identity_keys(payload: dict[str, Any]) -> list[str]:
-    # Both identities: an upsert by email alone and one by external_id with the same email
-    # are one contact.
-    keys = [contact_key(payload)]
-    email = payload.get("email")
-    if email and payload.get("external_id") not in (None, ""):
-        keys.append(f"email:{str(email).lower()}")
-    return [key for key in keys if key]
+def _names(operation: Operation) -> list[str]:
+    return [name for name in identities(operation.payload) if name]
 
 
-def _status_code(status_line: str) -> int | None:
-    try:
-        return int(status_line.split(" ", 1)[0])
-    except ValueError:
-        return None
+def enqueue(state: MeisaState, operation: Operation) -> None:
+    """Add ``operation`` to the current request's batch while its response is being made;
+    otherwise hand it to delivery now (:class:`DeliveryError` if the engine is full)."""
+    if has_request_context():
+        environ = request.environ
+        if not environ.get(_RESPONDED_KEY):
+            batch = environ.get(_BATCH_KEY)
+            if batch is None:
+                batch = environ[_BATCH_KEY] = _RequestBatch()
+            batch.add(operation)
+            return
+    _dispatch(state, [operation], raise_refused=True)
+
+
+def _dispatch(
+    state: MeisaState, operations: Iterable[Operation], *, raise_refused: bool = False
+) -> None:
+    """Hand ``operations`` to delivery (only report them while delivery is off); one the
+    engine refuses is reported dropped, or raised with ``raise_refused``."""
+    delivering = state.delivering()
+    for operation in operations:
+        report_queued(state, operation, delivering)
+        if not delivering:
+            continue
+        try:  # one at a time: an operation refused never holds back the others
+            state.dispatcher.submit([operation])
+        except DeliveryError as error:
+            if raise_refused:
+                raise
+            state.refused += 1
+            logger.error("meisa: %s was not accepted: %s", operation.describe(), error)
+            state.reporter.dropped(operation, "refused")
+
+
+def report_queued(state: MeisaState, operation: Operation, delivering: bool) -> None:
+    """Send :data:`~flask_meisa.signals.operation_queued` for ``operation``."""
+    emit(operation_queued, state.app, operation=operation, delivering=delivering)
+    if not delivering and state.app.debug:
+        # Like a console mail backend: in development, show what Meisa would get.
+        payload = json.dumps(operation.payload, ensure_ascii=False, sort_keys=True)
+        logger.info("meisa (delivery off) would %s: %s", operation.kind, payload)
+
+
+def _release(state: MeisaState, batch: _RequestBatch, *, failed: bool = False) -> None:
+    """Deliver a finished request's batch, unless the request failed (and
+    ``MEISA_RELEASE_ON_ERROR`` is off) or its app is gone. Never raises."""
+    count = len(batch.operations)
+    if not state.alive:  # a response outlived its app (a test's kept response)
+        logger.debug("meisa: %d operations of a discarded app not released", count)
+    elif failed and not state.settings.release_on_error:
+        logger.info("meisa: the request failed; %d collected operation(s) not released", count)
+    else:
+        try:
+            _dispatch(state, batch.operations)
+        except Exception:
+            logger.exception("meisa: releasing a request's operations failed")
+
+
+def release_now(state: MeisaState) -> None:
+    """Hand the current request's batch, if any, to delivery now (``meisa.flush``)."""
+    if has_request_context():
+        batch = request.environ.pop(_BATCH_KEY, None)
+        if batch is not None:
+            _dispatch(state, batch.operations)
 
 
 class AfterResponseMiddleware:
-    """WSGI middleware that releases each request's :class:`RequestBatch` after the
-    server has written the response.
+    """WSGI middleware that releases each request's batch once the server has closed the
+    response body; under ``TESTING``, as soon as the app returned, so that a test can
+    assert right after ``client.post()``."""
 
-    :param wsgi_app: the wrapped WSGI application (the Flask app's ``wsgi_app``).
-    :param release: called with the batch once the response is done; decides what to
-        deliver. It must not raise.
-    :param discard: called with the batch when the app raised instead of answering.
-    :param early: when it answers true, the batch is released as soon as the app
-        returned, before the body is written (under the test client).
-    """
-
-    def __init__(
-        self,
-        wsgi_app: WSGIApplication,
-        release: Callable[[RequestBatch], None],
-        discard: Callable[[RequestBatch], None],
-        early: Callable[[], bool] = lambda: False,
-    ) -> None:
+    def __init__(self, wsgi_app: WSGIApplication, state: MeisaState) -> None:
         self.wsgi_app = wsgi_app
-        self._release = release
-        self._discard = discard
-        self._early = early
+        self._state = state
         self._open = 0  # batches held by responses not yet closed
         self._released = threading.Condition()
-
-    @property
-    def open_batches(self) -> int:
-        """Batches held by responses the server has not closed yet."""
-        return self._open
 
     def wait_released(self, timeout: float | None) -> bool:
         """Wait until no response holds a batch, at most ``timeout`` seconds."""
         with self._released:
             return self._released.wait_for(lambda: self._open == 0, timeout)
 
+    def teardown(self, error: BaseException | None) -> None:
+        """Teardown hook: a request context pushed without this middleware
+        (``test_request_context``) has no after-response point, so it releases here."""
+        environ = request.environ
+        batch = None if environ.get(_MIDDLEWARE_KEY) else environ.pop(_BATCH_KEY, None)
+        if batch is not None:
+            _release(self._state, batch, failed=error is not None)
+
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        environ[MIDDLEWARE_KEY] = True
-        status: list[int | None] = [None]
+        environ[_MIDDLEWARE_KEY] = True
+        failed = False
 
         def recording_start_response(line: str, headers: Any, exc_info: Any = None) -> Any:
-            status[0] = _status_code(line)
+            nonlocal failed
+            failed = _server_error(line)
             return start_response(line, headers, exc_info)
 
         try:
             body = self.wsgi_app(environ, recording_start_response)
         except BaseException:
-            batch = environ.pop(BATCH_KEY, None)
+            batch = environ.pop(_BATCH_KEY, None)
             if batch is not None:
-                self._discard(batch)
+                _release(self._state, batch, failed=True)
             raise
         finally:
             # From here on the response is on its way: work queued while a stream is
             # being written goes straight to delivery.
-            environ[RESPONDED_KEY] = True
-        batch = environ.pop(BATCH_KEY, None)
+            environ[_RESPONDED_KEY] = True
+        batch = environ.pop(_BATCH_KEY, None)
         if batch is None:
             return body
-        batch.status = status[0]
-        if self._early():
-            self._release(batch)
+        if self._state.app.testing:
+            _release(self._state, batch, failed=failed)
             return body
         with self._released:
             self._open += 1
-        return _ReleasingBody(body, lambda: self._finish(batch))
+        return _ReleasingBody(body, functools.partial(self._finish, batch, failed))
 
-    def _finish(self, batch: RequestBatch) -> None:
+    def _finish(self, batch: _RequestBatch, failed: bool) -> None:
         try:
-            self._release(batch)
+            _release(self._state, batch, failed=failed)
         finally:
             with self._released:
                 self._open -= 1
                 self._released.notify_all()
 
 
+def _server_error(status_line: str) -> bool:
+    try:
+        return int(status_line.split(" ", 1)[0]) >= 500
+    except ValueError:
+        return False
+
+
 class _ReleasingBody:
-    """A response body that runs ``release`` once, after the server is done with it."""
+    """A response body that runs ``release`` once, after the server is done with it (or
+    dropped it without closing it)."""
 
     def __init__(self, body: Iterable[bytes], release: Callable[[], None]) -> None:
         self._body = body

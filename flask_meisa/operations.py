@@ -1,8 +1,5 @@
-"""Operations: the plain-data units of work that flow from the extension to delivery.
-
-An :class:`Operation` holds only JSON-ready data (validated when it was made), never a user
-or ORM object, so it can wait in a queue, cross a thread, be stored or become a Celery task.
-"""
+"""Operations: the units of work from the extension to delivery, plain JSON-ready data
+(never a user or ORM object), so they can wait in a queue, be stored or become a task."""
 
 from __future__ import annotations
 
@@ -54,16 +51,13 @@ LANE_AUTOMATION = 1
 LANE_ROUTINE = 2
 LANE_BACKFILL = 3
 #: Lane names as :class:`~flask_meisa.engine.base.DeliveryStatus` reports them.
-LANE_NAMES: dict[int, str] = {
-    LANE_TRANSACTIONAL: "transactional",
-    LANE_AUTOMATION: "automation",
-    LANE_ROUTINE: "routine",
-    LANE_BACKFILL: "backfill",
-}
+LANE_NAMES: dict[int, str] = dict(
+    enumerate(("transactional", "automation", "routine", "backfill"))
+)
 
 
 def contact_key(payload: Mapping[str, Any]) -> str | None:
-    """The identity Meisa matches a contact on: ``external_id`` first, then ``email``."""
+    """The name Meisa matches a contact on: ``external_id`` first, then ``email``."""
     ext, email = identities(payload)
     return ext or email
 
@@ -80,20 +74,15 @@ def identities(payload: Mapping[str, Any]) -> tuple[str | None, str | None]:
 
 
 def merge_upsert_payloads(earlier: Mapping[str, Any], later: Mapping[str, Any]) -> dict[str, Any]:
-    """Coalesce two upserts of one contact into one.
-
-    Later fields win, ``custom_fields`` are merged key by key (as Meisa merges them), and
-    ``tag_names`` are united in first-seen order. ``source`` keeps the earlier value, since
-    Meisa keeps the source a contact was created with.
-    """
+    """Two upserts of one contact as one: later fields win, ``custom_fields`` merged key by
+    key and ``tag_names`` united (as Meisa does), the earlier ``source`` kept (as Meisa
+    keeps the source a contact was created with)."""
     merged = dict(earlier)
     for name, value in later.items():
         if value is None:
             continue
         if name == "custom_fields":
-            fields = dict(merged.get("custom_fields") or {})
-            fields.update(value)
-            merged[name] = fields
+            merged[name] = {**(merged.get(name) or {}), **value}
         elif name == "tag_names":
             tags = list(merged.get("tag_names") or [])
             tags.extend(tag for tag in value if tag not in tags)
@@ -112,15 +101,19 @@ def merge_priorities(first: Priority | None, second: Priority | None) -> Priorit
     return "backfill" if first == second == "backfill" else None
 
 
+#: The fields :meth:`Operation.to_dict` keeps.
+_STORED = ("id", "kind", "payload", "contact", "created_at", "attempts", "priority", "force")
+
+
 @dataclass
 class Operation:
     """One call to Meisa waiting to be made.
 
     :param kind: ``"upsert"``, ``"track"`` or ``"send"``.
-    :param payload: the keyword arguments of the client method, JSON-ready. A ``send``
-        always carries its ``idempotency_key``, so every attempt and every replay reuses it.
-    :param contact: for a ``track``, the contact's upsert payload when it is known, so
-        that an event answered 404 can be followed by an upsert and then the event again.
+    :param payload: the client method's keyword arguments, JSON-ready (a ``send``'s with
+        its ``idempotency_key``, reused by every attempt).
+    :param contact: for a ``track``, its contact's upsert payload when known (an event
+        answered 404 is followed by an upsert, then again).
     """
 
     kind: OperationKind
@@ -139,10 +132,8 @@ class Operation:
 
     @classmethod
     def checked(cls, kind: OperationKind, payload: dict[str, Any], **options: Any) -> Operation:
-        """An operation whose payload is encoded now, once, for every later use.
-
-        :raises ValidationError: the body would be larger than Meisa takes.
-        """
+        """An operation whose payload is encoded now, once, for every later use (a body
+        larger than Meisa takes raises :class:`ValidationError`)."""
         return cls(kind, payload, body=encode_body(payload), **options)
 
     @property
@@ -191,16 +182,7 @@ class Operation:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of this operation (for a store or a task queue)."""
-        return {
-            "id": self.id,
-            "kind": self.kind,
-            "payload": self.payload,
-            "contact": self.contact,
-            "created_at": self.created_at,
-            "attempts": self.attempts,
-            "priority": self.priority,
-            "force": self.force,
-        }
+        return {name: getattr(self, name) for name in _STORED}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Operation:
@@ -224,13 +206,8 @@ class Operation:
 
 
 def deliver(client: MeisaClient, operation: Operation) -> Any:
-    """Make the operation's call with ``client`` and return the client's typed result
-    (the body was validated and encoded when the operation was made: it is sent as is).
-
-    Retries are the client's (its :class:`~flask_meisa.retry.RetryPolicy`); a delivery
-    engine that schedules its own retries passes a client built with
-    ``retry=RetryPolicy.never()``.
-    """
+    """Make the operation's call with ``client`` (its retry policy) and return the client's
+    typed result; the body encoded when the operation was made is sent as is."""
     return client.send_json(operation.kind, operation.json)
 
 
@@ -245,12 +222,8 @@ class Attempt:
 
 
 def attempt(get_client: Callable[[], MeisaClient], operation: Operation) -> Attempt:
-    """Make the operation's call once and capture its outcome instead of raising.
-
-    A :class:`~flask_meisa.errors.ValidationError` means the client refused the call
-    before any request went out, so ``made`` is false; any other error may have been
-    answered (or half-sent), so it counts as made.
-    """
+    """Make the operation's call once and capture its outcome instead of raising. Only a
+    :class:`~flask_meisa.errors.ValidationError` (or no client) means no request went out."""
     try:
         client = get_client()
     except Exception as error:

@@ -1,25 +1,13 @@
-"""Input validation and JSON conversion, applied before any request is made.
+"""Input validation and JSON conversion, applied before any request is made. Every check
+raises :class:`~flask_meisa.errors.ValidationError` naming the field (``"email"``,
+``"custom_fields.tags[2]"``), never its value, so that the error can be logged as is.
 
-Every check raises :class:`~flask_meisa.errors.ValidationError` naming the offending field
-(``"email"``, ``"custom_fields.tags[2]"``) and never repeating its value, so the error can be
-logged as is.
-
-Conversions done by :func:`to_json_value`:
-
-=====================  ===============================================================
-``str``, ``int``,      passed through (``bool`` stays ``bool``); ``NaN`` and infinities
-``float``, ``bool``,   are refused
-``None``
-``datetime``           ISO 8601 in UTC with a ``Z`` suffix; a naive value is taken as UTC
-``date``               ``"YYYY-MM-DD"``
-``time``               ``time.isoformat()`` (``"HH:MM:SS"``, with its UTC offset if aware)
-``Decimal``            ``int`` when integral, else ``float``; ``NaN``/infinities refused
-``UUID``               its canonical string
-``Enum``               its ``value``, converted in turn
-mapping (``str`` keys) ``dict``
-``list``, ``tuple``    ``list``
-anything else          refused (sets, bytes, arbitrary objects)
-=====================  ===============================================================
+:func:`to_json_value` passes ``str``, ``int``, ``float``, ``bool`` and ``None`` through
+(refusing NaN and infinities) and converts: a ``datetime`` to ISO 8601 in UTC with ``Z``
+(a naive one taken as UTC), a ``date`` to ``"YYYY-MM-DD"``, a ``time`` to its
+``isoformat()``, a ``Decimal`` to an ``int`` when integral, else a ``float``, a ``UUID``
+to its string, an ``Enum`` to its converted ``value``, a mapping with ``str`` keys to a
+``dict``, a list or tuple to a ``list``. Anything else (sets, bytes, objects) is refused.
 """
 
 from __future__ import annotations
@@ -29,12 +17,14 @@ import json
 import math
 import re
 import uuid
+from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Mapping
 from decimal import Decimal
 from enum import Enum
 from typing import Any
 from typing import TypeAlias
+from typing import TypeVar
 
 from .errors import ValidationError
 
@@ -71,6 +61,7 @@ MAX_BODY_BYTES = 512 * 1024
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _WHITESPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
 _UTC = dt.timezone.utc
+_T = TypeVar("_T")
 # Python's default limit on the digits of an int it writes out.
 _MAX_INT_DIGITS = 4300
 
@@ -80,13 +71,9 @@ def _type_name(value: object) -> str:
 
 
 def normalize_email(value: object, field: str = "email") -> str:
-    """Check one email address and return it stripped and lowercased.
-
-    :raises ValidationError: if ``value`` is not a string holding exactly one plausible
-        address (one ``@``, a non-empty local part, a dotted domain without empty labels,
-        no whitespace, control, invisible or unassigned characters, at most 254 characters
-        once lowercased).
-    """
+    """Check one email address (one ``@``, a local part, a dotted domain, no whitespace,
+    control or invisible characters, at most 254 characters) and return it stripped and
+    lowercased."""
     if not isinstance(value, str):
         raise ValidationError(field, f"must be a string, not {_type_name(value)}")
     # Lowercased first: a few characters lowercase to two ("İ"), and the limits apply to
@@ -116,12 +103,9 @@ def normalize_email(value: object, field: str = "email") -> str:
 
 
 def require_text(value: object, field: str, max_length: int = MAX_TEXT_LENGTH) -> str:
-    """Check a short identifier or name (trigger key, event name, slug, tag) and strip it.
-
-    :raises ValidationError: unless ``value`` is a string that is non-empty after stripping,
-        at most ``max_length`` characters long and free of line breaks and other control
-        characters (surrounding ones included; surrounding spaces are stripped).
-    """
+    """Check a short name (trigger key, event name, slug, tag): a string, not empty once
+    stripped, at most ``max_length`` characters, no line breaks or control characters
+    (surrounding ones included); return it stripped."""
     if not isinstance(value, str):
         raise ValidationError(field, f"must be a string, not {_type_name(value)}")
     text = value.strip()
@@ -162,11 +146,8 @@ def text_list(value: object, field: str, max_length: int = MAX_TEXT_LENGTH) -> l
 
 
 def json_object(value: object, field: str) -> dict[str, JSONValue] | None:
-    """Convert a JSON object field (``custom_fields``, ``properties``, ``variables``...).
-
-    ``None`` passes through; a mapping is converted with :func:`to_json_value`; anything
-    else is refused.
-    """
+    """Convert a JSON object field (``custom_fields``, ``properties``...) with
+    :func:`to_json_value`; ``None`` passes through, a value that is not a mapping is refused."""
     if value is None:
         return None
     if not isinstance(value, Mapping):
@@ -177,13 +158,9 @@ def json_object(value: object, field: str) -> dict[str, JSONValue] | None:
 
 
 def to_json_value(value: object, field: str, *, _depth: int = 0) -> JSONValue:
-    """Convert ``value`` to plain JSON data (see the module's table), recursively.
-
-    :param field: the path reported in errors; nested items extend it, e.g.
-        ``custom_fields.tags[2]``.
-    :raises ValidationError: for a value that has no JSON form, a non-string mapping key,
-        ``NaN`` or an infinity, or nesting deeper than :data:`MAX_DEPTH`.
-    """
+    """Convert ``value`` to plain JSON data (see the module's docstring), recursively;
+    errors name ``field`` extended by the path (``custom_fields.tags[2]``). Nesting deeper
+    than :data:`MAX_DEPTH` is refused."""
     kind = type(value)
     # Exact-type fast paths first: most values are plain.
     if value is None or kind is bool:
@@ -197,8 +174,6 @@ def to_json_value(value: object, field: str, *, _depth: int = 0) -> JSONValue:
     # Enum before str/int: a str- or int-based Enum must become its plain value.
     if isinstance(value, Enum):
         return to_json_value(value.value, field, _depth=_depth)
-    if isinstance(value, bool):
-        return bool(value)
     if isinstance(value, str):
         return _check_str(str(value), field)
     if isinstance(value, int):
@@ -244,56 +219,49 @@ def _mapping(value: Mapping[Any, Any], field: str, depth: int) -> dict[str, JSON
 
 def _check_str(value: str, field: str) -> str:
     if not value.isascii() and not _encodable(value):
-        # Raised outside the except clause: the codec error would chain the whole text.
         raise ValidationError(field, "is not valid Unicode text")
     return value
 
 
 def _encodable(value: str) -> bool:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    return _or_none(lambda: value.encode("utf-8"), UnicodeEncodeError) is not None
 
 
 def _check_int(value: int, field: str) -> int:
     # Python writes out no int of more than sys.get_int_max_str_digits() digits (4,300 by
     # default), so json.dumps would fail on it long after the call returned.
-    if value.bit_length() > 64 and not _writable(value):
+    if value.bit_length() > 64 and _or_none(lambda: str(value), ValueError) is None:
         raise ValidationError(field, "is too large a number to send as JSON")
     return value
-
-
-def _writable(value: int) -> bool:
-    try:
-        str(value)
-    except ValueError:
-        return False
-    return True
 
 
 def _datetime(value: dt.datetime, field: str) -> str:
     # A tzinfo may answer no offset (naive, so taken as UTC) or a bad one, and the ends of
     # the datetime range overflow once moved to UTC.
-    try:
+    def in_utc() -> dt.datetime:
         naive = value.utcoffset() is None
-        aware = value.replace(tzinfo=_UTC) if naive else value.astimezone(_UTC)
-    except (OverflowError, ValueError):
-        aware = None
+        return value.replace(tzinfo=_UTC) if naive else value.astimezone(_UTC)
+
+    aware = _or_none(in_utc, OverflowError, ValueError)
     if aware is None:
         raise ValidationError(field, "is a datetime that has no form in UTC")
     return aware.replace(tzinfo=None).isoformat() + "Z"
 
 
 def _time(value: dt.time, field: str) -> str:
-    try:
-        text: str | None = value.isoformat()
-    except (OverflowError, ValueError):
-        text = None
+    text = _or_none(value.isoformat, OverflowError, ValueError)
     if text is None:
         raise ValidationError(field, "is a time with an invalid offset")
     return text
+
+
+def _or_none(convert: Callable[[], _T], *errors: type[Exception]) -> _T | None:
+    # The caller raises its ValidationError outside the except clause, so that it chains
+    # no exception holding the value.
+    try:
+        return convert()
+    except errors:
+        return None
 
 
 def _check_float(value: float, field: str) -> float:
@@ -314,12 +282,8 @@ def _decimal(value: Decimal, field: str) -> int | float:
 
 
 def encode_body(body: Mapping[str, JSONValue], max_bytes: int = MAX_BODY_BYTES) -> str:
-    """Serialise an already converted request body as compact JSON (ASCII, so its length
-    is its size in bytes).
-
-    :raises ValidationError: when the result is larger than ``max_bytes``; the field named
-        is the largest top-level field.
-    """
+    """Serialise a converted request body as compact ASCII JSON (its length is its size);
+    over ``max_bytes``, a :class:`ValidationError` names the largest top-level field."""
     text = _ENCODER.encode(body)
     if len(text) > max_bytes:
         largest = max(body, key=lambda k: len(_ENCODER.encode(body[k])))

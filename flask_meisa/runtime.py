@@ -1,5 +1,5 @@
 """Per-app runtime state: the client, the suppression set and the delivery engine, made on
-first use, remade in a forked child, and closed with the app."""
+first use, remade in a forked child, and closed with the app or at exit."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from typing import Any
 
 from .client import MeisaClient
+from .config import DEFAULTS
 from .config import INSTANCE_PREFIX
 from .config import is_delivering
 from .engine.base import Dispatcher
@@ -35,16 +36,10 @@ __all__ = ["MeisaState"]
 
 logger = logging.getLogger("flask_meisa")
 
-#: Attempts of a suppression list load (each within the load's deadline).
-_SUPPRESSION_ATTEMPTS = 3
-
 
 class MeisaState:
-    """The runtime parts of :class:`~flask_meisa.Meisa` for one app.
-
-    :param app: the app; held weakly, so an app that is gone takes its state with it.
-    :param settings: the app's resolved ``MEISA_*`` settings.
-    """
+    """The runtime parts of :class:`~flask_meisa.Meisa` for one app (held weakly: an app
+    that is gone takes its state with it), from its resolved ``MEISA_*`` settings."""
 
     def __init__(self, app: Flask, settings: MeisaSettings) -> None:
         self._app = weakref.ref(app)
@@ -56,18 +51,14 @@ class MeisaState:
         self._store: Store | None = None
         self._switches: tuple[Any, ...] | None = None
         self._delivering = False
-        self._held: Store | None = None  # held across a fork in progress
-        #: The suppression set consulted before every send.
-        self.suppression = SuppressionSet(
-            self._fetch_suppressions,
-            ttl=settings.suppression_ttl,
-            logger=logging.getLogger("flask_meisa.suppression"),
-        )
-        self.reporter = SignalReporter(app, self.suppression)
+        self._started_in: int | None = None
+        # Held weakly: the app holds it, and delivery threads hold this state.
         self._middleware: weakref.ref[AfterResponseMiddleware] | None = None
+        #: The suppression set consulted before every send.
+        self.suppression = SuppressionSet(self._fetch_suppressions, ttl=settings.suppression_ttl)
+        self.reporter = SignalReporter(app, self.suppression)
         #: Operations the engine refused (counted into ``status().dropped``).
         self.refused = 0
-        self._started_in: int | None = None
         if settings.delivery == "celery":
             from .engine import celery as celery_engine
 
@@ -86,9 +77,13 @@ class MeisaState:
         return app
 
     @property
+    def alive(self) -> bool:
+        """Whether the app still exists."""
+        return self._app() is not None
+
+    @property
     def middleware(self) -> AfterResponseMiddleware:
-        """The app's after-response middleware (its open responses count for ``flush``).
-        Held weakly: the app holds it, and delivery threads hold this state."""
+        """The app's after-response middleware (its open responses count for ``flush``)."""
         middleware = None if self._middleware is None else self._middleware()
         if middleware is None:
             raise RuntimeError("the Flask app of this Meisa state no longer exists")
@@ -98,15 +93,9 @@ class MeisaState:
     def middleware(self, middleware: AfterResponseMiddleware) -> None:
         self._middleware = weakref.ref(middleware)
 
-    @property
-    def alive(self) -> bool:
-        """Whether the app still exists."""
-        return self._app() is not None
-
     def delivering(self) -> bool:
-        """Whether operations are delivered now (read on every operation):
-        ``MEISA_ENABLED`` and not ``MEISA_SUPPRESS_SEND`` (which follows ``TESTING``
-        while it is ``None``); ``"false"`` read from the environment is false."""
+        """Whether operations are delivered now: ``MEISA_ENABLED`` and not
+        ``MEISA_SUPPRESS_SEND`` (which follows ``TESTING``), read on every operation."""
         config = self.app.config
         switches = (
             config.get("MEISA_ENABLED"),
@@ -117,9 +106,16 @@ class MeisaState:
             self._delivering, self._switches = is_delivering(config), switches
         return self._delivering
 
+    def is_suppressed(self, address: str, *, wait: float) -> bool:
+        """Whether the suppression set holds ``address`` (a first load waited for at most
+        ``wait`` seconds); while delivery is off, from what it holds, fetching nothing."""
+        if not self.delivering():
+            return self.suppression.peek(address)
+        return self.suppression.is_suppressed(address, wait=wait)
+
     def retry_policy(self, *, deadline: float | None = None) -> RetryPolicy:
-        """The retry policy of calls made in the caller's thread (``meisa.send``, CLI
-        commands, ``meisa.client``): at most ``MEISA_MAX_ATTEMPTS`` attempts."""
+        """The retry policy of calls made in the caller's thread (``meisa.send``, the CLI,
+        ``meisa.client``): at most ``MEISA_MAX_ATTEMPTS`` attempts."""
         settings = self.settings
         return RetryPolicy(
             max_attempts=settings.max_attempts,
@@ -130,11 +126,8 @@ class MeisaState:
         )
 
     def background_retry_policy(self) -> RetryPolicy:
-        """The retry policy of background delivery: retried until ``MEISA_RETRY_DEADLINE``
-        however many attempts that takes (waits hold no thread)."""
+        """The retry policy of background delivery: until ``MEISA_RETRY_DEADLINE``."""
         return dataclasses.replace(self.retry_policy(), max_attempts=None)
-
-    # -- parts made on first use -------------------------------------------------------
 
     def open(self, *, start: bool) -> None:
         """Make the engine now (a file store is opened and checked), and start it."""
@@ -144,27 +137,20 @@ class MeisaState:
             dispatcher.start()
 
     def start(self) -> None:
-        """Start delivering in this process, once (the first request of a process run by
-        the Flask CLI, such as ``flask run``)."""
+        """Start delivering in this process, once (also on each request: ``flask run``)."""
         if self._started_in == os.getpid() or not self.delivering():
             return
         self._started_in = os.getpid()
         self.dispatcher.start()
 
-    def _check_fork(self) -> None:
-        if self._pid != os.getpid():
-            self.after_fork()
-
     def after_fork(self) -> None:
-        """In a forked child: forget the parent's client, threads and locks, and start
-        delivering again if the parent was (gunicorn ``--preload`` workers deliver
-        without waiting for a request)."""
+        """In a forked child: forget the parent's client, threads and locks, and deliver
+        again if the parent did (gunicorn ``--preload``)."""
         if self._pid == os.getpid():
             return
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._client = None
-        self._held = None
         if self._store is not None:
             self._store.after_fork()
         self.suppression.after_fork()
@@ -175,22 +161,10 @@ class MeisaState:
                 if self.delivering():
                     dispatcher.start()
 
-    def before_fork(self) -> None:
-        """Before a fork: hold the store across it (see :meth:`Store.before_fork`)."""
-        self._held = self._store
-        if self._held is not None:
-            self._held.before_fork()
-
-    def after_fork_in_parent(self) -> None:
-        """After a fork, in the parent: let go of what :meth:`before_fork` held."""
-        held, self._held = self._held, None
-        if held is not None:
-            held.after_fork_in_parent()
-
     @property
     def client(self) -> MeisaClient:
         """The app's client (made on first use, remade after a fork)."""
-        self._check_fork()
+        self.after_fork()
         with self._lock:
             if self._client is None:
                 self._client = self.make_client()
@@ -211,24 +185,50 @@ class MeisaState:
     @property
     def dispatcher(self) -> Dispatcher:
         """The app's delivery engine (made on first use)."""
-        self._check_fork()
+        self.after_fork()
         dispatcher = self._dispatcher
         if dispatcher is not None:
             return dispatcher
         with self._lock:
             if self._dispatcher is None:
-                self._dispatcher = _ENGINES[self.settings.delivery](self)
+                self._dispatcher = self._make_engine()
             return self._dispatcher
 
     def has_dispatcher(self) -> bool:
-        """Whether an engine was made, or one is needed now (a file store may hold work
-        an earlier process left)."""
+        """Whether an engine was made, or one is needed (a store may hold earlier work)."""
         return self._dispatcher is not None or (
             self.settings.delivery == "thread" and self.delivering()
         )
 
+    def _make_engine(self) -> Dispatcher:
+        settings = self.settings
+        if settings.delivery == "sync":
+            from .engine.sync import InlineDispatcher
+
+            return InlineDispatcher(client_factory=lambda: self.client, hooks=self.reporter)
+        if settings.delivery == "celery":
+            from .engine import celery as celery_engine
+
+            return celery_engine.make_dispatcher(self)
+        from .engine.delivery import Delivery
+
+        return Delivery(
+            store=self.store(),
+            client_factory=self.make_client,
+            hooks=self.reporter,
+            retry=self.background_retry_policy(),
+            rate_limit=settings.rate_limit,
+            lease=settings.connect_timeout + settings.timeout + 5.0,
+            capacity=settings.queue_size,
+            workers=settings.workers,
+            flush_timeout=settings.flush_timeout,
+            resync_after=settings.resync_after,
+            priority_fields=settings.priority_fields,
+            routine_max_age=settings.routine_max_age,
+        )
+
     def store(self) -> Store:
-        """The delivery store of ``MEISA_DELIVERY = "thread"`` (opened on first use): the
+        """The store of ``MEISA_DELIVERY = "thread"`` (opened on first use): the
         ``MEISA_OUTBOX`` file, or memory when it is ``None`` or cannot be written."""
         if self._store is None:
             from .engine.store import Store
@@ -237,7 +237,7 @@ class MeisaState:
             try:
                 self._store = Store(path, busy_timeout=self.settings.outbox_busy_timeout)
             except ConfigurationError as error:
-                if path is None or not _default_location(self.settings):
+                if path is None or self.settings.outbox != DEFAULTS["MEISA_OUTBOX"]:
                     raise
                 logger.warning(
                     "meisa: %s. Delivery falls back to memory: work pending when a process "
@@ -251,26 +251,21 @@ class MeisaState:
     def store_path(self) -> str | None:
         """The file of the delivery store, or ``None`` for memory."""
         path = self.settings.outbox
-        if path is None:
-            return None
-        if path.startswith(INSTANCE_PREFIX):
+        if path is not None and path.startswith(INSTANCE_PREFIX):
             return os.path.join(self.app.instance_path, path[len(INSTANCE_PREFIX) :].strip())
         return path
 
     def budget_slot(self, timeout: float) -> AbstractContextManager[Any]:
         """Hold a slot of the key's budget for a call made outside the engine (a
-        synchronous send, a suppression list load), so that those calls and delivery
-        together stay within the key's limit, from any process."""
+        synchronous send, a suppression list load)."""
         if not self.delivering():
             return contextlib.nullcontext()
         return self.dispatcher.budget_slot(timeout)
 
     def _fetch_suppressions(self) -> UnsubscribedEmails:
-        # Bounded like a send: a first send waits for this load at most its deadline.
+        # Bounded like a send (a first send waits for it), in at most 3 attempts.
         deadline = self.settings.send_deadline
-        policy = dataclasses.replace(
-            self.retry_policy(deadline=deadline), max_attempts=_SUPPRESSION_ATTEMPTS
-        )
+        policy = dataclasses.replace(self.retry_policy(deadline=deadline), max_attempts=3)
         with self.budget_slot(deadline):
             return self.client.with_options(retry=policy).unsubscribed_emails()
 
@@ -291,65 +286,24 @@ class MeisaState:
         return left
 
 
-def _default_location(settings: MeisaSettings) -> bool:
-    from .config import DEFAULTS
-
-    return bool(settings.outbox == DEFAULTS["MEISA_OUTBOX"])
-
-
-def _thread_engine(state: MeisaState) -> Dispatcher:
-    from .engine.delivery import Delivery
-
-    settings = state.settings
-    return Delivery(
-        store=state.store(),
-        client_factory=state.make_client,
-        hooks=state.reporter,
-        retry=state.background_retry_policy(),
-        rate_limit=settings.rate_limit,
-        lease=settings.connect_timeout + settings.timeout + 5.0,
-        capacity=settings.queue_size,
-        workers=settings.workers,
-        flush_timeout=settings.flush_timeout,
-        resync_after=settings.resync_after,
-        priority_fields=settings.priority_fields,
-        routine_max_age=settings.routine_max_age,
-    )
-
-
-def _inline_engine(state: MeisaState) -> Dispatcher:
-    from .engine.sync import InlineDispatcher
-
-    return InlineDispatcher(client_factory=lambda: state.client, hooks=state.reporter)
-
-
-def _celery_engine(state: MeisaState) -> Dispatcher:
-    from .engine import celery as celery_engine
-
-    return celery_engine.make_dispatcher(state)
-
-
-#: The engine of each ``MEISA_DELIVERY``.
-_ENGINES = {"thread": _thread_engine, "sync": _inline_engine, "celery": _celery_engine}
-
-# One mechanism for process events: exit flushes every live state's engine, a forked
-# child resets them all.
+# Exit closes every live state's engine; a fork holds their stores (see Store.before_fork),
+# and the child resets them.
 _live: weakref.WeakSet[MeisaState] = weakref.WeakSet()
+_held: list[Store] = []
 
 
 def _close_apart(state: MeisaState) -> None:
     # A finalizer runs in whichever thread the collector ran in, maybe a delivery thread
     # inside a call on the store: closing there would close the store under that call.
-    if state not in _live:  # closed already
-        return
-    thread = threading.Thread(
-        target=_close_quietly, args=(state, 0.0), name="flask-meisa-close", daemon=True
-    )
-    with contextlib.suppress(RuntimeError):  # no new threads at interpreter shutdown
-        thread.start()
+    if state in _live:  # not closed already
+        thread = threading.Thread(
+            target=_close_quietly, args=(state, 0.0), name="flask-meisa-close", daemon=True
+        )
+        with contextlib.suppress(RuntimeError):  # no new threads at interpreter shutdown
+            thread.start()
 
 
-def _close_quietly(state: MeisaState, timeout: float | None = 0.0) -> None:
+def _close_quietly(state: MeisaState, timeout: float | None) -> None:
     try:
         state.close(timeout)
     except Exception:
@@ -361,24 +315,20 @@ def _at_exit() -> None:
         _close_quietly(state, None)
 
 
-#: The states whose stores are held across a fork in progress.
-_forking: list[MeisaState] = []
-
-
 def _before_fork() -> None:
-    _forking[:] = list(_live)
-    for state in _forking:
-        state.before_fork()
+    _held[:] = [state._store for state in _live if state._store is not None]
+    for store in _held:
+        store.before_fork()
 
 
 def _after_fork_in_parent() -> None:
-    for state in _forking:
-        state.after_fork_in_parent()
-    _forking.clear()
+    for store in _held:
+        store.after_fork_in_parent()
+    _held.clear()
 
 
 def _after_fork_in_child() -> None:
-    _forking.clear()
+    _held.clear()
     for state in list(_live):
         try:
             state.after_fork()

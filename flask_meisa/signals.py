@@ -1,18 +1,12 @@
-"""flask-meisa's signals, in its own blinker namespace.
-
-One signal comes **in**: the app sends :data:`plan_changed` when a user's plan changes, and
-the extension syncs the new plan. The others go **out**: they report what became of each
-operation. Every outgoing signal is sent with the Flask app as sender, so connect with
-``signal.connect(receiver, sender=app)``. Receivers should take ``(sender, **kwargs)``,
-since later versions may add keyword arguments. Outgoing signals may be sent from the
-delivery thread, outside any request or app context; a receiver that raises is logged
-and never breaks delivery.
-"""
+"""flask-meisa's signals, in their own blinker namespace: :data:`plan_changed` comes in from
+the app; the others report what became of each operation, with the app as sender, maybe
+from a delivery thread. A receiver that raises is logged and never breaks delivery."""
 
 from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 from typing import Any
 
@@ -83,12 +77,9 @@ delivery_failed = _signals.signal("meisa-delivery-failed")
 delivery_dropped = _signals.signal("meisa-delivery-dropped")
 
 
-# -- sending them -------------------------------------------------------------------------
-
-
 def emit(signal: Signal, app: Flask, **kwargs: Any) -> None:
     """Send ``signal`` with ``app`` as sender; a receiver that raises is logged, never
-    propagated (outcome signals fire in delivery threads and after responses)."""
+    propagated."""
     try:
         signal.send(app, **kwargs)
     except Exception:
@@ -96,12 +87,8 @@ def emit(signal: Signal, app: Flask, **kwargs: Any) -> None:
 
 
 class SignalReporter:
-    """Implements :class:`~flask_meisa.engine.base.DeliveryHooks` for one app.
-
-    :param app: the Flask app, the sender of every outcome signal.
-    :param suppression: the app's suppression set: sends to suppressed addresses are
-        skipped, and a 422 ``recipient_suppressed`` adds the address to it.
-    """
+    """The :class:`~flask_meisa.engine.base.DeliveryHooks` of one app (held weakly, the
+    sender of every outcome signal), and its suppression set for sends."""
 
     def __init__(self, app: Flask, suppression: SuppressionSet) -> None:
         self._app = weakref.ref(app)
@@ -124,12 +111,21 @@ class SignalReporter:
         """Report a send skipped for a suppressed address."""
         logger.info("meisa: %s skipped: %s", operation.describe(), reason)
         if reason == "suppressed":
-            self._emit(
-                email_suppressed,
-                trigger_key=operation.payload["trigger_key"],
-                to_email=operation.payload["to_email"],
-                operation=operation,
-            )
+            self.suppressed(operation.payload, operation=operation)
+
+    def suppressed(self, payload: Mapping[str, Any], *, operation: Operation | None) -> None:
+        """Report a send (its ``payload``) not made because its address is suppressed."""
+        key, to_email = payload["trigger_key"], payload["to_email"]
+        self._emit(email_suppressed, trigger_key=key, to_email=to_email, operation=operation)
+
+    def sent(
+        self, payload: Mapping[str, Any], result: Any, *, operation: Operation | None
+    ) -> SendResult:
+        """Report a send (its ``payload``) Meisa accepted, and return its outcome."""
+        key, to_email = payload["trigger_key"], payload["to_email"]
+        outcome = SendResult.from_trigger(result, trigger_key=key, to_email=to_email)
+        self._emit(email_sent, operation=operation, result=outcome)
+        return outcome
 
     def delivered(self, operation: Operation, result: Any) -> None:
         """Send the outcome signal of a delivered operation."""
@@ -141,21 +137,12 @@ class SignalReporter:
         elif operation.kind == "track":
             self._emit(event_tracked, operation=operation, result=result)
         else:
-            outcome = SendResult.from_trigger(
-                result,
-                trigger_key=operation.payload["trigger_key"],
-                to_email=operation.payload["to_email"],
-            )
-            self._emit(email_sent, operation=operation, result=outcome)
+            self.sent(operation.payload, result, operation=operation)
 
     def failed(self, operation: Operation, error: BaseException) -> None:
         """Report a refused operation or one whose retries ran out."""
-        if (
-            operation.kind == "send"
-            and isinstance(error, UnprocessableEntityError)
-            and error.code == "recipient_suppressed"
-        ):
-            self.suppression.add(operation.payload["to_email"])
+        if operation.kind == "send":
+            self.learn(operation.payload["to_email"], error)
         # The engine logs the failure itself (once, without payload values).
         logger.debug("meisa: %s failed: %s", operation.describe(), error)
         self._emit(delivery_failed, operation=operation, error=error)
@@ -164,3 +151,9 @@ class SignalReporter:
         """Report an operation shed or abandoned."""
         logger.debug("meisa: %s dropped: %s", operation.describe(), reason)
         self._emit(delivery_dropped, operation=operation, reason=reason)
+
+    def learn(self, address: str, error: BaseException) -> None:
+        """A send to ``address`` Meisa refused with 422 ``recipient_suppressed``: the
+        address joins the suppression set."""
+        if isinstance(error, UnprocessableEntityError) and error.code == "recipient_suppressed":
+            self.suppression.add(address)

@@ -27,30 +27,23 @@ _MAX_LOCAL = 100_000
 
 
 class SuppressionSnapshot(Protocol):
-    """What a fetch returns: Meisa's list of addresses not to email, and its time stamp.
-
-    ``MeisaClient.unsubscribed_emails()`` returns such an object (its ``emails`` is a
-    ``frozenset[str]``).
-    """
+    """What a fetch returns, as ``MeisaClient.unsubscribed_emails()`` does: the addresses
+    (in any case, maybe padded) and Meisa's time stamp of the list."""
 
     @property
-    def emails(self) -> Iterable[str]:
-        """The addresses (any case, any surrounding whitespace)."""
+    def emails(self) -> Iterable[str]: ...
 
     @property
-    def as_of(self) -> str | dt.datetime | None:
-        """Meisa's time stamp of the list (as sent, or parsed to a datetime)."""
+    def as_of(self) -> str | dt.datetime | None: ...
 
 
-@dataclass(frozen=True, eq=False, slots=True)
+@dataclass(frozen=True, slots=True)
 class _Loaded:
     """One successful load, published whole and never changed."""
 
     emails: frozenset[str]
     as_of: str | None
     loaded_at: float
-    #: The clock's time from which the set is stale (a refresh starts).
-    stale_at: float
 
 
 class _UnreadableSnapshot(Exception):
@@ -60,13 +53,11 @@ class _UnreadableSnapshot(Exception):
 class SuppressionSet:
     """A per-process set of addresses not to email, refreshed from Meisa every ``ttl`` seconds.
 
-    :param fetch: returns a :class:`SuppressionSnapshot`, typically
-        ``client.unsubscribed_emails``. It runs in the first caller's thread or in a
-        background thread, never under the set's lock.
+    :param fetch: returns a :class:`SuppressionSnapshot` (``client.unsubscribed_emails``);
+        runs in the first caller's thread or a background thread, never under the lock.
     :param ttl: seconds a loaded list stays fresh.
     :param retry_interval: seconds to wait after a failed load before fetching again.
-    :param clock: monotonic seconds; injectable so tests advance time instead of sleeping.
-    :param logger: where warnings go; ``flask_meisa.suppression`` by default.
+    :param clock: monotonic seconds (tests advance their own).
     """
 
     def __init__(
@@ -76,7 +67,6 @@ class SuppressionSet:
         ttl: float = 300.0,
         retry_interval: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
-        logger: logging.Logger | None = None,
     ) -> None:
         if not ttl > 0:
             raise ConfigurationError("ttl must be a positive number of seconds")
@@ -86,14 +76,11 @@ class SuppressionSet:
         self._ttl = float(ttl)
         self._retry_interval = float(retry_interval)
         self._clock = clock
-        self._logger = logger if logger is not None else _logger
-        # Read without the lock; replaced (never mutated) under it.
-        self._current: _Loaded | None = None
-        # address -> sequence number of the first fetch that started after its addition.
-        # Written under the lock; single dict lookups read it without.
+        self._current: _Loaded | None = None  # read without the lock, replaced under it
+        # address -> the number of the first fetch started after its addition.
         self._local: dict[str, int] = {}
-        # Loading state: guarded by the lock.
-        self._fetches_started = 0
+        # The rest is guarded by the lock.
+        self._fetches = 0  # fetches started
         self._loading = False
         self._retry_at: float | None = None
         self._last_error: str | None = None
@@ -108,78 +95,55 @@ class SuppressionSet:
             return f"<{type(self).__name__} not loaded>"
         return f"<{type(self).__name__} count={len(current.emails)} as_of={current.as_of!r}>"
 
-    # -- answering -------------------------------------------------------------------------
-
     def is_suppressed(self, email: str, *, wait: float | None = None) -> bool:
-        """Whether Meisa (or :meth:`add`) says not to email ``email``, in any case.
-
-        The first use loads the list and waits for it at most ``wait`` seconds (``None``:
-        until it is loaded or failed); a load that takes longer goes on in the background
-        while this call answers from what it has (a warning says so). When the set is
-        stale, a background refresh starts and the last good set answers at once. Answers
-        ``False`` while no list could be loaded.
-
-        :raises ValidationError: ``email`` is not a string or is blank.
-        """
-        key = _normalize_input(email)
+        """Whether Meisa (or :meth:`add`) says not to email ``email``, in any case. The first
+        use loads the list, waiting at most ``wait`` seconds (``None``: until it is loaded or
+        failed); a stale list answers while a background refresh runs."""
+        key = _key(email)
         current = self._current
         if current is None:
             current = self._load_first(wait)
-        elif self._clock() >= current.stale_at and not self._loading:
-            self._refresh_stale()
+        elif self._clock() >= current.loaded_at + self._ttl and not self._loading:
+            with self._lock:
+                if self._current is current:
+                    self._start_refresh(respect_retry=True)
         return key in self._local or (current is not None and key in current.emails)
 
     def peek(self, email: str) -> bool:
-        """Like :meth:`is_suppressed`, from what is held now: never loads, never refreshes.
-
-        :raises ValidationError: ``email`` is not a string or is blank.
-        """
-        key = _normalize_input(email)
+        """Like :meth:`is_suppressed`, from what is held now: never loads, never refreshes."""
+        key = _key(email)
         current = self._current
         return key in self._local or (current is not None and key in current.emails)
 
     def add(self, email: str) -> None:
-        """Suppress ``email`` locally, e.g. after Meisa answered 422 ``recipient_suppressed``.
-
-        The addition lasts until a load whose fetch started after this call succeeds; from
-        then on Meisa's list decides.
-
-        :raises ValidationError: ``email`` is not a string or is blank.
-        """
-        key = _normalize_input(email)
+        """Suppress ``email`` locally (after a 422 ``recipient_suppressed``) until a load
+        whose fetch started after this call succeeds."""
+        key = _key(email)
         with self._lock:
             self._local.pop(key, None)
-            self._local[key] = self._fetches_started
+            self._local[key] = self._fetches
             overflow = len(self._local) > _MAX_LOCAL
             if overflow:
                 del self._local[next(iter(self._local))]
         if overflow:
-            self._logger.warning(
+            _logger.warning(
                 "Meisa suppression set: over %d local additions, dropped the oldest", _MAX_LOCAL
             )
 
-    # -- loading ---------------------------------------------------------------------------
-
     def load(self) -> bool:
-        """Fetch the list now, in this thread, and install it; ``True`` on success.
-
-        Waits for a fetch already running to finish first, then fetches anew (so the result
-        reflects Meisa after this call). Ignores ``retry_interval``. Never raises: a failure
-        is logged and kept in :attr:`last_error`.
-        """
+        """Fetch the list now, in this thread (after any fetch running), ignoring
+        ``retry_interval``; ``True`` on success. Never raises: see :attr:`last_error`."""
         with self._lock:
             while self._loading:
                 self._done.wait()
-            seq = self._begin_fetch_locked()
-        return self._run_fetch(seq)
+            number = self._begin_fetch()
+        return self._run_fetch(number)
 
     def refresh_in_background(self) -> bool:
-        """Start a refresh thread unless a fetch is running or the set is closed.
-
-        Ignores ``retry_interval``. Returns whether a thread was started.
-        """
+        """Start a refresh thread (ignoring ``retry_interval``) unless a fetch is running
+        or the set is closed; whether one was started."""
         with self._lock:
-            return self._start_refresh_locked(respect_retry=False)
+            return self._start_refresh(respect_retry=False)
 
     def wait_for_refresh(self, timeout: float | None = None) -> bool:
         """Wait until no fetch is running; ``True`` if none is running by the end."""
@@ -187,19 +151,20 @@ class SuppressionSet:
             return self._done.wait_for(lambda: not self._loading, timeout)
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop refreshing and join a running refresh thread for at most ``timeout`` seconds.
-
-        Afterwards :meth:`is_suppressed` answers from the last loaded set and fetches nothing;
-        :meth:`load` still works. A fetch cannot be interrupted: if it outlasts ``timeout``
-        its daemon thread finishes on its own.
-        """
+        """Stop refreshing (answers come from the last list; :meth:`load` still works) and
+        join a running refresh for at most ``timeout`` seconds."""
         with self._lock:
             self._closed = True
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
-    # -- state -----------------------------------------------------------------------------
+    def after_fork(self) -> None:
+        """In a forked child: the parent's lock and refresh thread are not ours."""
+        self._lock = threading.Lock()
+        self._done = threading.Condition(self._lock)
+        self._loading = False
+        self._thread = None
 
     @property
     def loaded(self) -> bool:
@@ -229,44 +194,31 @@ class SuppressionSet:
         """Why the last fetch failed, or ``None`` once a fetch succeeded after it."""
         return self._last_error
 
-    # -- internals (``_locked`` ones are called with the lock held) ------------------------
-
     def _load_first(self, wait: float | None) -> _Loaded | None:
         with self._lock:
-            if self._current is None and not self._loading:
-                self._start_refresh_locked(respect_retry=True)
+            if self._current is None:
+                self._start_refresh(respect_retry=True)
             if not self._done.wait_for(lambda: not self._loading, wait):
-                self._logger.warning(
+                _logger.warning(
                     "Meisa suppression list not loaded within %gs; going on without it "
                     "while it loads",
                     wait,
                 )
             return self._current
 
-    def _refresh_stale(self) -> None:
-        with self._lock:
-            current = self._current
-            if current is not None and self._clock() >= current.stale_at:
-                self._start_refresh_locked(respect_retry=True)
-
-    def _may_attempt_locked(self) -> bool:
-        return self._retry_at is None or self._clock() >= self._retry_at
-
-    def _begin_fetch_locked(self) -> int:
+    def _begin_fetch(self) -> int:  # with the lock held
         self._loading = True
-        seq = self._fetches_started
-        self._fetches_started += 1
-        return seq
+        self._fetches += 1
+        return self._fetches - 1
 
-    def _start_refresh_locked(self, *, respect_retry: bool) -> bool:
+    def _start_refresh(self, *, respect_retry: bool) -> bool:  # with the lock held
         if self._loading or self._closed:
             return False
-        if respect_retry and not self._may_attempt_locked():
+        if respect_retry and self._retry_at is not None and self._clock() < self._retry_at:
             return False
-        seq = self._begin_fetch_locked()
         thread = threading.Thread(
             target=self._run_fetch,
-            args=(seq,),
+            args=(self._begin_fetch(),),
             name="flask-meisa-suppression-refresh",
             daemon=True,
         )
@@ -279,66 +231,40 @@ class SuppressionSet:
         self._thread = thread
         return True
 
-    def _run_fetch(self, seq: int) -> bool:
-        """Fetch, install and log, then clear the loading flag whatever happened.
-
-        Called without the lock. The flag is cleared last, so :meth:`wait_for_refresh`
-        returns only once the outcome is installed and logged.
-        """
+    def _run_fetch(self, number: int) -> bool:
         try:
-            return self._fetch_and_install(seq)
-        finally:
-            with self._lock:
-                self._loading = False
-                self._done.notify_all()
-
-    def _fetch_and_install(self, seq: int) -> bool:
-        try:
-            loaded = _read_snapshot(self._fetch(), self._clock, self._ttl)
+            loaded = _read_snapshot(self._fetch(), self._clock)
         except Exception as exc:
             error = _describe(exc)
             with self._lock:
                 had_list = self._current is not None
                 self._retry_at = self._clock() + self._retry_interval
                 self._last_error = error
-            if had_list:
-                self._logger.warning(
-                    "Meisa suppression list refresh failed (%s); keeping the last list; "
-                    "next attempt in %gs",
-                    error,
-                    self._retry_interval,
-                )
-            else:
-                self._logger.warning(
-                    "Meisa suppression list could not be loaded (%s); suppressing nothing "
-                    "until it loads; next attempt in %gs",
-                    error,
-                    self._retry_interval,
-                )
+            _logger.warning(
+                "Meisa suppression list %s; next attempt in %gs",
+                f"refresh failed ({error}); keeping the last list"
+                if had_list
+                else f"could not be loaded ({error}); suppressing nothing until it loads",
+                self._retry_interval,
+            )
             return False
-        with self._lock:
-            self._current = loaded
-            # Additions made before this fetch started are now Meisa's to answer for.
-            self._local = {k: v for k, v in self._local.items() if v > seq}
-            self._retry_at = None
-            self._last_error = None
-        self._logger.debug(
-            "Meisa suppression list loaded: %d addresses as of %s",
-            len(loaded.emails),
-            loaded.as_of,
-        )
-        return True
-
-    def after_fork(self) -> None:
-        """In a forked child: the parent's lock and refresh thread are not ours."""
-        # The parent's lock may have been held by a thread that does not exist here.
-        self._lock = threading.Lock()
-        self._done = threading.Condition(self._lock)
-        self._loading = False
-        self._thread = None
+        else:
+            with self._lock:
+                self._current = loaded
+                # Additions made before this fetch started are now Meisa's to answer for.
+                self._local = {k: v for k, v in self._local.items() if v > number}
+                self._retry_at = self._last_error = None
+            count, as_of = len(loaded.emails), loaded.as_of
+            _logger.debug("Meisa suppression list loaded: %d addresses as of %s", count, as_of)
+            return True
+        finally:
+            # Cleared last: wait_for_refresh returns once the outcome is installed and logged.
+            with self._lock:
+                self._loading = False
+                self._done.notify_all()
 
 
-def _normalize_input(email: object) -> str:
+def _key(email: object) -> str:
     if not isinstance(email, str):
         raise ValidationError("email", "must be a string")
     key = email.strip().lower()
@@ -369,9 +295,7 @@ def _normalized(emails: Iterable[object]) -> frozenset[str]:
     return keys - {""} if "" in keys else keys
 
 
-def _read_snapshot(
-    snapshot: SuppressionSnapshot, clock: Callable[[], float], ttl: float
-) -> _Loaded:
+def _read_snapshot(snapshot: SuppressionSnapshot, clock: Callable[[], float]) -> _Loaded:
     try:
         emails: object = snapshot.emails
         as_of: object = snapshot.as_of
@@ -382,13 +306,7 @@ def _read_snapshot(
     normalized = _normalized(emails)
     if isinstance(as_of, dt.datetime):
         as_of = as_of.isoformat()
-    now = clock()
-    return _Loaded(
-        emails=normalized,
-        as_of=None if as_of is None else str(as_of),
-        loaded_at=now,
-        stale_at=now + ttl,
-    )
+    return _Loaded(normalized, None if as_of is None else str(as_of), clock())
 
 
 def _describe(exc: Exception) -> str:

@@ -1,24 +1,6 @@
-"""Helpers for testing an app that uses flask-meisa.
-
-Record what the extension would deliver, with sending suppressed (the default under
-``TESTING``)::
-
-    from flask_meisa.testing import record_operations
-
-    def test_signup_syncs_the_user(app, client):
-        with record_operations(app) as operations:
-            client.post("/signup", data={...})
-        assert [op.kind for op in operations] == ["upsert", "send"]
-
-Or run against the embedded emulator over real HTTP: add
-``pytest_plugins = ["flask_meisa.testing"]`` to your ``conftest.py`` and use the
-``meisa_emulator`` and ``meisa_config`` fixtures::
-
-    def test_login_reaches_meisa(meisa_emulator, meisa_config):
-        app = create_app(meisa_config)
-        ...
-        assert meisa_emulator.contact(email="ada@example.com") is not None
-"""
+"""Helpers for testing an app that uses flask-meisa: :func:`record_operations` (what
+would be delivered) and, with ``pytest_plugins = ["flask_meisa.testing"]``, the
+``meisa_emulator`` and ``meisa_config`` fixtures (deliver to the embedded emulator)."""
 
 from __future__ import annotations
 
@@ -44,11 +26,8 @@ __all__ = ["emulator_config", "record_operations"]
 @contextmanager
 def record_operations(app: Flask | None = None) -> Iterator[list[Operation]]:
     """Collect a copy of every operation ``app`` (default: the current app) hands to
-    delivery, or would hand when delivery is suppressed, while the block runs.
-
-    Operations made in a request are recorded once the response is done (when they are
-    released). Recording does not suppress delivery: ``MEISA_SUPPRESS_SEND`` does.
-    """
+    delivery, or would hand while delivery is suppressed, while the block runs (a
+    request's once it is released). Recording does not suppress delivery."""
     target = app if app is not None else cast(Any, current_app)._get_current_object()
     recorded: list[Operation] = []
 
@@ -60,21 +39,16 @@ def record_operations(app: Flask | None = None) -> Iterator[list[Operation]]:
 
 
 def emulator_config(emulator: Emulator, **overrides: Any) -> dict[str, Any]:
-    """Config keys that point an app at ``emulator`` and deliver for real, inline.
-
-    ``MEISA_DELIVERY = "sync"`` makes each call before the next line runs, so tests can
-    assert on the emulator's state without waiting; pass ``MEISA_DELIVERY="thread"``
-    and call ``meisa.flush()`` to test background delivery.
-    """
-    config: dict[str, Any] = {
+    """Config keys that point an app at ``emulator`` and deliver for real, inline
+    (``MEISA_DELIVERY = "sync"``: each call is made before the next line runs)."""
+    return {
         "MEISA_API_KEY": emulator.live_key,
         "MEISA_BASE_URL": emulator.url,
         "MEISA_SUPPRESS_SEND": False,
         "MEISA_DELIVERY": "sync",
         "MEISA_RATE_LIMIT": None,
+        **overrides,
     }
-    config.update(overrides)
-    return config
 
 
 try:

@@ -5,7 +5,6 @@ outcome as :func:`~flask_meisa._decisions.decide` says."""
 from __future__ import annotations
 
 import functools
-import logging
 import sqlite3
 import threading
 import time
@@ -40,7 +39,7 @@ Report = Callable[[], None]
 
 
 class Caller:
-    """Makes the calls of one process (see the module's docstring); thread-safe.
+    """Makes one process's calls from the store of ``budget``; thread-safe.
 
     :param changed: called (without locks) after each outcome's hooks ran.
     """
@@ -48,22 +47,20 @@ class Caller:
     def __init__(
         self,
         *,
-        store: Store,
         budget: Budget,
         client_factory: ClientFactory,
         hooks: HookCaller,
         retry: RetryPolicy,
         resync_after: float,
-        logger: logging.Logger,
         changed: Callable[[], None],
     ) -> None:
-        self.store = store
+        self.store = budget.store
         self.budget = budget
         self._client_factory = client_factory
         self._hooks = hooks
+        self._logger = hooks.logger
         self._retry = retry
         self._resync_after = resync_after
-        self._logger = logger
         self._changed = changed
         self._lock = threading.Lock()
         self._client: MeisaClient | None = None

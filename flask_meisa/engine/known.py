@@ -1,7 +1,6 @@
 """What Meisa already has: per contact, a short digest of each field Meisa last accepted
-from us, so that a state Meisa has is never sent again (within ``MEISA_RESYNC_AFTER``),
-and so that a contact's first upsert, or a change of a priority field, can be told apart
-from a routine sync."""
+from us, so that a state Meisa has is not sent again (within ``MEISA_RESYNC_AFTER``), and
+a contact's first upsert, or a change of a priority field, goes ahead of routine syncs."""
 
 from __future__ import annotations
 
@@ -19,16 +18,7 @@ from ..operations import LANE_ROUTINE
 from ..operations import Operation
 from ..operations import identities
 
-__all__ = [
-    "Known",
-    "digest",
-    "forget",
-    "lane_of",
-    "lookup",
-    "prune",
-    "remember",
-    "unchanged",
-]
+__all__ = ["Known", "digest", "forget", "lane_of", "lookup", "prune", "remember", "unchanged"]
 
 #: Entries unused for this long are forgotten, whatever ``MEISA_RESYNC_AFTER`` says.
 KEEP_FOR = 30 * 86400.0
@@ -45,8 +35,7 @@ def digest(payload: Mapping[str, Any]) -> dict[str, str]:
     fields: dict[str, str] = {}
     for name, value in payload.items():
         if name == "custom_fields":
-            for field, item in value.items():
-                fields[f"custom_fields.{field}"] = _hash(item)
+            fields.update((f"custom_fields.{key}", _hash(item)) for key, item in value.items())
         elif name == "tag_names":
             fields.update((f"tag:{tag}", "1") for tag in value)
         elif name != "source":
@@ -65,13 +54,6 @@ class Known:
         """Whether every field of ``wanted`` is already there with the same value."""
         return all(self.fields.get(name) == value for name, value in wanted.items())
 
-    def changes(self, wanted: Mapping[str, str], names: Iterable[str]) -> bool:
-        """Whether ``wanted`` changes one of the custom fields ``names``."""
-        return any(
-            (key := f"custom_fields.{name}") in wanted and self.fields.get(key) != wanted[key]
-            for name in names
-        )
-
 
 Lookup = Callable[[], "Known | None"]
 
@@ -89,9 +71,7 @@ def lane_of(operation: Operation, had: Lookup, priority_fields: Iterable[str]) -
     wanted = {
         f"custom_fields.{name}": _hash(custom[name]) for name in priority_fields if name in custom
     }
-    if known is None or known.changes(wanted, priority_fields):
-        return LANE_AUTOMATION
-    return lane
+    return LANE_AUTOMATION if known is None or not known.has(wanted) else lane
 
 
 def unchanged(operation: Operation, had: Lookup, now: float, resync_after: float) -> bool:

@@ -197,6 +197,12 @@ def unfinished(db: sqlite3.Connection, upto: int | None = None) -> int:
     return int(db.execute(query + " AND seq <= ?", (upto,)).fetchone()[0])
 
 
+def waits(db: sqlite3.Connection, operation: Operation) -> bool:
+    """Whether a row of ``operation``'s contact is not over yet."""
+    query = f"SELECT EXISTS ({_BY_NAME.format(columns='1', where=_LIVE)})"
+    return bool(db.execute(query, keys(operation)).fetchone()[0])
+
+
 def last_seq(db: sqlite3.Connection) -> int:
     """The ``seq`` of the newest row (0: none)."""
     return int(db.execute("SELECT coalesce(max(seq), 0) FROM meisa_ops").fetchone()[0])

@@ -16,10 +16,11 @@ from typing import Protocol
 
 from ..errors import MeisaError
 from ..operations import LANE_BACKFILL
+from ..operations import LANE_ROUTINE
 from ..operations import Operation
 from . import known
 from . import pending
-from .budget import TRANSACTIONAL_RESERVE
+from .budget import allowed
 from .store import Store
 
 __all__ = ["CHUNK", "Progress", "Run", "StoreTarget", "Target", "estimate_per_hour", "run"]
@@ -68,10 +69,7 @@ class Progress:
 def estimate_per_hour(spec_windows: Iterable[Any], share: float) -> float | None:
     """The calls an hour a backfill can make with ``share`` of the budget (``None``: no
     budget, as fast as Meisa answers)."""
-    rates = [
-        (window.limit - int(window.limit * TRANSACTIONAL_RESERVE)) * 3600.0 / window.period
-        for window in spec_windows
-    ]
+    rates = [allowed(window, LANE_ROUTINE) * 3600.0 / window.period for window in spec_windows]
     return min(rates) * share if rates else None
 
 

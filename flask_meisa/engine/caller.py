@@ -89,8 +89,11 @@ class Caller:
             if row is None:
                 due = pending.next_due(db, now)
                 return 1.0 if due is None else due - now
-            report = self._unchanged(db, row, now)
-            if report is None:
+            had = functools.partial(known.lookup, db, row.operation.payload)
+            if known.unchanged(row.operation, had, now, self._resync_after):
+                self._count(reporting=1)
+                report = self._over(db, row, "unchanged", "delivered", None)
+            else:
                 share = float((Store.get_meta(db, "backfill") or {}).get("max_share", 1.0))
                 token, wait_for = self.budget.take(db, now, row.lane, share)
                 if token is None:
@@ -99,10 +102,17 @@ class Caller:
                 self.blocked_lane = None
                 pending.take(db, row, now)
                 self._count(calls=1)
+                report = None
         if report is None:
             assert token is not None
             report = self._call(row, token)
-        self._run(report)
+        self.in_hook.active = True
+        try:
+            report()
+        finally:
+            self.in_hook.active = False
+            self._count(reporting=-1)
+            self._changed()
         return 0.0
 
     def _gate(self, db: sqlite3.Connection, now: float) -> float:
@@ -113,29 +123,10 @@ class Caller:
             return 1.0  # Meisa looks down: one probe at a time
         return 0.0
 
-    def _unchanged(self, db: sqlite3.Connection, row: pending.Row, now: float) -> Report | None:
-        operation = row.operation
-        had = functools.partial(known.lookup, db, operation.payload)
-        if not known.unchanged(operation, had, now, self._resync_after):
-            return None
-        pending.finish(db, row)
-        Store.count(db, "unchanged", row.merged)
-        self._count(reporting=1)
-        return lambda: self._hooks.call("delivered", operation, None)
-
     def _count(self, *, calls: int = 0, reporting: int = 0) -> None:
         with self._lock:
             self.calls += calls
             self.reporting += reporting
-
-    def _run(self, report: Report) -> None:
-        self.in_hook.active = True
-        try:
-            report()
-        finally:
-            self.in_hook.active = False
-            self._count(reporting=-1)
-            self._changed()
 
     def _get_client(self) -> MeisaClient:
         with self._lock:
@@ -155,46 +146,64 @@ class Caller:
             outcome = attempt(self._get_client, call)
         self._count(calls=-1, reporting=1)
         try:
-            return self._settle(row, token, reason, outcome)
+            with self.store.write() as db:
+                now = time.time()
+                self.budget.settle(db, token, made=outcome.made, now=now)
+                if reason is not None:
+                    return self._over(db, row, "skipped", "skipped", reason)
+                return self._settle(db, row, outcome, now)
         except BaseException:
             self._count(reporting=-1)
             raise
 
-    def _settle(
-        self, row: pending.Row, token: str, reason: str | None, outcome: Attempt
+    def _over(
+        self, db: sqlite3.Connection, row: pending.Row, counter: str, hook: str, detail: Any
     ) -> Report:
-        operation, now = row.operation, time.time()
+        """The row is over: it goes, counted under ``counter``; ``hook`` is the report."""
+        pending.finish(db, row)
+        Store.count(db, counter, row.merged)
+        return lambda: self._hooks.call(hook, row.operation, detail)
+
+    def _settle(
+        self, db: sqlite3.Connection, row: pending.Row, outcome: Attempt, now: float
+    ) -> Report:
+        operation, error = row.operation, outcome.error
         recovering = row.recover == 1
         decision = decide(
             "upsert" if recovering else operation.kind,
-            outcome.error,
+            error,
             attempts=operation.attempts,
             elapsed=now - (row.first_attempt or now),
             policy=self._retry,
             can_recover=operation.contact is not None and row.recover == 0,
         )
-        error, what = outcome.error, _describe(row, recovering)
-        with self.store.write() as db:
-            self.budget.settle(db, token, made=outcome.made, now=now)
-            if reason is not None:
-                pending.finish(db, row)
-                Store.count(db, "skipped", row.merged)
-                return lambda: self._hooks.call("skipped", operation, reason)
-            self._note_health(db, decision, now)
-            if decision.unknown_contact:
-                known.forget(db, operation.payload)
-            if decision.action == "done":
-                return self._done(db, row, recovering, outcome.result, now)
-            if decision.action != "fail":
-                recover = 1 if decision.action == "recover" else row.recover
-                pending.retry_at(db, row, now + decision.delay, recover=recover)
-                if operation.kind == "upsert":
-                    pending.absorb_later(db, row)
-                return lambda: log_decision(
-                    self._logger, decision, what, error, operation.attempts
-                )
-            pending.bury(db, row, error or RuntimeError("failed"))
-            Store.count(db, "failed", row.merged)
+        what = operation.describe()
+        if recovering:
+            what += " (upserting its contact first)"
+        elif row.merged > 1:
+            what += f" (coalesced from {row.merged} operations)"
+        self._note_health(db, decision, now)
+        if decision.unknown_contact:
+            known.forget(db, operation.payload)
+        if decision.action == "done" and recovering:
+            assert operation.contact is not None
+            known.remember(db, operation.contact, now)
+            pending.retry_at(db, row, 0.0, recover=2)  # the event again, at once
+            return lambda: None
+        if decision.action == "done":
+            if operation.kind == "upsert":
+                known.remember(db, operation.payload, now)
+            db.execute(
+                "INSERT INTO meisa_answers (lane, at, waited) VALUES (?, ?, ?)",
+                (row.lane, now, max(now - operation.created_at, 0.0)),
+            )
+            return self._over(db, row, "delivered", "delivered", outcome.result)
+        if decision.action != "fail":
+            recover = 1 if decision.action == "recover" else row.recover
+            pending.retry_at(db, row, now + decision.delay, recover=recover)
+            return lambda: log_decision(self._logger, decision, what, error, operation.attempts)
+        pending.bury(db, row, error or RuntimeError("failed"))
+        Store.count(db, "failed", row.merged)
 
         def failed() -> None:
             log_decision(self._logger, decision, what, error, operation.attempts)
@@ -217,29 +226,3 @@ class Caller:
         if pause:
             until = max(float(Store.get_meta(db, "pause_until", 0.0)), now + pause)
             Store.set_meta(db, "pause_until", until)
-
-    def _done(
-        self, db: sqlite3.Connection, row: pending.Row, recovering: bool, result: Any, now: float
-    ) -> Report:
-        operation = row.operation
-        if recovering:
-            assert operation.contact is not None
-            known.remember(db, operation.contact, now)
-            pending.retry_at(db, row, 0.0, recover=2)  # the event again, at once
-            return lambda: None
-        pending.finish(db, row)
-        Store.count(db, "delivered", row.merged)
-        if operation.kind == "upsert":
-            known.remember(db, operation.payload, now)
-        db.execute(
-            "INSERT INTO meisa_answers (lane, at, waited) VALUES (?, ?, ?)",
-            (row.lane, now, max(now - operation.created_at, 0.0)),
-        )
-        return lambda: self._hooks.call("delivered", operation, result)
-
-
-def _describe(row: pending.Row, recovering: bool) -> str:
-    text = row.operation.describe()
-    if recovering:
-        return f"{text} (upserting its contact first)"
-    return text + (f" (coalesced from {row.merged} operations)" if row.merged > 1 else "")

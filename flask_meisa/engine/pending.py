@@ -264,16 +264,17 @@ def finish(db: sqlite3.Connection, row: Row) -> None:
 
 def retry_at(db: sqlite3.Connection, row: Row, when: float, *, recover: int = 0) -> None:
     """Wait until ``when``. ``recover``: 1, upsert the event's contact first; 2, that was
-    done (an event is recovered once)."""
+    done (an event is recovered once). An upsert takes in its contact's later upserts that
+    came while it was in flight, so that its next attempt carries the newest state."""
     db.execute(
         "UPDATE meisa_ops SET state = 'pending', ready_at = ?, recover = ? WHERE seq = ?",
         (when, int(recover), row.seq),
     )
+    if row.operation.kind == "upsert":
+        _absorb_later(db, row)
 
 
-def absorb_later(db: sqlite3.Connection, row: Row) -> None:
-    """An upsert going back to wait takes in its contact's later upserts that came while
-    it was in flight, so that its next attempt carries the newest state."""
+def _absorb_later(db: sqlite3.Connection, row: Row) -> None:
     ext, email = keys(row.operation)
     later = db.execute(
         "SELECT seq, payload, ext, lane, merged FROM meisa_ops WHERE seq > ? AND seq IN "

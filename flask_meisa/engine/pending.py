@@ -97,17 +97,24 @@ def add(db: sqlite3.Connection, operation: Operation, lane: int) -> tuple[int, b
     """Store ``operation`` in ``lane`` (or merge it into its contact's waiting upsert);
     returns the row's ``seq`` and whether it was merged."""
     ext, email = keys(operation)
-    if operation.kind == "upsert":
-        merged = _merge(db, operation, lane, ext, email)
-        if merged is not None:
-            return merged, True
-    contact = None if operation.contact is None else json.dumps(operation.contact)
-    row = (operation.id, operation.kind, lane, ext, email, operation.json, contact)
-    options = (operation.priority, int(operation.force), operation.created_at, operation.attempts)
-    seq = int(db.execute(_INSERT, row + options).lastrowid or 0)
-    if lane < LANE_ROUTINE:  # routine work takes nothing along (it merges, or waits)
-        _promote(db, seq, lane, ext, email)
-    return seq, False
+    merged = _merge(db, operation, lane, ext, email) if operation.kind == "upsert" else None
+    if merged is None:
+        contact = None if operation.contact is None else json.dumps(operation.contact)
+        row = (operation.id, operation.kind, lane, ext, email, operation.json, contact)
+        more = (operation.priority, int(operation.force), operation.created_at, operation.attempts)
+        seq = int(db.execute(_INSERT, row + more).lastrowid or 0)
+    else:
+        seq, lane, ext, email = merged
+    # The contact's earlier rows go no later than this one (routine work takes nothing
+    # along: it merges, or waits).
+    for column, name in (("ext", ext), ("email", email)):
+        if name is not None and lane < LANE_ROUTINE:
+            db.execute(
+                f"UPDATE meisa_ops SET lane = ? WHERE {column} = ? AND seq < ? AND lane > ? "
+                f"AND {_LIVE}",
+                (lane, name, seq, lane),
+            )
+    return seq, merged is not None
 
 
 def _join(
@@ -126,7 +133,8 @@ def _join(
 
 def _merge(
     db: sqlite3.Connection, operation: Operation, lane: int, ext: str | None, email: str | None
-) -> int | None:
+) -> tuple[int, int, str | None, str | None] | None:
+    """Merge an upsert into its contact's latest waiting one: its seq, lane and names."""
     found = db.execute(
         "SELECT seq, payload, lane, priority, force, ext FROM meisa_ops WHERE seq = "
         f"(SELECT max(seq) FROM ({_BY_NAME.format(columns='max(seq) AS seq', where=_UPSERTS)}))",
@@ -139,30 +147,15 @@ def _merge(
     if joined is None:
         return None
     lane = min(their_lane, lane)
-    new_ext, new_email = identities(joined[0])
+    ext, email = identities(joined[0])
     priority = merge_priorities(priority, operation.priority)
     force = int(bool(force) or operation.force)
     db.execute(
         "UPDATE meisa_ops SET payload = ?, lane = ?, ext = ?, email = ?, priority = ?, "
         "force = ?, merged = merged + 1 WHERE seq = ?",
-        (joined[1], lane, new_ext, new_email, priority, force, seq),
+        (joined[1], lane, ext, email, priority, force, seq),
     )
-    if lane < LANE_ROUTINE:
-        _promote(db, seq, lane, new_ext, new_email)
-    return int(seq)
-
-
-def _promote(
-    db: sqlite3.Connection, seq: int, lane: int, ext: str | None, email: str | None
-) -> None:
-    """Rows of the contact ahead of ``seq`` go no later than it."""
-    for column, name in (("ext", ext), ("email", email)):
-        if name is not None:
-            db.execute(
-                f"UPDATE meisa_ops SET lane = ? WHERE {column} = ? AND seq < ? AND lane > ? "
-                f"AND {_LIVE}",
-                (lane, name, seq, lane),
-            )
+    return int(seq), lane, ext, email
 
 
 def shed(db: sqlite3.Connection, capacity: int) -> list[Operation]:
@@ -172,13 +165,13 @@ def shed(db: sqlite3.Connection, capacity: int) -> list[Operation]:
     excess = live_count(db) - capacity
     if excess <= 0:
         return []
-    victims = db.execute(
-        f"SELECT {OP_COLUMNS} FROM meisa_ops WHERE state = 'pending' AND lane IN (?, ?) "
-        "AND priority IS NOT 'backfill' ORDER BY lane DESC, seq LIMIT ?",
-        (LANE_AUTOMATION, LANE_ROUTINE, excess),
+    victims = (
+        "SELECT {} FROM meisa_ops WHERE state = 'pending' AND lane IN (?, ?) "
+        "AND priority IS NOT 'backfill' ORDER BY lane DESC, seq LIMIT ?"
     )
-    rows = [row_of(values) for values in victims.fetchall()]
-    _each(db, "DELETE FROM meisa_ops WHERE state = 'pending'", [row.seq for row in rows])
+    params = (LANE_AUTOMATION, LANE_ROUTINE, excess)
+    rows = [row_of(values) for values in db.execute(victims.format(OP_COLUMNS), params)]
+    db.execute(f"DELETE FROM meisa_ops WHERE seq IN ({victims.format('seq')})", params)
     Store.count(db, "dropped", sum(row.merged for row in rows))
     return [row.operation for row in rows]
 
@@ -191,10 +184,8 @@ def live_count(db: sqlite3.Connection) -> int:
 
 def unfinished(db: sqlite3.Connection, upto: int | None = None) -> int:
     """Rows not over yet (waiting, in flight, to retry); with ``upto``, those up to it."""
-    query = f"SELECT count(*) FROM meisa_ops WHERE {_LIVE}"
-    if upto is None:
-        return int(db.execute(query).fetchone()[0])
-    return int(db.execute(query + " AND seq <= ?", (upto,)).fetchone()[0])
+    query = f"SELECT count(*) FROM meisa_ops WHERE {_LIVE} AND seq <= coalesce(?, seq)"
+    return int(db.execute(query, (upto,)).fetchone()[0])
 
 
 def waits(db: sqlite3.Connection, operation: Operation) -> bool:
@@ -330,9 +321,6 @@ def dead_letters(db: sqlite3.Connection, seqs: Iterable[int] | None = None) -> l
         f"SELECT {OP_COLUMNS}, error_status, error_code, error_message, failed_at "
         "FROM meisa_ops WHERE state = 'dead'"
     )
-    params = [] if seqs is None else [int(seq) for seq in seqs]
-    if seqs is not None:
-        query += f" AND seq IN ({', '.join('?' * len(params))})"
     return [
         DeadLetter(
             **vars(row_of(values)),
@@ -341,7 +329,7 @@ def dead_letters(db: sqlite3.Connection, seqs: Iterable[int] | None = None) -> l
             message=values[15] or "",
             failed_at=float(values[16] or 0.0),
         )
-        for values in db.execute(query + " ORDER BY seq", params).fetchall()
+        for values in _each(db, query, seqs, " ORDER BY seq").fetchall()
     ]
 
 
@@ -354,25 +342,23 @@ def requeue(db: sqlite3.Connection, seqs: Iterable[int] | None = None) -> int:
         "ready_at = 0, recover = 0, error_status = NULL, error_code = NULL, "
         "error_message = NULL, failed_at = NULL WHERE state = 'dead'",
         seqs,
-    )
+    ).rowcount
 
 
 def purge(db: sqlite3.Connection, seqs: Iterable[int] | None = None) -> int:
     """Delete dead letters (those in ``seqs``, or all)."""
-    return _each(db, "DELETE FROM meisa_ops WHERE state = 'dead'", seqs)
+    return _each(db, "DELETE FROM meisa_ops WHERE state = 'dead'", seqs).rowcount
 
 
-def _each(db: sqlite3.Connection, statement: str, seqs: Iterable[int] | None) -> int:
-    """Run ``statement`` (ending in ``WHERE ...``) on the rows ``seqs`` (``None``: all),
-    a chunk at a time (SQLite limits the parameters of a statement)."""
+def _each(
+    db: sqlite3.Connection, statement: str, seqs: Iterable[int] | None, end: str = ""
+) -> sqlite3.Cursor:
+    """Run ``statement`` (ending in a ``WHERE`` clause) on the rows ``seqs`` (``None``:
+    all): a few rows, named on the command line or of one contact."""
     if seqs is None:
-        return db.execute(statement).rowcount
-    wanted, done = [int(seq) for seq in seqs], 0
-    for start in range(0, len(wanted), 500):
-        chunk = wanted[start : start + 500]
-        marks = ", ".join("?" * len(chunk))
-        done += db.execute(f"{statement} AND seq IN ({marks})", chunk).rowcount
-    return done
+        return db.execute(statement + end)
+    wanted = [int(seq) for seq in seqs]
+    return db.execute(f"{statement} AND seq IN ({', '.join('?' * len(wanted))}){end}", wanted)
 
 
 def percentiles(waits: list[float]) -> tuple[float, float]:

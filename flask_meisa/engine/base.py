@@ -1,9 +1,11 @@
 """What an engine offers the extension (:class:`Dispatcher`), what it reports back
-(:class:`DeliveryHooks`), and the snapshot it gives of itself (:class:`DeliveryStatus`)."""
+(:class:`DeliveryHooks`), the snapshot it gives of itself (:class:`DeliveryStatus`), and
+the check that an engine with threads of its own can run here."""
 
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
@@ -13,11 +15,11 @@ from typing import TYPE_CHECKING
 from typing import Any
 from typing import Protocol
 
+from ..errors import ConfigurationError
+
 if TYPE_CHECKING:
     from ..client import MeisaClient
     from ..operations import Operation
-
-__all__ = ["ClientFactory", "DeliveryHooks", "DeliveryStatus", "Dispatcher", "HookCaller"]
 
 #: Builds the client an engine calls Meisa with (again in a forked child).
 ClientFactory = Callable[[], "MeisaClient"]
@@ -132,3 +134,23 @@ class Dispatcher(Protocol):
 
     def after_fork(self) -> None:
         """In a forked child: forget the parent's threads, locks and connections."""
+
+
+def require_real_threads() -> None:
+    """Refuse an engine that runs threads of its own where gevent or eventlet has patched
+    ``threading`` (its threads would be greenlets).
+
+    :raises ConfigurationError: naming the library.
+    """
+    gevent = sys.modules.get("gevent.monkey")
+    eventlet = sys.modules.get("eventlet.patcher")
+    if gevent is not None and gevent.is_module_patched("threading"):
+        green = "gevent"
+    elif eventlet is not None and eventlet.is_monkey_patched("thread"):
+        green = "eventlet"
+    else:
+        return
+    raise ConfigurationError(
+        f"background delivery needs real threads, and {green} monkey-patching makes them "
+        'greenlets: set MEISA_DELIVERY = "sync" (or "celery")'
+    )

@@ -24,6 +24,7 @@ from . import pending
 from .base import ClientFactory
 from .base import HookCaller
 from .budget import Budget
+from .store import STORE_ERRORS
 from .store import Store
 
 if TYPE_CHECKING:
@@ -39,9 +40,11 @@ Report = Callable[[], None]
 
 
 class Caller:
-    """Makes one process's calls from the store of ``budget``; thread-safe.
+    """Makes one process's calls from the store of ``budget``: :meth:`run` is a delivery
+    thread's loop.
 
     :param changed: called (without locks) after each outcome's hooks ran.
+    :param store_failed: told when the store raised.
     """
 
     def __init__(
@@ -53,6 +56,7 @@ class Caller:
         retry: RetryPolicy,
         resync_after: float,
         changed: Callable[[], None],
+        store_failed: Callable[[BaseException], None],
     ) -> None:
         self.store = budget.store
         self.budget = budget
@@ -62,7 +66,11 @@ class Caller:
         self._retry = retry
         self._resync_after = resync_after
         self._changed = changed
+        self._store_failed = store_failed
         self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._generation = 0  # bumped whenever there may be new work
+        self._stopped = False
         self._client: MeisaClient | None = None
         self._owned: MeisaClient | None = None
         self.calls = 0  # calls in flight
@@ -71,12 +79,44 @@ class Caller:
         self.reporting = 0  # outcomes stored whose hooks have not run yet
         self.in_hook = threading.local()
 
+    def kick(self) -> None:
+        """There may be new work: wake the delivery threads."""
+        with self._lock:
+            self._generation += 1
+            self._wake.notify_all()
+
+    def stop(self) -> None:
+        """Make the delivery threads return."""
+        with self._lock:
+            self._stopped = True
+            self._wake.notify_all()
+
     def close(self) -> None:
         """Close the client."""
         with self._lock:
             owned, self._owned, self._client = self._owned, None, None
         if owned is not None:
             owned.close()
+
+    def run(self) -> None:
+        """Make calls until :meth:`stop`, sleeping while there is nothing to do."""
+        while True:
+            with self._lock:
+                if self._stopped:
+                    return
+                seen = self._generation
+            try:
+                wait = self.step()
+            except STORE_ERRORS as error:
+                self._store_failed(error)
+                wait = 1.0
+            except Exception:
+                self._logger.exception("flask-meisa: delivery error; carrying on")
+                wait = 0.1
+            if wait:
+                with self._lock:
+                    if self._generation == seen and not self._stopped:
+                        self._wake.wait(max(min(wait, 1.0), 0.0))
 
     def step(self) -> float:
         """Make one call, or say how long to wait before there may be one."""

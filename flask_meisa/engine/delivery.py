@@ -8,14 +8,12 @@ import contextlib
 import functools
 import logging
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Sequence
 
-from ..errors import ConfigurationError
 from ..errors import DeliveryError
 from ..operations import LANE_BACKFILL
 from ..operations import Operation
@@ -26,6 +24,7 @@ from .base import ClientFactory
 from .base import DeliveryHooks
 from .base import DeliveryStatus
 from .base import HookCaller
+from .base import require_real_threads
 from .budget import Budget
 from .caller import Caller
 from .hostlock import HostLock
@@ -43,14 +42,8 @@ _JOIN_TIMEOUT = 2.0
 
 class Delivery:
     """Delivers one app's operations through ``store`` (a file shared by every process of
-    the host, or memory); the other arguments are the ``MEISA_*`` settings.
-
-    :param client_factory: builds the client (once per process); its calls try once.
-    :param hooks: told about every outcome, in the delivering process.
-    :param lease: the longest one call can take, in seconds.
-    :param poll_interval: how often a process looks for the delivery lock and for rows
-        other processes wrote.
-    """
+    the host, or memory). Most arguments are ``MEISA_*`` settings; ``lease`` is the longest
+    a call can take, ``poll_interval`` how often a process looks for the delivery lock."""
 
     def __init__(
         self,
@@ -70,12 +63,7 @@ class Delivery:
         poll_interval: float = 0.1,
         logger: logging.Logger | None = None,
     ) -> None:
-        green = _green_threads()
-        if green is not None:
-            raise ConfigurationError(
-                f"background delivery needs real threads, and {green} monkey-patching makes "
-                'them greenlets: set MEISA_DELIVERY = "sync" (or "celery")'
-            )
+        require_real_threads()
         self.store = store
         self.budget = Budget(store, rate_limit, lease=lease)
         self._logger = logger or logging.getLogger("flask_meisa.engine")
@@ -88,15 +76,15 @@ class Delivery:
             retry=retry,
             resync_after=resync_after,
             changed=self._kick,
+            store_failed=self._store_works,
         )
         self._capacity = capacity
         self._workers = workers
         self._flush_timeout = flush_timeout
-        self._resync_after = resync_after
         self._priority_fields = tuple(priority_fields)
         self._routine_max_age = routine_max_age
+        self._known_for = max(known.KEEP_FOR, resync_after)
         self._poll = poll_interval
-        self._lock_path = None if store.path is None else store.path + ".lock"
         self._fresh()
 
     def _fresh(self) -> None:
@@ -104,21 +92,16 @@ class Delivery:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)  # the writer waits here
-        self._work = threading.Condition(self._lock)  # the delivery threads wait here
         self._idle = threading.Condition(self._lock)  # flush waits here
         self._intake: list[Operation] = []
         self._writing = 0  # operations taken by the writer, not yet stored
         self._dropped_here = 0  # shed from memory while the store took nothing
         self._live_rows = 0  # live operations stored, as last counted plus added since
         self._count_at = 0.0  # when to count them again
-        self._generation = 0  # bumped whenever there may be new work
         self._threads: list[threading.Thread] = []
         self._started = self._stopping = self._closed = self._store_failing = False
-        self._host_lock = None if self._lock_path is None else HostLock(self._lock_path)
+        self._host_lock = None if self.store.path is None else HostLock(self.store.path + ".lock")
         self._caller = self._new_caller()
-
-    def __repr__(self) -> str:
-        return f"Delivery({self.store!r}, holder={self.is_holder})"
 
     @property
     def is_holder(self) -> bool:
@@ -126,8 +109,7 @@ class Delivery:
         return self._host_lock is None or self._host_lock.held
 
     def start(self) -> None:
-        """Start this process's writer thread (and, in the delivering process, the
-        delivery threads); idempotent."""
+        """Start this process's writer (and, when it delivers, delivery) threads."""
         self._check_fork()
         with self._lock:
             if self._started or self._closed:
@@ -171,9 +153,8 @@ class Delivery:
         return self.budget.slot(timeout)
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every operation handed over before the call is over, with its hooks
-        run, at most ``timeout`` seconds (``None``: no limit), whichever process of the
-        host delivers it."""
+        """Wait at most ``timeout`` seconds (``None``: no limit) until every operation handed
+        over before the call is over and its hooks ran, whichever process delivers it."""
         self.start()
         if getattr(self._caller.in_hook, "active", False):
             return self._left(None) == 0  # waiting from a hook would deadlock
@@ -189,9 +170,9 @@ class Delivery:
         return self._wait_until(done, timeout)
 
     def close(self, timeout: float | None = None) -> int:
-        """Deliver for up to ``timeout`` seconds (default ``flush_timeout``), then stop.
-        A file store keeps what is left for the next start; a memory store reports it
-        to ``hooks.dropped(op, "shutdown")``. Returns how many operations were lost."""
+        """Deliver for up to ``timeout`` seconds (default ``flush_timeout``), then stop. A
+        memory store reports what is left to ``hooks.dropped`` (``"shutdown"``) and returns
+        how many; a file store keeps it for the next start."""
         if self._pid != os.getpid():
             return 0
         with self._lock:
@@ -207,7 +188,7 @@ class Delivery:
         with self._lock:
             self._stopping = True
             self._wake.notify_all()
-            self._work.notify_all()
+        self._caller.stop()
         for thread in self._threads:  # the writer stores what it can before it stops
             if thread is not threading.current_thread():
                 thread.join(_JOIN_TIMEOUT)
@@ -242,10 +223,10 @@ class Delivery:
         status.dropped += self._dropped_here
         if self.budget.windows:
             status.budget_left = self.budget.remaining()
-        if self._lock_path is None:
+        if self._host_lock is None:
             status.delivering_pid = os.getpid() if self._started else None
         else:
-            status.delivering_pid = HostLock.holder(self._lock_path)
+            status.delivering_pid = HostLock.holder(self._host_lock.path)
         return status
 
     def after_fork(self) -> None:
@@ -270,12 +251,11 @@ class Delivery:
 
     def _spawn_workers(self) -> None:
         for number in range(1, self._workers + 1):
-            self._spawn(self._deliver_loop, f"flask-meisa-delivery-{number}")
+            self._spawn(self._caller.run, f"flask-meisa-delivery-{number}")
 
     def _kick(self) -> None:
+        self._caller.kick()
         with self._lock:
-            self._generation += 1
-            self._work.notify_all()
             self._idle.notify_all()
 
     def _drop(self, operations: list[Operation], reason: str, why: str = "") -> None:
@@ -285,8 +265,6 @@ class Delivery:
                     "flask-meisa: dropped %s (%s: %s)", operation.describe(), reason, why
                 )
             self._hooks.call("dropped", operation, reason)
-
-    # -- the writer: intake, the delivery lock, other processes' rows, housekeeping ----
 
     def _write_loop(self) -> None:
         version: int | None = None
@@ -379,7 +357,7 @@ class Delivery:
         now = time.time()
         with self.store.write() as db:
             pending.age_routine(db, now - self._routine_max_age)
-            known.prune(db, now - max(known.KEEP_FOR, self._resync_after))
+            known.prune(db, now - self._known_for)
             db.execute("DELETE FROM meisa_answers WHERE at < ?", (now - pending.LATENCY_WINDOW,))
 
     def _store_works(self, error: BaseException | None) -> None:
@@ -393,27 +371,6 @@ class Delivery:
                     "flask-meisa: the delivery store failed (%s); operations wait in memory",
                     error,
                 )
-
-    # -- delivering, flushing ----------------------------------------------------------
-
-    def _deliver_loop(self) -> None:
-        while True:
-            with self._lock:
-                if self._stopping:
-                    return
-                seen = self._generation
-            try:
-                wait = self._caller.step()
-            except STORE_ERRORS as error:
-                self._store_works(error)
-                wait = 1.0
-            except Exception:
-                self._logger.exception("flask-meisa: delivery error; carrying on")
-                wait = 0.1
-            if wait:
-                with self._lock:
-                    if self._generation == seen and not self._stopping:
-                        self._work.wait(max(min(wait, 1.0), 0.0))
 
     def _unstored(self) -> int:
         with self._lock:
@@ -435,17 +392,3 @@ class Delivery:
                     return False
                 self._idle.wait(self._poll if left is None else min(left, self._poll))
         return True
-
-
-def _green_threads() -> str | None:
-    """``"gevent"`` or ``"eventlet"`` when that library has patched ``threading``."""
-    checks = (
-        ("gevent.monkey", "is_module_patched", "threading", "gevent"),
-        ("eventlet.patcher", "is_monkey_patched", "thread", "eventlet"),
-    )
-    for module, function, name, library in checks:
-        patched = getattr(sys.modules.get(module), function, None)
-        with contextlib.suppress(Exception):
-            if patched is not None and patched(name):
-                return library
-    return None

@@ -90,7 +90,7 @@ class Store:
         try:
             if self.path is not None:
                 os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            self._prepare()
+                self._prepare()
         except STORE_ERRORS as error:
             raise ConfigurationError(
                 f"the delivery store {self.path!r} cannot be used ({error}); set MEISA_OUTBOX "
@@ -203,9 +203,6 @@ class Store:
             )
 
     def _prepare(self) -> None:
-        if self.path is None:
-            with self.read():
-                return
         try:
             self._check()
         except sqlite3.DatabaseError as error:

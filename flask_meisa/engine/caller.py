@@ -1,6 +1,6 @@
-"""One call at a time from the store, in the delivering process: wait for the pause, the
-outage probe and the budget; skip what Meisa already has; make the call; settle its
-outcome as :func:`~flask_meisa._decisions.decide` says."""
+"""The delivery threads of the delivering process, one call at a time from the store: wait
+for the pause, the outage probe and the budget; skip what Meisa already has; make the
+call; settle its outcome as :func:`~flask_meisa._decisions.decide` says."""
 
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ Report = Callable[[], None]
 
 
 class Caller:
-    """Makes one process's calls from the store of ``budget``: :meth:`run` is a delivery
-    thread's loop.
+    """Makes one process's calls from the store of ``budget``; :meth:`run` is the loop of
+    each delivery thread.
 
     :param changed: called (without locks) after each outcome's hooks ran.
     :param store_failed: told when the store raised.

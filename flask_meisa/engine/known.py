@@ -9,6 +9,7 @@ import json
 import sqlite3
 from collections.abc import Callable
 from collections.abc import Iterable
+from collections.abc import Iterator
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -91,22 +92,30 @@ def _keys(payload: Mapping[str, Any]) -> list[str]:
     return [key for key in identities(payload) if key is not None]
 
 
+def _entries(db: sqlite3.Connection, payload: Mapping[str, Any]) -> Iterator[tuple[str, ...]]:
+    """The entries of the contact ``payload`` names, ``(names, fields, accepted_at)``, by
+    ``external_id`` first (read one at a time)."""
+    for key in _keys(payload):
+        query = "SELECT names, fields, accepted_at FROM meisa_known WHERE key = ?"
+        row = db.execute(query, (key,)).fetchone()
+        if row is not None:
+            yield row
+
+
 def lookup(db: sqlite3.Connection, payload: Mapping[str, Any]) -> Known | None:
     """What Meisa has of the contact ``payload`` names (by ``external_id`` first)."""
-    for key in _keys(payload):
-        row = db.execute(
-            "SELECT fields, accepted_at FROM meisa_known WHERE key = ?", (key,)
-        ).fetchone()
-        if row is not None:
-            return Known(json.loads(row[0]), float(row[1]))
+    for _, fields, accepted_at in _entries(db, payload):
+        return Known(json.loads(fields), float(accepted_at))
     return None
 
 
 def remember(db: sqlite3.Connection, payload: Mapping[str, Any], now: float) -> None:
     """Meisa accepted ``payload``: fold its fields into what it has of the contact."""
-    known = lookup(db, payload)
-    fields = {**(known.fields if known else {}), **digest(payload)}
-    names = sorted(set(_keys(payload)) | set(_names(db, payload)))
+    entries = list(_entries(db, payload))
+    fields = {**(json.loads(entries[0][1]) if entries else {}), **digest(payload)}
+    names = sorted(
+        {name for entry in entries for name in json.loads(entry[0])}.union(_keys(payload))
+    )
     text, listed = json.dumps(fields, separators=(",", ":")), json.dumps(names)
     db.executemany(
         "INSERT OR REPLACE INTO meisa_known (key, names, fields, accepted_at) VALUES (?, ?, ?, ?)",
@@ -117,17 +126,9 @@ def remember(db: sqlite3.Connection, payload: Mapping[str, Any], now: float) -> 
 def forget(db: sqlite3.Connection, payload: Mapping[str, Any]) -> None:
     """Meisa no longer knows the contact (an event answered 404): forget it, by every
     name it was known by."""
-    for key in _names(db, payload) or _keys(payload):
+    names = {name for entry in _entries(db, payload) for name in json.loads(entry[0])}
+    for key in names or _keys(payload):
         db.execute("DELETE FROM meisa_known WHERE key = ?", (key,))
-
-
-def _names(db: sqlite3.Connection, payload: Mapping[str, Any]) -> list[str]:
-    names: set[str] = set()
-    for key in _keys(payload):
-        row = db.execute("SELECT names FROM meisa_known WHERE key = ?", (key,)).fetchone()
-        if row is not None:
-            names.update(json.loads(row[0]))
-    return sorted(names)
 
 
 def prune(db: sqlite3.Connection, before: float) -> int:

@@ -136,8 +136,9 @@ class Delivery:
                     self._intake = [op for op in self._intake if id(op) not in gone]
                     self._dropped_here += len(shed)
                 self._wake.notify_all()
-        why = f"the store takes nothing and {self._capacity} operations wait in memory"
-        self._drop(shed, "queue_full", why)
+        if shed:
+            why = f"the store takes nothing and {self._capacity} operations wait in memory"
+            self._drop(shed, "queue_full", why)
         if batch and not self._started:
             self.start()
         if closed:
@@ -331,7 +332,8 @@ class Delivery:
         else:
             with self._lock:
                 self._idle.notify_all()
-        self._drop(shed, "queue_full", f"at most {self._capacity} operations wait")
+        if shed:
+            self._drop(shed, "queue_full", f"at most {self._capacity} operations wait")
 
     def _try_to_deliver(self) -> None:
         assert self._host_lock is not None

@@ -105,15 +105,14 @@ def add(db: sqlite3.Connection, operation: Operation, lane: int) -> tuple[int, b
         seq = int(db.execute(_INSERT, row + more).lastrowid or 0)
     else:
         seq, lane, ext, email = merged
-    # The contact's earlier rows go no later than this one (routine work takes nothing
-    # along: it merges, or waits).
-    for column, name in (("ext", ext), ("email", email)):
-        if name is not None and lane < LANE_ROUTINE:
-            db.execute(
-                f"UPDATE meisa_ops SET lane = ? WHERE {column} = ? AND seq < ? AND lane > ? "
-                f"AND {_LIVE}",
-                (lane, name, seq, lane),
-            )
+    if lane < LANE_ROUTINE:  # the contact's earlier rows go no later (routine ones merge)
+        for column, name in (("ext", ext), ("email", email)):
+            if name is not None:
+                db.execute(
+                    f"UPDATE meisa_ops SET lane = ? WHERE {column} = ? AND seq < ? "
+                    f"AND lane > ? AND {_LIVE}",
+                    (lane, name, seq, lane),
+                )
     return seq, merged is not None
 
 

@@ -217,8 +217,7 @@ def age_routine(db: sqlite3.Connection, older_than: float) -> int:
 def next_ready(db: sqlite3.Connection, now: float) -> Row | None:
     """The row to call next: ready, first in its contact, lowest lane, oldest."""
     values = db.execute(
-        f"SELECT {', '.join('r.' + c.strip() for c in OP_COLUMNS.split(','))} "
-        "FROM meisa_ops r WHERE r.state = 'pending' AND r.ready_at <= ? "
+        f"SELECT {OP_COLUMNS} FROM meisa_ops r WHERE r.state = 'pending' AND r.ready_at <= ? "
         "AND NOT EXISTS (SELECT 1 FROM meisa_ops p WHERE p.ext = r.ext AND p.seq < r.seq "
         "AND p.state != 'dead') "
         "AND NOT EXISTS (SELECT 1 FROM meisa_ops p WHERE p.email = r.email AND p.seq < r.seq "

@@ -137,11 +137,8 @@ class Dispatcher(Protocol):
 
 
 def require_real_threads() -> None:
-    """Refuse an engine that runs threads of its own where gevent or eventlet has patched
-    ``threading`` (its threads would be greenlets).
-
-    :raises ConfigurationError: naming the library.
-    """
+    """Raise :class:`ConfigurationError` where gevent or eventlet has patched ``threading``:
+    an engine's threads of its own would be greenlets."""
     gevent = sys.modules.get("gevent.monkey")
     eventlet = sys.modules.get("eventlet.patcher")
     if gevent is not None and gevent.is_module_patched("threading"):

@@ -15,6 +15,8 @@ from flask_meisa.emulator import Emulator
 from flask_meisa.engine import known
 from flask_meisa.engine.delivery import Delivery
 from flask_meisa.engine.store import Store
+from flask_meisa.operations import LANE_AUTOMATION
+from flask_meisa.operations import LANE_ROUTINE
 from flask_meisa.operations import Operation
 from tests.engine_support import RecordingHooks
 from tests.engine_support import make_engine
@@ -108,16 +110,21 @@ def test_remember_merges_what_meisa_accepted_over_time(db: sqlite3.Connection) -
     assert not found.has(known.digest({"first_name": "Ada"}))  # never sent: not known
 
 
-def test_changes_looks_only_at_the_named_custom_fields(db: sqlite3.Connection) -> None:
+def test_only_a_change_of_a_named_custom_field_moves_a_known_contact_ahead(
+    db: sqlite3.Connection,
+) -> None:
     known.remember(db, {"email": "a@example.com", "custom_fields": {"plan": "free"}}, 1.0)
-    found = known.lookup(db, {"email": "a@example.com"})
-    assert found is not None
     priority = ("plan", "subscription_status")
-    assert found.changes(known.digest({"custom_fields": {"plan": "pro"}}), priority)
-    assert found.changes(known.digest({"custom_fields": {"subscription_status": "x"}}), priority)
-    assert not found.changes(known.digest({"custom_fields": {"plan": "free"}}), priority)
-    assert not found.changes(known.digest({"custom_fields": {"seats": 3}}), priority)
-    assert not found.changes(known.digest({"first_name": "Ada"}), priority)
+
+    def lane(**payload: Any) -> int:
+        update = Operation("upsert", {"email": "a@example.com", **payload})
+        return known.lane_of(update, lambda: known.lookup(db, update.payload), priority)
+
+    assert lane(custom_fields={"plan": "pro"}) == LANE_AUTOMATION
+    assert lane(custom_fields={"subscription_status": "x"}) == LANE_AUTOMATION
+    assert lane(custom_fields={"plan": "free"}) == LANE_ROUTINE
+    assert lane(custom_fields={"seats": 3}) == LANE_ROUTINE
+    assert lane(first_name="Ada") == LANE_ROUTINE
 
 
 def test_forget_drops_both_names(db: sqlite3.Connection) -> None:

@@ -176,7 +176,6 @@ def test_a_retried_upsert_absorbs_the_ones_that_came_while_it_was_in_flight(
     add(db, track(1, "between"))  # an event is not an upsert: it stays, in its place
     add(db, upsert(1, custom_fields={"c": 3}, priority="high"), LANE_AUTOMATION)
     pending.retry_at(db, flying, 5.0)
-    pending.absorb_later(db, flying)
     assert rows(db) == 3
     assert flying.operation.payload["first_name"] == "B"
     assert (flying.merged, flying.lane) == (3, LANE_AUTOMATION)
@@ -201,7 +200,6 @@ def test_a_retried_upsert_absorbs_nothing_past_the_body_limit(db: sqlite3.Connec
     assert flying is not None
     add(db, upsert(1, custom_fields={"b": big}), LANE_ROUTINE)
     pending.retry_at(db, flying, 0.0)
-    pending.absorb_later(db, flying)
     assert rows(db) == 2 and flying.merged == 1
     assert [sorted(row.operation.payload["custom_fields"]) for row in drain(db)] == [["a"], ["b"]]
 

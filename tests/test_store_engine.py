@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -528,6 +529,18 @@ def test_a_process_that_takes_the_lock_while_the_store_is_locked_still_delivers(
     assert engine.flush(5)
     assert [op.payload["external_id"] for op in hooks.of("delivered")] == ["t-1"]
     assert engine.is_holder
+
+
+def test_a_writing_process_closes_when_its_store_can_no_longer_be_read(
+    emulator: Emulator, make_engine: MakeEngine, tmp_path: Path
+) -> None:
+    folder = tmp_path / "gone"
+    store = Store(folder / "store.sqlite3")
+    engine = make_engine(emulator, RecordingHooks(), store=store)
+    store.close()
+    shutil.rmtree(folder)  # the next connection cannot be opened
+    assert not engine.is_holder
+    assert engine.close() == 0
 
 
 # -- the host's status from another process --------------------------------------------

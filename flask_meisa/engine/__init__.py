@@ -1,8 +1,3 @@
-"""Delivery engines: what takes operations from the extension and makes the calls.
-
-- :mod:`.base`: the :class:`~.base.Dispatcher` and :class:`~.base.DeliveryHooks` protocols;
-- :mod:`.thread`: :class:`~.thread.ThreadDispatcher`, worker threads in this process;
-- :mod:`.sync`: every operation delivered inline;
-- :mod:`.core`, :mod:`.scheduler`, :mod:`.ratelimit`, :mod:`.lifecycle`,
-  :mod:`.reporting`: the thread engine's parts.
-"""
+"""Delivery engines: what takes operations from the extension and makes the calls
+(:mod:`.delivery` from a store, with threads of its own; :mod:`.sync` inline;
+:mod:`.celery` through Celery workers). :mod:`.base` is the interface they share."""

@@ -1,7 +1,6 @@
-"""A backfill: every user of ``@meisa.users_to_sync`` upserted once, in the lowest lane,
-read a chunk at a time (at most a bounded number of them waiting), and resumable: the
-position in the user list is kept with each chunk. Where the upserts go and the run is
-kept is the engine's :class:`Target`: the delivery store, or Redis under Celery."""
+"""A backfill: every user of ``@meisa.users_to_sync`` upserted once, in the lowest lane, a
+chunk at a time (a bounded number waiting), resumable from the position kept with each
+chunk. The upserts and the run go to the engine's :class:`Target` (the store, or Redis)."""
 
 from __future__ import annotations
 
@@ -10,20 +9,18 @@ import itertools
 import time
 from collections.abc import Callable
 from collections.abc import Iterable
-from collections.abc import Iterator
 from dataclasses import asdict
 from dataclasses import dataclass
-from dataclasses import field
 from typing import Any
 from typing import Protocol
 
 from ..errors import MeisaError
 from ..operations import LANE_BACKFILL
+from ..operations import LANE_ROUTINE
 from ..operations import Operation
-from ..operations import identities
 from . import known
 from . import pending
-from .budget import TRANSACTIONAL_RESERVE
+from .budget import allowed
 from .store import Store
 
 __all__ = ["CHUNK", "Progress", "Run", "StoreTarget", "Target", "estimate_per_hour", "run"]
@@ -61,7 +58,7 @@ class Progress:
     refused: int  # backfill upserts Meisa refused (dead letters)
     rate: float  # users finished per hour since this command started (0: not yet known)
     elapsed: float
-    left: int | None = field(default=None)
+    left: int | None = None
 
     @property
     def done(self) -> int:
@@ -72,10 +69,7 @@ class Progress:
 def estimate_per_hour(spec_windows: Iterable[Any], share: float) -> float | None:
     """The calls an hour a backfill can make with ``share`` of the budget (``None``: no
     budget, as fast as Meisa answers)."""
-    rates = [
-        (window.limit - int(window.limit * TRANSACTIONAL_RESERVE)) * 3600.0 / window.period
-        for window in spec_windows
-    ]
+    rates = [allowed(window, LANE_ROUTINE) * 3600.0 / window.period for window in spec_windows]
     return min(rates) * share if rates else None
 
 
@@ -120,35 +114,30 @@ def run(
         cannot be mapped: counted, kept for ``--failures``, and skipped).
     :param report: called about every ``every`` seconds, and at the end.
     """
-    previous = target.load()
-    fresh = previous is None or previous.state == "done" or restart
-    if fresh or previous is None:
+    current = target.load()
+    fresh = current is None or current.state == "done" or restart
+    if current is None or fresh:
         current = Run(started_at=time.time(), total=total, max_share=max_share)
     else:
-        current = previous
         current.total, current.max_share = total, max_share
     target.save(current, fresh=fresh)
-    started, start_position = time.monotonic(), current.position
-    last_report = 0.0
+    started, start_position, last_report = time.monotonic(), current.position, 0.0
 
-    def progress() -> Progress:
+    def tick(force: bool = False) -> Progress:
+        nonlocal last_report
         waiting, refused = target.backlog()
         elapsed = time.monotonic() - started
         done_now = current.position - waiting - start_position
         rate = done_now * 3600.0 / elapsed if elapsed > 1 and done_now > 0 else 0.0
         left = None if current.total is None else max(current.total - current.position, 0)
-        return Progress(current, waiting, refused, rate, elapsed, left)
-
-    def tick(force: bool = False) -> Progress:
-        nonlocal last_report
-        state = progress()
+        progress = Progress(current, waiting, refused, rate, elapsed, left)
         if force or time.monotonic() - last_report >= every:
             last_report = time.monotonic()
-            report(state)
-        return state
+            report(progress)
+        return progress
 
     rest = itertools.islice(users, current.position, None)
-    for chunk in _chunks(rest, CHUNK):
+    for chunk in iter(lambda: list(itertools.islice(rest, CHUNK)), []):
         while tick().waiting > HIGH_WATER:
             time.sleep(min(every, 0.2))
         operations, failed = [], []
@@ -168,11 +157,8 @@ def run(
 
 
 class StoreTarget:
-    """A backfill through the delivery store (``MEISA_DELIVERY = "thread"``): its rows
-    and its position are written in one transaction.
-
-    :param resync_after: seconds after which a state Meisa has is sent again anyway.
-    """
+    """A backfill through the delivery store: a chunk's rows and the run's position are
+    written in one transaction."""
 
     def __init__(self, store: Store, resync_after: float = 86400.0) -> None:
         self.store = store
@@ -197,11 +183,14 @@ class StoreTarget:
         """Store the chunk's rows, its failures and ``run`` in one transaction."""
         with self.store.write() as db:
             for operation in operations:
-                if self._unchanged(db, operation, now):
+                # Meisa has this state and nothing of the contact waits: no row at all.
+                had = functools.partial(known.lookup, db, operation.payload)
+                unchanged = known.unchanged(operation, had, now, self.resync_after)
+                if unchanged and not pending.waits(db, operation):
                     run.skipped += 1
-                    continue
-                pending.add(db, operation, LANE_BACKFILL)
-                run.queued += 1
+                else:
+                    pending.add(db, operation, LANE_BACKFILL)
+                    run.queued += 1
             if failed:
                 kept = Store.get_meta(db, _FAILURES, [])
                 Store.set_meta(db, _FAILURES, (kept + failed)[:KEEP_FAILURES])
@@ -221,30 +210,10 @@ class StoreTarget:
         with self.store.read() as db:
             return list(Store.get_meta(db, _FAILURES, []))
 
-    def _unchanged(self, db: Any, operation: Operation, now: float) -> bool:
-        """Meisa has this state already and nothing of the contact waits: no row at all."""
-        had = functools.partial(known.lookup, db, operation.payload)
-        if not known.unchanged(operation, had, now, self.resync_after):
-            return False
-        ext, email = identities(operation.payload)
-        waiting = db.execute(
-            "SELECT EXISTS (SELECT 1 FROM meisa_ops WHERE ext = ? AND state != 'dead') "
-            "OR EXISTS (SELECT 1 FROM meisa_ops WHERE email = ? AND state != 'dead')",
-            (ext, email),
-        ).fetchone()[0]
-        return not waiting
-
-
-def _chunks(users: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    iterator = iter(users)
-    while chunk := list(itertools.islice(iterator, size)):
-        yield chunk
-
 
 def _failure(user: Any, position: int, error: MeisaError) -> dict[str, Any]:
-    get_id = getattr(user, "get_id", None)
     try:
-        who = str(get_id()) if callable(get_id) else None
+        who: str | None = str(user.get_id())
     except Exception:
         who = None
     return {"position": position, "user": who, "reason": str(error)}

@@ -1,10 +1,11 @@
-"""The interface between the extension and the engines that deliver: what an engine offers
-(:class:`Dispatcher`), what it reports back (:class:`DeliveryHooks`), and the snapshot it
-gives of itself (:class:`DeliveryStatus`)."""
+"""What an engine offers the extension (:class:`Dispatcher`), what it reports back
+(:class:`DeliveryHooks`), the snapshot it gives of itself (:class:`DeliveryStatus`), and
+the check that an engine with threads of its own can run here."""
 
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
@@ -14,11 +15,11 @@ from typing import TYPE_CHECKING
 from typing import Any
 from typing import Protocol
 
+from ..errors import ConfigurationError
+
 if TYPE_CHECKING:
     from ..client import MeisaClient
     from ..operations import Operation
-
-__all__ = ["ClientFactory", "DeliveryHooks", "DeliveryStatus", "Dispatcher", "HookCaller"]
 
 #: Builds the client an engine calls Meisa with (again in a forked child).
 ClientFactory = Callable[[], "MeisaClient"]
@@ -34,8 +35,8 @@ class DeliveryHooks(Protocol):
         """The operation was not delivered on purpose (see :meth:`skip_reason`)."""
 
     def delivered(self, operation: Operation, result: Any) -> None:
-        """Meisa accepted the operation (``result`` is the client's typed result), or, for
-        an upsert, already had its state (``result`` is ``None``: no call was needed)."""
+        """Meisa accepted the operation (``result``: the client's result), or already had
+        the upsert's state (``result`` is ``None``: no call was needed)."""
 
     def failed(self, operation: Operation, error: BaseException) -> None:
         """Meisa refused the operation or its retry budget ran out."""
@@ -45,8 +46,8 @@ class DeliveryHooks(Protocol):
 
 
 class HookCaller:
-    """Calls :class:`DeliveryHooks` methods, logging any exception instead of raising it
-    (a hook is the app's code running on a delivery thread)."""
+    """Calls :class:`DeliveryHooks` methods, logging what they raise (a hook is the app's
+    code, run on a delivery thread)."""
 
     def __init__(self, hooks: DeliveryHooks, logger: logging.Logger) -> None:
         self.hooks = hooks
@@ -75,8 +76,8 @@ class HookCaller:
 
 @dataclass
 class DeliveryStatus:
-    """A snapshot of delivery, for ``flask meisa status`` and monitoring. With the store,
-    it describes the whole host, whichever process asks."""
+    """A snapshot of delivery, for ``flask meisa status`` and monitoring (with the store:
+    of the whole host, whichever process asks)."""
 
     engine: str
     #: Operations waiting, by lane (in flight and waiting to retry not included).
@@ -116,9 +117,8 @@ class Dispatcher(Protocol):
         """Begin delivering (threads, the host's delivery lock); idempotent."""
 
     def submit(self, operations: Iterable[Operation]) -> None:
-        """Take operations; never waits on Meisa. What cannot be taken is reported to
-        ``hooks.dropped``; a background send raises
-        :class:`~flask_meisa.errors.DeliveryError` only when it cannot be held at all."""
+        """Take operations, never waiting on Meisa; what cannot be taken is reported to
+        ``hooks.dropped`` (a send raises :class:`~flask_meisa.errors.DeliveryError`)."""
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything submitted is finished; ``True`` if nothing is left."""
@@ -134,3 +134,20 @@ class Dispatcher(Protocol):
 
     def after_fork(self) -> None:
         """In a forked child: forget the parent's threads, locks and connections."""
+
+
+def require_real_threads() -> None:
+    """Raise :class:`ConfigurationError` where gevent or eventlet has patched ``threading``:
+    an engine's threads of its own would be greenlets."""
+    gevent = sys.modules.get("gevent.monkey")
+    eventlet = sys.modules.get("eventlet.patcher")
+    if gevent is not None and gevent.is_module_patched("threading"):
+        green = "gevent"
+    elif eventlet is not None and eventlet.is_monkey_patched("thread"):
+        green = "eventlet"
+    else:
+        return
+    raise ConfigurationError(
+        f"background delivery needs real threads, and {green} monkey-patching makes them "
+        'greenlets: set MEISA_DELIVERY = "sync" (or "celery")'
+    )

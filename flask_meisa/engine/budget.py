@@ -1,12 +1,6 @@
-"""The key's rate budget, kept in the store so that every process of the host (web
-workers, the CLI, a shell) draws from one budget, and a new delivering process inherits
-what the last one spent.
-
-A call takes a slot when it starts and holds it (under a lease, in case its process dies)
-until its answer, which dates the slot; the slot leaves each window one period later.
-Transactional sends may use the last :data:`TRANSACTIONAL_RESERVE` of each window; a
-backfill may use at most its share of the rest; routine and backfill calls are spread out
-at the rate the budget can last."""
+"""The key's rate budget, kept in the store, so that every process of the host draws from
+one budget. A call holds a slot from its start (under a lease, in case its process dies)
+until its answer, which dates the slot; it leaves each window one period later."""
 
 from __future__ import annotations
 
@@ -16,6 +10,7 @@ import time
 import uuid
 from collections.abc import Iterator
 
+from .._ratelimit import RateWindow
 from .._ratelimit import parse_rate_limit
 from .._ratelimit import slot_wait
 from ..operations import LANE_BACKFILL
@@ -24,7 +19,7 @@ from ..operations import LANE_TRANSACTIONAL
 from .store import STORE_ERRORS
 from .store import Store
 
-__all__ = ["TRANSACTIONAL_RESERVE", "Budget"]
+__all__ = ["TRANSACTIONAL_RESERVE", "Budget", "allowed"]
 
 #: The share of each window (rounded down) that only transactional sends may use: 3 of
 #: 60/minute, 50 of 1000/hour.
@@ -33,8 +28,18 @@ TRANSACTIONAL_RESERVE = 0.05
 _POLL = 0.05
 
 
+def allowed(window: RateWindow, lane: int, share: float = 1.0) -> int:
+    """The calls of ``lane`` that ``window`` allows: all for a send; the rest less the
+    transactional reserve, and for a backfill at most ``share`` of that (at least one)."""
+    if lane == LANE_TRANSACTIONAL:
+        return window.limit
+    rest = window.limit - int(window.limit * TRANSACTIONAL_RESERVE)
+    return max(int(rest * share), 1) if lane == LANE_BACKFILL else rest
+
+
 class Budget:
-    """A sliding-window budget in ``store`` (see the module's docstring).
+    """A sliding-window budget in ``store``; routine and backfill calls are spread out at
+    the rate the budget can last.
 
     :param spec: e.g. ``"60/minute;1000/hour"``; ``None`` for no budget.
     :param lease: the longest a call can take, in seconds; a slot held longer counts as
@@ -45,18 +50,10 @@ class Budget:
         self.store = store
         self.windows = parse_rate_limit(spec) if spec else ()
         self.lease = lease
-        self._reserved = [int(window.limit * TRANSACTIONAL_RESERVE) for window in self.windows]
         self._horizon = max((window.period for window in self.windows), default=0.0)
 
     def __repr__(self) -> str:
         return f"Budget({';'.join(window.label for window in self.windows) or None!r})"
-
-    def _allowed(self, index: int, lane: int, share: float) -> int:
-        limit = self.windows[index].limit
-        if lane == LANE_TRANSACTIONAL:
-            return limit
-        allowed = limit - self._reserved[index]
-        return max(int(allowed * share), 1) if lane == LANE_BACKFILL else allowed
 
     def _wait(self, db: sqlite3.Connection, now: float, lane: int, share: float) -> float | None:
         db.execute(
@@ -68,8 +65,8 @@ class Budget:
         flying = db.execute(
             "SELECT count(*) FROM meisa_calls WHERE answered_at IS NULL"
         ).fetchone()[0]
-        wait: float | None = 0.0
-        for index, window in enumerate(self.windows):
+        wait = 0.0
+        for window in self.windows:
             since = now - window.period
             answered = db.execute(
                 "SELECT count(*) FROM meisa_calls WHERE answered_at > ?", (since,)
@@ -83,23 +80,18 @@ class Budget:
                 ).fetchone()
                 return float(row[0])
 
-            this = slot_wait(
-                window, self._allowed(index, lane, share), answered, flying, now, oldest
-            )
+            this = slot_wait(window, allowed(window, lane, share), answered, flying, now, oldest)
             if this is None:
                 return None
-            wait = max(wait or 0.0, this)
+            wait = max(wait, this)
         if lane >= LANE_ROUTINE and wait == 0.0:
             wait = self._pace(db, now, lane, share)
-        return 0.0 if wait is not None and wait < 1e-9 else wait  # float error, not a wait
+        return 0.0 if wait < 1e-9 else wait  # float error, not a wait
 
     def _pace(self, db: sqlite3.Connection, now: float, lane: int, share: float) -> float:
         """Routine and backfill calls go no faster than the budget can last, so that a
         freed slot is soon there for urgent work instead of a window spent in a burst."""
-        spacing = max(
-            window.period / self._allowed(index, lane, share)
-            for index, window in enumerate(self.windows)
-        )
+        spacing = max(window.period / allowed(window, lane, share) for window in self.windows)
         started = db.execute("SELECT max(lease_until) FROM meisa_calls").fetchone()[0]
         if started is None:
             return 0.0

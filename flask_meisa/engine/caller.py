@@ -1,11 +1,10 @@
-"""One call at a time from the store, in the delivering process: wait for the pause, the
-outage probe and the budget; skip what Meisa already has; make the call; settle its
-outcome as :func:`~flask_meisa._decisions.decide` says."""
+"""The delivery threads of the delivering process, one call at a time from the store: wait
+for the pause, the outage probe and the budget; skip what Meisa already has; make the
+call; settle its outcome as :func:`~flask_meisa._decisions.decide` says."""
 
 from __future__ import annotations
 
 import functools
-import logging
 import sqlite3
 import threading
 import time
@@ -25,6 +24,7 @@ from . import pending
 from .base import ClientFactory
 from .base import HookCaller
 from .budget import Budget
+from .store import STORE_ERRORS
 from .store import Store
 
 if TYPE_CHECKING:
@@ -40,32 +40,37 @@ Report = Callable[[], None]
 
 
 class Caller:
-    """Makes the calls of one process (see the module's docstring); thread-safe.
+    """Makes one process's calls from the store of ``budget``; :meth:`run` is the loop of
+    each delivery thread.
 
     :param changed: called (without locks) after each outcome's hooks ran.
+    :param store_failed: told when the store raised.
     """
 
     def __init__(
         self,
         *,
-        store: Store,
         budget: Budget,
         client_factory: ClientFactory,
         hooks: HookCaller,
         retry: RetryPolicy,
         resync_after: float,
-        logger: logging.Logger,
         changed: Callable[[], None],
+        store_failed: Callable[[BaseException], None],
     ) -> None:
-        self.store = store
+        self.store = budget.store
         self.budget = budget
         self._client_factory = client_factory
         self._hooks = hooks
+        self._logger = hooks.logger
         self._retry = retry
         self._resync_after = resync_after
-        self._logger = logger
         self._changed = changed
+        self._store_failed = store_failed
         self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._generation = 0  # bumped whenever there may be new work
+        self._stopped = False
         self._client: MeisaClient | None = None
         self._owned: MeisaClient | None = None
         self.calls = 0  # calls in flight
@@ -74,12 +79,44 @@ class Caller:
         self.reporting = 0  # outcomes stored whose hooks have not run yet
         self.in_hook = threading.local()
 
+    def kick(self) -> None:
+        """There may be new work: wake the delivery threads."""
+        with self._lock:
+            self._generation += 1
+            self._wake.notify_all()
+
+    def stop(self) -> None:
+        """Make the delivery threads return."""
+        with self._lock:
+            self._stopped = True
+            self._wake.notify_all()
+
     def close(self) -> None:
         """Close the client."""
         with self._lock:
             owned, self._owned, self._client = self._owned, None, None
         if owned is not None:
             owned.close()
+
+    def run(self) -> None:
+        """Make calls until :meth:`stop`, sleeping while there is nothing to do."""
+        while True:
+            with self._lock:
+                if self._stopped:
+                    return
+                seen = self._generation
+            try:
+                wait = self.step()
+            except STORE_ERRORS as error:
+                self._store_failed(error)
+                wait = 1.0
+            except Exception:
+                self._logger.exception("flask-meisa: delivery error; carrying on")
+                wait = 0.1
+            if wait:
+                with self._lock:
+                    if self._generation == seen and not self._stopped:
+                        self._wake.wait(max(min(wait, 1.0), 0.0))
 
     def step(self) -> float:
         """Make one call, or say how long to wait before there may be one."""
@@ -92,8 +129,11 @@ class Caller:
             if row is None:
                 due = pending.next_due(db, now)
                 return 1.0 if due is None else due - now
-            report = self._unchanged(db, row, now)
-            if report is None:
+            had = functools.partial(known.lookup, db, row.operation.payload)
+            if known.unchanged(row.operation, had, now, self._resync_after):
+                self._count(reporting=1)
+                report = self._over(db, row, "unchanged", "delivered", None)
+            else:
                 share = float((Store.get_meta(db, "backfill") or {}).get("max_share", 1.0))
                 token, wait_for = self.budget.take(db, now, row.lane, share)
                 if token is None:
@@ -102,10 +142,17 @@ class Caller:
                 self.blocked_lane = None
                 pending.take(db, row, now)
                 self._count(calls=1)
+                report = None
         if report is None:
             assert token is not None
             report = self._call(row, token)
-        self._run(report)
+        self.in_hook.active = True
+        try:
+            report()
+        finally:
+            self.in_hook.active = False
+            self._count(reporting=-1)
+            self._changed()
         return 0.0
 
     def _gate(self, db: sqlite3.Connection, now: float) -> float:
@@ -116,29 +163,10 @@ class Caller:
             return 1.0  # Meisa looks down: one probe at a time
         return 0.0
 
-    def _unchanged(self, db: sqlite3.Connection, row: pending.Row, now: float) -> Report | None:
-        operation = row.operation
-        had = functools.partial(known.lookup, db, operation.payload)
-        if not known.unchanged(operation, had, now, self._resync_after):
-            return None
-        pending.finish(db, row)
-        Store.count(db, "unchanged", row.merged)
-        self._count(reporting=1)
-        return lambda: self._hooks.call("delivered", operation, None)
-
     def _count(self, *, calls: int = 0, reporting: int = 0) -> None:
         with self._lock:
             self.calls += calls
             self.reporting += reporting
-
-    def _run(self, report: Report) -> None:
-        self.in_hook.active = True
-        try:
-            report()
-        finally:
-            self.in_hook.active = False
-            self._count(reporting=-1)
-            self._changed()
 
     def _get_client(self) -> MeisaClient:
         with self._lock:
@@ -158,46 +186,64 @@ class Caller:
             outcome = attempt(self._get_client, call)
         self._count(calls=-1, reporting=1)
         try:
-            return self._settle(row, token, reason, outcome)
+            with self.store.write() as db:
+                now = time.time()
+                self.budget.settle(db, token, made=outcome.made, now=now)
+                if reason is not None:
+                    return self._over(db, row, "skipped", "skipped", reason)
+                return self._settle(db, row, outcome, now)
         except BaseException:
             self._count(reporting=-1)
             raise
 
-    def _settle(
-        self, row: pending.Row, token: str, reason: str | None, outcome: Attempt
+    def _over(
+        self, db: sqlite3.Connection, row: pending.Row, counter: str, hook: str, detail: Any
     ) -> Report:
-        operation, now = row.operation, time.time()
+        """The row is over: it goes, counted under ``counter``; ``hook`` is the report."""
+        pending.finish(db, row)
+        Store.count(db, counter, row.merged)
+        return lambda: self._hooks.call(hook, row.operation, detail)
+
+    def _settle(
+        self, db: sqlite3.Connection, row: pending.Row, outcome: Attempt, now: float
+    ) -> Report:
+        operation, error = row.operation, outcome.error
         recovering = row.recover == 1
         decision = decide(
             "upsert" if recovering else operation.kind,
-            outcome.error,
+            error,
             attempts=operation.attempts,
             elapsed=now - (row.first_attempt or now),
             policy=self._retry,
             can_recover=operation.contact is not None and row.recover == 0,
         )
-        error, what = outcome.error, _describe(row, recovering)
-        with self.store.write() as db:
-            self.budget.settle(db, token, made=outcome.made, now=now)
-            if reason is not None:
-                pending.finish(db, row)
-                Store.count(db, "skipped", row.merged)
-                return lambda: self._hooks.call("skipped", operation, reason)
-            self._note_health(db, decision, now)
-            if decision.unknown_contact:
-                known.forget(db, operation.payload)
-            if decision.action == "done":
-                return self._done(db, row, recovering, outcome.result, now)
-            if decision.action != "fail":
-                recover = 1 if decision.action == "recover" else row.recover
-                pending.retry_at(db, row, now + decision.delay, recover=recover)
-                if operation.kind == "upsert":
-                    pending.absorb_later(db, row)
-                return lambda: log_decision(
-                    self._logger, decision, what, error, operation.attempts
-                )
-            pending.bury(db, row, error or RuntimeError("failed"))
-            Store.count(db, "failed", row.merged)
+        what = operation.describe()
+        if recovering:
+            what += " (upserting its contact first)"
+        elif row.merged > 1:
+            what += f" (coalesced from {row.merged} operations)"
+        self._note_health(db, decision, now)
+        if decision.unknown_contact:
+            known.forget(db, operation.payload)
+        if decision.action == "done" and recovering:
+            assert operation.contact is not None
+            known.remember(db, operation.contact, now)
+            pending.retry_at(db, row, 0.0, recover=2)  # the event again, at once
+            return lambda: None
+        if decision.action == "done":
+            if operation.kind == "upsert":
+                known.remember(db, operation.payload, now)
+            db.execute(
+                "INSERT INTO meisa_answers (lane, at, waited) VALUES (?, ?, ?)",
+                (row.lane, now, max(now - operation.created_at, 0.0)),
+            )
+            return self._over(db, row, "delivered", "delivered", outcome.result)
+        if decision.action != "fail":
+            recover = 1 if decision.action == "recover" else row.recover
+            pending.retry_at(db, row, now + decision.delay, recover=recover)
+            return lambda: log_decision(self._logger, decision, what, error, operation.attempts)
+        pending.bury(db, row, error or RuntimeError("failed"))
+        Store.count(db, "failed", row.merged)
 
         def failed() -> None:
             log_decision(self._logger, decision, what, error, operation.attempts)
@@ -220,29 +266,3 @@ class Caller:
         if pause:
             until = max(float(Store.get_meta(db, "pause_until", 0.0)), now + pause)
             Store.set_meta(db, "pause_until", until)
-
-    def _done(
-        self, db: sqlite3.Connection, row: pending.Row, recovering: bool, result: Any, now: float
-    ) -> Report:
-        operation = row.operation
-        if recovering:
-            assert operation.contact is not None
-            known.remember(db, operation.contact, now)
-            pending.retry_at(db, row, 0.0, recover=2)  # the event again, at once
-            return lambda: None
-        pending.finish(db, row)
-        Store.count(db, "delivered", row.merged)
-        if operation.kind == "upsert":
-            known.remember(db, operation.payload, now)
-        db.execute(
-            "INSERT INTO meisa_answers (lane, at, waited) VALUES (?, ?, ?)",
-            (row.lane, now, max(now - operation.created_at, 0.0)),
-        )
-        return lambda: self._hooks.call("delivered", operation, result)
-
-
-def _describe(row: pending.Row, recovering: bool) -> str:
-    text = row.operation.describe()
-    if recovering:
-        return f"{text} (upserting its contact first)"
-    return text + (f" (coalesced from {row.merged} operations)" if row.merged > 1 else "")

@@ -1,7 +1,6 @@
 """Background delivery (``MEISA_DELIVERY = "thread"``): a request hands its operations over
-in memory; a writer thread stores them in groups; one process of the host, the holder of
-the delivery lock, delivers from the store in lane and contact order within the key's
-budget, and decides each outcome with :func:`~flask_meisa._decisions.decide`."""
+in memory, a writer thread stores them in groups, and the one process of the host holding
+the delivery lock delivers from the store (see docs/delivery.md)."""
 
 from __future__ import annotations
 
@@ -9,17 +8,14 @@ import contextlib
 import functools
 import logging
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable
 from collections.abc import Iterable
-from collections.abc import Iterator
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
-from ..errors import ConfigurationError
 from ..errors import DeliveryError
+from ..operations import LANE_BACKFILL
 from ..operations import Operation
 from ..retry import RetryPolicy
 from . import known
@@ -28,15 +24,12 @@ from .base import ClientFactory
 from .base import DeliveryHooks
 from .base import DeliveryStatus
 from .base import HookCaller
+from .base import require_real_threads
 from .budget import Budget
 from .caller import Caller
 from .hostlock import HostLock
 from .store import STORE_ERRORS
 from .store import Store
-
-if TYPE_CHECKING:
-    import sqlite3
-
 
 __all__ = ["Delivery"]
 
@@ -48,24 +41,9 @@ _JOIN_TIMEOUT = 2.0
 
 
 class Delivery:
-    """Delivers one app's operations through ``store`` (see the module's docstring).
-
-    :param store: where operations wait; a file is shared by every process of the host.
-    :param client_factory: builds the client (once per process); its calls try once.
-    :param hooks: told about every outcome, in the delivering process.
-    :param retry: when and how long to wait before retrying (never slept on).
-    :param rate_limit: the key's budget, e.g. ``"60/minute;1000/hour"``; ``None``: none.
-    :param lease: the longest one call can take, in seconds.
-    :param capacity: the most operations waiting; past it routine syncs, then other
-        live work, are shed (reported). Sends and backfill are never shed.
-    :param workers: delivery threads in the delivering process.
-    :param flush_timeout: how long closing (and interpreter exit) waits for delivery.
-    :param resync_after: seconds after which a state Meisa has is sent again anyway.
-    :param priority_fields: custom fields whose change moves an upsert ahead.
-    :param routine_max_age: seconds after which a routine sync is promoted.
-    :param poll_interval: how often a process looks for the delivery lock and for rows
-        other processes wrote.
-    """
+    """Delivers one app's operations through ``store`` (a file shared by every process of
+    the host, or memory). Most arguments are ``MEISA_*`` settings; ``lease`` is the longest
+    a call can take, ``poll_interval`` how often a process looks for the delivery lock."""
 
     def __init__(
         self,
@@ -85,26 +63,28 @@ class Delivery:
         poll_interval: float = 0.1,
         logger: logging.Logger | None = None,
     ) -> None:
-        green = _green_threads()
-        if green is not None:
-            raise ConfigurationError(
-                f"background delivery needs real threads, and {green} monkey-patching makes "
-                'them greenlets: set MEISA_DELIVERY = "sync" (or "celery")'
-            )
+        require_real_threads()
         self.store = store
         self.budget = Budget(store, rate_limit, lease=lease)
-        self._client_factory = client_factory
         self._logger = logger or logging.getLogger("flask_meisa.engine")
         self._hooks = HookCaller(hooks, self._logger)
-        self._retry = retry
+        self._new_caller = functools.partial(
+            Caller,
+            budget=self.budget,
+            client_factory=client_factory,
+            hooks=self._hooks,
+            retry=retry,
+            resync_after=resync_after,
+            changed=self._kick,
+            store_failed=self._store_works,
+        )
         self._capacity = capacity
         self._workers = workers
         self._flush_timeout = flush_timeout
-        self._resync_after = resync_after
         self._priority_fields = tuple(priority_fields)
         self._routine_max_age = routine_max_age
+        self._known_for = max(known.KEEP_FOR, resync_after)
         self._poll = poll_interval
-        self._lock_path = None if store.path is None else store.path + ".lock"
         self._fresh()
 
     def _fresh(self) -> None:
@@ -112,42 +92,24 @@ class Delivery:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)  # the writer waits here
-        self._work = threading.Condition(self._lock)  # the delivery threads wait here
         self._idle = threading.Condition(self._lock)  # flush waits here
         self._intake: list[Operation] = []
         self._writing = 0  # operations taken by the writer, not yet stored
         self._dropped_here = 0  # shed from memory while the store took nothing
         self._live_rows = 0  # live operations stored, as last counted plus added since
         self._count_at = 0.0  # when to count them again
-        self._generation = 0  # bumped whenever there may be new work
         self._threads: list[threading.Thread] = []
-        self._started = self._stopping = self._closed = False
-        self._host_lock = None if self._lock_path is None else HostLock(self._lock_path)
-        self._caller = Caller(
-            store=self.store,
-            budget=self.budget,
-            client_factory=self._client_factory,
-            hooks=self._hooks,
-            retry=self._retry,
-            resync_after=self._resync_after,
-            logger=self._logger,
-            changed=self._kick,
-        )
-        self._store_failing = False
-
-    def __repr__(self) -> str:
-        return f"Delivery({self.store!r}, holder={self.is_holder})"
+        self._started = self._stopping = self._closed = self._store_failing = False
+        self._host_lock = None if self.store.path is None else HostLock(self.store.path + ".lock")
+        self._caller = self._new_caller()
 
     @property
     def is_holder(self) -> bool:
         """Whether this process delivers (a memory store: always)."""
         return self._host_lock is None or self._host_lock.held
 
-    # -- the Dispatcher interface ------------------------------------------------------
-
     def start(self) -> None:
-        """Start this process's writer thread (and, in the delivering process, the
-        delivery threads); idempotent."""
+        """Start this process's writer (and, when it delivers, delivery) threads."""
         self._check_fork()
         with self._lock:
             if self._started or self._closed:
@@ -163,10 +125,8 @@ class Delivery:
         batch = list(operations)
         shed: list[Operation] = []
         with self._lock:
-            if self._closed:
-                refused, batch = batch, []
-            else:
-                refused = []
+            closed = self._closed
+            if not closed:
                 self._intake.extend(batch)
                 # Bounded while the store takes nothing: the oldest non-sends go.
                 excess = len(self._intake) - self._capacity
@@ -176,51 +136,44 @@ class Delivery:
                     self._intake = [op for op in self._intake if id(op) not in gone]
                     self._dropped_here += len(shed)
                 self._wake.notify_all()
-        for operation in shed:
-            self._logger.warning(
-                "flask-meisa: dropped %s (queue_full: the store takes nothing and %d "
-                "operations wait in memory)",
-                operation.describe(),
-                self._capacity,
-            )
-            self._hooks.call("dropped", operation, "queue_full")
+        if shed:
+            why = f"the store takes nothing and {self._capacity} operations wait in memory"
+            self._drop(shed, "queue_full", why)
         if batch and not self._started:
             self.start()
-        for operation in refused:
-            if operation.kind == "send":
-                raise DeliveryError(
-                    f"the delivery engine is closed; {operation.describe()} was not sent"
-                )
-            self._hooks.call("dropped", operation, "closed")
+        if closed:
+            for operation in batch:
+                if operation.kind == "send":
+                    raise DeliveryError(
+                        f"the delivery engine is closed; {operation.describe()} was not sent"
+                    )
+                self._hooks.call("dropped", operation, "closed")
 
     def budget_slot(self, timeout: float) -> contextlib.AbstractContextManager[bool]:
         """A slot of the host's budget for a call made in the caller's thread."""
         return self.budget.slot(timeout)
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every operation handed over before the call is delivered, failed,
-        skipped or dropped, with its hooks run, at most ``timeout`` seconds (``None``: no
-        limit). In another process of the host, waits for the delivering one."""
+        """Wait at most ``timeout`` seconds (``None``: no limit) until every operation handed
+        over before the call is over and its hooks ran, whichever process delivers it."""
         self.start()
-        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
         if getattr(self._caller.in_hook, "active", False):
             return self._left(None) == 0  # waiting from a hook would deadlock
         target: int | None = None
-        while True:
+
+        def done() -> bool:
+            nonlocal target
             if target is None and not self._unstored():
-                target = self._last_seq()
-            if target is not None and self._left(target) == 0:
-                return True
-            with self._lock:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                self._idle.wait(self._poll if left is None else min(left, self._poll))
+                with self.store.read() as db:
+                    target = pending.last_seq(db)
+            return target is not None and self._left(target) == 0
+
+        return self._wait_until(done, timeout)
 
     def close(self, timeout: float | None = None) -> int:
-        """Deliver for up to ``timeout`` seconds (default ``flush_timeout``), then stop.
-        A file store keeps what is left for the next start; a memory store reports it
-        to ``hooks.dropped(op, "shutdown")``. Returns how many operations were lost."""
+        """Deliver for up to ``timeout`` seconds (default ``flush_timeout``), then stop. A
+        memory store reports what is left to ``hooks.dropped`` (``"shutdown"``) and returns
+        how many; a file store keeps it for the next start."""
         if self._pid != os.getpid():
             return 0
         with self._lock:
@@ -229,33 +182,33 @@ class Delivery:
             self._closed = True  # no new operations from here on
             started = self._started
         if started:
-            self._drain(self._flush_timeout if timeout is None else timeout)
+            deadline = time.monotonic() + (self._flush_timeout if timeout is None else timeout)
+            self._wait_until(lambda: not self._unstored(), deadline - time.monotonic())
+            if self.is_holder:
+                self.flush(deadline - time.monotonic())
         with self._lock:
             self._stopping = True
             self._wake.notify_all()
-            self._work.notify_all()
-            threads = list(self._threads)
-        for thread in threads:  # the writer stores what it can before it stops
+        self._caller.stop()
+        for thread in self._threads:  # the writer stores what it can before it stops
             if thread is not threading.current_thread():
                 thread.join(_JOIN_TIMEOUT)
         with self._lock:
             lost, self._intake = self._intake, []
         if not self.store.durable:
             with contextlib.suppress(*STORE_ERRORS), self.store.write() as db:
-                lost += [row.operation for row in _all_waiting(db)]
+                lost += pending.take_all(db)
         if lost:
             self._logger.warning(
                 "flask-meisa: %d operations were not delivered before shutdown", len(lost)
             )
-            for operation in lost:
-                self._hooks.call("dropped", operation, "shutdown")
-        elif self.store.durable:
+            self._drop(lost, "shutdown")
+        elif self.store.durable and self.is_holder:
             with contextlib.suppress(*STORE_ERRORS), self.store.read() as db:
-                left = _waiting_count(db)
-            if left and self.is_holder:
-                self._logger.info(
-                    "flask-meisa: %d operations stay in the store for the next start", left
-                )
+                if left := pending.unfinished(db):
+                    self._logger.info(
+                        "flask-meisa: %d operations stay in the store for the next start", left
+                    )
         if self._host_lock is not None:
             self._host_lock.release()
         self.store.close()
@@ -265,17 +218,16 @@ class Delivery:
     def status(self) -> DeliveryStatus:
         """The host's delivery (see :class:`~.base.DeliveryStatus`)."""
         self._check_fork()
-        now = time.time()
         status = DeliveryStatus(engine="thread", durable=self.store.durable)
         with self.store.read() as db:
-            pending.describe(db, now, status)
+            pending.describe(db, time.time(), status)
         status.dropped += self._dropped_here
         if self.budget.windows:
             status.budget_left = self.budget.remaining()
-        if self._lock_path is None:
+        if self._host_lock is None:
             status.delivering_pid = os.getpid() if self._started else None
         else:
-            status.delivering_pid = HostLock.holder(self._lock_path)
+            status.delivering_pid = HostLock.holder(self._host_lock.path)
         return status
 
     def after_fork(self) -> None:
@@ -289,8 +241,6 @@ class Delivery:
         if self._pid != os.getpid():
             self.after_fork()
 
-    # -- threads -----------------------------------------------------------------------
-
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
         try:
@@ -302,20 +252,20 @@ class Delivery:
 
     def _spawn_workers(self) -> None:
         for number in range(1, self._workers + 1):
-            self._spawn(self._deliver_loop, f"flask-meisa-delivery-{number}")
+            self._spawn(self._caller.run, f"flask-meisa-delivery-{number}")
 
     def _kick(self) -> None:
+        self._caller.kick()
         with self._lock:
-            self._generation += 1
-            self._work.notify_all()
             self._idle.notify_all()
 
-    def _sleep(self, seen: int, seconds: float) -> None:
-        with self._lock:
-            if self._generation == seen and not self._stopping:
-                self._work.wait(max(min(seconds, 1.0), 0.0))
-
-    # -- the writer: intake, the delivery lock, other processes' rows, housekeeping ----
+    def _drop(self, operations: list[Operation], reason: str, why: str = "") -> None:
+        for operation in operations:
+            if why:
+                self._logger.warning(
+                    "flask-meisa: dropped %s (%s: %s)", operation.describe(), reason, why
+                )
+            self._hooks.call("dropped", operation, reason)
 
     def _write_loop(self) -> None:
         version: int | None = None
@@ -346,9 +296,9 @@ class Delivery:
                 if self.is_holder and time.monotonic() >= housekeeping:
                     housekeeping = time.monotonic() + _HOUSEKEEPING
                     self._housekeeping()
-                self._store_ok()
+                self._store_works(None)
             except STORE_ERRORS as error:
-                self._store_failed(error)
+                self._store_works(error)
                 with self._lock:
                     self._intake[:0] = batch  # kept in memory until the store takes them
                     if self._stopping:
@@ -362,35 +312,28 @@ class Delivery:
                     self._idle.notify_all()
 
     def _store_batch(self, batch: list[Operation]) -> None:
+        lowest, shed = LANE_BACKFILL, []
         with self.store.write() as db:
-            lanes = [self._lane_of(db, operation) for operation in batch]
-            for operation, lane in zip(batch, lanes, strict=True):
+            for operation in batch:
+                had = functools.partial(known.lookup, db, operation.payload)
+                lane = known.lane_of(operation, had, self._priority_fields)
                 pending.add(db, operation, lane)
+                lowest = min(lowest, lane)
             # Counted at most once a second, or when the count may be near the bound.
             self._live_rows += len(batch)
-            shed: list[Operation] = []
             if self._live_rows >= self._capacity or time.monotonic() >= self._count_at:
                 shed = pending.shed(db, self._capacity)
                 self._live_rows = pending.live_count(db)
                 self._count_at = time.monotonic() + 1.0
         # Delivery waiting for the budget only wakes for work that could go sooner.
         blocked = self._caller.blocked_lane
-        if blocked is None or min(lanes) < blocked:
+        if blocked is None or lowest < blocked:
             self._kick()
         else:
             with self._lock:
                 self._idle.notify_all()
-        for operation in shed:
-            self._logger.warning(
-                "flask-meisa: dropped %s (queue_full; at most %d operations wait)",
-                operation.describe(),
-                self._capacity,
-            )
-            self._hooks.call("dropped", operation, "queue_full")
-
-    def _lane_of(self, db: sqlite3.Connection, operation: Operation) -> int:
-        had = functools.partial(known.lookup, db, operation.payload)
-        return known.lane_of(operation, had, self._priority_fields)
+        if shed:
+            self._drop(shed, "queue_full", f"at most {self._capacity} operations wait")
 
     def _try_to_deliver(self) -> None:
         assert self._host_lock is not None
@@ -416,90 +359,38 @@ class Delivery:
         now = time.time()
         with self.store.write() as db:
             pending.age_routine(db, now - self._routine_max_age)
-            known.prune(db, now - max(known.KEEP_FOR, self._resync_after))
+            known.prune(db, now - self._known_for)
             db.execute("DELETE FROM meisa_answers WHERE at < ?", (now - pending.LATENCY_WINDOW,))
 
-    def _store_ok(self) -> None:
-        if self._store_failing:
-            self._store_failing = False
-            self._logger.warning("flask-meisa: the delivery store works again")
-
-    def _store_failed(self, error: BaseException) -> None:
-        if not self._store_failing:
-            self._store_failing = True
-            self._logger.warning(
-                "flask-meisa: the delivery store failed (%s); operations wait in memory", error
-            )
-
-    # -- delivering --------------------------------------------------------------------
-
-    def _deliver_loop(self) -> None:
-        while True:
-            with self._lock:
-                if self._stopping:
-                    return
-                seen = self._generation
-            try:
-                wait = self._caller.step()
-            except STORE_ERRORS as error:
-                self._store_failed(error)
-                wait = 1.0
-            except Exception:
-                self._logger.exception("flask-meisa: delivery error; carrying on")
-                wait = 0.1
-            if wait:
-                self._sleep(seen, wait)
-
-    # -- flush and close helpers -------------------------------------------------------
+    def _store_works(self, error: BaseException | None) -> None:
+        """Log once when the store starts failing, and once when it works again."""
+        if self._store_failing == (error is None):
+            self._store_failing = error is not None
+            if error is None:
+                self._logger.warning("flask-meisa: the delivery store works again")
+            else:
+                self._logger.warning(
+                    "flask-meisa: the delivery store failed (%s); operations wait in memory",
+                    error,
+                )
 
     def _unstored(self) -> int:
         with self._lock:
             return len(self._intake) + self._writing
 
-    def _last_seq(self) -> int:
-        with self.store.read() as db:
-            return int(db.execute("SELECT coalesce(max(seq), 0) FROM meisa_ops").fetchone()[0])
-
     def _left(self, target: int | None) -> int:
         with self._lock:
             left = len(self._intake) + self._writing + self._caller.reporting
         with self.store.read() as db:
-            query = "SELECT count(*) FROM meisa_ops WHERE state != 'dead'"
-            if target is None:
-                return left + int(db.execute(query).fetchone()[0])
-            return left + int(db.execute(query + " AND seq <= ?", (target,)).fetchone()[0])
+            return left + pending.unfinished(db, target)
 
-    def _drain(self, timeout: float) -> None:
-        """At close: store the intake, and deliver for up to ``timeout`` when holding."""
-        deadline = time.monotonic() + max(timeout, 0.0)
-        while self._unstored() and time.monotonic() < deadline:
+    def _wait_until(self, done: Callable[[], bool], timeout: float | None) -> bool:
+        """Poll ``done`` (woken early by progress) for at most ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        while not done():
             with self._lock:
-                self._idle.wait(min(self._poll, max(deadline - time.monotonic(), 0.0)))
-        if self.is_holder:
-            self.flush(max(deadline - time.monotonic(), 0.0))
-
-
-def _all_waiting(db: sqlite3.Connection) -> Iterator[pending.Row]:
-    rows = db.execute(
-        f"SELECT {pending.OP_COLUMNS} FROM meisa_ops WHERE state != 'dead' ORDER BY seq"
-    ).fetchall()
-    db.execute("DELETE FROM meisa_ops WHERE state != 'dead'")
-    return (pending.row_of(values) for values in rows)
-
-
-def _waiting_count(db: sqlite3.Connection) -> int:
-    return int(db.execute("SELECT count(*) FROM meisa_ops WHERE state != 'dead'").fetchone()[0])
-
-
-def _green_threads() -> str | None:
-    """``"gevent"`` or ``"eventlet"`` when that library has patched ``threading``."""
-    checks = (
-        ("gevent.monkey", "is_module_patched", "threading", "gevent"),
-        ("eventlet.patcher", "is_monkey_patched", "thread", "eventlet"),
-    )
-    for module, function, name, library in checks:
-        patched = getattr(sys.modules.get(module), function, None)
-        with contextlib.suppress(Exception):
-            if patched is not None and patched(name):
-                return library
-    return None
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._idle.wait(self._poll if left is None else min(left, self._poll))
+        return True

@@ -1,14 +1,6 @@
-"""The delivery lock: one process per host delivers from an outbox, the others only write.
-
-An exclusive ``fcntl.flock`` on a lock file beside the outbox (``<outbox>.lock``). The
-kernel releases it when its holder exits or is killed, however that happens, so the next
-process to try takes over; nothing has to expire. The holder writes its pid into the file,
-for ``flask meisa outbox`` to show.
-
-``flock`` belongs to an open file, which a forked child shares with its parent: a child
-must close its inherited descriptor (which leaves the parent's lock in place) and never
-unlock it (which would release the parent's). :meth:`HostLock.forget_after_fork` does that.
-"""
+"""The delivery lock: an exclusive ``flock`` on ``<store>.lock``, held by the one process
+of the host that delivers. The kernel releases it when its holder exits or is killed, so
+the next process to try takes over. The holder writes its pid into the file."""
 
 from __future__ import annotations
 
@@ -20,7 +12,7 @@ __all__ = ["HostLock"]
 
 
 class HostLock:
-    """An exclusive, non-blocking, process-wide lock on ``path`` (see the module)."""
+    """An exclusive, non-blocking, process-wide lock on ``path``."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -57,14 +49,15 @@ class HostLock:
         if fd is None:
             return
         try:
-            if self._held:
+            if self._held:  # a forked child may still share the open file: unlock it
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             self._held = False
             os.close(fd)
 
     def forget_after_fork(self) -> None:
-        """In a forked child: close the inherited descriptor without unlocking it."""
+        """In a forked child: close the inherited descriptor without unlocking it (the
+        child shares the parent's open file: unlocking would release the parent's lock)."""
         fd, self._fd, self._held = self._fd, None, False
         if fd is not None:
             with contextlib.suppress(OSError):

@@ -1,7 +1,6 @@
 """What Meisa already has: per contact, a short digest of each field Meisa last accepted
-from us, so that a state Meisa has is never sent again (within ``MEISA_RESYNC_AFTER``),
-and so that a contact's first upsert, or a change of a priority field, can be told apart
-from a routine sync."""
+from us, so that a state Meisa has is not sent again (within ``MEISA_RESYNC_AFTER``), and
+a contact's first upsert, or a change of a priority field, goes ahead of routine syncs."""
 
 from __future__ import annotations
 
@@ -10,6 +9,7 @@ import json
 import sqlite3
 from collections.abc import Callable
 from collections.abc import Iterable
+from collections.abc import Iterator
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,16 +19,7 @@ from ..operations import LANE_ROUTINE
 from ..operations import Operation
 from ..operations import identities
 
-__all__ = [
-    "Known",
-    "digest",
-    "forget",
-    "lane_of",
-    "lookup",
-    "prune",
-    "remember",
-    "unchanged",
-]
+__all__ = ["Known", "digest", "forget", "lane_of", "lookup", "prune", "remember", "unchanged"]
 
 #: Entries unused for this long are forgotten, whatever ``MEISA_RESYNC_AFTER`` says.
 KEEP_FOR = 30 * 86400.0
@@ -45,8 +36,7 @@ def digest(payload: Mapping[str, Any]) -> dict[str, str]:
     fields: dict[str, str] = {}
     for name, value in payload.items():
         if name == "custom_fields":
-            for field, item in value.items():
-                fields[f"custom_fields.{field}"] = _hash(item)
+            fields.update((f"custom_fields.{key}", _hash(item)) for key, item in value.items())
         elif name == "tag_names":
             fields.update((f"tag:{tag}", "1") for tag in value)
         elif name != "source":
@@ -65,13 +55,6 @@ class Known:
         """Whether every field of ``wanted`` is already there with the same value."""
         return all(self.fields.get(name) == value for name, value in wanted.items())
 
-    def changes(self, wanted: Mapping[str, str], names: Iterable[str]) -> bool:
-        """Whether ``wanted`` changes one of the custom fields ``names``."""
-        return any(
-            (key := f"custom_fields.{name}") in wanted and self.fields.get(key) != wanted[key]
-            for name in names
-        )
-
 
 Lookup = Callable[[], "Known | None"]
 
@@ -89,9 +72,7 @@ def lane_of(operation: Operation, had: Lookup, priority_fields: Iterable[str]) -
     wanted = {
         f"custom_fields.{name}": _hash(custom[name]) for name in priority_fields if name in custom
     }
-    if known is None or known.changes(wanted, priority_fields):
-        return LANE_AUTOMATION
-    return lane
+    return LANE_AUTOMATION if known is None or not known.has(wanted) else lane
 
 
 def unchanged(operation: Operation, had: Lookup, now: float, resync_after: float) -> bool:
@@ -111,12 +92,21 @@ def _keys(payload: Mapping[str, Any]) -> list[str]:
     return [key for key in identities(payload) if key is not None]
 
 
+def _entries(db: sqlite3.Connection, payload: Mapping[str, Any]) -> Iterator[tuple[str, ...]]:
+    """The entries of the contact ``payload`` names, ``(names, fields, accepted_at)``, by
+    ``external_id`` first (read one at a time)."""
+    for key in _keys(payload):
+        query = "SELECT names, fields, accepted_at FROM meisa_known WHERE key = ?"
+        row = db.execute(query, (key,)).fetchone()
+        if row is not None:
+            yield row
+
+
 def lookup(db: sqlite3.Connection, payload: Mapping[str, Any]) -> Known | None:
     """What Meisa has of the contact ``payload`` names (by ``external_id`` first)."""
-    for key in _keys(payload):
-        row = db.execute(
-            "SELECT fields, accepted_at FROM meisa_known WHERE key = ?", (key,)
-        ).fetchone()
+    for key in _keys(payload):  # not through _entries: this is the writer's hot path
+        query = "SELECT fields, accepted_at FROM meisa_known WHERE key = ?"
+        row = db.execute(query, (key,)).fetchone()
         if row is not None:
             return Known(json.loads(row[0]), float(row[1]))
     return None
@@ -124,9 +114,11 @@ def lookup(db: sqlite3.Connection, payload: Mapping[str, Any]) -> Known | None:
 
 def remember(db: sqlite3.Connection, payload: Mapping[str, Any], now: float) -> None:
     """Meisa accepted ``payload``: fold its fields into what it has of the contact."""
-    known = lookup(db, payload)
-    fields = {**(known.fields if known else {}), **digest(payload)}
-    names = sorted(set(_keys(payload)) | set(_names(db, payload)))
+    entries = list(_entries(db, payload))
+    fields = {**(json.loads(entries[0][1]) if entries else {}), **digest(payload)}
+    names = sorted(
+        {name for entry in entries for name in json.loads(entry[0])}.union(_keys(payload))
+    )
     text, listed = json.dumps(fields, separators=(",", ":")), json.dumps(names)
     db.executemany(
         "INSERT OR REPLACE INTO meisa_known (key, names, fields, accepted_at) VALUES (?, ?, ?, ?)",
@@ -137,17 +129,9 @@ def remember(db: sqlite3.Connection, payload: Mapping[str, Any], now: float) -> 
 def forget(db: sqlite3.Connection, payload: Mapping[str, Any]) -> None:
     """Meisa no longer knows the contact (an event answered 404): forget it, by every
     name it was known by."""
-    for key in _names(db, payload) or _keys(payload):
+    names = {name for entry in _entries(db, payload) for name in json.loads(entry[0])}
+    for key in names or _keys(payload):
         db.execute("DELETE FROM meisa_known WHERE key = ?", (key,))
-
-
-def _names(db: sqlite3.Connection, payload: Mapping[str, Any]) -> list[str]:
-    names: set[str] = set()
-    for key in _keys(payload):
-        row = db.execute("SELECT names FROM meisa_known WHERE key = ?", (key,)).fetchone()
-        if row is not None:
-            names.update(json.loads(row[0]))
-    return sorted(names)
 
 
 def prune(db: sqlite3.Connection, before: float) -> int:

@@ -1,17 +1,6 @@
-"""What waits for Meisa: the operations table of the store.
-
-Rows are delivered lowest lane first, oldest first, with two rules that hold across
-processes and restarts:
-
-- one contact's rows go one at a time in the order they came (``seq``); a contact is one
-  contact whether a row names it by ``external_id``, by email, or by both, so a row waits
-  while an earlier row sharing either name is pending or in flight;
-- a later upsert merges into its contact's latest upsert still waiting (never one in
-  flight), unless the names disagree or the merged body would be too large; a row that
-  joins a contact in a higher lane takes the contact's earlier rows up with it.
-
-A refused row stays as a dead letter, with its error, until it is retried or purged.
-"""
+"""What waits for Meisa: the operations table of the store. Rows go lowest lane first,
+oldest first, one row of a contact at a time (by either of its names); a contact's upserts
+merge while they wait; a refused row stays as a dead letter. See docs/delivery.md."""
 
 from __future__ import annotations
 
@@ -34,29 +23,27 @@ from ..operations import merge_priorities
 from ..operations import merge_upsert_payloads
 from ..payloads import encode_body
 from .base import DeliveryStatus
-from .store import OP_COLUMNS
 from .store import Store
 
-__all__ = [
-    "OP_COLUMNS",
-    "DeadLetter",
-    "Row",
-    "add",
-    "dead_letters",
-    "next_ready",
-    "row_of",
-    "shed",
-]
-
+#: The columns :func:`row_of` reads, in order.
+OP_COLUMNS = (
+    "seq, id, kind, lane, payload, contact, priority, force, created_at, attempts, "
+    "first_attempt, recover, merged"
+)
+#: The window of answers that the latency figures of the status cover, in seconds.
+LATENCY_WINDOW = 900.0
 _MESSAGE_LIMIT = 300
+_LIVE = "state != 'dead'"
 # A contact's rows by either of its names, each through its own index.
 _BY_NAME = (
     "SELECT {columns} FROM meisa_ops WHERE ext = ? AND {where} "
     "UNION ALL SELECT {columns} FROM meisa_ops WHERE email = ? AND {where}"
 )
 _UPSERTS = "kind = 'upsert' AND state = 'pending'"
-#: The window of answers that the latency figures of the status cover, in seconds.
-LATENCY_WINDOW = 900.0
+_INSERT = (
+    "INSERT INTO meisa_ops (id, kind, lane, ext, email, payload, contact, priority, force, "
+    "created_at, attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 
 
 @dataclass
@@ -73,44 +60,27 @@ class Row:
     merged: int
 
 
-@dataclass(frozen=True)
-class DeadLetter:
+@dataclass
+class DeadLetter(Row):
     """A row Meisa refused, or whose retries ran out, kept with its error."""
 
-    seq: int
-    operation: Operation
     status: int | None
     code: str | None
     message: str
-    attempts: int
-    merged: int
     failed_at: float
 
-
-def _fits(payload: dict[str, Any]) -> str | None:
-    """The JSON of a merged upsert, or ``None`` when one call could not carry it."""
-    try:
-        return encode_body(payload)
-    except ValidationError:
-        return None
-
-
-def _dump(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    @property
+    def attempts(self) -> int:
+        """The attempts made."""
+        return self.operation.attempts
 
 
 def row_of(values: Any) -> Row:
     """The :class:`Row` of values selected with :data:`OP_COLUMNS`."""
     seq, op_id, kind, lane, payload, contact, priority, force, created, attempts = values[:10]
+    contact = json.loads(contact) if contact else None
     operation = Operation(
-        kind=kind,
-        payload=json.loads(payload),
-        contact=json.loads(contact) if contact else None,
-        id=op_id,
-        created_at=created,
-        attempts=attempts,
-        priority=priority,
-        force=bool(force),
+        kind, json.loads(payload), contact, op_id, created, attempts, priority, bool(force)
     )
     return Row(int(seq), operation, int(lane), values[10], int(values[11]), int(values[12]))
 
@@ -123,85 +93,68 @@ def keys(operation: Operation) -> tuple[str | None, str | None]:
     return identities(operation.payload)
 
 
-# -- taking operations in --------------------------------------------------------------
-
-
 def add(db: sqlite3.Connection, operation: Operation, lane: int) -> tuple[int, bool]:
     """Store ``operation`` in ``lane`` (or merge it into its contact's waiting upsert);
     returns the row's ``seq`` and whether it was merged."""
     ext, email = keys(operation)
-    if operation.kind == "upsert":
-        merged = _merge(db, operation, lane, ext, email)
-        if merged is not None:
-            return merged, True
-    cursor = db.execute(
-        "INSERT INTO meisa_ops (id, kind, lane, ext, email, payload, contact, priority, force,"
-        " created_at, attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            operation.id,
-            operation.kind,
-            lane,
-            ext,
-            email,
-            operation.json,
-            None if operation.contact is None else _dump(operation.contact),
-            operation.priority,
-            int(operation.force),
-            operation.created_at,
-            operation.attempts,
-        ),
-    )
-    seq = int(cursor.lastrowid or 0)
-    if lane < LANE_ROUTINE:  # routine work takes nothing along (it merges, or waits)
-        _promote(db, seq, lane, ext, email)
-    return seq, False
+    merged = _merge(db, operation, lane, ext, email) if operation.kind == "upsert" else None
+    if merged is None:
+        contact = None if operation.contact is None else json.dumps(operation.contact)
+        row = (operation.id, operation.kind, lane, ext, email, operation.json, contact)
+        more = (operation.priority, int(operation.force), operation.created_at, operation.attempts)
+        seq = int(db.execute(_INSERT, row + more).lastrowid or 0)
+    else:
+        seq, lane, ext, email = merged
+    if lane < LANE_ROUTINE:  # the contact's earlier rows go no later (routine ones merge)
+        for column, name in (("ext", ext), ("email", email)):
+            if name is not None:
+                db.execute(
+                    f"UPDATE meisa_ops SET lane = ? WHERE {column} = ? AND seq < ? "
+                    f"AND lane > ? AND {_LIVE}",
+                    (lane, name, seq, lane),
+                )
+    return seq, merged is not None
+
+
+def _join(
+    earlier: dict[str, Any], later: dict[str, Any], ext: str | None, their_ext: str | None
+) -> tuple[dict[str, Any], str] | None:
+    """Two upserts of one contact as one payload and its body; ``None`` when their
+    external ids disagree or one call could not carry both (they go one after the other)."""
+    if ext is not None and their_ext is not None and ext != their_ext:
+        return None
+    payload = merge_upsert_payloads(earlier, later)
+    try:
+        return payload, encode_body(payload)
+    except ValidationError:
+        return None
 
 
 def _merge(
     db: sqlite3.Connection, operation: Operation, lane: int, ext: str | None, email: str | None
-) -> int | None:
-    row = db.execute(
+) -> tuple[int, int, str | None, str | None] | None:
+    """Merge an upsert into its contact's latest waiting one: its seq, lane and names."""
+    found = db.execute(
         "SELECT seq, payload, lane, priority, force, ext FROM meisa_ops WHERE seq = "
         f"(SELECT max(seq) FROM ({_BY_NAME.format(columns='max(seq) AS seq', where=_UPSERTS)}))",
         (ext, email),
     ).fetchone()
-    if row is None or (ext is not None and row[5] is not None and row[5] != ext):
+    if found is None:
         return None
-    payload = merge_upsert_payloads(json.loads(row[1]), operation.payload)
-    body = _fits(payload)
-    if body is None:
-        return None  # one call could not carry both: they go one after the other
-    new_ext, new_email = identities(payload)
+    seq, payload, their_lane, priority, force, their_ext = found
+    joined = _join(json.loads(payload), operation.payload, their_ext, ext)
+    if joined is None:
+        return None
+    lane = min(their_lane, lane)
+    ext, email = identities(joined[0])
+    priority = merge_priorities(priority, operation.priority)
+    force = int(bool(force) or operation.force)
     db.execute(
         "UPDATE meisa_ops SET payload = ?, lane = ?, ext = ?, email = ?, priority = ?, "
         "force = ?, merged = merged + 1 WHERE seq = ?",
-        (
-            body,
-            min(row[2], lane),
-            new_ext,
-            new_email,
-            merge_priorities(row[3], operation.priority),
-            int(bool(row[4]) or operation.force),
-            row[0],
-        ),
+        (joined[1], lane, ext, email, priority, force, seq),
     )
-    if min(row[2], lane) < LANE_ROUTINE:
-        _promote(db, row[0], min(row[2], lane), new_ext, new_email)
-    return int(row[0])
-
-
-def _promote(
-    db: sqlite3.Connection, seq: int, lane: int, ext: str | None, email: str | None
-) -> None:
-    """Rows of the contact ahead of ``seq`` go no later than it: an urgent row never waits
-    behind its contact's routine ones in a lower lane."""
-    for column, name in (("ext", ext), ("email", email)):
-        if name is not None:
-            db.execute(
-                f"UPDATE meisa_ops SET lane = ? WHERE {column} = ? AND seq < ? AND lane > ? "
-                "AND state != 'dead'",
-                (lane, name, seq, lane),
-            )
+    return int(seq), lane, ext, email
 
 
 def shed(db: sqlite3.Connection, capacity: int) -> list[Operation]:
@@ -211,44 +164,60 @@ def shed(db: sqlite3.Connection, capacity: int) -> list[Operation]:
     excess = live_count(db) - capacity
     if excess <= 0:
         return []
-    victims = db.execute(
-        f"SELECT {OP_COLUMNS} FROM meisa_ops WHERE state = 'pending' AND lane IN (?, ?) "
-        "AND priority IS NOT 'backfill' ORDER BY lane DESC, seq LIMIT ?",
-        (LANE_AUTOMATION, LANE_ROUTINE, excess),
-    ).fetchall()
-    rows = [row_of(values) for values in victims]
-    _each(db, "DELETE FROM meisa_ops WHERE", [row.seq for row in rows])
+    victims = (
+        "SELECT {} FROM meisa_ops WHERE state = 'pending' AND lane IN (?, ?) "
+        "AND priority IS NOT 'backfill' ORDER BY lane DESC, seq LIMIT ?"
+    )
+    params = (LANE_AUTOMATION, LANE_ROUTINE, excess)
+    rows = [row_of(values) for values in db.execute(victims.format(OP_COLUMNS), params)]
+    db.execute(f"DELETE FROM meisa_ops WHERE seq IN ({victims.format('seq')})", params)
     Store.count(db, "dropped", sum(row.merged for row in rows))
     return [row.operation for row in rows]
 
 
 def live_count(db: sqlite3.Connection) -> int:
-    """Live operations waiting (a backfill bounds itself: it reads users only as fast as
-    they are answered)."""
-    return int(
-        db.execute(
-            "SELECT count(*) FROM meisa_ops WHERE state != 'dead' AND priority IS NOT 'backfill'"
-        ).fetchone()[0]
-    )
+    """Live operations waiting (a backfill bounds itself)."""
+    query = f"SELECT count(*) FROM meisa_ops WHERE {_LIVE} AND priority IS NOT 'backfill'"
+    return int(db.execute(query).fetchone()[0])
+
+
+def unfinished(db: sqlite3.Connection, upto: int | None = None) -> int:
+    """Rows not over yet (waiting, in flight, to retry); with ``upto``, those up to it."""
+    query = f"SELECT count(*) FROM meisa_ops WHERE {_LIVE} AND seq <= coalesce(?, seq)"
+    return int(db.execute(query, (upto,)).fetchone()[0])
+
+
+def waits(db: sqlite3.Connection, operation: Operation) -> bool:
+    """Whether a row of ``operation``'s contact is not over yet."""
+    query = f"SELECT EXISTS ({_BY_NAME.format(columns='1', where=_LIVE)})"
+    return bool(db.execute(query, keys(operation)).fetchone()[0])
+
+
+def last_seq(db: sqlite3.Connection) -> int:
+    """The ``seq`` of the newest row (0: none)."""
+    return int(db.execute("SELECT coalesce(max(seq), 0) FROM meisa_ops").fetchone()[0])
+
+
+def take_all(db: sqlite3.Connection) -> list[Operation]:
+    """Remove every row not yet over and return its operation, oldest first."""
+    rows = db.execute(f"SELECT {OP_COLUMNS} FROM meisa_ops WHERE {_LIVE} ORDER BY seq")
+    operations = [row_of(values).operation for values in rows.fetchall()]
+    db.execute(f"DELETE FROM meisa_ops WHERE {_LIVE}")
+    return operations
 
 
 def age_routine(db: sqlite3.Connection, older_than: float) -> int:
     """Promote routine syncs released before ``older_than`` (nothing waits forever)."""
-    cursor = db.execute(
+    return db.execute(
         "UPDATE meisa_ops SET lane = ? WHERE lane = ? AND state = 'pending' AND created_at < ?",
         (LANE_AUTOMATION, LANE_ROUTINE, older_than),
-    )
-    return cursor.rowcount
-
-
-# -- handing operations out ------------------------------------------------------------
+    ).rowcount
 
 
 def next_ready(db: sqlite3.Connection, now: float) -> Row | None:
     """The row to call next: ready, first in its contact, lowest lane, oldest."""
     values = db.execute(
-        f"SELECT {', '.join('r.' + c.strip() for c in OP_COLUMNS.split(','))} "
-        "FROM meisa_ops r WHERE r.state = 'pending' AND r.ready_at <= ? "
+        f"SELECT {OP_COLUMNS} FROM meisa_ops r WHERE r.state = 'pending' AND r.ready_at <= ? "
         "AND NOT EXISTS (SELECT 1 FROM meisa_ops p WHERE p.ext = r.ext AND p.seq < r.seq "
         "AND p.state != 'dead') "
         "AND NOT EXISTS (SELECT 1 FROM meisa_ops p WHERE p.email = r.email AND p.seq < r.seq "
@@ -284,40 +253,38 @@ def finish(db: sqlite3.Connection, row: Row) -> None:
 
 def retry_at(db: sqlite3.Connection, row: Row, when: float, *, recover: int = 0) -> None:
     """Wait until ``when``. ``recover``: 1, upsert the event's contact first; 2, that was
-    done (an event is recovered once)."""
+    done (an event is recovered once). An upsert takes in its contact's later upserts that
+    came while it was in flight, so that its next attempt carries the newest state."""
     db.execute(
         "UPDATE meisa_ops SET state = 'pending', ready_at = ?, recover = ? WHERE seq = ?",
         (when, int(recover), row.seq),
     )
+    if row.operation.kind == "upsert":
+        _absorb_later(db, row)
 
 
-def absorb_later(db: sqlite3.Connection, row: Row) -> None:
-    """An upsert going back to wait takes in its contact's later upserts that came while
-    it was in flight, so that its next attempt carries the newest state."""
+def _absorb_later(db: sqlite3.Connection, row: Row) -> None:
     ext, email = keys(row.operation)
     later = db.execute(
         "SELECT seq, payload, ext, lane, merged FROM meisa_ops WHERE seq > ? AND seq IN "
         f"({_BY_NAME.format(columns='seq', where=_UPSERTS)}) ORDER BY seq",
         (row.seq, ext, email),
     ).fetchall()
-    payload, lane, merged, taken = row.operation.payload, row.lane, row.merged, []
-    for seq, body, their_ext, their_lane, their_merged in later:
-        if ext is not None and their_ext is not None and their_ext != ext:
+    taken, body = [], ""
+    for seq, payload, their_ext, lane, merged in later:
+        joined = _join(row.operation.payload, json.loads(payload), ext, their_ext)
+        if joined is None:
             break
-        candidate = merge_upsert_payloads(payload, json.loads(body))
-        if _fits(candidate) is None:
-            break
-        payload, lane, merged = candidate, min(lane, their_lane), merged + their_merged
+        (row.operation.payload, body), row.lane = joined, min(row.lane, lane)
+        row.merged += merged
         taken.append(seq)
-    if not taken:
-        return
-    _each(db, "DELETE FROM meisa_ops WHERE", taken)
-    new_ext, new_email = identities(payload)
-    db.execute(
-        "UPDATE meisa_ops SET payload = ?, lane = ?, merged = ?, ext = ?, email = ? WHERE seq = ?",
-        (_dump(payload), lane, merged, new_ext, new_email, row.seq),
-    )
-    row.operation.payload, row.lane, row.merged = payload, lane, merged
+    if taken:
+        _each(db, "DELETE FROM meisa_ops WHERE state = 'pending'", taken)
+        db.execute(
+            "UPDATE meisa_ops SET payload = ?, lane = ?, merged = ?, ext = ?, email = ? "
+            "WHERE seq = ?",
+            (body, row.lane, row.merged, *identities(row.operation.payload), row.seq),
+        )
 
 
 def release_flights(db: sqlite3.Connection) -> int:
@@ -325,30 +292,24 @@ def release_flights(db: sqlite3.Connection) -> int:
     return db.execute("UPDATE meisa_ops SET state = 'pending' WHERE state = 'flight'").rowcount
 
 
-# -- dead letters ----------------------------------------------------------------------
-
-
 def error_fields(error: BaseException) -> tuple[int | None, str | None, str]:
     """``(status, code, message)`` as a dead letter keeps them (never a payload value)."""
+    status, code, message = None, None, type(error).__name__
     if isinstance(error, APIError):
-        status: int | None = error.status
-        code, message = error.code, error.message
+        status, code, message = error.status, error.code, error.message
     elif isinstance(error, APIConnectionError):
-        status, code, message = None, None, f"{type(error).__name__}: {error.reason}"
+        message = f"{message}: {error.reason}"
     elif isinstance(error, ValidationError):
-        status, code, message = None, "validation", f"{error.field}: {error.message}"
-    else:
-        status, code, message = None, None, type(error).__name__
+        code, message = "validation", f"{error.field}: {error.message}"
     return status, code, message[:_MESSAGE_LIMIT]
 
 
 def bury(db: sqlite3.Connection, row: Row, error: BaseException) -> None:
     """Keep ``row`` as a dead letter with ``error``."""
-    status, code, message = error_fields(error)
     db.execute(
         "UPDATE meisa_ops SET state = 'dead', error_status = ?, error_code = ?, "
         "error_message = ?, failed_at = ? WHERE seq = ?",
-        (status, code, message, time.time(), row.seq),
+        (*error_fields(error), time.time(), row.seq),
     )
 
 
@@ -358,57 +319,44 @@ def dead_letters(db: sqlite3.Connection, seqs: Iterable[int] | None = None) -> l
         f"SELECT {OP_COLUMNS}, error_status, error_code, error_message, failed_at "
         "FROM meisa_ops WHERE state = 'dead'"
     )
-    params = [] if seqs is None else [int(seq) for seq in seqs]
-    if seqs is not None:
-        query += f" AND seq IN ({', '.join('?' * len(params))})"
-    letters = []
-    for values in db.execute(query + " ORDER BY seq", params).fetchall():
-        row = row_of(values)
-        letters.append(
-            DeadLetter(
-                seq=row.seq,
-                operation=row.operation,
-                status=values[13],
-                code=values[14],
-                message=values[15] or "",
-                attempts=row.operation.attempts,
-                merged=row.merged,
-                failed_at=float(values[16] or 0.0),
-            )
+    return [
+        DeadLetter(
+            **vars(row_of(values)),
+            status=values[13],
+            code=values[14],
+            message=values[15] or "",
+            failed_at=float(values[16] or 0.0),
         )
-    return letters
+        for values in _each(db, query, seqs, " ORDER BY seq").fetchall()
+    ]
 
 
 def requeue(db: sqlite3.Connection, seqs: Iterable[int] | None = None) -> int:
     """Make dead letters (those in ``seqs``, or all) wait again, as new: errors cleared,
     and an event may recover its contact again."""
-    reset = (
+    return _each(
+        db,
         "UPDATE meisa_ops SET state = 'pending', attempts = 0, first_attempt = NULL, "
         "ready_at = 0, recover = 0, error_status = NULL, error_code = NULL, "
-        "error_message = NULL, failed_at = NULL WHERE state = 'dead'"
-    )
-    if seqs is None:
-        return db.execute(reset).rowcount
-    return _each(db, reset + " AND", seqs)
+        "error_message = NULL, failed_at = NULL WHERE state = 'dead'",
+        seqs,
+    ).rowcount
 
 
 def purge(db: sqlite3.Connection, seqs: Iterable[int] | None = None) -> int:
     """Delete dead letters (those in ``seqs``, or all)."""
+    return _each(db, "DELETE FROM meisa_ops WHERE state = 'dead'", seqs).rowcount
+
+
+def _each(
+    db: sqlite3.Connection, statement: str, seqs: Iterable[int] | None, end: str = ""
+) -> sqlite3.Cursor:
+    """Run ``statement`` (ending in a ``WHERE`` clause) on the rows ``seqs`` (``None``:
+    all): a few rows, named on the command line or of one contact."""
     if seqs is None:
-        return db.execute("DELETE FROM meisa_ops WHERE state = 'dead'").rowcount
-    return _each(db, "DELETE FROM meisa_ops WHERE state = 'dead' AND", seqs)
-
-
-def _each(db: sqlite3.Connection, statement: str, seqs: Iterable[int]) -> int:
+        return db.execute(statement + end)
     wanted = [int(seq) for seq in seqs]
-    done = 0
-    for start in range(0, len(wanted), 500):
-        chunk = wanted[start : start + 500]
-        done += db.execute(f"{statement} seq IN ({', '.join('?' * len(chunk))})", chunk).rowcount
-    return done
-
-
-# -- the host's status -----------------------------------------------------------------
+    return db.execute(f"{statement} AND seq IN ({', '.join('?' * len(wanted))}){end}", wanted)
 
 
 def percentiles(waits: list[float]) -> tuple[float, float]:
@@ -438,13 +386,8 @@ def describe(db: sqlite3.Connection, now: float, status: DeliveryStatus) -> None
         waited = max(now - oldest, 0.0)
         status.oldest_wait[name] = max(status.oldest_wait.get(name, 0.0), waited)
     for lane, name in LANE_NAMES.items():
-        waits = [
-            float(w)
-            for (w,) in db.execute(
-                "SELECT waited FROM meisa_answers WHERE lane = ? AND at >= ? ORDER BY waited",
-                (lane, now - LATENCY_WINDOW),
-            )
-        ]
+        query = "SELECT waited FROM meisa_answers WHERE lane = ? AND at >= ? ORDER BY waited"
+        waits = [float(w) for (w,) in db.execute(query, (lane, now - LATENCY_WINDOW))]
         if waits:
             status.latency[name] = percentiles(waits)
     for name in ("delivered", "failed", "dropped", "unchanged"):

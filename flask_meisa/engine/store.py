@@ -68,26 +68,17 @@ CREATE TABLE IF NOT EXISTS meisa_answers (lane INTEGER NOT NULL, at REAL NOT NUL
 CREATE INDEX IF NOT EXISTS meisa_answers_at ON meisa_answers (at);
 CREATE TABLE IF NOT EXISTS meisa_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-#: The ops columns that come back into an operation's row, in order.
-OP_COLUMNS = (
-    "seq, id, kind, lane, payload, contact, priority, force, created_at, attempts, "
-    "first_attempt, recover, merged"
-)
-
 # A forked child must neither use nor close its parent's connection (SQLite's rule): kept
 # referenced here so that nothing finalises it either.
 _INHERITED: list[sqlite3.Connection] = []
 
 
 class Store:
-    """The database (see the module's docstring). Every method is safe from any thread;
-    in a forked child the store opens its own connection.
+    """The database, safe from any thread; a forked child opens its own connection.
 
-    :param path: the SQLite file (its folder is made when missing), or ``None`` for a
-        database in this process's memory.
+    :param path: the SQLite file (its folder is made when missing), or ``None`` for memory.
     :param busy_timeout: seconds a write waits for another process's write.
-    :raises ConfigurationError: the file cannot be used (not writable, not a database
-        that can be set aside).
+    :raises ConfigurationError: the file cannot be used.
     """
 
     def __init__(self, path: str | os.PathLike[str] | None, *, busy_timeout: float = 1.0) -> None:
@@ -99,7 +90,7 @@ class Store:
         try:
             if self.path is not None:
                 os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            self._prepare()
+                self._prepare()
         except STORE_ERRORS as error:
             raise ConfigurationError(
                 f"the delivery store {self.path!r} cannot be used ({error}); set MEISA_OUTBOX "
@@ -114,12 +105,9 @@ class Store:
         """Whether the store is a file (shared by the host, kept across restarts)."""
         return self.path is not None
 
-    # -- connection --------------------------------------------------------------------
-
     def before_fork(self) -> None:
-        """Before a fork: wait for this process's read or write to end and hold the lock
-        across the fork, so that the child inherits no transaction in progress (SQLite's
-        record of the parent's locks would block the child's own connection)."""
+        """Before a fork: hold the store across it, so that the child inherits no
+        transaction in progress (its record of the parent's locks would block the child)."""
         self._lock.acquire()
 
     def after_fork_in_parent(self) -> None:
@@ -127,8 +115,7 @@ class Store:
         self._lock.release()
 
     def after_fork(self) -> None:
-        """In a forked child, before its other threads run: a lock of its own and, on
-        first use, a connection of its own."""
+        """In a forked child: a lock of its own and, on first use, a connection."""
         if self._pid == os.getpid():
             return
         self._pid = os.getpid()
@@ -141,20 +128,20 @@ class Store:
         if self._pid != os.getpid():  # a forked child: the parent's connection is not ours
             self.after_fork()
         if self._db is None:
-            self._db = self._open(self.path or ":memory:")
-            self._db.executescript(_SCHEMA)
+            db = sqlite3.connect(
+                self.path or ":memory:",
+                timeout=self.busy_timeout,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            try:
+                db.execute("PRAGMA synchronous = NORMAL")
+                db.executescript(_SCHEMA)
+            except BaseException:
+                db.close()
+                raise
+            self._db = db
         return self._db
-
-    def _open(self, target: str) -> sqlite3.Connection:
-        db = sqlite3.connect(
-            target, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
-        )
-        try:
-            db.execute("PRAGMA synchronous = NORMAL")
-        except BaseException:
-            db.close()
-            raise
-        return db
 
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
@@ -177,8 +164,7 @@ class Store:
             db.execute("COMMIT")
 
     def close(self) -> None:
-        """Close this process's connection (a later use opens a new one; a memory
-        database starts empty again)."""
+        """Close this process's connection (a memory database starts empty again)."""
         with self._lock:
             db, self._db = self._db, None
             if db is not None and self._pid == os.getpid():
@@ -188,8 +174,6 @@ class Store:
         """A number that changes whenever another connection (any process) commits."""
         with self.read() as db:
             return int(db.execute("PRAGMA data_version").fetchone()[0])
-
-    # -- the small key-value table -----------------------------------------------------
 
     @staticmethod
     def get_meta(db: sqlite3.Connection, name: str, default: Any = None) -> Any:
@@ -218,12 +202,7 @@ class Store:
                 (name, str(int(delta))),
             )
 
-    # -- opening, checking, setting a damaged file aside -------------------------------
-
     def _prepare(self) -> None:
-        if self.path is None:
-            with self.read():
-                return
         try:
             self._check()
         except sqlite3.DatabaseError as error:
@@ -258,8 +237,8 @@ class Store:
         self._check()
         with self.write() as db:
             db.executemany(
-                f"INSERT INTO meisa_ops ({', '.join(_SALVAGED)}) "
-                f"VALUES ({', '.join('?' * len(_SALVAGED))})",
+                f"INSERT INTO meisa_ops ({_SALVAGED}) "
+                f"VALUES ({', '.join('?' * len(_SALVAGED.split(',')))})",
                 rows,
             )
         logger.error(
@@ -273,25 +252,10 @@ class Store:
         )
 
 
+# The columns salvaged from a damaged store.
 _SALVAGED = (
-    "seq",
-    "id",
-    "kind",
-    "lane",
-    "ext",
-    "email",
-    "payload",
-    "contact",
-    "priority",
-    "force",
-    "created_at",
-    "state",
-    "attempts",
-    "merged",
-    "error_status",
-    "error_code",
-    "error_message",
-    "failed_at",
+    "seq, id, kind, lane, ext, email, payload, contact, priority, force, created_at, state, "
+    "attempts, merged, error_status, error_code, error_message, failed_at"
 )
 
 
@@ -302,7 +266,7 @@ def _salvage(path: str) -> list[tuple[Any, ...]]:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     except sqlite3.Error:
         return rows
-    query = f"SELECT {', '.join(_SALVAGED)} FROM meisa_ops WHERE seq > ? ORDER BY seq"
+    query = f"SELECT {_SALVAGED} FROM meisa_ops WHERE seq > ? ORDER BY seq"
     after, skip = -1, 1
     try:
         while skip < 1 << 40:

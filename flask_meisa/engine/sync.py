@@ -1,13 +1,15 @@
 """``MEISA_DELIVERY = "sync"``: every operation is delivered inline, in the caller's thread,
-retried by the client's own policy: for debugging, scripts and tests that want each call
-made before the next line runs. No rate budget: prefer background delivery in a web app."""
+retried by the client's own policy, with no budget: for debugging, scripts and tests."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
 import logging
 import threading
 from collections.abc import Iterable
+from typing import Any
 
 from .._decisions import decide
 from .._decisions import log_decision
@@ -23,17 +25,18 @@ from .base import HookCaller
 __all__ = ["InlineDispatcher"]
 
 logger = logging.getLogger("flask_meisa.engine")
-_GIVE_UP = RetryPolicy.never()
+# The client retried already: what one attempt's outcome means.
+_decide = functools.partial(decide, attempts=1, elapsed=0.0, policy=RetryPolicy.never())
 
 
 class InlineDispatcher:
-    """Delivers each operation as it is submitted (implements the dispatcher protocol)."""
+    """Delivers each operation as it is submitted (a :class:`~.base.Dispatcher`)."""
 
     def __init__(self, *, client_factory: ClientFactory, hooks: DeliveryHooks) -> None:
         self._client_factory = client_factory
         self._hooks = HookCaller(hooks, logger)
         self._lock = threading.Lock()
-        self._counts = {"delivered": 0, "failed": 0}
+        self._counts: collections.Counter[str] = collections.Counter()
 
     def start(self) -> None:
         """Nothing to start."""
@@ -41,46 +44,37 @@ class InlineDispatcher:
     def submit(self, operations: Iterable[Operation]) -> None:
         """Deliver each operation now; outcomes go to the hooks, nothing is raised."""
         for operation in operations:
-            self._deliver(operation)
+            reason = self._hooks.skip_reason(operation)
+            if reason is None:
+                self._deliver(operation)
+            else:
+                self._hooks.call("skipped", operation, reason)
 
     def _deliver(self, operation: Operation) -> None:
-        reason = self._hooks.skip_reason(operation)
-        if reason is not None:
-            self._hooks.call("skipped", operation, reason)
-            return
-        client = self._client_factory()
-        call, recovered = operation, False
+        client, call, recovered = self._client_factory(), operation, False
         while True:
             call.attempts = operation.attempts = operation.attempts + 1
             try:
                 result = deliver(client, call)
             except MeisaError as error:
-                decision = decide(
-                    call.kind,
-                    error,
-                    attempts=1,
-                    elapsed=0.0,
-                    policy=_GIVE_UP,  # the client retried already
-                    can_recover=operation.contact is not None and not recovered,
-                )
+                can_recover = operation.contact is not None and not recovered
+                decision = _decide(call.kind, error, can_recover=can_recover)
                 if decision.action == "recover" and operation.contact is not None:
                     # The contact does not exist yet: upsert it, then track again.
                     call, recovered = Operation("upsert", operation.contact), True
                     continue
                 log_decision(logger, decision, operation.describe(), error, operation.attempts)
-                self._count("failed")
-                self._hooks.call("failed", operation, error)
+                self._report("failed", operation, error)
                 return
-            if call is not operation:
-                call = operation  # the contact exists now: the event again
-                continue
-            self._count("delivered")
-            self._hooks.call("delivered", operation, result)
-            return
+            if call is operation:
+                self._report("delivered", operation, result)
+                return
+            call = operation  # the contact exists now: the event again
 
-    def _count(self, name: str) -> None:
+    def _report(self, outcome: str, operation: Operation, detail: Any) -> None:
         with self._lock:
-            self._counts[name] += 1
+            self._counts[outcome] += 1
+        self._hooks.call(outcome, operation, detail)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Nothing is ever pending: always ``True``."""
@@ -100,7 +94,6 @@ class InlineDispatcher:
     def status(self) -> DeliveryStatus:
         """Counters only; there is no queue."""
         with self._lock:
-            counts = dict(self._counts)
-        return DeliveryStatus(
-            engine="sync", delivered=counts["delivered"], failed=counts["failed"]
-        )
+            return DeliveryStatus(
+                engine="sync", delivered=self._counts["delivered"], failed=self._counts["failed"]
+            )

@@ -50,11 +50,8 @@ def _str(value: Any) -> str | None:
 
 def _first(*values: Any) -> str | None:
     """The first value that reads as a non-empty string (what ``a or b`` picks)."""
-    text = None
-    for value in values:
-        if text := _str(value):
-            return text
-    return text
+    texts = [_str(value) for value in values]
+    return next((text for text in texts if text), texts[-1])
 
 
 def _int(value: Any, default: int) -> int:
@@ -68,8 +65,7 @@ def _bool(value: Any, default: bool = False) -> bool:
 
 
 def _list(value: Any) -> list[Any]:
-    is_list = isinstance(value, SequenceABC) and not isinstance(value, (str, bytes))
-    return list(value) if is_list else []
+    return list(value) if isinstance(value, (list, tuple)) else []
 
 
 def _items(body: Any, key: str) -> list[Mapping[str, Any]]:
@@ -98,16 +94,12 @@ def _time(value: Any) -> dt.datetime | None:
         return None
 
 
-def _dict(value: Any) -> dict[str, Any]:
-    return dict(value) if isinstance(value, Mapping) else {}
-
-
 #: How a field is read, by its annotation as written (annotations are strings here).
 _READERS: dict[str, Callable[[Any], Any]] = {
     "str | None": _str,
     "dt.datetime | None": _time,
     "tuple[str, ...]": _names,
-    "dict[str, Any]": _dict,
+    "dict[str, Any]": lambda value: dict(_obj(value)),
     "bool": _bool,
 }
 
@@ -228,8 +220,9 @@ class UnsubscribedEmails(_Result):
     def from_body(cls, body: Any) -> UnsubscribedEmails:
         """Parse the suppression list."""
         data = _obj(body)
-        listed = _list(data.get("emails"))
-        emails = frozenset(e.strip().lower() for e in listed if isinstance(e, str))
+        emails = frozenset(
+            e.strip().lower() for e in _list(data.get("emails")) if isinstance(e, str)
+        )
         return cls._parse(body, count=_int(data.get("count"), len(emails)), emails=emails)
 
 

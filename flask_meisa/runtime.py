@@ -60,9 +60,9 @@ class MeisaState:
         #: Operations the engine refused (counted into ``status().dropped``).
         self.refused = 0
         if settings.delivery == "celery":
-            from .engine import celery as celery_engine
+            from .engine.celery_setup import init_celery
 
-            celery_engine.init_celery(app)
+            init_celery(app)
         _live.add(self)
         # The engine's threads must not keep a dropped app's engine running. Not at exit:
         # there _at_exit closes it, flushing for MEISA_FLUSH_TIMEOUT.

@@ -34,8 +34,8 @@ from support import ROOT
 from support import redis_server
 from support import sigterm_unwinds
 
+from flask_meisa._engine.celery import CeleryDispatcher
 from flask_meisa.emulator import Emulator
-from flask_meisa.engine.celery import CeleryDispatcher
 from flask_meisa.operations import Operation
 
 if TYPE_CHECKING:

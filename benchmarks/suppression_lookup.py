@@ -3,7 +3,7 @@
 Run: ``.venv/bin/python benchmarks/suppression_lookup.py [--size N]``
 
 Prints the memory (tracemalloc) of Meisa's list as the client hands it over and what
-:class:`~flask_meisa.suppression.SuppressionSet` adds on top, for an already clean list
+:class:`~flask_meisa._suppression.SuppressionSet` adds on top, for an already clean list
 (lowercase, no spaces: shared, not copied) and for a mixed-case one (normalized into a new
 set); then the cost of one ``is_suppressed`` call beside a bare ``frozenset`` membership test,
 as a ratio from this one run.
@@ -19,7 +19,7 @@ import tracemalloc
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from flask_meisa.suppression import SuppressionSet
+from flask_meisa._suppression import SuppressionSet
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ The public surface::
 
 from __future__ import annotations
 
+from ._engine.base import DeliveryStatus
 from .client import MeisaClient
 from .decorators import track_event
 from .errors import APIConnectionError
@@ -46,6 +47,7 @@ __all__ = [
     "ConfigurationError",
     "ConflictError",
     "DeliveryError",
+    "DeliveryStatus",
     "Meisa",
     "MeisaClient",
     "MeisaError",

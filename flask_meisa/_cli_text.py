@@ -7,9 +7,9 @@ import datetime as dt
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .engine.backfill import Progress
-    from .engine.base import DeliveryStatus
-    from .engine.pending import DeadLetter
+    from ._engine.backfill import Progress
+    from ._engine.base import DeliveryStatus
+    from ._engine.pending import DeadLetter
 
 #: A row of the status table: lane, waiting, oldest, p50, p99.
 _ROW = "{:<14}  {:<8}  {:<9}  {:<8}  {:<8}"

@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from ._bodies import CONTACT_SOURCES
 from ._ratelimit import parse_rate_limit
-from .bodies import CONTACT_SOURCES
 from .errors import ConfigurationError
 
 #: ``MEISA_OUTBOX`` values starting with this name a file in the app's instance folder.

@@ -17,17 +17,17 @@ from flask import current_app
 from flask.cli import AppGroup
 
 from . import _cli_text
+from ._engine import backfill
+from ._engine import pending
+from ._engine.store import Store
 from ._ratelimit import parse_rate_limit
 from .config import config_template
-from .engine import backfill
-from .engine import pending
-from .engine.store import Store
 from .errors import MeisaError
 from .operations import Operation
 
 if TYPE_CHECKING:
+    from ._runtime import MeisaState
     from .extension import Meisa
-    from .runtime import MeisaState
 
 __all__ = ["meisa_cli"]
 
@@ -175,7 +175,7 @@ def _backfill_target(state: MeisaState, *, start: bool) -> backfill.Target:
             " delivery on)"
         )
     if delivery == "celery":
-        from .engine.celery import CeleryDispatcher
+        from ._engine.celery import CeleryDispatcher
 
         dispatcher = state.dispatcher
         assert isinstance(dispatcher, CeleryDispatcher)

@@ -16,11 +16,11 @@ from urllib.parse import quote
 import requests
 
 from . import _http
+from . import _payloads as payloads
 from . import _values
-from . import payloads
-from .bodies import track_body
-from .bodies import trigger_body
-from .bodies import upsert_body
+from ._bodies import track_body
+from ._bodies import trigger_body
+from ._bodies import upsert_body
 from .config import DEFAULTS
 from .errors import ConfigurationError
 from .errors import ValidationError

@@ -140,7 +140,7 @@ KEYS: tuple[Key, ...] = (
         ' operation inline; `"celery"`: Celery workers deliver',
         notes='"sync" is for debugging and scripts. "celery" needs'
               ' pip install "flask-meisa[celery]"; the web process only publishes one task per'
-              " operation (see flask_meisa/engine/celery.py)."),
+              " operation (see docs/celery.md)."),
     Key("MEISA_QUEUE_SIZE", "int", 10_000, _values.count,
         "operations the engine holds in memory; past it events, then syncs, are shed"
         " (reported through `delivery_dropped`), never sends"),

@@ -15,9 +15,9 @@ from flask import after_this_request
 from flask import current_app
 from flask_login import current_user
 
+from ._payloads import json_object
+from ._payloads import require_text
 from .errors import ValidationError
-from .payloads import json_object
-from .payloads import require_text
 
 __all__ = ["track_event"]
 

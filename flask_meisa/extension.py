@@ -20,20 +20,20 @@ from flask import current_app
 from flask import has_app_context
 from flask_login import user_logged_in
 
-from . import bodies
-from . import deferral
+from . import _bodies as bodies
+from . import _deferral as deferral
 from . import signals
+from ._engine.base import DeliveryStatus
+from ._payloads import normalize_email
+from ._payloads import to_json_value
+from ._runtime import MeisaState
 from .client import MeisaClient
 from .config import DEFAULTS
 from .config import MeisaSettings
-from .engine.base import DeliveryStatus
 from .errors import UnprocessableEntityError
 from .errors import ValidationError
 from .operations import Operation
-from .payloads import normalize_email
-from .payloads import to_json_value
 from .results import SendResult
-from .runtime import MeisaState
 
 __all__ = ["Meisa"]
 

@@ -19,8 +19,8 @@ from .results import SendResult
 if TYPE_CHECKING:
     from flask import Flask
 
+    from ._suppression import SuppressionSet
     from .operations import Operation
-    from .suppression import SuppressionSet
 
 __all__ = [
     "SignalReporter",
@@ -87,7 +87,7 @@ def emit(signal: Signal, app: Flask, **kwargs: Any) -> None:
 
 
 class SignalReporter:
-    """The :class:`~flask_meisa.engine.base.DeliveryHooks` of one app (held weakly, the
+    """The :class:`~flask_meisa._engine.base.DeliveryHooks` of one app (held weakly, the
     sender of every outcome signal), and its suppression set for sends."""
 
     def __init__(self, app: Flask, suppression: SuppressionSet) -> None:

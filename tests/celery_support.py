@@ -40,9 +40,9 @@ from flask import Flask
 from redis import Redis
 
 from flask_meisa import Meisa
+from flask_meisa._engine.celery import CeleryDispatcher
+from flask_meisa._engine.celery_worker import lane_queues
 from flask_meisa.emulator import Emulator
-from flask_meisa.engine.celery import CeleryDispatcher
-from flask_meisa.engine.celery_worker import lane_queues
 from flask_meisa.signals import contact_synced
 from flask_meisa.signals import delivery_dropped
 from flask_meisa.signals import delivery_failed

@@ -111,7 +111,7 @@ def _isolated_apps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     lives by default), and every app's delivery is closed when the test ends."""
     from flask import Flask
 
-    from flask_meisa import runtime
+    from flask_meisa import _runtime as runtime
 
     instance = str(tmp_path_factory.mktemp("instance"))
     original = Flask.auto_find_instance_path

@@ -23,9 +23,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from flask_meisa._engine.delivery import Delivery
+from flask_meisa._engine.store import Store
 from flask_meisa.client import MeisaClient
-from flask_meisa.engine.delivery import Delivery
-from flask_meisa.engine.store import Store
 from flask_meisa.operations import Operation
 from flask_meisa.retry import RetryPolicy
 

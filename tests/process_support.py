@@ -15,10 +15,10 @@ from collections.abc import Callable
 from collections.abc import Sequence
 from pathlib import Path
 
+from flask_meisa._engine import pending
+from flask_meisa._engine.base import DeliveryStatus
+from flask_meisa._engine.store import Store
 from flask_meisa.emulator import Emulator
-from flask_meisa.engine import pending
-from flask_meisa.engine.base import DeliveryStatus
-from flask_meisa.engine.store import Store
 from tests.served_app import USERS
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -58,11 +58,11 @@ import pytest
 from click.testing import CliRunner
 
 from flask_meisa import signals
+from flask_meisa._runtime import MeisaState
 from flask_meisa.client import MeisaClient
 from flask_meisa.config import MeisaSettings
 from flask_meisa.emulator import Emulator
 from flask_meisa.errors import MeisaError
-from flask_meisa.runtime import MeisaState
 from tests.leak_scan import MIN_KEY_LENGTH
 from tests.leak_scan import Secret
 from tests.leak_scan import error_texts

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from flask_meisa._engine.budget import Budget
+from flask_meisa._engine.store import Store
 from flask_meisa._ratelimit import RateWindow
 from flask_meisa._ratelimit import parse_rate_limit
 from flask_meisa.emulator import RateLimiter as ServerLimiter
-from flask_meisa.engine.budget import Budget
-from flask_meisa.engine.store import Store
 from flask_meisa.errors import ConfigurationError
 from flask_meisa.operations import LANE_AUTOMATION
 from flask_meisa.operations import LANE_BACKFILL

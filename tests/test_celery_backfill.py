@@ -18,8 +18,8 @@ from celery import Celery  # type: ignore[import-untyped]
 from flask import Flask
 
 from flask_meisa import Meisa
+from flask_meisa._engine import backfill
 from flask_meisa.emulator import Emulator
-from flask_meisa.engine import backfill
 from flask_meisa.testing import emulator_config
 from tests.backfill_app import create_app
 from tests.celery_support import StartWorker

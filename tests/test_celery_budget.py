@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis
 
-from flask_meisa.engine.redis_budget import RedisBudget
+from flask_meisa._engine.redis_budget import RedisBudget
 from flask_meisa.errors import ConfigurationError
 from flask_meisa.operations import LANE_AUTOMATION
 from flask_meisa.operations import LANE_BACKFILL

@@ -17,8 +17,8 @@ import redis
 from flask import Flask
 
 from flask_meisa import Meisa
+from flask_meisa._engine.celery import CeleryDispatcher
 from flask_meisa.emulator import Emulator
-from flask_meisa.engine.celery import CeleryDispatcher
 from flask_meisa.operations import Operation
 from flask_meisa.operations import merge_upsert_payloads
 from tests.celery_support import HUNG

@@ -15,8 +15,8 @@ import pytest
 from flask import Flask
 
 from flask_meisa import Meisa
+from flask_meisa._engine.celery import CeleryDispatcher
 from flask_meisa.emulator import Emulator
-from flask_meisa.engine.celery import CeleryDispatcher
 from flask_meisa.operations import Operation
 from tests.celery_support import RedisServer
 from tests.celery_support import StartWorker

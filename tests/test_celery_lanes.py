@@ -10,8 +10,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from flask_meisa._engine.celery import CeleryDispatcher
 from flask_meisa.emulator import Emulator
-from flask_meisa.engine.celery import CeleryDispatcher
 from flask_meisa.operations import Operation
 from tests.celery_support import StartWorker
 from tests.celery_support import producer_fixture  # noqa: F401

@@ -15,15 +15,15 @@ from typing import Any
 import pytest
 import redis
 
+from flask_meisa._engine.celery import CeleryDispatcher
+from flask_meisa._engine.celery_worker import TASK_NAME
+from flask_meisa._engine.celery_worker import DeliveryWorker
+from flask_meisa._engine.celery_worker import RunAgain
+from flask_meisa._engine.celery_worker import register_tasks
+from flask_meisa._engine.redis_budget import RedisBudget
+from flask_meisa._engine.redis_store import RedisDeliveryStore
 from flask_meisa.client import MeisaClient
 from flask_meisa.emulator import Emulator
-from flask_meisa.engine.celery import CeleryDispatcher
-from flask_meisa.engine.celery_worker import TASK_NAME
-from flask_meisa.engine.celery_worker import DeliveryWorker
-from flask_meisa.engine.celery_worker import RunAgain
-from flask_meisa.engine.celery_worker import register_tasks
-from flask_meisa.engine.redis_budget import RedisBudget
-from flask_meisa.engine.redis_store import RedisDeliveryStore
 from flask_meisa.errors import BadRequestError
 from flask_meisa.errors import NotFoundError
 from flask_meisa.operations import LANE_AUTOMATION

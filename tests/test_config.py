@@ -125,7 +125,7 @@ def test_the_clients_defaults_are_the_tables() -> None:
 
 
 def test_the_celery_engines_keys_are_the_tables() -> None:
-    celery_engine = pytest.importorskip("flask_meisa.engine.celery_setup")
+    celery_engine = pytest.importorskip("flask_meisa._engine.celery_setup")
     assert {
         name: DEFAULTS[name]
         for name in (

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
+from flask_meisa._engine.delivery import Delivery
+from flask_meisa._engine.store import Store
 from flask_meisa.emulator import Emulator
-from flask_meisa.engine.delivery import Delivery
-from flask_meisa.engine.store import Store
 from flask_meisa.errors import DeliveryError
 from flask_meisa.operations import Operation
 from flask_meisa.retry import RetryPolicy
@@ -261,7 +261,7 @@ def test_an_event_answered_404_upserts_its_contact_then_tracks_again(
 def test_an_event_answered_404_without_a_known_contact_fails_as_a_dead_letter(
     emulator: Emulator, make_engine: MakeEngine, hooks: RecordingHooks
 ) -> None:
-    from flask_meisa.engine import pending
+    from flask_meisa._engine import pending
 
     engine = make_engine(emulator)
     event = track(1, tag="nobody")

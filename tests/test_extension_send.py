@@ -10,9 +10,9 @@ from flask import Flask
 from flask_meisa import Meisa
 from flask_meisa import UnprocessableEntityError
 from flask_meisa import ValidationError
+from flask_meisa._suppression import SuppressionSet
 from flask_meisa.signals import email_sent
 from flask_meisa.signals import email_suppressed
-from flask_meisa.suppression import SuppressionSet
 from flask_meisa.testing import emulator_config
 from flask_meisa.testing import record_operations
 from tests.apps import build_app

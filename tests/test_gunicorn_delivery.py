@@ -30,8 +30,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from flask_meisa._engine.hostlock import HostLock
 from flask_meisa.emulator import Emulator
-from flask_meisa.engine.hostlock import HostLock
 from tests.process_support import ROOT
 from tests.process_support import Process
 from tests.process_support import Processes

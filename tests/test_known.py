@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
+from flask_meisa._engine import known
+from flask_meisa._engine.delivery import Delivery
+from flask_meisa._engine.store import Store
 from flask_meisa.emulator import Emulator
-from flask_meisa.engine import known
-from flask_meisa.engine.delivery import Delivery
-from flask_meisa.engine.store import Store
 from flask_meisa.operations import LANE_AUTOMATION
 from flask_meisa.operations import LANE_ROUTINE
 from flask_meisa.operations import Operation

@@ -16,8 +16,8 @@ from flask_meisa import delivery_dropped
 from flask_meisa import delivery_failed
 from flask_meisa import email_sent
 from flask_meisa import event_tracked
+from flask_meisa._engine.store import Store
 from flask_meisa.emulator import Emulator
-from flask_meisa.engine.store import Store
 from flask_meisa.operations import Operation
 from tests.engine_support import RecordingHooks
 from tests.engine_support import make_engine

@@ -13,18 +13,18 @@ from typing import Any
 
 import pytest
 
+from flask_meisa._payloads import MAX_BODY_BYTES
+from flask_meisa._payloads import MAX_DEPTH
+from flask_meisa._payloads import encode_body
+from flask_meisa._payloads import json_object
+from flask_meisa._payloads import normalize_email
+from flask_meisa._payloads import normalize_external_id
+from flask_meisa._payloads import optional_text
+from flask_meisa._payloads import require_text
+from flask_meisa._payloads import text_list
+from flask_meisa._payloads import to_json_value
+from flask_meisa._payloads import unique_emails
 from flask_meisa.errors import ValidationError
-from flask_meisa.payloads import MAX_BODY_BYTES
-from flask_meisa.payloads import MAX_DEPTH
-from flask_meisa.payloads import encode_body
-from flask_meisa.payloads import json_object
-from flask_meisa.payloads import normalize_email
-from flask_meisa.payloads import normalize_external_id
-from flask_meisa.payloads import optional_text
-from flask_meisa.payloads import require_text
-from flask_meisa.payloads import text_list
-from flask_meisa.payloads import to_json_value
-from flask_meisa.payloads import unique_emails
 
 
 class Plan(str, enum.Enum):

@@ -10,16 +10,16 @@ from typing import Any
 
 import pytest
 
-from flask_meisa.engine import pending
-from flask_meisa.engine.base import DeliveryStatus
-from flask_meisa.engine.store import Store
+from flask_meisa._engine import pending
+from flask_meisa._engine.base import DeliveryStatus
+from flask_meisa._engine.store import Store
+from flask_meisa._payloads import MAX_BODY_BYTES
 from flask_meisa.operations import LANE_AUTOMATION
 from flask_meisa.operations import LANE_BACKFILL
 from flask_meisa.operations import LANE_ROUTINE
 from flask_meisa.operations import LANE_TRANSACTIONAL
 from flask_meisa.operations import Operation
 from flask_meisa.operations import Priority
-from flask_meisa.payloads import MAX_BODY_BYTES
 
 
 @pytest.fixture

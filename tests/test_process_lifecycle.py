@@ -22,8 +22,8 @@ import pytest
 from flask import Flask
 
 from flask_meisa import Meisa
+from flask_meisa._engine.store import Store
 from flask_meisa.emulator import Emulator
-from flask_meisa.engine.store import Store
 from flask_meisa.errors import ConfigurationError
 from flask_meisa.testing import emulator_config
 from tests.apps import build_app

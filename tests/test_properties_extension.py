@@ -18,11 +18,11 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 from flask_meisa import Meisa
-from flask_meisa.bodies import default_contact_mapper
-from flask_meisa.bodies import map_contact
-from flask_meisa.bodies import track_body
-from flask_meisa.bodies import trigger_body
-from flask_meisa.bodies import upsert_body
+from flask_meisa._bodies import default_contact_mapper
+from flask_meisa._bodies import map_contact
+from flask_meisa._bodies import track_body
+from flask_meisa._bodies import trigger_body
+from flask_meisa._bodies import upsert_body
 from flask_meisa.emulator import Emulator
 from flask_meisa.errors import APIError
 from flask_meisa.errors import BadRequestError

@@ -12,22 +12,22 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from flask_meisa.bodies import track_body
-from flask_meisa.bodies import trigger_body
-from flask_meisa.bodies import upsert_body
+from flask_meisa._bodies import track_body
+from flask_meisa._bodies import trigger_body
+from flask_meisa._bodies import upsert_body
+from flask_meisa._payloads import MAX_EMAIL_LENGTH
+from flask_meisa._payloads import MAX_TEXT_LENGTH
+from flask_meisa._payloads import json_object
+from flask_meisa._payloads import normalize_email
+from flask_meisa._payloads import normalize_external_id
+from flask_meisa._payloads import require_text
+from flask_meisa._payloads import text_list
+from flask_meisa._payloads import to_json_value
+from flask_meisa._payloads import unique_emails
 from flask_meisa.emulator.validation import Payload
 from flask_meisa.emulator.validation import is_valid_email
 from flask_meisa.errors import ValidationError
 from flask_meisa.operations import Operation
-from flask_meisa.payloads import MAX_EMAIL_LENGTH
-from flask_meisa.payloads import MAX_TEXT_LENGTH
-from flask_meisa.payloads import json_object
-from flask_meisa.payloads import normalize_email
-from flask_meisa.payloads import normalize_external_id
-from flask_meisa.payloads import require_text
-from flask_meisa.payloads import text_list
-from flask_meisa.payloads import to_json_value
-from flask_meisa.payloads import unique_emails
 from tests import property_strategies as s
 
 FAST = settings(deadline=None, max_examples=150)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from flask_meisa.engine import pending
-from flask_meisa.engine.hostlock import HostLock
-from flask_meisa.engine.store import SCHEMA_VERSION
-from flask_meisa.engine.store import Store
+from flask_meisa._engine import pending
+from flask_meisa._engine.hostlock import HostLock
+from flask_meisa._engine.store import SCHEMA_VERSION
+from flask_meisa._engine.store import Store
 from flask_meisa.errors import APITimeoutError
 from flask_meisa.errors import BadRequestError
 from flask_meisa.errors import ConfigurationError

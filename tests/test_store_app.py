@@ -15,10 +15,10 @@ import pytest
 from flask import Flask
 
 from flask_meisa import Meisa
+from flask_meisa._engine import pending
+from flask_meisa._engine.store import SCHEMA_VERSION
+from flask_meisa._engine.store import Store
 from flask_meisa.emulator import Emulator
-from flask_meisa.engine import pending
-from flask_meisa.engine.store import SCHEMA_VERSION
-from flask_meisa.engine.store import Store
 from flask_meisa.errors import ConfigurationError
 from flask_meisa.operations import LANE_ROUTINE
 from flask_meisa.operations import Operation

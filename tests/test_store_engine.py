@@ -18,12 +18,12 @@ from typing import Any
 
 import pytest
 
+from flask_meisa._engine import known
+from flask_meisa._engine import pending
+from flask_meisa._engine.delivery import Delivery
+from flask_meisa._engine.hostlock import HostLock
+from flask_meisa._engine.store import Store
 from flask_meisa.emulator import Emulator
-from flask_meisa.engine import known
-from flask_meisa.engine import pending
-from flask_meisa.engine.delivery import Delivery
-from flask_meisa.engine.hostlock import HostLock
-from flask_meisa.engine.store import Store
 from flask_meisa.errors import DeliveryError
 from flask_meisa.operations import Operation
 from flask_meisa.retry import RetryPolicy

@@ -15,14 +15,14 @@ from typing import Any
 
 import pytest
 
-from flask_meisa import suppression
+from flask_meisa import _suppression as suppression
+from flask_meisa._suppression import SuppressionSet
 from flask_meisa.client import MeisaClient
 from flask_meisa.emulator import Emulator
 from flask_meisa.errors import APIConnectionError
 from flask_meisa.errors import ConfigurationError
 from flask_meisa.errors import ValidationError
 from flask_meisa.retry import RetryPolicy
-from flask_meisa.suppression import SuppressionSet
 
 TTL = 300.0
 RETRY = 30.0

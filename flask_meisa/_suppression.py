@@ -20,7 +20,7 @@ from .errors import ValidationError
 
 __all__ = ["SuppressionSet", "SuppressionSnapshot"]
 
-_logger = logging.getLogger(__name__)
+_logger = logging.getLogger("flask_meisa.suppression")
 
 #: Local additions beyond this many push out the oldest (with a warning).
 _MAX_LOCAL = 100_000

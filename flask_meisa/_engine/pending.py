@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from .._payloads import encode_body
 from ..errors import APIConnectionError
 from ..errors import APIError
 from ..errors import ValidationError
@@ -21,7 +22,6 @@ from ..operations import Operation
 from ..operations import identities
 from ..operations import merge_priorities
 from ..operations import merge_upsert_payloads
-from ..payloads import encode_body
 from .base import DeliveryStatus
 from .store import Store
 

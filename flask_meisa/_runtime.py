@@ -14,22 +14,22 @@ from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 from typing import Any
 
+from ._engine.base import Dispatcher
+from ._suppression import SuppressionSet
 from .client import MeisaClient
 from .config import DEFAULTS
 from .config import INSTANCE_PREFIX
 from .config import is_delivering
-from .engine.base import Dispatcher
 from .errors import ConfigurationError
 from .retry import RetryPolicy
 from .signals import SignalReporter
-from .suppression import SuppressionSet
 
 if TYPE_CHECKING:
     from flask import Flask
 
+    from ._deferral import AfterResponseMiddleware
+    from ._engine.store import Store
     from .config import MeisaSettings
-    from .deferral import AfterResponseMiddleware
-    from .engine.store import Store
     from .results import UnsubscribedEmails
 
 __all__ = ["MeisaState"]
@@ -60,7 +60,7 @@ class MeisaState:
         #: Operations the engine refused (counted into ``status().dropped``).
         self.refused = 0
         if settings.delivery == "celery":
-            from .engine.celery_setup import init_celery
+            from ._engine.celery_setup import init_celery
 
             init_celery(app)
         _live.add(self)
@@ -203,14 +203,14 @@ class MeisaState:
     def _make_engine(self) -> Dispatcher:
         settings = self.settings
         if settings.delivery == "sync":
-            from .engine.sync import InlineDispatcher
+            from ._engine.sync import InlineDispatcher
 
             return InlineDispatcher(client_factory=lambda: self.client, hooks=self.reporter)
         if settings.delivery == "celery":
-            from .engine import celery as celery_engine
+            from ._engine import celery as celery_engine
 
             return celery_engine.make_dispatcher(self)
-        from .engine.delivery import Delivery
+        from ._engine.delivery import Delivery
 
         return Delivery(
             store=self.store(),
@@ -231,7 +231,7 @@ class MeisaState:
         """The store of ``MEISA_DELIVERY = "thread"`` (opened on first use): the
         ``MEISA_OUTBOX`` file, or memory when it is ``None`` or cannot be written."""
         if self._store is None:
-            from .engine.store import Store
+            from ._engine.store import Store
 
             path = self.store_path()
             try:

@@ -24,7 +24,7 @@ from .redis_store import RedisDeliveryStore
 if TYPE_CHECKING:
     from flask import Flask
 
-    from ..runtime import MeisaState
+    from .._runtime import MeisaState
 
 __all__ = ["CELERY_DEFAULTS", "CelerySettings", "configure_visibility", "init_celery"]
 

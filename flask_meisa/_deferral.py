@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIApplication
     from _typeshed.wsgi import WSGIEnvironment
 
-    from .runtime import MeisaState
+    from ._runtime import MeisaState
 
 __all__ = ["AfterResponseMiddleware", "enqueue", "release_now", "report_queued"]
 

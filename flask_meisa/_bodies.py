@@ -9,9 +9,9 @@ from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
 
-from . import payloads
+from . import _payloads as payloads
+from ._payloads import JSONValue
 from .errors import ValidationError
-from .payloads import JSONValue
 
 __all__ = [
     "CONTACT_SOURCES",

@@ -39,7 +39,7 @@ from .redis_budget import RedisBudget
 from .redis_store import RedisDeliveryStore
 
 if TYPE_CHECKING:
-    from ..runtime import MeisaState
+    from .._runtime import MeisaState
 
 __all__ = ["CeleryBackfill", "CeleryDispatcher", "make_dispatcher"]
 

@@ -85,11 +85,12 @@ def decide(
 
 
 def error_summary(error: BaseException) -> str:
-    """A log-safe account of an error: ``"HTTP 400 [invalid]"``, ``"APITimeoutError (no
-    answer within 10 s)"``, ``"ValidationError on email"``."""
+    """A log-safe account of an error: ``"HTTP 400 [invalid]"`` (a 403 with the scope the
+    call needs), ``"APITimeoutError (no answer within 10 s)"``, ``"ValidationError on
+    email"``."""
     if isinstance(error, APIError):
         code = f" [{error.code}]" if error.code else ""
-        return f"HTTP {error.status}{code}"
+        return f"HTTP {error.status}{code}{f' ({error.hint})' if error.hint else ''}"
     if isinstance(error, APIConnectionError):
         return f"{type(error).__name__} ({error.reason})"
     if isinstance(error, ValidationError):

@@ -65,6 +65,9 @@ class APIError(MeisaError):
         ``retry_after``: seconds, from ``Retry-After``.
     """
 
+    #: What to do about it, when the library knows (e.g. the scope a 403 call needs).
+    hint: str = ""
+
     def __init__(
         self,
         endpoint: str,
@@ -112,7 +115,8 @@ class PermissionDeniedError(APIError):
         super().__init__(endpoint, status, message, **options)
         self.scope = scope
         if scope:
-            self.args = (f"{self.args[0]} (this call needs the key scope {scope})",)
+            self.hint = f"this call needs the key scope {scope}"
+            self.args = (f"{self.args[0]} ({self.hint})",)
 
 
 class NotFoundError(APIError):

@@ -296,7 +296,8 @@ def error_fields(error: BaseException) -> tuple[int | None, str | None, str]:
     """``(status, code, message)`` as a dead letter keeps them (never a payload value)."""
     status, code, message = None, None, type(error).__name__
     if isinstance(error, APIError):
-        status, code, message = error.status, error.code, error.message
+        hint = f" ({error.hint})" if error.hint else ""
+        status, code, message = error.status, error.code, error.message + hint
     elif isinstance(error, APIConnectionError):
         message = f"{message}: {error.reason}"
     elif isinstance(error, ValidationError):

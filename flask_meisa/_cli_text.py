@@ -22,7 +22,7 @@ def plan(total: int | None, per_hour: float | None) -> str:
         return f"{users}, no budget set: as fast as Meisa answers"
     if total is None:
         return f"{users} at ~{per_hour:,.0f}/hour"
-    return f"{users} at ~{per_hour:,.0f}/hour: about {_duration(total * 3600 / per_hour)}"
+    return f"{users} at ~{per_hour:,.0f}/hour: {_duration(total * 3600 / per_hour)}"
 
 
 def progress_line(progress: Progress) -> str:
@@ -31,9 +31,8 @@ def progress_line(progress: Progress) -> str:
     total = f" of {run.total:,}" if run.total is not None else ""
     rate = f"{progress.rate:,.0f}/hour" if progress.rate else "rate not yet known"
     eta = ""
-    if progress.rate and progress.left is not None:
-        left = (progress.left + progress.waiting) * 3600 / progress.rate
-        eta = f", about {_duration(left)} left"
+    if progress.rate and progress.left is not None and progress.left + progress.waiting:
+        eta = f", {_duration((progress.left + progress.waiting) * 3600 / progress.rate)} left"
     return (
         f"{progress.done:,}{total} users done ({rate}), {run.skipped:,} unchanged, "
         f"{run.failed + progress.refused:,} failed, {progress.waiting:,} waiting{eta}"
@@ -90,12 +89,13 @@ def when(timestamp: float) -> str:
 
 
 def _duration(seconds: float) -> str:
-    """A long time, roughly: "4 days 9 hours", "1 hour 5 minutes", "under a minute"."""
+    """A long time, roughly: "about 4 days 9 hours", "about 1 hour 5 minutes", "under a
+    minute"."""
     days, minutes = divmod(int(seconds // 60), 1440)
     hours, minutes = divmod(minutes, 60)
     parts = [(days, "day"), (hours, "hour"), (minutes, "minute")]
     words = [f"{n} {unit}{'s' if n != 1 else ''}" for n, unit in parts if n][:2]
-    return " ".join(words) or "under a minute"
+    return f"about {' '.join(words)}" if words else "under a minute"
 
 
 def _age(seconds: float | None) -> str:

@@ -20,6 +20,7 @@ import pytest
 from flask import Flask
 
 from flask_meisa import Meisa
+from flask_meisa import _cli_text
 from flask_meisa import contact_synced
 from flask_meisa._engine import backfill
 from flask_meisa.emulator import Emulator
@@ -119,6 +120,16 @@ def test_live_work_goes_ahead_of_a_backfill_at_the_full_budget(
     login_wait = login_arrived - (login_at - time.monotonic() + time.time())
     reset_wait = reset_arrived - (reset_at - time.monotonic() + time.time())
     assert login_wait < 0.5 and reset_wait < 0.5, (login_wait, reset_wait)
+    # Counted in calls, what the clock cannot blur: Meisa saw at most one backfill upsert
+    # (the slot already taken, or the call already in flight) ahead of each live call.
+    wall = time.time() - time.monotonic()
+    for asked, arrived in ((login_at + wall, login_arrived), (reset_at + wall, reset_arrived)):
+        ahead = [
+            r
+            for r in emulator.requests_to(UPSERT)
+            if asked < r.time < arrived and r.body["external_id"] != "live"
+        ]
+        assert len(ahead) <= 1, len(ahead)
     assert 429 not in [r.status for r in emulator.requests]
     assert len(upserts_by_user(emulator)) == 401
 
@@ -198,6 +209,28 @@ def test_force_and_an_event_answered_404_send_the_state_again(emulator: Emulator
         assert paths(emulator) == [("/events/track/", 404), (UPSERT, 201), ("/events/track/", 200)]
 
 
+def test_meisa_is_told_an_unchanged_state_again_after_resync_after(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    store = str(tmp_path / "store.sqlite3")
+    contact = {"email": "user0@example.com", "external_id": "0", "custom_fields": {"plan": "free"}}
+    day = make_app(emulator, 1, MEISA_OUTBOX=store)  # the default: a day
+    with day.app_context():
+        day.extensions["meisa"].upsert(contact)
+        assert day.extensions["meisa"].flush(5)
+        day.extensions["meisa"].upsert(contact)  # within the day: no call
+        assert day.extensions["meisa"].flush(5)
+    assert len(emulator.requests_to(UPSERT)) == 1
+    day.extensions["meisa"].close(day)
+    # The same host store, delivered by an app for which the digest is already too old.
+    soon = make_app(emulator, 1, MEISA_OUTBOX=store, MEISA_RESYNC_AFTER=0.001)
+    with soon.app_context():
+        soon.extensions["meisa"].upsert(contact)
+        assert soon.extensions["meisa"].flush(5)
+        assert soon.extensions["meisa"].status().unchanged == 1  # the one skipped above
+    assert len(emulator.requests_to(UPSERT)) == 2
+
+
 def paths(emulator: Emulator) -> list[tuple[str, int | None]]:
     return [(r.path.removeprefix("/api/v1"), r.status) for r in emulator.requests]
 
@@ -227,6 +260,58 @@ def test_the_plan_the_dry_run_and_the_progress_tell_the_truth(
     assert "30 of 30 users done" in result.output.splitlines()[-1]
     status = small.test_cli_runner().invoke(args=["meisa", "status"]).output
     assert "backfill: done, 30 of 30 users read, 0 unchanged, 0 failed" in status
+
+
+def test_the_progress_line_gives_the_rate_and_what_is_left() -> None:
+    run = backfill.Run(started_at=0.0, position=1_200, total=100_000, skipped=150, failed=2)
+    line = _cli_text.progress_line(
+        backfill.Progress(run, waiting=200, refused=1, rate=1_000.0, elapsed=3_600.0, left=98_800)
+    )
+    # 98,800 left to read and 200 waiting, at 1,000 an hour: 99 hours.
+    assert line == (
+        "1,000 of 100,000 users done (1,000/hour), 150 unchanged, 3 failed, 200 waiting,"
+        " about 4 days 3 hours left"
+    )
+    unknown = backfill.Progress(run, waiting=0, refused=0, rate=0.0, elapsed=0.5, left=98_800)
+    assert "(rate not yet known)" in _cli_text.progress_line(unknown)
+    assert "left" not in _cli_text.progress_line(unknown)
+    finished = backfill.Progress(run, waiting=0, refused=0, rate=9_000.0, elapsed=9.0, left=0)
+    assert "left" not in _cli_text.progress_line(finished)
+    almost = backfill.Progress(run, waiting=10, refused=0, rate=9_000.0, elapsed=9.0, left=0)
+    assert _cli_text.progress_line(almost).endswith(", 10 waiting, under a minute left")
+
+
+def test_an_interrupted_run_shows_in_status_and_restart_starts_from_the_first_user(
+    emulator: Emulator,
+) -> None:
+    app = make_app(emulator, 600)
+    meisa: Meisa = app.extensions["meisa"]
+    query, count = meisa.user_source  # type: ignore[misc]
+    runs: list[int] = []
+
+    def interrupted() -> Any:
+        runs.append(0)
+        for read, person in enumerate(query(), start=1):
+            runs[-1] = read
+            if len(runs) == 1 and read == 450:
+                raise KeyboardInterrupt  # Ctrl-C while the third chunk is read
+            yield person
+
+    meisa.users_to_sync(interrupted, count=count)
+    first = sync_users(app)
+    assert first.exit_code == 130, first.output
+    status = app.test_cli_runner().invoke(args=["meisa", "status"]).output
+    found = re.search(r"backfill: running, (\d+) of 600 users read", status)
+    assert found and 0 < int(found[1]) < 600, status
+
+    again = sync_users(app, "--restart")
+    assert again.exit_code == 0, again.output
+    assert runs[-1] == 600  # read from the first user, not from where the first run stopped
+    last = again.output.splitlines()[-1]
+    assert last.startswith("600 of 600 users done"), last
+    # Read again, users Meisa had (or that were still waiting) cost no second call.
+    by_user = upserts_by_user(emulator)
+    assert len(by_user) == 600 and set(by_user.values()) == {1}
 
 
 def test_users_that_cannot_be_mapped_are_skipped_counted_and_listed(emulator: Emulator) -> None:

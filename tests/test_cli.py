@@ -20,7 +20,10 @@ from click.testing import CliRunner
 from flask import Flask
 from flask.cli import FlaskGroup
 
+from flask_meisa import DeliveryStatus
 from flask_meisa import Meisa
+from flask_meisa import _cli_text
+from flask_meisa import delivery_failed
 from flask_meisa.config import config_template
 from flask_meisa.testing import emulator_config
 from tests.apps import build_app
@@ -52,6 +55,30 @@ def test_ping_names_the_scopes_the_key_lacks_and_what_they_are_for(emulator: Any
     assert "events:track: needed for events (@track_event, meisa.track)" in result.output
     assert "emails:trigger: needed for transactional email (meisa.send)" in result.output
     assert "contacts:write: needed" not in result.output
+
+
+def test_a_403_at_delivery_names_the_scope_in_the_log_the_signal_and_the_dead_letter(
+    emulator: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = emulator.create_key(scopes=["contacts:write", "contacts:read"])
+    app = build_app(
+        emulator_config(
+            emulator,
+            MEISA_API_KEY=key,
+            MEISA_DELIVERY="thread",
+            MEISA_OUTBOX=str(tmp_path / "store.sqlite3"),
+        )
+    )
+    failures: list[Any] = []
+    record = lambda sender, **kw: failures.append(kw)  # noqa: E731
+    with delivery_failed.connected_to(record, sender=app), app.app_context():
+        app.extensions["meisa"].track("opened", email="ada@example.com")
+        assert app.extensions["meisa"].flush(5)
+    needs = "this call needs the key scope events:track"
+    (failure,) = failures
+    assert needs in str(failure["error"])
+    assert any(needs in record.getMessage() for record in caplog.records)
+    assert needs in invoke(app, "dead-letters").output
 
 
 def test_ping_with_a_bad_key_fails_with_the_servers_message(emulator: Any) -> None:
@@ -253,3 +280,27 @@ def test_flask_meisa_emulator_starts_without_a_key(tmp_path: Path) -> None:
         if process.stdout is not None:
             process.stdout.close()
     assert process.returncode == 0
+
+
+def test_the_status_table_shows_each_lanes_wait_and_latency() -> None:
+    status = DeliveryStatus(
+        engine="thread",
+        queued={"transactional": 0, "automation": 2, "routine": 340, "backfill": 0},
+        oldest_wait={"automation": 0.3, "routine": 245.0},
+        latency={"automation": (0.12, 0.7), "routine": (7300.0, 7300.0)},
+        durable=True,
+        delivering_pid=4242,
+    )
+    lines = _cli_text.status_report(status, "/srv/instance/outbox.db").splitlines()
+    assert lines[:2] == [
+        "engine: thread, store: /srv/instance/outbox.db (every process of this host)",
+        "delivering process: pid 4242",
+    ]
+    table = [line.split() for line in lines[2:7]]
+    assert table == [
+        ["lane", "waiting", "oldest", "p50", "p99"],
+        ["transactional", "0", "-", "-", "-"],
+        ["automation", "2", "0.3s", "0.1s", "0.7s"],
+        ["routine", "340", "4m", "05s", "2h", "01m", "2h", "01m"],
+        ["backfill", "0", "-", "-", "-"],
+    ]

@@ -18,7 +18,12 @@ from flask_meisa import email_sent
 from flask_meisa import event_tracked
 from flask_meisa._engine.store import Store
 from flask_meisa.emulator import Emulator
+from flask_meisa.operations import LANE_AUTOMATION
+from flask_meisa.operations import LANE_ROUTINE
 from flask_meisa.operations import Operation
+from flask_meisa.testing import emulator_config
+from flask_meisa.testing import record_operations
+from tests.apps import build_app
 from tests.engine_support import RecordingHooks
 from tests.engine_support import make_engine
 
@@ -181,3 +186,17 @@ def test_every_operation_of_a_request_ends_somewhere_even_when_the_queue_is_full
     with app.app_context():
         status = meisa.status()
     assert status.dropped == list(outcomes.values()).count("dropped") > 0
+
+
+def test_a_plan_change_asks_for_the_automation_lane_and_a_login_does_not(
+    emulator: Emulator,
+) -> None:
+    app = build_app(emulator_config(emulator))
+    with record_operations(app) as recorded, app.test_client() as client:
+        client.post("/plan/2/pro", buffered=True)
+        client.post("/login/2", buffered=True)
+    plan, login = recorded
+    assert plan.payload["custom_fields"]["plan"] == "pro"
+    assert (plan.priority, plan.lane) == ("high", LANE_AUTOMATION)
+    # A login is routine until the engine finds that Meisa does not have the contact yet.
+    assert login.lane == LANE_ROUTINE

@@ -300,6 +300,11 @@ def test_an_interrupted_run_shows_in_status_and_restart_starts_from_the_first_us
     meisa.users_to_sync(interrupted, count=count)
     first = sync_users(app)
     assert first.exit_code == 130, first.output
+    # Ctrl-C ends with the summary so far, then how to go on.
+    *_, summary, how = first.output.splitlines()
+    counts = re.match(r"(\d+) of 600 users done .* failed, (\d+) waiting", summary)
+    assert counts and int(counts[1]) + int(counts[2]) == 400, first.output  # two whole chunks
+    assert how.startswith("interrupted: run the command again"), first.output
     status = app.test_cli_runner().invoke(args=["meisa", "status"]).output
     found = re.search(r"backfill: running, (\d+) of 600 users read", status)
     assert found and 0 < int(found[1]) < 600, status

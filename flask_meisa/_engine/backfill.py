@@ -112,7 +112,7 @@ def run(
 
     :param to_operation: maps a user to its upsert (raises ``MeisaError`` for a user that
         cannot be mapped: counted, kept for ``--failures``, and skipped).
-    :param report: called about every ``every`` seconds, and at the end.
+    :param report: called about every ``every`` seconds, and at the end (or Ctrl+C).
     """
     current = target.load()
     fresh = current is None or current.state == "done" or restart
@@ -136,21 +136,25 @@ def run(
             report(progress)
         return progress
 
-    rest = itertools.islice(users, current.position, None)
-    for chunk in iter(lambda: list(itertools.islice(rest, CHUNK)), []):
-        while tick().waiting > HIGH_WATER:
+    try:
+        rest = itertools.islice(users, current.position, None)
+        for chunk in iter(lambda: list(itertools.islice(rest, CHUNK)), []):
+            while tick().waiting > HIGH_WATER:
+                time.sleep(min(every, 0.2))
+            operations, failed = [], []
+            for offset, user in enumerate(chunk):
+                try:
+                    operations.append(to_operation(user))
+                except MeisaError as error:
+                    failed.append(_failure(user, current.position + offset, error))
+            current.failed += len(failed)
+            current.position += len(chunk)
+            target.add(current, operations, failed, time.time())
+        while tick().waiting:
             time.sleep(min(every, 0.2))
-        operations, failed = [], []
-        for offset, user in enumerate(chunk):
-            try:
-                operations.append(to_operation(user))
-            except MeisaError as error:
-                failed.append(_failure(user, current.position + offset, error))
-        current.failed += len(failed)
-        current.position += len(chunk)
-        target.add(current, operations, failed, time.time())
-    while tick().waiting:
-        time.sleep(min(every, 0.2))
+    except KeyboardInterrupt:
+        tick(force=True)  # the summary so far, before the caller says how to go on
+        raise
     current.state = "done"
     target.save(current)
     return tick(force=True)

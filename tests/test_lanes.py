@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from flask import Flask
 
 from flask_meisa import Meisa
@@ -18,6 +19,7 @@ from flask_meisa import email_sent
 from flask_meisa import event_tracked
 from flask_meisa._engine.store import Store
 from flask_meisa.emulator import Emulator
+from flask_meisa.errors import ValidationError
 from flask_meisa.operations import LANE_AUTOMATION
 from flask_meisa.operations import LANE_ROUTINE
 from flask_meisa.operations import Operation
@@ -200,3 +202,18 @@ def test_a_plan_change_asks_for_the_automation_lane_and_a_login_does_not(
     assert (plan.priority, plan.lane) == ("high", LANE_AUTOMATION)
     # A login is routine until the engine finds that Meisa does not have the contact yet.
     assert login.lane == LANE_ROUTINE
+
+
+def test_an_upsert_asked_for_with_high_priority_takes_the_automation_lane(
+    emulator: Emulator,
+) -> None:
+    app = build_app(emulator_config(emulator))
+    meisa: Meisa = app.extensions["meisa"]
+    with record_operations(app) as recorded, app.test_request_context():
+        meisa.upsert({"email": "ada@example.com"}, priority="high")
+        meisa.upsert({"email": "bob@example.com"})
+        with pytest.raises(ValidationError, match="priority"):
+            meisa.upsert({"email": "eve@example.com"}, priority="urgent")  # type: ignore[arg-type]
+    high, normal = recorded  # the refused one queued nothing
+    assert (high.priority, high.lane) == ("high", LANE_AUTOMATION)
+    assert (normal.priority, normal.lane) == (None, LANE_ROUTINE)

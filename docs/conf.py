@@ -26,7 +26,6 @@ nitpick_ignore_regex = [
     (r"py:.*", r"(?!flask_meisa\b).*"),
     (r"py:class", r"flask_meisa\..*\.[A-Z]"),  # type variables (F in a decorator's signature)
 ]
-# Stale in email_sent's docstring (flask_meisa/signals.py): SendResult moved to results.
 
 myst_heading_anchors = 3
 myst_enable_extensions = ["colon_fence"]

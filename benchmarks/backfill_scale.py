@@ -4,7 +4,7 @@
    a database cursor gives them) in a child process, against an emulator whose budget is
    raised to ``--budget``, with the app's ``MEISA_RATE_LIMIT`` the same: calls made, 429s,
    the child's peak RSS growth (its peak, ``ru_maxrss`` from ``wait4``, minus its RSS when
-   it printed the plan, after startup) and the wall time. The issue's target: under 50 MB
+   it printed the plan, after startup) and the wall time. Target: under 50 MiB
    for 100,000 users.
 2. The same command again on the finished backfill: the calls it makes (target: 0).
 3. 2,000 logins by 200 users whose synced fields do not change (only ``plan`` is synced),
@@ -53,6 +53,15 @@ class Backfill:
     @property
     def growth(self) -> int:
         return self.rss_peak - self.rss_start
+
+
+@dataclass(frozen=True)
+class Storm:
+    """What one engine made of the unchanged-login storm."""
+
+    calls: int
+    throttled: int
+    wall: float  # seconds, including the engine's process start
 
 
 def rss(pid: int) -> int:
@@ -123,19 +132,21 @@ def storm(params: dict[str, Any]) -> dict[str, Any]:
     return {"flushed": flushed}
 
 
-def unchanged_storm(engine: str, folder: str, users: int = 200, passes: int = 10) -> int:
-    """Calls ``engine`` makes for the storm, against its own emulator."""
+def unchanged_storm(engine: str, folder: str, users: int = 200, passes: int = 10) -> Storm:
+    """What ``engine`` makes of the storm, against its own emulator."""
     with Emulator(seed="demo", rate_limit=None, send_guardrail=None) as emulator:
         params = {"url": emulator.url, "key": emulator.live_key, "users": users}
         params.update(passes=passes, instance=f"{folder}/storm-{engine}")
+        started = time.monotonic()
         result = baseline.run(engine, "backfill_scale.py", params)
         if not result["flushed"]:
             raise RuntimeError(f"the {engine} storm did not deliver everything")
-        return len(emulator.requests)
+        throttled = sum(1 for r in emulator.requests if r.status == 429)
+        return Storm(len(emulator.requests), throttled, time.monotonic() - started)
 
 
-def measure(users: int, budget: str) -> tuple[Backfill, Backfill, dict[str, int]]:
-    """The backfill, its rerun, and the storm's calls per engine."""
+def measure(users: int, budget: str) -> tuple[Backfill, Backfill, dict[str, Storm]]:
+    """The backfill, its rerun, and the storm per engine."""
     with (
         tempfile.TemporaryDirectory(prefix="bench-backfill-") as folder,
         Emulator(seed="demo", rate_limit=budget, send_guardrail=None) as emulator,
@@ -144,11 +155,11 @@ def measure(users: int, budget: str) -> tuple[Backfill, Backfill, dict[str, int]
         first = sync_users(emulator, users, budget, f"{folder}/instance")
         progress("backfill: again")
         again = sync_users(emulator, users, budget, f"{folder}/instance")
-        calls = {}
+        storms = {}
         for engine in baseline.ENGINES:
             progress(f"unchanged logins: {baseline.LABELS[engine]}")
-            calls[engine] = unchanged_storm(engine, folder)
-    return first, again, calls
+            storms[engine] = unchanged_storm(engine, folder)
+    return first, again, storms
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -158,18 +169,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     sigterm_unwinds()
     print(f"load average at the start: {load_average()}")
-    first, again, calls = measure(args.users, args.budget)
-    print(f"backfill of {args.users:,} users, budget {args.budget} (emulator and app)")
-    print(f"  calls {first.calls:,}, 429s {first.throttled}, wall {first.wall:.1f} s")
-    print(
-        f"  RSS after startup {first.rss_start / 2**20:.1f} MiB, peak "
-        f"{first.rss_peak / 2**20:.1f} MiB: growth {first.growth / 2**20:.1f} MiB (target < 50)"
-    )
-    print(f"  last line: {first.last_line}")
-    print(f"rerun: calls {again.calls} (target 0), wall {again.wall:.1f} s")
-    print("2,000 logins by 200 users, synced fields unchanged: calls (target <= 200)")
-    for engine, count in calls.items():
-        print(f"  {baseline.LABELS[engine]}: {count}")
+    first, again, storms = measure(args.users, args.budget)
+    print(f"budget {args.budget} (emulator and app); RSS growth: peak less after startup")
+    print(f"{'run':<60} {'calls':>8} {'429s':>5} {'RSS growth':>11} {'wall':>8}")
+    for label, run in (
+        (f"backfill of {args.users:,} users", first),
+        ("rerun (target 0 calls)", again),
+    ):
+        growth = f"{run.growth / 2**20:.1f} MiB"
+        print(f"{label:<60} {run.calls:>8,} {run.throttled:>5} {growth:>11} {run.wall:>7.1f}s")
+    for engine, storm in storms.items():
+        label = f"2,000 unchanged logins, {baseline.LABELS[engine]}"
+        print(f"{label:<60} {storm.calls:>8,} {storm.throttled:>5} {'-':>11} {storm.wall:>7.1f}s")
+    print("targets: RSS growth < 50 MiB; rerun 0 calls; unchanged logins <= 200 calls")
+    print(f"backfill's last line: {first.last_line}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ SDK's background threads take from it meanwhile):
 Beside the wall time, the CPU time the process spent meanwhile (the caller and the SDK's
 threads), which the load of other processes on a shared machine does not inflate.
 
-The issue's target: ``meisa.upsert`` <= 15 us. Then a breakdown of ``meisa.upsert`` on the
+Target: ``meisa.upsert`` <= 15 us. Then a breakdown of ``meisa.upsert`` on the
 new engine, each part timed on its own once the writer thread is idle: validation, the
 ``Operation``, the ``operation_queued`` signal, the app's state with the request check and
 ``delivering()``, the hand-over to delivery, and what is left of the whole: the writer

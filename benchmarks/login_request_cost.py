@@ -19,7 +19,7 @@ Every Meisa variant keeps the default budget (60/minute, 1,000/hour), so most sy
 in the engine while the logins run, as in production. Each login changes the user's
 ``signin_count`` and ``last_active``, so every login is a sync. The emulator runs in its
 own process, answering at once, then after 300 ms. Prints p50 and p99 per variant and their
-ratios to ``bare`` (the issue's target for ``default``: p50 <= 1.05x, p99 <= 1.20x), and
+ratios to ``bare`` (target for ``default``: p50 <= 1.05x, p99 <= 1.20x), and
 the CPU each gunicorn worker used per login, every thread (background delivery included),
 which other processes' load on a shared machine does not inflate.
 

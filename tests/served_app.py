@@ -30,6 +30,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from flask import Flask
@@ -41,6 +42,8 @@ from tests.apps import User
 
 #: ``POST /work/<n>`` upserts user ``n % USERS``.
 USERS = 20
+#: ``flask meisa sync-users`` upserts members ``1000`` to ``1000 + MEMBERS - 1``.
+MEMBERS = 200
 #: How long ``POST /hang`` waits at most for its release file, in seconds.
 HANG_LIMIT = 300.0
 #: The file in the instance folder whose creation ends every hanging request.
@@ -59,7 +62,9 @@ def create_app() -> Flask:
     - ``POST /hang``: in the process that delivers for the host, writes ``hung-<pid>`` in
       the instance folder and answers only once :data:`RELEASE_FILE` exists there; in
       any other process answers 409 at once;
-    - ``GET /pid``: the serving process's pid.
+    - ``GET /pid``: the serving process's pid;
+
+    and ``flask meisa sync-users`` upserts :data:`MEMBERS` members.
     """
     app = Flask(__name__, instance_path=os.environ["MEISA_TEST_INSTANCE"])
     app.config.update(
@@ -86,6 +91,10 @@ def create_app() -> Flask:
             "external_id": str(user.id),
             "custom_fields": {f"login_{user.visit}": user.visit},
         }
+
+    @meisa.users_to_sync(count=lambda: MEMBERS)
+    def members() -> Iterator[User]:
+        return (User(n, f"member{n}@example.com", visit=0) for n in range(1000, 1000 + MEMBERS))
 
     @app.post("/work/<int:n>")
     def work(n: int) -> str:

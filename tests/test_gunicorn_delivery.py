@@ -4,8 +4,8 @@ instance folder, shared by every worker, one of which delivers for the host.
 Three sync workers serve ``tests.served_app:create_app()`` against the emulator, both
 sides at the same small budget. Checked: one budget for the host (no 429), nothing lost
 or repeated, a delivering worker killed during an outage, a graceful stop and restart, a
-hung delivering worker, ``flask meisa status`` and ``flush`` run beside the server, and a
-graceful reload (HUP) with the budget carried across it.
+hung delivering worker, ``flask meisa status``, ``flush`` and ``sync-users`` run beside
+the server, and a graceful reload (HUP) with the budget carried across it.
 """
 
 from __future__ import annotations
@@ -488,3 +488,46 @@ def test_a_graceful_reload_resumes_delivery_at_once_within_the_budget(
     assert taken_at - released_at < 0.1 + 1.0
     assert resumed_at - taken_at < 1.0 + 2.0
     assert max(gaps) < 1.0 + 2.0
+
+
+def test_a_backfill_beside_the_server_goes_through_its_budget_behind_its_live_work(
+    emulator_factory: Callable[..., Emulator], start_server: StartServer, instance: Path
+) -> None:
+    rate = "20/second"
+    emu = emulator_factory(rate_limit=rate, send_guardrail=None)
+    server = start_server(emu, MEISA_TEST_RATE=rate)
+    post_all(server.url, work([1, 2, 3]))
+    assert wait_until(lambda: stored(instance).delivered == 6)
+    delivering = holder(instance)
+
+    def members_upserted() -> list[int]:
+        upserts = emu.requests_to("/contacts/upsert/")
+        return [int(r.body["external_id"]) for r in upserts if r.body["external_id"].isdigit()]
+
+    with ThreadPoolExecutor(1) as pool:
+        backfill = pool.submit(flask_cli, emu, instance, "sync-users", rate=rate)
+        assert wait_until(lambda: len(members_upserted()) >= 40, timeout=60)
+        asked = time.time()
+        post_all(server.url, ["/sync/21", "/sync/22", "/sync/23"])
+        assert wait_until(lambda: stored(instance).pending == 0 or backfill.done(), timeout=60)
+        done = backfill.result()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "200 of 200 users done" in done.stdout
+    # The server's delivering worker delivered the backfill, from the one budget.
+    assert holder(instance) == delivering
+    assert statuses(emu)[429] == 0
+    assert Counter(members_upserted()) == {n: 1 for n in range(1000, 1200)}
+    # The live syncs went ahead of the backfill's queue: they arrived while members were
+    # still waiting, with at most the slot already taken and one call in flight ahead.
+    live = [r for r in emu.requests_to("/contacts/upsert/") if r.body["external_id"] == "u1"]
+    arrived = max(r.time for r in live if "f21" in r.body["custom_fields"])
+    last_member = max(
+        r.time for r in emu.requests_to("/contacts/upsert/") if r.body["external_id"].isdigit()
+    )
+    ahead = [
+        r
+        for r in emu.requests_to("/contacts/upsert/")
+        if asked < r.time < arrived and r.body["external_id"].isdigit()
+    ]
+    print(f"\nmembers delivered between the live syncs' request and arrival: {len(ahead)}")
+    assert arrived < last_member and len(ahead) <= 2

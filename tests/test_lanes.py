@@ -17,6 +17,7 @@ from flask_meisa import delivery_dropped
 from flask_meisa import delivery_failed
 from flask_meisa import email_sent
 from flask_meisa import event_tracked
+from flask_meisa._engine import pending
 from flask_meisa._engine.store import Store
 from flask_meisa.emulator import Emulator
 from flask_meisa.errors import ValidationError
@@ -217,3 +218,34 @@ def test_an_upsert_asked_for_with_high_priority_takes_the_automation_lane(
     high, normal = recorded  # the refused one queued nothing
     assert (high.priority, high.lane) == ("high", LANE_AUTOMATION)
     assert (normal.priority, normal.lane) == (None, LANE_ROUTINE)
+
+
+def test_a_routine_sync_older_than_the_bound_goes_ahead_of_younger_urgent_work(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    path = tmp_path / "store.sqlite3"
+    store, now = Store(path), time.time()
+    with store.write() as db:  # a store left by a process that was stopped with a backlog
+        old = Operation("upsert", user(0, last_active="old"), created_at=now - 7200)
+        pending.add(db, old, LANE_ROUTINE)
+        for n in range(1, 21):
+            pending.add(db, Operation("upsert", user(n), created_at=now), LANE_AUTOMATION)
+        young = Operation("upsert", user(99, last_active="young"), created_at=now)
+        pending.add(db, young, LANE_ROUTINE)
+    store.close()
+    engine = make_engine(
+        RecordingHooks(),
+        emulator.url,
+        emulator.live_key,
+        store=Store(path),
+        rate_limit="20/second",
+        routine_max_age=3600.0,
+    )
+    try:
+        assert engine.flush(30)
+    finally:
+        engine.close(0)
+    order = [r.body["external_id"] for r in emulator.requests_to(UPSERT)]
+    assert len(order) == 22
+    # Two hours old: promoted ahead of the 20 urgent upserts; the young one still waits.
+    assert order.index("0") < 3 and order.index("99") >= 19, order

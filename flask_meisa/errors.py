@@ -62,10 +62,10 @@ class APIError(MeisaError):
     :param endpoint: method and path, e.g. ``"POST /emails/trigger/"``.
     :param message: Meisa's ``detail``, or a short description of the body.
     :param code: Meisa's error code; ``body``: the cleaned JSON body (``None`` if not JSON);
-        ``retry_after``: seconds, from ``Retry-After``.
+        ``retry_after``: seconds, from ``Retry-After``; ``hint``: what to do about it, when
+        the library knows (the key scope a 403's call needs), else ``""``.
     """
 
-    #: What to do about it, when the library knows (e.g. the scope a 403 call needs).
     hint: str = ""
 
     def __init__(

@@ -50,7 +50,7 @@ LANE_TRANSACTIONAL = 0
 LANE_AUTOMATION = 1
 LANE_ROUTINE = 2
 LANE_BACKFILL = 3
-#: Lane names as :class:`~flask_meisa._engine.base.DeliveryStatus` reports them.
+#: Lane names as :class:`~flask_meisa.DeliveryStatus` reports them.
 LANE_NAMES: dict[int, str] = dict(
     enumerate(("transactional", "automation", "routine", "backfill"))
 )

@@ -215,7 +215,7 @@ def _api_error(
         if excerpt := clean_text(excerpt, secret, MAX_EXCERPT):
             message = f"non-JSON answer: {excerpt}"
     kind = error_for_status(response.status_code)
-    scoped = {"scope": scope} if issubclass(kind, PermissionDeniedError) else {}
+    scoped: dict[str, Any] = {"scope": scope} if issubclass(kind, PermissionDeniedError) else {}
     return kind(
         endpoint,
         response.status_code,

@@ -66,8 +66,6 @@ class APIError(MeisaError):
         the library knows (the key scope a 403's call needs), else ``""``.
     """
 
-    hint: str = ""
-
     def __init__(
         self,
         endpoint: str,
@@ -77,8 +75,11 @@ class APIError(MeisaError):
         code: str | None = None,
         body: Any = None,
         retry_after: float | None = None,
+        hint: str = "",
     ) -> None:
-        super().__init__(f"{endpoint} answered {status}{f' [{code}]' if code else ''}: {message}")
+        code_part, hint_part = f" [{code}]" if code else "", f" ({hint})" if hint else ""
+        super().__init__(f"{endpoint} answered {status}{code_part}: {message}{hint_part}")
+        self.hint = hint
         self.endpoint = endpoint
         self.status = status
         self.code = code
@@ -112,11 +113,9 @@ class PermissionDeniedError(APIError):
     def __init__(
         self, endpoint: str, status: int, message: str, *, scope: str | None = None, **options: Any
     ) -> None:
-        super().__init__(endpoint, status, message, **options)
+        hint = f"this call needs the key scope {scope}" if scope else ""
+        super().__init__(endpoint, status, message, hint=hint, **options)
         self.scope = scope
-        if scope:
-            self.hint = f"this call needs the key scope {scope}"
-            self.args = (f"{self.args[0]} ({self.hint})",)
 
 
 class NotFoundError(APIError):

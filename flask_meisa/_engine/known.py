@@ -104,12 +104,15 @@ def _entries(db: sqlite3.Connection, payload: Mapping[str, Any]) -> Iterator[tup
 
 def lookup(db: sqlite3.Connection, payload: Mapping[str, Any]) -> Known | None:
     """What Meisa has of the contact ``payload`` names (by ``external_id`` first)."""
-    for key in _keys(payload):  # not through _entries: this is the writer's hot path
-        query = "SELECT fields, accepted_at FROM meisa_known WHERE key = ?"
-        row = db.execute(query, (key,)).fetchone()
-        if row is not None:
-            return Known(json.loads(row[0]), float(row[1]))
-    return None
+    keys = _keys(payload)  # one query: this is the writer's hot path
+    if not keys:
+        return None
+    query = (
+        f"SELECT fields, accepted_at FROM meisa_known WHERE key IN ({', '.join('?' * len(keys))}) "
+        "ORDER BY key = ? DESC LIMIT 1"
+    )
+    row = db.execute(query, (*keys, keys[0])).fetchone()
+    return None if row is None else Known(json.loads(row[0]), float(row[1]))
 
 
 def remember(db: sqlite3.Connection, payload: Mapping[str, Any], now: float) -> None:

@@ -106,13 +106,11 @@ def add(db: sqlite3.Connection, operation: Operation, lane: int) -> tuple[int, b
     else:
         seq, lane, ext, email = merged
     if lane < LANE_ROUTINE:  # the contact's earlier rows go no later (routine ones merge)
-        for column, name in (("ext", ext), ("email", email)):
-            if name is not None:
-                db.execute(
-                    f"UPDATE meisa_ops SET lane = ? WHERE {column} = ? AND seq < ? "
-                    f"AND lane > ? AND {_LIVE}",
-                    (lane, name, seq, lane),
-                )
+        db.execute(
+            "UPDATE meisa_ops SET lane = ? WHERE (ext = ? OR email = ?) AND seq < ? "
+            f"AND lane > ? AND {_LIVE}",
+            (lane, ext, email, seq, lane),
+        )
     return seq, merged is not None
 
 

@@ -68,6 +68,9 @@ def make_celery(redis_url: str, *, visibility_timeout: float | None = None) -> C
         "queue_order_strategy": "priority",
         "unacked_restore_interval": 0.25,
         "unacked_restore_throttle": 1,
+        # A Redis restart during a sweep keeps the sweep's lock (AOF), and no sweep runs
+        # until it expires (300 s by default): short here, as the tests sweep every 0.25 s.
+        "unacked_mutex_expire": 3,
         # A stopping worker waits out its pending BRPOP: keep it short in tests.
         "polling_interval": 0.2,
     }

@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Callable
 
 import pytest
+import redis
 from flask import Flask
 
 from flask_meisa import Meisa
@@ -133,7 +134,8 @@ def test_a_redis_restart_with_aof_delivers_the_backlog_within_the_visibility_tim
     assert flushed, (
         f"after {took:.0f}s: {len(synced(emulator, ops))} of 30 contacts,"
         f" {len(emulator.sends())} of 5 sends, statuses {Counter(statuses(emulator))},"
-        f" dropped {len(hooks.of('dropped'))}"
+        f" dropped {len(hooks.of('dropped'))},"
+        f" sweep lock {redis.Redis.from_url(server.url).pttl('unacked_mutex')} ms"
     )
     assert synced(emulator, ops) == {op.id for op in ops}
     assert sorted(s["to_email"] for s in emulator.sends()) == sorted(

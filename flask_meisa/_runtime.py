@@ -14,6 +14,7 @@ from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 from typing import Any
 
+from . import _http
 from ._engine.base import Dispatcher
 from ._suppression import SuppressionSet
 from .client import MeisaClient
@@ -51,7 +52,7 @@ class MeisaState:
         self._store: Store | None = None
         self._switches: tuple[Any, ...] | None = None
         self._delivering = False
-        self._started_in: int | None = None
+        self._started = False  # in this process
         # Held weakly: the app holds it, and delivery threads hold this state.
         self._middleware: weakref.ref[AfterResponseMiddleware] | None = None
         #: The suppression set consulted before every send.
@@ -133,14 +134,14 @@ class MeisaState:
         """Make the engine now (a file store is opened and checked), and start it."""
         dispatcher = self.dispatcher
         if start:
-            self._started_in = os.getpid()
+            self._started = True
             dispatcher.start()
 
     def start(self) -> None:
         """Start delivering in this process, once (also on each request: ``flask run``)."""
-        if self._started_in == os.getpid() or not self.delivering():
+        if self._started or not self.delivering():
             return
-        self._started_in = os.getpid()
+        self._started = True
         self.dispatcher.start()
 
     def after_fork(self) -> None:
@@ -151,6 +152,7 @@ class MeisaState:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._client = None
+        self._started = False
         if self._store is not None:
             self._store.after_fork()
         self.suppression.after_fork()
@@ -286,8 +288,9 @@ class MeisaState:
         return left
 
 
-# Exit closes every live state's engine; a fork holds their stores (see Store.before_fork),
-# and the child resets them.
+# Exit closes every live state's engine. The process's one fork hook (below) holds their
+# stores across a fork (see Store.before_fork); in the child it resets the HTTP transports
+# and every live state (MeisaState.after_fork, whose pid check is the only one).
 _live: weakref.WeakSet[MeisaState] = weakref.WeakSet()
 _held: list[Store] = []
 
@@ -329,6 +332,7 @@ def _after_fork_in_parent() -> None:
 
 def _after_fork_in_child() -> None:
     _held.clear()
+    _http.after_fork()
     for state in list(_live):
         try:
             state.after_fork()

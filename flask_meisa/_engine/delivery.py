@@ -89,7 +89,6 @@ class Delivery:
 
     def _fresh(self) -> None:
         """Everything that belongs to one process (again in a forked child)."""
-        self._pid = os.getpid()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)  # the writer waits here
         self._idle = threading.Condition(self._lock)  # flush waits here
@@ -110,7 +109,6 @@ class Delivery:
 
     def start(self) -> None:
         """Start this process's writer (and, when it delivers, delivery) threads."""
-        self._check_fork()
         with self._lock:
             if self._started or self._closed:
                 return
@@ -121,7 +119,6 @@ class Delivery:
 
     def submit(self, operations: Iterable[Operation]) -> None:
         """Hand operations over (a list append; the writer thread stores them)."""
-        self._check_fork()
         batch = list(operations)
         shed: list[Operation] = []
         with self._lock:
@@ -174,8 +171,6 @@ class Delivery:
         """Deliver for up to ``timeout`` seconds (default ``flush_timeout``), then stop. A
         memory store reports what is left to ``hooks.dropped`` (``"shutdown"``) and returns
         how many; a file store keeps it for the next start."""
-        if self._pid != os.getpid():
-            return 0
         with self._lock:
             if self._closed:
                 return 0
@@ -217,7 +212,6 @@ class Delivery:
 
     def status(self) -> DeliveryStatus:
         """The host's delivery (see :class:`~.base.DeliveryStatus`)."""
-        self._check_fork()
         status = DeliveryStatus(engine="thread", durable=self.store.durable)
         with self.store.read() as db:
             pending.describe(db, time.time(), status)
@@ -236,10 +230,6 @@ class Delivery:
         if self._host_lock is not None:
             self._host_lock.forget_after_fork()
         self._fresh()
-
-    def _check_fork(self) -> None:
-        if self._pid != os.getpid():
-            self.after_fork()
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import Callable
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
@@ -16,6 +17,7 @@ from typing import Any
 from typing import Protocol
 
 from ..errors import ConfigurationError
+from ..retry import RetryPolicy
 
 if TYPE_CHECKING:
     from ..client import MeisaClient
@@ -72,6 +74,31 @@ class HookCaller:
             self.logger.exception(
                 "flask-meisa: the %s hook raised for %s; ignored", name, operation.describe()
             )
+
+
+class CallClient:
+    """The client an engine calls with: made by ``factory`` on first use, one attempt per
+    call (the engine retries), closed with :meth:`close`."""
+
+    def __init__(self, factory: ClientFactory) -> None:
+        self._factory = factory
+        self._lock = threading.Lock()
+        self._owned: MeisaClient | None = None
+        self._client: MeisaClient | None = None
+
+    def __call__(self) -> MeisaClient:
+        with self._lock:
+            if self._client is None:
+                self._owned = self._factory()
+                self._client = self._owned.with_options(retry=RetryPolicy.never())
+            return self._client
+
+    def close(self) -> None:
+        """Close the client (made again on next use)."""
+        with self._lock:
+            owned, self._owned, self._client = self._owned, None, None
+        if owned is not None:
+            owned.close()
 
 
 @dataclass

@@ -207,7 +207,7 @@ class Delivery:
         if self._host_lock is not None:
             self._host_lock.release()
         self.store.close()
-        self._caller.close()
+        self._caller.client.close()
         return len(lost)
 
     def status(self) -> DeliveryStatus:

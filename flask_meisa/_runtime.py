@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import importlib
 import logging
 import os
 import threading
@@ -36,6 +37,10 @@ if TYPE_CHECKING:
 __all__ = ["MeisaState"]
 
 logger = logging.getLogger("flask_meisa")
+
+#: The module of each ``MEISA_DELIVERY`` engine (imported on first use), whose
+#: ``make_dispatcher(state)`` makes it.
+_ENGINES = {"sync": "sync", "thread": "delivery", "celery": "celery"}
 
 
 class MeisaState:
@@ -203,31 +208,11 @@ class MeisaState:
         )
 
     def _make_engine(self) -> Dispatcher:
-        settings = self.settings
-        if settings.delivery == "sync":
-            from ._engine.sync import InlineDispatcher
-
-            return InlineDispatcher(client_factory=lambda: self.client, hooks=self.reporter)
-        if settings.delivery == "celery":
-            from ._engine import celery as celery_engine
-
-            return celery_engine.make_dispatcher(self)
-        from ._engine.delivery import Delivery
-
-        return Delivery(
-            store=self.store(),
-            client_factory=self.make_client,
-            hooks=self.reporter,
-            retry=self.background_retry_policy(),
-            rate_limit=settings.rate_limit,
-            lease=settings.connect_timeout + settings.timeout + 5.0,
-            capacity=settings.queue_size,
-            workers=settings.workers,
-            flush_timeout=settings.flush_timeout,
-            resync_after=settings.resync_after,
-            priority_fields=settings.priority_fields,
-            routine_max_age=settings.routine_max_age,
+        module = importlib.import_module(
+            f"._engine.{_ENGINES[self.settings.delivery]}", __package__
         )
+        dispatcher: Dispatcher = module.make_dispatcher(self)
+        return dispatcher
 
     def store(self) -> Store:
         """The store of ``MEISA_DELIVERY = "thread"`` (opened on first use): the

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from ..client import MeisaClient
     from ..operations import Operation
 
+#: The window of answers that the latency figures of a status cover, in seconds.
+LATENCY_WINDOW = 900.0
 #: Builds the client an engine calls Meisa with (again in a forked child).
 ClientFactory = Callable[[], "MeisaClient"]
 
@@ -135,6 +137,14 @@ class DeliveryStatus:
     def pending(self) -> int:
         """Operations not yet finished: queued, in flight or waiting to retry."""
         return sum(self.queued.values()) + self.in_flight + self.retry_waiting
+
+    def add_latency(self, lane: str, waits: Iterable[float]) -> None:
+        """Note ``lane``'s (p50, p99) of ``waits``, from release to answer over the last
+        :data:`LATENCY_WINDOW` (none: no figure)."""
+        ordered = sorted(waits)
+        if ordered:
+            last = len(ordered) - 1
+            self.latency[lane] = ordered[last // 2], ordered[min(last, int(len(ordered) * 0.99))]
 
 
 class Dispatcher(Protocol):

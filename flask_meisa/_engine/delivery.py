@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ..errors import DeliveryError
 from ..operations import LANE_BACKFILL
@@ -20,6 +21,7 @@ from ..operations import Operation
 from ..retry import RetryPolicy
 from . import known
 from . import pending
+from .base import LATENCY_WINDOW
 from .base import ClientFactory
 from .base import DeliveryHooks
 from .base import DeliveryStatus
@@ -31,7 +33,10 @@ from .hostlock import HostLock
 from .store import STORE_ERRORS
 from .store import Store
 
-__all__ = ["Delivery"]
+if TYPE_CHECKING:
+    from .._runtime import MeisaState
+
+__all__ = ["Delivery", "make_dispatcher"]
 
 #: How long the writer lets operations gather before storing them, in seconds.
 GROUP_WINDOW = 0.005
@@ -350,7 +355,7 @@ class Delivery:
         with self.store.write() as db:
             pending.age_routine(db, now - self._routine_max_age)
             known.prune(db, now - self._known_for)
-            db.execute("DELETE FROM meisa_answers WHERE at < ?", (now - pending.LATENCY_WINDOW,))
+            db.execute("DELETE FROM meisa_answers WHERE at < ?", (now - LATENCY_WINDOW,))
 
     def _store_works(self, error: BaseException | None) -> None:
         """Log once when the store starts failing, and once when it works again."""
@@ -384,3 +389,22 @@ class Delivery:
                     return False
                 self._idle.wait(self._poll if left is None else min(left, self._poll))
         return True
+
+
+def make_dispatcher(state: MeisaState) -> Delivery:
+    """The thread engine of an app, from its settings."""
+    settings = state.settings
+    return Delivery(
+        store=state.store(),
+        client_factory=state.make_client,
+        hooks=state.reporter,
+        retry=state.background_retry_policy(),
+        rate_limit=settings.rate_limit,
+        lease=settings.connect_timeout + settings.timeout + 5.0,
+        capacity=settings.queue_size,
+        workers=settings.workers,
+        flush_timeout=settings.flush_timeout,
+        resync_after=settings.resync_after,
+        priority_fields=settings.priority_fields,
+        routine_max_age=settings.routine_max_age,
+    )

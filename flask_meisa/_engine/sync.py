@@ -9,6 +9,7 @@ import functools
 import logging
 import threading
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 from typing import Any
 
 from .._decisions import call_for
@@ -23,7 +24,10 @@ from .base import DeliveryHooks
 from .base import DeliveryStatus
 from .base import HookCaller
 
-__all__ = ["InlineDispatcher"]
+if TYPE_CHECKING:
+    from .._runtime import MeisaState
+
+__all__ = ["InlineDispatcher", "make_dispatcher"]
 
 logger = logging.getLogger("flask_meisa.engine")
 # The client retried already: what one attempt's outcome means.
@@ -97,3 +101,8 @@ class InlineDispatcher:
             return DeliveryStatus(
                 engine="sync", delivered=self._counts["delivered"], failed=self._counts["failed"]
             )
+
+
+def make_dispatcher(state: MeisaState) -> InlineDispatcher:
+    """The inline engine of an app, calling with the app's client."""
+    return InlineDispatcher(client_factory=lambda: state.client, hooks=state.reporter)

@@ -1,6 +1,6 @@
 """The delivery threads of the delivering process, one call at a time from the store: wait
 for the pause, the outage probe and the budget; skip what Meisa already has; make the
-call; settle its outcome as :func:`~flask_meisa._decisions.decide` says."""
+call; carry out the step :func:`~flask_meisa._decisions.settle` gives its outcome."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from .budget import Budget
 from .store import STORE_ERRORS
 from .store import Store
 
-__all__ = ["OUTAGE_THRESHOLD", "Caller"]
+__all__ = ["Caller"]
 
 Report = Callable[[], None]
 

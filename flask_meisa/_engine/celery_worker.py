@@ -1,7 +1,7 @@
 """The Celery worker's side: the task ``flask_meisa.deliver``. Each run makes at most one
 call, then finishes its operation or asks to run again after a countdown (it never sleeps);
-what an outcome means is :func:`~flask_meisa._decisions.decide`'s, applied here to the
-shared budget and the records in Redis.
+the step :func:`~flask_meisa._decisions.settle` gives an outcome is carried out here, in
+the shared budget and the records in Redis.
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 from typing import Literal
 
 from .errors import APIConnectionError
@@ -12,11 +14,27 @@ from .errors import NotFoundError
 from .errors import RateLimitError
 from .errors import ServerError
 from .errors import ValidationError
+from .operations import Operation
 from .retry import RetryPolicy
 
-__all__ = ["Decision", "decide", "error_summary", "log_decision"]
+__all__ = [
+    "OUTAGE_THRESHOLD",
+    "Decision",
+    "Outcome",
+    "call_for",
+    "decide",
+    "error_summary",
+    "log_decision",
+    "pause_for",
+    "settle",
+]
 
 Action = Literal["done", "retry", "recover", "fail"]
+Step = Literal["delivered", "failed", "retry", "upsert_contact", "event_again"]
+
+#: Failures in a row (no answer, or 5xx) after which Meisa is treated as down: delivery
+#: pauses with a growing backoff, then probes with one call at a time.
+OUTAGE_THRESHOLD = 3
 
 #: The ``code`` of a 429 from Meisa's per-recipient send guardrail.
 SEND_GUARDRAIL = "send_guardrail"
@@ -82,6 +100,71 @@ def decide(
     return Decision(
         "retry", delay=max(delay, pause), pause=pause, outage=outage, answered=answered
     )
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A decision applied to an operation: its next ``step`` (``"delivered"``,
+    ``"failed"``, ``"retry"`` in ``decision.delay`` seconds, ``"upsert_contact"`` before
+    the event goes again, or ``"event_again"`` at once, its contact upserted), and the
+    upsert payload Meisa now has (``accepted``), to remember."""
+
+    decision: Decision
+    step: Step
+    accepted: Mapping[str, Any] | None = None
+
+
+def call_for(operation: Operation, recovering: bool) -> Operation:
+    """The call to make for ``operation``: while ``recovering`` (its event answered 404),
+    the upsert of its contact."""
+    if recovering and operation.contact:
+        return Operation("upsert", operation.contact, id=operation.id)
+    return operation
+
+
+def settle(
+    operation: Operation,
+    error: BaseException | None,
+    *,
+    recovering: bool,
+    recovered: bool,
+    elapsed: float,
+    policy: RetryPolicy,
+) -> Outcome:
+    """What the outcome of the call :func:`call_for` made for ``operation`` (its attempt
+    number ``operation.attempts``) means for it; ``recovered``: the event upserted its
+    contact once already (an event is recovered once)."""
+    call = call_for(operation, recovering)
+    decision = decide(
+        call.kind,
+        error,
+        attempts=operation.attempts,
+        elapsed=elapsed,
+        policy=policy,
+        can_recover=bool(operation.contact) and not recovering and not recovered,
+    )
+    if decision.action == "done":
+        accepted = call.payload if call.kind == "upsert" else None
+        return Outcome(decision, "event_again" if recovering else "delivered", accepted)
+    steps: dict[Action, Step] = {"retry": "retry", "recover": "upsert_contact", "fail": "failed"}
+    return Outcome(decision, steps[decision.action])
+
+
+def pause_for(
+    decision: Decision, failures: int, policy: RetryPolicy, logger: logging.Logger
+) -> float:
+    """How long no call on the key may start after ``decision``, ``failures`` failures in
+    a row counted with it: its 429 pause, and once Meisa looks down
+    (:data:`OUTAGE_THRESHOLD`) the backoff's ceiling after that many failures (not a draw:
+    one pause shared by every delivery thread or worker)."""
+    pause = decision.pause
+    if decision.outage and failures >= OUTAGE_THRESHOLD:
+        ceiling = policy.base_delay * 2.0 ** min(failures - 1, 64)
+        pause = max(pause, min(policy.max_delay, ceiling))
+        logger.info(
+            "flask-meisa: %d failed calls in a row; pausing delivery for %.2f s", failures, pause
+        )
+    return pause
 
 
 def error_summary(error: BaseException) -> str:

@@ -7,11 +7,11 @@ from __future__ import annotations
 import html
 import http.client
 import json
-import os
 import re
 import socket
 import ssl
 import threading
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +20,7 @@ import requests
 import urllib3.exceptions
 from requests.exceptions import ChunkedEncodingError
 
+from . import _watchdog
 from ._version import __version__
 from ._watchdog import WatchedAdapter
 from ._watchdog import time_limit
@@ -70,7 +71,8 @@ class Transport:
     def __init__(self, api_key: str, session: requests.Session | None, pool_size: int) -> None:
         self._key, self._given, self._pool_size = api_key, session, pool_size
         self._own: requests.Session | None = None
-        self._pid, self._lock, self._closed = os.getpid(), threading.Lock(), False
+        self._lock, self._closed = threading.Lock(), False
+        _transports.add(self)
         self._headers = {
             "X-API-Key": api_key,
             "User-Agent": f"flask-meisa/{__version__} python-requests/{requests.__version__}",
@@ -80,8 +82,6 @@ class Transport:
 
     def session(self) -> requests.Session:
         """The session to use now."""
-        if self._pid != os.getpid():  # the parent's sockets, and a lock maybe held by a thread
-            self._pid, self._lock, self._own = os.getpid(), threading.Lock(), None
         with self._lock:
             if self._closed:
                 raise MeisaError("this MeisaClient is closed")
@@ -93,6 +93,10 @@ class Transport:
                 self._own.mount("https://", adapter)
                 self._own.mount("http://", adapter)
             return self._own
+
+    def after_fork(self) -> None:
+        """In a forked child: the parent's sockets, and a lock maybe held by its thread."""
+        self._lock, self._own = threading.Lock(), None
 
     def close(self) -> None:
         """Close the client's own session; later use raises."""
@@ -138,6 +142,18 @@ class Transport:
         if 200 <= status < 300:
             return status, _json(content), None
         return status, None, _api_error(endpoint, response, content, self._key, request.scope)
+
+
+# Every transport of the process, each reset in a forked child by the one fork hook
+# (flask_meisa._runtime).
+_transports: weakref.WeakSet[Transport] = weakref.WeakSet()
+
+
+def after_fork() -> None:
+    """In a forked child: reset the watchdog and every transport of the process."""
+    _watchdog.after_fork()
+    for transport in list(_transports):
+        transport.after_fork()
 
 
 def _read(response: requests.Response) -> bytes | None:

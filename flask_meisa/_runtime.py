@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import importlib
 import logging
 import os
 import threading
@@ -14,6 +15,7 @@ from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 from typing import Any
 
+from . import _http
 from ._engine.base import Dispatcher
 from ._suppression import SuppressionSet
 from .client import MeisaClient
@@ -36,6 +38,10 @@ __all__ = ["MeisaState"]
 
 logger = logging.getLogger("flask_meisa")
 
+#: The module of each ``MEISA_DELIVERY`` engine (imported on first use), whose
+#: ``make_dispatcher(state)`` makes it.
+_ENGINES = {"sync": "sync", "thread": "delivery", "celery": "celery"}
+
 
 class MeisaState:
     """The runtime parts of :class:`~flask_meisa.Meisa` for one app (held weakly: an app
@@ -51,7 +57,7 @@ class MeisaState:
         self._store: Store | None = None
         self._switches: tuple[Any, ...] | None = None
         self._delivering = False
-        self._started_in: int | None = None
+        self._started = False  # in this process
         # Held weakly: the app holds it, and delivery threads hold this state.
         self._middleware: weakref.ref[AfterResponseMiddleware] | None = None
         #: The suppression set consulted before every send.
@@ -133,14 +139,14 @@ class MeisaState:
         """Make the engine now (a file store is opened and checked), and start it."""
         dispatcher = self.dispatcher
         if start:
-            self._started_in = os.getpid()
+            self._started = True
             dispatcher.start()
 
     def start(self) -> None:
         """Start delivering in this process, once (also on each request: ``flask run``)."""
-        if self._started_in == os.getpid() or not self.delivering():
+        if self._started or not self.delivering():
             return
-        self._started_in = os.getpid()
+        self._started = True
         self.dispatcher.start()
 
     def after_fork(self) -> None:
@@ -151,6 +157,7 @@ class MeisaState:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._client = None
+        self._started = False
         if self._store is not None:
             self._store.after_fork()
         self.suppression.after_fork()
@@ -201,31 +208,11 @@ class MeisaState:
         )
 
     def _make_engine(self) -> Dispatcher:
-        settings = self.settings
-        if settings.delivery == "sync":
-            from ._engine.sync import InlineDispatcher
-
-            return InlineDispatcher(client_factory=lambda: self.client, hooks=self.reporter)
-        if settings.delivery == "celery":
-            from ._engine import celery as celery_engine
-
-            return celery_engine.make_dispatcher(self)
-        from ._engine.delivery import Delivery
-
-        return Delivery(
-            store=self.store(),
-            client_factory=self.make_client,
-            hooks=self.reporter,
-            retry=self.background_retry_policy(),
-            rate_limit=settings.rate_limit,
-            lease=settings.connect_timeout + settings.timeout + 5.0,
-            capacity=settings.queue_size,
-            workers=settings.workers,
-            flush_timeout=settings.flush_timeout,
-            resync_after=settings.resync_after,
-            priority_fields=settings.priority_fields,
-            routine_max_age=settings.routine_max_age,
+        module = importlib.import_module(
+            f"._engine.{_ENGINES[self.settings.delivery]}", __package__
         )
+        dispatcher: Dispatcher = module.make_dispatcher(self)
+        return dispatcher
 
     def store(self) -> Store:
         """The store of ``MEISA_DELIVERY = "thread"`` (opened on first use): the
@@ -286,8 +273,9 @@ class MeisaState:
         return left
 
 
-# Exit closes every live state's engine; a fork holds their stores (see Store.before_fork),
-# and the child resets them.
+# Exit closes every live state's engine. The process's one fork hook (below) holds their
+# stores across a fork (see Store.before_fork); in the child it resets the HTTP transports
+# and every live state (MeisaState.after_fork, whose pid check is the only one).
 _live: weakref.WeakSet[MeisaState] = weakref.WeakSet()
 _held: list[Store] = []
 
@@ -329,6 +317,7 @@ def _after_fork_in_parent() -> None:
 
 def _after_fork_in_child() -> None:
     _held.clear()
+    _http.after_fork()
     for state in list(_live):
         try:
             state.after_fork()

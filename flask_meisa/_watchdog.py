@@ -5,7 +5,6 @@ one thread per process shuts down the socket of an attempt past its deadline.
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import threading
 import time
@@ -91,9 +90,9 @@ class _Watchdog:
 
 _current: ContextVar[Watch | None] = ContextVar("flask_meisa_attempt", default=None)
 _watchdog = _Watchdog()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_watchdog.reset)
 time_limit = _watchdog.time_limit
+#: In a forked child (called by the one fork hook, in flask_meisa._runtime).
+after_fork = _watchdog.reset
 
 
 def _attach(connection: HTTPConnection) -> None:

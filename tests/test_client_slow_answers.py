@@ -4,10 +4,12 @@ a size limit, however the bytes arrive."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -205,3 +207,18 @@ def test_a_forked_child_has_its_own_watchdog() -> None:
     for who, elapsed in times.items():
         assert elapsed != "None", f"the {who}'s call was not cut"
         assert float(elapsed) <= 1.0 + TIMEOUT[0] + 1.0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_gets_a_session_of_its_own_from_the_one_fork_hook() -> None:
+    client = MeisaClient(KEY, "http://127.0.0.1:9")
+    parent = client._http.session()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork with threads
+        pid = os.fork()
+    if pid == 0:  # the child: no parent's sockets (nor a lock its thread held)
+        os._exit(0 if client._http.session() is not parent else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert client._http.session() is parent
+    client.close()

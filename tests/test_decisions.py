@@ -6,9 +6,13 @@ import logging
 
 import pytest
 
+from flask_meisa._decisions import OUTAGE_THRESHOLD
 from flask_meisa._decisions import Decision
+from flask_meisa._decisions import call_for
 from flask_meisa._decisions import decide
 from flask_meisa._decisions import log_decision
+from flask_meisa._decisions import pause_for
+from flask_meisa._decisions import settle
 from flask_meisa.errors import APIConnectionError
 from flask_meisa.errors import APITimeoutError
 from flask_meisa.errors import BadRequestError
@@ -17,6 +21,7 @@ from flask_meisa.errors import RateLimitError
 from flask_meisa.errors import ServerError
 from flask_meisa.errors import UnprocessableEntityError
 from flask_meisa.errors import ValidationError
+from flask_meisa.operations import Operation
 from flask_meisa.retry import RetryPolicy
 
 POLICY = RetryPolicy(
@@ -112,3 +117,50 @@ def test_each_decision_logs_one_line_with_no_payload(caplog: pytest.LogCaptureFi
         "flask-meisa: Meisa answered 429 for the key; pausing delivery for 10.0 s",
         "flask-meisa: upsert (abc): HTTP 429 [rate_limited] on attempt 2; retrying in 10.00 s",
     ]
+
+
+def _event() -> Operation:
+    contact = {"email": "a@b.co", "first_name": "Ada"}
+    return Operation("track", {"email": "a@b.co", "event_name": "x"}, contact, attempts=1)
+
+
+def test_settling_an_event_that_answered_404_upserts_its_contact_then_the_event_again():
+    event, missing = _event(), NotFoundError("POST /events/track/", 404, "no such contact")
+    first = settle(event, missing, recovering=False, recovered=False, elapsed=0.0, policy=POLICY)
+    assert (first.step, first.accepted, first.decision.unknown_contact) == (
+        "upsert_contact",
+        None,
+        True,
+    )
+    call = call_for(event, True)
+    assert (call.kind, call.payload, call.id) == ("upsert", event.contact, event.id)
+    upserted = settle(event, None, recovering=True, recovered=False, elapsed=0.1, policy=POLICY)
+    assert (upserted.step, upserted.accepted) == ("event_again", event.contact)
+    again = settle(event, missing, recovering=False, recovered=True, elapsed=0.2, policy=POLICY)
+    assert again.step == "failed"  # an event is recovered once
+
+
+def test_settling_an_upsert_says_what_meisa_now_has_and_maps_every_action_to_a_step():
+    upsert = Operation("upsert", {"email": "a@b.co"}, attempts=1)
+    assert call_for(upsert, False) is upsert
+    done = settle(upsert, None, recovering=False, recovered=False, elapsed=0.0, policy=POLICY)
+    assert (done.step, done.accepted) == ("delivered", upsert.payload)
+    down = ServerError("POST /contacts/upsert/", 503, "down")
+    retry = settle(upsert, down, recovering=False, recovered=False, elapsed=0.0, policy=POLICY)
+    assert (retry.step, retry.accepted) == ("retry", None)
+    bad = BadRequestError("POST /contacts/upsert/", 400, "bad")
+    failed = settle(upsert, bad, recovering=False, recovered=False, elapsed=0.0, policy=POLICY)
+    assert failed.step == "failed"
+
+
+def test_the_pause_is_the_429s_then_the_backoffs_ceiling_once_meisa_looks_down(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    logger = logging.getLogger("flask_meisa.engine")
+    outage, limited = Decision("retry", delay=1.0, outage=True), Decision("retry", pause=3.0)
+    assert pause_for(outage, OUTAGE_THRESHOLD - 1, POLICY, logger) == 0.0
+    assert pause_for(limited, 0, POLICY, logger) == 3.0
+    with caplog.at_level(logging.INFO, logger="flask_meisa.engine"):
+        assert pause_for(outage, OUTAGE_THRESHOLD, POLICY, logger) == 4.0  # 1.0 * 2 ** 2
+    assert "3 failed calls in a row; pausing delivery for 4.00 s" in caplog.text
+    assert pause_for(outage, 30, POLICY, logger) == 8.0  # capped by max_delay

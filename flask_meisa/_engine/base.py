@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import Callable
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
@@ -16,11 +17,14 @@ from typing import Any
 from typing import Protocol
 
 from ..errors import ConfigurationError
+from ..retry import RetryPolicy
 
 if TYPE_CHECKING:
     from ..client import MeisaClient
     from ..operations import Operation
 
+#: The window of answers that the latency figures of a status cover, in seconds.
+LATENCY_WINDOW = 900.0
 #: Builds the client an engine calls Meisa with (again in a forked child).
 ClientFactory = Callable[[], "MeisaClient"]
 
@@ -74,6 +78,31 @@ class HookCaller:
             )
 
 
+class CallClient:
+    """The client an engine calls with: made by ``factory`` on first use, one attempt per
+    call (the engine retries), closed with :meth:`close`."""
+
+    def __init__(self, factory: ClientFactory) -> None:
+        self._factory = factory
+        self._lock = threading.Lock()
+        self._owned: MeisaClient | None = None
+        self._client: MeisaClient | None = None
+
+    def __call__(self) -> MeisaClient:
+        with self._lock:
+            if self._client is None:
+                self._owned = self._factory()
+                self._client = self._owned.with_options(retry=RetryPolicy.never())
+            return self._client
+
+    def close(self) -> None:
+        """Close the client (made again on next use)."""
+        with self._lock:
+            owned, self._owned, self._client = self._owned, None, None
+        if owned is not None:
+            owned.close()
+
+
 @dataclass
 class DeliveryStatus:
     """A snapshot of delivery, for ``flask meisa status`` and monitoring (with the store:
@@ -108,6 +137,14 @@ class DeliveryStatus:
     def pending(self) -> int:
         """Operations not yet finished: queued, in flight or waiting to retry."""
         return sum(self.queued.values()) + self.in_flight + self.retry_waiting
+
+    def add_latency(self, lane: str, waits: Iterable[float]) -> None:
+        """Note ``lane``'s (p50, p99) of ``waits``, from release to answer over the last
+        :data:`LATENCY_WINDOW` (none: no figure)."""
+        ordered = sorted(waits)
+        if ordered:
+            last = len(ordered) - 1
+            self.latency[lane] = ordered[last // 2], ordered[min(last, int(len(ordered) * 0.99))]
 
 
 class Dispatcher(Protocol):

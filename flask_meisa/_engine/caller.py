@@ -1,6 +1,6 @@
 """The delivery threads of the delivering process, one call at a time from the store: wait
 for the pause, the outage probe and the budget; skip what Meisa already has; make the
-call; settle its outcome as :func:`~flask_meisa._decisions.decide` says."""
+call; carry out the step :func:`~flask_meisa._decisions.settle` gives its outcome."""
 
 from __future__ import annotations
 
@@ -9,32 +9,27 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 from typing import Any
 
+from .._decisions import OUTAGE_THRESHOLD
 from .._decisions import Decision
-from .._decisions import decide
+from .._decisions import call_for
 from .._decisions import log_decision
+from .._decisions import pause_for
+from .._decisions import settle
 from ..operations import Attempt
-from ..operations import Operation
 from ..operations import attempt
 from ..retry import RetryPolicy
 from . import known
 from . import pending
+from .base import CallClient
 from .base import ClientFactory
 from .base import HookCaller
 from .budget import Budget
 from .store import STORE_ERRORS
 from .store import Store
 
-if TYPE_CHECKING:
-    from ..client import MeisaClient
-
-__all__ = ["OUTAGE_THRESHOLD", "Caller"]
-
-#: Failures in a row (no answer, or 5xx) after which Meisa is treated as down: delivery
-#: pauses with a growing backoff, then probes with one call at a time.
-OUTAGE_THRESHOLD = 3
+__all__ = ["Caller"]
 
 Report = Callable[[], None]
 
@@ -60,7 +55,8 @@ class Caller:
     ) -> None:
         self.store = budget.store
         self.budget = budget
-        self._client_factory = client_factory
+        #: The client the calls are made with.
+        self.client = CallClient(client_factory)
         self._hooks = hooks
         self._logger = hooks.logger
         self._retry = retry
@@ -71,8 +67,6 @@ class Caller:
         self._wake = threading.Condition(self._lock)
         self._generation = 0  # bumped whenever there may be new work
         self._stopped = False
-        self._client: MeisaClient | None = None
-        self._owned: MeisaClient | None = None
         self.calls = 0  # calls in flight
         #: The lane of the row last held back by the budget (``None``: not held back).
         self.blocked_lane: int | None = None
@@ -90,13 +84,6 @@ class Caller:
         with self._lock:
             self._stopped = True
             self._wake.notify_all()
-
-    def close(self) -> None:
-        """Close the client."""
-        with self._lock:
-            owned, self._owned, self._client = self._owned, None, None
-        if owned is not None:
-            owned.close()
 
     def run(self) -> None:
         """Make calls until :meth:`stop`, sleeping while there is nothing to do."""
@@ -168,22 +155,12 @@ class Caller:
             self.calls += calls
             self.reporting += reporting
 
-    def _get_client(self) -> MeisaClient:
-        with self._lock:
-            if self._client is None:
-                self._owned = self._client_factory()
-                self._client = self._owned.with_options(retry=RetryPolicy.never())
-            return self._client
-
     def _call(self, row: pending.Row, token: str) -> Report:
         operation = row.operation
         reason = None if row.recover else self._hooks.skip_reason(operation)
         outcome = Attempt()
         if reason is None:
-            call = operation
-            if row.recover == 1 and operation.contact is not None:
-                call = Operation("upsert", operation.contact, id=operation.id)
-            outcome = attempt(self._get_client, call)
+            outcome = attempt(self.client, call_for(operation, row.recover == 1))
         self._count(calls=-1, reporting=1)
         try:
             with self.store.write() as db:
@@ -208,38 +185,36 @@ class Caller:
         self, db: sqlite3.Connection, row: pending.Row, outcome: Attempt, now: float
     ) -> Report:
         operation, error = row.operation, outcome.error
-        recovering = row.recover == 1
-        decision = decide(
-            "upsert" if recovering else operation.kind,
+        settled = settle(
+            operation,
             error,
-            attempts=operation.attempts,
+            recovering=row.recover == 1,
+            recovered=row.recover == 2,
             elapsed=now - (row.first_attempt or now),
             policy=self._retry,
-            can_recover=operation.contact is not None and row.recover == 0,
         )
+        decision = settled.decision
         what = operation.describe()
-        if recovering:
+        if row.recover == 1:
             what += " (upserting its contact first)"
         elif row.merged > 1:
             what += f" (coalesced from {row.merged} operations)"
         self._note_health(db, decision, now)
         if decision.unknown_contact:
             known.forget(db, operation.payload)
-        if decision.action == "done" and recovering:
-            assert operation.contact is not None
-            known.remember(db, operation.contact, now)
-            pending.retry_at(db, row, 0.0, recover=2)  # the event again, at once
+        if settled.accepted is not None:
+            known.remember(db, settled.accepted, now)
+        if settled.step == "event_again":
+            pending.retry_at(db, row, 0.0, recover=2)
             return lambda: None
-        if decision.action == "done":
-            if operation.kind == "upsert":
-                known.remember(db, operation.payload, now)
+        if settled.step == "delivered":
             db.execute(
                 "INSERT INTO meisa_answers (lane, at, waited) VALUES (?, ?, ?)",
                 (row.lane, now, max(now - operation.created_at, 0.0)),
             )
             return self._over(db, row, "delivered", "delivered", outcome.result)
-        if decision.action != "fail":
-            recover = 1 if decision.action == "recover" else row.recover
+        if settled.step != "failed":
+            recover = 1 if settled.step == "upsert_contact" else row.recover
             pending.retry_at(db, row, now + decision.delay, recover=recover)
             return lambda: log_decision(self._logger, decision, what, error, operation.attempts)
         pending.bury(db, row, error or RuntimeError("failed"))
@@ -255,14 +230,7 @@ class Caller:
         failures = int(Store.get_meta(db, "failures", 0))
         failures = 0 if decision.answered else failures + int(decision.outage)
         Store.set_meta(db, "failures", failures or None)
-        pause = decision.pause
-        if decision.outage and failures >= OUTAGE_THRESHOLD:
-            pause = max(pause, self._retry.backoff(failures - OUTAGE_THRESHOLD + 1))
-            self._logger.info(
-                "flask-meisa: %d failed calls in a row; pausing delivery for %.2f s",
-                failures,
-                pause,
-            )
+        pause = pause_for(decision, failures, self._retry, self._logger)
         if pause:
             until = max(float(Store.get_meta(db, "pause_until", 0.0)), now + pause)
             Store.set_meta(db, "pause_until", until)

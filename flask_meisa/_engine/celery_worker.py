@@ -1,7 +1,7 @@
 """The Celery worker's side: the task ``flask_meisa.deliver``. Each run makes at most one
 call, then finishes its operation or asks to run again after a countdown (it never sleeps);
-what an outcome means is :func:`~flask_meisa._decisions.decide`'s, applied here to the
-shared budget and the records in Redis.
+the step :func:`~flask_meisa._decisions.settle` gives an outcome is carried out here, in
+the shared budget and the records in Redis.
 """
 
 from __future__ import annotations
@@ -15,14 +15,15 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from typing import Any
 
 from redis.exceptions import RedisError
 
 from .._decisions import Decision
-from .._decisions import decide
+from .._decisions import call_for
 from .._decisions import log_decision
+from .._decisions import pause_for
+from .._decisions import settle
 from ..operations import LANE_AUTOMATION
 from ..operations import LANE_BACKFILL
 from ..operations import LANE_NAMES
@@ -31,18 +32,15 @@ from ..operations import Operation
 from ..operations import attempt
 from ..retry import RetryPolicy
 from . import known
+from .base import CallClient
 from .base import ClientFactory
 from .base import DeliveryHooks
 from .base import HookCaller
-from .caller import OUTAGE_THRESHOLD
 from .known import Known
 from .redis_budget import MAX_WAIT
 from .redis_budget import RedisBudget
 from .redis_store import Claim
 from .redis_store import RedisDeliveryStore
-
-if TYPE_CHECKING:
-    from ..client import MeisaClient
 
 __all__ = ["TASK_NAME", "DeliveryWorker", "RunAgain", "lane_queues", "register_tasks"]
 
@@ -92,7 +90,7 @@ class DeliveryWorker:
         resync_after: float = 86400.0,
         routine_max_age: float = 3600.0,
     ) -> None:
-        self._client_factory = client_factory
+        self._client = CallClient(client_factory)
         self._hooks = HookCaller(hooks, logger)
         self._retry = retry
         self.store = store
@@ -103,21 +101,10 @@ class DeliveryWorker:
         self._enabled = enabled
         self._resync_after = resync_after
         self._routine_max_age = routine_max_age
-        self._client_lock = threading.Lock()
-        self._owned: MeisaClient | None = None
 
     def close(self) -> None:
         """Close the client (the worker process is ending)."""
-        with self._client_lock:
-            owned, self._owned = self._owned, None
-        if owned is not None:
-            owned.close()
-
-    def _get_client(self) -> MeisaClient:
-        with self._client_lock:
-            if self._owned is None:
-                self._owned = self._client_factory()
-            return self._owned.with_options(retry=RetryPolicy.never())
+        self._client.close()
 
     def run(self, data: dict[str, Any], meta: dict[str, Any]) -> RunAgain | None:
         """Make at most one call for the task's operation; ``None`` once it is finished.
@@ -219,42 +206,40 @@ class DeliveryWorker:
                 self._release(claim)
                 return self._again(got.wait, operation, meta)
             token = got.token
-        call = operation
-        if recovering and operation.contact:
-            call = Operation("upsert", operation.contact, id=operation.id)
         operation.attempts += 1
         meta = {**meta, "first_attempt": float(meta.get("first_attempt") or time.time())}
         try:
-            outcome = attempt(self._get_client, call)
+            outcome = attempt(self._client, call_for(operation, recovering))
         except BaseException:
             if budget is not None and token is not None:
                 budget.finish(token)  # interrupted mid-call: the slot counts as spent
             raise
-        decision = decide(
-            call.kind,
+        settled = settle(
+            operation,
             outcome.error,
-            attempts=operation.attempts,
+            recovering=recovering,
+            recovered=bool(meta.get("recovered")),
             elapsed=time.time() - meta["first_attempt"],
             policy=self._retry,
-            can_recover=bool(operation.contact) and not recovering and not meta.get("recovered"),
         )
+        decision = settled.decision
         log_decision(logger, decision, operation.describe(), outcome.error, operation.attempts)
         if budget is not None and token is not None:
             self._settle_budget(budget, token, outcome.made, decision)
         if decision.unknown_contact:
             self.store.forget([operation.payload, operation.contact])
-        if decision.action == "done" and call.kind == "upsert":
-            self.store.remember(call.payload, time.time())
-        if decision.action == "recover":
+        if settled.accepted is not None:
+            self.store.remember(settled.accepted, time.time())
+        if settled.step == "upsert_contact":
             return self._again(0.0, operation, {**meta, "recover": True})
-        if decision.action == "done" and recovering:  # the contact exists now: the event again
+        if settled.step == "event_again":
             return self._again(0.0, operation, {**meta, "recover": False, "recovered": True})
-        if decision.action == "retry":
+        if settled.step == "retry":
             self._release(claim)
             return self._again(decision.delay, operation, meta)
         for member in members:
             member.attempts = operation.attempts
-        if decision.action == "fail":
+        if settled.step == "failed":
             self._report("failed", members, outcome.error, claim)
         else:
             waited = (lane, time.time() - operation.created_at)
@@ -269,17 +254,7 @@ class DeliveryWorker:
         failures = budget.finish(
             token, made=made, outage=decision.outage, answered=decision.answered
         )
-        budget.pause(decision.pause)
-        if decision.outage and failures >= OUTAGE_THRESHOLD:
-            # The backoff's ceiling, not a draw: one pause shared by every worker.
-            ceiling = self._retry.base_delay * 2.0 ** min(failures - 1, 64)
-            pause = min(self._retry.max_delay, ceiling)
-            budget.pause(pause)
-            logger.info(
-                "flask-meisa: %d failed calls in a row; pausing delivery for %.2f s",
-                failures,
-                pause,
-            )
+        budget.pause(pause_for(decision, failures, self._retry, logger))
 
     def _release(self, claim: Claim | None) -> None:
         if claim is not None:

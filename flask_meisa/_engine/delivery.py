@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ..errors import DeliveryError
 from ..operations import LANE_BACKFILL
@@ -20,6 +21,7 @@ from ..operations import Operation
 from ..retry import RetryPolicy
 from . import known
 from . import pending
+from .base import LATENCY_WINDOW
 from .base import ClientFactory
 from .base import DeliveryHooks
 from .base import DeliveryStatus
@@ -31,7 +33,10 @@ from .hostlock import HostLock
 from .store import STORE_ERRORS
 from .store import Store
 
-__all__ = ["Delivery"]
+if TYPE_CHECKING:
+    from .._runtime import MeisaState
+
+__all__ = ["Delivery", "make_dispatcher"]
 
 #: How long the writer lets operations gather before storing them, in seconds.
 GROUP_WINDOW = 0.005
@@ -89,7 +94,6 @@ class Delivery:
 
     def _fresh(self) -> None:
         """Everything that belongs to one process (again in a forked child)."""
-        self._pid = os.getpid()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)  # the writer waits here
         self._idle = threading.Condition(self._lock)  # flush waits here
@@ -110,7 +114,6 @@ class Delivery:
 
     def start(self) -> None:
         """Start this process's writer (and, when it delivers, delivery) threads."""
-        self._check_fork()
         with self._lock:
             if self._started or self._closed:
                 return
@@ -121,7 +124,6 @@ class Delivery:
 
     def submit(self, operations: Iterable[Operation]) -> None:
         """Hand operations over (a list append; the writer thread stores them)."""
-        self._check_fork()
         batch = list(operations)
         shed: list[Operation] = []
         with self._lock:
@@ -174,8 +176,6 @@ class Delivery:
         """Deliver for up to ``timeout`` seconds (default ``flush_timeout``), then stop. A
         memory store reports what is left to ``hooks.dropped`` (``"shutdown"``) and returns
         how many; a file store keeps it for the next start."""
-        if self._pid != os.getpid():
-            return 0
         with self._lock:
             if self._closed:
                 return 0
@@ -212,12 +212,11 @@ class Delivery:
         if self._host_lock is not None:
             self._host_lock.release()
         self.store.close()
-        self._caller.close()
+        self._caller.client.close()
         return len(lost)
 
     def status(self) -> DeliveryStatus:
         """The host's delivery (see :class:`~.base.DeliveryStatus`)."""
-        self._check_fork()
         status = DeliveryStatus(engine="thread", durable=self.store.durable)
         with self.store.read() as db:
             pending.describe(db, time.time(), status)
@@ -236,10 +235,6 @@ class Delivery:
         if self._host_lock is not None:
             self._host_lock.forget_after_fork()
         self._fresh()
-
-    def _check_fork(self) -> None:
-        if self._pid != os.getpid():
-            self.after_fork()
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -360,7 +355,7 @@ class Delivery:
         with self.store.write() as db:
             pending.age_routine(db, now - self._routine_max_age)
             known.prune(db, now - self._known_for)
-            db.execute("DELETE FROM meisa_answers WHERE at < ?", (now - pending.LATENCY_WINDOW,))
+            db.execute("DELETE FROM meisa_answers WHERE at < ?", (now - LATENCY_WINDOW,))
 
     def _store_works(self, error: BaseException | None) -> None:
         """Log once when the store starts failing, and once when it works again."""
@@ -394,3 +389,22 @@ class Delivery:
                     return False
                 self._idle.wait(self._poll if left is None else min(left, self._poll))
         return True
+
+
+def make_dispatcher(state: MeisaState) -> Delivery:
+    """The thread engine of an app, from its settings."""
+    settings = state.settings
+    return Delivery(
+        store=state.store(),
+        client_factory=state.make_client,
+        hooks=state.reporter,
+        retry=state.background_retry_policy(),
+        rate_limit=settings.rate_limit,
+        lease=settings.connect_timeout + settings.timeout + 5.0,
+        capacity=settings.queue_size,
+        workers=settings.workers,
+        flush_timeout=settings.flush_timeout,
+        resync_after=settings.resync_after,
+        priority_fields=settings.priority_fields,
+        routine_max_age=settings.routine_max_age,
+    )

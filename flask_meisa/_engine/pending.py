@@ -22,6 +22,7 @@ from ..operations import Operation
 from ..operations import identities
 from ..operations import merge_priorities
 from ..operations import merge_upsert_payloads
+from .base import LATENCY_WINDOW
 from .base import DeliveryStatus
 from .store import Store
 
@@ -30,8 +31,6 @@ OP_COLUMNS = (
     "seq, id, kind, lane, payload, contact, priority, force, created_at, attempts, "
     "first_attempt, recover, merged"
 )
-#: The window of answers that the latency figures of the status cover, in seconds.
-LATENCY_WINDOW = 900.0
 _MESSAGE_LIMIT = 300
 _LIVE = "state != 'dead'"
 # A contact's rows by either of its names, each through its own index.
@@ -358,11 +357,6 @@ def _each(
     return db.execute(f"{statement} AND seq IN ({', '.join('?' * len(wanted))}){end}", wanted)
 
 
-def percentiles(waits: list[float]) -> tuple[float, float]:
-    """``(p50, p99)`` of ``waits``, sorted and not empty."""
-    return waits[(len(waits) - 1) // 2], waits[min(len(waits) - 1, int(len(waits) * 0.99))]
-
-
 def describe(db: sqlite3.Connection, now: float, status: DeliveryStatus) -> None:
     """Fill ``status`` with what the store holds: work per lane and its age, in flight,
     waiting to retry, dead letters, latency, counters, pause and the backfill run."""
@@ -385,10 +379,10 @@ def describe(db: sqlite3.Connection, now: float, status: DeliveryStatus) -> None
         waited = max(now - oldest, 0.0)
         status.oldest_wait[name] = max(status.oldest_wait.get(name, 0.0), waited)
     for lane, name in LANE_NAMES.items():
-        query = "SELECT waited FROM meisa_answers WHERE lane = ? AND at >= ? ORDER BY waited"
-        waits = [float(w) for (w,) in db.execute(query, (lane, now - LATENCY_WINDOW))]
-        if waits:
-            status.latency[name] = percentiles(waits)
+        query = "SELECT waited FROM meisa_answers WHERE lane = ? AND at >= ?"
+        status.add_latency(
+            name, (float(w) for (w,) in db.execute(query, (lane, now - LATENCY_WINDOW)))
+        )
     for name in ("delivered", "failed", "dropped", "unchanged"):
         setattr(status, name, int(Store.get_meta(db, name, 0)))
     status.paused_for = max(float(Store.get_meta(db, "pause_until", 0.0)) - now, 0.0)

@@ -11,11 +11,11 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from .._decisions import OUTAGE_THRESHOLD
 from .._ratelimit import parse_rate_limit
 from ..operations import LANE_NAMES
 from ..operations import LANE_ROUTINE
 from .budget import TRANSACTIONAL_RESERVE
-from .caller import OUTAGE_THRESHOLD
 
 __all__ = ["MAX_WAIT", "Acquired", "RedisBudget"]
 

@@ -21,12 +21,11 @@ from ..operations import LANE_NAMES
 from ..operations import Operation
 from ..operations import identities
 from ..operations import merge_upsert_payloads
+from .base import LATENCY_WINDOW
 from .base import DeliveryStatus
 from .known import KEEP_FOR
 from .known import Known
 from .known import digest
-from .pending import LATENCY_WINDOW
-from .pending import percentiles
 
 __all__ = ["Claim", "RedisDeliveryStore"]
 
@@ -312,7 +311,7 @@ class RedisDeliveryStore:
 
     def describe(self, status: DeliveryStatus) -> None:
         """Fill ``status`` with the operations not finished per lane and the oldest one's
-        wait, the latency over the last :data:`~.pending.LATENCY_WINDOW`, the counters and
+        wait, the latency over the last :data:`~.base.LATENCY_WINDOW`, the counters and
         the backfill run."""
         pipe = self._redis.pipeline(transaction=False)
         for lane in LANE_NAMES:
@@ -329,9 +328,9 @@ class RedisDeliveryStore:
             if oldest:
                 status.oldest_wait[name] = max(now - float(oldest[0][1]), 0.0)
             entries = (answer.split() for answer in answers)
-            waits = sorted(float(w) for at, w in entries if float(at) >= now - LATENCY_WINDOW)
-            if waits:
-                status.latency[name] = percentiles(waits)
+            status.add_latency(
+                name, (float(w) for at, w in entries if float(at) >= now - LATENCY_WINDOW)
+            )
         counters = _counts(stats)
         for name in ("delivered", "failed", "dropped", "unchanged"):
             setattr(status, name, counters[name])

@@ -74,7 +74,8 @@ _INHERITED: list[sqlite3.Connection] = []
 
 
 class Store:
-    """The database, safe from any thread; a forked child opens its own connection.
+    """The database, safe from any thread; a forked child opens its own connection
+    (:meth:`after_fork`, called by the app's fork hook).
 
     :param path: the SQLite file (its folder is made when missing), or ``None`` for memory.
     :param busy_timeout: seconds a write waits for another process's write.
@@ -84,7 +85,6 @@ class Store:
     def __init__(self, path: str | os.PathLike[str] | None, *, busy_timeout: float = 1.0) -> None:
         self.path = None if path is None else os.path.abspath(os.fspath(path))
         self.busy_timeout = float(busy_timeout)
-        self._pid = os.getpid()
         self._lock = threading.RLock()
         self._db: sqlite3.Connection | None = None
         try:
@@ -116,17 +116,12 @@ class Store:
 
     def after_fork(self) -> None:
         """In a forked child: a lock of its own and, on first use, a connection."""
-        if self._pid == os.getpid():
-            return
-        self._pid = os.getpid()
         self._lock = threading.RLock()
         if self._db is not None:
             _INHERITED.append(self._db)
         self._db = None
 
     def _connection(self) -> sqlite3.Connection:
-        if self._pid != os.getpid():  # a forked child: the parent's connection is not ours
-            self.after_fork()
         if self._db is None:
             db = sqlite3.connect(
                 self.path or ":memory:",
@@ -167,7 +162,7 @@ class Store:
         """Close this process's connection (a memory database starts empty again)."""
         with self._lock:
             db, self._db = self._db, None
-            if db is not None and self._pid == os.getpid():
+            if db is not None:
                 db.close()
 
     def data_version(self) -> int:

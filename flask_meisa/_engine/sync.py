@@ -9,10 +9,12 @@ import functools
 import logging
 import threading
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 from typing import Any
 
-from .._decisions import decide
+from .._decisions import call_for
 from .._decisions import log_decision
+from .._decisions import settle
 from ..errors import MeisaError
 from ..operations import Operation
 from ..operations import deliver
@@ -22,11 +24,14 @@ from .base import DeliveryHooks
 from .base import DeliveryStatus
 from .base import HookCaller
 
-__all__ = ["InlineDispatcher"]
+if TYPE_CHECKING:
+    from .._runtime import MeisaState
+
+__all__ = ["InlineDispatcher", "make_dispatcher"]
 
 logger = logging.getLogger("flask_meisa.engine")
 # The client retried already: what one attempt's outcome means.
-_decide = functools.partial(decide, attempts=1, elapsed=0.0, policy=RetryPolicy.never())
+_settle = functools.partial(settle, elapsed=0.0, policy=RetryPolicy.never())
 
 
 class InlineDispatcher:
@@ -51,25 +56,24 @@ class InlineDispatcher:
                 self._hooks.call("skipped", operation, reason)
 
     def _deliver(self, operation: Operation) -> None:
-        client, call, recovered = self._client_factory(), operation, False
+        client, recovering, recovered = self._client_factory(), False, False
         while True:
-            call.attempts = operation.attempts = operation.attempts + 1
+            operation.attempts += 1
             try:
-                result = deliver(client, call)
+                result = deliver(client, call_for(operation, recovering))
             except MeisaError as error:
-                can_recover = operation.contact is not None and not recovered
-                decision = _decide(call.kind, error, can_recover=can_recover)
-                if decision.action == "recover" and operation.contact is not None:
-                    # The contact does not exist yet: upsert it, then track again.
-                    call, recovered = Operation("upsert", operation.contact), True
+                settled = _settle(operation, error, recovering=recovering, recovered=recovered)
+                if settled.step == "upsert_contact":
+                    recovering = True  # the contact does not exist yet: upsert it, then again
                     continue
-                log_decision(logger, decision, operation.describe(), error, operation.attempts)
+                what, attempts = operation.describe(), operation.attempts
+                log_decision(logger, settled.decision, what, error, attempts)
                 self._report("failed", operation, error)
                 return
-            if call is operation:
+            if not recovering:
                 self._report("delivered", operation, result)
                 return
-            call = operation  # the contact exists now: the event again
+            recovering, recovered = False, True  # the contact exists now: the event again
 
     def _report(self, outcome: str, operation: Operation, detail: Any) -> None:
         with self._lock:
@@ -97,3 +101,8 @@ class InlineDispatcher:
             return DeliveryStatus(
                 engine="sync", delivered=self._counts["delivered"], failed=self._counts["failed"]
             )
+
+
+def make_dispatcher(state: MeisaState) -> InlineDispatcher:
+    """The inline engine of an app, calling with the app's client."""
+    return InlineDispatcher(client_factory=lambda: state.client, hooks=state.reporter)

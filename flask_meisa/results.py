@@ -48,10 +48,11 @@ def _str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _first(*values: Any) -> str | None:
-    """The first value that reads as a non-empty string (what ``a or b`` picks)."""
-    texts = [_str(value) for value in values]
-    return next((text for text in texts if text), texts[-1])
+def _first(*values: Any, read: Callable[[Any], Any] = _str) -> Any:
+    """The first of ``values`` that ``read`` makes a non-empty value (what ``a or b``
+    picks), else the last one read."""
+    found = [read(value) for value in values]
+    return next((value for value in found if value), found[-1])
 
 
 def _int(value: Any, default: int) -> int:
@@ -133,10 +134,9 @@ class _Result:
         read = {}
         for f in fields(cls):
             if f.name != "raw" and f.name not in given:
-                reader = _READERS[str(f.type)]
-                values = [reader(_at(data, path)) for path in f.metadata.get("paths", [f.name])]
+                values = [_at(data, path) for path in f.metadata.get("paths", [f.name])]
                 values += [asked[f.name]] if f.name in asked else []
-                read[f.name] = next((value for value in values if value), values[-1])
+                read[f.name] = _first(*values, read=_READERS[str(f.type)])
         return cls(**read, **given, raw=body)
 
 

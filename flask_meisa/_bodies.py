@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from collections.abc import Iterable
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,19 +14,26 @@ from . import _payloads as payloads
 from ._payloads import JSONValue
 from .errors import ValidationError
 
-__all__ = [
-    "CONTACT_SOURCES",
-    "ContactMapper",
-    "default_contact_mapper",
-    "map_contact",
-    "track_body",
-    "trigger_body",
-    "upsert_body",
-    "upsert_payload",
-]
-
 #: The ``source`` values Meisa accepts on an upsert.
 CONTACT_SOURCES = frozenset({"api", "import", "manual", "signup", "initial_sync"})
+
+#: A field's check: its value and its name in errors, to the value sent.
+Check = Callable[[Any, str], JSONValue]
+
+
+def _checked(
+    checks: Mapping[str, Check],
+    values: Mapping[str, Any],
+    required: Iterable[str] = (),
+    prefix: str = "",
+) -> dict[str, JSONValue]:
+    """``values`` through ``checks``, in the checks' order (errors name ``prefix`` + the
+    field); a field that is ``None`` is left out unless it is ``required``."""
+    return {
+        name: check(values.get(name), prefix + name)
+        for name, check in checks.items()
+        if values.get(name) is not None or name in required
+    }
 
 
 def _source(value: object, field: str) -> str:
@@ -40,7 +48,7 @@ def _tags(value: object, field: str) -> list[JSONValue]:
 
 
 #: The fields of an upsert, in the order sent, and the check of each.
-_UPSERT_FIELDS: dict[str, Callable[[Any, str], JSONValue]] = {
+_UPSERT_FIELDS: dict[str, Check] = {
     "email": payloads.normalize_email,
     "external_id": payloads.normalize_external_id,
     "first_name": payloads.require_text,
@@ -49,6 +57,18 @@ _UPSERT_FIELDS: dict[str, Callable[[Any, str], JSONValue]] = {
     "source": _source,
     "custom_fields": payloads.json_object,
     "tag_names": _tags,
+}
+#: The contact fields Meisa reads from a trigger's ``recipient``, refusing what an upsert
+#: refuses (it creates or enriches the contact from them).
+_RECIPIENT_FIELDS = {
+    name: _UPSERT_FIELDS[name]
+    for name in ("external_id", "first_name", "last_name", "display_name", "custom_fields")
+}
+_TRACK_FIELDS: dict[str, Check] = {
+    "event_name": payloads.require_text,
+    "email": payloads.normalize_email,
+    "external_id": payloads.normalize_external_id,
+    "properties": payloads.json_object,
 }
 
 
@@ -59,11 +79,7 @@ def upsert_body(fields: Mapping[str, Any]) -> dict[str, JSONValue]:
             raise ValidationError(str(name), "is not a field of a contact upsert")
     if fields.get("email") is None:
         raise ValidationError("email", "is required")
-    return {
-        name: check(fields[name], name)
-        for name, check in _UPSERT_FIELDS.items()
-        if fields.get(name) is not None
-    }
+    return _checked(_UPSERT_FIELDS, fields)
 
 
 def track_body(
@@ -74,19 +90,25 @@ def track_body(
     properties: object = None,
 ) -> dict[str, JSONValue]:
     """The body of ``POST /events/track/`` (``email`` or ``external_id`` required)."""
-    name = payloads.require_text(event_name, "event_name")
-    if email is None and external_id is None:
+    body = _checked(_TRACK_FIELDS, locals(), required=("event_name",))
+    if "email" not in body and "external_id" not in body:
         raise ValidationError("email", "an email or an external_id is required")
-    return _sendable(
-        {
-            "event_name": name,
-            "email": None if email is None else payloads.normalize_email(email),
-            "external_id": None
-            if external_id is None
-            else payloads.normalize_external_id(external_id),
-            "properties": payloads.json_object(properties, "properties"),
-        }
-    )
+    return body
+
+
+def _recipient(value: object, field: str) -> dict[str, JSONValue]:
+    recipient = dict(payloads.json_object(value, field) or {})
+    recipient.update(_checked(_RECIPIENT_FIELDS, recipient, prefix=f"{field}."))
+    return recipient
+
+
+_TRIGGER_FIELDS: dict[str, Check] = {
+    "trigger_key": payloads.require_text,
+    "to_email": payloads.normalize_email,
+    "variables": payloads.json_object,
+    "recipient": _recipient,
+    "idempotency_key": payloads.require_text,
+}
 
 
 def trigger_body(
@@ -101,30 +123,8 @@ def trigger_body(
     when none is given). ``recipient`` may hold any JSON; the contact fields Meisa reads
     from it are checked as an upsert's."""
     key = uuid.uuid4().hex if idempotency_key is None else idempotency_key
-    return _sendable(
-        {
-            "trigger_key": payloads.require_text(trigger_key, "trigger_key"),
-            "to_email": payloads.normalize_email(to_email, "to_email"),
-            "variables": payloads.json_object(variables, "variables"),
-            "recipient": _recipient(recipient),
-            "idempotency_key": payloads.require_text(key, "idempotency_key"),
-        }
-    )
-
-
-def _recipient(value: object) -> dict[str, JSONValue] | None:
-    recipient = payloads.json_object(value, "recipient")
-    if recipient is None:
-        return None
-    # Meisa creates or enriches the contact from these, refusing what an upsert refuses.
-    for name in ("external_id", "first_name", "last_name", "display_name", "custom_fields"):
-        if recipient.get(name) is not None:
-            recipient[name] = _UPSERT_FIELDS[name](recipient[name], f"recipient.{name}")
-    return recipient
-
-
-def _sendable(body: Mapping[str, JSONValue]) -> dict[str, JSONValue]:
-    return {k: v for k, v in body.items() if v is not None}
+    fields = {**locals(), "idempotency_key": key}
+    return _checked(_TRIGGER_FIELDS, fields, required=("trigger_key", "to_email"))
 
 
 #: A function from a user object to an upsert payload (a mapping with at least ``email``).
@@ -173,16 +173,13 @@ def default_contact_mapper(
 
 def map_contact(mapper: ContactMapper, user: Any) -> dict[str, Any]:
     """Run ``mapper`` on ``user`` and validate its answer as an upsert payload."""
-    mapped = mapper(user)
-    if not isinstance(mapped, Mapping):
-        raise ValidationError(
-            "contact", f"the contact mapper must return a mapping, not {type(mapped).__name__}"
-        )
-    return upsert_body(mapped)
+    return upsert_payload(mapper(user), "the contact mapper must return a mapping")
 
 
-def upsert_payload(fields: Mapping[str, Any]) -> dict[str, Any]:
+def upsert_payload(
+    fields: Mapping[str, Any], refusal: str = "must be a mapping"
+) -> dict[str, Any]:
     """Validate an upsert payload given as a mapping (``meisa.upsert({...})``)."""
     if not isinstance(fields, Mapping):
-        raise ValidationError("contact", f"must be a mapping, not {type(fields).__name__}")
+        raise ValidationError("contact", f"{refusal}, not {type(fields).__name__}")
     return upsert_body(fields)

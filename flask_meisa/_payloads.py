@@ -1,14 +1,6 @@
 """Input validation and JSON conversion, applied before any request is made. Every check
 raises :class:`~flask_meisa.errors.ValidationError` naming the field (``"email"``,
-``"custom_fields.tags[2]"``), never its value, so that the error can be logged as is.
-
-:func:`to_json_value` passes ``str``, ``int``, ``float``, ``bool`` and ``None`` through
-(refusing NaN and infinities) and converts: a ``datetime`` to ISO 8601 in UTC with ``Z``
-(a naive one taken as UTC), a ``date`` to ``"YYYY-MM-DD"``, a ``time`` to its
-``isoformat()``, a ``Decimal`` to an ``int`` when integral, else a ``float``, a ``UUID``
-to its string, an ``Enum`` to its converted ``value``, a mapping with ``str`` keys to a
-``dict``, a list or tuple to a ``list``. Anything else (sets, bytes, objects) is refused.
-"""
+``"custom_fields.tags[2]"``), never its value, so that the error can be logged as is."""
 
 from __future__ import annotations
 
@@ -27,23 +19,6 @@ from typing import TypeAlias
 from typing import TypeVar
 
 from .errors import ValidationError
-
-__all__ = [
-    "MAX_BODY_BYTES",
-    "MAX_DEPTH",
-    "MAX_EMAIL_LENGTH",
-    "MAX_TEXT_LENGTH",
-    "JSONValue",
-    "encode_body",
-    "json_object",
-    "normalize_email",
-    "normalize_external_id",
-    "optional_text",
-    "require_text",
-    "text_list",
-    "to_json_value",
-    "unique_emails",
-]
 
 JSONValue: TypeAlias = "str | int | float | bool | list[JSONValue] | dict[str, JSONValue] | None"
 
@@ -158,9 +133,9 @@ def json_object(value: object, field: str) -> dict[str, JSONValue] | None:
 
 
 def to_json_value(value: object, field: str, *, _depth: int = 0) -> JSONValue:
-    """Convert ``value`` to plain JSON data (see the module's docstring), recursively;
-    errors name ``field`` extended by the path (``custom_fields.tags[2]``). Nesting deeper
-    than :data:`MAX_DEPTH` is refused."""
+    """Convert ``value`` to plain JSON data, recursively (the conversions are listed in
+    docs/integrating.md); errors name ``field`` extended by the path
+    (``custom_fields.tags[2]``). Nesting deeper than :data:`MAX_DEPTH` is refused."""
     kind = type(value)
     # Exact-type fast paths first: most values are plain.
     if value is None or kind is bool:

@@ -31,7 +31,19 @@ if TYPE_CHECKING:
 
 __all__ = ["meisa_cli"]
 
-meisa_cli = AppGroup("meisa", help="Meisa: check the connection, sync users, inspect delivery.")
+
+class _MeisaGroup(AppGroup):
+    """A group whose commands end with Meisa's refusal (a :class:`MeisaError`) as their
+    error message, without a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except MeisaError as error:
+            raise click.ClickException(str(error)) from None
+
+
+meisa_cli = _MeisaGroup("meisa", help="Meisa: check the connection, sync users, inspect delivery.")
 
 #: The scopes the extension uses, and what for.
 _USES = {
@@ -52,10 +64,7 @@ def _extension() -> Meisa:
 @meisa_cli.command("ping")
 def ping_command() -> None:
     """Check the API key: its environment, scopes and product."""
-    try:
-        result = _extension().client.ping()
-    except MeisaError as error:
-        raise click.ClickException(str(error)) from None
+    result = _extension().client.ping()
     click.echo(f"ok: {result.environment} key for {result.product_name or result.product_id}")
     click.echo(f"scopes: {', '.join(result.scopes) or '(none)'}")
     missing = "".join(
@@ -79,10 +88,7 @@ def suppressions_command(check: str | None) -> None:
         )
     click.echo(f"{suppression.count} suppressed addresses (as of {suppression.as_of or '?'})")
     if check is not None:
-        try:
-            suppressed = meisa.is_suppressed(check)
-        except MeisaError as error:
-            raise click.ClickException(str(error)) from None
+        suppressed = meisa.is_suppressed(check)
         click.echo(f"{check.strip()}: {'suppressed' if suppressed else 'not suppressed'}")
 
 
@@ -91,12 +97,8 @@ def suppressions_command(check: str | None) -> None:
 @click.option("--search", default=None, help="Only sequences whose name or slug contains this.")
 def sequences_command(show_all: bool, search: str | None) -> None:
     """List the product's sequences with their slugs."""
-    try:
-        sequences = _extension().client.list_sequences(
-            status="all" if show_all else None, search=search
-        )
-    except MeisaError as error:
-        raise click.ClickException(str(error)) from None
+    client = _extension().client
+    sequences = client.list_sequences(status="all" if show_all else None, search=search)
     if not sequences:
         click.echo("no sequences")
     for sequence in sequences:

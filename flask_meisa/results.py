@@ -48,10 +48,11 @@ def _str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _first(*values: Any) -> str | None:
-    """The first value that reads as a non-empty string (what ``a or b`` picks)."""
-    texts = [_str(value) for value in values]
-    return next((text for text in texts if text), texts[-1])
+def _first(*values: Any, read: Callable[[Any], Any] = _str) -> Any:
+    """The first of ``values`` that ``read`` makes a non-empty value (what ``a or b``
+    picks), else the last one read."""
+    found = [read(value) for value in values]
+    return next((value for value in found if value), found[-1])
 
 
 def _int(value: Any, default: int) -> int:
@@ -84,6 +85,13 @@ def _names(value: Any) -> tuple[str, ...]:
     return tuple(name for item in _list(value) if (name := _name_of(item)) is not None)
 
 
+def _at(data: Any, path: str) -> Any:
+    """The value at ``path`` (``"a.b"``: key ``b`` of the object under ``a``), or ``None``."""
+    for key in path.split("."):
+        data = _obj(data).get(key)
+    return data
+
+
 def _time(value: Any) -> dt.datetime | None:
     """An ISO 8601 timestamp (``Z`` accepted on Python 3.10 too), or ``None``."""
     if not isinstance(value, str) or not value:
@@ -106,38 +114,48 @@ _READERS: dict[str, Callable[[Any], Any]] = {
 _R = TypeVar("_R", bound="_Result")
 
 
+def _from(*paths: str) -> dict[str, tuple[str, ...]]:
+    """A field's metadata: read it from the first of ``paths`` (see :func:`_at`) that
+    holds a value."""
+    return {"paths": paths}
+
+
 @dataclass(frozen=True)
 class _Result:
     raw: Any = field(default=None, repr=False, compare=False, kw_only=True)
 
     @classmethod
-    def _parse(cls: type[_R], body: Any, data: Any = None, **given: Any) -> _R:
-        """The result whose fields not ``given`` are read from ``data`` (default: ``body``)."""
+    def _parse(
+        cls: type[_R], body: Any, data: Any = None, asked: Mapping[str, Any] = {}, **given: Any
+    ) -> _R:
+        """The result whose fields not ``given`` are read from ``data`` (default: ``body``):
+        the first of a field's paths that reads as a value, else what the call ``asked``."""
         data = _obj(body if data is None else data)
-        read = {
-            f.name: _READERS[str(f.type)](data.get(f.name))
-            for f in fields(cls)
-            if f.name != "raw" and f.name not in given
-        }
+        read = {}
+        for f in fields(cls):
+            if f.name != "raw" and f.name not in given:
+                values = [_at(data, path) for path in f.metadata.get("paths", [f.name])]
+                values += [asked[f.name]] if f.name in asked else []
+                read[f.name] = _first(*values, read=_READERS[str(f.type)])
         return cls(**read, **given, raw=body)
 
 
 @dataclass(frozen=True)
-class PingResult(_Result):
+class _Read(_Result):
+    @classmethod
+    def from_body(cls: type[_R], body: Any) -> _R:
+        """Parse an answer."""
+        return cls._parse(body)
+
+
+@dataclass(frozen=True)
+class PingResult(_Read):
     """``GET /ping/``: what the key is allowed to do."""
 
     environment: str | None
     scopes: tuple[str, ...]
-    product_id: str | None
-    product_name: str | None
-
-    @classmethod
-    def from_body(cls, body: Any) -> PingResult:
-        """Parse a ping answer."""
-        product = _obj(_obj(body).get("product"))
-        return cls._parse(
-            body, product_id=_str(product.get("id")), product_name=_str(product.get("name"))
-        )
+    product_id: str | None = field(metadata=_from("product.id"))
+    product_name: str | None = field(metadata=_from("product.name"))
 
 
 @dataclass(frozen=True)
@@ -168,17 +186,12 @@ class Contact(_Result):
 
 
 @dataclass(frozen=True)
-class TrackResult(_Result):
+class TrackResult(_Read):
     """``POST /events/track/``: the event was recorded for this contact."""
 
     contact_id: str | None
     event_name: str | None
     timestamp: dt.datetime | None
-
-    @classmethod
-    def from_body(cls, body: Any) -> TrackResult:
-        """Parse a track answer."""
-        return cls._parse(body)
 
 
 @dataclass(frozen=True)
@@ -230,23 +243,15 @@ class UnsubscribedEmails(_Result):
 class Enrollment(_Result):
     """``POST /sequences/enroll/``: the contact's enrollment."""
 
-    status: str | None
-    contact_id: str | None
-    sequence_slug: str | None
-    enrollment_id: str | None
+    status: str | None = field(metadata=_from("status", "enrollment.status"))
+    contact_id: str | None = field(metadata=_from("contact_id", "enrollment.contact_id"))
+    sequence_slug: str | None = field(metadata=_from("sequence_slug", "sequence.slug"))
+    enrollment_id: str | None = field(metadata=_from("enrollment_id", "enrollment.id", "id"))
 
     @classmethod
     def from_body(cls, body: Any, sequence_slug: str | None = None) -> Enrollment:
         """Parse an enroll answer (flat, or with nested ``enrollment`` and ``sequence``)."""
-        data = _obj(body)
-        inner, sequence = _obj(data.get("enrollment")), _obj(data.get("sequence"))
-        return cls(
-            _first(data.get("status"), inner.get("status")),
-            _first(data.get("contact_id"), inner.get("contact_id")),
-            _first(data.get("sequence_slug"), sequence.get("slug"), sequence_slug),
-            _first(data.get("enrollment_id"), inner.get("id"), data.get("id")),
-            raw=body,
-        )
+        return cls._parse(body, asked={"sequence_slug": sequence_slug})
 
 
 @dataclass(frozen=True)
@@ -292,17 +297,12 @@ def _outcome(item: Any) -> BulkEnrollOutcome | None:
 
 
 @dataclass(frozen=True)
-class Sequence(_Result):
+class Sequence(_Read):
     """One sequence from ``GET /sequences/api/list/``."""
 
     slug: str | None
     name: str | None
     status: str | None
-
-    @classmethod
-    def from_body(cls, body: Any) -> Sequence:
-        """Parse one sequence entry."""
-        return cls._parse(body)
 
     @classmethod
     def list_from_body(cls, body: Any) -> tuple[Sequence, ...]:
@@ -311,25 +311,13 @@ class Sequence(_Result):
 
 
 @dataclass(frozen=True)
-class EnrollmentStatus(_Result):
-    """One of a contact's enrollments."""
+class EnrollmentStatus(_Read):
+    """One of a contact's enrollments (flat, or with a nested ``sequence`` object)."""
 
-    sequence_slug: str | None
-    sequence_name: str | None
+    sequence_slug: str | None = field(metadata=_from("sequence_slug", "sequence.slug"))
+    sequence_name: str | None = field(metadata=_from("sequence_name", "sequence.name"))
     status: str | None
-    enrolled_at: dt.datetime | None
-
-    @classmethod
-    def from_body(cls, body: Any) -> EnrollmentStatus:
-        """Parse one enrollment entry (flat, or with a nested ``sequence`` object)."""
-        data = _obj(body)
-        sequence = _obj(data.get("sequence"))
-        return cls._parse(
-            body,
-            sequence_slug=_first(data.get("sequence_slug"), sequence.get("slug")),
-            sequence_name=_first(data.get("sequence_name"), sequence.get("name")),
-            enrolled_at=_time(data.get("enrolled_at")) or _time(data.get("created_at")),
-        )
+    enrolled_at: dt.datetime | None = field(metadata=_from("enrolled_at", "created_at"))
 
 
 @dataclass(frozen=True)
@@ -343,7 +331,7 @@ class ContactEnrollments(_Result):
     def from_body(cls, body: Any, email: str | None = None) -> ContactEnrollments:
         """Parse the list: a bare list, or one under ``enrollments``/``results``."""
         entries = tuple(map(EnrollmentStatus.from_body, _items(body, "enrollments")))
-        return cls(_first(_obj(body).get("email"), email), entries, raw=body)
+        return cls._parse(body, asked={"email": email}, enrollments=entries)
 
 
 @dataclass(frozen=True)
@@ -370,8 +358,8 @@ class TriggerResult(_Result):
         if status not in ("sent", "scheduled", "skipped"):
             skipped = _str(data.get("reason"))
             status = "scheduled" if http_status == 202 else "skipped" if skipped else "sent"
-        key = _first(data.get("idempotency_key"), idempotency_key)
-        return cls._parse(body, status=status, idempotency_key=key, http_status=http_status)
+        asked = {"idempotency_key": idempotency_key}
+        return cls._parse(body, asked=asked, status=status, http_status=http_status)
 
 
 @dataclass(frozen=True)

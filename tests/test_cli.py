@@ -129,6 +129,20 @@ def test_sync_users_backfills_every_registered_user(emulator: Any) -> None:
     assert contacts["ada@example.com"]["source"] == "initial_sync"
 
 
+def test_any_commands_meisa_error_is_its_message_without_a_traceback(app: Flask) -> None:
+    meisa = app.extensions["meisa"]
+
+    @meisa.users_to_sync
+    def users_without_email() -> list[Any]:
+        return [object()]
+
+    for args in (("suppressions", "--check", "not an address"), ("sync-users", "--dry-run")):
+        result = invoke(app, *args)
+        assert result.exit_code == 1, result.output
+        assert "Error: email: " in result.output
+        assert isinstance(result.exception, SystemExit)  # handled: no traceback
+
+
 def test_sync_users_without_a_query_explains_what_to_do(app: Flask) -> None:
     result = invoke(app, "sync-users")
     assert result.exit_code == 1

@@ -33,6 +33,7 @@ from .config import MeisaSettings
 from .errors import UnprocessableEntityError
 from .errors import ValidationError
 from .operations import Operation
+from .operations import deliver
 from .results import SendResult
 
 __all__ = ["Meisa"]
@@ -240,7 +241,7 @@ class Meisa:
             # Waiting for the list and for a budget slot count against the deadline.
             with state.budget_slot(max(ends - time.monotonic(), 0.0)):
                 policy = state.retry_policy(deadline=max(ends - time.monotonic(), 0.001))
-                result = state.client.with_options(retry=policy).trigger_email(**body)
+                result = deliver(state.client.with_options(retry=policy), operation)
         except UnprocessableEntityError as error:
             state.reporter.learn(address, error)
             raise

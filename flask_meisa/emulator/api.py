@@ -20,12 +20,11 @@ from .call import Request
 from .paths import BASE_PATH
 from .ratelimit import retry_after_header
 from .state import Store
+from .validation import Answer
 from .validation import ApiError
 
 __all__ = ["BASE_PATH", "Answer", "Request", "handle", "parse_body"]
 
-#: ``(status, JSON body, extra headers)``
-Answer = tuple[int, Any, Mapping[str, str]]
 _Endpoint = Callable[[Call], tuple[int, Any]]
 _Route = tuple[str, "str | None", _Endpoint]
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["MAX_STRING", "ApiError", "Payload", "is_valid_email"]
+__all__ = ["MAX_STRING", "Answer", "ApiError", "Payload", "is_valid_email"]
 
 #: Longest accepted string field.
 MAX_STRING = 255
 _MAX_EMAIL = 254
+#: ``(status, JSON body, extra headers)``
+Answer = tuple[int, Any, Mapping[str, str]]
 
 
 class ApiError(Exception):
@@ -40,6 +42,10 @@ class ApiError(Exception):
         if self.errors is not None:
             body["errors"] = self.errors
         return body
+
+    def answer(self) -> Answer:
+        """``(status, JSON body, headers)``, as the HTTP layer writes it."""
+        return self.status, self.body(), self.headers
 
     @classmethod
     def invalid(cls, errors: Mapping[str, list[str]]) -> ApiError:

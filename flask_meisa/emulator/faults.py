@@ -38,6 +38,8 @@ class FaultReply:
     label: str  # what the recorded request's ``fault`` says
     status: int = 503
     retry_after: float | None = None
+    #: Process the request first, then lose or replace its answer.
+    after: bool = False
 
     def answer(self) -> tuple[int, dict[str, Any], dict[str, str]]:
         """The error answer (for ``kind == "error"``)."""
@@ -54,10 +56,8 @@ class FaultPlan:
     """What the faults decided for one request."""
 
     latency: float = 0.0
-    #: Answer this instead of processing the request.
-    before: FaultReply | None = None
-    #: Process the request, then answer this instead of its answer.
-    after: FaultReply | None = None
+    #: What to answer instead of the request's own answer.
+    reply: FaultReply | None = None
 
 
 _NO_FAULT = FaultPlan()
@@ -68,7 +68,6 @@ class _OneShot:
     remaining: int
     reply: FaultReply
     path: str | None
-    after: bool
 
 
 class Faults:
@@ -123,19 +122,19 @@ class Faults:
         ``after=True``: process each request, then answer ``status`` (the effect stays, the
         answer is lost). ``retry_after``: also send a ``Retry-After`` header.
         """
-        reply = FaultReply("error", "error_after" if after else "error", status, retry_after)
-        self._add(n, reply, path, after)
+        label = "error_after" if after else "error"
+        self._add(n, FaultReply("error", label, status, retry_after, after), path)
 
     def drop_next(self, n: int = 1, path: str | None = None, after: bool = False) -> None:
         """Close the connection of the next ``n`` requests without answering.
 
         ``after=True``: process each request first (the effect stays).
         """
-        self._add(n, FaultReply("drop", "drop_after" if after else "drop"), path, after)
+        self._add(n, FaultReply("drop", "drop_after" if after else "drop", after=after), path)
 
     def force_429(self, n: int = 1, retry_after: float = 1, path: str | None = None) -> None:
         """Answer the next ``n`` requests 429 ``rate_limited`` with ``Retry-After``."""
-        self._add(n, FaultReply("error", "429", 429, retry_after), path, False)
+        self._add(n, FaultReply("error", "429", 429, retry_after), path)
 
     def outage(self, seconds: float, drop: bool = False) -> None:
         """Answer every API request 503 (or drop it) for ``seconds`` of emulator time."""
@@ -147,20 +146,21 @@ class Faults:
         """Remove every fault."""
         with self._lock:
             self._one_shots.clear()
-            self._outage_until = float("-inf")
+            self._outage_until = -math.inf
             self._outage_drop = False
         self.set()
 
-    def _add(self, n: int, reply: FaultReply, path: str | None, after: bool) -> None:
+    def _add(self, n: int, reply: FaultReply, path: str | None) -> None:
         if n < 1:
             raise ValueError("n must be at least 1")
         with self._lock:
-            self._one_shots.append(_OneShot(n, reply, path, after))
+            self._one_shots.append(_OneShot(n, reply, path))
 
     def plan(self, path: str) -> FaultPlan:
         """Decide the faults of one request to ``path`` (consumes one-shot faults)."""
         with self._lock:
-            if not self._one_shots and self._is_quiet():
+            standing_faults = self._latency or self._error_rate or self._drop_rate
+            if not (self._one_shots or standing_faults) and self._outage_until == -math.inf:
                 return _NO_FAULT
             standing = self._paths is None or any(path_matches(p, path) for p in self._paths)
             latency = self._latency if standing else 0.0
@@ -169,26 +169,16 @@ class Faults:
                     shot.remaining -= 1
                     if not shot.remaining:
                         self._one_shots.remove(shot)
-                    if shot.after:
-                        return FaultPlan(latency, after=shot.reply)
-                    return FaultPlan(latency, before=shot.reply)
+                    return FaultPlan(latency, shot.reply)
             if self._clock.monotonic() < self._outage_until:
                 kind = "drop" if self._outage_drop else "error"
-                return FaultPlan(latency, before=FaultReply(kind, "outage", 503))
+                return FaultPlan(latency, FaultReply(kind, "outage", 503))
             if standing and self._drop_rate and self._random.random() < self._drop_rate:
-                return FaultPlan(latency, before=FaultReply("drop", "drop"))
+                return FaultPlan(latency, FaultReply("drop", "drop"))
             if standing and self._error_rate and self._random.random() < self._error_rate:
                 status = self._random.choice(self._error_statuses)
-                return FaultPlan(latency, before=FaultReply("error", "error", status))
+                return FaultPlan(latency, FaultReply("error", "error", status))
             return FaultPlan(latency)
-
-    def _is_quiet(self) -> bool:
-        return (
-            not self._latency
-            and not self._error_rate
-            and not self._drop_rate
-            and self._outage_until == float("-inf")
-        )
 
     def snapshot(self) -> dict[str, Any]:
         """The current settings as JSON."""

@@ -165,7 +165,7 @@ class _Handler(BaseHTTPRequestHandler):
     # One buffered write per answer (flushed by handle_one_request), and no Nagle delay.
     wbufsize = -1
     disable_nagle_algorithm = True
-    server: _HTTPServer
+    server: EmulatorServer
 
     fields: Fields
     raw_requestline: bytes
@@ -252,14 +252,13 @@ class _Handler(BaseHTTPRequestHandler):
         plan = backend.faults.plan(relative or path)
         if plan.latency:
             backend.stopping.wait(plan.latency)
-        reply = plan.before
-        if reply is None:
+        reply = plan.reply
+        if reply is None or reply.after:
             if relative is None:
                 answer: Answer = ApiError(404, "not_found", "Not found.").answer()
             else:
                 request = Request(self.command, relative, query, key, body, ok)
                 answer = api.handle(backend.store, request)
-            reply = plan.after
         if reply is not None and reply.kind == "error":
             answer = reply.answer()
         dropped = reply is not None and reply.kind == "drop"
@@ -335,18 +334,28 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
 
 
-class _HTTPServer(ThreadingHTTPServer):
+class EmulatorServer(ThreadingHTTPServer):
+    """Serves a :class:`Backend` on ``host:port`` from a background thread."""
+
     daemon_threads = True
     block_on_close = True
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], backend: Backend) -> None:
+    def __init__(self, backend: Backend, host: str, port: int) -> None:
         self.backend = backend
         #: The address given to listen on: a Host header may name it (see :func:`refusal`).
-        self.own_host = address[0]
+        self.own_host = host
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
-        super().__init__(address, _Handler)
+        super().__init__((host, port), _Handler)
+        self.port = int(self.server_address[1])
+        self._thread = threading.Thread(
+            target=self.serve_forever,
+            kwargs={"poll_interval": _POLL_INTERVAL},
+            name=f"meisa-emulator:{self.port}",
+            daemon=True,
+        )
+        self._thread.start()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._connections_lock:
@@ -365,35 +374,18 @@ class _HTTPServer(ThreadingHTTPServer):
             return
         super().handle_error(request, client_address)
 
-    def cut_connections(self) -> None:
-        """Shut every open client connection down (their handler threads then end)."""
+    def stop(self) -> None:
+        """Stop accepting, end every open connection, join every thread, close the socket.
+
+        Open connections are shut down so that handler threads blocked on a keep-alive read
+        end and can be joined.
+        """
+        self.shutdown()
+        self.backend.stopping.set()
         with self._connections_lock:
             connections = list(self._connections)
         for connection in connections:
             with contextlib.suppress(OSError):
                 connection.shutdown(socket.SHUT_RDWR)
-
-
-class EmulatorServer:
-    """Serves a :class:`Backend` on ``host:port`` from a background thread."""
-
-    def __init__(self, backend: Backend, host: str, port: int) -> None:
-        self._backend = backend
-        self._httpd = _HTTPServer((host, port), backend)
-        self.host = host
-        self.port = int(self._httpd.server_address[1])
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever,
-            kwargs={"poll_interval": _POLL_INTERVAL},
-            name=f"meisa-emulator:{self.port}",
-            daemon=True,
-        )
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop accepting, end every open connection, join every thread, close the socket."""
-        self._httpd.shutdown()
-        self._backend.stopping.set()
-        self._httpd.cut_connections()
-        self._httpd.server_close()
+        self.server_close()
         self._thread.join()

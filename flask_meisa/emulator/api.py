@@ -9,19 +9,18 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from collections.abc import Mapping
 from typing import Any
 
 from . import contacts
 from . import sequences
 from . import triggers
+from .call import Answer
+from .call import ApiError
 from .call import Call
 from .call import Request
 from .paths import BASE_PATH
 from .ratelimit import retry_after_header
 from .state import Store
-from .validation import Answer
-from .validation import ApiError
 
 __all__ = ["BASE_PATH", "Answer", "Request", "handle", "parse_body"]
 
@@ -70,40 +69,37 @@ def handle(store: Store, request: Request) -> Answer:
     Order: unknown path 404, key 401, rate limit 429 (a call answered 429 is not counted),
     method 405, scope 403, body 400, then the endpoint.
     """
+    try:
+        return _handle(store, request)
+    except ApiError as error:
+        return error.answer()
+
+
+def _handle(store: Store, request: Request) -> Answer:
     route, contact_id = _resolve(request.path)
     if route is None:
-        return _error(ApiError(404, "not_found", "Not found."))
+        raise ApiError(404, "not_found", "Not found.")
     method, scope, endpoint = route
     with store.lock:
         api_key = store.keys.get(request.key) if request.key else None
         if api_key is None:
             detail = "Invalid API key." if request.key else "No API key was provided."
-            return _error(ApiError(401, "authentication_failed", detail))
-        hit = store.clock.monotonic()
-        limiter = api_key.limiter
-        if limiter is not None:
-            wait = limiter.acquire(hit)
-            if wait is not None:
-                return _error(
-                    ApiError(
-                        429,
-                        "rate_limited",
-                        "Request was throttled.",
-                        headers={"Retry-After": retry_after_header(wait)},
-                    )
-                )
-        headers: Mapping[str, str] = {}
+            raise ApiError(401, "authentication_failed", detail)
+        limiter, hit = api_key.limiter, store.clock.monotonic()
+        wait = limiter.acquire(hit) if limiter is not None else None
+        if wait is not None:
+            retry_after = {"Retry-After": retry_after_header(wait)}
+            raise ApiError(429, "rate_limited", "Request was throttled.", headers=retry_after)
         try:
             _check(request, method, scope, api_key.scopes)
-            call = Call(store, store.envs[api_key.environment], api_key, request, {}, contact_id)
-            if method == "POST":
-                call.body = request.body or {}
-            status, body = endpoint(call)
+            body = (request.body or {}) if method == "POST" else {}
+            env = store.envs[api_key.environment]
+            status, answer = endpoint(Call(store, env, api_key, body, request.query, contact_id))
         except ApiError as error:
-            status, body, headers = error.status, error.body(), error.headers
-        if status == 429 and limiter is not None:
-            limiter.release(hit)
-        return status, body, headers
+            if error.status == 429 and limiter is not None:
+                limiter.release(hit)
+            raise
+        return status, answer, {}
 
 
 def _check(request: Request, method: str, scope: str | None, scopes: frozenset[str]) -> None:
@@ -123,10 +119,6 @@ def _check(request: Request, method: str, scope: str | None, scopes: frozenset[s
     if request.body is not None and not isinstance(request.body, dict):
         message = "Expected a JSON object."
         raise ApiError(400, "invalid", message, errors={"non_field_errors": [message]})
-
-
-def _error(error: ApiError) -> Answer:
-    return error.status, error.body(), error.headers
 
 
 def _resolve(path: str) -> tuple[_Route | None, str]:

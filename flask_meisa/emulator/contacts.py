@@ -5,11 +5,12 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from .call import ApiError
 from .call import Call
+from .call import Payload
+from .model import NAME_FIELDS
 from .model import SOURCES
 from .model import iso
-from .validation import ApiError
-from .validation import Payload
 
 __all__ = [
     "add_tag",
@@ -20,8 +21,6 @@ __all__ = [
     "unsubscribed",
     "upsert",
 ]
-
-_NAME_FIELDS = ("first_name", "last_name", "display_name")
 
 
 def ping(call: Call) -> tuple[int, Any]:
@@ -37,7 +36,7 @@ def ping(call: Call) -> tuple[int, Any]:
 def read_contact_fields(payload: Payload) -> tuple[str | None, dict[str, str | None], Any]:
     """``external_id``, the sent name fields, and ``custom_fields`` of an upsert-like object."""
     external_id = payload.string("external_id")
-    names = {f: payload.string(f, blank=True) for f in _NAME_FIELDS if payload.has(f)}
+    names = {f: payload.string(f, blank=True) for f in NAME_FIELDS if payload.has(f)}
     return external_id, names, payload.obj("custom_fields")
 
 

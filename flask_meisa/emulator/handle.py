@@ -18,6 +18,8 @@ from .faults import Faults
 from .model import ENVIRONMENTS
 from .model import INHERIT
 from .model import Inherit
+from .model import Sequence
+from .model import Trigger
 from .paths import BASE_PATH
 from .recording import RecordedRequest
 from .recording import Recorder
@@ -210,15 +212,17 @@ class Emulator:
 
         ``conditions``: e.g. ``{"custom_field": "plan", "equals": "pro"}`` (see the docs).
         """
-        self._store.add_trigger(
-            key, name=name, active=active, delay_seconds=delay_seconds, conditions=conditions
-        )
+        trigger = Trigger(key, name or "", active, delay_seconds, conditions)
+        with self._store.lock:
+            self._store.triggers[key] = trigger
 
     def add_sequence(
         self, slug: str, *, name: str | None = None, status: str = "active", steps: int = 3
     ) -> None:
         """Configure a sequence (``status``: active, paused or archived)."""
-        self._store.add_sequence(slug, name=name, status=status, steps=steps)
+        sequence = Sequence(slug, name or "", status, steps)
+        with self._store.lock:
+            self._store.sequences[slug] = sequence
 
     def suppress(
         self, email: str, reason: str = "unsubscribed", environment: str | None = None

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from dataclasses import field
 from typing import Any
 
+from .model import mask_key
 from .paths import path_matches
 
 __all__ = ["RecordedRequest", "Recorder"]
@@ -43,7 +44,7 @@ class RecordedRequest:
     @property
     def key_hint(self) -> str | None:
         """A masked form of :attr:`key`, safe to print."""
-        return f"{self.key[:11]}…{self.key[-4:]}" if self.key else None
+        return mask_key(self.key) if self.key else None
 
     def to_json(self) -> dict[str, Any]:
         """The request as ``GET /_emulator/requests`` shows it (key masked)."""

@@ -31,14 +31,14 @@ from urllib.parse import unquote
 
 from . import api
 from . import inbox
+from .call import Answer
+from .call import ApiError
 from .call import Request
 from .faults import Faults
 from .paths import BASE_PATH
 from .recording import RecordedRequest
 from .recording import Recorder
 from .state import Store
-from .validation import Answer
-from .validation import ApiError
 
 __all__ = ["ADMIN_PREFIX", "Backend", "EmulatorServer", "Fields", "refusal"]
 

@@ -11,14 +11,16 @@ import threading
 import uuid
 from collections.abc import Iterable
 from collections.abc import Mapping
+from dataclasses import asdict
 from typing import Any
 from typing import Literal
 
+from .call import ApiError
 from .clock import ClockLike
 from .model import ENVIRONMENTS
 from .model import INHERIT
+from .model import NAME_FIELDS
 from .model import SCOPES
-from .model import SEQUENCE_STATUSES
 from .model import SUPPRESSION_REASONS
 from .model import ApiKey
 from .model import Contact
@@ -28,17 +30,14 @@ from .model import Sequence
 from .model import Tag
 from .model import Trigger
 from .model import iso
-from .model import parse_conditions
 from .ratelimit import RateLimiter
 from .ratelimit import parse_rules
-from .validation import ApiError
 
 __all__ = ["DEFAULT_RATE_LIMIT", "EnvState", "Store"]
 
 #: Meisa's default per-key budget.
 DEFAULT_RATE_LIMIT = "60/minute;1000/hour"
 _DEFAULT_SENDER = {"from_email": "hello@example.com", "from_name": "Meisa Emulator"}
-_NAME_FIELDS = ("first_name", "last_name", "display_name")
 
 
 class EnvState:
@@ -153,19 +152,7 @@ class EnvState:
                 self.by_external[external_id] = contact.id
         created = contact is None
         if contact is None:
-            contact = Contact(
-                id=str(uuid.uuid4()),
-                email=email,
-                external_id=external_id,
-                first_name=None,
-                last_name=None,
-                display_name=None,
-                custom_fields={},
-                tag_ids=[],
-                source=source,
-                created_at=now,
-                updated_at=now,
-            )
+            contact = Contact(str(uuid.uuid4()), email, external_id, source, now, now)
             self.contacts[contact.id] = contact
             self.by_email[email.lower()] = contact.id
             if external_id is not None:
@@ -223,12 +210,10 @@ class Store:
                 parse_rules(guardrail)
             self.send_guardrail: str | None = guardrail
             self.envs = {name: EnvState(name) for name in ENVIRONMENTS}
-            self.triggers: dict[str, Trigger] = {}
-            for item in seed.get("triggers") or []:
-                self.add_trigger(**item)
-            self.sequences: dict[str, Sequence] = {}
-            for item in seed.get("sequences") or []:
-                self.add_sequence(**item)
+            triggers = [Trigger(**item) for item in seed.get("triggers") or []]
+            self.triggers = {trigger.key: trigger for trigger in triggers}
+            sequences = [Sequence(**item) for item in seed.get("sequences") or []]
+            self.sequences = {sequence.slug: sequence for sequence in sequences}
             for item in seed.get("suppressions") or []:
                 for env in item.get("environments") or ENVIRONMENTS:
                     self.envs[env].suppress(item["email"], item.get("reason", "unsubscribed"), now)
@@ -246,7 +231,7 @@ class Store:
             payload["email"],
             now=now,
             external_id=payload.get("external_id"),
-            names={k: payload[k] for k in _NAME_FIELDS if k in payload},
+            names={k: payload[k] for k in NAME_FIELDS if k in payload},
             custom_fields=payload.get("custom_fields"),
             tag_names=payload.get("tag_names", ()),
             source=payload.get("source", "api"),
@@ -322,34 +307,6 @@ class Store:
             for env in self.envs.values():
                 env.guardrails.clear()
 
-    def add_trigger(
-        self,
-        key: str,
-        *,
-        name: str | None = None,
-        active: bool = True,
-        delay_seconds: float = 0,
-        conditions: Any = None,
-    ) -> Trigger:
-        """Configure (or replace) a trigger."""
-        if delay_seconds < 0:
-            raise ValueError("delay_seconds cannot be negative")
-        trigger = Trigger(key, name or key, active, delay_seconds, parse_conditions(conditions))
-        with self.lock:
-            self.triggers[key] = trigger
-        return trigger
-
-    def add_sequence(
-        self, slug: str, *, name: str | None = None, status: str = "active", steps: int = 3
-    ) -> Sequence:
-        """Configure (or replace) a sequence."""
-        if status not in SEQUENCE_STATUSES:
-            raise ValueError(f"status must be one of {', '.join(SEQUENCE_STATUSES)}")
-        sequence = Sequence(slug, name or slug.replace("_", " ").title(), status, steps)
-        with self.lock:
-            self.sequences[slug] = sequence
-        return sequence
-
     def set_sender(self, configured: bool) -> None:
         """Give the product a sender, or take it away (triggers then answer 422)."""
         with self.lock:
@@ -367,8 +324,8 @@ class Store:
                 "rate_limit": self.rate_limit,
                 "send_guardrail": self.send_guardrail,
                 "keys": [k.to_json() for k in self.keys.values()],
-                "triggers": [t.to_json() for t in self.triggers.values()],
-                "sequences": [s.to_json() for s in self.sequences.values()],
+                "triggers": [asdict(t) for t in self.triggers.values()],
+                "sequences": [asdict(s) for s in self.sequences.values()],
                 "environments": {
                     name: {
                         "contacts": len(env.contacts),

@@ -5,14 +5,14 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from .call import ApiError
 from .call import Call
+from .call import Payload
 from .contacts import read_contact_fields
 from .model import Trigger
 from .model import iso
 from .ratelimit import RateLimiter
 from .ratelimit import retry_after_header
-from .validation import ApiError
-from .validation import Payload
 
 __all__ = ["IDEMPOTENCY_WINDOW", "trigger"]
 

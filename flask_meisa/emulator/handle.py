@@ -26,13 +26,13 @@ from .model import iso
 from .paths import BASE_PATH
 from .recording import RecordedRequest
 from .recording import Recorder
-from .seed import SeedSource
-from .seed import load_seed
 from .server import Backend
 from .server import EmulatorServer
 from .state import DEFAULT_RATE_LIMIT
 from .state import EnvState
+from .state import SeedSource
 from .state import Store
+from .state import load_seed
 
 __all__ = ["Emulator"]
 

@@ -1,19 +1,26 @@
-"""The emulator's state: the product, keys, and per-environment contacts, events and sends.
+"""The emulator's state: the product, keys, and per-environment contacts, events and sends;
+and the seed it starts from (see ``docs/emulator.md`` for the format).
 
-Pure Python, no I/O. Everything is guarded by :attr:`Store.lock` (one re-entrant lock): the
-HTTP layer holds it for the whole of an API call, the Python handle for each read or change.
+Everything is guarded by :attr:`Store.lock` (one re-entrant lock): the HTTP layer holds it
+for the whole of an API call, the Python handle for each read or change.
 """
 
 from __future__ import annotations
 
+import copy
+import json
+import os
 import secrets
 import threading
 import uuid
 from collections.abc import Iterable
 from collections.abc import Mapping
 from dataclasses import asdict
+from importlib import resources
 from typing import Any
 from typing import Literal
+from typing import Union
+from typing import cast
 
 from .call import ApiError
 from .clock import ClockLike
@@ -33,11 +40,45 @@ from .model import iso
 from .ratelimit import RateLimiter
 from .ratelimit import parse_rules
 
-__all__ = ["DEFAULT_RATE_LIMIT", "EnvState", "Store"]
+__all__ = ["DEFAULT_RATE_LIMIT", "EnvState", "SeedSource", "Store", "load_seed"]
 
 #: Meisa's default per-key budget.
 DEFAULT_RATE_LIMIT = "60/minute;1000/hour"
 _DEFAULT_SENDER = {"from_email": "hello@example.com", "from_name": "Meisa Emulator"}
+
+#: What ``Emulator(seed=...)`` accepts: ``"demo"`` (the packaged ``seed.json``), a path to a
+#: JSON file, a dict of the same shape, or ``None`` (an empty product with a sender, and
+#: generated keys).
+SeedSource = Union[str, "os.PathLike[str]", Mapping[str, Any], None]
+
+_TOP_LEVEL = frozenset(
+    {"product", "keys", "triggers", "sequences", "suppressions", "contacts", "send_guardrail"}
+)
+
+
+def load_seed(source: SeedSource) -> dict[str, Any]:
+    """Read a seed into a fresh dict (the caller may keep and mutate it).
+
+    :raises ValueError: the seed is not a JSON object or has unknown top-level keys.
+    :raises OSError: the seed file cannot be read.
+    """
+    if source is None:
+        data: Any = {}
+    elif isinstance(source, Mapping):
+        data = copy.deepcopy(dict(source))
+    elif source == "demo":
+        text = resources.files(__package__).joinpath("seed.json").read_text("utf-8")
+        data = json.loads(text)
+    else:
+        with open(os.fspath(source), encoding="utf-8") as handle:
+            data = json.load(handle)
+    if not isinstance(data, dict):
+        raise ValueError("a seed must be a JSON object")
+    data = {k: v for k, v in data.items() if not k.startswith("_")}
+    unknown = set(data) - _TOP_LEVEL
+    if unknown:
+        raise ValueError(f"unknown seed keys: {', '.join(sorted(unknown))}")
+    return cast("dict[str, Any]", data)
 
 
 class EnvState:
@@ -176,7 +217,7 @@ class EnvState:
 
 
 class Store:
-    """The whole state, built from a seed dict (see :mod:`.seed`)."""
+    """The whole state, built from a seed dict (see :func:`load_seed`)."""
 
     def __init__(
         self,

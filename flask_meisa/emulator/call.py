@@ -6,11 +6,13 @@ Messages never repeat the value that was refused (it could be an address or a se
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import field
 from typing import TYPE_CHECKING
 from typing import Any
+from typing import TypeVar
 
 if TYPE_CHECKING:
     from .model import ApiKey
@@ -18,6 +20,8 @@ if TYPE_CHECKING:
     from .state import Store
 
 __all__ = ["MAX_STRING", "Answer", "ApiError", "Call", "Payload", "Request", "is_valid_email"]
+
+_T = TypeVar("_T")
 
 #: Longest accepted string field.
 MAX_STRING = 255
@@ -72,6 +76,14 @@ def is_valid_email(value: str) -> bool:
     return bool(local) and "." in domain and all(domain.split("."))
 
 
+def _anything(value: object) -> bool:
+    return True
+
+
+def _strings(values: list[Any]) -> bool:
+    return all(isinstance(v, str) and v.strip() and len(v) <= MAX_STRING for v in values)
+
+
 class Payload:
     """Reads typed fields out of a JSON object and collects what is wrong, per field.
 
@@ -116,57 +128,41 @@ class Payload:
 
     def email(self, name: str, *, required: bool = False) -> str | None:
         """An email address (see :func:`is_valid_email`)."""
-        value = self.data.get(name)
-        if value is None:
-            if required:
-                self.error(name, "This field is required.")
-            return None
-        if not isinstance(value, str) or not is_valid_email(value):
-            self.error(name, "Enter a valid email address.")
-            return None
-        return value
+        if required and self.data.get(name) is None:
+            self.error(name, "This field is required.")
+        return self._read(name, str, is_valid_email, "Enter a valid email address.")
 
     def obj(self, name: str) -> dict[str, Any] | None:
         """A JSON object field (null counts as absent)."""
-        value = self.data.get(name)
-        if value is None:
-            return None
-        if not isinstance(value, dict):
-            self.error(name, "Must be an object.")
-            return None
-        return value
+        return self._read(name, dict, _anything, "Must be an object.")
 
     def string_list(self, name: str) -> list[str] | None:
         """A list of non-blank strings."""
-        value = self.data.get(name)
-        if value is None:
-            return None
-        if not isinstance(value, list) or not all(
-            isinstance(v, str) and v.strip() and len(v) <= MAX_STRING for v in value
-        ):
-            self.error(name, "Must be a list of non-empty strings.")
-            return None
-        return value
+        return self._read(name, list, _strings, "Must be a list of non-empty strings.")
 
     def boolean(self, name: str, default: bool = False) -> bool:
         """A JSON boolean."""
-        value = self.data.get(name)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            self.error(name, "Must be a boolean.")
-            return default
-        return value
+        value = self._read(name, bool, _anything, "Must be a boolean.")
+        return default if value is None else value
 
     def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
         """One of ``choices``."""
+        message = f"Must be one of: {', '.join(choices)}."
+        value = self._read(name, str, choices.__contains__, message)
+        return default if value is None else value
+
+    def _read(
+        self, name: str, kind: type[_T], ok: Callable[[_T], bool], message: str
+    ) -> _T | None:
+        """The field when it is a ``kind`` that is ``ok``; ``None`` when absent or null, and
+        when it is not (then with ``message`` recorded)."""
         value = self.data.get(name)
         if value is None:
-            return default
-        if value not in choices:
-            self.error(name, f"Must be one of: {', '.join(choices)}.")
-            return default
-        return str(value)
+            return None
+        if not isinstance(value, kind) or not ok(value):
+            self.error(name, message)
+            return None
+        return value
 
     def forbid(self, *names: str) -> None:
         """Refuse fields that the API does not let a caller set."""

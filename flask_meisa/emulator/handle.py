@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Mapping
+from dataclasses import asdict
 from types import TracebackType
 from typing import Any
 from typing import Literal
@@ -24,11 +25,13 @@ from .model import Sequence
 from .model import Trigger
 from .model import iso
 from .paths import BASE_PATH
+from .ratelimit import parse_rules
 from .recording import RecordedRequest
 from .recording import Recorder
 from .server import Backend
 from .server import EmulatorServer
 from .state import DEFAULT_RATE_LIMIT
+from .state import DEFAULT_SENDER
 from .state import EnvState
 from .state import SeedSource
 from .state import Store
@@ -37,6 +40,8 @@ from .state import load_seed
 __all__ = ["Emulator"]
 
 _LISTS = ("contacts", "events", "sends", "enrollments")
+#: What ``state()`` counts in each environment.
+_COUNTED = (*_LISTS, "suppressions")
 #: The admin endpoints and the methods each takes.
 _ADMIN_METHODS = {
     "state": ("GET",),
@@ -199,16 +204,37 @@ class Emulator:
     def set_rate_limit(
         self, rate_limit: str | Literal[Inherit.INHERIT] | None, key: str | None = None
     ) -> None:
-        """Change every inheriting key's limit (``key`` None), or one key's."""
-        self._store.set_rate_limit(rate_limit, key)
+        """Change every inheriting key's limit (``key`` None), or one key's; windows start
+        afresh."""
+        if rate_limit is not None and rate_limit is not INHERIT:
+            parse_rules(rate_limit)
+        store = self._store
+        with store.lock:
+            if key is None:
+                if rate_limit is INHERIT:
+                    raise ValueError("the emulator-wide limit cannot inherit")
+                store.rate_limit = rate_limit
+                targets = [k for k in store.keys.values() if k.rate_limit is INHERIT]
+            else:
+                targets = [store.keys[key]]
+                targets[0].rate_limit = rate_limit
+            for api_key in targets:
+                api_key.limiter = store.limiter_for(api_key)
 
     def set_send_guardrail(self, spec: str | None) -> None:
         """Change the per-recipient send guardrail, e.g. ``"3/hour"``; ``None`` disables."""
-        self._store.set_send_guardrail(spec)
+        if spec is not None:
+            parse_rules(spec)
+        with self._store.lock:
+            self._store.send_guardrail = spec
+            for env in self._store.envs.values():
+                env.guardrails.clear()
 
     def set_sender(self, configured: bool) -> None:
         """Give the product a sender or take it away (triggers then answer 422 no_sender)."""
-        self._store.set_sender(configured)
+        with self._store.lock:
+            sender = self._store.sender or dict(DEFAULT_SENDER)
+            self._store.sender = sender if configured else None
         self._recorder.notify()
 
     def add_trigger(
@@ -344,11 +370,27 @@ class Emulator:
 
     def state(self) -> dict[str, Any]:
         """The configuration and counts (what ``GET /_emulator/state`` shows)."""
-        summary = self._store.summary()
-        summary["url"] = self.url if self._server else None
-        summary["faults"] = self.faults.snapshot()
-        summary["requests"] = len(self._recorder.snapshot())
-        return summary
+        store = self._store
+        with store.lock:
+            sender = dict(store.sender) if store.sender else None
+            state: dict[str, Any] = {
+                "product": {"id": store.product_id, "name": store.product_name, "sender": sender},
+                "rate_limit": store.rate_limit,
+                "send_guardrail": store.send_guardrail,
+                "keys": [k.to_json() for k in store.keys.values()],
+                "triggers": [asdict(t) for t in store.triggers.values()],
+                "sequences": [asdict(s) for s in store.sequences.values()],
+                "environments": {
+                    name: {kind: len(getattr(env, kind)) for kind in _COUNTED}
+                    for name, env in store.envs.items()
+                },
+            }
+        # Outside the state's lock: a wait_for predicate holds the record's lock and may
+        # take the state's.
+        state["url"] = self.url if self._server else None
+        state["faults"] = self.faults.snapshot()
+        state["requests"] = len(self.requests)
+        return state
 
     # Waiting
 

@@ -15,7 +15,6 @@ import threading
 import uuid
 from collections.abc import Iterable
 from collections.abc import Mapping
-from dataclasses import asdict
 from importlib import resources
 from typing import Any
 from typing import Literal
@@ -40,11 +39,11 @@ from .model import iso
 from .ratelimit import RateLimiter
 from .ratelimit import parse_rules
 
-__all__ = ["DEFAULT_RATE_LIMIT", "EnvState", "SeedSource", "Store", "load_seed"]
+__all__ = ["DEFAULT_RATE_LIMIT", "DEFAULT_SENDER", "EnvState", "SeedSource", "Store", "load_seed"]
 
 #: Meisa's default per-key budget.
 DEFAULT_RATE_LIMIT = "60/minute;1000/hour"
-_DEFAULT_SENDER = {"from_email": "hello@example.com", "from_name": "Meisa Emulator"}
+DEFAULT_SENDER = {"from_email": "hello@example.com", "from_name": "Meisa Emulator"}
 
 #: What ``Emulator(seed=...)`` accepts: ``"demo"`` (the packaged ``seed.json``), a path to a
 #: JSON file, a dict of the same shape, or ``None`` (an empty product with a sender, and
@@ -242,7 +241,7 @@ class Store:
             product = dict(seed.get("product") or {})
             self.product_id = str(product.get("id") or uuid.uuid4())
             self.product_name = str(product.get("name") or "Meisa Emulator")
-            sender = product.get("sender", _DEFAULT_SENDER)
+            sender = product.get("sender", DEFAULT_SENDER)
             self.sender: dict[str, Any] | None = dict(sender) if sender else None
             guardrail = seed.get("send_guardrail")
             if self._guardrail_override is not INHERIT:
@@ -313,68 +312,11 @@ class Store:
         with self.lock:
             name = name or f"{environment}-{len(self.keys) + 1}"
             api_key = ApiKey(key, name, environment, scope_set, rate_limit)
-            api_key.limiter = self._limiter_for(api_key)
+            api_key.limiter = self.limiter_for(api_key)
             self.keys[key] = api_key
             return api_key
 
-    def _limiter_for(self, key: ApiKey) -> RateLimiter | None:
+    def limiter_for(self, key: ApiKey) -> RateLimiter | None:
+        """A fresh limiter for ``key``'s own limit, or the emulator-wide one it inherits."""
         spec = self.rate_limit if key.rate_limit is INHERIT else key.rate_limit
         return RateLimiter(spec) if spec is not None else None
-
-    def set_rate_limit(
-        self, spec: str | Literal[Inherit.INHERIT] | None, key: str | None = None
-    ) -> None:
-        """Change the emulator-wide limit (``key`` None) or one key's; windows start afresh."""
-        if spec is not None and spec is not INHERIT:
-            parse_rules(spec)
-        with self.lock:
-            if key is None:
-                if spec is INHERIT:
-                    raise ValueError("the emulator-wide limit cannot inherit")
-                self.rate_limit = spec
-                targets = [k for k in self.keys.values() if k.rate_limit is INHERIT]
-            else:
-                targets = [self.keys[key]]
-                targets[0].rate_limit = spec
-            for api_key in targets:
-                api_key.limiter = self._limiter_for(api_key)
-
-    def set_send_guardrail(self, spec: str | None) -> None:
-        """Change the per-recipient send guardrail (``None`` disables it)."""
-        if spec is not None:
-            parse_rules(spec)
-        with self.lock:
-            self.send_guardrail = spec
-            for env in self.envs.values():
-                env.guardrails.clear()
-
-    def set_sender(self, configured: bool) -> None:
-        """Give the product a sender, or take it away (triggers then answer 422)."""
-        with self.lock:
-            self.sender = (self.sender or dict(_DEFAULT_SENDER)) if configured else None
-
-    def summary(self) -> dict[str, Any]:
-        """The configuration and counts, for ``GET /_emulator/state``."""
-        with self.lock:
-            return {
-                "product": {
-                    "id": self.product_id,
-                    "name": self.product_name,
-                    "sender": dict(self.sender) if self.sender else None,
-                },
-                "rate_limit": self.rate_limit,
-                "send_guardrail": self.send_guardrail,
-                "keys": [k.to_json() for k in self.keys.values()],
-                "triggers": [asdict(t) for t in self.triggers.values()],
-                "sequences": [asdict(s) for s in self.sequences.values()],
-                "environments": {
-                    name: {
-                        "contacts": len(env.contacts),
-                        "events": len(env.events),
-                        "sends": len(env.sends),
-                        "enrollments": len(env.enrollments),
-                        "suppressions": len(env.suppressions),
-                    }
-                    for name, env in self.envs.items()
-                },
-            }

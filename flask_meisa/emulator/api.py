@@ -18,8 +18,8 @@ from .call import Answer
 from .call import ApiError
 from .call import Call
 from .call import Request
-from .paths import BASE_PATH
 from .ratelimit import retry_after_header
+from .recording import BASE_PATH
 from .state import Store
 
 __all__ = ["BASE_PATH", "Answer", "Request", "handle", "parse_body"]

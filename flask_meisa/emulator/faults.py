@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .clock import ClockLike
-from .paths import path_matches
+from .recording import path_matches
 
 __all__ = ["FaultPlan", "FaultReply", "Faults"]
 

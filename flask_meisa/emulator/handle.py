@@ -24,8 +24,8 @@ from .model import Inherit
 from .model import Sequence
 from .model import Trigger
 from .model import iso
-from .paths import BASE_PATH
 from .ratelimit import parse_rules
+from .recording import BASE_PATH
 from .recording import RecordedRequest
 from .recording import Recorder
 from .server import Backend
@@ -305,7 +305,7 @@ class Emulator:
     @property
     def requests(self) -> list[RecordedRequest]:
         """Every API request received so far, oldest first (a copy)."""
-        return self._recorder.snapshot()
+        return self._recorder.matching()
 
     def requests_to(self, path: str, method: str | None = None) -> list[RecordedRequest]:
         """The requests to ``path`` (``"/ping/"``, ``"/api/v1/ping/"`` or a glob)."""

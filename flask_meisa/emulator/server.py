@@ -35,9 +35,9 @@ from .call import Answer
 from .call import ApiError
 from .call import Request
 from .faults import Faults
-from .paths import BASE_PATH
 from .recording import RecordedRequest
 from .recording import Recorder
+from .recording import relative_path
 from .state import Store
 
 __all__ = ["ADMIN_PREFIX", "Backend", "EmulatorServer", "Fields", "refusal"]
@@ -248,13 +248,13 @@ class _Handler(BaseHTTPRequestHandler):
         received = backend.store.clock.time()
         key = self.fields.get("X-API-Key") or None
         body, ok = api.parse_body(raw)
-        relative = path[len(BASE_PATH) :] if path.startswith(BASE_PATH + "/") else None
-        plan = backend.faults.plan(relative or path)
+        relative = relative_path(path)
+        plan = backend.faults.plan(relative)
         if plan.latency:
             backend.stopping.wait(plan.latency)
         reply = plan.reply
         if reply is None or reply.after:
-            if relative is None:
+            if relative == path:  # not under the API's base path
                 answer: Answer = ApiError(404, "not_found", "Not found.").answer()
             else:
                 request = Request(self.command, relative, query, key, body, ok)

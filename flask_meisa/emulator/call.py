@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 from typing import Any
 from typing import TypeVar
 
+from .model import NAME_FIELDS
+
 if TYPE_CHECKING:
     from .model import ApiKey
     from .state import EnvState
@@ -163,6 +165,13 @@ class Payload:
             self.error(name, message)
             return None
         return value
+
+    def contact_fields(self) -> tuple[str | None, dict[str, str | None], Any]:
+        """``external_id``, the sent name fields, and ``custom_fields`` of an upsert-like
+        object."""
+        external_id = self.string("external_id")
+        names = {f: self.string(f, blank=True) for f in NAME_FIELDS if self.has(f)}
+        return external_id, names, self.obj("custom_fields")
 
     def forbid(self, *names: str) -> None:
         """Refuse fields that the API does not let a caller set."""

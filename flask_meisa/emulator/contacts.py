@@ -8,19 +8,10 @@ from typing import Any
 from .call import ApiError
 from .call import Call
 from .call import Payload
-from .model import NAME_FIELDS
 from .model import SOURCES
 from .model import iso
 
-__all__ = [
-    "add_tag",
-    "ping",
-    "read_contact_fields",
-    "remove_tag",
-    "track",
-    "unsubscribed",
-    "upsert",
-]
+__all__ = ["add_tag", "ping", "remove_tag", "track", "unsubscribed", "upsert"]
 
 
 def ping(call: Call) -> tuple[int, Any]:
@@ -33,19 +24,12 @@ def ping(call: Call) -> tuple[int, Any]:
     }
 
 
-def read_contact_fields(payload: Payload) -> tuple[str | None, dict[str, str | None], Any]:
-    """``external_id``, the sent name fields, and ``custom_fields`` of an upsert-like object."""
-    external_id = payload.string("external_id")
-    names = {f: payload.string(f, blank=True) for f in NAME_FIELDS if payload.has(f)}
-    return external_id, names, payload.obj("custom_fields")
-
-
 def upsert(call: Call) -> tuple[int, Any]:
     """``POST /contacts/upsert/``: 201 on create, 200 on update, with the full contact."""
     payload = Payload(call.body)
     payload.forbid("status", "tags")
     email = payload.email("email", required=True)
-    external_id, names, custom_fields = read_contact_fields(payload)
+    external_id, names, custom_fields = payload.contact_fields()
     source = payload.choice("source", SOURCES, "api")
     tag_names = payload.string_list("tag_names")
     payload.done()

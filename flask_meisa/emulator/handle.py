@@ -335,21 +335,13 @@ class Emulator:
         self, environment: str = "live", *, event_name: str | None = None
     ) -> list[dict[str, Any]]:
         """Tracked events, oldest first (optionally only those named ``event_name``)."""
-        with self._store.lock:
-            events = self._env(environment).events
-            return copy.deepcopy(
-                [e for e in events if event_name is None or e["event_name"] == event_name]
-            )
+        return self._copies(environment, "events", "event_name", event_name)
 
     def sends(
         self, environment: str = "live", *, trigger_key: str | None = None
     ) -> list[dict[str, Any]]:
         """Recorded sends (sent or scheduled; not skipped or refused), oldest first."""
-        with self._store.lock:
-            sends = self._env(environment).sends
-            return copy.deepcopy(
-                [s for s in sends if trigger_key is None or s["trigger_key"] == trigger_key]
-            )
+        return self._copies(environment, "sends", "trigger_key", trigger_key)
 
     def enrollments(
         self, environment: str = "live", *, sequence_slug: str | None = None
@@ -404,6 +396,13 @@ class Emulator:
     def wait_for_requests(self, n: int, path: str | None = None, timeout: float = 5.0) -> bool:
         """Wait until at least ``n`` requests (to ``path``, if given) were answered."""
         return self._recorder.wait_for(lambda: len(self._recorder.matching(path)) >= n, timeout)
+
+    def _copies(
+        self, environment: str, kind: str, field: str, value: str | None
+    ) -> list[dict[str, Any]]:
+        with self._store.lock:
+            records = getattr(self._env(environment), kind)
+            return copy.deepcopy([r for r in records if value is None or r[field] == value])
 
     def _env(self, environment: str) -> EnvState:
         if environment not in ENVIRONMENTS:

@@ -27,6 +27,7 @@ __all__ = ["BASE_PATH", "Answer", "Request", "handle", "parse_body"]
 _Endpoint = Callable[[Call], tuple[int, Any]]
 _Route = tuple[str, "str | None", _Endpoint]
 
+#: Paths with a contact's ``{id}`` match :data:`_CONTACT_PATH`.
 _ROUTES: dict[str, _Route] = {
     "/ping/": ("GET", None, contacts.ping),
     "/contacts/upsert/": ("POST", "contacts:write", contacts.upsert),
@@ -37,12 +38,10 @@ _ROUTES: dict[str, _Route] = {
     "/sequences/api/list/": ("GET", "sequences:read", sequences.list_sequences),
     "/sequences/api/contact-enrollments/": ("GET", "sequences:read", sequences.enrollments),
     "/emails/trigger/": ("POST", "emails:trigger", triggers.trigger),
+    "/contacts/{id}/add_tag/": ("POST", "contacts:write", contacts.add_tag),
+    "/contacts/{id}/remove_tag/": ("POST", "contacts:write", contacts.remove_tag),
 }
-_TAG_ROUTES: dict[str, _Route] = {
-    "add_tag": ("POST", "contacts:write", contacts.add_tag),
-    "remove_tag": ("POST", "contacts:write", contacts.remove_tag),
-}
-_TAG_PATH = re.compile(r"^/contacts/([^/]+)/(add_tag|remove_tag)/$")
+_CONTACT_PATH = re.compile(r"^/contacts/([^/]+)/(add_tag|remove_tag)/$")
 
 
 def parse_body(raw: bytes) -> tuple[Any, bool]:
@@ -125,7 +124,7 @@ def _resolve(path: str) -> tuple[_Route | None, str]:
     route = _ROUTES.get(path)
     if route is not None:
         return route, ""
-    match = _TAG_PATH.match(path)
+    match = _CONTACT_PATH.match(path)
     if match:
-        return _TAG_ROUTES[match.group(2)], match.group(1)
+        return _ROUTES[f"/contacts/{{id}}/{match[2]}/"], match[1]
     return None, ""

@@ -1,9 +1,7 @@
 """Fault injection: latency, error answers, dropped connections, forced 429s, outages.
 
-Faults sit in front of the API, like trouble between the client and Meisa: a request
-refused by a fault is not processed and not counted by the key's rate limit. A fault with
-``after=True`` lets the request be processed first and then loses or replaces its answer.
-Admin calls (``/_emulator/``) are never faulted.
+Faults sit in front of the API, like trouble between the client and Meisa (see "Faults" in
+``docs/emulator.md``): what a fault refuses is not processed, nor counted by a rate limit.
 """
 
 from __future__ import annotations
@@ -16,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .call import Answer
+from .call import ApiError
 from .clock import ClockLike
 from .recording import path_matches
 
@@ -41,14 +41,13 @@ class FaultReply:
     #: Process the request first, then lose or replace its answer.
     after: bool = False
 
-    def answer(self) -> tuple[int, dict[str, Any], dict[str, str]]:
+    def answer(self) -> Answer:
         """The error answer (for ``kind == "error"``)."""
         code = _CODES.get(self.status, "injected_fault")
-        body = {"detail": f"Emulated fault ({code}).", "code": code}
         headers = {}
         if self.retry_after is not None:
             headers["Retry-After"] = str(max(0, math.ceil(self.retry_after)))
-        return self.status, body, headers
+        return ApiError(self.status, code, f"Emulated fault ({code}).", headers=headers).answer()
 
 
 @dataclass(frozen=True)

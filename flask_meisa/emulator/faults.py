@@ -19,7 +19,7 @@ from .call import ApiError
 from .clock import ClockLike
 from .recording import path_matches
 
-__all__ = ["FaultPlan", "FaultReply", "Faults"]
+__all__ = ["FaultReply", "Faults"]
 
 _CODES = {
     429: "rate_limited",
@@ -48,18 +48,6 @@ class FaultReply:
         if self.retry_after is not None:
             headers["Retry-After"] = str(max(0, math.ceil(self.retry_after)))
         return ApiError(self.status, code, f"Emulated fault ({code}).", headers=headers).answer()
-
-
-@dataclass(frozen=True)
-class FaultPlan:
-    """What the faults decided for one request."""
-
-    latency: float = 0.0
-    #: What to answer instead of the request's own answer.
-    reply: FaultReply | None = None
-
-
-_NO_FAULT = FaultPlan()
 
 
 @dataclass
@@ -155,12 +143,13 @@ class Faults:
         with self._lock:
             self._one_shots.append(_OneShot(n, reply, path))
 
-    def plan(self, path: str) -> FaultPlan:
-        """Decide the faults of one request to ``path`` (consumes one-shot faults)."""
+    def plan(self, path: str) -> tuple[float, FaultReply | None]:
+        """Decide the faults of one request to ``path`` (consumes one-shot faults): the
+        latency before its answer, and what to answer instead of its own answer."""
         with self._lock:
             standing_faults = self._latency or self._error_rate or self._drop_rate
             if not (self._one_shots or standing_faults) and self._outage_until == -math.inf:
-                return _NO_FAULT
+                return 0.0, None
             standing = self._paths is None or any(path_matches(p, path) for p in self._paths)
             latency = self._latency if standing else 0.0
             for shot in self._one_shots:
@@ -168,16 +157,16 @@ class Faults:
                     shot.remaining -= 1
                     if not shot.remaining:
                         self._one_shots.remove(shot)
-                    return FaultPlan(latency, shot.reply)
+                    return latency, shot.reply
             if self._clock.monotonic() < self._outage_until:
                 kind = "drop" if self._outage_drop else "error"
-                return FaultPlan(latency, FaultReply(kind, "outage", 503))
+                return latency, FaultReply(kind, "outage", 503)
             if standing and self._drop_rate and self._random.random() < self._drop_rate:
-                return FaultPlan(latency, FaultReply("drop", "drop"))
+                return latency, FaultReply("drop", "drop")
             if standing and self._error_rate and self._random.random() < self._error_rate:
                 status = self._random.choice(self._error_statuses)
-                return FaultPlan(latency, FaultReply("error", "error", status))
-            return FaultPlan(latency)
+                return latency, FaultReply("error", "error", status)
+            return latency, None
 
     def snapshot(self) -> dict[str, Any]:
         """The current settings as JSON."""

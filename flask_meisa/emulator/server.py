@@ -249,10 +249,9 @@ class _Handler(BaseHTTPRequestHandler):
         key = self.fields.get("X-API-Key") or None
         body, ok = api.parse_body(raw)
         relative = relative_path(path)
-        plan = backend.faults.plan(relative)
-        if plan.latency:
-            backend.stopping.wait(plan.latency)
-        reply = plan.reply
+        latency, reply = backend.faults.plan(relative)
+        if latency:
+            backend.stopping.wait(latency)
         if reply is None or reply.after:
             if relative == path:  # not under the API's base path
                 answer: Answer = ApiError(404, "not_found", "Not found.").answer()

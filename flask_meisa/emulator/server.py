@@ -10,6 +10,7 @@ on loopback" in ``docs/emulator.md``), is answered before anything else.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import json
 import re
@@ -25,7 +26,6 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from http.server import ThreadingHTTPServer
 from typing import Any
-from typing import Protocol
 from urllib.parse import parse_qs
 from urllib.parse import unquote
 
@@ -86,41 +86,10 @@ class Fields:
         return list(self._items)
 
 
-class _Readable(Protocol):
-    def readline(self, size: int = -1, /) -> bytes: ...
-
-
-def _read_fields(rfile: _Readable) -> Fields:
-    """Read header lines up to the blank line that ends them.
-
-    :raises ApiError: a line without ``:``, a line too long, or too many headers.
-    """
-    items: list[tuple[str, str]] = []
-    while True:
-        line = rfile.readline(_MAX_LINE + 1)
-        if len(line) > _MAX_LINE:
-            raise ApiError(431, "header_too_large", "Header line too long")
-        if line in (b"\r\n", b"\n", b""):
-            return Fields(items)
-        name, colon, value = line.decode("iso-8859-1").partition(":")
-        if not colon or not name.strip():
-            raise ApiError(400, "parse_error", "Malformed header line")
-        items.append((name.strip(), value.strip()))
-        if len(items) > _MAX_FIELDS:
-            raise ApiError(431, "header_too_large", "Too many headers")
-
-
-_date_cache: tuple[int, str] = (0, "")
-
-
-def _http_date() -> str:
-    """The current time as an HTTP ``Date`` value, formatted once per second."""
-    global _date_cache
-    now = int(time.time())
-    cached = _date_cache
-    if cached[0] != now:
-        cached = _date_cache = (now, formatdate(now, usegmt=True))
-    return cached[1]
+@functools.lru_cache(maxsize=1)
+def _http_date(second: int) -> str:
+    """An HTTP ``Date`` value; the same second is formatted only once."""
+    return formatdate(second, usegmt=True)
 
 
 def _is_local(host: str, own_host: str) -> bool:
@@ -175,8 +144,10 @@ class _Handler(BaseHTTPRequestHandler):
         query strings."""
 
     def date_time_string(self, timestamp: float | None = None) -> str:
-        """The ``Date`` header's value (cached per second)."""
-        return _http_date() if timestamp is None else super().date_time_string(timestamp)
+        """The ``Date`` header's value (formatted once per second)."""
+        if timestamp is None:
+            return _http_date(int(time.time()))
+        return super().date_time_string(timestamp)
 
     def handle_expect_100(self) -> bool:
         """Answer ``100 Continue`` at once (the write buffer would otherwise hold it)."""
@@ -184,6 +155,25 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.flush()
         return True
+
+    def _read_fields(self) -> Fields:
+        """Read header lines up to the blank line that ends them.
+
+        :raises ApiError: a line without ``:``, a line too long, or too many headers.
+        """
+        items: list[tuple[str, str]] = []
+        while True:
+            line = self.rfile.readline(_MAX_LINE + 1)
+            if len(line) > _MAX_LINE:
+                raise ApiError(431, "header_too_large", "Header line too long")
+            if line in (b"\r\n", b"\n", b""):
+                return Fields(items)
+            name, colon, value = line.decode("iso-8859-1").partition(":")
+            if not colon or not name.strip():
+                raise ApiError(400, "parse_error", "Malformed header line")
+            items.append((name.strip(), value.strip()))
+            if len(items) > _MAX_FIELDS:
+                raise ApiError(431, "header_too_large", "Too many headers")
 
     def parse_request(self) -> bool:
         """Parse the request line and headers (into :attr:`fields`, not ``headers``)."""
@@ -196,7 +186,7 @@ class _Handler(BaseHTTPRequestHandler):
             return False
         self.command, self.path, self.request_version = words
         try:
-            self.fields = _read_fields(self.rfile)
+            self.fields = self._read_fields()
         except ApiError as error:
             self.send_error(error.status, error.detail)
             return False

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import random
 import threading
+from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -199,18 +200,16 @@ class Faults:
         standing = ("latency", "error_rate", "error_statuses", "drop_rate", "paths")
         if any(k in data for k in standing):
             self.set(**{k: data[k] for k in standing if k in data})
-        for name, method in (
-            ("fail_next", self.fail_next),
-            ("drop_next", self.drop_next),
-            ("force_429", self.force_429),
-        ):
+        # Each takes an object of the method's arguments, or its first one alone.
+        methods: dict[str, tuple[Callable[..., None], Callable[[Any], float]]] = {
+            "fail_next": (self.fail_next, int),
+            "drop_next": (self.drop_next, int),
+            "force_429": (self.force_429, int),
+            "outage": (self.outage, float),
+        }
+        for name, (method, scalar) in methods.items():
             value = data.get(name)
             if isinstance(value, Mapping):
                 method(**value)
             elif value is not None:
-                method(int(value))
-        outage = data.get("outage")
-        if isinstance(outage, Mapping):
-            self.outage(**outage)
-        elif outage is not None:
-            self.outage(float(outage))
+                method(scalar(value))

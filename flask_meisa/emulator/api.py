@@ -6,7 +6,6 @@ the store's lock for the whole call, so every call is atomic.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +21,7 @@ from .ratelimit import retry_after_header
 from .recording import BASE_PATH
 from .state import Store
 
-__all__ = ["BASE_PATH", "Answer", "Request", "handle", "parse_body"]
+__all__ = ["BASE_PATH", "Answer", "Request", "handle"]
 
 _Endpoint = Callable[[Call], tuple[int, Any]]
 _Route = tuple[str, "str | None", _Endpoint]
@@ -42,24 +41,6 @@ _ROUTES: dict[str, _Route] = {
     "/contacts/{id}/remove_tag/": ("POST", "contacts:write", contacts.remove_tag),
 }
 _CONTACT_PATH = re.compile(r"^/contacts/([^/]+)/(add_tag|remove_tag)/$")
-
-
-def parse_body(raw: bytes) -> tuple[Any, bool]:
-    """The JSON body (``None`` when empty) and whether it parsed.
-
-    Strict JSON only: ``NaN`` and ``Infinity`` are refused (they are not JSON, and an
-    answer echoing them would not be either), and so is nesting too deep to parse.
-    """
-    if not raw.strip():
-        return None, True
-    try:
-        return json.loads(raw, parse_constant=_refuse_constant), True
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None, False
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
 
 
 def handle(store: Store, request: Request) -> Answer:

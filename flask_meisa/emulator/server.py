@@ -40,7 +40,7 @@ from .recording import Recorder
 from .recording import relative_path
 from .state import Store
 
-__all__ = ["ADMIN_PREFIX", "Backend", "EmulatorServer", "Fields", "refusal"]
+__all__ = ["ADMIN_PREFIX", "Backend", "EmulatorServer", "Fields", "parse_body", "refusal"]
 
 #: Where the inbox page and the admin endpoints live (no key, no rate limit, no faults,
 #: not recorded).
@@ -125,6 +125,24 @@ def refusal(method: str, admin: bool, fields: Fields, own_host: str) -> ApiError
     if fields.get("Content-Type").partition(";")[0].strip().lower() != "application/json":
         return ApiError(415, "unsupported_media_type", "Admin writes must be application/json.")
     return None
+
+
+def parse_body(raw: bytes) -> tuple[Any, bool]:
+    """The JSON body (``None`` when empty) and whether it parsed.
+
+    Strict JSON only: ``NaN`` and ``Infinity`` are refused (they are not JSON, and an
+    answer echoing them would not be either), and so is nesting too deep to parse.
+    """
+    if not raw.strip():
+        return None, True
+    try:
+        return json.loads(raw, parse_constant=_refuse_constant), True
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None, False
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -220,7 +238,7 @@ class _Handler(BaseHTTPRequestHandler):
             if not name and self.command == "GET":
                 self._send(200, inbox.PAGE, inbox.HEADERS)
                 return
-            body, ok = api.parse_body(raw)
+            body, ok = parse_body(raw)
             if not ok:
                 self._respond(*ApiError(400, "parse_error", "Malformed JSON body.").answer())
                 return
@@ -237,7 +255,7 @@ class _Handler(BaseHTTPRequestHandler):
     ) -> None:
         received = backend.store.clock.time()
         key = self.fields.get("X-API-Key") or None
-        body, ok = api.parse_body(raw)
+        body, ok = parse_body(raw)
         relative = relative_path(path)
         latency, reply = backend.faults.plan(relative)
         if latency:

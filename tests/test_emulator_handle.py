@@ -113,6 +113,35 @@ def test_stop_closes_keep_alive_connections_promptly(emulator_factory, emulator_
         api.get("/ping/")
     emu.start()  # same port again, state kept
     assert api.get("/ping/").ok
+
+
+def test_stop_ends_a_latency_wait_and_a_restart_waits_again(emulator_factory):
+    emu = emulator_factory(rate_limit=None)
+    emu.faults.set(latency=30)
+    outcomes: list[object] = []
+
+    def ping() -> None:
+        try:
+            answer = requests.get(
+                emu.url + "/ping/", headers={"X-API-Key": emu.live_key}, timeout=20
+            )
+            outcomes.append(answer.status_code)
+        except requests.RequestException as error:
+            outcomes.append(error)
+
+    caller = threading.Thread(target=ping)
+    caller.start()
+    time.sleep(0.3)  # the call is waiting out its latency
+    started = time.perf_counter()
+    emu.stop()
+    caller.join(10)
+    assert time.perf_counter() - started < 5
+    assert len(outcomes) == 1
+    emu.faults.set(latency=0.3)
+    emu.start()
+    started = time.perf_counter()
+    assert requests.get(emu.url + "/ping/", headers={"X-API-Key": emu.live_key}, timeout=5).ok
+    assert time.perf_counter() - started >= 0.3
     assert len(emu.requests) == 2  # the refused connection never reached it
 
 

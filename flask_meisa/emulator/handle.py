@@ -98,7 +98,6 @@ class Emulator:
         self._host = host
         self._port = port
         self._server: EmulatorServer | None = None
-        self._stopping = threading.Event()
         self._lifecycle = threading.Lock()
 
     # Lifecycle
@@ -107,10 +106,7 @@ class Emulator:
         """Start serving (no-op when already started); returns the emulator."""
         with self._lifecycle:
             if self._server is None:
-                self._stopping.clear()
-                backend = Backend(
-                    self._store, self.faults, self._recorder, self._admin, self._stopping
-                )
+                backend = Backend(self._store, self.faults, self._recorder, self._admin)
                 self._server = EmulatorServer(backend, self._host, self._port)
                 # A restart binds the same port again, so URLs handed out stay valid.
                 self._port = self._server.port

@@ -65,7 +65,6 @@ class Backend:
     faults: Faults
     recorder: Recorder
     admin: AdminHandler
-    stopping: threading.Event
 
 
 class Fields:
@@ -259,7 +258,7 @@ class _Handler(BaseHTTPRequestHandler):
         relative = relative_path(path)
         latency, reply = backend.faults.plan(relative)
         if latency:
-            backend.stopping.wait(latency)
+            self.server.stopping.wait(latency)
         if reply is None or reply.after:
             if relative == path:  # not under the API's base path
                 answer: Answer = ApiError(404, "not_found", "Not found.").answer()
@@ -354,6 +353,8 @@ class EmulatorServer(ThreadingHTTPServer):
         self.own_host = host
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
+        #: Set by :meth:`stop`: ends latency waits at once.
+        self.stopping = threading.Event()
         super().__init__((host, port), _Handler)
         self.port = int(self.server_address[1])
         self._thread = threading.Thread(
@@ -388,7 +389,7 @@ class EmulatorServer(ThreadingHTTPServer):
         end and can be joined.
         """
         self.shutdown()
-        self.backend.stopping.set()
+        self.stopping.set()
         with self._connections_lock:
             connections = list(self._connections)
         for connection in connections:

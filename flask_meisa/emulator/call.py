@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from collections.abc import Mapping
 from dataclasses import dataclass
-from dataclasses import field
 from typing import TYPE_CHECKING
 from typing import Any
 from typing import TypeVar
@@ -191,12 +190,12 @@ class Request:
 
     method: str
     path: str
-    query: Mapping[str, str] = field(default_factory=dict)
-    key: str | None = None
+    query: Mapping[str, str]
+    key: str | None
     #: The parsed JSON body (``None`` when empty or malformed).
-    body: Any = None
+    body: Any
     #: Whether the body parsed as JSON.
-    body_ok: bool = True
+    body_ok: bool
 
 
 @dataclass

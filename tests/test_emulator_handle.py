@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from email.utils import parsedate_to_datetime
 
 import pytest
 import requests
@@ -110,6 +113,35 @@ def test_stop_closes_keep_alive_connections_promptly(emulator_factory, emulator_
         api.get("/ping/")
     emu.start()  # same port again, state kept
     assert api.get("/ping/").ok
+
+
+def test_stop_ends_a_latency_wait_and_a_restart_waits_again(emulator_factory):
+    emu = emulator_factory(rate_limit=None)
+    emu.faults.set(latency=30)
+    outcomes: list[object] = []
+
+    def ping() -> None:
+        try:
+            answer = requests.get(
+                emu.url + "/ping/", headers={"X-API-Key": emu.live_key}, timeout=20
+            )
+            outcomes.append(answer.status_code)
+        except requests.RequestException as error:
+            outcomes.append(error)
+
+    caller = threading.Thread(target=ping)
+    caller.start()
+    time.sleep(0.3)  # the call is waiting out its latency
+    started = time.perf_counter()
+    emu.stop()
+    caller.join(10)
+    assert time.perf_counter() - started < 5
+    assert len(outcomes) == 1
+    emu.faults.set(latency=0.3)
+    emu.start()
+    started = time.perf_counter()
+    assert requests.get(emu.url + "/ping/", headers={"X-API-Key": emu.live_key}, timeout=5).ok
+    assert time.perf_counter() - started >= 0.3
     assert len(emu.requests) == 2  # the refused connection never reached it
 
 
@@ -246,3 +278,62 @@ def test_command_line_serves_the_demo_and_exits_cleanly_on_sigterm():
             if process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+# The HTTP layer reads headers and bodies itself
+
+
+def exchange(emulator: Emulator, request: bytes) -> list[tuple[int, str]]:
+    """Send ``request`` as written; every answer's status and head until the emulator closes
+    the connection (a ``100 Continue`` counts as one)."""
+    host, port = emulator.root_url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as connection:
+        connection.sendall(request)
+        data = b""
+        while chunk := connection.recv(65536):
+            data += chunk
+    answers = []
+    while data:
+        head, _, data = data.partition(b"\r\n\r\n")
+        text = head.decode("iso-8859-1")
+        answers.append((int(text.split()[1]), text))
+        length = re.search(r"(?im)^Content-Length: *(\d+)", text)
+        data = data[int(length[1]) :] if length else data
+    return answers
+
+
+def test_malformed_or_oversized_headers_are_refused(emulator):
+    start = "GET /api/v1/ping/ HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    lines = {
+        400: "no colon here\r\n",
+        431: "".join(f"X-Extra-{n}: {n}\r\n" for n in range(101)),
+    }
+    for status, extra in lines.items():
+        assert exchange(emulator, f"{start}{extra}\r\n".encode())[0][0] == status
+    too_long = f"{start}X-Long: {'x' * 65536}\r\n\r\n".encode()
+    assert exchange(emulator, too_long)[0][0] == 431
+    assert exchange(emulator, b"GET /api/v1/ping/\r\n\r\n")[0][0] == 400
+    assert emulator.requests == []
+
+
+def test_chunked_bodies_expect_continue_and_the_date_header(emulator):
+    head = (
+        "POST /api/v1/contacts/upsert/ HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"X-API-Key: {emulator.live_key}\r\nContent-Type: application/json\r\n"
+    )
+    chunked = (
+        f"{head}Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        '10\r\n{"email": "chunk\r\n10;ext=1\r\ned@example.com"}\r\n0\r\nX-Trailer: 1\r\n\r\n'
+    )
+    [(status, text)] = exchange(emulator, chunked.encode())
+    assert status == 201
+    date = re.search(r"(?im)^Date: (.+)$", text)
+    assert date and parsedate_to_datetime(date[1]).tzinfo is not None
+    body = b'{"email": "continued@example.com"}'
+    expecting = f"{head}Expect: 100-continue\r\nContent-Length: {len(body)}\r\n"
+    answers = exchange(emulator, f"{expecting}Connection: close\r\n\r\n".encode() + body)
+    assert [status for status, _ in answers] == [100, 201]
+    assert emulator.contact(email="chunked@example.com") is not None
+    assert emulator.contact(email="continued@example.com") is not None
+    bad = exchange(emulator, f"{head}Content-Length: ten\r\nConnection: close\r\n\r\n".encode())
+    assert bad[0][0] == 400

@@ -24,8 +24,8 @@ from flask_meisa._payloads import require_text
 from flask_meisa._payloads import text_list
 from flask_meisa._payloads import to_json_value
 from flask_meisa._payloads import unique_emails
-from flask_meisa.emulator.validation import Payload
-from flask_meisa.emulator.validation import is_valid_email
+from flask_meisa.emulator.call import Payload
+from flask_meisa.emulator.call import is_valid_email
 from flask_meisa.errors import ValidationError
 from flask_meisa.operations import Operation
 from tests import property_strategies as s

@@ -6,29 +6,27 @@ the store's lock for the whole call, so every call is atomic.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
-from collections.abc import Mapping
 from typing import Any
 
 from . import contacts
 from . import sequences
 from . import triggers
+from .call import Answer
+from .call import ApiError
 from .call import Call
 from .call import Request
-from .paths import BASE_PATH
 from .ratelimit import retry_after_header
+from .recording import BASE_PATH
 from .state import Store
-from .validation import ApiError
 
-__all__ = ["BASE_PATH", "Answer", "Request", "handle", "parse_body"]
+__all__ = ["BASE_PATH", "Answer", "Request", "handle"]
 
-#: ``(status, JSON body, extra headers)``
-Answer = tuple[int, Any, Mapping[str, str]]
 _Endpoint = Callable[[Call], tuple[int, Any]]
 _Route = tuple[str, "str | None", _Endpoint]
 
+#: Paths with a contact's ``{id}`` match :data:`_CONTACT_PATH`.
 _ROUTES: dict[str, _Route] = {
     "/ping/": ("GET", None, contacts.ping),
     "/contacts/upsert/": ("POST", "contacts:write", contacts.upsert),
@@ -39,30 +37,10 @@ _ROUTES: dict[str, _Route] = {
     "/sequences/api/list/": ("GET", "sequences:read", sequences.list_sequences),
     "/sequences/api/contact-enrollments/": ("GET", "sequences:read", sequences.enrollments),
     "/emails/trigger/": ("POST", "emails:trigger", triggers.trigger),
+    "/contacts/{id}/add_tag/": ("POST", "contacts:write", contacts.add_tag),
+    "/contacts/{id}/remove_tag/": ("POST", "contacts:write", contacts.remove_tag),
 }
-_TAG_ROUTES: dict[str, _Route] = {
-    "add_tag": ("POST", "contacts:write", contacts.add_tag),
-    "remove_tag": ("POST", "contacts:write", contacts.remove_tag),
-}
-_TAG_PATH = re.compile(r"^/contacts/([^/]+)/(add_tag|remove_tag)/$")
-
-
-def parse_body(raw: bytes) -> tuple[Any, bool]:
-    """The JSON body (``None`` when empty) and whether it parsed.
-
-    Strict JSON only: ``NaN`` and ``Infinity`` are refused (they are not JSON, and an
-    answer echoing them would not be either), and so is nesting too deep to parse.
-    """
-    if not raw.strip():
-        return None, True
-    try:
-        return json.loads(raw, parse_constant=_refuse_constant), True
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None, False
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
+_CONTACT_PATH = re.compile(r"^/contacts/([^/]+)/(add_tag|remove_tag)/$")
 
 
 def handle(store: Store, request: Request) -> Answer:
@@ -71,40 +49,37 @@ def handle(store: Store, request: Request) -> Answer:
     Order: unknown path 404, key 401, rate limit 429 (a call answered 429 is not counted),
     method 405, scope 403, body 400, then the endpoint.
     """
+    try:
+        return _handle(store, request)
+    except ApiError as error:
+        return error.answer()
+
+
+def _handle(store: Store, request: Request) -> Answer:
     route, contact_id = _resolve(request.path)
     if route is None:
-        return _error(ApiError(404, "not_found", "Not found."))
+        raise ApiError(404, "not_found", "Not found.")
     method, scope, endpoint = route
     with store.lock:
         api_key = store.keys.get(request.key) if request.key else None
         if api_key is None:
             detail = "Invalid API key." if request.key else "No API key was provided."
-            return _error(ApiError(401, "authentication_failed", detail))
-        hit = store.clock.monotonic()
-        limiter = api_key.limiter
-        if limiter is not None:
-            wait = limiter.acquire(hit)
-            if wait is not None:
-                return _error(
-                    ApiError(
-                        429,
-                        "rate_limited",
-                        "Request was throttled.",
-                        headers={"Retry-After": retry_after_header(wait)},
-                    )
-                )
-        headers: Mapping[str, str] = {}
+            raise ApiError(401, "authentication_failed", detail)
+        limiter, hit = api_key.limiter, store.clock.monotonic()
+        wait = limiter.acquire(hit) if limiter is not None else None
+        if wait is not None:
+            retry_after = {"Retry-After": retry_after_header(wait)}
+            raise ApiError(429, "rate_limited", "Request was throttled.", headers=retry_after)
         try:
             _check(request, method, scope, api_key.scopes)
-            call = Call(store, store.envs[api_key.environment], api_key, request, {}, contact_id)
-            if method == "POST":
-                call.body = request.body or {}
-            status, body = endpoint(call)
+            body = (request.body or {}) if method == "POST" else {}
+            env = store.envs[api_key.environment]
+            status, answer = endpoint(Call(store, env, api_key, body, request.query, contact_id))
         except ApiError as error:
-            status, body, headers = error.status, error.body(), error.headers
-        if status == 429 and limiter is not None:
-            limiter.release(hit)
-        return status, body, headers
+            if error.status == 429 and limiter is not None:
+                limiter.release(hit)
+            raise
+        return status, answer, {}
 
 
 def _check(request: Request, method: str, scope: str | None, scopes: frozenset[str]) -> None:
@@ -126,15 +101,11 @@ def _check(request: Request, method: str, scope: str | None, scopes: frozenset[s
         raise ApiError(400, "invalid", message, errors={"non_field_errors": [message]})
 
 
-def _error(error: ApiError) -> Answer:
-    return error.status, error.body(), error.headers
-
-
 def _resolve(path: str) -> tuple[_Route | None, str]:
     route = _ROUTES.get(path)
     if route is not None:
         return route, ""
-    match = _TAG_PATH.match(path)
+    match = _CONTACT_PATH.match(path)
     if match:
-        return _TAG_ROUTES[match.group(2)], match.group(1)
+        return _ROUTES[f"/contacts/{{id}}/{match[2]}/"], match[1]
     return None, ""

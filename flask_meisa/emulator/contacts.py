@@ -5,23 +5,13 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from .call import ApiError
 from .call import Call
+from .call import Payload
 from .model import SOURCES
 from .model import iso
-from .validation import ApiError
-from .validation import Payload
 
-__all__ = [
-    "add_tag",
-    "ping",
-    "read_contact_fields",
-    "remove_tag",
-    "track",
-    "unsubscribed",
-    "upsert",
-]
-
-_NAME_FIELDS = ("first_name", "last_name", "display_name")
+__all__ = ["add_tag", "ping", "remove_tag", "track", "unsubscribed", "upsert"]
 
 
 def ping(call: Call) -> tuple[int, Any]:
@@ -34,19 +24,12 @@ def ping(call: Call) -> tuple[int, Any]:
     }
 
 
-def read_contact_fields(payload: Payload) -> tuple[str | None, dict[str, str | None], Any]:
-    """``external_id``, the sent name fields, and ``custom_fields`` of an upsert-like object."""
-    external_id = payload.string("external_id")
-    names = {f: payload.string(f, blank=True) for f in _NAME_FIELDS if payload.has(f)}
-    return external_id, names, payload.obj("custom_fields")
-
-
 def upsert(call: Call) -> tuple[int, Any]:
     """``POST /contacts/upsert/``: 201 on create, 200 on update, with the full contact."""
     payload = Payload(call.body)
     payload.forbid("status", "tags")
     email = payload.email("email", required=True)
-    external_id, names, custom_fields = read_contact_fields(payload)
+    external_id, names, custom_fields = payload.contact_fields()
     source = payload.choice("source", SOURCES, "api")
     tag_names = payload.string_list("tag_names")
     payload.done()

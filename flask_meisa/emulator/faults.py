@@ -1,9 +1,7 @@
 """Fault injection: latency, error answers, dropped connections, forced 429s, outages.
 
-Faults sit in front of the API, like trouble between the client and Meisa: a request
-refused by a fault is not processed and not counted by the key's rate limit. A fault with
-``after=True`` lets the request be processed first and then loses or replaces its answer.
-Admin calls (``/_emulator/``) are never faulted.
+Faults sit in front of the API, like trouble between the client and Meisa (see "Faults" in
+``docs/emulator.md``): what a fault refuses is not processed, nor counted by a rate limit.
 """
 
 from __future__ import annotations
@@ -11,15 +9,18 @@ from __future__ import annotations
 import math
 import random
 import threading
+from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .call import Answer
+from .call import ApiError
 from .clock import ClockLike
-from .paths import path_matches
+from .recording import path_matches
 
-__all__ = ["FaultPlan", "FaultReply", "Faults"]
+__all__ = ["FaultReply", "Faults"]
 
 _CODES = {
     429: "rate_limited",
@@ -38,29 +39,16 @@ class FaultReply:
     label: str  # what the recorded request's ``fault`` says
     status: int = 503
     retry_after: float | None = None
+    #: Process the request first, then lose or replace its answer.
+    after: bool = False
 
-    def answer(self) -> tuple[int, dict[str, Any], dict[str, str]]:
+    def answer(self) -> Answer:
         """The error answer (for ``kind == "error"``)."""
         code = _CODES.get(self.status, "injected_fault")
-        body = {"detail": f"Emulated fault ({code}).", "code": code}
         headers = {}
         if self.retry_after is not None:
             headers["Retry-After"] = str(max(0, math.ceil(self.retry_after)))
-        return self.status, body, headers
-
-
-@dataclass(frozen=True)
-class FaultPlan:
-    """What the faults decided for one request."""
-
-    latency: float = 0.0
-    #: Answer this instead of processing the request.
-    before: FaultReply | None = None
-    #: Process the request, then answer this instead of its answer.
-    after: FaultReply | None = None
-
-
-_NO_FAULT = FaultPlan()
+        return ApiError(self.status, code, f"Emulated fault ({code}).", headers=headers).answer()
 
 
 @dataclass
@@ -68,7 +56,6 @@ class _OneShot:
     remaining: int
     reply: FaultReply
     path: str | None
-    after: bool
 
 
 class Faults:
@@ -123,19 +110,19 @@ class Faults:
         ``after=True``: process each request, then answer ``status`` (the effect stays, the
         answer is lost). ``retry_after``: also send a ``Retry-After`` header.
         """
-        reply = FaultReply("error", "error_after" if after else "error", status, retry_after)
-        self._add(n, reply, path, after)
+        label = "error_after" if after else "error"
+        self._add(n, FaultReply("error", label, status, retry_after, after), path)
 
     def drop_next(self, n: int = 1, path: str | None = None, after: bool = False) -> None:
         """Close the connection of the next ``n`` requests without answering.
 
         ``after=True``: process each request first (the effect stays).
         """
-        self._add(n, FaultReply("drop", "drop_after" if after else "drop"), path, after)
+        self._add(n, FaultReply("drop", "drop_after" if after else "drop", after=after), path)
 
     def force_429(self, n: int = 1, retry_after: float = 1, path: str | None = None) -> None:
         """Answer the next ``n`` requests 429 ``rate_limited`` with ``Retry-After``."""
-        self._add(n, FaultReply("error", "429", 429, retry_after), path, False)
+        self._add(n, FaultReply("error", "429", 429, retry_after), path)
 
     def outage(self, seconds: float, drop: bool = False) -> None:
         """Answer every API request 503 (or drop it) for ``seconds`` of emulator time."""
@@ -147,21 +134,23 @@ class Faults:
         """Remove every fault."""
         with self._lock:
             self._one_shots.clear()
-            self._outage_until = float("-inf")
+            self._outage_until = -math.inf
             self._outage_drop = False
         self.set()
 
-    def _add(self, n: int, reply: FaultReply, path: str | None, after: bool) -> None:
+    def _add(self, n: int, reply: FaultReply, path: str | None) -> None:
         if n < 1:
             raise ValueError("n must be at least 1")
         with self._lock:
-            self._one_shots.append(_OneShot(n, reply, path, after))
+            self._one_shots.append(_OneShot(n, reply, path))
 
-    def plan(self, path: str) -> FaultPlan:
-        """Decide the faults of one request to ``path`` (consumes one-shot faults)."""
+    def plan(self, path: str) -> tuple[float, FaultReply | None]:
+        """Decide the faults of one request to ``path`` (consumes one-shot faults): the
+        latency before its answer, and what to answer instead of its own answer."""
         with self._lock:
-            if not self._one_shots and self._is_quiet():
-                return _NO_FAULT
+            standing_faults = self._latency or self._error_rate or self._drop_rate
+            if not (self._one_shots or standing_faults) and self._outage_until == -math.inf:
+                return 0.0, None
             standing = self._paths is None or any(path_matches(p, path) for p in self._paths)
             latency = self._latency if standing else 0.0
             for shot in self._one_shots:
@@ -169,26 +158,16 @@ class Faults:
                     shot.remaining -= 1
                     if not shot.remaining:
                         self._one_shots.remove(shot)
-                    if shot.after:
-                        return FaultPlan(latency, after=shot.reply)
-                    return FaultPlan(latency, before=shot.reply)
+                    return latency, shot.reply
             if self._clock.monotonic() < self._outage_until:
                 kind = "drop" if self._outage_drop else "error"
-                return FaultPlan(latency, before=FaultReply(kind, "outage", 503))
+                return latency, FaultReply(kind, "outage", 503)
             if standing and self._drop_rate and self._random.random() < self._drop_rate:
-                return FaultPlan(latency, before=FaultReply("drop", "drop"))
+                return latency, FaultReply("drop", "drop")
             if standing and self._error_rate and self._random.random() < self._error_rate:
                 status = self._random.choice(self._error_statuses)
-                return FaultPlan(latency, before=FaultReply("error", "error", status))
-            return FaultPlan(latency)
-
-    def _is_quiet(self) -> bool:
-        return (
-            not self._latency
-            and not self._error_rate
-            and not self._drop_rate
-            and self._outage_until == float("-inf")
-        )
+                return latency, FaultReply("error", "error", status)
+            return latency, None
 
     def snapshot(self) -> dict[str, Any]:
         """The current settings as JSON."""
@@ -221,18 +200,16 @@ class Faults:
         standing = ("latency", "error_rate", "error_statuses", "drop_rate", "paths")
         if any(k in data for k in standing):
             self.set(**{k: data[k] for k in standing if k in data})
-        for name, method in (
-            ("fail_next", self.fail_next),
-            ("drop_next", self.drop_next),
-            ("force_429", self.force_429),
-        ):
+        # Each takes an object of the method's arguments, or its first one alone.
+        methods: dict[str, tuple[Callable[..., None], Callable[[Any], float]]] = {
+            "fail_next": (self.fail_next, int),
+            "drop_next": (self.drop_next, int),
+            "force_429": (self.force_429, int),
+            "outage": (self.outage, float),
+        }
+        for name, (method, scalar) in methods.items():
             value = data.get(name)
             if isinstance(value, Mapping):
                 method(**value)
             elif value is not None:
-                method(int(value))
-        outage = data.get("outage")
-        if isinstance(outage, Mapping):
-            self.outage(**outage)
-        elif outage is not None:
-            self.outage(float(outage))
+                method(scalar(value))

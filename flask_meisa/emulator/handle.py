@@ -1,35 +1,58 @@
-"""The Python handle: start an emulator, read its state, shape it, inject faults, wait."""
+"""The Python handle: start an emulator, read its state, shape it, inject faults, wait; and
+its mirror over HTTP, the admin API under ``/_emulator/`` (every path is listed in
+``docs/emulator.md``).
+"""
 
 from __future__ import annotations
 
 import copy
-import functools
 import threading
 from collections.abc import Callable
 from collections.abc import Iterable
+from collections.abc import Mapping
+from dataclasses import asdict
 from types import TracebackType
 from typing import Any
 from typing import Literal
 
-from . import admin
 from .clock import Clock
 from .clock import ClockLike
 from .faults import Faults
 from .model import ENVIRONMENTS
 from .model import INHERIT
 from .model import Inherit
-from .paths import BASE_PATH
+from .model import Sequence
+from .model import Trigger
+from .model import iso
+from .ratelimit import parse_rules
+from .recording import BASE_PATH
 from .recording import RecordedRequest
 from .recording import Recorder
-from .seed import SeedSource
-from .seed import load_seed
 from .server import Backend
 from .server import EmulatorServer
 from .state import DEFAULT_RATE_LIMIT
+from .state import DEFAULT_SENDER
 from .state import EnvState
+from .state import SeedSource
 from .state import Store
+from .state import load_seed
 
 __all__ = ["Emulator"]
+
+_LISTS = ("contacts", "events", "sends", "enrollments")
+#: What ``state()`` counts in each environment.
+_COUNTED = (*_LISTS, "suppressions")
+#: The admin endpoints and the methods each takes.
+_ADMIN_METHODS = {
+    "state": ("GET",),
+    "requests": ("GET", "DELETE"),
+    "faults": ("GET", "POST", "DELETE"),
+    "reset": ("POST",),
+    "keys": ("POST",),
+    "clock": ("POST",),
+    "suppressions": ("GET", "POST", "DELETE"),
+    **{name: ("GET",) for name in _LISTS},
+}
 
 
 class Emulator:
@@ -75,7 +98,6 @@ class Emulator:
         self._host = host
         self._port = port
         self._server: EmulatorServer | None = None
-        self._stopping = threading.Event()
         self._lifecycle = threading.Lock()
 
     # Lifecycle
@@ -84,14 +106,7 @@ class Emulator:
         """Start serving (no-op when already started); returns the emulator."""
         with self._lifecycle:
             if self._server is None:
-                self._stopping.clear()
-                backend = Backend(
-                    self._store,
-                    self.faults,
-                    self._recorder,
-                    functools.partial(admin.handle, self),
-                    self._stopping,
-                )
+                backend = Backend(self._store, self.faults, self._recorder, self._admin)
                 self._server = EmulatorServer(backend, self._host, self._port)
                 # A restart binds the same port again, so URLs handed out stay valid.
                 self._port = self._server.port
@@ -185,16 +200,37 @@ class Emulator:
     def set_rate_limit(
         self, rate_limit: str | Literal[Inherit.INHERIT] | None, key: str | None = None
     ) -> None:
-        """Change every inheriting key's limit (``key`` None), or one key's."""
-        self._store.set_rate_limit(rate_limit, key)
+        """Change every inheriting key's limit (``key`` None), or one key's; windows start
+        afresh."""
+        if rate_limit is not None and rate_limit is not INHERIT:
+            parse_rules(rate_limit)
+        store = self._store
+        with store.lock:
+            if key is None:
+                if rate_limit is INHERIT:
+                    raise ValueError("the emulator-wide limit cannot inherit")
+                store.rate_limit = rate_limit
+                targets = [k for k in store.keys.values() if k.rate_limit is INHERIT]
+            else:
+                targets = [store.keys[key]]
+                targets[0].rate_limit = rate_limit
+            for api_key in targets:
+                api_key.limiter = store.limiter_for(api_key)
 
     def set_send_guardrail(self, spec: str | None) -> None:
         """Change the per-recipient send guardrail, e.g. ``"3/hour"``; ``None`` disables."""
-        self._store.set_send_guardrail(spec)
+        if spec is not None:
+            parse_rules(spec)
+        with self._store.lock:
+            self._store.send_guardrail = spec
+            for env in self._store.envs.values():
+                env.guardrails.clear()
 
     def set_sender(self, configured: bool) -> None:
         """Give the product a sender or take it away (triggers then answer 422 no_sender)."""
-        self._store.set_sender(configured)
+        with self._store.lock:
+            sender = self._store.sender or dict(DEFAULT_SENDER)
+            self._store.sender = sender if configured else None
         self._recorder.notify()
 
     def add_trigger(
@@ -210,15 +246,17 @@ class Emulator:
 
         ``conditions``: e.g. ``{"custom_field": "plan", "equals": "pro"}`` (see the docs).
         """
-        self._store.add_trigger(
-            key, name=name, active=active, delay_seconds=delay_seconds, conditions=conditions
-        )
+        trigger = Trigger(key, name or "", active, delay_seconds, conditions)
+        with self._store.lock:
+            self._store.triggers[key] = trigger
 
     def add_sequence(
         self, slug: str, *, name: str | None = None, status: str = "active", steps: int = 3
     ) -> None:
         """Configure a sequence (``status``: active, paused or archived)."""
-        self._store.add_sequence(slug, name=name, status=status, steps=steps)
+        sequence = Sequence(slug, name or "", status, steps)
+        with self._store.lock:
+            self._store.sequences[slug] = sequence
 
     def suppress(
         self, email: str, reason: str = "unsubscribed", environment: str | None = None
@@ -263,7 +301,7 @@ class Emulator:
     @property
     def requests(self) -> list[RecordedRequest]:
         """Every API request received so far, oldest first (a copy)."""
-        return self._recorder.snapshot()
+        return self._recorder.matching()
 
     def requests_to(self, path: str, method: str | None = None) -> list[RecordedRequest]:
         """The requests to ``path`` (``"/ping/"``, ``"/api/v1/ping/"`` or a glob)."""
@@ -293,21 +331,13 @@ class Emulator:
         self, environment: str = "live", *, event_name: str | None = None
     ) -> list[dict[str, Any]]:
         """Tracked events, oldest first (optionally only those named ``event_name``)."""
-        with self._store.lock:
-            events = self._env(environment).events
-            return copy.deepcopy(
-                [e for e in events if event_name is None or e["event_name"] == event_name]
-            )
+        return self._copies(environment, "events", "event_name", event_name)
 
     def sends(
         self, environment: str = "live", *, trigger_key: str | None = None
     ) -> list[dict[str, Any]]:
         """Recorded sends (sent or scheduled; not skipped or refused), oldest first."""
-        with self._store.lock:
-            sends = self._env(environment).sends
-            return copy.deepcopy(
-                [s for s in sends if trigger_key is None or s["trigger_key"] == trigger_key]
-            )
+        return self._copies(environment, "sends", "trigger_key", trigger_key)
 
     def enrollments(
         self, environment: str = "live", *, sequence_slug: str | None = None
@@ -328,11 +358,27 @@ class Emulator:
 
     def state(self) -> dict[str, Any]:
         """The configuration and counts (what ``GET /_emulator/state`` shows)."""
-        summary = self._store.summary()
-        summary["url"] = self.url if self._server else None
-        summary["faults"] = self.faults.snapshot()
-        summary["requests"] = len(self._recorder.snapshot())
-        return summary
+        store = self._store
+        with store.lock:
+            sender = dict(store.sender) if store.sender else None
+            state: dict[str, Any] = {
+                "product": {"id": store.product_id, "name": store.product_name, "sender": sender},
+                "rate_limit": store.rate_limit,
+                "send_guardrail": store.send_guardrail,
+                "keys": [k.to_json() for k in store.keys.values()],
+                "triggers": [asdict(t) for t in store.triggers.values()],
+                "sequences": [asdict(s) for s in store.sequences.values()],
+                "environments": {
+                    name: {kind: len(getattr(env, kind)) for kind in _COUNTED}
+                    for name, env in store.envs.items()
+                },
+            }
+        # Outside the state's lock: a wait_for predicate holds the record's lock and may
+        # take the state's.
+        state["url"] = self.url if self._server else None
+        state["faults"] = self.faults.snapshot()
+        state["requests"] = len(self.requests)
+        return state
 
     # Waiting
 
@@ -347,6 +393,13 @@ class Emulator:
         """Wait until at least ``n`` requests (to ``path``, if given) were answered."""
         return self._recorder.wait_for(lambda: len(self._recorder.matching(path)) >= n, timeout)
 
+    def _copies(
+        self, environment: str, kind: str, field: str, value: str | None
+    ) -> list[dict[str, Any]]:
+        with self._store.lock:
+            records = getattr(self._env(environment), kind)
+            return copy.deepcopy([r for r in records if value is None or r[field] == value])
+
     def _env(self, environment: str) -> EnvState:
         if environment not in ENVIRONMENTS:
             raise ValueError("environment must be 'live' or 'test'")
@@ -356,3 +409,65 @@ class Emulator:
         if environment is None:
             return list(self._store.envs.values())
         return [self._env(environment)]
+
+    # The admin API (no key, no rate limit, no faults, not recorded)
+
+    def _admin(
+        self, method: str, name: str, query: Mapping[str, str], body: Any
+    ) -> tuple[int, Any]:
+        """Answer ``method /_emulator/<name>`` with ``(status, JSON body)``."""
+        if body is not None and not isinstance(body, dict):
+            return _admin_error(400, "invalid", "Expected a JSON object.")
+        data: Mapping[str, Any] = body or {}
+        if name not in _ADMIN_METHODS:
+            return _admin_error(404, "not_found", "No such admin endpoint.")
+        if method not in _ADMIN_METHODS[name]:
+            return _admin_error(405, "method_not_allowed", f"Method {method} not allowed.")
+        # Suppressions change both environments unless one is named; the rest read "live".
+        named = query.get("environment") or data.get("environment")
+        environment = named or "live"
+        if environment not in ENVIRONMENTS:
+            return _admin_error(400, "invalid", "environment must be 'live' or 'test'.")
+        try:
+            return self._admin_call(method, name, environment, named, data)
+        except KeyError as error:
+            return _admin_error(400, "invalid", f"Missing field {error}.")
+        except (TypeError, ValueError) as error:
+            return _admin_error(400, "invalid", str(error))
+
+    def _admin_call(
+        self, method: str, name: str, environment: str, named: str | None, data: Mapping[str, Any]
+    ) -> tuple[int, Any]:
+        if name == "state":
+            return 200, self.state()
+        if name in _LISTS:
+            return 200, getattr(self, name)(environment)
+        if name == "requests":
+            if method == "DELETE":
+                self.clear_requests()
+            return 200, [r.to_json() for r in self.requests]
+        if name == "faults":
+            if method == "POST":
+                self.faults.configure(data)
+            elif method == "DELETE":
+                self.faults.clear()
+            return 200, self.faults.snapshot()
+        if name == "reset":
+            self.reset()
+            return 200, {"status": "reset"}
+        if name == "keys":
+            scopes, rate_limit = data.get("scopes"), data.get("rate_limit", INHERIT)
+            key = self.create_key(scopes, environment, rate_limit, name=data.get("name"))
+            return 201, {"key": key, "environment": environment, "scopes": self.key_scopes(key)}
+        if name == "clock":
+            self.advance_clock(float(data.get("advance", 0)))
+            return 200, {"time": iso(self.now())}
+        if method == "POST":
+            self.suppress(data["email"], data.get("reason", "unsubscribed"), named)
+        elif method == "DELETE":
+            self.unsuppress(data["email"], named)
+        return 200, self.suppressions(environment)
+
+
+def _admin_error(status: int, code: str, detail: str) -> tuple[int, Any]:
+    return status, {"detail": detail, "code": code}

@@ -16,6 +16,7 @@ from .ratelimit import RateLimiter
 __all__ = [
     "ENVIRONMENTS",
     "INHERIT",
+    "NAME_FIELDS",
     "SCOPES",
     "SEQUENCE_STATUSES",
     "SOURCES",
@@ -28,6 +29,7 @@ __all__ = [
     "Tag",
     "Trigger",
     "iso",
+    "mask_key",
     "parse_conditions",
 ]
 
@@ -49,9 +51,11 @@ SOURCES: tuple[str, ...] = ("api", "import", "manual", "signup", "initial_sync")
 SUPPRESSION_REASONS: tuple[str, ...] = ("unsubscribed", "bounced", "complained")
 #: A sequence's possible states.
 SEQUENCE_STATUSES: tuple[str, ...] = ("active", "paused", "archived")
+#: A contact's name fields: sent ones overwrite (null clears), omitted ones are kept.
+NAME_FIELDS: tuple[str, ...] = ("first_name", "last_name", "display_name")
 
 #: The contact attributes a trigger condition may test with ``"field"``.
-_CONDITION_FIELDS = ("email", "external_id", "first_name", "last_name", "display_name", "source")
+_CONDITION_FIELDS = ("email", "external_id", *NAME_FIELDS, "source")
 _CONDITION_OPERATORS = ("equals", "not_equals", "in", "exists")
 
 
@@ -70,6 +74,11 @@ def iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="microseconds")
 
 
+def mask_key(key: str) -> str:
+    """A masked form of an API key, safe to show anywhere."""
+    return f"{key[:11]}…{key[-4:]}"
+
+
 @dataclass
 class Tag:
     """A tag of one environment."""
@@ -85,53 +94,54 @@ class Contact:
     id: str
     email: str
     external_id: str | None
-    first_name: str | None
-    last_name: str | None
-    display_name: str | None
-    custom_fields: dict[str, Any]
-    tag_ids: list[str]
     source: str
     created_at: float
     updated_at: float
+    first_name: str | None = None
+    last_name: str | None = None
+    display_name: str | None = None
+    custom_fields: dict[str, Any] = field(default_factory=dict)
+    tag_ids: list[str] = field(default_factory=list)
 
 
 @dataclass
 class Trigger:
-    """A transactional email trigger, shared by both environments."""
+    """A transactional email trigger, shared by both environments.
+
+    Built from a seed entry or :meth:`.Emulator.add_trigger`: ``name`` defaults to the key,
+    ``conditions`` are checked by :func:`parse_conditions`.
+    """
 
     key: str
-    name: str
+    name: str = ""
     active: bool = True
     delay_seconds: float = 0
     conditions: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.delay_seconds < 0:
+            raise ValueError("delay_seconds cannot be negative")
+        self.name = self.name or self.key
+        self.conditions = parse_conditions(self.conditions)
 
     def conditions_met(self, contact: Contact) -> bool:
         """Whether every condition holds for ``contact``."""
         return all(_condition_holds(c, contact) for c in self.conditions)
 
-    def to_json(self) -> dict[str, Any]:
-        """The trigger as JSON for the admin endpoints."""
-        return {
-            "key": self.key,
-            "name": self.name,
-            "active": self.active,
-            "delay_seconds": self.delay_seconds,
-            "conditions": [dict(c) for c in self.conditions],
-        }
-
 
 @dataclass
 class Sequence:
-    """A sequence, shared by both environments."""
+    """A sequence, shared by both environments (``name`` defaults to the slug, titled)."""
 
     slug: str
-    name: str
+    name: str = ""
     status: str = "active"
     steps: int = 3
 
-    def to_json(self) -> dict[str, Any]:
-        """The sequence as the list endpoint shows it."""
-        return {"slug": self.slug, "name": self.name, "status": self.status, "steps": self.steps}
+    def __post_init__(self) -> None:
+        if self.status not in SEQUENCE_STATUSES:
+            raise ValueError(f"status must be one of {', '.join(SEQUENCE_STATUSES)}")
+        self.name = self.name or self.slug.replace("_", " ").title()
 
 
 @dataclass
@@ -158,11 +168,6 @@ class ApiKey:
     rate_limit: str | Literal[Inherit.INHERIT] | None = INHERIT
     limiter: RateLimiter | None = None
 
-    @property
-    def hint(self) -> str:
-        """A masked form of the key, safe to show anywhere."""
-        return f"{self.key[:11]}…{self.key[-4:]}"
-
     def seed_entry(self) -> dict[str, Any]:
         """The key as a seed's ``keys`` entry."""
         entry: dict[str, Any] = {
@@ -179,7 +184,7 @@ class ApiKey:
         """The key as the admin endpoints show it (masked)."""
         return {
             "name": self.name,
-            "key_hint": self.hint,
+            "key_hint": mask_key(self.key),
             "environment": self.environment,
             "scopes": sorted(self.scopes),
             "rate_limit": self.limiter.spec if self.limiter else None,

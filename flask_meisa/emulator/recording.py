@@ -1,4 +1,6 @@
-"""The record of API requests, and waiting for something to happen without polling."""
+"""The record of API requests, the path patterns that pick requests (``"/ping/"``,
+``"/api/v1/ping/"`` or a glob like ``"/contacts/*/add_tag/"``), and waiting for something
+to happen without polling."""
 
 from __future__ import annotations
 
@@ -8,11 +10,30 @@ from collections.abc import Callable
 from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import field
+from fnmatch import fnmatchcase
 from typing import Any
 
-from .paths import path_matches
+from .model import mask_key
 
-__all__ = ["RecordedRequest", "Recorder"]
+__all__ = ["BASE_PATH", "RecordedRequest", "Recorder", "path_matches", "relative_path"]
+
+#: Where the API lives.
+BASE_PATH = "/api/v1"
+
+
+def relative_path(path: str) -> str:
+    """``path`` without the ``/api/v1`` prefix (unchanged when it has none)."""
+    if path.startswith(BASE_PATH + "/"):
+        return path[len(BASE_PATH) :]
+    return path
+
+
+def path_matches(pattern: str, path: str) -> bool:
+    """Whether ``path`` is ``pattern`` (globs allowed); both may carry ``/api/v1`` or not."""
+    pattern, path = relative_path(pattern), relative_path(path)
+    if any(ch in pattern for ch in "*?["):
+        return fnmatchcase(path, pattern)
+    return path == pattern
 
 
 @dataclass(frozen=True)
@@ -43,7 +64,7 @@ class RecordedRequest:
     @property
     def key_hint(self) -> str | None:
         """A masked form of :attr:`key`, safe to print."""
-        return f"{self.key[:11]}…{self.key[-4:]}" if self.key else None
+        return mask_key(self.key) if self.key else None
 
     def to_json(self) -> dict[str, Any]:
         """The request as ``GET /_emulator/requests`` shows it (key masked)."""
@@ -79,13 +100,11 @@ class Recorder:
         with self._condition:
             self._condition.notify_all()
 
-    def snapshot(self) -> list[RecordedRequest]:
-        """A copy of the record, oldest first."""
-        with self._condition:
-            return list(self._items)
-
-    def matching(self, path: str | None, method: str | None = None) -> list[RecordedRequest]:
-        """The recorded requests to ``path`` (a pattern, see :mod:`.paths`) and ``method``."""
+    def matching(
+        self, path: str | None = None, method: str | None = None
+    ) -> list[RecordedRequest]:
+        """The recorded requests (to ``path``, a pattern, and by ``method`` when given),
+        oldest first."""
         with self._condition:
             return [
                 r

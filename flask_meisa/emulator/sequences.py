@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import asdict
 from typing import Any
 
+from .call import ApiError
 from .call import Call
+from .call import Payload
+from .call import is_valid_email
 from .model import SEQUENCE_STATUSES
 from .model import Contact
 from .model import Enrollment
 from .model import iso
 from .state import EnvState
-from .validation import ApiError
-from .validation import Payload
-from .validation import is_valid_email
 
 __all__ = ["MAX_BULK", "bulk_enroll", "enroll", "enrollments", "list_sequences"]
 
@@ -114,7 +115,7 @@ def list_sequences(call: Call) -> tuple[int, Any]:
         raise ApiError.invalid({"status": ["Must be all, active, paused or archived."]})
     search = call.query.get("search", "").lower()
     results = [
-        s.to_json()
+        asdict(s)
         for s in call.store.sequences.values()
         if (status == "all" or s.status == status)
         and (search in s.slug.lower() or search in s.name.lower())

@@ -1,24 +1,32 @@
-"""The emulator's state: the product, keys, and per-environment contacts, events and sends.
+"""The emulator's state: the product, keys, and per-environment contacts, events and sends;
+and the seed it starts from (see ``docs/emulator.md`` for the format).
 
-Pure Python, no I/O. Everything is guarded by :attr:`Store.lock` (one re-entrant lock): the
-HTTP layer holds it for the whole of an API call, the Python handle for each read or change.
+Everything is guarded by :attr:`Store.lock` (one re-entrant lock): the HTTP layer holds it
+for the whole of an API call, the Python handle for each read or change.
 """
 
 from __future__ import annotations
 
+import copy
+import json
+import os
 import secrets
 import threading
 import uuid
 from collections.abc import Iterable
 from collections.abc import Mapping
+from importlib import resources
 from typing import Any
 from typing import Literal
+from typing import Union
+from typing import cast
 
+from .call import ApiError
 from .clock import ClockLike
 from .model import ENVIRONMENTS
 from .model import INHERIT
+from .model import NAME_FIELDS
 from .model import SCOPES
-from .model import SEQUENCE_STATUSES
 from .model import SUPPRESSION_REASONS
 from .model import ApiKey
 from .model import Contact
@@ -28,17 +36,48 @@ from .model import Sequence
 from .model import Tag
 from .model import Trigger
 from .model import iso
-from .model import parse_conditions
 from .ratelimit import RateLimiter
 from .ratelimit import parse_rules
-from .validation import ApiError
 
-__all__ = ["DEFAULT_RATE_LIMIT", "EnvState", "Store"]
+__all__ = ["DEFAULT_RATE_LIMIT", "DEFAULT_SENDER", "EnvState", "SeedSource", "Store", "load_seed"]
 
 #: Meisa's default per-key budget.
 DEFAULT_RATE_LIMIT = "60/minute;1000/hour"
-_DEFAULT_SENDER = {"from_email": "hello@example.com", "from_name": "Meisa Emulator"}
-_NAME_FIELDS = ("first_name", "last_name", "display_name")
+DEFAULT_SENDER = {"from_email": "hello@example.com", "from_name": "Meisa Emulator"}
+
+#: What ``Emulator(seed=...)`` accepts: ``"demo"`` (the packaged ``seed.json``), a path to a
+#: JSON file, a dict of the same shape, or ``None`` (an empty product with a sender, and
+#: generated keys).
+SeedSource = Union[str, "os.PathLike[str]", Mapping[str, Any], None]
+
+_TOP_LEVEL = frozenset(
+    {"product", "keys", "triggers", "sequences", "suppressions", "contacts", "send_guardrail"}
+)
+
+
+def load_seed(source: SeedSource) -> dict[str, Any]:
+    """Read a seed into a fresh dict (the caller may keep and mutate it).
+
+    :raises ValueError: the seed is not a JSON object or has unknown top-level keys.
+    :raises OSError: the seed file cannot be read.
+    """
+    if source is None:
+        data: Any = {}
+    elif isinstance(source, Mapping):
+        data = copy.deepcopy(dict(source))
+    elif source == "demo":
+        text = resources.files(__package__).joinpath("seed.json").read_text("utf-8")
+        data = json.loads(text)
+    else:
+        with open(os.fspath(source), encoding="utf-8") as handle:
+            data = json.load(handle)
+    if not isinstance(data, dict):
+        raise ValueError("a seed must be a JSON object")
+    data = {k: v for k, v in data.items() if not k.startswith("_")}
+    unknown = set(data) - _TOP_LEVEL
+    if unknown:
+        raise ValueError(f"unknown seed keys: {', '.join(sorted(unknown))}")
+    return cast("dict[str, Any]", data)
 
 
 class EnvState:
@@ -153,19 +192,7 @@ class EnvState:
                 self.by_external[external_id] = contact.id
         created = contact is None
         if contact is None:
-            contact = Contact(
-                id=str(uuid.uuid4()),
-                email=email,
-                external_id=external_id,
-                first_name=None,
-                last_name=None,
-                display_name=None,
-                custom_fields={},
-                tag_ids=[],
-                source=source,
-                created_at=now,
-                updated_at=now,
-            )
+            contact = Contact(str(uuid.uuid4()), email, external_id, source, now, now)
             self.contacts[contact.id] = contact
             self.by_email[email.lower()] = contact.id
             if external_id is not None:
@@ -189,7 +216,7 @@ class EnvState:
 
 
 class Store:
-    """The whole state, built from a seed dict (see :mod:`.seed`)."""
+    """The whole state, built from a seed dict (see :func:`load_seed`)."""
 
     def __init__(
         self,
@@ -214,7 +241,7 @@ class Store:
             product = dict(seed.get("product") or {})
             self.product_id = str(product.get("id") or uuid.uuid4())
             self.product_name = str(product.get("name") or "Meisa Emulator")
-            sender = product.get("sender", _DEFAULT_SENDER)
+            sender = product.get("sender", DEFAULT_SENDER)
             self.sender: dict[str, Any] | None = dict(sender) if sender else None
             guardrail = seed.get("send_guardrail")
             if self._guardrail_override is not INHERIT:
@@ -223,12 +250,10 @@ class Store:
                 parse_rules(guardrail)
             self.send_guardrail: str | None = guardrail
             self.envs = {name: EnvState(name) for name in ENVIRONMENTS}
-            self.triggers: dict[str, Trigger] = {}
-            for item in seed.get("triggers") or []:
-                self.add_trigger(**item)
-            self.sequences: dict[str, Sequence] = {}
-            for item in seed.get("sequences") or []:
-                self.add_sequence(**item)
+            triggers = [Trigger(**item) for item in seed.get("triggers") or []]
+            self.triggers = {trigger.key: trigger for trigger in triggers}
+            sequences = [Sequence(**item) for item in seed.get("sequences") or []]
+            self.sequences = {sequence.slug: sequence for sequence in sequences}
             for item in seed.get("suppressions") or []:
                 for env in item.get("environments") or ENVIRONMENTS:
                     self.envs[env].suppress(item["email"], item.get("reason", "unsubscribed"), now)
@@ -246,7 +271,7 @@ class Store:
             payload["email"],
             now=now,
             external_id=payload.get("external_id"),
-            names={k: payload[k] for k in _NAME_FIELDS if k in payload},
+            names={k: payload[k] for k in NAME_FIELDS if k in payload},
             custom_fields=payload.get("custom_fields"),
             tag_names=payload.get("tag_names", ()),
             source=payload.get("source", "api"),
@@ -287,96 +312,11 @@ class Store:
         with self.lock:
             name = name or f"{environment}-{len(self.keys) + 1}"
             api_key = ApiKey(key, name, environment, scope_set, rate_limit)
-            api_key.limiter = self._limiter_for(api_key)
+            api_key.limiter = self.limiter_for(api_key)
             self.keys[key] = api_key
             return api_key
 
-    def _limiter_for(self, key: ApiKey) -> RateLimiter | None:
+    def limiter_for(self, key: ApiKey) -> RateLimiter | None:
+        """A fresh limiter for ``key``'s own limit, or the emulator-wide one it inherits."""
         spec = self.rate_limit if key.rate_limit is INHERIT else key.rate_limit
         return RateLimiter(spec) if spec is not None else None
-
-    def set_rate_limit(
-        self, spec: str | Literal[Inherit.INHERIT] | None, key: str | None = None
-    ) -> None:
-        """Change the emulator-wide limit (``key`` None) or one key's; windows start afresh."""
-        if spec is not None and spec is not INHERIT:
-            parse_rules(spec)
-        with self.lock:
-            if key is None:
-                if spec is INHERIT:
-                    raise ValueError("the emulator-wide limit cannot inherit")
-                self.rate_limit = spec
-                targets = [k for k in self.keys.values() if k.rate_limit is INHERIT]
-            else:
-                targets = [self.keys[key]]
-                targets[0].rate_limit = spec
-            for api_key in targets:
-                api_key.limiter = self._limiter_for(api_key)
-
-    def set_send_guardrail(self, spec: str | None) -> None:
-        """Change the per-recipient send guardrail (``None`` disables it)."""
-        if spec is not None:
-            parse_rules(spec)
-        with self.lock:
-            self.send_guardrail = spec
-            for env in self.envs.values():
-                env.guardrails.clear()
-
-    def add_trigger(
-        self,
-        key: str,
-        *,
-        name: str | None = None,
-        active: bool = True,
-        delay_seconds: float = 0,
-        conditions: Any = None,
-    ) -> Trigger:
-        """Configure (or replace) a trigger."""
-        if delay_seconds < 0:
-            raise ValueError("delay_seconds cannot be negative")
-        trigger = Trigger(key, name or key, active, delay_seconds, parse_conditions(conditions))
-        with self.lock:
-            self.triggers[key] = trigger
-        return trigger
-
-    def add_sequence(
-        self, slug: str, *, name: str | None = None, status: str = "active", steps: int = 3
-    ) -> Sequence:
-        """Configure (or replace) a sequence."""
-        if status not in SEQUENCE_STATUSES:
-            raise ValueError(f"status must be one of {', '.join(SEQUENCE_STATUSES)}")
-        sequence = Sequence(slug, name or slug.replace("_", " ").title(), status, steps)
-        with self.lock:
-            self.sequences[slug] = sequence
-        return sequence
-
-    def set_sender(self, configured: bool) -> None:
-        """Give the product a sender, or take it away (triggers then answer 422)."""
-        with self.lock:
-            self.sender = (self.sender or dict(_DEFAULT_SENDER)) if configured else None
-
-    def summary(self) -> dict[str, Any]:
-        """The configuration and counts, for ``GET /_emulator/state``."""
-        with self.lock:
-            return {
-                "product": {
-                    "id": self.product_id,
-                    "name": self.product_name,
-                    "sender": dict(self.sender) if self.sender else None,
-                },
-                "rate_limit": self.rate_limit,
-                "send_guardrail": self.send_guardrail,
-                "keys": [k.to_json() for k in self.keys.values()],
-                "triggers": [t.to_json() for t in self.triggers.values()],
-                "sequences": [s.to_json() for s in self.sequences.values()],
-                "environments": {
-                    name: {
-                        "contacts": len(env.contacts),
-                        "events": len(env.events),
-                        "sends": len(env.sends),
-                        "enrollments": len(env.enrollments),
-                        "suppressions": len(env.suppressions),
-                    }
-                    for name, env in self.envs.items()
-                },
-            }

@@ -5,14 +5,13 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from .call import ApiError
 from .call import Call
-from .contacts import read_contact_fields
+from .call import Payload
 from .model import Trigger
 from .model import iso
 from .ratelimit import RateLimiter
 from .ratelimit import retry_after_header
-from .validation import ApiError
-from .validation import Payload
 
 __all__ = ["IDEMPOTENCY_WINDOW", "trigger"]
 
@@ -35,7 +34,7 @@ def trigger(call: Call) -> tuple[int, Any]:
     recipient = payload.obj("recipient")
     idempotency_key = payload.string("idempotency_key")
     fields = Payload(recipient or {}, prefix="recipient.")
-    external_id, names, custom_fields = read_contact_fields(fields)
+    external_id, names, custom_fields = fields.contact_fields()
     payload.errors.update(fields.errors)
     payload.done()
     assert trigger_key is not None and to_email is not None

@@ -26,6 +26,7 @@ def test_the_package_ships_its_data_files() -> None:
     package = resources.files("flask_meisa")
     assert package.joinpath("py.typed").is_file()
     assert (package / "emulator" / "seed.json").is_file()
+    assert b"<script>" in (package / "emulator" / "inbox.html").read_bytes()
 
 
 def test_the_installed_version_is_the_packages() -> None:

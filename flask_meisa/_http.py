@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 import http.client
 import json
+import os
 import re
 import socket
 import ssl
@@ -82,6 +83,8 @@ class Transport:
 
     def session(self) -> requests.Session:
         """The session to use now."""
+        if _pid != os.getpid():  # a fork that ran no at-fork hook (uWSGI's prefork default)
+            after_fork()
         with self._lock:
             if self._closed:
                 raise MeisaError("this MeisaClient is closed")
@@ -145,12 +148,15 @@ class Transport:
 
 
 # Every transport of the process, each reset in a forked child by the one fork hook
-# (flask_meisa._runtime).
+# (flask_meisa._runtime), or on first use after a fork that ran no hook.
 _transports: weakref.WeakSet[Transport] = weakref.WeakSet()
+_pid = os.getpid()
 
 
 def after_fork() -> None:
     """In a forked child: reset the watchdog and every transport of the process."""
+    global _pid
+    _pid = os.getpid()
     _watchdog.after_fork()
     for transport in list(_transports):
         transport.after_fork()

@@ -258,12 +258,17 @@ class MeisaState:
 
     def close(self, timeout: float | None = None) -> int:
         """Flush and stop the engine, close the client; returns what was lost."""
+        if self._pid != os.getpid():
+            # Inherited through a fork that ran no hook, and unused here: nothing of it is
+            # this process's to flush or close (nor its locks, maybe held in the parent).
+            if self._store is not None:
+                self._store.after_fork()
+            _live.discard(self)
+            return 0
         with self._lock:
             dispatcher, self._dispatcher = self._dispatcher, None
             client, self._client = self._client, None
-        left = 0
-        if dispatcher is not None and self._pid == os.getpid():
-            left = dispatcher.close(timeout)
+        left = 0 if dispatcher is None else dispatcher.close(timeout)
         self.suppression.close()
         if client is not None:
             client.close()
@@ -275,7 +280,8 @@ class MeisaState:
 
 # Exit closes every live state's engine. The process's one fork hook (below) holds their
 # stores across a fork (see Store.before_fork); in the child it resets the HTTP transports
-# and every live state (MeisaState.after_fork, whose pid check is the only one).
+# and every live state. Both also reset on first use after a fork that ran no hook
+# (uWSGI's prefork default): MeisaState.after_fork and _http.after_fork check the pid.
 _live: weakref.WeakSet[MeisaState] = weakref.WeakSet()
 _held: list[Store] = []
 

@@ -1,29 +1,28 @@
-"""The Python handle: start an emulator, read its state, shape it, inject faults, wait; and
-its mirror over HTTP, the admin API under ``/_emulator/`` (every path is listed in
-``docs/emulator.md``).
-"""
+"""The Python handle: start an emulator, read its state, shape it, inject faults, wait
+(its mirror over HTTP, the admin API, is :mod:`.admin`)."""
 
 from __future__ import annotations
 
 import copy
+import functools
 import threading
 from collections.abc import Callable
 from collections.abc import Iterable
-from collections.abc import Mapping
 from dataclasses import asdict
 from types import TracebackType
 from typing import Any
 from typing import Literal
 
+from . import admin
 from .clock import Clock
 from .clock import ClockLike
 from .faults import Faults
 from .model import ENVIRONMENTS
 from .model import INHERIT
+from .model import LISTS
 from .model import Inherit
 from .model import Sequence
 from .model import Trigger
-from .model import iso
 from .ratelimit import parse_rules
 from .recording import BASE_PATH
 from .recording import RecordedRequest
@@ -39,20 +38,8 @@ from .state import load_seed
 
 __all__ = ["Emulator"]
 
-_LISTS = ("contacts", "events", "sends", "enrollments")
 #: What ``state()`` counts in each environment.
-_COUNTED = (*_LISTS, "suppressions")
-#: The admin endpoints and the methods each takes.
-_ADMIN_METHODS = {
-    "state": ("GET",),
-    "requests": ("GET", "DELETE"),
-    "faults": ("GET", "POST", "DELETE"),
-    "reset": ("POST",),
-    "keys": ("POST",),
-    "clock": ("POST",),
-    "suppressions": ("GET", "POST", "DELETE"),
-    **{name: ("GET",) for name in _LISTS},
-}
+_COUNTED = (*LISTS, "suppressions")
 
 
 class Emulator:
@@ -106,7 +93,8 @@ class Emulator:
         """Start serving (no-op when already started); returns the emulator."""
         with self._lifecycle:
             if self._server is None:
-                backend = Backend(self._store, self.faults, self._recorder, self._admin)
+                answer = functools.partial(admin.answer, self)
+                backend = Backend(self._store, self.faults, self._recorder, answer)
                 self._server = EmulatorServer(backend, self._host, self._port)
                 # A restart binds the same port again, so URLs handed out stay valid.
                 self._port = self._server.port
@@ -409,65 +397,3 @@ class Emulator:
         if environment is None:
             return list(self._store.envs.values())
         return [self._env(environment)]
-
-    # The admin API (no key, no rate limit, no faults, not recorded)
-
-    def _admin(
-        self, method: str, name: str, query: Mapping[str, str], body: Any
-    ) -> tuple[int, Any]:
-        """Answer ``method /_emulator/<name>`` with ``(status, JSON body)``."""
-        if body is not None and not isinstance(body, dict):
-            return _admin_error(400, "invalid", "Expected a JSON object.")
-        data: Mapping[str, Any] = body or {}
-        if name not in _ADMIN_METHODS:
-            return _admin_error(404, "not_found", "No such admin endpoint.")
-        if method not in _ADMIN_METHODS[name]:
-            return _admin_error(405, "method_not_allowed", f"Method {method} not allowed.")
-        # Suppressions change both environments unless one is named; the rest read "live".
-        named = query.get("environment") or data.get("environment")
-        environment = named or "live"
-        if environment not in ENVIRONMENTS:
-            return _admin_error(400, "invalid", "environment must be 'live' or 'test'.")
-        try:
-            return self._admin_call(method, name, environment, named, data)
-        except KeyError as error:
-            return _admin_error(400, "invalid", f"Missing field {error}.")
-        except (TypeError, ValueError) as error:
-            return _admin_error(400, "invalid", str(error))
-
-    def _admin_call(
-        self, method: str, name: str, environment: str, named: str | None, data: Mapping[str, Any]
-    ) -> tuple[int, Any]:
-        if name == "state":
-            return 200, self.state()
-        if name in _LISTS:
-            return 200, getattr(self, name)(environment)
-        if name == "requests":
-            if method == "DELETE":
-                self.clear_requests()
-            return 200, [r.to_json() for r in self.requests]
-        if name == "faults":
-            if method == "POST":
-                self.faults.configure(data)
-            elif method == "DELETE":
-                self.faults.clear()
-            return 200, self.faults.snapshot()
-        if name == "reset":
-            self.reset()
-            return 200, {"status": "reset"}
-        if name == "keys":
-            scopes, rate_limit = data.get("scopes"), data.get("rate_limit", INHERIT)
-            key = self.create_key(scopes, environment, rate_limit, name=data.get("name"))
-            return 201, {"key": key, "environment": environment, "scopes": self.key_scopes(key)}
-        if name == "clock":
-            self.advance_clock(float(data.get("advance", 0)))
-            return 200, {"time": iso(self.now())}
-        if method == "POST":
-            self.suppress(data["email"], data.get("reason", "unsubscribed"), named)
-        elif method == "DELETE":
-            self.unsuppress(data["email"], named)
-        return 200, self.suppressions(environment)
-
-
-def _admin_error(status: int, code: str, detail: str) -> tuple[int, Any]:
-    return status, {"detail": detail, "code": code}

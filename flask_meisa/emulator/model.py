@@ -45,6 +45,8 @@ SCOPES: tuple[str, ...] = (
 )
 #: The two environments: live keys and test keys each see their own contacts.
 ENVIRONMENTS: tuple[str, ...] = ("live", "test")
+#: What each environment records, newest last.
+LISTS = ("contacts", "events", "sends", "enrollments")
 #: Accepted values of a contact's ``source``.
 SOURCES: tuple[str, ...] = ("api", "import", "manual", "signup", "initial_sync")
 #: Why an address is on the suppression list; also the contact's ``status`` then.

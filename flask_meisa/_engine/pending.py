@@ -132,24 +132,32 @@ def _merge(
 ) -> tuple[int, int, str | None, str | None] | None:
     """Merge an upsert into its contact's latest waiting one: its seq, lane and names."""
     found = db.execute(
-        "SELECT seq, payload, lane, priority, force, ext FROM meisa_ops WHERE seq = "
+        "SELECT seq, payload, priority, force, lane, ext, email FROM meisa_ops WHERE seq = "
         f"(SELECT max(seq) FROM ({_BY_NAME.format(columns='max(seq) AS seq', where=_UPSERTS)}))",
         (ext, email),
     ).fetchone()
     if found is None:
         return None
-    seq, payload, their_lane, priority, force, their_ext = found
+    seq, payload, priority, force, their_lane, their_ext, their_email = found
     joined = _join(json.loads(payload), operation.payload, their_ext, ext)
     if joined is None:
         return None
     lane = min(their_lane, lane)
     ext, email = identities(joined[0])
-    priority = merge_priorities(priority, operation.priority)
-    force = int(bool(force) or operation.force)
+    # Only the indexed columns that change are set: setting one rewrites its index's page.
+    was = {"lane": their_lane, "ext": their_ext, "email": their_email}
+    now = {"lane": lane, "ext": ext, "email": email}
+    changed = [name for name in now if now[name] != was[name]]
     db.execute(
-        "UPDATE meisa_ops SET payload = ?, lane = ?, ext = ?, email = ?, priority = ?, "
-        "force = ?, merged = merged + 1 WHERE seq = ?",
-        (joined[1], lane, ext, email, priority, force, seq),
+        f"UPDATE meisa_ops SET {''.join(f'{name} = ?, ' for name in changed)}payload = ?, "
+        "priority = ?, force = ?, merged = merged + 1 WHERE seq = ?",
+        (
+            *(now[name] for name in changed),
+            joined[1],
+            merge_priorities(priority, operation.priority),
+            int(bool(force) or operation.force),
+            seq,
+        ),
     )
     return int(seq), lane, ext, email
 

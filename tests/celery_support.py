@@ -8,7 +8,8 @@ JSON object of extra ``MEISA_*`` keys) and registers the delivery task. Its outc
 signals are pushed to the Redis list :data:`OUTCOMES` as JSON, so that a test can see
 what the worker's hooks saw. With ``MEISA_TEST_HANG_AFTER_SEND`` set, the
 worker's ``email_sent`` receiver announces itself on :data:`HUNG` and then blocks, so that
-a test can kill the worker between a send and its acknowledgement.
+a test can kill the worker between a send and its acknowledgement; with
+``MEISA_TEST_UNPUBLISHED_RETRIES=N`` the broker refuses the worker's first N retries.
 
 The test side: the fixtures :func:`redis_server_fixture` (one ``redis-server`` per
 session) and :func:`redis_url_fixture` (an emptied Redis per test), :class:`RedisServer`
@@ -41,6 +42,7 @@ from redis import Redis
 
 from flask_meisa import Meisa
 from flask_meisa._engine.celery import CeleryDispatcher
+from flask_meisa._engine.celery_worker import TASK_NAME
 from flask_meisa._engine.celery_worker import lane_queues
 from flask_meisa.emulator import Emulator
 from flask_meisa.signals import contact_synced
@@ -161,6 +163,20 @@ def _build_worker_app() -> Celery:
 
         receivers.append(hang)
         email_sent.connect(hang, sender=flask_app)
+
+    unpublished = [None] * int(env.get("MEISA_TEST_UNPUBLISHED_RETRIES") or 0)
+    if unpublished:
+        # The broker refuses this worker's first retries, as one that is restarting does.
+        task = celery_app.tasks[TASK_NAME]
+        publish = task.apply_async
+
+        def refuse_first(*args: Any, **kwargs: Any) -> Any:
+            with contextlib.suppress(IndexError):
+                unpublished.pop()
+                raise redis.ConnectionError("the broker is restarting (a test's fault)")
+            return publish(*args, **kwargs)
+
+        task.apply_async = refuse_first
 
     from celery.signals import worker_ready  # type: ignore[import-untyped]
 

@@ -97,6 +97,31 @@ def test_synchronous_sends_and_suppression_loads_take_slots_from_the_workers_bud
         app.extensions["celery"].close()
 
 
+def test_a_retry_the_broker_refused_runs_again_instead_of_being_dropped(
+    emulator: Emulator, start_worker: StartWorker, producer: MakeProducer
+) -> None:
+    start_worker(emulator, MEISA_TEST_UNPUBLISHED_RETRIES="1", **QUICK)
+    emulator.faults.fail_next(1, 503, path=UPSERT)
+    dispatcher = producer(emulator)
+    operation = upsert(1)
+    dispatcher.publish(operation)
+    # Celery rejects a task whose retry it cannot publish: the message must come back.
+    assert dispatcher.flush(timeout=20)
+    assert synced(emulator, [operation]) == {operation.id}
+    assert [r.status for r in emulator.requests_to(UPSERT)] == [503, 201]
+
+
+def still_pending(redis_url: str, operations: list[Operation]) -> dict[str, list[str]]:
+    """The operations the engine's records count pending, by lane, named by kind and index."""
+    names = {op.id: f"{op.kind} {n}" for n, op in enumerate(operations)}
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        lanes = {key: client.zrange(key, 0, -1) for key in client.scan_iter("meisa:*:pending:*")}
+    finally:
+        client.close()
+    return {str(key): [names.get(str(i), str(i)) for i in ids] for key, ids in lanes.items()}
+
+
 def test_a_redis_restart_with_aof_delivers_the_backlog_within_the_visibility_timeout(
     own_redis: Callable[..., RedisServer],
     emulator: Emulator,
@@ -135,7 +160,8 @@ def test_a_redis_restart_with_aof_delivers_the_backlog_within_the_visibility_tim
         f"after {took:.0f}s: {len(synced(emulator, ops))} of 30 contacts,"
         f" {len(emulator.sends())} of 5 sends, statuses {Counter(statuses(emulator))},"
         f" dropped {len(hooks.of('dropped'))},"
-        f" sweep lock {redis.Redis.from_url(server.url).pttl('unacked_mutex')} ms"
+        f" sweep lock {redis.Redis.from_url(server.url).pttl('unacked_mutex')} ms,"
+        f" still pending {still_pending(server.url, [*ops, *sends])}"
     )
     assert synced(emulator, ops) == {op.id for op in ops}
     assert sorted(s["to_email"] for s in emulator.sends()) == sorted(

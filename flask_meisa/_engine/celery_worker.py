@@ -17,6 +17,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
+from celery.exceptions import Reject  # type: ignore[import-untyped]
 from redis.exceptions import RedisError
 
 from .._decisions import Decision
@@ -328,7 +329,13 @@ def _deliver(self: Any, op: dict[str, Any], meta: dict[str, Any] | None = None) 
     if again is not None:
         where = {"queue": again.queue} if again.queue else {}
         kwargs = {"op": again.op, "meta": again.meta}
-        raise self.retry(kwargs=kwargs, countdown=again.countdown, max_retries=None, **where)
+        try:
+            raise self.retry(kwargs=kwargs, countdown=again.countdown, max_retries=None, **where)
+        except Reject as unpublished:
+            # Celery rejects a task whose retry it could not publish, and the broker then
+            # drops its message: put it back instead (or, with the broker down, it stays
+            # unacknowledged and comes back after the visibility timeout).
+            raise Reject(unpublished.reason, requeue=True) from None
 
 
 def register_tasks(

@@ -13,7 +13,12 @@ shared machine hits all of them alike:
 - ``today``: ``Meisa(app)`` on today's engine (commit 0ab1d82, see ``baseline.py``): memory;
 - ``default``: ``Meisa(app)`` on the new engine as shipped: the store file in the instance
   folder;
-- ``memory``: the new engine with ``MEISA_OUTBOX = None``.
+- ``memory``: the new engine with ``MEISA_OUTBOX = None``;
+- ``nosync``: ``Meisa(app)`` with ``MEISA_SYNC_ON_LOGIN = False``: the extension in a
+  request that syncs nothing;
+- ``off``: ``MEISA_ENABLED = False``: each login's sync mapped, checked and released in
+  the request but never handed to delivery, so the request's own share of the cost,
+  without the engine's threads.
 
 Every Meisa variant keeps the default budget (60/minute, 1,000/hour), so most syncs wait
 in the engine while the logins run, as in production. Each login changes the user's
@@ -64,6 +69,8 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "today": ("baseline", "meisa", {}, "today's engine (memory)"),
     "default": ("new", "meisa", {}, "new default (store file)"),
     "memory": ("new", "meisa", {"MEISA_OUTBOX": None}, "new, MEISA_OUTBOX = None"),
+    "nosync": ("new", "meisa", {"MEISA_SYNC_ON_LOGIN": False}, "new, no sync on login"),
+    "off": ("new", "meisa", {"MEISA_ENABLED": False}, "new, MEISA_ENABLED = False"),
 }
 LATENCIES = (0.0, 0.3)
 USERS = 200

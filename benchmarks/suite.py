@@ -3,7 +3,8 @@
 1. **request cost** (``login_request_cost.py``): a syncing login under gunicorn (gthread,
    1 worker, 4 threads), default config, p50 and p99 over HTTP for the bare app, a naive
    integration, a Celery task per call, today's engine and the new one (store file, and
-   memory), at 0 and 300 ms of emulator latency; ratios to bare;
+   memory; with no sync on login, and with delivery off, to tell the request's share from
+   the engine's), at 0 and 300 ms of emulator latency; ratios to bare;
 2. **backfill** (``backfill_scale.py``): ``flask meisa sync-users`` over 100,000 users:
    calls, 429s, peak RSS growth, wall time; the rerun's calls; the calls of 2,000 logins
    that change nothing, new engine against today's;

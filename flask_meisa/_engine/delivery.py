@@ -310,16 +310,13 @@ class Delivery:
         lowest, shed = LANE_BACKFILL, []
         with self.store.write() as db:
             for operation in batch:
-                asked: list[int] = []  # the lane, when pending.add needed it
-
-                def lane_of(operation: Operation = operation, asked: list[int] = asked) -> int:
-                    had = functools.partial(known.lookup, db, operation.payload)
-                    asked.append(known.lane_of(operation, had, self._priority_fields))
-                    return asked[-1]
-
-                pending.add(db, operation, lane_of)
-                # Not asked: the upsert joined a row waiting as early, no sooner work.
-                lowest = min([lowest, *asked])
+                had = functools.partial(known.lookup, db, operation.payload)
+                lane = functools.cache(
+                    functools.partial(known.lane_of, operation, had, self._priority_fields)
+                )
+                pending.add(db, operation, lane)
+                if lane.cache_info().currsize:  # else it joined a row waiting as early
+                    lowest = min(lowest, lane())
             # Counted at most once a second, or when the count may be near the bound.
             self._live_rows += len(batch)
             if self._live_rows >= self._capacity or time.monotonic() >= self._count_at:

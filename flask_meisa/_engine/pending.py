@@ -33,6 +33,8 @@ OP_COLUMNS = (
     "first_attempt, recover, merged"
 )
 _MESSAGE_LIMIT = 300
+#: A lane, or a function that gives it (see :func:`add`).
+LaneOf = int | Callable[[], int]
 _LIVE = "state != 'dead'"
 # A contact's rows by either of its names, each through its own index.
 _BY_NAME = (
@@ -93,13 +95,11 @@ def keys(operation: Operation) -> tuple[str | None, str | None]:
     return identities(operation.payload)
 
 
-def add(
-    db: sqlite3.Connection, operation: Operation, lane: int | Callable[[], int]
-) -> tuple[int, bool]:
+def add(db: sqlite3.Connection, operation: Operation, lane: LaneOf) -> tuple[int, bool]:
     """Store ``operation`` in ``lane`` (or merge it into its contact's waiting upsert);
     returns the row's ``seq`` and whether it was merged. A function for ``lane`` is asked
-    only when the lane matters: not when an upsert joins a row that already waits in the
-    automation lane or before, where no upsert's own lane would put it sooner."""
+    only when it matters: not for an upsert joining a row in the automation lane or
+    sooner, which no upsert's own lane is."""
     ext, email = keys(operation)
     merged = _merge(db, operation, lane, ext, email) if operation.kind == "upsert" else None
     if merged is None:
@@ -134,11 +134,7 @@ def _join(
 
 
 def _merge(
-    db: sqlite3.Connection,
-    operation: Operation,
-    lane: int | Callable[[], int],
-    ext: str | None,
-    email: str | None,
+    db: sqlite3.Connection, operation: Operation, lane: LaneOf, ext: str | None, email: str | None
 ) -> tuple[int, int, str | None, str | None] | None:
     """Merge an upsert into its contact's latest waiting one: its seq, lane and names."""
     found = db.execute(
@@ -152,7 +148,6 @@ def _merge(
     joined = _join(json.loads(payload), operation.payload, their_ext, ext)
     if joined is None:
         return None
-    # No upsert's own lane is sooner than the automation lane's.
     row_lane = their_lane
     if their_lane > LANE_AUTOMATION:
         row_lane = min(their_lane, lane if isinstance(lane, int) else lane())

@@ -5,7 +5,6 @@ coalescing, promotion, ageing, shedding and the status it describes."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
 from collections.abc import Iterator
 from typing import Any
 
@@ -147,34 +146,6 @@ def test_a_merge_keeps_the_more_urgent_priority_and_force(db: sqlite3.Connection
         "high",
         True,
     )
-
-
-def test_a_lane_function_is_asked_only_when_the_lane_could_change(
-    db: sqlite3.Connection,
-) -> None:
-    asked: list[int] = []
-
-    def lane(answer: int) -> Callable[[], int]:
-        def ask() -> int:
-            asked.append(answer)
-            return answer
-
-        return ask
-
-    seq = add(db, upsert(1, first_name="A"), LANE_ROUTINE)
-    # Joining a routine row: the lane decides whether the row moves up.
-    assert pending.add(db, upsert(1, last_name="B"), lane(LANE_AUTOMATION)) == (seq, True)
-    assert asked == [LANE_AUTOMATION]
-    # Joining a row in the automation lane: no upsert's lane is sooner, nothing to ask.
-    assert pending.add(db, upsert(1, last_name="C"), lane(LANE_ROUTINE)) == (seq, True)
-    assert asked == [LANE_AUTOMATION]
-    # A row of its own is stored in the lane it asks.
-    pending.add(db, upsert(2), lane(LANE_ROUTINE))
-    assert asked == [LANE_AUTOMATION, LANE_ROUTINE]
-    assert [(row.operation.payload["external_id"], row.lane) for row in drain(db)] == [
-        ("1", LANE_AUTOMATION),
-        ("2", LANE_ROUTINE),
-    ]
 
 
 def test_an_upsert_in_flight_is_not_merged_into_and_blocks_the_next(

@@ -311,12 +311,9 @@ class Delivery:
         with self.store.write() as db:
             for operation in batch:
                 had = functools.partial(known.lookup, db, operation.payload)
-                lane = functools.cache(
-                    functools.partial(known.lane_of, operation, had, self._priority_fields)
-                )
+                lane = known.lane_of(operation, had, self._priority_fields)
                 pending.add(db, operation, lane)
-                if lane.cache_info().currsize:  # else it joined a row waiting as early
-                    lowest = min(lowest, lane())
+                lowest = min(lowest, lane)
             # Counted at most once a second, or when the count may be near the bound.
             self._live_rows += len(batch)
             if self._live_rows >= self._capacity or time.monotonic() >= self._count_at:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Callable
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -33,8 +32,6 @@ OP_COLUMNS = (
     "first_attempt, recover, merged"
 )
 _MESSAGE_LIMIT = 300
-#: A lane, or a function that gives it (see :func:`add`).
-LaneOf = int | Callable[[], int]
 _LIVE = "state != 'dead'"
 # A contact's rows by either of its names, each through its own index.
 _BY_NAME = (
@@ -95,15 +92,12 @@ def keys(operation: Operation) -> tuple[str | None, str | None]:
     return identities(operation.payload)
 
 
-def add(db: sqlite3.Connection, operation: Operation, lane: LaneOf) -> tuple[int, bool]:
+def add(db: sqlite3.Connection, operation: Operation, lane: int) -> tuple[int, bool]:
     """Store ``operation`` in ``lane`` (or merge it into its contact's waiting upsert);
-    returns the row's ``seq`` and whether it was merged. A function for ``lane`` is asked
-    only when it matters: not for an upsert joining a row in the automation lane or
-    sooner, which no upsert's own lane is."""
+    returns the row's ``seq`` and whether it was merged."""
     ext, email = keys(operation)
     merged = _merge(db, operation, lane, ext, email) if operation.kind == "upsert" else None
     if merged is None:
-        lane = lane if isinstance(lane, int) else lane()
         contact = None if operation.contact is None else json.dumps(operation.contact)
         row = (operation.id, operation.kind, lane, ext, email, operation.json, contact)
         more = (operation.priority, int(operation.force), operation.created_at, operation.attempts)
@@ -134,7 +128,7 @@ def _join(
 
 
 def _merge(
-    db: sqlite3.Connection, operation: Operation, lane: LaneOf, ext: str | None, email: str | None
+    db: sqlite3.Connection, operation: Operation, lane: int, ext: str | None, email: str | None
 ) -> tuple[int, int, str | None, str | None] | None:
     """Merge an upsert into its contact's latest waiting one: its seq, lane and names."""
     found = db.execute(
@@ -148,13 +142,11 @@ def _merge(
     joined = _join(json.loads(payload), operation.payload, their_ext, ext)
     if joined is None:
         return None
-    row_lane = their_lane
-    if their_lane > LANE_AUTOMATION:
-        row_lane = min(their_lane, lane if isinstance(lane, int) else lane())
+    lane = min(their_lane, lane)
     ext, email = identities(joined[0])
     # Only the indexed columns that change are set: setting one rewrites its index's page.
     was = {"lane": their_lane, "ext": their_ext, "email": their_email}
-    now = {"lane": row_lane, "ext": ext, "email": email}
+    now = {"lane": lane, "ext": ext, "email": email}
     changed = [name for name in now if now[name] != was[name]]
     db.execute(
         f"UPDATE meisa_ops SET {''.join(f'{name} = ?, ' for name in changed)}payload = ?, "
@@ -167,7 +159,7 @@ def _merge(
             seq,
         ),
     )
-    return int(seq), row_lane, ext, email
+    return int(seq), lane, ext, email
 
 
 def shed(db: sqlite3.Connection, capacity: int) -> list[Operation]:

@@ -30,9 +30,9 @@ def _checked(
     """``values`` through ``checks``, in the checks' order (errors name ``prefix`` + the
     field); a field that is ``None`` is left out unless it is ``required``."""
     return {
-        name: check(values.get(name), prefix + name)
+        name: check(value, prefix + name)
         for name, check in checks.items()
-        if values.get(name) is not None or name in required
+        if (value := values.get(name)) is not None or name in required
     }
 
 
@@ -74,9 +74,9 @@ _TRACK_FIELDS: dict[str, Check] = {
 
 def upsert_body(fields: Mapping[str, Any]) -> dict[str, JSONValue]:
     """The body of ``POST /contacts/upsert/`` from its fields (``email`` required)."""
-    for name in fields:
-        if name not in _UPSERT_FIELDS:
-            raise ValidationError(str(name), "is not a field of a contact upsert")
+    if not _UPSERT_FIELDS.keys() >= fields.keys():
+        name = next(name for name in fields if name not in _UPSERT_FIELDS)
+        raise ValidationError(str(name), "is not a field of a contact upsert")
     if fields.get("email") is None:
         raise ValidationError("email", "is required")
     return _checked(_UPSERT_FIELDS, fields)

@@ -17,6 +17,7 @@ from enum import Enum
 from typing import Any
 from typing import TypeAlias
 from typing import TypeVar
+from typing import cast
 
 from .errors import ValidationError
 
@@ -146,9 +147,25 @@ def to_json_value(value: object, field: str, *, _depth: int = 0) -> JSONValue:
         return _check_int(value, field)  # type: ignore[arg-type]
     if kind is float:
         return _check_float(value, field)  # type: ignore[arg-type]
+    if kind is dt.datetime:
+        return _datetime(value, field)  # type: ignore[arg-type]
+    if kind is not dict and kind is not list:
+        return _converted(value, field, _depth)
+    if _depth >= MAX_DEPTH:
+        raise ValidationError(field, f"nests deeper than {MAX_DEPTH} levels")
+    if kind is dict:
+        return _mapping(cast("dict[Any, Any]", value), field, _depth + 1)
+    return [
+        to_json_value(item, f"{field}[{i}]", _depth=_depth + 1)
+        for i, item in enumerate(cast("list[Any]", value))
+    ]
+
+
+def _converted(value: object, field: str, depth: int) -> JSONValue:
+    """:func:`to_json_value` of a value of any other type."""
     # Enum before str/int: a str- or int-based Enum must become its plain value.
     if isinstance(value, Enum):
-        return to_json_value(value.value, field, _depth=_depth)
+        return to_json_value(value.value, field, _depth=depth)
     if isinstance(value, str):
         return _check_str(str(value), field)
     if isinstance(value, int):
@@ -166,29 +183,33 @@ def to_json_value(value: object, field: str, *, _depth: int = 0) -> JSONValue:
     if isinstance(value, uuid.UUID):
         return str(value)
     if isinstance(value, (Mapping, list, tuple)):
-        if _depth >= MAX_DEPTH:
-            raise ValidationError(field, f"nests deeper than {MAX_DEPTH} levels")
-        if isinstance(value, Mapping):
-            return _mapping(value, field, _depth + 1)
-        return [
-            to_json_value(item, f"{field}[{i}]", _depth=_depth + 1) for i, item in enumerate(value)
-        ]
+        return to_json_value(
+            dict(value) if isinstance(value, Mapping) else list(value), field, _depth=depth
+        )
     raise ValidationError(field, f"cannot be sent as JSON ({_type_name(value)})")
 
 
 def _mapping(value: Mapping[Any, Any], field: str, depth: int) -> dict[str, JSONValue]:
     out: dict[str, JSONValue] = {}
     for key, item in value.items():
-        if not isinstance(key, str):
-            raise ValidationError(field, f"has a key that is not a string ({_type_name(key)})")
+        if type(key) is not str:
+            if not isinstance(key, str):
+                raise ValidationError(field, f"has a key that is not a string ({_type_name(key)})")
+            key = str(key)
         if not key.isascii() and not _encodable(key):
             raise ValidationError(field, "has a key that is not valid Unicode text")
         kind = type(item)
         # The common leaves need no conversion: skip the call (and the error path's name).
-        if item is None or kind is bool or (kind is str and item.isascii()):
-            out[str(key)] = item
+        if (
+            item is None
+            or kind is bool
+            or (kind is str and item.isascii())
+            or (kind is int and item.bit_length() <= 64)
+            or (kind is float and math.isfinite(item))
+        ):
+            out[key] = item
         else:
-            out[str(key)] = to_json_value(item, f"{field}.{key}", _depth=depth)
+            out[key] = to_json_value(item, f"{field}.{key}", _depth=depth)
     return out
 
 
@@ -213,14 +234,15 @@ def _check_int(value: int, field: str) -> int:
 def _datetime(value: dt.datetime, field: str) -> str:
     # A tzinfo may answer no offset (naive, so taken as UTC) or a bad one, and the ends of
     # the datetime range overflow once moved to UTC.
-    def in_utc() -> dt.datetime:
-        naive = value.utcoffset() is None
-        return value.replace(tzinfo=_UTC) if naive else value.astimezone(_UTC)
-
-    aware = _or_none(in_utc, OverflowError, ValueError)
-    if aware is None:
+    try:
+        if value.utcoffset() is None:
+            return value.isoformat() + "Z"
+        text: str | None = value.astimezone(_UTC).isoformat()
+    except (OverflowError, ValueError):
+        text = None
+    if text is None:  # raised here, so that no exception holding the value is chained
         raise ValidationError(field, "is a datetime that has no form in UTC")
-    return aware.replace(tzinfo=None).isoformat() + "Z"
+    return text.removesuffix("+00:00") + "Z"
 
 
 def _time(value: dt.time, field: str) -> str:
@@ -268,7 +290,8 @@ def encode_body(body: Mapping[str, JSONValue], max_bytes: int = MAX_BODY_BYTES) 
     return text
 
 
-_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+# Bodies are trees made by to_json_value (a cycle would have nested too deep).
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False, check_circular=False)
 
 
 def unique_emails(values: Iterable[object], field: str) -> list[str]:

@@ -104,15 +104,15 @@ def _entries(db: sqlite3.Connection, payload: Mapping[str, Any]) -> Iterator[tup
 
 def lookup(db: sqlite3.Connection, payload: Mapping[str, Any]) -> Known | None:
     """What Meisa has of the contact ``payload`` names (by ``external_id`` first)."""
-    keys = _keys(payload)  # one query: this is the writer's hot path
+    keys = _keys(payload)  # one query, stopping at the first name found: the writer's hot path
     if not keys:
         return None
-    query = (
-        f"SELECT fields, accepted_at FROM meisa_known WHERE key IN ({', '.join('?' * len(keys))}) "
-        "ORDER BY key = ? DESC LIMIT 1"
-    )
-    row = db.execute(query, (*keys, keys[0])).fetchone()
+    query = " UNION ALL ".join([_BY_KEY] * len(keys)) + " LIMIT 1"
+    row = db.execute(query, keys).fetchone()
     return None if row is None else Known(json.loads(row[0]), float(row[1]))
+
+
+_BY_KEY = "SELECT fields, accepted_at FROM meisa_known WHERE key = ?"
 
 
 def remember(db: sqlite3.Connection, payload: Mapping[str, Any], now: float) -> None:

@@ -39,6 +39,14 @@ _BY_NAME = (
     "UNION ALL SELECT {columns} FROM meisa_ops WHERE email = ? AND {where}"
 )
 _UPSERTS = "kind = 'upsert' AND state = 'pending'"
+# One read of a contact's live rows: its latest waiting upsert (all NULL when none) and
+# the highest lane among them.
+_CONTACT = (
+    "SELECT o.seq, o.payload, o.priority, o.force, o.lane, o.ext, o.email, c.top FROM "
+    "(SELECT max(CASE WHEN kind = 'upsert' AND state = 'pending' THEN seq END) AS latest, "
+    f"max(lane) AS top FROM ({_BY_NAME.format(columns='seq, kind, state, lane', where=_LIVE)})) "
+    "c LEFT JOIN meisa_ops o ON o.seq = c.latest"
+)
 _INSERT = (
     "INSERT INTO meisa_ops (id, kind, lane, ext, email, payload, contact, priority, force, "
     "created_at, attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -95,16 +103,21 @@ def keys(operation: Operation) -> tuple[str | None, str | None]:
 def add(db: sqlite3.Connection, operation: Operation, lane: int) -> tuple[int, bool]:
     """Store ``operation`` in ``lane`` (or merge it into its contact's waiting upsert);
     returns the row's ``seq`` and whether it was merged."""
-    ext, email = keys(operation)
-    merged = _merge(db, operation, lane, ext, email) if operation.kind == "upsert" else None
+    names = keys(operation)
+    found = db.execute(_CONTACT, names).fetchone()
+    merged = _merge(db, operation, lane, found) if operation.kind == "upsert" else None
     if merged is None:
         contact = None if operation.contact is None else json.dumps(operation.contact)
-        row = (operation.id, operation.kind, lane, ext, email, operation.json, contact)
+        row = (operation.id, operation.kind, lane, *names, operation.json, contact)
         more = (operation.priority, int(operation.force), operation.created_at, operation.attempts)
         seq = int(db.execute(_INSERT, row + more).lastrowid or 0)
+        ext, email = names
     else:
         seq, lane, ext, email = merged
-    if lane < LANE_ROUTINE:  # the contact's earlier rows go no later (routine ones merge)
+    # The contact's earlier rows go no later (routine ones merge); the read above saw
+    # every live row of these names, so when none is in a later lane, none moves.
+    later = found[-1] is not None and found[-1] > lane
+    if lane < LANE_ROUTINE and (later or (ext, email) != names):
         db.execute(
             "UPDATE meisa_ops SET lane = ? WHERE (ext = ? OR email = ?) AND seq < ? "
             f"AND lane > ? AND {_LIVE}",
@@ -128,18 +141,14 @@ def _join(
 
 
 def _merge(
-    db: sqlite3.Connection, operation: Operation, lane: int, ext: str | None, email: str | None
+    db: sqlite3.Connection, operation: Operation, lane: int, found: tuple[Any, ...]
 ) -> tuple[int, int, str | None, str | None] | None:
-    """Merge an upsert into its contact's latest waiting one: its seq, lane and names."""
-    found = db.execute(
-        "SELECT seq, payload, priority, force, lane, ext, email FROM meisa_ops WHERE seq = "
-        f"(SELECT max(seq) FROM ({_BY_NAME.format(columns='max(seq) AS seq', where=_UPSERTS)}))",
-        (ext, email),
-    ).fetchone()
-    if found is None:
+    """Merge an upsert into its contact's latest waiting one (``found`` by
+    :data:`_CONTACT`): its seq, lane and names."""
+    seq, payload, priority, force, their_lane, their_ext, their_email, _ = found
+    if seq is None:
         return None
-    seq, payload, priority, force, their_lane, their_ext, their_email = found
-    joined = _join(json.loads(payload), operation.payload, their_ext, ext)
+    joined = _join(json.loads(payload), operation.payload, their_ext, keys(operation)[0])
     if joined is None:
         return None
     lane = min(their_lane, lane)

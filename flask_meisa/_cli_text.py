@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ._engine.backfill import Progress
     from ._engine.base import DeliveryStatus
-    from ._engine.pending import DeadLetter
+    from ._engine.dead import DeadLetter
 
 #: A row of the status table: lane, waiting, oldest, p50, p99.
 _ROW = "{:<14}  {:<8}  {:<9}  {:<8}  {:<8}"

@@ -18,7 +18,7 @@ from flask.cli import AppGroup
 
 from . import _cli_text
 from ._engine import backfill
-from ._engine import pending
+from ._engine import dead
 from ._engine.store import Store
 from ._ratelimit import parse_rate_limit
 from .config import config_template
@@ -249,10 +249,10 @@ def _store() -> Store:
     return state.store()
 
 
-def _letters(store: Store, ids: list[int] | None = None) -> list[pending.DeadLetter]:
+def _letters(store: Store, ids: list[int] | None = None) -> list[dead.DeadLetter]:
     """The dead letters ``ids`` (``None``: all, oldest first); an unknown ID is an error."""
     with store.read() as db:
-        letters = pending.dead_letters(db, ids)
+        letters = dead.dead_letters(db, ids)
     found = {letter.seq for letter in letters}
     unknown = [str(seq) for seq in ids or () if seq not in found]
     if unknown:
@@ -322,7 +322,7 @@ def dead_letters_retry(ids: tuple[int, ...], every: bool, timeout: float) -> Non
     store = _store()
     chosen = _chosen(store, ids, every)
     with store.write() as db:
-        queued = pending.requeue(db, chosen)
+        queued = dead.requeue(db, chosen)
     click.echo(f"{queued} operation(s) queued again")
     if timeout <= 0 or not queued:
         return
@@ -330,10 +330,10 @@ def dead_letters_retry(ids: tuple[int, ...], every: bool, timeout: float) -> Non
     if not meisa.state().delivering():
         raise click.ClickException("delivery is off here (MEISA_ENABLED / MEISA_SUPPRESS_SEND)")
     delivered = meisa.flush(timeout)
-    dead = meisa.status().dead_letters
+    left = meisa.status().dead_letters
     if not delivered:
-        raise click.ClickException(f"not all delivered within {timeout:g}s; {dead} dead letters")
-    click.echo(f"done; {dead} dead letter(s) left")
+        raise click.ClickException(f"not all delivered within {timeout:g}s; {left} dead letters")
+    click.echo(f"done; {left} dead letter(s) left")
 
 
 @dead_letters_group.command("purge")
@@ -348,7 +348,7 @@ def dead_letters_purge(ids: tuple[int, ...], every: bool, yes: bool) -> None:
         count = _extension().status().dead_letters
         click.confirm(f"Delete all {count} dead letters?", abort=True)
     with store.write() as db:
-        click.echo(f"{pending.purge(db, chosen)} dead letter(s) deleted")
+        click.echo(f"{dead.purge(db, chosen)} dead letter(s) deleted")
 
 
 @meisa_cli.command(

@@ -261,7 +261,7 @@ def test_an_event_answered_404_upserts_its_contact_then_tracks_again(
 def test_an_event_answered_404_without_a_known_contact_fails_as_a_dead_letter(
     emulator: Emulator, make_engine: MakeEngine, hooks: RecordingHooks
 ) -> None:
-    from flask_meisa._engine import pending
+    from flask_meisa._engine import dead
 
     engine = make_engine(emulator)
     event = track(1, tag="nobody")
@@ -270,7 +270,7 @@ def test_an_event_answered_404_without_a_known_contact_fails_as_a_dead_letter(
     assert statuses(emulator) == [404]
     assert ids(hooks.of("failed")) == [event.id]
     with engine.store.read() as db:
-        (letter,) = pending.dead_letters(db)
+        (letter,) = dead.dead_letters(db)
     assert (letter.operation.id, letter.status, letter.attempts) == (event.id, 404, 1)
     assert engine.status().dead_letters == 1
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from flask_meisa._engine import dead
 from flask_meisa._engine import pending
 from flask_meisa._engine.base import DeliveryStatus
 from flask_meisa._engine.store import Store
@@ -402,9 +403,9 @@ def test_a_requeued_dead_letter_waits_again_as_new(db: sqlite3.Connection) -> No
     pending.retry_at(db, first, 6.0, recover=2)  # its contact was upserted once already
     again = take(db, 6.0)
     assert again is not None and again.recover == 2
-    pending.bury(db, again, RuntimeError("no"))
-    pending.bury(db, second, RuntimeError("no"))
-    assert pending.requeue(db, [first.seq]) == 1
+    dead.bury(db, again, RuntimeError("no"))
+    dead.bury(db, second, RuntimeError("no"))
+    assert dead.requeue(db, [first.seq]) == 1
     (row,) = drain(db, 7.0)
     assert (row.seq, row.recover, row.operation.attempts, row.first_attempt) == (
         first.seq,
@@ -412,7 +413,7 @@ def test_a_requeued_dead_letter_waits_again_as_new(db: sqlite3.Connection) -> No
         1,
         7.0,
     )
-    assert [letter.seq for letter in pending.dead_letters(db)] == [second.seq]
+    assert [letter.seq for letter in dead.dead_letters(db)] == [second.seq]
 
 
 def test_dead_letters_neither_block_their_contact_nor_count_as_waiting(
@@ -422,10 +423,10 @@ def test_dead_letters_neither_block_their_contact_nor_count_as_waiting(
     add(db, track(1, "after"))
     refused = take(db)
     assert refused is not None
-    pending.bury(db, refused, RuntimeError("refused"))
+    dead.bury(db, refused, RuntimeError("refused"))
     assert pending.shed(db, 1) == []  # one waiting row: within capacity
     assert [describe(row) for row in drain(db)] == [("track", "after")]
-    (letter,) = pending.dead_letters(db)
+    (letter,) = dead.dead_letters(db)
     assert (letter.seq, letter.message, letter.attempts) == (refused.seq, "RuntimeError", 1)
 
 
@@ -451,7 +452,7 @@ def test_the_status_describes_lanes_flights_retries_and_dead_letters(
     flying, retrying, refused = take(db, 100.0), take(db, 100.0), take(db, 100.0)
     assert flying is not None and retrying is not None and refused is not None
     pending.retry_at(db, retrying, 110.0)
-    pending.bury(db, refused, RuntimeError("no"))
+    dead.bury(db, refused, RuntimeError("no"))
     status = DeliveryStatus(engine="thread")
     pending.describe(db, 100.0, status)
     assert status.queued == {"transactional": 0, "automation": 1, "routine": 1, "backfill": 0}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from flask_meisa._engine import dead
 from flask_meisa._engine import pending
 from flask_meisa._engine.hostlock import HostLock
 from flask_meisa._engine.store import SCHEMA_VERSION
@@ -120,14 +121,14 @@ def test_error_fields_hold_no_payload_values() -> None:
     refused = BadRequestError(
         "POST /contacts/upsert/", 400, "Enter a valid email.", code="invalid", body={}
     )
-    assert pending.error_fields(refused) == (400, "invalid", "Enter a valid email.")
+    assert dead.error_fields(refused) == (400, "invalid", "Enter a valid email.")
     timeout = APITimeoutError("POST /events/track/", "no answer within 2 s")
-    assert pending.error_fields(timeout) == (None, None, "APITimeoutError: no answer within 2 s")
+    assert dead.error_fields(timeout) == (None, None, "APITimeoutError: no answer within 2 s")
     invalid = ValidationError("email", "is not an address")
-    assert pending.error_fields(invalid) == (None, "validation", "email: is not an address")
-    assert pending.error_fields(RuntimeError("secret@example.com")) == (None, None, "RuntimeError")
+    assert dead.error_fields(invalid) == (None, "validation", "email: is not an address")
+    assert dead.error_fields(RuntimeError("secret@example.com")) == (None, None, "RuntimeError")
     long = BadRequestError("POST /contacts/upsert/", 400, "x" * 1000, code="invalid", body={})
-    assert len(pending.error_fields(long)[2]) == 300
+    assert len(dead.error_fields(long)[2]) == 300
 
 
 def test_one_holder_per_lock_file(tmp_path: Path) -> None:

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
+from flask_meisa._engine import dead
 from flask_meisa._engine import known
-from flask_meisa._engine import pending
 from flask_meisa._engine.delivery import Delivery
 from flask_meisa._engine.hostlock import HostLock
 from flask_meisa._engine.store import Store
@@ -107,11 +107,11 @@ def waiting(path: Path) -> int:
     return int(query(path, "SELECT count(*) FROM meisa_ops WHERE state != 'dead'")[0][0])
 
 
-def letters(path: Path) -> list[pending.DeadLetter]:
+def letters(path: Path) -> list[dead.DeadLetter]:
     store = Store(path)
     try:
         with store.read() as db:
-            return pending.dead_letters(db)
+            return dead.dead_letters(db)
     finally:
         store.close()
 
@@ -280,21 +280,21 @@ def test_dead_letters_are_requeued_and_purged_from_another_process(
     engine = make_engine(emulator, hooks)
     engine.submit([send(n, trigger="launch_day") for n in range(3)])  # not configured: 400
     assert engine.flush(5)
-    dead = letters(path)
-    assert [letter.code for letter in dead] == ["invalid_trigger"] * 3
+    buried = letters(path)
+    assert [letter.code for letter in buried] == ["invalid_trigger"] * 3
     emulator.add_trigger("launch_day")
     other = Store(path)  # e.g. the CLI
     try:
         with other.write() as db:
-            assert pending.requeue(db, [dead[0].seq]) == 1
+            assert dead.requeue(db, [buried[0].seq]) == 1
         assert engine.flush(5)
         assert [s["to_email"] for s in emulator.sends()] == ["buyer0@example.com"]
         with other.write() as db:
-            assert pending.purge(db, [dead[1].seq, dead[0].seq]) == 1  # only dead ones go
-            assert [letter.seq for letter in pending.dead_letters(db)] == [dead[2].seq]
-            assert pending.requeue(db, [dead[1].seq]) == 0
-            assert pending.purge(db) == 1
-            assert pending.dead_letters(db) == []
+            assert dead.purge(db, [buried[1].seq, buried[0].seq]) == 1  # only dead ones go
+            assert [letter.seq for letter in dead.dead_letters(db)] == [buried[2].seq]
+            assert dead.requeue(db, [buried[1].seq]) == 0
+            assert dead.purge(db) == 1
+            assert dead.dead_letters(db) == []
     finally:
         other.close()
     assert engine.status().dead_letters == 0
@@ -317,7 +317,7 @@ def test_a_requeued_event_may_recover_its_contact_again(
     emulator.clear_requests()
     emulator.faults.fail_next(1, status=404, path=TRACK)
     with engine.store.write() as db:
-        assert pending.requeue(db) == 1
+        assert dead.requeue(db) == 1
     assert engine.flush(5)
     assert seen(emulator) == [(TRACK, 404), (UPSERT, 200), (TRACK, 200)]
     assert [op.id for op in hooks.of("delivered")] == [event.id]

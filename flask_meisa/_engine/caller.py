@@ -20,6 +20,7 @@ from .._decisions import settle
 from ..operations import Attempt
 from ..operations import attempt
 from ..retry import RetryPolicy
+from . import dead
 from . import known
 from . import pending
 from .base import CallClient
@@ -217,7 +218,7 @@ class Caller:
             recover = 1 if settled.step == "upsert_contact" else row.recover
             pending.retry_at(db, row, now + decision.delay, recover=recover)
             return lambda: log_decision(self._logger, decision, what, error, operation.attempts)
-        pending.bury(db, row, error or RuntimeError("failed"))
+        dead.bury(db, row, error or RuntimeError("failed"))
         Store.count(db, "failed", row.merged)
 
         def failed() -> None:

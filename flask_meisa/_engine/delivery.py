@@ -21,7 +21,6 @@ from ..operations import Operation
 from ..retry import RetryPolicy
 from . import known
 from . import pending
-from .base import LATENCY_WINDOW
 from .base import ClientFactory
 from .base import DeliveryHooks
 from .base import DeliveryStatus
@@ -38,8 +37,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Delivery", "make_dispatcher"]
 
-#: How long the writer lets operations gather before storing them, in seconds.
-GROUP_WINDOW = 0.005
+#: How long the writer rests after storing a group, while the next one gathers, in seconds.
+GROUP_WINDOW = 0.01
 #: Seconds between passes that age routine syncs and prune old records.
 _HOUSEKEEPING = 30.0
 _JOIN_TIMEOUT = 2.0
@@ -264,30 +263,27 @@ class Delivery:
 
     def _write_loop(self) -> None:
         version: int | None = None
-        housekeeping = 0.0
+        housekeeping = look_at = 0.0
         while True:
             with self._lock:
                 if self._stopping and not self._intake:
                     return
                 if not self._intake:
                     self._wake.wait(self._poll)
-            if self._intake and not self._stopping:
-                # Group commit: what a burst of requests hands over in a moment is stored
-                # in one transaction, and the requests are not interrupted for each.
-                time.sleep(GROUP_WINDOW)
-            with self._lock:
                 batch, self._intake = self._intake, []
-                self._writing = len(batch)
+                self._writing = stored = len(batch)
             try:
                 if batch:
                     self._store_batch(batch)
                     batch = []
                 if self._host_lock is not None and not self._host_lock.held:
                     self._try_to_deliver()
-                seen = self.store.data_version()
-                if seen != version:
-                    version = seen
-                    self._kick()
+                if time.monotonic() >= look_at:  # new work from another process?
+                    look_at = time.monotonic() + self._poll
+                    seen = self.store.data_version()
+                    if seen != version:
+                        version = seen
+                        self._kick()
                 if self.is_holder and time.monotonic() >= housekeeping:
                     housekeeping = time.monotonic() + _HOUSEKEEPING
                     self._housekeeping()
@@ -305,6 +301,9 @@ class Delivery:
                 with self._lock:
                     self._writing = 0
                     self._idle.notify_all()
+            if stored and not self._stopping:
+                # Group commit: one transaction, and one wake-up, per group of requests.
+                time.sleep(GROUP_WINDOW)
 
     def _store_batch(self, batch: list[Operation]) -> None:
         lowest, shed = LANE_BACKFILL, []
@@ -351,31 +350,22 @@ class Delivery:
                 self._spawn_workers()
 
     def _housekeeping(self) -> None:
-        now = time.time()
         with self.store.write() as db:
-            pending.age_routine(db, now - self._routine_max_age)
-            known.prune(db, now - self._known_for)
-            db.execute("DELETE FROM meisa_answers WHERE at < ?", (now - LATENCY_WINDOW,))
+            pending.tidy(db, time.time(), self._routine_max_age, self._known_for)
 
     def _store_works(self, error: BaseException | None) -> None:
         """Log once when the store starts failing, and once when it works again."""
-        if self._store_failing == (error is None):
+        if self._store_failing != (error is not None):
             self._store_failing = error is not None
-            if error is None:
-                self._logger.warning("flask-meisa: the delivery store works again")
-            else:
-                self._logger.warning(
-                    "flask-meisa: the delivery store failed (%s); operations wait in memory",
-                    error,
-                )
+            state = f"failed ({error}); operations wait in memory" if error else "works again"
+            self._logger.warning("flask-meisa: the delivery store %s", state)
 
     def _unstored(self) -> int:
         with self._lock:
             return len(self._intake) + self._writing
 
     def _left(self, target: int | None) -> int:
-        with self._lock:
-            left = len(self._intake) + self._writing + self._caller.reporting
+        left = self._unstored() + self._caller.reporting
         with self.store.read() as db:
             return left + pending.unfinished(db, target)
 

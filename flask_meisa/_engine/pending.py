@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from .._payloads import encode_body
-from ..errors import APIConnectionError
-from ..errors import APIError
 from ..errors import ValidationError
 from ..operations import LANE_AUTOMATION
 from ..operations import LANE_NAMES
@@ -22,6 +19,7 @@ from ..operations import Operation
 from ..operations import identities
 from ..operations import merge_priorities
 from ..operations import merge_upsert_payloads
+from . import known
 from .base import LATENCY_WINDOW
 from .base import DeliveryStatus
 from .store import Store
@@ -31,7 +29,6 @@ OP_COLUMNS = (
     "seq, id, kind, lane, payload, contact, priority, force, created_at, attempts, "
     "first_attempt, recover, merged"
 )
-_MESSAGE_LIMIT = 300
 _LIVE = "state != 'dead'"
 # A contact's rows by either of its names, each through its own index.
 _BY_NAME = (
@@ -65,21 +62,6 @@ class Row:
     recover: int
     #: How many submitted operations this row stands for (merged upserts).
     merged: int
-
-
-@dataclass
-class DeadLetter(Row):
-    """A row Meisa refused, or whose retries ran out, kept with its error."""
-
-    status: int | None
-    code: str | None
-    message: str
-    failed_at: float
-
-    @property
-    def attempts(self) -> int:
-        """The attempts made."""
-        return self.operation.attempts
 
 
 def row_of(values: Any) -> Row:
@@ -228,6 +210,14 @@ def age_routine(db: sqlite3.Connection, older_than: float) -> int:
     ).rowcount
 
 
+def tidy(db: sqlite3.Connection, now: float, routine_max_age: float, known_for: float) -> None:
+    """Housekeeping: promote routine syncs older than ``routine_max_age`` seconds; forget
+    digests unused for ``known_for`` seconds and answers past the latency window."""
+    age_routine(db, now - routine_max_age)
+    known.prune(db, now - known_for)
+    db.execute("DELETE FROM meisa_answers WHERE at < ?", (now - LATENCY_WINDOW,))
+
+
 def next_ready(db: sqlite3.Connection, now: float) -> Row | None:
     """The row to call next: ready, first in its contact, lowest lane, oldest."""
     values = db.execute(
@@ -293,7 +283,7 @@ def _absorb_later(db: sqlite3.Connection, row: Row) -> None:
         row.merged += merged
         taken.append(seq)
     if taken:
-        _each(db, "DELETE FROM meisa_ops WHERE state = 'pending'", taken)
+        each_row(db, "DELETE FROM meisa_ops WHERE state = 'pending'", taken)
         db.execute(
             "UPDATE meisa_ops SET payload = ?, lane = ?, merged = ?, ext = ?, email = ? "
             "WHERE seq = ?",
@@ -306,64 +296,7 @@ def release_flights(db: sqlite3.Connection) -> int:
     return db.execute("UPDATE meisa_ops SET state = 'pending' WHERE state = 'flight'").rowcount
 
 
-def error_fields(error: BaseException) -> tuple[int | None, str | None, str]:
-    """``(status, code, message)`` as a dead letter keeps them (never a payload value)."""
-    status, code, message = None, None, type(error).__name__
-    if isinstance(error, APIError):
-        hint = f" ({error.hint})" if error.hint else ""
-        status, code, message = error.status, error.code, error.message + hint
-    elif isinstance(error, APIConnectionError):
-        message = f"{message}: {error.reason}"
-    elif isinstance(error, ValidationError):
-        code, message = "validation", f"{error.field}: {error.message}"
-    return status, code, message[:_MESSAGE_LIMIT]
-
-
-def bury(db: sqlite3.Connection, row: Row, error: BaseException) -> None:
-    """Keep ``row`` as a dead letter with ``error``."""
-    db.execute(
-        "UPDATE meisa_ops SET state = 'dead', error_status = ?, error_code = ?, "
-        "error_message = ?, failed_at = ? WHERE seq = ?",
-        (*error_fields(error), time.time(), row.seq),
-    )
-
-
-def dead_letters(db: sqlite3.Connection, seqs: Iterable[int] | None = None) -> list[DeadLetter]:
-    """Dead letters (those in ``seqs``, or all), oldest first."""
-    query = (
-        f"SELECT {OP_COLUMNS}, error_status, error_code, error_message, failed_at "
-        "FROM meisa_ops WHERE state = 'dead'"
-    )
-    return [
-        DeadLetter(
-            **vars(row_of(values)),
-            status=values[13],
-            code=values[14],
-            message=values[15] or "",
-            failed_at=float(values[16] or 0.0),
-        )
-        for values in _each(db, query, seqs, " ORDER BY seq").fetchall()
-    ]
-
-
-def requeue(db: sqlite3.Connection, seqs: Iterable[int] | None = None) -> int:
-    """Make dead letters (those in ``seqs``, or all) wait again, as new: errors cleared,
-    and an event may recover its contact again."""
-    return _each(
-        db,
-        "UPDATE meisa_ops SET state = 'pending', attempts = 0, first_attempt = NULL, "
-        "ready_at = 0, recover = 0, error_status = NULL, error_code = NULL, "
-        "error_message = NULL, failed_at = NULL WHERE state = 'dead'",
-        seqs,
-    ).rowcount
-
-
-def purge(db: sqlite3.Connection, seqs: Iterable[int] | None = None) -> int:
-    """Delete dead letters (those in ``seqs``, or all)."""
-    return _each(db, "DELETE FROM meisa_ops WHERE state = 'dead'", seqs).rowcount
-
-
-def _each(
+def each_row(
     db: sqlite3.Connection, statement: str, seqs: Iterable[int] | None, end: str = ""
 ) -> sqlite3.Cursor:
     """Run ``statement`` (ending in a ``WHERE`` clause) on the rows ``seqs`` (``None``:

@@ -1,0 +1,93 @@
+"""Dead letters: rows Meisa refused, or whose retries ran out, kept in the store with
+their error until ``flask meisa dead-letters`` requeues or purges them."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ..errors import APIConnectionError
+from ..errors import APIError
+from ..errors import ValidationError
+from .pending import OP_COLUMNS
+from .pending import Row
+from .pending import each_row
+from .pending import row_of
+
+__all__ = ["DeadLetter", "bury", "dead_letters", "error_fields", "purge", "requeue"]
+
+_MESSAGE_LIMIT = 300
+
+
+@dataclass
+class DeadLetter(Row):
+    """A row Meisa refused, or whose retries ran out, kept with its error."""
+
+    status: int | None
+    code: str | None
+    message: str
+    failed_at: float
+
+    @property
+    def attempts(self) -> int:
+        """The attempts made."""
+        return self.operation.attempts
+
+
+def error_fields(error: BaseException) -> tuple[int | None, str | None, str]:
+    """``(status, code, message)`` as a dead letter keeps them (never a payload value)."""
+    status, code, message = None, None, type(error).__name__
+    if isinstance(error, APIError):
+        hint = f" ({error.hint})" if error.hint else ""
+        status, code, message = error.status, error.code, error.message + hint
+    elif isinstance(error, APIConnectionError):
+        message = f"{message}: {error.reason}"
+    elif isinstance(error, ValidationError):
+        code, message = "validation", f"{error.field}: {error.message}"
+    return status, code, message[:_MESSAGE_LIMIT]
+
+
+def bury(db: sqlite3.Connection, row: Row, error: BaseException) -> None:
+    """Keep ``row`` as a dead letter with ``error``."""
+    db.execute(
+        "UPDATE meisa_ops SET state = 'dead', error_status = ?, error_code = ?, "
+        "error_message = ?, failed_at = ? WHERE seq = ?",
+        (*error_fields(error), time.time(), row.seq),
+    )
+
+
+def dead_letters(db: sqlite3.Connection, seqs: Iterable[int] | None = None) -> list[DeadLetter]:
+    """Dead letters (those in ``seqs``, or all), oldest first."""
+    query = (
+        f"SELECT {OP_COLUMNS}, error_status, error_code, error_message, failed_at "
+        "FROM meisa_ops WHERE state = 'dead'"
+    )
+    return [
+        DeadLetter(
+            **vars(row_of(values)),
+            status=values[13],
+            code=values[14],
+            message=values[15] or "",
+            failed_at=float(values[16] or 0.0),
+        )
+        for values in each_row(db, query, seqs, " ORDER BY seq").fetchall()
+    ]
+
+
+def requeue(db: sqlite3.Connection, seqs: Iterable[int] | None = None) -> int:
+    """Make dead letters (those in ``seqs``, or all) wait again, as new: errors cleared,
+    and an event may recover its contact again."""
+    return each_row(
+        db,
+        "UPDATE meisa_ops SET state = 'pending', attempts = 0, first_attempt = NULL, "
+        "ready_at = 0, recover = 0, error_status = NULL, error_code = NULL, "
+        "error_message = NULL, failed_at = NULL WHERE state = 'dead'",
+        seqs,
+    ).rowcount
+
+
+def purge(db: sqlite3.Connection, seqs: Iterable[int] | None = None) -> int:
+    """Delete dead letters (those in ``seqs``, or all)."""
+    return each_row(db, "DELETE FROM meisa_ops WHERE state = 'dead'", seqs).rowcount

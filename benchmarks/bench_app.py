@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Iterator
 from datetime import datetime
 from datetime import timezone
@@ -91,6 +92,11 @@ def create_app(config: dict[str, Any] | None = None, **settings: str) -> Flask:
     @app.get("/ping")
     def ping() -> str:
         return flask_meisa.__file__ or ""  # which engine this process runs
+
+    @app.get("/threads")
+    def threads() -> dict[str, str]:
+        """This process's threads: {native thread id: name}, to read their CPU in /proc."""
+        return {str(thread.native_id): thread.name for thread in threading.enumerate()}
 
     @app.post("/login/<int:number>")
     def login(number: int) -> str:

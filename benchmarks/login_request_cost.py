@@ -26,7 +26,8 @@ in the engine while the logins run, as in production. Each login changes the use
 own process, answering at once, then after 300 ms. Prints p50 and p99 per variant and their
 ratios to ``bare`` (target for ``default``: p50 <= 1.05x, p99 <= 1.20x), and
 the CPU each gunicorn worker used per login, every thread (background delivery included),
-which other processes' load on a shared machine does not inflate.
+which other processes' load on a shared machine does not inflate, and how much of it Meisa's
+own threads (the writer, delivery) took: the steadiest figure of the engine's cost.
 
     .venv/bin/python benchmarks/login_request_cost.py [--logins 1000] [--rounds 20]
 """
@@ -86,11 +87,32 @@ class Served:
 
     def cpu(self) -> float:
         """Seconds of CPU the worker process has used, every thread."""
+        return _cpu_seconds(f"/proc/{self.worker()}/stat")
+
+    def worker(self) -> str:
+        """The pid of gunicorn's one worker."""
         with open(f"/proc/{self.master.pid}/task/{self.master.pid}/children") as children:
-            worker = children.read().split()[0]
-        with open(f"/proc/{worker}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            return children.read().split()[0]
+
+    def background_cpu(self) -> dict[str, float]:
+        """Seconds of CPU Meisa's threads in the worker have used: ``writer``, ``delivery``
+        (every delivery thread), by the names the app reports at ``/threads``."""
+        names = requests.get(f"{self.url}/threads", timeout=10).json()
+        used: dict[str, float] = {}
+        for tid, name in names.items():
+            if name.startswith("flask-meisa-") and "watchdog" not in name:
+                part = name.removeprefix("flask-meisa-").split("-")[0]
+                with contextlib.suppress(FileNotFoundError):  # a thread that ended
+                    seconds = _cpu_seconds(f"/proc/{self.worker()}/task/{tid}/stat")
+                    used[part] = used.get(part, 0.0) + seconds
+        return used
+
+
+def _cpu_seconds(stat_path: str) -> float:
+    """User and system CPU seconds from a /proc stat file (of a process or a thread)."""
+    with open(stat_path) as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def celery_missing() -> str | None:
@@ -197,8 +219,9 @@ def measure(
 def run(logins: int, rounds: int, names: list[str]) -> list[dict[str, Any]]:
     """Serve the variants, time them at each latency; one row per variant and latency:
     latency, name, label, n, p50, p99 (seconds), ratios to bare, the worker's CPU seconds
-    per login (every thread, background work included) and its ratio to bare, and for
-    Celery the tasks left in the broker after the variants' logins."""
+    per login (every thread, background work included), its ratio to bare and the share of
+    Meisa's own threads (writer, delivery), and for Celery the tasks left in the broker
+    after the variants' logins."""
     rows = []
     with contextlib.ExitStack() as stack:
         meisa = stack.enter_context(emulator_process())
@@ -221,9 +244,17 @@ def run(logins: int, rounds: int, names: list[str]) -> list[dict[str, Any]]:
             for http, url in sessions.values():  # connections, imports, first syncs
                 time_logins(http, url, 20, 0)
             before = {name: served.cpu() for name, served in workers.items()}
+            threads_before = {name: served.background_cpu() for name, served in workers.items()}
             times = measure(sessions, latency, logins, rounds)
             cpu = {
                 name: (served.cpu() - before[name]) / len(times[name])
+                for name, served in workers.items()
+            }
+            threads = {
+                name: {
+                    part: (seconds - threads_before[name].get(part, 0.0)) / len(times[name])
+                    for part, seconds in served.background_cpu().items()
+                }
                 for name, served in workers.items()
             }
             bare = times["bare"]
@@ -241,6 +272,7 @@ def run(logins: int, rounds: int, names: list[str]) -> list[dict[str, Any]]:
                         "p99_ratio": p99 / percentile(bare, 0.99),
                         "cpu": cpu[name],
                         "cpu_ratio": cpu[name] / cpu["bare"],
+                        "threads": threads[name],
                         "backlog": queue.llen("celery") if name == "celery" and queue else None,
                     }
                 )
@@ -272,6 +304,9 @@ def main(argv: list[str] | None = None) -> None:
             f"{row['p50_ratio']:.2f}x / {row['p99_ratio']:.2f}x"
             f"   {row['cpu'] * 1000:6.2f}  {row['cpu_ratio']:.2f}x"
         )
+        if row["threads"]:
+            parts = ", ".join(f"{part} {cpu * 1000:.2f}" for part, cpu in row["threads"].items())
+            print(f"{'':9}of which Meisa's threads, CPU ms/login: {parts}")
         if row["backlog"] is not None:
             print(f"{'':9}Celery tasks left in the broker after them: {row['backlog']}")
     print("target for the new default: p50 <= 1.05x bare, p99 <= 1.20x bare")

@@ -340,6 +340,21 @@ def test_a_merge_into_a_higher_lane_promotes_the_contacts_earlier_rows(
     assert lanes == (LANE_AUTOMATION,) * 3
 
 
+def test_a_merge_that_adds_a_name_promotes_the_rows_under_that_name(
+    db: sqlite3.Connection,
+) -> None:
+    # An event known by external_id only, in a later lane than the upsert that follows
+    # it; the upsert reaches the automation lane by age, which moves nothing else.
+    event = add(db, track(1, priority="backfill"))
+    waiting = add(db, Operation("upsert", upsert(1).payload, created_at=100.0), LANE_ROUTINE)
+    assert pending.age_routine(db, 150.0) == 1
+    # An urgent upsert by email alone joins it: the merged row is known by both names,
+    # so the event under the external_id moves up too.
+    urgent = Operation("upsert", {"email": "u1@example.com", "first_name": "A"}, priority="high")
+    assert pending.add(db, urgent, LANE_AUTOMATION) == (waiting, True)
+    assert (lane_of(db, event), lane_of(db, waiting)) == (LANE_AUTOMATION, LANE_AUTOMATION)
+
+
 def test_age_routine_promotes_old_routine_syncs_only(db: sqlite3.Connection) -> None:
     old = add(db, Operation("upsert", {"email": "a@example.com"}, created_at=100.0), LANE_ROUTINE)
     young = add(

@@ -95,16 +95,15 @@ class Served:
             return children.read().split()[0]
 
     def background_cpu(self) -> dict[str, float]:
-        """Seconds of CPU Meisa's threads in the worker have used: ``writer``, ``delivery``
-        (every delivery thread), by the names the app reports at ``/threads``."""
+        """Seconds of CPU Meisa's threads in the worker have used, by part (``writer``,
+        ``delivery`` for every delivery thread, ...), as the app names them at ``/threads``."""
         names = requests.get(f"{self.url}/threads", timeout=10).json()
-        used: dict[str, float] = {}
+        tasks, used = f"/proc/{self.worker()}/task", dict[str, float]()
         for tid, name in names.items():
-            if name.startswith("flask-meisa-") and "watchdog" not in name:
+            if name.startswith("flask-meisa-"):
                 part = name.removeprefix("flask-meisa-").split("-")[0]
                 with contextlib.suppress(FileNotFoundError):  # a thread that ended
-                    seconds = _cpu_seconds(f"/proc/{self.worker()}/task/{tid}/stat")
-                    used[part] = used.get(part, 0.0) + seconds
+                    used[part] = used.get(part, 0.0) + _cpu_seconds(f"{tasks}/{tid}/stat")
         return used
 
 

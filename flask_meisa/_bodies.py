@@ -74,9 +74,9 @@ _TRACK_FIELDS: dict[str, Check] = {
 
 def upsert_body(fields: Mapping[str, Any]) -> dict[str, JSONValue]:
     """The body of ``POST /contacts/upsert/`` from its fields (``email`` required)."""
-    if not _UPSERT_FIELDS.keys() >= fields.keys():
-        name = next(name for name in fields if name not in _UPSERT_FIELDS)
-        raise ValidationError(str(name), "is not a field of a contact upsert")
+    for name in fields:
+        if name not in _UPSERT_FIELDS:
+            raise ValidationError(str(name), "is not a field of a contact upsert")
     if fields.get("email") is None:
         raise ValidationError("email", "is required")
     return _checked(_UPSERT_FIELDS, fields)

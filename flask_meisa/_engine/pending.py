@@ -40,7 +40,7 @@ _UPSERTS = "kind = 'upsert' AND state = 'pending'"
 # the highest lane among them.
 _CONTACT = (
     "SELECT o.seq, o.payload, o.priority, o.force, o.lane, o.ext, o.email, c.top FROM "
-    "(SELECT max(CASE WHEN kind = 'upsert' AND state = 'pending' THEN seq END) AS latest, "
+    f"(SELECT max(CASE WHEN {_UPSERTS} THEN seq END) AS latest, "
     f"max(lane) AS top FROM ({_BY_NAME.format(columns='seq, kind, state, lane', where=_LIVE)})) "
     "c LEFT JOIN meisa_ops o ON o.seq = c.latest"
 )
@@ -87,7 +87,7 @@ def add(db: sqlite3.Connection, operation: Operation, lane: int) -> tuple[int, b
     returns the row's ``seq`` and whether it was merged."""
     names = keys(operation)
     found = db.execute(_CONTACT, names).fetchone()
-    merged = _merge(db, operation, lane, found) if operation.kind == "upsert" else None
+    merged = _merge(db, operation, lane, found, names[0]) if operation.kind == "upsert" else None
     if merged is None:
         contact = None if operation.contact is None else json.dumps(operation.contact)
         row = (operation.id, operation.kind, lane, *names, operation.json, contact)
@@ -123,14 +123,18 @@ def _join(
 
 
 def _merge(
-    db: sqlite3.Connection, operation: Operation, lane: int, found: tuple[Any, ...]
+    db: sqlite3.Connection,
+    operation: Operation,
+    lane: int,
+    found: tuple[Any, ...],
+    ext: str | None,
 ) -> tuple[int, int, str | None, str | None] | None:
-    """Merge an upsert into its contact's latest waiting one (``found`` by
+    """Merge an upsert (named ``ext``) into its contact's latest waiting one (``found`` by
     :data:`_CONTACT`): its seq, lane and names."""
     seq, payload, priority, force, their_lane, their_ext, their_email, _ = found
     if seq is None:
         return None
-    joined = _join(json.loads(payload), operation.payload, their_ext, keys(operation)[0])
+    joined = _join(json.loads(payload), operation.payload, their_ext, ext)
     if joined is None:
         return None
     lane = min(their_lane, lane)

@@ -433,9 +433,9 @@ def start_worker_fixture(redis_url: str, tmp_path: Path) -> Iterator[StartWorker
 
 @pytest.fixture(name="producer")
 def producer_fixture(redis_url: str) -> Iterator[Callable[..., CeleryDispatcher]]:
-    """``producer(emulator, rate_limit=None, redis=None, hooks=None)``: a dispatcher
-    publishing for that emulator's key (on the test's Redis unless ``redis`` is given);
-    all closed after."""
+    """``producer(emulator, rate_limit=None, redis=None, hooks=None, lost_after=None)``: a
+    dispatcher publishing for that emulator's key (on the test's Redis unless ``redis`` is
+    given); all closed after."""
     made: list[tuple[CeleryDispatcher, Celery]] = []
 
     def make(
@@ -443,6 +443,7 @@ def producer_fixture(redis_url: str) -> Iterator[Callable[..., CeleryDispatcher]
         rate_limit: str | None = None,
         redis: str | None = None,
         hooks: Any = None,
+        lost_after: float | None = None,
     ) -> CeleryDispatcher:
         celery_app = make_celery(redis or redis_url)
         dispatcher = CeleryDispatcher(
@@ -451,6 +452,7 @@ def producer_fixture(redis_url: str) -> Iterator[Callable[..., CeleryDispatcher]
             hooks=hooks or RecordingHooks(),
             rate_limit=rate_limit,
             budget_key=emulator.live_key,
+            lost_after=lost_after,
         )
         made.append((dispatcher, celery_app))
         return dispatcher

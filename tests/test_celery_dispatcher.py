@@ -24,6 +24,7 @@ from flask_meisa._engine.celery_setup import DEFAULT_VISIBILITY_TIMEOUT
 from flask_meisa._engine.celery_setup import CelerySettings
 from flask_meisa._engine.celery_setup import configure_visibility
 from flask_meisa._engine.celery_setup import init_celery
+from flask_meisa._engine.celery_setup import lost_after
 from flask_meisa._engine.celery_setup import resolve_celery_app
 from flask_meisa._engine.celery_worker import TASK_NAME
 from flask_meisa._engine.celery_worker import DeliveryWorker
@@ -351,7 +352,19 @@ def test_the_longest_countdown_fits_in_the_visibility_timeout(redis_url: str) ->
     amqp = make_celery("amqp://guest@127.0.0.1:9//")  # no visibility timeout to set
     assert configure_visibility(amqp, fast) == 300.0
     assert "visibility_timeout" not in amqp.conf.broker_transport_options
+    assert lost_after(amqp, 2.0) is None  # nothing to take back: nothing taken for lost
     amqp.close()
+
+
+def test_a_message_is_taken_for_lost_once_kombu_would_have_given_it_back(
+    redis_url: str,
+) -> None:
+    celery_app = make_celery(redis_url, visibility_timeout=20.0)
+    # The visibility timeout, kombu's sweep (0.25 x 1 s here), its lock (3 s), 4 runs.
+    assert lost_after(celery_app, 2.0) == 20.0 + 0.25 + 3.0 + 8.0
+    celery_app.conf.broker_transport_options = {}  # kombu's defaults, the engine's timeout
+    assert lost_after(celery_app, 13.05) == 600.0 + 100.0 + 300.0 + 52.2
+    celery_app.close()
 
 
 def test_a_budget_slot_waits_for_the_shared_budget(make: MakeDispatcher) -> None:

@@ -18,6 +18,8 @@ from flask import Flask
 
 from flask_meisa import Meisa
 from flask_meisa._engine.celery import CeleryDispatcher
+from flask_meisa._engine.celery_setup import lost_after
+from flask_meisa._engine.celery_worker import lane_queues
 from flask_meisa.emulator import Emulator
 from flask_meisa.operations import Operation
 from tests.celery_support import RedisServer
@@ -29,8 +31,11 @@ from tests.celery_support import redis_server_fixture  # noqa: F401
 from tests.celery_support import redis_url_fixture  # noqa: F401
 from tests.celery_support import start_worker_fixture  # noqa: F401
 from tests.engine_support import RecordingHooks
+from tests.process_support import wait_until
 
 UPSERT = "/api/v1/contacts/upsert/"
+TRACK = "/api/v1/events/track/"
+TRIGGER = "/api/v1/emails/trigger/"
 #: Workers with short call timeouts, so that a short visibility timeout is accepted.
 VISIBILITY = 9.0
 QUICK = {
@@ -132,7 +137,12 @@ def test_a_redis_restart_with_aof_delivers_the_backlog_within_the_visibility_tim
     budget = "10/2 seconds"  # most of the backlog waits as countdowns held by workers
     start_worker(emulator, redis=server.url, MEISA_TEST_RATE_LIMIT=budget, **QUICK)
     hooks = RecordingHooks()
-    dispatcher = producer(emulator, rate_limit=budget, redis=server.url, hooks=hooks)
+    # Any message a worker was taking as Redis went down is published again, as an app
+    # with the workers' settings would (QUICK: calls of 0.5 + 1.5 s at most).
+    after = lost_after(make_celery(server.url, visibility_timeout=VISIBILITY), 2.0)
+    dispatcher = producer(
+        emulator, rate_limit=budget, redis=server.url, hooks=hooks, lost_after=after
+    )
     ops = [upsert(n) for n in range(30)]
     sends = [
         Operation(
@@ -171,6 +181,63 @@ def test_a_redis_restart_with_aof_delivers_the_backlog_within_the_visibility_tim
     # Messages held by the workers came back after the visibility timeout (plus the
     # transport's sweep and the budget's pace), not after an hour.
     assert took < VISIBILITY + 40, took
+
+
+def three_operations() -> list[Operation]:
+    """An upsert, an event of its contact and a send."""
+    return [
+        upsert(1),
+        Operation("track", {"event_name": "exported", "external_id": "u1"}),
+        Operation("send", {"trigger_key": "receipt", "to_email": "buyer@example.com"}),
+    ]
+
+
+def test_operations_whose_messages_the_broker_lost_are_published_again(
+    emulator: Emulator,
+    redis_url: str,
+    start_worker: StartWorker,
+    producer: MakeProducer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="flask_meisa")
+    dispatcher = producer(emulator, lost_after=1.0)
+    ops = three_operations()
+    for op in ops:
+        dispatcher.publish(op)
+    client = redis.Redis.from_url(redis_url)
+    assert client.delete(*lane_queues().values()) >= 1  # the broker lost every message
+    client.close()
+    start_worker(emulator)
+    assert dispatcher.flush(timeout=20)
+    assert [len(emulator.requests_to(path)) for path in (UPSERT, TRACK, TRIGGER)] == [1, 1, 1]
+    assert "unseen by every worker for 1 s: published again" in caplog.text
+
+
+def test_a_second_copy_of_a_message_makes_no_second_call(
+    emulator: Emulator, redis_url: str, start_worker: StartWorker, producer: MakeProducer
+) -> None:
+    dispatcher = producer(emulator)
+    for op in three_operations():
+        dispatcher.publish(op)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        # Each message twice, the copy behind the first, as a sweep that took an operation
+        # for lost while its message waited in the queue would leave them.
+        queues = list(lane_queues().values())
+        copies = {queue: client.lrange(queue, 0, -1) for queue in queues}
+        for queue, messages in copies.items():
+            if messages:
+                client.lpush(queue, *reversed(messages))
+        assert sum(map(len, copies.values())) == 4  # with the companion of the event
+        start_worker(emulator, concurrency=1)
+        assert dispatcher.flush(timeout=20)
+        assert wait_until(lambda: sum(client.llen(queue) for queue in queues) == 0)
+    finally:
+        client.close()
+    last = upsert(2)  # the one worker thread runs it once the last copy's run is over
+    dispatcher.publish(last)
+    assert dispatcher.flush(timeout=20)
+    assert [len(emulator.requests_to(path)) for path in (UPSERT, TRACK, TRIGGER)] == [2, 1, 1]
 
 
 def test_a_redis_that_lost_its_data_has_what_was_pending_reported(

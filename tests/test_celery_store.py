@@ -209,3 +209,33 @@ def test_latency_covers_recent_answers_and_keeps_a_bounded_number(
     p50, p99 = status.latency["automation"]
     assert 0.045 <= p50 <= 0.055 and 0.097 <= p99 <= 0.1
     assert "routine" not in status.latency
+
+
+def test_operations_no_worker_ran_are_handed_back_less_often_the_older_they_get(
+    store: RedisDeliveryStore, client: Any
+) -> None:
+    old = Operation("track", {"event_name": "e", "email": "a@example.com"})
+    old.created_at -= 100.0
+    new = upsert()
+    for op in (old, new):
+        store.add_pending(op, LANE_AUTOMATION)
+        store.keep(LANE_AUTOMATION, op.to_dict(), {"lane": LANE_AUTOMATION})
+    handed = store.unseen(after=0.0)
+    assert [(lane, op["id"], meta) for lane, op, meta in handed] == [
+        (LANE_AUTOMATION, old.id, {"lane": LANE_AUTOMATION}),
+        (LANE_AUTOMATION, new.id, {"lane": LANE_AUTOMATION}),
+    ]
+    assert store.unseen(after=0.0) == []  # another process looked within the second
+
+    def look_again() -> list[str]:
+        client.delete("meisa:meisa:sweep")
+        return [op["id"] for _, op, _ in store.unseen(after=0.0)]
+
+    store.finish([new.id])
+    assert store.seen(new.id) is False  # finished: a copy of its message does nothing
+    assert look_again() == []  # the old one comes back once twice as old, not before
+    assert store.seen(old.id) is True  # a worker ran it (still pending)
+    assert look_again() == [old.id]
+    store.finish([old.id])
+    assert look_again() == []
+    assert not client.exists("meisa:meisa:tasks", "meisa:meisa:seen")

@@ -31,6 +31,7 @@ from . import known
 from .base import DeliveryHooks
 from .base import DeliveryStatus
 from .base import HookCaller
+from .celery_setup import lost_after
 from .celery_setup import redis_client
 from .celery_setup import settings_of
 from .celery_worker import TASK_NAME
@@ -53,7 +54,9 @@ class CeleryDispatcher:
     """Publishes operations as Celery tasks on the queues of ``queue`` (a prefix), keeping
     the engine's records through ``redis`` (closed by :meth:`close`). ``budget_key``: the
     API key whose budget (``rate_limit``) is shared; ``ledger_size``: how many operations
-    submitted here are remembered, to be reported if Redis loses them."""
+    submitted here are remembered, to be reported if Redis loses them; ``lost_after``: how
+    long a pending operation no worker has run is taken as lost and published again
+    (``None``: never; :func:`~.celery_setup.lost_after` computes it)."""
 
     def __init__(
         self,
@@ -68,6 +71,7 @@ class CeleryDispatcher:
         call_timeout: float = 15.0,
         ledger_size: int = 10_000,
         priority_fields: Sequence[str] = ("plan", "subscription_status"),
+        lost_after: float | None = None,
     ) -> None:
         self._celery = celery_app
         self._redis = redis
@@ -80,6 +84,7 @@ class CeleryDispatcher:
         self._priority_fields = tuple(priority_fields)
         self._lease = call_timeout + 5.0
         self._ledger_size = ledger_size
+        self._lost_after = lost_after
         self._lock = threading.Lock()
         self._closed = False
         # Redis's epoch when last seen, and the operations submitted here not yet seen
@@ -109,23 +114,26 @@ class CeleryDispatcher:
             return
         try:
             self._look()
-            for lane, op, meta in self.tasks(operation):
-                queue = self.queues[LANE_NAMES[lane]]
-                self._celery.send_task(
-                    TASK_NAME,
-                    kwargs={"op": op, "meta": meta},
-                    queue=queue,
-                    routing_key=queue,
-                    serializer="json",
-                    task_id=op["id"],
-                    ignore_result=True,
-                )
+            for task in self.tasks(operation):
+                self._send(*task)
         except Exception as error:
             # The text of a broker error can hold its URL: only its class is told.
             self._drop(operation, "broker_unavailable", type(error).__name__)
             return
         with self._lock:
             self._ledger[operation.id] = operation
+
+    def _send(self, lane: int, op: dict[str, Any], meta: dict[str, Any]) -> None:
+        queue = self.queues[LANE_NAMES[lane]]
+        self._celery.send_task(
+            TASK_NAME,
+            kwargs={"op": op, "meta": meta},
+            queue=queue,
+            routing_key=queue,
+            serializer="json",
+            task_id=op["id"],
+            ignore_result=True,
+        )
 
     def _drop(self, operation: Operation, reason: str, cause: str | None = None) -> None:
         if operation.kind == "send":
@@ -158,7 +166,9 @@ class CeleryDispatcher:
                 extra = {"contact": found[0], "version": found[1], "companion": True}
                 tasks.append((lane, companion.to_dict(), {"lane": lane, **extra}))
                 meta["after"] = list(found)
-        return [*tasks, (lane, operation.to_dict(), meta)]
+        own = (lane, operation.to_dict(), meta)
+        store.keep(*own)
+        return [*tasks, own]
 
     def _look(self, *, force: bool = False) -> int:
         """The pending count; forgets the ledger's finished operations (every
@@ -171,6 +181,8 @@ class CeleryDispatcher:
                 self._looked_at = now
             ids = list(self._ledger) if due else []
         epoch, pending, unfinished = self.store.look(ids)
+        if due and self._lost_after is not None:
+            self._publish_unseen(self._lost_after)
         with self._lock:
             seen, self._epoch = self._epoch, epoch
             if seen is None or seen == epoch:
@@ -197,6 +209,20 @@ class CeleryDispatcher:
         for operation in lost:
             self._hooks.call("dropped", operation, "redis_data_lost")
         return pending
+
+    def _publish_unseen(self, after: float) -> None:
+        """Publish again the tasks of operations no worker has run for ``after`` seconds:
+        a broker can lose a message (docs/celery.md); a worker skips a finished one."""
+        tasks = self.store.unseen(after)
+        for task in tasks:
+            self._send(*task)
+        if tasks:
+            logger.warning(
+                "flask-meisa: %d pending operation(s) unseen by every worker for %.0f s: "
+                "published again (their message was lost, or waits in a long queue)",
+                len(tasks),
+                after,
+            )
 
     @contextlib.contextmanager
     def budget_slot(self, timeout: float) -> Iterator[bool]:
@@ -347,4 +373,5 @@ def make_dispatcher(state: MeisaState) -> CeleryDispatcher:
         call_timeout=options.connect_timeout + options.timeout,
         ledger_size=options.queue_size,
         priority_fields=options.priority_fields,
+        lost_after=lost_after(celery_app, options.connect_timeout + options.timeout),
     )

@@ -26,7 +26,13 @@ if TYPE_CHECKING:
 
     from .._runtime import MeisaState
 
-__all__ = ["CELERY_DEFAULTS", "CelerySettings", "configure_visibility", "init_celery"]
+__all__ = [
+    "CELERY_DEFAULTS",
+    "CelerySettings",
+    "configure_visibility",
+    "init_celery",
+    "lost_after",
+]
 
 #: The ``MEISA_CELERY_*`` keys and their defaults.
 CELERY_DEFAULTS: dict[str, Any] = {
@@ -74,21 +80,32 @@ def resolve_celery_app(app: Flask) -> Any:
     return celery_app
 
 
+def _transport_options(celery_app: Any) -> dict[str, Any] | None:
+    """The broker's transport options, ``None`` for a broker without a visibility timeout."""
+    scheme = str(celery_app.conf.broker_url or "").partition("://")[0]
+    if scheme not in ("redis", "rediss", "redis+socket", "sentinel"):
+        return None
+    return dict(celery_app.conf.broker_transport_options or {})
+
+
+def _restore_sweep(options: Mapping[str, Any]) -> float:
+    """How often kombu gives back the messages of dead workers, in seconds."""
+    interval = options.get("unacked_restore_interval", 10)
+    return float(interval) * float(options.get("unacked_restore_throttle", 10))
+
+
 def configure_visibility(celery_app: Any, settings: MeisaSettings) -> float:
     """Set the Redis transport's ``visibility_timeout`` if the app set none, check it (a
     :class:`ConfigurationError` says what to set), and return the longest countdown a task
     may hold so that a held message is never handed to a second worker."""
-    scheme = str(celery_app.conf.broker_url or "").partition("://")[0]
-    if scheme not in ("redis", "rediss", "redis+socket", "sentinel"):
-        return MAX_WAIT  # a broker without a visibility timeout
-    options = dict(celery_app.conf.broker_transport_options or {})
+    options = _transport_options(celery_app)
+    if options is None:
+        return MAX_WAIT
     visibility = options.setdefault("visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT)
     celery_app.conf.broker_transport_options = options
     # A dead worker's message comes back after the timeout and kombu's next sweep.
     run = RUN_TIMEOUTS * (settings.connect_timeout + settings.timeout)
-    sweep = float(options.get("unacked_restore_interval", 10)) * float(
-        options.get("unacked_restore_throttle", 10)
-    )
+    sweep = _restore_sweep(options)
     highest = IDEMPOTENCY_WINDOW - REPLAY_MARGIN - settings.retry_deadline - sweep
     if not isinstance(visibility, (int, float)) or not run + 1.0 <= visibility <= highest:
         raise ConfigurationError(
@@ -101,6 +118,19 @@ def configure_visibility(celery_app: Any, settings: MeisaSettings) -> float:
             "if there is no room"
         )
     return min(MAX_WAIT, visibility - run)
+
+
+def lost_after(celery_app: Any, call_timeout: float) -> float | None:
+    """How long a pending operation may go unrun by every worker before its message is
+    taken as lost: the longest a worker holds it, then kombu gives it back (the visibility
+    timeout, its sweep, and the sweep's lock a Redis restart may leave); ``None`` for a
+    broker without a visibility timeout."""
+    options = _transport_options(celery_app)
+    if options is None:
+        return None
+    visibility = float(options.get("visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT))
+    mutex = float(options.get("unacked_mutex_expire", 300))
+    return visibility + _restore_sweep(options) + mutex + RUN_TIMEOUTS * call_timeout
 
 
 def redis_client(url: str | None, celery_app: Any) -> Any:

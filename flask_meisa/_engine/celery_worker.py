@@ -114,6 +114,8 @@ class DeliveryWorker:
         """
         operation = Operation.from_dict(data)
         meta = dict(meta)
+        if not meta.get("companion") and not self.store.seen(operation.id):
+            return None  # finished: this was a copy published when its message seemed lost
         with self._context():
             try:
                 return self._run(operation, meta)

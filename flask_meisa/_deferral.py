@@ -43,7 +43,7 @@ logger = logging.getLogger("flask_meisa")
 
 class _RequestBatch:
     """The operations one request produced, in arrival order; a later upsert of a contact
-    merges into the request's first one (see :meth:`Operation.merge`)."""
+    merges into the request's latest one when it can (see :meth:`Operation.merge`)."""
 
     def __init__(self) -> None:
         self.operations: list[Operation] = []
@@ -56,10 +56,9 @@ class _RequestBatch:
             return
         names = _names(operation)
         earlier = next((self._upserts[n] for n in names if n in self._upserts), None)
-        if earlier is None:
+        if earlier is None or not earlier.merge(operation):
             self.operations.append(operation)
         else:
-            earlier.merge(operation)
             operation, names = earlier, _names(earlier)
         for name in names:
             self._upserts[name] = operation

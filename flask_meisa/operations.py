@@ -34,6 +34,7 @@ __all__ = [
     "contact_key",
     "deliver",
     "identities",
+    "join_upserts",
     "merge_priorities",
     "merge_upsert_payloads",
 ]
@@ -92,6 +93,22 @@ def merge_upsert_payloads(earlier: Mapping[str, Any], later: Mapping[str, Any]) 
         else:
             merged[name] = value
     return merged
+
+
+def join_upserts(
+    earlier: Mapping[str, Any], later: Mapping[str, Any]
+) -> tuple[dict[str, Any], str] | None:
+    """Two upserts of one contact as one payload (:func:`merge_upsert_payloads`) and its
+    body; ``None`` when their external ids disagree or one call could not carry both
+    (they go one after the other)."""
+    ext, their_ext = identities(earlier)[0], identities(later)[0]
+    if ext is not None and their_ext is not None and ext != their_ext:
+        return None
+    payload = merge_upsert_payloads(earlier, later)
+    try:
+        return payload, encode_body(payload)
+    except ValidationError:
+        return None
 
 
 def merge_priorities(first: Priority | None, second: Priority | None) -> Priority | None:
@@ -162,15 +179,18 @@ class Operation:
             return None
         return contact_key(self.payload)
 
-    def merge(self, later: Operation) -> None:
+    def merge(self, later: Operation) -> bool:
         """Fold a later upsert of the same contact into this one (see
-        :func:`merge_upsert_payloads`)."""
+        :func:`join_upserts`); ``False``, changing nothing, when they cannot be one."""
         if self.kind != "upsert" or later.kind != "upsert":
             raise ValueError("only upserts can be merged")
-        self.payload = merge_upsert_payloads(self.payload, later.payload)
-        self.body = None
+        joined = join_upserts(self.payload, later.payload)
+        if joined is None:
+            return False
+        self.payload, self.body = joined
         self.force = self.force or later.force
         self.priority = merge_priorities(self.priority, later.priority)
+        return True
 
     def describe(self) -> str:
         """A log-safe description: kind, trigger or event name and id; no payload values."""

@@ -260,3 +260,23 @@ def test_background_delivery_outlasts_more_failures_than_max_attempts(emulator: 
         assert [r.status for r in upserts(emulator)] == [503] * 8 + [201]
     finally:
         meisa.state(app).close(5.0)
+
+
+def test_upserts_of_one_contact_that_one_call_cannot_carry_go_one_after_the_other(
+    emulator: Any, app: Flask
+) -> None:
+    meisa = app.extensions["meisa"]
+    big = "x" * 300_000  # merged, the two would be over the 512 KiB a body may have
+    ada = {"email": "ada@example.com", "external_id": "1"}
+    with app.test_request_context():
+        meisa.upsert({**ada, "custom_fields": {"a": big}})
+        meisa.upsert({**ada, "custom_fields": {"b": big}})
+        meisa.upsert({**ada, "external_id": "2"})  # another user with that address
+    with app.app_context():
+        assert meisa.flush(timeout=10)
+    bodies = [request.body for request in upserts(emulator)]
+    assert [(b["external_id"], sorted(b.get("custom_fields", {}))) for b in bodies] == [
+        ("1", ["a"]),
+        ("1", ["b"]),
+        ("2", []),
+    ]

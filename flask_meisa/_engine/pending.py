@@ -10,15 +10,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .._payloads import encode_body
-from ..errors import ValidationError
 from ..operations import LANE_AUTOMATION
 from ..operations import LANE_NAMES
 from ..operations import LANE_ROUTINE
 from ..operations import Operation
 from ..operations import identities
+from ..operations import join_upserts
 from ..operations import merge_priorities
-from ..operations import merge_upsert_payloads
 from . import known
 from .base import LATENCY_WINDOW
 from .base import DeliveryStatus
@@ -87,7 +85,7 @@ def add(db: sqlite3.Connection, operation: Operation, lane: int) -> tuple[int, b
     returns the row's ``seq`` and whether it was merged."""
     names = keys(operation)
     found = db.execute(_CONTACT, names).fetchone()
-    merged = _merge(db, operation, lane, found, names[0]) if operation.kind == "upsert" else None
+    merged = _merge(db, operation, lane, found) if operation.kind == "upsert" else None
     if merged is None:
         contact = None if operation.contact is None else json.dumps(operation.contact)
         row = (operation.id, operation.kind, lane, *names, operation.json, contact)
@@ -108,33 +106,18 @@ def add(db: sqlite3.Connection, operation: Operation, lane: int) -> tuple[int, b
     return seq, merged is not None
 
 
-def _join(
-    earlier: dict[str, Any], later: dict[str, Any], ext: str | None, their_ext: str | None
-) -> tuple[dict[str, Any], str] | None:
-    """Two upserts of one contact as one payload and its body; ``None`` when their
-    external ids disagree or one call could not carry both (they go one after the other)."""
-    if ext is not None and their_ext is not None and ext != their_ext:
-        return None
-    payload = merge_upsert_payloads(earlier, later)
-    try:
-        return payload, encode_body(payload)
-    except ValidationError:
-        return None
-
-
 def _merge(
     db: sqlite3.Connection,
     operation: Operation,
     lane: int,
     found: tuple[Any, ...],
-    ext: str | None,
 ) -> tuple[int, int, str | None, str | None] | None:
-    """Merge an upsert (named ``ext``) into its contact's latest waiting one (``found`` by
+    """Merge an upsert into its contact's latest waiting one (``found`` by
     :data:`_CONTACT`): its seq, lane and names."""
     seq, payload, priority, force, their_lane, their_ext, their_email, _ = found
     if seq is None:
         return None
-    joined = _join(json.loads(payload), operation.payload, their_ext, ext)
+    joined = join_upserts(json.loads(payload), operation.payload)
     if joined is None:
         return None
     lane = min(their_lane, lane)
@@ -274,13 +257,13 @@ def retry_at(db: sqlite3.Connection, row: Row, when: float, *, recover: int = 0)
 def _absorb_later(db: sqlite3.Connection, row: Row) -> None:
     ext, email = keys(row.operation)
     later = db.execute(
-        "SELECT seq, payload, ext, lane, merged FROM meisa_ops WHERE seq > ? AND seq IN "
+        "SELECT seq, payload, lane, merged FROM meisa_ops WHERE seq > ? AND seq IN "
         f"({_BY_NAME.format(columns='seq', where=_UPSERTS)}) ORDER BY seq",
         (row.seq, ext, email),
     ).fetchall()
     taken, body = [], ""
-    for seq, payload, their_ext, lane, merged in later:
-        joined = _join(row.operation.payload, json.loads(payload), ext, their_ext)
+    for seq, payload, lane, merged in later:
+        joined = join_upserts(row.operation.payload, json.loads(payload))
         if joined is None:
             break
         (row.operation.payload, body), row.lane = joined, min(row.lane, lane)

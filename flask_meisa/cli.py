@@ -144,7 +144,7 @@ def sync_users_command(max_share: float, restart: bool, dry_run: bool, failures:
     def to_operation(user: Any) -> Operation:
         payload = meisa.map_user(user)
         payload.setdefault("source", "initial_sync")
-        return Operation("upsert", payload, priority="backfill")
+        return Operation.checked("upsert", payload, priority="backfill")
 
     try:
         result = backfill.run(

@@ -324,16 +324,19 @@ def test_users_that_cannot_be_mapped_are_skipped_counted_and_listed(emulator: Em
     people = app.config["PEOPLE"]
     people[7].email = None
     people[9].plan = {"not", "json"}
+    people[11].plan = "x" * 600_000  # more than one request body may carry
     result = sync_users(app)
     assert result.exit_code == 1
-    assert "48 users" not in result.output  # the summary counts every user read
-    assert "50 of 50 users done" in result.output and "2 failed" in result.output
+    assert "47 users" not in result.output  # the summary counts every user read
+    assert "50 of 50 users done" in result.output and "3 failed" in result.output
     assert "flask meisa sync-users --failures" in result.output
-    assert len(upserts_by_user(emulator)) == 48
+    assert len(upserts_by_user(emulator)) == 47
     listed = sync_users(app, "--failures").output.splitlines()
     assert listed == [
         "user 7: email: the user object has no email attribute",
         "user 9: custom_fields.plan: cannot be sent as JSON (set)",
+        "user 11: custom_fields: makes the request body 600101 bytes, over the"
+        " 524288-byte limit",
     ]
 
 

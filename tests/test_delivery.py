@@ -497,3 +497,23 @@ def test_two_big_upserts_of_one_contact_are_not_merged_past_the_body_limit(
     fields = emulator.contact(external_id="t-1")["custom_fields"]  # type: ignore[index]
     assert fields["a"] == big and fields["b"] == big
     assert hooks.of("failed") == []
+
+
+def test_what_the_writer_fails_to_store_is_reported_dropped_and_it_carries_on(
+    emulator: Emulator,
+    make_engine: MakeEngine,
+    hooks: RecordingHooks,
+    tmp_path: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    engine = make_engine(emulator, store=Store(tmp_path / "store.sqlite3"))
+    # Made without Operation.checked, so its body is first encoded by the writer: too big.
+    unstorable = upsert(1, a="x" * 600_000)
+    engine.submit([unstorable])
+    assert hooks.wait_for("dropped", 1)
+    assert hooks.detail(unstorable) == "writer_error"
+    assert "delivery writer error; carrying on" in caplog.text
+    later = upsert(2)
+    engine.submit([later])
+    assert engine.flush(10)
+    assert [op.id for op in hooks.of("delivered")] == [later.id]

@@ -254,12 +254,11 @@ class Delivery:
             self._idle.notify_all()
 
     def _drop(self, operations: list[Operation], reason: str, why: str = "") -> None:
-        for operation in operations:
+        detail = f"{reason}: {why}"
+        for op in operations:
             if why:
-                self._logger.warning(
-                    "flask-meisa: dropped %s (%s: %s)", operation.describe(), reason, why
-                )
-            self._hooks.call("dropped", operation, reason)
+                self._logger.warning("flask-meisa: dropped %s (%s)", op.describe(), detail)
+            self._hooks.call("dropped", op, reason)
 
     def _write_loop(self) -> None:
         version: int | None = None
@@ -295,8 +294,9 @@ class Delivery:
                     if self._stopping:
                         return  # closing: what is left is reported lost
                     self._wake.wait(self._poll)
-            except Exception:
+            except Exception:  # a bug: what it was storing is reported, not lost quietly
                 self._logger.exception("flask-meisa: delivery writer error; carrying on")
+                self._drop(batch, "writer_error")
             finally:
                 with self._lock:
                     self._writing = 0

@@ -154,9 +154,12 @@ class CeleryDispatcher:
         lane = known.lane_of(operation, lambda: store.known(contact), self._priority_fields)
         meta: dict[str, Any] = {"lane": lane}
         tasks = []
+        version = 0
         if contact is not None and self._coalesce:
-            meta.update(contact=contact, version=store.coalesce(operation, contact, lane))
-        else:
+            version = store.coalesce(operation, contact, lane)
+        if version:
+            meta.update(contact=contact, version=version)
+        else:  # delivered on its own: too big to merge into its contact's record
             store.add_pending(operation, lane)
         if operation.kind == "track":
             names = (operation.payload, operation.contact)

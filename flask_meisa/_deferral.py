@@ -55,7 +55,9 @@ class _RequestBatch:
             self.operations.append(operation)
             return
         names = _names(operation)
-        earlier = next((self._upserts[n] for n in names if n in self._upserts), None)
+        # Only into the latest upsert of every name it has, so that none goes out of order.
+        found = [self._upserts[n] for n in names if n in self._upserts]
+        earlier = found[0] if found and all(op is found[0] for op in found) else None
         if earlier is None or not earlier.merge(operation):
             self.operations.append(operation)
         else:

@@ -251,6 +251,44 @@ def test_an_unreachable_broker_refuses_sends_and_drops_the_rest(
     assert "user1@example.com" not in caplog.text
 
 
+def test_what_could_not_be_published_is_neither_pending_nor_kept(
+    redis_url: str, client: Any, hooks: RecordingHooks
+) -> None:
+    celery_app = make_celery("redis://127.0.0.1:9/0")  # a broker nothing listens on
+    celery_app.conf.broker_connection_max_retries = 0
+    celery_app.conf.task_publish_retry = False
+    dispatcher = CeleryDispatcher(
+        celery_app, redis=redis.Redis.from_url(redis_url), hooks=hooks, lost_after=1.0
+    )
+    try:
+        with pytest.raises(DeliveryError, match="publishing failed"):
+            dispatcher.publish(Operation("send", {"trigger_key": "receipt", "to_email": "a@b.co"}))
+        dispatcher.publish(upsert())
+        assert hooks.detail(hooks.of("dropped")[0]) == "broker_unavailable"
+        # Nothing a later sweep could publish: the send reported not sent stays unsent.
+        assert dispatcher.store.pending() == 0
+        assert not client.exists("meisa:meisa:tasks", "meisa:meisa:seen")
+    finally:
+        dispatcher.close()
+        celery_app.close()
+
+
+def test_a_sweep_that_fails_never_drops_the_operation_being_published(
+    make: MakeDispatcher, client: Any, hooks: RecordingHooks, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A pending operation whose kept task the sweep cannot publish (no such lane).
+    broken = Operation("track", {"event_name": "e", "email": "a@example.com"})
+    client.zadd("meisa:meisa:pending:automation", {broken.id: broken.created_at})
+    client.zadd("meisa:meisa:seen", {broken.id: broken.created_at - 60})
+    client.hset("meisa:meisa:tasks", broken.id, json.dumps([9, broken.to_dict(), {}]))
+    dispatcher = make(lost_after=1.0)
+    op = upsert()
+    dispatcher.publish(op)  # its first look at Redis sweeps
+    assert hooks.of("dropped") == []
+    assert [m["kwargs"]["op"]["id"] for m in messages(client, "meisa.automation")] == [op.id]
+    assert "publishing lost operations again failed (KeyError)" in caplog.text
+
+
 def app_with_celery(broker_url: str, **config: Any) -> Flask:
     app = Flask(__name__)
     app.config.update(MEISA_API_KEY=KEY, MEISA_BASE_URL="http://127.0.0.1:9/api/v1", **config)

@@ -272,6 +272,7 @@ def test_upserts_of_one_contact_that_one_call_cannot_carry_go_one_after_the_othe
         meisa.upsert({**ada, "custom_fields": {"a": big}})
         meisa.upsert({**ada, "custom_fields": {"b": big}})
         meisa.upsert({**ada, "external_id": "2"})  # another user with that address
+        meisa.upsert({**ada, "custom_fields": {"c": 1}})  # after the other user's, still
     with app.app_context():
         assert meisa.flush(timeout=10)
     bodies = [request.body for request in upserts(emulator)]
@@ -279,4 +280,5 @@ def test_upserts_of_one_contact_that_one_call_cannot_carry_go_one_after_the_othe
         ("1", ["a"]),
         ("1", ["b"]),
         ("2", []),
+        ("1", ["c"]),
     ]

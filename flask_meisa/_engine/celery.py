@@ -136,11 +136,11 @@ class CeleryDispatcher:
         )
 
     def _drop(self, operation: Operation, reason: str, cause: str | None = None) -> None:
+        with contextlib.suppress(Exception):  # Redis may be out of reach too
+            self.store.finish([operation.id], None if operation.kind == "send" else "dropped", 1)
         if operation.kind == "send":
             where = f"publishing failed ({cause})" if cause else "the delivery engine is closed"
             raise DeliveryError(f"{where}; {operation.describe()} was not sent") from None
-        with contextlib.suppress(Exception):  # Redis may be out of reach too
-            self.store.finish([operation.id], "dropped", 1)
         detail = f"{reason}: {cause}" if cause else reason
         logger.warning("flask-meisa: dropped %s (%s)", operation.describe(), detail)
         self._hooks.call("dropped", operation, reason)
@@ -170,7 +170,8 @@ class CeleryDispatcher:
                 tasks.append((lane, companion.to_dict(), {"lane": lane, **extra}))
                 meta["after"] = list(found)
         own = (lane, operation.to_dict(), meta)
-        store.keep(*own)
+        if self._lost_after is not None:
+            store.kept.keep(*own)
         return [*tasks, own]
 
     def _look(self, *, force: bool = False) -> int:
@@ -185,7 +186,11 @@ class CeleryDispatcher:
             ids = list(self._ledger) if due else []
         epoch, pending, unfinished = self.store.look(ids)
         if due and self._lost_after is not None:
-            self._publish_unseen(self._lost_after)
+            try:
+                self._publish_unseen(self._lost_after)
+            except Exception as error:  # the operation being published is not at fault
+                name = type(error).__name__
+                logger.warning("flask-meisa: publishing lost operations again failed (%s)", name)
         with self._lock:
             seen, self._epoch = self._epoch, epoch
             if seen is None or seen == epoch:
@@ -216,7 +221,7 @@ class CeleryDispatcher:
     def _publish_unseen(self, after: float) -> None:
         """Publish again the tasks of operations no worker has run for ``after`` seconds:
         a broker can lose a message (docs/celery.md); a worker skips a finished one."""
-        tasks = self.store.unseen(after)
+        tasks = self.store.kept.unseen(after)
         for task in tasks:
             self._send(*task)
         if tasks:

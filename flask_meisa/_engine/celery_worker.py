@@ -114,7 +114,7 @@ class DeliveryWorker:
         """
         operation = Operation.from_dict(data)
         meta = dict(meta)
-        if not meta.get("companion") and not self.store.seen(operation.id):
+        if not meta.get("companion") and not self.store.kept.seen(operation.id):
             return None  # finished: this was a copy published when its message seemed lost
         with self._context():
             try:

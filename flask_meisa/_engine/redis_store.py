@@ -1,7 +1,7 @@
 """The Celery engine's records in Redis besides the budget: per contact, its coalesced
-upserts and what Meisa has of it; the operations not yet finished, by lane, with their
-tasks (to publish again a message the broker lost); counters, recent answers, the
-backfill run, and the epoch that reveals a Redis that lost its data.
+upserts and what Meisa has of it; the operations not yet finished, by lane (their tasks
+kept by :mod:`.redis_kept`); counters, recent answers, the backfill run, and the epoch
+that reveals a Redis that lost its data.
 Keys hold digests of contacts, never addresses (docs/celery.md explains the design).
 """
 
@@ -27,6 +27,7 @@ from .base import DeliveryStatus
 from .known import KEEP_FOR
 from .known import Known
 from .known import digest
+from .redis_kept import KeptTasks
 
 __all__ = ["Claim", "RedisDeliveryStore"]
 
@@ -81,7 +82,8 @@ class RedisDeliveryStore:
         self._stats = f"{self._prefix}:stats"
         self._pending = {lane: f"{self._prefix}:pending:{n}" for lane, n in LANE_NAMES.items()}
         self._answers = {lane: f"{self._prefix}:answers:{n}" for lane, n in LANE_NAMES.items()}
-        self._tasks, self._seen = f"{self._prefix}:tasks", f"{self._prefix}:seen"
+        #: The tasks kept to be published again should the broker lose them.
+        self.kept = KeptTasks(redis, self._prefix, list(self._pending.values()))
 
     def _key(self, kind: str, contact: str) -> str:
         return f"{self._prefix}:{kind}:{{{contact}}}"  # braces: one Redis Cluster slot
@@ -144,41 +146,6 @@ class RedisDeliveryStore:
             pipe.zrem(key, operation.id)
         pipe.zadd(self._pending[lane], {operation.id: operation.created_at})
         pipe.execute()
-
-    def keep(self, lane: int, op: dict[str, Any], meta: dict[str, Any]) -> None:
-        """Keep the task that delivers the operation ``op`` until it is finished, seen now."""
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.hset(self._tasks, op["id"], json.dumps([lane, op, meta], separators=(",", ":")))
-        pipe.zadd(self._seen, {op["id"]: time.time()})
-        pipe.execute()
-
-    def seen(self, op_id: str) -> bool:
-        """A worker runs the task of ``op_id``: note when; whether it is still pending."""
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.zadd(self._seen, {op_id: time.time()}, xx=True)
-        for key in self._pending.values():
-            pipe.zscore(key, op_id)
-        _, *scores = pipe.execute()
-        return any(score is not None for score in scores)
-
-    def unseen(self, after: float, limit: int = 500) -> list[list[Any]]:
-        """The tasks ``[lane, op, meta]`` of operations no worker has run for ``after``
-        seconds (their message was lost, or waits in a long queue), each taken as seen
-        again later the older it is, so that a long outage of every worker adds few
-        copies; ``[]`` when another process looked within ``after / 8`` seconds."""
-        sweep = f"{self._prefix}:sweep"
-        if not self._redis.set(sweep, 1, nx=True, px=max(int(after * 125), 1000)):
-            return []
-        now = time.time()
-        ids = self._redis.zrangebyscore(self._seen, "-inf", now - after, start=0, num=limit)
-        tasks = (
-            [json.loads(raw) for raw in self._redis.hmget(self._tasks, ids) if raw] if ids else []
-        )
-        if tasks:
-            # The next copy once the operation is twice as old as now (XX: not one finished since).
-            ages = {op["id"]: now + max(now - op["created_at"] - after, 0.0) for _, op, _ in tasks}
-            self._redis.zadd(self._seen, ages, xx=True)
-        return tasks
 
     def coalesce(self, operation: Operation, contact: str, lane: int) -> int:
         """Merge an upsert into its contact's record, count it pending in ``lane``, and
@@ -304,8 +271,7 @@ class RedisDeliveryStore:
         if ids:
             for key in self._pending.values():
                 pipe.zrem(key, *ids)
-            pipe.zrem(self._seen, *ids)
-            pipe.hdel(self._tasks, *ids)
+            self.kept.forget(ids, pipe)
         if outcome is not None and count:
             pipe.hincrby(self._stats, outcome, count)
         if answer is not None:

@@ -245,18 +245,3 @@ def test_upserts_queued_behind_a_stopped_worker_make_one_call(
     assert contact["custom_fields"]["plan"] == "pro"
     synced = signals(redis_url, "contact_synced")
     assert sorted(entry["op"] for entry in synced) == sorted(op.id for op in ops)
-
-
-def test_upserts_of_a_contact_one_call_cannot_carry_are_delivered_apart(
-    emulator: Emulator, start_worker: StartWorker, producer: Callable[..., CeleryDispatcher]
-) -> None:
-    dispatcher = producer(emulator)
-    big = "x" * 300_000  # merged, the two would be over the 512 KiB a body may have
-    for field in ("a", "b"):
-        dispatcher.publish(upsert(1, custom_fields={field: big}))
-    start_worker(emulator)
-    assert dispatcher.flush(timeout=20)
-    answered = [r for r in emulator.requests_to(UPSERT) if r.status in (200, 201)]
-    assert len(answered) == 2
-    fields = emulator.contact(external_id="u1")["custom_fields"]  # type: ignore[index]
-    assert fields["a"] == big and fields["b"] == big

@@ -154,12 +154,9 @@ class CeleryDispatcher:
         lane = known.lane_of(operation, lambda: store.known(contact), self._priority_fields)
         meta: dict[str, Any] = {"lane": lane}
         tasks = []
-        version = 0
         if contact is not None and self._coalesce:
-            version = store.coalesce(operation, contact, lane)
-        if version:
-            meta.update(contact=contact, version=version)
-        else:  # delivered on its own: too big to merge into its contact's record
+            meta.update(contact=contact, version=store.coalesce(operation, contact, lane))
+        else:
             store.add_pending(operation, lane)
         if operation.kind == "track":
             names = (operation.payload, operation.contact)

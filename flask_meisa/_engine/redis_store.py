@@ -21,7 +21,7 @@ from typing import Literal
 from ..operations import LANE_NAMES
 from ..operations import Operation
 from ..operations import identities
-from ..operations import join_upserts
+from ..operations import merge_upsert_payloads
 from .base import LATENCY_WINDOW
 from .base import DeliveryStatus
 from .known import KEEP_FOR
@@ -149,25 +149,21 @@ class RedisDeliveryStore:
 
     def coalesce(self, operation: Operation, contact: str, lane: int) -> int:
         """Merge an upsert into its contact's record, count it pending in ``lane``, and
-        return the record's new version (the task's to carry); ``0``, changing nothing,
-        when one call could not carry both (:func:`~flask_meisa.operations.join_upserts`)."""
+        return the record's new version (the task's to carry)."""
         record = self._key("contact", contact)
 
         def update(pipe: Any) -> int:
             fields = pipe.hmget(record, "version", "payload", "members", "force")
             version, payload, members, force = fields
-            body = operation.json
+            merged = operation.payload
             if payload is not None:
-                joined = join_upserts(json.loads(payload), operation.payload)
-                if joined is None:
-                    return 0
-                body = joined[1]
+                merged = merge_upsert_payloads(json.loads(payload), operation.payload)
             pipe.multi()
             pipe.hset(
                 record,
                 mapping={
                     "version": int(version or 0) + 1,
-                    "payload": body,
+                    "payload": json.dumps(merged, separators=(",", ":")),
                     "members": json.dumps([*json.loads(members or "[]"), operation.id]),
                     "force": int(operation.force or int(force or 0)),
                 },

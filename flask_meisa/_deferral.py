@@ -55,9 +55,12 @@ class _RequestBatch:
             self.operations.append(operation)
             return
         names = _names(operation)
-        # Only into the latest upsert of every name it has, so that none goes out of order.
-        found = [self._upserts[n] for n in names if n in self._upserts]
-        earlier = found[0] if found and all(op is found[0] for op in found) else None
+        earlier = next((self._upserts[n] for n in names if n in self._upserts), None)
+        # Only into the latest upsert of every name either has, so that none overtakes one.
+        if earlier is not None and any(
+            self._upserts.get(n) is not earlier for n in {*names, *_names(earlier)}
+        ):
+            earlier = None
         if earlier is None or not earlier.merge(operation):
             self.operations.append(operation)
         else:

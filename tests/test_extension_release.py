@@ -282,3 +282,19 @@ def test_upserts_of_one_contact_that_one_call_cannot_carry_go_one_after_the_othe
         ("2", []),
         ("1", ["c"]),
     ]
+
+
+def test_an_upsert_merges_into_no_earlier_one_that_a_later_upsert_follows(
+    emulator: Any, app: Flask
+) -> None:
+    meisa = app.extensions["meisa"]
+    big = "x" * 300_000
+    with app.test_request_context():
+        meisa.upsert({"email": "a@example.com", "external_id": "1", "custom_fields": {"a": big}})
+        # User 1 moves to another address (too big to merge: it goes after).
+        meisa.upsert({"email": "b@example.com", "external_id": "1", "custom_fields": {"b": big}})
+        meisa.upsert({"email": "a@example.com", "first_name": "Carol"})  # after the move
+    with app.app_context():
+        assert meisa.flush(timeout=10)
+    sent = [(r.body["email"], r.body.get("first_name")) for r in upserts(emulator)]
+    assert sent == [("a@example.com", None), ("b@example.com", None), ("a@example.com", "Carol")]

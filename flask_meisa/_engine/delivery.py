@@ -41,7 +41,6 @@ __all__ = ["Delivery", "make_dispatcher"]
 GROUP_WINDOW = 0.01
 #: Seconds between passes that age routine syncs and prune old records.
 _HOUSEKEEPING = 30.0
-_JOIN_TIMEOUT = 2.0
 
 
 class Delivery:
@@ -98,7 +97,7 @@ class Delivery:
         self._idle = threading.Condition(self._lock)  # flush waits here
         self._intake: list[Operation] = []
         self._writing = 0  # operations taken by the writer, not yet stored
-        self._dropped_here = 0  # shed from memory while the store took nothing
+        self._dropped_here = 0  # shed from memory, or not stored (writer_error)
         self._live_rows = 0  # live operations stored, as last counted plus added since
         self._count_at = 0.0  # when to count them again
         self._threads: list[threading.Thread] = []
@@ -143,12 +142,10 @@ class Delivery:
         if batch and not self._started:
             self.start()
         if closed:
-            for operation in batch:
-                if operation.kind == "send":
-                    raise DeliveryError(
-                        f"the delivery engine is closed; {operation.describe()} was not sent"
-                    )
-                self._hooks.call("dropped", operation, "closed")
+            for op in batch:
+                if op.kind == "send":
+                    raise DeliveryError(f"delivery engine is closed; {op.describe()} was not sent")
+                self._hooks.call("dropped", op, "closed")
 
     def budget_slot(self, timeout: float) -> contextlib.AbstractContextManager[bool]:
         """A slot of the host's budget for a call made in the caller's thread."""
@@ -191,7 +188,7 @@ class Delivery:
         self._caller.stop()
         for thread in self._threads:  # the writer stores what it can before it stops
             if thread is not threading.current_thread():
-                thread.join(_JOIN_TIMEOUT)
+                thread.join(2.0)
         with self._lock:
             lost, self._intake = self._intake, []
         if not self.store.durable:
@@ -222,10 +219,8 @@ class Delivery:
         status.dropped += self._dropped_here
         if self.budget.windows:
             status.budget_left = self.budget.remaining()
-        if self._host_lock is None:
-            status.delivering_pid = os.getpid() if self._started else None
-        else:
-            status.delivering_pid = HostLock.holder(self._host_lock.path)
+        lock, own = self._host_lock, os.getpid() if self._started else None
+        status.delivering_pid = own if lock is None else HostLock.holder(lock.path)
         return status
 
     def after_fork(self) -> None:
@@ -294,9 +289,14 @@ class Delivery:
                     if self._stopping:
                         return  # closing: what is left is reported lost
                     self._wake.wait(self._poll)
-            except Exception:  # a bug: what it was storing is reported, not lost quietly
+            except Exception:  # a bug: stored one by one, what still fails is reported
                 self._logger.exception("flask-meisa: delivery writer error; carrying on")
-                self._drop(batch, "writer_error")
+                for operation in batch:
+                    try:
+                        self._store_batch([operation])
+                    except Exception:
+                        self._dropped_here += 1
+                        self._drop([operation], "writer_error")
             finally:
                 with self._lock:
                     self._writing = 0

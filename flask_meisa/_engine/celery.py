@@ -367,6 +367,7 @@ def make_dispatcher(state: MeisaState) -> CeleryDispatcher:
     """The Celery engine of an app, from its config."""
     settings, celery_app = settings_of(state.app)
     options = state.settings
+    call_timeout = options.connect_timeout + options.timeout
     return CeleryDispatcher(
         celery_app,
         redis=redis_client(settings.redis_url, celery_app),
@@ -375,8 +376,8 @@ def make_dispatcher(state: MeisaState) -> CeleryDispatcher:
         rate_limit=options.rate_limit,
         budget_key=options.api_key,
         coalesce=settings.coalesce,
-        call_timeout=options.connect_timeout + options.timeout,
+        call_timeout=call_timeout,
         ledger_size=options.queue_size,
         priority_fields=options.priority_fields,
-        lost_after=lost_after(celery_app, options.connect_timeout + options.timeout),
+        lost_after=lost_after(celery_app, call_timeout),
     )

@@ -107,10 +107,7 @@ def add(db: sqlite3.Connection, operation: Operation, lane: int) -> tuple[int, b
 
 
 def _merge(
-    db: sqlite3.Connection,
-    operation: Operation,
-    lane: int,
-    found: tuple[Any, ...],
+    db: sqlite3.Connection, operation: Operation, lane: int, found: tuple[Any, ...]
 ) -> tuple[int, int, str | None, str | None] | None:
     """Merge an upsert into its contact's latest waiting one (``found`` by
     :data:`_CONTACT`): its seq, lane and names."""

@@ -218,6 +218,41 @@ def test_two_big_upserts_are_not_merged_past_the_body_limit(db: sqlite3.Connecti
     ]
 
 
+def test_an_upsert_merges_into_no_row_that_a_later_upsert_of_its_contact_follows(
+    db: sqlite3.Connection,
+) -> None:
+    big = "x" * (MAX_BODY_BYTES // 2)
+    ada = {"email": "ada@example.com"}
+    first = add(db, Operation("upsert", {**ada, "external_id": "u1", "custom_fields": {"a": big}}))
+    # By address only, too big to merge: it waits after the first row.
+    basic = Operation("upsert", {**ada, "custom_fields": {"b": big, "plan": "basic"}})
+    second, merged = pending.add(db, basic, LANE_ROUTINE)
+    assert not merged and second > first
+    # By user id only: the first row is its name's latest, but the second one follows it.
+    pro = Operation("upsert", {"external_id": "u1", "custom_fields": {"plan": "pro"}})
+    third, merged = pending.add(db, pro, LANE_ROUTINE)
+    assert not merged and third > second
+    plans = [row.operation.payload["custom_fields"].get("plan") for row in drain(db)]
+    assert plans == [None, "basic", "pro"]
+
+
+def test_a_retried_upsert_absorbs_no_upsert_that_another_one_of_its_names_precedes(
+    db: sqlite3.Connection,
+) -> None:
+    big = "x" * (MAX_BODY_BYTES // 2)
+    add(db, upsert(1), LANE_ROUTINE)
+    flying = take(db)
+    assert flying is not None
+    bob = {"email": "bob@example.com"}
+    add(db, Operation("upsert", {**bob, "custom_fields": {"a": big, "plan": "basic"}}))
+    moved = {**bob, "external_id": "1", "custom_fields": {"b": big, "plan": "pro"}}
+    add(db, Operation("upsert", moved))  # too big to merge into the one before
+    pending.retry_at(db, flying, 0.0)
+    assert rows(db) == 3 and flying.merged == 1
+    plans = [row.operation.payload.get("custom_fields", {}).get("plan") for row in drain(db)]
+    assert plans == [None, "basic", "pro"]
+
+
 def test_events_wait_for_their_contacts_upsert_and_keep_their_order(
     db: sqlite3.Connection,
 ) -> None:

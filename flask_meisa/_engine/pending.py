@@ -112,7 +112,7 @@ def _merge(
     """Merge an upsert into its contact's latest waiting one (``found`` by
     :data:`_CONTACT`): its seq, lane and names."""
     seq, payload, priority, force, their_lane, their_ext, their_email, _ = found
-    if seq is None:
+    if seq is None or _passes(db, seq, None, (their_ext, their_email), keys(operation)):
         return None
     joined = join_upserts(json.loads(payload), operation.payload)
     if joined is None:
@@ -260,8 +260,9 @@ def _absorb_later(db: sqlite3.Connection, row: Row) -> None:
     ).fetchall()
     taken, body = [], ""
     for seq, payload, lane, merged in later:
-        joined = join_upserts(row.operation.payload, json.loads(payload))
-        if joined is None:
+        upsert = json.loads(payload)
+        joined = join_upserts(row.operation.payload, upsert)
+        if joined is None or _passes(db, row.seq, seq, identities(upsert), (ext, email)):
             break
         (row.operation.payload, body), row.lane = joined, min(row.lane, lane)
         row.merged += merged
@@ -273,6 +274,26 @@ def _absorb_later(db: sqlite3.Connection, row: Row) -> None:
             "WHERE seq = ?",
             (body, row.lane, row.merged, *identities(row.operation.payload), row.seq),
         )
+
+
+def _passes(
+    db: sqlite3.Connection,
+    after: int,
+    before: int | None,
+    names: tuple[str | None, str | None],
+    followed: tuple[str | None, str | None],
+) -> bool:
+    """Whether an upsert moved to ``after`` from ``before`` (``None``: from the end) would
+    pass a waiting upsert of one of its ``names`` other than the ``followed`` ones (those
+    the move already follows), so that the older state would be sent last."""
+    ext, email = (None if name in followed else name for name in names)
+    if ext is None and email is None:
+        return False
+    query = (
+        f"SELECT EXISTS (SELECT 1 FROM ({_BY_NAME.format(columns='seq', where=_UPSERTS)}) "
+        "WHERE seq > ? AND seq < coalesce(?, seq + 1))"
+    )
+    return bool(db.execute(query, (ext, email, after, before)).fetchone()[0])
 
 
 def release_flights(db: sqlite3.Connection) -> int:

@@ -499,6 +499,27 @@ def test_two_big_upserts_of_one_contact_are_not_merged_past_the_body_limit(
     assert hooks.of("failed") == []
 
 
+def test_a_flush_from_a_hook_on_the_writers_thread_answers_at_once(
+    emulator: Emulator, make_engine: MakeEngine, hooks: RecordingHooks
+) -> None:
+    engine = make_engine(emulator, rate_limit="1/minute", capacity=1)
+    engine.submit([send(0)])
+    assert hooks.wait_for("delivered", 1)  # the minute's one call is spent
+    answers: list[bool] = []
+    answered = threading.Event()
+    record = hooks.dropped
+
+    def dropped(operation: Operation, reason: str) -> None:
+        record(operation, reason)
+        answers.append(engine.flush(60))  # on the writer's thread: it must not wait on itself
+        answered.set()
+
+    hooks.dropped = dropped  # type: ignore[method-assign]
+    engine.submit([track(1, "first"), track(3, "second")])  # one more than the queue holds
+    assert answered.wait(20)
+    assert answers == [False]  # the other event still waits for the budget
+
+
 def test_what_the_writer_fails_to_store_is_reported_dropped_and_the_rest_of_its_group_stored(
     emulator: Emulator,
     make_engine: MakeEngine,

@@ -4,11 +4,13 @@ the check that an engine with threads of its own can run here."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import threading
 from collections.abc import Callable
 from collections.abc import Iterable
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from dataclasses import field
@@ -56,11 +58,18 @@ class HookCaller:
     def __init__(self, hooks: DeliveryHooks, logger: logging.Logger) -> None:
         self.hooks = hooks
         self.logger = logger
+        self._running = threading.local()
+
+    @property
+    def running(self) -> bool:
+        """Whether this thread is in a hook (where waiting for delivery would deadlock)."""
+        return bool(getattr(self._running, "depth", 0))
 
     def skip_reason(self, operation: Operation) -> str | None:
         """The hook's reason to skip ``operation``; a hook that raises skips nothing."""
         try:
-            return self.hooks.skip_reason(operation)
+            with self._in_hook():
+                return self.hooks.skip_reason(operation)
         except Exception:
             self.logger.exception(
                 "flask-meisa: the skip_reason hook raised for %s; delivering it anyway",
@@ -71,11 +80,20 @@ class HookCaller:
     def call(self, name: str, operation: Operation, *args: Any) -> None:
         """Call hook ``name`` (``skipped``, ``delivered``, ``failed`` or ``dropped``)."""
         try:
-            getattr(self.hooks, name)(operation, *args)
+            with self._in_hook():
+                getattr(self.hooks, name)(operation, *args)
         except Exception:
             self.logger.exception(
                 "flask-meisa: the %s hook raised for %s; ignored", name, operation.describe()
             )
+
+    @contextlib.contextmanager
+    def _in_hook(self) -> Iterator[None]:
+        self._running.depth = getattr(self._running, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            self._running.depth -= 1
 
 
 class CallClient:

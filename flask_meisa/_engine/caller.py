@@ -72,7 +72,6 @@ class Caller:
         #: The lane of the row last held back by the budget (``None``: not held back).
         self.blocked_lane: int | None = None
         self.reporting = 0  # outcomes stored whose hooks have not run yet
-        self.in_hook = threading.local()
 
     def kick(self) -> None:
         """There may be new work: wake the delivery threads."""
@@ -134,11 +133,9 @@ class Caller:
         if report is None:
             assert token is not None
             report = self._call(row, token)
-        self.in_hook.active = True
         try:
             report()
         finally:
-            self.in_hook.active = False
             self._count(reporting=-1)
             self._changed()
         return 0.0

@@ -155,7 +155,7 @@ class Delivery:
         """Wait at most ``timeout`` seconds (``None``: no limit) until every operation handed
         over before the call is over and its hooks ran, whichever process delivers it."""
         self.start()
-        if getattr(self._caller.in_hook, "active", False):
+        if self._hooks.running:
             return self._left(None) == 0  # waiting from a hook would deadlock
         target: int | None = None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sqlite3
 import threading
 from collections.abc import Callable
 from collections.abc import Iterator
@@ -537,3 +538,26 @@ def test_what_the_writer_fails_to_store_is_reported_dropped_and_the_rest_of_its_
     assert engine.flush(10)
     assert [op.id for op in hooks.of("delivered")] == [good.id]
     assert engine.status().dropped == 1
+
+
+def test_what_the_writer_stores_again_one_by_one_waits_in_memory_while_the_store_fails(
+    emulator: Emulator, make_engine: MakeEngine, hooks: RecordingHooks, tmp_path: Any
+) -> None:
+    class FailingOnce(Store):
+        """A store whose second write transaction fails (the group's first one by one)."""
+
+        writes = 0
+
+        def write(self) -> Any:
+            self.writes += 1
+            if self.writes == 2:
+                raise sqlite3.OperationalError("disk I/O error")
+            return super().write()
+
+    engine = make_engine(emulator, store=FailingOnce(tmp_path / "store.sqlite3"))
+    good, unstorable = upsert(2), upsert(1, a="x" * 600_000)
+    engine.submit([good, unstorable])  # one group: its bug, then the store's failure
+    assert hooks.wait_for("dropped", 1)
+    assert engine.flush(10)
+    assert [op.id for op in hooks.of("delivered")] == [good.id]
+    assert [op.id for op in hooks.of("dropped")] == [unstorable.id]

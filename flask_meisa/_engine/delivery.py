@@ -291,9 +291,13 @@ class Delivery:
                     self._wake.wait(self._poll)
             except Exception:  # a bug: stored one by one, what still fails is reported
                 self._logger.exception("flask-meisa: delivery writer error; carrying on")
-                for operation in batch:
+                for index, operation in enumerate(batch):
                     try:
                         self._store_batch([operation])
+                    except STORE_ERRORS:  # the store fails now: the rest waits in memory
+                        with self._lock:
+                            self._intake[:0] = batch[index:]
+                        break
                     except Exception:
                         self._dropped_here += 1
                         self._drop([operation], "writer_error")

@@ -5,6 +5,7 @@ coalescing, promotion, ageing, shedding and the status it describes."""
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from collections.abc import Iterator
 from typing import Any
 
@@ -54,8 +55,7 @@ def send(n: int = 0, to: str | None = None) -> Operation:
 
 def add(db: sqlite3.Connection, operation: Operation, lane: int | None = None) -> int:
     """Store ``operation`` in ``lane`` (default: its own); the row's seq."""
-    seq, _ = pending.add(db, operation, operation.lane if lane is None else lane)
-    return seq
+    return pending.add(db, operation, operation.lane if lane is None else lane).seq
 
 
 def take(db: sqlite3.Connection, now: float = 0.0) -> pending.Row | None:
@@ -121,10 +121,10 @@ def test_an_operation_comes_back_as_it_went_in(db: sqlite3.Connection) -> None:
 
 def test_waiting_upserts_coalesce_into_one_row(db: sqlite3.Connection) -> None:
     first = upsert(1, custom_fields={"plan": "free", "a": 1}, tag_names=["x"], source="signup")
-    seq, merged = pending.add(db, first, LANE_ROUTINE)
+    seq, merged, _ = pending.add(db, first, LANE_ROUTINE)
     assert not merged
     later = upsert(1, custom_fields={"plan": "pro"}, tag_names=["y"], source="api")
-    assert pending.add(db, later, LANE_ROUTINE) == (seq, True)
+    assert pending.add(db, later, LANE_ROUTINE)[:2] == (seq, True)
     assert rows(db) == 1
     (row,) = drain(db)
     payload = row.operation.payload
@@ -134,6 +134,37 @@ def test_waiting_upserts_coalesce_into_one_row(db: sqlite3.Connection) -> None:
     assert row.merged == 2
     assert row.operation.id == first.id
     assert first.payload["custom_fields"] == {"plan": "free", "a": 1}  # not mutated
+
+
+def test_a_lane_to_look_up_is_looked_up_only_when_the_row_it_joins_leaves_it_open(
+    db: sqlite3.Connection,
+) -> None:
+    looked_up: list[int] = []
+
+    def lane(answer: int) -> Callable[[], int]:
+        def look_up() -> int:
+            looked_up.append(answer)
+            return answer
+
+        return look_up
+
+    first = pending.add(db, upsert(1), lane(LANE_AUTOMATION))
+    assert (first.merged, first.lane, looked_up) == (False, LANE_AUTOMATION, [LANE_AUTOMATION])
+    # Merged into a row ahead of routine syncs: the answer could change nothing.
+    assert pending.add(db, upsert(1, first_name="A"), lane(LANE_ROUTINE)) == first._replace(
+        merged=True
+    )
+    assert looked_up == [LANE_AUTOMATION]
+    big = "x" * (MAX_BODY_BYTES // 2)
+    add(db, upsert(2, custom_fields={"a": big}), LANE_ROUTINE)
+    # Into a routine row the answer counts; and a row that cannot merge needs its own lane.
+    assert pending.add(db, upsert(2, first_name="B"), lane(LANE_AUTOMATION)).lane == (
+        LANE_AUTOMATION
+    )
+    moved = Operation("upsert", {"email": "u1@example.com", "external_id": "another"})
+    refused = pending.add(db, moved, lane(LANE_ROUTINE))  # external ids disagree
+    assert (refused.merged, refused.lane) == (False, LANE_ROUTINE)
+    assert looked_up == [LANE_AUTOMATION, LANE_AUTOMATION, LANE_ROUTINE]
 
 
 def test_a_merge_keeps_the_more_urgent_priority_and_force(db: sqlite3.Connection) -> None:
@@ -155,9 +186,9 @@ def test_an_upsert_in_flight_is_not_merged_into_and_blocks_the_next(
     add(db, upsert(1, first_name="A"))
     flying = take(db)
     assert flying is not None
-    second, merged = pending.add(db, upsert(1, first_name="B"), LANE_ROUTINE)
+    second, merged, _ = pending.add(db, upsert(1, first_name="B"), LANE_ROUTINE)
     assert not merged and second > flying.seq
-    assert pending.add(db, upsert(1, last_name="C"), LANE_ROUTINE) == (second, True)
+    assert pending.add(db, upsert(1, last_name="C"), LANE_ROUTINE)[:2] == (second, True)
     assert rows(db) == 2
     assert pending.next_ready(db, 0.0) is None  # one row of a contact at a time
     pending.finish(db, flying)
@@ -208,9 +239,9 @@ def test_a_retried_upsert_absorbs_nothing_past_the_body_limit(db: sqlite3.Connec
 def test_two_big_upserts_are_not_merged_past_the_body_limit(db: sqlite3.Connection) -> None:
     big = "x" * (MAX_BODY_BYTES // 2)
     first = add(db, upsert(1, custom_fields={"a": big}), LANE_ROUTINE)
-    second, merged = pending.add(db, upsert(1, custom_fields={"b": big}), LANE_ROUTINE)
+    second, merged, _ = pending.add(db, upsert(1, custom_fields={"b": big}), LANE_ROUTINE)
     assert not merged and second > first
-    assert pending.add(db, upsert(1, first_name="small"), LANE_ROUTINE) == (second, True)
+    assert pending.add(db, upsert(1, first_name="small"), LANE_ROUTINE)[:2] == (second, True)
     order = [sorted(row.operation.payload) for row in drain(db)]
     assert order == [
         ["custom_fields", "email", "external_id"],
@@ -226,11 +257,11 @@ def test_an_upsert_merges_into_no_row_that_a_later_upsert_of_its_contact_follows
     first = add(db, Operation("upsert", {**ada, "external_id": "u1", "custom_fields": {"a": big}}))
     # By address only, too big to merge: it waits after the first row.
     basic = Operation("upsert", {**ada, "custom_fields": {"b": big, "plan": "basic"}})
-    second, merged = pending.add(db, basic, LANE_ROUTINE)
+    second, merged, _ = pending.add(db, basic, LANE_ROUTINE)
     assert not merged and second > first
     # By user id only: the first row is its name's latest, but the second one follows it.
     pro = Operation("upsert", {"external_id": "u1", "custom_fields": {"plan": "pro"}})
-    third, merged = pending.add(db, pro, LANE_ROUTINE)
+    third, merged, _ = pending.add(db, pro, LANE_ROUTINE)
     assert not merged and third > second
     plans = [row.operation.payload["custom_fields"].get("plan") for row in drain(db)]
     assert plans == [None, "basic", "pro"]
@@ -315,7 +346,7 @@ def test_an_upsert_by_email_merges_into_the_contacts_upsert_by_both_names(
 ) -> None:
     seq = add(db, Operation("upsert", {"email": "ada@example.com", "external_id": "u1"}))
     later = Operation("upsert", {"email": "ada@example.com", "first_name": "Ada"})
-    assert pending.add(db, later, LANE_ROUTINE) == (seq, True)
+    assert pending.add(db, later, LANE_ROUTINE)[:2] == (seq, True)
     (row,) = drain(db)
     assert row.operation.payload == {
         "email": "ada@example.com",
@@ -329,7 +360,7 @@ def test_upserts_whose_external_ids_disagree_are_not_merged_but_keep_their_order
 ) -> None:
     first = add(db, Operation("upsert", {"email": "ada@example.com", "external_id": "u1"}))
     other = Operation("upsert", {"email": "ada@example.com", "external_id": "u2"})
-    second, merged = pending.add(db, other, LANE_ROUTINE)
+    second, merged, _ = pending.add(db, other, LANE_ROUTINE)
     assert not merged and second > first
     flying = take(db)
     assert flying is not None and flying.seq == first
@@ -370,7 +401,7 @@ def test_a_merge_into_a_higher_lane_promotes_the_contacts_earlier_rows(
     # waits its turn.
     assert (lane_of(db, event), lane_of(db, waiting)) == (LANE_BACKFILL, LANE_ROUTINE)
     urgent = upsert(1, custom_fields={"plan": "pro"}, priority="high")
-    assert pending.add(db, urgent, LANE_AUTOMATION) == (waiting, True)
+    assert pending.add(db, urgent, LANE_AUTOMATION)[:2] == (waiting, True)
     lanes = (lane_of(db, flying.seq), lane_of(db, event), lane_of(db, waiting))
     assert lanes == (LANE_AUTOMATION,) * 3
 
@@ -386,7 +417,7 @@ def test_a_merge_that_adds_a_name_promotes_the_rows_under_that_name(
     # An urgent upsert by email alone joins it: the merged row is known by both names,
     # so the event under the external_id moves up too.
     urgent = Operation("upsert", {"email": "u1@example.com", "first_name": "A"}, priority="high")
-    assert pending.add(db, urgent, LANE_AUTOMATION) == (waiting, True)
+    assert pending.add(db, urgent, LANE_AUTOMATION)[:2] == (waiting, True)
     assert (lane_of(db, event), lane_of(db, waiting)) == (LANE_AUTOMATION, LANE_AUTOMATION)
 
 

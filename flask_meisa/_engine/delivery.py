@@ -314,9 +314,8 @@ class Delivery:
         with self.store.write() as db:
             for operation in batch:
                 had = functools.partial(known.lookup, db, operation.payload)
-                lane = known.lane_of(operation, had, self._priority_fields)
-                pending.add(db, operation, lane)
-                lowest = min(lowest, lane)
+                lane = functools.partial(known.lane_of, operation, had, self._priority_fields)
+                lowest = min(lowest, pending.add(db, operation, lane).lane)
             # Counted at most once a second, or when the count may be near the bound.
             self._live_rows += len(batch)
             if self._live_rows >= self._capacity or time.monotonic() >= self._count_at:

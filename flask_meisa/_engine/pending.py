@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+from typing import NamedTuple
 
 from ..operations import LANE_AUTOMATION
 from ..operations import LANE_NAMES
@@ -80,13 +82,30 @@ def keys(operation: Operation) -> tuple[str | None, str | None]:
     return identities(operation.payload)
 
 
-def add(db: sqlite3.Connection, operation: Operation, lane: int) -> tuple[int, bool]:
-    """Store ``operation`` in ``lane`` (or merge it into its contact's waiting upsert);
-    returns the row's ``seq`` and whether it was merged."""
+class Added(NamedTuple):
+    """Where :func:`add` put an operation."""
+
+    seq: int
+    merged: bool
+    #: The row's lane.
+    lane: int
+
+
+def add(db: sqlite3.Connection, operation: Operation, lane: int | Callable[[], int]) -> Added:
+    """Store ``operation`` in ``lane`` (or merge it into its contact's waiting upsert).
+    ``lane`` may be a function (:func:`known.lane_of` reading the store), left uncalled
+    when a merge makes the answer moot."""
     names = keys(operation)
     found = db.execute(_CONTACT, names).fetchone()
-    merged = _merge(db, operation, lane, found) if operation.kind == "upsert" else None
+    merged = None
+    if operation.kind == "upsert":
+        # Merged into a row ahead of routine syncs, an upsert takes the lower of that row's
+        # lane and its own: whether it would itself go ahead of them does not matter.
+        if not (found[4] is not None and found[4] <= LANE_AUTOMATION):
+            lane = _lane(lane)
+        merged = _merge(db, operation, operation.lane if callable(lane) else lane, found)
     if merged is None:
+        lane = _lane(lane)
         contact = None if operation.contact is None else json.dumps(operation.contact)
         row = (operation.id, operation.kind, lane, *names, operation.json, contact)
         more = (operation.priority, int(operation.force), operation.created_at, operation.attempts)
@@ -103,7 +122,11 @@ def add(db: sqlite3.Connection, operation: Operation, lane: int) -> tuple[int, b
             f"AND lane > ? AND {_LIVE}",
             (lane, ext, email, seq, lane),
         )
-    return seq, merged is not None
+    return Added(seq, merged is not None, lane)
+
+
+def _lane(lane: int | Callable[[], int]) -> int:
+    return lane() if callable(lane) else lane
 
 
 def _merge(

@@ -99,10 +99,11 @@ def join_upserts(
     earlier: Mapping[str, Any], later: Mapping[str, Any]
 ) -> tuple[dict[str, Any], str] | None:
     """Two upserts of one contact as one payload (:func:`merge_upsert_payloads`) and its
-    body; ``None`` when their external ids disagree or one call could not carry both
-    (they go one after the other)."""
-    ext, their_ext = identities(earlier)[0], identities(later)[0]
-    if ext is not None and their_ext is not None and ext != their_ext:
+    body; ``None`` when their external ids or addresses disagree (a row keeps every name
+    it had, so what waits on one still waits) or one call could not carry both (they go
+    one after the other)."""
+    pairs = zip(identities(earlier), identities(later), strict=True)
+    if any(name is not None and theirs is not None and name != theirs for name, theirs in pairs):
         return None
     payload = merge_upsert_payloads(earlier, later)
     try:

@@ -22,6 +22,7 @@ from flask_meisa.operations import LANE_ROUTINE
 from flask_meisa.operations import LANE_TRANSACTIONAL
 from flask_meisa.operations import Operation
 from flask_meisa.operations import Priority
+from flask_meisa.operations import identities
 
 
 @pytest.fixture
@@ -282,6 +283,75 @@ def test_a_retried_upsert_absorbs_no_upsert_that_another_one_of_its_names_preced
     assert rows(db) == 3 and flying.merged == 1
     plans = [row.operation.payload.get("custom_fields", {}).get("plan") for row in drain(db)]
     assert plans == [None, "basic", "pro"]
+
+
+def plan(ext: str | None, email: str | None, value: int, **fields: Any) -> Operation:
+    """An upsert by the names given, setting ``plan`` to ``value``."""
+    names = {"external_id": ext, "email": email and f"{email}@example.com"}
+    custom = {"plan": value, **fields}
+    payload = {k: v for k, v in names.items() if v is not None} | {"custom_fields": custom}
+    return Operation("upsert", payload)
+
+
+def final_plan(rows: list[pending.Row]) -> Any:
+    """The plan Meisa ends with, the rows delivered in this order."""
+    plans = [row.operation.payload.get("custom_fields", {}).get("plan") for row in rows]
+    return [value for value in plans if value is not None][-1]
+
+
+def test_an_upsert_merges_past_no_upsert_of_its_contact_in_flight(
+    db: sqlite3.Connection,
+) -> None:
+    add(db, plan("1", None, 0))
+    add(db, plan(None, "a", 1), LANE_AUTOMATION)
+    flying = take(db)
+    assert flying is not None and flying.operation.payload["email"] == "a@example.com"
+    assert not pending.add(db, plan("1", "a", 2), LANE_ROUTINE).merged
+    pending.retry_at(db, flying, 0.0)
+    assert final_plan(drain(db)) == 2
+
+
+def test_a_retried_upsert_absorbs_nothing_past_an_upsert_of_its_contact_in_flight(
+    db: sqlite3.Connection,
+) -> None:
+    add(db, plan("1", None, 0))
+    first = take(db)
+    add(db, plan(None, "a", 1), LANE_AUTOMATION)
+    second = take(db)
+    assert first is not None and second is not None
+    add(db, plan("1", "a", 2))
+    pending.retry_at(db, first, 0.0)
+    assert first.merged == 1
+    pending.retry_at(db, second, 0.0)
+    assert final_plan(drain(db)) == 2
+
+
+def test_a_retried_upsert_absorbs_nothing_past_an_upsert_of_a_name_it_took_in(
+    db: sqlite3.Connection,
+) -> None:
+    big = "x" * (MAX_BODY_BYTES // 2)
+    add(db, plan("1", None, 0))
+    flying = take(db)
+    assert flying is not None
+    add(db, plan("1", "a", 1, big=big))  # links user 1 to the address
+    add(db, plan(None, "a", 2, more=big))  # too big to merge into the one before
+    add(db, plan("1", None, 3))
+    pending.retry_at(db, flying, 0.0)
+    assert flying.merged == 2  # took in the first only
+    assert final_plan(drain(db)) == 3
+
+
+def test_an_address_change_waits_in_its_own_row_so_the_old_address_keeps_its_order(
+    db: sqlite3.Connection,
+) -> None:
+    add(db, plan("2", None, 0))
+    add(db, plan("1", "a", 1))
+    assert not pending.add(db, plan("1", "b", 2), LANE_ROUTINE).merged  # user 1 moves to b
+    add(db, plan("2", "a", 3))  # and user 2 takes a: only once user 1 has left it
+    moves = [identities(row.operation.payload) for row in drain(db)]
+    assert moves.index(("ext:1", "email:b@example.com")) < moves.index(
+        ("ext:2", "email:a@example.com")
+    )
 
 
 def test_events_wait_for_their_contacts_upsert_and_keep_their_order(

@@ -36,12 +36,13 @@ _BY_NAME = (
     "UNION ALL SELECT {columns} FROM meisa_ops WHERE email = ? AND {where}"
 )
 _UPSERTS = "kind = 'upsert' AND state = 'pending'"
-# One read of a contact's live rows: its latest waiting upsert (all NULL when none) and
-# the highest lane among them.
+# One read of a contact's live rows: its latest waiting upsert (all NULL when none), its
+# latest upsert in any state, and the highest lane among them.
 _CONTACT = (
-    "SELECT o.seq, o.payload, o.priority, o.force, o.lane, o.ext, o.email, c.top FROM "
-    f"(SELECT max(CASE WHEN {_UPSERTS} THEN seq END) AS latest, "
-    f"max(lane) AS top FROM ({_BY_NAME.format(columns='seq, kind, state, lane', where=_LIVE)})) "
+    "SELECT o.seq, o.payload, o.priority, o.force, o.lane, o.ext, o.email, c.last, c.top "
+    f"FROM (SELECT max(CASE WHEN {_UPSERTS} THEN seq END) AS latest, "
+    "max(CASE WHEN kind = 'upsert' THEN seq END) AS last, max(lane) AS top "
+    f"FROM ({_BY_NAME.format(columns='seq, kind, state, lane', where=_LIVE)})) "
     "c LEFT JOIN meisa_ops o ON o.seq = c.latest"
 )
 _INSERT = (
@@ -134,8 +135,14 @@ def _merge(
 ) -> tuple[int, int, str | None, str | None] | None:
     """Merge an upsert into its contact's latest waiting one (``found`` by
     :data:`_CONTACT`): its seq, lane and names."""
-    seq, payload, priority, force, their_lane, their_ext, their_email, _ = found
-    if seq is None or _passes(db, seq, None, (their_ext, their_email), keys(operation)):
+    seq, payload, priority, force, their_lane, their_ext, their_email, last, _ = found
+    # Not past a later upsert of the same names in flight, nor of the row's other names.
+    ext, email = keys(operation)
+    others = (
+        None if their_ext == ext else their_ext,
+        None if their_email == email else their_email,
+    )
+    if seq is None or last != seq or _passes(db, seq, None, [others]):
         return None
     joined = join_upserts(json.loads(payload), operation.payload)
     if joined is None:
@@ -281,11 +288,13 @@ def _absorb_later(db: sqlite3.Connection, row: Row) -> None:
         f"({_BY_NAME.format(columns='seq', where=_UPSERTS)}) ORDER BY seq",
         (row.seq, ext, email),
     ).fetchall()
-    taken, body = [], ""
+    taken: list[int] = []
+    body = ""
     for seq, payload, lane, merged in later:
         upsert = json.loads(payload)
         joined = join_upserts(row.operation.payload, upsert)
-        if joined is None or _passes(db, row.seq, seq, identities(upsert), (ext, email)):
+        names = [identities(row.operation.payload), identities(upsert)]
+        if joined is None or _passes(db, row.seq, seq, names, taken):
             break
         (row.operation.payload, body), row.lane = joined, min(row.lane, lane)
         row.merged += merged
@@ -303,20 +312,28 @@ def _passes(
     db: sqlite3.Connection,
     after: int,
     before: int | None,
-    names: tuple[str | None, str | None],
-    followed: tuple[str | None, str | None],
+    names: Iterable[tuple[str | None, str | None]],
+    skip: Iterable[int] = (),
 ) -> bool:
-    """Whether an upsert moved to ``after`` from ``before`` (``None``: from the end) would
-    pass a waiting upsert of one of its ``names`` other than the ``followed`` ones (those
-    the move already follows), so that the older state would be sent last."""
-    ext, email = (None if name in followed else name for name in names)
-    if ext is None and email is None:
+    """Whether an upsert moved from ``before`` (``None``: the end) to ``after`` would pass
+    a live upsert of one of ``names`` (``(ext, email)`` pairs) other than ``skip``, so that
+    the older state would be sent last."""
+    pairs = list(names)
+    exts = sorted({ext for ext, _ in pairs if ext is not None})
+    emails = sorted({email for _, email in pairs if email is not None})
+    if not exts and not emails:
         return False
+    skipped = [int(seq) for seq in skip]
+
+    def marks(values: list[Any]) -> str:
+        return ", ".join("?" * len(values))
+
     query = (
-        f"SELECT EXISTS (SELECT 1 FROM ({_BY_NAME.format(columns='seq', where=_UPSERTS)}) "
-        "WHERE seq > ? AND seq < coalesce(?, seq + 1))"
+        "SELECT EXISTS (SELECT 1 FROM meisa_ops WHERE kind = 'upsert' AND state != 'dead' "
+        f"AND seq > ? AND seq < coalesce(?, seq + 1) AND seq NOT IN ({marks(skipped)}) "
+        f"AND (ext IN ({marks(exts)}) OR email IN ({marks(emails)})))"
     )
-    return bool(db.execute(query, (ext, email, after, before)).fetchone()[0])
+    return bool(db.execute(query, (after, before, *skipped, *exts, *emails)).fetchone()[0])
 
 
 def release_flights(db: sqlite3.Connection) -> int:

@@ -280,7 +280,8 @@ class Delivery:
                         self._kick()
                 if self.is_holder and time.monotonic() >= housekeeping:
                     housekeeping = time.monotonic() + _HOUSEKEEPING
-                    self._housekeeping()
+                    with self.store.write() as db:
+                        pending.tidy(db, time.time(), self._routine_max_age, self._known_for)
                 self._store_works(None)
             except STORE_ERRORS as error:
                 self._store_works(error)
@@ -351,10 +352,6 @@ class Delivery:
         with self._lock:
             if not self._stopping:
                 self._spawn_workers()
-
-    def _housekeeping(self) -> None:
-        with self.store.write() as db:
-            pending.tidy(db, time.time(), self._routine_max_age, self._known_for)
 
     def _store_works(self, error: BaseException | None) -> None:
         """Log once when the store starts failing, and once when it works again."""

@@ -298,3 +298,17 @@ def test_an_upsert_merges_into_no_earlier_one_that_a_later_upsert_follows(
         assert meisa.flush(timeout=10)
     sent = [(r.body["email"], r.body.get("first_name")) for r in upserts(emulator)]
     assert sent == [("a@example.com", None), ("b@example.com", None), ("a@example.com", "Carol")]
+
+
+def test_an_address_change_in_a_request_is_a_call_of_its_own_after_the_old_address(
+    emulator: Any, app: Flask
+) -> None:
+    meisa = app.extensions["meisa"]
+    with app.test_request_context():
+        meisa.upsert({"email": "a@example.com", "external_id": "1"})
+        meisa.upsert({"email": "b@example.com", "external_id": "1", "first_name": "Ada"})
+        meisa.upsert({"email": "b@example.com", "external_id": "1", "last_name": "Lovelace"})
+    with app.app_context():
+        assert meisa.flush(timeout=10)
+    sent = [(r.body["email"], r.body.get("last_name")) for r in upserts(emulator)]
+    assert sent == [("a@example.com", None), ("b@example.com", "Lovelace")]

@@ -95,7 +95,8 @@ class Added(NamedTuple):
 def add(db: sqlite3.Connection, operation: Operation, lane: int | Callable[[], int]) -> Added:
     """Store ``operation`` in ``lane`` (or merge it into its contact's waiting upsert).
     ``lane`` may be a function (:func:`known.lane_of` reading the store), left uncalled
-    when a merge makes the answer moot."""
+    when a merge makes the answer moot: it must answer ``operation.lane``, or the
+    automation lane for a routine upsert, as :func:`known.lane_of` does."""
     names = keys(operation)
     found = db.execute(_CONTACT, names).fetchone()
     merged = None

@@ -105,7 +105,7 @@ def add(db: sqlite3.Connection, operation: Operation, lane: int | Callable[[], i
         # lane and its own: whether it would itself go ahead of them does not matter.
         if not (found[4] is not None and found[4] <= LANE_AUTOMATION):
             lane = _lane(lane)
-        merged = _merge(db, operation, operation.lane if callable(lane) else lane, found)
+        merged = _merge(db, operation, operation.lane if callable(lane) else lane, found, names)
     if merged is None:
         lane = _lane(lane)
         contact = None if operation.contact is None else json.dumps(operation.contact)
@@ -132,13 +132,17 @@ def _lane(lane: int | Callable[[], int]) -> int:
 
 
 def _merge(
-    db: sqlite3.Connection, operation: Operation, lane: int, found: tuple[Any, ...]
+    db: sqlite3.Connection,
+    operation: Operation,
+    lane: int,
+    found: tuple[Any, ...],
+    names: tuple[str | None, str | None],
 ) -> tuple[int, int, str | None, str | None] | None:
-    """Merge an upsert into its contact's latest waiting one (``found`` by
-    :data:`_CONTACT`): its seq, lane and names."""
+    """Merge an upsert (named ``names``) into its contact's latest waiting one (``found``
+    by :data:`_CONTACT`): its seq, lane and names."""
     seq, payload, priority, force, their_lane, their_ext, their_email, last, _ = found
     # Not past a later upsert of the same names in flight, nor of the row's other names.
-    ext, email = keys(operation)
+    ext, email = names
     others = (
         None if their_ext == ext else their_ext,
         None if their_email == email else their_email,

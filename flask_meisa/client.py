@@ -204,6 +204,8 @@ class MeisaClient:
 
     def _tag(self, action: str, contact_id: object, tag_name: object, tag_id: object) -> TagResult:
         contact = payloads.normalize_external_id(contact_id, "contact_id")
+        if "/" in contact or contact in (".", ".."):  # not one segment of the URL's path
+            raise ValidationError("contact_id", "must not contain '/' or be '.' or '..'")
         if (tag_name is None) == (tag_id is None):
             raise ValidationError("tag_name", "give exactly one of tag_name or tag_id")
         name = payloads.optional_text(tag_name, "tag_name")

@@ -19,6 +19,7 @@ from flask_meisa.errors import NotFoundError
 from flask_meisa.errors import PermissionDeniedError
 from flask_meisa.errors import RateLimitError
 from flask_meisa.errors import UnprocessableEntityError
+from flask_meisa.errors import ValidationError
 from flask_meisa.results import BulkEnrollOutcome
 from flask_meisa.retry import RetryPolicy
 from tests.hostile import Exchange
@@ -238,6 +239,17 @@ def test_tag_unknown_contact_is_404(client: MeisaClient) -> None:
     with pytest.raises(NotFoundError) as info:
         client.add_tag("00000000-0000-0000-0000-000000000000", tag_name="vip")
     assert info.value.endpoint == "POST /contacts/{id}/add_tag/"
+
+
+@pytest.mark.parametrize("contact_id", ["/", "a/b", ".", ".."])
+def test_a_contact_id_that_is_not_one_path_segment_is_refused_before_a_request(
+    client: MeisaClient, emulator: Any, contact_id: str
+) -> None:
+    emulator.clear_requests()
+    with pytest.raises(ValidationError) as info:
+        client.remove_tag(contact_id, tag_name="vip")
+    assert info.value.field == "contact_id"
+    assert emulator.requests == []
 
 
 def test_tag_unknown_tag_id_is_404(client: MeisaClient) -> None:

@@ -27,12 +27,12 @@ def _checked(
     required: Iterable[str] = (),
     prefix: str = "",
 ) -> dict[str, JSONValue]:
-    """``values`` through ``checks``, in the checks' order (errors name ``prefix`` + the
-    field); a field that is ``None`` is left out unless it is ``required``."""
+    """The fields of ``values`` that ``checks`` has, through their checks (errors name
+    ``prefix`` + the field); one that is ``None`` is left out unless it is ``required``."""
     return {
         name: check(value, prefix + name)
-        for name, check in checks.items()
-        if (value := values.get(name)) is not None or name in required
+        for name, value in values.items()
+        if (check := checks.get(name)) is not None and (value is not None or name in required)
     }
 
 
@@ -74,9 +74,9 @@ _TRACK_FIELDS: dict[str, Check] = {
 
 def upsert_body(fields: Mapping[str, Any]) -> dict[str, JSONValue]:
     """The body of ``POST /contacts/upsert/`` from its fields (``email`` required)."""
-    for name in fields:
-        if name not in _UPSERT_FIELDS:
-            raise ValidationError(str(name), "is not a field of a contact upsert")
+    if not fields.keys() <= _UPSERT_FIELDS.keys():
+        unknown = next(name for name in fields if name not in _UPSERT_FIELDS)
+        raise ValidationError(str(unknown), "is not a field of a contact upsert")
     if fields.get("email") is None:
         raise ValidationError("email", "is required")
     return _checked(_UPSERT_FIELDS, fields)
@@ -127,13 +127,10 @@ def trigger_body(
     return _checked(_TRIGGER_FIELDS, fields, required=("trigger_key", "to_email"))
 
 
+_MISSING = object()
+
 #: A function from a user object to an upsert payload (a mapping with at least ``email``).
 ContactMapper = Callable[[Any], Mapping[str, Any]]
-
-
-def _attribute(user: Any, name: str) -> Any:
-    value = getattr(user, name, None)
-    return value() if callable(value) else value
 
 
 def default_contact_mapper(
@@ -153,17 +150,19 @@ def default_contact_mapper(
         if external_id not in (None, ""):
             payload["external_id"] = external_id
     for name in ("first_name", "last_name", "display_name"):
-        value = _attribute(user, name)
-        if value not in (None, ""):
+        value = getattr(user, name, None)
+        value = value() if callable(value) else value
+        if value is not None and value != "":
             payload[name] = value
     fields: dict[str, Any] = {}
     for field_name, attribute in custom_fields.items():
-        if not hasattr(user, attribute):
+        value = getattr(user, attribute, _MISSING)
+        if value is _MISSING:
             raise ValidationError(
                 f"custom_fields.{field_name}",
                 f"the user object has no attribute {attribute!r} (MEISA_CUSTOM_FIELDS)",
             )
-        fields[field_name] = _attribute(user, attribute)
+        fields[field_name] = value() if callable(value) else value
     if fields:
         payload["custom_fields"] = fields
     if source is not None:
@@ -180,6 +179,6 @@ def upsert_payload(
     fields: Mapping[str, Any], refusal: str = "must be a mapping"
 ) -> dict[str, Any]:
     """Validate an upsert payload given as a mapping (``meisa.upsert({...})``)."""
-    if not isinstance(fields, Mapping):
+    if type(fields) is not dict and not isinstance(fields, Mapping):
         raise ValidationError("contact", f"{refusal}, not {type(fields).__name__}")
     return upsert_body(fields)

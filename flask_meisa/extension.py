@@ -281,12 +281,14 @@ class Meisa:
         return sum(state.close(timeout) for state in states)
 
     def _map(self, state: MeisaState, user: Any) -> dict[str, Any]:
-        mapper = self._contact_mapper or functools.partial(
-            bodies.default_contact_mapper,
-            custom_fields=state.settings.custom_fields,
-            source=state.settings.default_source,
+        if self._contact_mapper is not None:
+            return bodies.map_contact(self._contact_mapper, user)
+        settings = state.settings
+        return bodies.upsert_body(
+            bodies.default_contact_mapper(
+                user, custom_fields=settings.custom_fields, source=settings.default_source
+            )
         )
-        return bodies.map_contact(mapper, user)
 
     def _on_user_logged_in(self, sender: Flask, user: Any = None, **extra: Any) -> None:
         try:  # never let a sync problem break login_user(): log it instead

@@ -123,7 +123,11 @@ def merge_priorities(first: Priority | None, second: Priority | None) -> Priorit
 _STORED = ("id", "kind", "payload", "contact", "created_at", "attempts", "priority", "force")
 
 
-@dataclass
+def _new_id() -> str:
+    return f"{random.getrandbits(128):032x}"
+
+
+@dataclass(slots=True)
 class Operation:
     """One call to Meisa waiting to be made.
 
@@ -137,7 +141,7 @@ class Operation:
     kind: OperationKind
     payload: dict[str, Any]
     contact: dict[str, Any] | None = None
-    id: str = field(default_factory=lambda: f"{random.getrandbits(128):032x}")
+    id: str = field(default_factory=_new_id)
     created_at: float = field(default_factory=time.time)
     #: Attempts made so far (incremented by delivery).
     attempts: int = 0

@@ -194,6 +194,10 @@ def test_unique_emails() -> None:
             "2024-03-01T12:30:00Z",
         ),
         (dt.datetime(2024, 3, 1, tzinfo=dt.timezone.utc), "2024-03-01T00:00:00Z"),
+        (
+            dt.datetime(2024, 3, 1, 12, 30, 5, 123000, tzinfo=dt.timezone.utc),
+            "2024-03-01T12:30:05.123000Z",
+        ),
         (dt.date(2024, 3, 1), "2024-03-01"),
         (dt.time(9, 30), "09:30:00"),
         (dt.time(9, 30, tzinfo=dt.timezone.utc), "09:30:00+00:00"),

@@ -39,23 +39,25 @@ LABELS = {"new": "new engine", "baseline": f"today's engine ({COMMIT})"}
 CACHE = ROOT / ".bench" / f"baseline-{COMMIT}"
 
 
-def source() -> Path:
-    """The folder holding today's ``flask_meisa`` package (extracted on first use)."""
-    if (CACHE / "flask_meisa" / "__init__.py").exists():
-        return CACHE
-    CACHE.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(dir=CACHE.parent, prefix="partial-"))
+def source(commit: str = COMMIT) -> Path:
+    """The folder holding the ``flask_meisa`` package of ``commit`` (default: today's
+    engine), extracted on first use."""
+    cache = CACHE if commit == COMMIT else CACHE.parent / f"commit-{commit}"
+    if (cache / "flask_meisa" / "__init__.py").exists():
+        return cache
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=cache.parent, prefix="partial-"))
     try:
         archive = subprocess.run(
-            ["git", "-C", str(ROOT), "archive", COMMIT, "flask_meisa"],
+            ["git", "-C", str(ROOT), "archive", commit, "flask_meisa"],
             check=True,
             capture_output=True,
         )
         subprocess.run(["tar", "-x", "-C", str(partial)], input=archive.stdout, check=True)
-        partial.rename(CACHE)
+        partial.rename(cache)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-    return CACHE
+    return cache
 
 
 def home(engine: str) -> Path:

@@ -28,7 +28,8 @@ def _checked(
     prefix: str = "",
 ) -> dict[str, JSONValue]:
     """The fields of ``values`` that ``checks`` has, through their checks (errors name
-    ``prefix`` + the field); one that is ``None`` is left out unless it is ``required``."""
+    ``prefix`` + the field); one that is ``None`` is left out unless it is ``required``
+    (a required field must be in ``values``, if only as ``None``)."""
     return {
         name: check(value, prefix + name)
         for name, value in values.items()

@@ -103,7 +103,7 @@ def add(db: sqlite3.Connection, operation: Operation, lane: int | Callable[[], i
     if operation.kind == "upsert":
         # Merged into a row ahead of routine syncs, an upsert takes the lower of that row's
         # lane and its own: whether it would itself go ahead of them does not matter.
-        if not (found[4] is not None and found[4] <= LANE_AUTOMATION):
+        if found[4] is None or found[4] > LANE_AUTOMATION:
             lane = _lane(lane)
         merged = _merge(db, operation, operation.lane if callable(lane) else lane, found, names)
     if merged is None:
@@ -329,16 +329,16 @@ def _passes(
     if not exts and not emails:
         return False
     skipped = [int(seq) for seq in skip]
-
-    def marks(values: list[Any]) -> str:
-        return ", ".join("?" * len(values))
-
     query = (
         "SELECT EXISTS (SELECT 1 FROM meisa_ops WHERE kind = 'upsert' AND state != 'dead' "
-        f"AND seq > ? AND seq < coalesce(?, seq + 1) AND seq NOT IN ({marks(skipped)}) "
-        f"AND (ext IN ({marks(exts)}) OR email IN ({marks(emails)})))"
+        f"AND seq > ? AND seq < coalesce(?, seq + 1) AND seq NOT IN ({_marks(skipped)}) "
+        f"AND (ext IN ({_marks(exts)}) OR email IN ({_marks(emails)})))"
     )
     return bool(db.execute(query, (after, before, *skipped, *exts, *emails)).fetchone()[0])
+
+
+def _marks(values: list[Any]) -> str:
+    return ", ".join("?" * len(values))
 
 
 def release_flights(db: sqlite3.Connection) -> int:

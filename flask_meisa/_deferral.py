@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 from typing import Any
+from typing import cast
 
 from flask import has_request_context
 from flask import request
@@ -55,7 +56,9 @@ class _RequestBatch:
             self.operations.append(operation)
             return
         names = _names(operation)
-        earlier = next((self._upserts[n] for n in names if n in self._upserts), None)
+        earlier = None
+        if self._upserts:  # most requests make one upsert
+            earlier = next((self._upserts[n] for n in names if n in self._upserts), None)
         # Only into the latest upsert of every name either has, so that none overtakes one.
         if earlier is not None and any(
             self._upserts.get(n) is not earlier for n in {*names, *_names(earlier)}
@@ -69,6 +72,12 @@ class _RequestBatch:
             self._upserts[name] = operation
 
 
+def _environ() -> WSGIEnvironment:
+    """The current request's environ: through the proxy's object, at a quarter of the cost
+    of ``request.environ`` (this runs on every request)."""
+    return cast(Any, request)._get_current_object().environ  # type: ignore[no-any-return]
+
+
 def _names(operation: Operation) -> list[str]:
     return [name for name in identities(operation.payload) if name]
 
@@ -77,7 +86,7 @@ def enqueue(state: MeisaState, operation: Operation) -> None:
     """Add ``operation`` to the current request's batch while its response is being made;
     otherwise hand it to delivery now (:class:`DeliveryError` if the engine is full)."""
     if has_request_context():
-        environ = request.environ
+        environ = _environ()
         if not environ.get(_RESPONDED_KEY):
             batch = environ.get(_BATCH_KEY)
             if batch is None:
@@ -134,7 +143,7 @@ def _release(state: MeisaState, batch: _RequestBatch, *, failed: bool = False) -
 def release_now(state: MeisaState) -> None:
     """Hand the current request's batch, if any, to delivery now (``meisa.flush``)."""
     if has_request_context():
-        batch = request.environ.pop(_BATCH_KEY, None)
+        batch = _environ().pop(_BATCH_KEY, None)
         if batch is not None:
             _dispatch(state, batch.operations)
 
@@ -158,12 +167,13 @@ class AfterResponseMiddleware:
     def teardown(self, error: BaseException | None) -> None:
         """Teardown hook: a request context pushed without this middleware
         (``test_request_context``) has no after-response point, so it releases here."""
-        environ = request.environ
+        environ = _environ()
         batch = None if environ.get(_MIDDLEWARE_KEY) else environ.pop(_BATCH_KEY, None)
         if batch is not None:
             _release(self._state, batch, failed=error is not None)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        self._state.start()  # with the first request (``flask run``, a forked worker)
         environ[_MIDDLEWARE_KEY] = True
         failed = False
 

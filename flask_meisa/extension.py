@@ -81,7 +81,6 @@ class Meisa:
         middleware = deferral.AfterResponseMiddleware(app.wsgi_app, state)
         app.wsgi_app = state.middleware = middleware  # type: ignore[method-assign]
         app.teardown_request(middleware.teardown)
-        app.before_request(state.start)
         # Bound methods: held weakly by blinker, alive as long as this instance is.
         signals.plan_changed.connect(self._on_plan_changed)
         if settings.sync_on_login:

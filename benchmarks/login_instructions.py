@@ -105,7 +105,7 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is not installed (apt-get install valgrind)")
-    rows = {name: VARIANTS[name] for name in ["bare", *args.only] if name in VARIANTS}
+    rows = {name: VARIANTS[name] for name in ["bare", *args.only]}
     homes = {"new": ROOT, "baseline": baseline.source()}
     if args.ref:
         homes[args.ref] = baseline.source(args.ref)

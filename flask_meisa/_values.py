@@ -1,6 +1,7 @@
 """Parsers of ``MEISA_*`` values (a Python value, or a string read from the environment)
-into the values used, for :mod:`flask_meisa.config` and the client. A refusal says what is
-allowed and never repeats the value: the caller decides whether it may be shown.
+into the values used, for :mod:`flask_meisa.config`, the client and the emulator (rate
+limits). A refusal says what is allowed and never repeats the value: the caller decides
+whether it may be shown.
 """
 
 from __future__ import annotations
@@ -8,14 +9,15 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import re
 import threading
 from collections.abc import Callable
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 from ._bodies import CONTACT_SOURCES
-from ._ratelimit import parse_rate_limit
 from .errors import ConfigurationError
 
 #: ``MEISA_OUTBOX`` values starting with this name a file in the app's instance folder.
@@ -259,3 +261,60 @@ def redis_url(value: object) -> str | None:
     if scheme not in ("redis", "rediss", "unix"):
         raise InvalidValue("must be a redis://, rediss:// or unix:// URL, or None")
     return url
+
+
+#: Seconds per unit, and the short forms taken beside the names (both also as plurals).
+_SECONDS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
+_SHORT = dict(s="second", sec="second", m="minute", min="minute", h="hour", hr="hour", d="day")
+_RULE = re.compile(
+    r"^\s*(?P<limit>\d+)\s*(?:/|\bper\b)\s*(?P<count>\d+(?:\.\d+)?)?\s*(?P<unit>[a-z]+)\s*$"
+)
+_EXAMPLE = '"60/minute;1000/hour" (units: second, minute, hour, day)'
+
+
+@dataclass(frozen=True)
+class RateWindow:
+    """At most ``limit`` calls in any ``period`` seconds; ``label`` is e.g. ``"60/minute"``."""
+
+    limit: int
+    period: float
+    label: str
+
+
+def parse_rate_limit(spec: str) -> tuple[RateWindow, ...]:
+    """Parse a budget such as ``"60/minute;1000/hour"``.
+
+    Parts are separated by ``;`` or ``,``. Each is ``<limit>/<unit>`` or
+    ``<limit> per <unit>``, optionally with a count of units (``"5/10 seconds"``). Units:
+    second, minute, hour, day, their plurals and the short forms s, sec, m, min, h, hr, d.
+
+    :raises ConfigurationError: for an empty budget, a malformed part, an unknown unit or
+        a limit of zero.
+    """
+    if not isinstance(spec, str):
+        raise ConfigurationError(f"a rate limit must be a string such as {_EXAMPLE}")
+    windows: list[RateWindow] = []
+    for part in re.split(r"[;,]", spec):
+        if not part.strip():
+            continue
+        match = _RULE.match(part.lower())
+        unit = match.group("unit") if match else ""
+        if len(unit) > 2 and unit.endswith("s") and unit[:-1] in (*_SECONDS, *_SHORT):
+            unit = unit[:-1]
+        name = _SHORT.get(unit, unit)
+        if not match or name not in _SECONDS:
+            raise ConfigurationError(
+                f"invalid rate limit {part.strip()!r}: expected a budget like {_EXAMPLE}"
+            )
+        limit = int(match.group("limit"))
+        count = float(match.group("count")) if match.group("count") else 1.0
+        seconds = _SECONDS[name]
+        if limit < 1 or count <= 0:
+            raise ConfigurationError(
+                f"invalid rate limit {part.strip()!r}: the limit and period must be positive"
+            )
+        label = f"{limit}/{name}" if count == 1.0 else f"{limit}/{count:g} {name}s"
+        windows.append(RateWindow(limit, count * seconds, label))
+    if not windows:
+        raise ConfigurationError(f"an empty rate limit: expected a budget like {_EXAMPLE}")
+    return tuple(windows)

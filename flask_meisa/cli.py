@@ -20,7 +20,7 @@ from . import _cli_text
 from ._engine import backfill
 from ._engine import dead
 from ._engine.store import Store
-from ._ratelimit import parse_rate_limit
+from ._values import parse_rate_limit
 from .config import config_template
 from .errors import MeisaError
 from .operations import Operation

@@ -12,8 +12,8 @@ import pytest
 
 from flask_meisa._engine.budget import Budget
 from flask_meisa._engine.store import Store
-from flask_meisa._ratelimit import RateWindow
-from flask_meisa._ratelimit import parse_rate_limit
+from flask_meisa._values import RateWindow
+from flask_meisa._values import parse_rate_limit
 from flask_meisa.emulator import RateLimiter as ServerLimiter
 from flask_meisa.errors import ConfigurationError
 from flask_meisa.operations import LANE_AUTOMATION

@@ -21,7 +21,7 @@ import pytest
 from flask_meisa._engine import dead
 from flask_meisa._engine import known
 from flask_meisa._engine.delivery import Delivery
-from flask_meisa._engine.hostlock import HostLock
+from flask_meisa._engine.store import HostLock
 from flask_meisa._engine.store import Store
 from flask_meisa.emulator import Emulator
 from flask_meisa.errors import DeliveryError

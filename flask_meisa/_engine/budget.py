@@ -1,6 +1,7 @@
 """The key's rate budget, kept in the store, so that every process of the host draws from
 one budget. A call holds a slot from its start (under a lease, in case its process dies)
-until its answer, which dates the slot; it leaves each window one period later."""
+until its answer, which dates the slot; it leaves each window one period later
+(:func:`slot_wait`; docs/delivery.md says why)."""
 
 from __future__ import annotations
 
@@ -8,18 +9,18 @@ import contextlib
 import sqlite3
 import time
 import uuid
+from collections.abc import Callable
 from collections.abc import Iterator
 
-from .._ratelimit import RateWindow
-from .._ratelimit import parse_rate_limit
-from .._ratelimit import slot_wait
+from .._values import RateWindow
+from .._values import parse_rate_limit
 from ..operations import LANE_BACKFILL
 from ..operations import LANE_ROUTINE
 from ..operations import LANE_TRANSACTIONAL
 from .store import STORE_ERRORS
 from .store import Store
 
-__all__ = ["TRANSACTIONAL_RESERVE", "Budget", "allowed"]
+__all__ = ["TRANSACTIONAL_RESERVE", "Budget", "allowed", "slot_wait"]
 
 #: The share of each window (rounded down) that only transactional sends may use: 3 of
 #: 60/minute, 50 of 1000/hour.
@@ -166,3 +167,29 @@ class Budget:
                 ).fetchone()[0]
                 left[window.label] = max(window.limit - answered - flying, 0)
         return left
+
+
+def slot_wait(
+    window: RateWindow,
+    allowed: int,
+    answered: int,
+    in_flight: int,
+    now: float,
+    oldest: Callable[[int], float],
+) -> float | None:
+    """How long until one more call fits in ``window``: ``0.0`` now, else seconds, or
+    ``None`` when only an answer to a call in flight can free a slot.
+
+    :param allowed: the calls this caller may have in the window (its limit, less any
+        share held back for others).
+    :param answered: calls answered within the last ``window.period`` seconds.
+    :param in_flight: calls started and not yet answered (they count already).
+    :param oldest: ``oldest(n)``: the time of the ``n``-th oldest of those answers (from 1).
+    """
+    excess = answered + in_flight - allowed + 1
+    if excess <= 0:
+        return 0.0
+    if excess > answered:
+        return None
+    # The excess oldest answers must leave the window first.
+    return max(oldest(excess) + window.period - now, 0.0)

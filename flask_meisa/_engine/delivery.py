@@ -28,8 +28,8 @@ from .base import HookCaller
 from .base import require_real_threads
 from .budget import Budget
 from .caller import Caller
-from .hostlock import HostLock
 from .store import STORE_ERRORS
+from .store import HostLock
 from .store import Store
 
 if TYPE_CHECKING:

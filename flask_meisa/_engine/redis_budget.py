@@ -1,6 +1,6 @@
-"""The key's rate budget in Redis, shared by every worker on every machine: the rules of
-:mod:`~flask_meisa._ratelimit` with lanes, the pause after a 429 and the outage breaker,
-each an atomic Lua script on Redis's clock (docs/celery.md explains them).
+"""The key's rate budget in Redis, shared by every worker on every machine: the rule of
+:func:`~flask_meisa._engine.budget.slot_wait` with lanes, the pause after a 429 and the
+outage breaker, each an atomic Lua script on Redis's clock (docs/celery.md explains them).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._decisions import OUTAGE_THRESHOLD
-from .._ratelimit import parse_rate_limit
+from .._values import parse_rate_limit
 from ..operations import LANE_NAMES
 from ..operations import LANE_ROUTINE
 from .budget import TRANSACTIONAL_RESERVE

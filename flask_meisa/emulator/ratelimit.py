@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections import deque
 
-from .._ratelimit import parse_rate_limit
+from .._values import parse_rate_limit
 
 __all__ = ["RateLimiter", "parse_rules", "retry_after_header"]
 

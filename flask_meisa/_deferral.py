@@ -17,6 +17,7 @@ from typing import cast
 
 from flask import has_request_context
 from flask import request
+from flask import request_tearing_down
 
 from .errors import DeliveryError
 from .operations import Operation
@@ -91,6 +92,8 @@ def enqueue(state: MeisaState, operation: Operation) -> None:
             batch = environ.get(_BATCH_KEY)
             if batch is None:
                 batch = environ[_BATCH_KEY] = _RequestBatch()
+                if _MIDDLEWARE_KEY not in environ:
+                    state.middleware.release_at_teardown()
             batch.add(operation)
             return
     _dispatch(state, [operation], raise_refused=True)
@@ -164,22 +167,26 @@ class AfterResponseMiddleware:
         with self._released:
             return self._released.wait_for(lambda: self._open == 0, timeout)
 
-    def teardown(self, error: BaseException | None) -> None:
-        """Teardown hook: a request context pushed without this middleware
-        (``test_request_context``) has no after-response point, so it releases here."""
+    def release_at_teardown(self) -> None:
+        """Release batches of request contexts pushed without this middleware
+        (``test_request_context``), which have no after-response point, at their teardown.
+        Connected on first need, so that other requests do not pay for it."""
+        request_tearing_down.connect(self._teardown, sender=self._state.app)
+
+    def _teardown(self, sender: Any, exc: BaseException | None = None, **extra: Any) -> None:
         environ = _environ()
         batch = None if environ.get(_MIDDLEWARE_KEY) else environ.pop(_BATCH_KEY, None)
         if batch is not None:
-            _release(self._state, batch, failed=error is not None)
+            _release(self._state, batch, failed=exc is not None)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         self._state.start()  # with the first request (``flask run``, a forked worker)
         environ[_MIDDLEWARE_KEY] = True
-        failed = False
+        status = ""
 
         def recording_start_response(line: str, headers: Any, exc_info: Any = None) -> Any:
-            nonlocal failed
-            failed = _server_error(line)
+            nonlocal status
+            status = line
             return start_response(line, headers, exc_info)
 
         try:
@@ -196,6 +203,7 @@ class AfterResponseMiddleware:
         batch = environ.pop(_BATCH_KEY, None)
         if batch is None:
             return body
+        failed = _server_error(status)
         if self._state.app.testing:
             _release(self._state, batch, failed=failed)
             return body

@@ -80,7 +80,6 @@ class Meisa:
         app.extensions["meisa"] = self
         middleware = deferral.AfterResponseMiddleware(app.wsgi_app, state)
         app.wsgi_app = state.middleware = middleware  # type: ignore[method-assign]
-        app.teardown_request(middleware.teardown)
         # Bound methods: held weakly by blinker, alive as long as this instance is.
         signals.plan_changed.connect(self._on_plan_changed)
         if settings.sync_on_login:

@@ -69,8 +69,11 @@ class Transport:
     """What a client and its ``with_options`` copies share: the key's headers, and the
     session given or the client's own (made on first use, and again in a forked child)."""
 
-    def __init__(self, api_key: str, session: requests.Session | None, pool_size: int) -> None:
+    def __init__(
+        self, api_key: str, base_url: str, session: requests.Session | None, pool_size: int
+    ) -> None:
         self._key, self._given, self._pool_size = api_key, session, pool_size
+        self._base_url = base_url
         self._own: requests.Session | None = None
         self._lock, self._closed = threading.Lock(), False
         _transports.add(self)
@@ -91,10 +94,7 @@ class Transport:
             if self._given is not None:
                 return self._given
             if self._own is None:
-                self._own = requests.Session()
-                adapter = WatchedAdapter(pool_connections=4, pool_maxsize=self._pool_size)
-                self._own.mount("https://", adapter)
-                self._own.mount("http://", adapter)
+                self._own = _session_for(self._base_url, self._pool_size)
             return self._own
 
     def after_fork(self) -> None:
@@ -145,6 +145,21 @@ class Transport:
         if 200 <= status < 300:
             return status, _json(content), None
         return status, None, _api_error(endpoint, response, content, self._key, request.scope)
+
+
+def _session_for(base_url: str, pool_size: int) -> requests.Session:
+    """A session for ``base_url`` that reads the environment's proxy and CA bundle
+    variables once, here: by default requests reads them, scanning the whole environment,
+    and looks for ``~/.netrc``, on every call (a third of a call's CPU in a container)."""
+    session = requests.Session()
+    adapter = WatchedAdapter(pool_connections=4, pool_maxsize=pool_size)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    session.proxies = requests.utils.get_environ_proxies(base_url)  # NO_PROXY honoured
+    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    session.verify = bundle or True
+    session.trust_env = False
+    return session
 
 
 # Every transport of the process, each reset in a forked child by the one fork hook

@@ -75,7 +75,9 @@ class MeisaClient:
     :param timeout: seconds, or ``(connect, read)``; an attempt ends after ``connect + read``
         in all (on a given ``session``: per read only), and within the policy's deadline.
     :param session: a session to use and leave open; by default the client's own, made on
-        first use with ``pool_size`` connections per host and closed by :meth:`close`.
+        first use with ``pool_size`` connections per host and closed by :meth:`close`. It
+        reads the proxy and CA bundle variables (``HTTPS_PROXY``, ``NO_PROXY``,
+        ``REQUESTS_CA_BUNDLE``, ...) once, when it is made, and never ``~/.netrc``.
     :raises ConfigurationError: for a missing or malformed key, URL, timeout or policy.
     """
 
@@ -106,7 +108,7 @@ class MeisaClient:
             raise ConfigurationError("session must be a requests.Session")
         if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
             raise ConfigurationError("pool_size must be an integer >= 1")
-        self._http = _http.Transport(key, session, pool_size)
+        self._http = _http.Transport(key, self._base_url, session, pool_size)
         self._owner = True
 
     @property

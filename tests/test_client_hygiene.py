@@ -379,3 +379,43 @@ def test_empty_or_odd_error_bodies() -> None:
     long = _http._api_error("GET /ping/", *answer(500, b'{"detail": "' + b"x" * 999 + b'"}'), "k")
     assert len(long.message) == _http.MAX_MESSAGE
     assert long.message.endswith("…")
+
+
+def test_the_environment_proxy_carries_calls_unless_no_proxy_names_the_host(
+    emulator: Any, secret: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The client reads the proxy variables once per session, as requests would per call.
+    answer = response(200, {"id": "c-1", "email": "a@example.com"})
+    for name in ("http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    with hostile(lambda exchange: exchange.send(answer)) as proxy:
+        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{proxy.port}")
+        with MeisaClient(secret, emulator.url) as meisa:
+            assert meisa.upsert_contact(email="a@example.com").email == "a@example.com"
+        # A proxy is asked for the absolute URL.
+        assert proxy.requests == [("POST", f"{emulator.url}/contacts/upsert/")]
+        assert emulator.contact(email="a@example.com") is None
+        monkeypatch.setenv("no_proxy", "127.0.0.1")
+        with MeisaClient(secret, emulator.url) as meisa:
+            meisa.upsert_contact(email="b@example.com")
+        assert len(proxy.requests) == 1
+    assert emulator.contact(email="b@example.com") is not None
+
+
+def test_the_environment_ca_bundle_is_used(
+    secret: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    def failure() -> str:
+        with (
+            MeisaClient(secret, "https://127.0.0.1:9/api/v1", retry=FAST) as meisa,
+            pytest.raises(APIConnectionError) as caught,
+        ):
+            meisa.ping()
+        return str(caught.value)
+
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    assert "request not sent" not in failure()  # it tried to connect
+    # A bundle that does not exist stops the call before any connection.
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "missing.pem"))
+    assert "request not sent (OSError)" in failure()

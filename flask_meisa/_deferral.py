@@ -34,8 +34,9 @@ if TYPE_CHECKING:
 
 __all__ = ["AfterResponseMiddleware", "enqueue", "release_now", "report_queued"]
 
-#: Environ keys: the request's batch; set while the middleware handles the request; set
-#: once the app has returned its response.
+#: Environ keys: the request's batches (``{state: batch}``: work of another app's Meisa,
+#: made in its app context, goes through that app's state); set while the middleware
+#: handles the request; set once the app has returned its response.
 _BATCH_KEY = "flask_meisa.batch"
 _MIDDLEWARE_KEY = "flask_meisa.middleware"
 _RESPONDED_KEY = "flask_meisa.responded"
@@ -89,11 +90,16 @@ def enqueue(state: MeisaState, operation: Operation) -> None:
     if has_request_context():
         environ = _environ()
         if not environ.get(_RESPONDED_KEY):
-            batch = environ.get(_BATCH_KEY)
-            if batch is None:
-                batch = environ[_BATCH_KEY] = _RequestBatch()
+            batches = environ.get(_BATCH_KEY)
+            if batches is None:
                 if _MIDDLEWARE_KEY not in environ:
-                    state.middleware.release_at_teardown()
+                    # No after-response point (``test_request_context``): released at the
+                    # context's teardown, by a receiver other requests never pay for.
+                    request_tearing_down.connect(_teardown, weak=False)
+                batches = environ[_BATCH_KEY] = {}
+            batch = batches.get(state)
+            if batch is None:
+                batch = batches[state] = _RequestBatch()
             batch.add(operation)
             return
     _dispatch(state, [operation], raise_refused=True)
@@ -143,10 +149,24 @@ def _release(state: MeisaState, batch: _RequestBatch, *, failed: bool = False) -
             logger.exception("meisa: releasing a request's operations failed")
 
 
+def _release_all(batches: dict[MeisaState, _RequestBatch] | None, *, failed: bool) -> None:
+    for state, batch in (batches or {}).items():
+        _release(state, batch, failed=failed)
+
+
+def _teardown(sender: Any, exc: BaseException | None = None, **extra: Any) -> None:
+    """``request_tearing_down`` receiver: releases the work of a request context pushed
+    without the middleware."""
+    environ = _environ()
+    if not environ.get(_MIDDLEWARE_KEY):
+        _release_all(environ.pop(_BATCH_KEY, None), failed=exc is not None)
+
+
 def release_now(state: MeisaState) -> None:
-    """Hand the current request's batch, if any, to delivery now (``meisa.flush``)."""
+    """Hand the current request's batch of ``state``, if any, to delivery now
+    (``meisa.flush``)."""
     if has_request_context():
-        batch = _environ().pop(_BATCH_KEY, None)
+        batch = (_environ().get(_BATCH_KEY) or {}).pop(state, None)
         if batch is not None:
             _dispatch(state, batch.operations)
 
@@ -167,18 +187,6 @@ class AfterResponseMiddleware:
         with self._released:
             return self._released.wait_for(lambda: self._open == 0, timeout)
 
-    def release_at_teardown(self) -> None:
-        """Release batches of request contexts pushed without this middleware
-        (``test_request_context``), which have no after-response point, at their teardown.
-        Connected on first need, so that other requests do not pay for it."""
-        request_tearing_down.connect(self._teardown, sender=self._state.app)
-
-    def _teardown(self, sender: Any, exc: BaseException | None = None, **extra: Any) -> None:
-        environ = _environ()
-        batch = None if environ.get(_MIDDLEWARE_KEY) else environ.pop(_BATCH_KEY, None)
-        if batch is not None:
-            _release(self._state, batch, failed=exc is not None)
-
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         self._state.start()  # with the first request (``flask run``, a forked worker)
         environ[_MIDDLEWARE_KEY] = True
@@ -192,28 +200,26 @@ class AfterResponseMiddleware:
         try:
             body = self.wsgi_app(environ, recording_start_response)
         except BaseException:
-            batch = environ.pop(_BATCH_KEY, None)
-            if batch is not None:
-                _release(self._state, batch, failed=True)
+            _release_all(environ.pop(_BATCH_KEY, None), failed=True)
             raise
         finally:
             # From here on the response is on its way: work queued while a stream is
             # being written goes straight to delivery.
             environ[_RESPONDED_KEY] = True
-        batch = environ.pop(_BATCH_KEY, None)
-        if batch is None:
+        batches = environ.pop(_BATCH_KEY, None)
+        if not batches:
             return body
         failed = _server_error(status)
         if self._state.app.testing:
-            _release(self._state, batch, failed=failed)
+            _release_all(batches, failed=failed)
             return body
         with self._released:
             self._open += 1
-        return _ReleasingBody(body, functools.partial(self._finish, batch, failed))
+        return _ReleasingBody(body, functools.partial(self._finish, batches, failed))
 
-    def _finish(self, batch: _RequestBatch, failed: bool) -> None:
+    def _finish(self, batches: dict[MeisaState, _RequestBatch], failed: bool) -> None:
         try:
-            _release(self._state, batch, failed=failed)
+            _release_all(batches, failed=failed)
         finally:
             with self._released:
                 self._open -= 1

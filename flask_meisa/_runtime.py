@@ -88,12 +88,10 @@ class MeisaState:
         return self._app() is not None
 
     @property
-    def middleware(self) -> AfterResponseMiddleware:
-        """The app's after-response middleware (its open responses count for ``flush``)."""
-        middleware = None if self._middleware is None else self._middleware()
-        if middleware is None:
-            raise RuntimeError("the Flask app of this Meisa state no longer exists")
-        return middleware
+    def middleware(self) -> AfterResponseMiddleware | None:
+        """The app's after-response middleware (its open responses count for ``flush``);
+        ``None`` once nothing holds it (the app's ``wsgi_app`` was replaced, or is gone)."""
+        return None if self._middleware is None else self._middleware()
 
     @middleware.setter
     def middleware(self, middleware: AfterResponseMiddleware) -> None:

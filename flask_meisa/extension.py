@@ -256,7 +256,8 @@ class Meisa:
         state = self.state()
         deferral.release_now(state)
         deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
-        if not state.middleware.wait_released(timeout):
+        middleware = state.middleware
+        if middleware is not None and not middleware.wait_released(timeout):
             return False
         if not state.has_dispatcher():
             return True

@@ -1,8 +1,5 @@
-"""Parsers of ``MEISA_*`` values (a Python value, or a string read from the environment)
-into the values used, for :mod:`flask_meisa.config`, the client and the emulator (rate
-limits). A refusal says what is allowed and never repeats the value: the caller decides
-whether it may be shown.
-"""
+"""Parsers of ``MEISA_*`` values (Python values, or strings read from the environment) and
+of rate limits. A refusal says what is allowed and never repeats the value."""
 
 from __future__ import annotations
 
@@ -263,11 +260,11 @@ def redis_url(value: object) -> str | None:
     return url
 
 
-#: Seconds per unit, and the short forms taken beside the names (both also as plurals).
-_SECONDS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
-_SHORT = dict(s="second", sec="second", m="minute", min="minute", h="hour", hr="hour", d="day")
+#: Each unit's name and seconds, by its initial (every form of a unit starts with it).
+_UNITS = dict(s=("second", 1.0), m=("minute", 60.0), h=("hour", 3600.0), d=("day", 86400.0))
 _RULE = re.compile(
-    r"^\s*(?P<limit>\d+)\s*(?:/|\bper\b)\s*(?P<count>\d+(?:\.\d+)?)?\s*(?P<unit>[a-z]+)\s*$"
+    r"^\s*(?P<limit>\d+)\s*(?:/|\bper\b)\s*(?P<count>\d+(?:\.\d+)?)?\s*"
+    r"(?P<unit>seconds?|secs?|s|minutes?|mins?|m|hours?|hrs?|h|days?|d)\s*$"
 )
 _EXAMPLE = '"60/minute;1000/hour" (units: second, minute, hour, day)'
 
@@ -294,21 +291,15 @@ def parse_rate_limit(spec: str) -> tuple[RateWindow, ...]:
     if not isinstance(spec, str):
         raise ConfigurationError(f"a rate limit must be a string such as {_EXAMPLE}")
     windows: list[RateWindow] = []
-    for part in re.split(r"[;,]", spec):
-        if not part.strip():
-            continue
+    for part in filter(str.strip, re.split(r"[;,]", spec)):
         match = _RULE.match(part.lower())
-        unit = match.group("unit") if match else ""
-        if len(unit) > 2 and unit.endswith("s") and unit[:-1] in (*_SECONDS, *_SHORT):
-            unit = unit[:-1]
-        name = _SHORT.get(unit, unit)
-        if not match or name not in _SECONDS:
+        if not match:
             raise ConfigurationError(
                 f"invalid rate limit {part.strip()!r}: expected a budget like {_EXAMPLE}"
             )
         limit = int(match.group("limit"))
-        count = float(match.group("count")) if match.group("count") else 1.0
-        seconds = _SECONDS[name]
+        count = float(match.group("count") or 1.0)
+        name, seconds = _UNITS[match.group("unit")[0]]
         if limit < 1 or count <= 0:
             raise ConfigurationError(
                 f"invalid rate limit {part.strip()!r}: the limit and period must be positive"

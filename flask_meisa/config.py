@@ -1,8 +1,5 @@
-"""The ``MEISA_*`` configuration keys: one table, :data:`KEYS`, and what is made from it:
-the defaults, the validation, :class:`MeisaSettings`, the template and the README's table.
-``init_app`` resolves the keys once, but ``MEISA_ENABLED`` and ``MEISA_SUPPRESS_SEND`` are
-read on every operation (:func:`is_delivering`), ``MEISA_CELERY_*`` by the Celery engine.
-"""
+"""The ``MEISA_*`` configuration keys: one table, :data:`KEYS`, from which the defaults, the
+validation, :class:`MeisaSettings`, the template and the README's table are made."""
 
 from __future__ import annotations
 
@@ -219,21 +216,27 @@ def _shown(key: Key, value: object) -> str:
     return f"{kind} {text if len(text) <= 80 else text[:77] + '...'}"
 
 
-def _parse(config: Mapping[str, Any], keys: Iterable[Key]) -> tuple[dict[str, Any], list[str]]:
-    """The parsed values of ``keys``, and a line for each that is invalid."""
+def resolve_keys(config: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
+    """The parsed values of the keys ``names`` (a missing key takes its default).
+
+    :raises ConfigurationError: one, listing every invalid key, and ``MEISA_API_KEY`` when
+        it is among ``names``, unset while delivery is on.
+    """
     values: dict[str, Any] = {}
     problems: list[str] = []
-    for key in keys:
+    for key in map(_BY_NAME.__getitem__, names):
         raw = config.get(key.name, key.default)
         try:
             values[key.name] = key.parse(raw)
         except _values.InvalidValue as error:
             problems.append(f"{key.name} {error}, got {_shown(key, raw)}")
-    return values, problems
-
-
-def _check(problems: list[str]) -> None:
-    """Raise one error listing every problem, if there is any."""
+    known = values.keys() >= {"MEISA_API_KEY", *_SWITCHES}
+    if known and values["MEISA_API_KEY"] is None and _delivering(values, config):
+        problems.append(
+            "MEISA_API_KEY is not set: set it to your Meisa API key, or turn delivery off"
+            " (MEISA_ENABLED = False; under TESTING it is off unless MEISA_SUPPRESS_SEND ="
+            " False)"
+        )
     if problems:
         count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
         lines = "".join(f"\n  - {problem}" for problem in problems)
@@ -241,15 +244,6 @@ def _check(problems: list[str]) -> None:
             f"invalid Meisa configuration ({count}; `flask meisa config-template` describes"
             f" every key):{lines}"
         )
-
-
-def resolve_keys(config: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
-    """The parsed values of the keys ``names`` (a missing key takes its default).
-
-    :raises ConfigurationError: one, listing every invalid key.
-    """
-    values, problems = _parse(config, [_BY_NAME[name] for name in names])
-    _check(problems)
     return values
 
 
@@ -325,15 +319,7 @@ class MeisaSettings:
             and what is allowed.
         """
         warn_unknown_keys(config)
-        values, problems = _parse(config, KEYS)
-        known = values.keys() >= {"MEISA_API_KEY", *_SWITCHES}
-        if known and values["MEISA_API_KEY"] is None and _delivering(values, config):
-            problems.append(
-                "MEISA_API_KEY is not set: set it to your Meisa API key, or turn delivery off"
-                " (MEISA_ENABLED = False; under TESTING it is off unless MEISA_SUPPRESS_SEND ="
-                " False)"
-            )
-        _check(problems)
+        values = resolve_keys(config, _BY_NAME)
         settings = {key.attribute: values[key.name] for key in KEYS if key.resolved}
         if settings["delivery"] != "thread":
             settings["outbox"] = None  # only background delivery has a store
@@ -348,8 +334,7 @@ def _literal(value: Any) -> str:
     if isinstance(value, str):
         return json.dumps(value)
     if isinstance(value, tuple):
-        items = ", ".join(_literal(item) for item in value)
-        return f"({items},)" if len(value) == 1 else f"({items})"
+        return f"({', '.join(map(_literal, value))}{',' if len(value) == 1 else ''})"
     if isinstance(value, int) and not isinstance(value, bool) and value >= 10_000:
         return f"{value:_}"
     return repr(value)

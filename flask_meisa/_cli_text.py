@@ -40,8 +40,7 @@ def progress_line(progress: Progress) -> str:
 
 
 def status_report(status: DeliveryStatus, store_path: str | None) -> str:
-    """``flask meisa status``: the store, who delivers, a row per lane, the counters and
-    the backfill."""
+    """``flask meisa status``: store, delivering process, lanes, counters, backfill."""
     where = "memory of this process"
     if status.durable:
         where = f"{store_path} (every process of this host)"
@@ -89,8 +88,7 @@ def when(timestamp: float) -> str:
 
 
 def _duration(seconds: float) -> str:
-    """A long time, roughly: "about 4 days 9 hours", "about 1 hour 5 minutes", "under a
-    minute"."""
+    """A long time, roughly: "about 4 days 9 hours", "under a minute"."""
     days, minutes = divmod(int(seconds // 60), 1440)
     hours, minutes = divmod(minutes, 60)
     parts = [(days, "day"), (hours, "hour"), (minutes, "minute")]

@@ -1,9 +1,5 @@
-"""``flask meisa ...``: the extension's command-line interface.
-
-The group is on every app (the ``flask.commands`` entry point, and ``init_app``), so
-``config-template`` and ``emulator`` work before ``init_app``; the other commands say when
-Meisa is not initialised.
-"""
+"""``flask meisa ...``: the extension's command-line interface. The group is on every app,
+so ``config-template`` and ``emulator`` work before ``init_app``."""
 
 from __future__ import annotations
 

@@ -291,18 +291,18 @@ def parse_rate_limit(spec: str) -> tuple[RateWindow, ...]:
     if not isinstance(spec, str):
         raise ConfigurationError(f"a rate limit must be a string such as {_EXAMPLE}")
     windows: list[RateWindow] = []
-    for part in filter(str.strip, re.split(r"[;,]", spec)):
+    for number, part in enumerate(filter(str.strip, re.split(r"[;,]", spec)), 1):
         match = _RULE.match(part.lower())
         if not match:
             raise ConfigurationError(
-                f"invalid rate limit {part.strip()!r}: expected a budget like {_EXAMPLE}"
+                f"invalid rate limit (part {number}): expected a budget like {_EXAMPLE}"
             )
         limit = int(match.group("limit"))
         count = float(match.group("count") or 1.0)
         name, seconds = _UNITS[match.group("unit")[0]]
         if limit < 1 or count <= 0:
             raise ConfigurationError(
-                f"invalid rate limit {part.strip()!r}: the limit and period must be positive"
+                f"invalid rate limit (part {number}): the limit and period must be positive"
             )
         label = f"{limit}/{name}" if count == 1.0 else f"{limit}/{count:g} {name}s"
         windows.append(RateWindow(limit, count * seconds, label))

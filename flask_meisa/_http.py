@@ -28,10 +28,6 @@ from urllib3.poolmanager import PoolManager
 
 from . import errors
 from ._version import __version__
-from .errors import APIConnectionError
-from .errors import APIError
-from .errors import APITimeoutError
-from .errors import MeisaError
 
 __all__ = ["MAX_ANSWER_BYTES", "Request", "Transport", "after_fork", "time_limit"]
 
@@ -76,7 +72,7 @@ class Transport:
             after_fork()
         with self._lock:
             if self._closed:
-                raise MeisaError("this MeisaClient is closed")
+                raise errors.MeisaError("this MeisaClient is closed")
             if self._given is not None:
                 return self._given
             if self._own is None:
@@ -96,7 +92,7 @@ class Transport:
 
     def attempt(
         self, request: Request, timeout: tuple[float, float], limit: float
-    ) -> tuple[int, Any, APIError | APIConnectionError | None]:
+    ) -> tuple[int, Any, errors.APIError | errors.APIConnectionError | None]:
         """One attempt within ``limit`` seconds: ``(status, parsed body, None)`` on 2xx, else
         ``(status or 0, None, error)``; the error is raised by the caller, out of any
         ``except`` block, so it chains no ``requests`` exception (those hold the headers)."""
@@ -121,20 +117,17 @@ class Transport:
                 failure = exc
         if watch.expired:  # whatever the cut socket made of the answer
             reason = f"no complete answer within {limit:.3g} s"
-            return 0, None, APITimeoutError(endpoint, reason)
+            return 0, None, errors.APITimeoutError(endpoint, reason)
         if failure is not None:
             return 0, None, errors._connection_error(endpoint, failure, timeout)
         if content is None:
             reason = f"the answer is larger than {MAX_ANSWER_BYTES // 2**20} MiB"
-            return 0, None, APIConnectionError(endpoint, reason, retryable=False)
+            return 0, None, errors.APIConnectionError(endpoint, reason, retryable=False)
         status = response.status_code
         if 200 <= status < 300:
             return status, errors._json(content), None
-        return (
-            status,
-            None,
-            errors._api_error(endpoint, response, content, self._key, request.scope),
-        )
+        error = errors._api_error(endpoint, response, content, self._key, request.scope)
+        return status, None, error
 
 
 def _session_for(base_url: str, pool_size: int) -> requests.Session:

@@ -28,6 +28,7 @@ from urllib3.poolmanager import PoolManager
 
 from . import errors
 from ._version import __version__
+from .retry import parse_retry_after
 
 __all__ = ["MAX_ANSWER_BYTES", "Request", "Transport", "after_fork", "time_limit"]
 
@@ -126,7 +127,8 @@ class Transport:
         status = response.status_code
         if 200 <= status < 300:
             return status, errors._json(content), None
-        error = errors._api_error(endpoint, response, content, self._key, request.scope)
+        wait = parse_retry_after(response.headers.get("Retry-After"))
+        error = errors._api_error(endpoint, response, content, self._key, request.scope, wait)
         return status, None, error
 
 

@@ -5,7 +5,6 @@ the key, emails and control characters).
 
 from __future__ import annotations
 
-import datetime as dt
 import html
 import http.client
 import json
@@ -13,7 +12,6 @@ import re
 import socket
 import ssl
 from collections.abc import Mapping
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import requests
@@ -37,7 +35,6 @@ __all__ = [
     "UnprocessableEntityError",
     "ValidationError",
     "error_for_status",
-    "parse_retry_after",
 ]
 
 #: Longest message kept from an error answer.
@@ -54,7 +51,6 @@ _EMAIL_SHAPE = re.compile(r"(?<![^\s@\"'<>(),;:\[\]])[^\s@\"'<>(),;:\[\]]+@[^\s@
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _TAG = re.compile(r"<[^>]*>")
 _SPACES = re.compile(r"\s+")
-_SECONDS = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 class MeisaError(Exception):
@@ -242,8 +238,10 @@ def _api_error(
     content: bytes,
     secret: str,
     scope: str | None = None,
+    retry_after: float | None = None,
 ) -> APIError:
-    """The error of an answer with an error status (``scope``: the key scope the call needs)."""
+    """The error of an answer with an error status (``scope``: the key scope the call needs;
+    ``retry_after``: its ``Retry-After``, parsed)."""
     # Scrubbed first: that also bounds the depth json.dumps and repr() meet below.
     body = _scrub(_json(content), secret)
     code: str | None = None
@@ -270,7 +268,7 @@ def _api_error(
         message or _clean(response.reason or "", secret) or "no details",
         code=code,
         body=body,
-        retry_after=parse_retry_after(response.headers.get("Retry-After")),
+        retry_after=retry_after,
         **scoped,
     )
 
@@ -318,23 +316,3 @@ def _connection_error(
     return APIConnectionError(
         endpoint, f"request not sent ({type(exc).__name__})", retryable=False
     )
-
-
-def parse_retry_after(value: str | None, now: dt.datetime | None = None) -> float | None:
-    """Seconds a ``Retry-After`` header (delta seconds or an HTTP date, compared with ``now``)
-    asks to wait, at least 0; ``None`` when it is absent or unreadable."""
-    text = (value or "").strip()
-    if not text:
-        return None
-    if _SECONDS.fullmatch(text):
-        return max(float(text), 0.0)
-    try:
-        when = parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-    now = now or dt.datetime.now(dt.timezone.utc)
-    return max((_aware(when) - _aware(now)).total_seconds(), 0.0)
-
-
-def _aware(moment: dt.datetime) -> dt.datetime:
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=dt.timezone.utc)

@@ -3,18 +3,22 @@ its delays; the delivery engines schedule with them)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import random as _random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field
+from email.utils import parsedate_to_datetime
 
 from .errors import APIError
 from .errors import ConfigurationError
 from .errors import MeisaError
-from .errors import parse_retry_after
 
 __all__ = ["RetryPolicy", "parse_retry_after"]
+
+_SECONDS = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 @dataclass(frozen=True)
@@ -80,3 +84,23 @@ class RetryPolicy:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def parse_retry_after(value: str | None, now: dt.datetime | None = None) -> float | None:
+    """Seconds a ``Retry-After`` header (delta seconds or an HTTP date, compared with ``now``)
+    asks to wait, at least 0; ``None`` when it is absent or unreadable."""
+    text = (value or "").strip()
+    if not text:
+        return None
+    if _SECONDS.fullmatch(text):
+        return max(float(text), 0.0)
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    now = now or dt.datetime.now(dt.timezone.utc)
+    return max((_aware(when) - _aware(now)).total_seconds(), 0.0)
+
+
+def _aware(moment: dt.datetime) -> dt.datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=dt.timezone.utc)

@@ -1,56 +1,39 @@
-"""The client's transport: its session, one HTTP attempt within a time and size limit, and
-the typed error of a failed one, cleaned of the key, emails and control characters.
+"""The client's transport: its session, and one HTTP attempt within a size limit and a total
+time limit (``requests`` times each socket read only: one watchdog thread per process shuts
+down the socket of an attempt past its deadline).
 """
 
 from __future__ import annotations
 
-import html
-import http.client
-import json
+import contextlib
 import os
-import re
 import socket
-import ssl
 import threading
+import time
 import weakref
+from collections.abc import Iterator
 from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
 import requests
 import urllib3.exceptions
-from requests.exceptions import ChunkedEncodingError
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection
+from urllib3.connection import HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool
+from urllib3.connectionpool import HTTPSConnectionPool
+from urllib3.poolmanager import PoolManager
 
-from . import _watchdog
+from . import errors
 from ._version import __version__
-from ._watchdog import WatchedAdapter
-from ._watchdog import time_limit
-from .errors import APIConnectionError
-from .errors import APIError
-from .errors import APITimeoutError
-from .errors import MeisaError
-from .errors import PermissionDeniedError
-from .errors import error_for_status
 from .retry import parse_retry_after
 
-__all__ = ["MAX_ANSWER_BYTES", "Request", "Transport", "clean_text", "describe"]
+__all__ = ["MAX_ANSWER_BYTES", "Request", "Transport", "after_fork", "time_limit"]
 
-#: Longest message kept from an error answer.
-MAX_MESSAGE = 200
-#: Longest excerpt kept from a non-JSON error answer.
-MAX_EXCERPT = 120
-#: Deepest nesting kept in an error's ``body``.
-MAX_BODY_DEPTH = 32
 #: Largest answer read, decoded (the suppression list of a million addresses fits).
 MAX_ANSWER_BYTES = 32 * 1024 * 1024
-
-_KEY_SHAPE = re.compile(r"meisa_[A-Za-z0-9]+_[A-Za-z0-9_\-]+")
-# A match may only start where a run of address characters starts (the lookbehind), so a
-# long run without an "@" is scanned once, not once per character (quadratic).
-_EMAIL_SHAPE = re.compile(r"(?<![^\s@\"'<>(),;:\[\]])[^\s@\"'<>(),;:\[\]]+@[^\s@\"'<>(),;:\[\]]+")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-_TAG = re.compile(r"<[^>]*>")
-_SPACES = re.compile(r"\s+")
 
 
 @dataclass(frozen=True)
@@ -90,7 +73,7 @@ class Transport:
             after_fork()
         with self._lock:
             if self._closed:
-                raise MeisaError("this MeisaClient is closed")
+                raise errors.MeisaError("this MeisaClient is closed")
             if self._given is not None:
                 return self._given
             if self._own is None:
@@ -110,7 +93,7 @@ class Transport:
 
     def attempt(
         self, request: Request, timeout: tuple[float, float], limit: float
-    ) -> tuple[int, Any, APIError | APIConnectionError | None]:
+    ) -> tuple[int, Any, errors.APIError | errors.APIConnectionError | None]:
         """One attempt within ``limit`` seconds: ``(status, parsed body, None)`` on 2xx, else
         ``(status or 0, None, error)``; the error is raised by the caller, out of any
         ``except`` block, so it chains no ``requests`` exception (those hold the headers)."""
@@ -135,16 +118,18 @@ class Transport:
                 failure = exc
         if watch.expired:  # whatever the cut socket made of the answer
             reason = f"no complete answer within {limit:.3g} s"
-            return 0, None, APITimeoutError(endpoint, reason)
+            return 0, None, errors.APITimeoutError(endpoint, reason)
         if failure is not None:
-            return 0, None, _connection_error(endpoint, failure, timeout)
+            return 0, None, errors._connection_error(endpoint, failure, timeout)
         if content is None:
             reason = f"the answer is larger than {MAX_ANSWER_BYTES // 2**20} MiB"
-            return 0, None, APIConnectionError(endpoint, reason, retryable=False)
+            return 0, None, errors.APIConnectionError(endpoint, reason, retryable=False)
         status = response.status_code
         if 200 <= status < 300:
-            return status, _json(content), None
-        return status, None, _api_error(endpoint, response, content, self._key, request.scope)
+            return status, errors._json(content), None
+        wait = parse_retry_after(response.headers.get("Retry-After"))
+        error = errors._api_error(endpoint, response, content, self._key, request.scope, wait)
+        return status, None, error
 
 
 def _session_for(base_url: str, pool_size: int) -> requests.Session:
@@ -172,7 +157,7 @@ def after_fork() -> None:
     """In a forked child: reset the watchdog and every transport of the process."""
     global _pid
     _pid = os.getpid()
-    _watchdog.after_fork()
+    _watchdog.reset()
     for transport in list(_transports):
         transport.after_fork()
 
@@ -190,119 +175,122 @@ def _read(response: requests.Response) -> bytes | None:
     return bytes(body)
 
 
-def _json(content: bytes) -> Any:
-    try:
-        return json.loads(content) if content else None
-    except (ValueError, RecursionError):  # RecursionError: nested deeper than the stack
-        return None
+class Watch:
+    """One attempt: its deadline, its connection, and whether the deadline passed first."""
+
+    def __init__(self, seconds: float) -> None:
+        self.deadline = time.monotonic() + seconds
+        self.connection: HTTPConnection | None = None
+        self.expired = False
+
+    def cut(self) -> None:
+        """Shut the connection's socket down if the deadline has passed."""
+        sock: Any = self.connection.sock if self.expired and self.connection else None
+        if not isinstance(sock, socket.socket):
+            sock = getattr(sock, "socket", None)  # urllib3's TLS-in-TLS transport
+        if isinstance(sock, socket.socket):
+            # The plain socket's shutdown: SSLSocket's would also drop its TLS state under
+            # the thread that is reading.
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
-def describe(error: APIError | APIConnectionError) -> str:
-    """A failed attempt for a log line: the status and code, or the reason."""
-    if isinstance(error, APIError):
-        return f"answered {error.status}{f' [{error.code}]' if error.code else ''}"
-    return f"failed: {error.reason}"
+class _Watchdog:
+    """The process's watchdog thread (started on first use) and the attempts it watches."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Start afresh, as in a forked child: the thread is gone, the lock may be held."""
+        self.cond = threading.Condition()
+        self.watches: set[Watch] = set()
+        self.started = False
+
+    @contextlib.contextmanager
+    def time_limit(self, seconds: float) -> Iterator[Watch]:
+        """Cut the connection of the attempt made inside if it is still running after
+        ``seconds``; the watch says afterwards whether that happened."""
+        watch = Watch(seconds)
+        with self.cond:
+            if not self.started:
+                thread = threading.Thread(target=self._run, name="flask-meisa-watchdog")
+                thread.daemon = True
+                with contextlib.suppress(RuntimeError):  # at interpreter shutdown: per read only
+                    thread.start()
+                    self.started = True
+            self.watches.add(watch)
+            self.cond.notify()
+        token = _current.set(watch)
+        try:
+            yield watch
+        finally:
+            _current.reset(token)
+            with self.cond:
+                self.watches.discard(watch)
+
+    def _run(self) -> None:
+        with self.cond:
+            while True:
+                now = time.monotonic()
+                for watch in [w for w in self.watches if w.deadline <= now]:
+                    self.watches.discard(watch)
+                    watch.expired = True
+                    watch.cut()
+                deadlines = [w.deadline for w in self.watches]
+                self.cond.wait(min(deadlines) - now if deadlines else None)
 
 
-def clean_text(text: str, secret: str, limit: int = MAX_MESSAGE) -> str:
-    """``text`` without the key, key- or email-shaped words and control characters,
-    whitespace collapsed and cut to ``limit`` characters."""
-    text = _KEY_SHAPE.sub("[redacted]", text.replace(secret, "[redacted]") if secret else text)
-    text = _SPACES.sub(" ", _CONTROL.sub(" ", _EMAIL_SHAPE.sub("[email]", text))).strip()
-    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+_current: ContextVar[Watch | None] = ContextVar("flask_meisa_attempt", default=None)
+_watchdog = _Watchdog()
+time_limit = _watchdog.time_limit
 
 
-def _scrub(value: Any, secret: str, depth: int = 0) -> Any:
-    """An error body with every string (keys too) cleaned, uncut, and containers nested
-    deeper than :data:`MAX_BODY_DEPTH` dropped."""
-    if isinstance(value, str):
-        return clean_text(value, secret, limit=len(value) + 1)
-    if isinstance(value, (Mapping, list)) and depth >= MAX_BODY_DEPTH:
-        return None
-    if isinstance(value, Mapping):
-        return {_scrub(str(k), secret): _scrub(v, secret, depth + 1) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_scrub(v, secret, depth + 1) for v in value]
-    return value
+def _attach(connection: HTTPConnection) -> None:
+    watch = _current.get()
+    if watch is not None:
+        with _watchdog.cond:
+            watch.connection = connection
+            watch.cut()
 
 
-def _api_error(
-    endpoint: str,
-    response: requests.Response,
-    content: bytes,
-    secret: str,
-    scope: str | None = None,
-) -> APIError:
-    # Scrubbed first: that also bounds the depth json.dumps and repr() meet below.
-    body = _scrub(_json(content), secret)
-    code: str | None = None
-    message: str | None = None
-    if isinstance(body, Mapping):
-        if isinstance(body.get("code"), str) and body["code"].strip():
-            code = clean_text(body["code"], secret, limit=64)
-        for detail in (body.get("detail"), body.get("message"), body.get("error")):
-            if isinstance(detail, str) and detail.strip():
-                message = clean_text(detail, secret)
-                break
-            if isinstance(detail, (Mapping, list)) and detail:
-                message = clean_text(json.dumps(detail, ensure_ascii=False), secret)
-                break
-    elif body is None and content:
-        excerpt = html.unescape(_TAG.sub(" ", content[:2048].decode("utf-8", "replace")))
-        if excerpt := clean_text(excerpt, secret, MAX_EXCERPT):
-            message = f"non-JSON answer: {excerpt}"
-    kind = error_for_status(response.status_code)
-    scoped: dict[str, Any] = {"scope": scope} if issubclass(kind, PermissionDeniedError) else {}
-    return kind(
-        endpoint,
-        response.status_code,
-        message or clean_text(response.reason or "", secret) or "no details",
-        code=code,
-        body=body,
-        retry_after=parse_retry_after(response.headers.get("Retry-After")),
-        **scoped,
-    )
+class _WatchedHTTPConnection(HTTPConnection):
+    def connect(self) -> None:
+        _attach(self)
+        super().connect()
+        _attach(self)  # the deadline may have passed before there was a socket to cut
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _attach(self)  # a kept-alive connection is not connected again
+        super().request(*args, **kwargs)
 
 
-# Checked in order: RemoteDisconnected is a ConnectionResetError, the certificate error
-# an SSLError.
-_REASONS: list[tuple[str, bool, tuple[type[BaseException], ...]]] = [
-    ("the server closed the connection unanswered", True, (http.client.RemoteDisconnected,)),
-    ("connection refused", True, (ConnectionRefusedError,)),
-    ("connection reset", True, (ConnectionResetError, BrokenPipeError)),
-    # urllib3's IncompleteRead and InvalidChunkLength are http.client's IncompleteRead.
-    ("the answer was cut off", True, (http.client.IncompleteRead, ChunkedEncodingError)),
-    ("TLS certificate verification failed", False, (ssl.SSLCertVerificationError,)),
-    ("TLS error", True, (ssl.SSLError, requests.exceptions.SSLError)),
-    ("host not resolved", True, (socket.gaierror, urllib3.exceptions.NameResolutionError)),
-    ("the answer could not be decoded", True, (requests.exceptions.ContentDecodingError,)),
-    ("connection failed", True, (requests.ConnectionError, urllib3.exceptions.ProtocolError)),
-]
+class _WatchedHTTPSConnection(_WatchedHTTPConnection, HTTPSConnection):
+    pass
 
 
-def _connection_error(
-    endpoint: str, exc: BaseException, timeout: tuple[float, float]
-) -> APIConnectionError:
-    # Every exception ``exc`` wraps: in its args, urllib3's ``reason``, its causes.
-    chain: list[BaseException] = []
-    pending = [exc]
-    while pending and len(chain) < 32:
-        current = pending.pop(0)
-        if not any(current is seen for seen in chain):
-            chain.append(current)
-            inner = (*current.args, getattr(current, "reason", None), current.__cause__)
-            pending += [e for e in (*inner, current.__context__) if isinstance(e, BaseException)]
-    # Trust requests' own split: urllib3's NewConnectionError (a refusal) subclasses its
-    # ConnectTimeoutError, so the chain alone cannot tell a refusal from a timeout.
-    if isinstance(exc, requests.ConnectTimeout):
-        return APITimeoutError(endpoint, f"no connection within {timeout[0]:g} s")
-    timeouts = (urllib3.exceptions.ReadTimeoutError, TimeoutError)
-    if isinstance(exc, requests.Timeout) or any(isinstance(e, timeouts) for e in chain):
-        return APITimeoutError(endpoint, f"no answer within {timeout[1]:g} s")
-    for reason, retryable, kinds in _REASONS:
-        if any(isinstance(e, kinds) for e in chain):
-            return APIConnectionError(endpoint, reason, retryable=retryable)
-    # InvalidURL, InvalidHeader and the like: a fault here, not a flaky network.
-    return APIConnectionError(
-        endpoint, f"request not sent ({type(exc).__name__})", retryable=False
-    )
+class _WatchedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+def _watch_pools(manager: PoolManager) -> PoolManager:
+    # A SOCKS proxy's own pool classes are left as they are.
+    watched = {HTTPConnectionPool: _WatchedHTTPPool, HTTPSConnectionPool: _WatchedHTTPSPool}
+    classes = manager.pool_classes_by_scheme
+    manager.pool_classes_by_scheme = {k: watched.get(v, v) for k, v in classes.items()}
+    return manager
+
+
+class WatchedAdapter(HTTPAdapter):
+    """An adapter whose connections an attempt inside :func:`time_limit` can cut."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        _watch_pools(self.poolmanager)
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        return _watch_pools(super().proxy_manager_for(proxy, **proxy_kwargs))

@@ -22,6 +22,8 @@ from ._bodies import track_body
 from ._bodies import trigger_body
 from ._bodies import upsert_body
 from .config import DEFAULTS
+from .errors import APIConnectionError
+from .errors import APIError
 from .errors import ConfigurationError
 from .errors import ValidationError
 from .results import BulkEnrollResult
@@ -330,7 +332,7 @@ class MeisaClient:
                 logger.debug("%s answered %d (attempt %d)", request.endpoint, status, attempt)
                 return status, answer
             delay = policy.delay_for(attempt, error, time.monotonic() - started)
-            outcome = f"{request.endpoint} {_http.describe(error)} on attempt {attempt}"
+            outcome = f"{request.endpoint} {_describe(error)} on attempt {attempt}"
             if delay is not None:
                 logger.info("%s; retrying in %.2f s", outcome, delay)
                 time.sleep(delay)
@@ -347,6 +349,13 @@ def _flag(value: object, field: str) -> bool | None:
     if not isinstance(value, bool):
         raise ValidationError(field, f"must be True or False, not {type(value).__name__}")
     return True if value else None
+
+
+def _describe(error: APIError | APIConnectionError) -> str:
+    """A failed attempt for a log line: the status and code, or the reason."""
+    if isinstance(error, APIError):
+        return f"answered {error.status}{f' [{error.code}]' if error.code else ''}"
+    return f"failed: {error.reason}"
 
 
 def _check_timeout(timeout: object) -> tuple[float, float]:

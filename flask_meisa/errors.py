@@ -1,11 +1,22 @@
-"""The error hierarchy. No error holds the API key or a payload value: its text comes from
-the endpoint, the status and what Meisa said (cleaned).
+"""The error hierarchy, and the error a failed attempt makes. No error holds the API key or a
+payload value: its text comes from the endpoint, the status and what Meisa said (cleaned of
+the key, emails and control characters).
 """
 
 from __future__ import annotations
 
+import html
+import http.client
+import json
+import re
+import socket
+import ssl
 from collections.abc import Mapping
 from typing import Any
+
+import requests
+import urllib3.exceptions
+from requests.exceptions import ChunkedEncodingError
 
 __all__ = [
     "APIConnectionError",
@@ -25,6 +36,21 @@ __all__ = [
     "ValidationError",
     "error_for_status",
 ]
+
+#: Longest message kept from an error answer.
+MAX_MESSAGE = 200
+#: Longest excerpt kept from a non-JSON error answer.
+MAX_EXCERPT = 120
+#: Deepest nesting kept in an error's ``body``.
+MAX_BODY_DEPTH = 32
+
+_KEY_SHAPE = re.compile(r"meisa_[A-Za-z0-9]+_[A-Za-z0-9_\-]+")
+# A match may only start where a run of address characters starts (the lookbehind), so a
+# long run without an "@" is scanned once, not once per character (quadratic).
+_EMAIL_SHAPE = re.compile(r"(?<![^\s@\"'<>(),;:\[\]])[^\s@\"'<>(),;:\[\]]+@[^\s@\"'<>(),;:\[\]]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_TAG = re.compile(r"<[^>]*>")
+_SPACES = re.compile(r"\s+")
 
 
 class MeisaError(Exception):
@@ -174,3 +200,119 @@ _BY_STATUS: dict[int, type[APIError]] = {
 def error_for_status(status: int) -> type[APIError]:
     """The :class:`APIError` subclass for an HTTP status code."""
     return ServerError if status >= 500 else _BY_STATUS.get(status, APIError)
+
+
+def _json(content: bytes) -> Any:
+    """A body parsed as JSON, or ``None``."""
+    try:
+        return json.loads(content) if content else None
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the stack
+        return None
+
+
+def _clean(text: str, secret: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` without the key, key- or email-shaped words and control characters,
+    whitespace collapsed and cut to ``limit`` characters."""
+    text = _KEY_SHAPE.sub("[redacted]", text.replace(secret, "[redacted]") if secret else text)
+    text = _SPACES.sub(" ", _CONTROL.sub(" ", _EMAIL_SHAPE.sub("[email]", text))).strip()
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def _scrub(value: Any, secret: str, depth: int = 0) -> Any:
+    """An error body with every string (keys too) cleaned, uncut, and containers nested
+    deeper than :data:`MAX_BODY_DEPTH` dropped."""
+    if isinstance(value, str):
+        return _clean(value, secret, limit=len(value) + 1)
+    if isinstance(value, (Mapping, list)) and depth >= MAX_BODY_DEPTH:
+        return None
+    if isinstance(value, Mapping):
+        return {_scrub(str(k), secret): _scrub(v, secret, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub(v, secret, depth + 1) for v in value]
+    return value
+
+
+def _api_error(
+    endpoint: str,
+    response: requests.Response,
+    content: bytes,
+    secret: str,
+    scope: str | None = None,
+    retry_after: float | None = None,
+) -> APIError:
+    """The error of an answer with an error status (``scope``: the key scope the call needs;
+    ``retry_after``: its ``Retry-After``, parsed)."""
+    # Scrubbed first: that also bounds the depth json.dumps and repr() meet below.
+    body = _scrub(_json(content), secret)
+    code: str | None = None
+    message: str | None = None
+    if isinstance(body, Mapping):
+        if isinstance(body.get("code"), str) and body["code"].strip():
+            code = _clean(body["code"], secret, limit=64)
+        for detail in (body.get("detail"), body.get("message"), body.get("error")):
+            if isinstance(detail, str) and detail.strip():
+                message = _clean(detail, secret)
+                break
+            if isinstance(detail, (Mapping, list)) and detail:
+                message = _clean(json.dumps(detail, ensure_ascii=False), secret)
+                break
+    elif body is None and content:
+        excerpt = html.unescape(_TAG.sub(" ", content[:2048].decode("utf-8", "replace")))
+        if excerpt := _clean(excerpt, secret, MAX_EXCERPT):
+            message = f"non-JSON answer: {excerpt}"
+    kind = error_for_status(response.status_code)
+    scoped: dict[str, Any] = {"scope": scope} if issubclass(kind, PermissionDeniedError) else {}
+    return kind(
+        endpoint,
+        response.status_code,
+        message or _clean(response.reason or "", secret) or "no details",
+        code=code,
+        body=body,
+        retry_after=retry_after,
+        **scoped,
+    )
+
+
+# Checked in order: RemoteDisconnected is a ConnectionResetError, the certificate error
+# an SSLError.
+_REASONS: list[tuple[str, bool, tuple[type[BaseException], ...]]] = [
+    ("the server closed the connection unanswered", True, (http.client.RemoteDisconnected,)),
+    ("connection refused", True, (ConnectionRefusedError,)),
+    ("connection reset", True, (ConnectionResetError, BrokenPipeError)),
+    # urllib3's IncompleteRead and InvalidChunkLength are http.client's IncompleteRead.
+    ("the answer was cut off", True, (http.client.IncompleteRead, ChunkedEncodingError)),
+    ("TLS certificate verification failed", False, (ssl.SSLCertVerificationError,)),
+    ("TLS error", True, (ssl.SSLError, requests.exceptions.SSLError)),
+    ("host not resolved", True, (socket.gaierror, urllib3.exceptions.NameResolutionError)),
+    ("the answer could not be decoded", True, (requests.exceptions.ContentDecodingError,)),
+    ("connection failed", True, (requests.ConnectionError, urllib3.exceptions.ProtocolError)),
+]
+
+
+def _connection_error(
+    endpoint: str, exc: BaseException, timeout: tuple[float, float]
+) -> APIConnectionError:
+    """The error of an attempt that got no answer (``exc``: what ``requests`` raised)."""
+    # Every exception ``exc`` wraps: in its args, urllib3's ``reason``, its causes.
+    chain: list[BaseException] = []
+    pending = [exc]
+    while pending and len(chain) < 32:
+        current = pending.pop(0)
+        if not any(current is seen for seen in chain):
+            chain.append(current)
+            inner = (*current.args, getattr(current, "reason", None), current.__cause__)
+            pending += [e for e in (*inner, current.__context__) if isinstance(e, BaseException)]
+    # Trust requests' own split: urllib3's NewConnectionError (a refusal) subclasses its
+    # ConnectTimeoutError, so the chain alone cannot tell a refusal from a timeout.
+    if isinstance(exc, requests.ConnectTimeout):
+        return APITimeoutError(endpoint, f"no connection within {timeout[0]:g} s")
+    timeouts = (urllib3.exceptions.ReadTimeoutError, TimeoutError)
+    if isinstance(exc, requests.Timeout) or any(isinstance(e, timeouts) for e in chain):
+        return APITimeoutError(endpoint, f"no answer within {timeout[1]:g} s")
+    for reason, retryable, kinds in _REASONS:
+        if any(isinstance(e, kinds) for e in chain):
+            return APIConnectionError(endpoint, reason, retryable=retryable)
+    # InvalidURL, InvalidHeader and the like: a fault here, not a flaky network.
+    return APIConnectionError(
+        endpoint, f"request not sent ({type(exc).__name__})", retryable=False
+    )

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import requests
 
-from flask_meisa import _http
+from flask_meisa import errors
 from flask_meisa._payloads import MAX_BODY_BYTES
 from flask_meisa.client import MeisaClient
 from flask_meisa.errors import APIConnectionError
@@ -351,9 +351,9 @@ def answer(
 
 def test_non_json_error_gets_a_short_clean_excerpt() -> None:
     page = b"<html><body><h1>502 Bad Gateway</h1>" + b"<p>nginx</p>" * 100 + b"</body></html>"
-    error = _http._api_error("POST /contacts/upsert/", *answer(502, page, "text/html"), "k")
+    error = errors._api_error("POST /contacts/upsert/", *answer(502, page, "text/html"), "k")
     assert error.message.startswith("non-JSON answer: 502 Bad Gateway nginx")
-    assert len(error.message) <= len("non-JSON answer: ") + _http.MAX_EXCERPT
+    assert len(error.message) <= len("non-JSON answer: ") + errors.MAX_EXCERPT
     assert "<" not in error.message
     assert error.body is None
 
@@ -364,7 +364,7 @@ def test_echoed_key_and_addresses_are_redacted() -> None:
         b'{"detail": "Key meisa_live_' + b"f" * 32 + b' cannot email ada@example.com",'
         b' "code": "nope", "errors": {"to_email": ["ada@example.com is bad"]}}'
     )
-    error = _http._api_error("POST /emails/trigger/", *answer(400, body), key)
+    error = errors._api_error("POST /emails/trigger/", *answer(400, body), key)
     assert isinstance(error, BadRequestError)
     assert error.message == "Key [redacted] cannot email [email]"
     assert error.field_errors == {"to_email": ["[email] is bad"]}
@@ -372,12 +372,12 @@ def test_echoed_key_and_addresses_are_redacted() -> None:
 
 
 def test_empty_or_odd_error_bodies() -> None:
-    assert _http._api_error("GET /ping/", *answer(502, b""), "k").message == "Bad Gateway"
-    listed = _http._api_error("GET /ping/", *answer(500, b'{"detail": ["a", "b"]}'), "k")
+    assert errors._api_error("GET /ping/", *answer(502, b""), "k").message == "Bad Gateway"
+    listed = errors._api_error("GET /ping/", *answer(500, b'{"detail": ["a", "b"]}'), "k")
     assert listed.message == '["a", "b"]'
-    assert _http._api_error("GET /ping/", *answer(500, b"[1, 2]"), "k").message == "Error"
-    long = _http._api_error("GET /ping/", *answer(500, b'{"detail": "' + b"x" * 999 + b'"}'), "k")
-    assert len(long.message) == _http.MAX_MESSAGE
+    assert errors._api_error("GET /ping/", *answer(500, b"[1, 2]"), "k").message == "Error"
+    long = errors._api_error("GET /ping/", *answer(500, b'{"detail": "' + b"x" * 999 + b'"}'), "k")
+    assert len(long.message) == errors.MAX_MESSAGE
     assert long.message.endswith("…")
 
 

@@ -30,14 +30,14 @@ CHILDS_CONTACT = {"id": "c-child", "email": "child@example.com", "status": "subs
 SHARED_CONNECTION = textwrap.dedent(
     """
     import ctypes, json, os, sys
-    from flask_meisa import _watchdog
+    from flask_meisa import _http
     from flask_meisa.client import MeisaClient
     from flask_meisa.retry import RetryPolicy
 
     client = MeisaClient(sys.argv[1], sys.argv[2], timeout=(1.0, 1.0),
                          retry=RetryPolicy.never())
     client.ping()  # the parent's keep-alive connection, in its pool
-    with _watchdog._watchdog.cond:  # not held by the watchdog thread across the fork
+    with _http._watchdog.cond:  # not held by the watchdog thread across the fork
         pid = ctypes.PyDLL(None).fork()
     if pid == 0:  # a worker: its call gets no answer in time, and it gives up
         try:

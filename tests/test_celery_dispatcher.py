@@ -357,6 +357,19 @@ def test_init_celery_gives_the_worker_the_apps_client_budget_and_hooks(redis_url
         celery_app.close()
 
 
+def test_a_worker_process_makes_its_own_worker_again_after_a_fork(redis_url: str) -> None:
+    app = app_with_celery(redis_url, MEISA_DELIVERY="celery")
+    celery_app = app.extensions["celery"]
+    try:
+        worker = worker_of(celery_app)
+        assert worker_of(celery_app) is worker  # one per process, shared by its threads
+        app.extensions["meisa"].state(app).dispatcher.after_fork()  # as in a forked child
+        assert worker_of(celery_app) is not worker
+    finally:
+        app.extensions["meisa"].close(app, timeout=0)
+        celery_app.close()
+
+
 def test_the_visibility_timeout_is_set_and_checked_against_the_idempotency_hour(
     redis_url: str,
 ) -> None:

@@ -311,17 +311,15 @@ def worker_of(celery_app: Any) -> DeliveryWorker:
     return worker
 
 
-def register_tasks(
-    celery_app: Any, worker: Callable[[], DeliveryWorker], *, name: str = TASK_NAME
-) -> Any:
+def register_tasks(celery_app: Any, worker: Callable[[], DeliveryWorker]) -> Any:
     """Register the delivery task on ``celery_app`` (again: ``worker`` replaces the last)
     and return it; each run calls ``worker()`` for this process's worker."""
     held = getattr(celery_app, _HOLDER, None)
-    if held is not None and held[0].name == name:
+    if held is not None:
         task = held[0]
     else:
         task = celery_app.task(
-            name=name,
+            name=TASK_NAME,
             bind=True,
             shared=False,
             acks_late=True,

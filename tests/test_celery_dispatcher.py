@@ -29,6 +29,7 @@ from flask_meisa._engine.celery_setup import resolve_celery_app
 from flask_meisa._engine.celery_worker import TASK_NAME
 from flask_meisa._engine.celery_worker import DeliveryWorker
 from flask_meisa._engine.celery_worker import lane_queues
+from flask_meisa._engine.celery_worker import worker_of
 from flask_meisa.config import DEFAULTS
 from flask_meisa.config import MeisaSettings
 from flask_meisa.errors import ConfigurationError
@@ -341,18 +342,31 @@ def test_settings_are_checked_and_a_celery_app_is_required() -> None:
 
 
 def test_init_celery_gives_the_worker_the_apps_client_budget_and_hooks(redis_url: str) -> None:
-    app = app_with_celery(redis_url, MEISA_RATE_LIMIT="7/second")
+    app = app_with_celery(redis_url, MEISA_DELIVERY="celery", MEISA_RATE_LIMIT="7/second")
     celery_app = app.extensions["celery"]
     try:
         init_celery(app)
         assert TASK_NAME in celery_app.tasks
-        worker = celery_app._flask_meisa_delivery.get()
+        worker = worker_of(celery_app)
         assert isinstance(worker, DeliveryWorker)
         assert worker.budget is not None
         assert [w.label for w in worker.budget.windows] == ["7/second"]
         worker.close()
         worker.store._redis.close()
     finally:
+        celery_app.close()
+
+
+def test_a_worker_process_makes_its_own_worker_again_after_a_fork(redis_url: str) -> None:
+    app = app_with_celery(redis_url, MEISA_DELIVERY="celery")
+    celery_app = app.extensions["celery"]
+    try:
+        worker = worker_of(celery_app)
+        assert worker_of(celery_app) is worker  # one per process, shared by its threads
+        app.extensions["meisa"].state(app).dispatcher.after_fork()  # as in a forked child
+        assert worker_of(celery_app) is not worker
+    finally:
+        app.extensions["meisa"].close(app, timeout=0)
         celery_app.close()
 
 
@@ -408,10 +422,10 @@ def test_a_message_is_taken_for_lost_once_kombu_would_have_given_it_back(
 def test_a_budget_slot_waits_for_the_shared_budget(make: MakeDispatcher) -> None:
     dispatcher = make(rate_limit="3/2 seconds")
     other = make(rate_limit="3/2 seconds")  # another process on the same key
-    held = [other._budget.acquire(lease=5.0, lane=0) for _ in range(3)]  # type: ignore[union-attr]
+    held = [other.budget.acquire(lease=5.0, lane=0) for _ in range(3)]  # type: ignore[union-attr]
     for got in held:
         assert got.token is not None
-        other._budget.finish(got.token)  # type: ignore[union-attr]
+        other.budget.finish(got.token)  # type: ignore[union-attr]
     with dispatcher.budget_slot(0.1) as taken:
         assert taken is False  # the window is spent: no slot within 0.1 s
     started = time.monotonic()

@@ -85,7 +85,7 @@ def test_one_call_per_contact_at_a_time(store: RedisDeliveryStore, contact: str)
     busy = store.claim(contact, 2, lease=5.0)
     assert (held.state, busy.state) == ("deliver", "busy")
     assert 0 < busy.wait <= 0.25
-    store.release(held)  # e.g. the budget said wait
+    store.settle(held, delivered=False)  # e.g. the budget said wait
     again = store.claim(contact, 2, lease=5.0)
     assert again.state == "deliver"
     assert again.payload["first_name"] == "B"
@@ -219,22 +219,22 @@ def test_operations_no_worker_ran_are_handed_back_less_often_the_older_they_get(
     new = upsert()
     for op in (old, new):
         store.add_pending(op, LANE_AUTOMATION)
-        store.kept.keep(LANE_AUTOMATION, op.to_dict(), {"lane": LANE_AUTOMATION})
-    handed = store.kept.unseen(after=0.0)
+        store.keep(LANE_AUTOMATION, op.to_dict(), {"lane": LANE_AUTOMATION})
+    handed = store.unseen(after=0.0)
     assert [(lane, op["id"], meta) for lane, op, meta in handed] == [
         (LANE_AUTOMATION, old.id, {"lane": LANE_AUTOMATION}),
         (LANE_AUTOMATION, new.id, {"lane": LANE_AUTOMATION}),
     ]
-    assert store.kept.unseen(after=0.0) == []  # another process looked within the second
+    assert store.unseen(after=0.0) == []  # another process looked within the second
 
     def look_again() -> list[str]:
         client.delete("meisa:meisa:sweep")
-        return [op["id"] for _, op, _ in store.kept.unseen(after=0.0)]
+        return [op["id"] for _, op, _ in store.unseen(after=0.0)]
 
     store.finish([new.id])
-    assert store.kept.seen(new.id) is False  # finished: a copy of its message does nothing
+    assert store.seen(new.id) is False  # finished: a copy of its message does nothing
     assert look_again() == []  # the old one comes back once twice as old, not before
-    assert store.kept.seen(old.id) is True  # a worker ran it (still pending)
+    assert store.seen(old.id) is True  # a worker ran it (still pending)
     assert look_again() == [old.id]
     store.finish([old.id])
     assert look_again() == []
@@ -248,7 +248,7 @@ def test_a_task_kept_for_an_operation_already_finished_is_forgotten_not_handed_b
     # then finished by a worker of a version that kept nothing.
     late, old = upsert(), Operation("track", {"event_name": "e", "email": "a@example.com"})
     for op in (late, old):
-        store.kept.keep(LANE_AUTOMATION, op.to_dict(), {"lane": LANE_AUTOMATION})
-    assert store.kept.seen(late.id) is False  # not pending: its run does nothing
-    assert store.kept.unseen(after=0.0) == []  # the other is not handed back either
+        store.keep(LANE_AUTOMATION, op.to_dict(), {"lane": LANE_AUTOMATION})
+    assert store.seen(late.id) is False  # not pending: its run does nothing
+    assert store.unseen(after=0.0) == []  # the other is not handed back either
     assert not client.exists("meisa:meisa:tasks", "meisa:meisa:seen")

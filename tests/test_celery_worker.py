@@ -20,6 +20,7 @@ from flask_meisa._engine.celery_worker import TASK_NAME
 from flask_meisa._engine.celery_worker import DeliveryWorker
 from flask_meisa._engine.celery_worker import RunAgain
 from flask_meisa._engine.celery_worker import register_tasks
+from flask_meisa._engine.celery_worker import worker_of
 from flask_meisa._engine.redis_budget import RedisBudget
 from flask_meisa._engine.redis_store import RedisDeliveryStore
 from flask_meisa.client import MeisaClient
@@ -509,7 +510,7 @@ def test_the_task_acks_late_takes_json_and_keeps_the_latest_factory(
         assert registered.serializer == "json"
         assert registered.ignore_result is True
         assert registered.max_retries is None
-        celery_app._flask_meisa_delivery.get()
+        worker_of(celery_app)
         assert built == ["second"]
     finally:
         celery_app.close()

@@ -1,8 +1,5 @@
-"""``MEISA_DELIVERY = "celery"``: the web process publishes each operation as a JSON task
-on its lane's queue; Celery workers deliver it (:mod:`.celery_worker`) within one budget
-kept in Redis. :mod:`.celery_setup` reads its config; docs/celery.md has the setup and
-the design.
-"""
+"""``MEISA_DELIVERY = "celery"``, the web process's side: each operation is published as a
+JSON task on its lane's queue, for the workers (:mod:`.celery_worker`); see docs/celery.md."""
 
 from __future__ import annotations
 
@@ -11,30 +8,30 @@ import functools
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Iterable
-from collections.abc import Iterator
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 from typing import Any
 
-from redis.exceptions import RedisError
+import redis
 
+from ..errors import ConfigurationError
 from ..errors import DeliveryError
 from ..operations import LANE_BACKFILL
 from ..operations import LANE_NAMES
-from ..operations import LANE_TRANSACTIONAL
 from ..operations import Operation
 from . import backfill
 from . import known
 from .base import DeliveryHooks
 from .base import DeliveryStatus
 from .base import HookCaller
+from .celery_setup import configure_visibility
 from .celery_setup import lost_after
-from .celery_setup import redis_client
-from .celery_setup import settings_of
+from .celery_setup import resolve_celery_app
 from .celery_worker import TASK_NAME
+from .celery_worker import DeliveryWorker
 from .celery_worker import lane_queues
 from .redis_budget import RedisBudget
 from .redis_store import RedisDeliveryStore
@@ -51,12 +48,9 @@ _LOOK_EVERY = 1.0
 
 
 class CeleryDispatcher:
-    """Publishes operations as Celery tasks on the queues of ``queue`` (a prefix), keeping
-    the engine's records through ``redis`` (closed by :meth:`close`). ``budget_key``: the
-    API key whose budget (``rate_limit``) is shared; ``ledger_size``: how many operations
-    submitted here are remembered, to be reported if Redis loses them; ``lost_after``: how
-    long a pending operation no worker has run is taken as lost and published again
-    (``None``: never; :func:`~.celery_setup.lost_after` computes it)."""
+    """Publishes operations on the queues of ``queue`` (a prefix), with the records and the
+    budget of ``budget_key`` in ``redis``; remembers ``ledger_size`` operations to report if
+    Redis loses them; publishes again those no worker ran for ``lost_after`` seconds."""
 
     def __init__(
         self,
@@ -79,13 +73,13 @@ class CeleryDispatcher:
         #: The queue of each lane, by lane name.
         self.queues = lane_queues(queue)
         self.store = RedisDeliveryStore(redis, queue)
-        self._budget = RedisBudget(redis, rate_limit, budget_key) if budget_key else None
+        #: The key's shared budget (``None`` without a key).
+        self.budget = RedisBudget(redis, rate_limit, budget_key) if budget_key else None
         self._coalesce = coalesce
         self._priority_fields = tuple(priority_fields)
-        self._lease = call_timeout + 5.0
+        self._call_timeout = call_timeout
         self._ledger_size = ledger_size
         self._lost_after = lost_after
-        self._lock = threading.Lock()
         self._closed = False
         # Redis's epoch when last seen, and the operations submitted here not yet seen
         # finished (oldest first): what to report if Redis loses its data.
@@ -94,12 +88,35 @@ class CeleryDispatcher:
         self._forgotten = 0
         self._looked_at = 0.0
         self._lost = False
+        self.after_fork()
 
     def start(self) -> None:
         """Nothing to start: the workers deliver."""
 
     def after_fork(self) -> None:
-        """Nothing to reset: the Redis client reconnects in a forked child."""
+        """In a forked child: its own lock and worker (the Redis client reconnects itself)."""
+        self._lock = threading.Lock()
+        self._worker: DeliveryWorker | None = None
+
+    def worker(self, state: MeisaState) -> DeliveryWorker:
+        """This process's worker for the delivery task (made on first use)."""
+        with self._lock:
+            if self._worker is None:
+                options = state.settings
+                self._worker = DeliveryWorker(
+                    client_factory=state.make_client,
+                    hooks=state.reporter,
+                    retry=state.background_retry_policy(),
+                    store=self.store,
+                    budget=self.budget,
+                    call_timeout=self._call_timeout,
+                    max_countdown=configure_visibility(self._celery, options),
+                    context=state.app.app_context,
+                    enabled=state.delivering,
+                    resync_after=options.resync_after,
+                    routine_max_age=options.routine_max_age,
+                )
+            return self._worker
 
     def submit(self, operations: Iterable[Operation]) -> None:
         """Publish each operation (see :meth:`publish`)."""
@@ -146,9 +163,8 @@ class CeleryDispatcher:
         self._hooks.call("dropped", operation, reason)
 
     def tasks(self, operation: Operation) -> list[tuple[int, dict[str, Any], dict[str, Any]]]:
-        """Record ``operation`` in Redis and return the tasks that deliver it as ``(lane,
-        op, meta)``: its own, and before it, for an event whose contact has an upsert
-        pending, a companion that delivers that upsert on the event's lane."""
+        """Record ``operation`` in Redis and return its tasks ``(lane, op, meta)``: its own,
+        and before it, for an event, a companion delivering its contact's pending upsert."""
         store = self.store
         contact = store.contact_of(operation.payload) if operation.kind == "upsert" else None
         lane = known.lane_of(operation, lambda: store.known(contact), self._priority_fields)
@@ -168,7 +184,7 @@ class CeleryDispatcher:
                 meta["after"] = list(found)
         own = (lane, operation.to_dict(), meta)
         if self._lost_after is not None:
-            store.kept.keep(*own)
+            store.keep(*own)
         return [*tasks, own]
 
     def _look(self, *, force: bool = False) -> int:
@@ -183,8 +199,18 @@ class CeleryDispatcher:
             ids = list(self._ledger) if due else []
         epoch, pending, unfinished = self.store.look(ids)
         if due and self._lost_after is not None:
-            try:
-                self._publish_unseen(self._lost_after)
+            try:  # a broker can lose a message: publish again what no worker has run
+                tasks = self.store.unseen(self._lost_after)
+                for task in tasks:
+                    self._send(*task)
+                if tasks:
+                    logger.warning(
+                        "flask-meisa: %d pending operation(s) unseen by every worker for "
+                        "%.0f s: published again (their message was lost, or waits in a long "
+                        "queue)",
+                        len(tasks),
+                        self._lost_after,
+                    )
             except Exception as error:  # the operation being published is not at fault
                 name = type(error).__name__
                 logger.warning("flask-meisa: publishing lost operations again failed (%s)", name)
@@ -215,53 +241,15 @@ class CeleryDispatcher:
             self._hooks.call("dropped", operation, "redis_data_lost")
         return pending
 
-    def _publish_unseen(self, after: float) -> None:
-        """Publish again the tasks of operations no worker has run for ``after`` seconds:
-        a broker can lose a message (docs/celery.md); a worker skips a finished one."""
-        tasks = self.store.kept.unseen(after)
-        for task in tasks:
-            self._send(*task)
-        if tasks:
-            logger.warning(
-                "flask-meisa: %d pending operation(s) unseen by every worker for %.0f s: "
-                "published again (their message was lost, or waits in a long queue)",
-                len(tasks),
-                after,
-            )
-
-    @contextlib.contextmanager
-    def budget_slot(self, timeout: float) -> Iterator[bool]:
-        """Hold a slot of the shared budget (from the reserve) for a call made outside the
-        workers, waiting at most ``timeout`` seconds; yields whether one was taken
-        (without one, the call is made anyway and the client's retries handle a 429)."""
-        budget, token = self._budget, None
-        if budget is not None:
-            deadline, waiter = time.monotonic() + max(timeout, 0.0), uuid.uuid4().hex
-            try:
-                while True:
-                    got = budget.acquire(lease=self._lease, lane=LANE_TRANSACTIONAL, waiter=waiter)
-                    if got.token is not None or time.monotonic() + got.wait > deadline:
-                        break
-                    time.sleep(got.wait)
-                if got.token is None:
-                    budget.give_up(waiter, LANE_TRANSACTIONAL)
-                token = got.token
-            except RedisError as error:
-                logger.warning(
-                    "flask-meisa: no budget slot from Redis (%s); calling without one",
-                    type(error).__name__,
-                )
-        try:
-            yield token is not None
-        finally:
-            if budget is not None and token is not None:
-                with contextlib.suppress(RedisError):
-                    budget.finish(token)
+    def budget_slot(self, timeout: float) -> AbstractContextManager[bool]:
+        """A slot of the shared budget for a call made outside the workers."""
+        if self.budget is None:
+            return contextlib.nullcontext(False)
+        return self.budget.slot(timeout, self._call_timeout + 5.0)
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait at most ``timeout`` seconds until the workers finished every operation of
-        this queue prefix, by any process; ``False`` on timeout, when Redis cannot be read
-        or when it lost its data since the last flush."""
+        """Wait at most ``timeout`` seconds until every operation of this queue prefix is
+        finished; ``False`` on timeout, if Redis cannot be read or lost its data since."""
         deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
         pause = 0.005
         while True:
@@ -281,8 +269,7 @@ class CeleryDispatcher:
             pause = min(pause * 2, 0.1)
 
     def close(self, timeout: float | None = None) -> int:
-        """Stop publishing and close the Redis connections; returns ``0``: the broker holds
-        what was published, nothing is held here."""
+        """Stop publishing and close the Redis connections; ``0``: nothing is held here."""
         with self._lock:
             closed, self._closed = self._closed, True
         if not closed:
@@ -290,13 +277,12 @@ class CeleryDispatcher:
         return 0
 
     def status(self) -> DeliveryStatus:
-        """Operations not finished per lane (calls in flight apart), their wait and latency,
-        every worker's counters, the budget left, the pause and the backfill run."""
+        """Every worker's delivery (see :class:`~.base.DeliveryStatus`)."""
         self._look(force=True)
         status = DeliveryStatus(engine="celery", queued=dict.fromkeys(self.queues, 0))
         self.store.describe(status)
-        if self._budget is not None:
-            status.paused_for, flying, status.budget_left = self._budget.snapshot()
+        if self.budget is not None:
+            status.paused_for, flying, status.budget_left = self.budget.snapshot()
             for lane, count in flying.items():
                 name = LANE_NAMES[lane]
                 status.queued[name] = max(status.queued[name] - count, 0)
@@ -309,8 +295,7 @@ class CeleryDispatcher:
 
 
 class CeleryBackfill:
-    """A backfill through Celery (a :class:`~.backfill.Target`): upserts published but for
-    those Meisa has; the run, its failures and the count Meisa refused kept in Redis."""
+    """A backfill through Celery (a :class:`~.backfill.Target`), its run kept in Redis."""
 
     def __init__(self, dispatcher: CeleryDispatcher, resync_after: float) -> None:
         self._dispatcher = dispatcher
@@ -365,12 +350,18 @@ class CeleryBackfill:
 
 def make_dispatcher(state: MeisaState) -> CeleryDispatcher:
     """The Celery engine of an app, from its config."""
-    settings, celery_app = settings_of(state.app)
+    settings, celery_app = resolve_celery_app(state.app)
     options = state.settings
     call_timeout = options.connect_timeout + options.timeout
+    url = settings.redis_url or str(celery_app.conf.broker_url or "")
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigurationError(
+            "the Celery engine keeps its rate budget and coalesced upserts in Redis: "
+            "set MEISA_CELERY_REDIS_URL (the broker is not Redis)"
+        )
     return CeleryDispatcher(
         celery_app,
-        redis=redis_client(settings.redis_url, celery_app),
+        redis=redis.Redis.from_url(url, health_check_interval=30),
         hooks=state.reporter,
         queue=settings.queue,
         rate_limit=options.rate_limit,

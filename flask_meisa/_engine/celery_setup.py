@@ -1,6 +1,5 @@
 """The Celery engine's setup from the app's config: its settings, the Redis transport's
-visibility timeout, and the delivery task every worker process runs (:func:`init_celery`).
-"""
+visibility timeout, and the registration of the delivery task (:func:`init_celery`)."""
 
 from __future__ import annotations
 
@@ -8,8 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from typing import Any
-
-import redis
+from typing import cast
 
 from ..config import DEFAULTS
 from ..config import MeisaSettings
@@ -18,13 +16,12 @@ from ..errors import ConfigurationError
 from .celery_worker import DeliveryWorker
 from .celery_worker import register_tasks
 from .redis_budget import MAX_WAIT
-from .redis_budget import RedisBudget
-from .redis_store import RedisDeliveryStore
 
 if TYPE_CHECKING:
     from flask import Flask
 
     from .._runtime import MeisaState
+    from .celery import CeleryDispatcher
 
 __all__ = [
     "CELERY_DEFAULTS",
@@ -32,10 +29,11 @@ __all__ = [
     "configure_visibility",
     "init_celery",
     "lost_after",
+    "resolve_celery_app",
 ]
 
 #: The ``MEISA_CELERY_*`` keys and their defaults.
-CELERY_DEFAULTS: dict[str, Any] = {
+CELERY_DEFAULTS = {
     name: value for name, value in DEFAULTS.items() if name.startswith("MEISA_CELERY_")
 }
 #: Meisa deduplicates a send's idempotency key for this long, in seconds.
@@ -66,10 +64,11 @@ class CelerySettings:
         return cls(*(values[name] for name in CELERY_DEFAULTS))
 
 
-def resolve_celery_app(app: Flask) -> Any:
-    """The Celery app of ``app``: ``MEISA_CELERY_APP``, else ``app.extensions["celery"]``
-    (a :class:`ConfigurationError` when there is neither)."""
-    celery_app = app.config.get("MEISA_CELERY_APP") or app.extensions.get("celery")
+def resolve_celery_app(app: Flask, celery_app: Any = None) -> tuple[CelerySettings, Any]:
+    """The ``MEISA_CELERY_*`` settings of ``app`` and its Celery app: ``celery_app``, else
+    ``MEISA_CELERY_APP``, else ``app.extensions["celery"]`` (else a ConfigurationError)."""
+    settings = CelerySettings.from_config(app.config)
+    celery_app = celery_app or settings.celery_app or app.extensions.get("celery")
     if celery_app is None:
         raise ConfigurationError(
             'MEISA_DELIVERY = "celery" needs the app\'s Celery app: set MEISA_CELERY_APP, '
@@ -77,7 +76,7 @@ def resolve_celery_app(app: Flask) -> Any:
         )
     if not callable(getattr(celery_app, "send_task", None)):
         raise ConfigurationError("MEISA_CELERY_APP must be a celery.Celery instance")
-    return celery_app
+    return settings, celery_app
 
 
 def _transport_options(celery_app: Any) -> dict[str, Any] | None:
@@ -133,52 +132,15 @@ def lost_after(celery_app: Any, call_timeout: float) -> float | None:
     return visibility + _restore_sweep(options) + mutex + RUN_TIMEOUTS * call_timeout
 
 
-def redis_client(url: str | None, celery_app: Any) -> Any:
-    """A Redis client for ``url``, else for the Celery app's broker if it is Redis."""
-    if url is None:
-        url = str(celery_app.conf.broker_url or "")
-        if not url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigurationError(
-                "the Celery engine keeps its rate budget and coalesced upserts in Redis: "
-                "set MEISA_CELERY_REDIS_URL (the broker is not Redis)"
-            )
-    return redis.Redis.from_url(url, health_check_interval=30)
-
-
-def settings_of(app: Flask, celery_app: Any = None) -> tuple[CelerySettings, Any]:
-    """The ``MEISA_CELERY_*`` settings of ``app`` and its Celery app (``celery_app`` if given)."""
-    settings = CelerySettings.from_config(app.config)
-    return settings, celery_app or settings.celery_app or resolve_celery_app(app)
-
-
 def init_celery(app: Flask, celery_app: Any = None) -> Any:
-    """Register the delivery task on the app's Celery app (each worker process builds
-    its :class:`DeliveryWorker` from ``app`` on its first task) and set up the visibility
-    timeout (:func:`configure_visibility`); returns the task. ``init_app`` calls this.
+    """Register the delivery task (it runs the worker of the app's engine) and set up the
+    visibility timeout (:func:`configure_visibility`); returns the task. ``init_app`` calls
+    this (a :class:`ConfigurationError` for no Celery app, or an invalid setting)."""
+    _, celery_app = resolve_celery_app(app, celery_app)
+    configure_visibility(celery_app, MeisaSettings.from_config({**DEFAULTS, **app.config}))
 
-    :raises ConfigurationError: no Celery app, an invalid ``MEISA_CELERY_*`` key, or a
-        visibility timeout that cannot hold.
-    """
-    settings, celery_app = settings_of(app, celery_app)
-    options = MeisaSettings.from_config({**DEFAULTS, **app.config})
-    max_countdown = configure_visibility(celery_app, options)
-
-    def build() -> DeliveryWorker:
+    def worker() -> DeliveryWorker:
         state: MeisaState = app.extensions["meisa"].state(app)
-        options, redis = state.settings, redis_client(settings.redis_url, celery_app)
-        key = options.api_key
-        return DeliveryWorker(
-            client_factory=state.make_client,
-            hooks=state.reporter,
-            retry=state.background_retry_policy(),
-            store=RedisDeliveryStore(redis, settings.queue),
-            budget=RedisBudget(redis, options.rate_limit, key) if key else None,
-            call_timeout=options.connect_timeout + options.timeout,
-            max_countdown=max_countdown,
-            context=app.app_context,
-            enabled=state.delivering,
-            resync_after=options.resync_after,
-            routine_max_age=options.routine_max_age,
-        )
+        return cast("CeleryDispatcher", state.dispatcher).worker(state)
 
-    return register_tasks(celery_app, build)
+    return register_tasks(celery_app, worker)

@@ -1,26 +1,21 @@
 """The Celery worker's side: the task ``flask_meisa.deliver``. Each run makes at most one
-call, then finishes its operation or asks to run again after a countdown (it never sleeps);
-the step :func:`~flask_meisa._decisions.settle` gives an outcome is carried out here, in
-the shared budget and the records in Redis.
-"""
+call, then finishes its operation or asks to run again after a countdown; it carries out
+the step :func:`~flask_meisa._decisions.settle` gives, in the budget and records in Redis."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import random
-import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from typing import Any
+from typing import NamedTuple
 
 from celery.exceptions import Reject  # type: ignore[import-untyped]
 from redis.exceptions import RedisError
 
-from .._decisions import Decision
 from .._decisions import call_for
 from .._decisions import log_decision
 from .._decisions import pause_for
@@ -50,6 +45,8 @@ TASK_NAME = "flask_meisa.deliver"
 #: The longest an event waits for its contact's pending upsert when the retry policy has
 #: no deadline, in seconds.
 EVENT_WAIT_LIMIT = 600.0
+#: Where :func:`register_tasks` keeps the task and its worker on the Celery app.
+_HOLDER = "_flask_meisa_delivery"
 
 logger = logging.getLogger("flask_meisa.engine")
 
@@ -59,8 +56,7 @@ def lane_queues(prefix: str = "meisa") -> dict[str, str]:
     return {name: f"{prefix}.{name}" for name in LANE_NAMES.values()}
 
 
-@dataclass(frozen=True)
-class RunAgain:
+class RunAgain(NamedTuple):
     """Run the task again in ``countdown`` seconds with these arguments, on ``queue``
     (its lane's; ``None``: the one it came from)."""
 
@@ -71,10 +67,9 @@ class RunAgain:
 
 
 class DeliveryWorker:
-    """Runs the delivery task (one per worker process, shared by its threads); a task's
-    ``meta`` is described in docs/celery.md. ``max_countdown``: the longest countdown a
-    task holds (a longer wait is made of several); ``context``: entered around every run;
-    while ``enabled()`` is false, operations are skipped (``"delivery_suppressed"``)."""
+    """Runs the delivery task (``meta`` is described in docs/celery.md); ``max_countdown``:
+    the longest countdown a task holds; ``context``: entered around every run; while
+    ``enabled()`` is false, operations are skipped (``"delivery_suppressed"``)."""
 
     def __init__(
         self,
@@ -108,13 +103,11 @@ class DeliveryWorker:
         self._client.close()
 
     def run(self, data: dict[str, Any], meta: dict[str, Any]) -> RunAgain | None:
-        """Make at most one call for the task's operation; ``None`` once it is finished.
-
-        :raises RedisError: the engine's records are out of reach (no call was made).
-        """
+        """Make at most one call for the task's operation; ``None`` once it is finished
+        (:class:`RedisError`: the records are out of reach, no call was made)."""
         operation = Operation.from_dict(data)
         meta = dict(meta)
-        if not meta.get("companion") and not self.store.kept.seen(operation.id):
+        if not meta.get("companion") and not self.store.seen(operation.id):
             return None  # finished: this was a copy published when its message seemed lost
         with self._context():
             try:
@@ -228,7 +221,11 @@ class DeliveryWorker:
         decision = settled.decision
         log_decision(logger, decision, operation.describe(), outcome.error, operation.attempts)
         if budget is not None and token is not None:
-            self._settle_budget(budget, token, outcome.made, decision)
+            # Every worker follows: a 429 about the key pauses all; an outage opens the breaker.
+            failures = budget.finish(
+                token, made=outcome.made, outage=decision.outage, answered=decision.answered
+            )
+            budget.pause(pause_for(decision, failures, self._retry, logger))
         if decision.unknown_contact:
             self.store.forget([operation.payload, operation.contact])
         if settled.accepted is not None:
@@ -249,19 +246,9 @@ class DeliveryWorker:
             self._report("delivered", members, outcome.result, claim, answer=waited)
         return None
 
-    def _settle_budget(
-        self, budget: RedisBudget, token: str, made: bool, decision: Decision
-    ) -> None:
-        """Free the call's slot and apply the decision to every worker: a 429 about the
-        key pauses them all; an outage opens the breaker with a growing pause."""
-        failures = budget.finish(
-            token, made=made, outage=decision.outage, answered=decision.answered
-        )
-        budget.pause(pause_for(decision, failures, self._retry, logger))
-
     def _release(self, claim: Claim | None) -> None:
         if claim is not None:
-            self.store.release(claim)
+            self.store.settle(claim, delivered=False)
 
     def _again(self, countdown: float, operation: Operation, meta: dict[str, Any]) -> RunAgain:
         meta = dict(meta)
@@ -281,10 +268,8 @@ class DeliveryWorker:
         claim: Claim | None = None,
         answer: tuple[int, float] | None = None,
     ) -> None:
-        """Settle the contact's claim first, so that no other task sends its payload again;
-        call the hooks (an ``"unchanged"`` upsert is delivered); then finish the operations
-        (a worker killed in a hook leaves its task to run again, which finds its version
-        delivered)."""
+        # The claim first, so that no other task sends its payload again; the operations
+        # last (a worker killed in a hook leaves its task to run again: its version is done).
         if claim is not None:
             self.store.settle(claim)
         for member in members:
@@ -295,31 +280,11 @@ class DeliveryWorker:
             self.store.count("backfill_refused", len(members))
 
 
-class _Holder:
-    """The :class:`DeliveryWorker` of this process, built on its first task (a prefork
-    child builds its own, with its own client and Redis connections)."""
-
-    def __init__(self, factory: Callable[[], DeliveryWorker], task: Any) -> None:
-        self.factory = factory
-        self.task = task
-        self._lock = threading.Lock()
-        self._built: tuple[int, DeliveryWorker] | None = None
-
-    def get(self) -> DeliveryWorker:
-        with self._lock:
-            if self._built is None or self._built[0] != os.getpid():
-                self._built = (os.getpid(), self.factory())
-            return self._built[1]
-
-
-_HOLDER = "_flask_meisa_delivery"
-
-
 def _deliver(self: Any, op: dict[str, Any], meta: dict[str, Any] | None = None) -> None:
     """The delivery task: one run of this process's worker; a wait is a retry."""
     meta = dict(meta or {})
     try:
-        again = getattr(self.app, _HOLDER).get().run(op, meta)
+        again = worker_of(self.app).run(op, meta)
     except RedisError as error:
         # No call was made; try again later (with the broker down too, the message stays
         # unacknowledged and comes back once Redis does).
@@ -340,21 +305,21 @@ def _deliver(self: Any, op: dict[str, Any], meta: dict[str, Any] | None = None) 
             raise Reject(unpublished.reason, requeue=True) from None
 
 
-def register_tasks(
-    celery_app: Any, worker_factory: Callable[[], DeliveryWorker], *, name: str = TASK_NAME
-) -> Any:
-    """Register the delivery task on ``celery_app`` and return it. ``worker_factory`` is
-    called in each worker process on its first task; registering again replaces it.
+def worker_of(celery_app: Any) -> DeliveryWorker:
+    """The :class:`DeliveryWorker` of this process for ``celery_app``'s delivery task."""
+    worker: DeliveryWorker = getattr(celery_app, _HOLDER)[1]()
+    return worker
 
-    The task acknowledges late, is requeued if its worker is lost, takes and sends JSON
-    only, keeps no result, and is retried by its own rules (no ``max_retries``).
-    """
-    previous: _Holder | None = getattr(celery_app, _HOLDER, None)
-    if previous is not None and previous.task.name == name:
-        task = previous.task
+
+def register_tasks(celery_app: Any, worker: Callable[[], DeliveryWorker]) -> Any:
+    """Register the delivery task on ``celery_app`` (again: ``worker`` replaces the last)
+    and return it; each run calls ``worker()`` for this process's worker."""
+    held = getattr(celery_app, _HOLDER, None)
+    if held is not None:
+        task = held[0]
     else:
         task = celery_app.task(
-            name=name,
+            name=TASK_NAME,
             bind=True,
             shared=False,
             acks_late=True,
@@ -363,5 +328,5 @@ def register_tasks(
             serializer="json",
             max_retries=None,
         )(_deliver)
-    setattr(celery_app, _HOLDER, _Holder(worker_factory, task))
+    setattr(celery_app, _HOLDER, (task, worker))
     return task

@@ -1,23 +1,31 @@
 """The key's rate budget in Redis, shared by every worker on every machine: the rule of
-:func:`~flask_meisa._engine.budget.slot_wait` with lanes, the pause after a 429 and the
-outage breaker, each an atomic Lua script on Redis's clock (docs/celery.md explains them).
-"""
+:func:`~flask_meisa._engine.budget.slot_wait` with lanes, the 429 pause and the outage
+breaker, each an atomic Lua script on Redis's clock (docs/celery.md)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import math
+import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+
+from redis.exceptions import RedisError
 
 from .._decisions import OUTAGE_THRESHOLD
 from .._values import parse_rate_limit
 from ..operations import LANE_NAMES
 from ..operations import LANE_ROUTINE
-from .budget import TRANSACTIONAL_RESERVE
+from ..operations import LANE_TRANSACTIONAL
+from .budget import allowed
 
 __all__ = ["MAX_WAIT", "Acquired", "RedisBudget"]
+
+logger = logging.getLogger("flask_meisa.engine")
 
 #: The longest wait handed out at once; the task comes back and asks again.
 MAX_WAIT = 300.0
@@ -29,10 +37,10 @@ local now, GRACE = tonumber(t[1]) + tonumber(t[2]) / 1000000, 1
 """
 
 # KEYS: pause, in-flight, failures, waiters of lanes 0..3, answered window 1..n
-# ARGV: token, lease, lane, share, n, outage threshold, waiter, then per window: limit,
-# period, reserved
+# ARGV: token, lease, lane, n, outage threshold, waiter, then per window: limit, period,
+# and the calls of the lane it allows (budget.allowed: the reserve, a backfill's share)
 _ACQUIRE = """
-local lane, share, n = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local lane, n = tonumber(ARGV[3]), tonumber(ARGV[4])
 local pause = tonumber(redis.call('GET', KEYS[1]) or '0')
 if pause > now then return {0, tostring(pause - now)} end
 -- A call whose lease ran out (its worker died) counts as answered when the lease ended.
@@ -50,13 +58,12 @@ for l = 0, lane do
   if l < lane then ahead = ahead + redis.call('ZCOUNT', KEYS[4 + l], '-inf', now) end
 end
 local wait, spacing = 0, 0
-if flying > 0 and tonumber(redis.call('GET', KEYS[3]) or '0') >= tonumber(ARGV[6]) then
+if flying > 0 and tonumber(redis.call('GET', KEYS[3]) or '0') >= tonumber(ARGV[5]) then
   wait = math.min(1, tonumber(first[2]) - now)  -- Meisa looks down: one probe at a time
 end
 for w = 1, n do
-  local limit, period = tonumber(ARGV[3 * w + 5]), tonumber(ARGV[3 * w + 6])
-  local allowed = lane > 0 and limit - tonumber(ARGV[3 * w + 7]) or limit
-  if lane == 3 then allowed = math.max(math.floor(allowed * share), 1) end
+  local limit, period = tonumber(ARGV[3 * w + 4]), tonumber(ARGV[3 * w + 5])
+  local allowed = tonumber(ARGV[3 * w + 6])
   redis.call('ZREMRANGEBYSCORE', KEYS[7 + w], '-inf', now - period)
   local answered = redis.call('ZCARD', KEYS[7 + w])
   local excess, this = answered + flying + ahead - allowed + 1, 0
@@ -76,13 +83,13 @@ if wait > 0 then
   local slot = now + math.max(wait, 0.001)
   for l = 0, lane do
     local last = redis.call('ZRANGE', KEYS[4 + l], -1, -1, 'WITHSCORES')
-    if last[2] and last[1] ~= ARGV[7] then slot = math.max(slot, tonumber(last[2]) + spacing) end
+    if last[2] and last[1] ~= ARGV[6] then slot = math.max(slot, tonumber(last[2]) + spacing) end
   end
-  redis.call('ZADD', mine, slot, ARGV[7])
+  redis.call('ZADD', mine, slot, ARGV[6])
   redis.call('PEXPIRE', mine, math.ceil((slot - now + GRACE) * 1000) + 1000)
   return {0, tostring(slot - now)}
 end
-redis.call('ZREM', mine, ARGV[7])
+redis.call('ZREM', mine, ARGV[6])
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('PEXPIRE', KEYS[2], math.ceil(tonumber(ARGV[2]) * 1000) + 1000)
 return {1, '0'}
@@ -124,23 +131,11 @@ class Acquired:
 
 
 class RedisBudget:
-    """The key's budget, pause and outage breaker kept in Redis.
-
-    :param redis: a ``redis.Redis`` client.
-    :param spec: the budget (``"60/minute;1000/hour"``), or ``None`` for no limit (the
-        pause and the breaker still hold).
-    :param api_key: the key whose budget this is; Redis holds only a digest of it.
-    :raises ConfigurationError: for an invalid ``spec``.
-    """
+    """The budget ``spec`` (``"60/minute;1000/hour"``; ``None``: no limit, the pause and
+    breaker still hold) of ``api_key`` (only its digest is kept) in the Redis ``redis``."""
 
     def __init__(self, redis: Any, spec: str | None, api_key: str) -> None:
         self.windows = parse_rate_limit(spec) if spec is not None else ()
-        # Per window, what the scripts need: its limit, period, and the part only sends use.
-        self._limits = [
-            n
-            for w in self.windows
-            for n in (w.limit, w.period, int(w.limit * TRANSACTIONAL_RESERVE))
-        ]
         # Every key of one budget in one Redis Cluster slot (the braces).
         prefix = f"meisa:{{budget:{hashlib.sha256(api_key.encode()).hexdigest()[:20]}}}"
         self._pause_key, self._flying_key, self._failures_key = (
@@ -157,22 +152,42 @@ class RedisBudget:
     def acquire(
         self, *, lease: float, lane: int = LANE_ROUTINE, share: float = 1.0, waiter: str = ""
     ) -> Acquired:
-        """Take a slot for a call about to start, or learn how long to wait (a pause,
-        another call probing a Meisa that looks down, the budget spent, a waiter of a lane
-        ahead due). ``lease``: the longest the call can take (a slot held longer counts as
-        answered when it ends); ``lane``: a send may use the reserve, a backfill at most
-        ``share`` of the rest; ``waiter``: the same on every try (an operation's id)."""
+        """Take a slot for a call about to start, or learn how long to wait. ``lease``: the
+        longest the call can take; a backfill uses at most ``share`` of the budget;
+        ``waiter``: the same on every try (an operation's id)."""
         token = f"{lane}:{uuid.uuid4().hex}"
-        args = [token, max(lease, 0.001), lane, share, len(self.windows), OUTAGE_THRESHOLD]
+        waiter = waiter or token
+        args = [token, max(lease, 0.001), lane, len(self.windows), OUTAGE_THRESHOLD, waiter]
+        args += [n for w in self.windows for n in (w.limit, w.period, allowed(w, lane, share))]
         keys = [self._pause_key, self._flying_key, self._failures_key, *self._waiting]
-        got = self._acquire(
-            keys=[*keys, *self._windows], args=[*args, waiter or token, *self._limits]
-        )
+        got = self._acquire(keys=[*keys, *self._windows], args=args)
         return Acquired(token) if int(got[0]) else Acquired(None, min(float(got[1]), MAX_WAIT))
 
-    def give_up(self, waiter: str, lane: int) -> None:
-        """``waiter`` of ``lane`` will not come back: its ticket holds no slot."""
-        self._redis.zrem(self._waiting[lane], waiter)
+    @contextlib.contextmanager
+    def slot(self, timeout: float, lease: float) -> Iterator[bool]:
+        """Hold a slot (from the reserve) for a call made outside the workers, waiting at
+        most ``timeout`` seconds; yields whether one was taken (the call is made anyway)."""
+        deadline, waiter, token = time.monotonic() + max(timeout, 0.0), uuid.uuid4().hex, None
+        try:
+            while True:
+                got = self.acquire(lease=lease, lane=LANE_TRANSACTIONAL, waiter=waiter)
+                if got.token is not None or time.monotonic() + got.wait > deadline:
+                    break
+                time.sleep(got.wait)
+            if got.token is None:  # this waiter will not come back: its ticket holds nothing
+                self._redis.zrem(self._waiting[LANE_TRANSACTIONAL], waiter)
+            token = got.token
+        except RedisError as error:
+            logger.warning(
+                "flask-meisa: no budget slot from Redis (%s); calling without one",
+                type(error).__name__,
+            )
+        try:
+            yield token is not None
+        finally:
+            if token is not None:
+                with contextlib.suppress(RedisError):
+                    self.finish(token)
 
     def finish(
         self, token: str, *, made: bool = True, outage: bool = False, answered: bool = False

@@ -1,9 +1,6 @@
 """The Celery engine's records in Redis besides the budget: per contact, its coalesced
-upserts and what Meisa has of it; the operations not yet finished, by lane (their tasks
-kept by :mod:`.redis_kept`); counters, recent answers, the backfill run, and the epoch
-that reveals a Redis that lost its data.
-Keys hold digests of contacts, never addresses (docs/celery.md explains the design).
-"""
+upserts and what Meisa has of it; the pending operations by lane and their kept tasks;
+counters, recent answers, the backfill run and the epoch (docs/celery.md)."""
 
 from __future__ import annotations
 
@@ -27,7 +24,6 @@ from .base import DeliveryStatus
 from .known import KEEP_FOR
 from .known import Known
 from .known import digest
-from .redis_kept import KeptTasks
 
 __all__ = ["Claim", "RedisDeliveryStore"]
 
@@ -40,11 +36,9 @@ _COUNTERS = ("delivered", "failed", "skipped", "dropped", "unchanged")
 
 @dataclass(frozen=True)
 class Claim:
-    """What :meth:`RedisDeliveryStore.claim` found for an upsert task: ``"deliver"`` (make
-    ``contact``'s call with ``payload``, at ``version``, for the operations ``members``,
-    holding the lease ``token``), ``"covered"`` (a call carried this version already),
-    ``"busy"`` (another worker is calling: look again in ``wait``) or ``"missing"`` (no
-    record: deliver the task's own payload)."""
+    """What :meth:`RedisDeliveryStore.claim` found for an upsert task: ``"deliver"``
+    (``payload`` at ``version`` for the operations ``members``, under the lease ``token``),
+    ``"covered"``, ``"busy"`` (look again in ``wait``) or ``"missing"`` (no record)."""
 
     state: Literal["deliver", "covered", "busy", "missing"]
     contact: str = ""
@@ -61,29 +55,23 @@ def _digest(name: str) -> str:
 
 
 def _text(value: bytes | str | None) -> str:
-    if isinstance(value, bytes):
-        return value.decode("utf-8")
-    return value or ""
+    return value.decode("utf-8") if isinstance(value, bytes) else value or ""
 
 
 class RedisDeliveryStore:
-    """The engine's records under ``meisa:<namespace>:``, one namespace per queue prefix.
-    A contact is kept under the digest of its external_id, or of its email while it has
-    none; an email upserted with an external_id points to it.
-
-    :param redis: a ``redis.Redis`` client.
-    """
+    """The records under ``meisa:<namespace>:`` (one namespace per queue prefix) of the
+    ``redis.Redis`` client ``redis``; a contact is kept under the digest of its
+    external_id, or of its email while it has none."""
 
     def __init__(self, redis: Any, namespace: str) -> None:
         self._redis = redis
         #: The queue prefix these records belong to.
         self.namespace = namespace
-        self._prefix = f"meisa:{namespace}"
-        self._stats = f"{self._prefix}:stats"
-        self._pending = {lane: f"{self._prefix}:pending:{n}" for lane, n in LANE_NAMES.items()}
-        self._answers = {lane: f"{self._prefix}:answers:{n}" for lane, n in LANE_NAMES.items()}
-        #: The tasks kept to be published again should the broker lose them.
-        self.kept = KeptTasks(redis, self._prefix, list(self._pending.values()))
+        self._prefix = prefix = f"meisa:{namespace}"
+        names = ("stats", "tasks", "seen")
+        self._stats, self._tasks, self._seen = (f"{prefix}:{name}" for name in names)
+        self._pending = {lane: f"{prefix}:pending:{n}" for lane, n in LANE_NAMES.items()}
+        self._answers = {lane: f"{prefix}:answers:{n}" for lane, n in LANE_NAMES.items()}
 
     def _key(self, kind: str, contact: str) -> str:
         return f"{self._prefix}:{kind}:{{{contact}}}"  # braces: one Redis Cluster slot
@@ -131,8 +119,7 @@ class RedisDeliveryStore:
         pipe.execute()
 
     def forget(self, payloads: Iterable[Mapping[str, Any] | None]) -> None:
-        """Meisa does not know the contact (an event answered 404): forget what it had,
-        under every name."""
+        """Meisa does not know the contact (a 404): forget what it had, under every name."""
         keys = {self._key("known", c) for p in payloads if p for c in self.contacts(p)}
         if keys:
             self._redis.delete(*keys)
@@ -148,13 +135,13 @@ class RedisDeliveryStore:
         pipe.execute()
 
     def coalesce(self, operation: Operation, contact: str, lane: int) -> int:
-        """Merge an upsert into its contact's record, count it pending in ``lane``, and
-        return the record's new version (the task's to carry)."""
+        """Merge an upsert into its contact's record, pending in ``lane``; its new version."""
         record = self._key("contact", contact)
 
         def update(pipe: Any) -> int:
-            fields = pipe.hmget(record, "version", "payload", "members", "force")
-            version, payload, members, force = fields
+            version, payload, members, force = pipe.hmget(
+                record, "version", "payload", "members", "force"
+            )
             merged = operation.payload
             if payload is not None:
                 merged = merge_upsert_payloads(json.loads(payload), operation.payload)
@@ -206,17 +193,10 @@ class RedisDeliveryStore:
             decide, record, lease_key, value_from_callable=True
         )
 
-    def release(self, claim: Claim) -> None:
-        """Give back a claim's lease without a call having been made."""
-        self._settle(claim, delivered=False)
-
-    def settle(self, claim: Claim) -> None:
-        """The claimed call is over for good (delivered, unchanged, or refused): mark its
-        version delivered, forget its payload unless newer upserts came meanwhile, and
-        release the lease. Its operations stay pending until :meth:`finish`."""
-        self._settle(claim, delivered=True)
-
-    def _settle(self, claim: Claim, *, delivered: bool) -> None:
+    def settle(self, claim: Claim, *, delivered: bool = True) -> None:
+        """Release the claim's lease; ``delivered``: its call is over for good (delivered,
+        unchanged or refused): mark its version delivered and forget its payload unless
+        newer upserts came meanwhile (its operations stay pending until :meth:`finish`)."""
         record, lease_key = self._key("contact", claim.contact), self._key("lease", claim.contact)
 
         def update(pipe: Any) -> None:
@@ -238,8 +218,8 @@ class RedisDeliveryStore:
     def pending_version(
         self, contacts: Iterable[str], *, upto: int | None = None
     ) -> tuple[str, int] | None:
-        """The first of ``contacts`` with an upsert not yet delivered (of version ``upto``
-        or earlier, when given), with its record's version; ``None`` when there is none."""
+        """The first of ``contacts`` with an upsert not delivered (of version ``upto`` or
+        earlier, when given), and its record's version."""
         contacts = list(dict.fromkeys(contacts))
         pipe = self._redis.pipeline(transaction=False)
         for contact in contacts:
@@ -249,6 +229,65 @@ class RedisDeliveryStore:
             if version is not None and wanted > int(delivered or 0):
                 return contact, int(version)
         return None
+
+    # -- kept tasks: published again should the broker lose them -------------------------
+
+    def keep(self, lane: int, op: dict[str, Any], meta: dict[str, Any]) -> None:
+        """Keep the task that delivers the operation ``op`` until it is finished, seen now."""
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hset(self._tasks, op["id"], json.dumps([lane, op, meta], separators=(",", ":")))
+        pipe.zadd(self._seen, {op["id"]: time.time()})
+        pipe.execute()
+
+    def seen(self, op_id: str) -> bool:
+        """A worker runs the task of ``op_id``: note when; whether it is still pending."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zadd(self._seen, {op_id: time.time()}, xx=True)
+        for key in self._pending.values():
+            pipe.zscore(key, op_id)
+        _, *scores = pipe.execute()
+        if any(score is not None for score in scores):
+            return True
+        self._unkeep([op_id])  # finished: keep() may have landed after finish()
+        return False
+
+    def _unkeep(self, ids: list[str], pipe: Any = None) -> None:
+        run = pipe is None
+        pipe = self._redis.pipeline(transaction=True) if run else pipe
+        pipe.zrem(self._seen, *ids)
+        pipe.hdel(self._tasks, *ids)
+        if run:
+            pipe.execute()
+
+    def unseen(self, after: float, limit: int = 500) -> list[list[Any]]:
+        """The tasks ``[lane, op, meta]`` of pending operations no worker has run for
+        ``after`` seconds, each seen again once it is twice as old (so a long outage of the
+        workers adds few copies); ``[]`` when another process looked within ``after / 8``."""
+        if not self._redis.set(
+            f"{self._prefix}:sweep", 1, nx=True, px=max(int(after * 125), 1000)
+        ):
+            return []
+        now = time.time()
+        ids = self._redis.zrangebyscore(self._seen, "-inf", now - after, start=0, num=limit)
+        if not ids:
+            return []
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hmget(self._tasks, ids)
+        for key in self._pending.values():
+            pipe.zmscore(key, ids)
+        raws, *lanes = pipe.execute()
+        tasks, finished = [], []
+        for n, (op_id, raw) in enumerate(zip(ids, raws, strict=True)):
+            if raw is not None and any(lane[n] is not None for lane in lanes):
+                tasks.append(json.loads(raw))
+            else:  # finished (by a worker of a version that kept nothing, say)
+                finished.append(op_id)
+        if finished:
+            self._unkeep(finished)
+        if tasks:  # XX: not one finished since
+            ages = {op["id"]: now + max(now - op["created_at"] - after, 0.0) for _, op, _ in tasks}
+            self._redis.zadd(self._seen, ages, xx=True)
+        return tasks
 
     # -- finishing and reading -----------------------------------------------------------
 
@@ -260,14 +299,14 @@ class RedisDeliveryStore:
         *,
         answer: tuple[int, float] | None = None,
     ) -> None:
-        """Operations are finished: no longer pending; add ``count`` to the counter
-        ``outcome``; ``answer``: ``(lane, seconds)`` from release to Meisa's answer."""
+        """Operations are finished, ``count`` more ``outcome``; ``answer``: ``(lane, seconds)``
+        from release to Meisa's answer."""
         ids = list(ids)
         pipe = self._redis.pipeline(transaction=True)
         if ids:
             for key in self._pending.values():
                 pipe.zrem(key, *ids)
-            self.kept.forget(ids, pipe)
+            self._unkeep(ids, pipe)
         if outcome is not None and count:
             pipe.hincrby(self._stats, outcome, count)
         if answer is not None:
@@ -285,7 +324,7 @@ class RedisDeliveryStore:
             self._redis.hdel(self._stats, name)
 
     def counters(self) -> dict[str, int]:
-        """Counters by name: those of :meth:`finish` and any other :meth:`count` keeps."""
+        """Counters by name (of :meth:`finish` and :meth:`count`)."""
         return _counts(self._redis.hgetall(self._stats))
 
     def pending(self, lane: int | None = None) -> int:
@@ -297,9 +336,9 @@ class RedisDeliveryStore:
         return sum(pipe.execute())
 
     def look(self, ids: list[str]) -> tuple[str, int, list[bool]]:
-        """In one transaction: the epoch of these records (a random token the first to look
-        writes: another one later means Redis lost its data), how many operations are
-        pending, and whether each of ``ids`` still is."""
+        """In one transaction: the epoch (a random token the first to look writes: another
+        one later means Redis lost its data), the pending count, and whether each of
+        ``ids`` is pending."""
         epoch = f"{self._prefix}:epoch"
         pipe = self._redis.pipeline(transaction=True)
         pipe.set(epoch, uuid.uuid4().hex, nx=True)
@@ -312,12 +351,10 @@ class RedisDeliveryStore:
         _, token, *found = pipe.execute()
         counts, scores = found[: len(LANE_NAMES)], found[len(LANE_NAMES) :]
         unfinished = [any(lane[n] is not None for lane in scores) for n in range(len(ids))]
-        return _text(token) or "", sum(counts), unfinished
+        return _text(token), sum(counts), unfinished
 
     def describe(self, status: DeliveryStatus) -> None:
-        """Fill ``status`` with the operations not finished per lane and the oldest one's
-        wait, the latency over the last :data:`~.base.LATENCY_WINDOW`, the counters and
-        the backfill run."""
+        """Fill ``status`` with what is pending, its wait and latency, counters, the backfill."""
         pipe = self._redis.pipeline(transaction=False)
         for lane in LANE_NAMES:
             pipe.zcard(self._pending[lane])
@@ -340,8 +377,6 @@ class RedisDeliveryStore:
         for name in ("delivered", "failed", "dropped", "unchanged"):
             setattr(status, name, counters[name])
         status.backfill = json.loads(run) if run else None
-
-    # -- the backfill's records ----------------------------------------------------------
 
     def get(self, name: str, default: Any = None) -> Any:
         """The JSON value kept under ``name``."""

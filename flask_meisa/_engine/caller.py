@@ -1,6 +1,6 @@
 """The delivery threads of the delivering process, one call at a time from the store: wait
 for the pause, the outage probe and the budget; skip what Meisa already has; make the
-call; carry out the step :func:`~flask_meisa._decisions.settle` gives its outcome."""
+call; carry out the step :func:`~flask_meisa._engine.base.settle` gives its outcome."""
 
 from __future__ import annotations
 
@@ -11,21 +11,21 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .._decisions import OUTAGE_THRESHOLD
-from .._decisions import Decision
-from .._decisions import call_for
-from .._decisions import log_decision
-from .._decisions import pause_for
-from .._decisions import settle
 from ..operations import Attempt
 from ..operations import attempt
 from ..retry import RetryPolicy
 from . import dead
 from . import known
 from . import pending
+from .base import OUTAGE_THRESHOLD
 from .base import CallClient
 from .base import ClientFactory
+from .base import Decision
 from .base import HookCaller
+from .base import call_for
+from .base import log_decision
+from .base import pause_for
+from .base import settle
 from .budget import Budget
 from .store import STORE_ERRORS
 from .store import Store

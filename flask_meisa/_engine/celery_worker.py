@@ -1,6 +1,6 @@
 """The Celery worker's side: the task ``flask_meisa.deliver``. Each run makes at most one
 call, then finishes its operation or asks to run again after a countdown (it never sleeps);
-the step :func:`~flask_meisa._decisions.settle` gives an outcome is carried out here, in
+the step :func:`~flask_meisa._engine.base.settle` gives an outcome is carried out here, in
 the shared budget and the records in Redis.
 """
 
@@ -20,11 +20,6 @@ from typing import Any
 from celery.exceptions import Reject  # type: ignore[import-untyped]
 from redis.exceptions import RedisError
 
-from .._decisions import Decision
-from .._decisions import call_for
-from .._decisions import log_decision
-from .._decisions import pause_for
-from .._decisions import settle
 from ..operations import LANE_AUTOMATION
 from ..operations import LANE_BACKFILL
 from ..operations import LANE_NAMES
@@ -35,8 +30,13 @@ from ..retry import RetryPolicy
 from . import known
 from .base import CallClient
 from .base import ClientFactory
+from .base import Decision
 from .base import DeliveryHooks
 from .base import HookCaller
+from .base import call_for
+from .base import log_decision
+from .base import pause_for
+from .base import settle
 from .known import Known
 from .redis_budget import MAX_WAIT
 from .redis_budget import RedisBudget

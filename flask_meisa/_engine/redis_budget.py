@@ -11,10 +11,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from .._decisions import OUTAGE_THRESHOLD
 from .._values import parse_rate_limit
 from ..operations import LANE_NAMES
 from ..operations import LANE_ROUTINE
+from .base import OUTAGE_THRESHOLD
 from .budget import TRANSACTIONAL_RESERVE
 
 __all__ = ["MAX_WAIT", "Acquired", "RedisBudget"]

@@ -18,7 +18,6 @@ from ..errors import MeisaError
 from ..operations import LANE_BACKFILL
 from ..operations import LANE_ROUTINE
 from ..operations import Operation
-from . import known
 from . import pending
 from .budget import allowed
 from .store import Store
@@ -188,8 +187,8 @@ class StoreTarget:
         with self.store.write() as db:
             for operation in operations:
                 # Meisa has this state and nothing of the contact waits: no row at all.
-                had = functools.partial(known.lookup, db, operation.payload)
-                unchanged = known.unchanged(operation, had, now, self.resync_after)
+                had = functools.partial(pending.lookup, db, operation.payload)
+                unchanged = pending.unchanged(operation, had, now, self.resync_after)
                 if unchanged and not pending.waits(db, operation):
                     run.skipped += 1
                 else:

@@ -15,7 +15,6 @@ from ..operations import Attempt
 from ..operations import attempt
 from ..retry import RetryPolicy
 from . import dead
-from . import known
 from . import pending
 from .base import OUTAGE_THRESHOLD
 from .base import CallClient
@@ -116,8 +115,8 @@ class Caller:
             if row is None:
                 due = pending.next_due(db, now)
                 return 1.0 if due is None else due - now
-            had = functools.partial(known.lookup, db, row.operation.payload)
-            if known.unchanged(row.operation, had, now, self._resync_after):
+            had = functools.partial(pending.lookup, db, row.operation.payload)
+            if pending.unchanged(row.operation, had, now, self._resync_after):
                 self._count(reporting=1)
                 report = self._over(db, row, "unchanged", "delivered", None)
             else:
@@ -199,9 +198,9 @@ class Caller:
             what += f" (coalesced from {row.merged} operations)"
         self._note_health(db, decision, now)
         if decision.unknown_contact:
-            known.forget(db, operation.payload)
+            pending.forget(db, operation.payload)
         if settled.accepted is not None:
-            known.remember(db, settled.accepted, now)
+            pending.remember(db, settled.accepted, now)
         if settled.step == "event_again":
             pending.retry_at(db, row, 0.0, recover=2)
             return lambda: None

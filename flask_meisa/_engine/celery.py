@@ -27,7 +27,7 @@ from ..operations import LANE_NAMES
 from ..operations import LANE_TRANSACTIONAL
 from ..operations import Operation
 from . import backfill
-from . import known
+from . import pending
 from .base import DeliveryHooks
 from .base import DeliveryStatus
 from .base import HookCaller
@@ -151,7 +151,7 @@ class CeleryDispatcher:
         pending, a companion that delivers that upsert on the event's lane."""
         store = self.store
         contact = store.contact_of(operation.payload) if operation.kind == "upsert" else None
-        lane = known.lane_of(operation, lambda: store.known(contact), self._priority_fields)
+        lane = pending.lane_of(operation, lambda: store.known(contact), self._priority_fields)
         meta: dict[str, Any] = {"lane": lane}
         tasks = []
         if contact is not None and self._coalesce:
@@ -341,7 +341,7 @@ class CeleryBackfill:
         for operation in operations:
             contacts = store.contacts(operation.payload)
             had = functools.partial(store.known, contacts[0] if contacts else None)
-            if known.unchanged(operation, had, now, self._resync_after) and (
+            if pending.unchanged(operation, had, now, self._resync_after) and (
                 store.pending_version(contacts) is None
             ):
                 run.skipped += 1

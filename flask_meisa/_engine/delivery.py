@@ -19,7 +19,6 @@ from ..errors import DeliveryError
 from ..operations import LANE_BACKFILL
 from ..operations import Operation
 from ..retry import RetryPolicy
-from . import known
 from . import pending
 from .base import ClientFactory
 from .base import DeliveryHooks
@@ -86,7 +85,7 @@ class Delivery:
         self._flush_timeout = flush_timeout
         self._priority_fields = tuple(priority_fields)
         self._routine_max_age = routine_max_age
-        self._known_for = max(known.KEEP_FOR, resync_after)
+        self._known_for = max(pending.KEEP_FOR, resync_after)
         self._poll = poll_interval
         self._fresh()
 
@@ -314,8 +313,8 @@ class Delivery:
         lowest, shed = LANE_BACKFILL, []
         with self.store.write() as db:
             for operation in batch:
-                had = functools.partial(known.lookup, db, operation.payload)
-                lane = functools.partial(known.lane_of, operation, had, self._priority_fields)
+                had = functools.partial(pending.lookup, db, operation.payload)
+                lane = functools.partial(pending.lane_of, operation, had, self._priority_fields)
                 lowest = min(lowest, pending.add(db, operation, lane).lane)
             # Counted at most once a second, or when the count may be near the bound.
             self._live_rows += len(batch)

@@ -1,13 +1,15 @@
-"""What waits for Meisa: the operations table of the store. Rows go lowest lane first,
-oldest first, one row of a contact at a time (by either of its names); a contact's upserts
-merge while they wait; a refused row stays as a dead letter. See docs/delivery.md."""
+"""The store's tables of contacts: what waits for Meisa (``meisa_ops``: order, merging,
+lanes; docs/delivery.md) and what Meisa already has (``meisa_known``: a digest per field,
+shared with the Celery engine)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 from collections.abc import Callable
 from collections.abc import Iterable
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from typing import NamedTuple
@@ -19,7 +21,6 @@ from ..operations import Operation
 from ..operations import identities
 from ..operations import join_upserts
 from ..operations import merge_priorities
-from . import known
 from .base import LATENCY_WINDOW
 from .base import DeliveryStatus
 from .store import Store
@@ -94,9 +95,9 @@ class Added(NamedTuple):
 
 def add(db: sqlite3.Connection, operation: Operation, lane: int | Callable[[], int]) -> Added:
     """Store ``operation`` in ``lane`` (or merge it into its contact's waiting upsert).
-    ``lane`` may be a function (:func:`known.lane_of` reading the store), left uncalled
+    ``lane`` may be a function (:func:`lane_of` reading the store), left uncalled
     when a merge makes the answer moot: it must answer ``operation.lane``, or the
-    automation lane for a routine upsert, as :func:`known.lane_of` does."""
+    automation lane for a routine upsert, as :func:`lane_of` does."""
     names = keys(operation)
     found = db.execute(_CONTACT, names).fetchone()
     merged = None
@@ -233,7 +234,7 @@ def tidy(db: sqlite3.Connection, now: float, routine_max_age: float, known_for: 
     """Housekeeping: promote routine syncs older than ``routine_max_age`` seconds; forget
     digests unused for ``known_for`` seconds and answers past the latency window."""
     age_routine(db, now - routine_max_age)
-    known.prune(db, now - known_for)
+    prune(db, now - known_for)
     db.execute("DELETE FROM meisa_answers WHERE at < ?", (now - LATENCY_WINDOW,))
 
 
@@ -331,13 +332,14 @@ def _passes(
     skipped = [int(seq) for seq in skip]
     query = (
         "SELECT EXISTS (SELECT 1 FROM meisa_ops WHERE kind = 'upsert' AND state != 'dead' "
-        f"AND seq > ? AND seq < coalesce(?, seq + 1) AND seq NOT IN ({_marks(skipped)}) "
-        f"AND (ext IN ({_marks(exts)}) OR email IN ({_marks(emails)})))"
+        f"AND seq > ? AND seq < coalesce(?, seq + 1) AND seq NOT IN ({marks(skipped)}) "
+        f"AND (ext IN ({marks(exts)}) OR email IN ({marks(emails)})))"
     )
     return bool(db.execute(query, (after, before, *skipped, *exts, *emails)).fetchone()[0])
 
 
-def _marks(values: list[Any]) -> str:
+def marks(values: list[Any]) -> str:
+    """The placeholders of ``values`` in an ``IN (...)`` list."""
     return ", ".join("?" * len(values))
 
 
@@ -354,7 +356,7 @@ def each_row(
     if seqs is None:
         return db.execute(statement + end)
     wanted = [int(seq) for seq in seqs]
-    return db.execute(f"{statement} AND seq IN ({', '.join('?' * len(wanted))}){end}", wanted)
+    return db.execute(f"{statement} AND seq IN ({marks(wanted)}){end}", wanted)
 
 
 def describe(db: sqlite3.Connection, now: float, status: DeliveryStatus) -> None:
@@ -387,3 +389,113 @@ def describe(db: sqlite3.Connection, now: float, status: DeliveryStatus) -> None
         setattr(status, name, int(Store.get_meta(db, name, 0)))
     status.paused_for = max(float(Store.get_meta(db, "pause_until", 0.0)) - now, 0.0)
     status.backfill = Store.get_meta(db, "backfill")
+
+
+#: What Meisa has of a contact is forgotten after this long unused, whatever
+#: ``MEISA_RESYNC_AFTER`` says.
+KEEP_FOR = 30 * 86400.0
+
+
+def _hash(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+def digest(payload: Mapping[str, Any]) -> dict[str, str]:
+    """``{field: short hash}`` of an upsert payload: one entry per top-level field, per
+    custom field and per tag. ``source`` is left out: Meisa keeps a contact's first."""
+    fields: dict[str, str] = {}
+    for name, value in payload.items():
+        if name == "custom_fields":
+            fields.update((f"custom_fields.{key}", _hash(item)) for key, item in value.items())
+        elif name == "tag_names":
+            fields.update((f"tag:{tag}", "1") for tag in value)
+        elif name != "source":
+            fields[name] = _hash(value)
+    return fields
+
+
+@dataclass(frozen=True)
+class Known:
+    """What Meisa last accepted of a contact (a :func:`digest`), and when."""
+
+    fields: dict[str, str]
+    accepted_at: float
+
+    def has(self, wanted: Mapping[str, str]) -> bool:
+        """Whether every field of ``wanted`` is already there with the same value."""
+        return all(self.fields.get(name) == value for name, value in wanted.items())
+
+
+Lookup = Callable[[], "Known | None"]
+
+
+def lane_of(operation: Operation, had: Lookup, priority_fields: Iterable[str]) -> int:
+    """The lane of ``operation``, given ``had()``, what Meisa has of its contact (looked up
+    only for a routine upsert): a contact's first upsert, or one that changes a priority
+    field, goes ahead of routine syncs."""
+    lane = operation.lane
+    if operation.kind != "upsert" or lane != LANE_ROUTINE:
+        return lane
+    known = had()
+    custom = operation.payload.get("custom_fields") or {}
+    # Only the priority fields the upsert carries are hashed: a login's other fields are not.
+    wanted = {
+        f"custom_fields.{name}": _hash(custom[name]) for name in priority_fields if name in custom
+    }
+    return LANE_AUTOMATION if known is None or not known.has(wanted) else lane
+
+
+def unchanged(operation: Operation, had: Lookup, now: float, resync_after: float) -> bool:
+    """Whether Meisa already has every field of the upsert ``operation``, accepted within
+    ``resync_after`` seconds, so that no call is needed (never when it is forced)."""
+    if operation.kind != "upsert" or operation.force:
+        return False
+    known = had()
+    return (
+        known is not None
+        and known.accepted_at >= now - resync_after
+        and known.has(digest(operation.payload))
+    )
+
+
+def _entries(db: sqlite3.Connection, payload: Mapping[str, Any], limit: str = "") -> list[Any]:
+    """``(names, fields, accepted_at)`` of the contact ``payload`` names, by ``external_id``
+    first: one query, the writer's hot path."""
+    keys = [key for key in identities(payload) if key is not None]
+    if not keys:
+        return []
+    query = "SELECT names, fields, accepted_at FROM meisa_known WHERE key = ?"
+    return db.execute(" UNION ALL ".join([query] * len(keys)) + limit, keys).fetchall()
+
+
+def lookup(db: sqlite3.Connection, payload: Mapping[str, Any]) -> Known | None:
+    """What Meisa has of the contact ``payload`` names (by ``external_id`` first)."""
+    found = _entries(db, payload, " LIMIT 1")
+    return Known(json.loads(found[0][1]), float(found[0][2])) if found else None
+
+
+def remember(db: sqlite3.Connection, payload: Mapping[str, Any], now: float) -> None:
+    """Meisa accepted ``payload``: fold its fields into what it has of the contact."""
+    entries = _entries(db, payload)
+    fields = {**(json.loads(entries[0][1]) if entries else {}), **digest(payload)}
+    names = {name for entry in entries for name in json.loads(entry[0])}
+    listed = sorted(names.union(key for key in identities(payload) if key is not None))
+    text = json.dumps(fields, separators=(",", ":"))
+    db.executemany(
+        "INSERT OR REPLACE INTO meisa_known (key, names, fields, accepted_at) VALUES (?, ?, ?, ?)",
+        [(key, json.dumps(listed), text, now) for key in listed],
+    )
+
+
+def forget(db: sqlite3.Connection, payload: Mapping[str, Any]) -> None:
+    """Meisa no longer knows the contact (an event answered 404): forget it, by every
+    name it was known by."""
+    names = {name for entry in _entries(db, payload) for name in json.loads(entry[0])}
+    names = names or {key for key in identities(payload) if key is not None}
+    db.execute(f"DELETE FROM meisa_known WHERE key IN ({marks(list(names))})", list(names))
+
+
+def prune(db: sqlite3.Connection, before: float) -> int:
+    """Forget what Meisa had of contacts accepted before ``before``."""
+    return db.execute("DELETE FROM meisa_known WHERE accepted_at < ?", (before,)).rowcount

@@ -24,9 +24,9 @@ from ..operations import identities
 from ..operations import merge_upsert_payloads
 from .base import LATENCY_WINDOW
 from .base import DeliveryStatus
-from .known import KEEP_FOR
-from .known import Known
-from .known import digest
+from .pending import KEEP_FOR
+from .pending import Known
+from .pending import digest
 from .redis_kept import KeptTasks
 
 __all__ = ["Claim", "RedisDeliveryStore"]

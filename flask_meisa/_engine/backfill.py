@@ -19,7 +19,7 @@ from ..operations import LANE_BACKFILL
 from ..operations import LANE_ROUTINE
 from ..operations import Operation
 from . import pending
-from .budget import allowed
+from .caller import allowed
 from .store import Store
 
 __all__ = ["CHUNK", "Progress", "Run", "StoreTarget", "Target", "estimate_per_hour", "run"]

@@ -25,7 +25,7 @@ from .base import DeliveryHooks
 from .base import DeliveryStatus
 from .base import HookCaller
 from .base import require_real_threads
-from .budget import Budget
+from .caller import Budget
 from .caller import Caller
 from .store import STORE_ERRORS
 from .store import HostLock

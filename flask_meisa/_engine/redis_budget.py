@@ -1,5 +1,5 @@
 """The key's rate budget in Redis, shared by every worker on every machine: the rule of
-:func:`~flask_meisa._engine.budget.slot_wait` with lanes, the pause after a 429 and the
+:func:`~flask_meisa._engine.caller.Budget` with lanes, the pause after a 429 and the
 outage breaker, each an atomic Lua script on Redis's clock (docs/celery.md explains them).
 """
 
@@ -15,7 +15,7 @@ from .._values import parse_rate_limit
 from ..operations import LANE_NAMES
 from ..operations import LANE_ROUTINE
 from .base import OUTAGE_THRESHOLD
-from .budget import TRANSACTIONAL_RESERVE
+from .caller import TRANSACTIONAL_RESERVE
 
 __all__ = ["MAX_WAIT", "Acquired", "RedisBudget"]
 

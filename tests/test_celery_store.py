@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from flask_meisa._engine.base import DeliveryStatus
-from flask_meisa._engine.pending import digest
+from flask_meisa._engine.base import digest
 from flask_meisa._engine.redis_store import ANSWERS_KEPT
 from flask_meisa._engine.redis_store import RedisDeliveryStore
 from flask_meisa.operations import LANE_AUTOMATION

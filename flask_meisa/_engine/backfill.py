@@ -19,6 +19,7 @@ from ..operations import LANE_BACKFILL
 from ..operations import LANE_ROUTINE
 from ..operations import Operation
 from . import pending
+from .base import unchanged
 from .caller import allowed
 from .store import Store
 
@@ -188,8 +189,8 @@ class StoreTarget:
             for operation in operations:
                 # Meisa has this state and nothing of the contact waits: no row at all.
                 had = functools.partial(pending.lookup, db, operation.payload)
-                unchanged = pending.unchanged(operation, had, now, self.resync_after)
-                if unchanged and not pending.waits(db, operation):
+                same = unchanged(operation, had, now, self.resync_after)
+                if same and not pending.waits(db, operation):
                     run.skipped += 1
                 else:
                     pending.add(db, operation, LANE_BACKFILL)

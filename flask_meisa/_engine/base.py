@@ -5,8 +5,9 @@ one decision of what a call's outcome means for its operation."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
-import sys
 import threading
 from collections.abc import Callable
 from collections.abc import Iterable
@@ -22,11 +23,12 @@ from typing import Protocol
 
 from ..errors import APIConnectionError
 from ..errors import APIError
-from ..errors import ConfigurationError
 from ..errors import NotFoundError
 from ..errors import RateLimitError
 from ..errors import ServerError
 from ..errors import ValidationError
+from ..operations import LANE_AUTOMATION
+from ..operations import LANE_ROUTINE
 from ..operations import Operation
 from ..retry import RetryPolicy
 
@@ -197,23 +199,6 @@ class Dispatcher(Protocol):
 
     def after_fork(self) -> None:
         """In a forked child: forget the parent's threads, locks and connections."""
-
-
-def require_real_threads() -> None:
-    """Raise :class:`ConfigurationError` where gevent or eventlet has patched ``threading``:
-    an engine's threads of its own would be greenlets."""
-    gevent = sys.modules.get("gevent.monkey")
-    eventlet = sys.modules.get("eventlet.patcher")
-    if gevent is not None and gevent.is_module_patched("threading"):
-        green = "gevent"
-    elif eventlet is not None and eventlet.is_monkey_patched("thread"):
-        green = "eventlet"
-    else:
-        return
-    raise ConfigurationError(
-        f"background delivery needs real threads, and {green} monkey-patching makes them "
-        'greenlets: set MEISA_DELIVERY = "sync" (or "celery")'
-    )
 
 
 Action = Literal["done", "retry", "recover", "fail"]
@@ -397,3 +382,69 @@ def log_decision(
         )
     else:
         logger.warning("flask-meisa: %s failed after %d attempt(s): %s", what, attempts, summary)
+
+
+#: What Meisa has of a contact is forgotten after this long, whatever MEISA_RESYNC_AFTER says.
+KEEP_FOR = 30 * 86400.0
+
+
+def _hash(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+def digest(payload: Mapping[str, Any]) -> dict[str, str]:
+    """``{field: short hash}`` of an upsert payload, per field, custom field and tag (not
+    ``source``: Meisa keeps a contact's first)."""
+    fields: dict[str, str] = {}
+    for name, value in payload.items():
+        if name == "custom_fields":
+            fields.update((f"custom_fields.{key}", _hash(item)) for key, item in value.items())
+        elif name == "tag_names":
+            fields.update((f"tag:{tag}", "1") for tag in value)
+        elif name != "source":
+            fields[name] = _hash(value)
+    return fields
+
+
+@dataclass(frozen=True)
+class Known:
+    """What Meisa last accepted of a contact (a :func:`digest`), and when."""
+
+    fields: dict[str, str]
+    accepted_at: float
+
+    def has(self, wanted: Mapping[str, str]) -> bool:
+        """Whether every field of ``wanted`` is already there with the same value."""
+        return all(self.fields.get(name) == value for name, value in wanted.items())
+
+
+Lookup = Callable[[], "Known | None"]
+
+
+def lane_of(operation: Operation, had: Lookup, priority_fields: Iterable[str]) -> int:
+    """The lane of ``operation``: a routine upsert that is its contact's first, or changes a
+    priority field, given ``had()`` (what Meisa has), goes ahead of routine syncs."""
+    lane = operation.lane
+    if operation.kind != "upsert" or lane != LANE_ROUTINE:
+        return lane
+    known = had()
+    custom = operation.payload.get("custom_fields") or {}
+    # Only the priority fields the upsert carries are hashed: a login's other fields are not.
+    wanted = {
+        f"custom_fields.{name}": _hash(custom[name]) for name in priority_fields if name in custom
+    }
+    return LANE_AUTOMATION if known is None or not known.has(wanted) else lane
+
+
+def unchanged(operation: Operation, had: Lookup, now: float, resync_after: float) -> bool:
+    """Whether Meisa has every field of the upsert ``operation`` (``had()``), accepted within
+    ``resync_after`` seconds: no call is needed (never when forced)."""
+    if operation.kind != "upsert" or operation.force:
+        return False
+    known = had()
+    return (
+        known is not None
+        and known.accepted_at >= now - resync_after
+        and known.has(digest(operation.payload))
+    )

@@ -34,6 +34,7 @@ from .base import call_for
 from .base import log_decision
 from .base import pause_for
 from .base import settle
+from .base import unchanged
 from .store import STORE_ERRORS
 from .store import Store
 
@@ -124,7 +125,7 @@ class Caller:
                 due = pending.next_due(db, now)
                 return 1.0 if due is None else due - now
             had = functools.partial(pending.lookup, db, row.operation.payload)
-            if pending.unchanged(row.operation, had, now, self._resync_after):
+            if unchanged(row.operation, had, now, self._resync_after):
                 self._count(reporting=1)
                 report = self._over(db, row, "unchanged", "delivered", None)
             else:

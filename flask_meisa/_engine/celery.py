@@ -27,10 +27,11 @@ from ..operations import LANE_NAMES
 from ..operations import LANE_TRANSACTIONAL
 from ..operations import Operation
 from . import backfill
-from . import pending
 from .base import DeliveryHooks
 from .base import DeliveryStatus
 from .base import HookCaller
+from .base import lane_of
+from .base import unchanged
 from .celery_setup import lost_after
 from .celery_setup import redis_client
 from .celery_setup import settings_of
@@ -151,7 +152,7 @@ class CeleryDispatcher:
         pending, a companion that delivers that upsert on the event's lane."""
         store = self.store
         contact = store.contact_of(operation.payload) if operation.kind == "upsert" else None
-        lane = pending.lane_of(operation, lambda: store.known(contact), self._priority_fields)
+        lane = lane_of(operation, lambda: store.known(contact), self._priority_fields)
         meta: dict[str, Any] = {"lane": lane}
         tasks = []
         if contact is not None and self._coalesce:
@@ -341,7 +342,7 @@ class CeleryBackfill:
         for operation in operations:
             contacts = store.contacts(operation.payload)
             had = functools.partial(store.known, contacts[0] if contacts else None)
-            if pending.unchanged(operation, had, now, self._resync_after) and (
+            if unchanged(operation, had, now, self._resync_after) and (
                 store.pending_version(contacts) is None
             ):
                 run.skipped += 1

@@ -27,17 +27,17 @@ from ..operations import LANE_ROUTINE
 from ..operations import Operation
 from ..operations import attempt
 from ..retry import RetryPolicy
-from . import pending
 from .base import CallClient
 from .base import ClientFactory
 from .base import Decision
 from .base import DeliveryHooks
 from .base import HookCaller
+from .base import Known
 from .base import call_for
 from .base import log_decision
 from .base import pause_for
 from .base import settle
-from .pending import Known
+from .base import unchanged
 from .redis_budget import MAX_WAIT
 from .redis_budget import RedisBudget
 from .redis_store import Claim
@@ -188,7 +188,7 @@ class DeliveryWorker:
                 meta.get("contact") or self.store.contact_of(operation.payload)
             )
 
-        if pending.unchanged(operation, had, time.time(), self._resync_after):
+        if unchanged(operation, had, time.time(), self._resync_after):
             self._report("unchanged", members, None, claim)
             return None
         recovering = operation.kind == "track" and bool(meta.get("recover"))

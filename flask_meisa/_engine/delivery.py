@@ -8,6 +8,7 @@ import contextlib
 import functools
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -15,16 +16,18 @@ from collections.abc import Iterable
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from ..errors import ConfigurationError
 from ..errors import DeliveryError
 from ..operations import LANE_BACKFILL
 from ..operations import Operation
 from ..retry import RetryPolicy
 from . import pending
+from .base import KEEP_FOR
 from .base import ClientFactory
 from .base import DeliveryHooks
 from .base import DeliveryStatus
 from .base import HookCaller
-from .base import require_real_threads
+from .base import lane_of
 from .caller import Budget
 from .caller import Caller
 from .store import STORE_ERRORS
@@ -40,6 +43,23 @@ __all__ = ["Delivery", "make_dispatcher"]
 GROUP_WINDOW = 0.01
 #: Seconds between passes that age routine syncs and prune old records.
 _HOUSEKEEPING = 30.0
+
+
+def require_real_threads() -> None:
+    """Raise :class:`ConfigurationError` where gevent or eventlet has patched ``threading``:
+    an engine's threads of its own would be greenlets."""
+    gevent = sys.modules.get("gevent.monkey")
+    eventlet = sys.modules.get("eventlet.patcher")
+    if gevent is not None and gevent.is_module_patched("threading"):
+        green = "gevent"
+    elif eventlet is not None and eventlet.is_monkey_patched("thread"):
+        green = "eventlet"
+    else:
+        return
+    raise ConfigurationError(
+        f"background delivery needs real threads, and {green} monkey-patching makes them "
+        'greenlets: set MEISA_DELIVERY = "sync" (or "celery")'
+    )
 
 
 class Delivery:
@@ -85,7 +105,7 @@ class Delivery:
         self._flush_timeout = flush_timeout
         self._priority_fields = tuple(priority_fields)
         self._routine_max_age = routine_max_age
-        self._known_for = max(pending.KEEP_FOR, resync_after)
+        self._known_for = max(KEEP_FOR, resync_after)
         self._poll = poll_interval
         self._fresh()
 
@@ -214,7 +234,7 @@ class Delivery:
         """The host's delivery (see :class:`~.base.DeliveryStatus`)."""
         status = DeliveryStatus(engine="thread", durable=self.store.durable)
         with self.store.read() as db:
-            pending.describe(db, time.time(), status)
+            Store.describe(db, time.time(), status)
         status.dropped += self._dropped_here
         if self.budget.windows:
             status.budget_left = self.budget.remaining()
@@ -314,7 +334,7 @@ class Delivery:
         with self.store.write() as db:
             for operation in batch:
                 had = functools.partial(pending.lookup, db, operation.payload)
-                lane = functools.partial(pending.lane_of, operation, had, self._priority_fields)
+                lane = functools.partial(lane_of, operation, had, self._priority_fields)
                 lowest = min(lowest, pending.add(db, operation, lane).lane)
             # Counted at most once a second, or when the count may be near the bound.
             self._live_rows += len(batch)

@@ -4,7 +4,6 @@ shared with the Celery engine)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 from collections.abc import Callable
@@ -15,14 +14,14 @@ from typing import Any
 from typing import NamedTuple
 
 from ..operations import LANE_AUTOMATION
-from ..operations import LANE_NAMES
 from ..operations import LANE_ROUTINE
 from ..operations import Operation
 from ..operations import identities
 from ..operations import join_upserts
 from ..operations import merge_priorities
 from .base import LATENCY_WINDOW
-from .base import DeliveryStatus
+from .base import Known
+from .base import digest
 from .store import Store
 
 #: The columns :func:`row_of` reads, in order.
@@ -77,27 +76,24 @@ def row_of(values: Any) -> Row:
 
 
 def keys(operation: Operation) -> tuple[str | None, str | None]:
-    """The names a row is ordered by: a contact's two, or ``send:<address>`` for a send
-    (so that one recipient's sends keep their order and wait together)."""
+    """The names a row is ordered by: a contact's two, or ``send:<address>`` for a send."""
     if operation.kind == "send":
         return None, f"send:{operation.payload['to_email']}"
     return identities(operation.payload)
 
 
 class Added(NamedTuple):
-    """Where :func:`add` put an operation."""
+    """Where :func:`add` put an operation: its row, whether merged, the row's lane."""
 
     seq: int
     merged: bool
-    #: The row's lane.
     lane: int
 
 
 def add(db: sqlite3.Connection, operation: Operation, lane: int | Callable[[], int]) -> Added:
     """Store ``operation`` in ``lane`` (or merge it into its contact's waiting upsert).
-    ``lane`` may be a function (:func:`lane_of` reading the store), left uncalled
-    when a merge makes the answer moot: it must answer ``operation.lane``, or the
-    automation lane for a routine upsert, as :func:`lane_of` does."""
+    ``lane`` may be :func:`lane_of` reading the store, left uncalled when a merge makes the
+    answer moot."""
     names = keys(operation)
     found = db.execute(_CONTACT, names).fetchone()
     merged = None
@@ -139,8 +135,8 @@ def _merge(
     found: tuple[Any, ...],
     names: tuple[str | None, str | None],
 ) -> tuple[int, int, str | None, str | None] | None:
-    """Merge an upsert (named ``names``) into its contact's latest waiting one (``found``
-    by :data:`_CONTACT`): its seq, lane and names."""
+    """Merge an upsert into its contact's latest waiting one (``found`` by :data:`_CONTACT`):
+    that row's seq, lane and names."""
     seq, payload, priority, force, their_lane, their_ext, their_email, last, _ = found
     # Not past a later upsert of the same names in flight, nor of the row's other names.
     ext, email = names
@@ -174,9 +170,8 @@ def _merge(
 
 
 def shed(db: sqlite3.Connection, capacity: int) -> list[Operation]:
-    """Past ``capacity`` live rows waiting, remove the oldest routine syncs, then the
-    oldest automation-lane rows (never sends, backfill or rows in flight); returns them,
-    and counts every operation they stood for as dropped."""
+    """Past ``capacity`` live rows, remove and return the oldest routine syncs, then the
+    oldest automation-lane rows (never sends, backfill or rows in flight), counted dropped."""
     excess = live_count(db) - capacity
     if excess <= 0:
         return []
@@ -231,8 +226,7 @@ def age_routine(db: sqlite3.Connection, older_than: float) -> int:
 
 
 def tidy(db: sqlite3.Connection, now: float, routine_max_age: float, known_for: float) -> None:
-    """Housekeeping: promote routine syncs older than ``routine_max_age`` seconds; forget
-    digests unused for ``known_for`` seconds and answers past the latency window."""
+    """Housekeeping: age routine syncs, forget old digests and answers past the window."""
     age_routine(db, now - routine_max_age)
     prune(db, now - known_for)
     db.execute("DELETE FROM meisa_answers WHERE at < ?", (now - LATENCY_WINDOW,))
@@ -276,9 +270,8 @@ def finish(db: sqlite3.Connection, row: Row) -> None:
 
 
 def retry_at(db: sqlite3.Connection, row: Row, when: float, *, recover: int = 0) -> None:
-    """Wait until ``when``. ``recover``: 1, upsert the event's contact first; 2, that was
-    done (an event is recovered once). An upsert takes in its contact's later upserts that
-    came while it was in flight, so that its next attempt carries the newest state."""
+    """Wait until ``when`` (``recover``: see :attr:`Row.recover`). An upsert takes in the
+    later upserts of its contact that came while it was in flight."""
     db.execute(
         "UPDATE meisa_ops SET state = 'pending', ready_at = ?, recover = ? WHERE seq = ?",
         (when, int(recover), row.seq),
@@ -322,8 +315,7 @@ def _passes(
     skip: Iterable[int] = (),
 ) -> bool:
     """Whether an upsert moved from ``before`` (``None``: the end) to ``after`` would pass
-    a live upsert of one of ``names`` (``(ext, email)`` pairs) other than ``skip``, so that
-    the older state would be sent last."""
+    a live upsert of one of ``names`` (``(ext, email)`` pairs) but ``skip``."""
     pairs = list(names)
     exts = sorted({ext for ext, _ in pairs if ext is not None})
     emails = sorted({email for _, email in pairs if email is not None})
@@ -351,117 +343,16 @@ def release_flights(db: sqlite3.Connection) -> int:
 def each_row(
     db: sqlite3.Connection, statement: str, seqs: Iterable[int] | None, end: str = ""
 ) -> sqlite3.Cursor:
-    """Run ``statement`` (ending in a ``WHERE`` clause) on the rows ``seqs`` (``None``:
-    all): a few rows, named on the command line or of one contact."""
+    """Run ``statement`` (ending in a ``WHERE`` clause) on the rows ``seqs`` (``None``: all)."""
     if seqs is None:
         return db.execute(statement + end)
     wanted = [int(seq) for seq in seqs]
     return db.execute(f"{statement} AND seq IN ({marks(wanted)}){end}", wanted)
 
 
-def describe(db: sqlite3.Connection, now: float, status: DeliveryStatus) -> None:
-    """Fill ``status`` with what the store holds: work per lane and its age, in flight,
-    waiting to retry, dead letters, latency, counters, pause and the backfill run."""
-    status.queued = dict.fromkeys(LANE_NAMES.values(), 0)
-    for lane, state, due, count, oldest in db.execute(
-        "SELECT lane, state, ready_at > ?, count(*), min(created_at) FROM meisa_ops "
-        "GROUP BY lane, state, ready_at > ?",
-        (now, now),
-    ):
-        name = LANE_NAMES.get(lane, str(lane))
-        if state == "dead":
-            status.dead_letters += count
-            continue
-        if state == "flight":
-            status.in_flight += count
-        elif due:
-            status.retry_waiting += count
-        else:
-            status.queued[name] += count
-        waited = max(now - oldest, 0.0)
-        status.oldest_wait[name] = max(status.oldest_wait.get(name, 0.0), waited)
-    for lane, name in LANE_NAMES.items():
-        query = "SELECT waited FROM meisa_answers WHERE lane = ? AND at >= ?"
-        status.add_latency(
-            name, (float(w) for (w,) in db.execute(query, (lane, now - LATENCY_WINDOW)))
-        )
-    for name in ("delivered", "failed", "dropped", "unchanged"):
-        setattr(status, name, int(Store.get_meta(db, name, 0)))
-    status.paused_for = max(float(Store.get_meta(db, "pause_until", 0.0)) - now, 0.0)
-    status.backfill = Store.get_meta(db, "backfill")
-
-
-#: What Meisa has of a contact is forgotten after this long unused, whatever
-#: ``MEISA_RESYNC_AFTER`` says.
-KEEP_FOR = 30 * 86400.0
-
-
-def _hash(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
-
-
-def digest(payload: Mapping[str, Any]) -> dict[str, str]:
-    """``{field: short hash}`` of an upsert payload: one entry per top-level field, per
-    custom field and per tag. ``source`` is left out: Meisa keeps a contact's first."""
-    fields: dict[str, str] = {}
-    for name, value in payload.items():
-        if name == "custom_fields":
-            fields.update((f"custom_fields.{key}", _hash(item)) for key, item in value.items())
-        elif name == "tag_names":
-            fields.update((f"tag:{tag}", "1") for tag in value)
-        elif name != "source":
-            fields[name] = _hash(value)
-    return fields
-
-
-@dataclass(frozen=True)
-class Known:
-    """What Meisa last accepted of a contact (a :func:`digest`), and when."""
-
-    fields: dict[str, str]
-    accepted_at: float
-
-    def has(self, wanted: Mapping[str, str]) -> bool:
-        """Whether every field of ``wanted`` is already there with the same value."""
-        return all(self.fields.get(name) == value for name, value in wanted.items())
-
-
-Lookup = Callable[[], "Known | None"]
-
-
-def lane_of(operation: Operation, had: Lookup, priority_fields: Iterable[str]) -> int:
-    """The lane of ``operation``, given ``had()``, what Meisa has of its contact (looked up
-    only for a routine upsert): a contact's first upsert, or one that changes a priority
-    field, goes ahead of routine syncs."""
-    lane = operation.lane
-    if operation.kind != "upsert" or lane != LANE_ROUTINE:
-        return lane
-    known = had()
-    custom = operation.payload.get("custom_fields") or {}
-    # Only the priority fields the upsert carries are hashed: a login's other fields are not.
-    wanted = {
-        f"custom_fields.{name}": _hash(custom[name]) for name in priority_fields if name in custom
-    }
-    return LANE_AUTOMATION if known is None or not known.has(wanted) else lane
-
-
-def unchanged(operation: Operation, had: Lookup, now: float, resync_after: float) -> bool:
-    """Whether Meisa already has every field of the upsert ``operation``, accepted within
-    ``resync_after`` seconds, so that no call is needed (never when it is forced)."""
-    if operation.kind != "upsert" or operation.force:
-        return False
-    known = had()
-    return (
-        known is not None
-        and known.accepted_at >= now - resync_after
-        and known.has(digest(operation.payload))
-    )
-
-
 def _entries(db: sqlite3.Connection, payload: Mapping[str, Any], limit: str = "") -> list[Any]:
-    """``(names, fields, accepted_at)`` of the contact ``payload`` names, by ``external_id``
-    first: one query, the writer's hot path."""
+    """``(names, fields, accepted_at)`` of the contact ``payload`` names, ``external_id``
+    first."""
     keys = [key for key in identities(payload) if key is not None]
     if not keys:
         return []
@@ -489,8 +380,7 @@ def remember(db: sqlite3.Connection, payload: Mapping[str, Any], now: float) -> 
 
 
 def forget(db: sqlite3.Connection, payload: Mapping[str, Any]) -> None:
-    """Meisa no longer knows the contact (an event answered 404): forget it, by every
-    name it was known by."""
+    """Meisa no longer knows the contact (an event answered 404): forget all its names."""
     names = {name for entry in _entries(db, payload) for name in json.loads(entry[0])}
     names = names or {key for key in identities(payload) if key is not None}
     db.execute(f"DELETE FROM meisa_known WHERE key IN ({marks(list(names))})", list(names))

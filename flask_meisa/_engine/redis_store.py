@@ -22,11 +22,11 @@ from ..operations import LANE_NAMES
 from ..operations import Operation
 from ..operations import identities
 from ..operations import merge_upsert_payloads
+from .base import KEEP_FOR
 from .base import LATENCY_WINDOW
 from .base import DeliveryStatus
-from .pending import KEEP_FOR
-from .pending import Known
-from .pending import digest
+from .base import Known
+from .base import digest
 from .redis_kept import KeptTasks
 
 __all__ = ["Claim", "RedisDeliveryStore"]

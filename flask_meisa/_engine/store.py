@@ -18,6 +18,9 @@ from contextlib import suppress
 from typing import Any
 
 from ..errors import ConfigurationError
+from ..operations import LANE_NAMES
+from .base import LATENCY_WINDOW
+from .base import DeliveryStatus
 
 __all__ = ["STORE_ERRORS", "HostLock", "Store"]
 
@@ -198,6 +201,38 @@ class Store:
                 "DO UPDATE SET value = CAST(value AS INTEGER) + excluded.value",
                 (name, str(int(delta))),
             )
+
+    @staticmethod
+    def describe(db: sqlite3.Connection, now: float, status: DeliveryStatus) -> None:
+        """Fill ``status`` with what the store holds: work per lane and its age, in flight,
+        waiting to retry, dead letters, latency, counters, pause and the backfill run."""
+        status.queued = dict.fromkeys(LANE_NAMES.values(), 0)
+        for lane, state, due, count, oldest in db.execute(
+            "SELECT lane, state, ready_at > ?, count(*), min(created_at) FROM meisa_ops "
+            "GROUP BY lane, state, ready_at > ?",
+            (now, now),
+        ):
+            name = LANE_NAMES.get(lane, str(lane))
+            if state == "dead":
+                status.dead_letters += count
+                continue
+            if state == "flight":
+                status.in_flight += count
+            elif due:
+                status.retry_waiting += count
+            else:
+                status.queued[name] += count
+            waited = max(now - oldest, 0.0)
+            status.oldest_wait[name] = max(status.oldest_wait.get(name, 0.0), waited)
+        for lane, name in LANE_NAMES.items():
+            query = "SELECT waited FROM meisa_answers WHERE lane = ? AND at >= ?"
+            status.add_latency(
+                name, (float(w) for (w,) in db.execute(query, (lane, now - LATENCY_WINDOW)))
+            )
+        for name in ("delivered", "failed", "dropped", "unchanged"):
+            setattr(status, name, int(Store.get_meta(db, name, 0)))
+        status.paused_for = max(float(Store.get_meta(db, "pause_until", 0.0)) - now, 0.0)
+        status.backfill = Store.get_meta(db, "backfill")
 
     def _prepare(self) -> None:
         try:

@@ -19,9 +19,9 @@ from ..operations import LANE_BACKFILL
 from ..operations import LANE_ROUTINE
 from ..operations import Operation
 from . import pending
-from .base import unchanged
 from .caller import allowed
 from .store import Store
+from .store import unchanged
 
 __all__ = ["CHUNK", "Progress", "Run", "StoreTarget", "Target", "estimate_per_hour", "run"]
 
@@ -188,7 +188,7 @@ class StoreTarget:
         with self.store.write() as db:
             for operation in operations:
                 # Meisa has this state and nothing of the contact waits: no row at all.
-                had = functools.partial(pending.lookup, db, operation.payload)
+                had = functools.partial(Store.lookup, db, operation.payload)
                 same = unchanged(operation, had, now, self.resync_after)
                 if same and not pending.waits(db, operation):
                     run.skipped += 1

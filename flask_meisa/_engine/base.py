@@ -1,17 +1,12 @@
-"""What every engine shares: the interface it offers the extension (:class:`Dispatcher`)
-and the hooks it reports to, its status, the client it calls with, and :func:`settle`, the
-one decision of what a call's outcome means for its operation."""
+"""What every engine shares: its interface (:class:`Dispatcher`, the hooks, the status),
+the client it calls with, and :func:`settle`: what a call's outcome means."""
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import logging
 import threading
 from collections.abc import Callable
 from collections.abc import Iterable
-from collections.abc import Iterator
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -27,8 +22,6 @@ from ..errors import NotFoundError
 from ..errors import RateLimitError
 from ..errors import ServerError
 from ..errors import ValidationError
-from ..operations import LANE_AUTOMATION
-from ..operations import LANE_ROUTINE
 from ..operations import Operation
 from ..retry import RetryPolicy
 
@@ -77,31 +70,22 @@ class HookCaller:
 
     def skip_reason(self, operation: Operation) -> str | None:
         """The hook's reason to skip ``operation``; a hook that raises skips nothing."""
-        try:
-            with self._in_hook():
-                return self.hooks.skip_reason(operation)
-        except Exception:
-            self.logger.exception(
-                "flask-meisa: the skip_reason hook raised for %s; delivering it anyway",
-                operation.describe(),
-            )
-            return None
+        reason: str | None = self._run("skip_reason", operation, "delivering it anyway")
+        return reason
 
     def call(self, name: str, operation: Operation, *args: Any) -> None:
         """Call hook ``name`` (``skipped``, ``delivered``, ``failed`` or ``dropped``)."""
-        try:
-            with self._in_hook():
-                getattr(self.hooks, name)(operation, *args)
-        except Exception:
-            self.logger.exception(
-                "flask-meisa: the %s hook raised for %s; ignored", name, operation.describe()
-            )
+        self._run(name, operation, "ignored", *args)
 
-    @contextlib.contextmanager
-    def _in_hook(self) -> Iterator[None]:
+    def _run(self, name: str, operation: Operation, otherwise: str, *args: Any) -> Any:
         self._running.depth = getattr(self._running, "depth", 0) + 1
         try:
-            yield
+            return getattr(self.hooks, name)(operation, *args)
+        except Exception:
+            self.logger.exception(
+                "flask-meisa: the %s hook raised for %s; %s", name, operation.describe(), otherwise
+            )
+            return None
         finally:
             self._running.depth -= 1
 
@@ -202,6 +186,8 @@ class Dispatcher(Protocol):
 
 
 Action = Literal["done", "retry", "recover", "fail"]
+#: After a call: delivered, failed, retry (in ``decision.delay`` seconds), upsert the event's
+#: contact before it goes again, or the event again at once (its contact upserted).
 Step = Literal["delivered", "failed", "retry", "upsert_contact", "event_again"]
 
 #: Failures in a row (no answer, or 5xx) after which Meisa is treated as down: delivery
@@ -214,9 +200,8 @@ SEND_GUARDRAIL = "send_guardrail"
 
 @dataclass(frozen=True)
 class Decision:
-    """What to do after a call: ``"done"`` (Meisa took it), ``"retry"`` (in ``delay``
-    seconds), ``"recover"`` (an event answered 404: upsert its contact, then track it
-    again) or ``"fail"`` (refused for good, or out of retries)."""
+    """What to do after a call: ``"done"``, ``"retry"`` (in ``delay`` seconds), ``"recover"``
+    (an event answered 404: upsert its contact, then again) or ``"fail"``."""
 
     action: Action
     delay: float = 0.0
@@ -276,9 +261,7 @@ def decide(
 
 @dataclass(frozen=True)
 class Outcome:
-    """A decision applied to an operation: its next ``step`` (``"delivered"``,
-    ``"failed"``, ``"retry"`` in ``decision.delay`` seconds, ``"upsert_contact"`` before
-    the event goes again, or ``"event_again"`` at once, its contact upserted), and the
+    """A decision applied to an operation: its next ``step`` (see :data:`Step`), and the
     upsert payload Meisa now has (``accepted``), to remember."""
 
     decision: Decision
@@ -325,10 +308,8 @@ def settle(
 def pause_for(
     decision: Decision, failures: int, policy: RetryPolicy, logger: logging.Logger
 ) -> float:
-    """How long no call on the key may start after ``decision``, ``failures`` failures in
-    a row counted with it: its 429 pause, and once Meisa looks down
-    (:data:`OUTAGE_THRESHOLD`) the backoff's ceiling after that many failures (not a draw:
-    one pause shared by every delivery thread or worker)."""
+    """How long no call on the key may start after ``decision`` (``failures`` in a row with
+    it): its 429 pause, or once Meisa looks down the backoff's ceiling (not a draw)."""
     pause = decision.pause
     if decision.outage and failures >= OUTAGE_THRESHOLD:
         ceiling = policy.base_delay * 2.0 ** min(failures - 1, 64)
@@ -340,9 +321,8 @@ def pause_for(
 
 
 def error_summary(error: BaseException) -> str:
-    """A log-safe account of an error: ``"HTTP 400 [invalid]"`` (a 403 with the scope the
-    call needs), ``"APITimeoutError (no answer within 10 s)"``, ``"ValidationError on
-    email"``."""
+    """A log-safe account of an error: ``"HTTP 400 [invalid]"``, ``"APITimeoutError (no
+    answer within 10 s)"``, ``"ValidationError on email"``."""
     if isinstance(error, APIError):
         code = f" [{error.code}]" if error.code else ""
         return f"HTTP {error.status}{code}{f' ({error.hint})' if error.hint else ''}"
@@ -382,69 +362,3 @@ def log_decision(
         )
     else:
         logger.warning("flask-meisa: %s failed after %d attempt(s): %s", what, attempts, summary)
-
-
-#: What Meisa has of a contact is forgotten after this long, whatever MEISA_RESYNC_AFTER says.
-KEEP_FOR = 30 * 86400.0
-
-
-def _hash(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
-
-
-def digest(payload: Mapping[str, Any]) -> dict[str, str]:
-    """``{field: short hash}`` of an upsert payload, per field, custom field and tag (not
-    ``source``: Meisa keeps a contact's first)."""
-    fields: dict[str, str] = {}
-    for name, value in payload.items():
-        if name == "custom_fields":
-            fields.update((f"custom_fields.{key}", _hash(item)) for key, item in value.items())
-        elif name == "tag_names":
-            fields.update((f"tag:{tag}", "1") for tag in value)
-        elif name != "source":
-            fields[name] = _hash(value)
-    return fields
-
-
-@dataclass(frozen=True)
-class Known:
-    """What Meisa last accepted of a contact (a :func:`digest`), and when."""
-
-    fields: dict[str, str]
-    accepted_at: float
-
-    def has(self, wanted: Mapping[str, str]) -> bool:
-        """Whether every field of ``wanted`` is already there with the same value."""
-        return all(self.fields.get(name) == value for name, value in wanted.items())
-
-
-Lookup = Callable[[], "Known | None"]
-
-
-def lane_of(operation: Operation, had: Lookup, priority_fields: Iterable[str]) -> int:
-    """The lane of ``operation``: a routine upsert that is its contact's first, or changes a
-    priority field, given ``had()`` (what Meisa has), goes ahead of routine syncs."""
-    lane = operation.lane
-    if operation.kind != "upsert" or lane != LANE_ROUTINE:
-        return lane
-    known = had()
-    custom = operation.payload.get("custom_fields") or {}
-    # Only the priority fields the upsert carries are hashed: a login's other fields are not.
-    wanted = {
-        f"custom_fields.{name}": _hash(custom[name]) for name in priority_fields if name in custom
-    }
-    return LANE_AUTOMATION if known is None or not known.has(wanted) else lane
-
-
-def unchanged(operation: Operation, had: Lookup, now: float, resync_after: float) -> bool:
-    """Whether Meisa has every field of the upsert ``operation`` (``had()``), accepted within
-    ``resync_after`` seconds: no call is needed (never when forced)."""
-    if operation.kind != "upsert" or operation.force:
-        return False
-    known = had()
-    return (
-        known is not None
-        and known.accepted_at >= now - resync_after
-        and known.has(digest(operation.payload))
-    )

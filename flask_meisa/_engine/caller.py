@@ -34,9 +34,9 @@ from .base import call_for
 from .base import log_decision
 from .base import pause_for
 from .base import settle
-from .base import unchanged
 from .store import STORE_ERRORS
 from .store import Store
+from .store import unchanged
 
 __all__ = ["Caller"]
 
@@ -124,7 +124,7 @@ class Caller:
             if row is None:
                 due = pending.next_due(db, now)
                 return 1.0 if due is None else due - now
-            had = functools.partial(pending.lookup, db, row.operation.payload)
+            had = functools.partial(Store.lookup, db, row.operation.payload)
             if unchanged(row.operation, had, now, self._resync_after):
                 self._count(reporting=1)
                 report = self._over(db, row, "unchanged", "delivered", None)
@@ -199,9 +199,9 @@ class Caller:
             what += f" (coalesced from {row.merged} operations)"
         self.budget.note(db, decision, now, self._retry, self._logger)
         if decision.unknown_contact:
-            pending.forget(db, operation.payload)
+            Store.forget(db, operation.payload)
         if settled.accepted is not None:
-            pending.remember(db, settled.accepted, now)
+            Store.remember(db, settled.accepted, now)
         if settled.step == "event_again":
             pending.retry_at(db, row, 0.0, recover=2)
             return lambda: None

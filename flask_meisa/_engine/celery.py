@@ -30,8 +30,6 @@ from . import backfill
 from .base import DeliveryHooks
 from .base import DeliveryStatus
 from .base import HookCaller
-from .base import lane_of
-from .base import unchanged
 from .celery_setup import lost_after
 from .celery_setup import redis_client
 from .celery_setup import settings_of
@@ -39,6 +37,8 @@ from .celery_worker import TASK_NAME
 from .celery_worker import lane_queues
 from .redis_budget import RedisBudget
 from .redis_store import RedisDeliveryStore
+from .store import lane_of
+from .store import unchanged
 
 if TYPE_CHECKING:
     from .._runtime import MeisaState

@@ -22,17 +22,17 @@ from ..operations import LANE_BACKFILL
 from ..operations import Operation
 from ..retry import RetryPolicy
 from . import pending
-from .base import KEEP_FOR
 from .base import ClientFactory
 from .base import DeliveryHooks
 from .base import DeliveryStatus
 from .base import HookCaller
-from .base import lane_of
 from .caller import Budget
 from .caller import Caller
+from .host import HostLock
+from .store import KEEP_FOR
 from .store import STORE_ERRORS
-from .store import HostLock
 from .store import Store
+from .store import lane_of
 
 if TYPE_CHECKING:
     from .._runtime import MeisaState
@@ -333,7 +333,7 @@ class Delivery:
         lowest, shed = LANE_BACKFILL, []
         with self.store.write() as db:
             for operation in batch:
-                had = functools.partial(pending.lookup, db, operation.payload)
+                had = functools.partial(Store.lookup, db, operation.payload)
                 lane = functools.partial(lane_of, operation, had, self._priority_fields)
                 lowest = min(lowest, pending.add(db, operation, lane).lane)
             # Counted at most once a second, or when the count may be near the bound.

@@ -8,7 +8,6 @@ import json
 import sqlite3
 from collections.abc import Callable
 from collections.abc import Iterable
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from typing import NamedTuple
@@ -20,8 +19,6 @@ from ..operations import identities
 from ..operations import join_upserts
 from ..operations import merge_priorities
 from .base import LATENCY_WINDOW
-from .base import Known
-from .base import digest
 from .store import Store
 
 #: The columns :func:`row_of` reads, in order.
@@ -228,7 +225,7 @@ def age_routine(db: sqlite3.Connection, older_than: float) -> int:
 def tidy(db: sqlite3.Connection, now: float, routine_max_age: float, known_for: float) -> None:
     """Housekeeping: age routine syncs, forget old digests and answers past the window."""
     age_routine(db, now - routine_max_age)
-    prune(db, now - known_for)
+    Store.prune(db, now - known_for)
     db.execute("DELETE FROM meisa_answers WHERE at < ?", (now - LATENCY_WINDOW,))
 
 
@@ -348,44 +345,3 @@ def each_row(
         return db.execute(statement + end)
     wanted = [int(seq) for seq in seqs]
     return db.execute(f"{statement} AND seq IN ({marks(wanted)}){end}", wanted)
-
-
-def _entries(db: sqlite3.Connection, payload: Mapping[str, Any], limit: str = "") -> list[Any]:
-    """``(names, fields, accepted_at)`` of the contact ``payload`` names, ``external_id``
-    first."""
-    keys = [key for key in identities(payload) if key is not None]
-    if not keys:
-        return []
-    query = "SELECT names, fields, accepted_at FROM meisa_known WHERE key = ?"
-    return db.execute(" UNION ALL ".join([query] * len(keys)) + limit, keys).fetchall()
-
-
-def lookup(db: sqlite3.Connection, payload: Mapping[str, Any]) -> Known | None:
-    """What Meisa has of the contact ``payload`` names (by ``external_id`` first)."""
-    found = _entries(db, payload, " LIMIT 1")
-    return Known(json.loads(found[0][1]), float(found[0][2])) if found else None
-
-
-def remember(db: sqlite3.Connection, payload: Mapping[str, Any], now: float) -> None:
-    """Meisa accepted ``payload``: fold its fields into what it has of the contact."""
-    entries = _entries(db, payload)
-    fields = {**(json.loads(entries[0][1]) if entries else {}), **digest(payload)}
-    names = {name for entry in entries for name in json.loads(entry[0])}
-    listed = sorted(names.union(key for key in identities(payload) if key is not None))
-    text = json.dumps(fields, separators=(",", ":"))
-    db.executemany(
-        "INSERT OR REPLACE INTO meisa_known (key, names, fields, accepted_at) VALUES (?, ?, ?, ?)",
-        [(key, json.dumps(listed), text, now) for key in listed],
-    )
-
-
-def forget(db: sqlite3.Connection, payload: Mapping[str, Any]) -> None:
-    """Meisa no longer knows the contact (an event answered 404): forget all its names."""
-    names = {name for entry in _entries(db, payload) for name in json.loads(entry[0])}
-    names = names or {key for key in identities(payload) if key is not None}
-    db.execute(f"DELETE FROM meisa_known WHERE key IN ({marks(list(names))})", list(names))
-
-
-def prune(db: sqlite3.Connection, before: float) -> int:
-    """Forget what Meisa had of contacts accepted before ``before``."""
-    return db.execute("DELETE FROM meisa_known WHERE accepted_at < ?", (before,)).rowcount

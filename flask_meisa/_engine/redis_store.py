@@ -22,12 +22,12 @@ from ..operations import LANE_NAMES
 from ..operations import Operation
 from ..operations import identities
 from ..operations import merge_upsert_payloads
-from .base import KEEP_FOR
 from .base import LATENCY_WINDOW
 from .base import DeliveryStatus
-from .base import Known
-from .base import digest
 from .redis_kept import KeptTasks
+from .store import KEEP_FOR
+from .store import Known
+from .store import digest
 
 __all__ = ["Claim", "RedisDeliveryStore"]
 

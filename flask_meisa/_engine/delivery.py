@@ -8,7 +8,6 @@ import contextlib
 import functools
 import logging
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -16,7 +15,6 @@ from collections.abc import Iterable
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ..errors import ConfigurationError
 from ..errors import DeliveryError
 from ..operations import LANE_BACKFILL
 from ..operations import Operation
@@ -26,6 +24,7 @@ from .base import ClientFactory
 from .base import DeliveryHooks
 from .base import DeliveryStatus
 from .base import HookCaller
+from .base import require_real_threads
 from .caller import Budget
 from .caller import Caller
 from .host import HostLock
@@ -43,23 +42,6 @@ __all__ = ["Delivery", "make_dispatcher"]
 GROUP_WINDOW = 0.01
 #: Seconds between passes that age routine syncs and prune old records.
 _HOUSEKEEPING = 30.0
-
-
-def require_real_threads() -> None:
-    """Raise :class:`ConfigurationError` where gevent or eventlet has patched ``threading``:
-    an engine's threads of its own would be greenlets."""
-    gevent = sys.modules.get("gevent.monkey")
-    eventlet = sys.modules.get("eventlet.patcher")
-    if gevent is not None and gevent.is_module_patched("threading"):
-        green = "gevent"
-    elif eventlet is not None and eventlet.is_monkey_patched("thread"):
-        green = "eventlet"
-    else:
-        return
-    raise ConfigurationError(
-        f"background delivery needs real threads, and {green} monkey-patching makes them "
-        'greenlets: set MEISA_DELIVERY = "sync" (or "celery")'
-    )
 
 
 class Delivery:
@@ -188,9 +170,8 @@ class Delivery:
         return self._wait_until(done, timeout)
 
     def close(self, timeout: float | None = None) -> int:
-        """Deliver for up to ``timeout`` seconds (default ``flush_timeout``), then stop. A
-        memory store reports what is left to ``hooks.dropped`` (``"shutdown"``) and returns
-        how many; a file store keeps it for the next start."""
+        """Deliver for up to ``timeout`` seconds (default ``flush_timeout``), then stop; what
+        is left stays in a file store, or is dropped (``"shutdown"``) and counted."""
         with self._lock:
             if self._closed:
                 return 0

@@ -298,22 +298,21 @@ class Budget:
             (now,),
         )
         db.execute("DELETE FROM meisa_calls WHERE answered_at <= ?", (now - self._horizon,))
-        query = "SELECT count(*) FROM meisa_calls WHERE answered_at IS NULL"
-        flying = db.execute(query).fetchone()[0]
+        # In flight (they count already), then answered within each window: one read.
+        counts = ["answered_at IS NULL"] + ["answered_at > ?"] * len(self.windows)
+        query = f"SELECT {', '.join(f'coalesce(sum({n}), 0)' for n in counts)} FROM meisa_calls"
+        flying, *answered = db.execute(query, [now - w.period for w in self.windows]).fetchone()
         wait = 0.0
-        for window in self.windows:
-            since = now - window.period
-            query = "SELECT count(*) FROM meisa_calls WHERE answered_at > ?"
-            answered = db.execute(query, (since,)).fetchone()[0]
-            # In flight counts already; the excess oldest answers must leave the window.
-            excess = answered + flying - allowed(window, lane, share) + 1
-            if excess > answered:
+        for window, count in zip(self.windows, answered, strict=True):
+            # The excess oldest answers must leave the window first.
+            excess = count + flying - allowed(window, lane, share) + 1
+            if excess > count:
                 return None
             if excess > 0:
                 oldest = db.execute(
                     "SELECT answered_at FROM meisa_calls WHERE answered_at > ? "
                     "ORDER BY answered_at LIMIT 1 OFFSET ?",
-                    (since, excess - 1),
+                    (now - window.period, excess - 1),
                 ).fetchone()[0]
                 wait = max(wait, float(oldest) + window.period - now)
         if lane >= LANE_ROUTINE and wait == 0.0:
@@ -384,17 +383,18 @@ class Budget:
     def remaining(self) -> dict[str, int]:
         """Calls that could start now in each window, by label (``{"60/minute": 57}``)."""
         now = time.time()
-        left: dict[str, int] = {}
+        # In flight, then answered (or out of lease) within each window: one read.
+        counts = ["answered_at IS NULL AND lease_until > ?"] + [
+            "coalesce(answered_at, lease_until) > ? "
+            "AND (answered_at IS NOT NULL OR lease_until <= ?)"
+        ] * len(self.windows)
+        params = [now, *(value for w in self.windows for value in (now - w.period, now))]
         with self.store.read() as db:
-            flying = db.execute(
-                "SELECT count(*) FROM meisa_calls WHERE answered_at IS NULL AND lease_until > ?",
-                (now,),
-            ).fetchone()[0]
-            for window in self.windows:
-                answered = db.execute(
-                    "SELECT count(*) FROM meisa_calls WHERE coalesce(answered_at, lease_until) > ?"
-                    " AND (answered_at IS NOT NULL OR lease_until <= ?)",
-                    (now - window.period, now),
-                ).fetchone()[0]
-                left[window.label] = max(window.limit - answered - flying, 0)
-        return left
+            query = (
+                f"SELECT {', '.join(f'coalesce(sum({n}), 0)' for n in counts)} FROM meisa_calls"
+            )
+            flying, *answered = db.execute(query, params).fetchone()
+        return {
+            window.label: max(window.limit - count - flying, 0)
+            for window, count in zip(self.windows, answered, strict=True)
+        }

@@ -231,15 +231,19 @@ class Store:
                 status.queued[name] += count
             waited = max(now - oldest, 0.0)
             status.oldest_wait[name] = max(status.oldest_wait.get(name, 0.0), waited)
+        waits: dict[int, list[float]] = {lane: [] for lane in LANE_NAMES}
+        query = "SELECT lane, waited FROM meisa_answers WHERE at >= ?"
+        for lane, waited in db.execute(query, (now - LATENCY_WINDOW,)):
+            waits.setdefault(lane, []).append(float(waited))
         for lane, name in LANE_NAMES.items():
-            query = "SELECT waited FROM meisa_answers WHERE lane = ? AND at >= ?"
-            status.add_latency(
-                name, (float(w) for (w,) in db.execute(query, (lane, now - LATENCY_WINDOW)))
-            )
-        for name in ("delivered", "failed", "dropped", "unchanged"):
-            setattr(status, name, int(Store.get_meta(db, name, 0)))
-        status.paused_for = max(float(Store.get_meta(db, "pause_until", 0.0)) - now, 0.0)
-        status.backfill = Store.get_meta(db, "backfill")
+            status.add_latency(name, waits[lane])
+        names = ("delivered", "failed", "dropped", "unchanged", "pause_until", "backfill")
+        query = f"SELECT name, value FROM meisa_meta WHERE name IN ({', '.join('?' * len(names))})"
+        meta = {name: json.loads(value) for name, value in db.execute(query, names)}
+        for name in names[:4]:
+            setattr(status, name, int(meta.get(name, 0)))
+        status.paused_for = max(float(meta.get("pause_until", 0.0)) - now, 0.0)
+        status.backfill = meta.get("backfill")
 
     @staticmethod
     def _entries(db: sqlite3.Connection, payload: Mapping[str, Any], limit: str = "") -> list[Any]:

@@ -99,7 +99,7 @@ def set_aside(store: Store, error: BaseException) -> None:
         with suppress(FileNotFoundError):
             os.replace(store.path + suffix, damaged + suffix)
     rows = _salvage(damaged)
-    store._check()
+    store.check()
     with store.write() as db:
         db.executemany(
             f"INSERT INTO meisa_ops ({_SALVAGED}) "

@@ -268,11 +268,11 @@ class Store:
         fields = {**(json.loads(entries[0][1]) if entries else {}), **digest(payload)}
         names = {name for entry in entries for name in json.loads(entry[0])}
         listed = sorted(names.union(key for key in identities(payload) if key is not None))
-        text = json.dumps(fields, separators=(",", ":"))
+        text, known_as = json.dumps(fields, separators=(",", ":")), json.dumps(listed)
         db.executemany(
             "INSERT OR REPLACE INTO meisa_known (key, names, fields, accepted_at) "
             "VALUES (?, ?, ?, ?)",
-            [(key, json.dumps(listed), text, now) for key in listed],
+            [(key, known_as, text, now) for key in listed],
         )
 
     @staticmethod
@@ -290,14 +290,15 @@ class Store:
 
     def _prepare(self) -> None:
         try:
-            self._check()
+            self.check()
         except sqlite3.DatabaseError as error:
             self.close()
             if isinstance(error, sqlite3.OperationalError):
                 raise  # cannot be opened, locked, read-only: a problem of access, not damage
             set_aside(self, error)
 
-    def _check(self) -> None:
+    def check(self) -> None:
+        """Put the file in WAL mode and check its schema version and its pages."""
         with self.read() as db:
             if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 db.execute("PRAGMA journal_mode = WAL")

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from collections.abc import Sequence
 from pathlib import Path
 
-from flask_meisa._engine import pending
 from flask_meisa._engine.base import DeliveryStatus
 from flask_meisa._engine.store import Store
 from flask_meisa.emulator import Emulator
@@ -56,7 +55,7 @@ def stored(instance: Path) -> DeliveryStatus:
     try:
         status = DeliveryStatus(engine="thread", durable=True)
         with store.read() as db:
-            pending.describe(db, time.time(), status)
+            Store.describe(db, time.time(), status)
         return status
     finally:
         store.close()

@@ -6,13 +6,13 @@ import logging
 
 import pytest
 
-from flask_meisa._decisions import OUTAGE_THRESHOLD
-from flask_meisa._decisions import Decision
-from flask_meisa._decisions import call_for
-from flask_meisa._decisions import decide
-from flask_meisa._decisions import log_decision
-from flask_meisa._decisions import pause_for
-from flask_meisa._decisions import settle
+from flask_meisa._engine.base import OUTAGE_THRESHOLD
+from flask_meisa._engine.base import Decision
+from flask_meisa._engine.base import call_for
+from flask_meisa._engine.base import decide
+from flask_meisa._engine.base import log_decision
+from flask_meisa._engine.base import pause_for
+from flask_meisa._engine.base import settle
 from flask_meisa.errors import APIConnectionError
 from flask_meisa.errors import APITimeoutError
 from flask_meisa.errors import BadRequestError

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from flask_meisa._engine.store import HostLock
+from flask_meisa._engine.host import HostLock
 from flask_meisa.emulator import Emulator
 from flask_meisa.emulator.recording import RecordedRequest
 from tests.process_support import ROOT

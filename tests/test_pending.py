@@ -536,7 +536,7 @@ def test_shedding_counts_every_operation_a_row_stood_for(db: sqlite3.Connection)
     assert shed.payload["first_name"] == "v2"
     assert Store.get_meta(db, "dropped") == 3
     status = DeliveryStatus(engine="thread")
-    pending.describe(db, 0.0, status)
+    Store.describe(db, 0.0, status)
     assert (status.dropped, status.pending) == (3, 1)
 
 
@@ -605,7 +605,7 @@ def test_the_status_describes_lanes_flights_retries_and_dead_letters(
     pending.retry_at(db, retrying, 110.0)
     dead.bury(db, refused, RuntimeError("no"))
     status = DeliveryStatus(engine="thread")
-    pending.describe(db, 100.0, status)
+    Store.describe(db, 100.0, status)
     assert status.queued == {"transactional": 0, "automation": 1, "routine": 1, "backfill": 0}
     assert (status.in_flight, status.retry_waiting, status.dead_letters) == (1, 1, 1)
     assert status.pending == 4

@@ -12,8 +12,8 @@ import pytest
 
 from flask_meisa._engine import dead
 from flask_meisa._engine import pending
+from flask_meisa._engine.host import HostLock
 from flask_meisa._engine.store import SCHEMA_VERSION
-from flask_meisa._engine.store import HostLock
 from flask_meisa._engine.store import Store
 from flask_meisa.errors import APITimeoutError
 from flask_meisa.errors import BadRequestError

@@ -18,10 +18,10 @@ from ..errors import MeisaError
 from ..operations import LANE_BACKFILL
 from ..operations import LANE_ROUTINE
 from ..operations import Operation
-from . import known
 from . import pending
-from .budget import allowed
+from .caller import allowed
 from .store import Store
+from .store import unchanged
 
 __all__ = ["CHUNK", "Progress", "Run", "StoreTarget", "Target", "estimate_per_hour", "run"]
 
@@ -188,9 +188,9 @@ class StoreTarget:
         with self.store.write() as db:
             for operation in operations:
                 # Meisa has this state and nothing of the contact waits: no row at all.
-                had = functools.partial(known.lookup, db, operation.payload)
-                unchanged = known.unchanged(operation, had, now, self.resync_after)
-                if unchanged and not pending.waits(db, operation):
+                had = functools.partial(Store.lookup, db, operation.payload)
+                same = unchanged(operation, had, now, self.resync_after)
+                if same and not pending.waits(db, operation):
                     run.skipped += 1
                 else:
                     pending.add(db, operation, LANE_BACKFILL)

@@ -1,29 +1,34 @@
-"""What an engine offers the extension (:class:`Dispatcher`), what it reports back
-(:class:`DeliveryHooks`), the snapshot it gives of itself (:class:`DeliveryStatus`), and
-the check that an engine with threads of its own can run here."""
+"""What every engine shares: its interface (:class:`Dispatcher`, the hooks, the status),
+the client it calls with, and :func:`settle`: what a call's outcome means."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 import threading
 from collections.abc import Callable
 from collections.abc import Iterable
-from collections.abc import Iterator
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from dataclasses import field
 from typing import TYPE_CHECKING
 from typing import Any
+from typing import Literal
 from typing import Protocol
 
+from ..errors import APIConnectionError
+from ..errors import APIError
 from ..errors import ConfigurationError
+from ..errors import NotFoundError
+from ..errors import RateLimitError
+from ..errors import ServerError
+from ..errors import ValidationError
+from ..operations import Operation
 from ..retry import RetryPolicy
 
 if TYPE_CHECKING:
     from ..client import MeisaClient
-    from ..operations import Operation
 
 #: The window of answers that the latency figures of a status cover, in seconds.
 LATENCY_WINDOW = 900.0
@@ -67,31 +72,22 @@ class HookCaller:
 
     def skip_reason(self, operation: Operation) -> str | None:
         """The hook's reason to skip ``operation``; a hook that raises skips nothing."""
-        try:
-            with self._in_hook():
-                return self.hooks.skip_reason(operation)
-        except Exception:
-            self.logger.exception(
-                "flask-meisa: the skip_reason hook raised for %s; delivering it anyway",
-                operation.describe(),
-            )
-            return None
+        reason: str | None = self._run("skip_reason", operation, "delivering it anyway")
+        return reason
 
     def call(self, name: str, operation: Operation, *args: Any) -> None:
         """Call hook ``name`` (``skipped``, ``delivered``, ``failed`` or ``dropped``)."""
-        try:
-            with self._in_hook():
-                getattr(self.hooks, name)(operation, *args)
-        except Exception:
-            self.logger.exception(
-                "flask-meisa: the %s hook raised for %s; ignored", name, operation.describe()
-            )
+        self._run(name, operation, "ignored", *args)
 
-    @contextlib.contextmanager
-    def _in_hook(self) -> Iterator[None]:
+    def _run(self, name: str, operation: Operation, otherwise: str, *args: Any) -> Any:
         self._running.depth = getattr(self._running, "depth", 0) + 1
         try:
-            yield
+            return getattr(self.hooks, name)(operation, *args)
+        except Exception:
+            self.logger.exception(
+                "flask-meisa: the %s hook raised for %s; %s", name, operation.describe(), otherwise
+            )
+            return None
         finally:
             self._running.depth -= 1
 
@@ -206,3 +202,182 @@ def require_real_threads() -> None:
         f"background delivery needs real threads, and {green} monkey-patching makes them "
         'greenlets: set MEISA_DELIVERY = "sync" (or "celery")'
     )
+
+
+Action = Literal["done", "retry", "recover", "fail"]
+#: After a call: delivered, failed, retry (in ``decision.delay`` seconds), upsert the event's
+#: contact before it goes again, or the event again at once (its contact upserted).
+Step = Literal["delivered", "failed", "retry", "upsert_contact", "event_again"]
+
+#: Failures in a row (no answer, or 5xx) after which Meisa is treated as down: delivery
+#: pauses with a growing backoff, then probes with one call at a time.
+OUTAGE_THRESHOLD = 3
+
+#: The ``code`` of a 429 from Meisa's per-recipient send guardrail.
+SEND_GUARDRAIL = "send_guardrail"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do after a call: ``"done"``, ``"retry"`` (in ``delay`` seconds), ``"recover"``
+    (an event answered 404: upsert its contact, then again) or ``"fail"``."""
+
+    action: Action
+    delay: float = 0.0
+    #: How long no call on the key may start (a 429 about the key's budget).
+    pause: float = 0.0
+    #: No answer or a 5xx: one more failure in a row.
+    outage: bool = False
+    #: Meisa answered otherwise: the failures in a row are over.
+    answered: bool = True
+    #: A 429 of the send guardrail: only this recipient waits.
+    recipient: bool = False
+    #: Meisa does not know the event's contact (what it was told of it before is lost).
+    unknown_contact: bool = False
+
+
+def decide(
+    kind: str,
+    error: BaseException | None,
+    *,
+    attempts: int,
+    elapsed: float,
+    policy: RetryPolicy,
+    can_recover: bool = False,
+) -> Decision:
+    """Decide what the outcome of a call (``error``: what it raised, or ``None``) means,
+    after ``attempts`` attempts over ``elapsed`` seconds; ``can_recover``: an event answered
+    404 may upsert its contact and come again. Pure: no I/O, no clock."""
+    if error is None:
+        return Decision("done")
+    outage = isinstance(error, ServerError) or (
+        isinstance(error, APIConnectionError) and error.retryable
+    )
+    answered = isinstance(error, APIError) and not isinstance(error, ServerError)
+    if isinstance(error, NotFoundError) and kind == "track":
+        if can_recover:
+            return Decision("recover", unknown_contact=True)
+        return Decision("fail", unknown_contact=True)
+    if isinstance(error, RateLimitError) and kind == "send" and error.code == SEND_GUARDRAIL:
+        # About one recipient: that recipient's sends wait as long as Meisa asks (capped
+        # only by the deadline); the key and everyone else carry on.
+        wait = error.retry_after if error.retry_after is not None else policy.backoff(attempts)
+        if policy.deadline is not None and elapsed + wait > policy.deadline:
+            return Decision("fail", recipient=True)
+        return Decision("retry", delay=wait, recipient=True)
+    delay = policy.delay_for(attempts, error, elapsed)
+    pause = 0.0
+    if isinstance(error, RateLimitError):
+        # About the key (any other code, or none: the safe side): every call waits.
+        wanted = error.retry_after if error.retry_after is not None else (delay or 1.0)
+        pause = min(wanted, policy.max_retry_after)
+    if delay is None:
+        return Decision("fail", pause=pause, outage=outage, answered=answered)
+    return Decision(
+        "retry", delay=max(delay, pause), pause=pause, outage=outage, answered=answered
+    )
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A decision applied to an operation: its next ``step`` (see :data:`Step`), and the
+    upsert payload Meisa now has (``accepted``), to remember."""
+
+    decision: Decision
+    step: Step
+    accepted: Mapping[str, Any] | None = None
+
+
+def call_for(operation: Operation, recovering: bool) -> Operation:
+    """The call to make for ``operation``: while ``recovering`` (its event answered 404),
+    the upsert of its contact."""
+    if recovering and operation.contact:
+        return Operation("upsert", operation.contact, id=operation.id)
+    return operation
+
+
+def settle(
+    operation: Operation,
+    error: BaseException | None,
+    *,
+    recovering: bool,
+    recovered: bool,
+    elapsed: float,
+    policy: RetryPolicy,
+) -> Outcome:
+    """What the outcome of the call :func:`call_for` made for ``operation`` (its attempt
+    number ``operation.attempts``) means for it; ``recovered``: the event upserted its
+    contact once already (an event is recovered once)."""
+    call = call_for(operation, recovering)
+    decision = decide(
+        call.kind,
+        error,
+        attempts=operation.attempts,
+        elapsed=elapsed,
+        policy=policy,
+        can_recover=bool(operation.contact) and not recovering and not recovered,
+    )
+    if decision.action == "done":
+        accepted = call.payload if call.kind == "upsert" else None
+        return Outcome(decision, "event_again" if recovering else "delivered", accepted)
+    steps: dict[Action, Step] = {"retry": "retry", "recover": "upsert_contact", "fail": "failed"}
+    return Outcome(decision, steps[decision.action])
+
+
+def pause_for(
+    decision: Decision, failures: int, policy: RetryPolicy, logger: logging.Logger
+) -> float:
+    """How long no call on the key may start after ``decision`` (``failures`` in a row with
+    it): its 429 pause, or once Meisa looks down the backoff's ceiling (not a draw)."""
+    pause = decision.pause
+    if decision.outage and failures >= OUTAGE_THRESHOLD:
+        ceiling = policy.base_delay * 2.0 ** min(failures - 1, 64)
+        pause = max(pause, min(policy.max_delay, ceiling))
+        logger.info(
+            "flask-meisa: %d failed calls in a row; pausing delivery for %.2f s", failures, pause
+        )
+    return pause
+
+
+def error_summary(error: BaseException) -> str:
+    """A log-safe account of an error: ``"HTTP 400 [invalid]"``, ``"APITimeoutError (no
+    answer within 10 s)"``, ``"ValidationError on email"``."""
+    if isinstance(error, APIError):
+        code = f" [{error.code}]" if error.code else ""
+        return f"HTTP {error.status}{code}{f' ({error.hint})' if error.hint else ''}"
+    if isinstance(error, APIConnectionError):
+        return f"{type(error).__name__} ({error.reason})"
+    if isinstance(error, ValidationError):
+        return f"ValidationError on {error.field}"
+    return type(error).__name__
+
+
+def log_decision(
+    logger: logging.Logger,
+    decision: Decision,
+    what: str,
+    error: BaseException | None,
+    attempts: int,
+) -> None:
+    """The one log line of a decision (``what`` is a log-safe description)."""
+    if decision.pause:
+        logger.warning(
+            "flask-meisa: Meisa answered 429 for the key; pausing delivery for %.1f s",
+            decision.pause,
+        )
+    if error is None or decision.action == "done":
+        return
+    summary = error_summary(error)
+    if decision.action == "recover":
+        logger.info("flask-meisa: %s answered 404; upserting its contact, then again", what)
+    elif decision.action == "retry":
+        logger.info(
+            "flask-meisa: %s: %s on attempt %d; retrying in %.2f s%s",
+            what,
+            summary,
+            attempts,
+            decision.delay,
+            " (this recipient only)" if decision.recipient else "",
+        )
+    else:
+        logger.warning("flask-meisa: %s failed after %d attempt(s): %s", what, attempts, summary)

@@ -1,34 +1,42 @@
-"""The delivery threads of the delivering process, one call at a time from the store: wait
-for the pause, the outage probe and the budget; skip what Meisa already has; make the
-call; carry out the step :func:`~flask_meisa._decisions.settle` gives its outcome."""
+"""The calls of the delivering process: its delivery threads (:class:`Caller`), one call at
+a time from the store, and the key's budget they draw from with every process of the host
+(:class:`Budget`, with the pause after a 429 and the outage probe)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Any
 
-from .._decisions import OUTAGE_THRESHOLD
-from .._decisions import Decision
-from .._decisions import call_for
-from .._decisions import log_decision
-from .._decisions import pause_for
-from .._decisions import settle
+from .._values import RateWindow
+from .._values import parse_rate_limit
+from ..operations import LANE_BACKFILL
+from ..operations import LANE_ROUTINE
+from ..operations import LANE_TRANSACTIONAL
 from ..operations import Attempt
 from ..operations import attempt
 from ..retry import RetryPolicy
 from . import dead
-from . import known
 from . import pending
+from .base import OUTAGE_THRESHOLD
 from .base import CallClient
 from .base import ClientFactory
+from .base import Decision
 from .base import HookCaller
-from .budget import Budget
+from .base import call_for
+from .base import log_decision
+from .base import pause_for
+from .base import settle
 from .store import STORE_ERRORS
 from .store import Store
+from .store import unchanged
 
 __all__ = ["Caller"]
 
@@ -109,15 +117,15 @@ class Caller:
         """Make one call, or say how long to wait before there may be one."""
         now = time.time()
         with self.store.write() as db:
-            wait = self._gate(db, now)
+            wait = self.budget.gate(db, now, self.calls)
             if wait:
                 return wait
             row = pending.next_ready(db, now)
             if row is None:
                 due = pending.next_due(db, now)
                 return 1.0 if due is None else due - now
-            had = functools.partial(known.lookup, db, row.operation.payload)
-            if known.unchanged(row.operation, had, now, self._resync_after):
+            had = functools.partial(Store.lookup, db, row.operation.payload)
+            if unchanged(row.operation, had, now, self._resync_after):
                 self._count(reporting=1)
                 report = self._over(db, row, "unchanged", "delivered", None)
             else:
@@ -138,14 +146,6 @@ class Caller:
         finally:
             self._count(reporting=-1)
             self._changed()
-        return 0.0
-
-    def _gate(self, db: sqlite3.Connection, now: float) -> float:
-        pause = float(Store.get_meta(db, "pause_until", 0.0)) - now
-        if pause > 0:
-            return pause
-        if int(Store.get_meta(db, "failures", 0)) >= OUTAGE_THRESHOLD and self.calls:
-            return 1.0  # Meisa looks down: one probe at a time
         return 0.0
 
     def _count(self, *, calls: int = 0, reporting: int = 0) -> None:
@@ -197,11 +197,11 @@ class Caller:
             what += " (upserting its contact first)"
         elif row.merged > 1:
             what += f" (coalesced from {row.merged} operations)"
-        self._note_health(db, decision, now)
+        self.budget.note(db, decision, now, self._retry, self._logger)
         if decision.unknown_contact:
-            known.forget(db, operation.payload)
+            Store.forget(db, operation.payload)
         if settled.accepted is not None:
-            known.remember(db, settled.accepted, now)
+            Store.remember(db, settled.accepted, now)
         if settled.step == "event_again":
             pending.retry_at(db, row, 0.0, recover=2)
             return lambda: None
@@ -224,11 +224,177 @@ class Caller:
 
         return failed
 
-    def _note_health(self, db: sqlite3.Connection, decision: Decision, now: float) -> None:
+
+#: The share of each window (rounded down) that only transactional sends may use: 3 of
+#: 60/minute, 50 of 1000/hour.
+TRANSACTIONAL_RESERVE = 0.05
+#: How often a caller waiting for a slot that only an answer can free looks again.
+_POLL = 0.05
+
+
+def allowed(window: RateWindow, lane: int, share: float = 1.0) -> int:
+    """The calls of ``lane`` that ``window`` allows: all for a send; the rest less the
+    transactional reserve, and for a backfill at most ``share`` of that (at least one)."""
+    if lane == LANE_TRANSACTIONAL:
+        return window.limit
+    rest = window.limit - int(window.limit * TRANSACTIONAL_RESERVE)
+    return max(int(rest * share), 1) if lane == LANE_BACKFILL else rest
+
+
+class Budget:
+    """The key's sliding-window budget in ``store`` (``meisa_calls``), its pause and its
+    outage count (``meisa_meta``). A call holds a slot from its start (under a lease, in
+    case its process dies) until its answer, which dates the slot: it leaves each window
+    one period later (docs/delivery.md). Routine and backfill calls are spread out at the
+    rate the budget can last.
+
+    :param spec: e.g. ``"60/minute;1000/hour"``; ``None`` for no budget.
+    :param lease: the longest a call can take, in seconds; a slot held longer counts as
+        answered when its lease ends.
+    """
+
+    def __init__(self, store: Store, spec: str | None, *, lease: float) -> None:
+        self.store = store
+        self.windows = parse_rate_limit(spec) if spec else ()
+        self.lease = lease
+        self._horizon = max((window.period for window in self.windows), default=0.0)
+
+    def __repr__(self) -> str:
+        return f"Budget({';'.join(window.label for window in self.windows) or None!r})"
+
+    def gate(self, db: sqlite3.Connection, now: float, calls: int) -> float:
+        """Seconds before any call may start: the pause, or while Meisa looks down and
+        ``calls`` of this process are in flight, the next probe."""
+        pause = float(Store.get_meta(db, "pause_until", 0.0)) - now
+        if pause > 0:
+            return pause
+        if int(Store.get_meta(db, "failures", 0)) >= OUTAGE_THRESHOLD and calls:
+            return 1.0  # Meisa looks down: one probe at a time
+        return 0.0
+
+    def note(
+        self,
+        db: sqlite3.Connection,
+        decision: Decision,
+        now: float,
+        policy: RetryPolicy,
+        logger: logging.Logger,
+    ) -> None:
+        """Count the failures in a row after ``decision`` and pause as it asks."""
         failures = int(Store.get_meta(db, "failures", 0))
         failures = 0 if decision.answered else failures + int(decision.outage)
         Store.set_meta(db, "failures", failures or None)
-        pause = pause_for(decision, failures, self._retry, self._logger)
+        pause = pause_for(decision, failures, policy, logger)
         if pause:
             until = max(float(Store.get_meta(db, "pause_until", 0.0)), now + pause)
             Store.set_meta(db, "pause_until", until)
+
+    def _wait(self, db: sqlite3.Connection, now: float, lane: int, share: float) -> float | None:
+        """How long until a call of ``lane`` fits in every window: ``0.0`` now, else
+        seconds, or ``None`` when only an answer to a call in flight can free a slot."""
+        db.execute(
+            "UPDATE meisa_calls SET answered_at = lease_until "
+            "WHERE answered_at IS NULL AND lease_until <= ?",
+            (now,),
+        )
+        db.execute("DELETE FROM meisa_calls WHERE answered_at <= ?", (now - self._horizon,))
+        # In flight (they count already), then answered within each window: one read.
+        counts = ["answered_at IS NULL"] + ["answered_at > ?"] * len(self.windows)
+        query = f"SELECT {', '.join(f'coalesce(sum({n}), 0)' for n in counts)} FROM meisa_calls"
+        flying, *answered = db.execute(query, [now - w.period for w in self.windows]).fetchone()
+        wait = 0.0
+        for window, count in zip(self.windows, answered, strict=True):
+            # The excess oldest answers must leave the window first.
+            excess = count + flying - allowed(window, lane, share) + 1
+            if excess > count:
+                return None
+            if excess > 0:
+                oldest = db.execute(
+                    "SELECT answered_at FROM meisa_calls WHERE answered_at > ? "
+                    "ORDER BY answered_at LIMIT 1 OFFSET ?",
+                    (now - window.period, excess - 1),
+                ).fetchone()[0]
+                wait = max(wait, float(oldest) + window.period - now)
+        if lane >= LANE_ROUTINE and wait == 0.0:
+            wait = self._pace(db, now, lane, share)
+        return 0.0 if wait < 1e-9 else wait  # float error, not a wait
+
+    def _pace(self, db: sqlite3.Connection, now: float, lane: int, share: float) -> float:
+        """Routine and backfill calls go no faster than the budget can last, so that a
+        freed slot is soon there for urgent work instead of a window spent in a burst."""
+        spacing = max(window.period / allowed(window, lane, share) for window in self.windows)
+        started = db.execute("SELECT max(lease_until) FROM meisa_calls").fetchone()[0]
+        if started is None:
+            return 0.0
+        return max(float(started) - self.lease + spacing - now, 0.0)
+
+    def take(
+        self, db: sqlite3.Connection, now: float, lane: int, share: float = 1.0
+    ) -> tuple[str | None, float | None]:
+        """In the caller's write transaction: take a slot for a call of ``lane`` about to
+        start, ``(token, 0.0)``; or ``(None, seconds)`` to wait first, ``(None, None)``
+        when only an answer to a call in flight can free one."""
+        if not self.windows:
+            return "", 0.0
+        wait = self._wait(db, now, lane, share)
+        if wait != 0.0:
+            return None, wait
+        token = uuid.uuid4().hex
+        db.execute(
+            "INSERT INTO meisa_calls (token, lease_until) VALUES (?, ?)", (token, now + self.lease)
+        )
+        return token, 0.0
+
+    def settle(self, db: sqlite3.Connection, token: str, *, made: bool, now: float) -> None:
+        """In the caller's write transaction: the call holding ``token`` is over; date its
+        slot ``now``, or with ``made=False`` (no request went out) give it back."""
+        if not token:
+            return
+        if made:
+            db.execute("UPDATE meisa_calls SET answered_at = ? WHERE token = ?", (now, token))
+        else:
+            db.execute("DELETE FROM meisa_calls WHERE token = ?", (token,))
+
+    @contextlib.contextmanager
+    def slot(self, timeout: float) -> Iterator[bool]:
+        """Hold a transactional slot for a call made in the caller's thread (a synchronous
+        send, a suppression list load), waiting at most ``timeout`` seconds; yields
+        whether one was taken (without one the call is made anyway)."""
+        deadline = time.monotonic() + max(timeout, 0.0)
+        while True:
+            try:
+                with self.store.write() as db:
+                    token, wait = self.take(db, time.time(), LANE_TRANSACTIONAL)
+            except STORE_ERRORS:  # a locked or broken store never fails the call
+                token = None
+                break
+            left = deadline - time.monotonic()
+            if token is not None or left <= 0:
+                break
+            time.sleep(min(left, _POLL if wait is None else max(wait, 0.001)))
+        try:
+            yield token is not None
+        finally:
+            if token:
+                # Not settled: the slot's lease ends it.
+                with contextlib.suppress(*STORE_ERRORS), self.store.write() as db:
+                    self.settle(db, token, made=True, now=time.time())
+
+    def remaining(self) -> dict[str, int]:
+        """Calls that could start now in each window, by label (``{"60/minute": 57}``)."""
+        now = time.time()
+        # In flight, then answered (or out of lease) within each window: one read.
+        counts = ["answered_at IS NULL AND lease_until > ?"] + [
+            "coalesce(answered_at, lease_until) > ? "
+            "AND (answered_at IS NOT NULL OR lease_until <= ?)"
+        ] * len(self.windows)
+        params = [now, *(value for w in self.windows for value in (now - w.period, now))]
+        with self.store.read() as db:
+            query = (
+                f"SELECT {', '.join(f'coalesce(sum({n}), 0)' for n in counts)} FROM meisa_calls"
+            )
+            flying, *answered = db.execute(query, params).fetchone()
+        return {
+            window.label: max(window.limit - count - flying, 0)
+            for window, count in zip(self.windows, answered, strict=True)
+        }

@@ -23,7 +23,6 @@ from ..operations import LANE_BACKFILL
 from ..operations import LANE_NAMES
 from ..operations import Operation
 from . import backfill
-from . import known
 from .base import DeliveryHooks
 from .base import DeliveryStatus
 from .base import HookCaller
@@ -35,6 +34,8 @@ from .celery_worker import DeliveryWorker
 from .celery_worker import lane_queues
 from .redis_budget import RedisBudget
 from .redis_store import RedisDeliveryStore
+from .store import lane_of
+from .store import unchanged
 
 if TYPE_CHECKING:
     from .._runtime import MeisaState
@@ -167,7 +168,7 @@ class CeleryDispatcher:
         and before it, for an event, a companion delivering its contact's pending upsert."""
         store = self.store
         contact = store.contact_of(operation.payload) if operation.kind == "upsert" else None
-        lane = known.lane_of(operation, lambda: store.known(contact), self._priority_fields)
+        lane = lane_of(operation, lambda: store.known(contact), self._priority_fields)
         meta: dict[str, Any] = {"lane": lane}
         tasks = []
         if contact is not None and self._coalesce:
@@ -326,7 +327,7 @@ class CeleryBackfill:
         for operation in operations:
             contacts = store.contacts(operation.payload)
             had = functools.partial(store.known, contacts[0] if contacts else None)
-            if known.unchanged(operation, had, now, self._resync_after) and (
+            if unchanged(operation, had, now, self._resync_after) and (
                 store.pending_version(contacts) is None
             ):
                 run.skipped += 1

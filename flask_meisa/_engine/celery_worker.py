@@ -1,6 +1,6 @@
 """The Celery worker's side: the task ``flask_meisa.deliver``. Each run makes at most one
 call, then finishes its operation or asks to run again after a countdown; it carries out
-the step :func:`~flask_meisa._decisions.settle` gives, in the budget and records in Redis."""
+the step :func:`~flask_meisa._engine.base.settle` gives, in the budget and records in Redis."""
 
 from __future__ import annotations
 
@@ -16,10 +16,6 @@ from typing import NamedTuple
 from celery.exceptions import Reject  # type: ignore[import-untyped]
 from redis.exceptions import RedisError
 
-from .._decisions import call_for
-from .._decisions import log_decision
-from .._decisions import pause_for
-from .._decisions import settle
 from ..operations import LANE_AUTOMATION
 from ..operations import LANE_BACKFILL
 from ..operations import LANE_NAMES
@@ -27,16 +23,20 @@ from ..operations import LANE_ROUTINE
 from ..operations import Operation
 from ..operations import attempt
 from ..retry import RetryPolicy
-from . import known
 from .base import CallClient
 from .base import ClientFactory
 from .base import DeliveryHooks
 from .base import HookCaller
-from .known import Known
+from .base import call_for
+from .base import log_decision
+from .base import pause_for
+from .base import settle
 from .redis_budget import MAX_WAIT
 from .redis_budget import RedisBudget
 from .redis_store import Claim
 from .redis_store import RedisDeliveryStore
+from .store import Known
+from .store import unchanged
 
 __all__ = ["TASK_NAME", "DeliveryWorker", "RunAgain", "lane_queues", "register_tasks"]
 
@@ -181,7 +181,7 @@ class DeliveryWorker:
                 meta.get("contact") or self.store.contact_of(operation.payload)
             )
 
-        if known.unchanged(operation, had, time.time(), self._resync_after):
+        if unchanged(operation, had, time.time(), self._resync_after):
             self._report("unchanged", members, None, claim)
             return None
         recovering = operation.kind == "track" and bool(meta.get("recover"))

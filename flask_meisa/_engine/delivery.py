@@ -19,18 +19,19 @@ from ..errors import DeliveryError
 from ..operations import LANE_BACKFILL
 from ..operations import Operation
 from ..retry import RetryPolicy
-from . import known
 from . import pending
 from .base import ClientFactory
 from .base import DeliveryHooks
 from .base import DeliveryStatus
 from .base import HookCaller
 from .base import require_real_threads
-from .budget import Budget
+from .caller import Budget
 from .caller import Caller
+from .host import HostLock
+from .store import KEEP_FOR
 from .store import STORE_ERRORS
-from .store import HostLock
 from .store import Store
+from .store import lane_of
 
 if TYPE_CHECKING:
     from .._runtime import MeisaState
@@ -86,7 +87,7 @@ class Delivery:
         self._flush_timeout = flush_timeout
         self._priority_fields = tuple(priority_fields)
         self._routine_max_age = routine_max_age
-        self._known_for = max(known.KEEP_FOR, resync_after)
+        self._known_for = max(KEEP_FOR, resync_after)
         self._poll = poll_interval
         self._fresh()
 
@@ -169,9 +170,8 @@ class Delivery:
         return self._wait_until(done, timeout)
 
     def close(self, timeout: float | None = None) -> int:
-        """Deliver for up to ``timeout`` seconds (default ``flush_timeout``), then stop. A
-        memory store reports what is left to ``hooks.dropped`` (``"shutdown"``) and returns
-        how many; a file store keeps it for the next start."""
+        """Deliver for up to ``timeout`` seconds (default ``flush_timeout``), then stop; what
+        is left stays in a file store, or is dropped (``"shutdown"``) and counted."""
         with self._lock:
             if self._closed:
                 return 0
@@ -215,7 +215,7 @@ class Delivery:
         """The host's delivery (see :class:`~.base.DeliveryStatus`)."""
         status = DeliveryStatus(engine="thread", durable=self.store.durable)
         with self.store.read() as db:
-            pending.describe(db, time.time(), status)
+            Store.describe(db, time.time(), status)
         status.dropped += self._dropped_here
         if self.budget.windows:
             status.budget_left = self.budget.remaining()
@@ -314,8 +314,8 @@ class Delivery:
         lowest, shed = LANE_BACKFILL, []
         with self.store.write() as db:
             for operation in batch:
-                had = functools.partial(known.lookup, db, operation.payload)
-                lane = functools.partial(known.lane_of, operation, had, self._priority_fields)
+                had = functools.partial(Store.lookup, db, operation.payload)
+                lane = functools.partial(lane_of, operation, had, self._priority_fields)
                 lowest = min(lowest, pending.add(db, operation, lane).lane)
             # Counted at most once a second, or when the count may be near the bound.
             self._live_rows += len(batch)

@@ -1,6 +1,6 @@
-"""What waits for Meisa: the operations table of the store. Rows go lowest lane first,
-oldest first, one row of a contact at a time (by either of its names); a contact's upserts
-merge while they wait; a refused row stays as a dead letter. See docs/delivery.md."""
+"""The store's tables of contacts: what waits for Meisa (``meisa_ops``: order, merging,
+lanes; docs/delivery.md) and what Meisa already has (``meisa_known``: a digest per field,
+shared with the Celery engine)."""
 
 from __future__ import annotations
 
@@ -13,15 +13,12 @@ from typing import Any
 from typing import NamedTuple
 
 from ..operations import LANE_AUTOMATION
-from ..operations import LANE_NAMES
 from ..operations import LANE_ROUTINE
 from ..operations import Operation
 from ..operations import identities
 from ..operations import join_upserts
 from ..operations import merge_priorities
-from . import known
 from .base import LATENCY_WINDOW
-from .base import DeliveryStatus
 from .store import Store
 
 #: The columns :func:`row_of` reads, in order.
@@ -76,27 +73,24 @@ def row_of(values: Any) -> Row:
 
 
 def keys(operation: Operation) -> tuple[str | None, str | None]:
-    """The names a row is ordered by: a contact's two, or ``send:<address>`` for a send
-    (so that one recipient's sends keep their order and wait together)."""
+    """The names a row is ordered by: a contact's two, or ``send:<address>`` for a send."""
     if operation.kind == "send":
         return None, f"send:{operation.payload['to_email']}"
     return identities(operation.payload)
 
 
 class Added(NamedTuple):
-    """Where :func:`add` put an operation."""
+    """Where :func:`add` put an operation: its row, whether merged, the row's lane."""
 
     seq: int
     merged: bool
-    #: The row's lane.
     lane: int
 
 
 def add(db: sqlite3.Connection, operation: Operation, lane: int | Callable[[], int]) -> Added:
     """Store ``operation`` in ``lane`` (or merge it into its contact's waiting upsert).
-    ``lane`` may be a function (:func:`known.lane_of` reading the store), left uncalled
-    when a merge makes the answer moot: it must answer ``operation.lane``, or the
-    automation lane for a routine upsert, as :func:`known.lane_of` does."""
+    ``lane`` may be :func:`lane_of` reading the store, left uncalled when a merge makes the
+    answer moot."""
     names = keys(operation)
     found = db.execute(_CONTACT, names).fetchone()
     merged = None
@@ -138,8 +132,8 @@ def _merge(
     found: tuple[Any, ...],
     names: tuple[str | None, str | None],
 ) -> tuple[int, int, str | None, str | None] | None:
-    """Merge an upsert (named ``names``) into its contact's latest waiting one (``found``
-    by :data:`_CONTACT`): its seq, lane and names."""
+    """Merge an upsert into its contact's latest waiting one (``found`` by :data:`_CONTACT`):
+    that row's seq, lane and names."""
     seq, payload, priority, force, their_lane, their_ext, their_email, last, _ = found
     # Not past a later upsert of the same names in flight, nor of the row's other names.
     ext, email = names
@@ -173,9 +167,8 @@ def _merge(
 
 
 def shed(db: sqlite3.Connection, capacity: int) -> list[Operation]:
-    """Past ``capacity`` live rows waiting, remove the oldest routine syncs, then the
-    oldest automation-lane rows (never sends, backfill or rows in flight); returns them,
-    and counts every operation they stood for as dropped."""
+    """Past ``capacity`` live rows, remove and return the oldest routine syncs, then the
+    oldest automation-lane rows (never sends, backfill or rows in flight), counted dropped."""
     excess = live_count(db) - capacity
     if excess <= 0:
         return []
@@ -230,10 +223,9 @@ def age_routine(db: sqlite3.Connection, older_than: float) -> int:
 
 
 def tidy(db: sqlite3.Connection, now: float, routine_max_age: float, known_for: float) -> None:
-    """Housekeeping: promote routine syncs older than ``routine_max_age`` seconds; forget
-    digests unused for ``known_for`` seconds and answers past the latency window."""
+    """Housekeeping: age routine syncs, forget old digests and answers past the window."""
     age_routine(db, now - routine_max_age)
-    known.prune(db, now - known_for)
+    Store.prune(db, now - known_for)
     db.execute("DELETE FROM meisa_answers WHERE at < ?", (now - LATENCY_WINDOW,))
 
 
@@ -275,9 +267,8 @@ def finish(db: sqlite3.Connection, row: Row) -> None:
 
 
 def retry_at(db: sqlite3.Connection, row: Row, when: float, *, recover: int = 0) -> None:
-    """Wait until ``when``. ``recover``: 1, upsert the event's contact first; 2, that was
-    done (an event is recovered once). An upsert takes in its contact's later upserts that
-    came while it was in flight, so that its next attempt carries the newest state."""
+    """Wait until ``when`` (``recover``: see :attr:`Row.recover`). An upsert takes in the
+    later upserts of its contact that came while it was in flight."""
     db.execute(
         "UPDATE meisa_ops SET state = 'pending', ready_at = ?, recover = ? WHERE seq = ?",
         (when, int(recover), row.seq),
@@ -321,8 +312,7 @@ def _passes(
     skip: Iterable[int] = (),
 ) -> bool:
     """Whether an upsert moved from ``before`` (``None``: the end) to ``after`` would pass
-    a live upsert of one of ``names`` (``(ext, email)`` pairs) other than ``skip``, so that
-    the older state would be sent last."""
+    a live upsert of one of ``names`` (``(ext, email)`` pairs) but ``skip``."""
     pairs = list(names)
     exts = sorted({ext for ext, _ in pairs if ext is not None})
     emails = sorted({email for _, email in pairs if email is not None})
@@ -331,13 +321,14 @@ def _passes(
     skipped = [int(seq) for seq in skip]
     query = (
         "SELECT EXISTS (SELECT 1 FROM meisa_ops WHERE kind = 'upsert' AND state != 'dead' "
-        f"AND seq > ? AND seq < coalesce(?, seq + 1) AND seq NOT IN ({_marks(skipped)}) "
-        f"AND (ext IN ({_marks(exts)}) OR email IN ({_marks(emails)})))"
+        f"AND seq > ? AND seq < coalesce(?, seq + 1) AND seq NOT IN ({marks(skipped)}) "
+        f"AND (ext IN ({marks(exts)}) OR email IN ({marks(emails)})))"
     )
     return bool(db.execute(query, (after, before, *skipped, *exts, *emails)).fetchone()[0])
 
 
-def _marks(values: list[Any]) -> str:
+def marks(values: list[Any]) -> str:
+    """The placeholders of ``values`` in an ``IN (...)`` list."""
     return ", ".join("?" * len(values))
 
 
@@ -349,41 +340,8 @@ def release_flights(db: sqlite3.Connection) -> int:
 def each_row(
     db: sqlite3.Connection, statement: str, seqs: Iterable[int] | None, end: str = ""
 ) -> sqlite3.Cursor:
-    """Run ``statement`` (ending in a ``WHERE`` clause) on the rows ``seqs`` (``None``:
-    all): a few rows, named on the command line or of one contact."""
+    """Run ``statement`` (ending in a ``WHERE`` clause) on the rows ``seqs`` (``None``: all)."""
     if seqs is None:
         return db.execute(statement + end)
     wanted = [int(seq) for seq in seqs]
-    return db.execute(f"{statement} AND seq IN ({', '.join('?' * len(wanted))}){end}", wanted)
-
-
-def describe(db: sqlite3.Connection, now: float, status: DeliveryStatus) -> None:
-    """Fill ``status`` with what the store holds: work per lane and its age, in flight,
-    waiting to retry, dead letters, latency, counters, pause and the backfill run."""
-    status.queued = dict.fromkeys(LANE_NAMES.values(), 0)
-    for lane, state, due, count, oldest in db.execute(
-        "SELECT lane, state, ready_at > ?, count(*), min(created_at) FROM meisa_ops "
-        "GROUP BY lane, state, ready_at > ?",
-        (now, now),
-    ):
-        name = LANE_NAMES.get(lane, str(lane))
-        if state == "dead":
-            status.dead_letters += count
-            continue
-        if state == "flight":
-            status.in_flight += count
-        elif due:
-            status.retry_waiting += count
-        else:
-            status.queued[name] += count
-        waited = max(now - oldest, 0.0)
-        status.oldest_wait[name] = max(status.oldest_wait.get(name, 0.0), waited)
-    for lane, name in LANE_NAMES.items():
-        query = "SELECT waited FROM meisa_answers WHERE lane = ? AND at >= ?"
-        status.add_latency(
-            name, (float(w) for (w,) in db.execute(query, (lane, now - LATENCY_WINDOW)))
-        )
-    for name in ("delivered", "failed", "dropped", "unchanged"):
-        setattr(status, name, int(Store.get_meta(db, name, 0)))
-    status.paused_for = max(float(Store.get_meta(db, "pause_until", 0.0)) - now, 0.0)
-    status.backfill = Store.get_meta(db, "backfill")
+    return db.execute(f"{statement} AND seq IN ({marks(wanted)}){end}", wanted)

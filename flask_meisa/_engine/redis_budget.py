@@ -1,5 +1,5 @@
 """The key's rate budget in Redis, shared by every worker on every machine: the rule of
-:func:`~flask_meisa._engine.budget.slot_wait` with lanes, the 429 pause and the outage
+:class:`~flask_meisa._engine.caller.Budget` with lanes, the 429 pause and the outage
 breaker, each an atomic Lua script on Redis's clock (docs/celery.md)."""
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from .._decisions import OUTAGE_THRESHOLD
 from .._values import parse_rate_limit
 from ..operations import LANE_NAMES
 from ..operations import LANE_ROUTINE
 from ..operations import LANE_TRANSACTIONAL
-from .budget import allowed
+from .base import OUTAGE_THRESHOLD
+from .caller import allowed
 
 __all__ = ["MAX_WAIT", "Acquired", "RedisBudget"]
 

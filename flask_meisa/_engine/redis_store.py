@@ -21,9 +21,9 @@ from ..operations import identities
 from ..operations import merge_upsert_payloads
 from .base import LATENCY_WINDOW
 from .base import DeliveryStatus
-from .known import KEEP_FOR
-from .known import Known
-from .known import digest
+from .store import KEEP_FOR
+from .store import Known
+from .store import digest
 
 __all__ = ["Claim", "RedisDeliveryStore"]
 
@@ -98,7 +98,7 @@ class RedisDeliveryStore:
             pipe.set(self._key("alias", _digest(email)), _digest(ext), ex=int(KEEP_FOR))
 
     def known(self, contact: str | None) -> Known | None:
-        """What Meisa last accepted of ``contact`` (see :mod:`.known`), or ``None``."""
+        """What Meisa last accepted of ``contact`` (see :class:`.store.Known`), or ``None``."""
         if contact is None:
             return None
         raw = self._redis.hgetall(self._key("known", contact))

@@ -1,25 +1,35 @@
-"""The delivery store: one SQLite database holding what waits for Meisa, the key's budget,
-what Meisa already has, and the host's counters; a file shared by every process of the
-host, or memory for this process alone. The one process of the host that delivers holds
-its lock (:class:`HostLock`)."""
+"""The delivery store: one SQLite database (a file shared by the host, or memory) holding
+what waits for Meisa (:mod:`.pending`), the key's budget (:class:`~.caller.Budget`), the
+host's counters, and what Meisa already has of each contact (:func:`digest`)."""
 
 from __future__ import annotations
 
-import fcntl
+import hashlib
 import json
 import logging
 import os
 import sqlite3
 import threading
-import time
+from collections.abc import Callable
+from collections.abc import Iterable
 from collections.abc import Iterator
+from collections.abc import Mapping
 from contextlib import contextmanager
 from contextlib import suppress
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigurationError
+from ..operations import LANE_AUTOMATION
+from ..operations import LANE_NAMES
+from ..operations import LANE_ROUTINE
+from ..operations import Operation
+from ..operations import identities
+from .base import LATENCY_WINDOW
+from .base import DeliveryStatus
+from .host import set_aside
 
-__all__ = ["STORE_ERRORS", "HostLock", "Store"]
+__all__ = ["KEEP_FOR", "STORE_ERRORS", "Known", "Store", "digest", "lane_of", "unchanged"]
 
 logger = logging.getLogger("flask_meisa.engine")
 
@@ -199,16 +209,96 @@ class Store:
                 (name, str(int(delta))),
             )
 
+    @staticmethod
+    def describe(db: sqlite3.Connection, now: float, status: DeliveryStatus) -> None:
+        """Fill ``status`` with what the store holds: work per lane and its age, in flight,
+        waiting to retry, dead letters, latency, counters, pause and the backfill run."""
+        status.queued = dict.fromkeys(LANE_NAMES.values(), 0)
+        for lane, state, due, count, oldest in db.execute(
+            "SELECT lane, state, ready_at > ?, count(*), min(created_at) FROM meisa_ops "
+            "GROUP BY lane, state, ready_at > ?",
+            (now, now),
+        ):
+            name = LANE_NAMES.get(lane, str(lane))
+            if state == "dead":
+                status.dead_letters += count
+                continue
+            if state == "flight":
+                status.in_flight += count
+            elif due:
+                status.retry_waiting += count
+            else:
+                status.queued[name] += count
+            waited = max(now - oldest, 0.0)
+            status.oldest_wait[name] = max(status.oldest_wait.get(name, 0.0), waited)
+        waits: dict[int, list[float]] = {lane: [] for lane in LANE_NAMES}
+        query = "SELECT lane, waited FROM meisa_answers WHERE at >= ?"
+        for lane, waited in db.execute(query, (now - LATENCY_WINDOW,)):
+            waits.setdefault(lane, []).append(float(waited))
+        for lane, name in LANE_NAMES.items():
+            status.add_latency(name, waits[lane])
+        names = ("delivered", "failed", "dropped", "unchanged", "pause_until", "backfill")
+        query = f"SELECT name, value FROM meisa_meta WHERE name IN ({', '.join('?' * len(names))})"
+        meta = {name: json.loads(value) for name, value in db.execute(query, names)}
+        for name in names[:4]:
+            setattr(status, name, int(meta.get(name, 0)))
+        status.paused_for = max(float(meta.get("pause_until", 0.0)) - now, 0.0)
+        status.backfill = meta.get("backfill")
+
+    @staticmethod
+    def _entries(db: sqlite3.Connection, payload: Mapping[str, Any], limit: str = "") -> list[Any]:
+        """``(names, fields, accepted_at)`` of the contact ``payload`` names, ``external_id``
+        first."""
+        keys = [key for key in identities(payload) if key is not None]
+        if not keys:
+            return []
+        query = "SELECT names, fields, accepted_at FROM meisa_known WHERE key = ?"
+        return db.execute(" UNION ALL ".join([query] * len(keys)) + limit, keys).fetchall()
+
+    @staticmethod
+    def lookup(db: sqlite3.Connection, payload: Mapping[str, Any]) -> Known | None:
+        """What Meisa has of the contact ``payload`` names (by ``external_id`` first)."""
+        found = Store._entries(db, payload, " LIMIT 1")
+        return Known(json.loads(found[0][1]), float(found[0][2])) if found else None
+
+    @staticmethod
+    def remember(db: sqlite3.Connection, payload: Mapping[str, Any], now: float) -> None:
+        """Meisa accepted ``payload``: fold its fields into what it has of the contact."""
+        entries = Store._entries(db, payload)
+        fields = {**(json.loads(entries[0][1]) if entries else {}), **digest(payload)}
+        names = {name for entry in entries for name in json.loads(entry[0])}
+        listed = sorted(names.union(key for key in identities(payload) if key is not None))
+        text, known_as = json.dumps(fields, separators=(",", ":")), json.dumps(listed)
+        db.executemany(
+            "INSERT OR REPLACE INTO meisa_known (key, names, fields, accepted_at) "
+            "VALUES (?, ?, ?, ?)",
+            [(key, known_as, text, now) for key in listed],
+        )
+
+    @staticmethod
+    def forget(db: sqlite3.Connection, payload: Mapping[str, Any]) -> None:
+        """Meisa no longer knows the contact (an event answered 404): forget all its names."""
+        names = {name for entry in Store._entries(db, payload) for name in json.loads(entry[0])}
+        names = names or {key for key in identities(payload) if key is not None}
+        marks = ", ".join("?" * len(names))
+        db.execute(f"DELETE FROM meisa_known WHERE key IN ({marks})", list(names))
+
+    @staticmethod
+    def prune(db: sqlite3.Connection, before: float) -> int:
+        """Forget what Meisa had of contacts accepted before ``before``."""
+        return db.execute("DELETE FROM meisa_known WHERE accepted_at < ?", (before,)).rowcount
+
     def _prepare(self) -> None:
         try:
-            self._check()
+            self.check()
         except sqlite3.DatabaseError as error:
             self.close()
             if isinstance(error, sqlite3.OperationalError):
                 raise  # cannot be opened, locked, read-only: a problem of access, not damage
-            self._set_aside(error)
+            set_aside(self, error)
 
-    def _check(self) -> None:
+    def check(self) -> None:
+        """Put the file in WAL mode and check its schema version and its pages."""
         with self.read() as db:
             if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 db.execute("PRAGMA journal_mode = WAL")
@@ -224,130 +314,68 @@ class Store:
             if version < SCHEMA_VERSION:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
-    def _set_aside(self, error: BaseException) -> None:
-        assert self.path is not None
-        damaged = f"{self.path}.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
-        for suffix in ("", "-wal", "-shm"):
-            with suppress(FileNotFoundError):
-                os.replace(self.path + suffix, damaged + suffix)
-        rows = _salvage(damaged)
-        self._check()
-        with self.write() as db:
-            db.executemany(
-                f"INSERT INTO meisa_ops ({_SALVAGED}) "
-                f"VALUES ({', '.join('?' * len(_SALVAGED.split(',')))})",
-                rows,
-            )
-        logger.error(
-            "flask-meisa: the delivery store %s is damaged (%s); it was moved to %s and a "
-            "fresh one started with the %d operations that could still be read. Keep the "
-            "damaged file for inspection, or delete it.",
-            self.path,
-            error,
-            damaged,
-            len(rows),
-        )
+
+#: What Meisa has of a contact is forgotten after this long, whatever MEISA_RESYNC_AFTER says.
+KEEP_FOR = 30 * 86400.0
 
 
-# The columns salvaged from a damaged store.
-_SALVAGED = (
-    "seq, id, kind, lane, ext, email, payload, contact, priority, force, created_at, state, "
-    "attempts, merged, error_status, error_code, error_message, failed_at"
-)
+def _hash(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
-def _salvage(path: str) -> list[tuple[Any, ...]]:
-    """The operations that can still be read from a damaged store, skipping bad pages."""
-    rows: list[tuple[Any, ...]] = []
-    try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    except sqlite3.Error:
-        return rows
-    query = f"SELECT {_SALVAGED} FROM meisa_ops WHERE seq > ? ORDER BY seq"
-    after, skip = -1, 1
-    try:
-        while skip < 1 << 40:
-            try:
-                for row in db.execute(query, (after,)):
-                    rows.append(tuple("pending" if v == "flight" else v for v in row))
-                    after, skip = row[0], 1
-                break
-            except sqlite3.DatabaseError:
-                after, skip = after + skip, skip * 2  # jump past the damage
-    finally:
-        db.close()
-    return rows
+def digest(payload: Mapping[str, Any]) -> dict[str, str]:
+    """``{field: short hash}`` of an upsert payload, per field, custom field and tag (not
+    ``source``: Meisa keeps a contact's first)."""
+    fields: dict[str, str] = {}
+    for name, value in payload.items():
+        if name == "custom_fields":
+            fields.update((f"custom_fields.{key}", _hash(item)) for key, item in value.items())
+        elif name == "tag_names":
+            fields.update((f"tag:{tag}", "1") for tag in value)
+        elif name != "source":
+            fields[name] = _hash(value)
+    return fields
 
 
-class HostLock:
-    """The delivery lock: an exclusive, non-blocking ``flock`` on ``path`` (``<store>.lock``).
-    The kernel releases it when its holder exits or is killed, so the next process to try
-    takes over; the holder writes its pid into the file."""
+@dataclass(frozen=True)
+class Known:
+    """What Meisa last accepted of a contact (a :func:`digest`), and when."""
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._fd: int | None = None
-        self._held = False
+    fields: dict[str, str]
+    accepted_at: float
 
-    def __repr__(self) -> str:
-        return f"HostLock({self.path!r}, held={self._held})"
+    def has(self, wanted: Mapping[str, str]) -> bool:
+        """Whether every field of ``wanted`` is already there with the same value."""
+        return all(self.fields.get(name) == value for name, value in wanted.items())
 
-    @property
-    def held(self) -> bool:
-        """Whether this process holds the lock through this object."""
-        return self._held
 
-    def try_acquire(self) -> bool:
-        """Take the lock if no other open file holds it; never waits."""
-        if self._held:
-            return True
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except (BlockingIOError, PermissionError):
-            return False
-        self._held = True
-        with suppress(OSError):  # the pid is only informative
-            os.ftruncate(self._fd, 0)
-            os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
-        return True
+Lookup = Callable[[], "Known | None"]
 
-    def release(self) -> None:
-        """Let go of the lock (when held) and close the file."""
-        fd, self._fd = self._fd, None
-        if fd is None:
-            return
-        try:
-            if self._held:  # a forked child may still share the open file: unlock it
-                fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            self._held = False
-            os.close(fd)
 
-    def forget_after_fork(self) -> None:
-        """In a forked child: close the inherited descriptor without unlocking it (the
-        child shares the parent's open file: unlocking would release the parent's lock)."""
-        fd, self._fd, self._held = self._fd, None, False
-        if fd is not None:
-            with suppress(OSError):
-                os.close(fd)
+def lane_of(operation: Operation, had: Lookup, priority_fields: Iterable[str]) -> int:
+    """The lane of ``operation``: a routine upsert that is its contact's first, or changes a
+    priority field, given ``had()`` (what Meisa has), goes ahead of routine syncs."""
+    lane = operation.lane
+    if operation.kind != "upsert" or lane != LANE_ROUTINE:
+        return lane
+    known = had()
+    custom = operation.payload.get("custom_fields") or {}
+    # Only the priority fields the upsert carries are hashed: a login's other fields are not.
+    wanted = {
+        f"custom_fields.{name}": _hash(custom[name]) for name in priority_fields if name in custom
+    }
+    return LANE_AUTOMATION if known is None or not known.has(wanted) else lane
 
-    @staticmethod
-    def holder(path: str) -> int | None:
-        """The pid written by the process holding the lock on ``path``, or ``None`` when
-        nobody holds it."""
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-                return int(text) if text.isdigit() else 0
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return None
-        finally:
-            os.close(fd)
+
+def unchanged(operation: Operation, had: Lookup, now: float, resync_after: float) -> bool:
+    """Whether Meisa has every field of the upsert ``operation`` (``had()``), accepted within
+    ``resync_after`` seconds: no call is needed (never when forced)."""
+    if operation.kind != "upsert" or operation.force:
+        return False
+    known = had()
+    return (
+        known is not None
+        and known.accepted_at >= now - resync_after
+        and known.has(digest(operation.payload))
+    )

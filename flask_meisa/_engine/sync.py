@@ -12,9 +12,6 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 from typing import Any
 
-from .._decisions import call_for
-from .._decisions import log_decision
-from .._decisions import settle
 from ..errors import MeisaError
 from ..operations import Operation
 from ..operations import deliver
@@ -23,6 +20,9 @@ from .base import ClientFactory
 from .base import DeliveryHooks
 from .base import DeliveryStatus
 from .base import HookCaller
+from .base import call_for
+from .base import log_decision
+from .base import settle
 
 if TYPE_CHECKING:
     from .._runtime import MeisaState

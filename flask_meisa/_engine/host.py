@@ -1,0 +1,147 @@
+"""What a store file shares with the other processes of its host: the delivery lock
+(:class:`HostLock`), and a damaged file set aside with what can still be read from it."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import sqlite3
+import time
+from contextlib import suppress
+from typing import TYPE_CHECKING
+from typing import Any
+
+if TYPE_CHECKING:
+    from .store import Store
+
+__all__ = ["HostLock", "set_aside"]
+
+logger = logging.getLogger("flask_meisa.engine")
+
+
+class HostLock:
+    """The delivery lock: an exclusive, non-blocking ``flock`` on ``path`` (``<store>.lock``).
+    The kernel releases it when its holder exits or is killed, so the next process to try
+    takes over; the holder writes its pid into the file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd: int | None = None
+        #: Whether this process holds the lock through this object.
+        self.held = False
+
+    def __repr__(self) -> str:
+        return f"HostLock({self.path!r}, held={self.held})"
+
+    def try_acquire(self) -> bool:
+        """Take the lock if no other open file holds it; never waits."""
+        if self.held:
+            return True
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):
+            return False
+        self.held = True
+        with suppress(OSError):  # the pid is only informative
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+        return True
+
+    def release(self) -> None:
+        """Let go of the lock (when held) and close the file."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            if self.held:  # a forked child may still share the open file: unlock it
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            self.held = False
+            os.close(fd)
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: close the inherited descriptor without unlocking it (the
+        child shares the parent's open file: unlocking would release the parent's lock)."""
+        fd, self._fd, self.held = self._fd, None, False
+        if fd is not None:
+            with suppress(OSError):
+                os.close(fd)
+
+    @staticmethod
+    def holder(path: str) -> int | None:
+        """The pid written by the process holding the lock on ``path``, or ``None`` when
+        nobody holds it."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                return int(text) if text.isdigit() else 0
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
+
+def set_aside(store: Store, error: BaseException) -> None:
+    """Move a damaged store file aside and start a fresh one with the operations that can
+    still be read from it."""
+    assert store.path is not None
+    damaged = f"{store.path}.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    for suffix in ("", "-wal", "-shm"):
+        with suppress(FileNotFoundError):
+            os.replace(store.path + suffix, damaged + suffix)
+    rows = _salvage(damaged)
+    store.check()
+    with store.write() as db:
+        db.executemany(
+            f"INSERT INTO meisa_ops ({_SALVAGED}) "
+            f"VALUES ({', '.join('?' * len(_SALVAGED.split(',')))})",
+            rows,
+        )
+    logger.error(
+        "flask-meisa: the delivery store %s is damaged (%s); it was moved to %s and a "
+        "fresh one started with the %d operations that could still be read. Keep the "
+        "damaged file for inspection, or delete it.",
+        store.path,
+        error,
+        damaged,
+        len(rows),
+    )
+
+
+# The columns salvaged from a damaged store.
+_SALVAGED = (
+    "seq, id, kind, lane, ext, email, payload, contact, priority, force, created_at, state, "
+    "attempts, merged, error_status, error_code, error_message, failed_at"
+)
+
+
+def _salvage(path: str) -> list[tuple[Any, ...]]:
+    """The operations that can still be read from a damaged store, skipping bad pages."""
+    rows: list[tuple[Any, ...]] = []
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return rows
+    query = f"SELECT {_SALVAGED} FROM meisa_ops WHERE seq > ? ORDER BY seq"
+    after, skip = -1, 1
+    try:
+        while skip < 1 << 40:
+            try:
+                for row in db.execute(query, (after,)):
+                    rows.append(tuple("pending" if v == "flight" else v for v in row))
+                    after, skip = row[0], 1
+                break
+            except sqlite3.DatabaseError:
+                after, skip = after + skip, skip * 2  # jump past the damage
+    finally:
+        db.close()
+    return rows

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 from typing import Any
 
 from . import _http
+from ._deferral import AfterResponseMiddleware
+from ._deferral import SignalReporter
 from ._engine.base import Dispatcher
 from ._suppression import SuppressionSet
 from .client import MeisaClient
@@ -24,12 +26,10 @@ from .config import INSTANCE_PREFIX
 from .config import is_delivering
 from .errors import ConfigurationError
 from .retry import RetryPolicy
-from .signals import SignalReporter
 
 if TYPE_CHECKING:
     from flask import Flask
 
-    from ._deferral import AfterResponseMiddleware
     from ._engine.store import Store
     from .config import MeisaSettings
     from .results import UnsubscribedEmails

@@ -27,13 +27,14 @@ __all__ = [
     "LANE_NAMES",
     "LANE_ROUTINE",
     "LANE_TRANSACTIONAL",
+    "MAX_BODY_BYTES",
     "Attempt",
     "Operation",
     "OperationKind",
     "Priority",
     "attempt",
-    "contact_key",
     "deliver",
+    "encode_body",
     "identities",
     "join_upserts",
     "merge_priorities",
@@ -56,12 +57,6 @@ LANE_BACKFILL = 3
 LANE_NAMES: dict[int, str] = dict(
     enumerate(("transactional", "automation", "routine", "backfill"))
 )
-
-
-def contact_key(payload: Mapping[str, Any]) -> str | None:
-    """The name Meisa matches a contact on: ``external_id`` first, then ``email``."""
-    ext, email = identities(payload)
-    return ext or email
 
 
 def identities(payload: Mapping[str, Any]) -> tuple[str | None, str | None]:
@@ -220,13 +215,6 @@ class Operation:
         if self.kind == "track" or self.priority == "high":
             return LANE_AUTOMATION
         return LANE_AUTOMATION if self.payload.get("source") == "signup" else LANE_ROUTINE
-
-    @property
-    def contact_key(self) -> str | None:
-        """The contact this operation concerns (``None`` for sends)."""
-        if self.kind == "send":
-            return None
-        return contact_key(self.payload)
 
     def merge(self, later: Operation) -> bool:
         """Fold a later upsert of the same contact into this one (see

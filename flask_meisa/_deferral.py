@@ -144,24 +144,20 @@ def report_queued(state: MeisaState, operation: Operation, delivering: bool) -> 
         logger.info("meisa (delivery off) would %s: %s", operation.kind, payload)
 
 
-def _release(state: MeisaState, batch: _RequestBatch, *, failed: bool = False) -> None:
-    """Deliver a finished request's batch, unless the request failed (and
-    ``MEISA_RELEASE_ON_ERROR`` is off) or its app is gone. Never raises."""
-    count = len(batch.operations)
-    if not state.alive:  # a response outlived its app (a test's kept response)
-        logger.debug("meisa: %d operations of a discarded app not released", count)
-    elif failed and not state.settings.release_on_error:
-        logger.info("meisa: the request failed; %d collected operation(s) not released", count)
-    else:
-        try:
-            _dispatch(state, batch.operations)
-        except Exception:
-            logger.exception("meisa: releasing a request's operations failed")
-
-
-def _release_all(batches: dict[MeisaState, _RequestBatch] | None, *, failed: bool) -> None:
+def _release(batches: dict[MeisaState, _RequestBatch] | None, *, failed: bool) -> None:
+    """Deliver a finished request's batches, except when the request failed (and
+    ``MEISA_RELEASE_ON_ERROR`` is off) or the batch's app is gone. Never raises."""
     for state, batch in (batches or {}).items():
-        _release(state, batch, failed=failed)
+        count = len(batch.operations)
+        if not state.alive:  # a response outlived its app (a test's kept response)
+            logger.debug("meisa: %d operations of a discarded app not released", count)
+        elif failed and not state.settings.release_on_error:
+            logger.info("meisa: the request failed; %d collected operation(s) not released", count)
+        else:
+            try:
+                _dispatch(state, batch.operations)
+            except Exception:
+                logger.exception("meisa: releasing a request's operations failed")
 
 
 def _teardown(sender: Any, exc: BaseException | None = None, **extra: Any) -> None:
@@ -169,7 +165,7 @@ def _teardown(sender: Any, exc: BaseException | None = None, **extra: Any) -> No
     without the middleware."""
     environ = _environ()
     if not environ.get(_MIDDLEWARE_KEY):
-        _release_all(environ.pop(_BATCH_KEY, None), failed=exc is not None)
+        _release(environ.pop(_BATCH_KEY, None), failed=exc is not None)
 
 
 def release_now(state: MeisaState) -> None:
@@ -210,7 +206,7 @@ class AfterResponseMiddleware:
         try:
             body = self.wsgi_app(environ, recording_start_response)
         except BaseException:
-            _release_all(environ.pop(_BATCH_KEY, None), failed=True)
+            _release(environ.pop(_BATCH_KEY, None), failed=True)
             raise
         finally:
             # From here on the response is on its way: work queued while a stream is
@@ -221,7 +217,7 @@ class AfterResponseMiddleware:
             return body
         failed = _server_error(status)
         if self._state.app.testing:
-            _release_all(batches, failed=failed)
+            _release(batches, failed=failed)
             return body
         with self._released:
             self._open += 1
@@ -229,7 +225,7 @@ class AfterResponseMiddleware:
 
     def _finish(self, batches: dict[MeisaState, _RequestBatch], failed: bool) -> None:
         try:
-            _release_all(batches, failed=failed)
+            _release(batches, failed=failed)
         finally:
             with self._released:
                 self._open -= 1

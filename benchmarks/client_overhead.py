@@ -20,10 +20,10 @@ from typing import Any
 
 import requests
 
-from flask_meisa._bodies import upsert_body
-from flask_meisa._payloads import encode_body
+from flask_meisa._payloads import upsert_body
 from flask_meisa.client import MeisaClient
 from flask_meisa.emulator import Emulator
+from flask_meisa.operations import encode_body
 from flask_meisa.results import Contact
 
 

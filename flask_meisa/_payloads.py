@@ -1,11 +1,10 @@
-"""Input validation and JSON conversion, applied before any request is made. Every check
-raises :class:`~flask_meisa.errors.ValidationError` naming the field (``"email"``,
-``"custom_fields.tags[2]"``), never its value, so that the error can be logged as is."""
+"""The request bodies of upsert, track and trigger, checked and made JSON-ready before anything
+is queued or sent. Every check raises :class:`~flask_meisa.errors.ValidationError` naming the
+field (``"custom_fields.tags[2]"``), never its value, so that it can be logged as is."""
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 import re
 import uuid
@@ -29,8 +28,6 @@ MAX_EMAIL_LENGTH = 254
 MAX_TEXT_LENGTH = 255
 #: How deeply :func:`to_json_value` lets containers nest.
 MAX_DEPTH = 32
-#: The largest request body :func:`encode_body` produces (512 KiB).
-MAX_BODY_BYTES = 512 * 1024
 
 # C0 and C1 control characters plus the Unicode line and paragraph separators: none of them
 # belongs in an address or a name, and CR/LF could split a header or a log line.
@@ -40,8 +37,7 @@ _WHITESPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
 _PLAIN_EMAIL = re.compile(r"[a-z0-9._%+-]{1,64}@[a-z0-9-]+(?:\.[a-z0-9-]+)+")
 _UTC = dt.timezone.utc
 _T = TypeVar("_T")
-# Python's default limit on the digits of an int it writes out.
-_MAX_INT_DIGITS = 4300
+_MAX_INT_DIGITS = 4300  # Python's default limit on the digits of an int it writes out
 
 
 def _type_name(value: object) -> str:
@@ -49,9 +45,8 @@ def _type_name(value: object) -> str:
 
 
 def normalize_email(value: object, field: str = "email") -> str:
-    """Check one email address (one ``@``, a local part, a dotted domain, no whitespace,
-    control or invisible characters, at most 254 characters) and return it stripped and
-    lowercased."""
+    """Check one email address (one ``@``, a local part, a dotted domain, no whitespace, control
+    or invisible characters, at most 254 characters); return it stripped and lowercased."""
     if not isinstance(value, str):
         raise ValidationError(field, f"must be a string, not {_type_name(value)}")
     # Lowercased first: a few characters lowercase to two ("İ"), and the limits apply to
@@ -83,9 +78,8 @@ def normalize_email(value: object, field: str = "email") -> str:
 
 
 def require_text(value: object, field: str, max_length: int = MAX_TEXT_LENGTH) -> str:
-    """Check a short name (trigger key, event name, slug, tag): a string, not empty once
-    stripped, at most ``max_length`` characters, no line breaks or control characters
-    (surrounding ones included); return it stripped."""
+    """Check a short name (trigger key, event name, slug, tag): a string, not empty once stripped,
+    at most ``max_length`` characters, no control characters even around it; return it stripped."""
     if not isinstance(value, str):
         raise ValidationError(field, f"must be a string, not {_type_name(value)}")
     text = value.strip()
@@ -138,9 +132,8 @@ def json_object(value: object, field: str) -> dict[str, JSONValue] | None:
 
 
 def to_json_value(value: object, field: str, *, _depth: int = 0) -> JSONValue:
-    """Convert ``value`` to plain JSON data, recursively (the conversions are listed in
-    docs/integrating.md); errors name ``field`` extended by the path
-    (``custom_fields.tags[2]``). Nesting deeper than :data:`MAX_DEPTH` is refused."""
+    """Convert ``value`` to plain JSON data, recursively (see docs/integrating.md), at most
+    :data:`MAX_DEPTH` deep; errors name ``field`` extended by the path (``field.tags[2]``)."""
     kind = type(value)
     # Exact-type fast paths first: most values are plain.
     if value is None or kind is bool:
@@ -284,45 +277,6 @@ def _decimal(value: Decimal, field: str) -> int | float:
     return _check_float(float(value), field)
 
 
-def encode_body(body: Mapping[str, JSONValue], max_bytes: int = MAX_BODY_BYTES) -> str:
-    """Serialise a converted request body as compact ASCII JSON (its length is its size);
-    over ``max_bytes``, a :class:`ValidationError` names the largest top-level field."""
-    text = _encode(body)
-    if len(text) > max_bytes:
-        largest = max(body, key=lambda k: len(_encode(body[k])))
-        raise ValidationError(
-            largest, f"makes the request body {len(text)} bytes, over the {max_bytes}-byte limit"
-        )
-    return text
-
-
-def _one_shot_encoder() -> Callable[[object], str]:
-    # Bodies are trees made by to_json_value (a cycle would have nested too deep).
-    encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False, check_circular=False)
-    # JSONEncoder.encode makes a C encoder on every call, a third of the time a login's
-    # body takes: made once here, with the same options (absent on some interpreters).
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:
-        return encoder.encode
-    # markers (None: no cycle check), default, string encoder, indent, separators,
-    # sort_keys, skipkeys, allow_nan: JSONEncoder.iterencode's call, with our options.
-    encode = make(
-        None,
-        encoder.default,
-        json.encoder.encode_basestring_ascii,
-        None,
-        ":",
-        ",",
-        False,
-        False,
-        False,
-    )
-    return lambda value: "".join(encode(value, 0))
-
-
-_encode = _one_shot_encoder()
-
-
 def unique_emails(values: Iterable[object], field: str) -> list[str]:
     """Normalise each address (errors name ``field[i]``) and drop repeats, keeping order."""
     if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
@@ -331,3 +285,115 @@ def unique_emails(values: Iterable[object], field: str) -> list[str]:
     for i, item in enumerate(values):
         seen.setdefault(normalize_email(item, f"{field}[{i}]"), None)
     return list(seen)
+
+
+#: The ``source`` values Meisa accepts on an upsert.
+CONTACT_SOURCES = frozenset({"api", "import", "manual", "signup", "initial_sync"})
+
+#: A field's check: its value and its name in errors, to the value sent.
+Check = Callable[[Any, str], JSONValue]
+
+
+def _checked(
+    checks: Mapping[str, Check],
+    values: Mapping[str, Any],
+    required: Iterable[str] = (),
+    prefix: str = "",
+) -> dict[str, JSONValue]:
+    """The fields of ``values`` that ``checks`` has, checked (errors name ``prefix`` + the
+    field); ``None`` is left out unless ``required`` (then it must be in ``values``)."""
+    return {
+        name: check(value, prefix + name)
+        for name, value in values.items()
+        if (check := checks.get(name)) is not None and (value is not None or name in required)
+    }
+
+
+def _source(value: object, field: str) -> str:
+    source = require_text(value, field)
+    if source not in CONTACT_SOURCES:
+        raise ValidationError(field, f"must be one of {', '.join(sorted(CONTACT_SOURCES))}")
+    return source
+
+
+def _tags(value: object, field: str) -> list[JSONValue]:
+    return list(dict.fromkeys(text_list(value, field)))
+
+
+#: The fields of an upsert, in the order sent, and the check of each.
+_UPSERT_FIELDS: dict[str, Check] = {
+    "email": normalize_email,
+    "external_id": normalize_external_id,
+    "first_name": require_text,
+    "last_name": require_text,
+    "display_name": require_text,
+    "source": _source,
+    "custom_fields": json_object,
+    "tag_names": _tags,
+}
+#: The contact fields Meisa reads from a trigger's ``recipient``, checked as an upsert's.
+_RECIPIENT_FIELDS = {
+    name: _UPSERT_FIELDS[name]
+    for name in ("external_id", "first_name", "last_name", "display_name", "custom_fields")
+}
+_TRACK_FIELDS: dict[str, Check] = {
+    "event_name": require_text,
+    "email": normalize_email,
+    "external_id": normalize_external_id,
+    "properties": json_object,
+}
+
+
+def upsert_body(fields: Mapping[str, Any]) -> dict[str, JSONValue]:
+    """The body of ``POST /contacts/upsert/`` from its fields (``email`` required)."""
+    if not fields.keys() <= _UPSERT_FIELDS.keys():
+        unknown = next(name for name in fields if name not in _UPSERT_FIELDS)
+        raise ValidationError(str(unknown), "is not a field of a contact upsert")
+    if fields.get("email") is None:
+        raise ValidationError("email", "is required")
+    return _checked(_UPSERT_FIELDS, fields)
+
+
+def track_body(
+    event_name: object,
+    *,
+    email: object = None,
+    external_id: object = None,
+    properties: object = None,
+) -> dict[str, JSONValue]:
+    """The body of ``POST /events/track/`` (``email`` or ``external_id`` required)."""
+    body = _checked(_TRACK_FIELDS, locals(), required=("event_name",))
+    if "email" not in body and "external_id" not in body:
+        raise ValidationError("email", "an email or an external_id is required")
+    return body
+
+
+def _recipient(value: object, field: str) -> dict[str, JSONValue]:
+    recipient = dict(json_object(value, field) or {})
+    recipient.update(_checked(_RECIPIENT_FIELDS, recipient, prefix=f"{field}."))
+    return recipient
+
+
+_TRIGGER_FIELDS: dict[str, Check] = {
+    "trigger_key": require_text,
+    "to_email": normalize_email,
+    "variables": json_object,
+    "recipient": _recipient,
+    "idempotency_key": require_text,
+}
+
+
+def trigger_body(
+    trigger_key: object,
+    to_email: object,
+    *,
+    variables: object = None,
+    recipient: object = None,
+    idempotency_key: object = None,
+) -> dict[str, JSONValue]:
+    """The body of ``POST /emails/trigger/``, with an ``idempotency_key`` (a random one
+    when none is given). ``recipient`` may hold any JSON; the contact fields Meisa reads
+    from it are checked as an upsert's."""
+    key = uuid.uuid4().hex if idempotency_key is None else idempotency_key
+    fields = {**locals(), "idempotency_key": key}
+    return _checked(_TRIGGER_FIELDS, fields, required=("trigger_key", "to_email"))

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 from typing import Any
 
 from . import _http
+from ._deferral import AfterResponseMiddleware
+from ._deferral import SignalReporter
 from ._engine.base import Dispatcher
 from ._suppression import SuppressionSet
 from .client import MeisaClient
@@ -24,12 +26,10 @@ from .config import INSTANCE_PREFIX
 from .config import is_delivering
 from .errors import ConfigurationError
 from .retry import RetryPolicy
-from .signals import SignalReporter
 
 if TYPE_CHECKING:
     from flask import Flask
 
-    from ._deferral import AfterResponseMiddleware
     from ._engine.store import Store
     from .config import MeisaSettings
     from .results import UnsubscribedEmails
@@ -38,9 +38,10 @@ __all__ = ["MeisaState"]
 
 logger = logging.getLogger("flask_meisa")
 
-#: The module of each ``MEISA_DELIVERY`` engine (imported on first use), whose
-#: ``make_dispatcher(state)`` makes it.
-_ENGINES = {"sync": "sync", "thread": "delivery", "celery": "celery"}
+#: Each ``MEISA_DELIVERY`` engine: the module (imported on first use) whose
+#: ``make_dispatcher(state)`` makes it, and whether it keeps a store that may hold work
+#: from before this process (then ``flush`` and ``status`` make the engine).
+_ENGINES = {"sync": ("sync", False), "thread": ("delivery", True), "celery": ("celery", False)}
 
 
 class MeisaState:
@@ -202,12 +203,12 @@ class MeisaState:
     def has_dispatcher(self) -> bool:
         """Whether an engine was made, or one is needed (a store may hold earlier work)."""
         return self._dispatcher is not None or (
-            self.settings.delivery == "thread" and self.delivering()
+            _ENGINES[self.settings.delivery][1] and self.delivering()
         )
 
     def _make_engine(self) -> Dispatcher:
         module = importlib.import_module(
-            f"._engine.{_ENGINES[self.settings.delivery]}", __package__
+            f"._engine.{_ENGINES[self.settings.delivery][0]}", __package__
         )
         dispatcher: Dispatcher = module.make_dispatcher(self)
         return dispatcher

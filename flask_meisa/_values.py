@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from ._bodies import CONTACT_SOURCES
+from ._payloads import CONTACT_SOURCES
 from .errors import ConfigurationError
 
 #: ``MEISA_OUTBOX`` values starting with this name a file in the app's instance folder.

@@ -18,14 +18,15 @@ import requests
 from . import _http
 from . import _payloads as payloads
 from . import _values
-from ._bodies import track_body
-from ._bodies import trigger_body
-from ._bodies import upsert_body
+from ._payloads import track_body
+from ._payloads import trigger_body
+from ._payloads import upsert_body
 from .config import DEFAULTS
 from .errors import APIConnectionError
 from .errors import APIError
 from .errors import ConfigurationError
 from .errors import ValidationError
+from .operations import encode_body
 from .results import BulkEnrollResult
 from .results import Contact
 from .results import ContactEnrollments
@@ -316,7 +317,7 @@ class MeisaClient:
         """Call endpoint ``name``, retrying per the policy: ``(status, parsed body)``."""
         method, path, scope = _ENDPOINTS[name]
         if isinstance(body, Mapping):
-            body = payloads.encode_body({k: v for k, v in body.items() if v is not None})
+            body = encode_body({k: v for k, v in body.items() if v is not None})
         url = self._base_url + path.replace("{id}", quote(contact_id, safe=""))
         data = None if body is None else body.encode()
         query = {k: v for k, v in (params or {}).items() if v is not None}

@@ -20,12 +20,14 @@ from flask import current_app
 from flask import has_app_context
 from flask_login import user_logged_in
 
-from . import _bodies as bodies
 from . import _deferral as deferral
 from . import signals
 from ._engine.base import DeliveryStatus
 from ._payloads import normalize_email
 from ._payloads import to_json_value
+from ._payloads import track_body
+from ._payloads import trigger_body
+from ._payloads import upsert_body
 from ._runtime import MeisaState
 from .client import MeisaClient
 from .config import DEFAULTS
@@ -50,7 +52,7 @@ class Meisa:
     :param contact_mapper: the user → contact payload function (see :meth:`contact_mapper`)."""
 
     def __init__(
-        self, app: Flask | None = None, *, contact_mapper: bodies.ContactMapper | None = None
+        self, app: Flask | None = None, *, contact_mapper: ContactMapper | None = None
     ) -> None:
         self._contact_mapper = contact_mapper
         #: The users ``flask meisa sync-users`` backfills, and how to count them
@@ -163,7 +165,7 @@ class Meisa:
         if not isinstance(force, bool):
             raise ValidationError("force", "must be True or False")
         if isinstance(user_or_payload, Mapping):
-            payload = bodies.upsert_payload(user_or_payload)
+            payload = upsert_payload(user_or_payload)
         else:
             payload = self._map(state, user_or_payload)
         high = "high" if priority == "high" else None
@@ -187,9 +189,7 @@ class Meisa:
                 raise ValidationError("user", "give a user or an email/external_id, not both")
             contact = self._map(state, user)
             email, external_id = contact["email"], contact.get("external_id")
-        body = bodies.track_body(
-            event_name, email=email, external_id=external_id, properties=properties
-        )
+        body = track_body(event_name, email=email, external_id=external_id, properties=properties)
         deferral.enqueue(state, Operation.checked("track", body, contact=contact))
 
     def send(
@@ -209,7 +209,7 @@ class Meisa:
         state = self.state()
         if not isinstance(background, bool):
             raise ValidationError("background", "must be True or False")
-        body: dict[str, Any] = bodies.trigger_body(
+        body: dict[str, Any] = trigger_body(
             trigger_key,
             to_email,
             variables=variables,
@@ -281,10 +281,10 @@ class Meisa:
 
     def _map(self, state: MeisaState, user: Any) -> dict[str, Any]:
         if self._contact_mapper is not None:
-            return bodies.map_contact(self._contact_mapper, user)
+            return map_contact(self._contact_mapper, user)
         settings = state.settings
-        return bodies.upsert_body(
-            bodies.default_contact_mapper(
+        return upsert_body(
+            default_contact_mapper(
                 user, custom_fields=settings.custom_fields, source=settings.default_source
             )
         )
@@ -319,3 +319,60 @@ class Meisa:
             signals.emit(signals.delivery_failed, app, operation=None, error=error)
             return
         deferral.enqueue(state, operation)
+
+
+_MISSING = object()
+
+#: A function from a user object to an upsert payload (a mapping with at least ``email``).
+ContactMapper = Callable[[Any], Mapping[str, Any]]
+
+
+def default_contact_mapper(
+    user: Any, *, custom_fields: Mapping[str, str], source: str | None = None
+) -> dict[str, Any]:
+    """Map a Flask-Login style user to an upsert payload: ``email``, ``get_id()`` (as
+    ``external_id``), ``first_name``, ``last_name`` and ``display_name`` when it has them,
+    and each attribute named in ``custom_fields`` (``{custom field: attribute}``; a
+    callable one is called)."""
+    email = getattr(user, "email", None)
+    if email is None:
+        raise ValidationError("email", "the user object has no email attribute")
+    payload: dict[str, Any] = {"email": email}
+    get_id = getattr(user, "get_id", None)
+    if callable(get_id):
+        external_id = get_id()
+        if external_id not in (None, ""):
+            payload["external_id"] = external_id
+    for name in ("first_name", "last_name", "display_name"):
+        value = getattr(user, name, None)
+        value = value() if callable(value) else value
+        if value is not None and value != "":
+            payload[name] = value
+    fields: dict[str, Any] = {}
+    for field_name, attribute in custom_fields.items():
+        value = getattr(user, attribute, _MISSING)
+        if value is _MISSING:
+            raise ValidationError(
+                f"custom_fields.{field_name}",
+                f"the user object has no attribute {attribute!r} (MEISA_CUSTOM_FIELDS)",
+            )
+        fields[field_name] = value() if callable(value) else value
+    if fields:
+        payload["custom_fields"] = fields
+    if source is not None:
+        payload["source"] = source
+    return payload
+
+
+def map_contact(mapper: ContactMapper, user: Any) -> dict[str, Any]:
+    """Run ``mapper`` on ``user`` and validate its answer as an upsert payload."""
+    return upsert_payload(mapper(user), "the contact mapper must return a mapping")
+
+
+def upsert_payload(
+    fields: Mapping[str, Any], refusal: str = "must be a mapping"
+) -> dict[str, Any]:
+    """Validate an upsert payload given as a mapping (``meisa.upsert({...})``)."""
+    if type(fields) is not dict and not isinstance(fields, Mapping):
+        raise ValidationError("contact", f"{refusal}, not {type(fields).__name__}")
+    return upsert_body(fields)

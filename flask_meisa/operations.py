@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from typing import Any
 from typing import Literal
 from typing import cast
 
-from ._payloads import encode_body
+from ._payloads import JSONValue
 from .errors import ValidationError
 
 if TYPE_CHECKING:
@@ -26,13 +27,14 @@ __all__ = [
     "LANE_NAMES",
     "LANE_ROUTINE",
     "LANE_TRANSACTIONAL",
+    "MAX_BODY_BYTES",
     "Attempt",
     "Operation",
     "OperationKind",
     "Priority",
     "attempt",
-    "contact_key",
     "deliver",
+    "encode_body",
     "identities",
     "join_upserts",
     "merge_priorities",
@@ -55,12 +57,6 @@ LANE_BACKFILL = 3
 LANE_NAMES: dict[int, str] = dict(
     enumerate(("transactional", "automation", "routine", "backfill"))
 )
-
-
-def contact_key(payload: Mapping[str, Any]) -> str | None:
-    """The name Meisa matches a contact on: ``external_id`` first, then ``email``."""
-    ext, email = identities(payload)
-    return ext or email
 
 
 def identities(payload: Mapping[str, Any]) -> tuple[str | None, str | None]:
@@ -117,6 +113,49 @@ def merge_priorities(first: Priority | None, second: Priority | None) -> Priorit
     if "high" in (first, second):
         return "high"
     return "backfill" if first == second == "backfill" else None
+
+
+#: The largest request body :func:`encode_body` produces (512 KiB).
+MAX_BODY_BYTES = 512 * 1024
+
+
+def encode_body(body: Mapping[str, JSONValue], max_bytes: int = MAX_BODY_BYTES) -> str:
+    """Serialise a converted request body as compact ASCII JSON (its length is its size);
+    over ``max_bytes``, a :class:`ValidationError` names the largest top-level field."""
+    text = _encode(body)
+    if len(text) > max_bytes:
+        largest = max(body, key=lambda k: len(_encode(body[k])))
+        raise ValidationError(
+            largest, f"makes the request body {len(text)} bytes, over the {max_bytes}-byte limit"
+        )
+    return text
+
+
+def _one_shot_encoder() -> Callable[[object], str]:
+    # Bodies are trees made by to_json_value (a cycle would have nested too deep).
+    encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False, check_circular=False)
+    # JSONEncoder.encode makes a C encoder on every call, a third of the time a login's
+    # body takes: made once here, with the same options (absent on some interpreters).
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return encoder.encode
+    # markers (None: no cycle check), default, string encoder, indent, separators,
+    # sort_keys, skipkeys, allow_nan: JSONEncoder.iterencode's call, with our options.
+    encode = make(
+        None,
+        encoder.default,
+        json.encoder.encode_basestring_ascii,
+        None,
+        ":",
+        ",",
+        False,
+        False,
+        False,
+    )
+    return lambda value: "".join(encode(value, 0))
+
+
+_encode = _one_shot_encoder()
 
 
 #: The fields :meth:`Operation.to_dict` keeps.
@@ -176,13 +215,6 @@ class Operation:
         if self.kind == "track" or self.priority == "high":
             return LANE_AUTOMATION
         return LANE_AUTOMATION if self.payload.get("source") == "signup" else LANE_ROUTINE
-
-    @property
-    def contact_key(self) -> str | None:
-        """The contact this operation concerns (``None`` for sends)."""
-        if self.kind == "send":
-            return None
-        return contact_key(self.payload)
 
     def merge(self, later: Operation) -> bool:
         """Fold a later upsert of the same contact into this one (see

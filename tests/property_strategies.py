@@ -19,9 +19,9 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from flask_meisa._payloads import MAX_BODY_BYTES
-from flask_meisa._payloads import encode_body
 from flask_meisa.errors import ValidationError
+from flask_meisa.operations import MAX_BODY_BYTES
+from flask_meisa.operations import encode_body
 
 #: Characters that break headers, log lines, JSON encoding or address parsing.
 NASTY_CHARS = (

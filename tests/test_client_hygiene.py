@@ -12,13 +12,13 @@ import pytest
 import requests
 
 from flask_meisa import errors
-from flask_meisa._payloads import MAX_BODY_BYTES
 from flask_meisa.client import MeisaClient
 from flask_meisa.errors import APIConnectionError
 from flask_meisa.errors import BadRequestError
 from flask_meisa.errors import ConfigurationError
 from flask_meisa.errors import MeisaError
 from flask_meisa.errors import ValidationError
+from flask_meisa.operations import MAX_BODY_BYTES
 from flask_meisa.retry import RetryPolicy
 from tests.hostile import Exchange
 from tests.hostile import hostile

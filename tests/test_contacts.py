@@ -11,7 +11,7 @@ from flask import Flask
 
 from flask_meisa import Meisa
 from flask_meisa import ValidationError
-from flask_meisa._bodies import default_contact_mapper
+from flask_meisa.extension import default_contact_mapper
 from flask_meisa.operations import merge_upsert_payloads
 from flask_meisa.testing import emulator_config
 from flask_meisa.testing import record_operations
@@ -47,7 +47,7 @@ def test_default_mapper_reads_identity_names_and_custom_fields() -> None:
     meisa = Meisa(app)
     with app.app_context():
         assert meisa.map_user(user)["email"] == "ada@example.com"
-    from flask_meisa._bodies import upsert_payload
+    from flask_meisa.extension import upsert_payload
 
     assert upsert_payload(payload) == {
         "email": "ada@example.com",

@@ -13,9 +13,7 @@ from typing import Any
 
 import pytest
 
-from flask_meisa._payloads import MAX_BODY_BYTES
 from flask_meisa._payloads import MAX_DEPTH
-from flask_meisa._payloads import encode_body
 from flask_meisa._payloads import json_object
 from flask_meisa._payloads import normalize_email
 from flask_meisa._payloads import normalize_external_id
@@ -25,6 +23,8 @@ from flask_meisa._payloads import text_list
 from flask_meisa._payloads import to_json_value
 from flask_meisa._payloads import unique_emails
 from flask_meisa.errors import ValidationError
+from flask_meisa.operations import MAX_BODY_BYTES
+from flask_meisa.operations import encode_body
 
 
 class Plan(str, enum.Enum):

@@ -15,11 +15,11 @@ from flask_meisa._engine import dead
 from flask_meisa._engine import pending
 from flask_meisa._engine.base import DeliveryStatus
 from flask_meisa._engine.store import Store
-from flask_meisa._payloads import MAX_BODY_BYTES
 from flask_meisa.operations import LANE_AUTOMATION
 from flask_meisa.operations import LANE_BACKFILL
 from flask_meisa.operations import LANE_ROUTINE
 from flask_meisa.operations import LANE_TRANSACTIONAL
+from flask_meisa.operations import MAX_BODY_BYTES
 from flask_meisa.operations import Operation
 from flask_meisa.operations import Priority
 from flask_meisa.operations import identities

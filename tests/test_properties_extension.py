@@ -18,15 +18,15 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 from flask_meisa import Meisa
-from flask_meisa._bodies import default_contact_mapper
-from flask_meisa._bodies import map_contact
-from flask_meisa._bodies import track_body
-from flask_meisa._bodies import trigger_body
-from flask_meisa._bodies import upsert_body
+from flask_meisa._payloads import track_body
+from flask_meisa._payloads import trigger_body
+from flask_meisa._payloads import upsert_body
 from flask_meisa.emulator import Emulator
 from flask_meisa.errors import APIError
 from flask_meisa.errors import BadRequestError
 from flask_meisa.errors import ValidationError
+from flask_meisa.extension import default_contact_mapper
+from flask_meisa.extension import map_contact
 from flask_meisa.operations import Operation
 from flask_meisa.signals import delivery_failed
 from flask_meisa.testing import emulator_config

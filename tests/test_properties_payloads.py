@@ -12,9 +12,6 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from flask_meisa._bodies import track_body
-from flask_meisa._bodies import trigger_body
-from flask_meisa._bodies import upsert_body
 from flask_meisa._payloads import MAX_EMAIL_LENGTH
 from flask_meisa._payloads import MAX_TEXT_LENGTH
 from flask_meisa._payloads import json_object
@@ -23,7 +20,10 @@ from flask_meisa._payloads import normalize_external_id
 from flask_meisa._payloads import require_text
 from flask_meisa._payloads import text_list
 from flask_meisa._payloads import to_json_value
+from flask_meisa._payloads import track_body
+from flask_meisa._payloads import trigger_body
 from flask_meisa._payloads import unique_emails
+from flask_meisa._payloads import upsert_body
 from flask_meisa.emulator.call import Payload
 from flask_meisa.emulator.call import is_valid_email
 from flask_meisa.errors import ValidationError

@@ -251,13 +251,11 @@ def redis_url(value: object) -> str | None:
     if value is None:
         return None
     url = value.strip() if isinstance(value, str) else ""
-    try:
-        scheme = urlsplit(url).scheme
-    except ValueError:
-        scheme = ""
-    if scheme not in ("redis", "rediss", "unix"):
+    scheme, slashes, rest = url.partition("://")
+    # redis-py takes the scheme in lower case only.
+    if not slashes or scheme.lower() not in ("redis", "rediss", "unix"):
         raise InvalidValue("must be a redis://, rediss:// or unix:// URL, or None")
-    return url
+    return f"{scheme.lower()}://{rest}"
 
 
 #: Each unit's name and seconds, by its initial (every form of a unit starts with it).

@@ -238,6 +238,7 @@ REFUSED = [
     ("MEISA_API_KEY", 123, "must be a string"),
     ("MEISA_CELERY_QUEUE", "two words", "must be a queue name without spaces"),
     ("MEISA_CELERY_REDIS_URL", "http://127.0.0.1:6379", "must be a redis://"),
+    ("MEISA_CELERY_REDIS_URL", "unix:/tmp/redis.sock", "must be a redis://"),
     ("MEISA_CELERY_APP", "celery", "must be a celery.Celery instance"),
     ("MEISA_CELERY_COALESCE", "sure", "must be True or False"),
 ]

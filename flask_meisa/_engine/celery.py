@@ -355,7 +355,7 @@ def make_dispatcher(state: MeisaState) -> CeleryDispatcher:
     options = state.settings
     call_timeout = options.connect_timeout + options.timeout
     url = settings.redis_url or str(celery_app.conf.broker_url or "")
-    if not url.startswith(("redis://", "rediss://", "unix://")):
+    if not settings.redis_url and not url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigurationError(
             "the Celery engine keeps its rate budget and coalesced upserts in Redis: "
             "set MEISA_CELERY_REDIS_URL (the broker is not Redis)"

@@ -64,11 +64,11 @@ class CelerySettings:
         return cls(*(values[name] for name in CELERY_DEFAULTS))
 
 
-def resolve_celery_app(app: Flask, celery_app: Any = None) -> tuple[CelerySettings, Any]:
-    """The ``MEISA_CELERY_*`` settings of ``app`` and its Celery app: ``celery_app``, else
-    ``MEISA_CELERY_APP``, else ``app.extensions["celery"]`` (else a ConfigurationError)."""
+def resolve_celery_app(app: Flask) -> tuple[CelerySettings, Any]:
+    """The ``MEISA_CELERY_*`` settings of ``app`` and its Celery app: ``MEISA_CELERY_APP``,
+    else ``app.extensions["celery"]`` (else a ConfigurationError)."""
     settings = CelerySettings.from_config(app.config)
-    celery_app = celery_app or settings.celery_app or app.extensions.get("celery")
+    celery_app = settings.celery_app or app.extensions.get("celery")
     if celery_app is None:
         raise ConfigurationError(
             'MEISA_DELIVERY = "celery" needs the app\'s Celery app: set MEISA_CELERY_APP, '
@@ -132,11 +132,11 @@ def lost_after(celery_app: Any, call_timeout: float) -> float | None:
     return visibility + _restore_sweep(options) + mutex + RUN_TIMEOUTS * call_timeout
 
 
-def init_celery(app: Flask, celery_app: Any = None) -> Any:
+def init_celery(app: Flask) -> Any:
     """Register the delivery task (it runs the worker of the app's engine) and set up the
     visibility timeout (:func:`configure_visibility`); returns the task. ``init_app`` calls
     this (a :class:`ConfigurationError` for no Celery app, or an invalid setting)."""
-    _, celery_app = resolve_celery_app(app, celery_app)
+    _, celery_app = resolve_celery_app(app)
     configure_visibility(celery_app, MeisaSettings.from_config({**DEFAULTS, **app.config}))
 
     def worker() -> DeliveryWorker:

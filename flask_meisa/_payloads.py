@@ -18,6 +18,7 @@ from typing import TypeAlias
 from typing import TypeVar
 from typing import cast
 
+from .errors import _CONTROL
 from .errors import ValidationError
 
 JSONValue: TypeAlias = "str | int | float | bool | list[JSONValue] | dict[str, JSONValue] | None"
@@ -29,9 +30,6 @@ MAX_TEXT_LENGTH = 255
 #: How deeply :func:`to_json_value` lets containers nest.
 MAX_DEPTH = 32
 
-# C0 and C1 control characters plus the Unicode line and paragraph separators: none of them
-# belongs in an address or a name, and CR/LF could split a header or a log line.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _WHITESPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
 # What nearly every address looks like, and passes every check below.
 _PLAIN_EMAIL = re.compile(r"[a-z0-9._%+-]{1,64}@[a-z0-9-]+(?:\.[a-z0-9-]+)+")

@@ -48,6 +48,8 @@ _KEY_SHAPE = re.compile(r"meisa_[A-Za-z0-9]+_[A-Za-z0-9_\-]+")
 # A match may only start where a run of address characters starts (the lookbehind), so a
 # long run without an "@" is scanned once, not once per character (quadratic).
 _EMAIL_SHAPE = re.compile(r"(?<![^\s@\"'<>(),;:\[\]])[^\s@\"'<>(),;:\[\]]+@[^\s@\"'<>(),;:\[\]]+")
+# C0 and C1 control characters plus the Unicode line and paragraph separators: none of them
+# belongs in an address, a name or a message; CR/LF could split a header or a log line.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _TAG = re.compile(r"<[^>]*>")
 _SPACES = re.compile(r"\s+")

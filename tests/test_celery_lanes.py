@@ -1,7 +1,8 @@
 """Lanes by significance under Celery, end to end (a real Redis, two real ``celery worker``
 processes, the emulator): behind 600 routine syncs at a budget of 60/second, a plan
-change, a signup and an event each reach Meisa within about a second, every routine sync
-arrives, each contact's order holds, and the status tells each lane's age and latency."""
+change, a signup and an event each reach Meisa ahead of all but the routine syncs already
+under way, every routine sync arrives, each contact's order holds, and the status tells
+each lane's age and latency."""
 
 from __future__ import annotations
 
@@ -76,6 +77,16 @@ def test_urgent_changes_overtake_600_routine_syncs_with_two_workers(
         assert emulator.wait_for(lambda e: any(match(r) for r in e.requests), timeout=15)
         return next(r.time for r in emulator.requests if match(r)) - released
 
+    def routine_before(wait: float) -> int:
+        """Routine syncs Meisa got after the urgent work was published and before ``wait``."""
+        return sum(
+            1
+            for r in emulator.requests_to(UPSERT)
+            if 0 < r.time - released < wait
+            and "last_active" in r.body.get("custom_fields", {})
+            and r.body["custom_fields"].get("plan") != "pro"
+        )
+
     waits = {
         "plan change": arrived(
             lambda r: (
@@ -86,7 +97,11 @@ def test_urgent_changes_overtake_600_routine_syncs_with_two_workers(
         "event": arrived(lambda r: r.path.endswith("/events/track/")),
     }
     print("time to Meisa:", {k: round(v, 3) for k, v in waits.items()})
-    assert all(wait < 1.0 for wait in waits.values()), waits
+    # Counted in calls, not seconds: a loaded machine slows the calls, not their order.
+    # In FIFO order each would have waited for the 300 or more routine syncs queued.
+    overtaken = {name: routine_before(wait) for name, wait in waits.items()}
+    print("routine syncs before each:", overtaken)
+    assert all(count < 100 for count in overtaken.values()), (overtaken, waits)
     status = dispatcher.status()
     assert status.oldest_wait["routine"] > 0.5  # the routine syncs still wait, and age
     assert dispatcher.flush(timeout=60)

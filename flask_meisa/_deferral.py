@@ -1,7 +1,6 @@
-"""The extension's side of delivery. A request's operations are collected while the view
-runs (coalesced per contact) and handed to the engine once the server has written the
-response (under ``TESTING``, once the view returned), never for a failed view; outside a
-request, at once. The engine reports back through :class:`SignalReporter`."""
+"""A request's operations: collected while the view runs (coalesced per contact), released
+to delivery once the server has written the response (under ``TESTING``, once the view
+returned), never for a failed view. Outside a request, work goes to delivery at once."""
 
 from __future__ import annotations
 
@@ -9,11 +8,9 @@ import functools
 import json
 import logging
 import threading
-import weakref
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Iterator
-from collections.abc import Mapping
 from typing import TYPE_CHECKING
 from typing import Any
 from typing import cast
@@ -22,24 +19,20 @@ from flask import has_request_context
 from flask import request
 from flask import request_tearing_down
 
-from . import signals
 from .errors import DeliveryError
-from .errors import UnprocessableEntityError
 from .operations import Operation
 from .operations import identities
-from .results import SendResult
+from .signals import emit
+from .signals import operation_queued
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse
     from _typeshed.wsgi import WSGIApplication
     from _typeshed.wsgi import WSGIEnvironment
-    from blinker import Signal
-    from flask import Flask
 
     from ._runtime import MeisaState
-    from ._suppression import SuppressionSet
 
-__all__ = ["AfterResponseMiddleware", "SignalReporter", "enqueue", "release_now", "report_queued"]
+__all__ = ["AfterResponseMiddleware", "enqueue", "release_now", "report_queued"]
 
 #: Environ keys: the request's batches (``{state: batch}``: work of another app's Meisa,
 #: made in its app context, goes through that app's state); set while the middleware
@@ -134,10 +127,7 @@ def _dispatch(
 
 def report_queued(state: MeisaState, operation: Operation, delivering: bool) -> None:
     """Send :data:`~flask_meisa.signals.operation_queued` for ``operation``."""
-    if signals.operation_queued.receivers:  # no call at all in the common case
-        signals.emit(
-            signals.operation_queued, state.app, operation=operation, delivering=delivering
-        )
+    emit(operation_queued, state.app, operation=operation, delivering=delivering)
     if not delivering and state.app.debug:
         # Like a console mail backend: in development, show what Meisa would get.
         payload = json.dumps(operation.payload, ensure_ascii=False, sort_keys=True)
@@ -264,81 +254,3 @@ class _ReleasingBody:
     def __del__(self) -> None:
         if self._release is not None:
             self.close()
-
-
-class SignalReporter:
-    """The :class:`~flask_meisa._engine.base.DeliveryHooks` of one app (held weakly, the
-    sender of every outcome signal), and its suppression set for sends."""
-
-    def __init__(self, app: Flask, suppression: SuppressionSet) -> None:
-        self._app = weakref.ref(app)
-        self.suppression = suppression
-
-    def _emit(self, signal: Signal, **kwargs: Any) -> None:
-        app = self._app()
-        if app is not None:
-            signals.emit(signal, app, **kwargs)
-
-    def skip_reason(self, operation: Operation) -> str | None:
-        """Sends to an address in the suppression set are skipped."""
-        if operation.kind == "send" and self.suppression.is_suppressed(
-            operation.payload["to_email"]
-        ):
-            return "suppressed"
-        return None
-
-    def skipped(self, operation: Operation, reason: str) -> None:
-        """Report a send skipped for a suppressed address."""
-        logger.info("meisa: %s skipped: %s", operation.describe(), reason)
-        if reason == "suppressed":
-            self.suppressed(operation.payload, operation=operation)
-
-    def suppressed(self, payload: Mapping[str, Any], *, operation: Operation | None) -> None:
-        """Report a send (its ``payload``) not made because its address is suppressed."""
-        key, to_email = payload["trigger_key"], payload["to_email"]
-        self._emit(
-            signals.email_suppressed, trigger_key=key, to_email=to_email, operation=operation
-        )
-
-    def sent(
-        self, payload: Mapping[str, Any], result: Any, *, operation: Operation | None
-    ) -> SendResult:
-        """Report a send (its ``payload``) Meisa accepted, and return its outcome."""
-        key, to_email = payload["trigger_key"], payload["to_email"]
-        outcome = SendResult.from_trigger(result, trigger_key=key, to_email=to_email)
-        self._emit(signals.email_sent, operation=operation, result=outcome)
-        return outcome
-
-    def delivered(self, operation: Operation, result: Any) -> None:
-        """Send the outcome signal of a delivered operation."""
-        logger.debug("meisa: %s delivered", operation.describe())
-        if operation.kind == "upsert":
-            self._emit(
-                signals.contact_synced,
-                operation=operation,
-                contact=result,
-                unchanged=result is None,
-            )
-        elif operation.kind == "track":
-            self._emit(signals.event_tracked, operation=operation, result=result)
-        else:
-            self.sent(operation.payload, result, operation=operation)
-
-    def failed(self, operation: Operation, error: BaseException) -> None:
-        """Report a refused operation or one whose retries ran out."""
-        if operation.kind == "send":
-            self.learn(operation.payload["to_email"], error)
-        # The engine logs the failure itself (once, without payload values).
-        logger.debug("meisa: %s failed: %s", operation.describe(), error)
-        self._emit(signals.delivery_failed, operation=operation, error=error)
-
-    def dropped(self, operation: Operation, reason: str) -> None:
-        """Report an operation shed or abandoned."""
-        logger.debug("meisa: %s dropped: %s", operation.describe(), reason)
-        self._emit(signals.delivery_dropped, operation=operation, reason=reason)
-
-    def learn(self, address: str, error: BaseException) -> None:
-        """A send to ``address`` Meisa refused with 422 ``recipient_suppressed``: the
-        address joins the suppression set."""
-        if isinstance(error, UnprocessableEntityError) and error.code == "recipient_suppressed":
-            self.suppression.add(address)

@@ -17,7 +17,6 @@ from typing import Any
 
 from . import _http
 from ._deferral import AfterResponseMiddleware
-from ._deferral import SignalReporter
 from ._engine.base import Dispatcher
 from ._suppression import SuppressionSet
 from .client import MeisaClient
@@ -26,6 +25,7 @@ from .config import INSTANCE_PREFIX
 from .config import is_delivering
 from .errors import ConfigurationError
 from .retry import RetryPolicy
+from .signals import SignalReporter
 
 if TYPE_CHECKING:
     from flask import Flask

@@ -5,17 +5,25 @@ from a delivery thread. A receiver that raises is logged and never breaks delive
 from __future__ import annotations
 
 import logging
+import weakref
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 from typing import Any
 
 from blinker import Namespace
 from blinker import Signal
 
+from .errors import UnprocessableEntityError
+from .results import SendResult
+
 if TYPE_CHECKING:
     from flask import Flask
 
+    from ._suppression import SuppressionSet
+    from .operations import Operation
 
 __all__ = [
+    "SignalReporter",
     "contact_synced",
     "delivery_dropped",
     "delivery_failed",
@@ -78,3 +86,76 @@ def emit(signal: Signal, app: Flask, **kwargs: Any) -> None:
         signal.send(app, **kwargs)
     except Exception:
         logger.exception("meisa: a receiver of %s raised", getattr(signal, "name", signal))
+
+
+class SignalReporter:
+    """The :class:`~flask_meisa._engine.base.DeliveryHooks` of one app (held weakly, the
+    sender of every outcome signal), and its suppression set for sends."""
+
+    def __init__(self, app: Flask, suppression: SuppressionSet) -> None:
+        self._app = weakref.ref(app)
+        self.suppression = suppression
+
+    def _emit(self, signal: Signal, **kwargs: Any) -> None:
+        app = self._app()
+        if app is not None:
+            emit(signal, app, **kwargs)
+
+    def skip_reason(self, operation: Operation) -> str | None:
+        """Sends to an address in the suppression set are skipped."""
+        if operation.kind == "send" and self.suppression.is_suppressed(
+            operation.payload["to_email"]
+        ):
+            return "suppressed"
+        return None
+
+    def skipped(self, operation: Operation, reason: str) -> None:
+        """Report a send skipped for a suppressed address."""
+        logger.info("meisa: %s skipped: %s", operation.describe(), reason)
+        if reason == "suppressed":
+            self.suppressed(operation.payload, operation=operation)
+
+    def suppressed(self, payload: Mapping[str, Any], *, operation: Operation | None) -> None:
+        """Report a send (its ``payload``) not made because its address is suppressed."""
+        key, to_email = payload["trigger_key"], payload["to_email"]
+        self._emit(email_suppressed, trigger_key=key, to_email=to_email, operation=operation)
+
+    def sent(
+        self, payload: Mapping[str, Any], result: Any, *, operation: Operation | None
+    ) -> SendResult:
+        """Report a send (its ``payload``) Meisa accepted, and return its outcome."""
+        key, to_email = payload["trigger_key"], payload["to_email"]
+        outcome = SendResult.from_trigger(result, trigger_key=key, to_email=to_email)
+        self._emit(email_sent, operation=operation, result=outcome)
+        return outcome
+
+    def delivered(self, operation: Operation, result: Any) -> None:
+        """Send the outcome signal of a delivered operation."""
+        logger.debug("meisa: %s delivered", operation.describe())
+        if operation.kind == "upsert":
+            self._emit(
+                contact_synced, operation=operation, contact=result, unchanged=result is None
+            )
+        elif operation.kind == "track":
+            self._emit(event_tracked, operation=operation, result=result)
+        else:
+            self.sent(operation.payload, result, operation=operation)
+
+    def failed(self, operation: Operation, error: BaseException) -> None:
+        """Report a refused operation or one whose retries ran out."""
+        if operation.kind == "send":
+            self.learn(operation.payload["to_email"], error)
+        # The engine logs the failure itself (once, without payload values).
+        logger.debug("meisa: %s failed: %s", operation.describe(), error)
+        self._emit(delivery_failed, operation=operation, error=error)
+
+    def dropped(self, operation: Operation, reason: str) -> None:
+        """Report an operation shed or abandoned."""
+        logger.debug("meisa: %s dropped: %s", operation.describe(), reason)
+        self._emit(delivery_dropped, operation=operation, reason=reason)
+
+    def learn(self, address: str, error: BaseException) -> None:
+        """A send to ``address`` Meisa refused with 422 ``recipient_suppressed``: the
+        address joins the suppression set."""
+        if isinstance(error, UnprocessableEntityError) and error.code == "recipient_suppressed":
+            self.suppression.add(address)

@@ -376,7 +376,7 @@ class Budget:
             yield token is not None
         finally:
             if token:
-                # Not settled: the slot's lease ends it.
+                # Where the store fails here, the slot's lease ends it.
                 with contextlib.suppress(*STORE_ERRORS), self.store.write() as db:
                     self.settle(db, token, made=True, now=time.time())
 

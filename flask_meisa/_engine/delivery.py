@@ -213,7 +213,7 @@ class Delivery:
         """In a forked child: the parent's threads, intake and lock are the parent's."""
         self.store.after_fork()
         if self._host_lock is not None:
-            self._host_lock.forget_after_fork()
+            self._host_lock.release(forked=True)
         self._fresh()
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:

@@ -228,10 +228,7 @@ def allowed(window: RateWindow, lane: int, share: float = 1.0) -> int:
 
 class Budget:
     """The key's sliding-window budget in ``store`` (``meisa_calls``), its pause and its
-    outage count (``meisa_meta``). A call holds a slot from its start (under a lease, in
-    case its process dies) until its answer, which dates the slot: it leaves each window
-    one period later (docs/delivery.md). Routine and backfill calls are spread out at the
-    rate the budget can last.
+    outage count (``meisa_meta``), by the rule of docs/delivery.md.
 
     :param spec: e.g. ``"60/minute;1000/hour"``; ``None`` for no budget.
     :param lease: the longest a call can take, in seconds; a slot held longer counts as
@@ -269,37 +266,6 @@ class Budget:
             until = max(float(Store.get_meta(db, "pause_until", 0.0)), now + pause)
             Store.set_meta(db, "pause_until", until)
 
-    def _wait(self, db: sqlite3.Connection, now: float, lane: int, share: float) -> float | None:
-        """How long until a call of ``lane`` fits in every window: ``0.0`` now, else
-        seconds, or ``None`` when only an answer to a call in flight can free a slot."""
-        db.execute(f"DELETE FROM meisa_calls WHERE {_ENDED} <= ?", (now - self._horizon,))
-        flying, ended = self._counts(db, now)
-        wait = 0.0
-        for window, count in zip(self.windows, ended, strict=True):
-            # The excess oldest answers must leave the window first.
-            excess = count + flying - allowed(window, lane, share) + 1
-            if excess > count:
-                return None
-            if excess > 0:
-                oldest = db.execute(
-                    f"SELECT {_ENDED} FROM meisa_calls WHERE {_ENDED_SINCE} "
-                    "ORDER BY 1 LIMIT 1 OFFSET ?",
-                    (now - window.period, now, excess - 1),
-                ).fetchone()[0]
-                wait = max(wait, float(oldest) + window.period - now)
-        if lane >= LANE_ROUTINE and wait == 0.0:
-            wait = self._pace(db, now, lane, share)
-        return 0.0 if wait < 1e-9 else wait  # float error, not a wait
-
-    def _pace(self, db: sqlite3.Connection, now: float, lane: int, share: float) -> float:
-        """Routine and backfill calls go no faster than the budget can last, so that a
-        freed slot is soon there for urgent work instead of a window spent in a burst."""
-        spacing = max(window.period / allowed(window, lane, share) for window in self.windows)
-        started = db.execute("SELECT max(lease_until) FROM meisa_calls").fetchone()[0]
-        if started is None:
-            return 0.0
-        return max(float(started) - self.lease + spacing - now, 0.0)
-
     def take(
         self, db: sqlite3.Connection, now: float, lane: int, share: float = 1.0
     ) -> tuple[str | None, float | None]:
@@ -308,8 +274,28 @@ class Budget:
         when only an answer to a call in flight can free one."""
         if not self.windows:
             return "", 0.0
-        wait = self._wait(db, now, lane, share)
-        if wait != 0.0:
+        db.execute(f"DELETE FROM meisa_calls WHERE {_ENDED} <= ?", (now - self._horizon,))
+        flying, ended = self._counts(db, now)
+        wait = 0.0
+        for window, count in zip(self.windows, ended, strict=True):
+            # The excess oldest answers must leave the window first.
+            excess = count + flying - allowed(window, lane, share) + 1
+            if excess > count:
+                return None, None
+            if excess > 0:
+                oldest = db.execute(
+                    f"SELECT {_ENDED} FROM meisa_calls WHERE {_ENDED_SINCE} "
+                    "ORDER BY 1 LIMIT 1 OFFSET ?",
+                    (now - window.period, now, excess - 1),
+                ).fetchone()[0]
+                wait = max(wait, float(oldest) + window.period - now)
+        if lane >= LANE_ROUTINE and not wait:
+            # Routine and backfill calls are paced to last (docs/delivery.md).
+            spacing = max(window.period / allowed(window, lane, share) for window in self.windows)
+            started = db.execute("SELECT max(lease_until) FROM meisa_calls").fetchone()[0]
+            if started is not None:
+                wait = max(float(started) - self.lease + spacing - now, 0.0)
+        if wait >= 1e-9:  # below: float error, not a wait
             return None, wait
         token = uuid.uuid4().hex
         db.execute(

@@ -236,10 +236,9 @@ class Delivery:
             self._idle.notify_all()
 
     def _drop(self, operations: list[Operation], reason: str, why: str = "") -> None:
-        detail = f"{reason}: {why}"
         for op in operations:
             if why:
-                logger.warning("flask-meisa: dropped %s (%s)", op.describe(), detail)
+                logger.warning("flask-meisa: dropped %s (%s: %s)", op.describe(), reason, why)
             self.hooks.call("dropped", op, reason)
 
     def _write_loop(self) -> None:
@@ -258,7 +257,7 @@ class Delivery:
                     self._store_batch(batch)
                     batch = []
                 if self._host_lock is not None and not self._host_lock.held:
-                    self._try_to_deliver()
+                    self._try_to_deliver(self._host_lock)
                 if time.monotonic() >= look_at:  # new work from another process?
                     look_at = time.monotonic() + self._poll
                     seen = self.store.data_version()
@@ -320,15 +319,14 @@ class Delivery:
         if shed:
             self._drop(shed, "queue_full", f"at most {self._capacity} operations wait")
 
-    def _try_to_deliver(self) -> None:
-        assert self._host_lock is not None
-        if not self._host_lock.try_acquire():
+    def _try_to_deliver(self, lock: HostLock) -> None:
+        if not lock.try_acquire():
             return
         try:
             with self.store.write() as db:
                 released = pending.release_flights(db)
         except BaseException:
-            self._host_lock.release()  # taken again on a later pass, once the store works
+            lock.release()  # taken again on a later pass, once the store works
             raise
         logger.info(
             "flask-meisa: this process (pid %d) now delivers for the host (%d operations "

@@ -252,9 +252,7 @@ def decide(
     )
     answered = isinstance(error, APIError) and not isinstance(error, ServerError)
     if isinstance(error, NotFoundError) and kind == "track":
-        if can_recover:
-            return Decision("recover", unknown_contact=True)
-        return Decision("fail", unknown_contact=True)
+        return Decision("recover" if can_recover else "fail", unknown_contact=True)
     if isinstance(error, RateLimitError) and kind == "send" and error.code == SEND_GUARDRAIL:
         # About one recipient: that recipient's sends wait as long as Meisa asks (capped
         # only by the deadline); the key and everyone else carry on.

@@ -46,8 +46,7 @@ class DeliveryHooks(Protocol):
         """The operation was not delivered on purpose (see :meth:`skip_reason`)."""
 
     def delivered(self, operation: Operation, result: Any) -> None:
-        """Meisa accepted the operation (``result``: the client's result), or already had
-        the upsert's state (``result`` is ``None``: no call was needed)."""
+        """Meisa accepted the operation (``result``), or had the upsert's state (``None``)."""
 
     def failed(self, operation: Operation, error: BaseException) -> None:
         """Meisa refused the operation or its retry budget ran out."""
@@ -72,18 +71,16 @@ class HookCaller:
 
     def skip_reason(self, operation: Operation) -> str | None:
         """The hook's reason to skip ``operation``; a hook that raises skips nothing."""
-        reason: str | None = self._run("skip_reason", operation, "delivering it anyway")
+        reason: str | None = self.call("skip_reason", operation)
         return reason
 
-    def call(self, name: str, operation: Operation, *args: Any) -> None:
-        """Call hook ``name`` (``skipped``, ``delivered``, ``failed`` or ``dropped``)."""
-        self._run(name, operation, "ignored", *args)
-
-    def _run(self, name: str, operation: Operation, otherwise: str, *args: Any) -> Any:
+    def call(self, name: str, operation: Operation, *args: Any) -> Any:
+        """Call hook ``name`` and return what it returns (``None`` when it raised)."""
         self._running.depth = getattr(self._running, "depth", 0) + 1
         try:
             return getattr(self.hooks, name)(operation, *args)
         except Exception:
+            otherwise = "delivering it anyway" if name == "skip_reason" else "ignored"
             self.logger.exception(
                 "flask-meisa: the %s hook raised for %s; %s", name, operation.describe(), otherwise
             )
@@ -255,9 +252,7 @@ def decide(
     )
     answered = isinstance(error, APIError) and not isinstance(error, ServerError)
     if isinstance(error, NotFoundError) and kind == "track":
-        if can_recover:
-            return Decision("recover", unknown_contact=True)
-        return Decision("fail", unknown_contact=True)
+        return Decision("recover" if can_recover else "fail", unknown_contact=True)
     if isinstance(error, RateLimitError) and kind == "send" and error.code == SEND_GUARDRAIL:
         # About one recipient: that recipient's sends wait as long as Meisa asks (capped
         # only by the deadline); the key and everyone else carry on.
@@ -339,9 +334,7 @@ def pause_for(
     return pause
 
 
-def error_summary(error: BaseException) -> str:
-    """A log-safe account of an error: ``"HTTP 400 [invalid]"``, ``"APITimeoutError (no
-    answer within 10 s)"``, ``"ValidationError on email"``."""
+def _summary(error: BaseException) -> str:
     if isinstance(error, APIError):
         code = f" [{error.code}]" if error.code else ""
         return f"HTTP {error.status}{code}{f' ({error.hint})' if error.hint else ''}"
@@ -367,7 +360,7 @@ def log_decision(
         )
     if error is None or decision.action == "done":
         return
-    summary = error_summary(error)
+    summary = _summary(error)
     if decision.action == "recover":
         logger.info("flask-meisa: %s answered 404; upserting its contact, then again", what)
     elif decision.action == "retry":

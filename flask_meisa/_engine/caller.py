@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Callable
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 from typing import Any
 
 from .._values import RateWindow
@@ -27,9 +28,7 @@ from . import dead
 from . import pending
 from .base import OUTAGE_THRESHOLD
 from .base import CallClient
-from .base import ClientFactory
 from .base import Decision
-from .base import HookCaller
 from .base import call_for
 from .base import log_decision
 from .base import pause_for
@@ -38,40 +37,24 @@ from .store import STORE_ERRORS
 from .store import Store
 from .store import unchanged
 
-__all__ = ["Caller"]
+if TYPE_CHECKING:
+    from .delivery import Delivery
 
+__all__ = ["Budget", "Caller", "allowed"]
+
+logger = logging.getLogger("flask_meisa.engine")
 Report = Callable[[], None]
 
 
 class Caller:
-    """Makes one process's calls from the store of ``budget``; :meth:`run` is the loop of
-    each delivery thread.
+    """The delivery threads of ``delivery``'s process: :meth:`run` is the loop of each, one
+    call at a time from the store."""
 
-    :param changed: called (without locks) after each outcome's hooks ran.
-    :param store_failed: told when the store raised.
-    """
-
-    def __init__(
-        self,
-        *,
-        budget: Budget,
-        client_factory: ClientFactory,
-        hooks: HookCaller,
-        retry: RetryPolicy,
-        resync_after: float,
-        changed: Callable[[], None],
-        store_failed: Callable[[BaseException], None],
-    ) -> None:
-        self.store = budget.store
-        self.budget = budget
+    def __init__(self, delivery: Delivery) -> None:
+        self.delivery = delivery
+        self.store, self.budget = delivery.store, delivery.budget
         #: The client the calls are made with.
-        self.client = CallClient(client_factory)
-        self._hooks = hooks
-        self._logger = hooks.logger
-        self._retry = retry
-        self._resync_after = resync_after
-        self._changed = changed
-        self._store_failed = store_failed
+        self.client = CallClient(delivery.client_factory)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._generation = 0  # bumped whenever there may be new work
@@ -103,10 +86,10 @@ class Caller:
             try:
                 wait = self.step()
             except STORE_ERRORS as error:
-                self._store_failed(error)
+                self.delivery.store_works(error)
                 wait = 1.0
             except Exception:
-                self._logger.exception("flask-meisa: delivery error; carrying on")
+                logger.exception("flask-meisa: delivery error; carrying on")
                 wait = 0.1
             if wait:
                 with self._lock:
@@ -115,7 +98,7 @@ class Caller:
 
     def step(self) -> float:
         """Make one call, or say how long to wait before there may be one."""
-        now = time.time()
+        now, token = time.time(), None
         with self.store.write() as db:
             wait = self.budget.gate(db, now, self.calls)
             if wait:
@@ -125,7 +108,7 @@ class Caller:
                 due = pending.next_due(db, now)
                 return 1.0 if due is None else due - now
             had = functools.partial(Store.lookup, db, row.operation.payload)
-            if unchanged(row.operation, had, now, self._resync_after):
+            if unchanged(row.operation, had, now, self.delivery.resync_after):
                 self._count(reporting=1)
                 report = self._over(db, row, "unchanged", "delivered", None)
             else:
@@ -137,15 +120,13 @@ class Caller:
                 self.blocked_lane = None
                 pending.take(db, row, now)
                 self._count(calls=1)
-                report = None
-        if report is None:
-            assert token is not None
+        if token is not None:
             report = self._call(row, token)
         try:
             report()
         finally:
             self._count(reporting=-1)
-            self._changed()
+            self.delivery.kick()
         return 0.0
 
     def _count(self, *, calls: int = 0, reporting: int = 0) -> None:
@@ -155,7 +136,7 @@ class Caller:
 
     def _call(self, row: pending.Row, token: str) -> Report:
         operation = row.operation
-        reason = None if row.recover else self._hooks.skip_reason(operation)
+        reason = None if row.recover else self.delivery.hooks.skip_reason(operation)
         outcome = Attempt()
         if reason is None:
             outcome = attempt(self.client, call_for(operation, row.recover == 1))
@@ -177,19 +158,19 @@ class Caller:
         """The row is over: it goes, counted under ``counter``; ``hook`` is the report."""
         pending.finish(db, row)
         Store.count(db, counter, row.merged)
-        return lambda: self._hooks.call(hook, row.operation, detail)
+        return lambda: self.delivery.hooks.call(hook, row.operation, detail)
 
     def _settle(
         self, db: sqlite3.Connection, row: pending.Row, outcome: Attempt, now: float
     ) -> Report:
-        operation, error = row.operation, outcome.error
+        operation, error, retry = row.operation, outcome.error, self.delivery.retry
         settled = settle(
             operation,
             error,
             recovering=row.recover == 1,
             recovered=row.recover == 2,
             elapsed=now - (row.first_attempt or now),
-            policy=self._retry,
+            policy=retry,
         )
         decision = settled.decision
         what = operation.describe()
@@ -197,7 +178,7 @@ class Caller:
             what += " (upserting its contact first)"
         elif row.merged > 1:
             what += f" (coalesced from {row.merged} operations)"
-        self.budget.note(db, decision, now, self._retry, self._logger)
+        self.budget.note(db, decision, now, retry)
         if decision.unknown_contact:
             Store.forget(db, operation.payload)
         if settled.accepted is not None:
@@ -214,13 +195,13 @@ class Caller:
         if settled.step != "failed":
             recover = 1 if settled.step == "upsert_contact" else row.recover
             pending.retry_at(db, row, now + decision.delay, recover=recover)
-            return lambda: log_decision(self._logger, decision, what, error, operation.attempts)
+            return lambda: log_decision(logger, decision, what, error, operation.attempts)
         dead.bury(db, row, error or RuntimeError("failed"))
         Store.count(db, "failed", row.merged)
 
         def failed() -> None:
-            log_decision(self._logger, decision, what, error, operation.attempts)
-            self._hooks.call("failed", operation, error)
+            log_decision(logger, decision, what, error, operation.attempts)
+            self.delivery.hooks.call("failed", operation, error)
 
         return failed
 
@@ -230,6 +211,10 @@ class Caller:
 TRANSACTIONAL_RESERVE = 0.05
 #: How often a caller waiting for a slot that only an answer can free looks again.
 _POLL = 0.05
+# When a slot ended: its answer, or (its process died mid-call) the end of its lease.
+_ENDED = "coalesce(answered_at, lease_until)"
+_FLYING = "answered_at IS NULL AND lease_until > ?"  # now
+_ENDED_SINCE = f"{_ENDED} > ? AND NOT ({_FLYING})"  # since, now
 
 
 def allowed(window: RateWindow, lane: int, share: float = 1.0) -> int:
@@ -243,10 +228,7 @@ def allowed(window: RateWindow, lane: int, share: float = 1.0) -> int:
 
 class Budget:
     """The key's sliding-window budget in ``store`` (``meisa_calls``), its pause and its
-    outage count (``meisa_meta``). A call holds a slot from its start (under a lease, in
-    case its process dies) until its answer, which dates the slot: it leaves each window
-    one period later (docs/delivery.md). Routine and backfill calls are spread out at the
-    rate the budget can last.
+    outage count (``meisa_meta``), by the rule of docs/delivery.md.
 
     :param spec: e.g. ``"60/minute;1000/hour"``; ``None`` for no budget.
     :param lease: the longest a call can take, in seconds; a slot held longer counts as
@@ -273,12 +255,7 @@ class Budget:
         return 0.0
 
     def note(
-        self,
-        db: sqlite3.Connection,
-        decision: Decision,
-        now: float,
-        policy: RetryPolicy,
-        logger: logging.Logger,
+        self, db: sqlite3.Connection, decision: Decision, now: float, policy: RetryPolicy
     ) -> None:
         """Count the failures in a row after ``decision`` and pause as it asks."""
         failures = int(Store.get_meta(db, "failures", 0))
@@ -289,45 +266,6 @@ class Budget:
             until = max(float(Store.get_meta(db, "pause_until", 0.0)), now + pause)
             Store.set_meta(db, "pause_until", until)
 
-    def _wait(self, db: sqlite3.Connection, now: float, lane: int, share: float) -> float | None:
-        """How long until a call of ``lane`` fits in every window: ``0.0`` now, else
-        seconds, or ``None`` when only an answer to a call in flight can free a slot."""
-        db.execute(
-            "UPDATE meisa_calls SET answered_at = lease_until "
-            "WHERE answered_at IS NULL AND lease_until <= ?",
-            (now,),
-        )
-        db.execute("DELETE FROM meisa_calls WHERE answered_at <= ?", (now - self._horizon,))
-        # In flight (they count already), then answered within each window: one read.
-        counts = ["answered_at IS NULL"] + ["answered_at > ?"] * len(self.windows)
-        query = f"SELECT {', '.join(f'coalesce(sum({n}), 0)' for n in counts)} FROM meisa_calls"
-        flying, *answered = db.execute(query, [now - w.period for w in self.windows]).fetchone()
-        wait = 0.0
-        for window, count in zip(self.windows, answered, strict=True):
-            # The excess oldest answers must leave the window first.
-            excess = count + flying - allowed(window, lane, share) + 1
-            if excess > count:
-                return None
-            if excess > 0:
-                oldest = db.execute(
-                    "SELECT answered_at FROM meisa_calls WHERE answered_at > ? "
-                    "ORDER BY answered_at LIMIT 1 OFFSET ?",
-                    (now - window.period, excess - 1),
-                ).fetchone()[0]
-                wait = max(wait, float(oldest) + window.period - now)
-        if lane >= LANE_ROUTINE and wait == 0.0:
-            wait = self._pace(db, now, lane, share)
-        return 0.0 if wait < 1e-9 else wait  # float error, not a wait
-
-    def _pace(self, db: sqlite3.Connection, now: float, lane: int, share: float) -> float:
-        """Routine and backfill calls go no faster than the budget can last, so that a
-        freed slot is soon there for urgent work instead of a window spent in a burst."""
-        spacing = max(window.period / allowed(window, lane, share) for window in self.windows)
-        started = db.execute("SELECT max(lease_until) FROM meisa_calls").fetchone()[0]
-        if started is None:
-            return 0.0
-        return max(float(started) - self.lease + spacing - now, 0.0)
-
     def take(
         self, db: sqlite3.Connection, now: float, lane: int, share: float = 1.0
     ) -> tuple[str | None, float | None]:
@@ -336,8 +274,28 @@ class Budget:
         when only an answer to a call in flight can free one."""
         if not self.windows:
             return "", 0.0
-        wait = self._wait(db, now, lane, share)
-        if wait != 0.0:
+        db.execute(f"DELETE FROM meisa_calls WHERE {_ENDED} <= ?", (now - self._horizon,))
+        flying, ended = self._counts(db, now)
+        wait = 0.0
+        for window, count in zip(self.windows, ended, strict=True):
+            # The excess oldest answers must leave the window first.
+            excess = count + flying - allowed(window, lane, share) + 1
+            if excess > count:
+                return None, None
+            if excess > 0:
+                oldest = db.execute(
+                    f"SELECT {_ENDED} FROM meisa_calls WHERE {_ENDED_SINCE} "
+                    "ORDER BY 1 LIMIT 1 OFFSET ?",
+                    (now - window.period, now, excess - 1),
+                ).fetchone()[0]
+                wait = max(wait, float(oldest) + window.period - now)
+        if lane >= LANE_ROUTINE and not wait:
+            # Routine and backfill calls are paced to last (docs/delivery.md).
+            spacing = max(window.period / allowed(window, lane, share) for window in self.windows)
+            started = db.execute("SELECT max(lease_until) FROM meisa_calls").fetchone()[0]
+            if started is not None:
+                wait = max(float(started) - self.lease + spacing - now, 0.0)
+        if wait >= 1e-9:  # below: float error, not a wait
             return None, wait
         token = uuid.uuid4().hex
         db.execute(
@@ -360,7 +318,7 @@ class Budget:
         """Hold a transactional slot for a call made in the caller's thread (a synchronous
         send, a suppression list load), waiting at most ``timeout`` seconds; yields
         whether one was taken (without one the call is made anyway)."""
-        deadline = time.monotonic() + max(timeout, 0.0)
+        deadline = time.monotonic() + timeout
         while True:
             try:
                 with self.store.write() as db:
@@ -382,19 +340,17 @@ class Budget:
 
     def remaining(self) -> dict[str, int]:
         """Calls that could start now in each window, by label (``{"60/minute": 57}``)."""
-        now = time.time()
-        # In flight, then answered (or out of lease) within each window: one read.
-        counts = ["answered_at IS NULL AND lease_until > ?"] + [
-            "coalesce(answered_at, lease_until) > ? "
-            "AND (answered_at IS NOT NULL OR lease_until <= ?)"
-        ] * len(self.windows)
-        params = [now, *(value for w in self.windows for value in (now - w.period, now))]
         with self.store.read() as db:
-            query = (
-                f"SELECT {', '.join(f'coalesce(sum({n}), 0)' for n in counts)} FROM meisa_calls"
-            )
-            flying, *answered = db.execute(query, params).fetchone()
+            flying, ended = self._counts(db, time.time())
         return {
             window.label: max(window.limit - count - flying, 0)
-            for window, count in zip(self.windows, answered, strict=True)
+            for window, count in zip(self.windows, ended, strict=True)
         }
+
+    def _counts(self, db: sqlite3.Connection, now: float) -> tuple[int, list[int]]:
+        """Calls in flight, and calls ended within each window: one read."""
+        counts = [_FLYING] + [_ENDED_SINCE] * len(self.windows)
+        query = f"SELECT {', '.join(f'coalesce(sum({n}), 0)' for n in counts)} FROM meisa_calls"
+        params = [now, *(value for w in self.windows for value in (now - w.period, now))]
+        flying, *ended = db.execute(query, params).fetchone()
+        return flying, ended

@@ -42,6 +42,7 @@ __all__ = ["Delivery", "make_dispatcher"]
 GROUP_WINDOW = 0.01
 #: Seconds between passes that age routine syncs and prune old records.
 _HOUSEKEEPING = 30.0
+logger = logging.getLogger("flask_meisa.engine")
 
 
 class Delivery:
@@ -65,23 +66,12 @@ class Delivery:
         priority_fields: Sequence[str] = ("plan", "subscription_status"),
         routine_max_age: float = 3600.0,
         poll_interval: float = 0.1,
-        logger: logging.Logger | None = None,
     ) -> None:
         require_real_threads()
         self.store = store
         self.budget = Budget(store, rate_limit, lease=lease)
-        self._logger = logger or logging.getLogger("flask_meisa.engine")
-        self._hooks = HookCaller(hooks, self._logger)
-        self._new_caller = functools.partial(
-            Caller,
-            budget=self.budget,
-            client_factory=client_factory,
-            hooks=self._hooks,
-            retry=retry,
-            resync_after=resync_after,
-            changed=self._kick,
-            store_failed=self._store_works,
-        )
+        self.hooks = HookCaller(hooks, logger)
+        self.client_factory, self.retry, self.resync_after = client_factory, retry, resync_after
         self._capacity = capacity
         self._workers = workers
         self._flush_timeout = flush_timeout
@@ -104,7 +94,7 @@ class Delivery:
         self._threads: list[threading.Thread] = []
         self._started = self._stopping = self._closed = self._store_failing = False
         self._host_lock = None if self.store.path is None else HostLock(self.store.path + ".lock")
-        self._caller = self._new_caller()
+        self._caller = Caller(self)
 
     @property
     def is_holder(self) -> bool:
@@ -146,7 +136,7 @@ class Delivery:
             for op in batch:
                 if op.kind == "send":
                     raise DeliveryError(f"delivery engine is closed; {op.describe()} was not sent")
-                self._hooks.call("dropped", op, "closed")
+                self.hooks.call("dropped", op, "closed")
 
     def budget_slot(self, timeout: float) -> contextlib.AbstractContextManager[bool]:
         """A slot of the host's budget for a call made in the caller's thread."""
@@ -156,18 +146,14 @@ class Delivery:
         """Wait at most ``timeout`` seconds (``None``: no limit) until every operation handed
         over before the call is over and its hooks ran, whichever process delivers it."""
         self.start()
-        if self._hooks.running:
+        if self.hooks.running:
             return self._left(None) == 0  # waiting from a hook would deadlock
-        target: int | None = None
-
-        def done() -> bool:
-            nonlocal target
-            if target is None and not self._unstored():
-                with self.store.read() as db:
-                    target = pending.last_seq(db)
-            return target is not None and self._left(target) == 0
-
-        return self._wait_until(done, timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._wait_until(lambda: not self._unstored(), deadline):
+            return False
+        with self.store.read() as db:
+            target = pending.last_seq(db)
+        return self._wait_until(lambda: self._left(target) == 0, deadline)
 
     def close(self, timeout: float | None = None) -> int:
         """Deliver for up to ``timeout`` seconds (default ``flush_timeout``), then stop; what
@@ -179,7 +165,7 @@ class Delivery:
             started = self._started
         if started:
             deadline = time.monotonic() + (self._flush_timeout if timeout is None else timeout)
-            self._wait_until(lambda: not self._unstored(), deadline - time.monotonic())
+            self._wait_until(lambda: not self._unstored(), deadline)
             if self.is_holder:
                 self.flush(deadline - time.monotonic())
         with self._lock:
@@ -195,14 +181,14 @@ class Delivery:
             with contextlib.suppress(*STORE_ERRORS), self.store.write() as db:
                 lost += pending.take_all(db)
         if lost:
-            self._logger.warning(
+            logger.warning(
                 "flask-meisa: %d operations were not delivered before shutdown", len(lost)
             )
             self._drop(lost, "shutdown")
         elif self.store.durable and self.is_holder:
             with contextlib.suppress(*STORE_ERRORS), self.store.read() as db:
                 if left := pending.unfinished(db):
-                    self._logger.info(
+                    logger.info(
                         "flask-meisa: %d operations stay in the store for the next start", left
                     )
         if self._host_lock is not None:
@@ -227,7 +213,7 @@ class Delivery:
         """In a forked child: the parent's threads, intake and lock are the parent's."""
         self.store.after_fork()
         if self._host_lock is not None:
-            self._host_lock.forget_after_fork()
+            self._host_lock.release(forked=True)
         self._fresh()
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
@@ -235,7 +221,7 @@ class Delivery:
         try:
             thread.start()
         except RuntimeError:  # no new threads at interpreter shutdown
-            self._logger.warning("flask-meisa: cannot start the %s thread", name)
+            logger.warning("flask-meisa: cannot start the %s thread", name)
             return
         self._threads.append(thread)
 
@@ -243,17 +229,17 @@ class Delivery:
         for number in range(1, self._workers + 1):
             self._spawn(self._caller.run, f"flask-meisa-delivery-{number}")
 
-    def _kick(self) -> None:
+    def kick(self) -> None:
+        """There may be new work, or progress: wake the delivery threads and any flush."""
         self._caller.kick()
         with self._lock:
             self._idle.notify_all()
 
     def _drop(self, operations: list[Operation], reason: str, why: str = "") -> None:
-        detail = f"{reason}: {why}"
         for op in operations:
             if why:
-                self._logger.warning("flask-meisa: dropped %s (%s)", op.describe(), detail)
-            self._hooks.call("dropped", op, reason)
+                logger.warning("flask-meisa: dropped %s (%s: %s)", op.describe(), reason, why)
+            self.hooks.call("dropped", op, reason)
 
     def _write_loop(self) -> None:
         version: int | None = None
@@ -271,27 +257,27 @@ class Delivery:
                     self._store_batch(batch)
                     batch = []
                 if self._host_lock is not None and not self._host_lock.held:
-                    self._try_to_deliver()
+                    self._try_to_deliver(self._host_lock)
                 if time.monotonic() >= look_at:  # new work from another process?
                     look_at = time.monotonic() + self._poll
                     seen = self.store.data_version()
                     if seen != version:
                         version = seen
-                        self._kick()
+                        self.kick()
                 if self.is_holder and time.monotonic() >= housekeeping:
                     housekeeping = time.monotonic() + _HOUSEKEEPING
                     with self.store.write() as db:
                         pending.tidy(db, time.time(), self._routine_max_age, self._known_for)
-                self._store_works(None)
+                self.store_works(None)
             except STORE_ERRORS as error:
-                self._store_works(error)
+                self.store_works(error)
                 with self._lock:
                     self._intake[:0] = batch  # kept in memory until the store takes them
                     if self._stopping:
                         return  # closing: what is left is reported lost
                     self._wake.wait(self._poll)
             except Exception:  # a bug: stored one by one, what still fails is reported
-                self._logger.exception("flask-meisa: delivery writer error; carrying on")
+                logger.exception("flask-meisa: delivery writer error; carrying on")
                 for index, operation in enumerate(batch):
                     try:
                         self._store_batch([operation])
@@ -326,24 +312,23 @@ class Delivery:
         # Delivery waiting for the budget only wakes for work that could go sooner.
         blocked = self._caller.blocked_lane
         if blocked is None or lowest < blocked:
-            self._kick()
+            self.kick()
         else:
             with self._lock:
                 self._idle.notify_all()
         if shed:
             self._drop(shed, "queue_full", f"at most {self._capacity} operations wait")
 
-    def _try_to_deliver(self) -> None:
-        assert self._host_lock is not None
-        if not self._host_lock.try_acquire():
+    def _try_to_deliver(self, lock: HostLock) -> None:
+        if not lock.try_acquire():
             return
         try:
             with self.store.write() as db:
                 released = pending.release_flights(db)
         except BaseException:
-            self._host_lock.release()  # taken again on a later pass, once the store works
+            lock.release()  # taken again on a later pass, once the store works
             raise
-        self._logger.info(
+        logger.info(
             "flask-meisa: this process (pid %d) now delivers for the host (%d operations "
             "in flight from an earlier process taken back)",
             os.getpid(),
@@ -353,12 +338,12 @@ class Delivery:
             if not self._stopping:
                 self._spawn_workers()
 
-    def _store_works(self, error: BaseException | None) -> None:
+    def store_works(self, error: BaseException | None) -> None:
         """Log once when the store starts failing, and once when it works again."""
         if self._store_failing != (error is not None):
             self._store_failing = error is not None
             state = f"failed ({error}); operations wait in memory" if error else "works again"
-            self._logger.warning("flask-meisa: the delivery store %s", state)
+            logger.warning("flask-meisa: the delivery store %s", state)
 
     def _unstored(self) -> int:
         with self._lock:
@@ -369,15 +354,14 @@ class Delivery:
         with self.store.read() as db:
             return left + pending.unfinished(db, target)
 
-    def _wait_until(self, done: Callable[[], bool], timeout: float | None) -> bool:
-        """Poll ``done`` (woken early by progress) for at most ``timeout`` seconds."""
-        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+    def _wait_until(self, done: Callable[[], bool], deadline: float | None) -> bool:
+        """Poll ``done`` (woken early by progress) until ``deadline`` (monotonic)."""
         while not done():
             with self._lock:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
+                left = self._poll if deadline is None else deadline - time.monotonic()
+                if left <= 0:
                     return False
-                self._idle.wait(self._poll if left is None else min(left, self._poll))
+                self._idle.wait(min(left, self._poll))
         return True
 
 

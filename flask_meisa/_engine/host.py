@@ -50,23 +50,16 @@ class HostLock:
             os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
         return True
 
-    def release(self) -> None:
-        """Let go of the lock (when held) and close the file."""
-        fd, self._fd = self._fd, None
+    def release(self, *, forked: bool = False) -> None:
+        """Let go of the lock (when held) and close the file. In a forked child (``forked``)
+        only close it: the child shares the parent's open file, whose lock is the parent's."""
+        fd, self._fd, held, self.held = self._fd, None, self.held, False
         if fd is None:
             return
         try:
-            if self.held:  # a forked child may still share the open file: unlock it
+            if held and not forked:  # a forked child may still share the open file: unlock it
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
-            self.held = False
-            os.close(fd)
-
-    def forget_after_fork(self) -> None:
-        """In a forked child: close the inherited descriptor without unlocking it (the
-        child shares the parent's open file: unlocking would release the parent's lock)."""
-        fd, self._fd, self.held = self._fd, None, False
-        if fd is not None:
             with suppress(OSError):
                 os.close(fd)
 
@@ -79,15 +72,13 @@ class HostLock:
         except FileNotFoundError:
             return None
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-                return int(text) if text.isdigit() else 0
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return None
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # closing the file lets go of it
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else 0
         finally:
             os.close(fd)
+        return None
 
 
 def set_aside(store: Store, error: BaseException) -> None:

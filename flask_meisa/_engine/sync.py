@@ -16,8 +16,6 @@ from ..errors import MeisaError
 from ..operations import Operation
 from ..operations import deliver
 from ..retry import RetryPolicy
-from .base import ClientFactory
-from .base import DeliveryHooks
 from .base import DeliveryStatus
 from .base import HookCaller
 from .base import call_for
@@ -35,11 +33,12 @@ _settle = functools.partial(settle, elapsed=0.0, policy=RetryPolicy.never())
 
 
 class InlineDispatcher:
-    """Delivers each operation as it is submitted (a :class:`~.base.Dispatcher`)."""
+    """Delivers each operation of the app of ``state`` as it is submitted, with the app's
+    client (a :class:`~.base.Dispatcher`)."""
 
-    def __init__(self, *, client_factory: ClientFactory, hooks: DeliveryHooks) -> None:
-        self._client_factory = client_factory
-        self._hooks = HookCaller(hooks, logger)
+    def __init__(self, state: MeisaState) -> None:
+        self._state = state
+        self._hooks = HookCaller(state.reporter, logger)
         self._lock = threading.Lock()
         self._counts: collections.Counter[str] = collections.Counter()
 
@@ -56,7 +55,7 @@ class InlineDispatcher:
                 self._hooks.call("skipped", operation, reason)
 
     def _deliver(self, operation: Operation) -> None:
-        client, recovering, recovered = self._client_factory(), False, False
+        client, recovering, recovered = self._state.client, False, False
         while True:
             operation.attempts += 1
             try:
@@ -103,6 +102,5 @@ class InlineDispatcher:
             )
 
 
-def make_dispatcher(state: MeisaState) -> InlineDispatcher:
-    """The inline engine of an app, calling with the app's client."""
-    return InlineDispatcher(client_factory=lambda: state.client, hooks=state.reporter)
+#: The inline engine of an app.
+make_dispatcher = InlineDispatcher

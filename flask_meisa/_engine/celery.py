@@ -10,7 +10,6 @@ import threading
 import time
 from collections.abc import Iterable
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 from typing import Any
@@ -238,7 +237,7 @@ class CeleryDispatcher:
             self._hooks.call("dropped", operation, "redis_data_lost")
         return pending
 
-    def budget_slot(self, timeout: float) -> AbstractContextManager[bool]:
+    def budget_slot(self, timeout: float) -> contextlib.AbstractContextManager[bool]:
         """A slot of the shared budget for a call made outside the workers."""
         if self.budget is None:
             return contextlib.nullcontext(False)

@@ -8,7 +8,6 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from typing import Any
 from typing import NamedTuple
 
@@ -80,7 +79,7 @@ class DeliveryWorker:
         budget: RedisBudget | None,
         call_timeout: float,
         max_countdown: float = MAX_WAIT,
-        context: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
+        context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
         enabled: Callable[[], bool] = lambda: True,
         resync_after: float = 86400.0,
         routine_max_age: float = 3600.0,

@@ -161,8 +161,8 @@ class CeleryDispatcher:
         self._hooks.call("dropped", operation, reason)
 
     def tasks(self, operation: Operation) -> list[tuple[int, dict[str, Any], dict[str, Any]]]:
-        """Record ``operation`` in Redis and return its tasks ``(lane, op, meta)``: its own,
-        and before it, for an event, a companion delivering its contact's pending upsert."""
+        """Record ``operation`` in Redis and return its tasks ``(lane, op, meta)`` (an event's
+        companion first)."""
         store = self.store
         contact = store.contact_of(operation.payload) if operation.kind == "upsert" else None
         lane = lane_of(operation, lambda: store.known(contact), self._priority_fields)

@@ -58,9 +58,8 @@ def _text(value: bytes | str | None) -> str:
 
 
 class RedisDeliveryStore:
-    """The records under ``meisa:<namespace>:`` (one namespace per queue prefix) of the
-    ``redis.Redis`` client ``redis``; a contact is kept under the digest of its
-    external_id, or of its email while it has none."""
+    """The records under ``meisa:<namespace>:`` (one namespace per queue prefix); a contact is
+    kept under the digest of its external_id, or of its email while it has none."""
 
     def __init__(self, redis: Any, namespace: str) -> None:
         self._redis = redis

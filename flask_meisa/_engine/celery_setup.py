@@ -33,9 +33,7 @@ __all__ = [
 ]
 
 #: The ``MEISA_CELERY_*`` keys and their defaults.
-CELERY_DEFAULTS = {
-    name: value for name, value in DEFAULTS.items() if name.startswith("MEISA_CELERY_")
-}
+CELERY_DEFAULTS = {k: v for k, v in DEFAULTS.items() if k.startswith("MEISA_CELERY_")}
 #: Meisa deduplicates a send's idempotency key for this long, in seconds.
 IDEMPOTENCY_WINDOW = 3600.0
 #: What a replayed send leaves of that window for its wait in the queue, in seconds.

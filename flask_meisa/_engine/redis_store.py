@@ -345,15 +345,14 @@ class RedisDeliveryStore:
         pipe.get(f"{self._prefix}:backfill")
         *per_lane, stats, run = pipe.execute()
         now = time.time()
+        since = now - LATENCY_WINDOW
         for lane, name in LANE_NAMES.items():
             count, oldest, answers = per_lane[3 * lane : 3 * lane + 3]
             status.queued[name] = int(count)
             if oldest:
                 status.oldest_wait[name] = max(now - float(oldest[0][1]), 0.0)
             entries = (answer.split() for answer in answers)
-            status.add_latency(
-                name, (float(w) for at, w in entries if float(at) >= now - LATENCY_WINDOW)
-            )
+            status.add_latency(name, (float(w) for at, w in entries if float(at) >= since))
         counters = _counts(stats)
         for name in ("delivered", "failed", "dropped", "unchanged"):
             setattr(status, name, counters[name])

@@ -10,7 +10,6 @@ import threading
 import time
 from collections.abc import Iterable
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 from typing import Any
@@ -71,7 +70,6 @@ class CeleryDispatcher:
         self._celery = celery_app
         self._redis = redis
         self._hooks = HookCaller(hooks, logger)
-        #: The queue of each lane, by lane name.
         self.queues = lane_queues(queue)
         self.store = RedisDeliveryStore(redis, queue)
         #: The key's shared budget (``None`` without a key).
@@ -82,12 +80,12 @@ class CeleryDispatcher:
         self._ledger_size = ledger_size
         self._lost_after = lost_after
         self._closed = False
-        # Redis's epoch when last seen, and the operations submitted here not yet seen
-        # finished (oldest first): what to report if Redis loses its data.
+        # What to report if Redis loses its data (its epoch changes): the operations
+        # submitted here not yet seen finished, oldest first.
         self._epoch: str | None = None
         self._ledger: dict[str, Operation] = {}
         self._forgotten = 0
-        self._looked_at = 0.0
+        self._next_look = 0.0
         self._lost = False
         self.after_fork()
 
@@ -125,8 +123,7 @@ class CeleryDispatcher:
             self.publish(operation)
 
     def publish(self, operation: Operation) -> None:
-        """Publish ``operation`` on its lane's queue; what cannot be published is reported
-        to ``hooks.dropped``, but a send raises :class:`DeliveryError`."""
+        """Publish ``operation``; what cannot be published is dropped (a send raises)."""
         if self._closed:
             self._drop(operation, "closed")
             return
@@ -164,8 +161,8 @@ class CeleryDispatcher:
         self._hooks.call("dropped", operation, reason)
 
     def tasks(self, operation: Operation) -> list[tuple[int, dict[str, Any], dict[str, Any]]]:
-        """Record ``operation`` in Redis and return its tasks ``(lane, op, meta)``: its own,
-        and before it, for an event, a companion delivering its contact's pending upsert."""
+        """Record ``operation`` in Redis and return its tasks ``(lane, op, meta)`` (an event's
+        companion first)."""
         store = self.store
         contact = store.contact_of(operation.payload) if operation.kind == "upsert" else None
         lane = lane_of(operation, lambda: store.known(contact), self._priority_fields)
@@ -189,14 +186,12 @@ class CeleryDispatcher:
         return [*tasks, own]
 
     def _look(self, *, force: bool = False) -> int:
-        """The pending count; forgets the ledger's finished operations (every
-        :data:`_LOOK_EVERY` seconds at most), or reports it dropped if Redis lost its data."""
+        """The pending count; prunes the ledger, republishes lost tasks, reports a data loss."""
         with self._lock:
             now = time.monotonic()
-            full = len(self._ledger) >= self._ledger_size
-            due = force or full or now - self._looked_at >= _LOOK_EVERY
+            due = force or len(self._ledger) >= self._ledger_size or now >= self._next_look
             if due:
-                self._looked_at = now
+                self._next_look = now + _LOOK_EVERY
             ids = list(self._ledger) if due else []
         epoch, pending, unfinished = self.store.look(ids)
         if due and self._lost_after is not None:
@@ -242,15 +237,15 @@ class CeleryDispatcher:
             self._hooks.call("dropped", operation, "redis_data_lost")
         return pending
 
-    def budget_slot(self, timeout: float) -> AbstractContextManager[bool]:
+    def budget_slot(self, timeout: float) -> contextlib.AbstractContextManager[bool]:
         """A slot of the shared budget for a call made outside the workers."""
         if self.budget is None:
             return contextlib.nullcontext(False)
         return self.budget.slot(timeout, self._call_timeout + 5.0)
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait at most ``timeout`` seconds until every operation of this queue prefix is
-        finished; ``False`` on timeout, if Redis cannot be read or lost its data since."""
+        """Wait until every operation of this queue prefix is finished; ``False`` on timeout,
+        or if Redis cannot be read or lost its data since."""
         deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
         pause = 0.005
         while True:
@@ -280,7 +275,7 @@ class CeleryDispatcher:
     def status(self) -> DeliveryStatus:
         """Every worker's delivery (see :class:`~.base.DeliveryStatus`)."""
         self._look(force=True)
-        status = DeliveryStatus(engine="celery", queued=dict.fromkeys(self.queues, 0))
+        status = DeliveryStatus(engine="celery")
         self.store.describe(status)
         if self.budget is not None:
             status.paused_for, flying, status.budget_left = self.budget.snapshot()

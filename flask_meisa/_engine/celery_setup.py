@@ -33,9 +33,7 @@ __all__ = [
 ]
 
 #: The ``MEISA_CELERY_*`` keys and their defaults.
-CELERY_DEFAULTS = {
-    name: value for name, value in DEFAULTS.items() if name.startswith("MEISA_CELERY_")
-}
+CELERY_DEFAULTS = {k: v for k, v in DEFAULTS.items() if k.startswith("MEISA_CELERY_")}
 #: Meisa deduplicates a send's idempotency key for this long, in seconds.
 IDEMPOTENCY_WINDOW = 3600.0
 #: What a replayed send leaves of that window for its wait in the queue, in seconds.
@@ -94,9 +92,8 @@ def _restore_sweep(options: Mapping[str, Any]) -> float:
 
 
 def configure_visibility(celery_app: Any, settings: MeisaSettings) -> float:
-    """Set the Redis transport's ``visibility_timeout`` if the app set none, check it (a
-    :class:`ConfigurationError` says what to set), and return the longest countdown a task
-    may hold so that a held message is never handed to a second worker."""
+    """Set the Redis transport's ``visibility_timeout`` if the app set none, check it, and
+    return the longest countdown a task may hold without its message going to another."""
     options = _transport_options(celery_app)
     if options is None:
         return MAX_WAIT
@@ -120,10 +117,8 @@ def configure_visibility(celery_app: Any, settings: MeisaSettings) -> float:
 
 
 def lost_after(celery_app: Any, call_timeout: float) -> float | None:
-    """How long a pending operation may go unrun by every worker before its message is
-    taken as lost: the longest a worker holds it, then kombu gives it back (the visibility
-    timeout, its sweep, and the sweep's lock a Redis restart may leave); ``None`` for a
-    broker without a visibility timeout."""
+    """How long no worker may run a pending operation before its message is taken as lost
+    (docs/celery.md); ``None`` for a broker without a visibility timeout."""
     options = _transport_options(celery_app)
     if options is None:
         return None
@@ -134,8 +129,7 @@ def lost_after(celery_app: Any, call_timeout: float) -> float | None:
 
 def init_celery(app: Flask) -> Any:
     """Register the delivery task (it runs the worker of the app's engine) and set up the
-    visibility timeout (:func:`configure_visibility`); returns the task. ``init_app`` calls
-    this (a :class:`ConfigurationError` for no Celery app, or an invalid setting)."""
+    visibility timeout (:func:`configure_visibility`); returns the task."""
     _, celery_app = resolve_celery_app(app)
     configure_visibility(celery_app, MeisaSettings.from_config({**DEFAULTS, **app.config}))
 

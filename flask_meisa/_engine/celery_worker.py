@@ -1,6 +1,5 @@
-"""The Celery worker's side: the task ``flask_meisa.deliver``. Each run makes at most one
-call, then finishes its operation or asks to run again after a countdown; it carries out
-the step :func:`~flask_meisa._engine.base.settle` gives, in the budget and records in Redis."""
+"""The Celery worker's side: the task ``flask_meisa.deliver``, whose every run makes at most
+one call, then finishes its operation or runs again after a countdown (docs/celery.md)."""
 
 from __future__ import annotations
 
@@ -9,7 +8,6 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from typing import Any
 from typing import NamedTuple
 
@@ -81,7 +79,7 @@ class DeliveryWorker:
         budget: RedisBudget | None,
         call_timeout: float,
         max_countdown: float = MAX_WAIT,
-        context: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
+        context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
         enabled: Callable[[], bool] = lambda: True,
         resync_after: float = 86400.0,
         routine_max_age: float = 3600.0,
@@ -194,9 +192,8 @@ class DeliveryWorker:
                 return None
         budget, token, lane = self.budget, None, int(meta["lane"])
         if budget is not None:
-            share = 1.0
-            if lane == LANE_BACKFILL:
-                share = float((self.store.get("backfill") or {}).get("max_share", 1.0))
+            run = self.store.get("backfill", {}) if lane == LANE_BACKFILL else {}
+            share = float(run.get("max_share", 1.0))
             got = budget.acquire(lease=self._lease, lane=lane, share=share, waiter=operation.id)
             if got.token is None:
                 self._release(claim)
@@ -274,8 +271,7 @@ class DeliveryWorker:
             self.store.settle(claim)
         for member in members:
             self._hooks.call("delivered" if outcome == "unchanged" else outcome, member, detail)
-        ids = [member.id for member in members]
-        self.store.finish(ids, outcome, len(members), answer=answer)
+        self.store.finish([member.id for member in members], outcome, len(members), answer=answer)
         if outcome == "failed" and any(member.priority == "backfill" for member in members):
             self.store.count("backfill_refused", len(members))
 

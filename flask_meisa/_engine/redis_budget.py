@@ -1,6 +1,5 @@
-"""The key's rate budget in Redis, shared by every worker on every machine: the rule of
-:class:`~flask_meisa._engine.caller.Budget` with lanes, the 429 pause and the outage
-breaker, each an atomic Lua script on Redis's clock (docs/celery.md)."""
+"""The key's rate budget shared by every Celery worker: the rule of ``caller.Budget``, the 429
+pause and the outage breaker as atomic Lua scripts on Redis's clock (docs/celery.md)."""
 
 from __future__ import annotations
 
@@ -152,8 +151,7 @@ class RedisBudget:
     def acquire(
         self, *, lease: float, lane: int = LANE_ROUTINE, share: float = 1.0, waiter: str = ""
     ) -> Acquired:
-        """Take a slot for a call about to start, or learn how long to wait. ``lease``: the
-        longest the call can take; a backfill uses at most ``share`` of the budget;
+        """Take a slot for a call of at most ``lease`` seconds, or learn how long to wait;
         ``waiter``: the same on every try (an operation's id)."""
         token = f"{lane}:{uuid.uuid4().hex}"
         waiter = waiter or token
@@ -169,11 +167,10 @@ class RedisBudget:
         most ``timeout`` seconds; yields whether one was taken (the call is made anyway)."""
         deadline, waiter, token = time.monotonic() + max(timeout, 0.0), uuid.uuid4().hex, None
         try:
-            while True:
-                got = self.acquire(lease=lease, lane=LANE_TRANSACTIONAL, waiter=waiter)
-                if got.token is not None or time.monotonic() + got.wait > deadline:
-                    break
+            got = self.acquire(lease=lease, lane=LANE_TRANSACTIONAL, waiter=waiter)
+            while got.token is None and time.monotonic() + got.wait <= deadline:
                 time.sleep(got.wait)
+                got = self.acquire(lease=lease, lane=LANE_TRANSACTIONAL, waiter=waiter)
             if got.token is None:  # this waiter will not come back: its ticket holds nothing
                 self._redis.zrem(self._waiting[LANE_TRANSACTIONAL], waiter)
             token = got.token
@@ -192,9 +189,8 @@ class RedisBudget:
     def finish(
         self, token: str, *, made: bool = True, outage: bool = False, answered: bool = False
     ) -> int:
-        """The call of ``token`` is over: date its slot now (``made=False``: no request went
-        out, give it back); count one more failure in a row (``outage``) or end the run
-        (``answered``). Returns the failures in a row, of every worker."""
+        """The call of ``token`` is over: date its slot now (``made=False``: give it back) and
+        count the failures in a row of every worker (returned)."""
         outcome = "answered" if answered else "outage" if outage else ""
         args = [token, int(made), len(self.windows), outcome, *(w.period for w in self.windows)]
         keys = [self._flying_key, self._failures_key, *self._windows]
@@ -206,9 +202,8 @@ class RedisBudget:
             self._pause(keys=[self._pause_key], args=[seconds])
 
     def snapshot(self) -> tuple[float, dict[int, int], dict[str, int] | None]:
-        """``(paused_for, in_flight, remaining)``: seconds every worker stays paused, calls
-        in flight by lane, and calls that could start now per window label (``None``
-        without a limit)."""
+        """``(paused_for, in_flight, remaining)``: the pause left, calls in flight by lane and
+        calls that could start now by window (``None`` without a limit)."""
         seconds, micros = self._redis.time()
         now = seconds + micros / 1_000_000
         pipe = self._redis.pipeline(transaction=False)

@@ -1,6 +1,5 @@
-"""The Celery engine's records in Redis besides the budget: per contact, its coalesced
-upserts and what Meisa has of it; the pending operations by lane and their kept tasks;
-counters, recent answers, the backfill run and the epoch (docs/celery.md)."""
+"""The Celery engine's records in Redis besides the budget: coalesced upserts, what Meisa has
+of each contact, pending operations and their kept tasks, counters (docs/celery.md)."""
 
 from __future__ import annotations
 
@@ -59,9 +58,8 @@ def _text(value: bytes | str | None) -> str:
 
 
 class RedisDeliveryStore:
-    """The records under ``meisa:<namespace>:`` (one namespace per queue prefix) of the
-    ``redis.Redis`` client ``redis``; a contact is kept under the digest of its
-    external_id, or of its email while it has none."""
+    """The records under ``meisa:<namespace>:`` (one namespace per queue prefix); a contact is
+    kept under the digest of its external_id, or of its email while it has none."""
 
     def __init__(self, redis: Any, namespace: str) -> None:
         self._redis = redis
@@ -75,8 +73,6 @@ class RedisDeliveryStore:
 
     def _key(self, kind: str, contact: str) -> str:
         return f"{self._prefix}:{kind}:{{{contact}}}"  # braces: one Redis Cluster slot
-
-    # -- contacts ------------------------------------------------------------------------
 
     def contacts(self, payload: Mapping[str, Any]) -> list[str]:
         """The ids the contact ``payload`` names may be kept under, the one its upserts use
@@ -124,8 +120,6 @@ class RedisDeliveryStore:
         if keys:
             self._redis.delete(*keys)
 
-    # -- submitting and delivering -------------------------------------------------------
-
     def add_pending(self, operation: Operation, lane: int) -> None:
         """Count ``operation`` pending in ``lane`` and no other (it may have been promoted)."""
         pipe = self._redis.pipeline(transaction=True)
@@ -142,6 +136,7 @@ class RedisDeliveryStore:
             version, payload, members, force = pipe.hmget(
                 record, "version", "payload", "members", "force"
             )
+            version = int(version or 0) + 1
             merged = operation.payload
             if payload is not None:
                 merged = merge_upsert_payloads(json.loads(payload), operation.payload)
@@ -149,7 +144,7 @@ class RedisDeliveryStore:
             pipe.hset(
                 record,
                 mapping={
-                    "version": int(version or 0) + 1,
+                    "version": version,
                     "payload": json.dumps(merged, separators=(",", ":")),
                     "members": json.dumps([*json.loads(members or "[]"), operation.id]),
                     "force": int(operation.force or int(force or 0)),
@@ -158,7 +153,7 @@ class RedisDeliveryStore:
             pipe.expire(record, RECORD_TTL)
             self._link(pipe, operation.payload)
             pipe.zadd(self._pending[lane], {operation.id: operation.created_at})
-            return int(version or 0) + 1
+            return version
 
         return int(self._redis.transaction(update, record, value_from_callable=True))
 
@@ -194,9 +189,8 @@ class RedisDeliveryStore:
         )
 
     def settle(self, claim: Claim, *, delivered: bool = True) -> None:
-        """Release the claim's lease; ``delivered``: its call is over for good (delivered,
-        unchanged or refused): mark its version delivered and forget its payload unless
-        newer upserts came meanwhile (its operations stay pending until :meth:`finish`)."""
+        """Release the claim's lease; ``delivered``: its call is over for good, so mark its
+        version delivered (its operations stay pending until :meth:`finish`)."""
         record, lease_key = self._key("contact", claim.contact), self._key("lease", claim.contact)
 
         def update(pipe: Any) -> None:
@@ -230,8 +224,6 @@ class RedisDeliveryStore:
                 return contact, int(version)
         return None
 
-    # -- kept tasks: published again should the broker lose them -------------------------
-
     def keep(self, lane: int, op: dict[str, Any], meta: dict[str, Any]) -> None:
         """Keep the task that delivers the operation ``op`` until it is finished, seen now."""
         pipe = self._redis.pipeline(transaction=True)
@@ -248,21 +240,12 @@ class RedisDeliveryStore:
         _, *scores = pipe.execute()
         if any(score is not None for score in scores):
             return True
-        self._unkeep([op_id])  # finished: keep() may have landed after finish()
+        self.finish([op_id])  # keep() may have landed after finish()
         return False
 
-    def _unkeep(self, ids: list[str], pipe: Any = None) -> None:
-        run = pipe is None
-        pipe = self._redis.pipeline(transaction=True) if run else pipe
-        pipe.zrem(self._seen, *ids)
-        pipe.hdel(self._tasks, *ids)
-        if run:
-            pipe.execute()
-
     def unseen(self, after: float, limit: int = 500) -> list[list[Any]]:
-        """The tasks ``[lane, op, meta]`` of pending operations no worker has run for
-        ``after`` seconds, each seen again once it is twice as old (so a long outage of the
-        workers adds few copies); ``[]`` when another process looked within ``after / 8``."""
+        """The tasks ``[lane, op, meta]`` of pending operations no worker has run for ``after``
+        seconds (then again once twice as old); ``[]`` if another process looked lately."""
         if not self._redis.set(
             f"{self._prefix}:sweep", 1, nx=True, px=max(int(after * 125), 1000)
         ):
@@ -283,13 +266,11 @@ class RedisDeliveryStore:
             else:  # finished (by a worker of a version that kept nothing, say)
                 finished.append(op_id)
         if finished:
-            self._unkeep(finished)
+            self.finish(finished)
         if tasks:  # XX: not one finished since
             ages = {op["id"]: now + max(now - op["created_at"] - after, 0.0) for _, op, _ in tasks}
             self._redis.zadd(self._seen, ages, xx=True)
         return tasks
-
-    # -- finishing and reading -----------------------------------------------------------
 
     def finish(
         self,
@@ -306,7 +287,8 @@ class RedisDeliveryStore:
         if ids:
             for key in self._pending.values():
                 pipe.zrem(key, *ids)
-            self._unkeep(ids, pipe)
+            pipe.zrem(self._seen, *ids)
+            pipe.hdel(self._tasks, *ids)
         if outcome is not None and count:
             pipe.hincrby(self._stats, outcome, count)
         if answer is not None:
@@ -336,9 +318,8 @@ class RedisDeliveryStore:
         return sum(pipe.execute())
 
     def look(self, ids: list[str]) -> tuple[str, int, list[bool]]:
-        """In one transaction: the epoch (a random token the first to look writes: another
-        one later means Redis lost its data), the pending count, and whether each of
-        ``ids`` is pending."""
+        """The epoch (written by the first to look: another one means Redis lost its data),
+        the pending count, and whether each of ``ids`` is pending, in one transaction."""
         epoch = f"{self._prefix}:epoch"
         pipe = self._redis.pipeline(transaction=True)
         pipe.set(epoch, uuid.uuid4().hex, nx=True)
@@ -364,15 +345,14 @@ class RedisDeliveryStore:
         pipe.get(f"{self._prefix}:backfill")
         *per_lane, stats, run = pipe.execute()
         now = time.time()
+        since = now - LATENCY_WINDOW
         for lane, name in LANE_NAMES.items():
             count, oldest, answers = per_lane[3 * lane : 3 * lane + 3]
             status.queued[name] = int(count)
             if oldest:
                 status.oldest_wait[name] = max(now - float(oldest[0][1]), 0.0)
             entries = (answer.split() for answer in answers)
-            status.add_latency(
-                name, (float(w) for at, w in entries if float(at) >= now - LATENCY_WINDOW)
-            )
+            status.add_latency(name, (float(w) for at, w in entries if float(at) >= since))
         counters = _counts(stats)
         for name in ("delivered", "failed", "dropped", "unchanged"):
             setattr(status, name, counters[name])

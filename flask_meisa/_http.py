@@ -12,9 +12,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator
-from collections.abc import Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass
 from typing import Any
 
 import requests
@@ -32,18 +30,6 @@ from .retry import parse_retry_after
 
 #: Largest answer read, decoded (the suppression list of a million addresses fits).
 MAX_ANSWER_BYTES = 32 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class Request:
-    """What one call sends on every attempt, and the key scope its endpoint needs."""
-
-    method: str
-    url: str
-    endpoint: str
-    data: bytes | None
-    params: Mapping[str, str]
-    scope: str | None
 
 
 class Transport:
@@ -89,25 +75,18 @@ class Transport:
             session.close()
 
     def attempt(
-        self, request: Request, timeout: tuple[float, float], limit: float
+        self, endpoint: str, scope: str | None, limit: float, **request: Any
     ) -> tuple[int, Any]:
-        """One attempt within ``limit`` seconds: ``(status, parsed body)`` on 2xx, else the
-        typed error, raised out of any ``except`` block so that it chains no ``requests``
-        exception (those hold the headers)."""
-        session, endpoint = self.session(), request.endpoint
-        timeout = (min(timeout[0], limit), min(timeout[1], limit))
+        """One attempt of ``requests.request(**request)`` within ``limit`` seconds: ``(status,
+        parsed body)`` on 2xx, else the typed error, raised out of any ``except`` block so that
+        it chains no ``requests`` exception (those hold the headers)."""
+        session = self.session()
         failure: BaseException | None = None
         with _watchdog.time_limit(limit) as watch:
             try:
+                # No redirect: it would carry the key to another host.
                 response = session.request(
-                    request.method,
-                    request.url,
-                    params=request.params,
-                    data=request.data,
-                    headers=self._headers,
-                    timeout=timeout,
-                    allow_redirects=False,  # a redirect would carry the key to another host
-                    stream=True,
+                    **request, headers=self._headers, allow_redirects=False, stream=True
                 )
                 with response:
                     content = _read(response)
@@ -116,14 +95,14 @@ class Transport:
         if watch.expired:  # whatever the cut socket made of the answer
             raise errors.APITimeoutError(endpoint, f"no complete answer within {limit:.3g} s")
         if failure is not None:
-            raise errors._connection_error(endpoint, failure, timeout)
+            raise errors._connection_error(endpoint, failure, request["timeout"])
         if content is None:
             reason = f"the answer is larger than {MAX_ANSWER_BYTES // 2**20} MiB"
             raise errors.APIConnectionError(endpoint, reason, retryable=False)
         if 200 <= response.status_code < 300:
             return response.status_code, errors._json(content)
         wait = parse_retry_after(response.headers.get("Retry-After"))
-        raise errors._api_error(endpoint, response, content, self._key, request.scope, wait)
+        raise errors._api_error(endpoint, response, content, self._key, scope, wait)
 
 
 def _session_for(base_url: str, pool_size: int) -> requests.Session:

@@ -317,23 +317,27 @@ class MeisaClient:
         method, path, scope = _ENDPOINTS[name]
         if isinstance(body, Mapping):
             body = encode_body({k: v for k, v in body.items() if v is not None})
-        url = self._base_url + path.replace("{id}", quote(contact_id, safe=""))
-        data = None if body is None else body.encode()
-        query = {k: v for k, v in (params or {}).items() if v is not None}
-        request = _http.Request(method, url, f"{method} {path}", data, query, scope)
+        request: dict[str, Any] = {
+            "method": method,
+            "url": self._base_url + path.replace("{id}", quote(contact_id, safe="")),
+            "params": {k: v for k, v in (params or {}).items() if v is not None},
+            "data": None if body is None else body.encode(),
+        }
+        endpoint = f"{method} {path}"
         policy, started, attempt = self._retry, time.monotonic(), 0
         while True:
             attempt += 1
             limit = sum(self._timeout)
             if policy.deadline is not None:  # no attempt runs past it; a floor keeps the last
                 limit = min(limit, max(policy.deadline - (time.monotonic() - started), 0.05))
+            request["timeout"] = (min(self._timeout[0], limit), min(self._timeout[1], limit))
             try:
-                status, answer = self._http.attempt(request, self._timeout, limit)
-                logger.debug("%s answered %d (attempt %d)", request.endpoint, status, attempt)
+                status, answer = self._http.attempt(endpoint, scope, limit, **request)
+                logger.debug("%s answered %d (attempt %d)", endpoint, status, attempt)
                 return status, answer
             except (APIError, APIConnectionError) as error:
                 delay = policy.delay_for(attempt, error, time.monotonic() - started)
-                outcome = f"{request.endpoint} {_describe(error)} on attempt {attempt}"
+                outcome = f"{endpoint} {_describe(error)} on attempt {attempt}"
                 if delay is not None:
                     logger.info("%s; retrying in %.2f s", outcome, delay)
                     time.sleep(delay)

@@ -12,9 +12,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator
-from collections.abc import Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass
 from typing import Any
 
 import requests
@@ -30,22 +28,8 @@ from . import errors
 from ._version import __version__
 from .retry import parse_retry_after
 
-__all__ = ["MAX_ANSWER_BYTES", "Request", "Transport", "after_fork", "time_limit"]
-
 #: Largest answer read, decoded (the suppression list of a million addresses fits).
 MAX_ANSWER_BYTES = 32 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class Request:
-    """What one call sends on every attempt, and the key scope its endpoint needs."""
-
-    method: str
-    url: str
-    endpoint: str
-    data: bytes | None
-    params: Mapping[str, str]
-    scope: str | None
 
 
 class Transport:
@@ -55,9 +39,8 @@ class Transport:
     def __init__(
         self, api_key: str, base_url: str, session: requests.Session | None, pool_size: int
     ) -> None:
-        self._key, self._given, self._pool_size = api_key, session, pool_size
-        self._base_url = base_url
-        self._own: requests.Session | None = None
+        self._key, self._base_url, self._pool_size = api_key, base_url, pool_size
+        self._session, self._owned = session, session is None
         self._lock, self._closed = threading.Lock(), False
         _transports.add(self)
         self._headers = {
@@ -74,62 +57,52 @@ class Transport:
         with self._lock:
             if self._closed:
                 raise errors.MeisaError("this MeisaClient is closed")
-            if self._given is not None:
-                return self._given
-            if self._own is None:
-                self._own = _session_for(self._base_url, self._pool_size)
-            return self._own
+            if self._session is None:
+                self._session = _session_for(self._base_url, self._pool_size)
+            return self._session
 
     def after_fork(self) -> None:
         """In a forked child: the parent's sockets, and a lock maybe held by its thread."""
-        self._lock, self._own = threading.Lock(), None
+        self._lock = threading.Lock()
+        if self._owned:
+            self._session = None
 
     def close(self) -> None:
         """Close the client's own session; later use raises."""
         with self._lock:
-            self._closed, own, self._own = True, self._own, None
-        if own is not None:
-            own.close()
+            self._closed, session = True, self._session
+        if self._owned and session is not None:
+            session.close()
 
     def attempt(
-        self, request: Request, timeout: tuple[float, float], limit: float
-    ) -> tuple[int, Any, errors.APIError | errors.APIConnectionError | None]:
-        """One attempt within ``limit`` seconds: ``(status, parsed body, None)`` on 2xx, else
-        ``(status or 0, None, error)``; the error is raised by the caller, out of any
-        ``except`` block, so it chains no ``requests`` exception (those hold the headers)."""
-        session, endpoint = self.session(), request.endpoint
-        timeout = (min(timeout[0], limit), min(timeout[1], limit))
+        self, endpoint: str, scope: str | None, limit: float, **request: Any
+    ) -> tuple[int, Any]:
+        """One attempt of ``requests.request(**request)`` within ``limit`` seconds: ``(status,
+        parsed body)`` on 2xx, else the typed error, raised out of any ``except`` block so that
+        it chains no ``requests`` exception (those hold the headers)."""
+        session = self.session()
         failure: BaseException | None = None
-        with time_limit(limit) as watch:
+        with _watchdog.time_limit(limit) as watch:
             try:
+                # No redirect: it would carry the key to another host.
                 response = session.request(
-                    request.method,
-                    request.url,
-                    params=request.params,
-                    data=request.data,
-                    headers=self._headers,
-                    timeout=timeout,
-                    allow_redirects=False,  # a redirect would carry the key to another host
-                    stream=True,
+                    **request, headers=self._headers, allow_redirects=False, stream=True
                 )
                 with response:
                     content = _read(response)
             except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
                 failure = exc
         if watch.expired:  # whatever the cut socket made of the answer
-            reason = f"no complete answer within {limit:.3g} s"
-            return 0, None, errors.APITimeoutError(endpoint, reason)
+            raise errors.APITimeoutError(endpoint, f"no complete answer within {limit:.3g} s")
         if failure is not None:
-            return 0, None, errors._connection_error(endpoint, failure, timeout)
+            raise errors._connection_error(endpoint, failure, request["timeout"])
         if content is None:
             reason = f"the answer is larger than {MAX_ANSWER_BYTES // 2**20} MiB"
-            return 0, None, errors.APIConnectionError(endpoint, reason, retryable=False)
-        status = response.status_code
-        if 200 <= status < 300:
-            return status, errors._json(content), None
+            raise errors.APIConnectionError(endpoint, reason, retryable=False)
+        if 200 <= response.status_code < 300:
+            return response.status_code, errors._json(content)
         wait = parse_retry_after(response.headers.get("Retry-After"))
-        error = errors._api_error(endpoint, response, content, self._key, request.scope, wait)
-        return status, None, error
+        raise errors._api_error(endpoint, response, content, self._key, scope, wait)
 
 
 def _session_for(base_url: str, pool_size: int) -> requests.Session:
@@ -154,10 +127,10 @@ _pid = os.getpid()
 
 
 def after_fork() -> None:
-    """In a forked child: reset the watchdog and every transport of the process."""
-    global _pid
+    """In a forked child: a new watchdog, and every transport of the process reset."""
+    global _pid, _watchdog
     _pid = os.getpid()
-    _watchdog.reset()
+    _watchdog = _Watchdog()
     for transport in list(_transports):
         transport.after_fork()
 
@@ -196,13 +169,10 @@ class Watch:
 
 
 class _Watchdog:
-    """The process's watchdog thread (started on first use) and the attempts it watches."""
+    """The process's watchdog thread (started on first use) and the attempts it watches; a
+    forked child makes a new one (the thread is gone there, the lock may be held)."""
 
     def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        """Start afresh, as in a forked child: the thread is gone, the lock may be held."""
         self.cond = threading.Condition()
         self.watches: set[Watch] = set()
         self.started = False
@@ -214,10 +184,9 @@ class _Watchdog:
         watch = Watch(seconds)
         with self.cond:
             if not self.started:
-                thread = threading.Thread(target=self._run, name="flask-meisa-watchdog")
-                thread.daemon = True
+                run = threading.Thread(target=self._run, name="flask-meisa-watchdog", daemon=True)
                 with contextlib.suppress(RuntimeError):  # at interpreter shutdown: per read only
-                    thread.start()
+                    run.start()
                     self.started = True
             self.watches.add(watch)
             self.cond.notify()
@@ -243,7 +212,6 @@ class _Watchdog:
 
 _current: ContextVar[Watch | None] = ContextVar("flask_meisa_attempt", default=None)
 _watchdog = _Watchdog()
-time_limit = _watchdog.time_limit
 
 
 def _attach(connection: HTTPConnection) -> None:
@@ -286,7 +254,7 @@ def _watch_pools(manager: PoolManager) -> PoolManager:
 
 
 class WatchedAdapter(HTTPAdapter):
-    """An adapter whose connections an attempt inside :func:`time_limit` can cut."""
+    """An adapter whose connections the watchdog can cut."""
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         super().init_poolmanager(*args, **kwargs)

@@ -18,9 +18,6 @@ import requests
 from . import _http
 from . import _payloads as payloads
 from . import _values
-from ._payloads import track_body
-from ._payloads import trigger_body
-from ._payloads import upsert_body
 from .config import DEFAULTS
 from .errors import APIConnectionError
 from .errors import APIError
@@ -179,7 +176,7 @@ class MeisaClient:
         """``POST /contacts/upsert/``: create or update a contact (matched on ``external_id``,
         then ``email``); ``custom_fields`` are merged, ``tag_names`` added."""
         fields = {name: value for name, value in locals().items() if name != "self"}
-        status, answer = self._call("upsert", upsert_body(fields))
+        status, answer = self._call("upsert", payloads.upsert_body(fields))
         return Contact.from_body(answer, status)
 
     def track_event(
@@ -192,7 +189,9 @@ class MeisaClient:
     ) -> TrackResult:
         """``POST /events/track/`` for the contact with this ``external_id`` or ``email``;
         no such contact: :class:`~flask_meisa.errors.NotFoundError` (upsert first)."""
-        body = track_body(event_name, email=email, external_id=external_id, properties=properties)
+        body = payloads.track_body(
+            event_name, email=email, external_id=external_id, properties=properties
+        )
         return TrackResult.from_body(self._call("track", body)[1])
 
     def add_tag(
@@ -286,7 +285,7 @@ class MeisaClient:
         """``POST /emails/trigger/``: send a transactional email. Every attempt carries the
         same ``idempotency_key`` (random when none is given), so nothing is sent twice; a
         suppressed recipient raises :class:`~flask_meisa.errors.UnprocessableEntityError`."""
-        body = trigger_body(
+        body = payloads.trigger_body(
             trigger_key,
             to_email,
             variables=variables,
@@ -318,31 +317,36 @@ class MeisaClient:
         method, path, scope = _ENDPOINTS[name]
         if isinstance(body, Mapping):
             body = encode_body({k: v for k, v in body.items() if v is not None})
-        url = self._base_url + path.replace("{id}", quote(contact_id, safe=""))
-        data = None if body is None else body.encode()
-        query = {k: v for k, v in (params or {}).items() if v is not None}
-        request = _http.Request(method, url, f"{method} {path}", data, query, scope)
+        request: dict[str, Any] = {
+            "method": method,
+            "url": self._base_url + path.replace("{id}", quote(contact_id, safe="")),
+            "params": {k: v for k, v in (params or {}).items() if v is not None},
+            "data": None if body is None else body.encode(),
+        }
+        endpoint = f"{method} {path}"
         policy, started, attempt = self._retry, time.monotonic(), 0
         while True:
             attempt += 1
             limit = sum(self._timeout)
             if policy.deadline is not None:  # no attempt runs past it; a floor keeps the last
                 limit = min(limit, max(policy.deadline - (time.monotonic() - started), 0.05))
-            status, answer, error = self._http.attempt(request, self._timeout, limit)
-            if error is None:
-                logger.debug("%s answered %d (attempt %d)", request.endpoint, status, attempt)
+            request["timeout"] = (min(self._timeout[0], limit), min(self._timeout[1], limit))
+            try:
+                status, answer = self._http.attempt(endpoint, scope, limit, **request)
+                logger.debug("%s answered %d (attempt %d)", endpoint, status, attempt)
                 return status, answer
-            delay = policy.delay_for(attempt, error, time.monotonic() - started)
-            outcome = f"{request.endpoint} {_describe(error)} on attempt {attempt}"
-            if delay is not None:
-                logger.info("%s; retrying in %.2f s", outcome, delay)
-                time.sleep(delay)
-            elif policy.is_retryable(error) and policy.max_attempts != 1:
-                logger.warning("%s; giving up", outcome)
-                raise error
-            else:
-                logger.debug("%s", outcome)
-                raise error
+            except (APIError, APIConnectionError) as error:
+                delay = policy.delay_for(attempt, error, time.monotonic() - started)
+                outcome = f"{endpoint} {_describe(error)} on attempt {attempt}"
+                if delay is not None:
+                    logger.info("%s; retrying in %.2f s", outcome, delay)
+                    time.sleep(delay)
+                elif policy.is_retryable(error) and policy.max_attempts != 1:
+                    logger.warning("%s; giving up", outcome)
+                    raise
+                else:
+                    logger.debug("%s", outcome)
+                    raise
 
 
 def _flag(value: object, field: str) -> bool | None:

@@ -252,27 +252,21 @@ def _api_error(
         if isinstance(body.get("code"), str) and body["code"].strip():
             code = _clean(body["code"], secret, limit=64)
         for detail in (body.get("detail"), body.get("message"), body.get("error")):
+            if isinstance(detail, (Mapping, list)) and detail:
+                detail = json.dumps(detail, ensure_ascii=False)
             if isinstance(detail, str) and detail.strip():
                 message = _clean(detail, secret)
-                break
-            if isinstance(detail, (Mapping, list)) and detail:
-                message = _clean(json.dumps(detail, ensure_ascii=False), secret)
                 break
     elif body is None and content:
         excerpt = html.unescape(_TAG.sub(" ", content[:2048].decode("utf-8", "replace")))
         if excerpt := _clean(excerpt, secret, MAX_EXCERPT):
             message = f"non-JSON answer: {excerpt}"
     kind = error_for_status(response.status_code)
-    scoped: dict[str, Any] = {"scope": scope} if issubclass(kind, PermissionDeniedError) else {}
-    return kind(
-        endpoint,
-        response.status_code,
-        message or _clean(response.reason or "", secret) or "no details",
-        code=code,
-        body=body,
-        retry_after=retry_after,
-        **scoped,
-    )
+    options: dict[str, Any] = {"code": code, "body": body, "retry_after": retry_after}
+    if issubclass(kind, PermissionDeniedError):
+        options["scope"] = scope
+    message = message or _clean(response.reason or "", secret) or "no details"
+    return kind(endpoint, response.status_code, message, **options)
 
 
 # Checked in order: RemoteDisconnected is a ConnectionResetError, the certificate error

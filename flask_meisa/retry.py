@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from dataclasses import field
 from email.utils import parsedate_to_datetime
 
-from .errors import APIError
 from .errors import ConfigurationError
 from .errors import MeisaError
 
@@ -74,7 +73,7 @@ class RetryPolicy:
         if not self.is_retryable(error) or (limit is not None and attempt >= limit):
             return None
         delay = self.backoff(attempt)
-        retry_after = error.retry_after if isinstance(error, APIError) else None
+        retry_after = getattr(error, "retry_after", None)
         if retry_after is not None:
             delay = max(delay, min(max(retry_after, 0.0), self.max_retry_after))
         if self.deadline is not None and elapsed + delay > self.deadline:
@@ -99,8 +98,5 @@ def parse_retry_after(value: str | None, now: dt.datetime | None = None) -> floa
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
     now = now or dt.datetime.now(dt.timezone.utc)
-    return max((_aware(when) - _aware(now)).total_seconds(), 0.0)
-
-
-def _aware(moment: dt.datetime) -> dt.datetime:
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=dt.timezone.utc)
+    when, now = (t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc) for t in (when, now))
+    return max((when - now).total_seconds(), 0.0)

@@ -65,7 +65,7 @@ class SuppressionSet:
         self._retry_interval = float(retry_interval)
         self._clock = clock
         self._current: _Loaded | None = None  # read without the lock, replaced under it
-        # address -> the number of the first fetch started after its addition.
+        # address -> how many fetches had started when it was added.
         self._local: dict[str, int] = {}
         # The rest is guarded by the lock.
         self._fetches = 0  # fetches started
@@ -130,8 +130,9 @@ class SuppressionSet:
         ``retry_interval``; ``True`` on success. Never raises: see :attr:`last_error`."""
         with self._lock:
             self._lock.wait_for(lambda: not self._loading)
-            number = self._begin_fetch()
-        return self._run_fetch(number)
+            self._loading = True
+            self._fetches += 1
+        return self._run_fetch()
 
     def refresh_in_background(self) -> bool:
         """Start a refresh thread (ignoring ``retry_interval``) unless a fetch is running
@@ -182,22 +183,16 @@ class SuppressionSet:
         current = self._current
         return None if current is None else self._clock() - current.loaded_at
 
-    def _begin_fetch(self) -> int:  # with the lock held
-        self._loading = True
-        self._fetches += 1
-        return self._fetches - 1
-
     def _start_refresh(self, *, respect_retry: bool) -> bool:  # with the lock held
         if self._loading or self._closed:
             return False
         if respect_retry and self._retry_at is not None and self._clock() < self._retry_at:
             return False
         thread = threading.Thread(
-            target=self._run_fetch,
-            args=(self._begin_fetch(),),
-            name="flask-meisa-suppression-refresh",
-            daemon=True,
+            target=self._run_fetch, name="flask-meisa-suppression-refresh", daemon=True
         )
+        self._loading = True
+        self._fetches += 1
         try:
             thread.start()
         except RuntimeError:  # no new threads at interpreter shutdown
@@ -207,8 +202,9 @@ class SuppressionSet:
         self._thread = thread
         return True
 
-    def _run_fetch(self, number: int) -> bool:
-        # Fetches never overlap (``_loading``), so only this one changes ``_current``.
+    def _run_fetch(self) -> bool:
+        # Fetches never overlap (``_loading``): only this one changes ``_current`` and
+        # ``_fetches`` counts it.
         try:
             loaded = _read_snapshot(self._fetch(), self._clock)
         except Exception as exc:
@@ -228,7 +224,7 @@ class SuppressionSet:
             with self._lock:
                 self._current = loaded
                 # Additions made before this fetch started are now Meisa's to answer for.
-                self._local = {k: v for k, v in self._local.items() if v > number}
+                self._local = {k: v for k, v in self._local.items() if v >= self._fetches}
                 self._retry_at = self.last_error = None
             _logger.debug(
                 "Meisa suppression list loaded: %d addresses as of %s",

@@ -159,12 +159,10 @@ class MeisaState:
         if self._store is not None:
             self._store.after_fork()
         self.suppression.after_fork()
-        dispatcher = self._dispatcher
-        if dispatcher is not None:
-            dispatcher.after_fork()
+        if self._dispatcher is not None:
+            self._dispatcher.after_fork()
             with contextlib.suppress(RuntimeError):
-                if self.delivering():
-                    dispatcher.start()
+                self.start()
 
     @property
     def client(self) -> MeisaClient:

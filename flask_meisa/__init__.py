@@ -1,11 +1,4 @@
-"""flask-meisa: sync a Flask app's users to Meisa and send transactional email through it.
-
-The public surface::
-
-    from flask_meisa import Meisa, track_event, plan_changed
-"""
-
-from __future__ import annotations
+"""flask-meisa: sync a Flask app's users to Meisa and send transactional email through it."""
 
 from ._engine.base import DeliveryStatus
 from .client import MeisaClient

@@ -38,9 +38,8 @@ __all__ = ["MeisaState"]
 
 logger = logging.getLogger("flask_meisa")
 
-#: Each ``MEISA_DELIVERY`` engine: the module (imported on first use) whose
-#: ``make_dispatcher(state)`` makes it, and whether it keeps a store that may hold work
-#: from before this process (then ``flush`` and ``status`` make the engine).
+#: ``MEISA_DELIVERY``: (the module whose ``make_dispatcher(state)`` makes the engine, whether
+#: it keeps a store that may hold earlier work: then ``flush`` and ``status`` make it).
 _ENGINES = {"sync": ("sync", False), "thread": ("delivery", True), "celery": ("celery", False)}
 
 
@@ -160,12 +159,10 @@ class MeisaState:
         if self._store is not None:
             self._store.after_fork()
         self.suppression.after_fork()
-        dispatcher = self._dispatcher
-        if dispatcher is not None:
-            dispatcher.after_fork()
+        if self._dispatcher is not None:
+            self._dispatcher.after_fork()
             with contextlib.suppress(RuntimeError):
-                if self.delivering():
-                    dispatcher.start()
+                self.start()
 
     @property
     def client(self) -> MeisaClient:
@@ -197,7 +194,9 @@ class MeisaState:
             return dispatcher
         with self._lock:
             if self._dispatcher is None:
-                self._dispatcher = self._make_engine()
+                name = _ENGINES[self.settings.delivery][0]
+                module = importlib.import_module(f"._engine.{name}", __package__)
+                self._dispatcher = module.make_dispatcher(self)
             return self._dispatcher
 
     def has_dispatcher(self) -> bool:
@@ -205,13 +204,6 @@ class MeisaState:
         return self._dispatcher is not None or (
             _ENGINES[self.settings.delivery][1] and self.delivering()
         )
-
-    def _make_engine(self) -> Dispatcher:
-        module = importlib.import_module(
-            f"._engine.{_ENGINES[self.settings.delivery][0]}", __package__
-        )
-        dispatcher: Dispatcher = module.make_dispatcher(self)
-        return dispatcher
 
     def store(self) -> Store:
         """The store of ``MEISA_DELIVERY = "thread"`` (opened on first use): the
@@ -223,7 +215,7 @@ class MeisaState:
             try:
                 self._store = Store(path, busy_timeout=self.settings.outbox_busy_timeout)
             except ConfigurationError as error:
-                if path is None or self.settings.outbox != DEFAULTS["MEISA_OUTBOX"]:
+                if self.settings.outbox != DEFAULTS["MEISA_OUTBOX"]:
                     raise
                 logger.warning(
                     "meisa: %s. Delivery falls back to memory: work pending when a process "
@@ -277,10 +269,7 @@ class MeisaState:
         return left
 
 
-# Exit closes every live state's engine. The process's one fork hook (below) holds their
-# stores across a fork (see Store.before_fork); in the child it resets the HTTP transports
-# and every live state. Both also reset on first use after a fork that ran no hook
-# (uWSGI's prefork default): MeisaState.after_fork and _http.after_fork check the pid.
+# The process's one exit hook and one fork hook (docs/architecture.md, "Processes").
 _live: weakref.WeakSet[MeisaState] = weakref.WeakSet()
 _held: list[Store] = []
 

@@ -12,13 +12,13 @@ from collections.abc import Callable
 from collections.abc import Collection
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any
 
 from .errors import ConfigurationError
 from .errors import MeisaError
 from .errors import ValidationError
 
-__all__ = ["SuppressionSet", "SuppressionSnapshot"]
+__all__ = ["SuppressionSet"]
 
 _logger = logging.getLogger("flask_meisa.suppression")
 
@@ -26,21 +26,8 @@ _logger = logging.getLogger("flask_meisa.suppression")
 _MAX_LOCAL = 100_000
 
 
-class SuppressionSnapshot(Protocol):
-    """What a fetch returns, as ``MeisaClient.unsubscribed_emails()`` does: the addresses
-    (in any case, maybe padded) and Meisa's time stamp of the list."""
-
-    @property
-    def emails(self) -> Iterable[str]: ...
-
-    @property
-    def as_of(self) -> str | dt.datetime | None: ...
-
-
 @dataclass(frozen=True, slots=True)
-class _Loaded:
-    """One successful load, published whole and never changed."""
-
+class _Loaded:  # one successful load, published whole and never changed
     emails: frozenset[str]
     as_of: str | None
     loaded_at: float
@@ -53,8 +40,9 @@ class _UnreadableSnapshot(Exception):
 class SuppressionSet:
     """A per-process set of addresses not to email, refreshed from Meisa every ``ttl`` seconds.
 
-    :param fetch: returns a :class:`SuppressionSnapshot` (``client.unsubscribed_emails``);
-        runs in the first caller's thread or a background thread, never under the lock.
+    :param fetch: returns what ``client.unsubscribed_emails()`` does: ``emails`` (in any case,
+        maybe padded) and Meisa's ``as_of``; runs in the caller's or a background thread,
+        never under the lock.
     :param ttl: seconds a loaded list stays fresh.
     :param retry_interval: seconds to wait after a failed load before fetching again.
     :param clock: monotonic seconds (tests advance their own).
@@ -62,7 +50,7 @@ class SuppressionSet:
 
     def __init__(
         self,
-        fetch: Callable[[], SuppressionSnapshot],
+        fetch: Callable[[], Any],
         *,
         ttl: float = 300.0,
         retry_interval: float = 30.0,
@@ -77,17 +65,17 @@ class SuppressionSet:
         self._retry_interval = float(retry_interval)
         self._clock = clock
         self._current: _Loaded | None = None  # read without the lock, replaced under it
-        # address -> the number of the first fetch started after its addition.
+        # address -> how many fetches had started when it was added.
         self._local: dict[str, int] = {}
         # The rest is guarded by the lock.
         self._fetches = 0  # fetches started
         self._loading = False
         self._retry_at: float | None = None
-        self._last_error: str | None = None
+        #: Why the last fetch failed, or ``None`` once a fetch succeeded after it.
+        self.last_error: str | None = None
         self._closed = False
         self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._done = threading.Condition(self._lock)
+        self._lock = threading.Condition()  # notified when a fetch ends
 
     def __repr__(self) -> str:
         current = self._current
@@ -101,12 +89,19 @@ class SuppressionSet:
         failed); a stale list answers while a background refresh runs."""
         key = _key(email)
         current = self._current
-        if current is None:
-            current = self._load_first(wait)
-        elif self._clock() >= current.loaded_at + self._ttl and not self._loading:
+        if current is None or (
+            self._clock() >= current.loaded_at + self._ttl and not self._loading
+        ):
             with self._lock:
                 if self._current is current:
                     self._start_refresh(respect_retry=True)
+            if current is None and not self.wait_for_refresh(wait):
+                _logger.warning(
+                    "Meisa suppression list not loaded within %gs; going on without it "
+                    "while it loads",
+                    wait,
+                )
+            current = self._current
         return key in self._local or (current is not None and key in current.emails)
 
     def peek(self, email: str) -> bool:
@@ -134,10 +129,10 @@ class SuppressionSet:
         """Fetch the list now, in this thread (after any fetch running), ignoring
         ``retry_interval``; ``True`` on success. Never raises: see :attr:`last_error`."""
         with self._lock:
-            while self._loading:
-                self._done.wait()
-            number = self._begin_fetch()
-        return self._run_fetch(number)
+            self._lock.wait_for(lambda: not self._loading)
+            self._loading = True
+            self._fetches += 1
+        return self._run_fetch()
 
     def refresh_in_background(self) -> bool:
         """Start a refresh thread (ignoring ``retry_interval``) unless a fetch is running
@@ -148,7 +143,7 @@ class SuppressionSet:
     def wait_for_refresh(self, timeout: float | None = None) -> bool:
         """Wait until no fetch is running; ``True`` if none is running by the end."""
         with self._lock:
-            return self._done.wait_for(lambda: not self._loading, timeout)
+            return self._lock.wait_for(lambda: not self._loading, timeout)
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop refreshing (answers come from the last list; :meth:`load` still works) and
@@ -161,8 +156,7 @@ class SuppressionSet:
 
     def after_fork(self) -> None:
         """In a forked child: the parent's lock and refresh thread are not ours."""
-        self._lock = threading.Lock()
-        self._done = threading.Condition(self._lock)
+        self._lock = threading.Condition()
         self._loading = False
         self._thread = None
 
@@ -189,61 +183,39 @@ class SuppressionSet:
         current = self._current
         return None if current is None else self._clock() - current.loaded_at
 
-    @property
-    def last_error(self) -> str | None:
-        """Why the last fetch failed, or ``None`` once a fetch succeeded after it."""
-        return self._last_error
-
-    def _load_first(self, wait: float | None) -> _Loaded | None:
-        with self._lock:
-            if self._current is None:
-                self._start_refresh(respect_retry=True)
-            if not self._done.wait_for(lambda: not self._loading, wait):
-                _logger.warning(
-                    "Meisa suppression list not loaded within %gs; going on without it "
-                    "while it loads",
-                    wait,
-                )
-            return self._current
-
-    def _begin_fetch(self) -> int:  # with the lock held
-        self._loading = True
-        self._fetches += 1
-        return self._fetches - 1
-
     def _start_refresh(self, *, respect_retry: bool) -> bool:  # with the lock held
         if self._loading or self._closed:
             return False
         if respect_retry and self._retry_at is not None and self._clock() < self._retry_at:
             return False
         thread = threading.Thread(
-            target=self._run_fetch,
-            args=(self._begin_fetch(),),
-            name="flask-meisa-suppression-refresh",
-            daemon=True,
+            target=self._run_fetch, name="flask-meisa-suppression-refresh", daemon=True
         )
+        self._loading = True
+        self._fetches += 1
         try:
             thread.start()
         except RuntimeError:  # no new threads at interpreter shutdown
             self._loading = False
-            self._done.notify_all()
+            self._lock.notify_all()
             return False
         self._thread = thread
         return True
 
-    def _run_fetch(self, number: int) -> bool:
+    def _run_fetch(self) -> bool:
+        # Fetches never overlap (``_loading``): only this one changes ``_current`` and
+        # ``_fetches`` counts it.
         try:
             loaded = _read_snapshot(self._fetch(), self._clock)
         except Exception as exc:
             error = _describe(exc)
             with self._lock:
-                had_list = self._current is not None
                 self._retry_at = self._clock() + self._retry_interval
-                self._last_error = error
+                self.last_error = error
             _logger.warning(
                 "Meisa suppression list %s; next attempt in %gs",
                 f"refresh failed ({error}); keeping the last list"
-                if had_list
+                if self._current is not None
                 else f"could not be loaded ({error}); suppressing nothing until it loads",
                 self._retry_interval,
             )
@@ -252,16 +224,19 @@ class SuppressionSet:
             with self._lock:
                 self._current = loaded
                 # Additions made before this fetch started are now Meisa's to answer for.
-                self._local = {k: v for k, v in self._local.items() if v > number}
-                self._retry_at = self._last_error = None
-            count, as_of = len(loaded.emails), loaded.as_of
-            _logger.debug("Meisa suppression list loaded: %d addresses as of %s", count, as_of)
+                self._local = {k: v for k, v in self._local.items() if v >= self._fetches}
+                self._retry_at = self.last_error = None
+            _logger.debug(
+                "Meisa suppression list loaded: %d addresses as of %s",
+                len(loaded.emails),
+                loaded.as_of,
+            )
             return True
         finally:
             # Cleared last: wait_for_refresh returns once the outcome is installed and logged.
             with self._lock:
                 self._loading = False
-                self._done.notify_all()
+                self._lock.notify_all()
 
 
 def _key(email: object) -> str:
@@ -273,29 +248,25 @@ def _key(email: object) -> str:
     return key
 
 
-def _is_clean(emails: frozenset[object]) -> bool:
-    """Whether every entry is already lowercase and unpadded (C-speed passes, no copies)."""
-    try:
-        return all(map(str.islower, emails)) and all(  # type: ignore[arg-type]
-            map(operator.is_, emails, map(str.strip, emails))  # type: ignore[arg-type]
-        )
-    except TypeError:  # an entry that is not a string
-        return False
-
-
 def _normalized(emails: Iterable[object]) -> frozenset[str]:
-    if isinstance(emails, frozenset) and _is_clean(emails):
-        return emails  # share the client's set instead of holding a second copy
     if not isinstance(emails, Collection):
         emails = tuple(emails)  # the fallback below must be able to iterate again
     try:
+        # Already lowercase and unpadded (C-speed passes, no copies): share the client's set
+        # instead of holding a second copy.
+        if (
+            isinstance(emails, frozenset)
+            and all(map(str.islower, emails))
+            and all(map(operator.is_, emails, map(str.strip, emails)))
+        ):
+            return emails
         keys = frozenset(map(str.lower, map(str.strip, emails)))
-    except TypeError:
+    except TypeError:  # an entry that is not a string
         keys = frozenset(e.strip().lower() for e in emails if isinstance(e, str))
     return keys - {""} if "" in keys else keys
 
 
-def _read_snapshot(snapshot: SuppressionSnapshot, clock: Callable[[], float]) -> _Loaded:
+def _read_snapshot(snapshot: Any, clock: Callable[[], float]) -> _Loaded:
     try:
         emails: object = snapshot.emails
         as_of: object = snapshot.as_of
@@ -303,10 +274,9 @@ def _read_snapshot(snapshot: SuppressionSnapshot, clock: Callable[[], float]) ->
         raise _UnreadableSnapshot("the answer has no emails or as_of") from None
     if isinstance(emails, (str, bytes)) or not isinstance(emails, Iterable):
         raise _UnreadableSnapshot("the answer's emails is not a collection of addresses")
-    normalized = _normalized(emails)
     if isinstance(as_of, dt.datetime):
         as_of = as_of.isoformat()
-    return _Loaded(normalized, None if as_of is None else str(as_of), clock())
+    return _Loaded(_normalized(emails), None if as_of is None else str(as_of), clock())
 
 
 def _describe(exc: Exception) -> str:

@@ -78,8 +78,7 @@ delivery_dropped = _signals.signal("meisa-delivery-dropped")
 
 
 def emit(signal: Signal, app: Flask, **kwargs: Any) -> None:
-    """Send ``signal`` with ``app`` as sender; a receiver that raises is logged, never
-    propagated."""
+    """Send ``signal`` from ``app``; a receiver that raises is logged, never propagated."""
     if not signal.receivers:
         return  # the common case in production, at a tenth of send()'s cost
     try:

@@ -67,6 +67,5 @@ else:
 
     @pytest.fixture
     def meisa_config(meisa_emulator: Emulator) -> dict[str, Any]:
-        """Config keys pointing an app at ``meisa_emulator`` (see
-        :func:`emulator_config`)."""
+        """Config keys pointing an app at ``meisa_emulator`` (see :func:`emulator_config`)."""
         return emulator_config(meisa_emulator)

@@ -29,8 +29,7 @@ __all__ = ["meisa_cli"]
 
 
 class _MeisaGroup(AppGroup):
-    """A group whose commands end with Meisa's refusal (a :class:`MeisaError`) as their
-    error message, without a traceback."""
+    """A group whose commands end on a :class:`MeisaError` with its message, no traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -164,8 +163,8 @@ def sync_users_command(max_share: float, restart: bool, dry_run: bool, failures:
 
 
 def _backfill_target(state: MeisaState, *, start: bool) -> backfill.Target:
-    """Where a backfill goes: Redis under Celery, else the delivery store (whose delivery
-    is started here when ``start``: this process delivers when no other does)."""
+    # Redis under Celery, else the store, whose delivery ``start`` starts here (this
+    # process delivers when no other does).
     delivery = state.settings.delivery
     if start and (delivery not in ("thread", "celery") or not state.delivering()):
         raise click.ClickException(

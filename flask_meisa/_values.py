@@ -44,10 +44,8 @@ def flag(value: object) -> bool:
 
 
 def optional_flag(value: object) -> bool | None:
-    if value is None:
-        return None
     try:
-        return flag(value)
+        return None if value is None else flag(value)
     except InvalidValue:
         raise InvalidValue(f"must be None, {_FLAG}") from None
 
@@ -142,8 +140,7 @@ def api_key(value: object) -> str | None:
 
 
 def base_url(value: object) -> str:
-    """Meisa's API root, without a trailing slash: ``https://``, or ``http://`` for
-    localhost or a loopback address; a host, and no credentials, query or fragment."""
+    """Meisa's API root, checked as its refusals say, without a trailing slash."""
     if not isinstance(value, str) or not value.strip():
         raise InvalidValue("must be the API's URL, such as https://api.meisa.io/api/v1")
     url = value.strip().rstrip("/")

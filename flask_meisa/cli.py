@@ -255,16 +255,17 @@ def _letters(store: Store, ids: list[int] | None = None) -> list[dead.DeadLetter
     return letters
 
 
-def _chosen(store: Store, ids: tuple[int, ...], every: bool) -> list[int] | None:
-    """The dead letters a command names: ``ids`` (each checked), or ``None`` for all."""
+def _chosen(ids: tuple[int, ...], every: bool) -> tuple[Store, list[int] | None]:
+    """The store and the dead letters a command names: ``ids`` (checked), or ``None``: all."""
+    store = _store()
     if every and ids:
         raise click.UsageError("give IDs or --all, not both")
     if not every and not ids:
         raise click.UsageError("give the IDs of dead letters (see 'list'), or --all")
     if every:
-        return None
+        return store, None
     _letters(store, list(ids))
-    return list(ids)
+    return store, list(ids)
 
 
 @meisa_cli.group("dead-letters", invoke_without_command=True)
@@ -314,8 +315,7 @@ def dead_letters_show(seq: int) -> None:
 )
 def dead_letters_retry(ids: tuple[int, ...], every: bool, timeout: float) -> None:
     """Queue dead letters for delivery again, then wait for them."""
-    store = _store()
-    chosen = _chosen(store, ids, every)
+    store, chosen = _chosen(ids, every)
     with store.write() as db:
         queued = dead.requeue(db, chosen)
     click.echo(f"{queued} operation(s) queued again")
@@ -337,8 +337,7 @@ def dead_letters_retry(ids: tuple[int, ...], every: bool, timeout: float) -> Non
 @click.option("--yes", is_flag=True, help="Do not ask before deleting every dead letter.")
 def dead_letters_purge(ids: tuple[int, ...], every: bool, yes: bool) -> None:
     """Delete dead letters for good."""
-    store = _store()
-    chosen = _chosen(store, ids, every)
+    store, chosen = _chosen(ids, every)
     if chosen is None and not yes:
         count = _extension().status().dead_letters
         click.confirm(f"Delete all {count} dead letters?", abort=True)

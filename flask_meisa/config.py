@@ -211,8 +211,8 @@ def _shown(key: Key, value: object) -> str:
 def resolve_keys(config: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
     """The parsed values of the keys ``names`` (a missing key takes its default).
 
-    :raises ConfigurationError: one, listing every invalid key, and ``MEISA_API_KEY`` when
-        it is among ``names``, unset while delivery is on.
+    :raises ConfigurationError: one, listing every invalid key (and an unset
+        ``MEISA_API_KEY`` among ``names`` while delivering).
     """
     values: dict[str, Any] = {}
     problems: list[str] = []
@@ -247,10 +247,7 @@ def _delivering(switches: Mapping[str, Any], config: Mapping[str, Any]) -> bool:
 
 def is_delivering(config: Mapping[str, Any]) -> bool:
     """Whether operations are delivered now: ``MEISA_ENABLED`` and not
-    ``MEISA_SUPPRESS_SEND``, which follows ``TESTING`` while it is ``None``.
-
-    :raises ConfigurationError: one of the two is not a boolean.
-    """
+    ``MEISA_SUPPRESS_SEND`` (``TESTING`` while ``None``); a non-boolean raises."""
     return _delivering(resolve_keys(config, _SWITCHES), config)
 
 

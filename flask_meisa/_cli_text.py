@@ -77,7 +77,6 @@ def status_report(status: DeliveryStatus, store_path: str | None) -> str:
 
 
 def refusal(letter: DeadLetter) -> str:
-    """A dead letter's error: HTTP status, [code] and message, each when there is one."""
     status = f"HTTP {letter.status}" if letter.status is not None else ""
     return " ".join(filter(None, (status, letter.code and f"[{letter.code}]", letter.message)))
 

@@ -30,8 +30,7 @@ _MAX_SECONDS = threading.TIMEOUT_MAX
 
 
 class InvalidValue(ValueError):
-    """A refused value. The message says what is allowed (it reads after the key's name,
-    e.g. "must be a number") and never holds the value."""
+    """A refused value; the message says what is allowed ("must be ...") and never holds it."""
 
 
 def flag(value: object) -> bool:
@@ -45,17 +44,13 @@ def flag(value: object) -> bool:
 
 
 def optional_flag(value: object) -> bool | None:
-    """A boolean, or ``None``."""
-    if value is None:
-        return None
     try:
-        return flag(value)
+        return None if value is None else flag(value)
     except InvalidValue:
         raise InvalidValue(f"must be None, {_FLAG}") from None
 
 
 def _number(value: object) -> float | None:
-    """The finite number ``value`` holds (an int, a float or a numeric string), or None."""
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         return None
     try:
@@ -81,25 +76,18 @@ def seconds(minimum: float, *, inclusive: bool = True) -> Callable[[object], flo
 
 
 def count(value: object) -> int:
-    """A whole number, at least 1."""
-    exact = isinstance(value, int) and not isinstance(value, bool)
-    number = value if exact else _number(value)
-    if not isinstance(number, int | float) or number < 1 or number != int(number):
+    number = value if isinstance(value, int) and not isinstance(value, bool) else _number(value)
+    if number is None or number < 1 or number != int(number):
         raise InvalidValue("must be a whole number >= 1")
     return int(number)
 
 
-def choice(*options: str) -> Callable[[object], str]:
-    """A parser of one of ``options`` (any case, surrounding spaces ignored)."""
-    allowed = ", ".join(f'"{option}"' for option in options)
-
-    def parse(value: object) -> str:
-        word = value.strip().lower() if isinstance(value, str) else ""
-        if word not in options:
-            raise InvalidValue(f"must be one of {allowed}")
-        return word
-
-    return parse
+def delivery(value: object) -> str:
+    """``MEISA_DELIVERY``: "thread", "sync" or "celery" (any case)."""
+    word = value.strip().lower() if isinstance(value, str) else ""
+    if word not in ("thread", "sync", "celery"):
+        raise InvalidValue('must be one of "thread", "sync", "celery"')
+    return word
 
 
 def names(value: object) -> tuple[str, ...]:
@@ -152,8 +140,7 @@ def api_key(value: object) -> str | None:
 
 
 def base_url(value: object) -> str:
-    """Meisa's API root, without a trailing slash: ``https://``, or ``http://`` for
-    localhost or a loopback address; a host, and no credentials, query or fragment."""
+    """Meisa's API root, checked as its refusals say, without a trailing slash."""
     if not isinstance(value, str) or not value.strip():
         raise InvalidValue("must be the API's URL, such as https://api.meisa.io/api/v1")
     url = value.strip().rstrip("/")
@@ -202,7 +189,6 @@ def rate_limit(value: object) -> str | None:
 
 
 def source(value: object) -> str | None:
-    """A contact ``source`` Meisa accepts, or ``None``."""
     if value is None:
         return None
     word = value.strip() if isinstance(value, str) else ""
@@ -232,14 +218,12 @@ def outbox(value: object) -> str | None:
 
 
 def celery_app(value: object) -> Any:
-    """A ``celery.Celery`` (anything with ``send_task``), or ``None``."""
     if value is not None and not callable(getattr(value, "send_task", None)):
         raise InvalidValue("must be a celery.Celery instance, or None")
     return value
 
 
 def queue_name(value: object) -> str:
-    """A queue name: a non-empty string without whitespace."""
     name = value.strip() if isinstance(value, str) else ""
     if not name or any(c.isspace() for c in name):
         raise InvalidValue("must be a queue name without spaces")
@@ -247,7 +231,6 @@ def queue_name(value: object) -> str:
 
 
 def redis_url(value: object) -> str | None:
-    """A ``redis://``, ``rediss://`` or ``unix://`` URL, or ``None``."""
     if value is None:
         return None
     url = value.strip() if isinstance(value, str) else ""
@@ -277,14 +260,9 @@ class RateWindow:
 
 
 def parse_rate_limit(spec: str) -> tuple[RateWindow, ...]:
-    """Parse a budget such as ``"60/minute;1000/hour"``.
+    """Parse a budget such as ``"60/minute;1000/hour"`` (the forms: docs/configuration.md).
 
-    Parts are separated by ``;`` or ``,``. Each is ``<limit>/<unit>`` or
-    ``<limit> per <unit>``, optionally with a count of units (``"5/10 seconds"``). Units:
-    second, minute, hour, day, their plurals and the short forms s, sec, m, min, h, hr, d.
-
-    :raises ConfigurationError: for an empty budget, a malformed part, an unknown unit or
-        a limit of zero.
+    :raises ConfigurationError: an empty budget, a malformed part, an unknown unit or a zero.
     """
     if not isinstance(spec, str):
         raise ConfigurationError(f"a rate limit must be a string such as {_EXAMPLE}")

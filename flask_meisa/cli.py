@@ -29,8 +29,7 @@ __all__ = ["meisa_cli"]
 
 
 class _MeisaGroup(AppGroup):
-    """A group whose commands end with Meisa's refusal (a :class:`MeisaError`) as their
-    error message, without a traceback."""
+    """A group whose commands end on a :class:`MeisaError` with its message, no traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -164,8 +163,8 @@ def sync_users_command(max_share: float, restart: bool, dry_run: bool, failures:
 
 
 def _backfill_target(state: MeisaState, *, start: bool) -> backfill.Target:
-    """Where a backfill goes: Redis under Celery, else the delivery store (whose delivery
-    is started here when ``start``: this process delivers when no other does)."""
+    # Redis under Celery, else the store, whose delivery ``start`` starts here (this
+    # process delivers when no other does).
     delivery = state.settings.delivery
     if start and (delivery not in ("thread", "celery") or not state.delivering()):
         raise click.ClickException(
@@ -256,16 +255,17 @@ def _letters(store: Store, ids: list[int] | None = None) -> list[dead.DeadLetter
     return letters
 
 
-def _chosen(store: Store, ids: tuple[int, ...], every: bool) -> list[int] | None:
-    """The dead letters a command names: ``ids`` (each checked), or ``None`` for all."""
+def _chosen(ids: tuple[int, ...], every: bool) -> tuple[Store, list[int] | None]:
+    """The store and the dead letters a command names: ``ids`` (checked), or ``None``: all."""
+    store = _store()
     if every and ids:
         raise click.UsageError("give IDs or --all, not both")
     if not every and not ids:
         raise click.UsageError("give the IDs of dead letters (see 'list'), or --all")
     if every:
-        return None
+        return store, None
     _letters(store, list(ids))
-    return list(ids)
+    return store, list(ids)
 
 
 @meisa_cli.group("dead-letters", invoke_without_command=True)
@@ -315,8 +315,7 @@ def dead_letters_show(seq: int) -> None:
 )
 def dead_letters_retry(ids: tuple[int, ...], every: bool, timeout: float) -> None:
     """Queue dead letters for delivery again, then wait for them."""
-    store = _store()
-    chosen = _chosen(store, ids, every)
+    store, chosen = _chosen(ids, every)
     with store.write() as db:
         queued = dead.requeue(db, chosen)
     click.echo(f"{queued} operation(s) queued again")
@@ -338,8 +337,7 @@ def dead_letters_retry(ids: tuple[int, ...], every: bool, timeout: float) -> Non
 @click.option("--yes", is_flag=True, help="Do not ask before deleting every dead letter.")
 def dead_letters_purge(ids: tuple[int, ...], every: bool, yes: bool) -> None:
     """Delete dead letters for good."""
-    store = _store()
-    chosen = _chosen(store, ids, every)
+    store, chosen = _chosen(ids, every)
     if chosen is None and not yes:
         count = _extension().status().dead_letters
         click.confirm(f"Delete all {count} dead letters?", abort=True)

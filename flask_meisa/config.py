@@ -16,21 +16,18 @@ from typing import Any
 
 from . import _values
 from ._values import INSTANCE_PREFIX
-from ._values import MEMORY
 from .errors import ConfigurationError
 
 __all__ = [
     "DEFAULTS",
     "INSTANCE_PREFIX",
     "KEYS",
-    "MEMORY",
     "Key",
     "MeisaSettings",
     "config_template",
     "is_delivering",
     "markdown_table",
     "resolve_keys",
-    "warn_unknown_keys",
 ]
 
 logger = logging.getLogger("flask_meisa")
@@ -38,24 +35,21 @@ logger = logging.getLogger("flask_meisa")
 
 @dataclass(frozen=True)
 class Key:
-    """One ``MEISA_*`` key: its name, documented type, default, parser and meaning."""
+    """One ``MEISA_*`` key. ``parse`` turns a config value into the value used (or raises
+    :class:`_values.InvalidValue`); ``meaning`` is one line, ``notes`` more for the template;
+    ``default_note`` says what the default stands for; ``template`` is the template's value
+    when not the default's literal; a ``secret`` value is never shown in an error; a key
+    not ``resolved`` is read where it is used, not carried by :class:`MeisaSettings`."""
 
     name: str
     type: str
     default: Any
-    #: Turns a config value into the value used; raises :class:`_values.InvalidValue`.
     parse: Callable[[Any], Any]
-    #: One line on what it does (README table and template).
     meaning: str
-    #: More for the template.
     notes: str = ""
-    #: What the default stands for, e.g. "= TESTING".
     default_note: str = ""
-    #: The template's right-hand side, when it is not the default's literal.
     template: str | None = None
-    #: Whether its value is a secret, never shown in an error.
     secret: bool = False
-    #: Whether :class:`MeisaSettings` carries it (else it is read where it is used).
     resolved: bool = True
 
     @property
@@ -67,7 +61,6 @@ class Key:
 _SECONDS = "float seconds"
 _ABOVE_0 = _values.seconds(0, inclusive=False)
 
-# One key a row: name, type, default, parser, meaning, then what more the docs say.
 # fmt: off
 #: Every key, in the order the template and the README list them.
 KEYS: tuple[Key, ...] = (
@@ -132,7 +125,7 @@ KEYS: tuple[Key, ...] = (
         "load the suppression set at startup instead of on the first send"),
     Key("MEISA_RELEASE_ON_ERROR", "bool", False, _values.flag,
         "release a request's syncs and events even when its view raised or answered 5xx"),
-    Key("MEISA_DELIVERY", "str", "thread", _values.choice("thread", "sync", "celery"),
+    Key("MEISA_DELIVERY", "str", "thread", _values.delivery,
         '`"thread"`: a background engine delivers after the response; `"sync"`: every'
         ' operation inline; `"celery"`: Celery workers deliver',
         notes='"sync" is for debugging and scripts. "celery" needs'
@@ -154,7 +147,7 @@ KEYS: tuple[Key, ...] = (
     Key("MEISA_OUTBOX", "str/None", f"{INSTANCE_PREFIX}meisa-outbox.sqlite3", _values.outbox,
         "where background work waits for Meisa: a SQLite file every process of the host"
         f' shares (`"{INSTANCE_PREFIX}<name>"`: in the instance folder), or None (or'
-        f' `"{MEMORY}"`) for each process\'s memory only',
+        f' `"{_values.MEMORY}"`) for each process\'s memory only',
         notes="With the file, the host's processes share one budget and one delivery order,"
               " one of them delivers, and nothing released is lost when a process is killed"
               " or redeployed; operations Meisa refused stay as dead letters (flask meisa"
@@ -193,8 +186,8 @@ DEFAULTS: dict[str, Any] = {key.name: key.default for key in KEYS}
 
 # -- validation -------------------------------------------------------------------------
 
-#: The parts of a URL that can carry a secret: credentials, a query, a fragment.
-_URL_SECRETS = (re.compile(r"(://)[^/@\s]*@"), re.compile(r"([?#])[^'\"]*"))
+#: The parts of a URL that can carry a secret: credentials, then a query or a fragment.
+_CREDENTIALS, _QUERY = re.compile(r"(://)[^/@\s]*@"), re.compile(r"([?#])[^'\"]*")
 #: The keys that turn delivery on and off, read on every operation.
 _SWITCHES = ("MEISA_ENABLED", "MEISA_SUPPRESS_SEND")
 
@@ -211,16 +204,15 @@ def _shown(key: Key, value: object) -> str:
         return kind
     text = repr(value)
     if "://" in text:
-        credentials, rest = _URL_SECRETS
-        text = rest.sub(r"\1***", credentials.sub(r"\1***@", text))
+        text = _QUERY.sub(r"\1***", _CREDENTIALS.sub(r"\1***@", text))
     return f"{kind} {text if len(text) <= 80 else text[:77] + '...'}"
 
 
 def resolve_keys(config: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
     """The parsed values of the keys ``names`` (a missing key takes its default).
 
-    :raises ConfigurationError: one, listing every invalid key, and ``MEISA_API_KEY`` when
-        it is among ``names``, unset while delivery is on.
+    :raises ConfigurationError: one, listing every invalid key (and an unset
+        ``MEISA_API_KEY`` among ``names`` while delivering).
     """
     values: dict[str, Any] = {}
     problems: list[str] = []
@@ -255,19 +247,15 @@ def _delivering(switches: Mapping[str, Any], config: Mapping[str, Any]) -> bool:
 
 def is_delivering(config: Mapping[str, Any]) -> bool:
     """Whether operations are delivered now: ``MEISA_ENABLED`` and not
-    ``MEISA_SUPPRESS_SEND``, which follows ``TESTING`` while it is ``None``.
-
-    :raises ConfigurationError: one of the two is not a boolean.
-    """
+    ``MEISA_SUPPRESS_SEND`` (``TESTING`` while ``None``); a non-boolean raises."""
     return _delivering(resolve_keys(config, _SWITCHES), config)
 
 
-def warn_unknown_keys(config: Mapping[str, Any]) -> None:
-    """Log a warning for each ``MEISA_*`` key of ``config`` that no setting has, naming
-    the closest known key (a misspelt key is otherwise ignored without a word)."""
+def _warn_unknown_keys(config: Mapping[str, Any]) -> None:
     for name in config:
-        if isinstance(name, str) and name.upper().startswith("MEISA_") and name not in _BY_NAME:
-            close = difflib.get_close_matches(name.upper(), _BY_NAME, n=1)
+        upper = str(name).upper()
+        if upper.startswith("MEISA_") and name not in _BY_NAME:
+            close = difflib.get_close_matches(upper, _BY_NAME, n=1)
             hint = f"did you mean {close[0]}?" if close else "see `flask meisa config-template`"
             logger.warning("flask-meisa: %s is not a Meisa setting and is ignored; %s", name, hint)
 
@@ -313,12 +301,12 @@ class MeisaSettings:
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> MeisaSettings:
         """Validate every key of ``config`` (a missing key takes its default) into
-        settings, and warn about ``MEISA_*`` keys that are no setting.
+        settings, and warn about each ``MEISA_*`` key that is no setting (a misspelling).
 
         :raises ConfigurationError: one, naming every invalid key, the type of its value
             and what is allowed.
         """
-        warn_unknown_keys(config)
+        _warn_unknown_keys(config)
         values = resolve_keys(config, _BY_NAME)
         settings = {key.attribute: values[key.name] for key in KEYS if key.resolved}
         if settings["delivery"] != "thread":

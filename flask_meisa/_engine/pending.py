@@ -1,6 +1,5 @@
-"""The store's tables of contacts: what waits for Meisa (``meisa_ops``: order, merging,
-lanes; docs/delivery.md) and what Meisa already has (``meisa_known``: a digest per field,
-shared with the Celery engine)."""
+"""What waits for Meisa: the store's ``meisa_ops`` rows, their order, merging and lanes
+(docs/delivery.md)."""
 
 from __future__ import annotations
 
@@ -8,6 +7,7 @@ import json
 import sqlite3
 from collections.abc import Callable
 from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from typing import NamedTuple
@@ -20,6 +20,7 @@ from ..operations import join_upserts
 from ..operations import merge_priorities
 from .base import LATENCY_WINDOW
 from .store import Store
+from .store import marks
 
 #: The columns :func:`row_of` reads, in order.
 OP_COLUMNS = (
@@ -98,10 +99,10 @@ def add(db: sqlite3.Connection, operation: Operation, lane: int | Callable[[], i
         # Merged into a row ahead of routine syncs, an upsert takes the lower of that row's
         # lane and its own: whether it would itself go ahead of them does not matter.
         if found[4] is None or found[4] > LANE_AUTOMATION:
-            lane = _lane(lane)
+            lane = lane() if callable(lane) else lane
         merged = _merge(db, operation, operation.lane if callable(lane) else lane, found, names)
     if merged is None:
-        lane = _lane(lane)
+        lane = lane() if callable(lane) else lane
         contact = None if operation.contact is None else json.dumps(operation.contact)
         row = (operation.id, operation.kind, lane, *names, operation.json, contact)
         more = (operation.priority, int(operation.force), operation.created_at, operation.attempts)
@@ -119,10 +120,6 @@ def add(db: sqlite3.Connection, operation: Operation, lane: int | Callable[[], i
             (lane, ext, email, seq, lane),
         )
     return Added(seq, merged is not None, lane)
-
-
-def _lane(lane: int | Callable[[], int]) -> int:
-    return lane() if callable(lane) else lane
 
 
 def _merge(
@@ -273,11 +270,8 @@ def retry_at(db: sqlite3.Connection, row: Row, when: float, *, recover: int = 0)
         "UPDATE meisa_ops SET state = 'pending', ready_at = ?, recover = ? WHERE seq = ?",
         (when, int(recover), row.seq),
     )
-    if row.operation.kind == "upsert":
-        _absorb_later(db, row)
-
-
-def _absorb_later(db: sqlite3.Connection, row: Row) -> None:
+    if row.operation.kind != "upsert":
+        return
     ext, email = keys(row.operation)
     later = db.execute(
         "SELECT seq, payload, lane, merged FROM meisa_ops WHERE seq > ? AND seq IN "
@@ -308,28 +302,21 @@ def _passes(
     db: sqlite3.Connection,
     after: int,
     before: int | None,
-    names: Iterable[tuple[str | None, str | None]],
-    skip: Iterable[int] = (),
+    names: list[tuple[str | None, str | None]],
+    skip: Sequence[int] = (),
 ) -> bool:
     """Whether an upsert moved from ``before`` (``None``: the end) to ``after`` would pass
     a live upsert of one of ``names`` (``(ext, email)`` pairs) but ``skip``."""
-    pairs = list(names)
-    exts = sorted({ext for ext, _ in pairs if ext is not None})
-    emails = sorted({email for _, email in pairs if email is not None})
+    exts = list({ext for ext, _ in names if ext is not None})
+    emails = list({email for _, email in names if email is not None})
     if not exts and not emails:
         return False
-    skipped = [int(seq) for seq in skip]
     query = (
         "SELECT EXISTS (SELECT 1 FROM meisa_ops WHERE kind = 'upsert' AND state != 'dead' "
-        f"AND seq > ? AND seq < coalesce(?, seq + 1) AND seq NOT IN ({marks(skipped)}) "
+        f"AND seq > ? AND seq < coalesce(?, seq + 1) AND seq NOT IN ({marks(skip)}) "
         f"AND (ext IN ({marks(exts)}) OR email IN ({marks(emails)})))"
     )
-    return bool(db.execute(query, (after, before, *skipped, *exts, *emails)).fetchone()[0])
-
-
-def marks(values: list[Any]) -> str:
-    """The placeholders of ``values`` in an ``IN (...)`` list."""
-    return ", ".join("?" * len(values))
+    return bool(db.execute(query, (after, before, *skip, *exts, *emails)).fetchone()[0])
 
 
 def release_flights(db: sqlite3.Connection) -> int:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Iterator
 from collections.abc import Mapping
+from collections.abc import Sized
 from contextlib import contextmanager
 from contextlib import suppress
 from dataclasses import dataclass
@@ -99,10 +100,17 @@ class Store:
         self.busy_timeout = float(busy_timeout)
         self._lock = threading.RLock()
         self._db: sqlite3.Connection | None = None
+        if self.path is None:
+            return
         try:
-            if self.path is not None:
-                os.makedirs(os.path.dirname(self.path), exist_ok=True)
-                self._prepare()
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            try:
+                self.check()
+            except sqlite3.DatabaseError as error:
+                self.close()
+                if isinstance(error, sqlite3.OperationalError):
+                    raise  # cannot be opened, locked, read-only: a problem of access, not damage
+                set_aside(self, error)
         except STORE_ERRORS as error:
             raise ConfigurationError(
                 f"the delivery store {self.path!r} cannot be used ({error}); set MEISA_OUTBOX "
@@ -118,12 +126,11 @@ class Store:
         return self.path is not None
 
     def before_fork(self) -> None:
-        """Before a fork: hold the store across it, so that the child inherits no
-        transaction in progress (its record of the parent's locks would block the child)."""
+        """Hold the store across a fork: a child inheriting a transaction would block."""
         self._lock.acquire()
 
     def after_fork_in_parent(self) -> None:
-        """After a fork, in the parent: let go of the lock :meth:`before_fork` took."""
+        """In the parent after a fork: release :meth:`before_fork`'s lock."""
         self._lock.release()
 
     def after_fork(self) -> None:
@@ -231,34 +238,28 @@ class Store:
                 status.queued[name] += count
             waited = max(now - oldest, 0.0)
             status.oldest_wait[name] = max(status.oldest_wait.get(name, 0.0), waited)
-        waits: dict[int, list[float]] = {lane: [] for lane in LANE_NAMES}
-        query = "SELECT lane, waited FROM meisa_answers WHERE at >= ?"
-        for lane, waited in db.execute(query, (now - LATENCY_WINDOW,)):
-            waits.setdefault(lane, []).append(float(waited))
+        query = "SELECT waited FROM meisa_answers WHERE lane = ? AND at >= ?"
         for lane, name in LANE_NAMES.items():
-            status.add_latency(name, waits[lane])
-        names = ("delivered", "failed", "dropped", "unchanged", "pause_until", "backfill")
-        query = f"SELECT name, value FROM meisa_meta WHERE name IN ({', '.join('?' * len(names))})"
-        meta = {name: json.loads(value) for name, value in db.execute(query, names)}
-        for name in names[:4]:
-            setattr(status, name, int(meta.get(name, 0)))
-        status.paused_for = max(float(meta.get("pause_until", 0.0)) - now, 0.0)
-        status.backfill = meta.get("backfill")
+            status.add_latency(
+                name, [w for (w,) in db.execute(query, (lane, now - LATENCY_WINDOW))]
+            )
+        for name in ("delivered", "failed", "dropped", "unchanged"):
+            setattr(status, name, int(Store.get_meta(db, name, 0)))
+        status.paused_for = max(float(Store.get_meta(db, "pause_until", 0.0)) - now, 0.0)
+        status.backfill = Store.get_meta(db, "backfill")
 
     @staticmethod
-    def _entries(db: sqlite3.Connection, payload: Mapping[str, Any], limit: str = "") -> list[Any]:
-        """``(names, fields, accepted_at)`` of the contact ``payload`` names, ``external_id``
-        first."""
-        keys = [key for key in identities(payload) if key is not None]
-        if not keys:
-            return []
-        query = "SELECT names, fields, accepted_at FROM meisa_known WHERE key = ?"
-        return db.execute(" UNION ALL ".join([query] * len(keys)) + limit, keys).fetchall()
+    def _entries(db: sqlite3.Connection, payload: Mapping[str, Any]) -> list[Any]:
+        """``(names, fields, accepted_at)`` of the contact ``payload`` names, the entry under
+        its ``external_id`` first (``ext:`` sorts after ``email:``)."""
+        keys = _names(payload)
+        query = f"SELECT names, fields, accepted_at FROM meisa_known WHERE key IN ({marks(keys)})"
+        return db.execute(query + " ORDER BY key DESC", keys).fetchall()
 
     @staticmethod
     def lookup(db: sqlite3.Connection, payload: Mapping[str, Any]) -> Known | None:
         """What Meisa has of the contact ``payload`` names (by ``external_id`` first)."""
-        found = Store._entries(db, payload, " LIMIT 1")
+        found = Store._entries(db, payload)
         return Known(json.loads(found[0][1]), float(found[0][2])) if found else None
 
     @staticmethod
@@ -267,7 +268,7 @@ class Store:
         entries = Store._entries(db, payload)
         fields = {**(json.loads(entries[0][1]) if entries else {}), **digest(payload)}
         names = {name for entry in entries for name in json.loads(entry[0])}
-        listed = sorted(names.union(key for key in identities(payload) if key is not None))
+        listed = sorted(names.union(_names(payload)))
         text, known_as = json.dumps(fields, separators=(",", ":")), json.dumps(listed)
         db.executemany(
             "INSERT OR REPLACE INTO meisa_known (key, names, fields, accepted_at) "
@@ -278,24 +279,13 @@ class Store:
     @staticmethod
     def forget(db: sqlite3.Connection, payload: Mapping[str, Any]) -> None:
         """Meisa no longer knows the contact (an event answered 404): forget all its names."""
-        names = {name for entry in Store._entries(db, payload) for name in json.loads(entry[0])}
-        names = names or {key for key in identities(payload) if key is not None}
-        marks = ", ".join("?" * len(names))
-        db.execute(f"DELETE FROM meisa_known WHERE key IN ({marks})", list(names))
+        names = [name for entry in Store._entries(db, payload) for name in json.loads(entry[0])]
+        db.execute(f"DELETE FROM meisa_known WHERE key IN ({marks(names)})", names)
 
     @staticmethod
     def prune(db: sqlite3.Connection, before: float) -> int:
         """Forget what Meisa had of contacts accepted before ``before``."""
         return db.execute("DELETE FROM meisa_known WHERE accepted_at < ?", (before,)).rowcount
-
-    def _prepare(self) -> None:
-        try:
-            self.check()
-        except sqlite3.DatabaseError as error:
-            self.close()
-            if isinstance(error, sqlite3.OperationalError):
-                raise  # cannot be opened, locked, read-only: a problem of access, not damage
-            set_aside(self, error)
 
     def check(self) -> None:
         """Put the file in WAL mode and check its schema version and its pages."""
@@ -313,6 +303,15 @@ class Store:
                 raise sqlite3.DatabaseError("; ".join(problems[:3]))
             if version < SCHEMA_VERSION:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def marks(values: Sized) -> str:
+    """The placeholders of ``values`` in an ``IN (...)`` list."""
+    return ", ".join("?" * len(values))
+
+
+def _names(payload: Mapping[str, Any]) -> list[str]:
+    return [name for name in identities(payload) if name is not None]
 
 
 #: What Meisa has of a contact is forgotten after this long, whatever MEISA_RESYNC_AFTER says.

@@ -94,14 +94,18 @@ def add(db: sqlite3.Connection, operation: Operation, lane: int | Callable[[], i
     answer moot."""
     names = keys(operation)
     found = db.execute(_CONTACT, names).fetchone()
-    merged = None
-    if operation.kind == "upsert":
-        # Merged into a row ahead of routine syncs, an upsert takes the lower of that row's
-        # lane and its own: whether it would itself go ahead of them does not matter.
-        if found[4] is None or found[4] > LANE_AUTOMATION:
-            lane = lane() if callable(lane) else lane
-        merged = _merge(db, operation, operation.lane if callable(lane) else lane, found, names)
-    if merged is None:
+    seq, payload, priority, force, their_lane, ext, email, last, top = found
+    # Merged into a row ahead of routine syncs, an upsert takes the lower of that row's
+    # lane and its own: whether it would itself go ahead of them does not matter.
+    if callable(lane) and (their_lane is None or their_lane > LANE_AUTOMATION):
+        lane = lane()
+    joined = None
+    # Not past a later upsert of the same names in flight, nor of the row's other names.
+    others = (None if ext == names[0] else ext, None if email == names[1] else email)
+    mergeable = operation.kind == "upsert" and seq is not None and last == seq
+    if mergeable and not _passes(db, seq, None, [others]):
+        joined = join_upserts(json.loads(payload), operation.payload)
+    if joined is None:
         lane = lane() if callable(lane) else lane
         contact = None if operation.contact is None else json.dumps(operation.contact)
         row = (operation.id, operation.kind, lane, *names, operation.json, contact)
@@ -109,58 +113,32 @@ def add(db: sqlite3.Connection, operation: Operation, lane: int | Callable[[], i
         seq = int(db.execute(_INSERT, row + more).lastrowid or 0)
         ext, email = names
     else:
-        seq, lane, ext, email = merged
+        lane = int(min(their_lane, operation.lane if callable(lane) else lane))
+        was = {"lane": their_lane, "ext": ext, "email": email}
+        ext, email = identities(joined[0])
+        # Only the indexed columns that change are set: setting one rewrites its index's page.
+        now = {"lane": lane, "ext": ext, "email": email}
+        changed = [name for name in now if now[name] != was[name]]
+        db.execute(
+            f"UPDATE meisa_ops SET {''.join(f'{name} = ?, ' for name in changed)}payload = ?, "
+            "priority = ?, force = ?, merged = merged + 1 WHERE seq = ?",
+            (
+                *(now[name] for name in changed),
+                joined[1],
+                merge_priorities(priority, operation.priority),
+                int(bool(force) or operation.force),
+                seq,
+            ),
+        )
     # The contact's earlier rows go no later (routine ones merge); the read above saw
     # every live row of these names, so when none is in a later lane, none moves.
-    later = found[-1] is not None and found[-1] > lane
-    if lane < LANE_ROUTINE and (later or (ext, email) != names):
+    if lane < LANE_ROUTINE and ((top is not None and top > lane) or (ext, email) != names):
         db.execute(
             "UPDATE meisa_ops SET lane = ? WHERE (ext = ? OR email = ?) AND seq < ? "
             f"AND lane > ? AND {_LIVE}",
             (lane, ext, email, seq, lane),
         )
-    return Added(seq, merged is not None, lane)
-
-
-def _merge(
-    db: sqlite3.Connection,
-    operation: Operation,
-    lane: int,
-    found: tuple[Any, ...],
-    names: tuple[str | None, str | None],
-) -> tuple[int, int, str | None, str | None] | None:
-    """Merge an upsert into its contact's latest waiting one (``found`` by :data:`_CONTACT`):
-    that row's seq, lane and names."""
-    seq, payload, priority, force, their_lane, their_ext, their_email, last, _ = found
-    # Not past a later upsert of the same names in flight, nor of the row's other names.
-    ext, email = names
-    others = (
-        None if their_ext == ext else their_ext,
-        None if their_email == email else their_email,
-    )
-    if seq is None or last != seq or _passes(db, seq, None, [others]):
-        return None
-    joined = join_upserts(json.loads(payload), operation.payload)
-    if joined is None:
-        return None
-    lane = min(their_lane, lane)
-    ext, email = identities(joined[0])
-    # Only the indexed columns that change are set: setting one rewrites its index's page.
-    was = {"lane": their_lane, "ext": their_ext, "email": their_email}
-    now = {"lane": lane, "ext": ext, "email": email}
-    changed = [name for name in now if now[name] != was[name]]
-    db.execute(
-        f"UPDATE meisa_ops SET {''.join(f'{name} = ?, ' for name in changed)}payload = ?, "
-        "priority = ?, force = ?, merged = merged + 1 WHERE seq = ?",
-        (
-            *(now[name] for name in changed),
-            joined[1],
-            merge_priorities(priority, operation.priority),
-            int(bool(force) or operation.force),
-            seq,
-        ),
-    )
-    return int(seq), lane, ext, email
+    return Added(seq, joined is not None, lane)
 
 
 def shed(db: sqlite3.Connection, capacity: int) -> list[Operation]:

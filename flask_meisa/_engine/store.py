@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import sqlite3
 import threading
@@ -31,8 +30,6 @@ from .base import DeliveryStatus
 from .host import set_aside
 
 __all__ = ["KEEP_FOR", "STORE_ERRORS", "Known", "Store", "digest", "lane_of", "unchanged"]
-
-logger = logging.getLogger("flask_meisa.engine")
 
 #: What a read or write of the store may raise (locked, full, unreadable or vanished).
 STORE_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error, OSError)
@@ -198,13 +195,9 @@ class Store:
     @staticmethod
     def set_meta(db: sqlite3.Connection, name: str, value: Any) -> None:
         """Keep ``value`` (JSON) under ``name``; ``None`` deletes it."""
-        if value is None:
-            db.execute("DELETE FROM meisa_meta WHERE name = ?", (name,))
-        else:
-            db.execute(
-                "INSERT OR REPLACE INTO meisa_meta (name, value) VALUES (?, ?)",
-                (name, json.dumps(value)),
-            )
+        db.execute("DELETE FROM meisa_meta WHERE name = ?", (name,))
+        if value is not None:
+            db.execute("INSERT INTO meisa_meta VALUES (?, ?)", (name, json.dumps(value)))
 
     @staticmethod
     def count(db: sqlite3.Connection, name: str, delta: int) -> None:
@@ -221,11 +214,8 @@ class Store:
         """Fill ``status`` with what the store holds: work per lane and its age, in flight,
         waiting to retry, dead letters, latency, counters, pause and the backfill run."""
         status.queued = dict.fromkeys(LANE_NAMES.values(), 0)
-        for lane, state, due, count, oldest in db.execute(
-            "SELECT lane, state, ready_at > ?, count(*), min(created_at) FROM meisa_ops "
-            "GROUP BY lane, state, ready_at > ?",
-            (now, now),
-        ):
+        query = "SELECT lane, state, ready_at > ?, count(*), min(created_at) FROM meisa_ops"
+        for lane, state, due, count, oldest in db.execute(f"{query} GROUP BY 1, 2, 3", (now,)):
             name = LANE_NAMES.get(lane, str(lane))
             if state == "dead":
                 status.dead_letters += count
@@ -236,13 +226,11 @@ class Store:
                 status.retry_waiting += count
             else:
                 status.queued[name] += count
-            waited = max(now - oldest, 0.0)
-            status.oldest_wait[name] = max(status.oldest_wait.get(name, 0.0), waited)
+            status.oldest_wait[name] = max(status.oldest_wait.get(name, 0.0), now - oldest)
         query = "SELECT waited FROM meisa_answers WHERE lane = ? AND at >= ?"
         for lane, name in LANE_NAMES.items():
-            status.add_latency(
-                name, [w for (w,) in db.execute(query, (lane, now - LATENCY_WINDOW))]
-            )
+            waits = db.execute(query, (lane, now - LATENCY_WINDOW)).fetchall()
+            status.add_latency(name, [waited for (waited,) in waits])
         for name in ("delivered", "failed", "dropped", "unchanged"):
             setattr(status, name, int(Store.get_meta(db, name, 0)))
         status.paused_for = max(float(Store.get_meta(db, "pause_until", 0.0)) - now, 0.0)
@@ -361,9 +349,7 @@ def lane_of(operation: Operation, had: Lookup, priority_fields: Iterable[str]) -
     known = had()
     custom = operation.payload.get("custom_fields") or {}
     # Only the priority fields the upsert carries are hashed: a login's other fields are not.
-    wanted = {
-        f"custom_fields.{name}": _hash(custom[name]) for name in priority_fields if name in custom
-    }
+    wanted = digest({"custom_fields": {k: custom[k] for k in priority_fields if k in custom}})
     return LANE_AUTOMATION if known is None or not known.has(wanted) else lane
 
 

@@ -7,7 +7,6 @@ import json
 import sqlite3
 from collections.abc import Callable
 from collections.abc import Iterable
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from typing import NamedTuple
@@ -256,19 +255,17 @@ def retry_at(db: sqlite3.Connection, row: Row, when: float, *, recover: int = 0)
         f"({_BY_NAME.format(columns='seq', where=_UPSERTS)}) ORDER BY seq",
         (row.seq, ext, email),
     ).fetchall()
-    taken: list[int] = []
     body = ""
     for seq, payload, lane, merged in later:
         upsert = json.loads(payload)
         joined = join_upserts(row.operation.payload, upsert)
         names = [identities(row.operation.payload), identities(upsert)]
-        if joined is None or _passes(db, row.seq, seq, names, taken):
+        if joined is None or _passes(db, row.seq, seq, names):
             break
         (row.operation.payload, body), row.lane = joined, min(row.lane, lane)
         row.merged += merged
-        taken.append(seq)
-    if taken:
-        each_row(db, "DELETE FROM meisa_ops WHERE state = 'pending'", taken)
+        db.execute("DELETE FROM meisa_ops WHERE seq = ?", (seq,))
+    if body:
         db.execute(
             "UPDATE meisa_ops SET payload = ?, lane = ?, merged = ?, ext = ?, email = ? "
             "WHERE seq = ?",
@@ -281,20 +278,19 @@ def _passes(
     after: int,
     before: int | None,
     names: list[tuple[str | None, str | None]],
-    skip: Sequence[int] = (),
 ) -> bool:
     """Whether an upsert moved from ``before`` (``None``: the end) to ``after`` would pass
-    a live upsert of one of ``names`` (``(ext, email)`` pairs) but ``skip``."""
+    a live upsert of one of ``names`` (``(ext, email)`` pairs)."""
     exts = list({ext for ext, _ in names if ext is not None})
     emails = list({email for _, email in names if email is not None})
     if not exts and not emails:
         return False
     query = (
         "SELECT EXISTS (SELECT 1 FROM meisa_ops WHERE kind = 'upsert' AND state != 'dead' "
-        f"AND seq > ? AND seq < coalesce(?, seq + 1) AND seq NOT IN ({marks(skip)}) "
+        "AND seq > ? AND seq < coalesce(?, seq + 1) "
         f"AND (ext IN ({marks(exts)}) OR email IN ({marks(emails)})))"
     )
-    return bool(db.execute(query, (after, before, *skip, *exts, *emails)).fetchone()[0])
+    return bool(db.execute(query, (after, before, *exts, *emails)).fetchone()[0])
 
 
 def release_flights(db: sqlite3.Connection) -> int:

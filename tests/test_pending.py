@@ -326,6 +326,21 @@ def test_a_retried_upsert_absorbs_nothing_past_an_upsert_of_its_contact_in_fligh
     assert final_plan(drain(db)) == 2
 
 
+def test_a_retried_upsert_absorbs_a_later_upsert_by_each_of_its_names(
+    db: sqlite3.Connection,
+) -> None:
+    add(db, plan("1", "a", 0))
+    flying = take(db)
+    assert flying is not None
+    add(db, plan("1", None, 1))
+    add(db, plan(None, "a", 2, more=1))  # by the other name: a row of its own
+    assert rows(db) == 3
+    pending.retry_at(db, flying, 0.0)
+    assert rows(db) == 1 and flying.merged == 3
+    (row,) = drain(db)
+    assert row.operation.payload["custom_fields"] == {"plan": 2, "more": 1}
+
+
 def test_a_retried_upsert_absorbs_nothing_past_an_upsert_of_a_name_it_took_in(
     db: sqlite3.Connection,
 ) -> None:

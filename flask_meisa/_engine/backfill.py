@@ -1,6 +1,6 @@
-"""A backfill: every user of ``@meisa.users_to_sync`` upserted once, in the lowest lane, a
-chunk at a time (a bounded number waiting), resumable from the position kept with each
-chunk. The upserts and the run go to the engine's :class:`Target` (the store, or Redis)."""
+"""A backfill: every user of ``@meisa.users_to_sync`` upserted once in the lowest lane, a
+chunk at a time, resumable from the position kept with each chunk. The upserts and the
+run go to the engine's :class:`Target` (the store, or Redis)."""
 
 from __future__ import annotations
 
@@ -31,8 +31,6 @@ CHUNK = 200
 HIGH_WATER = 1_000
 #: Mapping failures kept for ``sync-users --failures`` (all are counted).
 KEEP_FAILURES = 1_000
-_RUN = "backfill"
-_FAILURES = "backfill_failures"
 
 
 @dataclass
@@ -115,11 +113,10 @@ def run(
     :param report: called about every ``every`` seconds, and at the end (or Ctrl+C).
     """
     current = target.load()
-    fresh = current is None or current.state == "done" or restart
-    if current is None or fresh:
-        current = Run(started_at=time.time(), total=total, max_share=max_share)
-    else:
-        current.total, current.max_share = total, max_share
+    fresh = restart or current is None or current.state == "done"
+    if fresh or current is None:
+        current = Run(started_at=time.time())
+    current.total, current.max_share = total, max_share
     target.save(current, fresh=fresh)
     started, start_position, last_report = time.monotonic(), current.position, 0.0
 
@@ -160,7 +157,7 @@ def run(
     return tick(force=True)
 
 
-class StoreTarget:
+class StoreTarget(Target):
     """A backfill through the delivery store: a chunk's rows and the run's position are
     written in one transaction."""
 
@@ -169,22 +166,19 @@ class StoreTarget:
         self.resync_after = resync_after
 
     def load(self) -> Run | None:
-        """The last run, or ``None``."""
         with self.store.read() as db:
-            data = Store.get_meta(db, _RUN)
+            data = Store.get_meta(db, "backfill")
         return None if data is None else Run(**data)
 
     def save(self, run: Run, *, fresh: bool = False) -> None:
-        """Keep ``run`` (``fresh``: and forget earlier failures)."""
         with self.store.write() as db:
             if fresh:
-                Store.set_meta(db, _FAILURES, None)
-            Store.set_meta(db, _RUN, asdict(run))
+                Store.set_meta(db, "backfill_failures", None)
+            Store.set_meta(db, "backfill", asdict(run))
 
     def add(
         self, run: Run, operations: list[Operation], failed: list[dict[str, Any]], now: float
     ) -> None:
-        """Store the chunk's rows, its failures and ``run`` in one transaction."""
         with self.store.write() as db:
             for operation in operations:
                 # Meisa has this state and nothing of the contact waits: no row at all.
@@ -196,12 +190,11 @@ class StoreTarget:
                     pending.add(db, operation, LANE_BACKFILL)
                     run.queued += 1
             if failed:
-                kept = Store.get_meta(db, _FAILURES, [])
-                Store.set_meta(db, _FAILURES, (kept + failed)[:KEEP_FAILURES])
-            Store.set_meta(db, _RUN, asdict(run))
+                kept = Store.get_meta(db, "backfill_failures", [])
+                Store.set_meta(db, "backfill_failures", (kept + failed)[:KEEP_FAILURES])
+            Store.set_meta(db, "backfill", asdict(run))
 
     def backlog(self) -> tuple[int, int]:
-        """Backfill rows waiting, and dead letters among them."""
         with self.store.read() as db:
             waiting, refused = db.execute(
                 "SELECT sum(state != 'dead'), sum(state = 'dead') FROM meisa_ops "
@@ -210,9 +203,8 @@ class StoreTarget:
         return waiting or 0, refused or 0
 
     def failures(self) -> list[dict[str, Any]]:
-        """Users the last runs could not map."""
         with self.store.read() as db:
-            return list(Store.get_meta(db, _FAILURES, []))
+            return list(Store.get_meta(db, "backfill_failures", []))
 
 
 def _failure(user: Any, position: int, error: MeisaError) -> dict[str, Any]:

@@ -1,6 +1,5 @@
-"""The store's tables of contacts: what waits for Meisa (``meisa_ops``: order, merging,
-lanes; docs/delivery.md) and what Meisa already has (``meisa_known``: a digest per field,
-shared with the Celery engine)."""
+"""What waits for Meisa: the store's ``meisa_ops`` rows, their order, merging and lanes
+(docs/delivery.md)."""
 
 from __future__ import annotations
 
@@ -20,6 +19,7 @@ from ..operations import join_upserts
 from ..operations import merge_priorities
 from .base import LATENCY_WINDOW
 from .store import Store
+from .store import marks
 
 #: The columns :func:`row_of` reads, in order.
 OP_COLUMNS = (
@@ -93,77 +93,51 @@ def add(db: sqlite3.Connection, operation: Operation, lane: int | Callable[[], i
     answer moot."""
     names = keys(operation)
     found = db.execute(_CONTACT, names).fetchone()
-    merged = None
-    if operation.kind == "upsert":
-        # Merged into a row ahead of routine syncs, an upsert takes the lower of that row's
-        # lane and its own: whether it would itself go ahead of them does not matter.
-        if found[4] is None or found[4] > LANE_AUTOMATION:
-            lane = _lane(lane)
-        merged = _merge(db, operation, operation.lane if callable(lane) else lane, found, names)
-    if merged is None:
-        lane = _lane(lane)
+    seq, payload, priority, force, their_lane, ext, email, last, top = found
+    # Merged into a row ahead of routine syncs, an upsert takes the lower of that row's
+    # lane and its own: whether it would itself go ahead of them does not matter.
+    if callable(lane) and (their_lane is None or their_lane > LANE_AUTOMATION):
+        lane = lane()
+    joined = None
+    # Not past a later upsert of the same names in flight, nor of the row's other names.
+    others = (None if ext == names[0] else ext, None if email == names[1] else email)
+    mergeable = operation.kind == "upsert" and seq is not None and last == seq
+    if mergeable and not _passes(db, seq, None, [others]):
+        joined = join_upserts(json.loads(payload), operation.payload)
+    if joined is None:
+        lane = lane() if callable(lane) else lane
         contact = None if operation.contact is None else json.dumps(operation.contact)
         row = (operation.id, operation.kind, lane, *names, operation.json, contact)
         more = (operation.priority, int(operation.force), operation.created_at, operation.attempts)
         seq = int(db.execute(_INSERT, row + more).lastrowid or 0)
         ext, email = names
     else:
-        seq, lane, ext, email = merged
+        lane = int(min(their_lane, operation.lane if callable(lane) else lane))
+        was = {"lane": their_lane, "ext": ext, "email": email}
+        ext, email = identities(joined[0])
+        # Only the indexed columns that change are set: setting one rewrites its index's page.
+        now = {"lane": lane, "ext": ext, "email": email}
+        changed = [name for name in now if now[name] != was[name]]
+        db.execute(
+            f"UPDATE meisa_ops SET {''.join(f'{name} = ?, ' for name in changed)}payload = ?, "
+            "priority = ?, force = ?, merged = merged + 1 WHERE seq = ?",
+            (
+                *(now[name] for name in changed),
+                joined[1],
+                merge_priorities(priority, operation.priority),
+                int(bool(force) or operation.force),
+                seq,
+            ),
+        )
     # The contact's earlier rows go no later (routine ones merge); the read above saw
     # every live row of these names, so when none is in a later lane, none moves.
-    later = found[-1] is not None and found[-1] > lane
-    if lane < LANE_ROUTINE and (later or (ext, email) != names):
+    if lane < LANE_ROUTINE and ((top is not None and top > lane) or (ext, email) != names):
         db.execute(
             "UPDATE meisa_ops SET lane = ? WHERE (ext = ? OR email = ?) AND seq < ? "
             f"AND lane > ? AND {_LIVE}",
             (lane, ext, email, seq, lane),
         )
-    return Added(seq, merged is not None, lane)
-
-
-def _lane(lane: int | Callable[[], int]) -> int:
-    return lane() if callable(lane) else lane
-
-
-def _merge(
-    db: sqlite3.Connection,
-    operation: Operation,
-    lane: int,
-    found: tuple[Any, ...],
-    names: tuple[str | None, str | None],
-) -> tuple[int, int, str | None, str | None] | None:
-    """Merge an upsert into its contact's latest waiting one (``found`` by :data:`_CONTACT`):
-    that row's seq, lane and names."""
-    seq, payload, priority, force, their_lane, their_ext, their_email, last, _ = found
-    # Not past a later upsert of the same names in flight, nor of the row's other names.
-    ext, email = names
-    others = (
-        None if their_ext == ext else their_ext,
-        None if their_email == email else their_email,
-    )
-    if seq is None or last != seq or _passes(db, seq, None, [others]):
-        return None
-    joined = join_upserts(json.loads(payload), operation.payload)
-    if joined is None:
-        return None
-    lane = min(their_lane, lane)
-    ext, email = identities(joined[0])
-    # Only the indexed columns that change are set: setting one rewrites its index's page.
-    was = {"lane": their_lane, "ext": their_ext, "email": their_email}
-    now = {"lane": lane, "ext": ext, "email": email}
-    changed = [name for name in now if now[name] != was[name]]
-    db.execute(
-        f"UPDATE meisa_ops SET {''.join(f'{name} = ?, ' for name in changed)}payload = ?, "
-        "priority = ?, force = ?, merged = merged + 1 WHERE seq = ?",
-        (
-            *(now[name] for name in changed),
-            joined[1],
-            merge_priorities(priority, operation.priority),
-            int(bool(force) or operation.force),
-            seq,
-        ),
-    )
-    return int(seq), lane, ext, email
+    return Added(seq, joined is not None, lane)
 
 
 def shed(db: sqlite3.Connection, capacity: int) -> list[Operation]:
@@ -273,30 +247,25 @@ def retry_at(db: sqlite3.Connection, row: Row, when: float, *, recover: int = 0)
         "UPDATE meisa_ops SET state = 'pending', ready_at = ?, recover = ? WHERE seq = ?",
         (when, int(recover), row.seq),
     )
-    if row.operation.kind == "upsert":
-        _absorb_later(db, row)
-
-
-def _absorb_later(db: sqlite3.Connection, row: Row) -> None:
+    if row.operation.kind != "upsert":
+        return
     ext, email = keys(row.operation)
     later = db.execute(
         "SELECT seq, payload, lane, merged FROM meisa_ops WHERE seq > ? AND seq IN "
         f"({_BY_NAME.format(columns='seq', where=_UPSERTS)}) ORDER BY seq",
         (row.seq, ext, email),
     ).fetchall()
-    taken: list[int] = []
     body = ""
     for seq, payload, lane, merged in later:
         upsert = json.loads(payload)
         joined = join_upserts(row.operation.payload, upsert)
         names = [identities(row.operation.payload), identities(upsert)]
-        if joined is None or _passes(db, row.seq, seq, names, taken):
+        if joined is None or _passes(db, row.seq, seq, names):
             break
         (row.operation.payload, body), row.lane = joined, min(row.lane, lane)
         row.merged += merged
-        taken.append(seq)
-    if taken:
-        each_row(db, "DELETE FROM meisa_ops WHERE state = 'pending'", taken)
+        db.execute("DELETE FROM meisa_ops WHERE seq = ?", (seq,))
+    if body:
         db.execute(
             "UPDATE meisa_ops SET payload = ?, lane = ?, merged = ?, ext = ?, email = ? "
             "WHERE seq = ?",
@@ -308,28 +277,20 @@ def _passes(
     db: sqlite3.Connection,
     after: int,
     before: int | None,
-    names: Iterable[tuple[str | None, str | None]],
-    skip: Iterable[int] = (),
+    names: list[tuple[str | None, str | None]],
 ) -> bool:
     """Whether an upsert moved from ``before`` (``None``: the end) to ``after`` would pass
-    a live upsert of one of ``names`` (``(ext, email)`` pairs) but ``skip``."""
-    pairs = list(names)
-    exts = sorted({ext for ext, _ in pairs if ext is not None})
-    emails = sorted({email for _, email in pairs if email is not None})
+    a live upsert of one of ``names`` (``(ext, email)`` pairs)."""
+    exts = list({ext for ext, _ in names if ext is not None})
+    emails = list({email for _, email in names if email is not None})
     if not exts and not emails:
         return False
-    skipped = [int(seq) for seq in skip]
     query = (
         "SELECT EXISTS (SELECT 1 FROM meisa_ops WHERE kind = 'upsert' AND state != 'dead' "
-        f"AND seq > ? AND seq < coalesce(?, seq + 1) AND seq NOT IN ({marks(skipped)}) "
+        "AND seq > ? AND seq < coalesce(?, seq + 1) "
         f"AND (ext IN ({marks(exts)}) OR email IN ({marks(emails)})))"
     )
-    return bool(db.execute(query, (after, before, *skipped, *exts, *emails)).fetchone()[0])
-
-
-def marks(values: list[Any]) -> str:
-    """The placeholders of ``values`` in an ``IN (...)`` list."""
-    return ", ".join("?" * len(values))
+    return bool(db.execute(query, (after, before, *exts, *emails)).fetchone()[0])
 
 
 def release_flights(db: sqlite3.Connection) -> int:

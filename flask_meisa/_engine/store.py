@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import sqlite3
 import threading
@@ -14,6 +13,7 @@ from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Iterator
 from collections.abc import Mapping
+from collections.abc import Sized
 from contextlib import contextmanager
 from contextlib import suppress
 from dataclasses import dataclass
@@ -30,8 +30,6 @@ from .base import DeliveryStatus
 from .host import set_aside
 
 __all__ = ["KEEP_FOR", "STORE_ERRORS", "Known", "Store", "digest", "lane_of", "unchanged"]
-
-logger = logging.getLogger("flask_meisa.engine")
 
 #: What a read or write of the store may raise (locked, full, unreadable or vanished).
 STORE_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error, OSError)
@@ -99,10 +97,17 @@ class Store:
         self.busy_timeout = float(busy_timeout)
         self._lock = threading.RLock()
         self._db: sqlite3.Connection | None = None
+        if self.path is None:
+            return
         try:
-            if self.path is not None:
-                os.makedirs(os.path.dirname(self.path), exist_ok=True)
-                self._prepare()
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            try:
+                self.check()
+            except sqlite3.DatabaseError as error:
+                self.close()
+                if isinstance(error, sqlite3.OperationalError):
+                    raise  # cannot be opened, locked, read-only: a problem of access, not damage
+                set_aside(self, error)
         except STORE_ERRORS as error:
             raise ConfigurationError(
                 f"the delivery store {self.path!r} cannot be used ({error}); set MEISA_OUTBOX "
@@ -118,12 +123,11 @@ class Store:
         return self.path is not None
 
     def before_fork(self) -> None:
-        """Before a fork: hold the store across it, so that the child inherits no
-        transaction in progress (its record of the parent's locks would block the child)."""
+        """Hold the store across a fork: a child inheriting a transaction would block."""
         self._lock.acquire()
 
     def after_fork_in_parent(self) -> None:
-        """After a fork, in the parent: let go of the lock :meth:`before_fork` took."""
+        """In the parent after a fork: release :meth:`before_fork`'s lock."""
         self._lock.release()
 
     def after_fork(self) -> None:
@@ -191,13 +195,9 @@ class Store:
     @staticmethod
     def set_meta(db: sqlite3.Connection, name: str, value: Any) -> None:
         """Keep ``value`` (JSON) under ``name``; ``None`` deletes it."""
-        if value is None:
-            db.execute("DELETE FROM meisa_meta WHERE name = ?", (name,))
-        else:
-            db.execute(
-                "INSERT OR REPLACE INTO meisa_meta (name, value) VALUES (?, ?)",
-                (name, json.dumps(value)),
-            )
+        db.execute("DELETE FROM meisa_meta WHERE name = ?", (name,))
+        if value is not None:
+            db.execute("INSERT INTO meisa_meta VALUES (?, ?)", (name, json.dumps(value)))
 
     @staticmethod
     def count(db: sqlite3.Connection, name: str, delta: int) -> None:
@@ -214,11 +214,8 @@ class Store:
         """Fill ``status`` with what the store holds: work per lane and its age, in flight,
         waiting to retry, dead letters, latency, counters, pause and the backfill run."""
         status.queued = dict.fromkeys(LANE_NAMES.values(), 0)
-        for lane, state, due, count, oldest in db.execute(
-            "SELECT lane, state, ready_at > ?, count(*), min(created_at) FROM meisa_ops "
-            "GROUP BY lane, state, ready_at > ?",
-            (now, now),
-        ):
+        query = "SELECT lane, state, ready_at > ?, count(*), min(created_at) FROM meisa_ops"
+        for lane, state, due, count, oldest in db.execute(f"{query} GROUP BY 1, 2, 3", (now,)):
             name = LANE_NAMES.get(lane, str(lane))
             if state == "dead":
                 status.dead_letters += count
@@ -229,36 +226,28 @@ class Store:
                 status.retry_waiting += count
             else:
                 status.queued[name] += count
-            waited = max(now - oldest, 0.0)
-            status.oldest_wait[name] = max(status.oldest_wait.get(name, 0.0), waited)
-        waits: dict[int, list[float]] = {lane: [] for lane in LANE_NAMES}
-        query = "SELECT lane, waited FROM meisa_answers WHERE at >= ?"
-        for lane, waited in db.execute(query, (now - LATENCY_WINDOW,)):
-            waits.setdefault(lane, []).append(float(waited))
+            status.oldest_wait[name] = max(status.oldest_wait.get(name, 0.0), now - oldest)
+        query = "SELECT waited FROM meisa_answers WHERE lane = ? AND at >= ?"
         for lane, name in LANE_NAMES.items():
-            status.add_latency(name, waits[lane])
-        names = ("delivered", "failed", "dropped", "unchanged", "pause_until", "backfill")
-        query = f"SELECT name, value FROM meisa_meta WHERE name IN ({', '.join('?' * len(names))})"
-        meta = {name: json.loads(value) for name, value in db.execute(query, names)}
-        for name in names[:4]:
-            setattr(status, name, int(meta.get(name, 0)))
-        status.paused_for = max(float(meta.get("pause_until", 0.0)) - now, 0.0)
-        status.backfill = meta.get("backfill")
+            waits = db.execute(query, (lane, now - LATENCY_WINDOW)).fetchall()
+            status.add_latency(name, [waited for (waited,) in waits])
+        for name in ("delivered", "failed", "dropped", "unchanged"):
+            setattr(status, name, int(Store.get_meta(db, name, 0)))
+        status.paused_for = max(float(Store.get_meta(db, "pause_until", 0.0)) - now, 0.0)
+        status.backfill = Store.get_meta(db, "backfill")
 
     @staticmethod
-    def _entries(db: sqlite3.Connection, payload: Mapping[str, Any], limit: str = "") -> list[Any]:
-        """``(names, fields, accepted_at)`` of the contact ``payload`` names, ``external_id``
-        first."""
-        keys = [key for key in identities(payload) if key is not None]
-        if not keys:
-            return []
-        query = "SELECT names, fields, accepted_at FROM meisa_known WHERE key = ?"
-        return db.execute(" UNION ALL ".join([query] * len(keys)) + limit, keys).fetchall()
+    def _entries(db: sqlite3.Connection, payload: Mapping[str, Any]) -> list[Any]:
+        """``(names, fields, accepted_at)`` of the contact ``payload`` names, the entry under
+        its ``external_id`` first (``ext:`` sorts after ``email:``)."""
+        keys = _names(payload)
+        query = f"SELECT names, fields, accepted_at FROM meisa_known WHERE key IN ({marks(keys)})"
+        return db.execute(query + " ORDER BY key DESC", keys).fetchall()
 
     @staticmethod
     def lookup(db: sqlite3.Connection, payload: Mapping[str, Any]) -> Known | None:
         """What Meisa has of the contact ``payload`` names (by ``external_id`` first)."""
-        found = Store._entries(db, payload, " LIMIT 1")
+        found = Store._entries(db, payload)
         return Known(json.loads(found[0][1]), float(found[0][2])) if found else None
 
     @staticmethod
@@ -267,7 +256,7 @@ class Store:
         entries = Store._entries(db, payload)
         fields = {**(json.loads(entries[0][1]) if entries else {}), **digest(payload)}
         names = {name for entry in entries for name in json.loads(entry[0])}
-        listed = sorted(names.union(key for key in identities(payload) if key is not None))
+        listed = sorted(names.union(_names(payload)))
         text, known_as = json.dumps(fields, separators=(",", ":")), json.dumps(listed)
         db.executemany(
             "INSERT OR REPLACE INTO meisa_known (key, names, fields, accepted_at) "
@@ -278,24 +267,13 @@ class Store:
     @staticmethod
     def forget(db: sqlite3.Connection, payload: Mapping[str, Any]) -> None:
         """Meisa no longer knows the contact (an event answered 404): forget all its names."""
-        names = {name for entry in Store._entries(db, payload) for name in json.loads(entry[0])}
-        names = names or {key for key in identities(payload) if key is not None}
-        marks = ", ".join("?" * len(names))
-        db.execute(f"DELETE FROM meisa_known WHERE key IN ({marks})", list(names))
+        names = [name for entry in Store._entries(db, payload) for name in json.loads(entry[0])]
+        db.execute(f"DELETE FROM meisa_known WHERE key IN ({marks(names)})", names)
 
     @staticmethod
     def prune(db: sqlite3.Connection, before: float) -> int:
         """Forget what Meisa had of contacts accepted before ``before``."""
         return db.execute("DELETE FROM meisa_known WHERE accepted_at < ?", (before,)).rowcount
-
-    def _prepare(self) -> None:
-        try:
-            self.check()
-        except sqlite3.DatabaseError as error:
-            self.close()
-            if isinstance(error, sqlite3.OperationalError):
-                raise  # cannot be opened, locked, read-only: a problem of access, not damage
-            set_aside(self, error)
 
     def check(self) -> None:
         """Put the file in WAL mode and check its schema version and its pages."""
@@ -313,6 +291,15 @@ class Store:
                 raise sqlite3.DatabaseError("; ".join(problems[:3]))
             if version < SCHEMA_VERSION:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def marks(values: Sized) -> str:
+    """The placeholders of ``values`` in an ``IN (...)`` list."""
+    return ", ".join("?" * len(values))
+
+
+def _names(payload: Mapping[str, Any]) -> list[str]:
+    return [name for name in identities(payload) if name is not None]
 
 
 #: What Meisa has of a contact is forgotten after this long, whatever MEISA_RESYNC_AFTER says.
@@ -362,9 +349,7 @@ def lane_of(operation: Operation, had: Lookup, priority_fields: Iterable[str]) -
     known = had()
     custom = operation.payload.get("custom_fields") or {}
     # Only the priority fields the upsert carries are hashed: a login's other fields are not.
-    wanted = {
-        f"custom_fields.{name}": _hash(custom[name]) for name in priority_fields if name in custom
-    }
+    wanted = digest({"custom_fields": {k: custom[k] for k in priority_fields if k in custom}})
     return LANE_AUTOMATION if known is None or not known.has(wanted) else lane
 
 

@@ -226,6 +226,24 @@ def test_a_retried_upsert_absorbs_the_ones_that_came_while_it_was_in_flight(
     assert [describe(row) for row in drain(db, 5.0)] == [("track", "between")]
 
 
+def test_a_retried_upsert_takes_the_priority_and_force_of_those_it_absorbs(
+    db: sqlite3.Connection,
+) -> None:
+    add(db, upsert(1, first_name="A", priority="backfill"), LANE_BACKFILL)
+    flying = take(db)
+    assert flying is not None
+    urgent = upsert(1, last_name="B", priority="high")
+    urgent.force = True  # sent even if Meisa has this state: absorbed, it still is
+    add(db, urgent, LANE_AUTOMATION)
+    pending.retry_at(db, flying, 0.0)
+    (row,) = drain(db)
+    assert (row.lane, row.operation.priority, row.operation.force) == (
+        LANE_AUTOMATION,
+        "high",
+        True,
+    )
+
+
 def test_a_retried_upsert_absorbs_nothing_past_the_body_limit(db: sqlite3.Connection) -> None:
     big = "x" * (MAX_BODY_BYTES // 2)
     add(db, upsert(1, custom_fields={"a": big}), LANE_ROUTINE)

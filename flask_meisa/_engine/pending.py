@@ -251,25 +251,28 @@ def retry_at(db: sqlite3.Connection, row: Row, when: float, *, recover: int = 0)
         return
     ext, email = keys(row.operation)
     later = db.execute(
-        "SELECT seq, payload, lane, merged FROM meisa_ops WHERE seq > ? AND seq IN "
-        f"({_BY_NAME.format(columns='seq', where=_UPSERTS)}) ORDER BY seq",
+        "SELECT seq, payload, lane, merged, priority, force FROM meisa_ops WHERE seq > ? "
+        f"AND seq IN ({_BY_NAME.format(columns='seq', where=_UPSERTS)}) ORDER BY seq",
         (row.seq, ext, email),
     ).fetchall()
-    body = ""
-    for seq, payload, lane, merged in later:
+    body, operation = "", row.operation
+    for seq, payload, lane, merged, priority, force in later:
         upsert = json.loads(payload)
-        joined = join_upserts(row.operation.payload, upsert)
-        names = [identities(row.operation.payload), identities(upsert)]
+        joined = join_upserts(operation.payload, upsert)
+        names = [identities(operation.payload), identities(upsert)]
         if joined is None or _passes(db, row.seq, seq, names):
             break
-        (row.operation.payload, body), row.lane = joined, min(row.lane, lane)
+        (operation.payload, body), row.lane = joined, min(row.lane, lane)
+        operation.priority = merge_priorities(operation.priority, priority)
+        operation.force = operation.force or bool(force)
         row.merged += merged
         db.execute("DELETE FROM meisa_ops WHERE seq = ?", (seq,))
     if body:
+        named = (body, row.lane, row.merged, *identities(operation.payload), operation.priority)
         db.execute(
-            "UPDATE meisa_ops SET payload = ?, lane = ?, merged = ?, ext = ?, email = ? "
-            "WHERE seq = ?",
-            (body, row.lane, row.merged, *identities(row.operation.payload), row.seq),
+            "UPDATE meisa_ops SET payload = ?, lane = ?, merged = ?, ext = ?, email = ?, "
+            "priority = ?, force = ? WHERE seq = ?",
+            (*named, int(operation.force), row.seq),
         )
 
 

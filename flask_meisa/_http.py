@@ -76,10 +76,11 @@ class Transport:
 
     def attempt(
         self, endpoint: str, scope: str | None, limit: float, **request: Any
-    ) -> tuple[int, Any]:
+    ) -> tuple[int, Any] | errors.APIError | errors.APIConnectionError:
         """One attempt of ``requests.request(**request)`` within ``limit`` seconds: ``(status,
-        parsed body)`` on 2xx, else the typed error, raised out of any ``except`` block so that
-        it chains no ``requests`` exception (those hold the headers)."""
+        parsed body)`` on 2xx, else the typed error, for the caller to raise out of any
+        ``except`` block and of this frame, so that it holds no ``requests`` object (those
+        hold the headers) as a cause or in a traceback's locals."""
         session = self.session()
         failure: BaseException | None = None
         with _watchdog.time_limit(limit) as watch:
@@ -93,16 +94,16 @@ class Transport:
             except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
                 failure = exc
         if watch.expired:  # whatever the cut socket made of the answer
-            raise errors.APITimeoutError(endpoint, f"no complete answer within {limit:.3g} s")
+            return errors.APITimeoutError(endpoint, f"no complete answer within {limit:.3g} s")
         if failure is not None:
-            raise errors._connection_error(endpoint, failure, request["timeout"])
+            return errors._connection_error(endpoint, failure, request["timeout"])
         if content is None:
             reason = f"the answer is larger than {MAX_ANSWER_BYTES // 2**20} MiB"
-            raise errors.APIConnectionError(endpoint, reason, retryable=False)
+            return errors.APIConnectionError(endpoint, reason, retryable=False)
         if 200 <= response.status_code < 300:
             return response.status_code, errors._json(content)
         wait = parse_retry_after(response.headers.get("Retry-After"))
-        raise errors._api_error(endpoint, response, content, self._key, scope, wait)
+        return errors._api_error(endpoint, response, content, self._key, scope, wait)
 
 
 def _session_for(base_url: str, pool_size: int) -> requests.Session:

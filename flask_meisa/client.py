@@ -331,22 +331,22 @@ class MeisaClient:
             if policy.deadline is not None:  # no attempt runs past it; a floor keeps the last
                 limit = min(limit, max(policy.deadline - (time.monotonic() - started), 0.05))
             request["timeout"] = (min(self._timeout[0], limit), min(self._timeout[1], limit))
-            try:
-                status, answer = self._http.attempt(endpoint, scope, limit, **request)
-                logger.debug("%s answered %d (attempt %d)", endpoint, status, attempt)
-                return status, answer
-            except (APIError, APIConnectionError) as error:
-                delay = policy.delay_for(attempt, error, time.monotonic() - started)
-                outcome = f"{endpoint} {_describe(error)} on attempt {attempt}"
-                if delay is not None:
-                    logger.info("%s; retrying in %.2f s", outcome, delay)
-                    time.sleep(delay)
-                elif policy.is_retryable(error) and policy.max_attempts != 1:
-                    logger.warning("%s; giving up", outcome)
-                    raise
-                else:
-                    logger.debug("%s", outcome)
-                    raise
+            result = self._http.attempt(endpoint, scope, limit, **request)
+            if isinstance(result, tuple):
+                logger.debug("%s answered %d (attempt %d)", endpoint, result[0], attempt)
+                return result
+            error = result
+            delay = policy.delay_for(attempt, error, time.monotonic() - started)
+            outcome = f"{endpoint} {_describe(error)} on attempt {attempt}"
+            if delay is not None:
+                logger.info("%s; retrying in %.2f s", outcome, delay)
+                time.sleep(delay)
+            elif policy.is_retryable(error) and policy.max_attempts != 1:
+                logger.warning("%s; giving up", outcome)
+                raise error
+            else:
+                logger.debug("%s", outcome)
+                raise error
 
 
 def _flag(value: object, field: str) -> bool | None:

@@ -163,6 +163,49 @@ def test_connection_errors_chain_nothing(emulator: Any, secret: str) -> None:
     assert str(info.value) == "GET /ping/ failed: connection refused"
 
 
+def test_a_failed_call_leaves_no_requests_object_in_its_traceback(
+    emulator: Any, secret: str
+) -> None:
+    """Error reporters that capture each frame's locals find nothing holding the headers."""
+    never = RetryPolicy.never()
+    nowhere = "http://127.0.0.1:9/api/v1"
+    raised = []
+    for url, key in ((nowhere, secret), (emulator.url, "mk_test_" + "0" * 32)):
+        with MeisaClient(key, url, retry=never) as meisa, pytest.raises(MeisaError) as info:
+            meisa.ping()
+        raised.append(info.value)
+    assert [type(error).__name__ for error in raised] == [
+        "APIConnectionError",
+        "AuthenticationError",
+    ]
+    held = (requests.Response, requests.PreparedRequest, requests.RequestException)
+    for error in raised:
+        frame = error.__traceback__
+        while frame is not None:
+            assert not any(isinstance(v, held) for v in frame.tb_frame.f_locals.values())
+            frame = frame.tb_next
+
+
+def test_an_interruption_while_waiting_to_retry_chains_no_meisa_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(seconds: float) -> None:
+        raise Interrupted
+
+    unavailable = response(503, {"detail": "down"}, {"Retry-After": "0"})
+    with (
+        hostile(lambda exchange: exchange.send(unavailable)) as server,
+        MeisaClient("mk_test_" + "0" * 32, f"http://127.0.0.1:{server.port}", retry=FAST) as meisa,
+    ):
+        monkeypatch.setattr("flask_meisa.client.time.sleep", interrupt)
+        with pytest.raises(Interrupted) as info:
+            meisa.ping()
+    assert info.value.__context__ is None
+
+
 def test_repr_shows_at_most_the_last_four(emulator: Any, secret: str) -> None:
     with MeisaClient(secret, emulator.url + "//") as meisa:
         text = repr(meisa)

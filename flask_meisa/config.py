@@ -253,7 +253,7 @@ def is_delivering(config: Mapping[str, Any]) -> bool:
 
 def _warn_unknown_keys(config: Mapping[str, Any]) -> None:
     for name in config:
-        upper = str(name).upper()
+        upper = name.upper() if isinstance(name, str) else ""
         if upper.startswith("MEISA_") and name not in _BY_NAME:
             close = difflib.get_close_matches(upper, _BY_NAME, n=1)
             hint = f"did you mean {close[0]}?" if close else "see `flask meisa config-template`"

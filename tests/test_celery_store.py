@@ -241,6 +241,18 @@ def test_operations_no_worker_ran_are_handed_back_less_often_the_older_they_get(
     assert not client.exists("meisa:meisa:tasks", "meisa:meisa:seen")
 
 
+def test_an_operation_whose_kept_task_is_lost_stays_pending(
+    store: RedisDeliveryStore, client: Any
+) -> None:
+    op = upsert()
+    store.add_pending(op, LANE_AUTOMATION)
+    store.keep(LANE_AUTOMATION, op.to_dict(), {"lane": LANE_AUTOMATION})
+    client.delete("meisa:meisa:tasks")  # Redis evicted the kept tasks
+    assert store.unseen(after=0.0) == []  # nothing to hand back...
+    assert store.pending(LANE_AUTOMATION) == 1  # ...and nothing finished: it still counts
+    assert not client.exists("meisa:meisa:seen")
+
+
 def test_a_task_kept_for_an_operation_already_finished_is_forgotten_not_handed_back(
     store: RedisDeliveryStore, client: Any
 ) -> None:

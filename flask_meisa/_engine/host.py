@@ -72,7 +72,9 @@ class HostLock:
         except FileNotFoundError:
             return None
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # closing the file lets go of it
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            # Let go now: a fork before the close below would keep the child holding it.
+            fcntl.flock(fd, fcntl.LOCK_UN)
         except BlockingIOError:
             text = os.pread(fd, 32, 0).decode(errors="replace").strip()
             return int(text) if text.isdigit() else 0

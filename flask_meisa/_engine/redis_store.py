@@ -263,10 +263,11 @@ class RedisDeliveryStore:
         for n, (op_id, raw) in enumerate(zip(ids, raws, strict=True)):
             if raw is not None and any(lane[n] is not None for lane in lanes):
                 tasks.append(json.loads(raw))
-            else:  # finished (by a worker of a version that kept nothing, say)
+            else:  # finished (by a worker of a version that kept nothing, say), or lost
                 finished.append(op_id)
-        if finished:
-            self.finish(finished)
+        if finished:  # no longer watched; what is still pending stays pending
+            pipe = self._redis.pipeline()
+            pipe.zrem(self._seen, *finished).hdel(self._tasks, *finished).execute()
         if tasks:  # XX: not one finished since
             ages = {op["id"]: now + max(now - op["created_at"] - after, 0.0) for _, op, _ in tasks}
             self._redis.zadd(self._seen, ages, xx=True)

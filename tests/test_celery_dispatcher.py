@@ -348,7 +348,7 @@ def test_init_celery_gives_the_worker_the_apps_client_budget_and_hooks(redis_url
     app = app_with_celery(redis_url, MEISA_DELIVERY="celery", MEISA_RATE_LIMIT="7/second")
     celery_app = app.extensions["celery"]
     try:
-        init_celery(app)
+        init_celery(app, app.extensions["meisa"].state(app).settings)
         assert TASK_NAME in celery_app.tasks
         worker = worker_of(celery_app)
         assert isinstance(worker, DeliveryWorker)

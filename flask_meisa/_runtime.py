@@ -68,7 +68,7 @@ class MeisaState:
         if settings.delivery == "celery":
             from ._engine.celery_setup import init_celery
 
-            init_celery(app)
+            init_celery(app, settings)
         _live.add(self)
         # The engine's threads must not keep a dropped app's engine running. Not at exit:
         # there _at_exit closes it, flushing for MEISA_FLUSH_TIMEOUT.

@@ -21,13 +21,17 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from flask_meisa._engine.delivery import Delivery
 from flask_meisa._engine.store import Store
 from flask_meisa.client import MeisaClient
+from flask_meisa.config import MeisaSettings
 from flask_meisa.operations import Operation
 from flask_meisa.retry import RetryPolicy
+
+_DEFAULTS = MeisaSettings.from_config({"MEISA_ENABLED": False})
 
 
 class RecordingHooks:
@@ -100,17 +104,21 @@ def make_engine(
     *,
     store: Store | None = None,
     retry: RetryPolicy | None = None,
-    **options: Any,
+    poll_interval: float = 0.1,
+    **settings: Any,
 ) -> Delivery:
-    """A background delivery engine on ``store`` (default: memory) calling ``url``."""
-    options.setdefault("rate_limit", None)
+    """A background delivery engine on ``store`` (default: memory) calling ``url``, with
+    the default settings but for ``settings`` (:class:`MeisaSettings` attributes; no
+    budget unless ``rate_limit`` is given)."""
+    settings.setdefault("rate_limit", None)
     return Delivery(
         store=store or Store(None),
         client_factory=lambda: MeisaClient(key, url, timeout=(0.5, 2.0)),
         hooks=hooks,
         retry=retry or RetryPolicy(max_attempts=10, base_delay=0.05, max_delay=0.2, deadline=30.0),
-        lease=10.0,
-        **options,
+        # connect_timeout + timeout + 5 s: a lease of 10 s
+        settings=replace(_DEFAULTS, connect_timeout=0.5, timeout=4.5, **settings),
+        poll_interval=poll_interval,
     )
 
 

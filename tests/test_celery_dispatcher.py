@@ -348,7 +348,7 @@ def test_init_celery_gives_the_worker_the_apps_client_budget_and_hooks(redis_url
     app = app_with_celery(redis_url, MEISA_DELIVERY="celery", MEISA_RATE_LIMIT="7/second")
     celery_app = app.extensions["celery"]
     try:
-        init_celery(app)
+        init_celery(app, app.extensions["meisa"].state(app).settings)
         assert TASK_NAME in celery_app.tasks
         worker = worker_of(celery_app)
         assert isinstance(worker, DeliveryWorker)
@@ -358,6 +358,18 @@ def test_init_celery_gives_the_worker_the_apps_client_budget_and_hooks(redis_url
         worker.store._redis.close()
     finally:
         celery_app.close()
+
+
+def test_the_celery_engine_warns_about_an_unknown_key_once(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("WARNING", logger="flask_meisa"):
+        app = app_with_celery(redis_url, MEISA_DELIVERY="celery", MEISA_QUEUE_SIZ=5)
+    try:
+        warned = [r for r in caplog.records if "MEISA_QUEUE_SIZ" in r.getMessage()]
+        assert len(warned) == 1  # init_celery uses the settings, not the config again
+    finally:
+        app.extensions["celery"].close()
 
 
 def test_a_worker_process_makes_its_own_worker_again_after_a_fork(redis_url: str) -> None:

@@ -358,7 +358,7 @@ def test_a_full_queue_sheds_routine_then_other_live_work_never_sends(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # One call a minute: after the first, everything stays queued.
-    engine = make_engine(emulator, rate_limit="1/minute", capacity=3)
+    engine = make_engine(emulator, rate_limit="1/minute", queue_size=3)
     engine.submit([send(0)])
     assert hooks.wait_for("delivered", 1)
     caplog.set_level(logging.WARNING, logger="flask_meisa.engine")
@@ -503,7 +503,7 @@ def test_two_big_upserts_of_one_contact_are_not_merged_past_the_body_limit(
 def test_a_flush_from_a_hook_on_the_writers_thread_answers_at_once(
     emulator: Emulator, make_engine: MakeEngine, hooks: RecordingHooks
 ) -> None:
-    engine = make_engine(emulator, rate_limit="1/minute", capacity=1)
+    engine = make_engine(emulator, rate_limit="1/minute", queue_size=1)
     engine.submit([send(0)])
     assert hooks.wait_for("delivered", 1)  # the minute's one call is spent
     answers: list[bool] = []

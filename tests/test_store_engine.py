@@ -454,7 +454,7 @@ def test_memory_stays_bounded_while_the_store_takes_nothing(
     caplog.set_level(logging.WARNING, logger="flask_meisa.engine")
     hooks = RecordingHooks()
     store = Store(path, busy_timeout=0.05)
-    engine = make_engine(emulator, hooks, store=store, capacity=5)
+    engine = make_engine(emulator, hooks, store=store, queue_size=5)
     engine.start()
     mend = _locked(store, path)
     try:

@@ -58,8 +58,7 @@ class CelerySettings:
     def from_config(cls, config: Mapping[str, Any]) -> CelerySettings:
         """Read the keys (a missing one takes its default); a :class:`ConfigurationError`
         names each invalid one."""
-        values = resolve_keys(config, CELERY_DEFAULTS)
-        return cls(*(values[name] for name in CELERY_DEFAULTS))
+        return cls(*resolve_keys(config, CELERY_DEFAULTS).values())
 
 
 def resolve_celery_app(app: Flask) -> tuple[CelerySettings, Any]:
@@ -127,11 +126,11 @@ def lost_after(celery_app: Any, call_timeout: float) -> float | None:
     return visibility + _restore_sweep(options) + mutex + RUN_TIMEOUTS * call_timeout
 
 
-def init_celery(app: Flask) -> Any:
+def init_celery(app: Flask, settings: MeisaSettings) -> Any:
     """Register the delivery task (it runs the worker of the app's engine) and set up the
     visibility timeout (:func:`configure_visibility`); returns the task."""
     _, celery_app = resolve_celery_app(app)
-    configure_visibility(celery_app, MeisaSettings.from_config({**DEFAULTS, **app.config}))
+    configure_visibility(celery_app, settings)
 
     def worker() -> DeliveryWorker:
         state: MeisaState = app.extensions["meisa"].state(app)

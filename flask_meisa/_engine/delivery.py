@@ -12,7 +12,6 @@ import threading
 import time
 from collections.abc import Callable
 from collections.abc import Iterable
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ..errors import DeliveryError
@@ -35,6 +34,7 @@ from .store import lane_of
 
 if TYPE_CHECKING:
     from .._runtime import MeisaState
+    from ..config import MeisaSettings
 
 __all__ = ["Delivery", "make_dispatcher"]
 
@@ -47,8 +47,8 @@ logger = logging.getLogger("flask_meisa.engine")
 
 class Delivery:
     """Delivers one app's operations through ``store`` (a file shared by every process of
-    the host, or memory). Most arguments are ``MEISA_*`` settings; ``lease`` is the longest
-    a call can take, ``poll_interval`` how often a process looks for the delivery lock."""
+    the host, or memory) as its ``settings`` say; ``poll_interval`` is how often a process
+    looks for the delivery lock."""
 
     def __init__(
         self,
@@ -57,27 +57,19 @@ class Delivery:
         client_factory: ClientFactory,
         hooks: DeliveryHooks,
         retry: RetryPolicy,
-        rate_limit: str | None,
-        lease: float,
-        capacity: int = 10_000,
-        workers: int = 1,
-        flush_timeout: float = 5.0,
-        resync_after: float = 86400.0,
-        priority_fields: Sequence[str] = ("plan", "subscription_status"),
-        routine_max_age: float = 3600.0,
+        settings: MeisaSettings,
         poll_interval: float = 0.1,
     ) -> None:
         require_real_threads()
-        self.store = store
-        self.budget = Budget(store, rate_limit, lease=lease)
+        self.store, self.settings = store, settings
+        # The longest a call can take (Budget's lease): both timeouts, and a margin.
+        lease = settings.connect_timeout + settings.timeout + 5.0
+        self.budget = Budget(store, settings.rate_limit, lease=lease)
         self.hooks = HookCaller(hooks, logger)
-        self.client_factory, self.retry, self.resync_after = client_factory, retry, resync_after
-        self._capacity = capacity
-        self._workers = workers
-        self._flush_timeout = flush_timeout
-        self._priority_fields = tuple(priority_fields)
-        self._routine_max_age = routine_max_age
-        self._known_for = max(KEEP_FOR, resync_after)
+        self.client_factory, self.retry = client_factory, retry
+        self.resync_after = settings.resync_after
+        self._capacity = settings.queue_size
+        self._known_for = max(KEEP_FOR, settings.resync_after)
         self._poll = poll_interval
         self._fresh()
 
@@ -164,7 +156,8 @@ class Delivery:
             self._closed = True  # no new operations from here on
             started = self._started
         if started:
-            deadline = time.monotonic() + (self._flush_timeout if timeout is None else timeout)
+            wait = self.settings.flush_timeout if timeout is None else timeout
+            deadline = time.monotonic() + wait
             self._wait_until(lambda: not self._unstored(), deadline)
             if self.is_holder:
                 self.flush(deadline - time.monotonic())
@@ -226,7 +219,7 @@ class Delivery:
         self._threads.append(thread)
 
     def _spawn_workers(self) -> None:
-        for number in range(1, self._workers + 1):
+        for number in range(1, self.settings.workers + 1):
             self._spawn(self._caller.run, f"flask-meisa-delivery-{number}")
 
     def kick(self) -> None:
@@ -267,7 +260,8 @@ class Delivery:
                 if self.is_holder and time.monotonic() >= housekeeping:
                     housekeeping = time.monotonic() + _HOUSEKEEPING
                     with self.store.write() as db:
-                        pending.tidy(db, time.time(), self._routine_max_age, self._known_for)
+                        max_age = self.settings.routine_max_age
+                        pending.tidy(db, time.time(), max_age, self._known_for)
                 self.store_works(None)
             except STORE_ERRORS as error:
                 self.store_works(error)
@@ -301,7 +295,7 @@ class Delivery:
         with self.store.write() as db:
             for operation in batch:
                 had = functools.partial(Store.lookup, db, operation.payload)
-                lane = functools.partial(lane_of, operation, had, self._priority_fields)
+                lane = functools.partial(lane_of, operation, had, self.settings.priority_fields)
                 lowest = min(lowest, pending.add(db, operation, lane).lane)
             # Counted at most once a second, or when the count may be near the bound.
             self._live_rows += len(batch)
@@ -367,18 +361,10 @@ class Delivery:
 
 def make_dispatcher(state: MeisaState) -> Delivery:
     """The thread engine of an app, from its settings."""
-    settings = state.settings
     return Delivery(
         store=state.store(),
         client_factory=state.make_client,
         hooks=state.reporter,
         retry=state.background_retry_policy(),
-        rate_limit=settings.rate_limit,
-        lease=settings.connect_timeout + settings.timeout + 5.0,
-        capacity=settings.queue_size,
-        workers=settings.workers,
-        flush_timeout=settings.flush_timeout,
-        resync_after=settings.resync_after,
-        priority_fields=settings.priority_fields,
-        routine_max_age=settings.routine_max_age,
+        settings=state.settings,
     )

@@ -284,7 +284,7 @@ def dead_letters_list() -> None:
         merged = f", {letter.merged} merged" if letter.merged > 1 else ""
         click.echo(
             f"{letter.seq}\t{letter.operation.describe()}\t{_cli_text.refusal(letter)}\t"
-            f"{letter.attempts} attempt(s){merged}\t{_cli_text.when(letter.failed_at)}"
+            f"{letter.operation.attempts} attempt(s){merged}\t{_cli_text.when(letter.failed_at)}"
         )
     click.echo(f"{len(letters)} dead letter(s)" if letters else "no dead letters")
 
@@ -298,7 +298,7 @@ def dead_letters_show(seq: int) -> None:
         "id": letter.seq,
         "operation": letter.operation.to_dict(),
         "error": {"status": letter.status, "code": letter.code, "message": letter.message},
-        "attempts": letter.attempts,
+        "attempts": letter.operation.attempts,
         "failed_at": _cli_text.when(letter.failed_at),
     }
     click.echo(json.dumps(record, indent=2, sort_keys=True))

@@ -272,7 +272,7 @@ def test_an_event_answered_404_without_a_known_contact_fails_as_a_dead_letter(
     assert ids(hooks.of("failed")) == [event.id]
     with engine.store.read() as db:
         (letter,) = dead.dead_letters(db)
-    assert (letter.operation.id, letter.status, letter.attempts) == (event.id, 404, 1)
+    assert (letter.operation.id, letter.status, letter.operation.attempts) == (event.id, 404, 1)
     assert engine.status().dead_letters == 1
 
 

@@ -611,7 +611,11 @@ def test_dead_letters_neither_block_their_contact_nor_count_as_waiting(
     assert pending.shed(db, 1) == []  # one waiting row: within capacity
     assert [describe(row) for row in drain(db)] == [("track", "after")]
     (letter,) = dead.dead_letters(db)
-    assert (letter.seq, letter.message, letter.attempts) == (refused.seq, "RuntimeError", 1)
+    assert (letter.seq, letter.message, letter.operation.attempts) == (
+        refused.seq,
+        "RuntimeError",
+        1,
+    )
 
 
 def test_flights_left_by_a_process_that_died_wait_again(db: sqlite3.Connection) -> None:

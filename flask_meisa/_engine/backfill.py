@@ -4,15 +4,16 @@ run go to the engine's :class:`Target` (the store, or Redis)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
+import sqlite3
 import time
 from collections.abc import Callable
 from collections.abc import Iterable
 from dataclasses import asdict
 from dataclasses import dataclass
 from typing import Any
-from typing import Protocol
 
 from ..errors import MeisaError
 from ..operations import LANE_BACKFILL
@@ -71,14 +72,31 @@ def estimate_per_hour(spec_windows: Iterable[Any], share: float) -> float | None
     return min(rates) * share if rates else None
 
 
-class Target(Protocol):
-    """Where a backfill's upserts go and its run is kept."""
+class Target:
+    """Where a backfill's upserts go and its run is kept, as JSON values: ``_get(kept, name,
+    default)`` and ``_put(kept, name, value)`` on what :meth:`_kept` opens."""
+
+    _get: Callable[..., Any]
+    _put: Callable[..., None]
+
+    def _kept(self, write: bool = False) -> contextlib.AbstractContextManager[Any]:
+        raise NotImplementedError
+
+    def _queue(self, kept: Any, run: Run, operations: list[Operation], now: float) -> None:
+        raise NotImplementedError
 
     def load(self) -> Run | None:
         """The last run, or ``None``."""
+        with self._kept() as kept:
+            data = self._get(kept, "backfill")
+        return None if data is None else Run(**data)
 
     def save(self, run: Run, *, fresh: bool = False) -> None:
         """Keep ``run``; ``fresh``: it starts over, so forget earlier runs' failures."""
+        with self._kept(write=True) as kept:
+            if fresh:
+                self._put(kept, "backfill_failures", None)
+            self._put(kept, "backfill", asdict(run))
 
     def add(
         self, run: Run, operations: list[Operation], failed: list[dict[str, Any]], now: float
@@ -86,12 +104,21 @@ class Target(Protocol):
         """Queue ``operations`` in the backfill lane but for those Meisa already has (each
         counted in ``run.queued`` or ``run.skipped``), keep ``failed`` for ``--failures``,
         and keep ``run`` with them."""
+        with self._kept(write=True) as kept:
+            self._queue(kept, run, operations, now)
+            if failed:
+                failures = self._get(kept, "backfill_failures", [])
+                self._put(kept, "backfill_failures", (failures + failed)[:KEEP_FAILURES])
+            self._put(kept, "backfill", asdict(run))
 
     def backlog(self) -> tuple[int, int]:
         """Backfill upserts waiting for Meisa, and those Meisa refused."""
+        raise NotImplementedError
 
     def failures(self) -> list[dict[str, Any]]:
         """Users the last runs could not map (at most :data:`KEEP_FAILURES`)."""
+        with self._kept() as kept:
+            return list(self._get(kept, "backfill_failures", []))
 
 
 def run(
@@ -161,38 +188,27 @@ class StoreTarget(Target):
     """A backfill through the delivery store: a chunk's rows and the run's position are
     written in one transaction."""
 
+    _get, _put = staticmethod(Store.get_meta), staticmethod(Store.set_meta)
+
     def __init__(self, store: Store, resync_after: float = 86400.0) -> None:
         self.store = store
         self.resync_after = resync_after
 
-    def load(self) -> Run | None:
-        with self.store.read() as db:
-            data = Store.get_meta(db, "backfill")
-        return None if data is None else Run(**data)
+    def _kept(self, write: bool = False) -> contextlib.AbstractContextManager[Any]:
+        return self.store.write() if write else self.store.read()
 
-    def save(self, run: Run, *, fresh: bool = False) -> None:
-        with self.store.write() as db:
-            if fresh:
-                Store.set_meta(db, "backfill_failures", None)
-            Store.set_meta(db, "backfill", asdict(run))
-
-    def add(
-        self, run: Run, operations: list[Operation], failed: list[dict[str, Any]], now: float
+    def _queue(
+        self, db: sqlite3.Connection, run: Run, operations: list[Operation], now: float
     ) -> None:
-        with self.store.write() as db:
-            for operation in operations:
-                # Meisa has this state and nothing of the contact waits: no row at all.
-                had = functools.partial(Store.lookup, db, operation.payload)
-                same = unchanged(operation, had, now, self.resync_after)
-                if same and not pending.waits(db, operation):
-                    run.skipped += 1
-                else:
-                    pending.add(db, operation, LANE_BACKFILL)
-                    run.queued += 1
-            if failed:
-                kept = Store.get_meta(db, "backfill_failures", [])
-                Store.set_meta(db, "backfill_failures", (kept + failed)[:KEEP_FAILURES])
-            Store.set_meta(db, "backfill", asdict(run))
+        for operation in operations:
+            # Meisa has this state and nothing of the contact waits: no row at all.
+            had = functools.partial(Store.lookup, db, operation.payload)
+            same = unchanged(operation, had, now, self.resync_after)
+            if same and not pending.waits(db, operation):
+                run.skipped += 1
+            else:
+                pending.add(db, operation, LANE_BACKFILL)
+                run.queued += 1
 
     def backlog(self) -> tuple[int, int]:
         with self.store.read() as db:
@@ -201,10 +217,6 @@ class StoreTarget(Target):
                 "WHERE priority = 'backfill'"
             ).fetchone()
         return waiting or 0, refused or 0
-
-    def failures(self) -> list[dict[str, Any]]:
-        with self.store.read() as db:
-            return list(Store.get_meta(db, "backfill_failures", []))
 
 
 def _failure(user: Any, position: int, error: MeisaError) -> dict[str, Any]:

@@ -10,7 +10,6 @@ import threading
 import time
 from collections.abc import Iterable
 from collections.abc import Sequence
-from dataclasses import asdict
 from typing import TYPE_CHECKING
 from typing import Any
 
@@ -290,35 +289,28 @@ class CeleryDispatcher:
         return CeleryBackfill(self, resync_after)
 
 
-class CeleryBackfill:
+class CeleryBackfill(backfill.Target):
     """A backfill through Celery (a :class:`~.backfill.Target`), its run kept in Redis."""
+
+    _get, _put = staticmethod(RedisDeliveryStore.get), staticmethod(RedisDeliveryStore.put)
 
     def __init__(self, dispatcher: CeleryDispatcher, resync_after: float) -> None:
         self._dispatcher = dispatcher
         self._store = dispatcher.store
         self._resync_after = resync_after
 
-    def load(self) -> backfill.Run | None:
-        """The last run, or ``None``."""
-        data = self._store.get("backfill")
-        return None if data is None else backfill.Run(**data)
+    def _kept(self, write: bool = False) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext(self._store)
 
     def save(self, run: backfill.Run, *, fresh: bool = False) -> None:
         """Keep ``run`` (``fresh``: and forget earlier runs' failures)."""
         if fresh:
-            self._store.put("backfill_failures", None)
             self._store.count("backfill_refused", 0)
-        self._store.put("backfill", asdict(run))
+        super().save(run, fresh=fresh)
 
-    def add(
-        self,
-        run: backfill.Run,
-        operations: list[Operation],
-        failed: list[dict[str, Any]],
-        now: float,
+    def _queue(
+        self, store: RedisDeliveryStore, run: backfill.Run, operations: list[Operation], now: float
     ) -> None:
-        """Publish the chunk's upserts, then keep its failures and ``run``."""
-        store = self._store
         for operation in operations:
             contacts = store.contacts(operation.payload)
             had = functools.partial(store.known, contacts[0] if contacts else None)
@@ -329,19 +321,11 @@ class CeleryBackfill:
                 continue
             self._dispatcher.publish(operation)
             run.queued += 1
-        if failed:
-            kept = store.get("backfill_failures", [])
-            store.put("backfill_failures", (kept + failed)[: backfill.KEEP_FAILURES])
-        store.put("backfill", asdict(run))
 
     def backlog(self) -> tuple[int, int]:
         """Backfill upserts not finished, and those Meisa refused."""
         refused = self._store.counters().get("backfill_refused", 0)
         return self._store.pending(LANE_BACKFILL), refused
-
-    def failures(self) -> list[dict[str, Any]]:
-        """Users the last runs could not map."""
-        return list(self._store.get("backfill_failures", []))
 
 
 def make_dispatcher(state: MeisaState) -> CeleryDispatcher:

@@ -30,11 +30,6 @@ class DeadLetter(Row):
     message: str
     failed_at: float
 
-    @property
-    def attempts(self) -> int:
-        """The attempts made."""
-        return self.operation.attempts
-
 
 def error_fields(error: BaseException) -> tuple[int | None, str | None, str]:
     """``(status, code, message)`` as a dead letter keeps them (never a payload value)."""

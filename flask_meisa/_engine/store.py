@@ -237,17 +237,19 @@ class Store:
         status.backfill = Store.get_meta(db, "backfill")
 
     @staticmethod
-    def _entries(db: sqlite3.Connection, payload: Mapping[str, Any]) -> list[Any]:
-        """``(names, fields, accepted_at)`` of the contact ``payload`` names, the entry under
-        its ``external_id`` first (``ext:`` sorts after ``email:``)."""
+    def _entries(db: sqlite3.Connection, payload: Mapping[str, Any], limit: str = "") -> list[Any]:
+        """``(names, fields, accepted_at)`` of the contact ``payload`` names, ``external_id``
+        first (one indexed read per name: cheaper than ``IN`` and a sort)."""
         keys = _names(payload)
-        query = f"SELECT names, fields, accepted_at FROM meisa_known WHERE key IN ({marks(keys)})"
-        return db.execute(query + " ORDER BY key DESC", keys).fetchall()
+        if not keys:
+            return []
+        query = "SELECT names, fields, accepted_at FROM meisa_known WHERE key = ?"
+        return db.execute(" UNION ALL ".join([query] * len(keys)) + limit, keys).fetchall()
 
     @staticmethod
     def lookup(db: sqlite3.Connection, payload: Mapping[str, Any]) -> Known | None:
         """What Meisa has of the contact ``payload`` names (by ``external_id`` first)."""
-        found = Store._entries(db, payload)
+        found = Store._entries(db, payload, " LIMIT 1")
         return Known(json.loads(found[0][1]), float(found[0][2])) if found else None
 
     @staticmethod

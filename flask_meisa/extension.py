@@ -236,10 +236,10 @@ class Meisa:
         if not delivering:
             return no_call("disabled", reason="delivery_suppressed")
         try:
-            # Waiting for the list and for a budget slot count against the deadline.
-            with state.budget_slot(max(ends - time.monotonic(), 0.0)):
-                policy = state.retry_policy(deadline=max(ends - time.monotonic(), 0.001))
-                result = deliver(state.client.with_options(retry=policy), operation)
+            # Waiting for the list and for budget slots count against the deadline.
+            policy = state.retry_policy(deadline=max(ends - time.monotonic(), 0.001))
+            client = state.client.with_options(retry=policy, slot=state.budget_slot)
+            result = deliver(client, operation)
         except UnprocessableEntityError as error:
             state.reporter.learn(address, error)
             raise

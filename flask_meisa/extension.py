@@ -301,7 +301,13 @@ class Meisa:
     ) -> None:
         resolve = getattr(sender, "_get_current_object", None)
         app = resolve() if callable(resolve) else sender
-        state = self._states.get(app) if isinstance(app, Flask) else None
+        if not isinstance(app, Flask):  # no sender, or the user: the app it happens in
+            if not has_app_context():
+                kind = type(sender).__name__
+                logger.error("meisa: plan_changed sent by a %s outside an app: not synced", kind)
+                return
+            app = cast(Any, current_app)._get_current_object()
+        state = self._states.get(app)
         if state is None:
             return
         # Like a login, a plan change never breaks the billing view that signalled it.

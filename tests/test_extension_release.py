@@ -248,6 +248,24 @@ def test_plan_changed_from_another_app_is_ignored(emulator: Any, app: Flask) -> 
     assert emulator.requests == []
 
 
+def test_plan_changed_sent_by_something_other_than_an_app_syncs_for_the_current_app(
+    emulator: Any, app: Flask, caplog: pytest.LogCaptureFixture
+) -> None:
+    # blinker's send() without a sender, or with the user or a model as sender: the plan
+    # change must not vanish without a word.
+    from flask_meisa import plan_changed
+
+    ada, grace = app.config["USERS"][1], app.config["USERS"][2]
+    with app.test_request_context("/"):
+        plan_changed.send(user=ada, old_plan="free", new_plan="pro")
+        plan_changed.send(grace, user=grace, old_plan="free", new_plan="team")
+    assert emulator.contact(email="ada@example.com")["custom_fields"]["plan"] == "pro"
+    assert emulator.contact(email="grace@example.com")["custom_fields"]["plan"] == "team"
+    plan_changed.send(user=ada, new_plan="free")  # no app to sync for: said so
+    assert "plan_changed" in caplog.text and "not synced" in caplog.text
+    assert len(upserts(emulator)) == 2
+
+
 def test_flush_in_a_request_releases_the_requests_work_first(emulator: Any, app: Flask) -> None:
     meisa: Meisa = app.extensions["meisa"]
     with app.test_request_context("/"):

@@ -320,8 +320,11 @@ class Meisa:
             plan = to_json_value(new_plan, "new_plan")
             payload["custom_fields"] = {**(payload.get("custom_fields") or {}), "plan": plan}
             operation = Operation.checked("upsert", payload, priority="high")
-        except ValidationError as error:
-            logger.error("meisa: the plan change was not synced: %s", error)
+        except Exception as error:  # the mapper's own failures too
+            if isinstance(error, ValidationError):
+                logger.error("meisa: the plan change was not synced: %s", error)
+            else:  # its text may hold the user's data: in the traceback only
+                logger.exception("meisa: the plan change was not synced")
             signals.emit(signals.delivery_failed, app, operation=None, error=error)
             return
         deferral.enqueue(state, operation)

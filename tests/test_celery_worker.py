@@ -165,7 +165,7 @@ def test_a_retryable_failure_runs_again_with_the_same_key(
     assert (delivered.id, delivered.attempts) == (op.id, 2)
 
 
-def test_a_send_retry_run_after_its_deadline_fails_without_sending_again(
+def test_a_send_retry_run_past_the_idempotency_hour_fails_without_sending_again(
     make_worker: MakeWorker,
     submit: Submit,
     store: RedisDeliveryStore,

@@ -190,7 +190,7 @@ def _mapping(value: Mapping[Any, Any], field: str, depth: int) -> dict[str, JSON
         if type(key) is not str:
             if not isinstance(key, str):
                 raise ValidationError(field, f"has a key that is not a string ({_type_name(key)})")
-            key = str(key)
+            key = str.__str__(key)  # its text, as json writes it (not a str Enum's name)
         if not key.isascii() and not _encodable(key):
             raise ValidationError(field, "has a key that is not valid Unicode text")
         kind = type(item)

@@ -244,8 +244,8 @@ class MeisaState:
         # Bounded like a send (a first send waits for it), in at most 3 attempts.
         deadline = self.settings.send_deadline
         policy = dataclasses.replace(self.retry_policy(deadline=deadline), max_attempts=3)
-        with self.budget_slot(deadline):
-            return self.client.with_options(retry=policy).unsubscribed_emails()
+        client = self.client.with_options(retry=policy, slot=self.budget_slot)
+        return client.unsubscribed_emails()
 
     def close(self, timeout: float | None = None) -> int:
         """Flush and stop the engine, close the client; returns what was lost."""

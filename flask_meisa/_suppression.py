@@ -11,12 +11,14 @@ import time
 from collections.abc import Callable
 from collections.abc import Collection
 from collections.abc import Iterable
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigurationError
 from .errors import MeisaError
 from .errors import ValidationError
+from .results import UnsubscribedEmails
 
 __all__ = ["SuppressionSet"]
 
@@ -274,6 +276,10 @@ def _read_snapshot(snapshot: Any, clock: Callable[[], float]) -> _Loaded:
         raise _UnreadableSnapshot("the answer has no emails or as_of") from None
     if isinstance(emails, (str, bytes)) or not isinstance(emails, Iterable):
         raise _UnreadableSnapshot("the answer's emails is not a collection of addresses")
+    if isinstance(snapshot, UnsubscribedEmails):  # read leniently: was there a list at all?
+        raw = snapshot.raw
+        if not isinstance(raw, Mapping) or not isinstance(raw.get("emails"), list):
+            raise _UnreadableSnapshot("the answer holds no list of emails")
     if isinstance(as_of, dt.datetime):
         as_of = as_of.isoformat()
     return _Loaded(_normalized(emails), None if as_of is None else str(as_of), clock())

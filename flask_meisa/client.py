@@ -4,12 +4,15 @@ means nothing was sent), calls with retries and returns a typed result or raises
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from typing import Any
 from urllib.parse import quote
 
@@ -49,6 +52,8 @@ DEFAULT_TIMEOUT: tuple[float, float] = (
 BULK_ENROLL_LIMIT = 500
 
 Timeout = float | tuple[float, float]
+#: A context each attempt is made in, given the seconds it may wait (see ``with_options``).
+Slot = Callable[[float], AbstractContextManager[Any]]
 
 #: Each endpoint's method, path and the key scope it needs (named by a 403's error).
 _ENDPOINTS: dict[str, tuple[str, str, str | None]] = {
@@ -110,6 +115,7 @@ class MeisaClient:
             raise ConfigurationError("pool_size must be an integer >= 1")
         self._http = _http.Transport(key, self._base_url, session, pool_size)
         self._owner = True
+        self._slot: Slot = _no_slot
 
     @property
     def base_url(self) -> str:
@@ -127,12 +133,20 @@ class MeisaClient:
         return self._retry
 
     def with_options(
-        self, *, timeout: Timeout | None = None, retry: RetryPolicy | None = None
+        self,
+        *,
+        timeout: Timeout | None = None,
+        retry: RetryPolicy | None = None,
+        slot: Slot | None = None,
     ) -> MeisaClient:
         """A copy with another timeout and/or retry policy, sharing this client's session
-        (closing the copy leaves it open)."""
+        (closing the copy leaves it open); ``slot(seconds)``: a context each attempt is made
+        in, which may wait that long first (a slot of the key's budget: Meisa counts every
+        attempt)."""
         clone = object.__new__(MeisaClient)
         clone.__dict__.update(self.__dict__, _owner=False)
+        if slot is not None:
+            clone._slot = slot
         if timeout is not None:
             clone._timeout = _check_timeout(timeout)
         if retry is not None:
@@ -328,10 +342,14 @@ class MeisaClient:
         while True:
             attempt += 1
             limit = sum(self._timeout)
-            if policy.deadline is not None:  # no attempt runs past it; a floor keeps the last
-                limit = min(limit, max(policy.deadline - (time.monotonic() - started), 0.05))
-            request["timeout"] = (min(self._timeout[0], limit), min(self._timeout[1], limit))
-            result = self._http.attempt(endpoint, scope, limit, **request)
+            if policy.deadline is not None:
+                limit = max(policy.deadline - (time.monotonic() - started), 0.0)
+            with self._slot(limit):  # its wait counts against the deadline
+                limit = sum(self._timeout)
+                if policy.deadline is not None:  # no attempt runs past it; a floor keeps the last
+                    limit = min(limit, max(policy.deadline - (time.monotonic() - started), 0.05))
+                request["timeout"] = (min(self._timeout[0], limit), min(self._timeout[1], limit))
+                result = self._http.attempt(endpoint, scope, limit, **request)
             if isinstance(result, tuple):
                 logger.debug("%s answered %d (attempt %d)", endpoint, result[0], attempt)
                 return result
@@ -347,6 +365,10 @@ class MeisaClient:
             else:
                 logger.debug("%s", outcome)
                 raise error
+
+
+def _no_slot(seconds: float) -> AbstractContextManager[Any]:
+    return contextlib.nullcontext()
 
 
 def _flag(value: object, field: str) -> bool | None:

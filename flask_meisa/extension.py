@@ -236,10 +236,10 @@ class Meisa:
         if not delivering:
             return no_call("disabled", reason="delivery_suppressed")
         try:
-            # Waiting for the list and for a budget slot count against the deadline.
-            with state.budget_slot(max(ends - time.monotonic(), 0.0)):
-                policy = state.retry_policy(deadline=max(ends - time.monotonic(), 0.001))
-                result = deliver(state.client.with_options(retry=policy), operation)
+            # Waiting for the list and for budget slots count against the deadline.
+            policy = state.retry_policy(deadline=max(ends - time.monotonic(), 0.001))
+            client = state.client.with_options(retry=policy, slot=state.budget_slot)
+            result = deliver(client, operation)
         except UnprocessableEntityError as error:
             state.reporter.learn(address, error)
             raise
@@ -301,7 +301,13 @@ class Meisa:
     ) -> None:
         resolve = getattr(sender, "_get_current_object", None)
         app = resolve() if callable(resolve) else sender
-        state = self._states.get(app) if isinstance(app, Flask) else None
+        if not isinstance(app, Flask):  # no sender, or the user: the app it happens in
+            if not has_app_context():
+                kind = type(sender).__name__
+                logger.error("meisa: plan_changed sent by a %s outside an app: not synced", kind)
+                return
+            app = cast(Any, current_app)._get_current_object()
+        state = self._states.get(app)
         if state is None:
             return
         # Like a login, a plan change never breaks the billing view that signalled it.
@@ -314,8 +320,11 @@ class Meisa:
             plan = to_json_value(new_plan, "new_plan")
             payload["custom_fields"] = {**(payload.get("custom_fields") or {}), "plan": plan}
             operation = Operation.checked("upsert", payload, priority="high")
-        except ValidationError as error:
-            logger.error("meisa: the plan change was not synced: %s", error)
+        except Exception as error:  # the mapper's own failures too
+            if isinstance(error, ValidationError):
+                logger.error("meisa: the plan change was not synced: %s", error)
+            else:  # its text may hold the user's data: in the traceback only
+                logger.exception("meisa: the plan change was not synced")
             signals.emit(signals.delivery_failed, app, operation=None, error=error)
             return
         deferral.enqueue(state, operation)

@@ -69,7 +69,8 @@ email_suppressed = _signals.signal("meisa-email-suppressed")
 
 #: Meisa refused an operation (a 4xx), its retry budget ran out, or it could not be made
 #: (a ``plan_changed`` whose user cannot be mapped). Arguments: ``operation`` (``None``
-#: when none could be made), ``error`` (:class:`~flask_meisa.errors.MeisaError`).
+#: when none could be made), ``error`` (:class:`~flask_meisa.errors.MeisaError`, or what
+#: the contact mapper raised for a ``plan_changed``).
 delivery_failed = _signals.signal("meisa-delivery-failed")
 
 #: An operation was shed (a full queue) or abandoned (shutdown) without an attempt to

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
+import threading
 import time
 from collections.abc import Callable
 from collections.abc import Iterator
@@ -448,6 +450,41 @@ def test_a_budget_slot_waits_for_the_shared_budget(make: MakeDispatcher) -> None
         assert taken is True
         waited = time.monotonic() - started
     assert 1.0 < waited < 2.5  # until the first answer left the 2 s window
+
+
+def test_a_redis_that_never_answers_holds_a_synchronous_send_only_so_long(
+    redis_url: str, emulator: Any
+) -> None:
+    # A Redis behind a network partition, or stalled: the connection is made (the kernel
+    # completes it), no answer ever comes. A send in a request must not wait for ever on
+    # its budget slot (nor a response's release on publishing).
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # listens, never answers
+        app = Flask(__name__)
+        app.config.update(
+            MEISA_API_KEY=emulator.live_key,
+            MEISA_BASE_URL=emulator.url,
+            MEISA_DELIVERY="celery",
+            MEISA_CELERY_REDIS_URL=f"redis://127.0.0.1:{silent.getsockname()[1]}/0",
+            MEISA_SEND_DEADLINE=1.0,
+        )
+        app.extensions["celery"] = make_celery(redis_url)
+        meisa = Meisa(app)
+        results: list[Any] = []
+
+        def send() -> None:
+            with app.app_context():
+                results.append(meisa.send("receipt", "ada@example.com"))
+
+        thread = threading.Thread(target=send, daemon=True)
+        try:
+            thread.start()
+            thread.join(30.0)
+            assert [result.status for result in results] == ["sent"]
+        finally:
+            silent.close()  # what still waits on it gets a reset
+            thread.join(30.0)
+            meisa.close()
+            app.extensions["celery"].close()
 
 
 def test_a_redis_that_lost_its_data_has_what_was_pending_reported(

@@ -165,6 +165,30 @@ def test_a_retryable_failure_runs_again_with_the_same_key(
     assert (delivered.id, delivered.attempts) == (op.id, 2)
 
 
+def test_a_send_retry_run_past_the_idempotency_hour_fails_without_sending_again(
+    make_worker: MakeWorker,
+    submit: Submit,
+    store: RedisDeliveryStore,
+    hooks: RecordingHooks,
+    emulator: Emulator,
+) -> None:
+    # Meisa sent the email, its answer was lost; the retry then waited in the queue while
+    # every worker was down for over an hour: Meisa's idempotency hour is over, so a call
+    # now sends the email a second time.
+    emulator.faults.drop_next(1, path=TRIGGER, after=True)
+    worker = make_worker()
+    again = worker.run(*submit(send()))
+    assert isinstance(again, RunAgain)
+    emulator.advance_clock(3700.0)
+    meta = {**again.meta, "first_attempt": again.meta["first_attempt"] - 3700.0}
+    assert worker.run(again.op, meta) is None
+    assert len(emulator.sends()) == 1
+    assert len(emulator.requests_to(TRIGGER)) == 1
+    (failed,) = hooks.of("failed")
+    assert failed.kind == "send"
+    assert store.pending() == 0
+
+
 def test_retries_end_at_the_policy_limit(
     make_worker: MakeWorker,
     submit: Submit,

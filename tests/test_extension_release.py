@@ -239,6 +239,30 @@ def test_a_plan_change_that_cannot_be_synced_is_logged_and_signalled_never_raise
     assert emulator.requests == []
 
 
+def test_a_plan_change_whose_mapper_raises_never_breaks_the_billing_view(
+    emulator: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A mapper touching a relation that is gone (any exception, not a ValidationError):
+    # the billing view still answers, as a login does, and the failure is said.
+    from flask_meisa import delivery_failed
+
+    def to_contact(user: Any) -> dict[str, Any]:
+        raise LookupError("the user's profile is gone")
+
+    app = build_app(emulator_config(emulator), meisa=Meisa(contact_mapper=to_contact))
+    failures: list[BaseException] = []
+
+    def on_failed(sender: Flask, error: BaseException, **extra: Any) -> None:
+        failures.append(error)
+
+    with delivery_failed.connected_to(on_failed, sender=app):
+        response = app.test_client().post("/plan/1/pro", buffered=True)
+    assert response.status_code == 200
+    assert [type(error) for error in failures] == [LookupError]
+    assert "plan change was not synced" in caplog.text
+    assert emulator.requests == []
+
+
 def test_plan_changed_from_another_app_is_ignored(emulator: Any, app: Flask) -> None:
     from flask_meisa import plan_changed
 
@@ -246,6 +270,24 @@ def test_plan_changed_from_another_app_is_ignored(emulator: Any, app: Flask) -> 
     with other.app_context():
         plan_changed.send(other, user=app.config["USERS"][1], new_plan="pro")
     assert emulator.requests == []
+
+
+def test_plan_changed_sent_by_something_other_than_an_app_syncs_for_the_current_app(
+    emulator: Any, app: Flask, caplog: pytest.LogCaptureFixture
+) -> None:
+    # blinker's send() without a sender, or with the user or a model as sender: the plan
+    # change must not vanish without a word.
+    from flask_meisa import plan_changed
+
+    ada, grace = app.config["USERS"][1], app.config["USERS"][2]
+    with app.test_request_context("/"):
+        plan_changed.send(user=ada, old_plan="free", new_plan="pro")
+        plan_changed.send(grace, user=grace, old_plan="free", new_plan="team")
+    assert emulator.contact(email="ada@example.com")["custom_fields"]["plan"] == "pro"
+    assert emulator.contact(email="grace@example.com")["custom_fields"]["plan"] == "team"
+    plan_changed.send(user=ada, new_plan="free")  # no app to sync for: said so
+    assert "plan_changed" in caplog.text and "not synced" in caplog.text
+    assert len(upserts(emulator)) == 2
 
 
 def test_flush_in_a_request_releases_the_requests_work_first(emulator: Any, app: Flask) -> None:

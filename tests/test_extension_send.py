@@ -217,3 +217,29 @@ def test_synchronous_sends_spend_the_engines_budget_so_nothing_draws_a_429(
         assert len(statuses) == 20 + 3 + 1  # upserts, sends, the suppression list
     finally:
         meisa.state(app).close(5.0)
+
+
+def test_each_attempt_of_a_synchronous_send_spends_a_slot_of_the_budget(
+    emulator_factory: Any,
+) -> None:
+    # Meisa counts every call that reaches it, a retried one too: two sends whose first
+    # attempts were processed, then cut off, are six calls, not two, and the background
+    # work after them must not be let through to a 429.
+    emulator = emulator_factory(seed="demo", rate_limit="8/minute")
+    config = emulator_config(
+        emulator, MEISA_DELIVERY="thread", MEISA_RATE_LIMIT="8/minute", MEISA_RETRY_BASE_DELAY=0.01
+    )
+    app = build_app(config)
+    meisa: Meisa = app.extensions["meisa"]
+    try:
+        with app.app_context():
+            for n in range(2):
+                emulator.faults.drop_next(2, path=TRIGGER, after=True)
+                assert meisa.send("receipt", f"buyer{n}@example.com").status == "sent"
+            for n in range(3):
+                meisa.upsert({"email": f"user{n}@example.com"})
+            meisa.flush(1.0)  # one upsert goes; the window has no room for the others
+            assert meisa.status().budget_left == {"8/minute": 0}
+        assert 429 not in [r.status for r in emulator.requests]
+    finally:
+        meisa.state(app).close(0.0)

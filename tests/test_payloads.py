@@ -236,6 +236,18 @@ def test_plain_types_come_out_plain() -> None:
     assert json.dumps(out) == '{"t": "x", "c": 3, "l": 3}'
 
 
+def test_a_str_enum_key_names_its_value_as_it_does_as_a_value() -> None:
+    # custom_fields={Field.PLAN: ...} names the field "plan" (as json.dumps writes that key),
+    # not "Field.PLAN" (what str() of a str-mixed Enum is).
+    class Field(str, enum.Enum):
+        PLAN = "plan"
+
+    out = to_json_value({Field.PLAN: Field.PLAN, Plan.PRO: {Plan.PRO: 1}}, "custom_fields")
+    assert out == {"plan": "plan", "pro": {"pro": 1}}
+    assert json.dumps(out) == json.dumps({Field.PLAN: "plan", Plan.PRO: {Plan.PRO: 1}})
+    assert all(type(key) is str for key in out)
+
+
 @pytest.mark.parametrize(
     ("value", "field", "fragment"),
     [

@@ -23,6 +23,9 @@ from flask_meisa.errors import APIConnectionError
 from flask_meisa.errors import ConfigurationError
 from flask_meisa.errors import ValidationError
 from flask_meisa.retry import RetryPolicy
+from tests.hostile import Exchange
+from tests.hostile import hostile
+from tests.hostile import response
 
 TTL = 300.0
 RETRY = 30.0
@@ -561,5 +564,34 @@ def test_with_the_client_against_the_emulator(emulator: Emulator, clock: FakeClo
             assert s.count == held + 1
             assert s.last_error is None
             assert [r.status for r in emulator.requests_to(path)] == [200, 503, 200]
+        finally:
+            s.close()
+
+
+def test_a_2xx_answer_without_a_list_never_replaces_the_list(clock: FakeClock) -> None:
+    # A proxy or a failing upstream answering 200 with an error object or a page: taken
+    # as an empty list, it would unsuppress every address until the next load.
+    answers = [
+        response(200, {"as_of": "2026-01-01T00:00:00Z", "count": 1, "emails": ["gone@b.co"]}),
+        response(200, {"detail": "upstream unavailable", "code": "bad_gateway"}),
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 9\r\n\r\n<p>ok</p>",
+    ]
+
+    def answer(exchange: Exchange) -> None:
+        exchange.send(answers.pop(0))
+
+    key = "meisa_live_suppression_test_key_1"
+    policy = RetryPolicy.never()
+    with hostile(answer) as server, MeisaClient(key, server.url, retry=policy) as client:
+        s = SuppressionSet(client.unsubscribed_emails, ttl=TTL, retry_interval=RETRY, clock=clock)
+        try:
+            assert s.is_suppressed("gone@b.co")
+            for _ in range(2):
+                clock.advance(TTL + RETRY)
+                s.is_suppressed("gone@b.co")  # starts a refresh
+                assert s.wait_for_refresh(WAIT)
+                assert s.is_suppressed("gone@b.co")
+                assert s.last_error == "the answer holds no list of emails"
+            assert answers == []
         finally:
             s.close()

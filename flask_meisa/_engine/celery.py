@@ -44,6 +44,9 @@ logger = logging.getLogger("flask_meisa.engine")
 
 #: How often, at most, a busy dispatcher checks which of its operations are finished.
 _LOOK_EVERY = 1.0
+#: Seconds a Redis command may wait on its connection (redis-py 5 and older wait for ever
+#: by default: a partitioned Redis would hold a send, or a response's release, for good).
+REDIS_TIMEOUTS = {"socket_timeout": 5.0, "socket_connect_timeout": 5.0}
 
 
 class CeleryDispatcher:
@@ -341,7 +344,7 @@ def make_dispatcher(state: MeisaState) -> CeleryDispatcher:
         )
     return CeleryDispatcher(
         celery_app,
-        redis=redis.Redis.from_url(url, health_check_interval=30),
+        redis=redis.Redis.from_url(url, health_check_interval=30, **REDIS_TIMEOUTS),
         hooks=state.reporter,
         queue=settings.queue,
         rate_limit=options.rate_limit,

@@ -13,6 +13,8 @@ from ..config import DEFAULTS
 from ..config import MeisaSettings
 from ..config import resolve_keys
 from ..errors import ConfigurationError
+from .celery_worker import IDEMPOTENCY_WINDOW
+from .celery_worker import REPLAY_MARGIN
 from .celery_worker import DeliveryWorker
 from .celery_worker import register_tasks
 from .redis_budget import MAX_WAIT
@@ -34,10 +36,6 @@ __all__ = [
 
 #: The ``MEISA_CELERY_*`` keys and their defaults.
 CELERY_DEFAULTS = {k: v for k, v in DEFAULTS.items() if k.startswith("MEISA_CELERY_")}
-#: Meisa deduplicates a send's idempotency key for this long, in seconds.
-IDEMPOTENCY_WINDOW = 3600.0
-#: What a replayed send leaves of that window for its wait in the queue, in seconds.
-REPLAY_MARGIN = 600.0
 #: The Redis transport's ``visibility_timeout`` when the app sets none, in seconds.
 DEFAULT_VISIBILITY_TIMEOUT = 600.0
 #: Calls' timeouts a worker may hold a message beyond its countdown: waiting for a busy

@@ -14,6 +14,7 @@ from typing import NamedTuple
 from celery.exceptions import Reject  # type: ignore[import-untyped]
 from redis.exceptions import RedisError
 
+from ..errors import DeliveryError
 from ..operations import LANE_AUTOMATION
 from ..operations import LANE_BACKFILL
 from ..operations import LANE_NAMES
@@ -43,6 +44,10 @@ TASK_NAME = "flask_meisa.deliver"
 #: The longest an event waits for its contact's pending upsert when the retry policy has
 #: no deadline, in seconds.
 EVENT_WAIT_LIMIT = 600.0
+#: Meisa deduplicates a send's idempotency key for this long, in seconds.
+IDEMPOTENCY_WINDOW = 3600.0
+#: What a replayed send leaves of that window for its wait in the queue, in seconds.
+REPLAY_MARGIN = 600.0
 #: Where :func:`register_tasks` keeps the task and its worker on the Celery app.
 _HOLDER = "_flask_meisa_delivery"
 
@@ -190,6 +195,15 @@ class DeliveryWorker:
             if reason is not None:
                 self._report("skipped", members, reason, claim)
                 return None
+        since = time.time() - float(meta.get("first_attempt") or time.time())
+        if operation.kind == "send" and since > IDEMPOTENCY_WINDOW - REPLAY_MARGIN:
+            # Its retry waited in the queue (every worker down) until Meisa is about to
+            # forget its idempotency key: a call could send the email a second time.
+            what = operation.describe()
+            logger.warning("flask-meisa: %s not retried: its first attempt was too long ago", what)
+            error = DeliveryError(f"{what} was not retried: Meisa's idempotency hour is over")
+            self._report("failed", members, error, claim)
+            return None
         budget, token, lane = self.budget, None, int(meta["lane"])
         if budget is not None:
             run = self.store.get("backfill", {}) if lane == LANE_BACKFILL else {}

@@ -13,9 +13,11 @@ from flask_meisa._engine.base import decide
 from flask_meisa._engine.base import log_decision
 from flask_meisa._engine.base import pause_for
 from flask_meisa._engine.base import settle
+from flask_meisa._engine.base import too_late
 from flask_meisa.errors import APIConnectionError
 from flask_meisa.errors import APITimeoutError
 from flask_meisa.errors import BadRequestError
+from flask_meisa.errors import DeliveryError
 from flask_meisa.errors import NotFoundError
 from flask_meisa.errors import RateLimitError
 from flask_meisa.errors import ServerError
@@ -104,6 +106,19 @@ def test_the_send_guardrail_past_the_deadline_fails_without_wasting_calls():
 def test_retries_end_at_the_deadline():
     error = ServerError("POST /contacts/upsert/", 500, "oops")
     assert decide("upsert", error, attempts=50, elapsed=599.5, policy=POLICY).action == "fail"
+
+
+def test_a_send_is_not_retried_once_meisa_may_have_forgotten_its_idempotency_key():
+    send = Operation("send", {"trigger_key": "otp", "to_email": "ada@example.com"})
+    upsert = Operation("upsert", {"email": "ada@example.com"})
+    assert too_late(send, None, 1e9) is None  # never attempted
+    assert too_late(send, 1000.0, 1000.0 + 3000.0) is None
+    error = too_late(send, 1000.0, 1000.0 + 3000.5)
+    assert isinstance(error, DeliveryError)
+    assert "idempotency hour" in str(error)
+    assert "ada@example.com" not in str(error)
+    assert too_late(upsert, 1000.0, 1e9) is None  # replaying an upsert is harmless
+    assert decide("send", error, attempts=2, elapsed=3000.5, policy=POLICY).action == "fail"
 
 
 def test_each_decision_logs_one_line_with_no_payload(caplog: pytest.LogCaptureFixture):

@@ -20,6 +20,7 @@ from typing import Protocol
 from ..errors import APIConnectionError
 from ..errors import APIError
 from ..errors import ConfigurationError
+from ..errors import DeliveryError
 from ..errors import NotFoundError
 from ..errors import RateLimitError
 from ..errors import ServerError
@@ -212,6 +213,10 @@ OUTAGE_THRESHOLD = 3
 
 #: The ``code`` of a 429 from Meisa's per-recipient send guardrail.
 SEND_GUARDRAIL = "send_guardrail"
+#: Meisa deduplicates a send's idempotency key for this long, in seconds.
+IDEMPOTENCY_WINDOW = 3600.0
+#: What a replayed send leaves of that window for its wait in a queue, in seconds.
+REPLAY_MARGIN = 600.0
 
 
 @dataclass(frozen=True)
@@ -289,6 +294,21 @@ def call_for(operation: Operation, recovering: bool) -> Operation:
     if recovering and operation.contact:
         return Operation("upsert", operation.contact, id=operation.id)
     return operation
+
+
+def too_late(
+    operation: Operation, first_attempt: float | None, now: float
+) -> DeliveryError | None:
+    """The error that fails a send retried so long after its ``first_attempt`` (the host or
+    every worker was down) that Meisa may have forgotten its idempotency key, without a
+    call: one could send its email a second time. ``None`` for any other operation."""
+    if operation.kind != "send" or first_attempt is None:
+        return None
+    if now - first_attempt <= IDEMPOTENCY_WINDOW - REPLAY_MARGIN:
+        return None
+    return DeliveryError(
+        f"{operation.describe()} was not retried: Meisa's idempotency hour is over"
+    )
 
 
 def settle(

@@ -13,8 +13,8 @@ from ..config import DEFAULTS
 from ..config import MeisaSettings
 from ..config import resolve_keys
 from ..errors import ConfigurationError
-from .celery_worker import IDEMPOTENCY_WINDOW
-from .celery_worker import REPLAY_MARGIN
+from .base import IDEMPOTENCY_WINDOW
+from .base import REPLAY_MARGIN
 from .celery_worker import DeliveryWorker
 from .celery_worker import register_tasks
 from .redis_budget import MAX_WAIT

@@ -14,11 +14,11 @@ from typing import NamedTuple
 from celery.exceptions import Reject  # type: ignore[import-untyped]
 from redis.exceptions import RedisError
 
-from ..errors import DeliveryError
 from ..operations import LANE_AUTOMATION
 from ..operations import LANE_BACKFILL
 from ..operations import LANE_NAMES
 from ..operations import LANE_ROUTINE
+from ..operations import Attempt
 from ..operations import Operation
 from ..operations import attempt
 from ..retry import RetryPolicy
@@ -30,6 +30,7 @@ from .base import call_for
 from .base import log_decision
 from .base import pause_for
 from .base import settle
+from .base import too_late
 from .redis_budget import MAX_WAIT
 from .redis_budget import RedisBudget
 from .redis_store import Claim
@@ -44,10 +45,6 @@ TASK_NAME = "flask_meisa.deliver"
 #: The longest an event waits for its contact's pending upsert when the retry policy has
 #: no deadline, in seconds.
 EVENT_WAIT_LIMIT = 600.0
-#: Meisa deduplicates a send's idempotency key for this long, in seconds.
-IDEMPOTENCY_WINDOW = 3600.0
-#: What a replayed send leaves of that window for its wait in the queue, in seconds.
-REPLAY_MARGIN = 600.0
 #: Where :func:`register_tasks` keeps the task and its worker on the Celery app.
 _HOLDER = "_flask_meisa_delivery"
 
@@ -195,17 +192,9 @@ class DeliveryWorker:
             if reason is not None:
                 self._report("skipped", members, reason, claim)
                 return None
-        since = time.time() - float(meta.get("first_attempt") or time.time())
-        if operation.kind == "send" and since > IDEMPOTENCY_WINDOW - REPLAY_MARGIN:
-            # Its retry waited in the queue (every worker down) until Meisa is about to
-            # forget its idempotency key: a call could send the email a second time.
-            what = operation.describe()
-            logger.warning("flask-meisa: %s not retried: its first attempt was too long ago", what)
-            error = DeliveryError(f"{what} was not retried: Meisa's idempotency hour is over")
-            self._report("failed", members, error, claim)
-            return None
+        late = too_late(operation, meta.get("first_attempt"), time.time())
         budget, token, lane = self.budget, None, int(meta["lane"])
-        if budget is not None:
+        if budget is not None and late is None:
             run = self.store.get("backfill", {}) if lane == LANE_BACKFILL else {}
             share = float(run.get("max_share", 1.0))
             got = budget.acquire(lease=self._lease, lane=lane, share=share, waiter=operation.id)
@@ -216,7 +205,11 @@ class DeliveryWorker:
         operation.attempts += 1
         meta = {**meta, "first_attempt": float(meta.get("first_attempt") or time.time())}
         try:
-            outcome = attempt(self._client, call_for(operation, recovering))
+            outcome = (
+                Attempt(error=late)
+                if late
+                else attempt(self._client, call_for(operation, recovering))
+            )
         except BaseException:
             if budget is not None and token is not None:
                 budget.finish(token)  # interrupted mid-call: the slot counts as spent

@@ -142,12 +142,22 @@ class Caller:
             outcome = attempt(self.client, call_for(operation, row.recover == 1))
         self._count(calls=-1, reporting=1)
         try:
-            with self.store.write() as db:
-                now = time.time()
-                self.budget.settle(db, token, made=outcome.made, now=now)
-                if reason is not None:
-                    return self._over(db, row, "skipped", "skipped", reason)
-                return self._settle(db, row, outcome, now)
+            while True:
+                try:
+                    with self.store.write() as db:
+                        now = time.time()
+                        self.budget.settle(db, token, made=outcome.made, now=now)
+                        if reason is not None:
+                            return self._over(db, row, "skipped", "skipped", reason)
+                        return self._settle(db, row, outcome, now)
+                except STORE_ERRORS as error:
+                    # The call was made: its outcome waits until the store takes it (its
+                    # row in flight meanwhile), or until delivery stops.
+                    self.delivery.store_works(error)
+                    with self._lock:
+                        if self._stopped:
+                            raise
+                        self._wake.wait(1.0)
         except BaseException:
             self._count(reporting=-1)
             raise

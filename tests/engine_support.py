@@ -8,7 +8,10 @@ Run as ``python -m tests.engine_support <scenario>`` with ``MEISA_TEST_URL`` and
 - ``exit <n>``: submit ``n`` upserts and leave the interpreter without flushing;
 - ``drain``: deliver what the store holds, then exit;
 - ``fork <n_parent> <n_child>``: submit upserts, fork while they are still pending, let
-  the child report what it sees at its start and submit its own, then both flush and exit.
+  the child report what it sees at its start and submit its own, then both flush and exit;
+- ``full-disk`` (with a store file): store an upsert of a state Meisa already has, fill
+  the disk, let the engine deliver it (no call, and the store cannot take that), give the
+  disk room again and say whether everything is over.
 
 Each prints what its hooks saw as ``outcome <kind> <count>`` lines at exit.
 """
@@ -16,7 +19,10 @@ Each prints what its hooks saw as ``outcome <kind> <count>`` lines at exit.
 from __future__ import annotations
 
 import atexit
+import logging
 import os
+import resource
+import signal
 import sys
 import threading
 import time
@@ -25,6 +31,7 @@ from dataclasses import replace
 from typing import Any
 
 from flask_meisa._engine.delivery import Delivery
+from flask_meisa._engine.host import HostLock
 from flask_meisa._engine.store import Store
 from flask_meisa.client import MeisaClient
 from flask_meisa.config import MeisaSettings
@@ -212,6 +219,42 @@ def fork_scenario(parent_count: int, child_count: int) -> None:
     engine.close()
 
 
+class _Seen(logging.Handler):
+    """Sets ``event`` when a message containing ``text`` is logged."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text, self.event = text, threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.event.set()
+
+
+def full_disk_scenario() -> None:
+    hooks = RecordingHooks()
+    engine = _engine(hooks, rate_limit=None)
+    held = HostLock(f"{engine.store.path}.lock")
+    assert held.try_acquire()  # the engine only writes, for now
+    same = upsert(1)
+    with engine.store.write() as db:
+        Store.remember(db, same.payload, time.time())  # Meisa has this state already
+    engine.submit([same])
+    _stored(engine, 1)
+    failed = _Seen("delivery store failed")
+    logging.getLogger("flask_meisa.engine").addHandler(failed)
+    with engine.store.read() as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, limits[1]))  # no file may grow: a full disk
+    held.release()  # the engine delivers: no call is needed, and the store cannot take that
+    say(f"full-disk store_failed {failed.event.wait(10)}")
+    resource.setrlimit(resource.RLIMIT_FSIZE, limits)  # room again
+    say(f"full-disk flushed {engine.flush(5)} pending {engine.status().pending}")
+    _print_outcomes(hooks, "full-disk")
+
+
 def main(argv: list[str]) -> None:
     scenario, *numbers = argv
     if scenario == "exit":
@@ -220,6 +263,8 @@ def main(argv: list[str]) -> None:
         drain_scenario()
     elif scenario == "fork":
         fork_scenario(int(numbers[0]), int(numbers[1]))
+    elif scenario == "full-disk":
+        full_disk_scenario()
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
 

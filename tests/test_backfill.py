@@ -281,6 +281,13 @@ def test_the_progress_line_gives_the_rate_and_what_is_left() -> None:
     assert _cli_text.progress_line(almost).endswith(", 10 waiting, under a minute left")
 
 
+def test_a_restart_behind_the_upserts_an_earlier_run_left_counts_none_done() -> None:
+    # An interrupted run left 400 upserts waiting; --restart starts from the first user.
+    run = backfill.Run(started_at=0.0, position=0, total=600)
+    progress = backfill.Progress(run, waiting=400, refused=0, rate=0.0, elapsed=0.5, left=600)
+    assert _cli_text.progress_line(progress).startswith("0 of 600 users done"), progress
+
+
 def test_an_interrupted_run_shows_in_status_and_restart_starts_from_the_first_user(
     emulator: Emulator,
 ) -> None:

@@ -7,14 +7,19 @@ import logging
 import random
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from flask_meisa._engine.delivery import Delivery
 from flask_meisa._engine.store import Store
+from flask_meisa.client import MeisaClient
+from flask_meisa.config import MeisaSettings
 from flask_meisa.emulator import Emulator
 from flask_meisa.errors import DeliveryError
 from flask_meisa.operations import Operation
@@ -22,6 +27,8 @@ from flask_meisa.retry import RetryPolicy
 from tests.engine_support import RecordingHooks
 from tests.engine_support import make_engine as build_engine
 from tests.engine_support import upsert
+from tests.hostile import hostile
+from tests.process_support import wait_until
 
 FAST = RetryPolicy(max_attempts=None, base_delay=0.05, max_delay=0.2, deadline=30.0)
 UPSERT = "/contacts/upsert/"
@@ -29,6 +36,7 @@ TRACK = "/events/track/"
 TRIGGER = "/emails/trigger/"
 
 MakeEngine = Callable[..., Delivery]
+SETTINGS = MeisaSettings.from_config({"MEISA_ENABLED": False})
 
 
 @pytest.fixture
@@ -234,8 +242,6 @@ def test_a_stale_upsert_never_wins_over_a_later_one_by_another_name(
 
 
 def emulator_client(emulator: Emulator) -> Any:
-    from flask_meisa.client import MeisaClient
-
     return MeisaClient(emulator.live_key, emulator.url)
 
 
@@ -465,6 +471,26 @@ def test_threads_start_on_the_first_submit_and_stop_at_close(
     assert all(t.daemon for t in started)
     assert engine.close() == 0
     assert not any(t.is_alive() for t in started)
+
+
+def test_close_keeps_its_deadline_however_many_threads_are_in_a_call(
+    tmp_path: Path, hooks: RecordingHooks
+) -> None:
+    # Meisa takes the calls and never answers; the client would wait 30 s for each.
+    with hostile(lambda exchange: exchange.stall()) as server:
+        engine = Delivery(
+            store=Store(tmp_path / "store.sqlite3"),
+            client_factory=lambda: MeisaClient("meisa_live_x", server.url, timeout=(0.5, 30)),
+            hooks=hooks,
+            retry=FAST,
+            settings=replace(SETTINGS, timeout=30.0, workers=4, rate_limit=None),
+        )
+        engine.submit([upsert(n) for n in range(4)])
+        assert wait_until(lambda: engine.status().in_flight == 4)
+        began = time.monotonic()
+        assert engine.close(timeout=0.5) == 0  # the file keeps them for the next start
+        took = time.monotonic() - began
+    assert took < 3.5, took  # the deadline, and at most 2 s for the threads to stop
 
 
 def test_submit_after_close(

@@ -140,6 +140,20 @@ def test_exit_with_no_time_to_flush_still_stores_what_was_handed_over(
 
 @pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_an_outcome_the_full_disk_did_not_take_leaves_nothing_pending_behind(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    done = run_scenario(
+        emulator.url, emulator.live_key, "full-disk", store=tmp_path / "store.sqlite3"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "full-disk store_failed True" in done.stdout, done.stdout + done.stderr
+    # Once the disk has room the upsert is over (Meisa had it: no call), and so is flush().
+    assert "full-disk flushed True pending 0" in done.stdout, done.stdout + done.stderr
+    assert "full-disk outcome delivered 1" in done.stdout
+    assert emulator.requests == []
+
+
 def test_a_forked_child_of_a_memory_store_starts_empty_and_both_deliver_their_own(
     emulator: Emulator,
 ) -> None:

@@ -5,6 +5,7 @@ earlier run left, ``flask meisa dead-letters``, and no file under ``TESTING``.""
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import re
 import sqlite3
@@ -111,6 +112,8 @@ def test_none_or_memory_keeps_delivery_in_memory(emulator: Emulator, value: Any)
         ("instance:", "names no file"),
         ("instance:  ", "names no file"),
         (":memory:", 'for memory only, set None or "memory"'),
+        ("None", 'for memory only, set None or "memory"'),  # from the environment
+        ("false", 'for memory only, set None or "memory"'),
     ],
 )
 def test_invalid_values_are_refused(value: Any, message: str) -> None:
@@ -185,6 +188,47 @@ def test_a_file_that_is_not_a_database_is_set_aside_and_a_fresh_store_used(
         meisa.upsert({"email": "ada@example.com", "external_id": "fresh"})
         assert meisa.flush(5)
     assert delivered_ids(emulator) == {"fresh"}
+
+
+def open_together(path: str, barrier: Any, results: Any) -> None:
+    """In a process of its own: open the store at ``path`` once every process is ready (as
+    gunicorn's workers each run ``init_app`` at once); put the rows it reads, or the error."""
+    barrier.wait()
+    try:
+        store = Store(path)
+        with store.read() as db:
+            results.put(db.execute("SELECT count(*) FROM meisa_ops").fetchone()[0])
+        store.close()
+    except Exception as error:
+        results.put(repr(error))
+
+
+@pytest.mark.slow
+def test_processes_starting_together_on_a_damaged_store_share_one_fresh_store(
+    tmp_path: Path,
+) -> None:
+    context = multiprocessing.get_context("spawn")
+    for number in range(4):  # each round is a race: on main, most rounds lose the operations
+        path = tmp_path / str(number) / STORE_FILE
+        path.parent.mkdir()
+        leave_rows(path, 120, custom_fields={"note": "x" * 200})
+        damage_one_page(path)
+        barrier, results = context.Barrier(6), context.Queue()
+        started = [
+            context.Process(target=open_together, args=(str(path), barrier, results))
+            for _ in range(6)
+        ]
+        for process in started:
+            process.start()
+        seen = [results.get(timeout=60) for _ in started]
+        for process in started:
+            process.join(10)
+        with sqlite3.connect(path) as db:
+            (kept,) = db.execute("SELECT count(*) FROM meisa_ops").fetchone()
+        db.close()
+        # Set aside once: every process uses the one fresh store, with what was salvaged.
+        assert 100 <= kept < 120 and seen == [kept] * 6, seen
+        assert len(list(path.parent.glob(f"{STORE_FILE}.damaged-*[0-9]"))) == 1
 
 
 def test_a_default_store_that_cannot_be_made_falls_back_to_memory_with_one_warning(

@@ -444,6 +444,31 @@ def test_operations_wait_in_memory_while_the_store_fails_and_are_stored_after(
     assert any("works again" in r.getMessage() for r in caplog.records)
 
 
+def test_an_answer_that_comes_while_the_store_is_locked_is_kept_until_it_is_stored(
+    emulator: Emulator,
+    make_engine: MakeEngine,
+    path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="flask_meisa.engine")
+    hooks = RecordingHooks()
+    engine = make_engine(emulator, hooks, store=Store(path, busy_timeout=0.05))
+    emulator.faults.set(latency=0.5, paths=[UPSERT])
+    engine.submit([upsert(1), track(1)])  # the event waits for its contact's upsert
+    assert eventually(lambda: engine.status().in_flight == 1)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # held while Meisa answers, and a while after
+    try:
+        assert eventually(lambda: len(failures(caplog)) == 1)
+    finally:
+        other.execute("COMMIT")
+        other.close()
+    assert engine.flush(5), engine.status()
+    assert len(emulator.requests_to(UPSERT)) == 1  # not made again
+    assert len(answered(emulator, TRACK)) == 1
+    assert len(hooks.of("delivered")) == 2
+
+
 def test_memory_stays_bounded_while_the_store_takes_nothing(
     emulator: Emulator,
     make_engine: MakeEngine,

@@ -61,8 +61,9 @@ class Progress:
 
     @property
     def done(self) -> int:
-        """Users finished: upserted, skipped as unchanged, or failed."""
-        return self.run.position - self.waiting
+        """Users finished: upserted, skipped as unchanged, or failed (none while the
+        upserts an earlier run left wait, after ``--restart``)."""
+        return max(self.run.position - self.waiting, 0)
 
 
 def estimate_per_hour(spec_windows: Iterable[Any], share: float) -> float | None:

@@ -98,28 +98,34 @@ class Caller:
 
     def step(self) -> float:
         """Make one call, or say how long to wait before there may be one."""
-        now, token = time.time(), None
-        with self.store.write() as db:
-            wait = self.budget.gate(db, now, self.calls)
-            if wait:
-                return wait
-            row = pending.next_ready(db, now)
-            if row is None:
-                due = pending.next_due(db, now)
-                return 1.0 if due is None else due - now
-            had = functools.partial(Store.lookup, db, row.operation.payload)
-            if unchanged(row.operation, had, now, self.delivery.resync_after):
-                self._count(reporting=1)
-                report = self._over(db, row, "unchanged", "delivered", None)
-            else:
-                share = float((Store.get_meta(db, "backfill") or {}).get("max_share", 1.0))
-                token, wait_for = self.budget.take(db, now, row.lane, share)
-                if token is None:
-                    self.blocked_lane = row.lane
-                    return 0.05 if wait_for is None else wait_for
-                self.blocked_lane = None
-                pending.take(db, row, now)
-                self._count(calls=1)
+        now, token, counted = time.time(), None, {"calls": 0, "reporting": 0}
+        try:
+            with self.store.write() as db:
+                wait = self.budget.gate(db, now, self.calls)
+                if wait:
+                    return wait
+                row = pending.next_ready(db, now)
+                if row is None:
+                    due = pending.next_due(db, now)
+                    return 1.0 if due is None else due - now
+                had = functools.partial(Store.lookup, db, row.operation.payload)
+                if unchanged(row.operation, had, now, self.delivery.resync_after):
+                    report = self._over(db, row, "unchanged", "delivered", None)
+                    counted["reporting"] = 1
+                else:
+                    share = float((Store.get_meta(db, "backfill") or {}).get("max_share", 1.0))
+                    token, wait_for = self.budget.take(db, now, row.lane, share)
+                    if token is None:
+                        self.blocked_lane = row.lane
+                        return 0.05 if wait_for is None else wait_for
+                    self.blocked_lane = None
+                    pending.take(db, row, now)
+                    counted["calls"] = 1
+                self._count(**counted)  # before the commit: a flush sees no gap
+        except BaseException:
+            # Not stored (the commit failed): nothing of it is in flight or to report.
+            self._count(**{name: -number for name, number in counted.items()})
+            raise
         if token is not None:
             report = self._call(row, token)
         try:
@@ -142,12 +148,22 @@ class Caller:
             outcome = attempt(self.client, call_for(operation, row.recover == 1))
         self._count(calls=-1, reporting=1)
         try:
-            with self.store.write() as db:
-                now = time.time()
-                self.budget.settle(db, token, made=outcome.made, now=now)
-                if reason is not None:
-                    return self._over(db, row, "skipped", "skipped", reason)
-                return self._settle(db, row, outcome, now)
+            while True:
+                try:
+                    with self.store.write() as db:
+                        now = time.time()
+                        self.budget.settle(db, token, made=outcome.made, now=now)
+                        if reason is not None:
+                            return self._over(db, row, "skipped", "skipped", reason)
+                        return self._settle(db, row, outcome, now)
+                except STORE_ERRORS as error:
+                    # The call was made: its outcome waits until the store takes it (its
+                    # row in flight meanwhile), or until delivery stops.
+                    self.delivery.store_works(error)
+                    with self._lock:
+                        if self._stopped:
+                            raise
+                        self._wake.wait(1.0)
         except BaseException:
             self._count(reporting=-1)
             raise

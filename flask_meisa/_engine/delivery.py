@@ -165,9 +165,12 @@ class Delivery:
             self._stopping = True
             self._wake.notify_all()
         self._caller.stop()
-        for thread in self._threads:  # the writer stores what it can before it stops
+        # The writer (first) stores what it can before it stops; threads still in a call
+        # are left to it, all of them within one allowance.
+        ends = time.monotonic() + 2.0
+        for thread in self._threads:
             if thread is not threading.current_thread():
-                thread.join(2.0)
+                thread.join(max(ends - time.monotonic(), 0.0))
         with self._lock:
             lost, self._intake = self._intake, []
         if not self.store.durable:

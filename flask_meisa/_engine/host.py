@@ -8,6 +8,8 @@ import logging
 import os
 import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextlib import suppress
 from typing import TYPE_CHECKING
 from typing import Any
@@ -15,7 +17,7 @@ from typing import Any
 if TYPE_CHECKING:
     from .store import Store
 
-__all__ = ["HostLock", "set_aside"]
+__all__ = ["HostLock", "checking", "set_aside"]
 
 logger = logging.getLogger("flask_meisa.engine")
 
@@ -81,6 +83,22 @@ class HostLock:
         finally:
             os.close(fd)
         return None
+
+
+@contextmanager
+def checking(path: str) -> Iterator[None]:
+    """Held while a process checks the store file ``path`` (and sets it aside when damaged):
+    a ``flock`` on its folder, so that processes starting together (gunicorn's workers)
+    neither move aside the fresh store another just made nor read one half made."""
+    fd = None
+    with suppress(OSError):  # a folder that cannot be locked is checked unguarded
+        fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_CLOEXEC)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def set_aside(store: Store, error: BaseException) -> None:

@@ -27,6 +27,7 @@ from ..operations import Operation
 from ..operations import identities
 from .base import LATENCY_WINDOW
 from .base import DeliveryStatus
+from .host import checking
 from .host import set_aside
 
 __all__ = ["KEEP_FOR", "STORE_ERRORS", "Known", "Store", "digest", "lane_of", "unchanged"]
@@ -101,13 +102,14 @@ class Store:
             return
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            try:
-                self.check()
-            except sqlite3.DatabaseError as error:
-                self.close()
-                if isinstance(error, sqlite3.OperationalError):
-                    raise  # cannot be opened, locked, read-only: a problem of access, not damage
-                set_aside(self, error)
+            with checking(self.path):
+                try:
+                    self.check()
+                except sqlite3.DatabaseError as error:
+                    self.close()
+                    if isinstance(error, sqlite3.OperationalError):
+                        raise  # cannot be opened, locked, read-only: access, not damage
+                    set_aside(self, error)
         except STORE_ERRORS as error:
             raise ConfigurationError(
                 f"the delivery store {self.path!r} cannot be used ({error}); set MEISA_OUTBOX "

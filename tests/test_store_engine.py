@@ -255,6 +255,35 @@ def test_refused_operations_become_dead_letters_without_payload_values(
     assert (status.dead_letters, status.failed, status.delivered, status.pending) == (1, 1, 1, 0)
 
 
+def test_a_send_retried_after_meisa_forgot_its_idempotency_key_fails_without_a_call(
+    emulator: Emulator, make_engine: MakeEngine, path: Path
+) -> None:
+    # The first attempt reached Meisa, its answer was lost; the host then stayed down for
+    # over an hour, so Meisa has forgotten the idempotency key: a call now sends it twice.
+    emulator.faults.drop_next(1, path=TRIGGER, after=True)
+    slow = RetryPolicy(max_attempts=None, base_delay=60.0, max_delay=60.0, deadline=None)
+    engine = make_engine(emulator, RecordingHooks(), retry=slow)
+    operation = send(1)
+    engine.submit([operation])
+    retrying = "SELECT count(*) FROM meisa_ops WHERE state = 'pending' AND attempts = 1"
+    assert eventually(lambda: query(path, retrying)[0][0] == 1)
+    engine.close(0)
+    assert len(emulator.sends()) == 1
+    emulator.advance_clock(3700.0)
+    store = Store(path)
+    with store.write() as db:
+        db.execute("UPDATE meisa_ops SET first_attempt = first_attempt - 3700, ready_at = 0")
+    store.close()
+    hooks = RecordingHooks()
+    assert make_engine(emulator, hooks, retry=slow).flush(5)
+    assert len(emulator.sends()) == 1
+    assert len(emulator.requests_to(TRIGGER)) == 1
+    assert [op.id for op in hooks.of("failed")] == [operation.id]
+    assert isinstance(hooks.detail(hooks.of("failed")[0]), DeliveryError)
+    (letter,) = letters(path)
+    assert letter.operation.id == operation.id  # kept: retrying it is the user's choice
+
+
 def test_running_out_of_retries_makes_a_dead_letter(
     emulator: Emulator, make_engine: MakeEngine, path: Path
 ) -> None:

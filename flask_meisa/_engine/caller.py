@@ -33,6 +33,7 @@ from .base import call_for
 from .base import log_decision
 from .base import pause_for
 from .base import settle
+from .base import too_late
 from .store import STORE_ERRORS
 from .store import Store
 from .store import unchanged
@@ -143,8 +144,8 @@ class Caller:
     def _call(self, row: pending.Row, token: str) -> Report:
         operation = row.operation
         reason = None if row.recover else self.delivery.hooks.skip_reason(operation)
-        outcome = Attempt()
-        if reason is None:
+        outcome = Attempt(error=too_late(operation, row.first_attempt, time.time()))
+        if reason is None and outcome.error is None:
             outcome = attempt(self.client, call_for(operation, row.recover == 1))
         self._count(calls=-1, reporting=1)
         try:

@@ -313,11 +313,21 @@ def dead_letters_show(seq: int) -> None:
     show_default=True,
     help="Seconds to wait for delivery (0: queue them and return).",
 )
-def dead_letters_retry(ids: tuple[int, ...], every: bool, timeout: float) -> None:
-    """Queue dead letters for delivery again, then wait for them."""
+@click.option("--force", is_flag=True, help="Retry upserts whose contact was synced since.")
+def dead_letters_retry(ids: tuple[int, ...], every: bool, timeout: float, force: bool) -> None:
+    """Queue dead letters for delivery again, then wait for them; an upsert whose contact
+    was synced after it failed stays, unless ``--force``."""
     store, chosen = _chosen(ids, every)
     with store.write() as db:
-        queued = dead.requeue(db, chosen)
+        letters = dead.dead_letters(db, chosen)
+        kept = set() if force else set(dead.outdated(db, letters))
+        queued = dead.requeue(db, [letter.seq for letter in letters if letter.seq not in kept])
+    if kept:
+        click.echo(
+            f"{len(kept)} upsert(s) kept ({', '.join(map(str, sorted(kept)))}): their contact "
+            "was synced after they failed, and retrying would put older values back "
+            "(--force retries them)"
+        )
     click.echo(f"{queued} operation(s) queued again")
     if timeout <= 0 or not queued:
         return

@@ -396,6 +396,37 @@ def test_retry_all_and_wrong_ids(emulator: Emulator) -> None:
     assert len(emulator.sends()) == 2
 
 
+def test_a_dead_upsert_whose_contact_was_synced_since_is_not_retried_unless_forced(
+    emulator: Emulator,
+) -> None:
+    app = thread_app(emulator)
+
+    def upsert(plan: str) -> None:
+        contact = {"email": "ada@example.com", "external_id": "ada"}
+        with app.app_context():
+            meisa_of(app).upsert({**contact, "custom_fields": {"plan": plan}})
+            assert meisa_of(app).flush(5)
+
+    def plan() -> Any:
+        contact = emulator.contact(external_id="ada")
+        return None if contact is None else contact["custom_fields"]["plan"]
+
+    emulator.faults.fail_next(1, status=422, path="/contacts/upsert/")
+    upsert("pro")  # refused: a dead letter
+    upsert("free")  # the contact's state since, delivered
+    retried = invoke(app, "dead-letters", "retry", "--all", "--timeout", "5")
+    assert retried.exit_code == 0, retried.output
+    assert (
+        "1 upsert(s) kept (" in retried.output and "would put older values back" in retried.output
+    )
+    assert "0 operation(s) queued again" in retried.output
+    assert plan() == "free"
+    forced = invoke(app, "dead-letters", "retry", "--all", "--force", "--timeout", "5")
+    assert "1 operation(s) queued again" in forced.output, forced.output
+    assert "done; 0 dead letter(s) left" in forced.output
+    assert plan() == "pro"
+
+
 def test_retry_without_waiting_only_queues(emulator: Emulator) -> None:
     app = thread_app(emulator)
     make_dead_letters(app, 1)

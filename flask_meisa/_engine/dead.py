@@ -15,8 +15,9 @@ from .pending import OP_COLUMNS
 from .pending import Row
 from .pending import each_row
 from .pending import row_of
+from .store import Store
 
-__all__ = ["DeadLetter", "bury", "dead_letters", "error_fields", "purge", "requeue"]
+__all__ = ["DeadLetter", "bury", "dead_letters", "error_fields", "outdated", "purge", "requeue"]
 
 _MESSAGE_LIMIT = 300
 
@@ -68,6 +69,18 @@ def dead_letters(db: sqlite3.Connection, seqs: Iterable[int] | None = None) -> l
             failed_at=float(values[16] or 0.0),
         )
         for values in each_row(db, query, seqs, " ORDER BY seq").fetchall()
+    ]
+
+
+def outdated(db: sqlite3.Connection, letters: Iterable[DeadLetter]) -> list[int]:
+    """The dead upserts of ``letters`` whose contact Meisa accepted an upsert of after they
+    failed: retrying one would put older values back."""
+    return [
+        letter.seq
+        for letter in letters
+        if letter.operation.kind == "upsert"
+        and (known := Store.lookup(db, letter.operation.payload)) is not None
+        and known.accepted_at > letter.failed_at
     ]
 
 

@@ -97,7 +97,8 @@ class SuppressionSet:
             with self._lock:
                 if self._current is current:
                     self._start_refresh(respect_retry=True)
-            if current is None and not self.wait_for_refresh(wait):
+            # Said only when the caller chose to wait (a queued send is checked again).
+            if current is None and not self.wait_for_refresh(wait) and wait != 0:
                 _logger.warning(
                     "Meisa suppression list not loaded within %gs; going on without it "
                     "while it loads",

@@ -113,3 +113,18 @@ def test_a_list_that_loads_is_used_and_later_sends_wait_for_nothing() -> None:
         app.extensions["meisa"].close(app, 0)
     paths = [path for _, path in server.requests]
     assert paths.count("/api/v1/contacts/api/unsubscribed-emails/") == 1
+
+
+def test_background_sends_while_the_first_list_loads_log_no_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A queued send waits for nothing here: delivery checks the list before its call.
+    with hostile(list_answers(lambda exchange: exchange.stall())) as server:
+        app = make_app(server.url)
+        with caplog.at_level(logging.WARNING), app.app_context():
+            meisa = app.extensions["meisa"]
+            for number in range(5):
+                result = meisa.send("receipt", f"user{number}@example.com", background=True)
+                assert result.status == "queued"
+        app.extensions["meisa"].close(app, 0)
+    assert "not loaded within" not in caplog.text

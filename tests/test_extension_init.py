@@ -179,6 +179,14 @@ def test_numbers_and_lists_may_be_strings_as_read_from_the_environment() -> None
     assert settings.delivery == "sync"
 
 
+@pytest.mark.parametrize("word", ["None", " none ", "NULL"])
+def test_keys_that_take_none_take_the_environments_word_for_it(word: str) -> None:
+    app = make_app(MEISA_RATE_LIMIT=word, MEISA_OUTBOX=word, MEISA_DEFAULT_SOURCE=word)
+    settings = Meisa(app).state(app).settings
+    assert (settings.rate_limit, settings.outbox, settings.default_source) == (None, None, None)
+    assert "must be a" in refusal(MEISA_TIMEOUT=word)  # a key that takes no None refuses it
+
+
 def test_the_new_keys_default_and_resolve() -> None:
     app = make_app()
     settings = Meisa(app).state(app).settings

@@ -112,7 +112,6 @@ def test_none_or_memory_keeps_delivery_in_memory(emulator: Emulator, value: Any)
         ("instance:", "names no file"),
         ("instance:  ", "names no file"),
         (":memory:", 'for memory only, set None or "memory"'),
-        ("None", 'for memory only, set None or "memory"'),  # from the environment
         ("false", 'for memory only, set None or "memory"'),
     ],
 )

@@ -172,9 +172,6 @@ KEYS: tuple[Key, ...] = (
         "with Celery: the Redis holding the shared budget, coalesced upserts, what Meisa"
         " has of each contact and the pending count",
         default_note="= the broker's URL, when it is Redis", secret=True, resolved=False),
-    Key("MEISA_CELERY_COALESCE", "bool", True, _values.flag,
-        "with Celery: a contact's upserts waiting in the queue become one call",
-        resolved=False),
 )
 # fmt: on
 

@@ -196,9 +196,6 @@ def test_upserts_of_one_contact_carry_rising_versions(make: MakeDispatcher, clie
         2,
         3,
     ]
-    unmerged = make(queue="plain", coalesce=False)
-    unmerged.publish(upsert())
-    assert messages(client, "plain.automation")[0]["kwargs"]["meta"] == {"lane": 1}
 
 
 def test_status_reads_lanes_pending_counters_and_budget(make: MakeDispatcher) -> None:
@@ -333,7 +330,7 @@ def test_a_broker_other_than_redis_needs_a_redis_url(redis_url: str) -> None:
 
 
 def test_settings_are_checked_and_a_celery_app_is_required() -> None:
-    assert CelerySettings.from_config({}) == CelerySettings(None, "meisa", None, True)
+    assert CelerySettings.from_config({}) == CelerySettings(None, "meisa", None)
     with pytest.raises(ConfigurationError, match="MEISA_CELERY_QUEUE"):
         CelerySettings.from_config({"MEISA_CELERY_QUEUE": "two words"})
     with pytest.raises(ConfigurationError, match="MEISA_CELERY_REDIS_URL"):

@@ -132,10 +132,7 @@ def test_the_celery_engines_keys_are_the_tables() -> None:
             "MEISA_CELERY_APP",
             "MEISA_CELERY_QUEUE",
             "MEISA_CELERY_REDIS_URL",
-            "MEISA_CELERY_COALESCE",
         )
     } == celery_engine.CELERY_DEFAULTS
-    settings = celery_engine.CelerySettings.from_config(
-        {"MEISA_CELERY_COALESCE": "false", "MEISA_CELERY_QUEUE": " billing "}
-    )
-    assert (settings.coalesce, settings.queue) == (False, "billing")
+    settings = celery_engine.CelerySettings.from_config({"MEISA_CELERY_QUEUE": " billing "})
+    assert settings.queue == "billing"

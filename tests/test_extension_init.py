@@ -248,7 +248,6 @@ REFUSED = [
     ("MEISA_CELERY_REDIS_URL", "http://127.0.0.1:6379", "must be a redis://"),
     ("MEISA_CELERY_REDIS_URL", "unix:/tmp/redis.sock", "must be a redis://"),
     ("MEISA_CELERY_APP", "celery", "must be a celery.Celery instance"),
-    ("MEISA_CELERY_COALESCE", "sure", "must be True or False"),
 ]
 
 
@@ -373,7 +372,6 @@ def test_the_settings_carry_every_key_that_is_read_once() -> None:
         "MEISA_CELERY_APP",
         "MEISA_CELERY_QUEUE",
         "MEISA_CELERY_REDIS_URL",
-        "MEISA_CELERY_COALESCE",
     }
 
 

@@ -63,7 +63,6 @@ class CeleryDispatcher:
         queue: str = "meisa",
         rate_limit: str | None = None,
         budget_key: str | None = None,
-        coalesce: bool = True,
         call_timeout: float = 15.0,
         ledger_size: int = 10_000,
         priority_fields: Sequence[str] = ("plan", "subscription_status"),
@@ -76,7 +75,6 @@ class CeleryDispatcher:
         self.store = RedisDeliveryStore(redis, queue)
         #: The key's shared budget (``None`` without a key).
         self.budget = RedisBudget(redis, rate_limit, budget_key) if budget_key else None
-        self._coalesce = coalesce
         self._priority_fields = tuple(priority_fields)
         self._call_timeout = call_timeout
         self._ledger_size = ledger_size
@@ -170,7 +168,7 @@ class CeleryDispatcher:
         lane = lane_of(operation, lambda: store.known(contact), self._priority_fields)
         meta: dict[str, Any] = {"lane": lane}
         tasks = []
-        if contact is not None and self._coalesce:
+        if contact is not None:
             meta.update(contact=contact, version=store.coalesce(operation, contact, lane))
         else:
             store.add_pending(operation, lane)
@@ -349,7 +347,6 @@ def make_dispatcher(state: MeisaState) -> CeleryDispatcher:
         queue=settings.queue,
         rate_limit=options.rate_limit,
         budget_key=options.api_key,
-        coalesce=settings.coalesce,
         call_timeout=call_timeout,
         ledger_size=options.queue_size,
         priority_fields=options.priority_fields,

@@ -50,7 +50,6 @@ class CelerySettings:
     celery_app: Any
     queue: str
     redis_url: str | None
-    coalesce: bool
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> CelerySettings:

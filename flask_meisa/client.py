@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Mapping
-from contextlib import AbstractContextManager
 from typing import Any
 from urllib.parse import quote
 
@@ -53,7 +52,7 @@ BULK_ENROLL_LIMIT = 500
 
 Timeout = float | tuple[float, float]
 #: A context each attempt is made in, given the seconds it may wait (see ``with_options``).
-Slot = Callable[[float], AbstractContextManager[Any]]
+Slot = Callable[[float], contextlib.AbstractContextManager[Any]]
 
 #: Each endpoint's method, path and the key scope it needs (named by a 403's error).
 _ENDPOINTS: dict[str, tuple[str, str, str | None]] = {
@@ -115,7 +114,7 @@ class MeisaClient:
             raise ConfigurationError("pool_size must be an integer >= 1")
         self._http = _http.Transport(key, self._base_url, session, pool_size)
         self._owner = True
-        self._slot: Slot = _no_slot
+        self._slot: Slot = lambda seconds: contextlib.nullcontext()
 
     @property
     def base_url(self) -> str:
@@ -365,10 +364,6 @@ class MeisaClient:
             else:
                 logger.debug("%s", outcome)
                 raise error
-
-
-def _no_slot(seconds: float) -> AbstractContextManager[Any]:
-    return contextlib.nullcontext()
 
 
 def _flag(value: object, field: str) -> bool | None:

@@ -537,6 +537,43 @@ def test_a_redis_that_never_answers_costs_a_retried_send_its_wait_once(
             app.extensions["celery"].close()
 
 
+def test_a_redis_that_never_answers_holds_a_release_once_not_per_operation(
+    redis_url: str, emulator: Any
+) -> None:
+    # Each publish asked Redis twice (its records, then their cleanup on the drop), each
+    # ask waiting out the 5 s socket timeout: a response's release of three operations
+    # held its worker for 30 s.
+    from flask_meisa import delivery_dropped
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # listens, never answers
+        app = Flask(__name__)
+        app.config.update(
+            MEISA_API_KEY=emulator.live_key,
+            MEISA_BASE_URL=emulator.url,
+            MEISA_DELIVERY="celery",
+            MEISA_CELERY_REDIS_URL=f"redis://127.0.0.1:{silent.getsockname()[1]}/0",
+        )
+        app.extensions["celery"] = make_celery(redis_url)
+        meisa = Meisa(app)
+        dropped: list[str] = []
+
+        def on_dropped(sender: Flask, operation: Operation, reason: str, **extra: Any) -> None:
+            dropped.append(reason)
+
+        try:
+            with delivery_dropped.connected_to(on_dropped, sender=app), app.app_context():
+                started = time.monotonic()
+                for n in range(3):
+                    meisa.upsert({"email": f"user{n}@example.com"})
+                took = time.monotonic() - started
+            assert dropped == ["broker_unavailable"] * 3
+            assert took < 12.0
+        finally:
+            silent.close()
+            meisa.close()
+            app.extensions["celery"].close()
+
+
 def test_a_redis_that_lost_its_data_has_what_was_pending_reported(
     make: MakeDispatcher, hooks: RecordingHooks, client: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -279,7 +279,10 @@ def _read_snapshot(snapshot: Any, clock: Callable[[], float]) -> _Loaded:
         raise _UnreadableSnapshot("the answer's emails is not a collection of addresses")
     if isinstance(snapshot, UnsubscribedEmails):  # read leniently: was there a list at all?
         raw = snapshot.raw
-        if not isinstance(raw, Mapping) or not isinstance(raw.get("emails"), list):
+        listed = raw.get("emails") if isinstance(raw, Mapping) else None
+        # Entries none of which is an address (objects, say) are no list of emails either.
+        addresses = isinstance(listed, list) and any(isinstance(e, str) for e in listed)
+        if not isinstance(listed, list) or (listed and not addresses):
             raise _UnreadableSnapshot("the answer holds no list of emails")
     if isinstance(as_of, dt.datetime):
         as_of = as_of.isoformat()

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -32,6 +33,7 @@ from flask_meisa._engine.celery_worker import TASK_NAME
 from flask_meisa._engine.celery_worker import DeliveryWorker
 from flask_meisa._engine.celery_worker import lane_queues
 from flask_meisa._engine.celery_worker import worker_of
+from flask_meisa._suppression import SuppressionSet
 from flask_meisa.config import DEFAULTS
 from flask_meisa.config import MeisaSettings
 from flask_meisa.errors import ConfigurationError
@@ -480,6 +482,91 @@ def test_a_redis_that_never_answers_holds_a_synchronous_send_only_so_long(
         finally:
             silent.close()  # what still waits on it gets a reset
             thread.join(30.0)
+            meisa.close()
+            app.extensions["celery"].close()
+
+
+def test_a_redis_that_never_answers_costs_a_retried_send_its_wait_once(
+    redis_url: str, emulator: Any
+) -> None:
+    # Each attempt takes its own slot: where Redis cannot give one (each ask waits out
+    # the socket timeout, 5 s), asking again for every retry spent the deadline on Redis
+    # and failed a send that Meisa would have taken on its third attempt.
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # listens, never answers
+        app = Flask(__name__)
+        app.config.update(
+            MEISA_API_KEY=emulator.live_key,
+            MEISA_BASE_URL=emulator.url,
+            MEISA_DELIVERY="celery",
+            MEISA_CELERY_REDIS_URL=f"redis://127.0.0.1:{silent.getsockname()[1]}/0",
+            MEISA_SEND_DEADLINE=9.0,
+            MEISA_RETRY_BASE_DELAY=0.1,
+        )
+        app.extensions["celery"] = make_celery(redis_url)
+        meisa = Meisa(app)
+        state = meisa.state(app)
+        state.suppression.close()
+        state.suppression = state.reporter.suppression = SuppressionSet(
+            lambda: SimpleNamespace(emails=(), as_of=None)  # loaded without the budget
+        )
+        assert state.suppression.load()
+        emulator.faults.fail_next(2, status=503, path="/emails/trigger/")
+        results: list[Any] = []
+
+        def send() -> None:
+            with app.app_context():
+                try:
+                    results.append(meisa.send("receipt", "ada@example.com").status)
+                except Exception as error:
+                    results.append(error)
+
+        thread = threading.Thread(target=send, daemon=True)
+        try:
+            thread.start()
+            thread.join(30.0)
+            assert results == ["sent"]
+            assert len(emulator.requests_to("/emails/trigger/")) == 3
+        finally:
+            silent.close()  # what still waits on it gets a reset
+            thread.join(30.0)
+            meisa.close()
+            state.suppression.close()
+            app.extensions["celery"].close()
+
+
+def test_a_redis_that_never_answers_holds_a_release_once_not_per_operation(
+    redis_url: str, emulator: Any
+) -> None:
+    # Each publish asked Redis twice (its records, then their cleanup on the drop), each
+    # ask waiting out the 5 s socket timeout: a response's release of three operations
+    # held its worker for 30 s.
+    from flask_meisa import delivery_dropped
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # listens, never answers
+        app = Flask(__name__)
+        app.config.update(
+            MEISA_API_KEY=emulator.live_key,
+            MEISA_BASE_URL=emulator.url,
+            MEISA_DELIVERY="celery",
+            MEISA_CELERY_REDIS_URL=f"redis://127.0.0.1:{silent.getsockname()[1]}/0",
+        )
+        app.extensions["celery"] = make_celery(redis_url)
+        meisa = Meisa(app)
+        dropped: list[str] = []
+
+        def on_dropped(sender: Flask, operation: Operation, reason: str, **extra: Any) -> None:
+            dropped.append(reason)
+
+        try:
+            with delivery_dropped.connected_to(on_dropped, sender=app), app.app_context():
+                started = time.monotonic()
+                for n in range(3):
+                    meisa.upsert({"email": f"user{n}@example.com"})
+                took = time.monotonic() - started
+            assert dropped == ["broker_unavailable"] * 3
+            assert took < 12.0
+        finally:
+            silent.close()
             meisa.close()
             app.extensions["celery"].close()
 

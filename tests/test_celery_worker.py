@@ -10,11 +10,13 @@ import logging
 import time
 from collections.abc import Callable
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import redis
 
+from flask_meisa._engine import celery_worker
 from flask_meisa._engine.celery import CeleryDispatcher
 from flask_meisa._engine.celery_worker import TASK_NAME
 from flask_meisa._engine.celery_worker import DeliveryWorker
@@ -182,6 +184,34 @@ def test_a_send_retry_run_past_the_idempotency_hour_fails_without_sending_again(
     emulator.advance_clock(3700.0)
     meta = {**again.meta, "first_attempt": again.meta["first_attempt"] - 3700.0}
     assert worker.run(again.op, meta) is None
+    assert len(emulator.sends()) == 1
+    assert len(emulator.requests_to(TRIGGER)) == 1
+    (failed,) = hooks.of("failed")
+    assert failed.kind == "send"
+    assert store.pending() == 0
+
+
+def test_a_first_published_copy_of_a_send_task_run_past_the_idempotency_hour_fails(
+    make_worker: MakeWorker,
+    submit: Submit,
+    store: RedisDeliveryStore,
+    hooks: RecordingHooks,
+    emulator: Emulator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Meisa sent the email, its answer was lost. What runs over an hour later need not be
+    # the retry (whose meta dates the first attempt) but the task as first published: the
+    # message restored after the visibility timeout when its worker died in the call, or
+    # the copy the dispatcher publishes again for a retry message the broker lost.
+    emulator.faults.drop_next(1, path=TRIGGER, after=True)
+    worker = make_worker()
+    data, meta = submit(send())
+    assert "first_attempt" not in meta
+    assert isinstance(worker.run(data, meta), RunAgain)
+    emulator.advance_clock(3700.0)
+    later = time.time() + 3700.0
+    monkeypatch.setattr(celery_worker, "time", SimpleNamespace(time=lambda: later))
+    assert worker.run(data, meta) is None
     assert len(emulator.sends()) == 1
     assert len(emulator.requests_to(TRIGGER)) == 1
     (failed,) = hooks.of("failed")

@@ -595,3 +595,39 @@ def test_a_2xx_answer_without_a_list_never_replaces_the_list(clock: FakeClock) -
             assert answers == []
         finally:
             s.close()
+
+
+def test_a_list_of_no_addresses_never_replaces_the_list_but_an_empty_one_does(
+    clock: FakeClock,
+) -> None:
+    # A list whose entries are not addresses (objects, as another version or a proxy may
+    # give them) reads as no address at all: it would unsuppress every one just the same.
+    bounced = {"email": "gone@b.co", "reason": "bounced"}
+    answers = [
+        response(200, {"as_of": "2026-01-01T00:00:00Z", "count": 1, "emails": ["gone@b.co"]}),
+        response(200, {"as_of": "2026-01-02T00:00:00Z", "count": 1, "emails": [bounced]}),
+        response(200, {"as_of": "2026-01-03T00:00:00Z", "count": 0, "emails": []}),
+    ]
+
+    def answer(exchange: Exchange) -> None:
+        exchange.send(answers.pop(0))
+
+    key = "meisa_live_suppression_test_key_1"
+    policy = RetryPolicy.never()
+    with hostile(answer) as server, MeisaClient(key, server.url, retry=policy) as client:
+        s = SuppressionSet(client.unsubscribed_emails, ttl=TTL, retry_interval=RETRY, clock=clock)
+        try:
+            assert s.is_suppressed("gone@b.co")
+            clock.advance(TTL + RETRY)
+            s.is_suppressed("gone@b.co")  # starts a refresh
+            assert s.wait_for_refresh(WAIT)
+            assert s.is_suppressed("gone@b.co")
+            assert str(s.last_error) == "the answer holds no list of emails"
+            clock.advance(TTL + RETRY)
+            s.is_suppressed("gone@b.co")
+            assert s.wait_for_refresh(WAIT)
+            assert not s.is_suppressed("gone@b.co")  # everyone resubscribed: the list is empty
+            assert s.last_error is None
+            assert answers == []
+        finally:
+            s.close()

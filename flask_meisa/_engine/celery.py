@@ -30,6 +30,7 @@ from .celery_setup import resolve_celery_app
 from .celery_worker import TASK_NAME
 from .celery_worker import DeliveryWorker
 from .celery_worker import lane_queues
+from .redis_budget import UNREACHABLE_FOR
 from .redis_budget import RedisBudget
 from .redis_store import RedisDeliveryStore
 from .store import lane_of
@@ -80,6 +81,9 @@ class CeleryDispatcher:
         self._ledger_size = ledger_size
         self._lost_after = lost_after
         self._closed = False
+        # time.monotonic() until which Redis is taken as stalled (it timed out): publishing
+        # drops at once instead of waiting out the socket timeout twice per operation.
+        self._stalled_until = 0.0
         # What to report if Redis loses its data (its epoch changes): the operations
         # submitted here not yet seen finished, oldest first.
         self._epoch: str | None = None
@@ -127,11 +131,16 @@ class CeleryDispatcher:
         if self._closed:
             self._drop(operation, "closed")
             return
+        if time.monotonic() < self._stalled_until:  # nothing of it reached Redis
+            self._drop(operation, "broker_unavailable", "TimeoutError", record=False)
+            return
         try:
             self._look()
             for task in self.tasks(operation):
                 self._send(*task)
         except Exception as error:
+            if isinstance(error, redis.exceptions.TimeoutError):
+                self._stalled_until = time.monotonic() + UNREACHABLE_FOR
             # The text of a broker error can hold its URL: only its class is told.
             self._drop(operation, "broker_unavailable", type(error).__name__)
             return
@@ -150,9 +159,14 @@ class CeleryDispatcher:
             ignore_result=True,
         )
 
-    def _drop(self, operation: Operation, reason: str, cause: str | None = None) -> None:
-        with contextlib.suppress(Exception):  # Redis may be out of reach too
-            self.store.finish([operation.id], None if operation.kind == "send" else "dropped", 1)
+    def _drop(
+        self, operation: Operation, reason: str, cause: str | None = None, *, record: bool = True
+    ) -> None:
+        if record:
+            with contextlib.suppress(Exception):  # Redis may be out of reach too
+                self.store.finish(
+                    [operation.id], None if operation.kind == "send" else "dropped", 1
+                )
         if operation.kind == "send":
             where = f"publishing failed ({cause})" if cause else "the delivery engine is closed"
             raise DeliveryError(f"{where}; {operation.describe()} was not sent") from None

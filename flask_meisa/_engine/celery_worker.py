@@ -192,7 +192,12 @@ class DeliveryWorker:
             if reason is not None:
                 self._report("skipped", members, reason, claim)
                 return None
-        late = too_late(operation, meta.get("first_attempt"), time.time())
+        first = meta.get("first_attempt")
+        if operation.kind == "send" and first is None:
+            # A copy of the task as first published (its message restored, or published
+            # again) may come after attempts whose retries carried the date: it is recorded.
+            first = self.store.first_attempt(operation.id)
+        late = too_late(operation, first, time.time())
         budget, token, lane = self.budget, None, int(meta["lane"])
         if budget is not None and late is None:
             run = self.store.get("backfill", {}) if lane == LANE_BACKFILL else {}
@@ -203,8 +208,10 @@ class DeliveryWorker:
                 return self._again(got.wait, operation, meta)
             token = got.token
         operation.attempts += 1
-        meta = {**meta, "first_attempt": float(meta.get("first_attempt") or time.time())}
+        meta = {**meta, "first_attempt": float(first or time.time())}
         try:
+            if operation.kind == "send" and first is None:
+                self.store.first_attempt(operation.id, meta["first_attempt"])
             outcome = (
                 Attempt(error=late)
                 if late

@@ -28,6 +28,9 @@ logger = logging.getLogger("flask_meisa.engine")
 
 #: The longest wait handed out at once; the task comes back and asks again.
 MAX_WAIT = 300.0
+#: Seconds a call outside the workers asks no slot of a Redis that just failed to give one
+#: (each ask could wait out its socket timeout again: every retry, every request).
+UNREACHABLE_FOR = 10.0
 
 # Each script starts so: every decision on Redis's clock, whatever the workers' clocks say.
 _TIME = """
@@ -144,6 +147,7 @@ class RedisBudget:
         # By period, not limit: apps on one key with different limits count the same calls.
         self._windows = [f"{prefix}:w{window.period:g}" for window in self.windows]
         self._redis = redis
+        self._unreachable_until = 0.0  # time.monotonic(): no slot is asked until then
         self._acquire, self._finish, self._pause = (
             redis.register_script(_TIME + body) for body in (_ACQUIRE, _FINISH, _PAUSE)
         )
@@ -167,6 +171,8 @@ class RedisBudget:
         most ``timeout`` seconds; yields whether one was taken (the call is made anyway)."""
         deadline, waiter, token = time.monotonic() + max(timeout, 0.0), uuid.uuid4().hex, None
         try:
+            if time.monotonic() < self._unreachable_until:
+                raise RedisError("unreachable a moment ago")
             got = self.acquire(lease=lease, lane=LANE_TRANSACTIONAL, waiter=waiter)
             while got.token is None and time.monotonic() + got.wait <= deadline:
                 time.sleep(got.wait)
@@ -175,16 +181,20 @@ class RedisBudget:
                 self._redis.zrem(self._waiting[LANE_TRANSACTIONAL], waiter)
             token = got.token
         except RedisError as error:
-            logger.warning(
-                "flask-meisa: no budget slot from Redis (%s); calling without one",
-                type(error).__name__,
-            )
+            if time.monotonic() >= self._unreachable_until:
+                self._unreachable_until = time.monotonic() + UNREACHABLE_FOR
+                logger.warning(
+                    "flask-meisa: no budget slot from Redis (%s); calling without one",
+                    type(error).__name__,
+                )
         try:
             yield token is not None
         finally:
             if token is not None:
-                with contextlib.suppress(RedisError):
+                try:
                     self.finish(token)
+                except RedisError:
+                    self._unreachable_until = time.monotonic() + UNREACHABLE_FOR
 
     def finish(
         self, token: str, *, made: bool = True, outage: bool = False, answered: bool = False

@@ -30,6 +30,8 @@ __all__ = ["Claim", "RedisDeliveryStore"]
 RECORD_TTL = 7 * 86400
 #: Answers kept per lane for the status's latency figures.
 ANSWERS_KEPT = 2_000
+#: How long the date of a send's first attempt is kept (any copy of its task runs sooner).
+FIRST_ATTEMPT_KEPT = 7 * 86400
 _COUNTERS = ("delivered", "failed", "skipped", "dropped", "unchanged")
 
 
@@ -230,6 +232,15 @@ class RedisDeliveryStore:
         pipe.hset(self._tasks, op["id"], json.dumps([lane, op, meta], separators=(",", ":")))
         pipe.zadd(self._seen, {op["id"]: time.time()})
         pipe.execute()
+
+    def first_attempt(self, op_id: str, now: float | None = None) -> float | None:
+        """When the send ``op_id`` was first attempted (``None``: never); with ``now``,
+        first record that it is attempted now unless it was before."""
+        key = f"{self._prefix}:first:{op_id}"
+        if now is not None:
+            self._redis.set(key, repr(now), nx=True, ex=FIRST_ATTEMPT_KEPT)
+        raw = self._redis.get(key)
+        return None if raw is None else float(raw)
 
     def seen(self, op_id: str) -> bool:
         """A worker runs the task of ``op_id``: note when; whether it is still pending."""

@@ -217,6 +217,7 @@ def test_a_first_published_copy_of_a_send_task_run_past_the_idempotency_hour_fai
     (failed,) = hooks.of("failed")
     assert failed.kind == "send"
     assert store.pending() == 0
+    assert store.first_attempt(failed.id) is None  # forgotten once finished
 
 
 def test_retries_end_at_the_policy_limit(

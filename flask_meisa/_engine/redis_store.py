@@ -30,7 +30,7 @@ __all__ = ["Claim", "RedisDeliveryStore"]
 RECORD_TTL = 7 * 86400
 #: Answers kept per lane for the status's latency figures.
 ANSWERS_KEPT = 2_000
-#: How long the date of a send's first attempt is kept (any copy of its task runs sooner).
+#: How long the date of a send's first attempt outlives an operation that never finishes.
 FIRST_ATTEMPT_KEPT = 7 * 86400
 _COUNTERS = ("delivered", "failed", "skipped", "dropped", "unchanged")
 
@@ -301,6 +301,7 @@ class RedisDeliveryStore:
                 pipe.zrem(key, *ids)
             pipe.zrem(self._seen, *ids)
             pipe.hdel(self._tasks, *ids)
+            pipe.delete(*(f"{self._prefix}:first:{op_id}" for op_id in ids))
         if outcome is not None and count:
             pipe.hincrby(self._stats, outcome, count)
         if answer is not None:

@@ -8,6 +8,7 @@ import functools
 import json
 import logging
 import threading
+import weakref
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Iterator
@@ -40,6 +41,7 @@ __all__ = ["AfterResponseMiddleware", "enqueue", "release_now", "report_queued"]
 _BATCH_KEY = "flask_meisa.batch"
 _MIDDLEWARE_KEY = "flask_meisa.middleware"
 _RESPONDED_KEY = "flask_meisa.responded"
+_HELD_KEY = "flask_meisa.held"  # the response body that holds them while it is written
 
 logger = logging.getLogger("flask_meisa")
 
@@ -162,9 +164,13 @@ def release_now(state: MeisaState) -> None:
     """Hand the current request's batch of ``state``, if any, to delivery now
     (``meisa.flush``)."""
     if has_request_context():
-        batch = (_environ().get(_BATCH_KEY) or {}).pop(state, None)
+        environ = _environ()
+        batch = (environ.get(_BATCH_KEY) or {}).pop(state, None)
         if batch is not None:
             _dispatch(state, batch.operations)
+        held = environ.get(_HELD_KEY)
+        if held is not None and (body := held()) is not None:  # in a streamed response
+            body.release()
 
 
 class AfterResponseMiddleware:
@@ -211,7 +217,9 @@ class AfterResponseMiddleware:
             return body
         with self._released:
             self._open += 1
-        return _ReleasingBody(body, functools.partial(self._finish, batches, failed))
+        held = _ReleasingBody(body, functools.partial(self._finish, batches, failed))
+        environ[_HELD_KEY] = weakref.ref(held)  # not the body itself: no reference cycle
+        return held
 
     def _finish(self, batches: dict[MeisaState, _RequestBatch], failed: bool) -> None:
         try:
@@ -242,14 +250,18 @@ class _ReleasingBody:
 
     def close(self) -> None:
         """Close the wrapped body, then release the request's batch (once)."""
-        release, self._release = self._release, None
         try:
             close = getattr(self._body, "close", None)
             if close is not None:
                 close()
         finally:
-            if release is not None:
-                release()
+            self.release()
+
+    def release(self) -> None:
+        """Release the request's batch now, once."""
+        release, self._release = self._release, None
+        if release is not None:
+            release()
 
     def __del__(self) -> None:
         if self._release is not None:

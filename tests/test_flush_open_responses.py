@@ -4,6 +4,7 @@ the response; otherwise it waits for the response to close, and ``flush`` says s
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from contextlib import contextmanager
@@ -11,6 +12,8 @@ from typing import Any
 
 import pytest
 from flask import Flask
+from flask import Response
+from flask import stream_with_context
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
@@ -90,3 +93,27 @@ def test_a_response_kept_past_its_apps_life_logs_no_error_at_exit(
     for sign in ("Traceback", "Exception ignored", "ERROR", "CRITICAL", "Error"):
         assert sign not in output, output
     assert emulator.live_key not in output
+
+
+def test_flush_inside_a_streamed_response_delivers_its_own_work_first(
+    emulator: Emulator,
+) -> None:
+    app = make_app(emulator)
+    meisa: Meisa = app.extensions["meisa"]
+
+    @app.get("/streamed")
+    def streamed() -> Any:
+        meisa.upsert({"email": "ada@example.com", "external_id": "ada"})
+
+        def rows() -> Iterator[str]:
+            yield "started\n"
+            yield f"flushed: {meisa.flush(5)}\n"  # waited for this very response before
+
+        return Response(stream_with_context(rows()))
+
+    started = time.monotonic()
+    response = app.test_client().get("/streamed")
+    assert response.get_data(as_text=True) == "started\nflushed: True\n"
+    assert time.monotonic() - started < 4
+    response.close()
+    assert emulator.contact(external_id="ada") is not None

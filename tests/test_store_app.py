@@ -8,7 +8,11 @@ import logging
 import multiprocessing
 import os
 import re
+import shutil
 import sqlite3
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +232,30 @@ def test_processes_starting_together_on_a_damaged_store_share_one_fresh_store(
         # Set aside once: every process uses the one fresh store, with what was salvaged.
         assert 100 <= kept < 120 and seen == [kept] * 6, seen
         assert len(list(path.parent.glob(f"{STORE_FILE}.damaged-*[0-9]"))) == 1
+
+
+def test_a_store_file_this_process_cannot_write_is_refused_at_startup() -> None:
+    # A file made by another user (`sudo flask meisa ...`) in a folder the app may write:
+    # it reads, so it passed the check, then every write failed: nothing was delivered.
+    folder = Path(tempfile.mkdtemp(prefix="meisa-readonly-"))
+    try:
+        Store(folder / STORE_FILE).close()
+        as_root = os.geteuid() == 0
+        folder_mode, file_mode = (0o777, 0o644) if as_root else (0o755, 0o444)
+        for name in folder.iterdir():
+            name.chmod(file_mode)
+        folder.chmod(folder_mode)
+        drop = "os.setgid(65534); os.setuid(65534); " if as_root else ""
+        child = subprocess.run(
+            [sys.executable, "-c", "import os; from flask_meisa._engine.store import Store; "
+             f"{drop}Store({str(folder / STORE_FILE)!r})"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(folder)
+    assert child.returncode == 1, child.stderr
+    assert "ConfigurationError" in child.stderr and "cannot be used" in child.stderr
+    assert "not writable" in child.stderr
 
 
 def test_a_default_store_that_cannot_be_made_falls_back_to_memory_with_one_warning(

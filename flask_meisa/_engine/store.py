@@ -280,7 +280,12 @@ class Store:
         return db.execute("DELETE FROM meisa_known WHERE accepted_at < ?", (before,)).rowcount
 
     def check(self) -> None:
-        """Put the file in WAL mode and check its schema version and its pages."""
+        """Check that this process may write the file, put it in WAL mode, and check its
+        schema version and its pages."""
+        assert self.path is not None
+        for name in (self.path, *(self.path + end for end in ("-wal", "-shm", ".lock"))):
+            if os.path.exists(name) and not os.access(name, os.W_OK):
+                raise PermissionError(f"{name} is not writable by this process")
         with self.read() as db:
             if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 db.execute("PRAGMA journal_mode = WAL")

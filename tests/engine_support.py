@@ -124,7 +124,9 @@ def make_engine(
         hooks=hooks,
         retry=retry or RetryPolicy(max_attempts=10, base_delay=0.05, max_delay=0.2, deadline=30.0),
         # connect_timeout + timeout + 5 s: a lease of 10 s
-        settings=replace(_DEFAULTS, connect_timeout=0.5, timeout=4.5, **settings),
+        settings=replace(
+            _DEFAULTS, base_url=url, api_key=key, connect_timeout=0.5, timeout=4.5, **settings
+        ),
         poll_interval=poll_interval,
     )
 

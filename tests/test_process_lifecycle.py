@@ -105,18 +105,21 @@ def test_exit_leaves_what_a_file_store_could_not_deliver_for_the_next_start(
     emulator: Emulator, tmp_path: Path
 ) -> None:
     store = tmp_path / "store.sqlite3"
-    url = f"http://127.0.0.1:{closed_port()}/api/v1"
-    done = run_scenario(url, emulator.live_key, "exit", "7", flush_timeout=0.3, store=store)
+    emulator.faults.outage(600, drop=True)  # Meisa takes no call
+    done = run_scenario(
+        emulator.url, emulator.live_key, "exit", "7", flush_timeout=0.3, store=store
+    )
     assert done.returncode == 0, done.stderr
     assert "not delivered" not in done.stderr
     assert "dropped" not in done.stdout  # nothing lost, nothing reported lost
     assert waiting_in(store) == 7
-    assert emulator.requests == []
+    assert emulator.contacts() == []
+    emulator.faults.clear()
     done = run_scenario(emulator.url, emulator.live_key, "drain", store=store)
     assert done.returncode == 0, done.stderr
     assert "drain flushed True" in done.stdout
     assert "drain outcome delivered 7" in done.stdout
-    assert sorted(r.body["external_id"] for r in emulator.requests_to(UPSERT)) == sorted(
+    assert sorted(contact["external_id"] for contact in emulator.contacts()) == sorted(
         f"exit-{n}" for n in range(7)
     )
     assert waiting_in(store) == 0

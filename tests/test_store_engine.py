@@ -284,6 +284,30 @@ def test_a_send_retried_after_meisa_forgot_its_idempotency_key_fails_without_a_c
     assert letter.operation.id == operation.id  # kept: retrying it is the user's choice
 
 
+def test_work_released_for_another_meisa_waits_as_dead_letters_not_delivered_here(
+    emulator: Emulator, make_engine: MakeEngine, path: Path
+) -> None:
+    # The instance folder kept work released for another Meisa (the emulator in
+    # development, a test key): delivered here, test data could email real people.
+    elsewhere = build_engine(
+        RecordingHooks(), "http://127.0.0.1:9/api/v1", emulator.live_key, store=Store(path)
+    )
+    elsewhere.submit([upsert(n) for n in range(3)])
+    assert eventually(lambda: waiting(path) == 3)
+    elsewhere.close(0)
+    hooks = RecordingHooks()
+    engine = make_engine(emulator, hooks)
+    engine.start()
+    assert eventually(lambda: engine.status().dead_letters == 3)
+    assert engine.flush(5) and emulator.requests_to(UPSERT) == []
+    messages = {letter.message for letter in letters(path)}
+    assert messages == {"released for http://127.0.0.1:9/api/v1 with a live key"}
+    with engine.store.write() as db:  # the user's choice: flask meisa dead-letters retry
+        assert dead.requeue(db) == 3
+    assert engine.flush(5)
+    assert len(emulator.requests_to(UPSERT)) == 3
+
+
 def test_running_out_of_retries_makes_a_dead_letter(
     emulator: Emulator, make_engine: MakeEngine, path: Path
 ) -> None:

@@ -17,7 +17,16 @@ from .pending import each_row
 from .pending import row_of
 from .store import Store
 
-__all__ = ["DeadLetter", "bury", "dead_letters", "error_fields", "outdated", "purge", "requeue"]
+__all__ = [
+    "DeadLetter",
+    "bury",
+    "bury_foreign",
+    "dead_letters",
+    "error_fields",
+    "outdated",
+    "purge",
+    "requeue",
+]
 
 _MESSAGE_LIMIT = 300
 
@@ -52,6 +61,21 @@ def bury(db: sqlite3.Connection, row: Row, error: BaseException) -> None:
         "error_message = ?, failed_at = ? WHERE seq = ?",
         (*error_fields(error), time.time(), row.seq),
     )
+
+
+def bury_foreign(db: sqlite3.Connection, target: str) -> int:
+    """Keep as dead letters the rows released for another Meisa than ``target`` (the base
+    URL, and whether the key is a test key): delivered here, test data could email real
+    people, or production work vanish into a test. Returns how many."""
+    was = Store.get_meta(db, "target")
+    Store.set_meta(db, "target", target)
+    if was is None or was == target:
+        return 0
+    return db.execute(
+        "UPDATE meisa_ops SET state = 'dead', error_code = 'other_meisa', error_message = ?, "
+        "failed_at = ? WHERE state != 'dead'",
+        (f"released for {was}", time.time()),
+    ).rowcount
 
 
 def dead_letters(db: sqlite3.Connection, seqs: Iterable[int] | None = None) -> list[DeadLetter]:

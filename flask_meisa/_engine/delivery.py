@@ -18,6 +18,7 @@ from ..errors import DeliveryError
 from ..operations import LANE_BACKFILL
 from ..operations import Operation
 from ..retry import RetryPolicy
+from . import dead
 from . import pending
 from .base import ClientFactory
 from .base import DeliveryHooks
@@ -71,6 +72,8 @@ class Delivery:
         self._capacity = settings.queue_size
         self._known_for = max(KEEP_FOR, settings.resync_after)
         self._poll = poll_interval
+        kind = "test" if (settings.api_key or "").startswith("meisa_test_") else "live"
+        self._target = f"{settings.base_url} with a {kind} key"
         self._fresh()
 
     def _fresh(self) -> None:
@@ -322,9 +325,17 @@ class Delivery:
         try:
             with self.store.write() as db:
                 released = pending.release_flights(db)
+                foreign = dead.bury_foreign(db, self._target)
         except BaseException:
             lock.release()  # taken again on a later pass, once the store works
             raise
+        if foreign:
+            logger.warning(
+                "flask-meisa: %d operations released for another Meisa than %s are kept as "
+                "dead letters, not delivered: see 'flask meisa dead-letters'",
+                foreign,
+                self._target,
+            )
         logger.info(
             "flask-meisa: this process (pid %d) now delivers for the host (%d operations "
             "in flight from an earlier process taken back)",

@@ -111,6 +111,7 @@ class Caller:
                     return 1.0 if due is None else due - now
                 had = functools.partial(Store.lookup, db, row.operation.payload)
                 if unchanged(row.operation, had, now, self.delivery.resync_after):
+                    Store.remember(db, row.operation.payload, now, accepted=False)
                     report = self._over(db, row, "unchanged", "delivered", None)
                     counted["reporting"] = 1
                 else:

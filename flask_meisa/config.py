@@ -96,10 +96,11 @@ KEYS: tuple[Key, ...] = (
     Key("MEISA_RETRY_MAX_DELAY", _SECONDS, 30.0, _values.seconds(0),
         "cap on any one backoff delay and on an honoured `Retry-After`"),
     Key("MEISA_RETRY_DEADLINE", _SECONDS, 600.0, _ABOVE_0,
-        "total time a background operation may spend retrying, however many attempts",
-        notes="An outage or a run of 429s shorter than this loses nothing; past it the"
-              " operation is reported through delivery_failed (and kept as a dead letter with"
-              " MEISA_OUTBOX)."),
+        "total time a background operation may spend retrying, however many attempts (a"
+        " send at most 3000 s: Meisa keeps its idempotency key an hour)",
+        notes="An outage or a run of 429s shorter than this (and, for a send, than 3000 s)"
+              " loses nothing; past it the operation is reported through delivery_failed (and"
+              " kept as a dead letter with MEISA_OUTBOX)."),
     Key("MEISA_SEND_DEADLINE", _SECONDS, 10.0, _ABOVE_0,
         "total time a synchronous `meisa.send()` may spend retrying before it raises",
         notes="Keep it well below your WSGI server's worker timeout."),

@@ -11,7 +11,10 @@ Run as ``python -m tests.engine_support <scenario>`` with ``MEISA_TEST_URL`` and
   the child report what it sees at its start and submit its own, then both flush and exit;
 - ``full-disk`` (with a store file): store an upsert of a state Meisa already has, fill
   the disk, let the engine deliver it (no call, and the store cannot take that), give the
-  disk room again and say whether everything is over.
+  disk room again and say whether everything is over;
+- ``full-disk-retry`` (with a store file; Meisa slow to answer, then 503): while an upsert
+  is in flight, store a later upsert of its contact, fill the disk before the answer, give
+  the disk room again and say what was counted delivered.
 
 Each prints what its hooks saw as ``outcome <kind> <count>`` lines at exit.
 """
@@ -257,6 +260,30 @@ def full_disk_scenario() -> None:
     _print_outcomes(hooks, "full-disk")
 
 
+def full_disk_retry_scenario() -> None:
+    hooks = RecordingHooks()
+    engine = _engine(hooks, rate_limit=None)
+    engine.submit([upsert(1, plan="a")])
+    deadline = time.monotonic() + 10.0
+    while engine._caller.calls == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)  # the call is made (Meisa answers in a moment)
+    engine.submit([upsert(1, plan="b")])  # its contact's next state, while it is in flight
+    _stored(engine, 2)
+    failed = _Seen("delivery store failed")
+    logging.getLogger("flask_meisa.engine").addHandler(failed)
+    with engine.store.read() as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, limits[1]))  # a full disk
+    say(f"full-disk-retry store_failed {failed.event.wait(10)}")
+    time.sleep(2.5)  # the answer (503: retry) waits for the store
+    resource.setrlimit(resource.RLIMIT_FSIZE, limits)  # room again
+    flushed = engine.flush(10)
+    say(f"full-disk-retry flushed {flushed} delivered {engine.status().delivered}")
+    _print_outcomes(hooks, "full-disk-retry")
+
+
 def main(argv: list[str]) -> None:
     scenario, *numbers = argv
     if scenario == "exit":
@@ -267,6 +294,8 @@ def main(argv: list[str]) -> None:
         fork_scenario(int(numbers[0]), int(numbers[1]))
     elif scenario == "full-disk":
         full_disk_scenario()
+    elif scenario == "full-disk-retry":
+        full_disk_retry_scenario()
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
 

@@ -157,6 +157,25 @@ def test_an_outcome_the_full_disk_did_not_take_leaves_nothing_pending_behind(
     assert emulator.requests == []
 
 
+@pytest.mark.slow
+def test_an_answer_stored_after_the_full_disk_counts_its_operations_once(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    emulator.faults.set(latency=1.2, paths=[UPSERT])
+    emulator.faults.fail_next(1, status=503, path=UPSERT)
+    done = run_scenario(
+        emulator.url, emulator.live_key, "full-disk-retry", store=tmp_path / "store.sqlite3"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "full-disk-retry store_failed True" in done.stdout, done.stdout + done.stderr
+    # Two operations, one call once the disk has room: two delivered, not one more per
+    # attempt to store the 503.
+    assert "full-disk-retry flushed True delivered 2" in done.stdout, done.stdout + done.stderr
+    assert "full-disk-retry outcome delivered 1" in done.stdout
+    bodies = [r.body["custom_fields"]["plan"] for r in emulator.requests_to(UPSERT)]
+    assert bodies == ["a", "b"]
+
+
 def test_a_forked_child_of_a_memory_store_starts_empty_and_both_deliver_their_own(
     emulator: Emulator,
 ) -> None:

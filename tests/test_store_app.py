@@ -454,6 +454,49 @@ def test_a_dead_upsert_whose_contact_was_synced_since_is_not_retried_unless_forc
     assert plan() == "pro"
 
 
+def test_a_dead_upsert_is_kept_when_its_contact_was_put_back_unchanged_since(
+    emulator: Emulator,
+) -> None:
+    # free delivered; pro refused; back to free: Meisa has free, so no call is needed, but
+    # the app's state is free, newer than the dead pro.
+    app = thread_app(emulator)
+    contact = {"email": "ada@example.com", "external_id": "ada"}
+
+    def upsert(plan: str) -> None:
+        with app.app_context():
+            meisa_of(app).upsert({**contact, "custom_fields": {"plan": plan}})
+            assert meisa_of(app).flush(5)
+
+    upsert("free")
+    emulator.faults.fail_next(1, status=422, path="/contacts/upsert/")
+    upsert("pro")  # refused: a dead letter
+    upsert("free")  # the contact's state since
+    retried = invoke(app, "dead-letters", "retry", "--all", "--timeout", "5")
+    assert retried.exit_code == 0, retried.output
+    assert "1 upsert(s) kept (" in retried.output, retried.output
+    synced = emulator.contact(external_id="ada")
+    assert synced is not None and synced["custom_fields"]["plan"] == "free"
+
+
+def test_a_dead_upsert_of_fields_no_later_upsert_set_is_retried(emulator: Emulator) -> None:
+    app = thread_app(emulator)
+    contact = {"email": "ada@example.com", "external_id": "ada"}
+
+    def upsert(**fields: str) -> None:
+        with app.app_context():
+            meisa_of(app).upsert({**contact, "custom_fields": fields})
+            assert meisa_of(app).flush(5)
+
+    emulator.faults.fail_next(1, status=422, path="/contacts/upsert/")
+    upsert(plan="pro")  # refused: a dead letter
+    upsert(seats="3")  # another field, delivered
+    retried = invoke(app, "dead-letters", "retry", "--all", "--timeout", "5")
+    assert retried.exit_code == 0, retried.output
+    assert "1 operation(s) queued again" in retried.output, retried.output
+    synced = emulator.contact(external_id="ada")
+    assert synced is not None and synced["custom_fields"]["plan"] == "pro"
+
+
 def test_retry_without_waiting_only_queues(emulator: Emulator) -> None:
     app = thread_app(emulator)
     make_dead_letters(app, 1)

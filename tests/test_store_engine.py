@@ -21,6 +21,7 @@ import pytest
 from flask_meisa._engine import dead
 from flask_meisa._engine.delivery import Delivery
 from flask_meisa._engine.host import HostLock
+from flask_meisa._engine.host import set_aside
 from flask_meisa._engine.store import Store
 from flask_meisa.emulator import Emulator
 from flask_meisa.errors import DeliveryError
@@ -306,6 +307,30 @@ def test_work_released_for_another_meisa_waits_as_dead_letters_not_delivered_her
         assert dead.requeue(db) == 3
     assert engine.flush(5)
     assert len(emulator.requests_to(UPSERT)) == 3
+
+
+def test_a_send_salvaged_from_a_damaged_store_keeps_the_time_of_its_first_attempt(
+    emulator: Emulator, make_engine: MakeEngine, path: Path
+) -> None:
+    # As above, but the store was found damaged at the restart: what was salvaged from it
+    # still knows when the send was first attempted (and so that Meisa forgot its key).
+    emulator.faults.drop_next(1, path=TRIGGER, after=True)
+    slow = RetryPolicy(max_attempts=None, base_delay=60.0, max_delay=60.0, deadline=None)
+    engine = make_engine(emulator, RecordingHooks(), retry=slow)
+    engine.submit([send(1)])
+    retrying = "SELECT count(*) FROM meisa_ops WHERE state = 'pending' AND attempts = 1"
+    assert eventually(lambda: query(path, retrying)[0][0] == 1)
+    engine.close(0)
+    emulator.advance_clock(3700.0)
+    store = Store(path)
+    with store.write() as db:
+        db.execute("UPDATE meisa_ops SET first_attempt = first_attempt - 3700, ready_at = 0")
+    store.close()
+    set_aside(store, sqlite3.DatabaseError("malformed"))
+    store.close()
+    assert make_engine(emulator, RecordingHooks(), retry=slow).flush(5)
+    assert len(emulator.requests_to(TRIGGER)) == 1
+    assert len(emulator.sends()) == 1
 
 
 def test_running_out_of_retries_makes_a_dead_letter(

@@ -206,6 +206,7 @@ class StoreTarget(Target):
             had = functools.partial(Store.lookup, db, operation.payload)
             same = unchanged(operation, had, now, self.resync_after)
             if same and not pending.waits(db, operation):
+                Store.remember(db, operation.payload, now, accepted=False)
                 run.skipped += 1
             else:
                 pending.add(db, operation, LANE_BACKFILL)

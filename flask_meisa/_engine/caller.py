@@ -5,6 +5,7 @@ a time from the store, and the key's budget they draw from with every process of
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import logging
 import sqlite3
@@ -111,6 +112,7 @@ class Caller:
                     return 1.0 if due is None else due - now
                 had = functools.partial(Store.lookup, db, row.operation.payload)
                 if unchanged(row.operation, had, now, self.delivery.resync_after):
+                    Store.remember(db, row.operation.payload, now, accepted=False)
                     report = self._over(db, row, "unchanged", "delivered", None)
                     counted["reporting"] = 1
                 else:
@@ -150,13 +152,16 @@ class Caller:
         self._count(calls=-1, reporting=1)
         try:
             while True:
+                # Settled from the row as taken each time: a try whose commit failed changed
+                # it (the later upserts it took in, and their count).
+                taken = copy.deepcopy(row)
                 try:
                     with self.store.write() as db:
                         now = time.time()
                         self.budget.settle(db, token, made=outcome.made, now=now)
                         if reason is not None:
-                            return self._over(db, row, "skipped", "skipped", reason)
-                        return self._settle(db, row, outcome, now)
+                            return self._over(db, taken, "skipped", "skipped", reason)
+                        return self._settle(db, taken, outcome, now)
                 except STORE_ERRORS as error:
                     # The call was made: its outcome waits until the store takes it (its
                     # row in flight meanwhile), or until delivery stops.

@@ -97,14 +97,14 @@ def dead_letters(db: sqlite3.Connection, seqs: Iterable[int] | None = None) -> l
 
 
 def outdated(db: sqlite3.Connection, letters: Iterable[DeadLetter]) -> list[int]:
-    """The dead upserts of ``letters`` whose contact Meisa accepted an upsert of after they
-    failed: retrying one would put older values back."""
+    """The dead upserts of ``letters`` a field of which their contact had set again after
+    they failed (Meisa accepted it, or had it already): retrying one would put an older
+    value back."""
     return [
         letter.seq
         for letter in letters
         if letter.operation.kind == "upsert"
-        and (known := Store.lookup(db, letter.operation.payload)) is not None
-        and known.accepted_at > letter.failed_at
+        and Store.set_since(db, letter.operation.payload, letter.failed_at)
     ]
 
 

@@ -131,7 +131,7 @@ def set_aside(store: Store, error: BaseException) -> None:
 # The columns salvaged from a damaged store.
 _SALVAGED = (
     "seq, id, kind, lane, ext, email, payload, contact, priority, force, created_at, state, "
-    "attempts, merged, error_status, error_code, error_message, failed_at"
+    "attempts, first_attempt, merged, error_status, error_code, error_message, failed_at"
 )
 
 

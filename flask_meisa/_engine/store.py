@@ -255,18 +255,43 @@ class Store:
         return Known(json.loads(found[0][1]), float(found[0][2])) if found else None
 
     @staticmethod
-    def remember(db: sqlite3.Connection, payload: Mapping[str, Any], now: float) -> None:
-        """Meisa accepted ``payload``: fold its fields into what it has of the contact."""
+    def remember(
+        db: sqlite3.Connection, payload: Mapping[str, Any], now: float, *, accepted: bool = True
+    ) -> None:
+        """Meisa accepted ``payload`` (not ``accepted``: it had it already, the upsert is
+        skipped as unchanged): fold its fields into what it has of the contact, each with
+        when the app last set it (:meth:`set_since`)."""
         entries = Store._entries(db, payload)
+        if not accepted and not entries:
+            return
         fields = {**(json.loads(entries[0][1]) if entries else {}), **digest(payload)}
+        fields.update((f"{SET_AT}{name}", repr(now)) for name in digest(payload))
         names = {name for entry in entries for name in json.loads(entry[0])}
         listed = sorted(names.union(_names(payload)))
         text, known_as = json.dumps(fields, separators=(",", ":")), json.dumps(listed)
+        at = now if accepted else float(entries[0][2])
         db.executemany(
             "INSERT OR REPLACE INTO meisa_known (key, names, fields, accepted_at) "
             "VALUES (?, ?, ?, ?)",
-            [(key, known_as, text, now) for key in listed],
+            [(key, known_as, text, at) for key in listed],
         )
+
+    @staticmethod
+    def set_since(db: sqlite3.Connection, payload: Mapping[str, Any], since: float) -> bool:
+        """Whether a field of the upsert ``payload`` (not a name of its contact) was set
+        again after ``since``: Meisa accepted it, or had it when the app set it again."""
+        known = Store.lookup(db, payload)
+        if known is None:
+            return False
+        names = [name for name in digest(payload) if name not in ("email", "external_id")]
+        # What was remembered without these times counts as set when accepted.
+        at = {name: known.accepted_at for name in names if name in known.fields}
+        at.update(
+            (n, float(known.fields[f"{SET_AT}{n}"]))
+            for n in names
+            if f"{SET_AT}{n}" in known.fields
+        )
+        return any(when > since for when in at.values())
 
     @staticmethod
     def forget(db: sqlite3.Connection, payload: Mapping[str, Any]) -> None:
@@ -310,6 +335,9 @@ def marks(values: Sized) -> str:
 def _names(payload: Mapping[str, Any]) -> list[str]:
     return [name for name in identities(payload) if name is not None]
 
+
+#: Before a field's name in what Meisa has of a contact: when the app last set that field.
+SET_AT = "@set:"
 
 #: What Meisa has of a contact is forgotten after this long, whatever MEISA_RESYNC_AFTER says.
 KEEP_FOR = 30 * 86400.0

@@ -264,8 +264,9 @@ class Store:
         entries = Store._entries(db, payload)
         if not accepted and not entries:
             return
-        fields = {**(json.loads(entries[0][1]) if entries else {}), **digest(payload)}
-        fields.update((f"{SET_AT}{name}", repr(now)) for name in digest(payload))
+        digested = digest(payload)
+        fields = {**(json.loads(entries[0][1]) if entries else {}), **digested}
+        fields.update((f"{SET_AT}{name}", repr(now)) for name in digested)
         names = {name for entry in entries for name in json.loads(entry[0])}
         listed = sorted(names.union(_names(payload)))
         text, known_as = json.dumps(fields, separators=(",", ":")), json.dumps(listed)
@@ -281,17 +282,13 @@ class Store:
         """Whether a field of the upsert ``payload`` (not a name of its contact) was set
         again after ``since``: Meisa accepted it, or had it when the app set it again."""
         known = Store.lookup(db, payload)
-        if known is None:
-            return False
         names = [name for name in digest(payload) if name not in ("email", "external_id")]
-        # What was remembered without these times counts as set when accepted.
-        at = {name: known.accepted_at for name in names if name in known.fields}
-        at.update(
-            (n, float(known.fields[f"{SET_AT}{n}"]))
-            for n in names
-            if f"{SET_AT}{n}" in known.fields
+        # A field remembered without its time (by an older version) was set when accepted.
+        return known is not None and any(
+            float(known.fields.get(f"{SET_AT}{name}", known.accepted_at)) > since
+            for name in names
+            if name in known.fields
         )
-        return any(when > since for when in at.values())
 
     @staticmethod
     def forget(db: sqlite3.Connection, payload: Mapping[str, Any]) -> None:

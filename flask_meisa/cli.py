@@ -313,10 +313,10 @@ def dead_letters_show(seq: int) -> None:
     show_default=True,
     help="Seconds to wait for delivery (0: queue them and return).",
 )
-@click.option("--force", is_flag=True, help="Retry upserts whose contact was synced since.")
+@click.option("--force", is_flag=True, help="Retry upserts whose fields were set again since.")
 def dead_letters_retry(ids: tuple[int, ...], every: bool, timeout: float, force: bool) -> None:
-    """Queue dead letters for delivery again, then wait for them; an upsert whose contact
-    was synced after it failed stays, unless ``--force``."""
+    """Queue dead letters for delivery again, then wait for them; an upsert a field of
+    which was set again after it failed stays, unless ``--force``."""
     store, chosen = _chosen(ids, every)
     with store.write() as db:
         letters = dead.dead_letters(db, chosen)
@@ -324,8 +324,8 @@ def dead_letters_retry(ids: tuple[int, ...], every: bool, timeout: float, force:
         queued = dead.requeue(db, [letter.seq for letter in letters if letter.seq not in kept])
     if kept:
         click.echo(
-            f"{len(kept)} upsert(s) kept ({', '.join(map(str, sorted(kept)))}): their contact "
-            "was synced after they failed, and retrying would put older values back "
+            f"{len(kept)} upsert(s) kept ({', '.join(map(str, sorted(kept)))}): their fields "
+            "were set again after they failed, and retrying would put older values back "
             "(--force retries them)"
         )
     click.echo(f"{queued} operation(s) queued again")

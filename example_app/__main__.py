@@ -98,7 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"Using Meisa at {app.config['MEISA_BASE_URL']}", flush=True)
         print(f"Example app on http://{args.host}:{server.server_port}/", flush=True)
         print("Press Ctrl+C to stop.", flush=True)
-        done.wait()  # a signal interrupts the wait and its handler sets the event
+        # The handler runs in this thread only between bytecodes, and the kernel may hand
+        # the signal to another thread: a wait without a timeout could outlast it.
+        while not done.wait(0.2):
+            pass
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
+import signal
 import socket
 import sqlite3
 import struct
@@ -349,6 +351,28 @@ def stop_example(process: subprocess.Popen[str]) -> str:
     output, _ = process.communicate(timeout=15)
     assert process.returncode == 0, output
     return output
+
+
+def test_python_m_example_app_stops_whichever_of_its_threads_gets_the_signal(
+    emulator: Any, tmp_path: Path
+) -> None:
+    # The kernel hands a process's signal to any thread that does not block it; the main
+    # thread then ran the handler only once it woke, and it waited without a timeout.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MEISA_", "EXAMPLE_"))}
+    env.update(EXAMPLE_DATABASE=str(tmp_path / "run.sqlite3"))
+    env.update(MEISA_API_KEY=emulator.live_key, MEISA_BASE_URL=emulator.url)
+    process, _, _ = run_example(env)
+    try:
+        other = next(
+            int(t) for t in os.listdir(f"/proc/{process.pid}/task") if int(t) != process.pid
+        )
+        assert ctypes.CDLL(None, use_errno=True).tgkill(process.pid, other, signal.SIGTERM) == 0
+        output, _ = process.communicate(timeout=15)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0 and "Stopped." in output, output
 
 
 @pytest.mark.parametrize("on_emulator", [True, False])

@@ -338,15 +338,17 @@ class MeisaClient:
         }
         endpoint = f"{method} {path}"
         policy, started, attempt = self._retry, time.monotonic(), 0
+
+        def left(floor: float) -> float:  # of the deadline (without one, an attempt's time)
+            if policy.deadline is None:
+                return sum(self._timeout)
+            return max(policy.deadline - (time.monotonic() - started), floor)
+
         while True:
             attempt += 1
-            limit = sum(self._timeout)
-            if policy.deadline is not None:
-                limit = max(policy.deadline - (time.monotonic() - started), 0.0)
-            with self._slot(limit):  # its wait counts against the deadline
-                limit = sum(self._timeout)
-                if policy.deadline is not None:  # no attempt runs past it; a floor keeps the last
-                    limit = min(limit, max(policy.deadline - (time.monotonic() - started), 0.05))
+            with self._slot(left(0.0)):  # its wait counts against the deadline
+                # No attempt runs past the deadline; a floor keeps the last.
+                limit = min(sum(self._timeout), left(0.05))
                 request["timeout"] = (min(self._timeout[0], limit), min(self._timeout[1], limit))
                 result = self._http.attempt(endpoint, scope, limit, **request)
             if isinstance(result, tuple):

@@ -22,6 +22,7 @@ Each prints what its hooks saw as ``outcome <kind> <count>`` lines at exit.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import resource
@@ -30,6 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -236,6 +238,23 @@ class _Seen(logging.Handler):
             self.event.set()
 
 
+@contextlib.contextmanager
+def full_disk(engine: Delivery) -> Iterator[threading.Event]:
+    """No file of this process may grow (a full disk) until the block ends; yields an
+    event set once the engine logs that its store failed."""
+    failed = _Seen("delivery store failed")
+    logging.getLogger("flask_meisa.engine").addHandler(failed)
+    with engine.store.read() as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, limits[1]))
+    try:
+        yield failed.event
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)  # room again
+
+
 def full_disk_scenario() -> None:
     hooks = RecordingHooks()
     engine = _engine(hooks, rate_limit=None)
@@ -246,16 +265,9 @@ def full_disk_scenario() -> None:
         Store.remember(db, same.payload, time.time())  # Meisa has this state already
     engine.submit([same])
     _stored(engine, 1)
-    failed = _Seen("delivery store failed")
-    logging.getLogger("flask_meisa.engine").addHandler(failed)
-    with engine.store.read() as db:
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (0, limits[1]))  # no file may grow: a full disk
-    held.release()  # the engine delivers: no call is needed, and the store cannot take that
-    say(f"full-disk store_failed {failed.event.wait(10)}")
-    resource.setrlimit(resource.RLIMIT_FSIZE, limits)  # room again
+    with full_disk(engine) as failed:
+        held.release()  # the engine delivers: no call is needed, and the store cannot take that
+        say(f"full-disk store_failed {failed.wait(10)}")
     say(f"full-disk flushed {engine.flush(5)} pending {engine.status().pending}")
     _print_outcomes(hooks, "full-disk")
 
@@ -269,16 +281,9 @@ def full_disk_retry_scenario() -> None:
         time.sleep(0.01)  # the call is made (Meisa answers in a moment)
     engine.submit([upsert(1, plan="b")])  # its contact's next state, while it is in flight
     _stored(engine, 2)
-    failed = _Seen("delivery store failed")
-    logging.getLogger("flask_meisa.engine").addHandler(failed)
-    with engine.store.read() as db:
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (0, limits[1]))  # a full disk
-    say(f"full-disk-retry store_failed {failed.event.wait(10)}")
-    time.sleep(2.5)  # the answer (503: retry) waits for the store
-    resource.setrlimit(resource.RLIMIT_FSIZE, limits)  # room again
+    with full_disk(engine) as failed:
+        say(f"full-disk-retry store_failed {failed.wait(10)}")
+        time.sleep(2.5)  # the answer (503: retry) waits for the store
     flushed = engine.flush(10)
     say(f"full-disk-retry flushed {flushed} delivered {engine.status().delivered}")
     _print_outcomes(hooks, "full-disk-retry")

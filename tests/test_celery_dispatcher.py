@@ -451,6 +451,22 @@ def test_a_budget_slot_waits_for_the_shared_budget(make: MakeDispatcher) -> None
     assert 1.0 < waited < 2.5  # until the first answer left the 2 s window
 
 
+def silent_redis_app(
+    silent: socket.socket, redis_url: str, emulator: Any, **config: Any
+) -> tuple[Flask, Meisa]:
+    """An app on the Celery engine whose Redis is ``silent`` (it listens, never answers)."""
+    app = Flask(__name__)
+    app.config.update(
+        MEISA_API_KEY=emulator.live_key,
+        MEISA_BASE_URL=emulator.url,
+        MEISA_DELIVERY="celery",
+        MEISA_CELERY_REDIS_URL=f"redis://127.0.0.1:{silent.getsockname()[1]}/0",
+        **config,
+    )
+    app.extensions["celery"] = make_celery(redis_url)
+    return app, Meisa(app)
+
+
 def test_a_redis_that_never_answers_holds_a_synchronous_send_only_so_long(
     redis_url: str, emulator: Any
 ) -> None:
@@ -458,16 +474,7 @@ def test_a_redis_that_never_answers_holds_a_synchronous_send_only_so_long(
     # completes it), no answer ever comes. A send in a request must not wait for ever on
     # its budget slot (nor a response's release on publishing).
     with socket.create_server(("127.0.0.1", 0)) as silent:  # listens, never answers
-        app = Flask(__name__)
-        app.config.update(
-            MEISA_API_KEY=emulator.live_key,
-            MEISA_BASE_URL=emulator.url,
-            MEISA_DELIVERY="celery",
-            MEISA_CELERY_REDIS_URL=f"redis://127.0.0.1:{silent.getsockname()[1]}/0",
-            MEISA_SEND_DEADLINE=1.0,
-        )
-        app.extensions["celery"] = make_celery(redis_url)
-        meisa = Meisa(app)
+        app, meisa = silent_redis_app(silent, redis_url, emulator, MEISA_SEND_DEADLINE=1.0)
         results: list[Any] = []
 
         def send() -> None:
@@ -493,17 +500,9 @@ def test_a_redis_that_never_answers_costs_a_retried_send_its_wait_once(
     # the socket timeout, 5 s), asking again for every retry spent the deadline on Redis
     # and failed a send that Meisa would have taken on its third attempt.
     with socket.create_server(("127.0.0.1", 0)) as silent:  # listens, never answers
-        app = Flask(__name__)
-        app.config.update(
-            MEISA_API_KEY=emulator.live_key,
-            MEISA_BASE_URL=emulator.url,
-            MEISA_DELIVERY="celery",
-            MEISA_CELERY_REDIS_URL=f"redis://127.0.0.1:{silent.getsockname()[1]}/0",
-            MEISA_SEND_DEADLINE=9.0,
-            MEISA_RETRY_BASE_DELAY=0.1,
+        app, meisa = silent_redis_app(
+            silent, redis_url, emulator, MEISA_SEND_DEADLINE=9.0, MEISA_RETRY_BASE_DELAY=0.1
         )
-        app.extensions["celery"] = make_celery(redis_url)
-        meisa = Meisa(app)
         state = meisa.state(app)
         state.suppression.close()
         state.suppression = state.reporter.suppression = SuppressionSet(
@@ -543,15 +542,7 @@ def test_a_redis_that_never_answers_holds_a_release_once_not_per_operation(
     from flask_meisa import delivery_dropped
 
     with socket.create_server(("127.0.0.1", 0)) as silent:  # listens, never answers
-        app = Flask(__name__)
-        app.config.update(
-            MEISA_API_KEY=emulator.live_key,
-            MEISA_BASE_URL=emulator.url,
-            MEISA_DELIVERY="celery",
-            MEISA_CELERY_REDIS_URL=f"redis://127.0.0.1:{silent.getsockname()[1]}/0",
-        )
-        app.extensions["celery"] = make_celery(redis_url)
-        meisa = Meisa(app)
+        app, meisa = silent_redis_app(silent, redis_url, emulator)
         dropped: list[str] = []
 
         def on_dropped(sender: Flask, operation: Operation, reason: str, **extra: Any) -> None:

@@ -1,9 +1,10 @@
 """What a syncing login costs the request, in production: gunicorn, default config.
 
-Each variant of one login app (``bench_app.py``) is served by its own gunicorn (gthread, 1
-worker, 4 threads), side by side, and a client times logins over HTTP (keep-alive), in
-interleaved rounds that start with a different variant each time, so that drift on a
-shared machine hits all of them alike:
+Each variant of one login app (``bench_app.py``) is served by its own gunicorns (gthread, 1
+worker, 4 threads; ``--replicas`` of them per variant, each round timing the next one, since
+two processes of the same code can differ by several per cent on their own), side by side,
+and a client times logins over HTTP (keep-alive), in interleaved rounds that start with a
+different variant each time, so that drift on a shared machine hits all of them alike:
 
 - ``bare``: Flask-Login only, no Meisa;
 - ``naive``: a synchronous ``requests.post`` to Meisa in the login view;
@@ -25,7 +26,9 @@ in the engine while the logins run, as in production. Each login changes the use
 ``signin_count`` and ``last_active``, so every login is a sync. The emulator runs in its
 own process, answering at once, then after 300 ms. Prints p50 and p99 per variant and their
 ratios to ``bare`` (target for ``default``: p50 <= 1.05x, p99 <= 1.20x), the p50 ratio
-paired round by round (the median of each round's ratio, steadier on a noisy machine), and
+paired round by round (the median of each round's ratio, steadier on a noisy machine), the
+lowest and highest of that paired ratio over the replicas (how far one process alone could
+have misled), and
 the CPU each gunicorn worker used per login, every thread (background delivery included),
 which other processes' load on a shared machine does not inflate, and how much of it Meisa's
 own threads (the writer, delivery) took: the steadiest figure of the engine's cost. Last,
@@ -33,7 +36,7 @@ the p99 ratio without the first round: at 0 ms that round holds the start-up bur
 fresh budget's first calls and the users' first syncs, delivered at once by the serving
 process), which otherwise sets the p99 of 3,000 logins.
 
-    .venv/bin/python benchmarks/login_request_cost.py [--logins 1000] [--rounds 20]
+    .venv/bin/python benchmarks/login_request_cost.py [--logins 1000] [--rounds 20] [--replicas 3]
 """
 
 from __future__ import annotations
@@ -109,6 +112,20 @@ class Served:
                 with contextlib.suppress(FileNotFoundError):  # a thread that ended
                     used[part] = used.get(part, 0.0) + _cpu_seconds(f"{tasks}/{tid}/stat")
         return used
+
+
+def _cpu(replicas: list[Served]) -> float:
+    """CPU seconds the replicas' workers have used, every thread."""
+    return sum(served.cpu() for served in replicas)
+
+
+def _background_cpu(replicas: list[Served]) -> dict[str, float]:
+    """CPU seconds of Meisa's threads in the replicas' workers, by part."""
+    used: dict[str, float] = {}
+    for served in replicas:
+        for part, seconds in served.background_cpu().items():
+            used[part] = used.get(part, 0.0) + seconds
+    return used
 
 
 def _cpu_seconds(stat_path: str) -> float:
@@ -203,10 +220,14 @@ def time_logins(http: requests.Session, url: str, count: int, start: int) -> lis
 
 
 def measure(
-    sessions: dict[str, tuple[requests.Session, str]], latency: float, logins: int, rounds: int
+    sessions: dict[str, list[tuple[requests.Session, str]]],
+    latency: float,
+    logins: int,
+    rounds: int,
 ) -> dict[str, list[list[float]]]:
-    """Seconds per login, per variant and round, in ``rounds`` interleaved rounds.
-    ``naive`` waits on Meisa, so with a slow Meisa it makes a tenth of the logins."""
+    """Seconds per login, per variant and round, in ``rounds`` interleaved rounds; round
+    ``k`` times replica ``k % replicas`` of every variant. ``naive`` waits on Meisa, so with
+    a slow Meisa it makes a tenth of the logins."""
     names = list(sessions)
     times: dict[str, list[list[float]]] = {name: [] for name in names}
     per_round = max(logins // rounds, 1)
@@ -214,7 +235,8 @@ def measure(
         shift = number % len(names)
         for name in names[shift:] + names[:shift]:
             count = max(per_round // 10, 2) if name == "naive" and latency else per_round
-            http, url = sessions[name]
+            replicas = sessions[name]
+            http, url = replicas[number % len(replicas)]
             times[name].append(time_logins(http, url, count, number * per_round))
     return times
 
@@ -227,10 +249,11 @@ def paired_ratio(rounds: list[list[float]], bare: list[list[float]]) -> tuple[fl
     return percentile(ratios, 0.5), (percentile(ratios, 0.75) - percentile(ratios, 0.25)) / 2
 
 
-def run(logins: int, rounds: int, names: list[str]) -> list[dict[str, Any]]:
-    """Serve the variants, time them at each latency; one row per variant and latency:
-    latency, name, label, n, p50, p99 (seconds), ratios to bare, the worker's CPU seconds
-    per login (every thread, background work included), its ratio to bare and the share of
+def run(logins: int, rounds: int, names: list[str], replicas: int = 3) -> list[dict[str, Any]]:
+    """Serve the variants (``replicas`` gunicorns each), time them at each latency; one row
+    per variant and latency: latency, name, label, n, p50, p99 (seconds), ratios to bare,
+    the paired p50 ratio and its range over the replicas, the workers' CPU seconds per
+    login (every thread, background work included), its ratio to bare and the share of
     Meisa's own threads (writer, delivery), and for Celery the tasks left in the broker
     after the variants' logins."""
     rows = []
@@ -242,30 +265,36 @@ def run(logins: int, rounds: int, names: list[str]) -> list[dict[str, Any]]:
             progress("login cost: starting redis-server and a celery worker")
             broker = stack.enter_context(redis_server())
             queue = stack.enter_context(celery_worker(meisa, broker, f"{folder}/celery.log"))
-        progress(f"login cost: starting {len(names)} gunicorns")
-        served = [
-            stack.enter_context(gunicorn(name, meisa, f"{folder}/{name}", broker))
+        progress(f"login cost: starting {len(names) * replicas} gunicorns")
+        workers = {
+            name: [
+                stack.enter_context(gunicorn(name, meisa, f"{folder}/{name}-{number}", broker))
+                for number in range(replicas)
+            ]
             for name in names
-        ]
-        sessions = {s.name: (stack.enter_context(requests.Session()), s.url) for s in served}
-        workers = {s.name: s for s in served}
+        }
+        sessions = {
+            name: [(stack.enter_context(requests.Session()), one.url) for one in served]
+            for name, served in workers.items()
+        }
         for latency in LATENCIES:
             meisa.set_latency(latency)
             progress(f"login cost: Meisa answering after {latency * 1000:.0f} ms")
-            for http, url in sessions.values():  # connections, imports, first syncs
-                time_logins(http, url, 20, 0)
-            before = {name: served.cpu() for name, served in workers.items()}
-            threads_before = {name: served.background_cpu() for name, served in workers.items()}
+            for replicas_of in sessions.values():  # connections, imports, first syncs
+                for http, url in replicas_of:
+                    time_logins(http, url, 20, 0)
+            before = {name: _cpu(served) for name, served in workers.items()}
+            threads_before = {name: _background_cpu(served) for name, served in workers.items()}
             by_round = measure(sessions, latency, logins, rounds)
             times = {name: [t for one in values for t in one] for name, values in by_round.items()}
             cpu = {
-                name: (served.cpu() - before[name]) / len(times[name])
+                name: (_cpu(served) - before[name]) / len(times[name])
                 for name, served in workers.items()
             }
             threads = {
                 name: {
                     part: (seconds - threads_before[name].get(part, 0.0)) / len(times[name])
-                    for part, seconds in served.background_cpu().items()
+                    for part, seconds in _background_cpu(served).items()
                 }
                 for name, served in workers.items()
             }
@@ -284,6 +313,12 @@ def run(logins: int, rounds: int, names: list[str]) -> list[dict[str, Any]]:
                         "p99": p99,
                         "p50_ratio": p50 / percentile(bare, 0.5),
                         "paired": paired_ratio(by_round[name], by_round["bare"]),
+                        "replicas": [
+                            paired_ratio(
+                                by_round[name][r::replicas], by_round["bare"][r::replicas]
+                            )[0]
+                            for r in range(min(replicas, rounds))
+                        ],
                         "p99_ratio": p99 / percentile(bare, 0.99),
                         "p99_later": percentile(later, 0.99) / percentile(later_bare, 0.99),
                         "cpu": cpu[name],
@@ -299,6 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--logins", type=int, default=1000, help="per variant and latency")
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--replicas", type=int, default=3, help="gunicorns per variant")
     parser.add_argument("--only", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args(argv)
     sigterm_unwinds()
@@ -308,18 +344,20 @@ def main(argv: list[str] | None = None) -> None:
         print(f"Celery variant left out: {missing}")
         names.remove("celery")
     print(f"load average at the start: {load_average()}")
-    rows = run(args.logins, args.rounds, names)
+    rows = run(args.logins, args.rounds, names, max(args.replicas, 1))
     print(
         f"{'latency':>7}  {'variant':36} {'n':>5} {'p50 ms':>8} {'p99 ms':>8}  x bare p50/p99"
-        "   paired p50   CPU ms/login, x bare   p99 x bare after round 1"
+        "   paired p50 (replicas)   CPU ms/login, x bare   p99 x bare after round 1"
     )
     for row in rows:
         paired, spread = row["paired"]
+        low, high = min(row["replicas"]), max(row["replicas"])
         print(
             f"{row['latency'] * 1000:>5.0f}ms  {row['label']:36} {row['n']:>5} "
             f"{row['p50'] * 1000:>8.2f} {row['p99'] * 1000:>8.2f}  "
             f"{row['p50_ratio']:.2f}x / {row['p99_ratio']:.2f}x"
-            f"   {paired:.2f}x ±{spread:.2f}   {row['cpu'] * 1000:6.2f}  {row['cpu_ratio']:.2f}x"
+            f"   {paired:.2f}x ±{spread:.2f} ({low:.2f}-{high:.2f})"
+            f"   {row['cpu'] * 1000:6.2f}  {row['cpu_ratio']:.2f}x"
             f"   {row['p99_later']:.2f}x"
         )
         if row["threads"]:
@@ -334,7 +372,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         "paired p50: the median over rounds of a round's p50 over bare's in the same round, "
-        "± half the spread of the middle half of the rounds"
+        "± half the spread of the middle half of the rounds; (replicas): the lowest and "
+        "highest of that median over each replica's own rounds"
     )
 
 

@@ -212,3 +212,65 @@ def test_the_lane_asked_for_is_kept_for_other_operations(engine: Delivery) -> No
     send = Operation("send", {"trigger_key": "receipt", "to_email": "y@example.com"})
     lanes = lanes_after(engine, high, backfill, signup, event, send)
     assert lanes == {"transactional": 1, "automation": 3, "backfill": 1}
+
+
+def test_an_upsert_joining_a_waiting_routine_one_with_its_priority_fields_reads_nothing() -> None:
+    def had() -> None:
+        raise AssertionError("what Meisa has was read")
+
+    priority = ("plan", "subscription_status")
+    waiting = payload(1, plan="free", signin_count=2)
+    login = Operation("upsert", payload(1, plan="free", signin_count=3))
+    assert lane_of(login, had, priority, waiting) == LANE_ROUTINE
+    no_priority_field = Operation("upsert", payload(1, seats=2))
+    assert lane_of(no_priority_field, had, priority, waiting) == LANE_ROUTINE
+
+
+def test_an_upsert_joining_a_waiting_routine_one_asks_meisa_about_a_field_that_differs(
+    db: sqlite3.Connection,
+) -> None:
+    Store.remember(db, payload(1, plan="free"), 1.0)
+
+    def lane(joins: dict[str, Any], **fields: Any) -> int:
+        update = Operation("upsert", payload(1, **fields))
+        return lane_of(update, lambda: Store.lookup(db, update.payload), ("plan",), joins)
+
+    assert lane(payload(1, plan="free"), plan="pro") == LANE_AUTOMATION
+    # The waiting upsert carries no plan, or another type of value: Meisa's answer counts.
+    assert lane(payload(1, seats=1), plan="pro") == LANE_AUTOMATION
+    assert lane(payload(1, seats=1), plan="free") == LANE_ROUTINE
+    assert lane(payload(1, plan=1), plan=True) == LANE_AUTOMATION
+
+
+def test_storing_a_login_merged_into_the_waiting_sync_of_its_contact_reads_nothing_of_meisas(
+    engine: Delivery,
+) -> None:
+    remember(engine, payload(1, plan="free", signin_count=1))
+    assert lanes_after(engine, Operation("upsert", payload(1, plan="free", signin_count=2))) == {
+        "routine": 1
+    }
+    statements: list[str] = []
+    with engine.store.read() as db:
+        db.set_trace_callback(statements.append)
+
+    def merged_into_one_row(count: int) -> None:
+        deadline = time.monotonic() + 5.0
+        while True:
+            with engine.store.read() as db:
+                if db.execute("SELECT merged FROM meisa_ops").fetchall() == [(count,)]:
+                    return
+            assert time.monotonic() < deadline, "not merged within 5 s"
+            engine.flush(0.02)  # nothing is delivered: this only waits a little
+
+    try:
+        engine.submit([Operation("upsert", payload(1, plan="free", signin_count=3))])
+        merged_into_one_row(2)
+        assert statements and not [text for text in statements if "meisa_known" in text]
+        assert engine.status().queued["routine"] == 1
+        # A plan change merged into it still goes ahead of routine syncs.
+        engine.submit([Operation("upsert", payload(1, plan="pro"))])
+        merged_into_one_row(3)
+        assert engine.status().queued == {**engine.status().queued, "routine": 0, "automation": 1}
+    finally:
+        with engine.store.read() as db:
+            db.set_trace_callback(None)

@@ -274,3 +274,18 @@ def test_storing_a_login_merged_into_the_waiting_sync_of_its_contact_reads_nothi
     finally:
         with engine.store.read() as db:
             db.set_trace_callback(None)
+
+
+def test_a_plan_change_joining_a_waiting_backfill_upsert_of_that_plan_still_goes_ahead(
+    engine: Delivery,
+) -> None:
+    remember(engine, payload(1, plan="free"))
+    backfill = Operation("upsert", payload(1, plan="pro"), priority="backfill")
+    assert lanes_after(engine, backfill) == {"backfill": 1}
+    # The backfill row's plan was never compared with Meisa's: Meisa's answer counts.
+    engine.submit([Operation("upsert", payload(1, plan="pro", seats=2))])
+    deadline = time.monotonic() + 5.0
+    while engine.status().queued["backfill"]:
+        assert time.monotonic() < deadline, "not merged within 5 s"
+        engine.flush(0.02)  # nothing is delivered: this only waits a little
+    assert {lane: n for lane, n in engine.status().queued.items() if n} == {"automation": 1}

@@ -95,8 +95,8 @@ def add(
 ) -> Added:
     """Store ``operation`` in ``lane`` (or merge it into its contact's waiting upsert).
     ``lane`` may be :func:`lane_of` reading the store, given the payload of the waiting
-    routine upsert the operation joins (``None``: it joins none), left uncalled when a
-    merge makes the answer moot."""
+    routine upsert the operation joins (``None``: it joins none, or one of another lane),
+    left uncalled when a merge makes the answer moot."""
     names = keys(operation)
     found = db.execute(_CONTACT, names).fetchone()
     seq, payload, priority, force, their_lane, ext, email, last, top = found
@@ -116,9 +116,11 @@ def add(
         ext, email = names
     else:
         # Merged into a row ahead of routine syncs, an upsert takes the lower of that row's
-        # lane and its own: whether it would itself go ahead of them does not matter.
+        # lane and its own: whether it would itself go ahead of them does not matter. A
+        # routine row's lane was looked up (a backfill row's was not): it may answer.
         if callable(lane):
-            lane = lane(waiting) if their_lane > LANE_AUTOMATION else operation.lane
+            routine = waiting if their_lane == LANE_ROUTINE else None
+            lane = lane(routine) if their_lane > LANE_AUTOMATION else operation.lane
         lane = int(min(their_lane, lane))
         was = {"lane": their_lane, "ext": ext, "email": email}
         ext, email = identities(joined[0])

@@ -141,12 +141,10 @@ def test_a_lane_to_look_up_is_looked_up_only_when_the_row_it_joins_leaves_it_ope
     db: sqlite3.Connection,
 ) -> None:
     looked_up: list[int] = []
-    joined: list[Any] = []
 
-    def lane(answer: int) -> Callable[[Any], int]:
-        def look_up(joins: Any) -> int:
+    def lane(answer: int) -> Callable[[], int]:
+        def look_up() -> int:
             looked_up.append(answer)
-            joined.append(joins)
             return answer
 
         return look_up
@@ -168,8 +166,6 @@ def test_a_lane_to_look_up_is_looked_up_only_when_the_row_it_joins_leaves_it_ope
     refused = pending.add(db, moved, lane(LANE_ROUTINE))  # external ids disagree
     assert (refused.merged, refused.lane) == (False, LANE_ROUTINE)
     assert looked_up == [LANE_AUTOMATION, LANE_AUTOMATION, LANE_ROUTINE]
-    # Given the waiting routine upsert it joins, none when it joins none.
-    assert joined == [None, {**upsert(2, custom_fields={"a": big}).payload}, None]
 
 
 def test_a_merge_keeps_the_more_urgent_priority_and_force(db: sqlite3.Connection) -> None:

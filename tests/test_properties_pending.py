@@ -85,7 +85,7 @@ class PendingHistory(RuleBasedStateMachine):
         payload = {**named(*who), "custom_fields": dict.fromkeys(sorted(fields), self.number)}
         operation = Operation("upsert", payload)
         # The writer passes a routine upsert's lane as a look-up, called only when needed.
-        pending.add(self.db, operation, (lambda joins: lane) if looked_up else lane)
+        pending.add(self.db, operation, (lambda: lane) if looked_up else lane)
         for key in carried(payload):
             self.submitted[key] = self.number
         self.names[self.number] = set(identities(payload))

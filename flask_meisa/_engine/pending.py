@@ -7,7 +7,6 @@ import json
 import sqlite3
 from collections.abc import Callable
 from collections.abc import Iterable
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from typing import NamedTuple
@@ -88,40 +87,32 @@ class Added(NamedTuple):
     lane: int
 
 
-def add(
-    db: sqlite3.Connection,
-    operation: Operation,
-    lane: int | Callable[[Mapping[str, Any] | None], int],
-) -> Added:
+def add(db: sqlite3.Connection, operation: Operation, lane: int | Callable[[], int]) -> Added:
     """Store ``operation`` in ``lane`` (or merge it into its contact's waiting upsert).
-    ``lane`` may be :func:`lane_of` reading the store, given the payload of the waiting
-    routine upsert the operation joins (``None``: it joins none, or one of another lane),
-    left uncalled when a merge makes the answer moot."""
+    ``lane`` may be :func:`lane_of` reading the store, left uncalled when a merge makes the
+    answer moot."""
     names = keys(operation)
     found = db.execute(_CONTACT, names).fetchone()
     seq, payload, priority, force, their_lane, ext, email, last, top = found
+    # Merged into a row ahead of routine syncs, an upsert takes the lower of that row's
+    # lane and its own: whether it would itself go ahead of them does not matter.
+    if callable(lane) and (their_lane is None or their_lane > LANE_AUTOMATION):
+        lane = lane()
     joined = None
     # Not past a later upsert of the same names in flight, nor of the row's other names.
     others = (None if ext == names[0] else ext, None if email == names[1] else email)
     mergeable = operation.kind == "upsert" and seq is not None and last == seq
     if mergeable and not _passes(db, seq, None, [others]):
-        waiting = json.loads(payload)
-        joined = join_upserts(waiting, operation.payload)
+        joined = join_upserts(json.loads(payload), operation.payload)
     if joined is None:
-        lane = lane(None) if callable(lane) else lane
+        lane = lane() if callable(lane) else lane
         contact = None if operation.contact is None else json.dumps(operation.contact)
         row = (operation.id, operation.kind, lane, *names, operation.json, contact)
         more = (operation.priority, int(operation.force), operation.created_at, operation.attempts)
         seq = int(db.execute(_INSERT, row + more).lastrowid or 0)
         ext, email = names
     else:
-        # Merged into a row ahead of routine syncs, an upsert takes the lower of that row's
-        # lane and its own: whether it would itself go ahead of them does not matter. A
-        # routine row's lane was looked up (a backfill row's was not): it may answer.
-        if callable(lane):
-            routine = waiting if their_lane == LANE_ROUTINE else None
-            lane = lane(routine) if their_lane > LANE_AUTOMATION else operation.lane
-        lane = int(min(their_lane, lane))
+        lane = int(min(their_lane, operation.lane if callable(lane) else lane))
         was = {"lane": their_lane, "ext": ext, "email": email}
         ext, email = identities(joined[0])
         # Only the indexed columns that change are set: setting one rewrites its index's page.

@@ -374,30 +374,16 @@ class Known:
 Lookup = Callable[[], "Known | None"]
 
 
-def lane_of(
-    operation: Operation,
-    had: Lookup,
-    priority_fields: Iterable[str],
-    joins: Mapping[str, Any] | None = None,
-) -> int:
+def lane_of(operation: Operation, had: Lookup, priority_fields: Iterable[str]) -> int:
     """The lane of ``operation``: a routine upsert that is its contact's first, or changes a
-    priority field, given ``had()`` (what Meisa has), goes ahead of routine syncs. Joining
-    ``joins``, its contact's waiting routine upsert, it stays routine without ``had()`` when
-    it carries each of its priority fields as ``joins`` does (the store's commonest case:
-    a login merged into the last login's sync)."""
+    priority field, given ``had()`` (what Meisa has), goes ahead of routine syncs."""
     lane = operation.lane
     if operation.kind != "upsert" or lane != LANE_ROUTINE:
         return lane
+    known = had()
     custom = operation.payload.get("custom_fields") or {}
     # Only the priority fields the upsert carries are hashed: a login's other fields are not.
-    carried = [name for name in priority_fields if name in custom]
-    wanted = digest({"custom_fields": {name: custom[name] for name in carried}})
-    if joins is not None:
-        theirs = joins.get("custom_fields") or {}
-        same = {name: theirs[name] for name in carried if name in theirs}
-        if digest({"custom_fields": same}) == wanted:
-            return lane
-    known = had()
+    wanted = digest({"custom_fields": {k: custom[k] for k in priority_fields if k in custom}})
     return LANE_AUTOMATION if known is None or not known.has(wanted) else lane
 
 

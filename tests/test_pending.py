@@ -500,9 +500,9 @@ def test_a_merge_into_a_higher_lane_promotes_the_contacts_earlier_rows(
     assert flying is not None
     event = add(db, track(1, priority="backfill"))
     waiting = add(db, upsert(1, first_name="A"), LANE_ROUTINE)
-    # Routine work takes nothing along: it merges into its contact's waiting upsert, or
-    # waits its turn.
-    assert (lane_of(db, event), lane_of(db, waiting)) == (LANE_BACKFILL, LANE_ROUTINE)
+    # Routine work takes its contact's backfill rows along: it never waits behind the
+    # backfill's backlog.
+    assert (lane_of(db, event), lane_of(db, waiting)) == (LANE_ROUTINE, LANE_ROUTINE)
     urgent = upsert(1, custom_fields={"plan": "pro"}, priority="high")
     assert pending.add(db, urgent, LANE_AUTOMATION)[:2] == (waiting, True)
     lanes = (lane_of(db, flying.seq), lane_of(db, event), lane_of(db, waiting))
@@ -647,3 +647,33 @@ def test_the_status_describes_lanes_flights_retries_and_dead_letters(
     assert (status.in_flight, status.retry_waiting, status.dead_letters) == (1, 1, 1)
     assert status.pending == 4
     assert status.oldest_wait["routine"] == pytest.approx(10.0)
+
+
+def test_a_routine_upsert_that_cannot_join_its_contacts_backfill_row_lifts_it(
+    db: sqlite3.Connection,
+) -> None:
+    # The user changed address: the login's sync cannot merge into the backfill's row of
+    # the contact, and must not wait behind the whole backfill for it.
+    backfilled = add(db, upsert(1, priority="backfill"), LANE_BACKFILL)
+    for other in range(2, 5):
+        add(db, upsert(other, priority="backfill"), LANE_BACKFILL)
+    moved = Operation("upsert", {"email": "moved@example.com", "external_id": "1"})
+    login = pending.add(db, moved, LANE_ROUTINE)
+    assert not login.merged
+    assert (lane_of(db, backfilled), lane_of(db, login.seq)) == (LANE_ROUTINE, LANE_ROUTINE)
+    assert [describe(row) for row in drain(db)][:2] == [("upsert", "1"), ("upsert", "1")]
+
+
+def test_a_backfill_upsert_joining_a_live_one_never_undoes_it(db: sqlite3.Connection) -> None:
+    live = add(db, upsert(1, custom_fields={"plan": "pro"}), LANE_ROUTINE)
+    snapshot = upsert(1, "backfill", custom_fields={"plan": "free", "seats": 2})
+    assert pending.add(db, snapshot, LANE_BACKFILL)[:2] == (live, True)
+    flying = take(db)
+    assert flying is not None
+    assert flying.operation.payload["custom_fields"] == {"plan": "pro", "seats": 2}
+    # Taken in by a row that comes back from flight, too.
+    pending.add(db, upsert(1, "backfill", custom_fields={"plan": "free"}), LANE_BACKFILL)
+    pending.retry_at(db, flying, 0.0)
+    (row,) = drain(db)
+    assert row.operation.payload["custom_fields"] == {"plan": "pro", "seats": 2}
+    assert row.operation.priority is None

@@ -12,6 +12,7 @@ from typing import Any
 from typing import NamedTuple
 
 from ..operations import LANE_AUTOMATION
+from ..operations import LANE_BACKFILL
 from ..operations import LANE_ROUTINE
 from ..operations import Operation
 from ..operations import identities
@@ -103,7 +104,7 @@ def add(db: sqlite3.Connection, operation: Operation, lane: int | Callable[[], i
     others = (None if ext == names[0] else ext, None if email == names[1] else email)
     mergeable = operation.kind == "upsert" and seq is not None and last == seq
     if mergeable and not _passes(db, seq, None, [others]):
-        joined = join_upserts(json.loads(payload), operation.payload)
+        joined = _join(json.loads(payload), priority, operation.payload, operation.priority)
     if joined is None:
         lane = lane() if callable(lane) else lane
         contact = None if operation.contact is None else json.dumps(operation.contact)
@@ -129,9 +130,10 @@ def add(db: sqlite3.Connection, operation: Operation, lane: int | Callable[[], i
                 seq,
             ),
         )
-    # The contact's earlier rows go no later (routine ones merge); the read above saw
-    # every live row of these names, so when none is in a later lane, none moves.
-    if lane < LANE_ROUTINE and ((top is not None and top > lane) or (ext, email) != names):
+    # The contact's earlier rows go no later (a backfill row too: a login that could not
+    # merge into it must not wait behind the backfill); the read above saw every live row
+    # of these names, so when none is in a later lane, none moves.
+    if lane < LANE_BACKFILL and ((top is not None and top > lane) or (ext, email) != names):
         db.execute(
             "UPDATE meisa_ops SET lane = ? WHERE (ext = ? OR email = ?) AND seq < ? "
             f"AND lane > ? AND {_LIVE}",
@@ -258,7 +260,7 @@ def retry_at(db: sqlite3.Connection, row: Row, when: float, *, recover: int = 0)
     body, operation = "", row.operation
     for seq, payload, lane, merged, priority, force in later:
         upsert = json.loads(payload)
-        joined = join_upserts(operation.payload, upsert)
+        joined = _join(operation.payload, operation.priority, upsert, priority)
         names = [identities(operation.payload), identities(upsert)]
         if joined is None or _passes(db, row.seq, seq, names):
             break
@@ -274,6 +276,17 @@ def retry_at(db: sqlite3.Connection, row: Row, when: float, *, recover: int = 0)
             "priority = ?, force = ? WHERE seq = ?",
             (*named, int(operation.force), row.seq),
         )
+
+
+def _join(
+    earlier: dict[str, Any], first: str | None, later: dict[str, Any], then: str | None
+) -> tuple[dict[str, Any], str] | None:
+    """:func:`join_upserts` of two upserts of priorities ``first`` and ``then``, a backfill's
+    taken as the earlier whatever the order they came in: a snapshot ``sync-users`` read
+    never undoes a live sync."""
+    if then == "backfill" and first != "backfill":
+        return join_upserts(later, earlier)
+    return join_upserts(earlier, later)
 
 
 def _passes(

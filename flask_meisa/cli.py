@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from typing import TYPE_CHECKING
 from typing import Any
 
@@ -15,6 +16,7 @@ from flask.cli import AppGroup
 from . import _cli_text
 from ._engine import backfill
 from ._engine import dead
+from ._engine.store import STORE_ERRORS
 from ._engine.store import Store
 from ._values import parse_rate_limit
 from .config import config_template
@@ -100,10 +102,17 @@ def sequences_command(show_all: bool, search: str | None) -> None:
         click.echo(f"{sequence.slug}\t{sequence.status or ''}\t{sequence.name or ''}")
 
 
+def _share(context: click.Context, param: click.Parameter, value: float) -> float:
+    if math.isnan(value):  # FloatRange lets it through: every comparison with NaN is false
+        raise click.BadParameter("nan is not in the range 0.01<=x<=1.0.", context, param)
+    return value
+
+
 @meisa_cli.command("sync-users")
 @click.option(
     "--max-share",
     type=click.FloatRange(0.01, 1.0),
+    callback=_share,
     default=1.0,
     show_default=True,
     help="The most of the key's budget the backfill may use; live work always goes first.",
@@ -154,6 +163,11 @@ def sync_users_command(max_share: float, restart: bool, dry_run: bool, failures:
     except KeyboardInterrupt:
         click.echo("interrupted: run the command again to go on from where it stopped", err=True)
         raise SystemExit(130) from None
+    except STORE_ERRORS as error:
+        raise click.ClickException(
+            f"the delivery store failed ({error}); what was stored is kept: once it works"
+            " again, run the command again to go on from where it stopped"
+        ) from None
     click.echo(_cli_text.progress_line(result))
     failed = result.run.failed + result.refused
     if failed:

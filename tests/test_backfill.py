@@ -4,6 +4,7 @@ shared budget, that never sends a state Meisa already has."""
 from __future__ import annotations
 
 import collections
+import copy
 import json
 import os
 import re
@@ -399,3 +400,149 @@ def test_a_backfill_killed_at_any_moment_goes_on_where_it_stopped(
     assert len(by_user) == 3_000
     extra = sum(by_user.values()) - 3_000
     assert extra <= 30, (killed_at, extra)  # only what was in flight at the kill
+
+
+# -- what attacks on the backfill found ----------------------------------------------------
+
+
+def test_a_backfill_never_sends_a_state_older_than_a_live_sync_of_the_same_user(
+    emulator_factory: Callable[..., Emulator], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Users are rows read from the database: an ORM object is a snapshot of its row. A
+    # chunk read, then held while the backlog drains, would be sent as it was then: after
+    # the user's upgrade, synced live, Meisa would be told "free" again.
+    monkeypatch.setattr(backfill, "HIGH_WATER", 50)
+    monkeypatch.setattr(backfill, "CHUNK", 20)
+    emulator = emulator_factory(rate_limit=None)
+    app = make_app(emulator, 140, MEISA_RATE_LIMIT="60/second")
+    meisa: Meisa = app.extensions["meisa"]
+    people = app.config["PEOPLE"]
+    _, count = meisa.user_source  # type: ignore[misc]
+    in_last_chunk = threading.Event()
+
+    def rows() -> Any:
+        for number in sorted(people):
+            if number == 120:
+                in_last_chunk.set()  # the first of the last chunk, 120-139
+            yield copy.copy(people[number])  # the row as it is when read
+
+    meisa.users_to_sync(rows, count=count)
+    outcome: list[Any] = []
+    runner = threading.Thread(target=lambda: outcome.append(sync_users(app)))
+    runner.start()
+    try:
+        assert in_last_chunk.wait(60)
+        people[130].plan = "pro"  # the upgrade, committed and synced by the web app
+        with app.app_context():
+            meisa.upsert(people[130], priority="high")
+    finally:
+        runner.join(60)
+    assert outcome and outcome[0].exit_code == 0, outcome and outcome[0].output
+    with app.app_context():
+        assert meisa.flush(15)
+    assert emulator.contact(external_id="130")["custom_fields"]["plan"] == "pro"
+
+
+def test_a_backfill_upsert_merged_into_a_waiting_live_sync_never_undoes_it(
+    emulator: Emulator,
+) -> None:
+    # The backfill read user 5 ("free") just before the upgrade; the live sync ("pro")
+    # waits to retry after a 503 when the backfill's snapshot joins it.
+    app = make_app(emulator, 10, MEISA_RETRY_BASE_DELAY=1.0)
+    meisa: Meisa = app.extensions["meisa"]
+    people = app.config["PEOPLE"]
+    _, count = meisa.user_source  # type: ignore[misc]
+
+    def rows() -> Any:
+        for number in sorted(people):
+            row = copy.copy(people[number])
+            if number == 5:
+                emulator.faults.fail_next(1, 503, path=UPSERT)
+                people[5].plan = "pro"
+                meisa.upsert(people[5], priority="high")
+                assert emulator.wait_for(lambda e: len(e.requests_to(UPSERT)) == 1, timeout=10)
+            yield row
+
+    meisa.users_to_sync(rows, count=count)
+    result = sync_users(app)
+    assert result.exit_code == 0, result.output
+    with app.app_context():
+        assert meisa.flush(15)
+    assert emulator.contact(external_id="5")["custom_fields"]["plan"] == "pro"
+
+
+def test_a_mapper_that_raises_for_one_user_does_not_stop_the_backfill_for_good(
+    emulator: Emulator,
+) -> None:
+    # As a login's sync: a mapper reading a relation one user lacks is that user's failure.
+    app = make_app(emulator, 50)
+    meisa: Meisa = app.extensions["meisa"]
+
+    @meisa.contact_mapper
+    def to_contact(user: Any) -> dict[str, Any]:
+        profile = None if user.id == 7 else {"company": "Acme"}
+        return {
+            "email": user.email,
+            "external_id": user.id,
+            "custom_fields": {"company": profile["company"]},  # type: ignore[index]
+        }
+
+    for result in (sync_users(app), sync_users(app)):  # "run it again to go on"
+        assert result.exit_code == 1, result.output
+        assert "1 failed" in result.output, result.output
+    assert len(upserts_by_user(emulator)) == 49
+    listed = sync_users(app, "--failures").output
+    assert "user 7: TypeError" in listed, listed
+
+
+def test_a_dead_letter_of_an_earlier_run_is_not_a_failure_of_this_one(
+    emulator: Emulator,
+) -> None:
+    app = make_app(emulator, 2, MEISA_RETRY_DEADLINE=0.5, MEISA_RETRY_BASE_DELAY=0.05)
+    emulator.faults.fail_next(1, 400, path=UPSERT)  # Meisa refuses one upsert, once
+    try:
+        first = sync_users(app)
+    finally:
+        emulator.faults.clear()
+    assert first.exit_code == 1 and "1 failed" in first.output, first.output
+    second = sync_users(app)  # syncs that user: both are in Meisa now
+    assert len(upserts_by_user(emulator)) == 2
+    assert second.exit_code == 0 and "0 failed" in second.output, second.output
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-1", "nan", "-nan"])
+def test_a_max_share_out_of_range_is_refused(emulator: Emulator, value: str) -> None:
+    app = make_app(emulator, 10, MEISA_RATE_LIMIT="60/minute;1000/hour")
+    result = sync_users(app, "--max-share", value)
+    assert result.exit_code == 2, (result.exit_code, repr(result.exception))
+    assert "is not in the range" in result.output, result.output
+    assert emulator.requests == []
+
+
+def test_a_full_disk_midway_stops_the_run_with_a_message_and_the_next_run_goes_on(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    # SQLite's own limit on the store file: the same "database or disk is full".
+    app = make_app(emulator, 500, MEISA_OUTBOX=str(tmp_path / "store.sqlite3"))
+    meisa: Meisa = app.extensions["meisa"]
+    query, count = meisa.user_source  # type: ignore[misc]
+    full: list[Any] = []
+
+    def users() -> Any:
+        for read, person in enumerate(query(), start=1):
+            if read == 250 and not full:
+                db = meisa.state().store()._connection()
+                pages = db.execute("PRAGMA page_count").fetchone()[0]
+                db.execute(f"PRAGMA max_page_count = {pages}")
+                full.append(db)
+            yield person
+
+    meisa.users_to_sync(users, count=count)
+    result = sync_users(app)
+    assert full
+    full[0].execute("PRAGMA max_page_count = 1073741823")  # space freed
+    assert result.exit_code == 1, repr(result.exception)
+    assert "full" in result.output and "run the command again" in result.output, result.output
+    again = sync_users(app)
+    assert again.exit_code == 0, again.output
+    assert len(upserts_by_user(emulator)) == 500

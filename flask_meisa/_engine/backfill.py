@@ -46,6 +46,7 @@ class Run:
     skipped: int = 0  # Meisa already had the user's state
     failed: int = 0  # users that could not be mapped
     max_share: float = 1.0
+    refused_before: int = 0  # backfill upserts refused before this run (not its failures)
 
 
 @dataclass
@@ -136,14 +137,14 @@ def run(
     """Queue an upsert of each user (from where the last unfinished run stopped), never
     more than :data:`HIGH_WATER` waiting at once, and wait until they are answered.
 
-    :param to_operation: maps a user to its upsert (raises ``MeisaError`` for a user that
-        cannot be mapped: counted, kept for ``--failures``, and skipped).
+    :param to_operation: maps a user to its upsert (raises for a user that cannot be
+        mapped: counted, kept for ``--failures``, and skipped).
     :param report: called about every ``every`` seconds, and at the end (or Ctrl+C).
     """
     current = target.load()
     fresh = restart or current is None or current.state == "done"
     if fresh or current is None:
-        current = Run(started_at=time.time())
+        current = Run(started_at=time.time(), refused_before=target.backlog()[1])
     current.total, current.max_share = total, max_share
     target.save(current, fresh=fresh)
     started, start_position, last_report = time.monotonic(), current.position, 0.0
@@ -151,6 +152,7 @@ def run(
     def tick(force: bool = False) -> Progress:
         nonlocal last_report
         waiting, refused = target.backlog()
+        refused = max(refused - current.refused_before, 0)
         elapsed = time.monotonic() - started
         done_now = current.position - waiting - start_position
         rate = done_now * 3600.0 / elapsed if elapsed > 1 and done_now > 0 else 0.0
@@ -163,14 +165,19 @@ def run(
 
     try:
         rest = itertools.islice(users, current.position, None)
-        for chunk in iter(lambda: list(itertools.islice(rest, CHUNK)), []):
+        while True:
+            # Read only once there is room: users read, then held while the backlog drains
+            # (an hour at the default budget), would be sent as they were then.
             while tick().waiting > HIGH_WATER:
                 time.sleep(min(every, 0.2))
+            chunk = list(itertools.islice(rest, CHUNK))
+            if not chunk:
+                break
             operations, failed = [], []
             for offset, user in enumerate(chunk):
                 try:
                     operations.append(to_operation(user))
-                except MeisaError as error:
+                except Exception as error:  # as a login's sync: one user never stops the rest
                     failed.append(_failure(user, current.position + offset, error))
             current.failed += len(failed)
             current.position += len(chunk)
@@ -221,9 +228,10 @@ class StoreTarget(Target):
         return waiting or 0, refused or 0
 
 
-def _failure(user: Any, position: int, error: MeisaError) -> dict[str, Any]:
+def _failure(user: Any, position: int, error: Exception) -> dict[str, Any]:
     try:
         who: str | None = str(user.get_id())
     except Exception:
         who = None
-    return {"position": position, "user": who, "reason": str(error)}
+    reason = str(error) if isinstance(error, MeisaError) else f"{type(error).__name__}: {error}"
+    return {"position": position, "user": who, "reason": reason}

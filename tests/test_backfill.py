@@ -440,7 +440,8 @@ def test_a_backfill_never_sends_a_state_older_than_a_live_sync_of_the_same_user(
     assert outcome and outcome[0].exit_code == 0, outcome and outcome[0].output
     with app.app_context():
         assert meisa.flush(15)
-    assert emulator.contact(external_id="130")["custom_fields"]["plan"] == "pro"
+    contact = emulator.contact(external_id="130")
+    assert contact is not None and contact["custom_fields"]["plan"] == "pro"
 
 
 def test_a_backfill_upsert_merged_into_a_waiting_live_sync_never_undoes_it(
@@ -468,7 +469,8 @@ def test_a_backfill_upsert_merged_into_a_waiting_live_sync_never_undoes_it(
     assert result.exit_code == 0, result.output
     with app.app_context():
         assert meisa.flush(15)
-    assert emulator.contact(external_id="5")["custom_fields"]["plan"] == "pro"
+    contact = emulator.contact(external_id="5")
+    assert contact is not None and contact["custom_fields"]["plan"] == "pro"
 
 
 def test_a_mapper_that_raises_for_one_user_does_not_stop_the_backfill_for_good(

@@ -31,7 +31,8 @@ Properties = Mapping[str, Any] | Callable[..., Mapping[str, Any] | None] | None
 def track_event(name: str, properties: Properties = None) -> Callable[[F], F]:
     """Decorator: track the event ``name`` for ``current_user`` (anonymous users are
     skipped) once the view (sync or async) answered below 400. ``properties`` is a mapping,
-    or a callable that takes the view's arguments and returns one.
+    or a callable that takes the view's arguments (its URL values, by name) and returns
+    one.
 
     :raises ValidationError: at decoration time, for an empty name or properties that
         JSON cannot carry."""
@@ -45,7 +46,7 @@ def track_event(name: str, properties: Properties = None) -> Callable[[F], F]:
             @after_this_request
             def track_on_success(response: Response) -> Response:
                 if response.status_code < 400:
-                    _track(event_name, properties, args, kwargs)
+                    _track(event_name, properties, kwargs)
                 return response
 
             return current_app.ensure_sync(view)(*args, **kwargs)
@@ -55,9 +56,7 @@ def track_event(name: str, properties: Properties = None) -> Callable[[F], F]:
     return decorator
 
 
-def _track(
-    event_name: str, properties: Properties, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> None:
+def _track(event_name: str, properties: Properties, kwargs: dict[str, Any]) -> None:
     # Runs in an after-request hook: a problem is logged, never turned into a 500.
     uses_login = hasattr(current_app, "login_manager")
     user = cast(Any, current_user)._get_current_object() if uses_login else None
@@ -65,7 +64,8 @@ def _track(
         logger.debug("meisa: %s not tracked: no authenticated user", event_name)
         return
     try:
-        props = properties(*args, **kwargs) if callable(properties) else properties
+        # By name only: Flask passes URL values so, and a MethodView's ``self`` is no value.
+        props = properties(**kwargs) if callable(properties) else properties
         meisa = current_app.extensions["meisa"]
         meisa.track(event_name, user=user, properties=props)
     except ValidationError as error:

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from flask import Flask
+from flask.views import MethodView
 
 from flask_meisa import Meisa
 from flask_meisa import ValidationError
@@ -46,6 +47,19 @@ def test_properties_callable_gets_the_view_arguments(emulator: Any, app: Flask) 
     client = login(app)
     client.post("/export/pdf", buffered=True)
     assert emulator.events()[0]["properties"] == {"format": "pdf"}
+
+
+def test_a_method_views_properties_callable_gets_its_url_values(emulator: Any, app: Flask) -> None:
+    class Projects(MethodView):
+        @track_event("created_project", properties=lambda project_id: {"id": project_id})
+        def post(self, project_id: int) -> str:
+            return "created"
+
+    app.add_url_rule("/projects/<int:project_id>", view_func=Projects.as_view("projects"))
+    assert login(app).post("/projects/7", buffered=True).status_code == 200
+    assert [(e["event_name"], e["properties"]) for e in emulator.events()] == [
+        ("created_project", {"id": 7})
+    ]
 
 
 def test_a_view_answering_400_or_more_tracks_nothing(emulator: Any, app: Flask) -> None:

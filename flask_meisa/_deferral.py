@@ -183,11 +183,15 @@ class AfterResponseMiddleware:
         self._state = state
         self._open = 0  # batches held by responses not yet closed
         self._released = threading.Condition()
+        self._releasing = threading.local()  # .count: batches this thread is releasing
 
     def wait_released(self, timeout: float | None) -> bool:
-        """Wait until no response holds a batch, at most ``timeout`` seconds."""
+        """Wait until no response holds a batch, at most ``timeout`` seconds (but for those
+        this thread is releasing: a receiver of their signals waiting would wait for
+        itself)."""
+        own = getattr(self._releasing, "count", 0)
         with self._released:
-            return self._released.wait_for(lambda: self._open == 0, timeout)
+            return self._released.wait_for(lambda: self._open <= own, timeout)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         self._state.start()  # with the first request (``flask run``, a forked worker)
@@ -222,9 +226,11 @@ class AfterResponseMiddleware:
         return held
 
     def _finish(self, batches: dict[MeisaState, _RequestBatch], failed: bool) -> None:
+        self._releasing.count = getattr(self._releasing, "count", 0) + 1
         try:
             _release(batches, failed=failed)
         finally:
+            self._releasing.count -= 1
             with self._released:
                 self._open -= 1
                 self._released.notify_all()

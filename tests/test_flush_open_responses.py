@@ -4,6 +4,7 @@ the response; otherwise it waits for the response to close, and ``flush`` says s
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -11,6 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
+import requests
 from flask import Flask
 from flask import Response
 from flask import stream_with_context
@@ -18,6 +20,7 @@ from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
 from flask_meisa import Meisa
+from flask_meisa import operation_queued
 from flask_meisa.emulator import Emulator
 from flask_meisa.operations import Operation
 from flask_meisa.testing import emulator_config
@@ -25,6 +28,7 @@ from flask_meisa.testing import record_operations
 from tests.apps import build_app
 from tests.process_support import environment
 from tests.process_support import run_app
+from tests.servers import serve
 
 UPSERT = "/contacts/upsert/"
 
@@ -117,3 +121,32 @@ def test_flush_inside_a_streamed_response_delivers_its_own_work_first(
     assert time.monotonic() - started < 4
     response.close()
     assert emulator.contact(external_id="ada") is not None
+
+
+def test_flush_in_a_receiver_of_a_release_does_not_wait_for_that_release(
+    emulator: Emulator,
+) -> None:
+    # An audit receiver that flushes once work is queued runs inside the release of the
+    # response that holds the work: waiting for that response to be released, it waited
+    # for itself, its whole timeout.
+    app = build_app(emulator_config(emulator, MEISA_DELIVERY="thread"))
+    meisa: Meisa = app.extensions["meisa"]
+    results: list[tuple[bool, float]] = []
+    done = threading.Event()
+
+    def on_queued(sender: Flask, operation: Operation, **extra: Any) -> None:
+        with sender.app_context():
+            started = time.monotonic()
+            results.append((meisa.flush(3.0), time.monotonic() - started))
+        done.set()
+
+    operation_queued.connect(on_queued, sender=app)
+    try:
+        with serve(app) as url, requests.Session() as http:
+            assert http.post(f"{url}/login/1").status_code == 200
+            assert done.wait(10)
+    finally:
+        operation_queued.disconnect(on_queued, sender=app)
+        meisa.state(app).close(5.0)
+    ((flushed, took),) = results
+    assert flushed and took < 2.0, (flushed, took)

@@ -221,7 +221,7 @@ class AfterResponseMiddleware:
             return body
         with self._released:
             self._open += 1
-        held = _ReleasingBody(body, functools.partial(self._finish, batches, failed))
+        held = _ReleasingBody(body, functools.partial(self._finish, batches), failed)
         environ[_HELD_KEY] = weakref.ref(held)  # not the body itself: no reference cycle
         return held
 
@@ -244,15 +244,31 @@ def _server_error(status_line: str) -> bool:
 
 
 class _ReleasingBody:
-    """A response body that runs ``release`` once, after the server is done with it (or
-    dropped it without closing it)."""
+    """A response body that runs ``release(failed)`` once, after the server is done with it
+    (or dropped it without closing it); ``failed`` also when writing it raised (a stream
+    whose query fails: the client gets a 500, or a cut body)."""
 
-    def __init__(self, body: Iterable[bytes], release: Callable[[], None]) -> None:
+    def __init__(
+        self, body: Iterable[bytes], release: Callable[[bool], None], failed: bool
+    ) -> None:
         self._body = body
-        self._release: Callable[[], None] | None = release
+        self._chunks: Iterator[bytes] | None = None
+        self._release: Callable[[bool], None] | None = release
+        self._failed = failed
 
     def __iter__(self) -> Iterator[bytes]:
-        return iter(self._body)
+        self._chunks = iter(self._body)
+        return self
+
+    def __next__(self) -> bytes:
+        assert self._chunks is not None
+        try:
+            return next(self._chunks)
+        except StopIteration:
+            raise
+        except Exception:
+            self._failed = True
+            raise
 
     def close(self) -> None:
         """Close the wrapped body, then release the request's batch (once)."""
@@ -267,7 +283,7 @@ class _ReleasingBody:
         """Release the request's batch now, once."""
         release, self._release = self._release, None
         if release is not None:
-            release()
+            release(self._failed)
 
     def __del__(self) -> None:
         if self._release is not None:

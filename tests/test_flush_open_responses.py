@@ -150,3 +150,31 @@ def test_flush_in_a_receiver_of_a_release_does_not_wait_for_that_release(
         meisa.state(app).close(5.0)
     ((flushed, took),) = results
     assert flushed and took < 2.0, (flushed, took)
+
+
+def test_a_stream_that_fails_releases_nothing(emulator: Emulator) -> None:
+    # A lazy export: the view upserts and returns a generator whose first query fails.
+    # The client gets a 500, as from a view that raised: nothing may be released.
+    app = build_app(emulator_config(emulator, MEISA_DELIVERY="thread"))
+    meisa: Meisa = app.extensions["meisa"]
+
+    @app.get("/lazy-export/<int:rows>")
+    def lazy_export(rows: int) -> Response:
+        meisa.upsert({"email": "ada@example.com", "first_name": "Exported"})
+
+        def lines() -> Iterator[str]:
+            yield from ["row\n"] * rows
+            raise RuntimeError("the export query failed")
+
+        return Response(stream_with_context(lines()))
+
+    try:
+        with serve(app) as url, requests.Session() as http:
+            assert http.get(f"{url}/lazy-export/0").status_code == 500
+            with pytest.raises(requests.exceptions.ChunkedEncodingError):
+                http.get(f"{url}/lazy-export/3")  # cut after its first rows
+            with app.app_context():
+                assert meisa.flush(5.0)
+    finally:
+        meisa.state(app).close(5.0)
+    assert emulator.requests_to("/contacts/upsert/") == []

@@ -125,7 +125,8 @@ KEYS: tuple[Key, ...] = (
     Key("MEISA_SUPPRESSION_PRELOAD", "bool", False, _values.flag,
         "load the suppression set at startup instead of on the first send"),
     Key("MEISA_RELEASE_ON_ERROR", "bool", False, _values.flag,
-        "release a request's syncs and events even when its view raised or answered 5xx"),
+        "release a request's syncs and events even when its view raised, answered 5xx or"
+        " its streamed body raised"),
     Key("MEISA_DELIVERY", "str", "thread", _values.delivery,
         '`"thread"`: a background engine delivers after the response; `"sync"`: every'
         ' operation inline; `"celery"`: Celery workers deliver',

@@ -15,14 +15,18 @@ if TYPE_CHECKING:
 _ROW = "{:<14}  {:<8}  {:<9}  {:<8}  {:<8}"
 
 
-def plan(total: int | None, per_hour: float | None) -> str:
-    """A backfill's plan: how many users, how fast, and how long that takes."""
+def plan(total: int | None, per_hour: float | None, done: int = 0) -> str:
+    """A backfill's plan: how many users (``done`` of them by the run it goes on with), how
+    fast, and how long what is left takes."""
     users = "an unknown number of users" if total is None else f"{total:,} users"
+    left = None if total is None else max(total - done, 0)
+    if done:
+        users += f", {done:,} done" + ("" if left is None else f", {left:,} left")
     if per_hour is None:
         return f"{users}, no budget set: as fast as Meisa answers"
-    if total is None:
+    if left is None:
         return f"{users} at ~{per_hour:,.0f}/hour"
-    return f"{users} at ~{per_hour:,.0f}/hour: {_duration(total * 3600 / per_hour)}"
+    return f"{users} at ~{per_hour:,.0f}/hour: {_duration(left * 3600 / per_hour)}"
 
 
 def progress_line(progress: Progress) -> str:

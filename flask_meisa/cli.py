@@ -138,7 +138,9 @@ def sync_users_command(max_share: float, restart: bool, dry_run: bool, failures:
     total = count() if count is not None else len(users) if hasattr(users, "__len__") else None
     budget = state.settings.rate_limit
     windows = parse_rate_limit(budget) if budget else ()
-    click.echo(_cli_text.plan(total, backfill.estimate_per_hour(windows, max_share)))
+    earlier = None if restart else _backfill_target(state, start=False).load()
+    done = earlier.position if earlier is not None and earlier.state != "done" else 0
+    click.echo(_cli_text.plan(total, backfill.estimate_per_hour(windows, max_share), done))
     if dry_run:
         for user in itertools.islice(users, 3):
             click.echo(json.dumps(meisa.map_user(user), sort_keys=True, default=str))

@@ -548,3 +548,28 @@ def test_a_full_disk_midway_stops_the_run_with_a_message_and_the_next_run_goes_o
     again = sync_users(app)
     assert again.exit_code == 0, again.output
     assert len(upserts_by_user(emulator)) == 500
+
+
+def test_the_plan_of_a_run_that_goes_on_counts_only_the_users_left(
+    emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(backfill, "CHUNK", 20)
+    store = str(tmp_path / "store.sqlite3")
+    app = make_app(emulator, 300, MEISA_OUTBOX=store)
+    meisa: Meisa = app.extensions["meisa"]
+    query, count = meisa.user_source  # type: ignore[misc]
+
+    def interrupted() -> Any:
+        for read, person in enumerate(query(), start=1):
+            if read == 285:
+                raise KeyboardInterrupt
+            yield person
+
+    meisa.users_to_sync(interrupted, count=count)
+    assert sync_users(app).exit_code == 130
+    meisa.close(app, timeout=0)  # what is left waits in the store
+    later = make_app(emulator, 300, MEISA_OUTBOX=store, MEISA_RATE_LIMIT="60/minute;1000/hour")
+    plan = sync_users(later, "--dry-run").output.splitlines()[0]
+    assert plan == "300 users, 280 done, 20 left at ~950/hour: about 1 minute", plan
+    restart = sync_users(later, "--dry-run", "--restart").output.splitlines()[0]
+    assert restart == "300 users at ~950/hour: about 18 minutes", restart

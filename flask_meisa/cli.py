@@ -138,7 +138,8 @@ def sync_users_command(max_share: float, restart: bool, dry_run: bool, failures:
     total = count() if count is not None else len(users) if hasattr(users, "__len__") else None
     budget = state.settings.rate_limit
     windows = parse_rate_limit(budget) if budget else ()
-    earlier = None if restart else _backfill_target(state, start=False).load()
+    resumable = state.settings.delivery in ("thread", "celery") and not restart
+    earlier = _backfill_target(state, start=False).load() if resumable else None
     done = earlier.position if earlier is not None and earlier.state != "done" else 0
     click.echo(_cli_text.plan(total, backfill.estimate_per_hour(windows, max_share), done))
     if dry_run:

@@ -48,6 +48,14 @@ def sync_users(app: Flask, *args: str) -> Any:
     return app.test_cli_runner().invoke(args=["meisa", "sync-users", *args])
 
 
+def plan_in_meisa(app: Flask, emulator: Emulator, external_id: str) -> Any:
+    """The plan Meisa holds for the user once everything pending is delivered."""
+    with app.app_context():
+        assert app.extensions["meisa"].flush(15)
+    contact = emulator.contact(external_id=external_id)
+    return None if contact is None else contact["custom_fields"]["plan"]
+
+
 def test_a_backfill_reads_users_a_chunk_at_a_time_and_never_sheds(emulator: Emulator) -> None:
     app = make_app(emulator, 3_000, MEISA_QUEUE_SIZE=200)
     read = 0
@@ -438,10 +446,7 @@ def test_a_backfill_never_sends_a_state_older_than_a_live_sync_of_the_same_user(
     finally:
         runner.join(60)
     assert outcome and outcome[0].exit_code == 0, outcome and outcome[0].output
-    with app.app_context():
-        assert meisa.flush(15)
-    contact = emulator.contact(external_id="130")
-    assert contact is not None and contact["custom_fields"]["plan"] == "pro"
+    assert plan_in_meisa(app, emulator, "130") == "pro"
 
 
 def test_a_backfill_upsert_merged_into_a_waiting_live_sync_never_undoes_it(
@@ -467,10 +472,7 @@ def test_a_backfill_upsert_merged_into_a_waiting_live_sync_never_undoes_it(
     meisa.users_to_sync(rows, count=count)
     result = sync_users(app)
     assert result.exit_code == 0, result.output
-    with app.app_context():
-        assert meisa.flush(15)
-    contact = emulator.contact(external_id="5")
-    assert contact is not None and contact["custom_fields"]["plan"] == "pro"
+    assert plan_in_meisa(app, emulator, "5") == "pro"
 
 
 def test_a_mapper_that_raises_for_one_user_does_not_stop_the_backfill_for_good(

@@ -92,7 +92,7 @@ def enqueue(state: MeisaState, operation: Operation) -> None:
     if has_request_context():
         environ = _environ()
         if not environ.get(_RESPONDED_KEY):
-            batches = environ.get(_BATCH_KEY)
+            batches = found = environ.get(_BATCH_KEY)
             if batches is None:
                 if _MIDDLEWARE_KEY not in environ:
                     # No after-response point (``test_request_context``): released at the
@@ -103,6 +103,11 @@ def enqueue(state: MeisaState, operation: Operation) -> None:
             if batch is None:
                 batch = batches[state] = _RequestBatch()
             batch.add(operation)
+            # A thread of the request's (copy_current_request_context) may have made the
+            # batches just as the response left: then nothing else will release them.
+            made = found is None
+            if made and environ.get(_RESPONDED_KEY) and environ.pop(_BATCH_KEY, None) is batches:
+                _release(batches, failed=False)
             return
     _dispatch(state, [operation], raise_refused=True)
 

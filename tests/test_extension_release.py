@@ -6,6 +6,7 @@ import gc
 import logging
 import socket
 import struct
+import threading
 import time
 from typing import Any
 
@@ -13,8 +14,11 @@ import flask_login
 import pytest
 import requests
 from flask import Flask
+from flask import copy_current_request_context
+from werkzeug.test import EnvironBuilder
 
 from flask_meisa import Meisa
+from flask_meisa.emulator import Emulator
 from flask_meisa.testing import emulator_config
 from flask_meisa.testing import record_operations
 from tests.apps import build_app
@@ -389,3 +393,66 @@ def test_an_address_change_in_a_request_is_a_call_of_its_own_after_the_old_addre
         assert meisa.flush(timeout=10)
     sent = [(r.body["email"], r.body.get("last_name")) for r in upserts(emulator)]
     assert sent == [("a@example.com", None), ("b@example.com", "Lovelace")]
+
+
+class _RacyEnviron(dict):  # type: ignore[type-arg]
+    """A WSGI environ that orders two threads around the "responded" mark: the request's
+    own thread reads it just before the server's thread sets it (the GIL may switch threads
+    between any two bytecodes), and waits there until the server has taken the batches."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.checked = threading.Event()
+        self.taken = threading.Event()
+        self.worker: threading.Thread | None = None
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        value = super().get(key, default)
+        if key == "flask_meisa.responded" and threading.current_thread() is self.worker:
+            self.checked.set()
+            self.taken.wait(5)
+        return value
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, value)
+        if key == "flask_meisa.responded":
+            self.checked.wait(5)
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        value = super().pop(key, *default)
+        if key == "flask_meisa.batch":
+            self.taken.set()
+        return value
+
+
+def test_work_a_copied_context_thread_queues_as_the_response_leaves_is_released(
+    emulator: Emulator,
+) -> None:
+    app = build_app(emulator_config(emulator))
+    meisa: Meisa = app.extensions["meisa"]
+    environ = _RacyEnviron(EnvironBuilder(path="/race", method="POST").get_environ())
+
+    @app.post("/race")
+    def race() -> str:
+        @copy_current_request_context
+        def work() -> None:
+            meisa.upsert({"email": "racer@example.com"})
+
+        environ.worker = threading.Thread(target=work)
+        environ.worker.start()
+        return "ok"
+
+    def start_response(status: str, headers: list[tuple[str, str]], *exc_info: Any) -> Any:
+        return lambda data: None
+
+    body = app.wsgi_app(environ, start_response)
+    b"".join(body)
+    getattr(body, "close", lambda: None)()
+    assert environ.worker is not None
+    environ.worker.join(5)
+    with app.app_context():
+        assert meisa.flush(5)
+    assert "flask_meisa.batch" not in environ
+    assert [r.body["email"] for r in emulator.requests_to("/contacts/upsert/")] == [
+        "racer@example.com"
+    ]

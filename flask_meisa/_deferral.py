@@ -4,6 +4,7 @@ returned), never for a failed view. Outside a request, work goes to delivery at 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
     from ._runtime import MeisaState
 
-__all__ = ["AfterResponseMiddleware", "enqueue", "release_now", "report_queued"]
+__all__ = ["AfterResponseMiddleware", "HeldBatches", "enqueue", "release_now", "report_queued"]
 
 #: Environ keys: the request's batches (``{state: batch}``: work of another app's Meisa,
 #: made in its app context, goes through that app's state); set while the middleware
@@ -178,6 +179,42 @@ def release_now(state: MeisaState) -> None:
             body.release()
 
 
+class HeldBatches:
+    """One app's batches that responses hold until the server is done with them (of any
+    app's middleware: work made in another app's context goes with that app's response);
+    ``flush`` waits for them."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._changed = threading.Condition()
+        self._releasing = threading.local()  # .count: batches this thread is releasing
+
+    def hold(self) -> None:
+        """A response now holds one more batch."""
+        with self._changed:
+            self._count += 1
+
+    @contextlib.contextmanager
+    def releasing(self) -> Iterator[None]:
+        """Around the release of a held batch: it no longer counts once the block ends."""
+        self._releasing.count = getattr(self._releasing, "count", 0) + 1
+        try:
+            yield
+        finally:
+            self._releasing.count -= 1
+            with self._changed:
+                self._count -= 1
+                self._changed.notify_all()
+
+    def wait(self, timeout: float | None) -> bool:
+        """Wait until no response holds a batch, at most ``timeout`` seconds (but for those
+        this thread is releasing: a receiver of their signals waiting would wait for
+        itself)."""
+        own = getattr(self._releasing, "count", 0)
+        with self._changed:
+            return self._changed.wait_for(lambda: self._count <= own, timeout)
+
+
 class AfterResponseMiddleware:
     """WSGI middleware that releases each request's batch once the server has closed the
     response body; under ``TESTING``, as soon as the app returned, so that a test can
@@ -186,17 +223,6 @@ class AfterResponseMiddleware:
     def __init__(self, wsgi_app: WSGIApplication, state: MeisaState) -> None:
         self.wsgi_app = wsgi_app
         self._state = state
-        self._open = 0  # batches held by responses not yet closed
-        self._released = threading.Condition()
-        self._releasing = threading.local()  # .count: batches this thread is releasing
-
-    def wait_released(self, timeout: float | None) -> bool:
-        """Wait until no response holds a batch, at most ``timeout`` seconds (but for those
-        this thread is releasing: a receiver of their signals waiting would wait for
-        itself)."""
-        own = getattr(self._releasing, "count", 0)
-        with self._released:
-            return self._released.wait_for(lambda: self._open <= own, timeout)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         self._state.start()  # with the first request (``flask run``, a forked worker)
@@ -224,21 +250,18 @@ class AfterResponseMiddleware:
         if self._state.app.testing:
             _release(batches, failed=failed)
             return body
-        with self._released:
-            self._open += 1
-        held = _ReleasingBody(body, functools.partial(self._finish, batches), failed)
+        for state in batches:
+            state.held.hold()
+        held = _ReleasingBody(body, functools.partial(_finish, batches), failed)
         environ[_HELD_KEY] = weakref.ref(held)  # not the body itself: no reference cycle
         return held
 
-    def _finish(self, batches: dict[MeisaState, _RequestBatch], failed: bool) -> None:
-        self._releasing.count = getattr(self._releasing, "count", 0) + 1
-        try:
-            _release(batches, failed=failed)
-        finally:
-            self._releasing.count -= 1
-            with self._released:
-                self._open -= 1
-                self._released.notify_all()
+
+def _finish(batches: dict[MeisaState, _RequestBatch], failed: bool) -> None:
+    with contextlib.ExitStack() as releasing:
+        for state in batches:
+            releasing.enter_context(state.held.releasing())
+        _release(batches, failed=failed)
 
 
 def _server_error(status_line: str) -> bool:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from typing import Any
 
 from . import _http
-from ._deferral import AfterResponseMiddleware
+from ._deferral import HeldBatches
 from ._engine.base import Dispatcher
 from ._suppression import SuppressionSet
 from .client import MeisaClient
@@ -58,8 +58,8 @@ class MeisaState:
         self._switches: tuple[Any, ...] | None = None
         self._delivering = False
         self._started = False  # in this process
-        # Held weakly: the app holds it, and delivery threads hold this state.
-        self._middleware: weakref.ref[AfterResponseMiddleware] | None = None
+        #: This app's batches held by responses not yet written (``flush`` waits for them).
+        self.held = HeldBatches()
         #: The suppression set consulted before every send.
         self.suppression = SuppressionSet(self._fetch_suppressions, ttl=settings.suppression_ttl)
         self.reporter = SignalReporter(app, self.suppression)
@@ -86,16 +86,6 @@ class MeisaState:
     def alive(self) -> bool:
         """Whether the app still exists."""
         return self._app() is not None
-
-    @property
-    def middleware(self) -> AfterResponseMiddleware | None:
-        """The app's after-response middleware (its open responses count for ``flush``);
-        ``None`` once nothing holds it (the app's ``wsgi_app`` was replaced, or is gone)."""
-        return None if self._middleware is None else self._middleware()
-
-    @middleware.setter
-    def middleware(self, middleware: AfterResponseMiddleware) -> None:
-        self._middleware = weakref.ref(middleware)
 
     def delivering(self) -> bool:
         """Whether operations are delivered now: ``MEISA_ENABLED`` and not

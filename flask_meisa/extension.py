@@ -80,8 +80,7 @@ class Meisa:
         state = MeisaState(app, settings)
         self._states[app] = state
         app.extensions["meisa"] = self
-        middleware = deferral.AfterResponseMiddleware(app.wsgi_app, state)
-        app.wsgi_app = state.middleware = middleware  # type: ignore[method-assign]
+        app.wsgi_app = deferral.AfterResponseMiddleware(app.wsgi_app, state)  # type: ignore[method-assign]
         # Bound methods: held weakly by blinker, alive as long as this instance is.
         signals.plan_changed.connect(self._on_plan_changed)
         if settings.sync_on_login:
@@ -256,8 +255,7 @@ class Meisa:
         state = self.state()
         deferral.release_now(state)
         deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
-        middleware = state.middleware
-        if middleware is not None and not middleware.wait_released(timeout):
+        if not state.held.wait(timeout):
             return False
         if not state.has_dispatcher():
             return True

@@ -178,3 +178,27 @@ def test_a_stream_that_fails_releases_nothing(emulator: Emulator) -> None:
     finally:
         meisa.state(app).close(5.0)
     assert emulator.requests_to("/contacts/upsert/") == []
+
+
+def test_flush_of_an_app_counts_its_work_held_by_another_apps_open_response(
+    emulator: Emulator, emulator_factory: Any
+) -> None:
+    other_emulator = emulator_factory(seed="demo", rate_limit=None)
+    # The other app delivers inline: one store per instance folder is one app's.
+    app, other = make_app(emulator), build_app(emulator_config(other_emulator))
+    theirs: Meisa = other.extensions["meisa"]
+
+    @app.post("/both")
+    def both() -> str:
+        with other.app_context():  # the other app's work, held by this app's response
+            theirs.upsert({"email": "other@example.com"})
+        return "ok"
+
+    response = app.test_client().post("/both")
+    with other.app_context():
+        assert not theirs.flush(0.2)
+    assert other_emulator.requests_to(UPSERT) == []
+    response.close()
+    with other.app_context():
+        assert theirs.flush(10)
+    assert len(other_emulator.requests_to(UPSERT)) == 1

@@ -423,6 +423,33 @@ def test_one_engine_per_file_delivers_and_takes_the_others_rows(
     assert [op.payload["external_id"] for op in writer_hooks.of("delivered")] == ["w-99"]
 
 
+def test_a_call_outliving_its_engines_close_never_settles_a_row_taken_back_since(
+    emulator: Emulator, make_engine: MakeEngine, path: Path
+) -> None:
+    called, go_on = threading.Event(), threading.Event()
+    late_hooks, hooks = RecordingHooks(), RecordingHooks()
+
+    def stall(operation: Operation) -> None:  # the call is under way, and slow
+        called.set()
+        go_on.wait(30)
+
+    late_hooks.skip = stall
+    late = make_engine(emulator, late_hooks)
+    late.submit([upsert(1)])
+    assert called.wait(5)
+    late.close(timeout=0)  # its call outlives the allowance; the next engine takes it back
+    taking_over = make_engine(emulator, hooks)
+    taking_over.start()
+    assert taking_over.flush(10)
+    assert len(hooks.of("delivered")) == 1
+    go_on.set()
+    for thread in late._threads:
+        thread.join(10)
+    # The late call's answer is not its to settle: the row is counted once, reported once.
+    assert late_hooks.outcomes == []
+    assert taking_over.status().delivered == 1
+
+
 def test_a_send_after_close_is_refused(
     emulator: Emulator, make_engine: MakeEngine, path: Path
 ) -> None:

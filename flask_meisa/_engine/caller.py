@@ -159,6 +159,8 @@ class Caller:
                     with self.store.write() as db:
                         now = time.time()
                         self.budget.settle(db, token, made=outcome.made, now=now)
+                        if not pending.still_taken(db, taken):
+                            return lambda: None  # the process delivering now settles it
                         if reason is not None:
                             return self._over(db, taken, "skipped", "skipped", reason)
                         return self._settle(db, taken, outcome, now)

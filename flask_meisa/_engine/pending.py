@@ -237,6 +237,13 @@ def take(db: sqlite3.Connection, row: Row, now: float) -> None:
     )
 
 
+def still_taken(db: sqlite3.Connection, row: Row) -> bool:
+    """Whether ``row`` is still in flight from this process's take of it: not taken back
+    since by a process that took over delivery (this one stopped while its call ran)."""
+    query = "SELECT 1 FROM meisa_ops WHERE seq = ? AND state = 'flight' AND attempts = ?"
+    return db.execute(query, (row.seq, row.operation.attempts)).fetchone() is not None
+
+
 def finish(db: sqlite3.Connection, row: Row) -> None:
     """The row is over (delivered or skipped): it goes."""
     db.execute("DELETE FROM meisa_ops WHERE seq = ?", (row.seq,))

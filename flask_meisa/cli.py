@@ -3,6 +3,7 @@ so ``config-template`` and ``emulator`` work before ``init_app``."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -153,16 +154,27 @@ def sync_users_command(max_share: float, restart: bool, dry_run: bool, failures:
         payload.setdefault("source", "initial_sync")
         return Operation.checked("upsert", payload, priority="backfill")
 
+    def report(progress: backfill.Progress) -> None:
+        click.echo(_cli_text.progress_line(progress), err=True)
+
+    go = functools.partial(
+        backfill.run,
+        target,
+        to_operation=to_operation,
+        total=total,
+        max_share=max_share,
+        report=report,
+    )
     try:
-        result = backfill.run(
-            target,
-            users,
-            to_operation,
-            total=total,
-            max_share=max_share,
-            restart=restart,
-            report=lambda progress: click.echo(_cli_text.progress_line(progress), err=True),
-        )
+        try:
+            result = go(users, restart=restart)
+        except backfill.UsersChanged as changed:
+            click.echo(
+                f"the users changed since the last run stopped ({changed}): going through"
+                " them from the first (those Meisa already has cost no call)",
+                err=True,
+            )
+            result = go(query(), restart=True)
     except KeyboardInterrupt:
         click.echo("interrupted: run the command again to go on from where it stopped", err=True)
         raise SystemExit(130) from None

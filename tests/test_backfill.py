@@ -575,3 +575,30 @@ def test_the_plan_of_a_run_that_goes_on_counts_only_the_users_left(
     assert plan == "300 users, 280 done, 20 left at ~950/hour: about 1 minute", plan
     restart = sync_users(later, "--dry-run", "--restart").output.splitlines()[0]
     assert restart == "300 users at ~950/hour: about 18 minutes", restart
+
+
+def test_a_run_that_goes_on_after_users_were_deleted_skips_none_of_the_others(
+    emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(backfill, "CHUNK", 20)
+    app = make_app(emulator, 100)
+    meisa: Meisa = app.extensions["meisa"]
+    people = app.config["PEOPLE"]
+    query, count = meisa.user_source  # type: ignore[misc]
+
+    def interrupted() -> Any:
+        for read, person in enumerate(query(), start=1):
+            if read == 45:
+                raise KeyboardInterrupt  # two whole chunks read: the run stops at user 40
+            yield person
+
+    meisa.users_to_sync(interrupted, count=count)
+    assert sync_users(app).exit_code == 130
+    for number in range(5):
+        del people[number]  # deleted before the resume: user 40 is now the 35th
+    meisa.users_to_sync(query, count=count)
+    again = sync_users(app)
+    assert again.exit_code == 0, again.output
+    assert "the users changed since the last run stopped" in again.output
+    assert again.output.splitlines()[-1].startswith("95 of 95 users done"), again.output
+    assert set(upserts_by_user(emulator)) == {str(number) for number in range(100)}

@@ -11,6 +11,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from collections.abc import Iterable
+from collections.abc import Iterator
 from dataclasses import asdict
 from dataclasses import dataclass
 from typing import Any
@@ -19,12 +20,22 @@ from ..errors import MeisaError
 from ..operations import LANE_BACKFILL
 from ..operations import LANE_ROUTINE
 from ..operations import Operation
+from ..operations import identities
 from . import pending
 from .caller import allowed
 from .store import Store
 from .store import unchanged
 
-__all__ = ["CHUNK", "Progress", "Run", "StoreTarget", "Target", "estimate_per_hour", "run"]
+__all__ = [
+    "CHUNK",
+    "Progress",
+    "Run",
+    "StoreTarget",
+    "Target",
+    "UsersChanged",
+    "estimate_per_hour",
+    "run",
+]
 
 #: Users read, mapped and stored together (one transaction).
 CHUNK = 200
@@ -47,6 +58,13 @@ class Run:
     failed: int = 0  # users that could not be mapped
     max_share: float = 1.0
     refused_before: int = 0  # backfill upserts refused before this run (not its failures)
+    #: The last user mapped: its position and names, checked again when the run goes on.
+    last: list[Any] | None = None
+
+
+class UsersChanged(Exception):
+    """The users before where the last run stopped are not those it read (some were
+    deleted, or came in ahead): going on from its position would skip some."""
 
 
 @dataclass
@@ -164,7 +182,7 @@ def run(
         return progress
 
     try:
-        rest = itertools.islice(users, current.position, None)
+        rest = _from_position(iter(users), current, to_operation)
         while True:
             # Read only once there is room: users read, then held while the backlog drains
             # (an hour at the default budget), would be sent as they were then.
@@ -179,6 +197,8 @@ def run(
                     operations.append(to_operation(user))
                 except Exception as error:  # as a login's sync: one user never stops the rest
                     failed.append(_failure(user, current.position + offset, error))
+                else:
+                    current.last = [current.position + offset, *_names(operations[-1])]
             current.failed += len(failed)
             current.position += len(chunk)
             target.add(current, operations, failed, time.time())
@@ -190,6 +210,28 @@ def run(
     current.state = "done"
     target.save(current)
     return tick(force=True)
+
+
+def _from_position(
+    users: Iterator[Any], run: Run, to_operation: Callable[[Any], Operation]
+) -> Iterator[Any]:
+    """``users`` past ``run.position``, once the last user it mapped is found where it was
+    (:class:`UsersChanged` if not)."""
+    if run.last is None:
+        return itertools.islice(users, run.position, None)
+    at, *names = run.last
+    there = next(itertools.islice(users, at, None), None)
+    try:
+        moved = there is None or _names(to_operation(there)) != names
+    except Exception:
+        moved = True
+    if moved:
+        raise UsersChanged(f"user {'/'.join(filter(None, names))} is no longer #{at + 1}")
+    return itertools.islice(users, run.position - at - 1, None)
+
+
+def _names(operation: Operation) -> list[str | None]:
+    return list(identities(operation.payload))
 
 
 class StoreTarget(Target):

@@ -7,6 +7,7 @@ synced make no call."""
 from __future__ import annotations
 
 import collections
+import copy
 import threading
 import time
 from collections.abc import Callable
@@ -237,3 +238,43 @@ def test_logins_that_change_no_synced_field_cost_nothing(
     assert synced.count(False) == 200 and synced.count(True) == 1_800
     with app.app_context():
         assert meisa.status().unchanged == 1_800
+
+
+# -- what attacks on the backfill beside live syncs found ----------------------------------
+
+
+def plan_in_meisa(app: Flask, emulator: Emulator, external_id: str) -> Any:
+    """The plan Meisa holds for the user once everything pending is delivered."""
+    with app.app_context():
+        assert app.extensions["meisa"].flush(30)
+    contact = emulator.contact(external_id=external_id)
+    return None if contact is None else contact["custom_fields"]["plan"]
+
+
+def test_a_backfill_upsert_coalesced_into_a_waiting_live_sync_never_undoes_it(
+    emulator: Emulator, start_worker: StartWorker, make_app: MakeApp
+) -> None:
+    # The backfill read user 5 ("free") just before the upgrade; the live sync ("pro")
+    # waits to retry after a 503 when the backfill's snapshot is coalesced into its record.
+    slow_retry = '{"MEISA_RETRY_BASE_DELAY": 1.0, "MEISA_RETRY_MAX_DELAY": 1.0}'
+    start_worker(emulator, MEISA_TEST_CONFIG=slow_retry)
+    app = make_app(10)
+    meisa: Meisa = app.extensions["meisa"]
+    people = app.config["PEOPLE"]
+    _, count = meisa.user_source  # type: ignore[misc]
+
+    def rows() -> Iterator[Any]:
+        for number in sorted(people):
+            row = copy.copy(people[number])
+            if number == 5:
+                emulator.faults.fail_next(1, 503, path=UPSERT)
+                people[5].plan = "pro"
+                with app.app_context():
+                    meisa.upsert(people[5], priority="high")
+                assert emulator.wait_for(lambda e: len(e.requests_to(UPSERT)) == 1, timeout=10)
+            yield row
+
+    meisa.users_to_sync(rows, count=count)
+    result = sync_users(app)
+    assert result.exit_code == 0, result.output
+    assert plan_in_meisa(app, emulator, "5") == "pro"

@@ -278,3 +278,38 @@ def test_a_backfill_upsert_coalesced_into_a_waiting_live_sync_never_undoes_it(
     result = sync_users(app)
     assert result.exit_code == 0, result.output
     assert plan_in_meisa(app, emulator, "5") == "pro"
+
+
+def test_a_login_of_a_user_whose_backfill_upsert_waits_goes_ahead_of_the_backfill(
+    emulator_factory: Callable[..., Emulator], start_worker: StartWorker, make_app: MakeApp
+) -> None:
+    # Meisa knows every user (a first run): a login of one is a routine sync, coalesced
+    # into the user's backfill upsert of a second run that re-sends every user.
+    emulator = emulator_factory(rate_limit="20/second")
+    resync = '{"MEISA_RESYNC_AFTER": 1}'
+    start_workers(
+        start_worker, emulator, MEISA_TEST_RATE_LIMIT="20/second", MEISA_TEST_CONFIG=resync
+    )
+    app = make_app(100, MEISA_RATE_LIMIT="20/second", MEISA_RESYNC_AFTER=1)
+    assert sync_users(app).exit_code == 0
+    time.sleep(1.1)
+    emulator.clear_requests()
+    outcome: list[Any] = []
+    runner = threading.Thread(target=lambda: outcome.append(sync_users(app)))
+    runner.start()
+    try:
+        assert emulator.wait_for(lambda e: len(e.requests_to(UPSERT)) >= 30, timeout=30)
+        assert "90" not in upserts_by_user(emulator)
+        login_at = time.time()
+        app.test_client().post("/login/90", buffered=True)
+        assert emulator.wait_for(lambda e: "90" in upserts_by_user(e), timeout=30)
+        arrived = next(
+            r.time for r in emulator.requests_to(UPSERT) if r.body["external_id"] == "90"
+        )
+        behind = len(upserts_by_user(emulator))
+    finally:
+        runner.join(60)
+    assert outcome and outcome[0].exit_code == 0, outcome and outcome[0].output
+    print("the login waited", round(arrived - login_at, 3), "s;", behind, "users synced by then")
+    assert arrived - login_at < 0.5, (arrived - login_at, behind)
+    assert upserts_by_user(emulator)["90"] == 1

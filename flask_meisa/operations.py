@@ -33,6 +33,7 @@ __all__ = [
     "OperationKind",
     "Priority",
     "attempt",
+    "by_age",
     "deliver",
     "encode_body",
     "identities",
@@ -106,6 +107,17 @@ def join_upserts(
         return payload, encode_body(payload)
     except ValidationError:
         return None
+
+
+def by_age(
+    earlier: dict[str, Any], first: Priority | None, later: dict[str, Any], then: Priority | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Two upserts of one contact, of priorities ``first`` and ``then``, in the order they
+    came, as the older and the newer: a backfill's is taken as the older whatever the order
+    (the snapshot ``sync-users`` read never undoes a live sync that met it)."""
+    if then == "backfill" and first != "backfill":
+        return later, earlier
+    return earlier, later
 
 
 def merge_priorities(first: Priority | None, second: Priority | None) -> Priority | None:

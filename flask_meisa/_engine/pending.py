@@ -15,6 +15,7 @@ from ..operations import LANE_AUTOMATION
 from ..operations import LANE_BACKFILL
 from ..operations import LANE_ROUTINE
 from ..operations import Operation
+from ..operations import by_age
 from ..operations import identities
 from ..operations import join_upserts
 from ..operations import merge_priorities
@@ -104,7 +105,8 @@ def add(db: sqlite3.Connection, operation: Operation, lane: int | Callable[[], i
     others = (None if ext == names[0] else ext, None if email == names[1] else email)
     mergeable = operation.kind == "upsert" and seq is not None and last == seq
     if mergeable and not _passes(db, seq, None, [others]):
-        joined = _join(json.loads(payload), priority, operation.payload, operation.priority)
+        older = by_age(json.loads(payload), priority, operation.payload, operation.priority)
+        joined = join_upserts(*older)
     if joined is None:
         lane = lane() if callable(lane) else lane
         contact = None if operation.contact is None else json.dumps(operation.contact)
@@ -267,7 +269,7 @@ def retry_at(db: sqlite3.Connection, row: Row, when: float, *, recover: int = 0)
     body, operation = "", row.operation
     for seq, payload, lane, merged, priority, force in later:
         upsert = json.loads(payload)
-        joined = _join(operation.payload, operation.priority, upsert, priority)
+        joined = join_upserts(*by_age(operation.payload, operation.priority, upsert, priority))
         names = [identities(operation.payload), identities(upsert)]
         if joined is None or _passes(db, row.seq, seq, names):
             break
@@ -283,17 +285,6 @@ def retry_at(db: sqlite3.Connection, row: Row, when: float, *, recover: int = 0)
             "priority = ?, force = ? WHERE seq = ?",
             (*named, int(operation.force), row.seq),
         )
-
-
-def _join(
-    earlier: dict[str, Any], first: str | None, later: dict[str, Any], then: str | None
-) -> tuple[dict[str, Any], str] | None:
-    """:func:`join_upserts` of two upserts of priorities ``first`` and ``then``, a backfill's
-    taken as the earlier whatever the order they came in: a snapshot ``sync-users`` read
-    never undoes a live sync."""
-    if then == "backfill" and first != "backfill":
-        return join_upserts(later, earlier)
-    return join_upserts(earlier, later)
 
 
 def _passes(

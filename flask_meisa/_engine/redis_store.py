@@ -13,10 +13,14 @@ from dataclasses import dataclass
 from dataclasses import field
 from typing import Any
 from typing import Literal
+from typing import cast
 
 from ..operations import LANE_NAMES
 from ..operations import Operation
+from ..operations import Priority
+from ..operations import by_age
 from ..operations import identities
+from ..operations import merge_priorities
 from ..operations import merge_upsert_payloads
 from .base import LATENCY_WINDOW
 from .base import DeliveryStatus
@@ -131,17 +135,20 @@ class RedisDeliveryStore:
         pipe.execute()
 
     def coalesce(self, operation: Operation, contact: str, lane: int) -> int:
-        """Merge an upsert into its contact's record, pending in ``lane``; its new version."""
+        """Merge an upsert into its contact's record (a backfill's as the older: see
+        :func:`~flask_meisa.operations.by_age`), pending in ``lane``; its new version."""
         record = self._key("contact", contact)
 
         def update(pipe: Any) -> int:
-            version, payload, members, force = pipe.hmget(
-                record, "version", "payload", "members", "force"
+            version, payload, members, force, priority = pipe.hmget(
+                record, "version", "payload", "members", "force", "priority"
             )
             version = int(version or 0) + 1
-            merged = operation.payload
+            merged, ahead = operation.payload, operation.priority
             if payload is not None:
-                merged = merge_upsert_payloads(json.loads(payload), operation.payload)
+                first = cast("Priority | None", _text(priority) or None)
+                older = by_age(json.loads(payload), first, operation.payload, ahead)
+                merged, ahead = merge_upsert_payloads(*older), merge_priorities(first, ahead)
             pipe.multi()
             pipe.hset(
                 record,
@@ -150,6 +157,7 @@ class RedisDeliveryStore:
                     "payload": json.dumps(merged, separators=(",", ":")),
                     "members": json.dumps([*json.loads(members or "[]"), operation.id]),
                     "force": int(operation.force or int(force or 0)),
+                    "priority": ahead or "",
                 },
             )
             pipe.expire(record, RECORD_TTL)
@@ -205,7 +213,7 @@ class RedisDeliveryStore:
                 done = max(int(done or 0), claim.version)
                 pipe.hset(record, mapping={"delivered": done, "members": json.dumps(rest)})
                 if int(current) == claim.version:
-                    pipe.hdel(record, "payload", "force")
+                    pipe.hdel(record, "payload", "force", "priority")
             if holder == claim.token:
                 pipe.delete(lease_key)
 

@@ -313,3 +313,44 @@ def test_a_login_of_a_user_whose_backfill_upsert_waits_goes_ahead_of_the_backfil
     print("the login waited", round(arrived - login_at, 3), "s;", behind, "users synced by then")
     assert arrived - login_at < 0.5, (arrived - login_at, behind)
     assert upserts_by_user(emulator)["90"] == 1
+
+
+def test_a_refused_upsert_coalesced_from_a_backfill_and_a_live_sync_is_one_refusal(
+    emulator: Emulator, start_worker: StartWorker, make_app: MakeApp
+) -> None:
+    # User 5's live sync waits to retry after a 503 when the backfill's upsert of user 5
+    # joins its record; Meisa refuses the one call made of both.
+    slow_retry = '{"MEISA_RETRY_BASE_DELAY": 1.0, "MEISA_RETRY_MAX_DELAY": 1.0}'
+    start_worker(emulator, MEISA_TEST_CONFIG=slow_retry)
+    app = make_app(6)
+    meisa: Meisa = app.extensions["meisa"]
+    people = app.config["PEOPLE"]
+    _, count = meisa.user_source  # type: ignore[misc]
+
+    def rows() -> Iterator[Any]:
+        for number in sorted(people):
+            if number == 5:
+                emulator.faults.fail_next(1, 503, path=UPSERT)
+                people[5].plan = "pro"
+                with app.app_context():
+                    meisa.upsert(people[5], priority="high")
+                assert emulator.wait_for(lambda e: len(e.requests_to(UPSERT)) == 1, timeout=10)
+            yield people[number]
+
+    def refuse_user_5() -> None:
+        # After the live sync's 503 and users 0-4: the next upsert is user 5's.
+        assert emulator.wait_for(lambda e: len(upserts_by_user(e)) == 5, timeout=30)
+        emulator.faults.fail_next(1, 400, path=UPSERT)
+
+    meisa.users_to_sync(rows, count=count)
+    refuser = threading.Thread(target=refuse_user_5)
+    refuser.start()
+    try:
+        result = sync_users(app)
+    finally:
+        refuser.join(30)
+    assert [r.status for r in emulator.requests_to(UPSERT)].count(400) == 1
+    assert result.exit_code == 1, result.output
+    assert "1 users were not synced" in result.output, result.output
+    listed = sync_users(app, "--failures").output.splitlines()
+    assert listed == ["1 upsert(s) refused by Meisa (see the workers' delivery_failed signal)"]

@@ -286,8 +286,6 @@ class DeliveryWorker:
         for member in members:
             self._hooks.call("delivered" if outcome == "unchanged" else outcome, member, detail)
         self.store.finish([member.id for member in members], outcome, len(members), answer=answer)
-        if outcome == "failed" and any(member.priority == "backfill" for member in members):
-            self.store.count("backfill_refused", len(members))
 
 
 def _deliver(self: Any, op: dict[str, Any], meta: dict[str, Any] | None = None) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 from typing import Literal
 from typing import cast
 
+from ..operations import LANE_BACKFILL
 from ..operations import LANE_NAMES
 from ..operations import Operation
 from ..operations import Priority
@@ -301,9 +302,16 @@ class RedisDeliveryStore:
         answer: tuple[int, float] | None = None,
     ) -> None:
         """Operations are finished, ``count`` more ``outcome``; ``answer``: ``(lane, seconds)``
-        from release to Meisa's answer."""
+        from release to Meisa's answer. Those of them failed that were pending in the backfill
+        lane (a backfill's upserts, with or without live ones coalesced) count refused."""
         ids = list(ids)
+        refused = 0
+        if outcome == "failed" and ids:
+            scores = self._redis.zmscore(self._pending[LANE_BACKFILL], ids)
+            refused = sum(score is not None for score in scores)
         pipe = self._redis.pipeline(transaction=True)
+        if refused:
+            pipe.hincrby(self._stats, "backfill_refused", refused)
         if ids:
             for key in self._pending.values():
                 pipe.zrem(key, *ids)

@@ -15,6 +15,7 @@ import pytest
 import requests
 from flask import Flask
 from flask import Response
+from flask import copy_current_request_context
 from flask import stream_with_context
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
@@ -202,3 +203,79 @@ def test_flush_of_an_app_counts_its_work_held_by_another_apps_open_response(
     with other.app_context():
         assert theirs.flush(10)
     assert len(other_emulator.requests_to(UPSERT)) == 1
+
+
+class _PausingEnviron(dict):  # type: ignore[type-arg]
+    """A server's environ whose batch look-up, in a thread of the request's, waits for
+    ``gate`` once it has read the batches (that thread is descheduled right there)."""
+
+    def __init__(self, environ: dict[str, Any], read: threading.Event, gate: threading.Event):
+        super().__init__(environ)
+        self.read, self.gate = read, gate
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = super().get(key, default)
+        if key == "flask_meisa.batch" and threading.current_thread().name == "late-helper":
+            self.read.set()
+            self.gate.wait(10)
+        return value
+
+
+def test_work_a_request_thread_adds_as_the_response_leaves_keeps_flush_counting(
+    emulator: Emulator, emulator_factory: Any
+) -> None:
+    # A thread of the request's read the request's batches just before the response left,
+    # and adds the other app's batch to them once the response holds them: the response's
+    # release must not count for the other app a batch it never counted as held (its
+    # count went below zero, and its flush stopped waiting for responses that hold work).
+    other_emulator = emulator_factory(seed="demo", rate_limit=None)
+    app, other = make_app(emulator), build_app(emulator_config(other_emulator))
+    mine: Meisa = app.extensions["meisa"]
+    theirs: Meisa = other.extensions["meisa"]
+    read, gate = threading.Event(), threading.Event()
+    helpers: list[threading.Thread] = []
+    inner = app.wsgi_app
+
+    def pausing(environ: Any, start_response: Any) -> Any:
+        return inner(_PausingEnviron(environ, read, gate), start_response)
+
+    app.wsgi_app = pausing  # type: ignore[method-assign]
+
+    @app.post("/late-helper")
+    def late_helper() -> str:
+        mine.upsert({"email": "mine@example.com"})
+
+        @copy_current_request_context
+        def helper() -> None:
+            with other.app_context():
+                theirs.upsert({"email": "late@example.com"})
+
+        thread = threading.Thread(target=helper, name="late-helper")
+        helpers.append(thread)
+        thread.start()
+        assert read.wait(10)
+        return "ok"
+
+    @app.post("/theirs")
+    def their_work() -> str:
+        with other.app_context():
+            theirs.upsert({"email": "held@example.com"})
+        return "ok"
+
+    try:
+        client = app.test_client()
+        first = client.post("/late-helper")
+        gate.set()
+        helpers[0].join(10)
+        first.close()
+        with other.app_context():
+            assert theirs.flush(10)
+        second = client.post("/theirs")  # held until closed: flush must say so
+        with other.app_context():
+            assert not theirs.flush(0.2)
+        second.close()
+        with other.app_context():
+            assert theirs.flush(10)
+    finally:
+        mine.state(app).close(5.0)
+        theirs.state(other).close(5.0)

@@ -250,16 +250,21 @@ class AfterResponseMiddleware:
         if self._state.app.testing:
             _release(batches, failed=failed)
             return body
-        for state in batches:
+        # The states held now are those released: a thread of the request's may still add
+        # another app's batch to ``batches`` (it read them just before the response left).
+        states = tuple(batches)
+        for state in states:
             state.held.hold()
-        held = _ReleasingBody(body, functools.partial(_finish, batches), failed)
+        held = _ReleasingBody(body, functools.partial(_finish, batches, states), failed)
         environ[_HELD_KEY] = weakref.ref(held)  # not the body itself: no reference cycle
         return held
 
 
-def _finish(batches: dict[MeisaState, _RequestBatch], failed: bool) -> None:
+def _finish(
+    batches: dict[MeisaState, _RequestBatch], states: tuple[MeisaState, ...], failed: bool
+) -> None:
     with contextlib.ExitStack() as releasing:
-        for state in batches:
+        for state in states:
             releasing.enter_context(state.held.releasing())
         _release(batches, failed=failed)
 

@@ -450,6 +450,47 @@ def test_a_call_outliving_its_engines_close_never_settles_a_row_taken_back_since
     assert taking_over.status().delivered == 1
 
 
+def test_a_call_outliving_its_engines_close_never_settles_a_newer_row_given_its_seq(
+    emulator: Emulator, make_engine: MakeEngine, path: Path
+) -> None:
+    # The row taken back is delivered and deleted; the next operation stored gets its seq
+    # (SQLite reuses the largest rowid) and, on its first attempt, is in flight with the
+    # same attempts when the late call answers: the late call settled the newer row.
+    called, go_on = threading.Event(), threading.Event()
+    newer_called, newer_go_on = threading.Event(), threading.Event()
+    late_hooks, hooks = RecordingHooks(), RecordingHooks()
+
+    def stall(operation: Operation) -> None:
+        called.set()
+        go_on.wait(30)
+
+    def stall_newer(operation: Operation) -> None:
+        if operation.payload["external_id"] == "t-2":
+            newer_called.set()
+            newer_go_on.wait(30)
+
+    late_hooks.skip = stall
+    late = make_engine(emulator, late_hooks)
+    late.submit([upsert(1)])
+    assert called.wait(5)
+    late.close(timeout=0)
+    taking_over = make_engine(emulator, hooks)
+    taking_over.start()
+    assert taking_over.flush(10)
+    hooks.skip = stall_newer
+    taking_over.submit([upsert(2)])
+    assert newer_called.wait(5)
+    go_on.set()
+    for thread in late._threads:
+        thread.join(10)
+    newer_go_on.set()
+    assert taking_over.flush(10)
+    assert late_hooks.outcomes == []
+    delivered = [op.payload["external_id"] for op in hooks.of("delivered")]
+    assert delivered == ["t-1", "t-2"]
+    assert taking_over.status().delivered == 2
+
+
 def test_a_send_after_close_is_refused(
     emulator: Emulator, make_engine: MakeEngine, path: Path
 ) -> None:

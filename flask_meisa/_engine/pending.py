@@ -241,9 +241,14 @@ def take(db: sqlite3.Connection, row: Row, now: float) -> None:
 
 def still_taken(db: sqlite3.Connection, row: Row) -> bool:
     """Whether ``row`` is still in flight from this process's take of it: not taken back
-    since by a process that took over delivery (this one stopped while its call ran)."""
-    query = "SELECT 1 FROM meisa_ops WHERE seq = ? AND state = 'flight' AND attempts = ?"
-    return db.execute(query, (row.seq, row.operation.attempts)).fetchone() is not None
+    since by a process that took over delivery (this one stopped while its call ran).
+    The row's ``id`` too: once it is over, a newer row may get its ``seq`` (SQLite reuses
+    the largest rowid) and be in flight on the same attempt."""
+    query = (
+        "SELECT 1 FROM meisa_ops WHERE seq = ? AND id = ? AND state = 'flight' AND attempts = ?"
+    )
+    values = (row.seq, row.operation.id, row.operation.attempts)
+    return db.execute(query, values).fetchone() is not None
 
 
 def finish(db: sqlite3.Connection, row: Row) -> None:

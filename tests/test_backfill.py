@@ -602,3 +602,33 @@ def test_a_run_that_goes_on_after_users_were_deleted_skips_none_of_the_others(
     assert "the users changed since the last run stopped" in again.output
     assert again.output.splitlines()[-1].startswith("95 of 95 users done"), again.output
     assert set(upserts_by_user(emulator)) == {str(number) for number in range(100)}
+
+
+def test_a_run_that_goes_on_after_its_failed_users_were_deleted_skips_none_of_the_others(
+    emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The users a run could not map are the ones an admin deletes after '--failures'; the
+    # last two of the chunk the run stopped after failed, so its last user mapped (#38)
+    # is still in place once they are gone: going on from the position skipped as many.
+    monkeypatch.setattr(backfill, "CHUNK", 20)
+    app = make_app(emulator, 100)
+    meisa: Meisa = app.extensions["meisa"]
+    people = app.config["PEOPLE"]
+    people[38].email = people[39].email = None
+    query, count = meisa.user_source  # type: ignore[misc]
+
+    def interrupted() -> Any:
+        for read, person in enumerate(query(), start=1):
+            if read == 45:
+                raise KeyboardInterrupt  # two whole chunks read: the run stops at user 40
+            yield person
+
+    meisa.users_to_sync(interrupted, count=count)
+    assert sync_users(app).exit_code == 130
+    listed = sync_users(app, "--failures").output.splitlines()
+    assert [line.split(":")[0] for line in listed] == ["user 38", "user 39"], listed
+    del people[38], people[39]
+    meisa.users_to_sync(query, count=count)
+    sync_users(app)
+    synced = set(upserts_by_user(emulator))
+    assert synced == {str(number) for number in range(100) if number not in (38, 39)}

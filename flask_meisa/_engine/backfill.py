@@ -131,6 +131,17 @@ class Target:
                 self._put(kept, "backfill_failures", (failures + failed)[:KEEP_FAILURES])
             self._put(kept, "backfill", asdict(run))
 
+    def go_back(self, run: Run, to: int) -> None:
+        """``run`` goes on from position ``to`` (the users read past it, all of which failed,
+        are read again): their failures are no longer counted nor kept."""
+        with self._kept(write=True) as kept:
+            failures = self._get(kept, "backfill_failures", [])
+            left = [failure for failure in failures if failure["position"] < to]
+            run.failed = max(run.failed - (run.position - to), 0)
+            run.position = to
+            self._put(kept, "backfill_failures", left or None)
+            self._put(kept, "backfill", asdict(run))
+
     def backlog(self) -> tuple[int, int]:
         """Backfill upserts waiting for Meisa, and those Meisa refused."""
         raise NotImplementedError
@@ -183,6 +194,11 @@ def run(
 
     try:
         rest = _from_position(iter(users), current, to_operation)
+        if current.last is not None and current.position > current.last[0] + 1:
+            # The users read after the last one mapped all failed: read them again, as
+            # the failed ones may have been deleted since (going on from the position
+            # would then skip as many of the next users).
+            target.go_back(current, current.last[0] + 1)
         while True:
             # Read only once there is room: users read, then held while the backlog drains
             # (an hour at the default budget), would be sent as they were then.
@@ -215,8 +231,8 @@ def run(
 def _from_position(
     users: Iterator[Any], run: Run, to_operation: Callable[[Any], Operation]
 ) -> Iterator[Any]:
-    """``users`` past ``run.position``, once the last user it mapped is found where it was
-    (:class:`UsersChanged` if not)."""
+    """``users`` past ``run.position`` (without ``run.last``), or past the last user the run
+    mapped once it is found where it was (:class:`UsersChanged` if not)."""
     if run.last is None:
         return itertools.islice(users, run.position, None)
     at, *names = run.last
@@ -227,7 +243,7 @@ def _from_position(
         moved = True
     if moved:
         raise UsersChanged(f"user {'/'.join(filter(None, names))} is no longer #{at + 1}")
-    return itertools.islice(users, run.position - at - 1, None)
+    return users
 
 
 def _names(operation: Operation) -> list[str | None]:

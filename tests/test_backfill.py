@@ -632,3 +632,31 @@ def test_a_run_that_goes_on_after_its_failed_users_were_deleted_skips_none_of_th
     sync_users(app)
     synced = set(upserts_by_user(emulator))
     assert synced == {str(number) for number in range(100) if number not in (38, 39)}
+
+
+def test_a_live_sync_meisa_accepts_while_a_chunk_is_read_is_not_undone(
+    emulator: Emulator,
+) -> None:
+    app = make_app(emulator, 10)
+    meisa: Meisa = app.extensions["meisa"]
+    people = app.config["PEOPLE"]
+    people[5].first_name = "Ada"
+    _, count = meisa.user_source  # type: ignore[misc]
+
+    def rows() -> Any:
+        for number in sorted(people):
+            row = copy.copy(people[number])
+            if number == 5:  # read "free"; the upgrade reaches Meisa before the chunk is queued
+                people[5].plan = "pro"
+                with app.app_context():
+                    meisa.upsert({"email": row.email, "custom_fields": {"plan": "pro"}})
+                    assert meisa.flush(10)
+            yield row
+
+    meisa.users_to_sync(rows, count=count)
+    result = sync_users(app)
+    assert result.exit_code == 0, result.output
+    assert plan_in_meisa(app, emulator, "5") == "pro"
+    # The fields the live sync did not set are still sent.
+    contact = emulator.contact(external_id="5")
+    assert contact is not None and contact["first_name"] == "Ada"

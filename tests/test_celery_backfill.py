@@ -354,3 +354,28 @@ def test_a_refused_upsert_coalesced_from_a_backfill_and_a_live_sync_is_one_refus
     assert "1 users were not synced" in result.output, result.output
     listed = sync_users(app, "--failures").output.splitlines()
     assert listed == ["1 upsert(s) refused by Meisa (see the workers' delivery_failed signal)"]
+
+
+def test_a_live_sync_meisa_accepts_while_a_chunk_is_read_is_not_undone(
+    emulator: Emulator, start_worker: StartWorker, make_app: MakeApp
+) -> None:
+    start_worker(emulator)
+    app = make_app(10)
+    meisa: Meisa = app.extensions["meisa"]
+    people = app.config["PEOPLE"]
+    _, count = meisa.user_source  # type: ignore[misc]
+
+    def rows() -> Iterator[Any]:
+        for number in sorted(people):
+            row = copy.copy(people[number])
+            if number == 5:  # read "free"; the upgrade reaches Meisa before the chunk is queued
+                people[5].plan = "pro"
+                with app.app_context():
+                    meisa.upsert(people[5], priority="high")
+                    assert meisa.flush(10)
+            yield row
+
+    meisa.users_to_sync(rows, count=count)
+    result = sync_users(app)
+    assert result.exit_code == 0, result.output
+    assert plan_in_meisa(app, emulator, "5") == "pro"

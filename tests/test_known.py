@@ -15,6 +15,7 @@ from flask_meisa._engine.delivery import Delivery
 from flask_meisa._engine.store import Store
 from flask_meisa._engine.store import digest
 from flask_meisa._engine.store import lane_of
+from flask_meisa._engine.store import without
 from flask_meisa.emulator import Emulator
 from flask_meisa.operations import LANE_AUTOMATION
 from flask_meisa.operations import LANE_ROUTINE
@@ -212,3 +213,20 @@ def test_the_lane_asked_for_is_kept_for_other_operations(engine: Delivery) -> No
     send = Operation("send", {"trigger_key": "receipt", "to_email": "y@example.com"})
     lanes = lanes_after(engine, high, backfill, signup, event, send)
     assert lanes == {"transactional": 1, "automation": 3, "backfill": 1}
+
+
+def test_without_leaves_out_the_fields_named_as_digest_names_them() -> None:
+    payload = {
+        "email": "ada@example.com",
+        "first_name": "Ada",
+        "custom_fields": {"plan": "pro", "mrr": 5},
+        "tag_names": ["vip", "beta"],
+    }
+    assert without(payload, {"first_name", "custom_fields.plan", "tag:vip"}) == {
+        "email": "ada@example.com",
+        "custom_fields": {"mrr": 5},
+        "tag_names": ["beta"],
+    }
+    gone = {"custom_fields.plan", "custom_fields.mrr", "tag:vip", "tag:beta"}
+    assert without(payload, gone) == {"email": "ada@example.com", "first_name": "Ada"}
+    assert set(digest(without(payload, digest(payload)))) == set()

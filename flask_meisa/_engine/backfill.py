@@ -5,6 +5,7 @@ run go to the engine's :class:`Target` (the store, or Redis)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import sqlite3
@@ -23,8 +24,11 @@ from ..operations import Operation
 from ..operations import identities
 from . import pending
 from .caller import allowed
+from .store import Known
 from .store import Store
+from .store import digest
 from .store import unchanged
+from .store import without
 
 __all__ = [
     "CHUNK",
@@ -119,13 +123,14 @@ class Target:
             self._put(kept, "backfill", asdict(run))
 
     def add(
-        self, run: Run, operations: list[Operation], failed: list[dict[str, Any]], now: float
+        self, run: Run, operations: list[Operation], failed: list[dict[str, Any]], read_at: float
     ) -> None:
-        """Queue ``operations`` in the backfill lane but for those Meisa already has (each
-        counted in ``run.queued`` or ``run.skipped``), keep ``failed`` for ``--failures``,
-        and keep ``run`` with them."""
+        """Queue ``operations`` (of users read at ``read_at``) in the backfill lane but for
+        what Meisa already has or got since (:func:`fresh_part`), each counted in
+        ``run.queued`` or ``run.skipped``; keep ``failed`` for ``--failures``, and keep
+        ``run`` with them."""
         with self._kept(write=True) as kept:
-            self._queue(kept, run, operations, now)
+            self._queue(kept, run, operations, read_at)
             if failed:
                 failures = self._get(kept, "backfill_failures", [])
                 self._put(kept, "backfill_failures", (failures + failed)[:KEEP_FAILURES])
@@ -204,6 +209,7 @@ def run(
             # (an hour at the default budget), would be sent as they were then.
             while tick().waiting > HIGH_WATER:
                 time.sleep(min(every, 0.2))
+            read_at = time.time()
             chunk = list(itertools.islice(rest, CHUNK))
             if not chunk:
                 break
@@ -217,7 +223,7 @@ def run(
                     current.last = [current.position + offset, *_names(operations[-1])]
             current.failed += len(failed)
             current.position += len(chunk)
-            target.add(current, operations, failed, time.time())
+            target.add(current, operations, failed, read_at)
         while tick().waiting:
             time.sleep(min(every, 0.2))
     except KeyboardInterrupt:
@@ -226,6 +232,19 @@ def run(
     current.state = "done"
     target.save(current)
     return tick(force=True)
+
+
+def fresh_part(operation: Operation, known: Known | None, read_at: float) -> Operation | None:
+    """The backfill upsert ``operation`` of a user read at ``read_at``, less the fields a
+    live sync Meisa accepted since then set (newer than the read); ``None`` when only its
+    contact's names are left."""
+    newer = set() if known is None else known.set_after(read_at)
+    if not newer.intersection(digest(operation.payload)):
+        return operation
+    payload = without(operation.payload, newer)
+    if not set(digest(payload)) - {"email", "external_id"}:
+        return None
+    return dataclasses.replace(operation, payload=payload, body=None)
 
 
 def _from_position(
@@ -267,14 +286,17 @@ class StoreTarget(Target):
         self, db: sqlite3.Connection, run: Run, operations: list[Operation], now: float
     ) -> None:
         for operation in operations:
+            had = functools.cache(functools.partial(Store.lookup, db, operation.payload))
+            fresh = fresh_part(operation, had(), now)
             # Meisa has this state and nothing of the contact waits: no row at all.
-            had = functools.partial(Store.lookup, db, operation.payload)
-            same = unchanged(operation, had, now, self.resync_after)
-            if same and not pending.waits(db, operation):
-                Store.remember(db, operation.payload, now, accepted=False)
+            if fresh is None or (
+                unchanged(fresh, had, now, self.resync_after) and not pending.waits(db, fresh)
+            ):
+                if fresh is not None:
+                    Store.remember(db, fresh.payload, now, accepted=False)
                 run.skipped += 1
             else:
-                pending.add(db, operation, LANE_BACKFILL)
+                pending.add(db, fresh, LANE_BACKFILL)
                 run.queued += 1
 
     def backlog(self) -> tuple[int, int]:

@@ -328,13 +328,17 @@ class CeleryBackfill(backfill.Target):
     ) -> None:
         for operation in operations:
             contacts = store.contacts(operation.payload)
-            had = functools.partial(store.known, contacts[0] if contacts else None)
-            if unchanged(operation, had, now, self._resync_after) and (
-                store.pending_version(contacts) is None
+            had = functools.cache(
+                functools.partial(store.known, contacts[0] if contacts else None)
+            )
+            fresh = backfill.fresh_part(operation, had(), now)
+            if fresh is None or (
+                unchanged(fresh, had, now, self._resync_after)
+                and store.pending_version(contacts) is None
             ):
                 run.skipped += 1
                 continue
-            self._dispatcher.publish(operation)
+            self._dispatcher.publish(fresh)
             run.queued += 1
 
     def backlog(self) -> tuple[int, int]:

@@ -30,7 +30,16 @@ from .base import DeliveryStatus
 from .host import checking
 from .host import set_aside
 
-__all__ = ["KEEP_FOR", "STORE_ERRORS", "Known", "Store", "digest", "lane_of", "unchanged"]
+__all__ = [
+    "KEEP_FOR",
+    "STORE_ERRORS",
+    "Known",
+    "Store",
+    "digest",
+    "lane_of",
+    "unchanged",
+    "without",
+]
 
 #: What a read or write of the store may raise (locked, full, unreadable or vanished).
 STORE_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error, OSError)
@@ -282,13 +291,7 @@ class Store:
         """Whether a field of the upsert ``payload`` (not a name of its contact) was set
         again after ``since``: Meisa accepted it, or had it when the app set it again."""
         known = Store.lookup(db, payload)
-        names = [name for name in digest(payload) if name not in ("email", "external_id")]
-        # A field remembered without its time (by an older version) was set when accepted.
-        return known is not None and any(
-            float(known.fields.get(f"{SET_AT}{name}", known.accepted_at)) > since
-            for name in names
-            if name in known.fields
-        )
+        return known is not None and bool(known.set_after(since).intersection(digest(payload)))
 
     @staticmethod
     def forget(db: sqlite3.Connection, payload: Mapping[str, Any]) -> None:
@@ -359,6 +362,18 @@ def digest(payload: Mapping[str, Any]) -> dict[str, str]:
     return fields
 
 
+def without(payload: Mapping[str, Any], fields: Iterable[str]) -> dict[str, Any]:
+    """``payload`` less ``fields``, named as :func:`digest` names them."""
+    gone = set(fields)
+    kept = {name: value for name, value in payload.items() if name not in gone}
+    pairs = (kept.pop("custom_fields", None) or {}).items()
+    if custom := {key: value for key, value in pairs if f"custom_fields.{key}" not in gone}:
+        kept["custom_fields"] = custom
+    if tags := [tag for tag in kept.pop("tag_names", None) or [] if f"tag:{tag}" not in gone]:
+        kept["tag_names"] = tags
+    return kept
+
+
 @dataclass(frozen=True)
 class Known:
     """What Meisa last accepted of a contact (a :func:`digest`), and when."""
@@ -369,6 +384,18 @@ class Known:
     def has(self, wanted: Mapping[str, str]) -> bool:
         """Whether every field of ``wanted`` is already there with the same value."""
         return all(self.fields.get(name) == value for name, value in wanted.items())
+
+    def set_after(self, since: float) -> set[str]:
+        """The fields (not the contact's names) the app set after ``since``: Meisa accepted
+        them, or had them when the app set them again. A field remembered without its time
+        (by an older version, or by Redis) was set when the contact was last accepted."""
+        return {
+            name
+            for name in self.fields
+            if not name.startswith(SET_AT)
+            and name not in ("email", "external_id")
+            and float(self.fields.get(f"{SET_AT}{name}", self.accepted_at)) > since
+        }
 
 
 Lookup = Callable[[], "Known | None"]

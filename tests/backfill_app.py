@@ -5,7 +5,9 @@ optionally ``BACKFILL_RATE_LIMIT``)."""
 
 from __future__ import annotations
 
+import copy
 import os
+from collections.abc import Callable
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +17,7 @@ from flask_login import UserMixin
 from flask_login import login_user
 
 from flask_meisa import Meisa
+from flask_meisa.emulator import Emulator
 
 
 class User(UserMixin):  # type: ignore[misc]
@@ -57,3 +60,53 @@ def create_app(config: dict[str, Any] | None = None, users: int | None = None) -
         return "ok"
 
     return app
+
+
+def interrupt_first_run(app: Flask, at: int) -> None:
+    """Make the next ``sync-users`` run stop (Ctrl-C) as it reads its ``at``-th user; the
+    runs after it read every user."""
+    meisa: Meisa = app.extensions["meisa"]
+    query, count = meisa.user_source  # type: ignore[misc]
+    runs = 0
+
+    def users() -> Iterator[User]:
+        nonlocal runs
+        runs += 1
+        for read, person in enumerate(query(), start=1):
+            if runs == 1 and read == at:
+                raise KeyboardInterrupt
+            yield person
+
+    meisa.users_to_sync(users, count=count)
+
+
+def upgrade_while_read(app: Flask, live_sync: Callable[[User], None], number: int = 5) -> None:
+    """Make ``sync-users`` read user ``number`` as it is, then upgrade it to "pro" and call
+    ``live_sync(user)`` in the app's context (the web app syncing the upgrade) before the
+    rest of the chunk is read: the run holds the row as it was read."""
+    meisa: Meisa = app.extensions["meisa"]
+    people = app.config["PEOPLE"]
+    _, count = meisa.user_source  # type: ignore[misc]
+
+    def users() -> Iterator[User]:
+        for each in sorted(people):
+            row = copy.copy(people[each])
+            if each == number:
+                people[each].plan = "pro"
+                with app.app_context():
+                    live_sync(people[each])
+            yield row
+
+    meisa.users_to_sync(users, count=count)
+
+
+def live_sync_retried(meisa: Meisa, emulator: Emulator) -> Callable[[User], None]:
+    """A live sync of a user (for :func:`upgrade_while_read`) whose first call Meisa answers
+    503: it waits to retry."""
+
+    def live_sync(user: User) -> None:
+        emulator.faults.fail_next(1, 503, path="/contacts/upsert/")
+        meisa.upsert(user, priority="high")
+        assert emulator.wait_for(lambda e: len(e.requests_to("/contacts/upsert/")) == 1, 10)
+
+    return live_sync

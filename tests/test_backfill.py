@@ -27,6 +27,9 @@ from flask_meisa._engine import backfill
 from flask_meisa.emulator import Emulator
 from flask_meisa.testing import emulator_config
 from tests.backfill_app import create_app
+from tests.backfill_app import interrupt_first_run
+from tests.backfill_app import live_sync_retried
+from tests.backfill_app import upgrade_while_read
 
 UPSERT = "/contacts/upsert/"
 ROOT = Path(__file__).resolve().parent.parent
@@ -456,20 +459,8 @@ def test_a_backfill_upsert_merged_into_a_waiting_live_sync_never_undoes_it(
     # waits to retry after a 503 when the backfill's snapshot joins it.
     app = make_app(emulator, 10, MEISA_RETRY_BASE_DELAY=1.0)
     meisa: Meisa = app.extensions["meisa"]
-    people = app.config["PEOPLE"]
-    _, count = meisa.user_source  # type: ignore[misc]
 
-    def rows() -> Any:
-        for number in sorted(people):
-            row = copy.copy(people[number])
-            if number == 5:
-                emulator.faults.fail_next(1, 503, path=UPSERT)
-                people[5].plan = "pro"
-                meisa.upsert(people[5], priority="high")
-                assert emulator.wait_for(lambda e: len(e.requests_to(UPSERT)) == 1, timeout=10)
-            yield row
-
-    meisa.users_to_sync(rows, count=count)
+    upgrade_while_read(app, live_sync_retried(meisa, emulator))
     result = sync_users(app)
     assert result.exit_code == 0, result.output
     assert plan_in_meisa(app, emulator, "5") == "pro"
@@ -559,15 +550,7 @@ def test_the_plan_of_a_run_that_goes_on_counts_only_the_users_left(
     store = str(tmp_path / "store.sqlite3")
     app = make_app(emulator, 300, MEISA_OUTBOX=store)
     meisa: Meisa = app.extensions["meisa"]
-    query, count = meisa.user_source  # type: ignore[misc]
-
-    def interrupted() -> Any:
-        for read, person in enumerate(query(), start=1):
-            if read == 285:
-                raise KeyboardInterrupt
-            yield person
-
-    meisa.users_to_sync(interrupted, count=count)
+    interrupt_first_run(app, at=285)
     assert sync_users(app).exit_code == 130
     meisa.close(app, timeout=0)  # what is left waits in the store
     later = make_app(emulator, 300, MEISA_OUTBOX=store, MEISA_RATE_LIMIT="60/minute;1000/hour")
@@ -582,21 +565,11 @@ def test_a_run_that_goes_on_after_users_were_deleted_skips_none_of_the_others(
 ) -> None:
     monkeypatch.setattr(backfill, "CHUNK", 20)
     app = make_app(emulator, 100)
-    meisa: Meisa = app.extensions["meisa"]
     people = app.config["PEOPLE"]
-    query, count = meisa.user_source  # type: ignore[misc]
-
-    def interrupted() -> Any:
-        for read, person in enumerate(query(), start=1):
-            if read == 45:
-                raise KeyboardInterrupt  # two whole chunks read: the run stops at user 40
-            yield person
-
-    meisa.users_to_sync(interrupted, count=count)
+    interrupt_first_run(app, at=45)  # two whole chunks read: the run stops at user 40
     assert sync_users(app).exit_code == 130
     for number in range(5):
         del people[number]  # deleted before the resume: user 40 is now the 35th
-    meisa.users_to_sync(query, count=count)
     again = sync_users(app)
     assert again.exit_code == 0, again.output
     assert "the users changed since the last run stopped" in again.output
@@ -612,23 +585,13 @@ def test_a_run_that_goes_on_after_its_failed_users_were_deleted_skips_none_of_th
     # is still in place once they are gone: going on from the position skipped as many.
     monkeypatch.setattr(backfill, "CHUNK", 20)
     app = make_app(emulator, 100)
-    meisa: Meisa = app.extensions["meisa"]
     people = app.config["PEOPLE"]
     people[38].email = people[39].email = None
-    query, count = meisa.user_source  # type: ignore[misc]
-
-    def interrupted() -> Any:
-        for read, person in enumerate(query(), start=1):
-            if read == 45:
-                raise KeyboardInterrupt  # two whole chunks read: the run stops at user 40
-            yield person
-
-    meisa.users_to_sync(interrupted, count=count)
+    interrupt_first_run(app, at=45)  # two whole chunks read: the run stops at user 40
     assert sync_users(app).exit_code == 130
     listed = sync_users(app, "--failures").output.splitlines()
     assert [line.split(":")[0] for line in listed] == ["user 38", "user 39"], listed
     del people[38], people[39]
-    meisa.users_to_sync(query, count=count)
     sync_users(app)
     synced = set(upserts_by_user(emulator))
     assert synced == {str(number) for number in range(100) if number not in (38, 39)}
@@ -639,21 +602,13 @@ def test_a_live_sync_meisa_accepts_while_a_chunk_is_read_is_not_undone(
 ) -> None:
     app = make_app(emulator, 10)
     meisa: Meisa = app.extensions["meisa"]
-    people = app.config["PEOPLE"]
-    people[5].first_name = "Ada"
-    _, count = meisa.user_source  # type: ignore[misc]
+    app.config["PEOPLE"][5].first_name = "Ada"
 
-    def rows() -> Any:
-        for number in sorted(people):
-            row = copy.copy(people[number])
-            if number == 5:  # read "free"; the upgrade reaches Meisa before the chunk is queued
-                people[5].plan = "pro"
-                with app.app_context():
-                    meisa.upsert({"email": row.email, "custom_fields": {"plan": "pro"}})
-                    assert meisa.flush(10)
-            yield row
+    def live_sync(user: Any) -> None:  # reaches Meisa before the chunk is queued
+        meisa.upsert({"email": user.email, "custom_fields": {"plan": "pro"}})
+        assert meisa.flush(10)
 
-    meisa.users_to_sync(rows, count=count)
+    upgrade_while_read(app, live_sync)
     result = sync_users(app)
     assert result.exit_code == 0, result.output
     assert plan_in_meisa(app, emulator, "5") == "pro"

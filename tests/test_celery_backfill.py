@@ -7,7 +7,6 @@ synced make no call."""
 from __future__ import annotations
 
 import collections
-import copy
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +22,9 @@ from flask_meisa._engine import backfill
 from flask_meisa.emulator import Emulator
 from flask_meisa.testing import emulator_config
 from tests.backfill_app import create_app
+from tests.backfill_app import interrupt_first_run
+from tests.backfill_app import live_sync_retried
+from tests.backfill_app import upgrade_while_read
 from tests.celery_support import StartWorker
 from tests.celery_support import make_celery
 from tests.celery_support import outcomes
@@ -123,19 +125,7 @@ def test_an_interrupted_backfill_goes_on_where_it_stopped(
 ) -> None:
     start_workers(start_worker, emulator)
     app = make_app(1_000)
-    meisa: Meisa = app.extensions["meisa"]
-    query, count = meisa.user_source  # type: ignore[misc]
-    runs = 0
-
-    def interrupted() -> Iterator[Any]:
-        nonlocal runs
-        runs += 1
-        for read, person in enumerate(query(), start=1):
-            if runs == 1 and read == 700:
-                raise KeyboardInterrupt  # Ctrl-C while the fourth chunk is read
-            yield person
-
-    meisa.users_to_sync(interrupted, count=count)
+    interrupt_first_run(app, at=700)  # Ctrl-C while the fourth chunk is read
     first = sync_users(app)
     assert first.exit_code == 130, first.output
     assert "run the command again" in first.output
@@ -260,21 +250,8 @@ def test_a_backfill_upsert_coalesced_into_a_waiting_live_sync_never_undoes_it(
     start_worker(emulator, MEISA_TEST_CONFIG=slow_retry)
     app = make_app(10)
     meisa: Meisa = app.extensions["meisa"]
-    people = app.config["PEOPLE"]
-    _, count = meisa.user_source  # type: ignore[misc]
 
-    def rows() -> Iterator[Any]:
-        for number in sorted(people):
-            row = copy.copy(people[number])
-            if number == 5:
-                emulator.faults.fail_next(1, 503, path=UPSERT)
-                people[5].plan = "pro"
-                with app.app_context():
-                    meisa.upsert(people[5], priority="high")
-                assert emulator.wait_for(lambda e: len(e.requests_to(UPSERT)) == 1, timeout=10)
-            yield row
-
-    meisa.users_to_sync(rows, count=count)
+    upgrade_while_read(app, live_sync_retried(meisa, emulator))
     result = sync_users(app)
     assert result.exit_code == 0, result.output
     assert plan_in_meisa(app, emulator, "5") == "pro"
@@ -324,25 +301,13 @@ def test_a_refused_upsert_coalesced_from_a_backfill_and_a_live_sync_is_one_refus
     start_worker(emulator, MEISA_TEST_CONFIG=slow_retry)
     app = make_app(6)
     meisa: Meisa = app.extensions["meisa"]
-    people = app.config["PEOPLE"]
-    _, count = meisa.user_source  # type: ignore[misc]
-
-    def rows() -> Iterator[Any]:
-        for number in sorted(people):
-            if number == 5:
-                emulator.faults.fail_next(1, 503, path=UPSERT)
-                people[5].plan = "pro"
-                with app.app_context():
-                    meisa.upsert(people[5], priority="high")
-                assert emulator.wait_for(lambda e: len(e.requests_to(UPSERT)) == 1, timeout=10)
-            yield people[number]
+    upgrade_while_read(app, live_sync_retried(meisa, emulator))
 
     def refuse_user_5() -> None:
         # After the live sync's 503 and users 0-4: the next upsert is user 5's.
         assert emulator.wait_for(lambda e: len(upserts_by_user(e)) == 5, timeout=30)
         emulator.faults.fail_next(1, 400, path=UPSERT)
 
-    meisa.users_to_sync(rows, count=count)
     refuser = threading.Thread(target=refuse_user_5)
     refuser.start()
     try:
@@ -362,20 +327,12 @@ def test_a_live_sync_meisa_accepts_while_a_chunk_is_read_is_not_undone(
     start_worker(emulator)
     app = make_app(10)
     meisa: Meisa = app.extensions["meisa"]
-    people = app.config["PEOPLE"]
-    _, count = meisa.user_source  # type: ignore[misc]
 
-    def rows() -> Iterator[Any]:
-        for number in sorted(people):
-            row = copy.copy(people[number])
-            if number == 5:  # read "free"; the upgrade reaches Meisa before the chunk is queued
-                people[5].plan = "pro"
-                with app.app_context():
-                    meisa.upsert(people[5], priority="high")
-                    assert meisa.flush(10)
-            yield row
+    def live_sync(user: Any) -> None:  # reaches Meisa before the chunk is queued
+        meisa.upsert(user, priority="high")
+        assert meisa.flush(10)
 
-    meisa.users_to_sync(rows, count=count)
+    upgrade_while_read(app, live_sync)
     result = sync_users(app)
     assert result.exit_code == 0, result.output
     assert plan_in_meisa(app, emulator, "5") == "pro"

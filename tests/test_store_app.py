@@ -423,6 +423,47 @@ def test_retry_all_and_wrong_ids(emulator: Emulator) -> None:
     assert len(emulator.sends()) == 2
 
 
+@pytest.mark.parametrize("seq", [2**63, 2**70])
+def test_an_id_too_large_for_the_store_is_an_unknown_dead_letter(
+    emulator: Emulator, seq: int
+) -> None:
+    app = thread_app(emulator)
+    make_dead_letters(app, 1)
+    for args in (["show", str(seq)], ["retry", "1", str(seq)], ["purge", str(seq)]):
+        result = invoke(app, "dead-letters", *args)
+        assert result.exit_code == 1, result.output
+        assert f"no dead letter with ID {seq}" in result.output
+        assert isinstance(result.exception, SystemExit)  # handled: no traceback
+    assert "dead letters: 1" in invoke(app, "status").output
+
+
+def test_dead_letter_commands_on_a_store_another_process_writes_say_so(
+    emulator: Emulator,
+) -> None:
+    app = thread_app(emulator)
+    make_dead_letters(app, 1)
+    writer = sqlite3.connect(Path(app.instance_path) / STORE_FILE, isolation_level=None)
+    writer.execute("BEGIN EXCLUSIVE")  # a writer holding its lock past the busy timeout
+    try:
+        for args in (["purge", "1"], ["retry", "--all", "--timeout", "0"]):
+            result = invoke(app, "dead-letters", *args)
+            assert result.exit_code == 1, result.output
+            assert "the delivery store failed (database is locked)" in result.output
+            assert isinstance(result.exception, SystemExit)  # handled: no traceback
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    assert "1 dead letter(s)" in invoke(app, "dead-letters", "list").output
+
+
+def test_retry_refuses_a_timeout_that_is_not_a_number(emulator: Emulator) -> None:
+    # flush(nan) never ends: no deadline is ever reached, and the wait does not block.
+    app = thread_app(emulator)
+    result = invoke(app, "dead-letters", "retry", "--all", "--timeout", "nan")
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--timeout'" in result.output
+
+
 def test_a_dead_upsert_whose_contact_was_synced_since_is_not_retried_unless_forced(
     emulator: Emulator,
 ) -> None:

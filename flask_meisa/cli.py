@@ -7,6 +7,7 @@ import functools
 import itertools
 import json
 import math
+import sqlite3
 from typing import TYPE_CHECKING
 from typing import Any
 
@@ -32,13 +33,19 @@ __all__ = ["meisa_cli"]
 
 
 class _MeisaGroup(AppGroup):
-    """A group whose commands end on a :class:`MeisaError` with its message, no traceback."""
+    """A group whose commands end on a :class:`MeisaError` or a store error with its
+    message, no traceback, and on Ctrl-C with status 130."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except MeisaError as error:
             raise click.ClickException(str(error)) from None
+        except sqlite3.Error as error:  # locked by a writer past the busy timeout, damaged
+            raise click.ClickException(f"the delivery store failed ({error})") from None
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            raise SystemExit(130) from None
 
 
 meisa_cli = _MeisaGroup("meisa", help="Meisa: check the connection, sync users, inspect delivery.")
@@ -106,6 +113,12 @@ def sequences_command(show_all: bool, search: str | None) -> None:
 def _share(context: click.Context, param: click.Parameter, value: float) -> float:
     if math.isnan(value):  # FloatRange lets it through: every comparison with NaN is false
         raise click.BadParameter("nan is not in the range 0.01<=x<=1.0.", context, param)
+    return value
+
+
+def _seconds(context: click.Context, param: click.Parameter, value: float) -> float:
+    if math.isnan(value):  # a wait until nan never ends: no deadline is ever reached
+        raise click.BadParameter("nan is not a number of seconds.", context, param)
     return value
 
 
@@ -233,7 +246,9 @@ def _show_failures(target: backfill.Target) -> None:
 
 
 @meisa_cli.command("flush")
-@click.option("--timeout", default=30.0, show_default=True, type=float)
+@click.option(
+    "--timeout", default=30.0, show_default=True, type=click.FloatRange(min=0), callback=_seconds
+)
 def flush_command(timeout: float) -> None:
     """Wait until the host has delivered everything pending (this process delivers when
     no other does)."""
@@ -275,8 +290,10 @@ def _store() -> Store:
 
 def _letters(store: Store, ids: list[int] | None = None) -> list[dead.DeadLetter]:
     """The dead letters ``ids`` (``None``: all, oldest first); an unknown ID is an error."""
+    # An ID SQLite cannot hold is no dead letter's (and would raise OverflowError).
+    known = None if ids is None else [seq for seq in ids if -(2**63) <= seq < 2**63]
     with store.read() as db:
-        letters = dead.dead_letters(db, ids)
+        letters = dead.dead_letters(db, known)
     found = {letter.seq for letter in letters}
     unknown = [str(seq) for seq in ids or () if seq not in found]
     if unknown:
@@ -340,6 +357,8 @@ def dead_letters_show(seq: int) -> None:
     "--timeout",
     default=30.0,
     show_default=True,
+    type=float,
+    callback=_seconds,
     help="Seconds to wait for delivery (0: queue them and return).",
 )
 @click.option("--force", is_flag=True, help="Retry upserts whose fields were set again since.")

@@ -34,7 +34,7 @@ __all__ = ["meisa_cli"]
 
 class _MeisaGroup(AppGroup):
     """A group whose commands end on a :class:`MeisaError` or a store error with its
-    message, no traceback, and on Ctrl-C with status 130."""
+    message, no traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -43,9 +43,6 @@ class _MeisaGroup(AppGroup):
             raise click.ClickException(str(error)) from None
         except sqlite3.Error as error:  # locked by a writer past the busy timeout, damaged
             raise click.ClickException(f"the delivery store failed ({error})") from None
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            raise SystemExit(130) from None
 
 
 meisa_cli = _MeisaGroup("meisa", help="Meisa: check the connection, sync users, inspect delivery.")

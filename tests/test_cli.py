@@ -164,18 +164,6 @@ def test_flush_refuses_a_timeout_that_is_not_a_number_of_seconds(app: Flask, tim
     assert "Invalid value for '--timeout'" in result.output
 
 
-def test_ctrl_c_during_flush_ends_with_130_and_no_traceback(
-    app: Flask, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def interrupted(self: Meisa, timeout: float | None = None) -> bool:
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(Meisa, "flush", interrupted)
-    result = invoke(app, "flush")
-    assert result.exit_code == 130, result.output
-    assert "interrupted" in result.output
-
-
 def test_config_template_prints_every_key(app: Flask) -> None:
     result = invoke(app, "config-template")
     assert result.exit_code == 0

@@ -107,15 +107,11 @@ def sequences_command(show_all: bool, search: str | None) -> None:
         click.echo(f"{sequence.slug}\t{sequence.status or ''}\t{sequence.name or ''}")
 
 
-def _share(context: click.Context, param: click.Parameter, value: float) -> float:
-    if math.isnan(value):  # FloatRange lets it through: every comparison with NaN is false
-        raise click.BadParameter("nan is not in the range 0.01<=x<=1.0.", context, param)
-    return value
-
-
-def _seconds(context: click.Context, param: click.Parameter, value: float) -> float:
-    if math.isnan(value):  # a wait until nan never ends: no deadline is ever reached
-        raise click.BadParameter("nan is not a number of seconds.", context, param)
+def _a_number(context: click.Context, param: click.Parameter, value: float) -> float:
+    """Refuse nan: ``FloatRange`` lets it through (every comparison with it is false), and
+    a wait until nan never ends."""
+    if math.isnan(value):
+        raise click.BadParameter("nan is not a number.", context, param)
     return value
 
 
@@ -123,7 +119,7 @@ def _seconds(context: click.Context, param: click.Parameter, value: float) -> fl
 @click.option(
     "--max-share",
     type=click.FloatRange(0.01, 1.0),
-    callback=_share,
+    callback=_a_number,
     default=1.0,
     show_default=True,
     help="The most of the key's budget the backfill may use; live work always goes first.",
@@ -244,7 +240,7 @@ def _show_failures(target: backfill.Target) -> None:
 
 @meisa_cli.command("flush")
 @click.option(
-    "--timeout", default=30.0, show_default=True, type=click.FloatRange(min=0), callback=_seconds
+    "--timeout", default=30.0, show_default=True, type=click.FloatRange(min=0), callback=_a_number
 )
 def flush_command(timeout: float) -> None:
     """Wait until the host has delivered everything pending (this process delivers when
@@ -355,7 +351,7 @@ def dead_letters_show(seq: int) -> None:
     default=30.0,
     show_default=True,
     type=float,
-    callback=_seconds,
+    callback=_a_number,
     help="Seconds to wait for delivery (0: queue them and return).",
 )
 @click.option("--force", is_flag=True, help="Retry upserts whose fields were set again since.")

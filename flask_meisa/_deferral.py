@@ -106,8 +106,8 @@ def enqueue(state: MeisaState, operation: Operation) -> None:
             batch.add(operation)
             # A thread of the request's (copy_current_request_context) may have made the
             # batches just as the response left: then nothing else will release them.
-            made = found is None
-            if made and environ.get(_RESPONDED_KEY) and environ.pop(_BATCH_KEY, None) is batches:
+            left = found is None and environ.get(_RESPONDED_KEY)
+            if left and environ.pop(_BATCH_KEY, None) is batches:
                 _release(batches, failed=False)
             return
     _dispatch(state, [operation], raise_refused=True)

@@ -198,12 +198,8 @@ def run(
         return progress
 
     try:
-        rest = _from_position(iter(users), current, to_operation)
-        if current.last is not None and current.position > current.last[0] + 1:
-            # The users read after the last one mapped all failed: read them again, as
-            # the failed ones may have been deleted since (going on from the position
-            # would then skip as many of the next users).
-            target.go_back(current, current.last[0] + 1)
+        rest = _from_position(iter(users), current, to_operation, target)
+        start_position = current.position  # moved back if failed users are read again
         while True:
             # Read only once there is room: users read, then held while the backlog drains
             # (an hour at the default budget), would be sent as they were then.
@@ -248,7 +244,7 @@ def fresh_part(operation: Operation, known: Known | None, read_at: float) -> Ope
 
 
 def _from_position(
-    users: Iterator[Any], run: Run, to_operation: Callable[[Any], Operation]
+    users: Iterator[Any], run: Run, to_operation: Callable[[Any], Operation], target: Target
 ) -> Iterator[Any]:
     """``users`` past ``run.position`` (without ``run.last``), or past the last user the run
     mapped once it is found where it was (:class:`UsersChanged` if not)."""
@@ -262,6 +258,10 @@ def _from_position(
         moved = True
     if moved:
         raise UsersChanged(f"user {'/'.join(filter(None, names))} is no longer #{at + 1}")
+    if run.position > at + 1:
+        # The users read after it all failed: read them again, as the failed ones may have
+        # been deleted since (going on from the position would skip as many others).
+        target.go_back(run, at + 1)
     return users
 
 

@@ -202,6 +202,8 @@ class MeisaState:
             from ._engine.store import Store
 
             path = self.store_path()
+            if path is not None:
+                self._refuse_another_accounts_store(path)
             try:
                 self._store = Store(path, busy_timeout=self.settings.outbox_busy_timeout)
             except ConfigurationError as error:
@@ -215,6 +217,24 @@ class MeisaState:
                 )
                 self._store = Store(None)
         return self._store
+
+    def _refuse_another_accounts_store(self, path: str) -> None:
+        # The delivering process sends every stored row with its own key and counts every
+        # call against one budget: a store file holds one Meisa account's work.
+        mine = os.path.realpath(path)
+        account = (self.settings.api_key, self.settings.base_url)
+        for other in list(_live):
+            app, store = other._app(), other._store
+            if app is None or store is None or store.path is None:
+                continue
+            theirs = (other.settings.api_key, other.settings.base_url)
+            if os.path.realpath(store.path) == mine and theirs != account:
+                raise ConfigurationError(
+                    f"the delivery store {path!r} is already used by the app {app.name!r} "
+                    "with another MEISA_API_KEY or MEISA_BASE_URL: one store holds one "
+                    "Meisa account's work and budget; set MEISA_OUTBOX to another file "
+                    "for one of the apps"
+                )
 
     def store_path(self) -> str | None:
         """The file of the delivery store, or ``None`` for memory."""

@@ -78,6 +78,15 @@ class Meisa:
             app.config.setdefault(key, default)
         settings = MeisaSettings.from_config(app.config)
         state = MeisaState(app, settings)
+        if state.delivering():
+            # Opened now, so that a damaged store is found at startup (and an app that
+            # cannot deliver is not registered); delivery starts now too, except in a
+            # command of the Flask CLI (which delivers on first use).
+            try:
+                state.open(start=not os.environ.get("FLASK_RUN_FROM_CLI"))
+            except BaseException:
+                state.close(0)
+                raise
         self._states[app] = state
         app.extensions["meisa"] = self
         app.wsgi_app = deferral.AfterResponseMiddleware(app.wsgi_app, state)  # type: ignore[method-assign]
@@ -89,12 +98,8 @@ class Meisa:
         from .cli import meisa_cli
 
         app.cli.add_command(meisa_cli)
-        if state.delivering():
-            # Opened now, so that a damaged store is found at startup; delivery starts
-            # now too, except in a command of the Flask CLI (which delivers on first use).
-            state.open(start=not os.environ.get("FLASK_RUN_FROM_CLI"))
-            if settings.suppression_preload:
-                state.suppression.refresh_in_background()
+        if state.delivering() and settings.suppression_preload:
+            state.suppression.refresh_in_background()
 
     def state(self, app: Flask | None = None) -> MeisaState:
         """The runtime state (client, suppression set, engine) of ``app`` or the current app."""

@@ -293,6 +293,38 @@ def test_an_explicit_store_that_cannot_be_made_fails_init_app(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "a-folder"]
 
 
+def test_two_apps_of_one_process_share_a_store_only_with_one_account(
+    emulator_factory: Any, tmp_path: Path
+) -> None:
+    first, second = emulator_factory(rate_limit=None), emulator_factory(rate_limit=None)
+    shared = {"MEISA_DELIVERY": "thread", "MEISA_OUTBOX": str(tmp_path / "shared.sqlite3")}
+    mine = Flask("mine")
+    mine.config.update(emulator_config(first, **shared))
+    meisa = Meisa(mine)
+    same_account = Flask("same_account")
+    same_account.config.update(emulator_config(first, **shared))
+    Meisa(same_account)
+    other = Flask("other")
+    other.config.update(emulator_config(second, **shared))
+    with pytest.raises(ConfigurationError, match="another MEISA_API_KEY") as caught:
+        Meisa(other)
+    assert "'mine'" in str(caught.value) or "'same_account'" in str(caught.value)
+    assert "MEISA_OUTBOX" in str(caught.value)
+    for key in (first.live_key, second.live_key):
+        assert key not in str(caught.value)
+    # Nothing half-done: the refused app is not registered, and fixed, it can be.
+    assert "meisa" not in other.extensions
+    other.config["MEISA_OUTBOX"] = str(tmp_path / "other.sqlite3")
+    theirs = Meisa(other)
+    with mine.app_context():
+        meisa.upsert({"email": "ada@example.com", "external_id": "ada"})
+        assert meisa.flush(5)
+    with other.app_context():
+        theirs.upsert({"email": "bob@example.com", "external_id": "bob"})
+        assert theirs.flush(5)
+    assert delivered_ids(first) == {"ada"} and delivered_ids(second) == {"bob"}
+
+
 def newer(path: Path) -> None:
     Store(path).close()
     db = sqlite3.connect(path)

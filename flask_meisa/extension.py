@@ -79,11 +79,10 @@ class Meisa:
         settings = MeisaSettings.from_config(app.config)
         state = MeisaState(app, settings)
         if state.delivering():
-            # Opened now, so that a damaged store is found at startup (and an app that
-            # cannot deliver is not registered); delivery starts now too, except in a
-            # command of the Flask CLI (which delivers on first use).
+            # Opened now, so that a damaged store is found at startup and an app that
+            # cannot deliver is not registered.
             try:
-                state.open(start=not os.environ.get("FLASK_RUN_FROM_CLI"))
+                state.open(start=False)
             except BaseException:
                 state.close(0)
                 raise
@@ -98,8 +97,12 @@ class Meisa:
         from .cli import meisa_cli
 
         app.cli.add_command(meisa_cli)
-        if state.delivering() and settings.suppression_preload:
-            state.suppression.refresh_in_background()
+        if state.delivering():
+            # Delivery starts once registered (what an earlier run left may be delivered at
+            # once), except in a command of the Flask CLI (which delivers on first use).
+            state.open(start=not os.environ.get("FLASK_RUN_FROM_CLI"))
+            if settings.suppression_preload:
+                state.suppression.refresh_in_background()
 
     def state(self, app: Flask | None = None) -> MeisaState:
         """The runtime state (client, suppression set, engine) of ``app`` or the current app."""

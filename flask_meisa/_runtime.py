@@ -146,6 +146,7 @@ class MeisaState:
         self._lock = threading.Lock()
         self._client = None
         self._started = False
+        self.held = HeldBatches()  # the responses open at the fork are the parent's
         if self._store is not None:
             self._store.after_fork()
         self.suppression.after_fork()

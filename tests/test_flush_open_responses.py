@@ -4,8 +4,10 @@ the response; otherwise it waits for the response to close, and ``flush`` says s
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack
 from contextlib import contextmanager
@@ -279,3 +281,34 @@ def test_work_a_request_thread_adds_as_the_response_leaves_keeps_flush_counting(
     finally:
         mine.state(app).close(5.0)
         theirs.state(other).close(5.0)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_forked_child_does_not_wait_for_responses_its_parent_held(emulator: Emulator) -> None:
+    # A view starting a process (multiprocessing's fork) while other responses are open:
+    # their batches are the parent's to release, and the child's flush must not wait
+    # for them (nor for a lock a parent thread held at the fork).
+    app = make_app(emulator)
+    meisa: Meisa = app.extensions["meisa"]
+    response = app.test_client().post("/login/1")  # kept open: it holds its batch
+    with app.app_context():
+        assert not meisa.flush(0.1)
+    read, write = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # forking with threads, 3.12+
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            with app.app_context():
+                os.write(write, b"flushed" if meisa.flush(5) else b"timed out")
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as answer:
+        said = answer.read()
+    os.waitpid(pid, 0)
+    assert said == b"flushed"
+    response.close()  # the parent still releases and delivers its own
+    with app.app_context():
+        assert meisa.flush(10)
+    assert len(emulator.requests_to(UPSERT)) == 1

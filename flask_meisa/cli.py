@@ -246,13 +246,16 @@ def flush_command(timeout: float) -> None:
     """Wait until the host has delivered everything pending (this process delivers when
     no other does)."""
     meisa = _extension()
-    if not meisa.flush(timeout):
-        status = meisa.status()
+    flushed = meisa.flush(timeout)
+    status = meisa.status()
+    if not flushed:
         who = f"pid {status.delivering_pid}" if status.delivering_pid else "no process"
         raise click.ClickException(
             f"{status.pending} operations still pending after {timeout:g}s ({who} delivers)"
         )
-    click.echo("nothing pending")
+    # What failed is no longer pending, but not delivered either.
+    dead = f"; {status.dead_letters} dead letter(s): see 'flask meisa dead-letters'"
+    click.echo(f"nothing pending{dead if status.dead_letters else ''}")
 
 
 @meisa_cli.command("status")

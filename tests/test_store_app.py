@@ -427,6 +427,9 @@ def test_dead_letters_list_show_retry_and_purge(emulator: Emulator) -> None:
 
     status = invoke(app, "status").output
     assert "waiting to retry: 0  dead letters: 2" in status
+    flushed = invoke(app, "flush")
+    assert flushed.exit_code == 0, flushed.output
+    assert flushed.output == "nothing pending; 2 dead letter(s): see 'flask meisa dead-letters'\n"
     assert f"store: {Path(app.instance_path) / STORE_FILE} (every process of this host)" in status
 
     purged = invoke(app, "dead-letters", "purge", str(ids[1]))

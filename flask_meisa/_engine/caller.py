@@ -100,9 +100,10 @@ class Caller:
 
     def step(self) -> float:
         """Make one call, or say how long to wait before there may be one."""
-        now, token, counted = time.time(), None, {"calls": 0, "reporting": 0}
+        token, counted = None, {"calls": 0, "reporting": 0}
         try:
             with self.store.write() as db:
+                now = Store.now(db)
                 wait = self.budget.gate(db, now, self.calls)
                 if wait:
                     return wait

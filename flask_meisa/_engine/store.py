@@ -9,6 +9,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Iterator
@@ -40,6 +41,11 @@ __all__ = [
     "unchanged",
     "without",
 ]
+
+#: A clock that reads this much less than the latest time the store noted has stepped back.
+CLOCK_STEP = 1.0
+#: The stored times a call, a pause or a retry waits for: moved back with the clock.
+_WAITED_FOR = {"meisa_calls": ("lease_until", "answered_at"), "meisa_ops": ("ready_at",)}
 
 #: What a read or write of the store may raise (locked, full, unreadable or vanished).
 STORE_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error, OSError)
@@ -209,6 +215,29 @@ class Store:
         db.execute("DELETE FROM meisa_meta WHERE name = ?", (name,))
         if value is not None:
             db.execute("INSERT INTO meisa_meta VALUES (?, ?)", (name, json.dumps(value)))
+
+    @staticmethod
+    def now(db: sqlite3.Connection) -> float:
+        """In a write transaction: the time (``time.time()``), noted in the store. Where the
+        host's clock stepped back since it was last noted (NTP at boot, an admin fixing the
+        date), every time stored after it moves back by the step, so that no budget slot,
+        lease, pause or retry waits as long as the step (a wait across a restart goes on
+        as if the host had been down no time)."""
+        now, noted = time.time(), Store.get_meta(db, "clock")
+        step = 0.0 if noted is None else float(noted) - now
+        if step >= CLOCK_STEP:
+            for table, columns in _WAITED_FOR.items():
+                for column in columns:
+                    db.execute(
+                        f"UPDATE {table} SET {column} = {column} - ? WHERE {column} > ?",
+                        (step, now),
+                    )
+            pause = float(Store.get_meta(db, "pause_until", 0.0))
+            if pause > now:
+                Store.set_meta(db, "pause_until", pause - step)
+        if noted is None or abs(step) >= CLOCK_STEP:
+            Store.set_meta(db, "clock", now)
+        return now
 
     @staticmethod
     def count(db: sqlite3.Connection, name: str, delta: int) -> None:

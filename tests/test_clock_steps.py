@@ -1,0 +1,147 @@
+"""The host's wall clock stepping back (NTP at boot, an admin fixing the date) while work
+waits in the store, against the emulator over loopback: the store keeps ``time.time()``
+values (answers, leases, pauses, retries, first attempts), and none of them may hold
+delivery back for as long as the clock stepped."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flask_meisa._engine.delivery import Delivery
+from flask_meisa._engine.store import Store
+from flask_meisa.emulator import Emulator
+from flask_meisa.retry import RetryPolicy
+from tests.engine_support import RecordingHooks
+from tests.engine_support import make_engine as build_engine
+from tests.engine_support import upsert
+
+FAST = RetryPolicy(max_attempts=None, base_delay=0.05, max_delay=0.2, deadline=30.0)
+UPSERT = "/contacts/upsert/"
+HOUR = 3600.0
+
+MakeEngine = Callable[..., Delivery]
+
+
+class SteppedClock:
+    """``time.time`` of this process, plus an offset the test steps."""
+
+    def __init__(self) -> None:
+        self.real = time.time
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return self.real() + self.offset
+
+    def step(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> SteppedClock:
+    stepped = SteppedClock()
+    monkeypatch.setattr(time, "time", stepped)
+    return stepped
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "store.sqlite3"
+
+
+@pytest.fixture
+def make_engine(path: Path) -> Iterator[MakeEngine]:
+    """``make_engine(emulator, hooks, **options)``: an engine on a store of ``path``; all
+    closed after the test."""
+    made: list[Delivery] = []
+
+    def make(emu: Emulator, hooks: RecordingHooks, **options: Any) -> Delivery:
+        options.setdefault("retry", FAST)
+        options.setdefault("poll_interval", 0.02)
+        engine = build_engine(hooks, emu.url, emu.live_key, store=Store(path), **options)
+        made.append(engine)
+        return engine
+
+    yield make
+    for engine in made:
+        engine.close(timeout=0)
+
+
+def query(path: Path, sql: str, *params: Any) -> list[Any]:
+    store = Store(path)
+    try:
+        with store.read() as db:
+            return db.execute(sql, params).fetchall()
+    finally:
+        store.close()
+
+
+def eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_a_429_pause_ends_on_time_when_the_clock_steps_back_during_it(
+    emulator: Emulator, make_engine: MakeEngine, clock: SteppedClock
+) -> None:
+    emulator.faults.force_429(1, retry_after=2, path=UPSERT)
+    hooks = RecordingHooks()
+    engine = make_engine(emulator, hooks, rate_limit="60/minute")
+    engine.submit([upsert(1)])
+    assert eventually(lambda: engine.status().paused_for > 0)
+    clock.step(-HOUR)
+    assert engine.flush(10)
+    assert len(hooks.of("delivered")) == 1
+    assert engine.status().paused_for == 0.0
+
+
+def test_a_retry_comes_due_on_time_when_the_clock_stepped_back_over_a_restart(
+    emulator: Emulator, make_engine: MakeEngine, path: Path, clock: SteppedClock
+) -> None:
+    emulator.faults.fail_next(1, status=503, path=UPSERT)
+    slow = RetryPolicy(base_delay=2.0, max_delay=2.0, deadline=None, random=lambda: 0.999)
+    first = make_engine(emulator, RecordingHooks(), retry=slow)
+    first.submit([upsert(1)])
+    waiting = "SELECT count(*) FROM meisa_ops WHERE attempts = 1 AND state = 'pending'"
+    assert eventually(lambda: query(path, waiting)[0][0] == 1)
+    first.close(0)
+    assert len(emulator.requests_to(UPSERT)) == 1
+    clock.step(-HOUR)  # the host restarts, its clock stepped back an hour
+    hooks = RecordingHooks()
+    assert make_engine(emulator, hooks, retry=slow).flush(5)
+    assert len(hooks.of("delivered")) == 1
+
+
+def test_routine_syncs_are_paced_not_stalled_when_the_clock_steps_back(
+    emulator: Emulator, make_engine: MakeEngine, clock: SteppedClock
+) -> None:
+    hooks = RecordingHooks()
+    engine = make_engine(emulator, hooks, rate_limit="60/minute")
+    engine.submit([upsert(1, login=1)])  # its first: automation lane
+    assert engine.flush(5)
+    clock.step(-HOUR)
+    engine.submit([upsert(1, login=2)])  # routine: paced after the last call
+    assert engine.flush(5)
+    assert len(hooks.of("delivered")) == 2
+
+
+def test_answers_leave_the_window_on_time_when_the_clock_steps_back(
+    emulator: Emulator, make_engine: MakeEngine, clock: SteppedClock
+) -> None:
+    hooks = RecordingHooks()
+    engine = make_engine(emulator, hooks, rate_limit="2/2 seconds")
+    engine.submit([upsert(1), upsert(2)])
+    assert engine.flush(5)
+    clock.step(-HOUR)
+    engine.submit([upsert(3)])
+    assert engine.flush(5)
+    assert len(hooks.of("delivered")) == 3

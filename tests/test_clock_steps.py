@@ -16,6 +16,7 @@ import pytest
 from flask_meisa._engine.delivery import Delivery
 from flask_meisa._engine.store import Store
 from flask_meisa.emulator import Emulator
+from flask_meisa.operations import Operation
 from flask_meisa.retry import RetryPolicy
 from tests.engine_support import RecordingHooks
 from tests.engine_support import make_engine as build_engine
@@ -23,6 +24,7 @@ from tests.engine_support import upsert
 
 FAST = RetryPolicy(max_attempts=None, base_delay=0.05, max_delay=0.2, deadline=30.0)
 UPSERT = "/contacts/upsert/"
+TRIGGER = "/emails/trigger/"
 HOUR = 3600.0
 
 MakeEngine = Callable[..., Delivery]
@@ -145,3 +147,31 @@ def test_answers_leave_the_window_on_time_when_the_clock_steps_back(
     engine.submit([upsert(3)])
     assert engine.flush(5)
     assert len(hooks.of("delivered")) == 3
+
+
+def send(n: int) -> Operation:
+    payload = {"trigger_key": "receipt", "to_email": f"buyer{n}@example.com"}
+    return Operation("send", {**payload, "idempotency_key": f"s{n}"})
+
+
+def test_a_send_is_not_retried_past_meisas_idempotency_hour_after_the_clock_stepped_back(
+    emulator: Emulator, make_engine: MakeEngine, clock: SteppedClock
+) -> None:
+    # The first attempt reached Meisa, its answer was lost; then the clock stepped back an
+    # hour, and an hour went by before the retry: Meisa has forgotten the idempotency key.
+    emulator.faults.drop_next(1, path=TRIGGER, after=True)
+    slow = RetryPolicy(base_delay=60.0, max_delay=60.0, deadline=None, random=lambda: 0.999)
+    hooks = RecordingHooks()
+    engine = make_engine(emulator, hooks, retry=slow)
+    operation = send(1)
+    engine.submit([operation])
+    assert eventually(lambda: engine.status().retry_waiting == 1)
+    clock.step(-HOUR)
+    engine.submit([upsert(9)])
+    assert hooks.wait_for("delivered", 1)  # delivery went on after the step
+    emulator.advance_clock(HOUR + 100)
+    clock.step(HOUR + 100)
+    assert engine.flush(5)
+    assert len(emulator.sends()) == 1
+    assert len(emulator.requests_to(TRIGGER)) == 1
+    assert [op.id for op in hooks.of("failed")] == [operation.id]

@@ -44,8 +44,12 @@ __all__ = [
 
 #: A clock that reads this much less than the latest time the store noted has stepped back.
 CLOCK_STEP = 1.0
-#: The stored times a call, a pause or a retry waits for: moved back with the clock.
-_WAITED_FOR = {"meisa_calls": ("lease_until", "answered_at"), "meisa_ops": ("ready_at",)}
+#: The stored times moved back with the clock: what a call, a pause or a retry waits for,
+#: and a row's first attempt (its retry deadline, a send's idempotency hour).
+_TIMES = {
+    "meisa_calls": ("lease_until", "answered_at"),
+    "meisa_ops": ("ready_at", "first_attempt"),
+}
 
 #: What a read or write of the store may raise (locked, full, unreadable or vanished).
 STORE_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error, OSError)
@@ -221,12 +225,13 @@ class Store:
         """In a write transaction: the time (``time.time()``), noted in the store. Where the
         host's clock stepped back since it was last noted (NTP at boot, an admin fixing the
         date), every time stored after it moves back by the step, so that no budget slot,
-        lease, pause or retry waits as long as the step (a wait across a restart goes on
-        as if the host had been down no time)."""
+        lease, pause or retry waits as long as the step, and no send is retried past
+        Meisa's idempotency hour (a wait across a restart goes on as if the host had been
+        down no time)."""
         now, noted = time.time(), Store.get_meta(db, "clock")
         step = 0.0 if noted is None else float(noted) - now
         if step >= CLOCK_STEP:
-            for table, columns in _WAITED_FOR.items():
+            for table, columns in _TIMES.items():
                 for column in columns:
                     db.execute(
                         f"UPDATE {table} SET {column} = {column} - ? WHERE {column} > ?",

@@ -175,3 +175,17 @@ def test_a_send_is_not_retried_past_meisas_idempotency_hour_after_the_clock_step
     assert len(emulator.sends()) == 1
     assert len(emulator.requests_to(TRIGGER)) == 1
     assert [op.id for op in hooks.of("failed")] == [operation.id]
+
+
+def test_the_status_still_shows_how_long_work_waited_after_the_clock_stepped_back(
+    emulator: Emulator, make_engine: MakeEngine, clock: SteppedClock
+) -> None:
+    emulator.faults.fail_next(1, status=503, path=UPSERT)
+    slow = RetryPolicy(base_delay=60.0, max_delay=60.0, deadline=None, random=lambda: 0.999)
+    engine = make_engine(emulator, RecordingHooks(), retry=slow)
+    released = time.time() - 600  # waiting for ten minutes
+    engine.submit([Operation("upsert", {"email": "a@example.com"}, created_at=released)])
+    assert eventually(lambda: engine.status().retry_waiting == 1)
+    assert engine.status().oldest_wait["automation"] == pytest.approx(600, abs=5)
+    clock.step(-HOUR)
+    assert eventually(lambda: engine.status().oldest_wait["automation"] > 595)

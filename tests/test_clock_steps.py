@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from flask_meisa._engine import dead
 from flask_meisa._engine.delivery import Delivery
 from flask_meisa._engine.store import Store
 from flask_meisa.emulator import Emulator
@@ -189,3 +190,23 @@ def test_the_status_still_shows_how_long_work_waited_after_the_clock_stepped_bac
     assert engine.status().oldest_wait["automation"] == pytest.approx(600, abs=5)
     clock.step(-HOUR)
     assert eventually(lambda: engine.status().oldest_wait["automation"] > 595)
+
+
+def test_a_dead_upsert_is_kept_from_a_retry_after_a_later_state_came_across_a_step_back(
+    emulator: Emulator, make_engine: MakeEngine, path: Path, clock: SteppedClock
+) -> None:
+    emulator.faults.fail_next(1, status=400, path=UPSERT)
+    hooks = RecordingHooks()
+    engine = make_engine(emulator, hooks)
+    engine.submit([upsert(1, plan="pro")])
+    assert hooks.wait_for("failed", 1)  # a dead letter
+    clock.step(-HOUR)
+    engine.submit([upsert(9)])
+    assert hooks.wait_for("delivered", 1)  # delivery went on after the step
+    clock.step(10.0)  # ten seconds later, the user's next plan, accepted by Meisa
+    engine.submit([upsert(1, plan="free")])
+    assert engine.flush(5)
+    with engine.store.read() as db:
+        letters = dead.dead_letters(db)
+        # Retrying it ('flask meisa dead-letters retry') would put the older plan back.
+        assert dead.outdated(db, letters) == [letters[0].seq]

@@ -45,11 +45,12 @@ __all__ = [
 #: A clock that reads this much less than the latest time the store noted has stepped back.
 CLOCK_STEP = 1.0
 #: The stored times moved back with the clock: what a call, a pause or a retry waits for,
-#: a row's first attempt (its retry deadline, a send's idempotency hour) and its release
-#: (its wait in the status, a routine sync's promotion).
+#: a row's first attempt (its retry deadline, a send's idempotency hour), its release (its
+#: wait in the status, a routine sync's promotion) and a dead letter's failure (what its
+#: contact had set again since).
 _TIMES = {
     "meisa_calls": ("lease_until", "answered_at"),
-    "meisa_ops": ("ready_at", "first_attempt", "created_at"),
+    "meisa_ops": ("ready_at", "first_attempt", "created_at", "failed_at"),
 }
 
 #: What a read or write of the store may raise (locked, full, unreadable or vanished).

@@ -14,9 +14,11 @@ from typing import Any
 import pytest
 
 from flask_meisa._engine import dead
+from flask_meisa._engine.caller import Budget
 from flask_meisa._engine.delivery import Delivery
 from flask_meisa._engine.store import Store
 from flask_meisa.emulator import Emulator
+from flask_meisa.operations import LANE_AUTOMATION
 from flask_meisa.operations import Operation
 from flask_meisa.retry import RetryPolicy
 from tests.engine_support import RecordingHooks
@@ -210,3 +212,23 @@ def test_a_dead_upsert_is_kept_from_a_retry_after_a_later_state_came_across_a_st
         letters = dead.dead_letters(db)
         # Retrying it ('flask meisa dead-letters retry') would put the older plan back.
         assert dead.outdated(db, letters) == [letters[0].seq]
+
+
+def test_the_slot_of_a_call_whose_process_died_frees_at_its_lease_end_after_a_step_back(
+    emulator: Emulator, make_engine: MakeEngine, path: Path, clock: SteppedClock
+) -> None:
+    hooks = RecordingHooks()
+    engine = make_engine(emulator, hooks, rate_limit="2/2 seconds")
+    engine.submit([upsert(0)])
+    assert engine.flush(5)
+    # A web worker took a slot for a synchronous send and was killed mid-call: its slot
+    # counts until its lease ends. Then the clock stepped back an hour.
+    worker = Store(path)
+    with worker.write() as db:
+        token, _ = Budget(worker, "2/2 seconds", lease=2.0).take(db, time.time(), LANE_AUTOMATION)
+    worker.close()
+    assert token
+    clock.step(-HOUR)
+    engine.submit([upsert(1)])
+    assert engine.flush(10)
+    assert len(hooks.of("delivered")) == 2

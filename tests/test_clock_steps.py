@@ -232,3 +232,31 @@ def test_the_slot_of_a_call_whose_process_died_frees_at_its_lease_end_after_a_st
     engine.submit([upsert(1)])
     assert engine.flush(10)
     assert len(hooks.of("delivered")) == 2
+
+
+def test_a_send_first_attempted_long_before_a_step_back_is_not_retried_past_the_hour(
+    emulator: Emulator, make_engine: MakeEngine, clock: SteppedClock
+) -> None:
+    # As above, but the step (20 minutes) is shorter than the send's age at the step (45):
+    # Meisa forgets the key 60 minutes after the first attempt, 40 after the step.
+    emulator.faults.drop_next(1, path=TRIGGER, after=True)  # sent; its answer lost
+    emulator.faults.fail_next(1, status=503, path=TRIGGER)
+    slow = RetryPolicy(base_delay=60.0, max_delay=60.0, deadline=None, random=lambda: 0.999)
+    hooks = RecordingHooks()
+    engine = make_engine(emulator, hooks, retry=slow)
+    operation = send(1)
+    engine.submit([operation])
+    assert eventually(lambda: engine.status().retry_waiting == 1)
+    emulator.advance_clock(45 * 60)  # 45 minutes go by; the retry answered 503
+    clock.step(45 * 60)
+    assert eventually(lambda: len(emulator.requests_to(TRIGGER)) == 2)
+    assert eventually(lambda: engine.status().retry_waiting == 1)
+    clock.step(-20 * 60)
+    engine.submit([upsert(9)])
+    assert hooks.wait_for("delivered", 1)  # delivery went on after the step
+    emulator.advance_clock(20 * 60)  # 65 minutes after the first attempt
+    clock.step(20 * 60)
+    assert engine.flush(5)
+    assert len(emulator.sends()) == 1
+    assert len(emulator.requests_to(TRIGGER)) == 2
+    assert [op.id for op in hooks.of("failed")] == [operation.id]

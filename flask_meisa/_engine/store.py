@@ -44,13 +44,13 @@ __all__ = [
 
 #: A clock that reads this much less than the latest time the store noted has stepped back.
 CLOCK_STEP = 1.0
-#: The stored times moved back with the clock: what a call, a pause or a retry waits for,
-#: a row's first attempt (its retry deadline, a send's idempotency hour), its release (its
-#: wait in the status, a routine sync's promotion) and a dead letter's failure (what its
-#: contact had set again since).
+#: The stored times moved back with the clock when they lie after it (one before it may be
+#: stored since the step by a process that has not noted the time): what a call, a pause or
+#: a retry waits for, a row's release (its wait in the status, a routine sync's promotion)
+#: and a dead letter's failure (what its contact had set again since).
 _TIMES = {
     "meisa_calls": ("lease_until", "answered_at"),
-    "meisa_ops": ("ready_at", "first_attempt", "created_at", "failed_at"),
+    "meisa_ops": ("ready_at", "created_at", "failed_at"),
 }
 
 #: What a read or write of the store may raise (locked, full, unreadable or vanished).
@@ -226,13 +226,16 @@ class Store:
     def now(db: sqlite3.Connection) -> float:
         """In a write transaction: the time (``time.time()``), noted in the store. Where the
         host's clock stepped back since it was last noted (NTP at boot, an admin fixing the
-        date), every time stored after it moves back by the step, so that no budget slot,
+        date), the times stored before the step move back by it, so that no budget slot,
         lease, pause or retry waits as long as the step, and no send is retried past
         Meisa's idempotency hour (a wait across a restart goes on as if the host had been
         down no time)."""
         now, noted = time.time(), Store.get_meta(db, "clock")
         step = 0.0 if noted is None else float(noted) - now
         if step >= CLOCK_STEP:
+            # A first attempt (a retry's deadline and a send's idempotency hour count from
+            # it) is only dated by a step, once it noted the time: every one is older.
+            db.execute("UPDATE meisa_ops SET first_attempt = first_attempt - ?", (step,))
             for table, columns in _TIMES.items():
                 for column in columns:
                     db.execute(

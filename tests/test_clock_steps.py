@@ -260,3 +260,24 @@ def test_a_send_first_attempted_long_before_a_step_back_is_not_retried_past_the_
     assert len(emulator.sends()) == 1
     assert len(emulator.requests_to(TRIGGER)) == 2
     assert [op.id for op in hooks.of("failed")] == [operation.id]
+
+
+def test_a_full_window_frees_on_time_when_the_clock_steps_back_less_than_its_period(
+    emulator: Emulator, make_engine: MakeEngine, clock: SteppedClock
+) -> None:
+    # Answered before the step by more than the step, a call looked that much younger
+    # and left the window that much later: with the window full (a backfill keeps the
+    # hour's full), nothing went for as long as the step.
+    hooks = RecordingHooks()
+    engine = make_engine(emulator, hooks, rate_limit="4/minute")
+    engine.submit([upsert(1)])
+    assert engine.flush(5)
+    clock.step(40.0)
+    engine.submit([upsert(2), upsert(3)])
+    assert engine.flush(5)
+    clock.step(-30.0)
+    engine.submit([upsert(4)])  # the window's last call
+    assert engine.flush(5)
+    clock.step(20.0)  # a minute after the first call: it left Meisa's window
+    engine.submit([upsert(5)])
+    assert engine.flush(5)

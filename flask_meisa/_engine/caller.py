@@ -158,7 +158,7 @@ class Caller:
                 taken = copy.deepcopy(row)
                 try:
                     with self.store.write() as db:
-                        now = time.time()
+                        now = Store.now(db)
                         self.budget.settle(db, token, made=outcome.made, now=now)
                         if not pending.still_taken(db, taken):
                             return lambda: None  # the process delivering now settles it
@@ -347,7 +347,7 @@ class Budget:
         while True:
             try:
                 with self.store.write() as db:
-                    token, wait = self.take(db, time.time(), LANE_TRANSACTIONAL)
+                    token, wait = self.take(db, Store.now(db), LANE_TRANSACTIONAL)
             except STORE_ERRORS:  # a locked or broken store never fails the call
                 token = None
                 break
@@ -361,7 +361,7 @@ class Budget:
             if token:
                 # Where the store fails here, the slot's lease ends it.
                 with contextlib.suppress(*STORE_ERRORS), self.store.write() as db:
-                    self.settle(db, token, made=True, now=time.time())
+                    self.settle(db, token, made=True, now=Store.now(db))
 
     def remaining(self) -> dict[str, int]:
         """Calls that could start now in each window, by label (``{"60/minute": 57}``)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sqlite3
 import threading
@@ -44,14 +45,15 @@ __all__ = [
 
 #: A clock that reads this much less than the latest time the store noted has stepped back.
 CLOCK_STEP = 1.0
-#: The stored times moved back with the clock when they lie after it (one before it may be
-#: stored since the step by a process that has not noted the time): what a call, a pause or
-#: a retry waits for, a row's release (its wait in the status, a routine sync's promotion)
-#: and a dead letter's failure (what its contact had set again since).
-_TIMES = {
-    "meisa_calls": ("lease_until", "answered_at"),
-    "meisa_ops": ("ready_at", "created_at", "failed_at"),
-}
+#: Times only stored by a transaction that noted the time first (:meth:`Store.now`), all
+#: of them moved back with the clock: the key's calls, and the first attempt a retry's
+#: deadline and a send's idempotency hour count from.
+_NOTED = {"meisa_calls": ("lease_until", "answered_at"), "meisa_ops": ("first_attempt",)}
+#: Other times, moved back with the clock when they lie after it (one before it is due
+#: already, or may have been stored since the step): when a retry is due, a row's release
+#: (its wait in the status, a routine sync's promotion) and a dead letter's failure (what
+#: its contact had set since).
+_UNNOTED = {"meisa_ops": ("ready_at", "created_at", "failed_at")}
 
 #: What a read or write of the store may raise (locked, full, unreadable or vanished).
 STORE_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error, OSError)
@@ -233,15 +235,13 @@ class Store:
         now, noted = time.time(), Store.get_meta(db, "clock")
         step = 0.0 if noted is None else float(noted) - now
         if step >= CLOCK_STEP:
-            # A first attempt (a retry's deadline and a send's idempotency hour count from
-            # it) is only dated by a step, once it noted the time: every one is older.
-            db.execute("UPDATE meisa_ops SET first_attempt = first_attempt - ?", (step,))
-            for table, columns in _TIMES.items():
-                for column in columns:
-                    db.execute(
-                        f"UPDATE {table} SET {column} = {column} - ? WHERE {column} > ?",
-                        (step, now),
-                    )
+            for times, since in ((_NOTED, -math.inf), (_UNNOTED, now)):
+                for table, columns in times.items():
+                    for column in columns:
+                        db.execute(
+                            f"UPDATE {table} SET {column} = {column} - ? WHERE {column} > ?",
+                            (step, since),
+                        )
             pause = float(Store.get_meta(db, "pause_until", 0.0))
             if pause > now:
                 Store.set_meta(db, "pause_until", pause - step)

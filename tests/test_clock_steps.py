@@ -281,3 +281,18 @@ def test_a_full_window_frees_on_time_when_the_clock_steps_back_less_than_its_per
     clock.step(20.0)  # a minute after the first call: it left Meisa's window
     engine.submit([upsert(5)])
     assert engine.flush(5)
+
+
+def test_the_latency_in_the_status_covers_the_last_minutes_after_the_clock_stepped_back(
+    emulator: Emulator, make_engine: MakeEngine, clock: SteppedClock
+) -> None:
+    engine = make_engine(emulator, RecordingHooks())
+    released = time.time() - 600  # it waited ten minutes
+    engine.submit([Operation("upsert", {"email": "a@example.com"}, created_at=released)])
+    assert engine.flush(5)
+    assert engine.status().latency["automation"] == pytest.approx((600, 600), abs=5)
+    clock.step(-HOUR)
+    engine.submit([upsert(9)])
+    assert engine.flush(5)
+    clock.step(16 * 60)  # both answers left the status's 15 minutes
+    assert "automation" not in engine.status().latency

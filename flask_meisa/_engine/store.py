@@ -46,9 +46,13 @@ __all__ = [
 #: A clock that reads this much less than the latest time the store noted has stepped back.
 CLOCK_STEP = 1.0
 #: Times only stored by a transaction that noted the time first (:meth:`Store.now`), all
-#: of them moved back with the clock: the key's calls, and the first attempt a retry's
-#: deadline and a send's idempotency hour count from.
-_NOTED = {"meisa_calls": ("lease_until", "answered_at"), "meisa_ops": ("first_attempt",)}
+#: of them moved back with the clock: the key's calls, the answers the status's latency
+#: covers, and the first attempt a retry's deadline and a send's idempotency hour count from.
+_NOTED = {
+    "meisa_calls": ("lease_until", "answered_at"),
+    "meisa_answers": ("at",),
+    "meisa_ops": ("first_attempt",),
+}
 #: Other times, moved back with the clock when they lie after it (one before it is due
 #: already, or may have been stored since the step): when a retry is due, a row's release
 #: (its wait in the status, a routine sync's promotion) and a dead letter's failure (what

@@ -88,6 +88,7 @@ class Delivery:
         self._count_at = 0.0  # when to count them again
         self._threads: list[threading.Thread] = []
         self._started = self._stopping = self._closed = self._store_failing = False
+        self._delivering = False  # delivery threads started
         self._host_lock = None if self.store.path is None else HostLock(self.store.path + ".lock")
         self._caller = Caller(self)
 
@@ -255,8 +256,8 @@ class Delivery:
                 if batch:
                     self._store_batch(batch)
                     batch = []
-                if self._host_lock is not None and not self._host_lock.held:
-                    self._try_to_deliver(self._host_lock)
+                if self._host_lock is not None:
+                    self._keep_delivering(self._host_lock)
                 if time.monotonic() >= look_at:  # new work from another process?
                     look_at = time.monotonic() + self._poll
                     seen = self.store.data_version()
@@ -319,6 +320,22 @@ class Delivery:
         if shed:
             self._drop(shed, "queue_full", f"at most {self._capacity} operations wait")
 
+    def _keep_delivering(self, lock: HostLock) -> None:
+        if lock.moved():  # the lock file was deleted or replaced
+            kept = lock.take_again()
+            logger.warning(
+                "flask-meisa: the delivery lock %s was deleted or replaced while this process "
+                "(pid %d) delivered; %s",
+                lock.path,
+                os.getpid(),
+                "it locked the new file and delivers on"
+                if kept
+                else f"process {HostLock.holder(lock.path)} holds the new one: this process "
+                "stops delivering",
+            )
+        if not lock.held:
+            self._try_to_deliver(lock)
+
     def _try_to_deliver(self, lock: HostLock) -> None:
         if not lock.try_acquire():
             return
@@ -343,8 +360,10 @@ class Delivery:
             released,
         )
         with self._lock:
-            if not self._stopping:
+            if not self._stopping and not self._delivering:
+                self._delivering = True  # the delivery threads wait while it is not held
                 self._spawn_workers()
+        self.kick()
 
     def store_works(self, error: BaseException | None) -> None:
         """Log once when the store starts failing, and once when it works again."""

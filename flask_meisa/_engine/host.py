@@ -37,20 +37,58 @@ class HostLock:
         return f"HostLock({self.path!r}, held={self.held})"
 
     def try_acquire(self) -> bool:
-        """Take the lock if no other open file holds it; never waits."""
+        """Take the lock if no other open file holds it; never waits. Only the file now at
+        the path counts: one deleted or replaced since it was opened is opened again."""
         if self.held:
             return True
+        if self._fd is not None and not self._at_path(self._fd):
+            self.release()
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except (BlockingIOError, PermissionError):
             return False
+        if not self._at_path(self._fd):  # deleted or replaced since the open: try again
+            self.held = True
+            self.release()
+            return False
         self.held = True
         with suppress(OSError):  # the pid is only informative
             os.ftruncate(self._fd, 0)
             os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
         return True
+
+    def moved(self) -> bool:
+        """Whether the file held was deleted or replaced (an admin, a deploy script): any
+        process could then lock the file at the path and deliver as well."""
+        return self.held and self._fd is not None and not self._at_path(self._fd)
+
+    def take_again(self) -> bool:
+        """After :meth:`moved`: lock the file now at the path instead of the one held, and
+        say whether that worked (no: another process holds it, and this one no longer
+        holds the lock).
+
+        :raises OSError: the path cannot be opened (its folder is gone): the file held stays.
+        """
+        held = self._fd
+        assert held is not None
+        self._fd, self.held = None, False
+        try:
+            taken = self.try_acquire()
+        except OSError:
+            self._fd, self.held = held, True
+            raise
+        os.close(held)  # and with it the lock of a file nobody can open any more
+        return taken
+
+    def _at_path(self, fd: int) -> bool:
+        try:
+            there = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(fd)
+        return (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino)
 
     def release(self, *, forked: bool = False) -> None:
         """Let go of the lock (when held) and close the file. In a forked child (``forked``)

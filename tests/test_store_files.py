@@ -1,0 +1,93 @@
+"""The store's files changing under running app processes (``tests/served_app.py``), as
+deploy scripts and admins change them: the delivery lock file deleted or replaced, the
+store file deleted (with its folder) or replaced."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from flask_meisa._engine.host import HostLock
+from flask_meisa.emulator import Emulator
+from tests.process_support import Process
+from tests.process_support import Processes
+from tests.process_support import environment
+from tests.process_support import store_path
+from tests.process_support import wait_until
+
+DELIVERS = "now delivers for the host"
+
+
+@pytest.fixture
+def emu(emulator_factory: Callable[..., Emulator]) -> Emulator:
+    """An emulator without rate limit nor send guardrail."""
+    return emulator_factory(rate_limit=None, send_guardrail=None)
+
+
+@pytest.fixture
+def processes() -> Iterator[Processes]:
+    """Start app processes; those still running after the test are stopped, by pid."""
+    started = Processes()
+    yield started
+    started.stop_all()
+
+
+@pytest.fixture
+def instance(tmp_path: Path) -> Path:
+    """The instance folder the app processes share."""
+    return tmp_path / "instance"
+
+
+def delivers(process: Process) -> bool:
+    return DELIVERS in process.output
+
+
+def test_a_deleted_lock_file_never_makes_a_second_delivering_process(
+    emu: Emulator, instance: Path, processes: Processes
+) -> None:
+    env = environment(emu, instance, MEISA_TEST_RATE="none")
+    lock = f"{store_path(instance)}.lock"
+    first = processes.app(env, "serve", "0")
+    assert first.wait_for(delivers), first.output
+    other = processes.app(env, "serve", "0")
+    assert other.wait_for_line("ready"), other.output
+    Path(lock).unlink()  # an admin, or a deploy script cleaning the folder
+    # The delivering process takes the lock again, on the file now at the path.
+    assert wait_until(lambda: HostLock.holder(lock) == first.pid, 10), first.output
+    late = processes.app(env, "serve", "5")  # a process started after the deletion
+    assert late.wait_for_line("ready"), late.output
+    assert emu.wait_for(lambda e: len(e.events(event_name="worked")) == 5, 30)
+    assert not delivers(late) and not delivers(other)
+    # When the delivering process stops, exactly one of the others takes over.
+    first.signal(signal.SIGTERM)
+    assert first.wait() == 0, first.output
+    assert wait_until(lambda: HostLock.holder(lock) in (other.pid, late.pid), 10)
+    taker, rest = (other, late) if HostLock.holder(lock) == other.pid else (late, other)
+    assert taker.wait_for(delivers), taker.output
+    assert not rest.wait_for(delivers, timeout=2.0), rest.output
+    assert emu.live_key not in first.output + other.output + late.output
+
+
+def test_a_process_that_lost_its_lock_file_to_another_stops_delivering(
+    emu: Emulator, instance: Path, processes: Processes
+) -> None:
+    env = environment(emu, instance, MEISA_TEST_RATE="none")
+    lock = f"{store_path(instance)}.lock"
+    first = processes.app(env, "serve", "0")
+    assert first.wait_for(delivers), first.output
+    # The lock file replaced by one another process (here, this test) already holds.
+    taken = HostLock(f"{lock}.new")
+    assert taken.try_acquire()
+    Path(taken.path).replace(lock)
+    try:
+        assert first.wait_for_line("stops delivering", 10), first.output
+        late = processes.app(env, "serve", "5")
+        assert late.wait_for_line("ready"), late.output
+        assert not emu.wait_for(lambda e: len(e.events(event_name="worked")) > 0, 1.0)
+    finally:
+        taken.release()
+    assert emu.wait_for(lambda e: len(e.events(event_name="worked")) == 5, 30)

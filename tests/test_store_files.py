@@ -4,6 +4,7 @@ store file deleted (with its folder) or replaced."""
 
 from __future__ import annotations
 
+import shutil
 import signal
 from collections.abc import Callable
 from collections.abc import Iterator
@@ -12,11 +13,16 @@ from pathlib import Path
 import pytest
 
 from flask_meisa._engine.host import HostLock
+from flask_meisa._engine.store import Store
 from flask_meisa.emulator import Emulator
 from tests.process_support import Process
 from tests.process_support import Processes
 from tests.process_support import environment
+from tests.process_support import no_loss
+from tests.process_support import run_app
 from tests.process_support import store_path
+from tests.process_support import tally
+from tests.process_support import wait_stored
 from tests.process_support import wait_until
 
 DELIVERS = "now delivers for the host"
@@ -91,3 +97,33 @@ def test_a_process_that_lost_its_lock_file_to_another_stops_delivering(
     finally:
         taken.release()
     assert emu.wait_for(lambda e: len(e.events(event_name="worked")) == 5, 30)
+
+
+@pytest.mark.parametrize("how", ["folder wiped", "file replaced"])
+def test_work_stored_in_a_deleted_or_replaced_store_file_is_not_lost(
+    emu: Emulator, instance: Path, processes: Processes, how: str
+) -> None:
+    requests = 5
+    env = environment(emu, instance, MEISA_TEST_RATE="none")
+    emu.faults.outage(600)  # nothing is delivered: everything waits in the store
+    app = processes.app(env, "serve", str(requests))
+    assert app.wait_for_line("ready"), app.output
+    assert wait_stored(instance, "track", requests)
+    if how == "folder wiped":  # git clean -xfd, rsync --delete
+        shutil.rmtree(instance)
+    else:  # a copy put in place of the store's files (a backup restored with rsync)
+        copy = instance / "copy.sqlite3"
+        Store(copy).close()
+        for end in ("-wal", "-shm"):
+            Path(f"{store_path(instance)}{end}").unlink()
+        copy.replace(store_path(instance))
+    # The file every other process, and the next start, sees holds the work.
+    assert wait_stored(instance, "track", requests, timeout=10), app.output
+    assert app.wait_for_line("it uses the file now there", 10), app.output
+    app.signal(signal.SIGTERM)
+    assert app.wait() == 0, app.output
+    emu.faults.clear()
+    assert "flushed True" in run_app(env, "drain")
+    numbers = tally(emu, requests)
+    assert no_loss(numbers), numbers
+    assert emu.live_key not in app.output

@@ -256,14 +256,16 @@ class Delivery:
                 if batch:
                     self._store_batch(batch)
                     batch = []
-                if self._host_lock is not None:
-                    self._keep_delivering(self._host_lock)
                 if time.monotonic() >= look_at:  # new work from another process?
                     look_at = time.monotonic() + self._poll
+                    if self.store.moved():
+                        self._follow()
                     seen = self.store.data_version()
                     if seen != version:
                         version = seen
                         self.kick()
+                if self._host_lock is not None:
+                    self._keep_delivering(self._host_lock)
                 if self.is_holder and time.monotonic() >= housekeeping:
                     housekeeping = time.monotonic() + _HOUSEKEEPING
                     with self.store.write() as db:
@@ -319,6 +321,17 @@ class Delivery:
                 self._idle.notify_all()
         if shed:
             self._drop(shed, "queue_full", f"at most {self._capacity} operations wait")
+
+    def _follow(self) -> None:
+        carried = self.store.follow()
+        logger.warning(
+            "flask-meisa: the delivery store %s was deleted or replaced while this process "
+            "(pid %d) had it open; it uses the file now there, into which it moved the %d "
+            "operations left in the old one",
+            self.store.path,
+            os.getpid(),
+            carried,
+        )
 
     def _keep_delivering(self, lock: HostLock) -> None:
         if lock.moved():  # the lock file was deleted or replaced

@@ -17,7 +17,7 @@ from typing import Any
 if TYPE_CHECKING:
     from .store import Store
 
-__all__ = ["HostLock", "checking", "set_aside"]
+__all__ = ["HostLock", "carry_over", "checking", "set_aside"]
 
 logger = logging.getLogger("flask_meisa.engine")
 
@@ -166,11 +166,40 @@ def set_aside(store: Store, error: BaseException) -> None:
     )
 
 
-# The columns salvaged from a damaged store.
-_SALVAGED = (
-    "seq, id, kind, lane, ext, email, payload, contact, priority, force, created_at, state, "
+def carry_over(old: sqlite3.Connection, store: Store) -> int:
+    """Move the operations left in ``old`` (a connection to a store file deleted or
+    replaced since it was opened) into ``store``: how many. Stored there before they go
+    from ``old``, so that a failure repeats them rather than loses them."""
+    old.execute("BEGIN IMMEDIATE")  # the other processes still on the old file wait
+    try:
+        query = f"SELECT {_CARRIED} FROM meisa_ops ORDER BY seq"
+        rows = [_waiting(row) for row in old.execute(query)]
+        with store.write() as db:
+            db.executemany(
+                f"INSERT INTO meisa_ops ({_CARRIED}) VALUES ({', '.join('?' * _COLUMNS)})", rows
+            )
+        old.execute("DELETE FROM meisa_ops")
+        old.execute("COMMIT")
+    except BaseException:
+        with suppress(sqlite3.Error):
+            old.execute("ROLLBACK")
+        raise
+    return len(rows)
+
+
+# The columns carried over from a store file deleted or replaced, or salvaged from a
+# damaged one (with its ``seq``).
+_CARRIED = (
+    "id, kind, lane, ext, email, payload, contact, priority, force, created_at, state, "
     "attempts, first_attempt, merged, error_status, error_code, error_message, failed_at"
 )
+_COLUMNS = len(_CARRIED.split(","))
+_SALVAGED = f"seq, {_CARRIED}"
+
+
+def _waiting(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A row as it waits again: one in flight (its call was made, or not) is pending."""
+    return tuple("pending" if value == "flight" else value for value in row)
 
 
 def _salvage(path: str) -> list[tuple[Any, ...]]:
@@ -186,7 +215,7 @@ def _salvage(path: str) -> list[tuple[Any, ...]]:
         while skip < 1 << 40:
             try:
                 for row in db.execute(query, (after,)):
-                    rows.append(tuple("pending" if v == "flight" else v for v in row))
+                    rows.append(_waiting(row))
                     after, skip = row[0], 1
                 break
             except sqlite3.DatabaseError:

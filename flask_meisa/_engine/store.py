@@ -29,6 +29,7 @@ from ..operations import Operation
 from ..operations import identities
 from .base import LATENCY_WINDOW
 from .base import DeliveryStatus
+from .host import carry_over
 from .host import checking
 from .host import set_aside
 
@@ -125,6 +126,7 @@ class Store:
         self.busy_timeout = float(busy_timeout)
         self._lock = threading.RLock()
         self._db: sqlite3.Connection | None = None
+        self._opened: tuple[int, int] | None = None  # the file of the connection (device, inode)
         if self.path is None:
             return
         try:
@@ -164,7 +166,7 @@ class Store:
         self._lock = threading.RLock()
         if self._db is not None:
             _INHERITED.append(self._db)
-        self._db = None
+        self._db = self._opened = None
 
     def _connection(self) -> sqlite3.Connection:
         if self._db is None:
@@ -181,6 +183,8 @@ class Store:
                 db.close()
                 raise
             self._db = db
+            if self.path is not None:
+                self._opened = _file(self.path)
         return self._db
 
     @contextmanager
@@ -206,9 +210,40 @@ class Store:
     def close(self) -> None:
         """Close this process's connection (a memory database starts empty again)."""
         with self._lock:
-            db, self._db = self._db, None
+            db, self._db, self._opened = self._db, None, None
             if db is not None:
                 db.close()
+
+    def moved(self) -> bool:
+        """Whether the file this process has open was deleted or replaced (a deploy script
+        wiping the instance folder, a backup restored): the other processes of the host,
+        and the next start, see only the file now at the path."""
+        if self._opened is None:
+            return False
+        assert self.path is not None
+        try:
+            return _file(self.path) != self._opened
+        except FileNotFoundError:
+            return True
+
+    def follow(self) -> int:
+        """After :meth:`moved`: use the file now at the path (made when missing), with the
+        operations left in the one this process had open moved into it; how many. When
+        that fails the old file stays in use."""
+        with self._lock:
+            assert self.path is not None and self._db is not None
+            old, opened, self._db = self._db, self._opened, None
+            try:
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+                with checking(self.path):
+                    self.check()
+                carried = carry_over(old, self)
+            except BaseException:
+                self.close()
+                self._db, self._opened = old, opened
+                raise
+            old.close()
+            return carried
 
     def data_version(self) -> int:
         """A number that changes whenever another connection (any process) commits."""
@@ -368,6 +403,11 @@ class Store:
                 raise sqlite3.DatabaseError("; ".join(problems[:3]))
             if version < SCHEMA_VERSION:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _file(path: str) -> tuple[int, int]:
+    there = os.stat(path)
+    return there.st_dev, there.st_ino
 
 
 def marks(values: Sized) -> str:

@@ -129,3 +129,18 @@ def test_work_stored_in_a_deleted_or_replaced_store_file_is_not_lost(
     assert no_loss(numbers), numbers
     assert emu.live_key not in app.output
 
+
+def test_work_left_by_a_release_says_where_it_waits(
+    emu: Emulator, tmp_path: Path, processes: Processes
+) -> None:
+    # Release directories, each with its own instance folder: what the old release's
+    # workers leave pending is read by no later start; their log says where it is.
+    old_release = tmp_path / "releases" / "1" / "instance"
+    env = environment(emu, old_release, MEISA_TEST_RATE="none", MEISA_TEST_FLUSH_TIMEOUT="0")
+    emu.faults.outage(600)
+    app = processes.app(env, "serve", "5")
+    assert app.wait_for_line("ready"), app.output
+    assert wait_stored(old_release, "track", 5)
+    app.signal(signal.SIGTERM)
+    assert app.wait() == 0, app.output
+    assert f"stay in the store for the next start ({store_path(old_release)})" in app.output

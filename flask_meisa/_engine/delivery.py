@@ -189,7 +189,9 @@ class Delivery:
             with contextlib.suppress(*STORE_ERRORS), self.store.read() as db:
                 if left := pending.unfinished(db):
                     logger.info(
-                        "flask-meisa: %d operations stay in the store for the next start", left
+                        "flask-meisa: %d operations stay in the store for the next start (%s)",
+                        left,
+                        self.store.path,
                     )
         if self._host_lock is not None:
             self._host_lock.release()

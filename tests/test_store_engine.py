@@ -590,6 +590,33 @@ def test_operations_wait_in_memory_while_the_store_fails_and_are_stored_after(
     assert any("works again" in r.getMessage() for r in caplog.records)
 
 
+def test_a_store_that_stays_unwritable_is_logged_once_not_said_to_work_between_failures(
+    emulator: Emulator,
+    make_engine: MakeEngine,
+    path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The delivering process's threads fail each time they look for work (a full disk, a
+    # write lock held): the writer thread's reads, which still work, prove nothing.
+    caplog.set_level(logging.WARNING, logger="flask_meisa.engine")
+    engine = make_engine(emulator, RecordingHooks(), store=Store(path, busy_timeout=0.05))
+    engine.start()
+    assert eventually(lambda: engine.is_holder)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        assert eventually(lambda: len(failures(caplog)) == 1)
+        # The delivery threads look again at least once a second.
+        assert not eventually(lambda: "works again" in caplog.text, timeout=2.5)
+        assert len(failures(caplog)) == 1
+    finally:
+        other.execute("COMMIT")
+        other.close()
+    engine.submit([upsert(1)])
+    assert engine.flush(5)
+    assert "works again" in caplog.text
+
+
 def test_an_answer_that_comes_while_the_store_is_locked_is_kept_until_it_is_stored(
     emulator: Emulator,
     make_engine: MakeEngine,

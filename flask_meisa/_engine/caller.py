@@ -86,7 +86,10 @@ class Caller:
                     return
                 seen = self._generation
             try:
-                wait = self.step()
+                wait = 1.0  # while another process took the lock over
+                if self.delivery.is_holder:
+                    wait = self.step()
+                    self.delivery.store_works(None)  # its write worked
             except STORE_ERRORS as error:
                 self.delivery.store_works(error)
                 wait = 1.0
@@ -100,8 +103,6 @@ class Caller:
 
     def step(self) -> float:
         """Make one call, or say how long to wait before there may be one."""
-        if not self.delivery.is_holder:  # another process took the lock over
-            return 1.0
         token, counted = None, {"calls": 0, "reporting": 0}
         try:
             with self.store.write() as db:

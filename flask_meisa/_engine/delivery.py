@@ -273,7 +273,8 @@ class Delivery:
                     with self.store.write() as db:
                         max_age = self.settings.routine_max_age
                         pending.tidy(db, time.time(), max_age, self._known_for)
-                self.store_works(None)
+                if stored:  # a write worked (reads work on while writes fail)
+                    self.store_works(None)
             except STORE_ERRORS as error:
                 self.store_works(error)
                 with self._lock:

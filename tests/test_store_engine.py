@@ -779,3 +779,40 @@ def test_the_status_seen_from_another_engine_is_the_hosts(
     assert status.budget_left == {"3/hour": 0}
     assert not viewer.is_holder
     assert eventually(lambda: holder.status().in_flight == 0, 10.0)
+
+
+def test_a_store_file_this_version_cannot_follow_neither_floods_the_log_nor_stops_takeover(
+    emulator: Emulator,
+    make_engine: MakeEngine,
+    path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A newer release's process made the store again (its schema is newer) while this
+    # release's processes run: they cannot follow it, and carry on with the file they have.
+    caplog.set_level(logging.WARNING, logger="flask_meisa.engine")
+    first = make_engine(emulator, RecordingHooks())
+    first.start()
+    assert eventually(lambda: first.is_holder)
+    hooks = RecordingHooks()
+    second = make_engine(emulator, hooks)
+    second.start()
+    newer = path.with_name("newer.sqlite3")
+    Store(newer).close()
+    db = sqlite3.connect(newer)
+    db.execute("PRAGMA user_version = 99")
+    db.close()
+    for end in ("-wal", "-shm"):
+        Path(f"{path}{end}").unlink()
+    newer.replace(path)
+
+    def said() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if "newer flask-meisa" in r.getMessage()]
+
+    assert eventually(lambda: len(said()) == 2)  # once by each process
+    # The delivering process stops (a worker restarted): the other one takes over.
+    first.close(timeout=0)
+    assert eventually(lambda: second.is_holder)
+    second.submit([upsert(1)])
+    assert second.flush(5)
+    assert len(hooks.of("delivered")) == 1
+    assert len(said()) == 2

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from ..errors import ConfigurationError
 from ..errors import DeliveryError
 from ..operations import LANE_BACKFILL
 from ..operations import Operation
@@ -44,6 +45,8 @@ GROUP_WINDOW = 0.01
 #: Seconds between passes that age routine syncs and prune old records.
 _HOUSEKEEPING = 30.0
 logger = logging.getLogger("flask_meisa.engine")
+#: Why the file at the store's path may not be followed (see Store.follow).
+_UNFOLLOWABLE: tuple[type[BaseException], ...] = (*STORE_ERRORS, ConfigurationError)
 
 
 class Delivery:
@@ -89,6 +92,7 @@ class Delivery:
         self._threads: list[threading.Thread] = []
         self._started = self._stopping = self._closed = self._store_failing = False
         self._delivering = False  # delivery threads started
+        self._unfollowed: str | None = None  # why the file at the path cannot be followed
         self._host_lock = None if self.store.path is None else HostLock(self.store.path + ".lock")
         self._caller = Caller(self)
 
@@ -326,7 +330,23 @@ class Delivery:
             self._drop(shed, "queue_full", f"at most {self._capacity} operations wait")
 
     def _follow(self) -> None:
-        carried = self.store.follow()
+        try:
+            carried = self.store.follow()
+        except _UNFOLLOWABLE as error:
+            # The file this process has open stays in use, and the rest of its writer's
+            # pass (the delivery lock above all) goes on: said once, tried again each pass.
+            if self._unfollowed != str(error):
+                self._unfollowed = str(error)
+                logger.warning(
+                    "flask-meisa: the delivery store %s was deleted or replaced while this "
+                    "process (pid %d) had it open, and the file now there cannot be used "
+                    "(%s): it keeps the one it has open",
+                    self.store.path,
+                    os.getpid(),
+                    error,
+                )
+            return
+        self._unfollowed = None
         logger.warning(
             "flask-meisa: the delivery store %s was deleted or replaced while this process "
             "(pid %d) had it open; it uses the file now there, into which it moved the %d "

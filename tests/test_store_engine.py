@@ -816,3 +816,21 @@ def test_a_store_file_this_version_cannot_follow_neither_floods_the_log_nor_stop
     assert second.flush(5)
     assert len(hooks.of("delivered")) == 1
     assert len(said()) == 2
+
+
+def test_an_idle_delivering_engine_writes_nothing_to_the_store(
+    emulator: Emulator, make_engine: MakeEngine, path: Path
+) -> None:
+    engine = make_engine(emulator, RecordingHooks())
+    engine.submit([upsert(1)])
+    assert engine.flush(5)
+    watcher = sqlite3.connect(path, isolation_level=None)
+    try:
+        seen = watcher.execute("PRAGMA data_version").fetchone()[0]
+        # Its delivery threads look for work at least once a second: a commit changing
+        # nothing writes nothing (the disk of an idle host stays idle).
+        assert not eventually(
+            lambda: watcher.execute("PRAGMA data_version").fetchone()[0] != seen, timeout=2.5
+        )
+    finally:
+        watcher.close()

@@ -46,6 +46,11 @@ __all__ = [
 
 #: A clock that reads this much less than the latest time the store noted has stepped back.
 CLOCK_STEP = 1.0
+#: The note of the time is kept by every write that stores something (:meth:`Store.write`),
+#: and by :meth:`Store.now` at most this often while nothing is (an idle host writes
+#: nothing more often): a step back that follows as long a quiet time is measured that
+#: much short (well within the 10 minutes between a send's guard and Meisa's hour).
+IDLE_NOTE = 60.0
 #: Times only stored by a transaction that noted the time first (:meth:`Store.now`), all
 #: of them moved back with the clock: the key's calls, the answers the status's latency
 #: covers, and the first attempt a retry's deadline and a send's idempotency hour count from.
@@ -199,8 +204,11 @@ class Store:
         with self._lock:
             db = self._connection()
             db.execute("BEGIN IMMEDIATE")
+            changes = db.total_changes
             try:
                 yield db
+                if db.total_changes != changes:  # no time it stored is later than the note
+                    _note(db, time.time())
             except BaseException:
                 with suppress(sqlite3.Error):  # the original error says more
                     db.execute("ROLLBACK")
@@ -265,9 +273,9 @@ class Store:
 
     @staticmethod
     def now(db: sqlite3.Connection) -> float:
-        """In a write transaction: the time (``time.time()``), noted in the store. Where the
-        host's clock stepped back since it was last noted (NTP at boot, an admin fixing the
-        date), the times stored before the step move back by it, so that no budget slot,
+        """In a write transaction: the time (``time.time()``). Where the host's clock stepped
+        back since the store last noted it (:data:`IDLE_NOTE`; NTP at boot, an admin fixing
+        the date), the times stored before the step move back by it, so that no budget slot,
         lease, pause or retry waits as long as the step, and no send is retried past
         Meisa's idempotency hour (a wait across a restart goes on as if the host had been
         down no time)."""
@@ -284,7 +292,7 @@ class Store:
             pause = float(Store.get_meta(db, "pause_until", 0.0))
             if pause > now:
                 Store.set_meta(db, "pause_until", pause - step)
-        if noted is None or abs(step) >= CLOCK_STEP:
+        if noted is None or step >= CLOCK_STEP or -step >= IDLE_NOTE:
             Store.set_meta(db, "clock", now)
         return now
 
@@ -403,6 +411,13 @@ class Store:
                 raise sqlite3.DatabaseError("; ".join(problems[:3]))
             if version < SCHEMA_VERSION:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _note(db: sqlite3.Connection, now: float) -> None:
+    """Note ``now`` when it is later than the note (a step back is :meth:`Store.now`'s)."""
+    noted = Store.get_meta(db, "clock")
+    if noted is None or now - float(noted) >= CLOCK_STEP:
+        Store.set_meta(db, "clock", now)
 
 
 def _file(path: str) -> tuple[int, int]:

@@ -19,12 +19,14 @@ from typing import Any
 import pytest
 
 from flask_meisa._engine import dead
+from flask_meisa._engine import pending
 from flask_meisa._engine.delivery import Delivery
 from flask_meisa._engine.host import HostLock
 from flask_meisa._engine.host import set_aside
 from flask_meisa._engine.store import Store
 from flask_meisa.emulator import Emulator
 from flask_meisa.errors import DeliveryError
+from flask_meisa.operations import LANE_AUTOMATION
 from flask_meisa.operations import Operation
 from flask_meisa.retry import RetryPolicy
 from tests.engine_support import RecordingHooks
@@ -834,3 +836,30 @@ def test_an_idle_delivering_engine_writes_nothing_to_the_store(
         )
     finally:
         watcher.close()
+
+
+def test_a_row_in_flight_in_the_file_that_replaced_the_store_is_delivered(
+    emulator: Emulator, make_engine: MakeEngine, path: Path
+) -> None:
+    # A copy of the store taken while a call was in flight (a backup), put in place of
+    # the store's files while the delivering process runs: nobody's call is in flight
+    # on it, and its row waits again, as the rows of the file it had open do.
+    hooks = RecordingHooks()
+    engine = make_engine(emulator, hooks)
+    engine.start()
+    assert eventually(lambda: engine.is_holder)
+    copy = Store(path.with_name("copy.sqlite3"))
+    with copy.write() as db:
+        pending.add(db, upsert(1, plan="pro"), LANE_AUTOMATION)
+        row = pending.next_ready(db, time.time())
+        assert row is not None
+        pending.take(db, row, time.time())
+    copy.close()
+    for end in ("-wal", "-shm"):
+        Path(f"{path}{end}").unlink()
+    path.with_name("copy.sqlite3").replace(path)
+    assert eventually(lambda: not engine.store.moved())
+    engine.submit([upsert(1, plan="free")])  # the user's next state, behind it
+    assert engine.flush(5)
+    # (the next state merged into it once it waited again)
+    assert [r.body["custom_fields"]["plan"] for r in emulator.requests_to(UPSERT)] == ["free"]

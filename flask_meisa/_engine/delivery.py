@@ -331,7 +331,7 @@ class Delivery:
 
     def _follow(self) -> None:
         try:
-            carried = self.store.follow()
+            carried = self.store.follow(delivering=self.is_holder)
         except _UNFOLLOWABLE as error:
             # The file this process has open stays in use, and the rest of its writer's
             # pass (the delivery lock above all) goes on: said once, tried again each pass.

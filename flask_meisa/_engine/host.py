@@ -166,15 +166,18 @@ def set_aside(store: Store, error: BaseException) -> None:
     )
 
 
-def carry_over(old: sqlite3.Connection, store: Store) -> int:
+def carry_over(old: sqlite3.Connection, store: Store, *, release: bool = False) -> int:
     """Move the operations left in ``old`` (a connection to a store file deleted or
     replaced since it was opened) into ``store``: how many. Stored there before they go
-    from ``old``, so that a failure repeats them rather than loses them."""
+    from ``old``, so that a failure repeats them rather than loses them. ``release``: the
+    rows ``store`` has in flight wait again too (nobody's call is in flight on it)."""
     old.execute("BEGIN IMMEDIATE")  # the other processes still on the old file wait
     try:
         query = f"SELECT {_CARRIED} FROM meisa_ops ORDER BY seq"
         rows = [_waiting(row) for row in old.execute(query)]
         with store.write() as db:
+            if release:
+                db.execute("UPDATE meisa_ops SET state = 'pending' WHERE state = 'flight'")
             db.executemany(
                 f"INSERT INTO meisa_ops ({_CARRIED}) VALUES ({', '.join('?' * _COLUMNS)})", rows
             )

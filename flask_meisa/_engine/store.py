@@ -234,10 +234,12 @@ class Store:
         except FileNotFoundError:
             return True
 
-    def follow(self) -> int:
+    def follow(self, *, delivering: bool = False) -> int:
         """After :meth:`moved`: use the file now at the path (made when missing), with the
         operations left in the one this process had open moved into it; how many. When
-        that fails the old file stays in use."""
+        that fails the old file stays in use. ``delivering``: this process holds the
+        delivery lock, so that no call is in flight on the file now there (a copy taken
+        mid-call): its rows in flight wait again."""
         with self._lock:
             assert self.path is not None and self._db is not None
             old, opened, self._db = self._db, self._opened, None
@@ -245,7 +247,7 @@ class Store:
                 os.makedirs(os.path.dirname(self.path), exist_ok=True)
                 with checking(self.path):
                     self.check()
-                carried = carry_over(old, self)
+                carried = carry_over(old, self, release=delivering)
             except BaseException:
                 self.close()
                 self._db, self._opened = old, opened

@@ -339,8 +339,8 @@ class Delivery:
                 self._unfollowed = str(error)
                 logger.warning(
                     "flask-meisa: the delivery store %s was deleted or replaced while this "
-                    "process (pid %d) had it open, and the file now there cannot be used "
-                    "(%s): it keeps the one it has open",
+                    "process (pid %d) had it open, and it cannot move to the file now there "
+                    "(%s): it keeps the one it has open, and tries again",
                     self.store.path,
                     os.getpid(),
                     error,

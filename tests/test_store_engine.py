@@ -863,3 +863,19 @@ def test_a_row_in_flight_in_the_file_that_replaced_the_store_is_delivered(
     assert engine.flush(5)
     # (the next state merged into it once it waited again)
     assert [r.body["custom_fields"]["plan"] for r in emulator.requests_to(UPSERT)] == ["free"]
+
+
+def test_a_retry_carried_into_the_file_at_the_path_still_waits_its_turn(
+    emulator: Emulator, make_engine: MakeEngine, path: Path
+) -> None:
+    emulator.faults.fail_next(1, status=503, path=UPSERT)
+    slow = RetryPolicy(base_delay=60.0, max_delay=60.0, deadline=None, random=lambda: 0.999)
+    engine = make_engine(emulator, RecordingHooks(), retry=slow)
+    engine.submit([upsert(1)])
+    assert eventually(lambda: engine.status().retry_waiting == 1)
+    for end in ("", "-wal", "-shm"):  # the store deleted (a deploy script)
+        Path(f"{path}{end}").unlink()
+    assert eventually(lambda: not engine.store.moved())
+    # Meisa asked for time: the carried row waits its minute, as it did in the old file.
+    assert engine.status().retry_waiting == 1
+    assert not emulator.wait_for_requests(2, timeout=1.0)

@@ -173,13 +173,13 @@ def carry_over(old: sqlite3.Connection, store: Store, *, release: bool = False) 
     rows ``store`` has in flight wait again too (nobody's call is in flight on it)."""
     old.execute("BEGIN IMMEDIATE")  # the other processes still on the old file wait
     try:
-        query = f"SELECT {_CARRIED} FROM meisa_ops ORDER BY seq"
+        query = f"SELECT {_MOVED} FROM meisa_ops ORDER BY seq"
         rows = [_waiting(row) for row in old.execute(query)]
         with store.write() as db:
             if release:
                 db.execute("UPDATE meisa_ops SET state = 'pending' WHERE state = 'flight'")
             db.executemany(
-                f"INSERT INTO meisa_ops ({_CARRIED}) VALUES ({', '.join('?' * _COLUMNS)})", rows
+                f"INSERT INTO meisa_ops ({_MOVED}) VALUES ({', '.join('?' * _COLUMNS)})", rows
             )
         old.execute("DELETE FROM meisa_ops")
         old.execute("COMMIT")
@@ -196,8 +196,11 @@ _CARRIED = (
     "id, kind, lane, ext, email, payload, contact, priority, force, created_at, state, "
     "attempts, first_attempt, merged, error_status, error_code, error_message, failed_at"
 )
-_COLUMNS = len(_CARRIED.split(","))
 _SALVAGED = f"seq, {_CARRIED}"
+# Carried over with when a retry is due and how far an event's recovery went: Meisa asked
+# for the wait, and the old file was read whole.
+_MOVED = f"{_CARRIED}, ready_at, recover"
+_COLUMNS = len(_MOVED.split(","))
 
 
 def _waiting(row: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -879,3 +879,28 @@ def test_a_retry_carried_into_the_file_at_the_path_still_waits_its_turn(
     # Meisa asked for time: the carried row waits its minute, as it did in the old file.
     assert engine.status().retry_waiting == 1
     assert not emulator.wait_for_requests(2, timeout=1.0)
+
+
+def test_a_lock_file_that_cannot_be_made_again_is_said_once_not_as_the_store_failing(
+    emulator: Emulator,
+    make_engine: MakeEngine,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="flask_meisa.engine")
+    instance = tmp_path / "instance"
+    engine = make_engine(emulator, RecordingHooks(), store=Store(instance / "store.sqlite3"))
+    engine.start()
+    assert eventually(lambda: engine.is_holder)
+    # The folder deleted, and a file put where it was: neither the store nor its lock
+    # can be made again, while the file the process has open takes its work.
+    shutil.rmtree(instance)
+    instance.write_text("")
+    assert eventually(lambda: "cannot move to the file now there" in caplog.text)
+    assert eventually(lambda: "delivery lock" in caplog.text)
+    for n in range(5):
+        engine.submit([upsert(n)])
+        assert engine.flush(5)
+    assert engine.is_holder
+    assert "works again" not in caplog.text, caplog.text
+    assert "delivers on with the one it holds" in caplog.text

@@ -93,6 +93,7 @@ class Delivery:
         self._started = self._stopping = self._closed = self._store_failing = False
         self._delivering = False  # delivery threads started
         self._unfollowed: str | None = None  # why the file at the path cannot be followed
+        self._unlockable: str | None = None  # why the delivery lock file cannot be opened
         self._host_lock = None if self.store.path is None else HostLock(self.store.path + ".lock")
         self._caller = Caller(self)
 
@@ -357,6 +358,29 @@ class Delivery:
         )
 
     def _keep_delivering(self, lock: HostLock) -> None:
+        try:
+            taken = self._lock_taken(lock)
+        except OSError as error:
+            # The lock file cannot be opened (its folder gone, and not made again: the
+            # store's warning said why): said once, not as the store failing every pass.
+            if self._unlockable != str(error):
+                self._unlockable = str(error)
+                logger.warning(
+                    "flask-meisa: the delivery lock %s cannot be opened (%s); this process "
+                    "(pid %d) %s",
+                    lock.path,
+                    error,
+                    os.getpid(),
+                    "delivers on with the one it holds" if lock.held else "does not deliver",
+                )
+            return
+        self._unlockable = None
+        if taken:
+            self._try_to_deliver(lock)
+
+    def _lock_taken(self, lock: HostLock) -> bool:
+        """Look after the lock file (:raises OSError: it cannot be opened); whether this
+        process just took the lock."""
         if lock.moved():  # the lock file was deleted or replaced
             kept = lock.take_again()
             logger.warning(
@@ -369,12 +393,9 @@ class Delivery:
                 else f"process {HostLock.holder(lock.path)} holds the new one: this process "
                 "stops delivering",
             )
-        if not lock.held:
-            self._try_to_deliver(lock)
+        return not lock.held and lock.try_acquire()
 
     def _try_to_deliver(self, lock: HostLock) -> None:
-        if not lock.try_acquire():
-            return
         try:
             with self.store.write() as db:
                 released = pending.release_flights(db)

@@ -85,7 +85,7 @@ class HostLock:
     def _at_path(self, fd: int) -> bool:
         try:
             there = os.stat(self.path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # a file where its folder was
             return False
         mine = os.fstat(fd)
         return (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino)

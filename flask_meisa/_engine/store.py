@@ -231,7 +231,7 @@ class Store:
         assert self.path is not None
         try:
             return _file(self.path) != self._opened
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # a file where its folder was
             return True
 
     def follow(self, *, delivering: bool = False) -> int:

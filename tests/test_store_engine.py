@@ -904,3 +904,25 @@ def test_a_lock_file_that_cannot_be_made_again_is_said_once_not_as_the_store_fai
     assert engine.is_holder
     assert "works again" not in caplog.text, caplog.text
     assert "delivers on with the one it holds" in caplog.text
+
+
+def test_a_deleted_lock_file_is_locked_again_by_the_process_that_held_it(
+    emulator: Emulator,
+    make_engine: MakeEngine,
+    path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Another process that locked the new file first would take back the rows in flight
+    # of the one still delivering (calls it makes: two calls for one row).
+    caplog.set_level(logging.WARNING, logger="flask_meisa.engine")
+    holder = make_engine(emulator, RecordingHooks(), poll_interval=0.5)
+    holder.start()
+    assert eventually(lambda: holder.is_holder)
+    other = make_engine(emulator, RecordingHooks())  # looks more often than the holder
+    other.start()
+    waiting = other._host_lock
+    assert waiting is not None
+    assert eventually(lambda: waiting._fd is not None)  # it tried the file, held by the holder
+    Path(f"{path}.lock").unlink()
+    assert eventually(lambda: "locked the new file and delivers on" in caplog.text), caplog.text
+    assert holder.is_holder and not other.is_holder

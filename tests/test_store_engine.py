@@ -926,3 +926,26 @@ def test_a_deleted_lock_file_is_locked_again_by_the_process_that_held_it(
     Path(f"{path}.lock").unlink()
     assert eventually(lambda: "locked the new file and delivers on" in caplog.text), caplog.text
     assert holder.is_holder and not other.is_holder
+
+
+def test_work_carried_into_a_file_whose_clock_note_is_ahead_keeps_its_times(
+    emulator: Emulator, make_engine: MakeEngine, path: Path
+) -> None:
+    # The file put in place of the store noted a time an hour ahead of the host's clock
+    # (copied before the clock was set back, or from a host whose clock is fast): its own
+    # times move back by the hour, those of the work carried into it do not.
+    emulator.faults.fail_next(1, status=503, path=TRIGGER)
+    slow = RetryPolicy(base_delay=2.0, max_delay=2.0, deadline=None, random=lambda: 0.999)
+    hooks = RecordingHooks()
+    engine = make_engine(emulator, hooks, retry=slow)
+    engine.submit([send(1)])
+    assert eventually(lambda: engine.status().retry_waiting == 1)
+    copy = Store(path.with_name("copy.sqlite3"))
+    with copy.write() as db:
+        Store.set_meta(db, "clock", time.time() + 3600.0)
+    copy.close()
+    for end in ("-wal", "-shm"):
+        Path(f"{path}{end}").unlink()
+    path.with_name("copy.sqlite3").replace(path)
+    assert engine.flush(10)
+    assert [op.kind for op in hooks.of("delivered")] == ["send"], hooks.of("failed")

@@ -187,9 +187,13 @@ def carry_over(old: sqlite3.Connection, store: Store, *, release: bool = False) 
     rows ``store`` has in flight wait again too (nobody's call is in flight on it)."""
     old.execute("BEGIN IMMEDIATE")  # the other processes still on the old file wait
     try:
+        # Each file's times moved back by a clock step back since it noted the time (the
+        # file now there may be a copy made before one): both then count from this clock.
+        store.now(old)
         query = f"SELECT {_MOVED} FROM meisa_ops ORDER BY seq"
         rows = [_waiting(row) for row in old.execute(query)]
         with store.write() as db:
+            store.now(db)
             if release:
                 db.execute("UPDATE meisa_ops SET state = 'pending' WHERE state = 'flight'")
             db.executemany(

@@ -949,3 +949,27 @@ def test_work_carried_into_a_file_whose_clock_note_is_ahead_keeps_its_times(
     path.with_name("copy.sqlite3").replace(path)
     assert engine.flush(10)
     assert [op.kind for op in hooks.of("delivered")] == ["send"], hooks.of("failed")
+
+
+def test_work_in_both_a_restored_copy_and_the_file_it_replaced_is_delivered_once(
+    emulator: Emulator, make_engine: MakeEngine, path: Path
+) -> None:
+    emulator.faults.outage(600)  # nothing is delivered: everything waits in the store
+    hooks = RecordingHooks()
+    engine = make_engine(emulator, hooks)
+    engine.submit([track(n) for n in range(3)])
+    assert eventually(lambda: len(emulator.requests_to(TRACK)) == 3)  # all tried once
+    # A backup of the store (sqlite3's online backup), restored over it while it runs.
+    copy = sqlite3.connect(path.with_name("copy.sqlite3"))
+    source = sqlite3.connect(path)
+    source.backup(copy)
+    source.close()
+    copy.close()
+    for end in ("-wal", "-shm"):
+        Path(f"{path}{end}").unlink()
+    path.with_name("copy.sqlite3").replace(path)
+    assert eventually(lambda: not engine.store.moved())
+    emulator.faults.clear()
+    emulator.clear_requests()
+    assert engine.flush(10)
+    assert len(emulator.requests_to(TRACK)) == 3

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import sqlite3
@@ -196,6 +197,10 @@ def carry_over(old: sqlite3.Connection, store: Store, *, release: bool = False) 
             store.now(db)
             if release:
                 db.execute("UPDATE meisa_ops SET state = 'pending' WHERE state = 'flight'")
+            # The file now there may be a copy of the old one (a backup restored): a row of
+            # both is the old file's, as it went on from the copy (merged into, retried).
+            ids = json.dumps([row[0] for row in rows])  # each row's id, first of _CARRIED
+            db.execute("DELETE FROM meisa_ops WHERE id IN (SELECT value FROM json_each(?))", [ids])
             db.executemany(
                 f"INSERT INTO meisa_ops ({_MOVED}) VALUES ({', '.join('?' * _COLUMNS)})", rows
             )

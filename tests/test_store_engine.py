@@ -973,3 +973,22 @@ def test_work_in_both_a_restored_copy_and_the_file_it_replaced_is_delivered_once
     emulator.clear_requests()
     assert engine.flush(10)
     assert len(emulator.requests_to(TRACK)) == 3
+
+
+def test_meisas_pause_and_the_backfill_run_are_carried_into_the_file_at_the_path(
+    emulator: Emulator, make_engine: MakeEngine, path: Path
+) -> None:
+    emulator.faults.force_429(1, retry_after=60, path=UPSERT)
+    engine = make_engine(emulator, RecordingHooks(), rate_limit="60/minute")
+    engine.submit([upsert(1)])
+    assert eventually(lambda: engine.status().paused_for > 50)
+    run = {"started_at": time.time(), "position": 400, "max_share": 0.1}
+    with engine.store.write() as db:  # a 'flask meisa sync-users --max-share 0.1' going on
+        Store.set_meta(db, "backfill", run)
+    for end in ("", "-wal", "-shm"):  # the store deleted (a deploy script)
+        Path(f"{path}{end}").unlink()
+    assert eventually(lambda: not engine.store.moved())
+    status = engine.status()
+    assert status.paused_for > 50  # Meisa asked for a minute: no call before
+    assert status.backfill == run
+    assert len(emulator.requests_to(UPSERT)) == 1

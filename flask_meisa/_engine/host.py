@@ -183,7 +183,8 @@ def set_aside(store: Store, error: BaseException) -> None:
 
 def carry_over(old: sqlite3.Connection, store: Store, *, release: bool = False) -> int:
     """Move the operations left in ``old`` (a connection to a store file deleted or
-    replaced since it was opened) into ``store``: how many. Stored there before they go
+    replaced since it was opened), and what it keeps of the host's delivery that
+    ``store`` does not, into ``store``: how many operations. Stored there before they go
     from ``old``, so that a failure repeats them rather than loses them. ``release``: the
     rows ``store`` has in flight wait again too (nobody's call is in flight on it)."""
     old.execute("BEGIN IMMEDIATE")  # the other processes still on the old file wait
@@ -204,6 +205,10 @@ def carry_over(old: sqlite3.Connection, store: Store, *, release: bool = False) 
             db.executemany(
                 f"INSERT INTO meisa_ops ({_MOVED}) VALUES ({', '.join('?' * _COLUMNS)})", rows
             )
+            # Meisa's pause, the backfill run, the counters: where the file has none (its
+            # own clock note is Store.now's).
+            kept = old.execute("SELECT name, value FROM meisa_meta WHERE name != 'clock'")
+            db.executemany("INSERT OR IGNORE INTO meisa_meta VALUES (?, ?)", kept.fetchall())
         old.execute("DELETE FROM meisa_ops")
         old.execute("COMMIT")
     except BaseException:

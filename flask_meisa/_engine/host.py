@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import sqlite3
@@ -200,8 +199,9 @@ def carry_over(old: sqlite3.Connection, store: Store, *, release: bool = False) 
                 db.execute("UPDATE meisa_ops SET state = 'pending' WHERE state = 'flight'")
             # The file now there may be a copy of the old one (a backup restored): a row of
             # both is the old file's, as it went on from the copy (merged into, retried).
-            ids = json.dumps([row[0] for row in rows])  # each row's id, first of _CARRIED
-            db.execute("DELETE FROM meisa_ops WHERE id IN (SELECT value FROM json_each(?))", [ids])
+            there = dict(db.execute("SELECT id, seq FROM meisa_ops"))
+            copies = [(there[row[0]],) for row in rows if row[0] in there]  # id: first of _MOVED
+            db.executemany("DELETE FROM meisa_ops WHERE seq = ?", copies)
             db.executemany(
                 f"INSERT INTO meisa_ops ({_MOVED}) VALUES ({', '.join('?' * _COLUMNS)})", rows
             )

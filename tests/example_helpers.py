@@ -24,12 +24,14 @@ _tokens: WeakKeyDictionary[FlaskClient, str] = WeakKeyDictionary()
 
 
 def make_app(emulator: Any, tmp_path: Path, **overrides: Any) -> Flask:
-    """The example app on ``emulator`` (development), its database in ``tmp_path``."""
+    """The example app on ``emulator`` (development), its database and delivery store in
+    ``tmp_path`` (not in the checkout's instance folder, which the example app would use)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     config = emulator_config(
         emulator,
         SECRET_KEY="test-secret",
         EXAMPLE_DATABASE=str(tmp_path / "example.sqlite3"),
+        MEISA_OUTBOX=str(tmp_path / "meisa-outbox.sqlite3"),
         EXAMPLE_EMULATOR_URL=emulator.root_url,
     )
     config.update(overrides)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
 from flask_meisa.emulator import Emulator
+from tests.process_support import Processes
 
 #: Fails any test whose logs, errors, reprs, CLI output or operations show an API key.
 pytest_plugins = ["tests.secrets_guard"]
@@ -122,3 +124,23 @@ def _isolated_apps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         Flask.auto_find_instance_path = original  # type: ignore[method-assign]
         for state in list(runtime._live):
             state.close(0.0)
+
+
+@pytest.fixture
+def emu(emulator_factory: Callable[..., Emulator]) -> Emulator:
+    """An emulator without rate limit nor send guardrail."""
+    return emulator_factory(rate_limit=None, send_guardrail=None)
+
+
+@pytest.fixture
+def processes() -> Iterator[Processes]:
+    """Start app processes; those still running after the test are stopped, by pid."""
+    started = Processes()
+    yield started
+    started.stop_all()
+
+
+@pytest.fixture
+def instance(tmp_path: Path) -> Path:
+    """The instance folder the app processes of a test share."""
+    return tmp_path / "instance"

@@ -24,6 +24,7 @@ from flask_meisa.retry import RetryPolicy
 from tests.engine_support import RecordingHooks
 from tests.engine_support import make_engine as build_engine
 from tests.engine_support import upsert
+from tests.process_support import wait_until
 
 FAST = RetryPolicy(max_attempts=None, base_delay=0.05, max_delay=0.2, deadline=30.0)
 UPSERT = "/contacts/upsert/"
@@ -86,15 +87,6 @@ def query(path: Path, sql: str, *params: Any) -> list[Any]:
         store.close()
 
 
-def eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 def test_a_429_pause_ends_on_time_when_the_clock_steps_back_during_it(
     emulator: Emulator, make_engine: MakeEngine, clock: SteppedClock
 ) -> None:
@@ -102,7 +94,7 @@ def test_a_429_pause_ends_on_time_when_the_clock_steps_back_during_it(
     hooks = RecordingHooks()
     engine = make_engine(emulator, hooks, rate_limit="60/minute")
     engine.submit([upsert(1)])
-    assert eventually(lambda: engine.status().paused_for > 0)
+    assert wait_until(lambda: engine.status().paused_for > 0)
     clock.step(-HOUR)
     assert engine.flush(10)
     assert len(hooks.of("delivered")) == 1
@@ -117,7 +109,7 @@ def test_a_retry_comes_due_on_time_when_the_clock_stepped_back_over_a_restart(
     first = make_engine(emulator, RecordingHooks(), retry=slow)
     first.submit([upsert(1)])
     waiting = "SELECT count(*) FROM meisa_ops WHERE attempts = 1 AND state = 'pending'"
-    assert eventually(lambda: query(path, waiting)[0][0] == 1)
+    assert wait_until(lambda: query(path, waiting)[0][0] == 1)
     first.close(0)
     assert len(emulator.requests_to(UPSERT)) == 1
     clock.step(-HOUR)  # the host restarts, its clock stepped back an hour
@@ -168,7 +160,7 @@ def test_a_send_is_not_retried_past_meisas_idempotency_hour_after_the_clock_step
     engine = make_engine(emulator, hooks, retry=slow)
     operation = send(1)
     engine.submit([operation])
-    assert eventually(lambda: engine.status().retry_waiting == 1)
+    assert wait_until(lambda: engine.status().retry_waiting == 1)
     clock.step(-HOUR)
     engine.submit([upsert(9)])
     assert hooks.wait_for("delivered", 1)  # delivery went on after the step
@@ -188,10 +180,10 @@ def test_the_status_still_shows_how_long_work_waited_after_the_clock_stepped_bac
     engine = make_engine(emulator, RecordingHooks(), retry=slow)
     released = time.time() - 600  # waiting for ten minutes
     engine.submit([Operation("upsert", {"email": "a@example.com"}, created_at=released)])
-    assert eventually(lambda: engine.status().retry_waiting == 1)
+    assert wait_until(lambda: engine.status().retry_waiting == 1)
     assert engine.status().oldest_wait["automation"] == pytest.approx(600, abs=5)
     clock.step(-HOUR)
-    assert eventually(lambda: engine.status().oldest_wait["automation"] > 595)
+    assert wait_until(lambda: engine.status().oldest_wait["automation"] > 595)
 
 
 def test_a_dead_upsert_is_kept_from_a_retry_after_a_later_state_came_across_a_step_back(
@@ -246,11 +238,11 @@ def test_a_send_first_attempted_long_before_a_step_back_is_not_retried_past_the_
     engine = make_engine(emulator, hooks, retry=slow)
     operation = send(1)
     engine.submit([operation])
-    assert eventually(lambda: engine.status().retry_waiting == 1)
+    assert wait_until(lambda: engine.status().retry_waiting == 1)
     emulator.advance_clock(45 * 60)  # 45 minutes go by; the retry answered 503
     clock.step(45 * 60)
-    assert eventually(lambda: len(emulator.requests_to(TRIGGER)) == 2)
-    assert eventually(lambda: engine.status().retry_waiting == 1)
+    assert wait_until(lambda: len(emulator.requests_to(TRIGGER)) == 2)
+    assert wait_until(lambda: engine.status().retry_waiting == 1)
     clock.step(-20 * 60)
     engine.submit([upsert(9)])
     assert hooks.wait_for("delivered", 1)  # delivery went on after the step

@@ -22,7 +22,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from collections.abc import Iterator
 from concurrent.futures import Future
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -92,18 +91,6 @@ class Server:
     def stop(self) -> int:
         """Stop gracefully (SIGTERM to the master); its exit code."""
         return self.process.stop(timeout=60)
-
-
-@pytest.fixture
-def processes() -> Iterator[Processes]:
-    started = Processes()
-    yield started
-    started.stop_all()
-
-
-@pytest.fixture
-def instance(tmp_path: Path) -> Path:
-    return tmp_path / "instance"
 
 
 StartServer = Callable[..., Server]

@@ -9,8 +9,6 @@ import logging
 import signal
 import sqlite3
 import time
-from collections.abc import Callable
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,26 +26,6 @@ from tests.process_support import wait_stored
 UPSERT = "/contacts/upsert/"
 TRACK = "/events/track/"
 TRIGGER = "/emails/trigger/"
-
-
-@pytest.fixture
-def emu(emulator_factory: Callable[..., Emulator]) -> Emulator:
-    """An emulator without rate limit nor send guardrail."""
-    return emulator_factory(rate_limit=None, send_guardrail=None)
-
-
-@pytest.fixture
-def processes() -> Iterator[Processes]:
-    """Start app processes; those still running after the test are stopped, by pid."""
-    started = Processes()
-    yield started
-    started.stop_all()
-
-
-@pytest.fixture
-def instance(tmp_path: Path) -> Path:
-    """The instance folder the app processes share."""
-    return tmp_path / "instance"
 
 
 @pytest.mark.slow

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-from collections.abc import Callable
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,26 +24,6 @@ from tests.process_support import wait_stored
 from tests.process_support import wait_until
 
 DELIVERS = "now delivers for the host"
-
-
-@pytest.fixture
-def emu(emulator_factory: Callable[..., Emulator]) -> Emulator:
-    """An emulator without rate limit nor send guardrail."""
-    return emulator_factory(rate_limit=None, send_guardrail=None)
-
-
-@pytest.fixture
-def processes() -> Iterator[Processes]:
-    """Start app processes; those still running after the test are stopped, by pid."""
-    started = Processes()
-    yield started
-    started.stop_all()
-
-
-@pytest.fixture
-def instance(tmp_path: Path) -> Path:
-    """The instance folder the app processes share."""
-    return tmp_path / "instance"
 
 
 def delivers(process: Process) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 if TYPE_CHECKING:
     from .store import Store
 
-__all__ = ["HostLock", "carry_over", "checking", "set_aside"]
+__all__ = ["HostLock", "at_path", "carry_over", "checking", "identity", "set_aside"]
 
 logger = logging.getLogger("flask_meisa.engine")
 
@@ -87,12 +87,7 @@ class HostLock:
         return taken
 
     def _at_path(self, fd: int) -> bool:
-        try:
-            there = os.stat(self.path)
-        except (FileNotFoundError, NotADirectoryError):  # a file where its folder was
-            return False
-        mine = os.fstat(fd)
-        return (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino)
+        return at_path(self.path, identity(os.fstat(fd)))
 
     def release(self, *, forked: bool = False) -> None:
         """Let go of the lock (when held) and close the file. In a forked child (``forked``)
@@ -125,6 +120,20 @@ class HostLock:
         finally:
             os.close(fd)
         return None
+
+
+def identity(stat: os.stat_result) -> tuple[int, int]:
+    """A file's identity (device, inode): the same while it is renamed, not once replaced."""
+    return stat.st_dev, stat.st_ino
+
+
+def at_path(path: str, file: tuple[int, int]) -> bool:
+    """Whether ``file`` (an :func:`identity`) is still the one at ``path``: not deleted nor
+    replaced since it was opened."""
+    try:
+        return identity(os.stat(path)) == file
+    except (FileNotFoundError, NotADirectoryError):  # a file where its folder was
+        return False
 
 
 def _locked(fd: int) -> bool:

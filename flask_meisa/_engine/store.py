@@ -29,8 +29,10 @@ from ..operations import Operation
 from ..operations import identities
 from .base import LATENCY_WINDOW
 from .base import DeliveryStatus
+from .host import at_path
 from .host import carry_over
 from .host import checking
+from .host import identity
 from .host import set_aside
 
 __all__ = [
@@ -189,7 +191,7 @@ class Store:
                 raise
             self._db = db
             if self.path is not None:
-                self._opened = _file(self.path)
+                self._opened = identity(os.stat(self.path))
         return self._db
 
     @contextmanager
@@ -226,13 +228,8 @@ class Store:
         """Whether the file this process has open was deleted or replaced (a deploy script
         wiping the instance folder, a backup restored): the other processes of the host,
         and the next start, see only the file now at the path."""
-        if self._opened is None:
-            return False
-        assert self.path is not None
-        try:
-            return _file(self.path) != self._opened
-        except (FileNotFoundError, NotADirectoryError):  # a file where its folder was
-            return True
+        opened, path = self._opened, self.path
+        return opened is not None and path is not None and not at_path(path, opened)
 
     def follow(self, *, delivering: bool = False) -> int:
         """After :meth:`moved`: use the file now at the path (made when missing), with the
@@ -420,11 +417,6 @@ def _note(db: sqlite3.Connection, now: float) -> None:
     noted = Store.get_meta(db, "clock")
     if noted is None or now - float(noted) >= CLOCK_STEP:
         Store.set_meta(db, "clock", now)
-
-
-def _file(path: str) -> tuple[int, int]:
-    there = os.stat(path)
-    return there.st_dev, there.st_ino
 
 
 def marks(values: Sized) -> str:

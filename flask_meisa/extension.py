@@ -78,11 +78,12 @@ class Meisa:
             app.config.setdefault(key, default)
         settings = MeisaSettings.from_config(app.config)
         state = MeisaState(app, settings)
-        if state.delivering():
+        delivering = state.delivering()
+        if delivering:
             # Opened now, so that a damaged store is found at startup and an app that
             # cannot deliver is not registered.
             try:
-                state.open(start=False)
+                state.open()
             except BaseException:
                 state.close(0)
                 raise
@@ -97,10 +98,11 @@ class Meisa:
         from .cli import meisa_cli
 
         app.cli.add_command(meisa_cli)
-        if state.delivering():
+        if delivering:
             # Delivery starts once registered (what an earlier run left may be delivered at
             # once), except in a command of the Flask CLI (which delivers on first use).
-            state.open(start=not os.environ.get("FLASK_RUN_FROM_CLI"))
+            if not os.environ.get("FLASK_RUN_FROM_CLI"):
+                state.start()
             if settings.suppression_preload:
                 state.suppression.refresh_in_background()
 

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
+from typing import Any
 
 from ..errors import ConfigurationError
 from ..errors import DeliveryError
@@ -92,8 +93,8 @@ class Delivery:
         self._threads: list[threading.Thread] = []
         self._started = self._stopping = self._closed = self._store_failing = False
         self._delivering = False  # delivery threads started
-        self._unfollowed: str | None = None  # why the file at the path cannot be followed
-        self._unlockable: str | None = None  # why the delivery lock file cannot be opened
+        # What cannot be done now, by what (the store file, its lock), as last said.
+        self._trouble: dict[str, str] = {}
         self._host_lock = None if self.store.path is None else HostLock(self.store.path + ".lock")
         self._caller = Caller(self)
 
@@ -330,24 +331,30 @@ class Delivery:
         if shed:
             self._drop(shed, "queue_full", f"at most {self._capacity} operations wait")
 
+    def _say_once(self, what: str, error: BaseException, message: str, *args: Any) -> None:
+        """Log ``message`` (``error`` its last argument) unless ``error`` is the last said of
+        ``what`` (the store file, its lock): a failing pass is tried again every 0.1 s."""
+        if self._trouble.get(what) != str(error):
+            self._trouble[what] = str(error)
+            logger.warning(message, *args, error)
+
     def _follow(self) -> None:
         try:
             carried = self.store.follow(delivering=self.is_holder)
         except _UNFOLLOWABLE as error:
             # The file this process has open stays in use, and the rest of its writer's
             # pass (the delivery lock above all) goes on: said once, tried again each pass.
-            if self._unfollowed != str(error):
-                self._unfollowed = str(error)
-                logger.warning(
-                    "flask-meisa: the delivery store %s was deleted or replaced while this "
-                    "process (pid %d) had it open, and it cannot move to the file now there "
-                    "(%s): it keeps the one it has open, and tries again",
-                    self.store.path,
-                    os.getpid(),
-                    error,
-                )
+            self._say_once(
+                "store",
+                error,
+                "flask-meisa: the delivery store %s was deleted or replaced while this process "
+                "(pid %d) had it open, and it cannot move to the file now there (%s): it "
+                "keeps the one it has open, and tries again",
+                self.store.path,
+                os.getpid(),
+            )
             return
-        self._unfollowed = None
+        self._trouble.pop("store", None)
         logger.warning(
             "flask-meisa: the delivery store %s was deleted or replaced while this process "
             "(pid %d) had it open; it uses the file now there, into which it moved the %d "
@@ -359,41 +366,35 @@ class Delivery:
 
     def _keep_delivering(self, lock: HostLock) -> None:
         try:
-            taken = self._lock_taken(lock)
+            if lock.moved():  # the lock file was deleted or replaced
+                kept = lock.take_again()
+                logger.warning(
+                    "flask-meisa: the delivery lock %s was deleted or replaced while this "
+                    "process (pid %d) delivered; %s",
+                    lock.path,
+                    os.getpid(),
+                    "it locked the new file and delivers on"
+                    if kept
+                    else f"process {HostLock.holder(lock.path)} holds the new one: this "
+                    "process stops delivering",
+                )
+            taken = not lock.held and lock.try_acquire()
         except OSError as error:
             # The lock file cannot be opened (its folder gone, and not made again: the
             # store's warning said why): said once, not as the store failing every pass.
-            if self._unlockable != str(error):
-                self._unlockable = str(error)
-                logger.warning(
-                    "flask-meisa: the delivery lock %s cannot be opened (%s); this process "
-                    "(pid %d) %s",
-                    lock.path,
-                    error,
-                    os.getpid(),
-                    "delivers on with the one it holds" if lock.held else "does not deliver",
-                )
-            return
-        self._unlockable = None
-        if taken:
-            self._try_to_deliver(lock)
-
-    def _lock_taken(self, lock: HostLock) -> bool:
-        """Look after the lock file (:raises OSError: it cannot be opened); whether this
-        process just took the lock."""
-        if lock.moved():  # the lock file was deleted or replaced
-            kept = lock.take_again()
-            logger.warning(
-                "flask-meisa: the delivery lock %s was deleted or replaced while this process "
-                "(pid %d) delivered; %s",
+            self._say_once(
+                "lock",
+                error,
+                "flask-meisa: the delivery lock %s cannot be opened; this process (pid %d) "
+                f"{'delivers on with the one it holds' if lock.held else 'does not deliver'}"
+                " (%s)",
                 lock.path,
                 os.getpid(),
-                "it locked the new file and delivers on"
-                if kept
-                else f"process {HostLock.holder(lock.path)} holds the new one: this process "
-                "stops delivering",
             )
-        return not lock.held and lock.try_acquire()
+            return
+        self._trouble.pop("lock", None)
+        if taken:
+            self._try_to_deliver(lock)
 
     def _try_to_deliver(self, lock: HostLock) -> None:
         try:

@@ -5,6 +5,7 @@ writes fail, and the host's status seen from another engine."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -400,6 +401,43 @@ def test_a_requeued_event_may_recover_its_contact_again(
     assert engine.flush(5)
     assert seen(emulator) == [(TRACK, 404), (UPSERT, 200), (TRACK, 200)]
     assert [op.id for op in hooks.of("delivered")] == [event.id]
+
+
+def test_a_flush_waits_for_the_hooks_of_a_call_that_ends_while_it_looks(
+    emulator: Emulator, make_engine: MakeEngine, path: Path
+) -> None:
+    # A flush adds the work reporting in memory to the work the store holds: a call that
+    # ends between the two looks must not seem over before its hooks ran.
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowHooks(RecordingHooks):
+        def delivered(self, operation: Operation, result: Any) -> None:
+            entered.set()
+            release.wait(5)
+            super().delivered(operation, result)
+
+    hooks = SlowHooks()
+    emulator.faults.set(latency=0.3)
+    engine = make_engine(emulator, hooks)
+    engine.submit([upsert(1)])
+    flying = "SELECT count(*) FROM meisa_ops WHERE state = 'flight'"
+    assert eventually(lambda: query(path, flying)[0][0] == 1)
+    read, reads = engine.store.read, []
+
+    @contextlib.contextmanager
+    def read_once_the_hook_started() -> Iterator[sqlite3.Connection]:
+        if threading.current_thread() is threading.main_thread():
+            reads.append(1)
+            if len(reads) == 2:  # the flush's look at the store: the call ends meanwhile
+                assert entered.wait(5)
+        with read() as db:
+            yield db
+
+    engine.store.read = read_once_the_hook_started  # type: ignore[method-assign]
+    assert not engine.flush(0.5)  # the hook still runs
+    release.set()
+    assert engine.flush(5)
+    assert len(hooks.of("delivered")) == 1
 
 
 def test_one_engine_per_file_delivers_and_takes_the_others_rows(

@@ -435,9 +435,12 @@ class Delivery:
             return len(self._intake) + self._writing
 
     def _left(self, target: int | None) -> int:
-        left = self._unstored() + self._caller.reporting
+        # In this order: a batch counts as unstored until its commit, and a call as
+        # reporting from before its row is over until its hooks ran.
+        unstored = self._unstored()
         with self.store.read() as db:
-            return left + pending.unfinished(db, target)
+            unfinished = pending.unfinished(db, target)
+        return unstored + unfinished + self._caller.reporting
 
     def _wait_until(self, done: Callable[[], bool], deadline: float | None) -> bool:
         """Poll ``done`` (woken early by progress) until ``deadline`` (monotonic)."""

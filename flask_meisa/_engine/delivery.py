@@ -18,6 +18,7 @@ from typing import Any
 from ..errors import ConfigurationError
 from ..errors import DeliveryError
 from ..operations import LANE_BACKFILL
+from ..operations import LANE_NAMES
 from ..operations import Operation
 from ..retry import RetryPolicy
 from . import dead
@@ -208,8 +209,15 @@ class Delivery:
     def status(self) -> DeliveryStatus:
         """The host's delivery (see :class:`~.base.DeliveryStatus`)."""
         status = DeliveryStatus(engine="thread", durable=self.store.durable)
+        now = time.time()
         with self.store.read() as db:
-            Store.describe(db, time.time(), status)
+            Store.describe(db, now, status)
+        with self._lock:  # what this process holds while the store takes nothing
+            for operation in self._intake:
+                lane = LANE_NAMES[operation.lane]
+                status.queued[lane] += 1
+                waited = now - operation.created_at
+                status.oldest_wait[lane] = max(status.oldest_wait.get(lane, 0.0), waited)
         status.dropped += self._dropped_here
         if self.budget.windows:
             status.budget_left = self.budget.remaining()

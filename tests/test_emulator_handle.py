@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from email.utils import parsedate_to_datetime
+from typing import Any
 
 import pytest
 import requests
@@ -115,10 +116,20 @@ def test_stop_closes_keep_alive_connections_promptly(emulator_factory, emulator_
     assert api.get("/ping/").ok
 
 
-def test_stop_ends_a_latency_wait_and_a_restart_waits_again(emulator_factory):
+def test_stop_ends_a_latency_wait_and_a_restart_waits_again(emulator_factory, monkeypatch):
     emu = emulator_factory(rate_limit=None)
     emu.faults.set(latency=30)
     outcomes: list[object] = []
+    planned = threading.Event()  # the call is in the server, its latency decided
+    plan = emu.faults.plan
+
+    def plan_and_tell(path: str) -> Any:
+        try:
+            return plan(path)
+        finally:
+            planned.set()
+
+    monkeypatch.setattr(emu.faults, "plan", plan_and_tell)
 
     def ping() -> None:
         try:
@@ -131,7 +142,7 @@ def test_stop_ends_a_latency_wait_and_a_restart_waits_again(emulator_factory):
 
     caller = threading.Thread(target=ping)
     caller.start()
-    time.sleep(0.3)  # the call is waiting out its latency
+    assert planned.wait(10)  # the call is waiting out its latency (stop() ends that wait)
     started = time.perf_counter()
     emu.stop()
     caller.join(10)

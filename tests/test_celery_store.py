@@ -95,9 +95,9 @@ def test_an_expired_lease_lets_another_worker_deliver(
     store: RedisDeliveryStore, contact: str
 ) -> None:
     store.coalesce(upsert(), contact, LANE_ROUTINE)
-    assert store.claim(contact, 1, lease=0.05).state == "deliver"  # its worker dies mid-call
+    assert store.claim(contact, 1, lease=0.5).state == "deliver"  # its worker dies mid-call
     assert store.claim(contact, 1, lease=5.0).state == "busy"
-    time.sleep(0.06)  # the lease runs out
+    time.sleep(0.55)  # the lease runs out
     assert store.claim(contact, 1, lease=5.0).state == "deliver"
 
 

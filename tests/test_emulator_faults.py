@@ -92,14 +92,15 @@ def test_limits_per_key_and_disabled(emulator_factory, emulator_api_factory):
 
 
 def test_latency_delays_answers(emulator, emulator_api):
-    emulator.faults.set(latency=0.2, paths=["/ping/"])
+    emulator.faults.set(latency=1.0, paths=["/ping/"])
     started = time.perf_counter()
     assert emulator_api.get("/ping/").ok
-    assert time.perf_counter() - started >= 0.2
-    assert emulator.requests[-1].duration >= 0.2
+    assert time.perf_counter() - started >= 1.0
+    assert emulator.requests[-1].duration >= 1.0
     started = time.perf_counter()
     emulator_api.get("/contacts/api/unsubscribed-emails/")
-    assert time.perf_counter() - started < 0.2
+    # Not held (a second is long beside a local call, even on a busy machine).
+    assert time.perf_counter() - started < 1.0
 
 
 def test_error_rate_answers_errors_without_processing(emulator, emulator_api):

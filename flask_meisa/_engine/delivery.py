@@ -213,7 +213,7 @@ class Delivery:
         with self.store.read() as db:
             Store.describe(db, now, status)
         with self._lock:  # what this process holds while the store takes nothing
-            for operation in self._intake:
+            for operation in self._intake if self._store_failing else ():
                 lane = LANE_NAMES[operation.lane]
                 status.queued[lane] += 1
                 waited = now - operation.created_at

@@ -745,6 +745,70 @@ def test_what_the_store_never_took_is_reported_at_close(
     assert waiting(path) == 0
 
 
+def test_a_flush_during_close_waits_for_the_hooks_of_what_close_drops(
+    emulator: Emulator,
+    make_engine: MakeEngine,
+    path: Path,
+    lock: HostLock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # What close gives up on is over once its dropped hooks ran, not once close took it.
+    caplog.set_level(logging.WARNING, logger="flask_meisa.engine")
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowHooks(RecordingHooks):
+        def dropped(self, operation: Operation, reason: str) -> None:
+            entered.set()
+            assert release.wait(5)
+            super().dropped(operation, reason)
+
+    hooks = SlowHooks()
+    store = Store(path, busy_timeout=0.05)
+    engine = make_engine(emulator, hooks, store=store)
+    engine.start()
+    mend = _locked(store, path)
+    closing = threading.Thread(target=engine.close, args=(0,))
+    try:
+        engine.submit([track(n) for n in range(2)])
+        assert eventually(lambda: len(failures(caplog)) == 1)
+        closing.start()
+        assert entered.wait(5)  # close took them, and reports the first one
+        assert not engine.flush(0.2)
+    finally:
+        release.set()
+        closing.join(5)
+        mend()
+    assert len(hooks.of("dropped")) == 2
+
+
+def test_a_flush_during_close_waits_for_the_hooks_of_what_close_takes_from_memory(
+    emulator: Emulator, make_engine: MakeEngine
+) -> None:
+    # A store in memory: close takes what it holds out of it, then reports it dropped.
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowHooks(RecordingHooks):
+        def dropped(self, operation: Operation, reason: str) -> None:
+            entered.set()
+            assert release.wait(5)
+            super().dropped(operation, reason)
+
+    hooks = SlowHooks()
+    emulator.faults.set(error_rate=1.0, error_statuses=[503])  # it waits to retry
+    engine = make_engine(emulator, hooks, store=Store(None))
+    engine.submit([track(n) for n in range(2)])
+    assert eventually(lambda: len(emulator.requests_to(TRACK)) >= 2)
+    closing = threading.Thread(target=engine.close, args=(0,))
+    closing.start()
+    try:
+        assert entered.wait(5)  # close took them, and reports the first one
+        assert not engine.flush(0.2)
+    finally:
+        release.set()
+        closing.join(5)
+    assert len(hooks.of("dropped")) == 2
+
+
 def test_a_process_that_takes_the_lock_while_the_store_is_locked_still_delivers(
     emulator: Emulator,
     make_engine: MakeEngine,

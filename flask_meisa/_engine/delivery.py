@@ -182,16 +182,24 @@ class Delivery:
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(max(ends - time.monotonic(), 0.0))
+        # What is given up on counts as reporting (for a flush) from before it leaves
+        # memory or the store until its hooks ran.
         with self._lock:
             lost, self._intake = self._intake, []
+            self._caller._count(reporting=len(lost))
         if not self.store.durable:
             with contextlib.suppress(*STORE_ERRORS), self.store.write() as db:
-                lost += pending.take_all(db)
+                taken = pending.take_all(db)
+                self._caller._count(reporting=len(taken))  # before the commit
+                lost += taken
         if lost:
             logger.warning(
                 "flask-meisa: %d operations were not delivered before shutdown", len(lost)
             )
-            self._drop(lost, "shutdown")
+            try:
+                self._drop(lost, "shutdown")
+            finally:
+                self._caller._count(reporting=-len(lost))
         elif self.store.durable and self.is_holder:
             with contextlib.suppress(*STORE_ERRORS), self.store.read() as db:
                 if left := pending.unfinished(db):

@@ -717,6 +717,45 @@ def test_memory_stays_bounded_while_the_store_takes_nothing(
     assert sum("queue_full" in r.getMessage() for r in caplog.records) == 7
 
 
+def test_a_flush_waits_for_the_hooks_of_work_shed_from_memory_by_another_thread(
+    emulator: Emulator,
+    make_engine: MakeEngine,
+    path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="flask_meisa.engine")
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowHooks(RecordingHooks):
+        def dropped(self, operation: Operation, reason: str) -> None:
+            entered.set()
+            assert release.wait(5)
+            super().dropped(operation, reason)
+
+    hooks = SlowHooks()
+    store = Store(path, busy_timeout=0.05)
+    engine = make_engine(emulator, hooks, store=store, queue_size=1)
+    engine.start()
+    assert eventually(lambda: engine.is_holder)
+    mend = _locked(store, path)
+    submitting = threading.Thread(target=engine.submit, args=([upsert(2), upsert(3)],))
+    try:
+        engine.submit([upsert(1)])
+        assert eventually(lambda: len(failures(caplog)) == 1)
+        submitting.start()  # sheds the two oldest, and reports the first one
+        assert entered.wait(5)
+    finally:
+        mend()
+    try:
+        assert hooks.wait_for("delivered", 1)  # the one kept
+        assert not engine.flush(0.2)
+    finally:
+        release.set()
+        submitting.join(5)
+    assert engine.flush(5)
+    assert len(hooks.of("dropped")) == 2
+
+
 def test_what_the_store_never_took_is_reported_at_close(
     emulator: Emulator,
     make_engine: MakeEngine,

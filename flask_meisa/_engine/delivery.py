@@ -129,10 +129,14 @@ class Delivery:
                     gone = {id(op) for op in shed}
                     self._intake = [op for op in self._intake if id(op) not in gone]
                     self._dropped_here += len(shed)
+                    self._caller._count(reporting=len(shed))  # for a flush, until reported
                 self._wake.notify_all()
         if shed:
             why = f"the store takes nothing and {self._capacity} operations wait in memory"
-            self._drop(shed, "queue_full", why)
+            try:
+                self._drop(shed, "queue_full", why)
+            finally:
+                self._caller._count(reporting=-len(shed))
         if batch and not self._started:
             self.start()
         if closed:

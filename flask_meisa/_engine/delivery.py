@@ -87,7 +87,7 @@ class Delivery:
         self._wake = threading.Condition(self._lock)  # the writer waits here
         self._idle = threading.Condition(self._lock)  # flush waits here
         self._intake: list[Operation] = []
-        self._writing = 0  # operations taken by the writer, not yet stored
+        self._writing: list[Operation] = []  # taken by the writer, not yet stored
         self._dropped_here = 0  # shed from memory, or not stored (writer_error)
         self._live_rows = 0  # live operations stored, as last counted plus added since
         self._count_at = 0.0  # when to count them again
@@ -225,7 +225,7 @@ class Delivery:
         with self.store.read() as db:
             Store.describe(db, now, status)
         with self._lock:  # what this process holds while the store takes nothing
-            for operation in self._intake if self._store_failing else ():
+            for operation in [*self._writing, *self._intake] if self._store_failing else ():
                 lane = LANE_NAMES[operation.lane]
                 status.queued[lane] += 1
                 waited = now - operation.created_at
@@ -279,7 +279,7 @@ class Delivery:
                 if not self._intake:
                     self._wake.wait(self._poll)
                 batch, self._intake = self._intake, []
-                self._writing = stored = len(batch)
+                self._writing, stored = batch, len(batch)
             try:
                 if batch:
                     self._store_batch(batch)
@@ -304,7 +304,7 @@ class Delivery:
             except STORE_ERRORS as error:
                 self.store_works(error)
                 with self._lock:
-                    self._intake[:0] = batch  # kept in memory until the store takes them
+                    self._intake[:0], self._writing = batch, []  # kept until stored
                     if self._stopping:
                         return  # closing: what is left is reported lost
                     self._wake.wait(self._poll)
@@ -322,7 +322,7 @@ class Delivery:
                         self._drop([operation], "writer_error")
             finally:
                 with self._lock:
-                    self._writing = 0
+                    self._writing = []
                     self._idle.notify_all()
             if stored and not self._stopping:
                 # Group commit: one transaction, and one wake-up, per group of requests.
@@ -452,7 +452,7 @@ class Delivery:
 
     def _unstored(self) -> int:
         with self._lock:
-            return len(self._intake) + self._writing
+            return len(self._intake) + len(self._writing)
 
     def _left(self, target: int | None) -> int:
         # In this order: a batch counts as unstored until its commit, and a call as

@@ -128,21 +128,23 @@ class Caller:
                     self.blocked_lane = None
                     pending.take(db, row, now)
                     counted["calls"] = 1
-                self._count(**counted)  # before the commit: a flush sees no gap
+                self.count(**counted)  # before the commit: a flush sees no gap
         except BaseException:
             # Not stored (the commit failed): nothing of it is in flight or to report.
-            self._count(**{name: -number for name, number in counted.items()})
+            self.count(**{name: -number for name, number in counted.items()})
             raise
         if token is not None:
             report = self._call(row, token)
         try:
             report()
         finally:
-            self._count(reporting=-1)
+            self.count(reporting=-1)
             self.delivery.kick()
         return 0.0
 
-    def _count(self, *, calls: int = 0, reporting: int = 0) -> None:
+    def count(self, *, calls: int = 0, reporting: int = 0) -> None:
+        """Add to the calls in flight and to the work whose hooks have not run yet (which
+        a flush waits for: raise it before the work leaves memory or the store)."""
         with self._lock:
             self.calls += calls
             self.reporting += reporting
@@ -153,7 +155,7 @@ class Caller:
         outcome = Attempt(error=too_late(operation, row.first_attempt, time.time()))
         if reason is None and outcome.error is None:
             outcome = attempt(self.client, call_for(operation, row.recover == 1))
-        self._count(calls=-1, reporting=1)
+        self.count(calls=-1, reporting=1)
         try:
             while True:
                 # Settled from the row as taken each time: a try whose commit failed changed
@@ -177,7 +179,7 @@ class Caller:
                             raise
                         self._wake.wait(1.0)
         except BaseException:
-            self._count(reporting=-1)
+            self.count(reporting=-1)
             raise
 
     def _over(

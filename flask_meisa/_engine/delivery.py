@@ -129,14 +129,14 @@ class Delivery:
                     gone = {id(op) for op in shed}
                     self._intake = [op for op in self._intake if id(op) not in gone]
                     self._dropped_here += len(shed)
-                    self._caller._count(reporting=len(shed))  # for a flush, until reported
+                    self._caller.count(reporting=len(shed))  # for a flush, until reported
                 self._wake.notify_all()
         if shed:
             why = f"the store takes nothing and {self._capacity} operations wait in memory"
             try:
                 self._drop(shed, "queue_full", why)
             finally:
-                self._caller._count(reporting=-len(shed))
+                self._caller.count(reporting=-len(shed))
         if batch and not self._started:
             self.start()
         if closed:
@@ -190,11 +190,11 @@ class Delivery:
         # memory or the store until its hooks ran.
         with self._lock:
             lost, self._intake = self._intake, []
-            self._caller._count(reporting=len(lost))
+            self._caller.count(reporting=len(lost))
         if not self.store.durable:
             with contextlib.suppress(*STORE_ERRORS), self.store.write() as db:
                 taken = pending.take_all(db)
-                self._caller._count(reporting=len(taken))  # before the commit
+                self._caller.count(reporting=len(taken))  # before the commit
                 lost += taken
         if lost:
             logger.warning(
@@ -203,7 +203,7 @@ class Delivery:
             try:
                 self._drop(lost, "shutdown")
             finally:
-                self._caller._count(reporting=-len(lost))
+                self._caller.count(reporting=-len(lost))
         elif self.store.durable and self.is_holder:
             with contextlib.suppress(*STORE_ERRORS), self.store.read() as db:
                 if left := pending.unfinished(db):

@@ -53,9 +53,20 @@ class RecordingHooks:
         self.outcomes: list[tuple[str, Operation, Any]] = []
         self.skip: Callable[[Operation], str | None] = lambda op: None
         self.raise_in: set[str] = set()
+        self._held: dict[str, tuple[threading.Event, threading.Event]] = {}
         self._changed = threading.Condition()
 
+    def hold(self, kind: str) -> tuple[threading.Event, threading.Event]:
+        """Make each ``kind`` hook wait (at most 5 s) until the second event is set; the
+        first is set when one starts."""
+        events = self._held[kind] = threading.Event(), threading.Event()
+        return events
+
     def _record(self, kind: str, operation: Operation, detail: Any) -> None:
+        if kind in self._held:
+            entered, release = self._held[kind]
+            entered.set()
+            release.wait(5)
         with self._changed:
             self.outcomes.append((kind, operation, detail))
             self._changed.notify_all()

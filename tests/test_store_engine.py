@@ -408,15 +408,8 @@ def test_a_flush_waits_for_the_hooks_of_a_call_that_ends_while_it_looks(
 ) -> None:
     # A flush adds the work reporting in memory to the work the store holds: a call that
     # ends between the two looks must not seem over before its hooks ran.
-    entered, release = threading.Event(), threading.Event()
-
-    class SlowHooks(RecordingHooks):
-        def delivered(self, operation: Operation, result: Any) -> None:
-            entered.set()
-            release.wait(5)
-            super().delivered(operation, result)
-
-    hooks = SlowHooks()
+    hooks = RecordingHooks()
+    entered, release = hooks.hold("delivered")
     emulator.faults.set(latency=0.3)
     engine = make_engine(emulator, hooks)
     engine.submit([upsert(1)])
@@ -724,15 +717,8 @@ def test_a_flush_waits_for_the_hooks_of_work_shed_from_memory_by_another_thread(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="flask_meisa.engine")
-    entered, release = threading.Event(), threading.Event()
-
-    class SlowHooks(RecordingHooks):
-        def dropped(self, operation: Operation, reason: str) -> None:
-            entered.set()
-            assert release.wait(5)
-            super().dropped(operation, reason)
-
-    hooks = SlowHooks()
+    hooks = RecordingHooks()
+    entered, release = hooks.hold("dropped")
     store = Store(path, busy_timeout=0.05)
     engine = make_engine(emulator, hooks, store=store, queue_size=1)
     engine.start()
@@ -793,15 +779,8 @@ def test_a_flush_during_close_waits_for_the_hooks_of_what_close_drops(
 ) -> None:
     # What close gives up on is over once its dropped hooks ran, not once close took it.
     caplog.set_level(logging.WARNING, logger="flask_meisa.engine")
-    entered, release = threading.Event(), threading.Event()
-
-    class SlowHooks(RecordingHooks):
-        def dropped(self, operation: Operation, reason: str) -> None:
-            entered.set()
-            assert release.wait(5)
-            super().dropped(operation, reason)
-
-    hooks = SlowHooks()
+    hooks = RecordingHooks()
+    entered, release = hooks.hold("dropped")
     store = Store(path, busy_timeout=0.05)
     engine = make_engine(emulator, hooks, store=store)
     engine.start()
@@ -824,15 +803,8 @@ def test_a_flush_during_close_waits_for_the_hooks_of_what_close_takes_from_memor
     emulator: Emulator, make_engine: MakeEngine
 ) -> None:
     # A store in memory: close takes what it holds out of it, then reports it dropped.
-    entered, release = threading.Event(), threading.Event()
-
-    class SlowHooks(RecordingHooks):
-        def dropped(self, operation: Operation, reason: str) -> None:
-            entered.set()
-            assert release.wait(5)
-            super().dropped(operation, reason)
-
-    hooks = SlowHooks()
+    hooks = RecordingHooks()
+    entered, release = hooks.hold("dropped")
     emulator.faults.set(error_rate=1.0, error_statuses=[503])  # it waits to retry
     engine = make_engine(emulator, hooks, store=Store(None))
     engine.submit([track(n) for n in range(2)])

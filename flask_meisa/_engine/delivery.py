@@ -133,10 +133,7 @@ class Delivery:
                 self._wake.notify_all()
         if shed:
             why = f"the store takes nothing and {self._capacity} operations wait in memory"
-            try:
-                self._drop(shed, "queue_full", why)
-            finally:
-                self._caller.count(reporting=-len(shed))
+            self._drop(shed, "queue_full", why, counted=True)
         if batch and not self._started:
             self.start()
         if closed:
@@ -200,10 +197,7 @@ class Delivery:
             logger.warning(
                 "flask-meisa: %d operations were not delivered before shutdown", len(lost)
             )
-            try:
-                self._drop(lost, "shutdown")
-            finally:
-                self._caller.count(reporting=-len(lost))
+            self._drop(lost, "shutdown", counted=True)
         elif self.store.durable and self.is_holder:
             with contextlib.suppress(*STORE_ERRORS), self.store.read() as db:
                 if left := pending.unfinished(db):
@@ -263,11 +257,19 @@ class Delivery:
         with self._lock:
             self._idle.notify_all()
 
-    def _drop(self, operations: list[Operation], reason: str, why: str = "") -> None:
-        for op in operations:
-            if why:
-                logger.warning("flask-meisa: dropped %s (%s: %s)", op.describe(), reason, why)
-            self.hooks.call("dropped", op, reason)
+    def _drop(
+        self, operations: list[Operation], reason: str, why: str = "", *, counted: bool = False
+    ) -> None:
+        """Report ``operations`` dropped; ``counted``: they count as reporting (raised where
+        they left memory or the store, for a flush) until their hooks ran."""
+        try:
+            for op in operations:
+                if why:
+                    logger.warning("flask-meisa: dropped %s (%s: %s)", op.describe(), reason, why)
+                self.hooks.call("dropped", op, reason)
+        finally:
+            if counted:
+                self._caller.count(reporting=-len(operations))
 
     def _write_loop(self) -> None:
         version: int | None = None

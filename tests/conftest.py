@@ -10,7 +10,13 @@ from typing import Any
 import pytest
 import requests
 
+from flask_meisa._engine.delivery import Delivery
+from flask_meisa._engine.store import Store
 from flask_meisa.emulator import Emulator
+from tests.engine_support import FAST
+from tests.engine_support import MakeEngine
+from tests.engine_support import RecordingHooks
+from tests.engine_support import make_engine as build_engine
 from tests.process_support import Processes
 
 #: Fails any test whose logs, errors, reprs, CLI output or operations show an API key.
@@ -144,3 +150,29 @@ def processes() -> Iterator[Processes]:
 def instance(tmp_path: Path) -> Path:
     """The instance folder the app processes of a test share."""
     return tmp_path / "instance"
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    """A delivery store file in the test's folder."""
+    return tmp_path / "store.sqlite3"
+
+
+@pytest.fixture
+def make_engine(path: Path) -> Iterator[MakeEngine]:
+    """``make_engine(emulator, hooks, **options)``: an engine on a store of ``path`` (no
+    budget, fast retries, short polls unless given); all closed after the test."""
+    made: list[Delivery] = []
+
+    def make(emu: Emulator, hooks: RecordingHooks, **options: Any) -> Delivery:
+        options.setdefault("retry", FAST)
+        options.setdefault("poll_interval", 0.02)
+        if "store" not in options:
+            options["store"] = Store(path)
+        engine = build_engine(hooks, emu.url, emu.live_key, **options)
+        made.append(engine)
+        return engine
+
+    yield make
+    for engine in made:
+        engine.close(timeout=0)

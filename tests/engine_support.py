@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from flask_meisa._engine.delivery import Delivery
@@ -44,6 +45,14 @@ from flask_meisa.operations import Operation
 from flask_meisa.retry import RetryPolicy
 
 _DEFAULTS = MeisaSettings.from_config({"MEISA_ENABLED": False})
+
+
+#: Retries a test does not wait for; and retries a minute apart (a retry that waits).
+FAST = RetryPolicy(max_attempts=None, base_delay=0.05, max_delay=0.2, deadline=30.0)
+SLOW = RetryPolicy(base_delay=60.0, max_delay=60.0, deadline=None, random=lambda: 0.999)
+
+#: The ``make_engine`` fixture: ``make_engine(emulator, hooks, **options)``.
+MakeEngine = Callable[..., Delivery]
 
 
 class RecordingHooks:
@@ -145,6 +154,16 @@ def make_engine(
         ),
         poll_interval=poll_interval,
     )
+
+
+def query(path: Path, sql: str, *params: Any) -> list[Any]:
+    """Rows of ``sql`` read through a store of its own (another process's view)."""
+    store = Store(path)
+    try:
+        with store.read() as db:
+            return db.execute(sql, params).fetchall()
+    finally:
+        store.close()
 
 
 def _engine(hooks: RecordingHooks, **options: Any) -> Delivery:

@@ -6,10 +6,7 @@ delivery back for as long as the clock stepped."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -21,17 +18,16 @@ from flask_meisa.emulator import Emulator
 from flask_meisa.operations import LANE_AUTOMATION
 from flask_meisa.operations import Operation
 from flask_meisa.retry import RetryPolicy
+from tests.engine_support import SLOW
+from tests.engine_support import MakeEngine
 from tests.engine_support import RecordingHooks
-from tests.engine_support import make_engine as build_engine
+from tests.engine_support import query
 from tests.engine_support import upsert
 from tests.process_support import wait_until
 
-FAST = RetryPolicy(max_attempts=None, base_delay=0.05, max_delay=0.2, deadline=30.0)
 UPSERT = "/contacts/upsert/"
 TRIGGER = "/emails/trigger/"
 HOUR = 3600.0
-
-MakeEngine = Callable[..., Delivery]
 
 
 class SteppedClock:
@@ -53,38 +49,6 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> SteppedClock:
     stepped = SteppedClock()
     monkeypatch.setattr(time, "time", stepped)
     return stepped
-
-
-@pytest.fixture
-def path(tmp_path: Path) -> Path:
-    return tmp_path / "store.sqlite3"
-
-
-@pytest.fixture
-def make_engine(path: Path) -> Iterator[MakeEngine]:
-    """``make_engine(emulator, hooks, **options)``: an engine on a store of ``path``; all
-    closed after the test."""
-    made: list[Delivery] = []
-
-    def make(emu: Emulator, hooks: RecordingHooks, **options: Any) -> Delivery:
-        options.setdefault("retry", FAST)
-        options.setdefault("poll_interval", 0.02)
-        engine = build_engine(hooks, emu.url, emu.live_key, store=Store(path), **options)
-        made.append(engine)
-        return engine
-
-    yield make
-    for engine in made:
-        engine.close(timeout=0)
-
-
-def query(path: Path, sql: str, *params: Any) -> list[Any]:
-    store = Store(path)
-    try:
-        with store.read() as db:
-            return db.execute(sql, params).fetchall()
-    finally:
-        store.close()
 
 
 def test_a_429_pause_ends_on_time_when_the_clock_steps_back_during_it(
@@ -149,24 +113,45 @@ def send(n: int) -> Operation:
     return Operation("send", {**payload, "idempotency_key": f"s{n}"})
 
 
+def a_send_whose_answer_was_lost(
+    emulator: Emulator, make_engine: MakeEngine
+) -> tuple[Delivery, RecordingHooks, Operation]:
+    """An engine retrying a send once a minute, the send's first attempt made (it reached
+    Meisa; its answer was lost), and its retry waiting."""
+    emulator.faults.drop_next(1, path=TRIGGER, after=True)
+    hooks = RecordingHooks()
+    engine = make_engine(emulator, hooks, retry=SLOW)
+    operation = send(1)
+    engine.submit([operation])
+    assert wait_until(lambda: engine.status().retry_waiting == 1)
+    return engine, hooks, operation
+
+
+def step_back_then_wait(
+    emulator: Emulator,
+    engine: Delivery,
+    hooks: RecordingHooks,
+    clock: SteppedClock,
+    step: float,
+    then: float,
+) -> None:
+    """Step the clock back by ``step`` (delivery goes on), let ``then`` seconds pass, and
+    wait for what delivery does then."""
+    clock.step(-step)
+    engine.submit([upsert(9)])
+    assert hooks.wait_for("delivered", 1)  # delivery went on after the step
+    emulator.advance_clock(then)
+    clock.step(then)
+    assert engine.flush(5)
+
+
 def test_a_send_is_not_retried_past_meisas_idempotency_hour_after_the_clock_stepped_back(
     emulator: Emulator, make_engine: MakeEngine, clock: SteppedClock
 ) -> None:
     # The first attempt reached Meisa, its answer was lost; then the clock stepped back an
     # hour, and an hour went by before the retry: Meisa has forgotten the idempotency key.
-    emulator.faults.drop_next(1, path=TRIGGER, after=True)
-    slow = RetryPolicy(base_delay=60.0, max_delay=60.0, deadline=None, random=lambda: 0.999)
-    hooks = RecordingHooks()
-    engine = make_engine(emulator, hooks, retry=slow)
-    operation = send(1)
-    engine.submit([operation])
-    assert wait_until(lambda: engine.status().retry_waiting == 1)
-    clock.step(-HOUR)
-    engine.submit([upsert(9)])
-    assert hooks.wait_for("delivered", 1)  # delivery went on after the step
-    emulator.advance_clock(HOUR + 100)
-    clock.step(HOUR + 100)
-    assert engine.flush(5)
+    engine, hooks, operation = a_send_whose_answer_was_lost(emulator, make_engine)
+    step_back_then_wait(emulator, engine, hooks, clock, HOUR, then=HOUR + 100)
     assert len(emulator.sends()) == 1
     assert len(emulator.requests_to(TRIGGER)) == 1
     assert [op.id for op in hooks.of("failed")] == [operation.id]
@@ -176,8 +161,7 @@ def test_the_status_still_shows_how_long_work_waited_after_the_clock_stepped_bac
     emulator: Emulator, make_engine: MakeEngine, clock: SteppedClock
 ) -> None:
     emulator.faults.fail_next(1, status=503, path=UPSERT)
-    slow = RetryPolicy(base_delay=60.0, max_delay=60.0, deadline=None, random=lambda: 0.999)
-    engine = make_engine(emulator, RecordingHooks(), retry=slow)
+    engine = make_engine(emulator, RecordingHooks(), retry=SLOW)
     released = time.time() - 600  # waiting for ten minutes
     engine.submit([Operation("upsert", {"email": "a@example.com"}, created_at=released)])
     assert wait_until(lambda: engine.status().retry_waiting == 1)
@@ -231,24 +215,14 @@ def test_a_send_first_attempted_long_before_a_step_back_is_not_retried_past_the_
 ) -> None:
     # As above, but the step (20 minutes) is shorter than the send's age at the step (45):
     # Meisa forgets the key 60 minutes after the first attempt, 40 after the step.
-    emulator.faults.drop_next(1, path=TRIGGER, after=True)  # sent; its answer lost
-    emulator.faults.fail_next(1, status=503, path=TRIGGER)
-    slow = RetryPolicy(base_delay=60.0, max_delay=60.0, deadline=None, random=lambda: 0.999)
-    hooks = RecordingHooks()
-    engine = make_engine(emulator, hooks, retry=slow)
-    operation = send(1)
-    engine.submit([operation])
-    assert wait_until(lambda: engine.status().retry_waiting == 1)
+    engine, hooks, operation = a_send_whose_answer_was_lost(emulator, make_engine)
+    emulator.faults.fail_next(1, status=503, path=TRIGGER)  # the first retry
     emulator.advance_clock(45 * 60)  # 45 minutes go by; the retry answered 503
     clock.step(45 * 60)
     assert wait_until(lambda: len(emulator.requests_to(TRIGGER)) == 2)
     assert wait_until(lambda: engine.status().retry_waiting == 1)
-    clock.step(-20 * 60)
-    engine.submit([upsert(9)])
-    assert hooks.wait_for("delivered", 1)  # delivery went on after the step
-    emulator.advance_clock(20 * 60)  # 65 minutes after the first attempt
-    clock.step(20 * 60)
-    assert engine.flush(5)
+    # 65 minutes after the first attempt:
+    step_back_then_wait(emulator, engine, hooks, clock, 20 * 60, then=20 * 60)
     assert len(emulator.sends()) == 1
     assert len(emulator.requests_to(TRIGGER)) == 2
     assert [op.id for op in hooks.of("failed")] == [operation.id]

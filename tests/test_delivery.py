@@ -24,18 +24,18 @@ from flask_meisa.emulator import Emulator
 from flask_meisa.errors import DeliveryError
 from flask_meisa.operations import Operation
 from flask_meisa.retry import RetryPolicy
+from tests.engine_support import FAST
+from tests.engine_support import MakeEngine
 from tests.engine_support import RecordingHooks
 from tests.engine_support import make_engine as build_engine
 from tests.engine_support import upsert
 from tests.hostile import hostile
 from tests.process_support import wait_until
 
-FAST = RetryPolicy(max_attempts=None, base_delay=0.05, max_delay=0.2, deadline=30.0)
 UPSERT = "/contacts/upsert/"
 TRACK = "/events/track/"
 TRIGGER = "/emails/trigger/"
 
-MakeEngine = Callable[..., Delivery]
 SETTINGS = MeisaSettings.from_config({"MEISA_ENABLED": False})
 
 

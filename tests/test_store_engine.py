@@ -21,7 +21,6 @@ import pytest
 
 from flask_meisa._engine import dead
 from flask_meisa._engine import pending
-from flask_meisa._engine.delivery import Delivery
 from flask_meisa._engine.host import HostLock
 from flask_meisa._engine.host import set_aside
 from flask_meisa._engine.store import Store
@@ -30,41 +29,16 @@ from flask_meisa.errors import DeliveryError
 from flask_meisa.operations import LANE_AUTOMATION
 from flask_meisa.operations import Operation
 from flask_meisa.retry import RetryPolicy
+from tests.engine_support import SLOW
+from tests.engine_support import MakeEngine
 from tests.engine_support import RecordingHooks
 from tests.engine_support import make_engine as build_engine
+from tests.engine_support import query
 from tests.engine_support import upsert
 
-FAST = RetryPolicy(max_attempts=None, base_delay=0.05, max_delay=0.2, deadline=30.0)
 UPSERT = "/contacts/upsert/"
 TRACK = "/events/track/"
 TRIGGER = "/emails/trigger/"
-
-MakeEngine = Callable[..., Delivery]
-
-
-@pytest.fixture
-def path(tmp_path: Path) -> Path:
-    return tmp_path / "store.sqlite3"
-
-
-@pytest.fixture
-def make_engine(path: Path) -> Iterator[MakeEngine]:
-    """``make_engine(emulator, hooks, **options)``: an engine on a store of ``path`` (no
-    budget, fast retries, short polls unless given); all closed after the test."""
-    made: list[Delivery] = []
-
-    def make(emu: Emulator, hooks: RecordingHooks, **options: Any) -> Delivery:
-        options.setdefault("retry", FAST)
-        options.setdefault("poll_interval", 0.02)
-        if "store" not in options:
-            options["store"] = Store(path)
-        engine = build_engine(hooks, emu.url, emu.live_key, **options)
-        made.append(engine)
-        return engine
-
-    yield make
-    for engine in made:
-        engine.close(timeout=0)
 
 
 @pytest.fixture
@@ -94,16 +68,6 @@ def answered(emu: Emulator, path: str) -> list[Any]:
 
 def seen(emu: Emulator) -> list[tuple[str, int | None]]:
     return [(r.path.removeprefix("/api/v1"), r.status) for r in emu.requests]
-
-
-def query(path: Path, sql: str, *params: Any) -> list[Any]:
-    """Rows of ``sql`` read through a store of its own (another process's view)."""
-    store = Store(path)
-    try:
-        with store.read() as db:
-            return db.execute(sql, params).fetchall()
-    finally:
-        store.close()
 
 
 def waiting(path: Path) -> int:
@@ -983,8 +947,7 @@ def test_a_retry_carried_into_the_file_at_the_path_still_waits_its_turn(
     emulator: Emulator, make_engine: MakeEngine, path: Path
 ) -> None:
     emulator.faults.fail_next(1, status=503, path=UPSERT)
-    slow = RetryPolicy(base_delay=60.0, max_delay=60.0, deadline=None, random=lambda: 0.999)
-    engine = make_engine(emulator, RecordingHooks(), retry=slow)
+    engine = make_engine(emulator, RecordingHooks(), retry=SLOW)
     engine.submit([upsert(1)])
     assert eventually(lambda: engine.status().retry_waiting == 1)
     for end in ("", "-wal", "-shm"):  # the store deleted (a deploy script)

@@ -397,6 +397,36 @@ def test_a_flush_waits_for_the_hooks_of_a_call_that_ends_while_it_looks(
     assert len(hooks.of("delivered")) == 1
 
 
+def test_a_flush_in_a_process_that_keeps_handing_work_over_waits_only_for_earlier_work(
+    emulator: Emulator, make_engine: MakeEngine
+) -> None:
+    # Steady load: each of the writer's passes finds new work handed over while it wrote,
+    # so memory is never empty when a flush looks. Work handed over after the flush began
+    # does not hold the flush back.
+    hooks = RecordingHooks()
+    engine = make_engine(emulator, hooks)
+    loaded, more = threading.Event(), iter(range(1, 100_000))
+    write = engine.store.write
+
+    @contextlib.contextmanager
+    def write_while_more_comes() -> Iterator[sqlite3.Connection]:
+        if loaded.is_set() and threading.current_thread().name == "flask-meisa-writer":
+            engine.submit([upsert(next(more), tag="later")])
+        with write() as db:
+            yield db
+
+    engine.store.write = write_while_more_comes  # type: ignore[method-assign]
+    first = upsert(0)
+    engine.submit([first])
+    loaded.set()
+    try:
+        assert engine.flush(5)
+    finally:
+        loaded.clear()
+    assert first.id in [op.id for op in hooks.of("delivered")]
+    assert engine._unstored()  # later work was still in memory: the load was real
+
+
 def test_one_engine_per_file_delivers_and_takes_the_others_rows(
     emulator: Emulator, make_engine: MakeEngine, path: Path
 ) -> None:

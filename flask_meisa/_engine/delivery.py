@@ -88,6 +88,9 @@ class Delivery:
         self._idle = threading.Condition(self._lock)  # flush waits here
         self._intake: list[Operation] = []
         self._writing: list[Operation] = []  # taken by the writer, not yet stored
+        # Writer passes that took the intake, and the last one that stored all it took (a
+        # flush under steady load never sees memory empty).
+        self._passes = self._stored_pass = 0
         self._dropped_here = 0  # shed from memory, or not stored (writer_error)
         self._live_rows = 0  # live operations stored, as last counted plus added since
         self._count_at = 0.0  # when to count them again
@@ -151,9 +154,13 @@ class Delivery:
         over before the call is over and its hooks ran, whichever process delivers it."""
         self.start()
         if self.hooks.running:
-            return self._left(None) == 0  # waiting from a hook would deadlock
+            return self._unstored() + self._left(None) == 0  # waiting would deadlock
         deadline = None if timeout is None else time.monotonic() + timeout
-        if not self._wait_until(lambda: not self._unstored(), deadline):
+        with self._lock:
+            passes = self._passes  # the next pass takes all that was handed over before
+        if not self._wait_until(
+            lambda: self._stored_pass > passes or not self._unstored(), deadline
+        ):
             return False
         with self.store.read() as db:
             target = pending.last_seq(db)
@@ -282,10 +289,13 @@ class Delivery:
                     self._wake.wait(self._poll)
                 batch, self._intake = self._intake, []
                 self._writing, stored = batch, len(batch)
+                self._passes += 1
+                this_pass = self._passes
             try:
                 if batch:
                     self._store_batch(batch)
                     batch = []
+                self._stored_pass = this_pass
                 if time.monotonic() >= look_at:  # new work from another process?
                     look_at = time.monotonic() + self._poll
                     if self.store.moved():
@@ -457,12 +467,12 @@ class Delivery:
             return len(self._intake) + len(self._writing)
 
     def _left(self, target: int | None) -> int:
-        # In this order: a batch counts as unstored until its commit, and a call as
-        # reporting from before its row is over until its hooks ran.
-        unstored = self._unstored()
+        """Stored rows up to ``target`` not over, and outcomes whose hooks have not run."""
+        # In this order: a call counts as reporting from before its row is over until its
+        # hooks ran (and a batch as unstored, read before this, until its commit).
         with self.store.read() as db:
             unfinished = pending.unfinished(db, target)
-        return unstored + unfinished + self._caller.reporting
+        return unfinished + self._caller.reporting
 
     def _wait_until(self, done: Callable[[], bool], deadline: float | None) -> bool:
         """Poll ``done`` (woken early by progress) until ``deadline`` (monotonic)."""

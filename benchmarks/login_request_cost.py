@@ -29,9 +29,10 @@ ratios to ``bare`` (target for ``default``: p50 <= 1.05x, p99 <= 1.20x), the p50
 paired round by round (the median of each round's ratio, steadier on a noisy machine), the
 lowest and highest of that paired ratio over the replicas (how far one process alone could
 have misled), and
-the CPU each gunicorn worker used per login, every thread (background delivery included),
-which other processes' load on a shared machine does not inflate, and how much of it Meisa's
-own threads (the writer, delivery) took: the steadiest figure of the engine's cost. Last,
+the CPU each gunicorn worker used per login during its own rounds, every thread (background
+delivery included), which other processes' load on a shared machine does not inflate, and
+how much of it Meisa's own threads (the writer, delivery) took: the steadiest figure of the
+engine's cost. Last,
 the p99 ratio without the first round: at 0 ms that round holds the start-up burst (the
 fresh budget's first calls and the users' first syncs, delivered at once by the serving
 process), which otherwise sets the p99 of 3,000 logins.
@@ -92,40 +93,30 @@ class Served:
     url: str
     master: subprocess.Popen[bytes]
 
-    def cpu(self) -> float:
-        """Seconds of CPU the worker process has used, every thread."""
-        return _cpu_seconds(f"/proc/{self.worker()}/stat")
-
     def worker(self) -> str:
         """The pid of gunicorn's one worker."""
         with open(f"/proc/{self.master.pid}/task/{self.master.pid}/children") as children:
             return children.read().split()[0]
 
-    def background_cpu(self) -> dict[str, float]:
-        """Seconds of CPU Meisa's threads in the worker have used, by part (``writer``,
+    def threads(self) -> dict[str, str]:
+        """Meisa's threads in the worker: {native thread id: part} (``writer``,
         ``delivery`` for every delivery thread, ...), as the app names them at ``/threads``."""
         names = requests.get(f"{self.url}/threads", timeout=10).json()
-        tasks, used = f"/proc/{self.worker()}/task", dict[str, float]()
-        for tid, name in names.items():
-            if name.startswith("flask-meisa-"):
-                part = name.removeprefix("flask-meisa-").split("-")[0]
-                with contextlib.suppress(FileNotFoundError):  # a thread that ended
-                    used[part] = used.get(part, 0.0) + _cpu_seconds(f"{tasks}/{tid}/stat")
+        return {
+            tid: name.removeprefix("flask-meisa-").split("-")[0]
+            for tid, name in names.items()
+            if name.startswith("flask-meisa-")
+        }
+
+    def used(self, threads: dict[str, str]) -> dict[str, float]:
+        """CPU seconds the worker has used: ``all`` (every thread), and each part of
+        ``threads`` (see :meth:`threads`)."""
+        tasks = f"/proc/{self.worker()}/task"
+        used = {"all": _cpu_seconds(f"/proc/{self.worker()}/stat")}
+        for tid, part in threads.items():
+            with contextlib.suppress(FileNotFoundError):  # a thread that ended
+                used[part] = used.get(part, 0.0) + _cpu_seconds(f"{tasks}/{tid}/stat")
         return used
-
-
-def _cpu(replicas: list[Served]) -> float:
-    """CPU seconds the replicas' workers have used, every thread."""
-    return sum(served.cpu() for served in replicas)
-
-
-def _background_cpu(replicas: list[Served]) -> dict[str, float]:
-    """CPU seconds of Meisa's threads in the replicas' workers, by part."""
-    used: dict[str, float] = {}
-    for served in replicas:
-        for part, seconds in served.background_cpu().items():
-            used[part] = used.get(part, 0.0) + seconds
-    return used
 
 
 def _cpu_seconds(stat_path: str) -> float:
@@ -220,25 +211,32 @@ def time_logins(http: requests.Session, url: str, count: int, start: int) -> lis
 
 
 def measure(
-    sessions: dict[str, list[tuple[requests.Session, str]]],
+    sessions: dict[str, list[tuple[requests.Session, str, Served]]],
     latency: float,
     logins: int,
     rounds: int,
-) -> dict[str, list[list[float]]]:
+) -> tuple[dict[str, list[list[float]]], dict[str, dict[str, float]]]:
     """Seconds per login, per variant and round, in ``rounds`` interleaved rounds; round
     ``k`` times replica ``k % replicas`` of every variant. ``naive`` waits on Meisa, so with
-    a slow Meisa it makes a tenth of the logins."""
+    a slow Meisa it makes a tenth of the logins. Also the CPU seconds each variant's
+    workers used during its own rounds (see :meth:`Served.used`): not while other variants'
+    rounds ran, when idle passes of background threads would count against its logins."""
     names = list(sessions)
     times: dict[str, list[list[float]]] = {name: [] for name in names}
+    spent: dict[str, dict[str, float]] = {name: {} for name in names}
+    threads = {name: [one.threads() for _, _, one in sessions[name]] for name in names}
     per_round = max(logins // rounds, 1)
     for number in range(rounds):
         shift = number % len(names)
         for name in names[shift:] + names[:shift]:
             count = max(per_round // 10, 2) if name == "naive" and latency else per_round
-            replicas = sessions[name]
-            http, url = replicas[number % len(replicas)]
+            replica = number % len(sessions[name])
+            http, url, served = sessions[name][replica]
+            before = served.used(threads[name][replica])
             times[name].append(time_logins(http, url, count, number * per_round))
-    return times
+            for part, seconds in served.used(threads[name][replica]).items():
+                spent[name][part] = spent[name].get(part, 0.0) + seconds - before.get(part, 0.0)
+    return times, spent
 
 
 def paired_ratio(rounds: list[list[float]], bare: list[list[float]]) -> tuple[float, float]:
@@ -274,29 +272,25 @@ def run(logins: int, rounds: int, names: list[str], replicas: int = 3) -> list[d
             for name in names
         }
         sessions = {
-            name: [(stack.enter_context(requests.Session()), one.url) for one in served]
+            name: [(stack.enter_context(requests.Session()), one.url, one) for one in served]
             for name, served in workers.items()
         }
         for latency in LATENCIES:
             meisa.set_latency(latency)
             progress(f"login cost: Meisa answering after {latency * 1000:.0f} ms")
             for replicas_of in sessions.values():  # connections, imports, first syncs
-                for http, url in replicas_of:
+                for http, url, _ in replicas_of:
                     time_logins(http, url, 20, 0)
-            before = {name: _cpu(served) for name, served in workers.items()}
-            threads_before = {name: _background_cpu(served) for name, served in workers.items()}
-            by_round = measure(sessions, latency, logins, rounds)
+            by_round, spent = measure(sessions, latency, logins, rounds)
             times = {name: [t for one in values for t in one] for name, values in by_round.items()}
-            cpu = {
-                name: (_cpu(served) - before[name]) / len(times[name])
-                for name, served in workers.items()
-            }
+            cpu = {name: spent[name]["all"] / len(times[name]) for name in times}
             threads = {
                 name: {
-                    part: (seconds - threads_before[name].get(part, 0.0)) / len(times[name])
-                    for part, seconds in _background_cpu(served).items()
+                    part: seconds / len(times[name])
+                    for part, seconds in spent[name].items()
+                    if part != "all"
                 }
-                for name, served in workers.items()
+                for name in times
             }
             bare = times["bare"]
             later_bare = [t for one in by_round["bare"][1:] for t in one]

@@ -36,6 +36,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from flask_meisa._engine import known
 from flask_meisa._engine.delivery import Delivery
 from flask_meisa._engine.host import HostLock
 from flask_meisa._engine.store import Store
@@ -292,7 +293,7 @@ def full_disk_scenario() -> None:
     assert held.try_acquire()  # the engine only writes, for now
     same = upsert(1)
     with engine.store.write() as db:
-        Store.remember(db, same.payload, time.time())  # Meisa has this state already
+        known.remember(db, same.payload, time.time())  # Meisa has this state already
     engine.submit([same])
     _stored(engine, 1)
     with full_disk(engine) as failed:

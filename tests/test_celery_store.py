@@ -11,9 +11,9 @@ import pytest
 import redis
 
 from flask_meisa._engine.base import DeliveryStatus
+from flask_meisa._engine.known import digest
 from flask_meisa._engine.redis_store import ANSWERS_KEPT
 from flask_meisa._engine.redis_store import RedisDeliveryStore
-from flask_meisa._engine.store import digest
 from flask_meisa.operations import LANE_AUTOMATION
 from flask_meisa.operations import LANE_ROUTINE
 from flask_meisa.operations import LANE_TRANSACTIONAL

@@ -11,11 +11,12 @@ from typing import Any
 
 import pytest
 
+from flask_meisa._engine import known
 from flask_meisa._engine.delivery import Delivery
+from flask_meisa._engine.known import digest
+from flask_meisa._engine.known import lane_of
+from flask_meisa._engine.known import without
 from flask_meisa._engine.store import Store
-from flask_meisa._engine.store import digest
-from flask_meisa._engine.store import lane_of
-from flask_meisa._engine.store import without
 from flask_meisa.emulator import Emulator
 from flask_meisa.operations import LANE_AUTOMATION
 from flask_meisa.operations import LANE_ROUTINE
@@ -72,39 +73,39 @@ def test_a_digest_changes_with_a_value_and_not_with_key_order() -> None:
 
 
 def test_nothing_is_known_of_a_new_contact(db: sqlite3.Connection) -> None:
-    assert Store.lookup(db, {"email": "ada@example.com", "external_id": "u1"}) is None
+    assert known.lookup(db, {"email": "ada@example.com", "external_id": "u1"}) is None
 
 
 def test_remember_keeps_the_contact_under_both_names(db: sqlite3.Connection) -> None:
     payload = {"email": "Ada@Example.com", "external_id": "u1", "first_name": "Ada"}
-    Store.remember(db, payload, 100.0)
+    known.remember(db, payload, 100.0)
     assert set(entries(db)) == {"ext:u1", "email:ada@example.com"}
-    by_email = Store.lookup(db, {"email": "ada@example.com"})
-    by_id = Store.lookup(db, {"external_id": "u1"})
+    by_email = known.lookup(db, {"email": "ada@example.com"})
+    by_id = known.lookup(db, {"external_id": "u1"})
     assert by_email is not None and by_id is not None
     assert by_email == by_id and by_email.accepted_at == 100.0
     assert by_email.has(digest(payload))
 
 
 def test_lookup_goes_by_external_id_first(db: sqlite3.Connection) -> None:
-    Store.remember(db, {"email": "ada@example.com", "first_name": "By email"}, 1.0)
-    Store.remember(db, {"external_id": "u1", "first_name": "By id"}, 2.0)
-    found = Store.lookup(db, {"email": "ada@example.com", "external_id": "u1"})
+    known.remember(db, {"email": "ada@example.com", "first_name": "By email"}, 1.0)
+    known.remember(db, {"external_id": "u1", "first_name": "By id"}, 2.0)
+    found = known.lookup(db, {"email": "ada@example.com", "external_id": "u1"})
     assert found is not None and found.accepted_at == 2.0
     assert found.has(digest({"first_name": "By id"}))
-    fallback = Store.lookup(db, {"email": "ada@example.com", "external_id": "unknown"})
+    fallback = known.lookup(db, {"email": "ada@example.com", "external_id": "unknown"})
     assert fallback is not None and fallback.accepted_at == 1.0
 
 
 def test_remember_merges_what_meisa_accepted_over_time(db: sqlite3.Connection) -> None:
-    Store.remember(
+    known.remember(
         db,
         {"email": "ada@example.com", "custom_fields": {"plan": "free", "seats": 1}},
         1.0,
     )
-    Store.remember(db, {"email": "ada@example.com", "custom_fields": {"plan": "pro"}}, 2.0)
-    Store.remember(db, {"email": "ada@example.com", "tag_names": ["vip"]}, 3.0)
-    found = Store.lookup(db, {"email": "ada@example.com"})
+    known.remember(db, {"email": "ada@example.com", "custom_fields": {"plan": "pro"}}, 2.0)
+    known.remember(db, {"email": "ada@example.com", "tag_names": ["vip"]}, 3.0)
+    found = known.lookup(db, {"email": "ada@example.com"})
     assert found is not None and found.accepted_at == 3.0
     assert found.has(digest({"custom_fields": {"plan": "pro", "seats": 1}}))
     assert found.has(digest({"tag_names": ["vip"]}))
@@ -115,12 +116,12 @@ def test_remember_merges_what_meisa_accepted_over_time(db: sqlite3.Connection) -
 def test_only_a_change_of_a_named_custom_field_moves_a_known_contact_ahead(
     db: sqlite3.Connection,
 ) -> None:
-    Store.remember(db, {"email": "a@example.com", "custom_fields": {"plan": "free"}}, 1.0)
+    known.remember(db, {"email": "a@example.com", "custom_fields": {"plan": "free"}}, 1.0)
     priority = ("plan", "subscription_status")
 
     def lane(**payload: Any) -> int:
         update = Operation("upsert", {"email": "a@example.com", **payload})
-        return lane_of(update, lambda: Store.lookup(db, update.payload), priority)
+        return lane_of(update, lambda: known.lookup(db, update.payload), priority)
 
     assert lane(custom_fields={"plan": "pro"}) == LANE_AUTOMATION
     assert lane(custom_fields={"subscription_status": "x"}) == LANE_AUTOMATION
@@ -130,18 +131,18 @@ def test_only_a_change_of_a_named_custom_field_moves_a_known_contact_ahead(
 
 
 def test_forget_drops_both_names(db: sqlite3.Connection) -> None:
-    Store.remember(db, {"email": "ada@example.com", "external_id": "u1"}, 1.0)
-    Store.remember(db, {"email": "bob@example.com"}, 1.0)
-    Store.forget(db, {"event_name": "x", "external_id": "u1", "email": "ada@example.com"})
+    known.remember(db, {"email": "ada@example.com", "external_id": "u1"}, 1.0)
+    known.remember(db, {"email": "bob@example.com"}, 1.0)
+    known.forget(db, {"event_name": "x", "external_id": "u1", "email": "ada@example.com"})
     assert set(entries(db)) == {"email:bob@example.com"}
 
 
 def test_prune_forgets_what_was_accepted_before_a_time(db: sqlite3.Connection) -> None:
-    Store.remember(db, {"email": "old@example.com", "external_id": "o"}, 10.0)
-    Store.remember(db, {"email": "new@example.com"}, 20.0)
-    assert Store.prune(db, 15.0) == 2
+    known.remember(db, {"email": "old@example.com", "external_id": "o"}, 10.0)
+    known.remember(db, {"email": "new@example.com"}, 20.0)
+    assert known.prune(db, 15.0) == 2
     assert set(entries(db)) == {"email:new@example.com"}
-    assert Store.prune(db, 15.0) == 0
+    assert known.prune(db, 15.0) == 0
 
 
 # -- the lane of an upsert -------------------------------------------------------------
@@ -175,7 +176,7 @@ def payload(n: int, **fields: Any) -> dict[str, Any]:
 
 def remember(engine: Delivery, body: dict[str, Any]) -> None:
     with engine.store.write() as db:
-        Store.remember(db, body, time.time())
+        known.remember(db, body, time.time())
 
 
 def test_a_first_upsert_goes_to_the_automation_lane(engine: Delivery) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from flask_meisa._engine import dead
+from flask_meisa._engine import known
 from flask_meisa._engine import pending
 from flask_meisa._engine.host import HostLock
 from flask_meisa._engine.host import set_aside
@@ -871,7 +872,7 @@ def test_the_status_seen_from_another_engine_is_the_hosts(
     holder.submit([send(2)])  # call 3: in flight for two seconds
     assert eventually(lambda: holder.status().in_flight == 1)
     with holder.store.write() as db:
-        Store.remember(db, {"external_id": "t-5", "custom_fields": {"tag": "t"}}, time.time())
+        known.remember(db, {"external_id": "t-5", "custom_fields": {"tag": "t"}}, time.time())
     viewer = make_engine(emulator, RecordingHooks(), rate_limit="3/hour")  # another process
     viewer.submit(
         [

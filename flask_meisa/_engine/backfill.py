@@ -22,13 +22,14 @@ from ..operations import LANE_BACKFILL
 from ..operations import LANE_ROUTINE
 from ..operations import Operation
 from ..operations import identities
+from . import known
 from . import pending
 from .caller import allowed
-from .store import Known
+from .known import Known
+from .known import digest
+from .known import unchanged
+from .known import without
 from .store import Store
-from .store import digest
-from .store import unchanged
-from .store import without
 
 __all__ = [
     "CHUNK",
@@ -230,11 +231,11 @@ def run(
     return tick(force=True)
 
 
-def fresh_part(operation: Operation, known: Known | None, read_at: float) -> Operation | None:
+def fresh_part(operation: Operation, had: Known | None, read_at: float) -> Operation | None:
     """The backfill upsert ``operation`` of a user read at ``read_at``, less the fields a
     live sync Meisa accepted since then set (newer than the read); ``None`` when only its
     contact's names are left."""
-    newer = set() if known is None else known.set_after(read_at)
+    newer = set() if had is None else had.set_after(read_at)
     if not newer.intersection(digest(operation.payload)):
         return operation
     payload = without(operation.payload, newer)
@@ -286,14 +287,14 @@ class StoreTarget(Target):
         self, db: sqlite3.Connection, run: Run, operations: list[Operation], now: float
     ) -> None:
         for operation in operations:
-            had = functools.cache(functools.partial(Store.lookup, db, operation.payload))
+            had = functools.cache(functools.partial(known.lookup, db, operation.payload))
             fresh = fresh_part(operation, had(), now)
             # Meisa has this state and nothing of the contact waits: no row at all.
             if fresh is None or (
                 unchanged(fresh, had, now, self.resync_after) and not pending.waits(db, fresh)
             ):
                 if fresh is not None:
-                    Store.remember(db, fresh.payload, now, accepted=False)
+                    known.remember(db, fresh.payload, now, accepted=False)
                 run.skipped += 1
             else:
                 pending.add(db, fresh, LANE_BACKFILL)

@@ -26,6 +26,7 @@ from ..operations import Attempt
 from ..operations import attempt
 from ..retry import RetryPolicy
 from . import dead
+from . import known
 from . import pending
 from .base import OUTAGE_THRESHOLD
 from .base import CallClient
@@ -35,9 +36,9 @@ from .base import log_decision
 from .base import pause_for
 from .base import settle
 from .base import too_late
+from .known import unchanged
 from .store import STORE_ERRORS
 from .store import Store
-from .store import unchanged
 
 if TYPE_CHECKING:
     from .delivery import Delivery
@@ -114,9 +115,9 @@ class Caller:
                 if row is None:
                     due = pending.next_due(db, now)
                     return 1.0 if due is None else due - now
-                had = functools.partial(Store.lookup, db, row.operation.payload)
+                had = functools.partial(known.lookup, db, row.operation.payload)
                 if unchanged(row.operation, had, now, self.delivery.resync_after):
-                    Store.remember(db, row.operation.payload, now, accepted=False)
+                    known.remember(db, row.operation.payload, now, accepted=False)
                     report = self._over(db, row, "unchanged", "delivered", None)
                     counted["reporting"] = 1
                 else:
@@ -210,9 +211,9 @@ class Caller:
             what += f" (coalesced from {row.merged} operations)"
         self.budget.note(db, decision, now, retry)
         if decision.unknown_contact:
-            Store.forget(db, operation.payload)
+            known.forget(db, operation.payload)
         if settled.accepted is not None:
-            Store.remember(db, settled.accepted, now)
+            known.remember(db, settled.accepted, now)
         if settled.step == "event_again":
             pending.retry_at(db, row, 0.0, recover=2)
             return lambda: None

@@ -30,11 +30,11 @@ from .celery_setup import resolve_celery_app
 from .celery_worker import TASK_NAME
 from .celery_worker import DeliveryWorker
 from .celery_worker import lane_queues
+from .known import lane_of
+from .known import unchanged
 from .redis_budget import UNREACHABLE_FOR
 from .redis_budget import RedisBudget
 from .redis_store import RedisDeliveryStore
-from .store import lane_of
-from .store import unchanged
 
 if TYPE_CHECKING:
     from .._runtime import MeisaState

@@ -31,12 +31,12 @@ from .base import log_decision
 from .base import pause_for
 from .base import settle
 from .base import too_late
+from .known import Known
+from .known import unchanged
 from .redis_budget import MAX_WAIT
 from .redis_budget import RedisBudget
 from .redis_store import Claim
 from .redis_store import RedisDeliveryStore
-from .store import Known
-from .store import unchanged
 
 __all__ = ["TASK_NAME", "DeliveryWorker", "RunAgain", "lane_queues", "register_tasks"]
 

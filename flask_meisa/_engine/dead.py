@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from ..errors import APIConnectionError
 from ..errors import APIError
 from ..errors import ValidationError
+from . import known
 from .pending import OP_COLUMNS
 from .pending import Row
 from .pending import each_row
@@ -104,7 +105,7 @@ def outdated(db: sqlite3.Connection, letters: Iterable[DeadLetter]) -> list[int]
         letter.seq
         for letter in letters
         if letter.operation.kind == "upsert"
-        and Store.set_since(db, letter.operation.payload, letter.failed_at)
+        and known.set_since(db, letter.operation.payload, letter.failed_at)
     ]
 
 

@@ -22,6 +22,7 @@ from ..operations import LANE_NAMES
 from ..operations import Operation
 from ..retry import RetryPolicy
 from . import dead
+from . import known
 from . import pending
 from .base import ClientFactory
 from .base import DeliveryHooks
@@ -31,10 +32,10 @@ from .base import require_real_threads
 from .caller import Budget
 from .caller import Caller
 from .host import HostLock
-from .store import KEEP_FOR
+from .known import KEEP_FOR
+from .known import lane_of
 from .store import STORE_ERRORS
 from .store import Store
-from .store import lane_of
 
 if TYPE_CHECKING:
     from .._runtime import MeisaState
@@ -344,7 +345,7 @@ class Delivery:
         lowest, shed = LANE_BACKFILL, []
         with self.store.write() as db:
             for operation in batch:
-                had = functools.partial(Store.lookup, db, operation.payload)
+                had = functools.partial(known.lookup, db, operation.payload)
                 lane = functools.partial(lane_of, operation, had, self.settings.priority_fields)
                 lowest = min(lowest, pending.add(db, operation, lane).lane)
             # Counted at most once a second, or when the count may be near the bound.

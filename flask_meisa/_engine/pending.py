@@ -19,6 +19,7 @@ from ..operations import by_age
 from ..operations import identities
 from ..operations import join_upserts
 from ..operations import merge_priorities
+from . import known
 from .base import LATENCY_WINDOW
 from .store import Store
 from .store import marks
@@ -203,7 +204,7 @@ def age_routine(db: sqlite3.Connection, older_than: float) -> int:
 def tidy(db: sqlite3.Connection, now: float, routine_max_age: float, known_for: float) -> None:
     """Housekeeping: age routine syncs, forget old digests and answers past the window."""
     age_routine(db, now - routine_max_age)
-    Store.prune(db, now - known_for)
+    known.prune(db, now - known_for)
     db.execute("DELETE FROM meisa_answers WHERE at < ?", (now - LATENCY_WINDOW,))
 
 

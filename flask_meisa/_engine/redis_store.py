@@ -25,9 +25,9 @@ from ..operations import merge_priorities
 from ..operations import merge_upsert_payloads
 from .base import LATENCY_WINDOW
 from .base import DeliveryStatus
-from .store import KEEP_FOR
-from .store import Known
-from .store import digest
+from .known import KEEP_FOR
+from .known import Known
+from .known import digest
 
 __all__ = ["Claim", "RedisDeliveryStore"]
 

@@ -1,0 +1,184 @@
+"""What Meisa already has of each contact: a digest of the state it last accepted, per
+field, and when the app last set each field; kept in the delivery store's ``meisa_known``
+table (the Celery engine keeps the same digest in Redis)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..operations import LANE_AUTOMATION
+from ..operations import LANE_ROUTINE
+from ..operations import Operation
+from ..operations import identities
+from .store import marks
+
+__all__ = [
+    "KEEP_FOR",
+    "Known",
+    "digest",
+    "forget",
+    "lane_of",
+    "lookup",
+    "prune",
+    "remember",
+    "set_since",
+    "unchanged",
+    "without",
+]
+
+#: Before a field's name in what Meisa has of a contact: when the app last set that field.
+SET_AT = "@set:"
+
+#: What Meisa has of a contact is forgotten after this long, whatever MEISA_RESYNC_AFTER says.
+KEEP_FOR = 30 * 86400.0
+
+
+def _entries(db: sqlite3.Connection, payload: Mapping[str, Any], limit: str = "") -> list[Any]:
+    """``(names, fields, accepted_at)`` of the contact ``payload`` names, ``external_id``
+    first (one indexed read per name: cheaper than ``IN`` and a sort)."""
+    keys = _names(payload)
+    if not keys:
+        return []
+    query = "SELECT names, fields, accepted_at FROM meisa_known WHERE key = ?"
+    return db.execute(" UNION ALL ".join([query] * len(keys)) + limit, keys).fetchall()
+
+
+def lookup(db: sqlite3.Connection, payload: Mapping[str, Any]) -> Known | None:
+    """What Meisa has of the contact ``payload`` names (by ``external_id`` first)."""
+    found = _entries(db, payload, " LIMIT 1")
+    return Known(json.loads(found[0][1]), float(found[0][2])) if found else None
+
+
+def remember(
+    db: sqlite3.Connection, payload: Mapping[str, Any], now: float, *, accepted: bool = True
+) -> None:
+    """Meisa accepted ``payload`` (not ``accepted``: it had it already, the upsert is
+    skipped as unchanged): fold its fields into what it has of the contact, each with
+    when the app last set it (:func:`set_since`)."""
+    entries = _entries(db, payload)
+    if not accepted and not entries:
+        return
+    digested = digest(payload)
+    fields = {**(json.loads(entries[0][1]) if entries else {}), **digested}
+    fields.update((f"{SET_AT}{name}", repr(now)) for name in digested)
+    names = {name for entry in entries for name in json.loads(entry[0])}
+    listed = sorted(names.union(_names(payload)))
+    text, known_as = json.dumps(fields, separators=(",", ":")), json.dumps(listed)
+    at = now if accepted else float(entries[0][2])
+    db.executemany(
+        "INSERT OR REPLACE INTO meisa_known (key, names, fields, accepted_at) VALUES (?, ?, ?, ?)",
+        [(key, known_as, text, at) for key in listed],
+    )
+
+
+def set_since(db: sqlite3.Connection, payload: Mapping[str, Any], since: float) -> bool:
+    """Whether a field of the upsert ``payload`` (not a name of its contact) was set
+    again after ``since``: Meisa accepted it, or had it when the app set it again."""
+    known = lookup(db, payload)
+    return known is not None and bool(known.set_after(since).intersection(digest(payload)))
+
+
+def forget(db: sqlite3.Connection, payload: Mapping[str, Any]) -> None:
+    """Meisa no longer knows the contact (an event answered 404): forget all its names."""
+    names = [name for entry in _entries(db, payload) for name in json.loads(entry[0])]
+    db.execute(f"DELETE FROM meisa_known WHERE key IN ({marks(names)})", names)
+
+
+def prune(db: sqlite3.Connection, before: float) -> int:
+    """Forget what Meisa had of contacts accepted before ``before``."""
+    return db.execute("DELETE FROM meisa_known WHERE accepted_at < ?", (before,)).rowcount
+
+
+def _names(payload: Mapping[str, Any]) -> list[str]:
+    return [name for name in identities(payload) if name is not None]
+
+
+def _hash(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+def digest(payload: Mapping[str, Any]) -> dict[str, str]:
+    """``{field: short hash}`` of an upsert payload, per field, custom field and tag (not
+    ``source``: Meisa keeps a contact's first)."""
+    fields: dict[str, str] = {}
+    for name, value in payload.items():
+        if name == "custom_fields":
+            fields.update((f"custom_fields.{key}", _hash(item)) for key, item in value.items())
+        elif name == "tag_names":
+            fields.update((f"tag:{tag}", "1") for tag in value)
+        elif name != "source":
+            fields[name] = _hash(value)
+    return fields
+
+
+def without(payload: Mapping[str, Any], fields: Iterable[str]) -> dict[str, Any]:
+    """``payload`` less ``fields``, named as :func:`digest` names them."""
+    gone = set(fields)
+    kept = {name: value for name, value in payload.items() if name not in gone}
+    pairs = (kept.pop("custom_fields", None) or {}).items()
+    if custom := {key: value for key, value in pairs if f"custom_fields.{key}" not in gone}:
+        kept["custom_fields"] = custom
+    if tags := [tag for tag in kept.pop("tag_names", None) or [] if f"tag:{tag}" not in gone]:
+        kept["tag_names"] = tags
+    return kept
+
+
+@dataclass(frozen=True)
+class Known:
+    """What Meisa last accepted of a contact (a :func:`digest`), and when."""
+
+    fields: dict[str, str]
+    accepted_at: float
+
+    def has(self, wanted: Mapping[str, str]) -> bool:
+        """Whether every field of ``wanted`` is already there with the same value."""
+        return all(self.fields.get(name) == value for name, value in wanted.items())
+
+    def set_after(self, since: float) -> set[str]:
+        """The fields (not the contact's names) the app set after ``since``: Meisa accepted
+        them, or had them when the app set them again. A field remembered without its time
+        (by an older version, or by Redis) was set when the contact was last accepted."""
+        return {
+            name
+            for name in self.fields
+            if not name.startswith(SET_AT)
+            and name not in ("email", "external_id")
+            and float(self.fields.get(f"{SET_AT}{name}", self.accepted_at)) > since
+        }
+
+
+Lookup = Callable[[], "Known | None"]
+
+
+def lane_of(operation: Operation, had: Lookup, priority_fields: Iterable[str]) -> int:
+    """The lane of ``operation``: a routine upsert that is its contact's first, or changes a
+    priority field, given ``had()`` (what Meisa has), goes ahead of routine syncs."""
+    lane = operation.lane
+    if operation.kind != "upsert" or lane != LANE_ROUTINE:
+        return lane
+    known = had()
+    custom = operation.payload.get("custom_fields") or {}
+    # Only the priority fields the upsert carries are hashed: a login's other fields are not.
+    wanted = digest({"custom_fields": {k: custom[k] for k in priority_fields if k in custom}})
+    return LANE_AUTOMATION if known is None or not known.has(wanted) else lane
+
+
+def unchanged(operation: Operation, had: Lookup, now: float, resync_after: float) -> bool:
+    """Whether Meisa has every field of the upsert ``operation`` (``had()``), accepted within
+    ``resync_after`` seconds: no call is needed (never when forced)."""
+    if operation.kind != "upsert" or operation.force:
+        return False
+    known = had()
+    return (
+        known is not None
+        and known.accepted_at >= now - resync_after
+        and known.has(digest(operation.payload))
+    )

@@ -1014,6 +1014,53 @@ def test_a_lock_file_that_cannot_be_made_again_is_said_once_not_as_the_store_fai
     assert "delivers on with the one it holds" in caplog.text
 
 
+def test_a_file_at_the_store_path_that_cannot_be_used_is_tried_again_once_it_changes(
+    emulator: Emulator,
+    make_engine: MakeEngine,
+    path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A store of a newer schema put in place of the store (a backup restored): each try
+    # to move to it reads the whole file, so it is not tried at every pass of the writer.
+    caplog.set_level(logging.WARNING, logger="flask_meisa.engine")
+    engine = make_engine(emulator, RecordingHooks())
+    engine.start()
+    assert eventually(lambda: engine.is_holder)
+    newer = path.with_name("newer.sqlite3")
+    with contextlib.closing(sqlite3.connect(newer)) as db:
+        db.execute("PRAGMA user_version = 99")
+    checks, check, looked = [], engine.store.check, threading.Semaphore(0)
+    moved = engine.store.moved
+
+    def counted_check() -> None:
+        checks.append(1)
+        check()
+
+    def counted_moved() -> bool:
+        looked.release()
+        return moved()
+
+    engine.store.check = counted_check  # type: ignore[method-assign]
+    engine.store.moved = counted_moved  # type: ignore[method-assign]
+    for end in ("-wal", "-shm"):
+        Path(f"{path}{end}").unlink()
+    newer.replace(path)
+    assert eventually(lambda: "cannot move to the file now there" in caplog.text)
+    for _ in range(5):  # five more passes of the writer
+        assert looked.acquire(timeout=5)
+    assert len(checks) == 1
+    engine.submit([upsert(1)])
+    assert engine.flush(5)  # the file it has open takes its work meanwhile
+    # The file there changes (the user_version put back): moved to at the next pass.
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("PRAGMA user_version = 2")
+    assert eventually(lambda: not engine.store.moved())
+    assert len(checks) == 2
+    engine.submit([upsert(2)])
+    assert engine.flush(5)
+    assert len(emulator.requests_to(UPSERT)) == 2
+
+
 def test_a_deleted_lock_file_is_locked_again_by_the_process_that_held_it(
     emulator: Emulator,
     make_engine: MakeEngine,

@@ -32,6 +32,7 @@ from .base import require_real_threads
 from .caller import Budget
 from .caller import Caller
 from .host import HostLock
+from .host import looks
 from .known import KEEP_FOR
 from .known import lane_of
 from .store import STORE_ERRORS
@@ -47,6 +48,9 @@ __all__ = ["Delivery", "make_dispatcher"]
 GROUP_WINDOW = 0.01
 #: Seconds between passes that age routine syncs and prune old records.
 _HOUSEKEEPING = 30.0
+#: Seconds before moving to a file at the store's path that could not be used is tried
+#: again when nothing there changed.
+_FOLLOW_AGAIN = 60.0
 logger = logging.getLogger("flask_meisa.engine")
 #: Why the file at the store's path may not be followed (see Store.follow).
 _UNFOLLOWABLE: tuple[type[BaseException], ...] = (*STORE_ERRORS, ConfigurationError)
@@ -100,6 +104,9 @@ class Delivery:
         self._delivering = False  # delivery threads started
         # What cannot be done now, by what (the store file, its lock), as last said.
         self._trouble: dict[str, str] = {}
+        # What was at the store's path when moving to it failed, and until when not to try
+        # that again (each try checks the whole file).
+        self._unfollowable: tuple[tuple[Any, ...], float] | None = None
         self._host_lock = None if self.store.path is None else HostLock(self.store.path + ".lock")
         self._caller = Caller(self)
 
@@ -372,22 +379,30 @@ class Delivery:
             logger.warning(message, *args, error)
 
     def _follow(self) -> None:
+        assert self.store.path is not None
+        if self._unfollowable is not None:
+            failed_on, until = self._unfollowable
+            if looks(self.store.path) == failed_on and time.monotonic() < until:
+                return  # tried again once something there changes, or after a while
         try:
             carried = self.store.follow(delivering=self.is_holder)
         except _UNFOLLOWABLE as error:
+            # As the try left it (opening the file changes its folder).
+            self._unfollowable = (looks(self.store.path), time.monotonic() + _FOLLOW_AGAIN)
             # The file this process has open stays in use, and the rest of its writer's
-            # pass (the delivery lock above all) goes on: said once, tried again each pass.
+            # pass (the delivery lock above all) goes on: said once.
             self._say_once(
                 "store",
                 error,
                 "flask-meisa: the delivery store %s was deleted or replaced while this process "
                 "(pid %d) had it open, and it cannot move to the file now there (%s): it "
-                "keeps the one it has open, and tries again",
+                "keeps the one it has open, and tries again when that file changes",
                 self.store.path,
                 os.getpid(),
             )
             return
         self._trouble.pop("store", None)
+        self._unfollowable = None
         logger.warning(
             "flask-meisa: the delivery store %s was deleted or replaced while this process "
             "(pid %d) had it open; it uses the file now there, into which it moved the %d "

@@ -136,6 +136,20 @@ def at_path(path: str, file: tuple[int, int]) -> bool:
         return False
 
 
+def looks(path: str) -> tuple[Any, ...]:
+    """What is at ``path`` and at its folder, as far as trying it again could go otherwise:
+    their identities, sizes and times of change (``None`` where missing)."""
+    found: list[Any] = []
+    for name in (path, os.path.dirname(path)):
+        try:
+            stat = os.stat(name)
+        except OSError:
+            found.append(None)
+        else:
+            found.append((*identity(stat), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
+    return tuple(found)
+
+
 def _locked(fd: int) -> bool:
     """Whether another open file holds the lock of ``fd``'s file."""
     try:

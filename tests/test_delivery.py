@@ -3,6 +3,7 @@ ordering, 404 recovery, scheduled retries, outages, 429 pauses and a full queue.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import sqlite3
@@ -389,6 +390,41 @@ def test_a_full_queue_sheds_routine_then_other_live_work_never_sends(
     assert not any("example.com" in line for line in warnings)
     assert engine.close(timeout=0) == 3  # a memory store: the sends are lost, and said so
     assert sorted(ids(hooks.of("dropped")[-3:])) == sorted(ids(sends))
+
+
+def test_a_flush_waits_for_the_hooks_of_earlier_work_shed_from_the_store_by_later_work(
+    emulator: Emulator, make_engine: MakeEngine, hooks: RecordingHooks
+) -> None:
+    # The budget is spent: an upsert waits in the store. Work handed over after the flush
+    # began fills the queue and sheds it; it is over once its dropped hook ran, not once
+    # its row is gone.
+    entered, release = hooks.hold("dropped")
+    engine = make_engine(emulator, rate_limit="1/minute", queue_size=1)
+    engine.submit([send(0)])
+    assert hooks.wait_for("delivered", 1)  # the minute's one call is spent
+    earlier, later = upsert(1), upsert(2)
+    engine.submit([earlier])
+    assert wait_until(lambda: engine.status().pending == 1)
+    read, reads = engine.store.read, []
+
+    @contextlib.contextmanager
+    def read_then_hand_more_over() -> Iterator[sqlite3.Connection]:
+        with read() as db:
+            yield db
+        if threading.current_thread() is threading.main_thread():
+            reads.append(1)
+            if len(reads) == 1:  # the flush read its target: later work sheds the earlier
+                engine.submit([later])
+                assert entered.wait(5)
+
+    engine.store.read = read_then_hand_more_over  # type: ignore[method-assign]
+    try:
+        assert not engine.flush(0.3)  # the earlier upsert's dropped hook still runs
+    finally:
+        release.set()
+    engine.store.read = read  # type: ignore[method-assign]
+    assert hooks.wait_for("dropped", 1)
+    assert ids(hooks.of("dropped")) == [earlier.id]
 
 
 def test_flush_says_whether_anything_is_left(

@@ -349,18 +349,25 @@ class Delivery:
                 time.sleep(GROUP_WINDOW)
 
     def _store_batch(self, batch: list[Operation]) -> None:
-        lowest, shed = LANE_BACKFILL, []
-        with self.store.write() as db:
-            for operation in batch:
-                had = functools.partial(known.lookup, db, operation.payload)
-                lane = functools.partial(lane_of, operation, had, self.settings.priority_fields)
-                lowest = min(lowest, pending.add(db, operation, lane).lane)
-            # Counted at most once a second, or when the count may be near the bound.
-            self._live_rows += len(batch)
-            if self._live_rows >= self._capacity or time.monotonic() >= self._count_at:
-                shed = pending.shed(db, self._capacity)
-                self._live_rows = pending.live_count(db)
-                self._count_at = time.monotonic() + 1.0
+        lowest, shed, fields = LANE_BACKFILL, [], self.settings.priority_fields
+        try:
+            with self.store.write() as db:
+                for operation in batch:
+                    had = functools.partial(known.lookup, db, operation.payload)
+                    lane = functools.partial(lane_of, operation, had, fields)
+                    lowest = min(lowest, pending.add(db, operation, lane).lane)
+                # Counted at most once a second, or when the count may be near the bound.
+                self._live_rows += len(batch)
+                if self._live_rows >= self._capacity or time.monotonic() >= self._count_at:
+                    shed = pending.shed(db, self._capacity)
+                    # Rows handed over before a flush may go: reporting (for it) from
+                    # before the commit until their hooks ran.
+                    self._caller.count(reporting=len(shed))
+                    self._live_rows = pending.live_count(db)
+                    self._count_at = time.monotonic() + 1.0
+        except BaseException:
+            self._caller.count(reporting=-len(shed))  # not shed: the commit failed
+            raise
         # Delivery waiting for the budget only wakes for work that could go sooner.
         blocked = self._caller.blocked_lane
         if blocked is None or lowest < blocked:
@@ -369,7 +376,8 @@ class Delivery:
             with self._lock:
                 self._idle.notify_all()
         if shed:
-            self._drop(shed, "queue_full", f"at most {self._capacity} operations wait")
+            why = f"at most {self._capacity} operations wait"
+            self._drop(shed, "queue_full", why, counted=True)
 
     def _say_once(self, what: str, error: BaseException, message: str, *args: Any) -> None:
         """Log ``message`` (``error`` its last argument) unless ``error`` is the last said of

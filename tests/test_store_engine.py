@@ -428,6 +428,59 @@ def test_a_flush_in_a_process_that_keeps_handing_work_over_waits_only_for_earlie
     assert engine._unstored()  # later work was still in memory: the load was real
 
 
+def test_a_flush_waits_for_no_later_work_given_the_seq_of_a_row_over_since(
+    emulator: Emulator, make_engine: MakeEngine, path: Path, lock: HostLock
+) -> None:
+    # Each delivered hook hands the next operation over, stored before it returns: the
+    # store is empty then, and SQLite gives the new row the seq of the row just over (the
+    # largest rowid is reused). That later work does not hold the flush back.
+    hooks = RecordingHooks()
+    engine = make_engine(emulator, hooks)
+    chained, more = threading.Event(), iter(range(1, 100_000))
+    store_batch, stored = engine._store_batch, threading.Event()
+
+    def store_and_say(batch: list[Operation]) -> None:
+        store_batch(batch)
+        stored.set()
+
+    engine._store_batch = store_and_say  # type: ignore[method-assign]
+    delivered, given = hooks.delivered, []
+
+    def delivered_then_more(operation: Operation, result: Any) -> None:
+        delivered(operation, result)
+        if chained.is_set():
+            stored.clear()
+            later = upsert(next(more), tag="later")
+            engine.submit([later])
+            assert stored.wait(5)
+            given.append(query(path, "SELECT seq FROM meisa_ops WHERE id = ?", later.id))
+
+    hooks.delivered = delivered_then_more  # type: ignore[method-assign]
+    first = upsert(0)
+    engine.submit([first])
+    assert eventually(lambda: waiting(path) == 1)  # the test holds the delivery lock
+    seq = query(path, "SELECT seq FROM meisa_ops")
+    read, reads = engine.store.read, []
+
+    @contextlib.contextmanager
+    def read_then_deliver() -> Iterator[sqlite3.Connection]:
+        with read() as db:
+            yield db
+        if threading.current_thread() is threading.main_thread():
+            reads.append(1)
+            if len(reads) == 1:  # the flush read what it waits for: delivery may start
+                lock.release()
+
+    engine.store.read = read_then_deliver  # type: ignore[method-assign]
+    chained.set()
+    try:
+        assert engine.flush(5)
+    finally:
+        chained.clear()
+    assert hooks.of("delivered")[0].id == first.id
+    assert given[0] == seq  # the later work came, given the seq of the first
+
+
 def test_one_engine_per_file_delivers_and_takes_the_others_rows(
     emulator: Emulator, make_engine: MakeEngine, path: Path
 ) -> None:

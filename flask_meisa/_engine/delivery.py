@@ -171,8 +171,8 @@ class Delivery:
         ):
             return False
         with self.store.read() as db:
-            target = pending.last_seq(db)
-        return self._wait_until(lambda: self._left(target) == 0, deadline)
+            earlier = pending.row_ids(db)  # all that was handed over before, and maybe more
+        return self._wait_until(lambda: self._left(earlier) == 0, deadline)
 
     def close(self, timeout: float | None = None) -> int:
         """Deliver for up to ``timeout`` seconds (default ``flush_timeout``), then stop; what
@@ -490,12 +490,16 @@ class Delivery:
         with self._lock:
             return len(self._intake) + len(self._writing)
 
-    def _left(self, target: int | None) -> int:
-        """Stored rows up to ``target`` not over, and outcomes whose hooks have not run."""
+    def _left(self, earlier: frozenset[str] | None) -> int:
+        """Stored rows not over (``earlier``: whether any of these ids is), and outcomes
+        whose hooks have not run."""
         # In this order: a call counts as reporting from before its row is over until its
         # hooks ran (and a batch as unstored, read before this, until its commit).
         with self.store.read() as db:
-            unfinished = pending.unfinished(db, target)
+            if earlier is None:
+                unfinished = pending.unfinished(db)
+            else:
+                unfinished = int(pending.oldest_unfinished(db) in earlier)
         return unfinished + self._caller.reporting
 
     def _wait_until(self, done: Callable[[], bool], deadline: float | None) -> bool:

@@ -168,10 +168,18 @@ def live_count(db: sqlite3.Connection) -> int:
     return int(db.execute(query).fetchone()[0])
 
 
-def unfinished(db: sqlite3.Connection, upto: int | None = None) -> int:
-    """Rows not over yet (waiting, in flight, to retry); with ``upto``, those up to it."""
-    query = f"SELECT count(*) FROM meisa_ops WHERE {_LIVE} AND seq <= coalesce(?, seq)"
-    return int(db.execute(query, (upto,)).fetchone()[0])
+def unfinished(db: sqlite3.Connection) -> int:
+    """Rows not over yet (waiting, in flight, to retry)."""
+    return int(db.execute(f"SELECT count(*) FROM meisa_ops WHERE {_LIVE}").fetchone()[0])
+
+
+def oldest_unfinished(db: sqlite3.Connection) -> str | None:
+    """The id of the row not over yet with the lowest ``seq`` (``None``: none). A row
+    stored later has a higher ``seq`` than every row still there then (SQLite gives the
+    next row the largest rowid plus one, that of a row just over too): when this one was
+    not among :func:`row_ids` read earlier, no row read then is left."""
+    found = db.execute(f"SELECT id FROM meisa_ops WHERE {_LIVE} ORDER BY seq LIMIT 1").fetchone()
+    return None if found is None else str(found[0])
 
 
 def waits(db: sqlite3.Connection, operation: Operation) -> bool:
@@ -180,9 +188,10 @@ def waits(db: sqlite3.Connection, operation: Operation) -> bool:
     return bool(db.execute(query, keys(operation)).fetchone()[0])
 
 
-def last_seq(db: sqlite3.Connection) -> int:
-    """The ``seq`` of the newest row (0: none)."""
-    return int(db.execute("SELECT coalesce(max(seq), 0) FROM meisa_ops").fetchone()[0])
+def row_ids(db: sqlite3.Connection) -> frozenset[str]:
+    """The ids of every row (a dead letter's too: it may be requeued). A row keeps its id
+    when later upserts merge into it."""
+    return frozenset(op_id for (op_id,) in db.execute("SELECT id FROM meisa_ops"))
 
 
 def take_all(db: sqlite3.Connection) -> list[Operation]:

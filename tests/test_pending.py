@@ -677,3 +677,26 @@ def test_a_backfill_upsert_joining_a_live_one_never_undoes_it(db: sqlite3.Connec
     (row,) = drain(db)
     assert row.operation.payload["custom_fields"] == {"plan": "pro", "seats": 2}
     assert row.operation.priority is None
+
+
+def test_the_oldest_row_not_over_says_whether_any_row_read_earlier_is_left(
+    db: sqlite3.Connection,
+) -> None:
+    first, second = upsert(1), upsert(2)
+    oldest, newest = add(db, first), add(db, second)
+    earlier = pending.row_ids(db)
+    pending.finish(db, _row(db, newest))
+    later = upsert(3)
+    assert add(db, later) == newest  # the seq of the row just over, given again
+    assert pending.oldest_unfinished(db) == first.id  # read earlier: left
+    assert pending.oldest_unfinished(db) in earlier
+    pending.finish(db, _row(db, oldest))
+    assert pending.oldest_unfinished(db) == later.id
+    assert pending.oldest_unfinished(db) not in earlier
+    pending.finish(db, _row(db, newest))
+    assert pending.oldest_unfinished(db) is None
+
+
+def _row(db: sqlite3.Connection, seq: int) -> pending.Row:
+    values = db.execute(f"SELECT {pending.OP_COLUMNS} FROM meisa_ops WHERE seq = ?", (seq,))
+    return pending.row_of(values.fetchone())

@@ -481,6 +481,55 @@ def test_a_flush_waits_for_no_later_work_given_the_seq_of_a_row_over_since(
     assert given[0] == seq  # the later work came, given the seq of the first
 
 
+def test_a_flush_waits_for_work_another_process_carried_out_of_the_file_it_reads(
+    emulator: Emulator, make_engine: MakeEngine, path: Path, lock: HostLock
+) -> None:
+    # The store is deleted while a flush looks: another process follows first, and moves
+    # the rows out of the file this one still has open into the file now at the path.
+    # That work is not over because the file this process reads is empty.
+    hooks = RecordingHooks()
+    engine = make_engine(emulator, hooks)
+    first = upsert(1)
+    engine.submit([first])
+    assert eventually(lambda: waiting(path) == 1)  # the test holds the delivery lock
+    other = Store(path)  # another process of the host
+    other.data_version()  # its connection is open
+    behind = threading.Event()  # this process's writer has not seen the move yet
+    moved = engine.store.moved
+
+    def moved_unless_behind() -> bool:
+        if behind.is_set() and threading.current_thread().name == "flask-meisa-writer":
+            return False
+        return moved()
+
+    engine.store.moved = moved_unless_behind  # type: ignore[method-assign]
+    read, reads = engine.store.read, []
+
+    @contextlib.contextmanager
+    def read_then_move() -> Iterator[sqlite3.Connection]:
+        with read() as db:
+            yield db
+        if threading.current_thread() is threading.main_thread():
+            reads.append(1)
+            if len(reads) == 1:  # the flush read what it waits for
+                for end in ("", "-wal", "-shm"):
+                    Path(f"{path}{end}").unlink()
+                assert other.follow() == 1
+
+    engine.store.read = read_then_move  # type: ignore[method-assign]
+    behind.set()
+    try:
+        assert not engine.flush(0.3)  # the upsert waits in the file now at the path
+    finally:
+        behind.clear()
+        other.close()
+    engine.store.read = read  # type: ignore[method-assign]
+    assert eventually(lambda: not engine.store.moved())
+    lock.release()
+    assert engine.flush(5)
+    assert [op.id for op in hooks.of("delivered")] == [first.id]
+
+
 def test_one_engine_per_file_delivers_and_takes_the_others_rows(
     emulator: Emulator, make_engine: MakeEngine, path: Path
 ) -> None:

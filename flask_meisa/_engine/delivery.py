@@ -500,7 +500,11 @@ class Delivery:
                 unfinished = pending.unfinished(db)
             else:
                 unfinished = int(pending.oldest_unfinished(db) in earlier)
-        return unfinished + self._caller.reporting
+            # The file was deleted or replaced: another process may have moved its rows
+            # into the file now there. Not over before this one uses that file too, or
+            # found that it cannot (it carries on with this one).
+            moved = "store" not in self._trouble and self.store.moved()
+        return unfinished + moved + self._caller.reporting
 
     def _wait_until(self, done: Callable[[], bool], deadline: float | None) -> bool:
         """Poll ``done`` (woken early by progress) until ``deadline`` (monotonic)."""

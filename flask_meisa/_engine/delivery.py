@@ -13,9 +13,7 @@ import time
 from collections.abc import Callable
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
-from typing import Any
 
-from ..errors import ConfigurationError
 from ..errors import DeliveryError
 from ..operations import LANE_BACKFILL
 from ..operations import LANE_NAMES
@@ -31,8 +29,8 @@ from .base import HookCaller
 from .base import require_real_threads
 from .caller import Budget
 from .caller import Caller
+from .host import HostFiles
 from .host import HostLock
-from .host import looks
 from .known import KEEP_FOR
 from .known import lane_of
 from .store import STORE_ERRORS
@@ -48,12 +46,7 @@ __all__ = ["Delivery", "make_dispatcher"]
 GROUP_WINDOW = 0.01
 #: Seconds between passes that age routine syncs and prune old records.
 _HOUSEKEEPING = 30.0
-#: Seconds before moving to a file at the store's path that could not be used is tried
-#: again when nothing there changed.
-_FOLLOW_AGAIN = 60.0
 logger = logging.getLogger("flask_meisa.engine")
-#: Why the file at the store's path may not be followed (see Store.follow).
-_UNFOLLOWABLE: tuple[type[BaseException], ...] = (*STORE_ERRORS, ConfigurationError)
 
 
 class Delivery:
@@ -102,12 +95,8 @@ class Delivery:
         self._threads: list[threading.Thread] = []
         self._started = self._stopping = self._closed = self._store_failing = False
         self._delivering = False  # delivery threads started
-        # What cannot be done now, by what (the store file, its lock), as last said.
-        self._trouble: dict[str, str] = {}
-        # What was at the store's path when moving to it failed, and until when not to try
-        # that again (each try checks the whole file).
-        self._unfollowable: tuple[tuple[Any, ...], float] | None = None
         self._host_lock = None if self.store.path is None else HostLock(self.store.path + ".lock")
+        self._files = None if self._host_lock is None else HostFiles(self.store, self._host_lock)
         self._caller = Caller(self)
 
     @property
@@ -306,14 +295,14 @@ class Delivery:
                 self._stored_pass = this_pass
                 if time.monotonic() >= look_at:  # new work from another process?
                     look_at = time.monotonic() + self._poll
-                    if self.store.moved():
-                        self._follow()
+                    if self._files is not None and self.store.moved():
+                        self._files.follow(delivering=self.is_holder)
                     seen = self.store.data_version()
                     if seen != version:
                         version = seen
                         self.kick()
-                if self._host_lock is not None:
-                    self._keep_delivering(self._host_lock)
+                if self._files is not None and self._files.keep_lock():
+                    self._try_to_deliver(self._files.lock)
                 if self.is_holder and time.monotonic() >= housekeeping:
                     housekeeping = time.monotonic() + _HOUSEKEEPING
                     with self.store.write() as db:
@@ -379,79 +368,6 @@ class Delivery:
             why = f"at most {self._capacity} operations wait"
             self._drop(shed, "queue_full", why, counted=True)
 
-    def _say_once(self, what: str, error: BaseException, message: str, *args: Any) -> None:
-        """Log ``message`` (``error`` its last argument) unless ``error`` is the last said of
-        ``what`` (the store file, its lock): a failing pass is tried again every 0.1 s."""
-        if self._trouble.get(what) != str(error):
-            self._trouble[what] = str(error)
-            logger.warning(message, *args, error)
-
-    def _follow(self) -> None:
-        assert self.store.path is not None
-        if self._unfollowable is not None:
-            failed_on, until = self._unfollowable
-            if looks(self.store.path) == failed_on and time.monotonic() < until:
-                return  # tried again once something there changes, or after a while
-        try:
-            carried = self.store.follow(delivering=self.is_holder)
-        except _UNFOLLOWABLE as error:
-            # As the try left it (opening the file changes its folder).
-            self._unfollowable = (looks(self.store.path), time.monotonic() + _FOLLOW_AGAIN)
-            # The file this process has open stays in use, and the rest of its writer's
-            # pass (the delivery lock above all) goes on: said once.
-            self._say_once(
-                "store",
-                error,
-                "flask-meisa: the delivery store %s was deleted or replaced while this process "
-                "(pid %d) had it open, and it cannot move to the file now there (%s): it "
-                "keeps the one it has open, and tries again when that file changes",
-                self.store.path,
-                os.getpid(),
-            )
-            return
-        self._trouble.pop("store", None)
-        self._unfollowable = None
-        logger.warning(
-            "flask-meisa: the delivery store %s was deleted or replaced while this process "
-            "(pid %d) had it open; it uses the file now there, into which it moved the %d "
-            "operations left in the old one",
-            self.store.path,
-            os.getpid(),
-            carried,
-        )
-
-    def _keep_delivering(self, lock: HostLock) -> None:
-        try:
-            if lock.moved():  # the lock file was deleted or replaced
-                kept = lock.take_again()
-                logger.warning(
-                    "flask-meisa: the delivery lock %s was deleted or replaced while this "
-                    "process (pid %d) delivered; %s",
-                    lock.path,
-                    os.getpid(),
-                    "it locked the new file and delivers on"
-                    if kept
-                    else f"process {HostLock.holder(lock.path)} holds the new one: this "
-                    "process stops delivering",
-                )
-            taken = not lock.held and lock.try_acquire()
-        except OSError as error:
-            # The lock file cannot be opened (its folder gone, and not made again: the
-            # store's warning said why): said once, not as the store failing every pass.
-            self._say_once(
-                "lock",
-                error,
-                "flask-meisa: the delivery lock %s cannot be opened; this process (pid %d) "
-                f"{'delivers on with the one it holds' if lock.held else 'does not deliver'}"
-                " (%s)",
-                lock.path,
-                os.getpid(),
-            )
-            return
-        self._trouble.pop("lock", None)
-        if taken:
-            self._try_to_deliver(lock)
-
     def _try_to_deliver(self, lock: HostLock) -> None:
         try:
             with self.store.write() as db:
@@ -503,7 +419,7 @@ class Delivery:
             # The file was deleted or replaced: another process may have moved its rows
             # into the file now there. Not over before this one uses that file too, or
             # found that it cannot (it carries on with this one).
-            moved = "store" not in self._trouble and self.store.moved()
+            moved = self._files is not None and self._files.to_follow()
         return unfinished + moved + self._caller.reporting
 
     def _wait_until(self, done: Callable[[], bool], deadline: float | None) -> bool:

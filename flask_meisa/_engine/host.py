@@ -1,5 +1,6 @@
 """What a store file shares with the other processes of its host: the delivery lock
-(:class:`HostLock`), and a damaged file set aside with what can still be read from it."""
+(:class:`HostLock`), a damaged file set aside with what can still be read from it, and a
+file deleted or replaced while in use followed (:class:`HostFiles`)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,28 @@ from contextlib import suppress
 from typing import TYPE_CHECKING
 from typing import Any
 
+from ..errors import ConfigurationError
+
 if TYPE_CHECKING:
     from .store import Store
 
-__all__ = ["HostLock", "at_path", "carry_over", "checking", "identity", "set_aside"]
+__all__ = [
+    "HostFiles",
+    "HostLock",
+    "at_path",
+    "carry_over",
+    "checking",
+    "identity",
+    "set_aside",
+]
 
 logger = logging.getLogger("flask_meisa.engine")
+#: Seconds before moving to a file at the store's path that could not be used is tried
+#: again when nothing there changed.
+_FOLLOW_AGAIN = 60.0
+#: Why the file at the store's path may not be followed: the store's errors
+#: (``STORE_ERRORS``), or a file it refuses (a newer schema).
+_UNFOLLOWABLE = (sqlite3.Error, OSError, ConfigurationError)
 
 
 class HostLock:
@@ -120,6 +137,100 @@ class HostLock:
         finally:
             os.close(fd)
         return None
+
+
+class HostFiles:
+    """The writer's look at the store file and the delivery lock, at each of its passes:
+    a store file deleted or replaced is followed, the lock taken (and again when its file
+    was replaced); what cannot be done is said once, not at every pass."""
+
+    def __init__(self, store: Store, lock: HostLock) -> None:
+        assert store.path is not None
+        self.store, self.lock, self._path = store, lock, store.path
+        # What cannot be done now, by what (the store file, its lock), as last said.
+        self._trouble: dict[str, str] = {}
+        # What was at the store's path when moving to it failed, and until when not to try
+        # that again (each try checks the whole file).
+        self._unfollowable: tuple[tuple[Any, ...], float] | None = None
+
+    def to_follow(self) -> bool:
+        """Whether the store file was deleted or replaced and this process has yet to move
+        to the one now there (not when it found that it cannot)."""
+        return "store" not in self._trouble and self.store.moved()
+
+    def follow(self, *, delivering: bool) -> None:
+        """Move to the file now at the store's path (see :meth:`Store.follow`)."""
+        if self._unfollowable is not None:
+            failed_on, until = self._unfollowable
+            if looks(self._path) == failed_on and time.monotonic() < until:
+                return  # tried again once something there changes, or after a while
+        try:
+            carried = self.store.follow(delivering=delivering)
+        except _UNFOLLOWABLE as error:
+            # As the try left it (opening the file changes its folder).
+            self._unfollowable = (looks(self._path), time.monotonic() + _FOLLOW_AGAIN)
+            # The file this process has open stays in use, and the rest of its writer's
+            # pass (the delivery lock above all) goes on: said once.
+            self._say_once(
+                "store",
+                error,
+                "flask-meisa: the delivery store %s was deleted or replaced while this process "
+                "(pid %d) had it open, and it cannot move to the file now there (%s): it "
+                "keeps the one it has open, and tries again when that file changes",
+                self._path,
+                os.getpid(),
+            )
+            return
+        self._trouble.pop("store", None)
+        self._unfollowable = None
+        logger.warning(
+            "flask-meisa: the delivery store %s was deleted or replaced while this process "
+            "(pid %d) had it open; it uses the file now there, into which it moved the %d "
+            "operations left in the old one",
+            self._path,
+            os.getpid(),
+            carried,
+        )
+
+    def keep_lock(self) -> bool:
+        """Hold the delivery lock if this process can; whether it took it just now."""
+        lock = self.lock
+        try:
+            if lock.moved():  # the lock file was deleted or replaced
+                kept = lock.take_again()
+                logger.warning(
+                    "flask-meisa: the delivery lock %s was deleted or replaced while this "
+                    "process (pid %d) delivered; %s",
+                    lock.path,
+                    os.getpid(),
+                    "it locked the new file and delivers on"
+                    if kept
+                    else f"process {HostLock.holder(lock.path)} holds the new one: this "
+                    "process stops delivering",
+                )
+            taken = not lock.held and lock.try_acquire()
+        except OSError as error:
+            # The lock file cannot be opened (its folder gone, and not made again: the
+            # store's warning said why): said once, not as the store failing every pass.
+            self._say_once(
+                "lock",
+                error,
+                "flask-meisa: the delivery lock %s cannot be opened; this process (pid %d) "
+                f"{'delivers on with the one it holds' if lock.held else 'does not deliver'}"
+                " (%s)",
+                lock.path,
+                os.getpid(),
+            )
+            return False
+        self._trouble.pop("lock", None)
+        return taken
+
+    def _say_once(self, what: str, error: BaseException, message: str, *args: Any) -> None:
+        """Log ``message`` (``error`` its last argument) unless ``error`` is the last said of
+        ``what``: a failing pass is tried again every 0.1 s."""
+        if self._trouble.get(what) != str(error):
+            self._trouble[what] = str(error)
+            logger.warning(message, *args, error)
 
 
 def identity(stat: os.stat_result) -> tuple[int, int]:

@@ -4,7 +4,6 @@ returned), never for a failed view. Outside a request, work goes to delivery at 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -186,24 +185,26 @@ class HeldBatches:
 
     def __init__(self) -> None:
         self._count = 0
-        self._changed = threading.Condition()
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._waiters = 0
         self._releasing = threading.local()  # .count: batches this thread is releasing
 
     def hold(self) -> None:
         """A response now holds one more batch."""
-        with self._changed:
+        with self._lock:
             self._count += 1
 
-    @contextlib.contextmanager
-    def releasing(self) -> Iterator[None]:
-        """Around the release of a held batch: it no longer counts once the block ends."""
+    def releasing(self) -> None:
+        """This thread releases a held batch now; it counts until :meth:`released`."""
         self._releasing.count = getattr(self._releasing, "count", 0) + 1
-        try:
-            yield
-        finally:
-            self._releasing.count -= 1
-            with self._changed:
-                self._count -= 1
+
+    def released(self) -> None:
+        """The batch this thread was releasing no longer counts."""
+        self._releasing.count -= 1
+        with self._lock:
+            self._count -= 1
+            if self._waiters:
                 self._changed.notify_all()
 
     def wait(self, timeout: float | None) -> bool:
@@ -212,7 +213,11 @@ class HeldBatches:
         itself)."""
         own = getattr(self._releasing, "count", 0)
         with self._changed:
-            return self._changed.wait_for(lambda: self._count <= own, timeout)
+            self._waiters += 1
+            try:
+                return self._changed.wait_for(lambda: self._count <= own, timeout)
+            finally:
+                self._waiters -= 1
 
 
 class AfterResponseMiddleware:
@@ -263,10 +268,13 @@ class AfterResponseMiddleware:
 def _finish(
     batches: dict[MeisaState, _RequestBatch], states: tuple[MeisaState, ...], failed: bool
 ) -> None:
-    with contextlib.ExitStack() as releasing:
-        for state in states:
-            releasing.enter_context(state.held.releasing())
+    for state in states:
+        state.held.releasing()
+    try:
         _release(batches, failed=failed)
+    finally:
+        for state in states:
+            state.held.released()
 
 
 def _server_error(status_line: str) -> bool:

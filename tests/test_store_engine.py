@@ -994,6 +994,17 @@ def test_the_status_seen_from_another_engine_is_the_hosts(
     assert eventually(lambda: holder.status().in_flight == 0, 10.0)
 
 
+def put_a_newer_store_in_place(path: Path) -> None:
+    """Replace the store's files with a store of a newer schema (a newer release's)."""
+    newer = path.with_name("newer.sqlite3")
+    Store(newer).close()
+    with contextlib.closing(sqlite3.connect(newer)) as db:
+        db.execute("PRAGMA user_version = 99")
+    for end in ("-wal", "-shm"):
+        Path(f"{path}{end}").unlink()
+    newer.replace(path)
+
+
 def test_a_store_file_this_version_cannot_follow_neither_floods_the_log_nor_stops_takeover(
     emulator: Emulator,
     make_engine: MakeEngine,
@@ -1009,14 +1020,7 @@ def test_a_store_file_this_version_cannot_follow_neither_floods_the_log_nor_stop
     hooks = RecordingHooks()
     second = make_engine(emulator, hooks)
     second.start()
-    newer = path.with_name("newer.sqlite3")
-    Store(newer).close()
-    db = sqlite3.connect(newer)
-    db.execute("PRAGMA user_version = 99")
-    db.close()
-    for end in ("-wal", "-shm"):
-        Path(f"{path}{end}").unlink()
-    newer.replace(path)
+    put_a_newer_store_in_place(path)
 
     def said() -> list[logging.LogRecord]:
         return [r for r in caplog.records if "newer flask-meisa" in r.getMessage()]
@@ -1128,9 +1132,6 @@ def test_a_file_at_the_store_path_that_cannot_be_used_is_tried_again_once_it_cha
     engine = make_engine(emulator, RecordingHooks())
     engine.start()
     assert eventually(lambda: engine.is_holder)
-    newer = path.with_name("newer.sqlite3")
-    with contextlib.closing(sqlite3.connect(newer)) as db:
-        db.execute("PRAGMA user_version = 99")
     checks, check, looked = [], engine.store.check, threading.Semaphore(0)
     moved = engine.store.moved
 
@@ -1144,9 +1145,7 @@ def test_a_file_at_the_store_path_that_cannot_be_used_is_tried_again_once_it_cha
 
     engine.store.check = counted_check  # type: ignore[method-assign]
     engine.store.moved = counted_moved  # type: ignore[method-assign]
-    for end in ("-wal", "-shm"):
-        Path(f"{path}{end}").unlink()
-    newer.replace(path)
+    put_a_newer_store_in_place(path)
     assert eventually(lambda: "cannot move to the file now there" in caplog.text)
     for _ in range(5):  # five more passes of the writer
         assert looked.acquire(timeout=5)

@@ -321,20 +321,16 @@ def test_a_refused_upsert_coalesced_from_a_backfill_and_a_live_sync_is_one_refus
     start_worker(emulator, MEISA_TEST_CONFIG=slow_retry)
     app = make_app(6)
     meisa: Meisa = app.extensions["meisa"]
-    upgrade_while_read(app, live_sync_retried(meisa, emulator))
+    live_sync = live_sync_retried(meisa, emulator)
 
-    def refuse_user_5() -> None:
-        # After the live sync's 503 and users 0-4: the next upsert is user 5's.
-        assert emulator.wait_for(lambda e: len(upserts_by_user(e)) == 5, timeout=30)
-        emulator.faults.fail_next(1, 400, path=UPSERT)
+    def live_sync_then_refuse(user: Any) -> None:
+        live_sync(user)  # its first call answered 503: it waits to retry
+        emulator.faults.fail_next(1, 400, path=UPSERT, match={"external_id": "5"})
 
-    refuser = threading.Thread(target=refuse_user_5)
-    refuser.start()
-    try:
-        result = sync_users(app)
-    finally:
-        refuser.join(30)
+    upgrade_while_read(app, live_sync_then_refuse)
+    result = sync_users(app)
     assert [r.status for r in emulator.requests_to(UPSERT)].count(400) == 1
+    assert len(emulator.requests_to(UPSERT)) == 7  # the 503, users 0-4, user 5 refused
     assert result.exit_code == 1, result.output
     assert "1 users were not synced" in result.output, result.output
     listed = sync_users(app, "--failures").output.splitlines()

@@ -136,6 +136,26 @@ def test_fail_next_is_deterministic_and_path_scoped(emulator, emulator_api):
     assert len(emulator.events()) == 1
 
 
+def test_fail_next_with_match_refuses_only_requests_whose_body_has_those_fields(
+    emulator, emulator_api
+):
+    emulator.faults.fail_next(1, status=400, path="/contacts/upsert/", match={"external_id": "5"})
+    assert emulator.faults.snapshot()["pending"][0]["match"] == {"external_id": "5"}
+    for n in (4, 6):  # other contacts go through, the fault waits
+        body = {"email": f"u{n}@example.com", "external_id": str(n)}
+        assert emulator_api.post("/contacts/upsert/", body).ok
+    five = {"email": "u5@example.com", "external_id": "5"}
+    assert emulator_api.post("/contacts/upsert/", five).status_code == 400
+    assert emulator_api.post("/contacts/upsert/", five).ok  # one shot
+    with pytest.raises(ValueError, match="match"):
+        emulator.faults.fail_next(1, match=["external_id"])
+    # Over the admin API too.
+    admin = emulator.root_url + "/_emulator/faults"
+    shot = {"fail_next": {"status": 503, "match": {"external_id": "7"}}}
+    assert emulator_api.session.post(admin, json=shot, timeout=5).ok
+    assert emulator.faults.snapshot()["pending"][0]["match"] == {"external_id": "7"}
+
+
 def test_fail_next_after_keeps_the_effect_and_loses_the_answer(emulator, emulator_api):
     emulator.faults.fail_next(1, status=500, after=True)
     answer = emulator_api.post("/contacts/upsert/", {"email": "ada@example.com"})

@@ -123,9 +123,9 @@ def test_stop_ends_a_latency_wait_and_a_restart_waits_again(emulator_factory, mo
     planned = threading.Event()  # the call is in the server, its latency decided
     plan = emu.faults.plan
 
-    def plan_and_tell(path: str) -> Any:
+    def plan_and_tell(path: str, body: Any = None) -> Any:
         try:
-            return plan(path)
+            return plan(path, body)
         finally:
             planned.set()
 

@@ -56,6 +56,17 @@ class _OneShot:
     remaining: int
     reply: FaultReply
     path: str | None
+    match: Mapping[str, Any] | None = None
+
+    def hits(self, path: str, body: Any) -> bool:
+        """Whether this fault applies to a request to ``path`` with the JSON ``body``."""
+        if self.path is not None and not path_matches(self.path, path):
+            return False
+        if self.match is None:
+            return True
+        return isinstance(body, dict) and all(
+            name in body and body[name] == value for name, value in self.match.items()
+        )
 
 
 class Faults:
@@ -104,14 +115,19 @@ class Faults:
         path: str | None = None,
         after: bool = False,
         retry_after: float | None = None,
+        match: Mapping[str, Any] | None = None,
     ) -> None:
         """Answer the next ``n`` requests (to ``path``, if given) with ``status``.
 
         ``after=True``: process each request, then answer ``status`` (the effect stays, the
-        answer is lost). ``retry_after``: also send a ``Retry-After`` header.
+        answer is lost). ``retry_after``: also send a ``Retry-After`` header. ``match``:
+        only requests whose JSON body has these fields with these values
+        (``{"external_id": "5"}``).
         """
+        if match is not None and not isinstance(match, Mapping):
+            raise ValueError("match must be an object of fields and values")
         label = "error_after" if after else "error"
-        self._add(n, FaultReply("error", label, status, retry_after, after), path)
+        self._add(n, FaultReply("error", label, status, retry_after, after), path, match)
 
     def drop_next(self, n: int = 1, path: str | None = None, after: bool = False) -> None:
         """Close the connection of the next ``n`` requests without answering.
@@ -138,15 +154,18 @@ class Faults:
             self._outage_drop = False
         self.set()
 
-    def _add(self, n: int, reply: FaultReply, path: str | None) -> None:
+    def _add(
+        self, n: int, reply: FaultReply, path: str | None, match: Mapping[str, Any] | None = None
+    ) -> None:
         if n < 1:
             raise ValueError("n must be at least 1")
         with self._lock:
-            self._one_shots.append(_OneShot(n, reply, path))
+            self._one_shots.append(_OneShot(n, reply, path, match))
 
-    def plan(self, path: str) -> tuple[float, FaultReply | None]:
-        """Decide the faults of one request to ``path`` (consumes one-shot faults): the
-        latency before its answer, and what to answer instead of its own answer."""
+    def plan(self, path: str, body: Any = None) -> tuple[float, FaultReply | None]:
+        """Decide the faults of one request to ``path`` with the JSON ``body`` (consumes
+        one-shot faults): the latency before its answer, and what to answer instead of its
+        own answer."""
         with self._lock:
             standing_faults = self._latency or self._error_rate or self._drop_rate
             if not (self._one_shots or standing_faults) and self._outage_until == -math.inf:
@@ -154,7 +173,7 @@ class Faults:
             standing = self._paths is None or any(path_matches(p, path) for p in self._paths)
             latency = self._latency if standing else 0.0
             for shot in self._one_shots:
-                if shot.path is None or path_matches(shot.path, path):
+                if shot.hits(path, body):
                     shot.remaining -= 1
                     if not shot.remaining:
                         self._one_shots.remove(shot)
@@ -186,6 +205,7 @@ class Faults:
                         "remaining": s.remaining,
                         "status": s.reply.status if s.reply.kind == "error" else None,
                         "path": s.path,
+                        "match": dict(s.match) if s.match is not None else None,
                     }
                     for s in self._one_shots
                 ],

@@ -256,7 +256,7 @@ class _Handler(BaseHTTPRequestHandler):
         key = self.fields.get("X-API-Key") or None
         body, ok = parse_body(raw)
         relative = relative_path(path)
-        latency, reply = backend.faults.plan(relative)
+        latency, reply = backend.faults.plan(relative, body if ok else None)
         if latency:
             self.server.stopping.wait(latency)
         if reply is None or reply.after:

@@ -11,8 +11,8 @@ worker's ``email_sent`` receiver announces itself on :data:`HUNG` and then block
 a test can kill the worker between a send and its acknowledgement; with
 ``MEISA_TEST_UNPUBLISHED_RETRIES=N`` the broker refuses the worker's first N retries.
 
-The test side: the fixtures :func:`redis_server_fixture` (one ``redis-server`` per
-session) and :func:`redis_url_fixture` (an emptied Redis per test), :class:`RedisServer`
+The test side: the fixture :func:`redis_url_fixture` (the session's ``redis-server``, of
+``tests/conftest.py``, emptied for each test), :class:`RedisServer`
 (one a test can restart), :func:`make_celery` and :class:`WorkerProcess`.
 """
 
@@ -286,17 +286,6 @@ def own_redis_fixture(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
 
     yield start
     for server in servers:
-        server.stop()
-
-
-@pytest.fixture(scope="session", name="redis_server")
-def redis_server_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A ``redis-server`` without persistence for the session; yields its URL. Skipped
-    when redis-server is not installed, unless ``CI`` is set."""
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    try:
-        yield server.url
-    finally:
         server.stop()
 
 

@@ -113,6 +113,20 @@ def emulator_api_factory() -> Iterator[Callable[..., EmulatorAPI]]:
         api.close()
 
 
+@pytest.fixture(scope="session", name="redis_server")
+def redis_server_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A ``redis-server`` without persistence for the whole session (defined here, once: a
+    test module's own copy would start one per module); yields its URL. Skipped when
+    redis-server is not installed, unless ``CI`` is set."""
+    from tests.celery_support import RedisServer  # Celery and Redis: the Celery tests only
+
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
 @pytest.fixture(autouse=True)
 def _isolated_apps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Every Flask app a test builds gets its own instance folder (where the delivery store

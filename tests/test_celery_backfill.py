@@ -28,7 +28,6 @@ from tests.backfill_app import upgrade_while_read
 from tests.celery_support import StartWorker
 from tests.celery_support import make_celery
 from tests.celery_support import outcomes
-from tests.celery_support import redis_server_fixture  # noqa: F401
 from tests.celery_support import redis_url_fixture  # noqa: F401
 from tests.celery_support import start_worker_fixture  # noqa: F401
 

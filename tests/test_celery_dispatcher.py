@@ -41,7 +41,6 @@ from flask_meisa.errors import DeliveryError
 from flask_meisa.operations import LANE_AUTOMATION
 from flask_meisa.operations import Operation
 from tests.celery_support import make_celery
-from tests.celery_support import redis_server_fixture  # noqa: F401
 from tests.celery_support import redis_url_fixture  # noqa: F401
 from tests.engine_support import RecordingHooks
 

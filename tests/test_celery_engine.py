@@ -26,7 +26,6 @@ from tests.celery_support import StartWorker
 from tests.celery_support import make_celery
 from tests.celery_support import outcomes
 from tests.celery_support import producer_fixture  # noqa: F401
-from tests.celery_support import redis_server_fixture  # noqa: F401
 from tests.celery_support import redis_url_fixture  # noqa: F401
 from tests.celery_support import start_worker_fixture  # noqa: F401
 

@@ -27,7 +27,6 @@ from tests.celery_support import StartWorker
 from tests.celery_support import make_celery
 from tests.celery_support import own_redis_fixture  # noqa: F401
 from tests.celery_support import producer_fixture  # noqa: F401
-from tests.celery_support import redis_server_fixture  # noqa: F401
 from tests.celery_support import redis_url_fixture  # noqa: F401
 from tests.celery_support import start_worker_fixture  # noqa: F401
 from tests.engine_support import RecordingHooks

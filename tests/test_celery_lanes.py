@@ -16,7 +16,6 @@ from flask_meisa.emulator import Emulator
 from flask_meisa.operations import Operation
 from tests.celery_support import StartWorker
 from tests.celery_support import producer_fixture  # noqa: F401
-from tests.celery_support import redis_server_fixture  # noqa: F401
 from tests.celery_support import redis_url_fixture  # noqa: F401
 from tests.celery_support import start_worker_fixture  # noqa: F401
 

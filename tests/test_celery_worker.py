@@ -34,7 +34,6 @@ from flask_meisa.operations import LANE_ROUTINE
 from flask_meisa.operations import Operation
 from flask_meisa.retry import RetryPolicy
 from tests.celery_support import make_celery
-from tests.celery_support import redis_server_fixture  # noqa: F401
 from tests.celery_support import redis_url_fixture  # noqa: F401
 from tests.engine_support import RecordingHooks
 

@@ -127,6 +127,11 @@ def test_huge_attempt_number_does_not_overflow() -> None:
     assert RetryPolicy(random=lambda: 1.0).backoff(100_000) == 20.0
 
 
+def test_an_attempt_number_below_one_backs_off_like_the_first() -> None:
+    policy = RetryPolicy(base_delay=0.5, random=lambda: 1.0)
+    assert policy.backoff(0) == policy.backoff(-3) == policy.backoff(1) == 0.5
+
+
 def test_attempts_exhausted() -> None:
     policy = RetryPolicy(max_attempts=3, random=lambda: 1.0)
     error = ServerError(EP, 503, "x")
@@ -166,6 +171,12 @@ def test_retry_after_past_the_deadline_gives_up() -> None:
     assert RetryPolicy(deadline=20.0, random=lambda: 0.0).delay_for(1, error, 0.0) is None
 
 
+def test_a_retry_after_of_zero_or_less_sets_no_floor() -> None:
+    for retry_after in (0.0, -5.0):
+        error = RateLimitError(EP, 429, "x", retry_after=retry_after)
+        assert fixed(0.0).delay_for(1, error, 0.0) == 0.0
+
+
 def test_retry_after_on_a_503_is_honoured() -> None:
     assert fixed(0.0).delay_for(1, ServerError(EP, 503, "x", retry_after=2.0), 0.0) == 2.0
 
@@ -179,6 +190,11 @@ def test_random_left_out_of_eq_and_repr() -> None:
     assert policy == RetryPolicy()
     assert "random" not in repr(policy)
     assert "max_attempts=5" in repr(policy)
+
+
+def test_a_deadline_under_one_second_is_valid() -> None:
+    policy = RetryPolicy(deadline=0.5, random=lambda: 1.0)
+    assert policy.delay_for(1, ServerError(EP, 503, "x"), 0.0) == 0.5
 
 
 def test_frozen() -> None:
@@ -197,6 +213,10 @@ def test_frozen() -> None:
         {"max_retry_after": float("inf")},
         {"deadline": 0.0},
         {"deadline": -5.0},
+        {"base_delay": True},
+        {"max_retry_after": "60"},
+        {"deadline": True},
+        {"deadline": "60"},
     ],
 )
 def test_invalid_policy(kwargs: dict[str, object]) -> None:

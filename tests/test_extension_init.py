@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -235,6 +237,18 @@ REFUSED = [
     ("MEISA_CUSTOM_FIELDS", 7, "must be a list of attribute names"),
     ("MEISA_CUSTOM_FIELDS", {"plan": ""}, "must map each custom field to a user attribute"),
     ("MEISA_CUSTOM_FIELDS", ["plan", ""], "must be a list of attribute names"),
+    ("MEISA_CUSTOM_FIELDS", {"": "plan"}, "must have custom field names"),
+    ("MEISA_CUSTOM_FIELDS", {3: "plan"}, "must have custom field names"),
+    ("MEISA_CUSTOM_FIELDS", {"plan": 3}, "must map each custom field to a user attribute"),
+    ("MEISA_BASE_URL", 5, "must be the API's URL"),
+    ("MEISA_TIMEOUT", [5], "must be a finite number of seconds > 0"),
+    ("MEISA_OUTBOX", "  ", "must be a SQLite file path"),
+    ("MEISA_OUTBOX", 5, "must be a SQLite file path"),
+    ("MEISA_OUTBOX", "instance: ", 'names no file: give "instance:<file name>"'),
+    ("MEISA_OUTBOX", "false", 'for memory only, set None or "memory"'),
+    ("MEISA_OUTBOX", "0", 'for memory only, set None or "memory"'),
+    ("MEISA_CELERY_QUEUE", " ", "must be a queue name without spaces"),
+    ("MEISA_CELERY_REDIS_URL", "redis", "must be a redis://"),
     ("MEISA_PRIORITY_FIELDS", {"plan": "plan"}, "must be a list of names"),
     ("MEISA_PRIORITY_FIELDS", ["plan", 3], "must hold names only"),
     ("MEISA_RESYNC_AFTER", 0, "must be a finite number of seconds > 0"),
@@ -242,6 +256,7 @@ REFUSED = [
     ("MEISA_RATE_LIMIT", "", 'must be a budget such as "60/minute;1000/hour", or None'),
     ("MEISA_RATE_LIMIT", "lots/minute", "invalid rate limit"),
     ("MEISA_RATE_LIMIT", "60/fortnight", "invalid rate limit"),
+    ("MEISA_RATE_LIMIT", 60, 'must be a budget such as "60/minute;1000/hour", or None'),
     ("MEISA_DEFAULT_SOURCE", "website", 'must be None or one of "api"'),
     ("MEISA_API_KEY", 123, "must be a string"),
     ("MEISA_CELERY_QUEUE", "two words", "must be a queue name without spaces"),
@@ -273,9 +288,10 @@ def test_invalid_settings_are_refused_at_init_saying_what_is_allowed(
         "meisa_live_0123456789 abcdefSECRET",
         "meisa_live_0123456789\x00abcdefSECRET",
         "meisa_live_0123456789\u200babcdefSECRET",
+        "meisa_live_0123456789\u00e9abcdefSECRET",  # printable, but not ASCII
     ],
 )
-def test_an_api_key_with_whitespace_or_control_characters_is_refused_unseen(key: str) -> None:
+def test_an_api_key_with_a_space_control_or_non_ascii_char_is_refused_unseen(key: str) -> None:
     text = refusal(MEISA_API_KEY=key)
     assert "MEISA_API_KEY must be the key alone" in text
     assert "got str (value not shown)" in text
@@ -289,11 +305,56 @@ def test_surrounding_whitespace_of_the_key_is_dropped() -> None:
     assert Meisa(app).state(app).settings.api_key == KEY
 
 
+def test_a_blank_api_key_counts_as_unset() -> None:
+    assert "MEISA_API_KEY is not set" in refusal(MEISA_API_KEY="  \n")
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://LOCALHOST:8080/api/v1/", "http://127.0.0.1:8080/api/v1", "http://[::1]/api/v1"],
+)
+def test_plain_http_is_taken_for_localhost_and_a_trailing_slash_dropped(url: str) -> None:
+    app = make_app(MEISA_BASE_URL=url)
+    assert Meisa(app).state(app).settings.base_url == url.rstrip("/")
+
+
+def test_custom_fields_may_map_each_field_to_another_attribute() -> None:
+    app = make_app(MEISA_CUSTOM_FIELDS={" plan ": " subscription_plan "})
+    assert Meisa(app).state(app).settings.custom_fields == {"plan": "subscription_plan"}
+
+
+def test_a_default_source_is_taken_without_surrounding_whitespace() -> None:
+    app = make_app(MEISA_DEFAULT_SOURCE=" signup ")
+    assert Meisa(app).state(app).settings.default_source == "signup"
+
+
+def test_the_bounds_of_durations_are_allowed() -> None:
+    top = threading.TIMEOUT_MAX
+    app = make_app(MEISA_FLUSH_TIMEOUT=0, MEISA_SUPPRESSION_TTL="1", MEISA_TIMEOUT=top)
+    settings = Meisa(app).state(app).settings
+    assert (settings.flush_timeout, settings.suppression_ttl, settings.timeout) == (0.0, 1.0, top)
+
+
+@pytest.mark.parametrize(
+    ("value", "path"),
+    [
+        (" /var/lib/app/outbox.sqlite3 ", "/var/lib/app/outbox.sqlite3"),
+        (Path("/var/lib/app/outbox.sqlite3"), "/var/lib/app/outbox.sqlite3"),
+        ("instance:outbox.sqlite3", "instance:outbox.sqlite3"),
+    ],
+)
+def test_an_outbox_is_a_path_string_or_path_object(value: Any, path: str) -> None:
+    values = {**DEFAULTS, "MEISA_OUTBOX": value, "MEISA_API_KEY": "meisa_live_" + "k" * 20}
+    assert MeisaSettings.from_config(values).outbox == path
+
+
 def test_a_url_is_shown_without_its_credentials_query_or_fragment() -> None:
     text = refusal(MEISA_BASE_URL="https://ada:hunter2secret@api.meisa.io/api/v1")
     assert "MEISA_BASE_URL must not hold a user name or password" in text
     assert "hunter2" not in text and "ada:" not in text
     assert "https://***@api.meisa.io/api/v1" in text
+    text = refusal(MEISA_BASE_URL="https://ada@api.meisa.io/api/v1")  # a user name alone
+    assert "MEISA_BASE_URL must not hold a user name or password" in text
     text = refusal(MEISA_BASE_URL=f"http://api.meisa.io/api/v1?api_key={KEY}")
     assert "'http://api.meisa.io/api/v1?***'" in text
     text = refusal(MEISA_CELERY_REDIS_URL="http://:hunter2secret@cache:6379/0")

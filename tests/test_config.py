@@ -136,3 +136,16 @@ def test_the_celery_engines_keys_are_the_tables() -> None:
     } == celery_engine.CELERY_DEFAULTS
     settings = celery_engine.CelerySettings.from_config({"MEISA_CELERY_QUEUE": " billing "})
     assert settings.queue == "billing"
+
+
+def test_the_celery_keys_take_a_celery_app_and_redis_urls() -> None:
+    celery_engine = pytest.importorskip("flask_meisa._engine.celery_setup")
+    celery_app = pytest.importorskip("celery").Celery("billing")
+    for url, expected in [
+        (" REDIS://cache:6379/0 ", "redis://cache:6379/0"),
+        ("rediss://cache:6380/0", "rediss://cache:6380/0"),
+        ("unix:///run/redis.sock", "unix:///run/redis.sock"),
+    ]:
+        config = {"MEISA_CELERY_APP": celery_app, "MEISA_CELERY_REDIS_URL": url}
+        settings = celery_engine.CelerySettings.from_config(config)
+        assert (settings.celery_app, settings.redis_url) == (celery_app, expected)

@@ -61,6 +61,16 @@ def test_parse_refuses(spec: str) -> None:
         parse_rate_limit(spec)
 
 
+def test_a_refusal_names_the_malformed_part_counting_from_one() -> None:
+    with pytest.raises(ConfigurationError, match=r"\(part 2\)"):
+        parse_rate_limit("60/minute; lots/hour")
+
+
+def test_a_budget_that_is_no_string_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="must be a string"):
+        parse_rate_limit(60)  # type: ignore[arg-type]
+
+
 @pytest.fixture
 def store() -> Iterator[Store]:
     """A fresh memory store."""

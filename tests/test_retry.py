@@ -197,6 +197,11 @@ def test_a_deadline_under_one_second_is_valid() -> None:
     assert policy.delay_for(1, ServerError(EP, 503, "x"), 0.0) == 0.5
 
 
+def test_zero_delays_are_valid_and_retry_at_once() -> None:
+    policy = RetryPolicy(base_delay=0.0, max_delay=0.0, max_retry_after=0.0)
+    assert policy.delay_for(1, RateLimitError(EP, 429, "x", retry_after=5.0), 0.0) == 0.0
+
+
 def test_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         RetryPolicy().max_attempts = 2  # type: ignore[misc]

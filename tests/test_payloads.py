@@ -22,6 +22,7 @@ from flask_meisa._payloads import require_text
 from flask_meisa._payloads import text_list
 from flask_meisa._payloads import to_json_value
 from flask_meisa._payloads import unique_emails
+from flask_meisa._payloads import upsert_body
 from flask_meisa.errors import ValidationError
 from flask_meisa.operations import MAX_BODY_BYTES
 from flask_meisa.operations import encode_body
@@ -37,6 +38,13 @@ class Level(enum.IntEnum):
 
 class Nested(enum.Enum):
     WHEN = dt.date(2024, 5, 1)
+
+
+class BrokenOffset(dt.tzinfo):
+    """A tzinfo whose offset Python refuses (a day or more)."""
+
+    def utcoffset(self, value: dt.datetime | None) -> dt.timedelta:
+        return dt.timedelta(hours=30)
 
 
 # -- emails ----------------------------------------------------------------------------
@@ -153,6 +161,12 @@ def test_external_id_refusals(value: Any) -> None:
     assert info.value.field == "external_id"
 
 
+def test_external_id_refusal_says_what_it_takes() -> None:
+    with pytest.raises(ValidationError) as info:
+        normalize_external_id(1.5)
+    assert info.value.message == "must be a string or an integer, not float"
+
+
 def test_text_list() -> None:
     assert text_list(("trial", " beta "), "tag_names") == ["trial", "beta"]
     with pytest.raises(ValidationError) as info:
@@ -228,12 +242,31 @@ def test_plain_types_come_out_plain() -> None:
     class Count(int):
         pass
 
-    out = to_json_value({"t": Text("x"), "c": Count(3), "l": Level.HIGH}, "f")
+    class Ratio(float):  # as numpy.float64 is
+        pass
+
+    out = to_json_value({"t": Text("x"), "c": Count(3), "l": Level.HIGH, "r": Ratio(0.5)}, "f")
     assert isinstance(out, dict)
     assert type(out["t"]) is str
     assert type(out["c"]) is int
     assert type(out["l"]) is int
-    assert json.dumps(out) == '{"t": "x", "c": 3, "l": 3}'
+    assert type(out["r"]) is float
+    assert json.dumps(out) == '{"t": "x", "c": 3, "l": 3, "r": 0.5}'
+
+
+def test_a_datetime_subclass_is_sent_in_utc_like_a_datetime() -> None:
+    class Moment(dt.datetime):  # as pendulum's and freezegun's are
+        pass
+
+    tz = dt.timezone(dt.timedelta(hours=2))
+    assert to_json_value(Moment(2024, 3, 1, 14, 30, tzinfo=tz), "f") == "2024-03-01T12:30:00Z"
+    assert to_json_value({"at": Moment(2024, 3, 1, 12, 30)}, "f") == {"at": "2024-03-01T12:30:00Z"}
+
+
+def test_non_ascii_text_and_keys_are_kept() -> None:
+    value = {"città": "Zürich", "names": ["Zoë", "東京"]}
+    assert to_json_value(value, "custom_fields") == value
+    assert to_json_value("Zoë", "custom_fields") == "Zoë"
 
 
 def test_a_str_enum_key_names_its_value_as_it_does_as_a_value() -> None:
@@ -264,6 +297,7 @@ def test_a_str_enum_key_names_its_value_as_it_does_as_a_value() -> None:
         ({"tags": ["a", "b", {1}]}, "custom_fields.tags[2]", "(set)"),
         ({"a": {"b": float("nan")}}, "custom_fields.a.b", "finite"),
         ({1: "x"}, "custom_fields", "key that is not a string"),
+        (dt.time(9, tzinfo=BrokenOffset()), "custom_fields", "invalid offset"),
         ("bad \ud800 surrogate", "custom_fields", "Unicode"),
     ],
 )
@@ -326,3 +360,62 @@ def test_encode_body_size_limit_names_the_largest_field() -> None:
         "custom_fields": {"blob": "x" * (MAX_BODY_BYTES - 100)},
     }
     assert len(encode_body(small)) <= MAX_BODY_BYTES
+
+
+def test_encode_body_takes_a_body_of_exactly_the_limit_and_never_writes_nan() -> None:
+    size = len('{"a":"xx"}')
+    assert encode_body({"a": "xx"}, max_bytes=size) == '{"a":"xx"}'
+    with pytest.raises(ValidationError):
+        encode_body({"a": "xx"}, max_bytes=size - 1)
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        encode_body({"x": float("nan")})
+
+
+# -- request bodies --------------------------------------------------------------------
+
+
+def test_upsert_body_checks_every_field_and_leaves_out_none() -> None:
+    body = upsert_body(
+        {
+            "email": " Ada@Example.com ",
+            "external_id": 7,
+            "first_name": " Ada ",
+            "last_name": None,
+            "display_name": "Countess",
+            "source": "signup",
+            "custom_fields": {"mrr": Decimal("49.50")},
+            "tag_names": ["beta", " trial ", "beta"],
+        }
+    )
+    assert body == {
+        "email": "ada@example.com",
+        "external_id": "7",
+        "first_name": "Ada",
+        "display_name": "Countess",
+        "source": "signup",
+        "custom_fields": {"mrr": 49.5},
+        "tag_names": ["beta", "trial"],
+    }
+
+
+@pytest.mark.parametrize("source", ["api", "import", "manual", "signup", "initial_sync"])
+def test_upsert_body_takes_every_contact_source(source: str) -> None:
+    assert upsert_body({"email": "a@b.co", "source": f" {source} "})["source"] == source
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "message"),
+    [
+        ({"external_id": 1}, "email", "is required"),
+        ({"email": "a@b.co", "status": "x"}, "status", "is not a field of a contact upsert"),
+        (
+            {"email": "a@b.co", "source": "carrier"},
+            "source",
+            "must be one of api, import, initial_sync, manual, signup",
+        ),
+    ],
+)
+def test_upsert_body_refusals(fields: dict[str, Any], field: str, message: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        upsert_body(fields)
+    assert (info.value.field, info.value.message) == (field, message)

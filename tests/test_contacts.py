@@ -12,6 +12,12 @@ from flask import Flask
 from flask_meisa import Meisa
 from flask_meisa import ValidationError
 from flask_meisa.extension import default_contact_mapper
+from flask_meisa.operations import LANE_BACKFILL
+from flask_meisa.operations import Operation
+from flask_meisa.operations import Priority
+from flask_meisa.operations import by_age
+from flask_meisa.operations import encode_body
+from flask_meisa.operations import merge_priorities
 from flask_meisa.operations import merge_upsert_payloads
 from flask_meisa.testing import emulator_config
 from flask_meisa.testing import record_operations
@@ -148,3 +154,79 @@ def test_merge_keeps_the_creation_source_and_unites_tags() -> None:
         "tag_names": ["a", "b"],
         "custom_fields": {"x": 1, "y": 2},
     }
+
+
+def test_merge_lets_a_later_value_win_and_a_later_none_change_nothing() -> None:
+    merged = merge_upsert_payloads(
+        {"email": "a@b.co", "source": "signup", "first_name": "Ada", "custom_fields": {"x": 1}},
+        {"email": "a@b.co", "first_name": None, "last_name": "L", "custom_fields": None},
+    )
+    assert merged == {
+        "email": "a@b.co",
+        "source": "signup",
+        "first_name": "Ada",
+        "last_name": "L",
+        "custom_fields": {"x": 1},
+    }
+
+
+def test_merge_takes_a_later_source_and_tags_when_the_earlier_upsert_has_none() -> None:
+    merged = merge_upsert_payloads({"email": "a@b.co"}, {"source": "api", "tag_names": ["vip"]})
+    assert merged == {"email": "a@b.co", "source": "api", "tag_names": ["vip"]}
+
+
+def test_a_backfill_upsert_counts_as_the_older_only_against_a_live_one() -> None:
+    old, new = {"first_name": "Old"}, {"first_name": "New"}
+    assert by_age(old, None, new, "backfill") == (new, old)
+    assert by_age(old, "high", new, "backfill") == (new, old)
+    assert by_age(old, "backfill", new, "backfill") == (old, new)
+    assert by_age(old, "backfill", new, None) == (old, new)
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "merged"),
+    [
+        ("high", "backfill", "high"),
+        (None, "high", "high"),
+        ("backfill", "backfill", "backfill"),
+        (None, "backfill", None),
+        ("backfill", None, None),
+        (None, None, None),
+    ],
+)
+def test_merged_upserts_take_the_more_urgent_priority(
+    first: Priority | None, second: Priority | None, merged: Priority | None
+) -> None:
+    assert merge_priorities(first, second) == merged
+
+
+@pytest.mark.parametrize("forced", ["earlier", "later"])
+def test_operation_merge_folds_a_later_upsert_in_with_its_priority_and_force(forced: str) -> None:
+    earlier = Operation("upsert", {"email": "a@b.co", "tag_names": ["a"]}, priority="backfill")
+    later = Operation("upsert", {"email": "a@b.co", "tag_names": ["b"]}, priority="backfill")
+    (earlier if forced == "earlier" else later).force = True
+    assert earlier.merge(later) is True
+    assert earlier.payload == {"email": "a@b.co", "tag_names": ["a", "b"]}
+    assert earlier.json == encode_body(earlier.payload)
+    assert (earlier.priority, earlier.force, earlier.lane) == ("backfill", True, LANE_BACKFILL)
+
+
+def test_operation_merge_refuses_upserts_of_two_contacts_and_changes_nothing() -> None:
+    earlier = Operation("upsert", {"email": "a@b.co", "external_id": "1"})
+    later = Operation("upsert", {"email": "a@b.co", "external_id": "2"}, priority="high")
+    later.force = True
+    assert earlier.merge(later) is False
+    assert (earlier.payload, earlier.priority, earlier.force, earlier.body) == (
+        {"email": "a@b.co", "external_id": "1"},
+        None,
+        False,
+        None,
+    )
+
+
+def test_only_upserts_can_be_merged() -> None:
+    upsert = Operation("upsert", {"email": "a@b.co"})
+    track = Operation("track", {"event_name": "opened", "email": "a@b.co"})
+    for earlier, later in ((upsert, track), (track, upsert)):
+        with pytest.raises(ValueError, match="only upserts"):
+            earlier.merge(later)

@@ -17,6 +17,7 @@ from flask_meisa._engine.base import DeliveryStatus
 from flask_meisa._engine.store import Store
 from flask_meisa.operations import LANE_AUTOMATION
 from flask_meisa.operations import LANE_BACKFILL
+from flask_meisa.operations import LANE_NAMES
 from flask_meisa.operations import LANE_ROUTINE
 from flask_meisa.operations import LANE_TRANSACTIONAL
 from flask_meisa.operations import MAX_BODY_BYTES
@@ -87,6 +88,55 @@ def lane_of(db: sqlite3.Connection, seq: int) -> int:
 def describe(row: pending.Row) -> tuple[str, str | None]:
     payload = row.operation.payload
     return row.operation.kind, payload.get("event_name") or payload.get("external_id")
+
+
+def test_an_operation_asks_for_its_lane_by_kind_priority_and_source() -> None:
+    lanes = [
+        send().lane,
+        track(1).lane,
+        upsert(1, priority="high").lane,
+        upsert(1, source="signup").lane,
+        upsert(1, source="api").lane,
+        upsert(1, priority="backfill", source="signup").lane,
+    ]
+    assert [LANE_NAMES[lane] for lane in lanes] == [
+        "transactional",
+        "automation",
+        "automation",
+        "automation",
+        "routine",
+        "backfill",
+    ]
+    assert lanes == [LANE_TRANSACTIONAL, *[LANE_AUTOMATION] * 3, LANE_ROUTINE, LANE_BACKFILL]
+
+
+def test_an_operation_describes_itself_without_payload_values() -> None:
+    assert Operation("send", send().payload, id="s1").describe() == "send reset (s1)"
+    assert Operation("track", track(1).payload, id="t1").describe() == "track clicked (t1)"
+    assert Operation("upsert", upsert(1).payload, id="u1").describe() == "upsert (u1)"
+
+
+@pytest.mark.parametrize("make", [send, track, upsert])
+def test_an_operation_round_trips_through_its_dict(make: Callable[[int], Operation]) -> None:
+    operation = make(1)
+    operation.contact = {"email": "u1@example.com"} if operation.kind == "track" else None
+    operation.attempts, operation.priority, operation.force = 2, "high", True
+    assert Operation.from_dict(operation.to_dict()) == operation
+
+
+def test_an_operation_is_not_forced_unless_asked_and_an_old_dict_reads_as_such() -> None:
+    assert upsert(1).force is False
+    data = {"id": "1", "kind": "upsert", "payload": {"email": "a@b.co"}, "created_at": 5}
+    operation = Operation.from_dict(data)
+    assert (operation.attempts, operation.priority, operation.force, operation.contact) == (
+        0,
+        None,
+        False,
+        None,
+    )
+    for bad in ({**data, "kind": "delete"}, {**data, "priority": "urgent"}):
+        with pytest.raises(ValueError, match="unknown"):
+            Operation.from_dict(bad)
 
 
 def test_lanes_in_order_whatever_the_order_of_arrival(db: sqlite3.Connection) -> None:

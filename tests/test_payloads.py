@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import json
+import time
 import uuid
 from collections import OrderedDict
 from decimal import Decimal
@@ -21,6 +22,8 @@ from flask_meisa._payloads import optional_text
 from flask_meisa._payloads import require_text
 from flask_meisa._payloads import text_list
 from flask_meisa._payloads import to_json_value
+from flask_meisa._payloads import track_body
+from flask_meisa._payloads import trigger_body
 from flask_meisa._payloads import unique_emails
 from flask_meisa._payloads import upsert_body
 from flask_meisa.errors import ValidationError
@@ -45,6 +48,12 @@ class BrokenOffset(dt.tzinfo):
 
     def utcoffset(self, value: dt.datetime | None) -> dt.timedelta:
         return dt.timedelta(hours=30)
+
+    def dst(self, value: dt.datetime | None) -> dt.timedelta | None:
+        return None
+
+    def tzname(self, value: dt.datetime | None) -> str | None:
+        return None
 
 
 # -- emails ----------------------------------------------------------------------------
@@ -101,6 +110,17 @@ def test_email_error_never_repeats_the_value() -> None:
         normalize_email("secret.person@nowhere")
     assert "secret.person" not in str(info.value)
     assert str(info.value).startswith("email: ")
+
+
+def test_an_address_off_the_common_pattern_is_checked_and_kept_up_to_the_limits() -> None:
+    # An apostrophe, a non-ASCII domain: not what nearly every address looks like, so the
+    # slow checks run, and the address still comes back normalised.
+    assert normalize_email(" O'Brien@Example.com ") == "o'brien@example.com"
+    assert normalize_email("zoë@exämple.com") == "zoë@exämple.com"
+    longest = "o'b@" + "d" * 246 + ".com"
+    assert normalize_email(longest) == longest
+    local = "'" + "a" * 63
+    assert normalize_email(local + "@example.com") == local + "@example.com"
 
 
 # -- text ------------------------------------------------------------------------------
@@ -254,6 +274,29 @@ def test_plain_types_come_out_plain() -> None:
     assert json.dumps(out) == '{"t": "x", "c": 3, "l": 3, "r": 0.5}'
 
 
+def test_large_integers_pass_until_python_cannot_write_them_out() -> None:
+    assert to_json_value({"n": 10**30}, "f") == {"n": 10**30}
+    assert to_json_value(-(10**4000), "f") == -(10**4000)
+    with pytest.raises(ValidationError) as info:
+        to_json_value({"n": 10**5000}, "f")
+    assert (info.value.field, info.value.message) == (
+        "f.n",
+        "is too large a number to send as JSON",
+    )
+
+
+def test_a_naive_datetime_is_taken_as_utc_whatever_the_local_time_zone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TZ", "XYZ-9")
+    time.tzset()
+    try:
+        assert to_json_value(dt.datetime(2024, 3, 1, 12, 30), "f") == "2024-03-01T12:30:00Z"
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
 def test_a_datetime_subclass_is_sent_in_utc_like_a_datetime() -> None:
     class Moment(dt.datetime):  # as pendulum's and freezegun's are
         pass
@@ -297,6 +340,7 @@ def test_a_str_enum_key_names_its_value_as_it_does_as_a_value() -> None:
         ({"tags": ["a", "b", {1}]}, "custom_fields.tags[2]", "(set)"),
         ({"a": {"b": float("nan")}}, "custom_fields.a.b", "finite"),
         ({1: "x"}, "custom_fields", "key that is not a string"),
+        ({"\ud800": 1}, "custom_fields", "key that is not valid Unicode"),
         (dt.time(9, tzinfo=BrokenOffset()), "custom_fields", "invalid offset"),
         ("bad \ud800 surrogate", "custom_fields", "Unicode"),
     ],
@@ -321,6 +365,16 @@ def test_depth_limit() -> None:
     assert to_json_value(value, "v") is not None
     with pytest.raises(ValidationError) as info:
         to_json_value([value], "v")
+    assert "deeper than 32" in info.value.message
+
+
+def test_depth_limit_counts_mappings_as_it_counts_lists() -> None:
+    value: Any = "leaf"
+    for _ in range(MAX_DEPTH):
+        value = {"k": value}
+    assert to_json_value(value, "v") is not None
+    with pytest.raises(ValidationError) as info:
+        to_json_value({"k": value}, "v")
     assert "deeper than 32" in info.value.message
 
 
@@ -419,3 +473,65 @@ def test_upsert_body_refusals(fields: dict[str, Any], field: str, message: str) 
     with pytest.raises(ValidationError) as info:
         upsert_body(fields)
     assert (info.value.field, info.value.message) == (field, message)
+
+
+def test_track_body_takes_an_email_or_an_external_id_and_needs_one() -> None:
+    assert track_body(" signed_up ", external_id=7) == {
+        "event_name": "signed_up",
+        "external_id": "7",
+    }
+    assert track_body("opened", email="A@b.co", properties={"n": 1}) == {
+        "event_name": "opened",
+        "email": "a@b.co",
+        "properties": {"n": 1},
+    }
+    with pytest.raises(ValidationError) as info:
+        track_body("opened", properties={"n": 1})
+    assert (info.value.field, info.value.message) == (
+        "email",
+        "an email or an external_id is required",
+    )
+
+
+def test_trigger_body_checks_the_recipient_contact_fields_and_keeps_the_rest() -> None:
+    recipient = {
+        "external_id": 7,
+        "first_name": " Ada ",
+        "last_name": " Lovelace ",
+        "display_name": " Countess ",
+        "plan": {"name": "pro"},
+    }
+    body = trigger_body(" welcome ", "Ada@Example.com", recipient=recipient, idempotency_key="k")
+    assert body == {
+        "trigger_key": "welcome",
+        "to_email": "ada@example.com",
+        "recipient": {
+            "external_id": "7",
+            "first_name": "Ada",
+            "last_name": "Lovelace",
+            "display_name": "Countess",
+            "plan": {"name": "pro"},
+        },
+        "idempotency_key": "k",
+    }
+
+
+@pytest.mark.parametrize(
+    ("arguments", "field"),
+    [
+        ((None, "a@b.co"), "trigger_key"),
+        (("welcome", None), "to_email"),
+    ],
+)
+def test_trigger_body_requires_a_trigger_key_and_an_address(
+    arguments: tuple[Any, Any], field: str
+) -> None:
+    with pytest.raises(ValidationError) as info:
+        trigger_body(*arguments)
+    assert info.value.field == field
+
+
+def test_trigger_body_refuses_recipient_custom_fields_that_are_not_a_mapping() -> None:
+    with pytest.raises(ValidationError) as info:
+        trigger_body("welcome", "a@b.co", recipient={"custom_fields": ["x"]})
+    assert info.value.field == "recipient.custom_fields"

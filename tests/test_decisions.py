@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
 
@@ -14,16 +15,20 @@ from flask_meisa._engine.base import log_decision
 from flask_meisa._engine.base import pause_for
 from flask_meisa._engine.base import settle
 from flask_meisa._engine.base import too_late
+from flask_meisa.client import MeisaClient
 from flask_meisa.errors import APIConnectionError
 from flask_meisa.errors import APITimeoutError
 from flask_meisa.errors import BadRequestError
+from flask_meisa.errors import ConfigurationError
 from flask_meisa.errors import DeliveryError
 from flask_meisa.errors import NotFoundError
 from flask_meisa.errors import RateLimitError
 from flask_meisa.errors import ServerError
 from flask_meisa.errors import UnprocessableEntityError
 from flask_meisa.errors import ValidationError
+from flask_meisa.operations import MAX_BODY_BYTES
 from flask_meisa.operations import Operation
+from flask_meisa.operations import attempt
 from flask_meisa.retry import RetryPolicy
 
 POLICY = RetryPolicy(
@@ -179,3 +184,25 @@ def test_the_pause_is_the_429s_then_the_backoffs_ceiling_once_meisa_looks_down(
         assert pause_for(outage, OUTAGE_THRESHOLD, POLICY, logger) == 4.0  # 1.0 * 2 ** 2
     assert "3 failed calls in a row; pausing delivery for 4.00 s" in caplog.text
     assert pause_for(outage, 30, POLICY, logger) == 8.0  # capped by max_delay
+
+
+def test_attempt_captures_the_outcome_and_whether_a_request_may_have_gone_out(
+    emulator: Any,
+) -> None:
+    def no_client() -> MeisaClient:
+        raise ConfigurationError("api_key is not set")
+
+    upsert = Operation("upsert", {"email": "ada@example.com"})
+    failed = attempt(no_client, upsert)
+    assert (failed.made, type(failed.error), failed.result) == (False, ConfigurationError, None)
+    with MeisaClient(emulator.live_key, emulator.url) as client:
+        done = attempt(lambda: client, upsert)
+        assert (done.made, done.error) == (True, None) and done.result is not None
+        huge = Operation(
+            "upsert", {"email": "a@b.co", "custom_fields": {"x": "x" * MAX_BODY_BYTES}}
+        )
+        refused = attempt(lambda: client, huge)
+        assert (refused.made, type(refused.error)) == (False, ValidationError)
+        unknown = {"trigger_key": "no-such-trigger", "to_email": "a@b.co", "idempotency_key": "k"}
+        answered = attempt(lambda: client, Operation("send", unknown))
+        assert (answered.made, type(answered.error)) == (True, BadRequestError)

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from flask_meisa.errors import ValidationError
 from flask_meisa.operations import MAX_BODY_BYTES
 from flask_meisa.operations import encode_body
+from tests.test_payloads import BrokenOffset  # a hostile value the unit tests use too
 
 #: Characters that break headers, log lines, JSON encoding or address parsing.
 NASTY_CHARS = (
@@ -94,19 +95,6 @@ class NoOffset(dt.tzinfo):
 
     def utcoffset(self, value: dt.datetime | None) -> dt.timedelta | None:
         return None
-
-    def dst(self, value: dt.datetime | None) -> dt.timedelta | None:
-        return None
-
-    def tzname(self, value: dt.datetime | None) -> str | None:
-        return None
-
-
-class BrokenOffset(dt.tzinfo):
-    """A tzinfo whose offset Python refuses (a day or more)."""
-
-    def utcoffset(self, value: dt.datetime | None) -> dt.timedelta:
-        return dt.timedelta(hours=30)
 
     def dst(self, value: dt.datetime | None) -> dt.timedelta | None:
         return None

@@ -29,6 +29,7 @@ from flask_meisa.emulator.call import is_valid_email
 from flask_meisa.errors import ValidationError
 from flask_meisa.operations import Operation
 from tests import property_strategies as s
+from tests.test_payloads import BrokenOffset
 
 FAST = settings(deadline=None, max_examples=150)
 BODIES = settings(deadline=None, max_examples=120)
@@ -48,7 +49,7 @@ def _server_string_ok(value: str) -> bool:
 # then failed in json.dumps or the UTF-8 encoding of the body.
 @example(Decimal("1E+5000"))  # int past Python's 4,300-digit limit
 @example(dt.datetime.min.replace(tzinfo=dt.timezone(dt.timedelta(hours=5))))  # OverflowError
-@example(dt.datetime(2024, 1, 1, tzinfo=s.BrokenOffset()))  # ValueError
+@example(dt.datetime(2024, 1, 1, tzinfo=BrokenOffset()))  # ValueError
 @example({"\ud800": 1})  # a key with no UTF-8 form
 def test_to_json_value_gives_stable_json_or_names_the_field(value: Any) -> None:
     try:

@@ -231,6 +231,21 @@ def test_a_merge_keeps_the_more_urgent_priority_and_force(db: sqlite3.Connection
     )
 
 
+@pytest.mark.parametrize("in_flight", [False, True], ids=["waiting", "retried"])
+def test_a_merge_keeps_the_force_and_lane_of_the_upsert_it_joins(
+    db: sqlite3.Connection, in_flight: bool
+) -> None:
+    first = upsert(1, first_name="A")
+    first.force = True
+    add(db, first, LANE_AUTOMATION)
+    flying = take(db) if in_flight else None
+    add(db, upsert(1, last_name="B"), LANE_ROUTINE)
+    if flying is not None:
+        pending.retry_at(db, flying, 0.0)
+    (row,) = drain(db)
+    assert (row.lane, row.operation.force, row.merged) == (LANE_AUTOMATION, True, 2)
+
+
 def test_an_upsert_in_flight_is_not_merged_into_and_blocks_the_next(
     db: sqlite3.Connection,
 ) -> None:
@@ -292,6 +307,18 @@ def test_a_retried_upsert_takes_the_priority_and_force_of_those_it_absorbs(
         "high",
         True,
     )
+
+
+def test_a_retried_event_absorbs_no_upsert_of_its_contact(db: sqlite3.Connection) -> None:
+    event = track(1, "clicked")
+    add(db, event)
+    flying = take(db)
+    assert flying is not None
+    add(db, upsert(1), LANE_ROUTINE)
+    pending.retry_at(db, flying, 0.0)
+    assert rows(db) == 2 and flying.merged == 1
+    first, _ = drain(db)
+    assert (first.operation.id, first.operation.payload) == (event.id, event.payload)
 
 
 def test_a_retried_upsert_absorbs_nothing_past_the_body_limit(db: sqlite3.Connection) -> None:
@@ -365,6 +392,24 @@ def final_plan(rows: list[pending.Row]) -> Any:
     """The plan Meisa ends with, the rows delivered in this order."""
     plans = [row.operation.payload.get("custom_fields", {}).get("plan") for row in rows]
     return [value for value in plans if value is not None][-1]
+
+
+@pytest.mark.parametrize(
+    ("between", "late"),
+    [(("1", None), (None, "a")), ((None, "a"), ("1", None))],
+    ids=["by-email-after-by-id", "by-id-after-by-email"],
+)
+def test_an_upsert_by_one_name_merges_into_no_row_a_later_upsert_by_the_other_follows(
+    db: sqlite3.Connection,
+    between: tuple[str | None, str | None],
+    late: tuple[str | None, str | None],
+) -> None:
+    big = "x" * (MAX_BODY_BYTES // 2)
+    first = add(db, plan("1", "a", 0, a=big))
+    second = add(db, plan(*between, 1, b=big))  # too big to merge: a row of its own
+    assert second > first
+    assert not pending.add(db, plan(*late, 2), LANE_ROUTINE).merged
+    assert final_plan(drain(db)) == 2
 
 
 def test_an_upsert_merges_past_no_upsert_of_its_contact_in_flight(

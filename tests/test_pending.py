@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 
 from flask_meisa._engine import dead
+from flask_meisa._engine import known
 from flask_meisa._engine import pending
+from flask_meisa._engine.base import LATENCY_WINDOW
 from flask_meisa._engine.base import DeliveryStatus
 from flask_meisa._engine.store import Store
 from flask_meisa.operations import LANE_AUTOMATION
@@ -319,6 +321,18 @@ def test_a_retried_event_absorbs_no_upsert_of_its_contact(db: sqlite3.Connection
     assert rows(db) == 2 and flying.merged == 1
     first, _ = drain(db)
     assert (first.operation.id, first.operation.payload) == (event.id, event.payload)
+
+
+@pytest.mark.parametrize(("options", "recover"), [({}, 0), ({"recover": 1}, 1)])
+def test_a_retried_row_recovers_its_contact_only_when_told(
+    db: sqlite3.Connection, options: dict[str, int], recover: int
+) -> None:
+    add(db, track(1))
+    flying = take(db)
+    assert flying is not None
+    pending.retry_at(db, flying, 0.0, **options)
+    again = take(db)
+    assert again is not None and again.recover == recover
 
 
 def test_a_retried_upsert_absorbs_nothing_past_the_body_limit(db: sqlite3.Connection) -> None:
@@ -646,6 +660,7 @@ def test_shedding_takes_routine_then_automation_rows_oldest_first(
     for operation in (old_event, old_sync, new_event, new_sync):
         add(db, operation)
     # Six live rows: a backfill bounds itself and does not count.
+    assert pending.shed(db, 7) == []
     assert pending.shed(db, 6) == []
     assert pending.shed(db, 4) == [old_sync, new_sync]
     assert pending.shed(db, 3) == [old_event]
@@ -711,6 +726,38 @@ def test_dead_letters_neither_block_their_contact_nor_count_as_waiting(
         "RuntimeError",
         1,
     )
+
+
+def test_unfinished_and_waits_count_waiting_flying_and_retrying_rows_not_dead_ones(
+    db: sqlite3.Connection,
+) -> None:
+    for n in range(4):
+        add(db, track(n))
+    flying, retrying, refused = take(db), take(db), take(db)
+    assert flying is not None and retrying is not None and refused is not None
+    pending.retry_at(db, retrying, 10.0)
+    dead.bury(db, refused, RuntimeError("no"))
+    assert pending.unfinished(db) == 3
+    assert [pending.waits(db, track(n)) for n in range(5)] == [True, True, False, True, False]
+    assert pending.waits(db, upsert(0))  # the same contact, by its external id
+
+
+def test_tidy_ages_routine_syncs_and_forgets_old_digests_and_answers(
+    db: sqlite3.Connection,
+) -> None:
+    now = 10_000.0
+    old = add(db, Operation("upsert", upsert(1).payload, created_at=now - 101), LANE_ROUTINE)
+    young = add(db, Operation("upsert", upsert(2).payload, created_at=now - 99), LANE_ROUTINE)
+    known.remember(db, upsert(1).payload, now - 501)
+    known.remember(db, upsert(2).payload, now - 499)
+    for at in (now - LATENCY_WINDOW - 1, now - LATENCY_WINDOW + 1):
+        db.execute("INSERT INTO meisa_answers (lane, at, waited) VALUES (?, ?, ?)", (1, at, 0.1))
+    pending.tidy(db, now, routine_max_age=100, known_for=500)
+    assert (lane_of(db, old), lane_of(db, young)) == (LANE_AUTOMATION, LANE_ROUTINE)
+    assert known.lookup(db, upsert(1).payload) is None
+    assert known.lookup(db, upsert(2).payload) is not None
+    answers = [at for (at,) in db.execute("SELECT at FROM meisa_answers")]
+    assert answers == [now - LATENCY_WINDOW + 1]
 
 
 def test_flights_left_by_a_process_that_died_wait_again(db: sqlite3.Connection) -> None:

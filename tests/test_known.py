@@ -113,6 +113,75 @@ def test_remember_merges_what_meisa_accepted_over_time(db: sqlite3.Connection) -
     assert not found.has(digest({"first_name": "Ada"}))  # never sent: not known
 
 
+def test_remember_without_acceptance_keeps_when_meisa_accepted_and_notes_when_set(
+    db: sqlite3.Connection,
+) -> None:
+    ada = {"email": "ada@example.com", "first_name": "Ada"}
+    known.remember(db, ada, 10.0, accepted=False)
+    assert entries(db) == {}  # an unknown contact: nothing Meisa is known to have
+    known.remember(db, {**ada, "external_id": "u1"}, 1.0)
+    known.remember(db, ada, 5.0, accepted=False)
+    assert set(entries(db)) == {"ext:u1", "email:ada@example.com"}
+    found = known.lookup(db, {"external_id": "u1"})
+    assert found is not None and found.accepted_at == 1.0
+    assert found.set_after(4.0) == {"first_name"}
+
+
+def test_set_after_names_the_fields_set_since_a_time_not_the_contacts_names(
+    db: sqlite3.Connection,
+) -> None:
+    known.remember(db, {"email": "ada@example.com", "external_id": "u1", "first_name": "A"}, 1.0)
+    known.remember(db, {"email": "ada@example.com", "last_name": "L"}, 5.0)
+    found = known.lookup(db, {"external_id": "u1"})
+    assert found is not None
+    assert [found.set_after(since) for since in (0.0, 1.0, 4.0, 5.0)] == [
+        {"first_name", "last_name"},
+        {"last_name"},
+        {"last_name"},
+        set(),
+    ]
+    # Remembered without the time it was set (an older version, Redis): when accepted.
+    legacy = known.Known(digest({"first_name": "A"}), accepted_at=5.0)
+    assert (legacy.set_after(4.0), legacy.set_after(5.0)) == ({"first_name"}, set())
+
+
+def test_set_since_says_whether_a_field_of_an_upsert_was_set_again_after_a_time(
+    db: sqlite3.Connection,
+) -> None:
+    update = {"email": "ada@example.com", "first_name": "Ada", "custom_fields": {"plan": "pro"}}
+    assert known.set_since(db, update, 0.0) is False  # nothing known
+    known.remember(db, {"email": "ada@example.com", "first_name": "Eve"}, 5.0)
+    assert known.set_since(db, update, 4.0) is True
+    assert known.set_since(db, update, 5.0) is False
+    only_names = {"email": "ada@example.com", "custom_fields": {"plan": "pro"}}
+    assert known.set_since(db, only_names, 4.0) is False
+
+
+ADA = {"email": "ada@example.com", "first_name": "Ada"}
+
+
+@pytest.mark.parametrize(
+    ("operation", "accepted_at", "expected"),
+    [
+        (Operation("upsert", ADA), 900.0, True),  # accepted resync_after ago, to the second
+        (Operation("upsert", {"email": "ada@example.com"}), 950.0, True),
+        (Operation("upsert", ADA), 899.0, False),
+        (Operation("upsert", {**ADA, "first_name": "Eve"}), 950.0, False),
+        (Operation("upsert", ADA, force=True), 950.0, False),
+        (Operation("track", {"event_name": "x", "email": "ada@example.com"}), 950.0, False),
+        (Operation("upsert", ADA), None, False),
+    ],
+    ids=["at-the-bound", "a-part", "too-old", "changed", "forced", "an-event", "unknown"],
+)
+def test_an_upsert_is_unchanged_when_meisa_has_it_all_within_resync_after_unless_forced(
+    operation: Operation, accepted_at: float | None, expected: bool
+) -> None:
+    # What Meisa has holds the event's fields too: only its kind keeps it from being skipped.
+    had = known.Known(digest({**ADA, "event_name": "x"}), accepted_at or 0.0)
+    answer = known.unchanged(operation, lambda: None if accepted_at is None else had, 1000.0, 100)
+    assert answer is expected
+
+
 def test_only_a_change_of_a_named_custom_field_moves_a_known_contact_ahead(
     db: sqlite3.Connection,
 ) -> None:

@@ -4,22 +4,28 @@ each call's answer (explicit times), shared by every store on one file."""
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from flask_meisa._engine.base import decide
 from flask_meisa._engine.caller import Budget
 from flask_meisa._engine.store import Store
 from flask_meisa._values import RateWindow
 from flask_meisa._values import parse_rate_limit
 from flask_meisa.emulator import RateLimiter as ServerLimiter
+from flask_meisa.errors import BadRequestError
 from flask_meisa.errors import ConfigurationError
+from flask_meisa.errors import RateLimitError
+from flask_meisa.errors import ServerError
 from flask_meisa.operations import LANE_AUTOMATION
 from flask_meisa.operations import LANE_BACKFILL
 from flask_meisa.operations import LANE_ROUTINE
 from flask_meisa.operations import LANE_TRANSACTIONAL
+from flask_meisa.retry import RetryPolicy
 
 #: Longer than any call of these tests: no lease runs out unless a test wants it to.
 LEASE = 1000.0
@@ -200,6 +206,14 @@ def test_a_backfill_uses_at_most_its_share_and_never_blocks_live_work(store: Sto
     assert calls.take(9 * spacing, LANE_TRANSACTIONAL) is not None
 
 
+def test_routine_calls_are_paced_by_the_window_that_allows_the_fewest_a_second(
+    store: Store,
+) -> None:
+    calls = budget(store, "60/minute;1000/hour")  # 57 a minute, but 950 an hour
+    assert calls.take(0.0, LANE_ROUTINE) is not None
+    assert calls.wait(0.0, LANE_ROUTINE) == pytest.approx(3600 / 950)
+
+
 def test_routine_and_backfill_calls_are_spread_out_and_urgent_ones_are_not(
     store: Store,
 ) -> None:
@@ -266,6 +280,8 @@ def test_a_slot_for_a_call_outside_the_engine_waits_then_goes_without(store: Sto
     with limited.slot(1.0) as got:
         assert got
         assert limited.remaining() == {"1/minute": 0}
+    # Over with its call: dated by its answer, not held in flight until its lease ends.
+    assert Calls(limited).wait(time.time()) == pytest.approx(60.0, abs=1.0)
     began = time.monotonic()
     with limited.slot(0.2) as got:
         assert not got  # the minute is spent: after its timeout the call goes anyway
@@ -273,6 +289,52 @@ def test_a_slot_for_a_call_outside_the_engine_waits_then_goes_without(store: Sto
     with store.read() as db:
         (count,) = db.execute("SELECT count(*) FROM meisa_calls").fetchone()
     assert count == 1  # a call made without a slot takes none
+
+
+def test_a_slot_waiting_on_a_call_in_flight_is_taken_soon_after_that_call_gives_it_back(
+    store: Store,
+) -> None:
+    limited = Budget(store, "1/minute", lease=LEASE)
+    in_flight = Calls(limited).take(time.time())
+    # The call in flight is never made: its slot comes back a moment after the wait began.
+    given_back = threading.Timer(0.2, lambda: Calls(limited).settle(in_flight, 0.0, made=False))
+    began = time.monotonic()
+    given_back.start()
+    with limited.slot(5.0) as got:
+        waited = time.monotonic() - began
+    given_back.join()
+    assert got
+    assert 0.2 <= waited < 0.8  # not a second's poll later
+
+
+def test_three_failures_in_a_row_pause_the_key_then_let_one_probe_through(
+    store: Store,
+) -> None:
+    limited = Budget(store, None, lease=LEASE)
+    policy = RetryPolicy(base_delay=1.0, max_delay=8.0, deadline=None)
+
+    def answered(error: Exception, now: float) -> None:
+        decision = decide("upsert", error, attempts=1, elapsed=0.0, policy=policy)
+        with store.write() as db:
+            limited.note(db, decision, now, policy)
+
+    def gate(now: float, calls: int) -> float:
+        with store.write() as db:
+            return limited.gate(db, now, calls)
+
+    down = ServerError("POST /contacts/upsert/", 503, "down")
+    for error in (down, down, BadRequestError("POST /contacts/upsert/", 400, "bad"), down, down):
+        answered(error, 0.0)
+    assert gate(0.0, calls=1) == 0.0  # two in a row since Meisa last answered
+    answered(down, 0.0)
+    assert gate(0.0, calls=0) == pytest.approx(4.0)  # the backoff's ceiling at the third
+    assert gate(4.0, calls=1) == 1.0  # Meisa looks down: no call beside the one in flight
+    assert gate(4.0, calls=0) == 0.0  # the probe
+    # A longer pause asked for is never cut short by a shorter one noted after it.
+    answered(RateLimitError("POST /contacts/upsert/", 429, "slow", retry_after=30.0), 4.0)
+    for _ in range(3):
+        answered(down, 5.0)
+    assert gate(5.0, calls=0) == pytest.approx(29.0)
 
 
 def _simulate(date_by_answer: bool) -> tuple[int, int]:

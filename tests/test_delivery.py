@@ -26,6 +26,7 @@ from flask_meisa.errors import DeliveryError
 from flask_meisa.operations import Operation
 from flask_meisa.retry import RetryPolicy
 from tests.engine_support import FAST
+from tests.engine_support import SLOW
 from tests.engine_support import MakeEngine
 from tests.engine_support import RecordingHooks
 from tests.engine_support import make_engine as build_engine
@@ -247,7 +248,10 @@ def emulator_client(emulator: Emulator) -> Any:
 
 
 def test_an_event_answered_404_upserts_its_contact_then_tracks_again(
-    emulator: Emulator, make_engine: MakeEngine, hooks: RecordingHooks
+    emulator: Emulator,
+    make_engine: MakeEngine,
+    hooks: RecordingHooks,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     engine = make_engine(emulator)
     contact = {"email": "new@example.com", "external_id": "u-404", "first_name": "Nova"}
@@ -264,6 +268,7 @@ def test_an_event_answered_404_upserts_its_contact_then_tracks_again(
     assert emulator.contact(external_id="u-404")["first_name"] == "Nova"  # type: ignore[index]
     assert ids(hooks.of("delivered")) == [event.id]
     assert hooks.of("failed") == []
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 def test_an_event_answered_404_without_a_known_contact_fails_as_a_dead_letter(
@@ -623,3 +628,106 @@ def test_what_the_writer_stores_again_one_by_one_waits_in_memory_while_the_store
     assert engine.flush(10)
     assert [op.id for op in hooks.of("delivered")] == [good.id]
     assert [op.id for op in hooks.of("dropped")] == [unstorable.id]
+
+
+def test_an_upsert_meisa_has_makes_no_call_until_an_event_answered_404_says_it_lost_it(
+    emulator: Emulator, make_engine: MakeEngine, hooks: RecordingHooks
+) -> None:
+    engine = make_engine(emulator)
+    engine.submit([upsert(1)])
+    assert engine.flush(5)
+    again = upsert(1)
+    engine.submit([again])
+    assert engine.flush(5)
+    assert statuses(emulator) == [201]
+    assert ids(hooks.of("delivered"))[-1] == again.id
+    emulator.reset()  # the contact was deleted in Meisa's dashboard
+    engine.submit([track(1)])  # no contact to recover it with: it fails
+    assert engine.flush(5)
+    engine.submit([upsert(1)])
+    assert engine.flush(5)
+    assert statuses(emulator) == [404, 201]
+    assert emulator.contact(external_id="t-1") is not None
+
+
+def test_a_retry_is_logged_once_and_nothing_as_an_error(
+    emulator: Emulator,
+    make_engine: MakeEngine,
+    hooks: RecordingHooks,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="flask_meisa.engine")
+    engine = make_engine(emulator)
+    emulator.faults.fail_next(1, status=503, path=UPSERT)
+    operation = upsert(1)
+    engine.submit([operation])
+    assert engine.flush(5)
+    assert statuses(emulator) == [503, 201]
+    refused, accepted = emulator.requests
+    assert accepted.time - refused.time < 0.8  # when due (at most 0.2 s), not at the next look
+    retries = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+    assert len(retries) == 1
+    assert operation.describe() in retries[0] and "HTTP 503" in retries[0]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_meisa_is_probed_after_an_outage_that_follows_an_upsert_needing_no_call(
+    emulator: Emulator, make_engine: MakeEngine, hooks: RecordingHooks
+) -> None:
+    # An upsert Meisa already had is never left counted as a call in flight: were it, the
+    # probe that ends an outage would wait for its answer forever.
+    engine = make_engine(emulator)
+    for _ in range(2):
+        engine.submit([upsert(1)])
+        assert engine.flush(5)
+    emulator.faults.fail_next(3, status=503, path=UPSERT)  # Meisa looks down
+    engine.submit([upsert(2)])
+    assert engine.flush(5)
+    assert statuses(emulator) == [201, 503, 503, 503, 201]
+
+
+@pytest.mark.parametrize("waiting_for", ["nothing", "a retry", "a 429 pause", "the budget"])
+def test_a_delivery_thread_waiting_looks_at_the_store_now_and_then_not_in_a_loop(
+    emulator: Emulator, make_engine: MakeEngine, hooks: RecordingHooks, waiting_for: str
+) -> None:
+    engine = make_engine(emulator, retry=SLOW, rate_limit="1/minute")
+    if waiting_for == "a retry":
+        emulator.faults.fail_next(1, status=503, path=UPSERT)
+    elif waiting_for == "a 429 pause":
+        emulator.faults.force_429(1, retry_after=60)
+    engine.submit([upsert(1)] + ([upsert(2)] if waiting_for == "the budget" else []))
+    assert emulator.wait_for_requests(1)
+    assert wait_until(lambda: engine.status().in_flight == 0)
+    write, looks = engine.store.write, []
+
+    def counted() -> Any:
+        looks.append(1)
+        return write()
+
+    engine.store.write = counted  # type: ignore[method-assign]
+    time.sleep(0.5)  # the span over which the looks are counted
+    engine.store.write = write  # type: ignore[method-assign]
+    assert len(looks) <= 2  # about once a second (at most)
+
+
+def test_an_upsert_needing_no_call_does_not_put_off_its_contacts_resync(
+    emulator: Emulator, make_engine: MakeEngine, hooks: RecordingHooks
+) -> None:
+    # Meisa is told a contact's state again once resync_after passed since it last accepted
+    # it, however often the app set that same state in between.
+    engine = make_engine(emulator, resync_after=150.0)
+
+    def age_what_meisa_accepted(seconds: float) -> None:
+        with engine.store.write() as db:
+            db.execute("UPDATE meisa_known SET accepted_at = accepted_at - ?", (seconds,))
+
+    engine.submit([upsert(1)])
+    assert engine.flush(5)
+    age_what_meisa_accepted(100.0)
+    engine.submit([upsert(1)])  # accepted 100 s ago: no call
+    assert engine.flush(5)
+    age_what_meisa_accepted(100.0)
+    engine.submit([upsert(1)])  # 200 s ago: told again
+    assert engine.flush(5)
+    assert statuses(emulator) == [201, 200]
+    assert len(hooks.of("delivered")) == 3

@@ -554,7 +554,16 @@ def test_a_dead_upsert_is_kept_when_its_contact_was_put_back_unchanged_since(
     assert synced is not None and synced["custom_fields"]["plan"] == "free"
 
 
-def test_a_dead_upsert_of_fields_no_later_upsert_set_is_retried(emulator: Emulator) -> None:
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        ({}, {"seats": "3"}),  # another field, delivered since
+        ({"plan": "free"}, {}),  # its field, delivered only before it failed
+    ],
+)
+def test_a_dead_upsert_of_fields_no_later_upsert_set_is_retried(
+    emulator: Emulator, before: dict[str, str], after: dict[str, str]
+) -> None:
     app = thread_app(emulator)
     contact = {"email": "ada@example.com", "external_id": "ada"}
 
@@ -563,9 +572,12 @@ def test_a_dead_upsert_of_fields_no_later_upsert_set_is_retried(emulator: Emulat
             meisa_of(app).upsert({**contact, "custom_fields": fields})
             assert meisa_of(app).flush(5)
 
+    if before:
+        upsert(**before)
     emulator.faults.fail_next(1, status=422, path="/contacts/upsert/")
     upsert(plan="pro")  # refused: a dead letter
-    upsert(seats="3")  # another field, delivered
+    if after:
+        upsert(**after)
     retried = invoke(app, "dead-letters", "retry", "--all", "--timeout", "5")
     assert retried.exit_code == 0, retried.output
     assert "1 operation(s) queued again" in retried.output, retried.output

@@ -254,7 +254,7 @@ def test_a_send_retried_after_meisa_forgot_its_idempotency_key_fails_without_a_c
 
 
 def test_work_released_for_another_meisa_waits_as_dead_letters_not_delivered_here(
-    emulator: Emulator, make_engine: MakeEngine, path: Path
+    emulator: Emulator, make_engine: MakeEngine, path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # The instance folder kept work released for another Meisa (the emulator in
     # development, a test key): delivered here, test data could email real people.
@@ -271,6 +271,9 @@ def test_work_released_for_another_meisa_waits_as_dead_letters_not_delivered_her
     assert engine.flush(5) and emulator.requests_to(UPSERT) == []
     messages = {letter.message for letter in letters(path)}
     assert messages == {"released for http://127.0.0.1:9/api/v1 with a live key"}
+    # Said once, by the process that found them (not by the first to use the file).
+    said = [r.getMessage() for r in caplog.records if "for another Meisa" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("flask-meisa: 3 operations released"), said
     with engine.store.write() as db:  # the user's choice: flask meisa dead-letters retry
         assert dead.requeue(db) == 3
     assert engine.flush(5)

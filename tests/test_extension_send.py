@@ -19,6 +19,7 @@ from tests.apps import build_app
 from tests.process_support import wait_until
 
 TRIGGER = "/emails/trigger/"
+UNSUBSCRIBED = "/contacts/api/unsubscribed-emails/"
 
 
 @pytest.fixture
@@ -143,6 +144,18 @@ def test_suppression_is_refreshed_after_the_ttl_without_a_sender_waiting(
         assert state.suppression.wait_for_refresh(5.0)
         assert meisa.is_suppressed("new@example.com")
     state.suppression.close()
+
+
+def test_a_list_meisa_failed_to_give_is_not_asked_for_again_by_every_check(
+    emulator: Any, app: Flask, meisa: Meisa
+) -> None:
+    # Each check would otherwise wait on a Meisa that is down, for every send.
+    emulator.suppress("gone@example.com")
+    emulator.faults.fail_next(1, status=400, path=UNSUBSCRIBED)
+    with app.app_context():
+        assert not meisa.is_suppressed("gone@example.com")  # nothing loaded: fails open
+        assert not meisa.is_suppressed("gone@example.com")
+    assert [r.status for r in emulator.requests_to(UNSUBSCRIBED)] == [400]
 
 
 def test_under_testing_nothing_is_sent_but_everything_is_recorded(emulator: Any) -> None:

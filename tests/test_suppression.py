@@ -9,6 +9,7 @@ import signal
 import threading
 import warnings
 from collections.abc import Callable
+from collections.abc import Collection
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,7 @@ from tests.hostile import response
 
 TTL = 300.0
 RETRY = 30.0
+REFRESH_THREAD = "flask-meisa-suppression-refresh"
 WAIT = 5.0  # upper bound for waits that should end at once; never reached when passing
 
 MakeSet = Callable[..., SuppressionSet]
@@ -271,7 +273,11 @@ def test_failed_first_load_fails_open_without_waiting_again(
 
 
 def test_unreadable_answers_fail_like_errors(make_set: MakeSet, clock: FakeClock) -> None:
-    answers: list[object] = [None, Snapshot("alice@example.com", None)]  # type: ignore[arg-type]
+    answers: list[object] = [
+        None,
+        Snapshot("alice@example.com", None),  # type: ignore[arg-type]
+        Snapshot(42, None),  # type: ignore[arg-type]
+    ]
 
     def fetch() -> Snapshot:
         return answers.pop(0)  # type: ignore[return-value]
@@ -279,8 +285,9 @@ def test_unreadable_answers_fail_like_errors(make_set: MakeSet, clock: FakeClock
     s = make_set(fetch)
     assert not s.load()
     assert s.last_error == "the answer has no emails or as_of"
-    assert not s.load()
-    assert s.last_error == "the answer's emails is not a collection of addresses"
+    for _ in range(2):
+        assert not s.load()
+        assert s.last_error == "the answer's emails is not a collection of addresses"
     assert not s.loaded
 
 
@@ -304,6 +311,23 @@ def test_entries_that_are_not_addresses_are_skipped(make_set: MakeSet) -> None:
     assert s.count == 1
     assert s.is_suppressed("a@b.c")
     assert s.as_of == "20250101"
+
+
+@pytest.mark.parametrize(
+    "emails",
+    [
+        frozenset({"Ann@B.C", "bo@b.c"}),  # unpadded, not all lowercase
+        frozenset({"ann@b.c", " bo@b.c"}),  # lowercase, not all unpadded
+        ["ann@b.c", "bo@b.c", "ann@b.c"],  # lowercase and unpadded, not a set
+    ],
+)
+def test_a_list_of_addresses_is_read_in_any_case_without_padding_or_repeats(
+    make_set: MakeSet, emails: Collection[str]
+) -> None:
+    s = make_set(lambda: Snapshot(emails, None))  # type: ignore[arg-type]
+    assert s.load()
+    assert s.count == 2
+    assert s.is_suppressed("ann@b.c") and s.is_suppressed("BO@B.C")
 
 
 def test_peek_answers_from_what_is_held_and_never_fetches(
@@ -388,7 +412,7 @@ def test_local_additions_are_bounded_with_a_warning(
     assert "dropped the oldest" in record.getMessage() and "@" not in record.getMessage()
 
 
-def test_add_works_before_anything_loads_and_survives_failed_loads(
+def test_add_works_before_anything_loads_and_lasts_until_a_load_succeeds(
     make_set: MakeSet, source: Source, clock: FakeClock
 ) -> None:
     source.error = RuntimeError("down")
@@ -399,6 +423,9 @@ def test_add_works_before_anything_loads_and_survives_failed_loads(
     clock.advance(RETRY)
     assert s.is_suppressed("grace@example.com")  # and the retry failed too
     assert source.calls == 3
+    source.error = None
+    assert s.load()
+    assert not s.is_suppressed("grace@example.com")  # Meisa's list, fetched since, decides
 
 
 def test_wait_for_refresh(make_set: MakeSet, source: Source) -> None:
@@ -408,6 +435,9 @@ def test_wait_for_refresh(make_set: MakeSet, source: Source) -> None:
     assert s.refresh_in_background()
     assert source.started.wait(WAIT)
     assert not s.wait_for_refresh(0.01)
+    # A fetch hanging as the app exits must not keep the process alive.
+    refreshing = [t for t in threading.enumerate() if t.name == REFRESH_THREAD]
+    assert refreshing and all(t.daemon for t in refreshing)
     done = threading.Event()
 
     def waiter() -> None:
@@ -439,6 +469,26 @@ def test_load_waits_for_a_running_fetch_then_fetches_anew(
     assert source.calls == 2
 
 
+def test_an_explicit_load_is_the_one_fetch_running_until_it_ends(
+    make_set: MakeSet, source: Source, clock: FakeClock
+) -> None:
+    s = make_set(source)
+    gate = source.block()
+    results: list[bool] = []
+    t = threading.Thread(target=lambda: results.append(s.load()))
+    t.start()
+    assert source.started.wait(WAIT)
+    assert not s.wait_for_refresh(0)
+    assert not s.refresh_in_background()
+    clock.advance(TTL)
+    assert not s.is_suppressed("alice@example.com", wait=0)  # nothing loaded yet
+    gate.set()
+    t.join(WAIT)
+    assert results == [True]
+    assert s.is_suppressed("alice@example.com")
+    assert source.calls == 1
+
+
 def test_explicit_load_ignores_retry_interval_and_never_raises(
     make_set: MakeSet, source: Source
 ) -> None:
@@ -446,10 +496,40 @@ def test_explicit_load_ignores_retry_interval_and_never_raises(
     s = make_set(source)
     assert not s.load()
     assert s.last_error == "ValueError"  # only the type: foreign messages may hold payloads
+    assert repr(s) == "<Tracked not loaded>"
     source.error = None
     assert s.load()
     assert s.loaded and s.count == 2 and s.as_of == "2025-01-01T00:00:00Z"
     assert repr(s) == "<Tracked count=2 as_of='2025-01-01T00:00:00Z'>"
+
+
+def test_refresh_in_background_ignores_retry_interval(make_set: MakeSet, source: Source) -> None:
+    source.error = RuntimeError("down")
+    s = make_set(source)
+    assert not s.is_suppressed("alice@example.com")  # the first load failed
+    source.error = None
+    assert s.refresh_in_background()
+    assert s.wait_for_refresh(WAIT)
+    assert s.is_suppressed("alice@example.com")
+    assert source.calls == 2
+
+
+def test_no_thread_for_a_refresh_means_no_refresh_running(
+    make_set: MakeSet, source: Source, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What the OS answers when out of threads, and Python at interpreter shutdown.
+    def refused(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    s = make_set(source)
+    with monkeypatch.context() as patched:
+        patched.setattr(threading.Thread, "start", refused)
+        assert not s.refresh_in_background()
+        assert s.wait_for_refresh(0)  # a sender's first check would wait on it in vain
+        assert not s.is_suppressed("alice@example.com", wait=WAIT)
+    assert source.calls == 0
+    assert s.is_suppressed("alice@example.com")  # threads again: the next check loads
+    assert source.calls == 1
 
 
 def test_close_stops_refreshing(make_set: MakeSet, source: Source, clock: FakeClock) -> None:
@@ -475,11 +555,25 @@ def test_closed_set_does_not_load_on_first_use(make_set: MakeSet, source: Source
     assert source.calls == 0
 
 
-def test_bad_settings_are_refused(source: Source) -> None:
-    with pytest.raises(ConfigurationError):
-        SuppressionSet(source, ttl=0)
-    with pytest.raises(ConfigurationError):
-        SuppressionSet(source, retry_interval=-1)
+@pytest.mark.parametrize(
+    ("ttl", "retry_interval", "refused"),
+    [
+        (0.0, RETRY, True),
+        (-1.0, RETRY, True),
+        (TTL, -1.0, True),
+        (0.5, RETRY, False),
+        (TTL, 0.0, False),
+        (TTL, 0.5, False),
+    ],
+)
+def test_settings_out_of_range_are_refused(
+    source: Source, ttl: float, retry_interval: float, refused: bool
+) -> None:
+    if refused:
+        with pytest.raises(ConfigurationError):
+            SuppressionSet(source, ttl=ttl, retry_interval=retry_interval)
+    else:
+        SuppressionSet(source, ttl=ttl, retry_interval=retry_interval).close()
 
 
 def test_log_lines_hold_no_foreign_error_text(

@@ -580,24 +580,45 @@ def test_a_run_that_goes_on_after_users_were_deleted_skips_none_of_the_others(
     assert set(upserts_by_user(emulator)) == {str(number) for number in range(100)}
 
 
-def test_a_run_that_goes_on_after_its_failed_users_were_deleted_skips_none_of_the_others(
-    emulator: Emulator, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The users a run could not map are the ones an admin deletes after '--failures'; the
-    # last two of the chunk the run stopped after failed, so its last user mapped (#38)
-    # is still in place once they are gone: going on from the position skipped as many.
-    monkeypatch.setattr(backfill, "CHUNK", 20)
+def stopped_after_failures(emulator: Emulator, failing: tuple[int, ...], at: int) -> Flask:
+    """An app of 100 users, read 20 at a time, whose first ``sync-users`` run was
+    interrupted at user ``at`` after failing to map the users ``failing``."""
     app = make_app(emulator, 100)
-    people = app.config["PEOPLE"]
-    people[38].email = people[39].email = None
-    interrupt_first_run(app, at=45)  # two whole chunks read: the run stops at user 40
+    for number in failing:
+        app.config["PEOPLE"][number].email = None
+    interrupt_first_run(app, at=at)
     assert sync_users(app).exit_code == 130
     listed = sync_users(app, "--failures").output.splitlines()
-    assert [line.split(":")[0] for line in listed] == ["user 38", "user 39"], listed
-    del people[38], people[39]
-    sync_users(app)
+    assert [line.split(":")[0] for line in listed] == [f"user {n}" for n in failing], listed
+    return app
+
+
+@pytest.mark.parametrize(
+    ("failing", "interrupted_at"),
+    [
+        # The last two of the chunk the run stopped after: its last user mapped (the 38th)
+        # is still in place once they are gone.
+        ((38, 39), 45),  # two whole chunks read: the run stops at user 40
+        # The whole first chunk: the run stops having mapped no user at all.
+        (tuple(range(20)), 25),  # one whole chunk read: the run stops at user 20
+    ],
+)
+def test_a_run_that_goes_on_after_its_failed_users_were_deleted_skips_none_of_the_others(
+    emulator: Emulator,
+    monkeypatch: pytest.MonkeyPatch,
+    failing: tuple[int, ...],
+    interrupted_at: int,
+) -> None:
+    # The users a run could not map are the ones an admin deletes after '--failures':
+    # going on from the position would skip as many others.
+    monkeypatch.setattr(backfill, "CHUNK", 20)
+    app = stopped_after_failures(emulator, failing, interrupted_at)
+    for number in failing:
+        del app.config["PEOPLE"][number]
+    again = sync_users(app)
+    assert again.exit_code == 0, again.output
     synced = set(upserts_by_user(emulator))
-    assert synced == {str(number) for number in range(100) if number not in (38, 39)}
+    assert synced == {str(number) for number in range(100) if number not in failing}
 
 
 def test_a_live_sync_meisa_accepts_while_a_chunk_is_read_is_not_undone(

@@ -247,10 +247,14 @@ def fresh_part(operation: Operation, had: Known | None, read_at: float) -> Opera
 def _from_position(
     users: Iterator[Any], run: Run, to_operation: Callable[[Any], Operation], target: Target
 ) -> Iterator[Any]:
-    """``users`` past ``run.position`` (without ``run.last``), or past the last user the run
-    mapped once it is found where it was (:class:`UsersChanged` if not)."""
+    """``users`` from the first (without ``run.last``), or past the last user the run
+    mapped once it is found where it was (:class:`UsersChanged` if not); the users read
+    after that one, all of which failed, are read again."""
     if run.last is None:
-        return itertools.islice(users, run.position, None)
+        # No user mapped yet: every user read failed (as below, read them again).
+        if run.position:
+            target.go_back(run, 0)
+        return users
     at, *names = run.last
     there = next(itertools.islice(users, at, None), None)
     try:

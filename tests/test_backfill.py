@@ -163,6 +163,10 @@ def test_the_share_option_keeps_part_of_the_budget_for_live_work(
     in_one_second = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
     assert in_one_second <= 19
     assert took >= 2.0
+    # Over a second long: the summary gives the rate, 60 users in the time the run took,
+    # between 2 s and all the time the command took.
+    rate = re.search(r"60 of 60 users done \(([\d,]+)/hour\)", result.output.splitlines()[-1])
+    assert rate and 60 * 3600 / took <= int(rate[1].replace(",", "")) <= 60 * 3600 / 2.0
 
 
 def test_running_a_finished_backfill_again_makes_no_call(emulator: Emulator) -> None:
@@ -488,8 +492,8 @@ def test_a_mapper_that_raises_for_one_user_does_not_stop_the_backfill_for_good(
         assert result.exit_code == 1, result.output
         assert "1 failed" in result.output, result.output
     assert len(upserts_by_user(emulator)) == 49
-    listed = sync_users(app, "--failures").output
-    assert "user 7: TypeError" in listed, listed
+    listed = sync_users(app, "--failures").output.splitlines()
+    assert len(listed) == 1 and listed[0].startswith("user 7: TypeError"), listed  # this run's
 
 
 def test_a_dead_letter_of_an_earlier_run_is_not_a_failure_of_this_one(
@@ -505,6 +509,30 @@ def test_a_dead_letter_of_an_earlier_run_is_not_a_failure_of_this_one(
     second = sync_users(app)  # syncs that user: both are in Meisa now
     assert len(upserts_by_user(emulator)) == 2
     assert second.exit_code == 0 and "0 failed" in second.output, second.output
+
+
+def test_dead_letters_purged_while_a_run_waits_to_go_on_are_no_failures(
+    emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(backfill, "CHUNK", 20)
+    app = make_app(emulator, 40, MEISA_RETRY_DEADLINE=0.5, MEISA_RETRY_BASE_DELAY=0.05)
+    emulator.faults.fail_next(1, 400, path=UPSERT)  # Meisa refuses one upsert, once
+    try:
+        first = sync_users(app)
+    finally:
+        emulator.faults.clear()
+    assert first.exit_code == 1 and "1 failed" in first.output, first.output
+    interrupt_first_run(app, at=25)  # the next run counts that dead letter as before it
+    assert sync_users(app).exit_code == 130
+    purged = app.test_cli_runner().invoke(
+        args=["meisa", "dead-letters", "purge", "--all", "--yes"]
+    )
+    assert purged.output == "1 dead letter(s) deleted\n", purged.output
+    again = sync_users(app)
+    assert again.exit_code == 0, again.output
+    assert again.output.splitlines()[-1].startswith("40 of 40 users done"), again.output
+    assert ", 0 failed," in again.output.splitlines()[-1], again.output
+    assert len(upserts_by_user(emulator)) == 40
 
 
 @pytest.mark.parametrize("value", ["0", "1.5", "-1", "nan", "-nan"])
@@ -563,8 +591,11 @@ def test_the_plan_of_a_run_that_goes_on_counts_only_the_users_left(
     assert restart == "300 users at ~950/hour: about 18 minutes", restart
 
 
+# The user now where the last one mapped was (user 44) cannot be mapped: nothing tells it
+# is not that one.
+@pytest.mark.parametrize("unmappable", [(), (44,)])
 def test_a_run_that_goes_on_after_users_were_deleted_skips_none_of_the_others(
-    emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+    emulator: Emulator, monkeypatch: pytest.MonkeyPatch, unmappable: tuple[int, ...]
 ) -> None:
     monkeypatch.setattr(backfill, "CHUNK", 20)
     app = make_app(emulator, 100)
@@ -573,11 +604,36 @@ def test_a_run_that_goes_on_after_users_were_deleted_skips_none_of_the_others(
     assert sync_users(app).exit_code == 130
     for number in range(5):
         del people[number]  # deleted before the resume: user 40 is now the 35th
+    for number in unmappable:
+        people[number].email = None
     again = sync_users(app)
-    assert again.exit_code == 0, again.output
+    assert again.exit_code == (1 if unmappable else 0), again.output
     assert "the users changed since the last run stopped" in again.output
-    assert again.output.splitlines()[-1].startswith("95 of 95 users done"), again.output
-    assert set(upserts_by_user(emulator)) == {str(number) for number in range(100)}
+    summary = next(line for line in reversed(again.output.splitlines()) if "users done" in line)
+    assert summary.startswith("95 of 95 users done"), again.output
+    synced = set(upserts_by_user(emulator))
+    assert synced == {str(number) for number in range(100) if number not in unmappable}
+
+
+def test_users_with_nothing_but_their_names_to_sync_are_upserted(emulator: Emulator) -> None:
+    app = make_app(emulator, 5, MEISA_CUSTOM_FIELDS=[])
+    result = sync_users(app)
+    assert result.exit_code == 0, result.output
+    assert upserts_by_user(emulator) == {str(number): 1 for number in range(5)}
+    assert {r.body["email"] for r in emulator.requests_to(UPSERT)} == {
+        f"user{number}@example.com" for number in range(5)
+    }
+
+
+def test_users_whose_number_is_unknown_are_all_upserted(emulator: Emulator) -> None:
+    app = make_app(emulator, 30)
+    meisa: Meisa = app.extensions["meisa"]
+    query, _ = meisa.user_source  # type: ignore[misc]
+    meisa.users_to_sync(lambda: (user for user in query()))  # a stream, and no count
+    result = sync_users(app)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[-1].startswith("30 users done"), result.output
+    assert upserts_by_user(emulator) == {str(number): 1 for number in range(30)}
 
 
 def stopped_after_failures(emulator: Emulator, failing: tuple[int, ...], at: int) -> Flask:
@@ -621,6 +677,32 @@ def test_a_run_that_goes_on_after_its_failed_users_were_deleted_skips_none_of_th
     assert synced == {str(number) for number in range(100) if number not in failing}
 
 
+@pytest.mark.parametrize(
+    ("failing", "interrupted_at"),
+    [
+        ((5, 39), 45),  # user 5 failed before the last user mapped: it is not read again
+        (tuple(range(20)), 25),  # every user the run read failed: all are read again
+    ],
+)
+def test_users_that_still_fail_when_a_run_goes_on_are_counted_and_listed_once(
+    emulator: Emulator,
+    monkeypatch: pytest.MonkeyPatch,
+    failing: tuple[int, ...],
+    interrupted_at: int,
+) -> None:
+    monkeypatch.setattr(backfill, "CHUNK", 20)
+    app = stopped_after_failures(emulator, failing, interrupted_at)
+    again = sync_users(app)
+    assert again.exit_code == 1, again.output
+    assert "the users changed" not in again.output  # it goes on: the users are as they were
+    summary = again.output.splitlines()[-2]  # before the pointer to '--failures'
+    assert re.match(rf"100 of 100 users done .*, {len(failing)} failed", summary), summary
+    listed = sync_users(app, "--failures").output.splitlines()
+    assert [line.split(":")[0] for line in listed] == [f"user {n}" for n in failing], listed
+    synced = set(upserts_by_user(emulator))
+    assert synced == {str(number) for number in range(100) if number not in failing}
+
+
 def test_a_live_sync_meisa_accepts_while_a_chunk_is_read_is_not_undone(
     emulator: Emulator,
 ) -> None:
@@ -639,3 +721,21 @@ def test_a_live_sync_meisa_accepts_while_a_chunk_is_read_is_not_undone(
     # The fields the live sync did not set are still sent.
     contact = emulator.contact(external_id="5")
     assert contact is not None and contact["first_name"] == "Ada"
+
+
+def test_a_user_a_live_sync_sent_in_full_while_a_chunk_is_read_costs_no_backfill_call(
+    emulator: Emulator,
+) -> None:
+    app = make_app(emulator, 10)
+    meisa: Meisa = app.extensions["meisa"]
+
+    def live_sync(user: Any) -> None:  # every field the backfill would send, accepted first
+        meisa.upsert(user)
+        assert meisa.flush(10)
+
+    upgrade_while_read(app, live_sync)
+    result = sync_users(app)
+    assert result.exit_code == 0, result.output
+    assert "1 unchanged" in result.output, result.output
+    assert upserts_by_user(emulator) == {str(number): 1 for number in range(10)}
+    assert plan_in_meisa(app, emulator, "5") == "pro"

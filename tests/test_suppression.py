@@ -424,8 +424,11 @@ def test_add_works_before_anything_loads_and_lasts_until_a_load_succeeds(
     assert s.is_suppressed("grace@example.com")  # and the retry failed too
     assert source.calls == 3
     source.error = None
+    s.add("heidi@example.com")  # just before the load: its fetch starts after this
     assert s.load()
-    assert not s.is_suppressed("grace@example.com")  # Meisa's list, fetched since, decides
+    # Meisa's list, fetched since, decides for both.
+    assert not s.is_suppressed("grace@example.com")
+    assert not s.is_suppressed("heidi@example.com")
 
 
 def test_wait_for_refresh(make_set: MakeSet, source: Source) -> None:

@@ -496,16 +496,21 @@ def test_a_mapper_that_raises_for_one_user_does_not_stop_the_backfill_for_good(
     assert len(listed) == 1 and listed[0].startswith("user 7: TypeError"), listed  # this run's
 
 
-def test_a_dead_letter_of_an_earlier_run_is_not_a_failure_of_this_one(
-    emulator: Emulator,
-) -> None:
-    app = make_app(emulator, 2, MEISA_RETRY_DEADLINE=0.5, MEISA_RETRY_BASE_DELAY=0.05)
-    emulator.faults.fail_next(1, 400, path=UPSERT)  # Meisa refuses one upsert, once
+def run_with_one_upsert_refused(emulator: Emulator, app: Flask) -> None:
+    """Run ``sync-users`` once while Meisa refuses one upsert (a dead letter)."""
+    emulator.faults.fail_next(1, 400, path=UPSERT)
     try:
         first = sync_users(app)
     finally:
         emulator.faults.clear()
     assert first.exit_code == 1 and "1 failed" in first.output, first.output
+
+
+def test_a_dead_letter_of_an_earlier_run_is_not_a_failure_of_this_one(
+    emulator: Emulator,
+) -> None:
+    app = make_app(emulator, 2, MEISA_RETRY_DEADLINE=0.5, MEISA_RETRY_BASE_DELAY=0.05)
+    run_with_one_upsert_refused(emulator, app)
     second = sync_users(app)  # syncs that user: both are in Meisa now
     assert len(upserts_by_user(emulator)) == 2
     assert second.exit_code == 0 and "0 failed" in second.output, second.output
@@ -516,12 +521,7 @@ def test_dead_letters_purged_while_a_run_waits_to_go_on_are_no_failures(
 ) -> None:
     monkeypatch.setattr(backfill, "CHUNK", 20)
     app = make_app(emulator, 40, MEISA_RETRY_DEADLINE=0.5, MEISA_RETRY_BASE_DELAY=0.05)
-    emulator.faults.fail_next(1, 400, path=UPSERT)  # Meisa refuses one upsert, once
-    try:
-        first = sync_users(app)
-    finally:
-        emulator.faults.clear()
-    assert first.exit_code == 1 and "1 failed" in first.output, first.output
+    run_with_one_upsert_refused(emulator, app)
     interrupt_first_run(app, at=25)  # the next run counts that dead letter as before it
     assert sync_users(app).exit_code == 130
     purged = app.test_cli_runner().invoke(

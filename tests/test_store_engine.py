@@ -271,13 +271,17 @@ def test_work_released_for_another_meisa_waits_as_dead_letters_not_delivered_her
     assert engine.flush(5) and emulator.requests_to(UPSERT) == []
     messages = {letter.message for letter in letters(path)}
     assert messages == {"released for http://127.0.0.1:9/api/v1 with a live key"}
-    # Said once, by the process that found them (not by the first to use the file).
-    said = [r.getMessage() for r in caplog.records if "for another Meisa" in r.getMessage()]
-    assert len(said) == 1 and said[0].startswith("flask-meisa: 3 operations released"), said
+
+    def said() -> list[str]:  # by the writer's thread, once it committed the dead letters
+        return [r.getMessage() for r in caplog.records if "for another Meisa" in r.getMessage()]
+
+    assert eventually(lambda: bool(said()))
     with engine.store.write() as db:  # the user's choice: flask meisa dead-letters retry
         assert dead.requeue(db) == 3
     assert engine.flush(5)
     assert len(emulator.requests_to(UPSERT)) == 3
+    # Said once, by the process that found them (not by the first to use the file).
+    assert len(said()) == 1 and said()[0].startswith("flask-meisa: 3 operations released")
 
 
 def test_a_send_salvaged_from_a_damaged_store_keeps_the_time_of_its_first_attempt(

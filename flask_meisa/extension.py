@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
+import threading
 import time
 from collections.abc import Callable
 from collections.abc import Iterable
@@ -261,10 +263,13 @@ class Meisa:
 
     def flush(self, timeout: float | None = 5.0) -> bool:
         """Deliver everything pending (the current request's work first) within ``timeout``
-        seconds; ``True`` when nothing is left, including work of responses not yet closed."""
+        seconds (``None``: no limit); ``True`` when nothing is left, including work of
+        responses not yet closed. A ``timeout`` that is no number raises
+        :class:`ValidationError`."""
         state = self.state()
+        timeout = _wait_limit(timeout)
         deferral.release_now(state)
-        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        deadline = None if timeout is None else time.monotonic() + timeout
         if not state.held.wait(timeout):
             return False
         if not state.has_dispatcher():
@@ -284,6 +289,9 @@ class Meisa:
     def close(self, app: Flask | None = None, timeout: float | None = None) -> int:
         """Stop delivery for ``app`` (default: every app of this extension) after up to
         ``timeout`` seconds (``MEISA_FLUSH_TIMEOUT``) of delivering; returns what was lost."""
+        if app is not None and not isinstance(app, Flask):
+            raise ValidationError("app", "must be a Flask app (pass a timeout by name)")
+        timeout = _wait_limit(timeout)
         states = [self.state(app)] if app is not None else list(self._states.values())
         return sum(state.close(timeout) for state in states)
 
@@ -384,6 +392,16 @@ def default_contact_mapper(
 def map_contact(mapper: ContactMapper, user: Any) -> dict[str, Any]:
     """Run ``mapper`` on ``user`` and validate its answer as an upsert payload."""
     return upsert_payload(mapper(user), "the contact mapper must return a mapping")
+
+
+def _wait_limit(timeout: object) -> float | None:
+    """A ``timeout`` of :meth:`Meisa.flush` or :meth:`Meisa.close` in seconds (below 0: 0),
+    or ``None``; refused when it is not a number, since a wait until nan never ends."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or math.isnan(timeout):
+        raise ValidationError("timeout", "must be a number of seconds, or None")
+    return min(max(float(timeout), 0.0), threading.TIMEOUT_MAX)
 
 
 def upsert_payload(

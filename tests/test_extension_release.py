@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import socket
 import struct
 import threading
@@ -18,6 +19,7 @@ from flask import copy_current_request_context
 from werkzeug.test import EnvironBuilder
 
 from flask_meisa import Meisa
+from flask_meisa import ValidationError
 from flask_meisa.emulator import Emulator
 from flask_meisa.testing import emulator_config
 from flask_meisa.testing import record_operations
@@ -303,6 +305,25 @@ def test_flush_in_a_request_releases_the_requests_work_first(emulator: Any, app:
         assert meisa.flush()
         assert len(upserts(emulator)) == 1
     assert len(upserts(emulator)) == 1
+
+
+@pytest.mark.parametrize("timeout", [math.nan, "5", True, (1,)])
+def test_a_wait_that_is_no_number_of_seconds_is_refused_and_nothing_is_lost(
+    emulator: Any, app: Flask, timeout: Any
+) -> None:
+    # A flush or close until nan would never end while work is pending.
+    meisa: Meisa = app.extensions["meisa"]
+    with app.app_context():
+        emulator.faults.fail_next(1, 503, path=UPSERT)  # still pending at each refusal
+        meisa.upsert({"email": "later@example.com"})
+        with pytest.raises(ValidationError, match=r"^timeout: must be a number of seconds"):
+            meisa.flush(timeout)
+        with pytest.raises(ValidationError, match=r"^timeout: must be a number of seconds"):
+            meisa.close(app, timeout)
+        with pytest.raises(ValidationError, match=r"^app: must be a Flask app"):
+            meisa.close(5)  # type: ignore[arg-type]
+        assert meisa.flush(math.inf)  # no limit
+    assert emulator.contact(email="later@example.com") is not None
 
 
 def test_a_connection_reset_right_after_the_answer_loses_no_sync(

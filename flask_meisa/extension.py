@@ -21,6 +21,7 @@ from flask import Flask
 from flask import current_app
 from flask import has_app_context
 from flask_login import user_logged_in
+from werkzeug.local import LocalProxy
 
 from . import _deferral as deferral
 from . import signals
@@ -56,7 +57,9 @@ class Meisa:
     def __init__(
         self, app: Flask | None = None, *, contact_mapper: ContactMapper | None = None
     ) -> None:
-        self._contact_mapper = contact_mapper
+        self._contact_mapper: ContactMapper | None = None
+        if contact_mapper is not None:
+            self.contact_mapper(contact_mapper)
         #: The users ``flask meisa sync-users`` backfills, and how to count them
         #: (see :meth:`users_to_sync`).
         self.user_source: tuple[Callable[[], Iterable[Any]], Callable[[], int] | None] | None
@@ -116,8 +119,12 @@ class Meisa:
                     "Meisa needs an application context: call it in a request, a CLI"
                     " command, or inside 'with app.app_context():'."
                 )
-            app = cast(Any, current_app)._get_current_object()
-        state = self._states.get(cast(Flask, app))
+            app = current_app
+        if not isinstance(app, Flask):
+            raise ValidationError("app", f"must be a Flask app, not {type(app).__name__}")
+        if isinstance(app, LocalProxy):  # current_app, given or not
+            app = app._get_current_object()
+        state = self._states.get(app)
         if state is None:
             raise RuntimeError(
                 "The current Flask app is not registered with this 'Meisa' instance."
@@ -128,7 +135,7 @@ class Meisa:
     def contact_mapper(self, mapper: F) -> F:
         """Decorator: the function from a user object to its upsert fields (``email``
         required), instead of the default mapping."""
-        self._contact_mapper = mapper
+        self._contact_mapper = _function(mapper, "contact_mapper")
         return mapper
 
     def users_to_sync(
@@ -138,7 +145,8 @@ class Meisa:
         from (in a stable order, best streamed), and ``count``, how many there are."""
 
         def register(function: F) -> F:
-            self.user_source = (function, count)
+            counter = None if count is None else _function(count, "count")
+            self.user_source = (_function(function, "users_to_sync"), counter)
             return function
 
         return register if query is None else register(query)
@@ -289,8 +297,6 @@ class Meisa:
     def close(self, app: Flask | None = None, timeout: float | None = None) -> int:
         """Stop delivery for ``app`` (default: every app of this extension) after up to
         ``timeout`` seconds (``MEISA_FLUSH_TIMEOUT``) of delivering; returns what was lost."""
-        if app is not None and not isinstance(app, Flask):
-            raise ValidationError("app", "must be a Flask app (pass a timeout by name)")
         timeout = _wait_limit(timeout)
         states = [self.state(app)] if app is not None else list(self._states.values())
         return sum(state.close(timeout) for state in states)
@@ -392,6 +398,13 @@ def default_contact_mapper(
 def map_contact(mapper: ContactMapper, user: Any) -> dict[str, Any]:
     """Run ``mapper`` on ``user`` and validate its answer as an upsert payload."""
     return upsert_payload(mapper(user), "the contact mapper must return a mapping")
+
+
+def _function(value: F, name: str) -> F:
+    """``value``, a function to call later: refused now when it is not one."""
+    if not callable(value):
+        raise ValidationError(name, f"must be a function, not {type(value).__name__}")
+    return value
 
 
 def _wait_limit(timeout: object) -> float | None:

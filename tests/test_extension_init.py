@@ -10,9 +10,11 @@ from typing import Any
 
 import pytest
 from flask import Flask
+from flask import current_app
 
 from flask_meisa import ConfigurationError
 from flask_meisa import Meisa
+from flask_meisa import ValidationError
 from flask_meisa.config import DEFAULTS
 from flask_meisa.config import KEYS
 from flask_meisa.config import MeisaSettings
@@ -456,3 +458,33 @@ def test_calls_on_an_unregistered_app_say_so() -> None:
     other = make_app()
     with other.app_context(), pytest.raises(RuntimeError, match="not registered"):
         meisa.flush()
+
+
+def test_the_app_may_be_given_as_current_app_but_must_be_an_app() -> None:
+    app = make_app()
+    meisa = Meisa(app)
+    with app.app_context():
+        assert meisa.state(current_app) is meisa.state(app)
+        with pytest.raises(ValidationError, match=r"^app: must be a Flask app, not str$"):
+            meisa.state("app")  # type: ignore[arg-type]
+        assert meisa.close(current_app, timeout=0) == 0
+
+
+def test_what_is_called_later_must_be_a_function_when_registered() -> None:
+    # Refused at registration, not at the first login or backfill, with the last good
+    # registration kept.
+    def mapper(user: Any) -> dict[str, Any]:
+        return {"email": user.email}
+
+    meisa = Meisa(contact_mapper=mapper)
+    with pytest.raises(ValidationError, match=r"^contact_mapper: must be a function, not dict$"):
+        meisa.contact_mapper({"email": "email"})  # type: ignore[type-var]
+    with pytest.raises(ValidationError, match=r"^contact_mapper: must be a function, not int$"):
+        Meisa(contact_mapper=5)  # type: ignore[arg-type]
+    meisa.users_to_sync(list, count=int)
+    with pytest.raises(ValidationError, match=r"^users_to_sync: must be a function, not list$"):
+        meisa.users_to_sync([])  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match=r"^count: must be a function, not int$"):
+        meisa.users_to_sync(list, count=5)  # type: ignore[arg-type]
+    assert meisa._contact_mapper is mapper
+    assert meisa.user_source == (list, int)

@@ -36,6 +36,8 @@ def track_event(name: str, properties: Properties = None) -> Callable[[F], F]:
 
     :raises ValidationError: at decoration time, for an empty name or properties that
         JSON cannot carry."""
+    if callable(name):  # @track_event over a view, without the event's name
+        raise ValidationError("event_name", 'is missing: write @track_event("name")')
     event_name = require_text(name, "event_name")
     if properties is not None and not callable(properties):
         properties = json_object(properties, "properties")

@@ -101,6 +101,15 @@ def test_bad_decorator_arguments_fail_at_decoration(
     assert raised.value.field == field
 
 
+def test_the_decorator_without_a_name_says_how_to_write_it() -> None:
+    missing = r'^event_name: is missing: write @track_event\("name"\)$'
+    with pytest.raises(ValidationError, match=missing):
+
+        @track_event  # type: ignore[arg-type]
+        def export() -> str:
+            return "done"
+
+
 def test_track_with_a_user_carries_the_contact_for_404_recovery(emulator: Any, app: Flask) -> None:
     meisa: Meisa = app.extensions["meisa"]
     user = app.config["USERS"][2]

@@ -19,15 +19,20 @@ from . import _cli_text
 from ._engine import backfill
 from ._engine import dead
 from ._engine.store import STORE_ERRORS
-from ._engine.store import Store
 from ._values import parse_rate_limit
 from .config import config_template
 from .errors import MeisaError
 from .operations import Operation
 
 if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    from ._engine.celery import CeleryDispatcher
+    from ._engine.redis_dead import RedisDeadLetters
     from ._runtime import MeisaState
     from .extension import Meisa
+
+    DeadLetters: TypeAlias = dead.StoreDeadLetters | RedisDeadLetters
 
 __all__ = ["meisa_cli"]
 
@@ -207,11 +212,7 @@ def _backfill_target(state: MeisaState, *, start: bool) -> backfill.Target:
             " delivery on)"
         )
     if delivery == "celery":
-        from ._engine.celery import CeleryDispatcher
-
-        dispatcher = state.dispatcher
-        assert isinstance(dispatcher, CeleryDispatcher)
-        return dispatcher.backfill(state.settings.resync_after)
+        return _celery(state).backfill(state.settings.resync_after)
     store = state.store()
     if start:
         if not store.durable:
@@ -220,21 +221,24 @@ def _backfill_target(state: MeisaState, *, start: bool) -> backfill.Target:
     return backfill.StoreTarget(store, state.settings.resync_after)
 
 
+def _celery(state: MeisaState) -> CeleryDispatcher:
+    from ._engine.celery import CeleryDispatcher
+
+    dispatcher = state.dispatcher
+    assert isinstance(dispatcher, CeleryDispatcher)
+    return dispatcher
+
+
 def _show_failures(target: backfill.Target) -> None:
     lines = [
         f"user {failure['user'] or '#' + str(failure['position'])}: {failure['reason']}"
         for failure in target.failures()
     ]
-    if isinstance(target, backfill.StoreTarget):
-        lines += [
-            f"dead letter {letter.seq}: {_cli_text.refusal(letter)}"
-            for letter in _letters(target.store)
-            if letter.operation.priority == "backfill"
-        ]
-    elif count := target.backlog()[1]:
-        lines.append(
-            f"{count} upsert(s) refused by Meisa (see the workers' delivery_failed signal)"
-        )
+    lines += [
+        f"dead letter {letter.seq}: {_cli_text.refusal(letter)}"
+        for letter in _letters(_dead_letters())
+        if letter.operation.priority == "backfill"
+    ]
     click.echo("\n".join(lines) or "no failures")
 
 
@@ -275,39 +279,40 @@ def config_template_command() -> None:
 # -- dead letters -----------------------------------------------------------------------
 
 
-def _store() -> Store:
+def _dead_letters() -> DeadLetters:
     state = _extension().state()
+    if state.settings.delivery == "celery":
+        return _celery(state).dead_letters
     if state.settings.delivery != "thread":
         raise click.ClickException(
-            f'dead letters are kept by MEISA_DELIVERY = "thread", not {state.settings.delivery!r}'
+            'dead letters are kept by MEISA_DELIVERY = "thread" or "celery", not'
+            f" {state.settings.delivery!r}"
         )
-    return state.store()
+    return dead.StoreDeadLetters(state.store())
 
 
-def _letters(store: Store, ids: list[int] | None = None) -> list[dead.DeadLetter]:
+def _letters(letters: DeadLetters, ids: list[int] | None = None) -> list[dead.DeadLetter]:
     """The dead letters ``ids`` (``None``: all, oldest first); an unknown ID is an error."""
     # An ID SQLite cannot hold is no dead letter's (and would raise OverflowError).
     known = None if ids is None else [seq for seq in ids if -(2**63) <= seq < 2**63]
-    with store.read() as db:
-        letters = dead.dead_letters(db, known)
-    found = {letter.seq for letter in letters}
-    unknown = [str(seq) for seq in ids or () if seq not in found]
+    found = letters.find(known)
+    unknown = [str(seq) for seq in ids or () if seq not in {letter.seq for letter in found}]
     if unknown:
         raise click.ClickException(f"no dead letter with ID {', '.join(unknown)}")
-    return letters
+    return found
 
 
-def _chosen(ids: tuple[int, ...], every: bool) -> tuple[Store, list[int] | None]:
-    """The store and the dead letters a command names: ``ids`` (checked), or ``None``: all."""
-    store = _store()
+def _chosen(ids: tuple[int, ...], every: bool) -> tuple[DeadLetters, list[int] | None]:
+    """The dead letters and those a command names: ``ids`` (checked), or ``None``: all."""
+    letters = _dead_letters()
     if every and ids:
         raise click.UsageError("give IDs or --all, not both")
     if not every and not ids:
         raise click.UsageError("give the IDs of dead letters (see 'list'), or --all")
     if every:
-        return store, None
-    _letters(store, list(ids))
-    return store, list(ids)
+        return letters, None
+    _letters(letters, list(ids))
+    return letters, list(ids)
 
 
 @meisa_cli.group("dead-letters", invoke_without_command=True)
@@ -321,7 +326,7 @@ def dead_letters_group(context: click.Context) -> None:
 @dead_letters_group.command("list")
 def dead_letters_list() -> None:
     """List dead letters, oldest first, with their errors (no payload values)."""
-    letters = _letters(_store())
+    letters = _letters(_dead_letters())
     for letter in letters:
         merged = f", {letter.merged} merged" if letter.merged > 1 else ""
         click.echo(
@@ -335,7 +340,7 @@ def dead_letters_list() -> None:
 @click.argument("seq", metavar="ID", type=int)
 def dead_letters_show(seq: int) -> None:
     """Print one dead letter with its payload, as JSON."""
-    (letter,) = _letters(_store(), [seq])
+    (letter,) = _letters(_dead_letters(), [seq])
     record = {
         "id": letter.seq,
         "operation": letter.operation.to_dict(),
@@ -361,11 +366,8 @@ def dead_letters_show(seq: int) -> None:
 def dead_letters_retry(ids: tuple[int, ...], every: bool, timeout: float, force: bool) -> None:
     """Queue dead letters for delivery again, then wait for them; an upsert a field of
     which was set again after it failed stays, unless ``--force``."""
-    store, chosen = _chosen(ids, every)
-    with store.write() as db:
-        letters = dead.dead_letters(db, chosen)
-        kept = set() if force else set(dead.outdated(db, letters))
-        queued = dead.requeue(db, [letter.seq for letter in letters if letter.seq not in kept])
+    letters, chosen = _chosen(ids, every)
+    queued, kept = letters.retry(chosen, force=force)
     if kept:
         click.echo(
             f"{len(kept)} upsert(s) kept ({', '.join(map(str, sorted(kept)))}): their fields "
@@ -391,12 +393,11 @@ def dead_letters_retry(ids: tuple[int, ...], every: bool, timeout: float, force:
 @click.option("--yes", is_flag=True, help="Do not ask before deleting every dead letter.")
 def dead_letters_purge(ids: tuple[int, ...], every: bool, yes: bool) -> None:
     """Delete dead letters for good."""
-    store, chosen = _chosen(ids, every)
+    letters, chosen = _chosen(ids, every)
     if chosen is None and not yes:
         count = _extension().status().dead_letters
         click.confirm(f"Delete all {count} dead letters?", abort=True)
-    with store.write() as db:
-        click.echo(f"{dead.purge(db, chosen)} dead letter(s) deleted")
+    click.echo(f"{letters.purge(chosen)} dead letter(s) deleted")
 
 
 @meisa_cli.command(

@@ -100,7 +100,7 @@ KEYS: tuple[Key, ...] = (
         " send at most 3000 s: Meisa keeps its idempotency key an hour)",
         notes="An outage or a run of 429s shorter than this (and, for a send, than 3000 s)"
               " loses nothing; past it the operation is reported through delivery_failed (and"
-              " kept as a dead letter with MEISA_OUTBOX)."),
+              " kept as a dead letter: flask meisa dead-letters)."),
     Key("MEISA_SEND_DEADLINE", _SECONDS, 10.0, _ABOVE_0,
         "total time a synchronous `meisa.send()` may spend retrying before it raises",
         notes="Keep it well below your WSGI server's worker timeout."),

@@ -355,7 +355,7 @@ def test_init_celery_gives_the_worker_the_apps_client_budget_and_hooks(redis_url
         assert worker.budget is not None
         assert [w.label for w in worker.budget.windows] == ["7/second"]
         worker.close()
-        worker.store._redis.close()
+        worker.store.redis.close()
     finally:
         celery_app.close()
 

@@ -91,6 +91,41 @@ def test_operations_from_a_flask_app_reach_meisa_through_a_worker(
         app.extensions["celery"].close()
 
 
+def test_an_outage_longer_than_the_retry_deadline_loses_nothing_kept_as_dead_letters(
+    emulator: Emulator, redis_url: str, start_worker: StartWorker
+) -> None:
+    app = Flask(__name__)
+    app.config.update(
+        MEISA_API_KEY=emulator.live_key, MEISA_BASE_URL=emulator.url, MEISA_DELIVERY="celery"
+    )
+    app.extensions["celery"] = make_celery(redis_url)
+    meisa = Meisa(app)
+    cli = app.test_cli_runner()
+    start_worker(emulator, MEISA_TEST_CONFIG=json.dumps({"MEISA_RETRY_DEADLINE": 1.0}))
+    emulator.faults.fail_next(10_000, 503)  # Meisa is down for longer than that
+    try:
+        with app.app_context():
+            meisa.upsert({"email": "ada@example.com", "external_id": 7, "first_name": "Ada"})
+            meisa.track("signed_up", external_id=7)
+            assert meisa.flush(timeout=15)  # both failed: none left pending
+            assert (meisa.status().failed, meisa.status().dead_letters) == (2, 2)
+        listed = cli.invoke(args=["meisa", "dead-letters", "list"]).output.splitlines()
+        described = sorted(line.split("\t")[1].split(" (")[0] for line in listed[:2])
+        assert (described, listed[2:]) == (["track signed_up", "upsert"], ["2 dead letter(s)"])
+        emulator.faults.clear()  # Meisa is back
+        retried = cli.invoke(args=["meisa", "dead-letters", "retry", "--all", "--timeout", "15"])
+        assert retried.output.splitlines() == [
+            "2 operation(s) queued again",
+            "done; 0 dead letter(s) left",
+        ]
+        contact = emulator.contact(external_id="7")
+        assert contact is not None and contact["first_name"] == "Ada"
+        assert [e["event_name"] for e in emulator.events()] == ["signed_up"]
+    finally:
+        meisa.state(app).close(timeout=0)
+        app.extensions["celery"].close()
+
+
 def test_two_workers_share_one_budget(
     emulator_factory: Callable[..., Emulator],
     redis_url: str,

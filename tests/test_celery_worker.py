@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from flask_meisa._engine import celery_worker
+from flask_meisa._engine import redis_dead
 from flask_meisa._engine.celery import CeleryDispatcher
 from flask_meisa._engine.celery_worker import TASK_NAME
 from flask_meisa._engine.celery_worker import DeliveryWorker
@@ -24,6 +25,7 @@ from flask_meisa._engine.celery_worker import RunAgain
 from flask_meisa._engine.celery_worker import register_tasks
 from flask_meisa._engine.celery_worker import worker_of
 from flask_meisa._engine.redis_budget import RedisBudget
+from flask_meisa._engine.redis_dead import RedisDeadLetters
 from flask_meisa._engine.redis_store import RedisDeliveryStore
 from flask_meisa.client import MeisaClient
 from flask_meisa.emulator import Emulator
@@ -253,6 +255,72 @@ def test_a_refused_call_fails_at_once_and_logs_no_secret(
     assert "failed after 1 attempt(s): HTTP 400" in caplog.text
     assert emulator.live_key not in caplog.text
     assert "ada@example.com" not in caplog.text
+
+
+def test_what_failed_is_kept_as_a_dead_letter_until_retried_or_purged(
+    make_worker: MakeWorker,
+    submit: Submit,
+    dispatcher: CeleryDispatcher,
+    store: RedisDeliveryStore,
+    emulator: Emulator,
+) -> None:
+    emulator.faults.fail_next(3, 503, path=UPSERT)  # out of attempts
+    emulator.faults.fail_next(1, 400, path=TRIGGER)  # refused
+    worker = make_worker()
+    upsert = Operation("upsert", {"email": "a@b.co", "custom_fields": {"plan": "pro"}})
+    run_through(worker, *submit(send()))
+    run_through(worker, *submit(upsert))  # last: its 503s pause the key
+    letters = dispatcher.dead_letters
+    refused, failed = letters.find()
+    assert (refused.operation.kind, refused.status) == ("send", 400)
+    assert (failed.operation.id, failed.operation.payload) == (upsert.id, upsert.payload)
+    assert (failed.status, failed.operation.attempts) == (503, 3)
+    assert failed.seq > refused.seq and letters.find([failed.seq]) == [failed]
+    assert dispatcher.status().dead_letters == 2
+    # Meisa accepted the contact's plan again since it failed: putting the older one back
+    # waits for --force.
+    store.remember({"email": "a@b.co", "custom_fields": {"plan": "team"}}, time.time())
+    assert letters.retry(None, force=False) == (1, [failed.seq])  # the send only
+    assert letters.find() == [failed]
+    assert store.pending() == 1  # the send, published again with fresh attempts
+    assert letters.purge() == 1
+    assert (letters.find(), dispatcher.status().dead_letters) == ([], 0)
+
+
+def test_dead_letters_go_again_as_new_operations_upserts_first(store: RedisDeliveryStore) -> None:
+    # A dead upsert coalesced into a record is dated when it failed: it still goes before
+    # the event that waited behind it.
+    track = Operation("track", {"event_name": "signed_up", "external_id": "7"})
+    upsert = Operation("upsert", {"email": "a@b.co", "external_id": "7"})
+    submitted: list[Operation] = []
+    letters = RedisDeadLetters(store, submitted.extend)
+    letters.bury([track, upsert], BadRequestError("POST /events/track/", 400, "no"))
+    assert letters.retry(None, force=True) == (2, [])
+    assert [(op.kind, op.payload, op.attempts) for op in submitted] == [
+        ("upsert", upsert.payload, 0),
+        ("track", track.payload, 0),
+    ]
+    assert {op.id for op in submitted}.isdisjoint({track.id, upsert.id})
+    assert letters.find() == []
+
+
+def test_dead_letters_past_the_bound_are_only_logged(
+    make_worker: MakeWorker,
+    submit: Submit,
+    dispatcher: CeleryDispatcher,
+    emulator: Emulator,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(redis_dead, "MOST_KEPT", 1)
+    emulator.faults.fail_next(2, 400, path=TRIGGER)
+    worker = make_worker()
+    for to in ("a@b.co", "b@b.co"):
+        run_through(worker, *submit(send(to=to)))
+    (kept,) = dispatcher.dead_letters.find()
+    assert kept.operation.payload["to_email"] == "a@b.co"
+    assert f"1 dead letters kept; send receipt ({kept.operation.id}) is not" not in caplog.text
+    assert "1 dead letters kept; send receipt (" in caplog.text
 
 
 def test_an_event_answered_404_upserts_its_contact_then_tracks_again(

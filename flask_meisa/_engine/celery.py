@@ -34,6 +34,7 @@ from .known import lane_of
 from .known import unchanged
 from .redis_budget import UNREACHABLE_FOR
 from .redis_budget import RedisBudget
+from .redis_dead import RedisDeadLetters
 from .redis_store import RedisDeliveryStore
 
 if TYPE_CHECKING:
@@ -74,6 +75,8 @@ class CeleryDispatcher:
         self._hooks = HookCaller(hooks, logger)
         self.queues = lane_queues(queue)
         self.store = RedisDeliveryStore(redis, queue)
+        #: What Meisa refused, or whose retries ran out (``flask meisa dead-letters``).
+        self.dead_letters = RedisDeadLetters(self.store, self.submit)
         #: The key's shared budget (``None`` without a key).
         self.budget = RedisBudget(redis, rate_limit, budget_key) if budget_key else None
         self._priority_fields = tuple(priority_fields)
@@ -291,6 +294,7 @@ class CeleryDispatcher:
         self._look(force=True)
         status = DeliveryStatus(engine="celery")
         self.store.describe(status)
+        status.dead_letters = self.dead_letters.count()
         if self.budget is not None:
             status.paused_for, flying, status.budget_left = self.budget.snapshot()
             for lane, count in flying.items():

@@ -35,6 +35,7 @@ from .known import Known
 from .known import unchanged
 from .redis_budget import MAX_WAIT
 from .redis_budget import RedisBudget
+from .redis_dead import RedisDeadLetters
 from .redis_store import Claim
 from .redis_store import RedisDeliveryStore
 
@@ -90,6 +91,7 @@ class DeliveryWorker:
         self._hooks = HookCaller(hooks, logger)
         self._retry = retry
         self.store = store
+        self._dead = RedisDeadLetters(store)
         self.budget = budget
         self._lease = call_timeout + 5.0
         self.max_countdown = max_countdown
@@ -283,6 +285,8 @@ class DeliveryWorker:
         # last (a worker killed in a hook leaves its task to run again: its version is done).
         if claim is not None:
             self.store.settle(claim)
+        if outcome == "failed":
+            self._dead.bury(members, detail)
         for member in members:
             self._hooks.call("delivered" if outcome == "unchanged" else outcome, member, detail)
         self.store.finish([member.id for member in members], outcome, len(members), answer=answer)

@@ -20,6 +20,7 @@ from .store import Store
 
 __all__ = [
     "DeadLetter",
+    "StoreDeadLetters",
     "bury",
     "bury_foreign",
     "dead_letters",
@@ -124,3 +125,31 @@ def requeue(db: sqlite3.Connection, seqs: Iterable[int] | None = None) -> int:
 def purge(db: sqlite3.Connection, seqs: Iterable[int] | None = None) -> int:
     """Delete dead letters (those in ``seqs``, or all)."""
     return each_row(db, "DELETE FROM meisa_ops WHERE state = 'dead'", seqs).rowcount
+
+
+class StoreDeadLetters:
+    """The dead letters of a thread engine's ``store``, as ``flask meisa dead-letters``
+    finds, retries and purges them (like :class:`~.redis_dead.RedisDeadLetters`)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def find(self, seqs: Iterable[int] | None = None) -> list[DeadLetter]:
+        """Dead letters (those in ``seqs``, or all), oldest first."""
+        with self.store.read() as db:
+            return dead_letters(db, seqs)
+
+    def retry(self, seqs: list[int] | None, *, force: bool) -> tuple[int, list[int]]:
+        """Queue dead letters again, as new: how many, and the upserts kept because a field
+        of theirs was set again after they failed (unless ``force``)."""
+        with self.store.write() as db:
+            letters = dead_letters(db, seqs)
+            kept = [] if force else outdated(db, letters)
+            # All of them by the same condition, not by a list SQLite may find too long.
+            retried = seqs if not kept else [n.seq for n in letters if n.seq not in kept]
+            return requeue(db, retried), kept
+
+    def purge(self, seqs: Iterable[int] | None = None) -> int:
+        """Delete dead letters (those in ``seqs``, or all) for good; how many."""
+        with self.store.write() as db:
+            return purge(db, seqs)

@@ -69,17 +69,17 @@ class RedisDeliveryStore:
     kept under the digest of its external_id, or of its email while it has none."""
 
     def __init__(self, redis: Any, namespace: str) -> None:
-        self._redis = redis
-        #: The queue prefix these records belong to.
-        self.namespace = namespace
-        self._prefix = prefix = f"meisa:{namespace}"
+        #: The Redis client, and the queue prefix these records belong to.
+        self.redis, self.namespace = redis, namespace
+        #: The start of every key of these records.
+        self.prefix = prefix = f"meisa:{namespace}"
         names = ("stats", "tasks", "seen")
         self._stats, self._tasks, self._seen = (f"{prefix}:{name}" for name in names)
         self._pending = {lane: f"{prefix}:pending:{n}" for lane, n in LANE_NAMES.items()}
         self._answers = {lane: f"{prefix}:answers:{n}" for lane, n in LANE_NAMES.items()}
 
     def _key(self, kind: str, contact: str) -> str:
-        return f"{self._prefix}:{kind}:{{{contact}}}"  # braces: one Redis Cluster slot
+        return f"{self.prefix}:{kind}:{{{contact}}}"  # braces: one Redis Cluster slot
 
     def contacts(self, payload: Mapping[str, Any]) -> list[str]:
         """The ids the contact ``payload`` names may be kept under, the one its upserts use
@@ -87,7 +87,7 @@ class RedisDeliveryStore:
         ext, email = identities(payload)
         found = [] if ext is None else [_digest(ext)]
         if email is not None:
-            found += [_text(self._redis.get(self._key("alias", _digest(email)))), _digest(email)]
+            found += [_text(self.redis.get(self._key("alias", _digest(email)))), _digest(email)]
         return [contact for contact in dict.fromkeys(found) if contact]
 
     def contact_of(self, payload: Mapping[str, Any]) -> str | None:
@@ -104,7 +104,7 @@ class RedisDeliveryStore:
         """What Meisa last accepted of ``contact`` (see :class:`.store.Known`), or ``None``."""
         if contact is None:
             return None
-        raw = self._redis.hgetall(self._key("known", contact))
+        raw = self.redis.hgetall(self._key("known", contact))
         fields = {_text(name): _text(value) for name, value in raw.items()}
         accepted_at = fields.pop("@at", None)
         return None if accepted_at is None else Known(fields, float(accepted_at))
@@ -115,7 +115,7 @@ class RedisDeliveryStore:
         if contact is None:
             return
         key = self._key("known", contact)
-        pipe = self._redis.pipeline(transaction=True)
+        pipe = self.redis.pipeline(transaction=True)
         pipe.hset(key, mapping={**digest(payload), "@at": repr(now)})
         pipe.expire(key, int(KEEP_FOR))
         self._link(pipe, payload)
@@ -125,11 +125,11 @@ class RedisDeliveryStore:
         """Meisa does not know the contact (a 404): forget what it had, under every name."""
         keys = {self._key("known", c) for p in payloads if p for c in self.contacts(p)}
         if keys:
-            self._redis.delete(*keys)
+            self.redis.delete(*keys)
 
     def add_pending(self, operation: Operation, lane: int) -> None:
         """Count ``operation`` pending in ``lane`` and no other (it may have been promoted)."""
-        pipe = self._redis.pipeline(transaction=True)
+        pipe = self.redis.pipeline(transaction=True)
         for key in self._pending.values():
             pipe.zrem(key, operation.id)
         pipe.zadd(self._pending[lane], {operation.id: operation.created_at})
@@ -166,7 +166,7 @@ class RedisDeliveryStore:
             pipe.zadd(self._pending[lane], {operation.id: operation.created_at})
             return version
 
-        return int(self._redis.transaction(update, record, value_from_callable=True))
+        return int(self.redis.transaction(update, record, value_from_callable=True))
 
     def claim(self, contact: str, version: int, lease: float) -> Claim:
         """Decide what the upsert task of ``version`` does (see :class:`Claim`)."""
@@ -195,7 +195,7 @@ class RedisDeliveryStore:
                 force=bool(int(force or 0)),
             )
 
-        return self._redis.transaction(  # type: ignore[no-any-return]
+        return self.redis.transaction(  # type: ignore[no-any-return]
             decide, record, lease_key, value_from_callable=True
         )
 
@@ -218,7 +218,7 @@ class RedisDeliveryStore:
             if holder == claim.token:
                 pipe.delete(lease_key)
 
-        self._redis.transaction(update, record, lease_key)
+        self.redis.transaction(update, record, lease_key)
 
     def pending_version(
         self, contacts: Iterable[str], *, upto: int | None = None
@@ -226,7 +226,7 @@ class RedisDeliveryStore:
         """The first of ``contacts`` with an upsert not delivered (of version ``upto`` or
         earlier, when given), and its record's version."""
         contacts = list(dict.fromkeys(contacts))
-        pipe = self._redis.pipeline(transaction=False)
+        pipe = self.redis.pipeline(transaction=False)
         for contact in contacts:
             pipe.hmget(self._key("contact", contact), "version", "delivered")
         for contact, (version, delivered) in zip(contacts, pipe.execute(), strict=True):
@@ -237,7 +237,7 @@ class RedisDeliveryStore:
 
     def keep(self, lane: int, op: dict[str, Any], meta: dict[str, Any]) -> None:
         """Keep the task that delivers the operation ``op`` until it is finished, seen now."""
-        pipe = self._redis.pipeline(transaction=True)
+        pipe = self.redis.pipeline(transaction=True)
         pipe.hset(self._tasks, op["id"], json.dumps([lane, op, meta], separators=(",", ":")))
         pipe.zadd(self._seen, {op["id"]: time.time()})
         pipe.execute()
@@ -245,15 +245,15 @@ class RedisDeliveryStore:
     def first_attempt(self, op_id: str, now: float | None = None) -> float | None:
         """When the send ``op_id`` was first attempted (``None``: never); with ``now``,
         first record that it is attempted now unless it was before."""
-        key = f"{self._prefix}:first:{op_id}"
+        key = f"{self.prefix}:first:{op_id}"
         if now is not None:
-            self._redis.set(key, repr(now), nx=True, ex=FIRST_ATTEMPT_KEPT)
-        raw = self._redis.get(key)
+            self.redis.set(key, repr(now), nx=True, ex=FIRST_ATTEMPT_KEPT)
+        raw = self.redis.get(key)
         return None if raw is None else float(raw)
 
     def seen(self, op_id: str) -> bool:
         """A worker runs the task of ``op_id``: note when; whether it is still pending."""
-        pipe = self._redis.pipeline(transaction=False)
+        pipe = self.redis.pipeline(transaction=False)
         pipe.zadd(self._seen, {op_id: time.time()}, xx=True)
         for key in self._pending.values():
             pipe.zscore(key, op_id)
@@ -266,15 +266,13 @@ class RedisDeliveryStore:
     def unseen(self, after: float, limit: int = 500) -> list[list[Any]]:
         """The tasks ``[lane, op, meta]`` of pending operations no worker has run for ``after``
         seconds (then again once twice as old); ``[]`` if another process looked lately."""
-        if not self._redis.set(
-            f"{self._prefix}:sweep", 1, nx=True, px=max(int(after * 125), 1000)
-        ):
+        if not self.redis.set(f"{self.prefix}:sweep", 1, nx=True, px=max(int(after * 125), 1000)):
             return []
         now = time.time()
-        ids = self._redis.zrangebyscore(self._seen, "-inf", now - after, start=0, num=limit)
+        ids = self.redis.zrangebyscore(self._seen, "-inf", now - after, start=0, num=limit)
         if not ids:
             return []
-        pipe = self._redis.pipeline(transaction=False)
+        pipe = self.redis.pipeline(transaction=False)
         pipe.hmget(self._tasks, ids)
         for key in self._pending.values():
             pipe.zmscore(key, ids)
@@ -286,11 +284,11 @@ class RedisDeliveryStore:
             else:  # finished (by a worker of a version that kept nothing, say), or lost
                 finished.append(op_id)
         if finished:  # no longer watched; what is still pending stays pending
-            pipe = self._redis.pipeline()
+            pipe = self.redis.pipeline()
             pipe.zrem(self._seen, *finished).hdel(self._tasks, *finished).execute()
         if tasks:  # XX: not one finished since
             ages = {op["id"]: now + max(now - op["created_at"] - after, 0.0) for _, op, _ in tasks}
-            self._redis.zadd(self._seen, ages, xx=True)
+            self.redis.zadd(self._seen, ages, xx=True)
         return tasks
 
     def finish(
@@ -307,9 +305,9 @@ class RedisDeliveryStore:
         ids = list(ids)
         refused = 0
         if outcome == "failed" and ids:
-            scores = self._redis.zmscore(self._pending[LANE_BACKFILL], ids)
+            scores = self.redis.zmscore(self._pending[LANE_BACKFILL], ids)
             refused = sum(score is not None for score in scores)
-        pipe = self._redis.pipeline(transaction=True)
+        pipe = self.redis.pipeline(transaction=True)
         if refused:
             pipe.hincrby(self._stats, "backfill_refused", refused)
         if ids:
@@ -317,7 +315,7 @@ class RedisDeliveryStore:
                 pipe.zrem(key, *ids)
             pipe.zrem(self._seen, *ids)
             pipe.hdel(self._tasks, *ids)
-            pipe.delete(*(f"{self._prefix}:first:{op_id}" for op_id in ids))
+            pipe.delete(*(f"{self.prefix}:first:{op_id}" for op_id in ids))
         if outcome is not None and count:
             pipe.hincrby(self._stats, outcome, count)
         if answer is not None:
@@ -330,18 +328,18 @@ class RedisDeliveryStore:
     def count(self, name: str, delta: int) -> None:
         """Add ``delta`` to the counter ``name`` (``0``: reset it)."""
         if delta:
-            self._redis.hincrby(self._stats, name, delta)
+            self.redis.hincrby(self._stats, name, delta)
         else:
-            self._redis.hdel(self._stats, name)
+            self.redis.hdel(self._stats, name)
 
     def counters(self) -> dict[str, int]:
         """Counters by name (of :meth:`finish` and :meth:`count`)."""
-        return _counts(self._redis.hgetall(self._stats))
+        return _counts(self.redis.hgetall(self._stats))
 
     def pending(self, lane: int | None = None) -> int:
         """How many operations (of ``lane``, or all) are not yet finished."""
         keys = self._pending.values() if lane is None else [self._pending[lane]]
-        pipe = self._redis.pipeline(transaction=False)
+        pipe = self.redis.pipeline(transaction=False)
         for key in keys:
             pipe.zcard(key)
         return sum(pipe.execute())
@@ -349,8 +347,8 @@ class RedisDeliveryStore:
     def look(self, ids: list[str]) -> tuple[str, int, list[bool]]:
         """The epoch (written by the first to look: another one means Redis lost its data),
         the pending count, and whether each of ``ids`` is pending, in one transaction."""
-        epoch = f"{self._prefix}:epoch"
-        pipe = self._redis.pipeline(transaction=True)
+        epoch = f"{self.prefix}:epoch"
+        pipe = self.redis.pipeline(transaction=True)
         pipe.set(epoch, uuid.uuid4().hex, nx=True)
         pipe.get(epoch)
         for key in self._pending.values():
@@ -365,13 +363,13 @@ class RedisDeliveryStore:
 
     def describe(self, status: DeliveryStatus) -> None:
         """Fill ``status`` with what is pending, its wait and latency, counters, the backfill."""
-        pipe = self._redis.pipeline(transaction=False)
+        pipe = self.redis.pipeline(transaction=False)
         for lane in LANE_NAMES:
             pipe.zcard(self._pending[lane])
             pipe.zrange(self._pending[lane], 0, 0, withscores=True)
             pipe.lrange(self._answers[lane], 0, -1)
         pipe.hgetall(self._stats)
-        pipe.get(f"{self._prefix}:backfill")
+        pipe.get(f"{self.prefix}:backfill")
         *per_lane, stats, run = pipe.execute()
         now = time.time()
         since = now - LATENCY_WINDOW
@@ -389,15 +387,15 @@ class RedisDeliveryStore:
 
     def get(self, name: str, default: Any = None) -> Any:
         """The JSON value kept under ``name``."""
-        raw = self._redis.get(f"{self._prefix}:{name}")
+        raw = self.redis.get(f"{self.prefix}:{name}")
         return default if raw is None else json.loads(raw)
 
     def put(self, name: str, value: Any) -> None:
         """Keep ``value`` (JSON) under ``name``; ``None`` deletes it."""
         if value is None:
-            self._redis.delete(f"{self._prefix}:{name}")
+            self.redis.delete(f"{self.prefix}:{name}")
         else:
-            self._redis.set(f"{self._prefix}:{name}", json.dumps(value))
+            self.redis.set(f"{self.prefix}:{name}", json.dumps(value))
 
 
 def _counts(raw: Mapping[Any, Any]) -> dict[str, int]:

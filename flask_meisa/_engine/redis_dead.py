@@ -1,0 +1,122 @@
+"""The Celery engine's dead letters: operations Meisa refused, or whose retries ran out,
+kept in Redis with their error until ``flask meisa dead-letters`` retries or purges them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from collections.abc import Iterable
+
+from ..operations import Operation
+from .dead import DeadLetter
+from .dead import error_fields
+from .known import digest
+from .redis_store import RedisDeliveryStore
+
+__all__ = ["MOST_KEPT", "RedisDeadLetters"]
+
+#: The most dead letters kept: past it, a failed operation is only reported (a Redis full
+#: of them would stop the broker as well).
+MOST_KEPT = 10_000
+
+logger = logging.getLogger("flask_meisa.engine")
+
+
+class RedisDeadLetters:
+    """Dead letters of ``store``, under ``<prefix>:dead`` by operation id (a task run again
+    that fails again keeps its operation once), each numbered for the CLI; ``submit``
+    queues operations again (for :meth:`retry`)."""
+
+    def __init__(
+        self,
+        store: RedisDeliveryStore,
+        submit: Callable[[list[Operation]], None] | None = None,
+    ) -> None:
+        self._store, self._submit = store, submit
+        self._redis, self._key = store.redis, f"{store.prefix}:dead"
+        self._numbers = f"{store.prefix}:dead:seq"
+
+    def bury(self, operations: Iterable[Operation], error: BaseException) -> None:
+        """Keep ``operations`` with ``error`` (past :data:`MOST_KEPT`, only logged)."""
+        status, code, message = error_fields(error)
+        for operation in operations:
+            if self._redis.hlen(self._key) >= MOST_KEPT:
+                what = operation.describe()
+                logger.error("flask-meisa: %d dead letters kept; %s is not", MOST_KEPT, what)
+                continue
+            record = {
+                "seq": int(self._redis.incr(self._numbers)),
+                "operation": operation.to_dict(),
+                "error": [status, code, message],
+                "failed_at": time.time(),
+            }
+            self._redis.hsetnx(self._key, operation.id, json.dumps(record))
+
+    def count(self) -> int:
+        """How many dead letters are kept."""
+        return int(self._redis.hlen(self._key))
+
+    def find(self, seqs: Iterable[int] | None = None) -> list[DeadLetter]:
+        """Dead letters (those numbered ``seqs``, or all), oldest first."""
+        wanted = None if seqs is None else set(seqs)
+        letters = (_letter(raw) for raw in self._redis.hvals(self._key))
+        return sorted(
+            (letter for letter in letters if wanted is None or letter.seq in wanted),
+            key=lambda letter: letter.seq,
+        )
+
+    def retry(self, seqs: list[int] | None, *, force: bool) -> tuple[int, list[int]]:
+        """Queue dead letters again, as new: how many, and the upserts kept because a field
+        of theirs was set again after they failed (unless ``force``)."""
+        letters = self.find(seqs)
+        kept = [] if force else [letter.seq for letter in letters if self._outdated(letter)]
+        # One taker per letter: another retry or purge running now gets the others.
+        taken = [letter for letter in letters if letter.seq not in kept and self._take(letter)]
+        # Upserts first, so that an event goes behind its contact's (a dead upsert a record
+        # coalesced is dated when it failed); then in the order they were released. As new
+        # operations: the records of the failed ones (by id) are finished.
+        taken.sort(
+            key=lambda letter: (letter.operation.kind != "upsert", letter.operation.created_at)
+        )
+        fresh = [
+            Operation(op.kind, op.payload, op.contact, priority=op.priority, force=op.force)
+            for op in (letter.operation for letter in taken)
+        ]
+        if fresh:
+            assert self._submit is not None, "a worker's dead letters are retried by the app"
+            self._submit(fresh)
+        return len(fresh), kept
+
+    def purge(self, seqs: Iterable[int] | None = None) -> int:
+        """Delete dead letters (those numbered ``seqs``, or all) for good; how many."""
+        return sum(self._take(letter) for letter in self.find(seqs))
+
+    def _take(self, letter: DeadLetter) -> bool:
+        return bool(self._redis.hdel(self._key, letter.operation.id))
+
+    def _outdated(self, letter: DeadLetter) -> bool:
+        payload = letter.operation.payload
+        if letter.operation.kind != "upsert":
+            return False
+        known = self._store.known(self._store.contact_of(payload))
+        return known is not None and bool(known.set_after(letter.failed_at) & set(digest(payload)))
+
+
+def _letter(raw: bytes | str) -> DeadLetter:
+    record = json.loads(raw)
+    operation = Operation.from_dict(record["operation"])
+    status, code, message = record["error"]
+    return DeadLetter(
+        seq=record["seq"],
+        operation=operation,
+        lane=operation.lane,
+        first_attempt=None,
+        recover=0,
+        merged=1,
+        status=status,
+        code=code,
+        message=message,
+        failed_at=record["failed_at"],
+    )

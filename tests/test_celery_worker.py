@@ -30,6 +30,7 @@ from flask_meisa._engine.redis_store import RedisDeliveryStore
 from flask_meisa.client import MeisaClient
 from flask_meisa.emulator import Emulator
 from flask_meisa.errors import BadRequestError
+from flask_meisa.errors import DeliveryError
 from flask_meisa.errors import NotFoundError
 from flask_meisa.operations import LANE_AUTOMATION
 from flask_meisa.operations import LANE_ROUTINE
@@ -302,6 +303,29 @@ def test_dead_letters_go_again_as_new_operations_upserts_first(store: RedisDeliv
     ]
     assert {op.id for op in submitted}.isdisjoint({track.id, upsert.id})
     assert letters.find() == []
+
+
+def test_dead_letters_the_broker_refuses_again_stay_dead_letters(
+    store: RedisDeliveryStore,
+) -> None:
+    queued: list[Operation] = []
+
+    def publish(operations: list[Operation]) -> None:
+        if operations[0].kind == "send":
+            raise DeliveryError("publishing failed (ConnectionError)")
+        queued.extend(operations)
+
+    letters = RedisDeadLetters(store, publish)
+    letters.bury(
+        [send(), Operation("upsert", {"email": "a@b.co"})], BadRequestError("x", 400, "no")
+    )
+    (upsert, refused) = sorted(
+        letters.find(), key=lambda letter: letter.operation.kind != "upsert"
+    )
+    with pytest.raises(DeliveryError):
+        letters.retry(None, force=False)
+    assert [op.payload for op in queued] == [upsert.operation.payload]
+    assert letters.find() == [refused]
 
 
 def test_dead_letters_past_the_bound_are_only_logged(

@@ -46,13 +46,10 @@ class RedisDeadLetters:
                 what = operation.describe()
                 logger.error("flask-meisa: %d dead letters kept; %s is not", MOST_KEPT, what)
                 continue
-            record = {
-                "seq": int(self._redis.incr(self._numbers)),
-                "operation": operation.to_dict(),
-                "error": [status, code, message],
-                "failed_at": time.time(),
-            }
-            self._redis.hsetnx(self._key, operation.id, json.dumps(record))
+            seq = int(self._redis.incr(self._numbers))
+            self._keep(
+                DeadLetter(seq, operation, 0, None, 0, 1, status, code, message, time.time())
+            )
 
     def count(self) -> int:
         """How many dead letters are kept."""
@@ -84,14 +81,28 @@ class RedisDeadLetters:
             Operation(op.kind, op.payload, op.contact, priority=op.priority, force=op.force)
             for op in (letter.operation for letter in taken)
         ]
-        if fresh:
+        for index, operation in enumerate(fresh):
             assert self._submit is not None, "a worker's dead letters are retried by the app"
-            self._submit(fresh)
+            try:
+                self._submit([operation])
+            except BaseException:  # not queued (a send the broker refused): kept as before
+                for letter in taken[index:]:
+                    self._keep(letter)
+                raise
         return len(fresh), kept
 
     def purge(self, seqs: Iterable[int] | None = None) -> int:
         """Delete dead letters (those numbered ``seqs``, or all) for good; how many."""
         return sum(self._take(letter) for letter in self.find(seqs))
+
+    def _keep(self, letter: DeadLetter) -> None:
+        record = {
+            "seq": letter.seq,
+            "operation": letter.operation.to_dict(),
+            "error": [letter.status, letter.code, letter.message],
+            "failed_at": letter.failed_at,
+        }
+        self._redis.hsetnx(self._key, letter.operation.id, json.dumps(record))
 
     def _take(self, letter: DeadLetter) -> bool:
         return bool(self._redis.hdel(self._key, letter.operation.id))

@@ -1,13 +1,11 @@
-"""The thread engine (the reference order) on the address hand-overs the Celery engine was
-fixed for (tests/test_celery_ordering.py): it orders an operation only behind earlier ones
-sharing one of its names, so an upsert that takes an address another user is leaving can
-overtake that user's retried move. Known, not fixed here: marked xfail(strict=True)."""
+"""The thread engine on addresses handed from one user to another: an upsert taking an
+address waits for the earlier work of the user Meisa has at that address (who may be
+leaving it), so Meisa never gives that user's contact to the new one, and a swap through a
+spare address meets no conflict."""
 
 from __future__ import annotations
 
 from typing import Any
-
-import pytest
 
 from flask_meisa.emulator import Emulator
 from flask_meisa.operations import Operation
@@ -15,10 +13,6 @@ from tests.engine_support import MakeEngine
 from tests.engine_support import RecordingHooks
 
 UPSERT = "/contacts/upsert/"
-REASON = (
-    "the thread engine orders rows by shared names only (pending.next_ready): an upsert "
-    "taking an address does not wait for the retried upsert of the user leaving it"
-)
 
 
 def upsert(**payload: Any) -> Operation:
@@ -31,7 +25,6 @@ def deliver(make_engine: MakeEngine, emulator: Emulator, ops: list[Operation]) -
     assert engine.flush(timeout=20)
 
 
-@pytest.mark.xfail(strict=True, reason=REASON)
 def test_an_address_handed_over_reaches_its_new_user_after_the_old_user_left_it(
     make_engine: MakeEngine, emulator: Emulator
 ) -> None:
@@ -50,7 +43,6 @@ def test_an_address_handed_over_reaches_its_new_user_after_the_old_user_left_it(
     assert len(emulator.contacts()) == 2
 
 
-@pytest.mark.xfail(strict=True, reason=REASON)
 def test_addresses_swapped_through_a_spare_one_reach_meisa_without_a_conflict(
     make_engine: MakeEngine, emulator: Emulator
 ) -> None:
@@ -67,3 +59,22 @@ def test_addresses_swapped_through_a_spare_one_reach_meisa_without_a_conflict(
     ]
     deliver(make_engine, emulator, swap)
     assert [r.status for r in emulator.requests_to(UPSERT) if r.status == 409] == []
+
+
+def test_an_address_handed_over_while_its_old_user_had_it_pending_waits_for_the_move(
+    make_engine: MakeEngine, emulator: Emulator
+) -> None:
+    # User 1's first upsert, at a@, is not delivered yet when they move to b@ (whose
+    # upsert fails once) and user 2 takes a@.
+    emulator.faults.fail_next(1, 503, path=UPSERT, match={"email": "b@example.com"})
+    ops = [
+        upsert(email="a@example.com", external_id="u1"),
+        upsert(email="b@example.com", external_id="u1"),
+        upsert(email="a@example.com", external_id="u2"),
+    ]
+    deliver(make_engine, emulator, ops)
+    one, two = emulator.contact(external_id="u1"), emulator.contact(external_id="u2")
+    assert one is not None and two is not None
+    assert (one["email"], two["email"]) == ("b@example.com", "a@example.com")
+    assert one["created_at"] < two["created_at"]  # not user 1's contact given to user 2
+    assert len(emulator.contacts()) == 2

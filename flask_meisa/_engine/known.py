@@ -76,6 +76,12 @@ def remember(
         "INSERT OR REPLACE INTO meisa_known (key, names, fields, accepted_at) VALUES (?, ?, ?, ?)",
         [(key, known_as, text, at) for key in listed],
     )
+    ext, email = identities(payload)
+    if ext is not None and email is not None:  # the user Meisa has at this address
+        db.execute(
+            "INSERT OR REPLACE INTO meisa_addresses (email, ext, at) VALUES (?, ?, ?)",
+            (email, ext, now),
+        )
 
 
 def set_since(db: sqlite3.Connection, payload: Mapping[str, Any], since: float) -> bool:
@@ -89,10 +95,12 @@ def forget(db: sqlite3.Connection, payload: Mapping[str, Any]) -> None:
     """Meisa no longer knows the contact (an event answered 404): forget all its names."""
     names = [name for entry in _entries(db, payload) for name in json.loads(entry[0])]
     db.execute(f"DELETE FROM meisa_known WHERE key IN ({marks(names)})", names)
+    db.execute(f"DELETE FROM meisa_addresses WHERE ext IN ({marks(names)})", names)
 
 
 def prune(db: sqlite3.Connection, before: float) -> int:
     """Forget what Meisa had of contacts accepted before ``before``."""
+    db.execute("DELETE FROM meisa_addresses WHERE at < ?", (before,))
     return db.execute("DELETE FROM meisa_known WHERE accepted_at < ?", (before,)).rowcount
 
 

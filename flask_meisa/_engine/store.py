@@ -92,6 +92,11 @@ CREATE TABLE IF NOT EXISTS meisa_known (
     fields TEXT NOT NULL,
     accepted_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS meisa_addresses (
+    email TEXT PRIMARY KEY,
+    ext TEXT NOT NULL,
+    at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS meisa_answers (lane INTEGER NOT NULL, at REAL NOT NULL, waited REAL);
 CREATE INDEX IF NOT EXISTS meisa_answers_at ON meisa_answers (at);
 CREATE TABLE IF NOT EXISTS meisa_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);

@@ -213,13 +213,29 @@ def test_forget_drops_both_names(db: sqlite3.Connection) -> None:
     known.remember(db, {"email": "bob@example.com"}, 1.0)
     known.forget(db, {"event_name": "x", "external_id": "u1", "email": "ada@example.com"})
     assert set(entries(db)) == {"email:bob@example.com"}
+    assert addresses(db) == {}
+
+
+def addresses(db: sqlite3.Connection) -> dict[str, str]:
+    return dict(db.execute("SELECT email, ext FROM meisa_addresses"))
+
+
+def test_the_user_meisa_has_at_an_address_is_the_last_accepted_there(
+    db: sqlite3.Connection,
+) -> None:
+    known.remember(db, {"email": "Ada@example.com", "external_id": "u1"}, 1.0)
+    known.remember(db, {"email": "ada@example.com", "external_id": "u2"}, 2.0, accepted=False)
+    known.remember(db, {"email": "ada@example.com"}, 3.0)  # no user named: no change
+    assert addresses(db) == {"email:ada@example.com": "ext:u2"}
 
 
 def test_prune_forgets_what_was_accepted_before_a_time(db: sqlite3.Connection) -> None:
     known.remember(db, {"email": "old@example.com", "external_id": "o"}, 10.0)
     known.remember(db, {"email": "new@example.com"}, 20.0)
+    known.remember(db, {"email": "new@example.com", "external_id": "n"}, 20.0)
     assert known.prune(db, 15.0) == 2
-    assert set(entries(db)) == {"email:new@example.com"}
+    assert set(entries(db)) == {"email:new@example.com", "ext:n"}
+    assert addresses(db) == {"email:new@example.com": "ext:n"}
     assert known.prune(db, 15.0) == 0
 
 

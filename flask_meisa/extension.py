@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from typing import Any
 from typing import Literal
 from typing import TypeVar
-from typing import cast
 from weakref import WeakKeyDictionary
 
 from flask import Flask
@@ -321,16 +320,14 @@ class Meisa:
     def _on_plan_changed(
         self, sender: Any, user: Any = None, new_plan: Any = None, **extra: Any
     ) -> None:
-        resolve = getattr(sender, "_get_current_object", None)
-        app = resolve() if callable(resolve) else sender
-        if not isinstance(app, Flask):  # no sender, or the user: the app it happens in
-            if not has_app_context():
-                kind = type(sender).__name__
-                logger.error("meisa: plan_changed sent by a %s outside an app: not synced", kind)
-                return
-            app = cast(Any, current_app)._get_current_object()
-        state = self._states.get(app)
-        if state is None:
+        app = sender if isinstance(sender, Flask) else None  # else the app it happens in
+        if app is None and not has_app_context():
+            kind = type(sender).__name__
+            logger.error("meisa: plan_changed sent by a %s outside an app: not synced", kind)
+            return
+        try:
+            state = self.state(app)
+        except RuntimeError:  # an app not registered with this instance
             return
         # Like a login, a plan change never breaks the billing view that signalled it.
         try:
@@ -347,7 +344,7 @@ class Meisa:
                 logger.error("meisa: the plan change was not synced: %s", error)
             else:  # its text may hold the user's data: in the traceback only
                 logger.exception("meisa: the plan change was not synced")
-            signals.emit(signals.delivery_failed, app, operation=None, error=error)
+            signals.emit(signals.delivery_failed, state.app, operation=None, error=error)
             return
         deferral.enqueue(state, operation)
 

@@ -118,6 +118,48 @@ def test_an_upsert_arriving_mid_call_is_delivered_next(
     assert store.pending_version([contact]) is None
 
 
+def deliver(store: RedisDeliveryStore, contact: str, version: int) -> tuple[Any, ...]:
+    """Claim ``version``'s task, settle it as delivered: ``(version, members, payload)``."""
+    claim = store.claim(contact, version, lease=5.0)
+    assert claim.state == "deliver"
+    store.settle(claim)
+    return claim.version, claim.members, claim.payload
+
+
+def test_upserts_of_a_contact_at_another_address_are_delivered_after_the_earlier_ones(
+    store: RedisDeliveryStore, contact: str
+) -> None:
+    moved = Operation("upsert", {"email": "new@example.com", "external_id": "42"})
+    first, second, third = upsert(first_name="A"), upsert(last_name="L"), moved
+    store.coalesce(first, contact, LANE_ROUTINE)
+    claim = store.claim(contact, 1, lease=5.0)
+    # While its call is in flight, one upsert joins it, one at another address cannot.
+    assert store.coalesce(second, contact, LANE_ROUTINE) == 2
+    assert store.coalesce(third, contact, LANE_ROUTINE) == 3
+    store.settle(claim)
+    assert store.pending_version([contact]) == (contact, 3)
+    # The task of version 3 delivers the earlier part first (then runs again).
+    version, members, payload = deliver(store, contact, 3)
+    assert (version, members) == (2, (second.id,))
+    assert payload == {**first.payload, **second.payload}
+    assert deliver(store, contact, 3) == (3, (third.id,), moved.payload)
+    assert store.pending_version([contact]) is None
+    assert store.claim(contact, 2, lease=5.0).state == "covered"
+
+
+def test_a_backfill_snapshot_at_a_former_address_joins_the_live_sync_it_is_older_than(
+    store: RedisDeliveryStore, contact: str
+) -> None:
+    live = Operation("upsert", {"email": "new@example.com", "external_id": "42"})
+    snapshot = upsert(custom_fields={"plan": "free"})
+    snapshot.priority = "backfill"
+    store.coalesce(live, contact, LANE_ROUTINE)
+    store.coalesce(snapshot, contact, LANE_ROUTINE)
+    version, members, payload = deliver(store, contact, 1)
+    assert (version, members) == (2, (live.id, snapshot.id))
+    assert payload == {**snapshot.payload, "email": "new@example.com"}
+
+
 def test_a_lost_record_is_reported_missing(store: RedisDeliveryStore, contact: str) -> None:
     assert store.claim(contact, 7, lease=5.0).state == "missing"
     assert store.pending_version([contact, "0" * 32]) is None

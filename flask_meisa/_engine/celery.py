@@ -184,19 +184,25 @@ class CeleryDispatcher:
         contact = store.contact_of(operation.payload) if operation.kind == "upsert" else None
         lane = lane_of(operation, lambda: store.known(contact), self._priority_fields)
         meta: dict[str, Any] = {"lane": lane}
-        tasks = []
+        after: list[tuple[str, int]] = []
         if contact is not None:
-            meta.update(contact=contact, version=store.coalesce(operation, contact, lane))
+            # Read before the record links the address to this contact.
+            after = store.pending_others(operation.payload, contact)
+            meta.update(contact=contact, version=store.coalesce(operation, contact, lane, after))
         else:
             store.add_pending(operation, lane)
         if operation.kind == "track":
             names = (operation.payload, operation.contact)
             found = store.pending_version(c for p in names if p for c in store.contacts(p))
             if found is not None:
-                companion = Operation("upsert", {}, created_at=operation.created_at)
-                extra = {"contact": found[0], "version": found[1], "companion": True}
-                tasks.append((lane, companion.to_dict(), {"lane": lane, **extra}))
+                after = [found]
                 meta["after"] = list(found)
+        # What it waits for is delivered on its lane, not behind a backlog of a later lane.
+        tasks = []
+        for found in after:
+            companion = Operation("upsert", {}, created_at=operation.created_at)
+            extra = {"contact": found[0], "version": found[1], "companion": True}
+            tasks.append((lane, companion.to_dict(), {"lane": lane, **extra}))
         own = (lane, operation.to_dict(), meta)
         if self._lost_after is not None:
             store.keep(*own)

@@ -135,14 +135,21 @@ class DeliveryWorker:
         if operation.kind == "upsert" and meta.get("contact") is not None:
             return self._run_coalesced(operation, meta)
         if operation.kind == "track" and not meta.get("recover"):
-            contact, version = meta.get("after") or (None, 0)
-            # An event goes after the upsert its contact had pending when it was released
-            # (waiting at most the retry deadline: a stuck upsert holds it no longer).
-            if contact and self.store.pending_version([contact], upto=version):
-                limit = self._retry.deadline
-                if age <= (EVENT_WAIT_LIMIT if limit is None else limit):
-                    return self._again(0.1 + random.uniform(0, 0.05), operation, meta)
+            # An event goes after the upsert its contact had pending when it was released.
+            after = [tuple(meta["after"])] if meta.get("after") else []
+            if self._waits(after, operation):
+                return self._again(0.1 + random.uniform(0, 0.05), operation, meta)
         return self._attempt(operation, meta, [operation])
+
+    def _waits(self, after: Any, operation: Operation) -> bool:
+        """Whether one of the upserts ``after`` (``(contact, version)``) is not delivered
+        yet, and ``operation`` may still wait for it (at most the retry deadline after its
+        release: a stuck upsert holds it no longer)."""
+        limit = self._retry.deadline
+        if time.time() - operation.created_at > (EVENT_WAIT_LIMIT if limit is None else limit):
+            return False
+        pending = self.store.pending_version
+        return any(pending([str(contact)], upto=int(version)) for contact, version in after)
 
     def _run_coalesced(self, operation: Operation, meta: dict[str, Any]) -> RunAgain | None:
         own = not meta.get("companion")
@@ -155,6 +162,9 @@ class DeliveryWorker:
             return self._again(claim.wait + random.uniform(0, 0.05), operation, meta)
         if claim.state == "missing":
             return self._attempt(operation, meta, [operation]) if own else None
+        if self._waits(claim.after, operation):
+            self._release(claim)
+            return self._again(0.1 + random.uniform(0, 0.05), operation, meta)
         fields = {"payload": claim.payload, "force": claim.force}
         call = Operation.from_dict({**operation.to_dict(), **fields})
         members = [
@@ -163,13 +173,19 @@ class DeliveryWorker:
             else Operation("upsert", claim.payload, id=member, attempts=operation.attempts)
             for member in claim.members
         ]
-        if own and operation.id not in claim.members:
+        # An earlier part of the record (upserts that could not join this one) goes first.
+        earlier = claim.version < int(meta["version"])
+        if own and not earlier and operation.id not in claim.members:
             members.append(call)  # e.g. its record expired and was made again since
         try:
-            return self._attempt(call, meta, members, claim)
+            again = self._attempt(call, meta, members, claim)
         except BaseException:
             self._release(claim)
             raise
+        if again is None and earlier:  # then its own part, with retries of its own
+            rest = {name: value for name, value in meta.items() if name != "first_attempt"}
+            return self._again(0.0, operation, rest)
+        return again
 
     def _attempt(
         self,

@@ -3,6 +3,7 @@ of each contact, pending operations and their kept tasks, counters (docs/celery.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -15,12 +16,15 @@ from typing import Any
 from typing import Literal
 from typing import cast
 
+from ..errors import ValidationError
 from ..operations import LANE_BACKFILL
 from ..operations import LANE_NAMES
 from ..operations import Operation
 from ..operations import Priority
 from ..operations import by_age
+from ..operations import encode_body
 from ..operations import identities
+from ..operations import join_upserts
 from ..operations import merge_priorities
 from ..operations import merge_upsert_payloads
 from .base import LATENCY_WINDOW
@@ -54,6 +58,22 @@ class Claim:
     token: str = ""
     wait: float = 0.0
     force: bool = False
+    #: ``(contact, version)`` of other contacts' upserts to deliver first (see
+    #: :meth:`RedisDeliveryStore.coalesce`).
+    after: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass
+class _Segment:
+    """A part of a contact's record: upserts joined into one ``payload`` (see
+    :meth:`RedisDeliveryStore.coalesce`), up to ``version``."""
+
+    payload: dict[str, Any]
+    members: list[str]
+    version: int
+    force: bool
+    priority: str | None
+    after: list[list[Any]]
 
 
 def _digest(name: str) -> str:
@@ -135,30 +155,67 @@ class RedisDeliveryStore:
         pipe.zadd(self._pending[lane], {operation.id: operation.created_at})
         pipe.execute()
 
-    def coalesce(self, operation: Operation, contact: str, lane: int) -> int:
-        """Merge an upsert into its contact's record (a backfill's as the older: see
-        :func:`~flask_meisa.operations.by_age`), pending in ``lane``; its new version."""
+    def coalesce(
+        self,
+        operation: Operation,
+        contact: str,
+        lane: int,
+        after: Iterable[tuple[str, int]] = (),
+    ) -> int:
+        """Merge an upsert into its contact's record, pending in ``lane``; its new version.
+        It joins the upserts waiting there as :func:`~flask_meisa.operations.join_upserts`
+        decides (a backfill's as the older: see :func:`~flask_meisa.operations.by_age`);
+        when they cannot be one (another address, a body too large), they are closed, to
+        be delivered before it. ``after``: ``(contact, version)`` of other contacts'
+        upserts that its names pointed to, pending when it was made: delivered first."""
         record = self._key("contact", contact)
 
         def update(pipe: Any) -> int:
-            version, payload, members, force, priority = pipe.hmget(
-                record, "version", "payload", "members", "force", "priority"
+            names = ("version", "payload", "members", "force", "priority", "after", "closed")
+            version, payload, members, force, priority, earlier, closed = pipe.hmget(
+                record, *names
             )
-            version = int(version or 0) + 1
-            merged, ahead = operation.payload, operation.priority
+            segments = json.loads(closed or "[]")
+            merged, ahead, joined_members = operation.payload, operation.priority, []
+            forced, waits = operation.force, {}
             if payload is not None:
                 first = cast("Priority | None", _text(priority) or None)
                 older = by_age(json.loads(payload), first, operation.payload, ahead)
-                merged, ahead = merge_upsert_payloads(*older), merge_priorities(first, ahead)
+                joined = join_upserts(*older)
+                if joined is None and older[0] is operation.payload:
+                    # A backfill's snapshot older than the live sync waiting here, of the
+                    # contact's former address: it never goes after it, the live names win.
+                    with contextlib.suppress(ValidationError):
+                        both = merge_upsert_payloads(*older)
+                        joined = both, encode_body(both)
+                segment = _Segment(
+                    json.loads(payload),
+                    json.loads(members or "[]"),
+                    int(version or 0),
+                    bool(int(force or 0)),
+                    first,
+                    json.loads(earlier or "[]"),
+                )
+                if joined is None:
+                    segments.append(segment.__dict__)
+                else:
+                    merged, ahead = joined[0], merge_priorities(first, ahead)
+                    joined_members, forced = segment.members, forced or segment.force
+                    waits = dict(segment.after)
+            for other, upto in after:
+                waits[other] = max(int(waits.get(other, 0)), int(upto))
+            version = int(version or 0) + 1
             pipe.multi()
             pipe.hset(
                 record,
                 mapping={
                     "version": version,
                     "payload": json.dumps(merged, separators=(",", ":")),
-                    "members": json.dumps([*json.loads(members or "[]"), operation.id]),
-                    "force": int(operation.force or int(force or 0)),
+                    "members": json.dumps([*joined_members, operation.id]),
+                    "force": int(forced),
                     "priority": ahead or "",
+                    "after": json.dumps(sorted(waits.items())),
+                    "closed": json.dumps(segments, separators=(",", ":")),
                 },
             )
             pipe.expire(record, RECORD_TTL)
@@ -169,13 +226,16 @@ class RedisDeliveryStore:
         return int(self.redis.transaction(update, record, value_from_callable=True))
 
     def claim(self, contact: str, version: int, lease: float) -> Claim:
-        """Decide what the upsert task of ``version`` does (see :class:`Claim`)."""
+        """Decide what the upsert task of ``version`` does (see :class:`Claim`): the
+        record's first part not delivered (a closed one, of an earlier version, first)."""
         record, lease_key = self._key("contact", contact), self._key("lease", contact)
         token = uuid.uuid4().hex
 
         def decide(pipe: Any) -> Claim:
-            fields = pipe.hmget(record, "version", "delivered", "payload", "members", "force")
-            current, delivered, payload, members, force = fields
+            fields = ("version", "delivered", "payload", "members", "force", "after", "closed")
+            current, delivered, payload, members, force, after, closed = pipe.hmget(
+                record, *fields
+            )
             if current is None:
                 return Claim("missing")
             if int(delivered or 0) >= version or payload is None:
@@ -183,16 +243,30 @@ class RedisDeliveryStore:
             held = pipe.pttl(lease_key)
             if held is not None and int(held) > 0:
                 return Claim("busy", wait=min(int(held) / 1000.0, 0.25))
+            segments = json.loads(closed or "[]")
+            first = (
+                _Segment(**segments[0])
+                if segments
+                else _Segment(
+                    json.loads(payload),
+                    json.loads(members or "[]"),
+                    int(current),
+                    bool(int(force or 0)),
+                    None,
+                    json.loads(after or "[]"),
+                )
+            )
             pipe.multi()
             pipe.set(lease_key, token, px=max(int(lease * 1000), 1))
             return Claim(
                 "deliver",
                 contact,
-                json.loads(payload),
-                int(current),
-                tuple(json.loads(members or "[]")),
+                first.payload,
+                first.version,
+                tuple(first.members),
                 token,
-                force=bool(int(force or 0)),
+                force=first.force,
+                after=tuple((str(c), int(v)) for c, v in first.after),
             )
 
         return self.redis.transaction(  # type: ignore[no-any-return]
@@ -205,16 +279,30 @@ class RedisDeliveryStore:
         record, lease_key = self._key("contact", claim.contact), self._key("lease", claim.contact)
 
         def update(pipe: Any) -> None:
-            current, done, members = pipe.hmget(record, "version", "delivered", "members")
+            current, done, members, closed = pipe.hmget(
+                record, "version", "delivered", "members", "closed"
+            )
             holder = _text(pipe.get(lease_key))
             pipe.multi()
             if delivered and current is not None:
-                # Members only grow at the end, so the claimed ones are a prefix.
-                rest = json.loads(members or "[]")[len(claim.members) :]
+                # The claimed part is the first one: closed since if upserts came that
+                # could not join it, and grown if some joined it.
+                claimed = set(claim.members)
+                segments = json.loads(closed or "[]")
                 done = max(int(done or 0), claim.version)
-                pipe.hset(record, mapping={"delivered": done, "members": json.dumps(rest)})
-                if int(current) == claim.version:
-                    pipe.hdel(record, "payload", "force", "priority")
+                if segments:
+                    if int(segments[0]["version"]) <= claim.version:
+                        segments.pop(0)
+                    else:
+                        rest = [m for m in segments[0]["members"] if m not in claimed]
+                        segments[0]["members"] = rest
+                    closing = {"closed": json.dumps(segments, separators=(",", ":"))}
+                    pipe.hset(record, mapping={"delivered": done, **closing})
+                else:
+                    rest = [m for m in json.loads(members or "[]") if m not in claimed]
+                    pipe.hset(record, mapping={"delivered": done, "members": json.dumps(rest)})
+                    if int(current) == claim.version:
+                        pipe.hdel(record, "payload", "force", "priority", "after")
             if holder == claim.token:
                 pipe.delete(lease_key)
 
@@ -234,6 +322,13 @@ class RedisDeliveryStore:
             if version is not None and wanted > int(delivered or 0):
                 return contact, int(version)
         return None
+
+    def pending_others(self, payload: Mapping[str, Any], contact: str) -> list[tuple[str, int]]:
+        """The contacts other than ``contact`` that the upsert ``payload``'s names are kept
+        under (an address first upserted alone, or held by another external_id), with an
+        upsert not delivered: ``(contact, version)``, which it must not overtake."""
+        others = (other for other in self.contacts(payload) if other != contact)
+        return [found for other in others if (found := self.pending_version([other]))]
 
     def keep(self, lane: int, op: dict[str, Any], meta: dict[str, Any]) -> None:
         """Keep the task that delivers the operation ``op`` until it is finished, seen now."""

@@ -1,0 +1,123 @@
+"""The Celery engine's per-contact ordering across the names of a contact: upserts that name
+one contact by its address, then by its external id too, and users that hand an address
+over, reach Meisa in the order they were made, whatever a 5xx and its retry do to the order
+the workers run them in; Meisa ends with the last state of each user."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from flask_meisa._engine.celery import CeleryDispatcher
+from flask_meisa.emulator import Emulator
+from flask_meisa.operations import Operation
+from tests.celery_support import StartWorker
+from tests.celery_support import outcomes
+from tests.celery_support import producer_fixture  # noqa: F401
+from tests.celery_support import redis_url_fixture  # noqa: F401
+from tests.celery_support import start_worker_fixture  # noqa: F401
+
+UPSERT = "/api/v1/contacts/upsert/"
+MakeProducer = Callable[..., CeleryDispatcher]
+
+
+def upsert(**payload: Any) -> Operation:
+    return Operation("upsert", payload)
+
+
+def failures(redis_url: str) -> list[dict[str, Any]]:
+    return [entry for entry in outcomes(redis_url) if entry["signal"] == "delivery_failed"]
+
+
+def test_an_upsert_by_address_is_not_overtaken_by_a_later_one_naming_the_external_id_too(
+    emulator: Emulator, redis_url: str, start_worker: StartWorker, producer: MakeProducer
+) -> None:
+    # The first call fails once (503): its retry must not land after the later state.
+    emulator.faults.fail_next(1, 503, path=UPSERT, match={"first_name": "Old"})
+    dispatcher = producer(emulator)
+    dispatcher.publish(upsert(email="ada@example.com", first_name="Old"))
+    dispatcher.publish(upsert(email="ada@example.com", external_id="u1", first_name="New"))
+    start_worker(emulator, concurrency=1)
+    assert dispatcher.flush(timeout=20)
+    contact = emulator.contact(external_id="u1")
+    assert contact is not None
+    assert (contact["email"], contact["first_name"]) == ("ada@example.com", "New")
+    assert failures(redis_url) == []
+
+
+def test_an_address_handed_over_reaches_its_new_user_after_the_old_user_left_it(
+    emulator: Emulator, redis_url: str, start_worker: StartWorker, producer: MakeProducer
+) -> None:
+    start_worker(emulator, concurrency=1)
+    dispatcher = producer(emulator)
+    dispatcher.publish(upsert(email="a@example.com", external_id="u1", custom_fields={"n": 1}))
+    assert dispatcher.flush(timeout=15)
+    first = emulator.contact(external_id="u1")
+    assert first is not None
+    # User 1 moves to b@ (its call fails once), then user 2 signs up with a@.
+    emulator.faults.fail_next(1, 503, path=UPSERT, match={"email": "b@example.com"})
+    dispatcher.publish(upsert(email="b@example.com", external_id="u1"))
+    dispatcher.publish(upsert(email="a@example.com", external_id="u2", custom_fields={"n": 2}))
+    assert dispatcher.flush(timeout=20)
+    one, two = emulator.contact(external_id="u1"), emulator.contact(external_id="u2")
+    assert one is not None and two is not None
+    assert one["id"] == first["id"]  # the same contact, not one made again
+    assert (one["email"], one["custom_fields"]) == ("b@example.com", {"n": 1})
+    assert (two["email"], two["custom_fields"]) == ("a@example.com", {"n": 2})
+    assert len(emulator.contacts()) == 2
+    assert failures(redis_url) == []
+
+
+@pytest.mark.parametrize("fault", [False, True], ids=["in_order", "first_step_retried"])
+def test_addresses_swapped_through_a_spare_one_reach_meisa_without_a_conflict(
+    emulator: Emulator,
+    redis_url: str,
+    start_worker: StartWorker,
+    producer: MakeProducer,
+    fault: bool,
+) -> None:
+    dispatcher = producer(emulator)
+    dispatcher.publish(upsert(email="a@example.com", external_id="u1"))
+    dispatcher.publish(upsert(email="b@example.com", external_id="u2"))
+    worker = start_worker(emulator, concurrency=1)
+    assert dispatcher.flush(timeout=15)
+    worker.stop()
+    # Users 1 and 2 swap addresses, user 1 through a spare one: each step valid at Meisa
+    # in this order (no two contacts ever hold one address); queued while no worker runs.
+    dispatcher.publish(upsert(email="spare@example.com", external_id="u1"))
+    dispatcher.publish(upsert(email="a@example.com", external_id="u2"))
+    dispatcher.publish(upsert(email="b@example.com", external_id="u1"))
+    if fault:  # the first step's call fails once: the others wait for its retry
+        emulator.faults.fail_next(1, 503, path=UPSERT, match={"email": "spare@example.com"})
+    start_worker(emulator, concurrency=2)
+    assert dispatcher.flush(timeout=20)
+    assert failures(redis_url) == []
+    one, two = emulator.contact(external_id="u1"), emulator.contact(external_id="u2")
+    assert one is not None and two is not None
+    assert (one["email"], two["email"]) == ("b@example.com", "a@example.com")
+    assert [r.status for r in emulator.requests_to(UPSERT) if r.status == 409] == []
+
+
+def test_upserts_whose_merge_one_call_cannot_carry_are_delivered_one_after_the_other(
+    emulator: Emulator, redis_url: str, start_worker: StartWorker, producer: MakeProducer
+) -> None:
+    dispatcher = producer(emulator)
+    half = "x" * (300 * 1024)  # each alone fits in a request; both do not
+    ops = [
+        upsert(email="ada@example.com", external_id="u1", custom_fields={"one": half}),
+        upsert(email="ada@example.com", external_id="u1", custom_fields={"two": half}),
+        upsert(email="ada@example.com", external_id="u1", first_name="Ada"),
+    ]
+    for op in ops:
+        dispatcher.publish(op)
+    start_worker(emulator, concurrency=2)
+    assert dispatcher.flush(timeout=20)
+    assert failures(redis_url) == []
+    contact = emulator.contact(external_id="u1")
+    assert contact is not None
+    assert (contact["first_name"], sorted(contact["custom_fields"])) == ("Ada", ["one", "two"])
+    synced = [e["op"] for e in outcomes(redis_url) if e["signal"] == "contact_synced"]
+    assert sorted(synced) == sorted(op.id for op in ops)
+    assert len(emulator.requests_to(UPSERT)) == 2

@@ -121,3 +121,23 @@ def test_upserts_whose_merge_one_call_cannot_carry_are_delivered_one_after_the_o
     synced = [e["op"] for e in outcomes(redis_url) if e["signal"] == "contact_synced"]
     assert sorted(synced) == sorted(op.id for op in ops)
     assert len(emulator.requests_to(UPSERT)) == 2
+
+
+def test_an_event_for_a_contact_meisa_lacks_does_not_upsert_an_older_state_over_a_later_one(
+    emulator: Emulator, redis_url: str, start_worker: StartWorker, producer: MakeProducer
+) -> None:
+    # A view tracks an event for a user Meisa has not got yet, then syncs the user's new
+    # plan: the event's 404 upserts the user as the event saw it, which must not land
+    # over the later sync.
+    dispatcher = producer(emulator)
+    user = {"email": "ada@example.com", "external_id": "u1"}
+    before = {**user, "custom_fields": {"plan": "free"}}
+    dispatcher.publish(Operation("track", {"event_name": "upgraded", "external_id": "u1"}, before))
+    dispatcher.publish(upsert(**user, custom_fields={"plan": "pro"}))
+    start_worker(emulator, concurrency=2)
+    assert dispatcher.flush(timeout=20)
+    contact = emulator.contact(external_id="u1")
+    assert contact is not None
+    assert contact["custom_fields"] == {"plan": "pro"}
+    assert [e["event_name"] for e in emulator.events()] == ["upgraded"]
+    assert failures(redis_url) == []

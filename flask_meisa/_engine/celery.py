@@ -192,6 +192,8 @@ class CeleryDispatcher:
         else:
             store.add_pending(operation, lane)
         if operation.kind == "track":
+            if operation.contact:  # what a 404's upsert of its contact must not undo
+                meta["seen"] = store.version(store.contact_of(operation.contact))
             names = (operation.payload, operation.contact)
             found = store.pending_version(c for p in names if p for c in store.contacts(p))
             if found is not None:

@@ -134,12 +134,34 @@ class DeliveryWorker:
             self.store.add_pending(operation, LANE_AUTOMATION)
         if operation.kind == "upsert" and meta.get("contact") is not None:
             return self._run_coalesced(operation, meta)
+        if operation.kind == "track" and meta.get("recover") and meta.get("seen") is not None:
+            return self._recover(operation, meta)
         if operation.kind == "track" and not meta.get("recover"):
             # An event goes after the upsert its contact had pending when it was released.
             after = [tuple(meta["after"])] if meta.get("after") else []
             if self._waits(after, operation):
                 return self._again(0.1 + random.uniform(0, 0.05), operation, meta)
         return self._attempt(operation, meta, [operation])
+
+    def _recover(self, operation: Operation, meta: dict[str, Any]) -> RunAgain | None:
+        """An event answered 404 upserts its contact as it saw it, then goes again: unless
+        an upsert of the contact released after it goes instead (its state is newer), and
+        never while an upsert of the contact is in flight."""
+        contact = self.store.contact_of(operation.contact or {})
+        if contact is None:
+            return self._attempt(operation, meta, [operation])
+        held = self.store.hold(contact, int(meta["seen"]), self._lease)
+        if held.state == "busy":
+            return self._again(held.wait + random.uniform(0, 0.05), operation, meta)
+        if held.state == "covered":
+            if self._waits([(contact, held.version)], operation):
+                return self._again(0.1 + random.uniform(0, 0.05), operation, meta)
+            again = {**meta, "recover": False, "recovered": True}
+            return self._attempt(operation, again, [operation])
+        try:
+            return self._attempt(operation, meta, [operation])
+        finally:
+            self._release(held)
 
     def _waits(self, after: Any, operation: Operation) -> bool:
         """Whether one of the upserts ``after`` (``(contact, version)``) is not delivered

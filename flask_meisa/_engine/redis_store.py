@@ -273,6 +273,36 @@ class RedisDeliveryStore:
             decide, record, lease_key, value_from_callable=True
         )
 
+    def version(self, contact: str | None) -> int:
+        """The version of ``contact``'s record: how many upserts of it were released."""
+        if contact is None:
+            return 0
+        return int(self._redis.hget(self._key("contact", contact), "version") or 0)
+
+    def hold(self, contact: str, seen: int, lease: float) -> Claim:
+        """For the upsert of ``contact`` that an event answered 404 makes, as the event saw it
+        when its record was at version ``seen``: ``"covered"`` (a later upsert of it was
+        released since, of the record's ``version``: that one goes instead), ``"busy"``, or
+        ``"deliver"`` with the contact's lease (no upsert of it runs meanwhile; release it
+        with :meth:`settle` and ``delivered=False``)."""
+        record, lease_key = self._key("contact", contact), self._key("lease", contact)
+        token = uuid.uuid4().hex
+
+        def decide(pipe: Any) -> Claim:
+            current = int(pipe.hget(record, "version") or 0)
+            if current > seen:
+                return Claim("covered", contact, version=current)
+            held = pipe.pttl(lease_key)
+            if held is not None and int(held) > 0:
+                return Claim("busy", wait=min(int(held) / 1000.0, 0.25))
+            pipe.multi()
+            pipe.set(lease_key, token, px=max(int(lease * 1000), 1))
+            return Claim("deliver", contact, token=token, version=current)
+
+        return self._redis.transaction(  # type: ignore[no-any-return]
+            decide, record, lease_key, value_from_callable=True
+        )
+
     def settle(self, claim: Claim, *, delivered: bool = True) -> None:
         """Release the claim's lease; ``delivered``: its call is over for good, so mark its
         version delivered (its operations stay pending until :meth:`finish`)."""

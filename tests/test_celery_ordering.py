@@ -141,3 +141,33 @@ def test_an_event_for_a_contact_meisa_lacks_does_not_upsert_an_older_state_over_
     assert contact["custom_fields"] == {"plan": "pro"}
     assert [e["event_name"] for e in emulator.events()] == ["upgraded"]
     assert failures(redis_url) == []
+
+
+def test_an_address_taken_over_keeps_pointing_to_its_new_user_when_the_old_state_lands(
+    emulator: Emulator, redis_url: str, start_worker: StartWorker, producer: MakeProducer
+) -> None:
+    dispatcher = producer(emulator)
+    first = start_worker(emulator, concurrency=2)
+    dispatcher.publish(upsert(email="c@example.com", external_id="u1"))
+    assert dispatcher.flush(timeout=15)
+    first.stop()
+    # User 2 at a@ moves to b@, then user 1 moves from c@ to a@ (its calls fail a while).
+    dispatcher.publish(upsert(email="a@example.com", external_id="u2", first_name="Two"))
+    dispatcher.publish(upsert(email="b@example.com", external_id="u2"))
+    dispatcher.publish(upsert(email="a@example.com", external_id="u1"))
+    emulator.faults.fail_next(6, 503, path=UPSERT, match={"external_id": "u1"})
+    start_worker(emulator, concurrency=2)
+
+    def moved(emulator: Emulator) -> bool:
+        return (emulator.contact(external_id="u2") or {}).get("email") == "b@example.com"
+
+    # User 2's old state at a@ was accepted, then its move: user 1's upsert still waits.
+    assert emulator.wait_for(moved, timeout=15)
+    # An upsert of user 1 by its address alone belongs with user 1's, not user 2's.
+    dispatcher.publish(upsert(email="a@example.com", last_name="One"))
+    assert dispatcher.flush(timeout=20)
+    assert failures(redis_url) == []
+    one = emulator.contact(external_id="u1")
+    assert one is not None
+    assert (one["email"], one["last_name"]) == ("a@example.com", "One")
+    assert len(emulator.contacts()) == 2

@@ -115,10 +115,11 @@ class RedisDeliveryStore:
         ext, _ = identities(payload)
         return _digest(ext) if ext is not None else next(iter(self.contacts(payload)), None)
 
-    def _link(self, pipe: Any, payload: Mapping[str, Any]) -> None:
+    def _link(self, pipe: Any, payload: Mapping[str, Any], *, unless_linked: bool = False) -> None:
         ext, email = identities(payload)
         if ext is not None and email is not None:
-            pipe.set(self._key("alias", _digest(email)), _digest(ext), ex=int(KEEP_FOR))
+            key = self._key("alias", _digest(email))
+            pipe.set(key, _digest(ext), ex=int(KEEP_FOR), nx=unless_linked)
 
     def known(self, contact: str | None) -> Known | None:
         """What Meisa last accepted of ``contact`` (see :class:`.store.Known`), or ``None``."""
@@ -138,7 +139,9 @@ class RedisDeliveryStore:
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(key, mapping={**digest(payload), "@at": repr(now)})
         pipe.expire(key, int(KEEP_FOR))
-        self._link(pipe, payload)
+        # An address links to the contact that was last released with it (coalesce): an
+        # answer to an older upsert must not link it back to a user who has left it since.
+        self._link(pipe, payload, unless_linked=True)
         pipe.execute()
 
     def forget(self, payloads: Iterable[Mapping[str, Any] | None]) -> None:

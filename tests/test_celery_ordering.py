@@ -5,6 +5,7 @@ the workers run them in; Meisa ends with the last state of each user."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -171,3 +172,69 @@ def test_an_address_taken_over_keeps_pointing_to_its_new_user_when_the_old_state
     assert one is not None
     assert (one["email"], one["last_name"]) == ("a@example.com", "One")
     assert len(emulator.contacts()) == 2
+
+
+@pytest.mark.parametrize("queued", [True, False], ids=["queued", "live"])
+def test_a_mixed_stream_of_syncs_and_events_ends_with_each_users_last_state(
+    emulator: Emulator,
+    redis_url: str,
+    start_worker: StartWorker,
+    producer: MakeProducer,
+    queued: bool,
+) -> None:
+    # Users change fields and addresses (taking ones others left), upserts name some by
+    # address alone, events follow their upserts; a quarter of the calls fail with a 5xx;
+    # two worker processes of three threads each deliver (started after everything was
+    # queued, or before).
+    chooser = random.Random(7)
+    dispatcher = producer(emulator)
+    emulator.faults.set(error_rate=0.25, error_statuses=(500, 503))
+    if not queued:
+        for _ in range(2):
+            start_worker(emulator, concurrency=3)
+    addresses = {n: f"u{n}-0@example.com" for n in range(4)}
+    expected: dict[int, dict[str, Any]] = {n: {} for n in range(4)}
+    events: list[str] = []
+    left: list[str] = []  # addresses users moved away from, free to take
+    named: set[str] = set()
+    for step in range(60):
+        n = chooser.randrange(4)
+        # Meisa matches by external_id first: a user moves once it has given Meisa one.
+        moved = f"u{n}" in named and chooser.random() < 0.2
+        if moved:
+            left.append(addresses[n])
+            taken = left.pop(0) if len(left) > 1 and chooser.random() < 0.5 else None
+            addresses[n] = taken or f"u{n}-{step}@example.com"
+        payload: dict[str, Any] = {"email": addresses[n], "external_id": f"u{n}"}
+        if not moved and chooser.random() < 0.2:
+            # By address alone: a new user's first upsert, or an address the user has.
+            del payload["external_id"]
+        else:
+            named.add(f"u{n}")
+        payload[chooser.choice(["first_name", "last_name"])] = f"v{step}"
+        payload["custom_fields"] = {f"k{chooser.randrange(3)}": step}
+        dispatcher.publish(upsert(**payload))
+        fields = {**expected[n].get("custom_fields", {}), **payload["custom_fields"]}
+        expected[n] = {**expected[n], **payload, "external_id": f"u{n}", "custom_fields": fields}
+        if chooser.random() < 0.4:
+            name = f"e{step}"
+            contact = {"email": addresses[n], "external_id": f"u{n}"}
+            if f"u{n}" not in named or chooser.random() < 0.5:  # as track(name, user=...)
+                event = Operation("track", {"event_name": name, **contact}, contact)
+            else:  # as meisa.track(name, external_id=...), once Meisa has it
+                event = Operation("track", {"event_name": name, "external_id": f"u{n}"})
+            dispatcher.publish(event)
+            events.append(name)
+    if queued:
+        for _ in range(2):
+            start_worker(emulator, concurrency=3)
+    assert dispatcher.flush(timeout=60)
+    emulator.faults.clear()
+    assert failures(redis_url) == []
+    assert len(emulator.contacts()) == 4
+    for n, state in expected.items():
+        found = emulator.contact(external_id=f"u{n}")
+        assert found is not None
+        assert {name: found[name] for name in state} == state, n
+    tracked = [e["event_name"] for e in emulator.events()]
+    assert sorted(tracked) == sorted(events)

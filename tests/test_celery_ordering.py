@@ -71,6 +71,34 @@ def test_an_address_handed_over_reaches_its_new_user_after_the_old_user_left_it(
     assert failures(redis_url) == []
 
 
+def test_an_address_taken_over_waits_for_its_old_user_on_its_own_lane_not_behind_a_backlog(
+    emulator: Emulator, redis_url: str, start_worker: StartWorker, producer: MakeProducer
+) -> None:
+    dispatcher = producer(emulator)
+    worker = start_worker(emulator, concurrency=1)
+    users = [upsert(email=f"user{n}@example.com", external_id=f"u{n}") for n in range(3, 33)]
+    for op in [upsert(email="a@example.com", external_id="u1"), *users]:
+        dispatcher.publish(op)
+    assert dispatcher.flush(timeout=20)
+    worker.stop()
+    # A backlog of routine syncs, then user 1 leaves a@ (routine too: Meisa knows user 1),
+    # then user 2 signs up with a@ (a first upsert: ahead of routine syncs).
+    for op in users:
+        dispatcher.publish(upsert(**op.payload, first_name="Again"))
+    dispatcher.publish(upsert(email="b@example.com", external_id="u1"))
+    dispatcher.publish(upsert(email="a@example.com", external_id="u2"))
+    emulator.clear_requests()
+    start_worker(emulator, concurrency=1)
+    assert dispatcher.flush(timeout=30)
+    order = [r.body["external_id"] for r in emulator.requests_to(UPSERT)]
+    # User 1's move went first, on user 2's lane, then user 2's: not after the backlog.
+    assert order[:2] == ["u1", "u2"]
+    assert failures(redis_url) == []
+    one, two = emulator.contact(external_id="u1"), emulator.contact(external_id="u2")
+    assert one is not None and two is not None
+    assert (one["email"], two["email"]) == ("b@example.com", "a@example.com")
+
+
 @pytest.mark.parametrize("fault", [False, True], ids=["in_order", "first_step_retried"])
 def test_addresses_swapped_through_a_spare_one_reach_meisa_without_a_conflict(
     emulator: Emulator,

@@ -266,3 +266,26 @@ def test_a_mixed_stream_of_syncs_and_events_ends_with_each_users_last_state(
         assert {name: found[name] for name in state} == state, n
     tracked = [e["event_name"] for e in emulator.events()]
     assert sorted(tracked) == sorted(events)
+
+
+def test_an_upsert_by_an_address_accepted_after_another_user_took_it_is_not_credited_to_them(
+    emulator: Emulator, redis_url: str, start_worker: StartWorker, producer: MakeProducer
+) -> None:
+    dispatcher = producer(emulator)
+    first = start_worker(emulator, concurrency=1)
+    dispatcher.publish(upsert(email="a@example.com", external_id="u2"))
+    dispatcher.publish(upsert(email="c@example.com", external_id="u1"))
+    assert dispatcher.flush(timeout=15)
+    first.stop()
+    # User 2, at a@, is upserted by its address alone, then moves to b@; then user 1 moves
+    # from c@ to a@. Meisa's answer to the first must not count as user 1's state.
+    dispatcher.publish(upsert(email="a@example.com", first_name="Two"))
+    dispatcher.publish(upsert(email="b@example.com", external_id="u2"))
+    dispatcher.publish(upsert(email="a@example.com", external_id="u1"))
+    start_worker(emulator, concurrency=1)
+    assert dispatcher.flush(timeout=20)
+    assert failures(redis_url) == []
+    one, two = emulator.contact(external_id="u1"), emulator.contact(external_id="u2")
+    assert one is not None and two is not None
+    assert (two["email"], two["first_name"]) == ("b@example.com", "Two")
+    assert (one["email"], one["first_name"]) == ("a@example.com", None)

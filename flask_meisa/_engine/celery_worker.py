@@ -280,7 +280,8 @@ class DeliveryWorker:
         if decision.unknown_contact:
             self.store.forget([operation.payload, operation.contact])
         if settled.accepted is not None:
-            self.store.remember(settled.accepted, time.time())
+            # Under the record it was made for: its address may name another user by now.
+            self.store.remember(settled.accepted, time.time(), meta.get("contact"))
         if settled.step == "upsert_contact":
             return self._again(0.0, operation, {**meta, "recover": True})
         if settled.step == "event_again":

@@ -130,9 +130,10 @@ class RedisDeliveryStore:
         accepted_at = fields.pop("@at", None)
         return None if accepted_at is None else Known(fields, float(accepted_at))
 
-    def remember(self, payload: Mapping[str, Any], now: float) -> None:
-        """Meisa accepted ``payload``: fold its fields into what it has of the contact."""
-        contact = self.contact_of(payload)
+    def remember(self, payload: Mapping[str, Any], now: float, contact: str | None = None) -> None:
+        """Meisa accepted ``payload``, the upsert of ``contact``'s record (``None``: of the
+        contact it names now): fold its fields into what it has of the contact."""
+        contact = contact or self.contact_of(payload)
         if contact is None:
             return
         key = self._key("known", contact)

@@ -289,3 +289,29 @@ def test_an_upsert_by_an_address_accepted_after_another_user_took_it_is_not_cred
     assert one is not None and two is not None
     assert (two["email"], two["first_name"]) == ("b@example.com", "Two")
     assert (one["email"], one["first_name"]) == ("a@example.com", None)
+
+
+def test_events_by_each_name_follow_the_upserts_by_address_then_by_both(
+    emulator: Emulator, redis_url: str, start_worker: StartWorker, producer: MakeProducer
+) -> None:
+    # Every first call fails (503): each retry must keep the order the app made them in.
+    for field in ({"first_name": "Old"}, {"first_name": "New"}):
+        emulator.faults.fail_next(1, 503, path=UPSERT, match=field)
+    emulator.faults.fail_next(2, 503, path="/api/v1/events/track/")
+    dispatcher = producer(emulator)
+    ops = [
+        upsert(email="ada@example.com", first_name="Old", custom_fields={"a": 1}),
+        Operation("track", {"event_name": "by_address", "email": "ada@example.com"}),
+        upsert(email="ada@example.com", external_id="u1", first_name="New"),
+        Operation("track", {"event_name": "by_id", "external_id": "u1"}),
+    ]
+    for op in ops:
+        dispatcher.publish(op)
+    start_worker(emulator, concurrency=3)
+    assert dispatcher.flush(timeout=20)
+    assert failures(redis_url) == []
+    contact = emulator.contact(external_id="u1")
+    assert contact is not None
+    assert (contact["first_name"], contact["custom_fields"]) == ("New", {"a": 1})
+    assert sorted(e["event_name"] for e in emulator.events()) == ["by_address", "by_id"]
+    assert len(emulator.contacts()) == 1

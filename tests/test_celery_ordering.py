@@ -5,11 +5,13 @@ the workers run them in; Meisa ends with the last state of each user."""
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+import redis
 
 from flask_meisa._engine.celery import CeleryDispatcher
 from flask_meisa.emulator import Emulator
@@ -19,6 +21,7 @@ from tests.celery_support import outcomes
 from tests.celery_support import producer_fixture  # noqa: F401
 from tests.celery_support import redis_url_fixture  # noqa: F401
 from tests.celery_support import start_worker_fixture  # noqa: F401
+from tests.process_support import wait_until
 
 UPSERT = "/api/v1/contacts/upsert/"
 MakeProducer = Callable[..., CeleryDispatcher]
@@ -315,3 +318,43 @@ def test_events_by_each_name_follow_the_upserts_by_address_then_by_both(
     assert (contact["first_name"], contact["custom_fields"]) == ("New", {"a": 1})
     assert sorted(e["event_name"] for e in emulator.events()) == ["by_address", "by_id"]
     assert len(emulator.contacts()) == 1
+
+
+def test_a_worker_killed_mid_call_leaves_a_swap_of_addresses_in_order(
+    emulator: Emulator, redis_url: str, start_worker: StartWorker, producer: MakeProducer
+) -> None:
+    quick = {
+        "MEISA_TEST_CONFIG": json.dumps({"MEISA_TIMEOUT": 1.5, "MEISA_CONNECT_TIMEOUT": 0.5}),
+        "MEISA_TEST_VISIBILITY": "9",
+    }
+    dispatcher = producer(emulator)
+    doomed = start_worker(emulator, pool="prefork", concurrency=2, **quick)
+    dispatcher.publish(upsert(email="a@example.com", external_id="u1"))
+    dispatcher.publish(upsert(email="b@example.com", external_id="u2"))
+    assert dispatcher.flush(timeout=15)
+    emulator.faults.set(latency=1.2, paths=[UPSERT])
+    swap = [
+        upsert(email="spare@example.com", external_id="u1"),
+        upsert(email="a@example.com", external_id="u2"),
+        upsert(email="b@example.com", external_id="u1"),
+    ]
+    for op in swap:
+        dispatcher.publish(op)
+    contact = dispatcher.store.contact_of(swap[0].payload)
+    lease = f"meisa:meisa:lease:{{{contact}}}"
+    client = redis.Redis.from_url(redis_url)
+    try:  # user 1's first step is in flight: its worker dies, its lease stays
+        assert wait_until(lambda: bool(client.exists(lease)), timeout=15)
+    finally:
+        client.close()
+    doomed.kill()
+    emulator.faults.clear()
+    start_worker(emulator, concurrency=2, **quick)
+    assert dispatcher.flush(timeout=40)
+    assert failures(redis_url) == []
+    one, two = emulator.contact(external_id="u1"), emulator.contact(external_id="u2")
+    assert one is not None and two is not None
+    assert (one["email"], two["email"]) == ("b@example.com", "a@example.com")
+    assert [r.status for r in emulator.requests_to(UPSERT) if r.status == 409] == []
+    synced = [e["op"] for e in outcomes(redis_url) if e["signal"] == "contact_synced"]
+    assert sorted(set(synced[2:])) == sorted(op.id for op in swap)

@@ -25,6 +25,8 @@ from tests.process_support import wait_until
 
 UPSERT = "/api/v1/contacts/upsert/"
 MakeProducer = Callable[..., CeleryDispatcher]
+#: Users of the mixed stream.
+USERS = 6
 
 
 def upsert(**payload: Any) -> Operation:
@@ -214,22 +216,23 @@ def test_a_mixed_stream_of_syncs_and_events_ends_with_each_users_last_state(
     queued: bool,
 ) -> None:
     # Users change fields and addresses (taking ones others left), upserts name some by
-    # address alone, events follow their upserts; a quarter of the calls fail with a 5xx;
-    # two worker processes of three threads each deliver (started after everything was
-    # queued, or before).
+    # address alone, events follow their upserts (or come first, for a user Meisa has not
+    # got yet: their 404 upserts the user, unless a newer upsert goes instead); a quarter
+    # of the calls fail with a 5xx; two worker processes of three threads each deliver
+    # (started after everything was queued, or before).
     chooser = random.Random(7)
     dispatcher = producer(emulator)
     emulator.faults.set(error_rate=0.25, error_statuses=(500, 503))
     if not queued:
         for _ in range(2):
             start_worker(emulator, concurrency=3)
-    addresses = {n: f"u{n}-0@example.com" for n in range(4)}
-    expected: dict[int, dict[str, Any]] = {n: {} for n in range(4)}
+    addresses = {n: f"u{n}-0@example.com" for n in range(USERS)}
+    expected: dict[int, dict[str, Any]] = {n: {} for n in range(USERS)}
     events: list[str] = []
     left: list[str] = []  # addresses users moved away from, free to take
     named: set[str] = set()
-    for step in range(60):
-        n = chooser.randrange(4)
+    for step in range(100):
+        n = chooser.randrange(USERS)
         # Meisa matches by external_id first: a user moves once it has given Meisa one.
         moved = f"u{n}" in named and chooser.random() < 0.2
         if moved:
@@ -242,6 +245,11 @@ def test_a_mixed_stream_of_syncs_and_events_ends_with_each_users_last_state(
             del payload["external_id"]
         else:
             named.add(f"u{n}")
+        if not expected[n] and chooser.random() < 0.5:  # tracked before the first sync
+            early = {"email": addresses[n], "external_id": f"u{n}"}
+            body = {"event_name": f"x{step}", **early}
+            dispatcher.publish(Operation("track", body, {**early, "first_name": "Early"}))
+            events.append(f"x{step}")
         payload[chooser.choice(["first_name", "last_name"])] = f"v{step}"
         payload["custom_fields"] = {f"k{chooser.randrange(3)}": step}
         dispatcher.publish(upsert(**payload))
@@ -262,7 +270,7 @@ def test_a_mixed_stream_of_syncs_and_events_ends_with_each_users_last_state(
     assert dispatcher.flush(timeout=60)
     emulator.faults.clear()
     assert failures(redis_url) == []
-    assert len(emulator.contacts()) == 4
+    assert len(emulator.contacts()) == USERS
     for n, state in expected.items():
         found = emulator.contact(external_id=f"u{n}")
         assert found is not None

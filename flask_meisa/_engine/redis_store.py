@@ -281,7 +281,7 @@ class RedisDeliveryStore:
         """The version of ``contact``'s record: how many upserts of it were released."""
         if contact is None:
             return 0
-        return int(self._redis.hget(self._key("contact", contact), "version") or 0)
+        return int(self.redis.hget(self._key("contact", contact), "version") or 0)
 
     def hold(self, contact: str, seen: int, lease: float) -> Claim:
         """For the upsert of ``contact`` that an event answered 404 makes, as the event saw it
@@ -303,7 +303,7 @@ class RedisDeliveryStore:
             pipe.set(lease_key, token, px=max(int(lease * 1000), 1))
             return Claim("deliver", contact, token=token, version=current)
 
-        return self._redis.transaction(  # type: ignore[no-any-return]
+        return self.redis.transaction(  # type: ignore[no-any-return]
             decide, record, lease_key, value_from_callable=True
         )
 

@@ -1,0 +1,348 @@
+"""The Celery engine's contact records in Redis: each contact's upserts coalesced into one
+(or into parts that cannot be one), their leases, the names a contact is kept under, and
+what Meisa has of it (docs/celery.md)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import uuid
+from collections.abc import Iterable
+from collections.abc import Mapping
+from dataclasses import dataclass
+from dataclasses import field
+from typing import Any
+from typing import Literal
+from typing import cast
+
+from ..errors import ValidationError
+from ..operations import LANE_NAMES
+from ..operations import Operation
+from ..operations import Priority
+from ..operations import by_age
+from ..operations import encode_body
+from ..operations import identities
+from ..operations import join_upserts
+from ..operations import merge_priorities
+from ..operations import merge_upsert_payloads
+from .known import KEEP_FOR
+from .known import Known
+from .known import digest
+
+__all__ = ["Claim", "ContactRecords", "as_text"]
+
+#: How long a contact's record outlives its last upsert, in seconds.
+RECORD_TTL = 7 * 86400
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What :meth:`RedisDeliveryStore.claim` found for an upsert task: ``"deliver"``
+    (``payload`` at ``version`` for the operations ``members``, under the lease ``token``),
+    ``"covered"``, ``"busy"`` (look again in ``wait``) or ``"missing"`` (no record)."""
+
+    state: Literal["deliver", "covered", "busy", "missing"]
+    contact: str = ""
+    payload: dict[str, Any] = field(default_factory=dict)
+    version: int = 0
+    members: tuple[str, ...] = ()
+    token: str = ""
+    wait: float = 0.0
+    force: bool = False
+    #: ``(contact, version)`` of other contacts' upserts to deliver first (see
+    #: :meth:`RedisDeliveryStore.coalesce`).
+    after: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass
+class _Segment:
+    """A part of a contact's record: upserts joined into one ``payload`` (see
+    :meth:`RedisDeliveryStore.coalesce`), up to ``version``."""
+
+    payload: dict[str, Any]
+    members: list[str]
+    version: int
+    force: bool
+    priority: str | None
+    after: list[list[Any]]
+
+
+def _digest(name: str) -> str:
+    return hashlib.sha256(name.encode("utf-8")).hexdigest()[:32]
+
+
+def as_text(value: bytes | str | None) -> str:
+    """A Redis reply (bytes, or text with ``decode_responses``) as text."""
+    return value.decode("utf-8") if isinstance(value, bytes) else value or ""
+
+
+class ContactRecords:
+    """The records under ``meisa:<namespace>:`` (one namespace per queue prefix); a contact is
+    kept under the digest of its external_id, or of its email while it has none."""
+
+    def __init__(self, redis: Any, namespace: str) -> None:
+        #: The Redis client, and the queue prefix these records belong to.
+        self.redis, self.namespace = redis, namespace
+        #: The start of every key of these records.
+        self.prefix = prefix = f"meisa:{namespace}"
+        # The operations pending per lane (an upsert is when its record takes it in).
+        self._pending = {lane: f"{prefix}:pending:{n}" for lane, n in LANE_NAMES.items()}
+
+    def _key(self, kind: str, contact: str) -> str:
+        return f"{self.prefix}:{kind}:{{{contact}}}"  # braces: one Redis Cluster slot
+
+    def contacts(self, payload: Mapping[str, Any]) -> list[str]:
+        """The ids the contact ``payload`` names may be kept under, the one its upserts use
+        first: its external_id's, the one its email points to, its email's."""
+        ext, email = identities(payload)
+        found = [] if ext is None else [_digest(ext)]
+        if email is not None:
+            found += [as_text(self.redis.get(self._key("alias", _digest(email)))), _digest(email)]
+        return [contact for contact in dict.fromkeys(found) if contact]
+
+    def contact_of(self, payload: Mapping[str, Any]) -> str | None:
+        """The id an upsert of ``payload`` is kept under (see :meth:`contacts`)."""
+        ext, _ = identities(payload)
+        return _digest(ext) if ext is not None else next(iter(self.contacts(payload)), None)
+
+    def _link(self, pipe: Any, payload: Mapping[str, Any], *, unless_linked: bool = False) -> None:
+        ext, email = identities(payload)
+        if ext is not None and email is not None:
+            key = self._key("alias", _digest(email))
+            pipe.set(key, _digest(ext), ex=int(KEEP_FOR), nx=unless_linked)
+
+    def known(self, contact: str | None) -> Known | None:
+        """What Meisa last accepted of ``contact`` (see :class:`.store.Known`), or ``None``."""
+        if contact is None:
+            return None
+        raw = self.redis.hgetall(self._key("known", contact))
+        fields = {as_text(name): as_text(value) for name, value in raw.items()}
+        accepted_at = fields.pop("@at", None)
+        return None if accepted_at is None else Known(fields, float(accepted_at))
+
+    def remember(self, payload: Mapping[str, Any], now: float, contact: str | None = None) -> None:
+        """Meisa accepted ``payload``, the upsert of ``contact``'s record (``None``: of the
+        contact it names now): fold its fields into what it has of the contact."""
+        contact = contact or self.contact_of(payload)
+        if contact is None:
+            return
+        key = self._key("known", contact)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(key, mapping={**digest(payload), "@at": repr(now)})
+        pipe.expire(key, int(KEEP_FOR))
+        # An address links to the contact that was last released with it (coalesce): an
+        # answer to an older upsert must not link it back to a user who has left it since.
+        self._link(pipe, payload, unless_linked=True)
+        pipe.execute()
+
+    def forget(self, payloads: Iterable[Mapping[str, Any] | None]) -> None:
+        """Meisa does not know the contact (a 404): forget what it had, under every name."""
+        keys = {self._key("known", c) for p in payloads if p for c in self.contacts(p)}
+        if keys:
+            self.redis.delete(*keys)
+
+    def coalesce(
+        self,
+        operation: Operation,
+        contact: str,
+        lane: int,
+        after: Iterable[tuple[str, int]] = (),
+    ) -> int:
+        """Merge an upsert into its contact's record, pending in ``lane``; its new version.
+        It joins the upserts waiting there as :func:`~flask_meisa.operations.join_upserts`
+        decides (a backfill's as the older: see :func:`~flask_meisa.operations.by_age`);
+        when they cannot be one (another address, a body too large), they are closed, to
+        be delivered before it. ``after``: ``(contact, version)`` of other contacts'
+        upserts that its names pointed to, pending when it was made: delivered first."""
+        record = self._key("contact", contact)
+
+        def update(pipe: Any) -> int:
+            names = ("version", "payload", "members", "force", "priority", "after", "closed")
+            version, payload, members, force, priority, earlier, closed = pipe.hmget(
+                record, *names
+            )
+            segments = json.loads(closed or "[]")
+            merged, ahead, joined_members = operation.payload, operation.priority, []
+            forced, waits = operation.force, {}
+            if payload is not None:
+                first = cast("Priority | None", as_text(priority) or None)
+                older = by_age(json.loads(payload), first, operation.payload, ahead)
+                joined = join_upserts(*older)
+                if joined is None and older[0] is operation.payload:
+                    # A backfill's snapshot older than the live sync waiting here, of the
+                    # contact's former address: it never goes after it, the live names win.
+                    with contextlib.suppress(ValidationError):
+                        both = merge_upsert_payloads(*older)
+                        joined = both, encode_body(both)
+                segment = _Segment(
+                    json.loads(payload),
+                    json.loads(members or "[]"),
+                    int(version or 0),
+                    bool(int(force or 0)),
+                    first,
+                    json.loads(earlier or "[]"),
+                )
+                if joined is None:
+                    segments.append(segment.__dict__)
+                else:
+                    merged, ahead = joined[0], merge_priorities(first, ahead)
+                    joined_members, forced = segment.members, forced or segment.force
+                    waits = dict(segment.after)
+            for other, upto in after:
+                waits[other] = max(int(waits.get(other, 0)), int(upto))
+            version = int(version or 0) + 1
+            pipe.multi()
+            pipe.hset(
+                record,
+                mapping={
+                    "version": version,
+                    "payload": json.dumps(merged, separators=(",", ":")),
+                    "members": json.dumps([*joined_members, operation.id]),
+                    "force": int(forced),
+                    "priority": ahead or "",
+                    "after": json.dumps(sorted(waits.items())),
+                    "closed": json.dumps(segments, separators=(",", ":")),
+                },
+            )
+            pipe.expire(record, RECORD_TTL)
+            self._link(pipe, operation.payload)
+            pipe.zadd(self._pending[lane], {operation.id: operation.created_at})
+            return version
+
+        return int(self.redis.transaction(update, record, value_from_callable=True))
+
+    def claim(self, contact: str, version: int, lease: float) -> Claim:
+        """Decide what the upsert task of ``version`` does (see :class:`Claim`): the
+        record's first part not delivered (a closed one, of an earlier version, first)."""
+        record, lease_key = self._key("contact", contact), self._key("lease", contact)
+        token = uuid.uuid4().hex
+
+        def decide(pipe: Any) -> Claim:
+            fields = ("version", "delivered", "payload", "members", "force", "after", "closed")
+            current, delivered, payload, members, force, after, closed = pipe.hmget(
+                record, *fields
+            )
+            if current is None:
+                return Claim("missing")
+            if int(delivered or 0) >= version or payload is None:
+                return Claim("covered")
+            held = pipe.pttl(lease_key)
+            if held is not None and int(held) > 0:
+                return Claim("busy", wait=min(int(held) / 1000.0, 0.25))
+            segments = json.loads(closed or "[]")
+            first = (
+                _Segment(**segments[0])
+                if segments
+                else _Segment(
+                    json.loads(payload),
+                    json.loads(members or "[]"),
+                    int(current),
+                    bool(int(force or 0)),
+                    None,
+                    json.loads(after or "[]"),
+                )
+            )
+            pipe.multi()
+            pipe.set(lease_key, token, px=max(int(lease * 1000), 1))
+            return Claim(
+                "deliver",
+                contact,
+                first.payload,
+                first.version,
+                tuple(first.members),
+                token,
+                force=first.force,
+                after=tuple((str(c), int(v)) for c, v in first.after),
+            )
+
+        return self.redis.transaction(  # type: ignore[no-any-return]
+            decide, record, lease_key, value_from_callable=True
+        )
+
+    def version(self, contact: str | None) -> int:
+        """The version of ``contact``'s record: how many upserts of it were released."""
+        if contact is None:
+            return 0
+        return int(self.redis.hget(self._key("contact", contact), "version") or 0)
+
+    def hold(self, contact: str, seen: int, lease: float) -> Claim:
+        """For the upsert of ``contact`` that an event answered 404 makes, as the event saw it
+        when its record was at version ``seen``: ``"covered"`` (a later upsert of it was
+        released since, of the record's ``version``: that one goes instead), ``"busy"``, or
+        ``"deliver"`` with the contact's lease (no upsert of it runs meanwhile; release it
+        with :meth:`settle` and ``delivered=False``)."""
+        record, lease_key = self._key("contact", contact), self._key("lease", contact)
+        token = uuid.uuid4().hex
+
+        def decide(pipe: Any) -> Claim:
+            current = int(pipe.hget(record, "version") or 0)
+            if current > seen:
+                return Claim("covered", contact, version=current)
+            held = pipe.pttl(lease_key)
+            if held is not None and int(held) > 0:
+                return Claim("busy", wait=min(int(held) / 1000.0, 0.25))
+            pipe.multi()
+            pipe.set(lease_key, token, px=max(int(lease * 1000), 1))
+            return Claim("deliver", contact, token=token, version=current)
+
+        return self.redis.transaction(  # type: ignore[no-any-return]
+            decide, record, lease_key, value_from_callable=True
+        )
+
+    def settle(self, claim: Claim, *, delivered: bool = True) -> None:
+        """Release the claim's lease; ``delivered``: its call is over for good, so mark its
+        version delivered (its operations stay pending until :meth:`finish`)."""
+        record, lease_key = self._key("contact", claim.contact), self._key("lease", claim.contact)
+
+        def update(pipe: Any) -> None:
+            current, done, members, closed = pipe.hmget(
+                record, "version", "delivered", "members", "closed"
+            )
+            holder = as_text(pipe.get(lease_key))
+            pipe.multi()
+            if delivered and current is not None:
+                # The claimed part is the first one: closed since if upserts came that
+                # could not join it, and grown if some joined it.
+                claimed = set(claim.members)
+                segments = json.loads(closed or "[]")
+                done = max(int(done or 0), claim.version)
+                if segments:
+                    if int(segments[0]["version"]) <= claim.version:
+                        segments.pop(0)
+                    else:
+                        rest = [m for m in segments[0]["members"] if m not in claimed]
+                        segments[0]["members"] = rest
+                    closing = {"closed": json.dumps(segments, separators=(",", ":"))}
+                    pipe.hset(record, mapping={"delivered": done, **closing})
+                else:
+                    rest = [m for m in json.loads(members or "[]") if m not in claimed]
+                    pipe.hset(record, mapping={"delivered": done, "members": json.dumps(rest)})
+                    if int(current) == claim.version:
+                        pipe.hdel(record, "payload", "force", "priority", "after")
+            if holder == claim.token:
+                pipe.delete(lease_key)
+
+        self.redis.transaction(update, record, lease_key)
+
+    def pending_version(
+        self, contacts: Iterable[str], *, upto: int | None = None
+    ) -> tuple[str, int] | None:
+        """The first of ``contacts`` with an upsert not delivered (of version ``upto`` or
+        earlier, when given), and its record's version."""
+        contacts = list(dict.fromkeys(contacts))
+        pipe = self.redis.pipeline(transaction=False)
+        for contact in contacts:
+            pipe.hmget(self._key("contact", contact), "version", "delivered")
+        for contact, (version, delivered) in zip(contacts, pipe.execute(), strict=True):
+            wanted = int(version or 0) if upto is None else upto
+            if version is not None and wanted > int(delivered or 0):
+                return contact, int(version)
+        return None
+
+    def pending_others(self, payload: Mapping[str, Any], contact: str) -> list[tuple[str, int]]:
+        """The contacts other than ``contact`` that the upsert ``payload``'s names are kept
+        under (an address first upserted alone, or held by another external_id), with an
+        upsert not delivered: ``(contact, version)``, which it must not overtake."""
+        others = (other for other in self.contacts(payload) if other != contact)
+        return [found for other in others if (found := self.pending_version([other]))]

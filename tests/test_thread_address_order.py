@@ -78,3 +78,15 @@ def test_an_address_handed_over_while_its_old_user_had_it_pending_waits_for_the_
     assert (one["email"], two["email"]) == ("b@example.com", "a@example.com")
     assert one["created_at"] < two["created_at"]  # not user 1's contact given to user 2
     assert len(emulator.contacts()) == 2
+
+
+def test_an_event_by_address_is_not_overtaken_by_its_users_later_move(
+    make_engine: MakeEngine, emulator: Emulator
+) -> None:
+    deliver(make_engine, emulator, [upsert(email="a@example.com", external_id="u1")])
+    emulator.faults.fail_next(1, 503, path="/events/track/")
+    event = Operation("track", {"event_name": "opened_report", "email": "a@example.com"})
+    deliver(make_engine, emulator, [event, upsert(email="b@example.com", external_id="u1")])
+    assert [e["event_name"] for e in emulator.events()] == ["opened_report"]
+    one = emulator.contact(external_id="u1")
+    assert one is not None and one["email"] == "b@example.com"

@@ -219,8 +219,10 @@ def tidy(db: sqlite3.Connection, now: float, routine_max_age: float, known_for: 
 
 def next_ready(db: sqlite3.Connection, now: float) -> Row | None:
     """The row to call next: ready, first in its contact, lowest lane, oldest. First in its
-    contact: after the earlier live rows of its names, and of the user Meisa has at its
-    address (who may be leaving it: Meisa would give that user's contact to this one)."""
+    contact: after the earlier live rows of its names, of the user Meisa has at its address
+    (who may be leaving it: Meisa would give that user's contact to this one), and of the
+    addresses Meisa has for its user (who may be leaving them: an event by that address
+    would find no contact)."""
     values = db.execute(
         f"SELECT {OP_COLUMNS} FROM meisa_ops r WHERE r.state = 'pending' AND r.ready_at <= ? "
         "AND NOT EXISTS (SELECT 1 FROM meisa_ops p WHERE p.ext = r.ext AND p.seq < r.seq "
@@ -229,6 +231,9 @@ def next_ready(db: sqlite3.Connection, now: float) -> Row | None:
         "AND p.state != 'dead') "
         "AND NOT EXISTS (SELECT 1 FROM meisa_addresses a JOIN meisa_ops p ON p.ext = a.ext "
         "WHERE a.email = r.email AND a.ext IS NOT r.ext AND p.seq < r.seq "
+        "AND p.state != 'dead') "
+        "AND NOT EXISTS (SELECT 1 FROM meisa_addresses a JOIN meisa_ops p ON p.email = a.email "
+        "WHERE a.ext = r.ext AND a.email IS NOT r.email AND p.seq < r.seq "
         "AND p.state != 'dead') ORDER BY r.lane, r.seq LIMIT 1",
         (now,),
     ).fetchone()

@@ -97,6 +97,7 @@ CREATE TABLE IF NOT EXISTS meisa_addresses (
     ext TEXT NOT NULL,
     at REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS meisa_addresses_ext ON meisa_addresses (ext);
 CREATE TABLE IF NOT EXISTS meisa_answers (lane INTEGER NOT NULL, at REAL NOT NULL, waited REAL);
 CREATE INDEX IF NOT EXISTS meisa_answers_at ON meisa_answers (at);
 CREATE TABLE IF NOT EXISTS meisa_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);

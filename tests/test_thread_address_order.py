@@ -1,7 +1,8 @@
 """The thread engine on addresses handed from one user to another: an upsert taking an
 address waits for the earlier work of the user Meisa has at that address (who may be
 leaving it), so Meisa never gives that user's contact to the new one, and a swap through a
-spare address meets no conflict."""
+spare address meets no conflict; and a user's move waits for the earlier work of the
+address Meisa has for them (an event tracked by that address alone)."""
 
 from __future__ import annotations
 

@@ -6,8 +6,11 @@ address Meisa has for them (an event tracked by that address alone)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from flask_meisa._engine import pending
+from flask_meisa._engine.store import Store
 from flask_meisa.emulator import Emulator
 from flask_meisa.operations import Operation
 from tests.engine_support import MakeEngine
@@ -89,5 +92,30 @@ def test_an_event_by_address_is_not_overtaken_by_its_users_later_move(
     event = Operation("track", {"event_name": "opened_report", "email": "a@example.com"})
     deliver(make_engine, emulator, [event, upsert(email="b@example.com", external_id="u1")])
     assert [e["event_name"] for e in emulator.events()] == ["opened_report"]
+    one = emulator.contact(external_id="u1")
+    assert one is not None and one["email"] == "b@example.com"
+
+
+def test_an_address_taken_by_a_signup_does_not_wait_behind_a_backfill(
+    make_engine: MakeEngine, emulator: Emulator, path: Path
+) -> None:
+    # A backfill stored x1, x2 and user 1 (who moved from a@ to b@) when user 2 signs up
+    # at a@: user 2's signup waits for user 1's backfill row, which goes no later than it
+    # (as a contact's own earlier rows do), not behind the rest of the backfill.
+    deliver(make_engine, emulator, [upsert(email="a@example.com", external_id="u1")])
+    moves = [("x1@example.com", "x1"), ("x2@example.com", "x2"), ("b@example.com", "u1")]
+    backfill = [
+        Operation("upsert", {"email": email, "external_id": ext}, priority="backfill")
+        for email, ext in moves
+    ]
+    signup = upsert(email="a@example.com", external_id="u2", source="signup")
+    store = Store(path)
+    with store.write() as db:
+        for op in [*backfill, signup]:
+            pending.add(db, op, op.lane)
+    assert make_engine(emulator, RecordingHooks(), store=store).flush(timeout=20)
+    order = [r.body["external_id"] for r in emulator.requests_to(UPSERT)][1:]
+    assert order[:2] == ["u1", "u2"]
+    assert sorted(order[2:]) == ["x1", "x2"]
     one = emulator.contact(external_id="u1")
     assert one is not None and one["email"] == "b@example.com"

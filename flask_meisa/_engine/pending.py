@@ -142,6 +142,13 @@ def add(db: sqlite3.Connection, operation: Operation, lane: int | Callable[[], i
             f"AND lane > ? AND {_LIVE}",
             (lane, ext, email, seq, lane),
         )
+    # Nor those of the user Meisa has at its address, which it waits for (next_ready).
+    if lane < LANE_BACKFILL and email is not None:
+        db.execute(
+            "UPDATE meisa_ops SET lane = ? WHERE ext = (SELECT ext FROM meisa_addresses "
+            f"WHERE email = ?) AND ext IS NOT ? AND seq < ? AND lane > ? AND {_LIVE}",
+            (lane, email, ext, seq, lane),
+        )
     return Added(seq, joined is not None, lane)
 
 

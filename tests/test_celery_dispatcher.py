@@ -580,3 +580,27 @@ def test_a_redis_that_lost_its_data_has_what_was_pending_reported(
     dispatcher.publish(upsert(9))  # and the engine carries on
     assert dispatcher.store.pending() == 1
     assert len(hooks.of("dropped")) == 2
+
+
+def test_dead_letters_an_unreachable_broker_does_not_take_stay_dead_letters(
+    redis_url: str, client: Any, hooks: RecordingHooks
+) -> None:
+    # The records in Redis, the broker elsewhere and down: a retry queues nothing, and
+    # loses no dead letter (an upsert or event publish() drops, unlike a send it refuses).
+    celery_app = make_celery("redis://127.0.0.1:9/0")  # a broker nothing listens on
+    celery_app.conf.broker_connection_max_retries = 0
+    celery_app.conf.task_publish_retry = False
+    dispatcher = CeleryDispatcher(celery_app, redis=redis.Redis.from_url(redis_url), hooks=hooks)
+    try:
+        letters = dispatcher.dead_letters
+        track = Operation("track", {"event_name": "signed_up", "external_id": "7"})
+        letters.bury([upsert(), track], DeliveryError("the retry deadline passed"))
+        before = letters.find()
+        assert len(before) == 2
+        with pytest.raises(DeliveryError):
+            letters.retry(None, force=True)
+        assert letters.find() == before
+        assert hooks.of("dropped") == []
+    finally:
+        dispatcher.close()
+        celery_app.close()

@@ -76,7 +76,7 @@ class CeleryDispatcher:
         self.queues = lane_queues(queue)
         self.store = RedisDeliveryStore(redis, queue)
         #: What Meisa refused, or whose retries ran out (``flask meisa dead-letters``).
-        self.dead_letters = RedisDeadLetters(self.store, self.submit)
+        self.dead_letters = RedisDeadLetters(self.store, self._publish_again)
         #: The key's shared budget (``None`` without a key).
         self.budget = RedisBudget(redis, rate_limit, budget_key) if budget_key else None
         self._priority_fields = tuple(priority_fields)
@@ -129,13 +129,21 @@ class CeleryDispatcher:
         for operation in operations:
             self.publish(operation)
 
-    def publish(self, operation: Operation) -> None:
-        """Publish ``operation``; what cannot be published is dropped (a send raises)."""
+    def _publish_again(self, operations: list[Operation]) -> None:
+        """Publish dead letters again: what cannot be published raises, whatever its kind
+        (it stays a dead letter), and is not reported dropped."""
+        for operation in operations:
+            self.publish(operation, refused=True)
+
+    def publish(self, operation: Operation, *, refused: bool = False) -> None:
+        """Publish ``operation``; what cannot be published is dropped (a send, or anything
+        when ``refused``, raises :class:`DeliveryError` instead)."""
         if self._closed:
-            self._drop(operation, "closed")
+            self._drop(operation, "closed", refused=refused)
             return
         if time.monotonic() < self._stalled_until:  # nothing of it reached Redis
-            self._drop(operation, "broker_unavailable", "TimeoutError", record=False)
+            cause = "TimeoutError"
+            self._drop(operation, "broker_unavailable", cause, record=False, refused=refused)
             return
         try:
             self._look()
@@ -145,7 +153,7 @@ class CeleryDispatcher:
             if isinstance(error, redis.exceptions.TimeoutError):
                 self._stalled_until = time.monotonic() + UNREACHABLE_FOR
             # The text of a broker error can hold its URL: only its class is told.
-            self._drop(operation, "broker_unavailable", type(error).__name__)
+            self._drop(operation, "broker_unavailable", type(error).__name__, refused=refused)
             return
         with self._lock:
             self._ledger[operation.id] = operation
@@ -163,14 +171,19 @@ class CeleryDispatcher:
         )
 
     def _drop(
-        self, operation: Operation, reason: str, cause: str | None = None, *, record: bool = True
+        self,
+        operation: Operation,
+        reason: str,
+        cause: str | None = None,
+        *,
+        record: bool = True,
+        refused: bool = False,
     ) -> None:
+        refused = refused or operation.kind == "send"
         if record:
             with contextlib.suppress(Exception):  # Redis may be out of reach too
-                self.store.finish(
-                    [operation.id], None if operation.kind == "send" else "dropped", 1
-                )
-        if operation.kind == "send":
+                self.store.finish([operation.id], None if refused else "dropped", 1)
+        if refused:
             where = f"publishing failed ({cause})" if cause else "the delivery engine is closed"
             raise DeliveryError(f"{where}; {operation.describe()} was not sent") from None
         detail = f"{reason}: {cause}" if cause else reason

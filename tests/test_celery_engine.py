@@ -279,3 +279,39 @@ def test_upserts_queued_behind_a_stopped_worker_make_one_call(
     assert contact["custom_fields"]["plan"] == "pro"
     synced = signals(redis_url, "contact_synced")
     assert sorted(entry["op"] for entry in synced) == sorted(op.id for op in ops)
+
+
+def test_a_dead_upsert_retried_puts_no_older_value_over_a_newer_one_still_pending(
+    emulator: Emulator, redis_url: str, start_worker: StartWorker
+) -> None:
+    # Queued as new, the dead upsert would go after the contact's newer upsert that waits
+    # (a requeued row of the thread engine keeps its place): kept, as when that one went.
+    app = Flask(__name__)
+    app.config.update(
+        MEISA_API_KEY=emulator.live_key, MEISA_BASE_URL=emulator.url, MEISA_DELIVERY="celery"
+    )
+    app.extensions["celery"] = make_celery(redis_url)
+    meisa = Meisa(app)
+    cli = app.test_cli_runner()
+    contact = {"email": "ada@example.com", "external_id": 7}
+    try:
+        worker = start_worker(emulator)
+        emulator.faults.fail_next(1, 400, path=UPSERT)  # refused once
+        with app.app_context():
+            meisa.upsert({**contact, "custom_fields": {"plan": "pro"}})
+            assert meisa.flush(timeout=15)
+            assert meisa.status().dead_letters == 1
+            worker.stop()  # the newer upsert waits for a worker
+            meisa.upsert({**contact, "custom_fields": {"plan": "team"}})
+        retried = cli.invoke(args=["meisa", "dead-letters", "retry", "--all", "--timeout", "0"])
+        assert retried.output.splitlines()[1:] == ["0 operation(s) queued again"]
+        assert retried.output.startswith("1 upsert(s) kept ("), retried.output
+        start_worker(emulator)
+        with app.app_context():
+            assert meisa.flush(timeout=15)
+            assert meisa.status().dead_letters == 1
+        found = emulator.contact(external_id="7")
+        assert found is not None and found["custom_fields"] == {"plan": "team"}
+    finally:
+        meisa.state(app).close(timeout=0)
+        app.extensions["celery"].close()

@@ -23,6 +23,9 @@ MOST_KEPT = 10_000
 
 logger = logging.getLogger("flask_meisa.engine")
 
+#: A contact's names, which every upsert of it sets.
+NAMES = frozenset({"email", "external_id"})
+
 
 class RedisDeadLetters:
     """Dead letters of ``store``, under ``<prefix>:dead`` by operation id (a task run again
@@ -111,8 +114,13 @@ class RedisDeadLetters:
         payload = letter.operation.payload
         if letter.operation.kind != "upsert":
             return False
-        known = self._store.known(self._store.contact_of(payload))
-        return known is not None and bool(known.set_after(letter.failed_at) & set(digest(payload)))
+        contact, fields = self._store.contact_of(payload), set(digest(payload))
+        known = self._store.known(contact)
+        if known is not None and known.set_after(letter.failed_at) & fields:
+            return True
+        # A newer upsert still waiting sets one: queued as new, this one would go after it.
+        waiting = self._store.waiting(contact)
+        return waiting is not None and bool(fields & set(digest(waiting)) - NAMES)
 
 
 def _letter(raw: bytes | str) -> DeadLetter:

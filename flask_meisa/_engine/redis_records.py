@@ -340,6 +340,16 @@ class ContactRecords:
                 return contact, int(version)
         return None
 
+    def waiting(self, contact: str | None) -> dict[str, Any] | None:
+        """The payload of ``contact``'s record while an upsert of it is not delivered."""
+        if contact is None:
+            return None
+        fields = self.redis.hmget(self._key("contact", contact), "version", "delivered", "payload")
+        version, delivered, payload = fields
+        if version is None or payload is None or int(version) <= int(delivered or 0):
+            return None
+        return cast("dict[str, Any]", json.loads(payload))
+
     def pending_others(self, payload: Mapping[str, Any], contact: str) -> list[tuple[str, int]]:
         """The contacts other than ``contact`` that the upsert ``payload``'s names are kept
         under (an address first upserted alone, or held by another external_id), with an

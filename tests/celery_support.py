@@ -164,6 +164,15 @@ def _build_worker_app() -> Celery:
         receivers.append(hang)
         email_sent.connect(hang, sender=flask_app)
 
+    if env.get("MEISA_TEST_HANG_AFTER_FAILURE"):
+
+        def hang_failed(sender: Flask, **extra: Any) -> None:
+            recorder.rpush(HUNG, "1")
+            threading.Event().wait()  # until the test kills this process
+
+        receivers.append(hang_failed)
+        delivery_failed.connect(hang_failed, sender=flask_app)
+
     unpublished = [None] * int(env.get("MEISA_TEST_UNPUBLISHED_RETRIES") or 0)
     if unpublished:
         # The broker refuses this worker's first retries, as one that is restarting does.

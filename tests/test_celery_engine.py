@@ -315,3 +315,39 @@ def test_a_dead_upsert_retried_puts_no_older_value_over_a_newer_one_still_pendin
     finally:
         meisa.state(app).close(timeout=0)
         app.extensions["celery"].close()
+
+
+def test_an_event_of_a_worker_killed_in_its_failure_hook_is_no_dead_letter_once_delivered(
+    emulator: Emulator,
+    redis_url: str,
+    start_worker: StartWorker,
+    producer: Callable[..., CeleryDispatcher],
+) -> None:
+    # Meisa is down past the retry deadline: the event fails, and the worker is killed in
+    # its delivery_failed hook (a deploy). Meisa is back when the task runs again: the
+    # event is tracked, and no dead letter would track it a second time.
+    config = {"MEISA_TIMEOUT": 1.5, "MEISA_CONNECT_TIMEOUT": 0.5, "MEISA_RETRY_DEADLINE": 1.0}
+    doomed = start_worker(
+        emulator,
+        pool="prefork",
+        concurrency=1,
+        MEISA_TEST_HANG_AFTER_FAILURE="1",
+        MEISA_TEST_CONFIG=json.dumps(config),
+        MEISA_TEST_VISIBILITY=str(QUICK_VISIBILITY),
+    )
+    dispatcher = producer(emulator)
+    dispatcher.publish(upsert(7))
+    assert dispatcher.flush(timeout=15)
+    emulator.faults.fail_next(10_000, 503, path=TRACK)
+    dispatcher.publish(Operation("track", {"event_name": "signed_up", "external_id": "u7"}))
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert client.blpop([HUNG], timeout=30) is not None
+    finally:
+        client.close()
+    emulator.faults.clear()
+    doomed.kill()
+    start_worker(emulator, **QUICK)
+    assert dispatcher.flush(timeout=30)
+    assert [e["event_name"] for e in emulator.events()] == ["signed_up"]
+    assert dispatcher.status().dead_letters == 0

@@ -324,10 +324,16 @@ class DeliveryWorker:
         # last (a worker killed in a hook leaves its task to run again: its version is done).
         if claim is not None:
             self.store.settle(claim)
-        if outcome == "failed":
+        # Kept as dead letters: those of a claim now (their task run again finds its version
+        # done); any other after the hooks (run again, it calls Meisa again: an event that
+        # Meisa tracks then is no dead letter, retried to be tracked twice).
+        failed = outcome == "failed"
+        if failed and claim is not None:
             self._dead.bury(members, detail)
         for member in members:
             self._hooks.call("delivered" if outcome == "unchanged" else outcome, member, detail)
+        if failed and claim is None:
+            self._dead.bury(members, detail)
         self.store.finish([member.id for member in members], outcome, len(members), answer=answer)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
+import numbers
 import os
 import threading
 import time
@@ -112,7 +112,7 @@ class Meisa:
 
     def state(self, app: Flask | None = None) -> MeisaState:
         """The runtime state (client, suppression set, engine) of ``app`` or the current app."""
-        if app is None:
+        if app is None or app is current_app:  # current_app: the app of this context
             if not has_app_context():
                 raise RuntimeError(
                     "Meisa needs an application context: call it in a request, a CLI"
@@ -409,9 +409,10 @@ def _wait_limit(timeout: object) -> float | None:
     or ``None``; refused when it is not a number, since a wait until nan never ends."""
     if timeout is None:
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or math.isnan(timeout):
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or timeout != timeout:
         raise ValidationError("timeout", "must be a number of seconds, or None")
-    return min(max(float(timeout), 0.0), threading.TIMEOUT_MAX)
+    seconds = cast(float, timeout)
+    return float(min(max(seconds, 0), threading.TIMEOUT_MAX))  # no float overflow
 
 
 def upsert_payload(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -468,6 +469,26 @@ def test_the_app_may_be_given_as_current_app_but_must_be_an_app() -> None:
         with pytest.raises(ValidationError, match=r"^app: must be a Flask app, not str$"):
             meisa.state("app")  # type: ignore[arg-type]
         assert meisa.close(current_app, timeout=0) == 0
+
+
+def test_current_app_given_outside_an_app_context_asks_for_one() -> None:
+    # Not "must be a Flask app, not LocalProxy": current_app is one, once in a context.
+    meisa = Meisa(make_app())
+    with pytest.raises(RuntimeError, match="needs an application context"):
+        meisa.state(current_app)
+    with pytest.raises(RuntimeError, match="needs an application context"):
+        meisa.close(current_app, timeout=0)
+
+
+def test_a_wait_of_any_real_number_of_seconds_is_taken() -> None:
+    # As before the check: an exact fraction, or a whole number past what a float holds
+    # (no limit, as infinity), and not an OverflowError.
+    app = make_app(MEISA_ENABLED=False)
+    meisa = Meisa(app)
+    with app.app_context():
+        assert meisa.flush(Fraction(1, 10))  # type: ignore[arg-type]
+        assert meisa.flush(10**400)
+    assert meisa.close(app, 10**400) == 0
 
 
 def test_what_is_called_later_must_be_a_function_when_registered() -> None:

@@ -604,3 +604,43 @@ def test_dead_letters_an_unreachable_broker_does_not_take_stay_dead_letters(
     finally:
         dispatcher.close()
         celery_app.close()
+
+
+def test_dead_letters_are_taken_one_at_a_time_as_they_are_queued_again(
+    redis_url: str, hooks: RecordingHooks
+) -> None:
+    # A broker that stalls (the retry is then killed, or times out): only the letter being
+    # queued is out of Redis, not all of them, taken before the first was queued.
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # listens, never answers
+        silent.settimeout(30.0)
+        celery_app = make_celery(f"redis://127.0.0.1:{silent.getsockname()[1]}/0")
+        celery_app.conf.broker_connection_max_retries = 0
+        celery_app.conf.task_publish_retry = False
+        dispatcher = CeleryDispatcher(
+            celery_app, redis=redis.Redis.from_url(redis_url), hooks=hooks
+        )
+        letters = dispatcher.dead_letters
+        letters.bury([upsert(n) for n in range(3)], DeliveryError("the retry deadline passed"))
+        errors: list[BaseException] = []
+
+        def retry() -> None:
+            try:
+                letters.retry(None, force=True)
+            except BaseException as error:
+                errors.append(error)
+
+        thread = threading.Thread(target=retry, daemon=True)
+        try:
+            thread.start()
+            connection, _ = silent.accept()  # the first letter is being queued
+            try:
+                assert len(letters.find()) == 2
+            finally:
+                connection.close()  # what waits on it gets a reset
+        finally:
+            silent.close()
+            thread.join(30.0)
+            dispatcher.close()
+            celery_app.close()
+    assert [type(error) for error in errors] == [DeliveryError]
+    assert len(letters.find()) == 3

@@ -72,27 +72,30 @@ class RedisDeadLetters:
         of theirs was set again after they failed (unless ``force``)."""
         letters = self.find(seqs)
         kept = [] if force else [letter.seq for letter in letters if self._outdated(letter)]
-        # One taker per letter: another retry or purge running now gets the others.
-        taken = [letter for letter in letters if letter.seq not in kept and self._take(letter)]
         # Upserts first, so that an event goes behind its contact's (a dead upsert a record
-        # coalesced is dated when it failed); then in the order they were released. As new
-        # operations: the records of the failed ones (by id) are finished.
-        taken.sort(
-            key=lambda letter: (letter.operation.kind != "upsert", letter.operation.created_at)
+        # coalesced is dated when it failed); then in the order they were released.
+        chosen = sorted(
+            (letter for letter in letters if letter.seq not in kept),
+            key=lambda letter: (letter.operation.kind != "upsert", letter.operation.created_at),
         )
-        fresh = [
-            Operation(op.kind, op.payload, op.contact, priority=op.priority, force=op.force)
-            for op in (letter.operation for letter in taken)
-        ]
-        for index, operation in enumerate(fresh):
+        queued = 0
+        for letter in chosen:
+            # One taker per letter (another retry or purge running now gets the others),
+            # each taken as it is queued: a retry stopped meanwhile leaves the rest kept.
+            if not self._take(letter):
+                continue
+            op = letter.operation
+            # As a new operation: the records of the failed one (by id) are finished.
+            fresh = Operation(op.kind, op.payload, op.contact, priority=op.priority)
+            fresh.force = op.force
             assert self._submit is not None, "a worker's dead letters are retried by the app"
             try:
-                self._submit([operation])
-            except BaseException:  # not queued (a send the broker refused): kept as before
-                for letter in taken[index:]:
-                    self._keep(letter)
+                self._submit([fresh])
+            except BaseException:  # not queued (the broker refused it): kept as before
+                self._keep(letter)
                 raise
-        return len(fresh), kept
+            queued += 1
+        return queued, kept
 
     def purge(self, seqs: Iterable[int] | None = None) -> int:
         """Delete dead letters (those numbered ``seqs``, or all) for good; how many."""

@@ -28,6 +28,7 @@ __all__ = [
     "lookup",
     "prune",
     "remember",
+    "seed_addresses",
     "set_since",
     "unchanged",
     "without",
@@ -82,6 +83,25 @@ def remember(
             "INSERT OR REPLACE INTO meisa_addresses (email, ext, at) VALUES (?, ?, ?)",
             (email, ext, now),
         )
+
+
+def seed_addresses(db: sqlite3.Connection) -> None:
+    """Fill ``meisa_addresses``, new in a store of an earlier version, from what Meisa has of
+    each contact: its one external_id at the address whose digest it holds."""
+    found = []
+    entries = db.execute("SELECT DISTINCT names, fields, accepted_at FROM meisa_known")
+    for names, fields, at in entries.fetchall():
+        listed, digests = json.loads(names), json.loads(fields)
+        exts = [name for name in listed if name.startswith("ext:")]
+        emails = [
+            name
+            for name in listed
+            if name.startswith("email:") and _hash(name[len("email:") :]) == digests.get("email")
+        ]
+        if len(exts) == 1 and len(emails) == 1:
+            found.append((emails[0], exts[0], float(at)))
+    insert = "INSERT OR IGNORE INTO meisa_addresses (email, ext, at) VALUES (?, ?, ?)"
+    db.executemany(insert, found)
 
 
 def set_since(db: sqlite3.Connection, payload: Mapping[str, Any], since: float) -> bool:

@@ -173,7 +173,20 @@ class Store:
             )
             try:
                 db.execute("PRAGMA synchronous = NORMAL")
+                found = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+                upgraded = db.execute(found, ("meisa_known",)).fetchone() is not None
+                seeding = upgraded and not db.execute(found, ("meisa_addresses",)).fetchone()
                 db.executescript(_SCHEMA)
+                if seeding:  # a store of an earlier version: who Meisa has at each address
+                    from .known import seed_addresses  # (known.py imports this module)
+
+                    db.execute("BEGIN IMMEDIATE")
+                    try:
+                        seed_addresses(db)
+                    except BaseException:
+                        db.execute("ROLLBACK")
+                        raise
+                    db.execute("COMMIT")
             except BaseException:
                 db.close()
                 raise

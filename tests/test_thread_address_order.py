@@ -15,10 +15,12 @@ from flask_meisa._engine import pending
 from flask_meisa._engine.store import Store
 from flask_meisa.emulator import Emulator
 from flask_meisa.operations import Operation
+from flask_meisa.retry import RetryPolicy
 from tests.engine_support import MakeEngine
 from tests.engine_support import RecordingHooks
 
 UPSERT = "/contacts/upsert/"
+TRACK = "/events/track/"
 
 
 def upsert(**payload: Any) -> Operation:
@@ -145,3 +147,25 @@ def test_an_address_handed_over_after_an_upgrade_waits_for_the_move_of_its_old_u
     one = emulator.contact(external_id="u1")
     assert one is not None
     assert one["id"] == first["id"]
+
+
+def test_an_address_its_user_left_for_another_makes_its_next_user_wait_for_nothing(
+    make_engine: MakeEngine, emulator: Emulator, path: Path
+) -> None:
+    # User 1 moved from a@ to b@, and Meisa accepted it: user 3 taking a@ later does not
+    # wait for user 1's event that Meisa answers 503 (retried a second later).
+    moves = [upsert(email="a@example.com", external_id="u1")]
+    deliver(make_engine, emulator, moves)
+    deliver(make_engine, emulator, [upsert(email="b@example.com", external_id="u1")])
+    emulator.faults.fail_next(1, 503, path=TRACK)
+    event = Operation("track", {"event_name": "signed_in", "external_id": "u1"})
+    signup = upsert(email="a@example.com", external_id="u3", source="signup")
+    store = Store(path)
+    with store.write() as db:
+        for op in (event, signup):
+            pending.add(db, op, op.lane)
+    second_apart = RetryPolicy(base_delay=1.0, max_delay=1.0, deadline=30.0, random=lambda: 0.999)
+    engine = make_engine(emulator, RecordingHooks(), store=store, retry=second_apart)
+    assert engine.flush(timeout=20)
+    calls = [(r.path.endswith(UPSERT), r.status) for r in emulator.requests][-3:]
+    assert calls == [(False, 503), (True, 201), (False, 200)]  # the event, the signup

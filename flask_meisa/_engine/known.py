@@ -78,7 +78,8 @@ def remember(
         [(key, known_as, text, at) for key in listed],
     )
     ext, email = identities(payload)
-    if ext is not None and email is not None:  # the user Meisa has at this address
+    if ext is not None and email is not None:  # the user Meisa has at this address, only
+        db.execute("DELETE FROM meisa_addresses WHERE ext = ? AND email != ?", (ext, email))
         db.execute(
             "INSERT OR REPLACE INTO meisa_addresses (email, ext, at) VALUES (?, ?, ?)",
             (email, ext, now),

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 from typing import Literal
 from typing import TypeVar
+from typing import cast
 from weakref import WeakKeyDictionary
 
 from flask import Flask

@@ -662,11 +662,6 @@ def test_the_task_acks_late_takes_json_and_keeps_the_latest_factory(
         celery_app.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a contact's record keeps its members' ids, not their priorities: a member the "
-    "call of another task carries is buried as Operation('upsert', payload) with no priority",
-)
 def test_a_backfill_upsert_coalesced_into_a_refused_call_stays_a_backfill_dead_letter(
     make_worker: MakeWorker, submit: Submit, dispatcher: CeleryDispatcher, emulator: Emulator
 ) -> None:

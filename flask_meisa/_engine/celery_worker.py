@@ -192,7 +192,13 @@ class DeliveryWorker:
         members = [
             call
             if member == operation.id
-            else Operation("upsert", claim.payload, id=member, attempts=operation.attempts)
+            else Operation(
+                "upsert",
+                claim.payload,
+                id=member,
+                attempts=operation.attempts,
+                priority=claim.priorities.get(member),
+            )
             for member in claim.members
         ]
         # An earlier part of the record (upserts that could not join this one) goes first.

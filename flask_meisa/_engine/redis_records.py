@@ -53,6 +53,8 @@ class Claim:
     #: ``(contact, version)`` of other contacts' upserts to deliver first (see
     #: :meth:`RedisDeliveryStore.coalesce`).
     after: tuple[tuple[str, int], ...] = ()
+    #: The priorities of members that have one (a dead letter keeps its own).
+    priorities: dict[str, Priority] = field(default_factory=dict)
 
 
 @dataclass
@@ -159,9 +161,10 @@ class ContactRecords:
 
         def update(pipe: Any) -> int:
             names = ("version", "payload", "members", "force", "priority", "after", "closed")
-            version, payload, members, force, priority, earlier, closed = pipe.hmget(
-                record, *names
+            version, payload, members, force, priority, earlier, closed, priorities = pipe.hmget(
+                record, *names, "priorities"
             )
+            own = {operation.id: operation.priority} if operation.priority else {}
             segments = json.loads(closed or "[]")
             merged, ahead, joined_members = operation.payload, operation.priority, []
             forced, waits = operation.force, {}
@@ -203,6 +206,7 @@ class ContactRecords:
                     "priority": ahead or "",
                     "after": json.dumps(sorted(waits.items())),
                     "closed": json.dumps(segments, separators=(",", ":")),
+                    "priorities": json.dumps({**json.loads(priorities or "{}"), **own}),
                 },
             )
             pipe.expire(record, RECORD_TTL)
@@ -220,8 +224,8 @@ class ContactRecords:
 
         def decide(pipe: Any) -> Claim:
             fields = ("version", "delivered", "payload", "members", "force", "after", "closed")
-            current, delivered, payload, members, force, after, closed = pipe.hmget(
-                record, *fields
+            current, delivered, payload, members, force, after, closed, priorities = pipe.hmget(
+                record, *fields, "priorities"
             )
             if current is None:
                 return Claim("missing")
@@ -254,6 +258,7 @@ class ContactRecords:
                 token,
                 force=first.force,
                 after=tuple((str(c), int(v)) for c, v in first.after),
+                priorities=json.loads(priorities or "{}"),
             )
 
         return self.redis.transaction(  # type: ignore[no-any-return]
@@ -296,8 +301,8 @@ class ContactRecords:
         record, lease_key = self._key("contact", claim.contact), self._key("lease", claim.contact)
 
         def update(pipe: Any) -> None:
-            current, done, members, closed = pipe.hmget(
-                record, "version", "delivered", "members", "closed"
+            current, done, members, closed, priorities = pipe.hmget(
+                record, "version", "delivered", "members", "closed", "priorities"
             )
             holder = as_text(pipe.get(lease_key))
             pipe.multi()
@@ -305,6 +310,10 @@ class ContactRecords:
                 # The claimed part is the first one: closed since if upserts came that
                 # could not join it, and grown if some joined it.
                 claimed = set(claim.members)
+                kept = {
+                    m: p for m, p in json.loads(priorities or "{}").items() if m not in claimed
+                }
+                pipe.hset(record, "priorities", json.dumps(kept))
                 segments = json.loads(closed or "[]")
                 done = max(int(done or 0), claim.version)
                 if segments:

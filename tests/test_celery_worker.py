@@ -677,3 +677,22 @@ def test_a_backfill_upsert_coalesced_into_a_refused_call_stays_a_backfill_dead_l
     run_through(worker, *live)
     kept = {letter.operation.id: letter.operation for letter in dispatcher.dead_letters.find()}
     assert kept[backfill.id].priority == "backfill"
+
+
+def test_a_dead_upsert_is_not_outdated_by_another_field_accepted_since(
+    make_worker: MakeWorker, submit: Submit, dispatcher: CeleryDispatcher, emulator: Emulator
+) -> None:
+    # The plan Meisa refused was not set again since: a login's last_active, accepted
+    # after, does not make retrying it put an older plan back (as with the thread engine).
+    worker = make_worker()
+
+    def upsert(**fields: Any) -> Operation:
+        payload = {"email": "a@b.co", "external_id": "7", "custom_fields": fields}
+        return Operation("upsert", payload)
+
+    run_through(worker, *submit(upsert(plan="free")))
+    emulator.faults.fail_next(1, 400, path=UPSERT)
+    run_through(worker, *submit(upsert(plan="pro")))
+    run_through(worker, *submit(upsert(last_active="2026-12-05")))
+    assert len(dispatcher.dead_letters.find()) == 1
+    assert dispatcher.dead_letters.retry(None, force=False) == (1, [])

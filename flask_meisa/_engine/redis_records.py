@@ -27,6 +27,7 @@ from ..operations import join_upserts
 from ..operations import merge_priorities
 from ..operations import merge_upsert_payloads
 from .known import KEEP_FOR
+from .known import SET_AT
 from .known import Known
 from .known import digest
 
@@ -129,9 +130,12 @@ class ContactRecords:
         contact = contact or self.contact_of(payload)
         if contact is None:
             return
-        key = self._key("known", contact)
+        key, digested = self._key("known", contact), digest(payload)
+        # When each field was set (as the thread engine keeps it): a dead upsert is outdated
+        # by its own fields set again, not by any other Meisa accepted since.
+        times = {f"{SET_AT}{name}": repr(now) for name in digested}
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(key, mapping={**digest(payload), "@at": repr(now)})
+        pipe.hset(key, mapping={**digested, **times, "@at": repr(now)})
         pipe.expire(key, int(KEEP_FOR))
         # An address links to the contact that was last released with it (coalesce): an
         # answer to an older upsert must not link it back to a user who has left it since.

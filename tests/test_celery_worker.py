@@ -696,3 +696,23 @@ def test_a_dead_upsert_is_not_outdated_by_another_field_accepted_since(
     run_through(worker, *submit(upsert(last_active="2026-12-05")))
     assert len(dispatcher.dead_letters.find()) == 1
     assert dispatcher.dead_letters.retry(None, force=False) == (1, [])
+
+
+def test_a_dead_upsert_is_outdated_by_its_field_set_again_to_what_meisa_has(
+    make_worker: MakeWorker, submit: Submit, dispatcher: CeleryDispatcher, emulator: Emulator
+) -> None:
+    # Plan team, then pro refused, then team again (no call: Meisa has it): retrying pro
+    # would put back a plan the app has since left (as with the thread engine).
+    worker = make_worker()
+
+    def upsert(plan: str) -> Operation:
+        payload = {"email": "a@b.co", "external_id": "7", "custom_fields": {"plan": plan}}
+        return Operation("upsert", payload)
+
+    run_through(worker, *submit(upsert("team")))
+    emulator.faults.fail_next(1, 400, path=UPSERT)
+    run_through(worker, *submit(upsert("pro")))
+    run_through(worker, *submit(upsert("team")))
+    assert len(emulator.requests_to(UPSERT)) == 2
+    (letter,) = dispatcher.dead_letters.find()
+    assert dispatcher.dead_letters.retry(None, force=False) == (0, [letter.seq])

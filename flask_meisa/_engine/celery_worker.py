@@ -228,6 +228,9 @@ class DeliveryWorker:
             )
 
         if unchanged(operation, had, time.time(), self._resync_after):
+            # The app set these fields again: an older dead upsert of them is outdated.
+            contact = meta.get("contact")
+            self.store.remember(operation.payload, time.time(), contact, accepted=False)
             self._report("unchanged", members, None, claim)
             return None
         recovering = operation.kind == "track" and bool(meta.get("recover"))

@@ -174,7 +174,7 @@ class Known:
     def set_after(self, since: float) -> set[str]:
         """The fields (not the contact's names) the app set after ``since``: Meisa accepted
         them, or had them when the app set them again. A field remembered without its time
-        (by an older version, or by Redis) was set when the contact was last accepted."""
+        (by an older version) was set when the contact was last accepted."""
         return {
             name
             for name in self.fields

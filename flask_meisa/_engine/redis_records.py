@@ -124,9 +124,18 @@ class ContactRecords:
         accepted_at = fields.pop("@at", None)
         return None if accepted_at is None else Known(fields, float(accepted_at))
 
-    def remember(self, payload: Mapping[str, Any], now: float, contact: str | None = None) -> None:
+    def remember(
+        self,
+        payload: Mapping[str, Any],
+        now: float,
+        contact: str | None = None,
+        *,
+        accepted: bool = True,
+    ) -> None:
         """Meisa accepted ``payload``, the upsert of ``contact``'s record (``None``: of the
-        contact it names now): fold its fields into what it has of the contact."""
+        contact it names now; not ``accepted``: it had it already, the upsert is skipped as
+        unchanged): fold its fields into what it has of the contact, each with when the app
+        last set it."""
         contact = contact or self.contact_of(payload)
         if contact is None:
             return
@@ -135,11 +144,14 @@ class ContactRecords:
         # by its own fields set again, not by any other Meisa accepted since.
         times = {f"{SET_AT}{name}": repr(now) for name in digested}
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(key, mapping={**digested, **times, "@at": repr(now)})
+        if accepted:
+            pipe.hset(key, mapping={**digested, **times, "@at": repr(now)})
+            # An address links to the contact last released with it (coalesce): an answer
+            # to an older upsert must not link it back to a user who has left it since.
+            self._link(pipe, payload, unless_linked=True)
+        else:
+            pipe.hset(key, mapping=times)
         pipe.expire(key, int(KEEP_FOR))
-        # An address links to the contact that was last released with it (coalesce): an
-        # answer to an older upsert must not link it back to a user who has left it since.
-        self._link(pipe, payload, unless_linked=True)
         pipe.execute()
 
     def forget(self, payloads: Iterable[Mapping[str, Any] | None]) -> None:

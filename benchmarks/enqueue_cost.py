@@ -159,7 +159,7 @@ def parts(app: Any, calls: int) -> dict[str, Callable[[], float]]:
     """Timers of the parts of ``meisa.upsert`` and of the whole, in the order to run."""
     from flask import has_request_context
 
-    from flask_meisa.extension import upsert_payload
+    from flask_meisa._contacts import upsert_payload
     from flask_meisa.operations import Operation
     from flask_meisa.signals import emit
     from flask_meisa.signals import operation_queued

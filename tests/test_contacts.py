@@ -11,7 +11,7 @@ from flask import Flask
 
 from flask_meisa import Meisa
 from flask_meisa import ValidationError
-from flask_meisa.extension import default_contact_mapper
+from flask_meisa._contacts import default_contact_mapper
 from flask_meisa.operations import LANE_BACKFILL
 from flask_meisa.operations import Operation
 from flask_meisa.operations import Priority
@@ -53,7 +53,7 @@ def test_default_mapper_reads_identity_names_and_custom_fields() -> None:
     meisa = Meisa(app)
     with app.app_context():
         assert meisa.map_user(user)["email"] == "ada@example.com"
-    from flask_meisa.extension import upsert_payload
+    from flask_meisa._contacts import upsert_payload
 
     assert upsert_payload(payload) == {
         "email": "ada@example.com",

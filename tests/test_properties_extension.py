@@ -18,6 +18,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 from flask_meisa import Meisa
+from flask_meisa._contacts import default_contact_mapper
+from flask_meisa._contacts import map_contact
 from flask_meisa._payloads import track_body
 from flask_meisa._payloads import trigger_body
 from flask_meisa._payloads import upsert_body
@@ -25,8 +27,6 @@ from flask_meisa.emulator import Emulator
 from flask_meisa.errors import APIError
 from flask_meisa.errors import BadRequestError
 from flask_meisa.errors import ValidationError
-from flask_meisa.extension import default_contact_mapper
-from flask_meisa.extension import map_contact
 from flask_meisa.operations import Operation
 from flask_meisa.signals import delivery_failed
 from flask_meisa.testing import emulator_config

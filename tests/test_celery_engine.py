@@ -11,8 +11,10 @@ import functools
 import json
 import time
 from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
 import redis
 from flask import Flask
 
@@ -53,15 +55,24 @@ def receipt(to: str = "buyer@example.com") -> Operation:
     return Operation("send", body)
 
 
-def test_operations_from_a_flask_app_reach_meisa_through_a_worker(
-    emulator: Emulator, redis_url: str, start_worker: StartWorker
-) -> None:
+@pytest.fixture
+def app(emulator: Emulator, redis_url: str) -> Iterator[Flask]:
+    """A Flask app delivering through Celery on the test's Redis; closed after."""
     app = Flask(__name__)
     app.config.update(
         MEISA_API_KEY=emulator.live_key, MEISA_BASE_URL=emulator.url, MEISA_DELIVERY="celery"
     )
     app.extensions["celery"] = make_celery(redis_url)
-    meisa = Meisa(app)
+    Meisa(app)
+    yield app
+    app.extensions["meisa"].state(app).close(timeout=0)
+    app.extensions["celery"].close()
+
+
+def test_operations_from_a_flask_app_reach_meisa_through_a_worker(
+    emulator: Emulator, redis_url: str, start_worker: StartWorker, app: Flask
+) -> None:
+    meisa: Meisa = app.extensions["meisa"]
 
     @app.post("/signup")
     def signup() -> str:
@@ -71,59 +82,46 @@ def test_operations_from_a_flask_app_reach_meisa_through_a_worker(
         return "ok"
 
     start_worker(emulator)
-    try:
-        assert app.test_client().post("/signup").status_code == 200
-        with app.app_context():
-            assert meisa.flush(timeout=15)
-            status = meisa.status()
-        assert status.engine == "celery"
-        assert status.delivered == 3
-        contact = emulator.contact(external_id="7")
-        assert contact is not None
-        assert contact["first_name"] == "Ada"
-        assert [e["event_name"] for e in emulator.events()] == ["signed_up"]
-        assert len(emulator.sends(trigger_key="receipt")) == 1
-        # The worker's own app reported the outcomes, through its signals.
-        reported = {entry["signal"] for entry in outcomes(redis_url)}
-        assert reported == {"contact_synced", "event_tracked", "email_sent"}
-    finally:
-        meisa.state(app).close(timeout=0)
-        app.extensions["celery"].close()
+    assert app.test_client().post("/signup").status_code == 200
+    with app.app_context():
+        assert meisa.flush(timeout=15)
+        status = meisa.status()
+    assert status.engine == "celery"
+    assert status.delivered == 3
+    contact = emulator.contact(external_id="7")
+    assert contact is not None
+    assert contact["first_name"] == "Ada"
+    assert [e["event_name"] for e in emulator.events()] == ["signed_up"]
+    assert len(emulator.sends(trigger_key="receipt")) == 1
+    # The worker's own app reported the outcomes, through its signals.
+    reported = {entry["signal"] for entry in outcomes(redis_url)}
+    assert reported == {"contact_synced", "event_tracked", "email_sent"}
 
 
 def test_an_outage_longer_than_the_retry_deadline_loses_nothing_kept_as_dead_letters(
-    emulator: Emulator, redis_url: str, start_worker: StartWorker
+    emulator: Emulator, start_worker: StartWorker, app: Flask
 ) -> None:
-    app = Flask(__name__)
-    app.config.update(
-        MEISA_API_KEY=emulator.live_key, MEISA_BASE_URL=emulator.url, MEISA_DELIVERY="celery"
-    )
-    app.extensions["celery"] = make_celery(redis_url)
-    meisa = Meisa(app)
+    meisa: Meisa = app.extensions["meisa"]
     cli = app.test_cli_runner()
     start_worker(emulator, MEISA_TEST_CONFIG=json.dumps({"MEISA_RETRY_DEADLINE": 1.0}))
     emulator.faults.fail_next(10_000, 503)  # Meisa is down for longer than that
-    try:
-        with app.app_context():
-            meisa.upsert({"email": "ada@example.com", "external_id": 7, "first_name": "Ada"})
-            meisa.track("signed_up", external_id=7)
-            assert meisa.flush(timeout=15)  # both failed: none left pending
-            assert (meisa.status().failed, meisa.status().dead_letters) == (2, 2)
-        listed = cli.invoke(args=["meisa", "dead-letters", "list"]).output.splitlines()
-        described = sorted(line.split("\t")[1].split(" (")[0] for line in listed[:2])
-        assert (described, listed[2:]) == (["track signed_up", "upsert"], ["2 dead letter(s)"])
-        emulator.faults.clear()  # Meisa is back
-        retried = cli.invoke(args=["meisa", "dead-letters", "retry", "--all", "--timeout", "15"])
-        assert retried.output.splitlines() == [
-            "2 operation(s) queued again",
-            "done; 0 dead letter(s) left",
-        ]
-        contact = emulator.contact(external_id="7")
-        assert contact is not None and contact["first_name"] == "Ada"
-        assert [e["event_name"] for e in emulator.events()] == ["signed_up"]
-    finally:
-        meisa.state(app).close(timeout=0)
-        app.extensions["celery"].close()
+    with app.app_context():
+        meisa.upsert({"email": "ada@example.com", "external_id": 7, "first_name": "Ada"})
+        meisa.track("signed_up", external_id=7)
+        assert meisa.flush(timeout=15)  # both failed: none left pending
+        assert (meisa.status().failed, meisa.status().dead_letters) == (2, 2)
+    listed = cli.invoke(args=["meisa", "dead-letters", "list"]).output.splitlines()
+    described = sorted(line.split("\t")[1].split(" (")[0] for line in listed[:2])
+    assert (described, listed[2:]) == (["track signed_up", "upsert"], ["2 dead letter(s)"])
+    emulator.faults.clear()  # Meisa is back
+    retried = cli.invoke(args=["meisa", "dead-letters", "retry", "--all", "--timeout", "15"])
+    assert retried.output.splitlines() == [
+        "2 operation(s) queued again",
+        "done; 0 dead letter(s) left",
+    ]
+    contact = emulator.contact(external_id="7")
+    assert contact is not None and contact["first_name"] == "Ada"
+    assert [e["event_name"] for e in emulator.events()] == ["signed_up"]
 
 
 def test_two_workers_share_one_budget(
@@ -282,39 +280,30 @@ def test_upserts_queued_behind_a_stopped_worker_make_one_call(
 
 
 def test_a_dead_upsert_retried_puts_no_older_value_over_a_newer_one_still_pending(
-    emulator: Emulator, redis_url: str, start_worker: StartWorker
+    emulator: Emulator, start_worker: StartWorker, app: Flask
 ) -> None:
     # Queued as new, the dead upsert would go after the contact's newer upsert that waits
     # (a requeued row of the thread engine keeps its place): kept, as when that one went.
-    app = Flask(__name__)
-    app.config.update(
-        MEISA_API_KEY=emulator.live_key, MEISA_BASE_URL=emulator.url, MEISA_DELIVERY="celery"
-    )
-    app.extensions["celery"] = make_celery(redis_url)
-    meisa = Meisa(app)
+    meisa: Meisa = app.extensions["meisa"]
     cli = app.test_cli_runner()
     contact = {"email": "ada@example.com", "external_id": 7}
-    try:
-        worker = start_worker(emulator)
-        emulator.faults.fail_next(1, 400, path=UPSERT)  # refused once
-        with app.app_context():
-            meisa.upsert({**contact, "custom_fields": {"plan": "pro"}})
-            assert meisa.flush(timeout=15)
-            assert meisa.status().dead_letters == 1
-            worker.stop()  # the newer upsert waits for a worker
-            meisa.upsert({**contact, "custom_fields": {"plan": "team"}})
-        retried = cli.invoke(args=["meisa", "dead-letters", "retry", "--all", "--timeout", "0"])
-        assert retried.output.splitlines()[1:] == ["0 operation(s) queued again"]
-        assert retried.output.startswith("1 upsert(s) kept ("), retried.output
-        start_worker(emulator)
-        with app.app_context():
-            assert meisa.flush(timeout=15)
-            assert meisa.status().dead_letters == 1
-        found = emulator.contact(external_id="7")
-        assert found is not None and found["custom_fields"] == {"plan": "team"}
-    finally:
-        meisa.state(app).close(timeout=0)
-        app.extensions["celery"].close()
+    worker = start_worker(emulator)
+    emulator.faults.fail_next(1, 400, path=UPSERT)  # refused once
+    with app.app_context():
+        meisa.upsert({**contact, "custom_fields": {"plan": "pro"}})
+        assert meisa.flush(timeout=15)
+        assert meisa.status().dead_letters == 1
+        worker.stop()  # the newer upsert waits for a worker
+        meisa.upsert({**contact, "custom_fields": {"plan": "team"}})
+    retried = cli.invoke(args=["meisa", "dead-letters", "retry", "--all", "--timeout", "0"])
+    assert retried.output.splitlines()[1:] == ["0 operation(s) queued again"]
+    assert retried.output.startswith("1 upsert(s) kept ("), retried.output
+    start_worker(emulator)
+    with app.app_context():
+        assert meisa.flush(timeout=15)
+        assert meisa.status().dead_letters == 1
+    found = emulator.contact(external_id="7")
+    assert found is not None and found["custom_fields"] == {"plan": "team"}
 
 
 def test_an_event_of_a_worker_killed_in_its_failure_hook_is_no_dead_letter_once_delivered(

@@ -15,10 +15,12 @@ Scenarios:
 - ``drain``: start the app, flush what the store holds, print ``flushed <bool>``;
 - ``keep-response [testing]``: make a request with the test client, keep its response
   unclosed, drop the app and exit;
-- ``fork [mid-write]``: deliver a request's operations, fork, let the child make five
-  requests and wait for the parent (the delivering process) to deliver them; with
-  ``mid-write``, another thread of the parent is inside a write of the store when the
-  fork is called (as the writer thread may be). The child gives up after 45 seconds.
+- ``fork [mid-write|parent-dies]``: deliver a request's operations, fork, let the child
+  make five requests and wait for the parent (the delivering process) to deliver them;
+  with ``mid-write``, another thread of the parent is inside a write of the store when
+  the fork is called (as the writer thread may be); with ``parent-dies``, the parent
+  exits at once without closing anything (as when it is killed), and the child takes
+  over. The child gives up after 45 seconds.
 """
 
 from __future__ import annotations
@@ -173,7 +175,7 @@ def drain() -> None:
     say(f"flushed {flushed}")
 
 
-def fork(mid_write: bool) -> None:
+def fork(mid_write: bool, parent_dies: bool = False) -> None:
     app = create_app()
     meisa: Meisa = app.extensions["meisa"]
     app.test_client().post("/work/1").close()
@@ -191,9 +193,12 @@ def fork(mid_write: bool) -> None:
     if mid_write:
         writer.start()
         writing.wait(10)
+    parent = os.getpid()
     pid = os.fork()  # with the delivery lock held and the store open
     if pid == 0:
         signal.alarm(45)
+        while parent_dies and os.getppid() == parent:
+            time.sleep(0.01)  # until the kernel has closed the parent's files
         child = app.test_client()
         for n in range(2, 7):
             child.post(f"/work/{n}").close()
@@ -201,8 +206,11 @@ def fork(mid_write: bool) -> None:
             flushed = meisa.flush(20)  # the parent delivers the child's rows
             delivering = meisa.status().delivering_pid
         who = "parent" if delivering == os.getppid() else delivering
+        who = "child" if delivering == os.getpid() else who
         say(f"child flushed {flushed} delivering {who}")
         os._exit(0)
+    if parent_dies:
+        os._exit(0)  # no close, no exit hook: the kernel alone lets go of the lock
     if mid_write:
         writer.join()
     _, status = os.waitpid(pid, 0)
@@ -234,7 +242,7 @@ def main(argv: list[str]) -> None:
     elif scenario == "keep-response":
         keep_response(testing=numbers == ["testing"])
     elif scenario == "fork":
-        fork(mid_write=numbers == ["mid-write"])
+        fork(mid_write=numbers == ["mid-write"], parent_dies=numbers == ["parent-dies"])
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
 

@@ -115,6 +115,7 @@ def test_rows_are_written_on_submit_and_removed_once_delivered(
         6,
     )
     assert status.delivering_pid == os.getpid()
+    assert status.budget_left is None  # no budget: none to show
 
 
 def test_the_next_engine_delivers_what_a_closed_one_left(
@@ -147,6 +148,25 @@ def test_closing_at_once_keeps_what_was_just_handed_over(
     assert engine.close(0) == 0  # stored for the next start, not lost
     assert hooks.outcomes == []
     assert waiting(path) == 50
+
+
+def test_a_writing_process_closes_without_waiting_for_its_work_to_be_delivered(
+    emulator: Emulator,
+    make_engine: MakeEngine,
+    path: Path,
+    lock: HostLock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The process delivering for the host (here, the test) delivers it when it can.
+    caplog.set_level(logging.INFO, logger="flask_meisa.engine")
+    engine = make_engine(emulator, RecordingHooks())
+    engine.submit([upsert(n) for n in range(5)])
+    closing = threading.Thread(target=engine.close, args=(60.0,), daemon=True)
+    closing.start()
+    closing.join(10)
+    assert not closing.is_alive()
+    assert waiting(path) == 5
+    assert "stay in the store" not in caplog.text  # not left for the next start
 
 
 def test_coalescing_and_order_hold_across_a_restart(
@@ -946,6 +966,32 @@ def test_a_process_that_takes_the_lock_while_the_store_is_locked_still_delivers(
     assert engine.flush(5)
     assert [op.payload["external_id"] for op in hooks.of("delivered")] == ["t-1"]
     assert engine.is_holder
+
+
+def test_a_process_that_takes_the_lock_back_delivers_with_its_threads_of_before(
+    emulator: Emulator,
+    make_engine: MakeEngine,
+    path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="flask_meisa.engine")
+    engine = make_engine(emulator, RecordingHooks(), workers=2)
+    engine.start()
+    assert eventually(lambda: engine.is_holder)
+    # The lock file replaced by one another process holds; that process then stops.
+    taken = HostLock(f"{path}.lock.new")
+    assert taken.try_acquire()
+    Path(taken.path).replace(f"{path}.lock")
+    assert eventually(lambda: "this process stops delivering" in caplog.text)
+    taken.release()
+    assert eventually(lambda: engine.is_holder)
+    engine.submit([upsert(1)])
+    assert engine.flush(5)
+    assert sorted(t.name for t in engine._threads) == [
+        "flask-meisa-delivery-1",
+        "flask-meisa-delivery-2",
+        "flask-meisa-writer",
+    ]
 
 
 def test_a_writing_process_closes_when_its_store_can_no_longer_be_read(

@@ -588,6 +588,28 @@ def test_a_flush_from_a_hook_on_the_writers_thread_answers_at_once(
     assert answers == [False]  # the other event still waits for the budget
 
 
+def test_a_hook_may_close_the_engine_whose_delivery_thread_runs_it(
+    emulator: Emulator, make_engine: MakeEngine, hooks: RecordingHooks
+) -> None:
+    engine = make_engine(emulator)
+    answers: list[object] = []
+    answered = threading.Event()
+    record = hooks.delivered
+
+    def delivered(operation: Operation, result: Any) -> None:
+        record(operation, result)
+        try:
+            answers.append(engine.close(0))  # it must not wait for its own thread to end
+        except Exception as error:  # the answer is what the test looks at
+            answers.append(error)
+        answered.set()
+
+    hooks.delivered = delivered  # type: ignore[method-assign]
+    engine.submit([upsert(1)])
+    assert answered.wait(10)
+    assert answers == [0]
+
+
 def test_what_the_writer_fails_to_store_is_reported_dropped_and_the_rest_of_its_group_stored(
     emulator: Emulator,
     make_engine: MakeEngine,
@@ -686,9 +708,16 @@ def test_meisa_is_probed_after_an_outage_that_follows_an_upsert_needing_no_call(
     assert statuses(emulator) == [201, 503, 503, 503, 201]
 
 
-@pytest.mark.parametrize("waiting_for", ["nothing", "a retry", "a 429 pause", "the budget"])
+@pytest.mark.parametrize(
+    ("waiting_for", "more"),
+    [("nothing", 0), ("a retry", 0), ("a 429 pause", 0), ("the budget", 0), ("the budget", 5)],
+)
 def test_a_delivery_thread_waiting_looks_at_the_store_now_and_then_not_in_a_loop(
-    emulator: Emulator, make_engine: MakeEngine, hooks: RecordingHooks, waiting_for: str
+    emulator: Emulator,
+    make_engine: MakeEngine,
+    hooks: RecordingHooks,
+    waiting_for: str,
+    more: int,
 ) -> None:
     engine = make_engine(emulator, retry=SLOW, rate_limit="1/minute")
     if waiting_for == "a retry":
@@ -705,9 +734,14 @@ def test_a_delivery_thread_waiting_looks_at_the_store_now_and_then_not_in_a_loop
         return write()
 
     engine.store.write = counted  # type: ignore[method-assign]
-    time.sleep(0.5)  # the span over which the looks are counted
+    # The span over which the looks are counted. More work of the lane held back by the
+    # budget (first upserts, as the one waiting) could go no sooner: it wakes nobody.
+    for n in range(5):
+        if n < more:
+            engine.submit([upsert(10 + n)])
+        time.sleep(0.1)
     engine.store.write = write  # type: ignore[method-assign]
-    assert len(looks) <= 2  # about once a second (at most)
+    assert len(looks) <= 2 + more  # about once a second (at most), and what is stored
 
 
 def test_an_upsert_needing_no_call_does_not_put_off_its_contacts_resync(

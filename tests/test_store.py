@@ -4,8 +4,11 @@ letters keep, and one lock holder per file."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -131,16 +134,70 @@ def test_error_fields_hold_no_payload_values() -> None:
     assert len(dead.error_fields(long)[2]) == 300
 
 
+def open_files(path: str) -> int:
+    """How many descriptors of this process have the file at ``path`` open."""
+    count, real = 0, os.path.realpath(path)
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # closed since the listing
+            count += os.readlink(f"/proc/self/fd/{fd}") == real
+    return count
+
+
 def test_one_holder_per_lock_file(tmp_path: Path) -> None:
     path = str(tmp_path / "store.sqlite3.lock")
+    Path(path).write_text("4194304999\n")  # a pid written before, longer than ours
     first, second = HostLock(path), HostLock(path)
     assert HostLock.holder(path) is None
     assert first.try_acquire() and first.try_acquire()  # again: still held
-    assert not second.try_acquire()
-    assert HostLock.holder(path) == os.getpid()
+    assert repr(first) == f"HostLock({path!r}, held=True)"
+    for _ in range(5):  # a process waiting to deliver tries at every pass
+        assert not second.try_acquire()
+        assert HostLock.holder(path) == os.getpid()
+    if os.path.isdir("/proc/self/fd"):
+        assert open_files(path) == 2  # the holder's and the waiting one's
     first.release()
     assert HostLock.holder(path) is None
     assert second.try_acquire() and second.held
     assert not first.try_acquire()
     second.release()
     first.release()  # twice is harmless
+
+
+def fork(child: Callable[[], None]) -> int:
+    """Run ``child`` in a forked child process; its pid."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork with threads
+        pid = os.fork()
+    if pid == 0:
+        try:
+            child()
+        finally:
+            os._exit(0)
+    return pid
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_neither_takes_nor_keeps_its_parents_lock(tmp_path: Path) -> None:
+    path = str(tmp_path / "store.sqlite3.lock")
+    lock, other = HostLock(path), HostLock(path)
+    assert lock.try_acquire()
+    # A child letting go of what it inherited (the engine's fork hook) leaves it held.
+    os.waitpid(fork(lambda: lock.release(forked=True)), 0)
+    assert not other.try_acquire()
+    # A child still running with the parent's file open (a job the app forked) does not
+    # keep the lock once the parent lets go.
+    read, write = os.pipe()
+
+    def run_until_the_parent_says() -> None:
+        os.close(write)
+        os.read(read, 1)  # until the parent closes its end
+
+    pid = fork(run_until_the_parent_says)
+    try:
+        lock.release()
+        assert other.try_acquire()
+    finally:
+        os.close(write)
+        os.close(read)
+        os.waitpid(pid, 0)
+    other.release()

@@ -1213,6 +1213,8 @@ def test_a_file_at_the_store_path_that_cannot_be_used_is_tried_again_once_it_cha
     engine.submit([upsert(2)])
     assert engine.flush(5)
     assert len(emulator.requests_to(UPSERT)) == 2
+    put_a_newer_store_in_place(path)  # and again (another restore): said again
+    assert eventually(lambda: caplog.text.count("cannot move to the file now there") == 2)
 
 
 def test_a_deleted_lock_file_is_locked_again_by_the_process_that_held_it(
@@ -1235,6 +1237,9 @@ def test_a_deleted_lock_file_is_locked_again_by_the_process_that_held_it(
     Path(f"{path}.lock").unlink()
     assert eventually(lambda: "locked the new file and delivers on" in caplog.text), caplog.text
     assert holder.is_holder and not other.is_holder
+    # Once it stops, the process that had the deleted file open takes over.
+    holder.close(timeout=0)
+    assert eventually(lambda: other.is_holder)
 
 
 def test_work_carried_into_a_file_whose_clock_note_is_ahead_keeps_its_times(

@@ -183,6 +183,10 @@ def test_a_file_that_is_not_a_database_is_set_aside_and_a_fresh_store_used(
     app = thread_app(emulator, MEISA_OUTBOX=str(path))
     (aside,) = set_aside(path)
     assert aside.read_bytes() == b"these bytes are no database " * 100
+    fresh = sqlite3.connect(path)  # checked as a new store is: WAL, this schema
+    assert fresh.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert fresh.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    fresh.close()
     (error,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert str(path) in error and "with the 0 operations" in error
     assert emulator.live_key not in error

@@ -1171,6 +1171,13 @@ def test_a_lock_file_that_cannot_be_made_again_is_said_once_not_as_the_store_fai
     assert engine.is_holder
     assert "works again" not in caplog.text, caplog.text
     assert "delivers on with the one it holds" in caplog.text
+    # The folder made again, then gone again: said again.
+    instance.unlink()
+    instance.mkdir()
+    assert eventually(lambda: "locked the new file and delivers on" in caplog.text)
+    shutil.rmtree(instance)
+    instance.write_text("")
+    assert eventually(lambda: caplog.text.count("delivers on with the one it holds") == 2)
 
 
 def test_a_file_at_the_store_path_that_cannot_be_used_is_tried_again_once_it_changes(
@@ -1200,6 +1207,8 @@ def test_a_file_at_the_store_path_that_cannot_be_used_is_tried_again_once_it_cha
     engine.store.moved = counted_moved  # type: ignore[method-assign]
     put_a_newer_store_in_place(path)
     assert eventually(lambda: "cannot move to the file now there" in caplog.text)
+    while looked.acquire(blocking=False):  # passes before that
+        pass
     for _ in range(5):  # five more passes of the writer
         assert looked.acquire(timeout=5)
     assert len(checks) == 1
@@ -1306,3 +1315,23 @@ def test_meisas_pause_and_the_backfill_run_are_carried_into_the_file_at_the_path
     assert status.paused_for > 50  # Meisa asked for a minute: no call before
     assert status.backfill == run
     assert len(emulator.requests_to(UPSERT)) == 1
+
+
+def test_work_one_process_carried_out_of_a_deleted_store_is_not_carried_again_by_another(
+    emulator: Emulator, make_engine: MakeEngine, path: Path
+) -> None:
+    other = Store(path)  # another process of the host, with the file open
+    emulator.faults.outage(600)  # nothing is delivered: everything waits in the store
+    engine = make_engine(emulator, RecordingHooks())
+    engine.submit([track(n) for n in range(3)])
+    assert eventually(lambda: len(emulator.requests_to(TRACK)) == 3)
+    for end in ("", "-wal", "-shm"):  # the store deleted (a deploy script)
+        Path(f"{path}{end}").unlink()
+    assert eventually(lambda: not engine.store.moved())
+    emulator.faults.clear()
+    emulator.clear_requests()
+    assert engine.flush(10)
+    assert other.moved() and other.follow() == 0  # the old file has nothing left
+    other.close()
+    assert engine.flush(5)
+    assert len(emulator.requests_to(TRACK)) == 3  # each tried once more, not twice

@@ -439,7 +439,7 @@ def test_flush_says_whether_anything_is_left(
     assert engine.flush(0)  # nothing submitted
     emulator.faults.outage(60)
     engine.submit([upsert(1)])
-    assert not engine.flush(0.3)
+    assert engine.flush(0.3) is False
     assert engine.status().pending == 1
     emulator.faults.clear()
     assert engine.flush(5)
@@ -512,6 +512,7 @@ def test_threads_start_on_the_first_submit_and_stop_at_close(
     assert all(t.daemon for t in started)
     assert engine.close() == 0
     assert not any(t.is_alive() for t in started)
+    assert engine.close() == 0  # closed already: nothing more lost
 
 
 def test_close_keeps_its_deadline_however_many_threads_are_in_a_call(

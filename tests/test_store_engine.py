@@ -161,6 +161,7 @@ def test_a_writing_process_closes_without_waiting_for_its_work_to_be_delivered(
     caplog.set_level(logging.INFO, logger="flask_meisa.engine")
     engine = make_engine(emulator, RecordingHooks())
     engine.submit([upsert(n) for n in range(5)])
+    assert eventually(lambda: waiting(path) == 5)  # nothing left in its memory
     closing = threading.Thread(target=engine.close, args=(60.0,), daemon=True)
     closing.start()
     closing.join(10)
@@ -731,11 +732,12 @@ def test_operations_wait_in_memory_while_the_store_fails_and_are_stored_after(
     try:
         engine.submit([upsert(n, note="x" * 5000) for n in range(1, 11)])
         assert eventually(lambda: len(failures(caplog)) == 1)
-        assert not engine.flush(0.3)  # the writer tries again and again meanwhile
+        assert engine.flush(0.3) is False  # the writer tries again and again meanwhile
         assert len(failures(caplog)) == 1  # once per run of failures, not once per attempt
         assert "example.com" not in failures(caplog)[0]
         status = engine.status()  # the rest waits in this process's memory, counted
         assert (status.pending, status.queued["routine"]) == (11, 10)
+        assert 0 < status.oldest_wait["routine"] < 60  # since it was handed over
     finally:
         mend()
     lock.release()

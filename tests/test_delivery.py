@@ -535,6 +535,26 @@ def test_close_keeps_its_deadline_however_many_threads_are_in_a_call(
     assert took < 3.5, took  # the deadline, and at most 2 s for the threads to stop
 
 
+def test_a_waiting_flush_looks_now_and_then_not_in_a_loop(
+    emulator: Emulator, make_engine: MakeEngine, hooks: RecordingHooks
+) -> None:
+    emulator.faults.outage(60)
+    engine = make_engine(emulator, retry=SLOW)  # the upsert waits a minute to retry
+    engine.submit([upsert(1)])
+    assert emulator.wait_for_requests(1)
+    read, looks = engine.store.read, []
+
+    def counted() -> Any:
+        if threading.current_thread() is threading.main_thread():
+            looks.append(1)
+        return read()
+
+    engine.store.read = counted  # type: ignore[method-assign]
+    assert engine.flush(0.5) is False
+    engine.store.read = read  # type: ignore[method-assign]
+    assert len(looks) <= 10  # about once a poll (0.1 s), and when woken
+
+
 def test_submit_after_close(
     emulator: Emulator, make_engine: MakeEngine, hooks: RecordingHooks
 ) -> None:

@@ -894,6 +894,8 @@ def test_what_the_store_never_took_is_reported_at_close(
     assert sorted(op.id for op in hooks.of("dropped")) == sorted(op.id for op in operations)
     assert {hooks.detail(op) for op in hooks.of("dropped")} == {"shutdown"}
     assert waiting(path) == 0
+    said = [r.getMessage() for r in caplog.records if "shutdown" in r.getMessage()]
+    assert said == ["flask-meisa: 3 operations were not delivered before shutdown"]  # once
 
 
 def test_a_flush_during_close_waits_for_the_hooks_of_what_close_drops(

@@ -70,6 +70,20 @@ class _Segment:
     priority: str | None
     after: list[list[Any]]
 
+    @classmethod
+    def open(
+        cls, payload: Any, members: Any, version: Any, force: Any, priority: str | None, after: Any
+    ) -> _Segment:
+        """The record's open part, from its fields as Redis gives them."""
+        return cls(
+            json.loads(payload),
+            json.loads(members or "[]"),
+            int(version or 0),
+            bool(int(force or 0)),
+            priority,
+            json.loads(after or "[]"),
+        )
+
 
 def _digest(name: str) -> str:
     return hashlib.sha256(name.encode("utf-8")).hexdigest()[:32]
@@ -194,14 +208,7 @@ class ContactRecords:
                     with contextlib.suppress(ValidationError):
                         both = merge_upsert_payloads(*older)
                         joined = both, encode_body(both)
-                segment = _Segment(
-                    json.loads(payload),
-                    json.loads(members or "[]"),
-                    int(version or 0),
-                    bool(int(force or 0)),
-                    first,
-                    json.loads(earlier or "[]"),
-                )
+                segment = _Segment.open(payload, members, version, force, first, earlier)
                 if joined is None:
                     segments.append(segment.__dict__)
                 else:
@@ -254,14 +261,7 @@ class ContactRecords:
             first = (
                 _Segment(**segments[0])
                 if segments
-                else _Segment(
-                    json.loads(payload),
-                    json.loads(members or "[]"),
-                    int(current),
-                    bool(int(force or 0)),
-                    None,
-                    json.loads(after or "[]"),
-                )
+                else _Segment.open(payload, members, current, force, None, after)
             )
             pipe.multi()
             pipe.set(lease_key, token, px=max(int(lease * 1000), 1))

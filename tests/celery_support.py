@@ -155,23 +155,17 @@ def _build_worker_app() -> Celery:
     ):
         on(sig, name)
 
-    if env.get("MEISA_TEST_HANG_AFTER_SEND"):
+    def hang(sender: Flask, **extra: Any) -> None:
+        recorder.rpush(HUNG, "1")
+        threading.Event().wait()  # until the test kills this process
 
-        def hang(sender: Flask, **extra: Any) -> None:
-            recorder.rpush(HUNG, "1")
-            threading.Event().wait()  # until the test kills this process
-
-        receivers.append(hang)
-        email_sent.connect(hang, sender=flask_app)
-
-    if env.get("MEISA_TEST_HANG_AFTER_FAILURE"):
-
-        def hang_failed(sender: Flask, **extra: Any) -> None:
-            recorder.rpush(HUNG, "1")
-            threading.Event().wait()  # until the test kills this process
-
-        receivers.append(hang_failed)
-        delivery_failed.connect(hang_failed, sender=flask_app)
+    receivers.append(hang)
+    for variable, after in (
+        ("MEISA_TEST_HANG_AFTER_SEND", email_sent),
+        ("MEISA_TEST_HANG_AFTER_FAILURE", delivery_failed),
+    ):
+        if env.get(variable):
+            after.connect(hang, sender=flask_app)
 
     unpublished = [None] * int(env.get("MEISA_TEST_UNPUBLISHED_RETRIES") or 0)
     if unpublished:

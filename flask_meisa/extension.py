@@ -21,7 +21,6 @@ from flask import Flask
 from flask import current_app
 from flask import has_app_context
 from flask_login import user_logged_in
-from werkzeug.local import LocalProxy
 
 from . import _deferral as deferral
 from . import signals
@@ -123,11 +122,9 @@ class Meisa:
                     "Meisa needs an application context: call it in a request, a CLI"
                     " command, or inside 'with app.app_context():'."
                 )
-            app = current_app
+            app = cast(Any, current_app)._get_current_object()
         if not isinstance(app, Flask):
             raise ValidationError("app", f"must be a Flask app, not {type(app).__name__}")
-        if isinstance(app, LocalProxy):  # current_app, given or not
-            app = app._get_current_object()
         state = self._states.get(app)
         if state is None:
             raise RuntimeError(

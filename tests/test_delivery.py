@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from flask_meisa._engine.delivery import Delivery
+from flask_meisa._engine.pending import FAIR_SHARE
 from flask_meisa._engine.store import Store
 from flask_meisa.client import MeisaClient
 from flask_meisa.config import MeisaSettings
@@ -395,6 +396,41 @@ def test_a_full_queue_sheds_routine_then_other_live_work_never_sends(
     assert not any("example.com" in line for line in warnings)
     assert engine.close(timeout=0) == 3  # a memory store: the sends are lost, and said so
     assert sorted(ids(hooks.of("dropped")[-3:])) == sorted(ids(sends))
+
+
+def test_one_contacts_flood_delays_no_other_contact(
+    emulator: Emulator, make_engine: MakeEngine
+) -> None:
+    # One user's 40 events, then another user's event and a third's first sync, all in
+    # the automation lane: contacts take turns, so the two go right after the flood's
+    # first two, not after all 40.
+    engine = make_engine(emulator)
+    engine.submit([upsert(1), upsert(2)])
+    assert engine.flush(10)
+    flood = [track(1, f"clicked-{n}") for n in range(40)]
+    engine.submit([*flood, track(2, "signed_up"), upsert(3)])
+    assert engine.flush(15)
+    calls = [request.body for request in emulator.requests[2:]]
+    assert len(calls) == 42
+    others = [n for n, body in enumerate(calls) if body["external_id"] in ("t-2", "t-3")]
+    assert others == [2, 3]
+    clicked = [e["event_name"] for e in emulator.events() if e["event_name"] != "signed_up"]
+    assert clicked == [f"clicked-{n}" for n in range(40)]  # the user's own order kept
+
+
+def test_a_full_queue_sheds_a_floods_last_turns_not_other_contacts_earlier_work(
+    emulator: Emulator, make_engine: MakeEngine, hooks: RecordingHooks
+) -> None:
+    engine = make_engine(emulator, rate_limit="1/minute", queue_size=FAIR_SHARE + 10)
+    engine.submit([send(0)])
+    assert hooks.wait_for("delivered", 1)  # the budget is spent: everything else waits
+    others = [track(2, "signed_up"), upsert(3)]
+    engine.submit(others)
+    flood = [track(1, f"clicked-{n}") for n in range(FAIR_SHARE + 10)]
+    engine.submit(flood)
+    assert hooks.wait_for("dropped", 2)
+    assert ids(hooks.of("dropped")) == ids([flood[-1], flood[-2]])  # the last turn first
+    assert engine.status().queued["automation"] == FAIR_SHARE + 10
 
 
 def test_a_flush_waits_for_the_hooks_of_earlier_work_shed_from_the_store_by_later_work(

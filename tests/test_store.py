@@ -109,6 +109,33 @@ def test_a_store_of_a_newer_schema_is_refused(tmp_path: Path) -> None:
     assert path.is_file()  # left as it is, not set aside
 
 
+def test_a_store_of_the_previous_version_gives_its_rows_the_first_turn(tmp_path: Path) -> None:
+    path = tmp_path / "store.sqlite3"
+    with contextlib.closing(Store(path)) as old, old.write() as db:
+        pending.add(db, upsert(1), LANE_ROUTINE)
+    with contextlib.closing(sqlite3.connect(path)) as db:  # as the previous version wrote it
+        db.executescript(
+            "DROP INDEX meisa_ops_turns; DROP INDEX meisa_ops_live_turn; "
+            "ALTER TABLE meisa_ops DROP COLUMN turn; "
+            "CREATE INDEX meisa_ops_next ON meisa_ops (state, lane, seq);"
+        )
+    with contextlib.closing(Store(path)) as store, store.write() as db:
+        pending.add(db, upsert(2), LANE_ROUTINE)
+        # A process of the previous version, still running, stores a row without a turn.
+        db.execute(
+            "INSERT INTO meisa_ops (id, kind, lane, ext, email, payload, created_at) "
+            "VALUES ('old', 'upsert', ?, 'ext:t-3', 'email:user3@example.com', '{}', 0)",
+            (LANE_ROUTINE,),
+        )
+        order = []
+        while (row := pending.next_ready(db, 0.0)) is not None:
+            order.append(row.operation.payload.get("external_id", "old"))
+            pending.finish(db, row)
+        indexes = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
+    assert order == ["t-1", "old", "t-2"]
+    assert "meisa_ops_next" not in indexes
+
+
 @pytest.mark.parametrize("where", ["under-a-file", "a-folder"])
 def test_a_path_that_cannot_be_a_file_is_a_configuration_error(tmp_path: Path, where: str) -> None:
     (tmp_path / "a-file").write_text("not a folder")

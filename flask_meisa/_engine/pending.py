@@ -36,19 +36,26 @@ _BY_NAME = (
     "UNION ALL SELECT {columns} FROM meisa_ops WHERE email = ? AND {where}"
 )
 _UPSERTS = "kind = 'upsert' AND state = 'pending'"
+# The turn of the row waiting longest (rows stored since take turns after it).
+_FIRST_TURN = f"(SELECT min(turn) FROM meisa_ops WHERE {_LIVE})"
 # One read of a contact's live rows: its latest waiting upsert (all NULL when none), its
-# latest upsert in any state, and the highest lane among them.
+# latest upsert in any state, the highest lane among them, and the turn a new row of the
+# contact takes: after its last one, else the next (docs/delivery.md: contacts take turns).
 _CONTACT = (
-    "SELECT o.seq, o.payload, o.priority, o.force, o.lane, o.ext, o.email, c.last, c.top "
+    "SELECT o.seq, o.payload, o.priority, o.force, o.lane, o.ext, o.email, c.last, c.top, "
+    f"coalesce(c.turn, {_FIRST_TURN}, 0) + 1 "
     f"FROM (SELECT max(CASE WHEN {_UPSERTS} THEN seq END) AS latest, "
-    "max(CASE WHEN kind = 'upsert' THEN seq END) AS last, max(lane) AS top "
-    f"FROM ({_BY_NAME.format(columns='seq, kind, state, lane', where=_LIVE)})) "
+    "max(CASE WHEN kind = 'upsert' THEN seq END) AS last, max(lane) AS top, max(turn) AS turn "
+    f"FROM ({_BY_NAME.format(columns='seq, kind, state, lane, turn', where=_LIVE)})) "
     "c LEFT JOIN meisa_ops o ON o.seq = c.latest"
 )
 _INSERT = (
     "INSERT INTO meisa_ops (id, kind, lane, ext, email, payload, contact, priority, force, "
-    "created_at, attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "created_at, attempts, turn) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+#: A contact's waiting rows past this many turns behind the first are shed first from a
+#: full queue: one contact's flood never pushes out the others' work.
+FAIR_SHARE = 100
 
 
 @dataclass
@@ -93,10 +100,12 @@ class Added(NamedTuple):
 def add(db: sqlite3.Connection, operation: Operation, lane: int | Callable[[], int]) -> Added:
     """Store ``operation`` in ``lane`` (or merge it into its contact's waiting upsert).
     ``lane`` may be :func:`lane_of` reading the store, left uncalled when a merge makes the
-    answer moot."""
+    answer moot. A new row takes the turn after its contact's last row, or, when none
+    waits, the turn after the first one waiting (the contact's first is as early as
+    anybody's next)."""
     names = keys(operation)
     found = db.execute(_CONTACT, names).fetchone()
-    seq, payload, priority, force, their_lane, ext, email, last, top = found
+    seq, payload, priority, force, their_lane, ext, email, last, top, turn = found
     # Merged into a row ahead of routine syncs, an upsert takes the lower of that row's
     # lane and its own: whether it would itself go ahead of them does not matter.
     if callable(lane) and (their_lane is None or their_lane > LANE_AUTOMATION):
@@ -113,7 +122,7 @@ def add(db: sqlite3.Connection, operation: Operation, lane: int | Callable[[], i
         contact = None if operation.contact is None else json.dumps(operation.contact)
         row = (operation.id, operation.kind, lane, *names, operation.json, contact)
         more = (operation.priority, int(operation.force), operation.created_at, operation.attempts)
-        seq = int(db.execute(_INSERT, row + more).lastrowid or 0)
+        seq = int(db.execute(_INSERT, (*row, *more, turn)).lastrowid or 0)
         ext, email = names
     else:
         lane = int(min(their_lane, operation.lane if callable(lane) else lane))
@@ -153,16 +162,20 @@ def add(db: sqlite3.Connection, operation: Operation, lane: int | Callable[[], i
 
 
 def shed(db: sqlite3.Connection, capacity: int) -> list[Operation]:
-    """Past ``capacity`` live rows, remove and return the oldest routine syncs, then the
-    oldest automation-lane rows (never sends, backfill or rows in flight), counted dropped."""
+    """Past ``capacity`` live rows, remove and return (counted dropped) the rows of a
+    contact more than :data:`FAIR_SHARE` turns behind, last turn first, then the oldest
+    routine syncs, then the oldest automation-lane rows; never sends, backfill or rows in
+    flight."""
     excess = live_count(db) - capacity
     if excess <= 0:
         return []
     victims = (
         "SELECT {} FROM meisa_ops WHERE state = 'pending' AND lane IN (?, ?) "
-        "AND priority IS NOT 'backfill' ORDER BY lane DESC, seq LIMIT ?"
+        "AND priority IS NOT 'backfill' "
+        f"ORDER BY CASE WHEN turn > {_FIRST_TURN} + ? THEN turn END DESC, lane DESC, seq "
+        "LIMIT ?"
     )
-    params = (LANE_AUTOMATION, LANE_ROUTINE, excess)
+    params = (LANE_AUTOMATION, LANE_ROUTINE, FAIR_SHARE, excess)
     rows = [row_of(values) for values in db.execute(victims.format(OP_COLUMNS), params)]
     db.execute(f"DELETE FROM meisa_ops WHERE seq IN ({victims.format('seq')})", params)
     Store.count(db, "dropped", sum(row.merged for row in rows))
@@ -225,11 +238,12 @@ def tidy(db: sqlite3.Connection, now: float, routine_max_age: float, known_for: 
 
 
 def next_ready(db: sqlite3.Connection, now: float) -> Row | None:
-    """The row to call next: ready, first in its contact, lowest lane, oldest. First in its
-    contact: after the earlier live rows of its names, of the user Meisa has at its address
-    (who may be leaving it: Meisa would give that user's contact to this one), and of the
-    addresses Meisa has for its user (who may be leaving them: an event by that address
-    would find no contact)."""
+    """The row to call next: ready, first in its contact, lowest lane, first turn (a
+    contact with many rows waiting delays no other), oldest. First in its contact: after
+    the earlier live rows of its names, of the user Meisa has at its address (who may be
+    leaving it: Meisa would give that user's contact to this one), and of the addresses
+    Meisa has for its user (who may be leaving them: an event by that address would find
+    no contact)."""
     values = db.execute(
         f"SELECT {OP_COLUMNS} FROM meisa_ops r WHERE r.state = 'pending' AND r.ready_at <= ? "
         "AND NOT EXISTS (SELECT 1 FROM meisa_ops p WHERE p.ext = r.ext AND p.seq < r.seq "
@@ -241,7 +255,7 @@ def next_ready(db: sqlite3.Connection, now: float) -> Row | None:
         "AND p.state != 'dead') "
         "AND NOT EXISTS (SELECT 1 FROM meisa_addresses a JOIN meisa_ops p ON p.email = a.email "
         "WHERE a.ext = r.ext AND a.email IS NOT r.email AND p.seq < r.seq "
-        "AND p.state != 'dead') ORDER BY r.lane, r.seq LIMIT 1",
+        "AND p.state != 'dead') ORDER BY r.lane, r.turn, r.seq LIMIT 1",
         (now,),
     ).fetchone()
     return None if values is None else row_of(values)

@@ -10,6 +10,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from collections.abc import Iterator
 from collections.abc import Sized
 from contextlib import contextmanager
@@ -75,9 +76,11 @@ CREATE TABLE IF NOT EXISTS meisa_ops (
     error_status INTEGER,
     error_code TEXT,
     error_message TEXT,
-    failed_at REAL
+    failed_at REAL,
+    turn INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS meisa_ops_next ON meisa_ops (state, lane, seq);
+CREATE INDEX IF NOT EXISTS meisa_ops_turns ON meisa_ops (state, lane, turn, seq);
+CREATE INDEX IF NOT EXISTS meisa_ops_live_turn ON meisa_ops (turn) WHERE state != 'dead';
 CREATE INDEX IF NOT EXISTS meisa_ops_ext ON meisa_ops (ext, seq) WHERE ext IS NOT NULL;
 CREATE INDEX IF NOT EXISTS meisa_ops_email ON meisa_ops (email, seq) WHERE email IS NOT NULL;
 CREATE TABLE IF NOT EXISTS meisa_calls (
@@ -176,17 +179,14 @@ class Store:
                 found = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
                 upgraded = db.execute(found, ("meisa_known",)).fetchone() is not None
                 seeding = upgraded and not db.execute(found, ("meisa_addresses",)).fetchone()
+                columns = _columns(db, "meisa_ops")
+                if columns and "turn" not in columns:  # before the schema: its indexes use it
+                    _in_transaction(db, _add_turns)
                 db.executescript(_SCHEMA)
                 if seeding:  # a store of an earlier version: who Meisa has at each address
                     from .known import seed_addresses  # (known.py imports this module)
 
-                    db.execute("BEGIN IMMEDIATE")
-                    try:
-                        seed_addresses(db)
-                    except BaseException:
-                        db.execute("ROLLBACK")
-                        raise
-                    db.execute("COMMIT")
+                    _in_transaction(db, seed_addresses)
             except BaseException:
                 db.close()
                 raise
@@ -354,6 +354,28 @@ class Store:
                 raise sqlite3.DatabaseError("; ".join(problems[:3]))
             if version < SCHEMA_VERSION:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _columns(db: sqlite3.Connection, table: str) -> set[str]:
+    return {str(row[1]) for row in db.execute(f"PRAGMA table_info({table})")}
+
+
+def _add_turns(db: sqlite3.Connection) -> None:
+    """A store of an earlier version: its rows take the first turn (they are the oldest).
+    Its processes still running write rows without one, and those go first too."""
+    if "turn" not in _columns(db, "meisa_ops"):  # another process may have added it
+        db.execute("ALTER TABLE meisa_ops ADD COLUMN turn INTEGER NOT NULL DEFAULT 0")
+        db.execute("DROP INDEX IF EXISTS meisa_ops_next")
+
+
+def _in_transaction(db: sqlite3.Connection, work: Callable[[sqlite3.Connection], None]) -> None:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        work(db)
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 def _note(db: sqlite3.Connection, now: float) -> None:

@@ -4,6 +4,7 @@ of rate limits. A refusal says what is allowed and never repeats the value."""
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
 import os
 import re
@@ -90,9 +91,20 @@ def delivery(value: object) -> str:
     return word
 
 
+def _json_text(value: object) -> object:
+    """A JSON list or object written as a string (as an environment variable holds one)."""
+    if isinstance(value, str) and value.lstrip()[:1] in ("[", "{"):
+        try:
+            return json.loads(value)
+        except ValueError:
+            raise InvalidValue("must be valid JSON when written as a list or object") from None
+    return value
+
+
 def names(value: object) -> tuple[str, ...]:
-    """Names: a list or tuple of strings, or one comma-separated string (as read from
-    the environment; empty parts are skipped). Duplicates are dropped."""
+    """Names: a list or tuple of strings, one comma-separated string, or a JSON list
+    (as read from the environment; empty parts are skipped). Duplicates are dropped."""
+    value = _json_text(value)
     if isinstance(value, str):
         parts = [part.strip() for part in value.split(",") if part.strip()]
     elif isinstance(value, list | tuple | set | frozenset):
@@ -106,22 +118,29 @@ def names(value: object) -> tuple[str, ...]:
 
 def field_map(value: object) -> dict[str, str]:
     """``MEISA_CUSTOM_FIELDS``: ``{custom field name: user attribute name}`` from a
-    mapping, or from names (each a custom field of the same name, see :func:`names`)."""
-    if not isinstance(value, Mapping):
+    mapping (or a JSON object), or from names (each a custom field of the same name, see
+    :func:`names`)."""
+    value = _json_text(value)
+    fields: dict[str, str] = {}
+    if isinstance(value, Mapping):
+        for field_name, attribute in value.items():
+            if not isinstance(field_name, str) or not field_name.strip():
+                raise InvalidValue("must have custom field names (non-empty strings) as keys")
+            if not isinstance(attribute, str) or not attribute.strip():
+                raise InvalidValue("must map each custom field to a user attribute name")
+            fields[field_name.strip()] = attribute.strip()
+    else:
         try:
-            return {name: name for name in names(value)}
+            fields = {name: name for name in names(value)}
         except InvalidValue:
             raise InvalidValue(
                 "must be a list of attribute names, a comma-separated string of them, or a"
                 " mapping {custom field: attribute}"
             ) from None
-    fields: dict[str, str] = {}
-    for field_name, attribute in value.items():
-        if not isinstance(field_name, str) or not field_name.strip():
-            raise InvalidValue("must have custom field names (non-empty strings) as keys")
-        if not isinstance(attribute, str) or not attribute.strip():
-            raise InvalidValue("must map each custom field to a user attribute name")
-        fields[field_name.strip()] = attribute.strip()
+    if not all(attribute.isidentifier() for attribute in fields.values()):
+        raise InvalidValue(
+            'must name user attributes (such as "plan"; several: "plan, seats" or a list)'
+        )
     return fields
 
 

@@ -110,8 +110,8 @@ KEYS: tuple[Key, ...] = (
     Key("MEISA_SYNC_ON_LOGIN", "bool", True, _values.flag,
         "upsert the user on Flask-Login's `user_logged_in`"),
     Key("MEISA_CUSTOM_FIELDS", "list or dict", (), _values.field_map,
-        "user attributes the default mapper sends as `custom_fields`: names (a list, or a"
-        " comma-separated string), or `{custom field: attribute}`",
+        "user attributes the default mapper sends as `custom_fields`: names (a list, a"
+        " comma-separated string or a JSON list), or `{custom field: attribute}`",
         notes="A callable attribute is called; dates become ISO 8601 (UTC), Decimal a"
               ' number, Enum its value. For example ["plan", "signup_date", "last_active",'
               ' "signin_count"].'),

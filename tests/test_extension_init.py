@@ -184,6 +184,22 @@ def test_numbers_and_lists_may_be_strings_as_read_from_the_environment() -> None
     assert settings.delivery == "sync"
 
 
+@pytest.mark.parametrize(
+    ("value", "fields"),
+    [
+        (' ["plan", "signup_date"] ', {"plan": "plan", "signup_date": "signup_date"}),
+        ('{"Plan name": "plan"}', {"Plan name": "plan"}),
+    ],
+)
+def test_custom_fields_may_be_json_as_an_environment_variable_holds_it(
+    value: str, fields: dict[str, str]
+) -> None:
+    app = make_app(MEISA_CUSTOM_FIELDS=value, MEISA_PRIORITY_FIELDS='["plan", "seats"]')
+    settings = Meisa(app).state(app).settings
+    assert settings.custom_fields == fields
+    assert settings.priority_fields == ("plan", "seats")
+
+
 @pytest.mark.parametrize("word", ["None", " none ", "NULL"])
 def test_keys_that_take_none_take_the_environments_word_for_it(word: str) -> None:
     app = make_app(MEISA_RATE_LIMIT=word, MEISA_OUTBOX=word, MEISA_DEFAULT_SOURCE=word)
@@ -243,6 +259,10 @@ REFUSED = [
     ("MEISA_CUSTOM_FIELDS", {"": "plan"}, "must have custom field names"),
     ("MEISA_CUSTOM_FIELDS", {3: "plan"}, "must have custom field names"),
     ("MEISA_CUSTOM_FIELDS", {"plan": 3}, "must map each custom field to a user attribute"),
+    ("MEISA_CUSTOM_FIELDS", "plan seats", "must name user attributes"),
+    ("MEISA_CUSTOM_FIELDS", {"plan": "the plan"}, "must name user attributes"),
+    ("MEISA_CUSTOM_FIELDS", '["plan", "seats"', "must be valid JSON"),
+    ("MEISA_PRIORITY_FIELDS", "[plan]", "must be valid JSON"),
     ("MEISA_BASE_URL", 5, "must be the API's URL"),
     ("MEISA_TIMEOUT", [5], "must be a finite number of seconds > 0"),
     ("MEISA_OUTBOX", "  ", "must be a SQLite file path"),

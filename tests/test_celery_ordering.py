@@ -368,12 +368,6 @@ def test_a_worker_killed_mid_call_leaves_a_swap_of_addresses_in_order(
     assert sorted(set(synced[2:])) == sorted(op.id for op in swap)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an upsert is not ordered behind earlier events: a move to a new address lands "
-    "before the retry of an event tracked by the old address alone, which then finds no "
-    "contact (404) and, without a contact to upsert, fails",
-)
 def test_an_event_by_address_is_not_overtaken_by_its_users_later_move(
     emulator: Emulator, redis_url: str, start_worker: StartWorker, producer: MakeProducer
 ) -> None:
@@ -387,3 +381,4 @@ def test_an_event_by_address_is_not_overtaken_by_its_users_later_move(
     assert dispatcher.flush(timeout=20)
     assert [e["event_name"] for e in emulator.events()] == ["viewed"]
     assert failures(redis_url) == []
+

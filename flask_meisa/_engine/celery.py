@@ -199,12 +199,14 @@ class CeleryDispatcher:
         meta: dict[str, Any] = {"lane": lane}
         after: list[tuple[str, int]] = []
         if contact is not None:
-            # Read before the record links the address to this contact.
-            after = store.pending_others(operation.payload, contact)
-            meta.update(contact=contact, version=store.coalesce(operation, contact, lane, after))
+            # Read before the record links the address to this contact and takes it as its last.
+            after, left = store.ahead_of(operation.payload, contact)
+            version = store.coalesce(operation, contact, lane, after, left)
+            meta.update(contact=contact, version=version)
         else:
             store.add_pending(operation, lane)
         if operation.kind == "track":
+            store.note_event(operation)
             if operation.contact:  # what a 404's upsert of its contact must not undo
                 meta["seen"] = store.version(store.contact_of(operation.contact))
             names = (operation.payload, operation.contact)

@@ -163,15 +163,15 @@ class DeliveryWorker:
         finally:
             self._release(held)
 
-    def _waits(self, after: Any, operation: Operation) -> bool:
+    def _waits(self, after: Any, operation: Operation, events: Any = ()) -> bool:
         """Whether one of the upserts ``after`` (``(contact, version)``) is not delivered
-        yet, and ``operation`` may still wait for it (at most the retry deadline after its
-        release: a stuck upsert holds it no longer)."""
+        yet, or one of the ``events`` (ids) not finished, and ``operation`` may still wait
+        (at most the retry deadline after its release: a stuck one holds it no longer)."""
         limit = self._retry.deadline
         if time.time() - operation.created_at > (EVENT_WAIT_LIMIT if limit is None else limit):
             return False
-        pending = self.store.pending_version
-        return any(pending([str(contact)], upto=int(version)) for contact, version in after)
+        pending, unfinished = self.store.pending_version, self.store.unfinished(list(events))
+        return any(unfinished) or any(pending([str(c)], upto=int(v)) for c, v in after)
 
     def _run_coalesced(self, operation: Operation, meta: dict[str, Any]) -> RunAgain | None:
         own = not meta.get("companion")
@@ -184,7 +184,7 @@ class DeliveryWorker:
             return self._again(claim.wait + random.uniform(0, 0.05), operation, meta)
         if claim.state == "missing":
             return self._attempt(operation, meta, [operation]) if own else None
-        if self._waits(claim.after, operation):
+        if self._waits(claim.after, operation, claim.events):
             self._release(claim)
             return self._again(0.1 + random.uniform(0, 0.05), operation, meta)
         fields = {"payload": claim.payload, "force": claim.force}

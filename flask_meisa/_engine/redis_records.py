@@ -54,6 +54,8 @@ class Claim:
     #: ``(contact, version)`` of other contacts' upserts to deliver first (see
     #: :meth:`RedisDeliveryStore.coalesce`).
     after: tuple[tuple[str, int], ...] = ()
+    #: Ids of events by the address its contact left, to be finished first.
+    events: tuple[str, ...] = ()
     #: The priorities of members that have one (a dead letter keeps its own).
     priorities: dict[str, Priority] = field(default_factory=dict)
 
@@ -69,10 +71,18 @@ class _Segment:
     force: bool
     priority: str | None
     after: list[list[Any]]
+    events: list[str] = field(default_factory=list)
 
     @classmethod
     def open(
-        cls, payload: Any, members: Any, version: Any, force: Any, priority: str | None, after: Any
+        cls,
+        payload: Any,
+        members: Any,
+        version: Any,
+        force: Any,
+        priority: str | None,
+        after: Any,
+        events: Any,
     ) -> _Segment:
         """The record's open part, from its fields as Redis gives them."""
         return cls(
@@ -82,6 +92,7 @@ class _Segment:
             bool(int(force or 0)),
             priority,
             json.loads(after or "[]"),
+            json.loads(events or "[]"),
         )
 
 
@@ -180,24 +191,26 @@ class ContactRecords:
         contact: str,
         lane: int,
         after: Iterable[tuple[str, int]] = (),
+        events: Iterable[str] = (),
     ) -> int:
         """Merge an upsert into its contact's record, pending in ``lane``; its new version.
         It joins the upserts waiting there as :func:`~flask_meisa.operations.join_upserts`
         decides (a backfill's as the older: see :func:`~flask_meisa.operations.by_age`);
         when they cannot be one (another address, a body too large), they are closed, to
         be delivered before it. ``after``: ``(contact, version)`` of other contacts'
-        upserts that its names pointed to, pending when it was made: delivered first."""
+        upserts that its names pointed to, pending when it was made: delivered first;
+        ``events``: ids of events to finish first (a part it joins keeps its own)."""
         record = self._key("contact", contact)
 
         def update(pipe: Any) -> int:
-            names = ("version", "payload", "members", "force", "priority", "after", "closed")
-            version, payload, members, force, priority, earlier, closed, priorities = pipe.hmget(
-                record, *names, "priorities"
+            names = ("version", "payload", "members", "force", "priority", "after", "events")
+            version, payload, members, force, priority, earlier, held, closed, priorities = (
+                pipe.hmget(record, *names, "closed", "priorities")
             )
             own = {operation.id: operation.priority} if operation.priority else {}
             segments = json.loads(closed or "[]")
             merged, ahead, joined_members = operation.payload, operation.priority, []
-            forced, waits = operation.force, {}
+            forced, waits, holds = operation.force, {}, list(events)
             if payload is not None:
                 first = cast("Priority | None", as_text(priority) or None)
                 older = by_age(json.loads(payload), first, operation.payload, ahead)
@@ -208,13 +221,13 @@ class ContactRecords:
                     with contextlib.suppress(ValidationError):
                         both = merge_upsert_payloads(*older)
                         joined = both, encode_body(both)
-                segment = _Segment.open(payload, members, version, force, first, earlier)
+                segment = _Segment.open(payload, members, version, force, first, earlier, held)
                 if joined is None:
                     segments.append(segment.__dict__)
                 else:
                     merged, ahead = joined[0], merge_priorities(first, ahead)
                     joined_members, forced = segment.members, forced or segment.force
-                    waits = dict(segment.after)
+                    waits, holds = dict(segment.after), segment.events
             for other, upto in after:
                 waits[other] = max(int(waits.get(other, 0)), int(upto))
             version = int(version or 0) + 1
@@ -228,6 +241,8 @@ class ContactRecords:
                     "force": int(forced),
                     "priority": ahead or "",
                     "after": json.dumps(sorted(waits.items())),
+                    "events": json.dumps(holds),
+                    "address": _digest(identities(merged)[1] or ""),
                     "closed": json.dumps(segments, separators=(",", ":")),
                     "priorities": json.dumps({**json.loads(priorities or "{}"), **own}),
                 },
@@ -246,9 +261,9 @@ class ContactRecords:
         token = uuid.uuid4().hex
 
         def decide(pipe: Any) -> Claim:
-            fields = ("version", "delivered", "payload", "members", "force", "after", "closed")
-            current, delivered, payload, members, force, after, closed, priorities = pipe.hmget(
-                record, *fields, "priorities"
+            fields = ("version", "delivered", "payload", "members", "force", "after", "events")
+            current, delivered, payload, members, force, after, events, closed, priorities = (
+                pipe.hmget(record, *fields, "closed", "priorities")
             )
             if current is None:
                 return Claim("missing")
@@ -261,7 +276,7 @@ class ContactRecords:
             first = (
                 _Segment(**segments[0])
                 if segments
-                else _Segment.open(payload, members, current, force, None, after)
+                else _Segment.open(payload, members, current, force, None, after, events)
             )
             pipe.multi()
             pipe.set(lease_key, token, px=max(int(lease * 1000), 1))
@@ -274,6 +289,7 @@ class ContactRecords:
                 token,
                 force=first.force,
                 after=tuple((str(c), int(v)) for c, v in first.after),
+                events=tuple(first.events),
                 priorities=json.loads(priorities or "{}"),
             )
 
@@ -344,7 +360,7 @@ class ContactRecords:
                     rest = [m for m in json.loads(members or "[]") if m not in claimed]
                     pipe.hset(record, mapping={"delivered": done, "members": json.dumps(rest)})
                     if int(current) == claim.version:
-                        pipe.hdel(record, "payload", "force", "priority", "after")
+                        pipe.hdel(record, "payload", "force", "priority", "after", "events")
             if holder == claim.token:
                 pipe.delete(lease_key)
 
@@ -374,10 +390,3 @@ class ContactRecords:
         if version is None or payload is None or int(version) <= int(delivered or 0):
             return None
         return cast("dict[str, Any]", json.loads(payload))
-
-    def pending_others(self, payload: Mapping[str, Any], contact: str) -> list[tuple[str, int]]:
-        """The contacts other than ``contact`` that the upsert ``payload``'s names are kept
-        under (an address first upserted alone, or held by another external_id), with an
-        upsert not delivered: ``(contact, version)``, which it must not overtake."""
-        others = (other for other in self.contacts(payload) if other != contact)
-        return [found for other in others if (found := self.pending_version([other]))]

@@ -1,5 +1,6 @@
 """The Celery engine's records in Redis besides the budget and the contact records: pending
-operations and their kept tasks, counters, the status (docs/celery.md)."""
+operations and their kept tasks, the events by each address alone, counters, the status
+(docs/celery.md)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ from typing import Any
 from ..operations import LANE_BACKFILL
 from ..operations import LANE_NAMES
 from ..operations import Operation
+from ..operations import identities
 from .base import LATENCY_WINDOW
 from .base import DeliveryStatus
+from .redis_records import RECORD_TTL
 from .redis_records import Claim
 from .redis_records import ContactRecords
+from .redis_records import _digest
 from .redis_records import as_text
 
 __all__ = ["Claim", "RedisDeliveryStore"]
@@ -45,6 +49,50 @@ class RedisDeliveryStore(ContactRecords):
             pipe.zrem(key, operation.id)
         pipe.zadd(self._pending[lane], {operation.id: operation.created_at})
         pipe.execute()
+
+    def note_event(self, operation: Operation) -> None:
+        """Note the event ``operation`` if Meisa finds its contact by its address alone (it
+        names no external_id): a move of that contact to another address waits for it."""
+        ext, email = identities(operation.payload)
+        if ext is None and email is not None:
+            key = self._key("events", _digest(email))
+            self._unfinished_at(key)  # those finished are dropped: the set stays small
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.zadd(key, {operation.id: operation.created_at}).expire(key, RECORD_TTL).execute()
+
+    def ahead_of(
+        self, payload: Mapping[str, Any], contact: str
+    ) -> tuple[list[tuple[str, int]], list[str]]:
+        """What the upsert ``payload`` of ``contact`` must not overtake: the other contacts
+        its names are kept under (an address first upserted alone, or held by another
+        external_id) with an upsert not delivered, ``(contact, version)``; and when it names
+        another address than the contact's last (a move), the ids of the events noted by
+        that address not finished: Meisa would find no contact for them after the move."""
+        others = (other for other in self.contacts(payload) if other != contact)
+        after = [found for other in others if (found := self.pending_version([other]))]
+        address = as_text(self.redis.hget(self._key("contact", contact), "address"))
+        _, email = identities(payload)
+        if not address or email is None or address == _digest(email):
+            return after, []
+        return after, self._unfinished_at(self._key("events", address))
+
+    def _unfinished_at(self, key: str) -> list[str]:
+        """The ids kept at ``key`` of operations not finished (the others are dropped)."""
+        ids = [as_text(op_id) for op_id in self.redis.zrange(key, 0, -1)]
+        waiting = dict(zip(ids, self.unfinished(ids), strict=True))
+        if done := [op_id for op_id, pending in waiting.items() if not pending]:
+            self.redis.zrem(key, *done)
+        return [op_id for op_id, pending in waiting.items() if pending]
+
+    def unfinished(self, ids: list[str]) -> list[bool]:
+        """Whether each operation of ``ids`` is pending."""
+        if not ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for key in self._pending.values():
+            pipe.zmscore(key, ids)
+        lanes = pipe.execute()
+        return [any(lane[n] is not None for lane in lanes) for n in range(len(ids))]
 
     def keep(self, lane: int, op: dict[str, Any], meta: dict[str, Any]) -> None:
         """Keep the task that delivers the operation ``op`` until it is finished, seen now."""

@@ -25,6 +25,9 @@ from .redis_records import as_text
 
 __all__ = ["Claim", "RedisDeliveryStore"]
 
+#: How many of an address's oldest events each new event of it checks for finished ones.
+_PRUNED = 8
+
 #: Answers kept per lane for the status's latency figures.
 ANSWERS_KEPT = 2_000
 #: How long the date of a send's first attempt outlives an operation that never finishes.
@@ -56,7 +59,9 @@ class RedisDeliveryStore(ContactRecords):
         ext, email = identities(operation.payload)
         if ext is None and email is not None:
             key = self._key("events", _digest(email))
-            self._unfinished_at(key)  # those finished are dropped: the set stays small
+            # The oldest few finished are dropped: the set stays small, and a flood of one
+            # address's events costs each publish the same.
+            self._unfinished_at(key, _PRUNED)
             pipe = self.redis.pipeline(transaction=True)
             pipe.zadd(key, {operation.id: operation.created_at}).expire(key, RECORD_TTL).execute()
 
@@ -76,9 +81,10 @@ class RedisDeliveryStore(ContactRecords):
             return after, []
         return after, self._unfinished_at(self._key("events", address))
 
-    def _unfinished_at(self, key: str) -> list[str]:
-        """The ids kept at ``key`` of operations not finished (the others are dropped)."""
-        ids = [as_text(op_id) for op_id in self.redis.zrange(key, 0, -1)]
+    def _unfinished_at(self, key: str, oldest: int = 0) -> list[str]:
+        """The ids kept at ``key`` (the ``oldest`` only, if given) of operations not
+        finished; the others are dropped."""
+        ids = [as_text(op_id) for op_id in self.redis.zrange(key, 0, oldest - 1)]
         waiting = dict(zip(ids, self.unfinished(ids), strict=True))
         if done := [op_id for op_id, pending in waiting.items() if not pending]:
             self.redis.zrem(key, *done)

@@ -842,3 +842,62 @@ def test_the_oldest_row_not_over_says_whether_any_row_read_earlier_is_left(
 def _row(db: sqlite3.Connection, seq: int) -> pending.Row:
     values = db.execute(f"SELECT {pending.OP_COLUMNS} FROM meisa_ops WHERE seq = ?", (seq,))
     return pending.row_of(values.fetchone())
+
+
+def deliver(db: sqlite3.Connection, calls: int) -> list[str]:
+    """Make ``calls`` calls: whose row each was (its ``external_id``)."""
+    gone = []
+    for _ in range(calls):
+        row = take(db)
+        assert row is not None
+        pending.finish(db, row)
+        gone.append(str(row.operation.payload["external_id"]))
+    return gone
+
+
+def steady_user(db: sqlite3.Connection) -> list[str]:
+    """A user with an event a call, and a newcomer's event a call, for more calls than
+    :data:`~flask_meisa._engine.pending.FAIR_SHARE`: whose events are left waiting."""
+    add(db, track(1, "steady-0"))
+    for n in range(1, pending.FAIR_SHARE + 20):
+        add(db, track(1, f"steady-{n}"))
+        add(db, track(1000 + n, "signed_up"))
+        deliver(db, 2)
+    query = (
+        "SELECT json_extract(payload, '$.external_id') FROM meisa_ops "
+        "WHERE kind = 'track' AND state = 'pending' ORDER BY seq"
+    )
+    return [name for (name,) in db.execute(query)]
+
+
+def test_a_waiting_backfill_makes_no_users_one_event_the_first_shed(
+    db: sqlite3.Connection,
+) -> None:
+    # `flask meisa sync-users` waits in the backfill lane while live work comes and goes:
+    # a user with one event waiting is no flood, and a full queue sheds the routine sync.
+    add(db, upsert(7, priority="backfill"), LANE_BACKFILL)
+    assert len(steady_user(db)) == 1
+    add(db, track(1, "steady-last"))
+    routine = upsert(8)
+    add(db, routine, LANE_ROUTINE)
+    assert pending.shed(db, pending.live_count(db) - 1) == [routine]
+
+
+def test_a_requeued_dead_letter_puts_no_waiting_work_behind_later_work(
+    db: sqlite3.Connection,
+) -> None:
+    add(db, track(9, "refused"))
+    refused = take(db)
+    assert refused is not None
+    dead.bury(db, refused, RuntimeError("refused"))
+    (waiting,) = steady_user(db)
+    assert dead.requeue(db) == 1
+    # The event waiting goes before the events of newcomers stored after it...
+    for n in range(3):
+        add(db, track(2000 + n, "signed_up"))
+    assert deliver(db, 2) == ["9", waiting]
+    # ... and a full queue sheds a routine sync before the work of a user with one event.
+    add(db, track(1, "steady-last"))
+    routine = upsert(8)
+    add(db, routine, LANE_ROUTINE)
+    assert pending.shed(db, pending.live_count(db) - 1) == [routine]

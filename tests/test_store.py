@@ -22,7 +22,9 @@ from flask_meisa.errors import APITimeoutError
 from flask_meisa.errors import BadRequestError
 from flask_meisa.errors import ConfigurationError
 from flask_meisa.errors import ValidationError
+from flask_meisa.operations import LANE_AUTOMATION
 from flask_meisa.operations import LANE_ROUTINE
+from flask_meisa.operations import Operation
 from tests.engine_support import upsert
 
 TABLES = {"meisa_ops", "meisa_calls", "meisa_known", "meisa_answers", "meisa_meta"}
@@ -115,7 +117,7 @@ def test_a_store_of_the_previous_version_gives_its_rows_the_first_turn(tmp_path:
         pending.add(db, upsert(1), LANE_ROUTINE)
     with contextlib.closing(sqlite3.connect(path)) as db:  # as the previous version wrote it
         db.executescript(
-            "DROP INDEX meisa_ops_turns; DROP INDEX meisa_ops_live_turn; "
+            "DROP INDEX meisa_ops_turns; DROP INDEX meisa_ops_first_turn; "
             "ALTER TABLE meisa_ops DROP COLUMN turn; "
             "CREATE INDEX meisa_ops_next ON meisa_ops (state, lane, seq);"
         )
@@ -134,6 +136,37 @@ def test_a_store_of_the_previous_version_gives_its_rows_the_first_turn(tmp_path:
         indexes = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
     assert order == ["t-1", "old", "t-2"]
     assert "meisa_ops_next" not in indexes
+
+
+def test_rows_a_previous_version_still_writes_put_no_waiting_work_behind_later_work(
+    tmp_path: Path,
+) -> None:
+    def event(user: int) -> Operation:
+        return Operation("track", {"event_name": "clicked", "external_id": f"t-{user}"})
+
+    with contextlib.closing(Store(tmp_path / "store.sqlite3")) as store, store.write() as db:
+        for _ in range(pending.FAIR_SHARE + 20):  # one user's flood, all but one delivered
+            pending.add(db, event(1), LANE_AUTOMATION)
+        for _ in range(pending.FAIR_SHARE + 19):
+            row = pending.next_ready(db, 0.0)
+            assert row is not None
+            pending.finish(db, row)
+        pending.add(db, event(2), LANE_AUTOMATION)
+        # A process of the previous version, still running, stores a row without a turn.
+        db.execute(
+            "INSERT INTO meisa_ops (id, kind, lane, ext, payload, created_at) "
+            "VALUES ('old', 'track', ?, 'ext:t-3', '{\"external_id\": \"t-3\"}', 0)",
+            (LANE_AUTOMATION,),
+        )
+        pending.add(db, event(4), LANE_AUTOMATION)
+        routine = upsert(5)
+        pending.add(db, routine, LANE_ROUTINE)
+        assert pending.shed(db, pending.live_count(db) - 1) == [routine]
+        order = []
+        while (row := pending.next_ready(db, 0.0)) is not None:
+            order.append(row.operation.payload["external_id"])
+            pending.finish(db, row)
+    assert order == ["t-3", "t-1", "t-2", "t-4"]
 
 
 @pytest.mark.parametrize("where", ["under-a-file", "a-folder"])

@@ -36,14 +36,15 @@ _BY_NAME = (
     "UNION ALL SELECT {columns} FROM meisa_ops WHERE email = ? AND {where}"
 )
 _UPSERTS = "kind = 'upsert' AND state = 'pending'"
-# The turn of the row waiting longest (rows stored since take turns after it).
-_FIRST_TURN = f"(SELECT min(turn) FROM meisa_ops WHERE {_LIVE})"
+# The lowest turn of live work (first_turn): what a backfill waits with takes no turns
+# with it, and the partial index meisa_ops_first_turn holds the rest.
+_FIRST_TURN = f"SELECT min(turn) FROM meisa_ops WHERE {_LIVE} AND lane < {LANE_BACKFILL}"
 # One read of a contact's live rows: its latest waiting upsert (all NULL when none), its
-# latest upsert in any state, the highest lane among them, and the turn a new row of the
-# contact takes: after its last one, else the next (docs/delivery.md: contacts take turns).
+# latest upsert in any state, the highest lane among them, and its last turn (a new row of
+# the contact takes the next; docs/delivery.md: contacts take turns).
 _CONTACT = (
     "SELECT o.seq, o.payload, o.priority, o.force, o.lane, o.ext, o.email, c.last, c.top, "
-    f"coalesce(c.turn, {_FIRST_TURN}, 0) + 1 "
+    "c.turn "
     f"FROM (SELECT max(CASE WHEN {_UPSERTS} THEN seq END) AS latest, "
     "max(CASE WHEN kind = 'upsert' THEN seq END) AS last, max(lane) AS top, max(turn) AS turn "
     f"FROM ({_BY_NAME.format(columns='seq, kind, state, lane, turn', where=_LIVE)})) "
@@ -106,6 +107,7 @@ def add(db: sqlite3.Connection, operation: Operation, lane: int | Callable[[], i
     names = keys(operation)
     found = db.execute(_CONTACT, names).fetchone()
     seq, payload, priority, force, their_lane, ext, email, last, top, turn = found
+    turn = max(first_turn(db), turn or 0) + 1  # after the contact's last, and the first
     # Merged into a row ahead of routine syncs, an upsert takes the lower of that row's
     # lane and its own: whether it would itself go ahead of them does not matter.
     if callable(lane) and (their_lane is None or their_lane > LANE_AUTOMATION):
@@ -172,14 +174,26 @@ def shed(db: sqlite3.Connection, capacity: int) -> list[Operation]:
     victims = (
         "SELECT {} FROM meisa_ops WHERE state = 'pending' AND lane IN (?, ?) "
         "AND priority IS NOT 'backfill' "
-        f"ORDER BY CASE WHEN turn > {_FIRST_TURN} + ? THEN turn END DESC, lane DESC, seq "
-        "LIMIT ?"
+        "ORDER BY CASE WHEN turn > ? THEN turn END DESC, lane DESC, seq LIMIT ?"
     )
-    params = (LANE_AUTOMATION, LANE_ROUTINE, FAIR_SHARE, excess)
+    params = (LANE_AUTOMATION, LANE_ROUTINE, first_turn(db) + FAIR_SHARE, excess)
     rows = [row_of(values) for values in db.execute(victims.format(OP_COLUMNS), params)]
     db.execute(f"DELETE FROM meisa_ops WHERE seq IN ({victims.format('seq')})", params)
     Store.count(db, "dropped", sum(row.merged for row in rows))
     return [row.operation for row in rows]
+
+
+def first_turn(db: sqlite3.Connection) -> int:
+    """The turn live work waits at: the lowest turn of a live row in a lane before the
+    backfill, never lower than it was. A row that comes back with an older turn (a dead
+    letter requeued, a backfill row a login lifts, one a previous version or a replaced or
+    damaged file left without a turn) goes first, and no other contact's work waiting
+    then counts as later for it."""
+    noted, lowest = int(Store.get_meta(db, "turn", 0)), db.execute(_FIRST_TURN).fetchone()[0]
+    if lowest is None or lowest <= noted:
+        return noted
+    Store.set_meta(db, "turn", lowest)
+    return int(lowest)
 
 
 def live_count(db: sqlite3.Connection) -> int:

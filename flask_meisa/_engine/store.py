@@ -80,7 +80,8 @@ CREATE TABLE IF NOT EXISTS meisa_ops (
     turn INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS meisa_ops_turns ON meisa_ops (state, lane, turn, seq);
-CREATE INDEX IF NOT EXISTS meisa_ops_live_turn ON meisa_ops (turn) WHERE state != 'dead';
+CREATE INDEX IF NOT EXISTS meisa_ops_first_turn ON meisa_ops (turn)
+    WHERE state != 'dead' AND lane < 3;
 CREATE INDEX IF NOT EXISTS meisa_ops_ext ON meisa_ops (ext, seq) WHERE ext IS NOT NULL;
 CREATE INDEX IF NOT EXISTS meisa_ops_email ON meisa_ops (email, seq) WHERE email IS NOT NULL;
 CREATE TABLE IF NOT EXISTS meisa_calls (

@@ -169,6 +169,29 @@ def test_rows_a_previous_version_still_writes_put_no_waiting_work_behind_later_w
     assert order == ["t-3", "t-1", "t-2", "t-4"]
 
 
+def test_a_flood_carried_from_a_replaced_store_file_keeps_its_turns(tmp_path: Path) -> None:
+    path = tmp_path / "store.sqlite3"
+
+    def event(user: int) -> Operation:
+        return Operation("track", {"event_name": "clicked", "external_id": f"t-{user}"})
+
+    with contextlib.closing(Store(path)) as store:
+        with store.write() as db:
+            for _ in range(20):
+                pending.add(db, event(1), LANE_AUTOMATION)
+        for suffix in ("", "-wal", "-shm"):  # a deploy script wipes the instance folder
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(f"{path}{suffix}", f"{path}.gone{suffix}")
+        assert store.moved() and store.follow() == 20
+        with store.write() as db:
+            pending.add(db, event(2), LANE_AUTOMATION)
+            order = []
+            while (row := pending.next_ready(db, 0.0)) is not None:
+                order.append(row.operation.payload["external_id"])
+                pending.finish(db, row)
+    assert order.index("t-2") == 2  # in its turn, not after all of the flood
+
+
 @pytest.mark.parametrize("where", ["under-a-file", "a-folder"])
 def test_a_path_that_cannot_be_a_file_is_a_configuration_error(tmp_path: Path, where: str) -> None:
     (tmp_path / "a-file").write_text("not a folder")

@@ -329,6 +329,12 @@ def carry_over(old: sqlite3.Connection, store: Store, *, release: bool = False) 
         rows = [_waiting(row) for row in old.execute(query)]
         with store.write() as db:
             store.now(db)
+            # Their turns as far from the first turn of the file now there (pending's
+            # first_turn) as from the old one's; a fresh file takes the old one's.
+            there_first = store.get_meta(db, "turn")
+            if there_first is not None:
+                shift = int(there_first) - int(store.get_meta(old, "turn", 0))
+                rows = [(*row[:-1], row[-1] + shift) for row in rows]
             if release:
                 db.execute("UPDATE meisa_ops SET state = 'pending' WHERE state = 'flight'")
             # The file now there may be a copy of the old one (a backup restored): a row of
@@ -359,9 +365,10 @@ _CARRIED = (
     "attempts, first_attempt, merged, error_status, error_code, error_message, failed_at"
 )
 _SALVAGED = f"seq, {_CARRIED}"
-# Carried over with when a retry is due and how far an event's recovery went: Meisa asked
-# for the wait, and the old file was read whole.
-_MOVED = f"{_CARRIED}, ready_at, recover"
+# Carried over with when a retry is due and how far an event's recovery went (Meisa asked
+# for the wait, and the old file was read whole), and its turn (last: the old file is this
+# version's; a damaged one may be of the previous version, which had none).
+_MOVED = f"{_CARRIED}, ready_at, recover, turn"
 _COLUMNS = len(_MOVED.split(","))
 
 

@@ -86,16 +86,20 @@ def dead_letters(db: sqlite3.Connection, seqs: Iterable[int] | None = None) -> l
         f"SELECT {OP_COLUMNS}, error_status, error_code, error_message, failed_at "
         "FROM meisa_ops WHERE state = 'dead'"
     )
-    return [
-        DeadLetter(
-            **vars(row_of(values)),
-            status=values[13],
-            code=values[14],
-            message=values[15] or "",
-            failed_at=float(values[16] or 0.0),
+    letters = []
+    for values in each_row(db, query, seqs, " ORDER BY seq").fetchall():
+        status, code, message, failed_at = values[-4:]
+        row = vars(row_of(values))
+        letters.append(
+            DeadLetter(
+                **row,
+                status=status,
+                code=code,
+                message=message or "",
+                failed_at=float(failed_at or 0.0),
+            )
         )
-        for values in each_row(db, query, seqs, " ORDER BY seq").fetchall()
-    ]
+    return letters
 
 
 def outdated(db: sqlite3.Connection, letters: Iterable[DeadLetter]) -> list[int]:

@@ -329,8 +329,8 @@ def carry_over(old: sqlite3.Connection, store: Store, *, release: bool = False) 
         rows = [_waiting(row) for row in old.execute(query)]
         with store.write() as db:
             store.now(db)
-            # Their turns as far from the first turn of the file now there (pending's
-            # first_turn) as from the old one's; a fresh file takes the old one's.
+            # Their turns as far from the turn taken in the file now there (pending's
+            # turn_taken) as from the old one's; a fresh file takes the old one's.
             there_first = store.get_meta(db, "turn")
             if there_first is not None:
                 shift = int(there_first) - int(store.get_meta(old, "turn", 0))

@@ -8,6 +8,7 @@ import sqlite3
 from collections.abc import Callable
 from collections.abc import Iterable
 from dataclasses import dataclass
+from dataclasses import field
 from typing import Any
 from typing import NamedTuple
 
@@ -27,7 +28,7 @@ from .store import marks
 #: The columns :func:`row_of` reads, in order.
 OP_COLUMNS = (
     "seq, id, kind, lane, payload, contact, priority, force, created_at, attempts, "
-    "first_attempt, recover, merged"
+    "first_attempt, recover, merged, turn"
 )
 _LIVE = "state != 'dead'"
 # A contact's rows by either of its names, each through its own index.
@@ -36,9 +37,6 @@ _BY_NAME = (
     "UNION ALL SELECT {columns} FROM meisa_ops WHERE email = ? AND {where}"
 )
 _UPSERTS = "kind = 'upsert' AND state = 'pending'"
-# The lowest turn of live work (first_turn): what a backfill waits with takes no turns
-# with it, and the partial index meisa_ops_first_turn holds the rest.
-_FIRST_TURN = f"SELECT min(turn) FROM meisa_ops WHERE {_LIVE} AND lane < {LANE_BACKFILL}"
 # One read of a contact's live rows: its latest waiting upsert (all NULL when none), its
 # latest upsert in any state, the highest lane among them, and its last turn (a new row of
 # the contact takes the next; docs/delivery.md: contacts take turns).
@@ -71,6 +69,8 @@ class Row:
     recover: int
     #: How many submitted operations this row stands for (merged upserts).
     merged: int
+    #: Its contact's turn (see :func:`add`; none for a Celery dead letter).
+    turn: int = field(default=0, kw_only=True)
 
 
 def row_of(values: Any) -> Row:
@@ -80,7 +80,8 @@ def row_of(values: Any) -> Row:
     operation = Operation(
         kind, json.loads(payload), contact, op_id, created, attempts, priority, bool(force)
     )
-    return Row(int(seq), operation, int(lane), values[10], int(values[11]), int(values[12]))
+    first_attempt, recover, merged, turn = values[10:14]
+    return Row(int(seq), operation, int(lane), first_attempt, int(recover), int(merged), turn=turn)
 
 
 def keys(operation: Operation) -> tuple[str | None, str | None]:
@@ -107,7 +108,6 @@ def add(db: sqlite3.Connection, operation: Operation, lane: int | Callable[[], i
     names = keys(operation)
     found = db.execute(_CONTACT, names).fetchone()
     seq, payload, priority, force, their_lane, ext, email, last, top, turn = found
-    turn = max(first_turn(db), turn or 0) + 1  # after the contact's last, and the first
     # Merged into a row ahead of routine syncs, an upsert takes the lower of that row's
     # lane and its own: whether it would itself go ahead of them does not matter.
     if callable(lane) and (their_lane is None or their_lane > LANE_AUTOMATION):
@@ -121,6 +121,7 @@ def add(db: sqlite3.Connection, operation: Operation, lane: int | Callable[[], i
         joined = join_upserts(*older)
     if joined is None:
         lane = lane() if callable(lane) else lane
+        turn = max(turn_taken(db), turn or 0) + 1  # after the contact's last, and the current
         contact = None if operation.contact is None else json.dumps(operation.contact)
         row = (operation.id, operation.kind, lane, *names, operation.json, contact)
         more = (operation.priority, int(operation.force), operation.created_at, operation.attempts)
@@ -176,24 +177,19 @@ def shed(db: sqlite3.Connection, capacity: int) -> list[Operation]:
         "AND priority IS NOT 'backfill' "
         "ORDER BY CASE WHEN turn > ? THEN turn END DESC, lane DESC, seq LIMIT ?"
     )
-    params = (LANE_AUTOMATION, LANE_ROUTINE, first_turn(db) + FAIR_SHARE, excess)
+    params = (LANE_AUTOMATION, LANE_ROUTINE, turn_taken(db) + FAIR_SHARE, excess)
     rows = [row_of(values) for values in db.execute(victims.format(OP_COLUMNS), params)]
     db.execute(f"DELETE FROM meisa_ops WHERE seq IN ({victims.format('seq')})", params)
     Store.count(db, "dropped", sum(row.merged for row in rows))
     return [row.operation for row in rows]
 
 
-def first_turn(db: sqlite3.Connection) -> int:
-    """The turn live work waits at: the lowest turn of a live row in a lane before the
-    backfill, never lower than it was. A row that comes back with an older turn (a dead
-    letter requeued, a backfill row a login lifts, one a previous version or a replaced or
-    damaged file left without a turn) goes first, and no other contact's work waiting
-    then counts as later for it."""
-    noted, lowest = int(Store.get_meta(db, "turn", 0)), db.execute(_FIRST_TURN).fetchone()[0]
-    if lowest is None or lowest <= noted:
-        return noted
-    Store.set_meta(db, "turn", lowest)
-    return int(lowest)
+def turn_taken(db: sqlite3.Connection) -> int:
+    """The highest turn a call was made for (the current turn): a new contact's row takes
+    the next. A row held back meanwhile (retrying, routine behind urgent work, backfill, one
+    a previous version or a damaged file left without a turn, a dead letter requeued) goes
+    first when it is free, and moves nobody's turn."""
+    return int(Store.get_meta(db, "turn", 0))
 
 
 def live_count(db: sqlite3.Connection) -> int:
@@ -284,7 +280,9 @@ def next_due(db: sqlite3.Connection, now: float) -> float | None:
 
 
 def take(db: sqlite3.Connection, row: Row, now: float) -> None:
-    """Mark ``row`` in flight (one more attempt)."""
+    """Mark ``row`` in flight (one more attempt), its turn taken."""
+    if row.turn > turn_taken(db):
+        Store.set_meta(db, "turn", row.turn)
     row.operation.attempts += 1
     if row.first_attempt is None:
         row.first_attempt = now

@@ -80,8 +80,7 @@ CREATE TABLE IF NOT EXISTS meisa_ops (
     turn INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS meisa_ops_turns ON meisa_ops (state, lane, turn, seq);
-CREATE INDEX IF NOT EXISTS meisa_ops_first_turn ON meisa_ops (turn)
-    WHERE state != 'dead' AND lane < 3;
+DROP INDEX IF EXISTS meisa_ops_next;
 CREATE INDEX IF NOT EXISTS meisa_ops_ext ON meisa_ops (ext, seq) WHERE ext IS NOT NULL;
 CREATE INDEX IF NOT EXISTS meisa_ops_email ON meisa_ops (email, seq) WHERE email IS NOT NULL;
 CREATE TABLE IF NOT EXISTS meisa_calls (
@@ -362,11 +361,10 @@ def _columns(db: sqlite3.Connection, table: str) -> set[str]:
 
 
 def _add_turns(db: sqlite3.Connection) -> None:
-    """A store of an earlier version: its rows take the first turn (they are the oldest).
+    """A store of an earlier version: its rows take turn 0 and go first (the oldest).
     Its processes still running write rows without one, and those go first too."""
     if "turn" not in _columns(db, "meisa_ops"):  # another process may have added it
         db.execute("ALTER TABLE meisa_ops ADD COLUMN turn INTEGER NOT NULL DEFAULT 0")
-        db.execute("DROP INDEX IF EXISTS meisa_ops_next")
 
 
 def _in_transaction(db: sqlite3.Connection, work: Callable[[sqlite3.Connection], None]) -> None:

@@ -870,17 +870,27 @@ def steady_user(db: sqlite3.Connection) -> list[str]:
     return [name for (name,) in db.execute(query)]
 
 
-def test_a_waiting_backfill_makes_no_users_one_event_the_first_shed(
-    db: sqlite3.Connection,
+@pytest.mark.parametrize("held", ["backfill", "retrying", "routine"])
+def test_work_held_back_makes_no_users_one_event_the_first_shed(
+    db: sqlite3.Connection, held: str
 ) -> None:
-    # `flask meisa sync-users` waits in the backfill lane while live work comes and goes:
-    # a user with one event waiting is no flood, and a full queue sheds the routine sync.
-    add(db, upsert(7, priority="backfill"), LANE_BACKFILL)
-    assert len(steady_user(db)) == 1
+    # Work waits while live work comes and goes: `flask meisa sync-users` in the backfill
+    # lane, a row waiting to retry, a routine sync behind urgent work. A user with one
+    # event waiting is no flood, and a full queue sheds the routine sync.
+    if held == "backfill":
+        add(db, upsert(7, priority="backfill"), LANE_BACKFILL)
+    elif held == "routine":
+        add(db, upsert(7), LANE_ROUTINE)
+    else:
+        add(db, track(7, "retrying"))
+        row = take(db)
+        assert row is not None
+        pending.retry_at(db, row, 1e12)
+    assert len([name for name in steady_user(db) if name != "7"]) == 1
     add(db, track(1, "steady-last"))
-    routine = upsert(8)
-    add(db, routine, LANE_ROUTINE)
-    assert pending.shed(db, pending.live_count(db) - 1) == [routine]
+    add(db, upsert(8), LANE_ROUTINE)
+    (shed,) = pending.shed(db, pending.live_count(db) - 1)
+    assert shed.kind == "upsert"  # a routine sync, not the user's event
 
 
 def test_a_requeued_dead_letter_puts_no_waiting_work_behind_later_work(

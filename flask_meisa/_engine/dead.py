@@ -89,16 +89,8 @@ def dead_letters(db: sqlite3.Connection, seqs: Iterable[int] | None = None) -> l
     letters = []
     for values in each_row(db, query, seqs, " ORDER BY seq").fetchall():
         status, code, message, failed_at = values[-4:]
-        row = vars(row_of(values))
-        letters.append(
-            DeadLetter(
-                **row,
-                status=status,
-                code=code,
-                message=message or "",
-                failed_at=float(failed_at or 0.0),
-            )
-        )
+        error = {"status": status, "code": code, "message": message or ""}
+        letters.append(DeadLetter(**vars(row_of(values)), **error, failed_at=failed_at or 0.0))
     return letters
 
 

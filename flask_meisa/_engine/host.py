@@ -331,9 +331,9 @@ def carry_over(old: sqlite3.Connection, store: Store, *, release: bool = False) 
             store.now(db)
             # Their turns as far from the turn taken in the file now there (pending's
             # turn_taken) as from the old one's; a fresh file takes the old one's.
-            there_first = store.get_meta(db, "turn")
-            if there_first is not None:
-                shift = int(there_first) - int(store.get_meta(old, "turn", 0))
+            taken_there = store.get_meta(db, "turn")
+            if taken_there is not None:
+                shift = int(taken_there) - int(store.get_meta(old, "turn", 0))
                 rows = [(*row[:-1], row[-1] + shift) for row in rows]
             if release:
                 db.execute("UPDATE meisa_ops SET state = 'pending' WHERE state = 'flight'")

@@ -52,8 +52,8 @@ _INSERT = (
     "INSERT INTO meisa_ops (id, kind, lane, ext, email, payload, contact, priority, force, "
     "created_at, attempts, turn) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-#: A contact's waiting rows past this many turns behind the first are shed first from a
-#: full queue: one contact's flood never pushes out the others' work.
+#: A contact's waiting rows more than this many turns after the current one are shed
+#: first from a full queue: one contact's flood never pushes out the others' work.
 FAIR_SHARE = 100
 
 
@@ -102,9 +102,8 @@ class Added(NamedTuple):
 def add(db: sqlite3.Connection, operation: Operation, lane: int | Callable[[], int]) -> Added:
     """Store ``operation`` in ``lane`` (or merge it into its contact's waiting upsert).
     ``lane`` may be :func:`lane_of` reading the store, left uncalled when a merge makes the
-    answer moot. A new row takes the turn after its contact's last row, or, when none
-    waits, the turn after the first one waiting (the contact's first is as early as
-    anybody's next)."""
+    answer moot. A new row takes the turn after its contact's last row and after the
+    current one (:func:`turn_taken`): a contact's first is as early as anybody's next."""
     names = keys(operation)
     found = db.execute(_CONTACT, names).fetchone()
     seq, payload, priority, force, their_lane, ext, email, last, top, turn = found
@@ -165,8 +164,8 @@ def add(db: sqlite3.Connection, operation: Operation, lane: int | Callable[[], i
 
 
 def shed(db: sqlite3.Connection, capacity: int) -> list[Operation]:
-    """Past ``capacity`` live rows, remove and return (counted dropped) the rows of a
-    contact more than :data:`FAIR_SHARE` turns behind, last turn first, then the oldest
+    """Past ``capacity`` live rows, remove and return (counted dropped) the rows more than
+    :data:`FAIR_SHARE` turns after the current one, last turn first, then the oldest
     routine syncs, then the oldest automation-lane rows; never sends, backfill or rows in
     flight."""
     excess = live_count(db) - capacity

@@ -588,7 +588,9 @@ def test_a_waiting_flush_looks_now_and_then_not_in_a_loop(
     engine.store.read = counted  # type: ignore[method-assign]
     assert engine.flush(0.5) is False
     engine.store.read = read  # type: ignore[method-assign]
-    assert len(looks) <= 10  # about once a poll (0.1 s), and when woken
+    # Once a poll (0.1 s) and once a writer's pass (as often): some ten looks, not a loop's
+    # thousands; twice that leaves room for a busy machine's late wake-ups.
+    assert len(looks) <= 20
 
 
 def test_submit_after_close(

@@ -338,7 +338,9 @@ class Store:
         schema version and its pages."""
         assert self.path is not None
         for name in (self.path, *(self.path + end for end in ("-wal", "-shm", ".lock"))):
-            if os.path.exists(name) and not os.access(name, os.W_OK):
+            # Access first: a -shm another process's last connection removes meanwhile is
+            # no file this one cannot write.
+            if not os.access(name, os.W_OK) and os.path.exists(name):
                 raise PermissionError(f"{name} is not writable by this process")
         with self.read() as db:
             if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":

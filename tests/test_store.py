@@ -16,6 +16,7 @@ import pytest
 from flask_meisa._engine import dead
 from flask_meisa._engine import pending
 from flask_meisa._engine.host import HostLock
+from flask_meisa._engine.host import set_aside
 from flask_meisa._engine.store import SCHEMA_VERSION
 from flask_meisa._engine.store import Store
 from flask_meisa.errors import APITimeoutError
@@ -191,6 +192,26 @@ def test_a_flood_carried_from_a_replaced_store_file_keeps_its_turns(tmp_path: Pa
                 order.append(row.operation.payload["external_id"])
                 pending.finish(db, row)
     assert order.index("t-2") == 1  # in its turn, not after all of the flood
+
+
+def test_a_flood_salvaged_from_a_damaged_store_file_goes_in_turns(tmp_path: Path) -> None:
+    path = tmp_path / "store.sqlite3"
+
+    def event(user: int) -> Operation:
+        return Operation("track", {"event_name": "clicked", "external_id": f"t-{user}"})
+
+    with contextlib.closing(Store(path)) as store:
+        with store.write() as db:
+            for user in [1] * 20 + [2]:
+                pending.add(db, event(user), LANE_AUTOMATION)
+        store.close()
+        set_aside(store, sqlite3.DatabaseError("malformed"))
+        with store.write() as db:
+            order = []
+            while (row := pending.next_ready(db, 0.0)) is not None:
+                order.append(row.operation.payload["external_id"])
+                pending.finish(db, row)
+    assert len(order) == 21 and order.index("t-2") == 1  # in its turn, not after the flood
 
 
 @pytest.mark.parametrize("where", ["under-a-file", "a-folder"])

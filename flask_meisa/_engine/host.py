@@ -299,9 +299,9 @@ def set_aside(store: Store, error: BaseException) -> None:
     store.check()
     with store.write() as db:
         db.executemany(
-            f"INSERT INTO meisa_ops ({_SALVAGED}) "
-            f"VALUES ({', '.join('?' * len(_SALVAGED.split(',')))})",
-            rows,
+            f"INSERT INTO meisa_ops ({_SALVAGED}, turn) "
+            f"VALUES ({', '.join('?' * (len(_SALVAGED.split(',')) + 1))})",
+            _with_turns(rows),
         )
     logger.error(
         "flask-meisa: the delivery store %s is damaged (%s); it was moved to %s and a "
@@ -375,6 +375,17 @@ _COLUMNS = len(_MOVED.split(","))
 def _waiting(row: tuple[Any, ...]) -> tuple[Any, ...]:
     """A row as it waits again: one in flight (its call was made, or not) is pending."""
     return tuple("pending" if value == "flight" else value for value in row)
+
+
+def _with_turns(rows: list[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
+    """Salvaged rows (a damaged file may have none, or lost the current turn), each with
+    its turn again: a contact's n-th row takes turn n (one contact's flood goes in turns)."""
+    last: dict[str, int] = {}
+    for row in rows:
+        names = [name for name in row[4:6] if name is not None]  # ext, email of _SALVAGED
+        turn = 1 + max((last.get(name, 0) for name in names), default=0)
+        last.update(dict.fromkeys(names, turn))
+        yield (*row, turn)
 
 
 def _salvage(path: str) -> list[tuple[Any, ...]]:

@@ -1,6 +1,6 @@
 """The rate budget kept in Redis: slots dated by answers, in-flight calls, the reserve
-for sends, a backfill's share, leases of dead workers, pauses, tickets by lane (a due
-waiter of a higher lane holds its slot), and one budget per API key."""
+for sends, a backfill's share, leases of dead workers, pauses, waiters by lane and turn (a
+due waiter of a higher lane holds its slot), and one budget per API key."""
 
 from __future__ import annotations
 
@@ -124,16 +124,18 @@ def test_a_pause_holds_every_call_and_is_never_shortened(make_budget: MakeBudget
     assert got.wait > 0.5
 
 
-def test_waiters_get_tickets_spaced_by_the_budget_after_the_lanes_ahead(
+def test_waiters_wait_a_slot_apart_in_turn_after_the_lanes_ahead(
     make_budget: MakeBudget,
 ) -> None:
     budget = make_budget("10/second")
     take(budget, 10)
     asked: list[tuple[float, float, float]] = []  # (before, wait, after) of each waiter
-    for n in range(4):
+    places = []
+    for n in range(4):  # one contact's: each a turn after the last
         before = time.monotonic()
-        wait = budget.acquire(lease=LEASE, waiter=f"r{n}").wait
-        asked.append((before, wait, time.monotonic()))
+        got = budget.acquire(lease=LEASE, waiter=f"r{n}", contact="flood")
+        asked.append((before, got.wait, time.monotonic()))
+        places.append(got.place)
     waits = [wait for _, wait, _ in asked]
     # Each wait counts from its own call: the time between two calls (measured, as a busy
     # machine may take a while) adds to the difference of their waits to give their spacing.
@@ -141,11 +143,52 @@ def test_waiters_get_tickets_spaced_by_the_budget_after_the_lanes_ahead(
         shortest = next_wait - wait + (next_before - after)
         longest = next_wait - wait + (next_after - before)
         assert shortest < 0.12 and longest > 0.08, asked
-    # A send and an automation change come back before the routine syncs waiting.
+    # Asked again, a waiter keeps its place: it is not pushed back by its own.
+    assert budget.acquire(lease=LEASE, waiter="r3", place=places[3]).wait <= waits[3]
+    # Another contact's first goes as early as the flood's next; a send and an automation
+    # change come back before the routine syncs waiting.
+    assert budget.acquire(lease=LEASE, waiter="other", contact="other").wait < waits[1]
     assert budget.acquire(lease=LEASE, lane=LANE_TRANSACTIONAL).wait < waits[1]
     assert budget.acquire(lease=LEASE, lane=LANE_AUTOMATION, waiter="a").wait < waits[1]
-    # Asked again, a waiter keeps its place: its ticket is not pushed back by its own.
-    assert budget.acquire(lease=LEASE, waiter="r3").wait <= waits[3]
+
+
+def test_a_contacts_waiters_go_in_their_order_and_take_turns_with_the_others(
+    make_budget: MakeBudget,
+) -> None:
+    budget = make_budget("2/second")
+    take(budget, 2)
+    flood = [budget.acquire(lease=LEASE, waiter=f"f{n}", contact="flood") for n in range(5)]
+    other = budget.acquire(lease=LEASE, waiter="other", contact="other")
+    assert other.wait < flood[2].wait  # the turn of the flood's first, not of its last
+    time.sleep(max(got.wait for got in flood[:2]) + 0.05)  # both slots are free again
+    # The flood's second is held for its first, which has not come back yet.
+    assert budget.acquire(lease=LEASE, waiter="f1", place=flood[1].place).token is None
+    for name, got in (("f0", flood[0]), ("other", other)):
+        assert budget.acquire(lease=LEASE, waiter=name, place=got.place).token, name
+    # Turns count from the last call made: a new contact's first goes with the flood's
+    # next, before its later ones, though they asked long before it.
+    newcomer = budget.acquire(lease=LEASE, waiter="new", contact="new")
+    assert newcomer.wait < budget.acquire(lease=LEASE, waiter="f2", place=flood[2].place).wait
+
+
+def test_a_waiter_that_never_comes_back_holds_the_others_only_for_a_grace(
+    make_budget: MakeBudget,
+) -> None:
+    budget = make_budget("1/0.5 seconds")
+    take(budget, 1)
+    gone = budget.acquire(lease=LEASE, waiter="a-gone", contact="gone")  # its worker dies
+    later = budget.acquire(lease=LEASE, waiter="b-later", contact="later")
+    assert gone.token is None and later.token is None
+    time.sleep(later.wait + 0.05)  # the slot is free, and the first in turn is due
+    assert budget.acquire(lease=LEASE, waiter="b-later", place=later.place).token is None
+    time.sleep(gone.wait + 1.1)  # past its time and a grace: it holds nothing now
+    granted = budget.acquire(lease=LEASE, waiter="b-later", place=later.place).token
+    assert granted is not None
+    budget.finish(granted)
+    # Back at last (a late retry), it keeps its turn: ahead of a waiter who came meanwhile.
+    third = budget.acquire(lease=LEASE, waiter="c-third", contact="third")
+    back = budget.acquire(lease=LEASE, waiter="a-gone", place=gone.place)
+    assert back.wait < budget.acquire(lease=LEASE, waiter="c-third", place=third.place).wait
 
 
 def test_a_due_waiter_of_a_higher_lane_holds_its_slot(make_budget: MakeBudget) -> None:

@@ -11,8 +11,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import pytest
-
 from flask_meisa._engine.celery import CeleryDispatcher
 from flask_meisa.emulator import Emulator
 from flask_meisa.operations import Operation
@@ -127,11 +125,6 @@ def test_urgent_changes_overtake_600_routine_syncs_with_two_workers(
     assert mine == ["/api/v1" + UPSERT, "/api/v1/events/track/"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="contacts take no turns in the Celery engine (docs/celery.md): the budget's "
-    "tickets follow each lane first come, first served",
-)
 def test_one_contacts_flood_delays_no_other_contacts_event_or_signup(
     emulator: Emulator, start_worker: StartWorker, producer: Callable[..., CeleryDispatcher]
 ) -> None:

@@ -251,7 +251,16 @@ class DeliveryWorker:
         if budget is not None and late is None:
             run = self.store.get("backfill", {}) if lane == LANE_BACKFILL else {}
             share = float(run.get("max_share", 1.0))
-            got = budget.acquire(lease=self._lease, lane=lane, share=share, waiter=operation.id)
+            place = str(meta.get("turn") or "")
+            got = budget.acquire(
+                lease=self._lease,
+                lane=lane,
+                share=share,
+                waiter=operation.id,
+                place=place,
+                contact="" if place else self._contact(operation, meta),
+            )
+            meta = {**meta, "turn": got.place}  # kept by its retries too
             if got.token is None:
                 self._release(claim)
                 return self._again(got.wait, operation, meta)
@@ -306,6 +315,12 @@ class DeliveryWorker:
             waited = (lane, time.time() - operation.created_at)
             self._report("delivered", members, outcome.result, claim, answer=waited)
         return None
+
+    def _contact(self, operation: Operation, meta: dict[str, Any]) -> str:
+        """Whose turns ``operation`` takes: its contact's, a send's recipient's."""
+        if operation.kind == "send":
+            return f"send:{operation.payload.get('to_email')}"
+        return str(meta.get("contact") or self.store.contact_of(operation.payload) or operation.id)
 
     def _release(self, claim: Claim | None) -> None:
         if claim is not None:

@@ -4,6 +4,7 @@ pause and the outage breaker as atomic Lua scripts on Redis's clock (docs/celery
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import math
@@ -26,6 +27,11 @@ __all__ = ["MAX_WAIT", "Acquired", "RedisBudget"]
 
 logger = logging.getLogger("flask_meisa.engine")
 
+
+def _digest(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()[:32]
+
+
 #: The longest wait handed out at once; the task comes back and asks again.
 MAX_WAIT = 300.0
 #: Seconds a call outside the workers asks no slot of a Redis that just failed to give one
@@ -38,63 +44,94 @@ local t = redis.call('TIME')
 local now, GRACE = tonumber(t[1]) + tonumber(t[2]) / 1000000, 1
 """
 
-# KEYS: pause, in-flight, failures, waiters of lanes 0..3, answered window 1..n
-# ARGV: token, lease, lane, n, outage threshold, waiter, then per window: limit, period,
-# and the calls of the lane it allows (budget.allowed: the reserve, a backfill's share)
+# KEYS: pause, in-flight, failures, current turn, the contact's last turn, waiters of lanes
+# 0..3 by turn, the same by return time, answered window 1..n
+# ARGV: token, lease, lane, n, outage threshold, waiter, its place ('': none yet), the
+# longest wait, then per window: limit, period, and the calls of the lane it allows
+# (budget.allowed: the reserve, a backfill's share)
 _ACQUIRE = """
-local lane, n = tonumber(ARGV[3]), tonumber(ARGV[4])
+local lane, n, waiter = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[6]
+local mine, back = KEYS[6 + lane], KEYS[10 + lane]
+local current = tonumber(redis.call('GET', KEYS[4]) or '0')
+-- A place, taken on the first ask: the turn after its contact's last and the current one,
+-- and the contact's waiter before it (docs/celery.md: contacts take turns). A caller
+-- that cannot ask again as the same waiter takes none, and goes after every waiter.
+local turn, before = string.match(ARGV[7], '^(%d+) (.*)$')
+turn = tonumber(turn)
+if not turn and waiter ~= '' then
+  local last = redis.call('GET', KEYS[5]) or '0 '
+  turn = math.max(current, tonumber(string.match(last, '^%d+'))) + 1
+  before = string.match(last, ' (.*)$')
+  redis.call('SET', KEYS[5], turn .. ' ' .. waiter, 'EX', 86400)
+end
 local pause = tonumber(redis.call('GET', KEYS[1]) or '0')
-if pause > now then return {0, tostring(pause - now)} end
 -- A call whose lease ran out (its worker died) counts as answered when the lease ended.
 local stale = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'WITHSCORES')
 for i = 1, #stale, 2 do
-  for w = 1, n do redis.call('ZADD', KEYS[7 + w], stale[i + 1], stale[i]) end
+  for w = 1, n do redis.call('ZADD', KEYS[13 + w], stale[i + 1], stale[i]) end
   redis.call('ZREM', KEYS[2], stale[i])
 end
 local flying = redis.call('ZCARD', KEYS[2])
 local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
--- Waiters of the lanes ahead whose time has come hold the next slots (for a grace).
+-- A waiter a grace past its return went away (a few per call): it holds nothing. Those
+-- of the lanes ahead, and of this lane's earlier turns, hold the next slots.
 local ahead = 0
 for l = 0, lane do
-  redis.call('ZREMRANGEBYSCORE', KEYS[4 + l], '-inf', now - GRACE)
-  if l < lane then ahead = ahead + redis.call('ZCOUNT', KEYS[4 + l], '-inf', now) end
+  local gone = redis.call('ZRANGEBYSCORE', KEYS[10 + l], '-inf', now - GRACE, 'LIMIT', 0, 20)
+  if #gone > 0 then
+    redis.call('ZREM', KEYS[10 + l], unpack(gone))
+    redis.call('ZREM', KEYS[6 + l], unpack(gone))
+  end
+  if l < lane then ahead = ahead + redis.call('ZCARD', KEYS[6 + l]) end
 end
-local wait, spacing = 0, 0
+local rank, place = redis.call('ZCARD', mine), ''
+if turn then
+  redis.call('ZADD', mine, turn, waiter)
+  rank, place = redis.call('ZRANK', mine, waiter), turn .. ' ' .. before
+end
+local wait, spacing = math.max(pause - now, 0), 0.05
 if flying > 0 and tonumber(redis.call('GET', KEYS[3]) or '0') >= tonumber(ARGV[5]) then
-  wait = math.min(1, tonumber(first[2]) - now)  -- Meisa looks down: one probe at a time
+  wait = math.max(wait, math.min(1, tonumber(first[2]) - now))  -- one probe at a time
 end
 for w = 1, n do
-  local limit, period = tonumber(ARGV[3 * w + 4]), tonumber(ARGV[3 * w + 5])
-  local allowed = tonumber(ARGV[3 * w + 6])
-  redis.call('ZREMRANGEBYSCORE', KEYS[7 + w], '-inf', now - period)
-  local answered = redis.call('ZCARD', KEYS[7 + w])
+  local limit, period = tonumber(ARGV[3 * w + 6]), tonumber(ARGV[3 * w + 7])
+  local allowed = tonumber(ARGV[3 * w + 8])
+  redis.call('ZREMRANGEBYSCORE', KEYS[13 + w], '-inf', now - period)
+  local answered = redis.call('ZCARD', KEYS[13 + w])
   local excess, this = answered + flying + ahead - allowed + 1, 0
   if excess > answered then
-    -- Only an answer to a call in flight can free a slot: look again soon.
-    this = period / limit
-    if first[2] then this = math.min(this, tonumber(first[2]) - now) end
+    -- Only answers to calls in flight can free the slots it needs.
+    this = (excess - answered) * period / limit
+    if first[2] and ahead == 0 then this = math.min(this, tonumber(first[2]) - now) end
   elseif excess > 0 then
-    local entry = redis.call('ZRANGE', KEYS[7 + w], excess - 1, excess - 1, 'WITHSCORES')
+    local entry = redis.call('ZRANGE', KEYS[13 + w], excess - 1, excess - 1, 'WITHSCORES')
     this = tonumber(entry[2]) + period - now
   end
-  if excess > 0 and this > wait then wait, spacing = this, period / limit end
+  -- After the waiters ranked ahead, a slot apart.
+  if excess + rank > 0 then this = this + (rank + math.min(excess, 0)) * period / limit end
+  if this > wait then wait = this end
+  spacing = math.max(spacing, period / limit)
 end
-local mine = KEYS[4 + lane]
+-- Its contact's waiter before it in this lane goes first (a late one, until pruned).
+local previous = turn and before ~= waiter and redis.call('ZSCORE', back, before)
+if previous then wait = math.max(wait, tonumber(previous) - now + spacing, 0.1) end
+if wait > 0 and not turn then return {0, tostring(wait), place} end
 if wait > 0 then
-  -- A ticket: after the waiters of this lane and of those ahead, a slot apart.
-  local slot = now + math.max(wait, 0.001)
-  for l = 0, lane do
-    local last = redis.call('ZRANGE', KEYS[4 + l], -1, -1, 'WITHSCORES')
-    if last[2] and last[1] ~= ARGV[6] then slot = math.max(slot, tonumber(last[2]) + spacing) end
+  redis.call('ZADD', back, now + math.min(wait, tonumber(ARGV[8])), waiter)
+  local last = redis.call('ZRANGE', back, -1, -1, 'WITHSCORES')
+  for _, key in ipairs({mine, back}) do
+    redis.call('PEXPIRE', key, math.ceil((tonumber(last[2]) - now + GRACE) * 1000) + 1000)
   end
-  redis.call('ZADD', mine, slot, ARGV[6])
-  redis.call('PEXPIRE', mine, math.ceil((slot - now + GRACE) * 1000) + 1000)
-  return {0, tostring(slot - now)}
+  return {0, tostring(wait), place}
 end
-redis.call('ZREM', mine, ARGV[6])
+if turn then
+  redis.call('ZREM', mine, waiter)
+  redis.call('ZREM', back, waiter)
+  if turn > current then redis.call('SET', KEYS[4], turn) end
+end
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('PEXPIRE', KEYS[2], math.ceil(tonumber(ARGV[2]) * 1000) + 1000)
-return {1, '0'}
+return {1, '0', place}
 """
 
 # KEYS: in-flight, failures, answered window 1..n
@@ -126,10 +163,12 @@ end
 @dataclass(frozen=True)
 class Acquired:
     """What :meth:`RedisBudget.acquire` gives: a ``token`` for :meth:`RedisBudget.finish`,
-    or ``None`` with the seconds to ``wait`` first."""
+    or ``None`` with the seconds to ``wait`` first; and the waiter's ``place`` (its turn),
+    to ask with again."""
 
     token: str | None
     wait: float = 0.0
+    place: str = ""
 
 
 class RedisBudget:
@@ -139,11 +178,14 @@ class RedisBudget:
     def __init__(self, redis: Any, spec: str | None, api_key: str) -> None:
         self.windows = parse_rate_limit(spec) if spec is not None else ()
         # Every key of one budget in one Redis Cluster slot (the braces).
-        prefix = f"meisa:{{budget:{hashlib.sha256(api_key.encode()).hexdigest()[:20]}}}"
-        self._pause_key, self._flying_key, self._failures_key = (
-            f"{prefix}:{name}" for name in ("pause", "flying", "failures")
+        self._prefix = prefix = f"meisa:{{budget:{_digest(api_key)[:20]}}}"
+        self._pause_key, self._flying_key, self._failures_key, self._turn_key = (
+            f"{prefix}:{name}" for name in ("pause", "flying", "failures", "turn")
         )
-        self._waiting = [f"{prefix}:waiting:{name}" for name in LANE_NAMES.values()]
+        # Waiters by turn, and by when they come back; not the ":waiting:" tickets of the
+        # previous version, which its workers may still use during an upgrade.
+        lanes = LANE_NAMES.values()
+        self._waiting = [f"{prefix}:{kind}:{lane}" for kind in ("turns", "back") for lane in lanes]
         # By period, not limit: apps on one key with different limits count the same calls.
         self._windows = [f"{prefix}:w{window.period:g}" for window in self.windows]
         self._redis = redis
@@ -153,17 +195,29 @@ class RedisBudget:
         )
 
     def acquire(
-        self, *, lease: float, lane: int = LANE_ROUTINE, share: float = 1.0, waiter: str = ""
+        self,
+        *,
+        lease: float,
+        lane: int = LANE_ROUTINE,
+        share: float = 1.0,
+        waiter: str = "",
+        place: str = "",
+        contact: str = "",
     ) -> Acquired:
         """Take a slot for a call of at most ``lease`` seconds, or learn how long to wait;
-        ``waiter``: the same on every try (an operation's id)."""
+        ``waiter``: the same on every try (an operation's id), with the ``place`` it was
+        given (none the first time: it takes the turn after ``contact``'s last)."""
         token = f"{lane}:{uuid.uuid4().hex}"
-        waiter = waiter or token
         args = [token, max(lease, 0.001), lane, len(self.windows), OUTAGE_THRESHOLD, waiter]
+        args += [place, MAX_WAIT]
         args += [n for w in self.windows for n in (w.limit, w.period, allowed(w, lane, share))]
-        keys = [self._pause_key, self._flying_key, self._failures_key, *self._waiting]
-        got = self._acquire(keys=[*keys, *self._windows], args=args)
-        return Acquired(token) if int(got[0]) else Acquired(None, min(float(got[1]), MAX_WAIT))
+        last = f"{self._prefix}:last:{_digest(contact or waiter or token)}"
+        keys = [self._pause_key, self._flying_key, self._failures_key, self._turn_key, last]
+        got = self._acquire(keys=[*keys, *self._waiting, *self._windows], args=args)
+        place = got[2].decode() if isinstance(got[2], bytes) else str(got[2])
+        if int(got[0]):
+            return Acquired(token, place=place)
+        return Acquired(None, min(float(got[1]), MAX_WAIT), place)
 
     @contextlib.contextmanager
     def slot(self, timeout: float, lease: float) -> Iterator[bool]:
@@ -173,12 +227,16 @@ class RedisBudget:
         try:
             if time.monotonic() < self._unreachable_until:
                 raise RedisError("unreachable a moment ago")
-            got = self.acquire(lease=lease, lane=LANE_TRANSACTIONAL, waiter=waiter)
+            ask = functools.partial(self.acquire, lease=lease, lane=LANE_TRANSACTIONAL)
+            got = ask(waiter=waiter)
             while got.token is None and time.monotonic() + got.wait <= deadline:
                 time.sleep(got.wait)
-                got = self.acquire(lease=lease, lane=LANE_TRANSACTIONAL, waiter=waiter)
-            if got.token is None:  # this waiter will not come back: its ticket holds nothing
-                self._redis.zrem(self._waiting[LANE_TRANSACTIONAL], waiter)
+                got = ask(waiter=waiter, place=got.place)
+            if got.token is None:  # this waiter will not come back: its place holds nothing
+                pipe = self._redis.pipeline(transaction=False)
+                for key in self._waiting[LANE_TRANSACTIONAL :: len(LANE_NAMES)]:
+                    pipe.zrem(key, waiter)
+                pipe.execute()
             token = got.token
         except RedisError as error:
             if time.monotonic() >= self._unreachable_until:

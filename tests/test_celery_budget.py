@@ -175,6 +175,29 @@ def test_a_contacts_waiters_go_in_their_order_and_take_turns_with_the_others(
     assert newcomer.wait < budget.acquire(lease=LEASE, waiter="f2", place=flood[2].place).wait
 
 
+def test_a_contacts_last_turn_is_kept_while_its_work_waits(
+    make_budget: MakeBudget, redis_url: str
+) -> None:
+    budget = make_budget("2/second")
+    client = redis.Redis.from_url(redis_url)
+    try:
+        asked = [budget.acquire(lease=LEASE, waiter=f"c{n}", contact="c") for n in range(4)]
+        assert [got.token is None for got in asked] == [False, False, True, True]
+        for got in asked[:2]:
+            budget.finish(str(got.token))
+        with budget.slot(timeout=0, lease=LEASE):  # a send made outside: no contact
+            pass
+        assert len(client.keys("*:last:*")) == 1
+        for n in (2, 3):  # each comes back when told, and takes its slot
+            got = asked[n]
+            while got.token is None:
+                time.sleep(got.wait)
+                got = budget.acquire(lease=LEASE, waiter=f"c{n}", place=asked[n].place)
+        assert client.keys("*:last:*") == []  # its last took its slot: nothing to keep
+    finally:
+        client.close()
+
+
 def test_a_waiter_that_never_comes_back_holds_the_others_only_for_a_grace(
     make_budget: MakeBudget,
 ) -> None:

@@ -320,7 +320,7 @@ class DeliveryWorker:
         """Whose turns ``operation`` takes: its contact's, a send's recipient's."""
         if operation.kind == "send":
             return f"send:{operation.payload.get('to_email')}"
-        return str(meta.get("contact") or self.store.contact_of(operation.payload) or operation.id)
+        return str(meta.get("contact") or self.store.contact_of(operation.payload) or "")
 
     def _release(self, claim: Claim | None) -> None:
         if claim is not None:

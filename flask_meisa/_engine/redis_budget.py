@@ -44,8 +44,9 @@ local t = redis.call('TIME')
 local now, GRACE = tonumber(t[1]) + tonumber(t[2]) / 1000000, 1
 """
 
-# KEYS: pause, in-flight, failures, current turn, the contact's last turn, waiters of lanes
-# 0..3 by turn, the same by return time, answered window 1..n
+# KEYS: pause, in-flight, failures, current turn, the contact's last turn (the current
+# turn's key: no contact), waiters of lanes 0..3 by turn, the same by return time,
+# answered window 1..n
 # ARGV: token, lease, lane, n, outage threshold, waiter, its place ('': none yet), the
 # longest wait, then per window: limit, period, and the calls of the lane it allows
 # (budget.allowed: the reserve, a backfill's share)
@@ -61,8 +62,8 @@ turn = tonumber(turn)
 if not turn and waiter ~= '' then
   local last = redis.call('GET', KEYS[5]) or '0 '
   turn = math.max(current, tonumber(string.match(last, '^%d+'))) + 1
-  before = string.match(last, ' (.*)$')
-  redis.call('SET', KEYS[5], turn .. ' ' .. waiter, 'EX', 86400)
+  before = string.match(last, ' (.*)$') or ''
+  if KEYS[5] ~= KEYS[4] then redis.call('SET', KEYS[5], turn .. ' ' .. waiter, 'EX', 86400) end
 end
 local pause = tonumber(redis.call('GET', KEYS[1]) or '0')
 -- A call whose lease ran out (its worker died) counts as answered when the lease ended.
@@ -128,6 +129,8 @@ if turn then
   redis.call('ZREM', mine, waiter)
   redis.call('ZREM', back, waiter)
   if turn > current then redis.call('SET', KEYS[4], turn) end
+  -- Its contact's last: the next one goes after the current turn anyway.
+  if redis.call('GET', KEYS[5]) == turn .. ' ' .. waiter then redis.call('DEL', KEYS[5]) end
 end
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('PEXPIRE', KEYS[2], math.ceil(tonumber(ARGV[2]) * 1000) + 1000)
@@ -208,13 +211,17 @@ class RedisBudget:
         ``waiter``: the same on every try (an operation's id), with the ``place`` it was
         given (none the first time: it takes the turn after ``contact``'s last)."""
         token = f"{lane}:{uuid.uuid4().hex}"
+        # A place is "<contact's digest, or -> <turn> <the contact's waiter before it>".
+        name, _, turn = place.partition(" ") if place else (contact and _digest(contact), "", "")
+        name = name or "-"
         args = [token, max(lease, 0.001), lane, len(self.windows), OUTAGE_THRESHOLD, waiter]
-        args += [place, MAX_WAIT]
+        args += [turn, MAX_WAIT]
         args += [n for w in self.windows for n in (w.limit, w.period, allowed(w, lane, share))]
-        last = f"{self._prefix}:last:{_digest(contact or waiter or token)}"
+        last = f"{self._prefix}:last:{name}" if name != "-" else self._turn_key
         keys = [self._pause_key, self._flying_key, self._failures_key, self._turn_key, last]
         got = self._acquire(keys=[*keys, *self._waiting, *self._windows], args=args)
-        place = got[2].decode() if isinstance(got[2], bytes) else str(got[2])
+        turn = got[2].decode() if isinstance(got[2], bytes) else str(got[2])
+        place = f"{name} {turn}" if turn else ""
         if int(got[0]):
             return Acquired(token, place=place)
         return Acquired(None, min(float(got[1]), MAX_WAIT), place)

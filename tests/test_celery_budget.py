@@ -128,7 +128,7 @@ def test_a_pause_holds_every_call_and_is_never_shortened(make_budget: MakeBudget
     assert got.wait > 0.5
 
 
-def test_waiters_wait_a_slot_apart_in_turn_after_the_lanes_ahead(
+def test_a_contacts_waiters_come_back_a_slot_apart_in_turn_after_the_lanes_ahead(
     make_budget: MakeBudget,
 ) -> None:
     budget = make_budget("10/second")
@@ -141,8 +141,9 @@ def test_waiters_wait_a_slot_apart_in_turn_after_the_lanes_ahead(
         asked.append((before, got.wait, time.monotonic()))
         places.append(got.place)
     waits = [wait for _, wait, _ in asked]
-    # Each wait counts from its own call: the time between two calls (measured, as a busy
-    # machine may take a while) adds to the difference of their waits to give their spacing.
+    # Each after its contact's earlier one, a slot apart. Each wait counts from its own
+    # call: the time between two calls (measured, as a busy machine may take a while) adds
+    # to the difference of their waits to give their spacing.
     for (before, wait, after), (next_before, next_wait, next_after) in itertools.pairwise(asked):
         shortest = next_wait - wait + (next_before - after)
         longest = next_wait - wait + (next_after - before)

@@ -176,6 +176,9 @@ def test_an_event_takes_its_contacts_pending_upsert_to_its_lane(
     (queued,) = messages(client, "meisa.routine")
     companion, own = messages(client, "meisa.automation")
     assert own["kwargs"]["op"] == event.to_dict()
+    # One contact's turns, each after its last (docs/celery.md: contacts take turns).
+    metas = [task["kwargs"]["meta"] for task in (queued, companion, own)]
+    assert [int(float(meta.pop("turn").split()[1])) for meta in metas] == [1, 2, 3]
     meta = queued["kwargs"]["meta"]
     assert own["kwargs"]["meta"]["after"] == [meta["contact"], meta["version"]]
     assert companion["kwargs"]["meta"] == {

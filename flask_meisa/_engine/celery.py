@@ -30,6 +30,7 @@ from .celery_setup import resolve_celery_app
 from .celery_worker import TASK_NAME
 from .celery_worker import DeliveryWorker
 from .celery_worker import lane_queues
+from .celery_worker import turns_of
 from .known import lane_of
 from .known import unchanged
 from .redis_budget import UNREACHABLE_FOR
@@ -221,9 +222,13 @@ class CeleryDispatcher:
             extra = {"contact": found[0], "version": found[1], "companion": True}
             tasks.append((lane, companion.to_dict(), {"lane": lane, **extra}))
         own = (lane, operation.to_dict(), meta)
+        tasks.append(own)
+        for _, op, task_meta in tasks:  # contacts take turns, from their release
+            who = turns_of(store, op["kind"], op["payload"], task_meta)
+            task_meta["turn"] = self.budget.place(op["id"], who) if self.budget else ""
         if self._lost_after is not None:
             store.keep(*own)
-        return [*tasks, own]
+        return tasks
 
     def _look(self, *, force: bool = False) -> int:
         """The pending count; prunes the ledger, republishes lost tasks, reports a data loss."""

@@ -39,7 +39,14 @@ from .redis_dead import RedisDeadLetters
 from .redis_store import Claim
 from .redis_store import RedisDeliveryStore
 
-__all__ = ["TASK_NAME", "DeliveryWorker", "RunAgain", "lane_queues", "register_tasks"]
+__all__ = [
+    "TASK_NAME",
+    "DeliveryWorker",
+    "RunAgain",
+    "lane_queues",
+    "register_tasks",
+    "turns_of",
+]
 
 #: The name of the delivery task on the Celery app.
 TASK_NAME = "flask_meisa.deliver"
@@ -251,16 +258,19 @@ class DeliveryWorker:
         if budget is not None and late is None:
             run = self.store.get("backfill", {}) if lane == LANE_BACKFILL else {}
             share = float(run.get("max_share", 1.0))
+            # Its place, given when it was released (a worker takes one for the task of an
+            # earlier version's web process), kept by its retries too.
             place = str(meta.get("turn") or "")
+            who = "" if place else turns_of(self.store, operation.kind, operation.payload, meta)
             got = budget.acquire(
                 lease=self._lease,
                 lane=lane,
                 share=share,
                 waiter=operation.id,
                 place=place,
-                contact="" if place else self._contact(operation, meta),
+                contact=who,
             )
-            meta = {**meta, "turn": got.place}  # kept by its retries too
+            meta = {**meta, "turn": got.place}
             if got.token is None:
                 self._release(claim)
                 return self._again(got.wait, operation, meta)
@@ -316,12 +326,6 @@ class DeliveryWorker:
             self._report("delivered", members, outcome.result, claim, answer=waited)
         return None
 
-    def _contact(self, operation: Operation, meta: dict[str, Any]) -> str:
-        """Whose turns ``operation`` takes: its contact's, a send's recipient's."""
-        if operation.kind == "send":
-            return f"send:{operation.payload.get('to_email')}"
-        return str(meta.get("contact") or self.store.contact_of(operation.payload) or "")
-
     def _release(self, claim: Claim | None) -> None:
         if claim is not None:
             self.store.settle(claim, delivered=False)
@@ -359,6 +363,14 @@ class DeliveryWorker:
         if failed and claim is None:
             self._dead.bury(members, detail)
         self.store.finish([member.id for member in members], outcome, len(members), answer=answer)
+
+
+def turns_of(store: RedisDeliveryStore, kind: str, payload: Any, meta: dict[str, Any]) -> str:
+    """Whose turns an operation takes (docs/celery.md): its contact's, a send's
+    recipient's; ``""``: nobody's."""
+    if kind == "send":
+        return f"send:{payload.get('to_email')}"
+    return str(meta.get("contact") or store.contact_of(payload) or "")
 
 
 def _deliver(self: Any, op: dict[str, Any], meta: dict[str, Any] | None = None) -> None:

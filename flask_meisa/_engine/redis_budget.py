@@ -44,27 +44,31 @@ local t = redis.call('TIME')
 local now, GRACE = tonumber(t[1]) + tonumber(t[2]) / 1000000, 1
 """
 
-# KEYS: pause, in-flight, failures, current turn, the contact's last turn (the current
-# turn's key: no contact), waiters of lanes 0..3 by turn, the same by return time,
-# answered window 1..n
-# ARGV: token, lease, lane, n, outage threshold, waiter, its place ('': none yet), the
-# longest wait, then per window: limit, period, and the calls of the lane it allows
+# KEYS: current turn, the contact's last turn ("<turn> <waiter>"; the current turn's key:
+# no contact), places given; ARGV: waiter. The turn after the contact's last and after the
+# current one (the last slot given's), with a fraction for first come, first served within
+# it, and the contact's waiter before it (docs/celery.md: contacts take turns).
+_PLACE = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+local last = KEYS[2] ~= KEYS[1] and redis.call('GET', KEYS[2]) or '0 '
+local turn = math.max(current, tonumber(string.match(last, '^%d+'))) + 1
+if KEYS[2] ~= KEYS[1] then redis.call('SET', KEYS[2], turn .. ' ' .. ARGV[1], 'EX', 86400) end
+local seq = redis.call('INCR', KEYS[3]) % 1000000
+return string.format('%d.%06d ', turn, seq) .. string.match(last, ' (.*)$')
+"""
+
+# KEYS: pause, in-flight, failures, current turn, the contact's last turn, waiters of
+# lanes 0..3 by turn, the same by return time, answered window 1..n
+# ARGV: token, lease, lane, n, outage threshold, waiter, its turn and the contact's waiter
+# before it ('': it cannot ask again as the same waiter, and goes after every waiter),
+# the longest wait, then per window: limit, period, and the calls of the lane it allows
 # (budget.allowed: the reserve, a backfill's share)
 _ACQUIRE = """
 local lane, n, waiter = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[6]
 local mine, back = KEYS[6 + lane], KEYS[10 + lane]
 local current = tonumber(redis.call('GET', KEYS[4]) or '0')
--- A place, taken on the first ask: the turn after its contact's last and the current one,
--- and the contact's waiter before it (docs/celery.md: contacts take turns). A caller
--- that cannot ask again as the same waiter takes none, and goes after every waiter.
-local turn, before = string.match(ARGV[7], '^(%d+) (.*)$')
+local turn, before = string.match(ARGV[7], '^([%d.]+) (.*)$')
 turn = tonumber(turn)
-if not turn and waiter ~= '' then
-  local last = redis.call('GET', KEYS[5]) or '0 '
-  turn = math.max(current, tonumber(string.match(last, '^%d+'))) + 1
-  before = string.match(last, ' (.*)$') or ''
-  if KEYS[5] ~= KEYS[4] then redis.call('SET', KEYS[5], turn .. ' ' .. waiter, 'EX', 86400) end
-end
 local pause = tonumber(redis.call('GET', KEYS[1]) or '0')
 -- A call whose lease ran out (its worker died) counts as answered when the lease ended.
 local stale = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'WITHSCORES')
@@ -85,10 +89,10 @@ for l = 0, lane do
   end
   if l < lane then ahead = ahead + redis.call('ZCARD', KEYS[6 + l]) end
 end
-local rank, place = redis.call('ZCARD', mine), ''
+local rank = redis.call('ZCARD', mine)
 if turn then
   redis.call('ZADD', mine, turn, waiter)
-  rank, place = redis.call('ZRANK', mine, waiter), turn .. ' ' .. before
+  rank = redis.call('ZRANK', mine, waiter)
 end
 local wait, spacing = math.max(pause - now, 0), 0.05
 if flying > 0 and tonumber(redis.call('GET', KEYS[3]) or '0') >= tonumber(ARGV[5]) then
@@ -99,42 +103,43 @@ for w = 1, n do
   local allowed = tonumber(ARGV[3 * w + 8])
   redis.call('ZREMRANGEBYSCORE', KEYS[13 + w], '-inf', now - period)
   local answered = redis.call('ZCARD', KEYS[13 + w])
-  local excess, this = answered + flying + ahead - allowed + 1, 0
-  if excess > answered then
-    -- Only answers to calls in flight can free the slots it needs.
-    this = (excess - answered) * period / limit
-    if first[2] and ahead == 0 then this = math.min(this, tonumber(first[2]) - now) end
-  elseif excess > 0 then
-    local entry = redis.call('ZRANGE', KEYS[13 + w], excess - 1, excess - 1, 'WITHSCORES')
+  -- The slots that must free first: for the calls made and in flight, the waiters of the
+  -- lanes ahead and those ranked ahead of it; it comes back when its own frees.
+  local need, this = answered + flying + ahead + rank - allowed + 1, 0
+  if need > answered then
+    -- Beyond the answered calls: a slot apart per slot it needs past them.
+    this = (need - answered) * period / limit
+    if first[2] and ahead + rank == 0 then this = math.min(this, tonumber(first[2]) - now) end
+  elseif need > 0 then
+    local entry = redis.call('ZRANGE', KEYS[13 + w], need - 1, need - 1, 'WITHSCORES')
     this = tonumber(entry[2]) + period - now
   end
-  -- After the waiters ranked ahead, a slot apart.
-  if excess + rank > 0 then this = this + (rank + math.min(excess, 0)) * period / limit end
   if this > wait then wait = this end
   spacing = math.max(spacing, period / limit)
 end
 -- Its contact's waiter before it in this lane goes first (a late one, until pruned).
 local previous = turn and before ~= waiter and redis.call('ZSCORE', back, before)
 if previous then wait = math.max(wait, tonumber(previous) - now + spacing, 0.1) end
-if wait > 0 and not turn then return {0, tostring(wait), place} end
+if wait > 0 and not turn then return {0, tostring(wait)} end
 if wait > 0 then
   redis.call('ZADD', back, now + math.min(wait, tonumber(ARGV[8])), waiter)
   local last = redis.call('ZRANGE', back, -1, -1, 'WITHSCORES')
   for _, key in ipairs({mine, back}) do
     redis.call('PEXPIRE', key, math.ceil((tonumber(last[2]) - now + GRACE) * 1000) + 1000)
   end
-  return {0, tostring(wait), place}
+  return {0, tostring(wait)}
 end
 if turn then
   redis.call('ZREM', mine, waiter)
   redis.call('ZREM', back, waiter)
+  turn = math.floor(turn)
   if turn > current then redis.call('SET', KEYS[4], turn) end
   -- Its contact's last: the next one goes after the current turn anyway.
   if redis.call('GET', KEYS[5]) == turn .. ' ' .. waiter then redis.call('DEL', KEYS[5]) end
 end
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('PEXPIRE', KEYS[2], math.ceil(tonumber(ARGV[2]) * 1000) + 1000)
-return {1, '0', place}
+return {1, '0'}
 """
 
 # KEYS: in-flight, failures, answered window 1..n
@@ -196,6 +201,7 @@ class RedisBudget:
         self._acquire, self._finish, self._pause = (
             redis.register_script(_TIME + body) for body in (_ACQUIRE, _FINISH, _PAUSE)
         )
+        self._place = redis.register_script(_PLACE)
 
     def acquire(
         self,
@@ -211,20 +217,27 @@ class RedisBudget:
         ``waiter``: the same on every try (an operation's id), with the ``place`` it was
         given (none the first time: it takes the turn after ``contact``'s last)."""
         token = f"{lane}:{uuid.uuid4().hex}"
-        # A place is "<contact's digest, or -> <turn> <the contact's waiter before it>".
-        name, _, turn = place.partition(" ") if place else (contact and _digest(contact), "", "")
-        name = name or "-"
+        place = place or (self.place(waiter, contact) if waiter else "")
+        name, _, turn = place.partition(" ")
         args = [token, max(lease, 0.001), lane, len(self.windows), OUTAGE_THRESHOLD, waiter]
         args += [turn, MAX_WAIT]
         args += [n for w in self.windows for n in (w.limit, w.period, allowed(w, lane, share))]
-        last = f"{self._prefix}:last:{name}" if name != "-" else self._turn_key
-        keys = [self._pause_key, self._flying_key, self._failures_key, self._turn_key, last]
-        got = self._acquire(keys=[*keys, *self._waiting, *self._windows], args=args)
-        turn = got[2].decode() if isinstance(got[2], bytes) else str(got[2])
-        place = f"{name} {turn}" if turn else ""
-        if int(got[0]):
-            return Acquired(token, place=place)
-        return Acquired(None, min(float(got[1]), MAX_WAIT), place)
+        keys = [self._pause_key, self._flying_key, self._failures_key, self._turn_key]
+        keys += [self._last(name), *self._waiting, *self._windows]
+        got = self._acquire(keys=keys, args=args)
+        return Acquired(token if int(got[0]) else None, min(float(got[1]), MAX_WAIT), place)
+
+    def place(self, waiter: str, contact: str) -> str:
+        """The place of ``waiter`` (an operation's id) among the waiters, taken when it is
+        released or first asks: the turn after ``contact``'s last (``""``: no contact's)
+        and the current one. Opaque: ``"<contact's digest> <turn> <its waiter before>"``."""
+        name = _digest(contact) if contact else "-"
+        keys = [self._turn_key, self._last(name), f"{self._prefix}:places"]
+        turn = self._place(keys=keys, args=[waiter])
+        return f"{name} {turn.decode() if isinstance(turn, bytes) else turn}"
+
+    def _last(self, name: str) -> str:
+        return f"{self._prefix}:last:{name}" if name != "-" else self._turn_key
 
     @contextlib.contextmanager
     def slot(self, timeout: float, lease: float) -> Iterator[bool]:
@@ -240,10 +253,7 @@ class RedisBudget:
                 time.sleep(got.wait)
                 got = ask(waiter=waiter, place=got.place)
             if got.token is None:  # this waiter will not come back: its place holds nothing
-                pipe = self._redis.pipeline(transaction=False)
-                for key in self._waiting[LANE_TRANSACTIONAL :: len(LANE_NAMES)]:
-                    pipe.zrem(key, waiter)
-                pipe.execute()
+                self._redis.zrem(self._waiting[LANE_TRANSACTIONAL], waiter)
             token = got.token
         except RedisError as error:
             if time.monotonic() >= self._unreachable_until:

@@ -223,9 +223,10 @@ class CeleryDispatcher:
             tasks.append((lane, companion.to_dict(), {"lane": lane, **extra}))
         own = (lane, operation.to_dict(), meta)
         tasks.append(own)
-        for _, op, task_meta in tasks:  # contacts take turns, from their release
-            who = turns_of(store, op["kind"], op["payload"], task_meta)
-            task_meta["turn"] = self.budget.place(op["id"], who) if self.budget else ""
+        if self.budget is not None:  # contacts take turns, from their release
+            for _, op, task_meta in tasks:
+                who = turns_of(store, op["kind"], op["payload"], task_meta)
+                task_meta["turn"] = self.budget.place(op["id"], who)
         if self._lost_after is not None:
             store.keep(*own)
         return tasks

@@ -39,14 +39,7 @@ from .redis_dead import RedisDeadLetters
 from .redis_store import Claim
 from .redis_store import RedisDeliveryStore
 
-__all__ = [
-    "TASK_NAME",
-    "DeliveryWorker",
-    "RunAgain",
-    "lane_queues",
-    "register_tasks",
-    "turns_of",
-]
+__all__ = ["TASK_NAME", "DeliveryWorker", "RunAgain", "lane_queues", "register_tasks"]
 
 #: The name of the delivery task on the Celery app.
 TASK_NAME = "flask_meisa.deliver"

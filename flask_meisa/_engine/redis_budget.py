@@ -253,7 +253,8 @@ class RedisBudget:
                 time.sleep(got.wait)
                 got = ask(waiter=waiter, place=got.place)
             if got.token is None:  # this waiter will not come back: its place holds nothing
-                self._redis.zrem(self._waiting[LANE_TRANSACTIONAL], waiter)
+                for key in self._waiting[LANE_TRANSACTIONAL :: len(LANE_NAMES)]:  # both sets
+                    self._redis.zrem(key, waiter)
             token = got.token
         except RedisError as error:
             if time.monotonic() >= self._unreachable_until:

@@ -16,6 +16,7 @@ from typing import Literal
 from typing import cast
 
 from ._payloads import JSONValue
+from .errors import APITimeoutError
 from .errors import ValidationError
 
 if TYPE_CHECKING:
@@ -288,6 +289,12 @@ class Attempt:
     error: BaseException | None = None
     #: Whether a request may have reached Meisa (and so counts against its rate limit).
     made: bool = False
+
+    @property
+    def timed_out(self) -> bool:
+        """Whether no answer came in time: Meisa may count the request later still (it
+        counts a call when it reaches it), as late as the longest a call can take."""
+        return self.made and isinstance(self.error, APITimeoutError)
 
 
 def attempt(get_client: Callable[[], MeisaClient], operation: Operation) -> Attempt:

@@ -152,6 +152,18 @@ def test_a_call_in_flight_holds_its_slot_until_answered(store: Store) -> None:
     assert calls.wait(101.0) == 0.0
 
 
+def test_a_call_that_got_no_answer_in_time_is_dated_by_the_end_of_its_lease(
+    store: Store,
+) -> None:
+    calls = budget(store, "1/second")
+    token = calls.take(0.0)
+    assert token is not None
+    with store.write() as db:  # it timed out: Meisa may count it until its lease ends
+        calls.budget.settle(db, token, made=True, now=2.0, timed_out=True)
+    assert calls.wait(2.0) == pytest.approx(LEASE + 1.0 - 2.0)
+    assert calls.wait(LEASE + 1.0) == 0.0
+
+
 def test_a_call_never_made_gives_its_slot_back(store: Store) -> None:
     calls = budget(store, "1/minute")
     now = time.time()

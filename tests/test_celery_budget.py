@@ -92,6 +92,20 @@ def test_calls_in_flight_hold_their_slots(make_budget: MakeBudget) -> None:
     assert budget.acquire(lease=LEASE).token is not None
 
 
+def test_a_call_that_got_no_answer_in_time_is_dated_by_the_end_of_its_lease(
+    make_budget: MakeBudget,
+) -> None:
+    budget = make_budget("1/second")
+    started = time.monotonic()
+    got = budget.acquire(lease=LEASE)
+    assert got.token is not None
+    budget.finish(got.token, timed_out=True)  # Meisa may count it until its lease ends
+    wait = budget.acquire(lease=LEASE).wait
+    since = time.monotonic() - started
+    assert LEASE + 1.0 - since - 0.01 < wait <= LEASE + 1.0, (wait, since)
+    assert sum(budget.snapshot()[1].values()) == 0  # not in flight: over, dated ahead
+
+
 def test_only_sends_use_the_reserve(make_budget: MakeBudget) -> None:
     budget = make_budget("20/minute")  # 5 % of 20: one slot held back for sends
     take(budget, 19)

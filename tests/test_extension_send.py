@@ -258,3 +258,37 @@ def test_each_attempt_of_a_synchronous_send_spends_a_slot_of_the_budget(
         assert 429 not in [r.status for r in emulator.requests]
     finally:
         meisa.state(app).close(0.0)
+
+
+@pytest.mark.slow
+def test_a_call_that_got_no_answer_in_time_holds_its_slot_until_its_lease_ends(
+    emulator_factory: Any,
+) -> None:
+    # Meisa counts a call when it reaches it: one whose answer did not come in time may
+    # have reached it after the timeout (here a second late), so its slot cannot be dated
+    # by the timeout. The lease (both timeouts and 5 s) is the longest a call can take.
+    emulator = emulator_factory(seed="demo", rate_limit="1/second")
+    emulator.faults.set(latency=1.0, paths=[TRIGGER])
+    config = emulator_config(
+        emulator,
+        MEISA_DELIVERY="thread",
+        MEISA_RATE_LIMIT="1/second",
+        MEISA_TIMEOUT=0.3,
+        MEISA_CONNECT_TIMEOUT=0.3,
+        MEISA_RETRY_BASE_DELAY=0.01,
+    )
+    app = build_app(config)
+    meisa: Meisa = app.extensions["meisa"]
+    try:
+        with app.app_context():
+            meisa.send("receipt", "buyer@example.com", background=True)
+            # Counted by Meisa a second after it left, long after its timeout.
+            assert emulator.wait_for(lambda e: len(e.requests_to(TRIGGER)) == 1, timeout=10)
+            emulator.faults.clear()
+            meisa.upsert({"email": "user@example.com"})  # the send's retry, then this
+            assert meisa.flush(15.0)
+        answered = [(r.path, r.status, round(r.time + r.duration, 3)) for r in emulator.requests]
+        assert 429 not in [status for _, status, _ in answered], answered
+        assert len(emulator.sends()) == 1  # the retry kept its idempotency key
+    finally:
+        meisa.state(app).close(0.0)

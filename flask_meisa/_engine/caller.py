@@ -165,7 +165,9 @@ class Caller:
                 try:
                     with self.store.write() as db:
                         now = Store.now(db)
-                        self.budget.settle(db, token, made=outcome.made, now=now)
+                        self.budget.settle(
+                            db, token, made=outcome.made, now=now, timed_out=outcome.timed_out
+                        )
                         if not pending.still_taken(db, taken):
                             return lambda: None  # the process delivering now settles it
                         if reason is not None:
@@ -334,13 +336,26 @@ class Budget:
         )
         return token, 0.0
 
-    def settle(self, db: sqlite3.Connection, token: str, *, made: bool, now: float) -> None:
+    def settle(
+        self,
+        db: sqlite3.Connection,
+        token: str,
+        *,
+        made: bool,
+        now: float,
+        timed_out: bool = False,
+    ) -> None:
         """In the caller's write transaction: the call holding ``token`` is over; date its
-        slot ``now``, or with ``made=False`` (no request went out) give it back."""
+        slot ``now``, or with ``made=False`` (no request went out) give it back. With
+        ``timed_out`` (no answer came in time) it is dated by the end of its lease: Meisa
+        may count the call after the timeout, as late as the longest a call can take."""
         if not token:
             return
         if made:
-            db.execute("UPDATE meisa_calls SET answered_at = ? WHERE token = ?", (now, token))
+            answered = "max(lease_until, ?)" if timed_out else "?"
+            db.execute(
+                f"UPDATE meisa_calls SET answered_at = {answered} WHERE token = ?", (now, token)
+            )
         else:
             db.execute("DELETE FROM meisa_calls WHERE token = ?", (token,))
 

@@ -295,7 +295,11 @@ class DeliveryWorker:
         if budget is not None and token is not None:
             # Every worker follows: a 429 about the key pauses all; an outage opens the breaker.
             failures = budget.finish(
-                token, made=outcome.made, outage=decision.outage, answered=decision.answered
+                token,
+                made=outcome.made,
+                timed_out=outcome.timed_out,
+                outage=decision.outage,
+                answered=decision.answered,
             )
             budget.pause(pause_for(decision, failures, self._retry, logger))
         if decision.unknown_contact:

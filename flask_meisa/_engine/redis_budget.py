@@ -143,15 +143,23 @@ return {1, '0'}
 """
 
 # KEYS: in-flight, failures, answered window 1..n
-# ARGV: token, made (0/1), n, outcome ('outage', 'answered' or ''), then each period
+# ARGV: token, made (0/1, or 'lease': no answer came in time), n, outcome ('outage',
+# 'answered' or ''), then each period
 _FINISH = """
+local lease = redis.call('ZSCORE', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[1], ARGV[1])
 for w = 1, tonumber(ARGV[3]) do
-  if ARGV[2] == '1' then  -- dated by the answer, even if the lease ran out first
-    redis.call('ZADD', KEYS[2 + w], now, ARGV[1])
-    redis.call('PEXPIRE', KEYS[2 + w], math.ceil(tonumber(ARGV[4 + w]) * 1000) + 1000)
-  else
+  if ARGV[2] == '0' then
     redis.call('ZREM', KEYS[2 + w], ARGV[1])
+  else
+    -- Dated by the answer, even if the lease ran out first; a call that got no answer in
+    -- time may reach Meisa later still, as late as the end of its lease.
+    local at = now
+    if ARGV[2] == 'lease' and lease then at = math.max(now, tonumber(lease)) end
+    redis.call('ZADD', KEYS[2 + w], at, ARGV[1])
+    local last = redis.call('ZRANGE', KEYS[2 + w], -1, -1, 'WITHSCORES')
+    local until_ = tonumber(last[2]) + tonumber(ARGV[4 + w]) - now
+    redis.call('PEXPIRE', KEYS[2 + w], math.ceil(until_ * 1000) + 1000)
   end
 end
 if ARGV[4] == 'answered' then redis.call('DEL', KEYS[2]) return 0 end
@@ -273,12 +281,20 @@ class RedisBudget:
                     self._unreachable_until = time.monotonic() + UNREACHABLE_FOR
 
     def finish(
-        self, token: str, *, made: bool = True, outage: bool = False, answered: bool = False
+        self,
+        token: str,
+        *,
+        made: bool = True,
+        timed_out: bool = False,
+        outage: bool = False,
+        answered: bool = False,
     ) -> int:
-        """The call of ``token`` is over: date its slot now (``made=False``: give it back) and
-        count the failures in a row of every worker (returned)."""
+        """The call of ``token`` is over: date its slot now (``made=False``: give it back;
+        ``timed_out``: no answer came in time, Meisa may count the call later still, so by
+        the end of its lease) and count the failures in a row of every worker (returned)."""
         outcome = "answered" if answered else "outage" if outage else ""
-        args = [token, int(made), len(self.windows), outcome, *(w.period for w in self.windows)]
+        how = "lease" if made and timed_out else int(made)
+        args = [token, how, len(self.windows), outcome, *(w.period for w in self.windows)]
         keys = [self._flying_key, self._failures_key, *self._windows]
         return int(self._finish(keys=keys, args=args))
 

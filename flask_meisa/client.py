@@ -23,6 +23,7 @@ from . import _values
 from .config import DEFAULTS
 from .errors import APIConnectionError
 from .errors import APIError
+from .errors import APITimeoutError
 from .errors import ConfigurationError
 from .errors import ValidationError
 from .operations import encode_body
@@ -141,7 +142,8 @@ class MeisaClient:
         """A copy with another timeout and/or retry policy, sharing this client's session
         (closing the copy leaves it open); ``slot(seconds)``: a context each attempt is made
         in, which may wait that long first (a slot of the key's budget: Meisa counts every
-        attempt)."""
+        attempt); an attempt that got no answer in time raises its
+        :class:`~flask_meisa.errors.APITimeoutError` in it."""
         clone = object.__new__(MeisaClient)
         clone.__dict__.update(self.__dict__, _owner=False)
         if slot is not None:
@@ -346,11 +348,17 @@ class MeisaClient:
 
         while True:
             attempt += 1
-            with self._slot(left(0.0)):  # its wait counts against the deadline
-                # No attempt runs past the deadline; a floor keeps the last.
-                limit = min(sum(self._timeout), left(0.05))
-                request["timeout"] = (min(self._timeout[0], limit), min(self._timeout[1], limit))
-                result = self._http.attempt(endpoint, scope, limit, **request)
+            try:
+                with self._slot(left(0.0)):  # its wait counts against the deadline
+                    # No attempt runs past the deadline; a floor keeps the last.
+                    limit = min(sum(self._timeout), left(0.05))
+                    timeout = (min(self._timeout[0], limit), min(self._timeout[1], limit))
+                    request["timeout"] = timeout
+                    result = self._http.attempt(endpoint, scope, limit, **request)
+                    if isinstance(result, APITimeoutError):
+                        raise result  # the slot learns that Meisa may count it later still
+            except APITimeoutError as timed_out:
+                result = timed_out
             if isinstance(result, tuple):
                 logger.debug("%s answered %d (attempt %d)", endpoint, result[0], attempt)
                 return result

@@ -17,6 +17,7 @@ from flask_meisa._engine.store import Store
 from flask_meisa._values import RateWindow
 from flask_meisa._values import parse_rate_limit
 from flask_meisa.emulator import RateLimiter as ServerLimiter
+from flask_meisa.errors import APITimeoutError
 from flask_meisa.errors import BadRequestError
 from flask_meisa.errors import ConfigurationError
 from flask_meisa.errors import RateLimitError
@@ -301,6 +302,17 @@ def test_a_slot_for_a_call_outside_the_engine_waits_then_goes_without(store: Sto
     with store.read() as db:
         (count,) = db.execute("SELECT count(*) FROM meisa_calls").fetchone()
     assert count == 1  # a call made without a slot takes none
+
+
+def test_a_slot_whose_call_got_no_answer_in_time_is_held_until_its_lease_ends(
+    store: Store,
+) -> None:
+    limited = Budget(store, "1/minute", lease=LEASE)
+    with pytest.raises(APITimeoutError), limited.slot(1.0) as got:
+        assert got
+        raise APITimeoutError("POST /emails/trigger/", "no answer within 0.3 s")
+    # Meisa may count it until its lease ends: the minute starts then.
+    assert Calls(limited).wait(time.time()) == pytest.approx(LEASE + 60.0, abs=1.0)
 
 
 def test_a_slot_waiting_on_a_call_in_flight_is_taken_soon_after_that_call_gives_it_back(

@@ -18,6 +18,7 @@ import pytest
 import redis
 
 from flask_meisa._engine.redis_budget import RedisBudget
+from flask_meisa.errors import APITimeoutError
 from flask_meisa.errors import ConfigurationError
 from flask_meisa.operations import LANE_AUTOMATION
 from flask_meisa.operations import LANE_BACKFILL
@@ -104,6 +105,16 @@ def test_a_call_that_got_no_answer_in_time_is_dated_by_the_end_of_its_lease(
     since = time.monotonic() - started
     assert LEASE + 1.0 - since - 0.01 < wait <= LEASE + 1.0, (wait, since)
     assert sum(budget.snapshot()[1].values()) == 0  # not in flight: over, dated ahead
+
+
+def test_a_slot_whose_call_got_no_answer_in_time_is_held_until_its_lease_ends(
+    make_budget: MakeBudget,
+) -> None:
+    budget = make_budget("1/second")
+    with pytest.raises(APITimeoutError), budget.slot(1.0, lease=LEASE) as got:
+        assert got
+        raise APITimeoutError("POST /emails/trigger/", "no answer within 0.3 s")
+    assert budget.acquire(lease=LEASE).wait > LEASE
 
 
 def test_only_sends_use_the_reserve(make_budget: MakeBudget) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 from flask import Flask
 
+from flask_meisa import APITimeoutError
 from flask_meisa import Meisa
 from flask_meisa import UnprocessableEntityError
 from flask_meisa import ValidationError
@@ -290,5 +291,33 @@ def test_a_call_that_got_no_answer_in_time_holds_its_slot_until_its_lease_ends(
         answered = [(r.path, r.status, round(r.time + r.duration, 3)) for r in emulator.requests]
         assert 429 not in [status for _, status, _ in answered], answered
         assert len(emulator.sends()) == 1  # the retry kept its idempotency key
+    finally:
+        meisa.state(app).close(0.0)
+
+
+@pytest.mark.slow
+def test_a_synchronous_send_that_got_no_answer_in_time_holds_its_slot_until_its_lease_ends(
+    emulator_factory: Any,
+) -> None:
+    emulator = emulator_factory(seed="demo", rate_limit="1/second")
+    emulator.faults.set(latency=1.0, paths=[TRIGGER])  # reaches Meisa after the timeout
+    config = emulator_config(
+        emulator,
+        MEISA_DELIVERY="thread",
+        MEISA_RATE_LIMIT="1/second",
+        MEISA_TIMEOUT=0.3,
+        MEISA_CONNECT_TIMEOUT=0.3,
+        MEISA_MAX_ATTEMPTS=1,
+    )
+    app = build_app(config)
+    meisa: Meisa = app.extensions["meisa"]
+    try:
+        with app.app_context():
+            with pytest.raises(APITimeoutError):
+                meisa.send("receipt", "buyer@example.com")
+            meisa.upsert({"email": "user@example.com"})
+            assert meisa.flush(15.0)
+        answered = [(r.path, r.status, round(r.time + r.duration, 3)) for r in emulator.requests]
+        assert 429 not in [status for _, status, _ in answered], answered
     finally:
         meisa.state(app).close(0.0)

@@ -19,6 +19,7 @@ from typing import Any
 
 from .._values import RateWindow
 from .._values import parse_rate_limit
+from ..errors import APITimeoutError
 from ..operations import LANE_BACKFILL
 from ..operations import LANE_ROUTINE
 from ..operations import LANE_TRANSACTIONAL
@@ -363,7 +364,9 @@ class Budget:
     def slot(self, timeout: float) -> Iterator[bool]:
         """Hold a transactional slot for a call made in the caller's thread (a synchronous
         send, a suppression list load), waiting at most ``timeout`` seconds; yields
-        whether one was taken (without one the call is made anyway)."""
+        whether one was taken (without one the call is made anyway). A call that got no
+        answer in time (its :class:`APITimeoutError` raised in the context) holds the slot
+        until its lease ends."""
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -376,13 +379,17 @@ class Budget:
             if token is not None or left <= 0:
                 break
             time.sleep(min(left, _POLL if wait is None else max(wait, 0.001)))
+        timed_out = False
         try:
             yield token is not None
+        except APITimeoutError:
+            timed_out = True
+            raise
         finally:
             if token:
                 # Where the store fails here, the slot's lease ends it.
                 with contextlib.suppress(*STORE_ERRORS), self.store.write() as db:
-                    self.settle(db, token, made=True, now=Store.now(db))
+                    self.settle(db, token, made=True, now=Store.now(db), timed_out=timed_out)
 
     def remaining(self) -> dict[str, int]:
         """Calls that could start now in each window, by label (``{"60/minute": 57}``)."""

@@ -17,6 +17,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from .._values import parse_rate_limit
+from ..errors import APITimeoutError
 from ..operations import LANE_NAMES
 from ..operations import LANE_ROUTINE
 from ..operations import LANE_TRANSACTIONAL
@@ -250,7 +251,9 @@ class RedisBudget:
     @contextlib.contextmanager
     def slot(self, timeout: float, lease: float) -> Iterator[bool]:
         """Hold a slot (from the reserve) for a call made outside the workers, waiting at
-        most ``timeout`` seconds; yields whether one was taken (the call is made anyway)."""
+        most ``timeout`` seconds; yields whether one was taken (the call is made anyway). A
+        call that got no answer in time (its :class:`APITimeoutError` raised in the
+        context) holds the slot until its lease ends."""
         deadline, waiter, token = time.monotonic() + max(timeout, 0.0), uuid.uuid4().hex, None
         try:
             if time.monotonic() < self._unreachable_until:
@@ -271,12 +274,16 @@ class RedisBudget:
                     "flask-meisa: no budget slot from Redis (%s); calling without one",
                     type(error).__name__,
                 )
+        timed_out = False
         try:
             yield token is not None
+        except APITimeoutError:
+            timed_out = True
+            raise
         finally:
             if token is not None:
                 try:
-                    self.finish(token)
+                    self.finish(token, timed_out=timed_out)
                 except RedisError:
                     self._unreachable_until = time.monotonic() + UNREACHABLE_FOR
 

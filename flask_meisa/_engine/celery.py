@@ -224,9 +224,11 @@ class CeleryDispatcher:
         own = (lane, operation.to_dict(), meta)
         tasks.append(own)
         if self.budget is not None:  # contacts take turns, from their release
-            for _, op, task_meta in tasks:
-                who = turns_of(store, op["kind"], op["payload"], task_meta)
-                task_meta["turn"] = self.budget.place(op["id"], who)
+            waiters = [
+                (op["id"], turns_of(store, op["kind"], op["payload"], m)) for _, op, m in tasks
+            ]
+            for (_, _, task_meta), place in zip(tasks, self.budget.places(waiters), strict=True):
+                task_meta["turn"] = place
         if self._lost_after is not None:
             store.keep(*own)
         return tasks

@@ -11,6 +11,7 @@ import math
 import time
 import uuid
 from collections.abc import Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,17 +46,22 @@ local t = redis.call('TIME')
 local now, GRACE = tonumber(t[1]) + tonumber(t[2]) / 1000000, 1
 """
 
-# KEYS: current turn, the contact's last turn ("<turn> <waiter>"; the current turn's key:
-# no contact), places given; ARGV: waiter. The turn after the contact's last and after the
-# current one (the last slot given's), with a fraction for first come, first served within
-# it, and the contact's waiter before it (docs/celery.md: contacts take turns).
+# KEYS: current turn, places given, then each waiter's contact's last turn ("<turn>
+# <waiter>"; the current turn's key: no contact); ARGV: the waiters. Each takes the turn
+# after its contact's last and after the current one (the last slot given's), with a
+# fraction for first come, first served within it, and learns its contact's waiter before
+# it (docs/celery.md: contacts take turns).
 _PLACE = """
-local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-local last = KEYS[2] ~= KEYS[1] and redis.call('GET', KEYS[2]) or '0 '
-local turn = math.max(current, tonumber(string.match(last, '^%d+'))) + 1
-if KEYS[2] ~= KEYS[1] then redis.call('SET', KEYS[2], turn .. ' ' .. ARGV[1], 'EX', 86400) end
-local seq = redis.call('INCR', KEYS[3]) % 1000000
-return string.format('%d.%06d ', turn, seq) .. string.match(last, ' (.*)$')
+local current, places = tonumber(redis.call('GET', KEYS[1]) or '0'), {}
+for i, waiter in ipairs(ARGV) do
+  local key = KEYS[2 + i]
+  local last = key ~= KEYS[1] and redis.call('GET', key) or '0 '
+  local turn = math.max(current, tonumber(string.match(last, '^%d+'))) + 1
+  if key ~= KEYS[1] then redis.call('SET', key, turn .. ' ' .. waiter, 'EX', 86400) end
+  local seq = redis.call('INCR', KEYS[2]) % 1000000
+  places[i] = string.format('%d.%06d ', turn, seq) .. string.match(last, ' (.*)$')
+end
+return places
 """
 
 # KEYS: pause, in-flight, failures, current turn, the contact's last turn, waiters of
@@ -226,7 +232,7 @@ class RedisBudget:
         ``waiter``: the same on every try (an operation's id), with the ``place`` it was
         given (none the first time: it takes the turn after ``contact``'s last)."""
         token = f"{lane}:{uuid.uuid4().hex}"
-        place = place or (self.place(waiter, contact) if waiter else "")
+        place = place or (self.places([(waiter, contact)])[0] if waiter else "")
         name, _, turn = place.partition(" ")
         args = [token, max(lease, 0.001), lane, len(self.windows), OUTAGE_THRESHOLD, waiter]
         args += [turn, MAX_WAIT]
@@ -236,14 +242,18 @@ class RedisBudget:
         got = self._acquire(keys=keys, args=args)
         return Acquired(token if int(got[0]) else None, min(float(got[1]), MAX_WAIT), place)
 
-    def place(self, waiter: str, contact: str) -> str:
-        """The place of ``waiter`` (an operation's id) among the waiters, taken when it is
-        released or first asks: the turn after ``contact``'s last (``""``: no contact's)
-        and the current one. Opaque: ``"<contact's digest> <turn> <its waiter before>"``."""
-        name = _digest(contact) if contact else "-"
-        keys = [self._turn_key, self._last(name), f"{self._prefix}:places"]
-        turn = self._place(keys=keys, args=[waiter])
-        return f"{name} {turn.decode() if isinstance(turn, bytes) else turn}"
+    def places(self, waiters: Sequence[tuple[str, str]]) -> list[str]:
+        """The places of ``waiters`` (``(operation id, contact)`` pairs, ``""``: no
+        contact's) among the waiters, taken in one call when they are released or first
+        ask: the turn after the contact's last and after the current one. Opaque:
+        ``"<contact's digest> <turn> <its waiter before>"``."""
+        names = [_digest(contact) if contact else "-" for _, contact in waiters]
+        keys = [self._turn_key, f"{self._prefix}:places", *map(self._last, names)]
+        turns = self._place(keys=keys, args=[waiter for waiter, _ in waiters])
+        return [
+            f"{name} {turn.decode() if isinstance(turn, bytes) else turn}"
+            for name, turn in zip(names, turns, strict=True)
+        ]
 
     def _last(self, name: str) -> str:
         return f"{self._prefix}:last:{name}" if name != "-" else self._turn_key

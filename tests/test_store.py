@@ -139,12 +139,13 @@ def test_a_store_of_the_previous_version_gives_its_rows_turn_0(tmp_path: Path) -
     assert "meisa_ops_next" not in indexes
 
 
+def event(user: int) -> Operation:
+    return Operation("track", {"event_name": "clicked", "external_id": f"t-{user}"})
+
+
 def test_rows_a_previous_version_still_writes_put_no_waiting_work_behind_later_work(
     tmp_path: Path,
 ) -> None:
-    def event(user: int) -> Operation:
-        return Operation("track", {"event_name": "clicked", "external_id": f"t-{user}"})
-
     with contextlib.closing(Store(tmp_path / "store.sqlite3")) as store, store.write() as db:
         for _ in range(pending.FAIR_SHARE + 20):  # one user's flood, all but one delivered
             pending.add(db, event(1), LANE_AUTOMATION)
@@ -174,9 +175,6 @@ def test_rows_a_previous_version_still_writes_put_no_waiting_work_behind_later_w
 def test_a_flood_carried_from_a_replaced_store_file_keeps_its_turns(tmp_path: Path) -> None:
     path = tmp_path / "store.sqlite3"
 
-    def event(user: int) -> Operation:
-        return Operation("track", {"event_name": "clicked", "external_id": f"t-{user}"})
-
     with contextlib.closing(Store(path)) as store:
         with store.write() as db:
             for _ in range(20):
@@ -196,9 +194,6 @@ def test_a_flood_carried_from_a_replaced_store_file_keeps_its_turns(tmp_path: Pa
 
 def test_a_flood_salvaged_from_a_damaged_store_file_goes_in_turns(tmp_path: Path) -> None:
     path = tmp_path / "store.sqlite3"
-
-    def event(user: int) -> Operation:
-        return Operation("track", {"event_name": "clicked", "external_id": f"t-{user}"})
 
     with contextlib.closing(Store(path)) as store:
         with store.write() as db:

@@ -301,7 +301,7 @@ def set_aside(store: Store, error: BaseException) -> None:
         db.executemany(
             f"INSERT INTO meisa_ops ({_SALVAGED}, turn) "
             f"VALUES ({', '.join('?' * (len(_SALVAGED.split(',')) + 1))})",
-            _with_turns(rows),
+            rows,
         )
     logger.error(
         "flask-meisa: the delivery store %s is damaged (%s); it was moved to %s and a "
@@ -377,20 +377,11 @@ def _waiting(row: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple("pending" if value == "flight" else value for value in row)
 
 
-def _with_turns(rows: list[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
-    """Salvaged rows (a damaged file may have none, or lost the current turn), each with
-    its turn again: a contact's n-th row takes turn n (one contact's flood goes in turns)."""
-    last: dict[str, int] = {}
-    for row in rows:
-        names = [name for name in row[4:6] if name is not None]  # ext, email of _SALVAGED
-        turn = 1 + max((last.get(name, 0) for name in names), default=0)
-        last.update(dict.fromkeys(names, turn))
-        yield (*row, turn)
-
-
 def _salvage(path: str) -> list[tuple[Any, ...]]:
-    """The operations that can still be read from a damaged store, skipping bad pages."""
+    """The operations that can still be read from a damaged store, skipping bad pages, each
+    with its turn again (a damaged file may have none): a contact's n-th takes turn n."""
     rows: list[tuple[Any, ...]] = []
+    last: dict[str, int] = {}
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     except sqlite3.Error:
@@ -401,7 +392,10 @@ def _salvage(path: str) -> list[tuple[Any, ...]]:
         while skip < 1 << 40:
             try:
                 for row in db.execute(query, (after,)):
-                    rows.append(_waiting(row))
+                    names = [name for name in row[4:6] if name is not None]  # ext, email
+                    turn = 1 + max((last.get(name, 0) for name in names), default=0)
+                    last.update(dict.fromkeys(names, turn))
+                    rows.append((*_waiting(row), turn))
                     after, skip = row[0], 1
                 break
             except sqlite3.DatabaseError:

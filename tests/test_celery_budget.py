@@ -359,3 +359,32 @@ def test_workers_of_the_previous_version_share_the_budget_and_keep_their_tickets
         assert new.acquire(lease=LEASE).token is None  # and the window holds both calls
     finally:
         client.close()
+
+
+def test_a_task_placed_again_does_not_wait_for_its_own_follower_forever(
+    make_budget: MakeBudget,
+) -> None:
+    # A task without a turn (published by the previous version's web process) is placed
+    # by the worker that runs it. Run again the same way (its worker died mid-run: the
+    # message comes back as first published), it is placed again: after the contact's
+    # next waiter, which was placed after its first run and waits for it. Each then waits
+    # for the other, however free the budget.
+    budget = make_budget("100/second")
+    budget.pause(0.3)  # both wait a moment
+    assert budget.acquire(lease=LEASE, waiter="o", contact="c").token is None
+    follower = budget.acquire(lease=LEASE, waiter="p", contact="c")
+    again = budget.acquire(lease=LEASE, waiter="o", contact="c")  # the same task, again
+    assert follower.token is None and again.token is None
+    started = time.monotonic()
+    due = {"o": started + again.wait, "p": started + follower.wait}
+    places = {"o": again.place, "p": follower.place}
+    granted: list[str] = []
+    while not granted and time.monotonic() - started < 3.0:  # each comes back when told
+        name = min(due, key=due.__getitem__)
+        time.sleep(max(due[name] - time.monotonic(), 0.0))
+        got = budget.acquire(lease=LEASE, waiter=name, place=places[name])
+        if got.token is not None:
+            budget.finish(got.token)
+            granted.append(name)
+        due[name] = time.monotonic() + got.wait
+    assert granted, "neither of the contact's two waiters ever got a slot"

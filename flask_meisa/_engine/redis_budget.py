@@ -126,6 +126,10 @@ for w = 1, n do
 end
 -- Its contact's waiter before it in this lane goes first (a late one, until pruned).
 local previous = turn and before ~= waiter and redis.call('ZSCORE', back, before)
+-- Placed again since (a task run again as first published), it is no waiter before it.
+if previous and tonumber(redis.call('ZSCORE', mine, before) or '0') > turn then
+  previous = false
+end
 if previous then wait = math.max(wait, tonumber(previous) - now + spacing, 0.1) end
 if wait > 0 and not turn then return {0, tostring(wait)} end
 if wait > 0 then

@@ -388,3 +388,17 @@ def test_a_task_placed_again_does_not_wait_for_its_own_follower_forever(
             granted.append(name)
         due[name] = time.monotonic() + got.wait
     assert granted, "neither of the contact's two waiters ever got a slot"
+
+
+def test_a_crafted_turn_does_not_take_the_turns_away_from_everyone_after_it(
+    make_budget: MakeBudget,
+) -> None:
+    # A task's meta is data from the broker: one whose turn is out of range sets the
+    # current turn to it, and every place given after it was a negative number that the
+    # budget reads as no turn at all (for good: the current turn has no expiry).
+    budget = make_budget("100/second")
+    got = budget.acquire(lease=LEASE, waiter="crafted", place="x 99999999999999999999.5 ")
+    assert got.token is not None
+    budget.finish(got.token)
+    place = budget.places([("next", "someone")])[0]
+    assert " -" not in place, place

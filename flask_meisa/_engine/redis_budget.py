@@ -75,7 +75,9 @@ local lane, n, waiter = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[6]
 local mine, back = KEYS[6 + lane], KEYS[10 + lane]
 local current = tonumber(redis.call('GET', KEYS[4]) or '0')
 local turn, before = string.match(ARGV[7], '^([%d.]+) (.*)$')
+-- Meta is data from the broker: a turn no count reaches (past exact doubles) is none.
 turn = tonumber(turn)
+if turn and turn >= 2 ^ 52 then turn = nil end
 local pause = tonumber(redis.call('GET', KEYS[1]) or '0')
 -- A call whose lease ran out (its worker died) counts as answered when the lease ended.
 local stale = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'WITHSCORES')

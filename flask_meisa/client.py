@@ -142,7 +142,7 @@ class MeisaClient:
         """A copy with another timeout and/or retry policy, sharing this client's session
         (closing the copy leaves it open); ``slot(seconds)``: a context each attempt is made
         in, which may wait that long first (a slot of the key's budget: Meisa counts every
-        attempt); an attempt that got no answer in time raises its
+        attempt); an attempt that was sent and got no answer in time raises its
         :class:`~flask_meisa.errors.APITimeoutError` in it."""
         clone = object.__new__(MeisaClient)
         clone.__dict__.update(self.__dict__, _owner=False)
@@ -355,7 +355,7 @@ class MeisaClient:
                     timeout = (min(self._timeout[0], limit), min(self._timeout[1], limit))
                     request["timeout"] = timeout
                     result = self._http.attempt(endpoint, scope, limit, **request)
-                    if isinstance(result, APITimeoutError):
+                    if isinstance(result, APITimeoutError) and result.sent:
                         raise result  # the slot learns that Meisa may count it later still
             except APITimeoutError as timed_out:
                 result = timed_out

@@ -187,6 +187,10 @@ class APIConnectionError(MeisaError):
 class APITimeoutError(APIConnectionError):
     """The connection or the answer took longer than the configured timeout."""
 
+    #: Whether the request may have reached Meisa: False when no connection was made in
+    #: time (nothing was sent), True when its answer was late (Meisa may count it later).
+    sent = True
+
 
 _BY_STATUS: dict[int, type[APIError]] = {
     400: BadRequestError,
@@ -301,7 +305,9 @@ def _connection_error(
     # Trust requests' own split: urllib3's NewConnectionError (a refusal) subclasses its
     # ConnectTimeoutError, so the chain alone cannot tell a refusal from a timeout.
     if isinstance(exc, requests.ConnectTimeout):
-        return APITimeoutError(endpoint, f"no connection within {timeout[0]:g} s")
+        unsent = APITimeoutError(endpoint, f"no connection within {timeout[0]:g} s")
+        unsent.sent = False
+        return unsent
     timeouts = (urllib3.exceptions.ReadTimeoutError, TimeoutError)
     if isinstance(exc, requests.Timeout) or any(isinstance(e, timeouts) for e in chain):
         return APITimeoutError(endpoint, f"no answer within {timeout[1]:g} s")

@@ -294,7 +294,7 @@ class Attempt:
     def timed_out(self) -> bool:
         """Whether no answer came in time: Meisa may count the request later still (it
         counts a call when it reaches it), as late as the longest a call can take."""
-        return self.made and isinstance(self.error, APITimeoutError)
+        return self.made and isinstance(self.error, APITimeoutError) and self.error.sent
 
 
 def attempt(get_client: Callable[[], MeisaClient], operation: Operation) -> Attempt:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from flask_meisa import operations
 from flask_meisa.client import MeisaClient
 from flask_meisa.errors import APIConnectionError
 from flask_meisa.errors import APIError
@@ -117,6 +120,54 @@ def test_timeout_is_retried(emulator: Any) -> None:
     # The emulator records a request once it has answered, after its latency.
     assert emulator.wait_for_requests(3, "/ping/", timeout=5.0)
     assert calls(emulator, "/ping/") == 3
+
+
+@contextlib.contextmanager
+def full_listener() -> Iterator[str]:
+    """A port that takes no more connections: its accept queue is full, new ones hang."""
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as listener:
+        address, held = listener.getsockname(), []
+        while True:
+            pending = socket.socket()
+            pending.settimeout(0.2)
+            try:
+                pending.connect(address)
+            except TimeoutError:
+                pending.close()
+                break
+            held.append(pending)
+        try:
+            yield f"http://127.0.0.1:{address[1]}"
+        finally:
+            for connection in held:
+                connection.close()
+
+
+def test_only_a_timed_out_request_that_was_sent_is_raised_in_its_slot(emulator: Any) -> None:
+    # Meisa may count a late request after its timeout; one that never connected, never.
+    seen: list[BaseException | None] = []
+
+    @contextlib.contextmanager
+    def slot(seconds: float) -> Iterator[None]:
+        try:
+            yield
+        except BaseException as error:
+            seen.append(error)
+            raise
+        seen.append(None)
+
+    emulator.faults.set(latency=0.5, paths=["/ping/"])
+    with full_listener() as url:
+        for base, late in ((url, False), (emulator.url, True)):
+            with (
+                MeisaClient(emulator.live_key, base, retry=RetryPolicy.never()) as client,
+                pytest.raises(APITimeoutError) as info,
+            ):
+                client.with_options(timeout=(0.2, 0.1), slot=slot).ping()
+            assert info.value.sent is late
+            assert seen.pop() is (info.value if late else None)
+            made = operations.Attempt(error=info.value, made=True)
+            assert made.timed_out is late  # the engines date its slot by its lease's end
 
 
 def test_dropped_connection_is_retried(client: MeisaClient, emulator: Any) -> None:

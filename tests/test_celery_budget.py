@@ -402,3 +402,18 @@ def test_a_crafted_turn_does_not_take_the_turns_away_from_everyone_after_it(
     budget.finish(got.token)
     place = budget.places([("next", "someone")])[0]
     assert " -" not in place, place
+
+
+def test_a_waiter_ranked_past_a_full_window_comes_back_when_its_slot_frees(
+    make_budget: MakeBudget,
+) -> None:
+    budget = make_budget("10/second")  # no reserve: 5 % of 10 is no whole slot
+    started = time.monotonic()
+    take(budget, 10)
+    waits = [budget.acquire(lease=LEASE, waiter=f"w{n}", contact=f"c{n}").wait for n in range(21)]
+    since = time.monotonic() - started
+    # Ten slots free a second after the calls made, the next ten a second after those: no
+    # waiter is told to come back before its slot can be free (what passed is measured).
+    for number, wait in enumerate(waits):
+        due = 1.0 + number // 10
+        assert due - since - 0.01 < wait <= due, (number, waits, since)

@@ -115,13 +115,23 @@ for w = 1, n do
   -- The slots that must free first: for the calls made and in flight, the waiters of the
   -- lanes ahead and those ranked ahead of it; it comes back when its own frees.
   local need, this = answered + flying + ahead + rank - allowed + 1, 0
-  if need > answered then
-    -- Beyond the answered calls: a slot apart per slot it needs past them.
-    this = (need - answered) * period / limit
-    if first[2] and ahead + rank == 0 then this = math.min(this, tonumber(first[2]) - now) end
-  elseif need > 0 then
-    local entry = redis.call('ZRANGE', KEYS[13 + w], need - 1, need - 1, 'WITHSCORES')
-    this = tonumber(entry[2]) + period - now
+  if need > 0 then
+    -- Its slot frees a period after the need-th call (counted from the oldest answered).
+    -- One still to come goes a period after the call `allowed` before it: a period more
+    -- for each full window of those ahead past the calls made.
+    local step = math.max(allowed, 1)
+    local skip = math.max(math.ceil((need - math.max(answered + flying, step)) / step), 0)
+    local k = need - skip * step
+    if k <= answered then
+      local entry = redis.call('ZRANGE', KEYS[13 + w], k - 1, k - 1, 'WITHSCORES')
+      this = tonumber(entry[2]) + (skip + 1) * period - now
+    elseif k <= answered + flying then
+      -- When Meisa counts a call in flight is not known (never, if it was not made): soon.
+      this = skip * period + (k - answered) * period / limit
+      if first[2] and ahead + rank == 0 then this = math.min(this, tonumber(first[2]) - now) end
+    else
+      this = (skip + 1) * period  -- the call it waits for can go now
+    end
   end
   if this > wait then wait = this end
   spacing = math.max(spacing, period / limit)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import logging
 import math
 import time
@@ -24,15 +23,11 @@ from ..operations import LANE_ROUTINE
 from ..operations import LANE_TRANSACTIONAL
 from .base import OUTAGE_THRESHOLD
 from .caller import allowed
+from .redis_records import _digest
 
 __all__ = ["MAX_WAIT", "Acquired", "RedisBudget"]
 
 logger = logging.getLogger("flask_meisa.engine")
-
-
-def _digest(name: str) -> str:
-    return hashlib.sha256(name.encode()).hexdigest()[:32]
-
 
 #: The longest wait handed out at once; the task comes back and asks again.
 MAX_WAIT = 300.0

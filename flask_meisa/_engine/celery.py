@@ -76,8 +76,11 @@ class CeleryDispatcher:
         self._hooks = HookCaller(hooks, logger)
         self.queues = lane_queues(queue)
         self.store = RedisDeliveryStore(redis, queue)
-        #: What Meisa refused, or whose retries ran out (``flask meisa dead-letters``).
-        self.dead_letters = RedisDeadLetters(self.store, self._publish_again)
+        #: What Meisa refused, or whose retries ran out (``flask meisa dead-letters``); a
+        #: retry is published ``refused``: one that cannot be stays a dead letter.
+        self.dead_letters = RedisDeadLetters(
+            self.store, functools.partial(self.submit, refused=True)
+        )
         #: The key's shared budget (``None`` without a key).
         self.budget = RedisBudget(redis, rate_limit, budget_key) if budget_key else None
         self._priority_fields = tuple(priority_fields)
@@ -125,16 +128,10 @@ class CeleryDispatcher:
                 )
             return self._worker
 
-    def submit(self, operations: Iterable[Operation]) -> None:
+    def submit(self, operations: Iterable[Operation], *, refused: bool = False) -> None:
         """Publish each operation (see :meth:`publish`)."""
         for operation in operations:
-            self.publish(operation)
-
-    def _publish_again(self, operations: list[Operation]) -> None:
-        """Publish dead letters again: what cannot be published raises, whatever its kind
-        (it stays a dead letter), and is not reported dropped."""
-        for operation in operations:
-            self.publish(operation, refused=True)
+            self.publish(operation, refused=refused)
 
     def publish(self, operation: Operation, *, refused: bool = False) -> None:
         """Publish ``operation``; what cannot be published is dropped (a send, or anything

@@ -72,7 +72,6 @@ class CeleryDispatcher:
         lost_after: float | None = None,
     ) -> None:
         self._celery = celery_app
-        self._redis = redis
         self._hooks = HookCaller(hooks, logger)
         self.queues = lane_queues(queue)
         self.store = RedisDeliveryStore(redis, queue)
@@ -311,10 +310,8 @@ class CeleryDispatcher:
 
     def close(self, timeout: float | None = None) -> int:
         """Stop publishing and close the Redis connections; ``0``: nothing is held here."""
-        with self._lock:
-            closed, self._closed = self._closed, True
-        if not closed:
-            self._redis.close()
+        self._closed = True
+        self.store.redis.close()
         return 0
 
     def status(self) -> DeliveryStatus:

@@ -124,10 +124,10 @@ class DeliveryWorker:
                 return None
 
     def _run(self, operation: Operation, meta: dict[str, Any]) -> RunAgain | None:
+        meta["lane"] = int(meta.get("lane", operation.lane))
         due = float(meta.get("due") or 0.0)
         if due > time.time():
             return self._again(due - time.time(), operation, meta)  # a wait made of several
-        meta["lane"] = int(meta.get("lane", operation.lane))
         age = time.time() - operation.created_at
         if meta["lane"] == LANE_ROUTINE and age > self._routine_max_age:
             meta["lane"] = LANE_AUTOMATION  # nothing waits forever
@@ -333,8 +333,7 @@ class DeliveryWorker:
         if countdown > self.max_countdown:
             meta["due"] = time.time() + countdown
             countdown = self.max_countdown
-        lane = LANE_NAMES[int(meta.get("lane", operation.lane))]
-        queue = lane_queues(self.store.namespace)[lane]
+        queue = lane_queues(self.store.namespace)[LANE_NAMES[meta["lane"]]]
         return RunAgain(max(countdown, 0.0), operation.to_dict(), meta, queue)
 
     def _report(

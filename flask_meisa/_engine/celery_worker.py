@@ -273,11 +273,9 @@ class DeliveryWorker:
         try:
             if operation.kind == "send" and first is None:
                 self.store.first_attempt(operation.id, meta["first_attempt"])
-            outcome = (
-                Attempt(error=late)
-                if late
-                else attempt(self._client, call_for(operation, recovering))
-            )
+            outcome = Attempt(error=late)
+            if late is None:
+                outcome = attempt(self._client, call_for(operation, recovering))
         except BaseException:
             if budget is not None and token is not None:
                 budget.finish(token)  # interrupted mid-call: the slot counts as spent

@@ -42,7 +42,7 @@ from redis import Redis
 
 from flask_meisa import Meisa
 from flask_meisa._engine.celery import CeleryDispatcher
-from flask_meisa._engine.celery_worker import TASK_NAME
+from flask_meisa._engine.celery_setup import TASK_NAME
 from flask_meisa._engine.celery_worker import lane_queues
 from flask_meisa.emulator import Emulator
 from flask_meisa.signals import contact_synced

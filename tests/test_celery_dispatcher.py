@@ -24,15 +24,15 @@ from flask_meisa import Meisa
 from flask_meisa._engine.celery import CeleryDispatcher
 from flask_meisa._engine.celery import make_dispatcher
 from flask_meisa._engine.celery_setup import DEFAULT_VISIBILITY_TIMEOUT
+from flask_meisa._engine.celery_setup import TASK_NAME
 from flask_meisa._engine.celery_setup import CelerySettings
 from flask_meisa._engine.celery_setup import configure_visibility
 from flask_meisa._engine.celery_setup import init_celery
 from flask_meisa._engine.celery_setup import lost_after
 from flask_meisa._engine.celery_setup import resolve_celery_app
-from flask_meisa._engine.celery_worker import TASK_NAME
+from flask_meisa._engine.celery_setup import worker_of
 from flask_meisa._engine.celery_worker import DeliveryWorker
 from flask_meisa._engine.celery_worker import lane_queues
-from flask_meisa._engine.celery_worker import worker_of
 from flask_meisa._suppression import SuppressionSet
 from flask_meisa.config import DEFAULTS
 from flask_meisa.config import MeisaSettings

@@ -19,11 +19,11 @@ import redis
 from flask_meisa._engine import celery_worker
 from flask_meisa._engine import redis_dead
 from flask_meisa._engine.celery import CeleryDispatcher
-from flask_meisa._engine.celery_worker import TASK_NAME
+from flask_meisa._engine.celery_setup import TASK_NAME
+from flask_meisa._engine.celery_setup import register_tasks
+from flask_meisa._engine.celery_setup import worker_of
 from flask_meisa._engine.celery_worker import DeliveryWorker
 from flask_meisa._engine.celery_worker import RunAgain
-from flask_meisa._engine.celery_worker import register_tasks
-from flask_meisa._engine.celery_worker import worker_of
 from flask_meisa._engine.redis_budget import RedisBudget
 from flask_meisa._engine.redis_dead import RedisDeadLetters
 from flask_meisa._engine.redis_store import RedisDeliveryStore

@@ -24,10 +24,10 @@ from . import backfill
 from .base import DeliveryHooks
 from .base import DeliveryStatus
 from .base import HookCaller
+from .celery_setup import TASK_NAME
 from .celery_setup import configure_visibility
 from .celery_setup import lost_after
 from .celery_setup import resolve_celery_app
-from .celery_worker import TASK_NAME
 from .celery_worker import DeliveryWorker
 from .celery_worker import lane_queues
 from .celery_worker import turns_of

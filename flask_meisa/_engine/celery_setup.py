@@ -1,13 +1,20 @@
 """The Celery engine's setup from the app's config: its settings, the Redis transport's
-visibility timeout, and the registration of the delivery task (:func:`init_celery`)."""
+visibility timeout, and the delivery task ``flask_meisa.deliver`` (:func:`init_celery`),
+whose every run is one of the worker's (:mod:`.celery_worker`)."""
 
 from __future__ import annotations
 
+import logging
+import random
+from collections.abc import Callable
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from typing import Any
 from typing import cast
+
+from celery.exceptions import Reject  # type: ignore[import-untyped]
+from redis.exceptions import RedisError
 
 from ..config import DEFAULTS
 from ..config import MeisaSettings
@@ -16,7 +23,7 @@ from ..errors import ConfigurationError
 from .base import IDEMPOTENCY_WINDOW
 from .base import REPLAY_MARGIN
 from .celery_worker import DeliveryWorker
-from .celery_worker import register_tasks
+from .celery_worker import RunAgain
 from .redis_budget import MAX_WAIT
 
 if TYPE_CHECKING:
@@ -27,13 +34,22 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CELERY_DEFAULTS",
+    "TASK_NAME",
     "CelerySettings",
     "configure_visibility",
     "init_celery",
     "lost_after",
+    "register_tasks",
     "resolve_celery_app",
+    "worker_of",
 ]
 
+logger = logging.getLogger("flask_meisa.engine")
+
+#: The name of the delivery task on the Celery app.
+TASK_NAME = "flask_meisa.deliver"
+#: Where :func:`register_tasks` keeps the task and its worker on the Celery app.
+_HOLDER = "_flask_meisa_delivery"
 #: The ``MEISA_CELERY_*`` keys and their defaults.
 CELERY_DEFAULTS = {k: v for k, v in DEFAULTS.items() if k.startswith("MEISA_CELERY_")}
 #: The Redis transport's ``visibility_timeout`` when the app sets none, in seconds.
@@ -134,3 +150,54 @@ def init_celery(app: Flask, settings: MeisaSettings) -> Any:
         return cast("CeleryDispatcher", state.dispatcher).worker(state)
 
     return register_tasks(celery_app, worker)
+
+
+def register_tasks(celery_app: Any, worker: Callable[[], DeliveryWorker]) -> Any:
+    """Register the delivery task on ``celery_app`` (again: ``worker`` replaces the last)
+    and return it; each run calls ``worker()`` for this process's worker."""
+    held = getattr(celery_app, _HOLDER, None)
+    if held is not None:
+        task = held[0]
+    else:
+        task = celery_app.task(
+            name=TASK_NAME,
+            bind=True,
+            shared=False,
+            acks_late=True,
+            reject_on_worker_lost=True,
+            ignore_result=True,
+            serializer="json",
+            max_retries=None,
+        )(_deliver)
+    setattr(celery_app, _HOLDER, (task, worker))
+    return task
+
+
+def worker_of(celery_app: Any) -> DeliveryWorker:
+    """The :class:`DeliveryWorker` of this process for ``celery_app``'s delivery task."""
+    return cast(DeliveryWorker, getattr(celery_app, _HOLDER)[1]())
+
+
+def _deliver(self: Any, op: dict[str, Any], meta: dict[str, Any] | None = None) -> None:
+    """The delivery task: one run of this process's worker; a wait is a retry."""
+    meta = dict(meta or {})
+    try:
+        again = worker_of(self.app).run(op, meta)
+    except RedisError as error:
+        # No call was made; try again later (with the broker down too, the message stays
+        # unacknowledged and comes back once Redis does).
+        logger.warning(
+            "flask-meisa: Redis error while delivering (%s); retrying the task",
+            type(error).__name__,
+        )
+        again = RunAgain(1.0 + random.uniform(0, 4.0), op, meta)
+    if again is not None:
+        where = {"queue": again.queue} if again.queue else {}
+        kwargs = {"op": again.op, "meta": again.meta}
+        try:
+            raise self.retry(kwargs=kwargs, countdown=again.countdown, max_retries=None, **where)
+        except Reject as unpublished:
+            # Celery rejects a task whose retry it could not publish, and the broker then
+            # drops its message: put it back instead (or, with the broker down, it stays
+            # unacknowledged and comes back after the visibility timeout).
+            raise Reject(unpublished.reason, requeue=True) from None

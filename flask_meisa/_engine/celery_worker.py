@@ -1,5 +1,5 @@
-"""The Celery worker's side: the task ``flask_meisa.deliver``, whose every run makes at most
-one call, then finishes its operation or runs again after a countdown (docs/celery.md)."""
+"""The Celery worker's side: :class:`DeliveryWorker` makes at most one call per run of the
+delivery task, then finishes its operation or runs it again after a countdown (docs/celery.md)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
 
-from celery.exceptions import Reject  # type: ignore[import-untyped]
 from redis.exceptions import RedisError
 
 from ..operations import LANE_AUTOMATION
@@ -39,15 +38,11 @@ from .redis_dead import RedisDeadLetters
 from .redis_store import Claim
 from .redis_store import RedisDeliveryStore
 
-__all__ = ["TASK_NAME", "DeliveryWorker", "RunAgain", "lane_queues", "register_tasks"]
+__all__ = ["DeliveryWorker", "RunAgain", "lane_queues"]
 
-#: The name of the delivery task on the Celery app.
-TASK_NAME = "flask_meisa.deliver"
 #: The longest an event waits for its contact's pending upsert when the retry policy has
 #: no deadline, in seconds.
 EVENT_WAIT_LIMIT = 600.0
-#: Where :func:`register_tasks` keeps the task and its worker on the Celery app.
-_HOLDER = "_flask_meisa_delivery"
 
 logger = logging.getLogger("flask_meisa.engine")
 
@@ -365,55 +360,3 @@ def turns_of(store: RedisDeliveryStore, kind: str, payload: Any, meta: dict[str,
     if kind == "send":
         return f"send:{payload.get('to_email')}"
     return str(meta.get("contact") or store.contact_of(payload) or "")
-
-
-def _deliver(self: Any, op: dict[str, Any], meta: dict[str, Any] | None = None) -> None:
-    """The delivery task: one run of this process's worker; a wait is a retry."""
-    meta = dict(meta or {})
-    try:
-        again = worker_of(self.app).run(op, meta)
-    except RedisError as error:
-        # No call was made; try again later (with the broker down too, the message stays
-        # unacknowledged and comes back once Redis does).
-        logger.warning(
-            "flask-meisa: Redis error while delivering (%s); retrying the task",
-            type(error).__name__,
-        )
-        again = RunAgain(1.0 + random.uniform(0, 4.0), op, meta)
-    if again is not None:
-        where = {"queue": again.queue} if again.queue else {}
-        kwargs = {"op": again.op, "meta": again.meta}
-        try:
-            raise self.retry(kwargs=kwargs, countdown=again.countdown, max_retries=None, **where)
-        except Reject as unpublished:
-            # Celery rejects a task whose retry it could not publish, and the broker then
-            # drops its message: put it back instead (or, with the broker down, it stays
-            # unacknowledged and comes back after the visibility timeout).
-            raise Reject(unpublished.reason, requeue=True) from None
-
-
-def worker_of(celery_app: Any) -> DeliveryWorker:
-    """The :class:`DeliveryWorker` of this process for ``celery_app``'s delivery task."""
-    worker: DeliveryWorker = getattr(celery_app, _HOLDER)[1]()
-    return worker
-
-
-def register_tasks(celery_app: Any, worker: Callable[[], DeliveryWorker]) -> Any:
-    """Register the delivery task on ``celery_app`` (again: ``worker`` replaces the last)
-    and return it; each run calls ``worker()`` for this process's worker."""
-    held = getattr(celery_app, _HOLDER, None)
-    if held is not None:
-        task = held[0]
-    else:
-        task = celery_app.task(
-            name=TASK_NAME,
-            bind=True,
-            shared=False,
-            acks_late=True,
-            reject_on_worker_lost=True,
-            ignore_result=True,
-            serializer="json",
-            max_retries=None,
-        )(_deliver)
-    setattr(celery_app, _HOLDER, (task, worker))
-    return task

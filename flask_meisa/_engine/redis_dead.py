@@ -50,9 +50,7 @@ class RedisDeadLetters:
                 logger.error("flask-meisa: %d dead letters kept; %s is not", MOST_KEPT, what)
                 continue
             seq = int(self._redis.incr(self._numbers))
-            self._keep(
-                DeadLetter(seq, operation, 0, None, 0, 1, status, code, message, time.time())
-            )
+            self._keep(_letter(seq, operation, status, code, message, time.time()))
 
     def count(self) -> int:
         """How many dead letters are kept."""
@@ -61,7 +59,7 @@ class RedisDeadLetters:
     def find(self, seqs: Iterable[int] | None = None) -> list[DeadLetter]:
         """Dead letters (those numbered ``seqs``, or all), oldest first."""
         wanted = None if seqs is None else set(seqs)
-        letters = (_letter(raw) for raw in self._redis.hvals(self._key))
+        letters = (_loaded(raw) for raw in self._redis.hvals(self._key))
         return sorted(
             (letter for letter in letters if wanted is None or letter.seq in wanted),
             key=lambda letter: letter.seq,
@@ -126,19 +124,15 @@ class RedisDeadLetters:
         return waiting is not None and bool(fields & set(digest(waiting)) - NAMES)
 
 
-def _letter(raw: bytes | str) -> DeadLetter:
+def _letter(
+    seq: int, operation: Operation, status: int | None, code: str | None, message: str, at: float
+) -> DeadLetter:
+    """A dead letter of this engine: one operation, none of a stored row's retry state."""
+    return DeadLetter(seq, operation, operation.lane, None, 0, 1, status, code, message, at)
+
+
+def _loaded(raw: bytes | str) -> DeadLetter:
     record = json.loads(raw)
     operation = Operation.from_dict(record["operation"])
     status, code, message = record["error"]
-    return DeadLetter(
-        seq=record["seq"],
-        operation=operation,
-        lane=operation.lane,
-        first_attempt=None,
-        recover=0,
-        merged=1,
-        status=status,
-        code=code,
-        message=message,
-        failed_at=record["failed_at"],
-    )
+    return _letter(record["seq"], operation, status, code, message, record["failed_at"])

@@ -340,16 +340,15 @@ class CeleryBackfill(backfill.Target):
 
     def __init__(self, dispatcher: CeleryDispatcher, resync_after: float) -> None:
         self._dispatcher = dispatcher
-        self._store = dispatcher.store
         self._resync_after = resync_after
 
     def _kept(self, write: bool = False) -> contextlib.AbstractContextManager[Any]:
-        return contextlib.nullcontext(self._store)
+        return contextlib.nullcontext(self._dispatcher.store)
 
     def save(self, run: backfill.Run, *, fresh: bool = False) -> None:
         """Keep ``run`` (``fresh``: and forget earlier runs' failures)."""
         if fresh:
-            self._store.count("backfill_refused", 0)
+            self._dispatcher.store.count("backfill_refused", 0)
         super().save(run, fresh=fresh)
 
     def _queue(
@@ -372,8 +371,8 @@ class CeleryBackfill(backfill.Target):
 
     def backlog(self) -> tuple[int, int]:
         """Backfill upserts not finished, and those Meisa refused."""
-        refused = self._store.counters().get("backfill_refused", 0)
-        return self._store.pending(LANE_BACKFILL), refused
+        store = self._dispatcher.store
+        return store.pending(LANE_BACKFILL), store.counters().get("backfill_refused", 0)
 
 
 def make_dispatcher(state: MeisaState) -> CeleryDispatcher:

@@ -15,7 +15,6 @@ from typing import Any
 
 import redis
 
-from ..errors import ConfigurationError
 from ..errors import DeliveryError
 from ..operations import LANE_BACKFILL
 from ..operations import LANE_NAMES
@@ -27,6 +26,7 @@ from .base import HookCaller
 from .celery_setup import TASK_NAME
 from .celery_setup import configure_visibility
 from .celery_setup import lost_after
+from .celery_setup import redis_client
 from .celery_setup import resolve_celery_app
 from .celery_worker import DeliveryWorker
 from .celery_worker import lane_queues
@@ -47,9 +47,6 @@ logger = logging.getLogger("flask_meisa.engine")
 
 #: How often, at most, a busy dispatcher checks which of its operations are finished.
 _LOOK_EVERY = 1.0
-#: Seconds a Redis command may wait on its connection (redis-py 5 and older wait for ever
-#: by default: a partitioned Redis would hold a send, or a response's release, for good).
-REDIS_TIMEOUTS = {"socket_timeout": 5.0, "socket_connect_timeout": 5.0}
 
 
 class CeleryDispatcher:
@@ -380,15 +377,9 @@ def make_dispatcher(state: MeisaState) -> CeleryDispatcher:
     settings, celery_app = resolve_celery_app(state.app)
     options = state.settings
     call_timeout = options.connect_timeout + options.timeout
-    url = settings.redis_url or str(celery_app.conf.broker_url or "")
-    if not settings.redis_url and not url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigurationError(
-            "the Celery engine keeps its rate budget and coalesced upserts in Redis: "
-            "set MEISA_CELERY_REDIS_URL (the broker is not Redis)"
-        )
     return CeleryDispatcher(
         celery_app,
-        redis=redis.Redis.from_url(url, health_check_interval=30, **REDIS_TIMEOUTS),
+        redis=redis_client(settings, celery_app),
         hooks=state.reporter,
         queue=settings.queue,
         rate_limit=options.rate_limit,

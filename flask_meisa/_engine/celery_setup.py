@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from typing import Any
 from typing import cast
 
+import redis
 from celery.exceptions import Reject  # type: ignore[import-untyped]
 from redis.exceptions import RedisError
 
@@ -39,6 +40,7 @@ __all__ = [
     "configure_visibility",
     "init_celery",
     "lost_after",
+    "redis_client",
     "register_tasks",
     "resolve_celery_app",
     "worker_of",
@@ -57,6 +59,9 @@ DEFAULT_VISIBILITY_TIMEOUT = 600.0
 #: Calls' timeouts a worker may hold a message beyond its countdown: waiting for a busy
 #: pool, then a run (a suppression load's budget wait and call, then its own call).
 RUN_TIMEOUTS = 4
+#: Seconds a Redis command may wait on its connection (redis-py 5 and older wait for ever
+#: by default: a partitioned Redis would hold a send, or a response's release, for good).
+REDIS_TIMEOUTS = {"socket_timeout": 5.0, "socket_connect_timeout": 5.0}
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,18 @@ def resolve_celery_app(app: Flask) -> tuple[CelerySettings, Any]:
     if not callable(getattr(celery_app, "send_task", None)):
         raise ConfigurationError("MEISA_CELERY_APP must be a celery.Celery instance")
     return settings, celery_app
+
+
+def redis_client(settings: CelerySettings, celery_app: Any) -> redis.Redis:
+    """A client of the Redis that keeps the engine's records and budget: that of
+    ``MEISA_CELERY_REDIS_URL``, else the broker (a ConfigurationError if it is not Redis)."""
+    url = settings.redis_url or str(celery_app.conf.broker_url or "")
+    if not settings.redis_url and not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigurationError(
+            "the Celery engine keeps its rate budget and coalesced upserts in Redis: "
+            "set MEISA_CELERY_REDIS_URL (the broker is not Redis)"
+        )
+    return redis.Redis.from_url(url, health_check_interval=30, **REDIS_TIMEOUTS)
 
 
 def _transport_options(celery_app: Any) -> dict[str, Any] | None:

@@ -30,7 +30,6 @@ from .celery_setup import redis_client
 from .celery_setup import resolve_celery_app
 from .celery_worker import DeliveryWorker
 from .celery_worker import lane_queues
-from .celery_worker import turns_of
 from .known import lane_of
 from .known import unchanged
 from .redis_budget import UNREACHABLE_FOR
@@ -217,9 +216,7 @@ class CeleryDispatcher:
         own = (lane, operation.to_dict(), meta)
         tasks.append(own)
         if self.budget is not None:  # contacts take turns, from their release
-            waiters = [
-                (op["id"], turns_of(store, op["kind"], op["payload"], m)) for _, op, m in tasks
-            ]
+            waiters = [(op["id"], store.turns(op["kind"], op["payload"], m)) for _, op, m in tasks]
             for (_, _, task_meta), place in zip(tasks, self.budget.places(waiters), strict=True):
                 task_meta["turn"] = place
         if self._lost_after is not None:

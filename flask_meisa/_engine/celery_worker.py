@@ -249,7 +249,7 @@ class DeliveryWorker:
             # Its place, given when it was released (a worker takes one for the task of an
             # earlier version's web process), kept by its retries too.
             place = str(meta.get("turn") or "")
-            who = "" if place else turns_of(self.store, operation.kind, operation.payload, meta)
+            who = "" if place else self.store.turns(operation.kind, operation.payload, meta)
             got = budget.acquire(
                 lease=self._lease,
                 lane=lane,
@@ -352,11 +352,3 @@ class DeliveryWorker:
         if failed and claim is None:
             self._dead.bury(members, detail)
         self.store.finish([member.id for member in members], outcome, len(members), answer=answer)
-
-
-def turns_of(store: RedisDeliveryStore, kind: str, payload: Any, meta: dict[str, Any]) -> str:
-    """Whose turns an operation takes (docs/celery.md): its contact's, a send's
-    recipient's; ``""``: nobody's."""
-    if kind == "send":
-        return f"send:{payload.get('to_email')}"
-    return str(meta.get("contact") or store.contact_of(payload) or "")

@@ -100,6 +100,13 @@ class RedisDeliveryStore(ContactRecords):
         lanes = pipe.execute()
         return [any(lane[n] is not None for lane in lanes) for n in range(len(ids))]
 
+    def turns(self, kind: str, payload: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
+        """Whose turns an operation takes (docs/celery.md): its contact's, a send's
+        recipient's; ``""``: nobody's."""
+        if kind == "send":
+            return f"send:{payload.get('to_email')}"
+        return str(meta.get("contact") or self.contact_of(payload) or "")
+
     def keep(self, lane: int, op: dict[str, Any], meta: dict[str, Any]) -> None:
         """Keep the task that delivers the operation ``op`` until it is finished, seen now."""
         pipe = self.redis.pipeline(transaction=True)

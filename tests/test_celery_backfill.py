@@ -159,6 +159,18 @@ def test_users_that_cannot_be_mapped_or_were_refused_are_counted_and_listed(
     assert len(listed) == 3
 
 
+def test_a_refusal_counts_in_its_own_run_after_an_earlier_runs_refusal(
+    emulator: Emulator, start_worker: StartWorker, make_app: MakeApp
+) -> None:
+    start_workers(start_worker, emulator)
+    app = make_app(2)
+    for _ in range(2):  # the second run upserts the user the first could not: refused again
+        emulator.faults.fail_next(1, 400, path=UPSERT)
+        result = sync_users(app)
+        assert result.exit_code == 1 and "1 failed" in result.output, result.output
+    assert len(upserts_by_user(emulator)) == 1
+
+
 def test_the_share_option_keeps_part_of_the_budget_for_live_work(
     emulator_factory: Callable[..., Emulator], start_worker: StartWorker, make_app: MakeApp
 ) -> None:

@@ -339,12 +339,6 @@ class CeleryBackfill(backfill.Target):
     def _kept(self, write: bool = False) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext(self._dispatcher.store)
 
-    def save(self, run: backfill.Run, *, fresh: bool = False) -> None:
-        """Keep ``run`` (``fresh``: and forget earlier runs' failures)."""
-        if fresh:
-            self._dispatcher.store.count("backfill_refused", 0)
-        super().save(run, fresh=fresh)
-
     def _queue(
         self, store: RedisDeliveryStore, run: backfill.Run, operations: list[Operation], now: float
     ) -> None:

@@ -197,13 +197,6 @@ class RedisDeliveryStore(ContactRecords):
             pipe.expire(key, int(LATENCY_WINDOW))
         pipe.execute()
 
-    def count(self, name: str, delta: int) -> None:
-        """Add ``delta`` to the counter ``name`` (``0``: reset it)."""
-        if delta:
-            self.redis.hincrby(self._stats, name, delta)
-        else:
-            self.redis.hdel(self._stats, name)
-
     def counters(self) -> dict[str, int]:
         """Counters by name (of :meth:`finish` and :meth:`count`)."""
         return _counts(self.redis.hgetall(self._stats))

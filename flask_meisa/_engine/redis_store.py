@@ -198,7 +198,7 @@ class RedisDeliveryStore(ContactRecords):
         pipe.execute()
 
     def counters(self) -> dict[str, int]:
-        """Counters by name (of :meth:`finish` and :meth:`count`)."""
+        """Counters by name (of :meth:`finish`)."""
         return _counts(self.redis.hgetall(self._stats))
 
     def pending(self, lane: int | None = None) -> int:

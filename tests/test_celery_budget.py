@@ -417,3 +417,33 @@ def test_a_waiter_ranked_past_a_full_window_comes_back_when_its_slot_frees(
     for number, wait in enumerate(waits):
         due = 1.0 + number // 10
         assert due - since - 0.01 < wait <= due, (number, waits, since)
+
+
+def test_a_backfill_waiter_behind_the_lanes_ahead_comes_back_when_its_slot_frees(
+    make_budget: MakeBudget,
+) -> None:
+    # The waiters of the lanes ahead take slots at their own lane's pace (19 a window
+    # here), not at the backfill's share (4): counted at the share, they would hold the
+    # backfill back windows after its slot is free.
+    budget = make_budget("20/second")  # 1 held back for sends: 19; a quarter of it: 4
+    take(budget, 19)
+    routine = [budget.acquire(lease=LEASE, waiter=f"r{n}", contact=f"c{n}") for n in range(19)]
+    asked = time.monotonic()
+    backfill = budget.acquire(lease=LEASE, lane=LANE_BACKFILL, share=0.25, waiter="b")
+    assert backfill.token is None
+    told = asked + backfill.wait  # the earliest it comes back
+    time.sleep(max(got.wait for got in routine) + 0.01)  # the 19 slots are free again
+    answered = []
+    for n, got in enumerate(routine):  # each routine waiter takes its slot, in turn
+        granted = budget.acquire(lease=LEASE, waiter=f"r{n}", place=got.place).token
+        assert granted is not None, n
+        budget.finish(granted)
+        answered.append(time.monotonic())
+    # The backfill may go once at most 3 calls are in the window: a second after the 16th
+    # routine call was answered. It was told to come back long after that.
+    free = answered[15] + 1.0
+    time.sleep(max(free + 0.01 - time.monotonic(), 0.0))
+    assert budget.acquire(
+        lease=LEASE, lane=LANE_BACKFILL, share=0.25, waiter="b", place=backfill.place
+    ).token, "the backfill's slot is free"
+    assert told <= free + 0.1, (backfill.wait, free - asked)

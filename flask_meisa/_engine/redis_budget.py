@@ -112,11 +112,16 @@ for w = 1, n do
   local need, this = answered + flying + ahead + rank - allowed + 1, 0
   if need > 0 then
     -- Its slot frees a period after the need-th call (counted from the oldest answered).
-    -- One still to come goes a period after the call `allowed` before it: a period more
-    -- for each full window of those ahead past the calls made.
-    local step = math.max(allowed, 1)
-    local skip = math.max(math.ceil((need - math.max(answered + flying, step)) / step), 0)
-    local k = need - skip * step
+    -- One still to come goes a period after the call a window's worth before it: this
+    -- lane's waiters at its allowance, those of the lanes ahead at the window's limit.
+    local made, k, skip = answered + flying, need, 0
+    for _, stage in ipairs({{made + ahead, math.max(allowed, 1)}, {made, limit}}) do
+      local last, size = math.max(stage[1], stage[2]), stage[2]
+      if k > last then
+        local windows = math.ceil((k - last) / size)
+        k, skip = k - windows * size, skip + windows
+      end
+    end
     if k <= answered then
       local entry = redis.call('ZRANGE', KEYS[13 + w], k - 1, k - 1, 'WITHSCORES')
       this = tonumber(entry[2]) + (skip + 1) * period - now

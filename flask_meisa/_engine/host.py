@@ -128,15 +128,12 @@ class HostLock:
         except FileNotFoundError:
             return None
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            # Let go now: a fork before the close below would keep the child holding it.
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        except BlockingIOError:
+            if not _locked(fd):
+                return None
             text = os.pread(fd, 32, 0).decode(errors="replace").strip()
             return int(text) if text.isdigit() else 0
         finally:
             os.close(fd)
-        return None
 
 
 class HostFiles:
@@ -262,7 +259,8 @@ def looks(path: str) -> tuple[Any, ...]:
 
 
 def _locked(fd: int) -> bool:
-    """Whether another open file holds the lock of ``fd``'s file."""
+    """Whether another open file holds the lock of ``fd``'s file (the test's own shared lock
+    is let go at once: a fork before ``fd`` is closed would keep the child holding it)."""
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:

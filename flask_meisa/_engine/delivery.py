@@ -357,13 +357,11 @@ class Delivery:
         except BaseException:
             self._caller.count(reporting=-len(shed))  # not shed: the commit failed
             raise
-        # Delivery waiting for the budget only wakes for work that could go sooner.
+        # Delivery waiting for the budget only wakes for work that could go sooner (a flush
+        # is woken at the end of the writer's pass).
         blocked = self._caller.blocked_lane
         if blocked is None or lowest < blocked:
             self.kick()
-        else:
-            with self._lock:
-                self._idle.notify_all()
         if shed:
             why = f"at most {self._capacity} operations wait"
             self._drop(shed, "queue_full", why, counted=True)

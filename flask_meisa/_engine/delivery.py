@@ -133,7 +133,7 @@ class Delivery:
                 self._wake.notify_all()
         if shed:
             why = f"the store takes nothing and {self._capacity} operations wait in memory"
-            self._drop(shed, "queue_full", why, counted=True)
+            self._drop(shed, "queue_full", why)
         if batch and not self._started:
             self.start()
         if closed:
@@ -201,7 +201,7 @@ class Delivery:
             logger.warning(
                 "flask-meisa: %d operations were not delivered before shutdown", len(lost)
             )
-            self._drop(lost, "shutdown", counted=True)
+            self._drop(lost, "shutdown")
         elif self.store.durable and self.is_holder:
             with contextlib.suppress(*STORE_ERRORS), self.store.read() as db:
                 if left := pending.unfinished(db):
@@ -261,19 +261,16 @@ class Delivery:
         with self._lock:
             self._idle.notify_all()
 
-    def _drop(
-        self, operations: list[Operation], reason: str, why: str = "", *, counted: bool = False
-    ) -> None:
-        """Report ``operations`` dropped; ``counted``: they count as reporting (raised where
-        they left memory or the store, for a flush) until their hooks ran."""
+    def _drop(self, operations: list[Operation], reason: str, why: str = "") -> None:
+        """Report ``operations`` dropped: they count as reporting (for a flush, raised where
+        they left memory or the store) until their hooks ran."""
         try:
             for op in operations:
                 if why:
                     logger.warning("flask-meisa: dropped %s (%s: %s)", op.describe(), reason, why)
                 self.hooks.call("dropped", op, reason)
         finally:
-            if counted:
-                self._caller.count(reporting=-len(operations))
+            self._caller.count(reporting=-len(operations))
 
     def _write_loop(self) -> None:
         version: int | None = None
@@ -328,6 +325,7 @@ class Delivery:
                         break
                     except Exception:
                         self._dropped_here += 1
+                        self._caller.count(reporting=1)
                         self._drop([operation], "writer_error")
             finally:
                 with self._lock:
@@ -362,9 +360,7 @@ class Delivery:
         blocked = self._caller.blocked_lane
         if blocked is None or lowest < blocked:
             self.kick()
-        if shed:
-            why = f"at most {self._capacity} operations wait"
-            self._drop(shed, "queue_full", why, counted=True)
+        self._drop(shed, "queue_full", f"at most {self._capacity} operations wait")
 
     def _try_to_deliver(self, lock: HostLock) -> None:
         try:

@@ -284,12 +284,11 @@ class Delivery:
                 batch, self._intake = self._intake, []
                 self._writing, stored = batch, len(batch)
                 self._passes += 1
-                this_pass = self._passes
             try:
                 if batch:
                     self._store_batch(batch)
                     batch = []
-                self._stored_pass = this_pass
+                self._stored_pass = self._passes  # (only this thread moves it on)
                 if time.monotonic() >= look_at:  # new work from another process?
                     look_at = time.monotonic() + self._poll
                     if self._files is not None and self.store.moved():

@@ -405,10 +405,8 @@ class Delivery:
         # In this order: a call counts as reporting from before its row is over until its
         # hooks ran (and a batch as unstored, read before this, until its commit).
         with self.store.read() as db:
-            if earlier is None:
-                unfinished = pending.unfinished(db)
-            else:
-                unfinished = int(pending.oldest_unfinished(db) in earlier)
+            oldest = pending.oldest_unfinished(db)
+            unfinished = oldest is not None and (earlier is None or oldest in earlier)
             # The file was deleted or replaced: another process may have moved its rows
             # into the file now there. Not over before this one uses that file too, or
             # found that it cannot (it carries on with this one).

@@ -117,7 +117,7 @@ class Caller:
                     due = pending.next_due(db, now)
                     return 1.0 if due is None else due - now
                 had = functools.partial(known.lookup, db, row.operation.payload)
-                if unchanged(row.operation, had, now, self.delivery.resync_after):
+                if unchanged(row.operation, had, now, self.delivery.settings.resync_after):
                     known.remember(db, row.operation.payload, now, accepted=False)
                     report = self._over(db, row, "unchanged", "delivered", None)
                     counted["reporting"] = 1

@@ -71,7 +71,6 @@ class Delivery:
         self.budget = Budget(store, settings.rate_limit, lease=lease)
         self.hooks = HookCaller(hooks, logger)
         self.client_factory, self.retry = client_factory, retry
-        self.resync_after = settings.resync_after
         self._capacity = settings.queue_size
         self._known_for = max(KEEP_FOR, settings.resync_after)
         self._poll = poll_interval

@@ -186,9 +186,7 @@ class Delivery:
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(max(ends - time.monotonic(), 0.0))
-        # What is given up on counts as reporting (for a flush) from before it leaves
-        # memory or the store until its hooks ran.
-        with self._lock:
+        with self._lock:  # what is given up on: reporting from here (see _drop)
             lost, self._intake = self._intake, []
             self._caller.count(reporting=len(lost))
         if not self.store.durable:
@@ -345,9 +343,7 @@ class Delivery:
                 self._live_rows += len(batch)
                 if self._live_rows >= self._capacity or time.monotonic() >= self._count_at:
                     shed = pending.shed(db, self._capacity)
-                    # Rows handed over before a flush may go: reporting (for it) from
-                    # before the commit until their hooks ran.
-                    self._caller.count(reporting=len(shed))
+                    self._caller.count(reporting=len(shed))  # from before the commit
                     self._live_rows = pending.live_count(db)
                     self._count_at = time.monotonic() + 1.0
         except BaseException:

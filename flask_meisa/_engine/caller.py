@@ -37,7 +37,6 @@ from .base import log_decision
 from .base import pause_for
 from .base import settle
 from .base import too_late
-from .known import unchanged
 from .store import STORE_ERRORS
 from .store import Store
 
@@ -117,7 +116,7 @@ class Caller:
                     due = pending.next_due(db, now)
                     return 1.0 if due is None else due - now
                 had = functools.partial(known.lookup, db, row.operation.payload)
-                if unchanged(row.operation, had, now, self.delivery.settings.resync_after):
+                if known.unchanged(row.operation, had, now, self.delivery.settings.resync_after):
                     known.remember(db, row.operation.payload, now, accepted=False)
                     report = self._over(db, row, "unchanged", "delivered", None)
                     counted["reporting"] = 1

@@ -31,8 +31,6 @@ from .caller import Budget
 from .caller import Caller
 from .host import HostFiles
 from .host import HostLock
-from .known import KEEP_FOR
-from .known import lane_of
 from .store import STORE_ERRORS
 from .store import Store
 
@@ -72,7 +70,7 @@ class Delivery:
         self.hooks = HookCaller(hooks, logger)
         self.client_factory, self.retry = client_factory, retry
         self._capacity = settings.queue_size
-        self._known_for = max(KEEP_FOR, settings.resync_after)
+        self._known_for = max(known.KEEP_FOR, settings.resync_after)
         self._poll = poll_interval
         kind = "test" if (settings.api_key or "").startswith("meisa_test_") else "live"
         self._target = f"{settings.base_url} with a {kind} key"
@@ -337,7 +335,7 @@ class Delivery:
             with self.store.write() as db:
                 for operation in batch:
                     had = functools.partial(known.lookup, db, operation.payload)
-                    lane = functools.partial(lane_of, operation, had, fields)
+                    lane = functools.partial(known.lane_of, operation, had, fields)
                     lowest = min(lowest, pending.add(db, operation, lane).lane)
                 # Counted at most once a second, or when the count may be near the bound.
                 self._live_rows += len(batch)

@@ -296,11 +296,7 @@ def set_aside(store: Store, error: BaseException) -> None:
     rows = _salvage(damaged)
     store.check()
     with store.write() as db:
-        db.executemany(
-            f"INSERT INTO meisa_ops ({_SALVAGED}, turn) "
-            f"VALUES ({', '.join('?' * (len(_SALVAGED.split(',')) + 1))})",
-            rows,
-        )
+        _insert(db, f"{_SALVAGED}, turn", rows)
     logger.error(
         "flask-meisa: the delivery store %s is damaged (%s); it was moved to %s and a "
         "fresh one started with the %d operations that could still be read. Keep the "
@@ -340,9 +336,7 @@ def carry_over(old: sqlite3.Connection, store: Store, *, release: bool = False) 
             there = dict(db.execute("SELECT id, seq FROM meisa_ops"))
             copies = [(there[row[0]],) for row in rows if row[0] in there]  # id: first of _MOVED
             db.executemany("DELETE FROM meisa_ops WHERE seq = ?", copies)
-            db.executemany(
-                f"INSERT INTO meisa_ops ({_MOVED}) VALUES ({', '.join('?' * _COLUMNS)})", rows
-            )
+            _insert(db, _MOVED, rows)
             # Meisa's pause, the backfill run, the counters: where the file has none (its
             # own clock note is Store.now's).
             kept = old.execute("SELECT name, value FROM meisa_meta WHERE name != 'clock'")
@@ -367,7 +361,11 @@ _SALVAGED = f"seq, {_CARRIED}"
 # for the wait, and the old file was read whole), and its turn (last: the old file is this
 # version's; a damaged one may be of the previous version, which had none).
 _MOVED = f"{_CARRIED}, ready_at, recover, turn"
-_COLUMNS = len(_MOVED.split(","))
+
+
+def _insert(db: sqlite3.Connection, columns: str, rows: list[tuple[Any, ...]]) -> None:
+    values = ", ".join("?" * len(columns.split(",")))
+    db.executemany(f"INSERT INTO meisa_ops ({columns}) VALUES ({values})", rows)
 
 
 def _waiting(row: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from flask_meisa._engine.base import decide
-from flask_meisa._engine.caller import Budget
+from flask_meisa._engine.budget import Budget
 from flask_meisa._engine.store import Store
 from flask_meisa._values import RateWindow
 from flask_meisa._values import parse_rate_limit

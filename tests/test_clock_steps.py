@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from flask_meisa._engine import dead
-from flask_meisa._engine.caller import Budget
+from flask_meisa._engine.budget import Budget
 from flask_meisa._engine.delivery import Delivery
 from flask_meisa._engine.store import Store
 from flask_meisa.emulator import Emulator

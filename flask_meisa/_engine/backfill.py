@@ -24,7 +24,7 @@ from ..operations import Operation
 from ..operations import identities
 from . import known
 from . import pending
-from .caller import allowed
+from .budget import allowed
 from .known import Known
 from .known import digest
 from .known import unchanged

@@ -1,40 +1,26 @@
 """The calls of the delivering process: its delivery threads (:class:`Caller`), one call at
-a time from the store, and the key's budget they draw from with every process of the host
-(:class:`Budget`, with the pause after a 429 and the outage probe)."""
+a time from the store, each within the key's budget (:class:`~.budget.Budget`)."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import logging
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Callable
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 from typing import Any
 
-from .._values import RateWindow
-from .._values import parse_rate_limit
-from ..errors import APITimeoutError
-from ..operations import LANE_BACKFILL
-from ..operations import LANE_ROUTINE
-from ..operations import LANE_TRANSACTIONAL
 from ..operations import Attempt
 from ..operations import attempt
-from ..retry import RetryPolicy
 from . import dead
 from . import known
 from . import pending
-from .base import OUTAGE_THRESHOLD
 from .base import CallClient
-from .base import Decision
 from .base import call_for
 from .base import log_decision
-from .base import pause_for
 from .base import settle
 from .base import too_late
 from .store import STORE_ERRORS
@@ -43,7 +29,7 @@ from .store import Store
 if TYPE_CHECKING:
     from .delivery import Delivery
 
-__all__ = ["Budget", "Caller", "allowed"]
+__all__ = ["Caller"]
 
 logger = logging.getLogger("flask_meisa.engine")
 Report = Callable[[], None]
@@ -237,172 +223,3 @@ class Caller:
             self.delivery.hooks.call("failed", operation, error)
 
         return failed
-
-
-#: The share of each window (rounded down) that only transactional sends may use: 3 of
-#: 60/minute, 50 of 1000/hour.
-TRANSACTIONAL_RESERVE = 0.05
-#: How often a caller waiting for a slot that only an answer can free looks again.
-_POLL = 0.05
-# When a slot ended: its answer, or (its process died mid-call) the end of its lease.
-_ENDED = "coalesce(answered_at, lease_until)"
-_FLYING = "answered_at IS NULL AND lease_until > ?"  # now
-_ENDED_SINCE = f"{_ENDED} > ? AND NOT ({_FLYING})"  # since, now
-
-
-def allowed(window: RateWindow, lane: int, share: float = 1.0) -> int:
-    """The calls of ``lane`` that ``window`` allows: all for a send; the rest less the
-    transactional reserve, and for a backfill at most ``share`` of that (at least one)."""
-    if lane == LANE_TRANSACTIONAL:
-        return window.limit
-    rest = window.limit - int(window.limit * TRANSACTIONAL_RESERVE)
-    return max(int(rest * share), 1) if lane == LANE_BACKFILL else rest
-
-
-class Budget:
-    """The key's sliding-window budget in ``store`` (``meisa_calls``), its pause and its
-    outage count (``meisa_meta``), by the rule of docs/delivery.md.
-
-    :param spec: e.g. ``"60/minute;1000/hour"``; ``None`` for no budget.
-    :param lease: the longest a call can take, in seconds; a slot held longer counts as
-        answered when its lease ends.
-    """
-
-    def __init__(self, store: Store, spec: str | None, *, lease: float) -> None:
-        self.store = store
-        self.windows = parse_rate_limit(spec) if spec else ()
-        self.lease = lease
-        self._horizon = max((window.period for window in self.windows), default=0.0)
-
-    def __repr__(self) -> str:
-        return f"Budget({';'.join(window.label for window in self.windows) or None!r})"
-
-    def gate(self, db: sqlite3.Connection, now: float, calls: int) -> float:
-        """Seconds before any call may start: the pause, or while Meisa looks down and
-        ``calls`` of this process are in flight, the next probe."""
-        pause = float(Store.get_meta(db, "pause_until", 0.0)) - now
-        if pause > 0:
-            return pause
-        if int(Store.get_meta(db, "failures", 0)) >= OUTAGE_THRESHOLD and calls:
-            return 1.0  # Meisa looks down: one probe at a time
-        return 0.0
-
-    def note(
-        self, db: sqlite3.Connection, decision: Decision, now: float, policy: RetryPolicy
-    ) -> None:
-        """Count the failures in a row after ``decision`` and pause as it asks."""
-        failures = int(Store.get_meta(db, "failures", 0))
-        failures = 0 if decision.answered else failures + int(decision.outage)
-        Store.set_meta(db, "failures", failures or None)
-        pause = pause_for(decision, failures, policy, logger)
-        if pause:
-            until = max(float(Store.get_meta(db, "pause_until", 0.0)), now + pause)
-            Store.set_meta(db, "pause_until", until)
-
-    def take(
-        self, db: sqlite3.Connection, now: float, lane: int, share: float = 1.0
-    ) -> tuple[str | None, float | None]:
-        """In the caller's write transaction: take a slot for a call of ``lane`` about to
-        start, ``(token, 0.0)``; or ``(None, seconds)`` to wait first, ``(None, None)``
-        when only an answer to a call in flight can free one."""
-        if not self.windows:
-            return "", 0.0
-        db.execute(f"DELETE FROM meisa_calls WHERE {_ENDED} <= ?", (now - self._horizon,))
-        flying, ended = self._counts(db, now)
-        wait = 0.0
-        for window, count in zip(self.windows, ended, strict=True):
-            # The excess oldest answers must leave the window first.
-            excess = count + flying - allowed(window, lane, share) + 1
-            if excess > count:
-                return None, None
-            if excess > 0:
-                oldest = db.execute(
-                    f"SELECT {_ENDED} FROM meisa_calls WHERE {_ENDED_SINCE} "
-                    "ORDER BY 1 LIMIT 1 OFFSET ?",
-                    (now - window.period, now, excess - 1),
-                ).fetchone()[0]
-                wait = max(wait, float(oldest) + window.period - now)
-        if lane >= LANE_ROUTINE and not wait:
-            # Routine and backfill calls are paced to last (docs/delivery.md).
-            spacing = max(window.period / allowed(window, lane, share) for window in self.windows)
-            started = db.execute("SELECT max(lease_until) FROM meisa_calls").fetchone()[0]
-            if started is not None:
-                wait = max(float(started) - self.lease + spacing - now, 0.0)
-        if wait >= 1e-9:  # below: float error, not a wait
-            return None, wait
-        token = uuid.uuid4().hex
-        db.execute(
-            "INSERT INTO meisa_calls (token, lease_until) VALUES (?, ?)", (token, now + self.lease)
-        )
-        return token, 0.0
-
-    def settle(
-        self,
-        db: sqlite3.Connection,
-        token: str,
-        *,
-        made: bool,
-        now: float,
-        timed_out: bool = False,
-    ) -> None:
-        """In the caller's write transaction: the call holding ``token`` is over; date its
-        slot ``now``, or with ``made=False`` (no request went out) give it back. With
-        ``timed_out`` (no answer came in time) it is dated by the end of its lease: Meisa
-        may count the call after the timeout, as late as the longest a call can take."""
-        if not token:
-            return
-        if made:
-            answered = "max(lease_until, ?)" if timed_out else "?"
-            db.execute(
-                f"UPDATE meisa_calls SET answered_at = {answered} WHERE token = ?", (now, token)
-            )
-        else:
-            db.execute("DELETE FROM meisa_calls WHERE token = ?", (token,))
-
-    @contextlib.contextmanager
-    def slot(self, timeout: float) -> Iterator[bool]:
-        """Hold a transactional slot for a call made in the caller's thread (a synchronous
-        send, a suppression list load), waiting at most ``timeout`` seconds; yields
-        whether one was taken (without one the call is made anyway). A call that got no
-        answer in time (its :class:`APITimeoutError` raised in the context) holds the slot
-        until its lease ends."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with self.store.write() as db:
-                    token, wait = self.take(db, Store.now(db), LANE_TRANSACTIONAL)
-            except STORE_ERRORS:  # a locked or broken store never fails the call
-                token = None
-                break
-            left = deadline - time.monotonic()
-            if token is not None or left <= 0:
-                break
-            time.sleep(min(left, _POLL if wait is None else max(wait, 0.001)))
-        timed_out = False
-        try:
-            yield token is not None
-        except APITimeoutError:
-            timed_out = True
-            raise
-        finally:
-            if token:
-                # Where the store fails here, the slot's lease ends it.
-                with contextlib.suppress(*STORE_ERRORS), self.store.write() as db:
-                    self.settle(db, token, made=True, now=Store.now(db), timed_out=timed_out)
-
-    def remaining(self) -> dict[str, int]:
-        """Calls that could start now in each window, by label (``{"60/minute": 57}``)."""
-        with self.store.read() as db:
-            flying, ended = self._counts(db, time.time())
-        return {
-            window.label: max(window.limit - count - flying, 0)
-            for window, count in zip(self.windows, ended, strict=True)
-        }
-
-    def _counts(self, db: sqlite3.Connection, now: float) -> tuple[int, list[int]]:
-        """Calls in flight, and calls ended within each window: one read."""
-        counts = [_FLYING] + [_ENDED_SINCE] * len(self.windows)
-        query = f"SELECT {', '.join(f'coalesce(sum({n}), 0)' for n in counts)} FROM meisa_calls"
-        params = [now, *(value for w in self.windows for value in (now - w.period, now))]
-        flying, *ended = db.execute(query, params).fetchone()
-        return flying, ended

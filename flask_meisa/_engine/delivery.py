@@ -27,7 +27,7 @@ from .base import DeliveryHooks
 from .base import DeliveryStatus
 from .base import HookCaller
 from .base import require_real_threads
-from .caller import Budget
+from .budget import Budget
 from .caller import Caller
 from .host import HostFiles
 from .host import HostLock

@@ -1,4 +1,4 @@
-"""The key's rate budget shared by every Celery worker: the rule of ``caller.Budget``, the 429
+"""The key's rate budget shared by every Celery worker: the rule of ``budget.Budget``, the 429
 pause and the outage breaker as atomic Lua scripts on Redis's clock (docs/celery.md)."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ..operations import LANE_NAMES
 from ..operations import LANE_ROUTINE
 from ..operations import LANE_TRANSACTIONAL
 from .base import OUTAGE_THRESHOLD
-from .caller import allowed
+from .budget import allowed
 from .redis_records import _digest
 
 __all__ = ["MAX_WAIT", "Acquired", "RedisBudget"]

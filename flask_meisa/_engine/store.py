@@ -1,5 +1,5 @@
 """The delivery store: one SQLite database (a file shared by the host, or memory) holding
-what waits for Meisa (:mod:`.pending`), the key's budget (:class:`~.caller.Budget`), the
+what waits for Meisa (:mod:`.pending`), the key's budget (:class:`~.budget.Budget`), the
 host's counters, and what Meisa already has of each contact (:mod:`.known`)."""
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
-"""The calls of the delivering process: its delivery threads (:class:`Caller`), one call at
-a time from the store, each within the key's budget (:class:`~.budget.Budget`)."""
+"""A process's side of delivering for its host (:class:`Caller`): the host's delivery lock
+kept, and taken over when held; the delivery threads, one call at a time from the store,
+each within the key's budget (:class:`~.budget.Budget`)."""
 
 from __future__ import annotations
 
 import copy
 import functools
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -23,6 +25,7 @@ from .base import call_for
 from .base import log_decision
 from .base import settle
 from .base import too_late
+from .host import HostLock
 from .store import STORE_ERRORS
 from .store import Store
 
@@ -36,18 +39,23 @@ Report = Callable[[], None]
 
 
 class Caller:
-    """The delivery threads of ``delivery``'s process: :meth:`run` is the loop of each, one
-    call at a time from the store."""
+    """The delivery of ``delivery``'s process: whether it delivers for the host (it holds
+    ``lock``; a memory store has none: always), and its delivery threads (:meth:`run` is
+    the loop of each, one call at a time from the store)."""
 
-    def __init__(self, delivery: Delivery) -> None:
-        self.delivery = delivery
+    def __init__(self, delivery: Delivery, lock: HostLock | None) -> None:
+        self.delivery, self.lock = delivery, lock
         self.store, self.budget = delivery.store, delivery.budget
+        settings = delivery.settings
+        kind = "test" if (settings.api_key or "").startswith("meisa_test_") else "live"
+        self._target = f"{settings.base_url} with a {kind} key"
+        self._lock_trouble: str | None = None  # why the lock cannot be kept, as last said
         #: The client the calls are made with.
         self.client = CallClient(delivery.client_factory)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._generation = 0  # bumped whenever there may be new work
-        self._stopped = False
+        self._started = self._stopped = False  # the delivery threads
         self.calls = 0  # calls in flight
         #: The lane of the row last held back by the budget (``None``: not held back).
         self.blocked_lane: int | None = None
@@ -64,6 +72,76 @@ class Caller:
         with self._lock:
             self._stopped = True
             self._wake.notify_all()
+
+    def start(self, spawn: Callable[[Callable[[], None], str], None]) -> None:
+        """Start the delivery threads with ``spawn``, once (they wait while another process
+        delivers), unless stopped."""
+        with self._lock:
+            if not self._started and not self._stopped:
+                self._started = True
+                for number in range(1, self.delivery.settings.workers + 1):
+                    spawn(self.run, f"flask-meisa-delivery-{number}")
+
+    def keep_lock(self) -> bool:
+        """Hold the host's delivery lock if this process can, and when it took it just now
+        take delivery over (whether it did)."""
+        lock = self.lock
+        if lock is None:
+            return False
+        try:
+            if lock.moved():  # the lock file was deleted or replaced
+                kept = lock.take_again()
+                logger.warning(
+                    "flask-meisa: the delivery lock %s was deleted or replaced while this "
+                    "process (pid %d) delivered; %s",
+                    lock.path,
+                    os.getpid(),
+                    "it locked the new file and delivers on"
+                    if kept
+                    else f"process {HostLock.holder(lock.path)} holds the new one: this "
+                    "process stops delivering",
+                )
+            taken = not lock.held and lock.try_acquire()
+        except OSError as error:
+            # The lock file cannot be opened (its folder gone, and not made again: the
+            # store's warning said why): said once, not as the store failing every pass.
+            if self._lock_trouble != str(error):
+                self._lock_trouble = str(error)
+                logger.warning(
+                    "flask-meisa: the delivery lock %s cannot be opened; this process (pid %d) "
+                    f"{'delivers on with the one it holds' if lock.held else 'does not deliver'}"
+                    " (%s)",
+                    lock.path,
+                    os.getpid(),
+                    error,
+                )
+            return False
+        self._lock_trouble = None
+        if taken:
+            self._take_over(lock)
+        return taken
+
+    def _take_over(self, lock: HostLock) -> None:
+        try:
+            with self.store.write() as db:
+                released = pending.release_flights(db)
+                foreign = dead.bury_foreign(db, self._target)
+        except BaseException:
+            lock.release()  # taken again on a later pass, once the store works
+            raise
+        if foreign:
+            logger.warning(
+                "flask-meisa: %d operations released for another Meisa than %s are kept as "
+                "dead letters, not delivered: see 'flask meisa dead-letters'",
+                foreign,
+                self._target,
+            )
+        logger.info(
+            "flask-meisa: this process (pid %d) now delivers for the host (%d operations "
+            "in flight from an earlier process taken back)",
+            os.getpid(),
+            released,
+        )
 
     def run(self) -> None:
         """Make calls until :meth:`stop`, sleeping while there is nothing to do."""

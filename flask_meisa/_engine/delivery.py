@@ -19,7 +19,6 @@ from ..operations import LANE_BACKFILL
 from ..operations import LANE_NAMES
 from ..operations import Operation
 from ..retry import RetryPolicy
-from . import dead
 from . import known
 from . import pending
 from .base import ClientFactory
@@ -72,8 +71,6 @@ class Delivery:
         self._capacity = settings.queue_size
         self._known_for = max(known.KEEP_FOR, settings.resync_after)
         self._poll = poll_interval
-        kind = "test" if (settings.api_key or "").startswith("meisa_test_") else "live"
-        self._target = f"{settings.base_url} with a {kind} key"
         self._fresh()
 
     def _fresh(self) -> None:
@@ -91,10 +88,9 @@ class Delivery:
         self._count_at = 0.0  # when to count them again
         self._threads: list[threading.Thread] = []
         self._started = self._stopping = self._closed = self._store_failing = False
-        self._delivering = False  # delivery threads started
         self._host_lock = None if self.store.path is None else HostLock(self.store.path + ".lock")
-        self._files = None if self._host_lock is None else HostFiles(self.store, self._host_lock)
-        self._caller = Caller(self)
+        self._files = None if self._host_lock is None else HostFiles(self.store)
+        self._caller = Caller(self, self._host_lock)
 
     @property
     def is_holder(self) -> bool:
@@ -109,7 +105,7 @@ class Delivery:
             self._started = True
             self._spawn(self._write_loop, "flask-meisa-writer")
             if self._host_lock is None:
-                self._spawn_workers()
+                self._caller.start(self._spawn)
 
     def submit(self, operations: Iterable[Operation]) -> None:
         """Hand operations over (a list append; the writer thread stores them)."""
@@ -174,10 +170,10 @@ class Delivery:
             self._wait_until(lambda: not self._unstored(), deadline)
             if self.is_holder:
                 self.flush(deadline - time.monotonic())
-        with self._lock:
+        with self._lock:  # and no delivery thread starts from here on
             self._stopping = True
             self._wake.notify_all()
-        self._caller.stop()
+            self._caller.stop()
         # The writer (first) stores what it can before it stops; threads still in a call
         # are left to it, all of them within one allowance.
         ends = time.monotonic() + 2.0
@@ -246,10 +242,6 @@ class Delivery:
             return
         self._threads.append(thread)
 
-    def _spawn_workers(self) -> None:
-        for number in range(1, self.settings.workers + 1):
-            self._spawn(self._caller.run, f"flask-meisa-delivery-{number}")
-
     def kick(self) -> None:
         """There may be new work, or progress: wake the delivery threads and any flush."""
         self._caller.kick()
@@ -292,8 +284,9 @@ class Delivery:
                     if seen != version:
                         version = seen
                         self.kick()
-                if self._files is not None and self._files.keep_lock():
-                    self._try_to_deliver(self._files.lock)
+                if self._caller.keep_lock():  # this process delivers for the host from now on
+                    self._caller.start(self._spawn)
+                    self.kick()
                 if self.is_holder and time.monotonic() >= housekeeping:
                     housekeeping = time.monotonic() + _HOUSEKEEPING
                     with self.store.write() as db:
@@ -353,33 +346,6 @@ class Delivery:
         if blocked is None or lowest < blocked:
             self.kick()
         self._drop(shed, "queue_full", f"at most {self._capacity} operations wait")
-
-    def _try_to_deliver(self, lock: HostLock) -> None:
-        try:
-            with self.store.write() as db:
-                released = pending.release_flights(db)
-                foreign = dead.bury_foreign(db, self._target)
-        except BaseException:
-            lock.release()  # taken again on a later pass, once the store works
-            raise
-        if foreign:
-            logger.warning(
-                "flask-meisa: %d operations released for another Meisa than %s are kept as "
-                "dead letters, not delivered: see 'flask meisa dead-letters'",
-                foreign,
-                self._target,
-            )
-        logger.info(
-            "flask-meisa: this process (pid %d) now delivers for the host (%d operations "
-            "in flight from an earlier process taken back)",
-            os.getpid(),
-            released,
-        )
-        with self._lock:
-            if not self._stopping and not self._delivering:
-                self._delivering = True  # the delivery threads wait while it is not held
-                self._spawn_workers()
-        self.kick()
 
     def store_works(self, error: BaseException | None) -> None:
         """Log once when the store starts failing, and once when it works again."""

@@ -137,23 +137,21 @@ class HostLock:
 
 
 class HostFiles:
-    """The writer's look at the store file and the delivery lock, at each of its passes:
-    a store file deleted or replaced is followed, the lock taken (and again when its file
-    was replaced); what cannot be done is said once, not at every pass."""
+    """The writer's look at the store file, at each of its passes: one deleted or replaced
+    is followed; when that cannot be done, it is said once, not at every pass."""
 
-    def __init__(self, store: Store, lock: HostLock) -> None:
+    def __init__(self, store: Store) -> None:
         assert store.path is not None
-        self.store, self.lock, self._path = store, lock, store.path
-        # What cannot be done now, by what (the store file, its lock), as last said.
-        self._trouble: dict[str, str] = {}
+        self.store, self._path = store, store.path
         # What was at the store's path when moving to it failed, and until when not to try
-        # that again (each try checks the whole file).
+        # that again (each try checks the whole file); why it failed, as last said.
         self._unfollowable: tuple[tuple[Any, ...], float] | None = None
+        self._said: str | None = None
 
     def to_follow(self) -> bool:
         """Whether the store file was deleted or replaced and this process has yet to move
         to the one now there (not when it found that it cannot)."""
-        return "store" not in self._trouble and self.store.moved()
+        return self._unfollowable is None and self.store.moved()
 
     def follow(self, *, delivering: bool) -> None:
         """Move to the file now at the store's path (see :meth:`Store.follow`)."""
@@ -168,18 +166,19 @@ class HostFiles:
             self._unfollowable = (looks(self._path), time.monotonic() + _FOLLOW_AGAIN)
             # The file this process has open stays in use, and the rest of its writer's
             # pass (the delivery lock above all) goes on: said once.
-            self._say_once(
-                "store",
-                error,
-                "flask-meisa: the delivery store %s was deleted or replaced while this process "
-                "(pid %d) had it open, and it cannot move to the file now there (%s): it "
-                "keeps the one it has open, and tries again when that file changes",
-                self._path,
-                os.getpid(),
-            )
+            if self._said != str(error):
+                self._said = str(error)
+                logger.warning(
+                    "flask-meisa: the delivery store %s was deleted or replaced while this "
+                    "process (pid %d) had it open, and it cannot move to the file now there "
+                    "(%s): it keeps the one it has open, and tries again when that file "
+                    "changes",
+                    self._path,
+                    os.getpid(),
+                    error,
+                )
             return
-        self._trouble.pop("store", None)
-        self._unfollowable = None
+        self._said = self._unfollowable = None
         logger.warning(
             "flask-meisa: the delivery store %s was deleted or replaced while this process "
             "(pid %d) had it open; it uses the file now there, into which it moved the %d "
@@ -188,46 +187,6 @@ class HostFiles:
             os.getpid(),
             carried,
         )
-
-    def keep_lock(self) -> bool:
-        """Hold the delivery lock if this process can; whether it took it just now."""
-        lock = self.lock
-        try:
-            if lock.moved():  # the lock file was deleted or replaced
-                kept = lock.take_again()
-                logger.warning(
-                    "flask-meisa: the delivery lock %s was deleted or replaced while this "
-                    "process (pid %d) delivered; %s",
-                    lock.path,
-                    os.getpid(),
-                    "it locked the new file and delivers on"
-                    if kept
-                    else f"process {HostLock.holder(lock.path)} holds the new one: this "
-                    "process stops delivering",
-                )
-            taken = not lock.held and lock.try_acquire()
-        except OSError as error:
-            # The lock file cannot be opened (its folder gone, and not made again: the
-            # store's warning said why): said once, not as the store failing every pass.
-            self._say_once(
-                "lock",
-                error,
-                "flask-meisa: the delivery lock %s cannot be opened; this process (pid %d) "
-                f"{'delivers on with the one it holds' if lock.held else 'does not deliver'}"
-                " (%s)",
-                lock.path,
-                os.getpid(),
-            )
-            return False
-        self._trouble.pop("lock", None)
-        return taken
-
-    def _say_once(self, what: str, error: BaseException, message: str, *args: Any) -> None:
-        """Log ``message`` (``error`` its last argument) unless ``error`` is the last said of
-        ``what``: a failing pass is tried again every 0.1 s."""
-        if self._trouble.get(what) != str(error):
-            self._trouble[what] = str(error)
-            logger.warning(message, *args, error)
 
 
 def identity(stat: os.stat_result) -> tuple[int, int]:

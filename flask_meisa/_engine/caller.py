@@ -1,6 +1,6 @@
 """A process's side of delivering for its host (:class:`Caller`): the host's delivery lock
 kept, and taken over when held; the delivery threads, one call at a time from the store,
-each within the key's budget (:class:`~.budget.Budget`)."""
+each within the key's budget (:class:`~.budget.Budget`); the store tidied now and then."""
 
 from __future__ import annotations
 
@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Caller"]
 
+#: Seconds between passes that age routine syncs and prune old records.
+_HOUSEKEEPING = 30.0
 logger = logging.getLogger("flask_meisa.engine")
 Report = Callable[[], None]
 
@@ -50,6 +52,7 @@ class Caller:
         kind = "test" if (settings.api_key or "").startswith("meisa_test_") else "live"
         self._target = f"{settings.base_url} with a {kind} key"
         self._lock_trouble: str | None = None  # why the lock cannot be kept, as last said
+        self._tidy_at = 0.0
         #: The client the calls are made with.
         self.client = CallClient(delivery.client_factory)
         self._lock = threading.Lock()
@@ -142,6 +145,16 @@ class Caller:
             os.getpid(),
             released,
         )
+
+    def tidy(self) -> None:
+        """As the delivering process, every :data:`_HOUSEKEEPING` seconds: age routine syncs,
+        and prune old digests and answers."""
+        if self.delivery.is_holder and time.monotonic() >= self._tidy_at:
+            self._tidy_at = time.monotonic() + _HOUSEKEEPING
+            settings = self.delivery.settings
+            known_for = max(known.KEEP_FOR, settings.resync_after)
+            with self.store.write() as db:
+                pending.tidy(db, time.time(), settings.routine_max_age, known_for)
 
     def run(self) -> None:
         """Make calls until :meth:`stop`, sleeping while there is nothing to do."""

@@ -41,8 +41,6 @@ __all__ = ["Delivery", "make_dispatcher"]
 
 #: How long the writer rests after storing a group, while the next one gathers, in seconds.
 GROUP_WINDOW = 0.01
-#: Seconds between passes that age routine syncs and prune old records.
-_HOUSEKEEPING = 30.0
 logger = logging.getLogger("flask_meisa.engine")
 
 
@@ -69,7 +67,6 @@ class Delivery:
         self.hooks = HookCaller(hooks, logger)
         self.client_factory, self.retry = client_factory, retry
         self._capacity = settings.queue_size
-        self._known_for = max(known.KEEP_FOR, settings.resync_after)
         self._poll = poll_interval
         self._fresh()
 
@@ -261,7 +258,7 @@ class Delivery:
 
     def _write_loop(self) -> None:
         version: int | None = None
-        housekeeping = look_at = 0.0
+        look_at = 0.0
         while True:
             with self._lock:
                 if self._stopping and not self._intake:
@@ -287,11 +284,7 @@ class Delivery:
                 if self._caller.keep_lock():  # this process delivers for the host from now on
                     self._caller.start(self._spawn)
                     self.kick()
-                if self.is_holder and time.monotonic() >= housekeeping:
-                    housekeeping = time.monotonic() + _HOUSEKEEPING
-                    with self.store.write() as db:
-                        max_age = self.settings.routine_max_age
-                        pending.tidy(db, time.time(), max_age, self._known_for)
+                self._caller.tidy()
                 if stored:  # a write worked (reads work on while writes fail)
                     self.store_works(None)
             except STORE_ERRORS as error:

@@ -147,14 +147,12 @@ class Caller:
         )
 
     def tidy(self) -> None:
-        """As the delivering process, every :data:`_HOUSEKEEPING` seconds: age routine syncs,
-        and prune old digests and answers."""
+        """As the delivering process, now and then: age routine syncs, prune old records."""
         if self.delivery.is_holder and time.monotonic() >= self._tidy_at:
             self._tidy_at = time.monotonic() + _HOUSEKEEPING
-            settings = self.delivery.settings
-            known_for = max(known.KEEP_FOR, settings.resync_after)
+            known_for = max(known.KEEP_FOR, self.delivery.settings.resync_after)
             with self.store.write() as db:
-                pending.tidy(db, time.time(), settings.routine_max_age, known_for)
+                pending.tidy(db, time.time(), self.delivery.settings.routine_max_age, known_for)
 
     def run(self) -> None:
         """Make calls until :meth:`stop`, sleeping while there is nothing to do."""

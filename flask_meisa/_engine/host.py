@@ -86,9 +86,8 @@ class HostLock:
         return self.held and self._fd is not None and not self._at_path(self._fd)
 
     def take_again(self) -> bool:
-        """After :meth:`moved`: lock the file now at the path instead of the one held, and
-        say whether that worked (no: another process holds it, and this one no longer
-        holds the lock).
+        """After :meth:`moved`: lock the file now at the path instead of the one held;
+        whether that worked (no: another process holds it, and this one holds none now).
 
         :raises OSError: the path cannot be opened (its folder is gone): the file held stays.
         """

@@ -42,11 +42,11 @@ Report = Callable[[], None]
 
 class Caller:
     """The delivery of ``delivery``'s process: whether it delivers for the host (it holds
-    ``lock``; a memory store has none: always), and its delivery threads (:meth:`run` is
-    the loop of each, one call at a time from the store)."""
+    ``host_lock``; a memory store has none: always), and its delivery threads (:meth:`run`
+    is the loop of each, one call at a time from the store)."""
 
-    def __init__(self, delivery: Delivery, lock: HostLock | None) -> None:
-        self.delivery, self.lock = delivery, lock
+    def __init__(self, delivery: Delivery, host_lock: HostLock | None) -> None:
+        self.delivery, self.host_lock = delivery, host_lock
         self.store, self.budget = delivery.store, delivery.budget
         settings = delivery.settings
         kind = "test" if (settings.api_key or "").startswith("meisa_test_") else "live"
@@ -88,7 +88,7 @@ class Caller:
     def keep_lock(self) -> bool:
         """Hold the host's delivery lock if this process can, and when it took it just now
         take delivery over (whether it did)."""
-        lock = self.lock
+        lock = self.host_lock
         if lock is None:
             return False
         try:

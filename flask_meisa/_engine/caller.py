@@ -1,6 +1,6 @@
 """A process's side of delivering for its host (:class:`Caller`): the host's delivery lock
-kept, and taken over when held; the delivery threads, one call at a time from the store,
-each within the key's budget (:class:`~.budget.Budget`); the store tidied now and then."""
+kept (delivery taken over when it gets it), the delivery threads, one call at a time from
+the store within the key's budget (:class:`~.budget.Budget`), and the store tidied."""
 
 from __future__ import annotations
 

@@ -25,6 +25,7 @@ from .base import call_for
 from .base import log_decision
 from .base import settle
 from .base import too_late
+from .budget import allowed  # where the previous version's redis_budget imports it from
 from .host import HostLock
 from .store import STORE_ERRORS
 from .store import Store
@@ -32,7 +33,7 @@ from .store import Store
 if TYPE_CHECKING:
     from .delivery import Delivery
 
-__all__ = ["Caller"]
+__all__ = ["Caller", "allowed"]
 
 #: Seconds between passes that age routine syncs and prune old records.
 _HOUSEKEEPING = 30.0

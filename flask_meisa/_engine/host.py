@@ -217,13 +217,12 @@ def looks(path: str) -> tuple[Any, ...]:
 
 
 def _locked(fd: int) -> bool:
-    """Whether another open file holds the lock of ``fd``'s file (the test's own shared lock
-    is let go at once: a fork before ``fd`` is closed would keep the child holding it)."""
+    """Whether another open file holds the lock of ``fd``'s file."""
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
-    fcntl.flock(fd, fcntl.LOCK_UN)
+    fcntl.flock(fd, fcntl.LOCK_UN)  # at once: a fork before fd is closed would hold it
     return False
 
 

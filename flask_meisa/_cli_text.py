@@ -1,10 +1,12 @@
-"""What ``flask meisa`` prints about delivery: a backfill's plan and progress, the status
-report, a dead letter's error, and the times in them."""
+"""What ``flask meisa`` prints about delivery: a backfill's plan, progress and failures, the
+status report, dead letters, and the times in them."""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 from typing import TYPE_CHECKING
+from typing import Any
 
 if TYPE_CHECKING:
     from ._engine.backfill import Progress
@@ -83,6 +85,37 @@ def status_report(status: DeliveryStatus, store_path: str | None) -> str:
 def refusal(letter: DeadLetter) -> str:
     status = f"HTTP {letter.status}" if letter.status is not None else ""
     return " ".join(filter(None, (status, letter.code and f"[{letter.code}]", letter.message)))
+
+
+def letter_line(letter: DeadLetter) -> str:
+    """A dead letter in ``dead-letters list``: its ID, what, why, attempts, when."""
+    merged = f", {letter.merged} merged" if letter.merged > 1 else ""
+    return (
+        f"{letter.seq}\t{letter.operation.describe()}\t{refusal(letter)}\t"
+        f"{letter.operation.attempts} attempt(s){merged}\t{when(letter.failed_at)}"
+    )
+
+
+def letter_json(letter: DeadLetter) -> str:
+    """A dead letter with its payload, as ``dead-letters show`` prints it."""
+    record = {
+        "id": letter.seq,
+        "operation": letter.operation.to_dict(),
+        "error": {"status": letter.status, "code": letter.code, "message": letter.message},
+        "attempts": letter.operation.attempts,
+        "failed_at": when(letter.failed_at),
+    }
+    return json.dumps(record, indent=2, sort_keys=True)
+
+
+def failures(users: list[dict[str, Any]], letters: list[DeadLetter]) -> str:
+    """A backfill's failures: the users it could not map, the upserts Meisa refused."""
+    lines = [
+        f"user {failure['user'] or '#' + str(failure['position'])}: {failure['reason']}"
+        for failure in users
+    ]
+    lines += [f"dead letter {letter.seq}: {refusal(letter)}" for letter in letters]
+    return "\n".join(lines) or "no failures"
 
 
 def when(timestamp: float) -> str:

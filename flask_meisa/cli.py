@@ -230,16 +230,10 @@ def _celery(state: MeisaState) -> CeleryDispatcher:
 
 
 def _show_failures(target: backfill.Target) -> None:
-    lines = [
-        f"user {failure['user'] or '#' + str(failure['position'])}: {failure['reason']}"
-        for failure in target.failures()
+    letters = [
+        letter for letter in _letters(_dead_letters()) if letter.operation.priority == "backfill"
     ]
-    lines += [
-        f"dead letter {letter.seq}: {_cli_text.refusal(letter)}"
-        for letter in _letters(_dead_letters())
-        if letter.operation.priority == "backfill"
-    ]
-    click.echo("\n".join(lines) or "no failures")
+    click.echo(_cli_text.failures(target.failures(), letters))
 
 
 @meisa_cli.command("flush")
@@ -328,11 +322,7 @@ def dead_letters_list() -> None:
     """List dead letters, oldest first, with their errors (no payload values)."""
     letters = _letters(_dead_letters())
     for letter in letters:
-        merged = f", {letter.merged} merged" if letter.merged > 1 else ""
-        click.echo(
-            f"{letter.seq}\t{letter.operation.describe()}\t{_cli_text.refusal(letter)}\t"
-            f"{letter.operation.attempts} attempt(s){merged}\t{_cli_text.when(letter.failed_at)}"
-        )
+        click.echo(_cli_text.letter_line(letter))
     click.echo(f"{len(letters)} dead letter(s)" if letters else "no dead letters")
 
 
@@ -341,14 +331,7 @@ def dead_letters_list() -> None:
 def dead_letters_show(seq: int) -> None:
     """Print one dead letter with its payload, as JSON."""
     (letter,) = _letters(_dead_letters(), [seq])
-    record = {
-        "id": letter.seq,
-        "operation": letter.operation.to_dict(),
-        "error": {"status": letter.status, "code": letter.code, "message": letter.message},
-        "attempts": letter.operation.attempts,
-        "failed_at": _cli_text.when(letter.failed_at),
-    }
-    click.echo(json.dumps(record, indent=2, sort_keys=True))
+    click.echo(_cli_text.letter_json(letter))
 
 
 @dead_letters_group.command("retry")

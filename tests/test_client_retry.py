@@ -127,16 +127,18 @@ def full_listener() -> Iterator[str]:
     """A port that takes no more connections: its accept queue is full, new ones hang."""
     with socket.create_server(("127.0.0.1", 0), backlog=0) as listener:
         address, held = listener.getsockname(), []
-        while True:
-            pending = socket.socket()
-            pending.settimeout(0.2)
-            try:
-                pending.connect(address)
-            except TimeoutError:
-                pending.close()
-                break
-            held.append(pending)
         try:
+            for _ in range(64):  # a kernel that never fills the queue fails, not hangs
+                pending = socket.socket()
+                pending.settimeout(0.2)
+                try:
+                    pending.connect(address)
+                except TimeoutError:
+                    pending.close()
+                    break
+                held.append(pending)
+            else:
+                pytest.fail("the listener's accept queue never filled")
             yield f"http://127.0.0.1:{address[1]}"
         finally:
             for connection in held:

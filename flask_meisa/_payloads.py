@@ -96,6 +96,13 @@ def optional_text(value: object, field: str, max_length: int = MAX_TEXT_LENGTH) 
     return None if value is None else require_text(value, field, max_length)
 
 
+def flag(value: object, field: str) -> bool:
+    """Check an option that is ``True`` or ``False`` (not 0, 1 or a string)."""
+    if not isinstance(value, bool):
+        raise ValidationError(field, f"must be True or False, not {_type_name(value)}")
+    return value
+
+
 def normalize_external_id(value: object, field: str = "external_id") -> str:
     """Check the app's own user id: a non-empty string, or an integer (made a string)."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -124,9 +131,7 @@ def json_object(value: object, field: str) -> dict[str, JSONValue] | None:
         return None
     if not isinstance(value, Mapping):
         raise ValidationError(field, f"must be a mapping (a JSON object), not {_type_name(value)}")
-    converted = to_json_value(value, field)
-    assert isinstance(converted, dict)
-    return converted
+    return cast("dict[str, JSONValue]", to_json_value(value, field))
 
 
 def to_json_value(value: object, field: str, *, _depth: int = 0) -> JSONValue:
@@ -172,7 +177,9 @@ def _converted(value: object, field: str, depth: int) -> JSONValue:
     if isinstance(value, dt.date):
         return value.isoformat()
     if isinstance(value, dt.time):
-        return _time(value, field)
+        if (text := _or_none(value.isoformat, OverflowError, ValueError)) is None:
+            raise ValidationError(field, "is a time with an invalid offset")
+        return text
     if isinstance(value, Decimal):
         return _decimal(value, field)
     if isinstance(value, uuid.UUID):
@@ -240,13 +247,6 @@ def _datetime(value: dt.datetime, field: str) -> str:
     if text is None:  # raised here, so that no exception holding the value is chained
         raise ValidationError(field, "is a datetime that has no form in UTC")
     return text.removesuffix("+00:00") + "Z"
-
-
-def _time(value: dt.time, field: str) -> str:
-    text = _or_none(value.isoformat, OverflowError, ValueError)
-    if text is None:
-        raise ValidationError(field, "is a time with an invalid offset")
-    return text
 
 
 def _or_none(convert: Callable[[], _T], *errors: type[Exception]) -> _T | None:

@@ -247,12 +247,13 @@ class MeisaClient:
     ) -> Enrollment:
         """``POST /sequences/enroll/``: enroll a contact (made if missing) in an active
         sequence; already enrolled: :class:`~flask_meisa.errors.ConflictError`."""
+        override = payloads.flag(override_unsubscribe, "override_unsubscribe")
         body: dict[str, Any] = {
             "email": payloads.normalize_email(email),
             "sequence_slug": payloads.require_text(sequence_slug, "sequence_slug"),
             "metadata": payloads.json_object(metadata, "metadata"),
             "trigger_source": payloads.optional_text(trigger_source, "trigger_source"),
-            "override_unsubscribe": _flag(override_unsubscribe, "override_unsubscribe"),
+            "override_unsubscribe": override or None,  # False, Meisa's default, is left out
         }
         return Enrollment.from_body(self._call("enroll", body)[1], body["sequence_slug"])
 
@@ -264,7 +265,7 @@ class MeisaClient:
         safe: enrolled addresses are skipped)."""
         slug = payloads.require_text(sequence_slug, "sequence_slug")
         addresses = payloads.unique_emails(emails, "emails")
-        override = _flag(override_unsubscribe, "override_unsubscribe")
+        override = payloads.flag(override_unsubscribe, "override_unsubscribe") or None
         bodies = []
         for start in range(0, len(addresses), BULK_ENROLL_LIMIT):
             chunk = addresses[start : start + BULK_ENROLL_LIMIT]
@@ -374,13 +375,6 @@ class MeisaClient:
             else:
                 logger.debug("%s", outcome)
                 raise error
-
-
-def _flag(value: object, field: str) -> bool | None:
-    """A boolean option; ``False`` is Meisa's default, so it is left out of the body."""
-    if not isinstance(value, bool):
-        raise ValidationError(field, f"must be True or False, not {type(value).__name__}")
-    return True if value else None
 
 
 def _describe(error: APIError | APIConnectionError) -> str:

@@ -29,6 +29,7 @@ from ._contacts import default_contact_mapper
 from ._contacts import map_contact
 from ._contacts import upsert_payload
 from ._engine.base import DeliveryStatus
+from ._payloads import flag
 from ._payloads import normalize_email
 from ._payloads import to_json_value
 from ._payloads import track_body
@@ -182,8 +183,7 @@ class Meisa:
             raise ValidationError("user_or_payload", "is required")
         if priority not in ("high", "normal"):
             raise ValidationError("priority", 'must be "high" or "normal"')
-        if not isinstance(force, bool):
-            raise ValidationError("force", "must be True or False")
+        flag(force, "force")
         if isinstance(user_or_payload, Mapping):
             payload = upsert_payload(user_or_payload)
         else:
@@ -227,8 +227,7 @@ class Meisa:
         :class:`APIError`), or queued with ``background=True``. Every attempt carries the
         same ``idempotency_key``. Bad input raises :class:`ValidationError`."""
         state = self.state()
-        if not isinstance(background, bool):
-            raise ValidationError("background", "must be True or False")
+        flag(background, "background")
         body: dict[str, Any] = trigger_body(
             trigger_key,
             to_email,

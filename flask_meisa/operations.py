@@ -154,17 +154,8 @@ def _one_shot_encoder() -> Callable[[object], str]:
         return encoder.encode
     # markers (None: no cycle check), default, string encoder, indent, separators,
     # sort_keys, skipkeys, allow_nan: JSONEncoder.iterencode's call, with our options.
-    encode = make(
-        None,
-        encoder.default,
-        json.encoder.encode_basestring_ascii,
-        None,
-        ":",
-        ",",
-        False,
-        False,
-        False,
-    )
+    ascii_str = json.encoder.encode_basestring_ascii
+    encode = make(None, encoder.default, ascii_str, None, ":", ",", False, False, False)
     return lambda value: "".join(encode(value, 0))
 
 
@@ -173,10 +164,6 @@ _encode = _one_shot_encoder()
 
 #: The fields :meth:`Operation.to_dict` keeps.
 _STORED = ("id", "kind", "payload", "contact", "created_at", "attempts", "priority", "force")
-
-
-def _new_id() -> str:
-    return f"{random.getrandbits(128):032x}"
 
 
 @dataclass(slots=True)
@@ -193,7 +180,7 @@ class Operation:
     kind: OperationKind
     payload: dict[str, Any]
     contact: dict[str, Any] | None = None
-    id: str = field(default_factory=_new_id)
+    id: str = field(default_factory=lambda: f"{random.getrandbits(128):032x}")
     created_at: float = field(default_factory=time.time)
     #: Attempts made so far (incremented by delivery).
     attempts: int = 0

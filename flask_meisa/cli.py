@@ -138,7 +138,10 @@ def sync_users_command(max_share: float, restart: bool, dry_run: bool, failures:
     meisa = _extension()
     state = meisa.state()
     if failures:
-        _show_failures(_backfill_target(state, start=False))
+        target = _backfill_target(state, start=False)
+        letters = _letters(_dead_letters())
+        backfills = [letter for letter in letters if letter.operation.priority == "backfill"]
+        click.echo(_cli_text.failures(target.failures(), backfills))
         return
     if meisa.user_source is None:
         raise click.ClickException(
@@ -165,16 +168,13 @@ def sync_users_command(max_share: float, restart: bool, dry_run: bool, failures:
         payload.setdefault("source", "initial_sync")
         return Operation.checked("upsert", payload, priority="backfill")
 
-    def report(progress: backfill.Progress) -> None:
-        click.echo(_cli_text.progress_line(progress), err=True)
-
     go = functools.partial(
         backfill.run,
         target,
         to_operation=to_operation,
         total=total,
         max_share=max_share,
-        report=report,
+        report=lambda progress: click.echo(_cli_text.progress_line(progress), err=True),
     )
     try:
         try:
@@ -227,13 +227,6 @@ def _celery(state: MeisaState) -> CeleryDispatcher:
     dispatcher = state.dispatcher
     assert isinstance(dispatcher, CeleryDispatcher)
     return dispatcher
-
-
-def _show_failures(target: backfill.Target) -> None:
-    letters = [
-        letter for letter in _letters(_dead_letters()) if letter.operation.priority == "backfill"
-    ]
-    click.echo(_cli_text.failures(target.failures(), letters))
 
 
 @meisa_cli.command("flush")

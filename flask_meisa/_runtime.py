@@ -123,10 +123,6 @@ class MeisaState:
         """The retry policy of background delivery: until ``MEISA_RETRY_DEADLINE``."""
         return dataclasses.replace(self.retry_policy(), max_attempts=None)
 
-    def open(self) -> None:
-        """Make the engine now (a file store is opened and checked); :meth:`start` starts it."""
-        self.dispatcher  # noqa: B018 - made on first use
-
     def start(self) -> None:
         """Start delivering in this process, once (also on each request: ``flask run``)."""
         if self._started or not self.delivering():

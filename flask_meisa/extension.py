@@ -89,10 +89,10 @@ class Meisa:
         state = MeisaState(app, settings)
         delivering = state.delivering()
         if delivering:
-            # Opened now, so that a damaged store is found at startup and an app that
-            # cannot deliver is not registered.
+            # The engine is made now (its file store opened and checked), so that a damaged
+            # store is found at startup and an app that cannot deliver is not registered.
             try:
-                state.open()
+                state.dispatcher  # noqa: B018
             except BaseException:
                 state.close(0)
                 raise

@@ -10,6 +10,7 @@ import math
 import sqlite3
 from typing import TYPE_CHECKING
 from typing import Any
+from typing import cast
 
 import click
 from flask import current_app
@@ -222,11 +223,7 @@ def _backfill_target(state: MeisaState, *, start: bool) -> backfill.Target:
 
 
 def _celery(state: MeisaState) -> CeleryDispatcher:
-    from ._engine.celery import CeleryDispatcher
-
-    dispatcher = state.dispatcher
-    assert isinstance(dispatcher, CeleryDispatcher)
-    return dispatcher
+    return cast("CeleryDispatcher", state.dispatcher)  # MEISA_DELIVERY = "celery"
 
 
 @meisa_cli.command("flush")

@@ -202,6 +202,21 @@ def test_upserts_of_one_contact_carry_rising_versions(make: MakeDispatcher, clie
     ]
 
 
+def test_an_upsert_coalesced_into_its_contacts_waiting_one_takes_no_turn(
+    make: MakeDispatcher, client: Any
+) -> None:
+    dispatcher = make()
+    for n in range(3):  # logins while the first sync waits: one sync
+        dispatcher.publish(upsert(custom_fields={"n": n}))
+    dispatcher.publish(Operation("track", {"event_name": "opened", "external_id": "1"}))
+    tasks = messages(client, "meisa.automation")
+    assert tasks[-1]["kwargs"]["op"]["payload"]["event_name"] == "opened"
+    turns = [int(float(task["kwargs"]["meta"]["turn"].split()[1])) for task in tasks]
+    # The contact's next operation is placed as if the logins had been one: the event's
+    # companion the turn after the first, the event the next.
+    assert turns == [1, 2, 2, 2, 3]
+
+
 def test_status_reads_lanes_pending_counters_and_budget(make: MakeDispatcher) -> None:
     dispatcher = make()
     dispatcher.publish(upsert(1))

@@ -156,3 +156,37 @@ def test_one_contacts_flood_delays_no_other_contacts_event_or_signup(
     assert other <= 13 and joined <= 13, (other, joined)
     flood = [body["event_name"] for _, body in calls if body.get("external_id") == "1"]
     assert flood == [f"flood{n}" for n in range(40)]  # user 1's own order holds
+
+
+def test_a_users_coalesced_logins_do_not_push_back_their_next_operation(
+    emulator: Emulator, start_worker: StartWorker, producer: Callable[..., CeleryDispatcher]
+) -> None:
+    # Meisa first learns of both users (no budget): their logins are routine syncs.
+    first = start_worker(emulator)
+    dispatcher = producer(emulator, rate_limit="10/second")
+    for n in (1, 2):
+        dispatcher.publish(Operation("upsert", user(n)))
+    assert dispatcher.flush(timeout=20)
+    first.stop()
+    emulator.clear_requests()
+
+    # User 1 logs in 30 times while the first sync waits (one sync, coalesced); then a
+    # script on user 2's account tracks 40 events, and user 1 exports a report. All wait
+    # before the worker starts.
+    for n in range(30):
+        dispatcher.publish(Operation("upsert", user(1, last_active=f"t{n}")))
+    for n in range(40):
+        dispatcher.publish(Operation("track", {"event_name": f"flood{n}", "external_id": "2"}))
+    dispatcher.publish(Operation("track", {"event_name": "exported", "external_id": "1"}))
+    start_worker(emulator, concurrency=1, MEISA_TEST_RATE_LIMIT="10/second")
+    assert dispatcher.flush(timeout=60)
+
+    calls = [(r.path.rsplit("/", 2)[-2], r.body) for r in emulator.requests]
+    assert len(calls) == 42, calls  # the 30 logins made one call
+    mine = [(path, body) for path, body in calls if body.get("external_id") == "1"]
+    assert [path for path, _ in mine] == ["upsert", "track"]
+    assert mine[0][1]["custom_fields"]["last_active"] == "t29"
+    exported = next(i for i, (_, body) in enumerate(calls) if body.get("event_name") == "exported")
+    # The free budget's 10 calls, then user 1's sync and event take their turns with the
+    # flood, as if user 1 had logged in once: not 30 turns behind.
+    assert exported <= 14, exported

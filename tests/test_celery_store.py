@@ -53,7 +53,7 @@ def test_upserts_of_a_contact_merge_into_one_record(
         upsert(first_name="Ada", tag_names=["a"]),
     ]
     versions = [store.coalesce(op, contact, LANE_ROUTINE) for op in ops]
-    assert versions == [1, 2, 3]
+    assert versions == [(1, False), (2, True), (3, True)]  # the later two joined the first
     assert store.pending() == 3
 
     claim = store.claim(contact, 1, lease=5.0)  # the oldest task runs first
@@ -134,8 +134,8 @@ def test_upserts_of_a_contact_at_another_address_are_delivered_after_the_earlier
     store.coalesce(first, contact, LANE_ROUTINE)
     claim = store.claim(contact, 1, lease=5.0)
     # While its call is in flight, one upsert joins it, one at another address cannot.
-    assert store.coalesce(second, contact, LANE_ROUTINE) == 2
-    assert store.coalesce(third, contact, LANE_ROUTINE) == 3
+    assert store.coalesce(second, contact, LANE_ROUTINE) == (2, True)
+    assert store.coalesce(third, contact, LANE_ROUTINE) == (3, False)
     store.settle(claim)
     assert store.pending_version([contact]) == (contact, 3)
     # The task of version 3 delivers the earlier part first (then runs again).

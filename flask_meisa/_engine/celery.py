@@ -191,10 +191,11 @@ class CeleryDispatcher:
         lane = lane_of(operation, lambda: store.known(contact), self._priority_fields)
         meta: dict[str, Any] = {"lane": lane}
         after: list[tuple[str, int]] = []
+        joined = False
         if contact is not None:
             # Read before the record links the address to this contact and takes it as its last.
             after, left = store.ahead_of(operation.payload, contact)
-            version = store.coalesce(operation, contact, lane, after, left)
+            version, joined = store.coalesce(operation, contact, lane, after, left)
             meta.update(contact=contact, version=version)
         else:
             store.add_pending(operation, lane)
@@ -216,7 +217,10 @@ class CeleryDispatcher:
         own = (lane, operation.to_dict(), meta)
         tasks.append(own)
         if self.budget is not None:  # contacts take turns, from their release
+            # An upsert that joined upserts waiting takes no turn: their task has one.
             waiters = [(op["id"], store.turns(op["kind"], op["payload"], m)) for _, op, m in tasks]
+            if joined:
+                waiters[-1] = ("", waiters[-1][1])
             for (_, _, task_meta), place in zip(tasks, self.budget.places(waiters), strict=True):
                 task_meta["turn"] = place
         if self._lost_after is not None:

@@ -45,14 +45,17 @@ local now, GRACE = tonumber(t[1]) + tonumber(t[2]) / 1000000, 1
 # <waiter>"; the current turn's key: no contact); ARGV: the waiters. Each takes the turn
 # after its contact's last and after the current one (the last slot given's), with a
 # fraction for first come, first served within it, and learns its contact's waiter before
-# it (docs/celery.md: contacts take turns).
+# it (docs/celery.md: contacts take turns). A waiter '' takes no turn of its own: it goes
+# after its contact's last but does not become it.
 _PLACE = """
 local current, places = tonumber(redis.call('GET', KEYS[1]) or '0'), {}
 for i, waiter in ipairs(ARGV) do
   local key = KEYS[2 + i]
   local last = key ~= KEYS[1] and redis.call('GET', key) or '0 '
   local turn = math.max(current, tonumber(string.match(last, '^%d+'))) + 1
-  if key ~= KEYS[1] then redis.call('SET', key, turn .. ' ' .. waiter, 'EX', 86400) end
+  if key ~= KEYS[1] and waiter ~= '' then
+    redis.call('SET', key, turn .. ' ' .. waiter, 'EX', 86400)
+  end
   local seq = redis.call('INCR', KEYS[2]) % 1000000
   places[i] = string.format('%d.%06d ', turn, seq) .. string.match(last, ' (.*)$')
 end
@@ -261,7 +264,8 @@ class RedisBudget:
     def places(self, waiters: Sequence[tuple[str, str]]) -> list[str]:
         """The places of ``waiters`` (``(operation id, contact)`` pairs, ``""``: no
         contact's) among the waiters, taken in one call when they are released or first
-        ask: the turn after the contact's last and after the current one. Opaque:
+        ask: the turn after the contact's last and after the current one (an id ``""``:
+        without taking a turn, the contact's last stays its last). Opaque:
         ``"<contact's digest> <turn> <its waiter before>"``."""
         names = [_digest(contact) if contact else "-" for _, contact in waiters]
         keys = [self._turn_key, f"{self._prefix}:places", *map(self._last, names)]

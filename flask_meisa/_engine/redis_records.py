@@ -192,17 +192,18 @@ class ContactRecords:
         lane: int,
         after: Iterable[tuple[str, int]] = (),
         events: Iterable[str] = (),
-    ) -> int:
-        """Merge an upsert into its contact's record, pending in ``lane``; its new version.
-        It joins the upserts waiting there as :func:`~flask_meisa.operations.join_upserts`
-        decides (a backfill's as the older: see :func:`~flask_meisa.operations.by_age`);
-        when they cannot be one (another address, a body too large), they are closed, to
-        be delivered before it. ``after``: ``(contact, version)`` of other contacts'
-        upserts that its names pointed to, pending when it was made: delivered first;
-        ``events``: ids of events to finish first (a part it joins keeps its own)."""
+    ) -> tuple[int, bool]:
+        """Merge an upsert into its contact's record, pending in ``lane``; its new version,
+        and whether it joined upserts waiting there. It joins them as
+        :func:`~flask_meisa.operations.join_upserts` decides (a backfill's as the older: see
+        :func:`~flask_meisa.operations.by_age`); when they cannot be one (another address, a
+        body too large), they are closed, to be delivered before it. ``after``: ``(contact,
+        version)`` of other contacts' upserts that its names pointed to, pending when it was
+        made: delivered first; ``events``: ids of events to finish first (a part it joins
+        keeps its own)."""
         record = self._key("contact", contact)
 
-        def update(pipe: Any) -> int:
+        def update(pipe: Any) -> tuple[int, bool]:
             names = ("version", "payload", "members", "force", "priority", "after", "events")
             version, payload, members, force, priority, earlier, held, closed, priorities = (
                 pipe.hmget(record, *names, "closed", "priorities")
@@ -250,9 +251,11 @@ class ContactRecords:
             pipe.expire(record, RECORD_TTL)
             self._link(pipe, operation.payload)
             pipe.zadd(self._pending[lane], {operation.id: operation.created_at})
-            return version
+            return version, bool(joined_members)
 
-        return int(self.redis.transaction(update, record, value_from_callable=True))
+        return self.redis.transaction(  # type: ignore[no-any-return]
+            update, record, value_from_callable=True
+        )
 
     def claim(self, contact: str, version: int, lease: float) -> Claim:
         """Decide what the upsert task of ``version`` does (see :class:`Claim`): the

@@ -101,6 +101,12 @@ def upsert(n: int = 1, **fields: Any) -> Operation:
     return Operation("upsert", {"email": f"user{n}@example.com", "external_id": str(n), **fields})
 
 
+def turn(meta: dict[str, Any] | str) -> int:
+    """The turn of a task's ``meta`` (or of a place)."""
+    place = meta if isinstance(meta, str) else meta["turn"]
+    return int(float(place.split()[1]))
+
+
 def test_operations_go_to_their_lane_queue_as_json(make: MakeDispatcher, client: Any) -> None:
     dispatcher = make()
     ops = [
@@ -176,9 +182,10 @@ def test_an_event_takes_its_contacts_pending_upsert_to_its_lane(
     (queued,) = messages(client, "meisa.routine")
     companion, own = messages(client, "meisa.automation")
     assert own["kwargs"]["op"] == event.to_dict()
-    # One contact's turns, each after its last (docs/celery.md: contacts take turns).
+    # One contact's turns, each after its last (docs/celery.md: contacts take turns); the
+    # companion delivers the upsert waiting, which has its turn: it takes none.
     metas = [task["kwargs"]["meta"] for task in (queued, companion, own)]
-    assert [int(float(meta.pop("turn").split()[1])) for meta in metas] == [1, 2, 3]
+    assert [int(float(meta.pop("turn").split()[1])) for meta in metas] == [1, 2, 2]
     meta = queued["kwargs"]["meta"]
     assert own["kwargs"]["meta"]["after"] == [meta["contact"], meta["version"]]
     assert companion["kwargs"]["meta"] == {
@@ -211,10 +218,52 @@ def test_an_upsert_coalesced_into_its_contacts_waiting_one_takes_no_turn(
     dispatcher.publish(Operation("track", {"event_name": "opened", "external_id": "1"}))
     tasks = messages(client, "meisa.automation")
     assert tasks[-1]["kwargs"]["op"]["payload"]["event_name"] == "opened"
-    turns = [int(float(task["kwargs"]["meta"]["turn"].split()[1])) for task in tasks]
-    # The contact's next operation is placed as if the logins had been one: the event's
-    # companion the turn after the first, the event the next.
-    assert turns == [1, 2, 2, 2, 3]
+    # The contact's next operation is placed as if the logins had been one: the turn after
+    # the first (its companion too, which takes none of its own).
+    assert [turn(task["kwargs"]["meta"]) for task in tasks] == [1, 2, 2, 2, 2]
+
+
+def test_a_contacts_next_operation_is_placed_as_if_its_coalesced_logins_were_one(
+    make: MakeDispatcher,
+) -> None:
+    dispatcher = make()
+    store, budget = dispatcher.store, dispatcher.budget
+    assert budget is not None
+
+    def release(op: Operation) -> str:
+        """Publish ``op``; its task's place."""
+        return str(dispatcher.tasks(op)[-1][2]["turn"])
+
+    def event(n: int) -> Operation:
+        return Operation("track", {"event_name": "opened", "external_id": str(n)})
+
+    # Logins named by the address alone join the waiting upsert that names both.
+    one = turn(release(upsert(1)))
+    release(Operation("upsert", {"email": "user1@example.com", "first_name": "Ada"}))
+    release(upsert(1, last_name="L"))
+    assert turn(release(event(1))) == one + 1
+    assert turn(release(event(1))) == one + 2  # each event a turn, not two (its companion)
+
+    # As a worker would: the first's call in flight (it took its turn) when a login joins
+    # it; then delivered (the login's own call is to come) or to run again after a 503 (with
+    # its turn: it delivers both). The login goes after it, and the event with the login (it
+    # waits for its version anyway), not after a turn of its own.
+    for n, delivered in ((2, True), (3, False), (4, None)):
+        first = upsert(n)
+        place = release(first)
+        contact = store.contact_of(first.payload) or ""
+        claim = store.claim(contact, 1, lease=5.0)
+        got = budget.acquire(lease=5.0, lane=LANE_AUTOMATION, waiter=first.id, place=place)
+        assert claim.state == "deliver" and got.token is not None
+        budget.finish(got.token)
+        if delivered is None:  # delivered before the login: the login is a sync of its own
+            store.settle(claim)
+            store.finish([first.id], "delivered", 1)
+        login = turn(release(upsert(n, last_name="L")))
+        if delivered is not None:
+            store.settle(claim, delivered=delivered)
+        assert login == turn(place) + 1
+        assert turn(release(event(n))) == login + (delivered is None)
 
 
 def test_status_reads_lanes_pending_counters_and_budget(make: MakeDispatcher) -> None:

@@ -217,12 +217,15 @@ class CeleryDispatcher:
         own = (lane, operation.to_dict(), meta)
         tasks.append(own)
         if self.budget is not None:  # contacts take turns, from their release
-            waiters = [(op["id"], store.turns(op["kind"], op["payload"], m)) for _, op, m in tasks]
             # A task that delivers upserts already waiting (a companion, an upsert that joined
-            # them) takes no turn: their own task has one.
-            for n, (_, _, m) in enumerate(tasks):
-                if m.get("companion") or (m is meta and joined):
-                    waiters[n] = ("", waiters[n][1])
+            # them) takes no turn ("" for its id): their own task has one.
+            waiters = [
+                (
+                    "" if m.get("companion") or (m is meta and joined) else op["id"],
+                    store.turns(op["kind"], op["payload"], m),
+                )
+                for _, op, m in tasks
+            ]
             for (_, _, task_meta), place in zip(tasks, self.budget.places(waiters), strict=True):
                 task_meta["turn"] = place
         if self._lost_after is not None:

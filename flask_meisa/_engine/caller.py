@@ -25,7 +25,6 @@ from .base import call_for
 from .base import log_decision
 from .base import settle
 from .base import too_late
-from .budget import allowed  # where the previous version's redis_budget imports it from
 from .host import HostLock
 from .store import STORE_ERRORS
 from .store import Store
@@ -33,7 +32,7 @@ from .store import Store
 if TYPE_CHECKING:
     from .delivery import Delivery
 
-__all__ = ["Caller", "allowed"]
+__all__ = ["Caller"]
 
 #: Seconds between passes that age routine syncs and prune old records.
 _HOUSEKEEPING = 30.0

@@ -14,9 +14,9 @@ from ..errors import ValidationError
 from . import known
 from .pending import OP_COLUMNS
 from .pending import Row
-from .pending import each_row
 from .pending import row_of
 from .store import Store
+from .store import marks
 
 __all__ = [
     "DeadLetter",
@@ -31,6 +31,16 @@ __all__ = [
 ]
 
 _MESSAGE_LIMIT = 300
+
+
+def _each_row(
+    db: sqlite3.Connection, statement: str, seqs: Iterable[int] | None, end: str = ""
+) -> sqlite3.Cursor:
+    """Run ``statement`` (ending in a ``WHERE`` clause) on the rows ``seqs`` (``None``: all)."""
+    if seqs is None:
+        return db.execute(statement + end)
+    wanted = [int(seq) for seq in seqs]
+    return db.execute(f"{statement} AND seq IN ({marks(wanted)}){end}", wanted)
 
 
 @dataclass
@@ -87,7 +97,7 @@ def dead_letters(db: sqlite3.Connection, seqs: Iterable[int] | None = None) -> l
         "FROM meisa_ops WHERE state = 'dead'"
     )
     letters = []
-    for values in each_row(db, query, seqs, " ORDER BY seq").fetchall():
+    for values in _each_row(db, query, seqs, " ORDER BY seq").fetchall():
         status, code, message, failed_at = values[-4:]
         error = {"status": status, "code": code, "message": message or ""}
         letters.append(DeadLetter(**vars(row_of(values)), **error, failed_at=failed_at or 0.0))
@@ -109,7 +119,7 @@ def outdated(db: sqlite3.Connection, letters: Iterable[DeadLetter]) -> list[int]
 def requeue(db: sqlite3.Connection, seqs: Iterable[int] | None = None) -> int:
     """Make dead letters (those in ``seqs``, or all) wait again, as new: errors cleared,
     and an event may recover its contact again."""
-    return each_row(
+    return _each_row(
         db,
         "UPDATE meisa_ops SET state = 'pending', attempts = 0, first_attempt = NULL, "
         "ready_at = 0, recover = 0, error_status = NULL, error_code = NULL, "
@@ -120,7 +130,7 @@ def requeue(db: sqlite3.Connection, seqs: Iterable[int] | None = None) -> int:
 
 def purge(db: sqlite3.Connection, seqs: Iterable[int] | None = None) -> int:
     """Delete dead letters (those in ``seqs``, or all)."""
-    return each_row(db, "DELETE FROM meisa_ops WHERE state = 'dead'", seqs).rowcount
+    return _each_row(db, "DELETE FROM meisa_ops WHERE state = 'dead'", seqs).rowcount
 
 
 class StoreDeadLetters:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Callable
-from collections.abc import Iterable
 from dataclasses import dataclass
 from dataclasses import field
 from typing import Any
@@ -367,13 +366,3 @@ def _passes(
 def release_flights(db: sqlite3.Connection) -> int:
     """Rows a delivering process left in flight (it died) wait again."""
     return db.execute("UPDATE meisa_ops SET state = 'pending' WHERE state = 'flight'").rowcount
-
-
-def each_row(
-    db: sqlite3.Connection, statement: str, seqs: Iterable[int] | None, end: str = ""
-) -> sqlite3.Cursor:
-    """Run ``statement`` (ending in a ``WHERE`` clause) on the rows ``seqs`` (``None``: all)."""
-    if seqs is None:
-        return db.execute(statement + end)
-    wanted = [int(seq) for seq in seqs]
-    return db.execute(f"{statement} AND seq IN ({marks(wanted)}){end}", wanted)

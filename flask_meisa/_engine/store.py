@@ -211,7 +211,10 @@ class Store:
             try:
                 yield db
                 if db.total_changes != changes:  # no time it stored is later than the note
-                    _note(db, time.time())
+                    # Noted when later than the note (a step back is Store.now's).
+                    now, noted = time.time(), Store.get_meta(db, "clock")
+                    if noted is None or now - float(noted) >= CLOCK_STEP:
+                        Store.set_meta(db, "clock", now)
             except BaseException:
                 with suppress(sqlite3.Error):  # the original error says more
                     db.execute("ROLLBACK")
@@ -377,13 +380,6 @@ def _in_transaction(db: sqlite3.Connection, work: Callable[[sqlite3.Connection],
         db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
-
-
-def _note(db: sqlite3.Connection, now: float) -> None:
-    """Note ``now`` when it is later than the note (a step back is :meth:`Store.now`'s)."""
-    noted = Store.get_meta(db, "clock")
-    if noted is None or now - float(noted) >= CLOCK_STEP:
-        Store.set_meta(db, "clock", now)
 
 
 def marks(values: Sized) -> str:

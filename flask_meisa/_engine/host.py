@@ -229,8 +229,9 @@ def _locked(fd: int) -> bool:
 @contextmanager
 def checking(path: str) -> Iterator[None]:
     """Held while a process checks the store file ``path`` (and sets it aside when damaged):
-    a ``flock`` on its folder, so that processes starting together (gunicorn's workers)
-    neither move aside the fresh store another just made nor read one half made."""
+    a ``flock`` on its folder, made when missing, so that processes starting together
+    (gunicorn's) neither move aside the fresh store another just made nor read one half made."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     fd = None
     with suppress(OSError):  # a folder that cannot be locked is checked unguarded
         fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_CLOEXEC)

@@ -128,7 +128,6 @@ class Store:
         if self.path is None:
             return
         try:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
             with checking(self.path):
                 try:
                     self.check()
@@ -245,7 +244,6 @@ class Store:
             assert self.path is not None and self._db is not None
             old, opened, self._db = self._db, self._opened, None
             try:
-                os.makedirs(os.path.dirname(self.path), exist_ok=True)
                 with checking(self.path):
                     self.check()
                 carried = carry_over(old, self, release=delivering)

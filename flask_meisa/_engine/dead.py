@@ -33,14 +33,15 @@ __all__ = [
 _MESSAGE_LIMIT = 300
 
 
-def _each_row(
+def _dead(
     db: sqlite3.Connection, statement: str, seqs: Iterable[int] | None, end: str = ""
 ) -> sqlite3.Cursor:
-    """Run ``statement`` (ending in a ``WHERE`` clause) on the rows ``seqs`` (``None``: all)."""
+    """Run ``statement`` on the dead letters ``seqs`` (``None``: all)."""
     if seqs is None:
-        return db.execute(statement + end)
+        return db.execute(f"{statement} WHERE state = 'dead'{end}")
     wanted = [int(seq) for seq in seqs]
-    return db.execute(f"{statement} AND seq IN ({marks(wanted)}){end}", wanted)
+    where = f"WHERE state = 'dead' AND seq IN ({marks(wanted)})"
+    return db.execute(f"{statement} {where}{end}", wanted)
 
 
 @dataclass
@@ -92,12 +93,9 @@ def bury_foreign(db: sqlite3.Connection, target: str) -> int:
 
 def dead_letters(db: sqlite3.Connection, seqs: Iterable[int] | None = None) -> list[DeadLetter]:
     """Dead letters (those in ``seqs``, or all), oldest first."""
-    query = (
-        f"SELECT {OP_COLUMNS}, error_status, error_code, error_message, failed_at "
-        "FROM meisa_ops WHERE state = 'dead'"
-    )
+    columns = f"{OP_COLUMNS}, error_status, error_code, error_message, failed_at"
     letters = []
-    for values in _each_row(db, query, seqs, " ORDER BY seq").fetchall():
+    for values in _dead(db, f"SELECT {columns} FROM meisa_ops", seqs, " ORDER BY seq").fetchall():
         status, code, message, failed_at = values[-4:]
         error = {"status": status, "code": code, "message": message or ""}
         letters.append(DeadLetter(**vars(row_of(values)), **error, failed_at=failed_at or 0.0))
@@ -119,18 +117,18 @@ def outdated(db: sqlite3.Connection, letters: Iterable[DeadLetter]) -> list[int]
 def requeue(db: sqlite3.Connection, seqs: Iterable[int] | None = None) -> int:
     """Make dead letters (those in ``seqs``, or all) wait again, as new: errors cleared,
     and an event may recover its contact again."""
-    return _each_row(
+    return _dead(
         db,
         "UPDATE meisa_ops SET state = 'pending', attempts = 0, first_attempt = NULL, "
         "ready_at = 0, recover = 0, error_status = NULL, error_code = NULL, "
-        "error_message = NULL, failed_at = NULL WHERE state = 'dead'",
+        "error_message = NULL, failed_at = NULL",
         seqs,
     ).rowcount
 
 
 def purge(db: sqlite3.Connection, seqs: Iterable[int] | None = None) -> int:
     """Delete dead letters (those in ``seqs``, or all)."""
-    return _each_row(db, "DELETE FROM meisa_ops WHERE state = 'dead'", seqs).rowcount
+    return _dead(db, "DELETE FROM meisa_ops", seqs).rowcount
 
 
 class StoreDeadLetters:

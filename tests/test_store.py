@@ -209,6 +209,32 @@ def test_a_flood_salvaged_from_a_damaged_store_file_goes_in_turns(tmp_path: Path
     assert len(order) == 21 and order.index("t-2") == 1  # in its turn, not after the flood
 
 
+@pytest.mark.parametrize("how", ["carried", "salvaged"])
+def test_a_dead_letter_whose_error_reads_like_a_row_state_keeps_it_when_the_file_is_replaced(
+    tmp_path: Path, how: str
+) -> None:
+    # Rows in flight wait again in the file now there: by their state, not by any value.
+    path = tmp_path / "store.sqlite3"
+    refused = BadRequestError("POST /contacts/upsert/", 400, "flight", code="flight", body={})
+    with contextlib.closing(Store(path)) as store:
+        with store.write() as db:
+            pending.add(db, upsert(1), LANE_ROUTINE)
+            row = pending.next_ready(db, 0.0)
+            assert row is not None
+            dead.bury(db, row, refused)
+        if how == "carried":
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(f"{path}{suffix}", f"{path}.gone{suffix}")
+            assert store.moved() and store.follow() == 1
+        else:
+            store.close()
+            set_aside(store, sqlite3.DatabaseError("malformed"))
+        with store.read() as db:
+            [letter] = dead.dead_letters(db)
+    assert (letter.code, letter.message) == ("flight", "flight")
+
+
 @pytest.mark.parametrize("where", ["under-a-file", "a-folder"])
 def test_a_path_that_cannot_be_a_file_is_a_configuration_error(tmp_path: Path, where: str) -> None:
     (tmp_path / "a-file").write_text("not a folder")

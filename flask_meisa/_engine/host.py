@@ -315,6 +315,7 @@ _CARRIED = (
     "attempts, first_attempt, merged, error_status, error_code, error_message, failed_at"
 )
 _SALVAGED = f"seq, {_CARRIED}"
+_STATE = _CARRIED.split(", ").index("state")
 # Carried over with when a retry is due and how far an event's recovery went (Meisa asked
 # for the wait, and the old file was read whole), and its turn (last: the old file is this
 # version's; a damaged one may be of the previous version, which had none).
@@ -327,8 +328,10 @@ def _insert(db: sqlite3.Connection, columns: str, rows: list[tuple[Any, ...]]) -
 
 
 def _waiting(row: tuple[Any, ...]) -> tuple[Any, ...]:
-    """A row as it waits again: one in flight (its call was made, or not) is pending."""
-    return tuple("pending" if value == "flight" else value for value in row)
+    """A row starting with :data:`_CARRIED` as it waits again: one in flight (its call was
+    made, or not) is pending."""
+    state = row[_STATE]
+    return (*row[:_STATE], "pending" if state == "flight" else state, *row[_STATE + 1 :])
 
 
 def _salvage(path: str) -> list[tuple[Any, ...]]:
@@ -349,7 +352,7 @@ def _salvage(path: str) -> list[tuple[Any, ...]]:
                     names = [name for name in row[4:6] if name is not None]  # ext, email
                     turn = 1 + max((last.get(name, 0) for name in names), default=0)
                     last.update(dict.fromkeys(names, turn))
-                    rows.append((*_waiting(row), turn))
+                    rows.append((row[0], *_waiting(row[1:]), turn))  # (seq first)
                     after, skip = row[0], 1
                 break
             except sqlite3.DatabaseError:

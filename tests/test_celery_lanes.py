@@ -125,10 +125,11 @@ def test_urgent_changes_overtake_600_routine_syncs_with_two_workers(
     assert mine == ["/api/v1" + UPSERT, "/api/v1/events/track/"]
 
 
-def test_one_contacts_flood_delays_no_other_contacts_event_or_signup(
+def knowing_two_users(
     emulator: Emulator, start_worker: StartWorker, producer: Callable[..., CeleryDispatcher]
-) -> None:
-    # Meisa first learns of both users (no budget), so that their events need no upsert.
+) -> CeleryDispatcher:
+    """A producer at 10/second whose Meisa has learnt users 1 and 2 (through a worker
+    without a budget, stopped since), with no request recorded."""
     first = start_worker(emulator)
     dispatcher = producer(emulator, rate_limit="10/second")
     for n in (1, 2):
@@ -136,6 +137,14 @@ def test_one_contacts_flood_delays_no_other_contacts_event_or_signup(
     assert dispatcher.flush(timeout=20)
     first.stop()
     emulator.clear_requests()
+    return dispatcher
+
+
+def test_one_contacts_flood_delays_no_other_contacts_event_or_signup(
+    emulator: Emulator, start_worker: StartWorker, producer: Callable[..., CeleryDispatcher]
+) -> None:
+    # Meisa already knows both users, so that their events need no upsert.
+    dispatcher = knowing_two_users(emulator, start_worker, producer)
 
     # A script on user 1's account tracks 40 events; then user 2 tracks one and user 3
     # signs up. All wait before the worker starts: how long publishing takes decides nothing.
@@ -161,14 +170,8 @@ def test_one_contacts_flood_delays_no_other_contacts_event_or_signup(
 def test_a_users_coalesced_logins_do_not_push_back_their_next_operation(
     emulator: Emulator, start_worker: StartWorker, producer: Callable[..., CeleryDispatcher]
 ) -> None:
-    # Meisa first learns of both users (no budget): their logins are routine syncs.
-    first = start_worker(emulator)
-    dispatcher = producer(emulator, rate_limit="10/second")
-    for n in (1, 2):
-        dispatcher.publish(Operation("upsert", user(n)))
-    assert dispatcher.flush(timeout=20)
-    first.stop()
-    emulator.clear_requests()
+    # Meisa already knows both users: their logins are routine syncs.
+    dispatcher = knowing_two_users(emulator, start_worker, producer)
 
     # User 1 logs in 30 times while the first sync waits (one sync, coalesced); then a
     # script on user 2's account tracks 40 events, and user 1 exports a report. All wait

@@ -119,6 +119,7 @@ def test_work_left_by_a_release_says_where_it_waits(
     app = processes.app(env, "serve", "5")
     assert app.wait_for_line("ready"), app.output
     assert wait_stored(old_release, "track", 5)
+    assert app.wait_for_line(DELIVERS), app.output  # (only the delivering process says it)
     app.signal(signal.SIGTERM)
     assert app.wait() == 0, app.output
     assert f"stay in the store for the next start ({store_path(old_release)})" in app.output

@@ -193,3 +193,60 @@ def test_a_users_coalesced_logins_do_not_push_back_their_next_operation(
     # The free budget's 10 calls, then user 1's sync and event take their turns with the
     # flood, as if user 1 had logged in once: not 30 turns behind.
     assert exported <= 14, exported
+
+
+def test_a_new_users_merged_logins_behind_a_flood_leave_no_slot_idle(
+    emulator: Emulator, start_worker: StartWorker, producer: Callable[..., CeleryDispatcher]
+) -> None:
+    # Meisa first learns of user 2 (no budget), so that its events need no upsert.
+    first = start_worker(emulator)
+    dispatcher = producer(emulator, rate_limit="10/second")
+    dispatcher.publish(Operation("upsert", user(2)))
+    assert dispatcher.flush(timeout=20)
+    first.stop()
+    emulator.clear_requests()
+
+    # A script on user 2's account tracks 40 events, then a new user logs in 30 times (one
+    # sync: the 29 later logins' tasks find it delivered, or deliver it themselves). All
+    # wait before the worker starts.
+    for n in range(40):
+        dispatcher.publish(Operation("track", {"event_name": f"flood{n}", "external_id": "2"}))
+    for n in range(30):
+        dispatcher.publish(Operation("upsert", user(1, last_active=f"t{n}")))
+    start_worker(emulator, concurrency=1, MEISA_TEST_RATE_LIMIT="10/second")
+    assert dispatcher.flush(timeout=60)
+
+    times = [r.time for r in emulator.requests]
+    assert len(times) == 41, [r.body for r in emulator.requests]
+    # A window's worth takes the free budget; each later call goes once the call a window's
+    # worth before it is a period old: 4 periods in all (and a moment for the countdowns).
+    # The later logins' tasks that asked for a slot hold none once their sync is delivered,
+    # not each until it would have come back (3 s more).
+    assert times[-1] - times[0] <= 4 * 1.0 + 0.6, " ".join(f"{t - times[0]:.2f}" for t in times)
+
+
+def test_the_companions_of_a_users_events_behind_a_flood_leave_no_slot_idle(
+    emulator: Emulator, start_worker: StartWorker, producer: Callable[..., CeleryDispatcher]
+) -> None:
+    first = start_worker(emulator)
+    dispatcher = producer(emulator, rate_limit="10/second")
+    for n in (1, 2):
+        dispatcher.publish(Operation("upsert", user(n)))
+    assert dispatcher.flush(timeout=20)
+    first.stop()
+    emulator.clear_requests()
+
+    # Behind user 2's flood, user 1 logs in (a routine sync) and tracks 10 events: each
+    # event's companion delivers the sync on the events' lane, and one call does.
+    for n in range(40):
+        dispatcher.publish(Operation("track", {"event_name": f"flood{n}", "external_id": "2"}))
+    dispatcher.publish(Operation("upsert", user(1, last_active="t")))
+    for n in range(10):
+        dispatcher.publish(Operation("track", {"event_name": f"mine{n}", "external_id": "1"}))
+    start_worker(emulator, concurrency=1, MEISA_TEST_RATE_LIMIT="10/second")
+    assert dispatcher.flush(timeout=60)
+
+    times = [r.time for r in emulator.requests]
+    assert len(times) == 51, [r.body for r in emulator.requests]
+    # 5 periods, as above: the companions whose sync another task delivered hold no slot.
+    assert times[-1] - times[0] <= 5 * 1.0 + 0.6, " ".join(f"{t - times[0]:.2f}" for t in times)

@@ -250,11 +250,14 @@ class DeliveryWorker:
             # earlier version's web process), kept by its retries too.
             place = str(meta.get("turn") or "")
             who = "" if place else self.store.turns(operation.kind, operation.payload, meta)
+            # The tasks of one part of a record (its members', its companions') wait as one,
+            # its first member: it needs one slot, not one each.
+            waiter = claim.members[0] if claim is not None and claim.members else operation.id
             got = budget.acquire(
                 lease=self._lease,
                 lane=lane,
                 share=share,
-                waiter=operation.id,
+                waiter=waiter,
                 place=place,
                 contact=who,
             )
@@ -341,6 +344,8 @@ class DeliveryWorker:
         # last (a worker killed in a hook leaves its task to run again: its version is done).
         if claim is not None:
             self.store.settle(claim)
+            if self.budget is not None:  # the other members' tasks need no slot any more
+                self.budget.forget([member.id for member in members])
         # Kept as dead letters: those of a claim now (their task run again finds its version
         # done); any other after the hooks (run again, it calls Meisa again: an event that
         # Meisa tracks then is no dead letter, retried to be tracked twice).

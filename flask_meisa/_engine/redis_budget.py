@@ -275,6 +275,15 @@ class RedisBudget:
             for name, turn in zip(names, turns, strict=True)
         ]
 
+    def forget(self, waiters: Sequence[str]) -> None:
+        """Drop ``waiters`` (operation ids) from every lane: they will not come back (their
+        operation is over), so their places hold nothing."""
+        if waiters:
+            pipe = self._redis.pipeline(transaction=False)
+            for key in self._waiting:
+                pipe.zrem(key, *waiters)
+            pipe.execute()
+
     def _last(self, name: str) -> str:
         return f"{self._prefix}:last:{name}" if name != "-" else self._turn_key
 
@@ -294,8 +303,7 @@ class RedisBudget:
                 time.sleep(got.wait)
                 got = ask(waiter=waiter, place=got.place)
             if got.token is None:  # this waiter will not come back: its place holds nothing
-                for key in self._waiting[LANE_TRANSACTIONAL :: len(LANE_NAMES)]:  # both sets
-                    self._redis.zrem(key, waiter)
+                self.forget([waiter])
             token = got.token
         except RedisError as error:
             if time.monotonic() >= self._unreachable_until:

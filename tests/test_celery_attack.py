@@ -1,0 +1,261 @@
+"""Adversarial tests of the Celery budget's turns for coalesced records (one waiter per
+part, under its first member's id; a joined upsert's and a companion's place taking no
+turn; the members' places forgotten once the part is delivered), against a real Redis,
+the emulator, and the delivery task's body run in this process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import types
+from collections.abc import Callable
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from flask_meisa._engine.celery import CeleryDispatcher
+from flask_meisa._engine.celery_worker import DeliveryWorker
+from flask_meisa._engine.celery_worker import RunAgain
+from flask_meisa._engine.redis_budget import RedisBudget
+from flask_meisa._engine.redis_records import _digest
+from flask_meisa.client import MeisaClient
+from flask_meisa.emulator import Emulator
+from flask_meisa.operations import LANE_AUTOMATION
+from flask_meisa.operations import Operation
+from flask_meisa.retry import RetryPolicy
+from tests.celery_support import make_celery
+from tests.celery_support import redis_url_fixture  # noqa: F401
+from tests.engine_support import RecordingHooks
+
+FAST = RetryPolicy(max_attempts=5, base_delay=0.05, max_delay=0.2, deadline=30.0)
+UPSERT = "/contacts/upsert/"
+PREVIOUS = "84666b4"  # main before today's changes to the budget's turns
+
+Task = tuple[dict[str, Any], dict[str, Any]]
+
+
+def user(n: int, **fields: Any) -> dict[str, Any]:
+    return {"email": f"user{n}@example.com", "external_id": str(n), "custom_fields": fields}
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[Any]:
+    connection = redis.Redis.from_url(redis_url)
+    yield connection
+    connection.close()
+
+
+@pytest.fixture
+def make_dispatcher(
+    redis_url: str, client: Any, emulator: Emulator
+) -> Iterator[Callable[..., CeleryDispatcher]]:
+    """A dispatcher on the emulator's key whose tasks the tests run themselves."""
+    made: list[Any] = []
+
+    def make(rate_limit: str) -> CeleryDispatcher:
+        celery_app = make_celery(redis_url)
+        made.append(celery_app)
+        return CeleryDispatcher(
+            celery_app,
+            redis=client,
+            hooks=RecordingHooks(),
+            rate_limit=rate_limit,
+            budget_key=emulator.live_key,
+        )
+
+    yield make
+    for celery_app in made:
+        celery_app.close()
+
+
+@pytest.fixture
+def make_worker(emulator: Emulator, client: Any) -> Iterator[Callable[..., DeliveryWorker]]:
+    """A worker (today's class, or ``cls``) on the dispatcher's store and key."""
+    made: list[Any] = []
+
+    def make(
+        dispatcher: CeleryDispatcher,
+        rate_limit: str,
+        cls: Any = DeliveryWorker,
+        budget_cls: Any = RedisBudget,
+    ) -> Any:
+        worker = cls(
+            client_factory=lambda: MeisaClient(emulator.live_key, emulator.url, timeout=2.0),
+            hooks=RecordingHooks(),
+            retry=FAST,
+            store=dispatcher.store,
+            budget=budget_cls(client, rate_limit, emulator.live_key),
+            call_timeout=3.0,
+        )
+        made.append(worker)
+        return worker
+
+    yield make
+    for worker in made:
+        worker.close()
+
+
+def as_text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def own_task(dispatcher: CeleryDispatcher, op: Operation) -> Task:
+    *_, (_, data, meta) = dispatcher.tasks(op)
+    return data, meta
+
+
+def previous(monkeypatch: pytest.MonkeyPatch, name: str) -> Any:
+    """The module ``flask_meisa._engine.<name>`` as it was at :data:`PREVIOUS`."""
+    path = f"flask_meisa/_engine/{name}.py"
+    git = ["git", "-C", str(Path(__file__).resolve().parent.parent)]
+    try:
+        shown = [*git, "show", f"{PREVIOUS}:{path}"]
+        source = subprocess.run(shown, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("the previous version is read from git history")
+    module = types.ModuleType(f"flask_meisa._engine.previous_{name}")
+    module.__package__ = "flask_meisa._engine"
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    exec(compile(source, path, "exec"), module.__dict__)
+    return module
+
+
+def test_a_joined_logins_task_keeps_its_parts_place_ahead_of_later_releases(
+    make_dispatcher: Callable[..., CeleryDispatcher],
+    make_worker: Callable[..., DeliveryWorker],
+    client: Any,
+    emulator: Emulator,
+) -> None:
+    # User 1's first sync is released, then user 2's, then user 1 logs in again (it joins
+    # user 1's waiting sync and takes no turn: placed after it). The budget is spent, so
+    # every task waits. User 1's part waits as one waiter, under its first member's id:
+    # its place should be its first member's (turn 1, ahead of user 2's), not whichever of
+    # its tasks asked last.
+    dispatcher = make_dispatcher("1/second")
+    worker = make_worker(dispatcher, "1/second")
+    budget = worker.budget
+    assert budget is not None
+    spent = budget.acquire(lease=5.0, lane=LANE_AUTOMATION)
+    assert spent.token is not None
+    budget.finish(spent.token)
+
+    first = Operation("upsert", user(1, plan="free"))
+    other = Operation("upsert", user(2, plan="free"))
+    login = Operation("upsert", user(1, last_active="t1"))
+    tasks = [own_task(dispatcher, op) for op in (first, other, login)]
+    assert [meta["lane"] for _, meta in tasks] == [LANE_AUTOMATION] * 3
+    waits = [worker.run(*task) for task in tasks]  # each asks once, and is told to wait
+    assert all(isinstance(again, RunAgain) for again in waits), waits
+
+    turns = f"{budget._prefix}:turns:automation"
+    ranked = [as_text(name) for name in client.zrange(turns, 0, -1)]
+    # The part (first.id) is ranked behind user 2's upsert: the login's later turn replaced
+    # its first member's.
+    assert ranked == [first.id, other.id], ranked
+
+
+def test_a_later_release_does_not_take_the_slot_of_a_part_a_login_joined(
+    make_dispatcher: Callable[..., CeleryDispatcher],
+    make_worker: Callable[..., DeliveryWorker],
+    emulator: Emulator,
+) -> None:
+    # As above, seen from Meisa: once the window frees, user 2's task (released after
+    # user 1's sync, a turn behind it in first come, first served) asks first and finds
+    # user 1's part ranked behind it (the login's turn): it takes the one free slot.
+    dispatcher = make_dispatcher("1/second")
+    worker = make_worker(dispatcher, "1/second")
+    budget = worker.budget
+    assert budget is not None
+    spent = budget.acquire(lease=5.0, lane=LANE_AUTOMATION)
+    assert spent.token is not None
+    budget.finish(spent.token)
+
+    first = Operation("upsert", user(1, plan="free"))
+    other = Operation("upsert", user(2, plan="free"))
+    login = Operation("upsert", user(1, last_active="t1"))
+    first_task, other_task, login_task = (own_task(dispatcher, op) for op in (first, other, login))
+    for task in (first_task, other_task, login_task):
+        assert isinstance(worker.run(*task), RunAgain)
+    time.sleep(1.05)  # the window frees: one slot
+    again = worker.run(*other_task)
+    made = [r.body.get("external_id") for r in emulator.requests_to(UPSERT)]
+    # User 2's upsert took the slot ahead of user 1's sync, released and placed before it.
+    assert isinstance(again, RunAgain) and made == [], made
+
+
+def test_a_mixed_deploy_does_not_leave_a_parts_tasks_waiting_for_each_other(  # holds
+    make_dispatcher: Callable[..., CeleryDispatcher],
+    make_worker: Callable[..., DeliveryWorker],
+    emulator: Emulator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A rolling upgrade: a web process of the previous version publishes user 1's sync and
+    # two logins that join it (each its own turn, each placed after the one before). The
+    # first sync's task is gone (its worker was killed: its message comes back only after
+    # the visibility timeout). The first login runs on a worker of the previous version
+    # (waiting under its own id, after the sync's waiter), the second on today's (under
+    # the part's first member's id, the sync's, after the first login's waiter).
+    old_budget = previous(monkeypatch, "redis_budget")
+    old_worker_module = previous(monkeypatch, "celery_worker")
+    dispatcher = make_dispatcher("100/second")
+    web = old_budget.RedisBudget(dispatcher.store.redis, "100/second", emulator.live_key)
+    dispatcher.budget = None  # placed below as the previous version's web process did
+    ops = [Operation("upsert", user(1, last_active=f"t{n}")) for n in range(3)]
+    tasks = [own_task(dispatcher, op) for op in ops]
+    for op, (data, meta) in zip(ops, tasks, strict=True):  # each its own turn, by its id
+        who = dispatcher.store.turns(data["kind"], data["payload"], meta)
+        (meta["turn"],) = web.places([(op.id, who)])
+    assert [meta["turn"].rsplit(" ", 1)[-1] for _, meta in tasks][1:] == [ops[0].id, ops[1].id]
+
+    old = make_worker(
+        dispatcher,
+        "100/second",
+        cls=old_worker_module.DeliveryWorker,
+        budget_cls=old_budget.RedisBudget,
+    )
+    new = make_worker(dispatcher, "100/second")
+    assert new.budget is not None
+    new.budget.pause(0.3)  # both wait a moment; then the budget is free
+    runs = {"old": (old, *tasks[1]), "new": (new, *tasks[2])}
+    started = time.monotonic()
+    due = dict.fromkeys(runs, started)
+    while runs and time.monotonic() - started < 4.0:  # each comes back when told
+        name = min(due, key=due.__getitem__)
+        time.sleep(max(due[name] - time.monotonic(), 0.0))
+        worker, data, meta = runs[name]
+        again = worker.run(data, meta)
+        if again is None:
+            del runs[name], due[name]
+        else:
+            runs[name] = (worker, again.op, again.meta)
+            due[name] = time.monotonic() + again.countdown
+    made = emulator.requests_to(UPSERT)
+    assert len(made) == 1, "user 1's logins waited for each other: no call in 4 s"
+
+
+def test_a_contacts_last_turn_is_gone_once_its_part_takes_its_slot(
+    make_dispatcher: Callable[..., CeleryDispatcher],
+    make_worker: Callable[..., DeliveryWorker],
+    client: Any,
+    emulator: Emulator,
+) -> None:
+    # docs/celery.md: a contact's last turn is "gone when its last waiter takes its slot".
+    # User 1's sync is its contact's last; a login joins it (no turn of its own). The
+    # login's task, asking for the part under the sync's id, takes the slot and delivers.
+    dispatcher = make_dispatcher("100/second")
+    worker = make_worker(dispatcher, "100/second")
+    assert worker.budget is not None
+    first = Operation("upsert", user(1, plan="free"))
+    login = Operation("upsert", user(1, last_active="t1"))
+    tasks = [own_task(dispatcher, op) for op in (first, login)]
+    contact = tasks[0][1]["contact"]
+    last = worker.budget._last(_digest(contact))
+    assert as_text(client.get(last)).endswith(f" {first.id}")
+    assert worker.run(*tasks[1]) is None  # delivered the part
+    assert len(emulator.requests_to(UPSERT)) == 1
+    # The contact's last turn outlives its part, for a day.
+    assert client.get(last) is None, (client.get(last), client.ttl(last))

@@ -251,7 +251,7 @@ class DeliveryWorker:
             place = str(meta.get("turn") or "")
             who = "" if place else self.store.turns(operation.kind, operation.payload, meta)
             # The tasks of one part of a record (its members', its companions') wait as one,
-            # its first member: it needs one slot, not one each.
+            # its first member, at the earliest of their places: it needs one slot.
             waiter = claim.members[0] if claim is not None and claim.members else operation.id
             got = budget.acquire(
                 lease=self._lease,
@@ -260,6 +260,7 @@ class DeliveryWorker:
                 waiter=waiter,
                 place=place,
                 contact=who,
+                shared=waiter != operation.id,
             )
             meta = {**meta, "turn": got.place}
             if got.token is None:

@@ -67,7 +67,7 @@ return places
 # ARGV: token, lease, lane, n, outage threshold, waiter, its turn and the contact's waiter
 # before it ('': it cannot ask again as the same waiter, and goes after every waiter),
 # the longest wait, then per window: limit, period, and the calls of the lane it allows
-# (budget.allowed: the reserve, a backfill's share)
+# (budget.allowed: the reserve, a backfill's share); last, 'shared' for a shared waiter
 _ACQUIRE = """
 local lane, n, waiter = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[6]
 local mine, back = KEYS[6 + lane], KEYS[10 + lane]
@@ -98,7 +98,9 @@ for l = 0, lane do
 end
 local rank = redis.call('ZCARD', mine)
 if turn then
-  redis.call('ZADD', mine, turn, waiter)
+  -- A waiter shared by several tasks (a part's) keeps the earliest of their places.
+  local kept = ARGV[3 * n + 9] == 'shared' and tonumber(redis.call('ZSCORE', mine, waiter))
+  if kept and kept < turn then turn = kept else redis.call('ZADD', mine, turn, waiter) end
   rank = redis.call('ZRANK', mine, waiter)
 end
 local wait, spacing = math.max(pause - now, 0), 0.05
@@ -160,8 +162,9 @@ if turn then
   redis.call('ZREM', back, waiter)
   turn = math.floor(turn)
   if turn > current then redis.call('SET', KEYS[4], turn) end
-  -- Its contact's last: the next one goes after the current turn anyway.
-  if redis.call('GET', KEYS[5]) == turn .. ' ' .. waiter then redis.call('DEL', KEYS[5]) end
+  -- Its contact's last (at any of its places): the next one goes after the current turn.
+  local last = redis.call('GET', KEYS[5])
+  if last and string.match(last, ' (.*)$') == waiter then redis.call('DEL', KEYS[5]) end
 end
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('PEXPIRE', KEYS[2], math.ceil(tonumber(ARGV[2]) * 1000) + 1000)
@@ -246,16 +249,19 @@ class RedisBudget:
         waiter: str = "",
         place: str = "",
         contact: str = "",
+        shared: bool = False,
     ) -> Acquired:
         """Take a slot for a call of at most ``lease`` seconds, or learn how long to wait;
         ``waiter``: the same on every try (an operation's id), with the ``place`` it was
-        given (none the first time: it takes the turn after ``contact``'s last)."""
+        given (none the first time: it takes the turn after ``contact``'s last);
+        ``shared``: a waiter several tasks ask as, which keeps the earliest of their places."""
         token = f"{lane}:{uuid.uuid4().hex}"
         place = place or (self.places([(waiter, contact)])[0] if waiter else "")
         name, _, turn = place.partition(" ")
         args = [token, max(lease, 0.001), lane, len(self.windows), OUTAGE_THRESHOLD, waiter]
         args += [turn, MAX_WAIT]
         args += [n for w in self.windows for n in (w.limit, w.period, allowed(w, lane, share))]
+        args.append("shared" if shared else "")
         keys = [self._pause_key, self._flying_key, self._failures_key, self._turn_key]
         keys += [self._last(name), *self._waiting, *self._windows]
         got = self._acquire(keys=keys, args=args)

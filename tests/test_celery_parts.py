@@ -1,7 +1,7 @@
-"""Adversarial tests of the Celery budget's turns for coalesced records (one waiter per
-part, under its first member's id; a joined upsert's and a companion's place taking no
-turn; the members' places forgotten once the part is delivered), against a real Redis,
-the emulator, and the delivery task's body run in this process."""
+"""The Celery budget's turns for coalesced records (one waiter per part, under its first
+member's id, at the earliest of its tasks' places; a joined upsert's and a companion's
+place taking no turn; the members' places forgotten once the part is delivered), against
+a real Redis, the emulator, and the delivery task's body run in this process."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from tests.engine_support import RecordingHooks
 
 FAST = RetryPolicy(max_attempts=5, base_delay=0.05, max_delay=0.2, deadline=30.0)
 UPSERT = "/contacts/upsert/"
-PREVIOUS = "84666b4"  # main before today's changes to the budget's turns
+PREVIOUS = "84666b4"  # the version before a part's tasks waited as one
 
 Task = tuple[dict[str, Any], dict[str, Any]]
 
@@ -153,8 +153,8 @@ def test_a_joined_logins_task_keeps_its_parts_place_ahead_of_later_releases(
 
     turns = f"{budget._prefix}:turns:automation"
     ranked = [as_text(name) for name in client.zrange(turns, 0, -1)]
-    # The part (first.id) is ranked behind user 2's upsert: the login's later turn replaced
-    # its first member's.
+    # The part (first.id) keeps its first member's place: the login's later turn does not
+    # replace it.
     assert ranked == [first.id, other.id], ranked
 
 
@@ -165,7 +165,7 @@ def test_a_later_release_does_not_take_the_slot_of_a_part_a_login_joined(
 ) -> None:
     # As above, seen from Meisa: once the window frees, user 2's task (released after
     # user 1's sync, a turn behind it in first come, first served) asks first and finds
-    # user 1's part ranked behind it (the login's turn): it takes the one free slot.
+    # user 1's part ranked ahead of it: it leaves the one free slot to it.
     dispatcher = make_dispatcher("1/second")
     worker = make_worker(dispatcher, "1/second")
     budget = worker.budget
@@ -183,11 +183,10 @@ def test_a_later_release_does_not_take_the_slot_of_a_part_a_login_joined(
     time.sleep(1.05)  # the window frees: one slot
     again = worker.run(*other_task)
     made = [r.body.get("external_id") for r in emulator.requests_to(UPSERT)]
-    # User 2's upsert took the slot ahead of user 1's sync, released and placed before it.
     assert isinstance(again, RunAgain) and made == [], made
 
 
-def test_a_mixed_deploy_does_not_leave_a_parts_tasks_waiting_for_each_other(  # holds
+def test_a_mixed_deploy_does_not_leave_a_parts_tasks_waiting_for_each_other(
     make_dispatcher: Callable[..., CeleryDispatcher],
     make_worker: Callable[..., DeliveryWorker],
     emulator: Emulator,
@@ -257,5 +256,4 @@ def test_a_contacts_last_turn_is_gone_once_its_part_takes_its_slot(
     assert as_text(client.get(last)).endswith(f" {first.id}")
     assert worker.run(*tasks[1]) is None  # delivered the part
     assert len(emulator.requests_to(UPSERT)) == 1
-    # The contact's last turn outlives its part, for a day.
     assert client.get(last) is None, (client.get(last), client.ttl(last))

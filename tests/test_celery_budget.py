@@ -224,6 +224,23 @@ def test_a_contacts_last_turn_is_kept_while_its_work_waits(
         client.close()
 
 
+def test_a_task_waiting_for_its_contacts_upsert_goes_before_its_contacts_later_ones(
+    make_budget: MakeBudget,
+) -> None:
+    budget = make_budget("3/second")
+    # Two events of one contact, placed when released; the first waits for its contact's
+    # upsert, not for a slot, and comes back in half a second.
+    first, second = budget.places([("e0", "c"), ("e1", "c")])
+    budget.hold("e0", LANE_ROUTINE, 0.5)
+    # It holds no slot: another contact's call takes a free one.
+    assert budget.acquire(lease=LEASE, waiter="other", contact="other").token is not None
+    # Its contact's later one waits for it, though slots are free.
+    later = budget.acquire(lease=LEASE, waiter="e1", place=second)
+    assert later.token is None and later.wait >= 0.5
+    assert budget.acquire(lease=LEASE, waiter="e0", place=first).token is not None
+    assert budget.acquire(lease=LEASE, waiter="e1", place=second).token is not None
+
+
 def test_a_waiter_that_never_comes_back_holds_the_others_only_for_a_grace(
     make_budget: MakeBudget,
 ) -> None:

@@ -196,6 +196,14 @@ if ARGV[4] == 'outage' then return redis.call('INCR', KEYS[2]) end
 return tonumber(redis.call('GET', KEYS[2]) or '0')
 """
 
+# KEYS: a lane's waiters by return time; ARGV: a waiter, seconds. A task that waits for
+# something else (its contact's upsert) comes back as its contact's waiter, holding no slot.
+_HOLD = """
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+local ms = math.ceil((tonumber(ARGV[2]) + GRACE) * 1000) + 1000
+if redis.call('PTTL', KEYS[1]) < ms then redis.call('PEXPIRE', KEYS[1], ms) end
+"""
+
 # KEYS: pause; ARGV: seconds. A pause is never shortened.
 _PAUSE = """
 local untl = now + tonumber(ARGV[1])
@@ -235,8 +243,8 @@ class RedisBudget:
         self._windows = [f"{prefix}:w{window.period:g}" for window in self.windows]
         self._redis = redis
         self._unreachable_until = 0.0  # time.monotonic(): no slot is asked until then
-        self._acquire, self._finish, self._pause = (
-            redis.register_script(_TIME + body) for body in (_ACQUIRE, _FINISH, _PAUSE)
+        self._acquire, self._finish, self._pause, self._hold = (
+            redis.register_script(_TIME + body) for body in (_ACQUIRE, _FINISH, _PAUSE, _HOLD)
         )
         self._place = redis.register_script(_PLACE)
 
@@ -289,6 +297,12 @@ class RedisBudget:
             for key in self._waiting:
                 pipe.zrem(key, *waiters)
             pipe.execute()
+
+    def hold(self, waiter: str, lane: int, seconds: float) -> None:
+        """``waiter`` (an operation id) waits ``seconds`` for something other than a slot
+        (its contact's upsert): its contact's later waiters of ``lane`` go after it still,
+        as after a waiter of the budget, and it holds no slot meanwhile."""
+        self._hold(keys=[self._waiting[len(LANE_NAMES) + lane]], args=[waiter, seconds])
 
     def _last(self, name: str) -> str:
         return f"{self._prefix}:last:{name}" if name != "-" else self._turn_key

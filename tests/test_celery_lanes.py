@@ -250,3 +250,27 @@ def test_the_companions_of_a_users_events_behind_a_flood_leave_no_slot_idle(
     assert len(times) == 51, [r.body for r in emulator.requests]
     # 5 periods, as above: the companions whose sync another task delivered hold no slot.
     assert times[-1] - times[0] <= 5 * 1.0 + 0.6, " ".join(f"{t - times[0]:.2f}" for t in times)
+
+
+def test_a_users_events_that_waited_for_their_sync_reach_meisa_in_their_order(
+    emulator: Emulator, start_worker: StartWorker, producer: Callable[..., CeleryDispatcher]
+) -> None:
+    dispatcher = knowing_two_users(emulator, start_worker, producer)
+
+    # Behind user 2's flood, user 1 logs in (a routine sync) and tracks 6 events: each
+    # waits for the sync, then they go in the order they were made. All wait before the
+    # worker starts.
+    for n in range(20):
+        dispatcher.publish(Operation("track", {"event_name": f"flood{n}", "external_id": "2"}))
+    dispatcher.publish(Operation("upsert", user(1, last_active="t")))
+    for n in range(6):
+        dispatcher.publish(Operation("track", {"event_name": f"mine{n}", "external_id": "1"}))
+    start_worker(emulator, concurrency=2, MEISA_TEST_RATE_LIMIT="10/second")
+    assert dispatcher.flush(timeout=60)
+
+    mine = [
+        (r.body.get("event_name") or "upsert")
+        for r in emulator.requests
+        if r.body.get("external_id") == "1"
+    ]
+    assert mine == ["upsert", *(f"mine{n}" for n in range(6))], mine

@@ -301,6 +301,14 @@ def redis_url_fixture(redis_server: str) -> Iterator[str]:
     yield redis_server
 
 
+@pytest.fixture(name="client")
+def redis_client_fixture(redis_url: str) -> Iterator[Any]:
+    """A connection to the test's Redis."""
+    connection = redis.Redis.from_url(redis_url)
+    yield connection
+    connection.close()
+
+
 class WorkerProcess:
     """A ``celery worker`` subprocess on the test worker app; stopped by pid.
 

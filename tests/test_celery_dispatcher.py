@@ -41,19 +41,13 @@ from flask_meisa.errors import DeliveryError
 from flask_meisa.operations import LANE_AUTOMATION
 from flask_meisa.operations import Operation
 from tests.celery_support import make_celery
+from tests.celery_support import redis_client_fixture  # noqa: F401
 from tests.celery_support import redis_url_fixture  # noqa: F401
 from tests.engine_support import RecordingHooks
 
 KEY = "meisa_live_dispatcher_test_key_42"
 
 MakeDispatcher = Callable[..., CeleryDispatcher]
-
-
-@pytest.fixture
-def client(redis_url: str) -> Iterator[Any]:
-    connection = redis.Redis.from_url(redis_url)
-    yield connection
-    connection.close()
 
 
 @pytest.fixture

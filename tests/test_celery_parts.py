@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
 from flask_meisa._engine.celery import CeleryDispatcher
 from flask_meisa._engine.celery_worker import DeliveryWorker
@@ -28,6 +27,7 @@ from flask_meisa.operations import LANE_AUTOMATION
 from flask_meisa.operations import Operation
 from flask_meisa.retry import RetryPolicy
 from tests.celery_support import make_celery
+from tests.celery_support import redis_client_fixture  # noqa: F401
 from tests.celery_support import redis_url_fixture  # noqa: F401
 from tests.engine_support import RecordingHooks
 
@@ -40,13 +40,6 @@ Task = tuple[dict[str, Any], dict[str, Any]]
 
 def user(n: int, **fields: Any) -> dict[str, Any]:
     return {"email": f"user{n}@example.com", "external_id": str(n), "custom_fields": fields}
-
-
-@pytest.fixture
-def client(redis_url: str) -> Iterator[Any]:
-    connection = redis.Redis.from_url(redis_url)
-    yield connection
-    connection.close()
 
 
 @pytest.fixture

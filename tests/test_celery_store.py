@@ -4,11 +4,9 @@ either name, what Meisa has of it, the pending sets per lane, recent answers."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis
 
 from flask_meisa._engine.base import DeliveryStatus
 from flask_meisa._engine.known import digest
@@ -18,14 +16,8 @@ from flask_meisa.operations import LANE_AUTOMATION
 from flask_meisa.operations import LANE_ROUTINE
 from flask_meisa.operations import LANE_TRANSACTIONAL
 from flask_meisa.operations import Operation
+from tests.celery_support import redis_client_fixture  # noqa: F401
 from tests.celery_support import redis_url_fixture  # noqa: F401
-
-
-@pytest.fixture
-def client(redis_url: str) -> Iterator[Any]:
-    connection = redis.Redis.from_url(redis_url)
-    yield connection
-    connection.close()
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import redis
 
 from flask_meisa._engine import celery_worker
 from flask_meisa._engine import redis_dead
@@ -37,6 +36,7 @@ from flask_meisa.operations import LANE_ROUTINE
 from flask_meisa.operations import Operation
 from flask_meisa.retry import RetryPolicy
 from tests.celery_support import make_celery
+from tests.celery_support import redis_client_fixture  # noqa: F401
 from tests.celery_support import redis_url_fixture  # noqa: F401
 from tests.engine_support import RecordingHooks
 
@@ -48,13 +48,6 @@ TRIGGER = "/emails/trigger/"
 MakeWorker = Callable[..., DeliveryWorker]
 Task = tuple[dict[str, Any], dict[str, Any]]
 Submit = Callable[[Operation], Task]
-
-
-@pytest.fixture
-def client(redis_url: str) -> Iterator[Any]:
-    connection = redis.Redis.from_url(redis_url)
-    yield connection
-    connection.close()
 
 
 @pytest.fixture

@@ -228,13 +228,7 @@ def test_a_new_users_merged_logins_behind_a_flood_leave_no_slot_idle(
 def test_the_companions_of_a_users_events_behind_a_flood_leave_no_slot_idle(
     emulator: Emulator, start_worker: StartWorker, producer: Callable[..., CeleryDispatcher]
 ) -> None:
-    first = start_worker(emulator)
-    dispatcher = producer(emulator, rate_limit="10/second")
-    for n in (1, 2):
-        dispatcher.publish(Operation("upsert", user(n)))
-    assert dispatcher.flush(timeout=20)
-    first.stop()
-    emulator.clear_requests()
+    dispatcher = knowing_two_users(emulator, start_worker, producer)
 
     # Behind user 2's flood, user 1 logs in (a routine sync) and tracks 10 events: each
     # event's companion delivers the sync on the events' lane, and one call does.

@@ -75,11 +75,12 @@ def make_worker(emulator: Emulator, client: Any) -> Iterator[Callable[..., Deliv
         rate_limit: str,
         cls: Any = DeliveryWorker,
         budget_cls: Any = RedisBudget,
+        retry: RetryPolicy = FAST,
     ) -> Any:
         worker = cls(
             client_factory=lambda: MeisaClient(emulator.live_key, emulator.url, timeout=2.0),
             hooks=RecordingHooks(),
-            retry=FAST,
+            retry=retry,
             store=dispatcher.store,
             budget=budget_cls(client, rate_limit, emulator.live_key),
             call_timeout=3.0,
@@ -226,3 +227,27 @@ def test_a_contacts_last_turn_is_gone_once_its_part_takes_its_slot(
     assert worker.run(*tasks[1]) is None  # delivered the part
     assert len(emulator.requests_to(UPSERT)) == 1
     assert client.get(last) is None, (client.get(last), client.ttl(last))
+
+
+def test_a_parts_other_tasks_wait_out_the_backoff_its_failed_call_was_given(
+    make_dispatcher: Callable[..., CeleryDispatcher],
+    make_worker: Callable[..., DeliveryWorker],
+    emulator: Emulator,
+) -> None:
+    # User 1's sync and a login that joins it: one part, one call. Meisa answers it 503,
+    # and the task that made it runs again after its backoff (about 1 s here). The login's
+    # task, run meanwhile, delivers the same part: it waits out that backoff too.
+    dispatcher = make_dispatcher("100/second")
+    slow = RetryPolicy(max_attempts=5, base_delay=1.0, max_delay=1.0, random=lambda: 0.99)
+    worker = make_worker(dispatcher, "100/second", retry=slow)
+    first = Operation("upsert", user(1, plan="free"))
+    login = Operation("upsert", user(1, last_active="t1"))
+    first_task, login_task = (own_task(dispatcher, op) for op in (first, login))
+    emulator.faults.fail_next(1, 503, path=UPSERT)
+    failed = worker.run(*first_task)
+    assert isinstance(failed, RunAgain) and failed.countdown > 0.9, failed
+    started = time.monotonic()
+    again = worker.run(*login_task)
+    made = emulator.requests_to(UPSERT)
+    assert len(made) == 1, f"called again {time.monotonic() - started:.3f} s after the 503"
+    assert isinstance(again, RunAgain) and again.countdown > 0.5, again

@@ -316,8 +316,8 @@ class DeliveryWorker:
             return self._again(0.0, operation, {**meta, "recover": True})
         if settled.step == "event_again":
             return self._again(0.0, operation, {**meta, "recover": False, "recovered": True})
-        if settled.step == "retry":
-            self._release(claim)
+        if settled.step == "retry":  # every task of the part waits as long
+            self._release(claim, decision.delay)
             return self._again(decision.delay, operation, meta)
         for member in members:
             member.attempts = operation.attempts
@@ -328,9 +328,9 @@ class DeliveryWorker:
             self._report("delivered", members, outcome.result, claim, answer=waited)
         return None
 
-    def _release(self, claim: Claim | None) -> None:
+    def _release(self, claim: Claim | None, backoff: float = 0.0) -> None:
         if claim is not None:
-            self.store.settle(claim, delivered=False)
+            self.store.settle(claim, delivered=False, backoff=backoff)
 
     def _again(self, countdown: float, operation: Operation, meta: dict[str, Any]) -> RunAgain:
         meta = dict(meta)

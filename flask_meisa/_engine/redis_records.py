@@ -272,9 +272,11 @@ class ContactRecords:
                 return Claim("missing")
             if int(delivered or 0) >= version or payload is None:
                 return Claim("covered")
-            held = pipe.pttl(lease_key)
+            held, holder = pipe.pttl(lease_key), as_text(pipe.get(lease_key))
             if held is not None and int(held) > 0:
-                return Claim("busy", wait=min(int(held) / 1000.0, 0.25))
+                # A part's backoff is waited out whole; a call in flight may end sooner.
+                wait = int(held) / 1000.0
+                return Claim("busy", wait=wait if holder == "backoff" else min(wait, 0.25))
             segments = json.loads(closed or "[]")
             first = (
                 _Segment(**segments[0])
@@ -330,9 +332,10 @@ class ContactRecords:
             decide, record, lease_key, value_from_callable=True
         )
 
-    def settle(self, claim: Claim, *, delivered: bool = True) -> None:
+    def settle(self, claim: Claim, *, delivered: bool = True, backoff: float = 0.0) -> None:
         """Release the claim's lease; ``delivered``: its call is over for good, so mark its
-        version delivered (its operations stay pending until :meth:`finish`)."""
+        version delivered (its operations stay pending until :meth:`finish`); ``backoff``:
+        its call is to be made again no sooner, by whichever task of the part claims it."""
         record, lease_key = self._key("contact", claim.contact), self._key("lease", claim.contact)
 
         def update(pipe: Any) -> None:
@@ -364,7 +367,9 @@ class ContactRecords:
                     pipe.hset(record, mapping={"delivered": done, "members": json.dumps(rest)})
                     if int(current) == claim.version:
                         pipe.hdel(record, "payload", "force", "priority", "after", "events")
-            if holder == claim.token:
+            if holder == claim.token and backoff > 0:
+                pipe.set(lease_key, "backoff", px=max(int(backoff * 1000), 1))
+            elif holder == claim.token:
                 pipe.delete(lease_key)
 
         self.redis.transaction(update, record, lease_key)

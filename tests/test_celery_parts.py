@@ -251,3 +251,37 @@ def test_a_parts_other_tasks_wait_out_the_backoff_its_failed_call_was_given(
     made = emulator.requests_to(UPSERT)
     assert len(made) == 1, f"called again {time.monotonic() - started:.3f} s after the 503"
     assert isinstance(again, RunAgain) and again.countdown > 0.5, again
+
+
+def test_a_parts_task_does_not_wait_for_an_event_that_waits_for_that_part(
+    make_dispatcher: Callable[..., CeleryDispatcher],
+    make_worker: Callable[..., DeliveryWorker],
+    emulator: Emulator,
+) -> None:
+    # User 1's sync waits; an event of user 1 is released (it waits for the sync, noted
+    # among its lane's waiters meanwhile), then a login that joins the sync (placed after
+    # the event). The sync's own task and the event's companion are held by a worker that
+    # died (their messages come back only after the visibility timeout). The login's task
+    # delivers the part the event waits for: it must not wait for the event.
+    dispatcher = make_dispatcher("100/second")
+    worker = make_worker(dispatcher, "100/second")
+    sync = Operation("upsert", user(1, plan="free"))
+    event = Operation("track", {"event_name": "exported", "external_id": "1"})
+    login = Operation("upsert", user(1, last_active="t1"))
+    own_task(dispatcher, sync)  # lost
+    companion, event_task = dispatcher.tasks(event)  # the companion lost too
+    assert companion[2].get("companion")
+    runs = {"event": event_task[1:], "login": own_task(dispatcher, login)}
+    started = time.monotonic()
+    due = dict.fromkeys(runs, started)
+    while runs and time.monotonic() - started < 2.0:  # each comes back when told
+        name = min(due, key=due.__getitem__)
+        time.sleep(max(due[name] - time.monotonic(), 0.0))
+        again = worker.run(*runs[name])
+        if again is None:
+            del runs[name], due[name]
+        else:
+            runs[name] = (again.op, again.meta)
+            due[name] = time.monotonic() + again.countdown
+    made = [r.path.rsplit("/", 2)[-2] for r in emulator.requests]
+    assert made == ["upsert", "track"], f"in 2 s: {made} (still running: {sorted(runs)})"

@@ -70,6 +70,7 @@ return places
 # (budget.allowed: the reserve, a backfill's share); last, 'shared' for a shared waiter
 _ACQUIRE = """
 local lane, n, waiter = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[6]
+local shared = ARGV[3 * n + 9] == 'shared'
 local mine, back = KEYS[6 + lane], KEYS[10 + lane]
 local current = tonumber(redis.call('GET', KEYS[4]) or '0')
 local turn, before = string.match(ARGV[7], '^([%d.]+) (.*)$')
@@ -99,7 +100,7 @@ end
 local rank = redis.call('ZCARD', mine)
 if turn then
   -- A waiter shared by several tasks (a part's) keeps the earliest of their places.
-  local kept = ARGV[3 * n + 9] == 'shared' and tonumber(redis.call('ZSCORE', mine, waiter))
+  local kept = shared and tonumber(redis.call('ZSCORE', mine, waiter))
   if kept and kept < turn then turn = kept else redis.call('ZADD', mine, turn, waiter) end
   rank = redis.call('ZRANK', mine, waiter)
 end
@@ -143,8 +144,10 @@ for w = 1, n do
 end
 -- Its contact's waiter before it in this lane goes first (a late one, until pruned).
 local previous = turn and before ~= waiter and redis.call('ZSCORE', back, before)
--- Placed again since (a task run again as first published), it is no waiter before it.
-if previous and tonumber(redis.call('ZSCORE', mine, before) or '0') > turn then
+local ranked = previous and tonumber(redis.call('ZSCORE', mine, before))
+-- Placed again since (a task run again as first published), it is no waiter before it;
+-- nor, to a part's task, is one held for its contact's upsert (it may wait for this part).
+if previous and (ranked and ranked > turn or not ranked and shared) then
   previous = false
 end
 if previous then wait = math.max(wait, tonumber(previous) - now + spacing, 0.1) end

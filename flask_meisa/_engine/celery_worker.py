@@ -260,7 +260,8 @@ class DeliveryWorker:
             who = "" if place else self.store.turns(operation.kind, operation.payload, meta)
             # The tasks of one part of a record (its members', its companions') wait as one,
             # its first member, at the earliest of their places: it needs one slot.
-            waiter = claim.members[0] if claim is not None and claim.members else operation.id
+            part = claim is not None and bool(claim.members)
+            waiter = claim.members[0] if claim is not None and part else operation.id
             got = budget.acquire(
                 lease=self._lease,
                 lane=lane,
@@ -268,6 +269,7 @@ class DeliveryWorker:
                 waiter=waiter,
                 place=place,
                 contact=who,
+                part=part,
                 shared=waiter != operation.id,
             )
             meta = {**meta, "turn": got.place}

@@ -67,10 +67,12 @@ return places
 # ARGV: token, lease, lane, n, outage threshold, waiter, its turn and the contact's waiter
 # before it ('': it cannot ask again as the same waiter, and goes after every waiter),
 # the longest wait, then per window: limit, period, and the calls of the lane it allows
-# (budget.allowed: the reserve, a backfill's share); last, 'shared' for a shared waiter
+# (budget.allowed: the reserve, a backfill's share); last, 'part' for a task delivering a
+# contact's upsert part, 'shared' for one asking as its part's shared waiter
 _ACQUIRE = """
 local lane, n, waiter = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[6]
 local shared = ARGV[3 * n + 9] == 'shared'
+local part = shared or ARGV[3 * n + 9] == 'part'
 local mine, back = KEYS[6 + lane], KEYS[10 + lane]
 local current = tonumber(redis.call('GET', KEYS[4]) or '0')
 local turn, before = string.match(ARGV[7], '^([%d.]+) (.*)$')
@@ -142,14 +144,16 @@ for w = 1, n do
   if this > wait then wait = this end
   spacing = math.max(spacing, period / limit)
 end
--- Its contact's waiter before it in this lane goes first (a late one, until pruned).
+-- Its contact's waiter before it in this lane goes first (a late one, until pruned), and
+-- one held for its contact's upsert (hold) too: but not before a task delivering a part
+-- (the first part, which every task delivering one delivers, is one it waits for).
 local previous = turn and before ~= waiter and redis.call('ZSCORE', back, before)
 local ranked = previous and tonumber(redis.call('ZSCORE', mine, before))
--- Placed again since (a task run again as first published), it is no waiter before it;
--- nor, to a part's task, is one held for its contact's upsert (it may wait for this part).
-if previous and (ranked and ranked > turn or not ranked and shared) then
-  previous = false
+if turn and before ~= waiter and not previous and not part then
+  previous = redis.call('ZSCORE', back, 'held:' .. before)
 end
+-- Placed again since (a task run again as first published), it is no waiter before it.
+if ranked and ranked > turn then previous = false end
 if previous then wait = math.max(wait, tonumber(previous) - now + spacing, 0.1) end
 if wait > 0 and not turn then return {0, tostring(wait)} end
 if wait > 0 then
@@ -162,7 +166,7 @@ if wait > 0 then
 end
 if turn then
   redis.call('ZREM', mine, waiter)
-  redis.call('ZREM', back, waiter)
+  redis.call('ZREM', back, waiter, 'held:' .. waiter)
   turn = math.floor(turn)
   if turn > current then redis.call('SET', KEYS[4], turn) end
   -- Its contact's last (at any of its places): the next one goes after the current turn.
@@ -200,9 +204,11 @@ return tonumber(redis.call('GET', KEYS[2]) or '0')
 """
 
 # KEYS: a lane's waiters by return time; ARGV: a waiter, seconds. A task that waits for
-# something else (its contact's upsert) comes back as its contact's waiter, holding no slot.
+# something else (its contact's upsert) comes back as its contact's waiter, holding no slot
+# (as 'held:<waiter>': the previous version's workers, which would wait for it as for any
+# waiter, even delivering the part it waits for, do not see it).
 _HOLD = """
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), 'held:' .. ARGV[1])
 local ms = math.ceil((tonumber(ARGV[2]) + GRACE) * 1000) + 1000
 if redis.call('PTTL', KEYS[1]) < ms then redis.call('PEXPIRE', KEYS[1], ms) end
 """
@@ -260,19 +266,22 @@ class RedisBudget:
         waiter: str = "",
         place: str = "",
         contact: str = "",
+        part: bool = False,
         shared: bool = False,
     ) -> Acquired:
         """Take a slot for a call of at most ``lease`` seconds, or learn how long to wait;
         ``waiter``: the same on every try (an operation's id), with the ``place`` it was
         given (none the first time: it takes the turn after ``contact``'s last);
-        ``shared``: a waiter several tasks ask as, which keeps the earliest of their places."""
+        ``part``: the task delivers a contact's upsert part (it does not wait for an event
+        of the contact waiting for an upsert: :meth:`hold`); ``shared``: the part's waiter,
+        which several tasks ask as, keeping the earliest of their places."""
         token = f"{lane}:{uuid.uuid4().hex}"
         place = place or (self.places([(waiter, contact)])[0] if waiter else "")
         name, _, turn = place.partition(" ")
         args = [token, max(lease, 0.001), lane, len(self.windows), OUTAGE_THRESHOLD, waiter]
         args += [turn, MAX_WAIT]
         args += [n for w in self.windows for n in (w.limit, w.period, allowed(w, lane, share))]
-        args.append("shared" if shared else "")
+        args.append("shared" if shared else "part" if part else "")
         keys = [self._pause_key, self._flying_key, self._failures_key, self._turn_key]
         keys += [self._last(name), *self._waiting, *self._windows]
         got = self._acquire(keys=keys, args=args)

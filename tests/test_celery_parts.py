@@ -120,6 +120,20 @@ def previous(monkeypatch: pytest.MonkeyPatch, name: str) -> Any:
     return module
 
 
+def previous_worker(
+    monkeypatch: pytest.MonkeyPatch,
+    make_worker: Callable[..., DeliveryWorker],
+    dispatcher: CeleryDispatcher,
+    rate_limit: str,
+) -> tuple[Any, Any]:
+    """A worker of the version at :data:`PREVIOUS` on ``dispatcher``'s store, and that
+    version's ``redis_budget`` module."""
+    budget = previous(monkeypatch, "redis_budget")
+    module = previous(monkeypatch, "celery_worker")
+    cls, budget_cls = module.DeliveryWorker, budget.RedisBudget
+    return make_worker(dispatcher, rate_limit, cls=cls, budget_cls=budget_cls), budget
+
+
 def run_until_done(runs: dict[str, tuple[Any, ...]], seconds: float) -> dict[str, Any]:
     """Run each ``(worker, data, meta)`` task, each again when it asks, until every one is
     finished or ``seconds`` have passed; the tasks still running."""
@@ -188,9 +202,8 @@ def test_a_mixed_deploy_does_not_leave_a_parts_tasks_waiting_for_each_other(
     # the visibility timeout). The first login runs on a worker of the previous version
     # (waiting under its own id, after the sync's waiter), the second on today's (under
     # the part's first member's id, the sync's, after the first login's waiter).
-    old_budget = previous(monkeypatch, "redis_budget")
-    old_worker_module = previous(monkeypatch, "celery_worker")
     dispatcher = make_dispatcher("100/second")
+    old, old_budget = previous_worker(monkeypatch, make_worker, dispatcher, "100/second")
     web = old_budget.RedisBudget(dispatcher.store.redis, "100/second", emulator.live_key)
     dispatcher.budget = None  # placed below as the previous version's web process did
     ops = [Operation("upsert", user(1, last_active=f"t{n}")) for n in range(3)]
@@ -200,12 +213,6 @@ def test_a_mixed_deploy_does_not_leave_a_parts_tasks_waiting_for_each_other(
         (meta["turn"],) = web.places([(op.id, who)])
     assert [meta["turn"].rsplit(" ", 1)[-1] for _, meta in tasks][1:] == [ops[0].id, ops[1].id]
 
-    old = make_worker(
-        dispatcher,
-        "100/second",
-        cls=old_worker_module.DeliveryWorker,
-        budget_cls=old_budget.RedisBudget,
-    )
     new = make_worker(dispatcher, "100/second")
     assert new.budget is not None
     new.budget.pause(0.3)  # both wait a moment; then the budget is free
@@ -319,19 +326,12 @@ def test_a_login_on_a_previous_worker_does_not_wait_for_an_event_that_waits_for_
     emulator: Emulator,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # test_celery_parts' event waiting for the sync its contact's login joined, during a
-    # rolling upgrade: the event runs on today's worker (noted among its lane's waiters
+    # As in test_a_parts_task_does_not_wait_for_an_event_that_waits_for_that_part, during
+    # a rolling upgrade: the event runs on today's worker (noted among its lane's waiters
     # while it waits), the login on a worker of the previous version.
-    old_budget = previous(monkeypatch, "redis_budget")
-    old_worker_module = previous(monkeypatch, "celery_worker")
     dispatcher = make_dispatcher("100/second")
     new = make_worker(dispatcher, "100/second")
-    old = make_worker(
-        dispatcher,
-        "100/second",
-        cls=old_worker_module.DeliveryWorker,
-        budget_cls=old_budget.RedisBudget,
-    )
+    old, _ = previous_worker(monkeypatch, make_worker, dispatcher, "100/second")
     sync = Operation("upsert", user(1, plan="free"))
     event = Operation("track", {"event_name": "exported", "external_id": "1"})
     login = Operation("upsert", user(1, plan="pro"))

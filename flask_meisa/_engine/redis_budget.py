@@ -203,10 +203,9 @@ if ARGV[4] == 'outage' then return redis.call('INCR', KEYS[2]) end
 return tonumber(redis.call('GET', KEYS[2]) or '0')
 """
 
-# KEYS: a lane's waiters by return time; ARGV: a waiter, seconds. A task that waits for
-# something else (its contact's upsert) comes back as its contact's waiter, holding no slot
-# (as 'held:<waiter>': the previous version's workers, which would wait for it as for any
-# waiter, even delivering the part it waits for, do not see it).
+# KEYS: a lane's waiters by return time; ARGV: a waiter, seconds. A task waiting for its
+# contact's upsert, noted 'held:<waiter>', holds no slot; its contact's later tasks wait for
+# it (not the previous version's: they would even when delivering the upsert it waits for).
 _HOLD = """
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), 'held:' .. ARGV[1])
 local ms = math.ceil((tonumber(ARGV[2]) + GRACE) * 1000) + 1000

@@ -10,8 +10,6 @@ from typing import Any
 from ._payloads import upsert_body
 from .errors import ValidationError
 
-__all__ = ["ContactMapper", "default_contact_mapper", "map_contact", "upsert_payload"]
-
 _MISSING = object()
 
 #: A function from a user object to an upsert payload (a mapping with at least ``email``).

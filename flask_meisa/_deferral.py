@@ -33,8 +33,6 @@ if TYPE_CHECKING:
 
     from ._runtime import MeisaState
 
-__all__ = ["AfterResponseMiddleware", "HeldBatches", "enqueue", "release_now", "report_queued"]
-
 #: Environ keys: the request's batches (``{state: batch}``: work of another app's Meisa,
 #: made in its app context, goes through that app's state); set while the middleware
 #: handles the request; set once the app has returned its response.

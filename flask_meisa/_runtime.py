@@ -34,8 +34,6 @@ if TYPE_CHECKING:
     from .config import MeisaSettings
     from .results import UnsubscribedEmails
 
-__all__ = ["MeisaState"]
-
 logger = logging.getLogger("flask_meisa")
 
 #: ``MEISA_DELIVERY``: (the module whose ``make_dispatcher(state)`` makes the engine, whether

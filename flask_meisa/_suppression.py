@@ -20,8 +20,6 @@ from .errors import MeisaError
 from .errors import ValidationError
 from .results import UnsubscribedEmails
 
-__all__ = ["SuppressionSet"]
-
 _logger = logging.getLogger("flask_meisa.suppression")
 
 #: Local additions beyond this many push out the oldest (with a warning).

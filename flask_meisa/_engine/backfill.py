@@ -31,17 +31,6 @@ from .known import unchanged
 from .known import without
 from .store import Store
 
-__all__ = [
-    "CHUNK",
-    "Progress",
-    "Run",
-    "StoreTarget",
-    "Target",
-    "UsersChanged",
-    "estimate_per_hour",
-    "run",
-]
-
 #: Users read, mapped and stored together (one transaction).
 CHUNK = 200
 #: Backfill rows waiting in the store before reading more users.

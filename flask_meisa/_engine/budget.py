@@ -23,8 +23,6 @@ from .base import pause_for
 from .store import STORE_ERRORS
 from .store import Store
 
-__all__ = ["Budget", "allowed"]
-
 logger = logging.getLogger("flask_meisa.engine")
 #: The share of each window (rounded down) that only transactional sends may use: 3 of
 #: 60/minute, 50 of 1000/hour.

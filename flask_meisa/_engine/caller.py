@@ -32,8 +32,6 @@ from .store import Store
 if TYPE_CHECKING:
     from .delivery import Delivery
 
-__all__ = ["Caller"]
-
 #: Seconds between passes that age routine syncs and prune old records.
 _HOUSEKEEPING = 30.0
 logger = logging.getLogger("flask_meisa.engine")

@@ -40,8 +40,6 @@ from .redis_store import RedisDeliveryStore
 if TYPE_CHECKING:
     from .._runtime import MeisaState
 
-__all__ = ["CeleryBackfill", "CeleryDispatcher", "make_dispatcher"]
-
 logger = logging.getLogger("flask_meisa.engine")
 
 #: How often, at most, a busy dispatcher checks which of its operations are finished.

@@ -33,19 +33,6 @@ if TYPE_CHECKING:
     from .._runtime import MeisaState
     from .celery import CeleryDispatcher
 
-__all__ = [
-    "CELERY_DEFAULTS",
-    "TASK_NAME",
-    "CelerySettings",
-    "configure_visibility",
-    "init_celery",
-    "lost_after",
-    "redis_client",
-    "register_tasks",
-    "resolve_celery_app",
-    "worker_of",
-]
-
 logger = logging.getLogger("flask_meisa.engine")
 
 #: The name of the delivery task on the Celery app.

@@ -35,10 +35,8 @@ from .known import unchanged
 from .redis_budget import MAX_WAIT
 from .redis_budget import RedisBudget
 from .redis_dead import RedisDeadLetters
-from .redis_store import Claim
+from .redis_records import Claim
 from .redis_store import RedisDeliveryStore
-
-__all__ = ["DeliveryWorker", "RunAgain", "lane_queues"]
 
 #: The longest an event waits for its contact's pending upsert when the retry policy has
 #: no deadline, in seconds.

@@ -18,18 +18,6 @@ from .pending import row_of
 from .store import Store
 from .store import marks
 
-__all__ = [
-    "DeadLetter",
-    "StoreDeadLetters",
-    "bury",
-    "bury_foreign",
-    "dead_letters",
-    "error_fields",
-    "outdated",
-    "purge",
-    "requeue",
-]
-
 _MESSAGE_LIMIT = 300
 
 

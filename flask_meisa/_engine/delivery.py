@@ -37,8 +37,6 @@ if TYPE_CHECKING:
     from .._runtime import MeisaState
     from ..config import MeisaSettings
 
-__all__ = ["Delivery", "make_dispatcher"]
-
 #: How long the writer rests after storing a group, while the next one gathers, in seconds.
 GROUP_WINDOW = 0.01
 logger = logging.getLogger("flask_meisa.engine")

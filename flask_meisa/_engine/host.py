@@ -20,16 +20,6 @@ from ..errors import ConfigurationError
 if TYPE_CHECKING:
     from .store import Store
 
-__all__ = [
-    "HostFiles",
-    "HostLock",
-    "at_path",
-    "carry_over",
-    "checking",
-    "identity",
-    "set_aside",
-]
-
 logger = logging.getLogger("flask_meisa.engine")
 #: Seconds before moving to a file at the store's path that could not be used is tried
 #: again when nothing there changed.

@@ -19,21 +19,6 @@ from ..operations import Operation
 from ..operations import identities
 from .store import marks
 
-__all__ = [
-    "KEEP_FOR",
-    "Known",
-    "digest",
-    "forget",
-    "lane_of",
-    "lookup",
-    "prune",
-    "remember",
-    "seed_addresses",
-    "set_since",
-    "unchanged",
-    "without",
-]
-
 #: Before a field's name in what Meisa has of a contact: when the app last set that field.
 SET_AT = "@set:"
 

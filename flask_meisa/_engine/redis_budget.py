@@ -25,8 +25,6 @@ from .base import OUTAGE_THRESHOLD
 from .budget import allowed
 from .redis_records import _digest
 
-__all__ = ["MAX_WAIT", "Acquired", "RedisBudget"]
-
 logger = logging.getLogger("flask_meisa.engine")
 
 #: The longest wait handed out at once; the task comes back and asks again.

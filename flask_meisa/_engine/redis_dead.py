@@ -15,8 +15,6 @@ from .dead import error_fields
 from .known import digest
 from .redis_store import RedisDeliveryStore
 
-__all__ = ["MOST_KEPT", "RedisDeadLetters"]
-
 #: The most dead letters kept: past it, a failed operation is only reported (a Redis full
 #: of them would stop the broker as well).
 MOST_KEPT = 10_000

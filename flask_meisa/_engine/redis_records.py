@@ -31,8 +31,6 @@ from .known import SET_AT
 from .known import Known
 from .known import digest
 
-__all__ = ["Claim", "ContactRecords", "as_text"]
-
 #: How long a contact's record outlives its last upsert, in seconds.
 RECORD_TTL = 7 * 86400
 

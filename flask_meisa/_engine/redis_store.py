@@ -18,12 +18,9 @@ from ..operations import identities
 from .base import LATENCY_WINDOW
 from .base import DeliveryStatus
 from .redis_records import RECORD_TTL
-from .redis_records import Claim
 from .redis_records import ContactRecords
 from .redis_records import _digest
 from .redis_records import as_text
-
-__all__ = ["Claim", "RedisDeliveryStore"]
 
 #: How many of an address's oldest events each new event of it checks for finished ones.
 _PRUNED = 8

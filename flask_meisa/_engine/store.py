@@ -27,8 +27,6 @@ from .host import checking
 from .host import identity
 from .host import set_aside
 
-__all__ = ["STORE_ERRORS", "Store", "marks"]
-
 #: A clock that reads this much less than the latest time the store noted has stepped back.
 CLOCK_STEP = 1.0
 #: The note of the time is kept by every write that stores something (:meth:`Store.write`),

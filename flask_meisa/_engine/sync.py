@@ -25,8 +25,6 @@ from .base import settle
 if TYPE_CHECKING:
     from .._runtime import MeisaState
 
-__all__ = ["InlineDispatcher", "make_dispatcher"]
-
 logger = logging.getLogger("flask_meisa.engine")
 # The client retried already: what one attempt's outcome means.
 _settle = functools.partial(settle, elapsed=0.0, policy=RetryPolicy.never())

@@ -25,7 +25,7 @@ MEMORY = "memory"
 
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
-_FLAG = 'True or False (or a string "true"/"false", "yes"/"no", "on"/"off", "1"/"0")'
+_FLAG = 'True or False (or 1/0, or a string "true"/"false", "yes"/"no", "on"/"off", "1"/"0")'
 #: Longer than any wait a thread, lock or socket can be given.
 _MAX_SECONDS = threading.TIMEOUT_MAX
 
@@ -35,9 +35,11 @@ class InvalidValue(ValueError):
 
 
 def flag(value: object) -> bool:
-    """A boolean: ``True``/``False`` or one of the usual words, any case."""
+    """A boolean: ``True``/``False``, ``1``/``0``, or one of the usual words, any case."""
     if isinstance(value, bool):
         return value
+    if type(value) is int and value in (0, 1):  # app.config.from_prefixed_env() reads "1" as 1
+        return bool(value)
     word = value.strip().lower() if isinstance(value, str) else ""
     if word not in _TRUE | _FALSE:
         raise InvalidValue(f"must be {_FLAG}")

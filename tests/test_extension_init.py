@@ -157,11 +157,27 @@ def test_boolean_keys_take_false_words(word: Any) -> None:
     assert not meisa.state(app).delivering()
 
 
-@pytest.mark.parametrize("value", [1, 0, "", "y", "enabled", None, 1.0, [True]])
+@pytest.mark.parametrize("value", [2, -1, "", "y", "enabled", None, 1.0, [True]])
 def test_boolean_keys_refuse_anything_else(value: Any) -> None:
     text = refusal(MEISA_ENABLED=value)
-    assert 'MEISA_ENABLED must be True or False (or a string "true"/"false"' in text
+    assert 'MEISA_ENABLED must be True or False (or 1/0, or a string "true"/"false"' in text
     assert f"got {type(value).__name__}" in text or (value is None and "got None" in text)
+
+
+@pytest.mark.parametrize(("word", "on"), [("1", True), ("0", False), ("true", True)])
+def test_booleans_read_by_from_prefixed_env_are_taken(
+    word: str, on: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Flask's from_prefixed_env() reads each variable as JSON: "1" arrives as the int 1.
+    for name in ("MEISA_ENABLED", "MEISA_SYNC_ON_LOGIN", "MEISA_RELEASE_ON_ERROR"):
+        monkeypatch.setenv(f"FLASK_{name}", word)
+    monkeypatch.setenv("FLASK_MEISA_SUPPRESS_SEND", "0" if on else "1")
+    app = make_app()
+    app.config.from_prefixed_env()
+    meisa = Meisa(app)
+    settings = meisa.state(app).settings
+    assert (settings.sync_on_login, settings.release_on_error) == (on, on)
+    assert meisa.state(app).delivering() is on
 
 
 def test_numbers_and_lists_may_be_strings_as_read_from_the_environment() -> None:
@@ -251,7 +267,7 @@ REFUSED = [
     ("MEISA_WORKERS", True, "must be a whole number >= 1"),
     ("MEISA_FLUSH_TIMEOUT", -1, "must be a finite number of seconds >= 0"),
     ("MEISA_ENABLED", "false-ish", "must be True or False"),
-    ("MEISA_SUPPRESS_SEND", 1, "must be None, True or False"),
+    ("MEISA_SUPPRESS_SEND", 2, "must be None, True or False"),
     ("MEISA_DELIVERY", "carrier-pigeon", 'must be one of "thread", "sync", "celery"'),
     ("MEISA_CUSTOM_FIELDS", 7, "must be a list of attribute names"),
     ("MEISA_CUSTOM_FIELDS", {"plan": ""}, "must map each custom field to a user attribute"),

@@ -29,8 +29,9 @@ Properties = Mapping[str, Any] | Callable[..., Mapping[str, Any] | None] | None
 
 
 def track_event(name: str, properties: Properties = None) -> Callable[[F], F]:
-    """Decorator: track the event ``name`` for ``current_user`` (anonymous users are
-    skipped) once the view (sync or async) answered below 400. ``properties`` is a mapping,
+    """Decorator: track the event ``name`` for ``current_user`` as the view leaves it, or
+    as it found it when the view logged the user out (anonymous users are skipped), once
+    the view (sync or async) answered below 400. ``properties`` is a mapping,
     or a callable that takes the view's arguments (its URL values, by name) and returns
     one.
 
@@ -45,10 +46,12 @@ def track_event(name: str, properties: Properties = None) -> Callable[[F], F]:
     def decorator(view: F) -> F:
         @functools.wraps(view)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
+            before = _user()  # who asked: the view may log them out
+
             @after_this_request
             def track_on_success(response: Response) -> Response:
                 if response.status_code < 400:
-                    _track(event_name, properties, kwargs)
+                    _track(event_name, properties, kwargs, before)
                 return response
 
             return current_app.ensure_sync(view)(*args, **kwargs)
@@ -58,11 +61,18 @@ def track_event(name: str, properties: Properties = None) -> Callable[[F], F]:
     return decorator
 
 
-def _track(event_name: str, properties: Properties, kwargs: dict[str, Any]) -> None:
+def _user() -> Any:
+    """The authenticated ``current_user``, or ``None``."""
+    if not hasattr(current_app, "login_manager"):
+        return None
+    user = cast(Any, current_user)._get_current_object()
+    return user if getattr(user, "is_authenticated", False) else None
+
+
+def _track(event_name: str, properties: Properties, kwargs: dict[str, Any], before: Any) -> None:
     # Runs in an after-request hook: a problem is logged, never turned into a 500.
-    uses_login = hasattr(current_app, "login_manager")
-    user = cast(Any, current_user)._get_current_object() if uses_login else None
-    if user is None or not getattr(user, "is_authenticated", False):
+    user = _user() or before  # the user the view logged in, else the one it logged out
+    if user is None:
         logger.debug("meisa: %s not tracked: no authenticated user", event_name)
         return
     try:

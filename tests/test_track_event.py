@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.views import MethodView
+from flask_login import logout_user
 
 from flask_meisa import Meisa
 from flask_meisa import ValidationError
@@ -81,6 +82,18 @@ def test_anonymous_users_are_skipped_with_a_debug_line(
         assert app.test_client().post("/export", buffered=True).status_code == 200
     assert emulator.requests == []
     assert "exported_report not tracked: no authenticated user" in caplog.text
+
+
+def test_a_view_that_logs_its_user_out_tracks_for_that_user(emulator: Any, app: Flask) -> None:
+    @app.post("/logout")
+    @track_event("logged_out")
+    def logout() -> str:
+        logout_user()
+        return "bye"
+
+    assert login(app).post("/logout", buffered=True).data == b"bye"
+    (request,) = emulator.requests_to(TRACK)
+    assert (request.body["event_name"], request.body["external_id"]) == ("logged_out", "1")
 
 
 def test_the_decorator_keeps_the_views_name_and_docstring(app: Flask) -> None:

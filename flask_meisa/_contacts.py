@@ -23,9 +23,10 @@ def default_contact_mapper(
     ``external_id``), ``first_name``, ``last_name`` and ``display_name`` when it has them,
     and each attribute named in ``custom_fields`` (``{custom field: attribute}``; a
     callable one is called)."""
-    email = getattr(user, "email", None)
-    if email is None:
-        raise ValidationError("email", "the user object has no email attribute")
+    email = getattr(user, "email", _MISSING)
+    if email is _MISSING or email is None:
+        what = "no email attribute" if email is _MISSING else "None as its email"
+        raise ValidationError("email", f"the user object has {what}")
     payload: dict[str, Any] = {"email": email}
     get_id = getattr(user, "get_id", None)
     if callable(get_id):

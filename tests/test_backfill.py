@@ -372,7 +372,7 @@ def test_users_that_cannot_be_mapped_are_skipped_counted_and_listed(emulator: Em
     assert len(upserts_by_user(emulator)) == 47
     listed = sync_users(app, "--failures").output.splitlines()
     assert listed == [
-        "user 7: email: the user object has no email attribute",
+        "user 7: email: the user object has None as its email",
         "user 9: custom_fields.plan: cannot be sent as JSON (set)",
         "user 11: custom_fields: makes the request body 600101 bytes, over the 524288-byte limit",
     ]

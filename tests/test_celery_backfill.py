@@ -152,7 +152,7 @@ def test_users_that_cannot_be_mapped_or_were_refused_are_counted_and_listed(
     assert len(upserts_by_user(emulator)) == 47
     listed = sync_users(app, "--failures").output.splitlines()
     assert listed[:2] == [
-        "user 7: email: the user object has no email attribute",
+        "user 7: email: the user object has None as its email",
         "user 9: custom_fields.plan: cannot be sent as JSON (set)",
     ]
     assert re.fullmatch(r"dead letter \d+: HTTP 400 \[injected_fault\] .*", listed[2])

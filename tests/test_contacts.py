@@ -76,9 +76,13 @@ def test_a_missing_configured_attribute_names_the_field() -> None:
     assert raised.value.field == "custom_fields.seats"
 
 
-def test_a_user_without_email_is_refused() -> None:
-    with pytest.raises(ValidationError, match="email"):
-        default_contact_mapper(object(), custom_fields={})
+@pytest.mark.parametrize(
+    ("user", "says"),
+    [(object(), "has no email attribute"), (User(1, None), "has None as its email")],  # type: ignore[arg-type]
+)
+def test_a_user_without_email_is_refused_saying_which_way(user: Any, says: str) -> None:
+    with pytest.raises(ValidationError, match=f"^email: the user object {says}$"):
+        default_contact_mapper(user, custom_fields={})
 
 
 def test_contact_mapper_decorator_replaces_the_default(emulator: Any) -> None:

@@ -305,6 +305,23 @@ def test_work_released_for_another_meisa_waits_as_dead_letters_not_delivered_her
     assert len(said()) == 1 and said()[0].startswith("flask-meisa: 3 operations released")
 
 
+def test_work_released_after_a_switch_to_another_meisa_goes_to_it_in_full(
+    emulator: Emulator, make_engine: MakeEngine, path: Path
+) -> None:
+    # The folder's store last served a test key (staging); this start has the live key.
+    staging = build_engine(RecordingHooks(), emulator.url, emulator.test_key, store=Store(path))
+    staging.submit([upsert(1)])
+    assert staging.flush(5)
+    staging.close(0)
+    engine = make_engine(emulator, RecordingHooks())
+    engine.submit([upsert(1), upsert(2)])  # before the engine's first pass
+    assert engine.flush(5)
+    # Neither set aside as released for the test key, nor taken as known to live Meisa.
+    assert letters(path) == []
+    live = sorted(contact["email"] for contact in emulator.contacts("live"))
+    assert live == ["user1@example.com", "user2@example.com"]
+
+
 def test_a_send_salvaged_from_a_damaged_store_keeps_the_time_of_its_first_attempt(
     emulator: Emulator, make_engine: MakeEngine, path: Path
 ) -> None:

@@ -67,11 +67,14 @@ def bury(db: sqlite3.Connection, row: Row, error: BaseException) -> None:
 def bury_foreign(db: sqlite3.Connection, target: str) -> int:
     """Keep as dead letters the rows released for another Meisa than ``target`` (the base
     URL, and whether the key is a test key): delivered here, test data could email real
-    people, or production work vanish into a test. Returns how many."""
+    people, or production work vanish into a test. What that Meisa had of each contact is
+    forgotten: this one may have none of them. Returns how many rows."""
     was = Store.get_meta(db, "target")
     Store.set_meta(db, "target", target)
     if was is None or was == target:
         return 0
+    db.execute("DELETE FROM meisa_known")
+    db.execute("DELETE FROM meisa_addresses")
     return db.execute(
         "UPDATE meisa_ops SET state = 'dead', error_code = 'other_meisa', error_message = ?, "
         "failed_at = ? WHERE state != 'dead'",

@@ -267,6 +267,11 @@ class Delivery:
                 self._writing, stored = batch, len(batch)
                 self._passes += 1
             try:
+                # Taken over before this pass stores: rows released for another Meisa are
+                # set aside then, and this process's own must not be among them.
+                if self._caller.keep_lock():  # this process delivers for the host from now on
+                    self._caller.start(self._spawn)
+                    self.kick()
                 if batch:
                     self._store_batch(batch)
                     batch = []
@@ -279,9 +284,6 @@ class Delivery:
                     if seen != version:
                         version = seen
                         self.kick()
-                if self._caller.keep_lock():  # this process delivers for the host from now on
-                    self._caller.start(self._spawn)
-                    self.kick()
                 self._caller.tidy()
                 if stored:  # a write worked (reads work on while writes fail)
                     self.store_works(None)

@@ -21,6 +21,7 @@ from flask import Flask
 
 from flask_meisa import Meisa
 from flask_meisa._engine import pending
+from flask_meisa._engine.host import HostLock
 from flask_meisa._engine.store import SCHEMA_VERSION
 from flask_meisa._engine.store import Store
 from flask_meisa.emulator import Emulator
@@ -260,6 +261,32 @@ def test_a_store_file_this_process_cannot_write_is_refused_at_startup() -> None:
     assert child.returncode == 1, child.stderr
     assert "ConfigurationError" in child.stderr and "cannot be used" in child.stderr
     assert "not writable" in child.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root makes files for another user")
+def test_a_store_and_lock_root_makes_in_the_apps_folder_stay_the_apps() -> None:
+    # `sudo flask db upgrade` (any command: init_app opens the store), or `sudo flask meisa
+    # flush` taking delivery over, in an instance folder of the app's user: root's files
+    # turned every worker of the app to memory, or kept all of them from delivering.
+    folder = Path(tempfile.mkdtemp(prefix="meisa-apps-"))
+    try:
+        os.chown(folder, 65534, 65534)
+        path = str(folder / STORE_FILE)
+        store = Store(path)
+        lock = HostLock(f"{path}.lock")
+        assert lock.try_acquire()
+        lock.release()
+        store.close()
+        child = subprocess.run(
+            [sys.executable, "-c", "import os, sys; from flask_meisa._engine.store import "
+             "Store; from flask_meisa._engine.host import HostLock; os.setgid(65534); "
+             f"os.setuid(65534); Store({path!r}).close(); "
+             f"sys.exit(0 if HostLock({path + '.lock'!r}).try_acquire() else 2)"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(folder)
+    assert child.returncode == 0, child.stderr
 
 
 def test_a_default_store_that_cannot_be_made_falls_back_to_memory_with_one_warning(

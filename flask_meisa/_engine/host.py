@@ -56,6 +56,7 @@ class HostLock:
             self.release()
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            folders_owner(self.path)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except (BlockingIOError, PermissionError):
@@ -228,9 +229,21 @@ def checking(path: str) -> Iterator[None]:
         fcntl.flock(fd, fcntl.LOCK_EX)
     try:
         yield
+        for suffix in ("", "-wal", "-shm"):
+            folders_owner(path + suffix)
     finally:
         if fd is not None:
             os.close(fd)
+
+
+def folders_owner(path: str) -> None:
+    """Run as root (``sudo flask db upgrade``), give the file ``path`` root made the owner
+    of its folder when that is another user: the app, run as that user, must write it."""
+    if os.geteuid() == 0:
+        with suppress(OSError):
+            folder, file = os.stat(os.path.dirname(path)), os.stat(path)
+            if folder.st_uid != 0 and file.st_uid == 0:
+                os.chown(path, folder.st_uid, folder.st_gid)
 
 
 def set_aside(store: Store, error: BaseException) -> None:

@@ -232,8 +232,10 @@ class MeisaState:
         """The file of the delivery store, or ``None`` for memory."""
         path = self.settings.outbox
         if path is not None and path.startswith(INSTANCE_PREFIX):
-            return os.path.join(self.app.instance_path, path[len(INSTANCE_PREFIX) :].strip())
-        return path
+            path = path[len(INSTANCE_PREFIX) :].strip()
+        # A relative path is the instance folder's, not the working directory's: a command
+        # run from another folder must find the workers' store, not make one of its own.
+        return None if path is None else os.path.join(self.app.instance_path, path)
 
     def budget_slot(self, timeout: float) -> AbstractContextManager[Any]:
         """Hold a slot of the key's budget for a call made outside the engine (a

@@ -148,8 +148,8 @@ KEYS: tuple[Key, ...] = (
         "a routine sync waiting longer than this is promoted, so that nothing waits forever"),
     Key("MEISA_OUTBOX", "str/None", f"{INSTANCE_PREFIX}meisa-outbox.sqlite3", _values.outbox,
         "where background work waits for Meisa: a SQLite file every process of the host"
-        f' shares (`"{INSTANCE_PREFIX}<name>"`: in the instance folder), or None (or'
-        f' `"{_values.MEMORY}"`) for each process\'s memory only',
+        f' shares (`"{INSTANCE_PREFIX}<name>"` or a relative path: in the instance folder),'
+        f' or None (or `"{_values.MEMORY}"`) for each process\'s memory only',
         notes="With the file, the host's processes share one budget and one delivery order,"
               " one of them delivers, and nothing released is lost when a process is killed"
               " or redeployed; operations Meisa refused stay as dead letters (flask meisa"

@@ -87,6 +87,22 @@ def test_instance_names_a_file_in_the_instance_folder(emulator: Emulator, tmp_pa
         assert meisa.status().durable
 
 
+def test_a_relative_path_names_a_file_in_the_instance_folder_from_any_folder(
+    emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `flask meisa status` or `sync-users` run from another folder than the workers' must
+    # use their store: relative to the working directory, it made and used one of its own.
+    config = emulator_config(emulator, MEISA_DELIVERY="thread", MEISA_OUTBOX="var/outbox.db")
+    paths = []
+    for folder in ("server", "admin"):
+        (tmp_path / folder).mkdir()
+        monkeypatch.chdir(tmp_path / folder)
+        app = Flask(__name__, instance_path=str(tmp_path / "instance"))
+        app.config.update(config)
+        paths.append(Meisa(app).state(app).store().path)
+    assert paths == [str(tmp_path / "instance" / "var" / "outbox.db")] * 2
+
+
 def test_the_default_store_is_a_file_in_the_instance_folder(emulator: Emulator) -> None:
     app = thread_app(emulator)
     path = Path(app.instance_path) / STORE_FILE

@@ -320,6 +320,33 @@ def full_disk_retry_scenario() -> None:
     _print_outcomes(hooks, "full-disk-retry")
 
 
+class _Said(logging.Handler):
+    """Counts the messages logged that contain ``text``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text, self.count = text, 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += self.text in record.getMessage()
+
+
+def full_disk_quiet_scenario() -> None:
+    engine = _engine(RecordingHooks(), rate_limit=None)
+    engine.submit([upsert(0)])
+    assert engine.flush(5)  # the engine delivers, and has nothing to deliver
+    failed, works = _Said("delivery store failed"), _Said("delivery store works again")
+    for said in (failed, works):
+        logging.getLogger("flask_meisa.engine").addHandler(said)
+    with full_disk(engine) as failing:
+        engine.submit([upsert(1)])  # the writer cannot store it
+        failing.wait(10)
+        engine.flush(2.5)  # meanwhile delivery reads (and finds nothing to do) at least twice
+        while_full = (failed.count, works.count)
+    flushed = engine.flush(5)
+    say(f"full-disk-quiet while-full {while_full} flushed {flushed} then {works.count}")
+
+
 def main(argv: list[str]) -> None:
     scenario, *numbers = argv
     if scenario == "exit":
@@ -332,6 +359,8 @@ def main(argv: list[str]) -> None:
         full_disk_scenario()
     elif scenario == "full-disk-retry":
         full_disk_retry_scenario()
+    elif scenario == "full-disk-quiet":
+        full_disk_quiet_scenario()
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
 

@@ -176,6 +176,19 @@ def test_an_answer_stored_after_the_full_disk_counts_its_operations_once(
     assert bodies == ["a", "b"]
 
 
+@pytest.mark.slow
+def test_a_full_disk_is_logged_once_and_its_end_once(emulator: Emulator, tmp_path: Path) -> None:
+    # Reads work on a full disk: delivery finding nothing to do said the store worked
+    # again, and the writer that failed again said it failed, twice a second.
+    done = run_scenario(
+        emulator.url, emulator.live_key, "full-disk-quiet", store=tmp_path / "store.sqlite3"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "full-disk-quiet while-full (1, 0) flushed True then 1" in done.stdout, (
+        done.stdout + done.stderr
+    )
+
+
 def test_a_forked_child_of_a_memory_store_starts_empty_and_both_deliver_their_own(
     emulator: Emulator,
 ) -> None:

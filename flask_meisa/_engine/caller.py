@@ -163,7 +163,8 @@ class Caller:
                 wait = 1.0  # while another process took the lock over
                 if self.delivery.is_holder:
                     wait = self.step()
-                    self.delivery.store_works(None)  # its write worked
+                    if not wait:  # it settled a row: the store takes writes (reads prove nothing)
+                        self.delivery.store_works(None)
             except STORE_ERRORS as error:
                 self.delivery.store_works(error)
                 wait = 1.0

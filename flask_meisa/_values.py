@@ -78,11 +78,17 @@ def seconds(minimum: float, *, inclusive: bool = True) -> Callable[[object], flo
     return parse
 
 
-def count(value: object) -> int:
-    number = value if isinstance(value, int) and not isinstance(value, bool) else _number(value)
-    if number is None or number < 1 or number != int(number):
-        raise InvalidValue("must be a whole number >= 1")
-    return int(number)
+def count(most: int) -> Callable[[object], int]:
+    """A parser of a whole number from 1 to ``most`` (``"1e308"`` would start as many
+    threads, or hold as many operations, as it says)."""
+
+    def parse(value: object) -> int:
+        number = value if type(value) is int else _number(value)  # exact past a float's 2**53
+        if number is None or not 1 <= number <= most or number != int(number):
+            raise InvalidValue(f"must be a whole number from 1 to {most:_}")
+        return int(number)
+
+    return parse
 
 
 def delivery(value: object) -> str:

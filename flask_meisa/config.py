@@ -85,7 +85,7 @@ KEYS: tuple[Key, ...] = (
     Key("MEISA_TIMEOUT", _SECONDS, 10.0, _ABOVE_0, "read timeout of every call to Meisa"),
     Key("MEISA_CONNECT_TIMEOUT", _SECONDS, 3.05, _ABOVE_0,
         "connect timeout of every call to Meisa"),
-    Key("MEISA_MAX_ATTEMPTS", "int", 5, _values.count,
+    Key("MEISA_MAX_ATTEMPTS", "int", 5, _values.count(100),
         "attempts of a call made in the caller's thread (`meisa.send`, CLI commands,"
         " `meisa.client`), the first included; background delivery retries until"
         " `MEISA_RETRY_DEADLINE`",
@@ -133,10 +133,10 @@ KEYS: tuple[Key, ...] = (
         notes='"sync" is for debugging and scripts. "celery" needs'
               ' pip install "flask-meisa[celery]"; the web process only publishes one task per'
               " operation (see docs/celery.md)."),
-    Key("MEISA_QUEUE_SIZE", "int", 10_000, _values.count,
+    Key("MEISA_QUEUE_SIZE", "int", 10_000, _values.count(10_000_000),
         "operations the engine holds in memory; past it events, then syncs, are shed"
         " (reported through `delivery_dropped`), never sends"),
-    Key("MEISA_WORKERS", "int", 1, _values.count, "delivery threads per process"),
+    Key("MEISA_WORKERS", "int", 1, _values.count(32), "delivery threads per process"),
     Key("MEISA_FLUSH_TIMEOUT", _SECONDS, 5.0, _values.seconds(0),
         "how long interpreter exit waits to deliver what is pending"),
     Key("MEISA_RESYNC_AFTER", _SECONDS, 86400.0, _ABOVE_0,

@@ -208,17 +208,18 @@ def test_a_contacts_last_turn_is_kept_while_its_work_waits(
     client = redis.Redis.from_url(redis_url)
     try:
         asked = [budget.acquire(lease=LEASE, waiter=f"c{n}", contact="c") for n in range(4)]
-        assert [got.token is None for got in asked] == [False, False, True, True]
-        for got in asked[:2]:
-            budget.finish(str(got.token))
+        # The first is in flight: the others wait for it (one call of a contact at a time).
+        assert [got.token is None for got in asked] == [False, True, True, True]
+        budget.finish(str(asked[0].token))
         with budget.slot(timeout=0, lease=LEASE):  # a send made outside: no contact
             pass
         assert len(client.keys("*:last:*")) == 1
-        for n in (2, 3):  # each comes back when told, and takes its slot
+        for n in (1, 2, 3):  # each comes back when told, and takes its slot
             got = asked[n]
             while got.token is None:
                 time.sleep(got.wait)
                 got = budget.acquire(lease=LEASE, waiter=f"c{n}", place=asked[n].place)
+            budget.finish(got.token)
         assert client.keys("*:last:*") == []  # its last took its slot: nothing to keep
     finally:
         client.close()
@@ -237,8 +238,62 @@ def test_a_task_waiting_for_its_contacts_upsert_goes_before_its_contacts_later_o
     # Its contact's later one waits for it, though slots are free.
     later = budget.acquire(lease=LEASE, waiter="e1", place=second)
     assert later.token is None and later.wait >= 0.5
-    assert budget.acquire(lease=LEASE, waiter="e0", place=first).token is not None
+    got = budget.acquire(lease=LEASE, waiter="e0", place=first)
+    assert got.token is not None
+    budget.finish(got.token)
     assert budget.acquire(lease=LEASE, waiter="e1", place=second).token is not None
+
+
+def test_a_contacts_call_in_flight_holds_its_next_one_but_nobody_elses(
+    make_budget: MakeBudget, redis_url: str
+) -> None:
+    budget = make_budget("10/second")
+    first, second = budget.places([("e0", "c"), ("e1", "c")])
+    got = budget.acquire(lease=LEASE, waiter="e0", place=first)
+    assert got.token is not None
+    # Slots are free, but its contact's call is in flight: it looks again soon.
+    later = budget.acquire(lease=LEASE, waiter="e1", place=second)
+    assert later.token is None and 0 < later.wait <= 0.1
+    # Another contact's call goes meanwhile.
+    assert budget.acquire(lease=LEASE, waiter="other", contact="other").token is not None
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert len(client.keys("*:calling:*")) == 2  # one key per contact in flight
+        budget.finish(got.token)  # answered: the next one goes
+        assert len(client.keys("*:calling:*")) == 1
+    finally:
+        client.close()
+    assert budget.acquire(lease=LEASE, waiter="e1", place=second).token is not None
+
+
+def test_a_contacts_call_that_got_no_answer_in_time_holds_its_next_one_until_its_lease_ends(
+    make_budget: MakeBudget,
+) -> None:
+    budget = make_budget("10/second")
+    first, second = budget.places([("e0", "c"), ("e1", "c")])
+    started = time.monotonic()
+    got = budget.acquire(lease=LEASE, waiter="e0", place=first)
+    assert got.token is not None
+    budget.finish(got.token, timed_out=True)  # it may still reach Meisa: not overtaken
+    later = budget.acquire(lease=LEASE, waiter="e1", place=second)
+    since = time.monotonic() - started
+    assert later.token is None and LEASE - since - 0.01 < later.wait <= LEASE, (later, since)
+    assert budget.acquire(lease=LEASE, waiter="other", contact="other").token is not None
+
+
+def test_a_contacts_call_whose_worker_died_holds_its_next_one_until_its_lease_ends(
+    make_budget: MakeBudget,
+) -> None:
+    budget = make_budget("10/second")
+    first, second = budget.places([("e0", "c"), ("e1", "c")])
+    assert budget.acquire(lease=0.3, waiter="e0", place=first).token is not None  # never over
+    later = budget.acquire(lease=LEASE, waiter="e1", place=second)
+    assert later.token is None
+    deadline = time.monotonic() + 5
+    while later.token is None:  # it comes back when told: not for good
+        assert time.monotonic() < deadline, later
+        time.sleep(later.wait)
+        later = budget.acquire(lease=LEASE, waiter="e1", place=second)
 
 
 def test_a_waiter_that_never_comes_back_holds_the_others_only_for_a_grace(

@@ -7,6 +7,7 @@ each lane's age and latency."""
 from __future__ import annotations
 
 import functools
+import itertools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,7 @@ from tests.celery_support import StartWorker
 from tests.celery_support import producer_fixture  # noqa: F401
 from tests.celery_support import redis_url_fixture  # noqa: F401
 from tests.celery_support import start_worker_fixture  # noqa: F401
+from tests.process_support import wait_until
 
 UPSERT = "/contacts/upsert/"
 BUDGET = "60/second"
@@ -268,3 +270,36 @@ def test_a_users_events_that_waited_for_their_sync_reach_meisa_in_their_order(
         if r.body.get("external_id") == "1"
     ]
     assert mine == ["upsert", *(f"mine{n}" for n in range(6))], mine
+
+
+def overlap(a: Any, b: Any) -> bool:
+    """Whether two recorded requests were being answered at the same moment."""
+    return bool(a.time < b.time + b.duration and b.time < a.time + a.duration)
+
+
+def test_a_users_events_reach_meisa_one_at_a_time_in_order_while_others_go_beside_them(
+    emulator: Emulator, start_worker: StartWorker, producer: Callable[..., CeleryDispatcher]
+) -> None:
+    dispatcher = knowing_two_users(emulator, start_worker, producer)
+    # Slow answers, free slots (no limit) and four threads: the calls could overlap.
+    emulator.faults.set(latency=0.5, paths=["/events/track/"])
+    start_worker(emulator, concurrency=4)
+    track = functools.partial(Operation, "track")
+    dispatcher.publish(track({"event_name": "mine0", "external_id": "1"}))
+    # User 1's later events are released while its first is in flight.
+    assert wait_until(lambda: dispatcher.status().in_flight == 1, timeout=10)
+    for n in range(1, 6):
+        dispatcher.publish(track({"event_name": f"mine{n}", "external_id": "1"}))
+    dispatcher.publish(track({"event_name": "other", "external_id": "2"}))
+    assert dispatcher.flush(timeout=30)
+
+    calls = sorted(emulator.requests_to("/events/track/"), key=lambda r: r.time)
+    mine = [r for r in calls if r.body["external_id"] == "1"]
+    arrivals = [(r.body["event_name"], round(r.time - calls[0].time, 3)) for r in mine]
+    # Meisa dates an event by its arrival: user 1's arrive in their order, each once the
+    # one before it was answered.
+    assert [name for name, _ in arrivals] == [f"mine{n}" for n in range(6)], arrivals
+    assert not any(overlap(a, b) for a, b in itertools.pairwise(mine)), arrivals
+    # User 2's event took a free slot while one of user 1's calls was in flight.
+    other = next(r for r in calls if r.body["external_id"] == "2")
+    assert any(overlap(other, r) for r in mine), (arrivals, other.time - calls[0].time)

@@ -24,6 +24,7 @@ from ..operations import LANE_TRANSACTIONAL
 from .base import OUTAGE_THRESHOLD
 from .budget import allowed
 from .redis_records import _digest
+from .redis_records import as_text
 
 logger = logging.getLogger("flask_meisa.engine")
 
@@ -41,19 +42,17 @@ local now, GRACE = tonumber(t[1]) + tonumber(t[2]) / 1000000, 1
 
 # KEYS: current turn, places given, then each waiter's contact's last turn ("<turn>
 # <waiter>"; the current turn's key: no contact); ARGV: the waiters. Each takes the turn
-# after its contact's last and after the current one (the last slot given's), with a
-# fraction for first come, first served within it, and learns its contact's waiter before
-# it (docs/celery.md: contacts take turns). A waiter '' takes no turn of its own: it goes
-# after its contact's last but does not become it.
+# after its contact's last and the current one (the last slot given's), with a fraction for
+# first come, first served within it, and learns its contact's waiter before it (docs/
+# celery.md: contacts take turns). A waiter '' goes after its contact's last, not being it.
 _PLACE = """
 local current, places = tonumber(redis.call('GET', KEYS[1]) or '0'), {}
 for i, waiter in ipairs(ARGV) do
   local key = KEYS[2 + i]
   local last = key ~= KEYS[1] and redis.call('GET', key) or '0 '
   local turn = math.max(current, tonumber(string.match(last, '^%d+'))) + 1
-  if key ~= KEYS[1] and waiter ~= '' then
-    redis.call('SET', key, turn .. ' ' .. waiter, 'EX', 86400)
-  end
+  local takes = key ~= KEYS[1] and waiter ~= ''
+  if takes then redis.call('SET', key, turn .. ' ' .. waiter, 'EX', 86400) end
   local seq = redis.call('INCR', KEYS[2]) % 1000000
   places[i] = string.format('%d.%06d ', turn, seq) .. string.match(last, ' (.*)$')
 end
@@ -61,7 +60,7 @@ return places
 """
 
 # KEYS: pause, in-flight, failures, current turn, the contact's last turn, waiters of
-# lanes 0..3 by turn, the same by return time, answered window 1..n
+# lanes 0..3 by turn, the same by return time, answered window 1..n, the contact's call
 # ARGV: token, lease, lane, n, outage threshold, waiter, its turn and the contact's waiter
 # before it ('': it cannot ask again as the same waiter, and goes after every waiter),
 # the longest wait, then per window: limit, period, and the calls of the lane it allows
@@ -153,6 +152,11 @@ end
 -- Placed again since (a task run again as first published), it is no waiter before it.
 if ranked and ranked > turn then previous = false end
 if previous then wait = math.max(wait, tonumber(previous) - now + spacing, 0.1) end
+-- One call of a contact at a time: soon over if in flight, else (timed out) at its lease's end.
+local calling = KEYS[14 + n] ~= KEYS[4] and redis.call('GET', KEYS[14 + n])
+local left = calling and redis.call('PTTL', KEYS[14 + n]) / 1000 or 0
+if calling and redis.call('ZSCORE', KEYS[2], calling) then left = math.min(left, 0.1) end
+wait = math.max(wait, left)
 if wait > 0 and not turn then return {0, tostring(wait)} end
 if wait > 0 then
   redis.call('ZADD', back, now + math.min(wait, tonumber(ARGV[8])), waiter)
@@ -172,14 +176,18 @@ if turn then
   if last and string.match(last, ' (.*)$') == waiter then redis.call('DEL', KEYS[5]) end
 end
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
-redis.call('PEXPIRE', KEYS[2], math.ceil(tonumber(ARGV[2]) * 1000) + 1000)
+local ms = math.ceil(tonumber(ARGV[2]) * 1000)
+redis.call('PEXPIRE', KEYS[2], ms + 1000)
+if KEYS[14 + n] ~= KEYS[4] then redis.call('SET', KEYS[14 + n], ARGV[1], 'PX', ms) end
 return {1, '0'}
 """
 
-# KEYS: in-flight, failures, answered window 1..n
+# KEYS: in-flight, failures, answered window 1..n, the contact's call (as in _ACQUIRE)
 # ARGV: token, made (0/1, or 'lease': no answer came in time), n, outcome ('outage',
 # 'answered' or ''), then each period
 _FINISH = """
+local calling = KEYS[3 + tonumber(ARGV[3])]  -- else its contact waits for the lease's end
+if ARGV[2] ~= 'lease' and redis.call('GET', calling) == ARGV[1] then redis.call('DEL', calling) end
 local lease = redis.call('ZSCORE', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[1], ARGV[1])
 for w = 1, tonumber(ARGV[3]) do
@@ -201,9 +209,9 @@ if ARGV[4] == 'outage' then return redis.call('INCR', KEYS[2]) end
 return tonumber(redis.call('GET', KEYS[2]) or '0')
 """
 
-# KEYS: a lane's waiters by return time; ARGV: a waiter, seconds. A task waiting for its
-# contact's upsert, noted 'held:<waiter>', holds no slot; its contact's later tasks wait for
-# it (not the previous version's: they would even when delivering the upsert it waits for).
+# KEYS: a lane's waiters by return time; ARGV: a waiter, seconds. A task held for its
+# contact's upsert ('held:<waiter>': not a previous version's waiter, which delivering
+# that upsert would wait for) holds no slot; its contact's later tasks wait for it.
 _HOLD = """
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), 'held:' .. ARGV[1])
 local ms = math.ceil((tonumber(ARGV[2]) + GRACE) * 1000) + 1000
@@ -222,8 +230,7 @@ end
 @dataclass(frozen=True)
 class Acquired:
     """What :meth:`RedisBudget.acquire` gives: a ``token`` for :meth:`RedisBudget.finish`,
-    or ``None`` with the seconds to ``wait`` first; and the waiter's ``place`` (its turn),
-    to ask with again."""
+    or ``None`` with the seconds to ``wait``; the waiter's ``place`` to ask with again."""
 
     token: str | None
     wait: float = 0.0
@@ -267,61 +274,53 @@ class RedisBudget:
         shared: bool = False,
     ) -> Acquired:
         """Take a slot for a call of at most ``lease`` seconds, or learn how long to wait;
-        ``waiter``: the same on every try (an operation's id), with the ``place`` it was
-        given (none the first time: it takes the turn after ``contact``'s last);
-        ``part``: the task delivers a contact's upsert part (it does not wait for an event
-        of the contact waiting for an upsert: :meth:`hold`); ``shared``: the part's waiter,
-        which several tasks ask as, keeping the earliest of their places."""
-        token = f"{lane}:{uuid.uuid4().hex}"
+        ``waiter``: the same on every try (an operation's id), with the ``place`` given it
+        (none at first: the turn after ``contact``'s last); ``part``: it delivers an upsert
+        part (it waits for no event held for one: :meth:`hold`); ``shared``: it asks as
+        the part's waiter, as several tasks do (the earliest of their places is kept)."""
         place = place or (self.places([(waiter, contact)])[0] if waiter else "")
         name, _, turn = place.partition(" ")
+        token = f"{lane}:{uuid.uuid4().hex}:{name}"  # finish() finds its contact's call
         args = [token, max(lease, 0.001), lane, len(self.windows), OUTAGE_THRESHOLD, waiter]
         args += [turn, MAX_WAIT]
         args += [n for w in self.windows for n in (w.limit, w.period, allowed(w, lane, share))]
         args.append("shared" if shared else "part" if part else "")
         keys = [self._pause_key, self._flying_key, self._failures_key, self._turn_key]
-        keys += [self._last(name), *self._waiting, *self._windows]
+        keys += [self._last(name), *self._waiting, *self._windows, self._last(name, "calling")]
         got = self._acquire(keys=keys, args=args)
         return Acquired(token if int(got[0]) else None, min(float(got[1]), MAX_WAIT), place)
 
     def places(self, waiters: Sequence[tuple[str, str]]) -> list[str]:
-        """The places of ``waiters`` (``(operation id, contact)`` pairs, ``""``: no
-        contact's) among the waiters, taken in one call when they are released or first
-        ask: the turn after the contact's last and after the current one (an id ``""``:
-        without taking a turn, the contact's last stays its last). Opaque:
-        ``"<contact's digest> <turn> <its waiter before>"``."""
+        """The places of ``waiters`` (``(operation id, contact)``; ``""``: no contact's), in
+        one call when released or first asking: the turn after the contact's last and the
+        current one (an id ``""`` takes no turn: the contact's last stays its last).
+        Opaque: ``"<contact's digest> <turn> <its waiter before>"``."""
         names = [_digest(contact) if contact else "-" for _, contact in waiters]
         keys = [self._turn_key, f"{self._prefix}:places", *map(self._last, names)]
         turns = self._place(keys=keys, args=[waiter for waiter, _ in waiters])
-        return [
-            f"{name} {turn.decode() if isinstance(turn, bytes) else turn}"
-            for name, turn in zip(names, turns, strict=True)
-        ]
+        return [f"{name} {as_text(turn)}" for name, turn in zip(names, turns, strict=True)]
 
     def forget(self, waiters: Sequence[str]) -> None:
-        """Drop ``waiters`` (operation ids) from every lane: they will not come back (their
-        operation is over), so their places hold nothing."""
-        if waiters:
-            pipe = self._redis.pipeline(transaction=False)
-            for key in self._waiting:
-                pipe.zrem(key, *waiters)
-            pipe.execute()
+        """Drop ``waiters`` (operation ids, whose operation is over) from every lane."""
+        pipe = self._redis.pipeline(transaction=False)
+        for key in self._waiting if waiters else ():
+            pipe.zrem(key, *waiters)
+        pipe.execute()  # nothing sent when there is nothing to drop
 
     def hold(self, waiter: str, lane: int, seconds: float) -> None:
-        """``waiter`` (an operation id) waits ``seconds`` for something other than a slot
-        (its contact's upsert): its contact's later waiters of ``lane`` go after it still,
-        as after a waiter of the budget, and it holds no slot meanwhile."""
+        """``waiter`` (an operation id) waits ``seconds`` for its contact's upsert, not a
+        slot: it holds none, but its contact's later waiters of ``lane`` go after it."""
         self._hold(keys=[self._waiting[len(LANE_NAMES) + lane]], args=[waiter, seconds])
 
-    def _last(self, name: str) -> str:
-        return f"{self._prefix}:last:{name}" if name != "-" else self._turn_key
+    def _last(self, name: str, kind: str = "last") -> str:
+        # A contact's last turn, or ('calling') the token of its call that may reach Meisa.
+        return f"{self._prefix}:{kind}:{name}" if name not in ("", "-") else self._turn_key
 
     @contextlib.contextmanager
     def slot(self, timeout: float, lease: float) -> Iterator[bool]:
         """Hold a slot (from the reserve) for a call made outside the workers, waiting at
-        most ``timeout`` seconds; yields whether one was taken (the call is made anyway). A
-        call that got no answer in time (its :class:`APITimeoutError` raised in the
-        context) holds the slot until its lease ends."""
+        most ``timeout`` seconds; yields whether one was taken (the call is made anyway); a
+        call without an answer in time (:class:`APITimeoutError`) holds it to its lease's end."""
         deadline, waiter, token = time.monotonic() + max(timeout, 0.0), uuid.uuid4().hex, None
         try:
             if time.monotonic() < self._unreachable_until:
@@ -369,7 +368,8 @@ class RedisBudget:
         outcome = "answered" if answered else "outage" if outage else ""
         how = "lease" if made and timed_out else int(made)
         args = [token, how, len(self.windows), outcome, *(w.period for w in self.windows)]
-        keys = [self._flying_key, self._failures_key, *self._windows]
+        calling = self._last(token.partition(":")[2].partition(":")[2], "calling")
+        keys = [self._flying_key, self._failures_key, *self._windows, calling]
         return int(self._finish(keys=keys, args=args))
 
     def pause(self, seconds: float) -> None:
@@ -389,7 +389,7 @@ class RedisBudget:
             pipe.zcount(key, f"({now - window.period}", "+inf")
         paused, flying, *answered = pipe.execute()
         in_flight = dict.fromkeys(LANE_NAMES, 0)
-        for token in flying:  # "<lane>:<random>"
+        for token in flying:  # "<lane>:<random>[:<contact's digest>]"
             in_flight[int(token[:1])] += 1
         remaining = {
             window.label: max(window.limit - n - len(flying), 0)

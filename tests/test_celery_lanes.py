@@ -303,3 +303,24 @@ def test_a_users_events_reach_meisa_one_at_a_time_in_order_while_others_go_besid
     # User 2's event took a free slot while one of user 1's calls was in flight.
     other = next(r for r in calls if r.body["external_id"] == "2")
     assert any(overlap(other, r) for r in mine), (arrivals, other.time - calls[0].time)
+
+
+def test_a_users_event_retried_after_a_503_is_not_overtaken_by_their_next_ones(
+    emulator: Emulator, start_worker: StartWorker, producer: Callable[..., CeleryDispatcher]
+) -> None:
+    dispatcher = knowing_two_users(emulator, start_worker, producer)
+    emulator.faults.set(latency=0.3, paths=["/events/track/"])
+    emulator.faults.fail_next(1, 503, path="/events/track/", match={"event_name": "mine0"})
+    start_worker(emulator, concurrency=4)
+    track = functools.partial(Operation, "track")
+    dispatcher.publish(track({"event_name": "mine0", "external_id": "1"}))
+    assert wait_until(lambda: dispatcher.status().in_flight == 1, timeout=10)
+    for n in range(1, 4):
+        dispatcher.publish(track({"event_name": f"mine{n}", "external_id": "1"}))
+    assert dispatcher.flush(timeout=30)
+
+    calls = sorted(emulator.requests_to("/events/track/"), key=lambda r: r.time)
+    arrivals = [(r.body["event_name"], r.status, round(r.time - calls[0].time, 3)) for r in calls]
+    # Its retry, after a backoff, goes before the user's later events, as its first try did.
+    tracked = [name for name, status, _ in arrivals if status != 503]
+    assert tracked == [f"mine{n}" for n in range(4)], arrivals

@@ -305,6 +305,7 @@ class DeliveryWorker:
                 timed_out=outcome.timed_out,
                 outage=decision.outage,
                 answered=decision.answered,
+                again=None if settled.step in ("delivered", "failed") else decision.delay,
             )
             budget.pause(pause_for(decision, failures, self._retry, logger))
         if decision.unknown_contact:

@@ -63,9 +63,8 @@ return places
 # lanes 0..3 by turn, the same by return time, answered window 1..n, the contact's call
 # ARGV: token, lease, lane, n, outage threshold, waiter, its turn and the contact's waiter
 # before it ('': it cannot ask again as the same waiter, and goes after every waiter),
-# the longest wait, then per window: limit, period, and the calls of the lane it allows
-# (budget.allowed: the reserve, a backfill's share); last, 'part' for a task delivering a
-# contact's upsert part, 'shared' for one asking as its part's shared waiter
+# the longest wait, per window: limit, period, the lane's allowance (budget.allowed); last,
+# 'part' (it delivers an upsert part), 'shared' (as its part's shared waiter) or ''
 _ACQUIRE = """
 local lane, n, waiter = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[6]
 local shared = ARGV[3 * n + 9] == 'shared'
@@ -74,8 +73,7 @@ local mine, back = KEYS[6 + lane], KEYS[10 + lane]
 local current = tonumber(redis.call('GET', KEYS[4]) or '0')
 local turn, before = string.match(ARGV[7], '^([%d.]+) (.*)$')
 -- Meta is data from the broker: a turn no count reaches (past exact doubles) is none.
-turn = tonumber(turn)
-if turn and turn >= 2 ^ 52 then turn = nil end
+turn = tonumber(turn) and tonumber(turn) < 2 ^ 52 and tonumber(turn) or nil
 local pause = tonumber(redis.call('GET', KEYS[1]) or '0')
 -- A call whose lease ran out (its worker died) counts as answered when the lease ended.
 local stale = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'WITHSCORES')
@@ -90,10 +88,8 @@ local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
 local ahead = 0
 for l = 0, lane do
   local gone = redis.call('ZRANGEBYSCORE', KEYS[10 + l], '-inf', now - GRACE, 'LIMIT', 0, 20)
-  if #gone > 0 then
-    redis.call('ZREM', KEYS[10 + l], unpack(gone))
-    redis.call('ZREM', KEYS[6 + l], unpack(gone))
-  end
+  if #gone > 0 then redis.call('ZREM', KEYS[10 + l], unpack(gone)) end
+  if #gone > 0 then redis.call('ZREM', KEYS[6 + l], unpack(gone)) end
   if l < lane then ahead = ahead + redis.call('ZCARD', KEYS[6 + l]) end
 end
 local rank = redis.call('ZCARD', mine)
@@ -152,11 +148,13 @@ end
 -- Placed again since (a task run again as first published), it is no waiter before it.
 if ranked and ranked > turn then previous = false end
 if previous then wait = math.max(wait, tonumber(previous) - now + spacing, 0.1) end
--- One call of a contact at a time: soon over if in flight, else (timed out) at its lease's end.
+-- One call of a contact at a time (not its own): one in flight is soon over; one held on (a
+-- retry due a grace before, or to a lease's end) is looked at from a grace before it ends.
 local calling = KEYS[14 + n] ~= KEYS[4] and redis.call('GET', KEYS[14 + n])
-local left = calling and redis.call('PTTL', KEYS[14 + n]) / 1000 or 0
-if calling and redis.call('ZSCORE', KEYS[2], calling) then left = math.min(left, 0.1) end
-wait = math.max(wait, left)
+local token, by = string.match(calling or ' ', '^(%S*) (.*)$')
+local left = calling and by ~= waiter and redis.call('PTTL', KEYS[14 + n]) / 1000 or 0
+local soon = redis.call('ZSCORE', KEYS[2], token) and 0 or math.max(left - GRACE, 0)
+wait = math.max(wait, math.min(left, soon + 0.1))
 if wait > 0 and not turn then return {0, tostring(wait)} end
 if wait > 0 then
   redis.call('ZADD', back, now + math.min(wait, tonumber(ARGV[8])), waiter)
@@ -169,25 +167,27 @@ end
 if turn then
   redis.call('ZREM', mine, waiter)
   redis.call('ZREM', back, waiter, 'held:' .. waiter)
-  turn = math.floor(turn)
-  if turn > current then redis.call('SET', KEYS[4], turn) end
+  if math.floor(turn) > current then redis.call('SET', KEYS[4], math.floor(turn)) end
   -- Its contact's last (at any of its places): the next one goes after the current turn.
   local last = redis.call('GET', KEYS[5])
   if last and string.match(last, ' (.*)$') == waiter then redis.call('DEL', KEYS[5]) end
 end
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
-local ms = math.ceil(tonumber(ARGV[2]) * 1000)
+local ms, holder = math.ceil(tonumber(ARGV[2]) * 1000), ARGV[1] .. ' ' .. waiter
 redis.call('PEXPIRE', KEYS[2], ms + 1000)
-if KEYS[14 + n] ~= KEYS[4] then redis.call('SET', KEYS[14 + n], ARGV[1], 'PX', ms) end
+if KEYS[14 + n] ~= KEYS[4] then redis.call('SET', KEYS[14 + n], holder, 'PX', ms) end
 return {1, '0'}
 """
 
 # KEYS: in-flight, failures, answered window 1..n, the contact's call (as in _ACQUIRE)
 # ARGV: token, made (0/1, or 'lease': no answer came in time), n, outcome ('outage',
-# 'answered' or ''), then each period
+# 'answered' or ''), each period, then the seconds until it runs again ('': it does not)
 _FINISH = """
-local calling = KEYS[3 + tonumber(ARGV[3])]  -- else its contact waits for the lease's end
-if ARGV[2] ~= 'lease' and redis.call('GET', calling) == ARGV[1] then redis.call('DEL', calling) end
+local calling, again = KEYS[3 + tonumber(ARGV[3])], tonumber(ARGV[5 + tonumber(ARGV[3])])
+local own = string.find(redis.call('GET', calling) or '', ARGV[1] .. ' ', 1, true) == 1
+-- Its contact's next waits for its retry, or to its lease's end (it may still reach Meisa).
+local ms = again and math.ceil((again + GRACE) * 1000) or 0  -- 0: it is gone at once
+if own and ARGV[2] ~= 'lease' then redis.call('PEXPIRE', calling, ms) end
 local lease = redis.call('ZSCORE', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[1], ARGV[1])
 for w = 1, tonumber(ARGV[3]) do
@@ -209,9 +209,8 @@ if ARGV[4] == 'outage' then return redis.call('INCR', KEYS[2]) end
 return tonumber(redis.call('GET', KEYS[2]) or '0')
 """
 
-# KEYS: a lane's waiters by return time; ARGV: a waiter, seconds. A task held for its
-# contact's upsert ('held:<waiter>': not a previous version's waiter, which delivering
-# that upsert would wait for) holds no slot; its contact's later tasks wait for it.
+# KEYS: a lane's waiters by return time; ARGV: a waiter, seconds. One held for its contact's
+# upsert ('held:<waiter>', unseen by the previous version) holds no slot; later ones wait.
 _HOLD = """
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), 'held:' .. ARGV[1])
 local ms = math.ceil((tonumber(ARGV[2]) + GRACE) * 1000) + 1000
@@ -275,9 +274,8 @@ class RedisBudget:
     ) -> Acquired:
         """Take a slot for a call of at most ``lease`` seconds, or learn how long to wait;
         ``waiter``: the same on every try (an operation's id), with the ``place`` given it
-        (none at first: the turn after ``contact``'s last); ``part``: it delivers an upsert
-        part (it waits for no event held for one: :meth:`hold`); ``shared``: it asks as
-        the part's waiter, as several tasks do (the earliest of their places is kept)."""
+        (none at first: after ``contact``'s last); ``part``: it delivers an upsert part (no
+        event held for one is waited for); ``shared``: as the part's waiter (several do)."""
         place = place or (self.places([(waiter, contact)])[0] if waiter else "")
         name, _, turn = place.partition(" ")
         token = f"{lane}:{uuid.uuid4().hex}:{name}"  # finish() finds its contact's call
@@ -361,13 +359,15 @@ class RedisBudget:
         timed_out: bool = False,
         outage: bool = False,
         answered: bool = False,
+        again: float | None = None,
     ) -> int:
         """The call of ``token`` is over: date its slot now (``made=False``: give it back;
-        ``timed_out``: no answer came in time, Meisa may count the call later still, so by
-        the end of its lease) and count the failures in a row of every worker (returned)."""
+        ``timed_out``: Meisa may count it until its lease ends, so then), count the failures
+        in a row of every worker (returned); ``again``: seconds until its operation retries."""
         outcome = "answered" if answered else "outage" if outage else ""
         how = "lease" if made and timed_out else int(made)
         args = [token, how, len(self.windows), outcome, *(w.period for w in self.windows)]
+        args.append("" if again is None else again)
         calling = self._last(token.partition(":")[2].partition(":")[2], "calling")
         keys = [self._flying_key, self._failures_key, *self._windows, calling]
         return int(self._finish(keys=keys, args=args))

@@ -100,7 +100,10 @@ class Transport:
         if content is None:
             reason = f"the answer is larger than {MAX_ANSWER_BYTES // 2**20} MiB"
             return errors.APIConnectionError(endpoint, reason, retryable=False)
-        if 200 <= response.status_code < 300:
+        if response.status_code < 200:  # http.client skips a 100 Continue only
+            reason = f"only an informational answer ({response.status_code})"
+            return errors.APIConnectionError(endpoint, reason)
+        if response.status_code < 300:
             return response.status_code, errors._json(content)
         wait = parse_retry_after(response.headers.get("Retry-After"))
         return errors._api_error(endpoint, response, content, self._key, scope, wait)

@@ -285,6 +285,8 @@ _REASONS: list[tuple[str, bool, tuple[type[BaseException], ...]]] = [
     ("TLS error", True, (ssl.SSLError, requests.exceptions.SSLError)),
     ("host not resolved", True, (socket.gaierror, urllib3.exceptions.NameResolutionError)),
     ("the answer could not be decoded", True, (requests.exceptions.ContentDecodingError,)),
+    # urllib3's own (conflicting lengths), raised after the request went out.
+    ("the answer's head was malformed", True, (urllib3.exceptions.InvalidHeader,)),
     ("connection failed", True, (requests.ConnectionError, urllib3.exceptions.ProtocolError)),
 ]
 

@@ -30,6 +30,7 @@ class Exchange:
     sock: socket.socket
     method: str
     path: str
+    body: bytes = b""
 
     def send(self, data: bytes) -> None:
         """Send ``data`` at once."""
@@ -57,8 +58,9 @@ class HostileServer:
         self.port: int = self._listener.getsockname()[1]
         #: Set when the server stops; every wait of an answer ends then.
         self.stopped = threading.Event()
-        #: ``(method, path)`` of every request read, in order.
+        #: ``(method, path)`` of every request read, in order, and each one's body.
         self.requests: list[tuple[str, str]] = []
+        self.bodies: list[bytes] = []
         #: Connections accepted.
         self.connections = 0
         self._lock = threading.Lock()
@@ -113,10 +115,11 @@ class HostileServer:
                     name, _, value = header.decode("latin-1").partition(":")
                     if name.strip().lower() == "content-length":
                         length = int(value)
-                reader.read(length)
+                body = reader.read(length)
                 with self._lock:
                     self.requests.append((method, path))
-                self._answer(Exchange(self, sock, method, path))
+                    self.bodies.append(body)
+                self._answer(Exchange(self, sock, method, path, body))
 
 
 @contextlib.contextmanager

@@ -1,0 +1,77 @@
+"""Answers malformed on the wire: what the call raises, and
+whether it retries a send, with the same idempotency key, where a retry could help."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from flask_meisa.client import MeisaClient
+from flask_meisa.errors import APIConnectionError
+from flask_meisa.retry import RetryPolicy
+from tests.hostile import Exchange
+from tests.hostile import hostile
+from tests.hostile import response
+
+KEY = "meisa_live_" + "m4lf0rmd" * 4
+SENT = {"status": "sent", "email_send_id": "e-1", "contact_id": "c-1", "contact_created": False}
+POLICY = RetryPolicy(base_delay=0.01, deadline=3.0)
+TIMEOUT = (1.0, 2.0)
+
+
+def first_then_sent(first: bytes) -> Any:
+    """An answer that is ``first`` for the first request and a whole 200 after it."""
+
+    def answer(exchange: Exchange) -> None:
+        again = len(exchange.server.requests) > 1
+        exchange.send(response(200, {**SENT, "duplicate": True}) if again else first)
+
+    return answer
+
+
+def keys(bodies: list[bytes]) -> list[str]:
+    return [json.loads(body)["idempotency_key"] for body in bodies]
+
+
+BODY = json.dumps(SENT).encode()
+MALFORMED = {
+    # urllib3 refuses a length it cannot trust (response splitting) after the send.
+    "two_lengths": b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nContent-Length: %d\r\n\r\n%s"
+    % (len(BODY), len(BODY) + 1, BODY),
+    # http.client skips a 100 Continue only: any other 1xx came back as the answer.
+    "early_hints": b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n" + response(200, SENT),
+    "processing": b"HTTP/1.1 102 Processing\r\n\r\n" + response(200, SENT),
+}
+
+
+@pytest.mark.parametrize("first", MALFORMED.values(), ids=MALFORMED.keys())
+def test_a_send_whose_answer_is_malformed_is_retried_with_its_key(first: bytes) -> None:
+    with (
+        hostile(first_then_sent(first)) as server,
+        MeisaClient(KEY, server.url, timeout=TIMEOUT, retry=POLICY) as meisa,
+    ):
+        result = meisa.trigger_email("verify_email", "ada@example.com")
+    assert (result.status, result.email_send_id) == ("sent", "e-1")
+    assert len(server.requests) == 2
+    assert keys(server.bodies) == [result.idempotency_key] * 2
+
+
+@pytest.mark.parametrize(
+    ("first", "reason"),
+    [
+        (MALFORMED["two_lengths"], "the answer's head was malformed"),
+        (MALFORMED["early_hints"], "only an informational answer (103)"),
+    ],
+    ids=["two_lengths", "early_hints"],
+)
+def test_a_malformed_answer_is_not_called_unsent_nor_final(first: bytes, reason: str) -> None:
+    with (
+        hostile(lambda exchange: exchange.send(first)) as server,
+        MeisaClient(KEY, server.url, timeout=TIMEOUT, retry=RetryPolicy.never()) as meisa,
+        pytest.raises(APIConnectionError) as caught,
+    ):
+        meisa.trigger_email("verify_email", "ada@example.com")
+    assert caught.value.reason == reason
+    assert caught.value.retryable

@@ -1,13 +1,16 @@
-"""Answers malformed on the wire: what the call raises, and
+"""Answers malformed on the wire (their head, their encoding): what the call raises, and
 whether it retries a send, with the same idempotency key, where a retry could help."""
 
 from __future__ import annotations
 
+import gzip
 import json
+import time
 from typing import Any
 
 import pytest
 
+from flask_meisa._http import MAX_ANSWER_BYTES
 from flask_meisa.client import MeisaClient
 from flask_meisa.errors import APIConnectionError
 from flask_meisa.retry import RetryPolicy
@@ -75,3 +78,35 @@ def test_a_malformed_answer_is_not_called_unsent_nor_final(first: bytes, reason:
         meisa.trigger_email("verify_email", "ada@example.com")
     assert caught.value.reason == reason
     assert caught.value.retryable
+
+
+def gzip_bomb(layers: int) -> bytes:
+    """Gzip of 1 GiB of zeros (members of 1 MiB each, concatenated), gzipped again
+    ``layers - 1`` times: about 1 MiB, or 2 KiB from two layers on."""
+    bomb = gzip.compress(b"\0" * 2**20, 9) * 1024
+    for _ in range(layers - 1):
+        bomb = gzip.compress(bomb, 9)
+    return bomb
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_a_gzip_bomb_stops_at_the_size_limit_at_once(layers: int) -> None:
+    bomb = gzip_bomb(layers)
+    encoding = ", ".join(["gzip"] * layers)
+    head = f"HTTP/1.1 200 OK\r\nContent-Encoding: {encoding}\r\nContent-Length: {len(bomb)}"
+
+    def answer(exchange: Exchange) -> None:
+        exchange.send(head.encode() + b"\r\n\r\n" + bomb)
+
+    with (
+        hostile(answer) as server,
+        MeisaClient(KEY, server.url, timeout=TIMEOUT, retry=POLICY) as meisa,
+    ):
+        started = time.monotonic()
+        with pytest.raises(APIConnectionError) as caught:
+            meisa.unsubscribed_emails()
+        elapsed = time.monotonic() - started
+    # Decoding what a short read brings is not bounded by any socket's timeout.
+    assert elapsed < 2.0, f"decoding took {elapsed:.1f} s"
+    assert caught.value.reason == f"the answer is larger than {MAX_ANSWER_BYTES // 2**20} MiB"
+    assert len(server.requests) == 1

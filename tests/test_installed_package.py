@@ -35,6 +35,12 @@ def test_the_installed_version_is_the_packages() -> None:
     assert metadata.version("flask-meisa") == __version__
 
 
+def test_the_package_requires_a_urllib3_that_decodes_only_what_is_read() -> None:
+    # Older ones decode a whole compressed read at once: a gzip bomb's gigabytes, however
+    # small the size limit and the deadline.
+    assert "urllib3>=2.6" in (metadata.requires("flask-meisa") or [])
+
+
 def test_the_flask_command_group_is_registered() -> None:
     (entry,) = [e for e in metadata.entry_points(group="flask.commands") if e.name == "meisa"]
     group = entry.load()

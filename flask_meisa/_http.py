@@ -6,7 +6,9 @@ down the socket of an attempt past its deadline).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import queue
 import socket
 import threading
 import time
@@ -22,7 +24,12 @@ from urllib3.connection import HTTPConnection
 from urllib3.connection import HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool
 from urllib3.connectionpool import HTTPSConnectionPool
+from urllib3.exceptions import ConnectTimeoutError
+from urllib3.exceptions import NameResolutionError
+from urllib3.exceptions import NewConnectionError
 from urllib3.poolmanager import PoolManager
+from urllib3.util.connection import allowed_gai_family
+from urllib3.util.ssl_ import is_ipaddress
 
 from . import errors
 from ._version import __version__
@@ -93,7 +100,8 @@ class Transport:
                     content = _read(response)
             except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
                 failure = exc
-        if watch.expired:  # whatever the cut socket made of the answer
+        # Whatever the cut socket made of the answer; a connection never made sent nothing.
+        if watch.expired and not isinstance(failure, requests.ConnectTimeout):
             return errors.APITimeoutError(endpoint, f"no complete answer within {limit:.3g} s")
         if failure is not None:
             return errors._connection_error(endpoint, failure, request["timeout"])
@@ -226,11 +234,56 @@ def _attach(connection: HTTPConnection) -> None:
             watch.cut()
 
 
+def _resolve(host: str, port: int, deadline: float) -> list[str]:
+    """``host``'s addresses, resolved in a thread of its own: no socket timeout bounds a
+    resolver, so the caller waits for it until ``deadline`` only."""
+    answer: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+    def run() -> None:
+        try:
+            answer.put(socket.getaddrinfo(host, port, allowed_gai_family(), socket.SOCK_STREAM))
+        except Exception as error:
+            answer.put(error)
+
+    threading.Thread(target=run, name="flask-meisa-resolve", daemon=True).start()
+    try:
+        found = answer.get(timeout=max(deadline - time.monotonic(), 0.0))
+    except queue.Empty:
+        raise TimeoutError(f"{host} not resolved in time") from None
+    if isinstance(found, Exception):
+        raise found
+    return list(dict.fromkeys(str(entry[4][0]) for entry in found))
+
+
 class _WatchedHTTPConnection(HTTPConnection):
     def connect(self) -> None:
         _attach(self)
         super().connect()
         _attach(self)  # the deadline may have passed before there was a socket to cut
+
+    def _new_conn(self) -> socket.socket:
+        watch, host = _current.get(), self._dns_host
+        if watch is None or is_ipaddress(host):
+            return super()._new_conn()
+        wait = self.timeout if isinstance(self.timeout, (int, float)) else math.inf  # connect's
+        try:
+            addresses = _resolve(host, self.port, min(watch.deadline, time.monotonic() + wait))
+        except TimeoutError as error:
+            raise ConnectTimeoutError(self, f"{host} not resolved in time") from error
+        except socket.gaierror as error:
+            raise NameResolutionError(host, self, error) from error
+        except UnicodeError:  # not a name: urllib3's own refusal
+            return super()._new_conn()
+        failure: Exception | None = None
+        for address in addresses:  # each in turn, as urllib3 would
+            self._dns_host = address
+            try:
+                return super()._new_conn()
+            except (NewConnectionError, ConnectTimeoutError) as error:
+                failure = error
+            finally:
+                self._dns_host = host
+        raise failure or NameResolutionError(host, self, socket.gaierror("no address"))
 
     def request(self, *args: Any, **kwargs: Any) -> None:
         _attach(self)  # a kept-alive connection is not connected again

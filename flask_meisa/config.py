@@ -84,7 +84,7 @@ KEYS: tuple[Key, ...] = (
         default_note="= `TESTING`", resolved=False),
     Key("MEISA_TIMEOUT", _SECONDS, 10.0, _ABOVE_0, "read timeout of every call to Meisa"),
     Key("MEISA_CONNECT_TIMEOUT", _SECONDS, 3.05, _ABOVE_0,
-        "connect timeout of every call to Meisa"),
+        "connect timeout (the name lookup included) of every call to Meisa"),
     Key("MEISA_MAX_ATTEMPTS", "int", 5, _values.count(100),
         "attempts of a call made in the caller's thread (`meisa.send`, CLI commands,"
         " `meisa.client`), the first included; background delivery retries until"

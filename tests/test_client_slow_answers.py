@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from flask import Flask
@@ -222,3 +225,31 @@ def test_a_forked_child_gets_a_session_of_its_own_from_the_one_fork_hook() -> No
     assert os.waitstatus_to_exitcode(status) == 0
     assert client._http.session() is parent
     client.close()
+
+
+def test_a_name_that_resolves_slowly_ends_the_call_within_the_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A resolver that does not answer (5 s a try is the usual resolver timeout): a socket
+    # timeout never bounds the name's resolution.
+    resolve, answered = socket.getaddrinfo, threading.Event()
+
+    def stuck(host: str, *args: Any, **kwargs: Any) -> Any:
+        answered.wait(10.0)
+        return resolve(host, *args, **kwargs)
+
+    def sent(exchange: Exchange) -> None:
+        exchange.send(response(200, SENT))
+
+    policy = RetryPolicy(deadline=DEADLINE)
+    with hostile(sent) as server:
+        url = server.url.replace("127.0.0.1", "localhost")
+        with MeisaClient(KEY, url, timeout=TIMEOUT, retry=policy) as meisa:
+            monkeypatch.setattr(socket, "getaddrinfo", stuck)
+            elapsed, error = timed_trigger(meisa)
+            answered.set()
+            assert meisa.trigger_email("verify_email", "ada@example.com").status == "sent"
+    assert elapsed <= BOUND, f"resolving the name kept the call {elapsed:.1f} s"
+    assert isinstance(error, APITimeoutError)
+    assert not error.sent  # nothing reached the server
+    assert server.requests == [("POST", TRIGGER)]

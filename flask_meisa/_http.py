@@ -150,7 +150,7 @@ def after_fork() -> None:
 def _read(response: requests.Response) -> bytes | None:
     """The whole (decoded) body, or ``None`` when it is larger than the limit."""
     declared = response.headers.get("Content-Length", "")
-    if declared.isdigit() and int(declared) > MAX_ANSWER_BYTES:
+    if declared.isdecimal() and int(declared) > MAX_ANSWER_BYTES:  # isdigit() takes "²"
         return None
     body = bytearray()
     for chunk in response.iter_content(64 * 1024):

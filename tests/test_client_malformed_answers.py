@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import socket
 import time
 from typing import Any
 
@@ -78,6 +79,20 @@ def test_a_malformed_answer_is_not_called_unsent_nor_final(first: bytes, reason:
         meisa.trigger_email("verify_email", "ada@example.com")
     assert caught.value.reason == reason
     assert caught.value.retryable
+
+
+def test_a_length_of_no_decimal_digits_is_read_to_the_close() -> None:
+    # "²" (latin-1, as header values are read) is a digit to str.isdigit, not to int().
+    def answer(exchange: Exchange) -> None:
+        head = "HTTP/1.1 200 OK\r\nContent-Length: \u00b2\r\nConnection: close\r\n\r\n"
+        exchange.send(head.encode("latin-1") + BODY)
+        exchange.sock.shutdown(socket.SHUT_WR)
+
+    with (
+        hostile(answer) as server,
+        MeisaClient(KEY, server.url, timeout=TIMEOUT, retry=RetryPolicy.never()) as meisa,
+    ):
+        assert meisa.trigger_email("verify_email", "ada@example.com").status == "sent"
 
 
 def gzip_bomb(layers: int) -> bytes:

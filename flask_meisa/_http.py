@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import queue
 import socket
 import threading
 import time
@@ -237,22 +236,22 @@ def _attach(connection: HTTPConnection) -> None:
 def _resolve(host: str, port: int, deadline: float) -> list[str]:
     """``host``'s addresses, resolved in a thread of its own: no socket timeout bounds a
     resolver, so the caller waits for it until ``deadline`` only."""
-    answer: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    found: list[Any] = []
+    done = threading.Event()
 
     def run() -> None:
         try:
-            answer.put(socket.getaddrinfo(host, port, allowed_gai_family(), socket.SOCK_STREAM))
+            found.append(socket.getaddrinfo(host, port, allowed_gai_family(), socket.SOCK_STREAM))
         except Exception as error:
-            answer.put(error)
+            found.append(error)
+        done.set()
 
     threading.Thread(target=run, name="flask-meisa-resolve", daemon=True).start()
-    try:
-        found = answer.get(timeout=max(deadline - time.monotonic(), 0.0))
-    except queue.Empty:
-        raise TimeoutError(f"{host} not resolved in time") from None
-    if isinstance(found, Exception):
-        raise found
-    return list(dict.fromkeys(str(entry[4][0]) for entry in found))
+    if not done.wait(max(deadline - time.monotonic(), 0.0)):
+        raise TimeoutError(f"{host} not resolved in time")
+    if isinstance(found[0], Exception):
+        raise found[0]
+    return list(dict.fromkeys(str(entry[4][0]) for entry in found[0]))
 
 
 class _WatchedHTTPConnection(HTTPConnection):

@@ -43,6 +43,8 @@ MAX_MESSAGE = 200
 MAX_EXCERPT = 120
 #: Deepest nesting kept in an error's ``body``.
 MAX_BODY_DEPTH = 32
+#: Largest error answer parsed as JSON; a larger one is only excerpted.
+MAX_ERROR_BODY = 256 * 1024
 
 _KEY_SHAPE = re.compile(r"meisa_[A-Za-z0-9]+_[A-Za-z0-9_\-]+")
 # A match may only start where a run of address characters starts (the lookbehind), so a
@@ -89,9 +91,10 @@ class APIError(MeisaError):
 
     :param endpoint: method and path, e.g. ``"POST /emails/trigger/"``.
     :param message: Meisa's ``detail``, or a short description of the body.
-    :param code: Meisa's error code; ``body``: the cleaned JSON body (``None`` if not JSON);
-        ``retry_after``: seconds, from ``Retry-After``; ``hint``: what to do about it, when
-        the library knows (the key scope a 403's call needs), else ``""``.
+    :param code: Meisa's error code; ``body``: the cleaned JSON body (``None`` if not JSON or
+        over :data:`MAX_ERROR_BODY`); ``retry_after``: seconds, from ``Retry-After``;
+        ``hint``: what to do about it, when the library knows (the key scope a 403's call
+        needs), else ``""``.
     """
 
     def __init__(
@@ -249,7 +252,8 @@ def _api_error(
     """The error of an answer with an error status (``scope``: the key scope the call needs;
     ``retry_after``: its ``Retry-After``, parsed)."""
     # Scrubbed first: that also bounds the depth json.dumps and repr() meet below.
-    body = _scrub(_json(content), secret)
+    small = len(content) <= MAX_ERROR_BODY  # 32 MiB of "[{},...]" parsed took 1.6 GB
+    body = _scrub(_json(content), secret) if small else None
     code: str | None = None
     message: str | None = None
     if isinstance(body, Mapping):
@@ -264,7 +268,7 @@ def _api_error(
     elif body is None and content:
         excerpt = html.unescape(_TAG.sub(" ", content[:2048].decode("utf-8", "replace")))
         if excerpt := _clean(excerpt, secret, MAX_EXCERPT):
-            message = f"non-JSON answer: {excerpt}"
+            message = f"{'non-JSON' if small else 'oversized'} answer: {excerpt}"
     kind = error_for_status(response.status_code)
     options: dict[str, Any] = {"code": code, "body": body, "retry_after": retry_after}
     if issubclass(kind, PermissionDeniedError):

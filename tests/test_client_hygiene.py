@@ -401,6 +401,16 @@ def test_non_json_error_gets_a_short_clean_excerpt() -> None:
     assert error.body is None
 
 
+def test_an_error_answer_too_large_to_read_is_excerpted_not_parsed() -> None:
+    # 32 MiB of "[{},{},...]" in a 500 took 1.6 GB and 9 s to parse and clean.
+    huge = b"[" + b"{}," * 2**20 + b"{}]"  # 3 MiB
+    error = errors._api_error("POST /emails/trigger/", *answer(500, huge), "k")
+    assert error.body is None
+    assert error.message.startswith("oversized answer: [{},{},")
+    fits = b'{"detail": "busy", "pad": "' + b" " * 200_000 + b'"}'
+    assert errors._api_error("POST /emails/trigger/", *answer(500, fits), "k").message == "busy"
+
+
 def test_echoed_key_and_addresses_are_redacted() -> None:
     key = "meisa_live_" + "f" * 32
     body = (

@@ -252,4 +252,5 @@ def test_a_name_that_resolves_slowly_ends_the_call_within_the_deadline(
     assert elapsed <= BOUND, f"resolving the name kept the call {elapsed:.1f} s"
     assert isinstance(error, APITimeoutError)
     assert not error.sent  # nothing reached the server
+    assert error.reason.startswith("no connection within")
     assert server.requests == [("POST", TRIGGER)]

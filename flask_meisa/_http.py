@@ -96,6 +96,8 @@ class Transport:
                     **request, headers=self._headers, allow_redirects=False, stream=True
                 )
                 with response:
+                    if response.status_code < 200:  # its answer may follow: not reused
+                        response.raw.close()
                     content = _read(response)
             except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
                 failure = exc

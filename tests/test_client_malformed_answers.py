@@ -62,6 +62,30 @@ def test_a_send_whose_answer_is_malformed_is_retried_with_its_key(first: bytes) 
     assert keys(server.bodies) == [result.idempotency_key] * 2
 
 
+def test_a_connection_that_carried_an_informational_answer_is_not_used_again() -> None:
+    # The final answer of a request answered 103 may still come on its connection: read
+    # there, it is taken for the answer of whatever request that connection carries next
+    # (another thread's, during the retry's backoff).
+    first: list[socket.socket] = []
+
+    def answer(exchange: Exchange) -> None:
+        if not first:
+            first.append(exchange.sock)
+            exchange.send(b"HTTP/1.1 103 Early Hints\r\n\r\n")
+            return
+        if exchange.sock is first[0]:  # the first request's answer, late
+            exchange.send(response(200, {**SENT, "email_send_id": "e-late"}))
+        exchange.send(response(200, {**SENT, "duplicate": True}))
+
+    with (
+        hostile(answer) as server,
+        MeisaClient(KEY, server.url, timeout=TIMEOUT, retry=POLICY) as meisa,
+    ):
+        result = meisa.trigger_email("verify_email", "ada@example.com")
+    assert result.duplicate  # the retry's own answer
+    assert server.connections == 2
+
+
 @pytest.mark.parametrize(
     ("first", "reason"),
     [

@@ -273,6 +273,8 @@ def _api_error(
     options: dict[str, Any] = {"code": code, "body": body, "retry_after": retry_after}
     if issubclass(kind, PermissionDeniedError):
         options["scope"] = scope
+    elif 300 <= response.status_code < 400:  # redirects are not followed: the key stays here
+        options["hint"] = "Meisa's API does not redirect: check MEISA_BASE_URL"
     message = message or _clean(response.reason or "", secret) or "no details"
     return kind(endpoint, response.status_code, message, **options)
 

@@ -14,6 +14,7 @@ import pytest
 from flask_meisa._http import MAX_ANSWER_BYTES
 from flask_meisa.client import MeisaClient
 from flask_meisa.errors import APIConnectionError
+from flask_meisa.errors import APIError
 from flask_meisa.retry import RetryPolicy
 from tests.hostile import Exchange
 from tests.hostile import hostile
@@ -149,3 +150,18 @@ def test_a_gzip_bomb_stops_at_the_size_limit_at_once(layers: int) -> None:
     assert elapsed < 2.0, f"decoding took {elapsed:.1f} s"
     assert caught.value.reason == f"the answer is larger than {MAX_ANSWER_BYTES // 2**20} MiB"
     assert len(server.requests) == 1
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_a_redirect_is_not_followed_and_points_at_the_base_url(status: int) -> None:
+    # A wrong MEISA_BASE_URL (http:// for https://, a missing /api/v1) often answers so.
+    moved = response(status, {}, {"Location": "https://elsewhere.example/api/v1/"})
+    with (
+        hostile(lambda exchange: exchange.send(moved)) as server,
+        MeisaClient(KEY, server.url, timeout=TIMEOUT, retry=POLICY) as meisa,
+        pytest.raises(APIError) as raised,
+    ):
+        meisa.ping()
+    assert raised.value.status == status
+    assert "check MEISA_BASE_URL" in str(raised.value)
+    assert len(server.requests) == 1  # not retried, not followed

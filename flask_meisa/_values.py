@@ -239,8 +239,11 @@ def outbox(value: object) -> str | None:
     path = value.strip()
     if path.startswith(INSTANCE_PREFIX) and not path.removeprefix(INSTANCE_PREFIX).strip():
         raise InvalidValue(f'names no file: give "{INSTANCE_PREFIX}<file name>"')
-    if path == ":memory:" or path.lower() in _FALSE:  # not file names
-        raise InvalidValue(f'must be a file; for memory only, set None or "{MEMORY}"')
+    if path == ":memory:" or path.lower() in _FALSE | _TRUE:  # flags, not file names
+        raise InvalidValue(
+            f'must be a file; for memory only, set None or "{MEMORY}"; for the default file,'
+            " leave it unset"
+        )
     return path
 
 

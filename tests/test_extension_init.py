@@ -288,7 +288,7 @@ REFUSED = [
     ("MEISA_OUTBOX", 5, "must be a SQLite file path"),
     ("MEISA_OUTBOX", "instance: ", 'names no file: give "instance:<file name>"'),
     ("MEISA_OUTBOX", "false", 'for memory only, set None or "memory"'),
-    ("MEISA_OUTBOX", "0", 'for memory only, set None or "memory"'),
+    ("MEISA_OUTBOX", "0", "for the default file, leave it unset"),
     ("MEISA_CELERY_QUEUE", " ", "must be a queue name without spaces"),
     ("MEISA_CELERY_REDIS_URL", "redis", "must be a redis://"),
     ("MEISA_PRIORITY_FIELDS", {"plan": "plan"}, "must be a list of names"),

@@ -134,12 +134,14 @@ def test_none_or_memory_keeps_delivery_in_memory(emulator: Emulator, value: Any)
         ("instance:  ", "names no file"),
         (":memory:", 'for memory only, set None or "memory"'),
         ("false", 'for memory only, set None or "memory"'),
+        ("True", "for the default file, leave it unset"),
+        ("1", "for the default file, leave it unset"),
     ],
 )
 def test_invalid_values_are_refused(value: Any, message: str) -> None:
     app = Flask(__name__)
     app.config.update(MEISA_API_KEY="meisa_live_x", MEISA_OUTBOX=value)
-    with pytest.raises(ConfigurationError, match=message):
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
         Meisa(app)
 
 

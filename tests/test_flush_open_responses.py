@@ -5,6 +5,8 @@ the response; otherwise it waits for the response to close, and ``flush`` says s
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -29,6 +31,7 @@ from flask_meisa.operations import Operation
 from flask_meisa.testing import emulator_config
 from flask_meisa.testing import record_operations
 from tests.apps import build_app
+from tests.process_support import ROOT
 from tests.process_support import environment
 from tests.process_support import run_app
 from tests.servers import serve
@@ -99,6 +102,42 @@ def test_a_response_kept_past_its_apps_life_logs_no_error_at_exit(
     assert "kept a response" in output
     for sign in ("Traceback", "Exception ignored", "ERROR", "CRITICAL", "Error"):
         assert sign not in output, output
+    assert emulator.live_key not in output
+
+
+KEEP_APP_AND_RESPONSE = """
+import os
+from flask_meisa import Meisa
+from tests.apps import build_app
+meisa = Meisa()
+app = build_app({"MEISA_API_KEY": os.environ["MEISA_TEST_KEY"],
+                 "MEISA_BASE_URL": os.environ["MEISA_TEST_URL"],
+                 "MEISA_OUTBOX": os.environ["MEISA_TEST_INSTANCE"] + "/outbox.sqlite3"},
+                meisa=meisa)
+kept = app.test_client().post("/login/1")  # never closed
+print("kept a response; exiting")
+"""
+
+
+def test_a_response_kept_with_its_app_to_the_end_lets_the_interpreter_exit(
+    emulator: Emulator, tmp_path: Any
+) -> None:
+    # The response releases its work while the interpreter finalizes, after the exit hook
+    # closed delivery: a thread started then (before Python 3.12) never started.
+    env = environment(emulator, tmp_path / "instance")
+    done = subprocess.run(
+        [sys.executable, "-c", KEEP_APP_AND_RESPONSE],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "kept a response" in output
+    assert "Traceback" not in output, output
     assert emulator.live_key not in output
 
 

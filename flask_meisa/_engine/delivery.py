@@ -8,6 +8,7 @@ import contextlib
 import functools
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -231,6 +232,8 @@ class Delivery:
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
         try:
+            if sys.is_finalizing():  # before Python 3.12, start() then waits forever
+                raise RuntimeError("interpreter shutdown")
             thread.start()
         except RuntimeError:  # no new threads at interpreter shutdown
             logger.warning("flask-meisa: cannot start the %s thread", name)

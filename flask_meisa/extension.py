@@ -77,7 +77,8 @@ class Meisa:
 
     def init_app(self, app: Flask) -> None:
         """Register on ``app`` (config defaults, hooks, ``flask meisa`` commands) and start
-        delivery; a ``MEISA_*`` key missing or invalid raises :class:`ConfigurationError`."""
+        delivery; an invalid ``MEISA_*`` key, or no ``MEISA_API_KEY`` while delivering,
+        raises :class:`ConfigurationError`."""
         if "meisa" in app.extensions:
             raise RuntimeError(
                 "A 'Meisa' instance has already been registered on this Flask app."

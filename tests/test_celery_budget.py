@@ -318,6 +318,26 @@ def test_a_retry_that_never_comes_holds_its_contacts_next_one_only_for_a_grace(
         later = budget.acquire(lease=LEASE, waiter="e1", place=second)
 
 
+def test_a_contact_held_by_its_earlier_call_keeps_no_slot_from_other_contacts(
+    make_budget: MakeBudget,
+) -> None:
+    budget = make_budget("1/second")
+    first, second = budget.places([("e0", "c"), ("e1", "c")])
+    got = budget.acquire(lease=LEASE, waiter="e0", place=first)
+    assert got.token is not None
+    budget.finish(got.token, again=3.0)  # a 503: it runs again in 3 s
+    assert budget.acquire(lease=LEASE, waiter="e1", place=second).token is None  # held
+    # Another contact's operation, released after e1, takes the slot once it frees (a
+    # second after e0's answer): e1 waits for its contact, not for a slot.
+    other = budget.places([("o0", "o")])[0]
+    started = time.monotonic()
+    got = budget.acquire(lease=LEASE, waiter="o0", place=other)
+    while got.token is None:
+        assert time.monotonic() - started < 1.5, got
+        time.sleep(got.wait)
+        got = budget.acquire(lease=LEASE, waiter="o0", place=other)
+
+
 def test_a_contacts_call_whose_worker_died_holds_its_next_one_until_its_lease_ends(
     make_budget: MakeBudget,
 ) -> None:

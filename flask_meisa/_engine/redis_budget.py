@@ -154,10 +154,12 @@ local calling = KEYS[14 + n] ~= KEYS[4] and redis.call('GET', KEYS[14 + n])
 local token, by = string.match(calling or ' ', '^(%S*) (.*)$')
 local left = calling and by ~= waiter and redis.call('PTTL', KEYS[14 + n]) / 1000 or 0
 local soon = redis.call('ZSCORE', KEYS[2], token) and 0 or math.max(left - GRACE, 0)
-wait = math.max(wait, math.min(left, soon + 0.1))
+local held = math.min(left, soon + 0.1)
+wait = math.max(wait, held)
 if wait > 0 and not turn then return {0, tostring(wait)} end
 if wait > 0 then
   redis.call('ZADD', back, now + math.min(wait, tonumber(ARGV[8])), waiter)
+  if held > 0 then redis.call('ZREM', mine, waiter) end  -- its contact's: no slot kept
   local last = redis.call('ZRANGE', back, -1, -1, 'WITHSCORES')
   for _, key in ipairs({mine, back}) do
     redis.call('PEXPIRE', key, math.ceil((tonumber(last[2]) - now + GRACE) * 1000) + 1000)

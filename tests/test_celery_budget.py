@@ -338,6 +338,28 @@ def test_a_contact_held_by_its_earlier_call_keeps_no_slot_from_other_contacts(
         got = budget.acquire(lease=LEASE, waiter="o0", place=other)
 
 
+def test_a_retry_that_comes_late_still_goes_before_its_contacts_next_one(
+    make_budget: MakeBudget,
+) -> None:
+    budget = make_budget("10/second")
+    first, second = budget.places([("e0", "c"), ("e1", "c")])
+    got = budget.acquire(lease=LEASE, waiter="e0", place=first)
+    assert got.token is not None
+    budget.finish(got.token, again=0.2, late=LEASE)  # its worker's threads may all be busy
+    due = time.monotonic() + 0.2
+    later = budget.acquire(lease=LEASE, waiter="e1", place=second)
+    assert later.token is None and 0.2 <= later.wait <= 0.3, later  # back once it is due
+    # Its retry starts 1.5 s late: its contact's next one, looking often, waits for it.
+    while time.monotonic() < due + 1.5:
+        time.sleep(later.wait)
+        later = budget.acquire(lease=LEASE, waiter="e1", place=second)
+        assert later.token is None and later.wait <= 0.1, later
+    retry = budget.acquire(lease=LEASE, waiter="e0", place=first)
+    assert retry.token is not None
+    budget.finish(retry.token)
+    assert budget.acquire(lease=LEASE, waiter="e1", place=second).token is not None
+
+
 def test_a_contacts_call_whose_worker_died_holds_its_next_one_until_its_lease_ends(
     make_budget: MakeBudget,
 ) -> None:

@@ -324,3 +324,38 @@ def test_a_users_event_retried_after_a_503_is_not_overtaken_by_their_next_ones(
     # Its retry, after a backoff, goes before the user's later events, as its first try did.
     tracked = [name for name, status, _ in arrivals if status != 503]
     assert tracked == [f"mine{n}" for n in range(4)], arrivals
+
+
+def test_a_users_event_retried_while_the_workers_are_busy_is_not_overtaken(
+    emulator: Emulator, start_worker: StartWorker, producer: Callable[..., CeleryDispatcher]
+) -> None:
+    first = start_worker(emulator)
+    dispatcher = producer(emulator, rate_limit="10/second")
+    for n in range(1, 6):
+        dispatcher.publish(Operation("upsert", user(n)))
+    assert dispatcher.flush(timeout=20)
+    first.stop()
+    emulator.clear_requests()
+    # Slow answers, and two threads that four other users' events keep busy: a retry that
+    # is due waits for a thread, longer than a second.
+    emulator.faults.set(latency=1.5, paths=["/events/track/"])
+    emulator.faults.fail_next(1, 503, path="/events/track/", match={"event_name": "mine0"})
+    start_worker(emulator, concurrency=2)
+    track = functools.partial(Operation, "track")
+    dispatcher.publish(track({"event_name": "mine0", "external_id": "1"}))
+    assert wait_until(lambda: dispatcher.status().in_flight == 1, timeout=10)
+    for n in range(1, 3):
+        dispatcher.publish(track({"event_name": f"mine{n}", "external_id": "1"}))
+        for other in range(2, 6):
+            dispatcher.publish(track({"event_name": f"busy{n}", "external_id": str(other)}))
+    assert dispatcher.flush(timeout=60)
+
+    calls = sorted(emulator.requests_to("/events/track/"), key=lambda r: r.time)
+    arrivals = [
+        (r.body["event_name"], r.body["external_id"], r.status, round(r.time - calls[0].time, 2))
+        for r in calls
+    ]
+    tracked = [
+        r.body["event_name"] for r in calls if r.body["external_id"] == "1" and r.status != 503
+    ]
+    assert tracked == ["mine0", "mine1", "mine2"], arrivals

@@ -306,6 +306,9 @@ class DeliveryWorker:
                 outage=decision.outage,
                 answered=decision.answered,
                 again=None if settled.step in ("delivered", "failed") else decision.delay,
+                # A retry due may wait for a thread busy with a call; a recovery runs at once
+                # and may wait for its contact's upsert, which must not wait for it as long.
+                late=self._lease if settled.step == "retry" else 1.0,
             )
             budget.pause(pause_for(decision, failures, self._retry, logger))
         if decision.unknown_contact:

@@ -67,10 +67,8 @@ return places
 # 'part' (it delivers an upsert part), 'shared' (as its part's shared waiter) or ''
 _ACQUIRE = """
 local lane, n, waiter = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[6]
-local shared = ARGV[3 * n + 9] == 'shared'
-local part = shared or ARGV[3 * n + 9] == 'part'
-local mine, back = KEYS[6 + lane], KEYS[10 + lane]
-local current = tonumber(redis.call('GET', KEYS[4]) or '0')
+local shared, part, mine = ARGV[3 * n + 9] == 'shared', ARGV[3 * n + 9] ~= '', KEYS[6 + lane]
+local back, current = KEYS[10 + lane], tonumber(redis.call('GET', KEYS[4]) or '0')
 local turn, before = string.match(ARGV[7], '^([%d.]+) (.*)$')
 -- Meta is data from the broker: a turn no count reaches (past exact doubles) is none.
 turn = tonumber(turn) and tonumber(turn) < 2 ^ 52 and tonumber(turn) or nil
@@ -104,8 +102,7 @@ if flying > 0 and tonumber(redis.call('GET', KEYS[3]) or '0') >= tonumber(ARGV[5
   wait = math.max(wait, math.min(1, tonumber(first[2]) - now))  -- one probe at a time
 end
 for w = 1, n do
-  local limit, period = tonumber(ARGV[3 * w + 6]), tonumber(ARGV[3 * w + 7])
-  local allowed = tonumber(ARGV[3 * w + 8])
+  local limit, period, allowed = ARGV[3 * w + 6] + 0, ARGV[3 * w + 7] + 0, ARGV[3 * w + 8] + 0
   redis.call('ZREMRANGEBYSCORE', KEYS[13 + w], '-inf', now - period)
   local answered = redis.call('ZCARD', KEYS[13 + w])
   -- The slots that must free first: for the calls made and in flight, the waiters of the
@@ -148,18 +145,18 @@ end
 -- Placed again since (a task run again as first published), it is no waiter before it.
 if ranked and ranked > turn then previous = false end
 if previous then wait = math.max(wait, tonumber(previous) - now + spacing, 0.1) end
--- One call of a contact at a time (not its own): one in flight is soon over; one held on (a
--- retry due a grace before, or to a lease's end) is looked at from a grace before it ends.
+-- One call of a contact at a time (not its own): one in flight is soon over; a retry is looked
+-- at often from its due time (kept by finish), a call with no answer from a grace before its end.
 local calling = KEYS[14 + n] ~= KEYS[4] and redis.call('GET', KEYS[14 + n])
 local token, by = string.match(calling or ' ', '^(%S*) (.*)$')
 local left = calling and by ~= waiter and redis.call('PTTL', KEYS[14 + n]) / 1000 or 0
-local soon = redis.call('ZSCORE', KEYS[2], token) and 0 or math.max(left - GRACE, 0)
-local held = math.min(left, soon + 0.1)
-wait = math.max(wait, held)
+local soon = tonumber(token) or now + left - GRACE
+soon = redis.call('ZSCORE', KEYS[2], token) and 0 or math.max(soon - now, 0)
+wait = math.max(wait, math.min(left, soon + 0.1))
 if wait > 0 and not turn then return {0, tostring(wait)} end
 if wait > 0 then
   redis.call('ZADD', back, now + math.min(wait, tonumber(ARGV[8])), waiter)
-  if held > 0 then redis.call('ZREM', mine, waiter) end  -- its contact's: no slot kept
+  if left > 0 then redis.call('ZREM', mine, waiter) end  -- its contact's: no slot kept
   local last = redis.call('ZRANGE', back, -1, -1, 'WITHSCORES')
   for _, key in ipairs({mine, back}) do
     redis.call('PEXPIRE', key, math.ceil((tonumber(last[2]) - now + GRACE) * 1000) + 1000)
@@ -183,16 +180,19 @@ return {1, '0'}
 
 # KEYS: in-flight, failures, answered window 1..n, the contact's call (as in _ACQUIRE)
 # ARGV: token, made (0/1, or 'lease': no answer came in time), n, outcome ('outage',
-# 'answered' or ''), each period, then the seconds until it runs again ('': it does not)
+# 'answered' or ''), each period, then seconds until it runs again ('': never), how late
 _FINISH = """
-local calling, again = KEYS[3 + tonumber(ARGV[3])], tonumber(ARGV[5 + tonumber(ARGV[3])])
-local own = string.find(redis.call('GET', calling) or '', ARGV[1] .. ' ', 1, true) == 1
--- Its contact's next waits for its retry, or to its lease's end (it may still reach Meisa).
-local ms = again and math.ceil((again + GRACE) * 1000) or 0  -- 0: it is gone at once
-if own and ARGV[2] ~= 'lease' then redis.call('PEXPIRE', calling, ms) end
+local n, again = tonumber(ARGV[3]), tonumber(ARGV[5 + ARGV[3]])
+local held, ms = redis.call('GET', KEYS[3 + n]) or '', again and (again + ARGV[6 + n]) * 1000 or 0
+-- Its contact's next waits for its retry ('<due> <waiter>', and past it: a due task may wait
+-- for a busy thread), or to its lease's end (no answer came: it may still reach Meisa).
+local own = string.find(held, ARGV[1] .. ' ', 1, true) == 1 and ARGV[2] ~= 'lease'
+local kept = own and ms > 0 and (now + again) .. string.sub(held, #ARGV[1] + 1)
+if kept then redis.call('SET', KEYS[3 + n], kept, 'PX', math.ceil(ms)) end
+if own and not kept then redis.call('DEL', KEYS[3 + n]) end
 local lease = redis.call('ZSCORE', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[1], ARGV[1])
-for w = 1, tonumber(ARGV[3]) do
+for w = 1, n do
   if ARGV[2] == '0' then
     redis.call('ZREM', KEYS[2 + w], ARGV[1])
   else
@@ -292,9 +292,8 @@ class RedisBudget:
 
     def places(self, waiters: Sequence[tuple[str, str]]) -> list[str]:
         """The places of ``waiters`` (``(operation id, contact)``; ``""``: no contact's), in
-        one call when released or first asking: the turn after the contact's last and the
-        current one (an id ``""`` takes no turn: the contact's last stays its last).
-        Opaque: ``"<contact's digest> <turn> <its waiter before>"``."""
+        one call when released or first asking: after the contact's last and the current
+        turn (an id ``""`` takes none). Opaque: ``"<digest> <turn> <its waiter before>"``."""
         names = [_digest(contact) if contact else "-" for _, contact in waiters]
         keys = [self._turn_key, f"{self._prefix}:places", *map(self._last, names)]
         turns = self._place(keys=keys, args=[waiter for waiter, _ in waiters])
@@ -330,8 +329,7 @@ class RedisBudget:
             while got.token is None and time.monotonic() + got.wait <= deadline:
                 time.sleep(got.wait)
                 got = ask(waiter=waiter, place=got.place)
-            if got.token is None:  # this waiter will not come back: its place holds nothing
-                self.forget([waiter])
+            self.forget([] if got.token else [waiter])  # not back: its place holds nothing
             token = got.token
         except RedisError as error:
             if time.monotonic() >= self._unreachable_until:
@@ -362,14 +360,16 @@ class RedisBudget:
         outage: bool = False,
         answered: bool = False,
         again: float | None = None,
+        late: float = 1.0,
     ) -> int:
         """The call of ``token`` is over: date its slot now (``made=False``: give it back;
         ``timed_out``: Meisa may count it until its lease ends, so then), count the failures
-        in a row of every worker (returned); ``again``: seconds until its operation retries."""
+        in a row of every worker (returned); ``again``: seconds until its operation retries,
+        its contact's next operation held until then and ``late`` seconds more."""
         outcome = "answered" if answered else "outage" if outage else ""
         how = "lease" if made and timed_out else int(made)
         args = [token, how, len(self.windows), outcome, *(w.period for w in self.windows)]
-        args.append("" if again is None else again)
+        args += ["" if again is None else again, late]
         calling = self._last(token.partition(":")[2].partition(":")[2], "calling")
         keys = [self._flying_key, self._failures_key, *self._windows, calling]
         return int(self._finish(keys=keys, args=args))

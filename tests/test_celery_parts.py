@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from flask_meisa._engine import redis_records
+from flask_meisa._engine import redis_store
 from flask_meisa._engine.celery import CeleryDispatcher
 from flask_meisa._engine.celery_worker import DeliveryWorker
 from flask_meisa._engine.celery_worker import RunAgain
@@ -113,6 +115,8 @@ def previous(monkeypatch: pytest.MonkeyPatch, name: str) -> Any:
         source = subprocess.run(shown, capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("the previous version is read from git history")
+    # It imported Claim from redis_store, which no longer names it (redis_records does).
+    monkeypatch.setattr(redis_store, "Claim", redis_records.Claim, raising=False)
     module = types.ModuleType(f"flask_meisa._engine.previous_{name}")
     module.__package__ = "flask_meisa._engine"
     monkeypatch.setitem(sys.modules, module.__name__, module)

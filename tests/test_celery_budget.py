@@ -4,6 +4,7 @@ due waiter of a higher lane holds its slot), and one budget per API key."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import subprocess
 import sys
@@ -358,6 +359,26 @@ def test_a_retry_that_comes_late_still_goes_before_its_contacts_next_one(
     assert retry.token is not None
     budget.finish(retry.token)
     assert budget.acquire(lease=LEASE, waiter="e1", place=second).token is not None
+
+
+def test_a_retry_waiting_for_a_slot_tells_its_contacts_next_one_when_to_look_again(
+    make_budget: MakeBudget,
+) -> None:
+    budget = make_budget("10/second")
+    first, second = budget.places([("e0", "c"), ("e1", "c")])
+    backfill = functools.partial(budget.acquire, lease=LEASE, lane=LANE_BACKFILL, share=0.01)
+    got = backfill(waiter="e0", place=first)  # its run's one slot a second
+    assert got.token is not None
+    budget.finish(got.token, again=0.2, late=LEASE)  # a 503: it runs again in 0.2 s
+    time.sleep(0.2)
+    retry = backfill(waiter="e0", place=first)
+    assert retry.token is None and retry.wait > 0.5, retry  # its share frees in 0.8 s
+    # Its contact's next one, on a lane with free slots, looks again once the retry does,
+    # not every 0.1 s meanwhile.
+    later = budget.acquire(lease=LEASE, lane=LANE_AUTOMATION, waiter="e1", place=second)
+    assert later.token is None and retry.wait - 0.05 <= later.wait <= retry.wait + 0.1, later
+    time.sleep(retry.wait)
+    assert backfill(waiter="e0", place=first).token is not None
 
 
 def test_a_contacts_call_whose_worker_died_holds_its_next_one_until_its_lease_ends(

@@ -72,7 +72,6 @@ local back, current = KEYS[10 + lane], tonumber(redis.call('GET', KEYS[4]) or '0
 local turn, before = string.match(ARGV[7], '^([%d.]+) (.*)$')
 -- Meta is data from the broker: a turn no count reaches (past exact doubles) is none.
 turn = tonumber(turn) and tonumber(turn) < 2 ^ 52 and tonumber(turn) or nil
-local pause = tonumber(redis.call('GET', KEYS[1]) or '0')
 -- A call whose lease ran out (its worker died) counts as answered when the lease ended.
 local stale = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'WITHSCORES')
 for i = 1, #stale, 2 do
@@ -97,7 +96,7 @@ if turn then
   if kept and kept < turn then turn = kept else redis.call('ZADD', mine, turn, waiter) end
   rank = redis.call('ZRANK', mine, waiter)
 end
-local wait, spacing = math.max(pause - now, 0), 0.05
+local wait, spacing = math.max(tonumber(redis.call('GET', KEYS[1]) or '0') - now, 0), 0.05
 if flying > 0 and tonumber(redis.call('GET', KEYS[3]) or '0') >= tonumber(ARGV[5]) then
   wait = math.max(wait, math.min(1, tonumber(first[2]) - now))  -- one probe at a time
 end
@@ -145,8 +144,8 @@ end
 -- Placed again since (a task run again as first published), it is no waiter before it.
 if ranked and ranked > turn then previous = false end
 if previous then wait = math.max(wait, tonumber(previous) - now + spacing, 0.1) end
--- One call of a contact at a time (not its own): one in flight is soon over; a retry is looked
--- at often from its due time (kept by finish), a call with no answer from a grace before its end.
+-- One call of a contact at a time (not its own): one in flight is soon over; a retry is looked at
+-- often from its due (finish keeps it; an early ask moves it), one unanswered at its lease's end.
 local calling = KEYS[14 + n] ~= KEYS[4] and redis.call('GET', KEYS[14 + n])
 local token, by = string.match(calling or ' ', '^(%S*) (.*)$')
 local left = calling and by ~= waiter and redis.call('PTTL', KEYS[14 + n]) / 1000 or 0
@@ -157,6 +156,9 @@ if wait > 0 and not turn then return {0, tostring(wait)} end
 if wait > 0 then
   redis.call('ZADD', back, now + math.min(wait, tonumber(ARGV[8])), waiter)
   if left > 0 then redis.call('ZREM', mine, waiter) end  -- its contact's: no slot kept
+  local kept = tonumber(token) and by == waiter and redis.call('PTTL', KEYS[14 + n])
+  local due = (now + math.min(wait, tonumber(ARGV[8]))) .. ' ' .. waiter
+  if kept and kept > 0 then redis.call('SET', KEYS[14 + n], due, 'PX', kept) end
   local last = redis.call('ZRANGE', back, -1, -1, 'WITHSCORES')
   for _, key in ipairs({mine, back}) do
     redis.call('PEXPIRE', key, math.ceil((tonumber(last[2]) - now + GRACE) * 1000) + 1000)
@@ -390,9 +392,7 @@ class RedisBudget:
         for key, window in zip(self._windows, self.windows, strict=True):
             pipe.zcount(key, f"({now - window.period}", "+inf")
         paused, flying, *answered = pipe.execute()
-        in_flight = dict.fromkeys(LANE_NAMES, 0)
-        for token in flying:  # "<lane>:<random>[:<contact's digest>]"
-            in_flight[int(token[:1])] += 1
+        in_flight = {lane: sum(int(t[:1]) == lane for t in flying) for lane in LANE_NAMES}
         remaining = {
             window.label: max(window.limit - n - len(flying), 0)
             for window, n in zip(self.windows, answered, strict=True)

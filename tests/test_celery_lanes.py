@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -359,3 +360,38 @@ def test_a_users_event_retried_while_the_workers_are_busy_is_not_overtaken(
         r.body["event_name"] for r in calls if r.body["external_id"] == "1" and r.status != 503
     ]
     assert tracked == ["mine0", "mine1", "mine2"], arrivals
+
+
+def test_a_users_events_held_behind_their_retry_leave_the_budget_to_other_users(
+    emulator: Emulator, start_worker: StartWorker, producer: Callable[..., CeleryDispatcher]
+) -> None:
+    first = start_worker(emulator)
+    dispatcher = producer(emulator, rate_limit="2/second")
+    for n in range(1, 5):
+        dispatcher.publish(Operation("upsert", user(n)))
+    assert dispatcher.flush(timeout=20)
+    first.stop()
+    emulator.clear_requests()
+    # User 1's first event is answered 503, retry in 10 s: their next three wait for it.
+    match = {"event_name": "e0", "external_id": "1"}
+    emulator.faults.fail_next(1, 503, path="/events/track/", match=match, retry_after=10)
+    track = functools.partial(Operation, "track")
+    for k in range(4):
+        for n in range(1, 5):
+            dispatcher.publish(track({"event_name": f"e{k}", "external_id": str(n)}))
+    config = json.dumps({"MEISA_RETRY_MAX_DELAY": 12})
+    start_worker(
+        emulator, concurrency=4, MEISA_TEST_RATE_LIMIT="2/second", MEISA_TEST_CONFIG=config
+    )
+    assert dispatcher.flush(timeout=60)
+
+    calls = sorted(emulator.requests_to("/events/track/"), key=lambda r: r.time)
+    arrivals = [
+        (r.body["external_id"], r.body["event_name"], r.time - calls[0].time) for r in calls
+    ]
+    # The other users' 12 events take the budget meanwhile (13 calls at 2/second: 6 s), all
+    # before user 1's retry; user 1's go after it, in order.
+    retry = next(at for who, name, at in arrivals[1:] if (who, name) == ("1", "e0"))
+    assert all(at < retry for who, _, at in arrivals if who != "1"), arrivals
+    mine = [name for who, name, _ in arrivals if who == "1"]
+    assert mine == ["e0", "e0", "e1", "e2", "e3"], arrivals

@@ -57,6 +57,18 @@ def take(budget: RedisBudget, n: int, *, lane: int = LANE_ROUTINE) -> None:
         budget.finish(got.token)
 
 
+def taken_within(budget: RedisBudget, seconds: float, waiter: str, place: str) -> str:
+    """The token ``waiter`` takes when it comes back each time it is told, within
+    ``seconds`` (a failed assertion otherwise)."""
+    deadline = time.monotonic() + seconds
+    got = budget.acquire(lease=LEASE, waiter=waiter, place=place)
+    while got.token is None:
+        assert time.monotonic() < deadline, got
+        time.sleep(got.wait)
+        got = budget.acquire(lease=LEASE, waiter=waiter, place=place)
+    return got.token
+
+
 def test_slots_are_free_until_the_limit_then_a_wait(make_budget: MakeBudget) -> None:
     budget = make_budget("3/second")
     take(budget, 3)
@@ -216,11 +228,7 @@ def test_a_contacts_last_turn_is_kept_while_its_work_waits(
             pass
         assert len(client.keys("*:last:*")) == 1
         for n in (1, 2, 3):  # each comes back when told, and takes its slot
-            got = asked[n]
-            while got.token is None:
-                time.sleep(got.wait)
-                got = budget.acquire(lease=LEASE, waiter=f"c{n}", place=asked[n].place)
-            budget.finish(got.token)
+            budget.finish(taken_within(budget, 5, f"c{n}", asked[n].place))
         assert client.keys("*:last:*") == []  # its last took its slot: nothing to keep
     finally:
         client.close()
@@ -311,12 +319,23 @@ def test_a_retry_that_never_comes_holds_its_contacts_next_one_only_for_a_grace(
     got = budget.acquire(lease=LEASE, waiter="e0", place=first)
     assert got.token is not None
     budget.finish(got.token, again=0.2)  # its worker dies before it runs again
-    later = budget.acquire(lease=LEASE, waiter="e1", place=second)
-    deadline = time.monotonic() + 0.2 + 1.0 + 0.5
-    while later.token is None:
-        assert time.monotonic() < deadline, later
-        time.sleep(later.wait)
-        later = budget.acquire(lease=LEASE, waiter="e1", place=second)
+    taken_within(budget, 0.2 + 1.0 + 0.5, "e1", second)
+
+
+def test_a_retry_that_ends_without_a_call_holds_its_contacts_next_one_no_longer(
+    make_budget: MakeBudget,
+) -> None:
+    budget = make_budget("10/second")
+    first, second = budget.places([("e0", "c"), ("e1", "c")])
+    got = budget.acquire(lease=LEASE, waiter="e0", place=first)
+    assert got.token is not None
+    budget.release("e0", first)  # its call in flight holds still
+    assert budget.acquire(lease=LEASE, waiter="e1", place=second).token is None
+    budget.finish(got.token, again=0.2, late=LEASE)
+    budget.release("e1", second)  # not the retry's waiter: nothing changes
+    assert budget.acquire(lease=LEASE, waiter="e1", place=second).token is None
+    budget.release("e0", first)  # its retry is skipped, or too late: no call
+    taken_within(budget, 0.5, "e1", second)  # not 0.2 s + a lease later
 
 
 def test_a_contact_held_by_its_earlier_call_keeps_no_slot_from_other_contacts(
@@ -331,12 +350,7 @@ def test_a_contact_held_by_its_earlier_call_keeps_no_slot_from_other_contacts(
     # Another contact's operation, released after e1, takes the slot once it frees (a
     # second after e0's answer): e1 waits for its contact, not for a slot.
     other = budget.places([("o0", "o")])[0]
-    started = time.monotonic()
-    got = budget.acquire(lease=LEASE, waiter="o0", place=other)
-    while got.token is None:
-        assert time.monotonic() - started < 1.5, got
-        time.sleep(got.wait)
-        got = budget.acquire(lease=LEASE, waiter="o0", place=other)
+    taken_within(budget, 1.5, "o0", other)
 
 
 def test_a_retry_that_comes_late_still_goes_before_its_contacts_next_one(
@@ -389,11 +403,7 @@ def test_a_contacts_call_whose_worker_died_holds_its_next_one_until_its_lease_en
     assert budget.acquire(lease=0.3, waiter="e0", place=first).token is not None  # never over
     later = budget.acquire(lease=LEASE, waiter="e1", place=second)
     assert later.token is None
-    deadline = time.monotonic() + 5
-    while later.token is None:  # it comes back when told: not for good
-        assert time.monotonic() < deadline, later
-        time.sleep(later.wait)
-        later = budget.acquire(lease=LEASE, waiter="e1", place=second)
+    taken_within(budget, 5, "e1", second)  # it comes back when told: not for good
 
 
 def test_a_waiter_that_never_comes_back_holds_the_others_only_for_a_grace(

@@ -537,6 +537,25 @@ def test_an_event_does_not_wait_for_an_upsert_released_after_it(
     assert [r.path for r in emulator.requests] == ["/api/v1" + UPSERT, "/api/v1" + TRACK]
 
 
+def test_a_retry_that_ends_without_a_call_holds_its_contacts_next_one_no_longer(
+    make_worker: MakeWorker, submit: Submit, hooks: RecordingHooks, emulator: Emulator
+) -> None:
+    # A retry holds its contact's next operation until it is due and a lease more (one
+    # call of a contact at a time); skipped when it runs, it makes no call to wait for.
+    payload = {"trigger_key": "receipt", "to_email": "ada@example.com"}
+    first = Operation("send", {**payload, "idempotency_key": "k-1"})
+    second = Operation("send", {**payload, "idempotency_key": "k-2"})
+    tasks = [submit(first), submit(second)]
+    emulator.faults.fail_next(1, 503, path=TRIGGER)
+    worker = make_worker()
+    again = worker.run(*tasks[0])
+    assert isinstance(again, RunAgain)
+    hooks.skip = lambda op: "suppressed" if op.id == first.id else None
+    assert worker.run(again.op, again.meta) is None
+    assert worker.run(*tasks[1]) is None  # at once, not a lease (8 s) later
+    assert [r.status for r in emulator.requests_to(TRIGGER)] == [503, 200]
+
+
 def test_skip_reasons_and_a_disabled_worker_skip_without_a_call(
     make_worker: MakeWorker,
     submit: Submit,

@@ -232,6 +232,7 @@ class DeliveryWorker:
             # The app set these fields again: an older dead upsert of them is outdated.
             contact = meta.get("contact")
             self.store.remember(operation.payload, time.time(), contact, accepted=False)
+            self._uncalled(operation, meta, claim)
             self._report("unchanged", members, None, claim)
             return None
         recovering = operation.kind == "track" and bool(meta.get("recover"))
@@ -240,6 +241,7 @@ class DeliveryWorker:
                 self._hooks.skip_reason(operation) if self._enabled() else "delivery_suppressed"
             )
             if reason is not None:
+                self._uncalled(operation, meta, claim)
                 self._report("skipped", members, reason, claim)
                 return None
         first = meta.get("first_attempt")
@@ -248,6 +250,8 @@ class DeliveryWorker:
             # again) may come after attempts whose retries carried the date: it is recorded.
             first = self.store.first_attempt(operation.id)
         late = too_late(operation, first, time.time())
+        if late is not None:
+            self._uncalled(operation, meta, claim)
         budget, token, lane = self.budget, None, int(meta["lane"])
         if budget is not None and late is None:
             run = self.store.get("backfill", {}) if lane == LANE_BACKFILL else {}
@@ -259,7 +263,7 @@ class DeliveryWorker:
             # The tasks of one part of a record (its members', its companions') wait as one,
             # its first member, at the earliest of their places: it needs one slot.
             part = claim is not None and bool(claim.members)
-            waiter = claim.members[0] if claim is not None and part else operation.id
+            waiter = _waiter(operation, claim)
             got = budget.acquire(
                 lease=self._lease,
                 lane=lane,
@@ -332,6 +336,11 @@ class DeliveryWorker:
             self._report("delivered", members, outcome.result, claim, answer=waited)
         return None
 
+    def _uncalled(self, operation: Operation, meta: dict[str, Any], claim: Claim | None) -> None:
+        # Run again after a call, it ends without one: its contact's next need not wait.
+        if self.budget is not None and operation.attempts:
+            self.budget.release(_waiter(operation, claim), str(meta.get("turn") or ""))
+
     def _release(self, claim: Claim | None, backoff: float = 0.0) -> None:
         if claim is not None:
             self.store.settle(claim, delivered=False, backoff=backoff)
@@ -370,3 +379,8 @@ class DeliveryWorker:
         if failed and claim is None:
             self._dead.bury(members, detail)
         self.store.finish([member.id for member in members], outcome, len(members), answer=answer)
+
+
+def _waiter(operation: Operation, claim: Claim | None) -> str:
+    """Who ``operation`` asks the budget as: its part's first member, or itself."""
+    return claim.members[0] if claim is not None and claim.members else operation.id

@@ -30,6 +30,7 @@ from .redis_scripts import FINISH
 from .redis_scripts import HOLD
 from .redis_scripts import PAUSE
 from .redis_scripts import PLACE
+from .redis_scripts import RELEASE
 from .redis_scripts import TIME
 
 logger = logging.getLogger("flask_meisa.engine")
@@ -73,7 +74,7 @@ class RedisBudget:
         self._acquire, self._finish, self._pause, self._hold = (
             redis.register_script(TIME + body) for body in (ACQUIRE, FINISH, PAUSE, HOLD)
         )
-        self._place = redis.register_script(PLACE)
+        self._place, self._release = map(redis.register_script, (PLACE, RELEASE))
 
     def acquire(
         self,
@@ -123,6 +124,13 @@ class RedisBudget:
         """``waiter`` (an operation id) waits ``seconds`` for its contact's upsert, not a
         slot: it holds none, but its contact's later waiters of ``lane`` go after it."""
         self._hold(keys=[self._waiting[len(LANE_NAMES) + lane]], args=[waiter, seconds])
+
+    def release(self, waiter: str, place: str) -> None:
+        """``waiter``, whose operation was to run again, ends without a call: its
+        contact's next operation (of its ``place``) no longer waits for it."""
+        name = place.partition(" ")[0]
+        if name not in ("", "-"):
+            self._release(keys=[self._last(name, "calling")], args=[waiter])
 
     def _last(self, name: str, kind: str = "last") -> str:
         # A contact's last turn, or ('calling') the token of its call that may reach Meisa.

@@ -188,6 +188,13 @@ local ms = math.ceil((tonumber(ARGV[2]) + GRACE) * 1000) + 1000
 if redis.call('PTTL', KEYS[1]) < ms then redis.call('PEXPIRE', KEYS[1], ms) end
 """
 
+# KEYS: the contact's call; ARGV: a waiter. Its retry ends without a call (skipped,
+# unchanged, too late): the contact's next operation need not wait for it any more.
+RELEASE = """
+local due, by = string.match(redis.call('GET', KEYS[1]) or '', '^(%S*) (.*)$')
+if tonumber(due) and by == ARGV[1] then redis.call('DEL', KEYS[1]) end
+"""
+
 # KEYS: pause; ARGV: seconds. A pause is never shortened.
 PAUSE = """
 local untl = now + tonumber(ARGV[1])

@@ -1180,9 +1180,10 @@ def test_a_lock_file_that_cannot_be_made_again_is_said_once_not_as_the_store_fai
     engine = make_engine(emulator, RecordingHooks(), store=Store(instance / "store.sqlite3"))
     engine.start()
     assert eventually(lambda: engine.is_holder)
-    # The folder deleted, and a file put where it was: neither the store nor its lock
-    # can be made again, while the file the process has open takes its work.
-    shutil.rmtree(instance)
+    # The folder gone (moved away whole: the engine may be writing in it), and a file put
+    # where it was: neither the store nor its lock can be made again, while the file the
+    # process has open takes its work.
+    instance.rename(tmp_path / "gone")
     instance.write_text("")
     assert eventually(lambda: "cannot move to the file now there" in caplog.text)
     assert eventually(lambda: "delivery lock" in caplog.text)
@@ -1196,7 +1197,7 @@ def test_a_lock_file_that_cannot_be_made_again_is_said_once_not_as_the_store_fai
     instance.unlink()
     instance.mkdir()
     assert eventually(lambda: "locked the new file and delivers on" in caplog.text)
-    shutil.rmtree(instance)
+    instance.rename(tmp_path / "gone again")
     instance.write_text("")
     assert eventually(lambda: caplog.text.count("delivers on with the one it holds") == 2)
 

@@ -331,14 +331,18 @@ def test_a_refused_upsert_coalesced_from_a_backfill_and_a_live_sync_is_one_refus
 ) -> None:
     # User 5's live sync waits to retry after a 503 when the backfill's upsert of user 5
     # joins its record; Meisa refuses the one call made of both.
-    slow_retry = '{"MEISA_RETRY_BASE_DELAY": 1.0, "MEISA_RETRY_MAX_DELAY": 1.0}'
+    slow_retry = '{"MEISA_RETRY_BASE_DELAY": 1.0, "MEISA_RETRY_MAX_DELAY": 2.0}'
     start_worker(emulator, MEISA_TEST_CONFIG=slow_retry)
     app = make_app(6)
     meisa: Meisa = app.extensions["meisa"]
-    live_sync = live_sync_retried(meisa, emulator)
 
     def live_sync_then_refuse(user: Any) -> None:
-        live_sync(user)  # its first call answered 503: it waits to retry
+        # Its first call answered 503 with Retry-After: it waits 2 s to retry, however
+        # busy the machine, for the backfill's upsert to join it (a backoff's jitter alone
+        # can be a few ms).
+        emulator.faults.fail_next(1, 503, path=UPSERT, retry_after=2.0)
+        meisa.upsert(user, priority="high")
+        assert emulator.wait_for(lambda e: len(e.requests_to(UPSERT)) == 1, 10)
         emulator.faults.fail_next(1, 400, path=UPSERT, match={"external_id": "5"})
 
     upgrade_while_read(app, live_sync_then_refuse)

@@ -322,6 +322,34 @@ def test_work_released_after_a_switch_to_another_meisa_goes_to_it_in_full(
     assert live == ["user1@example.com", "user2@example.com"]
 
 
+def test_work_for_another_meisa_waits_while_the_store_is_delivered_for_its_own(
+    emulator: Emulator, make_engine: MakeEngine, path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A live process delivers from the store; one beside it has a test key (a test run
+    # next to the server, workers of a reload that goes live): its work must not be
+    # stored there, where the live process would send it with the live key.
+    live = make_engine(emulator, RecordingHooks())
+    live.submit([upsert(1)])
+    assert live.flush(5) and live.is_holder
+    staging = build_engine(RecordingHooks(), emulator.url, emulator.test_key, store=Store(path))
+    try:
+        staging.submit([upsert(2)])
+        assert not staging.flush(0.5)
+        assert "give each Meisa a MEISA_OUTBOX of its own" in caplog.text
+        live.submit([upsert(3)])
+        assert live.flush(5)
+        assert sorted(c["email"] for c in emulator.contacts("live")) == [
+            "user1@example.com",
+            "user3@example.com",
+        ]
+        live.close(0)  # the test process takes delivery over, and stores its own work
+        assert staging.flush(5) and staging.is_holder
+        assert [c["email"] for c in emulator.contacts("test")] == ["user2@example.com"]
+        assert len(emulator.contacts("live")) == 2
+    finally:
+        staging.close(0)
+
+
 def test_a_send_salvaged_from_a_damaged_store_keeps_the_time_of_its_first_attempt(
     emulator: Emulator, make_engine: MakeEngine, path: Path
 ) -> None:

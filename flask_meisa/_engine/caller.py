@@ -27,6 +27,7 @@ from .base import settle
 from .base import too_late
 from .host import HostLock
 from .store import STORE_ERRORS
+from .store import ForAnotherMeisa
 from .store import Store
 
 if TYPE_CHECKING:
@@ -48,7 +49,8 @@ class Caller:
         self.store, self.budget = delivery.store, delivery.budget
         settings = delivery.settings
         kind = "test" if (settings.api_key or "").startswith("meisa_test_") else "live"
-        self._target = f"{settings.base_url} with a {kind} key"
+        #: The Meisa this process delivers for (the store keeps the last holder's).
+        self.target = f"{settings.base_url} with a {kind} key"
         self._lock_trouble: str | None = None  # why the lock cannot be kept, as last said
         self._tidy_at = 0.0
         #: The client the calls are made with.
@@ -126,7 +128,7 @@ class Caller:
         try:
             with self.store.write() as db:
                 released = pending.release_flights(db)
-                foreign = dead.bury_foreign(db, self._target)
+                foreign = dead.bury_foreign(db, self.target)
         except BaseException:
             lock.release()  # taken again on a later pass, once the store works
             raise
@@ -135,7 +137,7 @@ class Caller:
                 "flask-meisa: %d operations released for another Meisa than %s are kept as "
                 "dead letters, not delivered: see 'flask meisa dead-letters'",
                 foreign,
-                self._target,
+                self.target,
             )
         logger.info(
             "flask-meisa: this process (pid %d) now delivers for the host (%d operations "
@@ -143,6 +145,18 @@ class Caller:
             os.getpid(),
             released,
         )
+
+    def refuse_foreign(self, db: sqlite3.Connection) -> None:
+        """Raise :class:`ForAnotherMeisa` when the store is delivered for another Meisa
+        (its holder took it over for its own): this process's work waits in memory, and is
+        stored once this process takes delivery over."""
+        serves = Store.get_meta(db, "target")
+        if serves not in (None, self.target):
+            holder = self.host_lock and HostLock.holder(self.host_lock.path)
+            raise ForAnotherMeisa(
+                f"process {holder} delivers from it for {serves}, and this process's work is "
+                f"for {self.target}: give each Meisa a MEISA_OUTBOX of its own"
+            )
 
     def tidy(self) -> None:
         """As the delivering process, now and then: age routine syncs, prune old records."""

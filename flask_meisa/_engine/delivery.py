@@ -322,6 +322,7 @@ class Delivery:
         lowest, shed, fields = LANE_BACKFILL, [], self.settings.priority_fields
         try:
             with self.store.write() as db:
+                self._caller.refuse_foreign(db)
                 for operation in batch:
                     had = functools.partial(known.lookup, db, operation.payload)
                     lane = functools.partial(known.lane_of, operation, had, fields)

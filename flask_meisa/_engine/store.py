@@ -48,8 +48,15 @@ _NOTED = {
 #: its contact had set since).
 _UNNOTED = {"meisa_ops": ("ready_at", "created_at", "failed_at")}
 
-#: What a read or write of the store may raise (locked, full, unreadable or vanished).
-STORE_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error, OSError)
+
+class ForAnotherMeisa(Exception):
+    """The store is delivered for another Meisa (base URL, or kind of key) than this
+    process's: work stored in it would be sent there, with that process's key."""
+
+
+#: What a read or write of the store may raise (locked, full, unreadable or vanished, or
+#: delivered for another Meisa).
+STORE_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error, OSError, ForAnotherMeisa)
 
 SCHEMA_VERSION = 2
 _SCHEMA = """

@@ -114,7 +114,7 @@ class Transport:
             return errors.APIConnectionError(endpoint, reason)
         if response.status_code < 300:
             return response.status_code, errors._json(content)
-        wait = parse_retry_after(response.headers.get("Retry-After"))
+        wait = parse_retry_after(response.headers.get("Retry-After"), response.headers.get("Date"))
         return errors._api_error(endpoint, response, content, self._key, scope, wait)
 
 

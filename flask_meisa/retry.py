@@ -85,18 +85,25 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def parse_retry_after(value: str | None, now: dt.datetime | None = None) -> float | None:
-    """Seconds a ``Retry-After`` header (delta seconds or an HTTP date, compared with ``now``)
-    asks to wait, at least 0; ``None`` when it is absent or unreadable."""
+def parse_retry_after(value: str | None, now: dt.datetime | str | None = None) -> float | None:
+    """Seconds a ``Retry-After`` header (delta seconds or an HTTP date) asks to wait, at
+    least 0; ``None`` when it is absent or unreadable. A date is compared with ``now``: the
+    answer's ``Date`` header (the server's clock, not this host's), or a datetime; the
+    clock when it is neither."""
+    # A repeated header comes joined ("2, 2"): its first value counts.
     text = (value or "").strip()
-    if not text:
-        return None
-    if _SECONDS.fullmatch(text):
-        return max(float(text), 0.0)
-    try:
-        when = parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError, OverflowError):
+    if _SECONDS.fullmatch(first := text.split(",")[0].strip()):
+        return max(float(first), 0.0)
+    when, now = _date(text), _date(now) if isinstance(now, str) else now
+    if when is None:
         return None
     now = now or dt.datetime.now(dt.timezone.utc)
     when, now = (t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc) for t in (when, now))
     return max((when - now).total_seconds(), 0.0)
+
+
+def _date(text: str | None) -> dt.datetime | None:
+    try:
+        return parsedate_to_datetime((text or "").strip())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None

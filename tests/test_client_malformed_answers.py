@@ -7,6 +7,7 @@ import gzip
 import json
 import socket
 import time
+from email.utils import formatdate
 from typing import Any
 
 import pytest
@@ -165,3 +166,21 @@ def test_a_redirect_is_not_followed_and_points_at_the_base_url(status: int) -> N
     assert raised.value.status == status
     assert "check MEISA_BASE_URL" in str(raised.value)
     assert len(server.requests) == 1  # not retried, not followed
+
+
+def test_a_retry_after_date_is_read_against_the_answers_own_date() -> None:
+    # A proxy whose clock is a day behind asks for 2 s by date: not "now" for this host.
+    day_ago = time.time() - 86400
+    head = {
+        "Date": formatdate(day_ago, usegmt=True),
+        "Retry-After": formatdate(day_ago + 2, usegmt=True),
+    }
+    limited = response(429, {"detail": "slow down"}, head)
+    once = RetryPolicy(max_attempts=1)
+    with (
+        hostile(lambda exchange: exchange.send(limited)) as server,
+        MeisaClient(KEY, server.url, timeout=TIMEOUT, retry=once) as meisa,
+        pytest.raises(APIError) as info,
+    ):
+        meisa.ping()
+    assert info.value.retry_after == 2.0

@@ -241,6 +241,7 @@ NOW = dt.datetime(2024, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
         ("5", 5.0),
         (" 7 ", 7.0),
         ("1.5", 1.5),
+        ("5, 5", 5.0),  # repeated: joined by requests
         ("0", 0.0),
         ("-3", 0.0),
         ("soon", None),
@@ -254,6 +255,13 @@ NOW = dt.datetime(2024, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
 )
 def test_parse_retry_after(header: str | None, expected: float | None) -> None:
     assert parse_retry_after(header, now=NOW) == expected
+
+
+def test_parse_retry_after_compares_a_date_with_the_answers_date() -> None:
+    # The server's clock is an hour behind this host's: its date is still 30 s away.
+    date, retry = "Mon, 01 Jan 2024 11:00:00 GMT", "Mon, 01 Jan 2024 11:00:30 GMT"
+    assert parse_retry_after(retry, now=date) == 30.0
+    assert parse_retry_after(retry, now="garbage") == 0.0  # the clock: long past
 
 
 def test_parse_retry_after_naive_now_is_utc() -> None:

@@ -350,6 +350,26 @@ def test_work_for_another_meisa_waits_while_the_store_is_delivered_for_its_own(
         staging.close(0)
 
 
+def test_work_stored_before_any_process_delivered_is_not_sent_to_another_meisa(
+    emulator: Emulator, make_engine: MakeEngine, path: Path, lock: HostLock
+) -> None:
+    # A fresh store, whose first delivering process is still starting (the test holds the
+    # lock): a process with a test key stores its work first, and stops. The live process
+    # then takes delivery over: the test key's work must not reach live Meisa.
+    staging = build_engine(RecordingHooks(), emulator.url, emulator.test_key, store=Store(path))
+    staging.submit([upsert(1)])
+    assert eventually(lambda: waiting(path) == 1)
+    staging.close(0)
+    lock.release()
+    live = make_engine(emulator, RecordingHooks())
+    live.submit([upsert(2)])
+    assert live.flush(5) and live.is_holder
+    assert [c["email"] for c in emulator.contacts("live")] == ["user2@example.com"]
+    assert [(letter.code, letter.operation.payload["email"]) for letter in letters(path)] == [
+        ("other_meisa", "user1@example.com")
+    ]
+
+
 def test_a_send_salvaged_from_a_damaged_store_keeps_the_time_of_its_first_attempt(
     emulator: Emulator, make_engine: MakeEngine, path: Path
 ) -> None:

@@ -149,9 +149,12 @@ class Caller:
     def refuse_foreign(self, db: sqlite3.Connection) -> None:
         """Raise :class:`ForAnotherMeisa` when the store is delivered for another Meisa
         (its holder took it over for its own): this process's work waits in memory, and is
-        stored once this process takes delivery over."""
+        stored once this process takes delivery over. A fresh store is claimed for this
+        process's Meisa, so that a holder for another sets its work aside."""
         serves = Store.get_meta(db, "target")
-        if serves not in (None, self.target):
+        if serves is None:  # a fresh store: its first holder sets aside what is not for it
+            Store.set_meta(db, "target", self.target)
+        elif serves != self.target:
             holder = self.host_lock and HostLock.holder(self.host_lock.path)
             raise ForAnotherMeisa(
                 f"process {holder} delivers from it for {serves}, and this process's work is "

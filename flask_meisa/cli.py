@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from typing import TypeAlias
 
     from ._engine.celery import CeleryDispatcher
+    from ._engine.delivery import Delivery
     from ._engine.redis_dead import RedisDeadLetters
     from ._runtime import MeisaState
     from .extension import Meisa
@@ -219,7 +220,8 @@ def _backfill_target(state: MeisaState, *, start: bool) -> backfill.Target:
         if not store.durable:
             click.echo("note: MEISA_OUTBOX is memory: the backfill cannot resume after an exit")
         state.dispatcher.start()
-    return backfill.StoreTarget(store, state.settings.resync_after)
+    refuse = cast("Delivery", state.dispatcher).refuse_foreign if start else lambda db: None
+    return backfill.StoreTarget(store, refuse, state.settings.resync_after)
 
 
 def _celery(state: MeisaState) -> CeleryDispatcher:

@@ -753,3 +753,40 @@ def test_a_user_a_live_sync_sent_in_full_while_a_chunk_is_read_costs_no_backfill
     assert "1 unchanged" in result.output, result.output
     assert upserts_by_user(emulator) == {str(number): 1 for number in range(10)}
     assert plan_in_meisa(app, emulator, "5") == "pro"
+
+
+def test_a_backfill_for_another_meisa_than_the_store_is_delivered_for_stores_nothing(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    # The server delivers from the host's store with the live key; the command runs beside
+    # it with a test key in its environment: its upserts must not be sent to live Meisa.
+    server = make_app(emulator, 0, MEISA_OUTBOX=str(tmp_path / "meisa-outbox.sqlite3"))
+    meisa: Meisa = server.extensions["meisa"]
+    try:
+        with server.app_context():
+            meisa.upsert({"email": "server@example.com", "external_id": "server"})
+            assert meisa.flush(5)
+        env = {
+            **os.environ,
+            "MEISA_TEST_URL": emulator.url,
+            "MEISA_TEST_KEY": emulator.test_key,
+            "BACKFILL_USERS": "3",
+            "BACKFILL_INSTANCE": str(tmp_path),
+            "PYTHONPATH": str(ROOT),
+        }
+        command = [sys.executable, "-m", "flask", "--app", "tests.backfill_app"]
+        result = subprocess.run(
+            [*command, "meisa", "sync-users"],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        with server.app_context():
+            assert meisa.flush(5)
+        assert [c["external_id"] for c in emulator.contacts("live")] == ["server"]
+        assert result.returncode == 1, result.stderr
+        assert "give each Meisa a MEISA_OUTBOX of its own" in result.stderr
+    finally:
+        meisa.close(server)

@@ -269,12 +269,18 @@ class StoreTarget(Target):
 
     _get, _put = staticmethod(Store.get_meta), staticmethod(Store.set_meta)
 
-    def __init__(self, store: Store, resync_after: float = 86400.0) -> None:
-        self.store = store
+    def __init__(
+        self, store: Store, refuse: Callable[[sqlite3.Connection], None], resync_after: float
+    ) -> None:
+        self.store, self.refuse = store, refuse  # refuse: raise when the store serves another
         self.resync_after = resync_after
 
-    def _kept(self, write: bool = False) -> contextlib.AbstractContextManager[Any]:
-        return self.store.write() if write else self.store.read()
+    @contextlib.contextmanager
+    def _kept(self, write: bool = False) -> Iterator[sqlite3.Connection]:
+        with self.store.write() if write else self.store.read() as db:
+            if write:  # delivered for another Meisa, the run's upserts would be sent there
+                self.refuse(db)
+            yield db
 
     def _queue(
         self, db: sqlite3.Connection, run: Run, operations: list[Operation], now: float

@@ -87,6 +87,8 @@ class Delivery:
         self._host_lock = None if self.store.path is None else HostLock(self.store.path + ".lock")
         self._files = None if self._host_lock is None else HostFiles(self.store)
         self._caller = Caller(self, self._host_lock)
+        #: In a write: raise when the store is delivered for another Meisa than this one's.
+        self.refuse_foreign = self._caller.refuse_foreign
 
     @property
     def is_holder(self) -> bool:
@@ -322,7 +324,7 @@ class Delivery:
         lowest, shed, fields = LANE_BACKFILL, [], self.settings.priority_fields
         try:
             with self.store.write() as db:
-                self._caller.refuse_foreign(db)
+                self.refuse_foreign(db)
                 for operation in batch:
                     had = functools.partial(known.lookup, db, operation.payload)
                     lane = functools.partial(known.lane_of, operation, had, fields)

@@ -20,6 +20,7 @@ from . import _cli_text
 from ._engine import backfill
 from ._engine import dead
 from ._engine.store import STORE_ERRORS
+from ._engine.store import ForAnotherMeisa
 from ._values import parse_rate_limit
 from .config import config_template
 from .errors import MeisaError
@@ -48,7 +49,7 @@ class _MeisaGroup(AppGroup):
             return super().invoke(ctx)
         except MeisaError as error:
             raise click.ClickException(str(error)) from None
-        except sqlite3.Error as error:  # locked by a writer past the busy timeout, damaged
+        except (sqlite3.Error, ForAnotherMeisa) as error:  # locked past the busy timeout
             raise click.ClickException(f"the delivery store failed ({error})") from None
 
 
@@ -274,7 +275,7 @@ def _dead_letters() -> DeadLetters:
             'dead letters are kept by MEISA_DELIVERY = "thread" or "celery", not'
             f" {state.settings.delivery!r}"
         )
-    return dead.StoreDeadLetters(state.store())
+    return dead.StoreDeadLetters(state.store(), cast("Delivery", state.dispatcher).refuse_foreign)
 
 
 def _letters(letters: DeadLetters, ids: list[int] | None = None) -> list[dead.DeadLetter]:

@@ -30,6 +30,8 @@ from flask_meisa.operations import LANE_ROUTINE
 from flask_meisa.operations import Operation
 from flask_meisa.testing import emulator_config
 from tests.apps import build_app
+from tests.engine_support import RecordingHooks
+from tests.engine_support import make_engine
 
 UPSERT = "/contacts/upsert/"
 STORE_FILE = "meisa-outbox.sqlite3"
@@ -686,3 +688,24 @@ def test_no_store_file_under_testing_with_delivery_suppressed(emulator: Emulator
     assert "engine: thread" in invoke(app, "status").output
     assert os.listdir(app.instance_path) == []
     assert emulator.requests == []
+
+
+def test_dead_letters_retried_from_a_shell_for_another_meisa_are_not_sent_to_the_server_s(
+    emulator: Emulator,
+) -> None:
+    # The server delivers from the store with the live key; a shell with a test key in its
+    # environment retries its dead letters: requeued, the server would send them live.
+    app = thread_app(emulator, MEISA_API_KEY=emulator.test_key)
+    path = Path(app.instance_path) / STORE_FILE
+    server = make_engine(RecordingHooks(), emulator.url, emulator.live_key, store=Store(path))
+    try:
+        server.submit([Operation("send", {"trigger_key": "launch_day", "to_email": "a@x.io"})])
+        assert server.flush(5) and server.status().dead_letters == 1
+        emulator.add_trigger("launch_day")
+        result = invoke(app, "dead-letters", "retry", "--all", "--timeout", "0")
+        assert result.exit_code == 1, result.output
+        assert "give each Meisa a MEISA_OUTBOX of its own" in result.output
+        assert server.flush(5) and server.status().dead_letters == 1
+        assert emulator.sends() == []
+    finally:
+        server.close(0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Callable
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -126,8 +127,8 @@ class StoreDeadLetters:
     """The dead letters of a thread engine's ``store``, as ``flask meisa dead-letters``
     finds, retries and purges them (like :class:`~.redis_dead.RedisDeadLetters`)."""
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    def __init__(self, store: Store, refuse: Callable[[sqlite3.Connection], None]) -> None:
+        self.store, self.refuse = store, refuse  # refuse: raise when the store serves another
 
     def find(self, seqs: Iterable[int] | None = None) -> list[DeadLetter]:
         """Dead letters (those in ``seqs``, or all), oldest first."""
@@ -138,6 +139,7 @@ class StoreDeadLetters:
         """Queue dead letters again, as new: how many, and the upserts kept because a field
         of theirs was set again after they failed (unless ``force``)."""
         with self.store.write() as db:
+            self.refuse(db)  # requeued, they would be sent to the Meisa the store serves
             letters = dead_letters(db, seqs)
             kept = [] if force else outdated(db, letters)
             # All of them by the same condition, not by a list SQLite may find too long.

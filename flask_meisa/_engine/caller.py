@@ -156,9 +156,10 @@ class Caller:
             Store.set_meta(db, "target", self.target)
         elif serves != self.target:
             holder = self.host_lock and HostLock.holder(self.host_lock.path)
+            who = f"process {holder} delivers from it" if holder else "it was last delivered"
             raise ForAnotherMeisa(
-                f"process {holder} delivers from it for {serves}, and this process's work is "
-                f"for {self.target}: give each Meisa a MEISA_OUTBOX of its own"
+                f"{who} for {serves}, and this process's work is for {self.target}: give "
+                "each Meisa a MEISA_OUTBOX of its own"
             )
 
     def tidy(self) -> None:

@@ -216,13 +216,15 @@ def _backfill_target(state: MeisaState, *, start: bool) -> backfill.Target:
         )
     if delivery == "celery":
         return _celery(state).backfill(state.settings.resync_after)
-    store = state.store()
-    if start:
-        if not store.durable:
-            click.echo("note: MEISA_OUTBOX is memory: the backfill cannot resume after an exit")
-        state.dispatcher.start()
-    refuse = cast("Delivery", state.dispatcher).refuse_foreign if start else lambda db: None
-    return backfill.StoreTarget(store, refuse, state.settings.resync_after)
+    store, engine = state.store(), cast("Delivery", state.dispatcher)
+    if not start:
+        return backfill.StoreTarget(store, lambda db: None, state.settings.resync_after)
+    if not store.durable:
+        click.echo("note: MEISA_OUTBOX is memory: the backfill cannot resume after an exit")
+    # Delivery taken over first, where no process delivers: a store last delivered for
+    # another Meisa (the host switched keys) takes this one's rows from then on.
+    engine.first_pass(5.0)
+    return backfill.StoreTarget(store, engine.refuse_foreign, state.settings.resync_after)
 
 
 def _celery(state: MeisaState) -> CeleryDispatcher:

@@ -790,3 +790,27 @@ def test_a_backfill_for_another_meisa_than_the_store_is_delivered_for_stores_not
         assert "give each Meisa a MEISA_OUTBOX of its own" in result.stderr
     finally:
         meisa.close(server)
+
+
+def test_a_backfill_after_a_switch_to_another_meisa_takes_delivery_over_first(
+    emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The store was last delivered for a test key; no process delivers now; the command,
+    # the host's first for the live key, starts delivery itself (as under the Flask CLI).
+    outbox = str(tmp_path / "meisa-outbox.sqlite3")
+    staging = make_app(emulator, 0, MEISA_API_KEY=emulator.test_key, MEISA_OUTBOX=outbox)
+    with staging.app_context():
+        staging.extensions["meisa"].upsert({"email": "s@example.com", "external_id": "s"})
+        assert staging.extensions["meisa"].flush(5)
+    staging.extensions["meisa"].close(staging)
+    monkeypatch.setenv("FLASK_RUN_FROM_CLI", "true")
+    app = make_app(emulator, 3, MEISA_OUTBOX=outbox)
+    try:
+        result = sync_users(app)
+        assert result.exit_code == 0, result.output
+        with app.app_context():
+            assert app.extensions["meisa"].flush(5)
+        assert upserts_by_user(emulator) == {"s": 1, "0": 1, "1": 1, "2": 1}
+        assert sorted(c["external_id"] for c in emulator.contacts("live")) == ["0", "1", "2"]
+    finally:
+        app.extensions["meisa"].close(app)

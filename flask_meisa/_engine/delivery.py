@@ -105,6 +105,12 @@ class Delivery:
             if self._host_lock is None:
                 self._caller.start(self._spawn)
 
+    def first_pass(self, timeout: float) -> bool:
+        """Start, and wait at most ``timeout`` seconds for the writer's first pass, in which
+        this process takes delivery over when no other delivers (whether it ended)."""
+        self.start()
+        return self._wait_until(lambda: self._stored_pass > 0, time.monotonic() + timeout)
+
     def submit(self, operations: Iterable[Operation]) -> None:
         """Hand operations over (a list append; the writer thread stores them)."""
         batch = list(operations)

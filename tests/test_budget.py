@@ -288,7 +288,9 @@ def test_two_stores_on_one_file_share_one_budget(tmp_path: Path) -> None:
         second.close()
 
 
-def test_a_slot_for_a_call_outside_the_engine_waits_then_goes_without(store: Store) -> None:
+def test_a_slot_for_a_call_outside_the_engine_is_waited_for_only_within_its_timeout(
+    store: Store,
+) -> None:
     limited = Budget(store, "1/minute", lease=LEASE)
     with limited.slot(1.0) as got:
         assert got
@@ -296,12 +298,20 @@ def test_a_slot_for_a_call_outside_the_engine_waits_then_goes_without(store: Sto
     # Over with its call: dated by its answer, not held in flight until its lease ends.
     assert Calls(limited).wait(time.time()) == pytest.approx(60.0, abs=1.0)
     began = time.monotonic()
-    with limited.slot(0.2) as got:
-        assert not got  # the minute is spent: after its timeout the call goes anyway
-    assert time.monotonic() - began >= 0.2
+    with limited.slot(5.0) as got:
+        # The minute is spent: a slot free only past the timeout is not waited for (the
+        # call would be left no time), the call goes at once without one.
+        assert not got
+    assert time.monotonic() - began < 1.0
     with store.read() as db:
         (count,) = db.execute("SELECT count(*) FROM meisa_calls").fetchone()
     assert count == 1  # a call made without a slot takes none
+    quick = Budget(store, "2/second", lease=LEASE)
+    with quick.slot(1.0) as got:
+        assert got  # one of the minute's and this one: the second's two
+    with quick.slot(5.0) as got:
+        assert got  # free within the timeout: waited for
+    assert time.monotonic() - began >= 0.5
 
 
 def test_a_slot_whose_call_got_no_answer_in_time_is_held_until_its_lease_ends(

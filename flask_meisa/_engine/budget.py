@@ -147,8 +147,9 @@ class Budget:
     @contextlib.contextmanager
     def slot(self, timeout: float) -> Iterator[bool]:
         """Hold a transactional slot for a call made in the caller's thread (a synchronous
-        send, a suppression list load), waiting at most ``timeout`` seconds; yields
-        whether one was taken (without one the call is made anyway). A call that got no
+        send, a suppression list load), waiting at most ``timeout`` seconds, and not at all
+        for one that frees later; yields whether one was taken (without one the call is
+        made anyway). A call that got no
         answer in time (its :class:`APITimeoutError` raised in the context) holds the slot
         until its lease ends."""
         deadline = time.monotonic() + timeout
@@ -160,7 +161,9 @@ class Budget:
                 token = None
                 break
             left = deadline - time.monotonic()
-            if token is not None or left <= 0:
+            # A slot that frees only past the deadline is not waited for: the call would be
+            # left too little time to be answered (and is made anyway).
+            if token is not None or left <= 0 or (wait is not None and wait > left):
                 break
             time.sleep(min(left, _POLL if wait is None else max(wait, 0.001)))
         timed_out = False

@@ -240,6 +240,7 @@ class Meisa:
         no_call = functools.partial(
             SendResult, trigger_key=key, to_email=address, idempotency_key=body["idempotency_key"]
         )
+        operation = Operation.checked("send", body)  # a body too large: refused first
         delivering = state.delivering()
         ends = time.monotonic() + state.settings.send_deadline
         # A send made now waits for a first suppression list at most half its deadline,
@@ -248,7 +249,6 @@ class Meisa:
         if state.is_suppressed(address, wait=wait):
             state.reporter.suppressed(body, operation=None)
             return no_call("suppressed", reason="suppressed")
-        operation = Operation.checked("send", body)
         if background:
             deferral.enqueue(state, operation)
             return no_call("queued")

@@ -196,6 +196,23 @@ def test_bad_input_to_send_raises_at_the_call_site_and_queues_nothing(
     assert emulator.requests == []
 
 
+@pytest.mark.parametrize("background", [False, True])
+def test_a_body_too_large_is_refused_whether_or_not_the_address_is_suppressed(
+    emulator: Any, app: Flask, meisa: Meisa, background: bool
+) -> None:
+    # It was reported suppressed (signalled, no error) to a suppressed address, and raised
+    # for any other: the same bad call answered by the data, after the list was loaded.
+    emulator.suppress("gone@example.com")
+    variables = {"log": "x" * 600_000}
+    with app.app_context(), email_suppressed.connected_to(seen := _Collector(), sender=app):
+        for address in ("gone@example.com", "here@example.com"):
+            with pytest.raises(ValidationError) as raised:
+                meisa.send("receipt", address, variables=variables, background=background)
+            assert raised.value.field == "variables"
+    assert seen.calls == []
+    assert emulator.requests == []
+
+
 class _Collector:
     def __init__(self) -> None:
         self.calls: list[dict[str, Any]] = []

@@ -149,9 +149,8 @@ class Budget:
         """Hold a transactional slot for a call made in the caller's thread (a synchronous
         send, a suppression list load), waiting at most ``timeout`` seconds, and not at all
         for one that frees later; yields whether one was taken (without one the call is
-        made anyway). A call that got no
-        answer in time (its :class:`APITimeoutError` raised in the context) holds the slot
-        until its lease ends."""
+        made anyway). A call that got no answer in time (its :class:`APITimeoutError`
+        raised in the context) holds the slot until its lease ends."""
         deadline = time.monotonic() + timeout
         while True:
             try:

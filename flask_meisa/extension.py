@@ -273,8 +273,8 @@ class Meisa:
     def flush(self, timeout: float | None = 5.0) -> bool:
         """Deliver everything pending (the current request's work first) within ``timeout``
         seconds (``None``: no limit); ``True`` when nothing is left, including work of
-        responses not yet closed. A ``timeout`` that is no number raises
-        :class:`ValidationError`."""
+        responses not yet closed (not work that signal receivers queue meanwhile). A
+        ``timeout`` that is no number raises :class:`ValidationError`."""
         state = self.state()
         timeout = _wait_limit(timeout)
         deferral.release_now(state)

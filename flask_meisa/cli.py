@@ -188,7 +188,7 @@ def sync_users_command(max_share: float, restart: bool, dry_run: bool, failures:
                 " them from the first (those Meisa already has cost no call)",
                 err=True,
             )
-            result = go(query(), restart=True)
+            result = go(query(), again=True)
     except KeyboardInterrupt:
         click.echo("interrupted: run the command again to go on from where it stopped", err=True)
         raise SystemExit(130) from None

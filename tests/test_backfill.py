@@ -629,6 +629,28 @@ def test_a_run_that_goes_on_after_users_were_deleted_skips_none_of_the_others(
     assert synced == {str(number) for number in range(100) if number not in unmappable}
 
 
+def test_a_run_that_goes_through_the_users_again_sends_none_it_sent_however_long_ago(
+    emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # At the default budget 100,000 users take days, past MEISA_RESYNC_AFTER (a day): a
+    # run that goes through the users again (some were deleted) sent its first days again.
+    monkeypatch.setattr(backfill, "CHUNK", 20)
+    app = make_app(emulator, 100, MEISA_RESYNC_AFTER=0.001)  # what it sent is already old
+    interrupt_first_run(app, at=45)  # two whole chunks read: the run stops at user 40
+    assert sync_users(app).exit_code == 130
+    with app.app_context():
+        assert app.extensions["meisa"].flush(15)
+    del app.config["PEOPLE"][0]
+    again = sync_users(app)
+    assert again.exit_code == 0, again.output
+    assert "the users changed since the last run stopped" in again.output
+    assert upserts_by_user(emulator) == {str(number): 1 for number in range(100)}
+    # A run of its own is no run going on: it tells Meisa again what is older than that.
+    emulator.clear_requests()
+    assert sync_users(app, "--restart").exit_code == 0
+    assert upserts_by_user(emulator) == {str(number): 1 for number in range(1, 100)}
+
+
 def test_users_with_nothing_but_their_names_to_sync_are_upserted(emulator: Emulator) -> None:
     app = make_app(emulator, 5, MEISA_CUSTOM_FIELDS=[])
     result = sync_users(app)

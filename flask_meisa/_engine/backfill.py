@@ -92,6 +92,7 @@ class Target:
 
     _get: Callable[..., Any]
     _put: Callable[..., None]
+    resync_after: float
 
     def _kept(self, write: bool = False) -> contextlib.AbstractContextManager[Any]:
         raise NotImplementedError
@@ -141,6 +142,11 @@ class Target:
         """Backfill upserts waiting for Meisa, and those Meisa refused."""
         raise NotImplementedError
 
+    def _unchanged(self, operation: Operation, had: known.Lookup, run: Run, now: float) -> bool:
+        # Nor what Meisa accepted since the run started, however long ago: a run takes days
+        # at the default budget, and going through the users again sends none twice.
+        return unchanged(operation, had, now, max(self.resync_after, now - run.started_at))
+
     def failures(self) -> list[dict[str, Any]]:
         """Users the last runs could not map (at most :data:`KEEP_FAILURES`)."""
         with self._kept() as kept:
@@ -155,6 +161,7 @@ def run(
     total: int | None,
     max_share: float = 1.0,
     restart: bool = False,
+    again: bool = False,
     report: Callable[[Progress], None] = lambda progress: None,
     every: float = 1.0,
 ) -> Progress:
@@ -163,12 +170,15 @@ def run(
 
     :param to_operation: maps a user to its upsert (raises for a user that cannot be
         mapped: counted, kept for ``--failures``, and skipped).
+    :param again: go through the users from the first, in the run that stopped (they
+        changed since): what Meisa accepted since it started costs no call.
     :param report: called about every ``every`` seconds, and at the end (or Ctrl+C).
     """
     current = target.load()
-    fresh = restart or current is None or current.state == "done"
+    fresh = restart or again or current is None or current.state == "done"
     if fresh or current is None:
-        current = Run(started_at=time.time(), refused_before=target.backlog()[1])
+        since = current.started_at if again and current is not None else time.time()
+        current = Run(started_at=since, refused_before=target.backlog()[1])
     current.total, current.max_share = total, max_share
     target.save(current, fresh=fresh)
     started, start_position, last_report = time.monotonic(), current.position, 0.0
@@ -290,7 +300,7 @@ class StoreTarget(Target):
             fresh = fresh_part(operation, had(), now)
             # Meisa has this state and nothing of the contact waits: no row at all.
             if fresh is None or (
-                unchanged(fresh, had, now, self.resync_after) and not pending.waits(db, fresh)
+                self._unchanged(fresh, had, run, now) and not pending.waits(db, fresh)
             ):
                 if fresh is not None:
                     known.remember(db, fresh.payload, now, accepted=False)

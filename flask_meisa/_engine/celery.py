@@ -31,7 +31,6 @@ from .celery_setup import resolve_celery_app
 from .celery_worker import DeliveryWorker
 from .celery_worker import lane_queues
 from .known import lane_of
-from .known import unchanged
 from .redis_budget import UNREACHABLE_FOR
 from .redis_budget import RedisBudget
 from .redis_dead import RedisDeadLetters
@@ -341,7 +340,7 @@ class CeleryBackfill(backfill.Target):
 
     def __init__(self, dispatcher: CeleryDispatcher, resync_after: float) -> None:
         self._dispatcher = dispatcher
-        self._resync_after = resync_after
+        self.resync_after = resync_after
 
     def _kept(self, write: bool = False) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext(self._dispatcher.store)
@@ -356,8 +355,7 @@ class CeleryBackfill(backfill.Target):
             )
             fresh = backfill.fresh_part(operation, had(), now)
             if fresh is None or (
-                unchanged(fresh, had, now, self._resync_after)
-                and store.pending_version(contacts) is None
+                self._unchanged(fresh, had, run, now) and store.pending_version(contacts) is None
             ):
                 run.skipped += 1
                 continue

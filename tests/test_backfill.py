@@ -24,7 +24,10 @@ from flask_meisa import Meisa
 from flask_meisa import _cli_text
 from flask_meisa import contact_synced
 from flask_meisa._engine import backfill
+from flask_meisa._engine import pending
+from flask_meisa._engine.store import Store
 from flask_meisa.emulator import Emulator
+from flask_meisa.operations import Operation
 from flask_meisa.testing import emulator_config
 from tests.backfill_app import create_app
 from tests.backfill_app import interrupt_first_run
@@ -318,6 +321,38 @@ def test_a_restart_behind_the_upserts_an_earlier_run_left_counts_none_done() -> 
     run = backfill.Run(started_at=0.0, position=0, total=600)
     progress = backfill.Progress(run, waiting=400, refused=0, rate=0.0, elapsed=0.5, left=600)
     assert _cli_text.progress_line(progress).startswith("0 of 600 users done"), progress
+
+
+def test_a_run_that_goes_on_behind_its_waiting_upserts_gives_its_rate_once_some_are_done(
+    tmp_path: Path,
+) -> None:
+    # A redeployed host: the run goes on with the upserts it stored before still waiting
+    # (an hour's worth at the default budget).
+    target = backfill.StoreTarget(Store(str(tmp_path / "store.sqlite3")))
+    people = [{"email": f"user{n}@example.com", "external_id": str(n)} for n in range(400)]
+
+    def to_operation(user: dict[str, str]) -> Operation:
+        return Operation.checked("upsert", dict(user), priority="backfill")
+
+    def stopped() -> Any:
+        yield from people[: backfill.CHUNK]
+        raise KeyboardInterrupt  # as the second chunk is read
+
+    with pytest.raises(KeyboardInterrupt):
+        backfill.run(target, stopped(), to_operation, total=400)
+    reports: list[tuple[int, int, float]] = []  # done, waiting, rate
+
+    def answer_some(progress: backfill.Progress) -> None:
+        """Meisa answers 100 upserts at each report once a rate can be given (after 1 s)."""
+        reports.append((progress.done, progress.waiting, progress.rate))
+        with target.store.write() as db:
+            for _ in range(100 if progress.elapsed > 1 else 0):
+                if row := pending.next_ready(db, time.time()):
+                    pending.finish(db, row)
+
+    backfill.run(target, people, to_operation, total=400, report=answer_some, every=0.2)
+    answered = [rate for done, _, rate in reports if done]
+    assert answered and all(answered), reports
 
 
 def test_an_interrupted_run_shows_in_status_and_restart_starts_from_the_first_user(

@@ -181,14 +181,14 @@ def run(
         current = Run(started_at=since, refused_before=target.backlog()[1])
     current.total, current.max_share = total, max_share
     target.save(current, fresh=fresh)
-    started, start_position, last_report = time.monotonic(), current.position, 0.0
+    started, start_done, last_report = time.monotonic(), current.position, 0.0
 
     def tick(force: bool = False) -> Progress:
         nonlocal last_report
         waiting, refused = target.backlog()
         refused = max(refused - current.refused_before, 0)
         elapsed = time.monotonic() - started
-        done_now = current.position - waiting - start_position
+        done_now = current.position - waiting - start_done
         rate = done_now * 3600.0 / elapsed if elapsed > 1 and done_now > 0 else 0.0
         left = None if current.total is None else max(current.total - current.position, 0)
         progress = Progress(current, waiting, refused, rate, elapsed, left)
@@ -199,7 +199,9 @@ def run(
 
     try:
         rest = _from_position(iter(users), current, to_operation, target)
-        start_position = current.position  # moved back if failed users are read again
+        # Done as it starts: the users read (moved back if failed ones are read again) less
+        # the upserts an earlier run left waiting, answered from now on.
+        start_done = current.position - target.backlog()[0]
         while True:
             # Read only once there is room: users read, then held while the backlog drains
             # (an hour at the default budget), would be sent as they were then.

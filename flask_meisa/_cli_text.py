@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 from typing import TYPE_CHECKING
 from typing import Any
+
+from ._engine import backfill
 
 if TYPE_CHECKING:
     from ._engine.backfill import Progress
@@ -74,8 +77,11 @@ def status_report(status: DeliveryStatus, store_path: str | None) -> str:
         f"failed: {status.failed}  dropped: {status.dropped}"
     )
     if run := status.backfill:
+        state = run.get("state", "running")
+        if backfill.stopped(run, time.time()):
+            state = "stopped (run 'flask meisa sync-users' again to go on)"
         lines.append(
-            f"backfill: {run.get('state', 'running')}, {run.get('position', 0)} of"
+            f"backfill: {state}, {run.get('position', 0)} of"
             f" {run.get('total') or '?'} users read, {run.get('skipped', 0)} unchanged,"
             f" {run.get('failed', 0)} failed (started {when(float(run.get('started_at', 0)))})"
         )

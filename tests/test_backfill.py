@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from flask import Flask
 
+from flask_meisa import DeliveryStatus
 from flask_meisa import Meisa
 from flask_meisa import _cli_text
 from flask_meisa import contact_synced
@@ -316,6 +317,22 @@ def test_the_progress_line_gives_the_rate_and_what_is_left() -> None:
     assert _cli_text.progress_line(almost).endswith(", 10 waiting, under a minute left")
 
 
+def test_the_status_says_a_run_whose_process_was_killed_stopped() -> None:
+    # A redeploy kills the command: its run must not look as if it went on.
+    now = time.time()
+
+    def state(**run: Any) -> str:
+        status = DeliveryStatus(engine="thread", backfill={"started_at": now - 3_600, **run})
+        line = _cli_text.status_report(status, None).splitlines()[-1]
+        return line.split(",")[0].removeprefix("backfill: ")
+
+    assert state(state="running", alive_at=now - 10) == "running"
+    killed = now - 3 * backfill.ALIVE_EVERY - 1
+    assert state(state="running", alive_at=killed).startswith("stopped (run 'flask meisa sync")
+    assert state(state="running", alive_at=None).startswith("stopped")  # interrupted
+    assert state(state="done", alive_at=killed) == "done"
+
+
 def test_a_restart_behind_the_upserts_an_earlier_run_left_counts_none_done() -> None:
     # An interrupted run left 400 upserts waiting; --restart starts from the first user.
     run = backfill.Run(started_at=0.0, position=0, total=600)
@@ -380,7 +397,9 @@ def test_an_interrupted_run_shows_in_status_and_restart_starts_from_the_first_us
     assert counts and int(counts[1]) + int(counts[2]) == 400, first.output  # two whole chunks
     assert how.startswith("interrupted: run the command again"), first.output
     status = app.test_cli_runner().invoke(args=["meisa", "status"]).output
-    found = re.search(r"backfill: running, (\d+) of 600 users read", status)
+    found = re.search(
+        r"backfill: stopped \(run '.*' again to go on\), (\d+) of 600 users read", status
+    )
     assert found and 0 < int(found[1]) < 600, status
 
     again = sync_users(app, "--restart")

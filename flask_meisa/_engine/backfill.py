@@ -37,6 +37,8 @@ CHUNK = 200
 HIGH_WATER = 1_000
 #: Mapping failures kept for ``sync-users --failures`` (all are counted).
 KEEP_FAILURES = 1_000
+#: How often a run notes in its store that its process still runs (seconds).
+ALIVE_EVERY = 30.0
 
 
 @dataclass
@@ -54,6 +56,14 @@ class Run:
     refused_before: int = 0  # backfill upserts refused before this run (not its failures)
     #: The last user mapped: its position and names, checked again when the run goes on.
     last: list[Any] | None = None
+    alive_at: float | None = None  # when its process last noted it runs (None: stopped)
+
+
+def stopped(run: dict[str, Any], now: float) -> bool:
+    """Whether the kept, unfinished ``run`` has no process any more: it was interrupted,
+    or its process has not noted it runs for three :data:`ALIVE_EVERY` (killed)."""
+    alive_at = run.get("alive_at")
+    return run.get("state") == "running" and (alive_at is None or now - alive_at > 3 * ALIVE_EVERY)
 
 
 class UsersChanged(Exception):
@@ -179,7 +189,7 @@ def run(
     if fresh or current is None:
         since = current.started_at if again and current is not None else time.time()
         current = Run(started_at=since, refused_before=target.backlog()[1])
-    current.total, current.max_share = total, max_share
+    current.total, current.max_share, current.alive_at = total, max_share, time.time()
     target.save(current, fresh=fresh)
     started, start_done, last_report = time.monotonic(), current.position, 0.0
 
@@ -192,6 +202,9 @@ def run(
         rate = done_now * 3600.0 / elapsed if elapsed > 1 and done_now > 0 else 0.0
         left = None if current.total is None else max(current.total - current.position, 0)
         progress = Progress(current, waiting, refused, rate, elapsed, left)
+        if time.time() - (current.alive_at or 0.0) >= ALIVE_EVERY:
+            current.alive_at = time.time()
+            target.save(current)
         if force or time.monotonic() - last_report >= every:
             last_report = time.monotonic()
             report(progress)
@@ -226,6 +239,8 @@ def run(
             time.sleep(min(every, 0.2))
     except KeyboardInterrupt:
         tick(force=True)  # the summary so far, before the caller says how to go on
+        current.alive_at = None
+        target.save(current)
         raise
     current.state = "done"
     target.save(current)

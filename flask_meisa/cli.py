@@ -218,7 +218,7 @@ def _backfill_target(state: MeisaState, *, start: bool) -> backfill.Target:
         return _celery(state).backfill(state.settings.resync_after)
     store, engine = state.store(), cast("Delivery", state.dispatcher)
     if not start:
-        return backfill.StoreTarget(store, lambda db: None, state.settings.resync_after)
+        return backfill.StoreTarget(store, resync_after=state.settings.resync_after)
     if not store.durable:
         click.echo("note: MEISA_OUTBOX is memory: the backfill cannot resume after an exit")
     # Delivery taken over first, where no process delivers: a store last delivered for

@@ -292,20 +292,23 @@ def _names(operation: Operation) -> list[str | None]:
 
 class StoreTarget(Target):
     """A backfill through the delivery store: a chunk's rows and the run's position are
-    written in one transaction."""
+    written in one transaction. ``refuse`` raises in a write when the store is delivered
+    for another Meisa, which would send the run's upserts there."""
 
     _get, _put = staticmethod(Store.get_meta), staticmethod(Store.set_meta)
 
     def __init__(
-        self, store: Store, refuse: Callable[[sqlite3.Connection], None], resync_after: float
+        self,
+        store: Store,
+        refuse: Callable[[sqlite3.Connection], None] | None = None,
+        resync_after: float = 86400.0,
     ) -> None:
-        self.store, self.refuse = store, refuse  # refuse: raise when the store serves another
-        self.resync_after = resync_after
+        self.store, self.refuse, self.resync_after = store, refuse, resync_after
 
     @contextlib.contextmanager
     def _kept(self, write: bool = False) -> Iterator[sqlite3.Connection]:
         with self.store.write() if write else self.store.read() as db:
-            if write:  # delivered for another Meisa, the run's upserts would be sent there
+            if write and self.refuse is not None:
                 self.refuse(db)
             yield db
 

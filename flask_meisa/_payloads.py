@@ -91,9 +91,9 @@ def require_text(value: object, field: str, max_length: int = MAX_TEXT_LENGTH) -
     return _check_str(text, field)
 
 
-def optional_text(value: object, field: str, max_length: int = MAX_TEXT_LENGTH) -> str | None:
+def optional_text(value: object, field: str) -> str | None:
     """:func:`require_text`, except that ``None`` passes through."""
-    return None if value is None else require_text(value, field, max_length)
+    return None if value is None else require_text(value, field)
 
 
 def flag(value: object, field: str) -> bool:
@@ -117,11 +117,11 @@ def normalize_external_id(value: object, field: str = "external_id") -> str:
     return require_text(value, field)
 
 
-def text_list(value: object, field: str, max_length: int = MAX_TEXT_LENGTH) -> list[str]:
+def text_list(value: object, field: str) -> list[str]:
     """Check a list (or tuple) of names, e.g. ``tag_names``; each item as :func:`require_text`."""
     if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
         raise ValidationError(field, f"must be a list of strings, not {_type_name(value)}")
-    return [require_text(item, f"{field}[{i}]", max_length) for i, item in enumerate(value)]
+    return [require_text(item, f"{field}[{i}]") for i, item in enumerate(value)]
 
 
 def json_object(value: object, field: str) -> dict[str, JSONValue] | None:

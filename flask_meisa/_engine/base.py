@@ -378,7 +378,7 @@ def log_decision(
             "flask-meisa: Meisa answered 429 for the key; pausing delivery for %.1f s",
             decision.pause,
         )
-    if error is None or decision.action == "done":
+    if error is None:  # then the decision is "done" (see decide)
         return
     summary = _summary(error)
     if decision.action == "recover":

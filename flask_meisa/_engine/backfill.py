@@ -98,17 +98,16 @@ def estimate_per_hour(spec_windows: Iterable[Any], share: float) -> float | None
 
 class Target:
     """Where a backfill's upserts go and its run is kept, as JSON values: ``_get(kept, name,
-    default)`` and ``_put(kept, name, value)`` on what :meth:`_kept` opens."""
+    default)`` and ``_put(kept, name, value)`` on what ``_kept(write=False)`` opens;
+    ``_queue(kept, run, operations, now)`` queues a chunk; ``backlog()``: the backfill
+    upserts waiting for Meisa, and those Meisa refused."""
 
     _get: Callable[..., Any]
     _put: Callable[..., None]
     resync_after: float
-
-    def _kept(self, write: bool = False) -> contextlib.AbstractContextManager[Any]:
-        raise NotImplementedError
-
-    def _queue(self, kept: Any, run: Run, operations: list[Operation], now: float) -> None:
-        raise NotImplementedError
+    _kept: Callable[..., contextlib.AbstractContextManager[Any]]
+    _queue: Callable[[Any, Run, list[Operation], float], None]
+    backlog: Callable[[], tuple[int, int]]
 
     def load(self) -> Run | None:
         """The last run, or ``None``."""
@@ -147,10 +146,6 @@ class Target:
             run.position = to
             self._put(kept, "backfill_failures", left or None)
             self._put(kept, "backfill", asdict(run))
-
-    def backlog(self) -> tuple[int, int]:
-        """Backfill upserts waiting for Meisa, and those Meisa refused."""
-        raise NotImplementedError
 
     def _unchanged(self, operation: Operation, had: known.Lookup, run: Run, now: float) -> bool:
         # Nor what Meisa accepted since the run started, however long ago: a run takes days
@@ -330,6 +325,7 @@ class StoreTarget(Target):
                 run.queued += 1
 
     def backlog(self) -> tuple[int, int]:
+        """Backfill rows waiting for Meisa, and those Meisa refused (dead letters)."""
         with self.store.read() as db:
             waiting, refused = db.execute(
                 "SELECT sum(state != 'dead'), sum(state = 'dead') FROM meisa_ops "

@@ -70,11 +70,22 @@ def test_one_instance_serves_two_apps_with_their_own_settings() -> None:
 
 def refusal(**config: Any) -> str:
     """The text of the error init_app raises for ``config``."""
-    app = make_app(**config)
+    return refusal_of(make_app(**config))
+
+
+def refusal_of(app: Flask) -> str:
+    """The text of the error init_app raises for ``app``."""
     with pytest.raises(ConfigurationError) as caught:
         Meisa(app)
     assert "meisa" not in app.extensions
     return str(caught.value)
+
+
+def test_a_celery_extension_that_is_no_celery_app_is_named_in_the_refusal() -> None:
+    app = make_app(MEISA_DELIVERY="celery")
+    app.extensions["celery"] = object()  # another extension's object under that name
+    text = refusal_of(app)
+    assert 'app.extensions["celery"] must be a celery.Celery instance' in text
 
 
 def test_missing_api_key_is_a_clear_error_while_delivering() -> None:

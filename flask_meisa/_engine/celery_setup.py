@@ -77,7 +77,8 @@ def resolve_celery_app(app: Flask) -> tuple[CelerySettings, Any]:
             'or app.extensions["celery"] before meisa.init_app(app)'
         )
     if not callable(getattr(celery_app, "send_task", None)):
-        raise ConfigurationError("MEISA_CELERY_APP must be a celery.Celery instance")
+        where = "MEISA_CELERY_APP" if settings.celery_app else 'app.extensions["celery"]'
+        raise ConfigurationError(f"{where} must be a celery.Celery instance")
     return settings, celery_app
 
 

@@ -20,6 +20,7 @@ from werkzeug.test import EnvironBuilder
 
 from flask_meisa import Meisa
 from flask_meisa import ValidationError
+from flask_meisa import contact_synced
 from flask_meisa.emulator import Emulator
 from flask_meisa.testing import emulator_config
 from flask_meisa.testing import record_operations
@@ -215,6 +216,31 @@ def test_background_thread_delivery_after_the_response(emulator: Any) -> None:
             assert meisa.flush(5.0)
             assert meisa.status().delivered == 2
         assert emulator.contact(email="ada@example.com")["custom_fields"]["plan"] == "pro"
+    finally:
+        meisa.state(app).close(5.0)
+
+
+def test_a_receiver_that_raises_is_logged_and_keeps_no_other_receiver_from_its_signal(
+    emulator: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = build_app(emulator_config(emulator, MEISA_DELIVERY="thread"))
+    meisa: Meisa = app.extensions["meisa"]
+    heard: list[str] = []
+
+    def broken(sender: Flask, **extra: Any) -> None:
+        raise RuntimeError("a bug in the app's receiver")
+
+    def metrics(sender: Flask, **extra: Any) -> None:
+        heard.append(extra["operation"].kind)
+
+    try:
+        with contact_synced.connected_to(broken, app), contact_synced.connected_to(metrics, app):
+            app.test_client().post("/login/1", buffered=True)
+            with app.app_context():
+                assert meisa.flush(5.0)
+                assert meisa.status().delivered == 1
+        assert heard == ["upsert"]
+        assert "a receiver of meisa-contact-synced raised" in caplog.text
     finally:
         meisa.state(app).close(5.0)
 

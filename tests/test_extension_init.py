@@ -82,6 +82,7 @@ def refusal_of(app: Flask) -> str:
 
 
 def test_a_celery_extension_that_is_no_celery_app_is_named_in_the_refusal() -> None:
+    pytest.importorskip("flask_meisa._engine.celery_setup")  # the "celery" extra
     app = make_app(MEISA_DELIVERY="celery")
     app.extensions["celery"] = object()  # another extension's object under that name
     text = refusal_of(app)

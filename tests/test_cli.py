@@ -326,3 +326,31 @@ def test_the_status_table_shows_each_lanes_wait_and_latency() -> None:
         ["routine", "340", "4m", "05s", "2h", "01m", "2h", "01m"],
         ["backfill", "0", "-", "-", "-"],
     ]
+
+
+def test_flush_that_times_out_says_what_is_left_and_who_delivers(
+    emulator: Any, tmp_path: Path
+) -> None:
+    # Meisa answers 429 for a minute: the event waits to retry, delivery paused meanwhile.
+    config = emulator_config(
+        emulator,
+        MEISA_DELIVERY="thread",
+        MEISA_OUTBOX=str(tmp_path / "store.sqlite3"),
+        MEISA_RATE_LIMIT="60/minute",
+    )
+    app = build_app(config)
+    emulator.faults.force_429(1, retry_after=60, path="/events/track/")
+    try:
+        with app.app_context():
+            app.extensions["meisa"].track("opened", email="ada@example.com")
+            assert emulator.wait_for_requests(1, "/events/track/")
+        result = invoke(app, "flush", "--timeout", "0.3")
+        assert result.exit_code == 1
+        assert f"1 operations still pending after 0.3s (pid {os.getpid()} delivers)" in (
+            result.output
+        )
+        status = invoke(app, "status").output
+        assert "waiting to retry: 1" in status
+        assert re.search(r"paused for: \d+\.\ds", status), status
+    finally:
+        app.extensions["meisa"].state(app).close(0)  # the event is left in the store

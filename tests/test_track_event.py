@@ -169,3 +169,43 @@ def test_track_refuses_a_user_and_an_identity_together(app: Flask) -> None:
     meisa: Meisa = app.extensions["meisa"]
     with app.app_context(), pytest.raises(ValidationError, match="not both"):
         meisa.track("x", user=app.config["USERS"][1], email="ada@example.com")
+
+
+@pytest.mark.parametrize(
+    ("properties", "logged"),
+    [
+        (lambda: {"at": object()}, "broken_export not tracked: "),  # not JSON: refused
+        (lambda: 1 / 0, "broken_export not tracked"),  # a bug in the app's callable
+    ],
+    ids=["refused", "raising"],
+)
+def test_properties_that_cannot_be_tracked_are_logged_and_the_view_answers(
+    emulator: Any, app: Flask, caplog: pytest.LogCaptureFixture, properties: Any, logged: str
+) -> None:
+    @app.post("/broken-export")
+    @track_event("broken_export", properties=properties)
+    def broken_export() -> str:
+        return "exported"
+
+    response = login(app).post("/broken-export", buffered=True)
+    assert (response.status_code, response.data) == (200, b"exported")
+    assert emulator.requests_to(TRACK) == []
+    assert logged in caplog.text
+
+
+def test_an_app_without_flask_login_tracks_nothing_and_answers(
+    emulator: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = Flask(__name__)
+    app.config.update(emulator_config(emulator))
+    Meisa(app)
+
+    @app.post("/export")
+    @track_event("exported_report")
+    def export() -> str:
+        return "exported"
+
+    with caplog.at_level(logging.DEBUG, logger="flask_meisa"):
+        assert app.test_client().post("/export", buffered=True).data == b"exported"
+    assert emulator.requests == []
+    assert "exported_report not tracked: no authenticated user" in caplog.text

@@ -21,6 +21,7 @@ from werkzeug.test import EnvironBuilder
 from flask_meisa import Meisa
 from flask_meisa import ValidationError
 from flask_meisa import contact_synced
+from flask_meisa import delivery_dropped
 from flask_meisa.emulator import Emulator
 from flask_meisa.testing import emulator_config
 from flask_meisa.testing import record_operations
@@ -144,6 +145,26 @@ def test_test_request_context_releases_at_teardown(emulator: Any, app: Flask) ->
         flask_login.login_user(users[2])
         raise RuntimeError("the view failed")
     assert [u.body["email"] for u in upserts(emulator)] == [users[2].email, users[1].email]
+
+
+def test_a_send_released_after_delivery_closed_is_reported_dropped_as_refused(
+    emulator: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = build_app(emulator_config(emulator, MEISA_DELIVERY="thread", MEISA_OUTBOX=None))
+    meisa: Meisa = app.extensions["meisa"]
+    dropped: list[tuple[str, str]] = []
+
+    def record(sender: Flask, **extra: Any) -> None:
+        dropped.append((extra["operation"].kind, extra["reason"]))
+
+    with delivery_dropped.connected_to(record, app), app.test_request_context("/"):
+        meisa.send("password_reset", "ada@example.com", background=True)  # held until the end
+        # Closed while the request ran (meisa.close() in another thread, as it races a
+        # release): the engine the release hands its work to refuses it.
+        meisa.state(app).dispatcher.close(0)
+    assert dropped == [("send", "refused")]
+    assert "was not accepted: delivery engine is closed" in caplog.text
+    assert emulator.requests_to("/emails/trigger/") == []
 
 
 def test_work_of_another_apps_meisa_goes_through_that_app(

@@ -342,3 +342,13 @@ def test_a_send_the_budget_has_no_slot_for_within_its_deadline_is_not_cut_short(
         assert len(emulator.sends()) == 3
     finally:
         meisa.state(app).close(0.0)
+
+
+def test_the_suppression_list_is_preloaded_at_init_only_when_asked(emulator: Any) -> None:
+    build_app(emulator_config(emulator))
+    preloading = build_app(emulator_config(emulator, MEISA_SUPPRESSION_PRELOAD="true"))
+    assert emulator.wait_for_requests(1, UNSUBSCRIBED)
+    assert len(emulator.requests_to(UNSUBSCRIBED)) == 1  # that app's, before any send
+    with preloading.app_context():
+        assert preloading.extensions["meisa"].is_suppressed("ada@example.com") is False
+    assert len(emulator.requests_to(UNSUBSCRIBED)) == 1  # and no second load

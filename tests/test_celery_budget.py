@@ -69,6 +69,15 @@ def taken_within(budget: RedisBudget, seconds: float, waiter: str, place: str) -
     return got.token
 
 
+def one_of_two_in_flight(budget: RedisBudget) -> tuple[str, str, str]:
+    """Two operations of one contact placed ("e0", then "e1") and the first's call taken:
+    their places and its token."""
+    first, second = budget.places([("e0", "c"), ("e1", "c")])
+    got = budget.acquire(lease=LEASE, waiter="e0", place=first)
+    assert got.token is not None
+    return first, second, got.token
+
+
 def test_slots_are_free_until_the_limit_then_a_wait(make_budget: MakeBudget) -> None:
     budget = make_budget("3/second")
     take(budget, 3)
@@ -257,9 +266,7 @@ def test_a_contacts_call_in_flight_holds_its_next_one_but_nobody_elses(
     make_budget: MakeBudget, redis_url: str
 ) -> None:
     budget = make_budget("10/second")
-    first, second = budget.places([("e0", "c"), ("e1", "c")])
-    got = budget.acquire(lease=LEASE, waiter="e0", place=first)
-    assert got.token is not None
+    _, second, token = one_of_two_in_flight(budget)
     # Slots are free, but its contact's call is in flight: it looks again soon.
     later = budget.acquire(lease=LEASE, waiter="e1", place=second)
     assert later.token is None and 0 < later.wait <= 0.1
@@ -268,7 +275,7 @@ def test_a_contacts_call_in_flight_holds_its_next_one_but_nobody_elses(
     client = redis.Redis.from_url(redis_url)
     try:
         assert len(client.keys("*:calling:*")) == 2  # one key per contact in flight
-        budget.finish(got.token)  # answered: the next one goes
+        budget.finish(token)  # answered: the next one goes
         assert len(client.keys("*:calling:*")) == 1
     finally:
         client.close()
@@ -279,11 +286,9 @@ def test_a_contacts_call_that_got_no_answer_in_time_holds_its_next_one_until_its
     make_budget: MakeBudget,
 ) -> None:
     budget = make_budget("10/second")
-    first, second = budget.places([("e0", "c"), ("e1", "c")])
     started = time.monotonic()
-    got = budget.acquire(lease=LEASE, waiter="e0", place=first)
-    assert got.token is not None
-    budget.finish(got.token, timed_out=True)  # it may still reach Meisa: not overtaken
+    _, second, token = one_of_two_in_flight(budget)
+    budget.finish(token, timed_out=True)  # it may still reach Meisa: not overtaken
     later = budget.acquire(lease=LEASE, waiter="e1", place=second)
     since = time.monotonic() - started
     # It looks again from a second before the lease ends, and goes once it has.
@@ -298,10 +303,8 @@ def test_a_contacts_operation_waiting_to_retry_holds_its_next_one_but_not_itself
     make_budget: MakeBudget,
 ) -> None:
     budget = make_budget("10/second")
-    first, second = budget.places([("e0", "c"), ("e1", "c")])
-    got = budget.acquire(lease=LEASE, waiter="e0", place=first)
-    assert got.token is not None
-    budget.finish(got.token, again=0.5)  # a 503: it runs again in half a second
+    first, second, token = one_of_two_in_flight(budget)
+    budget.finish(token, again=0.5)  # a 503: it runs again in half a second
     later = budget.acquire(lease=LEASE, waiter="e1", place=second)
     assert later.token is None and 0.5 <= later.wait <= 0.6, later  # back once it is due
     retry = budget.acquire(lease=LEASE, waiter="e0", place=first)  # not held by its own
@@ -315,10 +318,8 @@ def test_a_retry_that_never_comes_holds_its_contacts_next_one_only_for_a_grace(
     make_budget: MakeBudget,
 ) -> None:
     budget = make_budget("10/second")
-    first, second = budget.places([("e0", "c"), ("e1", "c")])
-    got = budget.acquire(lease=LEASE, waiter="e0", place=first)
-    assert got.token is not None
-    budget.finish(got.token, again=0.2)  # its worker dies before it runs again
+    _, second, token = one_of_two_in_flight(budget)
+    budget.finish(token, again=0.2)  # its worker dies before it runs again
     taken_within(budget, 0.2 + 1.0 + 0.5, "e1", second)
 
 
@@ -326,12 +327,10 @@ def test_a_retry_that_ends_without_a_call_holds_its_contacts_next_one_no_longer(
     make_budget: MakeBudget,
 ) -> None:
     budget = make_budget("10/second")
-    first, second = budget.places([("e0", "c"), ("e1", "c")])
-    got = budget.acquire(lease=LEASE, waiter="e0", place=first)
-    assert got.token is not None
+    first, second, token = one_of_two_in_flight(budget)
     budget.release("e0", first)  # its call in flight holds still
     assert budget.acquire(lease=LEASE, waiter="e1", place=second).token is None
-    budget.finish(got.token, again=0.2, late=LEASE)
+    budget.finish(token, again=0.2, late=LEASE)
     budget.release("e1", second)  # not the retry's waiter: nothing changes
     assert budget.acquire(lease=LEASE, waiter="e1", place=second).token is None
     budget.release("e0", first)  # its retry is skipped, or too late: no call
@@ -342,10 +341,8 @@ def test_a_contact_held_by_its_earlier_call_keeps_no_slot_from_other_contacts(
     make_budget: MakeBudget,
 ) -> None:
     budget = make_budget("1/second")
-    first, second = budget.places([("e0", "c"), ("e1", "c")])
-    got = budget.acquire(lease=LEASE, waiter="e0", place=first)
-    assert got.token is not None
-    budget.finish(got.token, again=3.0)  # a 503: it runs again in 3 s
+    _, second, token = one_of_two_in_flight(budget)
+    budget.finish(token, again=3.0)  # a 503: it runs again in 3 s
     assert budget.acquire(lease=LEASE, waiter="e1", place=second).token is None  # held
     # Another contact's operation, released after e1, takes the slot once it frees (a
     # second after e0's answer): e1 waits for its contact, not for a slot.
@@ -357,10 +354,8 @@ def test_a_retry_that_comes_late_still_goes_before_its_contacts_next_one(
     make_budget: MakeBudget,
 ) -> None:
     budget = make_budget("10/second")
-    first, second = budget.places([("e0", "c"), ("e1", "c")])
-    got = budget.acquire(lease=LEASE, waiter="e0", place=first)
-    assert got.token is not None
-    budget.finish(got.token, again=0.2, late=LEASE)  # its worker's threads may all be busy
+    first, second, token = one_of_two_in_flight(budget)
+    budget.finish(token, again=0.2, late=LEASE)  # its worker's threads may all be busy
     due = time.monotonic() + 0.2
     later = budget.acquire(lease=LEASE, waiter="e1", place=second)
     assert later.token is None and 0.2 <= later.wait <= 0.3, later  # back once it is due

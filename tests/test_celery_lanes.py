@@ -11,6 +11,7 @@ import itertools
 import json
 import time
 from collections.abc import Callable
+from collections.abc import Iterable
 from typing import Any
 
 from flask_meisa._engine.celery import CeleryDispatcher
@@ -128,14 +129,18 @@ def test_urgent_changes_overtake_600_routine_syncs_with_two_workers(
     assert mine == ["/api/v1" + UPSERT, "/api/v1/events/track/"]
 
 
-def knowing_two_users(
-    emulator: Emulator, start_worker: StartWorker, producer: Callable[..., CeleryDispatcher]
+def knowing_users(
+    emulator: Emulator,
+    start_worker: StartWorker,
+    producer: Callable[..., CeleryDispatcher],
+    numbers: Iterable[int] = (1, 2),
+    rate_limit: str = "10/second",
 ) -> CeleryDispatcher:
-    """A producer at 10/second whose Meisa has learnt users 1 and 2 (through a worker
-    without a budget, stopped since), with no request recorded."""
+    """A producer at ``rate_limit`` whose Meisa has learnt the users ``numbers`` (through
+    a worker without a budget, stopped since), with no request recorded."""
     first = start_worker(emulator)
-    dispatcher = producer(emulator, rate_limit="10/second")
-    for n in (1, 2):
+    dispatcher = producer(emulator, rate_limit=rate_limit)
+    for n in numbers:
         dispatcher.publish(Operation("upsert", user(n)))
     assert dispatcher.flush(timeout=20)
     first.stop()
@@ -147,7 +152,7 @@ def test_one_contacts_flood_delays_no_other_contacts_event_or_signup(
     emulator: Emulator, start_worker: StartWorker, producer: Callable[..., CeleryDispatcher]
 ) -> None:
     # Meisa already knows both users, so that their events need no upsert.
-    dispatcher = knowing_two_users(emulator, start_worker, producer)
+    dispatcher = knowing_users(emulator, start_worker, producer)
 
     # A script on user 1's account tracks 40 events; then user 2 tracks one and user 3
     # signs up. All wait before the worker starts: how long publishing takes decides nothing.
@@ -174,7 +179,7 @@ def test_a_users_coalesced_logins_do_not_push_back_their_next_operation(
     emulator: Emulator, start_worker: StartWorker, producer: Callable[..., CeleryDispatcher]
 ) -> None:
     # Meisa already knows both users: their logins are routine syncs.
-    dispatcher = knowing_two_users(emulator, start_worker, producer)
+    dispatcher = knowing_users(emulator, start_worker, producer)
 
     # User 1 logs in 30 times while the first sync waits (one sync, coalesced); then a
     # script on user 2's account tracks 40 events, and user 1 exports a report. All wait
@@ -202,12 +207,7 @@ def test_a_new_users_merged_logins_behind_a_flood_leave_no_slot_idle(
     emulator: Emulator, start_worker: StartWorker, producer: Callable[..., CeleryDispatcher]
 ) -> None:
     # Meisa first learns of user 2 (no budget), so that its events need no upsert.
-    first = start_worker(emulator)
-    dispatcher = producer(emulator, rate_limit="10/second")
-    dispatcher.publish(Operation("upsert", user(2)))
-    assert dispatcher.flush(timeout=20)
-    first.stop()
-    emulator.clear_requests()
+    dispatcher = knowing_users(emulator, start_worker, producer, [2])
 
     # A script on user 2's account tracks 40 events, then a new user logs in 30 times (one
     # sync: the 29 later logins' tasks find it delivered, or deliver it themselves). All
@@ -231,7 +231,7 @@ def test_a_new_users_merged_logins_behind_a_flood_leave_no_slot_idle(
 def test_the_companions_of_a_users_events_behind_a_flood_leave_no_slot_idle(
     emulator: Emulator, start_worker: StartWorker, producer: Callable[..., CeleryDispatcher]
 ) -> None:
-    dispatcher = knowing_two_users(emulator, start_worker, producer)
+    dispatcher = knowing_users(emulator, start_worker, producer)
 
     # Behind user 2's flood, user 1 logs in (a routine sync) and tracks 10 events: each
     # event's companion delivers the sync on the events' lane, and one call does.
@@ -252,7 +252,7 @@ def test_the_companions_of_a_users_events_behind_a_flood_leave_no_slot_idle(
 def test_a_users_events_that_waited_for_their_sync_reach_meisa_in_their_order(
     emulator: Emulator, start_worker: StartWorker, producer: Callable[..., CeleryDispatcher]
 ) -> None:
-    dispatcher = knowing_two_users(emulator, start_worker, producer)
+    dispatcher = knowing_users(emulator, start_worker, producer)
 
     # Behind user 2's flood, user 1 logs in (a routine sync) and tracks 6 events: each
     # waits for the sync, then they go in the order they were made. All wait before the
@@ -281,7 +281,7 @@ def overlap(a: Any, b: Any) -> bool:
 def test_a_users_events_reach_meisa_one_at_a_time_in_order_while_others_go_beside_them(
     emulator: Emulator, start_worker: StartWorker, producer: Callable[..., CeleryDispatcher]
 ) -> None:
-    dispatcher = knowing_two_users(emulator, start_worker, producer)
+    dispatcher = knowing_users(emulator, start_worker, producer)
     # Slow answers, free slots (no limit) and four threads: the calls could overlap.
     emulator.faults.set(latency=0.5, paths=["/events/track/"])
     start_worker(emulator, concurrency=4)
@@ -309,7 +309,7 @@ def test_a_users_events_reach_meisa_one_at_a_time_in_order_while_others_go_besid
 def test_a_users_event_retried_after_a_503_is_not_overtaken_by_their_next_ones(
     emulator: Emulator, start_worker: StartWorker, producer: Callable[..., CeleryDispatcher]
 ) -> None:
-    dispatcher = knowing_two_users(emulator, start_worker, producer)
+    dispatcher = knowing_users(emulator, start_worker, producer)
     emulator.faults.set(latency=0.3, paths=["/events/track/"])
     emulator.faults.fail_next(1, 503, path="/events/track/", match={"event_name": "mine0"})
     start_worker(emulator, concurrency=4)
@@ -330,13 +330,7 @@ def test_a_users_event_retried_after_a_503_is_not_overtaken_by_their_next_ones(
 def test_a_users_event_retried_while_the_workers_are_busy_is_not_overtaken(
     emulator: Emulator, start_worker: StartWorker, producer: Callable[..., CeleryDispatcher]
 ) -> None:
-    first = start_worker(emulator)
-    dispatcher = producer(emulator, rate_limit="10/second")
-    for n in range(1, 6):
-        dispatcher.publish(Operation("upsert", user(n)))
-    assert dispatcher.flush(timeout=20)
-    first.stop()
-    emulator.clear_requests()
+    dispatcher = knowing_users(emulator, start_worker, producer, range(1, 6))
     # Slow answers, and two threads that four other users' events keep busy: a retry that
     # is due waits for a thread, longer than a second.
     emulator.faults.set(latency=1.5, paths=["/events/track/"])
@@ -365,13 +359,7 @@ def test_a_users_event_retried_while_the_workers_are_busy_is_not_overtaken(
 def test_a_users_events_held_behind_their_retry_leave_the_budget_to_other_users(
     emulator: Emulator, start_worker: StartWorker, producer: Callable[..., CeleryDispatcher]
 ) -> None:
-    first = start_worker(emulator)
-    dispatcher = producer(emulator, rate_limit="2/second")
-    for n in range(1, 5):
-        dispatcher.publish(Operation("upsert", user(n)))
-    assert dispatcher.flush(timeout=20)
-    first.stop()
-    emulator.clear_requests()
+    dispatcher = knowing_users(emulator, start_worker, producer, range(1, 5), "2/second")
     # User 1's first event is answered 503, retry in 10 s: their next three wait for it.
     match = {"event_name": "e0", "external_id": "1"}
     emulator.faults.fail_next(1, 503, path="/events/track/", match=match, retry_after=10)

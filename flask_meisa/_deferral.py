@@ -183,14 +183,12 @@ class HeldBatches:
 
     def __init__(self) -> None:
         self._count = 0
-        self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
-        self._waiters = 0
+        self._changed = threading.Condition()
         self._releasing = threading.local()  # .count: batches this thread is releasing
 
     def hold(self) -> None:
         """A response now holds one more batch."""
-        with self._lock:
+        with self._changed:
             self._count += 1
 
     def releasing(self) -> None:
@@ -200,10 +198,9 @@ class HeldBatches:
     def released(self) -> None:
         """The batch this thread was releasing no longer counts."""
         self._releasing.count -= 1
-        with self._lock:
+        with self._changed:
             self._count -= 1
-            if self._waiters:
-                self._changed.notify_all()
+            self._changed.notify_all()
 
     def wait(self, timeout: float | None) -> bool:
         """Wait until no response holds a batch, at most ``timeout`` seconds (but for those
@@ -211,11 +208,7 @@ class HeldBatches:
         itself)."""
         own = getattr(self._releasing, "count", 0)
         with self._changed:
-            self._waiters += 1
-            try:
-                return self._changed.wait_for(lambda: self._count <= own, timeout)
-            finally:
-                self._waiters -= 1
+            return self._changed.wait_for(lambda: self._count <= own, timeout)
 
 
 class AfterResponseMiddleware:

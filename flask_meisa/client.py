@@ -20,23 +20,10 @@ import requests
 from . import _http
 from . import _payloads as payloads
 from . import _values
+from . import errors
+from . import results
 from .config import DEFAULTS
-from .errors import APIConnectionError
-from .errors import APIError
-from .errors import APITimeoutError
-from .errors import ConfigurationError
-from .errors import ValidationError
 from .operations import encode_body
-from .results import BulkEnrollResult
-from .results import Contact
-from .results import ContactEnrollments
-from .results import Enrollment
-from .results import PingResult
-from .results import Sequence
-from .results import TagResult
-from .results import TrackResult
-from .results import TriggerResult
-from .results import UnsubscribedEmails
 from .retry import RetryPolicy
 
 __all__ = ["BULK_ENROLL_LIMIT", "DEFAULT_BASE_URL", "DEFAULT_TIMEOUT", "MeisaClient", "Timeout"]
@@ -99,20 +86,20 @@ class MeisaClient:
         try:
             key = _values.api_key(api_key)
         except _values.InvalidValue as error:
-            raise ConfigurationError(f"api_key {error} (MEISA_API_KEY)") from None
+            raise errors.ConfigurationError(f"api_key {error} (MEISA_API_KEY)") from None
         if key is None:
-            raise ConfigurationError("api_key is not set (set MEISA_API_KEY)")
+            raise errors.ConfigurationError("api_key is not set (set MEISA_API_KEY)")
         try:
             self._base_url = _values.base_url(base_url)
         except _values.InvalidValue as error:
-            raise ConfigurationError(f"base_url {error}") from None
+            raise errors.ConfigurationError(f"base_url {error}") from None
         self._api_key = key
         self._timeout = _check_timeout(timeout)
         self._retry = _check_retry(retry)
         if session is not None and not isinstance(session, requests.Session):
-            raise ConfigurationError("session must be a requests.Session")
+            raise errors.ConfigurationError("session must be a requests.Session")
         if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
-            raise ConfigurationError("pool_size must be an integer >= 1")
+            raise errors.ConfigurationError("pool_size must be an integer >= 1")
         self._http = _http.Transport(key, self._base_url, session, pool_size)
         self._owner = True
         self._slot: Slot = lambda seconds: contextlib.nullcontext()
@@ -172,9 +159,9 @@ class MeisaClient:
     def __reduce__(self) -> Any:
         raise TypeError("MeisaClient holds a secret and cannot be pickled")
 
-    def ping(self) -> PingResult:
+    def ping(self) -> results.PingResult:
         """``GET /ping/``: the key's environment, scopes and product."""
-        return PingResult.from_body(self._call("ping")[1])
+        return results.PingResult.from_body(self._call("ping")[1])
 
     def upsert_contact(
         self,
@@ -187,12 +174,12 @@ class MeisaClient:
         source: str | None = None,
         custom_fields: Mapping[str, Any] | None = None,
         tag_names: Iterable[str] | None = None,
-    ) -> Contact:
+    ) -> results.Contact:
         """``POST /contacts/upsert/``: create or update a contact (matched on ``external_id``,
         then ``email``); ``custom_fields`` are merged, ``tag_names`` added."""
         fields = {name: value for name, value in locals().items() if name != "self"}
         status, answer = self._call("upsert", payloads.upsert_body(fields))
-        return Contact.from_body(answer, status)
+        return results.Contact.from_body(answer, status)
 
     def track_event(
         self,
@@ -201,40 +188,42 @@ class MeisaClient:
         email: str | None = None,
         external_id: str | int | None = None,
         properties: Mapping[str, Any] | None = None,
-    ) -> TrackResult:
+    ) -> results.TrackResult:
         """``POST /events/track/`` for the contact with this ``external_id`` or ``email``;
         no such contact: :class:`~flask_meisa.errors.NotFoundError` (upsert first)."""
         body = payloads.track_body(
             event_name, email=email, external_id=external_id, properties=properties
         )
-        return TrackResult.from_body(self._call("track", body)[1])
+        return results.TrackResult.from_body(self._call("track", body)[1])
 
     def add_tag(
         self, contact_id: str, *, tag_name: str | None = None, tag_id: str | int | None = None
-    ) -> TagResult:
+    ) -> results.TagResult:
         """``POST /contacts/{id}/add_tag/``: tag a contact (the tag is made if missing)."""
         return self._tag("add_tag", contact_id, tag_name, tag_id)
 
     def remove_tag(
         self, contact_id: str, *, tag_name: str | None = None, tag_id: str | int | None = None
-    ) -> TagResult:
+    ) -> results.TagResult:
         """``POST /contacts/{id}/remove_tag/``: untag a contact."""
         return self._tag("remove_tag", contact_id, tag_name, tag_id)
 
-    def _tag(self, action: str, contact_id: object, tag_name: object, tag_id: object) -> TagResult:
+    def _tag(
+        self, action: str, contact_id: object, tag_name: object, tag_id: object
+    ) -> results.TagResult:
         contact = payloads.normalize_external_id(contact_id, "contact_id")
         if "/" in contact or contact in (".", ".."):  # not one segment of the URL's path
-            raise ValidationError("contact_id", "must not contain '/' or be '.' or '..'")
+            raise errors.ValidationError("contact_id", "must not contain '/' or be '.' or '..'")
         if (tag_name is None) == (tag_id is None):
-            raise ValidationError("tag_name", "give exactly one of tag_name or tag_id")
+            raise errors.ValidationError("tag_name", "give exactly one of tag_name or tag_id")
         name = payloads.optional_text(tag_name, "tag_name")
         tag = None if tag_id is None else payloads.normalize_external_id(tag_id, "tag_id")
         answer = self._call(action, {"tag_name": name, "tag_id": tag}, contact_id=contact)[1]
-        return TagResult.from_body(answer, contact, name)
+        return results.TagResult.from_body(answer, contact, name)
 
-    def unsubscribed_emails(self) -> UnsubscribedEmails:
+    def unsubscribed_emails(self) -> results.UnsubscribedEmails:
         """``GET /contacts/api/unsubscribed-emails/``: every address not to email."""
-        return UnsubscribedEmails.from_body(self._call("unsubscribed")[1])
+        return results.UnsubscribedEmails.from_body(self._call("unsubscribed")[1])
 
     def enroll(
         self,
@@ -244,7 +233,7 @@ class MeisaClient:
         metadata: Mapping[str, Any] | None = None,
         trigger_source: str | None = None,
         override_unsubscribe: bool = False,
-    ) -> Enrollment:
+    ) -> results.Enrollment:
         """``POST /sequences/enroll/``: enroll a contact (made if missing) in an active
         sequence; already enrolled: :class:`~flask_meisa.errors.ConflictError`."""
         override = payloads.flag(override_unsubscribe, "override_unsubscribe")
@@ -255,11 +244,11 @@ class MeisaClient:
             "trigger_source": payloads.optional_text(trigger_source, "trigger_source"),
             "override_unsubscribe": override or None,  # False, Meisa's default, is left out
         }
-        return Enrollment.from_body(self._call("enroll", body)[1], body["sequence_slug"])
+        return results.Enrollment.from_body(self._call("enroll", body)[1], body["sequence_slug"])
 
     def bulk_enroll(
         self, sequence_slug: str, emails: Iterable[str], *, override_unsubscribe: bool = False
-    ) -> BulkEnrollResult:
+    ) -> results.BulkEnrollResult:
         """``POST /sequences/api/bulk-enroll/`` in calls of :data:`BULK_ENROLL_LIMIT`, one
         result; a failed call raises after the earlier ones took effect (calling again is
         safe: enrolled addresses are skipped)."""
@@ -271,23 +260,23 @@ class MeisaClient:
             chunk = addresses[start : start + BULK_ENROLL_LIMIT]
             body = {"sequence_slug": slug, "emails": chunk, "override_unsubscribe": override}
             bodies.append(self._call("bulk_enroll", body)[1])
-        return BulkEnrollResult.combine(slug, bodies)
+        return results.BulkEnrollResult.combine(slug, bodies)
 
     def list_sequences(
         self, *, status: str | None = None, search: str | None = None
-    ) -> tuple[Sequence, ...]:
+    ) -> tuple[results.Sequence, ...]:
         """``GET /sequences/api/list/``: active sequences, or ``status="all"``."""
         params = {
             "status": payloads.optional_text(status, "status"),
             "search": payloads.optional_text(search, "search"),
         }
-        return Sequence.list_from_body(self._call("sequences", params=params)[1])
+        return results.Sequence.list_from_body(self._call("sequences", params=params)[1])
 
-    def contact_enrollments(self, email: str) -> ContactEnrollments:
+    def contact_enrollments(self, email: str) -> results.ContactEnrollments:
         """``GET /sequences/api/contact-enrollments/``: one contact's enrollments."""
         address = payloads.normalize_email(email)
         answer = self._call("enrollments", params={"email": address})[1]
-        return ContactEnrollments.from_body(answer, address)
+        return results.ContactEnrollments.from_body(answer, address)
 
     def trigger_email(
         self,
@@ -297,29 +286,28 @@ class MeisaClient:
         variables: Mapping[str, Any] | None = None,
         recipient: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
-    ) -> TriggerResult:
+    ) -> results.TriggerResult:
         """``POST /emails/trigger/``: send a transactional email. Every attempt carries the
         same ``idempotency_key`` (random when none is given), so nothing is sent twice; a
         suppressed recipient raises :class:`~flask_meisa.errors.UnprocessableEntityError`."""
-        body = payloads.trigger_body(
-            trigger_key,
-            to_email,
-            variables=variables,
-            recipient=recipient,
-            idempotency_key=idempotency_key,
-        )
+        fields = {name: value for name, value in locals().items() if name != "self"}
+        body = payloads.trigger_body(**fields)
         status, answer = self._call("send", body)
-        return TriggerResult.from_body(answer, status, str(body["idempotency_key"]))
+        return results.TriggerResult.from_body(answer, status, str(body["idempotency_key"]))
 
-    def send_json(self, kind: str, body: str) -> Contact | TrackResult | TriggerResult:
+    def send_json(
+        self, kind: str, body: str
+    ) -> results.Contact | results.TrackResult | results.TriggerResult:
         """Send a body already checked and encoded; ``kind``: ``"upsert"``, ``"track"`` or
         ``"send"``."""
         status, answer = self._call(kind, body)
         if kind == "upsert":
-            return Contact.from_body(answer, status)
+            return results.Contact.from_body(answer, status)
         if kind == "track":
-            return TrackResult.from_body(answer)
-        return TriggerResult.from_body(answer, status, json.loads(body).get("idempotency_key"))
+            return results.TrackResult.from_body(answer)
+        return results.TriggerResult.from_body(
+            answer, status, json.loads(body).get("idempotency_key")
+        )
 
     def _call(
         self,
@@ -356,9 +344,9 @@ class MeisaClient:
                     timeout = (min(self._timeout[0], limit), min(self._timeout[1], limit))
                     request["timeout"] = timeout
                     result = self._http.attempt(endpoint, scope, limit, **request)
-                    if isinstance(result, APITimeoutError) and result.sent:
+                    if isinstance(result, errors.APITimeoutError) and result.sent:
                         raise result  # the slot learns that Meisa may count it later still
-            except APITimeoutError as timed_out:
+            except errors.APITimeoutError as timed_out:
                 result = timed_out
             if isinstance(result, tuple):
                 logger.debug("%s answered %d (attempt %d)", endpoint, result[0], attempt)
@@ -377,9 +365,9 @@ class MeisaClient:
                 raise error
 
 
-def _describe(error: APIError | APIConnectionError) -> str:
+def _describe(error: errors.APIError | errors.APIConnectionError) -> str:
     """A failed attempt for a log line: the status and code, or the reason."""
-    if isinstance(error, APIError):
+    if isinstance(error, errors.APIError):
         return f"answered {error.status}{f' [{error.code}]' if error.code else ''}"
     return f"failed: {error.reason}"
 
@@ -390,11 +378,11 @@ def _check_timeout(timeout: object) -> tuple[float, float]:
         isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t > 0
         for t in pair
     ):
-        raise ConfigurationError("timeout must be seconds > 0, or a (connect, read) pair")
+        raise errors.ConfigurationError("timeout must be seconds > 0, or a (connect, read) pair")
     return float(pair[0]), float(pair[1])
 
 
 def _check_retry(retry: object) -> RetryPolicy:
     if retry is not None and not isinstance(retry, RetryPolicy):
-        raise ConfigurationError("retry must be a RetryPolicy")
+        raise errors.ConfigurationError("retry must be a RetryPolicy")
     return retry or RetryPolicy()

@@ -58,9 +58,7 @@ class _RequestBatch:
             self.operations.append(operation)
             return
         names = _names(operation)
-        earlier = None
-        if self._upserts:  # most requests make one upsert
-            earlier = next((self._upserts[n] for n in names if n in self._upserts), None)
+        earlier = next((self._upserts[n] for n in names if n in self._upserts), None)
         # Only into the latest upsert of every name either has, so that none overtakes one.
         if earlier is not None and any(
             self._upserts.get(n) is not earlier for n in {*names, *_names(earlier)}
@@ -97,10 +95,7 @@ def enqueue(state: MeisaState, operation: Operation) -> None:
                     # context's teardown, by a receiver other requests never pay for.
                     request_tearing_down.connect(_teardown, weak=False)
                 batches = environ[_BATCH_KEY] = {}
-            batch = batches.get(state)
-            if batch is None:
-                batch = batches[state] = _RequestBatch()
-            batch.add(operation)
+            batches.setdefault(state, _RequestBatch()).add(operation)
             # A thread of the request's (copy_current_request_context) may have made the
             # batches just as the response left: then nothing else will release them.
             left = found is None and environ.get(_RESPONDED_KEY)

@@ -89,11 +89,7 @@ class MeisaState:
         """Whether operations are delivered now: ``MEISA_ENABLED`` and not
         ``MEISA_SUPPRESS_SEND`` (which follows ``TESTING``), read on every operation."""
         config = self.app.config
-        switches = (
-            config.get("MEISA_ENABLED"),
-            config.get("MEISA_SUPPRESS_SEND"),
-            config.get("TESTING"),
-        )
+        switches = tuple(map(config.get, ("MEISA_ENABLED", "MEISA_SUPPRESS_SEND", "TESTING")))
         if switches != self._switches:  # parsed again only when one of them changed
             self._delivering, self._switches = is_delivering(config), switches
         return self._delivering
@@ -171,9 +167,6 @@ class MeisaState:
     def dispatcher(self) -> Dispatcher:
         """The app's delivery engine (made on first use)."""
         self.after_fork()
-        dispatcher = self._dispatcher
-        if dispatcher is not None:
-            return dispatcher
         with self._lock:
             if self._dispatcher is None:
                 name = _ENGINES[self.settings.delivery][0]

@@ -102,8 +102,7 @@ class SuppressionSet:
                     "while it loads",
                     wait,
                 )
-            current = self._current
-        return key in self._local or (current is not None and key in current.emails)
+        return self.peek(key)
 
     def peek(self, email: str) -> bool:
         """Like :meth:`is_suppressed`, from what is held now: never loads, never refreshes."""

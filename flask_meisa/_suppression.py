@@ -15,9 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigurationError
-from .errors import MeisaError
-from .errors import ValidationError
+from . import errors
 from .results import UnsubscribedEmails
 
 _logger = logging.getLogger("flask_meisa.suppression")
@@ -57,9 +55,9 @@ class SuppressionSet:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not ttl > 0:
-            raise ConfigurationError("ttl must be a positive number of seconds")
+            raise errors.ConfigurationError("ttl must be a positive number of seconds")
         if not retry_interval >= 0:
-            raise ConfigurationError("retry_interval must be zero or more seconds")
+            raise errors.ConfigurationError("retry_interval must be zero or more seconds")
         self._fetch = fetch
         self._ttl = float(ttl)
         self._retry_interval = float(retry_interval)
@@ -241,10 +239,10 @@ class SuppressionSet:
 
 def _key(email: object) -> str:
     if not isinstance(email, str):
-        raise ValidationError("email", "must be a string")
+        raise errors.ValidationError("email", "must be a string")
     key = email.strip().lower()
     if not key:
-        raise ValidationError("email", "must not be blank")
+        raise errors.ValidationError("email", "must not be blank")
     return key
 
 
@@ -289,6 +287,6 @@ def _read_snapshot(snapshot: Any, clock: Callable[[], float]) -> _Loaded:
 def _describe(exc: Exception) -> str:
     # flask-meisa's errors never carry payload values or keys; other text might, so only
     # their type is told.
-    if isinstance(exc, (MeisaError, _UnreadableSnapshot)):
+    if isinstance(exc, (errors.MeisaError, _UnreadableSnapshot)):
         return str(exc)
     return type(exc).__name__

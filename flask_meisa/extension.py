@@ -22,12 +22,9 @@ from flask import current_app
 from flask import has_app_context
 from flask_login import user_logged_in
 
+from . import _contacts
 from . import _deferral as deferral
 from . import signals
-from ._contacts import ContactMapper
-from ._contacts import default_contact_mapper
-from ._contacts import map_contact
-from ._contacts import upsert_payload
 from ._engine.base import DeliveryStatus
 from ._payloads import flag
 from ._payloads import normalize_email
@@ -59,9 +56,9 @@ class Meisa:
     :param contact_mapper: the user → contact payload function (see :meth:`contact_mapper`)."""
 
     def __init__(
-        self, app: Flask | None = None, *, contact_mapper: ContactMapper | None = None
+        self, app: Flask | None = None, *, contact_mapper: _contacts.ContactMapper | None = None
     ) -> None:
-        self._contact_mapper: ContactMapper | None = None
+        self._contact_mapper: _contacts.ContactMapper | None = None
         if contact_mapper is not None:
             self.contact_mapper(contact_mapper)
         #: The users ``flask meisa sync-users`` backfills, and how to count them
@@ -186,7 +183,7 @@ class Meisa:
             raise ValidationError("priority", 'must be "high" or "normal"')
         flag(force, "force")
         if isinstance(user_or_payload, Mapping):
-            payload = upsert_payload(user_or_payload)
+            payload = _contacts.upsert_payload(user_or_payload)
         else:
             payload = self._map(state, user_or_payload)
         high = "high" if priority == "high" else None
@@ -304,10 +301,10 @@ class Meisa:
 
     def _map(self, state: MeisaState, user: Any) -> dict[str, Any]:
         if self._contact_mapper is not None:
-            return map_contact(self._contact_mapper, user)
+            return _contacts.map_contact(self._contact_mapper, user)
         settings = state.settings
         return upsert_body(
-            default_contact_mapper(
+            _contacts.default_contact_mapper(
                 user, custom_fields=settings.custom_fields, source=settings.default_source
             )
         )

@@ -166,6 +166,11 @@ def api_key(value: object) -> str | None:
     return key or None
 
 
+def key_tail(key: str) -> str:
+    """How a repr shows an API key: its last four characters, from a key of 16 or more."""
+    return f"…{key[-4:]}" if len(key) >= 16 else "…"
+
+
 def base_url(value: object) -> str:
     """Meisa's API root, checked as its refusals say, without a trailing slash."""
     if not isinstance(value, str) or not value.strip():

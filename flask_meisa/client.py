@@ -153,7 +153,7 @@ class MeisaClient:
         self.close()
 
     def __repr__(self) -> str:
-        tail = f"…{self._api_key[-4:]}" if len(self._api_key) >= 16 else "…"
+        tail = _values.key_tail(self._api_key)
         return f"MeisaClient(base_url={self._base_url!r}, api_key={tail!r})"
 
     def __reduce__(self) -> Any:

@@ -295,7 +295,7 @@ class MeisaSettings:
 
     def __repr__(self) -> str:
         # The key never appears in a repr: at most its last four characters.
-        key = f"'…{self.api_key[-4:]}'" if self.api_key else "None"
+        key = repr(_values.key_tail(self.api_key)) if self.api_key else "None"
         return (
             f"MeisaSettings(base_url={self.base_url!r}, api_key={key}, delivery={self.delivery!r})"
         )

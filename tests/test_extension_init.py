@@ -499,6 +499,14 @@ def test_the_key_never_appears_in_reprs() -> None:
         assert KEY[:-4] not in text
 
 
+def test_a_short_key_shows_no_tail_in_any_repr() -> None:
+    # Four characters of a short key are a large part of it: the client shows none.
+    app = make_app(MEISA_API_KEY="short-key")
+    state = Meisa(app).state(app)
+    for text in (repr(state.settings), repr(state.client)):
+        assert "-key" not in text and "'…'" in text
+
+
 def test_calls_outside_an_app_context_say_what_is_missing() -> None:
     meisa = Meisa(make_app())
     with pytest.raises(RuntimeError, match="needs an application context"):

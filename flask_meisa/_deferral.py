@@ -279,20 +279,14 @@ class _ReleasingBody:
         self, body: Iterable[bytes], release: Callable[[bool], None], failed: bool
     ) -> None:
         self._body = body
-        self._chunks: Iterator[bytes] | None = None
         self._release: Callable[[bool], None] | None = release
         self._failed = failed
 
     def __iter__(self) -> Iterator[bytes]:
-        self._chunks = iter(self._body)
-        return self
-
-    def __next__(self) -> bytes:
-        assert self._chunks is not None
         try:
-            return next(self._chunks)
-        except StopIteration:
-            raise
+            # Not ``yield from``: closing this generator must not close the body twice.
+            for chunk in self._body:  # noqa: UP028
+                yield chunk
         except Exception:
             self._failed = True
             raise

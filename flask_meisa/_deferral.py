@@ -159,8 +159,7 @@ def _teardown(sender: Any, exc: BaseException | None = None, **extra: Any) -> No
 
 
 def release_now(state: MeisaState) -> None:
-    """Hand the current request's batch of ``state``, if any, to delivery now
-    (``meisa.flush``)."""
+    """Hand the current request's batch of ``state``, if any, to delivery now (``meisa.flush``)."""
     if has_request_context():
         environ = _environ()
         batch = (environ.get(_BATCH_KEY) or {}).pop(state, None)

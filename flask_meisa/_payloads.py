@@ -185,9 +185,8 @@ def _converted(value: object, field: str, depth: int) -> JSONValue:
     if isinstance(value, uuid.UUID):
         return str(value)
     if isinstance(value, (Mapping, list, tuple)):
-        return to_json_value(
-            dict(value) if isinstance(value, Mapping) else list(value), field, _depth=depth
-        )
+        plain = dict(value) if isinstance(value, Mapping) else list(value)
+        return to_json_value(plain, field, _depth=depth)
     raise ValidationError(field, f"cannot be sent as JSON ({_type_name(value)})")
 
 

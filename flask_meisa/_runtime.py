@@ -176,9 +176,8 @@ class MeisaState:
 
     def has_dispatcher(self) -> bool:
         """Whether an engine was made, or one is needed (a store may hold earlier work)."""
-        return self._dispatcher is not None or (
-            _ENGINES[self.settings.delivery][1] and self.delivering()
-        )
+        keeps_store = _ENGINES[self.settings.delivery][1]
+        return self._dispatcher is not None or (keeps_store and self.delivering())
 
     def store(self) -> Store:
         """The store of ``MEISA_DELIVERY = "thread"`` (opened on first use): the

@@ -87,9 +87,8 @@ class SuppressionSet:
         failed); a stale list answers while a background refresh runs."""
         key = _key(email)
         current = self._current
-        if current is None or (
-            self._clock() >= current.loaded_at + self._ttl and not self._loading
-        ):
+        stale = current is not None and self._clock() >= current.loaded_at + self._ttl
+        if current is None or (stale and not self._loading):
             with self._lock:
                 if self._current is current:
                     self._start_refresh(respect_retry=True)

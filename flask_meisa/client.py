@@ -305,9 +305,8 @@ class MeisaClient:
             return results.Contact.from_body(answer, status)
         if kind == "track":
             return results.TrackResult.from_body(answer)
-        return results.TriggerResult.from_body(
-            answer, status, json.loads(body).get("idempotency_key")
-        )
+        key = json.loads(body).get("idempotency_key")
+        return results.TriggerResult.from_body(answer, status, key)
 
     def _call(
         self,

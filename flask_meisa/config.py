@@ -296,9 +296,8 @@ class MeisaSettings:
     def __repr__(self) -> str:
         # The key never appears in a repr: at most its last four characters.
         key = repr(_values.key_tail(self.api_key)) if self.api_key else "None"
-        return (
-            f"MeisaSettings(base_url={self.base_url!r}, api_key={key}, delivery={self.delivery!r})"
-        )
+        shown = f"base_url={self.base_url!r}, api_key={key}, delivery={self.delivery!r}"
+        return f"MeisaSettings({shown})"
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> MeisaSettings:

@@ -323,6 +323,5 @@ def _connection_error(
         if any(isinstance(e, kinds) for e in chain):
             return APIConnectionError(endpoint, reason, retryable=retryable)
     # InvalidURL, InvalidHeader and the like: a fault here, not a flaky network.
-    return APIConnectionError(
-        endpoint, f"request not sent ({type(exc).__name__})", retryable=False
-    )
+    reason = f"request not sent ({type(exc).__name__})"
+    return APIConnectionError(endpoint, reason, retryable=False)

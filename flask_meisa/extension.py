@@ -303,11 +303,10 @@ class Meisa:
         if self._contact_mapper is not None:
             return _contacts.map_contact(self._contact_mapper, user)
         settings = state.settings
-        return upsert_body(
-            _contacts.default_contact_mapper(
-                user, custom_fields=settings.custom_fields, source=settings.default_source
-            )
+        fields = _contacts.default_contact_mapper(
+            user, custom_fields=settings.custom_fields, source=settings.default_source
         )
+        return upsert_body(fields)
 
     def _on_user_logged_in(self, sender: Flask, user: Any = None, **extra: Any) -> None:
         try:  # never let a sync problem break login_user(): log it instead

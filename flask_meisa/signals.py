@@ -108,9 +108,8 @@ class SignalReporter:
 
     def skip_reason(self, operation: Operation) -> str | None:
         """Sends to an address in the suppression set are skipped."""
-        if operation.kind == "send" and self.suppression.is_suppressed(
-            operation.payload["to_email"]
-        ):
+        send = operation.kind == "send"
+        if send and self.suppression.is_suppressed(operation.payload["to_email"]):
             return "suppressed"
         return None
 

@@ -72,26 +72,26 @@ class _Segment:
     events: list[str] = field(default_factory=list)
 
     @classmethod
-    def open(
-        cls,
-        payload: Any,
-        members: Any,
-        version: Any,
-        force: Any,
-        priority: str | None,
-        after: Any,
-        events: Any,
-    ) -> _Segment:
-        """The record's open part, from its fields as Redis gives them."""
+    def open(cls, fields: Mapping[str, Any]) -> _Segment:
+        """The record's open part, from its fields as :func:`_read` gives them."""
         return cls(
-            json.loads(payload),
-            json.loads(members or "[]"),
-            int(version or 0),
-            bool(int(force or 0)),
-            priority,
-            json.loads(after or "[]"),
-            json.loads(events or "[]"),
+            json.loads(fields["payload"]),
+            json.loads(fields["members"] or "[]"),
+            int(fields["version"] or 0),
+            bool(int(fields["force"] or 0)),
+            as_text(fields["priority"]) or None,
+            json.loads(fields["after"] or "[]"),
+            json.loads(fields["events"] or "[]"),
         )
+
+
+_FIELDS = "version delivered payload members force priority after events closed priorities"
+
+
+def _read(pipe: Any, record: str) -> dict[str, Any]:
+    """The fields of a contact's record by name (``None``: not set)."""
+    names = _FIELDS.split()
+    return dict(zip(names, pipe.hmget(record, *names), strict=True))
 
 
 def _digest(name: str) -> str:
@@ -202,17 +202,15 @@ class ContactRecords:
         record = self._key("contact", contact)
 
         def update(pipe: Any) -> tuple[int, bool]:
-            names = ("version", "payload", "members", "force", "priority", "after", "events")
-            version, payload, members, force, priority, earlier, held, closed, priorities = (
-                pipe.hmget(record, *names, "closed", "priorities")
-            )
+            fields = _read(pipe, record)
             own = {operation.id: operation.priority} if operation.priority else {}
-            segments = json.loads(closed or "[]")
+            segments = json.loads(fields["closed"] or "[]")
             merged, ahead, joined_members = operation.payload, operation.priority, []
             forced, waits, holds = operation.force, {}, list(events)
-            if payload is not None:
-                first = cast("Priority | None", as_text(priority) or None)
-                older = by_age(json.loads(payload), first, operation.payload, ahead)
+            if fields["payload"] is not None:
+                segment = _Segment.open(fields)
+                first = cast("Priority | None", segment.priority)
+                older = by_age(segment.payload, first, operation.payload, ahead)
                 joined = join_upserts(*older)
                 if joined is None and older[0] is operation.payload:
                     # A backfill's snapshot older than the live sync waiting here, of the
@@ -220,7 +218,6 @@ class ContactRecords:
                     with contextlib.suppress(ValidationError):
                         both = merge_upsert_payloads(*older)
                         joined = both, encode_body(both)
-                segment = _Segment.open(payload, members, version, force, first, earlier, held)
                 if joined is None:
                     segments.append(segment.__dict__)
                 else:
@@ -229,7 +226,7 @@ class ContactRecords:
                     waits, holds = dict(segment.after), segment.events
             for other, upto in after:
                 waits[other] = max(int(waits.get(other, 0)), int(upto))
-            version = int(version or 0) + 1
+            version = int(fields["version"] or 0) + 1
             pipe.multi()
             pipe.hset(
                 record,
@@ -243,7 +240,7 @@ class ContactRecords:
                     "events": json.dumps(holds),
                     "address": _digest(identities(merged)[1] or ""),
                     "closed": json.dumps(segments, separators=(",", ":")),
-                    "priorities": json.dumps({**json.loads(priorities or "{}"), **own}),
+                    "priorities": json.dumps({**json.loads(fields["priorities"] or "{}"), **own}),
                 },
             )
             pipe.expire(record, RECORD_TTL)
@@ -262,25 +259,18 @@ class ContactRecords:
         token = uuid.uuid4().hex
 
         def decide(pipe: Any) -> Claim:
-            fields = ("version", "delivered", "payload", "members", "force", "after", "events")
-            current, delivered, payload, members, force, after, events, closed, priorities = (
-                pipe.hmget(record, *fields, "closed", "priorities")
-            )
-            if current is None:
+            fields = _read(pipe, record)
+            if fields["version"] is None:
                 return Claim("missing")
-            if int(delivered or 0) >= version or payload is None:
+            if int(fields["delivered"] or 0) >= version or fields["payload"] is None:
                 return Claim("covered")
             held, holder = pipe.pttl(lease_key), as_text(pipe.get(lease_key))
             if held is not None and int(held) > 0:
                 # A part's backoff is waited out whole; a call in flight may end sooner.
                 wait = int(held) / 1000.0
                 return Claim("busy", wait=wait if holder == "backoff" else min(wait, 0.25))
-            segments = json.loads(closed or "[]")
-            first = (
-                _Segment(**segments[0])
-                if segments
-                else _Segment.open(payload, members, current, force, None, after, events)
-            )
+            segments = json.loads(fields["closed"] or "[]")
+            first = _Segment(**segments[0]) if segments else _Segment.open(fields)
             pipe.multi()
             pipe.set(lease_key, token, px=max(int(lease * 1000), 1))
             return Claim(
@@ -293,7 +283,7 @@ class ContactRecords:
                 force=first.force,
                 after=tuple((str(c), int(v)) for c, v in first.after),
                 events=tuple(first.events),
-                priorities=json.loads(priorities or "{}"),
+                priorities=json.loads(fields["priorities"] or "{}"),
             )
 
         return self.redis.transaction(  # type: ignore[no-any-return]
@@ -337,21 +327,18 @@ class ContactRecords:
         record, lease_key = self._key("contact", claim.contact), self._key("lease", claim.contact)
 
         def update(pipe: Any) -> None:
-            current, done, members, closed, priorities = pipe.hmget(
-                record, "version", "delivered", "members", "closed", "priorities"
-            )
+            fields = _read(pipe, record)
             holder = as_text(pipe.get(lease_key))
             pipe.multi()
-            if delivered and current is not None:
+            if delivered and fields["version"] is not None:
                 # The claimed part is the first one: closed since if upserts came that
                 # could not join it, and grown if some joined it.
                 claimed = set(claim.members)
-                kept = {
-                    m: p for m, p in json.loads(priorities or "{}").items() if m not in claimed
-                }
+                priorities = json.loads(fields["priorities"] or "{}")
+                kept = {m: p for m, p in priorities.items() if m not in claimed}
                 pipe.hset(record, "priorities", json.dumps(kept))
-                segments = json.loads(closed or "[]")
-                done = max(int(done or 0), claim.version)
+                segments = json.loads(fields["closed"] or "[]")
+                done = max(int(fields["delivered"] or 0), claim.version)
                 if segments:
                     if int(segments[0]["version"]) <= claim.version:
                         segments.pop(0)
@@ -361,9 +348,9 @@ class ContactRecords:
                     closing = {"closed": json.dumps(segments, separators=(",", ":"))}
                     pipe.hset(record, mapping={"delivered": done, **closing})
                 else:
-                    rest = [m for m in json.loads(members or "[]") if m not in claimed]
+                    rest = [m for m in json.loads(fields["members"] or "[]") if m not in claimed]
                     pipe.hset(record, mapping={"delivered": done, "members": json.dumps(rest)})
-                    if int(current) == claim.version:
+                    if int(fields["version"]) == claim.version:
                         pipe.hdel(record, "payload", "force", "priority", "after", "events")
             if holder == claim.token and backoff > 0:
                 pipe.set(lease_key, "backoff", px=max(int(backoff * 1000), 1))

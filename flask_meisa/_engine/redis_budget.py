@@ -21,17 +21,11 @@ from ..errors import APITimeoutError
 from ..operations import LANE_NAMES
 from ..operations import LANE_ROUTINE
 from ..operations import LANE_TRANSACTIONAL
+from . import redis_scripts as lua
 from .base import OUTAGE_THRESHOLD
 from .budget import allowed
 from .redis_records import _digest
 from .redis_records import as_text
-from .redis_scripts import ACQUIRE
-from .redis_scripts import FINISH
-from .redis_scripts import HOLD
-from .redis_scripts import PAUSE
-from .redis_scripts import PLACE
-from .redis_scripts import RELEASE
-from .redis_scripts import TIME
 
 logger = logging.getLogger("flask_meisa.engine")
 
@@ -72,9 +66,10 @@ class RedisBudget:
         self._redis = redis
         self._unreachable_until = 0.0  # time.monotonic(): no slot is asked until then
         self._acquire, self._finish, self._pause, self._hold = (
-            redis.register_script(TIME + body) for body in (ACQUIRE, FINISH, PAUSE, HOLD)
+            redis.register_script(lua.TIME + body)
+            for body in (lua.ACQUIRE, lua.FINISH, lua.PAUSE, lua.HOLD)
         )
-        self._place, self._release = map(redis.register_script, (PLACE, RELEASE))
+        self._place, self._release = map(redis.register_script, (lua.PLACE, lua.RELEASE))
 
     def acquire(
         self,

@@ -89,12 +89,10 @@ class RedisDeliveryStore(ContactRecords):
 
     def unfinished(self, ids: list[str]) -> list[bool]:
         """Whether each operation of ``ids`` is pending."""
-        if not ids:
-            return []
         pipe = self.redis.pipeline(transaction=False)
-        for key in self._pending.values():
+        for key in self._pending.values() if ids else ():
             pipe.zmscore(key, ids)
-        lanes = pipe.execute()
+        lanes = pipe.execute()  # nothing sent without ids
         return [any(lane[n] is not None for lane in lanes) for n in range(len(ids))]
 
     def turns(self, kind: str, payload: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
@@ -141,14 +139,10 @@ class RedisDeliveryStore(ContactRecords):
         ids = self.redis.zrangebyscore(self._seen, "-inf", now - after, start=0, num=limit)
         if not ids:
             return []
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hmget(self._tasks, ids)
-        for key in self._pending.values():
-            pipe.zmscore(key, ids)
-        raws, *lanes = pipe.execute()
+        raws, pending = self.redis.hmget(self._tasks, ids), self.unfinished(ids)
         tasks, finished = [], []
-        for n, (op_id, raw) in enumerate(zip(ids, raws, strict=True)):
-            if raw is not None and any(lane[n] is not None for lane in lanes):
+        for op_id, raw, waiting in zip(ids, raws, pending, strict=True):
+            if raw is not None and waiting:
                 tasks.append(json.loads(raw))
             else:  # finished (by a worker of a version that kept nothing, say), or lost
                 finished.append(op_id)
@@ -215,9 +209,8 @@ class RedisDeliveryStore(ContactRecords):
         pipe.get(epoch)
         for key in self._pending.values():
             pipe.zcard(key)
-        if ids:
-            for key in self._pending.values():
-                pipe.zmscore(key, ids)
+        for key in self._pending.values() if ids else ():
+            pipe.zmscore(key, ids)
         _, token, *found = pipe.execute()
         counts, scores = found[: len(LANE_NAMES)], found[len(LANE_NAMES) :]
         unfinished = [any(lane[n] is not None for lane in scores) for n in range(len(ids))]

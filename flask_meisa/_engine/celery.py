@@ -350,9 +350,7 @@ class CeleryBackfill(backfill.Target):
     ) -> None:
         for operation in operations:
             contacts = store.contacts(operation.payload)
-            had = functools.cache(
-                functools.partial(store.known, contacts[0] if contacts else None)
-            )
+            had = functools.cache(functools.partial(store.known, next(iter(contacts), None)))
             fresh = backfill.fresh_part(operation, had(), now)
             if fresh is None or (
                 self._unchanged(fresh, had, run, now) and store.pending_version(contacts) is None

@@ -160,10 +160,8 @@ def init_celery(app: Flask, settings: MeisaSettings) -> Any:
 def register_tasks(celery_app: Any, worker: Callable[[], DeliveryWorker]) -> Any:
     """Register the delivery task on ``celery_app`` (again: ``worker`` replaces the last)
     and return it; each run calls ``worker()`` for this process's worker."""
-    held = getattr(celery_app, _HOLDER, None)
-    if held is not None:
-        task = held[0]
-    else:
+    task = getattr(celery_app, _HOLDER, (None,))[0]
+    if task is None:
         task = celery_app.task(
             name=TASK_NAME,
             bind=True,

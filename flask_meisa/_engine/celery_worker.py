@@ -21,15 +21,7 @@ from ..operations import Attempt
 from ..operations import Operation
 from ..operations import attempt
 from ..retry import RetryPolicy
-from .base import CallClient
-from .base import ClientFactory
-from .base import DeliveryHooks
-from .base import HookCaller
-from .base import call_for
-from .base import log_decision
-from .base import pause_for
-from .base import settle
-from .base import too_late
+from . import base
 from .known import Known
 from .known import unchanged
 from .redis_budget import MAX_WAIT
@@ -68,8 +60,8 @@ class DeliveryWorker:
     def __init__(
         self,
         *,
-        client_factory: ClientFactory,
-        hooks: DeliveryHooks,
+        client_factory: base.ClientFactory,
+        hooks: base.DeliveryHooks,
         retry: RetryPolicy,
         store: RedisDeliveryStore,
         budget: RedisBudget | None,
@@ -80,8 +72,8 @@ class DeliveryWorker:
         resync_after: float = 86400.0,
         routine_max_age: float = 3600.0,
     ) -> None:
-        self._client = CallClient(client_factory)
-        self._hooks = HookCaller(hooks, logger)
+        self._client = base.CallClient(client_factory)
+        self._hooks = base.HookCaller(hooks, logger)
         self._retry = retry
         self.store = store
         self._dead = RedisDeadLetters(store)
@@ -249,7 +241,7 @@ class DeliveryWorker:
             # A copy of the task as first published (its message restored, or published
             # again) may come after attempts whose retries carried the date: it is recorded.
             first = self.store.first_attempt(operation.id)
-        late = too_late(operation, first, time.time())
+        late = base.too_late(operation, first, time.time())
         if late is not None:
             self._uncalled(operation, meta, claim)
         budget, token, lane = self.budget, None, int(meta["lane"])
@@ -286,12 +278,12 @@ class DeliveryWorker:
                 self.store.first_attempt(operation.id, meta["first_attempt"])
             outcome = Attempt(error=late)
             if late is None:
-                outcome = attempt(self._client, call_for(operation, recovering))
+                outcome = attempt(self._client, base.call_for(operation, recovering))
         except BaseException:
             if budget is not None and token is not None:
                 budget.finish(token)  # interrupted mid-call: the slot counts as spent
             raise
-        settled = settle(
+        settled = base.settle(
             operation,
             outcome.error,
             recovering=recovering,
@@ -300,7 +292,9 @@ class DeliveryWorker:
             policy=self._retry,
         )
         decision = settled.decision
-        log_decision(logger, decision, operation.describe(), outcome.error, operation.attempts)
+        base.log_decision(
+            logger, decision, operation.describe(), outcome.error, operation.attempts
+        )
         if budget is not None and token is not None:
             # Every worker follows: a 429 about the key pauses all; an outage opens the breaker.
             failures = budget.finish(
@@ -314,7 +308,7 @@ class DeliveryWorker:
                 # and may wait for its contact's upsert, which must not wait for it as long.
                 late=self._lease if settled.step == "retry" else 1.0,
             )
-            budget.pause(pause_for(decision, failures, self._retry, logger))
+            budget.pause(base.pause_for(decision, failures, self._retry, logger))
         if decision.unknown_contact:
             self.store.forget([operation.payload, operation.contact])
         if settled.accepted is not None:

@@ -179,6 +179,19 @@ class HostFiles:
         )
 
 
+@contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """A write transaction on ``db``, holding the database's write lock from its start."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        with suppress(sqlite3.Error):  # the original error says more
+            db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
 def identity(stat: os.stat_result) -> tuple[int, int]:
     """A file's identity (device, inode): the same while it is renamed, not once replaced."""
     return stat.st_dev, stat.st_ino
@@ -275,8 +288,7 @@ def carry_over(old: sqlite3.Connection, store: Store, *, release: bool = False) 
     ``store`` does not, into ``store``: how many operations. Stored there before they go
     from ``old``, so that a failure repeats them rather than loses them. ``release``: the
     rows ``store`` has in flight wait again too (nobody's call is in flight on it)."""
-    old.execute("BEGIN IMMEDIATE")  # the other processes still on the old file wait
-    try:
+    with transaction(old):  # the other processes still on the old file wait
         # Each file's times moved back by a clock step back since it noted the time (the
         # file now there may be a copy made before one): both then count from this clock.
         store.now(old)
@@ -303,11 +315,6 @@ def carry_over(old: sqlite3.Connection, store: Store, *, release: bool = False) 
             kept = old.execute("SELECT name, value FROM meisa_meta WHERE name != 'clock'")
             db.executemany("INSERT OR IGNORE INTO meisa_meta VALUES (?, ?)", kept.fetchall())
         old.execute("DELETE FROM meisa_ops")
-        old.execute("COMMIT")
-    except BaseException:
-        with suppress(sqlite3.Error):
-            old.execute("ROLLBACK")
-        raise
     return len(rows)
 
 

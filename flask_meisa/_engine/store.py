@@ -10,11 +10,9 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
 from collections.abc import Iterator
 from collections.abc import Sized
 from contextlib import contextmanager
-from contextlib import suppress
 from typing import Any
 
 from ..errors import ConfigurationError
@@ -26,6 +24,7 @@ from .host import carry_over
 from .host import checking
 from .host import identity
 from .host import set_aside
+from .host import transaction
 
 #: A clock that reads this much less than the latest time the store noted has stepped back.
 CLOCK_STEP = 1.0
@@ -185,12 +184,14 @@ class Store:
                 seeding = upgraded and not db.execute(found, ("meisa_addresses",)).fetchone()
                 columns = _columns(db, "meisa_ops")
                 if columns and "turn" not in columns:  # before the schema: its indexes use it
-                    _in_transaction(db, _add_turns)
+                    with transaction(db):
+                        _add_turns(db)
                 db.executescript(_SCHEMA)
                 if seeding:  # a store of an earlier version: who Meisa has at each address
                     from .known import seed_addresses  # (known.py imports this module)
 
-                    _in_transaction(db, seed_addresses)
+                    with transaction(db):
+                        seed_addresses(db)
             except BaseException:
                 db.close()
                 raise
@@ -210,20 +211,14 @@ class Store:
         """A write transaction, holding the database's write lock from its start."""
         with self._lock:
             db = self._connection()
-            db.execute("BEGIN IMMEDIATE")
-            changes = db.total_changes
-            try:
+            with transaction(db):
+                changes = db.total_changes
                 yield db
                 if db.total_changes != changes:  # no time it stored is later than the note
                     # Noted when later than the note (a step back is Store.now's).
                     now, noted = time.time(), Store.get_meta(db, "clock")
                     if noted is None or now - float(noted) >= CLOCK_STEP:
                         Store.set_meta(db, "clock", now)
-            except BaseException:
-                with suppress(sqlite3.Error):  # the original error says more
-                    db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
 
     def close(self) -> None:
         """Close this process's connection (a memory database starts empty again)."""
@@ -373,16 +368,6 @@ def _add_turns(db: sqlite3.Connection) -> None:
     Its processes still running write rows without one, and those go first too."""
     if "turn" not in _columns(db, "meisa_ops"):  # another process may have added it
         db.execute("ALTER TABLE meisa_ops ADD COLUMN turn INTEGER NOT NULL DEFAULT 0")
-
-
-def _in_transaction(db: sqlite3.Connection, work: Callable[[sqlite3.Connection], None]) -> None:
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        work(db)
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
 
 
 def marks(values: Sized) -> str:

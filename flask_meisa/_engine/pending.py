@@ -132,16 +132,11 @@ def add(db: sqlite3.Connection, operation: Operation, lane: int | Callable[[], i
         # Only the indexed columns that change are set: setting one rewrites its index's page.
         now = {"lane": lane, "ext": ext, "email": email}
         changed = [name for name in now if now[name] != was[name]]
+        flags = (merge_priorities(priority, operation.priority), bool(force) or operation.force)
         db.execute(
             f"UPDATE meisa_ops SET {''.join(f'{name} = ?, ' for name in changed)}payload = ?, "
             "priority = ?, force = ?, merged = merged + 1 WHERE seq = ?",
-            (
-                *(now[name] for name in changed),
-                joined[1],
-                merge_priorities(priority, operation.priority),
-                int(bool(force) or operation.force),
-                seq,
-            ),
+            (*(now[name] for name in changed), joined[1], *flags, seq),
         )
     # The contact's earlier rows go no later (a backfill row too: a login that could not
     # merge into it must not wait behind the backfill); the read above saw every live row
@@ -163,10 +158,8 @@ def add(db: sqlite3.Connection, operation: Operation, lane: int | Callable[[], i
 
 
 def shed(db: sqlite3.Connection, capacity: int) -> list[Operation]:
-    """Past ``capacity`` live rows, remove and return (counted dropped) the rows more than
-    :data:`FAIR_SHARE` turns after the current one, last turn first, then the oldest
-    routine syncs, then the oldest automation-lane rows; never sends, backfill or rows in
-    flight."""
+    """Past ``capacity`` live rows, remove and return (counted dropped) the rows past
+    :data:`FAIR_SHARE`, last turn first, then the oldest routine, then automation rows."""
     excess = live_count(db) - capacity
     if excess <= 0:
         return []
@@ -184,9 +177,7 @@ def shed(db: sqlite3.Connection, capacity: int) -> list[Operation]:
 
 def turn_taken(db: sqlite3.Connection) -> int:
     """The highest turn a call was made for (the current turn): a new contact's row takes
-    the next. A row held back meanwhile (retrying, routine behind urgent work, backfill, one
-    a previous version or a damaged file left without a turn, a dead letter requeued) goes
-    first when it is free, and moves nobody's turn."""
+    the next. A row held back meanwhile goes first when it is free, moving nobody's turn."""
     return int(Store.get_meta(db, "turn", 0))
 
 
@@ -202,10 +193,9 @@ def unfinished(db: sqlite3.Connection) -> int:
 
 
 def oldest_unfinished(db: sqlite3.Connection) -> str | None:
-    """The id of the row not over yet with the lowest ``seq`` (``None``: none). A row
-    stored later has a higher ``seq`` than every row still there then (SQLite gives the
-    next row the largest rowid plus one, that of a row just over too): when this one was
-    not among :func:`row_ids` read earlier, no row read then is left."""
+    """The id of the row not over yet with the lowest ``seq`` (``None``: none). A later row
+    has a higher ``seq`` than every row still there: when this one was not among
+    :func:`row_ids` read earlier, no row read then is left."""
     found = db.execute(f"SELECT id FROM meisa_ops WHERE {_LIVE} ORDER BY seq LIMIT 1").fetchone()
     return None if found is None else str(found[0])
 
@@ -217,8 +207,7 @@ def waits(db: sqlite3.Connection, operation: Operation) -> bool:
 
 
 def row_ids(db: sqlite3.Connection) -> frozenset[str]:
-    """The ids of every row (a dead letter's too: it may be requeued). A row keeps its id
-    when later upserts merge into it."""
+    """The ids of every row (a dead letter's too: it may be requeued)."""
     return frozenset(op_id for (op_id,) in db.execute("SELECT id FROM meisa_ops"))
 
 
@@ -246,12 +235,9 @@ def tidy(db: sqlite3.Connection, now: float, routine_max_age: float, known_for: 
 
 
 def next_ready(db: sqlite3.Connection, now: float) -> Row | None:
-    """The row to call next: ready, first in its contact, lowest lane, first turn (a
-    contact with many rows waiting delays no other), oldest. First in its contact: after
-    the earlier live rows of its names, of the user Meisa has at its address (who may be
-    leaving it: Meisa would give that user's contact to this one), and of the addresses
-    Meisa has for its user (who may be leaving them: an event by that address would find
-    no contact)."""
+    """The row to call next: ready, first in its contact, lowest lane, first turn, oldest.
+    First in its contact: after the earlier live rows of its names, of the user Meisa has at
+    its address (who may be leaving it), and of the addresses Meisa has for its user."""
     values = db.execute(
         f"SELECT {OP_COLUMNS} FROM meisa_ops r WHERE r.state = 'pending' AND r.ready_at <= ? "
         "AND NOT EXISTS (SELECT 1 FROM meisa_ops p WHERE p.ext = r.ext AND p.seq < r.seq "
@@ -291,10 +277,8 @@ def take(db: sqlite3.Connection, row: Row, now: float) -> None:
 
 
 def still_taken(db: sqlite3.Connection, row: Row) -> bool:
-    """Whether ``row`` is still in flight from this process's take of it: not taken back
-    since by a process that took over delivery (this one stopped while its call ran).
-    The row's ``id`` too: once it is over, a newer row may get its ``seq`` (SQLite reuses
-    the largest rowid) and be in flight on the same attempt."""
+    """Whether ``row`` is still in flight from this process's take of it: not taken back by
+    a process that took over delivery. By ``id`` too: SQLite may reuse a ``seq`` once over."""
     query = (
         "SELECT 1 FROM meisa_ops WHERE seq = ? AND id = ? AND state = 'flight' AND attempts = ?"
     )

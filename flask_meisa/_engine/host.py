@@ -61,11 +61,10 @@ class HostLock:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except (BlockingIOError, PermissionError):
             return False
+        self.held = True
         if not self._at_path(self._fd):  # deleted or replaced since the open: try again
-            self.held = True
             self.release()
             return False
-        self.held = True
         with suppress(OSError):  # the pid is only informative
             os.ftruncate(self._fd, 0)
             os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
@@ -78,9 +77,7 @@ class HostLock:
 
     def take_again(self) -> bool:
         """After :meth:`moved`: lock the file now at the path instead of the one held;
-        whether that worked (no: another process holds it, and this one holds none now).
-
-        :raises OSError: the path cannot be opened (its folder is gone): the file held stays.
+        whether that worked. :raises OSError: the path cannot be opened (the file held stays).
         """
         held = self._fd
         assert held is not None
@@ -111,8 +108,7 @@ class HostLock:
 
     @staticmethod
     def holder(path: str) -> int | None:
-        """The pid written by the process holding the lock on ``path``, or ``None`` when
-        nobody holds it."""
+        """The pid written by the process holding the lock on ``path`` (``None``: nobody)."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -133,14 +129,12 @@ class HostFiles:
     def __init__(self, store: Store) -> None:
         assert store.path is not None
         self.store, self._path = store, store.path
-        # What was at the store's path when moving to it failed, and until when not to try
-        # that again (each try checks the whole file); why it failed, as last said.
+        # What was at the path when moving to it failed, and until when not to try again.
         self._unfollowable: tuple[tuple[Any, ...], float] | None = None
         self._said: str | None = None
 
     def to_follow(self) -> bool:
-        """Whether the store file was deleted or replaced and this process has yet to move
-        to the one now there (not when it found that it cannot)."""
+        """Whether the store file was replaced and this process has yet to try moving to it."""
         return self._unfollowable is None and self.store.moved()
 
     def follow(self, *, delivering: bool) -> None:
@@ -154,8 +148,6 @@ class HostFiles:
         except _UNFOLLOWABLE as error:
             # As the try left it (opening the file changes its folder).
             self._unfollowable = (looks(self._path), time.monotonic() + _FOLLOW_AGAIN)
-            # The file this process has open stays in use, and the rest of its writer's
-            # pass (the delivery lock above all) goes on: said once.
             if self._said != str(error):
                 self._said = str(error)
                 logger.warning(
@@ -207,8 +199,7 @@ def at_path(path: str, file: tuple[int, int]) -> bool:
 
 
 def looks(path: str) -> tuple[Any, ...]:
-    """What is at ``path`` and at its folder, as far as trying it again could go otherwise:
-    their identities, sizes and times of change (``None`` where missing)."""
+    """The identities, sizes and change times of ``path`` and its folder (``None``: missing)."""
     found: list[Any] = []
     for name in (path, os.path.dirname(path)):
         try:
@@ -232,9 +223,8 @@ def _locked(fd: int) -> bool:
 
 @contextmanager
 def checking(path: str) -> Iterator[None]:
-    """Held while a process checks the store file ``path`` (and sets it aside when damaged):
-    a ``flock`` on its folder, made when missing, so that processes starting together
-    (gunicorn's) neither move aside the fresh store another just made nor read one half made."""
+    """A ``flock`` on the folder of the store file ``path`` (made when missing) while it is
+    checked: processes starting together neither set aside nor read another's fresh file."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd = None
     with suppress(OSError):  # a folder that cannot be locked is checked unguarded
@@ -283,11 +273,10 @@ def set_aside(store: Store, error: BaseException) -> None:
 
 
 def carry_over(old: sqlite3.Connection, store: Store, *, release: bool = False) -> int:
-    """Move the operations left in ``old`` (a connection to a store file deleted or
-    replaced since it was opened), and what it keeps of the host's delivery that
-    ``store`` does not, into ``store``: how many operations. Stored there before they go
-    from ``old``, so that a failure repeats them rather than loses them. ``release``: the
-    rows ``store`` has in flight wait again too (nobody's call is in flight on it)."""
+    """Move the operations left in ``old`` (a store file deleted or replaced since it was
+    opened), and the meta ``store`` lacks, into ``store``: how many operations. Stored there
+    before they go from ``old`` (a failure repeats them). ``release``: ``store``'s rows in
+    flight wait again too."""
     with transaction(old):  # the other processes still on the old file wait
         # Each file's times moved back by a clock step back since it noted the time (the
         # file now there may be a copy made before one): both then count from this clock.
@@ -326,9 +315,8 @@ _CARRIED = (
 )
 _SALVAGED = f"seq, {_CARRIED}"
 _STATE = _CARRIED.split(", ").index("state")
-# Carried over with when a retry is due and how far an event's recovery went (Meisa asked
-# for the wait, and the old file was read whole), and its turn (last: the old file is this
-# version's; a damaged one may be of the previous version, which had none).
+# Moved with when a retry is due, an event's recovery, and its turn (last: a damaged file,
+# which may be of the previous version, has none).
 _MOVED = f"{_CARRIED}, ready_at, recover, turn"
 
 
@@ -338,8 +326,7 @@ def _insert(db: sqlite3.Connection, columns: str, rows: list[tuple[Any, ...]]) -
 
 
 def _waiting(row: tuple[Any, ...]) -> tuple[Any, ...]:
-    """A row starting with :data:`_CARRIED` as it waits again: one in flight (its call was
-    made, or not) is pending."""
+    """A row starting with :data:`_CARRIED` as it waits again: one in flight is pending."""
     state = row[_STATE]
     return (*row[:_STATE], "pending" if state == "flight" else state, *row[_STATE + 1 :])
 

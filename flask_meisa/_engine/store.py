@@ -28,23 +28,18 @@ from .host import transaction
 
 #: A clock that reads this much less than the latest time the store noted has stepped back.
 CLOCK_STEP = 1.0
-#: The note of the time is kept by every write that stores something (:meth:`Store.write`),
-#: and by :meth:`Store.now` at most this often while nothing is (an idle host writes
-#: nothing more often): a step back that follows as long a quiet time is measured that
-#: much short (well within the 10 minutes between a send's guard and Meisa's hour).
+#: Every write that stores something notes the time, and :meth:`Store.now` at most this
+#: often while nothing does: a step back after a quiet time is measured that much short.
 IDLE_NOTE = 60.0
-#: Times only stored by a transaction that noted the time first (:meth:`Store.now`), all
-#: of them moved back with the clock: the key's calls, the answers the status's latency
-#: covers, and the first attempt a retry's deadline and a send's idempotency hour count from.
+#: Times only stored by a transaction that noted the time first (:meth:`Store.now`): all
+#: of them move back with the clock.
 _NOTED = {
     "meisa_calls": ("lease_until", "answered_at"),
     "meisa_answers": ("at",),
     "meisa_ops": ("first_attempt",),
 }
-#: Other times, moved back with the clock when they lie after it (one before it is due
-#: already, or may have been stored since the step): when a retry is due, a row's release
-#: (its wait in the status, a routine sync's promotion) and a dead letter's failure (what
-#: its contact had set since).
+#: Other times, moved back with the clock when they lie after it (one before it may have
+#: been stored since the step).
 _UNNOTED = {"meisa_ops": ("ready_at", "created_at", "failed_at")}
 
 
@@ -228,18 +223,16 @@ class Store:
                 db.close()
 
     def moved(self) -> bool:
-        """Whether the file this process has open was deleted or replaced (a deploy script
-        wiping the instance folder, a backup restored): the other processes of the host,
-        and the next start, see only the file now at the path."""
+        """Whether the file this process has open was deleted or replaced (a deploy, a backup
+        restored): the other processes of the host see only the file now at the path."""
         opened, path = self._opened, self.path
         return opened is not None and path is not None and not at_path(path, opened)
 
     def follow(self, *, delivering: bool = False) -> int:
-        """After :meth:`moved`: use the file now at the path (made when missing), with the
-        operations left in the one this process had open moved into it; how many. When
-        that fails the old file stays in use. ``delivering``: this process holds the
-        delivery lock, so that no call is in flight on the file now there (a copy taken
-        mid-call): its rows in flight wait again."""
+        """After :meth:`moved`: use the file now at the path, with the operations left in the
+        old one moved into it; how many (on failure the old file stays in use).
+        ``delivering``: this process holds the delivery lock, so the new file's rows in
+        flight (a copy taken mid-call) wait again."""
         with self._lock:
             assert self.path is not None and self._db is not None
             old, opened, self._db = self._db, self._opened, None
@@ -274,12 +267,9 @@ class Store:
 
     @staticmethod
     def now(db: sqlite3.Connection) -> float:
-        """In a write transaction: the time (``time.time()``). Where the host's clock stepped
-        back since the store last noted it (:data:`IDLE_NOTE`; NTP at boot, an admin fixing
-        the date), the times stored before the step move back by it, so that no budget slot,
-        lease, pause or retry waits as long as the step, and no send is retried past
-        Meisa's idempotency hour (a wait across a restart goes on as if the host had been
-        down no time)."""
+        """In a write transaction: the time. Where the clock stepped back since the store
+        noted it, the times stored before move back by the step, so that nothing waits as
+        long as the step, and no send is retried past Meisa's idempotency hour."""
         now, noted = time.time(), Store.get_meta(db, "clock")
         step = 0.0 if noted is None else float(noted) - now
         if step >= CLOCK_STEP:

@@ -45,13 +45,9 @@ def allowed(window: RateWindow, lane: int, share: float = 1.0) -> int:
 
 
 class Budget:
-    """The key's sliding-window budget in ``store`` (``meisa_calls``), its pause and its
-    outage count (``meisa_meta``), by the rule of docs/delivery.md.
-
-    :param spec: e.g. ``"60/minute;1000/hour"``; ``None`` for no budget.
-    :param lease: the longest a call can take, in seconds; a slot held longer counts as
-        answered when its lease ends.
-    """
+    """The key's sliding-window budget in ``store`` (docs/delivery.md): ``spec`` is e.g.
+    ``"60/minute;1000/hour"`` (``None``: no budget), ``lease`` the longest a call can take
+    (a slot held longer counts as answered when its lease ends)."""
 
     def __init__(self, store: Store, spec: str | None, *, lease: float) -> None:
         self.store = store
@@ -131,9 +127,8 @@ class Budget:
         timed_out: bool = False,
     ) -> None:
         """In the caller's write transaction: the call holding ``token`` is over; date its
-        slot ``now``, or with ``made=False`` (no request went out) give it back. With
-        ``timed_out`` (no answer came in time) it is dated by the end of its lease: Meisa
-        may count the call after the timeout, as late as the longest a call can take."""
+        slot ``now``, or give it back when no request went out (not ``made``). A call that
+        ``timed_out`` is dated by the end of its lease: Meisa may count it that late."""
         if not token:
             return
         if made:
@@ -146,11 +141,9 @@ class Budget:
 
     @contextlib.contextmanager
     def slot(self, timeout: float) -> Iterator[bool]:
-        """Hold a transactional slot for a call made in the caller's thread (a synchronous
-        send, a suppression list load), waiting at most ``timeout`` seconds, and not at all
-        for one that frees later; yields whether one was taken (without one the call is
-        made anyway). A call that got no answer in time (its :class:`APITimeoutError`
-        raised in the context) holds the slot until its lease ends."""
+        """Hold a transactional slot for a call made in the caller's thread, waiting at most
+        ``timeout`` seconds; yields whether one was taken (the call is made anyway). A call
+        that timed out (:class:`APITimeoutError`) holds the slot until its lease ends."""
         deadline = time.monotonic() + timeout
         while True:
             try:

@@ -40,9 +40,8 @@ Report = Callable[[], None]
 
 
 class Caller:
-    """The delivery of ``delivery``'s process: whether it delivers for the host (it holds
-    ``host_lock``; a memory store has none: always), and its delivery threads (:meth:`run`
-    is the loop of each, one call at a time from the store)."""
+    """The delivery of ``delivery``'s process: the host's lock (none for a memory store),
+    and its delivery threads (:meth:`run`), one call at a time from the store."""
 
     def __init__(self, delivery: Delivery, host_lock: HostLock | None) -> None:
         self.delivery, self.host_lock = delivery, host_lock
@@ -147,10 +146,8 @@ class Caller:
         )
 
     def refuse_foreign(self, db: sqlite3.Connection) -> None:
-        """Raise :class:`ForAnotherMeisa` when the store is delivered for another Meisa
-        (its holder took it over for its own): this process's work waits in memory, and is
-        stored once this process takes delivery over. A fresh store is claimed for this
-        process's Meisa, so that a holder for another sets its work aside."""
+        """Raise :class:`ForAnotherMeisa` when the store is delivered for another Meisa (this
+        process's work waits in memory until it takes delivery over); claim a fresh store."""
         serves = Store.get_meta(db, "target")
         if serves is None:  # a fresh store: its first holder sets aside what is not for it
             Store.set_meta(db, "target", self.target)

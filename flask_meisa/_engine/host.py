@@ -21,11 +21,9 @@ if TYPE_CHECKING:
     from .store import Store
 
 logger = logging.getLogger("flask_meisa.engine")
-#: Seconds before moving to a file at the store's path that could not be used is tried
-#: again when nothing there changed.
+#: Seconds before a file at the store's path that could not be used is tried again.
 _FOLLOW_AGAIN = 60.0
-#: Why the file at the store's path may not be followed: the store's errors
-#: (``STORE_ERRORS``), or a file it refuses (a newer schema).
+#: Why the file at the store's path may not be followed (``STORE_ERRORS``, a newer schema).
 _UNFOLLOWABLE = (sqlite3.Error, OSError, ConfigurationError)
 
 

@@ -51,8 +51,8 @@ _INSERT = (
     "INSERT INTO meisa_ops (id, kind, lane, ext, email, payload, contact, priority, force, "
     "created_at, attempts, turn) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-#: A contact's waiting rows more than this many turns after the current one are shed
-#: first from a full queue: one contact's flood never pushes out the others' work.
+#: Rows this many turns after the current one are shed first from a full queue: one
+#: contact's flood never pushes out the others' work.
 FAIR_SHARE = 100
 
 
@@ -99,10 +99,9 @@ class Added(NamedTuple):
 
 
 def add(db: sqlite3.Connection, operation: Operation, lane: int | Callable[[], int]) -> Added:
-    """Store ``operation`` in ``lane`` (or merge it into its contact's waiting upsert).
-    ``lane`` may be :func:`lane_of` reading the store, left uncalled when a merge makes the
-    answer moot. A new row takes the turn after its contact's last row and after the
-    current one (:func:`turn_taken`): a contact's first is as early as anybody's next."""
+    """Store ``operation`` in ``lane`` (or merge it into its contact's waiting upsert);
+    ``lane`` may be a call, left uncalled when a merge makes it moot. A new row takes the
+    turn after its contact's last row and after the current one (:func:`turn_taken`)."""
     names = keys(operation)
     found = db.execute(_CONTACT, names).fetchone()
     seq, payload, priority, force, their_lane, ext, email, last, top, turn = found

@@ -48,8 +48,7 @@ class ForAnotherMeisa(Exception):
     process's: work stored in it would be sent there, with that process's key."""
 
 
-#: What a read or write of the store may raise (locked, full, unreadable or vanished, or
-#: delivered for another Meisa).
+#: What a read or write of the store may raise (locked, full, unreadable, vanished, foreign).
 STORE_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error, OSError, ForAnotherMeisa)
 
 SCHEMA_VERSION = 2
@@ -110,11 +109,9 @@ _INHERITED: list[sqlite3.Connection] = []
 
 
 class Store:
-    """The database, safe from any thread; a forked child opens its own connection
-    (:meth:`after_fork`, called by the app's fork hook).
+    """The database at ``path`` (``None``: memory), safe from any thread; a forked child
+    opens its own connection. A write waits ``busy_timeout`` seconds for another's.
 
-    :param path: the SQLite file (its folder is made when missing), or ``None`` for memory.
-    :param busy_timeout: seconds a write waits for another process's write.
     :raises ConfigurationError: the file cannot be used.
     """
 

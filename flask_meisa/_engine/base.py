@@ -91,8 +91,7 @@ class HookCaller:
 
 
 class CallClient:
-    """The client an engine calls with: made by ``factory`` on first use, one attempt per
-    call (the engine retries), closed with :meth:`close`."""
+    """The client an engine calls with, made on first use: one attempt per call."""
 
     def __init__(self, factory: ClientFactory) -> None:
         self._factory = factory
@@ -247,9 +246,8 @@ def decide(
     policy: RetryPolicy,
     can_recover: bool = False,
 ) -> Decision:
-    """Decide what the outcome of a call (``error``: what it raised, or ``None``) means,
-    after ``attempts`` attempts over ``elapsed`` seconds; ``can_recover``: an event answered
-    404 may upsert its contact and come again. Pure: no I/O, no clock."""
+    """What the outcome of a call (``error``, or ``None``) means after ``attempts`` over
+    ``elapsed`` seconds; ``can_recover``: a 404 event may upsert its contact. Pure."""
     if error is None:
         return Decision("done")
     outage = isinstance(error, ServerError) or (
@@ -289,8 +287,7 @@ class Outcome:
 
 
 def call_for(operation: Operation, recovering: bool) -> Operation:
-    """The call to make for ``operation``: while ``recovering`` (its event answered 404),
-    the upsert of its contact."""
+    """The call to make for ``operation``: while ``recovering``, the upsert of its contact."""
     if recovering and operation.contact:
         return Operation("upsert", operation.contact, id=operation.id)
     return operation
@@ -299,9 +296,8 @@ def call_for(operation: Operation, recovering: bool) -> Operation:
 def too_late(
     operation: Operation, first_attempt: float | None, now: float
 ) -> DeliveryError | None:
-    """The error that fails a send retried so long after its ``first_attempt`` (the host or
-    every worker was down) that Meisa may have forgotten its idempotency key, without a
-    call: one could send its email a second time. ``None`` for any other operation."""
+    """The error that fails a send retried so long after its ``first_attempt`` that Meisa
+    may have forgotten its idempotency key (a call could send it twice); else ``None``."""
     if operation.kind != "send" or first_attempt is None:
         return None
     if now - first_attempt <= IDEMPOTENCY_WINDOW - REPLAY_MARGIN:
@@ -320,9 +316,8 @@ def settle(
     elapsed: float,
     policy: RetryPolicy,
 ) -> Outcome:
-    """What the outcome of the call :func:`call_for` made for ``operation`` (its attempt
-    number ``operation.attempts``) means for it; ``recovered``: the event upserted its
-    contact once already (an event is recovered once)."""
+    """What the outcome of the call :func:`call_for` made for ``operation`` means for it;
+    ``recovered``: the event upserted its contact once already (it is recovered once)."""
     call = call_for(operation, recovering)
     decision = decide(
         call.kind,

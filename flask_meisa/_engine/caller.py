@@ -76,8 +76,7 @@ class Caller:
             self._wake.notify_all()
 
     def start(self, spawn: Callable[[Callable[[], None], str], None]) -> None:
-        """Start the delivery threads with ``spawn``, once (they wait while another process
-        delivers), unless stopped."""
+        """Start the delivery threads with ``spawn``, once, unless stopped."""
         with self._lock:
             if not self._started and not self._stopped:
                 self._started = True
@@ -85,8 +84,7 @@ class Caller:
                     spawn(self.run, f"flask-meisa-delivery-{number}")
 
     def keep_lock(self) -> bool:
-        """Hold the host's delivery lock if this process can, and when it took it just now
-        take delivery over (whether it did)."""
+        """Hold the host's delivery lock if this process can; whether it took it over now."""
         lock = self.host_lock
         if lock is None:
             return False

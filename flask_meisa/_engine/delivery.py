@@ -44,9 +44,8 @@ logger = logging.getLogger("flask_meisa.engine")
 
 
 class Delivery:
-    """Delivers one app's operations through ``store`` (a file shared by every process of
-    the host, or memory) as its ``settings`` say; ``poll_interval`` is how often a process
-    looks for the delivery lock."""
+    """Delivers one app's operations through ``store`` as its ``settings`` say, looking for
+    the delivery lock every ``poll_interval`` seconds."""
 
     def __init__(
         self,

@@ -45,9 +45,8 @@ def lookup(db: sqlite3.Connection, payload: Mapping[str, Any]) -> Known | None:
 def remember(
     db: sqlite3.Connection, payload: Mapping[str, Any], now: float, *, accepted: bool = True
 ) -> None:
-    """Meisa accepted ``payload`` (not ``accepted``: it had it already, the upsert is
-    skipped as unchanged): fold its fields into what it has of the contact, each with
-    when the app last set it (:func:`set_since`)."""
+    """Meisa accepted ``payload`` (or had it, not ``accepted``): fold its fields into what
+    it has of the contact, each with when the app last set it (:func:`set_since`)."""
     entries = _entries(db, payload)
     if not accepted and not entries:
         return
@@ -157,9 +156,8 @@ class Known:
         return all(self.fields.get(name) == value for name, value in wanted.items())
 
     def set_after(self, since: float) -> set[str]:
-        """The fields (not the contact's names) the app set after ``since``: Meisa accepted
-        them, or had them when the app set them again. A field remembered without its time
-        (by an older version) was set when the contact was last accepted."""
+        """The fields (not the contact's names) the app set after ``since``; one remembered
+        without its time (by an older version) was set when the contact was accepted."""
         return {
             name
             for name in self.fields

@@ -103,8 +103,7 @@ class Caller:
                 )
             taken = not lock.held and lock.try_acquire()
         except OSError as error:
-            # The lock file cannot be opened (its folder gone, and not made again: the
-            # store's warning said why): said once, not as the store failing every pass.
+            # Its folder is gone (the store's warning said why): said once, not every pass.
             if self._lock_trouble != str(error):
                 self._lock_trouble = str(error)
                 logger.warning(

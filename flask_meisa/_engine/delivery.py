@@ -370,9 +370,7 @@ class Delivery:
         with self.store.read() as db:
             oldest = pending.oldest_unfinished(db)
             unfinished = oldest is not None and (earlier is None or oldest in earlier)
-            # The file was deleted or replaced: another process may have moved its rows
-            # into the file now there. Not over before this one uses that file too, or
-            # found that it cannot (it carries on with this one).
+            # Replaced: another process may have moved its rows into the file now there.
             moved = self._files is not None and self._files.to_follow()
         return unfinished + moved + self._caller.reporting
 

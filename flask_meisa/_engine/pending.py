@@ -137,9 +137,8 @@ def add(db: sqlite3.Connection, operation: Operation, lane: int | Callable[[], i
             "priority = ?, force = ?, merged = merged + 1 WHERE seq = ?",
             (*(now[name] for name in changed), joined[1], *flags, seq),
         )
-    # The contact's earlier rows go no later (a backfill row too: a login that could not
-    # merge into it must not wait behind the backfill); the read above saw every live row
-    # of these names, so when none is in a later lane, none moves.
+    # The contact's earlier rows go no later (a backfill row too); the read above saw every
+    # live row of these names, so when none is in a later lane, none moves.
     if lane < LANE_BACKFILL and ((top is not None and top > lane) or (ext, email) != names):
         db.execute(
             "UPDATE meisa_ops SET lane = ? WHERE (ext = ? OR email = ?) AND seq < ? "

@@ -61,8 +61,7 @@ class HookCaller:
     code, run on a delivery thread)."""
 
     def __init__(self, hooks: DeliveryHooks, logger: logging.Logger) -> None:
-        self.hooks = hooks
-        self.logger = logger
+        self.hooks, self.logger = hooks, logger
         self._running = threading.local()
 
     @property
@@ -187,8 +186,7 @@ class Dispatcher(Protocol):
 def require_real_threads() -> None:
     """Raise :class:`ConfigurationError` where gevent or eventlet has patched ``threading``:
     an engine's threads of its own would be greenlets."""
-    gevent = sys.modules.get("gevent.monkey")
-    eventlet = sys.modules.get("eventlet.patcher")
+    gevent, eventlet = sys.modules.get("gevent.monkey"), sys.modules.get("eventlet.patcher")
     if gevent is not None and gevent.is_module_patched("threading"):
         green = "gevent"
     elif eventlet is not None and eventlet.is_monkey_patched("thread"):

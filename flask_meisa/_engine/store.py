@@ -171,9 +171,8 @@ class Store:
             )
             try:
                 db.execute("PRAGMA synchronous = NORMAL")
-                found = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
-                upgraded = db.execute(found, ("meisa_known",)).fetchone() is not None
-                seeding = upgraded and not db.execute(found, ("meisa_addresses",)).fetchone()
+                # A table that does not exist has no columns.
+                seeding = bool(_columns(db, "meisa_known")) and not _columns(db, "meisa_addresses")
                 columns = _columns(db, "meisa_ops")
                 if columns and "turn" not in columns:  # before the schema: its indexes use it
                     with transaction(db):

@@ -52,7 +52,6 @@ class Caller:
         self.target = f"{settings.base_url} with a {kind} key"
         self._lock_trouble: str | None = None  # why the lock cannot be kept, as last said
         self._tidy_at = 0.0
-        #: The client the calls are made with.
         self.client = CallClient(delivery.client_factory)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)

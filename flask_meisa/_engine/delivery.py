@@ -314,7 +314,8 @@ class Delivery:
                             self._intake[:0] = batch[index:]
                         break
                     except Exception:
-                        self._dropped_here += 1
+                        with self._lock:  # submit sheds into the same count
+                            self._dropped_here += 1
                         self._caller.count(reporting=1)
                         self._drop([operation], "writer_error")
             finally:

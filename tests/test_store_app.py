@@ -20,12 +20,14 @@ import pytest
 from flask import Flask
 
 from flask_meisa import Meisa
+from flask_meisa._engine import known
 from flask_meisa._engine import pending
 from flask_meisa._engine.host import HostLock
 from flask_meisa._engine.store import SCHEMA_VERSION
 from flask_meisa._engine.store import Store
 from flask_meisa.emulator import Emulator
 from flask_meisa.errors import ConfigurationError
+from flask_meisa.operations import LANE_BACKFILL
 from flask_meisa.operations import LANE_ROUTINE
 from flask_meisa.operations import Operation
 from flask_meisa.testing import emulator_config
@@ -709,3 +711,32 @@ def test_dead_letters_retried_from_a_shell_for_another_meisa_are_not_sent_to_the
         assert emulator.sends() == []
     finally:
         server.close(0)
+
+
+def test_retry_all_of_more_dead_letters_than_sqlite_takes_variables(emulator: Emulator) -> None:
+    # A backfill of a large user base with a bad key: more dead upserts than a statement
+    # takes variables (32,766 by default, 250,000 as some systems build SQLite), one of
+    # them kept (its contact was synced since it failed), so the others are retried by ID.
+    count = 250_002
+    app = thread_app(emulator, MEISA_ENABLED=False)
+    store = Store(Path(app.instance_path) / STORE_FILE)
+    with store.write() as db:
+        db.execute(
+            "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i + 1 < ?) "
+            "INSERT INTO meisa_ops (id, kind, lane, ext, email, payload, priority, created_at, "
+            "state, attempts, error_status, failed_at) "
+            "SELECT 'op-' || i, 'upsert', ?, 'user-' || i, 'user' || i || '@example.com', "
+            "json_object('email', 'user' || i || '@example.com', 'external_id', 'user-' || i, "
+            "'custom_fields', json_object('plan', 'pro')), 'backfill', 0, 'dead', 1, 401, 1 "
+            "FROM n",
+            (count, LANE_BACKFILL),
+        )
+        synced = {"email": "user0@example.com", "external_id": "user-0"}
+        known.remember(db, {**synced, "custom_fields": {"plan": "free"}}, 2.0)
+    store.close()
+    retried = invoke(app, "dead-letters", "retry", "--all", "--timeout", "0")
+    assert retried.exit_code == 0, retried.output
+    assert retried.output.startswith("1 upsert(s) kept (1): ")
+    assert retried.output.endswith(f"\n{count - 1} operation(s) queued again\n")
+    with app.app_context():
+        assert meisa_of(app).status().dead_letters == 1

@@ -102,6 +102,15 @@ def letter_line(letter: DeadLetter) -> str:
     )
 
 
+def set_aside(seqs: list[int]) -> str:
+    """What ``dead-letters retry --all`` says of the work for another Meisa it left."""
+    shown = ", ".join(map(str, seqs[:10])) + (", ..." if len(seqs) > 10 else "")
+    return (
+        f"{len(seqs)} dead letter(s) released for another Meisa left ({shown}): to send them"
+        " to this one, retry them by ID (see 'flask meisa dead-letters list')"
+    )
+
+
 def letter_json(letter: DeadLetter) -> str:
     """A dead letter with its payload, as ``dead-letters show`` prints it."""
     record = {

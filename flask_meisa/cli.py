@@ -345,6 +345,11 @@ def dead_letters_retry(ids: tuple[int, ...], every: bool, timeout: float, force:
     """Queue dead letters for delivery again, then wait for them; an upsert a field of
     which was set again after it failed stays, unless ``--force``."""
     letters, chosen = _chosen(ids, every)
+    # --all: the failures; work released for another Meisa goes to this one only by ID.
+    found = letters.find() if chosen is None else []
+    if aside := [letter.seq for letter in found if letter.code == dead.OTHER_MEISA]:
+        chosen = [letter.seq for letter in found if letter.code != dead.OTHER_MEISA]
+        click.echo(_cli_text.set_aside(aside))
     queued, kept = letters.retry(chosen, force=force)
     if kept:
         click.echo(

@@ -34,6 +34,7 @@ from flask_meisa.testing import emulator_config
 from tests.apps import build_app
 from tests.engine_support import RecordingHooks
 from tests.engine_support import make_engine
+from tests.engine_support import upsert
 
 UPSERT = "/contacts/upsert/"
 STORE_FILE = "meisa-outbox.sqlite3"
@@ -740,3 +741,33 @@ def test_retry_all_of_more_dead_letters_than_sqlite_takes_variables(emulator: Em
     assert retried.output.endswith(f"\n{count - 1} operation(s) queued again\n")
     with app.app_context():
         assert meisa_of(app).status().dead_letters == 1
+
+
+def test_retry_all_leaves_the_work_released_for_another_meisa(emulator: Emulator) -> None:
+    # The folder's store kept work released for another Meisa: 'retry --all' retries the
+    # app's failures; that work goes to this Meisa only when retried by ID, on purpose.
+    app = thread_app(emulator)
+    path = Path(app.instance_path) / STORE_FILE
+    elsewhere = make_engine(
+        RecordingHooks(), "http://127.0.0.1:9/api/v1", emulator.live_key, store=Store(path)
+    )
+    elsewhere.submit([upsert(1), upsert(2)])
+    elsewhere.close(0)
+    with app.app_context():  # a send refused here, and those two set aside meanwhile
+        meisa_of(app).send("launch_day", "buyer@example.com", background=True)
+        assert meisa_of(app).flush(5) and meisa_of(app).status().dead_letters == 3
+    listed = invoke(app, "dead-letters", "list").output
+    aside = [int(row.split("\t")[0]) for row in listed.splitlines() if "[other_meisa]" in row]
+    assert len(aside) == 2, listed
+    emulator.add_trigger("launch_day")
+    retried = invoke(app, "dead-letters", "retry", "--all", "--timeout", "5")
+    assert retried.exit_code == 0, retried.output
+    assert "1 operation(s) queued again" in retried.output
+    assert (
+        f"2 dead letter(s) released for another Meisa left ({aside[0]}, {aside[1]}): to send"
+        " them to this one, retry them by ID" in retried.output
+    )
+    assert len(emulator.sends()) == 1 and emulator.requests_to(UPSERT) == []
+    on_purpose = invoke(app, "dead-letters", "retry", *map(str, aside), "--timeout", "5")
+    assert "done; 0 dead letter(s) left" in on_purpose.output, on_purpose.output
+    assert len(emulator.requests_to(UPSERT)) == 2

@@ -20,6 +20,8 @@ from .pending import row_of
 from .store import Store
 
 _MESSAGE_LIMIT = 300
+#: The code of work set aside as released for another Meisa (:func:`bury_foreign`).
+OTHER_MEISA = "other_meisa"
 
 
 def _dead(
@@ -77,9 +79,9 @@ def bury_foreign(db: sqlite3.Connection, target: str) -> int:
     db.execute("DELETE FROM meisa_known")
     db.execute("DELETE FROM meisa_addresses")
     return db.execute(
-        "UPDATE meisa_ops SET state = 'dead', error_code = 'other_meisa', error_message = ?, "
+        "UPDATE meisa_ops SET state = 'dead', error_code = ?, error_message = ?, "
         "failed_at = ? WHERE state != 'dead'",
-        (f"released for {was}", time.time()),
+        (OTHER_MEISA, f"released for {was}", time.time()),
     ).rowcount
 
 

@@ -141,9 +141,11 @@ def sync_users_command(max_share: float, restart: bool, dry_run: bool, failures:
     meisa = _extension()
     state = meisa.state()
     if failures:
+        if restart or dry_run:
+            extra = "--restart" if restart else "--dry-run"
+            raise click.UsageError(f"--failures only lists the last run's failures: no {extra}")
         target = _backfill_target(state, start=False)
-        letters = _letters(_dead_letters())
-        backfills = [letter for letter in letters if letter.operation.priority == "backfill"]
+        backfills = [n for n in _letters(_dead_letters()) if n.operation.priority == "backfill"]
         click.echo(_cli_text.failures(target.failures(), backfills))
         return
     if meisa.user_source is None:

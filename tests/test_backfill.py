@@ -894,3 +894,14 @@ def test_a_backfill_after_a_switch_to_another_meisa_takes_delivery_over_first(
         assert sorted(c["external_id"] for c in emulator.contacts("live")) == ["0", "1", "2"]
     finally:
         app.extensions["meisa"].close(app)
+
+
+@pytest.mark.parametrize("other", ["--dry-run", "--restart"])
+def test_failures_refuses_the_options_of_a_run(emulator: Emulator, other: str) -> None:
+    # '--failures' lists what the last run could not sync: it neither starts a run over
+    # nor prints a plan, so an option of a run given with it is a mistake, not ignored.
+    app = make_app(emulator, 3)
+    result = sync_users(app, "--failures", other)
+    assert result.exit_code == 2, result.output
+    assert f"--failures only lists the last run's failures: no {other}" in result.output
+    assert emulator.requests_to(UPSERT) == []

@@ -102,6 +102,27 @@ def letter_line(letter: DeadLetter) -> str:
     )
 
 
+def kept(seqs: list[int]) -> str:
+    """What ``dead-letters retry`` says of the upserts it kept, outdated."""
+    return (
+        f"{len(seqs)} upsert(s) kept ({', '.join(map(str, sorted(seqs)))}): their fields "
+        "were set again after they failed, and retrying would put older values back "
+        "(--force retries them)"
+    )
+
+
+def key_refused(refused: backfill.KeyRefused) -> str:
+    """Why a backfill stopped at Meisa's refusal of the key, and how to go on."""
+    lacks = "has no contacts:write scope" if refused.status == 403 else "is revoked or invalid"
+    return (
+        f"Meisa refused the backfill's upserts ({refused}): the key (MEISA_API_KEY) {lacks}, so"
+        " it would refuse every user. The run stopped; nothing more was sent, and its upserts"
+        " not sent are no dead letters. Fix the key ('flask meisa ping' checks it), then run"
+        " 'flask meisa sync-users' again: it goes through the users from the first, and those"
+        " Meisa already has cost no call."
+    )
+
+
 def set_aside(seqs: list[int]) -> str:
     """What ``dead-letters retry --all`` says of the work for another Meisa it left."""
     shown = ", ".join(map(str, seqs[:10])) + (", ..." if len(seqs) > 10 else "")

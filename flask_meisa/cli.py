@@ -194,6 +194,8 @@ def sync_users_command(max_share: float, restart: bool, dry_run: bool, failures:
     except KeyboardInterrupt:
         click.echo("interrupted: run the command again to go on from where it stopped", err=True)
         raise SystemExit(130) from None
+    except backfill.KeyRefused as refused:
+        raise click.ClickException(_cli_text.key_refused(refused)) from None
     except STORE_ERRORS as error:
         raise click.ClickException(
             f"the delivery store failed ({error}); what was stored is kept: once it works"
@@ -354,11 +356,7 @@ def dead_letters_retry(ids: tuple[int, ...], every: bool, timeout: float, force:
         click.echo(_cli_text.set_aside(aside))
     queued, kept = letters.retry(chosen, force=force)
     if kept:
-        click.echo(
-            f"{len(kept)} upsert(s) kept ({', '.join(map(str, sorted(kept)))}): their fields "
-            "were set again after they failed, and retrying would put older values back "
-            "(--force retries them)"
-        )
+        click.echo(_cli_text.kept(kept))
     click.echo(f"{queued} operation(s) queued again")
     if timeout <= 0 or not queued:
         return

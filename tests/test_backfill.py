@@ -896,6 +896,44 @@ def test_a_backfill_after_a_switch_to_another_meisa_takes_delivery_over_first(
         app.extensions["meisa"].close(app)
 
 
+@pytest.mark.parametrize("refused", ["revoked", "without contacts:write"])
+def test_a_backfill_stops_at_the_first_upsert_meisa_refuses_for_its_key(
+    emulator: Emulator, tmp_path: Path, refused: str
+) -> None:
+    # A revoked key (401), or one without contacts:write (403), refuses every upsert: the
+    # run stops at the first refusal, and what it had not sent is no dead letter.
+    if refused == "revoked":
+        key, lacks = "meisa_live_revoked0000000000000000", "is revoked or invalid"
+    else:
+        key = emulator.create_key(["events:track", "emails:trigger", "contacts:read"])
+        lacks = "has no contacts:write scope"
+    outbox = str(tmp_path / "meisa-outbox.sqlite3")
+    app = make_app(emulator, 3_000, MEISA_API_KEY=key, MEISA_OUTBOX=outbox)
+    try:
+        result = sync_users(app)
+        with app.app_context():
+            status: DeliveryStatus = app.extensions["meisa"].status()
+    finally:
+        app.extensions["meisa"].close(app)
+    assert result.exit_code == 1, result.output
+    assert f"the key (MEISA_API_KEY) {lacks}, so it would refuse every user" in result.output
+    assert "nothing more was sent, and its upserts not sent are no dead letters" in result.output
+    assert key not in result.output
+    assert len(emulator.requests_to(UPSERT)) == 1  # one delivery thread, one call
+    assert (status.dead_letters, status.pending) == (0, 0)
+    assert status.backfill is not None and backfill.stopped(status.backfill, time.time())
+
+    fixed = make_app(emulator, 3_000, MEISA_OUTBOX=outbox)  # the live key, all its scopes
+    try:
+        again = sync_users(fixed)
+    finally:
+        fixed.extensions["meisa"].close(fixed)
+    assert again.exit_code == 0, again.output
+    assert again.output.splitlines()[-1].startswith("3,000 of 3,000 users done")
+    by_user = upserts_by_user(emulator)
+    assert len(by_user) == 3_000 and set(by_user.values()) == {1}
+
+
 @pytest.mark.parametrize("other", ["--dry-run", "--restart"])
 def test_failures_refuses_the_options_of_a_run(emulator: Emulator, other: str) -> None:
     # '--failures' lists what the last run could not sync: it neither starts a run over

@@ -171,6 +171,38 @@ def test_a_refusal_counts_in_its_own_run_after_an_earlier_runs_refusal(
     assert len(upserts_by_user(emulator)) == 1
 
 
+def test_a_backfill_stops_at_the_first_upsert_meisa_refuses_for_its_key(
+    emulator: Emulator, start_worker: StartWorker, make_app: MakeApp
+) -> None:
+    # A key without contacts:write refuses every upsert: the run stops at the first
+    # refusal; the upserts published and not yet sent are not sent, nor dead letters.
+    key = emulator.create_key(["events:track", "emails:trigger", "contacts:read"])
+    workers = [
+        start_worker(emulator, wait=False, concurrency=4, MEISA_TEST_KEY=key) for _ in range(2)
+    ]
+    for worker in workers:
+        worker.wait_ready()
+    app = make_app(1_500, MEISA_API_KEY=key)
+    result = sync_users(app)
+    assert result.exit_code == 1, result.output
+    assert "the key (MEISA_API_KEY) has no contacts:write scope" in result.output
+    with app.app_context():
+        assert app.extensions["meisa"].flush(30)
+        status = app.extensions["meisa"].status()
+    assert (status.dead_letters, status.pending) == (0, 0)
+    # One call, or one for each worker thread that had taken an upsert by then.
+    assert 1 <= len(emulator.requests_to(UPSERT)) <= 8
+    for worker in workers:
+        worker.stop()
+
+    start_workers(start_worker, emulator)  # the key fixed
+    again = sync_users(make_app(1_500))
+    assert again.exit_code == 0, again.output
+    assert again.output.splitlines()[-1].startswith("1,500 of 1,500 users done")
+    by_user = upserts_by_user(emulator)
+    assert len(by_user) == 1_500 and set(by_user.values()) == {1}
+
+
 def test_the_share_option_keeps_part_of_the_budget_for_live_work(
     emulator_factory: Callable[..., Emulator], start_worker: StartWorker, make_app: MakeApp
 ) -> None:

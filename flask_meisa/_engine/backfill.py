@@ -66,6 +66,16 @@ def stopped(run: dict[str, Any], now: float) -> bool:
     return run.get("state") == "running" and (alive_at is None or now - alive_at > 3 * ALIVE_EVERY)
 
 
+class KeyRefused(Exception):
+    """Meisa refused a backfill upsert for the key (401: revoked or invalid; 403: without
+    ``contacts:write``): the run stopped, its upserts not sent went (the next run reads
+    their users again)."""
+
+    def __init__(self, status: int, code: str | None, message: str) -> None:
+        super().__init__(f"HTTP {status}{f' [{code}]' if code else ''} {message}")
+        self.status = status
+
+
 class UsersChanged(Exception):
     """The users before where the last run stopped are not those it read (some were
     deleted, or came in ahead): going on from its position would skip some."""
@@ -120,7 +130,14 @@ class Target:
         with self._kept(write=True) as kept:
             if fresh:
                 self._put(kept, "backfill_failures", None)
+                self._put(kept, "backfill_refused", None)
             self._put(kept, "backfill", asdict(run))
+
+    def refused(self) -> list[Any] | None:
+        """``[status, code, message]`` of the backfill upsert Meisa refused for the key
+        (since the last run started), or ``None``."""
+        with self._kept() as kept:
+            return self._get(kept, "backfill_refused")  # type: ignore[no-any-return]
 
     def add(
         self, run: Run, operations: list[Operation], failed: list[dict[str, Any]], read_at: float
@@ -130,6 +147,8 @@ class Target:
         ``run.queued`` or ``run.skipped``; keep ``failed`` for ``--failures``, and keep
         ``run`` with them."""
         with self._kept(write=True) as kept:
+            if (refused := self._get(kept, "backfill_refused")) is not None:
+                raise KeyRefused(*refused)  # as the run read the chunk: none of it is sent
             self._queue(kept, run, operations, read_at)
             if failed:
                 failures = self._get(kept, "backfill_failures", [])
@@ -180,6 +199,8 @@ def run(
     :param report: called about every ``every`` seconds, and at the end (or Ctrl+C).
     """
     current = target.load()
+    # Stopped by a refused key: its waiting upserts went, so their users are read again.
+    again = again or target.refused() is not None
     fresh = restart or again or current is None or current.state == "done"
     if fresh or current is None:
         since = current.started_at if again and current is not None else time.time()
@@ -190,6 +211,8 @@ def run(
 
     def tick(force: bool = False) -> Progress:
         nonlocal last_report
+        if not force and (refused_key := target.refused()) is not None:
+            raise KeyRefused(*refused_key)
         waiting, refused = target.backlog()
         refused = max(refused - current.refused_before, 0)
         elapsed = time.monotonic() - started
@@ -232,8 +255,11 @@ def run(
             target.add(current, operations, failed, read_at)
         while tick().waiting:
             time.sleep(min(every, 0.2))
-    except KeyboardInterrupt:
-        tick(force=True)  # the summary so far, before the caller says how to go on
+    except (KeyboardInterrupt, KeyRefused) as stop:
+        # The summary so far, before the caller says how to go on (not after a refused key:
+        # it would count the users whose upserts went as done).
+        if isinstance(stop, KeyboardInterrupt):
+            tick(force=True)
         current.alive_at = None
         target.save(current)
         raise

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from ..errors import APIConnectionError
 from ..errors import APIError
 from ..errors import ValidationError
+from ..operations import Operation
 from . import known
 from .pending import OP_COLUMNS
 from .pending import Row
@@ -58,12 +59,29 @@ def error_fields(error: BaseException) -> tuple[int | None, str | None, str]:
     return status, code, message[:_MESSAGE_LIMIT]
 
 
+def key_refused(operation: Operation, fields: tuple[int | None, str | None, str]) -> bool:
+    """Whether Meisa refused the backfill upsert ``operation`` for its key (``fields``:
+    :func:`error_fields`): revoked (401), or without ``contacts:write`` (403), the key
+    refuses every other. The backfill stops (``backfill_refused`` kept for its run)."""
+    return operation.priority == "backfill" and fields[0] in (401, 403)
+
+
 def bury(db: sqlite3.Connection, row: Row, error: BaseException) -> None:
-    """Keep ``row`` as a dead letter with ``error``."""
+    """Keep ``row`` as a dead letter with ``error``; a backfill upsert refused for its key
+    (:func:`key_refused`) goes instead, with the backfill's waiting ones: its run, stopped,
+    reads their users again once the key is fixed."""
+    fields = error_fields(error)
+    if key_refused(row.operation, fields):
+        Store.set_meta(db, "backfill_refused", fields)
+        db.execute(
+            "DELETE FROM meisa_ops WHERE seq = ? OR priority = 'backfill' AND state = 'pending'",
+            (row.seq,),
+        )
+        return
     db.execute(
         "UPDATE meisa_ops SET state = 'dead', error_status = ?, error_code = ?, "
         "error_message = ?, failed_at = ? WHERE seq = ?",
-        (*error_fields(error), time.time(), row.seq),
+        (*fields, time.time(), row.seq),
     )
 
 

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from ..operations import Operation
 from .dead import DeadLetter
 from .dead import error_fields
+from .dead import key_refused
 from .known import digest
 from .redis_store import RedisDeliveryStore
 
@@ -41,8 +42,11 @@ class RedisDeadLetters:
 
     def bury(self, operations: Iterable[Operation], error: BaseException) -> None:
         """Keep ``operations`` with ``error`` (past :data:`MOST_KEPT`, only logged)."""
-        status, code, message = error_fields(error)
+        status, code, message = fields = error_fields(error)
         for operation in operations:
+            if key_refused(operation, fields):  # its run reads its user again
+                self._store.put("backfill_refused", fields)
+                continue
             if self._redis.hlen(self._key) >= MOST_KEPT:
                 what = operation.describe()
                 logger.error("flask-meisa: %d dead letters kept; %s is not", MOST_KEPT, what)

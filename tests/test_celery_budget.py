@@ -160,6 +160,18 @@ def test_a_dead_workers_slot_is_freed_when_its_lease_ends(make_budget: MakeBudge
     assert sum(budget.snapshot()[1].values()) == 0
 
 
+def test_a_short_lease_does_not_cut_a_longer_calls_slot_short(make_budget: MakeBudget) -> None:
+    # Workers configured with different call timeouts (a rolling deploy): the short call's
+    # lease must not end the record of the long one still in flight.
+    budget = make_budget("2/minute")
+    assert budget.acquire(lease=30.0).token is not None
+    assert budget.acquire(lease=0.05).token is not None  # never finished
+    time.sleep(1.2)  # past the short lease and the second its record outlives it
+    got = budget.acquire(lease=LEASE)
+    assert got.token is None and got.wait > 0, got  # one call in flight, one counted
+    assert sum(budget.snapshot()[1].values()) == 1
+
+
 def test_a_pause_holds_every_call_and_is_never_shortened(make_budget: MakeBudget) -> None:
     budget = make_budget("100/second")
     paused = time.monotonic()

@@ -225,7 +225,10 @@ if turn then
 end
 redis.call('ZADD', flying_key, now + lease, token)
 local lease_ms = math.ceil(lease * 1000)
-redis.call('PEXPIRE', flying_key, lease_ms + 1000)
+-- Never shorter than it is: a call with a longer lease may be in flight.
+if redis.call('PTTL', flying_key) < lease_ms + 1000 then
+  redis.call('PEXPIRE', flying_key, lease_ms + 1000)
+end
 if call_key ~= current_turn_key then
   redis.call('SET', call_key, token .. ' ' .. waiter, 'PX', lease_ms)
 end

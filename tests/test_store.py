@@ -209,6 +209,54 @@ def test_a_flood_salvaged_from_a_damaged_store_file_goes_in_turns(tmp_path: Path
     assert len(order) == 21 and order.index("t-2") == 1  # in its turn, not after the flood
 
 
+def _failing_commits(db: sqlite3.Connection, table: str, event: str) -> None:
+    # A COMMIT that fails and keeps the transaction open (as SQLITE_BUSY can; a deferred
+    # constraint here) once ``event`` changed ``table``.
+    db.execute("PRAGMA foreign_keys = ON")
+    db.execute("CREATE TABLE IF NOT EXISTS parent (id INTEGER PRIMARY KEY)")
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS child (id REFERENCES parent DEFERRABLE INITIALLY DEFERRED)"
+    )
+    db.execute(
+        f"CREATE TRIGGER orphan AFTER {event} ON {table} BEGIN INSERT INTO child VALUES (1); END"
+    )
+
+
+def test_a_write_whose_commit_fails_is_undone_and_the_store_takes_the_next(tmp_path: Path) -> None:
+    with contextlib.closing(Store(tmp_path / "store.sqlite3")) as store:
+        with store.read() as db:
+            _failing_commits(db, "meisa_ops", "INSERT")
+        with pytest.raises(sqlite3.IntegrityError), store.write() as db:
+            pending.add(db, upsert(1), LANE_ROUTINE)
+        with store.read() as db:
+            assert not db.in_transaction
+            db.execute("DROP TRIGGER orphan")
+        with store.write() as db:
+            pending.add(db, upsert(2), LANE_ROUTINE)
+        with store.read() as db:
+            assert db.execute("SELECT count(*) FROM meisa_ops").fetchone()[0] == 1
+
+
+def test_a_store_file_whose_rows_cannot_be_given_up_stays_in_use(tmp_path: Path) -> None:
+    # Following fails at the old file's COMMIT: the old file stays in use, as it was.
+    path = tmp_path / "store.sqlite3"
+    with contextlib.closing(Store(path)) as store:
+        with store.write() as db:
+            pending.add(db, upsert(1), LANE_ROUTINE)
+        with store.read() as db:
+            _failing_commits(db, "meisa_ops", "DELETE")
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(f"{path}{suffix}", f"{path}.gone{suffix}")
+        assert store.moved()
+        with pytest.raises(sqlite3.IntegrityError):
+            store.follow()
+        with store.write() as db:  # the old file still takes writes
+            pending.add(db, upsert(2), LANE_ROUTINE)
+        with store.read() as db:
+            assert db.execute("SELECT count(*) FROM meisa_ops").fetchone()[0] == 2
+
+
 @pytest.mark.parametrize("how", ["carried", "salvaged"])
 def test_a_dead_letter_whose_error_reads_like_a_row_state_keeps_it_when_the_file_is_replaced(
     tmp_path: Path, how: str

@@ -175,11 +175,11 @@ def transaction(db: sqlite3.Connection) -> Iterator[None]:
     db.execute("BEGIN IMMEDIATE")
     try:
         yield
+        db.execute("COMMIT")  # one that fails may leave the transaction open
     except BaseException:
         with suppress(sqlite3.Error):  # the original error says more
             db.execute("ROLLBACK")
         raise
-    db.execute("COMMIT")
 
 
 def identity(stat: os.stat_result) -> tuple[int, int]:

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from .store import Store
 
 logger = logging.getLogger("flask_meisa.engine")
-#: Seconds before a file at the store's path that could not be used is tried again.
+#: Seconds before a file at the store's path that could not be used is tried again, unless
+#: something there changed first.
 _FOLLOW_AGAIN = 60.0
 #: Why the file at the store's path may not be followed (``STORE_ERRORS``, a newer schema).
 _UNFOLLOWABLE = (sqlite3.Error, OSError, ConfigurationError)

@@ -51,7 +51,7 @@ _INSERT = (
     "INSERT INTO meisa_ops (id, kind, lane, ext, email, payload, contact, priority, force, "
     "created_at, attempts, turn) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-#: Rows this many turns after the current one are shed first from a full queue: one
+#: Rows more than this many turns after the current one are shed first from a full queue: one
 #: contact's flood never pushes out the others' work.
 FAIR_SHARE = 100
 

@@ -167,6 +167,10 @@ class MeisaState:
     def dispatcher(self) -> Dispatcher:
         """The app's delivery engine (made on first use)."""
         self.after_fork()
+        # Once made, read without the lock: a response body the collector releases runs
+        # here in whichever thread it collects in, maybe one that holds the lock.
+        if (dispatcher := self._dispatcher) is not None:
+            return dispatcher
         with self._lock:
             if self._dispatcher is None:
                 name = _ENGINES[self.settings.delivery][0]

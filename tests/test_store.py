@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from flask_meisa._engine import dead
+from flask_meisa._engine import known
 from flask_meisa._engine import pending
 from flask_meisa._engine.host import HostLock
 from flask_meisa._engine.host import set_aside
@@ -141,6 +142,21 @@ def test_a_store_of_the_previous_version_gives_its_rows_turn_0(tmp_path: Path) -
 
 def event(user: int) -> Operation:
     return Operation("track", {"event_name": "clicked", "external_id": f"t-{user}"})
+
+
+def test_a_store_of_the_version_before_addresses_learns_who_meisa_has_at_each(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "store.sqlite3"
+    with contextlib.closing(Store(path)) as store, store.write() as db:
+        known.remember(db, {"email": "ada@example.com", "external_id": "u-1"}, 100.0)
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+        db.execute("DROP TABLE meisa_addresses")  # as that version left its file
+    seeded = [("email:ada@example.com", "ext:u-1", 100.0)]
+    for expected in (seeded, []):  # seeded once: the table is this version's from then on
+        with contextlib.closing(Store(path)) as store, store.read() as db:
+            assert db.execute("SELECT email, ext, at FROM meisa_addresses").fetchall() == expected
+            db.execute("DELETE FROM meisa_addresses")
 
 
 def test_rows_a_previous_version_still_writes_put_no_waiting_work_behind_later_work(

@@ -58,7 +58,9 @@ class _RequestBatch:
             self.operations.append(operation)
             return
         names = _names(operation)
-        earlier = next((self._upserts[n] for n in names if n in self._upserts), None)
+        earlier = None
+        if self._upserts:  # most requests make one upsert
+            earlier = next((self._upserts[n] for n in names if n in self._upserts), None)
         # Only into the latest upsert of every name either has, so that none overtakes one.
         if earlier is not None and any(
             self._upserts.get(n) is not earlier for n in {*names, *_names(earlier)}

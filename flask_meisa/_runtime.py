@@ -89,7 +89,11 @@ class MeisaState:
         """Whether operations are delivered now: ``MEISA_ENABLED`` and not
         ``MEISA_SUPPRESS_SEND`` (which follows ``TESTING``), read on every operation."""
         config = self.app.config
-        switches = tuple(map(config.get, ("MEISA_ENABLED", "MEISA_SUPPRESS_SEND", "TESTING")))
+        switches = (
+            config.get("MEISA_ENABLED"),
+            config.get("MEISA_SUPPRESS_SEND"),
+            config.get("TESTING"),
+        )
         if switches != self._switches:  # parsed again only when one of them changed
             self._delivering, self._switches = is_delivering(config), switches
         return self._delivering

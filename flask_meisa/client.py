@@ -337,7 +337,8 @@ class MeisaClient:
         while True:
             attempt += 1
             try:
-                with self._slot(left(0.0)):  # its wait counts against the deadline
+                # A slot is waited for half the time left at most: the call keeps the rest.
+                with self._slot(left(0.0) / 2):
                     # No attempt runs past the deadline; a floor keeps the last.
                     limit = min(sum(self._timeout), left(0.05))
                     timeout = (min(self._timeout[0], limit), min(self._timeout[1], limit))

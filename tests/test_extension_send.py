@@ -344,6 +344,33 @@ def test_a_send_the_budget_has_no_slot_for_within_its_deadline_is_not_cut_short(
         meisa.state(app).close(0.0)
 
 
+def test_a_send_waits_for_a_slot_at_most_half_its_deadline(emulator_factory: Any) -> None:
+    # The window's first slot frees about 3.4 s into a 4 s deadline: waiting for it left the
+    # call 0.6 s, less than Meisa takes to answer (1 s), so it was cut off after Meisa had it
+    # (the email sent) and raised APITimeoutError. Past half the deadline, a slot is not
+    # waited for: the call goes at once.
+    emulator = emulator_factory(seed="demo")
+    emulator.faults.set(latency=1.0, paths=[TRIGGER])
+    config = emulator_config(
+        emulator,
+        MEISA_DELIVERY="thread",
+        MEISA_RATE_LIMIT="3/5.5 seconds",
+        MEISA_SEND_DEADLINE=4.0,
+    )
+    app = build_app(config)
+    meisa: Meisa = app.extensions["meisa"]
+    try:
+        with app.app_context():
+            for n in range(2):  # with the suppression list load: the window's 3 calls
+                assert meisa.send("receipt", f"buyer{n}@example.com").status == "sent"
+            assert meisa.status().budget_left == {"3/5.5 seconds": 0}
+            result = meisa.send("receipt", "buyer2@example.com")
+        assert result.status == "sent"
+        assert len(emulator.sends()) == 3
+    finally:
+        meisa.state(app).close(0.0)
+
+
 def test_the_suppression_list_is_preloaded_at_init_only_when_asked(emulator: Any) -> None:
     build_app(emulator_config(emulator))
     preloading = build_app(emulator_config(emulator, MEISA_SUPPRESSION_PRELOAD="true"))

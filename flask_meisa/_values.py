@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
+from urllib.parse import urlunsplit
 
 from ._payloads import CONTACT_SOURCES
 from .errors import ConfigurationError
@@ -196,7 +197,8 @@ def base_url(value: object) -> str:
         raise InvalidValue(
             "must use https:// (plain http:// only for localhost or a loopback address)"
         )
-    return url
+    # The host's case names no other Meisa (the store's target compares URLs).
+    return urlunsplit(parts._replace(netloc=parts.netloc.lower()))
 
 
 def _is_loopback(host: str) -> bool:

@@ -364,12 +364,18 @@ def test_a_blank_api_key_counts_as_unset() -> None:
 
 
 @pytest.mark.parametrize(
-    "url",
-    ["http://LOCALHOST:8080/api/v1/", "http://127.0.0.1:8080/api/v1", "http://[::1]/api/v1"],
+    ("url", "taken"),
+    [
+        ("http://localhost:8080/api/v1/", "http://localhost:8080/api/v1"),
+        ("http://127.0.0.1:8080/api/v1", "http://127.0.0.1:8080/api/v1"),
+        ("http://[::1]/api/v1", "http://[::1]/api/v1"),
+        # The store's target compares base URLs: the same Meisa whatever the host's case.
+        (" HTTP://LocalHost:9/API/v1/ ", "http://localhost:9/API/v1"),
+    ],
 )
-def test_plain_http_is_taken_for_localhost_and_a_trailing_slash_dropped(url: str) -> None:
+def test_plain_http_is_taken_for_localhost_the_host_in_lower_case(url: str, taken: str) -> None:
     app = make_app(MEISA_BASE_URL=url)
-    assert Meisa(app).state(app).settings.base_url == url.rstrip("/")
+    assert Meisa(app).state(app).settings.base_url == taken
 
 
 def test_custom_fields_may_map_each_field_to_another_attribute() -> None:

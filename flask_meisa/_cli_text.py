@@ -80,6 +80,10 @@ def status_report(status: DeliveryStatus, store_path: str | None) -> str:
         state = run.get("state", "running")
         if backfill.stopped(run, time.time()):
             state = "stopped (run 'flask meisa sync-users' again to go on)"
+        if refused := run.get("refused"):
+            key = backfill.KeyRefused(*refused)
+            state = f"stopped: Meisa refused its upserts ({key}), the key {_lacks(key)}: fix it"
+            state += " ('flask meisa ping' checks it), then run 'flask meisa sync-users' again"
         lines.append(
             f"backfill: {state}, {run.get('position', 0)} of"
             f" {run.get('total') or '?'} users read, {run.get('skipped', 0)} unchanged,"
@@ -113,14 +117,18 @@ def kept(seqs: list[int]) -> str:
 
 def key_refused(refused: backfill.KeyRefused) -> str:
     """Why a backfill stopped at Meisa's refusal of the key, and how to go on."""
-    lacks = "has no contacts:write scope" if refused.status == 403 else "is revoked or invalid"
     return (
-        f"Meisa refused the backfill's upserts ({refused}): the key (MEISA_API_KEY) {lacks}, so"
+        f"Meisa refused the backfill's upserts ({refused}): the key (MEISA_API_KEY)"
+        f" {_lacks(refused)}, so"
         " it would refuse every user. The run stopped; nothing more was sent, and its upserts"
         " not sent are no dead letters. Fix the key ('flask meisa ping' checks it), then run"
         " 'flask meisa sync-users' again: it goes through the users from the first, and those"
         " Meisa already has cost no call."
     )
+
+
+def _lacks(refused: backfill.KeyRefused) -> str:
+    return "has no contacts:write scope" if refused.status == 403 else "is revoked or invalid"
 
 
 def set_aside(seqs: list[int]) -> str:

@@ -913,10 +913,20 @@ def test_a_backfill_stops_at_the_first_upsert_meisa_refuses_for_its_key(
         result = sync_users(app)
         with app.app_context():
             status: DeliveryStatus = app.extensions["meisa"].status()
+        shown = app.test_cli_runner().invoke(args=["meisa", "status"]).output
     finally:
         app.extensions["meisa"].close(app)
     assert result.exit_code == 1, result.output
     assert f"the key (MEISA_API_KEY) {lacks}, so it would refuse every user" in result.output
+    # Who looks a day later sees why the run stopped, and what to do.
+    assert status.backfill is not None
+    assert status.backfill["refused"][0] == (401 if refused == "revoked" else 403)
+    assert (
+        f"backfill: stopped: Meisa refused its upserts (HTTP {status.backfill['refused'][0]}"
+        in shown
+    )
+    assert f"the key {lacks}: fix it ('flask meisa ping' checks it)" in shown
+    assert key not in shown
     assert "nothing more was sent, and its upserts not sent are no dead letters" in result.output
     assert key not in result.output
     assert len(emulator.requests_to(UPSERT)) == 1  # one delivery thread, one call
@@ -926,10 +936,13 @@ def test_a_backfill_stops_at_the_first_upsert_meisa_refuses_for_its_key(
     fixed = make_app(emulator, 3_000, MEISA_OUTBOX=outbox)  # the live key, all its scopes
     try:
         again = sync_users(fixed)
+        with fixed.app_context():
+            after = fixed.extensions["meisa"].status().backfill
     finally:
         fixed.extensions["meisa"].close(fixed)
     assert again.exit_code == 0, again.output
     assert again.output.splitlines()[-1].startswith("3,000 of 3,000 users done")
+    assert after is not None and "refused" not in after
     by_user = upserts_by_user(emulator)
     assert len(by_user) == 3_000 and set(by_user.values()) == {1}
 

@@ -190,6 +190,9 @@ def test_a_backfill_stops_at_the_first_upsert_meisa_refuses_for_its_key(
         assert app.extensions["meisa"].flush(30)
         status = app.extensions["meisa"].status()
     assert (status.dead_letters, status.pending) == (0, 0)
+    assert status.backfill is not None and status.backfill["refused"][0] == 403
+    shown = app.test_cli_runner().invoke(args=["meisa", "status"]).output
+    assert "backfill: stopped: Meisa refused its upserts (HTTP 403" in shown
     # One call, or one for each worker thread that had taken an upsert by then.
     assert 1 <= len(emulator.requests_to(UPSERT)) <= 8
     for worker in workers:

@@ -140,7 +140,8 @@ class DeliveryStatus:
     oldest_wait: dict[str, float] = field(default_factory=dict)
     #: By lane: (p50, p99) seconds from release to Meisa's answer over the last window.
     latency: dict[str, tuple[float, float]] = field(default_factory=dict)
-    #: The backfill run (``flask meisa sync-users``), when there is one.
+    #: The backfill run (``flask meisa sync-users``), when there is one; its ``refused``:
+    #: ``[status, code, message]`` of the upsert Meisa refused for the key, that stopped it.
     backfill: dict[str, Any] | None = None
 
     @property

@@ -225,7 +225,8 @@ class RedisDeliveryStore(ContactRecords):
             pipe.lrange(self._answers[lane], 0, -1)
         pipe.hgetall(self._stats)
         pipe.get(f"{self.prefix}:backfill")
-        *per_lane, stats, run = pipe.execute()
+        pipe.get(f"{self.prefix}:backfill_refused")
+        *per_lane, stats, run, refused = pipe.execute()
         now = time.time()
         since = now - LATENCY_WINDOW
         for lane, name in LANE_NAMES.items():
@@ -239,6 +240,8 @@ class RedisDeliveryStore(ContactRecords):
         for name in ("delivered", "failed", "dropped", "unchanged"):
             setattr(status, name, counters[name])
         status.backfill = json.loads(run) if run else None
+        if status.backfill and refused:
+            status.backfill["refused"] = json.loads(refused)
 
     def get(self, name: str, default: Any = None) -> Any:
         """The JSON value kept under ``name``."""

@@ -319,6 +319,8 @@ class Store:
             setattr(status, name, int(Store.get_meta(db, name, 0)))
         status.paused_for = max(float(Store.get_meta(db, "pause_until", 0.0)) - now, 0.0)
         status.backfill = Store.get_meta(db, "backfill")
+        if status.backfill and (refused := Store.get_meta(db, "backfill_refused")):
+            status.backfill["refused"] = refused
 
     def check(self) -> None:
         """Check that this process may write the file, put it in WAL mode, and check its

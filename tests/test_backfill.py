@@ -947,6 +947,31 @@ def test_a_backfill_stops_at_the_first_upsert_meisa_refuses_for_its_key(
     assert len(by_user) == 3_000 and set(by_user.values()) == {1}
 
 
+def test_a_finished_backfills_dead_letter_retried_with_a_refused_key_stays_a_dead_letter(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    # The run is over: no run stops, and none reads the user again; a retry refused for
+    # the key leaves the letter where it was, with Meisa's answer, not deleted unsent.
+    outbox = str(tmp_path / "meisa-outbox.sqlite3")
+    app = make_app(emulator, 3, MEISA_OUTBOX=outbox)
+    emulator.faults.fail_next(1, 400, path=UPSERT)
+    try:
+        assert sync_users(app).exit_code == 1
+    finally:
+        emulator.faults.clear()
+        app.extensions["meisa"].close(app)
+    key = emulator.create_key(["events:track", "emails:trigger", "contacts:read"])
+    bad = make_app(emulator, 3, MEISA_API_KEY=key, MEISA_OUTBOX=outbox)
+    try:
+        retried = bad.test_cli_runner().invoke(args=["meisa", "dead-letters", "retry", "--all"])
+        listed = bad.test_cli_runner().invoke(args=["meisa", "dead-letters", "list"]).output
+    finally:
+        bad.extensions["meisa"].close(bad)
+    assert retried.output.splitlines()[-1] == "done; 1 dead letter(s) left", retried.output
+    assert "HTTP 403 [missing_scope]" in listed
+    assert len(upserts_by_user(emulator)) == 2
+
+
 @pytest.mark.parametrize("other", ["--dry-run", "--restart"])
 def test_failures_refuses_the_options_of_a_run(emulator: Emulator, other: str) -> None:
     # '--failures' lists what the last run could not sync: it neither starts a run over

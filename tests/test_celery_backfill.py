@@ -206,6 +206,27 @@ def test_a_backfill_stops_at_the_first_upsert_meisa_refuses_for_its_key(
     assert len(by_user) == 1_500 and set(by_user.values()) == {1}
 
 
+def test_a_finished_backfills_dead_letter_retried_with_a_refused_key_stays_a_dead_letter(
+    emulator: Emulator, start_worker: StartWorker, make_app: MakeApp
+) -> None:
+    # The run is over: none reads the user again, so the retry refused for the key keeps
+    # the letter, with Meisa's answer, instead of dropping it unsent.
+    worker = start_worker(emulator)
+    emulator.faults.fail_next(1, 400, path=UPSERT)
+    app = make_app(3)
+    assert sync_users(app).exit_code == 1
+    emulator.faults.clear()
+    worker.stop()
+    key = emulator.create_key(["events:track", "emails:trigger", "contacts:read"])
+    start_worker(emulator, MEISA_TEST_KEY=key)
+    bad = make_app(3, MEISA_API_KEY=key)
+    retried = bad.test_cli_runner().invoke(args=["meisa", "dead-letters", "retry", "--all"])
+    assert retried.output.splitlines()[-1] == "done; 1 dead letter(s) left", retried.output
+    listed = bad.test_cli_runner().invoke(args=["meisa", "dead-letters", "list"]).output
+    assert "HTTP 403 [missing_scope]" in listed
+    assert len(upserts_by_user(emulator)) == 2
+
+
 def test_the_share_option_keeps_part_of_the_budget_for_live_work(
     emulator_factory: Callable[..., Emulator], start_worker: StartWorker, make_app: MakeApp
 ) -> None:

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import APIConnectionError
 from ..errors import APIError
@@ -59,11 +60,15 @@ def error_fields(error: BaseException) -> tuple[int | None, str | None, str]:
     return status, code, message[:_MESSAGE_LIMIT]
 
 
-def key_refused(operation: Operation, fields: tuple[int | None, str | None, str]) -> bool:
+def key_refused(
+    operation: Operation, fields: tuple[int | None, str | None, str], run: dict[str, Any] | None
+) -> bool:
     """Whether Meisa refused the backfill upsert ``operation`` for its key (``fields``:
-    :func:`error_fields`): revoked (401), or without ``contacts:write`` (403), the key
-    refuses every other. The backfill stops (``backfill_refused`` kept for its run)."""
-    return operation.priority == "backfill" and fields[0] in (401, 403)
+    :func:`error_fields`), revoked (401) or without ``contacts:write`` (403), while the
+    backfill ``run`` is unfinished: it stops (``backfill_refused`` kept for it), and reads
+    the user again. A finished run's dead letter retried stays one: none would read it."""
+    unfinished = run is not None and run.get("state") == "running"
+    return operation.priority == "backfill" and fields[0] in (401, 403) and unfinished
 
 
 def bury(db: sqlite3.Connection, row: Row, error: BaseException) -> None:
@@ -71,7 +76,7 @@ def bury(db: sqlite3.Connection, row: Row, error: BaseException) -> None:
     (:func:`key_refused`) goes instead, with the backfill's waiting ones: its run, stopped,
     reads their users again once the key is fixed."""
     fields = error_fields(error)
-    if key_refused(row.operation, fields):
+    if key_refused(row.operation, fields, Store.get_meta(db, "backfill")):
         Store.set_meta(db, "backfill_refused", fields)
         db.execute(
             "DELETE FROM meisa_ops WHERE seq = ? OR priority = 'backfill' AND state = 'pending'",

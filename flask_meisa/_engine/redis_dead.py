@@ -43,8 +43,9 @@ class RedisDeadLetters:
     def bury(self, operations: Iterable[Operation], error: BaseException) -> None:
         """Keep ``operations`` with ``error`` (past :data:`MOST_KEPT`, only logged)."""
         status, code, message = fields = error_fields(error)
+        run = self._store.get("backfill")
         for operation in operations:
-            if key_refused(operation, fields):  # its run reads its user again
+            if key_refused(operation, fields, run):  # its run reads its user again
                 self._store.put("backfill_refused", fields)
                 continue
             if self._redis.hlen(self._key) >= MOST_KEPT:

@@ -109,7 +109,7 @@ def letter_line(letter: DeadLetter) -> str:
 def kept(seqs: list[int]) -> str:
     """What ``dead-letters retry`` says of the upserts it kept, outdated."""
     return (
-        f"{len(seqs)} upsert(s) kept ({', '.join(map(str, sorted(seqs)))}): their fields "
+        f"{len(seqs)} upsert(s) kept ({_first(sorted(seqs))}): their fields "
         "were set again after they failed, and retrying would put older values back "
         "(--force retries them)"
     )
@@ -133,11 +133,15 @@ def _lacks(refused: backfill.KeyRefused) -> str:
 
 def set_aside(seqs: list[int]) -> str:
     """What ``dead-letters retry --all`` says of the work for another Meisa it left."""
-    shown = ", ".join(map(str, seqs[:10])) + (", ..." if len(seqs) > 10 else "")
     return (
-        f"{len(seqs)} dead letter(s) released for another Meisa left ({shown}): to send them"
-        " to this one, retry them by ID (see 'flask meisa dead-letters list')"
+        f"{len(seqs)} dead letter(s) released for another Meisa left ({_first(seqs)}): to send"
+        " them to this one, retry them by ID (see 'flask meisa dead-letters list')"
     )
+
+
+def _first(seqs: list[int]) -> str:
+    """The first few IDs of ``seqs``: all of them could fill a screen."""
+    return ", ".join(map(str, seqs[:10])) + (", ..." if len(seqs) > 10 else "")
 
 
 def letter_json(letter: DeadLetter) -> str:

@@ -289,7 +289,8 @@ def _letters(letters: DeadLetters, ids: list[int] | None = None) -> list[dead.De
     # An ID SQLite cannot hold is no dead letter's (and would raise OverflowError).
     known = None if ids is None else [seq for seq in ids if -(2**63) <= seq < 2**63]
     found = letters.find(known)
-    unknown = [str(seq) for seq in ids or () if seq not in {letter.seq for letter in found}]
+    seqs = {letter.seq for letter in found}
+    unknown = [str(seq) for seq in ids or () if seq not in seqs]
     if unknown:
         raise click.ClickException(f"no dead letter with ID {', '.join(unknown)}")
     return found

@@ -24,7 +24,11 @@ from flask_meisa import DeliveryStatus
 from flask_meisa import Meisa
 from flask_meisa import _cli_text
 from flask_meisa import delivery_failed
+from flask_meisa._engine import pending
+from flask_meisa._engine.store import Store
 from flask_meisa.config import config_template
+from flask_meisa.operations import LANE_BACKFILL
+from flask_meisa.operations import Operation
 from flask_meisa.testing import emulator_config
 from tests.apps import build_app
 
@@ -354,3 +358,29 @@ def test_flush_that_times_out_says_what_is_left_and_who_delivers(
         assert re.search(r"paused for: \d+\.\ds", status), status
     finally:
         app.extensions["meisa"].state(app).close(0)  # the event is left in the store
+
+
+def test_dead_letters_named_by_the_thousand_are_checked_at_once(
+    emulator: Any, tmp_path: Path
+) -> None:
+    # The check for IDs that are no dead letter's takes a look at each: with all of a
+    # large backfill's letters named, it took time in their number squared.
+    outbox = tmp_path / "store.sqlite3"
+    with Store(outbox).write() as db:
+        for n in range(30_000):
+            upsert = Operation("upsert", {"email": f"u{n}@example.com"}, priority="backfill")
+            pending.add(db, upsert, LANE_BACKFILL)
+        db.execute("UPDATE meisa_ops SET state = 'dead'")
+        ids = [str(seq) for (seq,) in db.execute("SELECT seq FROM meisa_ops")]
+    app = build_app(emulator_config(emulator, MEISA_DELIVERY="thread", MEISA_OUTBOX=str(outbox)))
+    started = time.monotonic()
+    result = invoke(app, "dead-letters", "purge", *ids)
+    assert result.output == "30000 dead letter(s) deleted\n", result.output
+    assert time.monotonic() - started < 10  # some minutes, in the number of IDs squared
+
+
+def test_the_upserts_a_retry_keeps_are_counted_with_the_first_few_ids() -> None:
+    # A large backfill's letters retried can keep 100,000 upserts: not all on one line.
+    line = _cli_text.kept(list(range(100_000, 0, -1)))
+    assert line.startswith("100000 upsert(s) kept (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, ...): ")
+    assert len(line) < 300

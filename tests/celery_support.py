@@ -411,6 +411,7 @@ def start_worker_fixture(redis_url: str, tmp_path: Path) -> Iterator[StartWorker
         concurrency: int = 2,
         pool: str = "threads",
         redis: str | None = None,
+        queues: str = QUEUES,
         **env: str,
     ) -> WorkerProcess:
         variables = {
@@ -420,7 +421,7 @@ def start_worker_fixture(redis_url: str, tmp_path: Path) -> Iterator[StartWorker
             **env,
         }
         log = tmp_path / f"worker-{len(started)}.log"
-        worker = WorkerProcess(variables, log, concurrency=concurrency, pool=pool)
+        worker = WorkerProcess(variables, log, concurrency=concurrency, pool=pool, queues=queues)
         started.append(worker)
         if wait:
             worker.wait_ready()

@@ -20,6 +20,7 @@ from flask import Flask
 
 from flask_meisa import Meisa
 from flask_meisa._engine import backfill
+from flask_meisa._engine.celery_worker import lane_queues
 from flask_meisa.emulator import Emulator
 from flask_meisa.testing import emulator_config
 from tests.backfill_app import create_app
@@ -31,6 +32,7 @@ from tests.celery_support import make_celery
 from tests.celery_support import outcomes
 from tests.celery_support import redis_url_fixture  # noqa: F401
 from tests.celery_support import start_worker_fixture  # noqa: F401
+from tests.process_support import wait_until
 
 UPSERT = "/contacts/upsert/"
 
@@ -225,6 +227,34 @@ def test_a_finished_backfills_dead_letter_retried_with_a_refused_key_stays_a_dea
     listed = bad.test_cli_runner().invoke(args=["meisa", "dead-letters", "list"]).output
     assert "HTTP 403 [missing_scope]" in listed
     assert len(upserts_by_user(emulator)) == 2
+
+
+def test_a_live_sync_coalesced_with_a_backfill_upsert_is_sent_though_the_run_stopped(
+    emulator: Emulator, start_worker: StartWorker, make_app: MakeApp
+) -> None:
+    # Meisa refuses the first backfill upsert for the key (a 403 for a moment): the run
+    # stops, and the workers skip its upserts published. A user's live sync joined to one
+    # of them is no backfill's: it goes to Meisa (the key works again), not skipped with it.
+    app = make_app(3)
+    meisa: Meisa = app.extensions["meisa"]
+    emulator.faults.fail_next(1, 403, path=UPSERT, match={"external_id": "0"})
+    results: list[Any] = []
+    runner = threading.Thread(target=lambda: results.append(sync_users(app)))
+    runner.start()  # no worker yet: its three upserts wait in the backfill queue
+    with app.app_context():
+        assert wait_until(lambda: meisa.status().queued["backfill"] == 3)
+        user = app.config["PEOPLE"][2]
+        user.plan = "pro"
+        meisa.upsert(user)  # the web app syncs the upgrade: joined to the backfill's upsert
+    # A worker of the backfill queue takes the run's upserts first.
+    start_worker(emulator, concurrency=1, queues=lane_queues()["backfill"])
+    runner.join(60)
+    assert "has no contacts:write scope" in results[0].output, results[0].output
+    start_worker(emulator)
+    with app.app_context():
+        assert meisa.flush(30)
+    contact = emulator.contact(external_id="2")
+    assert contact is not None and contact["custom_fields"]["plan"] == "pro"
 
 
 def test_the_share_option_keeps_part_of_the_budget_for_live_work(

@@ -232,8 +232,10 @@ class DeliveryWorker:
             reason = (
                 self._hooks.skip_reason(operation) if self._enabled() else "delivery_suppressed"
             )
-            if operation.priority == "backfill" and self.store.get("backfill_refused"):
-                reason = "backfill_stopped"  # Meisa refused the key: its run reads it again
+            # Meisa refused the key: the run reads its users again, not a live sync joined.
+            backfill = all(member.priority == "backfill" for member in members)
+            if backfill and self.store.get("backfill_refused"):
+                reason = "backfill_stopped"
             if reason is not None:
                 self._uncalled(operation, meta, claim)
                 self._report("skipped", members, reason, claim)

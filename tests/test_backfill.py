@@ -972,6 +972,21 @@ def test_a_finished_backfills_dead_letter_retried_with_a_refused_key_stays_a_dea
     assert len(upserts_by_user(emulator)) == 2
 
 
+def test_a_restart_after_a_run_stopped_at_a_refused_key_tells_meisa_again(
+    emulator: Emulator,
+) -> None:
+    # '--restart' starts a run of its own, past MEISA_RESYNC_AFTER Meisa is told again:
+    # a run stopped at a refused key is no run going on that it would go through again.
+    app = make_app(emulator, 3, MEISA_RESYNC_AFTER=0.001)  # what it sent is already old
+    emulator.faults.fail_next(1, 403, path=UPSERT, match={"external_id": "2"})
+    stopped = sync_users(app)
+    assert "has no contacts:write scope" in stopped.output, stopped.output
+    assert upserts_by_user(emulator) == {"0": 1, "1": 1}
+    again = sync_users(app, "--restart")
+    assert again.exit_code == 0, again.output
+    assert upserts_by_user(emulator) == {"0": 2, "1": 2, "2": 1}
+
+
 @pytest.mark.parametrize("other", ["--dry-run", "--restart"])
 def test_failures_refuses_the_options_of_a_run(emulator: Emulator, other: str) -> None:
     # '--failures' lists what the last run could not sync: it neither starts a run over

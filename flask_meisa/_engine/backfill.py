@@ -199,8 +199,9 @@ def run(
     :param report: called about every ``every`` seconds, and at the end (or Ctrl+C).
     """
     current = target.load()
-    # Stopped by a refused key: its waiting upserts went, so their users are read again.
-    again = again or target.refused() is not None
+    # Stopped by a refused key: its waiting upserts went, so their users are read again
+    # (by a run of its own, after --restart).
+    again = again or (not restart and target.refused() is not None)
     fresh = restart or again or current is None or current.state == "done"
     if fresh or current is None:
         since = current.started_at if again and current is not None else time.time()

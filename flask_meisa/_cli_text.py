@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 from typing import Any
 
@@ -109,7 +110,7 @@ def letter_line(letter: DeadLetter) -> str:
 def kept(seqs: list[int]) -> str:
     """What ``dead-letters retry`` says of the upserts it kept, outdated."""
     return (
-        f"{len(seqs)} upsert(s) kept ({_first(sorted(seqs))}): their fields "
+        f"{len(seqs)} upsert(s) kept ({first_ids(sorted(seqs))}): their fields "
         "were set again after they failed, and retrying would put older values back "
         "(--force retries them)"
     )
@@ -134,12 +135,12 @@ def _lacks(refused: backfill.KeyRefused) -> str:
 def set_aside(seqs: list[int]) -> str:
     """What ``dead-letters retry --all`` says of the work for another Meisa it left."""
     return (
-        f"{len(seqs)} dead letter(s) released for another Meisa left ({_first(seqs)}): to send"
+        f"{len(seqs)} dead letter(s) released for another Meisa left ({first_ids(seqs)}): to send"
         " them to this one, retry them by ID (see 'flask meisa dead-letters list')"
     )
 
 
-def _first(seqs: list[int]) -> str:
+def first_ids(seqs: Sequence[object]) -> str:
     """The first few IDs of ``seqs``: all of them could fill a screen."""
     return ", ".join(map(str, seqs[:10])) + (", ..." if len(seqs) > 10 else "")
 

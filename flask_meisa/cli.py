@@ -292,7 +292,7 @@ def _letters(letters: DeadLetters, ids: list[int] | None = None) -> list[dead.De
     seqs = {letter.seq for letter in found}
     unknown = [str(seq) for seq in ids or () if seq not in seqs]
     if unknown:
-        raise click.ClickException(f"no dead letter with ID {', '.join(unknown)}")
+        raise click.ClickException(f"no dead letter with ID {_cli_text.first_ids(unknown)}")
     return found
 
 

@@ -377,6 +377,9 @@ def test_dead_letters_named_by_the_thousand_are_checked_at_once(
     result = invoke(app, "dead-letters", "purge", *ids)
     assert result.output == "30000 dead letter(s) deleted\n", result.output
     assert time.monotonic() - started < 10  # some minutes, in the number of IDs squared
+    gone = invoke(app, "dead-letters", "purge", *ids)  # and none of them is one now
+    assert gone.exit_code == 1
+    assert f"no dead letter with ID {', '.join(ids[:10])}, ...\n" in gone.output, gone.output
 
 
 def test_the_upserts_a_retry_keeps_are_counted_with_the_first_few_ids() -> None:

@@ -128,6 +128,18 @@ def key_refused(refused: backfill.KeyRefused) -> str:
     )
 
 
+def stopped_run(status: DeliveryStatus) -> str:
+    """After ``dead-letters retry``: the backfill's upserts Meisa refused for the key went
+    (its run, stopped, reads their users again), or nothing."""
+    if not (status.backfill or {}).get("refused"):
+        return ""
+    return (
+        " (the backfill stopped at an upsert Meisa refused for the key: its upserts retried"
+        " are not sent, nor dead letters, and the next 'flask meisa sync-users' reads their"
+        " users again; see 'flask meisa status')"
+    )
+
+
 def _lacks(refused: backfill.KeyRefused) -> str:
     return "has no contacts:write scope" if refused.status == 403 else "is revoked or invalid"
 

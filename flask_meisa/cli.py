@@ -364,11 +364,11 @@ def dead_letters_retry(ids: tuple[int, ...], every: bool, timeout: float, force:
     meisa = _extension()
     if not meisa.state().delivering():
         raise click.ClickException("delivery is off here (MEISA_ENABLED / MEISA_SUPPRESS_SEND)")
-    delivered = meisa.flush(timeout)
-    left = meisa.status().dead_letters
+    delivered, status = meisa.flush(timeout), meisa.status()
+    left = f"{status.dead_letters} dead letter(s){_cli_text.stopped_run(status)}"
     if not delivered:
-        raise click.ClickException(f"not all delivered within {timeout:g}s; {left} dead letters")
-    click.echo(f"done; {left} dead letter(s) left")
+        raise click.ClickException(f"not all delivered within {timeout:g}s; {left}")
+    click.echo(f"done; {left} left")
 
 
 @dead_letters_group.command("purge")

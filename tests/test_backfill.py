@@ -972,6 +972,37 @@ def test_a_finished_backfills_dead_letter_retried_with_a_refused_key_stays_a_dea
     assert len(upserts_by_user(emulator)) == 2
 
 
+def test_a_stopped_runs_dead_letter_retried_with_a_refused_key_is_read_again_and_said_so(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    # The run stopped at a refused key, unfinished: a dead letter of it retried with the
+    # key goes as its other upserts went, and the next run reads its user again; the
+    # retry says so rather than a bare "0 dead letter(s) left".
+    outbox = str(tmp_path / "meisa-outbox.sqlite3")
+    key = emulator.create_key(["events:track", "emails:trigger", "contacts:read"])
+    emulator.faults.fail_next(1, 400, path=UPSERT, match={"external_id": "0"})
+    emulator.faults.fail_next(1, 403, path=UPSERT, match={"external_id": "2"})
+    app = make_app(emulator, 3, MEISA_OUTBOX=outbox)
+    try:
+        assert "has no contacts:write scope" in sync_users(app).output
+    finally:
+        app.extensions["meisa"].close(app)
+    bad = make_app(emulator, 3, MEISA_API_KEY=key, MEISA_OUTBOX=outbox)
+    try:
+        retried = bad.test_cli_runner().invoke(args=["meisa", "dead-letters", "retry", "--all"])
+    finally:
+        bad.extensions["meisa"].close(bad)
+    last = retried.output.splitlines()[-1]
+    assert last.startswith("done; 0 dead letter(s) (the backfill stopped at an upsert"), last
+    assert "the next 'flask meisa sync-users' reads their users again" in last
+    fixed = make_app(emulator, 3, MEISA_OUTBOX=outbox)
+    try:
+        assert sync_users(fixed).exit_code == 0
+    finally:
+        fixed.extensions["meisa"].close(fixed)
+    assert upserts_by_user(emulator) == {"0": 1, "1": 1, "2": 1}
+
+
 def test_a_restart_after_a_run_stopped_at_a_refused_key_tells_meisa_again(
     emulator: Emulator,
 ) -> None:

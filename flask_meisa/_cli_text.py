@@ -82,9 +82,7 @@ def status_report(status: DeliveryStatus, store_path: str | None) -> str:
         if backfill.stopped(run, time.time()):
             state = "stopped (run 'flask meisa sync-users' again to go on)"
         if refused := run.get("refused"):
-            key = backfill.KeyRefused(*refused)
-            state = f"stopped: Meisa refused its upserts ({key}), the key {_lacks(key)}: fix it"
-            state += " ('flask meisa ping' checks it), then run 'flask meisa sync-users' again"
+            state = _stopped_by(refused)
         lines.append(
             f"backfill: {state}, {run.get('position', 0)} of"
             f" {run.get('total') or '?'} users read, {run.get('skipped', 0)} unchanged,"
@@ -140,6 +138,14 @@ def stopped_run(status: DeliveryStatus) -> str:
     )
 
 
+def _stopped_by(refused: list[Any]) -> str:
+    key = backfill.KeyRefused(*refused)
+    return (
+        f"stopped: Meisa refused its upserts ({key}), the key {_lacks(key)}: fix it ('flask"
+        " meisa ping' checks it), then run 'flask meisa sync-users' again"
+    )
+
+
 def _lacks(refused: backfill.KeyRefused) -> str:
     return "has no contacts:write scope" if refused.status == 403 else "is revoked or invalid"
 
@@ -169,9 +175,13 @@ def letter_json(letter: DeadLetter) -> str:
     return json.dumps(record, indent=2, sort_keys=True)
 
 
-def failures(users: list[dict[str, Any]], letters: list[DeadLetter]) -> str:
-    """A backfill's failures: the users it could not map, the upserts Meisa refused."""
-    lines = [
+def failures(
+    users: list[dict[str, Any]], letters: list[DeadLetter], refused: list[Any] | None = None
+) -> str:
+    """A backfill's failures: the users it could not map, the upserts Meisa refused, and
+    first, when Meisa refused them for the key (``refused``), that the run stopped."""
+    lines = [f"the run {_stopped_by(refused)}"] if refused else []
+    lines += [
         f"user {failure['user'] or '#' + str(failure['position'])}: {failure['reason']}"
         for failure in users
     ]

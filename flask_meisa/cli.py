@@ -146,7 +146,7 @@ def sync_users_command(max_share: float, restart: bool, dry_run: bool, failures:
             raise click.UsageError(f"--failures only lists the last run's failures: no {extra}")
         target = _backfill_target(state, start=False)
         backfills = [n for n in _letters(_dead_letters()) if n.operation.priority == "backfill"]
-        click.echo(_cli_text.failures(target.failures(), backfills))
+        click.echo(_cli_text.failures(target.failures(), backfills, target.refused()))
         return
     if meisa.user_source is None:
         raise click.ClickException(

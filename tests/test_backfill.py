@@ -914,6 +914,7 @@ def test_a_backfill_stops_at_the_first_upsert_meisa_refuses_for_its_key(
         with app.app_context():
             status: DeliveryStatus = app.extensions["meisa"].status()
         shown = app.test_cli_runner().invoke(args=["meisa", "status"]).output
+        listed = sync_users(app, "--failures").output
     finally:
         app.extensions["meisa"].close(app)
     assert result.exit_code == 1, result.output
@@ -926,6 +927,9 @@ def test_a_backfill_stops_at_the_first_upsert_meisa_refuses_for_its_key(
         in shown
     )
     assert f"the key {lacks}: fix it ('flask meisa ping' checks it)" in shown
+    # '--failures' says it too, rather than "no failures".
+    assert listed.startswith("the run stopped: Meisa refused its upserts (HTTP "), listed
+    assert f"the key {lacks}: fix it" in listed
     assert key not in shown
     assert "nothing more was sent, and its upserts not sent are no dead letters" in result.output
     assert key not in result.output

@@ -159,8 +159,7 @@ def sync_users_command(max_share: float, restart: bool, dry_run: bool, failures:
     budget = state.settings.rate_limit
     windows = parse_rate_limit(budget) if budget else ()
     resumable = state.settings.delivery in ("thread", "celery") and not restart
-    earlier = _backfill_target(state, start=False).load() if resumable else None
-    done = earlier.position if earlier is not None and earlier.state != "done" else 0
+    done = _backfill_target(state, start=False).goes_on_from() if resumable else 0
     click.echo(_cli_text.plan(total, backfill.estimate_per_hour(windows, max_share), done))
     if dry_run:
         for user in itertools.islice(users, 3):

@@ -915,6 +915,7 @@ def test_a_backfill_stops_at_the_first_upsert_meisa_refuses_for_its_key(
             status: DeliveryStatus = app.extensions["meisa"].status()
         shown = app.test_cli_runner().invoke(args=["meisa", "status"]).output
         listed = sync_users(app, "--failures").output
+        planned = sync_users(app, "--dry-run").output.splitlines()[0]
     finally:
         app.extensions["meisa"].close(app)
     assert result.exit_code == 1, result.output
@@ -930,6 +931,7 @@ def test_a_backfill_stops_at_the_first_upsert_meisa_refuses_for_its_key(
     # '--failures' says it too, rather than "no failures".
     assert listed.startswith("the run stopped: Meisa refused its upserts (HTTP "), listed
     assert f"the key {lacks}: fix it" in listed
+    assert planned.startswith("3,000 users") and "done" not in planned, planned  # all again
     assert key not in shown
     assert "nothing more was sent, and its upserts not sent are no dead letters" in result.output
     assert key not in result.output

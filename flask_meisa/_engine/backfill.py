@@ -133,6 +133,13 @@ class Target:
                 self._put(kept, "backfill_refused", None)
             self._put(kept, "backfill", asdict(run))
 
+    def goes_on_from(self) -> int:
+        """The users the next run (not ``--restart``) counts done as it starts: the last
+        run's position, unless it finished, or stopped at a refused key (its upserts not
+        sent went: it reads the users again)."""
+        run = self.load()
+        return 0 if run is None or run.state == "done" or self.refused() else run.position
+
     def refused(self) -> list[Any] | None:
         """``[status, code, message]`` of the backfill upsert Meisa refused for the key
         (since the last run started), or ``None``."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -114,13 +115,19 @@ def kept(seqs: list[int]) -> str:
     )
 
 
-def key_refused(refused: backfill.KeyRefused) -> str:
-    """Why a backfill stopped at Meisa's refusal of the key, and how to go on."""
+def key_refused(refused: backfill.KeyRefused, status: DeliveryStatus) -> str:
+    """Why a backfill stopped at Meisa's refusal of the key, and how to go on: the key of
+    the Celery workers, or of the process delivering from the store when not this one."""
+    whose, fix = "", "Fix the key ('flask meisa ping' checks it)"
+    if status.engine == "celery":
+        whose, fix = " of the Celery workers (they call Meisa)", "Fix it there, restart them"
+    elif (other := status.delivering_pid) is not None and other != os.getpid():
+        whose = f" of the process delivering from the store (pid {other}), not this one's,"
+        fix = "Fix that process's key and restart it"
     return (
-        f"Meisa refused the backfill's upserts ({refused}): the key (MEISA_API_KEY)"
-        f" {_lacks(refused)}, so"
-        " it would refuse every user. The run stopped; nothing more was sent, and its upserts"
-        " not sent are no dead letters. Fix the key ('flask meisa ping' checks it), then run"
+        f"Meisa refused the backfill's upserts ({refused}): the key (MEISA_API_KEY){whose}"
+        f" {_lacks(refused)}, so it would refuse every user. The run stopped; nothing more"
+        f" was sent, and its upserts not sent are no dead letters. {fix}, then run"
         " 'flask meisa sync-users' again: it goes through the users from the first, and those"
         " Meisa already has cost no call."
     )

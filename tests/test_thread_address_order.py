@@ -6,8 +6,6 @@ address Meisa has for them (an event tracked by that address alone)."""
 
 from __future__ import annotations
 
-import contextlib
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -129,23 +127,6 @@ def test_an_address_taken_by_a_signup_does_not_wait_behind_a_backfill(
     assert sorted(order[2:]) == ["x1", "x2"]
     one = emulator.contact(external_id="u1")
     assert one is not None and one["email"] == "b@example.com"
-
-
-def test_an_address_handed_over_after_an_upgrade_waits_for_the_move_of_its_old_user(
-    make_engine: MakeEngine, emulator: Emulator, path: Path
-) -> None:
-    # User 1 was accepted at a@ by the previous version (a store with no meisa_addresses);
-    # then the hand-over of the first test, once this version opens that store.
-    engine = make_engine(emulator, RecordingHooks())
-    engine.submit([upsert(email="a@example.com", external_id="u1")])
-    assert engine.flush(timeout=20)
-    engine.close()
-    first = emulator.contact(external_id="u1")
-    assert first is not None
-    with contextlib.closing(sqlite3.connect(path)) as db:
-        db.execute("DROP TABLE meisa_addresses")
-    one = hand_over(make_engine, emulator)
-    assert one["id"] == first["id"]
 
 
 def test_an_address_its_user_left_for_another_makes_its_next_user_wait_for_nothing(

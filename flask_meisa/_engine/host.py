@@ -314,8 +314,8 @@ _CARRIED = (
 )
 _SALVAGED = f"seq, {_CARRIED}"
 _STATE = _CARRIED.split(", ").index("state")
-# Moved with when a retry is due, an event's recovery, and its turn (last: a damaged file,
-# which may be of the previous version, has none).
+# Moved with when a retry is due, an event's recovery, and its turn (last: a row salvaged
+# from a damaged file is given one).
 _MOVED = f"{_CARRIED}, ready_at, recover, turn"
 
 

@@ -70,25 +70,6 @@ def remember(
         )
 
 
-def seed_addresses(db: sqlite3.Connection) -> None:
-    """Fill ``meisa_addresses``, new in a store of an earlier version, from what Meisa has of
-    each contact: its one external_id at the address whose digest it holds."""
-    found = []
-    entries = db.execute("SELECT DISTINCT names, fields, accepted_at FROM meisa_known")
-    for names, fields, at in entries.fetchall():
-        listed, digests = json.loads(names), json.loads(fields)
-        exts = [name for name in listed if name.startswith("ext:")]
-        emails = [
-            name
-            for name in listed
-            if name.startswith("email:") and _hash(name[len("email:") :]) == digests.get("email")
-        ]
-        if len(exts) == 1 and len(emails) == 1:
-            found.append((emails[0], exts[0], float(at)))
-    insert = "INSERT OR IGNORE INTO meisa_addresses (email, ext, at) VALUES (?, ?, ?)"
-    db.executemany(insert, found)
-
-
 def set_since(db: sqlite3.Connection, payload: Mapping[str, Any], since: float) -> bool:
     """Whether a field of the upsert ``payload`` (not a name of its contact) was set
     again after ``since``: Meisa accepted it, or had it when the app set it again."""
@@ -156,14 +137,13 @@ class Known:
         return all(self.fields.get(name) == value for name, value in wanted.items())
 
     def set_after(self, since: float) -> set[str]:
-        """The fields (not the contact's names) the app set after ``since``; one remembered
-        without its time (by an older version) was set when the contact was accepted."""
+        """The fields (not the contact's names) the app set after ``since``."""
         return {
             name
             for name in self.fields
             if not name.startswith(SET_AT)
             and name not in ("email", "external_id")
-            and float(self.fields.get(f"{SET_AT}{name}", self.accepted_at)) > since
+            and float(self.fields[f"{SET_AT}{name}"]) > since
         }
 
 

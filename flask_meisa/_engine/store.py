@@ -51,7 +51,7 @@ class ForAnotherMeisa(Exception):
 #: What a read or write of the store may raise (locked, full, unreadable, vanished, foreign).
 STORE_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error, OSError, ForAnotherMeisa)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meisa_ops (
     seq INTEGER PRIMARY KEY,
@@ -78,7 +78,6 @@ CREATE TABLE IF NOT EXISTS meisa_ops (
     turn INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS meisa_ops_turns ON meisa_ops (state, lane, turn, seq);
-DROP INDEX IF EXISTS meisa_ops_next;
 CREATE INDEX IF NOT EXISTS meisa_ops_ext ON meisa_ops (ext, seq) WHERE ext IS NOT NULL;
 CREATE INDEX IF NOT EXISTS meisa_ops_email ON meisa_ops (email, seq) WHERE email IS NOT NULL;
 CREATE TABLE IF NOT EXISTS meisa_calls (
@@ -171,18 +170,20 @@ class Store:
             )
             try:
                 db.execute("PRAGMA synchronous = NORMAL")
-                # A table that does not exist has no columns.
-                seeding = bool(_columns(db, "meisa_known")) and not _columns(db, "meisa_addresses")
-                columns = _columns(db, "meisa_ops")
-                if columns and "turn" not in columns:  # before the schema: its indexes use it
-                    with transaction(db):
-                        _add_turns(db)
+                # Another schema than this one's (0: a new file) is refused before the
+                # script touches it: a newer flask-meisa's, or a development version's.
+                version = int(db.execute("PRAGMA user_version").fetchone()[0])
+                if version not in (0, SCHEMA_VERSION):
+                    newer = version > SCHEMA_VERSION
+                    raise ConfigurationError(
+                        f"the delivery store {self.path!r} was written by "
+                        f"{'a newer' if newer else 'a development version of'} flask-meisa "
+                        f"(schema {version}; this one reads {SCHEMA_VERSION})"
+                        + ("" if newer else ": delete it, or set MEISA_OUTBOX to another file")
+                    )
                 db.executescript(_SCHEMA)
-                if seeding:  # a store of an earlier version: who Meisa has at each address
-                    from .known import seed_addresses  # (known.py imports this module)
-
-                    with transaction(db):
-                        seed_addresses(db)
+                if version == 0:
+                    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             except BaseException:
                 db.close()
                 raise
@@ -323,8 +324,8 @@ class Store:
             status.backfill["refused"] = refused
 
     def check(self) -> None:
-        """Check that this process may write the file, put it in WAL mode, and check its
-        schema version and its pages."""
+        """Check that this process may write the file (of this schema version, checked on
+        connecting), put it in WAL mode, and check its pages."""
         assert self.path is not None
         for name in (self.path, *(self.path + end for end in ("-wal", "-shm", ".lock"))):
             # Access first: a -shm another process's last connection removes meanwhile is
@@ -334,28 +335,9 @@ class Store:
         with self.read() as db:
             if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 db.execute("PRAGMA journal_mode = WAL")
-            version = int(db.execute("PRAGMA user_version").fetchone()[0])
-            if version > SCHEMA_VERSION:
-                raise ConfigurationError(
-                    f"the delivery store {self.path!r} was written by a newer flask-meisa "
-                    f"(schema {version}; this one reads {SCHEMA_VERSION})"
-                )
             problems = [row[0] for row in db.execute("PRAGMA quick_check").fetchall()]
             if problems != ["ok"]:
                 raise sqlite3.DatabaseError("; ".join(problems[:3]))
-            if version < SCHEMA_VERSION:
-                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-
-
-def _columns(db: sqlite3.Connection, table: str) -> set[str]:
-    return {str(row[1]) for row in db.execute(f"PRAGMA table_info({table})")}
-
-
-def _add_turns(db: sqlite3.Connection) -> None:
-    """A store of an earlier version: its rows take turn 0 and go first (the oldest).
-    Its processes still running write rows without one, and those go first too."""
-    if "turn" not in _columns(db, "meisa_ops"):  # another process may have added it
-        db.execute("ALTER TABLE meisa_ops ADD COLUMN turn INTEGER NOT NULL DEFAULT 0")
 
 
 def marks(values: Sized) -> str:

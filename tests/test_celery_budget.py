@@ -6,13 +6,9 @@ from __future__ import annotations
 
 import functools
 import itertools
-import subprocess
-import sys
 import time
-import types
 from collections.abc import Callable
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -508,58 +504,13 @@ def test_a_budget_without_a_limit_still_pauses_and_probes(make_budget: MakeBudge
     assert budget.snapshot()[0] > 0.4
 
 
-def previous_version(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """The module ``redis_budget`` as it was before waiters took turns (tickets by time),
-    read from git history (the test is skipped without it)."""
-    path = "flask_meisa/_engine/redis_budget.py"
-    git = ["git", "-C", str(Path(__file__).resolve().parent.parent)]
-    try:
-        # The last commit that changed the tickets' keys took them away: its parent's.
-        found = [*git, "log", "-1", "--format=%H", "-Swaiting:{name}", "--", path]
-        commit = subprocess.run(found, capture_output=True, text=True, check=True).stdout
-        shown = [*git, "show", f"{commit.strip()}^:{path}"]
-        source = subprocess.run(shown, capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        pytest.skip("the previous version's budget is read from git history")
-    # It took ``allowed`` from where the thread engine's budget was then.
-    source = source.replace("from .caller import allowed", "from .budget import allowed")
-    module = types.ModuleType("flask_meisa._engine.previous_budget")
-    module.__package__ = "flask_meisa._engine"
-    monkeypatch.setitem(sys.modules, module.__name__, module)
-    exec(compile(source, path, "exec"), module.__dict__)
-    return module
-
-
-def test_workers_of_the_previous_version_share_the_budget_and_keep_their_tickets(
-    make_budget: MakeBudget, redis_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    client = redis.Redis.from_url(redis_url)
-    old = previous_version(monkeypatch).RedisBudget(client, "2/second", KEY)
-    new = make_budget("2/second")
-    try:
-        take(old, 1)
-        take(new, 1)  # one window: each version's calls count against the other's
-        ticket = old.acquire(lease=LEASE, waiter="old")
-        turn = new.acquire(lease=LEASE, waiter="new", contact="c")
-        assert ticket.token is None and turn.token is None
-        assert client.zscore(old._waiting[LANE_ROUTINE], "old")  # a ticket: a time
-        # Each version's waiters hold no slot against the other's, nor break its script.
-        time.sleep(max(ticket.wait, turn.wait) + 0.05)
-        assert new.acquire(lease=LEASE, waiter="new", place=turn.place).token
-        assert old.acquire(lease=LEASE, waiter="old").token
-        assert new.acquire(lease=LEASE).token is None  # and the window holds both calls
-    finally:
-        client.close()
-
-
 def test_a_task_placed_again_does_not_wait_for_its_own_follower_forever(
     make_budget: MakeBudget,
 ) -> None:
-    # A task without a turn (published by the previous version's web process) is placed
-    # by the worker that runs it. Run again the same way (its worker died mid-run: the
-    # message comes back as first published), it is placed again: after the contact's
-    # next waiter, which was placed after its first run and waits for it. Each then waits
-    # for the other, however free the budget.
+    # A waiter that asks without a place is placed when it first asks. Asking again the
+    # same way, it is placed again: after the contact's next waiter, which was placed
+    # after its first ask and waits for it. Each then waits for the other, however free
+    # the budget.
     budget = make_budget("100/second")
     budget.pause(0.3)  # both wait a moment
     assert budget.acquire(lease=LEASE, waiter="o", contact="c").token is None

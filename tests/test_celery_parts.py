@@ -7,19 +7,13 @@ run in this process."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
-import types
 from collections.abc import Callable
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from flask_meisa._engine import redis_records
-from flask_meisa._engine import redis_store
 from flask_meisa._engine.celery import CeleryDispatcher
 from flask_meisa._engine.celery_worker import DeliveryWorker
 from flask_meisa._engine.celery_worker import RunAgain
@@ -37,7 +31,6 @@ from tests.engine_support import RecordingHooks
 
 FAST = RetryPolicy(max_attempts=5, base_delay=0.05, max_delay=0.2, deadline=30.0)
 UPSERT = "/contacts/upsert/"
-PREVIOUS = "84666b4"  # the version before a part's tasks waited as one
 
 Task = tuple[dict[str, Any], dict[str, Any]]
 
@@ -71,22 +64,18 @@ def make_dispatcher(
 
 @pytest.fixture
 def make_worker(emulator: Emulator, client: Any) -> Iterator[Callable[..., DeliveryWorker]]:
-    """A worker (today's class, or ``cls``) on the dispatcher's store and key."""
+    """A worker on the dispatcher's store and key."""
     made: list[Any] = []
 
     def make(
-        dispatcher: CeleryDispatcher,
-        rate_limit: str,
-        cls: Any = DeliveryWorker,
-        budget_cls: Any = RedisBudget,
-        retry: RetryPolicy = FAST,
-    ) -> Any:
-        worker = cls(
+        dispatcher: CeleryDispatcher, rate_limit: str, retry: RetryPolicy = FAST
+    ) -> DeliveryWorker:
+        worker = DeliveryWorker(
             client_factory=lambda: MeisaClient(emulator.live_key, emulator.url, timeout=2.0),
             hooks=RecordingHooks(),
             retry=retry,
             store=dispatcher.store,
-            budget=budget_cls(client, rate_limit, emulator.live_key),
+            budget=RedisBudget(client, rate_limit, emulator.live_key),
             call_timeout=3.0,
         )
         made.append(worker)
@@ -104,38 +93,6 @@ def as_text(value: Any) -> str:
 def own_task(dispatcher: CeleryDispatcher, op: Operation) -> Task:
     *_, (_, data, meta) = dispatcher.tasks(op)
     return data, meta
-
-
-def previous(monkeypatch: pytest.MonkeyPatch, name: str) -> Any:
-    """The module ``flask_meisa._engine.<name>`` as it was at :data:`PREVIOUS`."""
-    path = f"flask_meisa/_engine/{name}.py"
-    git = ["git", "-C", str(Path(__file__).resolve().parent.parent)]
-    try:
-        shown = [*git, "show", f"{PREVIOUS}:{path}"]
-        source = subprocess.run(shown, capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        pytest.skip("the previous version is read from git history")
-    # It imported Claim from redis_store, which no longer names it (redis_records does).
-    monkeypatch.setattr(redis_store, "Claim", redis_records.Claim, raising=False)
-    module = types.ModuleType(f"flask_meisa._engine.previous_{name}")
-    module.__package__ = "flask_meisa._engine"
-    monkeypatch.setitem(sys.modules, module.__name__, module)
-    exec(compile(source, path, "exec"), module.__dict__)
-    return module
-
-
-def previous_worker(
-    monkeypatch: pytest.MonkeyPatch,
-    make_worker: Callable[..., DeliveryWorker],
-    dispatcher: CeleryDispatcher,
-    rate_limit: str,
-) -> tuple[Any, Any]:
-    """A worker of the version at :data:`PREVIOUS` on ``dispatcher``'s store, and that
-    version's ``redis_budget`` module."""
-    budget = previous(monkeypatch, "redis_budget")
-    module = previous(monkeypatch, "celery_worker")
-    cls, budget_cls = module.DeliveryWorker, budget.RedisBudget
-    return make_worker(dispatcher, rate_limit, cls=cls, budget_cls=budget_cls), budget
 
 
 def run_until_done(runs: dict[str, tuple[Any, ...]], seconds: float) -> dict[str, Any]:
@@ -192,37 +149,6 @@ def test_a_joined_logins_task_keeps_its_parts_place_ahead_of_later_releases(
     again = worker.run(*tasks[1])
     made = [r.body.get("external_id") for r in emulator.requests_to(UPSERT)]
     assert isinstance(again, RunAgain) and made == [], made
-
-
-def test_a_mixed_deploy_does_not_leave_a_parts_tasks_waiting_for_each_other(
-    make_dispatcher: Callable[..., CeleryDispatcher],
-    make_worker: Callable[..., DeliveryWorker],
-    emulator: Emulator,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # A rolling upgrade: a web process of the previous version publishes user 1's sync and
-    # two logins that join it (each its own turn, each placed after the one before). The
-    # first sync's task is gone (its worker was killed: its message comes back only after
-    # the visibility timeout). The first login runs on a worker of the previous version
-    # (waiting under its own id, after the sync's waiter), the second on today's (under
-    # the part's first member's id, the sync's, after the first login's waiter).
-    dispatcher = make_dispatcher("100/second")
-    old, old_budget = previous_worker(monkeypatch, make_worker, dispatcher, "100/second")
-    web = old_budget.RedisBudget(dispatcher.store.redis, "100/second", emulator.live_key)
-    dispatcher.budget = None  # placed below as the previous version's web process did
-    ops = [Operation("upsert", user(1, last_active=f"t{n}")) for n in range(3)]
-    tasks = [own_task(dispatcher, op) for op in ops]
-    for op, (data, meta) in zip(ops, tasks, strict=True):  # each its own turn, by its id
-        who = dispatcher.store.turns(data["kind"], data["payload"], meta)
-        (meta["turn"],) = web.places([(op.id, who)])
-    assert [meta["turn"].rsplit(" ", 1)[-1] for _, meta in tasks][1:] == [ops[0].id, ops[1].id]
-
-    new = make_worker(dispatcher, "100/second")
-    assert new.budget is not None
-    new.budget.pause(0.3)  # both wait a moment; then the budget is free
-    run_until_done({"old": (old, *tasks[1]), "new": (new, *tasks[2])}, 4.0)
-    made = emulator.requests_to(UPSERT)
-    assert len(made) == 1, "user 1's logins waited for each other: no call in 4 s"
 
 
 def test_a_contacts_last_turn_is_gone_once_its_part_takes_its_slot(
@@ -322,28 +248,3 @@ def test_an_events_recovery_and_the_later_upsert_it_waits_for_do_not_wait_for_ea
     left = run_until_done(runs, 3.0)
     made = [(r.path.rsplit("/", 2)[-2], r.status) for r in emulator.requests]
     assert made == [("track", 404), ("upsert", 201), ("track", 200)], (made, sorted(left))
-
-
-def test_a_login_on_a_previous_worker_does_not_wait_for_an_event_that_waits_for_its_part(
-    make_dispatcher: Callable[..., CeleryDispatcher],
-    make_worker: Callable[..., DeliveryWorker],
-    emulator: Emulator,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # As in test_a_parts_task_does_not_wait_for_an_event_that_waits_for_that_part, during
-    # a rolling upgrade: the event runs on today's worker (noted among its lane's waiters
-    # while it waits), the login on a worker of the previous version.
-    dispatcher = make_dispatcher("100/second")
-    new = make_worker(dispatcher, "100/second")
-    old, _ = previous_worker(monkeypatch, make_worker, dispatcher, "100/second")
-    sync = Operation("upsert", user(1, plan="free"))
-    event = Operation("track", {"event_name": "exported", "external_id": "1"})
-    login = Operation("upsert", user(1, plan="pro"))
-    own_task(dispatcher, sync)  # lost
-    _, event_task = dispatcher.tasks(event)  # its companion lost too
-    login_task = own_task(dispatcher, login)
-    assert login_task[1]["lane"] == event_task[2]["lane"] == LANE_AUTOMATION
-    runs = {"event": (new, *event_task[1:]), "login": (old, *login_task)}
-    left = run_until_done(runs, 3.0)
-    made = [r.path.rsplit("/", 2)[-2] for r in emulator.requests]
-    assert made == ["upsert", "track"], f"in 3 s: {made} (still running: {sorted(left)})"

@@ -252,10 +252,7 @@ class DeliveryWorker:
         if budget is not None and late is None:
             run = self.store.get("backfill", {}) if lane == LANE_BACKFILL else {}
             share = float(run.get("max_share", 1.0))
-            # Its place, given when it was released (a worker takes one for the task of an
-            # earlier version's web process), kept by its retries too.
-            place = str(meta.get("turn") or "")
-            who = "" if place else self.store.turns(operation.kind, operation.payload, meta)
+            place = str(meta.get("turn") or "")  # given when it was released, kept by retries
             # The tasks of one part of a record (its members', its companions') wait as one,
             # its first member, at the earliest of their places: it needs one slot.
             part = claim is not None and bool(claim.members)
@@ -266,7 +263,6 @@ class DeliveryWorker:
                 share=share,
                 waiter=waiter,
                 place=place,
-                contact=who,
                 part=part,
                 shared=waiter != operation.id,
             )

@@ -57,8 +57,7 @@ class RedisBudget:
         self._pause_key, self._flying_key, self._failures_key, self._turn_key = (
             f"{prefix}:{name}" for name in ("pause", "flying", "failures", "turn")
         )
-        # Waiters by turn, and by when they come back; not the ":waiting:" tickets of the
-        # previous version, which its workers may still use during an upgrade.
+        # Waiters by turn, and by when they come back.
         lanes = LANE_NAMES.values()
         self._waiting = [f"{prefix}:{kind}:{lane}" for kind in ("turns", "back") for lane in lanes]
         # By period, not limit: apps on one key with different limits count the same calls.

@@ -286,7 +286,7 @@ return tonumber(redis.call('GET', failures_key) or '0')
 """
 
 # KEYS: a lane's waiters by return time; ARGV: a waiter, seconds. One held for its contact's
-# upsert ('held:<waiter>', unseen by the previous version) holds no slot; later ones wait.
+# upsert (as 'held:<waiter>') holds no slot; later ones wait.
 HOLD = """
 local back_key, waiter, seconds = KEYS[1], ARGV[1], tonumber(ARGV[2])
 redis.call('ZADD', back_key, now + seconds, 'held:' .. waiter)

@@ -144,7 +144,7 @@ class RedisDeliveryStore(ContactRecords):
         for op_id, raw, waiting in zip(ids, raws, pending, strict=True):
             if raw is not None and waiting:
                 tasks.append(json.loads(raw))
-            else:  # finished (by a worker of a version that kept nothing, say), or lost
+            else:  # finished, or lost
                 finished.append(op_id)
         if finished:  # no longer watched; what is still pending stays pending
             pipe = self.redis.pipeline()

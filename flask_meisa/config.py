@@ -293,6 +293,11 @@ class MeisaSettings:
     outbox: str | None
     outbox_busy_timeout: float
 
+    @property
+    def call_timeout(self) -> float:
+        """The longest one call to Meisa takes: connecting, then reading its answer."""
+        return self.connect_timeout + self.timeout
+
     def __repr__(self) -> str:
         # The key never appears in a repr: at most its last four characters.
         key = repr(_values.key_tail(self.api_key)) if self.api_key else "None"

@@ -217,6 +217,12 @@ IDEMPOTENCY_WINDOW = 3600.0
 REPLAY_MARGIN = 600.0
 
 
+def lease_of(call_timeout: float) -> float:
+    """How long a call of at most ``call_timeout`` seconds holds its slot of the budget:
+    Meisa may count it that much later than it left, so 5 s more."""
+    return call_timeout + 5.0
+
+
 @dataclass(frozen=True)
 class Decision:
     """What to do after a call: ``"done"``, ``"retry"`` (in ``delay`` seconds), ``"recover"``

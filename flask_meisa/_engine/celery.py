@@ -23,6 +23,7 @@ from . import backfill
 from .base import DeliveryHooks
 from .base import DeliveryStatus
 from .base import HookCaller
+from .base import lease_of
 from .celery_setup import TASK_NAME
 from .celery_setup import configure_visibility
 from .celery_setup import lost_after
@@ -285,7 +286,7 @@ class CeleryDispatcher:
         """A slot of the shared budget for a call made outside the workers."""
         if self.budget is None:
             return contextlib.nullcontext(False)
-        return self.budget.slot(timeout, self._call_timeout + 5.0)
+        return self.budget.slot(timeout, lease_of(self._call_timeout))
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every operation of this queue prefix is finished; ``False`` on timeout,
@@ -370,7 +371,6 @@ def make_dispatcher(state: MeisaState) -> CeleryDispatcher:
     """The Celery engine of an app, from its config."""
     settings, celery_app = resolve_celery_app(state.app)
     options = state.settings
-    call_timeout = options.connect_timeout + options.timeout
     return CeleryDispatcher(
         celery_app,
         redis=redis_client(settings, celery_app),
@@ -378,8 +378,8 @@ def make_dispatcher(state: MeisaState) -> CeleryDispatcher:
         queue=settings.queue,
         rate_limit=options.rate_limit,
         budget_key=options.api_key,
-        call_timeout=call_timeout,
+        call_timeout=options.call_timeout,
         ledger_size=options.queue_size,
         priority_fields=options.priority_fields,
-        lost_after=lost_after(celery_app, call_timeout),
+        lost_after=lost_after(celery_app, options.call_timeout),
     )

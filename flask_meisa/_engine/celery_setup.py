@@ -117,7 +117,7 @@ def configure_visibility(celery_app: Any, settings: MeisaSettings) -> float:
     visibility = options.setdefault("visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT)
     celery_app.conf.broker_transport_options = options
     # A dead worker's message comes back after the timeout and kombu's next sweep.
-    run = RUN_TIMEOUTS * (settings.connect_timeout + settings.timeout)
+    run = RUN_TIMEOUTS * settings.call_timeout
     sweep = _restore_sweep(options)
     highest = IDEMPOTENCY_WINDOW - REPLAY_MARGIN - settings.retry_deadline - sweep
     if not isinstance(visibility, (int, float)) or not run + 1.0 <= visibility <= highest:

@@ -78,7 +78,7 @@ class DeliveryWorker:
         self.store = store
         self._dead = RedisDeadLetters(store)
         self.budget = budget
-        self._lease = call_timeout + 5.0
+        self._lease = base.lease_of(call_timeout)
         self.max_countdown = max_countdown
         self._context = context
         self._enabled = enabled

@@ -26,6 +26,7 @@ from .base import ClientFactory
 from .base import DeliveryHooks
 from .base import DeliveryStatus
 from .base import HookCaller
+from .base import lease_of
 from .base import require_real_threads
 from .budget import Budget
 from .caller import Caller
@@ -59,9 +60,7 @@ class Delivery:
     ) -> None:
         require_real_threads()
         self.store, self.settings = store, settings
-        # The longest a call can take (Budget's lease): both timeouts, and a margin.
-        lease = settings.connect_timeout + settings.timeout + 5.0
-        self.budget = Budget(store, settings.rate_limit, lease=lease)
+        self.budget = Budget(store, settings.rate_limit, lease=lease_of(settings.call_timeout))
         self.hooks = HookCaller(hooks, logger)
         self.client_factory, self.retry = client_factory, retry
         self._capacity = settings.queue_size

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from collections.abc import Callable
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from flask import Flask
@@ -110,3 +112,21 @@ def live_sync_retried(meisa: Meisa, emulator: Emulator) -> Callable[[User], None
         assert emulator.wait_for(lambda e: len(e.requests_to("/contacts/upsert/")) == 1, 10)
 
     return live_sync
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def sync_users_process(url: str, key: str, users: int, instance: Path) -> dict[str, Any]:
+    """``subprocess`` arguments that run ``flask meisa sync-users`` of this app, with
+    ``users`` users and its instance folder at ``instance``, against Meisa at ``url``."""
+    env = {
+        **os.environ,
+        "MEISA_TEST_URL": url,
+        "MEISA_TEST_KEY": key,
+        "BACKFILL_USERS": str(users),
+        "BACKFILL_INSTANCE": str(instance),
+        "PYTHONPATH": str(ROOT),
+    }
+    command = [sys.executable, "-m", "flask", "--app", "tests.backfill_app", "meisa", "sync-users"]
+    return {"args": command, "env": env, "cwd": ROOT}

@@ -10,7 +10,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -33,10 +32,10 @@ from flask_meisa.testing import emulator_config
 from tests.backfill_app import create_app
 from tests.backfill_app import interrupt_first_run
 from tests.backfill_app import live_sync_retried
+from tests.backfill_app import sync_users_process
 from tests.backfill_app import upgrade_while_read
 
 UPSERT = "/contacts/upsert/"
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_app(emulator: Emulator, users: int, **config: Any) -> Flask:
@@ -463,27 +462,15 @@ def test_a_backfill_killed_at_any_moment_goes_on_where_it_stopped(
 ) -> None:
     emulator = emulator_factory(rate_limit=None)
     emulator.faults.set(latency=0.002)
-    env = {
-        **os.environ,
-        "MEISA_TEST_URL": emulator.url,
-        "MEISA_TEST_KEY": emulator.live_key,
-        "BACKFILL_USERS": "3000",
-        "BACKFILL_INSTANCE": str(tmp_path / "instance"),
-        "PYTHONPATH": str(ROOT),
-    }
-    command = [sys.executable, "-m", "flask", "--app", "tests.backfill_app", "meisa", "sync-users"]
-    first = subprocess.Popen(
-        command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    process = sync_users_process(emulator.url, emulator.live_key, 3000, tmp_path / "instance")
+    first = subprocess.Popen(**process, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert emulator.wait_for(lambda e: len(e.requests_to(UPSERT)) >= 1_000, timeout=60)
         first.send_signal(signal.SIGKILL)
     finally:
         first.wait(30)
     killed_at = len(emulator.requests_to(UPSERT))
-    second = subprocess.run(
-        command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
+    second = subprocess.run(**process, capture_output=True, text=True, timeout=120)
     assert second.returncode == 0, second.stderr
     by_user = upserts_by_user(emulator)
     assert len(by_user) == 3_000
@@ -846,23 +833,8 @@ def test_a_backfill_for_another_meisa_than_the_store_is_delivered_for_stores_not
         with server.app_context():
             meisa.upsert({"email": "server@example.com", "external_id": "server"})
             assert meisa.flush(5)
-        env = {
-            **os.environ,
-            "MEISA_TEST_URL": emulator.url,
-            "MEISA_TEST_KEY": emulator.test_key,
-            "BACKFILL_USERS": "3",
-            "BACKFILL_INSTANCE": str(tmp_path),
-            "PYTHONPATH": str(ROOT),
-        }
-        command = [sys.executable, "-m", "flask", "--app", "tests.backfill_app"]
-        result = subprocess.run(
-            [*command, "meisa", "sync-users"],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        process = sync_users_process(emulator.url, emulator.test_key, 3, tmp_path)
+        result = subprocess.run(**process, capture_output=True, text=True, timeout=60)
         with server.app_context():
             assert meisa.flush(5)
         assert [c["external_id"] for c in emulator.contacts("live")] == ["server"]
@@ -966,23 +938,9 @@ def test_a_key_refused_in_the_server_delivering_is_named_as_that_processs(
         with server.app_context():
             meisa.track("opened", email="server@example.com")  # the server delivers
             assert meisa.flush(5)
-        env = {
-            **os.environ,
-            "MEISA_TEST_URL": emulator.url,
-            "MEISA_TEST_KEY": emulator.live_key,  # the command's key has every scope
-            "BACKFILL_USERS": "3",
-            "BACKFILL_INSTANCE": str(tmp_path),
-            "PYTHONPATH": str(ROOT),
-        }
-        command = [sys.executable, "-m", "flask", "--app", "tests.backfill_app"]
-        result = subprocess.run(
-            [*command, "meisa", "sync-users"],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        # The command's key has every scope.
+        process = sync_users_process(emulator.url, emulator.live_key, 3, tmp_path)
+        result = subprocess.run(**process, capture_output=True, text=True, timeout=60)
     finally:
         meisa.close(server)
     assert result.returncode == 1, result.stderr

@@ -179,12 +179,14 @@ class HeldBatches:
 
     def __init__(self) -> None:
         self._count = 0
-        self._changed = threading.Condition()
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._waiters = 0  # released(), on every request, notifies only while one waits
         self._releasing = threading.local()  # .count: batches this thread is releasing
 
     def hold(self) -> None:
         """A response now holds one more batch."""
-        with self._changed:
+        with self._lock:
             self._count += 1
 
     def releasing(self) -> None:
@@ -194,9 +196,10 @@ class HeldBatches:
     def released(self) -> None:
         """The batch this thread was releasing no longer counts."""
         self._releasing.count -= 1
-        with self._changed:
+        with self._lock:
             self._count -= 1
-            self._changed.notify_all()
+            if self._waiters:
+                self._changed.notify_all()
 
     def wait(self, timeout: float | None) -> bool:
         """Wait until no response holds a batch, at most ``timeout`` seconds (but for those
@@ -204,7 +207,11 @@ class HeldBatches:
         itself)."""
         own = getattr(self._releasing, "count", 0)
         with self._changed:
-            return self._changed.wait_for(lambda: self._count <= own, timeout)
+            self._waiters += 1
+            try:
+                return self._changed.wait_for(lambda: self._count <= own, timeout)
+            finally:
+                self._waiters -= 1
 
 
 class AfterResponseMiddleware:

@@ -7,6 +7,7 @@ synced make no call."""
 from __future__ import annotations
 
 import collections
+import json
 import re
 import threading
 import time
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 from celery import Celery  # type: ignore[import-untyped]
 from flask import Flask
 
@@ -27,6 +29,7 @@ from tests.backfill_app import create_app
 from tests.backfill_app import interrupt_first_run
 from tests.backfill_app import live_sync_retried
 from tests.backfill_app import upgrade_while_read
+from tests.celery_support import HUNG
 from tests.celery_support import StartWorker
 from tests.celery_support import make_celery
 from tests.celery_support import outcomes
@@ -446,6 +449,35 @@ def test_a_refused_upsert_coalesced_from_a_backfill_and_a_live_sync_is_one_refus
     assert "1 users were not synced" in result.output, result.output
     (listed,) = sync_users(app, "--failures").output.splitlines()  # the backfill's
     assert re.fullmatch(r"dead letter \d+: HTTP 400 \[injected_fault\] .*", listed)
+
+
+def test_a_refusal_counts_when_the_worker_that_got_it_dies_reporting_it(
+    emulator: Emulator, start_worker: StartWorker, make_app: MakeApp, redis_url: str
+) -> None:
+    # The worker hangs in the failure signal, after the claim is settled, and is killed: the
+    # upsert's task runs again on another worker and finds its call made.
+    timeouts = {"MEISA_TIMEOUT": 1.5, "MEISA_CONNECT_TIMEOUT": 0.5}
+    quick = {"MEISA_TEST_VISIBILITY": "9", "MEISA_TEST_CONFIG": json.dumps(timeouts)}
+    doomed = start_worker(
+        emulator, pool="prefork", concurrency=1, MEISA_TEST_HANG_AFTER_FAILURE="1", **quick
+    )
+    app = make_app(3)
+    emulator.faults.fail_next(1, 400, path=UPSERT, match={"external_id": "1"})
+    done: list[Any] = []
+    run = threading.Thread(target=lambda: done.append(sync_users(app)))
+    run.start()
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert client.blpop([HUNG], timeout=30) is not None
+    finally:
+        client.close()
+    doomed.kill()
+    start_worker(emulator, **quick)
+    run.join(60)
+    (result,) = done
+    assert result.exit_code == 1, result.output
+    assert "1 users were not synced" in result.output, result.output
+    assert len(emulator.requests_to(UPSERT)) == 3
 
 
 def test_a_live_sync_meisa_accepts_while_a_chunk_is_read_is_not_undone(

@@ -358,6 +358,9 @@ class DeliveryWorker:
     ) -> None:
         # The claim first, so that no other task sends its payload again; the operations
         # last (a worker killed in a hook leaves its task to run again: its version is done).
+        failed = outcome == "failed"
+        if failed:  # before the claim: its members' tasks then finish them with no outcome
+            self.store.refused([member.id for member in members])
         if claim is not None:
             self.store.settle(claim)
             if self.budget is not None:  # the other members' tasks need no slot any more
@@ -365,7 +368,6 @@ class DeliveryWorker:
         # Kept as dead letters: those of a claim now (their task run again finds its version
         # done); any other after the hooks (run again, it calls Meisa again: an event that
         # Meisa tracks then is no dead letter, retried to be tracked twice).
-        failed = outcome == "failed"
         if failed and claim is not None:
             self._dead.bury(members, detail)
         for member in members:

@@ -163,16 +163,9 @@ class RedisDeliveryStore(ContactRecords):
         answer: tuple[int, float] | None = None,
     ) -> None:
         """Operations are finished, ``count`` more ``outcome``; ``answer``: ``(lane, seconds)``
-        from release to Meisa's answer. Those of them failed that were pending in the backfill
-        lane (a backfill's upserts, with or without live ones coalesced) count refused."""
+        from release to Meisa's answer."""
         ids = list(ids)
-        refused = 0
-        if outcome == "failed" and ids:
-            scores = self.redis.zmscore(self._pending[LANE_BACKFILL], ids)
-            refused = sum(score is not None for score in scores)
         pipe = self.redis.pipeline(transaction=True)
-        if refused:
-            pipe.hincrby(self._stats, "backfill_refused", refused)
         if ids:
             for key in self._pending.values():
                 pipe.zrem(key, *ids)
@@ -187,6 +180,14 @@ class RedisDeliveryStore(ContactRecords):
             pipe.ltrim(key, 0, ANSWERS_KEPT - 1)
             pipe.expire(key, int(LATENCY_WINDOW))
         pipe.execute()
+
+    def refused(self, ids: list[str]) -> None:
+        """Meisa refused the operations ``ids``: those pending in the backfill lane (a
+        backfill's upserts, with or without live ones coalesced) count refused. Before their
+        claim is settled: then another member's task may finish them (its call was made)."""
+        scores = self.redis.zmscore(self._pending[LANE_BACKFILL], ids) if ids else []
+        if refused := sum(score is not None for score in scores):
+            self.redis.hincrby(self._stats, "backfill_refused", refused)
 
     def counters(self) -> dict[str, int]:
         """Counters by name (of :meth:`finish`)."""

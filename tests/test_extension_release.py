@@ -9,13 +9,17 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import flask_login
 import pytest
 import requests
 from flask import Flask
+from flask import Response
 from flask import copy_current_request_context
+from flask import request
+from flask import stream_with_context
 from werkzeug.test import EnvironBuilder
 
 from flask_meisa import Meisa
@@ -123,6 +127,96 @@ def test_send_file_and_streamed_responses_still_release(
         assert response.status_code == 200
         assert emulator.wait_for_requests(1, path=UPSERT, timeout=5)
     assert upserts(emulator)[0].body["email"] == "ada@example.com"
+
+
+def _stream_app(emulator: Any, **config: Any) -> tuple[Flask, threading.Event]:
+    """An app whose ``/rows`` view upserts, then streams ``first`` and ``last`` (once
+    ``go_on`` is set), or rows until the client stops reading (``?endless``), or ``first``
+    then an error (``?fail``); its ``/tracked-rows`` tracks an event inside the stream."""
+    app = build_app(emulator_config(emulator, **config))
+    app.config["PROPAGATE_EXCEPTIONS"] = False
+    meisa: Meisa = app.extensions["meisa"]
+    go_on = threading.Event()
+
+    @app.get("/rows")
+    def rows() -> Response:
+        meisa.upsert({"email": "ada@example.com", "external_id": "1"})
+
+        def chunks() -> Iterator[bytes]:
+            yield b"first\n"
+            if "fail" in request.args:
+                raise RuntimeError("the export query failed")
+            while "endless" in request.args:  # the server blocks while the client reads none
+                yield b"x" * 65536
+            assert go_on.wait(10)
+            yield b"last\n"
+
+        return Response(stream_with_context(chunks()))
+
+    @app.get("/tracked-rows")
+    def tracked_rows() -> Response:
+        def chunks() -> Iterator[bytes]:
+            yield b"first\n"
+            meisa.track("exported", email="ada@example.com")
+            raise RuntimeError("the export query failed")
+
+        return Response(stream_with_context(chunks()))
+
+    return app, go_on
+
+
+def test_a_streamed_responses_work_is_released_when_the_stream_ends_not_when_the_view_returns(
+    emulator: Any,
+) -> None:
+    app, go_on = _stream_app(emulator)
+    with record_operations(app) as recorded, serve(app) as url:
+        with requests.get(f"{url}/rows", stream=True, timeout=10) as response:
+            chunks = response.iter_content(None)
+            assert next(chunks) == b"first\n"  # the view has returned, the stream goes on
+            assert recorded == []
+            go_on.set()
+            assert b"".join(chunks) == b"last\n"
+        assert emulator.wait_for_requests(1, path=UPSERT, timeout=5)
+    assert [op.kind for op in recorded] == ["upsert"]
+
+
+def test_a_stream_the_client_leaves_before_its_end_still_releases_its_work(
+    emulator: Any,
+) -> None:
+    app, _ = _stream_app(emulator)
+    with record_operations(app) as recorded, serve(app) as url:
+        with requests.get(f"{url}/rows?endless", stream=True, timeout=10) as response:
+            assert next(response.iter_content(None)).startswith(b"first\n")
+            assert recorded == []
+        # The client hung up: the server's next write fails and it closes the body.
+        assert emulator.wait_for_requests(1, path=UPSERT, timeout=5)
+    assert upserts(emulator)[0].body["email"] == "ada@example.com"
+
+
+def test_a_stream_that_raises_midway_releases_the_views_work_only_with_release_on_error(
+    emulator: Any,
+) -> None:
+    for release_on_error in (False, True):
+        app, _ = _stream_app(emulator, MEISA_RELEASE_ON_ERROR=release_on_error)
+        meisa: Meisa = app.extensions["meisa"]
+        with serve(app) as url, requests.Session() as http:
+            with pytest.raises(requests.exceptions.ChunkedEncodingError):
+                http.get(f"{url}/rows?fail", timeout=10)  # cut after its first row
+            with app.app_context():
+                assert meisa.flush(5)
+        assert len(upserts(emulator)) == int(release_on_error), release_on_error
+
+
+def test_work_queued_while_a_stream_is_written_goes_to_delivery_even_if_the_stream_fails(
+    emulator: Any,
+) -> None:
+    # The client has had the rows the stream tracked: their events are not held back.
+    app, _ = _stream_app(emulator)
+    cut = pytest.raises(requests.exceptions.ChunkedEncodingError)
+    with serve(app) as url, requests.Session() as http, cut:
+        http.get(f"{url}/tracked-rows", timeout=10)
+    tracked = emulator.requests_to("/events/track/")
+    assert [r.body["event_name"] for r in tracked] == ["exported"]
 
 
 def test_outside_a_request_operations_go_straight_to_delivery(emulator: Any, app: Flask) -> None:

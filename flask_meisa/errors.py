@@ -17,6 +17,7 @@ from typing import Any
 import requests
 import urllib3.exceptions
 from requests.exceptions import ChunkedEncodingError
+from urllib3.exceptions import NameResolutionError
 
 __all__ = [
     "APIConnectionError",
@@ -319,6 +320,10 @@ def _connection_error(
     timeouts = (urllib3.exceptions.ReadTimeoutError, TimeoutError)
     if isinstance(exc, requests.Timeout) or any(isinstance(e, timeouts) for e in chain):
         return APITimeoutError(endpoint, f"no answer within {timeout[1]:g} s")
+    # Which name was not found (Meisa's or a proxy's): the reason alone did not say.
+    names = [e.conn.host for e in chain if isinstance(e, NameResolutionError) and e.conn]
+    if names:
+        return APIConnectionError(endpoint, f"host {names[0]} not resolved", retryable=True)
     for reason, retryable, kinds in _REASONS:
         if any(isinstance(e, kinds) for e in chain):
             return APIConnectionError(endpoint, reason, retryable=retryable)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import socket
 import sqlite3
 import threading
 import time
@@ -31,6 +32,7 @@ from tests.engine_support import SLOW
 from tests.engine_support import MakeEngine
 from tests.engine_support import RecordingHooks
 from tests.engine_support import make_engine as build_engine
+from tests.engine_support import query
 from tests.engine_support import upsert
 from tests.hostile import hostile
 from tests.process_support import wait_until
@@ -829,3 +831,55 @@ def test_an_upsert_needing_no_call_does_not_put_off_its_contacts_resync(
     assert engine.flush(5)
     assert statuses(emulator) == [201, 200]
     assert len(hooks.of("delivered")) == 3
+
+
+def test_work_for_a_host_that_does_not_resolve_is_retried_and_kept(
+    hooks: RecordingHooks, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # RFC 2606 keeps .invalid unresolvable: the resolver answers at once that it is unknown.
+    key = "meisa_live_" + "n0Dns" * 6
+    path = tmp_path / "outbox.sqlite3"
+    engine = build_engine(hooks, "https://meisa.invalid", key, store=Store(path), retry=FAST)
+    try:
+        with caplog.at_level(logging.INFO, logger="flask_meisa"):
+            engine.submit([upsert(1)])
+            unresolved = "APIConnectionError (host meisa.invalid not resolved)"
+            assert wait_until(lambda: caplog.text.count(unresolved) >= 3, timeout=10)
+    finally:
+        engine.close(timeout=0)
+    assert (hooks.of("failed"), hooks.of("dropped")) == ([], [])
+    # Kept for the next start to deliver: pending, no dead letter.
+    assert query(path, "SELECT kind, state != 'dead' FROM meisa_ops") == [("upsert", 1)]
+
+
+def test_a_name_that_resolves_slowly_delays_delivery_and_loses_nothing(
+    emulator: Emulator,
+    hooks: RecordingHooks,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A resolver that does not answer until ``answered``: each attempt gives up on it at
+    # the connect timeout (0.5 s) and is retried; once the name resolves, it is delivered.
+    resolve, answered = socket.getaddrinfo, threading.Event()
+
+    def stuck(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host == "localhost":
+            answered.wait(10.0)
+        return resolve(host, *args, **kwargs)
+
+    url = emulator.url.replace("127.0.0.1", "localhost")
+    engine = build_engine(hooks, url, emulator.live_key, retry=FAST)
+    monkeypatch.setattr(socket, "getaddrinfo", stuck)
+    try:
+        with caplog.at_level(logging.INFO, logger="flask_meisa"):
+            engine.submit([upsert(1)])
+            assert wait_until(lambda: caplog.text.count("no connection within") >= 2, timeout=10)
+        assert emulator.requests == []
+        answered.set()
+        assert engine.flush(5)
+    finally:
+        answered.set()
+        engine.close(timeout=0)
+    assert len(hooks.of("delivered")) == 1
+    assert (hooks.of("failed"), hooks.of("dropped")) == ([], [])
+    assert len(emulator.requests_to(UPSERT)) == 1

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 import pytest
 from flask import Flask
 
+from flask_meisa import APIConnectionError
 from flask_meisa import APITimeoutError
 from flask_meisa import Meisa
 from flask_meisa import UnprocessableEntityError
@@ -362,3 +365,27 @@ def test_the_suppression_list_is_preloaded_at_init_only_when_asked(emulator: Any
     with preloading.app_context():
         assert preloading.extensions["meisa"].is_suppressed("ada@example.com") is False
     assert len(emulator.requests_to(UNSUBSCRIBED)) == 1  # and no second load
+
+
+def test_a_base_url_whose_host_does_not_resolve_fails_a_send_within_its_deadline(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # RFC 2606 keeps .invalid unresolvable: the resolver answers at once that it is unknown.
+    app = Flask(__name__)
+    app.config.update(
+        MEISA_API_KEY="meisa_live_" + "n0Dns" * 6,
+        MEISA_BASE_URL="https://meisa.invalid",
+        MEISA_SEND_DEADLINE=2.0,
+        MEISA_OUTBOX=None,
+    )
+    meisa = Meisa(app)
+    with app.app_context(), caplog.at_level(logging.WARNING, logger="flask_meisa"):
+        started = time.monotonic()
+        with pytest.raises(APIConnectionError) as raised:
+            meisa.send("welcome", "ada@example.com")
+        elapsed = time.monotonic() - started
+        meisa.close(timeout=0)
+    assert elapsed < 2.0 + 0.5, elapsed  # the deadline, and no resolver timeout past it
+    assert raised.value.retryable
+    assert "meisa.invalid" in str(raised.value)
+    assert "not resolved" in str(raised.value)

@@ -385,3 +385,39 @@ def test_the_upserts_a_retry_keeps_are_counted_with_the_first_few_ids() -> None:
     line = _cli_text.kept(list(range(100_000, 0, -1)))
     assert line.startswith("100000 upsert(s) kept (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, ...): ")
     assert len(line) < 300
+
+
+def test_suppressions_that_cannot_be_loaded_say_why(emulator: Any) -> None:
+    app = build_app(emulator_config(emulator, MEISA_API_KEY="meisa_live_not_a_real_key_0000"))
+    result = invoke(app, "suppressions")
+    assert result.exit_code == 1, result.output
+    assert "could not load the suppression set: " in result.output
+    assert "401" in result.output
+    assert "meisa_live_not_a_real_key" not in result.output
+
+
+def test_sequences_says_when_there_are_none(app: Flask) -> None:
+    result = invoke(app, "sequences", "--search", "no such sequence")
+    assert (result.exit_code, result.output) == (0, "no sequences\n")
+
+
+def test_sync_users_without_background_delivery_says_which_to_choose(app: Flask) -> None:
+    meisa: Meisa = app.extensions["meisa"]
+    meisa.users_to_sync(lambda: list(app.config["USERS"].values()))
+    result = invoke(app, "sync-users")  # MEISA_DELIVERY = "sync"
+    assert result.exit_code == 1, result.output
+    assert 'needs background delivery (MEISA_DELIVERY = "thread" or "celery"' in result.output
+
+
+def test_sync_users_in_memory_warns_that_it_cannot_resume(emulator: Any) -> None:
+    meisa = Meisa()
+    config = emulator_config(emulator, MEISA_DELIVERY="thread", MEISA_OUTBOX=None)
+    app = build_app(config, meisa=meisa)
+    meisa.users_to_sync(lambda: list(app.config["USERS"].values()))
+    try:
+        result = invoke(app, "sync-users")
+    finally:
+        meisa.state(app).close(5)
+    assert result.exit_code == 0, result.output
+    assert "note: MEISA_OUTBOX is memory: the backfill cannot resume" in result.output
+    assert len(emulator.contacts()) == 2

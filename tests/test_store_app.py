@@ -771,3 +771,33 @@ def test_retry_all_leaves_the_work_released_for_another_meisa(emulator: Emulator
     on_purpose = invoke(app, "dead-letters", "retry", *map(str, aside), "--timeout", "5")
     assert "done; 0 dead letter(s) left" in on_purpose.output, on_purpose.output
     assert len(emulator.requests_to(UPSERT)) == 2
+
+
+def test_retry_where_delivery_is_off_queues_and_says_so(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    store = str(tmp_path / STORE_FILE)
+    app = thread_app(emulator, MEISA_OUTBOX=store)
+    make_dead_letters(app, 1)
+    meisa_of(app).close(timeout=5)
+    # A shell of the host whose config turns delivery off (a maintenance config).
+    off = thread_app(emulator, MEISA_OUTBOX=store, MEISA_SUPPRESS_SEND=True)
+    emulator.add_trigger("launch_day")
+    retried = invoke(off, "dead-letters", "retry", "--all", "--timeout", "5")
+    assert retried.exit_code == 1, retried.output
+    assert "1 operation(s) queued again" in retried.output
+    assert "delivery is off here (MEISA_ENABLED / MEISA_SUPPRESS_SEND)" in retried.output
+    assert emulator.sends() == []
+
+
+def test_retry_that_outlasts_its_timeout_says_what_is_left(emulator: Emulator) -> None:
+    app = thread_app(emulator)
+    make_dead_letters(app, 1)
+    emulator.add_trigger("launch_day")
+    emulator.faults.set(latency=2.0)  # the retried send is still in flight at the timeout
+    retried = invoke(app, "dead-letters", "retry", "--all", "--timeout", "0.3")
+    assert retried.exit_code == 1, retried.output
+    assert "not all delivered within 0.3s; 0 dead letter(s)" in retried.output
+    with app.app_context():
+        assert meisa_of(app).flush(10)
+    assert len(emulator.sends()) == 1

@@ -315,6 +315,65 @@ def test_a_failing_mapper_never_breaks_login(
     assert emulator.requests == []
 
 
+class _PlainUser:
+    """A user without Flask-Login's ``UserMixin``: no ``get_id()``; the app's login manager
+    reads ``get_auth_id()`` instead (``LoginManager.id_attribute``)."""
+
+    is_active = is_authenticated = True
+    is_anonymous = False
+
+    def __init__(self, email: str) -> None:
+        self.email = email
+
+    def get_auth_id(self) -> str:
+        return self.email
+
+
+def _plain_login_app(emulator: Any, meisa: Meisa) -> Flask:
+    app = Flask(__name__)
+    app.config.update(SECRET_KEY="test", **emulator_config(emulator))
+    manager = flask_login.LoginManager(app)
+    manager.id_attribute = "get_auth_id"
+    manager.user_loader(_PlainUser)
+    meisa.init_app(app)
+
+    @app.post("/login")
+    def login() -> str:
+        assert flask_login.login_user(_PlainUser("plain@example.com"))
+        return "logged in"
+
+    return app
+
+
+def test_a_user_without_get_id_syncs_by_email_alone(emulator: Any) -> None:
+    app = _plain_login_app(emulator, Meisa())
+    with app.test_client() as client:
+        assert client.post("/login").status_code == 200
+        assert flask_login.current_user.email == "plain@example.com"
+    (request,) = upserts(emulator)
+    assert request.body == {"email": "plain@example.com"}
+
+
+def test_a_mapper_that_calls_get_id_on_a_user_without_it_is_logged_and_login_goes_on(
+    emulator: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    meisa = Meisa()
+
+    @meisa.contact_mapper
+    def by_id(user: Any) -> dict[str, Any]:
+        return {"email": user.email, "external_id": user.get_id()}
+
+    app = _plain_login_app(emulator, meisa)
+    with caplog.at_level(logging.ERROR, logger="flask_meisa"), app.test_client() as client:
+        assert client.post("/login").status_code == 200
+        assert flask_login.current_user.is_authenticated  # logged in all the same
+    (record,) = [r for r in caplog.records if r.name == "flask_meisa"]
+    assert record.getMessage() == "meisa: could not sync the user who logged in"
+    assert record.exc_info is not None and isinstance(record.exc_info[1], AttributeError)
+    assert "get_id" in str(record.exc_info[1])
+    assert emulator.requests == []
+
+
 def test_sync_on_login_can_be_switched_off(emulator: Any) -> None:
     app = build_app(emulator_config(emulator, MEISA_SYNC_ON_LOGIN=False))
     app.test_client().post("/login/1", buffered=True)

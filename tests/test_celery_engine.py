@@ -358,3 +358,30 @@ def test_an_event_of_a_worker_killed_in_its_failure_hook_is_no_dead_letter_once_
     assert dispatcher.flush(timeout=30)
     assert [e["event_name"] for e in emulator.events()] == ["signed_up"]
     assert dispatcher.status().dead_letters == 0
+
+
+def test_a_worker_without_a_rate_limit_delivers_and_honours_a_429s_retry_after(
+    emulator: Emulator,
+    redis_url: str,
+    start_worker: StartWorker,
+    producer: Callable[..., CeleryDispatcher],
+) -> None:
+    # MEISA_RATE_LIMIT = None on the worker (start_worker's default): no budget windows,
+    # but Meisa's 429 still pauses every call for its Retry-After (at most the retry
+    # ceiling: 0.2 s in the test workers, 5 s here). One thread, so that no other call
+    # had taken its slot before the 429 came back.
+    config = json.dumps({"MEISA_RETRY_MAX_DELAY": 5.0})
+    start_worker(emulator, concurrency=1, MEISA_TEST_CONFIG=config)
+    dispatcher = producer(emulator)
+    emulator.faults.force_429(1, retry_after=2, path="/contacts/upsert/")
+    for n in range(4):
+        dispatcher.publish(upsert(n))
+    assert dispatcher.flush(timeout=20)
+    requests = emulator.requests_to(UPSERT)
+    assert [r.status for r in requests].count(429) == 1
+    refused = next(r for r in requests if r.status == 429)
+    later = [r for r in requests if r.time > refused.time]
+    assert later and all(r.time - refused.time >= 1.9 for r in later), [
+        (r.status, round(r.time - refused.time, 3)) for r in requests
+    ]
+    assert [r.status for r in later] == [201] * 4  # each contact's, the refused one's too

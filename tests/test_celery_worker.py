@@ -393,11 +393,16 @@ def test_a_send_takes_the_slot_held_back_for_sends(
     assert len(emulator.sends()) == 1
 
 
+@pytest.mark.parametrize("rate_limit", ["100/minute", None])
 def test_a_429_pauses_every_worker(
-    make_worker: MakeWorker, submit: Submit, store: RedisDeliveryStore, emulator: Emulator
+    make_worker: MakeWorker,
+    submit: Submit,
+    store: RedisDeliveryStore,
+    emulator: Emulator,
+    rate_limit: str | None,
 ) -> None:
     emulator.faults.force_429(1, retry_after=2, path=UPSERT)
-    first, second = make_worker(rate_limit="100/minute"), make_worker(rate_limit="100/minute")
+    first, second = make_worker(rate_limit=rate_limit), make_worker(rate_limit=rate_limit)
     again = first.run(*submit(Operation("upsert", {"email": "a@b.co"})))
     assert isinstance(again, RunAgain)
     assert again.countdown >= 2.0  # Retry-After is the least wait

@@ -892,6 +892,9 @@ def test_a_backfill_stops_at_the_first_upsert_meisa_refuses_for_its_key(
         app.extensions["meisa"].close(app)
     assert result.exit_code == 1, result.output
     assert f"the key (MEISA_API_KEY) {lacks}, so it would refuse every user" in result.output
+    assert "Fix the key ('flask meisa ping' checks it), then run 'flask meisa sync-users'" in (
+        result.output
+    )
     # Who looks a day later sees why the run stopped, and what to do.
     assert status.backfill is not None
     assert status.backfill["refused"][0] == (401 if refused == "revoked" else 403)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from collections.abc import Iterator
 from pathlib import Path
@@ -144,6 +145,21 @@ def _isolated_apps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         Flask.auto_find_instance_path = original  # type: ignore[method-assign]
         for state in list(runtime._live):
             state.close(0.0)
+
+
+@pytest.fixture
+def unresolvable(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A host name (under RFC 2606's ``.invalid``) that the resolver at once reports unknown,
+    whatever resolver the machine has (one out of reach would time out instead)."""
+    resolve = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "meisa.invalid":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return resolve(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return "meisa.invalid"
 
 
 @pytest.fixture

@@ -368,13 +368,12 @@ def test_the_suppression_list_is_preloaded_at_init_only_when_asked(emulator: Any
 
 
 def test_a_base_url_whose_host_does_not_resolve_fails_a_send_within_its_deadline(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, unresolvable: str
 ) -> None:
-    # RFC 2606 keeps .invalid unresolvable: the resolver answers at once that it is unknown.
     app = Flask(__name__)
     app.config.update(
         MEISA_API_KEY="meisa_live_" + "n0Dns" * 6,
-        MEISA_BASE_URL="https://meisa.invalid",
+        MEISA_BASE_URL=f"https://{unresolvable}",
         MEISA_SEND_DEADLINE=2.0,
         MEISA_OUTBOX=None,
     )

@@ -34,8 +34,11 @@ from . import errors
 from ._version import __version__
 from .retry import parse_retry_after
 
-#: Largest answer read, decoded (the suppression list of a million addresses fits).
-MAX_ANSWER_BYTES = 32 * 1024 * 1024
+#: Largest answer read, decoded, of the suppression list (a million addresses fit).
+MAX_LIST_BYTES = 32 * 1024 * 1024
+#: Largest answer read of any other call (8 times the largest body sent): a hostile answer
+#: of JSON containers takes 25 times its size to parse (810 MiB for 32 MiB of ``{},``).
+MAX_ANSWER_BYTES = 4 * 1024 * 1024
 
 
 class Transport:
@@ -81,10 +84,16 @@ class Transport:
             session.close()
 
     def attempt(
-        self, endpoint: str, scope: str | None, limit: float, **request: Any
+        self,
+        endpoint: str,
+        scope: str | None,
+        limit: float,
+        largest: int = MAX_ANSWER_BYTES,
+        **request: Any,
     ) -> tuple[int, Any] | errors.APIError | errors.APIConnectionError:
-        """One attempt of ``requests.request(**request)`` within ``limit`` seconds: ``(status,
-        parsed body)`` on 2xx, else the typed error, for the caller to raise out of any
+        """One attempt of ``requests.request(**request)`` within ``limit`` seconds, reading
+        ``largest`` bytes of answer at most: ``(status, parsed body)`` on 2xx, else the typed
+        error, for the caller to raise out of any
         ``except`` block and of this frame, so that it holds no ``requests`` object (those
         hold the headers) as a cause or in a traceback's locals."""
         session = self.session()
@@ -98,7 +107,7 @@ class Transport:
                 with response:
                     if response.status_code < 200:  # its answer may follow: not reused
                         response.raw.close()
-                    content = _read(response)
+                    content = _read(response, largest)
             except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
                 failure = exc
         # Whatever the cut socket made of the answer; a connection never made sent nothing.
@@ -107,7 +116,7 @@ class Transport:
         if failure is not None:
             return errors._connection_error(endpoint, failure, request["timeout"])
         if content is None:
-            reason = f"the answer is larger than {MAX_ANSWER_BYTES // 2**20} MiB"
+            reason = f"the answer is larger than {largest // 2**20} MiB"
             return errors.APIConnectionError(endpoint, reason, retryable=False)
         if response.status_code < 200:  # http.client skips a 100 Continue only
             reason = f"only an informational answer ({response.status_code})"
@@ -148,15 +157,15 @@ def after_fork() -> None:
         transport.after_fork()
 
 
-def _read(response: requests.Response) -> bytes | None:
-    """The whole (decoded) body, or ``None`` when it is larger than the limit."""
+def _read(response: requests.Response, largest: int) -> bytes | None:
+    """The whole (decoded) body, or ``None`` when it is larger than ``largest`` bytes."""
     declared = response.headers.get("Content-Length", "")
-    if declared.isdecimal() and int(declared) > MAX_ANSWER_BYTES:  # isdigit() takes "²"
+    if declared.isdecimal() and int(declared) > largest:  # isdigit() takes "²"
         return None
     body = bytearray()
     for chunk in response.iter_content(64 * 1024):
         body += chunk
-        if len(body) > MAX_ANSWER_BYTES:
+        if len(body) > largest:
             return None
     return bytes(body)
 

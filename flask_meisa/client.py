@@ -327,6 +327,7 @@ class MeisaClient:
             "data": None if body is None else body.encode(),
         }
         endpoint = f"{method} {path}"
+        largest = _http.MAX_LIST_BYTES if name == "unsubscribed" else _http.MAX_ANSWER_BYTES
         policy, started, attempt = self._retry, time.monotonic(), 0
 
         def left(floor: float) -> float:  # of the deadline (without one, an attempt's time)
@@ -343,7 +344,7 @@ class MeisaClient:
                     limit = min(sum(self._timeout), left(0.05))
                     timeout = (min(self._timeout[0], limit), min(self._timeout[1], limit))
                     request["timeout"] = timeout
-                    result = self._http.attempt(endpoint, scope, limit, **request)
+                    result = self._http.attempt(endpoint, scope, limit, largest, **request)
                     if isinstance(result, errors.APITimeoutError) and result.sent:
                         raise result  # the slot learns that Meisa may count it later still
             except errors.APITimeoutError as timed_out:

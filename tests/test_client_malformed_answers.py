@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from flask_meisa._http import MAX_ANSWER_BYTES
+from flask_meisa._http import MAX_LIST_BYTES
 from flask_meisa.client import MeisaClient
 from flask_meisa.errors import APIConnectionError
 from flask_meisa.errors import APIError
@@ -149,8 +150,29 @@ def test_a_gzip_bomb_stops_at_the_size_limit_at_once(layers: int) -> None:
         elapsed = time.monotonic() - started
     # Decoding what a short read brings is not bounded by any socket's timeout.
     assert elapsed < 2.0, f"decoding took {elapsed:.1f} s"
-    assert caught.value.reason == f"the answer is larger than {MAX_ANSWER_BYTES // 2**20} MiB"
+    assert caught.value.reason == f"the answer is larger than {MAX_LIST_BYTES // 2**20} MiB"
     assert len(server.requests) == 1
+
+
+def test_only_the_suppression_list_may_answer_more_than_the_answer_limit() -> None:
+    # A million addresses take about 25 MiB; a hostile answer of that size to any other
+    # call would take 25 times as much memory to parse.
+    emails = [f"user{n}@example.com" for n in range(MAX_ANSWER_BYTES // 16)]
+    listed = {"as_of": "2026-01-01T00:00:00Z", "count": len(emails), "emails": emails}
+    big = {**SENT, "padding": "x" * MAX_ANSWER_BYTES}
+
+    def answer(exchange: Exchange) -> None:
+        exchange.send(response(200, listed if "unsubscribed" in exchange.path else big))
+
+    with (
+        hostile(answer) as server,
+        MeisaClient(KEY, server.url, timeout=TIMEOUT, retry=POLICY) as meisa,
+    ):
+        assert len(meisa.unsubscribed_emails().emails) == len(emails)
+        with pytest.raises(APIConnectionError) as caught:
+            meisa.trigger_email("welcome", "ada@example.com")
+    assert caught.value.reason == f"the answer is larger than {MAX_ANSWER_BYTES // 2**20} MiB"
+    assert not caught.value.retryable
 
 
 @pytest.mark.parametrize("status", [301, 302, 307, 308])

@@ -4,9 +4,11 @@ returned), never for a failed view. Outside a request, work goes to delivery at 
 
 from __future__ import annotations
 
+import _thread
 import functools
 import json
 import logging
+import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -315,5 +317,21 @@ class _ReleasingBody:
             release(self._failed)
 
     def __del__(self) -> None:
-        if self._release is not None:
+        if self._release is None:
+            return
+        if sys.is_finalizing():  # no other thread runs now (nor can start: see _spawn)
             self.close()
+            return
+        # The collector runs this in whichever thread it collects in, maybe one holding a
+        # lock the release takes (the engine's, threading's own): closed in a thread of its
+        # own, started without threading's lock and without waiting for it.
+        _thread.start_new_thread(_close_apart, (self,))
+
+
+def _close_apart(body: _ReleasingBody) -> None:
+    # A thread of threading's, named (and joinable) where logging and signals look.
+    thread = threading.Thread(target=body.close, name="flask-meisa-release", daemon=True)
+    try:
+        thread.start()
+    except RuntimeError:  # no new threads at interpreter shutdown
+        body.close()

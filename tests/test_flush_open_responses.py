@@ -4,6 +4,7 @@ the response; otherwise it waits for the response to close, and ``flush`` says s
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import subprocess
@@ -94,32 +95,54 @@ def test_without_testing_a_response_kept_open_holds_its_work_and_flush_says_so(
     assert len(emulator.requests_to(UPSERT)) == 1
 
 
-def test_a_response_collected_in_a_thread_holding_the_states_lock_still_releases(
-    emulator: Emulator,
+#: The locks a response's release takes, which the thread collecting it may hold.
+RELEASE_LOCKS = {
+    "the state's": lambda state: state._lock,  # making the client
+    "the engine's": lambda state: state.dispatcher._lock,  # the writer taking the intake
+    "the held batches'": lambda state: state.held._lock,
+}
+
+
+@pytest.mark.parametrize("lock", RELEASE_LOCKS)
+def test_a_response_collected_in_a_thread_holding_a_lock_of_its_release_still_releases(
+    emulator: Emulator, lock: str
 ) -> None:
     # A response dropped unclosed in a reference cycle is released by the collector, in
-    # whichever thread it runs: maybe one inside the state's lock (making the client).
+    # whichever thread it runs: maybe one inside a lock the release takes.
     app = make_app(emulator)
-    state = app.extensions["meisa"].state(app)
+    meisa: Meisa = app.extensions["meisa"]
+    held = RELEASE_LOCKS[lock](meisa.state(app))
     response = app.test_client().post("/login/1")
     assert response.status_code == 200
     cycle: list[Any] = [response]
     cycle.append(cycle)
-    del response, cycle
+    collected = threading.Event()
 
     def collect() -> None:
-        with state._lock:
+        held.acquire()
+        try:
             gc.collect()
+            collected.set()
+        finally:
+            with contextlib.suppress(RuntimeError):  # let go by the test when stuck
+                held.release()
 
     collector = threading.Thread(target=collect, daemon=True)
-    collector.start()
-    collector.join(10)
-    stuck = collector.is_alive()
+    enabled = gc.isenabled()
+    gc.disable()  # collected in the collector's thread, not wherever it allocates first
+    try:
+        del response, cycle
+        collector.start()
+        stuck = not collected.wait(10)
+    finally:
+        if enabled:
+            gc.enable()
     if stuck:  # waiting for the lock it holds: let it go, so that the test ends
-        state._lock.release()
-    assert not stuck, "releasing waited for the state's lock, held by its own thread"
+        held.release()
+    collector.join(10)
+    assert not stuck, f"releasing waited for {lock} lock, held by its own thread"
     with app.app_context():
-        assert app.extensions["meisa"].flush(10)
+        assert meisa.flush(10)
     assert len(emulator.requests_to(UPSERT)) == 1
 
 

@@ -320,6 +320,21 @@ def full_disk_retry_scenario() -> None:
     _print_outcomes(hooks, "full-disk-retry")
 
 
+_KEPT: list[Any] = []  # what must outlive the scenario's function, up to the exit hooks
+
+
+def full_disk_exit_scenario(count: int) -> None:
+    logging.basicConfig(format="%(message)s")  # full_disk's handler hides the last resort
+    hooks = RecordingHooks()
+    atexit.register(_print_outcomes, hooks, "full-disk-exit")  # runs after the engine's
+    engine = _engine(hooks, rate_limit=None, flush_timeout=float(os.environ["FLUSH_TIMEOUT"]))
+    stack = contextlib.ExitStack()
+    _KEPT.append(stack)  # the disk stays full until the process exits
+    failed = stack.enter_context(full_disk(engine))
+    engine.submit([upsert(n, tag="full") for n in range(count)])
+    say(f"full-disk-exit store_failed {failed.wait(10)}")
+
+
 class _Said(logging.Handler):
     """Counts the messages logged that contain ``text``."""
 
@@ -361,6 +376,8 @@ def main(argv: list[str]) -> None:
         full_disk_retry_scenario()
     elif scenario == "full-disk-quiet":
         full_disk_quiet_scenario()
+    elif scenario == "full-disk-exit":
+        full_disk_exit_scenario(int(numbers[0]))
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
 

@@ -25,6 +25,7 @@ from flask_meisa import Meisa
 from flask_meisa._engine.store import Store
 from flask_meisa.emulator import Emulator
 from flask_meisa.errors import ConfigurationError
+from flask_meisa.operations import Operation
 from flask_meisa.testing import emulator_config
 from tests.apps import build_app
 from tests.engine_support import RecordingHooks
@@ -99,6 +100,52 @@ def test_exit_drops_what_a_memory_store_could_not_deliver_and_says_so() -> None:
     assert done.returncode == 0, done.stderr
     assert "7 operations were not delivered before shutdown" in done.stderr
     assert "exit outcome dropped:shutdown 7" in done.stdout
+
+
+def test_exit_of_a_process_refused_by_the_store_for_another_meisa_says_what_and_why(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    # A process with a test key beside the live server (a test run, a staging worker on
+    # the same folder): the store refuses its work, which waits in its memory until exit.
+    store = tmp_path / "store.sqlite3"
+    live = make_engine(RecordingHooks(), emulator.url, emulator.live_key, store=Store(store))
+    try:
+        live.submit([Operation("upsert", {"email": "live@example.com"})])
+        assert live.flush(10) and live.is_holder  # it delivers, for the live key
+        done = run_scenario(
+            emulator.url, emulator.test_key, "exit", "3", flush_timeout=0.3, store=store
+        )
+    finally:
+        live.close(0)
+    assert done.returncode == 0, done.stderr
+    assert "exit outcome dropped:shutdown 3" in done.stdout
+    said = [line for line in done.stderr.splitlines() if "before shutdown" in line]
+    assert len(said) == 1, done.stderr
+    assert "3 operations were not delivered before shutdown" in said[0]
+    assert f"delivers from it for {emulator.url} with a live key" in said[0]  # the cause
+    assert "give each Meisa a MEISA_OUTBOX of its own" in said[0]  # the fix
+    assert emulator.contacts("test") == []
+
+
+def test_exit_of_a_process_whose_store_takes_no_writes_says_what_and_why(
+    tmp_path: Path,
+) -> None:
+    # The disk is full (or the file is locked, or no longer writable): what the process
+    # handed over waits in its memory, and is lost when it exits.
+    store = tmp_path / "store.sqlite3"
+    url = f"http://127.0.0.1:{closed_port()}/api/v1"
+    key = "meisa_live_unreachable_0000"
+    done = run_scenario(url, key, "full-disk-exit", "3", flush_timeout=0.3, store=store)
+    assert done.returncode == 0, done.stderr
+    assert "full-disk-exit store_failed True" in done.stdout, done.stdout + done.stderr
+    assert "full-disk-exit outcome dropped:shutdown 3" in done.stdout
+    said = [line for line in done.stderr.splitlines() if "before shutdown" in line]
+    assert len(said) == 1, done.stderr
+    assert said[0].startswith(
+        "flask-meisa: 3 operations were not delivered before shutdown: the delivery store "
+        f"{store} refused them (disk I/O error): make it writable"
+    ), said[0]
+    assert said[0].endswith("or set MEISA_OUTBOX to a file it can write")
 
 
 def test_exit_leaves_what_a_file_store_could_not_deliver_for_the_next_start(

@@ -961,7 +961,12 @@ def test_what_the_store_never_took_is_reported_at_close(
     assert {hooks.detail(op) for op in hooks.of("dropped")} == {"shutdown"}
     assert waiting(path) == 0
     said = [r.getMessage() for r in caplog.records if "shutdown" in r.getMessage()]
-    assert said == ["flask-meisa: 3 operations were not delivered before shutdown"]  # once
+    assert said == [  # once, with why and what to do
+        "flask-meisa: 3 operations were not delivered before shutdown: the delivery store "
+        f"{path} refused them (database is locked): make it writable by this process (disk "
+        "space, permissions, no other process holding its write lock), or set MEISA_OUTBOX "
+        "to a file it can write"
+    ]
 
 
 def test_a_flush_during_close_waits_for_the_hooks_of_what_close_drops(

@@ -81,7 +81,8 @@ class Delivery:
         self._live_rows = 0  # live operations stored, as last counted plus added since
         self._count_at = 0.0  # when to count them again
         self._threads: list[threading.Thread] = []
-        self._started = self._stopping = self._closed = self._store_failing = False
+        self._started = self._stopping = self._closed = False
+        self._store_failing: BaseException | None = None  # why, while it takes no writes
         self._host_lock = None if self.store.path is None else HostLock(self.store.path + ".lock")
         self._files = None if self._host_lock is None else HostFiles(self.store)
         self._caller = Caller(self, self._host_lock)
@@ -191,8 +192,10 @@ class Delivery:
                 self._caller.count(reporting=len(taken))  # before the commit
                 lost += taken
         if lost:
+            refused = self._store_failing  # then memory held them, refused by the store
+            why = "" if refused is None else self.store.refusal(refused)
             logger.warning(
-                "flask-meisa: %d operations were not delivered before shutdown", len(lost)
+                "flask-meisa: %d operations were not delivered before shutdown%s", len(lost), why
             )
             self._drop(lost, "shutdown")
         elif self.store.durable and self.is_holder:
@@ -353,8 +356,8 @@ class Delivery:
 
     def store_works(self, error: BaseException | None) -> None:
         """Log once when the store starts failing, and once when it works again."""
-        if self._store_failing != (error is not None):
-            self._store_failing = error is not None
+        failing, self._store_failing = self._store_failing, error
+        if (failing is None) != (error is None):
             state = f"failed ({error}); operations wait in memory" if error else "works again"
             logger.warning("flask-meisa: the delivery store %s", state)
 

@@ -219,6 +219,16 @@ class Store:
             if db is not None:
                 db.close()
 
+    def refusal(self, error: BaseException) -> str:
+        """Why work this store refused with ``error`` was lost, and what to do about it."""
+        fix = (
+            ""  # its message says what to do
+            if isinstance(error, ForAnotherMeisa)
+            else ": make it writable by this process (disk space, permissions, no other "
+            "process holding its write lock), or set MEISA_OUTBOX to a file it can write"
+        )
+        return f": the delivery store {self.path} refused them ({error}){fix}"
+
     def moved(self) -> bool:
         """Whether the file this process has open was deleted or replaced (a deploy, a backup
         restored): the other processes of the host see only the file now at the path."""

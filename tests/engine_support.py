@@ -27,6 +27,7 @@ import logging
 import os
 import resource
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -39,6 +40,7 @@ from typing import Any
 from flask_meisa._engine import known
 from flask_meisa._engine.delivery import Delivery
 from flask_meisa._engine.host import HostLock
+from flask_meisa._engine.store import SCHEMA_VERSION
 from flask_meisa._engine.store import Store
 from flask_meisa.client import MeisaClient
 from flask_meisa.config import MeisaSettings
@@ -335,6 +337,30 @@ def full_disk_exit_scenario(count: int) -> None:
     say(f"full-disk-exit store_failed {failed.wait(10)}")
 
 
+def newer_schema_fork_scenario(count: int) -> None:
+    hooks, who = RecordingHooks(), ["parent"]
+    atexit.register(lambda: _print_outcomes(hooks, who[0]))  # after the engine's exit hook
+    engine = _engine(hooks, rate_limit=None, flush_timeout=float(os.environ["FLUSH_TIMEOUT"]))
+    engine.start()  # the store is open, as after init_app
+    assert engine.first_pass(10)
+    assert engine.store.path is not None
+    newer = f"{engine.store.path}.newer"  # a newer release's store put in place
+    with contextlib.closing(sqlite3.connect(newer)) as db:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    os.replace(newer, engine.store.path)
+    engine.store.before_fork()
+    pid = os.fork()
+    if pid:
+        engine.store.after_fork_in_parent()
+        os.waitpid(pid, 0)
+        return
+    # A worker forked now (a gunicorn worker restarted): what the fork hook does, then work.
+    who[0], hooks.outcomes, hooks._changed = "child", [], threading.Condition()
+    engine.after_fork()
+    engine.submit([upsert(n, tag="child") for n in range(count)])
+    say(f"child submitted {count}")  # and exits through the interpreter's exit hooks
+
+
 class _Said(logging.Handler):
     """Counts the messages logged that contain ``text``."""
 
@@ -376,6 +402,8 @@ def main(argv: list[str]) -> None:
         full_disk_retry_scenario()
     elif scenario == "full-disk-quiet":
         full_disk_quiet_scenario()
+    elif scenario == "newer-schema-fork":
+        newer_schema_fork_scenario(int(numbers[0]))
     elif scenario == "full-disk-exit":
         full_disk_exit_scenario(int(numbers[0]))
     else:

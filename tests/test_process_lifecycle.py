@@ -22,6 +22,7 @@ import pytest
 from flask import Flask
 
 from flask_meisa import Meisa
+from flask_meisa._engine.store import SCHEMA_VERSION
 from flask_meisa._engine.store import Store
 from flask_meisa.emulator import Emulator
 from flask_meisa.errors import ConfigurationError
@@ -146,6 +147,31 @@ def test_exit_of_a_process_whose_store_takes_no_writes_says_what_and_why(
         f"{store} refused them (disk I/O error): make it writable"
     ), said[0]
     assert said[0].endswith("or set MEISA_OUTBOX to a file it can write")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_exit_of_a_worker_forked_after_a_newer_store_was_put_in_place_says_what_and_why(
+    tmp_path: Path,
+) -> None:
+    # A newer release made the store again; a worker of the running one, forked now, opens
+    # the file of a schema it cannot read: its work waits in memory, and is lost at exit.
+    store = tmp_path / "store.sqlite3"
+    url = f"http://127.0.0.1:{closed_port()}/api/v1"
+    key = "meisa_live_unreachable_0000"
+    done = run_scenario(url, key, "newer-schema-fork", "3", flush_timeout=0.3, store=store)
+    assert done.returncode == 0, done.stderr
+    assert "child submitted 3" in done.stdout, done.stdout + done.stderr
+    assert "child outcome dropped:shutdown 3" in done.stdout, done.stdout + done.stderr
+    assert "writer error" not in done.stderr  # waited in memory, not dropped at once
+    said = [line for line in done.stderr.splitlines() if "before shutdown" in line]
+    assert len(said) == 1, done.stderr
+    assert said[0].startswith(
+        "flask-meisa: 3 operations were not delivered before shutdown: the delivery store "
+        f"{store} refused them (the delivery store {str(store)!r} was written by a newer "
+        f"flask-meisa (schema {SCHEMA_VERSION + 1}; this one reads {SCHEMA_VERSION}): "
+        "upgrade flask-meisa here, or set "
+        "MEISA_OUTBOX to another file)"
+    ), said[0]
 
 
 def test_exit_leaves_what_a_file_store_could_not_deliver_for_the_next_start(

@@ -48,8 +48,19 @@ class ForAnotherMeisa(Exception):
     process's: work stored in it would be sent there, with that process's key."""
 
 
-#: What a read or write of the store may raise (locked, full, unreadable, vanished, foreign).
-STORE_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error, OSError, ForAnotherMeisa)
+class OtherSchema(ConfigurationError):
+    """The store file was written by another flask-meisa (a newer one, or a development
+    version): this one neither reads nor writes it."""
+
+
+#: What a read or write of the store may raise (locked, full, unreadable, vanished, foreign,
+#: another schema: a process forked after the file was replaced opens it then).
+STORE_ERRORS: tuple[type[BaseException], ...] = (
+    sqlite3.Error,
+    OSError,
+    ForAnotherMeisa,
+    OtherSchema,
+)
 
 SCHEMA_VERSION = 3
 _SCHEMA = """
@@ -131,6 +142,8 @@ class Store:
                     if isinstance(error, sqlite3.OperationalError):
                         raise  # cannot be opened, locked, read-only: access, not damage
                     set_aside(self, error)
+        except OtherSchema:
+            raise  # it says which, and what to do
         except STORE_ERRORS as error:
             raise ConfigurationError(
                 f"the delivery store {self.path!r} cannot be used ({error}); set MEISA_OUTBOX "
@@ -175,11 +188,12 @@ class Store:
                 version = int(db.execute("PRAGMA user_version").fetchone()[0])
                 if version not in (0, SCHEMA_VERSION):
                     newer = version > SCHEMA_VERSION
-                    raise ConfigurationError(
+                    raise OtherSchema(
                         f"the delivery store {self.path!r} was written by "
                         f"{'a newer' if newer else 'a development version of'} flask-meisa "
-                        f"(schema {version}; this one reads {SCHEMA_VERSION})"
-                        + ("" if newer else ": delete it, or set MEISA_OUTBOX to another file")
+                        f"(schema {version}; this one reads {SCHEMA_VERSION}): "
+                        + ("upgrade flask-meisa here" if newer else "delete it")
+                        + ", or set MEISA_OUTBOX to another file"
                     )
                 db.executescript(_SCHEMA)
                 if version == 0:
@@ -223,7 +237,7 @@ class Store:
         """Why work this store refused with ``error`` was lost, and what to do about it."""
         fix = (
             ""  # its message says what to do
-            if isinstance(error, ForAnotherMeisa)
+            if isinstance(error, (ForAnotherMeisa, OtherSchema))
             else ": make it writable by this process (disk space, permissions, no other "
             "process holding its write lock), or set MEISA_OUTBOX to a file it can write"
         )

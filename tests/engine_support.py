@@ -344,10 +344,7 @@ def newer_schema_fork_scenario(count: int) -> None:
     engine.start()  # the store is open, as after init_app
     assert engine.first_pass(10)
     assert engine.store.path is not None
-    newer = f"{engine.store.path}.newer"  # a newer release's store put in place
-    with contextlib.closing(sqlite3.connect(newer)) as db:
-        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    os.replace(newer, engine.store.path)
+    _newer_store_in_place(engine.store.path)
     engine.store.before_fork()
     pid = os.fork()
     if pid:
@@ -359,6 +356,31 @@ def newer_schema_fork_scenario(count: int) -> None:
     engine.after_fork()
     engine.submit([upsert(n, tag="child") for n in range(count)])
     say(f"child submitted {count}")  # and exits through the interpreter's exit hooks
+
+
+def newer_schema_exit_scenario(count: int) -> None:
+    cannot_move = _Seen("cannot move to the file now there")
+    logging.getLogger("flask_meisa.engine").addHandler(cannot_move)
+    logging.basicConfig(format="%(message)s")  # that handler hides the last resort
+    # Meisa is out of reach: the operations wait to retry, far later than the exit.
+    retry = RetryPolicy(max_attempts=None, base_delay=60.0, max_delay=60.0, deadline=600.0)
+    engine = _engine(RecordingHooks(), rate_limit=None, flush_timeout=0.3, retry=retry)
+    engine.submit([upsert(n, tag="left") for n in range(count)])
+    _stored(engine, count)
+    assert engine.store.path is not None
+    _newer_store_in_place(engine.store.path, remove_wal=True)
+    say(f"newer-schema-exit cannot_move {cannot_move.event.wait(10)}")
+
+
+def _newer_store_in_place(path: str, *, remove_wal: bool = False) -> None:
+    """Put a newer release's store (of a newer schema) at ``path`` (with its WAL files
+    removed first: replaced as a whole, as a deploy wiping the folder does)."""
+    newer = f"{path}.newer"
+    with contextlib.closing(sqlite3.connect(newer)) as db:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    for end in ("-wal", "-shm") if remove_wal else ():
+        os.unlink(path + end)
+    os.replace(newer, path)
 
 
 class _Said(logging.Handler):
@@ -402,6 +424,8 @@ def main(argv: list[str]) -> None:
         full_disk_retry_scenario()
     elif scenario == "full-disk-quiet":
         full_disk_quiet_scenario()
+    elif scenario == "newer-schema-exit":
+        newer_schema_exit_scenario(int(numbers[0]))
     elif scenario == "newer-schema-fork":
         newer_schema_fork_scenario(int(numbers[0]))
     elif scenario == "full-disk-exit":

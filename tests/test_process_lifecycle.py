@@ -174,6 +174,30 @@ def test_exit_of_a_worker_forked_after_a_newer_store_was_put_in_place_says_what_
     ), said[0]
 
 
+def test_exit_of_the_delivering_process_on_a_store_file_it_cannot_follow_says_what_is_left(
+    tmp_path: Path,
+) -> None:
+    # A newer release made the store again while this one delivered: it keeps the file it
+    # has open, whose work is lost with it. It said it stayed "for the next start" (info).
+    store = tmp_path / "store.sqlite3"
+    url = f"http://127.0.0.1:{closed_port()}/api/v1"
+    key = "meisa_live_unreachable_0000"
+    done = run_scenario(url, key, "newer-schema-exit", "2", store=store)
+    assert done.returncode == 0, done.stderr
+    assert "newer-schema-exit cannot_move True" in done.stdout, done.stdout + done.stderr
+    said = [line for line in done.stderr.splitlines() if "operations are left" in line]
+    assert len(said) == 1, done.stderr
+    assert said[0].startswith(
+        f"flask-meisa: 2 operations are left in the delivery store {store}, deleted or "
+        "replaced while this process (pid "
+    ), said[0]
+    assert f"was written by a newer flask-meisa (schema {SCHEMA_VERSION + 1};" in said[0]
+    assert said[0].endswith(
+        "Replace the file only with every process stopped, or with one they can all use"
+    )
+    assert "for the next start" not in done.stderr
+
+
 def test_exit_leaves_what_a_file_store_could_not_deliver_for_the_next_start(
     emulator: Emulator, tmp_path: Path
 ) -> None:

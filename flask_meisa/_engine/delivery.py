@@ -198,14 +198,9 @@ class Delivery:
                 "flask-meisa: %d operations were not delivered before shutdown%s", len(lost), why
             )
             self._drop(lost, "shutdown")
-        elif self.store.durable and self.is_holder:
-            with contextlib.suppress(*STORE_ERRORS), self.store.read() as db:
-                if left := pending.unfinished(db):
-                    logger.info(
-                        "flask-meisa: %d operations stay in the store for the next start (%s)",
-                        left,
-                        self.store.path,
-                    )
+        elif self._files is not None and self.is_holder:
+            with contextlib.suppress(*STORE_ERRORS):
+                self._files.closing(pending.unfinished)
         if self._host_lock is not None:
             self._host_lock.release()
         self.store.close()

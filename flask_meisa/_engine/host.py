@@ -9,6 +9,7 @@ import logging
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextlib import suppress
@@ -168,6 +169,33 @@ class HostFiles:
             os.getpid(),
             carried,
         )
+
+    def closing(self, unfinished: Callable[[sqlite3.Connection], int]) -> None:
+        """As the delivering process stops: say what is left (``unfinished``) for the next
+        start, in the file now at the path (moved into it when the one open was replaced);
+        what cannot be moved there goes with the file left behind: said, with why."""
+        if self.store.moved():
+            self.follow(delivering=True)
+        with self.store.read() as db:
+            left = unfinished(db)
+        if left and self.store.moved():
+            logger.warning(
+                "flask-meisa: %d operations are left in the delivery store %s, deleted or "
+                "replaced while this process (pid %d) delivered from it: they cannot be moved "
+                "into the file now there (%s), and are lost with the last process that has "
+                "the old one open. Replace the file only with every process stopped, or with "
+                "one they can all use",
+                left,
+                self._path,
+                os.getpid(),
+                self._said,
+            )
+        elif left:
+            logger.info(
+                "flask-meisa: %d operations stay in the store for the next start (%s)",
+                left,
+                self._path,
+            )
 
 
 @contextmanager

@@ -7,9 +7,11 @@ emulator of the test over loopback.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -32,6 +34,8 @@ from tests.apps import build_app
 from tests.engine_support import RecordingHooks
 from tests.engine_support import make_engine
 from tests.process_support import ROOT
+from tests.process_support import STORE_NAME
+from tests.process_support import environment
 from tests.process_support import wait_until
 
 UPSERT = "/contacts/upsert/"
@@ -196,6 +200,42 @@ def test_exit_of_the_delivering_process_on_a_store_file_it_cannot_follow_says_wh
         "Replace the file only with every process stopped, or with one they can all use"
     )
     assert "for the next start" not in done.stderr
+
+
+RELEASE_ONE_AND_EXIT = """
+from tests.served_app import create_app
+create_app().test_client().post("/work/1").close()
+print("released; exiting")
+"""
+
+
+def test_exit_of_a_process_whose_default_store_is_refused_delivers_from_memory(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    # A newer release's store in the instance folder: this process falls back to memory
+    # at startup, and its exit hook delivers what it holds, as the memory store's does.
+    instance = tmp_path / "instance"
+    instance.mkdir()
+    store = instance / STORE_NAME
+    Store(store).close()
+    with contextlib.closing(sqlite3.connect(store)) as db:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    done = subprocess.run(
+        [sys.executable, "-c", RELEASE_ONE_AND_EXIT],
+        cwd=ROOT,
+        env=environment(emulator, instance),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "released; exiting" in output
+    assert "written by a newer flask-meisa" in output and "falls back to memory" in output
+    assert "not delivered" not in output
+    assert [r.body["external_id"] for r in emulator.requests_to(UPSERT)] == ["u1"]
+    assert emulator.live_key not in output
 
 
 def test_exit_leaves_what_a_file_store_could_not_deliver_for_the_next_start(

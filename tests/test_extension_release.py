@@ -348,7 +348,7 @@ def _plain_login_app(emulator: Any, meisa: Meisa) -> Flask:
 def test_a_user_without_get_id_syncs_by_email_alone(emulator: Any) -> None:
     app = _plain_login_app(emulator, Meisa())
     with app.test_client() as client:
-        assert client.post("/login").status_code == 200
+        assert client.post("/login", buffered=True).status_code == 200
         assert flask_login.current_user.email == "plain@example.com"
     (request,) = upserts(emulator)
     assert request.body == {"email": "plain@example.com"}
@@ -365,7 +365,7 @@ def test_a_mapper_that_calls_get_id_on_a_user_without_it_is_logged_and_login_goe
 
     app = _plain_login_app(emulator, meisa)
     with caplog.at_level(logging.ERROR, logger="flask_meisa"), app.test_client() as client:
-        assert client.post("/login").status_code == 200
+        assert client.post("/login", buffered=True).status_code == 200
         assert flask_login.current_user.is_authenticated  # logged in all the same
     (record,) = [r for r in caplog.records if r.name == "flask_meisa"]
     assert record.getMessage() == "meisa: could not sync the user who logged in"

@@ -4,7 +4,6 @@ returned), never for a failed view. Outside a request, work goes to delivery at 
 
 from __future__ import annotations
 
-import _thread
 import functools
 import json
 import logging
@@ -319,19 +318,19 @@ class _ReleasingBody:
     def __del__(self) -> None:
         if self._release is None:
             return
-        if sys.is_finalizing():  # no other thread runs now (nor can start: see _spawn)
+        if sys.is_finalizing():  # no other thread runs now, nor would one started
             self.close()
             return
-        # The collector runs this in whichever thread it collects in, maybe one holding a
-        # lock the release takes (the engine's, threading's own): closed in a thread of its
-        # own, started without threading's lock and without waiting for it.
-        _thread.start_new_thread(_close_apart, (self,))
+        run_apart(self.close, "flask-meisa-release")
 
 
-def _close_apart(body: _ReleasingBody) -> None:
-    # A thread of threading's, named (and joinable) where logging and signals look.
-    thread = threading.Thread(target=body.close, name="flask-meisa-release", daemon=True)
+def run_apart(target: Callable[[], object], name: str) -> None:
+    """Run ``target`` in a daemon thread named ``name``, for a finalizer or ``__del__``: the
+    collector runs those in whichever thread it collects in, maybe one holding a lock
+    ``target`` takes (the engine's, the state's). Starting a daemon thread takes none that
+    thread may hold (threading's own is re-entrant)."""
+    thread = threading.Thread(target=target, name=name, daemon=True)
     try:
         thread.start()
     except RuntimeError:  # no new threads at interpreter shutdown
-        body.close()
+        target()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import functools
 import importlib
 import logging
 import os
@@ -17,6 +18,7 @@ from typing import Any
 
 from . import _http
 from ._deferral import HeldBatches
+from ._deferral import run_apart
 from ._engine.base import Dispatcher
 from ._suppression import SuppressionSet
 from .client import MeisaClient
@@ -282,11 +284,7 @@ def _close_apart(state: MeisaState) -> None:
     # A finalizer runs in whichever thread the collector ran in, maybe a delivery thread
     # inside a call on the store: closing there would close the store under that call.
     if state in _live:  # not closed already
-        thread = threading.Thread(
-            target=_close_quietly, args=(state, 0.0), name="flask-meisa-close", daemon=True
-        )
-        with contextlib.suppress(RuntimeError):  # no new threads at interpreter shutdown
-            thread.start()
+        run_apart(functools.partial(_close_quietly, state, 0.0), "flask-meisa-close")
 
 
 def _close_quietly(state: MeisaState, timeout: float | None) -> None:

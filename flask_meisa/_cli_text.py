@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from typing import Any
 
 from ._engine import backfill
+from ._engine import dead
 
 if TYPE_CHECKING:
     from ._engine.backfill import Progress
@@ -125,7 +126,8 @@ def key_refused(refused: backfill.KeyRefused, status: DeliveryStatus) -> str:
         whose = f" of the process delivering from the store (pid {other}), not this one's,"
         fix = "Fix that process's key and restart it"
     return (
-        f"Meisa refused the backfill's upserts ({refused}): the key (MEISA_API_KEY){whose}"
+        f"Meisa refused a backfill upsert {dead.REFUSALS_TO_STOP} times in a row ({refused}):"
+        f" the key (MEISA_API_KEY){whose}"
         f" {_lacks(refused)}, so it would refuse every user. The run stopped; nothing more"
         f" was sent, and its upserts not sent are no dead letters. {fix}, then run"
         " 'flask meisa sync-users' again: it goes through the users from the first, and those"

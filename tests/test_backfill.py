@@ -24,6 +24,7 @@ from flask_meisa import Meisa
 from flask_meisa import _cli_text
 from flask_meisa import contact_synced
 from flask_meisa._engine import backfill
+from flask_meisa._engine import dead
 from flask_meisa._engine import pending
 from flask_meisa._engine.store import Store
 from flask_meisa.emulator import Emulator
@@ -36,6 +37,8 @@ from tests.backfill_app import sync_users_process
 from tests.backfill_app import upgrade_while_read
 
 UPSERT = "/contacts/upsert/"
+#: Refused upserts retried at once (a stopped run takes REFUSALS_TO_STOP of them).
+QUICK_RETRY = {"MEISA_RETRY_MAX_DELAY": 0.01}
 
 
 def make_app(emulator: Emulator, users: int, **config: Any) -> Flask:
@@ -869,18 +872,19 @@ def test_a_backfill_after_a_switch_to_another_meisa_takes_delivery_over_first(
 
 
 @pytest.mark.parametrize("refused", ["revoked", "without contacts:write"])
-def test_a_backfill_stops_at_the_first_upsert_meisa_refuses_for_its_key(
+def test_a_backfill_stops_once_meisa_refuses_an_upsert_for_its_key_in_a_row(
     emulator: Emulator, tmp_path: Path, refused: str
 ) -> None:
     # A revoked key (401), or one without contacts:write (403), refuses every upsert: the
-    # run stops at the first refusal, and what it had not sent is no dead letter.
+    # run stops once one is refused REFUSALS_TO_STOP times, and what it had not sent is no
+    # dead letter.
     if refused == "revoked":
         key, lacks = "meisa_live_revoked0000000000000000", "is revoked or invalid"
     else:
         key = emulator.create_key(["events:track", "emails:trigger", "contacts:read"])
         lacks = "has no contacts:write scope"
     outbox = str(tmp_path / "meisa-outbox.sqlite3")
-    app = make_app(emulator, 3_000, MEISA_API_KEY=key, MEISA_OUTBOX=outbox)
+    app = make_app(emulator, 3_000, MEISA_API_KEY=key, MEISA_OUTBOX=outbox, **QUICK_RETRY)
     try:
         result = sync_users(app)
         with app.app_context():
@@ -910,7 +914,10 @@ def test_a_backfill_stops_at_the_first_upsert_meisa_refuses_for_its_key(
     assert key not in shown
     assert "nothing more was sent, and its upserts not sent are no dead letters" in result.output
     assert key not in result.output
-    assert len(emulator.requests_to(UPSERT)) == 1  # one delivery thread, one call
+    calls = collections.Counter(r.body["external_id"] for r in emulator.requests_to(UPSERT))
+    # One delivery thread: one upsert refused that many times (others fewer), none since.
+    assert max(calls.values()) == dead.REFUSALS_TO_STOP, calls
+    assert list(calls.values()).count(dead.REFUSALS_TO_STOP) == 1, calls
     assert (status.dead_letters, status.pending) == (0, 0)
     assert status.backfill is not None and backfill.stopped(status.backfill, time.time())
 
@@ -928,6 +935,33 @@ def test_a_backfill_stops_at_the_first_upsert_meisa_refuses_for_its_key(
     assert len(by_user) == 3_000 and set(by_user.values()) == {1}
 
 
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_refusal_for_a_moment_is_retried_and_the_backfill_goes_on(
+    emulator: Emulator, status: int
+) -> None:
+    # A proxy answers 401 (or 403) for a moment, as during a deploy: the upsert refused is
+    # retried until it is accepted, the run goes on, and nothing is lost or a dead letter.
+    app = make_app(emulator, 300, **QUICK_RETRY)
+    left = dead.REFUSALS_TO_STOP - 1
+    emulator.faults.fail_next(left, status, path=UPSERT, match={"external_id": "7"})
+    try:
+        result = sync_users(app)
+        with app.app_context():
+            after = app.extensions["meisa"].status()
+    finally:
+        app.extensions["meisa"].close(app)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[-1].startswith("300 of 300 users done"), result.output
+    assert [r.status for r in emulator.requests_to(UPSERT) if r.body["external_id"] == "7"] == [
+        *[status] * left,
+        201,
+    ]
+    by_user = upserts_by_user(emulator)
+    assert len(by_user) == 300 and set(by_user.values()) == {1}
+    assert (after.dead_letters, after.pending) == (0, 0)
+    assert after.backfill is not None and "refused" not in after.backfill
+
+
 def test_a_key_refused_in_the_server_delivering_is_named_as_that_processs(
     emulator: Emulator, tmp_path: Path
 ) -> None:
@@ -935,7 +969,7 @@ def test_a_key_refused_in_the_server_delivering_is_named_as_that_processs(
     # store still has the old one: it is the key Meisa refuses, and the one to fix.
     key = emulator.create_key(["events:track", "emails:trigger", "contacts:read"])
     outbox = str(tmp_path / "meisa-outbox.sqlite3")
-    server = make_app(emulator, 0, MEISA_API_KEY=key, MEISA_OUTBOX=outbox)
+    server = make_app(emulator, 0, MEISA_API_KEY=key, MEISA_OUTBOX=outbox, **QUICK_RETRY)
     meisa: Meisa = server.extensions["meisa"]
     try:
         with server.app_context():
@@ -987,13 +1021,13 @@ def test_a_stopped_runs_dead_letter_retried_with_a_refused_key_is_read_again_and
     outbox = str(tmp_path / "meisa-outbox.sqlite3")
     key = emulator.create_key(["events:track", "emails:trigger", "contacts:read"])
     emulator.faults.fail_next(1, 400, path=UPSERT, match={"external_id": "0"})
-    emulator.faults.fail_next(1, 403, path=UPSERT, match={"external_id": "2"})
-    app = make_app(emulator, 3, MEISA_OUTBOX=outbox)
+    emulator.faults.fail_next(dead.REFUSALS_TO_STOP, 403, path=UPSERT, match={"external_id": "2"})
+    app = make_app(emulator, 3, MEISA_OUTBOX=outbox, **QUICK_RETRY)
     try:
         assert "has no contacts:write scope" in sync_users(app).output
     finally:
         app.extensions["meisa"].close(app)
-    bad = make_app(emulator, 3, MEISA_API_KEY=key, MEISA_OUTBOX=outbox)
+    bad = make_app(emulator, 3, MEISA_API_KEY=key, MEISA_OUTBOX=outbox, **QUICK_RETRY)
     try:
         retried = bad.test_cli_runner().invoke(args=["meisa", "dead-letters", "retry", "--all"])
     finally:
@@ -1014,8 +1048,8 @@ def test_a_restart_after_a_run_stopped_at_a_refused_key_tells_meisa_again(
 ) -> None:
     # '--restart' starts a run of its own, past MEISA_RESYNC_AFTER Meisa is told again:
     # a run stopped at a refused key is no run going on that it would go through again.
-    app = make_app(emulator, 3, MEISA_RESYNC_AFTER=0.001)  # what it sent is already old
-    emulator.faults.fail_next(1, 403, path=UPSERT, match={"external_id": "2"})
+    app = make_app(emulator, 3, MEISA_RESYNC_AFTER=0.001, **QUICK_RETRY)  # sent: already old
+    emulator.faults.fail_next(dead.REFUSALS_TO_STOP, 403, path=UPSERT, match={"external_id": "2"})
     stopped = sync_users(app)
     assert "has no contacts:write scope" in stopped.output, stopped.output
     assert upserts_by_user(emulator) == {"0": 1, "1": 1}

@@ -68,7 +68,7 @@ def stopped(run: dict[str, Any], now: float) -> bool:
 
 class KeyRefused(Exception):
     """Meisa refused a backfill upsert for the key (401: revoked or invalid; 403: without
-    ``contacts:write``): the run stopped, its upserts not sent went (the next run reads
+    ``contacts:write``), :data:`~.dead.REFUSALS_TO_STOP` times in a row: the run stopped, its upserts not sent went (the next run reads
     their users again)."""
 
     def __init__(self, status: int, code: str | None, message: str) -> None:

@@ -290,6 +290,8 @@ class Caller:
             elapsed=now - (row.first_attempt or now),
             policy=retry,
         )
+        run = functools.partial(Store.get_meta, db, "backfill")
+        settled = dead.retried_refusal(operation, settled, error, run, retry)
         decision = settled.decision
         what = operation.describe()
         if row.recover == 1:

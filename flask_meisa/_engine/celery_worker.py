@@ -4,6 +4,7 @@ delivery task, then finishes its operation or runs it again after a countdown (d
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -22,6 +23,7 @@ from ..operations import Operation
 from ..operations import attempt
 from ..retry import RetryPolicy
 from . import base
+from . import dead
 from .known import Known
 from .known import unchanged
 from .redis_budget import MAX_WAIT
@@ -291,6 +293,8 @@ class DeliveryWorker:
             elapsed=time.time() - meta["first_attempt"],
             policy=self._retry,
         )
+        run = functools.partial(self.store.get, "backfill")
+        settled = dead.retried_refusal(operation, settled, outcome.error, run, self._retry)
         decision = settled.decision
         base.log_decision(
             logger, decision, operation.describe(), outcome.error, operation.attempts

@@ -3,6 +3,7 @@ their error until ``flask meisa dead-letters`` requeues or purges them."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 import time
@@ -15,7 +16,9 @@ from ..errors import APIConnectionError
 from ..errors import APIError
 from ..errors import ValidationError
 from ..operations import Operation
+from ..retry import RetryPolicy
 from . import known
+from .base import Outcome
 from .pending import OP_COLUMNS
 from .pending import Row
 from .pending import row_of
@@ -24,6 +27,10 @@ from .store import Store
 _MESSAGE_LIMIT = 300
 #: The code of work set aside as released for another Meisa (:func:`bury_foreign`).
 OTHER_MEISA = "other_meisa"
+#: The attempt of a backfill upsert refused for the key that stops its run: a proxy may
+#: answer 401 for a moment (a deploy), so the earlier ones are retried, each after
+#: ``MEISA_RETRY_MAX_DELAY`` (a revoked key stops the run in about two minutes).
+REFUSALS_TO_STOP = 5
 
 
 def _dead(
@@ -69,6 +76,24 @@ def key_refused(
     the user again. A finished run's dead letter retried stays one: none would read it."""
     unfinished = run is not None and run.get("state") == "running"
     return operation.priority == "backfill" and fields[0] in (401, 403) and unfinished
+
+
+def retried_refusal(
+    operation: Operation,
+    settled: Outcome,
+    error: BaseException | None,
+    run: Callable[[], dict[str, Any] | None],
+    policy: RetryPolicy,
+) -> Outcome:
+    """``settled``, or a retry after ``policy.max_delay`` when it fails ``operation`` as
+    refused for the key (:func:`key_refused`, ``run()`` the backfill's) on an attempt before
+    the :data:`REFUSALS_TO_STOP`-th: no dead letter, and the run goes on."""
+    if settled.step != "failed" or error is None or operation.attempts >= REFUSALS_TO_STOP:
+        return settled
+    if not key_refused(operation, error_fields(error), run()):
+        return settled
+    decision = dataclasses.replace(settled.decision, action="retry", delay=policy.max_delay)
+    return dataclasses.replace(settled, decision=decision, step="retry")
 
 
 def bury(db: sqlite3.Connection, row: Row, error: BaseException) -> None:

@@ -81,7 +81,7 @@ def status_report(status: DeliveryStatus, store_path: str | None) -> str:
     )
     if run := status.backfill:
         state = run.get("state", "running")
-        if backfill.stopped(run, time.time()):
+        if state == "running" and not backfill.alive(run, time.time()):
             state = "stopped (run 'flask meisa sync-users' again to go on)"
         if refused := run.get("refused"):
             state = _stopped_by(refused)

@@ -35,6 +35,7 @@ from tests.backfill_app import interrupt_first_run
 from tests.backfill_app import live_sync_retried
 from tests.backfill_app import sync_users_process
 from tests.backfill_app import upgrade_while_read
+from tests.process_support import wait_until
 
 UPSERT = "/contacts/upsert/"
 #: Refused upserts retried at once (a stopped run takes REFUSALS_TO_STOP of them).
@@ -459,6 +460,54 @@ def test_upserts_meisa_refused_or_never_answered_are_listed_as_dead_letters(
     ]
 
 
+def test_a_second_run_is_refused_while_another_runs_and_the_first_goes_on(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    # Two 'sync-users' at once on one store: the second would clear the first's notes and
+    # move its position too. It is refused, saying when the first last noted it runs and
+    # how to go on; the first goes on undisturbed.
+    app = make_app(emulator, 600, MEISA_OUTBOX=str(tmp_path / "meisa-outbox.sqlite3"))
+    meisa: Meisa = app.extensions["meisa"]
+    query, count = meisa.user_source  # type: ignore[misc]
+    go_on = threading.Event()
+
+    def users() -> Any:
+        for read, person in enumerate(query()):
+            if read == backfill.CHUNK:  # the first chunk stored: the run waits here
+                assert go_on.wait(60)
+            yield person
+
+    meisa.users_to_sync(users, count=count)
+    results: list[Any] = []
+    first = threading.Thread(target=lambda: results.append(sync_users(app)))
+    first.start()
+    try:
+        with app.app_context():
+            assert wait_until(lambda: (meisa.status().backfill or {}).get("position") == 200)
+            before = meisa.status().backfill
+        process = sync_users_process(emulator.url, emulator.live_key, 600, tmp_path)
+        second = subprocess.run(**process, capture_output=True, text=True, timeout=60)
+        with app.app_context():
+            after = meisa.status().backfill
+    finally:
+        go_on.set()
+        first.join(60)
+        meisa.close(app)
+    assert second.returncode == 1, second.stderr
+    error = second.stderr.splitlines()[-1]
+    assert re.search(
+        r"another 'flask meisa sync-users' runs the backfill \(its process last"
+        r" noted it runs at \d\d:\d\d:\d\d UTC, \d+ s ago\): wait",
+        error,
+    ), error
+    assert "taken over once it has not noted it runs for 90 s" in error, error
+    assert after == before
+    assert results[0].exit_code == 0, results[0].output
+    assert results[0].output.splitlines()[-1].startswith("600 of 600 users done")
+    by_user = upserts_by_user(emulator)
+    assert len(by_user) == 600 and set(by_user.values()) == {1}
+
+
 @pytest.mark.slow
 def test_a_backfill_killed_at_any_moment_goes_on_where_it_stopped(
     emulator_factory: Callable[..., Emulator], tmp_path: Path
@@ -473,6 +522,14 @@ def test_a_backfill_killed_at_any_moment_goes_on_where_it_stopped(
     finally:
         first.wait(30)
     killed_at = len(emulator.requests_to(UPSERT))
+    # Its note says it ran a moment ago: taken over once it is 3 ALIVE_EVERY old (aged here).
+    refused = subprocess.run(**process, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "another 'flask meisa sync-users'" in refused.stderr
+    target = backfill.StoreTarget(Store(str(tmp_path / "instance" / "meisa-outbox.sqlite3")))
+    killed = target.load()
+    assert killed is not None and killed.alive_at is not None
+    killed.alive_at -= 3 * backfill.ALIVE_EVERY + 1
+    target.save(killed)
     second = subprocess.run(**process, capture_output=True, text=True, timeout=120)
     assert second.returncode == 0, second.stderr
     by_user = upserts_by_user(emulator)
@@ -919,7 +976,7 @@ def test_a_backfill_stops_once_meisa_refuses_an_upsert_for_its_key_in_a_row(
     assert max(calls.values()) == dead.REFUSALS_TO_STOP, calls
     assert list(calls.values()).count(dead.REFUSALS_TO_STOP) == 1, calls
     assert (status.dead_letters, status.pending) == (0, 0)
-    assert status.backfill is not None and backfill.stopped(status.backfill, time.time())
+    assert status.backfill is not None and not backfill.alive(status.backfill, time.time())
 
     fixed = make_app(emulator, 3_000, MEISA_OUTBOX=outbox)  # the live key, all its scopes
     try:

@@ -243,6 +243,47 @@ def test_a_refusal_for_a_moment_is_retried_and_the_backfill_goes_on(
     assert after.backfill is not None and "refused" not in after.backfill
 
 
+def test_a_second_run_is_refused_while_another_runs_and_the_first_goes_on(
+    emulator: Emulator, start_worker: StartWorker, make_app: MakeApp
+) -> None:
+    # Two 'sync-users' at once on one Redis: the second is refused, saying when the first
+    # last noted it runs; the first goes on undisturbed.
+    app = make_app(600)
+    meisa: Meisa = app.extensions["meisa"]
+    query, count = meisa.user_source  # type: ignore[misc]
+    go_on = threading.Event()
+
+    def users() -> Any:
+        for read, person in enumerate(query()):
+            if read == backfill.CHUNK:  # the first chunk published: the run waits here
+                assert go_on.wait(60)
+            yield person
+
+    meisa.users_to_sync(users, count=count)
+    results: list[Any] = []
+    first = threading.Thread(target=lambda: results.append(sync_users(app)))
+    first.start()
+    try:
+        with app.app_context():
+            assert wait_until(lambda: (meisa.status().backfill or {}).get("position") == 200)
+            before = meisa.status().backfill
+        second = sync_users(make_app(600))
+        with app.app_context():
+            after = meisa.status().backfill
+    finally:
+        go_on.set()
+    start_workers(start_worker, emulator)
+    first.join(60)
+    assert second.exit_code == 1, second.output
+    assert "another 'flask meisa sync-users' runs the backfill" in second.output
+    assert "taken over once it has not noted it runs for 90 s" in second.output
+    assert after == before
+    assert results[0].exit_code == 0, results[0].output
+    assert results[0].output.splitlines()[-1].startswith("600 of 600 users done")
+    by_user = upserts_by_user(emulator)
+    assert len(by_user) == 600 and set(by_user.values()) == {1}
+
+
 def test_a_finished_backfills_dead_letter_retried_with_a_refused_key_stays_a_dead_letter(
     emulator: Emulator, start_worker: StartWorker, make_app: MakeApp
 ) -> None:

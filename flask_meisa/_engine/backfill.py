@@ -59,17 +59,32 @@ class Run:
     alive_at: float | None = None  # when its process last noted it runs (None: stopped)
 
 
-def stopped(run: dict[str, Any], now: float) -> bool:
-    """Whether the kept, unfinished ``run`` has no process any more: it was interrupted,
-    or its process has not noted it runs for three :data:`ALIVE_EVERY` (killed)."""
-    alive_at = run.get("alive_at")
-    return run.get("state") == "running" and (alive_at is None or now - alive_at > 3 * ALIVE_EVERY)
+def alive(run: dict[str, Any] | None, now: float) -> bool:
+    """Whether a process runs the kept ``run``, unfinished: not when it was interrupted, nor
+    once its process has not noted it runs for three :data:`ALIVE_EVERY` (killed)."""
+    at = (run or {}).get("alive_at")
+    return (run or {}).get("state") == "running" and at is not None and now - at <= 3 * ALIVE_EVERY
+
+
+class AlreadyRunning(MeisaError):
+    """Another process runs the backfill (:func:`alive`): a second one would clear its
+    notes and move its position too."""
+
+    def __init__(self, alive_at: float) -> None:
+        noted = time.strftime("%H:%M:%S UTC", time.gmtime(alive_at))
+        super().__init__(
+            f"another 'flask meisa sync-users' runs the backfill (its process last noted it"
+            f" runs at {noted}, {max(time.time() - alive_at, 0):.0f} s ago): wait for it to"
+            " finish, or stop it (Ctrl+C), then run the command again to go on. A run whose"
+            f" process was killed is taken over once it has not noted it runs for"
+            f" {3 * ALIVE_EVERY:.0f} s."
+        )
 
 
 class KeyRefused(Exception):
     """Meisa refused a backfill upsert for the key (401: revoked or invalid; 403: without
-    ``contacts:write``), :data:`~.dead.REFUSALS_TO_STOP` times in a row: the run stopped, its upserts not sent went (the next run reads
-    their users again)."""
+    ``contacts:write``) :data:`~.dead.REFUSALS_TO_STOP` times in a row: the run stopped,
+    its upserts not sent went (the next run reads their users again)."""
 
     def __init__(self, status: int, code: str | None, message: str) -> None:
         super().__init__(f"HTTP {status}{f' [{code}]' if code else ''} {message}")
@@ -125,9 +140,13 @@ class Target:
             data = self._get(kept, "backfill")
         return None if data is None else Run(**data)
 
-    def save(self, run: Run, *, fresh: bool = False) -> None:
-        """Keep ``run``; ``fresh``: it starts over, so forget earlier runs' failures."""
+    def save(self, run: Run, *, fresh: bool = False, start: bool = False) -> None:
+        """Keep ``run``; ``fresh``: it starts over, so forget earlier runs' failures;
+        ``start``: this process runs it from now, unless another does (:class:`AlreadyRunning`)."""
         with self._kept(write=True) as kept:
+            other = self._get(kept, "backfill") if start else {}
+            if start and alive(other, time.time()) and not self._get(kept, "backfill_refused"):
+                raise AlreadyRunning(other["alive_at"])
             if fresh:
                 self._put(kept, "backfill_failures", None)
                 self._put(kept, "backfill_refused", None)
@@ -214,7 +233,7 @@ def run(
         since = current.started_at if again and current is not None else time.time()
         current = Run(started_at=since, refused_before=target.backlog()[1])
     current.total, current.max_share, current.alive_at = total, max_share, time.time()
-    target.save(current, fresh=fresh)
+    target.save(current, fresh=fresh, start=True)
     started, start_done, last_report = time.monotonic(), current.position, 0.0
 
     def tick(force: bool = False) -> Progress:
@@ -263,13 +282,13 @@ def run(
             target.add(current, operations, failed, read_at)
         while tick().waiting:
             time.sleep(min(every, 0.2))
-    except (KeyboardInterrupt, KeyRefused) as stop:
+    except BaseException as stop:
         # The summary so far, before the caller says how to go on (not after a refused key:
         # it would count the users whose upserts went as done).
         if isinstance(stop, KeyboardInterrupt):
             tick(force=True)
-        current.alive_at = None
-        target.save(current)
+        # No process runs it (the next run starts), as kept: not an interrupted write's.
+        target.save(dataclasses.replace(target.load() or current, alive_at=None))
         raise
     current.state = "done"
     target.save(current)

@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -338,6 +339,42 @@ def test_the_status_says_a_run_whose_process_was_killed_stopped() -> None:
     assert state(state="running", alive_at=killed).startswith("stopped (run 'flask meisa sync")
     assert state(state="running", alive_at=None).startswith("stopped")  # interrupted
     assert state(state="done", alive_at=killed) == "done"
+
+
+def test_ctrl_c_while_a_stop_at_a_refused_key_is_saved_ends_with_the_keys_error(
+    tmp_path: Path,
+) -> None:
+    # Meisa refused the key: the run stops, and Ctrl+C comes as it saves that it no longer
+    # runs. The key's error, which says how to go on, is what the command ends with, not
+    # "interrupted" (run it again to go on: it would stop at the key again).
+    store = Store(str(tmp_path / "store.sqlite3"))
+
+    def ctrl_c_as_the_stop_is_saved(db: Any) -> None:  # called in each write of the run
+        if isinstance(sys.exc_info()[1], backfill.KeyRefused):
+            raise KeyboardInterrupt
+
+    target = backfill.StoreTarget(store, ctrl_c_as_the_stop_is_saved)
+    people = [{"email": f"user{n}@example.com", "external_id": str(n)} for n in range(400)]
+
+    def users() -> Any:
+        yield from people[: backfill.CHUNK]
+        with store.write() as db:  # as the process delivering keeps Meisa's refusal
+            Store.set_meta(db, "backfill_refused", [401, None, "Invalid API key."])
+        yield from people[backfill.CHUNK :]
+
+    def to_operation(user: dict[str, str]) -> Operation:
+        return Operation.checked("upsert", dict(user), priority="backfill")
+
+    ended: BaseException | None = None
+    try:
+        backfill.run(target, users(), to_operation, total=400)
+    except BaseException as error:  # a KeyboardInterrupt must not end the test session
+        ended = error
+    assert isinstance(ended, backfill.KeyRefused), repr(ended)
+    assert target.refused() == [401, None, "Invalid API key."]
+    kept = target.load()  # its note that it runs was not cleared, yet the next run starts
+    assert kept is not None and kept.alive_at is not None
+    target.save(kept, start=True)
 
 
 def test_a_restart_behind_the_upserts_an_earlier_run_left_counts_none_done() -> None:

@@ -285,10 +285,14 @@ def run(
     except BaseException as stop:
         # The summary so far, before the caller says how to go on (not after a refused key:
         # it would count the users whose upserts went as done).
-        if isinstance(stop, KeyboardInterrupt):
-            tick(force=True)
-        # No process runs it (the next run starts), as kept: not an interrupted write's.
-        target.save(dataclasses.replace(target.load() or current, alive_at=None))
+        try:
+            if isinstance(stop, KeyboardInterrupt):
+                tick(force=True)
+            # No process runs it (the next run starts), as kept: not an interrupted write's.
+            target.save(dataclasses.replace(target.load() or current, alive_at=None))
+        except KeyboardInterrupt:
+            if not isinstance(stop, KeyRefused):  # the key's error, kept, says how to go on
+                raise
         raise
     current.state = "done"
     target.save(current)

@@ -377,6 +377,33 @@ def test_ctrl_c_while_a_stop_at_a_refused_key_is_saved_ends_with_the_keys_error(
     target.save(kept, start=True)
 
 
+def test_ctrl_c_as_a_chunk_is_stored_keeps_the_position_of_the_chunks_stored(
+    tmp_path: Path,
+) -> None:
+    # Ctrl+C lands in the write of the second chunk: its rows are not stored, so the run
+    # goes on from the first chunk's end, not past users none of whose upserts was kept.
+    store = Store(str(tmp_path / "store.sqlite3"))
+    interrupted: list[bool] = []
+
+    def ctrl_c_as_the_second_chunk_is_stored(db: Any) -> None:  # in each write of the run
+        stored = db.execute("SELECT count(*) FROM meisa_ops").fetchone()[0]
+        if stored == backfill.CHUNK and not interrupted:
+            interrupted.append(True)
+            raise KeyboardInterrupt
+
+    target = backfill.StoreTarget(store, ctrl_c_as_the_second_chunk_is_stored)
+    people = [{"email": f"user{n}@example.com", "external_id": str(n)} for n in range(400)]
+
+    def to_operation(user: dict[str, str]) -> Operation:
+        return Operation.checked("upsert", dict(user), priority="backfill")
+
+    with pytest.raises(KeyboardInterrupt):
+        backfill.run(target, people, to_operation, total=400)
+    assert interrupted
+    assert target.backlog() == (backfill.CHUNK, 0)
+    assert target.goes_on_from() == backfill.CHUNK
+
+
 def test_a_restart_behind_the_upserts_an_earlier_run_left_counts_none_done() -> None:
     # An interrupted run left 400 upserts waiting; --restart starts from the first user.
     run = backfill.Run(started_at=0.0, position=0, total=600)

@@ -145,7 +145,7 @@ class Target:
         ``start``: this process runs it from now, unless another does (:class:`AlreadyRunning`)."""
         with self._kept(write=True) as kept:
             other = self._get(kept, "backfill") if start else {}
-            if start and alive(other, time.time()) and not self._get(kept, "backfill_refused"):
+            if alive(other, time.time()) and not self._get(kept, "backfill_refused"):
                 raise AlreadyRunning(other["alive_at"])
             if fresh:
                 self._put(kept, "backfill_failures", None)

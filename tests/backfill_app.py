@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
+import threading
 from collections.abc import Callable
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from flask_login import UserMixin
 from flask_login import login_user
 
 from flask_meisa import Meisa
+from flask_meisa._engine import backfill
 from flask_meisa.emulator import Emulator
 
 
@@ -100,6 +102,22 @@ def upgrade_while_read(app: Flask, live_sync: Callable[[User], None], number: in
             yield row
 
     meisa.users_to_sync(users, count=count)
+
+
+def hold_after_first_chunk(meisa: Meisa) -> threading.Event:
+    """Make ``sync-users`` of ``meisa``'s app wait, its first chunk queued, until the event
+    returned is set."""
+    query, count = meisa.user_source  # type: ignore[misc]
+    go_on = threading.Event()
+
+    def users() -> Iterator[Any]:
+        for read, person in enumerate(query()):
+            if read == backfill.CHUNK:
+                assert go_on.wait(60)
+            yield person
+
+    meisa.users_to_sync(users, count=count)
+    return go_on
 
 
 def live_sync_retried(meisa: Meisa, emulator: Emulator) -> Callable[[User], None]:

@@ -32,6 +32,7 @@ from flask_meisa.emulator import Emulator
 from flask_meisa.operations import Operation
 from flask_meisa.testing import emulator_config
 from tests.backfill_app import create_app
+from tests.backfill_app import hold_after_first_chunk
 from tests.backfill_app import interrupt_first_run
 from tests.backfill_app import live_sync_retried
 from tests.backfill_app import sync_users_process
@@ -532,16 +533,7 @@ def test_a_second_run_is_refused_while_another_runs_and_the_first_goes_on(
     # how to go on; the first goes on undisturbed.
     app = make_app(emulator, 600, MEISA_OUTBOX=str(tmp_path / "meisa-outbox.sqlite3"))
     meisa: Meisa = app.extensions["meisa"]
-    query, count = meisa.user_source  # type: ignore[misc]
-    go_on = threading.Event()
-
-    def users() -> Any:
-        for read, person in enumerate(query()):
-            if read == backfill.CHUNK:  # the first chunk stored: the run waits here
-                assert go_on.wait(60)
-            yield person
-
-    meisa.users_to_sync(users, count=count)
+    go_on = hold_after_first_chunk(meisa)
     results: list[Any] = []
     first = threading.Thread(target=lambda: results.append(sync_users(app)))
     first.start()

@@ -917,12 +917,25 @@ def test_a_flush_waits_for_the_hooks_of_work_shed_from_memory_by_another_thread(
     assert eventually(lambda: engine.is_holder)
     mend = _locked(store, path)
     submitting = threading.Thread(target=engine.submit, args=([upsert(2), upsert(3)],))
+    said, go_on = threading.Event(), threading.Event()
+
+    class HoldTheWriter(logging.Handler):  # as it says the store failed: upsert 1 waits
+        def handle(self, record: logging.LogRecord) -> bool:  # without the handler's lock
+            if "store failed" in record.getMessage():
+                said.set()
+                go_on.wait(5)
+            return True
+
+    holding = HoldTheWriter()
+    logging.getLogger("flask_meisa.engine").addHandler(holding)
     try:
         engine.submit([upsert(1)])
-        assert eventually(lambda: len(failures(caplog)) == 1)
+        assert said.wait(5)
         submitting.start()  # sheds the two oldest, and reports the first one
         assert entered.wait(5)
     finally:
+        logging.getLogger("flask_meisa.engine").removeHandler(holding)
+        go_on.set()
         mend()
     try:
         assert hooks.wait_for("delivered", 1)  # the one kept

@@ -291,7 +291,10 @@ class Caller:
             policy=retry,
         )
         run = functools.partial(Store.get_meta, db, "backfill")
-        settled = dead.retried_refusal(operation, settled, error, run, retry)
+        refusal = dead.retried_refusal(operation, settled, error, run, retry)
+        if refusal is not settled:  # the key refuses them all: they wait for this one's retry
+            pending.hold_backfill(db, now + refusal.decision.delay)
+        settled = refusal
         decision = settled.decision
         what = operation.describe()
         if row.recover == 1:

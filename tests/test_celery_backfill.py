@@ -7,6 +7,7 @@ synced make no call."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import re
 import threading
@@ -274,6 +275,37 @@ def test_a_second_run_is_refused_while_another_runs_and_the_first_goes_on(
     assert results[0].output.splitlines()[-1].startswith("600 of 600 users done")
     by_user = upserts_by_user(emulator)
     assert len(by_user) == 600 and set(by_user.values()) == {1}
+
+
+def test_of_two_runs_started_at_the_same_moment_one_starts(make_app: MakeApp) -> None:
+    # Each run reads in Redis that none runs, then notes it runs: two started at once both
+    # read none, both started, and both moved the run's position.
+    apps = [make_app(10), make_app(10)]
+    targets = []
+    for app in apps:
+        with app.app_context():
+            targets.append(app.extensions["meisa"].state().dispatcher.backfill())
+    both = 0
+    barrier = threading.Barrier(2)
+    started: list[backfill.Target] = []
+
+    def start(target: backfill.Target) -> None:
+        barrier.wait(10)
+        with contextlib.suppress(backfill.AlreadyRunning):
+            target.save(backfill.Run(time.time(), alive_at=time.time()), start=True)
+            started.append(target)
+
+    for _ in range(30):
+        targets[0].save(backfill.Run(started_at=time.time()))  # none runs
+        started.clear()
+        threads = [threading.Thread(target=start, args=(target,)) for target in targets]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        assert started
+        both += len(started) == 2
+    assert both == 0
 
 
 def test_a_finished_backfills_dead_letter_retried_with_a_refused_key_stays_a_dead_letter(

@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
+from collections.abc import Iterator
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 from typing import Any
@@ -343,8 +344,13 @@ class CeleryBackfill(backfill.Target):
         self._dispatcher = dispatcher
         self.resync_after = resync_after
 
-    def _kept(self, write: bool = False) -> contextlib.AbstractContextManager[Any]:
-        return contextlib.nullcontext(self._dispatcher.store)
+    @contextlib.contextmanager
+    def _kept(self, write: bool = False) -> Iterator[RedisDeliveryStore]:
+        store = self._dispatcher.store
+        # Written by one run at a time: two started at once each read that none ran.
+        lock = store.redis.lock(f"{store.prefix}:backfill:lock", timeout=60, sleep=0.01)
+        with lock if write else contextlib.nullcontext():
+            yield store
 
     def _queue(
         self, store: RedisDeliveryStore, run: backfill.Run, operations: list[Operation], now: float

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 from typing import Any
 
+from ..operations import LANE_BACKFILL
 from ..operations import Attempt
 from ..operations import attempt
 from . import dead
@@ -200,6 +201,9 @@ class Caller:
                 if row is None:
                     due = pending.next_due(db, now)
                     return 1.0 if due is None else due - now
+                held = float(Store.get_meta(db, "backfill_held", 0.0))
+                if row.lane == LANE_BACKFILL and now < held:  # first in: none is live
+                    return held - now
                 had = functools.partial(known.lookup, db, row.operation.payload)
                 if known.unchanged(row.operation, had, now, self.delivery.settings.resync_after):
                     known.remember(db, row.operation.payload, now, accepted=False)
@@ -293,7 +297,7 @@ class Caller:
         run = functools.partial(Store.get_meta, db, "backfill")
         refusal = dead.retried_refusal(operation, settled, error, run, retry)
         if refusal is not settled:  # the key refuses them all: they wait for this one's retry
-            pending.hold_backfill(db, now + refusal.decision.delay)
+            Store.set_meta(db, "backfill_held", now + refusal.decision.delay)
         settled = refusal
         decision = settled.decision
         what = operation.describe()

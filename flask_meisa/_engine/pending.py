@@ -348,12 +348,3 @@ def _passes(
 def release_flights(db: sqlite3.Connection) -> int:
     """Rows a delivering process left in flight (it died) wait again."""
     return db.execute("UPDATE meisa_ops SET state = 'pending' WHERE state = 'flight'").rowcount
-
-
-def hold_backfill(db: sqlite3.Connection, until: float) -> None:
-    """No row waiting in the backfill lane is called before ``until`` (a refused one is
-    retried then); one a live row of its contact waits for moved to its lane is."""
-    db.execute(
-        "UPDATE meisa_ops SET ready_at = max(ready_at, ?) WHERE lane = ? AND state = 'pending'",
-        (until, LANE_BACKFILL),
-    )

@@ -564,6 +564,52 @@ def test_a_second_run_is_refused_while_another_runs_and_the_first_goes_on(
     assert len(by_user) == 600 and set(by_user.values()) == {1}
 
 
+def test_a_run_taken_over_while_slow_stops_and_leaves_the_others_notes(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    # A run reading a chunk noted nothing for 90 s (a slow query): a second one took it
+    # over, as from a killed run. The first, going on, stops at its next write, and leaves
+    # the second's notes as they are (it went on writing its own over them, to the end).
+    outbox = tmp_path / "meisa-outbox.sqlite3"
+    app = make_app(emulator, 600, MEISA_OUTBOX=str(outbox))
+    meisa: Meisa = app.extensions["meisa"]
+    query, count = meisa.user_source  # type: ignore[misc]
+    go_on = threading.Event()
+
+    def users() -> Any:
+        for read, person in enumerate(query()):
+            if read == backfill.CHUNK:  # the first chunk stored: the run is slow here
+                assert go_on.wait(60)
+            yield person
+
+    meisa.users_to_sync(users, count=count)
+    results: list[Any] = []
+    first = threading.Thread(target=lambda: results.append(sync_users(app)))
+    first.start()
+    try:
+        with app.app_context():
+            assert wait_until(lambda: (meisa.status().backfill or {}).get("position") == 200)
+        target = backfill.StoreTarget(Store(str(outbox)))
+        slow = target.load()
+        assert slow is not None and slow.alive_at is not None
+        slow.alive_at -= 3 * backfill.ALIVE_EVERY + 1
+        target.save(slow)
+        process = sync_users_process(emulator.url, emulator.live_key, 600, tmp_path)
+        second = subprocess.run(**process, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 0, second.stderr
+        taken = target.load()
+    finally:
+        go_on.set()
+        first.join(60)
+        meisa.close(app)
+    assert results[0].exit_code == 1, results[0].output
+    assert "another 'flask meisa sync-users' runs the backfill" in results[0].output
+    assert taken is not None and taken.state == "done" and taken.alive_at is not None
+    assert target.load() == taken
+    by_user = upserts_by_user(emulator)
+    assert len(by_user) == 600 and set(by_user.values()) == {1}
+
+
 @pytest.mark.slow
 def test_a_backfill_killed_at_any_moment_goes_on_where_it_stopped(
     emulator_factory: Callable[..., Emulator], tmp_path: Path

@@ -10,6 +10,7 @@ import functools
 import itertools
 import sqlite3
 import time
+import uuid
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Iterator
@@ -25,10 +26,7 @@ from ..operations import identities
 from . import known
 from . import pending
 from .budget import allowed
-from .known import Known
-from .known import digest
 from .known import unchanged
-from .known import without
 from .store import Store
 
 #: Users read, mapped and stored together (one transaction).
@@ -57,6 +55,7 @@ class Run:
     #: The last user mapped: its position and names, checked again when the run goes on.
     last: list[Any] | None = None
     alive_at: float | None = None  # when its process last noted it runs (None: stopped)
+    owner: str | None = None  # the command that runs it (one taken over stops)
 
 
 def alive(run: dict[str, Any] | None, now: float) -> bool:
@@ -144,13 +143,20 @@ class Target:
         """Keep ``run``; ``fresh``: it starts over, so forget earlier runs' failures;
         ``start``: this process runs it from now, unless another does (:class:`AlreadyRunning`)."""
         with self._kept(write=True) as kept:
-            other = self._get(kept, "backfill") if start else {}
-            if alive(other, time.time()) and not self._get(kept, "backfill_refused"):
-                raise AlreadyRunning(other["alive_at"])
+            self._check(kept, run, start)
             if fresh:
                 self._put(kept, "backfill_failures", None)
                 self._put(kept, "backfill_refused", None)
             self._put(kept, "backfill", asdict(run))
+
+    def _check(self, kept: Any, run: Run, start: bool) -> None:
+        other = self._get(kept, "backfill") or {}
+        if start:
+            ours = not alive(other, time.time()) or self._get(kept, "backfill_refused")
+        else:  # another took it over, this one noting nothing for 90 s (reading a chunk)
+            ours = other.get("owner") in (None, run.owner)
+        if not ours:
+            raise AlreadyRunning(other.get("alive_at") or time.time())
 
     def goes_on_from(self) -> int:
         """The users the next run (not ``--restart``) counts done as it starts: the last
@@ -169,12 +175,13 @@ class Target:
         self, run: Run, operations: list[Operation], failed: list[dict[str, Any]], read_at: float
     ) -> None:
         """Queue ``operations`` (of users read at ``read_at``) in the backfill lane but for
-        what Meisa already has or got since (:func:`fresh_part`), each counted in
+        what Meisa already has or got since (:func:`~.known.fresh_part`), each counted in
         ``run.queued`` or ``run.skipped``; keep ``failed`` for ``--failures``, and keep
         ``run`` with them."""
         with self._kept(write=True) as kept:
             if (refused := self._get(kept, "backfill_refused")) is not None:
                 raise KeyRefused(*refused)  # as the run read the chunk: none of it is sent
+            self._check(kept, run, start=False)
             self._queue(kept, run, operations, read_at)
             if failed:
                 failures = self._get(kept, "backfill_failures", [])
@@ -233,6 +240,7 @@ def run(
         since = current.started_at if again and current is not None else time.time()
         current = Run(started_at=since, refused_before=target.backlog()[1])
     current.total, current.max_share, current.alive_at = total, max_share, time.time()
+    current.owner = uuid.uuid4().hex
     target.save(current, fresh=fresh, start=True)
     started, start_done, last_report = time.monotonic(), current.position, 0.0
 
@@ -289,7 +297,9 @@ def run(
             if isinstance(stop, KeyboardInterrupt):
                 tick(force=True)
             # No process runs it (the next run starts), as kept: not an interrupted write's.
-            target.save(dataclasses.replace(target.load() or current, alive_at=None))
+            with contextlib.suppress(AlreadyRunning):  # nor when another took it over
+                stopped = dataclasses.replace(target.load() or current, owner=current.owner)
+                target.save(dataclasses.replace(stopped, alive_at=None))
         except KeyboardInterrupt:
             if not isinstance(stop, KeyRefused):  # the key's error, kept, says how to go on
                 raise
@@ -297,19 +307,6 @@ def run(
     current.state = "done"
     target.save(current)
     return tick(force=True)
-
-
-def fresh_part(operation: Operation, had: Known | None, read_at: float) -> Operation | None:
-    """The backfill upsert ``operation`` of a user read at ``read_at``, less the fields a
-    live sync Meisa accepted since then set (newer than the read); ``None`` when only its
-    contact's names are left."""
-    newer = set() if had is None else had.set_after(read_at)
-    if not newer.intersection(digest(operation.payload)):
-        return operation
-    payload = without(operation.payload, newer)
-    if not set(digest(payload)) - {"email", "external_id"}:
-        return None
-    return dataclasses.replace(operation, payload=payload, body=None)
 
 
 def _from_position(
@@ -369,7 +366,7 @@ class StoreTarget(Target):
     ) -> None:
         for operation in operations:
             had = functools.cache(functools.partial(known.lookup, db, operation.payload))
-            fresh = fresh_part(operation, had(), now)
+            fresh = known.fresh_part(operation, had(), now)
             # Meisa has this state and nothing of the contact waits: no row at all.
             if fresh is None or (
                 self._unchanged(fresh, had, run, now) and not pending.waits(db, fresh)

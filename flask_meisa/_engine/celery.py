@@ -21,6 +21,7 @@ from ..operations import LANE_BACKFILL
 from ..operations import LANE_NAMES
 from ..operations import Operation
 from . import backfill
+from . import known
 from .base import DeliveryHooks
 from .base import DeliveryStatus
 from .base import HookCaller
@@ -358,7 +359,7 @@ class CeleryBackfill(backfill.Target):
         for operation in operations:
             contacts = store.contacts(operation.payload)
             had = functools.cache(functools.partial(store.known, next(iter(contacts), None)))
-            fresh = backfill.fresh_part(operation, had(), now)
+            fresh = known.fresh_part(operation, had(), now)
             if fresh is None or (
                 self._unchanged(fresh, had, run, now) and store.pending_version(contacts) is None
             ):

@@ -4,6 +4,7 @@ table (the Celery engine keeps the same digest in Redis)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sqlite3
@@ -174,3 +175,16 @@ def unchanged(operation: Operation, had: Lookup, now: float, resync_after: float
         and known.accepted_at >= now - resync_after
         and known.has(digest(operation.payload))
     )
+
+
+def fresh_part(operation: Operation, had: Known | None, read_at: float) -> Operation | None:
+    """The backfill upsert ``operation`` of a user read at ``read_at``, less the fields a
+    live sync Meisa accepted since then set (newer than the read); ``None`` when only its
+    contact's names are left."""
+    newer = set() if had is None else had.set_after(read_at)
+    if not newer.intersection(digest(operation.payload)):
+        return operation
+    payload = without(operation.payload, newer)
+    if not set(digest(payload)) - {"email", "external_id"}:
+        return None
+    return dataclasses.replace(operation, payload=payload, body=None)

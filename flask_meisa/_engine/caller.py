@@ -201,9 +201,10 @@ class Caller:
                 if row is None:
                     due = pending.next_due(db, now)
                     return 1.0 if due is None else due - now
-                held = float(Store.get_meta(db, "backfill_held", 0.0))
-                if row.lane == LANE_BACKFILL and now < held:  # first in: none is live
-                    return held - now
+                if row.lane == LANE_BACKFILL:  # first in: none is live
+                    held = float(Store.get_meta(db, "backfill_held", 0.0))
+                    if now < held:
+                        return held - now
                 had = functools.partial(known.lookup, db, row.operation.payload)
                 if known.unchanged(row.operation, had, now, self.delivery.settings.resync_after):
                     known.remember(db, row.operation.payload, now, accepted=False)

@@ -6,6 +6,7 @@ writes fail, and the host's status seen from another engine."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import shutil
@@ -1236,6 +1237,18 @@ def test_a_retry_carried_into_the_file_at_the_path_still_waits_its_turn(
     assert not emulator.wait_for_requests(2, timeout=1.0)
 
 
+def _file_in_place_of(folder: Path, away: Path) -> None:
+    """Move ``folder`` to ``away`` and put a file where it was (the engine, following its
+    store, may make the folder again in between: moved away too)."""
+    folder.rename(away)
+    for again in itertools.count(1):
+        try:
+            folder.write_text("")
+            return
+        except IsADirectoryError:
+            folder.rename(away.with_name(f"{away.name} {again}"))
+
+
 def test_a_lock_file_that_cannot_be_made_again_is_said_once_not_as_the_store_failing(
     emulator: Emulator,
     make_engine: MakeEngine,
@@ -1250,8 +1263,7 @@ def test_a_lock_file_that_cannot_be_made_again_is_said_once_not_as_the_store_fai
     # The folder gone (moved away whole: the engine may be writing in it), and a file put
     # where it was: neither the store nor its lock can be made again, while the file the
     # process has open takes its work.
-    instance.rename(tmp_path / "gone")
-    instance.write_text("")
+    _file_in_place_of(instance, tmp_path / "gone")
     assert eventually(lambda: "cannot move to the file now there" in caplog.text)
     assert eventually(lambda: "delivery lock" in caplog.text)
     for n in range(5):
@@ -1264,8 +1276,7 @@ def test_a_lock_file_that_cannot_be_made_again_is_said_once_not_as_the_store_fai
     instance.unlink()
     instance.mkdir()
     assert eventually(lambda: "locked the new file and delivers on" in caplog.text)
-    instance.rename(tmp_path / "gone again")
-    instance.write_text("")
+    _file_in_place_of(instance, tmp_path / "gone again")
     assert eventually(lambda: caplog.text.count("delivers on with the one it holds") == 2)
 
 

@@ -29,6 +29,7 @@ def deliver(make_engine: MakeEngine, emulator: Emulator, ops: list[Operation]) -
     engine = make_engine(emulator, RecordingHooks())
     engine.submit(ops)
     assert engine.flush(timeout=20)
+    engine.close()  # the next engine of the store delivers, with its own retry policy
 
 
 def hand_over(make_engine: MakeEngine, emulator: Emulator) -> dict[str, Any]:
@@ -147,5 +148,6 @@ def test_an_address_its_user_left_for_another_makes_its_next_user_wait_for_nothi
     second_apart = RetryPolicy(base_delay=1.0, max_delay=1.0, deadline=30.0, random=lambda: 0.999)
     engine = make_engine(emulator, RecordingHooks(), store=store, retry=second_apart)
     assert engine.flush(timeout=20)
+    assert engine.is_holder  # it delivered, its retries a second apart
     calls = [(r.path.endswith(UPSERT), r.status) for r in emulator.requests][-3:]
     assert calls == [(False, 503), (True, 201), (False, 200)]  # the event, the signup

@@ -295,9 +295,10 @@ class Delivery:
                 if stored:  # a write worked (reads work on while writes fail)
                     self.store_works(None)
             except STORE_ERRORS as error:
+                with self._lock:  # kept until stored; back before said, so submit sheds it
+                    self._intake[:0], self._writing = batch, []
                 self.store_works(error)
                 with self._lock:
-                    self._intake[:0], self._writing = batch, []  # kept until stored
                     if self._stopping:
                         return  # closing: what is left is reported lost
                     self._wake.wait(self._poll)

@@ -51,10 +51,7 @@ Priority = Literal["high", "backfill"]
 #: Lanes, first to last: transactional sends; changes that start Meisa automations (plan
 #: changes, a contact's first upsert, a change of a priority field, events); routine
 #: syncs; backfill.
-LANE_TRANSACTIONAL = 0
-LANE_AUTOMATION = 1
-LANE_ROUTINE = 2
-LANE_BACKFILL = 3
+LANE_TRANSACTIONAL, LANE_AUTOMATION, LANE_ROUTINE, LANE_BACKFILL = range(4)
 #: Lane names as :class:`~flask_meisa.DeliveryStatus` reports them.
 LANE_NAMES: dict[int, str] = dict(
     enumerate(("transactional", "automation", "routine", "backfill"))
@@ -86,9 +83,7 @@ def merge_upsert_payloads(earlier: Mapping[str, Any], later: Mapping[str, Any]) 
             tags = list(merged.get("tag_names") or [])
             tags.extend(tag for tag in value if tag not in tags)
             merged[name] = tags
-        elif name == "source" and merged.get("source") is not None:
-            continue
-        else:
+        elif name != "source" or merged.get("source") is None:
             merged[name] = value
     return merged
 
@@ -231,11 +226,9 @@ class Operation:
 
     def describe(self) -> str:
         """A log-safe description: kind, trigger or event name and id; no payload values."""
-        if self.kind == "send":
-            return f"send {self.payload.get('trigger_key')!s} ({self.id})"
-        if self.kind == "track":
-            return f"track {self.payload.get('event_name')!s} ({self.id})"
-        return f"upsert ({self.id})"
+        name = {"send": "trigger_key", "track": "event_name"}.get(self.kind)
+        subject = "" if name is None else f" {self.payload.get(name)!s}"
+        return f"{self.kind}{subject} ({self.id})"
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of this operation (for a store or a task queue)."""

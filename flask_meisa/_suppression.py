@@ -165,20 +165,17 @@ class SuppressionSet:
     @property
     def count(self) -> int:
         """How many addresses the loaded list holds (local additions not counted)."""
-        current = self._current
-        return 0 if current is None else len(current.emails)
+        return 0 if self._current is None else len(self._current.emails)
 
     @property
     def as_of(self) -> str | None:
         """Meisa's ``as_of`` of the loaded list, or ``None``."""
-        current = self._current
-        return None if current is None else current.as_of
+        return None if self._current is None else self._current.as_of
 
     @property
     def age(self) -> float | None:
         """Seconds (by the clock) since the last successful load, or ``None``."""
-        current = self._current
-        return None if current is None else self._clock() - current.loaded_at
+        return None if self._current is None else self._clock() - self._current.loaded_at
 
     def _start_refresh(self, *, respect_retry: bool) -> bool:  # with the lock held
         if self._loading or self._closed:

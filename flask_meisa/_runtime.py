@@ -38,9 +38,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("flask_meisa")
 
-#: ``MEISA_DELIVERY``: (the module whose ``make_dispatcher(state)`` makes the engine, whether
-#: it keeps a store that may hold earlier work: then ``flush`` and ``status`` make it).
-_ENGINES = {"sync": ("sync", False), "thread": ("delivery", True), "celery": ("celery", False)}
+#: ``MEISA_DELIVERY``: the module whose ``make_dispatcher(state)`` makes the engine.
+_ENGINES = {"sync": "sync", "thread": "delivery", "celery": "celery"}
 
 
 class MeisaState:
@@ -179,14 +178,14 @@ class MeisaState:
             return dispatcher
         with self._lock:
             if self._dispatcher is None:
-                name = _ENGINES[self.settings.delivery][0]
+                name = _ENGINES[self.settings.delivery]
                 module = importlib.import_module(f"._engine.{name}", __package__)
                 self._dispatcher = module.make_dispatcher(self)
             return self._dispatcher
 
     def has_dispatcher(self) -> bool:
         """Whether an engine was made, or one is needed (a store may hold earlier work)."""
-        keeps_store = _ENGINES[self.settings.delivery][1]
+        keeps_store = self.settings.delivery == "thread"
         return self._dispatcher is not None or (keeps_store and self.delivering())
 
     def store(self) -> Store:
@@ -233,8 +232,8 @@ class MeisaState:
     def store_path(self) -> str | None:
         """The file of the delivery store, or ``None`` for memory."""
         path = self.settings.outbox
-        if path is not None and path.startswith(INSTANCE_PREFIX):
-            path = path[len(INSTANCE_PREFIX) :].strip()
+        if path is not None:
+            path = path.removeprefix(INSTANCE_PREFIX).strip()
         # A relative path is the instance folder's, not the working directory's: a command
         # run from another folder must find the workers' store, not make one of its own.
         return None if path is None else os.path.join(self.app.instance_path, path)

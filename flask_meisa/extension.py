@@ -224,15 +224,10 @@ class Meisa:
         is suppressed: now, within ``MEISA_SEND_DEADLINE`` (Meisa's refusal raises its
         :class:`APIError`), or queued with ``background=True``. Every attempt carries the
         same ``idempotency_key``. Bad input raises :class:`ValidationError`."""
+        fields = {k: v for k, v in locals().items() if k not in ("self", "background")}
         state = self.state()
         flag(background, "background")
-        body: dict[str, Any] = trigger_body(
-            trigger_key,
-            to_email,
-            variables=variables,
-            recipient=recipient,
-            idempotency_key=idempotency_key,
-        )
+        body: dict[str, Any] = trigger_body(**fields)
         key, address = body["trigger_key"], body["to_email"]
         no_call = functools.partial(
             SendResult, trigger_key=key, to_email=address, idempotency_key=body["idempotency_key"]

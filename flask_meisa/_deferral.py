@@ -203,9 +203,8 @@ class HeldBatches:
                 self._changed.notify_all()
 
     def wait(self, timeout: float | None) -> bool:
-        """Wait until no response holds a batch, at most ``timeout`` seconds (but for those
-        this thread is releasing: a receiver of their signals waiting would wait for
-        itself)."""
+        """Wait until no response holds a batch, at most ``timeout`` seconds (but for those this
+        thread is releasing: a receiver of their signals waiting would wait for itself)."""
         own = getattr(self._releasing, "count", 0)
         with self._changed:
             self._waiters += 1

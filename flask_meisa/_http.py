@@ -1,7 +1,6 @@
-"""The client's transport: its session, and one HTTP attempt within a size limit and a total
-time limit (``requests`` times each socket read only: one watchdog thread per process shuts
-down the socket of an attempt past its deadline).
-"""
+"""The client's transport: its session, and one HTTP attempt within a size limit and a total time
+limit (``requests`` times each socket read only: one watchdog thread per process shuts down the
+socket of an attempt past its deadline)."""
 
 from __future__ import annotations
 
@@ -93,9 +92,9 @@ class Transport:
     ) -> tuple[int, Any] | errors.APIError | errors.APIConnectionError:
         """One attempt of ``requests.request(**request)`` within ``limit`` seconds, reading
         ``largest`` bytes of answer at most: ``(status, parsed body)`` on 2xx, else the typed
-        error, for the caller to raise out of any
-        ``except`` block and of this frame, so that it holds no ``requests`` object (those
-        hold the headers) as a cause or in a traceback's locals."""
+        error, for the caller to raise out of any ``except`` block and of this frame, so that it
+        holds no ``requests`` object (those hold the headers) as a cause or in a traceback's
+        locals."""
         session = self.session()
         failure: BaseException | None = None
         with _watchdog.time_limit(limit) as watch:

@@ -126,9 +126,8 @@ def names(value: object) -> tuple[str, ...]:
 
 
 def field_map(value: object) -> dict[str, str]:
-    """``MEISA_CUSTOM_FIELDS``: ``{custom field name: user attribute name}`` from a
-    mapping (or a JSON object), or from names (each a custom field of the same name, see
-    :func:`names`)."""
+    """``MEISA_CUSTOM_FIELDS``: ``{custom field name: user attribute name}`` from a mapping (or a
+    JSON object), or from names (each a custom field of the same name, see :func:`names`)."""
     value = _json_text(value)
     fields: dict[str, str] = {}
     if isinstance(value, Mapping):

@@ -1,6 +1,5 @@
 """``MeisaClient``: one method per Meisa endpoint. Each checks its input (a ``ValidationError``
-means nothing was sent), calls with retries and returns a typed result or raises a typed error.
-"""
+means nothing was sent), calls with retries and returns a typed result or raises a typed error."""
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
 """The error hierarchy, and the error a failed attempt makes. No error holds the API key or a
-payload value: its text comes from the endpoint, the status and what Meisa said (cleaned of
-the key, emails and control characters).
-"""
+payload value: its text comes from the endpoint, the status and what Meisa said (cleaned of the
+key, emails and control characters)."""
 
 from __future__ import annotations
 

@@ -91,10 +91,9 @@ def merge_upsert_payloads(earlier: Mapping[str, Any], later: Mapping[str, Any]) 
 def join_upserts(
     earlier: Mapping[str, Any], later: Mapping[str, Any]
 ) -> tuple[dict[str, Any], str] | None:
-    """Two upserts of one contact as one payload (:func:`merge_upsert_payloads`) and its
-    body; ``None`` when their external ids or addresses disagree (a row keeps every name
-    it had, so what waits on one still waits) or one call could not carry both (they go
-    one after the other)."""
+    """Two upserts of one contact as one payload (:func:`merge_upsert_payloads`) and its body;
+    ``None`` when their external ids or addresses disagree (a row keeps every name it had, so what
+    waits on one still waits) or one call could not carry both (they go one after the other)."""
     pairs = zip(identities(earlier), identities(later), strict=True)
     if any(name is not None and theirs is not None and name != theirs for name, theirs in pairs):
         return None

@@ -1,7 +1,6 @@
-"""Typed results of :class:`~flask_meisa.client.MeisaClient` calls, built from any 2xx body
-by ``from_body``: a missing or mistyped key gives ``None`` or an empty value, never an error.
-``raw`` keeps the parsed body (left out of ``repr`` and comparisons).
-"""
+"""Typed results of :class:`~flask_meisa.client.MeisaClient` calls, built from any 2xx body by
+``from_body``: a missing or mistyped key gives ``None`` or an empty value, never an error. ``raw``
+keeps the parsed body (left out of ``repr`` and comparisons)."""
 
 from __future__ import annotations
 

@@ -190,10 +190,8 @@ class MeisaClient:
     ) -> results.TrackResult:
         """``POST /events/track/`` for the contact with this ``external_id`` or ``email``;
         no such contact: :class:`~flask_meisa.errors.NotFoundError` (upsert first)."""
-        body = payloads.track_body(
-            event_name, email=email, external_id=external_id, properties=properties
-        )
-        return results.TrackResult.from_body(self._call("track", body)[1])
+        fields = {name: value for name, value in locals().items() if name != "self"}
+        return results.TrackResult.from_body(self._call("track", payloads.track_body(**fields))[1])
 
     def add_tag(
         self, contact_id: str, *, tag_name: str | None = None, tag_id: str | int | None = None

@@ -27,8 +27,6 @@ MEMORY = "memory"
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
 _FLAG = 'True or False (or 1/0, or a string "true"/"false", "yes"/"no", "on"/"off", "1"/"0")'
-#: Longer than any wait a thread, lock or socket can be given.
-_MAX_SECONDS = threading.TIMEOUT_MAX
 
 
 class InvalidValue(ValueError):
@@ -72,8 +70,8 @@ def seconds(minimum: float, *, inclusive: bool = True) -> Callable[[object], flo
         number = _number(value)
         if number is None or number < minimum or (number == minimum and not inclusive):
             raise InvalidValue(f"must be a finite number of seconds {bound}")
-        if number > _MAX_SECONDS:
-            raise InvalidValue(f"must be at most {_MAX_SECONDS:.0f} seconds")
+        if number > threading.TIMEOUT_MAX:  # longer than a thread, lock or socket can wait
+            raise InvalidValue(f"must be at most {threading.TIMEOUT_MAX:.0f} seconds")
         return number
 
     return parse

@@ -76,8 +76,7 @@ class _RequestBatch:
 
 
 def _environ() -> WSGIEnvironment:
-    """The current request's environ: through the proxy's object, at a quarter of the cost
-    of ``request.environ`` (this runs on every request)."""
+    """The request's environ, at a quarter of ``request.environ``'s cost (run on every request)."""
     return cast(Any, request)._get_current_object().environ  # type: ignore[no-any-return]
 
 
@@ -154,8 +153,7 @@ def _release(batches: dict[MeisaState, _RequestBatch] | None, *, failed: bool) -
 
 
 def _teardown(sender: Any, exc: BaseException | None = None, **extra: Any) -> None:
-    """``request_tearing_down`` receiver: releases the work of a request context pushed
-    without the middleware."""
+    """Release the work of a request context pushed without the middleware, at its teardown."""
     environ = _environ()
     if not environ.get(_MIDDLEWARE_KEY):
         _release(environ.pop(_BATCH_KEY, None), failed=exc is not None)

@@ -200,8 +200,7 @@ class _Watchdog:
 
     @contextlib.contextmanager
     def time_limit(self, seconds: float) -> Iterator[Watch]:
-        """Cut the connection of the attempt made inside if it is still running after
-        ``seconds``; the watch says afterwards whether that happened."""
+        """Cut the attempt made inside if it still runs after ``seconds`` (the watch says so)."""
         watch = Watch(seconds)
         with self.cond:
             if not self.started:

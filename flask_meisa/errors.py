@@ -249,8 +249,7 @@ def _api_error(
     scope: str | None = None,
     retry_after: float | None = None,
 ) -> APIError:
-    """The error of an answer with an error status (``scope``: the key scope the call needs;
-    ``retry_after``: its ``Retry-After``, parsed)."""
+    """The error of an answer with an error status (``scope``: the key scope the call needs)."""
     # Scrubbed first: that also bounds the depth json.dumps and repr() meet below.
     small = len(content) <= MAX_ERROR_BODY  # 32 MiB of "[{},...]" parsed took 1.6 GB
     body = _scrub(_json(content), secret) if small else None

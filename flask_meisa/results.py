@@ -114,8 +114,7 @@ _R = TypeVar("_R", bound="_Result")
 
 
 def _from(*paths: str) -> dict[str, tuple[str, ...]]:
-    """A field's metadata: read it from the first of ``paths`` (see :func:`_at`) that
-    holds a value."""
+    """A field's metadata: read it from the first of ``paths`` (see :func:`_at`) with a value."""
     return {"paths": paths}
 
 

@@ -225,7 +225,7 @@ def resolve_keys(config: Mapping[str, Any], names: Iterable[str]) -> dict[str, A
         except _values.InvalidValue as error:
             problems.append(f"{key.name} {error}, got {_shown(key, raw)}")
     known = values.keys() >= {"MEISA_API_KEY", *_SWITCHES}
-    if known and values["MEISA_API_KEY"] is None and _delivering(values, config):
+    if known and values["MEISA_API_KEY"] is None and is_delivering(config):
         problems.append(
             "MEISA_API_KEY is not set: set it to your Meisa API key, or turn delivery off"
             " (MEISA_ENABLED = False; under TESTING it is off unless MEISA_SUPPRESS_SEND ="
@@ -241,16 +241,13 @@ def resolve_keys(config: Mapping[str, Any], names: Iterable[str]) -> dict[str, A
     return values
 
 
-def _delivering(switches: Mapping[str, Any], config: Mapping[str, Any]) -> bool:
-    suppress = switches["MEISA_SUPPRESS_SEND"]
-    suppressed = bool(config.get("TESTING")) if suppress is None else suppress
-    return bool(switches["MEISA_ENABLED"]) and not suppressed
-
-
 def is_delivering(config: Mapping[str, Any]) -> bool:
     """Whether operations are delivered now: ``MEISA_ENABLED`` and not
     ``MEISA_SUPPRESS_SEND`` (``TESTING`` while ``None``); a non-boolean raises."""
-    return _delivering(resolve_keys(config, _SWITCHES), config)
+    switches = resolve_keys(config, _SWITCHES)
+    suppress = switches["MEISA_SUPPRESS_SEND"]
+    suppressed = bool(config.get("TESTING")) if suppress is None else suppress
+    return bool(switches["MEISA_ENABLED"]) and not suppressed
 
 
 def _warn_unknown_keys(config: Mapping[str, Any]) -> None:

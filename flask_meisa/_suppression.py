@@ -76,10 +76,9 @@ class SuppressionSet:
         self._lock = threading.Condition()  # notified when a fetch ends
 
     def __repr__(self) -> str:
-        current = self._current
-        if current is None:
+        if self._current is None:
             return f"<{type(self).__name__} not loaded>"
-        return f"<{type(self).__name__} count={len(current.emails)} as_of={current.as_of!r}>"
+        return f"<{type(self).__name__} count={self.count} as_of={self.as_of!r}>"
 
     def is_suppressed(self, email: str, *, wait: float | None = None) -> bool:
         """Whether Meisa (or :meth:`add`) says not to email ``email``, in any case. The first

@@ -78,8 +78,7 @@ def _track(event_name: str, properties: Properties, kwargs: dict[str, Any], befo
     try:
         # By name only: Flask passes URL values so, and a MethodView's ``self`` is no value.
         props = properties(**kwargs) if callable(properties) else properties
-        meisa = current_app.extensions["meisa"]
-        meisa.track(event_name, user=user, properties=props)
+        current_app.extensions["meisa"].track(event_name, user=user, properties=props)
     except ValidationError as error:
         logger.error("meisa: %s not tracked: %s", event_name, error)
     except Exception:

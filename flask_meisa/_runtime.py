@@ -38,9 +38,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("flask_meisa")
 
-#: ``MEISA_DELIVERY``: the module whose ``make_dispatcher(state)`` makes the engine.
-_ENGINES = {"sync": "sync", "thread": "delivery", "celery": "celery"}
-
 
 class MeisaState:
     """The runtime parts of :class:`~flask_meisa.Meisa` for one app (held weakly: an app
@@ -178,7 +175,7 @@ class MeisaState:
             return dispatcher
         with self._lock:
             if self._dispatcher is None:
-                name = _ENGINES[self.settings.delivery]
+                name = "delivery" if self.settings.delivery == "thread" else self.settings.delivery
                 module = importlib.import_module(f"._engine.{name}", __package__)
                 self._dispatcher = module.make_dispatcher(self)
             return self._dispatcher

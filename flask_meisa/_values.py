@@ -35,9 +35,7 @@ class InvalidValue(ValueError):
 
 def flag(value: object) -> bool:
     """A boolean: ``True``/``False``, ``1``/``0``, or one of the usual words, any case."""
-    if isinstance(value, bool):
-        return value
-    if type(value) is int and value in (0, 1):  # app.config.from_prefixed_env() reads "1" as 1
+    if type(value) in (bool, int) and value in (0, 1):  # from_prefixed_env() reads "1" as 1
         return bool(value)
     word = value.strip().lower() if isinstance(value, str) else ""
     if word not in _TRUE | _FALSE:

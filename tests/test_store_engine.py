@@ -903,6 +903,48 @@ def test_memory_stays_bounded_while_the_store_takes_nothing(
     assert sum("queue_full" in r.getMessage() for r in caplog.records) == 7
 
 
+@pytest.mark.parametrize("stored", [False, True], ids=["refused", "stored-after-all"])
+def test_memory_stays_bounded_while_the_writer_tries_the_failing_store(
+    emulator: Emulator,
+    make_engine: MakeEngine,
+    path: Path,
+    lock: HostLock,
+    caplog: pytest.LogCaptureFixture,
+    stored: bool,
+) -> None:
+    # The writer holds upsert 1 while it waits up to a second for the store's write lock:
+    # it counts against the bound, and is the oldest, so it goes first.
+    caplog.set_level(logging.WARNING, logger="flask_meisa.engine")
+    hooks = RecordingHooks()
+    store = Store(path, busy_timeout=1.0)
+    engine = make_engine(emulator, hooks, store=store, queue_size=2)
+    engine.start()
+    mend = _locked(store, path)
+    try:
+        first = upsert(1)
+        engine.submit([first])
+        assert eventually(lambda: len(failures(caplog)) == 1)
+        assert eventually(lambda: engine._writing == [first])  # trying again
+        engine.submit([upsert(2), upsert(3), upsert(4)])
+        assert engine._unstored() == 2
+        if stored:  # the writer gets the lock: what it held is stored, not dropped here
+            mend()
+        assert hooks.wait_for("dropped", 2)
+    finally:
+        if not stored:
+            mend()
+    lock.release()
+    assert engine.flush(10)  # nothing counted twice, nor left waiting for its report
+    # Stored after all, upsert 1 was then the oldest of three rows, and the store shed it.
+    assert {r.body["external_id"] for r in answered(emulator, UPSERT)} == {"t-3", "t-4"}
+    dropped = sorted(op.payload["external_id"] for op in hooks.of("dropped"))
+    assert dropped == ["t-1", "t-2"]
+    assert {hooks.detail(op) for op in hooks.of("dropped")} == {"queue_full"}
+    assert engine.status().dropped == 2
+    held = [r.getMessage() for r in caplog.records if "the store takes nothing" in r.getMessage()]
+    assert len(held) == (1 if stored else 2)
+
+
 def test_a_flush_waits_for_the_hooks_of_work_shed_from_memory_by_another_thread(
     emulator: Emulator,
     make_engine: MakeEngine,

@@ -1,6 +1,5 @@
-"""Background delivery (``MEISA_DELIVERY = "thread"``): a request hands its operations over
-in memory, a writer thread stores them in groups, and the one process of the host holding
-the delivery lock delivers from the store (see docs/delivery.md)."""
+"""Background delivery (``MEISA_DELIVERY = "thread"``): requests hand operations over in memory,
+a writer thread stores them, and the host's delivery lock holder delivers (docs/delivery.md)."""
 
 from __future__ import annotations
 
@@ -63,8 +62,8 @@ class Delivery:
         self.budget = Budget(store, settings.rate_limit, lease=lease_of(settings.call_timeout))
         self.hooks = HookCaller(hooks, logger)
         self.client_factory, self.retry = client_factory, retry
-        self._capacity = settings.queue_size
-        self._poll = poll_interval
+        self._capacity, self._poll = settings.queue_size, poll_interval
+        self._full = f"the store takes nothing and {self._capacity} operations wait in memory"
         self._fresh()
 
     def _fresh(self) -> None:
@@ -78,8 +77,8 @@ class Delivery:
         # flush under steady load never sees memory empty).
         self._passes = self._stored_pass = 0
         self._dropped_here = 0  # shed from memory, or not stored (writer_error)
-        self._live_rows = 0  # live operations stored, as last counted plus added since
-        self._count_at = 0.0  # when to count them again
+        # Live operations stored, as last counted plus added since, and when to count again.
+        self._live_rows, self._count_at = 0, 0.0
         self._threads: list[threading.Thread] = []
         self._started = self._stopping = self._closed = False
         self._store_failing: BaseException | None = None  # why, while it takes no writes
@@ -118,18 +117,20 @@ class Delivery:
             closed = self._closed
             if not closed:
                 self._intake.extend(batch)
-                # Bounded while the store takes nothing: the oldest non-sends go.
-                excess = len(self._intake) - self._capacity
+                # Bounded while the store takes nothing: the oldest non-sends go (_writer_done).
+                excess = len(self._writing) + len(self._intake) - self._capacity
                 if excess > 0 and self._store_failing:
-                    shed = [op for op in self._intake if op.kind != "send"][:excess]
-                    gone = {id(op) for op in shed}
+                    shed = [op for op in (*self._writing, *self._intake) if op.kind != "send"]
+                    shed = shed[:excess]
+                    gone, taken = {id(op) for op in shed}, len(self._writing)
+                    self._writing = [op for op in self._writing if id(op) not in gone]
                     self._intake = [op for op in self._intake if id(op) not in gone]
+                    shed = shed[taken - len(self._writing) :]
                     self._dropped_here += len(shed)
-                    self._caller.count(reporting=len(shed))  # for a flush, until reported
+                    self._caller.count(reporting=len(gone))  # for a flush, until reported
                 self._wake.notify_all()
         if shed:
-            why = f"the store takes nothing and {self._capacity} operations wait in memory"
-            self._drop(shed, "queue_full", why)
+            self._drop(shed, "queue_full", self._full)
         if batch and not self._started:
             self.start()
         if closed:
@@ -165,8 +166,7 @@ class Delivery:
         with self._lock:
             if self._closed:
                 return 0
-            self._closed = True  # no new operations from here on
-            started = self._started
+            started, self._closed = self._started, True  # no new operations from here on
         if started:
             wait = self.settings.flush_timeout if timeout is None else timeout
             deadline = time.monotonic() + wait
@@ -209,15 +209,13 @@ class Delivery:
 
     def status(self) -> DeliveryStatus:
         """The host's delivery (see :class:`~.base.DeliveryStatus`)."""
-        status = DeliveryStatus(engine="thread", durable=self.store.durable)
-        now = time.time()
+        status, now = DeliveryStatus(engine="thread", durable=self.store.durable), time.time()
         with self.store.read() as db:
             Store.describe(db, now, status)
         with self._lock:  # what this process holds while the store takes nothing
             for operation in [*self._writing, *self._intake] if self._store_failing else ():
-                lane = LANE_NAMES[operation.lane]
+                lane, waited = LANE_NAMES[operation.lane], now - operation.created_at
                 status.queued[lane] += 1
-                waited = now - operation.created_at
                 status.oldest_wait[lane] = max(status.oldest_wait.get(lane, 0.0), waited)
         status.dropped += self._dropped_here
         if self.budget.windows:
@@ -239,10 +237,9 @@ class Delivery:
             if sys.is_finalizing():  # before Python 3.12, start() then waits forever
                 raise RuntimeError("interpreter shutdown")
             thread.start()
+            self._threads.append(thread)
         except RuntimeError:  # no new threads at interpreter shutdown
             logger.warning("flask-meisa: cannot start the %s thread", name)
-            return
-        self._threads.append(thread)
 
     def kick(self) -> None:
         """There may be new work, or progress: wake the delivery threads and any flush."""
@@ -281,22 +278,21 @@ class Delivery:
                     self.kick()
                 if batch:
                     self._store_batch(batch)
+                    self._writer_done(batch, [])
                     batch = []
                 self._stored_pass = self._passes  # (only this thread moves it on)
                 if time.monotonic() >= look_at:  # new work from another process?
                     look_at = time.monotonic() + self._poll
                     if self._files is not None and self.store.moved():
                         self._files.follow(delivering=self.is_holder)
-                    seen = self.store.data_version()
-                    if seen != version:
+                    if (seen := self.store.data_version()) != version:
                         version = seen
                         self.kick()
                 self._caller.tidy()
                 if stored:  # a write worked (reads work on while writes fail)
                     self.store_works(None)
             except STORE_ERRORS as error:
-                with self._lock:  # kept until stored; back before said, so submit sheds it
-                    self._intake[:0], self._writing = batch, []
+                self._writer_done([], batch)  # back before said, so submit sheds it
                 self.store_works(error)
                 with self._lock:
                     if self._stopping:
@@ -304,21 +300,20 @@ class Delivery:
                     self._wake.wait(self._poll)
             except Exception:  # a bug: stored one by one, what still fails is reported
                 logger.exception("flask-meisa: delivery writer error; carrying on")
-                for index, operation in enumerate(batch):
+                done = 0
+                for operation in batch:
                     try:
                         self._store_batch([operation])
                     except STORE_ERRORS:  # the store fails now: the rest waits in memory
-                        with self._lock:
-                            self._intake[:0] = batch[index:]
                         break
                     except Exception:
                         with self._lock:  # submit sheds into the same count
                             self._dropped_here += 1
-                        self._caller.count(reporting=1)
-                        self._drop([operation], "writer_error")
+                        self.hooks.call("dropped", operation, "writer_error")  # still unstored
+                    done += 1
+                self._writer_done(batch[:done], batch[done:])
             finally:
                 with self._lock:
-                    self._writing = []
                     self._idle.notify_all()
             if stored and not self._stopping:
                 # Group commit: one transaction, and one wake-up, per group of requests.
@@ -349,6 +344,16 @@ class Delivery:
         if blocked is None or lowest < blocked:
             self.kick()
         self._drop(shed, "queue_full", f"at most {self._capacity} operations wait")
+
+    def _writer_done(self, stored: list[Operation], back: list[Operation]) -> None:
+        """The writer holds nothing now: ``back`` goes back to memory but what submit shed."""
+        with self._lock:
+            kept, self._writing = {id(op) for op in self._writing}, []
+            shed = [op for op in back if id(op) not in kept]
+            self._intake[:0] = [op for op in back if id(op) in kept]
+            self._dropped_here += len(shed)
+            self._caller.count(reporting=-sum(id(op) not in kept for op in stored))
+        self._drop(shed, "queue_full", self._full)
 
     def store_works(self, error: BaseException | None) -> None:
         """Log once when the store starts failing, and once when it works again."""

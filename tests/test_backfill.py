@@ -1202,6 +1202,21 @@ def test_a_stopped_runs_dead_letter_retried_with_a_refused_key_is_read_again_and
     assert upserts_by_user(emulator) == {"0": 1, "1": 1, "2": 1}
 
 
+def test_only_the_keys_refusals_in_a_row_stop_a_backfill(emulator: Emulator) -> None:
+    # Two 503s, then the key refused one upsert four times, a 503, and a fifth refusal
+    # after it: its failures of another kind are no refusals and break a row of them, so
+    # the upsert goes on its ninth attempt and the run ends, nothing lost.
+    bad = {"path": UPSERT, "match": {"external_id": "2"}}
+    for n, status in ((2, 503), (dead.REFUSALS_TO_STOP - 1, 401), (1, 503), (1, 403)):
+        emulator.faults.fail_next(n, status, **bad)  # type: ignore[arg-type]
+    app = make_app(emulator, 3, **QUICK_RETRY)
+    result = sync_users(app)
+    assert result.exit_code == 0, result.output
+    tried = [r.status for r in emulator.requests_to(UPSERT) if r.body["external_id"] == "2"]
+    assert tried == [503, 503, *[401] * (dead.REFUSALS_TO_STOP - 1), 503, 403, 201]
+    assert upserts_by_user(emulator) == {"0": 1, "1": 1, "2": 1}
+
+
 def test_a_restart_after_a_run_stopped_at_a_refused_key_tells_meisa_again(
     emulator: Emulator,
 ) -> None:

@@ -245,6 +245,23 @@ def test_a_refusal_for_a_moment_is_retried_and_the_backfill_goes_on(
     assert after.backfill is not None and "refused" not in after.backfill
 
 
+def test_only_the_keys_refusals_in_a_row_stop_a_backfill(
+    emulator: Emulator, start_worker: StartWorker, make_app: MakeApp
+) -> None:
+    # As on the thread engine: an upsert's failures of another kind (503) are no refusals
+    # and break a row of them, so it goes on its ninth attempt and the run ends.
+    start_workers(start_worker, emulator, MEISA_TEST_CONFIG=QUICK_RETRY)
+    app = make_app(3)
+    bad = {"path": UPSERT, "match": {"external_id": "2"}}
+    for n, status in ((2, 503), (dead.REFUSALS_TO_STOP - 1, 401), (1, 503), (1, 403)):
+        emulator.faults.fail_next(n, status, **bad)  # type: ignore[arg-type]
+    result = sync_users(app)
+    assert result.exit_code == 0, result.output
+    tried = [r.status for r in emulator.requests_to(UPSERT) if r.body["external_id"] == "2"]
+    assert tried == [503, 503, *[401] * (dead.REFUSALS_TO_STOP - 1), 503, 403, 201]
+    assert upserts_by_user(emulator) == {"0": 1, "1": 1, "2": 1}
+
+
 def test_a_second_run_is_refused_while_another_runs_and_the_first_goes_on(
     emulator: Emulator, start_worker: StartWorker, make_app: MakeApp
 ) -> None:

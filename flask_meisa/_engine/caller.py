@@ -296,9 +296,15 @@ class Caller:
             policy=retry,
         )
         run = functools.partial(Store.get_meta, db, "backfill")
-        refusal = dead.retried_refusal(operation, settled, error, run, retry)
+        backfill = operation.priority == "backfill"  # the key's refusals in a row, by id
+        refusals = Store.get_meta(db, "backfill_refusals", {}) if backfill else {}
+        refused = refusals.pop(operation.id, 0)
+        refusal = dead.retried_refusal(operation, settled, error, run, retry, refused)
         if refusal is not settled:  # the key refuses them all: they wait for this one's retry
             Store.set_meta(db, "backfill_held", now + refusal.decision.delay)
+            refusals[operation.id] = refused + 1
+        if refused or refusal is not settled:
+            Store.set_meta(db, "backfill_refusals", refusals or None)
         settled = refusal
         decision = settled.decision
         what = operation.describe()

@@ -294,7 +294,9 @@ class DeliveryWorker:
             policy=self._retry,
         )
         run = functools.partial(self.store.get, "backfill")
-        settled = dead.retried_refusal(operation, settled, outcome.error, run, self._retry)
+        refused, kept = int(meta.get("refused", 0)), settled  # the key's refusals in a row
+        settled = dead.retried_refusal(operation, kept, outcome.error, run, self._retry, refused)
+        meta = {**meta, "refused": refused + 1 if settled is not kept else 0}
         decision = settled.decision
         base.log_decision(
             logger, decision, operation.describe(), outcome.error, operation.attempts

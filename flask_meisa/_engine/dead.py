@@ -84,11 +84,13 @@ def retried_refusal(
     error: BaseException | None,
     run: Callable[[], dict[str, Any] | None],
     policy: RetryPolicy,
+    refused: int,
 ) -> Outcome:
     """``settled``, or a retry after ``policy.max_delay`` when it fails ``operation`` as
-    refused for the key (:func:`key_refused`, ``run()`` the backfill's) on an attempt before
-    the :data:`REFUSALS_TO_STOP`-th: no dead letter, and the run goes on."""
-    if settled.step != "failed" or error is None or operation.attempts >= REFUSALS_TO_STOP:
+    refused for the key (:func:`key_refused`, ``run()`` the backfill's) and the key refused
+    it fewer than :data:`REFUSALS_TO_STOP` times in a row (``refused`` before this attempt;
+    its other failures do not count): no dead letter, and the run goes on."""
+    if settled.step != "failed" or error is None or refused + 1 >= REFUSALS_TO_STOP:
         return settled
     if not key_refused(operation, error_fields(error), run()):
         return settled
@@ -103,6 +105,7 @@ def bury(db: sqlite3.Connection, row: Row, error: BaseException) -> None:
     fields = error_fields(error)
     if key_refused(row.operation, fields, Store.get_meta(db, "backfill")):
         Store.set_meta(db, "backfill_refused", fields)
+        Store.set_meta(db, "backfill_refusals", None)  # of the upserts going now
         db.execute(
             "DELETE FROM meisa_ops WHERE seq = ? OR priority = 'backfill' AND state = 'pending'",
             (row.seq,),

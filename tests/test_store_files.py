@@ -4,15 +4,23 @@ store file deleted (with its folder) or replaced."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from flask_meisa._engine import pending
 from flask_meisa._engine.host import HostLock
 from flask_meisa._engine.store import Store
 from flask_meisa.emulator import Emulator
+from flask_meisa.operations import LANE_ROUTINE
+from tests.engine_support import query
+from tests.engine_support import upsert
+from tests.process_support import ROOT
 from tests.process_support import Process
 from tests.process_support import Processes
 from tests.process_support import environment
@@ -123,3 +131,54 @@ def test_work_left_by_a_release_says_where_it_waits(
     app.signal(signal.SIGTERM)
     assert app.wait() == 0, app.output
     assert f"stay in the store for the next start ({store_path(old_release)})" in app.output
+
+
+@pytest.mark.parametrize("how", ["deleted", "copied"])
+def test_a_store_replaced_while_a_process_has_it_open_keeps_every_row(
+    tmp_path: Path, how: str
+) -> None:
+    # The old file's -wal and -shm stay while a process has it open. Deleted: a store made
+    # again beside them read them as its own (another process: "disk I/O error", so it
+    # could not start; the old one, failing to follow, then saw none of its rows). A copy
+    # of the file put in its place reads its -wal, rows and all: the old one, following,
+    # moved its rows "into" it and deleted them from itself, the same rows (none left).
+    path = str(tmp_path / "meisa-outbox.sqlite3")
+    old, child = Store(path), None
+    try:
+        shutil.copy(path, f"{path}.copy")
+        with old.write() as db:
+            for n in range(5):
+                pending.add(db, upsert(n), LANE_ROUTINE)
+        assert os.path.exists(path + "-wal") and os.path.exists(path + "-shm")
+        os.unlink(path)
+        if how == "copied":
+            os.replace(f"{path}.copy", path)
+        # Another process makes (or opens) the file now there, and keeps it open.
+        child = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from flask_meisa._engine import pending; "
+             "from flask_meisa._engine.store import Store; from tests.engine_support import "
+             f"upsert; store = Store({path!r})\nwith store.write() as db:\n"
+             "    for n in (5, 6): pending.add(db, upsert(n), 2)\n"
+             "print('stored', flush=True); sys.stdin.read(); store.close()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=ROOT,
+        )  # fmt: skip
+        assert child.stdout is not None and child.stdin is not None
+        if child.stdout.readline() != "stored\n":
+            child.kill()
+            pytest.fail(child.communicate()[1])
+        assert old.moved() and old.follow(delivering=True) == (5 if how == "deleted" else 0)
+        with old.read() as db:
+            assert db.execute("SELECT count(*) FROM meisa_ops").fetchone()[0] == 7
+            assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        child.stdin.close()
+        assert child.wait(60) == 0, child.stderr.read() if child.stderr else ""
+    finally:
+        old.close()
+        if child is not None and child.poll() is None:
+            child.kill()
+            child.wait()
+        for stream in (child.stdin, child.stdout, child.stderr) if child is not None else ():
+            if stream is not None:
+                stream.close()
+    assert query(Path(path), "SELECT count(*) FROM meisa_ops") == [(7,)]

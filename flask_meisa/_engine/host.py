@@ -8,6 +8,7 @@ import fcntl
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from collections.abc import Iterator
@@ -27,6 +28,8 @@ logger = logging.getLogger("flask_meisa.engine")
 _FOLLOW_AGAIN = 60.0
 #: Why the file at the store's path may not be followed (``STORE_ERRORS``, a newer schema).
 _UNFOLLOWABLE = (sqlite3.Error, OSError, ConfigurationError)
+#: The store file whose folder this thread holds locked (see :func:`checking`).
+_checking = threading.local()
 
 
 class HostLock:
@@ -251,17 +254,28 @@ def _locked(fd: int) -> bool:
 @contextmanager
 def checking(path: str) -> Iterator[None]:
     """A ``flock`` on the folder of the store file ``path`` (made when missing) while it is
-    checked: processes starting together neither set aside nor read another's fresh file."""
+    checked or made: processes starting together neither set aside nor read another's fresh
+    file. A deleted file's ``-wal`` and ``-shm`` go before it is made again (SQLite would
+    read them as the new one's); the processes that have it open keep theirs."""
+    if getattr(_checking, "path", None) == path:  # this thread holds it already
+        yield
+        return
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd = None
     with suppress(OSError):  # a folder that cannot be locked is checked unguarded
         fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_CLOEXEC)
         fcntl.flock(fd, fcntl.LOCK_EX)
+    _checking.path = path
     try:
+        if not os.path.exists(path):
+            for suffix in ("-wal", "-shm"):
+                with suppress(FileNotFoundError):
+                    os.unlink(path + suffix)
         yield
         for suffix in ("", "-wal", "-shm"):
             folders_owner(path + suffix)
     finally:
+        _checking.path = None
         if fd is not None:
             os.close(fd)
 

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from collections.abc import Sized
 from contextlib import contextmanager
+from contextlib import nullcontext
 from typing import Any
 
 from ..errors import ConfigurationError
@@ -175,6 +176,13 @@ class Store:
 
     def _connection(self) -> sqlite3.Connection:
         if self._db is None:
+            path = self.path  # made, when missing, under its folder's lock (see checking)
+            with checking(path) if path and not os.path.exists(path) else nullcontext():
+                return self._connect()
+        return self._db
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._db is None:
             db = sqlite3.connect(
                 self.path or ":memory:",
                 timeout=self.busy_timeout,
@@ -260,13 +268,28 @@ class Store:
             try:
                 with checking(self.path):
                     self.check()
-                carried = carry_over(old, self, release=delivering)
+                # A copy put in its place beside its -wal reads that -wal: its rows are ours.
+                carried = (
+                    0 if self._reads_wal_of(old) else carry_over(old, self, release=delivering)
+                )
             except BaseException:
                 self.close()
                 self._db, self._opened = old, opened
                 raise
             old.close()
             return carried
+
+    def _reads_wal_of(self, old: sqlite3.Connection) -> bool:
+        """Whether this process's connection and ``old`` read one -wal (a note of the one
+        seen by the other)."""
+        token = os.urandom(8).hex()
+        with self.read() as db:
+            Store.set_meta(db, "wal_note", token)
+        try:
+            return bool(Store.get_meta(old, "wal_note") == token)
+        finally:
+            with self.read() as db:
+                Store.set_meta(db, "wal_note", None)
 
     def data_version(self) -> int:
         """A number that changes whenever another connection (any process) commits."""

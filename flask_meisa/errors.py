@@ -83,7 +83,8 @@ class ValidationError(MeisaError, ValueError):
 
 
 class DeliveryError(MeisaError):
-    """The delivery engine could not accept an operation (for example a full queue)."""
+    """The delivery engine could not take a send (it is closed, or a Celery publish failed),
+    or a send retried past Meisa's idempotency hour (through ``delivery_failed``)."""
 
 
 class APIError(MeisaError):

@@ -134,8 +134,9 @@ KEYS: tuple[Key, ...] = (
               ' pip install "flask-meisa[celery]"; the web process only publishes one task per'
               " operation (see docs/celery.md)."),
     Key("MEISA_QUEUE_SIZE", "int", 10_000, _values.count(10_000_000),
-        "operations the engine holds in memory; past it events, then syncs, are shed"
-        " (reported through `delivery_dropped`), never sends"),
+        "live operations that may wait; past it a flooding contact's latest, then the oldest"
+        " routine syncs, then automation-lane work are shed (reported through"
+        " `delivery_dropped`), never sends or backfill"),
     Key("MEISA_WORKERS", "int", 1, _values.count(32), "delivery threads per process"),
     Key("MEISA_FLUSH_TIMEOUT", _SECONDS, 5.0, _values.seconds(0),
         "how long interpreter exit waits to deliver what is pending"),

@@ -157,7 +157,7 @@ class MeisaState:
         """A new client from the settings."""
         settings = self.settings
         if not settings.api_key:
-            raise RuntimeError("MEISA_API_KEY is not set, so Meisa cannot be called")
+            raise ConfigurationError("MEISA_API_KEY is not set, so Meisa cannot be called")
         return MeisaClient(
             settings.api_key,
             settings.base_url,

@@ -159,7 +159,8 @@ class Meisa:
 
     @property
     def client(self) -> MeisaClient:
-        """The current app's :class:`~flask_meisa.client.MeisaClient`."""
+        """The current app's :class:`~flask_meisa.client.MeisaClient` (without
+        ``MEISA_API_KEY``: :class:`ConfigurationError`)."""
         return self.state().client
 
     def map_user(self, user: Any) -> dict[str, Any]:

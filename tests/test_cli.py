@@ -396,6 +396,15 @@ def test_suppressions_that_cannot_be_loaded_say_why(emulator: Any) -> None:
     assert "meisa_live_not_a_real_key" not in result.output
 
 
+def test_commands_that_call_meisa_without_a_key_say_it_is_not_set() -> None:
+    app = build_app({"MEISA_ENABLED": False})  # no key needed while delivery is off
+    for args, said in ((("ping",), "Error: "), (("suppressions",), "suppression set: ")):
+        result = invoke(app, *args)
+        assert result.exit_code == 1, result.output
+        assert f"{said}MEISA_API_KEY is not set" in result.output
+        assert isinstance(result.exception, SystemExit)  # handled: no traceback
+
+
 def test_sequences_says_when_there_are_none(app: Flask) -> None:
     result = invoke(app, "sequences", "--search", "no such sequence")
     assert (result.exit_code, result.output) == (0, "no sequences\n")

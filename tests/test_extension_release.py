@@ -70,6 +70,27 @@ def test_login_upsert_arrives_only_after_the_client_has_its_response(
     assert emulator.contact(email="ada@example.com")["external_id"] == "1"
 
 
+def test_a_session_restored_from_the_remember_me_cookie_syncs_nothing(emulator: Any) -> None:
+    app = build_app(emulator_config(emulator))
+    users = app.config["USERS"]
+
+    @app.post("/remember/<int:user_id>")
+    def remember(user_id: int) -> str:
+        flask_login.login_user(users[user_id], remember=True)
+        return "logged in"
+
+    @app.get("/me")
+    def me() -> str:
+        return str(flask_login.current_user.email)
+
+    with app.test_client() as client:
+        client.post("/remember/1", buffered=True)
+        assert len(upserts(emulator)) == 1
+        client.delete_cookie("session")  # a new browser session: only the cookie is left
+        assert client.get("/me", buffered=True).text == "ada@example.com"
+    assert len(upserts(emulator)) == 1
+
+
 def test_plan_change_upserts_the_new_plan(emulator: Any, app: Flask) -> None:
     with app.test_client() as client:
         client.post("/plan/2/pro", buffered=True)

@@ -7,6 +7,7 @@ routine work promoted with age, skips; and the task's registration on a Celery a
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from collections.abc import Iterator
@@ -410,6 +411,38 @@ def test_a_429_pauses_every_worker(
     assert isinstance(held, RunAgain)
     assert 1.5 < held.countdown <= 2.0
     assert len(emulator.requests) == 1  # the second worker made no call
+
+
+@pytest.mark.parametrize("rate_limit", ["100/minute", None])
+def test_no_call_leaves_between_a_429_and_its_pause(
+    make_worker: MakeWorker, submit: Submit, emulator: Emulator, rate_limit: str | None
+) -> None:
+    # Another worker thread asks for a slot while the one answered 429 logs its decision,
+    # before it settles or signals anything: the key's budget already pauses it.
+    emulator.faults.force_429(1, retry_after=2, path=UPSERT)
+    first, second = make_worker(rate_limit=rate_limit), make_worker(rate_limit=rate_limit)
+    task = submit(Operation("upsert", {"email": "b@b.co"}))
+    asked: list[RunAgain | None] = []
+
+    class Meanwhile(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "answered 429" in record.getMessage() and not asked:
+                other = threading.Thread(target=lambda: asked.append(second.run(*task)))
+                other.start()
+                other.join()
+
+    handler = Meanwhile()
+    celery_worker.logger.addHandler(handler)
+    try:
+        first.run(*submit(Operation("upsert", {"email": "a@b.co"})))
+    finally:
+        celery_worker.logger.removeHandler(handler)
+    refused, *later = emulator.requests_to(UPSERT)
+    assert refused.status == 429
+    assert [round(r.time - refused.time, 3) for r in later] == []  # none inside the pause
+    (held,) = asked
+    assert isinstance(held, RunAgain)
+    assert held.countdown > 1.5
 
 
 def test_a_send_guardrail_429_delays_only_that_send(

@@ -293,6 +293,8 @@ class DeliveryWorker:
             elapsed=time.time() - meta["first_attempt"],
             policy=self._retry,
         )
+        if budget is not None:  # a 429 about the key: no other call may start from now
+            budget.pause(settled.decision.pause)
         run = functools.partial(self.store.get, "backfill")
         refused, kept = int(meta.get("refused", 0)), settled  # the key's refusals in a row
         settled = dead.retried_refusal(operation, kept, outcome.error, run, self._retry, refused)
@@ -314,7 +316,8 @@ class DeliveryWorker:
                 # and may wait for its contact's upsert, which must not wait for it as long.
                 late=self._lease if settled.step == "retry" else 1.0,
             )
-            budget.pause(base.pause_for(decision, failures, self._retry, logger))
+            if decision.outage:  # Meisa looks down: its calls in a row decide the pause
+                budget.pause(base.pause_for(decision, failures, self._retry, logger))
         if decision.unknown_contact:
             self.store.forget([operation.payload, operation.contact])
         if settled.accepted is not None:

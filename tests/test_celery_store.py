@@ -13,6 +13,7 @@ from flask_meisa._engine.known import digest
 from flask_meisa._engine.redis_store import ANSWERS_KEPT
 from flask_meisa._engine.redis_store import RedisDeliveryStore
 from flask_meisa.operations import LANE_AUTOMATION
+from flask_meisa.operations import LANE_BACKFILL
 from flask_meisa.operations import LANE_ROUTINE
 from flask_meisa.operations import LANE_TRANSACTIONAL
 from flask_meisa.operations import Operation
@@ -170,6 +171,18 @@ def test_finishing_twice_leaves_no_count_behind(store: RedisDeliveryStore) -> No
         "dropped": 0,
         "unchanged": 0,
     }
+
+
+def test_a_refusal_reported_again_counts_once(store: RedisDeliveryStore) -> None:
+    # The worker that counted a backfill upsert refused was killed before it settled its
+    # claim: the task runs again on another worker, Meisa refuses it again, it is counted
+    # again. One operation, one refused user for sync-users.
+    refused, live = upsert(), upsert(external_id="43")
+    store.add_pending(refused, LANE_BACKFILL)
+    store.add_pending(live, LANE_ROUTINE)
+    store.refused([refused.id, live.id])
+    store.refused([refused.id, live.id])
+    assert store.counters()["backfill_refused"] == 1
 
 
 def test_record_keys_name_no_address(store: RedisDeliveryStore, client: Any) -> None:

@@ -31,6 +31,21 @@ ANSWERS_KEPT = 2_000
 FIRST_ATTEMPT_KEPT = 7 * 86400
 _COUNTERS = ("delivered", "failed", "skipped", "dropped", "unchanged")
 
+# KEYS: the backfill lane's pending, the ids counted refused, the counters; ARGV: how long
+# an id is remembered, then the ids. One script: a worker killed midway counts none.
+_REFUSED = """
+local counted = 0
+for i = 2, #ARGV do
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) and redis.call('SADD', KEYS[2], ARGV[i]) == 1 then
+    counted = counted + 1
+  end
+end
+if counted > 0 then
+  redis.call('EXPIRE', KEYS[2], ARGV[1])
+  redis.call('HINCRBY', KEYS[3], 'backfill_refused', counted)
+end
+"""
+
 
 class RedisDeliveryStore(ContactRecords):
     """The records under ``meisa:<namespace>:`` (one namespace per queue prefix): the
@@ -41,6 +56,7 @@ class RedisDeliveryStore(ContactRecords):
         names = ("stats", "tasks", "seen")
         self._stats, self._tasks, self._seen = (f"{self.prefix}:{name}" for name in names)
         self._answers = {lane: f"{self.prefix}:answers:{n}" for lane, n in LANE_NAMES.items()}
+        self._refused = redis.register_script(_REFUSED)
 
     def add_pending(self, operation: Operation, lane: int) -> None:
         """Count ``operation`` pending in ``lane`` and no other (it may have been promoted)."""
@@ -183,11 +199,13 @@ class RedisDeliveryStore(ContactRecords):
 
     def refused(self, ids: list[str]) -> None:
         """Meisa refused the operations ``ids``: those pending in the backfill lane (a
-        backfill's upserts, with or without live ones coalesced) count refused. Before their
-        claim is settled: then another member's task may finish them (its call was made)."""
-        scores = self.redis.zmscore(self._pending[LANE_BACKFILL], ids) if ids else []
-        if refused := sum(score is not None for score in scores):
-            self.redis.hincrby(self._stats, "backfill_refused", refused)
+        backfill's upserts, with or without live ones coalesced) count refused, each once
+        (its task run again, its worker killed before the claim was settled, counts it
+        no more). Before their claim is settled: then another member's task may finish
+        them (its call was made)."""
+        if ids:
+            keys = [self._pending[LANE_BACKFILL], f"{self.prefix}:refused", self._stats]
+            self._refused(keys=keys, args=[RECORD_TTL, *ids])
 
     def counters(self) -> dict[str, int]:
         """Counters by name (of :meth:`finish`)."""

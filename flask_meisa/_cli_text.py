@@ -128,10 +128,10 @@ def key_refused(refused: backfill.KeyRefused, status: DeliveryStatus) -> str:
     return (
         f"Meisa refused a backfill upsert {dead.REFUSALS_TO_STOP} times in a row ({refused}):"
         f" the key (MEISA_API_KEY){whose}"
-        f" {_lacks(refused)}, so it would refuse every user. The run stopped; nothing more"
-        f" was sent, and its upserts not sent are no dead letters. {fix}, then run"
-        " 'flask meisa sync-users' again: it goes through the users from the first, and those"
-        " Meisa already has cost no call."
+        f" {_lacks(refused)}, so it would refuse every user. The run stopped{_at(refused)};"
+        f" nothing more was sent, and its upserts not sent are no dead letters. {fix}, then"
+        " run 'flask meisa sync-users' again: it goes through the users from the first, and"
+        " those Meisa already has cost no call."
     )
 
 
@@ -150,9 +150,15 @@ def stopped_run(status: DeliveryStatus) -> str:
 def _stopped_by(refused: list[Any]) -> str:
     key = backfill.KeyRefused(*refused)
     return (
-        f"stopped: Meisa refused its upserts ({key}), the key {_lacks(key)}: fix it ('flask"
-        " meisa ping' checks it), then run 'flask meisa sync-users' again"
+        f"stopped{_at(key)}: Meisa refused its upserts ({key}), the key {_lacks(key)}: fix"
+        " it ('flask meisa ping' checks it), then run 'flask meisa sync-users' again"
     )
+
+
+def _at(refused: backfill.KeyRefused) -> str:
+    # That user's upsert is no failure, nor a dead letter: the next run reads it again.
+    user = refused.user
+    return f" at user {user} (not synced, not failed: the next run reads it again)" if user else ""
 
 
 def _lacks(refused: backfill.KeyRefused) -> str:

@@ -25,6 +25,7 @@ from flask_meisa import Meisa
 from flask_meisa._engine import backfill
 from flask_meisa._engine import dead
 from flask_meisa._engine.celery_worker import lane_queues
+from flask_meisa._engine.redis_store import RedisDeliveryStore
 from flask_meisa.emulator import Emulator
 from flask_meisa.testing import emulator_config
 from tests.backfill_app import create_app
@@ -206,7 +207,9 @@ def test_a_backfill_stops_once_meisa_refuses_an_upsert_for_its_key_in_a_row(
     assert (status.dead_letters, status.pending) == (0, 0)
     assert status.backfill is not None and status.backfill["refused"][0] == 403
     shown = app.test_cli_runner().invoke(args=["meisa", "status"]).output
-    assert "backfill: stopped: Meisa refused its upserts (HTTP 403" in shown
+    assert re.search(
+        r"backfill: stopped at user \d+ \(.*\): Meisa refused its upserts \(HTTP 403", shown
+    )
     # One upsert refused that many times; others, taken meanwhile, fewer.
     calls = collections.Counter(r.body["external_id"] for r in emulator.requests_to(UPSERT))
     assert max(calls.values()) == dead.REFUSALS_TO_STOP, calls
@@ -219,6 +222,27 @@ def test_a_backfill_stops_once_meisa_refuses_an_upsert_for_its_key_in_a_row(
     assert again.output.splitlines()[-1].startswith("1,500 of 1,500 users done")
     by_user = upserts_by_user(emulator)
     assert len(by_user) == 1_500 and set(by_user.values()) == {1}
+
+
+def test_the_upsert_that_stops_the_run_is_no_failure_and_its_user_is_named(
+    emulator: Emulator, start_worker: StartWorker, make_app: MakeApp, redis_url: str
+) -> None:
+    # Meisa refuses user 1's upsert for the key until the run stops: no dead letter, and
+    # no refused upsert either (the next run reads that user again); both messages say so.
+    emulator.faults.fail_next(dead.REFUSALS_TO_STOP, 403, path=UPSERT, match={"external_id": "1"})
+    start_worker(emulator, concurrency=1, MEISA_TEST_CONFIG=QUICK_RETRY)
+    app = make_app(3)
+    result = sync_users(app)
+    assert result.exit_code == 1, result.output
+    at = "at user 1 (not synced, not failed: the next run reads it again)"
+    assert f"The run stopped {at}; nothing more was sent" in result.output, result.output
+    shown = app.test_cli_runner().invoke(args=["meisa", "status"]).output
+    assert f"backfill: stopped {at}: Meisa refused its upserts (HTTP 403" in shown, shown
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert RedisDeliveryStore(client, "meisa").counters().get("backfill_refused", 0) == 0
+    finally:
+        client.close()
 
 
 def test_a_refusal_for_a_moment_is_retried_and_the_backfill_goes_on(

@@ -83,11 +83,14 @@ class AlreadyRunning(MeisaError):
 class KeyRefused(Exception):
     """Meisa refused a backfill upsert for the key (401: revoked or invalid; 403: without
     ``contacts:write``) :data:`~.dead.REFUSALS_TO_STOP` times in a row: the run stopped,
-    its upserts not sent went (the next run reads their users again)."""
+    its upserts not sent went (the next run reads their users again); ``user``: the
+    external_id of the user whose upsert it refused, when known."""
 
-    def __init__(self, status: int, code: str | None, message: str) -> None:
+    def __init__(
+        self, status: int, code: str | None, message: str, user: str | None = None
+    ) -> None:
         super().__init__(f"HTTP {status}{f' [{code}]' if code else ''} {message}")
-        self.status = status
+        self.status, self.user = status, user
 
 
 class UsersChanged(Exception):

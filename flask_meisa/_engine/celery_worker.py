@@ -369,7 +369,8 @@ class DeliveryWorker:
         # last (a worker killed in a hook leaves its task to run again: its version is done).
         failed = outcome == "failed"
         if failed:  # before the claim: its members' tasks then finish them with no outcome
-            self.store.refused([member.id for member in members])
+            # Not the one that stops the run: no dead letter, its user is read again.
+            self.store.refused([m.id for m in members if not self._dead.stops(m, detail)])
         if claim is not None:
             self.store.settle(claim)
             if self.budget is not None:  # the other members' tasks need no slot any more

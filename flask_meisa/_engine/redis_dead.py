@@ -42,11 +42,11 @@ class RedisDeadLetters:
 
     def bury(self, operations: Iterable[Operation], error: BaseException) -> None:
         """Keep ``operations`` with ``error`` (past :data:`MOST_KEPT`, only logged)."""
-        status, code, message = fields = error_fields(error)
-        run = self._store.get("backfill")
+        status, code, message = error_fields(error)
         for operation in operations:
-            if key_refused(operation, fields, run):  # its run reads its user again
-                self._store.put("backfill_refused", fields)
+            if self.stops(operation, error):  # its run reads its user again
+                user = operation.payload.get("external_id")
+                self._store.put("backfill_refused", [status, code, message, user])
                 continue
             if self._redis.hlen(self._key) >= MOST_KEPT:
                 what = operation.describe()
@@ -54,6 +54,11 @@ class RedisDeadLetters:
                 continue
             seq = int(self._redis.incr(self._numbers))
             self._keep(_letter(seq, operation, status, code, message, time.time()))
+
+    def stops(self, operation: Operation, error: BaseException) -> bool:
+        """Whether Meisa refusing ``operation`` with ``error`` stops its backfill's run
+        (:func:`~.dead.key_refused`): then it is no dead letter."""
+        return key_refused(operation, error_fields(error), self._store.get("backfill"))
 
     def count(self) -> int:
         """How many dead letters are kept."""

@@ -378,6 +378,47 @@ def test_a_retry_that_comes_late_still_goes_before_its_contacts_next_one(
     assert budget.acquire(lease=LEASE, waiter="e1", place=second).token is not None
 
 
+def test_a_contacts_waiter_that_comes_back_late_still_goes_before_its_contacts_next_one(
+    make_budget: MakeBudget,
+) -> None:
+    budget = make_budget("10/second")
+    first, second, third = budget.places([("e0", "c"), ("e1", "c"), ("e2", "c")])
+    token = budget.acquire(lease=LEASE, waiter="e0", place=first).token
+    assert token is not None
+    # The second waits for the first's call; the third follows it.
+    assert budget.acquire(lease=LEASE, waiter="e1", place=second).token is None
+    assert budget.acquire(lease=LEASE, waiter="e2", place=third).token is None
+    # The second's worker has its threads busy: it comes back more than a grace late.
+    time.sleep(1.2)
+    budget.finish(token)
+    assert budget.acquire(lease=LEASE, waiter="other", contact="other").token is not None
+    later = budget.acquire(lease=LEASE, waiter="e2", place=third)
+    assert later.token is None and later.wait <= 0.1, later  # it looks again soon
+    got = budget.acquire(lease=LEASE, waiter="e1", place=second)
+    assert got.token is not None
+    budget.finish(got.token)
+    assert budget.acquire(lease=LEASE, waiter="e2", place=third).token is not None
+
+
+def test_a_contacts_waiter_that_never_comes_back_holds_its_next_one_for_a_lease(
+    make_budget: MakeBudget,
+) -> None:
+    budget = make_budget("10/second")
+    first, second = budget.places([("e0", "c"), ("e1", "c")])
+    held = budget.acquire(lease=0.3, lane=LANE_AUTOMATION, waiter="other", contact="c")
+    assert held.token is not None  # the contact's call: the first waits
+    assert budget.acquire(lease=0.3, waiter="e0", place=first).token is None
+    budget.finish(held.token)
+    # The first never comes back (its worker died): its next one waits a lease at most
+    # past the first's return and its grace.
+    deadline = time.monotonic() + 2.5
+    got = budget.acquire(lease=0.3, waiter="e1", place=second)
+    while got.token is None:
+        assert time.monotonic() < deadline, got
+        time.sleep(got.wait)
+        got = budget.acquire(lease=0.3, waiter="e1", place=second)
+
+
 def test_a_retry_waiting_for_a_slot_tells_its_contacts_next_one_when_to_look_again(
     make_budget: MakeBudget,
 ) -> None:

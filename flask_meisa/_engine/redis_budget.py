@@ -111,7 +111,7 @@ class RedisBudget:
         """Drop ``waiters`` (operation ids, whose operation is over) from every lane."""
         pipe = self._redis.pipeline(transaction=False)
         for key in self._waiting if waiters else ():
-            pipe.zrem(key, *waiters)
+            pipe.zrem(key, *waiters, *(f"late:{waiter}" for waiter in waiters))
         pipe.execute()  # nothing sent when there is nothing to drop
 
     def hold(self, waiter: str, lane: int, seconds: float) -> None:

@@ -84,10 +84,20 @@ local first_lease_end = tonumber(redis.call('ZRANGE', flying_key, 0, 0, 'WITHSCO
 local waiting_ahead = 0
 local gone_by = now - GRACE
 for each_lane = 0, lane do
-  local gone = redis.call('ZRANGEBYSCORE', back_key(each_lane), '-inf', gone_by, 'LIMIT', 0, 20)
-  if #gone > 0 then
-    redis.call('ZREM', back_key(each_lane), unpack(gone))
-    redis.call('ZREM', turns_key(each_lane), unpack(gone))
+  local gone = redis.call(
+    'ZRANGEBYSCORE', back_key(each_lane), '-inf', gone_by, 'WITHSCORES', 'LIMIT', 0, 20
+  )
+  for i = 1, #gone, 2 do
+    redis.call('ZREM', back_key(each_lane), gone[i])
+    redis.call('ZREM', turns_key(each_lane), gone[i])
+    -- Late (its task may wait for a busy thread): its contact's next waits a lease more.
+    local late_ms = math.ceil((lease + GRACE) * 1000) + 1000
+    if not string.find(gone[i], ':', 1, true) then
+      redis.call('ZADD', back_key(each_lane), tonumber(gone[i + 1]) + lease, 'late:' .. gone[i])
+      if redis.call('PTTL', back_key(each_lane)) < late_ms then
+        redis.call('PEXPIRE', back_key(each_lane), late_ms)
+      end
+    end
   end
   if each_lane < lane then
     waiting_ahead = waiting_ahead + redis.call('ZCARD', turns_key(each_lane))
@@ -164,6 +174,7 @@ local before_turn = before_back
   and tonumber(redis.call('ZSCORE', turns_key(lane), waiter_before))
 if follows and not before_back and not part then
   before_back = redis.call('ZSCORE', back_key(lane), 'held:' .. waiter_before)
+    or redis.call('ZSCORE', back_key(lane), 'late:' .. waiter_before) and now
 end
 -- Placed again since (a task run again as first published), it is no waiter before it.
 if before_turn and before_turn > turn then
@@ -213,7 +224,7 @@ if wait > 0 then
 end
 if turn then
   redis.call('ZREM', turns_key(lane), waiter)
-  redis.call('ZREM', back_key(lane), waiter, 'held:' .. waiter)
+  redis.call('ZREM', back_key(lane), waiter, 'held:' .. waiter, 'late:' .. waiter)
   if math.floor(turn) > current_turn then
     redis.call('SET', current_turn_key, math.floor(turn))
   end

@@ -37,6 +37,7 @@ from tests.backfill_app import interrupt_first_run
 from tests.backfill_app import live_sync_retried
 from tests.backfill_app import sync_users_process
 from tests.backfill_app import upgrade_while_read
+from tests.engine_support import query
 from tests.process_support import wait_until
 
 UPSERT = "/contacts/upsert/"
@@ -1215,6 +1216,38 @@ def test_only_the_keys_refusals_in_a_row_stop_a_backfill(emulator: Emulator) -> 
     tried = [r.status for r in emulator.requests_to(UPSERT) if r.body["external_id"] == "2"]
     assert tried == [503, 503, *[401] * (dead.REFUSALS_TO_STOP - 1), 503, 403, 201]
     assert upserts_by_user(emulator) == {"0": 1, "1": 1, "2": 1}
+
+
+def test_a_refused_upserts_count_goes_with_it_when_a_live_sync_joins_it(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    # The key refused user 2's backfill upsert once; while it waits for its retry, the web
+    # app syncs the user, which joins that row (live now), then delivered: the count of
+    # its refusals kept in the store goes with it (it stayed, one more each such time).
+    outbox = tmp_path / "meisa-outbox.sqlite3"
+    app = make_app(emulator, 3, MEISA_OUTBOX=str(outbox), MEISA_RETRY_MAX_DELAY=1.0)
+    meisa: Meisa = app.extensions["meisa"]
+    emulator.faults.fail_next(1, 401, path=UPSERT, match={"external_id": "2"})
+    joined = threading.Event()
+
+    def live_sync() -> None:
+        if emulator.wait_for(lambda e: 401 in [r.status for r in e.requests_to(UPSERT)], 10):
+            with app.app_context():
+                meisa.upsert(app.config["PEOPLE"][2], priority="high")
+            joined.set()
+
+    thread = threading.Thread(target=live_sync)
+    thread.start()
+    try:
+        result = sync_users(app)
+        thread.join()
+        with app.app_context():
+            assert meisa.flush(10)
+    finally:
+        meisa.close(app)
+    assert joined.is_set() and result.exit_code == 0, result.output
+    assert upserts_by_user(emulator) == {"0": 1, "1": 1, "2": 1}
+    assert query(outbox, "SELECT * FROM meisa_meta WHERE name = 'backfill_refusals'") == []
 
 
 def test_a_restart_after_a_run_stopped_at_a_refused_key_tells_meisa_again(

@@ -296,8 +296,9 @@ class Caller:
             policy=retry,
         )
         run = functools.partial(Store.get_meta, db, "backfill")
-        backfill = operation.priority == "backfill"  # the key's refusals in a row, by id
-        refusals = Store.get_meta(db, "backfill_refusals", {}) if backfill else {}
+        # The key's refusals in a row, by id: read for any row (a live sync may have joined
+        # a refused backfill upsert, which then goes as live work).
+        refusals = Store.get_meta(db, "backfill_refusals", {})
         refused = refusals.pop(operation.id, 0)
         refusal = dead.retried_refusal(operation, settled, error, run, retry, refused)
         if refusal is not settled:  # the key refuses them all: they wait for this one's retry

@@ -945,6 +945,37 @@ def test_memory_stays_bounded_while_the_writer_tries_the_failing_store(
     assert len(held) == (1 if stored else 2)
 
 
+def test_a_close_while_the_writer_waits_for_a_locked_store_gives_up_on_what_it_holds(
+    emulator: Emulator,
+    make_engine: MakeEngine,
+    path: Path,
+    lock: HostLock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The writer holds two events while it waits for a store another process keeps locked,
+    # longer than the threads' allowance at a close: they are given up on with the rest,
+    # each reported dropped and counted, not put back in memory after the close took it.
+    caplog.set_level(logging.WARNING, logger="flask_meisa.engine")
+    hooks = RecordingHooks()
+    store = Store(path, busy_timeout=3.0)
+    engine = make_engine(emulator, hooks, store=store)
+    engine.start()
+    mend = _locked(store, path)
+    try:
+        held, later = [track(n) for n in range(2)], [track(n) for n in range(2, 5)]
+        engine.submit(held)
+        assert eventually(lambda: len(failures(caplog)) == 1, 10)
+        assert eventually(lambda: engine._writing == held)  # trying again
+        engine.submit(later)
+        lost = engine.close(0.1)
+    finally:
+        mend()
+    assert lost == 5
+    assert sorted(op.id for op in hooks.of("dropped")) == sorted(op.id for op in held + later)
+    assert {hooks.detail(op) for op in hooks.of("dropped")} == {"shutdown"}
+    assert "5 operations were not delivered before shutdown" in caplog.text
+
+
 def test_a_flush_waits_for_the_hooks_of_work_shed_from_memory_by_another_thread(
     emulator: Emulator,
     make_engine: MakeEngine,

@@ -177,9 +177,9 @@ class Delivery:
             self._stopping = True
             self._wake.notify_all()
             self._caller.stop()
-        # The writer (first) stores what it can before it stops; threads still in a call
-        # are left to it, all of them within one allowance.
-        ends = time.monotonic() + 2.0
+        # The writer (first) stores what it can, or has it back past the store's busy timeout,
+        # and stops; threads still in a call are left to it, all of them within one allowance.
+        ends = time.monotonic() + 2.0 + self.store.busy_timeout
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(max(ends - time.monotonic(), 0.0))

@@ -177,12 +177,12 @@ class Delivery:
             self._stopping = True
             self._wake.notify_all()
             self._caller.stop()
-        # The writer (first) stores what it can, or has it back past the store's busy timeout,
-        # and stops; threads still in a call are left to it, all of them within one allowance.
-        ends = time.monotonic() + 2.0 + self.store.busy_timeout
-        for thread in self._threads:
-            if thread is not threading.current_thread():
-                thread.join(max(ends - time.monotonic(), 0.0))
+        # The writer (first) stores what it can, or has it back past the store's busy timeout
+        # (more time for it alone); threads in a call are left to it, all in one allowance.
+        ends = time.monotonic() + 2.0
+        for thread in (t for t in self._threads if t is not threading.current_thread()):
+            more = self.store.busy_timeout if thread.name == "flask-meisa-writer" else 0.0
+            thread.join(max(ends + more - time.monotonic(), 0.0))
         with self._lock:  # what is given up on: reporting from here (see _drop)
             lost, self._intake = self._intake, []
             self._caller.count(reporting=len(lost))

@@ -23,8 +23,7 @@ if TYPE_CHECKING:
     from .store import Store
 
 logger = logging.getLogger("flask_meisa.engine")
-#: Seconds before a file at the store's path that could not be used is tried again, unless
-#: something there changed first.
+#: Seconds before a file at the store's path that could not be used is tried again.
 _FOLLOW_AGAIN = 60.0
 #: Why the file at the store's path may not be followed (``STORE_ERRORS``, a newer schema).
 _UNFOLLOWABLE = (sqlite3.Error, OSError, ConfigurationError)
@@ -255,19 +254,20 @@ def _locked(fd: int) -> bool:
 def checking(path: str) -> Iterator[None]:
     """A ``flock`` on the folder of the store file ``path`` (made when missing) while it is
     checked or made: processes starting together neither set aside nor read another's fresh
-    file. A deleted file's ``-wal`` and ``-shm`` go before it is made again (SQLite would
-    read them as the new one's); the processes that have it open keep theirs."""
+    file. A deleted file's ``-wal`` and ``-shm`` go before it is made again (SQLite would read
+    them as the new one's); the processes that have it open keep theirs."""
     if getattr(_checking, "path", None) == path:  # this thread holds it already
         yield
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = None
+    fd, locked = None, False
     with suppress(OSError):  # a folder that cannot be locked is checked unguarded
         fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_CLOEXEC)
         fcntl.flock(fd, fcntl.LOCK_EX)
+        locked = True
     _checking.path = path
     try:
-        if not os.path.exists(path):
+        if locked and not os.path.exists(path):  # unguarded, the -wal may be another's new one
             for suffix in ("-wal", "-shm"):
                 with suppress(FileNotFoundError):
                     os.unlink(path + suffix)

@@ -594,6 +594,34 @@ def test_a_retry_that_ends_without_a_call_holds_its_contacts_next_one_no_longer(
     assert [r.status for r in emulator.requests_to(TRIGGER)] == [503, 200]
 
 
+def test_an_operation_ending_without_a_call_holds_its_contacts_next_one_no_longer(
+    make_worker: MakeWorker, submit: Submit, hooks: RecordingHooks, emulator: Emulator
+) -> None:
+    # The first waits for a slot, then is skipped when it comes back: its place in its
+    # contact's order holds nothing, and no late hold (a lease, 8 s) follows it.
+    payload = {"trigger_key": "receipt", "to_email": "ada@example.com"}
+    first = Operation("send", {**payload, "idempotency_key": "k-1"})
+    second = Operation("send", {**payload, "idempotency_key": "k-2"})
+    worker = make_worker(rate_limit="2/second")
+    assert worker.run(*submit(send(to="bob@example.com"))) is None
+    assert worker.run(*submit(send(to="eve@example.com"))) is None
+    assert worker.budget is not None  # the places a dispatcher with the budget gives
+    places = worker.budget.places([(op.id, "send:ada@example.com") for op in (first, second)])
+    submitted = zip(map(submit, (first, second)), places, strict=True)
+    tasks = [(op, {**meta, "turn": place}) for (op, meta), place in submitted]
+    waited = worker.run(*tasks[0])
+    assert isinstance(waited, RunAgain)
+    hooks.skip = lambda op: "suppressed" if op.id == first.id else None
+    time.sleep(waited.countdown)  # its task's countdown: the slot it waited for is free
+    assert worker.run(waited.op, waited.meta) is None
+    started, again = time.monotonic(), worker.run(*tasks[1])
+    while again is not None:
+        assert time.monotonic() - started < 3.0, "held by a waiter that ended"
+        time.sleep(again.countdown)
+        again = worker.run(again.op, again.meta)
+    assert [r.body["idempotency_key"] for r in emulator.requests_to(TRIGGER)][-1] == "k-2"
+
+
 def test_skip_reasons_and_a_disabled_worker_skip_without_a_call(
     make_worker: MakeWorker,
     submit: Submit,

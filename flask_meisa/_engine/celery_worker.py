@@ -340,9 +340,10 @@ class DeliveryWorker:
         return None
 
     def _uncalled(self, operation: Operation, meta: dict[str, Any], claim: Claim | None) -> None:
-        # Run again after a call, it ends without one: its contact's next need not wait.
-        if self.budget is not None and operation.attempts:
-            self.budget.release(_waiter(operation, claim), str(meta.get("turn") or ""))
+        # Placed (it may have waited, or called before), it ends without a call: its
+        # contact's next need not wait for it (as a late waiter, a lease).
+        if self.budget is not None and meta.get("turn"):
+            self.budget.release(_waiter(operation, claim), str(meta["turn"]))
 
     def _release(self, claim: Claim | None, backoff: float = 0.0) -> None:
         if claim is not None:

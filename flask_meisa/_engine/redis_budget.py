@@ -120,11 +120,10 @@ class RedisBudget:
         self._hold(keys=[self._waiting[len(LANE_NAMES) + lane]], args=[waiter, seconds])
 
     def release(self, waiter: str, place: str) -> None:
-        """``waiter``, whose operation was to run again, ends without a call: its
-        contact's next operation (of its ``place``) no longer waits for it."""
-        name = place.partition(" ")[0]
-        if name not in ("", "-"):
-            self._release(keys=[self._last(name, "calling")], args=[waiter])
+        """``waiter`` (of ``place``), whose operation may have waited or been run again,
+        ends without a call: its contact's next operation no longer waits for it."""
+        keys = [self._last(place.partition(" ")[0], "calling"), *self._waiting]
+        self._release(keys=keys, args=[waiter])
 
     def _last(self, name: str, kind: str = "last") -> str:
         # A contact's last turn, or ('calling') the token of its call that may reach Meisa.

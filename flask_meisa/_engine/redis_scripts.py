@@ -307,12 +307,17 @@ if redis.call('PTTL', back_key) < expire_ms then
 end
 """
 
-# KEYS: the contact's call; ARGV: a waiter. Its retry ends without a call (skipped,
-# unchanged, too late): the contact's next operation need not wait for it any more.
+# KEYS: the contact's call, then the waiters of every lane (by turn, by return); ARGV: a
+# waiter. It ends without a call (skipped, unchanged, too late): the contact's next
+# operation need not wait for its retry, nor for its place (nor a lease for it, as late).
 RELEASE = """
+local waiter = ARGV[1]
 local due, by = string.match(redis.call('GET', KEYS[1]) or '', '^(%S*) (.*)$')
-if tonumber(due) and by == ARGV[1] then
+if tonumber(due) and by == waiter then
   redis.call('DEL', KEYS[1])
+end
+for i = 2, #KEYS do
+  redis.call('ZREM', KEYS[i], waiter, 'held:' .. waiter, 'late:' .. waiter)
 end
 """
 

@@ -185,6 +185,22 @@ def test_a_refusal_reported_again_counts_once(store: RedisDeliveryStore) -> None
     assert store.counters()["backfill_refused"] == 1
 
 
+def test_refused_upserts_finished_leave_nothing_to_count_them_once_by(
+    store: RedisDeliveryStore, client: Any
+) -> None:
+    # A run whose every upsert Meisa refuses (a payload Meisa rejects) must not leave a
+    # week of ids in Redis: once finished, an operation is no longer pending and cannot
+    # count again anyway.
+    ops = [upsert(external_id=str(n)) for n in range(1_000)]
+    for op in ops:
+        store.add_pending(op, LANE_BACKFILL)
+    store.refused([op.id for op in ops])
+    store.finish([op.id for op in ops], "failed", len(ops))
+    store.refused([op.id for op in ops])  # a task run again after its worker was killed
+    assert store.counters()["backfill_refused"] == 1_000
+    assert [key for key in client.scan_iter(f"{store.prefix}:*") if b"refused" in key] == []
+
+
 def test_record_keys_name_no_address(store: RedisDeliveryStore, client: Any) -> None:
     payload = {"email": "ada@example.com", "first_name": "Ada"}
     contact = store.contact_of(payload)

@@ -186,6 +186,7 @@ class RedisDeliveryStore(ContactRecords):
             for key in self._pending.values():
                 pipe.zrem(key, *ids)
             pipe.zrem(self._seen, *ids)
+            pipe.srem(f"{self.prefix}:refused", *ids)  # no longer pending: it counts no more
             pipe.hdel(self._tasks, *ids)
             pipe.delete(*(f"{self.prefix}:first:{op_id}" for op_id in ids))
         if outcome is not None and count:

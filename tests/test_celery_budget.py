@@ -419,6 +419,25 @@ def test_a_contacts_waiter_that_never_comes_back_holds_its_next_one_for_a_lease(
         got = budget.acquire(lease=0.3, waiter="e1", place=second)
 
 
+@pytest.mark.parametrize("lane", [LANE_ROUTINE, LANE_BACKFILL])
+def test_a_waiter_held_for_its_contacts_late_one_keeps_no_slot_from_the_others(
+    make_budget: MakeBudget, lane: int
+) -> None:
+    budget = make_budget("1/second")
+    first, second = budget.places([("e0", "c"), ("e1", "c")])
+    held = budget.acquire(lease=LEASE, lane=LANE_AUTOMATION, waiter="other", contact="c")
+    assert held.token is not None  # the contact's call: the first waits
+    assert budget.acquire(lease=LEASE, waiter="e0", place=first).token is None
+    budget.finish(held.token)
+    # The first is due when the window frees (a second); its worker is busy (or died):
+    # a grace later it is late.
+    time.sleep(2.2)
+    assert budget.acquire(lease=LEASE, waiter="e1", place=second).token is None
+    # The next waits for the late one, which holds no slot: nor does the next meanwhile.
+    got = budget.acquire(lease=LEASE, lane=lane, waiter="d0", contact="d")
+    assert got.token is not None, got
+
+
 def test_a_retry_waiting_for_a_slot_tells_its_contacts_next_one_when_to_look_again(
     make_budget: MakeBudget,
 ) -> None:

@@ -172,9 +172,12 @@ local follows = turn and waiter_before ~= waiter
 local before_back = follows and redis.call('ZSCORE', back_key(lane), waiter_before)
 local before_turn = before_back
   and tonumber(redis.call('ZSCORE', turns_key(lane), waiter_before))
+-- One held or late holds no slot: nor does it, waiting for that one.
+local before_slotless = false
 if follows and not before_back and not part then
   before_back = redis.call('ZSCORE', back_key(lane), 'held:' .. waiter_before)
     or redis.call('ZSCORE', back_key(lane), 'late:' .. waiter_before) and now
+  before_slotless = before_back and true
 end
 -- Placed again since (a task run again as first published), it is no waiter before it.
 if before_turn and before_turn > turn then
@@ -207,8 +210,8 @@ end
 if wait > 0 then
   local back_at = now + math.min(wait, max_wait)
   redis.call('ZADD', back_key(lane), back_at, waiter)
-  if left > 0 then
-    -- Held by its contact's call: it keeps no slot from the others.
+  if left > 0 or before_slotless then
+    -- Held by its contact's call, or one that holds none: it keeps no slot from the others.
     redis.call('ZREM', turns_key(lane), waiter)
   end
   -- Its own retry, asking: its contact's next looks from its return, not its due.

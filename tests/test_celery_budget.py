@@ -270,6 +270,24 @@ def test_a_task_waiting_for_its_contacts_upsert_goes_before_its_contacts_later_o
     assert budget.acquire(lease=LEASE, waiter="e1", place=second).token is not None
 
 
+def test_a_task_held_for_its_contacts_upsert_that_comes_back_late_still_goes_first(
+    make_budget: MakeBudget,
+) -> None:
+    budget = make_budget("3/second")
+    first, second = budget.places([("e0", "c"), ("e1", "c")])
+    budget.hold("e0", LANE_ROUTINE, 0.1)
+    # Its worker has its threads busy: it comes back more than a grace late, as a waiter
+    # for a slot may; its contact's later one still waits for it (polling), a lease at most.
+    time.sleep(1.2)
+    assert budget.acquire(lease=LEASE, waiter="other", contact="other").token is not None
+    later = budget.acquire(lease=LEASE, waiter="e1", place=second)
+    assert later.token is None and later.wait < 0.5, later  # it looks again soon
+    got = budget.acquire(lease=LEASE, waiter="e0", place=first)
+    assert got.token is not None
+    budget.finish(got.token)
+    assert budget.acquire(lease=LEASE, waiter="e1", place=second).token is not None
+
+
 def test_a_contacts_call_in_flight_holds_its_next_one_but_nobody_elses(
     make_budget: MakeBudget, redis_url: str
 ) -> None:

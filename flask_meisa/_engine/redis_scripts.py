@@ -90,10 +90,12 @@ for each_lane = 0, lane do
   for i = 1, #gone, 2 do
     redis.call('ZREM', back_key(each_lane), gone[i])
     redis.call('ZREM', turns_key(each_lane), gone[i])
-    -- Late (its task may wait for a busy thread): its contact's next waits a lease more.
+    -- Late (its task may wait for a busy thread): its contact's next waits a lease more;
+    -- so for one held for its contact's upsert.
     local late_ms = math.ceil((lease + GRACE) * 1000) + 1000
-    if not string.find(gone[i], ':', 1, true) then
-      redis.call('ZADD', back_key(each_lane), tonumber(gone[i + 1]) + lease, 'late:' .. gone[i])
+    local late = string.match(gone[i], '^held:(.*)$') or gone[i]
+    if not string.find(late, ':', 1, true) then
+      redis.call('ZADD', back_key(each_lane), tonumber(gone[i + 1]) + lease, 'late:' .. late)
       if redis.call('PTTL', back_key(each_lane)) < late_ms then
         redis.call('PEXPIRE', back_key(each_lane), late_ms)
       end

@@ -1059,16 +1059,18 @@ def test_a_backfill_stops_once_meisa_refuses_an_upsert_for_its_key_in_a_row(
     assert "Fix the key ('flask meisa ping' checks it), then run 'flask meisa sync-users'" in (
         result.output
     )
-    # Who looks a day later sees why the run stopped, and what to do.
+    # Who looks a day later sees why the run stopped, at which user, and what to do; as
+    # under Celery, Meisa's answer is [status, code, message, user].
     assert status.backfill is not None
-    assert status.backfill["refused"][0] == (401 if refused == "revoked" else 403)
-    assert (
-        f"backfill: stopped: Meisa refused its upserts (HTTP {status.backfill['refused'][0]}"
-        in shown
-    )
+    http, _, _, user = status.backfill["refused"]
+    assert http == (401 if refused == "revoked" else 403)
+    assert user == "0", status.backfill["refused"]  # one delivery thread: the first user
+    at = f"at user {user} (not synced, not failed: the next run reads it again)"
+    assert f"The run stopped {at}; nothing more was sent" in result.output
+    assert f"backfill: stopped {at}: Meisa refused its upserts (HTTP {http}" in shown
     assert f"the key {lacks}: fix it ('flask meisa ping' checks it)" in shown
     # '--failures' says it too, rather than "no failures".
-    assert listed.startswith("the run stopped: Meisa refused its upserts (HTTP "), listed
+    assert listed.startswith(f"the run stopped {at}: Meisa refused its upserts (HTTP "), listed
     assert f"the key {lacks}: fix it" in listed
     assert planned.startswith("3,000 users") and "done" not in planned, planned  # all again
     assert key not in shown

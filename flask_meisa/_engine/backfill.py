@@ -169,7 +169,7 @@ class Target:
         return 0 if run is None or run.state == "done" or self.refused() else run.position
 
     def refused(self) -> list[Any] | None:
-        """``[status, code, message]`` of the backfill upsert Meisa refused for the key
+        """``[status, code, message, user]`` of the backfill upsert Meisa refused for the key
         (since the last run started), or ``None``."""
         with self._kept() as kept:
             return self._get(kept, "backfill_refused")  # type: ignore[no-any-return]

@@ -141,7 +141,8 @@ class DeliveryStatus:
     #: By lane: (p50, p99) seconds from release to Meisa's answer over the last window.
     latency: dict[str, tuple[float, float]] = field(default_factory=dict)
     #: The backfill run (``flask meisa sync-users``), when there is one; its ``refused``:
-    #: ``[status, code, message]`` of the upsert Meisa refused for the key, that stopped it.
+    #: ``[status, code, message, user]`` of the upsert Meisa refused for the key, that
+    #: stopped it (``user``: its ``external_id``, or ``None``).
     backfill: dict[str, Any] | None = None
 
     @property

@@ -104,7 +104,8 @@ def bury(db: sqlite3.Connection, row: Row, error: BaseException) -> None:
     reads their users again once the key is fixed."""
     fields = error_fields(error)
     if key_refused(row.operation, fields, Store.get_meta(db, "backfill")):
-        Store.set_meta(db, "backfill_refused", fields)
+        user = row.operation.payload.get("external_id")  # as under Celery: the run's stop
+        Store.set_meta(db, "backfill_refused", [*fields, user])
         Store.set_meta(db, "backfill_refusals", None)  # of the upserts going now
         db.execute(
             "DELETE FROM meisa_ops WHERE seq = ? OR priority = 'backfill' AND state = 'pending'",

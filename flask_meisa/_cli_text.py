@@ -88,7 +88,8 @@ def status_report(status: DeliveryStatus, store_path: str | None) -> str:
         lines.append(
             f"backfill: {state}, {run.get('position', 0)} of"
             f" {run.get('total') or '?'} users read, {run.get('skipped', 0)} unchanged,"
-            f" {run.get('failed', 0)} failed (started {when(float(run.get('started_at', 0)))})"
+            f" {run.get('failed', 0) + run.get('refused_upserts', 0)} failed"
+            f" (started {when(float(run.get('started_at', 0)))})"
         )
     return "\n".join(lines)
 

@@ -524,6 +524,9 @@ def test_upserts_meisa_refused_or_never_answered_are_listed_as_dead_letters(
         "APIConnectionError: the server closed the connection unanswered",  # no status, no code
         "HTTP 400 [injected_fault] Emulated fault (injected_fault).",
     ]
+    # 'flask meisa status' counts the same failures as the run said.
+    status = app.test_cli_runner().invoke(args=["meisa", "status"]).output
+    assert "backfill: done, 2 of 2 users read, 0 unchanged, 2 failed" in status, status
 
 
 def test_a_second_run_is_refused_while_another_runs_and_the_first_goes_on(

@@ -168,6 +168,9 @@ def test_users_that_cannot_be_mapped_or_were_refused_are_counted_and_listed(
     ]
     assert re.fullmatch(r"dead letter \d+: HTTP 400 \[injected_fault\] .*", listed[2])
     assert len(listed) == 3
+    # 'flask meisa status' counts the same failures as the run said.
+    shown = app.test_cli_runner().invoke(args=["meisa", "status"]).output
+    assert "backfill: done, 50 of 50 users read, 0 unchanged, 3 failed" in shown, shown
 
 
 def test_a_refusal_counts_in_its_own_run_after_an_earlier_runs_refusal(

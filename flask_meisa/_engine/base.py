@@ -142,7 +142,8 @@ class DeliveryStatus:
     latency: dict[str, tuple[float, float]] = field(default_factory=dict)
     #: The backfill run (``flask meisa sync-users``), when there is one; its ``refused``:
     #: ``[status, code, message, user]`` of the upsert Meisa refused for the key, that
-    #: stopped it (``user``: its ``external_id``, or ``None``).
+    #: stopped it (``user``: its ``external_id``, or ``None``); ``refused_upserts``: its
+    #: upserts Meisa refused (dead letters), ``failed``: its users that could not be mapped.
     backfill: dict[str, Any] | None = None
 
     @property

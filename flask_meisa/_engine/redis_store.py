@@ -260,6 +260,9 @@ class RedisDeliveryStore(ContactRecords):
         for name in ("delivered", "failed", "dropped", "unchanged"):
             setattr(status, name, counters[name])
         status.backfill = json.loads(run) if run else None
+        if status.backfill:  # its upserts Meisa refused: failed users too, as sync-users says
+            since = counters.get("backfill_refused", 0) - status.backfill.get("refused_before", 0)
+            status.backfill["refused_upserts"] = max(since, 0)
         if status.backfill and refused:
             status.backfill["refused"] = json.loads(refused)
 

@@ -363,6 +363,29 @@ def test_a_retry_that_ends_without_a_call_holds_its_contacts_next_one_no_longer(
     taken_within(budget, 0.5, "e1", second)  # not 0.2 s + a lease later
 
 
+def test_a_waiter_that_ends_without_a_call_lets_its_next_one_follow_its_earlier_one(
+    make_budget: MakeBudget,
+) -> None:
+    budget = make_budget("10/second")
+    places = budget.places([(f"e{i}", "c") for i in range(4)])
+    held = budget.acquire(lease=LEASE, lane=LANE_AUTOMATION, waiter="other", contact="c")
+    assert held.token is not None  # the contact's call: all four wait
+    for i, place in enumerate(places):
+        assert budget.acquire(lease=LEASE, waiter=f"e{i}", place=place).token is None
+    # The second and third are skipped when they come back (the third first); the first,
+    # still due, has not come back yet.
+    budget.release("e2", places[2])
+    budget.release("e1", places[1])
+    budget.finish(held.token)
+    # The last waits for the first, not for a lease, and takes its slot once it has.
+    later = budget.acquire(lease=LEASE, waiter="e3", place=places[3])
+    assert later.token is None and later.wait <= 0.3, later
+    got = budget.acquire(lease=LEASE, waiter="e0", place=places[0])
+    assert got.token is not None
+    budget.finish(got.token)
+    assert budget.acquire(lease=LEASE, waiter="e3", place=places[3]).token is not None
+
+
 def test_a_contact_held_by_its_earlier_call_keeps_no_slot_from_other_contacts(
     make_budget: MakeBudget,
 ) -> None:

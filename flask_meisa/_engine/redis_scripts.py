@@ -39,7 +39,8 @@ return places
 # KEYS: 1 pause, 2 calls in flight, 3 failures, 4 current turn, 5 the contact's last turn,
 # 6-9 the waiters of lanes 0-3 by turn, 10-13 the same by return time, 14.. the answered
 # calls of windows 1..n, then the contact's call ('<token> <waiter>' in flight or
-# unanswered, '<due> <waiter>' of a retry; the current turn's key if it has no contact).
+# unanswered, '<due> <waiter>' of a retry; the current turn's key if it has no contact) and
+# its released waiters (each to the waiter it followed, as RELEASE keeps them).
 # ARGV: 1 token, 2 lease, 3 lane, 4 n, 5 outage threshold, 6 waiter, 7 its turn and its
 # contact's waiter before it ('': no place, it cannot ask again as the same waiter and
 # goes after every waiter), 8 the longest wait; per window w: 3w+6 limit, 3w+7 period,
@@ -171,6 +172,19 @@ end
 -- one held for its contact's upsert (hold) too: but not before a task delivering a part
 -- (the first part, which every task delivering one delivers, is one it waits for).
 local follows = turn and waiter_before ~= waiter
+-- One it followed that ended without a call: it follows the one that one followed.
+local released_key, followed = KEYS[15 + n], waiter_before
+local aliased = follows and released_key ~= current_turn_key
+for _ = 1, 100 do
+  local alias = aliased and redis.call('HGET', released_key, waiter_before)
+  for _, form in ipairs({'', 'held:', 'late:'}) do
+    alias = alias and not redis.call('ZSCORE', back_key(lane), form .. waiter_before) and alias
+  end
+  if not alias then
+    break
+  end
+  waiter_before = alias
+end
 local before_back = follows and redis.call('ZSCORE', back_key(lane), waiter_before)
 local before_turn = before_back
   and tonumber(redis.call('ZSCORE', turns_key(lane), waiter_before))
@@ -230,6 +244,9 @@ end
 if turn then
   redis.call('ZREM', turns_key(lane), waiter)
   redis.call('ZREM', back_key(lane), waiter, 'held:' .. waiter, 'late:' .. waiter)
+  if aliased then
+    redis.call('HDEL', released_key, followed)
+  end
   if math.floor(turn) > current_turn then
     redis.call('SET', current_turn_key, math.floor(turn))
   end
@@ -312,17 +329,25 @@ if redis.call('PTTL', back_key) < expire_ms then
 end
 """
 
-# KEYS: the contact's call, then the waiters of every lane (by turn, by return); ARGV: a
-# waiter. It ends without a call (skipped, unchanged, too late): the contact's next
-# operation need not wait for its retry, nor for its place (nor a lease for it, as late).
+# KEYS: the contact's call, its released waiters, then the waiters of every lane (by turn,
+# by return); ARGV: a waiter, its contact's waiter before it. It ends without a call
+# (skipped, unchanged, too late): the contact's next operation need not wait for its retry,
+# nor for its place (nor a lease for it, as late), but for the one it followed.
 RELEASE = """
-local waiter = ARGV[1]
+local waiter, before = ARGV[1], ARGV[2]
 local due, by = string.match(redis.call('GET', KEYS[1]) or '', '^(%S*) (.*)$')
 if tonumber(due) and by == waiter then
   redis.call('DEL', KEYS[1])
 end
-for i = 2, #KEYS do
+for i = 3, #KEYS do
   redis.call('ZREM', KEYS[i], waiter, 'held:' .. waiter, 'late:' .. waiter)
+end
+if before ~= '' and before ~= waiter and KEYS[2] ~= KEYS[1] then
+  -- Only it followed the one before: that one's own, if released too, is now its.
+  local followed = redis.call('HGET', KEYS[2], before) or before
+  redis.call('HDEL', KEYS[2], before)
+  redis.call('HSET', KEYS[2], waiter, followed)
+  redis.call('EXPIRE', KEYS[2], 86400)
 end
 """
 

@@ -479,6 +479,27 @@ def test_a_waiter_held_for_its_contacts_late_one_keeps_no_slot_from_the_others(
     assert got.token is not None, got
 
 
+def test_a_waiter_behind_one_held_for_its_contacts_late_one_keeps_no_slot_either(
+    make_budget: MakeBudget,
+) -> None:
+    budget = make_budget("1/second")
+    first, second, third = budget.places([("e0", "c"), ("e1", "c"), ("e2", "c")])
+    held = budget.acquire(lease=LEASE, lane=LANE_AUTOMATION, waiter="other", contact="c")
+    assert held.token is not None  # the contact's call: the first waits
+    assert budget.acquire(lease=LEASE, waiter="e0", place=first).token is None
+    budget.finish(held.token)
+    time.sleep(2.2)  # the first is late
+    assert budget.acquire(lease=LEASE, waiter="e1", place=second).token is None
+    # The third waits for the second, which waits for the late one: none holds a slot.
+    assert budget.acquire(lease=LEASE, waiter="e2", place=third).token is None
+    got = budget.acquire(lease=LEASE, waiter="d0", contact="d")
+    assert got.token is not None, got
+    budget.finish(got.token)
+    # The first comes back: its contact's operations then take the next slots in turn.
+    for waiter, place in (("e0", first), ("e1", second), ("e2", third)):
+        budget.finish(taken_within(budget, 1.5, waiter, place))
+
+
 def test_a_retry_waiting_for_a_slot_tells_its_contacts_next_one_when_to_look_again(
     make_budget: MakeBudget,
 ) -> None:

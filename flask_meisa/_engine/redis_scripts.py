@@ -188,17 +188,16 @@ end
 local before_back = follows and redis.call('ZSCORE', back_key(lane), waiter_before)
 local before_turn = before_back
   and tonumber(redis.call('ZSCORE', turns_key(lane), waiter_before))
--- One held or late holds no slot: nor does it, waiting for that one.
-local before_slotless = false
 if follows and not before_back and not part then
   before_back = redis.call('ZSCORE', back_key(lane), 'held:' .. waiter_before)
     or redis.call('ZSCORE', back_key(lane), 'late:' .. waiter_before) and now
-  before_slotless = before_back and true
 end
 -- Placed again since (a task run again as first published), it is no waiter before it.
 if before_turn and before_turn > turn then
   before_back = false
 end
+-- One that holds no slot (held, late, or waiting for such a one): nor does it.
+local before_slotless = before_back and not before_turn
 if before_back then
   wait = math.max(wait, tonumber(before_back) - now + spacing, 0.1)
 end

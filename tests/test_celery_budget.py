@@ -288,6 +288,26 @@ def test_a_task_held_for_its_contacts_upsert_that_comes_back_late_still_goes_fir
     assert budget.acquire(lease=LEASE, waiter="e1", place=second).token is not None
 
 
+def test_an_event_behind_a_part_that_went_before_a_held_event_waits_for_that_one(
+    make_budget: MakeBudget,
+) -> None:
+    budget = make_budget("10/second")
+    # An event answered 404 waits for its contact's upsert released after it (held), which
+    # goes first (a part waits for no held event); the contact's next event follows the
+    # upsert, and so waits for the held one too once the upsert is delivered.
+    first, upsert, second = budget.places([("e0", "c"), ("u", "c"), ("e1", "c")])
+    budget.hold("e0", LANE_ROUTINE, 0.2)
+    got = budget.acquire(lease=LEASE, waiter="u", place=upsert, part=True)
+    assert got.token is not None
+    budget.finish(got.token)
+    later = budget.acquire(lease=LEASE, waiter="e1", place=second)
+    assert later.token is None and later.wait <= 0.3, later
+    got = budget.acquire(lease=LEASE, waiter="e0", place=first)
+    assert got.token is not None
+    budget.finish(got.token)
+    assert budget.acquire(lease=LEASE, waiter="e1", place=second).token is not None
+
+
 def test_a_contacts_call_in_flight_holds_its_next_one_but_nobody_elses(
     make_budget: MakeBudget, redis_url: str
 ) -> None:

@@ -95,7 +95,7 @@ class RedisBudget:
         args.append("shared" if shared else "part" if part else "")
         keys = [self._pause_key, self._flying_key, self._failures_key, self._turn_key]
         keys += [self._last(name), *self._waiting, *self._windows, self._last(name, "calling")]
-        keys.append(self._last(name, "released"))
+        keys.append(self._last(name, "followed"))
         got = self._acquire(keys=keys, args=args)
         return Acquired(token if int(got[0]) else None, min(float(got[1]), MAX_WAIT), place)
 
@@ -124,7 +124,7 @@ class RedisBudget:
         """``waiter`` (of ``place``), whose operation may have waited or been run again,
         ends without a call: its contact's next operation no longer waits for it."""
         name, _, turn = place.partition(" ")
-        keys = [self._last(name, "calling"), self._last(name, "released"), *self._waiting]
+        keys = [self._last(name, "calling"), self._last(name, "followed"), *self._waiting]
         self._release(keys=keys, args=[waiter, turn.partition(" ")[2]])
 
     def _last(self, name: str, kind: str = "last") -> str:

@@ -40,7 +40,7 @@ return places
 # 6-9 the waiters of lanes 0-3 by turn, 10-13 the same by return time, 14.. the answered
 # calls of windows 1..n, then the contact's call ('<token> <waiter>' in flight or
 # unanswered, '<due> <waiter>' of a retry; the current turn's key if it has no contact) and
-# its released waiters (each to the waiter it followed, as RELEASE keeps them).
+# its waiters gone before one they followed (each to that one: RELEASE, a part's slot).
 # ARGV: 1 token, 2 lease, 3 lane, 4 n, 5 outage threshold, 6 waiter, 7 its turn and its
 # contact's waiter before it ('': no place, it cannot ask again as the same waiter and
 # goes after every waiter), 8 the longest wait; per window w: 3w+6 limit, 3w+7 period,
@@ -172,11 +172,12 @@ end
 -- one held for its contact's upsert (hold) too: but not before a task delivering a part
 -- (the first part, which every task delivering one delivers, is one it waits for).
 local follows = turn and waiter_before ~= waiter
--- One it followed that ended without a call: it follows the one that one followed.
-local released_key, followed = KEYS[15 + n], waiter_before
-local aliased = follows and released_key ~= current_turn_key
+-- One it followed that ended without a call, or a part that went before the event it
+-- followed: it follows the one that one followed.
+local followed_key, followed = KEYS[15 + n], waiter_before
+local aliased = follows and followed_key ~= current_turn_key
 for _ = 1, 100 do
-  local alias = aliased and redis.call('HGET', released_key, waiter_before)
+  local alias = aliased and redis.call('HGET', followed_key, waiter_before)
   for _, form in ipairs({'', 'held:', 'late:'}) do
     alias = alias and not redis.call('ZSCORE', back_key(lane), form .. waiter_before) and alias
   end
@@ -188,9 +189,12 @@ end
 local before_back = follows and redis.call('ZSCORE', back_key(lane), waiter_before)
 local before_turn = before_back
   and tonumber(redis.call('ZSCORE', turns_key(lane), waiter_before))
-if follows and not before_back and not part then
-  before_back = redis.call('ZSCORE', back_key(lane), 'held:' .. waiter_before)
+local before_held = follows and not before_back and (
+  redis.call('ZSCORE', back_key(lane), 'held:' .. waiter_before)
     or redis.call('ZSCORE', back_key(lane), 'late:' .. waiter_before) and now
+)
+if not part then
+  before_back = before_back or before_held
 end
 -- Placed again since (a task run again as first published), it is no waiter before it.
 if before_turn and before_turn > turn then
@@ -244,7 +248,12 @@ if turn then
   redis.call('ZREM', turns_key(lane), waiter)
   redis.call('ZREM', back_key(lane), waiter, 'held:' .. waiter, 'late:' .. waiter)
   if aliased then
-    redis.call('HDEL', released_key, followed)
+    redis.call('HDEL', followed_key, followed)
+  end
+  -- A part that goes before the event it follows: its contact's next one follows that.
+  if aliased and part and before_held then
+    redis.call('HSET', followed_key, waiter, waiter_before)
+    redis.call('EXPIRE', followed_key, 86400)
   end
   if math.floor(turn) > current_turn then
     redis.call('SET', current_turn_key, math.floor(turn))
@@ -328,10 +337,11 @@ if redis.call('PTTL', back_key) < expire_ms then
 end
 """
 
-# KEYS: the contact's call, its released waiters, then the waiters of every lane (by turn,
-# by return); ARGV: a waiter, its contact's waiter before it. It ends without a call
-# (skipped, unchanged, too late): the contact's next operation need not wait for its retry,
-# nor for its place (nor a lease for it, as late), but for the one it followed.
+# KEYS: the contact's call, its waiters gone before one they followed, then the waiters of
+# every lane (by turn, by return); ARGV: a waiter, its contact's waiter before it. It ends
+# without a call (skipped, unchanged, too late): the contact's next operation need not wait
+# for its retry, nor for its place (nor a lease for it, as late), but for the one it
+# followed.
 RELEASE = """
 local waiter, before = ARGV[1], ARGV[2]
 local due, by = string.match(redis.call('GET', KEYS[1]) or '', '^(%S*) (.*)$')

@@ -529,6 +529,31 @@ def test_upserts_meisa_refused_or_never_answered_are_listed_as_dead_letters(
     assert "backfill: done, 2 of 2 users read, 0 unchanged, 2 failed" in status, status
 
 
+def test_a_runs_refused_upserts_count_whatever_happens_to_dead_letters_since(
+    emulator: Emulator,
+) -> None:
+    app = make_app(emulator, 3)
+    emulator.faults.fail_next(2, 400, path=UPSERT)  # a first run: two upserts refused
+    try:
+        assert "2 failed" in sync_users(app).output
+        # The next run, from the first user (their plans changed): Meisa refuses one of
+        # its upserts. Then the dead letters are purged.
+        for person in app.config["PEOPLE"].values():
+            person.plan = "changed"
+        emulator.faults.fail_next(1, 400, path=UPSERT)
+        result = sync_users(app, "--restart")
+        cli = app.test_cli_runner()
+        purged = cli.invoke(args=["meisa", "dead-letters", "purge", "--all", "--yes"])
+        assert purged.exit_code == 0, purged.output
+    finally:
+        emulator.faults.clear()
+        app.extensions["meisa"].state(app).close(5)
+    assert "3 of 3 users done" in result.output and "1 failed" in result.output, result.output
+    # The run's count, whatever happened to its dead letters since, as under Celery.
+    status = cli.invoke(args=["meisa", "status"]).output
+    assert "backfill: done, 3 of 3 users read, 0 unchanged, 1 failed" in status, status
+
+
 def test_a_second_run_is_refused_while_another_runs_and_the_first_goes_on(
     emulator: Emulator, tmp_path: Path
 ) -> None:

@@ -382,13 +382,12 @@ class StoreTarget(Target):
                 run.queued += 1
 
     def backlog(self) -> tuple[int, int]:
-        """Backfill rows waiting for Meisa, and those Meisa refused (dead letters)."""
+        """Backfill rows waiting for Meisa, and those Meisa ever refused (dead letters)."""
         with self.store.read() as db:
-            waiting, refused = db.execute(
-                "SELECT sum(state != 'dead'), sum(state = 'dead') FROM meisa_ops "
-                "WHERE priority = 'backfill'"
-            ).fetchone()
-        return waiting or 0, refused or 0
+            waiting = db.execute(
+                "SELECT count(*) FROM meisa_ops WHERE priority = 'backfill' AND state != 'dead'"
+            ).fetchone()[0]
+            return waiting, int(Store.get_meta(db, "backfill_refused_upserts", 0))
 
 
 def _failure(user: Any, position: int, error: Exception) -> dict[str, Any]:

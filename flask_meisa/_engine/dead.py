@@ -117,6 +117,9 @@ def bury(db: sqlite3.Connection, row: Row, error: BaseException) -> None:
         "error_message = ?, failed_at = ? WHERE seq = ?",
         (*fields, time.time(), row.seq),
     )
+    if row.operation.priority == "backfill":  # kept for good, as under Celery: retry or purge
+        refused = int(Store.get_meta(db, "backfill_refused_upserts", 0)) + 1
+        Store.set_meta(db, "backfill_refused_upserts", refused)
 
 
 def bury_foreign(db: sqlite3.Connection, target: str) -> int:

@@ -368,8 +368,8 @@ class Store:
         status.paused_for = max(float(Store.get_meta(db, "pause_until", 0.0)) - now, 0.0)
         status.backfill = Store.get_meta(db, "backfill")
         if status.backfill:  # its upserts Meisa refused: failed users too, as sync-users says
-            dead = "SELECT count(*) FROM meisa_ops WHERE priority = 'backfill' AND state = 'dead'"
-            refused = db.execute(dead).fetchone()[0] - status.backfill.get("refused_before", 0)
+            refused = int(Store.get_meta(db, "backfill_refused_upserts", 0))
+            refused -= status.backfill.get("refused_before", 0)
             status.backfill["refused_upserts"] = max(refused, 0)
         if status.backfill and (refused := Store.get_meta(db, "backfill_refused")):
             status.backfill["refused"] = refused

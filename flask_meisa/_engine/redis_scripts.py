@@ -181,7 +181,7 @@ for _ = 1, 100 do
   for _, form in ipairs({'', 'held:', 'late:'}) do
     alias = alias and not redis.call('ZSCORE', back_key(lane), form .. waiter_before) and alias
   end
-  if not alias then
+  if not alias or alias == waiter then
     break
   end
   waiter_before = alias
@@ -251,7 +251,7 @@ if turn then
     redis.call('HDEL', followed_key, followed)
   end
   -- A part that goes before the event it follows: its contact's next one follows that.
-  if aliased and part and before_held then
+  if aliased and part and not shared and before_held then
     redis.call('HSET', followed_key, waiter, waiter_before)
     redis.call('EXPIRE', followed_key, 86400)
   end

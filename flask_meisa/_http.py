@@ -5,6 +5,7 @@ socket of an attempt past its deadline)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import socket
@@ -48,6 +49,7 @@ class Transport:
         self, api_key: str, base_url: str, session: requests.Session | None, pool_size: int
     ) -> None:
         self._key, self._base_url, self._pool_size = api_key, base_url, pool_size
+        self._echo = json.dumps(api_key)[1:-1].encode()  # the key as an answer's JSON has it
         self._session, self._owned = session, session is None
         self._lock, self._closed = threading.Lock(), False
         _transports.add(self)
@@ -120,8 +122,8 @@ class Transport:
         if response.status_code < 200:  # http.client skips a 100 Continue only
             reason = f"only an informational answer ({response.status_code})"
             return errors.APIConnectionError(endpoint, reason)
-        if response.status_code < 300:
-            return response.status_code, errors._json(content)
+        if response.status_code < 300:  # a key echoed in it never reaches a result
+            return response.status_code, errors._json(content.replace(self._echo, b"[redacted]"))
         wait = parse_retry_after(response.headers.get("Retry-After"), response.headers.get("Date"))
         return errors._api_error(endpoint, response, content, self._key, scope, wait)
 

@@ -150,6 +150,19 @@ def test_a_key_echoed_in_an_error_body_is_redacted_everywhere(key: str) -> None:
     )
 
 
+@pytest.mark.parametrize("key", ["meisa_live_" + "ech0ed" * 6, 'quo"te\\' + "ech0ed" * 6])
+def test_a_key_echoed_in_a_successful_answer_reaches_no_result(key: str) -> None:
+    echo = {"status": "ok", "scopes": [key], "product": {"id": "p1", "name": f"Echo {key}"}}
+
+    def answer(exchange: Exchange) -> None:
+        exchange.send(response(200, echo))
+
+    with hostile(answer) as server, MeisaClient(key, server.url) as meisa:
+        result = meisa.ping()
+    assert (result.scopes, result.product_name) == (("[redacted]",), "Echo [redacted]")
+    assert key not in repr(result.raw) and key[-5:] not in repr(result)
+
+
 def test_connection_errors_chain_nothing(emulator: Any, secret: str) -> None:
     nowhere = "http://127.0.0.1:9/api/v1"
     with (

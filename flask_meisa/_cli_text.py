@@ -13,11 +13,19 @@ from typing import Any
 
 from ._engine import backfill
 from ._engine import dead
+from .errors import _CONTROL
 
 if TYPE_CHECKING:
     from ._engine.backfill import Progress
     from ._engine.base import DeliveryStatus
     from ._engine.dead import DeadLetter
+
+
+def plain(*texts: object) -> str:
+    """Texts of Meisa's answer as printed, tab-separated: a control character in them (a
+    terminal's escape sequence starts with one) as a space."""
+    return "\t".join(_CONTROL.sub(" ", str(text)) for text in texts)
+
 
 #: A row of the status table: lane, waiting, oldest, p50, p99.
 _ROW = "{:<14}  {:<8}  {:<9}  {:<8}  {:<8}"

@@ -75,8 +75,9 @@ def _extension() -> Meisa:
 def ping_command() -> None:
     """Check the API key: its environment, scopes and product."""
     result = _extension().client.ping()
-    click.echo(f"ok: {result.environment} key for {result.product_name or result.product_id}")
-    click.echo(f"scopes: {', '.join(result.scopes) or '(none)'}")
+    product = result.product_name or result.product_id
+    click.echo(_cli_text.plain(f"ok: {result.environment} key for {product}"))
+    click.echo(f"scopes: {_cli_text.plain(', '.join(result.scopes)) or '(none)'}")
     missing = "".join(
         f"\n  {scope}: needed for {use}"
         for scope, use in _USES.items()
@@ -96,7 +97,8 @@ def suppressions_command(check: str | None) -> None:
         raise click.ClickException(
             f"could not load the suppression set: {suppression.last_error or 'unknown error'}"
         )
-    click.echo(f"{suppression.count} suppressed addresses (as of {suppression.as_of or '?'})")
+    as_of = f"as of {_cli_text.plain(suppression.as_of or '?')}"
+    click.echo(f"{suppression.count} suppressed addresses ({as_of})")
     if check is not None:
         suppressed = meisa.is_suppressed(check)
         click.echo(f"{check.strip()}: {'suppressed' if suppressed else 'not suppressed'}")
@@ -112,7 +114,7 @@ def sequences_command(show_all: bool, search: str | None) -> None:
     if not sequences:
         click.echo("no sequences")
     for sequence in sequences:
-        click.echo(f"{sequence.slug}\t{sequence.status or ''}\t{sequence.name or ''}")
+        click.echo(_cli_text.plain(sequence.slug, sequence.status or "", sequence.name or ""))
 
 
 def _a_number(context: click.Context, param: click.Parameter, value: float) -> float:

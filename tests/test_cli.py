@@ -31,6 +31,9 @@ from flask_meisa.operations import LANE_BACKFILL
 from flask_meisa.operations import Operation
 from flask_meisa.testing import emulator_config
 from tests.apps import build_app
+from tests.hostile import Exchange
+from tests.hostile import hostile
+from tests.hostile import response
 
 
 @pytest.fixture
@@ -430,3 +433,26 @@ def test_sync_users_in_memory_warns_that_it_cannot_resume(emulator: Any) -> None
     assert result.exit_code == 0, result.output
     assert "note: MEISA_OUTBOX is memory: the backfill cannot resume" in result.output
     assert len(emulator.contacts()) == 2
+
+
+def test_control_characters_a_server_sends_are_not_printed() -> None:
+    ping = {
+        "environment": "live\x1b[2J",
+        "scopes": ["contacts:write", "events:track", "emails:trigger", "contacts:read\x07"],
+        "product": {"id": "p1", "name": "Demo\x1b]0;owned\x07"},
+    }
+    sequences = {"results": [{"slug": "welcome", "status": "active", "name": "A\x1b[31mred"}]}
+
+    def answer(exchange: Exchange) -> None:
+        exchange.send(response(200, ping if "ping" in exchange.path else sequences))
+
+    with hostile(answer) as server:
+        app = build_app(emulator_config_for(server.url))
+        output = invoke(app, "ping").output + invoke(app, "sequences").output
+    assert "ok: live [2J key for Demo ]0;owned \n" in output, repr(output)
+    assert "welcome\tactive\tA [31mred\n" in output, repr(output)
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", output), repr(output)
+
+
+def emulator_config_for(url: str) -> dict[str, Any]:
+    return {"MEISA_API_KEY": "meisa_live_" + "k3y" * 12, "MEISA_BASE_URL": url, "TESTING": True}

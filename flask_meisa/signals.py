@@ -40,43 +40,64 @@ logger = logging.getLogger("flask_meisa")
 
 _signals = Namespace()
 
-#: Sent by the app when a user's plan changes; the extension upserts the user with the
-#: new plan in ``custom_fields["plan"]``. Arguments: ``sender`` (the app), ``user`` (the
-#: user object), ``old_plan`` and ``new_plan`` (strings; ``new_plan`` required).
-plan_changed = _signals.signal("meisa-plan-changed")
+plan_changed = _signals.signal(
+    "meisa-plan-changed",
+    doc="""Sent by the app when a user's plan changes; the extension upserts the user with
+    the new plan in ``custom_fields["plan"]``, ahead of routine syncs. Arguments:
+    ``sender`` (the app; another sender stands for the app whose context is pushed),
+    ``user`` (the user object), ``new_plan`` (required) and ``old_plan`` (optional, not
+    sent), plan names as strings.""",
+)
 
-#: An operation was handed to delivery, or would have been if delivery were not
-#: suppressed (``MEISA_SUPPRESS_SEND``, ``MEISA_ENABLED``). Arguments: ``operation``
-#: (:class:`~flask_meisa.operations.Operation`), ``delivering`` (bool: ``False`` when it
-#: was only recorded).
-operation_queued = _signals.signal("meisa-operation-queued")
+operation_queued = _signals.signal(
+    "meisa-operation-queued",
+    doc="""An operation was handed to delivery, or would have been if delivery were not
+    suppressed (``MEISA_SUPPRESS_SEND``, ``MEISA_ENABLED``). Arguments: ``operation``
+    (:class:`~flask_meisa.operations.Operation`), ``delivering`` (bool: ``False`` when it
+    was only recorded).""",
+)
 
-#: Meisa accepted a contact upsert, or already had its state. Arguments: ``operation``,
-#: ``contact`` (:class:`~flask_meisa.results.Contact`, or ``None`` when no call was
-#: needed), ``unchanged`` (``True`` when Meisa already had this state: no call was made).
-contact_synced = _signals.signal("meisa-contact-synced")
+contact_synced = _signals.signal(
+    "meisa-contact-synced",
+    doc="""Meisa accepted a contact upsert, or already had its state. Arguments:
+    ``operation``, ``contact`` (:class:`~flask_meisa.results.Contact`, or ``None`` when no
+    call was needed), ``unchanged`` (``True`` when Meisa already had this state: no call
+    was made).""",
+)
 
-#: Meisa recorded an event. Arguments: ``operation``, ``result``
-#: (:class:`~flask_meisa.results.TrackResult`).
-event_tracked = _signals.signal("meisa-event-tracked")
+event_tracked = _signals.signal(
+    "meisa-event-tracked",
+    doc="""Meisa recorded an event. Arguments: ``operation``, ``result``
+    (:class:`~flask_meisa.results.TrackResult`).""",
+)
 
-#: Meisa accepted a transactional email. Arguments: ``operation`` (``None`` for a
-#: synchronous send), ``result`` (:class:`~flask_meisa.results.SendResult`).
-email_sent = _signals.signal("meisa-email-sent")
+email_sent = _signals.signal(
+    "meisa-email-sent",
+    doc="""Meisa accepted a transactional email. Arguments: ``operation`` (``None`` for a
+    synchronous send), ``result`` (:class:`~flask_meisa.results.SendResult`).""",
+)
 
-#: A transactional email was not sent because the address is suppressed. Arguments:
-#: ``trigger_key``, ``to_email``, ``operation`` (``None`` for a synchronous send).
-email_suppressed = _signals.signal("meisa-email-suppressed")
+email_suppressed = _signals.signal(
+    "meisa-email-suppressed",
+    doc="""A transactional email was not sent because the address is suppressed.
+    Arguments: ``trigger_key``, ``to_email``, ``operation`` (``None`` for a synchronous
+    send).""",
+)
 
-#: Meisa refused an operation (a 4xx), its retry budget ran out, or it could not be made
-#: (a ``plan_changed`` whose user cannot be mapped). Arguments: ``operation`` (``None``
-#: when none could be made), ``error`` (:class:`~flask_meisa.errors.MeisaError`, or what
-#: the contact mapper raised for a ``plan_changed``).
-delivery_failed = _signals.signal("meisa-delivery-failed")
+delivery_failed = _signals.signal(
+    "meisa-delivery-failed",
+    doc="""Meisa refused an operation (a 4xx), its retry budget ran out, or it could not be
+    made (a ``plan_changed`` whose user cannot be mapped). Arguments: ``operation``
+    (``None`` when none could be made), ``error`` (:class:`~flask_meisa.errors.MeisaError`,
+    or what the contact mapper raised for a ``plan_changed``).""",
+)
 
-#: An operation was shed (a full queue) or abandoned (shutdown) without an attempt to
-#: finish it. Arguments: ``operation``, ``reason`` (``"queue_full"``, ``"shutdown"``, ...).
-delivery_dropped = _signals.signal("meisa-delivery-dropped")
+delivery_dropped = _signals.signal(
+    "meisa-delivery-dropped",
+    doc="""An operation was shed (a full queue) or abandoned (shutdown) without an attempt
+    to finish it. Arguments: ``operation``, ``reason`` (``"queue_full"``, ``"shutdown"``,
+    ...).""",
+)
 
 
 def emit(signal: Signal, app: Flask, **kwargs: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import pydoc
 import socket
 import struct
 import threading
@@ -22,10 +23,12 @@ from flask import request
 from flask import stream_with_context
 from werkzeug.test import EnvironBuilder
 
+import flask_meisa
 from flask_meisa import Meisa
 from flask_meisa import ValidationError
 from flask_meisa import contact_synced
 from flask_meisa import delivery_dropped
+from flask_meisa import signals
 from flask_meisa.emulator import Emulator
 from flask_meisa.testing import emulator_config
 from flask_meisa.testing import record_operations
@@ -490,6 +493,12 @@ def test_a_plan_change_whose_mapper_raises_never_breaks_the_billing_view(
     assert [type(error) for error in failures] == [LookupError]
     assert "plan change was not synced" in caplog.text
     assert emulator.requests == []
+
+
+@pytest.mark.parametrize("name", [n for n in signals.__all__ if n.islower() and n != "emit"])
+def test_help_on_a_signal_says_what_it_is_and_its_arguments(name: str) -> None:
+    text = pydoc.render_doc(getattr(flask_meisa, name))
+    assert "Arguments" in text and "generic notification emitter" not in text, text
 
 
 def test_plan_changed_from_another_app_is_ignored(emulator: Any, app: Flask) -> None:

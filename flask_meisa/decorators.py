@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import Callable
 from collections.abc import Mapping
@@ -32,14 +33,16 @@ def track_event(name: str, properties: Properties = None) -> Callable[[F], F]:
     """Decorator: track the event ``name`` for ``current_user`` as the view leaves it, or
     as it found it when the view logged the user out (anonymous users are skipped), once
     the view (sync or async) answered below 400. ``properties`` is a mapping,
-    or a callable that takes the view's arguments (its URL values, by name) and returns
-    one.
+    or a plain (not async) function that takes the view's arguments (its URL values, by
+    name) and returns one.
 
     :raises ValidationError: at decoration time, for an empty name or properties that
-        JSON cannot carry."""
+        JSON cannot carry (or an async function as properties)."""
     if callable(name):  # @track_event over a view, without the event's name
         raise ValidationError("event_name", 'is missing: write @track_event("name")')
     event_name = require_text(name, "event_name")
+    if inspect.iscoroutinefunction(properties):  # an after-request hook cannot await it
+        raise ValidationError("properties", "must be a plain function, not an async one")
     if properties is not None and not callable(properties):
         properties = json_object(properties, "properties")
 

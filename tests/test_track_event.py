@@ -114,6 +114,16 @@ def test_bad_decorator_arguments_fail_at_decoration(
     assert raised.value.field == field
 
 
+def test_async_properties_are_refused_at_decoration() -> None:
+    # Called after the view, in an after-request hook, it would only make a coroutine:
+    # the event never tracked, and "coroutine was never awaited" at each request.
+    async def properties(**values: Any) -> dict[str, Any]:
+        return dict(values)
+
+    with pytest.raises(ValidationError, match=r"^properties: must be a plain function"):
+        track_event("exported", properties=properties)  # type: ignore[arg-type]
+
+
 def test_the_decorator_without_a_name_says_how_to_write_it() -> None:
     missing = r'^event_name: is missing: write @track_event\("name"\)$'
     with pytest.raises(ValidationError, match=missing):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import numbers
 import os
@@ -347,6 +348,8 @@ def _function(value: F, name: str) -> F:
     """``value``, a function to call later: refused now when it is not one."""
     if not callable(value):
         raise ValidationError(name, f"must be a function, not {type(value).__name__}")
+    if inspect.iscoroutinefunction(value) or inspect.isasyncgenfunction(value):
+        raise ValidationError(name, "must be a plain function, not an async one")  # none awaits
     return value
 
 

@@ -572,5 +572,21 @@ def test_what_is_called_later_must_be_a_function_when_registered() -> None:
         meisa.users_to_sync([])  # type: ignore[arg-type]
     with pytest.raises(ValidationError, match=r"^count: must be a function, not int$"):
         meisa.users_to_sync(list, count=5)  # type: ignore[arg-type]
+
+    # Called where nothing awaits it, an async one would only make a coroutine: every
+    # login's sync lost, and "coroutine was never awaited".
+    async def later(user: Any) -> dict[str, Any]:
+        return {"email": user.email}
+
+    async def users() -> Any:
+        yield None
+
+    plain = r"must be a plain function, not an async one$"
+    with pytest.raises(ValidationError, match=f"^contact_mapper: {plain}"):
+        meisa.contact_mapper(later)
+    with pytest.raises(ValidationError, match=f"^users_to_sync: {plain}"):
+        meisa.users_to_sync(users)
+    with pytest.raises(ValidationError, match=f"^count: {plain}"):
+        meisa.users_to_sync(list, count=later)  # type: ignore[arg-type]
     assert meisa._contact_mapper is mapper
     assert meisa.user_source == (list, int)

@@ -16,6 +16,7 @@ from typing import Any
 
 from . import _values
 from ._values import INSTANCE_PREFIX
+from .errors import _KEY_SHAPE
 from .errors import ConfigurationError
 
 __all__ = [
@@ -194,7 +195,8 @@ _SWITCHES = ("MEISA_ENABLED", "MEISA_SUPPRESS_SEND")
 
 def _shown(key: Key, value: object) -> str:
     """How an error shows a refused value: its type, and the value unless it is a secret,
-    long, or not a plain scalar (a URL's credentials, query and fragment are masked)."""
+    long, or not a plain scalar (a URL's credentials, query and fragment, and key-shaped
+    words, are masked)."""
     kind = type(value).__name__
     if value is None:
         return "None"
@@ -202,7 +204,7 @@ def _shown(key: Key, value: object) -> str:
         return f"{kind} (value not shown)"
     if not isinstance(value, str | int | float):
         return kind
-    text = repr(value)
+    text = _KEY_SHAPE.sub("[redacted]", repr(value))  # the key, set under another name
     if "://" in text:
         text = _QUERY.sub(r"\1***", _CREDENTIALS.sub(r"\1***@", text))
     return f"{kind} {text if len(text) <= 80 else text[:77] + '...'}"

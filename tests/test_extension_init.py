@@ -421,6 +421,15 @@ def test_a_url_is_shown_without_its_credentials_query_or_fragment() -> None:
     assert "hunter2" not in text and "got str (value not shown)" in text
 
 
+def test_a_key_given_to_another_key_is_not_shown() -> None:
+    # Two environment variables swapped, or the key pasted into the wrong one.
+    key = "meisa_live_" + "Sw4pped" * 4
+    text = refusal(MEISA_API_KEY=None, MEISA_BASE_URL=key, MEISA_RATE_LIMIT=f"60/minute;{key}")
+    assert "MEISA_BASE_URL must be an https:// URL" in text
+    assert "got str '[redacted]'" in text and "got str '60/minute;[redacted]'" in text
+    assert key[-5:] not in text and key[11:23] not in text
+
+
 def test_every_problem_is_listed_in_one_error() -> None:
     text = refusal(
         MEISA_API_KEY="meisa_live_0123456789 abcdefSECRET",

@@ -159,6 +159,8 @@ def api_key(value: object) -> str | None:
         raise InvalidValue(
             "must be the key alone: no whitespace inside, no control or non-ASCII characters"
         )
+    if len(key) > 1 and key[0] == key[-1] and key[0] in "\"'":  # an env file's, kept
+        raise InvalidValue("must be the key alone: without quotes around it")
     return key or None
 
 

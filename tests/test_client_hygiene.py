@@ -237,7 +237,11 @@ def test_client_cannot_be_pickled(emulator: Any, secret: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", [None, 123, b"meisa_live_abc", "", "   ", "meisa live key", "meisa_live_\nx", "clé"]
+    "bad",
+    [
+        *(None, 123, b"meisa_live_abc", "", "   ", "meisa live key", "meisa_live_\nx", "clé"),
+        *('"meisa_live_abc"', "'meisa_live_abc'"),  # as an env file (Docker's) keeps quotes
+    ],
 )
 def test_bad_keys_refused(bad: Any) -> None:
     with pytest.raises(ConfigurationError) as info:

@@ -430,6 +430,14 @@ def test_a_key_given_to_another_key_is_not_shown() -> None:
     assert key[-5:] not in text and key[11:23] not in text
 
 
+def test_a_key_in_quotes_is_refused_at_init() -> None:
+    # Docker's --env-file and some .env loaders keep MEISA_API_KEY="..."'s quotes: every
+    # call would then be refused (401), the first one long after the deploy.
+    text = refusal(MEISA_API_KEY=f'"{KEY}"')
+    assert "MEISA_API_KEY must be the key alone: without quotes around it" in text
+    assert KEY[-5:] not in text
+
+
 def test_every_problem_is_listed_in_one_error() -> None:
     text = refusal(
         MEISA_API_KEY="meisa_live_0123456789 abcdefSECRET",

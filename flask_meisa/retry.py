@@ -86,20 +86,21 @@ def _is_number(value: object) -> bool:
 
 
 def parse_retry_after(value: str | None, now: dt.datetime | str | None = None) -> float | None:
-    """Seconds a ``Retry-After`` header (delta seconds or an HTTP date) asks to wait, at
-    least 0; ``None`` when it is absent or unreadable. A date is compared with ``now``: the
-    answer's ``Date`` header (the server's clock, not this host's), or a datetime; the
-    clock when it is neither."""
+    """Seconds a ``Retry-After`` header (delta seconds or an HTTP date) asks to wait;
+    ``None`` when it is absent, unreadable or asks for no wait (0, below 0, a date past:
+    "at once" would retry again and again, so the backoff decides). A date is compared
+    with ``now``: the answer's ``Date`` header (the server's clock, not this host's), or a
+    datetime; the clock when it is neither."""
     # A repeated header comes joined ("2, 2"): its first value counts.
     text = (value or "").strip()
     if _SECONDS.fullmatch(first := text.split(",")[0].strip()):
-        return max(float(first), 0.0)
+        return float(first) if float(first) > 0 else None
     when, now = _date(text), _date(now) if isinstance(now, str) else now
     if when is None:
         return None
     now = now or dt.datetime.now(dt.timezone.utc)
     when, now = (t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc) for t in (when, now))
-    return max((when - now).total_seconds(), 0.0)
+    return (when - now).total_seconds() if when > now else None
 
 
 def _date(text: str | None) -> dt.datetime | None:

@@ -20,6 +20,9 @@ from flask_meisa.signals import email_suppressed
 from flask_meisa.testing import emulator_config
 from flask_meisa.testing import record_operations
 from tests.apps import build_app
+from tests.hostile import Exchange
+from tests.hostile import hostile
+from tests.hostile import response
 from tests.process_support import wait_until
 
 TRIGGER = "/emails/trigger/"
@@ -388,3 +391,37 @@ def test_a_base_url_whose_host_does_not_resolve_fails_a_send_within_its_deadline
     assert raised.value.retryable
     assert "meisa.invalid" in str(raised.value)
     assert "not resolved" in str(raised.value)
+
+
+@pytest.mark.parametrize("retry_after", ["0", "-5", "Thu, 01 Jan 1970 00:00:00 GMT"])
+@pytest.mark.parametrize("code", ["send_guardrail", "rate_limited"])
+def test_a_429_asking_for_no_wait_is_not_retried_at_once_again_and_again(
+    retry_after: str, code: str
+) -> None:
+    # A Retry-After of no wait (0, below 0, a date past) was taken as "retry now": one
+    # queued send to a recipient over the guardrail was retried ~1,000 times a second
+    # until the send deadline, and a key over its budget paused nothing (each send backed
+    # off alone: 20 of them made ~80 calls in 1.5 s).
+    def answer(exchange: Exchange) -> None:
+        if "unsubscribed" in exchange.path:
+            exchange.send(response(200, {"as_of": None, "count": 0, "emails": []}))
+        else:
+            body = {"detail": "Too many.", "code": code}
+            exchange.send(response(429, body, {"Retry-After": retry_after}))
+
+    with hostile(answer) as server:
+        app = Flask(__name__)
+        app.config.update(
+            MEISA_API_KEY="meisa_live_" + "n0wait" * 4,
+            MEISA_BASE_URL=server.url,
+            MEISA_OUTBOX=None,
+            MEISA_RATE_LIMIT=None,
+        )
+        meisa = Meisa(app)
+        with app.app_context():
+            for n in range(1 if code == "send_guardrail" else 20):  # one address, or the key
+                meisa.send("verify_email", f"ada{n}@example.com", background=True)
+            assert not meisa.flush(1.5)  # a bounded look at how often it is tried
+            triggers = sum("/emails/trigger/" in path for _, path in server.requests)
+            meisa.close(app, timeout=0)
+    assert 1 <= triggers <= 10, triggers

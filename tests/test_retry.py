@@ -242,14 +242,14 @@ NOW = dt.datetime(2024, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
         (" 7 ", 7.0),
         ("1.5", 1.5),
         ("5, 5", 5.0),  # repeated: joined by requests
-        ("0", 0.0),
-        ("-3", 0.0),
+        ("0", None),  # no wait: the backoff decides
+        ("-3", None),
         ("soon", None),
         ("nan", None),
         ("inf", None),
         ("1e3", None),
         ("Mon, 01 Jan 2024 12:00:30 GMT", 30.0),
-        ("Mon, 01 Jan 2024 11:00:00 GMT", 0.0),
+        ("Mon, 01 Jan 2024 11:00:00 GMT", None),
         ("Mon, 99 Foo 2024 12:00:30 GMT", None),
     ],
 )
@@ -261,7 +261,7 @@ def test_parse_retry_after_compares_a_date_with_the_answers_date() -> None:
     # The server's clock is an hour behind this host's: its date is still 30 s away.
     date, retry = "Mon, 01 Jan 2024 11:00:00 GMT", "Mon, 01 Jan 2024 11:00:30 GMT"
     assert parse_retry_after(retry, now=date) == 30.0
-    assert parse_retry_after(retry, now="garbage") == 0.0  # the clock: long past
+    assert parse_retry_after(retry, now="garbage") is None  # the clock: long past
 
 
 def test_parse_retry_after_naive_now_is_utc() -> None:

@@ -393,12 +393,13 @@ def test_a_base_url_whose_host_does_not_resolve_fails_a_send_within_its_deadline
     assert "not resolved" in str(raised.value)
 
 
-@pytest.mark.parametrize("retry_after", ["0", "-5", "Thu, 01 Jan 1970 00:00:00 GMT"])
+@pytest.mark.parametrize("retry_after", ["0", "-5", "Thu, 01 Jan 1970 00:00:00 GMT", "0.001"])
 @pytest.mark.parametrize("code", ["send_guardrail", "rate_limited"])
 def test_a_429_asking_for_no_wait_is_not_retried_at_once_again_and_again(
     retry_after: str, code: str
 ) -> None:
-    # A Retry-After of no wait (0, below 0, a date past) was taken as "retry now": one
+    # A Retry-After of no wait (0, below 0, a date past), or of a millisecond, was taken
+    # as asked: one
     # queued send to a recipient over the guardrail was retried ~1,000 times a second
     # until the send deadline, and a key over its budget paused nothing (each send backed
     # off alone: 20 of them made ~80 calls in 1.5 s).

@@ -240,7 +240,8 @@ NOW = dt.datetime(2024, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
         ("   ", None),
         ("5", 5.0),
         (" 7 ", 7.0),
-        ("1.5", 1.5),
+        ("1.5", 2.0),  # whole seconds, as HTTP has them: a fraction rounds up
+        ("0.001", 1.0),
         ("5, 5", 5.0),  # repeated: joined by requests
         ("0", None),  # no wait: the backoff decides
         ("-3", None),

@@ -282,6 +282,7 @@ _RULE = re.compile(
     r"(?P<unit>seconds?|secs?|s|minutes?|mins?|m|hours?|hrs?|h|days?|d)\s*$"
 )
 _EXAMPLE = '"60/minute;1000/hour" (units: second, minute, hour, day)'
+_MOST_CALLS = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -313,6 +314,11 @@ def parse_rate_limit(spec: str) -> tuple[RateWindow, ...]:
         if limit < 1 or count <= 0:
             raise ConfigurationError(
                 f"invalid rate limit (part {number}): the limit and period must be positive"
+            )
+        if limit > _MOST_CALLS or count * seconds > threading.TIMEOUT_MAX:  # counted, waited
+            raise ConfigurationError(
+                f"invalid rate limit (part {number}): at most {_MOST_CALLS:_} calls in at"
+                f" most {threading.TIMEOUT_MAX:.0f} seconds"
             )
         label = f"{limit}/{name}" if count == 1.0 else f"{limit}/{count:g} {name}s"
         windows.append(RateWindow(limit, count * seconds, label))

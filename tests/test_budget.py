@@ -61,7 +61,13 @@ def test_parse(spec: str, expected: list[RateWindow]) -> None:
 
 
 @pytest.mark.parametrize(
-    "spec", ["", " ; ", "sixty/minute", "0/minute", "10", "10/ms", "10/fortnight", "10/0 seconds"]
+    "spec",
+    [
+        *("", " ; ", "sixty/minute", "0/minute", "10", "10/ms", "10/fortnight", "10/0 seconds"),
+        # Past what delivery can count or wait: a limit no float holds (every delivery
+        # pass raised OverflowError, nothing was delivered), an endless period.
+        *(f"1{'0' * 400}/second", f"1/1{'0' * 400} seconds", "1/1000000 days"),
+    ],
 )
 def test_parse_refuses(spec: str) -> None:
     with pytest.raises(ConfigurationError, match="rate limit"):

@@ -438,6 +438,12 @@ def test_a_key_in_quotes_is_refused_at_init() -> None:
     assert KEY[-5:] not in text
 
 
+def test_a_rate_limit_past_what_delivery_can_count_is_refused_at_init() -> None:
+    text = refusal(MEISA_RATE_LIMIT=f"60/minute;1{'0' * 400}/hour")
+    assert "MEISA_RATE_LIMIT must be a budget" in text
+    assert "(part 2): at most 1_000_000_000 calls in at most" in text
+
+
 def test_every_problem_is_listed_in_one_error() -> None:
     text = refusal(
         MEISA_API_KEY="meisa_live_0123456789 abcdefSECRET",

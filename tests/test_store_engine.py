@@ -1508,3 +1508,86 @@ def test_work_one_process_carried_out_of_a_deleted_store_is_not_carried_again_by
     other.close()
     assert engine.flush(5)
     assert len(emulator.requests_to(TRACK)) == 3  # each tried once more, not twice
+
+
+@pytest.mark.parametrize("kind", ["track", "send"])
+@pytest.mark.parametrize("first", ["this process", "another process", "answered first"])
+def test_a_call_under_way_as_the_store_file_is_deleted_is_made_once(
+    emulator: Emulator, make_engine: MakeEngine, path: Path, kind: str, first: str
+) -> None:
+    # The store is deleted (a deploy's 'rm instance/meisa*') while the delivering process
+    # makes a call. Whichever process moves the rows into the file now at the path first,
+    # and whether the call is answered before the delivering process looks at the path,
+    # the row stays in flight there and the call's answer settles it: it was made again
+    # (an event tracked twice, Meisa does not deduplicate them; a send called twice).
+    called, go_on = threading.Event(), threading.Event()
+    hooks = RecordingHooks()
+
+    def under_way(operation: Operation) -> None:  # its row is in flight, the call to come
+        called.set()
+        assert go_on.wait(30)
+
+    # Answered first: this process's writer looks at the path only every 30 s.
+    engine = make_engine(emulator, hooks, poll_interval=30 if first == "answered first" else 0.02)
+    engine.submit([upsert(1)])  # the event's contact
+    assert engine.flush(5)
+    hooks.skip = under_way
+    other = Store(path)  # another process of the host, with the file open
+    other.data_version()
+    engine.submit([track(1) if kind == "track" else send(1)])
+    assert called.wait(5)
+    if first == "another process":
+        engine.store.before_fork()  # this process holds its store: it does not follow yet
+    try:
+        for end in ("", "-wal", "-shm", ".lock"):
+            Path(f"{path}{end}").unlink()
+        if first != "this process":
+            assert other.moved() and other.follow() == 1
+    finally:
+        if first == "another process":
+            engine.store.after_fork_in_parent()
+    if first != "answered first":
+        assert eventually(lambda: not engine.store.moved())  # it uses the file now there
+    if first == "this process":
+        assert other.moved() and other.follow() == 0  # this process moved the row
+    go_on.set()
+    try:
+        assert engine.flush(10)
+    finally:
+        other.close()
+    calls = emulator.requests_to(TRACK if kind == "track" else TRIGGER)
+    print(f"{kind}: {len(calls)} calls, {len(hooks.of('delivered'))} delivered")
+    assert len(calls) == 1
+    assert len(hooks.of("delivered")) == 2 and engine.status().delivered == 2
+    if kind == "send":
+        assert len(emulator.sends()) == 1
+    else:
+        assert len(emulator.events(event_name="clicked")) == 1
+    assert waiting(path) == 0 and not engine.store.moved()
+
+
+def test_a_row_in_flight_whose_caller_is_gone_is_made_again_in_the_file_now_there(
+    emulator: Emulator, make_engine: MakeEngine, path: Path, lock: HostLock
+) -> None:
+    # The delivering process took a row and was killed (its lock released by the kernel);
+    # the store was deleted meanwhile, and another process moved its rows into the file
+    # now there. The process that takes delivery over makes the call again.
+    with contextlib.closing(Store(path)) as killed:
+        with killed.write() as db:
+            pending.add(db, upsert(1), LANE_AUTOMATION)
+            row = pending.next_ready(db, time.time())
+            assert row is not None
+            pending.take(db, row, time.time())
+        other = Store(path)  # another process of the host, with the file open
+        other.data_version()
+        for end in ("", "-wal", "-shm"):
+            Path(f"{path}{end}").unlink()
+        assert other.moved() and other.follow() == 1
+        other.close()
+    lock.release()  # the kernel's, as the killed process goes
+    hooks = RecordingHooks()
+    engine = make_engine(emulator, hooks)
+    engine.start()
+    assert engine.flush(10)
+    assert len(emulator.requests_to(UPSERT)) == 1
+    assert len(hooks.of("delivered")) == 1 and waiting(path) == 0

@@ -4,6 +4,8 @@ store file deleted (with its folder) or replaced."""
 
 from __future__ import annotations
 
+import collections
+import functools
 import os
 import shutil
 import signal
@@ -18,6 +20,7 @@ from flask_meisa._engine.host import HostLock
 from flask_meisa._engine.store import Store
 from flask_meisa.emulator import Emulator
 from flask_meisa.operations import LANE_ROUTINE
+from tests.backfill_app import sync_users_process
 from tests.engine_support import query
 from tests.engine_support import upsert
 from tests.process_support import ROOT
@@ -167,7 +170,7 @@ def test_a_store_replaced_while_a_process_has_it_open_keeps_every_row(
         if child.stdout.readline() != "stored\n":
             child.kill()
             pytest.fail(child.communicate()[1])
-        assert old.moved() and old.follow(delivering=True) == (5 if how == "deleted" else 0)
+        assert old.moved() and old.follow(calls=()) == (5 if how == "deleted" else 0)
         with old.read() as db:
             assert db.execute("SELECT count(*) FROM meisa_ops").fetchone()[0] == 7
             assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
@@ -182,3 +185,43 @@ def test_a_store_replaced_while_a_process_has_it_open_keeps_every_row(
             if stream is not None:
                 stream.close()
     assert query(Path(path), "SELECT count(*) FROM meisa_ops") == [(7,)]
+
+
+def test_a_backfill_whose_store_is_deleted_as_it_runs_upserts_each_user_once(
+    emu: Emulator, instance: Path
+) -> None:
+    # 'rm instance/meisa*' while 'flask meisa sync-users' runs (a deploy), three times: the
+    # call under way as the files went was made again once the run had moved to the new
+    # file (1,501 upserts for 1,500 users). Meisa answers slowly: a call is most likely
+    # under way each time.
+    users = 600
+
+    def upserted(count: int) -> bool:
+        return len(emu.requests_to("/contacts/upsert/")) >= count
+
+    emu.faults.set(latency=0.01, paths=["/contacts/upsert/"])
+    run = subprocess.Popen(
+        **sync_users_process(emu.url, emu.live_key, users, instance),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for done in (100, 250, 400):
+            assert wait_until(functools.partial(upserted, done), 60)  # the last move over
+            for file in instance.glob("meisa*"):
+                file.unlink(missing_ok=True)
+        out, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    assert run.returncode == 0, err
+    calls = collections.Counter(
+        r.body["external_id"] for r in emu.requests_to("/contacts/upsert/")
+    )
+    print(f"{sum(calls.values())} upserts for {len(calls)} users")
+    assert err.count("it uses the file now there") == 3, err
+    assert len(calls) == users and set(calls.values()) == {1}, calls.most_common(3)
+    assert out.splitlines()[-1].startswith(f"{users} of {users} users done"), out
+    assert emu.live_key not in out + err

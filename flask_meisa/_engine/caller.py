@@ -26,6 +26,7 @@ from .base import call_for
 from .base import log_decision
 from .base import settle
 from .base import too_late
+from .host import HostFiles
 from .host import HostLock
 from .store import STORE_ERRORS
 from .store import ForAnotherMeisa
@@ -44,8 +45,10 @@ class Caller:
     """The delivery of ``delivery``'s process: the host's lock (none for a memory store),
     and its delivery threads (:meth:`run`), one call at a time from the store."""
 
-    def __init__(self, delivery: Delivery, host_lock: HostLock | None) -> None:
-        self.delivery, self.host_lock = delivery, host_lock
+    def __init__(
+        self, delivery: Delivery, host_lock: HostLock | None, files: HostFiles | None
+    ) -> None:
+        self.delivery, self.host_lock, self.files = delivery, host_lock, files
         self.store, self.budget = delivery.store, delivery.budget
         settings = delivery.settings
         kind = "test" if (settings.api_key or "").startswith("meisa_test_") else "live"
@@ -54,11 +57,15 @@ class Caller:
         self._lock_trouble: str | None = None  # why the lock cannot be kept, as last said
         self._tidy_at = 0.0
         self.client = CallClient(delivery.client_factory)
-        self._lock = threading.Lock()
+        self._lock, self._following = threading.Lock(), threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._generation = 0  # bumped whenever there may be new work
         self._started = self._stopped = False  # the delivery threads
         self.calls = 0  # calls in flight
+        #: The ``(id, attempts)`` of the rows this process's calls have in flight, until
+        #: settled: they stay in flight in a store file followed (added to, and read by
+        #: :func:`~.host.carry_over`, under the store's lock).
+        self.taken: set[tuple[str, int]] = set()
         #: The lane of the row last held back by the budget (``None``: not held back).
         self.blocked_lane: int | None = None
         self.reporting = 0  # outcomes stored whose hooks have not run yet
@@ -156,6 +163,13 @@ class Caller:
                 "each Meisa a MEISA_OUTBOX of its own"
             )
 
+    def follow(self) -> None:
+        """Use the store file now at the path when the one open was deleted or replaced; the
+        rows of this process's calls stay in flight when it delivers."""
+        with self._following:  # the writer's pass, or a call whose row another one moved
+            if self.files is not None and self.store.moved():
+                self.files.follow(self.taken if self.delivery.is_holder else None)
+
     def tidy(self) -> None:
         """As the delivering process, now and then: age routine syncs, prune old records."""
         if self.delivery.is_holder and time.monotonic() >= self._tidy_at:
@@ -190,7 +204,7 @@ class Caller:
 
     def step(self) -> float:
         """Make one call, or say how long to wait before there may be one."""
-        token, counted = None, {"calls": 0, "reporting": 0}
+        token, counted, flight = None, {"calls": 0, "reporting": 0}, ("", 0)
         try:
             with self.store.write() as db:
                 now = Store.now(db)
@@ -218,11 +232,14 @@ class Caller:
                         return 0.05 if wait_for is None else wait_for
                     self.blocked_lane = None
                     pending.take(db, row, now)
+                    flight = (row.operation.id, row.operation.attempts)
+                    self.taken.add(flight)
                     counted["calls"] = 1
                 self.count(**counted)  # before the commit: a flush sees no gap
         except BaseException:
             # Not stored (the commit failed): nothing of it is in flight or to report.
             self.count(**{name: -number for name, number in counted.items()})
+            self.taken.discard(flight)
             raise
         if token is not None:
             report = self._call(row, token)
@@ -258,11 +275,13 @@ class Caller:
                         self.budget.settle(
                             db, token, made=outcome.made, now=now, timed_out=outcome.timed_out
                         )
-                        if not pending.still_taken(db, taken):
+                        if pending.still_taken(db, taken):
+                            if reason is not None:
+                                return self._over(db, taken, "skipped", "skipped", reason)
+                            return self._settle(db, taken, outcome, now)
+                        if self.files is None or not self.files.to_follow():
                             return lambda: None  # the process delivering now settles it
-                        if reason is not None:
-                            return self._over(db, taken, "skipped", "skipped", reason)
-                        return self._settle(db, taken, outcome, now)
+                    self.follow()  # another process moved the row into the file now there
                 except STORE_ERRORS as error:
                     # The call was made: its outcome waits until the store takes it (its
                     # row in flight meanwhile), or until delivery stops.
@@ -274,6 +293,8 @@ class Caller:
         except BaseException:
             self.count(reporting=-1)
             raise
+        finally:
+            self.taken.discard((operation.id, operation.attempts))
 
     def _over(
         self, db: sqlite3.Connection, row: pending.Row, counter: str, hook: str, detail: Any

@@ -84,7 +84,7 @@ class Delivery:
         self._store_failing: BaseException | None = None  # why, while it takes no writes
         self._host_lock = None if self.store.path is None else HostLock(self.store.path + ".lock")
         self._files = None if self._host_lock is None else HostFiles(self.store)
-        self._caller = Caller(self, self._host_lock)
+        self._caller = Caller(self, self._host_lock, self._files)
         #: In a write: raise when the store is delivered for another Meisa than this one's.
         self.refuse_foreign = self._caller.refuse_foreign
 
@@ -200,7 +200,7 @@ class Delivery:
             self._drop(lost, "shutdown")
         elif self._files is not None and self.is_holder:
             with contextlib.suppress(*STORE_ERRORS):
-                self._files.closing(pending.unfinished)
+                self._files.closing(pending.unfinished, self._caller.taken)
         if self._host_lock is not None:
             self._host_lock.release()
         self.store.close()
@@ -283,8 +283,7 @@ class Delivery:
                 self._stored_pass = self._passes  # (only this thread moves it on)
                 if time.monotonic() >= look_at:  # new work from another process?
                     look_at = time.monotonic() + self._poll
-                    if self._files is not None and self.store.moved():
-                        self._files.follow(delivering=self.is_holder)
+                    self._caller.follow()
                     if (seen := self.store.data_version()) != version:
                         version = seen
                         self.kick()

@@ -11,6 +11,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from collections.abc import Collection
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextlib import suppress
@@ -29,6 +30,8 @@ _FOLLOW_AGAIN = 60.0
 _UNFOLLOWABLE = (sqlite3.Error, OSError, ConfigurationError)
 #: The store file whose folder this thread holds locked (see :func:`checking`).
 _checking = threading.local()
+#: The calls a delivering process makes: the ``(id, attempts)`` of the rows in flight.
+Calls = Collection[tuple[str, int]]
 
 
 class HostLock:
@@ -139,14 +142,14 @@ class HostFiles:
         """Whether the store file was replaced and this process has yet to try moving to it."""
         return self._unfollowable is None and self.store.moved()
 
-    def follow(self, *, delivering: bool) -> None:
+    def follow(self, calls: Calls | None) -> None:
         """Move to the file now at the store's path (see :meth:`Store.follow`)."""
         if self._unfollowable is not None:
             failed_on, until = self._unfollowable
             if looks(self._path) == failed_on and time.monotonic() < until:
                 return  # tried again once something there changes, or after a while
         try:
-            carried = self.store.follow(delivering=delivering)
+            carried = self.store.follow(calls)
         except _UNFOLLOWABLE as error:
             # As the try left it (opening the file changes its folder).
             self._unfollowable = (looks(self._path), time.monotonic() + _FOLLOW_AGAIN)
@@ -172,12 +175,12 @@ class HostFiles:
             carried,
         )
 
-    def closing(self, unfinished: Callable[[sqlite3.Connection], int]) -> None:
-        """As the delivering process stops: say what is left (``unfinished``) for the next
-        start, in the file now at the path (moved into it when the one open was replaced);
-        what cannot be moved there goes with the file left behind: said, with why."""
+    def closing(self, unfinished: Callable[[sqlite3.Connection], int], calls: Calls) -> None:
+        """As the delivering process stops (making ``calls``): say what is left (``unfinished``)
+        for the next start, in the file now at the path (moved into it when the one open was
+        replaced); what cannot be moved there goes with the file left behind: said, with why."""
         if self.store.moved():
-            self.follow(delivering=True)
+            self.follow(calls)
         with self.store.read() as db:
             left = unfinished(db)
         if left and self.store.moved():
@@ -302,6 +305,7 @@ def set_aside(store: Store, error: BaseException) -> None:
     store.check()
     with store.write() as db:
         _insert(db, f"{_SALVAGED}, turn", rows)
+        db.execute("UPDATE meisa_ops SET state = 'pending' WHERE state = 'flight'")
     logger.error(
         "flask-meisa: the delivery store %s is damaged (%s); it was moved to %s and a "
         "fresh one started with the %d operations that could still be read. Keep the "
@@ -313,17 +317,16 @@ def set_aside(store: Store, error: BaseException) -> None:
     )
 
 
-def carry_over(old: sqlite3.Connection, store: Store, *, release: bool = False) -> int:
+def carry_over(old: sqlite3.Connection, store: Store, calls: Calls | None = None) -> int:
     """Move the operations left in ``old`` (a store file deleted or replaced since it was
     opened), and the meta ``store`` lacks, into ``store``: how many operations. Stored there
-    before they go from ``old`` (a failure repeats them). ``release``: ``store``'s rows in
-    flight wait again too."""
+    before they go from ``old`` (a failure repeats them). Rows in flight stay so, for their
+    calls' answers, but those of others than ``calls`` when given (this process delivers)."""
     with transaction(old):  # the other processes still on the old file wait
         # Each file's times moved back by a clock step back since it noted the time (the
         # file now there may be a copy made before one): both then count from this clock.
         store.now(old)
-        query = f"SELECT {_MOVED} FROM meisa_ops ORDER BY seq"
-        rows = [_waiting(row) for row in old.execute(query)]
+        rows = old.execute(f"SELECT {_MOVED} FROM meisa_ops ORDER BY seq").fetchall()
         with store.write() as db:
             store.now(db)
             # Their turns as far from the turn taken in the file now there (pending's
@@ -332,14 +335,18 @@ def carry_over(old: sqlite3.Connection, store: Store, *, release: bool = False) 
             if taken_there is not None:
                 shift = int(taken_there) - int(store.get_meta(old, "turn", 0))
                 rows = [(*row[:-1], row[-1] + shift) for row in rows]
-            if release:
-                db.execute("UPDATE meisa_ops SET state = 'pending' WHERE state = 'flight'")
             # The file now there may be a copy of the old one (a backup restored): a row of
             # both is the old file's, as it went on from the copy (merged into, retried).
             there = dict(db.execute("SELECT id, seq FROM meisa_ops"))
             copies = [(there[row[0]],) for row in rows if row[0] in there]  # id: first of _MOVED
             db.executemany("DELETE FROM meisa_ops WHERE seq = ?", copies)
             _insert(db, _MOVED, rows)
+            # Whose caller is gone (killed; a copy's, taken mid-call): only the process
+            # delivering knows (the next to take delivery over releases all).
+            if calls is not None:
+                query = "SELECT seq, id, attempts FROM meisa_ops WHERE state = 'flight'"
+                gone = [(seq,) for seq, *call in db.execute(query) if tuple(call) not in calls]
+                db.executemany("UPDATE meisa_ops SET state = 'pending' WHERE seq = ?", gone)
             # Meisa's pause, the backfill run, the counters: where the file has none (its
             # own clock note is Store.now's).
             kept = old.execute("SELECT name, value FROM meisa_meta WHERE name != 'clock'")
@@ -355,7 +362,6 @@ _CARRIED = (
     "attempts, first_attempt, merged, error_status, error_code, error_message, failed_at"
 )
 _SALVAGED = f"seq, {_CARRIED}"
-_STATE = _CARRIED.split(", ").index("state")
 # Moved with when a retry is due, an event's recovery, and its turn (last: a row salvaged
 # from a damaged file is given one).
 _MOVED = f"{_CARRIED}, ready_at, recover, turn"
@@ -364,12 +370,6 @@ _MOVED = f"{_CARRIED}, ready_at, recover, turn"
 def _insert(db: sqlite3.Connection, columns: str, rows: list[tuple[Any, ...]]) -> None:
     values = ", ".join("?" * len(columns.split(",")))
     db.executemany(f"INSERT INTO meisa_ops ({columns}) VALUES ({values})", rows)
-
-
-def _waiting(row: tuple[Any, ...]) -> tuple[Any, ...]:
-    """A row starting with :data:`_CARRIED` as it waits again: one in flight is pending."""
-    state = row[_STATE]
-    return (*row[:_STATE], "pending" if state == "flight" else state, *row[_STATE + 1 :])
 
 
 def _salvage(path: str) -> list[tuple[Any, ...]]:
@@ -390,7 +390,7 @@ def _salvage(path: str) -> list[tuple[Any, ...]]:
                     names = [name for name in row[4:6] if name is not None]  # ext, email
                     turn = 1 + max((last.get(name, 0) for name in names), default=0)
                     last.update(dict.fromkeys(names, turn))
-                    rows.append((row[0], *_waiting(row[1:]), turn))  # (seq first)
+                    rows.append((*row, turn))
                     after, skip = row[0], 1
                 break
             except sqlite3.DatabaseError:

@@ -276,12 +276,14 @@ def take(db: sqlite3.Connection, row: Row, now: float) -> None:
 
 def still_taken(db: sqlite3.Connection, row: Row) -> bool:
     """Whether ``row`` is still in flight from this process's take of it: not taken back by
-    a process that took over delivery. By ``id`` too: SQLite may reuse a ``seq`` once over."""
-    query = (
-        "SELECT 1 FROM meisa_ops WHERE seq = ? AND id = ? AND state = 'flight' AND attempts = ?"
-    )
-    values = (row.seq, row.operation.id, row.operation.attempts)
-    return db.execute(query, values).fetchone() is not None
+    a process that took over delivery. Found by ``id`` and attempts, its ``seq`` set to the
+    one it has now: rows moved from a store file deleted or replaced have new ones (and
+    SQLite may reuse a ``seq`` once over)."""
+    query = "SELECT seq FROM meisa_ops WHERE state = 'flight' AND id = ? AND attempts = ?"
+    found = db.execute(query, (row.operation.id, row.operation.attempts)).fetchone()
+    if found is not None:
+        row.seq = int(found[0])
+    return found is not None
 
 
 def finish(db: sqlite3.Connection, row: Row) -> None:

@@ -10,6 +10,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Collection
 from collections.abc import Iterator
 from collections.abc import Sized
 from contextlib import contextmanager
@@ -257,11 +258,10 @@ class Store:
         opened, path = self._opened, self.path
         return opened is not None and path is not None and not at_path(path, opened)
 
-    def follow(self, *, delivering: bool = False) -> int:
+    def follow(self, calls: Collection[tuple[str, int]] | None = None) -> int:
         """After :meth:`moved`: use the file now at the path, with the operations left in the
-        old one moved into it; how many (on failure the old file stays in use).
-        ``delivering``: this process holds the delivery lock, so the new file's rows in
-        flight (a copy taken mid-call) wait again."""
+        old one moved into it; how many (on failure the old file stays in use). ``calls``:
+        this process delivers, and makes these (see :func:`~.host.carry_over`)."""
         with self._lock:
             assert self.path is not None and self._db is not None
             old, opened, self._db = self._db, self._opened, None
@@ -269,9 +269,7 @@ class Store:
                 with checking(self.path):
                     self.check()
                 # A copy put in its place beside its -wal reads that -wal: its rows are ours.
-                carried = (
-                    0 if self._reads_wal_of(old) else carry_over(old, self, release=delivering)
-                )
+                carried = 0 if self._reads_wal_of(old) else carry_over(old, self, calls)
             except BaseException:
                 self.close()
                 self._db, self._opened = old, opened

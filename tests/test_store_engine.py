@@ -30,6 +30,7 @@ from flask_meisa._engine.store import Store
 from flask_meisa.emulator import Emulator
 from flask_meisa.errors import DeliveryError
 from flask_meisa.operations import LANE_AUTOMATION
+from flask_meisa.operations import LANE_BACKFILL
 from flask_meisa.operations import Operation
 from flask_meisa.retry import RetryPolicy
 from tests.engine_support import SLOW
@@ -1597,3 +1598,41 @@ def test_a_row_in_flight_whose_caller_is_gone_is_made_again_in_the_file_now_ther
     assert len(emulator.requests_to(UPSERT)) == 1
     assert len(hooks.of("delivered")) == 1 and waiting(path) == 0
 
+
+def test_the_refusals_of_a_backfill_upsert_shed_once_a_live_sync_joined_it_are_not_kept(
+    emulator: Emulator, make_engine: MakeEngine, path: Path
+) -> None:
+    # The key's refusals in a row of a backfill upsert are kept by id in the store's meta
+    # until its row is settled. Joined by a live sync, the row is live work, and the bound
+    # may shed it: it leaves without being settled, and its count stayed for good.
+    hooks = RecordingHooks()
+    retry = RetryPolicy(max_attempts=10, base_delay=0.05, max_delay=600.0, deadline=3600.0)
+    engine = make_engine(emulator, hooks, retry=retry, queue_size=3)
+    assert engine.first_pass(5)  # it delivers
+
+    def refusals() -> Any:
+        with engine.store.read() as db:
+            return Store.get_meta(db, "backfill_refusals")
+
+    def refused_once(user: int) -> Operation:  # a backfill upsert, refused for the key once
+        emulator.faults.fail_next(1, 401, path=UPSERT, match={"external_id": f"t-{user}"})
+        operation = Operation("upsert", upsert(user).payload, priority="backfill")
+        with engine.store.write() as db:  # as 'flask meisa sync-users' queues it
+            Store.set_meta(db, "backfill", {"state": "running"})
+            Store.set_meta(db, "backfill_held", None)  # the last refusal's retry is due
+            pending.add(db, operation, LANE_BACKFILL)
+        engine.kick()
+        return operation
+
+    first = refused_once(1)
+    assert eventually(lambda: refusals() == {first.id: 1})  # retried in 600 s
+    emulator.faults.outage(600)  # live work waits too
+    engine.submit([upsert(1, plan="pro")])  # the user's live sync joins it: live work now
+    joined = "SELECT priority, merged FROM meisa_ops WHERE id = ?"
+    assert eventually(lambda: query(path, joined, first.id) == [(None, 2)])
+    engine.submit([upsert(n) for n in range(2, 6)])  # past the bound: the oldest go
+    assert eventually(lambda: first.id in {op.id for op in hooks.of("dropped")})
+    emulator.faults.clear()
+    second = refused_once(9)
+    assert eventually(lambda: second.id in (refusals() or {}))
+    assert refusals() == {second.id: 1}

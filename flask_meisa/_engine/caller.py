@@ -326,7 +326,7 @@ class Caller:
             Store.set_meta(db, "backfill_held", now + refusal.decision.delay)
             refusals[operation.id] = refused + 1
         if refused or refusal is not settled:
-            Store.set_meta(db, "backfill_refusals", refusals or None)
+            Store.set_meta(db, "backfill_refusals", dead.of_live_rows(db, refusals) or None)
         settled = refusal
         decision = settled.decision
         what = operation.describe()

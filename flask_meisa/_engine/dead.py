@@ -98,6 +98,16 @@ def retried_refusal(
     return dataclasses.replace(settled, decision=decision, step="retry")
 
 
+def of_live_rows(db: sqlite3.Connection, refusals: dict[str, int]) -> dict[str, int]:
+    """The key's ``refusals`` in a row (by id) of the rows still waiting or in flight: one
+    shed by the store's bound, skipped, found unchanged or set aside left unsettled."""
+    query = (
+        "SELECT id FROM meisa_ops WHERE state != 'dead' AND id IN (SELECT value FROM json_each(?))"
+    )
+    live = {op_id for (op_id,) in db.execute(query, (json.dumps(list(refusals)),))}
+    return {op_id: count for op_id, count in refusals.items() if op_id in live}
+
+
 def bury(db: sqlite3.Connection, row: Row, error: BaseException) -> None:
     """Keep ``row`` as a dead letter with ``error``; a backfill upsert refused for its key
     (:func:`key_refused`) goes instead, with the backfill's waiting ones: its run, stopped,

@@ -87,6 +87,12 @@ def letters(path: Path) -> list[dead.DeadLetter]:
         store.close()
 
 
+def uses_the_file_now_there(store: Store) -> bool:
+    """Whether ``store`` follows the file now at its path, its move (if any) over."""
+    with store.read():  # once a move under way (holding the store) is over
+        return not store.moved()
+
+
 def eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:
     """Poll ``check`` until it holds or ``timeout`` seconds pass."""
     deadline = time.monotonic() + timeout
@@ -620,7 +626,7 @@ def test_a_flush_waits_for_work_another_process_carried_out_of_the_file_it_reads
         behind.clear()
         other.close()
     engine.store.read = read  # type: ignore[method-assign]
-    assert eventually(lambda: not engine.store.moved())
+    assert eventually(lambda: uses_the_file_now_there(engine.store))
     lock.release()
     assert engine.flush(5)
     assert [op.id for op in hooks.of("delivered")] == [first.id]
@@ -1289,7 +1295,7 @@ def test_a_row_in_flight_in_the_file_that_replaced_the_store_is_delivered(
     for end in ("-wal", "-shm"):
         Path(f"{path}{end}").unlink()
     path.with_name("copy.sqlite3").replace(path)
-    assert eventually(lambda: not engine.store.moved())
+    assert eventually(lambda: uses_the_file_now_there(engine.store))
     engine.submit([upsert(1, plan="free")])  # the user's next state, behind it
     assert engine.flush(5)
     # (the next state merged into it once it waited again)
@@ -1305,7 +1311,7 @@ def test_a_retry_carried_into_the_file_at_the_path_still_waits_its_turn(
     assert eventually(lambda: engine.status().retry_waiting == 1)
     for end in ("", "-wal", "-shm"):  # the store deleted (a deploy script)
         Path(f"{path}{end}").unlink()
-    assert eventually(lambda: not engine.store.moved())
+    assert eventually(lambda: uses_the_file_now_there(engine.store))
     # Meisa asked for time: the carried row waits its minute, as it did in the old file.
     assert engine.status().retry_waiting == 1
     assert not emulator.wait_for_requests(2, timeout=1.0)
@@ -1391,7 +1397,7 @@ def test_a_file_at_the_store_path_that_cannot_be_used_is_tried_again_once_it_cha
     # The file there changes (the user_version put back): moved to at the next pass.
     with contextlib.closing(sqlite3.connect(path)) as db:
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-    assert eventually(lambda: not engine.store.moved())
+    assert eventually(lambda: uses_the_file_now_there(engine.store))
     assert len(checks) == 2
     engine.submit([upsert(2)])
     assert engine.flush(5)
@@ -1465,7 +1471,7 @@ def test_work_in_both_a_restored_copy_and_the_file_it_replaced_is_delivered_once
     for end in ("-wal", "-shm"):
         Path(f"{path}{end}").unlink()
     path.with_name("copy.sqlite3").replace(path)
-    assert eventually(lambda: not engine.store.moved())
+    assert eventually(lambda: uses_the_file_now_there(engine.store))
     emulator.faults.clear()
     emulator.clear_requests()
     assert engine.flush(10)
@@ -1484,7 +1490,7 @@ def test_meisas_pause_and_the_backfill_run_are_carried_into_the_file_at_the_path
         Store.set_meta(db, "backfill", run)
     for end in ("", "-wal", "-shm"):  # the store deleted (a deploy script)
         Path(f"{path}{end}").unlink()
-    assert eventually(lambda: not engine.store.moved())
+    assert eventually(lambda: uses_the_file_now_there(engine.store))
     status = engine.status()
     assert status.paused_for > 50  # Meisa asked for a minute: no call before
     assert status.backfill == {**run, "refused_upserts": 0}  # none of its upserts refused
@@ -1501,7 +1507,7 @@ def test_work_one_process_carried_out_of_a_deleted_store_is_not_carried_again_by
     assert eventually(lambda: len(emulator.requests_to(TRACK)) == 3)
     for end in ("", "-wal", "-shm"):  # the store deleted (a deploy script)
         Path(f"{path}{end}").unlink()
-    assert eventually(lambda: not engine.store.moved())
+    assert eventually(lambda: uses_the_file_now_there(engine.store))
     emulator.faults.clear()
     emulator.clear_requests()
     assert engine.flush(10)
@@ -1509,11 +1515,6 @@ def test_work_one_process_carried_out_of_a_deleted_store_is_not_carried_again_by
     other.close()
     assert engine.flush(5)
     assert len(emulator.requests_to(TRACK)) == 3  # each tried once more, not twice
-
-
-def uses_the_file_now_there(store: Store) -> bool:
-    with store.read():  # once a move under way (holding the store) is over
-        return not store.moved()
 
 
 @pytest.mark.parametrize("kind", ["track", "send"])

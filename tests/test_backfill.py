@@ -1304,3 +1304,22 @@ def test_failures_refuses_the_options_of_a_run(emulator: Emulator, other: str) -
     assert result.exit_code == 2, result.output
     assert f"--failures only lists the last run's failures: no {other}" in result.output
     assert emulator.requests_to(UPSERT) == []
+
+
+def test_a_backfill_stopped_by_a_refused_key_names_a_user_mapped_without_external_id(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    outbox = str(tmp_path / "meisa-outbox.sqlite3")
+    key = "meisa_live_revoked0000000000000000"
+    app = make_app(emulator, 3, MEISA_API_KEY=key, MEISA_OUTBOX=outbox, **QUICK_RETRY)
+    app.extensions["meisa"].contact_mapper(lambda user: {"email": user.email})
+    try:
+        result = sync_users(app)
+        with app.app_context():
+            status: DeliveryStatus = app.extensions["meisa"].status()
+    finally:
+        app.extensions["meisa"].close(app)
+    assert result.exit_code == 1, result.output
+    assert status.backfill is not None
+    assert status.backfill["refused"][3] == "user0@example.com", status.backfill["refused"]
+    assert "The run stopped at user user0@example.com (not synced" in result.output

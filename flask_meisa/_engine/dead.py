@@ -98,6 +98,11 @@ def retried_refusal(
     return dataclasses.replace(settled, decision=decision, step="retry")
 
 
+def stopped_at(operation: Operation) -> str | None:
+    """The user a backfill stopped at, as its operator knows it: external id, else email."""
+    return operation.payload.get("external_id") or operation.payload.get("email")
+
+
 def of_live_rows(db: sqlite3.Connection, refusals: dict[str, int]) -> dict[str, int]:
     """The key's ``refusals`` in a row (by id) of the rows still waiting or in flight: one
     shed by the store's bound, skipped, found unchanged or set aside left unsettled."""
@@ -114,8 +119,7 @@ def bury(db: sqlite3.Connection, row: Row, error: BaseException) -> None:
     reads their users again once the key is fixed."""
     fields = error_fields(error)
     if key_refused(row.operation, fields, Store.get_meta(db, "backfill")):
-        user = row.operation.payload.get("external_id")  # as under Celery: the run's stop
-        Store.set_meta(db, "backfill_refused", [*fields, user])
+        Store.set_meta(db, "backfill_refused", [*fields, stopped_at(row.operation)])
         Store.set_meta(db, "backfill_refusals", None)  # of the upserts going now
         db.execute(
             "DELETE FROM meisa_ops WHERE seq = ? OR priority = 'backfill' AND state = 'pending'",

@@ -13,6 +13,7 @@ from ..operations import Operation
 from .dead import DeadLetter
 from .dead import error_fields
 from .dead import key_refused
+from .dead import stopped_at
 from .known import digest
 from .redis_store import RedisDeliveryStore
 
@@ -45,8 +46,8 @@ class RedisDeadLetters:
         status, code, message = error_fields(error)
         for operation in operations:
             if self.stops(operation, error):  # its run reads its user again
-                user = operation.payload.get("external_id")
-                self._store.put("backfill_refused", [status, code, message, user])
+                refused = [status, code, message, stopped_at(operation)]
+                self._store.put("backfill_refused", refused)
                 continue
             if self._redis.hlen(self._key) >= MOST_KEPT:
                 what = operation.describe()

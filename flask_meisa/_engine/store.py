@@ -183,37 +183,37 @@ class Store:
         return self._db
 
     def _connect(self) -> sqlite3.Connection:
-        if self._db is None:
-            db = sqlite3.connect(
-                self.path or ":memory:",
-                timeout=self.busy_timeout,
-                isolation_level=None,
-                check_same_thread=False,
-            )
-            try:
-                db.execute("PRAGMA synchronous = NORMAL")
-                # Another schema than this one's (0: a new file) is refused before the
-                # script touches it: a newer flask-meisa's, or a development version's.
-                version = int(db.execute("PRAGMA user_version").fetchone()[0])
-                if version not in (0, SCHEMA_VERSION):
-                    newer = version > SCHEMA_VERSION
-                    raise OtherSchema(
-                        f"the delivery store {self.path!r} was written by "
-                        f"{'a newer' if newer else 'a development version of'} flask-meisa "
-                        f"(schema {version}; this one reads {SCHEMA_VERSION}): "
-                        + ("upgrade flask-meisa here" if newer else "delete it")
-                        + ", or set MEISA_OUTBOX to another file"
-                    )
-                db.executescript(_SCHEMA)
-                if version == 0:
-                    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            except BaseException:
-                db.close()
-                raise
-            self._db = db
-            if self.path is not None:
-                self._opened = identity(os.stat(self.path))
-        return self._db
+        # Called under the store's lock with no connection yet.
+        db = sqlite3.connect(
+            self.path or ":memory:",
+            timeout=self.busy_timeout,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        try:
+            db.execute("PRAGMA synchronous = NORMAL")
+            # Another schema than this one's (0: a new file) is refused before the
+            # script touches it: a newer flask-meisa's, or a development version's.
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            if version not in (0, SCHEMA_VERSION):
+                newer = version > SCHEMA_VERSION
+                raise OtherSchema(
+                    f"the delivery store {self.path!r} was written by "
+                    f"{'a newer' if newer else 'a development version of'} flask-meisa "
+                    f"(schema {version}; this one reads {SCHEMA_VERSION}): "
+                    + ("upgrade flask-meisa here" if newer else "delete it")
+                    + ", or set MEISA_OUTBOX to another file"
+                )
+            db.executescript(_SCHEMA)
+            if version == 0:
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except BaseException:
+            db.close()
+            raise
+        self._db = db
+        if self.path is not None:
+            self._opened = identity(os.stat(self.path))
+        return db
 
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:

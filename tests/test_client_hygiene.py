@@ -321,6 +321,27 @@ def test_bad_retry_and_session_refused() -> None:
         MeisaClient(key, session=object())  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("pool_size", [0, -1, 1.5, True, "4", None])
+def test_bad_pool_size_refused(pool_size: Any) -> None:
+    with pytest.raises(ConfigurationError, match="pool_size must be an integer >= 1"):
+        MeisaClient("meisa_live_" + "a" * 32, pool_size=pool_size)
+
+
+@pytest.mark.parametrize("body", [{"detail": "bad", "code": "invalid"}, {"errors": ["email"]}])
+def test_a_400_without_an_errors_object_has_no_field_errors(body: Any) -> None:
+    def refuse(exchange: Exchange) -> None:
+        exchange.send(response(400, body))
+
+    with (
+        hostile(refuse) as server,
+        MeisaClient("meisa_live_" + "a" * 32, server.url, retry=RetryPolicy.never()) as meisa,
+        pytest.raises(BadRequestError) as info,
+    ):
+        meisa.upsert_contact("ada@example.com")
+    assert info.value.status == 400
+    assert info.value.field_errors == {}
+
+
 # -- sessions --------------------------------------------------------------------------
 
 

@@ -109,6 +109,32 @@ def test_suppressions_count_and_check(emulator: Any, app: Flask) -> None:
     )
 
 
+def test_suppressions_without_check_shows_the_count_only(emulator: Any, app: Flask) -> None:
+    emulator.suppress("gone@example.com")
+    result = invoke(app, "suppressions")
+    assert result.exit_code == 0, result.output
+    assert result.output == f"{len(emulator.suppressions())} suppressed addresses (as of " + (
+        f"{app.extensions['meisa'].state(app).suppression.as_of})\n"
+    )
+
+
+def test_sync_users_plans_an_unknown_number_of_users_at_the_budgets_pace(emulator: Any) -> None:
+    meisa = Meisa()
+    config = emulator_config(emulator, MEISA_DELIVERY="thread", MEISA_RATE_LIMIT="1000/hour")
+    app = build_app(config, meisa=meisa)
+
+    @meisa.users_to_sync
+    def every_user() -> Any:
+        return iter(app.config["USERS"].values())  # no len(), no count: a stream
+
+    try:
+        result = invoke(app, "sync-users", "--dry-run")
+    finally:
+        meisa.state(app).close(5)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0] == "an unknown number of users at ~950/hour"
+
+
 def test_sequences_lists_active_ones_or_all(app: Flask) -> None:
     active = invoke(app, "sequences").output
     assert "onboarding" in active

@@ -444,6 +444,31 @@ def test_a_receiver_that_raises_is_logged_and_keeps_no_other_receiver_from_its_s
         meisa.state(app).close(5.0)
 
 
+def test_an_async_receiver_is_logged_and_keeps_no_other_from_the_signal(
+    emulator: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = build_app(emulator_config(emulator, MEISA_DELIVERY="thread"))
+    meisa: Meisa = app.extensions["meisa"]
+    heard: list[str] = []
+
+    async def later(sender: Flask, **extra: Any) -> None:
+        heard.append("async")
+
+    def metrics(sender: Flask, **extra: Any) -> None:
+        heard.append(extra["operation"].kind)
+
+    try:
+        with contact_synced.connected_to(later, app), contact_synced.connected_to(metrics, app):
+            app.test_client().post("/login/1", buffered=True)
+            with app.app_context():
+                assert meisa.flush(5.0)
+        assert heard == ["upsert"]
+        assert "a receiver of meisa-contact-synced raised" in caplog.text
+        assert "TypeError: an async receiver cannot be called from delivery" in caplog.text
+    finally:
+        meisa.state(app).close(5.0)
+
+
 def test_a_plan_change_that_cannot_be_synced_is_logged_and_signalled_never_raised(
     emulator: Any, app: Flask, caplog: pytest.LogCaptureFixture
 ) -> None:

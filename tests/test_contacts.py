@@ -85,6 +85,17 @@ def test_a_user_without_email_is_refused_saying_which_way(user: Any, says: str) 
         default_contact_mapper(user, custom_fields={})
 
 
+@pytest.mark.parametrize("user_id", [None, ""])
+def test_a_user_whose_get_id_has_no_id_is_synced_by_email_alone(user_id: str | None) -> None:
+    class Anonymous:
+        email = "a@b.co"
+
+        def get_id(self) -> str | None:
+            return user_id
+
+    assert default_contact_mapper(Anonymous(), custom_fields={}) == {"email": "a@b.co"}
+
+
 def test_contact_mapper_decorator_replaces_the_default(emulator: Any) -> None:
     meisa = Meisa()
 

@@ -313,6 +313,16 @@ def test_an_unreachable_broker_refuses_sends_and_drops_the_rest(
     assert "user1@example.com" not in caplog.text
 
 
+def test_flush_is_false_at_once_while_redis_cannot_be_read(
+    make: MakeDispatcher, caplog: pytest.LogCaptureFixture
+) -> None:
+    dispatcher = make(broker_url="redis://127.0.0.1:9/0")  # nothing listens
+    started = time.monotonic()
+    assert dispatcher.flush(30.0) is False
+    assert time.monotonic() - started < 10.0  # not the flush's timeout
+    assert "cannot read the pending count from Redis" in caplog.text
+
+
 def test_what_could_not_be_published_is_neither_pending_nor_kept(
     redis_url: str, client: Any, hooks: RecordingHooks
 ) -> None:

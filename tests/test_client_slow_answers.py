@@ -113,6 +113,18 @@ def test_a_slow_answer_ends_within_the_deadline(answer: Answer) -> None:
         assert error.reason == "no complete answer within 3 s"
 
 
+def test_without_a_deadline_an_attempt_lasts_its_two_timeouts_at_most() -> None:
+    policy = RetryPolicy(deadline=None, max_attempts=1)
+    with (
+        hostile(endless_chunked_body) as server,
+        MeisaClient(KEY, server.url, timeout=(0.5, 1.0), retry=policy) as meisa,
+    ):
+        elapsed, error = timed_trigger(meisa)
+    assert isinstance(error, APITimeoutError)
+    assert error.reason == "no complete answer within 1.5 s"
+    assert 1.5 <= elapsed < 3.0, elapsed
+
+
 @pytest.mark.parametrize(
     "answer", [endless_fast_chunked_body, huge_content_length], ids=lambda a: a.__name__
 )

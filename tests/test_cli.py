@@ -162,6 +162,23 @@ def test_sync_users_backfills_every_registered_user(emulator: Any) -> None:
     assert contacts["ada@example.com"]["source"] == "initial_sync"
 
 
+def test_sync_users_names_a_failed_user_without_get_id_by_its_position(emulator: Any) -> None:
+    meisa = Meisa()
+    app = build_app(emulator_config(emulator, MEISA_DELIVERY="thread"), meisa=meisa)
+
+    @meisa.users_to_sync
+    def every_user() -> list[Any]:
+        return [*app.config["USERS"].values(), object()]  # no email, no get_id()
+
+    try:
+        result = invoke(app, "sync-users")
+        failures = invoke(app, "sync-users", "--failures")
+    finally:
+        meisa.state(app).close(5)
+    assert "1 failed" in result.output, result.output
+    assert failures.output == "user #2: email: the user object has no email attribute\n"
+
+
 def test_any_commands_meisa_error_is_its_message_without_a_traceback(app: Flask) -> None:
     meisa = app.extensions["meisa"]
 

@@ -653,6 +653,24 @@ def test_a_redis_that_lost_its_data_has_what_was_pending_reported(
     assert len(hooks.of("dropped")) == 2
 
 
+def test_a_data_loss_counts_what_the_full_ledger_forgot_without_naming_it(
+    make: MakeDispatcher, hooks: RecordingHooks, client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    dispatcher = make(ledger_size=2)
+    ops = [upsert(n) for n in range(5)]
+    for op in ops:
+        dispatcher.publish(op)
+    client.flushall()  # as a restart without persistence does
+    assert dispatcher.flush(timeout=1) is False
+    # The ledger keeps the newest (up to its size), the older ones are a count.
+    assert [op.id for op in hooks.of("dropped")] == [ops[3].id, ops[4].id]
+    assert (
+        "5 operation(s) this process submitted were pending and are reported dropped"
+        " (3 of them, over the ledger's size, not one by one)" in caplog.text
+    )
+    assert dispatcher.status().dropped == 5
+
+
 def test_dead_letters_an_unreachable_broker_does_not_take_stay_dead_letters(
     redis_url: str, client: Any, hooks: RecordingHooks
 ) -> None:

@@ -135,6 +135,19 @@ def test_sync_users_plans_an_unknown_number_of_users_at_the_budgets_pace(emulato
     assert result.output.splitlines()[0] == "an unknown number of users at ~950/hour"
 
 
+def test_suppressions_load_while_delivery_is_off_without_an_engine(
+    emulator: Any, tmp_path: Path
+) -> None:
+    store = tmp_path / "store.sqlite3"
+    config = emulator_config(emulator, MEISA_DELIVERY="thread", MEISA_OUTBOX=str(store))
+    app = build_app({**config, "MEISA_ENABLED": False})
+    emulator.suppress("gone@example.com")
+    result = invoke(app, "suppressions", "--check", "gone@example.com")
+    assert result.exit_code == 0, result.output
+    assert "gone@example.com: suppressed" in result.output
+    assert not store.exists()  # no engine (nor its store) made for a call while off
+
+
 def test_sequences_lists_active_ones_or_all(app: Flask) -> None:
     active = invoke(app, "sequences").output
     assert "onboarding" in active

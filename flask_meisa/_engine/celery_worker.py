@@ -143,8 +143,7 @@ class DeliveryWorker:
         an upsert of the contact released after it goes instead (its state is newer), and
         never while an upsert of the contact is in flight."""
         contact = self.store.contact_of(operation.contact or {})
-        if contact is None:
-            return self._attempt(operation, meta, [operation])
+        assert contact is not None  # "seen" is noted only for an event with its contact's upsert
         held = self.store.hold(contact, int(meta["seen"]), self._lease)
         if held.state == "busy":
             return self._again(held.wait + random.uniform(0, 0.05), operation, meta)

@@ -439,6 +439,13 @@ def test_non_json_error_gets_a_short_clean_excerpt() -> None:
     assert error.body is None
 
 
+def test_a_non_json_error_with_no_text_but_tags_keeps_the_status_reason() -> None:
+    page = b"<html><body>\n  <br/>  </body></html>"
+    error = errors._api_error("POST /contacts/upsert/", *answer(502, page, "text/html"), "k")
+    assert error.message == "Bad Gateway"
+    assert error.body is None
+
+
 def test_an_error_answer_too_large_to_read_is_excerpted_not_parsed() -> None:
     # 32 MiB of "[{},{},...]" in a 500 took 1.6 GB and 9 s to parse and clean.
     huge = b"[" + b"{}," * 2**20 + b"{}]"  # 3 MiB

@@ -1365,6 +1365,7 @@ def test_a_file_at_the_store_path_that_cannot_be_used_is_tried_again_once_it_cha
     make_engine: MakeEngine,
     path: Path,
     caplog: pytest.LogCaptureFixture,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     # A store of a newer schema put in place of the store (a backup restored): each try
     # to move to it reads the whole file, so it is not tried at every pass of the writer.
@@ -1394,9 +1395,13 @@ def test_a_file_at_the_store_path_that_cannot_be_used_is_tried_again_once_it_cha
     assert len(checks) == 1
     engine.submit([upsert(1)])
     assert engine.flush(5)  # the file it has open takes its work meanwhile
-    # The file there changes (the user_version put back): moved to at the next pass.
-    with contextlib.closing(sqlite3.connect(path)) as db:
+    # The file there changes (a copy with the user_version put back, renamed into place in
+    # one step from another folder: the writer sees one change): moved to at the next pass.
+    fixed = tmp_path_factory.mktemp("fixed") / path.name
+    shutil.copy(path, fixed)
+    with contextlib.closing(sqlite3.connect(fixed)) as db:
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    fixed.replace(path)
     assert eventually(lambda: uses_the_file_now_there(engine.store))
     assert len(checks) == 2
     engine.submit([upsert(2)])

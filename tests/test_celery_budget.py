@@ -470,14 +470,64 @@ def test_a_contacts_waiter_that_never_comes_back_holds_its_next_one_for_a_lease(
     assert held.token is not None  # the contact's call: the first waits
     assert budget.acquire(lease=0.3, waiter="e0", place=first).token is None
     budget.finish(held.token)
-    # The first never comes back (its worker died): its next one waits a lease at most
-    # past the first's return and its grace.
+    # The first never comes back (its worker died): its next one waits at most a second's
+    # grace past the first's return, or a lease if longer.
     deadline = time.monotonic() + 2.5
     got = budget.acquire(lease=0.3, waiter="e1", place=second)
     while got.token is None:
         assert time.monotonic() < deadline, got
         time.sleep(got.wait)
         got = budget.acquire(lease=0.3, waiter="e1", place=second)
+
+
+def test_a_late_waiter_holds_its_next_one_for_a_lease_past_its_return_not_more(
+    make_budget: MakeBudget,
+) -> None:
+    budget = make_budget("10/second")
+    lease = 2.0
+    first, second = budget.places([("e0", "c"), ("e1", "c")])
+    held = budget.acquire(lease=lease, lane=LANE_AUTOMATION, waiter="other", contact="c")
+    assert held.token is not None
+    asked = time.monotonic()
+    got = budget.acquire(lease=lease, waiter="e0", place=first)
+    assert got.token is None
+    returns = asked + got.wait  # it never comes back
+    budget.finish(held.token)
+    # Its next one looks again when told, and goes once a lease has passed since the
+    # first's return (not a lease and a grace).
+    got = budget.acquire(lease=lease, waiter="e1", place=second)
+    while got.token is None:
+        time.sleep(got.wait)
+        got = budget.acquire(lease=lease, waiter="e1", place=second)
+    assert time.monotonic() - returns < lease + 0.4, time.monotonic() - returns
+
+
+def test_a_waiter_behind_a_late_one_looks_again_less_often_as_it_gets_later(
+    make_budget: MakeBudget,
+) -> None:
+    budget = make_budget(None)
+    lease = 20.0
+    first, second = budget.places([("e0", "c"), ("e1", "c")])
+    held = budget.acquire(lease=lease, lane=LANE_AUTOMATION, waiter="other", contact="c")
+    assert held.token is not None
+    got = budget.acquire(lease=lease, waiter="e0", place=first)
+    assert got.token is None
+    returns = time.monotonic() + got.wait  # its worker is busy: it comes back late
+    budget.finish(held.token)
+    later = budget.acquire(lease=lease, waiter="e1", place=second)
+    runs = 1
+    while time.monotonic() < returns + 4.0:
+        assert later.token is None, later
+        time.sleep(later.wait)
+        later = budget.acquire(lease=lease, waiter="e1", place=second)
+        runs += 1
+    # Every 0.1 s for the first second or so of its lateness, less often after it.
+    assert later.token is None and later.wait >= 0.3, later
+    assert runs < 30, runs  # every 0.1 s: over 40
+    got = budget.acquire(lease=lease, waiter="e0", place=first)
+    assert got.token is not None
+    budget.finish(got.token)
+    assert budget.acquire(lease=lease, waiter="e1", place=second).token is not None
 
 
 @pytest.mark.parametrize("lane", [LANE_ROUTINE, LANE_BACKFILL])

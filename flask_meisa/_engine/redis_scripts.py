@@ -91,12 +91,13 @@ for each_lane = 0, lane do
   for i = 1, #gone, 2 do
     redis.call('ZREM', back_key(each_lane), gone[i])
     redis.call('ZREM', turns_key(each_lane), gone[i])
-    -- Late (its task may wait for a busy thread): its contact's next waits a lease more;
-    -- so for one held for its contact's upsert.
-    local late_ms = math.ceil((lease + GRACE) * 1000) + 1000
+    -- Late (its task may wait for a busy thread): its contact's next waits for it until a
+    -- lease past its return, a grace past the score; so for one held for its upsert.
+    local late_ms = math.ceil(lease * 1000) + 1000
     local late = string.match(gone[i], '^held:(.*)$') or gone[i]
     if not string.find(late, ':', 1, true) then
-      redis.call('ZADD', back_key(each_lane), tonumber(gone[i + 1]) + lease, 'late:' .. late)
+      local late_end = tonumber(gone[i + 1]) + lease - GRACE
+      redis.call('ZADD', back_key(each_lane), late_end, 'late:' .. late)
       if redis.call('PTTL', back_key(each_lane)) < late_ms then
         redis.call('PEXPIRE', back_key(each_lane), late_ms)
       end
@@ -189,9 +190,15 @@ end
 local before_back = follows and redis.call('ZSCORE', back_key(lane), waiter_before)
 local before_turn = before_back
   and tonumber(redis.call('ZSCORE', turns_key(lane), waiter_before))
+-- Late, it may come at any moment: looked for every 0.1 s at first, then less often the
+-- later it is (a quarter of how late it is past the grace), until it is dropped.
+local late_end = follows and redis.call('ZSCORE', back_key(lane), 'late:' .. waiter_before)
+late_end = tonumber(late_end)
+local poll = late_end
+  and math.min((now - late_end + lease - 2 * GRACE) / 4, late_end + GRACE - now)
 local before_held = follows and not before_back and (
   redis.call('ZSCORE', back_key(lane), 'held:' .. waiter_before)
-    or redis.call('ZSCORE', back_key(lane), 'late:' .. waiter_before) and now
+    or poll and now + math.max(poll - spacing, 0)
 )
 if not part then
   before_back = before_back or before_held

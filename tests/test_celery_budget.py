@@ -308,6 +308,29 @@ def test_an_event_behind_a_part_that_went_before_a_held_event_waits_for_that_one
     assert budget.acquire(lease=LEASE, waiter="e1", place=second).token is not None
 
 
+def test_an_event_and_its_companion_behind_one_that_ended_both_wait_for_a_held_event(
+    make_budget: MakeBudget,
+) -> None:
+    budget = make_budget("10/second")
+    # The first is held for its contact's upsert; the second waits behind it, then ends
+    # without a call. An event and its companion (placed together, both after the second)
+    # come next: the companion's part goes before the held event, the event waits for it.
+    first, second = budget.places([("e0", "c"), ("e1", "c")])
+    budget.hold("e0", LANE_ROUTINE, 0.5)
+    assert budget.acquire(lease=LEASE, waiter="e1", place=second).token is None
+    budget.release("e1", second)
+    companion, event = budget.places([("", "c"), ("e2", "c")])
+    got = budget.acquire(lease=LEASE, waiter="u", place=companion, part=True, shared=True)
+    assert got.token is not None
+    budget.finish(got.token)
+    later = budget.acquire(lease=LEASE, waiter="e2", place=event)
+    assert later.token is None, later
+    got = budget.acquire(lease=LEASE, waiter="e0", place=first)
+    assert got.token is not None
+    budget.finish(got.token)
+    assert budget.acquire(lease=LEASE, waiter="e2", place=event).token is not None
+
+
 def test_a_contacts_call_in_flight_holds_its_next_one_but_nobody_elses(
     make_budget: MakeBudget, redis_url: str
 ) -> None:

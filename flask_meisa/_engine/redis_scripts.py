@@ -254,7 +254,9 @@ end
 if turn then
   redis.call('ZREM', turns_key(lane), waiter)
   redis.call('ZREM', back_key(lane), waiter, 'held:' .. waiter, 'late:' .. waiter)
-  if aliased then
+  -- Its follower proper: a part's shared waiter (an event's companion, an upsert that joined
+  -- it) follows it beside the contact's next, which still needs it.
+  if aliased and not shared then
     redis.call('HDEL', followed_key, followed)
   end
   -- A part that goes before the event it follows: its contact's next one follows that.

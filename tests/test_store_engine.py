@@ -1296,10 +1296,11 @@ def test_a_row_in_flight_in_the_file_that_replaced_the_store_is_delivered(
         Path(f"{path}{end}").unlink()
     path.with_name("copy.sqlite3").replace(path)
     assert eventually(lambda: uses_the_file_now_there(engine.store))
-    engine.submit([upsert(1, plan="free")])  # the user's next state, behind it
+    assert eventually(lambda: len(hooks.of("delivered")) == 1)  # at the holder's next call
+    engine.submit([upsert(1, plan="free")])  # the user's next state
     assert engine.flush(5)
-    # (the next state merged into it once it waited again)
-    assert [r.body["custom_fields"]["plan"] for r in emulator.requests_to(UPSERT)] == ["free"]
+    plans = [r.body["custom_fields"]["plan"] for r in emulator.requests_to(UPSERT)]
+    assert plans == ["pro", "free"]
 
 
 def test_a_retry_carried_into_the_file_at_the_path_still_waits_its_turn(
@@ -1642,3 +1643,36 @@ def test_the_refusals_of_a_backfill_upsert_shed_once_a_live_sync_joined_it_are_n
     second = refused_once(9)
     assert eventually(lambda: second.id in (refusals() or {}))
     assert refusals() == {second.id: 1}
+
+
+def test_a_row_in_flight_whose_caller_is_gone_moved_in_after_a_takeover_is_made_again(
+    emulator: Emulator, make_engine: MakeEngine, path: Path, lock: HostLock
+) -> None:
+    # The delivering process took a row and was killed; the store was deleted, and a
+    # process started since took delivery over in the file now there before another
+    # process, which had the old file open, moved the killed one's row into it (in
+    # flight: that process cannot know whose call it is). It stayed in flight for good,
+    # and its contact's later work waited behind it.
+    with contextlib.closing(Store(path)) as killed:
+        with killed.write() as db:
+            pending.add(db, upsert(1), LANE_AUTOMATION)
+            row = pending.next_ready(db, time.time())
+            assert row is not None
+            pending.take(db, row, time.time())
+        other = Store(path)  # another process of the host, with the file open
+        other.data_version()
+        for end in ("", "-wal", "-shm"):
+            Path(f"{path}{end}").unlink()
+    lock.release()  # the kernel's, as the killed process goes
+    hooks = RecordingHooks()
+    engine = make_engine(emulator, hooks)
+    assert engine.first_pass(5) and engine.is_holder  # in the file now there
+    try:
+        assert other.moved() and other.follow() == 1
+    finally:
+        other.close()
+    engine.submit([upsert(1, plan="pro")])  # the user's next state, behind it
+    delivered = engine.flush(5)
+    print(f"{len(emulator.requests_to(UPSERT))} upserts, {waiting(path)} rows left")
+    assert delivered and len(emulator.requests_to(UPSERT)) >= 1
+    assert len(hooks.of("delivered")) == 2 and waiting(path) == 0

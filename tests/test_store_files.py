@@ -170,7 +170,7 @@ def test_a_store_replaced_while_a_process_has_it_open_keeps_every_row(
         if child.stdout.readline() != "stored\n":
             child.kill()
             pytest.fail(child.communicate()[1])
-        assert old.moved() and old.follow(calls=()) == (5 if how == "deleted" else 0)
+        assert old.moved() and old.follow() == (5 if how == "deleted" else 0)
         with old.read() as db:
             assert db.execute("SELECT count(*) FROM meisa_ops").fetchone()[0] == 7
             assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]

@@ -63,8 +63,8 @@ class Caller:
         self._started = self._stopped = False  # the delivery threads
         self.calls = 0  # calls in flight
         #: The ``(id, attempts)`` of the rows this process's calls have in flight, until
-        #: settled: they stay in flight in a store file followed (added to, and read by
-        #: :func:`~.host.carry_over`, under the store's lock).
+        #: settled: they stay in flight when rows are moved into its store file (added to,
+        #: and read by :meth:`step`, under the store's lock).
         self.taken: set[tuple[str, int]] = set()
         #: The lane of the row last held back by the budget (``None``: not held back).
         self.blocked_lane: int | None = None
@@ -164,11 +164,10 @@ class Caller:
             )
 
     def follow(self) -> None:
-        """Use the store file now at the path when the one open was deleted or replaced; the
-        rows of this process's calls stay in flight when it delivers."""
+        """Use the store file now at the path when the one open was deleted or replaced."""
         with self._following:  # the writer's pass, or a call whose row another one moved
             if self.files is not None and self.store.moved():
-                self.files.follow(self.taken if self.delivery.is_holder else None)
+                self.files.follow()
 
     def tidy(self) -> None:
         """As the delivering process, now and then: age routine syncs, prune old records."""
@@ -208,6 +207,9 @@ class Caller:
         try:
             with self.store.write() as db:
                 now = Store.now(db)
+                if Store.get_meta(db, "flights_moved"):  # by this process or another
+                    pending.release_flights(db, self.taken)
+                    Store.set_meta(db, "flights_moved", None)
                 wait = self.budget.gate(db, now, self.calls)
                 if wait:
                     return wait

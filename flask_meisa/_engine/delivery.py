@@ -200,7 +200,7 @@ class Delivery:
             self._drop(lost, "shutdown")
         elif self._files is not None and self.is_holder:
             with contextlib.suppress(*STORE_ERRORS):
-                self._files.closing(pending.unfinished, self._caller.taken)
+                self._files.closing(pending.unfinished)
         if self._host_lock is not None:
             self._host_lock.release()
         self.store.close()

@@ -11,7 +11,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from collections.abc import Collection
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextlib import suppress
@@ -30,8 +29,6 @@ _FOLLOW_AGAIN = 60.0
 _UNFOLLOWABLE = (sqlite3.Error, OSError, ConfigurationError)
 #: The store file whose folder this thread holds locked (see :func:`checking`).
 _checking = threading.local()
-#: The calls a delivering process makes: the ``(id, attempts)`` of the rows in flight.
-Calls = Collection[tuple[str, int]]
 
 
 class HostLock:
@@ -142,14 +139,14 @@ class HostFiles:
         """Whether the store file was replaced and this process has yet to try moving to it."""
         return self._unfollowable is None and self.store.moved()
 
-    def follow(self, calls: Calls | None) -> None:
+    def follow(self) -> None:
         """Move to the file now at the store's path (see :meth:`Store.follow`)."""
         if self._unfollowable is not None:
             failed_on, until = self._unfollowable
             if looks(self._path) == failed_on and time.monotonic() < until:
                 return  # tried again once something there changes, or after a while
         try:
-            carried = self.store.follow(calls)
+            carried = self.store.follow()
         except _UNFOLLOWABLE as error:
             # As the try left it (opening the file changes its folder).
             self._unfollowable = (looks(self._path), time.monotonic() + _FOLLOW_AGAIN)
@@ -175,12 +172,12 @@ class HostFiles:
             carried,
         )
 
-    def closing(self, unfinished: Callable[[sqlite3.Connection], int], calls: Calls) -> None:
-        """As the delivering process stops (making ``calls``): say what is left (``unfinished``)
+    def closing(self, unfinished: Callable[[sqlite3.Connection], int]) -> None:
+        """As the delivering process stops: say what is left (``unfinished``)
         for the next start, in the file now at the path (moved into it when the one open was
         replaced); what cannot be moved there goes with the file left behind: said, with why."""
         if self.store.moved():
-            self.follow(calls)
+            self.follow()
         with self.store.read() as db:
             left = unfinished(db)
         if left and self.store.moved():
@@ -317,11 +314,11 @@ def set_aside(store: Store, error: BaseException) -> None:
     )
 
 
-def carry_over(old: sqlite3.Connection, store: Store, calls: Calls | None = None) -> int:
+def carry_over(old: sqlite3.Connection, store: Store) -> int:
     """Move the operations left in ``old`` (a store file deleted or replaced since it was
     opened), and the meta ``store`` lacks, into ``store``: how many operations. Stored there
     before they go from ``old`` (a failure repeats them). Rows in flight stay so, for their
-    calls' answers, but those of others than ``calls`` when given (this process delivers)."""
+    calls' answers: the delivering process makes the others wait again (``flights_moved``)."""
     with transaction(old):  # the other processes still on the old file wait
         # Each file's times moved back by a clock step back since it noted the time (the
         # file now there may be a copy made before one): both then count from this clock.
@@ -342,11 +339,8 @@ def carry_over(old: sqlite3.Connection, store: Store, calls: Calls | None = None
             db.executemany("DELETE FROM meisa_ops WHERE seq = ?", copies)
             _insert(db, _MOVED, rows)
             # Whose caller is gone (killed; a copy's, taken mid-call): only the process
-            # delivering knows (the next to take delivery over releases all).
-            if calls is not None:
-                query = "SELECT seq, id, attempts FROM meisa_ops WHERE state = 'flight'"
-                gone = [(seq,) for seq, *call in db.execute(query) if tuple(call) not in calls]
-                db.executemany("UPDATE meisa_ops SET state = 'pending' WHERE seq = ?", gone)
+            # delivering knows, at its next call, whether it moves them or another does.
+            store.set_meta(db, "flights_moved", True)
             # Meisa's pause, the backfill run, the counters: where the file has none (its
             # own clock note is Store.now's).
             kept = old.execute("SELECT name, value FROM meisa_meta WHERE name != 'clock'")

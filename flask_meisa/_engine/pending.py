@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Callable
+from collections.abc import Collection
 from dataclasses import dataclass
 from dataclasses import field
 from typing import Any
@@ -347,6 +348,10 @@ def _passes(
     return bool(db.execute(query, (after, before, *exts, *emails)).fetchone()[0])
 
 
-def release_flights(db: sqlite3.Connection) -> int:
-    """Rows a delivering process left in flight (it died) wait again."""
-    return db.execute("UPDATE meisa_ops SET state = 'pending' WHERE state = 'flight'").rowcount
+def release_flights(db: sqlite3.Connection, calls: Collection[tuple[str, int]] = ()) -> int:
+    """Rows left in flight (their caller died; a copy's, taken mid-call) wait again: all
+    but those of ``calls``, the ``(id, attempts)`` of this process's calls under way."""
+    query = "SELECT seq, id, attempts FROM meisa_ops WHERE state = 'flight'"
+    gone = [(seq,) for seq, *call in db.execute(query).fetchall() if tuple(call) not in calls]
+    db.executemany("UPDATE meisa_ops SET state = 'pending' WHERE seq = ?", gone)
+    return len(gone)

@@ -10,7 +10,6 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Collection
 from collections.abc import Iterator
 from collections.abc import Sized
 from contextlib import contextmanager
@@ -258,10 +257,9 @@ class Store:
         opened, path = self._opened, self.path
         return opened is not None and path is not None and not at_path(path, opened)
 
-    def follow(self, calls: Collection[tuple[str, int]] | None = None) -> int:
+    def follow(self) -> int:
         """After :meth:`moved`: use the file now at the path, with the operations left in the
-        old one moved into it; how many (on failure the old file stays in use). ``calls``:
-        this process delivers, and makes these (see :func:`~.host.carry_over`)."""
+        old one moved into it; how many (on failure the old file stays in use)."""
         with self._lock:
             assert self.path is not None and self._db is not None
             old, opened, self._db = self._db, self._opened, None
@@ -269,7 +267,7 @@ class Store:
                 with checking(self.path):
                     self.check()
                 # A copy put in its place beside its -wal reads that -wal: its rows are ours.
-                carried = 0 if self._reads_wal_of(old) else carry_over(old, self, calls)
+                carried = 0 if self._reads_wal_of(old) else carry_over(old, self)
             except BaseException:
                 self.close()
                 self._db, self._opened = old, opened

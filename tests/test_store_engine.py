@@ -1676,3 +1676,52 @@ def test_a_row_in_flight_whose_caller_is_gone_moved_in_after_a_takeover_is_made_
     print(f"{len(emulator.requests_to(UPSERT))} upserts, {waiting(path)} rows left")
     assert delivered and len(emulator.requests_to(UPSERT)) >= 1
     assert len(hooks.of("delivered")) == 2 and waiting(path) == 0
+
+
+def test_a_call_under_way_as_another_process_moves_the_rows_holding_the_new_file_is_made_once(
+    emulator: Emulator,
+    make_engine: MakeEngine,
+    path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The store is deleted while the delivering process makes a call; another process moves
+    # the rows into the file now there, and holds its write lock past the busy timeout (a
+    # long move, a big transaction) as the delivering process tries to follow. That try
+    # was taken for a file it cannot use: no delivery for a minute, and the call's answer,
+    # its row no longer found, was dropped: the call was made again a minute later.
+    caplog.set_level(logging.WARNING, logger="flask_meisa.engine")
+    called, go_on = threading.Event(), threading.Event()
+    hooks = RecordingHooks()
+
+    def under_way(operation: Operation) -> None:  # its row is in flight, the call to come
+        called.set()
+        assert go_on.wait(30)
+
+    engine = make_engine(emulator, hooks, poll_interval=0.02)
+    engine.submit([upsert(1)])  # the event's contact
+    assert engine.flush(5)
+    hooks.skip = under_way
+    other = Store(path)  # another process of the host, with the file open
+    other.data_version()
+    engine.submit([track(1)])
+    assert called.wait(5)
+    engine.store.before_fork()  # (this process follows once every file is gone)
+    try:
+        for end in ("", "-wal", "-shm", ".lock"):
+            Path(f"{path}{end}").unlink()
+        assert other.moved() and other.follow() == 1
+    finally:
+        engine.store.after_fork_in_parent()
+    try:
+        with other.write():  # held while this process tries to follow
+            assert eventually(lambda: "database is locked" in caplog.text)
+        go_on.set()  # then the call is answered
+        engine.submit([upsert(2), track(2)])
+        delivered = engine.flush(5)
+    finally:
+        other.close()
+    calls = [r.body["external_id"] for r in emulator.requests_to(TRACK)]
+    left = waiting(path)
+    print(f"{calls} tracked, {len(hooks.of('delivered'))} delivered, {left} left in the file")
+    assert delivered and calls == ["t-1", "t-2"]
+    assert len(hooks.of("delivered")) == 4 and left == 0

@@ -148,6 +148,8 @@ class HostFiles:
         try:
             carried = self.store.follow()
         except _UNFOLLOWABLE as error:
+            if isinstance(error, sqlite3.OperationalError) and "is locked" in str(error):
+                raise  # busy (another process moving rows into it): a store error, tried again
             # As the try left it (opening the file changes its folder).
             self._unfollowable = (looks(self._path), time.monotonic() + _FOLLOW_AGAIN)
             if self._said != str(error):

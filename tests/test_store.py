@@ -27,6 +27,7 @@ from flask_meisa.operations import LANE_AUTOMATION
 from flask_meisa.operations import LANE_ROUTINE
 from flask_meisa.operations import Operation
 from tests.engine_support import upsert
+from tests.process_support import wait_until
 
 TABLES = {"meisa_ops", "meisa_calls", "meisa_known", "meisa_answers", "meisa_meta"}
 
@@ -292,6 +293,28 @@ def test_one_holder_per_lock_file(tmp_path: Path) -> None:
     assert not first.try_acquire()
     second.release()
     first.release()  # twice is harmless
+
+
+def test_a_lock_file_deleted_twice_in_a_row_is_left_to_its_holder(tmp_path: Path) -> None:
+    # 'rm instance/meisa*' twice in a row: the holder locked the file made again after the
+    # first, and that one went too. A process waiting to deliver, whose own open file was
+    # the first one (no longer locked: its holder moved on), took the file at the path
+    # before the holder could: the holder stopped delivering, its calls under way were
+    # made again by the other one.
+    path = str(tmp_path / "store.sqlite3.lock")
+    holder, other = HostLock(path), HostLock(path)
+    assert holder.try_acquire() and not other.try_acquire()
+    os.unlink(path)
+    assert holder.moved() and holder.take_again()
+    os.unlink(path)  # again, before the holder's next pass
+    taken = other.try_acquire()
+    print(f"the other process took the lock: {taken}")
+    assert not taken
+    assert holder.moved() and holder.take_again()  # it delivers on
+    assert not other.try_acquire()
+    holder.release()  # once it stops, the other one takes over
+    assert wait_until(other.try_acquire, 5)
+    other.release()
 
 
 def fork(child: Callable[[], None]) -> int:

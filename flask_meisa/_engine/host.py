@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("flask_meisa.engine")
 #: Seconds before a file at the store's path that could not be used is tried again.
 _FOLLOW_AGAIN = 60.0
+#: Seconds a waiting process leaves a lock file made again to the holder of the one before.
+_RELOCK = 1.0
 #: Why the file at the store's path may not be followed (``STORE_ERRORS``, a newer schema).
 _UNFOLLOWABLE = (sqlite3.Error, OSError, ConfigurationError)
 #: The store file whose folder this thread holds locked (see :func:`checking`).
@@ -39,6 +41,7 @@ class HostLock:
     def __init__(self, path: str) -> None:
         self.path = path
         self._fd: int | None = None
+        self._not_before = 0.0  # (monotonic) when it may lock a file made again
         #: Whether this process holds the lock through this object.
         self.held = False
 
@@ -51,14 +54,17 @@ class HostLock:
         if self.held:
             return True
         if self._fd is not None and not self._at_path(self._fd):
+            # Its holder (maybe moved on to a file deleted since) locks the one now there
+            # within a pass: another process locking it first would take back its calls' rows.
             if _locked(self._fd):
-                # Its holder delivers on, and locks the new file within a pass: another
-                # process locking it first would take back the rows of the calls it makes.
                 return False
             self.release()
+            self._not_before = time.monotonic() + _RELOCK
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             folders_owner(self.path)
+        if time.monotonic() < self._not_before:
+            return False
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except (BlockingIOError, PermissionError):
@@ -81,9 +87,8 @@ class HostLock:
         """After :meth:`moved`: lock the file now at the path instead of the one held;
         whether that worked. :raises OSError: the path cannot be opened (the file held stays).
         """
-        held = self._fd
+        held, self._fd, self.held = self._fd, None, False
         assert held is not None
-        self._fd, self.held = None, False
         try:
             taken = self.try_acquire()
         except OSError:
@@ -235,10 +240,9 @@ def looks(path: str) -> tuple[Any, ...]:
     for name in (path, os.path.dirname(path)):
         try:
             stat = os.stat(name)
+            found.append((*identity(stat), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
         except OSError:
             found.append(None)
-        else:
-            found.append((*identity(stat), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
     return tuple(found)
 
 

@@ -180,9 +180,9 @@ class HostFiles:
         )
 
     def closing(self, unfinished: Callable[[sqlite3.Connection], int]) -> None:
-        """As the delivering process stops: say what is left (``unfinished``)
-        for the next start, in the file now at the path (moved into it when the one open was
-        replaced); what cannot be moved there goes with the file left behind: said, with why."""
+        """As the delivering process stops: say what is left (``unfinished``) for the next
+        start, in the file now at the path (moved into it when the one open was replaced);
+        what cannot be moved there goes with the file left behind: said, with why."""
         if self.store.moved():
             self.follow()
         with self.store.read() as db:

@@ -1725,3 +1725,35 @@ def test_a_call_under_way_as_another_process_moves_the_rows_holding_the_new_file
     print(f"{calls} tracked, {len(hooks.of('delivered'))} delivered, {left} left in the file")
     assert delivered and calls == ["t-1", "t-2"]
     assert len(hooks.of("delivered")) == 4 and left == 0
+
+
+def test_a_call_under_way_as_this_process_loses_delivery_and_takes_it_back_is_made_once(
+    emulator: Emulator, make_engine: MakeEngine, path: Path
+) -> None:
+    # The lock file is deleted while this process makes a call; another process locks the
+    # file made again, then stops: this process takes delivery back, its call still under
+    # way. That call's row stays in flight for its answer: it is not made a second time.
+    called, go_on = threading.Event(), threading.Event()
+    hooks = RecordingHooks()
+
+    def under_way(operation: Operation) -> None:  # its row is in flight, the call to come
+        called.set()
+        assert go_on.wait(30)
+
+    engine = make_engine(emulator, hooks, poll_interval=0.02)
+    engine.submit([upsert(1)])  # the event's contact
+    assert engine.flush(5)
+    hooks.skip = under_way
+    engine.submit([track(1)])
+    assert called.wait(5)
+    Path(f"{path}.lock").unlink()
+    other = HostLock(f"{path}.lock")  # another process, started now
+    assert other.try_acquire()
+    assert eventually(lambda: not engine.is_holder)
+    other.release()
+    assert eventually(lambda: engine.is_holder)
+    go_on.set()
+    assert engine.flush(10)
+    assert len(emulator.requests_to(TRACK)) == 1
+    assert len(emulator.events(event_name="clicked")) == 1
+    assert len(hooks.of("delivered")) == 2 and waiting(path) == 0

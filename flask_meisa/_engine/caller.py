@@ -130,7 +130,7 @@ class Caller:
     def _take_over(self, lock: HostLock) -> None:
         try:
             with self.store.write() as db:
-                released = pending.release_flights(db)
+                released = pending.release_flights(db, self.taken)  # not its own calls under way
                 foreign = dead.bury_foreign(db, self.target)
         except BaseException:
             lock.release()  # taken again on a later pass, once the store works

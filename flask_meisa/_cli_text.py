@@ -59,6 +59,22 @@ def progress_line(progress: Progress) -> str:
     )
 
 
+def users_changed(changed: Exception) -> str:
+    """Why ``sync-users`` goes through the users again from the first."""
+    return (
+        f"the users changed since the last run stopped ({changed}): going through"
+        " them from the first (those Meisa already has cost no call)"
+    )
+
+
+def store_failed(error: BaseException) -> str:
+    """Why ``sync-users`` stopped at a store that failed, and how to go on."""
+    return (
+        f"the delivery store failed ({error}); what was stored is kept: once it works"
+        " again, run the command again to go on from where it stopped"
+    )
+
+
 def status_report(status: DeliveryStatus, store_path: str | None) -> str:
     """``flask meisa status``: store, delivering process, lanes, counters, backfill."""
     where = "memory of this process"

@@ -7,7 +7,9 @@ import functools
 import itertools
 import json
 import math
+import signal
 import sqlite3
+import threading
 from typing import TYPE_CHECKING
 from typing import Any
 from typing import cast
@@ -182,15 +184,14 @@ def sync_users_command(max_share: float, restart: bool, dry_run: bool, failures:
         max_share=max_share,
         report=lambda progress: click.echo(_cli_text.progress_line(progress), err=True),
     )
+    # A stop (SIGTERM: a redeploy, kill) is Ctrl+C: noted stopped, a rerun need not wait.
+    main = threading.current_thread() is threading.main_thread()
+    term = signal.signal(signal.SIGTERM, signal.default_int_handler) if main else None
     try:
         try:
             result = go(users, restart=restart)
         except backfill.UsersChanged as changed:
-            click.echo(
-                f"the users changed since the last run stopped ({changed}): going through"
-                " them from the first (those Meisa already has cost no call)",
-                err=True,
-            )
+            click.echo(_cli_text.users_changed(changed), err=True)
             result = go(query(), again=True)
     except KeyboardInterrupt:
         click.echo("interrupted: run the command again to go on from where it stopped", err=True)
@@ -198,10 +199,10 @@ def sync_users_command(max_share: float, restart: bool, dry_run: bool, failures:
     except backfill.KeyRefused as refused:
         raise click.ClickException(_cli_text.key_refused(refused, meisa.status())) from None
     except STORE_ERRORS as error:
-        raise click.ClickException(
-            f"the delivery store failed ({error}); what was stored is kept: once it works"
-            " again, run the command again to go on from where it stopped"
-        ) from None
+        raise click.ClickException(_cli_text.store_failed(error)) from None
+    finally:
+        if term is not None:
+            signal.signal(signal.SIGTERM, term)
     click.echo(_cli_text.progress_line(result))
     failed = result.run.failed + result.refused
     if failed:
@@ -211,8 +212,7 @@ def sync_users_command(max_share: float, restart: bool, dry_run: bool, failures:
 
 
 def _backfill_target(state: MeisaState, *, start: bool) -> backfill.Target:
-    # Redis under Celery, else the store, whose delivery ``start`` starts here (this
-    # process delivers when no other does).
+    # Redis under Celery, else the store, whose delivery ``start`` starts (if none runs).
     delivery = state.settings.delivery
     if start and (delivery not in ("thread", "celery") or not state.delivering()):
         raise click.ClickException(

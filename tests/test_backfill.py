@@ -1323,3 +1323,25 @@ def test_a_backfill_stopped_by_a_refused_key_names_a_user_mapped_without_externa
     assert status.backfill is not None
     assert status.backfill["refused"][3] == "user0@example.com", status.backfill["refused"]
     assert "The run stopped at user user0@example.com (not synced" in result.output
+
+
+def test_a_backfill_stopped_with_sigterm_is_noted_stopped_and_a_rerun_starts_at_once(
+    emulator_factory: Callable[..., Emulator], tmp_path: Path
+) -> None:
+    # SIGTERM (a redeploy, kill, docker stop) is a stop as Ctrl+C is: the run is noted
+    # stopped, so the next one goes on at once rather than being refused for 90 s.
+    emulator = emulator_factory(rate_limit=None)
+    emulator.faults.set(latency=0.002)
+    process = sync_users_process(emulator.url, emulator.live_key, 1000, tmp_path / "instance")
+    first = subprocess.Popen(**process, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert emulator.wait_for(lambda e: len(e.requests_to(UPSERT)) >= 100, timeout=60)
+        first.send_signal(signal.SIGTERM)
+        _, stopped = first.communicate(timeout=30)
+    finally:
+        first.kill()
+        first.wait(30)
+    assert first.returncode == 130 and b"interrupted" in stopped, (first.returncode, stopped)
+    second = subprocess.run(**process, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert len(upserts_by_user(emulator)) == 1000

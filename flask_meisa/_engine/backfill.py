@@ -163,10 +163,11 @@ class Target:
 
     def goes_on_from(self) -> int:
         """The users the next run (not ``--restart``) counts done as it starts: the last
-        run's position, unless it finished, or stopped at a refused key (its upserts not
-        sent went: it reads the users again)."""
+        run's position less its upserts still waiting, unless it finished, or stopped at a
+        refused key (its upserts not sent went: it reads the users again)."""
         run = self.load()
-        return 0 if run is None or run.state == "done" or self.refused() else run.position
+        done = 0 if run is None or run.state == "done" or self.refused() else run.position
+        return max(done - self.backlog()[0], 0)
 
     def refused(self) -> list[Any] | None:
         """``[status, code, message, user]`` of the backfill upsert Meisa refused for the key

@@ -1358,3 +1358,53 @@ def test_a_backfill_stopped_with_sigterm_is_noted_stopped_and_a_rerun_starts_at_
     second = subprocess.run(**process, capture_output=True, text=True, timeout=120)
     assert second.returncode == 0, second.stderr
     assert len(upserts_by_user(emulator)) == 1000
+
+
+def test_a_live_sync_in_flight_while_a_chunk_is_queued_is_not_undone(
+    emulator: Emulator,
+) -> None:
+    # The user is read, then upgraded and synced live; that call is still in flight when
+    # the chunk is queued: the backfill's upsert, read before it, must not go after it.
+    app = make_app(emulator, 10)
+    meisa: Meisa = app.extensions["meisa"]
+
+    def live_sync(user: Any) -> None:
+        emulator.faults.set(latency=1.0)  # this call only: the rest are made after it
+        meisa.upsert(user, priority="high")
+        assert wait_until(lambda: meisa.status().in_flight == 1, 10)
+        emulator.faults.set(latency=0.0)
+
+    upgrade_while_read(app, live_sync)
+    result = sync_users(app)
+    assert result.exit_code == 0, result.output
+    assert plan_in_meisa(app, emulator, "5") == "pro", [
+        r.body for r in emulator.requests_to(UPSERT) if r.body.get("external_id") == "5"
+    ]
+
+
+def test_a_live_sync_between_a_page_read_and_its_chunk_is_not_undone(
+    emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The query reads a page of users ahead of the chunks (500 a page, as integrating.md
+    # shows, against chunks of 200): user 25 is upgraded and synced live while the first
+    # chunk is read, after its page was; its chunk, read later, holds it as it was.
+    monkeypatch.setattr(backfill, "CHUNK", 20)
+    app = make_app(emulator, 40)
+    meisa: Meisa = app.extensions["meisa"]
+    people = app.config["PEOPLE"]
+    _, count = meisa.user_source  # type: ignore[misc]
+
+    def users() -> Any:
+        page = [copy.copy(people[n]) for n in sorted(people)]
+        for read, row in enumerate(page):
+            if read == 5:
+                people[25].plan = "pro"
+                with app.app_context():
+                    meisa.upsert(people[25])
+                    assert meisa.flush(10)
+            yield row
+
+    meisa.users_to_sync(users, count=count)
+    result = sync_users(app)
+    assert result.exit_code == 0, result.output
+    assert plan_in_meisa(app, emulator, "25") == "pro"

@@ -246,7 +246,7 @@ def run(
     current.total, current.max_share, current.alive_at = total, max_share, time.time()
     current.owner = uuid.uuid4().hex
     target.save(current, fresh=fresh, start=True)
-    started, start_done, last_report = time.monotonic(), current.position, 0.0
+    started, start_done, last_report, began = time.monotonic(), current.position, 0.0, time.time()
 
     def tick(force: bool = False) -> Progress:
         nonlocal last_report
@@ -277,7 +277,7 @@ def run(
             # (an hour at the default budget), would be sent as they were then.
             while tick().waiting > HIGH_WATER:
                 time.sleep(min(every, 0.2))
-            read_at = time.time()
+            # Users are read as of this command's start: a query may read a page ahead.
             chunk = list(itertools.islice(rest, CHUNK))
             if not chunk:
                 break
@@ -291,7 +291,7 @@ def run(
                     current.last = [current.position + offset, *_names(operations[-1])]
             current.failed += len(failed)
             current.position += len(chunk)
-            target.add(current, operations, failed, read_at)
+            target.add(current, operations, failed, began)
         while tick().waiting:
             time.sleep(min(every, 0.2))
     except BaseException as stop:
@@ -370,7 +370,7 @@ class StoreTarget(Target):
     ) -> None:
         for operation in operations:
             had = functools.cache(functools.partial(known.lookup, db, operation.payload))
-            fresh = known.fresh_part(operation, had(), now)
+            fresh = known.fresh_part(operation, had(), now, db)
             # Meisa has this state and nothing of the contact waits: no row at all.
             if fresh is None or (
                 self._unchanged(fresh, had, run, now) and not pending.waits(db, fresh)

@@ -176,14 +176,31 @@ def unchanged(operation: Operation, had: Lookup, now: float, resync_after: float
     )
 
 
-def fresh_part(operation: Operation, had: Known | None, read_at: float) -> Operation | None:
+def fresh_part(
+    operation: Operation, had: Known | None, read_at: float, db: sqlite3.Connection | None = None
+) -> Operation | None:
     """The backfill upsert ``operation`` of a user read at ``read_at``, less the fields a
-    live sync Meisa accepted since then set (newer than the read); ``None`` when only its
-    contact's names are left."""
-    newer = set() if had is None else had.set_after(read_at)
+    live sync Meisa accepted since then set (newer than the read), and with the store
+    ``db``, those of live syncs released since (:func:`released_after`); ``None`` when only
+    its contact's names are left."""
+    newer = set() if db is None else released_after(db, operation.payload, read_at)
+    newer |= set() if had is None else had.set_after(read_at)
     if not newer.intersection(digest(operation.payload)):
         return operation
     payload = without(operation.payload, newer)
     if not set(digest(payload)) - {"email", "external_id"}:
         return None
     return dataclasses.replace(operation, payload=payload, body=None)
+
+
+def released_after(db: sqlite3.Connection, payload: Mapping[str, Any], since: float) -> set[str]:
+    """The fields (not the names) of the live upserts of ``payload``'s contact released
+    after ``since`` and not over: one in flight cannot take a backfill upsert in, which
+    would go after it with the older state."""
+    query = (
+        "SELECT payload FROM meisa_ops WHERE (ext = ? OR email = ?) AND kind = 'upsert' "
+        "AND state != 'dead' AND priority IS NOT 'backfill' AND created_at > ?"
+    )
+    rows = db.execute(query, (*identities(payload), since))
+    names = {"email", "external_id"}
+    return {name for (body,) in rows for name in digest(json.loads(body)) if name not in names}

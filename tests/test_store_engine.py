@@ -1757,3 +1757,55 @@ def test_a_call_under_way_as_this_process_loses_delivery_and_takes_it_back_is_ma
     assert len(emulator.requests_to(TRACK)) == 1
     assert len(emulator.events(event_name="clicked")) == 1
     assert len(hooks.of("delivered")) == 2 and waiting(path) == 0
+
+
+def test_a_lock_file_made_again_while_the_holder_waits_for_a_busy_store_is_left_to_it(
+    emulator: Emulator, make_engine: MakeEngine, path: Path
+) -> None:
+    # The lock file is deleted twice in a row while the delivering process's writer waits
+    # for the store's write lock (another process holding it: a long move, a big batch),
+    # its busy timeout long. A process that had the first file open locked the file made
+    # again once a second passed: it took delivery over, and the rows of the calls under
+    # way of the process still delivering were made again.
+    called, go_on = threading.Event(), threading.Event()
+    hooks = RecordingHooks()
+
+    def under_way(operation: Operation) -> None:  # its row is in flight, the call to come
+        called.set()
+        assert go_on.wait(30)
+
+    engine = make_engine(emulator, hooks, store=Store(path, busy_timeout=3.0))
+    engine.submit([upsert(1)])  # the event's contact
+    assert engine.flush(5) and engine.is_holder
+    hooks.skip = under_way
+    engine.submit([track(1)])
+    assert called.wait(5)
+    held = engine._host_lock
+    assert held is not None
+    waiting = HostLock(f"{path}.lock", 3.0)  # another process of the app, started before
+    assert not waiting.try_acquire()
+    Path(f"{path}.lock").unlink()
+    assert eventually(lambda: Path(f"{path}.lock").exists() and not held.moved())
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another process's long write
+        engine.submit([upsert(2)])
+
+        def writer_waits() -> bool:  # for the store, past its pass's look at the lock
+            if engine.store._lock.acquire(blocking=False):
+                engine.store._lock.release()
+                return False
+            return True
+
+        assert eventually(writer_waits)
+        Path(f"{path}.lock").unlink()
+        took = eventually(lambda: waiting.try_acquire() or (held.held and not held.moved()))
+        print(f"waiting process locked it: {waiting.held}; holder: {held.held}")
+        assert took and not waiting.held and held.held
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+        waiting.release()
+    go_on.set()
+    assert engine.flush(10)
+    assert len(emulator.requests_to(TRACK)) == 1 and len(hooks.of("delivered")) == 3

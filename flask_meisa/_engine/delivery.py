@@ -82,7 +82,8 @@ class Delivery:
         self._threads: list[threading.Thread] = []
         self._started = self._stopping = self._closed = False
         self._store_failing: BaseException | None = None  # why, while it takes no writes
-        self._host_lock = None if self.store.path is None else HostLock(self.store.path + ".lock")
+        path, stall = self.store.path, self.store.busy_timeout
+        self._host_lock = None if path is None else HostLock(f"{path}.lock", stall)
         self._files = None if self._host_lock is None else HostFiles(self.store)
         self._caller = Caller(self, self._host_lock, self._files)
         #: In a write: raise when the store is delivered for another Meisa than this one's.

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("flask_meisa.engine")
 #: Seconds before a file at the store's path that could not be used is tried again.
 _FOLLOW_AGAIN = 60.0
-#: Seconds a waiting process leaves a lock file made again to the holder of the one before.
+#: Seconds past its ``stall`` a waiting process leaves a lock file made again to the holder.
 _RELOCK = 1.0
 #: Why the file at the store's path may not be followed (``STORE_ERRORS``, a newer schema).
 _UNFOLLOWABLE = (sqlite3.Error, OSError, ConfigurationError)
@@ -36,10 +36,11 @@ _checking = threading.local()
 class HostLock:
     """The delivery lock: an exclusive, non-blocking ``flock`` on ``path`` (``<store>.lock``).
     The kernel releases it when its holder exits or is killed, so the next process to try
-    takes over; the holder writes its pid into the file."""
+    takes over; the holder writes its pid into the file. It looks at the lock once a pass,
+    which may wait ``stall`` seconds for the store (its busy timeout)."""
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+    def __init__(self, path: str, stall: float = 0.0) -> None:
+        self.path, self._stall = path, stall
         self._fd: int | None = None
         self._not_before = 0.0  # (monotonic) when it may lock a file made again
         #: Whether this process holds the lock through this object.
@@ -59,7 +60,7 @@ class HostLock:
             if _locked(self._fd):
                 return False
             self.release()
-            self._not_before = time.monotonic() + _RELOCK
+            self._not_before = time.monotonic() + _RELOCK + self._stall
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             folders_owner(self.path)
@@ -84,9 +85,8 @@ class HostLock:
         return self.held and self._fd is not None and not self._at_path(self._fd)
 
     def take_again(self) -> bool:
-        """After :meth:`moved`: lock the file now at the path instead of the one held;
-        whether that worked. :raises OSError: the path cannot be opened (the file held stays).
-        """
+        """After :meth:`moved`: lock the file now at the path instead of the one held; whether
+        that worked. :raises OSError: the path cannot be opened (the file held stays)."""
         held, self._fd, self.held = self._fd, None, False
         assert held is not None
         try:

@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import importlib
 import logging
+import multiprocessing.util
 import os
 import threading
 import weakref
@@ -318,6 +319,10 @@ def _after_fork_in_child() -> None:
 
 
 atexit.register(_at_exit)
+# A multiprocessing child ends with os._exit, past the atexit hooks: its finalizers run.
+multiprocessing.util.register_after_fork(
+    _at_exit, lambda run: multiprocessing.util.Finalize(None, run, exitpriority=0)
+)
 os.register_at_fork(
     before=_before_fork,
     after_in_parent=_after_fork_in_parent,

@@ -21,12 +21,16 @@ Scenarios:
   the fork is called (as the writer thread may be); with ``parent-dies``, the parent
   exits at once without closing anything (as when it is killed), and the child takes
   over. The child gives up after 45 seconds.
+- ``pool <n>``: deliver a request's operations, start ``n`` ``multiprocessing`` children
+  (forked) that make five requests each and return, then flush, print ``pool flushed
+  <bool> exits <codes>``.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -218,6 +222,26 @@ def fork(mid_write: bool, parent_dies: bool = False) -> None:
         say(f"parent flushed {meisa.flush(10)} child_exit {os.waitstatus_to_exitcode(status)}")
 
 
+def pool(children: int) -> None:
+    app = create_app()
+    app.test_client().post("/work/0").close()  # this process delivers
+
+    def child(first: int) -> None:  # returns, and multiprocessing ends it with os._exit
+        client = app.test_client()
+        for n in range(first, first + 5):
+            client.post(f"/work/{n}").close()
+
+    forked = multiprocessing.get_context("fork")
+    started = [forked.Process(target=child, args=(1 + 5 * i,)) for i in range(children)]
+    for process in started:
+        process.start()
+    for process in started:
+        process.join(45)
+    with app.app_context():
+        flushed = app.extensions["meisa"].flush(20)
+    say(f"pool flushed {flushed} exits {[process.exitcode for process in started]}")
+
+
 def keep_response(testing: bool) -> None:
     global KEPT
     app = create_app()
@@ -241,6 +265,8 @@ def main(argv: list[str]) -> None:
         drain()
     elif scenario == "keep-response":
         keep_response(testing=numbers == ["testing"])
+    elif scenario == "pool":
+        pool(int(numbers[0]))
     elif scenario == "fork":
         fork(mid_write=numbers == ["mid-write"], parent_dies=numbers == ["parent-dies"])
     else:

@@ -149,6 +149,18 @@ def test_a_forked_child_writes_and_its_parent_delivers(
     assert emu.live_key not in output
 
 
+def test_the_work_of_multiprocessing_children_is_stored_before_they_end(
+    emu: Emulator, instance: Path
+) -> None:
+    # A multiprocessing child ends with os._exit once its target returns: no exit hook
+    # ran, and what its writer thread had not stored yet was lost with it.
+    output = run_app(environment(emu, instance, MEISA_TEST_RATE="none"), "pool", "4")
+    assert "pool flushed True exits [0, 0, 0, 0]" in output, output
+    numbers = tally(emu, 21)
+    print(numbers)
+    assert no_loss(numbers), output
+
+
 def test_a_locked_store_never_fails_a_request(
     emu: Emulator, caplog: pytest.LogCaptureFixture
 ) -> None:

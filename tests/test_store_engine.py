@@ -23,6 +23,7 @@ import pytest
 from flask_meisa._engine import dead
 from flask_meisa._engine import known
 from flask_meisa._engine import pending
+from flask_meisa._engine.delivery import Delivery
 from flask_meisa._engine.host import HostLock
 from flask_meisa._engine.host import set_aside
 from flask_meisa._engine.store import SCHEMA_VERSION
@@ -91,6 +92,27 @@ def uses_the_file_now_there(store: Store) -> bool:
     """Whether ``store`` follows the file now at its path, its move (if any) over."""
     with store.read():  # once a move under way (holding the store) is over
         return not store.moved()
+
+
+def call_under_way(
+    emulator: Emulator, make_engine: MakeEngine, operation: Operation, **options: Any
+) -> tuple[Delivery, RecordingHooks, threading.Event]:
+    """An engine making the call of ``operation`` (after its contact's upsert): its row in
+    flight, the call held until the event returned is set."""
+    called, go_on = threading.Event(), threading.Event()
+    hooks = RecordingHooks()
+
+    def under_way(operation: Operation) -> None:
+        called.set()
+        assert go_on.wait(30)
+
+    engine = make_engine(emulator, hooks, **options)
+    engine.submit([upsert(1)])  # the event's contact
+    assert engine.flush(5)
+    hooks.skip = under_way
+    engine.submit([operation])
+    assert called.wait(5)
+    return engine, hooks, go_on
 
 
 def eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:
@@ -1533,22 +1555,14 @@ def test_a_call_under_way_as_the_store_file_is_deleted_is_made_once(
     # and whether the call is answered before the delivering process looks at the path,
     # the row stays in flight there and the call's answer settles it: it was made again
     # (an event tracked twice, Meisa does not deduplicate them; a send called twice).
-    called, go_on = threading.Event(), threading.Event()
-    hooks = RecordingHooks()
-
-    def under_way(operation: Operation) -> None:  # its row is in flight, the call to come
-        called.set()
-        assert go_on.wait(30)
-
     # Answered first: this process's writer looks at the path only every 30 s.
-    engine = make_engine(emulator, hooks, poll_interval=30 if first == "answered first" else 0.02)
-    engine.submit([upsert(1)])  # the event's contact
-    assert engine.flush(5)
-    hooks.skip = under_way
+    poll_interval = 30 if first == "answered first" else 0.02
     other = Store(path)  # another process of the host, with the file open
     other.data_version()
-    engine.submit([track(1) if kind == "track" else send(1)])
-    assert called.wait(5)
+    operation = track(1) if kind == "track" else send(1)
+    engine, hooks, go_on = call_under_way(
+        emulator, make_engine, operation, poll_interval=poll_interval
+    )
     # This process holds its store: it follows once every file is gone (one made again
     # meanwhile would lose its -wal), and after the other process when that one is first.
     engine.store.before_fork()
@@ -1690,21 +1704,9 @@ def test_a_call_under_way_as_another_process_moves_the_rows_holding_the_new_file
     # was taken for a file it cannot use: no delivery for a minute, and the call's answer,
     # its row no longer found, was dropped: the call was made again a minute later.
     caplog.set_level(logging.WARNING, logger="flask_meisa.engine")
-    called, go_on = threading.Event(), threading.Event()
-    hooks = RecordingHooks()
-
-    def under_way(operation: Operation) -> None:  # its row is in flight, the call to come
-        called.set()
-        assert go_on.wait(30)
-
-    engine = make_engine(emulator, hooks, poll_interval=0.02)
-    engine.submit([upsert(1)])  # the event's contact
-    assert engine.flush(5)
-    hooks.skip = under_way
     other = Store(path)  # another process of the host, with the file open
     other.data_version()
-    engine.submit([track(1)])
-    assert called.wait(5)
+    engine, hooks, go_on = call_under_way(emulator, make_engine, track(1), poll_interval=0.02)
     engine.store.before_fork()  # (this process follows once every file is gone)
     try:
         for end in ("", "-wal", "-shm", ".lock"):
@@ -1733,19 +1735,7 @@ def test_a_call_under_way_as_this_process_loses_delivery_and_takes_it_back_is_ma
     # The lock file is deleted while this process makes a call; another process locks the
     # file made again, then stops: this process takes delivery back, its call still under
     # way. That call's row stays in flight for its answer: it is not made a second time.
-    called, go_on = threading.Event(), threading.Event()
-    hooks = RecordingHooks()
-
-    def under_way(operation: Operation) -> None:  # its row is in flight, the call to come
-        called.set()
-        assert go_on.wait(30)
-
-    engine = make_engine(emulator, hooks, poll_interval=0.02)
-    engine.submit([upsert(1)])  # the event's contact
-    assert engine.flush(5)
-    hooks.skip = under_way
-    engine.submit([track(1)])
-    assert called.wait(5)
+    engine, hooks, go_on = call_under_way(emulator, make_engine, track(1), poll_interval=0.02)
     Path(f"{path}.lock").unlink()
     other = HostLock(f"{path}.lock")  # another process, started now
     assert other.try_acquire()
@@ -1767,19 +1757,9 @@ def test_a_lock_file_made_again_while_the_holder_waits_for_a_busy_store_is_left_
     # its busy timeout long. A process that had the first file open locked the file made
     # again once a second passed: it took delivery over, and the rows of the calls under
     # way of the process still delivering were made again.
-    called, go_on = threading.Event(), threading.Event()
-    hooks = RecordingHooks()
-
-    def under_way(operation: Operation) -> None:  # its row is in flight, the call to come
-        called.set()
-        assert go_on.wait(30)
-
-    engine = make_engine(emulator, hooks, store=Store(path, busy_timeout=3.0))
-    engine.submit([upsert(1)])  # the event's contact
-    assert engine.flush(5) and engine.is_holder
-    hooks.skip = under_way
-    engine.submit([track(1)])
-    assert called.wait(5)
+    store = Store(path, busy_timeout=3.0)
+    engine, hooks, go_on = call_under_way(emulator, make_engine, track(1), store=store)
+    assert engine.is_holder
     held = engine._host_lock
     assert held is not None
     waiting = HostLock(f"{path}.lock", 3.0)  # another process of the app, started before

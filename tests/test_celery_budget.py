@@ -320,7 +320,7 @@ def test_an_event_and_its_companion_behind_one_that_ended_both_wait_for_a_held_e
     assert budget.acquire(lease=LEASE, waiter="e1", place=second).token is None
     budget.release("e1", second)
     companion, event = budget.places([("", "c"), ("e2", "c")])
-    got = budget.acquire(lease=LEASE, waiter="u", place=companion, part=True, shared=True)
+    got = budget.acquire(lease=LEASE, waiter="u", place=companion, part=True, shared="x")
     assert got.token is not None
     budget.finish(got.token)
     later = budget.acquire(lease=LEASE, waiter="e2", place=event)
@@ -329,6 +329,28 @@ def test_an_event_and_its_companion_behind_one_that_ended_both_wait_for_a_held_e
     assert got.token is not None
     budget.finish(got.token)
     assert budget.acquire(lease=LEASE, waiter="e2", place=event).token is not None
+
+
+def test_an_event_behind_a_part_another_task_delivered_before_held_events_waits_for_them(
+    make_budget: MakeBudget,
+) -> None:
+    budget = make_budget("10/second")
+    # The part's first upsert, two events after it held for that part, an upsert that joins
+    # the part, and the contact's next event. The joined upsert's task delivers the part
+    # under the part's shared waiter (the first upsert's id), before the held events.
+    places = budget.places([("u", "c"), ("e0", "c"), ("e1", "c"), ("t", "c"), ("e2", "c")])
+    _, first, second, joined, third = places
+    budget.hold("e0", LANE_ROUTINE, 0.2)
+    budget.hold("e1", LANE_ROUTINE, 0.2)
+    got = budget.acquire(lease=LEASE, waiter="u", place=joined, part=True, shared="t")
+    assert got.token is not None
+    budget.finish(got.token)
+    # The next event, behind the joined upsert, waits for the held ones.
+    later = budget.acquire(lease=LEASE, waiter="e2", place=third)
+    assert later.token is None, later
+    # Those go in their order at once: neither waits for the other.
+    for waiter, place in (("e0", first), ("e1", second), ("e2", third)):
+        budget.finish(taken_within(budget, 1.0, waiter, place))
 
 
 def test_a_contacts_call_in_flight_holds_its_next_one_but_nobody_elses(

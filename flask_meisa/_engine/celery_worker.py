@@ -265,7 +265,7 @@ class DeliveryWorker:
                 waiter=waiter,
                 place=place,
                 part=part,
-                shared=waiter != operation.id,
+                shared=operation.id if waiter != operation.id else "",
             )
             meta = {**meta, "turn": got.place}
             if got.token is None:

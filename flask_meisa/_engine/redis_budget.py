@@ -80,19 +80,20 @@ class RedisBudget:
         place: str = "",
         contact: str = "",
         part: bool = False,
-        shared: bool = False,
+        shared: str = "",
     ) -> Acquired:
         """Take a slot for a call of at most ``lease`` seconds, or learn how long to wait;
         ``waiter``: the same on every try (an operation's id), with the ``place`` given it
         (none at first: after ``contact``'s last); ``part``: it delivers an upsert part (no
-        event held for one is waited for); ``shared``: as the part's waiter (several do)."""
+        event held for one is waited for); ``shared``: its own id, asking as the part's waiter
+        (several do)."""
         place = place or (self.places([(waiter, contact)])[0] if waiter else "")
         name, _, turn = place.partition(" ")
         token = f"{lane}:{uuid.uuid4().hex}:{name}"  # finish() finds its contact's call
         args = [token, max(lease, 0.001), lane, len(self.windows), OUTAGE_THRESHOLD, waiter]
         args += [turn, MAX_WAIT]
         args += [n for w in self.windows for n in (w.limit, w.period, allowed(w, lane, share))]
-        args.append("shared" if shared else "part" if part else "")
+        args.append(f"shared {shared}" if shared else "part" if part else "")
         keys = [self._pause_key, self._flying_key, self._failures_key, self._turn_key]
         keys += [self._last(name), *self._waiting, *self._windows, self._last(name, "calling")]
         keys.append(self._last(name, "followed"))

@@ -45,12 +45,12 @@ return places
 # contact's waiter before it ('': no place, it cannot ask again as the same waiter and
 # goes after every waiter), 8 the longest wait; per window w: 3w+6 limit, 3w+7 period,
 # 3w+8 the lane's allowance (budget.allowed); last, 'part' (it delivers an upsert part),
-# 'shared' (as its part's shared waiter, which delivers a part too) or ''.
+# 'shared <its own id>' (as its part's shared waiter, which delivers a part too) or ''.
 ACQUIRE = """
 local token, lease = ARGV[1], tonumber(ARGV[2])
 local lane, n = tonumber(ARGV[3]), tonumber(ARGV[4])
 local outage_threshold, waiter, max_wait = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[8])
-local shared = ARGV[3 * n + 9] == 'shared'
+local shared = string.match(ARGV[3 * n + 9], '^shared (.*)$')
 local part = ARGV[3 * n + 9] ~= ''
 local flying_key, current_turn_key, call_key = KEYS[2], KEYS[4], KEYS[14 + n]
 local function turns_key(of_lane)
@@ -259,9 +259,10 @@ if turn then
   if aliased and not shared then
     redis.call('HDEL', followed_key, followed)
   end
-  -- A part that goes before the event it follows: its contact's next one follows that.
-  if aliased and part and not shared and before_held then
-    redis.call('HSET', followed_key, waiter, waiter_before)
+  -- A part that goes before the event it follows: its contact's next one follows that (the
+  -- next of its place's own task: the part's first may be placed before that event).
+  if aliased and part and before_held then
+    redis.call('HSET', followed_key, shared or waiter, waiter_before)
     redis.call('EXPIRE', followed_key, 86400)
   end
   if math.floor(turn) > current_turn then

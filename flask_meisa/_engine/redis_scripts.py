@@ -268,10 +268,11 @@ if turn then
   if math.floor(turn) > current_turn then
     redis.call('SET', current_turn_key, math.floor(turn))
   end
-  -- Its contact's last (at any of its places): the next one goes after the current turn.
+  -- Its contact's last (at any of its places): the next one follows it while its call may
+  -- still run again (an event answered 404 held for an upsert released meanwhile).
   local contact_last = redis.call('GET', KEYS[5])
   if contact_last and string.match(contact_last, ' (.*)$') == waiter then
-    redis.call('DEL', KEYS[5])
+    redis.call('PEXPIRE', KEYS[5], math.ceil((lease + GRACE) * 1000))
   end
 end
 redis.call('ZADD', flying_key, now + lease, token)

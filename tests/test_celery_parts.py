@@ -275,3 +275,28 @@ def test_an_event_behind_the_upsert_a_recovering_event_waits_for_goes_after_that
     left = run_until_done(runs, 3.0)
     made = [(r.path.rsplit("/", 2)[-2], r.status) for r in emulator.requests]
     assert [e["event_name"] for e in emulator.events()] == ["e0", "e1"], (made, sorted(left))
+
+
+def test_an_event_behind_an_upsert_a_companion_delivered_goes_after_the_recovering_event(
+    make_dispatcher: Callable[..., CeleryDispatcher],
+    make_worker: Callable[..., DeliveryWorker],
+    emulator: Emulator,
+) -> None:
+    # As above, but the sync is delivered by the companion of the later event, not by its
+    # own task: the later event, behind the sync, still waits for the recovering one.
+    dispatcher = make_dispatcher("100/second")
+    worker = make_worker(dispatcher, "100/second")
+    event = {"event_name": "e0", "external_id": "1"}
+    recover = worker.run(*own_task(dispatcher, Operation("track", event, contact=user(1))))
+    assert recover is not None and recover.meta.get("recover"), recover
+    sync = own_task(dispatcher, Operation("upsert", user(1, plan="free")))
+    event = {"event_name": "e1", "external_id": "1"}
+    (_, *companion), (_, *second) = dispatcher.tasks(Operation("track", event, contact=user(1)))
+    held = worker.run(recover.op, recover.meta)
+    assert held is not None and not held.meta.get("recovered"), held
+    assert run_until_done({"companion": (worker, *companion)}, 2.0) == {}  # the sync
+    runs = {"second": (worker, *second), "first": (worker, held.op, held.meta)}
+    runs["sync"] = (worker, *sync)
+    left = run_until_done(runs, 3.0)
+    made = [(r.path.rsplit("/", 2)[-2], r.status) for r in emulator.requests]
+    assert [e["event_name"] for e in emulator.events()] == ["e0", "e1"], (made, sorted(left))

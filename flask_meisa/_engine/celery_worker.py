@@ -135,7 +135,7 @@ class DeliveryWorker:
         place before its contact's later tasks (docs/celery.md: contacts take turns)."""
         countdown = 0.1 + random.uniform(0, 0.05)
         if self.budget is not None:
-            self.budget.hold(operation.id, meta["lane"], countdown)
+            self.budget.hold(operation.id, meta["lane"], countdown, str(meta.get("turn") or ""))
         return self._again(countdown, operation, meta)
 
     def _recover(self, operation: Operation, meta: dict[str, Any]) -> RunAgain | None:

@@ -96,7 +96,7 @@ class RedisBudget:
         args.append(f"shared {shared}" if shared else "part" if part else "")
         keys = [self._pause_key, self._flying_key, self._failures_key, self._turn_key]
         keys += [self._last(name), *self._waiting, *self._windows, self._last(name, "calling")]
-        keys.append(self._last(name, "followed"))
+        keys += [self._last(name, "followed"), self._last(name, "held")]
         got = self._acquire(keys=keys, args=args)
         return Acquired(token if int(got[0]) else None, min(float(got[1]), MAX_WAIT), place)
 
@@ -116,10 +116,13 @@ class RedisBudget:
             pipe.zrem(key, *waiters, *(f"late:{waiter}" for waiter in waiters))
         pipe.execute()  # nothing sent when there is nothing to drop
 
-    def hold(self, waiter: str, lane: int, seconds: float) -> None:
-        """``waiter`` (an operation id) waits ``seconds`` for its contact's upsert, not a
-        slot: it holds none, but its contact's later waiters of ``lane`` go after it."""
-        self._hold(keys=[self._waiting[len(LANE_NAMES) + lane]], args=[waiter, seconds])
+    def hold(self, waiter: str, lane: int, seconds: float, place: str = "") -> None:
+        """``waiter`` (an operation id, of ``place``) waits ``seconds`` for its contact's
+        upsert, not a slot: it holds none, but its contact's later waiters of ``lane`` go
+        after it."""
+        name, turn, *_ = [*place.split(" "), ""]
+        keys = [self._waiting[len(LANE_NAMES) + lane], self._last(name, "held")]
+        self._hold(keys=keys[: 1 + (keys[1] != self._turn_key)], args=[waiter, seconds, turn])
 
     def release(self, waiter: str, place: str) -> None:
         """``waiter`` (of ``place``), whose operation may have waited or been run again,

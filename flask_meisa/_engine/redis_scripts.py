@@ -40,7 +40,8 @@ return places
 # 6-9 the waiters of lanes 0-3 by turn, 10-13 the same by return time, 14.. the answered
 # calls of windows 1..n, then the contact's call ('<token> <waiter>' in flight or
 # unanswered, '<due> <waiter>' of a retry; the current turn's key if it has no contact) and
-# its waiters gone before one they followed (each to that one: RELEASE, a part's slot).
+# its waiters gone before one they followed (each to that one: RELEASE, a part's slot) and
+# its waiters held for an upsert (HOLD).
 # ARGV: 1 token, 2 lease, 3 lane, 4 n, 5 outage threshold, 6 waiter, 7 its turn and its
 # contact's waiter before it ('': no place, it cannot ask again as the same waiter and
 # goes after every waiter), 8 the longest wait; per window w: 3w+6 limit, 3w+7 period,
@@ -187,6 +188,18 @@ for _ = 1, 100 do
   end
   waiter_before = alias
 end
+-- Its contact's event held for an upsert, placed before it, that it may not follow (that
+-- upsert delivered by another of its tasks): unless it follows a waiter, it waits for it.
+local held_key = KEYS[16 + n]
+if turn and not part and held_key ~= current_turn_key
+  and not (follows and redis.call('ZSCORE', back_key(lane), waiter_before)) then
+  for _, h in ipairs(redis.call('ZRANGEBYSCORE', held_key, '-inf', '(' .. turn)) do
+    if redis.call('ZSCORE', back_key(lane), 'held:' .. h)
+      or redis.call('ZSCORE', back_key(lane), 'late:' .. h) then
+      waiter_before, follows = h, true
+    end
+  end
+end
 local before_back = follows and redis.call('ZSCORE', back_key(lane), waiter_before)
 local before_turn = before_back
   and tonumber(redis.call('ZSCORE', turns_key(lane), waiter_before))
@@ -254,6 +267,7 @@ end
 if turn then
   redis.call('ZREM', turns_key(lane), waiter)
   redis.call('ZREM', back_key(lane), waiter, 'held:' .. waiter, 'late:' .. waiter)
+  redis.call('ZREM', held_key ~= current_turn_key and held_key or back_key(lane), waiter)
   -- Its follower proper: a part's shared waiter (an event's companion, an upsert that joined
   -- it) follows it beside the contact's next, which still needs it.
   if aliased and not shared then
@@ -337,11 +351,16 @@ end
 return tonumber(redis.call('GET', failures_key) or '0')
 """
 
-# KEYS: a lane's waiters by return time; ARGV: a waiter, seconds. One held for its contact's
-# upsert (as 'held:<waiter>') holds no slot; later ones wait.
+# KEYS: a lane's waiters by return time, its contact's held waiters by turn (if it has a
+# contact); ARGV: a waiter, seconds, its turn. One held for its contact's upsert (as
+# 'held:<waiter>') holds no slot; its contact's later ones wait.
 HOLD = """
 local back_key, waiter, seconds = KEYS[1], ARGV[1], tonumber(ARGV[2])
 redis.call('ZADD', back_key, now + seconds, 'held:' .. waiter)
+if KEYS[2] then
+  redis.call('ZADD', KEYS[2], ARGV[3], waiter)
+  redis.call('EXPIRE', KEYS[2], 86400)
+end
 local expire_ms = math.ceil((seconds + GRACE) * 1000) + 1000
 if redis.call('PTTL', back_key) < expire_ms then
   redis.call('PEXPIRE', back_key, expire_ms)

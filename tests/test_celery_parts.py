@@ -300,3 +300,25 @@ def test_an_event_behind_an_upsert_a_companion_delivered_goes_after_the_recoveri
     left = run_until_done(runs, 3.0)
     made = [(r.path.rsplit("/", 2)[-2], r.status) for r in emulator.requests]
     assert [e["event_name"] for e in emulator.events()] == ["e0", "e1"], (made, sorted(left))
+
+
+def test_an_event_behind_the_upsert_waits_for_a_recovering_event_a_busy_worker_runs_late(
+    make_dispatcher: Callable[..., CeleryDispatcher],
+    make_worker: Callable[..., DeliveryWorker],
+    emulator: Emulator,
+) -> None:
+    # As above, but the first event's recovery runs late (its worker's threads are busy):
+    # the sync goes, and the other event waits for the first all the same.
+    dispatcher = make_dispatcher("100/second")
+    worker = make_worker(dispatcher, "100/second")
+    event = {"event_name": "e0", "external_id": "1"}
+    recover = worker.run(*own_task(dispatcher, Operation("track", event, contact=user(1))))
+    assert recover is not None and recover.meta.get("recover"), recover
+    sync = own_task(dispatcher, Operation("upsert", user(1, plan="free")))
+    event = {"event_name": "e1", "external_id": "1"}
+    second = own_task(dispatcher, Operation("track", event, contact=user(1)))
+    time.sleep(1.2)  # the recovery's due time and a grace pass
+    left = run_until_done({"sync": (worker, *sync), "second": (worker, *second)}, 1.0)
+    assert sorted(left) == ["second"] and emulator.events() == [], emulator.events()
+    left = run_until_done({"first": (worker, recover.op, recover.meta), **left}, 3.0)
+    assert [e["event_name"] for e in emulator.events()] == ["e0", "e1"], sorted(left)

@@ -135,7 +135,7 @@ class DeliveryWorker:
         place before its contact's later tasks (docs/celery.md: contacts take turns)."""
         countdown = 0.1 + random.uniform(0, 0.05)
         if self.budget is not None:
-            self.budget.hold(operation.id, meta["lane"], countdown, str(meta.get("turn") or ""))
+            self.budget.hold(operation.id, meta["lane"], countdown)
         return self._again(countdown, operation, meta)
 
     def _recover(self, operation: Operation, meta: dict[str, Any]) -> RunAgain | None:
@@ -323,6 +323,8 @@ class DeliveryWorker:
             # Under the record it was made for: its address may name another user by now.
             self.store.remember(settled.accepted, time.time(), meta.get("contact"))
         if settled.step == "upsert_contact":
+            if budget is not None:  # its recovery is due now, its contact's next wait for it
+                budget.hold(operation.id, lane, 0.0, str(meta.get("turn") or ""))
             return self._again(0.0, operation, {**meta, "recover": True})
         if settled.step == "event_again":
             return self._again(0.0, operation, {**meta, "recover": False, "recovered": True})

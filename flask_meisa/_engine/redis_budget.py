@@ -121,8 +121,10 @@ class RedisBudget:
         upsert, not a slot: it holds none, but its contact's later waiters of ``lane`` go
         after it."""
         name, turn, *_ = [*place.split(" "), ""]
-        keys = [self._waiting[len(LANE_NAMES) + lane], self._last(name, "held")]
-        self._hold(keys=keys[: 1 + (keys[1] != self._turn_key)], args=[waiter, seconds, turn])
+        keys = [self._waiting[len(LANE_NAMES) + lane]]
+        if name not in ("", "-"):  # of a contact: kept by turn, its later operations wait
+            keys.append(self._last(name, "held"))
+        self._hold(keys=keys, args=[waiter, seconds, turn])
 
     def release(self, waiter: str, place: str) -> None:
         """``waiter`` (of ``place``), whose operation may have waited or been run again,

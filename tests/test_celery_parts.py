@@ -95,6 +95,20 @@ def own_task(dispatcher: CeleryDispatcher, op: Operation) -> Task:
     return data, meta
 
 
+def a_recovering_event(
+    make_dispatcher: Callable[..., CeleryDispatcher],
+    make_worker: Callable[..., DeliveryWorker],
+) -> tuple[CeleryDispatcher, DeliveryWorker, RunAgain]:
+    """A dispatcher and worker, and event e0 of user 1 answered 404 (Meisa has no such
+    contact): its task, run again, recovers it (its contact's upsert, then the event)."""
+    dispatcher = make_dispatcher("100/second")
+    worker = make_worker(dispatcher, "100/second")
+    event = {"event_name": "e0", "external_id": "1"}
+    recover = worker.run(*own_task(dispatcher, Operation("track", event, contact=user(1))))
+    assert recover is not None and recover.meta.get("recover"), recover
+    return dispatcher, worker, recover
+
+
 def run_until_done(runs: dict[str, tuple[Any, ...]], seconds: float) -> dict[str, Any]:
     """Run each ``(worker, data, meta)`` task, each again when it asks, until every one is
     finished or ``seconds`` have passed; the tasks still running."""
@@ -259,11 +273,7 @@ def test_an_event_behind_the_upsert_a_recovering_event_waits_for_goes_after_that
     # User 1's event is tracked before user 1's first sync; its call is answered 404 (the
     # sync and another event released meanwhile): it waits for the sync, and so must the
     # other event, behind the sync.
-    dispatcher = make_dispatcher("100/second")
-    worker = make_worker(dispatcher, "100/second")
-    event = {"event_name": "e0", "external_id": "1"}
-    recover = worker.run(*own_task(dispatcher, Operation("track", event, contact=user(1))))
-    assert recover is not None and recover.meta.get("recover"), recover
+    dispatcher, worker, recover = a_recovering_event(make_dispatcher, make_worker)
     sync = own_task(dispatcher, Operation("upsert", user(1, plan="free")))
     event = {"event_name": "e1", "external_id": "1"}
     second = own_task(dispatcher, Operation("track", event, contact=user(1)))
@@ -284,11 +294,7 @@ def test_an_event_behind_an_upsert_a_companion_delivered_goes_after_the_recoveri
 ) -> None:
     # As above, but the sync is delivered by the companion of the later event, not by its
     # own task: the later event, behind the sync, still waits for the recovering one.
-    dispatcher = make_dispatcher("100/second")
-    worker = make_worker(dispatcher, "100/second")
-    event = {"event_name": "e0", "external_id": "1"}
-    recover = worker.run(*own_task(dispatcher, Operation("track", event, contact=user(1))))
-    assert recover is not None and recover.meta.get("recover"), recover
+    dispatcher, worker, recover = a_recovering_event(make_dispatcher, make_worker)
     sync = own_task(dispatcher, Operation("upsert", user(1, plan="free")))
     event = {"event_name": "e1", "external_id": "1"}
     (_, *companion), (_, *second) = dispatcher.tasks(Operation("track", event, contact=user(1)))
@@ -309,11 +315,7 @@ def test_an_event_behind_the_upsert_waits_for_a_recovering_event_a_busy_worker_r
 ) -> None:
     # As above, but the first event's recovery runs late (its worker's threads are busy):
     # the sync goes, and the other event waits for the first all the same.
-    dispatcher = make_dispatcher("100/second")
-    worker = make_worker(dispatcher, "100/second")
-    event = {"event_name": "e0", "external_id": "1"}
-    recover = worker.run(*own_task(dispatcher, Operation("track", event, contact=user(1))))
-    assert recover is not None and recover.meta.get("recover"), recover
+    dispatcher, worker, recover = a_recovering_event(make_dispatcher, make_worker)
     sync = own_task(dispatcher, Operation("upsert", user(1, plan="free")))
     event = {"event_name": "e1", "external_id": "1"}
     second = own_task(dispatcher, Operation("track", event, contact=user(1)))

@@ -1593,24 +1593,31 @@ def test_a_call_under_way_as_the_store_file_is_deleted_is_made_once(
     assert waiting(path) == 0 and not engine.store.moved()
 
 
-def test_a_row_in_flight_whose_caller_is_gone_is_made_again_in_the_file_now_there(
-    emulator: Emulator, make_engine: MakeEngine, path: Path, lock: HostLock
-) -> None:
-    # The delivering process took a row and was killed (its lock released by the kernel);
-    # the store was deleted meanwhile, and another process moved its rows into the file
-    # now there. The process that takes delivery over makes the call again.
+def killed_in_a_call_then_deleted(path: Path) -> Store:
+    """A process took upsert 1 (in flight) and was killed; the store's files were then
+    deleted. Returns another process's store, which had the old file open."""
     with contextlib.closing(Store(path)) as killed:
         with killed.write() as db:
             pending.add(db, upsert(1), LANE_AUTOMATION)
             row = pending.next_ready(db, time.time())
             assert row is not None
             pending.take(db, row, time.time())
-        other = Store(path)  # another process of the host, with the file open
+        other = Store(path)
         other.data_version()
         for end in ("", "-wal", "-shm"):
             Path(f"{path}{end}").unlink()
-        assert other.moved() and other.follow() == 1
-        other.close()
+    return other
+
+
+def test_a_row_in_flight_whose_caller_is_gone_is_made_again_in_the_file_now_there(
+    emulator: Emulator, make_engine: MakeEngine, path: Path, lock: HostLock
+) -> None:
+    # The delivering process took a row and was killed (its lock released by the kernel);
+    # the store was deleted meanwhile, and another process moved its rows into the file
+    # now there. The process that takes delivery over makes the call again.
+    other = killed_in_a_call_then_deleted(path)
+    assert other.moved() and other.follow() == 1
+    other.close()
     lock.release()  # the kernel's, as the killed process goes
     hooks = RecordingHooks()
     engine = make_engine(emulator, hooks)
@@ -1667,16 +1674,7 @@ def test_a_row_in_flight_whose_caller_is_gone_moved_in_after_a_takeover_is_made_
     # process, which had the old file open, moved the killed one's row into it (in
     # flight: that process cannot know whose call it is). It stayed in flight for good,
     # and its contact's later work waited behind it.
-    with contextlib.closing(Store(path)) as killed:
-        with killed.write() as db:
-            pending.add(db, upsert(1), LANE_AUTOMATION)
-            row = pending.next_ready(db, time.time())
-            assert row is not None
-            pending.take(db, row, time.time())
-        other = Store(path)  # another process of the host, with the file open
-        other.data_version()
-        for end in ("", "-wal", "-shm"):
-            Path(f"{path}{end}").unlink()
+    other = killed_in_a_call_then_deleted(path)
     lock.release()  # the kernel's, as the killed process goes
     hooks = RecordingHooks()
     engine = make_engine(emulator, hooks)

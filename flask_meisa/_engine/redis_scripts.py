@@ -267,7 +267,7 @@ end
 if turn then
   redis.call('ZREM', turns_key(lane), waiter)
   redis.call('ZREM', back_key(lane), waiter, 'held:' .. waiter, 'late:' .. waiter)
-  redis.call('ZREM', held_key ~= current_turn_key and held_key or back_key(lane), waiter)
+  if held_key ~= current_turn_key then redis.call('ZREM', held_key, waiter) end
   -- Its follower proper: a part's shared waiter (an event's companion, an upsert that joined
   -- it) follows it beside the contact's next, which still needs it.
   if aliased and not shared then

@@ -148,6 +148,14 @@ def field_map(value: object) -> dict[str, str]:
     return fields
 
 
+def unquoted(value: object) -> None:
+    """Refuse a string in quotes: an env file's (Docker's ``--env-file`` keeps them), which
+    would otherwise become part of a key, a file name or a queue's name."""
+    text = value.strip() if isinstance(value, str) else ""
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "\"'":
+        raise InvalidValue("must be the value alone: without quotes around it")
+
+
 def api_key(value: object) -> str | None:
     """The API key without surrounding whitespace, or ``None`` when unset or blank."""
     if value is None:
@@ -159,8 +167,7 @@ def api_key(value: object) -> str | None:
         raise InvalidValue(
             "must be the key alone: no whitespace inside, no control or non-ASCII characters"
         )
-    if len(key) > 1 and key[0] == key[-1] and key[0] in "\"'":  # an env file's, kept
-        raise InvalidValue("must be the key alone: without quotes around it")
+    unquoted(key)
     return key or None
 
 

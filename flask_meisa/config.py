@@ -224,6 +224,7 @@ def resolve_keys(config: Mapping[str, Any], names: Iterable[str]) -> dict[str, A
         if isinstance(raw, str) and key.type.endswith("/None"):
             raw = None if raw.strip().lower() in ("none", "null") else raw
         try:
+            _values.unquoted(raw)
             values[key.name] = key.parse(raw)
         except _values.InvalidValue as error:
             problems.append(f"{key.name} {error}, got {_shown(key, raw)}")

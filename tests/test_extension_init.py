@@ -434,8 +434,22 @@ def test_a_key_in_quotes_is_refused_at_init() -> None:
     # Docker's --env-file and some .env loaders keep MEISA_API_KEY="..."'s quotes: every
     # call would then be refused (401), the first one long after the deploy.
     text = refusal(MEISA_API_KEY=f'"{KEY}"')
-    assert "MEISA_API_KEY must be the key alone: without quotes around it" in text
+    assert "MEISA_API_KEY must be the value alone: without quotes around it" in text
     assert KEY[-5:] not in text
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("MEISA_OUTBOX", '"instance:meisa.db"'),  # else a file named with the quotes
+        ("MEISA_CELERY_QUEUE", "'meisa'"),  # else a queue no worker consumes
+        ("MEISA_DEFAULT_SOURCE", ' "signup" '),
+        ("MEISA_ENABLED", '"false"'),
+    ],
+)
+def test_any_value_in_an_env_files_quotes_is_refused_at_init(name: str, value: str) -> None:
+    text = refusal(**{name: value})
+    assert f"{name} must be the value alone: without quotes around it" in text
 
 
 def test_a_rate_limit_past_what_delivery_can_count_is_refused_at_init() -> None:

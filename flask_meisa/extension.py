@@ -184,11 +184,8 @@ class Meisa:
         if priority not in ("high", "normal"):
             raise ValidationError("priority", 'must be "high" or "normal"')
         flag(force, "force")
-        if isinstance(user_or_payload, Mapping):
-            payload = _contacts.upsert_payload(user_or_payload)
-        else:
-            payload = self._map(state, user_or_payload)
         high = "high" if priority == "high" else None
+        payload = self._map(state, user_or_payload)
         deferral.enqueue(state, Operation.checked("upsert", payload, force=force, priority=high))
 
     def track(
@@ -200,8 +197,9 @@ class Meisa:
         external_id: str | int | None = None,
         properties: Mapping[str, Any] | None = None,
     ) -> None:
-        """Record an in-product event for a user object, or for ``email`` / ``external_id``
-        (bad input raises :class:`ValidationError` before anything is queued)."""
+        """Record an in-product event for a user (an object or a mapping of upsert fields),
+        or for ``email`` / ``external_id`` (bad input raises :class:`ValidationError` before
+        anything is queued)."""
         state = self.state()
         contact: dict[str, Any] | None = None
         if user is not None:
@@ -297,6 +295,9 @@ class Meisa:
         return sum(state.close(timeout) for state in states)
 
     def _map(self, state: MeisaState, user: Any) -> dict[str, Any]:
+        """``user``'s upsert payload: a mapping is one already, a user object is mapped."""
+        if isinstance(user, Mapping):
+            return _contacts.upsert_payload(user)
         if self._contact_mapper is not None:
             return _contacts.map_contact(self._contact_mapper, user)
         settings = state.settings

@@ -146,6 +146,19 @@ def test_track_with_a_user_carries_the_contact_for_404_recovery(emulator: Any, a
     assert emulator.events()[0]["event_name"] == "invited_teammate"
 
 
+def test_track_takes_the_user_as_a_mapping_of_upsert_fields_as_upsert_does(
+    emulator: Any, app: Flask
+) -> None:
+    meisa: Meisa = app.extensions["meisa"]
+    user = {"email": "lin@example.com", "external_id": "77", "first_name": "Lin"}
+    with app.app_context():
+        meisa.track("invited_teammate", user=user)
+    assert [r.status for r in emulator.requests] == [404, 201, 200]
+    assert emulator.contacts()[0]["first_name"] == "Lin"
+    with app.app_context(), pytest.raises(ValidationError, match=r"^email: "):
+        meisa.track("invited_teammate", user={"external_id": "78"})
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [

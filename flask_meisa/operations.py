@@ -115,6 +115,15 @@ def by_age(
     return earlier, later
 
 
+def merged_release(
+    first: Priority | None, at: float, then: Priority | None, then_at: float
+) -> float:
+    """When two merged upserts of priorities ``first`` and ``then``, released at ``at`` and
+    ``then_at``, count as released (their wait, their age): a backfill's upsert that takes
+    a live one in counts from the live one's release."""
+    return then_at if first == "backfill" != then else at
+
+
 def merge_priorities(first: Priority | None, second: Priority | None) -> Priority | None:
     """The priority of two merged upserts: the more urgent one's."""
     if "high" in (first, second):

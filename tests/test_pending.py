@@ -821,6 +821,48 @@ def test_a_backfill_upsert_joining_a_live_one_never_undoes_it(db: sqlite3.Connec
     assert row.operation.priority is None
 
 
+def released(at: float, priority: Priority | None = None, **fields: Any) -> Operation:
+    """An upsert of user 1 released at ``at``."""
+    payload = {"email": "u1@example.com", "external_id": "1", **fields}
+    return Operation("upsert", payload, created_at=at, priority=priority)
+
+
+def test_a_live_sync_merged_into_a_waiting_backfill_row_counts_from_its_own_release(
+    db: sqlite3.Connection,
+) -> None:
+    # The backfill's row waits since 10.0; a login's sync released at 95.0 joins it. The
+    # row waits in the login's lane now, as the login: its age and the latency noted at
+    # its answer (from the row's created_at) count from 95.0, and it is no routine sync
+    # an hour old yet.
+    backfilled = add(db, released(10.0, "backfill", first_name="A"), LANE_BACKFILL)
+    assert pending.add(db, released(95.0, last_name="B"), LANE_ROUTINE)[:2] == (backfilled, True)
+    status = DeliveryStatus(engine="thread")
+    Store.describe(db, 100.0, status)
+    assert status.oldest_wait == {"routine": pytest.approx(5.0)}
+    assert pending.age_routine(db, 90.0) == 0
+    # A later backfill upsert of the contact moves it neither way.
+    assert pending.add(db, released(99.0, "backfill", first_name="C"), LANE_BACKFILL).merged
+    flying = take(db, 100.0)
+    assert flying is not None and flying.operation.created_at == 95.0
+    # A backfill row taking in, as it comes back from flight, a live sync that came meanwhile.
+    pending.finish(db, flying)
+    add(db, released(10.0, "backfill", first_name="D"), LANE_BACKFILL)
+    flying = take(db, 100.0)
+    assert flying is not None
+    add(db, released(96.0, last_name="E"), LANE_ROUTINE)
+    pending.retry_at(db, flying, 0.0)
+    status = DeliveryStatus(engine="thread")
+    Store.describe(db, 100.0, status)
+    assert status.oldest_wait == {"routine": pytest.approx(4.0)}
+    (row,) = drain(db, 100.0)
+    assert row.operation.created_at == 96.0 and row.operation.priority is None
+    # A live row keeps its own release, whatever joins it.
+    live = add(db, released(50.0, last_name="F"), LANE_ROUTINE)
+    assert pending.add(db, released(60.0, "backfill", first_name="G"), LANE_BACKFILL).merged
+    (row,) = drain(db, 100.0)
+    assert (row.seq, row.operation.created_at) == (live, 50.0)
+
+
 def test_the_oldest_row_not_over_says_whether_any_row_read_earlier_is_left(
     db: sqlite3.Connection,
 ) -> None:

@@ -1787,3 +1787,20 @@ def test_a_lock_file_made_again_while_the_holder_waits_for_a_busy_store_is_left_
     go_on.set()
     assert engine.flush(10)
     assert len(emulator.requests_to(TRACK)) == 1 and len(hooks.of("delivered")) == 3
+
+
+def test_a_live_sync_that_joins_a_waiting_backfill_upsert_is_timed_from_its_own_release(
+    emulator: Emulator, make_engine: MakeEngine
+) -> None:
+    # A backfill upsert queued a minute ago still waits when its user logs in: the login's
+    # sync joins its row. The status times the lane by the login's wait, not the minute.
+    hooks = RecordingHooks()
+    engine = make_engine(emulator, hooks)
+    queued = Operation("upsert", upsert(1).payload, priority="backfill")
+    queued.created_at -= 60
+    engine.submit([queued, upsert(1, seen=1)])
+    assert engine.flush(10)
+    assert len(answered(emulator, UPSERT)) == 1  # both in one call
+    status = engine.status()
+    assert status.latency.keys() == {"automation"}
+    assert status.latency["automation"][1] < 30, status.latency

@@ -20,6 +20,7 @@ from ..operations import by_age
 from ..operations import identities
 from ..operations import join_upserts
 from ..operations import merge_priorities
+from ..operations import merged_release
 from . import known
 from .base import LATENCY_WINDOW
 from .store import Store
@@ -41,8 +42,8 @@ _UPSERTS = "kind = 'upsert' AND state = 'pending'"
 # latest upsert in any state, the highest lane among them, and its last turn (a new row of
 # the contact takes the next; docs/delivery.md: contacts take turns).
 _CONTACT = (
-    "SELECT o.seq, o.payload, o.priority, o.force, o.lane, o.ext, o.email, c.last, c.top, "
-    "c.turn "
+    "SELECT o.seq, o.payload, o.priority, o.force, o.lane, o.ext, o.email, o.created_at, "
+    "c.last, c.top, c.turn "
     f"FROM (SELECT max(CASE WHEN {_UPSERTS} THEN seq END) AS latest, "
     "max(CASE WHEN kind = 'upsert' THEN seq END) AS last, max(lane) AS top, max(turn) AS turn "
     f"FROM ({_BY_NAME.format(columns='seq, kind, state, lane, turn', where=_LIVE)})) "
@@ -105,7 +106,7 @@ def add(db: sqlite3.Connection, operation: Operation, lane: int | Callable[[], i
     turn after its contact's last row and after the current one (:func:`turn_taken`)."""
     names = keys(operation)
     found = db.execute(_CONTACT, names).fetchone()
-    seq, payload, priority, force, their_lane, ext, email, last, top, turn = found
+    seq, payload, priority, force, their_lane, ext, email, created, last, top, turn = found
     # Merged into a row ahead of routine syncs, an upsert takes the lower of that row's
     # lane and its own: whether it would itself go ahead of them does not matter.
     if callable(lane) and (their_lane is None or their_lane > LANE_AUTOMATION):
@@ -133,10 +134,11 @@ def add(db: sqlite3.Connection, operation: Operation, lane: int | Callable[[], i
         now = {"lane": lane, "ext": ext, "email": email}
         changed = [name for name in now if now[name] != was[name]]
         flags = (merge_priorities(priority, operation.priority), bool(force) or operation.force)
+        released = merged_release(priority, created, operation.priority, operation.created_at)
         db.execute(
             f"UPDATE meisa_ops SET {''.join(f'{name} = ?, ' for name in changed)}payload = ?, "
-            "priority = ?, force = ?, merged = merged + 1 WHERE seq = ?",
-            (*(now[name] for name in changed), joined[1], *flags, seq),
+            "priority = ?, force = ?, created_at = ?, merged = merged + 1 WHERE seq = ?",
+            (*(now[name] for name in changed), joined[1], *flags, released, seq),
         )
     # The contact's earlier rows go no later (a backfill row too); the read above saw every
     # live row of these names, so when none is in a later lane, none moves.
@@ -303,18 +305,21 @@ def retry_at(db: sqlite3.Connection, row: Row, when: float, *, recover: int = 0)
         return
     ext, email = keys(row.operation)
     later = db.execute(
-        "SELECT seq, payload, lane, merged, priority, force FROM meisa_ops WHERE seq > ? "
+        "SELECT seq, payload, lane, merged, priority, force, created_at FROM meisa_ops "
+        "WHERE seq > ? "
         f"AND seq IN ({_BY_NAME.format(columns='seq', where=_UPSERTS)}) ORDER BY seq",
         (row.seq, ext, email),
     ).fetchall()
     body, operation = "", row.operation
-    for seq, payload, lane, merged, priority, force in later:
+    for seq, payload, lane, merged, priority, force, created in later:
         upsert = json.loads(payload)
         joined = join_upserts(*by_age(operation.payload, operation.priority, upsert, priority))
         names = [identities(operation.payload), identities(upsert)]
         if joined is None or _passes(db, row.seq, seq, names):
             break
         (operation.payload, body), row.lane = joined, min(row.lane, lane)
+        at = merged_release(operation.priority, operation.created_at, priority, created)
+        operation.created_at = at
         operation.priority = merge_priorities(operation.priority, priority)
         operation.force = operation.force or bool(force)
         row.merged += merged
@@ -323,8 +328,8 @@ def retry_at(db: sqlite3.Connection, row: Row, when: float, *, recover: int = 0)
         named = (body, row.lane, row.merged, *identities(operation.payload), operation.priority)
         db.execute(
             "UPDATE meisa_ops SET payload = ?, lane = ?, merged = ?, ext = ?, email = ?, "
-            "priority = ?, force = ? WHERE seq = ?",
-            (*named, int(operation.force), row.seq),
+            "priority = ?, force = ?, created_at = ? WHERE seq = ?",
+            (*named, int(operation.force), operation.created_at, row.seq),
         )
 
 

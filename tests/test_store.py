@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -124,6 +126,40 @@ def test_a_store_of_a_development_version_is_refused_untouched(tmp_path: Path) -
     assert str(path) in str(caught.value)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store.sqlite3"]  # not set aside
+
+
+def test_a_store_file_made_without_the_prunes_indexes_gets_them_once_opened(
+    tmp_path: Path,
+) -> None:
+    # A file made before the indexes of the periodic prune (it scanned every contact Meisa
+    # has, holding the write lock) gets them from the processes that open it, several at
+    # once as workers start: each opens it, none fails, and its schema version stays.
+    path = tmp_path / "store.sqlite3"
+    Store(path).close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("DROP INDEX IF EXISTS meisa_known_accepted")
+        db.execute("DROP INDEX IF EXISTS meisa_addresses_at")
+        rows = [(f"ext:{n}", "[]", "{}", float(n)) for n in range(50_000)]
+        db.executemany("INSERT INTO meisa_known VALUES (?, ?, ?, ?)", rows)
+        db.commit()
+    code = "import sys; from flask_meisa._engine.store import Store; Store(sys.argv[1]).close()"
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(path)], stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(4)
+    ]
+    for child in children:
+        said = child.communicate(timeout=60)[1]
+        assert child.returncode == 0, said
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        plan = db.execute(
+            "EXPLAIN QUERY PLAN SELECT 1 FROM meisa_known WHERE accepted_at < 5"
+        ).fetchall()
+        assert "meisa_known_accepted" in str(plan)
+        indexes = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
+        assert "meisa_addresses_at" in indexes
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
 def event(user: int) -> Operation:

@@ -25,6 +25,10 @@ SET_AT = "@set:"
 
 #: What Meisa has of a contact is forgotten after this long, whatever MEISA_RESYNC_AFTER says.
 KEEP_FOR = 30 * 86400.0
+#: Rows of each table one :func:`prune` forgets at most: its write lock stays short (a few
+#: ms) when many expire at once (a host down for weeks). An old entry left for the next
+#: prune is older than MEISA_RESYNC_AFTER: no upsert is skipped for it.
+PRUNE_STEP = 1000
 
 
 def _entries(db: sqlite3.Connection, payload: Mapping[str, Any], limit: str = "") -> list[Any]:
@@ -85,9 +89,11 @@ def forget(db: sqlite3.Connection, payload: Mapping[str, Any]) -> None:
 
 
 def prune(db: sqlite3.Connection, before: float) -> int:
-    """Forget what Meisa had of contacts accepted before ``before``."""
-    db.execute("DELETE FROM meisa_addresses WHERE at < ?", (before,))
-    return db.execute("DELETE FROM meisa_known WHERE accepted_at < ?", (before,)).rowcount
+    """Forget what Meisa had of contacts accepted before ``before``, at most
+    :data:`PRUNE_STEP` rows of each table (the rest at the next call); how many names."""
+    query = "DELETE FROM {0} WHERE rowid IN (SELECT rowid FROM {0} WHERE {1} < ? LIMIT ?)"
+    db.execute(query.format("meisa_addresses", "at"), (before, PRUNE_STEP))
+    return db.execute(query.format("meisa_known", "accepted_at"), (before, PRUNE_STEP)).rowcount
 
 
 def _names(payload: Mapping[str, Any]) -> list[str]:

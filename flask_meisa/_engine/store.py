@@ -104,12 +104,14 @@ CREATE TABLE IF NOT EXISTS meisa_known (
     fields TEXT NOT NULL,
     accepted_at REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS meisa_known_accepted ON meisa_known (accepted_at);
 CREATE TABLE IF NOT EXISTS meisa_addresses (
     email TEXT PRIMARY KEY,
     ext TEXT NOT NULL,
     at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS meisa_addresses_ext ON meisa_addresses (ext);
+CREATE INDEX IF NOT EXISTS meisa_addresses_at ON meisa_addresses (at);
 CREATE TABLE IF NOT EXISTS meisa_answers (lane INTEGER NOT NULL, at REAL NOT NULL, waited REAL);
 CREATE INDEX IF NOT EXISTS meisa_answers_at ON meisa_answers (at);
 CREATE TABLE IF NOT EXISTS meisa_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -203,6 +205,8 @@ class Store:
                     + ("upgrade flask-meisa here" if newer else "delete it")
                     + ", or set MEISA_OUTBOX to another file"
                 )
+            # An index added since a file was made is made here, once: a process starting
+            # makes it under its folder's lock (checking), which others starting wait for.
             db.executescript(_SCHEMA)
             if version == 0:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

@@ -863,6 +863,18 @@ def test_a_live_sync_merged_into_a_waiting_backfill_row_counts_from_its_own_rele
     assert (row.seq, row.operation.created_at) == (live, 50.0)
 
 
+def test_a_live_sync_merged_into_an_earlier_runs_backfill_row_is_one_a_new_run_keeps_clear_of(
+    db: sqlite3.Connection,
+) -> None:
+    # An interrupted run left the user's upsert waiting (10.0); a new run starts at 20.0,
+    # the user's login at 30.0 joins that row, which goes in flight: the new run's upsert
+    # of the user, read at 20.0, must leave out the login's fields (known.released_after).
+    add(db, released(10.0, "backfill", first_name="A"), LANE_BACKFILL)
+    pending.add(db, released(30.0, last_name="B"), LANE_ROUTINE)
+    assert take(db, 30.0) is not None
+    assert "last_name" in known.released_after(db, released(0.0).payload, 20.0)
+
+
 def test_the_oldest_row_not_over_says_whether_any_row_read_earlier_is_left(
     db: sqlite3.Connection,
 ) -> None:

@@ -179,6 +179,7 @@ class MeisaState:
                 name = "delivery" if self.settings.delivery == "thread" else self.settings.delivery
                 module = importlib.import_module(f"._engine.{name}", __package__)
                 self._dispatcher = module.make_dispatcher(self)
+                _live.add(self)  # again, when used after close(): flushed at exit
             return self._dispatcher
 
     def has_dispatcher(self) -> bool:
@@ -262,6 +263,7 @@ class MeisaState:
         with self._lock:
             dispatcher, self._dispatcher = self._dispatcher, None
             client, self._client = self._client, None
+            self._started = False  # used again, delivery starts again
         left = 0 if dispatcher is None else dispatcher.close(timeout)
         self.suppression.close()
         if client is not None:

@@ -289,7 +289,8 @@ class Meisa:
 
     def close(self, app: Flask | None = None, timeout: float | None = None) -> int:
         """Stop delivery for ``app`` (default: every app of this extension) after up to
-        ``timeout`` seconds (``MEISA_FLUSH_TIMEOUT``) of delivering; returns what was lost."""
+        ``timeout`` seconds (``MEISA_FLUSH_TIMEOUT``) of delivering; returns what was lost.
+        Work made afterwards starts delivery again (flushed at exit, as before)."""
         timeout = _wait_limit(timeout)
         states = [self.state(app)] if app is not None else list(self._states.values())
         return sum(state.close(timeout) for state in states)

@@ -5,8 +5,8 @@ run as ``python -m tests.served_app <scenario>``.
 It is configured from the environment, so that the API key never goes on a command line:
 ``MEISA_TEST_URL``, ``MEISA_TEST_KEY``, ``MEISA_TEST_INSTANCE`` (the instance folder, where
 the delivery store is by default), and optionally ``MEISA_TEST_RATE`` (the key's budget;
-``none`` for none) and ``MEISA_TEST_FLUSH_TIMEOUT``. Nothing else of flask-meisa's
-configuration is set: delivery is the default one.
+``none`` for none), ``MEISA_TEST_OUTBOX`` and ``MEISA_TEST_FLUSH_TIMEOUT``. Nothing else
+of flask-meisa's configuration is set: delivery is the default one.
 
 Scenarios:
 
@@ -21,6 +21,7 @@ Scenarios:
   the fork is called (as the writer thread may be); with ``parent-dies``, the parent
   exits at once without closing anything (as when it is killed), and the child takes
   over. The child gives up after 45 seconds.
+- ``reuse``: make a request, close delivery, make ten more, exit without a flush;
 - ``pool <n>``: deliver a request's operations, start ``n`` ``multiprocessing`` children
   (forked) that make five requests each and return, then flush, print ``pool flushed
   <bool> exits <codes>``.
@@ -84,6 +85,8 @@ def create_app() -> Flask:
     rate = os.environ.get("MEISA_TEST_RATE")
     if rate is not None:
         app.config["MEISA_RATE_LIMIT"] = None if rate == "none" else rate
+    if "MEISA_TEST_OUTBOX" in os.environ:
+        app.config["MEISA_OUTBOX"] = os.environ["MEISA_TEST_OUTBOX"]
     if "MEISA_TEST_FLUSH_TIMEOUT" in os.environ:
         app.config["MEISA_FLUSH_TIMEOUT"] = float(os.environ["MEISA_TEST_FLUSH_TIMEOUT"])
     login_manager = LoginManager(app)
@@ -242,6 +245,16 @@ def pool(children: int) -> None:
     say(f"pool flushed {flushed} exits {[process.exitcode for process in started]}")
 
 
+def reuse() -> None:
+    app = create_app()
+    client = app.test_client()
+    client.post("/work/0").close()
+    with app.app_context():
+        say(f"closed lost {app.extensions['meisa'].close(app)}")
+    for n in range(1, 11):  # delivery again, after close: flushed at exit as before
+        client.post(f"/work/{n}").close()
+
+
 def keep_response(testing: bool) -> None:
     global KEPT
     app = create_app()
@@ -265,6 +278,8 @@ def main(argv: list[str]) -> None:
         drain()
     elif scenario == "keep-response":
         keep_response(testing=numbers == ["testing"])
+    elif scenario == "reuse":
+        reuse()
     elif scenario == "pool":
         pool(int(numbers[0]))
     elif scenario == "fork":

@@ -161,6 +161,20 @@ def test_the_work_of_multiprocessing_children_is_stored_before_they_end(
     assert no_loss(numbers), output
 
 
+@pytest.mark.parametrize("outbox", ["default", "memory"])
+def test_delivery_used_again_after_close_is_flushed_at_exit(
+    emu: Emulator, instance: Path, outbox: str
+) -> None:
+    extra = {"MEISA_TEST_RATE": "none"} | (
+        {"MEISA_TEST_OUTBOX": outbox} if outbox == "memory" else {}
+    )
+    output = run_app(environment(emu, instance, **extra), "reuse")
+    assert "closed lost 0" in output, output
+    numbers = tally(emu, 11)
+    print(numbers)
+    assert no_loss(numbers), output
+
+
 def test_a_locked_store_never_fails_a_request(
     emu: Emulator, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -10,6 +10,7 @@ import collections
 import contextlib
 import json
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -636,3 +637,83 @@ def test_a_live_sync_meisa_accepts_while_a_chunk_is_read_is_not_undone(
     result = sync_users(app)
     assert result.exit_code == 0, result.output
     assert plan_in_meisa(app, emulator, "5") == "pro"
+
+
+class HoldingProxy:
+    """A TCP proxy to the Redis of ``redis_url``: once a client sends a command naming
+    ``marker``, ``seen`` is set and that connection's next command waits until ``go_on`` is
+    set (the reply to the marked one goes through meanwhile). Closed by :meth:`close`."""
+
+    def __init__(self, redis_url: str, marker: bytes) -> None:
+        self.upstream = redis.connection.parse_url(redis_url)
+        self.marker, self.seen, self.go_on = marker, threading.Event(), threading.Event()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self.server.getsockname()[1]}/0"
+        self.sockets: list[socket.socket] = [self.server]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self.server.accept()
+                upstream = socket.create_connection((self.upstream["host"], self.upstream["port"]))
+                self.sockets += [client, upstream]
+                threading.Thread(target=self._pipe, args=(client, upstream, True)).start()
+                threading.Thread(target=self._pipe, args=(upstream, client, False)).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket, commands: bool) -> None:
+        held = False
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if held:
+                    self.go_on.wait(60)
+                    held = False
+                sink.sendall(data)
+                if commands and self.marker in data and not self.seen.is_set():
+                    self.seen.set()
+                    held = True
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        """Let everything through and close every connection."""
+        self.go_on.set()
+        for each in self.sockets:
+            with contextlib.suppress(OSError):
+                each.shutdown(socket.SHUT_RDWR)
+            each.close()
+
+
+def test_a_live_sync_meisa_accepts_as_its_users_backfill_upsert_is_queued_is_not_undone(
+    emulator: Emulator, start_worker: StartWorker, make_app: MakeApp, redis_url: str
+) -> None:
+    # The run has read what Meisa has of user 5 (nothing), as it queues the chunk that read
+    # user 5 on the free plan; then the user upgrades, and the live sync is answered and
+    # its record settled before the backfill's upsert joins the record.
+    start_worker(emulator)
+    client = redis.Redis.from_url(redis_url)
+    contact = RedisDeliveryStore(client, "meisa").contact_of({"external_id": "5"})
+    client.close()
+    proxy = HoldingProxy(redis_url, f"meisa:meisa:known:{{{contact}}}".encode())
+    results: list[Any] = []
+    try:
+        app = make_app(10, MEISA_CELERY_REDIS_URL=proxy.url)
+        meisa: Meisa = app.extensions["meisa"]
+        runner = threading.Thread(target=lambda: results.append(sync_users(app)))
+        runner.start()
+        try:
+            assert proxy.seen.wait(30)
+            user = app.config["PEOPLE"][5]
+            user.plan = "pro"
+            with app.app_context():
+                meisa.upsert(user, priority="high")
+                assert meisa.flush(10)
+        finally:
+            proxy.go_on.set()
+            runner.join(60)
+        assert results and results[0].exit_code == 0, results and results[0].output
+        assert plan_in_meisa(app, emulator, "5") == "pro", [
+            r.body for r in emulator.requests_to(UPSERT) if r.body.get("external_id") == "5"
+        ]
+    finally:
+        proxy.close()

@@ -128,9 +128,12 @@ class CeleryDispatcher:
         for operation in operations:
             self.publish(operation, refused=refused)
 
-    def publish(self, operation: Operation, *, refused: bool = False) -> None:
-        """Publish ``operation``; what cannot be published is dropped (a send, or anything
-        when ``refused``, raises :class:`DeliveryError` instead)."""
+    def publish(
+        self, operation: Operation, *, refused: bool = False, read_at: float | None = None
+    ) -> None:
+        """Publish ``operation`` (a backfill's upsert of a user read at ``read_at``); what
+        cannot be published is dropped (a send, or anything when ``refused``, raises
+        :class:`DeliveryError` instead)."""
         if self._closed:
             self._drop(operation, "closed", refused=refused)
             return
@@ -140,7 +143,7 @@ class CeleryDispatcher:
             return
         try:
             self._look()
-            for task in self.tasks(operation):
+            for task in self.tasks(operation, read_at):
                 self._send(*task)
         except Exception as error:
             if isinstance(error, redis.exceptions.TimeoutError):
@@ -183,9 +186,11 @@ class CeleryDispatcher:
         logger.warning("flask-meisa: dropped %s (%s)", operation.describe(), detail)
         self._hooks.call("dropped", operation, reason)
 
-    def tasks(self, operation: Operation) -> list[tuple[int, dict[str, Any], dict[str, Any]]]:
-        """Record ``operation`` in Redis and return its tasks ``(lane, op, meta)`` (an event's
-        companion first)."""
+    def tasks(
+        self, operation: Operation, read_at: float | None = None
+    ) -> list[tuple[int, dict[str, Any], dict[str, Any]]]:
+        """Record ``operation`` (see :meth:`publish`) in Redis and return its tasks ``(lane,
+        op, meta)`` (an event's companion first)."""
         store = self.store
         contact = store.contact_of(operation.payload) if operation.kind == "upsert" else None
         lane = lane_of(operation, lambda: store.known(contact), self._priority_fields)
@@ -195,7 +200,7 @@ class CeleryDispatcher:
         if contact is not None:
             # Read before the record links the address to this contact and takes it as its last.
             after, left = store.ahead_of(operation.payload, contact)
-            version, joined = store.coalesce(operation, contact, lane, after, left)
+            version, joined = store.coalesce(operation, contact, lane, after, left, read_at)
             meta.update(contact=contact, version=version)
         else:
             store.add_pending(operation, lane)
@@ -365,7 +370,7 @@ class CeleryBackfill(backfill.Target):
             ):
                 run.skipped += 1
                 continue
-            self._dispatcher.publish(fresh)
+            self._dispatcher.publish(fresh, read_at=now)
             run.queued += 1
 
     def backlog(self) -> tuple[int, int]:

@@ -30,6 +30,7 @@ from .known import KEEP_FOR
 from .known import SET_AT
 from .known import Known
 from .known import digest
+from .known import fresh_part
 
 #: How long a contact's record outlives its last upsert, in seconds.
 RECORD_TTL = 7 * 86400
@@ -98,6 +99,10 @@ def _digest(name: str) -> str:
     return hashlib.sha256(name.encode("utf-8")).hexdigest()[:32]
 
 
+def _names_of(payload: Mapping[str, Any]) -> dict[str, Any]:
+    return {name: payload[name] for name in ("email", "external_id") if name in payload}
+
+
 def as_text(value: bytes | str | None) -> str:
     """A Redis reply (bytes, or text with ``decode_responses``) as text."""
     return value.decode("utf-8") if isinstance(value, bytes) else value or ""
@@ -138,11 +143,12 @@ class ContactRecords:
             key = self._key("alias", _digest(email))
             pipe.set(key, _digest(ext), ex=int(KEEP_FOR), nx=unless_linked)
 
-    def known(self, contact: str | None) -> Known | None:
-        """What Meisa last accepted of ``contact`` (see :class:`.store.Known`), or ``None``."""
+    def known(self, contact: str | None, reader: Any = None) -> Known | None:
+        """What Meisa last accepted of ``contact`` (see :class:`.store.Known`), or ``None``;
+        read by ``reader`` (a transaction's pipeline) if given."""
         if contact is None:
             return None
-        raw = self.redis.hgetall(self._key("known", contact))
+        raw = (reader or self.redis).hgetall(self._key("known", contact))
         fields = {as_text(name): as_text(value) for name, value in raw.items()}
         accepted_at = fields.pop("@at", None)
         return None if accepted_at is None else Known(fields, float(accepted_at))
@@ -190,6 +196,7 @@ class ContactRecords:
         lane: int,
         after: Iterable[tuple[str, int]] = (),
         events: Iterable[str] = (),
+        read_at: float | None = None,
     ) -> tuple[int, bool]:
         """Merge an upsert into its contact's record, pending in ``lane``; its new version,
         and whether it joined upserts waiting there. It joins them as
@@ -198,21 +205,25 @@ class ContactRecords:
         body too large), they are closed, to be delivered before it. ``after``: ``(contact,
         version)`` of other contacts' upserts that its names pointed to, pending when it was
         made: delivered first; ``events``: ids of events to finish first (a part it joins
-        keeps its own)."""
-        record = self._key("contact", contact)
+        keeps its own); ``read_at``: a backfill's, of a user read then: less what Meisa
+        accepted of a live sync since (:func:`~.known.fresh_part`), read with the record."""
+        record, known = self._key("contact", contact), self._key("known", contact)
 
         def update(pipe: Any) -> tuple[int, bool]:
-            fields = _read(pipe, record)
+            fields, payload = _read(pipe, record), operation.payload
+            if read_at is not None:  # a live sync gone from the record is in what Meisa has
+                fresh = fresh_part(operation, self.known(contact, pipe), read_at)
+                payload = fresh.payload if fresh else _names_of(payload)
             own = {operation.id: operation.priority} if operation.priority else {}
             segments = json.loads(fields["closed"] or "[]")
-            merged, ahead, joined_members = operation.payload, operation.priority, []
+            merged, ahead, joined_members = payload, operation.priority, []
             forced, waits, holds = operation.force, {}, list(events)
             if fields["payload"] is not None:
                 segment = _Segment.open(fields)
                 first = cast("Priority | None", segment.priority)
-                older = by_age(segment.payload, first, operation.payload, ahead)
+                older = by_age(segment.payload, first, payload, ahead)
                 joined = join_upserts(*older)
-                if joined is None and older[0] is operation.payload:
+                if joined is None and older[0] is payload:
                     # A backfill's snapshot older than the live sync waiting here, of the
                     # contact's former address: it never goes after it, the live names win.
                     with contextlib.suppress(ValidationError):
@@ -248,8 +259,9 @@ class ContactRecords:
             pipe.zadd(self._pending[lane], {operation.id: operation.created_at})
             return version, bool(joined_members)
 
+        watched = (record, known) if read_at is not None else (record,)
         return self.redis.transaction(  # type: ignore[no-any-return]
-            update, record, value_from_callable=True
+            update, *watched, value_from_callable=True
         )
 
     def claim(self, contact: str, version: int, lease: float) -> Claim:

@@ -639,6 +639,30 @@ def test_a_live_sync_meisa_accepts_while_a_chunk_is_read_is_not_undone(
     assert plan_in_meisa(app, emulator, "5") == "pro"
 
 
+def test_a_live_sync_in_flight_as_its_users_backfill_upsert_is_queued_is_not_undone(
+    emulator: Emulator, start_worker: StartWorker, make_app: MakeApp
+) -> None:
+    # The user is read, then upgraded and synced live; that call is still in flight when
+    # the chunk is queued: the backfill's upsert joins the live one's record (not yet
+    # settled), the live fields winning, so no call carries the older plan.
+    start_worker(emulator)
+    app = make_app(10)
+    meisa: Meisa = app.extensions["meisa"]
+
+    def live_sync(user: Any) -> None:
+        emulator.faults.set(latency=1.0)  # this call only: the rest are made after it
+        meisa.upsert(user, priority="high")
+        assert wait_until(lambda: meisa.status().in_flight == 1, 10)
+        emulator.faults.set(latency=0.0)
+
+    upgrade_while_read(app, live_sync)
+    result = sync_users(app)
+    assert result.exit_code == 0, result.output
+    assert plan_in_meisa(app, emulator, "5") == "pro"
+    sent = [r.body for r in emulator.requests_to(UPSERT) if r.body["external_id"] == "5"]
+    assert {body["custom_fields"]["plan"] for body in sent} == {"pro"}, sent
+
+
 class HoldingProxy:
     """A TCP proxy to the Redis of ``redis_url``: once a client sends a command naming
     ``marker``, ``seen`` is set and that connection's next command waits until ``go_on`` is

@@ -1009,22 +1009,26 @@ def test_a_flush_waits_for_the_hooks_of_work_shed_from_memory_by_another_thread(
     emulator: Emulator,
     make_engine: MakeEngine,
     path: Path,
+    lock: HostLock,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    # The test holds the delivery lock until the store works again: the writer is then the
+    # only thread that writes, so the one that says the store failed (delivery threads
+    # would say it too, and it is said once).
     caplog.set_level(logging.WARNING, logger="flask_meisa.engine")
     hooks = RecordingHooks()
     entered, release = hooks.hold("dropped")
     store = Store(path, busy_timeout=0.05)
     engine = make_engine(emulator, hooks, store=store, queue_size=1)
     engine.start()
-    assert eventually(lambda: engine.is_holder)
     mend = _locked(store, path)
     submitting = threading.Thread(target=engine.submit, args=([upsert(2), upsert(3)],))
     said, go_on = threading.Event(), threading.Event()
 
     class HoldTheWriter(logging.Handler):  # as it says the store failed: upsert 1 waits
         def handle(self, record: logging.LogRecord) -> bool:  # without the handler's lock
-            if "store failed" in record.getMessage():
+            writer = threading.current_thread().name == "flask-meisa-writer"
+            if writer and "store failed" in record.getMessage():
                 said.set()
                 go_on.wait(5)
             return True
@@ -1040,6 +1044,7 @@ def test_a_flush_waits_for_the_hooks_of_work_shed_from_memory_by_another_thread(
         logging.getLogger("flask_meisa.engine").removeHandler(holding)
         go_on.set()
         mend()
+    lock.release()
     try:
         assert hooks.wait_for("delivered", 1)  # the one kept
         assert not engine.flush(0.2)
@@ -1705,20 +1710,24 @@ def test_a_call_under_way_as_another_process_moves_the_rows_holding_the_new_file
     other = Store(path)  # another process of the host, with the file open
     other.data_version()
     engine, hooks, go_on = call_under_way(emulator, make_engine, track(1), poll_interval=0.02)
-    engine.store.before_fork()  # (this process follows once every file is gone)
+    # This process holds its store until every file is gone and the other process holds
+    # the new one's write lock: it follows only then.
+    engine.store.before_fork()
+    holding = True
     try:
         for end in ("", "-wal", "-shm", ".lock"):
             Path(f"{path}{end}").unlink()
         assert other.moved() and other.follow() == 1
-    finally:
-        engine.store.after_fork_in_parent()
-    try:
         with other.write():  # held while this process tries to follow
+            engine.store.after_fork_in_parent()
+            holding = False
             assert eventually(lambda: "database is locked" in caplog.text)
         go_on.set()  # then the call is answered
         engine.submit([upsert(2), track(2)])
         delivered = engine.flush(5)
     finally:
+        if holding:
+            engine.store.after_fork_in_parent()
         other.close()
     calls = [r.body["external_id"] for r in emulator.requests_to(TRACK)]
     left = waiting(path)

@@ -282,8 +282,7 @@ def test_a_send_retried_after_meisa_forgot_its_idempotency_key_fails_without_a_c
     # The first attempt reached Meisa, its answer was lost; the host then stayed down for
     # over an hour, so Meisa has forgotten the idempotency key: a call now sends it twice.
     emulator.faults.drop_next(1, path=TRIGGER, after=True)
-    slow = RetryPolicy(max_attempts=None, base_delay=60.0, max_delay=60.0, deadline=None)
-    engine = make_engine(emulator, RecordingHooks(), retry=slow)
+    engine = make_engine(emulator, RecordingHooks(), retry=SLOW)
     operation = send(1)
     engine.submit([operation])
     retrying = "SELECT count(*) FROM meisa_ops WHERE state = 'pending' AND attempts = 1"
@@ -296,7 +295,7 @@ def test_a_send_retried_after_meisa_forgot_its_idempotency_key_fails_without_a_c
         db.execute("UPDATE meisa_ops SET first_attempt = first_attempt - 3700, ready_at = 0")
     store.close()
     hooks = RecordingHooks()
-    assert make_engine(emulator, hooks, retry=slow).flush(5)
+    assert make_engine(emulator, hooks, retry=SLOW).flush(5)
     assert len(emulator.sends()) == 1
     assert len(emulator.requests_to(TRIGGER)) == 1
     assert [op.id for op in hooks.of("failed")] == [operation.id]
@@ -407,8 +406,7 @@ def test_a_send_salvaged_from_a_damaged_store_keeps_the_time_of_its_first_attemp
     # As above, but the store was found damaged at the restart: what was salvaged from it
     # still knows when the send was first attempted (and so that Meisa forgot its key).
     emulator.faults.drop_next(1, path=TRIGGER, after=True)
-    slow = RetryPolicy(max_attempts=None, base_delay=60.0, max_delay=60.0, deadline=None)
-    engine = make_engine(emulator, RecordingHooks(), retry=slow)
+    engine = make_engine(emulator, RecordingHooks(), retry=SLOW)
     engine.submit([send(1)])
     retrying = "SELECT count(*) FROM meisa_ops WHERE state = 'pending' AND attempts = 1"
     assert eventually(lambda: query(path, retrying)[0][0] == 1)
@@ -420,7 +418,7 @@ def test_a_send_salvaged_from_a_damaged_store_keeps_the_time_of_its_first_attemp
     store.close()
     set_aside(store, sqlite3.DatabaseError("malformed"))
     store.close()
-    assert make_engine(emulator, RecordingHooks(), retry=slow).flush(5)
+    assert make_engine(emulator, RecordingHooks(), retry=SLOW).flush(5)
     assert len(emulator.requests_to(TRIGGER)) == 1
     assert len(emulator.sends()) == 1
 

@@ -70,10 +70,11 @@ class HostLock:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except (BlockingIOError, PermissionError):
             return False
-        self.held = True
         if not self._at_path(self._fd):  # deleted or replaced since the open: try again
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
             self.release()
             return False
+        self.held = True  # not before it is found at the path: delivery threads go by it
         with suppress(OSError):  # the pid is only informative
             os.ftruncate(self._fd, 0)
             os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
@@ -162,8 +163,7 @@ class HostFiles:
                 logger.warning(
                     "flask-meisa: the delivery store %s was deleted or replaced while this "
                     "process (pid %d) had it open, and it cannot move to the file now there "
-                    "(%s): it keeps the one it has open, and tries again when that file "
-                    "changes",
+                    "(%s): it keeps the one it has open, and tries again when that file changes",
                     self._path,
                     os.getpid(),
                     error,

@@ -12,6 +12,8 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import pytest
 
@@ -286,6 +288,30 @@ def test_a_path_that_cannot_be_a_file_is_a_configuration_error(tmp_path: Path, w
         Store(path)
     assert f"{str(path)!r} cannot be used" in str(caught.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "a-folder"]
+
+
+def test_a_file_another_process_makes_as_the_store_is_checked_is_not_taken_for_unwritable(
+    tmp_path: Path,
+) -> None:
+    # Another process makes the lock file (its first look at the lock) while this one checks
+    # the store: missing when its access was checked, there when its existence was, it was
+    # said not writable, and the store refused ("cannot be used").
+    path = tmp_path / "store.sqlite3"
+    Store(path).close()
+    lock = f"{path}.lock"
+
+    def another_process_makes_it(frame: FrameType, event: str, arg: Any) -> None:
+        looks = event == "call" and frame.f_code is os.path.exists.__code__
+        if looks and frame.f_locals.get("path") == lock:
+            Path(lock).touch()  # between this process's two looks at it
+
+    sys.settrace(another_process_makes_it)
+    try:
+        store = Store(path)
+    finally:
+        sys.settrace(None)
+    store.close()
+    assert os.path.exists(lock)
 
 
 def test_error_fields_hold_no_payload_values() -> None:

@@ -4,6 +4,7 @@ host's counters, and what Meisa already has of each contact (:mod:`.known`)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -380,8 +381,10 @@ class Store:
         assert self.path is not None
         for name in (self.path, *(self.path + end for end in ("-wal", "-shm", ".lock"))):
             # Access first: a -shm another process's last connection removes meanwhile is
-            # no file this one cannot write.
-            if not os.access(name, os.W_OK) and os.path.exists(name):
+            # no file this one cannot write; and again once found: nor one made meanwhile
+            # (another process's lock file, or -wal and -shm).
+            writable = functools.partial(os.access, name, os.W_OK)
+            if not writable() and os.path.exists(name) and not writable():
                 raise PermissionError(f"{name} is not writable by this process")
         with self.read() as db:
             if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":

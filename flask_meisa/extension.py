@@ -185,7 +185,7 @@ class Meisa:
             raise ValidationError("priority", 'must be "high" or "normal"')
         flag(force, "force")
         high = "high" if priority == "high" else None
-        payload = self._map(state, user_or_payload)
+        payload = self._map(state, user_or_payload, payload=True)
         deferral.enqueue(state, Operation.checked("upsert", payload, force=force, priority=high))
 
     def track(
@@ -205,7 +205,7 @@ class Meisa:
         if user is not None:
             if email is not None or external_id is not None:
                 raise ValidationError("user", "give a user or an email/external_id, not both")
-            contact = self._map(state, user)
+            contact = self._map(state, user, payload=True)
             email, external_id = contact["email"], contact.get("external_id")
         body = track_body(event_name, email=email, external_id=external_id, properties=properties)
         deferral.enqueue(state, Operation.checked("track", body, contact=contact))
@@ -295,9 +295,10 @@ class Meisa:
         states = [self.state(app)] if app is not None else list(self._states.values())
         return sum(state.close(timeout) for state in states)
 
-    def _map(self, state: MeisaState, user: Any) -> dict[str, Any]:
-        """``user``'s upsert payload: a mapping is one already, a user object is mapped."""
-        if isinstance(user, Mapping):
+    def _map(self, state: MeisaState, user: Any, *, payload: bool = False) -> dict[str, Any]:
+        """``user``'s upsert payload, by the contact mapper; with ``payload`` (upsert, track)
+        a mapping is one already (a user object that is a mapping is the mapper's elsewhere)."""
+        if payload and isinstance(user, Mapping):
             return _contacts.upsert_payload(user)
         if self._contact_mapper is not None:
             return _contacts.map_contact(self._contact_mapper, user)

@@ -11,6 +11,7 @@ from flask import Flask
 
 from flask_meisa import Meisa
 from flask_meisa import ValidationError
+from flask_meisa import plan_changed
 from flask_meisa._contacts import default_contact_mapper
 from flask_meisa.operations import LANE_BACKFILL
 from flask_meisa.operations import Operation
@@ -245,3 +246,20 @@ def test_only_upserts_can_be_merged() -> None:
     for earlier, later in ((upsert, track), (track, upsert)):
         with pytest.raises(ValueError, match="only upserts"):
             earlier.merge(later)
+
+
+def test_a_custom_mapper_maps_a_user_that_is_a_mapping_where_a_user_is_synced() -> None:
+    # Users read as documents (a dict subclass): the app's mapper knows their keys.
+    class Document(dict[str, Any]):
+        pass
+
+    app = Flask(__name__)
+    app.config.update(MEISA_ENABLED=False)
+    meisa = Meisa(app, contact_mapper=lambda user: {"email": user["mail"], "external_id": "d1"})
+    user = Document(mail="doc@example.com", password_hash="x")
+    with app.app_context(), record_operations() as recorded:
+        assert meisa.map_user(user) == {"email": "doc@example.com", "external_id": "d1"}
+        plan_changed.send(app, user=user, new_plan="pro")
+    assert [op.payload for op in recorded] == [
+        {"email": "doc@example.com", "external_id": "d1", "custom_fields": {"plan": "pro"}}
+    ]

@@ -164,6 +164,29 @@ def test_a_store_file_made_without_the_prunes_indexes_gets_them_once_opened(
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
+def test_a_file_without_the_prunes_indexes_opens_while_another_process_writes(
+    tmp_path: Path,
+) -> None:
+    # A deploy: the new version starts while the old one holds the write lock longer than
+    # the busy timeout. The indexes are the prune's speed, not its reading: it opens, and
+    # the next process to open the file when it is free makes them.
+    path = tmp_path / "store.sqlite3"
+    Store(path).close()
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as old:
+        old.execute("DROP INDEX meisa_known_accepted")
+        old.execute("BEGIN IMMEDIATE")
+        store = Store(path, busy_timeout=0.05)
+        with store.read() as db:
+            assert db.execute("SELECT count(*) FROM meisa_ops").fetchone() == (0,)
+    with store.write() as db:
+        db.execute("DELETE FROM meisa_ops")
+    store.close()
+    Store(path).close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        names = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
+    assert "meisa_known_accepted" in names
+
+
 def event(user: int) -> Operation:
     return Operation("track", {"event_name": "clicked", "external_id": f"t-{user}"})
 

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from collections.abc import Sized
 from contextlib import contextmanager
 from contextlib import nullcontext
+from contextlib import suppress
 from typing import Any
 
 from ..errors import ConfigurationError
@@ -105,17 +106,20 @@ CREATE TABLE IF NOT EXISTS meisa_known (
     fields TEXT NOT NULL,
     accepted_at REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS meisa_known_accepted ON meisa_known (accepted_at);
 CREATE TABLE IF NOT EXISTS meisa_addresses (
     email TEXT PRIMARY KEY,
     ext TEXT NOT NULL,
     at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS meisa_addresses_ext ON meisa_addresses (ext);
-CREATE INDEX IF NOT EXISTS meisa_addresses_at ON meisa_addresses (at);
 CREATE TABLE IF NOT EXISTS meisa_answers (lane INTEGER NOT NULL, at REAL NOT NULL, waited REAL);
 CREATE INDEX IF NOT EXISTS meisa_answers_at ON meisa_answers (at);
 CREATE TABLE IF NOT EXISTS meisa_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+# The prune's, added to schema 3: made on opening a file unless another holds its write lock.
+_PRUNE_INDEXES = """
+CREATE INDEX IF NOT EXISTS meisa_known_accepted ON meisa_known (accepted_at);
+CREATE INDEX IF NOT EXISTS meisa_addresses_at ON meisa_addresses (at);
 """
 # A forked child must neither use nor close its parent's connection (SQLite's rule): kept
 # referenced here so that nothing finalises it either.
@@ -206,9 +210,9 @@ class Store:
                     + ("upgrade flask-meisa here" if newer else "delete it")
                     + ", or set MEISA_OUTBOX to another file"
                 )
-            # An index added since a file was made is made here, once: a process starting
-            # makes it under its folder's lock (checking), which others starting wait for.
             db.executescript(_SCHEMA)
+            with suppress(sqlite3.OperationalError):  # locked: not a reason to refuse the file
+                db.executescript(_PRUNE_INDEXES)
             if version == 0:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except BaseException:

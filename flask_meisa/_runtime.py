@@ -260,17 +260,20 @@ class MeisaState:
                 self._store.after_fork()
             _live.discard(self)
             return 0
+        # Used again, even while this flushes: delivery starts again, on a store connection
+        # (a memory store) of its own, and is flushed at exit (dispatcher).
         with self._lock:
             dispatcher, self._dispatcher = self._dispatcher, None
             client, self._client = self._client, None
-            self._started = False  # used again, delivery starts again
+            store, self._store = self._store, None
+            self._started = False
+            _live.discard(self)
         left = 0 if dispatcher is None else dispatcher.close(timeout)
         self.suppression.close()
         if client is not None:
             client.close()
-        if self._store is not None:
-            self._store.close()
-        _live.discard(self)
+        if store is not None:
+            store.close()
         return left
 
 

@@ -290,7 +290,7 @@ class Meisa:
     def close(self, app: Flask | None = None, timeout: float | None = None) -> int:
         """Stop delivery for ``app`` (default: every app of this extension) after up to
         ``timeout`` seconds (``MEISA_FLUSH_TIMEOUT``) of delivering; returns what was lost.
-        Work made afterwards starts delivery again (flushed at exit, as before)."""
+        Work made afterwards, or meanwhile, starts delivery again (flushed at exit)."""
         timeout = _wait_limit(timeout)
         states = [self.state(app)] if app is not None else list(self._states.values())
         return sum(state.close(timeout) for state in states)

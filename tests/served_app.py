@@ -21,7 +21,8 @@ Scenarios:
   the fork is called (as the writer thread may be); with ``parent-dies``, the parent
   exits at once without closing anything (as when it is killed), and the child takes
   over. The child gives up after 45 seconds.
-- ``reuse``: make a request, close delivery, make ten more, exit without a flush;
+- ``reuse``: make a request, close delivery, make ten more, exit without a flush; with
+  ``closing``, the ten are made while another thread's close still flushes the first;
 - ``pool <n>``: deliver a request's operations, start ``n`` ``multiprocessing`` children
   (forked) that make five requests each and return, then flush, print ``pool flushed
   <bool> exits <codes>``.
@@ -245,14 +246,21 @@ def pool(children: int) -> None:
     say(f"pool flushed {flushed} exits {[process.exitcode for process in started]}")
 
 
-def reuse() -> None:
+def reuse(closing: bool) -> None:
     app = create_app()
     client = app.test_client()
     client.post("/work/0").close()
-    with app.app_context():
-        say(f"closed lost {app.extensions['meisa'].close(app)}")
+    meisa, state = app.extensions["meisa"], app.extensions["meisa"].state(app)
+    closer = threading.Thread(target=lambda: say(f"closed lost {meisa.close(app)}"))
+    closer.start()
+    if not closing:
+        closer.join()
+    while state.has_dispatcher() and state._dispatcher is not None:  # until close took it
+        time.sleep(0.001)
+    say(f"reused while closing {closer.is_alive()}")
     for n in range(1, 11):  # delivery again, after close: flushed at exit as before
         client.post(f"/work/{n}").close()
+    closer.join()
 
 
 def keep_response(testing: bool) -> None:
@@ -279,7 +287,7 @@ def main(argv: list[str]) -> None:
     elif scenario == "keep-response":
         keep_response(testing=numbers == ["testing"])
     elif scenario == "reuse":
-        reuse()
+        reuse(closing=numbers == ["closing"])
     elif scenario == "pool":
         pool(int(numbers[0]))
     elif scenario == "fork":

@@ -175,6 +175,22 @@ def test_delivery_used_again_after_close_is_flushed_at_exit(
     assert no_loss(numbers), output
 
 
+def test_delivery_used_again_while_another_thread_closes_it_is_flushed_at_exit(
+    emu: Emulator, instance: Path
+) -> None:
+    # The first call is answered 503, retried after a second: the close flushing it lasts
+    # that long, and the ten requests start delivery again meanwhile (in memory: the
+    # closing engine took their rows as its own lost ones; a store file keeps them).
+    emu.faults.fail_next(1, status=503, retry_after=1)
+    extra = {"MEISA_TEST_RATE": "none", "MEISA_TEST_OUTBOX": "memory"}
+    output = run_app(environment(emu, instance, **extra), "reuse", "closing")
+    assert "reused while closing True" in output, output
+    assert "closed lost 0" in output, output
+    numbers = tally(emu, 11)
+    print(numbers)
+    assert no_loss(numbers), output
+
+
 def test_a_locked_store_never_fails_a_request(
     emu: Emulator, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -741,3 +741,37 @@ def test_a_live_sync_meisa_accepts_as_its_users_backfill_upsert_is_queued_is_not
         ]
     finally:
         proxy.close()
+
+
+def test_a_user_who_moved_address_as_their_backfill_upsert_is_queued_keeps_the_new_one(
+    emulator: Emulator, start_worker: StartWorker, make_app: MakeApp, redis_url: str
+) -> None:
+    # As above, the live sync also moves user 5 to another address: nothing of the
+    # backfill's upsert is newer than it, so none goes (not the former address alone).
+    start_worker(emulator)
+    client = redis.Redis.from_url(redis_url)
+    contact = RedisDeliveryStore(client, "meisa").contact_of({"external_id": "5"})
+    client.close()
+    proxy = HoldingProxy(redis_url, f"meisa:meisa:known:{{{contact}}}".encode())
+    results: list[Any] = []
+    try:
+        app = make_app(10, MEISA_CELERY_REDIS_URL=proxy.url)
+        runner = threading.Thread(target=lambda: results.append(sync_users(app)))
+        runner.start()
+        try:
+            assert proxy.seen.wait(30)
+            user = app.config["PEOPLE"][5]
+            user.plan, user.email = "pro", "moved5@example.com"
+            with app.app_context():
+                app.extensions["meisa"].upsert(user, priority="high")
+                assert app.extensions["meisa"].flush(10)
+        finally:
+            proxy.go_on.set()
+            runner.join(60)
+        assert results and results[0].exit_code == 0, results and results[0].output
+        assert plan_in_meisa(app, emulator, "5") == "pro"
+        sent = [r.body for r in emulator.requests_to(UPSERT) if r.body.get("external_id") == "5"]
+        moved = emulator.contact(external_id="5")
+        assert moved is not None and moved["email"] == "moved5@example.com", sent
+    finally:
+        proxy.close()

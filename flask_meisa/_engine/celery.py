@@ -200,7 +200,10 @@ class CeleryDispatcher:
         if contact is not None:
             # Read before the record links the address to this contact and takes it as its last.
             after, left = store.ahead_of(operation.payload, contact)
-            version, joined = store.coalesce(operation, contact, lane, after, left, read_at)
+            coalesced = store.coalesce(operation, contact, lane, after, left, read_at)
+            if coalesced is None:  # a backfill's, older than what Meisa has
+                return []
+            version, joined = coalesced
             meta.update(contact=contact, version=version)
         else:
             store.add_pending(operation, lane)

@@ -99,10 +99,6 @@ def _digest(name: str) -> str:
     return hashlib.sha256(name.encode("utf-8")).hexdigest()[:32]
 
 
-def _names_of(payload: Mapping[str, Any]) -> dict[str, Any]:
-    return {name: payload[name] for name in ("email", "external_id") if name in payload}
-
-
 def as_text(value: bytes | str | None) -> str:
     """A Redis reply (bytes, or text with ``decode_responses``) as text."""
     return value.decode("utf-8") if isinstance(value, bytes) else value or ""
@@ -197,9 +193,9 @@ class ContactRecords:
         after: Iterable[tuple[str, int]] = (),
         events: Iterable[str] = (),
         read_at: float | None = None,
-    ) -> tuple[int, bool]:
+    ) -> tuple[int, bool] | None:
         """Merge an upsert into its contact's record, pending in ``lane``; its new version,
-        and whether it joined upserts waiting there. It joins them as
+        and whether it joined upserts waiting there (``None``: nothing to send). It joins them as
         :func:`~flask_meisa.operations.join_upserts` decides (a backfill's as the older: see
         :func:`~flask_meisa.operations.by_age`); when they cannot be one (another address, a
         body too large), they are closed, to be delivered before it. ``after``: ``(contact,
@@ -209,11 +205,13 @@ class ContactRecords:
         accepted of a live sync since (:func:`~.known.fresh_part`), read with the record."""
         record, known = self._key("contact", contact), self._key("known", contact)
 
-        def update(pipe: Any) -> tuple[int, bool]:
+        def update(pipe: Any) -> tuple[int, bool] | None:
             fields, payload = _read(pipe, record), operation.payload
             if read_at is not None:  # a live sync gone from the record is in what Meisa has
                 fresh = fresh_part(operation, self.known(contact, pipe), read_at)
-                payload = fresh.payload if fresh else _names_of(payload)
+                if fresh is None:  # its names alone: maybe an address the user left since
+                    return None
+                payload = fresh.payload
             own = {operation.id: operation.priority} if operation.priority else {}
             segments = json.loads(fields["closed"] or "[]")
             merged, ahead, joined_members = payload, operation.priority, []

@@ -296,9 +296,9 @@ class Meisa:
         return sum(state.close(timeout) for state in states)
 
     def _map(self, state: MeisaState, user: Any, *, payload: bool = False) -> dict[str, Any]:
-        """``user``'s upsert payload, by the contact mapper; with ``payload`` (upsert, track)
-        a mapping is one already (a user object that is a mapping is the mapper's elsewhere)."""
-        if payload and isinstance(user, Mapping):
+        """``user``'s upsert payload: a mapping is one already, but for a custom mapper when
+        not ``payload`` (upsert, track): a user object that is a mapping is the mapper's."""
+        if isinstance(user, Mapping) and (payload or self._contact_mapper is None):
             return _contacts.upsert_payload(user)
         if self._contact_mapper is not None:
             return _contacts.map_contact(self._contact_mapper, user)

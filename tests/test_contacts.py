@@ -263,3 +263,12 @@ def test_a_custom_mapper_maps_a_user_that_is_a_mapping_where_a_user_is_synced() 
     assert [op.payload for op in recorded] == [
         {"email": "doc@example.com", "external_id": "d1", "custom_fields": {"plan": "pro"}}
     ]
+    # Without one, such a mapping is the upsert's fields, as meisa.upsert takes them.
+    app = Flask(__name__)
+    app.config.update(MEISA_ENABLED=False)
+    Meisa(app)
+    with app.app_context(), record_operations() as recorded:
+        plan_changed.send(app, user={"email": "doc@example.com"}, new_plan="team")
+    assert [op.payload for op in recorded] == [
+        {"email": "doc@example.com", "custom_fields": {"plan": "team"}}
+    ]

@@ -1811,3 +1811,26 @@ def test_a_live_sync_that_joins_a_waiting_backfill_upsert_is_timed_from_its_own_
     status = engine.status()
     assert status.latency.keys() == {"automation"}
     assert status.latency["automation"][1] < 30, status.latency
+
+
+def test_the_first_housekeeping_forgets_all_that_meisa_accepted_too_long_ago(
+    emulator: Emulator, make_engine: MakeEngine, path: Path
+) -> None:
+    # A host down for weeks: 1,500 contacts past KEEP_FOR. An entry left to a later pass
+    # (30 s each) is folded into its contact's next acceptance, and an upsert of a field
+    # Meisa accepted 35 days ago is then skipped as unchanged.
+    store = Store(path)
+    with store.write() as db:
+        for n in range(1500):
+            contact = {"email": f"old{n}@example.com", "external_id": f"old-{n}"}
+            known.remember(db, contact, time.time() - known.KEEP_FOR - 5 * 86400)
+    store.close()
+    engine = make_engine(emulator, RecordingHooks())
+    engine.submit([upsert(1)])
+    assert engine.flush(5)
+
+    def left() -> int:
+        sql = "SELECT count(*) FROM meisa_known WHERE accepted_at < ?"
+        return int(query(path, sql, time.time() - known.KEEP_FOR)[0][0])
+
+    assert eventually(lambda: left() == 0), left()

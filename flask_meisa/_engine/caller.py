@@ -174,8 +174,10 @@ class Caller:
         if self.delivery.is_holder and time.monotonic() >= self._tidy_at:
             self._tidy_at = time.monotonic() + _HOUSEKEEPING
             known_for = max(known.KEEP_FOR, self.delivery.settings.resync_after)
-            with self.store.write() as db:
-                pending.tidy(db, time.time(), self.delivery.settings.routine_max_age, known_for)
+            more, settings = True, self.delivery.settings
+            while more:  # a step a transaction: an entry left would be folded into new ones
+                with self.store.write() as db:
+                    more = pending.tidy(db, time.time(), settings.routine_max_age, known_for)
 
     def run(self) -> None:
         """Make calls until :meth:`stop`, sleeping while there is nothing to do."""

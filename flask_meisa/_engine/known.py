@@ -26,8 +26,8 @@ SET_AT = "@set:"
 #: What Meisa has of a contact is forgotten after this long, whatever MEISA_RESYNC_AFTER says.
 KEEP_FOR = 30 * 86400.0
 #: Rows of each table one :func:`prune` forgets at most: its write lock stays short (a few
-#: ms) when many expire at once (a host down for weeks). An old entry left for the next
-#: prune is older than MEISA_RESYNC_AFTER: no upsert is skipped for it.
+#: ms) when many expire at once (a host down for weeks); housekeeping calls it again, a
+#: transaction a step, until it is done.
 PRUNE_STEP = 1000
 
 

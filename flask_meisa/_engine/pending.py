@@ -228,11 +228,13 @@ def age_routine(db: sqlite3.Connection, older_than: float) -> int:
     ).rowcount
 
 
-def tidy(db: sqlite3.Connection, now: float, routine_max_age: float, known_for: float) -> None:
-    """Housekeeping: age routine syncs, forget old digests and answers past the window."""
+def tidy(db: sqlite3.Connection, now: float, routine_max_age: float, known_for: float) -> bool:
+    """Housekeeping: age routine syncs, forget old digests and answers past the window;
+    whether old digests may be left (:func:`.known.prune`'s step: call again)."""
     age_routine(db, now - routine_max_age)
-    known.prune(db, now - known_for)
+    more = known.prune(db, now - known_for) == known.PRUNE_STEP
     db.execute("DELETE FROM meisa_answers WHERE at < ?", (now - LATENCY_WINDOW,))
+    return more
 
 
 def next_ready(db: sqlite3.Connection, now: float) -> Row | None:

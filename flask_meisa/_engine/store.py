@@ -4,7 +4,6 @@ host's counters, and what Meisa already has of each contact (:mod:`.known`)."""
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -116,7 +115,6 @@ CREATE TABLE IF NOT EXISTS meisa_answers (lane INTEGER NOT NULL, at REAL NOT NUL
 CREATE INDEX IF NOT EXISTS meisa_answers_at ON meisa_answers (at);
 CREATE TABLE IF NOT EXISTS meisa_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-# The prune's, added to schema 3: made on opening a file unless another holds its write lock.
 _PRUNE_INDEXES = """
 CREATE INDEX IF NOT EXISTS meisa_known_accepted ON meisa_known (accepted_at);
 CREATE INDEX IF NOT EXISTS meisa_addresses_at ON meisa_addresses (at);
@@ -211,7 +209,7 @@ class Store:
                     + ", or set MEISA_OUTBOX to another file"
                 )
             db.executescript(_SCHEMA)
-            with suppress(sqlite3.OperationalError):  # locked: not a reason to refuse the file
+            with suppress(sqlite3.OperationalError):  # added to schema 3; locked: made later
                 db.executescript(_PRUNE_INDEXES)
             if version == 0:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -380,15 +378,14 @@ class Store:
             status.backfill["refused"] = refused
 
     def check(self) -> None:
-        """Check that this process may write the file (of this schema version, checked on
-        connecting), put it in WAL mode, and check its pages."""
+        """Check that this process may write the file (its schema is checked on connecting),
+        put it in WAL mode, and check its pages."""
         assert self.path is not None
         for name in (self.path, *(self.path + end for end in ("-wal", "-shm", ".lock"))):
-            # Access first: a -shm another process's last connection removes meanwhile is
-            # no file this one cannot write; and again once found: nor one made meanwhile
-            # (another process's lock file, or -wal and -shm).
-            writable = functools.partial(os.access, name, os.W_OK)
-            if not writable() and os.path.exists(name) and not writable():
+            # Access, then whether it exists, then access again: a file another process
+            # removes (its -shm) or makes (a lock file, -wal) meanwhile is not refused.
+            denied = not os.access(name, os.W_OK)
+            if denied and os.path.exists(name) and not os.access(name, os.W_OK):
                 raise PermissionError(f"{name} is not writable by this process")
         with self.read() as db:
             if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":

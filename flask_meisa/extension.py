@@ -296,8 +296,8 @@ class Meisa:
         return sum(state.close(timeout) for state in states)
 
     def _map(self, state: MeisaState, user: Any, *, payload: bool = False) -> dict[str, Any]:
-        """``user``'s upsert payload: a mapping is one already, but for a custom mapper when
-        not ``payload`` (upsert, track): a user object that is a mapping is the mapper's."""
+        """``user``'s upsert payload, by the contact mapper; a mapping is the payload itself
+        with ``payload`` (upsert, track) or without a custom mapper."""
         if isinstance(user, Mapping) and (payload or self._contact_mapper is None):
             return _contacts.upsert_payload(user)
         if self._contact_mapper is not None:

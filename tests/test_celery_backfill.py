@@ -708,12 +708,17 @@ class HoldingProxy:
             each.close()
 
 
-def test_a_live_sync_meisa_accepts_as_its_users_backfill_upsert_is_queued_is_not_undone(
-    emulator: Emulator, start_worker: StartWorker, make_app: MakeApp, redis_url: str
-) -> None:
-    # The run has read what Meisa has of user 5 (nothing), as it queues the chunk that read
-    # user 5 on the free plan; then the user upgrades, and the live sync is answered and
-    # its record settled before the backfill's upsert joins the record.
+@contextlib.contextmanager
+def run_as_user_5_changes(
+    emulator: Emulator,
+    start_worker: StartWorker,
+    make_app: MakeApp,
+    redis_url: str,
+    change: Callable[[Any], None],
+) -> Iterator[Flask]:
+    """Run ``sync-users`` of 10 users, holding it once it has read what Meisa has of user
+    5 (nothing) until the user was changed by ``change`` and that sync delivered; the app
+    (its Redis behind the proxy, open until the block's end)."""
     start_worker(emulator)
     client = redis.Redis.from_url(redis_url)
     contact = RedisDeliveryStore(client, "meisa").contact_of({"external_id": "5"})
@@ -728,7 +733,7 @@ def test_a_live_sync_meisa_accepts_as_its_users_backfill_upsert_is_queued_is_not
         try:
             assert proxy.seen.wait(30)
             user = app.config["PEOPLE"][5]
-            user.plan = "pro"
+            change(user)
             with app.app_context():
                 meisa.upsert(user, priority="high")
                 assert meisa.flush(10)
@@ -736,11 +741,24 @@ def test_a_live_sync_meisa_accepts_as_its_users_backfill_upsert_is_queued_is_not
             proxy.go_on.set()
             runner.join(60)
         assert results and results[0].exit_code == 0, results and results[0].output
+        yield app
+    finally:
+        proxy.close()
+
+
+def test_a_live_sync_meisa_accepts_as_its_users_backfill_upsert_is_queued_is_not_undone(
+    emulator: Emulator, start_worker: StartWorker, make_app: MakeApp, redis_url: str
+) -> None:
+    # The run has read what Meisa has of user 5 (nothing), as it queues the chunk that read
+    # user 5 on the free plan; then the user upgrades, and the live sync is answered and
+    # its record settled before the backfill's upsert joins the record.
+    def upgrade(user: Any) -> None:
+        user.plan = "pro"
+
+    with run_as_user_5_changes(emulator, start_worker, make_app, redis_url, upgrade) as app:
         assert plan_in_meisa(app, emulator, "5") == "pro", [
             r.body for r in emulator.requests_to(UPSERT) if r.body.get("external_id") == "5"
         ]
-    finally:
-        proxy.close()
 
 
 def test_a_user_who_moved_address_as_their_backfill_upsert_is_queued_keeps_the_new_one(
@@ -748,30 +766,11 @@ def test_a_user_who_moved_address_as_their_backfill_upsert_is_queued_keeps_the_n
 ) -> None:
     # As above, the live sync also moves user 5 to another address: nothing of the
     # backfill's upsert is newer than it, so none goes (not the former address alone).
-    start_worker(emulator)
-    client = redis.Redis.from_url(redis_url)
-    contact = RedisDeliveryStore(client, "meisa").contact_of({"external_id": "5"})
-    client.close()
-    proxy = HoldingProxy(redis_url, f"meisa:meisa:known:{{{contact}}}".encode())
-    results: list[Any] = []
-    try:
-        app = make_app(10, MEISA_CELERY_REDIS_URL=proxy.url)
-        runner = threading.Thread(target=lambda: results.append(sync_users(app)))
-        runner.start()
-        try:
-            assert proxy.seen.wait(30)
-            user = app.config["PEOPLE"][5]
-            user.plan, user.email = "pro", "moved5@example.com"
-            with app.app_context():
-                app.extensions["meisa"].upsert(user, priority="high")
-                assert app.extensions["meisa"].flush(10)
-        finally:
-            proxy.go_on.set()
-            runner.join(60)
-        assert results and results[0].exit_code == 0, results and results[0].output
+    def move(user: Any) -> None:
+        user.plan, user.email = "pro", "moved5@example.com"
+
+    with run_as_user_5_changes(emulator, start_worker, make_app, redis_url, move) as app:
         assert plan_in_meisa(app, emulator, "5") == "pro"
-        sent = [r.body for r in emulator.requests_to(UPSERT) if r.body.get("external_id") == "5"]
-        moved = emulator.contact(external_id="5")
-        assert moved is not None and moved["email"] == "moved5@example.com", sent
-    finally:
-        proxy.close()
+    sent = [r.body for r in emulator.requests_to(UPSERT) if r.body.get("external_id") == "5"]
+    moved = emulator.contact(external_id="5")
+    assert moved is not None and moved["email"] == "moved5@example.com", sent

@@ -167,6 +167,29 @@ def test_manual_clock_drives_timestamps(emulator_factory, emulator_api_factory):
     assert api.get("/ping/").ok
 
 
+class WallStepClock(ManualClock):
+    """A clock whose wall time steps forward alone, as a VM's when it resumes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.step = 0.0
+
+    def time(self) -> float:
+        return super().time() + self.step
+
+
+def test_the_keys_windows_follow_the_wall_clock_as_the_engines_do(
+    emulator_factory, emulator_api_factory
+):
+    clock = WallStepClock()
+    emu = emulator_factory(rate_limit="1/minute", clock=clock)
+    api = emulator_api_factory(emu)
+    assert api.get("/ping/").ok
+    assert api.get("/ping/").status_code == 429
+    clock.step = 60.0  # the monotonic clock did not move
+    assert api.get("/ping/").ok
+
+
 @pytest.mark.parametrize("kind", ["dict", "path", "none"])
 def test_seeds(emulator_factory, emulator_api_factory, tmp_path, kind):
     seed = {

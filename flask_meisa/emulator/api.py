@@ -65,7 +65,9 @@ def _handle(store: Store, request: Request) -> Answer:
         if api_key is None:
             detail = "Invalid API key." if request.key else "No API key was provided."
             raise ApiError(401, "authentication_failed", detail)
-        limiter, hit = api_key.limiter, store.clock.monotonic()
+        # The wall clock, as a server's own and as every delivery engine counts: a clock
+        # of its own would disagree with theirs on this host when it steps (a VM resumed).
+        limiter, hit = api_key.limiter, store.clock.time()
         wait = limiter.acquire(hit) if limiter is not None else None
         if wait is not None:
             retry_after = {"Retry-After": retry_after_header(wait)}

@@ -17,11 +17,11 @@ class ClockLike(Protocol):
     """What the emulator needs from a clock (inject your own through ``Emulator(clock=)``)."""
 
     def time(self) -> float:
-        """Wall-clock seconds since the epoch (timestamps in answers)."""
+        """Wall-clock seconds since the epoch (timestamps in answers, the key's rate windows)."""
         ...
 
     def monotonic(self) -> float:
-        """Seconds that never go back (windows, the idempotency hour, outages)."""
+        """Seconds that never go back (the guardrail, the idempotency hour, outages)."""
         ...
 
     def advance(self, seconds: float) -> None:

@@ -31,6 +31,7 @@ from .known import SET_AT
 from .known import Known
 from .known import digest
 from .known import fresh_part
+from .redis_turns import transact
 
 #: How long a contact's record outlives its last upsert, in seconds.
 RECORD_TTL = 7 * 86400
@@ -258,9 +259,7 @@ class ContactRecords:
             return version, bool(joined_members)
 
         watched = (record, known) if read_at is not None else (record,)
-        return self.redis.transaction(  # type: ignore[no-any-return]
-            update, *watched, value_from_callable=True
-        )
+        return transact(self.redis, self._key("line", contact), update, *watched)
 
     def claim(self, contact: str, version: int, lease: float) -> Claim:
         """Decide what the upsert task of ``version`` does (see :class:`Claim`): the

@@ -1,0 +1,84 @@
+"""Transactions on one contact's keys in Redis that none retries without bound: a few
+optimistic tries (WATCH, read, MULTI/EXEC), then the contact's line, first come first
+served (docs/celery.md)."""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+from typing import TypeVar
+
+from redis.exceptions import WatchError
+
+#: Optimistic tries of a transaction before it joins its contact's line.
+TRIES = 3
+#: A line's first that has not written for this long is taken as gone (a killed process).
+GONE_AFTER = 2.0
+#: A line outlives its last newcomer this long (seconds).
+LINE_TTL = 60
+
+T = TypeVar("T")
+
+
+class _Wait(Exception):
+    """Another transaction is first in the line."""
+
+
+def transact(redis: Any, line: str, update: Callable[[Any], T], *keys: str) -> T:
+    """``update(pipe)`` in a WATCH transaction of ``keys`` (it calls ``pipe.multi()`` and
+    queues its writes, or returns without one). While the list ``line`` holds transactions
+    that failed :data:`TRIES` times, none but its first writes: each of them goes in turn,
+    and a newcomer waits behind them (then joins them)."""
+    token: str | None = None
+    tries, first_seen, led = 0, (None, 0.0), False
+    with redis.pipeline() as pipe:
+        try:
+            while True:
+                try:
+                    pipe.watch(line, *keys)
+                    head = pipe.lindex(line, 0)
+                    head = head.decode() if isinstance(head, bytes) else head
+                    if head not in (None, token):
+                        raise _Wait(head)
+                    led = token is not None
+                    after = pipe.lindex(line, 1) if led else None
+                    value = update(pipe)
+                    if token is not None:  # out of the line with its write, atomically
+                        if not pipe.explicit_transaction:
+                            pipe.multi()
+                        pipe.lrem(line, 1, token)
+                        if after is not None:  # the next one's turn: wake it
+                            pipe.rpush(_bell(line, after), 1).expire(_bell(line, after), 5)
+                    pipe.execute()
+                    token = None
+                    return value
+                except WatchError:
+                    tries += 1
+                except _Wait as wait:
+                    pipe.reset()
+                    tries += 1
+                    now = time.monotonic()
+                    if first_seen[0] != wait.args[0]:
+                        first_seen = (wait.args[0], now)
+                    elif now - first_seen[1] > GONE_AFTER:  # its process was killed
+                        redis.lrem(line, 1, wait.args[0])
+                    if led:  # it was first, and was taken as gone: in line again
+                        token, led = None, False
+                    if token is None:
+                        time.sleep(random.uniform(0.0002, 0.001))
+                    else:  # until its turn, or a moment (it may be first in the line now)
+                        redis.blpop([_bell(line, token)], timeout=0.05)
+                if token is None and tries >= TRIES:
+                    token = uuid.uuid4().hex
+                    with redis.pipeline() as join:
+                        join.rpush(line, token).expire(line, LINE_TTL).execute()
+        finally:
+            if token is not None:  # update raised: out of the line
+                redis.lrem(line, 1, token)
+
+
+def _bell(line: str, token: bytes | str) -> str:
+    return f"{line}:{token.decode() if isinstance(token, bytes) else token}"

@@ -774,3 +774,49 @@ def test_a_user_who_moved_address_as_their_backfill_upsert_is_queued_keeps_the_n
     sent = [r.body for r in emulator.requests_to(UPSERT) if r.body.get("external_id") == "5"]
     moved = emulator.contact(external_id="5")
     assert moved is not None and moved["email"] == "moved5@example.com", sent
+
+
+def step_clock(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """This process's clock (the command's host's), ``seconds`` off the workers' and Redis's."""
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + seconds)
+
+
+def test_a_run_on_a_host_whose_clock_is_ahead_never_undoes_a_live_sync(
+    emulator: Emulator,
+    start_worker: StartWorker,
+    make_app: MakeApp,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The live sync Meisa accepted after the run read user 5 is dated by a worker's clock,
+    # two minutes behind the command's: it seemed older than the read.
+    def upgrade(user: Any) -> None:
+        user.plan = "pro"
+
+    step_clock(monkeypatch, 120.0)
+    with run_as_user_5_changes(emulator, start_worker, make_app, redis_url, upgrade) as app:
+        assert plan_in_meisa(app, emulator, "5") == "pro"
+
+
+def test_a_run_on_a_host_whose_clock_is_behind_sends_what_changed_since_a_live_sync(
+    emulator: Emulator,
+    start_worker: StartWorker,
+    make_app: MakeApp,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Meisa accepted user 5's upgrade before the run; the user changed plan since, unsynced.
+    # With the command's clock two minutes behind, the upgrade seemed newer than the read.
+    start_worker(emulator)
+    app = make_app(10)
+    meisa: Meisa = app.extensions["meisa"]
+    user = app.config["PEOPLE"][5]
+    user.plan = "pro"
+    with app.app_context():
+        meisa.upsert(user, priority="high")
+        assert meisa.flush(10)
+    user.plan = "team"
+    step_clock(monkeypatch, -120.0)
+    result = sync_users(app)
+    assert result.exit_code == 0, result.output
+    assert plan_in_meisa(app, emulator, "5") == "team"

@@ -135,6 +135,8 @@ class Target:
     _kept: Callable[..., contextlib.AbstractContextManager[Any]]
     _queue: Callable[[Any, Run, list[Operation], float], None]
     backlog: Callable[[], tuple[int, int]]
+    #: The clock that dates what Meisa accepted, and so the users' read time.
+    clock: Callable[[], float] = staticmethod(time.time)
 
     def load(self) -> Run | None:
         """The last run, or ``None``."""
@@ -236,17 +238,17 @@ def run(
     :param report: called about every ``every`` seconds, and at the end (or Ctrl+C).
     """
     current = target.load()
-    # Stopped by a refused key: its waiting upserts went, so their users are read again
-    # (by a run of its own, after --restart).
+    # A refused key stopped it: its waiting upserts went, a run of its own reads them again.
     again = again or (not restart and target.refused() is not None)
     fresh = restart or again or current is None or current.state == "done"
+    began = target.clock()
     if fresh or current is None:
-        since = current.started_at if again and current is not None else time.time()
+        since = current.started_at if again and current is not None else began
         current = Run(started_at=since, refused_before=target.backlog()[1])
     current.total, current.max_share, current.alive_at = total, max_share, time.time()
     current.owner = uuid.uuid4().hex
     target.save(current, fresh=fresh, start=True)
-    started, start_done, last_report, began = time.monotonic(), current.position, 0.0, time.time()
+    started, start_done, last_report = time.monotonic(), current.position, 0.0
 
     def tick(force: bool = False) -> Progress:
         nonlocal last_report
@@ -278,8 +280,7 @@ def run(
             while tick().waiting > HIGH_WATER:
                 time.sleep(min(every, 0.2))
             # Users are read as of this command's start: a query may read a page ahead.
-            chunk = list(itertools.islice(rest, CHUNK))
-            if not chunk:
+            if not (chunk := list(itertools.islice(rest, CHUNK))):
                 break
             operations, failed = [], []
             for offset, user in enumerate(chunk):
@@ -392,9 +393,8 @@ class StoreTarget(Target):
 
 
 def _failure(user: Any, position: int, error: Exception) -> dict[str, Any]:
-    try:
-        who: str | None = str(user.get_id())
-    except Exception:
-        who = None
+    who = None
+    with contextlib.suppress(Exception):
+        who = str(user.get_id())
     reason = str(error) if isinstance(error, MeisaError) else f"{type(error).__name__}: {error}"
     return {"position": position, "user": who, "reason": reason}

@@ -350,8 +350,8 @@ class CeleryBackfill(backfill.Target):
     _get, _put = staticmethod(RedisDeliveryStore.get), staticmethod(RedisDeliveryStore.put)
 
     def __init__(self, dispatcher: CeleryDispatcher, resync_after: float) -> None:
-        self._dispatcher = dispatcher
-        self.resync_after = resync_after
+        self._dispatcher, self.resync_after = dispatcher, resync_after
+        self.clock = dispatcher.store.clock  # Redis's, by which the workers date Meisa's answers
 
     @contextlib.contextmanager
     def _kept(self, write: bool = False) -> Iterator[RedisDeliveryStore]:

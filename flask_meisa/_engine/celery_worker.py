@@ -224,7 +224,7 @@ class DeliveryWorker:
         if unchanged(operation, had, time.time(), self._resync_after):
             # The app set these fields again: an older dead upsert of them is outdated.
             contact = meta.get("contact")
-            self.store.remember(operation.payload, time.time(), contact, accepted=False)
+            self.store.remember(operation.payload, None, contact, accepted=False)
             self._uncalled(operation, meta, claim)
             self._report("unchanged", members, None, claim)
             return None
@@ -321,7 +321,7 @@ class DeliveryWorker:
             self.store.forget([operation.payload, operation.contact])
         if settled.accepted is not None:
             # Under the record it was made for: its address may name another user by now.
-            self.store.remember(settled.accepted, time.time(), meta.get("contact"))
+            self.store.remember(settled.accepted, None, meta.get("contact"))
         if settled.step == "upsert_contact":
             if budget is not None:  # its recovery is due now, its contact's next wait for it
                 budget.hold(operation.id, lane, 0.0, str(meta.get("turn") or ""))

@@ -120,6 +120,11 @@ class ContactRecords:
     def _key(self, kind: str, contact: str) -> str:
         return f"{self.prefix}:{kind}:{{{contact}}}"  # braces: one Redis Cluster slot
 
+    def clock(self) -> float:
+        """Redis's clock (``TIME``): one for the workers and every command host."""
+        seconds, micros = self.redis.time()
+        return float(seconds) + float(micros) / 1e6
+
     def contacts(self, payload: Mapping[str, Any]) -> list[str]:
         """The ids the contact ``payload`` names may be kept under, the one its upserts use
         first: its external_id's, the one its email points to, its email's."""
@@ -153,7 +158,7 @@ class ContactRecords:
     def remember(
         self,
         payload: Mapping[str, Any],
-        now: float,
+        now: float | None = None,
         contact: str | None = None,
         *,
         accepted: bool = True,
@@ -161,10 +166,11 @@ class ContactRecords:
         """Meisa accepted ``payload``, the upsert of ``contact``'s record (``None``: of the
         contact it names now; not ``accepted``: it had it already, the upsert is skipped as
         unchanged): fold its fields into what it has of the contact, each with when the app
-        last set it."""
+        last set it (``now``, by default Redis's :meth:`clock`, as a backfill's reads)."""
         contact = contact or self.contact_of(payload)
         if contact is None:
             return
+        now = self.clock() if now is None else now
         key, digested = self._key("known", contact), digest(payload)
         # When each field was set (as the thread engine keeps it): a dead upsert is outdated
         # by its own fields set again, not by any other Meisa accepted since.

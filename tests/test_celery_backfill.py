@@ -776,6 +776,20 @@ def test_a_user_who_moved_address_as_their_backfill_upsert_is_queued_keeps_the_n
     assert moved is not None and moved["email"] == "moved5@example.com", sent
 
 
+def test_an_upsert_left_out_as_it_is_queued_counts_as_unchanged_not_queued(
+    emulator: Emulator, start_worker: StartWorker, make_app: MakeApp, redis_url: str
+) -> None:
+    # Meisa accepted user 5's upgrade after the run read the user, before its upsert joined
+    # the record: nothing of it is newer, none is sent, and the run's counts say so.
+    def upgrade(user: Any) -> None:
+        user.plan = "pro"
+
+    changed = run_as_user_5_changes(emulator, start_worker, make_app, redis_url, upgrade)
+    with changed as app, app.app_context():
+        run = app.extensions["meisa"].status().backfill
+    assert run is not None and (run["queued"], run["skipped"]) == (9, 1), run
+
+
 def step_clock(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
     """This process's clock (the command's host's), ``seconds`` off the workers' and Redis's."""
     real = time.time

@@ -86,8 +86,7 @@ class CeleryDispatcher:
         # time.monotonic() until which Redis is taken as stalled (it timed out): publishing
         # drops at once instead of waiting out the socket timeout twice per operation.
         self._stalled_until = 0.0
-        # What to report if Redis loses its data (its epoch changes): the operations
-        # submitted here not yet seen finished, oldest first.
+        # What to report if Redis loses its data: those submitted here not seen finished yet.
         self._epoch: str | None = None
         self._ledger: dict[str, Operation] = {}
         self._forgotten = 0
@@ -130,29 +129,31 @@ class CeleryDispatcher:
 
     def publish(
         self, operation: Operation, *, refused: bool = False, read_at: float | None = None
-    ) -> None:
+    ) -> bool:
         """Publish ``operation`` (a backfill's upsert of a user read at ``read_at``); what
         cannot be published is dropped (a send, or anything when ``refused``, raises
-        :class:`DeliveryError` instead)."""
+        :class:`DeliveryError` instead); ``False``: nothing of it was left to send."""
         if self._closed:
             self._drop(operation, "closed", refused=refused)
-            return
+            return True
         if time.monotonic() < self._stalled_until:  # nothing of it reached Redis
             cause = "TimeoutError"
             self._drop(operation, "broker_unavailable", cause, record=False, refused=refused)
-            return
+            return True
         try:
             self._look()
-            for task in self.tasks(operation, read_at):
+            for task in (tasks := self.tasks(operation, read_at)):
                 self._send(*task)
         except Exception as error:
             if isinstance(error, redis.exceptions.TimeoutError):
                 self._stalled_until = time.monotonic() + UNREACHABLE_FOR
             # The text of a broker error can hold its URL: only its class is told.
             self._drop(operation, "broker_unavailable", type(error).__name__, refused=refused)
-            return
-        with self._lock:
-            self._ledger[operation.id] = operation
+            return True
+        if tasks:
+            with self._lock:
+                self._ledger[operation.id] = operation
+        return bool(tasks)
 
     def _send(self, lane: int, op: dict[str, Any], meta: dict[str, Any]) -> None:
         queue = self.queues[LANE_NAMES[lane]]
@@ -214,16 +215,14 @@ class CeleryDispatcher:
             names = (operation.payload, operation.contact)
             found = store.pending_version(c for p in names if p for c in store.contacts(p))
             if found is not None:
-                after = [found]
-                meta["after"] = list(found)
+                after, meta["after"] = [found], list(found)
         # What it waits for is delivered on its lane, not behind a backlog of a later lane.
         tasks = []
         for found in after:
             companion = Operation("upsert", {}, created_at=operation.created_at)
             extra = {"contact": found[0], "version": found[1], "companion": True}
             tasks.append((lane, companion.to_dict(), {"lane": lane, **extra}))
-        own = (lane, operation.to_dict(), meta)
-        tasks.append(own)
+        tasks.append(own := (lane, operation.to_dict(), meta))
         if self.budget is not None:  # contacts take turns, from their release
             # A task that delivers upserts already waiting (a companion, an upsert that joined
             # them) takes no turn ("" for its id): their own task has one.
@@ -372,9 +371,10 @@ class CeleryBackfill(backfill.Target):
                 self._unchanged(fresh, had, run, now) and store.pending_version(contacts) is None
             ):
                 run.skipped += 1
-                continue
-            self._dispatcher.publish(fresh, read_at=now)
-            run.queued += 1
+            elif self._dispatcher.publish(fresh, read_at=now):
+                run.queued += 1
+            else:  # Meisa accepted all of it since the read (a live sync)
+                run.skipped += 1
 
     def backlog(self) -> tuple[int, int]:
         """Backfill upserts not finished, and those Meisa refused."""

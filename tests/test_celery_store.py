@@ -161,6 +161,19 @@ def test_a_lost_record_is_reported_missing(store: RedisDeliveryStore, contact: s
     assert store.pending_version([contact, "0" * 32]) is None
 
 
+def test_the_task_of_a_lost_record_holds_its_contacts_lease_for_its_call(
+    store: RedisDeliveryStore, contact: str
+) -> None:
+    # Its task delivers its own payload: a newer upsert's call must not overlap it, nor go
+    # before it (the older would land last).
+    lost = store.claim(contact, 7, lease=5.0)
+    assert lost.state == "missing"
+    store.coalesce(upsert(custom_fields={"plan": "pro"}), contact, LANE_ROUTINE)
+    assert store.claim(contact, 1, lease=5.0).state == "busy"
+    store.settle(lost)
+    assert store.claim(contact, 1, lease=5.0).state == "deliver"
+
+
 def test_finishing_twice_leaves_no_count_behind(store: RedisDeliveryStore) -> None:
     op = Operation("send", {"trigger_key": "t", "to_email": "a@example.com"})
     store.add_pending(op, LANE_TRANSACTIONAL)

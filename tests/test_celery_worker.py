@@ -795,3 +795,41 @@ def test_a_dead_upsert_is_outdated_by_its_field_set_again_to_what_meisa_has(
     assert len(emulator.requests_to(UPSERT)) == 2
     (letter,) = dispatcher.dead_letters.find()
     assert dispatcher.dead_letters.retry(None, force=False) == (0, [letter.seq])
+
+
+def test_a_task_whose_record_expired_sends_nothing_older_than_meisa_has(
+    make_worker: MakeWorker,
+    submit: Submit,
+    client: Any,
+    emulator: Emulator,
+    hooks: RecordingHooks,
+) -> None:
+    # A task waits more than a week (its workers down), so its contact's record expires;
+    # a newer upsert of the contact, released then, is delivered and its record expires
+    # too. The first task's payload, as mapped then, must not put the older plan back.
+    worker = make_worker()
+
+    def upsert(**fields: Any) -> Operation:
+        payload = {"email": "a@b.co", "external_id": "7", "custom_fields": fields}
+        return Operation("upsert", payload)
+
+    old, old_meta = submit(upsert(plan="free", seats=3))
+    record = f"meisa:meisa:contact:{{{old_meta['contact']}}}"
+    client.delete(record)
+    assert run_through(worker, *submit(upsert(plan="pro"))) == 1
+    client.delete(record)
+    assert run_through(worker, old, old_meta) == 1
+    contact = emulator.contact(external_id="7")
+    assert contact is not None and contact["custom_fields"] == {"plan": "pro", "seats": 3}
+    assert [r.body["custom_fields"] for r in emulator.requests_to(UPSERT)][-1] == {"seats": 3}
+
+    # Nothing of it newer: no call, reported unchanged.
+    again, again_meta = submit(upsert(plan="free"))
+    client.delete(record)
+    assert run_through(worker, *submit(upsert(plan="team"))) == 1
+    client.delete(record)
+    calls = len(emulator.requests_to(UPSERT))
+    assert run_through(worker, again, again_meta) == 1
+    assert len(emulator.requests_to(UPSERT)) == calls
+    assert emulator.contact(external_id="7")["custom_fields"]["plan"] == "team"  # type: ignore[index]
+    assert [op.id for op in hooks.of("delivered")][-1] == again["id"]

@@ -25,6 +25,7 @@ from ..retry import RetryPolicy
 from . import base
 from . import dead
 from .known import Known
+from .known import fresh_part
 from .known import unchanged
 from .redis_budget import MAX_WAIT
 from .redis_budget import RedisBudget
@@ -76,16 +77,10 @@ class DeliveryWorker:
     ) -> None:
         self._client = base.CallClient(client_factory)
         self._hooks = base.HookCaller(hooks, logger)
-        self._retry = retry
-        self.store = store
-        self._dead = RedisDeadLetters(store)
-        self.budget = budget
-        self._lease = base.lease_of(call_timeout)
-        self.max_countdown = max_countdown
-        self._context = context
-        self._enabled = enabled
-        self._resync_after = resync_after
-        self._routine_max_age = routine_max_age
+        self._dead, self._lease = RedisDeadLetters(store), base.lease_of(call_timeout)
+        self._retry, self.store, self.budget = retry, store, budget
+        self.max_countdown, self._context, self._enabled = max_countdown, context, enabled
+        self._resync_after, self._routine_max_age = resync_after, routine_max_age
 
     def close(self) -> None:
         """Close the client (the worker process is ending)."""
@@ -176,8 +171,14 @@ class DeliveryWorker:
             return None
         if claim.state == "busy":
             return self._again(claim.wait + random.uniform(0, 0.05), operation, meta)
-        if claim.state == "missing":
-            return self._attempt(operation, meta, [operation]) if own else None
+        if claim.state == "missing":  # its record expired: its own payload, less what Meisa
+            # accepted of its contact since its release (a later upsert's, delivered)
+            fresh = fresh_part(operation, self.store.known(claim.contact), operation.created_at)
+            if own and fresh is not None:
+                return self._attempt(fresh, meta, [fresh], claim)
+            self._uncalled(operation, meta, claim)
+            self._report("unchanged", [operation] if own else [], None, claim)
+            return None
         if self._waits(claim.after, operation, claim.events):
             self._release(claim)
             return self._again(0.1 + random.uniform(0, 0.05), operation, meta)

@@ -41,7 +41,8 @@ RECORD_TTL = 7 * 86400
 class Claim:
     """What :meth:`RedisDeliveryStore.claim` found for an upsert task: ``"deliver"``
     (``payload`` at ``version`` for the operations ``members``, under the lease ``token``),
-    ``"covered"``, ``"busy"`` (look again in ``wait``) or ``"missing"`` (no record)."""
+    ``"covered"``, ``"busy"`` (look again in ``wait``) or ``"missing"`` (no record: its
+    task's own payload goes, under the lease ``token``)."""
 
     state: Literal["deliver", "covered", "busy", "missing"]
     contact: str = ""
@@ -275,19 +276,20 @@ class ContactRecords:
 
         def decide(pipe: Any) -> Claim:
             fields = _read(pipe, record)
-            if fields["version"] is None:
-                return Claim("missing")
-            if int(fields["delivered"] or 0) >= version or fields["payload"] is None:
+            delivered, missing = int(fields["delivered"] or 0), fields["version"] is None
+            if not missing and (delivered >= version or fields["payload"] is None):
                 return Claim("covered")
             held, holder = pipe.pttl(lease_key), as_text(pipe.get(lease_key))
             if held is not None and int(held) > 0:
                 # A part's backoff is waited out whole; a call in flight may end sooner.
                 wait = int(held) / 1000.0
                 return Claim("busy", wait=wait if holder == "backoff" else min(wait, 0.25))
-            segments = json.loads(fields["closed"] or "[]")
-            first = _Segment(**segments[0]) if segments else _Segment.open(fields)
             pipe.multi()
             pipe.set(lease_key, token, px=max(int(lease * 1000), 1))
+            if missing:  # its task delivers its own payload, no call of the contact beside it
+                return Claim("missing", contact, token=token)
+            segments = json.loads(fields["closed"] or "[]")
+            first = _Segment(**segments[0]) if segments else _Segment.open(fields)
             return Claim(
                 "deliver",
                 contact,
@@ -301,9 +303,7 @@ class ContactRecords:
                 priorities=json.loads(fields["priorities"] or "{}"),
             )
 
-        return self.redis.transaction(  # type: ignore[no-any-return]
-            decide, record, lease_key, value_from_callable=True
-        )
+        return transact(self.redis, self._key("line", contact), decide, record, lease_key)
 
     def version(self, contact: str | None) -> int:
         """The version of ``contact``'s record: how many upserts of it were released."""
@@ -331,9 +331,7 @@ class ContactRecords:
             pipe.set(lease_key, token, px=max(int(lease * 1000), 1))
             return Claim("deliver", contact, token=token, version=current)
 
-        return self.redis.transaction(  # type: ignore[no-any-return]
-            decide, record, lease_key, value_from_callable=True
-        )
+        return transact(self.redis, self._key("line", contact), decide, record, lease_key)
 
     def settle(self, claim: Claim, *, delivered: bool = True, backoff: float = 0.0) -> None:
         """Release the claim's lease; ``delivered``: its call is over for good, so mark its
@@ -372,7 +370,7 @@ class ContactRecords:
             elif holder == claim.token:
                 pipe.delete(lease_key)
 
-        self.redis.transaction(update, record, lease_key)
+        transact(self.redis, self._key("line", claim.contact), update, record, lease_key)
 
     def pending_version(
         self, contacts: Iterable[str], *, upto: int | None = None

@@ -833,3 +833,25 @@ def test_a_task_whose_record_expired_sends_nothing_older_than_meisa_has(
     assert len(emulator.requests_to(UPSERT)) == calls
     assert emulator.contact(external_id="7")["custom_fields"]["plan"] == "team"  # type: ignore[index]
     assert [op.id for op in hooks.of("delivered")][-1] == again["id"]
+
+
+def test_a_task_whose_record_expired_never_moves_its_contact_back_to_a_former_address(
+    make_worker: MakeWorker, submit: Submit, client: Any, emulator: Emulator
+) -> None:
+    # As above, the newer upsert moved the user to another address (and set no seats).
+    worker = make_worker()
+    old, old_meta = submit(
+        Operation("upsert", {"email": "a@b.co", "external_id": "7", "custom_fields": {"seats": 3}})
+    )
+    record = f"meisa:meisa:contact:{{{old_meta['contact']}}}"
+    client.delete(record)
+    assert (
+        run_through(
+            worker, *submit(Operation("upsert", {"email": "new@b.co", "external_id": "7"}))
+        )
+        == 1
+    )
+    client.delete(record)
+    assert run_through(worker, old, old_meta) == 1
+    contact = emulator.contact(external_id="7")
+    assert contact is not None and contact["email"] == "new@b.co"

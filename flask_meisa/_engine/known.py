@@ -188,7 +188,10 @@ def fresh_part(
     """The backfill upsert ``operation`` of a user read at ``read_at``, less the fields a
     live sync Meisa accepted since then set (newer than the read), and with the store
     ``db``, those of live syncs released since (:func:`released_after`); ``None`` when only
-    its contact's names are left."""
+    its contact's names are left, or Meisa accepted another address of it since."""
+    email, fields = digest(operation.payload).get("email"), had.fields if had else {}
+    if fields.get("email", email) != email and float(fields[f"{SET_AT}email"]) > read_at:
+        return None  # it moved since: the former address would move it back
     newer = set() if db is None else released_after(db, operation.payload, read_at)
     newer |= set() if had is None else had.set_after(read_at)
     if not newer.intersection(digest(operation.payload)):

@@ -152,6 +152,20 @@ def test_set_after_names_the_fields_set_since_a_time_not_the_contacts_names(
     ]
 
 
+def test_the_fresh_part_of_an_upsert_is_none_once_its_contact_moved_after_the_read(
+    db: sqlite3.Connection,
+) -> None:
+    # Meisa accepted the user at another address after the read: the read's address, sent
+    # with fields set since by nobody, would move the user back to it.
+    known.remember(db, {"email": "new@example.com", "external_id": "u1"}, 5.0)
+    read = Operation("upsert", {"email": "ada@example.com", "external_id": "u1", "last_name": "L"})
+    had = known.lookup(db, read.payload)
+    assert known.fresh_part(read, had, 4.0, db) is None
+    assert known.fresh_part(read, had, 6.0, db) is read  # it moved before the read: the read's
+    same = Operation("upsert", {**read.payload, "email": "new@example.com"})
+    assert known.fresh_part(same, had, 4.0, db) is same
+
+
 def test_set_since_says_whether_a_field_of_an_upsert_was_set_again_after_a_time(
     db: sqlite3.Connection,
 ) -> None:

@@ -855,3 +855,28 @@ def test_a_task_whose_record_expired_never_moves_its_contact_back_to_a_former_ad
     assert run_through(worker, old, old_meta) == 1
     contact = emulator.contact(external_id="7")
     assert contact is not None and contact["email"] == "new@b.co"
+
+
+def test_a_dead_upsert_buried_by_a_worker_whose_clock_is_ahead_is_outdated_all_the_same(
+    make_worker: MakeWorker,
+    submit: Submit,
+    dispatcher: CeleryDispatcher,
+    emulator: Emulator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Pro refused by a worker two minutes ahead; team accepted since by one on time: the
+    # letter and what Meisa accepted are dated by one clock, Redis's.
+    worker = make_worker()
+
+    def upsert(plan: str) -> Operation:
+        payload = {"email": "a@b.co", "external_id": "7", "custom_fields": {"plan": plan}}
+        return Operation("upsert", payload)
+
+    emulator.faults.fail_next(1, 400, path=UPSERT)
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 120.0)
+    run_through(worker, *submit(upsert("pro")))
+    monkeypatch.setattr(time, "time", real)
+    run_through(worker, *submit(upsert("team")))
+    (letter,) = dispatcher.dead_letters.find()
+    assert dispatcher.dead_letters.retry(None, force=False) == (0, [letter.seq])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable
 from collections.abc import Iterable
 
@@ -54,7 +53,7 @@ class RedisDeadLetters:
                 logger.error("flask-meisa: %d dead letters kept; %s is not", MOST_KEPT, what)
                 continue
             seq = int(self._redis.incr(self._numbers))
-            self._keep(_letter(seq, operation, status, code, message, time.time()))
+            self._keep(_letter(seq, operation, status, code, message, self._store.clock()))
 
     def stops(self, operation: Operation, error: BaseException) -> bool:
         """Whether Meisa refusing ``operation`` with ``error`` stops its backfill's run

@@ -130,6 +130,30 @@ def test_an_address_taken_by_a_signup_does_not_wait_behind_a_backfill(
     assert one is not None and one["email"] == "b@example.com"
 
 
+def test_an_upsert_without_the_address_moves_its_users_row_and_the_old_users_ahead(
+    make_engine: MakeEngine, emulator: Emulator, path: Path
+) -> None:
+    # As above, but user 2's row at a@ is the backfill's too, and what moves it ahead is a
+    # later upsert naming user 2 by external id alone, merged into it: user 1's backfill
+    # row, which user 2's waits for, goes no later than it either.
+    deliver(make_engine, emulator, [upsert(email="a@example.com", external_id="u1")])
+    moves = [("x1", "x1@example.com"), ("x2", "x2@example.com"), ("u1", "b@example.com")]
+    backfill = [
+        Operation("upsert", {"email": email, "external_id": ext}, priority="backfill")
+        for ext, email in [*moves, ("u2", "a@example.com")]
+    ]
+    later = Operation("upsert", {"external_id": "u2", "first_name": "Ada"}, priority="high")
+    store = Store(path)
+    with store.write() as db:
+        for op in [*backfill, later]:
+            pending.add(db, op, op.lane)
+    assert make_engine(emulator, RecordingHooks(), store=store).flush(timeout=20)
+    order = [r.body["external_id"] for r in emulator.requests_to(UPSERT)][1:]
+    assert order == ["u1", "u2", "x1", "x2"]
+    two = emulator.contact(external_id="u2")
+    assert two is not None and (two["email"], two["first_name"]) == ("a@example.com", "Ada")
+
+
 def test_an_address_its_user_left_for_another_makes_its_next_user_wait_for_nothing(
     make_engine: MakeEngine, emulator: Emulator, path: Path
 ) -> None:

@@ -39,11 +39,13 @@ _BY_NAME = (
 )
 _UPSERTS = "kind = 'upsert' AND state = 'pending'"
 # One read of a contact's live rows: its latest waiting upsert (all NULL when none), its
-# latest upsert in any state, the highest lane among them, and its last turn (a new row of
-# the contact takes the next; docs/delivery.md: contacts take turns).
+# latest upsert in any state, the highest lane among them, its last turn (a new row of the
+# contact takes the next; docs/delivery.md: contacts take turns), and the user Meisa has at
+# its address (the given one, else that upsert's: the address it has once merged).
 _CONTACT = (
     "SELECT o.seq, o.payload, o.priority, o.force, o.lane, o.ext, o.email, o.created_at, "
-    "c.last, c.top, c.turn "
+    "c.last, c.top, c.turn, "
+    "(SELECT ext FROM meisa_addresses WHERE email = coalesce(?, o.email)) "
     f"FROM (SELECT max(CASE WHEN {_UPSERTS} THEN seq END) AS latest, "
     "max(CASE WHEN kind = 'upsert' THEN seq END) AS last, max(lane) AS top, max(turn) AS turn "
     f"FROM ({_BY_NAME.format(columns='seq, kind, state, lane, turn', where=_LIVE)})) "
@@ -105,8 +107,8 @@ def add(db: sqlite3.Connection, operation: Operation, lane: int | Callable[[], i
     ``lane`` may be a call, left uncalled when a merge makes it moot. A new row takes the
     turn after its contact's last row and after the current one (:func:`turn_taken`)."""
     names = keys(operation)
-    found = db.execute(_CONTACT, names).fetchone()
-    seq, payload, priority, force, their_lane, ext, email, created, last, top, turn = found
+    found = db.execute(_CONTACT, (names[1], *names)).fetchone()
+    seq, payload, priority, force, their_lane, ext, email, created, last, top, turn, user = found
     # Merged into a row ahead of routine syncs, an upsert takes the lower of that row's
     # lane and its own: whether it would itself go ahead of them does not matter.
     if callable(lane) and (their_lane is None or their_lane > LANE_AUTOMATION):
@@ -149,11 +151,10 @@ def add(db: sqlite3.Connection, operation: Operation, lane: int | Callable[[], i
             (lane, ext, email, seq, lane),
         )
     # Nor those of the user Meisa has at its address, which it waits for (next_ready).
-    if lane < LANE_BACKFILL and email is not None:
+    if lane < LANE_BACKFILL and email is not None and user not in (None, ext):
         db.execute(
-            "UPDATE meisa_ops SET lane = ? WHERE ext = (SELECT ext FROM meisa_addresses "
-            f"WHERE email = ?) AND ext IS NOT ? AND seq < ? AND lane > ? AND {_LIVE}",
-            (lane, email, ext, seq, lane),
+            f"UPDATE meisa_ops SET lane = ? WHERE ext = ? AND seq < ? AND lane > ? AND {_LIVE}",
+            (lane, user, seq, lane),
         )
     return Added(seq, joined is not None, lane)
 

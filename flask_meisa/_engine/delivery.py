@@ -260,8 +260,7 @@ class Delivery:
             self._caller.count(reporting=-len(operations))
 
     def _write_loop(self) -> None:
-        version: int | None = None
-        look_at = 0.0
+        version, look_at = -1, 0.0  # (a data version is never negative)
         while True:
             with self._lock:
                 if self._stopping and not self._intake:
@@ -272,9 +271,11 @@ class Delivery:
                 self._writing, stored = batch, len(batch)
                 self._passes += 1
             try:
+                if looks := time.monotonic() >= look_at:  # the host's files: once a poll
+                    look_at = time.monotonic() + self._poll
                 # Taken over before this pass stores: rows released for another Meisa are
                 # set aside then, and this process's own must not be among them.
-                if self._caller.keep_lock():  # this process delivers for the host from now on
+                if looks and self._caller.keep_lock():  # it delivers for the host from now on
                     self._caller.start(self._spawn)
                     self.kick()
                 if batch:
@@ -282,8 +283,7 @@ class Delivery:
                     self._writer_done(batch, [])
                     batch = []
                 self._stored_pass = self._passes  # (only this thread moves it on)
-                if time.monotonic() >= look_at:  # new work from another process?
-                    look_at = time.monotonic() + self._poll
+                if looks:  # the file replaced, or new work from another process?
                     self._caller.follow()
                     if (seen := self.store.data_version()) != version:
                         version = seen

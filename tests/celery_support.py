@@ -462,3 +462,41 @@ def producer_fixture(redis_url: str) -> Iterator[Callable[..., CeleryDispatcher]
     for dispatcher, celery_app in made:
         dispatcher.close()
         celery_app.close()
+
+
+class SlowProxy:
+    """A TCP proxy on a free loopback port to ``port``, each chunk held ``delay`` seconds
+    each way: a Redis that answers slowly (another region, an overloaded host)."""
+
+    def __init__(self, port: int, delay: float) -> None:
+        self.delay, self.target = delay, port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                near, _ = self._listener.accept()
+            except OSError:
+                return
+            far = socket.create_connection(("127.0.0.1", self.target))
+            self._sockets += [near, far]
+            for source, sink in ((near, far), (far, near)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                time.sleep(self.delay)
+                sink.sendall(data)
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def stop(self) -> None:
+        """Close it and every connection through it."""
+        self._listener.close()
+        for end in self._sockets:
+            end.close()

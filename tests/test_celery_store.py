@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import pytest
+import redis
 
 from flask_meisa._engine.base import DeliveryStatus
 from flask_meisa._engine.known import digest
@@ -20,6 +21,7 @@ from flask_meisa.operations import LANE_BACKFILL
 from flask_meisa.operations import LANE_ROUTINE
 from flask_meisa.operations import LANE_TRANSACTIONAL
 from flask_meisa.operations import Operation
+from tests.celery_support import SlowProxy
 from tests.celery_support import redis_client_fixture  # noqa: F401
 from tests.celery_support import redis_url_fixture  # noqa: F401
 
@@ -374,6 +376,38 @@ def test_a_backfill_upsert_is_queued_in_bounded_time_beside_a_stream_of_live_one
     print(f"queueing took p50 {statistics.median(took):.3f} s, max {max(took):.3f} s;", made)
     assert max(took) < 1.0
     assert min(made) > 0  # and each live one went too, in turn
+
+
+def test_upserts_of_one_contact_all_go_through_a_slow_redis(
+    store: RedisDeliveryStore, contact: str, client: Any
+) -> None:
+    # 0.7 s a round trip: the first in the contact's line takes longer than GONE_AFTER to
+    # write. It watched the line, so the one that took it as gone (or a newcomer joining)
+    # failed its write; it joined again at the end, and so did the next first: for minutes.
+    proxy = SlowProxy(client.connection_pool.connection_kwargs["port"], 0.35)
+    slow = redis.Redis(port=proxy.port, socket_timeout=30)
+    done = [0] * 4
+
+    def live(n: int) -> None:
+        for k in range(2):
+            ours = RedisDeliveryStore(slow, "meisa")
+            ours.coalesce(upsert(custom_fields={"n": n, "k": k}), contact, LANE_ROUTINE)
+            done[n] += 1
+
+    threads = [threading.Thread(target=live, args=(n,), daemon=True) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 75  # about 30 s
+    try:
+        for thread in threads:
+            thread.join(max(deadline - time.monotonic(), 0.0))
+        assert done == [2] * 4
+        assert store.version(contact) == 8
+    finally:
+        proxy.stop()
+        for thread in threads:
+            thread.join()
+        slow.close()
 
 
 def test_a_transaction_in_line_whose_process_was_killed_holds_the_others_briefly(

@@ -38,7 +38,9 @@ def transact(redis: Any, line: str, update: Callable[[Any], T], *keys: str) -> T
         try:
             while True:
                 try:
-                    pipe.watch(line, *keys)
+                    # Not the line: one joining it, or taking a slow first as gone, would
+                    # fail the first's write, again and again; its keys guard the data.
+                    pipe.watch(*keys)
                     head = pipe.lindex(line, 0)
                     head = head.decode() if isinstance(head, bytes) else head
                     if head not in (None, token):

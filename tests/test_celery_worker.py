@@ -679,6 +679,24 @@ def test_a_state_meisa_has_needs_no_call_unless_forced(
     assert len(emulator.requests_to(UPSERT)) == 4
 
 
+def test_a_worker_whose_clock_is_behind_resyncs_a_state_older_than_resync_after(
+    make_worker: MakeWorker,
+    submit: Submit,
+    store: RedisDeliveryStore,
+    emulator: Emulator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Meisa accepted the state 90 s ago by Redis's clock, longer than resync_after: a
+    # worker two minutes behind took it as accepted 30 s ago, and skipped it.
+    worker = make_worker(resync_after=60.0)
+    payload = {"email": "ada@example.com", "external_id": "1", "custom_fields": {"plan": "free"}}
+    store.remember(payload, store.clock() - 90.0)
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() - 120.0)
+    assert worker.run(*submit(Operation("upsert", payload))) is None
+    assert len(emulator.requests_to(UPSERT)) == 1
+
+
 def test_an_event_answered_404_forgets_what_meisa_had(
     make_worker: MakeWorker, submit: Submit, store: RedisDeliveryStore, emulator: Emulator
 ) -> None:
@@ -833,6 +851,28 @@ def test_a_task_whose_record_expired_sends_nothing_older_than_meisa_has(
     assert len(emulator.requests_to(UPSERT)) == calls
     assert emulator.contact(external_id="7")["custom_fields"]["plan"] == "team"  # type: ignore[index]
     assert [op.id for op in hooks.of("delivered")][-1] == again["id"]
+
+
+def test_a_task_whose_record_expired_released_by_a_host_whose_clock_is_ahead_sends_nothing_older(
+    make_worker: MakeWorker, submit: Submit, client: Any, emulator: Emulator
+) -> None:
+    # As above, the older upsert released by a web host two minutes ahead: its release time
+    # (its host's clock) seemed later than the newer plan Meisa accepted (Redis's clock).
+    worker = make_worker()
+
+    def upsert(plan: str, ahead: float = 0.0) -> Operation:
+        payload = {"email": "a@b.co", "external_id": "7", "custom_fields": {"plan": plan}}
+        return Operation("upsert", payload, created_at=time.time() + ahead)
+
+    old, old_meta = submit(upsert("free", ahead=120.0))
+    record = f"meisa:meisa:contact:{{{old_meta['contact']}}}"
+    client.delete(record)
+    assert run_through(worker, *submit(upsert("pro"))) == 1
+    client.delete(record)
+    calls = len(emulator.requests_to(UPSERT))
+    assert run_through(worker, old, old_meta) == 1
+    assert len(emulator.requests_to(UPSERT)) == calls
+    assert emulator.contact(external_id="7")["custom_fields"]["plan"] == "pro"  # type: ignore[index]
 
 
 def test_a_task_whose_record_expired_never_moves_its_contact_back_to_a_former_address(

@@ -201,11 +201,11 @@ class CeleryDispatcher:
         if contact is not None:
             # Read before the record links the address to this contact and takes it as its last.
             after, left = store.ahead_of(operation.payload, contact)
+            meta.update(contact=contact, released=store.clock())  # the clock of what Meisa has
             coalesced = store.coalesce(operation, contact, lane, after, left, read_at)
             if coalesced is None:  # a backfill's, older than what Meisa has
                 return []
-            version, joined = coalesced
-            meta.update(contact=contact, version=version)
+            meta["version"], joined = coalesced
         else:
             store.add_pending(operation, lane)
         if operation.kind == "track":

@@ -173,7 +173,8 @@ class DeliveryWorker:
             return self._again(claim.wait + random.uniform(0, 0.05), operation, meta)
         if claim.state == "missing":  # its record expired: its own payload, less what Meisa
             # accepted of its contact since its release (a later upsert's, delivered)
-            fresh = fresh_part(operation, self.store.known(claim.contact), operation.created_at)
+            released = float(meta.get("released", operation.created_at))  # Redis's clock
+            fresh = fresh_part(operation, self.store.known(claim.contact), released)
             if own and fresh is not None:
                 return self._attempt(fresh, meta, [fresh], claim)
             self._uncalled(operation, meta, claim)
@@ -222,7 +223,7 @@ class DeliveryWorker:
                 meta.get("contact") or self.store.contact_of(operation.payload)
             )
 
-        if unchanged(operation, had, time.time(), self._resync_after):
+        if unchanged(operation, had, self.store.clock(), self._resync_after):  # Redis's, as had's
             # The app set these fields again: an older dead upsert of them is outdated.
             contact = meta.get("contact")
             self.store.remember(operation.payload, None, contact, accepted=False)

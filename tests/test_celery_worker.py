@@ -11,7 +11,6 @@ import threading
 import time
 from collections.abc import Callable
 from collections.abc import Iterator
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -188,13 +187,34 @@ def test_a_send_retry_run_past_the_idempotency_hour_fails_without_sending_again(
     assert store.pending() == 0
 
 
+def test_a_send_first_tried_by_a_worker_whose_clock_is_behind_is_retried_by_another(
+    make_worker: MakeWorker,
+    submit: Submit,
+    hooks: RecordingHooks,
+    emulator: Emulator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Its first attempt (a 503) dated by a worker 52 minutes behind, its retry run by one
+    # on time a moment later: that one took the idempotency hour as over and failed the
+    # email unsent. A worker ahead makes the same mistake the other way: a retry past
+    # the hour, sent twice. Both date it by Redis's clock.
+    emulator.faults.fail_next(1, 503, path=TRIGGER)
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() - 3100.0)
+    again = make_worker().run(*submit(send()))
+    assert isinstance(again, RunAgain)
+    monkeypatch.setattr(time, "time", real)
+    assert make_worker().run(again.op, again.meta) is None
+    assert len(emulator.sends()) == 1
+    assert hooks.of("failed") == []
+
+
 def test_a_first_published_copy_of_a_send_task_run_past_the_idempotency_hour_fails(
     make_worker: MakeWorker,
     submit: Submit,
     store: RedisDeliveryStore,
     hooks: RecordingHooks,
     emulator: Emulator,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Meisa sent the email, its answer was lost. What runs over an hour later need not be
     # the retry (whose meta dates the first attempt) but the task as first published: the
@@ -206,8 +226,9 @@ def test_a_first_published_copy_of_a_send_task_run_past_the_idempotency_hour_fai
     assert "first_attempt" not in meta
     assert isinstance(worker.run(data, meta), RunAgain)
     emulator.advance_clock(3700.0)
-    later = time.time() + 3700.0
-    monkeypatch.setattr(celery_worker, "time", SimpleNamespace(time=lambda: later))
+    first = store.first_attempt(data["id"])  # dated by Redis's clock: an hour ago now
+    assert first is not None
+    store.redis.set(f"{store.prefix}:first:{data['id']}", repr(first - 3700.0))
     assert worker.run(data, meta) is None
     assert len(emulator.sends()) == 1
     assert len(emulator.requests_to(TRIGGER)) == 1

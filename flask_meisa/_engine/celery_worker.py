@@ -248,7 +248,8 @@ class DeliveryWorker:
             # A copy of the task as first published (its message restored, or published
             # again) may come after attempts whose retries carried the date: it is recorded.
             first = self.store.first_attempt(operation.id)
-        late = base.too_late(operation, first, time.time())
+        now = self.store.clock()  # every worker's: a retry's may run on another
+        late = base.too_late(operation, first, now)
         if late is not None:
             self._uncalled(operation, meta, claim)
         budget, token, lane = self.budget, None, int(meta["lane"])
@@ -275,7 +276,7 @@ class DeliveryWorker:
                 return self._again(got.wait, operation, meta)
             token = got.token
         operation.attempts += 1
-        meta = {**meta, "first_attempt": float(first or time.time())}
+        meta = {**meta, "first_attempt": float(first or now)}
         try:
             if operation.kind == "send" and first is None:
                 self.store.first_attempt(operation.id, meta["first_attempt"])
@@ -291,7 +292,7 @@ class DeliveryWorker:
             outcome.error,
             recovering=recovering,
             recovered=bool(meta.get("recovered")),
-            elapsed=time.time() - meta["first_attempt"],
+            elapsed=self.store.clock() - meta["first_attempt"],
             policy=self._retry,
         )
         if budget is not None:  # a 429 about the key: no other call may start from now

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import re
+import unicodedata
 import uuid
 from collections.abc import Callable
 from collections.abc import Iterable
@@ -43,7 +44,8 @@ def _type_name(value: object) -> str:
 
 def normalize_email(value: object, field: str = "email") -> str:
     """Check one email address (one ``@``, a local part, a dotted domain, no whitespace, control
-    or invisible characters, at most 254 characters); return it stripped and lowercased."""
+    or invisible characters, at most 254 characters); return it stripped and lowercased, its
+    domain in Unicode's NFC form."""
     if not isinstance(value, str):
         raise ValidationError(field, f"must be a string, not {_type_name(value)}")
     # Lowercased first: a few characters lowercase to two ("İ"), and the limits apply to
@@ -51,6 +53,11 @@ def normalize_email(value: object, field: str = "email") -> str:
     email = value.strip().lower()
     if len(email) <= MAX_EMAIL_LENGTH and _PLAIN_EMAIL.fullmatch(email):
         return email
+    # The domain in NFC: a composed and a decomposed "ë" name one host (one contact). The
+    # local part stays as typed: a mailbox may tell the two apart.
+    local, at, domain = email.partition("@")
+    domain = unicodedata.normalize("NFC", domain)
+    email = local + at + domain
     if not email:
         raise ValidationError(field, "must not be empty")
     if len(email) > MAX_EMAIL_LENGTH:
@@ -61,7 +68,6 @@ def normalize_email(value: object, field: str = "email") -> str:
         raise ValidationError(
             field, "must not contain whitespace, control or invisible characters"
         )
-    local, at, domain = email.partition("@")
     if not at or "@" in domain:
         raise ValidationError(field, "must contain exactly one '@'")
     if not local:

@@ -194,6 +194,16 @@ def test_upsert_creates_then_updates(client: MeisaClient, emulator: Any) -> None
     assert updated.source == "signup"  # kept from creation
 
 
+def test_an_address_typed_with_a_decomposed_domain_is_the_same_contact(
+    client: MeisaClient, emulator: Any
+) -> None:
+    created = client.upsert_contact("zoe@ex\u00e4mple.com", first_name="Zoe")
+    again = client.upsert_contact("zoe@exa\u0308mple.com", last_name="Adams")
+    assert again.created is False
+    assert again.id == created.id
+    assert last_body(emulator, "/contacts/upsert/")["email"] == "zoe@ex\u00e4mple.com"
+
+
 def test_upsert_body_drops_none_fields(client: MeisaClient, emulator: Any) -> None:
     client.upsert_contact("grace@example.com", external_id="7", last_name=None)
     assert last_body(emulator, "/contacts/upsert/") == {

@@ -123,6 +123,18 @@ def test_an_address_off_the_common_pattern_is_checked_and_kept_up_to_the_limits(
     assert normalize_email(local + "@example.com") == local + "@example.com"
 
 
+def test_a_domain_typed_composed_or_decomposed_is_one_address() -> None:
+    # "ë" as one code point (U+00EB) or as "e" + U+0308: one host, so one contact.
+    composed, decomposed = "zo\u00eb@ex\u00e4mple.com", "zo\u00eb@exa\u0308mple.com"
+    assert normalize_email(decomposed) == normalize_email(composed) == composed
+    # The local part is left as typed: a mailbox may tell the two forms apart.
+    assert normalize_email("zoe\u0308@example.com") == "zoe\u0308@example.com"
+    assert unique_emails([composed, decomposed], "emails") == [composed]
+    # The length limit applies to what is sent: the composed form.
+    longest = "a@" + "\u00e4" * 248 + ".com"
+    assert normalize_email(longest.replace("\u00e4", "a\u0308")) == longest
+
+
 # -- text ------------------------------------------------------------------------------
 
 

@@ -50,8 +50,13 @@ def optional_flag(value: object) -> bool | None:
         raise InvalidValue(f"must be None, {_FLAG}") from None
 
 
+def is_number(value: object) -> bool:
+    """Whether ``value`` is an int or a float (a bool is neither here)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _number(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
+    if not (is_number(value) or isinstance(value, str)):
         return None
     try:
         number = float(value)  # a string's surrounding whitespace is ignored

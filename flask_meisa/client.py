@@ -372,10 +372,7 @@ def _describe(error: errors.APIError | errors.APIConnectionError) -> str:
 
 def _check_timeout(timeout: object) -> tuple[float, float]:
     pair = timeout if isinstance(timeout, tuple) else (timeout, timeout)
-    if len(pair) != 2 or not all(
-        isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t > 0
-        for t in pair
-    ):
+    if len(pair) != 2 or not all(_values.is_number(t) and 0 < t < math.inf for t in pair):
         raise errors.ConfigurationError("timeout must be seconds > 0, or a (connect, read) pair")
     return float(pair[0]), float(pair[1])
 

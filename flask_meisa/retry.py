@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from dataclasses import field
 from email.utils import parsedate_to_datetime
 
+from ._values import is_number
 from .errors import ConfigurationError
 from .errors import MeisaError
 
@@ -47,9 +48,9 @@ class RetryPolicy:
             raise ConfigurationError("RetryPolicy.max_attempts must be at least 1")
         for name in ("base_delay", "max_delay", "max_retry_after"):
             value = getattr(self, name)
-            if not _is_number(value) or not math.isfinite(value) or value < 0:
+            if not is_number(value) or not math.isfinite(value) or value < 0:
                 raise ConfigurationError(f"RetryPolicy.{name} must be a finite number >= 0")
-        if self.deadline is not None and (not _is_number(self.deadline) or not self.deadline > 0):
+        if self.deadline is not None and (not is_number(self.deadline) or not self.deadline > 0):
             raise ConfigurationError("RetryPolicy.deadline must be a number > 0 or None")
 
     @classmethod
@@ -79,10 +80,6 @@ class RetryPolicy:
         if self.deadline is not None and elapsed + delay > self.deadline:
             return None
         return delay
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def parse_retry_after(value: str | None, now: dt.datetime | str | None = None) -> float | None:

@@ -352,15 +352,14 @@ class MeisaClient:
             error = result
             delay = policy.delay_for(attempt, error, time.monotonic() - started)
             outcome = f"{endpoint} {_describe(error)} on attempt {attempt}"
-            if delay is not None:
-                logger.info("%s; retrying in %.2f s", outcome, delay)
-                time.sleep(delay)
-            elif policy.is_retryable(error) and policy.max_attempts != 1:
-                logger.warning("%s; giving up", outcome)
+            if delay is None:
+                if policy.is_retryable(error) and policy.max_attempts != 1:
+                    logger.warning("%s; giving up", outcome)
+                else:
+                    logger.debug("%s", outcome)
                 raise error
-            else:
-                logger.debug("%s", outcome)
-                raise error
+            logger.info("%s; retrying in %.2f s", outcome, delay)
+            time.sleep(delay)
 
 
 def _describe(error: errors.APIError | errors.APIConnectionError) -> str:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from typing import TypeGuard
 from urllib.parse import urlsplit
 from urllib.parse import urlunsplit
 
@@ -50,7 +51,7 @@ def optional_flag(value: object) -> bool | None:
         raise InvalidValue(f"must be None, {_FLAG}") from None
 
 
-def is_number(value: object) -> bool:
+def is_number(value: object) -> TypeGuard[int | float]:
     """Whether ``value`` is an int or a float (a bool is neither here)."""
     return isinstance(value, int | float) and not isinstance(value, bool)
 

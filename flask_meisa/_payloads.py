@@ -42,6 +42,17 @@ def _type_name(value: object) -> str:
     return type(value).__name__
 
 
+def address_key(text: str) -> str:
+    """An address as it is sent and compared, unchecked: stripped, lowercased, its domain in
+    NFC (a composed and a decomposed "ë" name one host). The local part keeps its code
+    points: a mailbox may tell the two apart."""
+    key = text.strip().lower()
+    if key.isascii():
+        return key
+    local, at, domain = key.partition("@")
+    return local + at + unicodedata.normalize("NFC", domain)
+
+
 def normalize_email(value: object, field: str = "email") -> str:
     """Check one email address (one ``@``, a local part, a dotted domain, no whitespace, control
     or invisible characters, at most 254 characters); return it stripped and lowercased, its
@@ -53,11 +64,8 @@ def normalize_email(value: object, field: str = "email") -> str:
     email = value.strip().lower()
     if len(email) <= MAX_EMAIL_LENGTH and _PLAIN_EMAIL.fullmatch(email):
         return email
-    # The domain in NFC: a composed and a decomposed "ë" name one host (one contact). The
-    # local part stays as typed: a mailbox may tell the two apart.
+    email = address_key(email)
     local, at, domain = email.partition("@")
-    domain = unicodedata.normalize("NFC", domain)
-    email = local + at + domain
     if not email:
         raise ValidationError(field, "must not be empty")
     if len(email) > MAX_EMAIL_LENGTH:

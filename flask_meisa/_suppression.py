@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import errors
+from ._payloads import address_key
 from .results import UnsubscribedEmails
 
 _logger = logging.getLogger("flask_meisa.suppression")
@@ -235,7 +236,7 @@ class SuppressionSet:
 def _key(email: object) -> str:
     if not isinstance(email, str):
         raise errors.ValidationError("email", "must be a string")
-    key = email.strip().lower()
+    key = address_key(email)
     if not key:
         raise errors.ValidationError("email", "must not be blank")
     return key
@@ -252,10 +253,13 @@ def _normalized(emails: Iterable[object]) -> frozenset[str]:
             and all(map(str.islower, emails))
             and all(map(operator.is_, emails, map(str.strip, emails)))
         ):
-            return emails
-        keys = frozenset(map(str.lower, map(str.strip, emails)))
+            keys = emails
+        else:
+            keys = frozenset(map(str.lower, map(str.strip, emails)))
     except TypeError:  # an entry that is not a string
         keys = frozenset(e.strip().lower() for e in emails if isinstance(e, str))
+    if not all(map(str.isascii, keys)):  # a domain may have another form than its NFC
+        keys = frozenset(map(address_key, keys))
     return keys - {""} if "" in keys else keys
 
 

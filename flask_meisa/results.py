@@ -15,6 +15,8 @@ from typing import Any
 from typing import Literal
 from typing import TypeVar
 
+from ._payloads import address_key
+
 __all__ = [
     "BulkEnrollOutcome",
     "BulkEnrollResult",
@@ -217,23 +219,21 @@ class TagResult(_Result):
 
 @dataclass(frozen=True)
 class UnsubscribedEmails(_Result):
-    """``GET /contacts/api/unsubscribed-emails/``: addresses not to email, lowercased
-    (``email in result`` ignores case)."""
+    """``GET /contacts/api/unsubscribed-emails/``: addresses not to email, lowercased and
+    their domains in NFC (``email in result`` ignores case and the domain's form)."""
 
     as_of: dt.datetime | None
     count: int
     emails: frozenset[str]
 
     def __contains__(self, email: object) -> bool:
-        return isinstance(email, str) and email.strip().lower() in self.emails
+        return isinstance(email, str) and address_key(email) in self.emails
 
     @classmethod
     def from_body(cls, body: Any) -> UnsubscribedEmails:
         """Parse the suppression list."""
         data = _obj(body)
-        emails = frozenset(
-            e.strip().lower() for e in _list(data.get("emails")) if isinstance(e, str)
-        )
+        emails = frozenset(address_key(e) for e in _list(data.get("emails")) if isinstance(e, str))
         return cls._parse(body, count=_int(data.get("count"), len(emails)), emails=emails)
 
 

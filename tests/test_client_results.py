@@ -95,6 +95,12 @@ def test_unsubscribed_lowercases_and_counts() -> None:
     assert "B@X.IO" in result and 3 not in result
 
 
+def test_unsubscribed_puts_each_domain_in_nfc() -> None:
+    result = UnsubscribedEmails.from_body({"emails": ["Zoe@Exa\u0308mple.com"]})
+    assert result.emails == frozenset({"zoe@ex\u00e4mple.com"})
+    assert "zoe@exa\u0308mple.com" in result and "zoe@ex\u00e4mple.com" in result
+
+
 def test_bulk_combine_counts_from_outcomes_when_totals_are_missing() -> None:
     first = {"results": [{"email": "A@x.io", "status": "enrolled"}, {"status": "enrolled"}]}
     second = {"results": [{"email": "b@x.io", "status": "suppressed", "code": "unsub"}]}

@@ -330,6 +330,25 @@ def test_a_list_of_addresses_is_read_in_any_case_without_padding_or_repeats(
     assert s.is_suppressed("ann@b.c") and s.is_suppressed("BO@B.C")
 
 
+@pytest.mark.parametrize(
+    ("listed", "asked"),
+    [
+        ("zoe@exa\u0308mple.com", "zoe@ex\u00e4mple.com"),  # the domain decomposed in the list
+        ("zoe@ex\u00e4mple.com", "ZOE@EXA\u0308MPLE.COM"),  # or in the address asked about
+    ],
+)
+def test_a_domain_composed_or_decomposed_is_one_address(
+    make_set: MakeSet, listed: str, asked: str
+) -> None:
+    s = make_set(lambda: Snapshot(frozenset({listed, "ann@b.c"}), None))
+    assert s.load()
+    assert s.is_suppressed(asked) and s.is_suppressed("ann@b.c")
+    s.add("bo@exa\u0308mple.com")
+    assert s.is_suppressed("bo@ex\u00e4mple.com")
+    # The part before the "@" keeps its code points: another mailbox.
+    assert not s.is_suppressed("zoe\u0308@ex\u00e4mple.com")
+
+
 def test_peek_answers_from_what_is_held_and_never_fetches(
     make_set: MakeSet, source: Source, clock: FakeClock
 ) -> None:

@@ -132,7 +132,7 @@ def normalize_external_id(value: object, field: str = "external_id") -> str:
 
 def text_list(value: object, field: str) -> list[str]:
     """Check a list (or tuple) of names, e.g. ``tag_names``; each item as :func:`require_text`."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+    if not isinstance(value, (list, tuple)):
         raise ValidationError(field, f"must be a list of strings, not {_type_name(value)}")
     return [require_text(item, f"{field}[{i}]") for i, item in enumerate(value)]
 

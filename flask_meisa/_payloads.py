@@ -291,10 +291,7 @@ def unique_emails(values: Iterable[object], field: str) -> list[str]:
     """Normalise each address (errors name ``field[i]``) and drop repeats, keeping order."""
     if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
         raise ValidationError(field, f"must be a list of addresses, not {_type_name(values)}")
-    seen: dict[str, None] = {}
-    for i, item in enumerate(values):
-        seen.setdefault(normalize_email(item, f"{field}[{i}]"), None)
-    return list(seen)
+    return list(dict.fromkeys(normalize_email(e, f"{field}[{i}]") for i, e in enumerate(values)))
 
 
 #: The ``source`` values Meisa accepts on an upsert.

@@ -82,8 +82,7 @@ def normalize_email(value: object, field: str = "email") -> str:
         raise ValidationError(field, "has an empty part before the '@'")
     if len(local) > 64:
         raise ValidationError(field, "has more than 64 characters before the '@'")
-    labels = domain.split(".")
-    if len(labels) < 2 or not all(labels):
+    if "." not in domain or "" in domain.split("."):
         raise ValidationError(field, "must have a domain like 'example.com' after the '@'")
     return email
 
@@ -317,8 +316,7 @@ def _checked(
 
 
 def _source(value: object, field: str) -> str:
-    source = require_text(value, field)
-    if source not in CONTACT_SOURCES:
+    if (source := require_text(value, field)) not in CONTACT_SOURCES:
         raise ValidationError(field, f"must be one of {', '.join(sorted(CONTACT_SOURCES))}")
     return source
 

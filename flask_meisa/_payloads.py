@@ -43,9 +43,8 @@ def _type_name(value: object) -> str:
 
 
 def address_key(text: str) -> str:
-    """An address as it is sent and compared, unchecked: stripped, lowercased, its domain in
-    NFC (a composed and a decomposed "ë" name one host). The local part keeps its code
-    points: a mailbox may tell the two apart."""
+    """An address as it is sent and compared, unchecked: stripped, lowercased, its domain in NFC
+    (a composed and a decomposed "ë" name one host; a mailbox, before the @, may not)."""
     key = text.strip().lower()
     if key.isascii():
         return key
@@ -55,8 +54,7 @@ def address_key(text: str) -> str:
 
 def normalize_email(value: object, field: str = "email") -> str:
     """Check one email address (one ``@``, a local part, a dotted domain, no whitespace, control
-    or invisible characters, at most 254 characters); return it stripped and lowercased, its
-    domain in Unicode's NFC form."""
+    or invisible characters, at most 254 characters); return its :func:`address_key`."""
     if not isinstance(value, str):
         raise ValidationError(field, f"must be a string, not {_type_name(value)}")
     # Lowercased first: a few characters lowercase to two ("İ"), and the limits apply to
@@ -137,8 +135,7 @@ def text_list(value: object, field: str) -> list[str]:
 
 
 def json_object(value: object, field: str) -> dict[str, JSONValue] | None:
-    """Convert a JSON object field (``custom_fields``, ``properties``...) with
-    :func:`to_json_value`; ``None`` passes through, a value that is not a mapping is refused."""
+    """A JSON object field (``custom_fields``...) by :func:`to_json_value`, or ``None``."""
     if value is None:
         return None
     if not isinstance(value, Mapping):
@@ -237,8 +234,7 @@ def _encodable(value: str) -> bool:
 
 
 def _check_int(value: int, field: str) -> int:
-    # Python writes out no int of more than sys.get_int_max_str_digits() digits (4,300 by
-    # default), so json.dumps would fail on it long after the call returned.
+    # Past Python's digit limit (4,300 by default), json.dumps would fail long after the call.
     if value.bit_length() > 64 and _or_none(lambda: str(value), ValueError) is None:
         raise ValidationError(field, "is too large a number to send as JSON")
     return value

@@ -80,9 +80,7 @@ def merge_upsert_payloads(earlier: Mapping[str, Any], later: Mapping[str, Any]) 
         if name == "custom_fields":
             merged[name] = {**(merged.get(name) or {}), **value}
         elif name == "tag_names":
-            tags = list(merged.get("tag_names") or [])
-            tags.extend(tag for tag in value if tag not in tags)
-            merged[name] = tags
+            merged[name] = list(dict.fromkeys([*(merged.get(name) or []), *value]))
         elif name != "source" or merged.get("source") is None:
             merged[name] = value
     return merged

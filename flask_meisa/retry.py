@@ -83,12 +83,11 @@ class RetryPolicy:
 
 
 def parse_retry_after(value: str | None, now: dt.datetime | str | None = None) -> float | None:
-    """Seconds a ``Retry-After`` header (delta seconds, rounded up to whole ones as HTTP
-    has them, or an HTTP date) asks to wait; ``None`` when it is absent, unreadable or
-    asks for no wait (0, below 0, a date past: "at once" would retry again and again, so
-    the backoff decides). A date is compared
-    with ``now``: the answer's ``Date`` header (the server's clock, not this host's), or a
-    datetime; the clock when it is neither."""
+    """Seconds a ``Retry-After`` header (delta seconds, rounded up to whole ones as HTTP has
+    them, or an HTTP date) asks to wait; ``None`` when it is absent, unreadable or asks for no
+    wait (0, below 0, a date past: "at once" would retry again and again, so the backoff
+    decides). A date is compared with ``now``: the answer's ``Date`` header (the server's
+    clock, not this host's), or a datetime; the clock when it is neither."""
     # A repeated header comes joined ("2, 2"): its first value counts.
     text = (value or "").strip()
     if _SECONDS.fullmatch(first := text.split(",")[0].strip()):

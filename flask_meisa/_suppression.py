@@ -32,10 +32,6 @@ class _Loaded:  # one successful load, published whole and never changed
     loaded_at: float
 
 
-class _UnreadableSnapshot(Exception):
-    """The fetch returned something that is not a list of addresses (fixed messages only)."""
-
-
 class SuppressionSet:
     """A per-process set of addresses not to email, refreshed from Meisa every ``ttl`` seconds.
 
@@ -202,7 +198,9 @@ class SuppressionSet:
         try:
             loaded = _read_snapshot(self._fetch(), self._clock)
         except Exception as exc:
-            error = _describe(exc)
+            # flask-meisa's errors never carry payload values or keys; other text might, so
+            # only their type is told.
+            error = str(exc) if isinstance(exc, errors.MeisaError) else type(exc).__name__
             with self._lock:
                 self._retry_at = self._clock() + self._retry_interval
                 self.last_error = error
@@ -268,24 +266,16 @@ def _read_snapshot(snapshot: Any, clock: Callable[[], float]) -> _Loaded:
         emails: object = snapshot.emails
         as_of: object = snapshot.as_of
     except AttributeError:
-        raise _UnreadableSnapshot("the answer has no emails or as_of") from None
+        raise errors.MeisaError("the answer has no emails or as_of") from None
     if isinstance(emails, (str, bytes)) or not isinstance(emails, Iterable):
-        raise _UnreadableSnapshot("the answer's emails is not a collection of addresses")
+        raise errors.MeisaError("the answer's emails is not a collection of addresses")
     if isinstance(snapshot, UnsubscribedEmails):  # read leniently: was there a list at all?
         raw = snapshot.raw
         listed = raw.get("emails") if isinstance(raw, Mapping) else None
         # Entries none of which is an address (objects, say) are no list of emails either.
         addresses = isinstance(listed, list) and any(isinstance(e, str) for e in listed)
         if not isinstance(listed, list) or (listed and not addresses):
-            raise _UnreadableSnapshot("the answer holds no list of emails")
+            raise errors.MeisaError("the answer holds no list of emails")
     if isinstance(as_of, dt.datetime):
         as_of = as_of.isoformat()
     return _Loaded(_normalized(emails), None if as_of is None else str(as_of), clock())
-
-
-def _describe(exc: Exception) -> str:
-    # flask-meisa's errors never carry payload values or keys; other text might, so only
-    # their type is told.
-    if isinstance(exc, (errors.MeisaError, _UnreadableSnapshot)):
-        return str(exc)
-    return type(exc).__name__

@@ -132,8 +132,7 @@ def bury(db: sqlite3.Connection, row: Row, error: BaseException) -> None:
         (*fields, time.time(), row.seq),
     )
     if row.operation.priority == "backfill":  # kept for good, as under Celery: retry or purge
-        refused = int(Store.get_meta(db, "backfill_refused_upserts", 0)) + 1
-        Store.set_meta(db, "backfill_refused_upserts", refused)
+        Store.count(db, "backfill_refused_upserts", 1)
 
 
 def bury_foreign(db: sqlite3.Connection, target: str) -> int:

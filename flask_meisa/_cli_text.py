@@ -218,14 +218,18 @@ def letter_json(letter: DeadLetter) -> str:
 def failures(
     users: list[dict[str, Any]], letters: list[DeadLetter], refused: list[Any] | None = None
 ) -> str:
-    """A backfill's failures: the users it could not map, the upserts Meisa refused, and
-    first, when Meisa refused them for the key (``refused``), that the run stopped."""
+    """A backfill's failures: the users it could not map, those whose upserts Meisa refused
+    (with the dead letter's ID, to retry it by), and first, when Meisa refused them for the
+    key (``refused``), that the run stopped."""
     lines = [f"the run {_stopped_by(refused)}"] if refused else []
     lines += [
         f"user {failure['user'] or '#' + str(failure['position'])}: {failure['reason']}"
         for failure in users
     ]
-    lines += [f"dead letter {letter.seq}: {refusal(letter)}" for letter in letters]
+    for letter in letters:  # named by external_id, else address
+        external_id = letter.operation.payload.get("external_id")
+        user = letter.operation.payload.get("email") if external_id in (None, "") else external_id
+        lines.append(f"user {user}: {refusal(letter)} (dead letter {letter.seq})")
     return "\n".join(lines) or "no failures"
 
 

@@ -519,14 +519,20 @@ def test_upserts_meisa_refused_or_never_answered_are_listed_as_dead_letters(
     assert result.exit_code == 1, result.output
     assert "2 of 2 users done" in result.output and "2 failed" in result.output
     listed = sync_users(app, "--failures").output.splitlines()
-    shown = sorted(re.sub(r"^dead letter \d+: ", "", line) for line in listed)
-    assert shown == [
+    # Each names its user (external_id), with the dead letter's ID to retry it by.
+    found = [re.fullmatch(r"user (\d+): (.*) \(dead letter (\d+)\)", line) for line in listed]
+    assert len(found) == 2 and all(found), listed
+    users, errors, ids = zip(*(match.groups() for match in found if match), strict=True)
+    assert sorted(users) == ["0", "1"], listed
+    assert sorted(errors) == [
         "APIConnectionError: the server closed the connection unanswered",  # no status, no code
         "HTTP 400 [injected_fault] Emulated fault (injected_fault).",
     ]
     # 'flask meisa status' counts the same failures as the run said.
     status = app.test_cli_runner().invoke(args=["meisa", "status"]).output
     assert "backfill: done, 2 of 2 users read, 0 unchanged, 2 failed" in status, status
+    retry = ["meisa", "dead-letters", "retry", *ids, "--timeout", "0"]
+    assert "2 operation(s) queued again" in app.test_cli_runner().invoke(args=retry).output
 
 
 def test_a_runs_refused_upserts_count_whatever_happens_to_dead_letters_since(

@@ -167,7 +167,7 @@ def test_users_that_cannot_be_mapped_or_were_refused_are_counted_and_listed(
         "user 7: email: the user object has None as its email",
         "user 9: custom_fields.plan: cannot be sent as JSON (set)",
     ]
-    assert re.fullmatch(r"dead letter \d+: HTTP 400 \[injected_fault\] .*", listed[2])
+    assert re.fullmatch(r"user \d+: HTTP 400 \[injected_fault\] .* \(dead letter \d+\)", listed[2])
     assert len(listed) == 3
     # 'flask meisa status' counts the same failures as the run said.
     shown = app.test_cli_runner().invoke(args=["meisa", "status"]).output
@@ -590,7 +590,7 @@ def test_a_refused_upsert_coalesced_from_a_backfill_and_a_live_sync_is_one_refus
     assert result.exit_code == 1, result.output
     assert "1 users were not synced" in result.output, result.output
     (listed,) = sync_users(app, "--failures").output.splitlines()  # the backfill's
-    assert re.fullmatch(r"dead letter \d+: HTTP 400 \[injected_fault\] .*", listed)
+    assert re.fullmatch(r"user 5: HTTP 400 \[injected_fault\] .* \(dead letter \d+\)", listed)
 
 
 def test_a_refusal_counts_when_the_worker_that_got_it_dies_reporting_it(

@@ -220,7 +220,7 @@ def _backfill_target(state: MeisaState, *, start: bool) -> backfill.Target:
             " delivery on)"
         )
     if delivery == "celery":
-        return _celery(state).backfill(state.settings.resync_after)
+        return cast("CeleryDispatcher", state.dispatcher).backfill(state.settings.resync_after)
     store, engine = state.store(), cast("Delivery", state.dispatcher)
     if not start:
         return backfill.StoreTarget(store, resync_after=state.settings.resync_after)
@@ -230,10 +230,6 @@ def _backfill_target(state: MeisaState, *, start: bool) -> backfill.Target:
     # another Meisa (the host switched keys) takes this one's rows from then on.
     engine.first_pass(5.0)
     return backfill.StoreTarget(store, engine.refuse_foreign, state.settings.resync_after)
-
-
-def _celery(state: MeisaState) -> CeleryDispatcher:
-    return cast("CeleryDispatcher", state.dispatcher)  # MEISA_DELIVERY = "celery"
 
 
 @meisa_cli.command("flush")
@@ -276,7 +272,7 @@ def config_template_command() -> None:
 def _dead_letters() -> DeadLetters:
     state = _extension().state()
     if state.settings.delivery == "celery":
-        return _celery(state).dead_letters
+        return cast("CeleryDispatcher", state.dispatcher).dead_letters
     if state.settings.delivery != "thread":
         raise click.ClickException(
             'dead letters are kept by MEISA_DELIVERY = "thread" or "celery", not'

@@ -4,7 +4,6 @@ returned), never for a failed view. Outside a request, work goes to delivery at 
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import sys
@@ -247,26 +246,9 @@ class AfterResponseMiddleware:
         if self._state.app.testing:
             _release(batches, failed=failed)
             return body
-        # The states held now are those released: a thread of the request's may still add
-        # another app's batch to ``batches`` (it read them just before the response left).
-        states = tuple(batches)
-        for state in states:
-            state.held.hold()
-        held = _ReleasingBody(body, functools.partial(_finish, batches, states), failed)
+        held = _ReleasingBody(body, batches, failed)
         environ[_HELD_KEY] = weakref.ref(held)  # not the body itself: no reference cycle
         return held
-
-
-def _finish(
-    batches: dict[MeisaState, _RequestBatch], states: tuple[MeisaState, ...], failed: bool
-) -> None:
-    for state in states:
-        state.held.releasing()
-    try:
-        _release(batches, failed=failed)
-    finally:
-        for state in states:
-            state.held.released()
 
 
 def _server_error(status_line: str) -> bool:
@@ -277,16 +259,22 @@ def _server_error(status_line: str) -> bool:
 
 
 class _ReleasingBody:
-    """A response body that runs ``release(failed)`` once, after the server is done with it
-    (or dropped it without closing it); ``failed`` also when writing it raised (a stream
-    whose query fails: the client gets a 500, or a cut body)."""
+    """A response body that releases its request's ``batches`` once, after the server is
+    done with it (or dropped it without closing it), held by their apps until then; as
+    failed also when writing it raised (a stream whose query fails: the client gets a 500,
+    or a cut body)."""
 
     def __init__(
-        self, body: Iterable[bytes], release: Callable[[bool], None], failed: bool
+        self, body: Iterable[bytes], batches: dict[MeisaState, _RequestBatch], failed: bool
     ) -> None:
         self._body = body
-        self._release: Callable[[bool], None] | None = release
+        self._batches: dict[MeisaState, _RequestBatch] | None = batches
         self._failed = failed
+        # The states held now are those released: a thread of the request's may still add
+        # another app's batch to ``batches`` (it read them just before the response left).
+        self._states = tuple(batches)
+        for state in self._states:
+            state.held.hold()
 
     def __iter__(self) -> Iterator[bytes]:
         try:
@@ -307,13 +295,20 @@ class _ReleasingBody:
             self.release()
 
     def release(self) -> None:
-        """Release the request's batch now, once."""
-        release, self._release = self._release, None
-        if release is not None:
-            release(self._failed)
+        """Release the request's batches now, once."""
+        batches, self._batches = self._batches, None
+        if batches is None:
+            return
+        for state in self._states:
+            state.held.releasing()
+        try:
+            _release(batches, failed=self._failed)
+        finally:
+            for state in self._states:
+                state.held.released()
 
     def __del__(self) -> None:
-        if self._release is None:
+        if self._batches is None:
             return
         if sys.is_finalizing():  # no other thread runs now, nor would one started
             self.close()

@@ -58,11 +58,11 @@ class Run:
     owner: str | None = None  # the command that runs it (one taken over stops)
 
 
-def alive(run: dict[str, Any] | None, now: float) -> bool:
+def alive(run: dict[str, Any], now: float) -> bool:
     """Whether a process runs the kept ``run``, unfinished: not when it was interrupted, nor
     once its process has not noted it runs for three :data:`ALIVE_EVERY` (killed)."""
-    at = (run or {}).get("alive_at")
-    return (run or {}).get("state") == "running" and at is not None and now - at <= 3 * ALIVE_EVERY
+    at = run.get("alive_at")
+    return run.get("state") == "running" and at is not None and now - at <= 3 * ALIVE_EVERY
 
 
 class AlreadyRunning(MeisaError):

@@ -303,8 +303,8 @@ def run(
                 tick(force=True)
             # No process runs it (the next run starts), as kept: not an interrupted write's.
             with contextlib.suppress(AlreadyRunning):  # nor when another took it over
-                stopped = dataclasses.replace(target.load() or current, owner=current.owner)
-                target.save(dataclasses.replace(stopped, alive_at=None))
+                kept = target.load() or current
+                target.save(dataclasses.replace(kept, owner=current.owner, alive_at=None))
         except KeyboardInterrupt:
             if not isinstance(stop, KeyRefused):  # the key's error, kept, says how to go on
                 raise

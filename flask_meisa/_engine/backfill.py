@@ -320,23 +320,21 @@ def _from_position(
     """``users`` from the first (without ``run.last``), or past the last user the run
     mapped once it is found where it was (:class:`UsersChanged` if not); the users read
     after that one, all of which failed, are read again."""
-    if run.last is None:
-        # No user mapped yet: every user read failed (as below, read them again).
-        if run.position:
-            target.go_back(run, 0)
-        return users
-    at, *names = run.last
-    there = next(itertools.islice(users, at, None), None)
-    try:
-        moved = there is None or _names(to_operation(there)) != names
-    except Exception:
-        moved = True
-    if moved:
-        raise UsersChanged(f"user {'/'.join(filter(None, names))} is no longer #{at + 1}")
-    if run.position > at + 1:
-        # The users read after it all failed: read them again, as the failed ones may have
+    past_last = 0  # no user mapped yet
+    if run.last is not None:
+        at, *names = run.last
+        there = next(itertools.islice(users, at, None), None)
+        try:
+            moved = there is None or _names(to_operation(there)) != names
+        except Exception:
+            moved = True
+        if moved:
+            raise UsersChanged(f"user {'/'.join(filter(None, names))} is no longer #{at + 1}")
+        past_last = at + 1
+    if run.position > past_last:
+        # The users read past it all failed: read them again, as the failed ones may have
         # been deleted since (going on from the position would skip as many others).
-        target.go_back(run, at + 1)
+        target.go_back(run, past_last)
     return users
 
 

@@ -149,7 +149,7 @@ def sync_users_command(max_share: float, restart: bool, dry_run: bool, failures:
             extra = "--restart" if restart else "--dry-run"
             raise click.UsageError(f"--failures only lists the last run's failures: no {extra}")
         target = _backfill_target(state, start=False)
-        backfills = [n for n in _letters(_dead_letters()) if n.operation.priority == "backfill"]
+        backfills = [n for n in _dead_letters().find() if n.operation.priority == "backfill"]
         click.echo(_cli_text.failures(target.failures(), backfills, target.refused()))
         return
     if meisa.user_source is None:
@@ -281,13 +281,12 @@ def _dead_letters() -> DeadLetters:
     return dead.StoreDeadLetters(state.store(), cast("Delivery", state.dispatcher).refuse_foreign)
 
 
-def _letters(letters: DeadLetters, ids: list[int] | None = None) -> list[dead.DeadLetter]:
-    """The dead letters ``ids`` (``None``: all, oldest first); an unknown ID is an error."""
+def _letters(letters: DeadLetters, ids: list[int]) -> list[dead.DeadLetter]:
+    """The dead letters ``ids``, oldest first; an unknown ID is an error."""
     # An ID SQLite cannot hold is no dead letter's (and would raise OverflowError).
-    known = None if ids is None else [seq for seq in ids if -(2**63) <= seq < 2**63]
-    found = letters.find(known)
+    found = letters.find([seq for seq in ids if -(2**63) <= seq < 2**63])
     seqs = {letter.seq for letter in found}
-    unknown = [str(seq) for seq in ids or () if seq not in seqs]
+    unknown = [seq for seq in ids if seq not in seqs]
     if unknown:
         raise click.ClickException(f"no dead letter with ID {_cli_text.first_ids(unknown)}")
     return found
@@ -317,7 +316,7 @@ def dead_letters_group(context: click.Context) -> None:
 @dead_letters_group.command("list")
 def dead_letters_list() -> None:
     """List dead letters, oldest first, with their errors (no payload values)."""
-    letters = _letters(_dead_letters())
+    letters = _dead_letters().find()
     for letter in letters:
         click.echo(_cli_text.letter_line(letter))
     click.echo(f"{len(letters)} dead letter(s)" if letters else "no dead letters")

@@ -182,9 +182,12 @@ def test_an_event_takes_its_contacts_pending_upsert_to_its_lane(
     assert [int(float(meta.pop("turn").split()[1])) for meta in metas] == [1, 2, 2]
     meta = queued["kwargs"]["meta"]
     assert own["kwargs"]["meta"]["after"] == [meta["contact"], meta["version"]]
-    meta.pop("released")  # its own payload's, if its record expired: none of the companion
+    # Released with the event (Redis's clock), after the upsert.
+    assert companion["kwargs"]["meta"]["released"] == own["kwargs"]["meta"]["released"]
+    assert meta.pop("released") <= own["kwargs"]["meta"]["released"]
     assert companion["kwargs"]["meta"] == {
         **meta,
+        "released": own["kwargs"]["meta"]["released"],
         "lane": 1,
         "companion": True,
     }

@@ -272,7 +272,7 @@ def test_pending_operations_are_counted_per_lane_with_their_age(
     assert status.queued == {"transactional": 0, "automation": 2, "routine": 0, "backfill": 0}
     assert 29.0 < status.oldest_wait["automation"] < 40.0
     assert store.pending(LANE_AUTOMATION) == 2
-    epoch, pending, unfinished = store.look([old.id, "gone"])
+    epoch, pending, unfinished, _ = store.look([old.id, "gone"])
     assert (pending, unfinished) == (2, [True, False])
     assert store.look([])[0] == epoch
 
@@ -312,9 +312,9 @@ def test_operations_no_worker_ran_are_handed_back_less_often_the_older_they_get(
         return [op["id"] for _, op, _ in store.unseen(after=0.0)]
 
     store.finish([new.id])
-    assert store.seen(new.id) is False  # finished: a copy of its message does nothing
+    assert store.seen(new.id)[0] is False  # finished: a copy of its message does nothing
     assert look_again() == []  # the old one comes back once twice as old, not before
-    assert store.seen(old.id) is True  # a worker ran it (still pending)
+    assert store.seen(old.id)[0] is True  # a worker ran it (still pending)
     assert look_again() == [old.id]
     store.finish([old.id])
     assert look_again() == []
@@ -341,7 +341,7 @@ def test_a_task_kept_for_an_operation_already_finished_is_forgotten_not_handed_b
     late, old = upsert(), Operation("track", {"event_name": "e", "email": "a@example.com"})
     for op in (late, old):
         store.keep(LANE_AUTOMATION, op.to_dict(), {"lane": LANE_AUTOMATION})
-    assert store.seen(late.id) is False  # not pending: its run does nothing
+    assert store.seen(late.id)[0] is False  # not pending: its run does nothing
     assert store.unseen(after=0.0) == []  # the other is not handed back either
     assert not client.exists("meisa:meisa:tasks", "meisa:meisa:seen")
 

@@ -743,6 +743,7 @@ def test_a_routine_operation_waiting_too_long_goes_on_the_automation_lane(
     old = Operation("upsert", {**payload, "first_name": "A"}, created_at=time.time() - 61)
     ((lane, data, meta),) = dispatcher.tasks(old)
     assert lane == LANE_ROUTINE
+    meta["released"] -= 61  # by Redis's clock, as the worker reads it
     worker = make_worker(rate_limit="1/minute", routine_max_age=60.0)
     assert worker.budget is not None
     assert worker.budget.acquire(lease=5.0).token  # the budget is spent
@@ -750,6 +751,96 @@ def test_a_routine_operation_waiting_too_long_goes_on_the_automation_lane(
     assert isinstance(again, RunAgain)
     assert (again.queue, again.meta["lane"]) == ("meisa.automation", LANE_AUTOMATION)
     assert (store.pending(LANE_ROUTINE), store.pending(LANE_AUTOMATION)) == (0, 1)
+
+
+def test_a_worker_whose_clock_is_ahead_leaves_a_fresh_routine_operation_in_its_lane(
+    make_worker: MakeWorker,
+    submit: Submit,
+    store: RedisDeliveryStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Released a moment ago by Redis's clock, run by a worker two minutes ahead: it took
+    # the operation as waiting for two minutes, and promoted every routine one at once.
+    payload = {"email": "ada@example.com", "external_id": "1"}
+    store.remember(payload, store.clock())
+    data, meta = submit(Operation("upsert", {**payload, "first_name": "A"}))
+    assert meta["lane"] == LANE_ROUTINE
+    worker = make_worker(rate_limit="1/minute", routine_max_age=60.0)
+    assert worker.budget is not None
+    assert worker.budget.acquire(lease=5.0).token  # the budget is spent
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 120.0)
+    again = worker.run(data, meta)
+    assert isinstance(again, RunAgain)
+    assert (again.queue, again.meta["lane"]) == ("meisa.routine", LANE_ROUTINE)
+    assert (store.pending(LANE_ROUTINE), store.pending(LANE_AUTOMATION)) == (1, 0)
+
+
+def test_an_event_run_by_a_worker_whose_clock_is_ahead_still_waits_for_its_contacts_upsert(
+    make_worker: MakeWorker,
+    submit: Submit,
+    store: RedisDeliveryStore,
+    emulator: Emulator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An event waits for its contact's pending upsert at most the retry deadline (30 s
+    # here) after its release: a worker a minute ahead took it as past it, and tracked
+    # the event before Meisa had the contact's new state.
+    known = {"email": "ada@example.com", "external_id": "7"}
+    store.remember(known, store.clock())
+    upsert = submit(Operation("upsert", {**known, "first_name": "Ada"}))
+    event = submit(Operation("track", {"event_name": "opened", "external_id": "7"}))
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 60.0)
+    worker = make_worker()
+    assert isinstance(worker.run(*event), RunAgain)  # its contact's upsert is pending
+    assert emulator.requests_to(TRACK) == []
+    assert worker.run(*upsert) is None
+    assert worker.run(*event) is None
+    assert [r.path for r in emulator.requests] == ["/api/v1" + UPSERT, "/api/v1" + TRACK]
+
+
+LOST_AFTER = 1080.0  # about the default's (docs/celery.md: messages the broker loses)
+
+
+@pytest.mark.parametrize("skewed", ["releasing host", "worker", "sweeping host"])
+def test_an_operation_being_worked_on_is_not_published_again_whatever_the_hosts_clocks(
+    skewed: str,
+    redis_url: str,
+    client: Any,
+    make_worker: MakeWorker,
+    emulator: Emulator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A send retried after a 503, its task waiting then run: one host two hours off (the
+    # web host that released it, or the worker, behind; the web host that sweeps, ahead)
+    # took it as unseen by every worker for LOST_AFTER, and published it again: a second
+    # task of the send, which could send the email twice.
+    real = time.time
+
+    def clock(host: str, by: float) -> None:
+        monkeypatch.setattr(time, "time", (lambda: real() + by) if host == skewed else real)
+
+    celery_app = make_celery(redis_url)
+    web = CeleryDispatcher(celery_app, redis=client, hooks=RecordingHooks(), lost_after=LOST_AFTER)
+
+    def unseen() -> list[list[Any]]:
+        clock("sweeping host", 7200.0)
+        client.delete("meisa:meisa:sweep")  # no other host looked lately
+        return web.store.unseen(LOST_AFTER)
+
+    emulator.faults.fail_next(1, 503, path=TRIGGER)
+    clock("releasing host", -7200.0)
+    *_, (_, data, meta) = web.tasks(send())
+    assert unseen() == []  # waiting in its queue
+    clock("worker", -7200.0)
+    again = make_worker().run(data, meta)
+    assert isinstance(again, RunAgain)  # its retry runs in a moment
+    assert unseen() == []
+    monkeypatch.setattr(time, "time", real)
+    assert make_worker().run(again.op, again.meta) is None
+    assert len(emulator.sends()) == 1
+    celery_app.close()
 
 
 def test_the_task_acks_late_takes_json_and_keeps_the_latest_factory(

@@ -141,7 +141,6 @@ class CeleryDispatcher:
             self._drop(operation, "broker_unavailable", cause, record=False, refused=refused)
             return True
         try:
-            self._look()
             for task in (tasks := self.tasks(operation, read_at)):
                 self._send(*task)
         except Exception as error:
@@ -192,16 +191,16 @@ class CeleryDispatcher:
     ) -> list[tuple[int, dict[str, Any], dict[str, Any]]]:
         """Record ``operation`` (see :meth:`publish`) in Redis and return its tasks ``(lane,
         op, meta)`` (an event's companion first)."""
-        store = self.store
+        store, (_, now) = self.store, self._look()
         contact = store.contact_of(operation.payload) if operation.kind == "upsert" else None
         lane = lane_of(operation, lambda: store.known(contact), self._priority_fields)
-        meta: dict[str, Any] = {"lane": lane}
+        meta: dict[str, Any] = {"lane": lane, "released": now}  # Redis's clock, every host's
         after: list[tuple[str, int]] = []
         joined = False
         if contact is not None:
             # Read before the record links the address to this contact and takes it as its last.
             after, left = store.ahead_of(operation.payload, contact)
-            meta.update(contact=contact, released=store.clock())  # the clock of what Meisa has
+            meta["contact"] = contact
             coalesced = store.coalesce(operation, contact, lane, after, left, read_at)
             if coalesced is None:  # a backfill's, older than what Meisa has
                 return []
@@ -221,7 +220,7 @@ class CeleryDispatcher:
         for found in after:
             companion = Operation("upsert", {}, created_at=operation.created_at)
             extra = {"contact": found[0], "version": found[1], "companion": True}
-            tasks.append((lane, companion.to_dict(), {"lane": lane, **extra}))
+            tasks.append((lane, companion.to_dict(), {"lane": lane, "released": now, **extra}))
         tasks.append(own := (lane, operation.to_dict(), meta))
         if self.budget is not None:  # contacts take turns, from their release
             # A task that delivers upserts already waiting (a companion, an upsert that joined
@@ -239,15 +238,16 @@ class CeleryDispatcher:
             store.keep(*own)
         return tasks
 
-    def _look(self, *, force: bool = False) -> int:
-        """The pending count; prunes the ledger, republishes lost tasks, reports a data loss."""
+    def _look(self, *, force: bool = False) -> tuple[int, float]:
+        """The pending count and Redis's clock; prunes the ledger, republishes lost tasks,
+        reports a data loss."""
         with self._lock:
             now = time.monotonic()
             due = force or len(self._ledger) >= self._ledger_size or now >= self._next_look
             if due:
                 self._next_look = now + _LOOK_EVERY
             ids = list(self._ledger) if due else []
-        epoch, pending, unfinished = self.store.look(ids)
+        epoch, pending, unfinished, now = self.store.look(ids)
         if due and self._lost_after is not None:
             try:  # a broker can lose a message: publish again what no worker has run
                 tasks = self.store.unseen(self._lost_after)
@@ -275,7 +275,7 @@ class CeleryDispatcher:
                     self._forgotten += 1
                 if not self._ledger:
                     self._forgotten = 0  # older than all it saw finish: taken as finished
-                return pending
+                return pending, now
             lost, self._ledger = list(self._ledger.values()), {}
             forgotten, self._forgotten, self._lost = self._forgotten, 0, True
         logger.error(
@@ -289,7 +289,7 @@ class CeleryDispatcher:
             self.store.finish([], "dropped", len(lost) + forgotten)
         for operation in lost:
             self._hooks.call("dropped", operation, "redis_data_lost")
-        return pending
+        return pending, now
 
     def budget_slot(self, timeout: float) -> contextlib.AbstractContextManager[bool]:
         """A slot of the shared budget for a call made outside the workers."""
@@ -304,7 +304,7 @@ class CeleryDispatcher:
         pause = 0.005
         while True:
             try:
-                pending = self._look()
+                pending, _ = self._look()
             except Exception:
                 logger.warning("flask-meisa: cannot read the pending count from Redis")
                 return False

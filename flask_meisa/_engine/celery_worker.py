@@ -7,7 +7,6 @@ import contextlib
 import functools
 import logging
 import random
-import time
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
@@ -32,6 +31,7 @@ from .redis_budget import RedisBudget
 from .redis_dead import RedisDeadLetters
 from .redis_records import Claim
 from .redis_store import RedisDeliveryStore
+from .redis_store import released
 
 #: The longest an event waits for its contact's pending upsert when the retry policy has
 #: no deadline, in seconds.
@@ -91,11 +91,13 @@ class DeliveryWorker:
         (:class:`RedisError`: the records are out of reach, no call was made)."""
         operation = Operation.from_dict(data)
         meta = dict(meta)
-        if not meta.get("companion") and not self.store.seen(operation.id):
-            return None  # finished: this was a copy published when its message seemed lost
+        pending, now = self.store.seen(operation.id)  # Redis's time: every worker's
+        if not pending and not meta.get("companion"):  # a companion stands for none
+            self.store.finish([operation.id])  # a copy of a finished one: its task goes
+            return None
         with self._context():
             try:
-                return self._run(operation, meta)
+                return self._run(operation, meta, now)
             except RedisError:
                 raise
             except Exception as error:
@@ -105,23 +107,23 @@ class DeliveryWorker:
                 self._report("failed", [operation], error)
                 return None
 
-    def _run(self, operation: Operation, meta: dict[str, Any]) -> RunAgain | None:
+    def _run(self, operation: Operation, meta: dict[str, Any], now: float) -> RunAgain | None:
         meta["lane"] = int(meta.get("lane", operation.lane))
         due = float(meta.get("due") or 0.0)
-        if due > time.time():
-            return self._again(due - time.time(), operation, meta)  # a wait made of several
-        age = time.time() - operation.created_at
+        if due > now:
+            return self._again(due - now, operation, meta)  # a wait made of several
+        age = now - released(meta, operation.created_at)
         if meta["lane"] == LANE_ROUTINE and age > self._routine_max_age:
             meta["lane"] = LANE_AUTOMATION  # nothing waits forever
             self.store.add_pending(operation, LANE_AUTOMATION)
         if operation.kind == "upsert" and meta.get("contact") is not None:
-            return self._run_coalesced(operation, meta)
+            return self._run_coalesced(operation, meta, age)
         if operation.kind == "track" and meta.get("recover") and meta.get("seen") is not None:
-            return self._recover(operation, meta)
+            return self._recover(operation, meta, age)
         if operation.kind == "track" and not meta.get("recover"):
             # An event goes after the upsert its contact had pending when it was released.
             after = [tuple(meta["after"])] if meta.get("after") else []
-            if self._waits(after, operation):
+            if self._waits(age, after):
                 return self._after_upsert(operation, meta)
         return self._attempt(operation, meta, [operation])
 
@@ -133,7 +135,7 @@ class DeliveryWorker:
             self.budget.hold(operation.id, meta["lane"], countdown)
         return self._again(countdown, operation, meta)
 
-    def _recover(self, operation: Operation, meta: dict[str, Any]) -> RunAgain | None:
+    def _recover(self, operation: Operation, meta: dict[str, Any], age: float) -> RunAgain | None:
         """An event answered 404 upserts its contact as it saw it, then goes again: unless
         an upsert of the contact released after it goes instead (its state is newer), and
         never while an upsert of the contact is in flight."""
@@ -143,7 +145,7 @@ class DeliveryWorker:
         if held.state == "busy":
             return self._again(held.wait + random.uniform(0, 0.05), operation, meta)
         if held.state == "covered":
-            if self._waits([(contact, held.version)], operation):
+            if self._waits(age, [(contact, held.version)]):
                 return self._after_upsert(operation, meta)
             again = {**meta, "recover": False, "recovered": True}
             return self._attempt(operation, again, [operation])
@@ -152,17 +154,19 @@ class DeliveryWorker:
         finally:
             self._release(held)
 
-    def _waits(self, after: Any, operation: Operation, events: Any = ()) -> bool:
+    def _waits(self, age: float, after: Any, events: Any = ()) -> bool:
         """Whether one of the upserts ``after`` (``(contact, version)``) is not delivered
-        yet, or one of the ``events`` (ids) not finished, and ``operation`` may still wait
-        (at most the retry deadline after its release: a stuck one holds it no longer)."""
+        yet, or one of the ``events`` (ids) not finished, and an operation released ``age``
+        seconds ago may still wait (a stuck one holds it no longer than the retry deadline)."""
         limit = self._retry.deadline
-        if time.time() - operation.created_at > (EVENT_WAIT_LIMIT if limit is None else limit):
+        if age > (EVENT_WAIT_LIMIT if limit is None else limit):
             return False
         pending, unfinished = self.store.pending_version, self.store.unfinished(list(events))
         return any(unfinished) or any(pending([str(c)], upto=int(v)) for c, v in after)
 
-    def _run_coalesced(self, operation: Operation, meta: dict[str, Any]) -> RunAgain | None:
+    def _run_coalesced(
+        self, operation: Operation, meta: dict[str, Any], age: float
+    ) -> RunAgain | None:
         own = not meta.get("companion")
         claim = self.store.claim(str(meta["contact"]), int(meta["version"]), self._lease)
         if claim.state == "covered":
@@ -173,14 +177,14 @@ class DeliveryWorker:
             return self._again(claim.wait + random.uniform(0, 0.05), operation, meta)
         if claim.state == "missing":  # its record expired: its own payload, less what Meisa
             # accepted of its contact since its release (a later upsert's, delivered)
-            released = float(meta.get("released", operation.created_at))  # Redis's clock
-            fresh = fresh_part(operation, self.store.known(claim.contact), released)
+            since = released(meta, operation.created_at)
+            fresh = fresh_part(operation, self.store.known(claim.contact), since)
             if own and fresh is not None:
                 return self._attempt(fresh, meta, [fresh], claim)
             self._uncalled(operation, meta, claim)
             self._report("unchanged", [operation] if own else [], None, claim)
             return None
-        if self._waits(claim.after, operation, claim.events):
+        if self._waits(age, claim.after, claim.events):
             self._release(claim)
             return self._again(0.1 + random.uniform(0, 0.05), operation, meta)
         fields = {"payload": claim.payload, "force": claim.force}
@@ -223,10 +227,10 @@ class DeliveryWorker:
                 meta.get("contact") or self.store.contact_of(operation.payload)
             )
 
-        if unchanged(operation, had, self.store.clock(), self._resync_after):  # Redis's, as had's
+        now = self.store.clock()  # Redis's: had's, and every worker's (a retry may run on another)
+        if unchanged(operation, had, now, self._resync_after):
             # The app set these fields again: an older dead upsert of them is outdated.
-            contact = meta.get("contact")
-            self.store.remember(operation.payload, None, contact, accepted=False)
+            self.store.remember(operation.payload, None, meta.get("contact"), accepted=False)
             self._uncalled(operation, meta, claim)
             self._report("unchanged", members, None, claim)
             return None
@@ -248,7 +252,6 @@ class DeliveryWorker:
             # A copy of the task as first published (its message restored, or published
             # again) may come after attempts whose retries carried the date: it is recorded.
             first = self.store.first_attempt(operation.id)
-        now = self.store.clock()  # every worker's: a retry's may run on another
         late = base.too_late(operation, first, now)
         if late is not None:
             self._uncalled(operation, meta, claim)
@@ -287,12 +290,13 @@ class DeliveryWorker:
             if budget is not None and token is not None:
                 budget.finish(token)  # interrupted mid-call: the slot counts as spent
             raise
+        answered_at = self.store.clock()
         settled = base.settle(
             operation,
             outcome.error,
             recovering=recovering,
             recovered=bool(meta.get("recovered")),
-            elapsed=self.store.clock() - meta["first_attempt"],
+            elapsed=answered_at - meta["first_attempt"],
             policy=self._retry,
         )
         if budget is not None:  # a 429 about the key: no other call may start from now
@@ -339,7 +343,7 @@ class DeliveryWorker:
         if settled.step == "failed":
             self._report("failed", members, outcome.error, claim)
         else:
-            waited = (lane, time.time() - operation.created_at)
+            waited = (lane, answered_at - released(meta, operation.created_at))
             self._report("delivered", members, outcome.result, claim, answer=waited)
         return None
 
@@ -354,10 +358,9 @@ class DeliveryWorker:
             self.store.settle(claim, delivered=False, backoff=backoff)
 
     def _again(self, countdown: float, operation: Operation, meta: dict[str, Any]) -> RunAgain:
-        meta = dict(meta)
-        meta.pop("due", None)
+        meta = {name: value for name, value in meta.items() if name != "due"}
         if countdown > self.max_countdown:
-            meta["due"] = time.time() + countdown
+            meta["due"] = self.store.clock() + countdown  # another worker may run it
             countdown = self.max_countdown
         queue = lane_queues(self.store.namespace)[LANE_NAMES[meta["lane"]]]
         return RunAgain(max(countdown, 0.0), operation.to_dict(), meta, queue)

@@ -46,6 +46,25 @@ if counted > 0 then
 end
 """
 
+# KEYS: when each task was last seen, then the pending operations of each lane; ARGV: an
+# operation's id. Whether it is pending (then seen now), and Redis's clock (TIME).
+_SEEN = """
+local clock = redis.call('TIME')
+for i = 2, #KEYS do
+  if redis.call('ZSCORE', KEYS[i], ARGV[1]) then
+    redis.call('ZADD', KEYS[1], 'XX', clock[1] .. '.' .. string.format('%06d', clock[2]), ARGV[1])
+    return {1, clock[1], clock[2]}
+  end
+end
+return {0, clock[1], clock[2]}
+"""
+
+
+def released(meta: Mapping[str, Any], created_at: float) -> float:
+    """When the task of ``meta`` was released, by Redis's clock (a task published before
+    that was noted: when its operation was made, by its web host's)."""
+    return float(meta.get("released", created_at))
+
 
 class RedisDeliveryStore(ContactRecords):
     """The records under ``meisa:<namespace>:`` (one namespace per queue prefix): the
@@ -56,7 +75,7 @@ class RedisDeliveryStore(ContactRecords):
         names = ("stats", "tasks", "seen")
         self._stats, self._tasks, self._seen = (f"{self.prefix}:{name}" for name in names)
         self._answers = {lane: f"{self.prefix}:answers:{n}" for lane, n in LANE_NAMES.items()}
-        self._refused = redis.register_script(_REFUSED)
+        self._refused, self._seen_now = map(redis.register_script, (_REFUSED, _SEEN))
 
     def add_pending(self, operation: Operation, lane: int) -> None:
         """Count ``operation`` pending in ``lane`` and no other (it may have been promoted)."""
@@ -119,10 +138,11 @@ class RedisDeliveryStore(ContactRecords):
         return str(meta.get("contact") or self.contact_of(payload) or "")
 
     def keep(self, lane: int, op: dict[str, Any], meta: dict[str, Any]) -> None:
-        """Keep the task that delivers the operation ``op`` until it is finished, seen now."""
+        """Keep the task that delivers the operation ``op`` until it is finished, seen when
+        it was released."""
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(self._tasks, op["id"], json.dumps([lane, op, meta], separators=(",", ":")))
-        pipe.zadd(self._seen, {op["id"]: time.time()})
+        pipe.zadd(self._seen, {op["id"]: released(meta, op["created_at"])})
         pipe.execute()
 
     def first_attempt(self, op_id: str, now: float | None = None) -> float | None:
@@ -134,24 +154,23 @@ class RedisDeliveryStore(ContactRecords):
         raw = self.redis.get(key)
         return None if raw is None else float(raw)
 
-    def seen(self, op_id: str) -> bool:
-        """A worker runs the task of ``op_id``: note when; whether it is still pending."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.zadd(self._seen, {op_id: time.time()}, xx=True)
-        for key in self._pending.values():
-            pipe.zscore(key, op_id)
-        _, *scores = pipe.execute()
-        if any(score is not None for score in scores):
-            return True
-        self.finish([op_id])  # keep() may have landed after finish()
-        return False
+    def seen(self, op_id: str) -> tuple[bool, float]:
+        """A worker runs the task of ``op_id``: whether it is still pending (then noted
+        seen), and the time by Redis's clock, every worker's and web host's."""
+        pending, seconds, micros = self._seen_now(
+            keys=[self._seen, *self._pending.values()], args=[op_id]
+        )
+        return bool(pending), float(seconds) + float(micros) / 1e6
 
     def unseen(self, after: float, limit: int = 500) -> list[list[Any]]:
         """The tasks ``[lane, op, meta]`` of pending operations no worker has run for ``after``
         seconds (then again once twice as old); ``[]`` if another process looked lately."""
-        if not self.redis.set(f"{self.prefix}:sweep", 1, nx=True, px=max(int(after * 125), 1000)):
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(f"{self.prefix}:sweep", 1, nx=True, px=max(int(after * 125), 1000)).time()
+        swept, (seconds, micros) = pipe.execute()
+        if not swept:
             return []
-        now = time.time()
+        now = seconds + micros / 1e6  # Redis's, as when each was seen
         ids = self.redis.zrangebyscore(self._seen, "-inf", now - after, start=0, num=limit)
         if not ids:
             return []
@@ -166,7 +185,10 @@ class RedisDeliveryStore(ContactRecords):
             pipe = self.redis.pipeline()
             pipe.zrem(self._seen, *finished).hdel(self._tasks, *finished).execute()
         if tasks:  # XX: not one finished since
-            ages = {op["id"]: now + max(now - op["created_at"] - after, 0.0) for _, op, _ in tasks}
+            ages = {
+                op["id"]: now + max(now - released(meta, op["created_at"]) - after, 0.0)
+                for _, op, meta in tasks
+            }
             self.redis.zadd(self._seen, ages, xx=True)
         return tasks
 
@@ -220,21 +242,22 @@ class RedisDeliveryStore(ContactRecords):
             pipe.zcard(key)
         return sum(pipe.execute())
 
-    def look(self, ids: list[str]) -> tuple[str, int, list[bool]]:
+    def look(self, ids: list[str]) -> tuple[str, int, list[bool], float]:
         """The epoch (written by the first to look: another one means Redis lost its data),
-        the pending count, and whether each of ``ids`` is pending, in one transaction."""
+        the pending count, whether each of ``ids`` is pending, and Redis's clock, in one
+        transaction."""
         epoch = f"{self.prefix}:epoch"
         pipe = self.redis.pipeline(transaction=True)
         pipe.set(epoch, uuid.uuid4().hex, nx=True)
-        pipe.get(epoch)
+        pipe.time().get(epoch)
         for key in self._pending.values():
             pipe.zcard(key)
         for key in self._pending.values() if ids else ():
             pipe.zmscore(key, ids)
-        _, token, *found = pipe.execute()
+        _, (seconds, micros), token, *found = pipe.execute()
         counts, scores = found[: len(LANE_NAMES)], found[len(LANE_NAMES) :]
         unfinished = [any(lane[n] is not None for lane in scores) for n in range(len(ids))]
-        return as_text(token), sum(counts), unfinished
+        return as_text(token), sum(counts), unfinished, seconds + micros / 1e6
 
     def describe(self, status: DeliveryStatus) -> None:
         """Fill ``status`` with what is pending, its wait and latency, counters, the backfill."""

@@ -834,3 +834,31 @@ def test_a_run_on_a_host_whose_clock_is_behind_sends_what_changed_since_a_live_s
     result = sync_users(app)
     assert result.exit_code == 0, result.output
     assert plan_in_meisa(app, emulator, "5") == "team"
+
+
+def test_a_run_is_never_taken_over_while_it_runs_whatever_the_command_hosts_clocks(
+    make_app: MakeApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A run is taken over once its process has not noted it runs for 3 ALIVE_EVERY (90 s),
+    # as a killed one: each command host read its own clock, so a run noted by a host two
+    # minutes behind, or checked by one two minutes ahead, was taken over while it ran.
+    app = make_app(10)
+    with app.app_context():
+        target = app.extensions["meisa"].state().dispatcher.backfill()
+    real, checked = time.time, []
+
+    def users() -> Iterator[Any]:  # read as the run goes on: another command starts then
+        for host_ahead_by in (0.0, 120.0):
+            monkeypatch.setattr(time, "time", lambda by=host_ahead_by: real() + by)
+            with pytest.raises(backfill.AlreadyRunning):
+                target.save(backfill.Run(started_at=target.clock()), start=True)
+            checked.append(host_ahead_by)
+        yield object()
+
+    def unmapped(user: Any) -> Any:
+        raise ValueError("nothing to send")
+
+    step_clock(monkeypatch, -120.0)  # the host of the run
+    progress = backfill.run(target, users(), unmapped, total=1)
+    assert checked == [0.0, 120.0]
+    assert (progress.run.state, progress.run.failed) == ("done", 1)

@@ -157,7 +157,7 @@ class Target:
     def _check(self, kept: Any, run: Run, start: bool) -> None:
         other = self._get(kept, "backfill") or {}
         if start:
-            ours = not alive(other, time.time()) or self._get(kept, "backfill_refused")
+            ours = not alive(other, self.clock()) or self._get(kept, "backfill_refused")
         else:  # another took it over, this one noting nothing for 90 s (reading a chunk)
             ours = other.get("owner") in (None, run.owner)
         if not ours:
@@ -245,7 +245,7 @@ def run(
     if fresh or current is None:
         since = current.started_at if again and current is not None else began
         current = Run(started_at=since, refused_before=target.backlog()[1])
-    current.total, current.max_share, current.alive_at = total, max_share, time.time()
+    current.total, current.max_share, current.alive_at = total, max_share, began
     current.owner = uuid.uuid4().hex
     target.save(current, fresh=fresh, start=True)
     started, start_done, last_report = time.monotonic(), current.position, 0.0
@@ -261,8 +261,8 @@ def run(
         rate = done_now * 3600.0 / elapsed if elapsed > 1 and done_now > 0 else 0.0
         left = None if current.total is None else max(current.total - current.position, 0)
         progress = Progress(current, waiting, refused, rate, elapsed, left)
-        if time.time() - (current.alive_at or 0.0) >= ALIVE_EVERY:
-            current.alive_at = time.time()
+        if (now := target.clock()) - (current.alive_at or 0.0) >= ALIVE_EVERY:
+            current.alive_at = now  # by the clock another run's check reads (Redis's)
             target.save(current)
         if force or time.monotonic() - last_report >= every:
             last_report = time.monotonic()

@@ -372,21 +372,6 @@ class ContactRecords:
 
         transact(self.redis, self._key("line", claim.contact), update, record, lease_key)
 
-    def pending_version(
-        self, contacts: Iterable[str], *, upto: int | None = None
-    ) -> tuple[str, int] | None:
-        """The first of ``contacts`` with an upsert not delivered (of version ``upto`` or
-        earlier, when given), and its record's version."""
-        contacts = list(dict.fromkeys(contacts))
-        pipe = self.redis.pipeline(transaction=False)
-        for contact in contacts:
-            pipe.hmget(self._key("contact", contact), "version", "delivered")
-        for contact, (version, delivered) in zip(contacts, pipe.execute(), strict=True):
-            wanted = int(version or 0) if upto is None else upto
-            if version is not None and wanted > int(delivered or 0):
-                return contact, int(version)
-        return None
-
     def waiting(self, contact: str | None) -> dict[str, Any] | None:
         """The payload of ``contact``'s record while an upsert of it is not delivered."""
         if contact is None:

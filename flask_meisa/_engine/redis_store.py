@@ -105,13 +105,31 @@ class RedisDeliveryStore(ContactRecords):
         external_id) with an upsert not delivered, ``(contact, version)``; and when it names
         another address than the contact's last (a move), the ids of the events noted by
         that address not finished: Meisa would find no contact for them after the move."""
-        others = (other for other in self.contacts(payload) if other != contact)
-        after = [found for other in others if (found := self.pending_version([other]))]
-        address = as_text(self.redis.hget(self._key("contact", contact), "address"))
-        _, email = identities(payload)
+        others = [other for other in self.contacts(payload) if other != contact]
+        pipe = self.redis.pipeline(transaction=False)  # one round trip
+        for other in others:
+            pipe.hmget(self._key("contact", other), "version", "delivered")
+        *records, raw = pipe.hget(self._key("contact", contact), "address").execute()
+        pairs = zip(others, records, strict=True)
+        after = [found for other, (v, d) in pairs if (found := _undelivered(other, v, d))]
+        address, (_, email) = as_text(raw), identities(payload)
         if not address or email is None or address == _digest(email):
             return after, []
         return after, self._unfinished_at(self._key("events", address))
+
+    def pending_version(
+        self, contacts: Iterable[str], *, upto: int | None = None
+    ) -> tuple[str, int] | None:
+        """The first of ``contacts`` with an upsert not delivered (of version ``upto`` or
+        earlier, when given), and its record's version."""
+        contacts = list(dict.fromkeys(contacts))
+        pipe = self.redis.pipeline(transaction=False)
+        for contact in contacts:
+            pipe.hmget(self._key("contact", contact), "version", "delivered")
+        for contact, (version, delivered) in zip(contacts, pipe.execute(), strict=True):
+            if found := _undelivered(contact, version, delivered, upto):
+                return found
+        return None
 
     def _unfinished_at(self, key: str, oldest: int = 0) -> list[str]:
         """The ids kept at ``key`` (the ``oldest`` only, if given) of operations not
@@ -300,6 +318,16 @@ class RedisDeliveryStore(ContactRecords):
             self.redis.delete(f"{self.prefix}:{name}")
         else:
             self.redis.set(f"{self.prefix}:{name}", json.dumps(value))
+
+
+def _undelivered(
+    contact: str, version: Any, delivered: Any, upto: int | None = None
+) -> tuple[str, int] | None:
+    """``(contact, version)`` if its record, of ``version`` and ``delivered`` as read, has
+    an upsert not delivered (of version ``upto`` or earlier, when given)."""
+    if version is None or (int(version) if upto is None else upto) <= int(delivered or 0):
+        return None
+    return contact, int(version)
 
 
 def _counts(raw: Mapping[Any, Any]) -> dict[str, int]:

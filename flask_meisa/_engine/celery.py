@@ -209,10 +209,10 @@ class CeleryDispatcher:
             store.add_pending(operation, lane)
         if operation.kind == "track":
             store.note_event(operation)
+            names = [store.contacts(p) for p in (operation.payload, operation.contact) if p]
             if operation.contact:  # what a 404's upsert of its contact must not undo
-                meta["seen"] = store.version(store.contact_of(operation.contact))
-            names = (operation.payload, operation.contact)
-            found = store.pending_version(c for p in names if p for c in store.contacts(p))
+                meta["seen"] = store.version(next(iter(names[-1]), None))  # its contact_of
+            found = store.pending_version(c for contacts in names for c in contacts)
             if found is not None:
                 after, meta["after"] = [found], list(found)
         # What it waits for is delivered on its lane, not behind a backlog of a later lane.

@@ -76,7 +76,7 @@ class _Segment:
 
     @classmethod
     def open(cls, fields: Mapping[str, Any]) -> _Segment:
-        """The record's open part, from its fields as :func:`_read` gives them."""
+        """The record's open part, from its fields as :func:`_fields` gives them."""
         return cls(
             json.loads(fields["payload"]),
             json.loads(fields["members"] or "[]"),
@@ -88,13 +88,23 @@ class _Segment:
         )
 
 
+#: The fields of a contact's record.
 _FIELDS = "version delivered payload members force priority after events closed priorities"
+_NAMES = _FIELDS.split()
 
 
-def _read(pipe: Any, record: str) -> dict[str, Any]:
-    """The fields of a contact's record by name (``None``: not set)."""
-    names = _FIELDS.split()
-    return dict(zip(names, pipe.hmget(record, *names), strict=True))
+def _fields(reply: list[Any]) -> dict[str, Any]:
+    """The fields of a contact's record by name (``None``: not set), from the reply of an
+    ``HMGET`` of :data:`_NAMES`."""
+    return dict(zip(_NAMES, reply, strict=True))
+
+
+def _known(reply: Mapping[Any, Any]) -> Known | None:
+    """What Meisa has of a contact (see :class:`.store.Known`), from the reply of an
+    ``HGETALL`` of its hash; ``None``: nothing."""
+    fields = {as_text(name): as_text(value) for name, value in reply.items()}
+    accepted_at = fields.pop("@at", None)
+    return None if accepted_at is None else Known(fields, float(accepted_at))
 
 
 def _digest(name: str) -> str:
@@ -146,15 +156,9 @@ class ContactRecords:
             key = self._key("alias", _digest(email))
             pipe.set(key, _digest(ext), ex=int(KEEP_FOR), nx=unless_linked)
 
-    def known(self, contact: str | None, reader: Any = None) -> Known | None:
-        """What Meisa last accepted of ``contact`` (see :class:`.store.Known`), or ``None``;
-        read by ``reader`` (a transaction's pipeline) if given."""
-        if contact is None:
-            return None
-        raw = (reader or self.redis).hgetall(self._key("known", contact))
-        fields = {as_text(name): as_text(value) for name, value in raw.items()}
-        accepted_at = fields.pop("@at", None)
-        return None if accepted_at is None else Known(fields, float(accepted_at))
+    def known(self, contact: str | None) -> Known | None:
+        """What Meisa last accepted of ``contact`` (see :class:`.store.Known`), or ``None``."""
+        return None if contact is None else _known(self.redis.hgetall(self._key("known", contact)))
 
     def remember(
         self,
@@ -213,10 +217,10 @@ class ContactRecords:
         accepted of a live sync since (:func:`~.known.fresh_part`), read with the record."""
         record, known = self._key("contact", contact), self._key("known", contact)
 
-        def update(pipe: Any) -> tuple[int, bool] | None:
-            fields, payload = _read(pipe, record), operation.payload
+        def update(pipe: Any, replies: list[Any]) -> tuple[int, bool] | None:
+            fields, payload = _fields(replies[0]), operation.payload
             if read_at is not None:  # a live sync gone from the record is in what Meisa has
-                fresh = fresh_part(operation, self.known(contact, pipe), read_at)
+                fresh = fresh_part(operation, _known(replies[1]), read_at)
                 if fresh is None:  # its names alone: maybe an address the user left since
                     return None
                 payload = fresh.payload
@@ -265,8 +269,11 @@ class ContactRecords:
             pipe.zadd(self._pending[lane], {operation.id: operation.created_at})
             return version, bool(joined_members)
 
-        watched = (record, known) if read_at is not None else (record,)
-        return transact(self.redis, self._key("line", contact), update, *watched)
+        reads = [("HMGET", record, *_NAMES)]
+        if read_at is not None:
+            reads.append(("HGETALL", known))
+        watched = [read[1] for read in reads]
+        return transact(self.redis, self._key("line", contact), reads, update, *watched)
 
     def claim(self, contact: str, version: int, lease: float) -> Claim:
         """Decide what the upsert task of ``version`` does (see :class:`Claim`): the
@@ -274,12 +281,11 @@ class ContactRecords:
         record, lease_key = self._key("contact", contact), self._key("lease", contact)
         token = uuid.uuid4().hex
 
-        def decide(pipe: Any) -> Claim:
-            fields = _read(pipe, record)
+        def decide(pipe: Any, replies: list[Any]) -> Claim:
+            fields, held, holder = _fields(replies[0]), replies[1], as_text(replies[2])
             delivered, missing = int(fields["delivered"] or 0), fields["version"] is None
             if not missing and (delivered >= version or fields["payload"] is None):
                 return Claim("covered")
-            held, holder = pipe.pttl(lease_key), as_text(pipe.get(lease_key))
             if held is not None and int(held) > 0:
                 # A part's backoff is waited out whole; a call in flight may end sooner.
                 wait = int(held) / 1000.0
@@ -303,7 +309,8 @@ class ContactRecords:
                 priorities=json.loads(fields["priorities"] or "{}"),
             )
 
-        return transact(self.redis, self._key("line", contact), decide, record, lease_key)
+        reads = [("HMGET", record, *_NAMES), ("PTTL", lease_key), ("GET", lease_key)]
+        return transact(self.redis, self._key("line", contact), reads, decide, record, lease_key)
 
     def version(self, contact: str | None) -> int:
         """The version of ``contact``'s record: how many upserts of it were released."""
@@ -320,18 +327,18 @@ class ContactRecords:
         record, lease_key = self._key("contact", contact), self._key("lease", contact)
         token = uuid.uuid4().hex
 
-        def decide(pipe: Any) -> Claim:
-            current = int(pipe.hget(record, "version") or 0)
+        def decide(pipe: Any, replies: list[Any]) -> Claim:
+            current, held = int(replies[0] or 0), replies[1]
             if current > seen:
                 return Claim("covered", contact, version=current)
-            held = pipe.pttl(lease_key)
             if held is not None and int(held) > 0:
                 return Claim("busy", wait=min(int(held) / 1000.0, 0.25))
             pipe.multi()
             pipe.set(lease_key, token, px=max(int(lease * 1000), 1))
             return Claim("deliver", contact, token=token, version=current)
 
-        return transact(self.redis, self._key("line", contact), decide, record, lease_key)
+        reads = [("HGET", record, "version"), ("PTTL", lease_key)]
+        return transact(self.redis, self._key("line", contact), reads, decide, record, lease_key)
 
     def settle(self, claim: Claim, *, delivered: bool = True, backoff: float = 0.0) -> None:
         """Release the claim's lease; ``delivered``: its call is over for good, so mark its
@@ -339,9 +346,8 @@ class ContactRecords:
         its call is to be made again no sooner, by whichever task of the part claims it."""
         record, lease_key = self._key("contact", claim.contact), self._key("lease", claim.contact)
 
-        def update(pipe: Any) -> None:
-            fields = _read(pipe, record)
-            holder = as_text(pipe.get(lease_key))
+        def update(pipe: Any, replies: list[Any]) -> None:
+            fields, holder = _fields(replies[0]), as_text(replies[1])
             pipe.multi()
             if delivered and fields["version"] is not None:
                 # The claimed part is the first one: closed since if upserts came that
@@ -370,7 +376,8 @@ class ContactRecords:
             elif holder == claim.token:
                 pipe.delete(lease_key)
 
-        transact(self.redis, self._key("line", claim.contact), update, record, lease_key)
+        reads = [("HMGET", record, *_NAMES), ("GET", lease_key)]
+        transact(self.redis, self._key("line", claim.contact), reads, update, record, lease_key)
 
     def waiting(self, contact: str | None) -> dict[str, Any] | None:
         """The payload of ``contact``'s record while an upsert of it is not delivered."""

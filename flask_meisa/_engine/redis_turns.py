@@ -8,6 +8,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 from typing import TypeVar
 
@@ -27,27 +28,37 @@ class _Wait(Exception):
     """Another transaction is first in the line."""
 
 
-def transact(redis: Any, line: str, update: Callable[[Any], T], *keys: str) -> T:
-    """``update(pipe)`` in a WATCH transaction of ``keys`` (it calls ``pipe.multi()`` and
-    queues its writes, or returns without one). While the list ``line`` holds transactions
-    that failed :data:`TRIES` times, none but its first writes: each of them goes in turn,
-    and a newcomer waits behind them (then joins them)."""
+def transact(
+    redis: Any,
+    line: str,
+    reads: Sequence[tuple[str, ...]],
+    update: Callable[[Any, list[Any]], T],
+    *keys: str,
+) -> T:
+    """``update(pipe, replies)`` in a WATCH transaction of ``keys``, given the replies to
+    the commands ``reads`` (it calls ``pipe.multi()`` and queues its writes, or returns
+    without one). While the list ``line`` holds transactions that failed :data:`TRIES`
+    times, none but its first writes: each of them goes in turn, and a newcomer waits
+    behind them (then joins them)."""
     token: str | None = None
     tries, first_seen, led = 0, (None, 0.0), False
-    with redis.pipeline() as pipe:
+    with redis.pipeline() as pipe, redis.pipeline(transaction=False) as reader:
         try:
             while True:
                 try:
                     # Not the line: one joining it, or taking a slow first as gone, would
                     # fail the first's write, again and again; its keys guard the data.
                     pipe.watch(*keys)
-                    head = pipe.lindex(line, 0)
+                    # Read in one round trip, after the WATCH (on another connection: a
+                    # write since then fails the transaction all the same).
+                    for command in (("LINDEX", line, 0), ("LINDEX", line, 1), *reads):
+                        reader.execute_command(*command)
+                    head, after, *replies = reader.execute()
                     head = head.decode() if isinstance(head, bytes) else head
                     if head not in (None, token):
                         raise _Wait(head)
                     led = token is not None
-                    after = pipe.lindex(line, 1) if led else None
-                    value = update(pipe)
+                    value = update(pipe, replies)
                     if token is not None:  # out of the line with its write, atomically
                         if not pipe.explicit_transaction:
                             pipe.multi()

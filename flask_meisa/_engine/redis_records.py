@@ -378,13 +378,3 @@ class ContactRecords:
 
         reads = [("HMGET", record, *_NAMES), ("GET", lease_key)]
         transact(self.redis, self._key("line", claim.contact), reads, update, record, lease_key)
-
-    def waiting(self, contact: str | None) -> dict[str, Any] | None:
-        """The payload of ``contact``'s record while an upsert of it is not delivered."""
-        if contact is None:
-            return None
-        fields = self.redis.hmget(self._key("contact", contact), "version", "delivered", "payload")
-        version, delivered, payload = fields
-        if version is None or payload is None or int(version) <= int(delivered or 0):
-            return None
-        return cast("dict[str, Any]", json.loads(payload))

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterable
 from collections.abc import Mapping
 from typing import Any
+from typing import cast
 
 from ..operations import LANE_BACKFILL
 from ..operations import LANE_NAMES
@@ -130,6 +131,16 @@ class RedisDeliveryStore(ContactRecords):
             if found := _undelivered(contact, version, delivered, upto):
                 return found
         return None
+
+    def waiting(self, contact: str | None) -> dict[str, Any] | None:
+        """The payload of ``contact``'s record while an upsert of it is not delivered."""
+        if contact is None:
+            return None
+        fields = self.redis.hmget(self._key("contact", contact), "version", "delivered", "payload")
+        version, delivered, payload = fields
+        if payload is None or not _undelivered(contact, version, delivered):
+            return None
+        return cast("dict[str, Any]", json.loads(payload))
 
     def _unfinished_at(self, key: str, oldest: int = 0) -> list[str]:
         """The ids kept at ``key`` (the ``oldest`` only, if given) of operations not

@@ -26,6 +26,7 @@ from .base import OUTAGE_THRESHOLD
 from .budget import allowed
 from .redis_records import _digest
 from .redis_records import as_text
+from .redis_records import seconds
 
 logger = logging.getLogger("flask_meisa.engine")
 
@@ -204,8 +205,7 @@ class RedisBudget:
     def snapshot(self) -> tuple[float, dict[int, int], dict[str, int] | None]:
         """``(paused_for, in_flight, remaining)``: the pause left, calls in flight by lane and
         calls that could start now by window (``None`` without a limit)."""
-        seconds, micros = self._redis.time()
-        now = seconds + micros / 1_000_000
+        now = seconds(self._redis.time())
         pipe = self._redis.pipeline(transaction=False)
         pipe.get(self._pause_key)
         pipe.zrangebyscore(self._flying_key, f"({now}", "+inf")

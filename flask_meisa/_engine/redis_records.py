@@ -10,6 +10,7 @@ import json
 import uuid
 from collections.abc import Iterable
 from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field
 from typing import Any
@@ -111,6 +112,11 @@ def _digest(name: str) -> str:
     return hashlib.sha256(name.encode("utf-8")).hexdigest()[:32]
 
 
+def seconds(time: Sequence[Any]) -> float:
+    """Redis's ``TIME`` reply (seconds, microseconds; numbers or text) in seconds."""
+    return float(time[0]) + float(time[1]) / 1e6
+
+
 def as_text(value: bytes | str | None) -> str:
     """A Redis reply (bytes, or text with ``decode_responses``) as text."""
     return value.decode("utf-8") if isinstance(value, bytes) else value or ""
@@ -133,8 +139,7 @@ class ContactRecords:
 
     def clock(self) -> float:
         """Redis's clock (``TIME``): one for the workers and every command host."""
-        seconds, micros = self.redis.time()
-        return float(seconds) + float(micros) / 1e6
+        return seconds(self.redis.time())
 
     def contacts(self, payload: Mapping[str, Any]) -> list[str]:
         """The ids the contact ``payload`` names may be kept under, the one its upserts use

@@ -22,6 +22,7 @@ from .redis_records import RECORD_TTL
 from .redis_records import ContactRecords
 from .redis_records import _digest
 from .redis_records import as_text
+from .redis_records import seconds
 
 #: How many of an address's oldest events each new event of it checks for finished ones.
 _PRUNED = 8
@@ -186,20 +187,18 @@ class RedisDeliveryStore(ContactRecords):
     def seen(self, op_id: str) -> tuple[bool, float]:
         """A worker runs the task of ``op_id``: whether it is still pending (then noted
         seen), and the time by Redis's clock, every worker's and web host's."""
-        pending, seconds, micros = self._seen_now(
-            keys=[self._seen, *self._pending.values()], args=[op_id]
-        )
-        return bool(pending), float(seconds) + float(micros) / 1e6
+        pending, *clock = self._seen_now(keys=[self._seen, *self._pending.values()], args=[op_id])
+        return bool(pending), seconds(clock)
 
     def unseen(self, after: float, limit: int = 500) -> list[list[Any]]:
         """The tasks ``[lane, op, meta]`` of pending operations no worker has run for ``after``
         seconds (then again once twice as old); ``[]`` if another process looked lately."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(f"{self.prefix}:sweep", 1, nx=True, px=max(int(after * 125), 1000)).time()
-        swept, (seconds, micros) = pipe.execute()
+        swept, clock = pipe.execute()
         if not swept:
             return []
-        now = seconds + micros / 1e6  # Redis's, as when each was seen
+        now = seconds(clock)  # Redis's, as when each was seen
         ids = self.redis.zrangebyscore(self._seen, "-inf", now - after, start=0, num=limit)
         if not ids:
             return []
@@ -283,10 +282,10 @@ class RedisDeliveryStore(ContactRecords):
             pipe.zcard(key)
         for key in self._pending.values() if ids else ():
             pipe.zmscore(key, ids)
-        _, (seconds, micros), token, *found = pipe.execute()
+        _, clock, token, *found = pipe.execute()
         counts, scores = found[: len(LANE_NAMES)], found[len(LANE_NAMES) :]
         unfinished = [any(lane[n] is not None for lane in scores) for n in range(len(ids))]
-        return as_text(token), sum(counts), unfinished, seconds + micros / 1e6
+        return as_text(token), sum(counts), unfinished, seconds(clock)
 
     def describe(self, status: DeliveryStatus) -> None:
         """Fill ``status`` with what is pending, its wait and latency, counters, the backfill."""

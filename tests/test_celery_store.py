@@ -418,3 +418,21 @@ def test_a_transaction_in_line_whose_process_was_killed_holds_the_others_briefly
     assert store.coalesce(upsert(), contact, LANE_ROUTINE) == (1, False)
     assert GONE_AFTER <= time.monotonic() - started < GONE_AFTER + 1.0
     assert not client.exists(f"meisa:meisa:line:{{{contact}}}")  # out of the line too
+
+
+def test_a_contacts_transactions_go_through_a_pool_of_one_connection(redis_url: str) -> None:
+    # max_connections in MEISA_CELERY_REDIS_URL bounds the client's pool: one thread's
+    # transaction must fit in one connection (N threads in N), as before its reads were
+    # pipelined on a second connection.
+    bounded = redis.Redis.from_url(f"{redis_url}?max_connections=1")
+    try:
+        store = RedisDeliveryStore(bounded, "meisa")
+        contact = store.contact_of(upsert().payload)
+        assert contact is not None
+        assert store.coalesce(upsert(first_name="Ada"), contact, LANE_ROUTINE) == (1, False)
+        claim = store.claim(contact, 1, lease=5.0)
+        assert claim.state == "deliver"
+        store.settle(claim)
+        assert store.claim(contact, 1, lease=5.0).state == "covered"
+    finally:
+        bounded.close()

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 from typing import TypeVar
 
+from redis import exceptions
 from redis.exceptions import WatchError
 
 #: Optimistic tries of a transaction before it joins its contact's line.
@@ -42,18 +43,18 @@ def transact(
     behind them (then joins them)."""
     token: str | None = None
     tries, first_seen, led = 0, (None, 0.0), False
-    with redis.pipeline() as pipe, redis.pipeline(transaction=False) as reader:
+    with redis.pipeline() as pipe:
         try:
             while True:
                 try:
                     # Not the line: one joining it, or taking a slow first as gone, would
                     # fail the first's write, again and again; its keys guard the data.
                     pipe.watch(*keys)
-                    # Read in one round trip, after the WATCH (on another connection: a
-                    # write since then fails the transaction all the same).
-                    for command in (("LINDEX", line, 0), ("LINDEX", line, 1), *reads):
-                        reader.execute_command(*command)
-                    head, after, *replies = reader.execute()
+                    # Read in one round trip, after the WATCH, on its connection (a
+                    # bounded pool may have no other to give while it is held).
+                    head, after, *replies = _read(
+                        pipe, (("LINDEX", line, 0), ("LINDEX", line, 1), *reads)
+                    )
                     head = head.decode() if isinstance(head, bytes) else head
                     if head not in (None, token):
                         raise _Wait(head)
@@ -95,3 +96,16 @@ def transact(
 
 def _bell(line: str, token: bytes | str) -> str:
     return f"{line}:{token.decode() if isinstance(token, bytes) else token}"
+
+
+def _read(pipe: Any, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+    """The replies to ``commands`` sent at once on the connection ``pipe`` watches with."""
+    connection = pipe.connection
+    try:
+        connection.send_packed_command(connection.pack_commands(commands))
+        return [pipe.parse_response(connection, command[0]) for command in commands]
+    except BaseException as error:
+        connection.disconnect()  # replies may be left unread on it
+        if isinstance(error, (exceptions.ConnectionError, exceptions.TimeoutError)):
+            raise WatchError("the connection was lost while watching") from error
+        raise

@@ -436,3 +436,43 @@ def test_a_contacts_transactions_go_through_a_pool_of_one_connection(redis_url: 
         assert store.claim(contact, 1, lease=5.0).state == "covered"
     finally:
         bounded.close()
+
+
+def test_contacts_in_line_on_pools_of_one_connection_each_write_in_turn(redis_url: str) -> None:
+    # Four processes (each its own pool of one) on one contact: they fail each other's
+    # writes, join its line and take turns, each turn on the connection it watched with.
+    clients = [redis.Redis.from_url(f"{redis_url}?max_connections=1") for _ in range(4)]
+    done = [0] * 4
+
+    def live(n: int) -> None:
+        ours = RedisDeliveryStore(clients[n], "meisa")
+        for k in range(25):
+            ours.coalesce(upsert(custom_fields={"n": n, "k": k}), "c", LANE_ROUTINE)
+            done[n] += 1
+
+    threads = [threading.Thread(target=live, args=(n,)) for n in range(4)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert done == [25] * 4
+        assert RedisDeliveryStore(clients[0], "meisa").version("c") == 100
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_a_transaction_that_raises_in_its_turn_leaves_the_line_on_a_pool_of_one(
+    redis_url: str, contact: str
+) -> None:
+    bounded = redis.Redis.from_url(f"{redis_url}?max_connections=1")
+    line = f"meisa:meisa:line:{{{contact}}}"
+    try:
+        bounded.rpush(line, "killed")  # first in line: this one joins it, then goes first
+        bounded.hset(f"meisa:meisa:contact:{{{contact}}}", "closed", "[")  # unreadable
+        with pytest.raises(ValueError):  # its own error, not the pool's
+            RedisDeliveryStore(bounded, "meisa").coalesce(upsert(), contact, LANE_ROUTINE)
+        assert not bounded.exists(line)  # out of the line: the next one waits for nobody
+    finally:
+        bounded.close()

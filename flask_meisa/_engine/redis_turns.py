@@ -91,6 +91,7 @@ def transact(
                         join.rpush(line, token).expire(line, LINE_TTL).execute()
         finally:
             if token is not None:  # update raised: out of the line
+                pipe.reset()  # its connection first: the pool may have no other
                 redis.lrem(line, 1, token)
 
 
@@ -106,6 +107,7 @@ def _read(pipe: Any, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
         return [pipe.parse_response(connection, command[0]) for command in commands]
     except BaseException as error:
         connection.disconnect()  # replies may be left unread on it
+        pipe.reset()  # its connection back to the pool: joining the line takes one
         if isinstance(error, (exceptions.ConnectionError, exceptions.TimeoutError)):
             raise WatchError("the connection was lost while watching") from error
         raise

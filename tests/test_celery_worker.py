@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 
 from flask_meisa._engine import celery_worker
 from flask_meisa._engine import redis_dead
@@ -1032,3 +1033,33 @@ def test_a_dead_upsert_buried_by_a_worker_whose_clock_is_ahead_is_outdated_all_t
     run_through(worker, *submit(upsert("team")))
     (letter,) = dispatcher.dead_letters.find()
     assert dispatcher.dead_letters.retry(None, force=False) == (0, [letter.seq])
+
+
+def test_a_worker_whose_redis_url_allows_one_connection_delivers_an_upsert_and_an_event(
+    emulator: Emulator,
+    redis_url: str,
+    submit: Submit,
+    store: RedisDeliveryStore,
+    hooks: RecordingHooks,
+) -> None:
+    # max_connections=1 in MEISA_CELERY_REDIS_URL: each step takes one connection at a
+    # time (a contact's transaction too), so a worker thread never waits for a second.
+    bounded = redis.Redis.from_url(f"{redis_url}?max_connections=1")
+    worker = DeliveryWorker(
+        client_factory=lambda: MeisaClient(emulator.live_key, emulator.url, timeout=2.0),
+        store=RedisDeliveryStore(bounded, store.namespace),
+        budget=RedisBudget(bounded, "60/minute", emulator.live_key),
+        call_timeout=3.0,
+        retry=FAST,
+        hooks=hooks,
+    )
+    try:
+        sync = submit(Operation("upsert", {"email": "ada@example.com", "external_id": "42"}))
+        event = submit(Operation("track", {"event_name": "opened", "external_id": "42"}))
+        assert run_through(worker, *sync) == 1
+        assert run_through(worker, *event) == 1
+        assert [op.kind for op in hooks.of("delivered")] == ["upsert", "track"]
+        assert store.pending() == 0
+    finally:
+        worker.close()
+        bounded.close()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 from typing import Any
@@ -75,8 +74,9 @@ def store_failed(error: BaseException) -> str:
     )
 
 
-def status_report(status: DeliveryStatus, store_path: str | None) -> str:
-    """``flask meisa status``: store, delivering process, lanes, counters, backfill."""
+def status_report(status: DeliveryStatus, store_path: str | None, now: float) -> str:
+    """``flask meisa status``: store, delivering process, lanes, counters, backfill (``now``:
+    by the clock its run notes it runs by)."""
     where = "memory of this process"
     if status.durable:
         where = f"{store_path} (every process of this host)"
@@ -105,7 +105,7 @@ def status_report(status: DeliveryStatus, store_path: str | None) -> str:
     )
     if run := status.backfill:
         state = run.get("state", "running")
-        if state == "running" and not backfill.alive(run, time.time()):
+        if state == "running" and not backfill.alive(run, now):
             state = "stopped (run 'flask meisa sync-users' again to go on)"
         if refused := run.get("refused"):
             state = _stopped_by(refused)

@@ -10,6 +10,7 @@ import math
 import signal
 import sqlite3
 import threading
+import time
 from typing import TYPE_CHECKING
 from typing import Any
 from typing import cast
@@ -257,7 +258,9 @@ def status_command() -> None:
     """Show delivery for the whole host: pending work per lane and its age, latency,
     retries, dead letters, budget, which process delivers, counters, the backfill."""
     meisa = _extension()
-    click.echo(_cli_text.status_report(meisa.status(), meisa.state().store_path()))
+    state, status = meisa.state(), meisa.status()
+    now = _backfill_target(state, start=False).clock() if status.backfill else time.time()
+    click.echo(_cli_text.status_report(status, state.store_path(), now))
 
 
 @meisa_cli.command("config-template", with_appcontext=False)

@@ -333,7 +333,7 @@ def test_the_status_says_a_run_whose_process_was_killed_stopped() -> None:
 
     def state(**run: Any) -> str:
         status = DeliveryStatus(engine="thread", backfill={"started_at": now - 3_600, **run})
-        line = _cli_text.status_report(status, None).splitlines()[-1]
+        line = _cli_text.status_report(status, None, time.time()).splitlines()[-1]
         return line.split(",")[0].removeprefix("backfill: ")
 
     assert state(state="running", alive_at=now - 10) == "running"

@@ -864,11 +864,6 @@ def test_a_run_is_never_taken_over_while_it_runs_whatever_the_command_hosts_cloc
     assert (progress.run.state, progress.run.failed) == ("done", 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a run notes that it runs by Redis's clock, and `flask meisa status` reads the "
-    "note by its own host's clock (_cli_text.status): a host 2 minutes ahead shows it stopped",
-)
 def test_status_on_a_host_whose_clock_is_ahead_shows_a_run_that_runs_running(
     make_app: MakeApp, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -889,11 +884,6 @@ def test_status_on_a_host_whose_clock_is_ahead_shows_a_run_that_runs_running(
     assert "backfill: running" in shown[0], shown[0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="AlreadyRunning tells how long ago the run noted it runs by the command host's "
-    "clock (backfill.py), the note being dated by Redis's: 120 s ago, on a host 2 minutes ahead",
-)
 def test_a_second_run_refused_tells_how_long_ago_the_run_noted_it_runs_whatever_its_clock(
     make_app: MakeApp, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -376,7 +376,7 @@ def test_the_status_table_shows_each_lanes_wait_and_latency() -> None:
         durable=True,
         delivering_pid=4242,
     )
-    lines = _cli_text.status_report(status, "/srv/instance/outbox.db").splitlines()
+    lines = _cli_text.status_report(status, "/srv/instance/outbox.db", 0.0).splitlines()
     assert lines[:2] == [
         "engine: thread, store: /srv/instance/outbox.db (every process of this host)",
         "delivering process: pid 4242",

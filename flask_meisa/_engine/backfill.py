@@ -69,11 +69,12 @@ class AlreadyRunning(MeisaError):
     """Another process runs the backfill (:func:`alive`): a second one would clear its
     notes and move its position too."""
 
-    def __init__(self, alive_at: float) -> None:
+    def __init__(self, alive_at: float | None, now: float) -> None:
+        alive_at = alive_at or now  # by the clock the note was dated by
         noted = time.strftime("%H:%M:%S UTC", time.gmtime(alive_at))
         super().__init__(
             f"another 'flask meisa sync-users' runs the backfill (its process last noted it"
-            f" runs at {noted}, {max(time.time() - alive_at, 0):.0f} s ago): wait for it to"
+            f" runs at {noted}, {max(now - alive_at, 0):.0f} s ago): wait for it to"
             " finish, or stop it (Ctrl+C), then run the command again to go on. A run whose"
             f" process was killed is taken over once it has not noted it runs for"
             f" {3 * ALIVE_EVERY:.0f} s."
@@ -161,7 +162,7 @@ class Target:
         else:  # another took it over, this one noting nothing for 90 s (reading a chunk)
             ours = other.get("owner") in (None, run.owner)
         if not ours:
-            raise AlreadyRunning(other.get("alive_at") or time.time())
+            raise AlreadyRunning(other.get("alive_at"), self.clock())
 
     def goes_on_from(self) -> int:
         """The users the next run (not ``--restart``) counts done as it starts: the last

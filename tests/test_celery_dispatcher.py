@@ -280,17 +280,12 @@ def test_status_reads_lanes_pending_counters_and_budget(make: MakeDispatcher) ->
     assert status.backfill is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="status dates the oldest pending operation by its web host's clock and reads "
-    "it, and the recent answers a worker dated, by the clock of the host that asks",
-)
 def test_status_reads_waits_and_latency_alike_on_a_host_whose_clock_is_an_hour_ahead(
     make: MakeDispatcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     dispatcher, real = make(), time.time
     dispatcher.publish(upsert(1))
-    dispatcher.store.finish([], answer=(LANE_AUTOMATION, 0.25))  # a worker's answer
+    dispatcher.store.finish([], answer=(LANE_AUTOMATION, 0.25, dispatcher.store.clock()))
     on_time = dispatcher.status()
     assert on_time.latency["automation"] == (0.25, 0.25)
     monkeypatch.setattr(time, "time", lambda: real() + 3600.0)  # `flask meisa status` there

@@ -280,8 +280,9 @@ def test_pending_operations_are_counted_per_lane_with_their_age(
 def test_latency_covers_recent_answers_and_keeps_a_bounded_number(
     store: RedisDeliveryStore, client: Any
 ) -> None:
+    now = store.clock()
     for n in range(ANSWERS_KEPT + 500):
-        store.finish([], answer=(LANE_AUTOMATION, 0.001 * (n % 100)))
+        store.finish([], answer=(LANE_AUTOMATION, 0.001 * (n % 100), now))
     key = next(k for k in client.keys("*answers*"))
     assert client.llen(key) == ANSWERS_KEPT
     status = DeliveryStatus(engine="celery")

@@ -343,7 +343,7 @@ class DeliveryWorker:
         if settled.step == "failed":
             self._report("failed", members, outcome.error, claim)
         else:
-            waited = (lane, answered_at - released(meta, operation.created_at))
+            waited = (lane, answered_at - released(meta, operation.created_at), answered_at)
             self._report("delivered", members, outcome.result, claim, answer=waited)
         return None
 
@@ -371,7 +371,7 @@ class DeliveryWorker:
         members: list[Operation],
         detail: Any,
         claim: Claim | None = None,
-        answer: tuple[int, float] | None = None,
+        answer: tuple[int, float, float] | None = None,
     ) -> None:
         # The claim first, so that no other task sends its payload again; the operations
         # last (a worker killed in a hook leaves its task to run again: its version is done).

@@ -5,7 +5,6 @@ operations and their kept tasks, the events by each address alone, counters, the
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import Iterable
 from collections.abc import Mapping
@@ -226,10 +225,10 @@ class RedisDeliveryStore(ContactRecords):
         outcome: str | None = None,
         count: int = 0,
         *,
-        answer: tuple[int, float] | None = None,
+        answer: tuple[int, float, float] | None = None,
     ) -> None:
-        """Operations are finished, ``count`` more ``outcome``; ``answer``: ``(lane, seconds)``
-        from release to Meisa's answer."""
+        """Operations are finished, ``count`` more ``outcome``; ``answer``: ``(lane, seconds,
+        at)``: from release to Meisa's answer, and when it came by Redis's clock."""
         ids = list(ids)
         pipe = self.redis.pipeline(transaction=True)
         if ids:
@@ -242,8 +241,9 @@ class RedisDeliveryStore(ContactRecords):
         if outcome is not None and count:
             pipe.hincrby(self._stats, outcome, count)
         if answer is not None:
-            key = self._answers[answer[0]]
-            pipe.lpush(key, f"{time.time():.3f} {max(answer[1], 0.0):.3f}")
+            lane, waited, at = answer
+            key = self._answers[lane]
+            pipe.lpush(key, f"{at:.3f} {max(waited, 0.0):.3f}")
             pipe.ltrim(key, 0, ANSWERS_KEPT - 1)
             pipe.expire(key, int(LATENCY_WINDOW))
         pipe.execute()
@@ -297,8 +297,9 @@ class RedisDeliveryStore(ContactRecords):
         pipe.hgetall(self._stats)
         pipe.get(f"{self.prefix}:backfill")
         pipe.get(f"{self.prefix}:backfill_refused")
-        *per_lane, stats, run, refused = pipe.execute()
-        now = time.time()
+        pipe.time()  # the clock the answers are dated by, whichever host asks
+        *per_lane, stats, run, refused, clock = pipe.execute()
+        now = seconds(clock)
         since = now - LATENCY_WINDOW
         for lane, name in LANE_NAMES.items():
             count, oldest, answers = per_lane[3 * lane : 3 * lane + 3]

@@ -1,5 +1,5 @@
-"""A request's operations: collected while the view runs (coalesced per contact), released
-to delivery once the server has written the response (under ``TESTING``, once the view
+"""A request's operations: collected while the view runs, released to delivery (coalesced
+per contact) once the server has written the response (under ``TESTING``, once the view
 returned), never for a failed view. Outside a request, work goes to delivery at once."""
 
 from __future__ import annotations
@@ -44,34 +44,45 @@ _HELD_KEY = "flask_meisa.held"  # the response body that holds them while it is 
 logger = logging.getLogger("flask_meisa")
 
 
+#: A hook's work whose check waits until the response is out: made into its operation
+#: then (``None``: refused, and the hook's own words logged; nobody awaits its errors).
+Later = Callable[[], "Operation | None"]
+
+
 class _RequestBatch:
-    """The operations one request produced, in arrival order; a later upsert of a contact
-    merges into the request's latest one when it can (see :meth:`Operation.merge`)."""
+    """The work one request produced, in arrival order: operations, and :data:`Later` work."""
 
     def __init__(self) -> None:
-        self.operations: list[Operation] = []
-        self._upserts: dict[str, Operation] = {}  # by each name of its contact
+        self.items: list[Operation | Later] = []
 
-    def add(self, operation: Operation) -> None:
-        """Append ``operation``, or merge it into this request's upsert of its contact."""
-        if operation.kind != "upsert":
-            self.operations.append(operation)
-            return
-        names = _names(operation)
-        earlier = None
-        if self._upserts:  # most requests make one upsert
-            earlier = next((self._upserts[n] for n in names if n in self._upserts), None)
-        # Only into the latest upsert of every name either has, so that none overtakes one.
-        if earlier is not None and any(
-            self._upserts.get(n) is not earlier for n in {*names, *_names(earlier)}
-        ):
+    def operations(self) -> list[Operation]:
+        """The request's operations, the later ones made now; a later upsert of a contact
+        merged into the request's latest one when it can (see :meth:`Operation.merge`)."""
+        operations: list[Operation] = []
+        upserts: dict[str, Operation] = {}  # by each name of its contact
+        for item in self.items:
+            operation = item if isinstance(item, Operation) else item()
+            if operation is None:
+                continue
+            if operation.kind != "upsert":
+                operations.append(operation)
+                continue
+            names = _names(operation)
             earlier = None
-        if earlier is None or not earlier.merge(operation):
-            self.operations.append(operation)
-        else:
-            operation, names = earlier, _names(earlier)
-        for name in names:
-            self._upserts[name] = operation
+            if upserts:  # most requests make one upsert
+                earlier = next((upserts[n] for n in names if n in upserts), None)
+            # Only into the latest upsert of every name either has, so that none overtakes one.
+            if earlier is not None and any(
+                upserts.get(n) is not earlier for n in {*names, *_names(earlier)}
+            ):
+                earlier = None
+            if earlier is None or not earlier.merge(operation):
+                operations.append(operation)
+            else:
+                operation, names = earlier, _names(earlier)
+            for name in names:
+                upserts[name] = operation
+        return operations
 
 
 def _environ() -> WSGIEnvironment:
@@ -83,7 +94,7 @@ def _names(operation: Operation) -> list[str]:
     return [name for name in identities(operation.payload) if name]
 
 
-def enqueue(state: MeisaState, operation: Operation) -> None:
+def enqueue(state: MeisaState, operation: Operation | Later) -> None:
     """Add ``operation`` to the current request's batch while its response is being made;
     otherwise hand it to delivery now (:class:`DeliveryError` if the engine is full)."""
     if has_request_context():
@@ -96,14 +107,16 @@ def enqueue(state: MeisaState, operation: Operation) -> None:
                     # context's teardown, by a receiver other requests never pay for.
                     request_tearing_down.connect(_teardown, weak=False)
                 batches = environ[_BATCH_KEY] = {}
-            batches.setdefault(state, _RequestBatch()).add(operation)
+            batches.setdefault(state, _RequestBatch()).items.append(operation)
             # A thread of the request's (copy_current_request_context) may have made the
             # batches just as the response left: then nothing else will release them.
             left = found is None and environ.get(_RESPONDED_KEY)
             if left and environ.pop(_BATCH_KEY, None) is batches:
                 _release(batches, failed=False)
             return
-    _dispatch(state, [operation], raise_refused=True)
+    made = operation if isinstance(operation, Operation) else operation()
+    if made is not None:
+        _dispatch(state, [made], raise_refused=True)
 
 
 def _dispatch(
@@ -139,14 +152,14 @@ def _release(batches: dict[MeisaState, _RequestBatch] | None, *, failed: bool) -
     """Deliver a finished request's batches, except when the request failed (and
     ``MEISA_RELEASE_ON_ERROR`` is off) or the batch's app is gone. Never raises."""
     for state, batch in (batches or {}).items():
-        count = len(batch.operations)
+        count = len(batch.items)
         if not state.alive:  # a response outlived its app (a test's kept response)
             logger.debug("meisa: %d operations of a discarded app not released", count)
         elif failed and not state.settings.release_on_error:
             logger.info("meisa: the request failed; %d collected operation(s) not released", count)
         else:
             try:
-                _dispatch(state, batch.operations)
+                _dispatch(state, batch.operations())
             except Exception:
                 logger.exception("meisa: releasing a request's operations failed")
 
@@ -164,7 +177,7 @@ def release_now(state: MeisaState) -> None:
         environ = _environ()
         batch = (environ.get(_BATCH_KEY) or {}).pop(state, None)
         if batch is not None:
-            _dispatch(state, batch.operations)
+            _dispatch(state, batch.operations())
         held = environ.get(_HELD_KEY)
         if held is not None and (body := held()) is not None:  # in a streamed response
             body.release()

@@ -296,24 +296,31 @@ class Meisa:
         return sum(state.close(timeout) for state in states)
 
     def _map(self, state: MeisaState, user: Any, *, payload: bool = False) -> dict[str, Any]:
-        """``user``'s upsert payload, by the contact mapper; a mapping is the payload itself
-        with ``payload`` (upsert, track) or without a custom mapper."""
+        """``user``'s upsert payload, checked (see :meth:`_fields`)."""
+        return upsert_body(self._fields(state, user, payload=payload))
+
+    def _fields(self, state: MeisaState, user: Any, *, payload: bool = False) -> dict[str, Any]:
+        """``user``'s upsert fields by the contact mapper, read now, not yet checked; a
+        mapping is the fields themselves with ``payload`` (upsert, track) or without a
+        custom mapper."""
         if isinstance(user, Mapping) and (payload or self._contact_mapper is None):
-            return _contacts.upsert_payload(user)
+            return _contacts.contact_fields(user)
         if self._contact_mapper is not None:
-            return _contacts.map_contact(self._contact_mapper, user)
+            return _contacts.contact_fields(self._contact_mapper(user), _contacts.MAPPER_REFUSAL)
         settings = state.settings
-        fields = _contacts.default_contact_mapper(
+        return _contacts.default_contact_mapper(
             user, custom_fields=settings.custom_fields, source=settings.default_source
         )
-        return upsert_body(fields)
 
     def _on_user_logged_in(self, sender: Flask, user: Any = None, **extra: Any) -> None:
         try:  # never let a sync problem break login_user(): log it instead
             state = self.state(sender)
-            deferral.enqueue(state, Operation.checked("upsert", self._map(state, user)))
+            # Only read now (the user object may not outlive the request); checked and
+            # encoded once the response is out, where it costs the login nothing.
+            fields = self._fields(state, user)
+            deferral.enqueue(state, functools.partial(_login_upsert, fields))
         except Exception:
-            logger.exception("meisa: could not sync the user who logged in")
+            logger.exception(_LOGIN_FAILED)
 
     def _on_plan_changed(
         self, sender: Any, user: Any = None, new_plan: Any = None, **extra: Any
@@ -345,6 +352,18 @@ class Meisa:
             signals.emit(signals.delivery_failed, state.app, operation=None, error=error)
             return
         deferral.enqueue(state, operation)
+
+
+_LOGIN_FAILED = "meisa: could not sync the user who logged in"
+
+
+def _login_upsert(fields: dict[str, Any]) -> Operation | None:
+    """The upsert of a login's ``fields`` (``None``, logged, when they are no valid one)."""
+    try:
+        return Operation.checked("upsert", upsert_body(fields))
+    except Exception:
+        logger.exception(_LOGIN_FAILED)
+        return None
 
 
 def _function(value: F, name: str) -> F:

@@ -340,6 +340,27 @@ def test_a_failing_mapper_never_breaks_login(
     assert emulator.requests == []
 
 
+def test_a_logins_sync_is_checked_once_the_server_is_done_with_the_response(
+    emulator: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The login only reads the user: its fields are checked, and a bad one logged, later.
+    app = build_app(emulator_config(emulator))
+    app.config["USERS"][1].mrr = math.nan
+    environ = EnvironBuilder(path="/login/1", method="POST").get_environ()
+
+    def start_response(status: str, headers: list[tuple[str, str]], *exc_info: Any) -> Any:
+        return lambda data: None
+
+    with caplog.at_level(logging.ERROR, logger="flask_meisa"):
+        body = app(environ, start_response)
+        assert b"".join(body) == b"logged in"
+        assert caplog.records == []
+        body.close()  # type: ignore[attr-defined]
+    assert "could not sync the user who logged in" in caplog.text
+    assert "custom_fields.mrr: must be a finite number" in caplog.text
+    assert emulator.requests == []
+
+
 class _PlainUser:
     """A user without Flask-Login's ``UserMixin``: no ``get_id()``; the app's login manager
     reads ``get_auth_id()`` instead (``LoginManager.id_attribute``)."""

@@ -1,7 +1,10 @@
 """Where a syncing login's cost in the request thread goes, part by part, measured inside
-a whole request (Flask's test client), not in a loop of its own: a part costs three to
-four times as much there as it does alone (the request's own work leaves the caches cold
-for it), so only this says what cutting a part would gain.
+a whole request (the app's WSGI callable), not in a loop of its own: a part costs up to
+several times as much there as it does alone (the request's own work leaves the caches
+cold for it), so only this says what cutting a part would gain. Each is split at the
+response: the CPU until the app returned it (what a login's latency pays), and the CPU of
+closing it, after the server wrote it (where Meisa releases the request's work: under
+gunicorn, not measurably part of the login's latency).
 
 The login app of ``bench_app.py`` with ``MEISA_ENABLED = False`` (no engine: the request's
 share only), its login receiver replaced by each part in turn, each part including those
@@ -12,10 +15,12 @@ before it:
 - ``check``: and made an operation (:meth:`Operation.checked`: its JSON, its size);
 - ``collect``: an operation made beforehand collected for the request, the response held
   and the batch released when it closes (``_deferral``), without mapping;
-- ``full``: Meisa's own receiver (mapping, checking, collecting, releasing).
+- ``full``: Meisa's own receiver (reading the user, then, once the response is closed,
+  checking, merging and releasing).
 
-Prints the request thread's CPU per login of each (the best of ``--repeats`` rounds of
-``--logins``, variants interleaved) and what it adds to the bare app's.
+Prints the request thread's CPU per login of each, before and after the response (the
+best of ``--repeats`` rounds of ``--logins``, variants interleaved), and what each adds
+to the bare app's.
 
     .venv/bin/python benchmarks/request_share.py [--logins 2000] [--repeats 9]
 """
@@ -30,9 +35,9 @@ from typing import Any
 
 import bench_app
 from flask import Flask
-from flask.testing import FlaskClient
 from flask_login import user_logged_in
 from support import silent_host
+from werkzeug.test import EnvironBuilder
 
 from flask_meisa import Meisa
 from flask_meisa import _deferral
@@ -67,12 +72,20 @@ def app_with(url: str, instance: str, part: Part | None, variant: str = "meisa")
     return app
 
 
-def cpu_per_login(client: FlaskClient, logins: int, start: int) -> float:
-    """Seconds of this thread's CPU per login, over ``logins`` logins of users in turn."""
-    began = time.thread_time()
+def cpu_per_login(app: Flask, logins: int, start: int) -> tuple[float, float]:
+    """Seconds of this thread's CPU per login until the app returned its response, and
+    closing it, over ``logins`` logins of users in turn."""
+    before = after = 0.0
     for number in range(start, start + logins):
-        client.post(f"/login/{number % USERS}").close()
-    return (time.thread_time() - began) / logins
+        environ = EnvironBuilder(path=f"/login/{number % USERS}", method="POST").get_environ()
+        began = time.thread_time()
+        body = app(environ, lambda status, headers, exc_info=None: lambda data: None)
+        b"".join(body)
+        answered = time.thread_time()
+        getattr(body, "close", lambda: None)()
+        before += answered - began
+        after += time.thread_time() - answered
+    return before / logins, after / logins
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,20 +94,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=9, help="rounds per variant")
     args = parser.parse_args(argv)
     with silent_host() as url, tempfile.TemporaryDirectory(prefix="bench-share-") as folder:
-        clients = {"bare": app_with(url, folder, None, variant="bare").test_client()}
+        apps = {"bare": app_with(url, folder, None, variant="bare")}
         for name, part in PARTS.items():
-            clients[name] = app_with(url, f"{folder}/{name}", part).test_client()
-        for client in clients.values():  # imports, first logins, caches
-            cpu_per_login(client, 300, 0)
-        best = dict.fromkeys(clients, float("inf"))
+            apps[name] = app_with(url, f"{folder}/{name}", part)
+        for app in apps.values():  # imports, first logins, caches
+            cpu_per_login(app, 300, 0)
+        best = {name: [float("inf")] * 2 for name in apps}
         for round_number in range(args.repeats):
-            for name, client in clients.items():
-                spent = cpu_per_login(client, args.logins, round_number * args.logins)
-                best[name] = min(best[name], spent)
-    print(f"{'part':10} {'us/login':>9} {'+ over bare':>12}   (request thread CPU, best round)")
-    for name, seconds in best.items():
-        extra = (seconds - best["bare"]) * 1e6
-        print(f"{name:10} {seconds * 1e6:9.1f} {extra:+12.1f}")
+            for name, app in apps.items():
+                spent = cpu_per_login(app, args.logins, round_number * args.logins)
+                best[name] = [min(pair) for pair in zip(best[name], spent, strict=True)]
+    heads = ("part", "before response", "+ over bare", "closing", "+ over bare")
+    print("{:10} {:>16} {:>12} {:>8} {:>12}".format(*heads))
+    for name, times in best.items():
+        extra = [(mine - bare) * 1e6 for mine, bare in zip(times, best["bare"], strict=True)]
+        before, after = (seconds * 1e6 for seconds in times)
+        print(f"{name:10} {before:13.1f} us {extra[0]:+12.1f} {after:8.1f} {extra[1]:+12.1f}")
+    print("(the request thread's CPU per login, microseconds, best round)")
 
 
 if __name__ == "__main__":

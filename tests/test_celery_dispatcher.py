@@ -294,6 +294,21 @@ def test_status_reads_waits_and_latency_alike_on_a_host_whose_clock_is_an_hour_a
     assert ahead.latency.get("automation") == (0.25, 0.25)
 
 
+def test_status_reads_the_wait_of_operations_a_web_host_an_hour_behind_released_just_now(
+    make: MakeDispatcher,
+) -> None:
+    # Each was scored by its creation on the web host that released it: one an hour
+    # behind showed operations 0 s old as waiting an hour, to whichever host asked.
+    dispatcher, made = make(), time.time() - 3600.0  # that host's clock
+    sync = Operation("upsert", upsert(1).payload, created_at=made)  # into its record
+    receipt = {"trigger_key": "receipt", "to_email": "a@b.co"}
+    for op in (sync, Operation("send", receipt, created_at=made)):
+        dispatcher.publish(op)
+    status = dispatcher.status()
+    assert status.oldest_wait["automation"] < 5.0
+    assert status.oldest_wait["transactional"] < 5.0
+
+
 def test_flush_is_true_once_every_operation_is_finished(make: MakeDispatcher) -> None:
     dispatcher = make()
     ops = [upsert(n) for n in range(3)]

@@ -741,7 +741,8 @@ def test_a_routine_operation_waiting_too_long_goes_on_the_automation_lane(
 ) -> None:
     payload = {"email": "ada@example.com", "external_id": "1"}
     store.remember(payload, time.time())
-    old = Operation("upsert", {**payload, "first_name": "A"}, created_at=time.time() - 61)
+    made = time.time() - 3661  # on a web host an hour behind, 61 s ago
+    old = Operation("upsert", {**payload, "first_name": "A"}, created_at=made)
     ((lane, data, meta),) = dispatcher.tasks(old)
     assert lane == LANE_ROUTINE
     meta["released"] -= 61  # by Redis's clock, as the worker reads it
@@ -752,6 +753,8 @@ def test_a_routine_operation_waiting_too_long_goes_on_the_automation_lane(
     assert isinstance(again, RunAgain)
     assert (again.queue, again.meta["lane"]) == ("meisa.automation", LANE_AUTOMATION)
     assert (store.pending(LANE_ROUTINE), store.pending(LANE_AUTOMATION)) == (0, 1)
+    # Promoted, it has waited since its release, not since its creation on that host.
+    assert 61.0 <= dispatcher.status().oldest_wait["automation"] < 70.0
 
 
 def test_a_worker_whose_clock_is_ahead_leaves_a_fresh_routine_operation_in_its_lane(

@@ -201,12 +201,12 @@ class CeleryDispatcher:
             # Read before the record links the address to this contact and takes it as its last.
             after, left = store.ahead_of(operation.payload, contact)
             meta["contact"] = contact
-            coalesced = store.coalesce(operation, contact, lane, after, left, read_at)
+            coalesced = store.coalesce(operation, contact, lane, after, left, read_at, now)
             if coalesced is None:  # a backfill's, older than what Meisa has
                 return []
             meta["version"], joined = coalesced
         else:
-            store.add_pending(operation, lane)
+            store.add_pending(operation, lane, now)
         if operation.kind == "track":
             store.note_event(operation)
             names = [store.contacts(p) for p in (operation.payload, operation.contact) if p]

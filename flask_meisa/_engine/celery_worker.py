@@ -115,7 +115,7 @@ class DeliveryWorker:
         age = now - released(meta, operation.created_at)
         if meta["lane"] == LANE_ROUTINE and age > self._routine_max_age:
             meta["lane"] = LANE_AUTOMATION  # nothing waits forever
-            self.store.add_pending(operation, LANE_AUTOMATION)
+            self.store.add_pending(operation, LANE_AUTOMATION, now - age)
         if operation.kind == "upsert" and meta.get("contact") is not None:
             return self._run_coalesced(operation, meta, age)
         if operation.kind == "track" and meta.get("recover") and meta.get("seen") is not None:

@@ -210,6 +210,7 @@ class ContactRecords:
         after: Iterable[tuple[str, int]] = (),
         events: Iterable[str] = (),
         read_at: float | None = None,
+        released: float | None = None,
     ) -> tuple[int, bool] | None:
         """Merge an upsert into its contact's record, pending in ``lane``; its new version,
         and whether it joined upserts waiting there (``None``: nothing to send). It joins them as
@@ -219,7 +220,8 @@ class ContactRecords:
         version)`` of other contacts' upserts that its names pointed to, pending when it was
         made: delivered first; ``events``: ids of events to finish first (a part it joins
         keeps its own); ``read_at``: a backfill's, of a user read then: less what Meisa
-        accepted of a live sync since (:func:`~.known.fresh_part`), read with the record."""
+        accepted of a live sync since (:func:`~.known.fresh_part`), read with the record;
+        ``released``: when, by Redis's clock (by default, its creation)."""
         record, known = self._key("contact", contact), self._key("known", contact)
 
         def update(pipe: Any, replies: list[Any]) -> tuple[int, bool] | None:
@@ -271,7 +273,7 @@ class ContactRecords:
             )
             pipe.expire(record, RECORD_TTL)
             self._link(pipe, operation.payload)
-            pipe.zadd(self._pending[lane], {operation.id: operation.created_at})
+            pipe.zadd(self._pending[lane], {operation.id: released or operation.created_at})
             return version, bool(joined_members)
 
         reads = [("HMGET", record, *_NAMES)]

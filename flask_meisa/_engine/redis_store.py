@@ -78,12 +78,13 @@ class RedisDeliveryStore(ContactRecords):
         self._answers = {lane: f"{self.prefix}:answers:{n}" for lane, n in LANE_NAMES.items()}
         self._refused, self._seen_now = map(redis.register_script, (_REFUSED, _SEEN))
 
-    def add_pending(self, operation: Operation, lane: int) -> None:
-        """Count ``operation`` pending in ``lane`` and no other (it may have been promoted)."""
+    def add_pending(self, operation: Operation, lane: int, released: float | None = None) -> None:
+        """Count ``operation`` pending in ``lane`` and no other (it may have been promoted),
+        since ``released`` (by Redis's clock; by default, its creation)."""
         pipe = self.redis.pipeline(transaction=True)
         for key in self._pending.values():
             pipe.zrem(key, operation.id)
-        pipe.zadd(self._pending[lane], {operation.id: operation.created_at})
+        pipe.zadd(self._pending[lane], {operation.id: released or operation.created_at})
         pipe.execute()
 
     def note_event(self, operation: Operation) -> None:

@@ -296,29 +296,25 @@ class Meisa:
         return sum(state.close(timeout) for state in states)
 
     def _map(self, state: MeisaState, user: Any, *, payload: bool = False) -> dict[str, Any]:
-        """``user``'s upsert payload, checked (see :meth:`_fields`)."""
-        return upsert_body(self._fields(state, user, payload=payload))
-
-    def _fields(self, state: MeisaState, user: Any, *, payload: bool = False) -> dict[str, Any]:
-        """``user``'s upsert fields by the contact mapper, read now, not yet checked; a
-        mapping is the fields themselves with ``payload`` (upsert, track) or without a
-        custom mapper."""
+        """``user``'s upsert payload, by the contact mapper; a mapping is the payload itself
+        with ``payload`` (upsert, track) or without a custom mapper."""
         if isinstance(user, Mapping) and (payload or self._contact_mapper is None):
-            return _contacts.contact_fields(user)
+            return upsert_body(_contacts.contact_fields(user))
         if self._contact_mapper is not None:
-            return _contacts.contact_fields(self._contact_mapper(user), _contacts.MAPPER_REFUSAL)
+            return _contacts.map_contact(self._contact_mapper, user)
         settings = state.settings
-        return _contacts.default_contact_mapper(
+        fields = _contacts.default_contact_mapper(
             user, custom_fields=settings.custom_fields, source=settings.default_source
         )
+        return upsert_body(fields)
 
     def _on_user_logged_in(self, sender: Flask, user: Any = None, **extra: Any) -> None:
         try:  # never let a sync problem break login_user(): log it instead
             state = self.state(sender)
-            # Only read now (the user object may not outlive the request); checked and
-            # encoded once the response is out, where it costs the login nothing.
-            fields = self._fields(state, user)
-            deferral.enqueue(state, functools.partial(_login_upsert, fields))
+            # Made plain data now: the user's values may change, or need the request, later.
+            # Encoded once the response is out, where it costs the login nothing.
+            payload = self._map(state, user)
+            deferral.enqueue(state, functools.partial(_login_upsert, payload))
         except Exception:
             logger.exception(_LOGIN_FAILED)
 
@@ -357,10 +353,10 @@ class Meisa:
 _LOGIN_FAILED = "meisa: could not sync the user who logged in"
 
 
-def _login_upsert(fields: dict[str, Any]) -> Operation | None:
-    """The upsert of a login's ``fields`` (``None``, logged, when they are no valid one)."""
+def _login_upsert(payload: dict[str, Any]) -> Operation | None:
+    """The upsert of a login's ``payload`` (``None``, logged, when its body is too large)."""
     try:
-        return Operation.checked("upsert", upsert_body(fields))
+        return Operation.checked("upsert", payload)
     except Exception:
         logger.exception(_LOGIN_FAILED)
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import gc
 import logging
 import math
@@ -19,8 +20,11 @@ import requests
 from flask import Flask
 from flask import Response
 from flask import copy_current_request_context
+from flask import current_app
+from flask import g
 from flask import request
 from flask import stream_with_context
+from werkzeug.local import LocalProxy
 from werkzeug.test import EnvironBuilder
 
 import flask_meisa
@@ -340,10 +344,10 @@ def test_a_failing_mapper_never_breaks_login(
     assert emulator.requests == []
 
 
-def test_a_logins_sync_is_checked_once_the_server_is_done_with_the_response(
+def test_a_login_field_that_cannot_be_sent_is_logged_while_the_login_runs(
     emulator: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # The login only reads the user: its fields are checked, and a bad one logged, later.
+    # Checked in the request, as an explicit upsert is: logged before the response is out.
     app = build_app(emulator_config(emulator))
     app.config["USERS"][1].mrr = math.nan
     environ = EnvironBuilder(path="/login/1", method="POST").get_environ()
@@ -354,11 +358,95 @@ def test_a_logins_sync_is_checked_once_the_server_is_done_with_the_response(
     with caplog.at_level(logging.ERROR, logger="flask_meisa"):
         body = app(environ, start_response)
         assert b"".join(body) == b"logged in"
-        assert caplog.records == []
+        (record,) = caplog.records
         body.close()  # type: ignore[attr-defined]
+    assert record.getMessage() == "meisa: could not sync the user who logged in"
+    assert "custom_fields.mrr: must be a finite number" in caplog.text
+    assert len(caplog.records) == 1
+    assert emulator.requests == []
+
+
+def test_a_login_field_that_cannot_be_sent_is_logged_when_the_view_then_fails(
+    emulator: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A failed view releases nothing: the login's bad field must still be told.
+    app = build_app(emulator_config(emulator, PROPAGATE_EXCEPTIONS=False))
+    app.config["USERS"][1].mrr = math.nan
+
+    @app.post("/login-then-fail/<int:user_id>")
+    def login_then_fail(user_id: int) -> str:
+        flask_login.login_user(app.config["USERS"][user_id])
+        raise RuntimeError("the view failed")
+
+    with caplog.at_level(logging.ERROR, logger="flask_meisa"):
+        response = app.test_client().post("/login-then-fail/1", buffered=True)
+    assert response.status_code == 500
     assert "could not sync the user who logged in" in caplog.text
     assert "custom_fields.mrr: must be a finite number" in caplog.text
     assert emulator.requests == []
+
+
+def test_a_login_sends_the_user_as_it_was_read_not_as_the_view_left_it(emulator: Any) -> None:
+    # The login captures plain data: a dict of the user's that the view changes after
+    # login_user (or another request changes meanwhile) is not what the login read.
+    meisa = Meisa()
+
+    @meisa.contact_mapper
+    def mapper(user: Any) -> dict[str, Any]:
+        return {"email": user.email, "custom_fields": user.settings, "tag_names": user.tags}
+
+    app = build_app(emulator_config(emulator), meisa=meisa)
+    users = app.config["USERS"]
+    users[1].settings, users[1].tags = {"theme": "dark"}, ["beta"]
+
+    @app.post("/login-then-edit/<int:user_id>")
+    def login_then_edit(user_id: int) -> str:
+        user = users[user_id]
+        flask_login.login_user(user)
+        user.settings["theme"] = "light"
+        user.settings["draft"] = "not yet saved"
+        user.tags.append("churned")
+        return "ok"
+
+    assert app.test_client().post("/login-then-edit/1", buffered=True).status_code == 200
+    (upsert,) = upserts(emulator)
+    assert upsert.body["custom_fields"] == {"theme": "dark"}
+    assert upsert.body["tag_names"] == ["beta"]
+
+
+class _AppZone(dt.tzinfo):
+    """A time zone the app configures: its offset read from the current app's config."""
+
+    def utcoffset(self, when: dt.datetime | None) -> dt.timedelta:
+        return dt.timedelta(hours=current_app.config["ZONE_HOURS"])
+
+    def dst(self, when: dt.datetime | None) -> dt.timedelta | None:
+        return None
+
+    def tzname(self, when: dt.datetime | None) -> str:
+        return "app"
+
+
+def test_a_login_field_that_needs_the_request_is_converted_in_it(
+    emulator: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Values that only mean something in the request (a proxy to g, a zone read from the
+    # app) are made plain data there: the release runs after the request's context is gone.
+    meisa = Meisa()
+    tenant = LocalProxy(lambda: g.tenant)
+
+    @meisa.contact_mapper
+    def mapper(user: Any) -> dict[str, Any]:
+        seen = dt.datetime(2026, 1, 2, 12, 0, tzinfo=_AppZone())
+        return {"email": user.email, "custom_fields": {"tenant": tenant, "seen": seen}}
+
+    app = build_app(emulator_config(emulator, ZONE_HOURS=2), meisa=meisa)
+    app.before_request(lambda: setattr(g, "tenant", "acme"))
+    with caplog.at_level(logging.ERROR, logger="flask_meisa"):
+        assert app.test_client().post("/login/1", buffered=True).status_code == 200
+    assert caplog.records == []
+    (upsert,) = upserts(emulator)
+    assert upsert.body["custom_fields"] == {"tenant": "acme", "seen": "2026-01-02T10:00:00Z"}
 
 
 class _PlainUser:

@@ -15,8 +15,8 @@ before it:
 - ``check``: and made an operation (:meth:`Operation.checked`: its JSON, its size);
 - ``collect``: an operation made beforehand collected for the request, the response held
   and the batch released when it closes (``_deferral``), without mapping;
-- ``full``: Meisa's own receiver (reading the user, then, once the response is closed,
-  checking, merging and releasing).
+- ``full``: Meisa's own receiver (mapping and checking the user, then, once the response
+  is closed, encoding, merging and releasing).
 
 Prints the request thread's CPU per login of each, before and after the response (the
 best of ``--repeats`` rounds of ``--logins``, variants interleaved), and what each adds

@@ -152,10 +152,10 @@ def _release(batches: dict[MeisaState, _RequestBatch] | None, *, failed: bool) -
     """Deliver a finished request's batches, except when the request failed (and
     ``MEISA_RELEASE_ON_ERROR`` is off) or the batch's app is gone. Never raises."""
     for state, batch in (batches or {}).items():
-        count = len(batch.items)
         if not state.alive:  # a response outlived its app (a test's kept response)
-            logger.debug("meisa: %d operations of a discarded app not released", count)
+            logger.debug("meisa: %d operations of a discarded app not released", len(batch.items))
         elif failed and not state.settings.release_on_error:
+            count = len(batch.operations())  # made all the same: a login's refusal is logged
             logger.info("meisa: the request failed; %d collected operation(s) not released", count)
         else:
             try:

@@ -366,12 +366,19 @@ def test_a_login_field_that_cannot_be_sent_is_logged_while_the_login_runs(
     assert emulator.requests == []
 
 
+@pytest.mark.parametrize(
+    ("mrr", "told"),
+    [
+        (math.nan, "custom_fields.mrr: must be a finite number"),
+        ("x" * 600_000, "custom_fields: makes the request body 600"),  # its JSON, made later
+    ],
+)
 def test_a_login_field_that_cannot_be_sent_is_logged_when_the_view_then_fails(
-    emulator: Any, caplog: pytest.LogCaptureFixture
+    emulator: Any, caplog: pytest.LogCaptureFixture, mrr: object, told: str
 ) -> None:
-    # A failed view releases nothing: the login's bad field must still be told.
+    # A failed view releases nothing: the login's bad field must still be told, once.
     app = build_app(emulator_config(emulator, PROPAGATE_EXCEPTIONS=False))
-    app.config["USERS"][1].mrr = math.nan
+    app.config["USERS"][1].mrr = mrr
 
     @app.post("/login-then-fail/<int:user_id>")
     def login_then_fail(user_id: int) -> str:
@@ -381,8 +388,9 @@ def test_a_login_field_that_cannot_be_sent_is_logged_when_the_view_then_fails(
     with caplog.at_level(logging.ERROR, logger="flask_meisa"):
         response = app.test_client().post("/login-then-fail/1", buffered=True)
     assert response.status_code == 500
-    assert "could not sync the user who logged in" in caplog.text
-    assert "custom_fields.mrr: must be a finite number" in caplog.text
+    meisa = [r.getMessage() for r in caplog.records if r.name == "flask_meisa"]
+    assert meisa == ["meisa: could not sync the user who logged in"]
+    assert told in caplog.text
     assert emulator.requests == []
 
 

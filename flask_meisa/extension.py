@@ -314,7 +314,7 @@ class Meisa:
             # Made plain data now: the user's values may change, or need the request, later.
             # Encoded once the response is out, where it costs the login nothing.
             payload = self._map(state, user)
-            deferral.enqueue(state, functools.partial(_login_upsert, payload))
+            deferral.enqueue(state, functools.partial(_login_upsert, payload, time.time()))
         except Exception:
             logger.exception(_LOGIN_FAILED)
 
@@ -353,10 +353,11 @@ class Meisa:
 _LOGIN_FAILED = "meisa: could not sync the user who logged in"
 
 
-def _login_upsert(payload: dict[str, Any]) -> Operation | None:
-    """The upsert of a login's ``payload`` (``None``, logged, when its body is too large)."""
+def _login_upsert(payload: dict[str, Any], logged_in_at: float) -> Operation | None:
+    """The upsert of a login's ``payload``, made when it logged in (``None``, logged, when
+    its body is too large)."""
     try:
-        return Operation.checked("upsert", payload)
+        return Operation.checked("upsert", payload, created_at=logged_in_at)
     except Exception:
         logger.exception(_LOGIN_FAILED)
         return None

@@ -366,6 +366,26 @@ def test_a_login_field_that_cannot_be_sent_is_logged_while_the_login_runs(
     assert emulator.requests == []
 
 
+def test_a_logins_upsert_is_dated_by_the_login_not_by_the_end_of_its_response(
+    emulator: Any,
+) -> None:
+    # Its age, and which of a backfill's reads it is newer than, start at the login.
+    app = build_app(emulator_config(emulator))
+    environ = EnvironBuilder(path="/login/1", method="POST").get_environ()
+
+    def start_response(status: str, headers: list[tuple[str, str]], *exc_info: Any) -> Any:
+        return lambda data: None
+
+    with record_operations(app) as recorded:
+        began = time.time()
+        body = app(environ, start_response)
+        answered = time.time()
+        assert b"".join(body) == b"logged in"
+        body.close()  # type: ignore[attr-defined]
+    (operation,) = recorded
+    assert began <= operation.created_at <= answered
+
+
 @pytest.mark.parametrize(
     ("mrr", "told"),
     [

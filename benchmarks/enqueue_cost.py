@@ -159,18 +159,13 @@ def parts(app: Any, calls: int) -> dict[str, Callable[[], float]]:
     """Timers of the parts of ``meisa.upsert`` and of the whole, in the order to run."""
     from flask import has_request_context
 
-    from flask_meisa._contacts import contact_fields
-    from flask_meisa._payloads import upsert_body
+    from flask_meisa._contacts import upsert_payload
     from flask_meisa.operations import Operation
     from flask_meisa.signals import emit
     from flask_meisa.signals import operation_queued
 
     meisa = app.extensions["meisa"]
     state = meisa.state()
-
-    def upsert_payload(fields: Any) -> dict[str, Any]:
-        return upsert_body(contact_fields(fields))
-
     checked = [upsert_payload(payload(n)) for n in range(calls)]
     made = [Operation.checked("upsert", item) for item in checked]
 

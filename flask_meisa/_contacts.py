@@ -54,18 +54,15 @@ def default_contact_mapper(
     return payload
 
 
-#: What a contact mapper that answers no mapping is told.
-MAPPER_REFUSAL = "the contact mapper must return a mapping"
-
-
 def map_contact(mapper: ContactMapper, user: Any) -> dict[str, Any]:
     """Run ``mapper`` on ``user`` and validate its answer as an upsert payload."""
-    return upsert_body(contact_fields(mapper(user), MAPPER_REFUSAL))
+    return upsert_payload(mapper(user), "the contact mapper must return a mapping")
 
 
-def contact_fields(answer: object, refusal: str = "must be a mapping") -> dict[str, Any]:
-    """An upsert's fields given as a mapping (``meisa.upsert({...})``, a contact mapper's
-    answer), copied, not yet checked (:func:`~flask_meisa._payloads.upsert_body` checks them)."""
-    if not isinstance(answer, Mapping):
-        raise ValidationError("contact", f"{refusal}, not {type(answer).__name__}")
-    return dict(answer)
+def upsert_payload(
+    fields: Mapping[str, Any], refusal: str = "must be a mapping"
+) -> dict[str, Any]:
+    """Validate an upsert payload given as a mapping (``meisa.upsert({...})``)."""
+    if type(fields) is not dict and not isinstance(fields, Mapping):
+        raise ValidationError("contact", f"{refusal}, not {type(fields).__name__}")
+    return upsert_body(fields)

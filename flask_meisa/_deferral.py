@@ -44,8 +44,8 @@ _HELD_KEY = "flask_meisa.held"  # the response body that holds them while it is 
 logger = logging.getLogger("flask_meisa")
 
 
-#: A hook's work whose check waits until the response is out: made into its operation
-#: then (``None``: refused, and the hook's own words logged; nobody awaits its errors).
+#: A hook's work made into its operation once the response is out, where it costs the
+#: request nothing (``None``: refused, in the hook's own words logged; nobody awaits it).
 Later = Callable[[], "Operation | None"]
 
 

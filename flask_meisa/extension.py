@@ -299,7 +299,7 @@ class Meisa:
         """``user``'s upsert payload, by the contact mapper; a mapping is the payload itself
         with ``payload`` (upsert, track) or without a custom mapper."""
         if isinstance(user, Mapping) and (payload or self._contact_mapper is None):
-            return upsert_body(_contacts.contact_fields(user))
+            return _contacts.upsert_payload(user)
         if self._contact_mapper is not None:
             return _contacts.map_contact(self._contact_mapper, user)
         settings = state.settings

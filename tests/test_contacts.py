@@ -54,9 +54,9 @@ def test_default_mapper_reads_identity_names_and_custom_fields() -> None:
     meisa = Meisa(app)
     with app.app_context():
         assert meisa.map_user(user)["email"] == "ada@example.com"
-    from flask_meisa._payloads import upsert_body
+    from flask_meisa._contacts import upsert_payload
 
-    assert upsert_body(payload) == {
+    assert upsert_payload(payload) == {
         "email": "ada@example.com",
         "external_id": "7",
         "first_name": "Ada",

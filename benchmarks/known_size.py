@@ -8,7 +8,9 @@ its digest folded in by :func:`flask_meisa._engine.known.remember`. Printed per 
 
 - the store file's bytes (checkpointed, less an empty store's), after the syncs and after
   the logins, and extrapolated to 100,000 users;
-- the CPU time of one ``remember`` of a login (the delivering thread's, per login);
+- the CPU time of one ``remember`` of a login (the delivering thread's, per login), and
+  of one ``lookup`` of a login's contact by each of its names (the storing thread's, per
+  upsert: its lane);
 - with ``--redis``: Redis's ``used_memory`` growth per contact for the Celery engine's
   digest (:meth:`~flask_meisa._engine.redis_records.ContactRecords.remember`), on a
   ``redis-server`` of its own.
@@ -82,9 +84,11 @@ def tables(path: str) -> dict[str, int]:
         return dict(db.execute(query).fetchall())
 
 
-def thread_engine(users: int) -> tuple[int, int, int, list[float], dict[str, int]]:
+def thread_engine(
+    users: int,
+) -> tuple[int, int, int, list[float], dict[str, list[float]], dict[str, int]]:
     """An empty store's bytes, after the syncs, after the logins; CPU seconds per login;
-    bytes per table and index at the end."""
+    CPU seconds per lookup by each name; bytes per table and index at the end."""
     with tempfile.TemporaryDirectory(prefix="bench-known-") as folder:
         path = os.path.join(folder, "store.sqlite3")
         store = Store(path)
@@ -103,9 +107,17 @@ def thread_engine(users: int) -> tuple[int, int, int, list[float], dict[str, int
                 known.remember(db, payload, now + n * 0.001)
                 costs.append(time.process_time() - started)
         logged_in = size(path)
+        looks: dict[str, list[float]] = {"external_id": [], "email": []}
+        for name, looked in looks.items():
+            for n in range(users):
+                payload = {name: login(n, now)[name]}
+                with store.write() as db:
+                    started = time.process_time()
+                    known.lookup(db, payload)
+                    looked.append(time.process_time() - started)
         store.close()
         parts = tables(path)
-    return empty, synced, logged_in, costs, parts
+    return empty, synced, logged_in, costs, looks, parts
 
 
 def celery_engine(users: int) -> int:
@@ -138,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     sigterm_unwinds()
     print(f"load average at the start: {load_average()}")
     progress(f"thread engine: {args.users:,} users")
-    empty, synced, logged_in, costs, parts = thread_engine(args.users)
+    empty, synced, logged_in, costs, looks, parts = thread_engine(args.users)
     for label, total in (("after the syncs", synced), ("after a login each", logged_in)):
         per = (total - empty) / args.users
         print(
@@ -153,6 +165,12 @@ def main(argv: list[str] | None = None) -> None:
         f"remember() of a login, CPU: median {statistics.median(micros):.1f} us,"
         f" mean {statistics.fmean(micros):.1f} us"
     )
+    for name, looked in looks.items():
+        micros = [cost * 1e6 for cost in looked]
+        print(
+            f"lookup() by {name + ',':<12} CPU: median {statistics.median(micros):.1f} us,"
+            f" mean {statistics.fmean(micros):.1f} us"
+        )
     if args.redis:
         progress(f"celery engine: {args.users:,} users")
         grown = celery_engine(args.users)

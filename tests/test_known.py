@@ -84,6 +84,8 @@ def test_a_digest_stays_the_same_across_versions() -> None:
 
 def test_nothing_is_known_of_a_new_contact(db: sqlite3.Connection) -> None:
     assert known.lookup(db, {"email": "ada@example.com", "external_id": "u1"}) is None
+    known.forget(db, {"event_name": "x", "email": "ada@example.com"})
+    assert rows(db) == {}
 
 
 def test_remember_keeps_the_contact_under_both_names(db: sqlite3.Connection) -> None:
@@ -239,6 +241,119 @@ def test_the_user_meisa_has_at_an_address_is_the_last_accepted_there(
     known.remember(db, {"email": "ada@example.com", "external_id": "u2"}, 2.0, accepted=False)
     known.remember(db, {"email": "ada@example.com"}, 3.0)  # no user named: no change
     assert addresses(db) == {"email:ada@example.com": "ext:u2"}
+
+
+def rows(db: sqlite3.Connection) -> dict[str, tuple[list[str], dict[str, str], float]]:
+    """Each row of ``meisa_known`` as it is stored (a pointer's ``fields`` are ``{}``)."""
+    found = db.execute("SELECT key, names, fields, accepted_at FROM meisa_known")
+    return {key: (json.loads(names), json.loads(fields), at) for key, names, fields, at in found}
+
+
+def test_what_meisa_has_of_a_contact_is_kept_once_its_other_names_point_there(
+    db: sqlite3.Connection,
+) -> None:
+    # The whole digest under each name took 2,280 bytes a contact of the store file.
+    ada = {"email": "ada@example.com", "external_id": "u1", "first_name": "Ada"}
+    known.remember(db, {**ada, "custom_fields": {"plan": "pro", "seats": 3}}, 1.0)
+    names_only = {"email": "ada@example.com", "external_id": "u1"}
+    known.remember(db, {**names_only, "custom_fields": {"seats": 4}}, 2.0)
+    kept = rows(db)
+    names = ["ext:u1", "email:ada@example.com"]
+    home = digest({**ada, "custom_fields": {"plan": "pro", "seats": 4}})
+    assert kept["ext:u1"][:2] == (names, {**home, **kept["ext:u1"][1]})
+    assert kept["email:ada@example.com"] == (names, {}, 2.0) and kept["ext:u1"][2] == 2.0
+    for name in ({"email": "ada@example.com"}, {"external_id": "u1"}):
+        found = known.lookup(db, name)
+        assert found is not None and found.accepted_at == 2.0 and found.has(home)
+        assert found.set_after(1.0) == {"custom_fields.seats"}
+
+
+def test_the_two_copies_of_a_previous_release_are_read_merged_and_kept_once(
+    db: sqlite3.Connection,
+) -> None:
+    # A previous release, on the same file during a rolling redeploy, kept the whole
+    # digest under each name, names sorted.
+    old = {"email": "ada@example.com", "external_id": "u1", "first_name": "Ada"}
+    fields = {**digest(old), **{f"{known.SET_AT}{name}": "1.0" for name in digest(old)}}
+    names = json.dumps(["email:ada@example.com", "ext:u1"])
+    copies = [(key, names, json.dumps(fields), 1.0) for key in json.loads(names)]
+    db.executemany("INSERT INTO meisa_known VALUES (?, ?, ?, ?)", copies)
+    for name in ({"email": "ada@example.com"}, {"external_id": "u1"}):
+        found = known.lookup(db, name)
+        assert found is not None and found.accepted_at == 1.0 and found.has(digest(old))
+    known.remember(db, {"email": "ada@example.com", "external_id": "u1", "last_name": "L"}, 2.0)
+    kept = rows(db)
+    assert kept["email:ada@example.com"] == (["ext:u1", "email:ada@example.com"], {}, 2.0)
+    assert kept["ext:u1"][1] == {
+        **fields,
+        **digest({"last_name": "L"}),
+        "@set:email": "2.0",
+        "@set:external_id": "2.0",
+        "@set:last_name": "2.0",
+    }
+    found = known.lookup(db, {"email": "ada@example.com"})
+    assert found is not None and found.has(digest({**old, "last_name": "L"}))
+    assert found.set_after(1.0) == {"last_name"}
+
+
+def test_an_upsert_by_email_only_of_a_contact_kept_under_its_external_id_keeps_one_copy(
+    db: sqlite3.Connection,
+) -> None:
+    known.remember(db, {"email": "ada@example.com", "external_id": "u1", "first_name": "A"}, 1.0)
+    known.remember(db, {"email": "ada@example.com", "last_name": "L"}, 2.0)
+    kept = rows(db)
+    assert [key for key, (_, fields, _) in kept.items() if fields] == ["email:ada@example.com"]
+    assert kept["ext:u1"] == (["email:ada@example.com", "ext:u1"], {}, 2.0)
+    both = digest({"email": "ada@example.com", "first_name": "A", "last_name": "L"})
+    for name in ({"email": "ada@example.com"}, {"external_id": "u1"}):
+        found = known.lookup(db, name)
+        assert found is not None and found.accepted_at == 2.0 and found.has(both)
+        assert found.set_after(1.0) == {"last_name"}
+
+
+def test_a_former_address_points_to_the_contact_that_still_lists_it(
+    db: sqlite3.Connection,
+) -> None:
+    # As when each name had its copy: the former address still finds the contact (with its
+    # new address's digest), and meisa_addresses only has the new one.
+    known.remember(db, {"email": "old@example.com", "external_id": "u1", "first_name": "A"}, 1.0)
+    known.remember(db, {"email": "new@example.com", "external_id": "u1"}, 2.0)
+    kept = rows(db)
+    names = ["ext:u1", "email:new@example.com", "email:old@example.com"]
+    assert kept["email:old@example.com"] == kept["email:new@example.com"] == (names, {}, 2.0)
+    assert kept["ext:u1"][0] == names
+    by_id = known.lookup(db, {"external_id": "u1"})
+    assert by_id is not None and by_id.has(digest({"email": "new@example.com"}))
+    assert known.lookup(db, {"email": "old@example.com"}) == by_id
+    assert addresses(db) == {"email:new@example.com": "ext:u1"}
+
+
+def test_forget_drops_the_contact_and_every_name_pointing_to_it(db: sqlite3.Connection) -> None:
+    known.remember(db, {"email": "old@example.com", "external_id": "u1"}, 1.0)
+    known.remember(db, {"email": "new@example.com", "external_id": "u1"}, 2.0)
+    known.remember(db, {"email": "bob@example.com", "external_id": "u2"}, 2.0)
+    # A pointer naming its home only: followed, and forgotten with it.
+    db.execute("UPDATE meisa_known SET names = '[\"ext:u1\"]' WHERE key = 'email:new@example.com'")
+    by_id = known.lookup(db, {"external_id": "u1"})
+    assert by_id is not None and known.lookup(db, {"email": "new@example.com"}) == by_id
+    known.forget(db, {"event_name": "x", "email": "new@example.com"})
+    assert set(entries(db)) == {"ext:u2", "email:bob@example.com"}
+    assert addresses(db) == {"email:bob@example.com": "ext:u2"}
+
+
+def test_prune_forgets_a_contact_with_its_pointers_and_a_pointer_alone_finds_nothing(
+    db: sqlite3.Connection,
+) -> None:
+    known.remember(db, {"email": "old@example.com", "external_id": "o"}, 10.0)
+    known.remember(db, {"email": "ada@example.com", "external_id": "u1"}, 10.0)
+    known.remember(db, {"external_id": "u1", "first_name": "A"}, 30.0)  # its pointer too
+    assert known.prune(db, 20.0) == 2
+    assert rows(db)["email:ada@example.com"] == (["ext:u1", "email:ada@example.com"], {}, 30.0)
+    db.execute("DELETE FROM meisa_known WHERE key = 'ext:u1'")  # a step pruned its home only
+    assert known.lookup(db, {"email": "ada@example.com"}) is None
+    assert known.lookup(db, {"email": "ada@example.com", "external_id": "u1"}) is None
+    known.forget(db, {"event_name": "x", "email": "ada@example.com"})
+    assert rows(db) == {}
 
 
 def test_prune_forgets_what_was_accepted_before_a_time(db: sqlite3.Connection) -> None:

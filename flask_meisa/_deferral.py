@@ -160,6 +160,8 @@ def _release(batches: dict[MeisaState, _RequestBatch] | None, *, failed: bool) -
         else:
             try:
                 _dispatch(state, batch.operations())
+                if state.delivering():
+                    state.dispatcher.store_now()
             except Exception:
                 logger.exception("meisa: releasing a request's operations failed")
 

@@ -33,10 +33,13 @@ from flask_meisa import ValidationError
 from flask_meisa import contact_synced
 from flask_meisa import delivery_dropped
 from flask_meisa import signals
+from flask_meisa._engine import delivery
+from flask_meisa._engine.host import HostLock
 from flask_meisa.emulator import Emulator
 from flask_meisa.testing import emulator_config
 from flask_meisa.testing import record_operations
 from tests.apps import build_app
+from tests.engine_support import query
 from tests.servers import serve
 
 UPSERT = "/contacts/upsert/"
@@ -364,6 +367,36 @@ def test_a_login_field_that_cannot_be_sent_is_logged_while_the_login_runs(
     assert "custom_fields.mrr: must be a finite number" in caplog.text
     assert len(caplog.records) == 1
     assert emulator.requests == []
+
+
+def test_a_logins_work_is_stored_by_the_time_its_response_is_closed(
+    emulator: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Stored by the request's own thread once the server is done with the response (no
+    # other thread to wake, none racing the next request), not by the writer a minute later.
+    monkeypatch.setattr(delivery, "GROUP_WINDOW", 60.0)
+    path = tmp_path / "store.sqlite3"
+    elsewhere = HostLock(f"{path}.lock")  # another process delivers: the rows stay
+    assert elsewhere.try_acquire()
+    try:
+        config = emulator_config(emulator, MEISA_DELIVERY="thread", MEISA_OUTBOX=str(path))
+        app = build_app(config)
+        meisa = app.extensions["meisa"]
+        with app.app_context():
+            assert meisa.state().dispatcher.first_pass(10)
+        # The writer's look at the host's files (a few ms, every 0.1 s) is the one time it
+        # is left to the writer: a login then does not count as its group.
+        for user in (1, 2, 1):
+            environ = EnvironBuilder(path=f"/login/{user}", method="POST").get_environ()
+            body = app(environ, lambda status, headers, exc_info=None: lambda data: None)
+            assert b"".join(body) == b"logged in"
+            body.close()  # type: ignore[attr-defined]
+            if stored := query(path, "SELECT ext FROM meisa_ops"):
+                break
+        assert stored == [(f"ext:{user}",)]
+        meisa.close(timeout=0)
+    finally:
+        elsewhere.release()
 
 
 def test_a_logins_upsert_is_dated_by_the_login_not_by_the_end_of_its_response(

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from flask_meisa._engine import dead
+from flask_meisa._engine import delivery
 from flask_meisa._engine import known
 from flask_meisa._engine import pending
 from flask_meisa._engine.delivery import Delivery
@@ -147,6 +148,47 @@ def test_rows_are_written_on_submit_and_removed_once_delivered(
     )
     assert status.delivering_pid == os.getpid()
     assert status.budget_left is None  # no budget: none to show
+
+
+def test_a_group_due_is_stored_by_the_thread_that_hands_it_over_without_waiting(
+    emulator: Emulator, make_engine: MakeEngine, path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A request's thread, once its response is out, stores what is due (store_now): no
+    # other thread to wake. The writer would take a minute here.
+    monkeypatch.setattr(delivery, "GROUP_WINDOW", 60.0)
+    emulator.faults.outage(60)  # rows stay
+    engine = make_engine(emulator, RecordingHooks(), poll_interval=60.0)
+    assert engine.first_pass(10)
+    engine.submit([upsert(1)])
+    engine.store_now()
+    assert waiting(path) == 1
+    engine.submit([upsert(2)])  # within the window of that group: the writer's
+    engine.store_now()
+    assert waiting(path) == 1
+    assert engine.flush(0.5) is False  # the window is no wait for a flush
+    assert waiting(path) == 2
+
+
+def test_a_thread_handing_work_over_never_waits_for_the_store(
+    emulator: Emulator, make_engine: MakeEngine, path: Path
+) -> None:
+    hooks = RecordingHooks()
+    engine = make_engine(emulator, hooks, store=Store(path, busy_timeout=60.0))
+    assert engine.first_pass(10)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process writes
+    try:
+        engine.submit([upsert(1)])
+        handing_over = threading.Thread(target=engine.store_now)
+        handing_over.start()
+        handing_over.join(10)  # a wait would be the busy timeout: a minute
+        assert not handing_over.is_alive()
+    finally:
+        other.execute("COMMIT")
+        other.close()
+    assert engine.flush(10)  # the writer stored it once the store was free
+    assert len(answered(emulator, UPSERT)) == 1
+    assert len(hooks.of("delivered")) == 1
 
 
 def test_the_next_engine_delivers_what_a_closed_one_left(
@@ -532,10 +574,10 @@ def test_a_flush_in_a_process_that_keeps_handing_work_over_waits_only_for_earlie
     write = engine.store.write
 
     @contextlib.contextmanager
-    def write_while_more_comes() -> Iterator[sqlite3.Connection]:
+    def write_while_more_comes(*, wait: bool = True) -> Iterator[sqlite3.Connection]:
         if loaded.is_set() and threading.current_thread().name == "flask-meisa-writer":
             engine.submit([upsert(next(more), tag="later")])
-        with write() as db:
+        with write(wait=wait) as db:
             yield db
 
     engine.store.write = write_while_more_comes  # type: ignore[method-assign]
@@ -561,8 +603,8 @@ def test_a_flush_waits_for_no_later_work_given_the_seq_of_a_row_over_since(
     chained, more = threading.Event(), iter(range(1, 100_000))
     store_batch, stored = engine._store_batch, threading.Event()
 
-    def store_and_say(batch: list[Operation]) -> None:
-        store_batch(batch)
+    def store_and_say(batch: list[Operation], *, wait: bool = True) -> None:
+        store_batch(batch, wait=wait)
         stored.set()
 
     engine._store_batch = store_and_say  # type: ignore[method-assign]

@@ -170,6 +170,10 @@ class Dispatcher(Protocol):
         """Take operations, never waiting on Meisa; what cannot be taken is reported to
         ``hooks.dropped`` (a send raises :class:`~flask_meisa.errors.DeliveryError`)."""
 
+    def store_now(self) -> None:
+        """Called by a request's thread once its response is out and its work submitted:
+        the engine may use the thread to store work, never waiting."""
+
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything submitted is finished; ``True`` if nothing is left."""
 

@@ -127,6 +127,9 @@ class CeleryDispatcher:
         for operation in operations:
             self.publish(operation, refused=refused)
 
+    def store_now(self) -> None:
+        """Nothing waits to be stored: each operation was published."""
+
     def publish(
         self, operation: Operation, *, refused: bool = False, read_at: float | None = None
     ) -> bool:

@@ -1,11 +1,13 @@
 """Background delivery (``MEISA_DELIVERY = "thread"``): requests hand operations over in memory,
-a writer thread stores them, and the host's delivery lock holder delivers (docs/delivery.md)."""
+each group is stored by a request's thread after its response (or by the writer thread), and
+the host's delivery lock holder delivers (docs/delivery.md)."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import logging
+import math
 import os
 import sys
 import threading
@@ -38,7 +40,9 @@ if TYPE_CHECKING:
     from .._runtime import MeisaState
     from ..config import MeisaSettings
 
-#: How long the writer rests after storing a group, while the next one gathers, in seconds.
+#: At most how long work handed over waits in memory before the writer thread stores it, in
+#: seconds; a request's thread stores it sooner, after its response, a window after the last
+#: group began (group commit: one transaction per group of requests).
 GROUP_WINDOW = 0.01
 logger = logging.getLogger("flask_meisa.engine")
 
@@ -72,10 +76,13 @@ class Delivery:
         self._wake = threading.Condition(self._lock)  # the writer waits here
         self._idle = threading.Condition(self._lock)  # flush waits here
         self._intake: list[Operation] = []
-        self._writing: list[Operation] = []  # taken by the writer, not yet stored
-        # Writer passes that took the intake, and the last one that stored all it took (a
-        # flush under steady load never sees memory empty).
+        self._writing: list[Operation] = []  # taken by a pass, not yet stored
+        # Passes that took the intake, and the last one that stored all it took (a flush
+        # under steady load never sees memory empty); whether one runs, and when the last
+        # that took work began and the writer stores the intake (monotonic).
         self._passes = self._stored_pass = 0
+        self._passing, self._last_group, self._due = False, -math.inf, math.inf
+        self._writer_idle = False  # it waits for work (else for a group's due time)
         self._dropped_here = 0  # shed from memory, or not stored (writer_error)
         # Live operations stored, as last counted plus added since, and when to count again.
         self._live_rows, self._count_at = 0, 0.0
@@ -117,6 +124,10 @@ class Delivery:
         with self._lock:
             closed = self._closed
             if not closed:
+                if batch and not self._intake:
+                    self._due = time.monotonic() + GROUP_WINDOW
+                    if self._writer_idle:
+                        self._wake.notify_all()
                 self._intake.extend(batch)
                 # Bounded while the store takes nothing: the oldest non-sends go (_writer_done).
                 excess = len(self._writing) + len(self._intake) - self._capacity
@@ -129,7 +140,6 @@ class Delivery:
                     shed = shed[taken - len(self._writing) :]
                     self._dropped_here += len(shed)
                     self._caller.count(reporting=len(gone))  # for a flush, until reported
-                self._wake.notify_all()
         if shed:
             self._drop(shed, "queue_full", self._full)
         if batch and not self._started:
@@ -153,6 +163,8 @@ class Delivery:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             passes = self._passes  # the next pass takes all that was handed over before
+            self._due = -math.inf  # at once: not at the end of the group's window
+            self._wake.notify_all()
         if not self._wait_until(
             lambda: self._stored_pass > passes or not self._unstored(), deadline
         ):
@@ -168,6 +180,8 @@ class Delivery:
             if self._closed:
                 return 0
             started, self._closed = self._started, True  # no new operations from here on
+            self._due = -math.inf  # stored at once
+            self._wake.notify_all()
         if started:
             wait = self.settings.flush_timeout if timeout is None else timeout
             deadline = time.monotonic() + wait
@@ -259,20 +273,71 @@ class Delivery:
         finally:
             self._caller.count(reporting=-len(operations))
 
+    def store_now(self) -> None:
+        """Store what waits in memory in the calling thread (a request's, once its response
+        is out: no wake-up of another thread, and a thread the client no longer waits for),
+        when no group began in the last :data:`GROUP_WINDOW` and the store is free at once;
+        else the writer thread stores it, within that window."""
+        with self._lock:
+            now = time.monotonic()
+            if (
+                self._passing
+                or not self._intake
+                or now < self._last_group + GROUP_WINDOW
+                or not self._stored_pass  # the writer's first pass takes delivery over first
+                or self._store_failing
+                or self._stopping
+            ):
+                return
+            batch, number = self._take(now)
+        stored = None
+        try:
+            self._store_batch(batch, wait=False)
+        except BaseException as error:  # busy, failing or a bug: the writer's to handle
+            self._writer_done([], batch)
+            if not isinstance(error, Exception):
+                raise
+        else:
+            self._writer_done(batch, [])
+            stored = number
+        finally:
+            self._pass_over(stored)
+
+    def _take(self, now: float) -> tuple[list[Operation], int]:
+        """Begin a pass (under the lock): the intake, and the pass's number."""
+        batch, self._intake, self._passing = self._intake, [], True
+        self._writing = batch
+        self._passes += 1
+        if batch:
+            self._last_group = now
+        return batch, self._passes
+
+    def _pass_over(self, stored: int | None) -> None:
+        """The pass is over; pass ``stored`` stored all it took (passes run one at a time)."""
+        with self._lock:
+            self._passing = False
+            if stored is not None:
+                self._stored_pass = stored
+            self._idle.notify_all()
+
     def _write_loop(self) -> None:
         version, look_at = -1, 0.0  # (a data version is never negative)
         while True:
             with self._lock:
                 if self._stopping and not self._intake:
                     return
-                if not self._intake:
-                    self._wake.wait(self._poll)
-                batch, self._intake = self._intake, []
-                self._writing, stored = batch, len(batch)
-                self._passes += 1
+                now = time.monotonic()
+                due = now if self._stopping else self._due if self._intake else math.inf
+                if self._passing or min(due, look_at) > now:  # (a request's thread stores)
+                    self._writer_idle = not self._intake
+                    self._wake.wait(GROUP_WINDOW if self._passing else min(due, look_at) - now)
+                    self._writer_idle = False
+                    continue
+                batch, number = self._take(now)
+            stored, backoff, took_all = len(batch), False, None
             try:
-                if looks := time.monotonic() >= look_at:  # the host's files: once a poll
-                    look_at = time.monotonic() + self._poll
+                if looks := now >= look_at:  # the host's files: once a poll
+                    look_at = now + self._poll
                 # Taken over before this pass stores: rows released for another Meisa are
                 # set aside then, and this process's own must not be among them.
                 if looks and self._caller.keep_lock():  # it delivers for the host from now on
@@ -282,7 +347,7 @@ class Delivery:
                     self._store_batch(batch)
                     self._writer_done(batch, [])
                     batch = []
-                self._stored_pass = self._passes  # (only this thread moves it on)
+                took_all = number
                 if looks:  # the file replaced, or new work from another process?
                     self._caller.follow()
                     if (seen := self.store.data_version()) != version:
@@ -294,10 +359,7 @@ class Delivery:
             except STORE_ERRORS as error:
                 self._writer_done([], batch)  # back before said, so submit sheds it
                 self.store_works(error)
-                with self._lock:
-                    if self._stopping:
-                        return  # closing: what is left is reported lost
-                    self._wake.wait(self._poll)
+                backoff = True
             except Exception:  # a bug: stored one by one, what still fails is reported
                 logger.exception("flask-meisa: delivery writer error; carrying on")
                 done = 0
@@ -313,16 +375,17 @@ class Delivery:
                     done += 1
                 self._writer_done(batch[:done], batch[done:])
             finally:
+                self._pass_over(took_all)
+            if backoff:
                 with self._lock:
-                    self._idle.notify_all()
-            if stored and not self._stopping:
-                # Group commit: one transaction, and one wake-up, per group of requests.
-                time.sleep(GROUP_WINDOW)
+                    if self._stopping:
+                        return  # closing: what is left is reported lost
+                    self._wake.wait(self._poll)
 
-    def _store_batch(self, batch: list[Operation]) -> None:
+    def _store_batch(self, batch: list[Operation], *, wait: bool = True) -> None:
         lowest, shed, fields = LANE_BACKFILL, [], self.settings.priority_fields
         try:
-            with self.store.write() as db:
+            with self.store.write(wait=wait) as db:
                 self.refuse_foreign(db)
                 for operation in batch:
                     had = functools.partial(known.lookup, db, operation.payload)
@@ -346,11 +409,15 @@ class Delivery:
         self._drop(shed, "queue_full", f"at most {self._capacity} operations wait")
 
     def _writer_done(self, stored: list[Operation], back: list[Operation]) -> None:
-        """The writer holds nothing now: ``back`` goes back to memory but what submit shed."""
+        """The pass holds nothing now: ``back`` goes back to memory but what submit shed, for
+        the writer to store at once."""
         with self._lock:
             kept, self._writing = {id(op) for op in self._writing}, []
             shed = [op for op in back if id(op) not in kept]
             self._intake[:0] = [op for op in back if id(op) in kept]
+            if back:
+                self._due = -math.inf
+                self._wake.notify_all()
             self._dropped_here += len(shed)
             self._caller.count(reporting=-sum(id(op) not in kept for op in stored))
         self._drop(shed, "queue_full", self._full)

@@ -52,6 +52,9 @@ class InlineDispatcher:
             else:
                 self._hooks.call("skipped", operation, reason)
 
+    def store_now(self) -> None:
+        """Nothing waits to be stored."""
+
     def _deliver(self, operation: Operation) -> None:
         client, recovering, recovered = self._state.client, False, False
         while True:

@@ -694,16 +694,16 @@ def test_no_store_file_under_testing_with_delivery_suppressed(emulator: Emulator
 
 
 def test_dead_letters_retried_from_a_shell_for_another_meisa_are_not_sent_to_the_server_s(
-    emulator: Emulator,
+    emulator: Emulator, tmp_path: Path
 ) -> None:
     # The server delivers from the store with the live key; a shell with a test key in its
     # environment retries its dead letters: requeued, the server would send them live.
-    app = thread_app(emulator, MEISA_API_KEY=emulator.test_key)
-    path = Path(app.instance_path) / STORE_FILE
+    path = tmp_path / STORE_FILE
     server = make_engine(RecordingHooks(), emulator.url, emulator.live_key, store=Store(path))
     try:
         server.submit([Operation("send", {"trigger_key": "launch_day", "to_email": "a@x.io"})])
         assert server.flush(5) and server.status().dead_letters == 1
+        app = thread_app(emulator, MEISA_API_KEY=emulator.test_key, MEISA_OUTBOX=str(path))
         emulator.add_trigger("launch_day")
         result = invoke(app, "dead-letters", "retry", "--all", "--timeout", "0")
         assert result.exit_code == 1, result.output
@@ -743,16 +743,18 @@ def test_retry_all_of_more_dead_letters_than_sqlite_takes_variables(emulator: Em
         assert meisa_of(app).status().dead_letters == 1
 
 
-def test_retry_all_leaves_the_work_released_for_another_meisa(emulator: Emulator) -> None:
-    # The folder's store kept work released for another Meisa: 'retry --all' retries the
-    # app's failures; that work goes to this Meisa only when retried by ID, on purpose.
-    app = thread_app(emulator)
-    path = Path(app.instance_path) / STORE_FILE
+def test_retry_all_leaves_the_work_released_for_another_meisa(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    # The store kept work released for another Meisa: 'retry --all' retries the app's
+    # failures; that work goes to this Meisa only when retried by ID, on purpose.
+    path = tmp_path / STORE_FILE
     elsewhere = make_engine(
         RecordingHooks(), "http://127.0.0.1:9/api/v1", emulator.live_key, store=Store(path)
     )
     elsewhere.submit([upsert(1), upsert(2)])
     elsewhere.close(0)
+    app = thread_app(emulator, MEISA_OUTBOX=str(path))
     with app.app_context():  # a send refused here, and those two set aside meanwhile
         meisa_of(app).send("launch_day", "buyer@example.com", background=True)
         assert meisa_of(app).flush(5) and meisa_of(app).status().dead_letters == 3

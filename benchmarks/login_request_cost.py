@@ -31,8 +31,8 @@ lowest and highest of that paired ratio over the replicas (how far one process a
 have misled), and
 the CPU each gunicorn worker used per login during its own rounds, every thread (background
 delivery included), which other processes' load on a shared machine does not inflate, and
-how much of it Meisa's own threads (the writer, delivery) took: the steadiest figure of the
-engine's cost. Last,
+how much of it Meisa's own threads (the writer, delivery) took (storing runs mostly in the
+request threads, after their responses: it counts in the whole figure only). Last,
 the p99 ratio without the first round: at 0 ms that round holds the start-up burst (the
 fresh budget's first calls and the users' first syncs, delivered at once by the serving
 process), which otherwise sets the p99 of 3,000 logins.

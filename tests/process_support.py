@@ -15,6 +15,7 @@ from collections.abc import Callable
 from collections.abc import Sequence
 from pathlib import Path
 
+from flask_meisa._engine import pending
 from flask_meisa._engine.base import DeliveryStatus
 from flask_meisa._engine.store import Store
 from flask_meisa.emulator import Emulator
@@ -55,7 +56,7 @@ def stored(instance: Path) -> DeliveryStatus:
     try:
         status = DeliveryStatus(engine="thread", durable=True)
         with store.read() as db:
-            Store.describe(db, time.time(), status)
+            pending.describe(db, time.time(), status)
         return status
     finally:
         store.close()

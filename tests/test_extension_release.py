@@ -33,7 +33,7 @@ from flask_meisa import ValidationError
 from flask_meisa import contact_synced
 from flask_meisa import delivery_dropped
 from flask_meisa import signals
-from flask_meisa._engine import delivery
+from flask_meisa._engine import writer
 from flask_meisa._engine.host import HostLock
 from flask_meisa.emulator import Emulator
 from flask_meisa.testing import emulator_config
@@ -374,7 +374,7 @@ def test_a_logins_work_is_stored_by_the_time_its_response_is_closed(
 ) -> None:
     # Stored by the request's own thread once the server is done with the response (no
     # other thread to wake, none racing the next request), not by the writer a minute later.
-    monkeypatch.setattr(delivery, "GROUP_WINDOW", 60.0)
+    monkeypatch.setattr(writer, "GROUP_WINDOW", 60.0)
     path = tmp_path / "store.sqlite3"
     elsewhere = HostLock(f"{path}.lock")  # another process delivers: the rows stay
     assert elsewhere.try_acquire()

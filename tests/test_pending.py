@@ -679,7 +679,7 @@ def test_shedding_counts_every_operation_a_row_stood_for(db: sqlite3.Connection)
     assert shed.payload["first_name"] == "v2"
     assert Store.get_meta(db, "dropped") == 3
     status = DeliveryStatus(engine="thread")
-    Store.describe(db, 0.0, status)
+    pending.describe(db, 0.0, status)
     assert (status.dropped, status.pending) == (3, 1)
 
 
@@ -784,7 +784,7 @@ def test_the_status_describes_lanes_flights_retries_and_dead_letters(
     pending.retry_at(db, retrying, 110.0)
     dead.bury(db, refused, RuntimeError("no"))
     status = DeliveryStatus(engine="thread")
-    Store.describe(db, 100.0, status)
+    pending.describe(db, 100.0, status)
     assert status.queued == {"transactional": 0, "automation": 1, "routine": 1, "backfill": 0}
     assert (status.in_flight, status.retry_waiting, status.dead_letters) == (1, 1, 1)
     assert status.pending == 4
@@ -837,7 +837,7 @@ def test_a_live_sync_merged_into_a_waiting_backfill_row_counts_from_its_own_rele
     backfilled = add(db, released(10.0, "backfill", first_name="A"), LANE_BACKFILL)
     assert pending.add(db, released(95.0, last_name="B"), LANE_ROUTINE)[:2] == (backfilled, True)
     status = DeliveryStatus(engine="thread")
-    Store.describe(db, 100.0, status)
+    pending.describe(db, 100.0, status)
     assert status.oldest_wait == {"routine": pytest.approx(5.0)}
     assert pending.age_routine(db, 90.0) == 0
     # A later backfill upsert of the contact moves it neither way.
@@ -852,7 +852,7 @@ def test_a_live_sync_merged_into_a_waiting_backfill_row_counts_from_its_own_rele
     add(db, released(96.0, last_name="E"), LANE_ROUTINE)
     pending.retry_at(db, flying, 0.0)
     status = DeliveryStatus(engine="thread")
-    Store.describe(db, 100.0, status)
+    pending.describe(db, 100.0, status)
     assert status.oldest_wait == {"routine": pytest.approx(4.0)}
     (row,) = drain(db, 100.0)
     assert row.operation.created_at == 96.0 and row.operation.priority is None

@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 
 from flask_meisa._engine import dead
-from flask_meisa._engine import delivery
 from flask_meisa._engine import known
 from flask_meisa._engine import pending
+from flask_meisa._engine import writer
 from flask_meisa._engine.delivery import Delivery
 from flask_meisa._engine.host import HostLock
 from flask_meisa._engine.host import set_aside
@@ -155,7 +155,7 @@ def test_a_group_due_is_stored_by_the_thread_that_hands_it_over_without_waiting(
 ) -> None:
     # A request's thread, once its response is out, stores what is due (store_now): no
     # other thread to wake. The writer would take a minute here.
-    monkeypatch.setattr(delivery, "GROUP_WINDOW", 60.0)
+    monkeypatch.setattr(writer, "GROUP_WINDOW", 60.0)
     emulator.faults.outage(60)  # rows stay
     engine = make_engine(emulator, RecordingHooks(), poll_interval=60.0)
     assert engine.first_pass(10)

@@ -18,9 +18,6 @@ from contextlib import suppress
 from typing import Any
 
 from ..errors import ConfigurationError
-from ..operations import LANE_NAMES
-from .base import LATENCY_WINDOW
-from .base import DeliveryStatus
 from .host import at_path
 from .host import carry_over
 from .host import checking
@@ -360,39 +357,6 @@ class Store:
                 "DO UPDATE SET value = CAST(value AS INTEGER) + excluded.value",
                 (name, str(int(delta))),
             )
-
-    @staticmethod
-    def describe(db: sqlite3.Connection, now: float, status: DeliveryStatus) -> None:
-        """Fill ``status`` with what the store holds: work per lane and its age, in flight,
-        waiting to retry, dead letters, latency, counters, pause and the backfill run."""
-        status.queued = dict.fromkeys(LANE_NAMES.values(), 0)
-        query = "SELECT lane, state, ready_at > ?, count(*), min(created_at) FROM meisa_ops"
-        for lane, state, due, count, oldest in db.execute(f"{query} GROUP BY 1, 2, 3", (now,)):
-            name = LANE_NAMES.get(lane, str(lane))
-            if state == "dead":
-                status.dead_letters += count
-                continue
-            if state == "flight":
-                status.in_flight += count
-            elif due:
-                status.retry_waiting += count
-            else:
-                status.queued[name] += count
-            status.oldest_wait[name] = max(status.oldest_wait.get(name, 0.0), now - oldest)
-        query = "SELECT waited FROM meisa_answers WHERE lane = ? AND at >= ?"
-        for lane, name in LANE_NAMES.items():
-            waits = db.execute(query, (lane, now - LATENCY_WINDOW)).fetchall()
-            status.add_latency(name, [waited for (waited,) in waits])
-        for name in ("delivered", "failed", "dropped", "unchanged"):
-            setattr(status, name, int(Store.get_meta(db, name, 0)))
-        status.paused_for = max(float(Store.get_meta(db, "pause_until", 0.0)) - now, 0.0)
-        status.backfill = Store.get_meta(db, "backfill")
-        if status.backfill:  # its upserts Meisa refused: failed users too, as sync-users says
-            refused = int(Store.get_meta(db, "backfill_refused_upserts", 0))
-            refused -= status.backfill.get("refused_before", 0)
-            status.backfill["refused_upserts"] = max(refused, 0)
-        if status.backfill and (refused := Store.get_meta(db, "backfill_refused")):
-            status.backfill["refused"] = refused
 
     def check(self) -> None:
         """Check that this process may write the file (its schema is checked on connecting),

@@ -151,12 +151,16 @@ def test_rows_are_written_on_submit_and_removed_once_delivered(
 
 
 def test_a_group_due_is_stored_by_the_thread_that_hands_it_over_without_waiting(
-    emulator: Emulator, make_engine: MakeEngine, path: Path, monkeypatch: pytest.MonkeyPatch
+    emulator: Emulator,
+    make_engine: MakeEngine,
+    path: Path,
+    lock: HostLock,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # A request's thread, once its response is out, stores what is due (store_now): no
-    # other thread to wake. The writer would take a minute here.
+    # other thread to wake. The writer would take a minute here; another process delivers
+    # (the test's lock): the rows stay, and no delivery thread here uses the store.
     monkeypatch.setattr(writer, "GROUP_WINDOW", 60.0)
-    emulator.faults.outage(60)  # rows stay
     engine = make_engine(emulator, RecordingHooks(), poll_interval=60.0)
     assert engine.first_pass(10)
     engine.submit([upsert(1)])

@@ -239,13 +239,17 @@ class Delivery(Writer):
 
     def _wait_until(self, done: Callable[[], bool], deadline: float | None) -> bool:
         """Poll ``done`` (woken early by progress) until ``deadline`` (monotonic)."""
-        while not done():
+        while True:
+            with self._lock:
+                seen = self._progress  # progress made while done() runs is not missed
+            if done():
+                return True
             with self._lock:
                 left = self._poll if deadline is None else deadline - time.monotonic()
                 if left <= 0:
                     return False
-                self._idle.wait(min(left, self._poll))
-        return True
+                if self._progress == seen:
+                    self._idle.wait(min(left, self._poll))
 
 
 def make_dispatcher(state: MeisaState) -> Delivery:

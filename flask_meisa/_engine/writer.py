@@ -46,6 +46,7 @@ class Writer:
     _lock: threading.Lock
     _wake: threading.Condition  # the writer waits here
     _idle: threading.Condition  # flush waits here
+    _progress: int  # times it was notified
     _threads: list[threading.Thread]
     _intake: list[Operation]
     _writing: list[Operation]  # taken by a pass, not yet stored
@@ -72,7 +73,7 @@ class Writer:
     def _fresh_passes(self) -> None:
         """No pass yet (in a new process)."""
         self._intake, self._writing = [], []
-        self._passes = self._stored_pass = self._dropped_here = 0
+        self._passes = self._stored_pass = self._dropped_here = self._progress = 0
         self._passing, self._last_group, self._due = False, -math.inf, math.inf
         self._writer_idle, self._store_failing = False, None
         self._live_rows, self._count_at = 0, 0.0
@@ -104,6 +105,7 @@ class Writer:
         """There may be new work, or progress: wake the delivery threads and any flush."""
         self._caller.kick()
         with self._lock:
+            self._progress += 1
             self._idle.notify_all()
 
     def _drop(self, operations: list[Operation], reason: str, why: str = "") -> None:
@@ -162,6 +164,7 @@ class Writer:
             self._passing = False
             if stored is not None:
                 self._stored_pass = stored
+            self._progress += 1
             self._idle.notify_all()
 
     def _write_loop(self) -> None:

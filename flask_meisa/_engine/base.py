@@ -140,10 +140,9 @@ class DeliveryStatus:
     oldest_wait: dict[str, float] = field(default_factory=dict)
     #: By lane: (p50, p99) seconds from release to Meisa's answer over the last window.
     latency: dict[str, tuple[float, float]] = field(default_factory=dict)
-    #: The backfill run (``flask meisa sync-users``), when there is one; its ``refused``:
-    #: ``[status, code, message, user]`` of the upsert Meisa refused for the key, that
-    #: stopped it (``user``: its ``external_id``, or ``None``); ``refused_upserts``: its
-    #: upserts Meisa refused (dead letters), ``failed``: its users that could not be mapped.
+    #: The backfill run (``flask meisa sync-users``), if any; ``refused``: ``[status, code,
+    #: message, user]`` of the upsert refused for the key that stopped it (``user``: its
+    #: external_id or None); ``refused_upserts``: dead letters; ``failed``: users unmapped.
     backfill: dict[str, Any] | None = None
 
     @property
@@ -152,8 +151,7 @@ class DeliveryStatus:
         return sum(self.queued.values()) + self.in_flight + self.retry_waiting
 
     def add_latency(self, lane: str, waits: Iterable[float]) -> None:
-        """Note ``lane``'s (p50, p99) of ``waits``, from release to answer over the last
-        :data:`LATENCY_WINDOW` (none: no figure)."""
+        """Note ``lane``'s (p50, p99) of ``waits``, release to answer (none: no figure)."""
         ordered = sorted(waits)
         if ordered:
             last = len(ordered) - 1
@@ -171,8 +169,8 @@ class Dispatcher(Protocol):
         ``hooks.dropped`` (a send raises :class:`~flask_meisa.errors.DeliveryError`)."""
 
     def store_now(self) -> None:
-        """Called by a request's thread once its response is out and its work submitted:
-        the engine may use the thread to store work, never waiting."""
+        """A request's thread, its response out and its work submitted, may store work."""
+        return None  # (nothing to store: each operation went on at once)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything submitted is finished; ``True`` if nothing is left."""

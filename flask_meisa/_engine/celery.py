@@ -24,6 +24,7 @@ from . import backfill
 from . import known
 from .base import DeliveryHooks
 from .base import DeliveryStatus
+from .base import Dispatcher
 from .base import HookCaller
 from .base import lease_of
 from .celery_setup import TASK_NAME
@@ -48,7 +49,7 @@ logger = logging.getLogger("flask_meisa.engine")
 _LOOK_EVERY = 1.0
 
 
-class CeleryDispatcher:
+class CeleryDispatcher(Dispatcher):
     """Publishes operations on the queues of ``queue`` (a prefix), with the records and the
     budget of ``budget_key`` in ``redis``; remembers ``ledger_size`` operations to report if
     Redis loses them; publishes again those no worker ran for ``lost_after`` seconds."""
@@ -127,9 +128,6 @@ class CeleryDispatcher:
         for operation in operations:
             self.publish(operation, refused=refused)
 
-    def store_now(self) -> None:
-        """Nothing waits to be stored: each operation was published."""
-
     def publish(
         self, operation: Operation, *, refused: bool = False, read_at: float | None = None
     ) -> bool:
@@ -192,8 +190,7 @@ class CeleryDispatcher:
     def tasks(
         self, operation: Operation, read_at: float | None = None
     ) -> list[tuple[int, dict[str, Any], dict[str, Any]]]:
-        """Record ``operation`` (see :meth:`publish`) in Redis and return its tasks ``(lane,
-        op, meta)`` (an event's companion first)."""
+        """Record ``operation`` in Redis; its tasks ``(lane, op, meta)``, companion first."""
         store, (_, now) = self.store, self._look()
         contact = store.contact_of(operation.payload) if operation.kind == "upsert" else None
         lane = lane_of(operation, lambda: store.known(contact), self._priority_fields)

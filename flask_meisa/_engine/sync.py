@@ -17,6 +17,7 @@ from ..operations import Operation
 from ..operations import deliver
 from ..retry import RetryPolicy
 from .base import DeliveryStatus
+from .base import Dispatcher
 from .base import HookCaller
 from .base import call_for
 from .base import log_decision
@@ -30,7 +31,7 @@ logger = logging.getLogger("flask_meisa.engine")
 _settle = functools.partial(settle, elapsed=0.0, policy=RetryPolicy.never())
 
 
-class InlineDispatcher:
+class InlineDispatcher(Dispatcher):
     """Delivers each operation of the app of ``state`` as it is submitted, with the app's
     client (a :class:`~.base.Dispatcher`)."""
 
@@ -51,9 +52,6 @@ class InlineDispatcher:
                 self._deliver(operation)
             else:
                 self._hooks.call("skipped", operation, reason)
-
-    def store_now(self) -> None:
-        """Nothing waits to be stored."""
 
     def _deliver(self, operation: Operation) -> None:
         client, recovering, recovered = self._state.client, False, False

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 #: seconds; a request's thread stores it sooner, after its response, a window after the last
 #: group began (one transaction per group of requests).
 GROUP_WINDOW = 0.01
+#: The most a request's thread stores (a backlog is the writer's: it would hold the thread).
+AT_MOST_HERE = 100
 logger = logging.getLogger("flask_meisa.engine")
 
 
@@ -56,7 +58,7 @@ class Writer:
     # for work (else for that time).
     _passes: int
     _stored_pass: int
-    _passing: bool
+    _passing: int  # the thread of the pass that runs (0: none)
     _last_group: float
     _due: float
     _writer_idle: bool
@@ -74,7 +76,7 @@ class Writer:
         """No pass yet (in a new process)."""
         self._intake, self._writing = [], []
         self._passes = self._stored_pass = self._dropped_here = self._progress = 0
-        self._passing, self._last_group, self._due = False, -math.inf, math.inf
+        self._passing, self._last_group, self._due = 0, -math.inf, math.inf
         self._writer_idle, self._store_failing = False, None
         self._live_rows, self._count_at = 0, 0.0
 
@@ -128,7 +130,7 @@ class Writer:
             now = time.monotonic()
             if (
                 self._passing
-                or not self._intake
+                or not 0 < len(self._intake) <= AT_MOST_HERE
                 or now < self._last_group + GROUP_WINDOW
                 or not self._stored_pass  # the writer's first pass takes delivery over first
                 or self._store_failing
@@ -136,22 +138,21 @@ class Writer:
             ):
                 return
             batch, number = self._take(now)
-        stored = None
+        stored = done = None
         try:
-            self._store_batch(batch, wait=False)
-        except BaseException as error:  # busy, failing or a bug: the writer's to handle
-            self._writer_done([], batch)
-            if not isinstance(error, Exception):
-                raise
-        else:
-            self._writer_done(batch, [])
-            stored = number
+            done = self._store_batch(batch, wait=False)
+            stored = number  # committed: an interruption from here on gives nothing back
+        except Exception:  # busy, failing or a bug: the writer's to handle
+            pass
         finally:
+            self._writer_done(*((batch, []) if stored else ([], batch)))
             self._pass_over(stored)
+        if done is not None:
+            self._after_store(*done)
 
     def _take(self, now: float) -> tuple[list[Operation], int]:
         """Begin a pass (under the lock): the intake, and the pass's number."""
-        batch, self._intake, self._passing = self._intake, [], True
+        batch, self._intake, self._passing = self._intake, [], threading.get_ident()
         self._writing = batch
         self._passes += 1
         if batch:
@@ -161,18 +162,18 @@ class Writer:
     def _pass_over(self, stored: int | None) -> None:
         """The pass is over; pass ``stored`` stored all it took (passes run one at a time)."""
         with self._lock:
-            self._passing = False
-            if stored is not None:
-                self._stored_pass = stored
+            self._passing, self._stored_pass = 0, self._stored_pass if stored is None else stored
             self._progress += 1
             self._idle.notify_all()
+            if self._stopping:  # the writer waits for it to end
+                self._wake.notify_all()
 
     def _write_loop(self) -> None:
         version, look_at = -1, 0.0  # (a data version is never negative)
         while True:
             with self._lock:
-                if self._stopping and not self._intake:
-                    return
+                if self._stopping and not self._intake and not self._passing:
+                    return  # (what a request's thread's pass gives back is stored first)
                 now = time.monotonic()
                 due = now if self._stopping else self._due if self._intake else math.inf
                 if self._passing or min(due, look_at) > now:  # (a request's thread stores)
@@ -191,7 +192,7 @@ class Writer:
                     self._caller.start(self._spawn)
                     self.kick()
                 if batch:
-                    self._store_batch(batch)
+                    self._after_store(*self._store_batch(batch))
                     self._writer_done(batch, [])
                     batch = []
                 took_all = number
@@ -212,7 +213,7 @@ class Writer:
                 done = 0
                 for operation in batch:
                     try:
-                        self._store_batch([operation])
+                        self._after_store(*self._store_batch([operation]))
                     except STORE_ERRORS:  # the store fails now: the rest waits in memory
                         break
                     except Exception:
@@ -229,7 +230,11 @@ class Writer:
                         return  # closing: what is left is reported lost
                     self._wake.wait(self._poll)
 
-    def _store_batch(self, batch: list[Operation], *, wait: bool = True) -> None:
+    def _store_batch(
+        self, batch: list[Operation], *, wait: bool = True
+    ) -> tuple[int, list[Operation]]:
+        """Store ``batch`` in one transaction: the lowest lane it took, and what the bound
+        on the store shed (for :meth:`_after_store`, once the pass holds nothing)."""
         lowest, shed, fields = LANE_BACKFILL, [], self.settings.priority_fields
         try:
             with self.store.write(wait=wait) as db:
@@ -248,6 +253,9 @@ class Writer:
         except BaseException:
             self._caller.count(reporting=-len(shed))  # not shed: the commit failed
             raise
+        return lowest, shed
+
+    def _after_store(self, lowest: int, shed: list[Operation]) -> None:
         # Delivery waiting for the budget only wakes for work that could go sooner (a flush
         # is woken at the end of the writer's pass).
         blocked = self._caller.blocked_lane

@@ -192,9 +192,10 @@ class Writer:
                     self._caller.start(self._spawn)
                     self.kick()
                 if batch:
-                    self._after_store(*self._store_batch(batch))
+                    done = self._store_batch(batch)
                     self._writer_done(batch, [])
                     batch = []
+                    self._after_store(*done)
                 took_all = number
                 if looks:  # the file replaced, or new work from another process?
                     self._caller.follow()
@@ -210,7 +211,7 @@ class Writer:
                 backoff = True
             except Exception:  # a bug: stored one by one, what still fails is reported
                 logger.exception("flask-meisa: delivery writer error; carrying on")
-                done = 0
+                count = 0
                 for operation in batch:
                     try:
                         self._after_store(*self._store_batch([operation]))
@@ -220,8 +221,8 @@ class Writer:
                         with self._lock:  # submit sheds into the same count
                             self._dropped_here += 1
                         self.hooks.call("dropped", operation, "writer_error")  # still unstored
-                    done += 1
-                self._writer_done(batch[:done], batch[done:])
+                    count += 1
+                self._writer_done(batch[:count], batch[count:])
             finally:
                 self._pass_over(took_all)
             if backoff:

@@ -150,19 +150,29 @@ def test_rows_are_written_on_submit_and_removed_once_delivered(
     assert status.budget_left is None  # no budget: none to show
 
 
-def test_a_group_due_is_stored_by_the_thread_that_hands_it_over_without_waiting(
+@pytest.fixture
+def quiet_writer(
     emulator: Emulator,
     make_engine: MakeEngine,
-    path: Path,
     lock: HostLock,
     monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # A request's thread, once its response is out, stores what is due (store_now): no
-    # other thread to wake. The writer would take a minute here; another process delivers
-    # (the test's lock): the rows stay, and no delivery thread here uses the store.
+) -> Delivery:
+    """A started engine whose writer thread stores nothing for a minute (its group window
+    and its poll) while another process delivers (the test's lock): what is stored
+    meanwhile, a thread handing work over stored (store_now), and no delivery thread of
+    this process uses the store."""
     monkeypatch.setattr(writer, "GROUP_WINDOW", 60.0)
     engine = make_engine(emulator, RecordingHooks(), poll_interval=60.0)
     assert engine.first_pass(10)
+    return engine
+
+
+def test_a_group_due_is_stored_by_the_thread_that_hands_it_over_without_waiting(
+    quiet_writer: Delivery, path: Path
+) -> None:
+    # A request's thread, once its response is out, stores what is due: no other thread
+    # to wake.
+    engine = quiet_writer
     engine.submit([upsert(1)])
     engine.store_now()
     assert waiting(path) == 1
@@ -174,17 +184,11 @@ def test_a_group_due_is_stored_by_the_thread_that_hands_it_over_without_waiting(
 
 
 def test_a_backlog_handed_over_is_left_to_the_writer_not_to_the_thread_handing_it_over(
-    emulator: Emulator,
-    make_engine: MakeEngine,
-    path: Path,
-    lock: HostLock,
-    monkeypatch: pytest.MonkeyPatch,
+    quiet_writer: Delivery, path: Path
 ) -> None:
     # A request's thread stores a group of a few requests' work, never a backlog (a burst
     # of hand-overs): that would hold it, and its next request, for as long.
-    monkeypatch.setattr(writer, "GROUP_WINDOW", 60.0)
-    engine = make_engine(emulator, RecordingHooks(), poll_interval=60.0)
-    assert engine.first_pass(10)
+    engine = quiet_writer
     engine.submit([upsert(n) for n in range(writer.AT_MOST_HERE + 1)])
     engine.store_now()
     assert waiting(path) == 0

@@ -183,6 +183,33 @@ def test_a_group_due_is_stored_by_the_thread_that_hands_it_over_without_waiting(
     assert waiting(path) == 2
 
 
+def test_the_writers_look_at_the_hosts_files_leaves_a_group_to_the_end_of_its_window(
+    emulator: Emulator,
+    make_engine: MakeEngine,
+    lock: HostLock,
+    path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The look, every poll, stored the group a request's thread was about to: a pass at a
+    # random moment, in a thread woken for it, while requests run.
+    monkeypatch.setattr(writer, "GROUP_WINDOW", 60.0)
+    engine = make_engine(emulator, RecordingHooks(), poll_interval=0.01)
+    assert engine.first_pass(10)
+    looks, data_version = threading.Semaphore(0), engine.store.data_version
+
+    def looking() -> int:
+        looks.release()
+        return data_version()
+
+    monkeypatch.setattr(engine.store, "data_version", looking)
+    engine.submit([upsert(1)])
+    for _ in range(3):  # two looks, at least, began after the hand-over
+        assert looks.acquire(timeout=10)
+    assert waiting(path) == 0
+    assert engine.flush(0.5) is False  # stored at once
+    assert waiting(path) == 1
+
+
 def test_a_backlog_handed_over_is_left_to_the_writer_not_to_the_thread_handing_it_over(
     quiet_writer: Delivery, path: Path
 ) -> None:

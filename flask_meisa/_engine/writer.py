@@ -150,9 +150,13 @@ class Writer:
         if done is not None:
             self._after_store(*done)
 
-    def _take(self, now: float) -> tuple[list[Operation], int]:
-        """Begin a pass (under the lock): the intake, and the pass's number."""
-        batch, self._intake, self._passing = self._intake, [], threading.get_ident()
+    def _take(self, now: float, due: bool = True) -> tuple[list[Operation], int]:
+        """Begin a pass (under the lock): the intake (none when not ``due``: a look at the
+        host's files in a group's window leaves the group to a request's thread), and the
+        pass's number."""
+        batch, self._passing = [], threading.get_ident()
+        if due:
+            batch, self._intake = self._intake, []
         self._writing = batch
         self._passes += 1
         if batch:
@@ -181,7 +185,7 @@ class Writer:
                     self._wake.wait(GROUP_WINDOW if self._passing else min(due, look_at) - now)
                     self._writer_idle = False
                     continue
-                batch, number = self._take(now)
+                batch, number = self._take(now, due <= now)
             stored, backoff, took_all = len(batch), False, None
             try:
                 if looks := now >= look_at:  # the host's files: once a poll

@@ -203,8 +203,9 @@ class MeisaState:
                     raise
                 logger.warning(
                     "meisa: %s. Delivery falls back to memory: work pending when a process "
-                    "stops is lost, and each process has its own budget. Make the instance "
-                    "folder writable (a mounted volume in a container), or set MEISA_OUTBOX.",
+                    "stops is lost, and each process has its own budget. Put the instance "
+                    "folder on a writable local disk (a mounted volume in a container), or "
+                    "set MEISA_OUTBOX.",
                     error,
                 )
                 self._store = Store(None)

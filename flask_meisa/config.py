@@ -156,7 +156,8 @@ KEYS: tuple[Key, ...] = (
               " one of them delivers, and nothing released is lost when a process is killed"
               " or redeployed; operations Meisa refused stay as dead letters (flask meisa"
               " dead-letters). In a container, mount a volume on the instance folder. Use a"
-              ' local filesystem (not NFS). Only for MEISA_DELIVERY = "thread".'),
+              " local disk: a file on a network filesystem (NFS, SMB, ...) is refused. Only"
+              ' for MEISA_DELIVERY = "thread".'),
     Key("MEISA_OUTBOX_BUSY_TIMEOUT", _SECONDS, 1.0, _values.seconds(0),
         "how long an outbox write waits for another process's write; past it the operation"
         " is held in memory (logged)"),

@@ -24,6 +24,7 @@ from .host import checking
 from .host import identity
 from .host import set_aside
 from .host import transaction
+from .mounts import network_filesystem
 
 #: A clock that reads this much less than the latest time the store noted has stepped back.
 CLOCK_STEP = 1.0
@@ -141,6 +142,10 @@ class Store:
         if self.path is None:
             return
         try:
+            if kind := network_filesystem(os.path.dirname(self.path)):
+                raise OSError(
+                    f"its folder is on a network filesystem ({kind}): not safe for SQLite"
+                )
             with checking(self.path):
                 try:
                     self.check()

@@ -1,0 +1,34 @@
+"""Which filesystem a folder is on: a store on a network filesystem is refused, since
+SQLite's locks and its write-ahead log's shared memory do not hold there, and hosts
+sharing one would corrupt it."""
+
+from __future__ import annotations
+
+import os
+import re
+
+#: Filesystem types other hosts may share (as ``/proc/self/mountinfo`` names them).
+NETWORK_FILESYSTEMS = frozenset(
+    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "lustre"}
+    | {"fuse.sshfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.rclone", "fuse.glusterfs"}
+)
+#: The mount table read (Linux; elsewhere no filesystem is known).
+MOUNTINFO = "/proc/self/mountinfo"
+_ESCAPED = re.compile(r"\\([0-7]{3})")  # a space, a tab, a newline or a backslash
+
+
+def network_filesystem(folder: str) -> str | None:
+    """The type of the network filesystem ``folder`` (made or not yet) is on, or ``None``."""
+    try:
+        with open(MOUNTINFO, encoding="utf-8", errors="surrogateescape") as table:
+            mounts = table.read().splitlines()
+    except OSError:
+        return None
+    path, kind, longest = os.path.realpath(folder), None, -1
+    for line in mounts:
+        fields, _, rest = line.partition(" - ")
+        point = _ESCAPED.sub(lambda m: chr(int(m[1], 8)), (fields.split() + [""] * 5)[4])
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and rest and len(point) >= longest:  # the last mount over it is seen
+            kind, longest = rest.split()[0], len(point)
+    return kind if kind in NETWORK_FILESYSTEMS else None

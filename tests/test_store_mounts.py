@@ -23,8 +23,9 @@ STORE_FILE = "meisa-outbox.sqlite3"
 
 
 def mount_line(point: str, kind: str) -> str:
-    escaped = point.replace("\\", "\\134").replace(" ", "\\040")
-    return f"900 1 0:99 / {escaped} rw,relatime shared:9 - {kind} server:/export rw"
+    for char, code in ("\\", "\\134"), (" ", "\\040"), ("\t", "\\011"), ("\n", "\\012"):
+        point = point.replace(char, code)  # as the kernel escapes them
+    return f"900 1 0:99 / {point} rw,relatime shared:9 - {kind} server:/export rw"
 
 
 @pytest.fixture
@@ -102,3 +103,55 @@ def test_a_default_store_on_a_network_filesystem_falls_back_to_memory_with_one_w
         assert not meisa.status().durable
     assert [r.body["external_id"] for r in emulator.requests_to("/contacts/upsert/")] == ["kept"]
     assert not instance.exists()
+
+
+@pytest.mark.parametrize(
+    "kind", ["nfs4", "cifs", "smb3", "ceph", "fuse.ceph-fuse", "fuse.glusterfs", "fuse.juicefs"]
+)
+def test_the_common_network_filesystems_are_known(
+    tmp_path: Path, mount: Callable[[Path, str], Path], kind: str
+) -> None:
+    # EFS and Filestore (nfs4, nfs), Azure Files (cifs, smb3), CephFS by the kernel or by
+    # ceph-fuse (as Kubernetes' CSI driver can mount it), GlusterFS, JuiceFS.
+    assert network_filesystem(str(mount(tmp_path / "volume", kind) / "instance")) == kind
+
+
+def test_a_sandbox_or_a_vm_showing_its_hosts_files_and_a_root_filesystem_are_local(
+    emulator: Emulator, tmp_path: Path, mount: Callable[[Path, str], Path]
+) -> None:
+    # gVisor (GKE Sandbox, Cloud Run's first generation) shows its root and its volumes as
+    # 9p, Docker Desktop its bind mounts as virtiofs: one host's files, not a shared volume.
+    # A diskless host's root is on NFS, but its own. Refused, each lost its store.
+    mount(Path("/"), "9p")
+    assert network_filesystem(str(tmp_path / "instance")) is None
+    assert network_filesystem(str(mount(tmp_path / "volume", "9p"))) is None
+    assert network_filesystem(str(mount(tmp_path / "desktop", "virtiofs"))) is None
+    mount(Path("/"), "nfs")
+    instance = tmp_path / "instance"
+    assert network_filesystem(str(instance)) is None
+    assert network_filesystem(str(mount(tmp_path / "shared", "nfs4"))) == "nfs4"
+    app = Flask(__name__, instance_path=str(instance))
+    app.config.update(emulator_config(emulator, MEISA_DELIVERY="thread"))
+    meisa = Meisa(app)
+    with app.app_context():
+        assert meisa.status().durable
+    meisa.close()
+
+
+@pytest.mark.parametrize("name", ["tab\tline\nend", "form\ffeed", "sep\x1cx", "para\u2028x"])
+def test_a_mount_point_with_any_character_is_read_whole(
+    tmp_path: Path, mount: Callable[[Path, str], Path], name: str
+) -> None:
+    # The kernel escapes a space, a tab, a newline and a backslash; other characters a line
+    # splitter or a field splitter takes for a break are left as they are.
+    assert network_filesystem(str(mount(tmp_path / name, "nfs4") / "instance")) == "nfs4"
+    assert network_filesystem(str(tmp_path / name[:3])) is None  # a name it starts with
+
+
+def test_a_malformed_mount_table_refuses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    table = tmp_path / "mountinfo"
+    table.write_text("1 0 0:5 / / rw - ext4 /dev/vda rw\n2 1 0:6 / /srv rw -  \njunk - nfs4 x\n")
+    monkeypatch.setattr(mounts, "MOUNTINFO", str(table))
+    assert network_filesystem("/srv/app/instance") is None

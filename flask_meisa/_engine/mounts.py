@@ -7,10 +7,13 @@ from __future__ import annotations
 import os
 import re
 
-#: Filesystem types other hosts may share (as ``/proc/self/mountinfo`` names them).
+#: Filesystem types other hosts may share (as ``/proc/self/mountinfo`` names them). Not 9p
+#: nor virtiofs: one host's files shown to a sandbox or a VM on it (gVisor's root and
+#: volumes, WSL, Docker Desktop), where SQLite works or fails to open by itself.
 NETWORK_FILESYSTEMS = frozenset(
-    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "lustre"}
-    | {"fuse.sshfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.rclone", "fuse.glusterfs"}
+    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "afs", "ceph", "glusterfs", "lustre", "gpfs"}
+    | {"beegfs", "fuse.sshfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.rclone", "fuse.glusterfs"}
+    | {"fuse.ceph-fuse", "fuse.juicefs"}
 )
 #: The mount table read (Linux; elsewhere no filesystem is known).
 MOUNTINFO = "/proc/self/mountinfo"
@@ -18,17 +21,18 @@ _ESCAPED = re.compile(r"\\([0-7]{3})")  # a space, a tab, a newline or a backsla
 
 
 def network_filesystem(folder: str) -> str | None:
-    """The type of the network filesystem ``folder`` (made or not yet) is on, or ``None``."""
+    """The type of the network filesystem ``folder`` (made or not yet) is on, or ``None``.
+    A root filesystem is the host's own (a diskless host's), never one shared."""
+    path, kind, longest = os.path.realpath(folder), None, 2  # (first: autofs mounts)
     try:
         with open(MOUNTINFO, encoding="utf-8", errors="surrogateescape") as table:
-            mounts = table.read().splitlines()
+            mounts = table.read().split("\n")  # (a mount point may hold \f, \x1c, \u2028)
     except OSError:
         return None
-    path, kind, longest = os.path.realpath(folder), None, -1
     for line in mounts:
         fields, _, rest = line.partition(" - ")
-        point = _ESCAPED.sub(lambda m: chr(int(m[1], 8)), (fields.split() + [""] * 5)[4])
+        point = _ESCAPED.sub(lambda m: chr(int(m[1], 8)), (fields.split(" ") + [""] * 5)[4])
         inside = path == point or path.startswith(point.rstrip("/") + "/")
-        if inside and rest and len(point) >= longest:  # the last mount over it is seen
+        if inside and rest.strip() and len(point) >= longest:  # the last one over it; not "/"
             kind, longest = rest.split()[0], len(point)
     return kind if kind in NETWORK_FILESYSTEMS else None

@@ -210,6 +210,70 @@ def test_the_writers_look_at_the_hosts_files_leaves_a_group_to_the_end_of_its_wi
     assert waiting(path) == 1
 
 
+def test_a_flush_during_a_look_that_left_the_group_waits_for_the_pass_that_stores_it(
+    emulator: Emulator, make_engine: MakeEngine, path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The look takes nothing yet counts as a pass that stored all it took: a flush begun
+    # while it runs must wait for the next pass, which takes the group at once.
+    monkeypatch.setattr(writer, "GROUP_WINDOW", 60.0)
+    engine = make_engine(emulator, RecordingHooks(), poll_interval=0.01)
+    assert engine.first_pass(10)
+    looking, go_on, data_version = threading.Event(), threading.Event(), engine.store.data_version
+
+    def held_look() -> int:
+        if not go_on.is_set():
+            looking.set()
+            go_on.wait(10)
+        return data_version()
+
+    monkeypatch.setattr(engine.store, "data_version", held_look)
+    looking.clear()
+    engine.submit([upsert(1)])
+    assert looking.wait(10)  # a look runs and the group, not due for a minute, waits
+    asked, at_once = threading.Event(), engine._store_at_once
+
+    def asking() -> None:
+        at_once()
+        asked.set()
+
+    monkeypatch.setattr(engine, "_store_at_once", asking)
+    flushed: list[bool] = []
+    flushing = threading.Thread(target=lambda: flushed.append(engine.flush(10)))
+    flushing.start()
+    assert asked.wait(10)  # the flush counted the passes begun, the look among them
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # the next pass waits for another process's write
+    go_on.set()
+    flushing.join(0.5)
+    assert flushing.is_alive(), flushed  # it waits for that pass, not the look's end
+    other.execute("COMMIT")
+    other.close()
+    flushing.join(20)
+    assert flushed == [True]
+    assert len(answered(emulator, UPSERT)) == 1
+
+
+def test_work_handed_over_is_stored_within_its_window_while_the_writer_looks(
+    emulator: Emulator,
+    make_engine: MakeEngine,
+    lock: HostLock,
+    path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # No further request comes: the writer stores at the end of the window, its looks
+    # (every 5 ms here, inside the 10 ms windows) notwithstanding.
+    engine = make_engine(emulator, RecordingHooks(), poll_interval=0.005)
+    assert engine.first_pass(10)
+    waited = []
+    for n in range(40):
+        handed = time.monotonic()
+        engine.submit([upsert(n)])
+        engine.store_now()  # a request's thread: within the last group's window, or not
+        assert engine._wait_until(lambda: waiting(path) == n + 1, time.monotonic() + 5)
+        waited.append(time.monotonic() - handed)
+    assert max(waited) < 1.0, waited
+
+
 def test_a_backlog_handed_over_is_left_to_the_writer_not_to_the_thread_handing_it_over(
     quiet_writer: Delivery, path: Path
 ) -> None:

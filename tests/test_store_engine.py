@@ -6,6 +6,7 @@ writes fail, and the host's status seen from another engine."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -265,11 +266,12 @@ def test_work_handed_over_is_stored_within_its_window_while_the_writer_looks(
     engine = make_engine(emulator, RecordingHooks(), poll_interval=0.005)
     assert engine.first_pass(10)
     waited = []
-    for n in range(40):
+    for n in range(1, 41):
         handed = time.monotonic()
         engine.submit([upsert(n)])
         engine.store_now()  # a request's thread: within the last group's window, or not
-        assert engine._wait_until(lambda: waiting(path) == n + 1, time.monotonic() + 5)
+        stored = functools.partial(lambda n: waiting(path) == n, n)
+        assert engine._wait_until(stored, time.monotonic() + 5)
         waited.append(time.monotonic() - handed)
     assert max(waited) < 1.0, waited
 

@@ -276,6 +276,31 @@ def test_work_handed_over_is_stored_within_its_window_while_the_writer_looks(
     assert max(waited) < 1.0, waited
 
 
+def test_a_look_that_fails_leaves_the_group_it_did_not_take_to_the_end_of_its_window(
+    emulator: Emulator,
+    make_engine: MakeEngine,
+    lock: HostLock,
+    path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A look that took nothing and failed (a read of the store) backed off a whole poll:
+    # the group it left waited that long in memory, not its window.
+    monkeypatch.setattr(writer, "GROUP_WINDOW", 0.3)
+    engine = make_engine(emulator, RecordingHooks(), poll_interval=60.0)
+    failed, data_version = threading.Event(), engine.store.data_version
+
+    def failing_once() -> int:
+        if not failed.is_set():
+            failed.set()
+            raise sqlite3.OperationalError("disk I/O error")
+        return data_version()
+
+    monkeypatch.setattr(engine.store, "data_version", failing_once)
+    engine.submit([upsert(1)])  # starts the writer: its first pass looks, the group not due
+    assert failed.wait(10)
+    assert engine._wait_until(lambda: waiting(path) == 1, time.monotonic() + 10)
+
+
 def test_a_backlog_handed_over_is_left_to_the_writer_not_to_the_thread_handing_it_over(
     quiet_writer: Delivery, path: Path
 ) -> None:

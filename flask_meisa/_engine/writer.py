@@ -212,7 +212,7 @@ class Writer:
             except STORE_ERRORS as error:
                 self._writer_done([], batch)  # back before said, so submit sheds it
                 self.store_works(error)
-                backoff = True
+                backoff = bool(stored)  # (a look that took nothing: the next is a poll away)
             except Exception:  # a bug: stored one by one, what still fails is reported
                 logger.exception("flask-meisa: delivery writer error; carrying on")
                 count = 0

@@ -6,6 +6,7 @@ machine's, with network mounts added."""
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,9 +15,13 @@ from flask import Flask
 
 from flask_meisa import Meisa
 from flask_meisa._engine import mounts
+from flask_meisa._engine import pending
 from flask_meisa._engine.mounts import network_filesystem
+from flask_meisa._engine.store import Store
 from flask_meisa.emulator import Emulator
 from flask_meisa.errors import ConfigurationError
+from flask_meisa.operations import LANE_ROUTINE
+from flask_meisa.operations import Operation
 from flask_meisa.testing import emulator_config
 
 STORE_FILE = "meisa-outbox.sqlite3"
@@ -103,6 +108,36 @@ def test_a_default_store_on_a_network_filesystem_falls_back_to_memory_with_one_w
         assert not meisa.status().durable
     assert [r.body["external_id"] for r in emulator.requests_to("/contacts/upsert/")] == ["kept"]
     assert not instance.exists()
+
+
+def test_a_store_already_on_a_network_filesystem_is_left_with_what_it_holds(
+    emulator: Emulator,
+    tmp_path: Path,
+    mount: Callable[[Path, str], Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # An upgrade where the instance folder was a network volume already: the file's work is
+    # neither delivered from there nor dropped, and the warning says where it waits.
+    instance = tmp_path / "efs" / "instance"
+    instance.mkdir(parents=True)
+    store = Store(instance / STORE_FILE)  # made before the volume was known as network
+    with store.write() as db:
+        left = Operation("upsert", {"email": "left@example.com", "external_id": "left"})
+        pending.add(db, left, LANE_ROUTINE)
+    store.close()
+    mount(tmp_path / "efs", "nfs4")
+    caplog.set_level(logging.WARNING)
+    app = Flask(__name__, instance_path=str(instance))
+    app.config.update(emulator_config(emulator, MEISA_DELIVERY="thread"))
+    meisa = Meisa(app)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "(nfs4)" in warning and "what the file holds waits in it" in warning
+    with app.app_context():
+        assert meisa.flush(5)
+    assert emulator.requests_to("/contacts/upsert/") == []
+    with sqlite3.connect(instance / STORE_FILE) as db:
+        assert db.execute("SELECT count(*) FROM meisa_ops").fetchone() == (1,)
+    db.close()
 
 
 @pytest.mark.parametrize(

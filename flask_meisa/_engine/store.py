@@ -143,8 +143,9 @@ class Store:
             return
         try:
             if kind := network_filesystem(os.path.dirname(self.path)):
+                held = "; what the file holds waits in it" if os.path.exists(self.path) else ""
                 raise OSError(
-                    f"its folder is on a network filesystem ({kind}): not safe for SQLite"
+                    f"its folder is on a network filesystem ({kind}): not safe for SQLite{held}"
                 )
             with checking(self.path):
                 try:

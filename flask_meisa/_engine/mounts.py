@@ -23,7 +23,8 @@ _ESCAPED = re.compile(r"\\([0-7]{3})")  # a space, a tab, a newline or a backsla
 def network_filesystem(folder: str) -> str | None:
     """The type of the network filesystem ``folder`` (made or not yet) is on, or ``None``.
     A root filesystem is the host's own (a diskless host's), never one shared."""
-    path, kind, longest = os.path.realpath(folder), None, 2  # (first: autofs mounts)
+    # Resolved before the table is read: walking into an autofs mount mounts it.
+    path, kind, longest = os.path.realpath(folder), None, 2  # (no "/": shorter than 2)
     try:
         with open(MOUNTINFO, encoding="utf-8", errors="surrogateescape") as table:
             mounts = table.read().split("\n")  # (a mount point may hold \f, \x1c, \u2028)

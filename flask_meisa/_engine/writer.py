@@ -52,10 +52,10 @@ class Writer:
     _threads: list[threading.Thread]
     _intake: list[Operation]
     _writing: list[Operation]  # taken by a pass, not yet stored
-    # Passes that took the intake, and the last one that stored all it took (a flush under
-    # steady load never sees memory empty); whether one runs; when the last that took work
-    # began, and when the writer stores the intake (monotonic); whether the writer waits
-    # for work (else for that time).
+    # Passes begun (a look that left the intake too), and the last one that stored all it
+    # took (a flush under steady load never sees memory empty); whether one runs; when the
+    # last that took work began, and when the writer stores the intake (monotonic); whether
+    # the writer waits for work (else for that time).
     _passes: int
     _stored_pass: int
     _passing: int  # the thread of the pass that runs (0: none)

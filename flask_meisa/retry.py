@@ -7,6 +7,7 @@ import datetime as dt
 import math
 import random as _random
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field
@@ -91,7 +92,10 @@ def parse_retry_after(value: str | None, now: dt.datetime | str | None = None) -
     # A repeated header comes joined ("2, 2"): its first value counts.
     text = (value or "").strip()
     if _SECONDS.fullmatch(first := text.split(",")[0].strip()):
-        return float(math.ceil(float(first))) if float(first) > 0 else None
+        # Past the longest wait a thread can take (more digits than a float holds among
+        # them): that longest wait, which any cap shortens.
+        seconds = min(float(first), threading.TIMEOUT_MAX)
+        return float(math.ceil(seconds)) if seconds > 0 else None
     when, now = _date(text), _date(now) if isinstance(now, str) else now
     if when is None:
         return None

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import socket
+import threading
 import time
 from email.utils import formatdate
 from typing import Any
@@ -17,6 +19,7 @@ from flask_meisa._http import MAX_LIST_BYTES
 from flask_meisa.client import MeisaClient
 from flask_meisa.errors import APIConnectionError
 from flask_meisa.errors import APIError
+from flask_meisa.errors import RateLimitError
 from flask_meisa.retry import RetryPolicy
 from tests.hostile import Exchange
 from tests.hostile import hostile
@@ -206,3 +209,15 @@ def test_a_retry_after_date_is_read_against_the_answers_own_date() -> None:
     ):
         meisa.ping()
     assert info.value.retry_after == 2.0
+
+
+def test_a_retry_after_of_more_digits_than_a_float_holds_is_the_longest_wait() -> None:
+    # float() of 400 nines is infinity, which no whole number of seconds is.
+    limited = response(429, {"detail": "slow down"}, {"Retry-After": "9" * 400})
+    with (
+        hostile(lambda exchange: exchange.send(limited)) as server,
+        MeisaClient(KEY, server.url, timeout=TIMEOUT, retry=RetryPolicy.never()) as meisa,
+        pytest.raises(RateLimitError) as info,
+    ):
+        meisa.ping()
+    assert info.value.retry_after == math.ceil(threading.TIMEOUT_MAX)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import math
 import pickle
 import random
+import threading
 
 import pytest
 
@@ -249,6 +251,8 @@ NOW = dt.datetime(2024, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
         ("nan", None),
         ("inf", None),
         ("1e3", None),
+        ("9" * 400, math.ceil(threading.TIMEOUT_MAX)),  # no infinity: the longest wait
+        ("-" + "9" * 400, None),
         ("Mon, 01 Jan 2024 12:00:30 GMT", 30.0),
         ("Mon, 01 Jan 2024 11:00:00 GMT", None),
         ("Mon, 99 Foo 2024 12:00:30 GMT", None),

@@ -8,6 +8,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import socket
 import threading
 import time
@@ -39,6 +40,10 @@ MAX_LIST_BYTES = 32 * 1024 * 1024
 #: Largest answer read of any other call (8 times the largest body sent): a hostile answer
 #: of JSON containers takes 25 times its size to parse (810 MiB for 32 MiB of ``{},``).
 MAX_ANSWER_BYTES = 4 * 1024 * 1024
+
+
+#: A JSON escape of an ASCII character, which no encoder needs for a key's characters.
+_ASCII_ESCAPE = re.compile(rb"\\u00[0-7]")
 
 
 class Transport:
@@ -122,10 +127,22 @@ class Transport:
         if response.status_code < 200:  # http.client skips a 100 Continue only
             reason = f"only an informational answer ({response.status_code})"
             return errors.APIConnectionError(endpoint, reason)
-        if response.status_code < 300:  # a key echoed in it never reaches a result
-            return response.status_code, errors._json(content.replace(self._echo, b"[redacted]"))
+        if response.status_code < 300:
+            return response.status_code, self._redacted(content)
         wait = parse_retry_after(response.headers.get("Retry-After"), response.headers.get("Date"))
         return errors._api_error(endpoint, response, content, self._key, scope, wait)
+
+    def _redacted(self, content: bytes) -> Any:
+        """A successful answer parsed, the key echoed in it (written in JSON escapes too)
+        replaced: it never reaches a result."""
+        body = errors._json(content.replace(self._echo, b"[redacted]"))
+        if _ASCII_ESCAPE.search(content):  # they may spell the key: written again, not
+            try:
+                written = json.dumps(body).encode()
+            except RecursionError:  # nested deeper than the stack: no answer of Meisa's
+                return None
+            body = errors._json(written.replace(self._echo, b"[redacted]"))
+        return body
 
 
 def _session_for(base_url: str, pool_size: int) -> requests.Session:

@@ -163,6 +163,25 @@ def test_a_key_echoed_in_a_successful_answer_reaches_no_result(key: str) -> None
     assert key not in repr(result.raw) and key[-5:] not in repr(result)
 
 
+@pytest.mark.parametrize("escaped", ["first", "every"])
+def test_a_key_echoed_in_json_escapes_reaches_no_result(escaped: str) -> None:
+    # "\u006d" is "m" to a JSON parser: the answer's bytes do not spell the key.
+    key = "meisa_live_" + "esc4ped" * 5
+    spelt = "".join(f"\\u{ord(c):04x}" for c in (key[:1] if escaped == "first" else key))
+    written = spelt + key[1:] if escaped == "first" else spelt
+    body = '{"status": "ok", "scopes": ["%s"], "product": {"id": "p1", "name": "Echo %s"}}'
+    content = (body % (written, written)).encode()
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(content), content)
+
+    def echo(exchange: Exchange) -> None:
+        exchange.send(answer)
+
+    with hostile(echo) as server, MeisaClient(key, server.url) as meisa:
+        result = meisa.ping()
+    assert (result.scopes, result.product_name) == (("[redacted]",), "Echo [redacted]")
+    assert key not in repr(result.raw) and key[-5:] not in repr(result)
+
+
 def test_connection_errors_chain_nothing(emulator: Any, secret: str) -> None:
     nowhere = "http://127.0.0.1:9/api/v1"
     with (

@@ -49,8 +49,12 @@ class RetryPolicy:
             raise ConfigurationError("RetryPolicy.max_attempts must be at least 1")
         for name in ("base_delay", "max_delay", "max_retry_after"):
             value = getattr(self, name)
-            if not is_number(value) or not math.isfinite(value) or value < 0:
-                raise ConfigurationError(f"RetryPolicy.{name} must be a finite number >= 0")
+            # At most as long as a sleep can be: a longer one fails the call that waits.
+            if not is_number(value) or not 0 <= value <= threading.TIMEOUT_MAX:
+                raise ConfigurationError(
+                    f"RetryPolicy.{name} must be a number of seconds from 0 to"
+                    f" {threading.TIMEOUT_MAX:.0f}"
+                )
         if self.deadline is not None and (not is_number(self.deadline) or not self.deadline > 0):
             raise ConfigurationError("RetryPolicy.deadline must be a number > 0 or None")
 

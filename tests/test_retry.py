@@ -218,6 +218,8 @@ def test_frozen() -> None:
         {"base_delay": -1.0},
         {"max_delay": float("nan")},
         {"max_retry_after": float("inf")},
+        {"max_retry_after": 1e20},  # no sleep is that long: the call that waited failed
+        {"max_delay": threading.TIMEOUT_MAX * 2},
         {"deadline": 0.0},
         {"deadline": -5.0},
         {"base_delay": True},

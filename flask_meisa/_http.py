@@ -245,8 +245,10 @@ class _Watchdog:
                     self.watches.discard(watch)
                     watch.expired = True
                     watch.cut()
-                deadlines = [w.deadline for w in self.watches]
-                self.cond.wait(min(deadlines) - now if deadlines else None)
+                # No longer than a lock can wait: an attempt of two long timeouts and no
+                # deadline would otherwise end this thread, and every later cut.
+                deadlines = [min(w.deadline - now, threading.TIMEOUT_MAX) for w in self.watches]
+                self.cond.wait(min(deadlines) if deadlines else None)
 
 
 _current: ContextVar[Watch | None] = ContextVar("flask_meisa_attempt", default=None)

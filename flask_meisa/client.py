@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
+import threading
 import time
 from collections.abc import Callable
 from collections.abc import Iterable
@@ -371,8 +371,12 @@ def _describe(error: errors.APIError | errors.APIConnectionError) -> str:
 
 def _check_timeout(timeout: object) -> tuple[float, float]:
     pair = timeout if isinstance(timeout, tuple) else (timeout, timeout)
-    if len(pair) != 2 or not all(_values.is_number(t) and 0 < t < math.inf for t in pair):
-        raise errors.ConfigurationError("timeout must be seconds > 0, or a (connect, read) pair")
+    # A socket takes no longer timeout (and the extension's keys no longer value).
+    longest = threading.TIMEOUT_MAX
+    if len(pair) != 2 or not all(_values.is_number(t) and 0 < t <= longest for t in pair):
+        raise errors.ConfigurationError(
+            f"timeout must be seconds from 0 to {longest:.0f}, or a (connect, read) pair"
+        )
     return float(pair[0]), float(pair[1])
 
 

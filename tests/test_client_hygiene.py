@@ -315,7 +315,9 @@ def test_base_url_refused(url: Any) -> None:
         MeisaClient("meisa_live_" + "a" * 32, url)
 
 
-@pytest.mark.parametrize("timeout", [0, -1, math.nan, math.inf, (1.0,), (1.0, 0), "5", True])
+@pytest.mark.parametrize(
+    "timeout", [0, -1, math.nan, math.inf, (1.0,), (1.0, 0), "5", True, 1e20, (1.0, 1e300)]
+)
 def test_bad_timeout_refused(timeout: Any) -> None:
     with pytest.raises(ConfigurationError):
         MeisaClient("meisa_live_" + "a" * 32, timeout=timeout)

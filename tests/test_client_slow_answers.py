@@ -125,6 +125,45 @@ def test_without_a_deadline_an_attempt_lasts_its_two_timeouts_at_most() -> None:
     assert 1.5 <= elapsed < 3.0, elapsed
 
 
+def drip_fast(exchange: Exchange) -> None:
+    """A whole answer in 6 s: each byte within the read timeout of 0.5 s."""
+    body = json.dumps(SENT).encode().ljust(60)
+    exchange.send(head(f"Content-Length: {len(body)}"))
+    exchange.drip(body, every=0.1)
+
+
+def test_an_attempt_longer_than_any_wait_leaves_the_watchdog_cutting_the_others() -> None:
+    # Without a deadline an attempt may take both timeouts, together past the longest wait
+    # of a lock: the watchdog waiting for it must not end, and every later cut with it.
+    longest = (threading.TIMEOUT_MAX, threading.TIMEOUT_MAX)
+    arrived = threading.Event()
+
+    def stall(exchange: Exchange) -> None:
+        arrived.set()
+        exchange.stall()
+
+    def long_call(meisa: MeisaClient) -> None:
+        with pytest.raises(APIConnectionError):
+            meisa.ping()
+
+    forever = RetryPolicy(deadline=None, max_attempts=1)
+    with (
+        hostile(stall) as stalled,
+        MeisaClient(KEY, stalled.url, timeout=longest, retry=forever) as slow,
+    ):
+        caller = threading.Thread(target=long_call, args=(slow,))
+        caller.start()
+        assert arrived.wait(10)
+        with hostile(drip_fast) as server:
+            for _ in range(2):  # the watchdog looks at the long attempt alone after the first
+                with MeisaClient(KEY, server.url, timeout=(0.5, 0.5), retry=forever) as meisa:
+                    elapsed, error = timed_trigger(meisa)
+                assert isinstance(error, APITimeoutError), error
+                assert elapsed < 3.0, elapsed
+    caller.join(10)
+    assert not caller.is_alive()
+
+
 @pytest.mark.parametrize(
     "answer", [endless_fast_chunked_body, huge_content_length], ids=lambda a: a.__name__
 )

@@ -74,9 +74,10 @@ class Meisa:
         return f"<Meisa apps={len(self._states)}>"
 
     def init_app(self, app: Flask) -> None:
-        """Register on ``app`` (config defaults, hooks, ``flask meisa`` commands) and start
-        delivery; an invalid ``MEISA_*`` key, or no ``MEISA_API_KEY`` while delivering,
-        raises :class:`ConfigurationError`."""
+        """Register on ``app`` (``current_app``: the app behind it; config defaults, hooks,
+        ``flask meisa`` commands) and start delivery; an invalid ``MEISA_*`` key, or no
+        ``MEISA_API_KEY`` while delivering, raises :class:`ConfigurationError`."""
+        app = _flask_app(app)
         if "meisa" in app.extensions:
             raise RuntimeError(
                 "A 'Meisa' instance has already been registered on this Flask app."
@@ -116,16 +117,7 @@ class Meisa:
 
     def state(self, app: Flask | None = None) -> MeisaState:
         """The runtime state (client, suppression set, engine) of ``app`` or the current app."""
-        if app is None or app is current_app:  # current_app: the app of this context
-            if not has_app_context():
-                raise RuntimeError(
-                    "Meisa needs an application context: call it in a request, a CLI"
-                    " command, or inside 'with app.app_context():'."
-                )
-            app = cast(Any, current_app)._get_current_object()
-        if not isinstance(app, Flask):
-            raise ValidationError("app", f"must be a Flask app, not {type(app).__name__}")
-        state = self._states.get(app)
+        state = self._states.get(_flask_app(current_app if app is None else app))
         if state is None:
             raise RuntimeError(
                 "The current Flask app is not registered with this 'Meisa' instance."
@@ -361,6 +353,21 @@ def _login_upsert(payload: dict[str, Any], logged_in_at: float) -> Operation | N
     except Exception:
         logger.exception(_LOGIN_FAILED)
         return None
+
+
+def _flask_app(app: object) -> Flask:
+    """``app``, or the app of this context for ``current_app`` (a proxy: no weak reference
+    holds it, and it is another app in another context); anything else is refused."""
+    if app is current_app:
+        if not has_app_context():
+            raise RuntimeError(
+                "Meisa needs an application context: call it in a request, a CLI"
+                " command, or inside 'with app.app_context():'."
+            )
+        app = cast(Any, current_app)._get_current_object()
+    if not isinstance(app, Flask):
+        raise ValidationError("app", f"must be a Flask app, not {type(app).__name__}")
+    return app
 
 
 def _function(value: F, name: str) -> F:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from flask import Blueprint
 from flask import Flask
 from flask import current_app
 
@@ -571,6 +572,25 @@ def test_the_app_may_be_given_as_current_app_but_must_be_an_app() -> None:
         with pytest.raises(ValidationError, match=r"^app: must be a Flask app, not str$"):
             meisa.state("app")  # type: ignore[arg-type]
         assert meisa.close(current_app, timeout=0) == 0
+
+
+def test_init_app_takes_current_app_as_the_app_behind_it() -> None:
+    # A factory's "with app.app_context(): meisa.init_app(current_app)": the proxy itself
+    # cannot be held weakly (TypeError, after the app's state was made).
+    app = make_app(TESTING=True)
+    meisa = Meisa()
+    with app.app_context():
+        meisa.init_app(current_app)
+    assert app.extensions["meisa"] is meisa
+    with app.app_context(), record_operations(app) as operations:
+        meisa.track("exported_report", email="ada@example.com")
+    assert [operation.kind for operation in operations] == ["track"]
+
+
+@pytest.mark.parametrize("not_an_app", [None, "app", Blueprint("reports", __name__)])
+def test_init_app_refuses_what_is_no_app_in_one_clear_error(not_an_app: Any) -> None:
+    with pytest.raises(ValidationError, match=r"^app: must be a Flask app, not \w+$"):
+        Meisa().init_app(not_an_app)
 
 
 def test_current_app_given_outside_an_app_context_asks_for_one() -> None:

@@ -107,7 +107,10 @@ KEYS: tuple[Key, ...] = (
         notes="Keep it well below your WSGI server's worker timeout."),
     Key("MEISA_RATE_LIMIT", "str/None", "60/minute;1000/hour", _values.rate_limit,
         "the key's rate budget, shared by every background call; `None` turns it off",
-        notes="Raise it when Meisa raises your key's limits."),
+        notes='Parts separated by ";" or ",", each "<limit>/<unit>" or "<limit> per <unit>",'
+              ' with a count of units if need be ("5/10 seconds"); units: second, minute,'
+              " hour, day (or s, sec, m, min, h, hr, d). Raise it when Meisa raises your"
+              " key's limits."),
     Key("MEISA_SYNC_ON_LOGIN", "bool", True, _values.flag,
         "upsert the user on Flask-Login's `user_logged_in`"),
     Key("MEISA_CUSTOM_FIELDS", "list or dict", (), _values.field_map,
@@ -348,7 +351,9 @@ _TEMPLATE_HEADER = """\
 # Set them before meisa.init_app(app): it reads them once and refuses invalid values, all
 # of them in one error; MEISA_ENABLED and MEISA_SUPPRESS_SEND are read on every operation.
 # Values read from the environment arrive as strings, and are accepted: "true"/"false",
-# "yes"/"no", "on"/"off" or "1"/"0" for a bool, "2.5" for a number, "a, b" for a list.
+# "yes"/"no", "on"/"off" or "1"/"0" for a bool, "2.5" for a number, "a, b" or a JSON list
+# for a list, "none" or "null" for None (a key of type .../None). A value in quotes (an env
+# file's, kept by docker --env-file) is refused.
 # `flask meisa config-template` prints this file.
 import os
 """

@@ -76,6 +76,36 @@ def test_the_template_says_each_keys_type_default_and_meaning() -> None:
         assert meaning[1:] in text, key.name
 
 
+@pytest.mark.parametrize(
+    ("name", "written", "value"),
+    [
+        ("MEISA_SYNC_ON_LOGIN", '"no"', False),
+        ("MEISA_RETRY_DEADLINE", '"2.5"', 2.5),
+        ("MEISA_PRIORITY_FIELDS", '"a, b"', ("a", "b")),
+        ("MEISA_PRIORITY_FIELDS", "a JSON list", ("plan", "mrr")),
+        ("MEISA_RATE_LIMIT", '"null"', None),
+        ("MEISA_DEFAULT_SOURCE", '"none"', None),
+        ("MEISA_RATE_LIMIT", '"5/10 seconds"', "5/10 seconds"),
+        ("MEISA_RATE_LIMIT", '"<limit> per <unit>"', "20 per min, 500 per hr"),
+    ],
+)
+def test_the_strings_the_template_names_are_taken_as_the_values_they_stand_for(
+    name: str, written: str, value: object
+) -> None:
+    # An environment gives strings only: the template says which, and each works.
+    assert written in config_template()
+    text = {
+        "a JSON list": '["plan", "mrr"]',
+        '"<limit> per <unit>"': "20 per min, 500 per hr",
+    }.get(written, written.strip('"'))
+    app = Flask(__name__)
+    app.config.update(TESTING=True, MEISA_OUTBOX=None, **{name: text})
+    Meisa(app)
+    settings = app.extensions["meisa"].state(app).settings
+    attribute = name.removeprefix("MEISA_").lower()
+    assert getattr(settings, attribute) == value
+
+
 def test_the_template_is_a_config_file_init_app_takes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

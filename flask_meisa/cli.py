@@ -11,6 +11,7 @@ import signal
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 from typing import Any
 from typing import cast
@@ -44,8 +45,7 @@ __all__ = ["meisa_cli"]
 
 
 class _MeisaGroup(AppGroup):
-    """A group whose commands end on a :class:`MeisaError` or a store error with its
-    message, no traceback."""
+    """A group whose commands end on a :class:`MeisaError` or a store error: no traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -121,8 +121,7 @@ def sequences_command(show_all: bool, search: str | None) -> None:
 
 
 def _a_number(context: click.Context, param: click.Parameter, value: float) -> float:
-    """Refuse nan: ``FloatRange`` lets it through (every comparison with it is false), and
-    a wait until nan never ends."""
+    """Refuse nan, which ``FloatRange`` lets through: a wait until nan never ends."""
     if math.isnan(value):
         raise click.BadParameter("nan is not a number.", context, param)
     return value
@@ -161,6 +160,10 @@ def sync_users_command(max_share: float, restart: bool, dry_run: bool, failures:
     query, count = meisa.user_source
     users: Any = query()
     total = count() if count is not None else len(users) if hasattr(users, "__len__") else None
+    if isinstance(users, str | bytes | dict) or not isinstance(users, Iterable):
+        raise click.ClickException(f"@meisa.users_to_sync returned {type(users).__name__}")
+    if total is not None and (type(total) is not int or total < 0):  # a whole number
+        raise click.ClickException(f"the count of @meisa.users_to_sync returned {total!r}")
     budget = state.settings.rate_limit
     windows = parse_rate_limit(budget) if budget else ()
     resumable = state.settings.delivery in ("thread", "celery") and not restart
@@ -302,10 +305,9 @@ def _chosen(ids: tuple[int, ...], every: bool) -> tuple[DeadLetters, list[int] |
         raise click.UsageError("give IDs or --all, not both")
     if not every and not ids:
         raise click.UsageError("give the IDs of dead letters (see 'list'), or --all")
-    if every:
-        return letters, None
-    _letters(letters, list(ids))
-    return letters, list(ids)
+    if not every:
+        _letters(letters, list(ids))
+    return letters, None if every else list(ids)
 
 
 @meisa_cli.group("dead-letters", invoke_without_command=True)

@@ -212,6 +212,30 @@ def test_sync_users_without_a_query_explains_what_to_do(app: Flask) -> None:
     assert "@meisa.users_to_sync" in result.output
 
 
+@pytest.mark.parametrize(
+    ("query", "count", "said"),
+    [
+        (lambda: None, None, "@meisa.users_to_sync returned NoneType"),  # no return
+        (lambda: "ada@example.com", None, "@meisa.users_to_sync returned str"),
+        (lambda: [], lambda: "10", "the count of @meisa.users_to_sync returned '10'"),
+        (lambda: [], lambda: -1, "the count of @meisa.users_to_sync returned -1"),
+    ],
+)
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_sync_users_says_what_the_registered_functions_returned_that_is_no_users(
+    emulator: Any, query: Any, count: Any, said: str, dry_run: bool
+) -> None:
+    app = build_app(emulator_config(emulator, MEISA_DELIVERY="thread", MEISA_OUTBOX=None))
+    app.extensions["meisa"].users_to_sync(query, count=count)
+    try:
+        result = invoke(app, "sync-users", *(["--dry-run"] if dry_run else []))
+    finally:
+        app.extensions["meisa"].close(timeout=0)
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines()[-1] == f"Error: {said}"
+    assert isinstance(result.exception, SystemExit)  # handled: no traceback
+
+
 def test_flush_and_status(app: Flask) -> None:
     assert "nothing pending" in invoke(app, "flush").output
     status = invoke(app, "status").output

@@ -28,7 +28,9 @@ def record_operations(app: Flask | None = None) -> Iterator[list[Operation]]:
     """Collect a copy of every operation ``app`` (default: the current app) hands to
     delivery, or would hand while delivery is suppressed, while the block runs (a
     request's once it is released). Recording does not suppress delivery."""
-    target = app if app is not None else cast(Any, current_app)._get_current_object()
+    # Signals name their sender by identity: current_app's, not its proxy's (which none has).
+    proxied = app is None or app is current_app
+    target = cast(Any, current_app)._get_current_object() if proxied else app
     recorded: list[Operation] = []
 
     def receiver(sender: Flask, operation: Operation, **extra: Any) -> None:

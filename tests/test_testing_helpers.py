@@ -7,6 +7,7 @@ import textwrap
 
 import pytest
 from flask import Flask
+from flask import current_app
 
 from flask_meisa import Meisa
 from flask_meisa.testing import record_operations
@@ -70,6 +71,17 @@ def test_record_operations_only_hears_its_own_app() -> None:
         with first.app_context():
             meisa.upsert({"email": "a@example.com"})
     assert [op.payload["email"] for op in recorded] == ["a@example.com"]
+
+
+def test_record_operations_given_current_app_hears_the_app_behind_it() -> None:
+    # A signal's sender is matched by identity: the proxy is never the sender, and a test
+    # asserting "nothing was queued" would pass whatever happened.
+    app = Flask(__name__)
+    app.config.update(MEISA_ENABLED=False)
+    meisa = Meisa(app)
+    with app.app_context(), record_operations(current_app) as recorded:
+        meisa.upsert({"email": "ada@example.com"})
+    assert [op.kind for op in recorded] == ["upsert"]
 
 
 def test_the_fixtures_give_an_emulator_and_config_for_a_users_app(

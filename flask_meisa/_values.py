@@ -151,6 +151,12 @@ def field_map(value: object) -> dict[str, str]:
         raise InvalidValue(
             'must name user attributes (such as "plan"; several: "plan, seats" or a list)'
         )
+    # An environment's word for "nothing" (the None of other keys), not an attribute: every
+    # user's sync would fail for want of it.
+    if any(
+        attribute.lower() in ("none", "null", "true", "false") for attribute in fields.values()
+    ):
+        raise InvalidValue("must name user attributes; for none, leave it unset or empty")
     return fields
 
 

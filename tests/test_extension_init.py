@@ -294,6 +294,10 @@ REFUSED = [
     ("MEISA_CUSTOM_FIELDS", "plan seats", "must name user attributes"),
     ("MEISA_CUSTOM_FIELDS", {"plan": "the plan"}, "must name user attributes"),
     ("MEISA_CUSTOM_FIELDS", '["plan", "seats"', "must be valid JSON"),
+    # The None of other keys: every user's sync would fail for want of a user.none.
+    ("MEISA_CUSTOM_FIELDS", "none", "for none, leave it unset or empty"),
+    ("MEISA_CUSTOM_FIELDS", "NULL", "for none, leave it unset or empty"),
+    ("MEISA_CUSTOM_FIELDS", "plan, false", "for none, leave it unset or empty"),
     ("MEISA_PRIORITY_FIELDS", "[plan]", "must be valid JSON"),
     ("MEISA_BASE_URL", 5, "must be the API's URL"),
     ("MEISA_TIMEOUT", [5], "must be a finite number of seconds > 0"),

@@ -42,8 +42,8 @@ MAX_LIST_BYTES = 32 * 1024 * 1024
 MAX_ANSWER_BYTES = 4 * 1024 * 1024
 
 
-#: A JSON escape of an ASCII character, which no encoder needs for a key's characters.
-_ASCII_ESCAPE = re.compile(rb"\\u00[0-7]")
+#: A JSON escape of an ASCII character that json.dumps writes as itself (a key's may be).
+_ASCII_ESCAPE = re.compile(rb"\\u00[0-7]|\\/")
 
 
 class Transport:

@@ -163,12 +163,21 @@ def test_a_key_echoed_in_a_successful_answer_reaches_no_result(key: str) -> None
     assert key not in repr(result.raw) and key[-5:] not in repr(result)
 
 
-@pytest.mark.parametrize("escaped", ["first", "every"])
-def test_a_key_echoed_in_json_escapes_reaches_no_result(escaped: str) -> None:
-    # "\u006d" is "m" to a JSON parser: the answer's bytes do not spell the key.
-    key = "meisa_live_" + "esc4ped" * 5
-    spelt = "".join(f"\\u{ord(c):04x}" for c in (key[:1] if escaped == "first" else key))
-    written = spelt + key[1:] if escaped == "first" else spelt
+ECHOED = "meisa_live_" + "esc4ped" * 5
+UNICODE_ESCAPES = "".join(f"\\u{ord(c):04x}" for c in ECHOED)
+
+
+@pytest.mark.parametrize(
+    ("key", "written"),
+    [
+        (ECHOED, "\\u006d" + ECHOED[1:]),  # "\u006d" is "m" to a JSON parser
+        (ECHOED, UNICODE_ESCAPES),
+        ("meisa_live_esc4/ped" * 2, "meisa_live_esc4\\/ped" * 2),  # "\/" is "/"
+    ],
+    ids=["first", "every", "solidus"],
+)
+def test_a_key_echoed_in_json_escapes_reaches_no_result(key: str, written: str) -> None:
+    # The answer's bytes do not spell the key, what they parse to does.
     body = '{"status": "ok", "scopes": ["%s"], "product": {"id": "p1", "name": "Echo %s"}}'
     content = (body % (written, written)).encode()
     answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(content), content)

@@ -331,6 +331,46 @@ def test_a_default_store_that_cannot_be_made_falls_back_to_memory_with_one_warni
     assert delivered_ids(emulator) == {"kept"}
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root mounts a small disk")
+def test_an_app_started_on_a_full_disk_keeps_its_store_and_delivers_once_space_returns(
+    emulator: Emulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A redeploy while the disk was full: every worker fell back to memory for its life
+    # (a budget of its own, its work lost at its stop), and what the file held waited
+    # unseen until the next restart.
+    instance = tmp_path / "instance"
+    instance.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", instance], check=True)
+    try:
+        left = leave_rows(instance / STORE_FILE, 1)
+        filler = os.open(instance / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(filler, bytes(PAGE)):
+                pass
+        except OSError:
+            pass  # the disk is full
+        finally:
+            os.close(filler)
+        caplog.set_level(logging.WARNING)
+        app = Flask(__name__, instance_path=str(instance))
+        app.config.update(emulator_config(emulator, MEISA_DELIVERY="thread"))
+        meisa = Meisa(app)
+        try:
+            assert not any("falls back to memory" in r.getMessage() for r in caplog.records)
+            with app.app_context():
+                meisa.upsert({"email": "ada@example.com", "external_id": "new"})
+                assert not meisa.flush(0.5)  # it waits in memory meanwhile
+                os.unlink(instance / "filler")
+                assert meisa.flush(10)
+                assert meisa.status().durable
+        finally:
+            meisa.close(app, 0.0)
+        upserts = [r.body["external_id"] for r in emulator.requests_to(UPSERT)]
+        assert sorted(upserts) == sorted([*left, "new"])  # each once
+    finally:
+        subprocess.run(["umount", instance], check=True)
+
+
 @pytest.mark.parametrize("where", ["a-file/store.sqlite3", "a-folder"])
 def test_an_explicit_store_that_cannot_be_made_fails_init_app(
     emulator: Emulator, tmp_path: Path, where: str

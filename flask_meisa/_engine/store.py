@@ -139,6 +139,7 @@ class Store:
         self._lock = threading.RLock()
         self._db: sqlite3.Connection | None = None
         self._opened: tuple[int, int] | None = None  # the file of the connection (device, inode)
+        self._unchecked = False  # the disk was full: checked at its first use instead
         if self.path is None:
             return
         try:
@@ -158,6 +159,10 @@ class Store:
         except OtherSchema:
             raise  # it says which, and what to do
         except STORE_ERRORS as error:
+            # A full disk (no room for the -shm even to read) is freed: not memory for good.
+            if getattr(error, "sqlite_errorname", "") in ("SQLITE_FULL", "SQLITE_IOERR_SHMSIZE"):
+                self._unchecked = True
+                return
             raise ConfigurationError(
                 f"the delivery store {self.path!r} cannot be used ({error}); set MEISA_OUTBOX "
                 "to a writable local file, or to None for memory only"
@@ -187,6 +192,14 @@ class Store:
         self._db = self._opened = None
 
     def _connection(self) -> sqlite3.Connection:
+        if self._unchecked:
+            self._unchecked = False  # (the check connects through this)
+            try:
+                with checking(self.path or ""):
+                    self.check()
+            except BaseException:  # (a connection it made stays: it works)
+                self._unchecked = True
+                raise
         if self._db is None:
             path = self.path  # made, when missing, under its folder's lock (see checking)
             with checking(path) if path and not os.path.exists(path) else nullcontext():

@@ -360,6 +360,8 @@ def test_an_app_started_on_a_full_disk_keeps_its_store_and_delivers_once_space_r
             with app.app_context():
                 meisa.upsert({"email": "ada@example.com", "external_id": "new"})
                 assert not meisa.flush(0.5)  # it waits in memory meanwhile
+                status = meisa.status()  # the file cannot even be read: what memory holds
+                assert status.durable and status.pending == 1
                 os.unlink(instance / "filler")
                 assert meisa.flush(10)
                 assert meisa.status().durable

@@ -202,16 +202,21 @@ class Delivery(Writer):
     def status(self) -> DeliveryStatus:
         """The host's delivery (see :class:`~.base.DeliveryStatus`)."""
         status, now = DeliveryStatus(engine="thread", durable=self.store.durable), time.time()
-        with self.store.read() as db:
-            pending.describe(db, now, status)
+        try:
+            with self.store.read() as db:
+                pending.describe(db, now, status)
+            if self.budget.windows:
+                status.budget_left = self.budget.remaining()
+        except STORE_ERRORS:  # not even read (a full disk at the start): what memory holds
+            if self._store_failing is None:
+                raise
+            status.queued = dict.fromkeys(LANE_NAMES.values(), 0)
         with self._lock:  # what this process holds while the store takes nothing
             for operation in [*self._writing, *self._intake] if self._store_failing else ():
                 lane, waited = LANE_NAMES[operation.lane], now - operation.created_at
                 status.queued[lane] += 1
                 status.oldest_wait[lane] = max(status.oldest_wait.get(lane, 0.0), waited)
         status.dropped += self._dropped_here
-        if self.budget.windows:
-            status.budget_left = self.budget.remaining()
         lock, own = self._host_lock, os.getpid() if self._started else None
         status.delivering_pid = own if lock is None else HostLock.holder(lock.path)
         return status

@@ -119,6 +119,34 @@ def test_work_stored_in_a_deleted_or_replaced_store_file_is_not_lost(
     assert emu.live_key not in app.output
 
 
+def test_work_in_a_linked_store_file_whose_target_is_deleted_is_not_lost(
+    emu: Emulator, tmp_path: Path, processes: Processes
+) -> None:
+    # The store file a link to one in a shared folder, that file deleted as the app runs:
+    # SQLite names the -wal and -shm after the link's target, where the old ones stayed,
+    # and read them as the new file's. The process could not move to it ("malformed"),
+    # kept the deleted file and lost its work with it; a new one could not open it.
+    requests = 5
+    instance, shared = tmp_path / "instance", tmp_path / "shared"
+    instance.mkdir()
+    shared.mkdir()
+    store_path(instance).symlink_to(shared / "outbox.sqlite3")
+    env = environment(emu, instance, MEISA_TEST_RATE="none")
+    emu.faults.outage(600)  # nothing is delivered: everything waits in the store
+    app = processes.app(env, "serve", str(requests))
+    assert app.wait_for_line("ready"), app.output
+    assert wait_stored(instance, "track", requests)
+    (shared / "outbox.sqlite3").unlink()
+    assert app.wait_for_line("it uses the file now there", 10), app.output
+    assert wait_stored(instance, "track", requests, timeout=10), app.output
+    app.signal(signal.SIGTERM)
+    assert app.wait() == 0, app.output
+    emu.faults.clear()
+    assert "flushed True" in run_app(env, "drain")
+    numbers = tally(emu, requests)
+    assert no_loss(numbers), numbers
+
+
 def test_work_left_by_a_release_says_where_it_waits(
     emu: Emulator, tmp_path: Path, processes: Processes
 ) -> None:

@@ -276,7 +276,7 @@ def checking(path: str) -> Iterator[None]:
         if locked and not os.path.exists(path):  # unguarded, the -wal may be another's new one
             for suffix in ("-wal", "-shm"):
                 with suppress(FileNotFoundError):
-                    os.unlink(path + suffix)
+                    os.unlink(os.path.realpath(path) + suffix)  # beside a link's target
         yield
         for suffix in ("", "-wal", "-shm"):
             folders_owner(path + suffix)

@@ -6,7 +6,9 @@ machine's, with network mounts added."""
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -85,6 +87,21 @@ def test_an_explicit_store_on_a_network_filesystem_fails_init_app(
         Meisa(app)
     assert str(path) in str(caught.value) and "MEISA_OUTBOX" in str(caught.value)
     assert not path.parent.exists()  # nothing made there
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root mounts a small disk")
+def test_a_store_on_a_full_network_filesystem_is_refused_all_the_same(
+    tmp_path: Path, mount: Callable[[Path, str], Path]
+) -> None:
+    # A full disk only postpones the store's check (it is freed): not so a network one.
+    folder = mount(tmp_path / "nfs", "nfs4")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", folder], check=True)
+    try:
+        (folder / "filler").write_bytes(bytes(48 * 1024))
+        with pytest.raises(ConfigurationError, match=r"network filesystem \(nfs4\)"):
+            Store(folder / "store.sqlite3")
+    finally:
+        subprocess.run(["umount", folder], check=True)
 
 
 def test_a_default_store_on_a_network_filesystem_falls_back_to_memory_with_one_warning(

@@ -1,11 +1,13 @@
 """Which filesystem a folder is on: a store on a network filesystem is refused, since
 SQLite's locks and its write-ahead log's shared memory do not hold there, and hosts
-sharing one would corrupt it."""
+sharing one would corrupt it; and whether it is full."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import shutil
 
 #: Filesystem types other hosts may share (as ``/proc/self/mountinfo`` names them). Not 9p
 #: nor virtiofs: one host's files shown to a sandbox or a VM on it (gVisor's root and
@@ -17,6 +19,8 @@ NETWORK_FILESYSTEMS = frozenset(
 )
 #: The mount table read (Linux; elsewhere no filesystem is known).
 MOUNTINFO = "/proc/self/mountinfo"
+#: With less room than this a folder's disk is full (SQLite's -shm alone takes 32 KiB).
+FULL_BELOW = 1 << 20
 _ESCAPED = re.compile(r"\\([0-7]{3})")  # a space, a tab, a newline or a backslash
 
 
@@ -37,3 +41,16 @@ def network_filesystem(folder: str) -> str | None:
         if inside and rest.strip() and len(point) >= longest:  # the last one over it; not "/"
             kind, longest = rest.split()[0], len(point)
     return kind if kind in NETWORK_FILESYSTEMS else None
+
+
+def disk_full(error: BaseException, folder: str) -> bool:
+    """Whether ``error`` of a store in ``folder`` comes of a full disk: by SQLite's code,
+    else (Python 3.10 names none) by the folder's room left."""
+    if isinstance(error, OSError):  # (not a refusal of its own: a network filesystem)
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    if (name := getattr(error, "sqlite_errorname", None)) is not None:
+        return name in ("SQLITE_FULL", "SQLITE_IOERR_SHMSIZE")
+    try:
+        return shutil.disk_usage(folder).free < FULL_BELOW
+    except OSError:
+        return False

@@ -24,6 +24,7 @@ from .host import checking
 from .host import identity
 from .host import set_aside
 from .host import transaction
+from .mounts import disk_full
 from .mounts import network_filesystem
 
 #: A clock that reads this much less than the latest time the store noted has stepped back.
@@ -160,7 +161,7 @@ class Store:
             raise  # it says which, and what to do
         except STORE_ERRORS as error:
             # A full disk (no room for the -shm even to read) is freed: not memory for good.
-            if getattr(error, "sqlite_errorname", "") in ("SQLITE_FULL", "SQLITE_IOERR_SHMSIZE"):
+            if disk_full(error, os.path.dirname(self.path)):
                 self._unchecked = True
                 return
             raise ConfigurationError(
@@ -216,8 +217,7 @@ class Store:
         )
         try:
             db.execute("PRAGMA synchronous = NORMAL")
-            # Another schema than this one's (0: a new file) is refused before the
-            # script touches it: a newer flask-meisa's, or a development version's.
+            # Another schema than this one's (0: a new file) is refused before the script.
             version = int(db.execute("PRAGMA user_version").fetchone()[0])
             if version not in (0, SCHEMA_VERSION):
                 newer = version > SCHEMA_VERSION

@@ -165,10 +165,10 @@ def sync_users_command(max_share: float, restart: bool, dry_run: bool, failures:
     if total is not None and (type(total) is not int or total < 0):  # a whole number
         raise click.ClickException(f"the count of @meisa.users_to_sync returned {total!r}")
     budget = state.settings.rate_limit
-    windows = parse_rate_limit(budget) if budget else ()
+    per_hour = backfill.estimate_per_hour(parse_rate_limit(budget) if budget else (), max_share)
     resumable = state.settings.delivery in ("thread", "celery") and not restart
     done = _backfill_target(state, start=False).goes_on_from() if resumable else 0
-    click.echo(_cli_text.plan(total, backfill.estimate_per_hour(windows, max_share), done))
+    click.echo(_cli_text.plan(total, per_hour, done))
     if dry_run:
         for user in itertools.islice(users, 3):
             click.echo(json.dumps(meisa.map_user(user), sort_keys=True, default=str))
@@ -186,6 +186,7 @@ def sync_users_command(max_share: float, restart: bool, dry_run: bool, failures:
         to_operation=to_operation,
         total=total,
         max_share=max_share,
+        per_hour=per_hour,
         report=lambda progress: click.echo(_cli_text.progress_line(progress), err=True),
     )
     # A stop (SIGTERM: a redeploy, kill) is Ctrl+C: noted stopped, a rerun need not wait.
@@ -208,8 +209,7 @@ def sync_users_command(max_share: float, restart: bool, dry_run: bool, failures:
         if term is not None:
             signal.signal(signal.SIGTERM, term)
     click.echo(_cli_text.progress_line(result))
-    failed = result.run.failed + result.refused
-    if failed:
+    if failed := result.run.failed + result.refused:
         raise click.ClickException(
             f"{failed} users were not synced: see 'flask meisa sync-users --failures'"
         )

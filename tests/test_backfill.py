@@ -1414,3 +1414,27 @@ def test_a_live_sync_between_a_page_read_and_its_chunk_is_not_undone(
     result = sync_users(app)
     assert result.exit_code == 0, result.output
     assert plan_in_meisa(app, emulator, "25") == "pro"
+
+
+def test_a_backfill_at_the_default_budget_stores_minutes_of_upserts_not_hours(
+    emulator_factory: Callable[..., Emulator], tmp_path: Path
+) -> None:
+    # 950 backfill calls an hour: 1,000 rows stored ahead would wait an hour, and be sent
+    # as the users were then. No more than 5 minutes' calls (79 rows) wait before a chunk.
+    emulator = emulator_factory(rate_limit=None)
+    process = sync_users_process(emulator.url, emulator.live_key, 3000, tmp_path / "instance")
+    process["env"]["BACKFILL_RATE_LIMIT"] = "60/minute;1000/hour"
+    run = subprocess.Popen(**process, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert run.stdout is not None and "3,000 users at ~950/hour" in run.stdout.readline()
+        # The first calls, paced: by the second the run has read all it may (or 1,200).
+        assert emulator.wait_for(lambda e: len(e.requests_to(UPSERT)) >= 2, timeout=30)
+        target = backfill.StoreTarget(Store(str(tmp_path / "instance" / "meisa-outbox.sqlite3")))
+        kept = target.load()
+        waiting, _ = target.backlog()
+    finally:
+        run.send_signal(signal.SIGTERM)
+        run.communicate(timeout=30)
+    assert kept is not None
+    assert kept.position <= 2 * 79, kept.position
+    assert waiting <= 2 * 79

@@ -31,8 +31,10 @@ from .store import Store
 
 #: Users read, mapped and stored together (one transaction).
 CHUNK = 200
-#: Backfill rows waiting in the store before reading more users.
+#: Backfill rows waiting in the store before reading more users, at most; and no more
+#: than the budget sends in :data:`BACKLOG_FOR` s (1,000 are an hour at the default budget).
 HIGH_WATER = 1_000
+BACKLOG_FOR = 300.0
 #: Mapping failures kept for ``sync-users --failures`` (all are counted).
 KEEP_FAILURES = 1_000
 #: How often a run notes in its store that its process still runs (seconds).
@@ -112,23 +114,20 @@ class Progress:
 
     @property
     def done(self) -> int:
-        """Users finished: upserted, skipped as unchanged, or failed (none while the
-        upserts an earlier run left wait, after ``--restart``)."""
+        """Users finished: upserted, unchanged or failed (not those an earlier run left)."""
         return max(self.run.position - self.waiting, 0)
 
 
 def estimate_per_hour(spec_windows: Iterable[Any], share: float) -> float | None:
-    """The calls an hour a backfill can make with ``share`` of the budget (``None``: no
-    budget, as fast as Meisa answers)."""
+    """The calls an hour a backfill can make with ``share`` of the budget (``None``: none)."""
     rates = [allowed(window, LANE_ROUTINE) * 3600.0 / window.period for window in spec_windows]
     return min(rates) * share if rates else None
 
 
 class Target:
     """Where a backfill's upserts go and its run is kept, as JSON values: ``_get(kept, name,
-    default)`` and ``_put(kept, name, value)`` on what ``_kept(write=False)`` opens;
-    ``_queue(kept, run, operations, now)`` queues a chunk; ``backlog()``: the backfill
-    upserts waiting for Meisa, and those Meisa refused."""
+    default)``, ``_put(kept, name, value)`` on what ``_kept(write=False)`` opens; ``_queue(kept,
+    run, operations, now)`` queues a chunk; ``backlog()``: upserts waiting, and refused."""
 
     _get: Callable[..., Any]
     _put: Callable[..., None]
@@ -228,9 +227,11 @@ def run(
     again: bool = False,
     report: Callable[[Progress], None] = lambda progress: None,
     every: float = 1.0,
+    per_hour: float | None = None,
 ) -> Progress:
     """Queue an upsert of each user (from where the last unfinished run stopped), never
-    more than :data:`HIGH_WATER` waiting at once, and wait until they are answered.
+    more waiting at once than :data:`HIGH_WATER`, nor than ``per_hour`` (the run's calls an
+    hour, ``None``: no budget) sends in :data:`BACKLOG_FOR`; wait until they are answered.
 
     :param to_operation: maps a user to its upsert (raises for a user that cannot be
         mapped: counted, kept for ``--failures``, and skipped).
@@ -275,13 +276,13 @@ def run(
         # Done as it starts: the users read (moved back if failed ones are read again) less
         # the upserts an earlier run left waiting, answered from now on.
         start_done = current.position - target.backlog()[0]
+        room = int(min(HIGH_WATER, max((per_hour or float("inf")) * BACKLOG_FOR / 3600, 1)))
         while True:
-            # Read only once there is room: users read, then held while the backlog drains
-            # (an hour at the default budget), would be sent as they were then.
-            while tick().waiting > HIGH_WATER:
+            # Read only once there is room: users read hours before would be sent as they were.
+            while tick().waiting > room:
                 time.sleep(min(every, 0.2))
             # Users are read as of this command's start: a query may read a page ahead.
-            if not (chunk := list(itertools.islice(rest, CHUNK))):
+            if not (chunk := list(itertools.islice(rest, min(CHUNK, room)))):
                 break
             operations, failed = [], []
             for offset, user in enumerate(chunk):

@@ -1438,3 +1438,25 @@ def test_a_backfill_at_the_default_budget_stores_minutes_of_upserts_not_hours(
     assert kept is not None
     assert kept.position <= 2 * 79, kept.position
     assert waiting <= 2 * 79
+
+
+@pytest.mark.parametrize("counted", [300, 800])
+def test_a_count_that_is_not_the_number_of_users_is_not_reported_as_such(
+    emulator: Emulator, counted: int
+) -> None:
+    # A count of other rows than the query's (active users only, or a join that repeats
+    # some): 500 users read were "500 of 300 done", with no time left while some were.
+    app = make_app(emulator, 500)
+    meisa: Meisa = app.extensions["meisa"]
+    query, _ = meisa.user_source  # type: ignore[misc]
+    meisa.users_to_sync(query, count=lambda: counted)
+    result = sync_users(app)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0].startswith(f"{counted} users")
+    for line in result.output.splitlines()[1:]:
+        done = re.match(r"([\d,]+) of ([\d,]+) users done", line)
+        assert done is None or int(done[1].replace(",", "")) <= int(done[2].replace(",", ""))
+    assert result.output.splitlines()[-1].startswith("500 of 500 users done")
+    status = app.test_cli_runner().invoke(args=["meisa", "status"]).output
+    assert "backfill: done, 500 of 500 users read" in status
+    assert len(upserts_by_user(emulator)) == 500

@@ -54,8 +54,7 @@ class Run:
     failed: int = 0  # users that could not be mapped
     max_share: float = 1.0
     refused_before: int = 0  # backfill upserts refused before this run (not its failures)
-    #: The last user mapped: its position and names, checked again when the run goes on.
-    last: list[Any] | None = None
+    last: list[Any] | None = None  # the last user mapped: [position, *names], checked again
     alive_at: float | None = None  # when its process last noted it runs (None: stopped)
     owner: str | None = None  # the command that runs it (one taken over stops)
 
@@ -97,8 +96,7 @@ class KeyRefused(Exception):
 
 
 class UsersChanged(Exception):
-    """The users before where the last run stopped are not those it read (some were
-    deleted, or came in ahead): going on from its position would skip some."""
+    """The users before the last run's position are not those it read (deleted, or new)."""
 
 
 @dataclass
@@ -261,7 +259,9 @@ def run(
         elapsed = time.monotonic() - started
         done_now = current.position - waiting - start_done
         rate = done_now * 3600.0 / elapsed if elapsed > 1 and done_now > 0 else 0.0
-        left = None if current.total is None else max(current.total - current.position, 0)
+        if (current.total or 0) < current.position:  # a count short of the users: unknown
+            current.total = None
+        left = None if current.total is None else current.total - current.position
         progress = Progress(current, waiting, refused, rate, elapsed, left)
         if (now := target.clock()) - (current.alive_at or 0.0) >= ALIVE_EVERY:
             current.alive_at = now  # by the clock another run's check reads (Redis's)
@@ -311,7 +311,7 @@ def run(
             if not isinstance(stop, KeyRefused):  # the key's error, kept, says how to go on
                 raise
         raise
-    current.state = "done"
+    current.state, current.total = "done", current.position  # the users, whatever counted
     target.save(current)
     return tick(force=True)
 

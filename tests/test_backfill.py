@@ -923,7 +923,8 @@ def test_users_whose_number_is_unknown_are_all_upserted(emulator: Emulator) -> N
     meisa.users_to_sync(lambda: (user for user in query()))  # a stream, and no count
     result = sync_users(app)
     assert result.exit_code == 0, result.output
-    assert result.output.splitlines()[-1].startswith("30 users done"), result.output
+    # Counted once the query is done.
+    assert result.output.splitlines()[-1].startswith("30 of 30 users done"), result.output
     assert upserts_by_user(emulator) == {str(number): 1 for number in range(30)}
 
 

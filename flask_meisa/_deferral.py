@@ -21,6 +21,7 @@ from flask import request
 from flask import request_tearing_down
 
 from .errors import DeliveryError
+from .errors import EngineClosed
 from .operations import Operation
 from .operations import identities
 from .signals import emit
@@ -130,7 +131,12 @@ def _dispatch(
         if not delivering:
             continue
         try:  # one at a time: an operation refused never holds back the others
-            state.dispatcher.submit([operation])
+            try:
+                state.dispatcher.submit([operation])
+            except EngineClosed:
+                # meisa.close() in another thread closed the engine as it was handed this
+                # work: the app's next engine takes it (an engine closed by hand refuses).
+                state.dispatcher.submit([operation])
         except DeliveryError as error:
             if raise_refused:
                 raise

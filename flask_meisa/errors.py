@@ -87,6 +87,11 @@ class DeliveryError(MeisaError):
     or a send retried past Meisa's idempotency hour (through ``delivery_failed``)."""
 
 
+class EngineClosed(DeliveryError):
+    """A closed engine took none of the operations handed to it (the extension hands them
+    to the app's next engine)."""
+
+
 class APIError(MeisaError):
     """Meisa answered with an error status.
 

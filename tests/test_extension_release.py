@@ -9,6 +9,7 @@ import math
 import pydoc
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ from flask_meisa import contact_synced
 from flask_meisa import delivery_dropped
 from flask_meisa import signals
 from flask_meisa._engine import writer
+from flask_meisa._engine.delivery import Delivery
 from flask_meisa._engine.host import HostLock
 from flask_meisa.emulator import Emulator
 from flask_meisa.testing import emulator_config
@@ -291,6 +293,44 @@ def test_a_send_released_after_delivery_closed_is_reported_dropped_as_refused(
     assert dropped == [("send", "refused")]
     assert "was not accepted: delivery engine is closed" in caplog.text
     assert emulator.requests_to("/emails/trigger/") == []
+
+
+def test_work_released_while_meisa_close_runs_in_another_thread_is_delivered(
+    emulator: Any,
+) -> None:
+    app = build_app(emulator_config(emulator, MEISA_DELIVERY="thread"))
+    meisa: Meisa = app.extensions["meisa"]
+    entered, go = threading.Event(), threading.Event()
+    dropped: list[str] = []
+
+    # Holds the releasing thread where it has the engine in hand, not yet handing over to
+    # it: the one moment of a real race with close() that a test can stop at.
+    def hold(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code is Delivery.submit.__code__ and not entered.is_set():
+            entered.set()
+            go.wait(10)
+
+    def login() -> None:
+        sys.settrace(hold)
+        try:
+            app.test_client().post("/login/1").close()
+        finally:
+            sys.settrace(None)
+
+    def record(sender: Flask, **extra: Any) -> None:
+        dropped.append(extra["reason"])
+
+    with delivery_dropped.connected_to(record, app):
+        releasing = threading.Thread(target=login)
+        releasing.start()
+        assert entered.wait(10)
+        assert meisa.close(app, timeout=5) == 0
+        go.set()
+        releasing.join(10)
+        with app.app_context():
+            assert meisa.flush(10)
+    assert dropped == []
+    assert [u.body["email"] for u in emulator.requests_to(UPSERT)] == ["ada@example.com"]
 
 
 def test_work_of_another_apps_meisa_goes_through_that_app(

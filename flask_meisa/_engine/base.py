@@ -165,8 +165,8 @@ class Dispatcher(Protocol):
         """Begin delivering (threads, the host's delivery lock); idempotent."""
 
     def submit(self, operations: Iterable[Operation]) -> None:
-        """Take operations, never waiting on Meisa; what cannot be taken is reported to
-        ``hooks.dropped`` (a send raises :class:`~flask_meisa.errors.DeliveryError`)."""
+        """Take operations, never waiting on Meisa (closed: take none, raise ``EngineClosed``);
+        what cannot be taken is reported to ``hooks.dropped`` (a send raises instead)."""
 
     def store_now(self) -> None:
         """A request's thread, its response out and its work submitted, may store work."""

@@ -17,6 +17,7 @@ from typing import Any
 import redis
 
 from ..errors import DeliveryError
+from ..errors import EngineClosed
 from ..operations import LANE_BACKFILL
 from ..operations import LANE_NAMES
 from ..operations import Operation
@@ -133,10 +134,9 @@ class CeleryDispatcher(Dispatcher):
     ) -> bool:
         """Publish ``operation`` (a backfill's upsert of a user read at ``read_at``); what
         cannot be published is dropped (a send, or anything when ``refused``, raises
-        :class:`DeliveryError` instead); ``False``: nothing of it was left to send."""
+        :class:`DeliveryError` instead; closed: ``EngineClosed``); ``False``: none left."""
         if self._closed:
-            self._drop(operation, "closed", refused=refused)
-            return True
+            raise EngineClosed(f"delivery engine is closed; {operation.describe()} was not sent")
         if time.monotonic() < self._stalled_until:  # nothing of it reached Redis
             cause = "TimeoutError"
             self._drop(operation, "broker_unavailable", cause, record=False, refused=refused)
@@ -181,8 +181,8 @@ class CeleryDispatcher(Dispatcher):
             with contextlib.suppress(Exception):  # Redis may be out of reach too
                 self.store.finish([operation.id], None if refused else "dropped", 1)
         if refused:
-            where = f"publishing failed ({cause})" if cause else "the delivery engine is closed"
-            raise DeliveryError(f"{where}; {operation.describe()} was not sent") from None
+            what = f"publishing failed ({cause}); {operation.describe()} was not sent"
+            raise DeliveryError(what) from None
         detail = f"{reason}: {cause}" if cause else reason
         logger.warning("flask-meisa: dropped %s (%s)", operation.describe(), detail)
         self._hooks.call("dropped", operation, reason)

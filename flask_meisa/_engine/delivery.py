@@ -13,7 +13,7 @@ from collections.abc import Callable
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from ..errors import DeliveryError
+from ..errors import EngineClosed
 from ..operations import LANE_NAMES
 from ..operations import Operation
 from ..retry import RetryPolicy
@@ -103,29 +103,25 @@ class Delivery(Writer):
         batch = list(operations)
         shed: list[Operation] = []
         with self._lock:
-            closed = self._closed
-            if not closed:
-                self._take_in(batch)
-                # Bounded while the store takes nothing: the oldest non-sends go (_writer_done).
-                excess = len(self._writing) + len(self._intake) - self._capacity
-                if excess > 0 and self._store_failing:
-                    shed = [op for op in (*self._writing, *self._intake) if op.kind != "send"]
-                    shed = shed[:excess]
-                    gone, taken = {id(op) for op in shed}, len(self._writing)
-                    self._writing = [op for op in self._writing if id(op) not in gone]
-                    self._intake = [op for op in self._intake if id(op) not in gone]
-                    shed = shed[taken - len(self._writing) :]
-                    self._dropped_here += len(shed)
-                    self._caller.count(reporting=len(gone))  # for a flush, until reported
+            if self._closed:
+                what = ", ".join(op.describe() for op in batch)
+                raise EngineClosed(f"delivery engine is closed; {what} was not sent")
+            self._take_in(batch)
+            # Bounded while the store takes nothing: the oldest non-sends go (_writer_done).
+            excess = len(self._writing) + len(self._intake) - self._capacity
+            if excess > 0 and self._store_failing:
+                shed = [op for op in (*self._writing, *self._intake) if op.kind != "send"]
+                shed = shed[:excess]
+                gone, taken = {id(op) for op in shed}, len(self._writing)
+                self._writing = [op for op in self._writing if id(op) not in gone]
+                self._intake = [op for op in self._intake if id(op) not in gone]
+                shed = shed[taken - len(self._writing) :]
+                self._dropped_here += len(shed)
+                self._caller.count(reporting=len(gone))  # for a flush, until reported
         if shed:
             self._drop(shed, "queue_full", self._full)
         if batch and not self._started:
             self.start()
-        if closed:
-            for op in batch:
-                if op.kind == "send":
-                    raise DeliveryError(f"delivery engine is closed; {op.describe()} was not sent")
-                self.hooks.call("dropped", op, "closed")
 
     def budget_slot(self, timeout: float) -> contextlib.AbstractContextManager[bool]:
         """A slot of the host's budget for a call made in the caller's thread."""

@@ -37,6 +37,7 @@ from ._runtime import MeisaState
 from .client import MeisaClient
 from .config import DEFAULTS
 from .config import MeisaSettings
+from .errors import EngineClosed
 from .errors import UnprocessableEntityError
 from .errors import ValidationError
 from .operations import Operation
@@ -267,8 +268,15 @@ class Meisa:
             return False
         if not state.has_dispatcher():
             return True
-        left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-        return state.dispatcher.flush(left)
+        engine = state.dispatcher
+        while True:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            try:
+                return engine.flush(left)
+            except EngineClosed:  # by close() in another thread: the app's next engine goes on
+                closed, engine = engine, state.dispatcher
+                if engine is closed:
+                    return False
 
     def status(self) -> DeliveryStatus:
         """A snapshot of the host's delivery: pending work per lane, the budget, who delivers."""

@@ -24,6 +24,7 @@ import pytest
 from flask import Flask
 
 from flask_meisa import Meisa
+from flask_meisa._engine.delivery import Delivery
 from flask_meisa._engine.store import SCHEMA_VERSION
 from flask_meisa._engine.store import Store
 from flask_meisa.emulator import Emulator
@@ -491,3 +492,40 @@ def test_close_stops_an_apps_delivery_at_once(emulator: Emulator) -> None:
     emulator.faults.clear()
     assert not wait_until(lambda: len(emulator.requests) > requests, timeout=0.5)
     assert meisa.close(app) == 0  # closing again does nothing
+
+
+def test_a_flush_waiting_as_another_thread_closes_the_app_goes_on_with_its_next_engine(
+    emulator: Emulator,
+) -> None:
+    app: Flask = build_app(emulator_config(emulator, MEISA_DELIVERY="thread"))
+    meisa: Meisa = app.extensions["meisa"]
+    emulator.faults.set(latency=0.5)
+    with app.app_context():  # one contact's: delivered one after another, 0.5 s each
+        meisa.upsert({"email": "ada@example.com"})
+        meisa.track("exported_report", email="ada@example.com")
+        meisa.track("exported_report", email="ada@example.com")
+    entered, flushed = threading.Event(), []
+
+    def note(frame: types.FrameType, event: str, arg: object) -> None:
+        if event == "call" and frame.f_code is Delivery.flush.__code__:
+            entered.set()  # this flush waits on the engine that close() is about to stop
+
+    def flush() -> None:
+        sys.settrace(note)
+        try:
+            with app.app_context():
+                began = time.monotonic()
+                flushed.append((meisa.flush(8), time.monotonic() - began))
+        finally:
+            sys.settrace(None)
+
+    flushing = threading.Thread(target=flush)
+    flushing.start()
+    assert entered.wait(5)
+    assert emulator.wait_for_requests(1, path=UPSERT)
+    assert meisa.close(app, timeout=0) == 0  # what is left stays in the store
+    flushing.join(10)
+    ((done, took),) = flushed
+    print(f"\nflush across close(): {done} in {took:.2f}s")
+    assert done
+    assert len(emulator.requests_to("/events/track/")) == 2

@@ -129,7 +129,8 @@ class Delivery(Writer):
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait at most ``timeout`` seconds (``None``: no limit) until every operation handed
-        over before the call is over and its hooks ran, whichever process delivers it."""
+        over before the call is over and its hooks ran, whichever process delivers it;
+        :class:`EngineClosed` when the engine stops meanwhile."""
         self.start()
         if self.hooks.running:
             return self._unstored() + self._left(None) == 0  # waiting would deadlock
@@ -138,12 +139,17 @@ class Delivery(Writer):
             passes = self._passes  # the next pass takes all that was handed over before
             self._store_at_once()  # not at the end of the group's window
         if not self._wait_until(
-            lambda: self._stored_pass > passes or not self._unstored(), deadline
+            lambda: self._stopping or self._stored_pass > passes or not self._unstored(), deadline
         ):
             return False
-        with self.store.read() as db:
-            earlier = pending.row_ids(db)  # all that was handed over before, and maybe more
-        return self._wait_until(lambda: self._left(earlier) == 0, deadline)
+        done = False
+        if not self._stopping:
+            with self.store.read() as db:
+                earlier = pending.row_ids(db)  # all that was handed over before, and maybe more
+            done = self._wait_until(lambda: self._stopping or self._left(earlier) == 0, deadline)
+        if self._stopping:  # closed meanwhile: its threads deliver nothing more
+            raise EngineClosed("delivery engine is closed; what is left was not flushed")
+        return done
 
     def close(self, timeout: float | None = None) -> int:
         """Deliver for up to ``timeout`` seconds (default ``flush_timeout``), then stop; what

@@ -12,6 +12,7 @@ import logging
 import multiprocessing.util
 import os
 import threading
+import time
 import weakref
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
@@ -298,6 +299,12 @@ def _close_quietly(state: MeisaState, timeout: float | None) -> None:
 
 
 def _at_exit() -> None:
+    # First what collected apps and responses hand over in daemon threads (run_apart): exit
+    # would stop those before they stored, delivered or reported it.
+    ends = time.monotonic() + DEFAULTS["MEISA_FLUSH_TIMEOUT"]
+    for thread in threading.enumerate():
+        if thread.name in ("flask-meisa-release", "flask-meisa-close"):
+            thread.join(max(ends - time.monotonic(), 0.0))
     for state in list(_live):
         _close_quietly(state, None)
 

@@ -100,6 +100,45 @@ def test_exit_delivers_what_is_pending(emulator: Emulator, tmp_path: Path, where
         assert waiting_in(store) == 0
 
 
+DROPPED_APP = """
+import gc, sys
+from flask import Flask
+from flask_meisa import Meisa
+
+app = Flask("dropped", instance_path=sys.argv[1])
+app.config.update(MEISA_API_KEY="meisa_live_unreachable_0000", MEISA_BASE_URL=sys.argv[2],
+                  MEISA_OUTBOX=sys.argv[3] or None, MEISA_SUPPRESS_SEND=False)
+meisa = Meisa(app)
+with app.app_context():
+    for n in range(30):
+        meisa.send("receipt", f"user{n}@example.com", background=True)
+del app, meisa
+gc.collect()  # the app is closed in a thread of its own; the process ends at once
+"""
+
+
+@pytest.mark.parametrize("where", ["memory", "file"])
+def test_exit_right_after_an_app_was_dropped_keeps_or_reports_its_work(
+    tmp_path: Path, where: str
+) -> None:
+    url = f"http://127.0.0.1:{closed_port()}/api/v1"
+    store = tmp_path / "store.sqlite3"
+    done = subprocess.run(
+        [sys.executable, "-c", DROPPED_APP, str(tmp_path), url, str(store) * (where == "file")],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    if where == "file":
+        assert waiting_in(store) == 30  # for the app's next process
+    else:
+        assert "30 operations were not delivered before shutdown" in done.stderr
+
+
 def test_exit_drops_what_a_memory_store_could_not_deliver_and_says_so() -> None:
     url = f"http://127.0.0.1:{closed_port()}/api/v1"
     done = run_scenario(url, "meisa_live_unreachable_0000", "exit", "7", flush_timeout=0.3)

@@ -331,6 +331,9 @@ def _after_fork_in_child() -> None:
             logger.exception("meisa: resetting delivery after fork failed")
 
 
+# atexit runs the hook registered last first: weakref.finalize's (made on first use), where
+# urllib3 closes its pools, must run after this one, which still delivers through them.
+weakref.finalize(_at_exit, int).atexit = False
 atexit.register(_at_exit)
 # A multiprocessing child ends with os._exit, past the atexit hooks: its finalizers run.
 multiprocessing.util.register_after_fork(

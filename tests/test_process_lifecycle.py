@@ -139,6 +139,40 @@ def test_exit_right_after_an_app_was_dropped_keeps_or_reports_its_work(
         assert "30 operations were not delivered before shutdown" in done.stderr
 
 
+EXITING_APP = """
+import sys
+from flask import Flask
+from flask_meisa import Meisa
+
+app = Flask("exiting", instance_path=sys.argv[1])
+app.config.update(MEISA_API_KEY=sys.argv[2], MEISA_BASE_URL=sys.argv[3], MEISA_RATE_LIMIT=None,
+                  MEISA_SUPPRESS_SEND=False)
+meisa = Meisa(app)
+with app.app_context():
+    for n in range(10):
+        meisa.send("receipt", f"user{n}@example.com", background=True)
+"""
+
+
+def test_exit_delivers_through_connections_it_then_closes(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    # Unclosed sockets are reported, as the interpreter finalizes them, only in dev mode.
+    args = [str(tmp_path), emulator.live_key, emulator.url]
+    done = subprocess.run(
+        [sys.executable, "-X", "dev", "-W", "error", "-c", EXITING_APP, *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert len(emulator.requests_to("/emails/trigger/")) == 10
+    assert done.stderr == ""
+
+
 def test_exit_drops_what_a_memory_store_could_not_deliver_and_says_so() -> None:
     url = f"http://127.0.0.1:{closed_port()}/api/v1"
     done = run_scenario(url, "meisa_live_unreachable_0000", "exit", "7", flush_timeout=0.3)

@@ -69,7 +69,7 @@ class Delivery(Writer):
         self._idle = threading.Condition(self._lock)
         self._fresh_passes()
         self._threads = []
-        self._started = self._stopping = self._closed = False
+        self._started = self._stopping = self._closed = self._ended = False
         path, stall = self.store.path, self.store.busy_timeout
         self._host_lock = None if path is None else HostLock(f"{path}.lock", stall)
         self._files = None if self._host_lock is None else HostFiles(self.store)
@@ -139,15 +139,15 @@ class Delivery(Writer):
             passes = self._passes  # the next pass takes all that was handed over before
             self._store_at_once()  # not at the end of the group's window
         if not self._wait_until(
-            lambda: self._stopping or self._stored_pass > passes or not self._unstored(), deadline
+            lambda: self._ended or self._stored_pass > passes or not self._unstored(), deadline
         ):
             return False
         done = False
-        if not self._stopping:
+        if not self._ended:
             with self.store.read() as db:
                 earlier = pending.row_ids(db)  # all that was handed over before, and maybe more
-            done = self._wait_until(lambda: self._stopping or self._left(earlier) == 0, deadline)
-        if self._stopping:  # closed meanwhile: its threads deliver nothing more
+            done = self._wait_until(lambda: self._ended or self._left(earlier) == 0, deadline)
+        if self._ended:  # closed meanwhile, what it gave up on reported: nothing more of it
             raise EngineClosed("delivery engine is closed; what is left was not flushed")
         return done
 
@@ -199,6 +199,7 @@ class Delivery(Writer):
             self._host_lock.release()
         self.store.close()
         self._caller.client.close()
+        self._ended = True
         return len(lost)
 
     def status(self) -> DeliveryStatus:

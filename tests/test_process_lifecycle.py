@@ -54,17 +54,18 @@ def run_scenario(
     }
     if store is not None:
         env["MEISA_TEST_STORE"] = str(store)
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.engine_support", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_python(["-m", "tests.engine_support", *args], env)
     assert key not in done.stdout + done.stderr
     return done
+
+
+def run_python(
+    args: list[str], env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """A Python child run with ``args`` at the repository's root, importing this tree."""
+    env = env or {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, *args]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
 
 
 def closed_port() -> int:
@@ -123,15 +124,7 @@ def test_exit_right_after_an_app_was_dropped_keeps_or_reports_its_work(
 ) -> None:
     url = f"http://127.0.0.1:{closed_port()}/api/v1"
     store = tmp_path / "store.sqlite3"
-    done = subprocess.run(
-        [sys.executable, "-c", DROPPED_APP, str(tmp_path), url, str(store) * (where == "file")],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_python(["-c", DROPPED_APP, str(tmp_path), url, str(store) * (where == "file")])
     assert done.returncode == 0, done.stderr
     if where == "file":
         assert waiting_in(store) == 30  # for the app's next process
@@ -159,15 +152,7 @@ def test_exit_delivers_through_connections_it_then_closes(
 ) -> None:
     # Unclosed sockets are reported, as the interpreter finalizes them, only in dev mode.
     args = [str(tmp_path), emulator.live_key, emulator.url]
-    done = subprocess.run(
-        [sys.executable, "-X", "dev", "-W", "error", "-c", EXITING_APP, *args],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_python(["-X", "dev", "-W", "error", "-c", EXITING_APP, *args])
     assert done.returncode == 0, done.stderr
     assert len(emulator.requests_to("/emails/trigger/")) == 10
     assert done.stderr == ""
@@ -294,15 +279,7 @@ def test_exit_of_a_process_whose_default_store_is_refused_delivers_from_memory(
     Store(store).close()
     with contextlib.closing(sqlite3.connect(store)) as db:
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    done = subprocess.run(
-        [sys.executable, "-c", RELEASE_ONE_AND_EXIT],
-        cwd=ROOT,
-        env=environment(emulator, instance),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_python(["-c", RELEASE_ONE_AND_EXIT], environment(emulator, instance))
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     assert "released; exiting" in output

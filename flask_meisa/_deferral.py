@@ -12,6 +12,7 @@ import weakref
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Iterator
+from operator import methodcaller
 from typing import TYPE_CHECKING
 from typing import Any
 from typing import cast
@@ -21,7 +22,6 @@ from flask import request
 from flask import request_tearing_down
 
 from .errors import DeliveryError
-from .errors import EngineClosed
 from .operations import Operation
 from .operations import identities
 from .signals import emit
@@ -131,12 +131,7 @@ def _dispatch(
         if not delivering:
             continue
         try:  # one at a time: an operation refused never holds back the others
-            try:
-                state.dispatcher.submit([operation])
-            except EngineClosed:
-                # meisa.close() in another thread closed the engine as it was handed this
-                # work: the app's next engine takes it (an engine closed by hand refuses).
-                state.dispatcher.submit([operation])
+            state.with_engine(methodcaller("submit", [operation]))
         except DeliveryError as error:
             if raise_refused:
                 raise

@@ -14,9 +14,11 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 from typing import Any
+from typing import TypeVar
 
 from . import _http
 from ._deferral import HeldBatches
@@ -28,6 +30,7 @@ from .config import DEFAULTS
 from .config import INSTANCE_PREFIX
 from .config import is_delivering
 from .errors import ConfigurationError
+from .errors import EngineClosed
 from .retry import RetryPolicy
 from .signals import SignalReporter
 
@@ -39,6 +42,7 @@ if TYPE_CHECKING:
     from .results import UnsubscribedEmails
 
 logger = logging.getLogger("flask_meisa")
+_T = TypeVar("_T")
 
 
 class MeisaState:
@@ -182,6 +186,19 @@ class MeisaState:
                 self._dispatcher = module.make_dispatcher(self)
                 _live.add(self)  # again, when used after close(): flushed at exit
             return self._dispatcher
+
+    def with_engine(self, use: Callable[[Dispatcher], _T]) -> _T:
+        """``use(engine)`` with the app's engine; when ``meisa.close()`` in another thread
+        closes it meanwhile, with the app's next one (an engine closed by hand, still the
+        app's, raises :class:`EngineClosed`)."""
+        engine = self.dispatcher
+        while True:
+            try:
+                return use(engine)
+            except EngineClosed:
+                closed, engine = engine, self.dispatcher
+                if engine is closed:
+                    raise
 
     def has_dispatcher(self) -> bool:
         """Whether an engine was made, or one is needed (a store may hold earlier work)."""

@@ -27,6 +27,7 @@ from . import _contacts
 from . import _deferral as deferral
 from . import signals
 from ._engine.base import DeliveryStatus
+from ._engine.base import Dispatcher
 from ._payloads import flag
 from ._payloads import normalize_email
 from ._payloads import to_json_value
@@ -268,15 +269,14 @@ class Meisa:
             return False
         if not state.has_dispatcher():
             return True
-        engine = state.dispatcher
-        while True:
-            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            try:
-                return engine.flush(left)
-            except EngineClosed:  # by close() in another thread: the app's next engine goes on
-                closed, engine = engine, state.dispatcher
-                if engine is closed:
-                    return False
+
+        def flush(engine: Dispatcher) -> bool:
+            return engine.flush(None if deadline is None else max(deadline - time.monotonic(), 0))
+
+        try:
+            return state.with_engine(flush)
+        except EngineClosed:
+            return False
 
     def status(self) -> DeliveryStatus:
         """A snapshot of the host's delivery: pending work per lane, the budget, who delivers."""

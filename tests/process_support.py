@@ -221,6 +221,16 @@ def wait_until(test: Callable[[], bool], timeout: float = 30.0) -> bool:
     return True
 
 
+def drain_without_loss(emu: Emulator, env: dict[str, str], requests: int) -> None:
+    """Meisa answering again, a new process of ``env`` delivers what the store kept, and
+    :func:`tally` finds nothing of ``requests`` lost or repeated."""
+    emu.faults.clear()
+    output = run_app(env, "drain")
+    assert "flushed True" in output, output
+    numbers = tally(emu, requests)
+    assert no_loss(numbers), numbers
+
+
 def no_loss(numbers: dict[str, int]) -> bool:
     """Whether a :func:`tally` found nothing lost and nothing repeated."""
     return numbers == dict.fromkeys(numbers, 0)

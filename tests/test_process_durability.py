@@ -16,6 +16,7 @@ import pytest
 from flask_meisa import Meisa
 from flask_meisa.emulator import Emulator
 from tests.process_support import Processes
+from tests.process_support import drain_without_loss
 from tests.process_support import environment
 from tests.process_support import no_loss
 from tests.process_support import run_app
@@ -91,10 +92,7 @@ def test_sigterm_flushes_within_the_timeout_and_leaves_the_rest_stored(
     assert took < flush_timeout + 2.0 + 3.0
     assert left.pending > 0 and left.in_flight == 0  # kept, none stuck in flight
     assert "stay in the store for the next start" in app.output
-    emu.faults.clear()
-    assert "flushed True" in run_app(env, "drain")
-    numbers = tally(emu, requests)
-    assert no_loss(numbers), numbers
+    drain_without_loss(emu, env, requests)
 
 
 @pytest.mark.slow
@@ -112,12 +110,10 @@ def test_a_send_replayed_after_a_crash_is_not_sent_twice(
     app.signal(signal.SIGKILL)
     app.wait()
     assert len(emu.sends()) == 1  # Meisa sent it; the app never learnt so
-    emu.faults.clear()
-    assert "flushed True" in run_app(env, "drain")
+    drain_without_loss(emu, env, 1)
     triggers = [r for r in emu.requests_to(TRIGGER) if r.fault is None]
     assert [r.body["idempotency_key"] for r in triggers] == ["k0"]
     assert len(emu.sends()) == 1  # the replay carried the same key: not sent again
-    assert no_loss(tally(emu, 1))
 
 
 PARENT_DELIVERS = ["child flushed True delivering parent", "parent flushed True child_exit 0"]

@@ -26,11 +26,9 @@ from tests.engine_support import upsert
 from tests.process_support import ROOT
 from tests.process_support import Process
 from tests.process_support import Processes
+from tests.process_support import drain_without_loss
 from tests.process_support import environment
-from tests.process_support import no_loss
-from tests.process_support import run_app
 from tests.process_support import store_path
-from tests.process_support import tally
 from tests.process_support import wait_stored
 from tests.process_support import wait_until
 
@@ -112,10 +110,7 @@ def test_work_stored_in_a_deleted_or_replaced_store_file_is_not_lost(
     assert app.wait_for_line("it uses the file now there", 10), app.output
     app.signal(signal.SIGTERM)
     assert app.wait() == 0, app.output
-    emu.faults.clear()
-    assert "flushed True" in run_app(env, "drain")
-    numbers = tally(emu, requests)
-    assert no_loss(numbers), numbers
+    drain_without_loss(emu, env, requests)
     assert emu.live_key not in app.output
 
 
@@ -141,10 +136,7 @@ def test_work_in_a_linked_store_file_whose_target_is_deleted_is_not_lost(
     assert wait_stored(instance, "track", requests, timeout=10), app.output
     app.signal(signal.SIGTERM)
     assert app.wait() == 0, app.output
-    emu.faults.clear()
-    assert "flushed True" in run_app(env, "drain")
-    numbers = tally(emu, requests)
-    assert no_loss(numbers), numbers
+    drain_without_loss(emu, env, requests)
 
 
 def test_work_left_by_a_release_says_where_it_waits(

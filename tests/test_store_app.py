@@ -221,6 +221,31 @@ def test_a_file_that_is_not_a_database_is_set_aside_and_a_fresh_store_used(
     assert delivered_ids(emulator) == {"fresh"}
 
 
+def test_a_damaged_store_behind_a_link_is_set_aside_beside_its_target(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    # The store file a link to one on a volume: the link itself was moved aside, so the
+    # damaged file stayed where every process's link still led, and the fresh store was
+    # made beside the link, on the container's own disk.
+    target, path = tmp_path / "volume" / STORE_FILE, tmp_path / "instance" / STORE_FILE
+    target.parent.mkdir()
+    path.parent.mkdir()
+    target.write_bytes(b"these bytes are no database " * 100)
+    path.symlink_to(target)
+    app = thread_app(emulator, MEISA_OUTBOX=str(path))
+    assert path.is_symlink() and path.resolve() == target
+    (aside,) = set_aside(target)
+    assert aside.read_bytes() == b"these bytes are no database " * 100
+    with sqlite3.connect(target) as fresh:
+        assert fresh.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    fresh.close()
+    meisa = meisa_of(app)
+    with app.app_context():
+        meisa.upsert({"email": "ada@example.com", "external_id": "fresh"})
+        assert meisa.flush(5)
+    assert delivered_ids(emulator) == {"fresh"}
+
+
 def open_together(path: str, barrier: Any, results: Any) -> None:
     """In a process of its own: open the store at ``path`` once every process is ready (as
     gunicorn's workers each run ``init_app`` at once); put the rows it reads, or the error."""
@@ -284,6 +309,34 @@ def test_a_store_file_this_process_cannot_write_is_refused_at_startup() -> None:
     assert child.returncode == 1, child.stderr
     assert "ConfigurationError" in child.stderr and "cannot be used" in child.stderr
     assert "not writable" in child.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root makes files for another user")
+def test_a_linked_store_whose_wal_this_process_cannot_write_is_refused_at_startup() -> None:
+    # The link's -wal and -shm were checked beside the link, where SQLite never keeps them:
+    # another user's, beside the target, passed, and every write then failed.
+    base = Path(tempfile.mkdtemp(prefix="meisa-linked-"))
+    try:
+        base.chmod(0o755)
+        volume, instance = base / "volume", base / "instance"
+        for folder in (volume, instance):
+            folder.mkdir(mode=0o777)
+            folder.chmod(0o777)
+        held = Store(volume / STORE_FILE)  # open: its -wal and -shm stay, root's
+        with held.write() as db:
+            db.execute("INSERT INTO meisa_meta (name, value) VALUES ('held', '1')")
+        (volume / STORE_FILE).chmod(0o666)
+        (instance / STORE_FILE).symlink_to(volume / STORE_FILE)
+        child = subprocess.run(
+            [sys.executable, "-c", "import os; from flask_meisa._engine.store import Store; "
+             f"os.setgid(65534); os.setuid(65534); Store({str(instance / STORE_FILE)!r})"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        held.close()
+    finally:
+        shutil.rmtree(base)
+    assert child.returncode == 1, child.stderr
+    assert f"{volume / STORE_FILE}-wal is not writable" in child.stderr, child.stderr
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root makes files for another user")

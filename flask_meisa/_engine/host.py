@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from typing import Any
 
 from ..errors import ConfigurationError
+from .mounts import sqlite_files
 
 if TYPE_CHECKING:
     from .store import Store
@@ -200,11 +201,8 @@ class HostFiles:
                 self._said,
             )
         elif left:
-            logger.info(
-                "flask-meisa: %d operations stay in the store for the next start (%s)",
-                left,
-                self._path,
-            )
+            stay = "flask-meisa: %d operations stay in the store for the next start (%s)"
+            logger.info(stay, left, self._path)
 
 
 @contextmanager
@@ -274,12 +272,12 @@ def checking(path: str) -> Iterator[None]:
     _checking.path = path
     try:
         if locked and not os.path.exists(path):  # unguarded, the -wal may be another's new one
-            for suffix in ("-wal", "-shm"):
+            for name in sqlite_files(path)[1:]:
                 with suppress(FileNotFoundError):
-                    os.unlink(os.path.realpath(path) + suffix)  # beside a link's target
+                    os.unlink(name)
         yield
-        for suffix in ("", "-wal", "-shm"):
-            folders_owner(path + suffix)
+        for name in sqlite_files(path):
+            folders_owner(name)
     finally:
         _checking.path = None
         if fd is not None:
@@ -300,10 +298,11 @@ def set_aside(store: Store, error: BaseException) -> None:
     """Move a damaged store file aside and start a fresh one with the operations that can
     still be read from it."""
     assert store.path is not None
-    damaged = f"{store.path}.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
-    for suffix in ("", "-wal", "-shm"):
+    names = sqlite_files(store.path)  # a link's target: the link then names the fresh one
+    damaged = f"{names[0]}.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    for name, suffix in zip(names, ("", "-wal", "-shm"), strict=True):
         with suppress(FileNotFoundError):
-            os.replace(store.path + suffix, damaged + suffix)
+            os.replace(name, damaged + suffix)
     rows = _salvage(damaged)
     store.check()
     with store.write() as db:

@@ -1,6 +1,6 @@
 """Which filesystem a folder is on: a store on a network filesystem is refused, since
 SQLite's locks and its write-ahead log's shared memory do not hold there, and hosts
-sharing one would corrupt it; and whether it is full."""
+sharing one would corrupt it; whether it is full; and where SQLite keeps a store's files."""
 
 from __future__ import annotations
 
@@ -54,3 +54,10 @@ def disk_full(error: BaseException, folder: str) -> bool:
         return shutil.disk_usage(folder).free < FULL_BELOW
     except OSError:
         return False
+
+
+def sqlite_files(path: str) -> tuple[str, str, str]:
+    """The store file ``path``, its ``-wal`` and its ``-shm`` where SQLite has them: a link's
+    target and beside it."""
+    real = os.path.realpath(path)
+    return real, real + "-wal", real + "-shm"

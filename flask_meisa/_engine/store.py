@@ -26,6 +26,7 @@ from .host import set_aside
 from .host import transaction
 from .mounts import disk_full
 from .mounts import network_filesystem
+from .mounts import sqlite_files
 
 #: A clock that reads this much less than the latest time the store noted has stepped back.
 CLOCK_STEP = 1.0
@@ -60,12 +61,7 @@ class OtherSchema(ConfigurationError):
 
 #: What a read or write of the store may raise (locked, full, unreadable, vanished, foreign,
 #: another schema: a process forked after the file was replaced opens it then).
-STORE_ERRORS: tuple[type[BaseException], ...] = (
-    sqlite3.Error,
-    OSError,
-    ForAnotherMeisa,
-    OtherSchema,
-)
+STORE_ERRORS = (sqlite3.Error, OSError, ForAnotherMeisa, OtherSchema)
 
 SCHEMA_VERSION = 3
 _SCHEMA = """
@@ -381,7 +377,7 @@ class Store:
         """Check that this process may write the file (its schema is checked on connecting),
         put it in WAL mode, and check its pages."""
         assert self.path is not None
-        for name in (self.path, *(self.path + end for end in ("-wal", "-shm", ".lock"))):
+        for name in (self.path, *sqlite_files(self.path)[1:], self.path + ".lock"):
             # Access, then whether it exists, then access again: a file another process
             # removes (its -shm) or makes (a lock file, -wal) meanwhile is not refused.
             denied = not os.access(name, os.W_OK)

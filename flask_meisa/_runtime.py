@@ -11,6 +11,7 @@ import importlib
 import logging
 import multiprocessing.util
 import os
+import sys
 import threading
 import time
 import weakref
@@ -327,7 +328,9 @@ def _at_exit() -> None:
 
 
 def _before_fork() -> None:
-    _held[:] = [state._store for state in _live if state._store is not None]
+    # Every store, those being made or closed too (in use until their engine stopped).
+    stores = sys.modules.get(f"{__package__}._engine.store")
+    _held[:] = [] if stores is None else stores.STORES
     for store in _held:
         store.before_fork()
 
@@ -339,6 +342,8 @@ def _after_fork_in_parent() -> None:
 
 
 def _after_fork_in_child() -> None:
+    for store in _held:  # (a live state's is reset again with the state)
+        store.after_fork()
     _held.clear()
     _http.after_fork()
     for state in list(_live):

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import types
+import warnings
 import weakref
 from pathlib import Path
 
@@ -392,6 +393,61 @@ def test_a_forked_child_of_a_memory_store_starts_empty_and_both_deliver_their_ow
     assert "parent outcome delivered 4" in lines
     ids = sorted(r.body["external_id"] for r in emulator.requests_to(UPSERT))
     assert ids == sorted([f"parent-{n}" for n in range(4)] + [f"child-{n}" for n in range(3)])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.parametrize("held_by", ["the app", "an engine closing"])
+def test_what_a_forked_child_stores_stays_while_its_parent_closes_and_opens_the_store(
+    tmp_path: Path, held_by: str
+) -> None:
+    # SQLite keeps a file's locks once a process: the child's own connection took none while
+    # the one it inherited was open, so the parent closing its last one (meisa.close) took
+    # the -wal and -shm from under it: what the child stored next was lost, or, mixed into
+    # the parent's next -wal, read as a malformed database.
+    app = Flask("forked", instance_path=str(tmp_path))
+    app.config.update(MEISA_API_KEY="meisa_live_unreachable_0000", TESTING=True)
+    meisa = Meisa(app)
+    # Open at the fork: the app's store, or one its state let go of already (an engine
+    # closing, whose threads still use it).
+    store = meisa.state(app).store() if held_by == "the app" else Store(tmp_path / STORE_NAME)
+    with store.write() as db:
+        Store.set_meta(db, "parent-1", 1)
+    stored, go_on = os.pipe(), os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork with threads
+        pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            for name in ("child-1", "child-2"):
+                with meisa.state(app).store().write() as db:
+                    Store.set_meta(db, name, 1)
+                os.write(stored[1], b".")
+                os.read(go_on[0], 1)
+            code = 0
+        finally:
+            os._exit(code)
+    try:
+        os.read(stored[0], 1)
+        meisa.close(app)
+        store.close()
+        with meisa.state(app).store().write() as db:
+            Store.set_meta(db, "parent-2", 1)
+    finally:
+        os.write(go_on[1], b"..")
+        exit_code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        meisa.close(app)
+        for end in (*stored, *go_on):
+            os.close(end)
+    db = sqlite3.connect(tmp_path / STORE_NAME)
+    try:
+        check = db.execute("PRAGMA quick_check").fetchall()
+        names = {name for (name,) in db.execute("SELECT name FROM meisa_meta")}
+    finally:
+        db.close()
+    print(f"child exit {exit_code}, {check}, {sorted(names)}")
+    assert exit_code == 0 and check == [("ok",)]
+    assert {"parent-1", "child-1", "parent-2", "child-2"} <= names
 
 
 @pytest.mark.slow

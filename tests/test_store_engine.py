@@ -1878,14 +1878,11 @@ def test_a_call_under_way_as_the_store_file_is_deleted_is_made_once(
     )
     # This process holds its store: it follows once every file is gone (one made again
     # meanwhile would lose its -wal), and after the other process when that one is first.
-    engine.store.before_fork()
-    try:
+    with engine.store.read():
         for end in ("", "-wal", "-shm", ".lock"):
             Path(f"{path}{end}").unlink()
         if first != "this process":
             assert other.moved() and other.follow() == 1
-    finally:
-        engine.store.after_fork_in_parent()
     if first != "answered first":
         assert eventually(lambda: uses_the_file_now_there(engine.store))
     if first == "this process":
@@ -2020,22 +2017,20 @@ def test_a_call_under_way_as_another_process_moves_the_rows_holding_the_new_file
     engine, hooks, go_on = call_under_way(emulator, make_engine, track(1), poll_interval=0.02)
     # This process holds its store until every file is gone and the other process holds
     # the new one's write lock: it follows only then.
-    engine.store.before_fork()
-    holding = True
+    held = contextlib.ExitStack()
+    held.enter_context(engine.store.read())
     try:
         for end in ("", "-wal", "-shm", ".lock"):
             Path(f"{path}{end}").unlink()
         assert other.moved() and other.follow() == 1
         with other.write():  # held while this process tries to follow
-            engine.store.after_fork_in_parent()
-            holding = False
+            held.close()
             assert eventually(lambda: "database is locked" in caplog.text)
         go_on.set()  # then the call is answered
         engine.submit([upsert(2), track(2)])
         delivered = engine.flush(5)
     finally:
-        if holding:
-            engine.store.after_fork_in_parent()
+        held.close()
         other.close()
     calls = [r.body["external_id"] for r in emulator.requests_to(TRACK)]
     left = waiting(path)

@@ -10,6 +10,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from collections.abc import Sized
 from contextlib import contextmanager
@@ -118,9 +119,10 @@ _PRUNE_INDEXES = """
 CREATE INDEX IF NOT EXISTS meisa_known_accepted ON meisa_known (accepted_at);
 CREATE INDEX IF NOT EXISTS meisa_addresses_at ON meisa_addresses (at);
 """
-# A forked child must neither use nor close its parent's connection (SQLite's rule): kept
-# referenced here so that nothing finalises it either.
+# A forked child neither uses nor closes an inherited connection (SQLite's rule): kept here.
 _INHERITED: list[sqlite3.Connection] = []
+#: Every store of this process, being made or closed too: the fork hook holds them all.
+STORES: weakref.WeakSet[Store] = weakref.WeakSet()
 
 
 class Store:
@@ -137,6 +139,8 @@ class Store:
         self._db: sqlite3.Connection | None = None
         self._opened: tuple[int, int] | None = None  # the file of the connection (device, inode)
         self._unchecked = False  # the disk was full: checked at its first use instead
+        self.durable = self.path is not None  # a file: shared by the host, kept on restarts
+        STORES.add(self)
         if self.path is None:
             return
         try:
@@ -168,14 +172,15 @@ class Store:
     def __repr__(self) -> str:
         return f"Store({self.path or ':memory:'!r})"
 
-    @property
-    def durable(self) -> bool:
-        """Whether the store is a file (shared by the host, kept across restarts)."""
-        return self.path is not None
-
     def before_fork(self) -> None:
-        """Hold the store across a fork: a child inheriting a transaction would block."""
+        """Hold the store across a fork (a child inheriting a transaction would block), its
+        file closed till next use: SQLite keeps a file's locks once a process, so a child's
+        connection would take none while one inherited is open. One replaced stays open."""
         self._lock.acquire()
+        db = self._db
+        with suppress(*STORE_ERRORS):  # (then kept open, as before)
+            if db is not None and self.path and not db.in_transaction and not self.moved():
+                self.close()
 
     def after_fork_in_parent(self) -> None:
         """In the parent after a fork: release :meth:`before_fork`'s lock."""

@@ -216,7 +216,8 @@ class MeisaState:
             if path is not None:
                 self._refuse_another_accounts_store(path)
             try:
-                self._store = Store(path, busy_timeout=self.settings.outbox_busy_timeout)
+                with _making:  # not during a fork: see _before_fork
+                    self._store = Store(path, busy_timeout=self.settings.outbox_busy_timeout)
             except ConfigurationError as error:
                 if self.settings.outbox != DEFAULTS["MEISA_OUTBOX"]:
                     raise
@@ -300,6 +301,7 @@ class MeisaState:
 # The process's one exit hook and one fork hook (docs/architecture.md, "Processes").
 _live: weakref.WeakSet[MeisaState] = weakref.WeakSet()
 _held: list[Store] = []
+_making = threading.Lock()
 
 
 def _close_apart(state: MeisaState) -> None:
@@ -328,7 +330,10 @@ def _at_exit() -> None:
 
 
 def _before_fork() -> None:
-    # Every store, those being made or closed too (in use until their engine stopped).
+    # No store is being made: a child would keep the lock its folder is checked under (it
+    # goes with the open file), and share the SQLite locks of its first connection.
+    _making.acquire()
+    # Every store, those being closed too (in use until their engine stopped).
     stores = sys.modules.get(f"{__package__}._engine.store")
     _held[:] = [] if stores is None else stores.STORES
     for store in _held:
@@ -339,12 +344,14 @@ def _after_fork_in_parent() -> None:
     for store in _held:
         store.after_fork_in_parent()
     _held.clear()
+    _making.release()
 
 
 def _after_fork_in_child() -> None:
     for store in _held:  # (a live state's is reset again with the state)
         store.after_fork()
     _held.clear()
+    _making.release()
     _http.after_fork()
     for state in list(_live):
         try:

@@ -8,8 +8,10 @@ emulator of the test over loopback.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gc
 import os
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -448,6 +450,59 @@ def test_what_a_forked_child_stores_stays_while_its_parent_closes_and_opens_the_
     print(f"child exit {exit_code}, {check}, {sorted(names)}")
     assert exit_code == 0 and check == [("ok",)]
     assert {"parent-1", "child-1", "parent-2", "child-2"} <= names
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="needs Linux's /proc/locks")
+def test_a_child_forked_while_another_thread_makes_the_store_opens_it(tmp_path: Path) -> None:
+    # The folder's lock, taken while a store file is checked or made, went with its open file
+    # into a child forked meanwhile: opening the store, the child waited for good on the copy
+    # it held itself (and the host's other processes opening it waited as long as it ran).
+    app = Flask("forked", instance_path=str(tmp_path))
+    app.config.update(MEISA_API_KEY="meisa_live_unreachable_0000", TESTING=True)
+    meisa = Meisa(app)
+    folder = os.open(tmp_path, os.O_RDONLY)
+    fcntl.flock(folder, fcntl.LOCK_EX)  # another process checks the file: this one waits
+    made = threading.Thread(target=meisa.state(app).store)  # the app's first use of it
+    made.start()
+    waiter = f":{os.stat(tmp_path).st_ino} "
+    assert wait_until(lambda: any("->" in line and waiter in line for line in locks()), 10)
+    released, say_released = os.pipe()
+    pids: list[int] = []
+
+    def fork() -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork with threads
+            pid = os.fork()
+        if pid:
+            pids.append(pid)
+            return
+        code = 1
+        try:
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)  # a child that waits for good ends
+            signal.alarm(5)
+            os.read(released, 1)  # the other process let go, the parent's thread locked it
+            Store(tmp_path / STORE_NAME).close()
+            code = 0
+        finally:
+            os._exit(code)
+
+    forker = threading.Thread(target=fork)
+    forker.start()
+    forker.join(0.5)  # forked at once, or once the store is made
+    os.close(folder)
+    os.write(say_released, b".")
+    forker.join()
+    made.join()
+    meisa.close(app)
+    os.close(say_released)
+    os.close(released)
+    _, status = os.waitpid(pids[0], 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def locks() -> list[str]:
+    """The lines of ``/proc/locks``: every lock held or waited for on this host."""
+    return Path("/proc/locks").read_text().splitlines()
 
 
 @pytest.mark.slow

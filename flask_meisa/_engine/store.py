@@ -177,9 +177,8 @@ class Store:
         file closed till next use: SQLite keeps a file's locks once a process, so a child's
         connection would take none while one inherited is open. One replaced stays open."""
         self._lock.acquire()
-        db = self._db
         with suppress(*STORE_ERRORS):  # (then kept open, as before)
-            if db is not None and self.path and not db.in_transaction and not self.moved():
+            if self.path and (db := self._db) and not db.in_transaction and not self.moved():
                 self.close()
 
     def after_fork_in_parent(self) -> None:

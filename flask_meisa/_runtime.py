@@ -127,8 +127,9 @@ class MeisaState:
         return dataclasses.replace(self.retry_policy(), max_attempts=None)
 
     def start(self) -> None:
-        """Start delivering in this process, once (also on each request: ``flask run``)."""
-        if self._started or not self.delivering():
+        """Start delivering in this process, once (also on each request: ``flask run``);
+        in a uWSGI master that forks without hooks, in each worker after the fork instead."""
+        if self._started or not self.delivering() or _forks_without_hooks():
             return
         self._started = True
         self.dispatcher.start()
@@ -358,6 +359,26 @@ def _after_fork_in_child() -> None:
             state.after_fork()
         except Exception:
             logger.exception("meisa: resetting delivery after fork failed")
+
+
+def _forks_without_hooks() -> bool:
+    """Whether this is a uWSGI master that loaded the app and will fork its workers without
+    Python's fork hooks (uWSGI's default): a thread of ours running at that fork may hold
+    the GIL, or a lock, and the worker hangs on it before its first request. Then uWSGI's
+    post-fork hook does in each worker what the Python one does, delivery started there."""
+    uwsgi = sys.modules.get("uwsgi")
+    if uwsgi is None or uwsgi.worker_id() != 0 or uwsgi.opt.get("py-call-uwsgi-fork-hooks"):
+        return False
+    hook = getattr(uwsgi, "post_fork_hook", None)
+    if not isinstance(hook, functools.partial) or hook.func is not _uwsgi_post_fork:
+        uwsgi.post_fork_hook = functools.partial(_uwsgi_post_fork, hook)  # the app's kept
+    return True
+
+
+def _uwsgi_post_fork(then: Callable[[], object] | None) -> None:
+    _after_fork_in_child()
+    if then is not None:
+        then()
 
 
 # atexit runs the hook registered last first: weakref.finalize's (made on first use), where

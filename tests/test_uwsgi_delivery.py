@@ -1,0 +1,74 @@
+"""Delivery under a real uWSGI (the ``uwsgi`` command of the pyuwsgi package) with its
+default prefork: the app loaded in the master, which forks its workers without Python's
+fork hooks (no ``--lazy-apps``, no ``--py-call-uwsgi-fork-hooks``). A thread of ours
+running in the master at that fork could hold the GIL there, and the worker would hang
+before its first request; the workers must serve, and one of them deliver."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import requests
+
+from flask_meisa.emulator import Emulator
+from tests.process_support import Process
+from tests.process_support import Processes
+from tests.process_support import environment
+from tests.process_support import no_loss
+from tests.process_support import stored
+from tests.process_support import tally
+from tests.test_gunicorn_delivery import free_port
+from tests.test_gunicorn_delivery import holder
+from tests.test_gunicorn_delivery import post_all
+from tests.test_gunicorn_delivery import statuses
+from tests.test_gunicorn_delivery import work
+
+pytest.importorskip("pyuwsgi")
+pytestmark = pytest.mark.slow
+
+UWSGI = str(Path(sys.executable).parent / "uwsgi")
+WORKERS = 3
+
+
+def start_uwsgi(processes: Processes, emu: Emulator, instance: Path, rate: str) -> Process:
+    port = free_port()
+    command = [
+        UWSGI,
+        f"--http-socket=127.0.0.1:{port}",
+        "--master",
+        f"--processes={WORKERS}",
+        "--die-on-term",
+        "--need-app",
+        # A hung worker is killed this soon at the end, not after a minute.
+        "--worker-reload-mercy=10",
+        "--reload-mercy=10",
+        "--module=tests.served_app:create_app()",
+    ]
+    process = processes.start(command, environment(emu, instance, MEISA_TEST_RATE=rate))
+    process.url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
+    assert process.wait_for(lambda p: p.output.count("spawned uWSGI worker") >= WORKERS, 60)
+    return process
+
+
+def test_workers_forked_without_fork_hooks_serve_and_deliver(
+    emulator_factory: Callable[..., Emulator], processes: Processes, instance: Path
+) -> None:
+    rate = "40/second"
+    emu = emulator_factory(rate_limit=rate, send_guardrail=None)
+    server = start_uwsgi(processes, emu, instance, rate)
+    for _ in range(2 * WORKERS):  # every worker answers (a hung one would not)
+        assert requests.get(server.url + "/pid", timeout=10).ok  # type: ignore[attr-defined]
+    requests_made = 60
+    post_all(server.url, work(range(requests_made)))  # type: ignore[attr-defined]
+    assert emu.wait_for(lambda e: no_loss(tally(e, requests_made)), 60), tally(emu, requests_made)
+    # A worker delivers: the master, which serves nothing, started no delivery.
+    assert holder(instance) not in (None, 0, server.pid)
+    assert server.stop() == 0, server.output
+    counts = statuses(emu)
+    print(f"\nuWSGI {WORKERS} workers, default prefork, {rate}: {dict(counts)}")
+    assert counts[429] == 0
+    assert stored(instance).pending == 0
+    assert emu.live_key not in server.output

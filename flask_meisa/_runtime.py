@@ -25,6 +25,7 @@ from . import _http
 from ._deferral import HeldBatches
 from ._deferral import run_apart
 from ._engine.base import Dispatcher
+from ._engine.base import require_real_threads
 from ._suppression import SuppressionSet
 from .client import MeisaClient
 from .config import DEFAULTS
@@ -129,7 +130,13 @@ class MeisaState:
     def start(self) -> None:
         """Start delivering in this process, once (also on each request: ``flask run``);
         in a uWSGI master that forks without hooks, in each worker after the fork instead."""
-        if self._started or not self.delivering() or _forks_without_hooks():
+        if self._started:
+            if self.settings.delivery == "thread":
+                # Patched since the engine was made (gunicorn -k gevent --preload patches
+                # each worker after the fork): its threads would mix with green locks.
+                require_real_threads()
+            return
+        if not self.delivering() or _forks_without_hooks():
             return
         self._started = True
         self.dispatcher.start()

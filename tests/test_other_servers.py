@@ -1,8 +1,14 @@
-"""Delivery under a real uWSGI (the ``uwsgi`` command of the pyuwsgi package) with its
-default prefork: the app loaded in the master, which forks its workers without Python's
-fork hooks (no ``--lazy-apps``, no ``--py-call-uwsgi-fork-hooks``). A thread of ours
-running in the master at that fork could hold the GIL there, and the worker would hang
-before its first request; the workers must serve, and one of them deliver."""
+"""Servers other than gunicorn's sync and gthread workers, with the default delivery.
+
+- uWSGI (the ``uwsgi`` command of the pyuwsgi package) with its default prefork: the app
+  loaded in the master, which forks its workers without Python's fork hooks (no
+  ``--lazy-apps``, no ``--py-call-uwsgi-fork-hooks``). A thread of ours running in the
+  master at that fork could hold the GIL there, and the worker would hang before its
+  first request; the workers must serve, and one of them deliver.
+- gunicorn's gevent worker under ``--preload``: the app is loaded, and its engine made,
+  before gevent patches the worker; the default delivery is refused there as it is when
+  gevent patched first.
+"""
 
 from __future__ import annotations
 
@@ -22,15 +28,21 @@ from tests.process_support import stored
 from tests.process_support import tally
 from tests.test_gunicorn_delivery import free_port
 from tests.test_gunicorn_delivery import holder
+from tests.test_gunicorn_delivery import no_control_socket
 from tests.test_gunicorn_delivery import post_all
 from tests.test_gunicorn_delivery import statuses
 from tests.test_gunicorn_delivery import work
 
-pytest.importorskip("pyuwsgi")
 pytestmark = pytest.mark.slow
 
 UWSGI = str(Path(sys.executable).parent / "uwsgi")
 WORKERS = 3
+
+
+@pytest.fixture
+def uwsgi() -> str:
+    pytest.importorskip("pyuwsgi")
+    return UWSGI
 
 
 def start_uwsgi(processes: Processes, emu: Emulator, instance: Path, rate: str) -> Process:
@@ -53,8 +65,8 @@ def start_uwsgi(processes: Processes, emu: Emulator, instance: Path, rate: str) 
     return process
 
 
-def test_workers_forked_without_fork_hooks_serve_and_deliver(
-    emulator_factory: Callable[..., Emulator], processes: Processes, instance: Path
+def test_uwsgi_workers_forked_without_fork_hooks_serve_and_deliver(
+    uwsgi: str, emulator_factory: Callable[..., Emulator], processes: Processes, instance: Path
 ) -> None:
     rate = "40/second"
     emu = emulator_factory(rate_limit=rate, send_guardrail=None)
@@ -71,4 +83,31 @@ def test_workers_forked_without_fork_hooks_serve_and_deliver(
     print(f"\nuWSGI {WORKERS} workers, default prefork, {rate}: {dict(counts)}")
     assert counts[429] == 0
     assert stored(instance).pending == 0
+    assert emu.live_key not in server.output
+
+
+def test_gunicorn_gevent_worker_under_preload_refuses_the_default_delivery(
+    emulator_factory: Callable[..., Emulator], processes: Processes, instance: Path
+) -> None:
+    pytest.importorskip("gevent")
+    emu = emulator_factory(rate_limit=None)
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "--workers=1",
+        "--worker-class=gevent",
+        "--preload",
+        f"--bind=127.0.0.1:{port}",
+        *no_control_socket(),
+        "tests.served_app:create_app()",
+    ]
+    server = processes.start(command, environment(emu, instance))
+    assert server.wait_for_line("Booting worker", 60), server.output
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(2):
+        assert requests.post(url + "/work/1", timeout=30).status_code == 500
+    assert server.wait_for_line('set MEISA_DELIVERY = "sync" (or "celery")', 30), server.output
+    assert emu.events(event_name="worked") == []
     assert emu.live_key not in server.output

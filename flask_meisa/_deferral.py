@@ -21,6 +21,7 @@ from flask import has_request_context
 from flask import request
 from flask import request_tearing_down
 
+from ._threads import start_daemon
 from .errors import DeliveryError
 from .operations import Operation
 from .operations import identities
@@ -337,8 +338,7 @@ def run_apart(target: Callable[[], object], name: str) -> None:
     collector runs those in whichever thread it collects in, maybe one holding a lock
     ``target`` takes (the engine's, the state's). Starting a daemon thread takes none that
     thread may hold (threading's own is re-entrant)."""
-    thread = threading.Thread(target=target, name=name, daemon=True)
     try:
-        thread.start()
+        start_daemon(target, name)
     except RuntimeError:  # no new threads at interpreter shutdown
         target()

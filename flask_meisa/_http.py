@@ -32,6 +32,7 @@ from urllib3.util.connection import allowed_gai_family
 from urllib3.util.ssl_ import is_ipaddress
 
 from . import errors
+from ._threads import start_daemon
 from ._version import __version__
 from .retry import parse_retry_after
 
@@ -223,9 +224,8 @@ class _Watchdog:
         watch = Watch(seconds)
         with self.cond:
             if not self.started:
-                run = threading.Thread(target=self._run, name="flask-meisa-watchdog", daemon=True)
                 with contextlib.suppress(RuntimeError):  # at interpreter shutdown: per read only
-                    run.start()
+                    start_daemon(self._run, "flask-meisa-watchdog")
                     self.started = True
             self.watches.add(watch)
             self.cond.notify()
@@ -276,7 +276,7 @@ def _resolve(host: str, port: int, deadline: float) -> list[str]:
             found.append(error)
         done.set()
 
-    threading.Thread(target=run, name="flask-meisa-resolve", daemon=True).start()
+    start_daemon(run, "flask-meisa-resolve")
     if not done.wait(max(deadline - time.monotonic(), 0.0)):
         raise TimeoutError(f"{host} not resolved in time")
     if isinstance(found[0], Exception):

@@ -373,7 +373,7 @@ def _forks_without_hooks() -> bool:
     Python's fork hooks (uWSGI's default): a thread of ours running at that fork may hold
     the GIL, or a lock, and the worker hangs on it before its first request. Then uWSGI's
     post-fork hook does in each worker what the Python one does, delivery started there."""
-    uwsgi = sys.modules.get("uwsgi")
+    uwsgi: Any = sys.modules.get("uwsgi")
     if uwsgi is None or uwsgi.worker_id() != 0 or uwsgi.opt.get("py-call-uwsgi-fork-hooks"):
         return False
     hook = getattr(uwsgi, "post_fork_hook", None)

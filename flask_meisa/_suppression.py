@@ -17,6 +17,7 @@ from typing import Any
 
 from . import errors
 from ._payloads import address_key
+from ._threads import start_daemon
 from .results import UnsubscribedEmails
 
 _logger = logging.getLogger("flask_meisa.suppression")
@@ -178,13 +179,10 @@ class SuppressionSet:
             return False
         if respect_retry and self._retry_at is not None and self._clock() < self._retry_at:
             return False
-        thread = threading.Thread(
-            target=self._run_fetch, name="flask-meisa-suppression-refresh", daemon=True
-        )
         self._loading = True
         self._fetches += 1
         try:
-            thread.start()
+            thread = start_daemon(self._run_fetch, "flask-meisa-suppression-refresh")
         except RuntimeError:  # no new threads at interpreter shutdown
             self._loading = False
             self._lock.notify_all()

@@ -5,6 +5,9 @@
   ``--lazy-apps``, no ``--py-call-uwsgi-fork-hooks``). A thread of ours running in the
   master at that fork could hold the GIL there, and the worker would hang before its
   first request; the workers must serve, and one of them deliver.
+- uWSGI stopping its workers: its handler of SIGINT exits the process from whichever
+  thread the kernel gave the signal to; from one of ours, waiting on a lock, that exit
+  waited on it until the master killed the worker.
 - gunicorn's gevent worker under ``--preload``: the app is loaded, and its engine made,
   before gevent patches the worker; the default delivery is refused there as it is when
   gevent patched first.
@@ -12,7 +15,10 @@
 
 from __future__ import annotations
 
+import re
+import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,6 +43,7 @@ pytestmark = pytest.mark.slow
 
 UWSGI = str(Path(sys.executable).parent / "uwsgi")
 WORKERS = 3
+MERCY = 20  # seconds
 
 
 @pytest.fixture
@@ -55,8 +62,8 @@ def start_uwsgi(processes: Processes, emu: Emulator, instance: Path, rate: str) 
         "--die-on-term",
         "--need-app",
         # A hung worker is killed this soon at the end, not after a minute.
-        "--worker-reload-mercy=10",
-        "--reload-mercy=10",
+        f"--worker-reload-mercy={MERCY}",
+        f"--reload-mercy={MERCY}",
         "--module=tests.served_app:create_app()",
     ]
     process = processes.start(command, environment(emu, instance, MEISA_TEST_RATE=rate))
@@ -84,6 +91,39 @@ def test_uwsgi_workers_forked_without_fork_hooks_serve_and_deliver(
     assert counts[429] == 0
     assert stored(instance).pending == 0
     assert emu.live_key not in server.output
+
+
+def blocked_signals(pid: int) -> dict[int, int]:
+    """The blocked signals (``SigBlk``) of each thread of process ``pid``, by thread id."""
+    masks = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        status = (task / "status").read_text()
+        masks[int(task.name)] = int(re.search(r"^SigBlk:\s*([0-9a-f]+)", status, re.M)[1], 16)
+    return masks
+
+
+def test_uwsgi_workers_stop_promptly_while_delivery_threads_run(
+    uwsgi: str, emulator_factory: Callable[..., Emulator], processes: Processes, instance: Path
+) -> None:
+    emu = emulator_factory(rate_limit=None)
+    server = start_uwsgi(processes, emu, instance, "none")
+    post_all(server.url, work(range(100)))  # type: ignore[attr-defined]
+    assert emu.wait_for(lambda e: no_loss(tally(e, 100)), 60), tally(emu, 100)
+    workers = [
+        int(pid) for pid in re.findall(r"spawned uWSGI worker \d+ \(pid: (\d+)", server.output)
+    ]
+    stopping = {signal.SIGINT, signal.SIGTERM}
+    for worker in workers:  # the kernel hands those signals to the worker's main thread
+        threads = blocked_signals(worker)
+        assert len(threads) > 1, "no thread of ours in a worker"
+        for thread, mask in threads.items():
+            if thread != worker:
+                assert all(mask >> (number - 1) & 1 for number in stopping), (worker, thread)
+    began = time.monotonic()
+    assert server.stop() == 0, server.output
+    took = time.monotonic() - began
+    print(f"\nuWSGI stopped in {took:.1f}s")
+    assert took < MERCY / 2, server.output[-2000:]
 
 
 def test_gunicorn_gevent_worker_under_preload_refuses_the_default_delivery(

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from .._threads import start_daemon
 from ..operations import LANE_BACKFILL
 from ..operations import Operation
 from . import known
@@ -94,12 +95,10 @@ class Writer:
         self._wake.notify_all()
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
-        thread = threading.Thread(target=target, name=name, daemon=True)
         try:
             if sys.is_finalizing():  # before Python 3.12, start() then waits forever
                 raise RuntimeError("interpreter shutdown")
-            thread.start()
-            self._threads.append(thread)
+            self._threads.append(start_daemon(target, name))
         except RuntimeError:  # no new threads at interpreter shutdown
             logger.warning("flask-meisa: cannot start the %s thread", name)
 

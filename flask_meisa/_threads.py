@@ -1,0 +1,33 @@
+"""The threads flask-meisa starts: daemon threads that leave the process's signals to the
+server's own threads."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+
+#: What servers send a worker to stop, reload or report. A C handler (uWSGI's) runs in
+#: whichever thread the kernel hands a process's signal to, and exits the process from
+#: there: from one of ours, interrupted inside a wait, the exit waits on it forever.
+_SIGNALS = {
+    getattr(signal, name)
+    for name in ("SIGHUP", "SIGINT", "SIGQUIT", "SIGTERM", "SIGUSR1", "SIGUSR2")
+    if hasattr(signal, name)
+}
+
+
+def start_daemon(target: Callable[[], object], name: str) -> threading.Thread:
+    """Start a daemon thread named ``name`` running ``target``, those signals blocked in it
+    (it inherits the mask in effect while it starts). Raises :class:`RuntimeError` where
+    no thread can start (interpreter shutdown)."""
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    if not hasattr(signal, "pthread_sigmask"):  # Windows
+        thread.start()
+        return thread
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    try:
+        thread.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    return thread

@@ -98,7 +98,9 @@ def blocked_signals(pid: int) -> dict[int, int]:
     masks = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         status = (task / "status").read_text()
-        masks[int(task.name)] = int(re.search(r"^SigBlk:\s*([0-9a-f]+)", status, re.M)[1], 16)
+        found = re.search(r"^SigBlk:\s*([0-9a-f]+)", status, re.M)
+        assert found is not None
+        masks[int(task.name)] = int(found[1], 16)
     return masks
 
 

@@ -263,9 +263,9 @@ class AfterResponseMiddleware:
         if self._state.app.testing:
             _release(batches, failed=failed)
             return body
-        held = _ReleasingBody(body, batches, failed)
-        environ[_HELD_KEY] = weakref.ref(held)  # not the body itself: no reference cycle
-        return held
+        # Made elsewhere: this frame outlives the call while a logged error's traceback
+        # holds it (asgiref never closes a body: it goes once nothing holds it).
+        return _ReleasingBody(body, batches, failed, environ)
 
 
 def _server_error(status_line: str) -> bool:
@@ -282,8 +282,13 @@ class _ReleasingBody:
     or a cut body)."""
 
     def __init__(
-        self, body: Iterable[bytes], batches: dict[MeisaState, _RequestBatch], failed: bool
+        self,
+        body: Iterable[bytes],
+        batches: dict[MeisaState, _RequestBatch],
+        failed: bool,
+        environ: WSGIEnvironment,
     ) -> None:
+        environ[_HELD_KEY] = weakref.ref(self)  # not the body itself: no reference cycle
         self._body = body
         self._batches: dict[MeisaState, _RequestBatch] | None = batches
         self._failed = failed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import gc
 import logging
@@ -18,6 +19,7 @@ from typing import Any
 import flask_login
 import pytest
 import requests
+from asgiref.wsgi import WsgiToAsgi
 from flask import Flask
 from flask import Response
 from flask import copy_current_request_context
@@ -944,3 +946,52 @@ def test_work_a_copied_context_thread_queues_as_the_response_leaves_is_released(
     assert [r.body["email"] for r in emulator.requests_to("/contacts/upsert/")] == [
         "racer@example.com"
     ]
+
+
+def asgi_post(asgi_app: Any, path: str) -> int:
+    """POST ``path`` to an ASGI app as an ASGI server does; the response's status."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"localhost")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 80),
+    }
+    asyncio.run(asgi_app(scope, receive, send))
+    return int(sent[0]["status"])
+
+
+def test_under_asgiref_work_is_released_after_the_response_and_never_for_a_failed_one(
+    emulator: Emulator,
+) -> None:
+    # asgiref's WsgiToAsgi (uvicorn, hypercorn) never calls the body's close(): the work
+    # goes when the body is dropped after its last chunk, even while the failed request's
+    # logged error (kept here by the log capture) holds the frames it went through.
+    app = build_app(emulator_config(emulator, MEISA_DELIVERY="thread", MEISA_OUTBOX=None))
+    app.config["PROPAGATE_EXCEPTIONS"] = False
+    asgi_app = WsgiToAsgi(app)
+    try:
+        assert asgi_post(asgi_app, "/fail/2") == 500
+        assert asgi_post(asgi_app, "/abort/2") == 503
+        assert asgi_post(asgi_app, "/login/1") == 200
+        assert emulator.wait_for(lambda e: upserts(e) != [], 10)
+        with app.app_context():
+            assert app.extensions["meisa"].flush(10)
+        assert [r.body["external_id"] for r in upserts(emulator)] == ["1"]
+    finally:
+        app.extensions["meisa"].close(app)

@@ -3,17 +3,12 @@ first use, remade in a forked child, and closed with the app or at exit."""
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import dataclasses
-import functools
 import importlib
 import logging
-import multiprocessing.util
 import os
-import sys
 import threading
-import time
 import weakref
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -21,11 +16,13 @@ from typing import TYPE_CHECKING
 from typing import Any
 from typing import TypeVar
 
-from . import _http
 from ._deferral import HeldBatches
-from ._deferral import run_apart
 from ._engine.base import Dispatcher
 from ._engine.base import require_real_threads
+from ._process import close_apart
+from ._process import forks_without_hooks
+from ._process import live
+from ._process import making
 from ._suppression import SuppressionSet
 from .client import MeisaClient
 from .config import DEFAULTS
@@ -73,10 +70,10 @@ class MeisaState:
             from ._engine.celery_setup import init_celery
 
             init_celery(app, settings)
-        _live.add(self)
+        live.add(self)
         # The engine's threads must not keep a dropped app's engine running. Not at exit:
-        # there _at_exit closes it, flushing for MEISA_FLUSH_TIMEOUT.
-        weakref.finalize(app, _close_apart, self).atexit = False
+        # there the exit hook (_process) closes it, flushing for MEISA_FLUSH_TIMEOUT.
+        weakref.finalize(app, close_apart, self).atexit = False
 
     @property
     def app(self) -> Flask:
@@ -136,7 +133,7 @@ class MeisaState:
                 # each worker after the fork): its threads would mix with green locks.
                 require_real_threads()
             return
-        if not self.delivering() or _forks_without_hooks():
+        if not self.delivering() or forks_without_hooks():
             return
         self._started = True
         self.dispatcher.start()
@@ -193,7 +190,7 @@ class MeisaState:
                 name = "delivery" if self.settings.delivery == "thread" else self.settings.delivery
                 module = importlib.import_module(f"._engine.{name}", __package__)
                 self._dispatcher = module.make_dispatcher(self)
-                _live.add(self)  # again, when used after close(): flushed at exit
+                live.add(self)  # again, when used after close(): flushed at exit
             return self._dispatcher
 
     def with_engine(self, use: Callable[[Dispatcher], _T]) -> _T:
@@ -224,7 +221,7 @@ class MeisaState:
             if path is not None:
                 self._refuse_another_accounts_store(path)
             try:
-                with _making:  # not during a fork: see _before_fork
+                with making:  # not during a fork: see _before_fork
                     self._store = Store(path, busy_timeout=self.settings.outbox_busy_timeout)
             except ConfigurationError as error:
                 if self.settings.outbox != DEFAULTS["MEISA_OUTBOX"]:
@@ -244,7 +241,7 @@ class MeisaState:
         # call against one budget: a store file holds one Meisa account's work.
         mine = os.path.realpath(path)
         account = (self.settings.api_key, self.settings.base_url)
-        for other in list(_live):
+        for other in list(live):
             app, store = other._app(), other._store
             if app is None or store is None or store.path is None:
                 continue
@@ -287,7 +284,7 @@ class MeisaState:
             # this process's to flush or close (nor its locks, maybe held in the parent).
             if self._store is not None:
                 self._store.after_fork()
-            _live.discard(self)
+            live.discard(self)
             return 0
         # Used again, even while this flushes: delivery starts again, on a store connection
         # (a memory store) of its own, and is flushed at exit (dispatcher).
@@ -296,7 +293,7 @@ class MeisaState:
             client, self._client = self._client, None
             store, self._store = self._store, None
             self._started = False
-            _live.discard(self)
+            live.discard(self)
         left = 0 if dispatcher is None else dispatcher.close(timeout)
         self.suppression.close()
         if client is not None:
@@ -304,100 +301,3 @@ class MeisaState:
         if store is not None:
             store.close()
         return left
-
-
-# The process's one exit hook and one fork hook (docs/architecture.md, "Processes").
-_live: weakref.WeakSet[MeisaState] = weakref.WeakSet()
-_held: list[Store] = []
-_making = threading.Lock()
-
-
-def _close_apart(state: MeisaState) -> None:
-    # A finalizer runs in whichever thread the collector ran in, maybe a delivery thread
-    # inside a call on the store: closing there would close the store under that call.
-    if state in _live:  # not closed already
-        run_apart(functools.partial(_close_quietly, state, 0.0), "flask-meisa-close")
-
-
-def _close_quietly(state: MeisaState, timeout: float | None) -> None:
-    try:
-        state.close(timeout)
-    except Exception:
-        logger.exception("meisa: closing delivery failed")
-
-
-def _at_exit() -> None:
-    # First what collected apps and responses hand over in daemon threads (run_apart): exit
-    # would stop those before they stored, delivered or reported it.
-    ends = time.monotonic() + DEFAULTS["MEISA_FLUSH_TIMEOUT"]
-    for thread in threading.enumerate():
-        if thread.name in ("flask-meisa-release", "flask-meisa-close"):
-            thread.join(max(ends - time.monotonic(), 0.0))
-    for state in list(_live):
-        _close_quietly(state, None)
-
-
-def _before_fork() -> None:
-    # No store is being made: a child would keep the lock its folder is checked under (it
-    # goes with the open file), and share the SQLite locks of its first connection.
-    _making.acquire()
-    # Every store, those being closed too (in use until their engine stopped).
-    stores = sys.modules.get(f"{__package__}._engine.store")
-    _held[:] = [] if stores is None else stores.STORES
-    for store in _held:
-        store.before_fork()
-
-
-def _after_fork_in_parent() -> None:
-    for store in _held:
-        store.after_fork_in_parent()
-    _held.clear()
-    _making.release()
-
-
-def _after_fork_in_child() -> None:
-    for store in _held:  # (a live state's is reset again with the state)
-        store.after_fork()
-    _held.clear()
-    _making.release()
-    _http.after_fork()
-    for state in list(_live):
-        try:
-            state.after_fork()
-        except Exception:
-            logger.exception("meisa: resetting delivery after fork failed")
-
-
-def _forks_without_hooks() -> bool:
-    """Whether this is a uWSGI master that loaded the app and will fork its workers without
-    Python's fork hooks (uWSGI's default): a thread of ours running at that fork may hold
-    the GIL, or a lock, and the worker hangs on it before its first request. Then uWSGI's
-    post-fork hook does in each worker what the Python one does, delivery started there."""
-    uwsgi: Any = sys.modules.get("uwsgi")
-    if uwsgi is None or uwsgi.worker_id() != 0 or uwsgi.opt.get("py-call-uwsgi-fork-hooks"):
-        return False
-    hook = getattr(uwsgi, "post_fork_hook", None)
-    if not isinstance(hook, functools.partial) or hook.func is not _uwsgi_post_fork:
-        uwsgi.post_fork_hook = functools.partial(_uwsgi_post_fork, hook)  # the app's kept
-    return True
-
-
-def _uwsgi_post_fork(then: Callable[[], object] | None) -> None:
-    _after_fork_in_child()
-    if then is not None:
-        then()
-
-
-# atexit runs the hook registered last first: weakref.finalize's (made on first use), where
-# urllib3 closes its pools, must run after this one, which still delivers through them.
-weakref.finalize(_at_exit, int).atexit = False
-atexit.register(_at_exit)
-# A multiprocessing child ends with os._exit, past the atexit hooks: its finalizers run.
-multiprocessing.util.register_after_fork(
-    _at_exit, lambda run: multiprocessing.util.Finalize(None, run, exitpriority=0)
-)
-os.register_at_fork(
-    before=_before_fork,
-    after_in_parent=_after_fork_in_parent,
-    after_in_child=_after_fork_in_child,
-)

@@ -134,7 +134,7 @@ def _isolated_apps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     lives by default), and every app's delivery is closed when the test ends."""
     from flask import Flask
 
-    from flask_meisa import _runtime as runtime
+    from flask_meisa import _process
 
     instance = str(tmp_path_factory.mktemp("instance"))
     original = Flask.auto_find_instance_path
@@ -143,7 +143,7 @@ def _isolated_apps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         yield
     finally:
         Flask.auto_find_instance_path = original  # type: ignore[method-assign]
-        for state in list(runtime._live):
+        for state in list(_process.live):
             state.close(0.0)
 
 

@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import signal
 import sys
@@ -30,6 +32,7 @@ from tests.process_support import Process
 from tests.process_support import Processes
 from tests.process_support import environment
 from tests.process_support import no_loss
+from tests.process_support import store_path
 from tests.process_support import stored
 from tests.process_support import tally
 from tests.test_gunicorn_delivery import free_port
@@ -83,14 +86,27 @@ def test_uwsgi_workers_forked_without_fork_hooks_serve_and_deliver(
     requests_made = 60
     post_all(server.url, work(range(requests_made)))  # type: ignore[attr-defined]
     assert emu.wait_for(lambda e: no_loss(tally(e, requests_made)), 60), tally(emu, requests_made)
-    # A worker delivers: the master, which serves nothing, started no delivery.
+    # A worker delivers: the master, which serves nothing, started no delivery, and holds
+    # no store file open (a worker's connection would share the SQLite locks of its own).
     assert holder(instance) not in (None, 0, server.pid)
+    assert not [
+        name for name in open_files(server.pid) if name.startswith(str(store_path(instance)))
+    ]
     assert server.stop() == 0, server.output
     counts = statuses(emu)
     print(f"\nuWSGI {WORKERS} workers, default prefork, {rate}: {dict(counts)}")
     assert counts[429] == 0
     assert stored(instance).pending == 0
     assert emu.live_key not in server.output
+
+
+def open_files(pid: int) -> list[str]:
+    """What process ``pid`` has open, by path."""
+    found = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # closed meanwhile
+            found.append(os.readlink(fd))
+    return found
 
 
 def blocked_signals(pid: int) -> dict[int, int]:

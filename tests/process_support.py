@@ -5,6 +5,7 @@ outside, and counting at the emulator what was lost or repeated."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -219,6 +220,17 @@ def wait_until(test: Callable[[], bool], timeout: float = 30.0) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+def blocked_signals(pid: int) -> dict[int, int]:
+    """The blocked signals (``SigBlk``) of each thread of process ``pid``, by thread id."""
+    masks = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        status = (task / "status").read_text()
+        found = re.search(r"^SigBlk:\s*([0-9a-f]+)", status, re.M)
+        assert found is not None
+        masks[int(task.name)] = int(found[1], 16)
+    return masks
 
 
 def drain_without_loss(emu: Emulator, env: dict[str, str], requests: int) -> None:

@@ -30,6 +30,7 @@ import requests
 from flask_meisa.emulator import Emulator
 from tests.process_support import Process
 from tests.process_support import Processes
+from tests.process_support import blocked_signals
 from tests.process_support import environment
 from tests.process_support import no_loss
 from tests.process_support import store_path
@@ -107,17 +108,6 @@ def open_files(pid: int) -> list[str]:
         with contextlib.suppress(FileNotFoundError):  # closed meanwhile
             found.append(os.readlink(fd))
     return found
-
-
-def blocked_signals(pid: int) -> dict[int, int]:
-    """The blocked signals (``SigBlk``) of each thread of process ``pid``, by thread id."""
-    masks = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        status = (task / "status").read_text()
-        found = re.search(r"^SigBlk:\s*([0-9a-f]+)", status, re.M)
-        assert found is not None
-        masks[int(task.name)] = int(found[1], 16)
-    return masks
 
 
 def test_uwsgi_workers_stop_promptly_while_delivery_threads_run(

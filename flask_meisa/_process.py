@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from typing import Any
 
 from . import _http
+from . import _threads
 from ._deferral import run_apart
 from .config import DEFAULTS
 
@@ -80,6 +81,7 @@ def _after_fork_in_parent() -> None:
 
 
 def _after_fork_in_child() -> None:
+    _threads.after_fork_in_child()
     for store in _held:  # (a live state's is reset again with the state)
         store.after_fork()
     _held.clear()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import weakref
 from collections.abc import Callable
 
 #: What servers send a worker to stop, reload or report. A C handler (uWSGI's) runs in
@@ -15,6 +16,7 @@ _SIGNALS = {
     for name in ("SIGHUP", "SIGINT", "SIGQUIT", "SIGTERM", "SIGUSR1", "SIGUSR2")
     if hasattr(signal, name)
 }
+_ours: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
 
 
 def start_daemon(target: Callable[[], object], name: str) -> threading.Thread:
@@ -22,6 +24,7 @@ def start_daemon(target: Callable[[], object], name: str) -> threading.Thread:
     (it inherits the mask in effect while it starts). Raises :class:`RuntimeError` where
     no thread can start (interpreter shutdown)."""
     thread = threading.Thread(target=target, name=name, daemon=True)
+    _ours.add(thread)
     if not hasattr(signal, "pthread_sigmask"):  # Windows
         thread.start()
         return thread
@@ -31,3 +34,10 @@ def start_daemon(target: Callable[[], object], name: str) -> threading.Thread:
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     return thread
+
+
+def after_fork_in_child() -> None:
+    """In a child forked from one of our threads (a signal receiver's job, a pool it
+    starts): those signals given back, so that ``SIGTERM`` (``terminate()``) ends it."""
+    if threading.current_thread() in _ours:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)

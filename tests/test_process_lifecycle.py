@@ -690,3 +690,52 @@ def test_a_flush_waiting_as_another_thread_closes_the_app_goes_on_with_its_next_
     print(f"\nflush across close(): {done} in {took:.2f}s")
     assert done
     assert len(emulator.requests_to("/events/track/")) == 2
+
+
+FORKED_FROM_DELIVERY = """
+import multiprocessing, os, signal, sys
+from flask import Flask
+from flask_meisa import Meisa, contact_synced
+
+app = Flask("forking", instance_path=sys.argv[1])
+app.config.update(
+    MEISA_API_KEY=os.environ["MEISA_TEST_KEY"],
+    MEISA_BASE_URL=os.environ["MEISA_TEST_URL"],
+    MEISA_RATE_LIMIT=None,
+)
+meisa = Meisa(app)
+children = []
+
+def start_a_job(sender, **kwargs):  # run by a delivery thread of ours
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    child = multiprocessing.get_context("fork").Process(target=reader.recv)
+    child.start()
+    children.append((child, writer))
+
+contact_synced.connect(start_a_job, sender=app)
+with app.app_context():
+    meisa.upsert({"email": "job@example.com", "external_id": "job"})
+    assert meisa.flush(10)
+child, writer = children[0]
+child.terminate()  # SIGTERM, as a pool's terminate() or a server's stop sends
+child.join(10)
+print("exitcode", child.exitcode, -signal.SIGTERM)
+if child.exitcode is None:
+    writer.send(None)
+"""
+
+
+def test_a_process_forked_by_a_receiver_in_a_delivery_thread_can_be_stopped(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    # The signals our threads block are given back in a child forked from one of them: a
+    # receiver's job, or a multiprocessing pool it starts, must end on SIGTERM.
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "MEISA_TEST_KEY": emulator.live_key,
+        "MEISA_TEST_URL": emulator.url,
+    }
+    done = run_python(["-c", FORKED_FROM_DELIVERY, str(tmp_path)], env)
+    assert done.returncode == 0, done.stderr
+    assert f"exitcode {-signal.SIGTERM} {-signal.SIGTERM}" in done.stdout, done.stdout

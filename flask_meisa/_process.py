@@ -73,9 +73,9 @@ def _before_fork() -> None:
         store.before_fork()
 
 
-def _after_fork_in_parent() -> None:
+def _after_fork_in_parent(reopen: bool = True) -> None:
     for store in _held:
-        store.after_fork_in_parent()
+        store.after_fork_in_parent(reopen)
     _held.clear()
     making.release()
 
@@ -115,7 +115,7 @@ def forks_without_hooks() -> bool:
     if not isinstance(hook, functools.partial) or hook.func is not _reset_in_child:
         uwsgi.post_fork_hook = functools.partial(_reset_in_child, hook)  # the app's kept
     _before_fork()  # as the fork's own hook would: no store file open across it
-    _after_fork_in_parent()
+    _after_fork_in_parent(reopen=False)
     return True
 
 

@@ -440,3 +440,19 @@ def test_a_forked_child_neither_takes_nor_keeps_its_parents_lock(tmp_path: Path)
         os.close(read)
         os.waitpid(pid, 0)
     other.release()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_store_file_deleted_right_after_a_fork_keeps_its_rows(tmp_path: Path) -> None:
+    # The fork hook closes the file for the fork; reopened only at its next use, a file
+    # deleted meanwhile (a deploy wiping the instance folder) took its rows with it.
+    path = tmp_path / "store.sqlite3"
+    with contextlib.closing(Store(path)) as store:
+        with store.write() as db:
+            for user in range(5):
+                pending.add(db, event(user), LANE_AUTOMATION)
+        os.waitpid(fork(lambda: None), 0)
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{path}{suffix}")
+        assert store.moved() and store.follow() == 5

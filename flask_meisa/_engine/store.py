@@ -60,8 +60,7 @@ class OtherSchema(ConfigurationError):
     version): this one neither reads nor writes it."""
 
 
-#: What a read or write of the store may raise (locked, full, unreadable, vanished, foreign,
-#: another schema: a process forked after the file was replaced opens it then).
+#: What a read or write of the store may raise (locked, full, vanished, foreign, another schema).
 STORE_ERRORS = (sqlite3.Error, OSError, ForAnotherMeisa, OtherSchema)
 
 SCHEMA_VERSION = 3
@@ -129,8 +128,7 @@ class Store:
     """The database at ``path`` (``None``: memory), safe from any thread; a forked child
     opens its own connection. A write waits ``busy_timeout`` seconds for another's.
 
-    :raises ConfigurationError: the file cannot be used.
-    """
+    :raises ConfigurationError: the file cannot be used."""
 
     def __init__(self, path: str | os.PathLike[str] | None, *, busy_timeout: float = 1.0) -> None:
         self.path = None if path is None else os.path.abspath(os.fspath(path))
@@ -173,16 +171,22 @@ class Store:
         return f"Store({self.path or ':memory:'!r})"
 
     def before_fork(self) -> None:
-        """Hold the store across a fork (a child inheriting a transaction would block), its
-        file closed till next use: SQLite keeps a file's locks once a process, so a child's
-        connection would take none while one inherited is open. One replaced stays open."""
+        """Hold the store across a fork (a child inheriting a transaction would block), its file
+        closed: SQLite keeps a file's locks once a process (a child's own would take none)."""
         self._lock.acquire()
         with suppress(*STORE_ERRORS):  # (then kept open, as before)
             if self.path and (db := self._db) and not db.in_transaction and not self.moved():
-                self.close()
+                # Reopened after it if work waits in it: a deletion meanwhile would take that.
+                waits = db.execute("SELECT EXISTS (SELECT 1 FROM meisa_ops)").fetchone()[0]
+                self._db, self._opened = None, self._opened if waits else None
+                db.close()
 
-    def after_fork_in_parent(self) -> None:
-        """In the parent after a fork: release :meth:`before_fork`'s lock."""
+    def after_fork_in_parent(self, reopen: bool = True) -> None:
+        """In the parent after a fork: the file reopened (its rows moved if it is replaced)."""
+        opened, self._opened = self._opened, self._opened if self._db else None
+        with suppress(*STORE_ERRORS):  # (else opened on next use)
+            if reopen and not self._db and opened and self.path and at_path(self.path, opened):
+                self._connect()
         self._lock.release()
 
     def after_fork(self) -> None:
@@ -294,8 +298,8 @@ class Store:
     def moved(self) -> bool:
         """Whether the file this process has open was deleted or replaced (a deploy, a backup
         restored): the other processes of the host see only the file now at the path."""
-        opened, path = self._opened, self.path
-        return opened is not None and path is not None and not at_path(path, opened)
+        opened, path = self._opened, self.path  # (no file open while the fork hook closed it)
+        return bool(self._db and opened and path and not at_path(path, opened))
 
     def follow(self) -> int:
         """After :meth:`moved`: use the file now at the path, with the operations left in the
@@ -316,8 +320,7 @@ class Store:
             return carried
 
     def _reads_wal_of(self, old: sqlite3.Connection) -> bool:
-        """Whether this process's connection and ``old`` read one -wal (a note of the one
-        seen by the other)."""
+        """Whether this connection and ``old`` read one -wal (one sees the other's note)."""
         token = os.urandom(8).hex()
         with self.read() as db:
             Store.set_meta(db, "wal_note", token)
@@ -356,10 +359,8 @@ class Store:
             for times, since in ((_NOTED, -math.inf), (_UNNOTED, now)):
                 for table, columns in times.items():
                     for column in columns:
-                        db.execute(
-                            f"UPDATE {table} SET {column} = {column} - ? WHERE {column} > ?",
-                            (step, since),
-                        )
+                        sql = f"UPDATE {table} SET {column} = {column} - ? WHERE {column} > ?"
+                        db.execute(sql, (step, since))
             pause = float(Store.get_meta(db, "pause_until", 0.0))
             if pause > now:
                 Store.set_meta(db, "pause_until", pause - step)
@@ -382,8 +383,7 @@ class Store:
         put it in WAL mode, and check its pages."""
         assert self.path is not None
         for name in (self.path, *sqlite_files(self.path)[1:], self.path + ".lock"):
-            # Access, then whether it exists, then access again: a file another process
-            # removes (its -shm) or makes (a lock file, -wal) meanwhile is not refused.
+            # Access, exists, access again: one removed (-shm) or made (-wal) meanwhile passes.
             denied = not os.access(name, os.W_OK)
             if denied and os.path.exists(name) and not os.access(name, os.W_OK):
                 raise PermissionError(f"{name} is not writable by this process")

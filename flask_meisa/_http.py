@@ -105,7 +105,7 @@ class Transport:
         locals."""
         session = self.session()
         failure: BaseException | None = None
-        with _watchdog.time_limit(limit) as watch:
+        with _watchdog().time_limit(limit) as watch:
             try:
                 # No redirect: it would carry the key to another host.
                 response = session.request(
@@ -168,10 +168,11 @@ _pid = os.getpid()
 
 
 def after_fork() -> None:
-    """In a forked child: a new watchdog, and every transport of the process reset."""
-    global _pid, _watchdog
+    """In a forked child: a new watchdog at first use, and every transport of the process
+    reset."""
+    global _pid
     _pid = os.getpid()
-    _watchdog = _Watchdog()
+    _watchdogs.clear()
     for transport in list(_transports):
         transport.after_fork()
 
@@ -252,13 +253,20 @@ class _Watchdog:
 
 
 _current: ContextVar[Watch | None] = ContextVar("flask_meisa_attempt", default=None)
-_watchdog = _Watchdog()
+_watchdogs: dict[int, _Watchdog] = {}
+
+
+def _watchdog() -> _Watchdog:
+    # Made at its first use in the process, not at the fork: gevent patches a worker forked
+    # from a loaded app (gunicorn --preload) after the fork, and a Condition made before it
+    # breaks once the watchdog thread is a greenlet (its attempt then fails).
+    return _watchdogs.get(pid := os.getpid()) or _watchdogs.setdefault(pid, _Watchdog())
 
 
 def _attach(connection: HTTPConnection) -> None:
     watch = _current.get()
     if watch is not None:
-        with _watchdog.cond:
+        with _watchdog().cond:
             watch.connection = connection
             watch.cut()
 

@@ -5,8 +5,9 @@ run as ``python -m tests.served_app <scenario>``.
 It is configured from the environment, so that the API key never goes on a command line:
 ``MEISA_TEST_URL``, ``MEISA_TEST_KEY``, ``MEISA_TEST_INSTANCE`` (the instance folder, where
 the delivery store is by default), and optionally ``MEISA_TEST_RATE`` (the key's budget;
-``none`` for none), ``MEISA_TEST_OUTBOX`` and ``MEISA_TEST_FLUSH_TIMEOUT``. Nothing else
-of flask-meisa's configuration is set: delivery is the default one.
+``none`` for none), ``MEISA_TEST_OUTBOX``, ``MEISA_TEST_FLUSH_TIMEOUT`` and
+``MEISA_TEST_DELIVERY``. Nothing else of flask-meisa's configuration is set: delivery is
+the default one unless ``MEISA_TEST_DELIVERY`` says otherwise.
 
 Scenarios:
 
@@ -88,6 +89,8 @@ def create_app() -> Flask:
         app.config["MEISA_RATE_LIMIT"] = None if rate == "none" else rate
     if "MEISA_TEST_OUTBOX" in os.environ:
         app.config["MEISA_OUTBOX"] = os.environ["MEISA_TEST_OUTBOX"]
+    if "MEISA_TEST_DELIVERY" in os.environ:
+        app.config["MEISA_DELIVERY"] = os.environ["MEISA_TEST_DELIVERY"]
     if "MEISA_TEST_FLUSH_TIMEOUT" in os.environ:
         app.config["MEISA_FLUSH_TIMEOUT"] = float(os.environ["MEISA_TEST_FLUSH_TIMEOUT"])
     login_manager = LoginManager(app)

@@ -37,7 +37,7 @@ SHARED_CONNECTION = textwrap.dedent(
     client = MeisaClient(sys.argv[1], sys.argv[2], timeout=(1.0, 1.0),
                          retry=RetryPolicy.never())
     client.ping()  # the parent's keep-alive connection, in its pool
-    with _http._watchdog.cond:  # not held by the watchdog thread across the fork
+    with _http._watchdog().cond:  # not held by the watchdog thread across the fork
         pid = ctypes.PyDLL(None).fork()
     if pid == 0:  # a worker: its call gets no answer in time, and it gives up
         try:

@@ -134,11 +134,12 @@ def test_uwsgi_workers_stop_promptly_while_delivery_threads_run(
     assert took < MERCY / 2, server.output[-2000:]
 
 
-def test_gunicorn_gevent_worker_under_preload_refuses_the_default_delivery(
-    emulator_factory: Callable[..., Emulator], processes: Processes, instance: Path
-) -> None:
+def start_gevent_preloaded(
+    processes: Processes, emu: Emulator, instance: Path, **env: str
+) -> tuple[Process, str]:
+    """gunicorn's gevent worker under ``--preload`` (one worker, ``env`` more variables),
+    and its URL."""
     pytest.importorskip("gevent")
-    emu = emulator_factory(rate_limit=None)
     port = free_port()
     command = [
         sys.executable,
@@ -151,11 +152,32 @@ def test_gunicorn_gevent_worker_under_preload_refuses_the_default_delivery(
         *no_control_socket(),
         "tests.served_app:create_app()",
     ]
-    server = processes.start(command, environment(emu, instance))
+    server = processes.start(command, environment(emu, instance, **env))
     assert server.wait_for_line("Booting worker", 60), server.output
-    url = f"http://127.0.0.1:{port}"
+    return server, f"http://127.0.0.1:{port}"
+
+
+def test_gunicorn_gevent_worker_under_preload_refuses_the_default_delivery(
+    emulator_factory: Callable[..., Emulator], processes: Processes, instance: Path
+) -> None:
+    emu = emulator_factory(rate_limit=None)
+    server, url = start_gevent_preloaded(processes, emu, instance)
     for _ in range(2):
         assert requests.post(url + "/work/1", timeout=30).status_code == 500
     assert server.wait_for_line('set MEISA_DELIVERY = "sync" (or "celery")', 30), server.output
     assert emu.events(event_name="worked") == []
+    assert emu.live_key not in server.output
+
+
+def test_gunicorn_gevent_worker_under_preload_delivers_with_sync_delivery(
+    emulator_factory: Callable[..., Emulator], processes: Processes, instance: Path
+) -> None:
+    # What the refusal above says to do. The HTTP watchdog made at the fork, before gevent
+    # patched the worker, failed the worker's first call (its thread a greenlet).
+    emu = emulator_factory(rate_limit=None)
+    server, url = start_gevent_preloaded(processes, emu, instance, MEISA_TEST_DELIVERY="sync")
+    for n in range(10):
+        assert requests.post(f"{url}/work/{n}", timeout=30).ok
+    assert emu.wait_for(lambda e: no_loss(tally(e, 10)), 30), tally(emu, 10)
+    assert "releasing a request's operations failed" not in server.output
     assert emu.live_key not in server.output

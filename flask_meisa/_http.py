@@ -168,8 +168,8 @@ _pid = os.getpid()
 
 
 def after_fork() -> None:
-    """In a forked child: a new watchdog at first use, and every transport of the process
-    reset."""
+    """In a forked child: a watchdog of its own (at first use), and every transport of the
+    process reset."""
     global _pid
     _pid = os.getpid()
     _watchdogs.clear()
@@ -253,14 +253,16 @@ class _Watchdog:
 
 
 _current: ContextVar[Watch | None] = ContextVar("flask_meisa_attempt", default=None)
-_watchdogs: dict[int, _Watchdog] = {}
+_watchdogs: list[_Watchdog] = []  # the process's one, once made
 
 
 def _watchdog() -> _Watchdog:
-    # Made at its first use in the process, not at the fork: gevent patches a worker forked
-    # from a loaded app (gunicorn --preload) after the fork, and a Condition made before it
-    # breaks once the watchdog thread is a greenlet (its attempt then fails).
-    return _watchdogs.get(pid := os.getpid()) or _watchdogs.setdefault(pid, _Watchdog())
+    # Made at its first use in the process (after_fork forgets the parent's), not at the
+    # fork: gevent patches a worker forked from a loaded app (gunicorn --preload) after the
+    # fork, and a Condition made before it breaks once the watchdog thread is a greenlet.
+    if not _watchdogs:
+        _watchdogs.append(_Watchdog())
+    return _watchdogs[0]
 
 
 def _attach(connection: HTTPConnection) -> None:

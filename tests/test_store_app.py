@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import sqlite3
+import stat
 import subprocess
 import sys
 import tempfile
@@ -23,6 +24,7 @@ from flask_meisa import Meisa
 from flask_meisa._engine import known
 from flask_meisa._engine import pending
 from flask_meisa._engine.host import HostLock
+from flask_meisa._engine.mounts import sqlite_files
 from flask_meisa._engine.store import SCHEMA_VERSION
 from flask_meisa._engine.store import Store
 from flask_meisa.emulator import Emulator
@@ -114,6 +116,31 @@ def test_the_default_store_is_a_file_in_the_instance_folder(emulator: Emulator) 
     assert app.config["MEISA_OUTBOX"] == f"instance:{STORE_FILE}"
     assert path.is_file()
     assert meisa_of(app).state(app).store().path == str(path)
+
+
+def test_the_store_files_it_makes_are_the_owners_alone(emulator: Emulator, tmp_path: Path) -> None:
+    # They hold users' addresses and fields, and mail waiting (reset links, codes): under the
+    # usual umask every user of the host could read them, and lock the host's delivery out
+    # by taking the lock file's flock. A file made beforehand keeps the mode it was given.
+    umask = os.umask(0o022)
+    try:
+        modes = {}
+        for made, outbox in ((None, STORE_FILE), (0o660, str(tmp_path / "shared.sqlite3"))):
+            if made is not None:
+                Path(outbox).touch(made)
+                Path(outbox).chmod(made)
+            app = thread_app(emulator, MEISA_OUTBOX=outbox)
+            path = meisa_of(app).state(app).store_path()
+            with app.app_context():
+                meisa_of(app).upsert({"email": "ada@example.com"})
+                assert meisa_of(app).flush(5) and meisa_of(app).delivering
+            files = [Path(name) for name in sqlite_files(path or "")]
+            modes[made] = [stat.S_IMODE(file.stat().st_mode) for file in files]
+            modes[made].append(stat.S_IMODE(Path(f"{path}.lock").stat().st_mode))
+            meisa_of(app).close()
+    finally:
+        os.umask(umask)
+    assert modes == {None: [0o600] * 4, 0o660: [0o660, 0o660, 0o660, 0o600]}
 
 
 @pytest.mark.parametrize("value", [None, "memory", " Memory "])

@@ -63,7 +63,7 @@ class HostLock:
             self.release()
             self._not_before = time.monotonic() + _RELOCK + self._stall
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             folders_owner(self.path)
         if time.monotonic() < self._not_before:
             return False

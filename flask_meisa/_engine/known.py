@@ -14,6 +14,7 @@ import sqlite3
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Mapping
+from collections.abc import Sized
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,6 @@ from ..operations import LANE_AUTOMATION
 from ..operations import LANE_ROUTINE
 from ..operations import Operation
 from ..operations import identities
-from .store import marks
 
 #: Before a field's name in what Meisa has of a contact: when the app last set that field.
 SET_AT = "@set:"
@@ -234,3 +234,8 @@ def released_after(db: sqlite3.Connection, payload: Mapping[str, Any], since: fl
     rows = db.execute(query, (*identities(payload), since))
     names = {"email", "external_id"}
     return {name for (body,) in rows for name in digest(json.loads(body)) if name not in names}
+
+
+def marks(values: Sized) -> str:
+    """The placeholders of ``values`` in an ``IN (...)`` list."""
+    return ", ".join("?" * len(values))

@@ -25,8 +25,8 @@ from ..operations import merged_release
 from . import known
 from .base import LATENCY_WINDOW
 from .base import DeliveryStatus
+from .known import marks
 from .store import Store
-from .store import marks
 
 #: The columns :func:`row_of` reads, in order.
 OP_COLUMNS = (

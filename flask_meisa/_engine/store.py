@@ -12,7 +12,6 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator
-from collections.abc import Sized
 from contextlib import contextmanager
 from contextlib import nullcontext
 from contextlib import suppress
@@ -213,6 +212,9 @@ class Store:
 
     def _connect(self) -> sqlite3.Connection:
         # Called under the store's lock with no connection yet.
+        if self.path is not None and not os.path.exists(self.path):  # users' data: private
+            with suppress(OSError):  # (-wal and -shm take its mode; SQLite says what fails)
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
         db = sqlite3.connect(
             self.path or ":memory:",
             timeout=self.busy_timeout,
@@ -393,8 +395,3 @@ class Store:
             problems = [row[0] for row in db.execute("PRAGMA quick_check").fetchall()]
             if problems != ["ok"]:
                 raise sqlite3.DatabaseError("; ".join(problems[:3]))
-
-
-def marks(values: Sized) -> str:
-    """The placeholders of ``values`` in an ``IN (...)`` list."""
-    return ", ".join("?" * len(values))

@@ -220,20 +220,20 @@ class MeisaState:
             path = self.store_path()
             if path is not None:
                 self._refuse_another_accounts_store(path)
-            try:
-                with making:  # not during a fork: see _before_fork
+            with making:  # not during a fork, the memory one's either: see _before_fork
+                try:
                     self._store = Store(path, busy_timeout=self.settings.outbox_busy_timeout)
-            except ConfigurationError as error:
-                if self.settings.outbox != DEFAULTS["MEISA_OUTBOX"]:
-                    raise
-                logger.warning(
-                    "meisa: %s. Delivery falls back to memory: work pending when a process "
-                    "stops is lost, and each process has its own budget. Put the instance "
-                    "folder on a writable local disk (a mounted volume in a container), or "
-                    "set MEISA_OUTBOX.",
-                    error,
-                )
-                self._store = Store(None)
+                except ConfigurationError as error:
+                    if self.settings.outbox != DEFAULTS["MEISA_OUTBOX"]:
+                        raise
+                    logger.warning(
+                        "meisa: %s. Delivery falls back to memory: work pending when a "
+                        "process stops is lost, and each process has its own budget. Put the "
+                        "instance folder on a writable local disk (a mounted volume in a "
+                        "container), or set MEISA_OUTBOX.",
+                        error,
+                    )
+                    self._store = Store(None)
         return self._store
 
     def _refuse_another_accounts_store(self, path: str) -> None:

@@ -664,6 +664,51 @@ def test_a_redis_that_never_answers_holds_a_release_once_not_per_operation(
             app.extensions["celery"].close()
 
 
+def test_a_broker_that_never_answers_holds_a_release_once_and_is_named(
+    redis_url: str, emulator: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The broker on a Redis of its own, stalled: kombu waits for ever on a publish unless
+    # told otherwise, so a response's release of three operations held its thread for good.
+    from flask_meisa import delivery_dropped
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # listens, never answers
+        app = Flask(__name__)
+        app.config.update(
+            MEISA_API_KEY=emulator.live_key,
+            MEISA_BASE_URL=emulator.url,
+            MEISA_DELIVERY="celery",
+            MEISA_CELERY_REDIS_URL=redis_url,
+        )
+        app.extensions["celery"] = make_celery(f"redis://127.0.0.1:{silent.getsockname()[1]}/0")
+        meisa = Meisa(app)
+        dropped: list[str] = []
+        released = threading.Event()
+
+        def on_dropped(sender: Flask, operation: Operation, reason: str, **extra: Any) -> None:
+            dropped.append(reason)
+
+        def release() -> None:
+            with delivery_dropped.connected_to(on_dropped, sender=app), app.app_context():
+                for n in range(3):
+                    meisa.upsert({"email": f"user{n}@example.com"})
+            released.set()
+
+        thread = threading.Thread(target=release, daemon=True)
+        started = time.monotonic()
+        try:
+            thread.start()
+            assert released.wait(30.0), "the release still waits on the broker"
+            # One socket timeout (5 s), then the others dropped at once.
+            assert time.monotonic() - started < 12.0
+            assert dropped == ["broker_unavailable"] * 3
+            assert "(broker_unavailable: TimeoutError)" in caplog.text
+        finally:
+            silent.close()  # what still waits on it gets a reset
+            thread.join(30.0)
+            meisa.close()
+            app.extensions["celery"].close()
+
+
 def test_a_redis_that_lost_its_data_has_what_was_pending_reported(
     make: MakeDispatcher, hooks: RecordingHooks, client: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

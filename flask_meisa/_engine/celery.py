@@ -85,8 +85,8 @@ class CeleryDispatcher(Dispatcher):
         self._ledger_size = ledger_size
         self._lost_after = lost_after
         self._closed = False
-        # time.monotonic() until which Redis is taken as stalled (it timed out): publishing
-        # drops at once instead of waiting out the socket timeout twice per operation.
+        # time.monotonic() until which Redis is taken as stalled (it, or the broker, timed
+        # out): publishing drops at once instead of waiting out a socket timeout per operation.
         self._stalled_until = 0.0
         # What to report if Redis loses its data: those submitted here not seen finished yet.
         self._epoch: str | None = None
@@ -145,10 +145,11 @@ class CeleryDispatcher(Dispatcher):
             for task in (tasks := self.tasks(operation, read_at)):
                 self._send(*task)
         except Exception as error:
-            if isinstance(error, redis.exceptions.TimeoutError):
+            origin = error.__cause__ or error  # kombu raises its own error from the broker's
+            if isinstance(origin, redis.exceptions.TimeoutError):
                 self._stalled_until = time.monotonic() + UNREACHABLE_FOR
             # The text of a broker error can hold its URL: only its class is told.
-            self._drop(operation, "broker_unavailable", type(error).__name__, refused=refused)
+            self._drop(operation, "broker_unavailable", type(origin).__name__, refused=refused)
             return True
         if tasks:
             with self._lock:
@@ -255,9 +256,8 @@ class CeleryDispatcher(Dispatcher):
                     self._send(*task)
                 if tasks:
                     logger.warning(
-                        "flask-meisa: %d pending operation(s) unseen by every worker for "
-                        "%.0f s: published again (their message was lost, or waits in a long "
-                        "queue)",
+                        "flask-meisa: %d pending operation(s) unseen by every worker for %.0f s: "
+                        "published again (their message was lost, or waits in a long queue)",
                         len(tasks),
                         self._lost_after,
                     )

@@ -109,12 +109,17 @@ def _restore_sweep(options: Mapping[str, Any]) -> float:
 
 
 def configure_visibility(celery_app: Any, settings: MeisaSettings) -> float:
-    """Set the Redis transport's ``visibility_timeout`` if the app set none, check it, and
-    return the longest countdown a task may hold without its message going to another."""
+    """Set the Redis transport's ``visibility_timeout`` and socket timeouts if the app set
+    none, check the first, and return the longest countdown a task may hold without its
+    message going to another."""
     options = _transport_options(celery_app)
     if options is None:
         return MAX_WAIT
     visibility = options.setdefault("visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT)
+    # kombu waits for ever on a broker that stopped answering (a stall, a partition): a
+    # response's release, or a worker's retry, would hang on its publish for good.
+    for name, seconds in REDIS_TIMEOUTS.items():
+        options.setdefault(name, seconds)
     celery_app.conf.broker_transport_options = options
     # A dead worker's message comes back after the timeout and kombu's next sweep.
     run = RUN_TIMEOUTS * settings.call_timeout

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Callable
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from flask_meisa._engine.budget import Budget
 from flask_meisa._engine.store import Store
 from flask_meisa._values import RateWindow
 from flask_meisa._values import parse_rate_limit
+from flask_meisa.client import MeisaClient
+from flask_meisa.emulator import Emulator
 from flask_meisa.emulator import RateLimiter as ServerLimiter
 from flask_meisa.errors import APITimeoutError
 from flask_meisa.errors import BadRequestError
@@ -309,15 +312,41 @@ def test_a_slot_for_a_call_outside_the_engine_is_waited_for_only_within_its_time
         # call would be left no time), the call goes at once without one.
         assert not got
     assert time.monotonic() - began < 1.0
+    # Made over the budget, it counts all the same: Meisa counts it if it takes it.
+    assert limited.remaining() == {"1/minute": 0}
+    assert Calls(limited).wait(time.time()) == pytest.approx(60.0, abs=1.0)
+    with pytest.raises(RateLimitError), limited.slot(5.0) as got:
+        assert not got
+        raise RateLimitError("POST /emails/trigger/", 429, "throttled", code="rate_limited")
     with store.read() as db:
         (count,) = db.execute("SELECT count(*) FROM meisa_calls").fetchone()
-    assert count == 1  # a call made without a slot takes none
+    assert count == 2  # the one Meisa refused over the budget, which it did not count, is not
     quick = Budget(store, "2/second", lease=LEASE)
     with quick.slot(1.0) as got:
         assert got  # one of the minute's and this one: the second's two
     with quick.slot(5.0) as got:
         assert got  # free within the timeout: waited for
     assert time.monotonic() - began >= 0.5
+
+
+def test_a_call_made_over_the_budget_that_meisa_takes_keeps_the_next_slot_from_a_429(
+    store: Store, emulator_factory: Callable[..., Emulator]
+) -> None:
+    emu = emulator_factory(rate_limit="1/2 seconds")
+    client = MeisaClient(emu.live_key, emu.url, retry=RetryPolicy.never())
+    limited = Budget(store, "1/2 seconds", lease=0.2)
+    # The slot of a process killed before its call reached Meisa (a SIGKILL): the host counts
+    # it until its lease ends and a period after; Meisa never saw it.
+    Calls(limited).take(time.time() - 1.0)
+    with limited.slot(0.01) as got:
+        assert not got  # full for another second: not waited for, the call goes anyway
+        client.ping()  # and Meisa takes it
+    # The killed call's slot leaves the window a second before this call leaves Meisa's: the
+    # next slot must wait for Meisa's window, or every process would be let through to a 429.
+    with limited.slot(5.0) as got:
+        assert got
+        client.ping()
+    assert [r.status for r in emu.requests] == [200, 200]
 
 
 def test_a_slot_whose_call_got_no_answer_in_time_is_held_until_its_lease_ends(

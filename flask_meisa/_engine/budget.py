@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from .._values import RateWindow
 from .._values import parse_rate_limit
 from ..errors import APITimeoutError
+from ..errors import RateLimitError
 from ..operations import LANE_BACKFILL
 from ..operations import LANE_ROUTINE
 from ..operations import LANE_TRANSACTIONAL
@@ -111,11 +112,14 @@ class Budget:
                 wait = max(float(started) - self.lease + spacing - now, 0.0)
         if wait >= 1e-9:  # below: float error, not a wait
             return None, wait
+        return self._hold(db, now), 0.0
+
+    def _hold(self, db: sqlite3.Connection, now: float) -> str:
         token = uuid.uuid4().hex
         db.execute(
             "INSERT INTO meisa_calls (token, lease_until) VALUES (?, ?)", (token, now + self.lease)
         )
-        return token, 0.0
+        return token
 
     def settle(
         self,
@@ -142,33 +146,45 @@ class Budget:
     @contextlib.contextmanager
     def slot(self, timeout: float) -> Iterator[bool]:
         """Hold a transactional slot for a call made in the caller's thread, waiting at most
-        ``timeout`` seconds; yields whether one was taken (the call is made anyway). A call
-        that timed out (:class:`APITimeoutError`) holds the slot until its lease ends."""
-        deadline = time.monotonic() + timeout
+        ``timeout`` seconds; yields whether one was free (the call is made anyway, and
+        counted all the same unless Meisa refuses it with a 429). A call that timed out
+        (:class:`APITimeoutError`) holds the slot until its lease ends."""
+        deadline, free = time.monotonic() + timeout, True
         while True:
             try:
                 with self.store.write() as db:
-                    token, wait = self.take(db, Store.now(db), LANE_TRANSACTIONAL)
+                    now = Store.now(db)
+                    token, wait = self.take(db, now, LANE_TRANSACTIONAL)
+                    left = deadline - time.monotonic()
+                    # A slot that frees only past the deadline is not waited for: the call
+                    # would be left too little time to be answered. Made over the budget, it
+                    # is still counted: Meisa counts it if it takes it, and every process
+                    # must then see the window as Meisa does.
+                    if token is None and (left <= 0 or (wait is not None and wait > left)):
+                        token, free = self._hold(db, now), False
             except STORE_ERRORS:  # a locked or broken store never fails the call
                 token = None
                 break
-            left = deadline - time.monotonic()
-            # A slot that frees only past the deadline is not waited for: the call would be
-            # left too little time to be answered (and is made anyway).
-            if token is not None or left <= 0 or (wait is not None and wait > left):
+            if token is not None:
                 break
             time.sleep(min(left, _POLL if wait is None else max(wait, 0.001)))
-        timed_out = False
+        timed_out = refused = False
         try:
-            yield token is not None
+            yield free and token is not None
         except APITimeoutError:
             timed_out = True
+            raise
+        except RateLimitError:
+            # Over the budget, a 429 is the expected answer: counted, each refused attempt
+            # of a burst of sends would keep the window shut for everyone a period longer.
+            refused = not free
             raise
         finally:
             if token:
                 # Where the store fails here, the slot's lease ends it.
                 with contextlib.suppress(*STORE_ERRORS), self.store.write() as db:
-                    self.settle(db, token, made=True, now=Store.now(db), timed_out=timed_out)
+                    now = Store.now(db)
+                    self.settle(db, token, made=not refused, now=now, timed_out=timed_out)
 
     def remaining(self) -> dict[str, int]:
         """Calls that could start now in each window, by label (``{"60/minute": 57}``)."""

@@ -17,8 +17,10 @@ import redis
 from flask_meisa._engine.redis_budget import RedisBudget
 from flask_meisa.errors import APITimeoutError
 from flask_meisa.errors import ConfigurationError
+from flask_meisa.errors import RateLimitError
 from flask_meisa.operations import LANE_AUTOMATION
 from flask_meisa.operations import LANE_BACKFILL
+from flask_meisa.operations import LANE_NAMES
 from flask_meisa.operations import LANE_ROUTINE
 from flask_meisa.operations import LANE_TRANSACTIONAL
 from tests.celery_support import redis_url_fixture  # noqa: F401
@@ -133,6 +135,28 @@ def test_a_slot_whose_call_got_no_answer_in_time_is_held_until_its_lease_ends(
         assert got
         raise APITimeoutError("POST /emails/trigger/", "no answer within 0.3 s")
     assert budget.acquire(lease=LEASE).wait > LEASE
+
+
+def test_a_call_made_over_the_budget_counts_unless_meisa_refuses_it(
+    make_budget: MakeBudget, redis_url: str
+) -> None:
+    # Meisa counts a call it takes: the window left one short of its count lets another
+    # worker's call through to a 429 (a killed worker's slots count until their leases end,
+    # so the window can be fuller than Meisa's and a send then goes without a slot).
+    budget = make_budget("1/minute")
+    take(budget, 1, lane=LANE_TRANSACTIONAL)
+    with budget.slot(0.01, lease=LEASE) as got:
+        assert not got  # full for a minute: not waited for, the call goes anyway
+    with pytest.raises(RateLimitError), budget.slot(0.01, lease=LEASE) as got:
+        assert not got
+        raise RateLimitError("POST /emails/trigger/", 429, "throttled", code="rate_limited")
+    client = redis.Redis.from_url(redis_url)
+    try:
+        (window,) = client.keys("*:w60")
+        assert client.zcard(window) == 2  # the first and the one Meisa took, not the refused
+    finally:
+        client.close()
+    assert budget.snapshot()[1:] == ({lane: 0 for lane in LANE_NAMES}, {"1/minute": 0})
 
 
 def test_only_sends_use_the_reserve(make_budget: MakeBudget) -> None:

@@ -18,6 +18,7 @@ from redis.exceptions import RedisError
 
 from .._values import parse_rate_limit
 from ..errors import APITimeoutError
+from ..errors import RateLimitError
 from ..operations import LANE_NAMES
 from ..operations import LANE_ROUTINE
 from ..operations import LANE_TRANSACTIONAL
@@ -141,9 +142,11 @@ class RedisBudget:
     @contextlib.contextmanager
     def slot(self, timeout: float, lease: float) -> Iterator[bool]:
         """Hold a slot (from the reserve) for a call made outside the workers, waiting at
-        most ``timeout`` seconds; yields whether one was taken (the call is made anyway); a
+        most ``timeout`` seconds; yields whether one was taken (the call is made anyway, and
+        counted all the same unless Meisa refuses it with a 429, as in ``budget.Budget``); a
         call without an answer in time (:class:`APITimeoutError`) holds it to its lease's end."""
         deadline, waiter, token = time.monotonic() + max(timeout, 0.0), uuid.uuid4().hex, None
+        over = None  # the token it is counted by, made without a slot
         try:
             if time.monotonic() < self._unreachable_until:
                 raise RedisError("unreachable a moment ago")
@@ -153,7 +156,7 @@ class RedisBudget:
                 time.sleep(got.wait)
                 got = ask(waiter=waiter, place=got.place)
             self.forget([] if got.token else [waiter])  # not back: its place holds nothing
-            token = got.token
+            token, over = got.token, None if got.token else f"{LANE_TRANSACTIONAL}:{waiter}:"
         except RedisError as error:
             if time.monotonic() >= self._unreachable_until:
                 self._unreachable_until = time.monotonic() + UNREACHABLE_FOR
@@ -167,10 +170,13 @@ class RedisBudget:
         except APITimeoutError:
             timed_out = True
             raise
+        except RateLimitError:
+            over = None  # over the budget, refused: Meisa did not count it
+            raise
         finally:
-            if token is not None:
+            if token is not None or over is not None:
                 try:
-                    self.finish(token, timed_out=timed_out)
+                    self.finish(token or str(over), timed_out=timed_out)
                 except RedisError:
                     self._unreachable_until = time.monotonic() + UNREACHABLE_FOR
 

@@ -8,6 +8,7 @@ import dataclasses
 import importlib
 import logging
 import os
+import pwd
 import threading
 import weakref
 from collections.abc import Callable
@@ -56,6 +57,8 @@ class MeisaState:
         self._client: MeisaClient | None = None
         self._dispatcher: Dispatcher | None = None
         self._store: Store | None = None
+        #: Why the default store fell back to memory in this process (``None``: it did not).
+        self.fell_back: str | None = None
         self._switches: tuple[Any, ...] | None = None
         self._delivering = False
         self._started = False  # in this process
@@ -223,9 +226,12 @@ class MeisaState:
             with making:  # not during a fork, the memory one's either: see _before_fork
                 try:
                     self._store = Store(path, busy_timeout=self.settings.outbox_busy_timeout)
+                    self.fell_back = None
                 except ConfigurationError as error:
                     if self.settings.outbox != DEFAULTS["MEISA_OUTBOX"]:
                         raise
+                    # Its cause alone: its advice (set MEISA_OUTBOX) is not for a command.
+                    self.fell_back = str(error.__context__ or error)
                     logger.warning(
                         "meisa: %s. Delivery falls back to memory: work pending when a "
                         "process stops is lost, and each process has its own budget. Put the "
@@ -235,6 +241,22 @@ class MeisaState:
                     )
                     self._store = Store(None)
         return self._store
+
+    def host_store(self) -> Store:
+        """The store, for a command about the host's delivery (``flask meisa status``):
+        refused where the default file fell back to memory as another user's, whose
+        processes deliver from it: this one's memory holds none of that work or budget.
+
+        :raises ConfigurationError: it fell back so; the file's owner is named."""
+        store, path = self.store(), self.store_path() or ""
+        # Not when no user can (a read-only disk): every process of the host is in memory.
+        if self.fell_back is None or (owner := _owner(path)) is None:
+            return store
+        raise ConfigurationError(
+            f"this process cannot use the delivery store {path!r} ({self.fell_back}; its "
+            f"owner: {owner}): in its own memory, this command would find none of the host's "
+            f"work. Run it as the user the app runs as (sudo -u {owner} flask meisa ...)"
+        )
 
     def _refuse_another_accounts_store(self, path: str) -> None:
         # The delivering process sends every stored row with its own key and counts every
@@ -301,3 +323,19 @@ class MeisaState:
         if store is not None:
             store.close()
         return left
+
+
+def _owner(path: str) -> str | None:
+    """The user owning the file ``path`` (else its folder), when not this process's."""
+    for name in (path, os.path.dirname(path)):
+        try:
+            uid = os.stat(name).st_uid
+        except OSError:
+            continue
+        if uid == os.geteuid():
+            return None
+        try:
+            return pwd.getpwuid(uid).pw_name
+        except KeyError:
+            return f"'#{uid}'"  # as sudo -u takes a user without a name
+    return None

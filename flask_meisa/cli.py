@@ -67,10 +67,12 @@ _USES = {
 }
 
 
-def _extension() -> Meisa:
+def _extension(*, host: bool = False) -> Meisa:
     meisa = current_app.extensions.get("meisa")
     if meisa is None:
         raise click.ClickException("Meisa is not initialised on this app (call init_app).")
+    if host and (state := meisa.state()).settings.delivery == "thread" and state.has_dispatcher():
+        state.host_store()  # not this process's memory: refused where the file fell back
     return meisa  # type: ignore[no-any-return]
 
 
@@ -94,8 +96,7 @@ def ping_command() -> None:
 @click.option("--check", "check", metavar="EMAIL", help="Say whether this address is suppressed.")
 def suppressions_command(check: str | None) -> None:
     """Load the suppression set now and show its size (or check one address)."""
-    meisa = _extension()
-    suppression = meisa.state().suppression
+    suppression = (meisa := _extension()).state().suppression
     if not suppression.load():
         raise click.ClickException(
             f"could not load the suppression set: {suppression.last_error or 'unknown error'}"
@@ -142,8 +143,7 @@ def _a_number(context: click.Context, param: click.Parameter, value: float) -> f
 def sync_users_command(max_share: float, restart: bool, dry_run: bool, failures: bool) -> None:
     """Backfill: upsert every user registered with @meisa.users_to_sync, behind live work,
     within the shared budget, resumable (run it again after an interruption)."""
-    meisa = _extension()
-    state = meisa.state()
+    state = (meisa := _extension()).state()
     if failures:
         if restart or dry_run:
             extra = "--restart" if restart else "--dry-run"
@@ -225,7 +225,7 @@ def _backfill_target(state: MeisaState, *, start: bool) -> backfill.Target:
         )
     if delivery == "celery":
         return cast("CeleryDispatcher", state.dispatcher).backfill(state.settings.resync_after)
-    store, engine = state.store(), cast("Delivery", state.dispatcher)
+    store, engine = state.host_store(), cast("Delivery", state.dispatcher)
     if not start:
         return backfill.StoreTarget(store, resync_after=state.settings.resync_after)
     if not store.durable:
@@ -243,7 +243,7 @@ def _backfill_target(state: MeisaState, *, start: bool) -> backfill.Target:
 def flush_command(timeout: float) -> None:
     """Wait until the host has delivered everything pending (this process delivers when
     no other does)."""
-    meisa = _extension()
+    meisa = _extension(host=True)
     flushed = meisa.flush(timeout)
     status = meisa.status()
     if not flushed:
@@ -260,7 +260,7 @@ def flush_command(timeout: float) -> None:
 def status_command() -> None:
     """Show delivery for the whole host: pending work per lane and its age, latency,
     retries, dead letters, budget, which process delivers, counters, the backfill."""
-    meisa = _extension()
+    meisa = _extension(host=True)
     state, status = meisa.state(), meisa.status()
     now = _backfill_target(state, start=False).clock() if status.backfill else time.time()
     click.echo(_cli_text.status_report(status, state.store_path(), now))
@@ -284,7 +284,8 @@ def _dead_letters() -> DeadLetters:
             'dead letters are kept by MEISA_DELIVERY = "thread" or "celery", not'
             f" {state.settings.delivery!r}"
         )
-    return dead.StoreDeadLetters(state.store(), cast("Delivery", state.dispatcher).refuse_foreign)
+    store = state.host_store()
+    return dead.StoreDeadLetters(store, cast("Delivery", state.dispatcher).refuse_foreign)
 
 
 def _letters(letters: DeadLetters, ids: list[int]) -> list[dead.DeadLetter]:
@@ -362,8 +363,7 @@ def dead_letters_retry(ids: tuple[int, ...], every: bool, timeout: float, force:
     click.echo(f"{queued} operation(s) queued again")
     if timeout <= 0 or not queued:
         return
-    meisa = _extension()
-    if not meisa.state().delivering():
+    if not (meisa := _extension()).state().delivering():
         raise click.ClickException("delivery is off here (MEISA_ENABLED / MEISA_SUPPRESS_SEND)")
     delivered, status = meisa.flush(timeout), meisa.status()
     left = f"{status.dead_letters} dead letter(s){_cli_text.stopped_run(status)}"

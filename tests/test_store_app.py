@@ -37,6 +37,9 @@ from tests.apps import build_app
 from tests.engine_support import RecordingHooks
 from tests.engine_support import make_engine
 from tests.engine_support import upsert
+from tests.process_support import ROOT
+from tests.process_support import environment
+from tests.process_support import stored_kinds
 
 UPSERT = "/contacts/upsert/"
 STORE_FILE = "meisa-outbox.sqlite3"
@@ -392,6 +395,50 @@ def test_a_store_and_lock_root_makes_in_the_apps_folder_stay_the_apps() -> None:
     assert child.returncode == 0, child.stderr
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root acts as another user")
+def test_flask_meisa_run_by_another_user_than_the_apps_says_so(emulator: Emulator) -> None:
+    # An operator of the app's group, not its user: the default store fell back to memory,
+    # and status reported an empty host (exit 0), flush "nothing pending", dead-letters
+    # none, and sync-users sent every user from memory, outside the host's budget.
+    base = Path(tempfile.mkdtemp(prefix="meisa-operator-"))
+    try:
+        base.chmod(0o755)
+        instance = base / "instance"
+        instance.mkdir()
+        left = leave_rows(instance / STORE_FILE, 3)  # the app's, waiting for its next start
+        for name in (instance, instance / STORE_FILE):
+            os.chown(name, 65534, 65534)
+        script = (
+            "import os, sys, click.testing, flask.testing, flask_meisa._engine.delivery, "
+            "tests.served_app; os.setgid(65534); os.setuid(65533); "
+            "result = tests.served_app.create_app().test_cli_runner().invoke(args=sys.argv[1:]); "
+            "print(result.output); sys.exit(result.exit_code)"
+        )
+        env = environment(emulator, instance, MEISA_TEST_RATE="none")
+        runs = [
+            subprocess.run(
+                [sys.executable, "-c", script, "meisa", *command],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            for command in (["status"], ["flush"], ["dead-letters"], ["sync-users"])
+        ]
+        still = stored_kinds(instance)
+    finally:
+        shutil.rmtree(base)
+    for run in runs:
+        assert run.returncode == 1, run.stdout + run.stderr
+        assert (
+            f"this process cannot use the delivery store '{instance / STORE_FILE}'" in run.stdout
+        )
+        assert "Run it as the user the app runs as (sudo -u nobody flask meisa ...)" in run.stdout
+    assert emulator.requests_to(UPSERT) == []  # nothing sent from the operator's memory
+    assert still == {"upsert": len(left)}
+
+
 def test_a_default_store_that_cannot_be_made_falls_back_to_memory_with_one_warning(
     emulator: Emulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -409,6 +456,8 @@ def test_a_default_store_that_cannot_be_made_falls_back_to_memory_with_one_warni
         assert meisa.flush(5)
         assert not meisa.status().durable
     assert delivered_ids(emulator) == {"kept"}
+    result = invoke(app, "status")  # no user's store: the host is in memory, as this process
+    assert result.exit_code == 0 and "store: memory of this process" in result.output
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root mounts a small disk")

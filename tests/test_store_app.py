@@ -396,6 +396,45 @@ def test_a_store_and_lock_root_makes_in_the_apps_folder_stay_the_apps() -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root acts as another user")
+def test_store_files_made_in_a_folder_shared_with_a_group_stay_the_groups() -> None:
+    # Two users of one group run the app from a setgid folder (umask 002): the store a
+    # deploy deleted, made again by the process moving its work into it, was its user's
+    # alone, and the other user's processes could no longer deliver nor start on it.
+    folder = Path(tempfile.mkdtemp(prefix="meisa-group-"))
+    path = str(folder / STORE_FILE)
+    prelude = (
+        "import os, sys; from flask_meisa._engine.store import Store; from flask_meisa."
+        "_engine.host import HostLock; from flask_meisa._engine import pending; from flask_"
+        "meisa.operations import Operation; os.umask(0o002); os.setgroups([4242]); "
+        "os.setgid(4242); os.setuid(int(sys.argv[1])); store = Store(sys.argv[2])\n"
+        "with store.write() as db: pending.add(db, Operation('upsert', {'email': "
+        "f'{os.getpid()}@example.com'}), 1)\n"
+        "assert HostLock(sys.argv[2] + '.lock').try_acquire()\n"
+    )
+    deploy = "os.unlink(sys.argv[2]); assert store.moved(); print(store.follow())\n"
+    try:
+        folder.chmod(0o755)
+        os.chown(folder, 65534, 4242)
+        folder.chmod(0o2770)
+        runs = [
+            subprocess.run(
+                [sys.executable, "-c", prelude + then, str(uid), path],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            for uid, then in ((65534, ""), (65533, ""), (65534, deploy), (65533, ""))
+        ]
+        modes = [stat.S_IMODE(os.stat(name).st_mode) for name in (path, f"{path}.lock")]
+        kinds = stored_kinds(folder)
+    finally:
+        shutil.rmtree(folder)
+    assert [run.returncode for run in runs] == [0] * 4, [run.stderr for run in runs]
+    assert runs[2].stdout == "3\n"  # what waited, moved into the file made again
+    assert modes == [0o660, 0o660] and kinds == {"upsert": 4}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root acts as another user")
 def test_flask_meisa_run_by_another_user_than_the_apps_says_so(emulator: Emulator) -> None:
     # An operator of the app's group, not its user: the default store fell back to memory,
     # and status reported an empty host (exit 0), flush "nothing pending", dead-letters

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from typing import Any
 
 from ..errors import ConfigurationError
+from .mounts import opened
 from .mounts import sqlite_files
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ class HostLock:
             self.release()
             self._not_before = time.monotonic() + _RELOCK + self._stall
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._fd = opened(self.path, os.O_RDWR)
             folders_owner(self.path)
         if time.monotonic() < self._not_before:
             return False

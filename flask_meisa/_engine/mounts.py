@@ -1,6 +1,7 @@
 """Which filesystem a folder is on: a store on a network filesystem is refused, since
 SQLite's locks and its write-ahead log's shared memory do not hold there, and hosts
-sharing one would corrupt it; whether it is full; and where SQLite keeps a store's files."""
+sharing one would corrupt it; whether it is full; where SQLite keeps a store's files, and
+with which mode flask-meisa makes them."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import errno
 import os
 import re
 import shutil
+import stat
 
 #: Filesystem types other hosts may share (as ``/proc/self/mountinfo`` names them). Not 9p
 #: nor virtiofs: one host's files shown to a sandbox or a VM on it (gVisor's root and
@@ -61,3 +63,14 @@ def sqlite_files(path: str) -> tuple[str, str, str]:
     target and beside it."""
     real = os.path.realpath(path)
     return real, real + "-wal", real + "-shm"
+
+
+def opened(path: str, flags: int) -> int:
+    """``path`` opened with ``flags`` (closed on exec), made if missing: a store file or lock
+    is the owner's alone, and its group's too in a folder shared with a group (setgid, as
+    ``chmod 2770`` makes), whose users may all run the app; the umask still applies."""
+    try:
+        shared = os.stat(os.path.dirname(os.path.realpath(path))).st_mode & stat.S_ISGID
+    except OSError:
+        shared = 0
+    return os.open(path, flags | os.O_CREAT | os.O_CLOEXEC, 0o660 if shared else 0o600)

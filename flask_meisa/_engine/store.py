@@ -26,6 +26,7 @@ from .host import set_aside
 from .host import transaction
 from .mounts import disk_full
 from .mounts import network_filesystem
+from .mounts import opened
 from .mounts import sqlite_files
 
 #: A clock that reads this much less than the latest time the store noted has stepped back.
@@ -214,7 +215,7 @@ class Store:
         # Called under the store's lock with no connection yet.
         if self.path is not None and not os.path.exists(self.path):  # users' data: private
             with suppress(OSError):  # (-wal and -shm take its mode; SQLite says what fails)
-                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+                os.close(opened(self.path, os.O_WRONLY))
         db = sqlite3.connect(
             self.path or ":memory:",
             timeout=self.busy_timeout,

@@ -129,7 +129,8 @@ class MeisaClient:
         (closing the copy leaves it open); ``slot(seconds)``: a context each attempt is made
         in, which may wait that long first (a slot of the key's budget: Meisa counts every
         attempt); an attempt that was sent and got no answer in time raises its
-        :class:`~flask_meisa.errors.APITimeoutError` in it."""
+        :class:`~flask_meisa.errors.APITimeoutError` in it, one answered 429 its
+        :class:`~flask_meisa.errors.RateLimitError` (a call Meisa may not have counted)."""
         clone = object.__new__(MeisaClient)
         clone.__dict__.update(self.__dict__, _owner=False)
         if slot is not None:
@@ -342,10 +343,13 @@ class MeisaClient:
                     timeout = (min(self._timeout[0], limit), min(self._timeout[1], limit))
                     request["timeout"] = timeout
                     result = self._http.attempt(endpoint, scope, limit, largest, **request)
-                    if isinstance(result, errors.APITimeoutError) and result.sent:
-                        raise result  # the slot learns that Meisa may count it later still
-            except errors.APITimeoutError as timed_out:
-                result = timed_out
+                    # The slot learns that Meisa may count it later still, or refused it.
+                    if isinstance(result, errors.RateLimitError) or (
+                        isinstance(result, errors.APITimeoutError) and result.sent
+                    ):
+                        raise result
+            except (errors.APITimeoutError, errors.RateLimitError) as raised:
+                result = raised
             if isinstance(result, tuple):
                 logger.debug("%s answered %d (attempt %d)", endpoint, result[0], attempt)
                 return result

@@ -349,6 +349,25 @@ def test_a_call_made_over_the_budget_that_meisa_takes_keeps_the_next_slot_from_a
     assert [r.status for r in emu.requests] == [200, 200]
 
 
+def test_calls_made_over_the_budget_that_meisa_refuses_give_their_slots_back(
+    store: Store, emulator_factory: Callable[..., Emulator]
+) -> None:
+    emu = emulator_factory(rate_limit="1/minute")
+    limited = Budget(store, "1/minute", lease=LEASE)
+    base = MeisaClient(emu.live_key, emu.url, retry=RetryPolicy.never())
+    client = base.with_options(slot=limited.slot)
+    client.ping()  # the minute's one, in both windows
+    for _ in range(3):  # over the budget: made anyway, and refused
+        with pytest.raises(RateLimitError):
+            client.ping()
+    assert [r.status for r in emu.requests] == [200, 429, 429, 429]
+    # Meisa counted none of them: counted, each would keep every process's window shut a
+    # period past Meisa's.
+    with store.read() as db:
+        (count,) = db.execute("SELECT count(*) FROM meisa_calls").fetchone()
+    assert count == 1
+
+
 def test_a_slot_whose_call_got_no_answer_in_time_is_held_until_its_lease_ends(
     store: Store,
 ) -> None:

@@ -15,6 +15,8 @@ import pytest
 import redis
 
 from flask_meisa._engine.redis_budget import RedisBudget
+from flask_meisa.client import MeisaClient
+from flask_meisa.emulator import Emulator
 from flask_meisa.errors import APITimeoutError
 from flask_meisa.errors import ConfigurationError
 from flask_meisa.errors import RateLimitError
@@ -23,6 +25,7 @@ from flask_meisa.operations import LANE_BACKFILL
 from flask_meisa.operations import LANE_NAMES
 from flask_meisa.operations import LANE_ROUTINE
 from flask_meisa.operations import LANE_TRANSACTIONAL
+from flask_meisa.retry import RetryPolicy
 from tests.celery_support import redis_url_fixture  # noqa: F401
 
 KEY = "meisa_live_budget_test_key_0123456789"
@@ -157,6 +160,26 @@ def test_a_call_made_over_the_budget_counts_unless_meisa_refuses_it(
     finally:
         client.close()
     assert budget.snapshot()[1:] == ({lane: 0 for lane in LANE_NAMES}, {"1/minute": 0})
+
+
+def test_calls_made_over_the_budget_that_meisa_refuses_give_their_slots_back(
+    make_budget: MakeBudget, redis_url: str, emulator_factory: Callable[..., Emulator]
+) -> None:
+    emu = emulator_factory(rate_limit="1/minute")
+    budget = make_budget("1/minute")
+    base = MeisaClient(emu.live_key, emu.url, retry=RetryPolicy.never())
+    client = base.with_options(slot=lambda seconds: budget.slot(seconds, LEASE))
+    client.ping()  # the minute's one, in both windows
+    for _ in range(3):  # over the budget: made anyway, and refused
+        with pytest.raises(RateLimitError):
+            client.ping()
+    assert [r.status for r in emu.requests] == [200, 429, 429, 429]
+    redis_client = redis.Redis.from_url(redis_url)
+    try:
+        (window,) = redis_client.keys("*:w60")
+        assert redis_client.zcard(window) == 1  # Meisa counted none of the refused
+    finally:
+        redis_client.close()
 
 
 def test_only_sends_use_the_reserve(make_budget: MakeBudget) -> None:

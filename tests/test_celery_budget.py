@@ -182,6 +182,19 @@ def test_calls_made_over_the_budget_that_meisa_refuses_give_their_slots_back(
         redis_client.close()
 
 
+def test_a_call_made_over_the_budget_without_an_answer_in_time_counts_to_its_lease_end(
+    make_budget: MakeBudget,
+) -> None:
+    # As a taken slot's: it may reach Meisa as late as that, and Meisa then counts it.
+    budget = make_budget("1/second")
+    take(budget, 1, lane=LANE_TRANSACTIONAL)
+    with pytest.raises(APITimeoutError), budget.slot(0.0, lease=LEASE) as got:
+        assert not got
+        assert budget.snapshot()[1][LANE_TRANSACTIONAL] == 1  # in flight meanwhile
+        raise APITimeoutError("POST /emails/trigger/", "no answer within 0.3 s")
+    assert budget.acquire(lease=LEASE).wait > LEASE
+
+
 def test_only_sends_use_the_reserve(make_budget: MakeBudget) -> None:
     budget = make_budget("20/minute")  # 5 % of 20: one slot held back for sends
     take(budget, 19)

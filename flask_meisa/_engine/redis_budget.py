@@ -37,6 +37,16 @@ MAX_WAIT = 300.0
 #: (each ask could wait out its socket timeout again: every retry, every request).
 UNREACHABLE_FOR = 10.0
 
+#: A call made over the budget, in flight until its lease ends as a taken slot is (KEYS: the
+#: calls in flight; ARGV: its token, its lease).
+_FLY = """
+local lease_ms = math.ceil(tonumber(ARGV[2]) * 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+if redis.call('PTTL', KEYS[1]) < lease_ms + 1000 then
+  redis.call('PEXPIRE', KEYS[1], lease_ms + 1000)
+end
+"""
+
 
 @dataclass(frozen=True)
 class Acquired:
@@ -71,6 +81,7 @@ class RedisBudget:
             for body in (lua.ACQUIRE, lua.FINISH, lua.PAUSE, lua.HOLD)
         )
         self._place, self._release = map(redis.register_script, (lua.PLACE, lua.RELEASE))
+        self._fly = redis.register_script(lua.TIME + _FLY)
 
     def acquire(
         self,
@@ -156,7 +167,9 @@ class RedisBudget:
                 time.sleep(got.wait)
                 got = ask(waiter=waiter, place=got.place)
             self.forget([] if got.token else [waiter])  # not back: its place holds nothing
-            token, over = got.token, None if got.token else f"{LANE_TRANSACTIONAL}:{waiter}:"
+            if (token := got.token) is None:  # over the budget: in flight all the same
+                self._fly(keys=[self._flying_key], args=[f"{LANE_TRANSACTIONAL}:{waiter}:", lease])
+                over = f"{LANE_TRANSACTIONAL}:{waiter}:"
         except RedisError as error:
             if time.monotonic() >= self._unreachable_until:
                 self._unreachable_until = time.monotonic() + UNREACHABLE_FOR
@@ -164,19 +177,19 @@ class RedisBudget:
                     "flask-meisa: no budget slot from Redis (%s); calling without one",
                     type(error).__name__,
                 )
-        timed_out = False
+        timed_out = refused = False
         try:
             yield token is not None
         except APITimeoutError:
             timed_out = True
             raise
         except RateLimitError:
-            over = None  # over the budget, refused: Meisa did not count it
+            refused = over is not None  # over the budget, refused: Meisa did not count it
             raise
         finally:
             if token is not None or over is not None:
                 try:
-                    self.finish(token or str(over), timed_out=timed_out)
+                    self.finish(token or str(over), made=not refused, timed_out=timed_out)
                 except RedisError:
                     self._unreachable_until = time.monotonic() + UNREACHABLE_FOR
 

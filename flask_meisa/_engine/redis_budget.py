@@ -168,8 +168,9 @@ class RedisBudget:
                 got = ask(waiter=waiter, place=got.place)
             self.forget([] if got.token else [waiter])  # not back: its place holds nothing
             if (token := got.token) is None:  # over the budget: in flight all the same
-                self._fly(keys=[self._flying_key], args=[f"{LANE_TRANSACTIONAL}:{waiter}:", lease])
-                over = f"{LANE_TRANSACTIONAL}:{waiter}:"
+                flying = f"{LANE_TRANSACTIONAL}:{waiter}:"
+                self._fly(keys=[self._flying_key], args=[flying, lease])
+                over = flying  # (once in flight: Redis may have failed to put it there)
         except RedisError as error:
             if time.monotonic() >= self._unreachable_until:
                 self._unreachable_until = time.monotonic() + UNREACHABLE_FOR

@@ -14,7 +14,6 @@ from collections.abc import Callable
 _SIGNALS = {
     getattr(signal, name)
     for name in ("SIGHUP", "SIGINT", "SIGQUIT", "SIGTERM", "SIGUSR1", "SIGUSR2")
-    if hasattr(signal, name)
 }
 _ours: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
 
@@ -25,9 +24,6 @@ def start_daemon(target: Callable[[], object], name: str) -> threading.Thread:
     no thread can start (interpreter shutdown)."""
     thread = threading.Thread(target=target, name=name, daemon=True)
     _ours.add(thread)
-    if not hasattr(signal, "pthread_sigmask"):  # Windows
-        thread.start()
-        return thread
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     try:
         thread.start()

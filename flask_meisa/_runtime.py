@@ -243,11 +243,10 @@ class MeisaState:
         return self._store
 
     def host_store(self) -> Store:
-        """The store, for a command about the host's delivery (``flask meisa status``):
-        refused where the default file fell back to memory as another user's, whose
-        processes deliver from it: this one's memory holds none of that work or budget.
+        """The store, for a command about the host's delivery (``flask meisa status``).
 
-        :raises ConfigurationError: it fell back so; the file's owner is named."""
+        :raises ConfigurationError: the default file fell back to memory as another user's
+            (named), whose processes deliver from it: this memory holds none of their work."""
         store, path = self.store(), self.store_path() or ""
         # Not when no user can (a read-only disk): every process of the host is in memory.
         if self.fell_back is None or (owner := _owner(path)) is None:
@@ -294,10 +293,9 @@ class MeisaState:
 
     def _fetch_suppressions(self) -> UnsubscribedEmails:
         # Bounded like a send (a first send waits for it), in at most 3 attempts.
-        deadline = self.settings.send_deadline
-        policy = dataclasses.replace(self.retry_policy(deadline=deadline), max_attempts=3)
-        client = self.client.with_options(retry=policy, slot=self.budget_slot)
-        return client.unsubscribed_emails()
+        policy = self.retry_policy(deadline=self.settings.send_deadline)
+        policy = dataclasses.replace(policy, max_attempts=3)
+        return self.client.with_options(retry=policy, slot=self.budget_slot).unsubscribed_emails()
 
     def close(self, timeout: float | None = None) -> int:
         """Flush and stop the engine, close the client; returns what was lost."""

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Mapping
 from typing import Any
+from typing import TypeVar
 from urllib.parse import quote
 
 import requests
@@ -57,6 +58,7 @@ _ENDPOINTS: dict[str, tuple[str, str, str | None]] = {
 }
 
 logger = logging.getLogger("flask_meisa.client")
+_T = TypeVar("_T")
 
 
 class MeisaClient:
@@ -82,16 +84,10 @@ class MeisaClient:
         session: requests.Session | None = None,
         pool_size: int = 10,
     ) -> None:
-        try:
-            key = _values.api_key(api_key)
-        except _values.InvalidValue as error:
-            raise errors.ConfigurationError(f"api_key {error} (MEISA_API_KEY)") from None
+        key = _checked(_values.api_key, api_key, "api_key", " (MEISA_API_KEY)")
         if key is None:
             raise errors.ConfigurationError("api_key is not set (set MEISA_API_KEY)")
-        try:
-            self._base_url = _values.base_url(base_url)
-        except _values.InvalidValue as error:
-            raise errors.ConfigurationError(f"base_url {error}") from None
+        self._base_url = _checked(_values.base_url, base_url, "base_url")
         self._api_key = key
         self._timeout = _check_timeout(timeout)
         self._retry = _check_retry(retry)
@@ -371,6 +367,13 @@ def _describe(error: errors.APIError | errors.APIConnectionError) -> str:
     if isinstance(error, errors.APIError):
         return f"answered {error.status}{f' [{error.code}]' if error.code else ''}"
     return f"failed: {error.reason}"
+
+
+def _checked(parse: Callable[[object], _T], value: object, name: str, hint: str = "") -> _T:
+    try:
+        return parse(value)
+    except _values.InvalidValue as error:
+        raise errors.ConfigurationError(f"{name} {error}{hint}") from None
 
 
 def _check_timeout(timeout: object) -> tuple[float, float]:

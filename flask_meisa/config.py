@@ -198,9 +198,8 @@ _SWITCHES = ("MEISA_ENABLED", "MEISA_SUPPRESS_SEND")
 
 
 def _shown(key: Key, value: object) -> str:
-    """How an error shows a refused value: its type, and the value unless it is a secret,
-    long, or not a plain scalar (a URL's credentials, query and fragment, and key-shaped
-    words, are masked)."""
+    """A refused value's type, and the value unless secret, long or not a plain scalar
+    (a URL's credentials, query and fragment, and key-shaped words, masked)."""
     kind = type(value).__name__
     if value is None:
         return "None"
@@ -311,12 +310,8 @@ class MeisaSettings:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> MeisaSettings:
-        """Validate every key of ``config`` (a missing key takes its default) into
-        settings, and warn about each ``MEISA_*`` key that is no setting (a misspelling).
-
-        :raises ConfigurationError: one, naming every invalid key, the type of its value
-            and what is allowed.
-        """
+        """Validate every key of ``config`` into settings (see :func:`resolve_keys`), and
+        warn about each ``MEISA_*`` key that is no setting (a misspelling)."""
         _warn_unknown_keys(config)
         values = resolve_keys(config, _BY_NAME)
         settings = {key.attribute: values[key.name] for key in KEYS if key.resolved}

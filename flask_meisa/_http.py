@@ -162,7 +162,7 @@ def _session_for(base_url: str, pool_size: int) -> requests.Session:
 
 
 # Every transport of the process, each reset in a forked child by the one fork hook
-# (flask_meisa._runtime), or on first use after a fork that ran no hook.
+# (flask_meisa._process), or on first use after a fork that ran no hook.
 _transports: weakref.WeakSet[Transport] = weakref.WeakSet()
 _pid = os.getpid()
 

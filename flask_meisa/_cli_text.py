@@ -26,7 +26,6 @@ def plain(*texts: object) -> str:
     return "\t".join(_CONTROL.sub(" ", str(text)) for text in texts)
 
 
-#: A row of the status table: lane, waiting, oldest, p50, p99.
 _ROW = "{:<14}  {:<8}  {:<9}  {:<8}  {:<8}"
 
 

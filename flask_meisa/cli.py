@@ -58,7 +58,6 @@ class _MeisaGroup(AppGroup):
 
 meisa_cli = _MeisaGroup("meisa", help="Meisa: check the connection, sync users, inspect delivery.")
 
-#: The scopes the extension uses, and what for.
 _USES = {
     "contacts:write": "contact syncs (logins, plan changes, meisa.upsert, sync-users)",
     "events:track": "events (@track_event, meisa.track)",
@@ -244,8 +243,7 @@ def flush_command(timeout: float) -> None:
     """Wait until the host has delivered everything pending (this process delivers when
     no other does)."""
     meisa = _extension(host=True)
-    flushed = meisa.flush(timeout)
-    status = meisa.status()
+    flushed, status = meisa.flush(timeout), meisa.status()
     if not flushed:
         who = f"pid {status.delivering_pid}" if status.delivering_pid else "no process"
         raise click.ClickException(

@@ -294,7 +294,7 @@ _REASONS: list[tuple[str, bool, tuple[type[BaseException], ...]]] = [
     ("the answer was cut off", True, (http.client.IncompleteRead, ChunkedEncodingError)),
     ("TLS certificate verification failed", False, (ssl.SSLCertVerificationError,)),
     ("TLS error", True, (ssl.SSLError, requests.exceptions.SSLError)),
-    ("host not resolved", True, (socket.gaierror, urllib3.exceptions.NameResolutionError)),
+    ("host not resolved", True, (socket.gaierror, NameResolutionError)),
     ("the answer could not be decoded", True, (requests.exceptions.ContentDecodingError,)),
     # urllib3's own (conflicting lengths), raised after the request went out.
     ("the answer's head was malformed", True, (urllib3.exceptions.InvalidHeader,)),
@@ -325,8 +325,7 @@ def _connection_error(
     if isinstance(exc, requests.Timeout) or any(isinstance(e, timeouts) for e in chain):
         return APITimeoutError(endpoint, f"no answer within {timeout[1]:g} s")
     # Which name was not found (Meisa's or a proxy's): the reason alone did not say.
-    names = [e.conn.host for e in chain if isinstance(e, NameResolutionError) and e.conn]
-    if names:
+    if names := [e.conn.host for e in chain if isinstance(e, NameResolutionError) and e.conn]:
         return APIConnectionError(endpoint, f"host {names[0]} not resolved", retryable=True)
     for reason, retryable, kinds in _REASONS:
         if any(isinstance(e, kinds) for e in chain):

@@ -33,16 +33,13 @@ _settle = functools.partial(settle, elapsed=0.0, policy=RetryPolicy.never())
 
 class InlineDispatcher(Dispatcher):
     """Delivers each operation of the app of ``state`` as it is submitted, with the app's
-    client (a :class:`~.base.Dispatcher`)."""
+    client (a :class:`~.base.Dispatcher` with nothing to start, nor to forget after a fork)."""
 
     def __init__(self, state: MeisaState) -> None:
         self._state = state
         self._hooks = HookCaller(state.reporter, logger)
         self._lock = threading.Lock()
         self._counts: collections.Counter[str] = collections.Counter()
-
-    def start(self) -> None:
-        """Nothing to start."""
 
     def submit(self, operations: Iterable[Operation]) -> None:
         """Deliver each operation now; outcomes go to the hooks, nothing is raised."""
@@ -89,9 +86,6 @@ class InlineDispatcher(Dispatcher):
     def budget_slot(self, timeout: float) -> contextlib.AbstractContextManager[bool]:
         """No budget here."""
         return contextlib.nullcontext(False)
-
-    def after_fork(self) -> None:
-        """Nothing belongs to a process here."""
 
     def status(self) -> DeliveryStatus:
         """Counters only; there is no queue."""

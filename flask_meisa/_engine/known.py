@@ -1,9 +1,8 @@
-"""What Meisa already has of each contact: a digest of the state it last accepted, per
-field, and when the app last set each field; kept in the delivery store's ``meisa_known``
-table (the Celery engine keeps the same digest in Redis): once, on the row of the first name
-it was last remembered by (its home); the rows of its other names point there (``fields``
-``{}``, ``names`` the home's list, home first), which a previous release reads as nothing
-known."""
+"""What Meisa already has of each contact: a digest per field of the state it last accepted,
+and when the app last set each field, in the store's ``meisa_known`` table (Redis for Celery).
+Kept once, on the row of the first name it was last remembered by (its home); its other names'
+rows point there (``fields`` ``{}``, ``names`` the home's list, home first): a previous
+release reads them as nothing known."""
 
 from __future__ import annotations
 

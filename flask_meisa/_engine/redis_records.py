@@ -17,21 +17,13 @@ from typing import Any
 from typing import Literal
 from typing import cast
 
+from .. import operations
 from ..errors import ValidationError
-from ..operations import LANE_NAMES
 from ..operations import Operation
 from ..operations import Priority
-from ..operations import by_age
-from ..operations import encode_body
 from ..operations import identities
-from ..operations import join_upserts
-from ..operations import merge_priorities
-from ..operations import merge_upsert_payloads
-from .known import KEEP_FOR
-from .known import SET_AT
+from . import known
 from .known import Known
-from .known import digest
-from .known import fresh_part
 from .redis_turns import transact
 
 #: How long a contact's record outlives its last upsert, in seconds.
@@ -64,8 +56,7 @@ class Claim:
 
 @dataclass
 class _Segment:
-    """A part of a contact's record: upserts joined into one ``payload`` (see
-    :meth:`RedisDeliveryStore.coalesce`), up to ``version``."""
+    """A part of a contact's record: upserts joined into one ``payload``, up to ``version``."""
 
     payload: dict[str, Any]
     members: list[str]
@@ -77,35 +68,41 @@ class _Segment:
 
     @classmethod
     def open(cls, fields: Mapping[str, Any]) -> _Segment:
-        """The record's open part, from its fields as :func:`_fields` gives them."""
+        """The record's open part, from its :func:`_fields`."""
         return cls(
             json.loads(fields["payload"]),
-            json.loads(fields["members"] or "[]"),
+            fields["members"],
             int(fields["version"] or 0),
             bool(int(fields["force"] or 0)),
             as_text(fields["priority"]) or None,
-            json.loads(fields["after"] or "[]"),
-            json.loads(fields["events"] or "[]"),
+            fields["after"],
+            fields["events"],
         )
 
 
 #: The fields of a contact's record.
 _FIELDS = "version delivered payload members force priority after events closed priorities"
 _NAMES = _FIELDS.split()
+#: Its fields in JSON, and what one not set reads as.
+_JSON = {"members": "[]", "after": "[]", "events": "[]", "closed": "[]", "priorities": "{}"}
 
 
 def _fields(reply: list[Any]) -> dict[str, Any]:
-    """The fields of a contact's record by name (``None``: not set), from the reply of an
-    ``HMGET`` of :data:`_NAMES`."""
-    return dict(zip(_NAMES, reply, strict=True))
+    """A contact's record by field name (``None``: not set; JSON ones decoded), from an
+    ``HMGET`` of _NAMES."""
+    fields = dict(zip(_NAMES, reply, strict=True))
+    return {**fields, **{name: json.loads(fields[name] or empty) for name, empty in _JSON.items()}}
 
 
 def _known(reply: Mapping[Any, Any]) -> Known | None:
-    """What Meisa has of a contact (see :class:`.store.Known`), from the reply of an
-    ``HGETALL`` of its hash; ``None``: nothing."""
+    """What Meisa has of a contact, from an ``HGETALL`` of its hash; ``None``: nothing."""
     fields = {as_text(name): as_text(value) for name, value in reply.items()}
     accepted_at = fields.pop("@at", None)
     return None if accepted_at is None else Known(fields, float(accepted_at))
+
+
+def _lease(pipe: Any, key: str, holder: str, seconds: float) -> None:
+    pipe.set(key, holder, px=max(int(seconds * 1000), 1))
 
 
 def _digest(name: str) -> str:
@@ -132,7 +129,8 @@ class ContactRecords:
         #: The start of every key of these records.
         self.prefix = prefix = f"meisa:{namespace}"
         # The operations pending per lane (an upsert is when its record takes it in).
-        self._pending = {lane: f"{prefix}:pending:{n}" for lane, n in LANE_NAMES.items()}
+        lanes = operations.LANE_NAMES.items()
+        self._pending = {lane: f"{prefix}:pending:{name}" for lane, name in lanes}
 
     def _key(self, kind: str, contact: str) -> str:
         return f"{self.prefix}:{kind}:{{{contact}}}"  # braces: one Redis Cluster slot
@@ -159,10 +157,10 @@ class ContactRecords:
         ext, email = identities(payload)
         if ext is not None and email is not None:
             key = self._key("alias", _digest(email))
-            pipe.set(key, _digest(ext), ex=int(KEEP_FOR), nx=unless_linked)
+            pipe.set(key, _digest(ext), ex=int(known.KEEP_FOR), nx=unless_linked)
 
     def known(self, contact: str | None) -> Known | None:
-        """What Meisa last accepted of ``contact`` (see :class:`.store.Known`), or ``None``."""
+        """What Meisa last accepted of ``contact``, or ``None``."""
         return None if contact is None else _known(self.redis.hgetall(self._key("known", contact)))
 
     def remember(
@@ -174,17 +172,16 @@ class ContactRecords:
         accepted: bool = True,
     ) -> None:
         """Meisa accepted ``payload``, the upsert of ``contact``'s record (``None``: of the
-        contact it names now; not ``accepted``: it had it already, the upsert is skipped as
-        unchanged): fold its fields into what it has of the contact, each with when the app
-        last set it (``now``, by default Redis's :meth:`clock`, as a backfill's reads)."""
+        contact it names now; not ``accepted``: it had it already, skipped as unchanged):
+        note its fields as set at ``now`` (by default Redis's :meth:`clock`)."""
         contact = contact or self.contact_of(payload)
         if contact is None:
             return
         now = self.clock() if now is None else now
-        key, digested = self._key("known", contact), digest(payload)
+        key, digested = self._key("known", contact), known.digest(payload)
         # When each field was set (as the thread engine keeps it): a dead upsert is outdated
         # by its own fields set again, not by any other Meisa accepted since.
-        times = {f"{SET_AT}{name}": repr(now) for name in digested}
+        times = {f"{known.SET_AT}{name}": repr(now) for name in digested}
         pipe = self.redis.pipeline(transaction=True)
         if accepted:
             pipe.hset(key, mapping={**digested, **times, "@at": repr(now)})
@@ -193,7 +190,7 @@ class ContactRecords:
             self._link(pipe, payload, unless_linked=True)
         else:
             pipe.hset(key, mapping=times)
-        pipe.expire(key, int(KEEP_FOR))
+        pipe.expire(key, int(known.KEEP_FOR))
         pipe.execute()
 
     def forget(self, payloads: Iterable[Mapping[str, Any] | None]) -> None:
@@ -212,44 +209,42 @@ class ContactRecords:
         read_at: float | None = None,
         released: float | None = None,
     ) -> tuple[int, bool] | None:
-        """Merge an upsert into its contact's record, pending in ``lane``; its new version,
-        and whether it joined upserts waiting there (``None``: nothing to send). It joins them as
-        :func:`~flask_meisa.operations.join_upserts` decides (a backfill's as the older: see
-        :func:`~flask_meisa.operations.by_age`); when they cannot be one (another address, a
-        body too large), they are closed, to be delivered before it. ``after``: ``(contact,
-        version)`` of other contacts' upserts that its names pointed to, pending when it was
-        made: delivered first; ``events``: ids of events to finish first (a part it joins
-        keeps its own); ``read_at``: a backfill's, of a user read then: less what Meisa
-        accepted of a live sync since (:func:`~.known.fresh_part`), read with the record;
-        ``released``: when, by Redis's clock (by default, its creation)."""
-        record, known = self._key("contact", contact), self._key("known", contact)
+        """Merge an upsert into its contact's record, pending in ``lane``: its new version,
+        and whether it joined upserts waiting there (``None``: nothing to send). It joins them
+        as ``join_upserts`` decides (a backfill's as the older: ``by_age``); when they cannot
+        be one (another address, a body too large), they are closed, delivered before it.
+        ``after``: ``(contact, version)`` of other contacts' upserts its names pointed to,
+        delivered first; ``events``: ids of events to finish first (a part it joins keeps its
+        own); ``read_at``: a backfill's read time: it goes less what Meisa accepted since
+        (``fresh_part``); ``released``: when, by Redis's clock (by default, its creation)."""
+        record = self._key("contact", contact)
 
         def update(pipe: Any, replies: list[Any]) -> tuple[int, bool] | None:
             fields, payload = _fields(replies[0]), operation.payload
             if read_at is not None:  # a live sync gone from the record is in what Meisa has
-                fresh = fresh_part(operation, _known(replies[1]), read_at)
+                fresh = known.fresh_part(operation, _known(replies[1]), read_at)
                 if fresh is None:  # its names alone: maybe an address the user left since
                     return None
                 payload = fresh.payload
             own = {operation.id: operation.priority} if operation.priority else {}
-            segments = json.loads(fields["closed"] or "[]")
+            segments = fields["closed"]
             merged, ahead, joined_members = payload, operation.priority, []
             forced, waits, holds = operation.force, {}, list(events)
             if fields["payload"] is not None:
                 segment = _Segment.open(fields)
                 first = cast("Priority | None", segment.priority)
-                older = by_age(segment.payload, first, payload, ahead)
-                joined = join_upserts(*older)
+                older = operations.by_age(segment.payload, first, payload, ahead)
+                joined = operations.join_upserts(*older)
                 if joined is None and older[0] is payload:
                     # A backfill's snapshot older than the live sync waiting here, of the
                     # contact's former address: it never goes after it, the live names win.
                     with contextlib.suppress(ValidationError):
-                        both = merge_upsert_payloads(*older)
-                        joined = both, encode_body(both)
+                        both = operations.merge_upsert_payloads(*older)
+                        joined = both, operations.encode_body(both)
                 if joined is None:
                     segments.append(segment.__dict__)
                 else:
-                    merged, ahead = joined[0], merge_priorities(first, ahead)
+                    merged, ahead = joined[0], operations.merge_priorities(first, ahead)
                     joined_members, forced = segment.members, forced or segment.force
                     waits, holds = dict(segment.after), segment.events
             for other, upto in after:
@@ -268,7 +263,7 @@ class ContactRecords:
                     "events": json.dumps(holds),
                     "address": _digest(identities(merged)[1] or ""),
                     "closed": json.dumps(segments, separators=(",", ":")),
-                    "priorities": json.dumps({**json.loads(fields["priorities"] or "{}"), **own}),
+                    "priorities": json.dumps({**fields["priorities"], **own}),
                 },
             )
             pipe.expire(record, RECORD_TTL)
@@ -278,7 +273,7 @@ class ContactRecords:
 
         reads = [("HMGET", record, *_NAMES)]
         if read_at is not None:
-            reads.append(("HGETALL", known))
+            reads.append(("HGETALL", self._key("known", contact)))
         watched = [read[1] for read in reads]
         return transact(self.redis, self._key("line", contact), reads, update, *watched)
 
@@ -298,10 +293,10 @@ class ContactRecords:
                 wait = int(held) / 1000.0
                 return Claim("busy", wait=wait if holder == "backoff" else min(wait, 0.25))
             pipe.multi()
-            pipe.set(lease_key, token, px=max(int(lease * 1000), 1))
+            _lease(pipe, lease_key, token, lease)
             if missing:  # its task delivers its own payload, no call of the contact beside it
                 return Claim("missing", contact, token=token)
-            segments = json.loads(fields["closed"] or "[]")
+            segments = fields["closed"]
             first = _Segment(**segments[0]) if segments else _Segment.open(fields)
             return Claim(
                 "deliver",
@@ -313,7 +308,7 @@ class ContactRecords:
                 force=first.force,
                 after=tuple((str(c), int(v)) for c, v in first.after),
                 events=tuple(first.events),
-                priorities=json.loads(fields["priorities"] or "{}"),
+                priorities=fields["priorities"],
             )
 
         reads = [("HMGET", record, *_NAMES), ("PTTL", lease_key), ("GET", lease_key)]
@@ -326,11 +321,10 @@ class ContactRecords:
         return int(self.redis.hget(self._key("contact", contact), "version") or 0)
 
     def hold(self, contact: str, seen: int, lease: float) -> Claim:
-        """For the upsert of ``contact`` that an event answered 404 makes, as the event saw it
-        when its record was at version ``seen``: ``"covered"`` (a later upsert of it was
-        released since, of the record's ``version``: that one goes instead), ``"busy"``, or
-        ``"deliver"`` with the contact's lease (no upsert of it runs meanwhile; release it
-        with :meth:`settle` and ``delivered=False``)."""
+        """For the upsert an event answered 404 makes of ``contact``, seen at version
+        ``seen``: ``"covered"`` (a later upsert, of the record's ``version``, goes instead),
+        ``"busy"``, or ``"deliver"`` with the contact's lease (released by :meth:`settle`
+        with ``delivered=False``)."""
         record, lease_key = self._key("contact", contact), self._key("lease", contact)
         token = uuid.uuid4().hex
 
@@ -341,7 +335,7 @@ class ContactRecords:
             if held is not None and int(held) > 0:
                 return Claim("busy", wait=min(int(held) / 1000.0, 0.25))
             pipe.multi()
-            pipe.set(lease_key, token, px=max(int(lease * 1000), 1))
+            _lease(pipe, lease_key, token, lease)
             return Claim("deliver", contact, token=token, version=current)
 
         reads = [("HGET", record, "version"), ("PTTL", lease_key)]
@@ -360,10 +354,9 @@ class ContactRecords:
                 # The claimed part is the first one: closed since if upserts came that
                 # could not join it, and grown if some joined it.
                 claimed = set(claim.members)
-                priorities = json.loads(fields["priorities"] or "{}")
-                kept = {m: p for m, p in priorities.items() if m not in claimed}
+                kept = {m: p for m, p in fields["priorities"].items() if m not in claimed}
                 pipe.hset(record, "priorities", json.dumps(kept))
-                segments = json.loads(fields["closed"] or "[]")
+                segments = fields["closed"]
                 done = max(int(fields["delivered"] or 0), claim.version)
                 if segments:
                     if int(segments[0]["version"]) <= claim.version:
@@ -374,12 +367,12 @@ class ContactRecords:
                     closing = {"closed": json.dumps(segments, separators=(",", ":"))}
                     pipe.hset(record, mapping={"delivered": done, **closing})
                 else:
-                    rest = [m for m in json.loads(fields["members"] or "[]") if m not in claimed]
+                    rest = [m for m in fields["members"] if m not in claimed]
                     pipe.hset(record, mapping={"delivered": done, "members": json.dumps(rest)})
                     if int(fields["version"]) == claim.version:
                         pipe.hdel(record, "payload", "force", "priority", "after", "events")
             if holder == claim.token and backoff > 0:
-                pipe.set(lease_key, "backoff", px=max(int(backoff * 1000), 1))
+                _lease(pipe, lease_key, "backoff", backoff)
             elif holder == claim.token:
                 pipe.delete(lease_key)
 

@@ -13,19 +13,12 @@ from typing import NamedTuple
 
 from redis.exceptions import RedisError
 
-from ..operations import LANE_AUTOMATION
-from ..operations import LANE_BACKFILL
-from ..operations import LANE_NAMES
-from ..operations import LANE_ROUTINE
-from ..operations import Attempt
+from .. import operations
 from ..operations import Operation
-from ..operations import attempt
 from ..retry import RetryPolicy
 from . import base
 from . import dead
-from .known import Known
-from .known import fresh_part
-from .known import unchanged
+from . import known
 from .redis_budget import MAX_WAIT
 from .redis_budget import RedisBudget
 from .redis_dead import RedisDeadLetters
@@ -33,8 +26,7 @@ from .redis_records import Claim
 from .redis_store import RedisDeliveryStore
 from .redis_store import released
 
-#: The longest an event waits for its contact's pending upsert when the retry policy has
-#: no deadline, in seconds.
+#: The longest an event waits for its contact's pending upsert (seconds) without a retry deadline.
 EVENT_WAIT_LIMIT = 600.0
 
 logger = logging.getLogger("flask_meisa.engine")
@@ -42,7 +34,7 @@ logger = logging.getLogger("flask_meisa.engine")
 
 def lane_queues(prefix: str = "meisa") -> dict[str, str]:
     """The queue of each lane by lane name, first lane first (``"meisa.transactional"``)."""
-    return {name: f"{prefix}.{name}" for name in LANE_NAMES.values()}
+    return {name: f"{prefix}.{name}" for name in operations.LANE_NAMES.values()}
 
 
 class RunAgain(NamedTuple):
@@ -113,9 +105,9 @@ class DeliveryWorker:
         if due > now:
             return self._again(due - now, operation, meta)  # a wait made of several
         age = now - released(meta, operation.created_at)
-        if meta["lane"] == LANE_ROUTINE and age > self._routine_max_age:
-            meta["lane"] = LANE_AUTOMATION  # nothing waits forever
-            self.store.add_pending(operation, LANE_AUTOMATION, now - age)
+        if meta["lane"] == operations.LANE_ROUTINE and age > self._routine_max_age:
+            meta["lane"] = operations.LANE_AUTOMATION  # nothing waits forever
+            self.store.add_pending(operation, operations.LANE_AUTOMATION, now - age)
         if operation.kind == "upsert" and meta.get("contact") is not None:
             return self._run_coalesced(operation, meta, age)
         if operation.kind == "track" and meta.get("recover") and meta.get("seen") is not None:
@@ -178,7 +170,7 @@ class DeliveryWorker:
         if claim.state == "missing":  # its record expired: its own payload, less what Meisa
             # accepted of its contact since its release (a later upsert's, delivered)
             since = released(meta, operation.created_at)
-            fresh = fresh_part(operation, self.store.known(claim.contact), since)
+            fresh = known.fresh_part(operation, self.store.known(claim.contact), since)
             if own and fresh is not None:
                 return self._attempt(fresh, meta, [fresh], claim)
             self._uncalled(operation, meta, claim)
@@ -222,13 +214,13 @@ class DeliveryWorker:
         members: list[Operation],
         claim: Claim | None = None,
     ) -> RunAgain | None:
-        def had() -> Known | None:
+        def had() -> known.Known | None:
             return self.store.known(
                 meta.get("contact") or self.store.contact_of(operation.payload)
             )
 
         now = self.store.clock()  # Redis's: had's, and every worker's (a retry may run on another)
-        if unchanged(operation, had, now, self._resync_after):
+        if known.unchanged(operation, had, now, self._resync_after):
             # The app set these fields again: an older dead upsert of them is outdated.
             self.store.remember(operation.payload, None, meta.get("contact"), accepted=False)
             self._uncalled(operation, meta, claim)
@@ -257,20 +249,17 @@ class DeliveryWorker:
             self._uncalled(operation, meta, claim)
         budget, token, lane = self.budget, None, int(meta["lane"])
         if budget is not None and late is None:
-            run = self.store.get("backfill", {}) if lane == LANE_BACKFILL else {}
-            share = float(run.get("max_share", 1.0))
-            place = str(meta.get("turn") or "")  # given when it was released, kept by retries
+            run = self.store.get("backfill", {}) if lane == operations.LANE_BACKFILL else {}
             # The tasks of one part of a record (its members', its companions') wait as one,
             # its first member, at the earliest of their places: it needs one slot.
-            part = claim is not None and bool(claim.members)
             waiter = _waiter(operation, claim)
             got = budget.acquire(
                 lease=self._lease,
                 lane=lane,
-                share=share,
+                share=float(run.get("max_share", 1.0)),
                 waiter=waiter,
-                place=place,
-                part=part,
+                place=str(meta.get("turn") or ""),  # given at its release, kept by retries
+                part=claim is not None and bool(claim.members),
                 shared=operation.id if waiter != operation.id else "",
             )
             meta = {**meta, "turn": got.place}
@@ -283,9 +272,9 @@ class DeliveryWorker:
         try:
             if operation.kind == "send" and first is None:
                 self.store.first_attempt(operation.id, meta["first_attempt"])
-            outcome = Attempt(error=late)
+            outcome = operations.Attempt(error=late)
             if late is None:
-                outcome = attempt(self._client, base.call_for(operation, recovering))
+                outcome = operations.attempt(self._client, base.call_for(operation, recovering))
         except BaseException:
             if budget is not None and token is not None:
                 budget.finish(token)  # interrupted mid-call: the slot counts as spent
@@ -362,7 +351,7 @@ class DeliveryWorker:
         if countdown > self.max_countdown:
             meta["due"] = self.store.clock() + countdown  # another worker may run it
             countdown = self.max_countdown
-        queue = lane_queues(self.store.namespace)[LANE_NAMES[meta["lane"]]]
+        queue = lane_queues(self.store.namespace)[operations.LANE_NAMES[meta["lane"]]]
         return RunAgain(max(countdown, 0.0), operation.to_dict(), meta, queue)
 
     def _report(

@@ -22,20 +22,11 @@ from ..operations import LANE_BACKFILL
 from ..operations import LANE_NAMES
 from ..operations import Operation
 from . import backfill
+from . import base
+from . import celery_setup
 from . import known
-from .base import DeliveryHooks
-from .base import DeliveryStatus
-from .base import Dispatcher
-from .base import HookCaller
-from .base import lease_of
-from .celery_setup import TASK_NAME
-from .celery_setup import configure_visibility
-from .celery_setup import lost_after
-from .celery_setup import redis_client
-from .celery_setup import resolve_celery_app
 from .celery_worker import DeliveryWorker
 from .celery_worker import lane_queues
-from .known import lane_of
 from .redis_budget import UNREACHABLE_FOR
 from .redis_budget import RedisBudget
 from .redis_dead import RedisDeadLetters
@@ -50,7 +41,7 @@ logger = logging.getLogger("flask_meisa.engine")
 _LOOK_EVERY = 1.0
 
 
-class CeleryDispatcher(Dispatcher):
+class CeleryDispatcher(base.Dispatcher):
     """Publishes operations on the queues of ``queue`` (a prefix), with the records and the
     budget of ``budget_key`` in ``redis``; remembers ``ledger_size`` operations to report if
     Redis loses them; publishes again those no worker ran for ``lost_after`` seconds."""
@@ -60,7 +51,7 @@ class CeleryDispatcher(Dispatcher):
         celery_app: Any,
         *,
         redis: Any,
-        hooks: DeliveryHooks,
+        hooks: base.DeliveryHooks,
         queue: str = "meisa",
         rate_limit: str | None = None,
         budget_key: str | None = None,
@@ -70,7 +61,7 @@ class CeleryDispatcher(Dispatcher):
         lost_after: float | None = None,
     ) -> None:
         self._celery = celery_app
-        self._hooks = HookCaller(hooks, logger)
+        self._hooks = base.HookCaller(hooks, logger)
         self.queues = lane_queues(queue)
         self.store = RedisDeliveryStore(redis, queue)
         #: What Meisa refused, or whose retries ran out (``flask meisa dead-letters``); a
@@ -116,7 +107,7 @@ class CeleryDispatcher(Dispatcher):
                     store=self.store,
                     budget=self.budget,
                     call_timeout=self._call_timeout,
-                    max_countdown=configure_visibility(self._celery, options),
+                    max_countdown=celery_setup.configure_visibility(self._celery, options),
                     context=state.app.app_context,
                     enabled=state.delivering,
                     resync_after=options.resync_after,
@@ -159,7 +150,7 @@ class CeleryDispatcher(Dispatcher):
     def _send(self, lane: int, op: dict[str, Any], meta: dict[str, Any]) -> None:
         queue = self.queues[LANE_NAMES[lane]]
         self._celery.send_task(
-            TASK_NAME,
+            celery_setup.TASK_NAME,
             kwargs={"op": op, "meta": meta},
             queue=queue,
             routing_key=queue,
@@ -194,7 +185,7 @@ class CeleryDispatcher(Dispatcher):
         """Record ``operation`` in Redis; its tasks ``(lane, op, meta)``, companion first."""
         store, (_, now) = self.store, self._look()
         contact = store.contact_of(operation.payload) if operation.kind == "upsert" else None
-        lane = lane_of(operation, lambda: store.known(contact), self._priority_fields)
+        lane = known.lane_of(operation, lambda: store.known(contact), self._priority_fields)
         meta: dict[str, Any] = {"lane": lane, "released": now}  # Redis's clock, every host's
         after: list[tuple[str, int]] = []
         joined = False
@@ -295,7 +286,7 @@ class CeleryDispatcher(Dispatcher):
         """A slot of the shared budget for a call made outside the workers."""
         if self.budget is None:
             return contextlib.nullcontext(False)
-        return self.budget.slot(timeout, lease_of(self._call_timeout))
+        return self.budget.slot(timeout, base.lease_of(self._call_timeout))
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every operation of this queue prefix is finished; ``False`` on timeout,
@@ -324,10 +315,10 @@ class CeleryDispatcher(Dispatcher):
         self.store.redis.close()
         return 0
 
-    def status(self) -> DeliveryStatus:
+    def status(self) -> base.DeliveryStatus:
         """Every worker's delivery (see :class:`~.base.DeliveryStatus`)."""
         self._look(force=True)
-        status = DeliveryStatus(engine="celery")
+        status = base.DeliveryStatus(engine="celery")
         self.store.describe(status)
         status.dead_letters = self.dead_letters.count()
         if self.budget is not None:
@@ -384,11 +375,11 @@ class CeleryBackfill(backfill.Target):
 
 def make_dispatcher(state: MeisaState) -> CeleryDispatcher:
     """The Celery engine of an app, from its config."""
-    settings, celery_app = resolve_celery_app(state.app)
+    settings, celery_app = celery_setup.resolve_celery_app(state.app)
     options = state.settings
     return CeleryDispatcher(
         celery_app,
-        redis=redis_client(settings, celery_app),
+        redis=celery_setup.redis_client(settings, celery_app),
         hooks=state.reporter,
         queue=settings.queue,
         rate_limit=options.rate_limit,
@@ -396,5 +387,5 @@ def make_dispatcher(state: MeisaState) -> CeleryDispatcher:
         call_timeout=options.call_timeout,
         ledger_size=options.queue_size,
         priority_fields=options.priority_fields,
-        lost_after=lost_after(celery_app, options.call_timeout),
+        lost_after=celery_setup.lost_after(celery_app, options.call_timeout),
     )

@@ -21,8 +21,7 @@ from ..config import DEFAULTS
 from ..config import MeisaSettings
 from ..config import resolve_keys
 from ..errors import ConfigurationError
-from .base import IDEMPOTENCY_WINDOW
-from .base import REPLAY_MARGIN
+from . import base
 from .celery_worker import DeliveryWorker
 from .celery_worker import RunAgain
 from .redis_budget import MAX_WAIT
@@ -109,9 +108,8 @@ def _restore_sweep(options: Mapping[str, Any]) -> float:
 
 
 def configure_visibility(celery_app: Any, settings: MeisaSettings) -> float:
-    """Set the Redis transport's ``visibility_timeout`` and socket timeouts if the app set
-    none, check the first, and return the longest countdown a task may hold without its
-    message going to another."""
+    """Set the Redis transport's ``visibility_timeout`` and socket timeouts the app left unset,
+    check the first, and return the longest countdown a task may hold keeping its message."""
     options = _transport_options(celery_app)
     if options is None:
         return MAX_WAIT
@@ -124,7 +122,7 @@ def configure_visibility(celery_app: Any, settings: MeisaSettings) -> float:
     # A dead worker's message comes back after the timeout and kombu's next sweep.
     run = RUN_TIMEOUTS * settings.call_timeout
     sweep = _restore_sweep(options)
-    highest = IDEMPOTENCY_WINDOW - REPLAY_MARGIN - settings.retry_deadline - sweep
+    highest = base.IDEMPOTENCY_WINDOW - base.REPLAY_MARGIN - settings.retry_deadline - sweep
     if not isinstance(visibility, (int, float)) or not run + 1.0 <= visibility <= highest:
         raise ConfigurationError(
             f"broker_transport_options['visibility_timeout'] is {visibility!r}: set it "

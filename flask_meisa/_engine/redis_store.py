@@ -1,6 +1,5 @@
-"""The Celery engine's records in Redis besides the budget and the contact records: pending
-operations and their kept tasks, the events by each address alone, counters, the status
-(docs/celery.md)."""
+"""The Celery engine's records in Redis besides the budget and the contacts': pending operations
+and their kept tasks, the events by each address alone, counters, the status (docs/celery.md)."""
 
 from __future__ import annotations
 
@@ -15,8 +14,7 @@ from ..operations import LANE_BACKFILL
 from ..operations import LANE_NAMES
 from ..operations import Operation
 from ..operations import identities
-from .base import LATENCY_WINDOW
-from .base import DeliveryStatus
+from . import base
 from .redis_records import RECORD_TTL
 from .redis_records import ContactRecords
 from .redis_records import _digest
@@ -102,11 +100,11 @@ class RedisDeliveryStore(ContactRecords):
     def ahead_of(
         self, payload: Mapping[str, Any], contact: str
     ) -> tuple[list[tuple[str, int]], list[str]]:
-        """What the upsert ``payload`` of ``contact`` must not overtake: the other contacts
-        its names are kept under (an address first upserted alone, or held by another
-        external_id) with an upsert not delivered, ``(contact, version)``; and when it names
-        another address than the contact's last (a move), the ids of the events noted by
-        that address not finished: Meisa would find no contact for them after the move."""
+        """What the upsert ``payload`` of ``contact`` must not overtake: ``(contact, version)``
+        of the other contacts its names are kept under (an address first upserted alone, or
+        held by another external_id) with an upsert not delivered; and, when it moves the
+        contact to another address, the unfinished events noted by the old one (Meisa would
+        find no contact for them after the move)."""
         others = [other for other in self.contacts(payload) if other != contact]
         pipe = self.redis.pipeline(transaction=False)  # one round trip
         for other in others:
@@ -144,8 +142,7 @@ class RedisDeliveryStore(ContactRecords):
         return cast("dict[str, Any]", json.loads(payload))
 
     def _unfinished_at(self, key: str, oldest: int = 0) -> list[str]:
-        """The ids kept at ``key`` (the ``oldest`` only, if given) of operations not
-        finished; the others are dropped."""
+        # The ids kept at key (the oldest only, if given) still pending; the others go.
         ids = [as_text(op_id) for op_id in self.redis.zrange(key, 0, oldest - 1)]
         waiting = dict(zip(ids, self.unfinished(ids), strict=True))
         if done := [op_id for op_id, pending in waiting.items() if not pending]:
@@ -168,8 +165,7 @@ class RedisDeliveryStore(ContactRecords):
         return str(meta.get("contact") or self.contact_of(payload) or "")
 
     def keep(self, lane: int, op: dict[str, Any], meta: dict[str, Any]) -> None:
-        """Keep the task that delivers the operation ``op`` until it is finished, seen when
-        it was released."""
+        """Keep the task of ``op`` until it is finished, seen when it was released."""
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(self._tasks, op["id"], json.dumps([lane, op, meta], separators=(",", ":")))
         pipe.zadd(self._seen, {op["id"]: released(meta, op["created_at"])})
@@ -246,15 +242,13 @@ class RedisDeliveryStore(ContactRecords):
             key = self._answers[lane]
             pipe.lpush(key, f"{at:.3f} {max(waited, 0.0):.3f}")
             pipe.ltrim(key, 0, ANSWERS_KEPT - 1)
-            pipe.expire(key, int(LATENCY_WINDOW))
+            pipe.expire(key, int(base.LATENCY_WINDOW))
         pipe.execute()
 
     def refused(self, ids: list[str]) -> None:
-        """Meisa refused the operations ``ids``: those pending in the backfill lane (a
-        backfill's upserts, with or without live ones coalesced) count refused, each once
-        (its task run again, its worker killed before the claim was settled, counts it
-        no more). Before their claim is settled: then another member's task may finish
-        them (its call was made)."""
+        """Meisa refused the operations ``ids``: those pending in the backfill lane count
+        refused, each once (a task run again after its worker was killed counts it no more).
+        Called before their claim is settled: then another member's task may finish them."""
         if ids:
             keys = [self._pending[LANE_BACKFILL], f"{self.prefix}:refused", self._stats]
             self._refused(keys=keys, args=[RECORD_TTL, *ids])
@@ -272,9 +266,8 @@ class RedisDeliveryStore(ContactRecords):
         return sum(pipe.execute())
 
     def look(self, ids: list[str]) -> tuple[str, int, list[bool], float]:
-        """The epoch (written by the first to look: another one means Redis lost its data),
-        the pending count, whether each of ``ids`` is pending, and Redis's clock, in one
-        transaction."""
+        """The epoch (written by the first to look: another one means Redis lost its data), the
+        pending count, whether each of ``ids`` is pending, and Redis's clock (one transaction)."""
         epoch = f"{self.prefix}:epoch"
         pipe = self.redis.pipeline(transaction=True)
         pipe.set(epoch, uuid.uuid4().hex, nx=True)
@@ -288,7 +281,7 @@ class RedisDeliveryStore(ContactRecords):
         unfinished = [any(lane[n] is not None for lane in scores) for n in range(len(ids))]
         return as_text(token), sum(counts), unfinished, seconds(clock)
 
-    def describe(self, status: DeliveryStatus) -> None:
+    def describe(self, status: base.DeliveryStatus) -> None:
         """Fill ``status`` with what is pending, its wait and latency, counters, the backfill."""
         pipe = self.redis.pipeline(transaction=False)
         for lane in LANE_NAMES:
@@ -301,7 +294,7 @@ class RedisDeliveryStore(ContactRecords):
         pipe.time()  # the clock the answers are dated by, whichever host asks
         *per_lane, stats, run, refused, clock = pipe.execute()
         now = seconds(clock)
-        since = now - LATENCY_WINDOW
+        since = now - base.LATENCY_WINDOW
         for lane, name in LANE_NAMES.items():
             count, oldest, answers = per_lane[3 * lane : 3 * lane + 3]
             status.queued[name] = int(count)

@@ -54,15 +54,9 @@ local outage_threshold, waiter, max_wait = tonumber(ARGV[5]), ARGV[6], tonumber(
 local shared = string.match(ARGV[3 * n + 9], '^shared (.*)$')
 local part = ARGV[3 * n + 9] ~= ''
 local flying_key, current_turn_key, call_key = KEYS[2], KEYS[4], KEYS[14 + n]
-local function turns_key(of_lane)
-  return KEYS[6 + of_lane]
-end
-local function back_key(of_lane)
-  return KEYS[10 + of_lane]
-end
-local function window_key(w)
-  return KEYS[13 + w]
-end
+local function turns_key(of_lane) return KEYS[6 + of_lane] end
+local function back_key(of_lane) return KEYS[10 + of_lane] end
+local function window_key(w) return KEYS[13 + w] end
 local current_turn = tonumber(redis.call('GET', current_turn_key) or '0')
 local turn, waiter_before = string.match(ARGV[7], '^([%d.]+) (.*)$')
 turn = tonumber(turn)

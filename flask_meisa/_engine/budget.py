@@ -4,11 +4,14 @@ sliding windows (:class:`Budget`), the pause after a 429 and the outage probe.""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import sqlite3
 import time
 import uuid
+from collections.abc import Callable
 from collections.abc import Iterator
+from collections.abc import Sequence
 
 from .._values import RateWindow
 from .._values import parse_rate_limit
@@ -43,6 +46,33 @@ def allowed(window: RateWindow, lane: int, share: float = 1.0) -> int:
         return window.limit
     rest = window.limit - int(window.limit * TRANSACTIONAL_RESERVE)
     return max(int(rest * share), 1) if lane == LANE_BACKFILL else rest
+
+
+def remaining(windows: Sequence[RateWindow], ended: Sequence[int], flying: int) -> dict[str, int]:
+    """Calls that could start now in each of ``windows`` (by label, ``{"60/minute": 57}``),
+    ``ended`` in each and ``flying`` in flight."""
+    return {w.label: max(w.limit - n - flying, 0) for w, n in zip(windows, ended, strict=True)}
+
+
+@contextlib.contextmanager
+def settling(settle: Callable[[bool, bool], None] | None, *, over: bool) -> Iterator[None]:
+    """Make a call outside delivery, then ``settle(made, timed_out)`` its slot: one without
+    an answer in time (:class:`APITimeoutError`) Meisa may count until its lease ends; one
+    made ``over`` the budget that Meisa refused (a 429) it did not count."""
+    made, timed_out = True, False
+    try:
+        yield
+    except APITimeoutError:
+        timed_out = True
+        raise
+    except RateLimitError:
+        # Over the budget, a 429 is the expected answer: counted, each refused attempt
+        # of a burst of sends would keep the window shut for everyone a period longer.
+        made = not over
+        raise
+    finally:
+        if settle is not None:
+            settle(made, timed_out)
 
 
 class Budget:
@@ -146,9 +176,8 @@ class Budget:
     @contextlib.contextmanager
     def slot(self, timeout: float) -> Iterator[bool]:
         """Hold a transactional slot for a call made in the caller's thread, waiting at most
-        ``timeout`` seconds; yields whether one was free (the call is made anyway, and
-        counted all the same unless Meisa refuses it with a 429). A call that timed out
-        (:class:`APITimeoutError`) holds the slot until its lease ends."""
+        ``timeout`` seconds; yields whether one was free (the call is made anyway, counted
+        as :func:`settling` says)."""
         deadline, free = time.monotonic() + timeout, True
         while True:
             try:
@@ -168,32 +197,19 @@ class Budget:
             if token is not None:
                 break
             time.sleep(min(left, _POLL if wait is None else max(wait, 0.001)))
-        timed_out = refused = False
-        try:
+        with settling(functools.partial(self._end, token) if token else None, over=not free):
             yield free and token is not None
-        except APITimeoutError:
-            timed_out = True
-            raise
-        except RateLimitError:
-            # Over the budget, a 429 is the expected answer: counted, each refused attempt
-            # of a burst of sends would keep the window shut for everyone a period longer.
-            refused = not free
-            raise
-        finally:
-            if token:
-                # Where the store fails here, the slot's lease ends it.
-                with contextlib.suppress(*STORE_ERRORS), self.store.write() as db:
-                    now = Store.now(db)
-                    self.settle(db, token, made=not refused, now=now, timed_out=timed_out)
+
+    def _end(self, token: str, made: bool, timed_out: bool) -> None:
+        # Where the store fails here, the slot's lease ends it.
+        with contextlib.suppress(*STORE_ERRORS), self.store.write() as db:
+            self.settle(db, token, made=made, now=Store.now(db), timed_out=timed_out)
 
     def remaining(self) -> dict[str, int]:
         """Calls that could start now in each window, by label (``{"60/minute": 57}``)."""
         with self.store.read() as db:
             flying, ended = self._counts(db, time.time())
-        return {
-            window.label: max(window.limit - count - flying, 0)
-            for window, count in zip(self.windows, ended, strict=True)
-        }
+        return remaining(self.windows, ended, flying)
 
     def _counts(self, db: sqlite3.Connection, now: float) -> tuple[int, list[int]]:
         """Calls in flight, and calls ended within each window: one read."""

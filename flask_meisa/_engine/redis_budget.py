@@ -17,14 +17,14 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from .._values import parse_rate_limit
-from ..errors import APITimeoutError
-from ..errors import RateLimitError
 from ..operations import LANE_NAMES
 from ..operations import LANE_ROUTINE
 from ..operations import LANE_TRANSACTIONAL
 from . import redis_scripts as lua
 from .base import OUTAGE_THRESHOLD
 from .budget import allowed
+from .budget import remaining
+from .budget import settling
 from .redis_records import _digest
 from .redis_records import as_text
 from .redis_records import seconds
@@ -153,9 +153,8 @@ class RedisBudget:
     @contextlib.contextmanager
     def slot(self, timeout: float, lease: float) -> Iterator[bool]:
         """Hold a slot (from the reserve) for a call made outside the workers, waiting at
-        most ``timeout`` seconds; yields whether one was taken (the call is made anyway, and
-        counted all the same unless Meisa refuses it with a 429, as in ``budget.Budget``); a
-        call without an answer in time (:class:`APITimeoutError`) holds it to its lease's end."""
+        most ``timeout`` seconds; yields whether one was taken (the call is made anyway,
+        counted as :func:`~.budget.settling` says)."""
         deadline, waiter, token = time.monotonic() + max(timeout, 0.0), uuid.uuid4().hex, None
         over = None  # the token it is counted by, made without a slot
         try:
@@ -178,21 +177,17 @@ class RedisBudget:
                     "flask-meisa: no budget slot from Redis (%s); calling without one",
                     type(error).__name__,
                 )
-        timed_out = refused = False
-        try:
+        counted = token or over
+        with settling(
+            functools.partial(self._end, counted) if counted else None, over=over is not None
+        ):
             yield token is not None
-        except APITimeoutError:
-            timed_out = True
-            raise
-        except RateLimitError:
-            refused = over is not None  # over the budget, refused: Meisa did not count it
-            raise
-        finally:
-            if token is not None or over is not None:
-                try:
-                    self.finish(token or str(over), made=not refused, timed_out=timed_out)
-                except RedisError:
-                    self._unreachable_until = time.monotonic() + UNREACHABLE_FOR
+
+    def _end(self, token: str, made: bool, timed_out: bool) -> None:
+        try:
+            self.finish(token, made=made, timed_out=timed_out)
+        except RedisError:
+            self._unreachable_until = time.monotonic() + UNREACHABLE_FOR
 
     def finish(
         self,
@@ -233,8 +228,5 @@ class RedisBudget:
             pipe.zcount(key, f"({now - window.period}", "+inf")
         paused, flying, *answered = pipe.execute()
         in_flight = {lane: sum(int(t[:1]) == lane for t in flying) for lane in LANE_NAMES}
-        remaining = {
-            window.label: max(window.limit - n - len(flying), 0)
-            for window, n in zip(self.windows, answered, strict=True)
-        }
-        return max(float(paused or 0) - now, 0.0), in_flight, remaining if self.windows else None
+        left = remaining(self.windows, answered, len(flying)) if self.windows else None
+        return max(float(paused or 0) - now, 0.0), in_flight, left

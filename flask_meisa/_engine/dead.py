@@ -67,15 +67,19 @@ def error_fields(error: BaseException) -> tuple[int | None, str | None, str]:
     return status, code, message[:_MESSAGE_LIMIT]
 
 
-def key_refused(
-    operation: Operation, fields: tuple[int | None, str | None, str], run: dict[str, Any] | None
-) -> bool:
-    """Whether Meisa refused the backfill upsert ``operation`` for its key (``fields``:
-    :func:`error_fields`), revoked (401) or without ``contacts:write`` (403), while the
-    backfill ``run`` is unfinished: it stops (``backfill_refused`` kept for it), and reads
-    the user again. A finished run's dead letter retried stays one: none would read it."""
+def key_refusal(
+    operation: Operation, error: BaseException, run: dict[str, Any] | None
+) -> list[Any] | None:
+    """What ``backfill_refused`` keeps (the :func:`error_fields` and the user it stopped at,
+    by external id else email) when Meisa refused the backfill upsert ``operation`` for its
+    key, revoked (401) or without ``contacts:write`` (403), while the backfill ``run`` is
+    unfinished: it stops, and reads the user again; else ``None``. A finished run's dead
+    letter retried stays one: none would read it."""
+    fields = error_fields(error)
     unfinished = run is not None and run.get("state") == "running"
-    return operation.priority == "backfill" and fields[0] in (401, 403) and unfinished
+    if operation.priority != "backfill" or fields[0] not in (401, 403) or not unfinished:
+        return None
+    return [*fields, operation.payload.get("external_id") or operation.payload.get("email")]
 
 
 def retried_refusal(
@@ -87,20 +91,15 @@ def retried_refusal(
     refused: int,
 ) -> Outcome:
     """``settled``, or a retry after ``policy.max_delay`` when it fails ``operation`` as
-    refused for the key (:func:`key_refused`, ``run()`` the backfill's) and the key refused
+    refused for the key (:func:`key_refusal`, ``run()`` the backfill's) and the key refused
     it fewer than :data:`REFUSALS_TO_STOP` times in a row (``refused`` before this attempt;
     its other failures do not count): no dead letter, and the run goes on."""
     if settled.step != "failed" or error is None or refused + 1 >= REFUSALS_TO_STOP:
         return settled
-    if not key_refused(operation, error_fields(error), run()):
+    if key_refusal(operation, error, run()) is None:
         return settled
     decision = dataclasses.replace(settled.decision, action="retry", delay=policy.max_delay)
     return dataclasses.replace(settled, decision=decision, step="retry")
-
-
-def stopped_at(operation: Operation) -> str | None:
-    """The user a backfill stopped at, as its operator knows it: external id, else email."""
-    return operation.payload.get("external_id") or operation.payload.get("email")
 
 
 def of_live_rows(db: sqlite3.Connection, refusals: dict[str, int]) -> dict[str, int]:
@@ -115,11 +114,11 @@ def of_live_rows(db: sqlite3.Connection, refusals: dict[str, int]) -> dict[str, 
 
 def bury(db: sqlite3.Connection, row: Row, error: BaseException) -> None:
     """Keep ``row`` as a dead letter with ``error``; a backfill upsert refused for its key
-    (:func:`key_refused`) goes instead, with the backfill's waiting ones: its run, stopped,
+    (:func:`key_refusal`) goes instead, with the backfill's waiting ones: its run, stopped,
     reads their users again once the key is fixed."""
-    fields = error_fields(error)
-    if key_refused(row.operation, fields, Store.get_meta(db, "backfill")):
-        Store.set_meta(db, "backfill_refused", [*fields, stopped_at(row.operation)])
+    refusal = key_refusal(row.operation, error, Store.get_meta(db, "backfill"))
+    if refusal is not None:
+        Store.set_meta(db, "backfill_refused", refusal)
         Store.set_meta(db, "backfill_refusals", None)  # of the upserts going now
         db.execute(
             "DELETE FROM meisa_ops WHERE seq = ? OR priority = 'backfill' AND state = 'pending'",
@@ -129,7 +128,7 @@ def bury(db: sqlite3.Connection, row: Row, error: BaseException) -> None:
     db.execute(
         "UPDATE meisa_ops SET state = 'dead', error_status = ?, error_code = ?, "
         "error_message = ?, failed_at = ? WHERE seq = ?",
-        (*fields, time.time(), row.seq),
+        (*error_fields(error), time.time(), row.seq),
     )
     if row.operation.priority == "backfill":  # kept for good, as under Celery: retry or purge
         Store.count(db, "backfill_refused_upserts", 1)

@@ -11,8 +11,7 @@ from collections.abc import Iterable
 from ..operations import Operation
 from .dead import DeadLetter
 from .dead import error_fields
-from .dead import key_refused
-from .dead import stopped_at
+from .dead import key_refusal
 from .known import digest
 from .redis_store import RedisDeliveryStore
 
@@ -42,23 +41,23 @@ class RedisDeadLetters:
 
     def bury(self, operations: Iterable[Operation], error: BaseException) -> None:
         """Keep ``operations`` with ``error`` (past :data:`MOST_KEPT`, only logged)."""
-        status, code, message = error_fields(error)
+        fields = error_fields(error)
         for operation in operations:
-            if self.stops(operation, error):  # its run reads its user again
-                refused = [status, code, message, stopped_at(operation)]
-                self._store.put("backfill_refused", refused)
+            refusal = key_refusal(operation, error, self._store.get("backfill"))
+            if refusal is not None:  # its run reads its user again
+                self._store.put("backfill_refused", refusal)
                 continue
             if self._redis.hlen(self._key) >= MOST_KEPT:
                 what = operation.describe()
                 logger.error("flask-meisa: %d dead letters kept; %s is not", MOST_KEPT, what)
                 continue
             seq = int(self._redis.incr(self._numbers))
-            self._keep(_letter(seq, operation, status, code, message, self._store.clock()))
+            self._keep(_letter(seq, operation, fields, self._store.clock()))
 
     def stops(self, operation: Operation, error: BaseException) -> bool:
         """Whether Meisa refusing ``operation`` with ``error`` stops its backfill's run
-        (:func:`~.dead.key_refused`): then it is no dead letter."""
-        return key_refused(operation, error_fields(error), self._store.get("backfill"))
+        (:func:`~.dead.key_refusal`): then it is no dead letter."""
+        return key_refusal(operation, error, self._store.get("backfill")) is not None
 
     def count(self) -> int:
         """How many dead letters are kept."""
@@ -133,14 +132,13 @@ class RedisDeadLetters:
 
 
 def _letter(
-    seq: int, operation: Operation, status: int | None, code: str | None, message: str, at: float
+    seq: int, operation: Operation, error: tuple[int | None, str | None, str], at: float
 ) -> DeadLetter:
     """A dead letter of this engine: one operation, none of a stored row's retry state."""
-    return DeadLetter(seq, operation, operation.lane, None, 0, 1, status, code, message, at)
+    return DeadLetter(seq, operation, operation.lane, None, 0, 1, *error, at)
 
 
 def _loaded(raw: bytes | str) -> DeadLetter:
     record = json.loads(raw)
     operation = Operation.from_dict(record["operation"])
-    status, code, message = record["error"]
-    return _letter(record["seq"], operation, status, code, message, record["failed_at"])
+    return _letter(record["seq"], operation, tuple(record["error"]), record["failed_at"])

@@ -25,10 +25,6 @@ LINE_TTL = 60
 T = TypeVar("T")
 
 
-class _Wait(Exception):
-    """Another transaction is first in the line."""
-
-
 def transact(
     redis: Any,
     line: str,
@@ -46,6 +42,7 @@ def transact(
     with redis.pipeline() as pipe:
         try:
             while True:
+                head = None  # the line's first
                 try:
                     # Not the line: one joining it, or taking a slow first as gone, would
                     # fail the first's write, again and again; its keys guard the data.
@@ -56,29 +53,28 @@ def transact(
                         pipe, (("LINDEX", line, 0), ("LINDEX", line, 1), *reads)
                     )
                     head = head.decode() if isinstance(head, bytes) else head
-                    if head not in (None, token):
-                        raise _Wait(head)
-                    led = token is not None
-                    value = update(pipe, replies)
-                    if token is not None:  # out of the line with its write, atomically
-                        if not pipe.explicit_transaction:
-                            pipe.multi()
-                        pipe.lrem(line, 1, token)
-                        if after is not None:  # the next one's turn: wake it
-                            pipe.rpush(_bell(line, after), 1).expire(_bell(line, after), 5)
-                    pipe.execute()
-                    token = None
-                    return value
+                    if head in (None, token):
+                        led = token is not None
+                        value = update(pipe, replies)
+                        if token is not None:  # out of the line with its write, atomically
+                            if not pipe.explicit_transaction:
+                                pipe.multi()
+                            pipe.lrem(line, 1, token)
+                            if after is not None:  # the next one's turn: wake it
+                                pipe.rpush(_bell(line, after), 1).expire(_bell(line, after), 5)
+                        pipe.execute()
+                        token = None
+                        return value
                 except WatchError:
-                    tries += 1
-                except _Wait as wait:
+                    pass  # a key it watched was written: it tries again
+                tries += 1
+                if head not in (None, token):  # another is first in the line
                     pipe.reset()
-                    tries += 1
                     now = time.monotonic()
-                    if first_seen[0] != wait.args[0]:
-                        first_seen = (wait.args[0], now)
+                    if first_seen[0] != head:
+                        first_seen = (head, now)
                     elif now - first_seen[1] > GONE_AFTER:  # its process was killed
-                        redis.lrem(line, 1, wait.args[0])
+                        redis.lrem(line, 1, head)
                     if led:  # it was first, and was taken as gone: in line again
                         token, led = None, False
                     if token is None:

@@ -58,7 +58,8 @@ def remaining(windows: Sequence[RateWindow], ended: Sequence[int], flying: int) 
 def settling(settle: Callable[[bool, bool], None] | None, *, over: bool) -> Iterator[None]:
     """Make a call outside delivery, then ``settle(made, timed_out)`` its slot: one without
     an answer in time (:class:`APITimeoutError`) Meisa may count until its lease ends; one
-    made ``over`` the budget that Meisa refused (a 429) it did not count."""
+    made ``over`` the budget is counted too (every process must see the window as Meisa
+    does), unless Meisa refused it (a 429)."""
     made, timed_out = True, False
     try:
         yield
@@ -187,8 +188,7 @@ class Budget:
                     left = deadline - time.monotonic()
                     # A slot that frees only past the deadline is not waited for: the call
                     # would be left too little time to be answered. Made over the budget, it
-                    # is still counted: Meisa counts it if it takes it, and every process
-                    # must then see the window as Meisa does.
+                    # is counted all the same (Meisa counts it if it takes it).
                     if token is None and (left <= 0 or (wait is not None and wait > left)):
                         token, free = self._hold(db, now), False
             except STORE_ERRORS:  # a locked or broken store never fails the call

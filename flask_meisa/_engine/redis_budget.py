@@ -76,12 +76,11 @@ class RedisBudget:
         self._windows = [f"{prefix}:w{window.period:g}" for window in self.windows]
         self._redis = redis
         self._unreachable_until = 0.0  # time.monotonic(): no slot is asked until then
-        self._acquire, self._finish, self._pause, self._hold = (
+        self._acquire, self._finish, self._pause, self._hold, self._fly = (
             redis.register_script(lua.TIME + body)
-            for body in (lua.ACQUIRE, lua.FINISH, lua.PAUSE, lua.HOLD)
+            for body in (lua.ACQUIRE, lua.FINISH, lua.PAUSE, lua.HOLD, _FLY)
         )
         self._place, self._release = map(redis.register_script, (lua.PLACE, lua.RELEASE))
-        self._fly = redis.register_script(lua.TIME + _FLY)
 
     def acquire(
         self,
@@ -155,8 +154,8 @@ class RedisBudget:
         """Hold a slot (from the reserve) for a call made outside the workers, waiting at
         most ``timeout`` seconds; yields whether one was taken (the call is made anyway,
         counted as :func:`~.budget.settling` says)."""
-        deadline, waiter, token = time.monotonic() + max(timeout, 0.0), uuid.uuid4().hex, None
-        over = None  # the token it is counted by, made without a slot
+        deadline, waiter = time.monotonic() + max(timeout, 0.0), uuid.uuid4().hex
+        token, taken = "", False  # the token it is counted by; whether a slot's
         try:
             if time.monotonic() < self._unreachable_until:
                 raise RedisError("unreachable a moment ago")
@@ -166,10 +165,12 @@ class RedisBudget:
                 time.sleep(got.wait)
                 got = ask(waiter=waiter, place=got.place)
             self.forget([] if got.token else [waiter])  # not back: its place holds nothing
-            if (token := got.token) is None:  # over the budget: in flight all the same
+            if got.token is not None:
+                token, taken = got.token, True
+            else:  # over the budget: in flight all the same
                 flying = f"{LANE_TRANSACTIONAL}:{waiter}:"
                 self._fly(keys=[self._flying_key], args=[flying, lease])
-                over = flying  # (once in flight: Redis may have failed to put it there)
+                token = flying  # (once in flight: Redis may have failed to put it there)
         except RedisError as error:
             if time.monotonic() >= self._unreachable_until:
                 self._unreachable_until = time.monotonic() + UNREACHABLE_FOR
@@ -177,11 +178,8 @@ class RedisBudget:
                     "flask-meisa: no budget slot from Redis (%s); calling without one",
                     type(error).__name__,
                 )
-        counted = token or over
-        with settling(
-            functools.partial(self._end, counted) if counted else None, over=over is not None
-        ):
-            yield token is not None
+        with settling(functools.partial(self._end, token) if token else None, over=not taken):
+            yield taken
 
     def _end(self, token: str, made: bool, timed_out: bool) -> None:
         try:

@@ -4,7 +4,6 @@ sliding windows (:class:`Budget`), the pause after a 429 and the outage probe.""
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import sqlite3
 import time
@@ -55,11 +54,13 @@ def remaining(windows: Sequence[RateWindow], ended: Sequence[int], flying: int) 
 
 
 @contextlib.contextmanager
-def settling(settle: Callable[[bool, bool], None] | None, *, over: bool) -> Iterator[None]:
-    """Make a call outside delivery, then ``settle(made, timed_out)`` its slot: one without
-    an answer in time (:class:`APITimeoutError`) Meisa may count until its lease ends; one
-    made ``over`` the budget is counted too (every process must see the window as Meisa
-    does), unless Meisa refused it (a 429)."""
+def settling(
+    token: str | None, end: Callable[[str, bool, bool], None], *, over: bool
+) -> Iterator[None]:
+    """Make a call outside delivery, then ``end(token, made, timed_out)`` the slot it holds
+    (if any ``token``): Meisa may count a call without an answer in time
+    (:class:`APITimeoutError`) until its lease ends, and one made ``over`` the budget too
+    (every process must see the window as Meisa does), unless it refused it (a 429)."""
     made, timed_out = True, False
     try:
         yield
@@ -72,8 +73,8 @@ def settling(settle: Callable[[bool, bool], None] | None, *, over: bool) -> Iter
         made = not over
         raise
     finally:
-        if settle is not None:
-            settle(made, timed_out)
+        if token:
+            end(token, made, timed_out)
 
 
 class Budget:
@@ -197,7 +198,7 @@ class Budget:
             if token is not None:
                 break
             time.sleep(min(left, _POLL if wait is None else max(wait, 0.001)))
-        with settling(functools.partial(self._end, token) if token else None, over=not free):
+        with settling(token, self._end, over=not free):
             yield free and token is not None
 
     def _end(self, token: str, made: bool, timed_out: bool) -> None:

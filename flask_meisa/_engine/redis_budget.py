@@ -178,7 +178,7 @@ class RedisBudget:
                     "flask-meisa: no budget slot from Redis (%s); calling without one",
                     type(error).__name__,
                 )
-        with settling(functools.partial(self._end, token) if token else None, over=not taken):
+        with settling(token, self._end, over=not taken):
             yield taken
 
     def _end(self, token: str, made: bool, timed_out: bool) -> None:

@@ -70,11 +70,10 @@ def error_fields(error: BaseException) -> tuple[int | None, str | None, str]:
 def key_refusal(
     operation: Operation, error: BaseException, run: dict[str, Any] | None
 ) -> list[Any] | None:
-    """What ``backfill_refused`` keeps (the :func:`error_fields` and the user it stopped at,
-    by external id else email) when Meisa refused the backfill upsert ``operation`` for its
-    key, revoked (401) or without ``contacts:write`` (403), while the backfill ``run`` is
-    unfinished: it stops, and reads the user again; else ``None``. A finished run's dead
-    letter retried stays one: none would read it."""
+    """``backfill_refused`` (:func:`error_fields`, then the user by external id, else email)
+    when Meisa refused the backfill upsert ``operation`` for its key (401 revoked, 403 no
+    ``contacts:write``) while the backfill ``run`` is unfinished: it stops, and reads the user
+    again. ``None`` otherwise: a finished run's dead letter retried stays one."""
     fields = error_fields(error)
     unfinished = run is not None and run.get("state") == "running"
     if operation.priority != "backfill" or fields[0] not in (401, 403) or not unfinished:

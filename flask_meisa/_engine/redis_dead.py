@@ -37,7 +37,6 @@ class RedisDeadLetters:
     ) -> None:
         self._store, self._submit = store, submit
         self._redis, self._key = store.redis, f"{store.prefix}:dead"
-        self._numbers = f"{store.prefix}:dead:seq"
 
     def bury(self, operations: Iterable[Operation], error: BaseException) -> None:
         """Keep ``operations`` with ``error`` (past :data:`MOST_KEPT`, only logged)."""
@@ -47,11 +46,11 @@ class RedisDeadLetters:
             if refusal is not None:  # its run reads its user again
                 self._store.put("backfill_refused", refusal)
                 continue
-            if self._redis.hlen(self._key) >= MOST_KEPT:
+            if self.count() >= MOST_KEPT:
                 what = operation.describe()
                 logger.error("flask-meisa: %d dead letters kept; %s is not", MOST_KEPT, what)
                 continue
-            seq = int(self._redis.incr(self._numbers))
+            seq = int(self._redis.incr(f"{self._key}:seq"))
             self._keep(_letter(seq, operation, fields, self._store.clock()))
 
     def stops(self, operation: Operation, error: BaseException) -> bool:
@@ -66,11 +65,9 @@ class RedisDeadLetters:
     def find(self, seqs: Iterable[int] | None = None) -> list[DeadLetter]:
         """Dead letters (those numbered ``seqs``, or all), oldest first."""
         wanted = None if seqs is None else set(seqs)
-        letters = (_loaded(raw) for raw in self._redis.hvals(self._key))
-        return sorted(
-            (letter for letter in letters if wanted is None or letter.seq in wanted),
-            key=lambda letter: letter.seq,
-        )
+        letters = [_loaded(raw) for raw in self._redis.hvals(self._key)]
+        chosen = [letter for letter in letters if wanted is None or letter.seq in wanted]
+        return sorted(chosen, key=lambda letter: letter.seq)
 
     def retry(self, seqs: list[int] | None, *, force: bool) -> tuple[int, list[int]]:
         """Queue dead letters again, as new: how many, and the upserts kept because a field

@@ -31,6 +31,8 @@ OTHER_MEISA = "other_meisa"
 #: answer 401 for a moment (a deploy), so the earlier ones are retried, each after
 #: ``MEISA_RETRY_MAX_DELAY`` (a revoked key stops the run in about two minutes).
 REFUSALS_TO_STOP = 5
+# One parameter however many: SQLite takes at most 32,766 (as some build it, 250,000).
+_EACH = "(SELECT value FROM json_each(?))"
 
 
 def _dead(
@@ -39,9 +41,15 @@ def _dead(
     """Run ``statement`` on the dead letters ``seqs`` (``None``: all)."""
     if seqs is None:
         return db.execute(f"{statement} WHERE state = 'dead'{end}")
-    # One parameter however many: SQLite takes at most 32,766 (as some build it, 250,000).
-    where = "WHERE state = 'dead' AND seq IN (SELECT value FROM json_each(?))"
+    where = f"WHERE state = 'dead' AND seq IN {_EACH}"
     return db.execute(f"{statement} {where}{end}", (json.dumps([int(seq) for seq in seqs]),))
+
+
+def _bury(db: sqlite3.Connection, where: str, *params: Any) -> int:
+    error = "error_status = ?, error_code = ?, error_message = ?, failed_at = ?"
+    return db.execute(
+        f"UPDATE meisa_ops SET state = 'dead', {error} WHERE {where}", params
+    ).rowcount
 
 
 @dataclass
@@ -104,9 +112,7 @@ def retried_refusal(
 def of_live_rows(db: sqlite3.Connection, refusals: dict[str, int]) -> dict[str, int]:
     """The key's ``refusals`` in a row (by id) of the rows still waiting or in flight: one
     shed by the store's bound, skipped, found unchanged or set aside left unsettled."""
-    query = (
-        "SELECT id FROM meisa_ops WHERE state != 'dead' AND id IN (SELECT value FROM json_each(?))"
-    )
+    query = f"SELECT id FROM meisa_ops WHERE state != 'dead' AND id IN {_EACH}"
     live = {op_id for (op_id,) in db.execute(query, (json.dumps(list(refusals)),))}
     return {op_id: count for op_id, count in refusals.items() if op_id in live}
 
@@ -124,11 +130,7 @@ def bury(db: sqlite3.Connection, row: Row, error: BaseException) -> None:
             (row.seq,),
         )
         return
-    db.execute(
-        "UPDATE meisa_ops SET state = 'dead', error_status = ?, error_code = ?, "
-        "error_message = ?, failed_at = ? WHERE seq = ?",
-        (*error_fields(error), time.time(), row.seq),
-    )
+    _bury(db, "seq = ?", *error_fields(error), time.time(), row.seq)
     if row.operation.priority == "backfill":  # kept for good, as under Celery: retry or purge
         Store.count(db, "backfill_refused_upserts", 1)
 
@@ -144,11 +146,7 @@ def bury_foreign(db: sqlite3.Connection, target: str) -> int:
         return 0
     db.execute("DELETE FROM meisa_known")
     db.execute("DELETE FROM meisa_addresses")
-    return db.execute(
-        "UPDATE meisa_ops SET state = 'dead', error_code = ?, error_message = ?, "
-        "failed_at = ? WHERE state != 'dead'",
-        (OTHER_MEISA, f"released for {was}", time.time()),
-    ).rowcount
+    return _bury(db, "state != 'dead'", None, OTHER_MEISA, f"released for {was}", time.time())
 
 
 def dead_letters(db: sqlite3.Connection, seqs: Iterable[int] | None = None) -> list[DeadLetter]:

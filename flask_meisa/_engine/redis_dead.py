@@ -76,8 +76,9 @@ class RedisDeadLetters:
         kept = [] if force else [letter.seq for letter in letters if self._outdated(letter)]
         # Upserts first, so that an event goes behind its contact's (a dead upsert a record
         # coalesced is dated when it failed); then in the order they were released.
+        skip = set(kept)
         chosen = sorted(
-            (letter for letter in letters if letter.seq not in kept),
+            (letter for letter in letters if letter.seq not in skip),
             key=lambda letter: (letter.operation.kind != "upsert", letter.operation.created_at),
         )
         queued = 0

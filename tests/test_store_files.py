@@ -139,6 +139,36 @@ def test_work_in_a_linked_store_file_whose_target_is_deleted_is_not_lost(
     drain_without_loss(emu, env, requests)
 
 
+@pytest.mark.parametrize("link", ["instance folder", "store file"])
+def test_a_store_linked_into_a_shared_folder_not_made_yet_is_made_there(
+    emu: Emulator, tmp_path: Path, processes: Processes, link: str
+) -> None:
+    # A release's instance folder (or its store file) linked into the shared folder before
+    # a deploy made it: the store went to memory ("File exists", or "unable to open"), and
+    # what waited in it was lost with each process.
+    requests = 5
+    release, shared = tmp_path / "releases" / "1", tmp_path / "shared" / "instance"
+    release.mkdir(parents=True)
+    instance = release / "instance"
+    if link == "instance folder":
+        instance.symlink_to(shared)
+        target = shared / store_path(instance).name
+    else:
+        instance.mkdir()
+        target = shared / "outbox.sqlite3"
+        store_path(instance).symlink_to(target)
+    env = environment(emu, instance, MEISA_TEST_RATE="none")
+    emu.faults.outage(600)  # nothing is delivered: everything waits in the store
+    app = processes.app(env, "serve", str(requests))
+    assert app.wait_for_line("ready"), app.output
+    assert wait_stored(instance, "track", requests)
+    app.signal(signal.SIGTERM)
+    assert app.wait() == 0, app.output
+    assert "falls back to memory" not in app.output
+    assert target.is_file() and not target.is_symlink()
+    drain_without_loss(emu, env, requests)
+
+
 def test_work_left_by_a_release_says_where_it_waits(
     emu: Emulator, tmp_path: Path, processes: Processes
 ) -> None:

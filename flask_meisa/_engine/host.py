@@ -257,14 +257,14 @@ def _locked(fd: int) -> bool:
 
 @contextmanager
 def checking(path: str) -> Iterator[None]:
-    """A ``flock`` on the folder of the store file ``path`` (made when missing) while it is
-    checked or made: processes starting together neither set aside nor read another's fresh
-    file. A deleted file's ``-wal`` and ``-shm`` go before it is made again (SQLite would read
-    them as the new one's); the processes that have it open keep theirs."""
+    """A ``flock`` on the folder of the store file ``path`` (made when missing, where links
+    point) while it is checked or made: processes starting together neither set aside nor
+    read another's fresh file. A deleted file's ``-wal`` and ``-shm`` go before it is made
+    again (SQLite would read them as theirs); the processes that have it open keep theirs."""
     if getattr(_checking, "path", None) == path:  # this thread holds it already
         yield
         return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.realpath(path)), exist_ok=True)  # a shared one linked
     fd, locked = None, False
     with suppress(OSError):  # a folder that cannot be locked is checked unguarded
         fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_CLOEXEC)

@@ -1,12 +1,14 @@
 """A store on a network filesystem (NFS, SMB, ...) is refused: SQLite's locks and its
 write-ahead log's shared memory do not hold there, and hosts sharing one volume (the
 replicas of a deployment) would corrupt it. The mount table is a crafted copy of this
-machine's, with network mounts added."""
+machine's, with network mounts added. A store on a folder mounted read-only is refused
+as such, as the app's processes see it."""
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sqlite3
 import subprocess
 from collections.abc import Callable
@@ -25,6 +27,11 @@ from flask_meisa.errors import ConfigurationError
 from flask_meisa.operations import LANE_ROUTINE
 from flask_meisa.operations import Operation
 from flask_meisa.testing import emulator_config
+from tests.process_support import Processes
+from tests.process_support import drain_without_loss
+from tests.process_support import environment
+from tests.process_support import run_app
+from tests.process_support import wait_stored
 
 STORE_FILE = "meisa-outbox.sqlite3"
 
@@ -207,3 +214,30 @@ def test_a_malformed_mount_table_refuses_nothing(
     table.write_text("1 0 0:5 / / rw - ext4 /dev/vda rw\n2 1 0:6 / /srv rw -  \njunk - nfs4 x\n")
     monkeypatch.setattr(mounts, "MOUNTINFO", str(table))
     assert network_filesystem("/srv/app/instance") is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root mounts a folder")
+def test_a_store_on_a_read_only_mount_is_said_to_be_so_and_keeps_its_work(
+    emu: Emulator, instance: Path, processes: Processes
+) -> None:
+    # "not writable by this process": its owner, running the app, would look for a mode
+    # or an owner to change, while the volume was mounted read-only (a deploy step's ro
+    # bind mount, a disk the kernel turned read-only on errors).
+    env = environment(emu, instance, MEISA_TEST_RATE="none", MEISA_TEST_FLUSH_TIMEOUT="0")
+    emu.faults.outage(600)  # nothing is delivered: everything waits in the store
+    app = processes.app(env, "serve", "5")
+    assert app.wait_for_line("ready"), app.output
+    assert wait_stored(instance, "track", 5)
+    app.signal(signal.SIGTERM)
+    assert app.wait() == 0, app.output
+    if subprocess.run(["mount", "--bind", instance, instance], check=False).returncode:
+        pytest.skip("this machine cannot bind-mount a folder")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", instance], check=True)
+        output = run_app(env, "drain")
+    finally:
+        subprocess.run(["umount", instance], check=True)
+    store = instance / STORE_FILE
+    assert f"{store} is on a read-only filesystem" in output, output
+    assert "falls back to memory" in output, output
+    drain_without_loss(emu, env, 5)  # what it held waited in it

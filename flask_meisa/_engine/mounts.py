@@ -1,7 +1,7 @@
 """Which filesystem a folder is on: a store on a network filesystem is refused, since
 SQLite's locks and its write-ahead log's shared memory do not hold there, and hosts
-sharing one would corrupt it; whether it is full; where SQLite keeps a store's files, and
-with which mode flask-meisa makes them."""
+sharing one would corrupt it; whether it is full; why a file is not writable; where SQLite
+keeps a store's files, and with which mode flask-meisa makes them."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import stat
+from contextlib import suppress
 
 #: Filesystem types other hosts may share (as ``/proc/self/mountinfo`` names them). Not 9p
 #: nor virtiofs: one host's files shown to a sandbox or a VM on it (gVisor's root and
@@ -56,6 +57,15 @@ def disk_full(error: BaseException, folder: str) -> bool:
         return shutil.disk_usage(folder).free < FULL_BELOW
     except OSError:
         return False
+
+
+def unwritable(path: str) -> str:
+    """Why this process may not write ``path``: its filesystem mounted read-only (a user's
+    rights would change nothing), or its mode and owner."""
+    with suppress(OSError):
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return "on a read-only filesystem"
+    return "not writable by this process"
 
 
 def sqlite_files(path: str) -> tuple[str, str, str]:

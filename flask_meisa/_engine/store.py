@@ -28,6 +28,7 @@ from .mounts import disk_full
 from .mounts import network_filesystem
 from .mounts import opened
 from .mounts import sqlite_files
+from .mounts import unwritable
 
 #: A clock that reads this much less than the latest time the store noted has stepped back.
 CLOCK_STEP = 1.0
@@ -389,7 +390,7 @@ class Store:
             # Access, exists, access again: one removed (-shm) or made (-wal) meanwhile passes.
             denied = not os.access(name, os.W_OK)
             if denied and os.path.exists(name) and not os.access(name, os.W_OK):
-                raise PermissionError(f"{name} is not writable by this process")
+                raise PermissionError(f"{name} is {unwritable(name)}")
         with self.read() as db:
             if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 db.execute("PRAGMA journal_mode = WAL")

@@ -837,10 +837,10 @@ def test_a_flush_waits_for_work_another_process_carried_out_of_the_file_it_reads
     behind = threading.Event()  # this process's writer has not seen the move yet
     moved = engine.store.moved
 
-    def moved_unless_behind() -> bool:
+    def moved_unless_behind(*, link: bool = False) -> bool:
         if behind.is_set() and threading.current_thread().name == "flask-meisa-writer":
             return False
-        return moved()
+        return moved(link=link)
 
     engine.store.moved = moved_unless_behind  # type: ignore[method-assign]
     read, reads = engine.store.read, []
@@ -1716,9 +1716,9 @@ def test_a_file_at_the_store_path_that_cannot_be_used_is_tried_again_once_it_cha
         checks.append(1)
         check()
 
-    def counted_moved() -> bool:
+    def counted_moved(*, link: bool = False) -> bool:
         looked.release()
-        return moved()
+        return moved(link=link)
 
     engine.store.check = counted_check  # type: ignore[method-assign]
     engine.store.moved = counted_moved  # type: ignore[method-assign]

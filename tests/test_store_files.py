@@ -169,6 +169,33 @@ def test_a_store_linked_into_a_shared_folder_not_made_yet_is_made_there(
     drain_without_loss(emu, env, requests)
 
 
+def test_an_old_release_folder_deleted_as_its_workers_stop_leaves_the_shared_store_alone(
+    emu: Emulator, tmp_path: Path, processes: Processes
+) -> None:
+    # A deploy's cleanup deleted the old release (its instance folder a link to the shared
+    # one) while its workers still ran: they took the store as deleted, made the release's
+    # folder again and moved every operation of the shared store into a file there.
+    requests = 5
+    shared, releases = tmp_path / "shared" / "instance", tmp_path / "releases"
+    shared.mkdir(parents=True)
+    for release in ("1", "2"):
+        (releases / release).mkdir(parents=True)
+        (releases / release / "instance").symlink_to(shared)
+    old = environment(emu, releases / "1" / "instance", MEISA_TEST_RATE="none")
+    emu.faults.outage(600)  # nothing is delivered: everything waits in the store
+    app = processes.app({**old, "MEISA_TEST_FLUSH_TIMEOUT": "0"}, "serve", str(requests))
+    assert app.wait_for_line("ready"), app.output
+    assert wait_stored(shared, "track", requests)
+    assert app.wait_for_line(DELIVERS), app.output
+    shutil.rmtree(releases / "1")
+    # The writer looks at the path every 0.1 s: a second is ten looks.
+    assert not wait_until(lambda: (releases / "1").exists(), 1.0), app.output
+    app.signal(signal.SIGTERM)
+    assert app.wait() == 0, app.output
+    assert not (releases / "1").exists() and "deleted or replaced" not in app.output
+    drain_without_loss(emu, environment(emu, releases / "2" / "instance"), requests)
+
+
 def test_work_left_by_a_release_says_where_it_waits(
     emu: Emulator, tmp_path: Path, processes: Processes
 ) -> None:

@@ -1,7 +1,7 @@
 """Which filesystem a folder is on: a store on a network filesystem is refused, since
 SQLite's locks and its write-ahead log's shared memory do not hold there, and hosts
-sharing one would corrupt it; whether it is full; why a file is not writable; where SQLite
-keeps a store's files, and with which mode flask-meisa makes them."""
+sharing one would corrupt it; whether it is full; whether a store's files are writable;
+where SQLite keeps a store's files, and with which mode flask-meisa makes them."""
 
 from __future__ import annotations
 
@@ -59,7 +59,17 @@ def disk_full(error: BaseException, folder: str) -> bool:
         return False
 
 
-def unwritable(path: str) -> str:
+def check_writable(path: str) -> None:
+    """Check that this process may write the store file ``path`` and, where they exist, its
+    ``-wal``, ``-shm`` and lock file. :raises PermissionError: one it may not, and why."""
+    for name in (path, *sqlite_files(path)[1:], path + ".lock"):
+        # Access, exists, access again: one removed (-shm) or made (-wal) meanwhile passes.
+        denied = not os.access(name, os.W_OK)
+        if denied and os.path.exists(name) and not os.access(name, os.W_OK):
+            raise PermissionError(f"{name} is {_unwritable(name)}")
+
+
+def _unwritable(path: str) -> str:
     """Why this process may not write ``path``: its filesystem mounted read-only (a user's
     rights would change nothing), or its mode and owner."""
     with suppress(OSError):

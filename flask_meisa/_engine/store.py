@@ -24,11 +24,10 @@ from .host import checking
 from .host import identity
 from .host import set_aside
 from .host import transaction
+from .mounts import check_writable
 from .mounts import disk_full
 from .mounts import network_filesystem
 from .mounts import opened
-from .mounts import sqlite_files
-from .mounts import unwritable
 
 #: A clock that reads this much less than the latest time the store noted has stepped back.
 CLOCK_STEP = 1.0
@@ -176,7 +175,7 @@ class Store:
         closed: SQLite keeps a file's locks once a process (a child's own would take none)."""
         self._lock.acquire()
         with suppress(*STORE_ERRORS):  # (then kept open, as before)
-            if self.path and (db := self._db) and not db.in_transaction and not self.moved():
+            if self.path and (db := self._db) and not (db.in_transaction or self.moved(link=True)):
                 # Reopened after it if work waits in it: a deletion meanwhile would take that.
                 waits = db.execute("SELECT EXISTS (SELECT 1 FROM meisa_ops)").fetchone()[0]
                 self._db, self._opened = None, self._opened if waits else None
@@ -299,11 +298,17 @@ class Store:
         )
         return f": the delivery store {self.path} refused them ({error}){fix}"
 
-    def moved(self) -> bool:
+    def moved(self, *, link: bool = False) -> bool:
         """Whether the file this process has open was deleted or replaced (a deploy, a backup
-        restored): the other processes of the host see only the file now at the path."""
-        opened, path = self._opened, self.path  # (no file open while the fork hook closed it)
-        return bool(self._db and opened and path and not at_path(path, opened))
+        restored): the other processes of the host see only the file now at the path. With
+        ``link``, also when only a link to it went (it is where SQLite found it still)."""
+        opened, path, db = self._opened, self.path, self._db  # (none while the fork hook closed)
+        if not (db and opened and path) or at_path(path, opened):
+            return False
+        if link or os.path.exists(path):
+            return True
+        with self._lock:  # (an old release's instance folder, linked to a shared one, deleted)
+            return not at_path(db.execute("PRAGMA database_list").fetchone()[2], opened)
 
     def follow(self) -> int:
         """After :meth:`moved`: use the file now at the path, with the operations left in the
@@ -386,11 +391,7 @@ class Store:
         """Check that this process may write the file (its schema is checked on connecting),
         put it in WAL mode, and check its pages."""
         assert self.path is not None
-        for name in (self.path, *sqlite_files(self.path)[1:], self.path + ".lock"):
-            # Access, exists, access again: one removed (-shm) or made (-wal) meanwhile passes.
-            denied = not os.access(name, os.W_OK)
-            if denied and os.path.exists(name) and not os.access(name, os.W_OK):
-                raise PermissionError(f"{name} is {unwritable(name)}")
+        check_writable(self.path)
         with self.read() as db:
             if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 db.execute("PRAGMA journal_mode = WAL")

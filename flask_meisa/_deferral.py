@@ -15,9 +15,7 @@ from collections.abc import Iterator
 from operator import methodcaller
 from typing import TYPE_CHECKING
 from typing import Any
-from typing import cast
 
-from flask import has_request_context
 from flask import request
 from flask import request_tearing_down
 
@@ -51,45 +49,52 @@ logger = logging.getLogger("flask_meisa")
 Later = Callable[[], "Operation | None"]
 
 
-class _RequestBatch:
-    """The work one request produced, in arrival order: operations, and :data:`Later` work."""
+#: The work one request produced for one app, in arrival order.
+Batch = list["Operation | Later"]
 
-    def __init__(self) -> None:
-        self.items: list[Operation | Later] = []
 
-    def operations(self) -> list[Operation]:
-        """The request's operations, the later ones made now; a later upsert of a contact
-        merged into the request's latest one when it can (see :meth:`Operation.merge`)."""
-        operations: list[Operation] = []
-        upserts: dict[str, Operation] = {}  # by each name of its contact
-        for item in self.items:
-            operation = item if isinstance(item, Operation) else item()
-            if operation is None:
-                continue
-            if operation.kind != "upsert":
-                operations.append(operation)
-                continue
-            names = _names(operation)
+def _operations(batch: Batch) -> list[Operation]:
+    """A request's operations, the later ones made now; a later upsert of a contact merged
+    into the request's latest one when it can (see :meth:`Operation.merge`)."""
+    operations: list[Operation] = []
+    for item in batch:
+        operation = item if isinstance(item, Operation) else item()
+        if operation is not None:
+            operations.append(operation)
+    return operations if len(operations) < 2 else _coalesced(operations)
+
+
+def _coalesced(made: list[Operation]) -> list[Operation]:
+    """``made``, each upsert merged into the latest earlier one of its contact when it can."""
+    operations: list[Operation] = []
+    upserts: dict[str, Operation] = {}  # by each name of its contact
+    for operation in made:
+        if operation.kind != "upsert":
+            operations.append(operation)
+            continue
+        names = _names(operation)
+        earlier = next((upserts[n] for n in names if n in upserts), None)
+        # Only into the latest upsert of every name either has, so that none overtakes one.
+        if earlier is not None and any(
+            upserts.get(n) is not earlier for n in {*names, *_names(earlier)}
+        ):
             earlier = None
-            if upserts:  # most requests make one upsert
-                earlier = next((upserts[n] for n in names if n in upserts), None)
-            # Only into the latest upsert of every name either has, so that none overtakes one.
-            if earlier is not None and any(
-                upserts.get(n) is not earlier for n in {*names, *_names(earlier)}
-            ):
-                earlier = None
-            if earlier is None or not earlier.merge(operation):
-                operations.append(operation)
-            else:
-                operation, names = earlier, _names(earlier)
-            for name in names:
-                upserts[name] = operation
-        return operations
+        if earlier is None or not earlier.merge(operation):
+            operations.append(operation)
+        else:
+            operation, names = earlier, _names(earlier)
+        for name in names:
+            upserts[name] = operation
+    return operations
 
 
-def _environ() -> WSGIEnvironment:
-    """The request's environ, at a quarter of ``request.environ``'s cost (run on every request)."""
-    return cast(Any, request)._get_current_object().environ  # type: ignore[no-any-return]
+def _environ() -> WSGIEnvironment | None:
+    """The request's environ (``None`` outside a request), at a quarter of the cost of
+    ``has_request_context()`` and ``request.environ`` (run on every request)."""
+    try:
+        return request._get_current_object().environ  # type: ignore[attr-defined,no-any-return]
+    except RuntimeError:  # no request context
+        return None
 
 
 def _names(operation: Operation) -> list[str]:
@@ -99,23 +104,22 @@ def _names(operation: Operation) -> list[str]:
 def enqueue(state: MeisaState, operation: Operation | Later) -> None:
     """Add ``operation`` to the current request's batch while its response is being made;
     otherwise hand it to delivery now (:class:`DeliveryError` if the engine is full)."""
-    if has_request_context():
-        environ = _environ()
-        if not environ.get(_RESPONDED_KEY):
-            batches = found = environ.get(_BATCH_KEY)
-            if batches is None:
-                if _MIDDLEWARE_KEY not in environ:
-                    # No after-response point (``test_request_context``): released at the
-                    # context's teardown, by a receiver other requests never pay for.
-                    request_tearing_down.connect(_teardown, weak=False)
-                batches = environ[_BATCH_KEY] = {}
-            batches.setdefault(state, _RequestBatch()).items.append(operation)
-            # A thread of the request's (copy_current_request_context) may have made the
-            # batches just as the response left: then nothing else will release them.
-            left = found is None and environ.get(_RESPONDED_KEY)
-            if left and environ.pop(_BATCH_KEY, None) is batches:
-                _release(batches, failed=False)
-            return
+    environ = _environ()
+    if environ is not None and not environ.get(_RESPONDED_KEY):
+        batches = found = environ.get(_BATCH_KEY)
+        if batches is None:
+            if _MIDDLEWARE_KEY not in environ:
+                # No after-response point (``test_request_context``): released at the
+                # context's teardown, by a receiver other requests never pay for.
+                request_tearing_down.connect(_teardown, weak=False)
+            batches = environ[_BATCH_KEY] = {}
+        batches.setdefault(state, []).append(operation)
+        # A thread of the request's (copy_current_request_context) may have made the
+        # batches just as the response left: then nothing else will release them.
+        left = found is None and environ.get(_RESPONDED_KEY)
+        if left and environ.pop(_BATCH_KEY, None) is batches:
+            _release(batches, failed=False)
+        return
     made = operation if isinstance(operation, Operation) else operation()
     if made is not None:
         _dispatch(state, [made], raise_refused=True)
@@ -123,9 +127,10 @@ def enqueue(state: MeisaState, operation: Operation | Later) -> None:
 
 def _dispatch(
     state: MeisaState, operations: Iterable[Operation], *, raise_refused: bool = False
-) -> None:
+) -> bool:
     """Hand ``operations`` to delivery (only report them while delivery is off); one the
-    engine refuses is reported dropped, or raised with ``raise_refused``."""
+    engine refuses is reported dropped, or raised with ``raise_refused``. Returns whether
+    delivery is on."""
     delivering = state.delivering()
     for operation in operations:
         report_queued(state, operation, delivering)
@@ -139,30 +144,31 @@ def _dispatch(
             state.refused += 1
             logger.error("meisa: %s was not accepted: %s", operation.describe(), error)
             state.reporter.dropped(operation, "refused")
+    return delivering
 
 
 def report_queued(state: MeisaState, operation: Operation, delivering: bool) -> None:
     """Send :data:`~flask_meisa.signals.operation_queued` for ``operation``."""
-    emit(operation_queued, state.app, operation=operation, delivering=delivering)
+    if operation_queued.receivers:  # spares the call on every login without one
+        emit(operation_queued, state.app, operation=operation, delivering=delivering)
     if not delivering and state.app.debug:
         # Like a console mail backend: in development, show what Meisa would get.
         payload = json.dumps(operation.payload, ensure_ascii=False, sort_keys=True)
         logger.info("meisa (delivery off) would %s: %s", operation.kind, payload)
 
 
-def _release(batches: dict[MeisaState, _RequestBatch] | None, *, failed: bool) -> None:
+def _release(batches: dict[MeisaState, Batch] | None, *, failed: bool) -> None:
     """Deliver a finished request's batches, except when the request failed (and
     ``MEISA_RELEASE_ON_ERROR`` is off) or the batch's app is gone. Never raises."""
     for state, batch in (batches or {}).items():
         if not state.alive:  # a response outlived its app (a test's kept response)
-            logger.debug("meisa: %d operations of a discarded app not released", len(batch.items))
+            logger.debug("meisa: %d operations of a discarded app not released", len(batch))
         elif failed and not state.settings.release_on_error:
-            count = len(batch.operations())  # made all the same: a login's refusal is logged
+            count = len(_operations(batch))  # made all the same: a login's refusal is logged
             logger.info("meisa: the request failed; %d collected operation(s) not released", count)
         else:
             try:
-                _dispatch(state, batch.operations())
-                if state.delivering():
+                if _dispatch(state, _operations(batch)):
                     state.dispatcher.store_now()
             except Exception:
                 logger.exception("meisa: releasing a request's operations failed")
@@ -171,17 +177,17 @@ def _release(batches: dict[MeisaState, _RequestBatch] | None, *, failed: bool) -
 def _teardown(sender: Any, exc: BaseException | None = None, **extra: Any) -> None:
     """Release the work of a request context pushed without the middleware, at its teardown."""
     environ = _environ()
-    if not environ.get(_MIDDLEWARE_KEY):
+    if environ is not None and not environ.get(_MIDDLEWARE_KEY):
         _release(environ.pop(_BATCH_KEY, None), failed=exc is not None)
 
 
 def release_now(state: MeisaState) -> None:
     """Hand the current request's batch of ``state``, if any, to delivery now (``meisa.flush``)."""
-    if has_request_context():
-        environ = _environ()
+    environ = _environ()
+    if environ is not None:
         batch = (environ.get(_BATCH_KEY) or {}).pop(state, None)
         if batch is not None:
-            _dispatch(state, batch.operations())
+            _dispatch(state, _operations(batch))
         held = environ.get(_HELD_KEY)
         if held is not None and (body := held()) is not None:  # in a streamed response
             body.release()
@@ -193,37 +199,41 @@ class HeldBatches:
     ``flush`` waits for them."""
 
     def __init__(self) -> None:
-        self._count = 0
+        # {id of a response: the thread releasing its batch, None until one does}: each
+        # change is one atomic step, made without the lock (taken only to wake a waiter).
+        self._held: dict[int, int | None] = {}
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._waiters = 0  # released(), on every request, notifies only while one waits
-        self._releasing = threading.local()  # .count: batches this thread is releasing
 
-    def hold(self) -> None:
-        """A response now holds one more batch."""
-        with self._lock:
-            self._count += 1
+    def hold(self, response: object) -> None:
+        """``response`` now holds a batch."""
+        self._held[id(response)] = None
 
-    def releasing(self) -> None:
-        """This thread releases a held batch now; it counts until :meth:`released`."""
-        self._releasing.count = getattr(self._releasing, "count", 0) + 1
+    def releasing(self, response: object) -> None:
+        """This thread releases the batch of ``response`` now; it counts until :meth:`released`."""
+        self._held[id(response)] = threading.get_ident()
 
-    def released(self) -> None:
-        """The batch this thread was releasing no longer counts."""
-        self._releasing.count -= 1
-        with self._lock:
-            self._count -= 1
-            if self._waiters:
+    def released(self, response: object) -> None:
+        """The batch of ``response`` no longer counts."""
+        self._held.pop(id(response), None)
+        # Read after the change: a waiter that did not see it already counted itself here.
+        if self._waiters:
+            with self._changed:
                 self._changed.notify_all()
 
     def wait(self, timeout: float | None) -> bool:
         """Wait until no response holds a batch, at most ``timeout`` seconds (but for those this
         thread is releasing: a receiver of their signals waiting would wait for itself)."""
-        own = getattr(self._releasing, "count", 0)
+        me = threading.get_ident()
+
+        def done() -> bool:
+            return all(thread == me for thread in list(self._held.values()))
+
         with self._changed:
             self._waiters += 1
             try:
-                return self._changed.wait_for(lambda: self._count <= own, timeout)
+                return self._changed.wait_for(done, timeout)
             finally:
                 self._waiters -= 1
 
@@ -284,19 +294,19 @@ class _ReleasingBody:
     def __init__(
         self,
         body: Iterable[bytes],
-        batches: dict[MeisaState, _RequestBatch],
+        batches: dict[MeisaState, Batch],
         failed: bool,
         environ: WSGIEnvironment,
     ) -> None:
         environ[_HELD_KEY] = weakref.ref(self)  # not the body itself: no reference cycle
         self._body = body
-        self._batches: dict[MeisaState, _RequestBatch] | None = batches
+        self._batches: dict[MeisaState, Batch] | None = batches
         self._failed = failed
         # The states held now are those released: a thread of the request's may still add
         # another app's batch to ``batches`` (it read them just before the response left).
         self._states = tuple(batches)
         for state in self._states:
-            state.held.hold()
+            state.held.hold(self)
 
     def __iter__(self) -> Iterator[bytes]:
         try:
@@ -322,12 +332,12 @@ class _ReleasingBody:
         if batches is None:
             return
         for state in self._states:
-            state.held.releasing()
+            state.held.releasing(self)
         try:
             _release(batches, failed=self._failed)
         finally:
             for state in self._states:
-                state.held.released()
+                state.held.released(self)
 
     def __del__(self) -> None:
         if self._batches is None:

@@ -138,7 +138,7 @@ def json_object(value: object, field: str) -> dict[str, JSONValue] | None:
     """A JSON object field (``custom_fields``...) by :func:`to_json_value`, or ``None``."""
     if value is None:
         return None
-    if not isinstance(value, Mapping):
+    if type(value) is not dict and not isinstance(value, Mapping):  # a dict: no ABC check
         raise ValidationError(field, f"must be a mapping (a JSON object), not {_type_name(value)}")
     return cast("dict[str, JSONValue]", to_json_value(value, field))
 

@@ -232,12 +232,14 @@ class MeisaState:
                         raise
                     # Its cause alone: its advice (set MEISA_OUTBOX) is not for a command.
                     self.fell_back = str(error.__context__ or error)
+                    waits = " (the work in it waits there)" if os.path.exists(path or "") else ""
                     logger.warning(
-                        "meisa: %s. Delivery falls back to memory: work pending when a "
+                        "meisa: %s. Delivery falls back to memory%s: work pending when a "
                         "process stops is lost, and each process has its own budget. Put the "
                         "instance folder on a writable local disk (a mounted volume in a "
                         "container), or set MEISA_OUTBOX.",
                         error,
+                        waits,
                     )
                     self._store = Store(None)
         return self._store

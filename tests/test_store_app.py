@@ -489,7 +489,7 @@ def test_a_default_store_that_cannot_be_made_falls_back_to_memory_with_one_warni
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1
     assert str(tmp_path / "a-file" / "instance" / STORE_FILE) in warnings[0]
-    assert "falls back to memory" in warnings[0] and "set MEISA_OUTBOX" in warnings[0]
+    assert "falls back to memory:" in warnings[0] and "set MEISA_OUTBOX" in warnings[0]
     with app.app_context():
         meisa.upsert({"email": "ada@example.com", "external_id": "kept"})
         assert meisa.flush(5)

@@ -298,7 +298,6 @@ class _ReleasingBody:
         failed: bool,
         environ: WSGIEnvironment,
     ) -> None:
-        environ[_HELD_KEY] = weakref.ref(self)  # not the body itself: no reference cycle
         self._body = body
         self._batches: dict[MeisaState, Batch] | None = batches
         self._failed = failed
@@ -307,6 +306,9 @@ class _ReleasingBody:
         self._states = tuple(batches)
         for state in self._states:
             state.held.hold(self)
+        # Last: a thread of the request's flushing now releases it, held and whole (found
+        # earlier, it had no batches yet, or held them after their release, for good).
+        environ[_HELD_KEY] = weakref.ref(self)  # not the body itself: no reference cycle
 
     def __iter__(self) -> Iterator[bytes]:
         try:

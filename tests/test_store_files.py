@@ -5,6 +5,7 @@ store file deleted (with its folder) or replaced."""
 from __future__ import annotations
 
 import collections
+import fcntl
 import functools
 import os
 import shutil
@@ -17,6 +18,7 @@ import pytest
 
 from flask_meisa._engine import pending
 from flask_meisa._engine.host import HostLock
+from flask_meisa._engine.mounts import sqlite_files
 from flask_meisa._engine.store import Store
 from flask_meisa.emulator import Emulator
 from flask_meisa.operations import LANE_ROUTINE
@@ -193,6 +195,42 @@ def test_an_old_release_folder_deleted_as_its_workers_stop_leaves_the_shared_sto
     app.signal(signal.SIGTERM)
     assert app.wait() == 0, app.output
     assert not (releases / "1").exists() and "deleted or replaced" not in app.output
+    drain_without_loss(emu, environment(emu, releases / "2" / "instance"), requests)
+
+
+@pytest.mark.parametrize("store", ["deleted", "replaced"])
+def test_a_shared_store_gone_with_an_old_release_folder_is_made_again_in_the_shared_one(
+    emu: Emulator, tmp_path: Path, processes: Processes, store: str
+) -> None:
+    # The old release deleted, and the shared store file with it (or replaced: a new one
+    # made there): its workers made the release's folder again for a file of their own, and
+    # moved every operation of the old one into it, read by no later start (5 events and
+    # a send lost).
+    requests = 5
+    shared, releases = tmp_path / "shared" / "instance", tmp_path / "releases"
+    shared.mkdir(parents=True)
+    for release in ("1", "2"):
+        (releases / release).mkdir(parents=True)
+        (releases / release / "instance").symlink_to(shared)
+    old = environment(emu, releases / "1" / "instance", MEISA_TEST_RATE="none")
+    emu.faults.outage(600)  # nothing is delivered: everything waits in the store
+    app = processes.app({**old, "MEISA_TEST_FLUSH_TIMEOUT": "0"}, "serve", str(requests))
+    assert app.wait_for_line("ready"), app.output
+    assert wait_stored(shared, "track", requests)
+    assert app.wait_for_line(DELIVERS), app.output
+    shutil.rmtree(releases / "1")
+    folder = os.open(shared, os.O_RDONLY)
+    try:  # the folder's lock, as the store takes it to make a file: its -wal is not one new
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        for name in sqlite_files(str(store_path(shared))):
+            Path(name).unlink(missing_ok=True)
+    finally:
+        os.close(folder)
+    if store == "replaced":
+        Store(store_path(shared)).close()
+    assert app.wait_for_line("moved the", 10), app.output
+    app.signal(signal.SIGTERM)
+    assert app.wait() == 0, app.output
     drain_without_loss(emu, environment(emu, releases / "2" / "instance"), requests)
 
 

@@ -1,7 +1,8 @@
 """Which filesystem a folder is on: a store on a network filesystem is refused, since
 SQLite's locks and its write-ahead log's shared memory do not hold there, and hosts
 sharing one would corrupt it; whether it is full; whether a store's files are writable;
-where SQLite keeps a store's files, and with which mode flask-meisa makes them."""
+where SQLite keeps a store's files, where one whose link went is, and with which mode
+flask-meisa makes them."""
 
 from __future__ import annotations
 
@@ -83,6 +84,14 @@ def sqlite_files(path: str) -> tuple[str, str, str]:
     target and beside it."""
     real = os.path.realpath(path)
     return real, real + "-wal", real + "-shm"
+
+
+def home(path: str, found: str) -> str:
+    """Where the store file ``path``, opened where SQLite ``found`` it, is now: there, when
+    the folder ``path`` names is gone but that one is not (a folder linked to a shared one,
+    an old release's, deleted: the processes of the other releases find it there)."""
+    gone = not os.path.lexists(os.path.dirname(path))
+    return found if gone and os.path.isdir(os.path.dirname(found)) else path
 
 
 def opened(path: str, flags: int) -> int:

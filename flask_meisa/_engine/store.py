@@ -26,6 +26,7 @@ from .host import set_aside
 from .host import transaction
 from .mounts import check_writable
 from .mounts import disk_full
+from .mounts import home
 from .mounts import network_filesystem
 from .mounts import opened
 
@@ -41,8 +42,7 @@ _NOTED = {
     "meisa_answers": ("at",),
     "meisa_ops": ("first_attempt",),
 }
-#: Other times, moved back with the clock when they lie after it (one before it may have
-#: been stored since the step).
+#: Other times, moved back with the clock when after it (one before it may be stored since).
 _UNNOTED = {"meisa_ops": ("ready_at", "created_at", "failed_at")}
 
 
@@ -311,19 +311,20 @@ class Store:
             return not at_path(db.execute("PRAGMA database_list").fetchone()[2], opened)
 
     def follow(self) -> int:
-        """After :meth:`moved`: use the file now at the path, with the operations left in the
-        old one moved into it; how many (on failure the old file stays in use)."""
+        """After :meth:`moved`: use the file now at the path (see :func:`home`), with the work
+        left in the old one moved into it; how many (on failure the old file stays in use)."""
         with self._lock:
             assert self.path is not None and self._db is not None
-            old, opened, self._db = self._db, self._opened, None
+            old, opened, path, self._db = self._db, self._opened, self.path, None
             try:
+                self.path = home(path, old.execute("PRAGMA database_list").fetchone()[2])
                 with checking(self.path):
                     self.check()
                 # A copy put in its place beside its -wal reads that -wal: its rows are ours.
                 carried = 0 if self._reads_wal_of(old) else carry_over(old, self)
             except BaseException:
                 self.close()
-                self._db, self._opened = old, opened
+                self._db, self._opened, self.path = old, opened, path
                 raise
             old.close()
             return carried
@@ -370,8 +371,7 @@ class Store:
                     for column in columns:
                         sql = f"UPDATE {table} SET {column} = {column} - ? WHERE {column} > ?"
                         db.execute(sql, (step, since))
-            pause = float(Store.get_meta(db, "pause_until", 0.0))
-            if pause > now:
+            if (pause := float(Store.get_meta(db, "pause_until", 0.0))) > now:
                 Store.set_meta(db, "pause_until", pause - step)
         if noted is None or step >= CLOCK_STEP or -step >= IDLE_NOTE:
             Store.set_meta(db, "clock", now)

@@ -205,6 +205,7 @@ class HeldBatches:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._waiters = 0  # released(), on every request, notifies only while one waits
+        self._waiting: set[int] = set()  # the threads in wait()
 
     def hold(self, response: object) -> None:
         """``response`` now holds a batch."""
@@ -224,17 +225,23 @@ class HeldBatches:
 
     def wait(self, timeout: float | None) -> bool:
         """Wait until no response holds a batch, at most ``timeout`` seconds (but for those this
-        thread is releasing: a receiver of their signals waiting would wait for itself)."""
+        thread is releasing: a receiver of their signals waiting would wait for itself; and,
+        while it releases one, for those threads waiting here release: each for the other)."""
         me = threading.get_ident()
 
         def done() -> bool:
-            return all(thread == me for thread in list(self._held.values()))
+            threads = list(self._held.values())
+            waiting = self._waiting if me in threads else {me}
+            return all(thread in waiting for thread in threads)
 
         with self._changed:
             self._waiters += 1
+            self._waiting.add(me)
+            self._changed.notify_all()  # a releasing thread waiting may wait for this one no more
             try:
                 return self._changed.wait_for(done, timeout)
             finally:
+                self._waiting.discard(me)
                 self._waiters -= 1
 
 

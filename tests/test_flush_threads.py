@@ -1,5 +1,6 @@
-"""``meisa.flush()`` in a thread of the request's (``copy_current_request_context``) just
-as the response leaves and holds the request's work, over a real threaded server."""
+"""``meisa.flush()`` in the threads of a real threaded server: in a thread of the request's
+(``copy_current_request_context``) just as the response leaves and holds the request's work;
+in receivers of the releases of several responses at once."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ import time
 from typing import Any
 
 import requests
+from flask import Flask
 from flask import copy_current_request_context
 from flask import request
 
 from flask_meisa import Meisa
+from flask_meisa import operation_queued
 from flask_meisa.emulator import Emulator
+from flask_meisa.operations import Operation
 from flask_meisa.testing import emulator_config
 from tests.apps import build_app
 from tests.servers import serve
@@ -74,3 +78,41 @@ def test_a_request_thread_flushing_as_the_response_leaves_releases_its_work_once
     finally:
         meisa.state(app).close(5.0)
     assert len(emulator.requests_to(UPSERT)) == 1
+
+
+def test_receivers_flushing_in_releases_of_concurrent_responses_do_not_wait_for_each_other(
+    emulator: Emulator,
+) -> None:
+    # An audit receiver that flushes once work is queued, on a threaded server: two
+    # responses released at once, each receiver's flush waited for the other's release,
+    # which waited in its own receiver: both waited their whole timeout.
+    app = build_app(emulator_config(emulator, MEISA_DELIVERY="thread"))
+    meisa: Meisa = app.extensions["meisa"]
+    together = threading.Barrier(2, timeout=10)
+    results: list[tuple[bool, float]] = []
+
+    def on_queued(sender: Flask, operation: Operation, **extra: Any) -> None:
+        together.wait()  # both releases are under way
+        with sender.app_context():
+            started = time.monotonic()
+            results.append((meisa.flush(3.0), time.monotonic() - started))
+
+    def login(url: str, user: int) -> None:
+        with requests.Session() as http:
+            assert http.post(f"{url}/login/{user}").status_code == 200
+
+    operation_queued.connect(on_queued, sender=app)
+    try:
+        with serve(app) as url:
+            clients = [threading.Thread(target=login, args=(url, user)) for user in (1, 2)]
+            for client in clients:
+                client.start()
+            for client in clients:
+                client.join(10)
+            with app.app_context():
+                assert meisa.flush(10)
+    finally:
+        operation_queued.disconnect(on_queued, sender=app)
+        meisa.state(app).close(5.0)
+    assert len(results) == 2 and all(flushed and took < 2.0 for flushed, took in results), results
+    assert len(emulator.requests_to(UPSERT)) == 2

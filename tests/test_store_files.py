@@ -171,13 +171,12 @@ def test_a_store_linked_into_a_shared_folder_not_made_yet_is_made_there(
     drain_without_loss(emu, env, requests)
 
 
-def test_an_old_release_folder_deleted_as_its_workers_stop_leaves_the_shared_store_alone(
-    emu: Emulator, tmp_path: Path, processes: Processes
-) -> None:
-    # A deploy's cleanup deleted the old release (its instance folder a link to the shared
-    # one) while its workers still ran: they took the store as deleted, made the release's
-    # folder again and moved every operation of the shared store into a file there.
-    requests = 5
+def _old_release_deleted_while_serving(
+    emu: Emulator, tmp_path: Path, processes: Processes, requests: int
+) -> tuple[Process, Path, Path]:
+    """Release 1 serving ``requests`` while Meisa is down, its instance folder (as release
+    2's) a link to the shared one, then its folder deleted by a deploy's cleanup: its app
+    (still running), the shared folder and the releases' folder."""
     shared, releases = tmp_path / "shared" / "instance", tmp_path / "releases"
     shared.mkdir(parents=True)
     for release in ("1", "2"):
@@ -190,6 +189,17 @@ def test_an_old_release_folder_deleted_as_its_workers_stop_leaves_the_shared_sto
     assert wait_stored(shared, "track", requests)
     assert app.wait_for_line(DELIVERS), app.output
     shutil.rmtree(releases / "1")
+    return app, shared, releases
+
+
+def test_an_old_release_folder_deleted_as_its_workers_stop_leaves_the_shared_store_alone(
+    emu: Emulator, tmp_path: Path, processes: Processes
+) -> None:
+    # A deploy's cleanup deleted the old release (its instance folder a link to the shared
+    # one) while its workers still ran: they took the store as deleted, made the release's
+    # folder again and moved every operation of the shared store into a file there.
+    requests = 5
+    app, _, releases = _old_release_deleted_while_serving(emu, tmp_path, processes, requests)
     # The writer looks at the path every 0.1 s: a second is ten looks.
     assert not wait_until(lambda: (releases / "1").exists(), 1.0), app.output
     app.signal(signal.SIGTERM)
@@ -207,18 +217,7 @@ def test_a_shared_store_gone_with_an_old_release_folder_is_made_again_in_the_sha
     # moved every operation of the old one into it, read by no later start (5 events and
     # a send lost).
     requests = 5
-    shared, releases = tmp_path / "shared" / "instance", tmp_path / "releases"
-    shared.mkdir(parents=True)
-    for release in ("1", "2"):
-        (releases / release).mkdir(parents=True)
-        (releases / release / "instance").symlink_to(shared)
-    old = environment(emu, releases / "1" / "instance", MEISA_TEST_RATE="none")
-    emu.faults.outage(600)  # nothing is delivered: everything waits in the store
-    app = processes.app({**old, "MEISA_TEST_FLUSH_TIMEOUT": "0"}, "serve", str(requests))
-    assert app.wait_for_line("ready"), app.output
-    assert wait_stored(shared, "track", requests)
-    assert app.wait_for_line(DELIVERS), app.output
-    shutil.rmtree(releases / "1")
+    app, shared, releases = _old_release_deleted_while_serving(emu, tmp_path, processes, requests)
     folder = os.open(shared, os.O_RDONLY)
     try:  # the folder's lock, as the store takes it to make a file: its -wal is not one new
         fcntl.flock(folder, fcntl.LOCK_EX)

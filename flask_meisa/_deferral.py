@@ -204,8 +204,8 @@ class HeldBatches:
         self._held: dict[int, int | None] = {}
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        self._waiters = 0  # released(), on every request, notifies only while one waits
-        self._waiting: set[int] = set()  # the threads in wait()
+        # The threads in wait(): released(), on every request, notifies only while one waits.
+        self._waiting: set[int] = set()
 
     def hold(self, response: object) -> None:
         """``response`` now holds a batch."""
@@ -219,7 +219,7 @@ class HeldBatches:
         """The batch of ``response`` no longer counts."""
         self._held.pop(id(response), None)
         # Read after the change: a waiter that did not see it already counted itself here.
-        if self._waiters:
+        if self._waiting:
             with self._changed:
                 self._changed.notify_all()
 
@@ -235,14 +235,12 @@ class HeldBatches:
             return all(thread in waiting for thread in threads)
 
         with self._changed:
-            self._waiters += 1
             self._waiting.add(me)
             self._changed.notify_all()  # a releasing thread waiting may wait for this one no more
             try:
                 return self._changed.wait_for(done, timeout)
             finally:
                 self._waiting.discard(me)
-                self._waiters -= 1
 
 
 class AfterResponseMiddleware:

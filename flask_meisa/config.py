@@ -310,8 +310,12 @@ class MeisaSettings:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> MeisaSettings:
-        """Validate every key of ``config`` into settings (see :func:`resolve_keys`), and
-        warn about each ``MEISA_*`` key that is no setting (a misspelling)."""
+        """Validate every key of ``config`` (a missing key takes its default) into
+        settings, and warn about each ``MEISA_*`` key that is no setting (a misspelling).
+
+        :raises ConfigurationError: one, naming every invalid key, the type of its value
+            and what is allowed.
+        """
         _warn_unknown_keys(config)
         values = resolve_keys(config, _BY_NAME)
         settings = {key.attribute: values[key.name] for key in KEYS if key.resolved}

@@ -28,11 +28,9 @@ own process, answering at once, then after 300 ms. Prints p50 and p99 per varian
 ratios to ``bare`` (target for ``default``: p50 <= 1.05x, p99 <= 1.20x), the p50 ratio
 paired round by round (the median of each round's ratio, steadier on a noisy machine), the
 lowest and highest of that paired ratio over the replicas (how far one process alone could
-have misled), and
-the CPU each gunicorn worker used per login during its own rounds, every thread (background
-delivery included), which other processes' load on a shared machine does not inflate, and
-how much of it Meisa's own threads (the writer, delivery) took (storing runs mostly in the
-request threads, after their responses: it counts in the whole figure only). Last,
+have misled), and the CPU each gunicorn worker used per login during its own rounds, every
+thread (background delivery included), which other processes' load on a shared machine does
+not inflate, and how much of it Meisa's own threads (the writer storing, delivery) took. Last,
 the p99 ratio without each replica's first round: at 0 ms that round holds its start-up
 burst (the fresh budget's first calls and the users' first syncs, delivered at once by the
 serving process), which otherwise sets the p99 of 3,000 logins.

@@ -127,10 +127,9 @@ def enqueue(state: MeisaState, operation: Operation | Later) -> None:
 
 def _dispatch(
     state: MeisaState, operations: Iterable[Operation], *, raise_refused: bool = False
-) -> bool:
+) -> None:
     """Hand ``operations`` to delivery (only report them while delivery is off); one the
-    engine refuses is reported dropped, or raised with ``raise_refused``. Returns whether
-    delivery is on."""
+    engine refuses is reported dropped, or raised with ``raise_refused``."""
     delivering = state.delivering()
     for operation in operations:
         report_queued(state, operation, delivering)
@@ -144,7 +143,6 @@ def _dispatch(
             state.refused += 1
             logger.error("meisa: %s was not accepted: %s", operation.describe(), error)
             state.reporter.dropped(operation, "refused")
-    return delivering
 
 
 def report_queued(state: MeisaState, operation: Operation, delivering: bool) -> None:
@@ -168,8 +166,7 @@ def _release(batches: dict[MeisaState, Batch] | None, *, failed: bool) -> None:
             logger.info("meisa: the request failed; %d collected operation(s) not released", count)
         else:
             try:
-                if _dispatch(state, _operations(batch)):
-                    state.dispatcher.store_now()
+                _dispatch(state, _operations(batch))
             except Exception:
                 logger.exception("meisa: releasing a request's operations failed")
 

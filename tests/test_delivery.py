@@ -706,11 +706,11 @@ def test_what_the_writer_stores_again_one_by_one_waits_in_memory_while_the_store
 
         writes = 0
 
-        def write(self, *, wait: bool = True) -> Any:
+        def write(self) -> Any:
             self.writes += 1
             if self.writes == 2:
                 raise sqlite3.OperationalError("disk I/O error")
-            return super().write(wait=wait)
+            return super().write()
 
     engine = make_engine(emulator, store=FailingOnce(tmp_path / "store.sqlite3"))
     good, unstorable = upsert(2), upsert(1, a="x" * 600_000)
@@ -798,9 +798,9 @@ def test_a_delivery_thread_waiting_looks_at_the_store_now_and_then_not_in_a_loop
     assert wait_until(lambda: engine.status().in_flight == 0)
     write, looks = engine.store.write, []
 
-    def counted(*, wait: bool = True) -> Any:
+    def counted() -> Any:
         looks.append(1)
-        return write(wait=wait)
+        return write()
 
     engine.store.write = counted  # type: ignore[method-assign]
     # The span over which the looks are counted. More work of the lane held back by the

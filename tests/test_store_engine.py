@@ -160,27 +160,21 @@ def quiet_writer(
     monkeypatch: pytest.MonkeyPatch,
 ) -> Delivery:
     """A started engine whose writer thread stores nothing for a minute (its group window
-    and its poll) while another process delivers (the test's lock): what is stored
-    meanwhile, a thread handing work over stored (store_now), and no delivery thread of
-    this process uses the store."""
+    and its poll) but for a flush, while another process delivers (the test's lock): no
+    delivery thread of this process uses the store."""
     monkeypatch.setattr(writer, "GROUP_WINDOW", 60.0)
     engine = make_engine(emulator, RecordingHooks(), poll_interval=60.0)
     assert engine.first_pass(10)
     return engine
 
 
-def test_a_group_due_is_stored_by_the_thread_that_hands_it_over_without_waiting(
+def test_work_handed_over_waits_for_its_groups_window_but_not_a_flush(
     quiet_writer: Delivery, path: Path
 ) -> None:
-    # A request's thread, once its response is out, stores what is due: no other thread
-    # to wake.
     engine = quiet_writer
     engine.submit([upsert(1)])
-    engine.store_now()
-    assert waiting(path) == 1
-    engine.submit([upsert(2)])  # within the window of that group: the writer's
-    engine.store_now()
-    assert waiting(path) == 1
+    engine.submit([upsert(2)])
+    assert waiting(path) == 0  # handing over stores nothing: the writer stores the group
     assert engine.flush(0.5) is False  # the window is no wait for a flush
     assert waiting(path) == 2
 
@@ -192,8 +186,8 @@ def test_the_writers_look_at_the_hosts_files_leaves_a_group_to_the_end_of_its_wi
     path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # The look, every poll, stored the group a request's thread was about to: a pass at a
-    # random moment, in a thread woken for it, while requests run.
+    # The look, every poll, stored the group it found: a group cut short at a random
+    # moment, in a thread woken for it, while requests run.
     monkeypatch.setattr(writer, "GROUP_WINDOW", 60.0)
     engine = make_engine(emulator, RecordingHooks(), poll_interval=0.01)
     assert engine.first_pass(10)
@@ -270,7 +264,6 @@ def test_work_handed_over_is_stored_within_its_window_while_the_writer_looks(
     for n in range(1, 41):
         handed = time.monotonic()
         engine.submit([upsert(n)])
-        engine.store_now()  # a request's thread: within the last group's window, or not
         stored = functools.partial(lambda n: waiting(path) == n, n)
         assert engine._wait_until(stored, time.monotonic() + 5)
         waited.append(time.monotonic() - handed)
@@ -302,19 +295,6 @@ def test_a_look_that_fails_leaves_the_group_it_did_not_take_to_the_end_of_its_wi
     assert engine._wait_until(lambda: waiting(path) == 1, time.monotonic() + 10)
 
 
-def test_a_backlog_handed_over_is_left_to_the_writer_not_to_the_thread_handing_it_over(
-    quiet_writer: Delivery, path: Path
-) -> None:
-    # A request's thread stores a group of a few requests' work, never a backlog (a burst
-    # of hand-overs): that would hold it, and its next request, for as long.
-    engine = quiet_writer
-    engine.submit([upsert(n) for n in range(writer.AT_MOST_HERE + 1)])
-    engine.store_now()
-    assert waiting(path) == 0
-    assert engine.flush(0.5) is False  # the writer stores it
-    assert waiting(path) == writer.AT_MOST_HERE + 1
-
-
 def test_a_thread_handing_work_over_never_waits_for_the_store(
     emulator: Emulator, make_engine: MakeEngine, path: Path
 ) -> None:
@@ -324,8 +304,7 @@ def test_a_thread_handing_work_over_never_waits_for_the_store(
     other = sqlite3.connect(path, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")  # another process writes
     try:
-        engine.submit([upsert(1)])
-        handing_over = threading.Thread(target=engine.store_now)
+        handing_over = threading.Thread(target=engine.submit, args=([upsert(1)],))
         handing_over.start()
         handing_over.join(10)  # a wait would be the busy timeout: a minute
         assert not handing_over.is_alive()
@@ -335,35 +314,6 @@ def test_a_thread_handing_work_over_never_waits_for_the_store(
     assert engine.flush(10)  # the writer stored it once the store was free
     assert len(answered(emulator, UPSERT)) == 1
     assert len(hooks.of("delivered")) == 1
-
-
-def test_a_requests_thread_interrupted_after_its_groups_commit_stores_it_once(
-    emulator: Emulator,
-    make_engine: MakeEngine,
-    path: Path,
-    lock: HostLock,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # Under gunicorn's sync worker a request's thread is the main thread, where a quit
-    # signal raises SystemExit wherever it is: here as the group's commit is over (a
-    # hook of that group's pass runs then: one of the two tracks is shed, queue_size 1).
-    monkeypatch.setattr(writer, "GROUP_WINDOW", 60.0)
-    hooks, shed = RecordingHooks(), []
-
-    def dropped(operation: Operation, reason: str) -> None:
-        shed.append(operation.payload["external_id"])
-        if threading.current_thread() is threading.main_thread():
-            raise SystemExit(0)  # as gunicorn's sync worker's handler of SIGQUIT
-
-    hooks.dropped = dropped  # type: ignore[method-assign]
-    engine = make_engine(emulator, hooks, queue_size=1)
-    assert engine.first_pass(10)
-    engine.submit([track(1), track(2)])
-    with pytest.raises(SystemExit):
-        engine.store_now()
-    assert engine.flush(0.5) is False  # the lock's holder delivers: the rows stay
-    assert shed == ["t-1"]  # not again, nor the kept one (stored again, then shed)
-    assert query(path, "SELECT ext FROM meisa_ops") == [("ext:t-2",)]
 
 
 def test_the_next_engine_delivers_what_a_closed_one_left(
@@ -749,10 +699,10 @@ def test_a_flush_in_a_process_that_keeps_handing_work_over_waits_only_for_earlie
     write = engine.store.write
 
     @contextlib.contextmanager
-    def write_while_more_comes(*, wait: bool = True) -> Iterator[sqlite3.Connection]:
+    def write_while_more_comes() -> Iterator[sqlite3.Connection]:
         if loaded.is_set() and threading.current_thread().name == "flask-meisa-writer":
             engine.submit([upsert(next(more), tag="later")])
-        with write(wait=wait) as db:
+        with write() as db:
             yield db
 
     engine.store.write = write_while_more_comes  # type: ignore[method-assign]
@@ -778,8 +728,8 @@ def test_a_flush_waits_for_no_later_work_given_the_seq_of_a_row_over_since(
     chained, more = threading.Event(), iter(range(1, 100_000))
     store_batch, stored = engine._store_batch, threading.Event()
 
-    def store_and_say(batch: list[Operation], *, wait: bool = True) -> tuple[int, list[Any]]:
-        done = store_batch(batch, wait=wait)
+    def store_and_say(batch: list[Operation]) -> tuple[int, list[Any]]:
+        done = store_batch(batch)
         stored.set()
         return done
 
@@ -1218,99 +1168,6 @@ def test_a_close_while_the_writer_waits_for_a_locked_store_gives_up_on_what_it_h
     assert sorted(op.id for op in hooks.of("dropped")) == sorted(op.id for op in held + later)
     assert {hooks.detail(op) for op in hooks.of("dropped")} == {"shutdown"}
     assert "5 operations were not delivered before shutdown" in caplog.text
-
-
-@pytest.mark.parametrize("freed", [False, True], ids=["locked", "freed"])
-def test_a_close_waits_for_a_requests_thread_storing_a_group_as_for_the_writer(
-    emulator: Emulator,
-    make_engine: MakeEngine,
-    path: Path,
-    lock: HostLock,
-    caplog: pytest.LogCaptureFixture,
-    freed: bool,
-) -> None:
-    # A request's thread stores a group after its response (store_now) as the engine
-    # closes, while another process holds the store's write lock: the group it gives back
-    # is stored by the writer once the store is free, or else reported dropped and counted
-    # at the close like what the writer holds; never put back in memory once the close
-    # took what was left there.
-    caplog.set_level(logging.WARNING, logger="flask_meisa.engine")
-    hooks = RecordingHooks()
-    store = Store(path)
-    engine = make_engine(emulator, hooks, store=store)
-    assert engine.first_pass(10)
-    write, storing, go_on = store.write, threading.Event(), threading.Event()
-
-    @contextlib.contextmanager
-    def write_when_told(*, wait: bool = True) -> Iterator[sqlite3.Connection]:
-        if not wait:  # the request's thread, its group taken from memory
-            storing.set()
-            go_on.wait(10)
-        with write(wait=wait) as db:
-            yield db
-
-    store.write = write_when_told  # type: ignore[method-assign]
-    held = [track(n) for n in range(2)]
-    engine.submit(held)
-    handing_over = threading.Thread(target=engine.store_now)
-    handing_over.start()
-    assert storing.wait(10)
-    mend = _locked(store, path)
-    lost: list[int] = []
-    closing = threading.Thread(target=lambda: lost.append(engine.close(0.1)))
-    try:
-        closing.start()
-        closing.join(0.5)  # the close is over, or waits for the request's thread
-        go_on.set()
-        handing_over.join(10)  # it gave the group back: the store is locked
-        if freed:
-            mend()
-        closing.join(10)
-    finally:
-        go_on.set()
-        if not freed:
-            mend()
-    if freed:
-        assert lost == [0]
-        assert waiting(path) == 2
-        assert hooks.of("dropped") == []
-    else:
-        assert lost == [2]
-        assert sorted(op.id for op in hooks.of("dropped")) == sorted(op.id for op in held)
-        assert {hooks.detail(op) for op in hooks.of("dropped")} == {"shutdown"}
-        assert waiting(path) == 0
-
-
-def test_a_hook_may_close_the_engine_in_a_requests_thread_storing_its_group(
-    emulator: Emulator,
-    make_engine: MakeEngine,
-    path: Path,
-    lock: HostLock,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # The writer waits for a request's thread's pass before it ends: not for the pass of
-    # the thread that closes (its dropped hook: one of the two tracks is shed, queue_size 1).
-    monkeypatch.setattr(writer, "GROUP_WINDOW", 60.0)
-    hooks, answers = RecordingHooks(), []
-    record = hooks.dropped
-
-    def dropped(operation: Operation, reason: str) -> None:
-        record(operation, reason)
-        answers.append(engine.close(0))
-
-    hooks.dropped = dropped  # type: ignore[method-assign]
-    engine = make_engine(emulator, hooks, store=Store(path, busy_timeout=60.0), queue_size=1)
-    assert engine.first_pass(10)
-    engine.submit([track(1), track(2)])
-    handing_over = threading.Thread(target=engine.store_now)
-    handing_over.start()
-    handing_over.join(10)  # a wait for the writer would be its allowance: a minute
-    assert not handing_over.is_alive()
-    assert answers == [0]
-    assert waiting(path) == 1  # the group was stored, the track shed reported
-    assert [hooks.detail(op) for op in hooks.of("dropped")] == ["queue_full"]
-    writers = [t for t in engine._threads if t.name == "flask-meisa-writer"]
-    assert eventually(lambda: not any(t.is_alive() for t in writers))  # at once: not in 60 s
 
 
 def test_a_flush_waits_for_the_hooks_of_work_shed_from_memory_by_another_thread(

@@ -168,10 +168,6 @@ class Dispatcher(Protocol):
         """Take operations, never waiting on Meisa (closed: take none, raise ``EngineClosed``);
         what cannot be taken is reported to ``hooks.dropped`` (a send raises instead)."""
 
-    def store_now(self) -> None:
-        """A request's thread, its response out and its work submitted, may store work."""
-        return None  # (nothing to store: each operation went on at once)
-
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything submitted is finished; ``True`` if nothing is left."""
 

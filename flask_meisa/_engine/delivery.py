@@ -173,8 +173,6 @@ class Delivery(Writer):
         # (more time for it alone); threads in a call are left to it, all in one allowance.
         ends = time.monotonic() + 2.0
         for thread in (t for t in self._threads if t is not threading.current_thread()):
-            if thread.name == "flask-meisa-writer" and self._passing == threading.get_ident():
-                continue  # a hook of this thread's pass closes: the writer waits for it
             more = self.store.busy_timeout if thread.name == "flask-meisa-writer" else 0.0
             thread.join(max(ends + more - time.monotonic(), 0.0))
         with self._lock:  # what is given up on: reporting from here (see _drop)

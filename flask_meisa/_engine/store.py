@@ -51,10 +51,6 @@ class ForAnotherMeisa(Exception):
     process's: work stored in it would be sent there, with that process's key."""
 
 
-class StoreBusy(sqlite3.OperationalError):
-    """The store is in use, and the caller would not wait for it."""
-
-
 class OtherSchema(ConfigurationError):
     """The store file was written by another flask-meisa (a newer one, or a development
     version): this one neither reads nor writes it."""
@@ -255,31 +251,18 @@ class Store:
             yield self._connection()
 
     @contextmanager
-    def write(self, *, wait: bool = True) -> Iterator[sqlite3.Connection]:
-        """A write transaction, holding the database's write lock from its start; without
-        ``wait``, :class:`StoreBusy` at once where another thread or process holds it."""
-        if not self._lock.acquire(blocking=wait):
-            raise StoreBusy("another thread of this process uses the store")
-        try:
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction, holding the database's write lock from its start."""
+        with self._lock:
             db = self._connection()
-            if not wait:
-                if db.in_transaction:  # this thread's own, further up
-                    raise StoreBusy("this thread is in a transaction of the store")
-                db.execute("PRAGMA busy_timeout = 0")
-            try:
-                with transaction(db):
-                    changes = db.total_changes
-                    yield db
-                    if db.total_changes != changes:  # no time it stored is later than the note
-                        # Noted when later than the note (a step back is Store.now's).
-                        now, noted = time.time(), Store.get_meta(db, "clock")
-                        if noted is None or now - float(noted) >= CLOCK_STEP:
-                            Store.set_meta(db, "clock", now)
-            finally:
-                if not wait:
-                    db.execute(f"PRAGMA busy_timeout = {round(self.busy_timeout * 1000)}")
-        finally:
-            self._lock.release()
+            with transaction(db):
+                changes = db.total_changes
+                yield db
+                if db.total_changes != changes:  # no time it stored is later than the note
+                    # Noted when later than the note (a step back is Store.now's).
+                    now, noted = time.time(), Store.get_meta(db, "clock")
+                    if noted is None or now - float(noted) >= CLOCK_STEP:
+                        Store.set_meta(db, "clock", now)
 
     def close(self) -> None:
         """Close this process's connection (a memory database starts empty again)."""

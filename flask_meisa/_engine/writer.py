@@ -1,6 +1,5 @@
-"""Storing what was handed over, in groups (group commit), one transaction each: by a
-request's thread once its response is out (:meth:`Writer.store_now`), else by the process's
-writer thread at the end of the group's window (docs/delivery.md, step 3)."""
+"""Storing what was handed over, in groups (group commit), one transaction each, by the
+process's writer thread at the end of the group's window (docs/delivery.md, step 3)."""
 
 from __future__ import annotations
 
@@ -28,12 +27,9 @@ if TYPE_CHECKING:
     from .caller import Caller
     from .store import Store
 
-#: At most how long work handed over waits in memory before the writer thread stores it, in
-#: seconds; a request's thread stores it sooner, after its response, a window after the last
-#: group began (one transaction per group of requests).
+#: How long work handed over waits in memory before the writer thread stores it, in seconds:
+#: one transaction for the work of every request in the window.
 GROUP_WINDOW = 0.01
-#: The most a request's thread stores (a backlog is the writer's: it would hold the thread).
-AT_MOST_HERE = 100
 logger = logging.getLogger("flask_meisa.engine")
 
 
@@ -54,13 +50,10 @@ class Writer:
     _intake: list[Operation]
     _writing: list[Operation]  # taken by a pass, not yet stored
     # Passes begun (a look that left the intake too), and the last one that stored all it
-    # took (a flush under steady load never sees memory empty); whether one runs; when the
-    # last that took work began, and when the writer stores the intake (monotonic); whether
-    # the writer waits for work (else for that time).
+    # took (a flush under steady load never sees memory empty); when the writer stores the
+    # intake (monotonic); whether the writer waits for work (else for that time).
     _passes: int
     _stored_pass: int
-    _passing: int  # the thread of the pass that runs (0: none)
-    _last_group: float
     _due: float
     _writer_idle: bool
     _dropped_here: int  # shed from memory, or not stored (writer_error)
@@ -77,7 +70,7 @@ class Writer:
         """No pass yet (in a new process)."""
         self._intake, self._writing = [], []
         self._passes = self._stored_pass = self._dropped_here = self._progress = 0
-        self._passing, self._last_group, self._due = 0, -math.inf, math.inf
+        self._due = math.inf
         self._writer_idle, self._store_failing = False, None
         self._live_rows, self._count_at = 0, 0.0
 
@@ -120,71 +113,38 @@ class Writer:
         finally:
             self._caller.count(reporting=-len(operations))
 
-    def store_now(self) -> None:
-        """Store what waits in memory in the calling thread (a request's, once its response
-        is out: no wake-up of another thread, and a thread the client no longer waits for),
-        when no group began in the last :data:`GROUP_WINDOW` and the store is free at once;
-        else the writer thread stores it, within that window."""
-        with self._lock:
-            now = time.monotonic()
-            if (
-                self._passing
-                or not 0 < len(self._intake) <= AT_MOST_HERE
-                or now < self._last_group + GROUP_WINDOW
-                or not self._stored_pass  # the writer's first pass takes delivery over first
-                or self._store_failing
-                or self._stopping
-            ):
-                return
-            batch, number = self._take(now)
-        stored = done = None
-        try:
-            done = self._store_batch(batch, wait=False)
-            stored = number  # committed: an interruption from here on gives nothing back
-        except Exception:  # busy, failing or a bug: the writer's to handle
-            pass
-        finally:
-            self._writer_done(*((batch, []) if stored else ([], batch)))
-            self._pass_over(stored)
-        if done is not None:
-            self._after_store(*done)
-
-    def _take(self, now: float, due: bool = True) -> tuple[list[Operation], int]:
+    def _take(self, due: bool) -> tuple[list[Operation], int]:
         """Begin a pass (under the lock): the intake (none when not ``due``: a look at the
-        host's files in a group's window leaves the group to a request's thread), and the
+        host's files in a group's window leaves the group to the window's end), and the
         pass's number."""
-        batch, self._passing = [], threading.get_ident()
+        batch: list[Operation] = []
         if due:
             batch, self._intake = self._intake, []
         self._writing = batch
         self._passes += 1
-        if batch:
-            self._last_group = now
         return batch, self._passes
 
     def _pass_over(self, stored: int | None) -> None:
-        """The pass is over; pass ``stored`` stored all it took (passes run one at a time)."""
+        """The pass is over; pass ``stored`` stored all it took."""
         with self._lock:
-            self._passing, self._stored_pass = 0, self._stored_pass if stored is None else stored
+            self._stored_pass = self._stored_pass if stored is None else stored
             self._progress += 1
             self._idle.notify_all()
-            if self._stopping:  # the writer waits for it to end
-                self._wake.notify_all()
 
     def _write_loop(self) -> None:
         version, look_at = -1, 0.0  # (a data version is never negative)
         while True:
             with self._lock:
-                if self._stopping and not self._intake and not self._passing:
-                    return  # (what a request's thread's pass gives back is stored first)
+                if self._stopping and not self._intake:
+                    return
                 now = time.monotonic()
                 due = now if self._stopping else self._due if self._intake else math.inf
-                if self._passing or min(due, look_at) > now:  # (a request's thread stores)
+                if min(due, look_at) > now:
                     self._writer_idle = not self._intake
-                    self._wake.wait(GROUP_WINDOW if self._passing else min(due, look_at) - now)
+                    self._wake.wait(min(due, look_at) - now)
                     self._writer_idle = False
                     continue
-                batch, number = self._take(now, due <= now)
+                batch, number = self._take(due <= now)
             stored, backoff, took_all = len(batch), False, None
             try:
                 if looks := now >= look_at:  # the host's files: once a poll
@@ -234,14 +194,12 @@ class Writer:
                         return  # closing: what is left is reported lost
                     self._wake.wait(self._poll)
 
-    def _store_batch(
-        self, batch: list[Operation], *, wait: bool = True
-    ) -> tuple[int, list[Operation]]:
+    def _store_batch(self, batch: list[Operation]) -> tuple[int, list[Operation]]:
         """Store ``batch`` in one transaction: the lowest lane it took, and what the bound
         on the store shed (for :meth:`_after_store`, once the pass holds nothing)."""
         lowest, shed, fields = LANE_BACKFILL, [], self.settings.priority_fields
         try:
-            with self.store.write(wait=wait) as db:
+            with self.store.write() as db:
                 self.refuse_foreign(db)
                 for operation in batch:
                     had = functools.partial(known.lookup, db, operation.payload)

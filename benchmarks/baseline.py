@@ -18,6 +18,7 @@ reads back.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -67,10 +68,19 @@ def home(engine: str) -> Path:
     return source() if engine == "baseline" else ROOT
 
 
+def missing() -> str | None:
+    """Why today's engine cannot run here, or ``None``."""
+    if importlib.util.find_spec("cachetools") is None:
+        return "today's engine needs cachetools (pip install -e '.[bench]')"
+    return None
+
+
 def environ(engine: str, **extra: str) -> dict[str, str]:
     """The environment of a child process that imports ``engine``'s flask_meisa. Start it
     in :data:`~support.HERE`: a child started at the repository's root would find this
     tree's package first, whatever the path says."""
+    if engine == "baseline" and (why := missing()):
+        raise RuntimeError(why)
     return {**os.environ, "PYTHONPATH": str(home(engine)), "PYTHONUNBUFFERED": "1", **extra}
 
 

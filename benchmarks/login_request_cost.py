@@ -336,6 +336,9 @@ def main(argv: list[str] | None = None) -> None:
     if "celery" in names and missing:
         print(f"Celery variant left out: {missing}")
         names.remove("celery")
+    if "today" in names and (why := baseline.missing()):
+        print(f"today's engine left out: {why}")
+        names.remove("today")
     print(f"load average at the start: {load_average()}")
     rows = run(args.logins, args.rounds, names, max(args.replicas, 1))
     print(

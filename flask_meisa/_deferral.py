@@ -268,16 +268,20 @@ class AfterResponseMiddleware:
             # From here on the response is on its way: work queued while a stream is
             # being written goes straight to delivery.
             environ[_RESPONDED_KEY] = True
-        batches = environ.pop(_BATCH_KEY, None)
+        batches = environ.get(_BATCH_KEY)
         if not batches:
             return body
-        failed = _server_error(status)
         if self._state.app.testing:
-            _release(batches, failed=failed)
+            _release(environ.pop(_BATCH_KEY, None), failed=_server_error(status))
             return body
-        # Made elsewhere: this frame outlives the call while a logged error's traceback
-        # holds it (asgiref never closes a body: it goes once nothing holds it).
-        return _ReleasingBody(body, batches, failed, environ)
+        try:
+            # Not kept in this frame, which outlives the call while a logged error's
+            # traceback holds it (asgiref never closes a body: it goes once nothing holds it).
+            return _ReleasingBody(body, batches, _server_error(status), environ)
+        finally:
+            # Taken from the request once held: a flush of a thread of the request's
+            # meanwhile finds one or the other (or releases them itself).
+            environ.pop(_BATCH_KEY, None)
 
 
 def _server_error(status_line: str) -> bool:

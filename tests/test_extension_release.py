@@ -885,7 +885,8 @@ def test_an_address_change_in_a_request_is_a_call_of_its_own_after_the_old_addre
 class _RacyEnviron(dict):  # type: ignore[type-arg]
     """A WSGI environ that orders two threads around the "responded" mark: the request's
     own thread reads it just before the server's thread sets it (the GIL may switch threads
-    between any two bytecodes), and waits there until the server has taken the batches."""
+    between any two bytecodes), and waits there until the server has looked for the
+    batches."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -898,6 +899,8 @@ class _RacyEnviron(dict):  # type: ignore[type-arg]
         if key == "flask_meisa.responded" and threading.current_thread() is self.worker:
             self.checked.set()
             self.taken.wait(5)
+        elif key == "flask_meisa.batch" and threading.current_thread() is not self.worker:
+            self.taken.set()
         return value
 
     def __setitem__(self, key: Any, value: Any) -> None:

@@ -37,7 +37,7 @@ TABLES = {"meisa_ops", "meisa_calls", "meisa_known", "meisa_answers", "meisa_met
 
 
 def test_a_new_store_is_a_file_in_wal_mode_with_its_schema(tmp_path: Path) -> None:
-    path = tmp_path / "deep" / "folder" / "store.sqlite3"
+    path = tmp_path / "folder" / "store.sqlite3"  # its folder made (only it: see test_store_app)
     store = Store(path)
     assert store.durable and store.path == str(path)
     db = sqlite3.connect(path)

@@ -104,6 +104,7 @@ def test_a_relative_path_names_a_file_in_the_instance_folder_from_any_folder(
     # use their store: relative to the working directory, it made and used one of its own.
     config = emulator_config(emulator, MEISA_DELIVERY="thread", MEISA_OUTBOX="var/outbox.db")
     paths = []
+    (tmp_path / "instance").mkdir()  # (only the store's own folder is made)
     for folder in ("server", "admin"):
         (tmp_path / folder).mkdir()
         monkeypatch.chdir(tmp_path / folder)
@@ -541,7 +542,9 @@ def test_an_app_started_on_a_full_disk_keeps_its_store_and_delivers_once_space_r
         subprocess.run(["umount", instance], check=True)
 
 
-@pytest.mark.parametrize("where", ["a-file/store.sqlite3", "a-folder"])
+# A folder is made for it in one that exists only: a path whose folders are missing (a typo,
+# an old release's deleted folder) is said at the start, not made.
+@pytest.mark.parametrize("where", ["a-file/store.sqlite3", "a-folder", "none/none/store.sqlite3"])
 def test_an_explicit_store_that_cannot_be_made_fails_init_app(
     emulator: Emulator, tmp_path: Path, where: str
 ) -> None:

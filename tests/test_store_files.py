@@ -233,12 +233,32 @@ def test_a_shared_store_gone_with_an_old_release_folder_is_made_again_in_the_sha
     drain_without_loss(emu, environment(emu, releases / "2" / "instance"), requests)
 
 
+def test_a_process_of_an_old_release_started_after_its_folder_went_leaves_the_shared_store_alone(
+    emu: Emulator, tmp_path: Path, processes: Processes
+) -> None:
+    # The old release's server starts a worker after the deploy's cleanup deleted the
+    # release: it made the release's instance folder again, a plain one, for a store of its
+    # own (it cannot know the shared one), and the old workers, taking the shared store as
+    # replaced, moved every operation of it into that file, read by no later start.
+    requests = 20
+    app, _, releases = _old_release_deleted_while_serving(emu, tmp_path, processes, requests)
+    late = processes.app(environment(emu, releases / "1" / "instance"), "serve", "0")
+    assert late.wait_for_line("ready"), late.output
+    assert "Delivery falls back to memory" in late.output
+    app.signal(signal.SIGTERM)  # stopping, it looks at the store's path once more
+    assert app.wait() == 0, app.output
+    assert not (releases / "1").exists() and "deleted or replaced" not in app.output
+    assert late.stop() == 0, late.output
+    drain_without_loss(emu, environment(emu, releases / "2" / "instance"), requests)
+
+
 def test_work_left_by_a_release_says_where_it_waits(
     emu: Emulator, tmp_path: Path, processes: Processes
 ) -> None:
     # Release directories, each with its own instance folder: what the old release's
     # workers leave pending is read by no later start; their log says where it is.
     old_release = tmp_path / "releases" / "1" / "instance"
+    old_release.parent.mkdir(parents=True)  # (the release's code; the store's folder is made)
     env = environment(emu, old_release, MEISA_TEST_RATE="none", MEISA_TEST_FLUSH_TIMEOUT="0")
     emu.faults.outage(600)
     app = processes.app(env, "serve", "5")

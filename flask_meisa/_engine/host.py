@@ -258,12 +258,19 @@ def _locked(fd: int) -> bool:
 @contextmanager
 def checking(path: str) -> Iterator[None]:
     """A ``flock`` on the folder of the store file ``path`` (made when missing, where links
-    point) while it is checked or made: processes starting together neither set aside nor
-    read another's fresh file. A deleted file's ``-wal`` and ``-shm`` go before it is made
-    again (SQLite would read them as theirs); the processes that have it open keep theirs."""
+    point, in a folder that exists) while it is checked or made: processes starting together
+    neither set aside nor read another's fresh file. A deleted file's ``-wal`` and ``-shm`` go
+    before it is made again (SQLite would read them as theirs); the processes that have it
+    open keep theirs.
+
+    :raises FileNotFoundError: the folder's parent is missing too (an old release's, deleted
+        as its server starts a worker: made again, a store there is read by no later start,
+        and the release's other workers would move theirs into it)."""
     if getattr(_checking, "path", None) == path:  # this thread holds it already
         yield
         return
+    if not os.path.isdir(parent := os.path.dirname(os.path.dirname(path))):
+        raise FileNotFoundError(f"{parent} does not exist: only the store's own folder is made")
     os.makedirs(os.path.dirname(os.path.realpath(path)), exist_ok=True)  # a shared one linked
     fd, locked = None, False
     with suppress(OSError):  # a folder that cannot be locked is checked unguarded

@@ -51,6 +51,17 @@ def store_path(instance: Path) -> Path:
     return instance / STORE_NAME
 
 
+def linked_releases(root: Path) -> tuple[Path, Path]:
+    """Releases 1 and 2 in ``root``, the instance folder of each a link to a shared one (as
+    Capistrano's ``linked_dirs``): the shared instance folder and the releases' folder."""
+    shared, releases = root / "shared" / "instance", root / "releases"
+    shared.mkdir(parents=True)
+    for release in ("1", "2"):
+        (releases / release).mkdir(parents=True)
+        (releases / release / "instance").symlink_to(shared)
+    return shared, releases
+
+
 def stored(instance: Path) -> DeliveryStatus:
     """What the host's store holds now, read from this process."""
     store = Store(store_path(instance))

@@ -30,6 +30,7 @@ from tests.process_support import Process
 from tests.process_support import Processes
 from tests.process_support import drain_without_loss
 from tests.process_support import environment
+from tests.process_support import linked_releases
 from tests.process_support import store_path
 from tests.process_support import wait_stored
 from tests.process_support import wait_until
@@ -177,11 +178,7 @@ def _old_release_deleted_while_serving(
     """Release 1 serving ``requests`` while Meisa is down, its instance folder (as release
     2's) a link to the shared one, then its folder deleted by a deploy's cleanup: its app
     (still running), the shared folder and the releases' folder."""
-    shared, releases = tmp_path / "shared" / "instance", tmp_path / "releases"
-    shared.mkdir(parents=True)
-    for release in ("1", "2"):
-        (releases / release).mkdir(parents=True)
-        (releases / release / "instance").symlink_to(shared)
+    shared, releases = linked_releases(tmp_path)
     old = environment(emu, releases / "1" / "instance", MEISA_TEST_RATE="none")
     emu.faults.outage(600)  # nothing is delivered: everything waits in the store
     app = processes.app({**old, "MEISA_TEST_FLUSH_TIMEOUT": "0"}, "serve", str(requests))

@@ -14,6 +14,7 @@ import importlib
 import itertools
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -35,7 +36,9 @@ from flask_meisa.emulator.recording import RecordedRequest
 from tests.process_support import ROOT
 from tests.process_support import Process
 from tests.process_support import Processes
+from tests.process_support import drain_without_loss
 from tests.process_support import environment
+from tests.process_support import linked_releases
 from tests.process_support import no_loss
 from tests.process_support import store_path
 from tests.process_support import stored
@@ -279,6 +282,34 @@ def test_a_graceful_stop_keeps_the_rest_for_the_next_start_of_the_server(
         f"delivered them in {delivered_in:.1f}s ({len(emu.requests) - calls} calls)"
     )
     assert statuses(emu)[429] == 0
+
+
+def test_workers_forked_after_the_old_release_folder_went_store_in_the_shared_store(
+    emu: Emulator, start_server: StartServer, tmp_path: Path
+) -> None:
+    # --preload: the master opened the store through releases/1/instance, a link to the
+    # shared folder; the deploy's cleanup deleted the release, and the master replaced its
+    # workers. The new ones made the release's folder again, for a store no later start
+    # reads, or (not making it) held their work in memory, lost at their stop.
+    requests_made = 30
+    shared, releases = linked_releases(tmp_path)
+    emu.faults.outage(600)  # nothing is delivered: everything waits in the store
+    old = {"MEISA_TEST_INSTANCE": str(releases / "1" / "instance"), "MEISA_TEST_RATE": "none"}
+    server = start_server(emu, "--preload", **old, MEISA_TEST_FLUSH_TIMEOUT="0")
+    post_all(server.url, work(range(10)))
+    assert wait_stored(shared, "track", 10)
+    shutil.rmtree(releases / "1")
+    workers = server.wait_booted(WORKERS)
+    for pid in workers:
+        signal_process(pid, signal.SIGTERM)  # each replaced by a worker forked now
+    server.wait_booted(2 * WORKERS)
+    exits = [f"Worker exiting (pid: {pid})" for pid in workers]
+    assert server.process.wait_for(lambda p: all(e in p.output for e in exits))
+    post_all(server.url, work(range(10, requests_made)))
+    assert wait_stored(shared, "track", requests_made), server.process.output
+    assert server.stop() == 0, server.process.output
+    assert not (releases / "1").exists()
+    drain_without_loss(emu, environment(emu, releases / "2" / "instance"), requests_made)
 
 
 class Hung:

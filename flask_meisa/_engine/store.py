@@ -132,6 +132,7 @@ class Store:
         self._lock = threading.RLock()
         self._db: sqlite3.Connection | None = None
         self._opened: tuple[int, int] | None = None  # the file of the connection (device, inode)
+        self._found: str | None = None  # where SQLite found it (kept across a fork: see home)
         self._unchecked = False  # the disk was full: checked at its first use instead
         self.durable = self.path is not None  # a file: shared by the host, kept on restarts
         STORES.add(self)
@@ -202,6 +203,8 @@ class Store:
                 self._unchecked = True
                 raise
         if self._db is None:
+            if self.path and self._found:  # (a forked worker's, its linked folder gone since)
+                self.path = home(self.path, self._found)
             path = self.path  # made, when missing, under its folder's lock (see checking)
             with checking(path) if path and not os.path.exists(path) else nullcontext():
                 return self._connect()
@@ -242,6 +245,7 @@ class Store:
         self._db = db
         if self.path is not None:
             self._opened = identity(os.stat(self.path))
+            self._found = db.execute("PRAGMA database_list").fetchone()[2]
         return db
 
     @contextmanager
@@ -288,26 +292,26 @@ class Store:
         opened, path, db = self._opened, self.path, self._db  # (none while the fork hook closed)
         if not (db and opened and path) or at_path(path, opened):
             return False
-        if link or os.path.exists(path):
-            return True
-        with self._lock:  # (an old release's instance folder, linked to a shared one, deleted)
-            return not at_path(db.execute("PRAGMA database_list").fetchone()[2], opened)
+        # Not when only a link went (an old release's instance folder, linked to a shared one,
+        # deleted): the file is where SQLite found it still.
+        return link or os.path.exists(path) or not at_path(self._found or path, opened)
 
     def follow(self) -> int:
         """After :meth:`moved`: use the file now at the path (see :func:`home`), with the work
         left in the old one moved into it; how many (on failure the old file stays in use)."""
         with self._lock:
-            assert self.path is not None and self._db is not None
-            old, opened, path, self._db = self._db, self._opened, self.path, None
+            assert self.path is not None and self._db is not None and self._found is not None
+            old, opened, found, path = self._db, self._opened, self._found, self.path
+            self._db = None
             try:
-                self.path = home(path, old.execute("PRAGMA database_list").fetchone()[2])
+                self.path = home(path, found)
                 with checking(self.path):
                     self.check()
                 # A copy put in its place beside its -wal reads that -wal: its rows are ours.
                 carried = 0 if self._reads_wal_of(old) else carry_over(old, self)
             except BaseException:
                 self.close()
-                self._db, self._opened, self.path = old, opened, path
+                self._db, self._opened, self._found, self.path = old, opened, found, path
                 raise
             old.close()
             return carried

@@ -2000,3 +2000,46 @@ def test_the_first_housekeeping_forgets_all_that_meisa_accepted_too_long_ago(
         return int(query(path, sql, time.time() - known.KEEP_FOR)[0][0])
 
     assert eventually(lambda: left() == 0), left()
+
+
+def test_a_hook_on_the_writers_thread_may_close_the_engine_storing_what_waits_in_memory(
+    emulator: Emulator,
+    make_engine: MakeEngine,
+    path: Path,
+    lock: HostLock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The writer alone stores: a dropped hook (a track shed, queue_size 1) runs on its
+    # thread, and closes the engine while another thread's work waits in memory. That work
+    # is stored for the next engine, at once: not waited for over the close's allowance
+    # (the thread that would store it is the one waiting), then reported lost.
+    caplog.set_level(logging.WARNING, logger="flask_meisa.engine")
+    hooks, answers, handed = RecordingHooks(), [], threading.Event()
+    record = hooks.dropped
+
+    def hand_over() -> None:
+        engine.submit([send(1)])
+        handed.set()
+
+    def dropped(operation: Operation, reason: str) -> None:
+        record(operation, reason)
+        if not handed.is_set():  # another request's thread hands work over meanwhile
+            threading.Thread(target=hand_over).start()
+            assert handed.wait(10)
+            answers.append(engine.close())
+
+    hooks.dropped = dropped  # type: ignore[method-assign]
+    engine = make_engine(emulator, hooks, store=Store(path), queue_size=1, flush_timeout=30.0)
+    assert engine.first_pass(10)
+    began = time.monotonic()
+    engine.submit([track(1), track(2)])
+    assert hooks.wait_for("dropped", 1, timeout=60)
+    writers = [t for t in engine._threads if t.name == "flask-meisa-writer"]
+    assert eventually(lambda: not any(t.is_alive() for t in writers), timeout=60)
+    assert time.monotonic() - began < 10  # not the close's allowance: 30 s
+    assert answers == [0]
+    # The send stored, the other track shed by it then (the bound is one operation).
+    assert [hooks.detail(op) for op in hooks.of("dropped")] == ["queue_full"] * 2
+    assert query(path, "SELECT kind FROM meisa_ops") == [("send",)]
+    assert "not delivered before shutdown" not in caplog.text
+    assert engine.store._db is None  # not opened again by the rest of the pass

@@ -132,6 +132,7 @@ class Writer:
             self._idle.notify_all()
 
     def _write_loop(self) -> None:
+        """The writer thread (and a close in a hook of its pass: none other stores then)."""
         version, look_at = -1, 0.0  # (a data version is never negative)
         while True:
             with self._lock:
@@ -145,7 +146,7 @@ class Writer:
                     self._writer_idle = False
                     continue
                 batch, number = self._take(due <= now)
-            stored, backoff, took_all = len(batch), False, None
+            stored, backoff, took_all, done = len(batch), False, None, None
             try:
                 if looks := now >= look_at:  # the host's files: once a poll
                     look_at = now + self._poll
@@ -158,7 +159,6 @@ class Writer:
                     done = self._store_batch(batch)
                     self._writer_done(batch, [])
                     batch = []
-                    self._after_store(*done)
                 took_all = number
                 if looks:  # the file replaced, or new work from another process?
                     self._caller.follow()
@@ -188,6 +188,8 @@ class Writer:
                 self._writer_done(batch[:count], batch[count:])
             finally:
                 self._pass_over(took_all)
+            if done is not None:  # its hooks last: one may close the engine (see close)
+                self._after_store(*done)
             if backoff:
                 with self._lock:
                     if self._stopping:

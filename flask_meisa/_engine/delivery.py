@@ -159,7 +159,8 @@ class Delivery(Writer):
                 return 0
             started, self._closed = self._started, True  # no new operations from here on
             self._store_at_once()
-        if started and threading.current_thread().name == "flask-meisa-writer":
+        here = threading.current_thread()
+        if started and here.name == "flask-meisa-writer" and here in self._threads:
             with self._lock:  # a hook of the writer's pass: none other stores what waits
                 self._stopping = True
                 self._caller.stop()

@@ -28,6 +28,7 @@ from . import _deferral as deferral
 from . import signals
 from ._engine.base import DeliveryStatus
 from ._engine.base import Dispatcher
+from ._engine.base import in_hook
 from ._payloads import flag
 from ._payloads import normalize_email
 from ._payloads import to_json_value
@@ -265,7 +266,8 @@ class Meisa:
         timeout = _wait_limit(timeout)
         deferral.release_now(state)
         deadline = None if timeout is None else time.monotonic() + timeout
-        if not state.held.wait(timeout):
+        # In an engine's hook (a dropped receiver on the writer's thread): answered at once.
+        if not state.held.wait(0 if in_hook() else timeout):
             return False
         if not state.has_dispatcher():
             return True

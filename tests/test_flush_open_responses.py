@@ -27,7 +27,9 @@ from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
 from flask_meisa import Meisa
+from flask_meisa import delivery_dropped
 from flask_meisa import operation_queued
+from flask_meisa._engine.host import HostLock
 from flask_meisa.emulator import Emulator
 from flask_meisa.operations import Operation
 from flask_meisa.testing import emulator_config
@@ -404,3 +406,42 @@ def test_a_forked_child_does_not_wait_for_responses_its_parent_held(emulator: Em
     with app.app_context():
         assert meisa.flush(10)
     assert len(emulator.requests_to(UPSERT)) == 1
+
+
+def test_flush_in_a_dropped_receiver_on_the_writers_thread_does_not_wait_for_open_responses(
+    emulator: Emulator, tmp_path: Any
+) -> None:
+    # The writer alone stores, and runs the receivers of what its pass shed (queue_size 1):
+    # a flush there answers at once, as the engine's does in a hook, and does not hold the
+    # writer for its timeout while a response (a download, a stream) holds its batch: all
+    # the process's released work would wait that long in memory, not ~10 ms.
+    path = tmp_path / "outbox.sqlite3"
+    app = make_app(emulator, MEISA_OUTBOX=str(path), MEISA_QUEUE_SIZE=1)
+    meisa: Meisa = app.extensions["meisa"]
+    elsewhere = HostLock(f"{path}.lock")  # another process delivers: the rows stay
+    assert elsewhere.try_acquire()
+    answers: list[tuple[bool, str, float]] = []
+    answered = threading.Event()
+
+    def flush_when_dropped(sender: Flask, **extra: Any) -> None:
+        began = time.monotonic()
+        with sender.app_context():
+            done = meisa.flush(5)
+        answers.append((done, threading.current_thread().name, time.monotonic() - began))
+        answered.set()
+
+    try:
+        with delivery_dropped.connected_to(flush_when_dropped, app):
+            kept = app.test_client().post("/login/1")  # its batch held until it is closed
+            with app.app_context():
+                meisa.track("first", external_id="x1")
+                meisa.track("second", external_id="x2")  # one more than the store takes
+                assert answered.wait(10)
+            kept.close()
+            ((done, thread, took),) = answers[:1]
+            assert (done, thread) == (False, "flask-meisa-writer")
+            assert took < 1.0  # not the flush's 5 s
+    finally:
+        with app.app_context():
+            meisa.close(timeout=0)
+        elsewhere.release()

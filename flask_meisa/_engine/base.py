@@ -56,18 +56,26 @@ class DeliveryHooks(Protocol):
         """The operation was shed (e.g. a full queue) or abandoned at exit."""
 
 
+_IN_HOOK = threading.local()
+
+
+def in_hook() -> bool:
+    """Whether this thread is in an engine's hook, where waiting for delivery would deadlock
+    or hold up an engine's thread (the writer's: all the process's storing)."""
+    return bool(getattr(_IN_HOOK, "depth", 0))
+
+
 class HookCaller:
     """Calls :class:`DeliveryHooks` methods, logging what they raise (a hook is the app's
     code, run on a delivery thread)."""
 
     def __init__(self, hooks: DeliveryHooks, logger: logging.Logger) -> None:
         self.hooks, self.logger = hooks, logger
-        self._running = threading.local()
 
     @property
     def running(self) -> bool:
-        """Whether this thread is in a hook (where waiting for delivery would deadlock)."""
-        return bool(getattr(self._running, "depth", 0))
+        """Whether this thread is in a hook (see :func:`in_hook`)."""
+        return in_hook()
 
     def skip_reason(self, operation: Operation) -> str | None:
         """The hook's reason to skip ``operation``; a hook that raises skips nothing."""
@@ -76,7 +84,7 @@ class HookCaller:
 
     def call(self, name: str, operation: Operation, *args: Any) -> Any:
         """Call hook ``name`` and return what it returns (``None`` when it raised)."""
-        self._running.depth = getattr(self._running, "depth", 0) + 1
+        _IN_HOOK.depth = getattr(_IN_HOOK, "depth", 0) + 1
         try:
             return getattr(self.hooks, name)(operation, *args)
         except Exception:
@@ -86,7 +94,7 @@ class HookCaller:
             )
             return None
         finally:
-            self._running.depth -= 1
+            _IN_HOOK.depth -= 1
 
 
 class CallClient:

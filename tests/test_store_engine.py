@@ -2043,3 +2043,24 @@ def test_a_hook_on_the_writers_thread_may_close_the_engine_storing_what_waits_in
     assert query(path, "SELECT kind FROM meisa_ops") == [("send",)]
     assert "not delivered before shutdown" not in caplog.text
     assert engine.store._db is None  # not opened again by the rest of the pass
+
+
+@pytest.mark.xfail(strict=True, reason="open: the writer runs the receivers of what it sheds")
+def test_a_slow_dropped_receiver_does_not_hold_up_storing_what_other_threads_hand_over(
+    emulator: Emulator, make_engine: MakeEngine, path: Path, lock: HostLock
+) -> None:
+    # The writer alone stores, and reports what the store's bound sheds (queue_size 1) on
+    # its own thread: a receiver that takes its time (an alert sent per operation) holds
+    # every thread's released work in memory, unbounded, past the ~10 ms SIGKILL window.
+    hooks = RecordingHooks()
+    entered, release = hooks.hold("dropped")
+    engine = make_engine(emulator, hooks, queue_size=1)
+    try:
+        assert engine.first_pass(10)
+        engine.submit([track(1), track(2)])
+        assert entered.wait(10)  # the receiver of the track shed runs, and takes its time
+        engine.submit([send(1)])  # another request's thread hands a send over
+        assert eventually(lambda: ("send",) in query(path, "SELECT kind FROM meisa_ops"), 2.0)
+    finally:
+        release.set()
+        engine.close(0)

@@ -416,10 +416,10 @@ def test_flush_in_a_dropped_receiver_on_the_writers_thread_does_not_wait_for_ope
     # writer for its timeout while a response (a download, a stream) holds its batch: all
     # the process's released work would wait that long in memory, not ~10 ms.
     path = tmp_path / "outbox.sqlite3"
-    app = make_app(emulator, MEISA_OUTBOX=str(path), MEISA_QUEUE_SIZE=1)
-    meisa: Meisa = app.extensions["meisa"]
     elsewhere = HostLock(f"{path}.lock")  # another process delivers: the rows stay
     assert elsewhere.try_acquire()
+    app = make_app(emulator, MEISA_OUTBOX=str(path), MEISA_QUEUE_SIZE=1)
+    meisa: Meisa = app.extensions["meisa"]
     answers: list[tuple[bool, str, float]] = []
     answered = threading.Event()
 
@@ -439,7 +439,7 @@ def test_flush_in_a_dropped_receiver_on_the_writers_thread_does_not_wait_for_ope
                 assert answered.wait(10)
             kept.close()
             ((done, thread, took),) = answers[:1]
-            assert (done, thread) == (False, "flask-meisa-writer")
+            assert (done, thread) == (False, "flask-meisa-reporter")
             assert took < 1.0  # not the flush's 5 s
     finally:
         with app.app_context():

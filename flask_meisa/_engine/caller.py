@@ -82,7 +82,7 @@ class Caller:
             self._stopped = True
             self._wake.notify_all()
 
-    def start(self, spawn: Callable[[Callable[[], None], str], None]) -> None:
+    def start(self, spawn: Callable[[Callable[[], None], str], object]) -> None:
         """Start the delivery threads with ``spawn``, once, unless stopped."""
         with self._lock:
             if not self._started and not self._stopped:

@@ -159,13 +159,7 @@ class Delivery(Writer):
                 return 0
             started, self._closed = self._started, True  # no new operations from here on
             self._store_at_once()
-        here = threading.current_thread()
-        if started and here.name == "flask-meisa-writer" and here in self._threads:
-            with self._lock:  # a hook of the writer's pass: none other stores what waits
-                self._stopping = True
-                self._caller.stop()
-            self._write_loop()
-        elif started:
+        if started:
             wait = self.settings.flush_timeout if timeout is None else timeout
             deadline = time.monotonic() + wait
             self._wait_until(lambda: not self._unstored(), deadline)

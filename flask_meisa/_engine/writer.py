@@ -57,6 +57,9 @@ class Writer:
     _due: float
     _writer_idle: bool
     _dropped_here: int  # shed from memory, or not stored (writer_error)
+    # What the writer shed, for the reporter thread to report (started on the first).
+    _reports: list[tuple[list[Operation], str, str]]
+    _reporter: bool
     # Live operations stored, as last counted plus added since, and when to count again.
     _live_rows: int
     _count_at: float
@@ -73,6 +76,7 @@ class Writer:
         self._due = math.inf
         self._writer_idle, self._store_failing = False, None
         self._live_rows, self._count_at = 0, 0.0
+        self._reports, self._reporter = [], False
 
     def _take_in(self, batch: list[Operation]) -> None:
         """(Under the lock.) ``batch`` joins the intake: stored within the group window."""
@@ -87,13 +91,16 @@ class Writer:
         self._due = -math.inf
         self._wake.notify_all()
 
-    def _spawn(self, target: Callable[[], None], name: str) -> None:
+    def _spawn(self, target: Callable[[], None], name: str) -> bool:
+        """Start a thread of the engine's; whether it started."""
         try:
             if sys.is_finalizing():  # before Python 3.12, start() then waits forever
                 raise RuntimeError("interpreter shutdown")
             self._threads.append(start_daemon(target, name))
         except RuntimeError:  # no new threads at interpreter shutdown
             logger.warning("flask-meisa: cannot start the %s thread", name)
+            return False
+        return True
 
     def kick(self) -> None:
         """There may be new work, or progress: wake the delivery threads and any flush."""
@@ -112,6 +119,34 @@ class Writer:
                 self.hooks.call("dropped", op, reason)
         finally:
             self._caller.count(reporting=-len(operations))
+
+    def _drop_later(self, operations: list[Operation], reason: str, why: str) -> None:
+        """(The writer.) :meth:`_drop` in the reporter thread: the writer stores on while the
+        receivers run, whatever they do (here when none can: closing, interpreter shutdown)."""
+        if not operations:
+            return
+        with self._lock:
+            if not self._reporter and not self._stopping:
+                self._reporter = self._spawn(self._report_loop, "flask-meisa-reporter")
+            if self._reporter and not self._stopping:
+                self._reports.append((operations, reason, why))
+                self._wake.notify_all()
+                return
+        self._drop(operations, reason, why)
+
+    def _report_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._reports and not self._stopping:
+                    self._wake.wait()
+                reports, self._reports = self._reports, []
+            if not reports:
+                return  # (what the writer sheds from here on, it reports itself)
+            for operations, reason, why in reports:
+                self._drop(operations, reason, why)
+            with self._lock:  # a flush waits for these hooks
+                self._progress += 1
+                self._idle.notify_all()
 
     def _take(self, due: bool) -> tuple[list[Operation], int]:
         """Begin a pass (under the lock): the intake (none when not ``due``: a look at the
@@ -132,7 +167,6 @@ class Writer:
             self._idle.notify_all()
 
     def _write_loop(self) -> None:
-        """The writer thread (and a close in a hook of its pass: none other stores then)."""
         version, look_at = -1, 0.0  # (a data version is never negative)
         while True:
             with self._lock:
@@ -146,7 +180,7 @@ class Writer:
                     self._writer_idle = False
                     continue
                 batch, number = self._take(due <= now)
-            stored, backoff, took_all, done = len(batch), False, None, None
+            stored, backoff, took_all = len(batch), False, None
             try:
                 if looks := now >= look_at:  # the host's files: once a poll
                     look_at = now + self._poll
@@ -159,6 +193,7 @@ class Writer:
                     done = self._store_batch(batch)
                     self._writer_done(batch, [])
                     batch = []
+                    self._after_store(*done)
                 took_all = number
                 if looks:  # the file replaced, or new work from another process?
                     self._caller.follow()
@@ -188,8 +223,6 @@ class Writer:
                 self._writer_done(batch[:count], batch[count:])
             finally:
                 self._pass_over(took_all)
-            if done is not None:  # its hooks last: one may close the engine (see close)
-                self._after_store(*done)
             if backoff:
                 with self._lock:
                     if self._stopping:
@@ -225,7 +258,7 @@ class Writer:
         blocked = self._caller.blocked_lane
         if blocked is None or lowest < blocked:
             self.kick()
-        self._drop(shed, "queue_full", f"at most {self._capacity} operations wait")
+        self._drop_later(shed, "queue_full", f"at most {self._capacity} operations wait")
 
     def _writer_done(self, stored: list[Operation], back: list[Operation]) -> None:
         """The pass holds nothing now: ``back`` goes back to memory but what submit shed, for
@@ -239,7 +272,7 @@ class Writer:
                 self._wake.notify_all()
             self._dropped_here += len(shed)
             self._caller.count(reporting=-sum(id(op) not in kept for op in stored))
-        self._drop(shed, "queue_full", self._full)
+        self._drop_later(shed, "queue_full", self._full)
 
     def store_works(self, error: BaseException | None) -> None:
         """Log once when the store starts failing, and once when it works again."""

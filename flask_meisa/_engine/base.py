@@ -72,11 +72,6 @@ class HookCaller:
     def __init__(self, hooks: DeliveryHooks, logger: logging.Logger) -> None:
         self.hooks, self.logger = hooks, logger
 
-    @property
-    def running(self) -> bool:
-        """Whether this thread is in a hook (see :func:`in_hook`)."""
-        return in_hook()
-
     def skip_reason(self, operation: Operation) -> str | None:
         """The hook's reason to skip ``operation``; a hook that raises skips nothing."""
         reason: str | None = self.call("skip_reason", operation)

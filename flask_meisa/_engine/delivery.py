@@ -22,6 +22,7 @@ from .base import ClientFactory
 from .base import DeliveryHooks
 from .base import DeliveryStatus
 from .base import HookCaller
+from .base import in_hook
 from .base import lease_of
 from .base import require_real_threads
 from .budget import Budget
@@ -132,7 +133,7 @@ class Delivery(Writer):
         over before the call is over and its hooks ran, whichever process delivers it;
         :class:`EngineClosed` when the engine stops meanwhile."""
         self.start()
-        if self.hooks.running:
+        if in_hook():
             return self._unstored() + self._left(None) == 0  # waiting would deadlock
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:

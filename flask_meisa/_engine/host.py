@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from typing import Any
 
 from ..errors import ConfigurationError
+from .mounts import folders_owner
 from .mounts import opened
 from .mounts import sqlite_files
 
@@ -258,14 +259,11 @@ def _locked(fd: int) -> bool:
 @contextmanager
 def checking(path: str) -> Iterator[None]:
     """A ``flock`` on the folder of the store file ``path`` (made when missing, where links
-    point, in a folder that exists) while it is checked or made: processes starting together
-    neither set aside nor read another's fresh file. A deleted file's ``-wal`` and ``-shm`` go
-    before it is made again (SQLite would read them as theirs); the processes that have it
-    open keep theirs.
-
-    :raises FileNotFoundError: the folder's parent is missing too (an old release's, deleted
-        as its server starts a worker: made again, a store there is read by no later start,
-        and the release's other workers would move theirs into it)."""
+    point) while it is checked or made: processes starting together neither set aside nor
+    read another's fresh file. A deleted file's ``-wal`` and ``-shm`` go before it is made
+    again (SQLite would read them as theirs). :class:`FileNotFoundError` when the folder's
+    parent is missing too (an old release's, deleted: a store made there would be read by
+    no later start, and that release's workers would move their work into it)."""
     if getattr(_checking, "path", None) == path:  # this thread holds it already
         yield
         return
@@ -290,16 +288,6 @@ def checking(path: str) -> Iterator[None]:
         _checking.path = None
         if fd is not None:
             os.close(fd)
-
-
-def folders_owner(path: str) -> None:
-    """Run as root (``sudo flask db upgrade``), give the file ``path`` root made the owner
-    of its folder when that is another user: the app, run as that user, must write it."""
-    if os.geteuid() == 0:
-        with suppress(OSError):
-            folder, file = os.stat(os.path.dirname(path)), os.stat(path)
-            if folder.st_uid != 0 and file.st_uid == 0:
-                os.chown(path, folder.st_uid, folder.st_gid)
 
 
 def set_aside(store: Store, error: BaseException) -> None:

@@ -1,8 +1,8 @@
 """Which filesystem a folder is on: a store on a network filesystem is refused, since
 SQLite's locks and its write-ahead log's shared memory do not hold there, and hosts
 sharing one would corrupt it; whether it is full; whether a store's files are writable;
-where SQLite keeps a store's files, where one whose link went is, and with which mode
-flask-meisa makes them."""
+where SQLite keeps a store's files, where one whose link went is, and with which mode and
+owner flask-meisa makes them."""
 
 from __future__ import annotations
 
@@ -103,3 +103,13 @@ def opened(path: str, flags: int) -> int:
     except OSError:
         shared = 0
     return os.open(path, flags | os.O_CREAT | os.O_CLOEXEC, 0o660 if shared else 0o600)
+
+
+def folders_owner(path: str) -> None:
+    """Run as root (``sudo flask db upgrade``), give the file ``path`` root made the owner
+    of its folder when that is another user: the app, run as that user, must write it."""
+    if os.geteuid() == 0:
+        with suppress(OSError):
+            folder, file = os.stat(os.path.dirname(path)), os.stat(path)
+            if folder.st_uid != 0 and file.st_uid == 0:
+                os.chown(path, folder.st_uid, folder.st_gid)

@@ -68,6 +68,7 @@ class Delivery(Writer):
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._idle = threading.Condition(self._lock)
+        self._to_report = threading.Condition(self._lock)
         self._fresh_passes()
         self._threads = []
         self._started = self._stopping = self._closed = self._ended = False
@@ -169,6 +170,7 @@ class Delivery(Writer):
         with self._lock:  # and no delivery thread starts from here on
             self._stopping = True
             self._wake.notify_all()
+            self._to_report.notify_all()
             self._caller.stop()
         # The writer (first) stores what it can, or has it back past the store's busy timeout
         # (more time for it alone); threads in a call are left to it, all in one allowance.

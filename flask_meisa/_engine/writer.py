@@ -45,6 +45,7 @@ class Writer:
     _lock: threading.Lock
     _wake: threading.Condition  # the writer waits here
     _idle: threading.Condition  # flush waits here
+    _to_report: threading.Condition  # the reporter waits here
     _progress: int  # times it was notified
     _threads: list[threading.Thread]
     _intake: list[Operation]
@@ -130,7 +131,7 @@ class Writer:
                 self._reporter = self._spawn(self._report_loop, "flask-meisa-reporter")
             if self._reporter and not self._stopping:
                 self._reports.append((operations, reason, why))
-                self._wake.notify_all()
+                self._to_report.notify()
                 return
         self._drop(operations, reason, why)
 
@@ -138,7 +139,7 @@ class Writer:
         while True:
             with self._lock:
                 while not self._reports and not self._stopping:
-                    self._wake.wait()
+                    self._to_report.wait()
                 reports, self._reports = self._reports, []
             if not reports:
                 return  # (what the writer sheds from here on, it reports itself)

@@ -698,6 +698,29 @@ def test_what_the_writer_fails_to_store_is_reported_dropped_and_the_rest_of_its_
     assert engine.status().dropped == 1
 
 
+def test_a_dropped_hook_of_what_the_writer_failed_to_store_may_close_the_engine(
+    emulator: Emulator, make_engine: MakeEngine, hooks: RecordingHooks, tmp_path: Any
+) -> None:
+    # Run on the writer's thread, the hook's close() would wait its whole allowance for the
+    # one thread that stores: the very thread running it.
+    engine = make_engine(emulator, store=Store(tmp_path / "store.sqlite3"), flush_timeout=30.0)
+    answers: list[int] = []
+    record = hooks.dropped
+
+    def dropped(operation: Operation, reason: str) -> None:
+        record(operation, reason)
+        answers.append(engine.close())
+
+    hooks.dropped = dropped  # type: ignore[method-assign]
+    began = time.monotonic()
+    engine.submit([upsert(2), upsert(1, a="x" * 600_000)])  # one group: the second too big
+    assert hooks.wait_for("dropped", 1, timeout=60)
+    assert wait_until(lambda: bool(answers), timeout=60)
+    assert time.monotonic() - began < 10  # not the close's allowance: 30 s
+    assert answers == [0]
+    assert [hooks.detail(op) for op in hooks.of("dropped")] == ["writer_error"]
+
+
 def test_what_the_writer_stores_again_one_by_one_waits_in_memory_while_the_store_fails(
     emulator: Emulator, make_engine: MakeEngine, hooks: RecordingHooks, tmp_path: Any
 ) -> None:

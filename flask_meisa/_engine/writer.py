@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from .._threads import start_daemon
@@ -210,18 +211,18 @@ class Writer:
                 backoff = bool(stored)  # (a look that took nothing: the next is a poll away)
             except Exception:  # a bug: stored one by one, what still fails is reported
                 logger.exception("flask-meisa: delivery writer error; carrying on")
-                count = 0
+                stored_ones: list[Operation] = []
+                failed: list[Operation] = []
                 for operation in batch:
                     try:
                         self._after_store(*self._store_batch([operation]))
+                        stored_ones.append(operation)
                     except STORE_ERRORS:  # the store fails now: the rest waits in memory
                         break
                     except Exception:
-                        with self._lock:  # submit sheds into the same count
-                            self._dropped_here += 1
-                        self.hooks.call("dropped", operation, "writer_error")  # still unstored
-                    count += 1
-                self._writer_done(batch[:count], batch[count:])
+                        failed.append(operation)
+                left = batch[len(stored_ones) + len(failed) :]
+                self._writer_done(stored_ones, left, failed=failed)
             finally:
                 self._pass_over(took_all)
             if backoff:
@@ -261,9 +262,11 @@ class Writer:
             self.kick()
         self._drop_later(shed, "queue_full", f"at most {self._capacity} operations wait")
 
-    def _writer_done(self, stored: list[Operation], back: list[Operation]) -> None:
+    def _writer_done(
+        self, stored: list[Operation], back: list[Operation], *, failed: Sequence[Operation] = ()
+    ) -> None:
         """The pass holds nothing now: ``back`` goes back to memory but what submit shed, for
-        the writer to store at once."""
+        the writer to store at once; ``failed`` (not storable, a bug) is reported dropped."""
         with self._lock:
             kept, self._writing = {id(op) for op in self._writing}, []
             shed = [op for op in back if id(op) not in kept]
@@ -271,9 +274,13 @@ class Writer:
             if back:
                 self._due = -math.inf
                 self._wake.notify_all()
-            self._dropped_here += len(shed)
-            self._caller.count(reporting=-sum(id(op) not in kept for op in stored))
+            self._dropped_here += len(shed) + len(failed)
+            # What submit shed from the pass counts as reporting already: stored after all,
+            # it is not reported; not stored, it is reported once, as ``failed``.
+            gone = sum(id(op) not in kept for op in stored)
+            self._caller.count(reporting=sum(id(op) in kept for op in failed) - gone)
         self._drop_later(shed, "queue_full", self._full)
+        self._drop_later(list(failed), "writer_error", "")
 
     def store_works(self, error: BaseException | None) -> None:
         """Log once when the store starts failing, and once when it works again."""

@@ -2063,3 +2063,16 @@ def test_a_slow_dropped_receiver_does_not_hold_up_storing_what_other_threads_han
     finally:
         release.set()
         engine.close(0)
+
+
+def test_a_store_file_deleted_with_nothing_left_in_it_is_followed_saying_so(
+    emulator: Emulator, make_engine: MakeEngine, path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="flask_meisa.engine")
+    engine = make_engine(emulator, RecordingHooks(), store=Store(path))
+    assert engine.first_pass(10)
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        name.unlink(missing_ok=True)
+    assert eventually(lambda: "uses the file now there" in caplog.text), caplog.text
+    assert "(nothing was left in the old one)" in caplog.text
+    assert "moved the 0 operations" not in caplog.text

@@ -225,6 +225,8 @@ def test_a_shared_store_gone_with_an_old_release_folder_is_made_again_in_the_sha
     if store == "replaced":
         Store(store_path(shared)).close()
     assert app.wait_for_line("moved the", 10), app.output
+    # Named where it is (the release's path, followed by the link, is gone).
+    assert f"store {store_path(shared)} was deleted or replaced" in app.output
     app.signal(signal.SIGTERM)
     assert app.wait() == 0, app.output
     drain_without_loss(emu, environment(emu, releases / "2" / "instance"), requests)

@@ -139,10 +139,14 @@ class HostFiles:
 
     def __init__(self, store: Store) -> None:
         assert store.path is not None
-        self.store, self._path = store, store.path
+        self.store = store
         # What was at the path when moving to it failed, and until when not to try again.
         self._unfollowable: tuple[tuple[Any, ...], float] | None = None
         self._said: str | None = None
+
+    @property
+    def _path(self) -> str:
+        return self.store.path or ""  # (where it was followed to, when it was)
 
     def to_follow(self) -> bool:
         """Whether the store file was replaced and this process has yet to try moving to it."""
@@ -175,11 +179,12 @@ class HostFiles:
         self._said = self._unfollowable = None
         logger.warning(
             "flask-meisa: the delivery store %s was deleted or replaced while this process "
-            "(pid %d) had it open; it uses the file now there, into which it moved the %d "
-            "operations left in the old one",
+            "(pid %d) had it open; it uses the file now there%s",
             self._path,
             os.getpid(),
-            carried,
+            f", into which it moved the {carried} operations left in the old one"
+            if carried
+            else " (nothing was left in the old one)",
         )
 
     def closing(self, unfinished: Callable[[sqlite3.Connection], int]) -> None:

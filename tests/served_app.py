@@ -24,6 +24,9 @@ Scenarios:
   over. The child gives up after 45 seconds.
 - ``reuse``: make a request, close delivery, make ten more, exit without a flush; with
   ``closing``, the ten are made while another thread's close still flushes the first;
+- ``exit-fetch``: deliver, start a suppression list fetch, then wait for a signal (SIGTERM
+  exits normally); after the exit hooks, print ``engine after exit <bool>`` (whether the app
+  has a delivery engine again);
 - ``pool <n>``: deliver a request's operations, start ``n`` ``multiprocessing`` children
   (forked) that make five requests each and return, then flush, print ``pool flushed
   <bool> exits <codes>``.
@@ -39,14 +42,17 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
+from typing import cast
 
 from flask import Flask
 from flask_login import LoginManager
 from flask_login import login_user
 
 from flask_meisa import Meisa
+from flask_meisa._engine.delivery import Delivery
 from tests.apps import User
 
 #: ``POST /work/<n>`` upserts user ``n % USERS``.
@@ -266,6 +272,20 @@ def reuse(closing: bool) -> None:
     closer.join()
 
 
+def exit_fetch() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    app = create_app()
+    meisa: Meisa = app.extensions["meisa"]
+    state = meisa.state(app)
+    delivery = cast("Delivery", state.dispatcher)
+    say(f"delivers {delivery.first_pass(10) and delivery.is_holder}")  # the host's lock held
+    # weakref.finalize's exit hook runs after flask-meisa's (see _process).
+    weakref.finalize(state, lambda: say(f"engine after exit {state._dispatcher is not None}"))
+    state.suppression.refresh_in_background()
+    while True:
+        signal.pause()
+
+
 def keep_response(testing: bool) -> None:
     global KEPT
     app = create_app()
@@ -291,6 +311,8 @@ def main(argv: list[str]) -> None:
         keep_response(testing=numbers == ["testing"])
     elif scenario == "reuse":
         reuse(closing=numbers == ["closing"])
+    elif scenario == "exit-fetch":
+        exit_fetch()
     elif scenario == "pool":
         pool(int(numbers[0]))
     elif scenario == "fork":

@@ -1,13 +1,16 @@
 """Durability of the default delivery (the store in the instance folder) in app processes
 of their own (``tests/served_app.py``) against the emulator: SIGKILL with hundreds of
-operations pending during an outage, SIGTERM, a send replayed after a crash, a forked
-child, and a store locked by another connection."""
+operations pending during an outage, SIGTERM (with a suppression list fetch in flight), a
+send replayed after a crash, a forked child, and a store locked by another connection."""
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import signal
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +18,10 @@ import pytest
 
 from flask_meisa import Meisa
 from flask_meisa.emulator import Emulator
+from tests.hostile import Exchange
+from tests.hostile import hostile
+from tests.hostile import response
+from tests.process_support import STORE_NAME
 from tests.process_support import Processes
 from tests.process_support import drain_without_loss
 from tests.process_support import environment
@@ -185,6 +192,48 @@ def test_delivery_used_again_while_another_thread_closes_it_is_flushed_at_exit(
     numbers = tally(emu, 11)
     print(numbers)
     assert no_loss(numbers), output
+
+
+@pytest.mark.xfail(reason="an engine is made again after the exit hook", strict=True)
+def test_a_suppression_fetch_retried_after_the_exit_hook_makes_no_engine_again(
+    emu: Emulator, instance: Path, processes: Processes
+) -> None:
+    # A worker's exit closes delivery while another thread's suppression list fetch waits
+    # for its answer, a 503: its retry must not make the app an engine again, nor call.
+    closed = threading.Event()  # the exit hook closed delivery (gave up the host's lock)
+    fetching = threading.Event()
+
+    def answer(exchange: Exchange) -> None:
+        if not fetching.is_set():
+            fetching.set()
+            assert closed.wait(30)
+            exchange.send(response(503, {"error": {"code": "service_unavailable"}}))
+        else:
+            exchange.send(response(200, {"emails": [], "as_of": None}))
+
+    with hostile(answer) as server:
+        env = environment(emu, instance, MEISA_TEST_URL=server.url)
+        app = processes.app(env, "exit-fetch")
+        assert app.wait_for_line("delivers True"), app.output
+        assert fetching.wait(30), app.output
+        lock = os.open(f"{instance / STORE_NAME}.lock", os.O_RDWR)
+
+        def take_the_lock() -> None:  # once the exit hook's close of delivery gave it up
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            closed.set()
+
+        try:
+            locker = threading.Thread(target=take_the_lock, daemon=True)
+            locker.start()
+            app.signal(signal.SIGTERM)  # a worker's end: sys.exit, then the exit hooks
+            assert app.wait() == 0, app.output
+            locker.join(10)
+        finally:
+            os.close(lock)
+        calls = list(server.requests)
+    assert closed.is_set(), app.output
+    assert "engine after exit False" in app.output, app.output
+    assert len(calls) == 1, (calls, app.output)  # no attempt after the exit hook
 
 
 def test_a_locked_store_never_fails_a_request(

@@ -33,6 +33,8 @@ logger = logging.getLogger("flask_meisa")
 live: weakref.WeakSet[MeisaState] = weakref.WeakSet()
 #: Taken while a store is made: no fork then (see :func:`_before_fork`).
 making = threading.Lock()
+#: Set once the exit hook closes the live states: no engine is made again in this process.
+exited = threading.Event()
 _held: list[Store] = []
 
 
@@ -58,6 +60,7 @@ def _at_exit() -> None:
     for thread in threading.enumerate():
         if thread.name in ("flask-meisa-release", "flask-meisa-close"):
             thread.join(max(ends - time.monotonic(), 0.0))
+    exited.set()
     for state in list(live):
         _close_quietly(state, None)
 

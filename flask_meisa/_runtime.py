@@ -21,6 +21,7 @@ from ._deferral import HeldBatches
 from ._engine.base import Dispatcher
 from ._engine.base import require_real_threads
 from ._process import close_apart
+from ._process import exited
 from ._process import forks_without_hooks
 from ._process import live
 from ._process import making
@@ -182,7 +183,8 @@ class MeisaState:
 
     @property
     def dispatcher(self) -> Dispatcher:
-        """The app's delivery engine (made on first use)."""
+        """The app's delivery engine (made on first use; after the exit hook, none:
+        :class:`EngineClosed`)."""
         self.after_fork()
         # Once made, read without the lock: a response body the collector releases runs
         # here in whichever thread it collects in, maybe one that holds the lock.
@@ -190,6 +192,8 @@ class MeisaState:
             return dispatcher
         with self._lock:
             if self._dispatcher is None:
+                if exited.is_set():  # what is handed over after it is refused and reported
+                    raise EngineClosed("delivery engine is closed: this process is exiting")
                 name = "delivery" if self.settings.delivery == "thread" else self.settings.delivery
                 module = importlib.import_module(f"._engine.{name}", __package__)
                 self._dispatcher = module.make_dispatcher(self)

@@ -194,7 +194,6 @@ def test_delivery_used_again_while_another_thread_closes_it_is_flushed_at_exit(
     assert no_loss(numbers), output
 
 
-@pytest.mark.xfail(reason="an engine is made again after the exit hook", strict=True)
 def test_a_suppression_fetch_retried_after_the_exit_hook_makes_no_engine_again(
     emu: Emulator, instance: Path, processes: Processes
 ) -> None:

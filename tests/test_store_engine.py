@@ -179,6 +179,41 @@ def test_work_handed_over_waits_for_its_groups_window_but_not_a_flush(
     assert waiting(path) == 2
 
 
+def test_the_writer_looks_every_window_while_work_comes_and_sleeps_once_it_stops(
+    emulator: Emulator,
+    make_engine: MakeEngine,
+    lock: HostLock,
+    path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Under steady load no request's thread wakes the writer: it looks every window by
+    # itself. A quiet spell after its last group it sleeps until woken: an idle worker
+    # does not wake a hundred times a second.
+    monkeypatch.setattr(writer, "TICKING", 0.5)
+    engine = make_engine(emulator, RecordingHooks(), poll_interval=60.0)
+    assert engine.first_pass(10)
+    thread = next(t for t in engine._threads if t.name == "flask-meisa-writer")
+
+    def wakes() -> int:
+        with open(f"/proc/self/task/{thread.native_id}/status") as status:
+            lines = [line.split() for line in status]
+        return next(int(line[1]) for line in lines if line[0] == "voluntary_ctxt_switches:")
+
+    engine.submit([upsert(1)])
+    assert eventually(lambda: waiting(path) == 1)
+    before = wakes()
+    time.sleep(0.25)  # (observed, not waited for)
+    assert wakes() - before >= 10  # a window is 10 ms
+    engine.submit([upsert(2)])  # stored by a tick, unprompted
+    assert eventually(lambda: waiting(path) == 2, timeout=0.5)
+    time.sleep(0.6)  # the quiet spell
+    before = wakes()
+    time.sleep(0.5)
+    assert wakes() - before <= 1
+    engine.submit([upsert(3)])  # woken for it
+    assert eventually(lambda: waiting(path) == 3)
+
+
 def test_the_writers_look_at_the_hosts_files_leaves_a_group_to_the_end_of_its_window(
     emulator: Emulator,
     make_engine: MakeEngine,

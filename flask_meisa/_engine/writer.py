@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 #: How long work handed over waits in memory before the writer thread stores it, in seconds:
 #: one transaction for the work of every request in the window.
 GROUP_WINDOW = 0.01
+#: For this long after it stored work, the writer looks for more every window unprompted:
+#: under steady load no request's thread wakes it, and it wakes once a window, not twice.
+TICKING = 1.0
 logger = logging.getLogger("flask_meisa.engine")
 
 
@@ -53,10 +56,11 @@ class Writer:
     _writing: list[Operation]  # taken by a pass, not yet stored
     # Passes begun (a look that left the intake too), and the last one that stored all it
     # took (a flush under steady load never sees memory empty); when the writer stores the
-    # intake (monotonic); whether the writer waits for work (else for that time).
+    # intake (monotonic); until when it ticks (TICKING); whether work must wake it.
     _passes: int
     _stored_pass: int
     _due: float
+    _ticks_until: float
     _writer_idle: bool
     _dropped_here: int  # shed from memory, or not stored (writer_error)
     # What the writer shed, for the reporter thread to report (started on the first).
@@ -75,7 +79,7 @@ class Writer:
         """No pass yet (in a new process)."""
         self._intake, self._writing = [], []
         self._passes = self._stored_pass = self._dropped_here = self._progress = 0
-        self._due = math.inf
+        self._due, self._ticks_until = math.inf, 0.0
         self._writer_idle, self._store_failing = False, None
         self._live_rows, self._count_at = 0, 0.0
         self._reports, self._reporter = [], False
@@ -175,13 +179,19 @@ class Writer:
                 if self._stopping and not self._intake:
                     return
                 now = time.monotonic()
-                due = now if self._stopping else self._due if self._intake else math.inf
+                ticking = now < self._ticks_until  # (a tick: the intake waited one window)
+                if self._intake:
+                    due = now if self._stopping or ticking else self._due
+                else:
+                    due = now + GROUP_WINDOW if ticking else math.inf
                 if min(due, look_at) > now:
-                    self._writer_idle = not self._intake
+                    self._writer_idle = not self._intake and not ticking
                     self._wake.wait(min(due, look_at) - now)
                     self._writer_idle = False
                     continue
                 batch, number = self._take(due <= now)
+                if batch:
+                    self._ticks_until = now + TICKING
             stored, backoff, took_all = len(batch), False, None
             try:
                 if looks := now >= look_at:  # the host's files: once a poll

@@ -253,8 +253,12 @@ def is_delivering(config: Mapping[str, Any]) -> bool:
     ``MEISA_SUPPRESS_SEND`` (``TESTING`` while ``None``); a non-boolean raises."""
     switches = resolve_keys(config, _SWITCHES)
     suppress = switches["MEISA_SUPPRESS_SEND"]
-    suppressed = bool(config.get("TESTING")) if suppress is None else suppress
-    return bool(switches["MEISA_ENABLED"]) and not suppressed
+    if suppress is None:  # TESTING as the environment gives it: "false" or "0" is False
+        try:
+            suppress = _values.flag(config.get("TESTING") or False)
+        except _values.InvalidValue:
+            suppress = bool(config.get("TESTING"))  # as Flask reads it
+    return bool(switches["MEISA_ENABLED"]) and not suppress
 
 
 def _warn_unknown_keys(config: Mapping[str, Any]) -> None:

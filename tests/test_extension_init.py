@@ -156,6 +156,19 @@ def test_enabled_false_read_from_the_environment_sends_nothing(emulator: Any) ->
         meisa.state(app).delivering()
 
 
+@pytest.mark.parametrize("word", ["false", "0", " No ", ""])
+def test_testing_false_read_from_the_environment_delivers(emulator: Any, word: str) -> None:
+    # app.config.from_mapping(os.environ) gives TESTING the string "false": a production
+    # app so configured must not have every send answer "disabled".
+    app = Flask(__name__)
+    app.config.update(emulator_config(emulator, TESTING=word, MEISA_SUPPRESS_SEND=None))
+    meisa = Meisa(app)
+    with app.app_context():
+        result = meisa.send("verification_code", "ada@example.com", variables={"code": "1"})
+    assert result.status == "sent"
+    assert len(emulator.sends()) == 1
+
+
 @pytest.mark.parametrize("word", [True, "true", "True", " yes ", "1", "ON"])
 def test_boolean_keys_take_true_words(word: Any) -> None:
     app = make_app(MEISA_SYNC_ON_LOGIN=word, MEISA_ENABLED=word)

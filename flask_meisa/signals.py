@@ -4,6 +4,7 @@ from a delivery thread. A receiver that raises is logged and never breaks delive
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import weakref
@@ -13,6 +14,8 @@ from typing import Any
 
 from blinker import Namespace
 from blinker import Signal
+from flask import current_app
+from flask import has_app_context
 
 from .errors import UnprocessableEntityError
 from .results import SendResult
@@ -101,17 +104,26 @@ delivery_dropped = _signals.signal(
 
 
 def emit(signal: Signal, app: Flask, **kwargs: Any) -> None:
-    """Send ``signal`` from ``app`` to each of its receivers; one that raises is logged,
-    never propagated, and keeps no other from the signal (as ``send()`` would)."""
+    """Send ``signal`` from ``app`` to each of its receivers, in ``app``'s context (pushed
+    on a delivery thread, as Celery's workers have it); one that raises is logged, never
+    propagated, and keeps no other from the signal (as ``send()`` would)."""
     if not signal.receivers or signal.is_muted:
         return  # the common case in production, at a tenth of send()'s cost
-    for receiver in signal.receivers_for(app):
-        try:
-            if inspect.iscoroutinefunction(receiver):
-                raise TypeError("an async receiver cannot be called from delivery")
-            receiver(app, **kwargs)
-        except Exception:
-            logger.exception("meisa: a receiver of %s raised", getattr(signal, "name", signal))
+    if not (receivers := list(signal.receivers_for(app))):
+        return
+    ours = has_app_context() and current_app._get_current_object() is app  # type: ignore[attr-defined]
+    name = getattr(signal, "name", signal)
+    try:  # the context's own hooks too (a teardown_appcontext that raises)
+        with contextlib.nullcontext() if ours else app.app_context():
+            for receiver in receivers:
+                try:
+                    if inspect.iscoroutinefunction(receiver):
+                        raise TypeError("an async receiver cannot be called from delivery")
+                    receiver(app, **kwargs)
+                except Exception:
+                    logger.exception("meisa: a receiver of %s raised", name)
+    except Exception:
+        logger.exception("meisa: the app context of the receivers of %s failed", name)
 
 
 class SignalReporter:

@@ -35,6 +35,7 @@ from flask_meisa import Meisa
 from flask_meisa import ValidationError
 from flask_meisa import contact_synced
 from flask_meisa import delivery_dropped
+from flask_meisa import operation_queued
 from flask_meisa import signals
 from flask_meisa._engine import writer
 from flask_meisa._engine.delivery import Delivery
@@ -649,6 +650,66 @@ def test_a_receiver_that_raises_is_logged_and_keeps_no_other_receiver_from_its_s
                 assert meisa.status().delivered == 1
         assert heard == ["upsert"]
         assert "a receiver of meisa-contact-synced raised" in caplog.text
+    finally:
+        meisa.state(app).close(5.0)
+
+
+def test_a_receiver_on_a_delivery_thread_runs_in_its_apps_context(emulator: Any) -> None:
+    # As Celery's workers run them, and as Flask runs its own signals' receivers: one that
+    # records the outcome with current_app (Flask-SQLAlchemy's session, the app's logger)
+    # is not refused for want of a context and its work lost.
+    app = build_app(emulator_config(emulator, MEISA_DELIVERY="thread"))
+    meisa: Meisa = app.extensions["meisa"]
+    heard: list[Any] = []
+
+    def record(sender: Flask, **extra: Any) -> None:
+        heard.append((threading.current_thread().name, current_app._get_current_object()))  # type: ignore[attr-defined]
+
+    try:
+        with contact_synced.connected_to(record, app):
+            app.test_client().post("/login/1", buffered=True)
+            with app.app_context():
+                assert meisa.flush(5.0)
+        ((thread, seen),) = heard
+        assert thread != threading.current_thread().name
+        assert seen is app
+    finally:
+        meisa.state(app).close(5.0)
+
+
+def test_a_failing_teardown_of_a_receivers_app_context_loses_no_operation(
+    emulator: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The context pushed for the receivers after the response is popped with the app's
+    # teardown_appcontext hooks: one that fails (a database session that cannot be
+    # removed) is logged, and keeps the request's other operations from no release.
+    app = build_app(emulator_config(emulator, MEISA_DELIVERY="thread"))
+    meisa: Meisa = app.extensions["meisa"]
+    used: list[bool] = []  # the receiver used the database in its context
+
+    @app.teardown_appcontext
+    def remove_session(error: BaseException | None) -> None:
+        if used:
+            used.clear()
+            raise RuntimeError("the database session could not be removed")
+
+    @app.post("/two")
+    def two() -> str:
+        meisa.upsert({"email": "ada@example.com"})
+        meisa.upsert({"email": "bob@example.com"})
+        return "ok"
+
+    def queued(sender: Flask, **extra: Any) -> None:
+        used.append(True)
+
+    try:
+        with operation_queued.connected_to(queued, app):
+            assert app.test_client().post("/two", buffered=True).status_code == 200
+        with app.app_context():
+            assert meisa.flush(5.0)
+        delivered = {call.body["email"] for call in upserts(emulator)}
+        assert delivered == {"ada@example.com", "bob@example.com"}
+        assert "the app context of the receivers of meisa-operation-queued failed" in caplog.text
     finally:
         meisa.state(app).close(5.0)
 

@@ -610,6 +610,30 @@ def test_a_store_of_a_newer_schema_is_refused(emulator: Emulator, tmp_path: Path
     assert set_aside(path) == []
 
 
+def test_the_apps_own_database_named_as_the_store_is_refused_and_left_alone(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    # MEISA_OUTBOX = "instance:app.db": the app's SQLite database is not taken for a new
+    # store (put in WAL mode, given the store's tables, checked page by page at every
+    # start, and moved aside as damaged if one of its pages is).
+    path = tmp_path / "app.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT)")
+    db.execute("INSERT INTO users (email) VALUES ('ada@example.com')")
+    db.commit()
+    db.close()
+    before = path.read_bytes()
+    app = Flask(__name__, instance_path=str(tmp_path))
+    app.config.update(
+        emulator_config(emulator, MEISA_DELIVERY="thread", MEISA_OUTBOX="instance:app.db")
+    )
+    with pytest.raises(ConfigurationError, match="holds a table of another program") as caught:
+        Meisa(app)
+    assert "'users'" in str(caught.value) and "MEISA_OUTBOX" in str(caught.value)
+    assert path.read_bytes() == before and set_aside(path) == []
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("app.db-")) == []
+
+
 def test_a_default_store_of_a_newer_schema_is_left_alone(
     emulator: Emulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -53,7 +53,7 @@ class ForAnotherMeisa(Exception):
 
 class OtherSchema(ConfigurationError):
     """The store file was written by another flask-meisa (a newer one, or a development
-    version): this one neither reads nor writes it."""
+    version), or holds another program's tables: this one neither reads nor writes it."""
 
 
 #: What a read or write of the store may raise (locked, full, vanished, foreign, another schema).
@@ -110,6 +110,11 @@ CREATE TABLE IF NOT EXISTS meisa_answers (lane INTEGER NOT NULL, at REAL NOT NUL
 CREATE INDEX IF NOT EXISTS meisa_answers_at ON meisa_answers (at);
 CREATE TABLE IF NOT EXISTS meisa_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+#: A table that is not this schema's (nor SQLite's own).
+_FOREIGN_TABLE = (
+    "SELECT name FROM sqlite_master WHERE type = 'table'"
+    r" AND name NOT LIKE 'meisa\_%' ESCAPE '\' AND name NOT LIKE 'sqlite\_%' ESCAPE '\'"
+)
 _PRUNE_INDEXES = """
 CREATE INDEX IF NOT EXISTS meisa_known_accepted ON meisa_known (accepted_at);
 CREATE INDEX IF NOT EXISTS meisa_addresses_at ON meisa_addresses (at);
@@ -233,6 +238,12 @@ class Store:
                     f"(schema {version}; this one reads {SCHEMA_VERSION}): "
                     + ("upgrade flask-meisa here" if newer else "delete it")
                     + ", or set MEISA_OUTBOX to another file"
+                )
+            # Not ours to take: the app's own database, say (WAL, checked, set aside if damaged).
+            if version == 0 and (table := db.execute(_FOREIGN_TABLE).fetchone()):
+                raise OtherSchema(
+                    f"the delivery store {self.path!r} holds a table of another program"
+                    f" ({table[0]!r}): set MEISA_OUTBOX to a file of its own"
                 )
             db.executescript(_SCHEMA)
             with suppress(sqlite3.OperationalError):  # added to schema 3; locked: made later

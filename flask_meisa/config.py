@@ -223,8 +223,8 @@ def resolve_keys(config: Mapping[str, Any], names: Iterable[str]) -> dict[str, A
     problems: list[str] = []
     for key in map(_BY_NAME.__getitem__, names):
         raw = config.get(key.name, key.default)
-        # How the environment says None, for a key that takes it.
-        if isinstance(raw, str) and key.type.endswith("/None"):
+        # How the environment says None, for a key that takes it (the API key: unset).
+        if isinstance(raw, str) and (key.type.endswith("/None") or key.default is None):
             raw = None if raw.strip().lower() in ("none", "null") else raw
         try:
             _values.unquoted(raw)

@@ -250,6 +250,13 @@ def test_keys_that_take_none_take_the_environments_word_for_it(word: str) -> Non
     assert "must be a" in refusal(MEISA_TIMEOUT=word)  # a key that takes no None refuses it
 
 
+@pytest.mark.parametrize("word", ["None", " none ", "NULL"])
+def test_an_api_key_that_is_the_environments_word_for_none_is_not_set(word: str) -> None:
+    # MEISA_API_KEY=None in an env file: said at init_app, not by a 401 on every call and
+    # a dead letter of every sync.
+    assert "MEISA_API_KEY is not set" in refusal(MEISA_API_KEY=word)
+
+
 def test_the_new_keys_default_and_resolve() -> None:
     app = make_app()
     settings = Meisa(app).state(app).settings

@@ -173,25 +173,26 @@ class Writer:
             self._idle.notify_all()
 
     def _write_loop(self) -> None:
-        version, look_at = -1, 0.0  # (a data version is never negative)
+        version, look_at, tick = -1, 0.0, 0.0  # (a data version is never negative)
         while True:
             with self._lock:
                 if self._stopping and not self._intake:
                     return
                 now = time.monotonic()
-                ticking = now < self._ticks_until  # (a tick: the intake waited one window)
+                ticking = now < self._ticks_until  # (a tick: a window after the last pass)
                 if self._intake:
-                    due = now if self._stopping or ticking else self._due
+                    due = now if self._stopping else min(self._due, tick) if ticking else self._due
                 else:
-                    due = now + GROUP_WINDOW if ticking else math.inf
+                    tick = now + GROUP_WINDOW
+                    due = tick if ticking else math.inf
                 if min(due, look_at) > now:
                     self._writer_idle = not self._intake and not ticking
                     self._wake.wait(min(due, look_at) - now)
                     self._writer_idle = False
                     continue
                 batch, number = self._take(due <= now)
-                if batch:
-                    self._ticks_until = now + TICKING
+                if batch:  # what comes during this pass waits for the next tick
+                    self._ticks_until, tick = now + TICKING, now + GROUP_WINDOW
             stored, backoff, took_all = len(batch), False, None
             try:
                 if looks := now >= look_at:  # the host's files: once a poll

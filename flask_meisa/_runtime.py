@@ -137,8 +137,8 @@ class MeisaState:
                 # each worker after the fork): its threads would mix with green locks.
                 require_real_threads()
             return
-        if not self.delivering() or forks_without_hooks():
-            return
+        if not self.delivering() or forks_without_hooks() or exited.is_set():
+            return  # (after the exit hook: none to start, what comes is refused)
         self._started = True
         self.dispatcher.start()
 

@@ -27,6 +27,8 @@ Scenarios:
 - ``exit-fetch``: deliver, start a suppression list fetch, then wait for a signal (SIGTERM
   exits normally); after the exit hooks, print ``engine after exit <bool>`` (whether the app
   has a delivery engine again);
+- ``exit-request``: deliver a request's operations, exit; after the exit hook, serve one more
+  request and print ``late request <status> dropped <reasons>``;
 - ``pool <n>``: deliver a request's operations, start ``n`` ``multiprocessing`` children
   (forked) that make five requests each and return, then flush, print ``pool flushed
   <bool> exits <codes>``.
@@ -52,6 +54,7 @@ from flask_login import LoginManager
 from flask_login import login_user
 
 from flask_meisa import Meisa
+from flask_meisa import delivery_dropped
 from flask_meisa._engine.delivery import Delivery
 from tests.apps import User
 
@@ -286,6 +289,21 @@ def exit_fetch() -> None:
         signal.pause()
 
 
+def exit_request() -> None:
+    app = create_app()
+    client = app.test_client()
+    client.post("/work/0").close()
+    reasons: list[str] = []
+    delivery_dropped.connect(lambda _, reason, **kw: reasons.append(reason), app, False)
+
+    def late() -> None:  # a server's thread still serving (weakref.finalize's hook runs last)
+        response = client.post("/work/1")
+        response.close()  # its work released
+        say(f"late request {response.status_code} dropped {reasons}")
+
+    weakref.finalize(app, late)
+
+
 def keep_response(testing: bool) -> None:
     global KEPT
     app = create_app()
@@ -313,6 +331,8 @@ def main(argv: list[str]) -> None:
         reuse(closing=numbers == ["closing"])
     elif scenario == "exit-fetch":
         exit_fetch()
+    elif scenario == "exit-request":
+        exit_request()
     elif scenario == "pool":
         pool(int(numbers[0]))
     elif scenario == "fork":

@@ -235,6 +235,16 @@ def test_a_suppression_fetch_retried_after_the_exit_hook_makes_no_engine_again(
     assert len(calls) == 1, (calls, app.output)  # no attempt after the exit hook
 
 
+def test_a_request_served_after_the_exit_hook_is_answered_and_its_work_refused(
+    emu: Emulator, instance: Path
+) -> None:
+    # A server's thread may serve a request while the process exits: delivery, closed by
+    # the exit hook, is not started again, and the request does not fail for it.
+    output = run_app(environment(emu, instance, MEISA_TEST_RATE="none"), "exit-request")
+    assert "late request 200 dropped ['refused', 'refused']" in output, output  # upsert, event
+    assert "EngineClosed" not in output, output
+
+
 def test_a_locked_store_never_fails_a_request(
     emu: Emulator, caplog: pytest.LogCaptureFixture
 ) -> None:

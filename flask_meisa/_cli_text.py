@@ -110,7 +110,8 @@ def status_report(status: DeliveryStatus, store_path: str | None, now: float) ->
             state = _stopped_by(refused)
         lines.append(
             f"backfill: {state}, {run.get('position', 0)} of"
-            f" {run.get('total') or '?'} users read, {run.get('skipped', 0)} unchanged,"
+            f" {'?' if run.get('total') is None else run['total']} users read,"
+            f" {run.get('skipped', 0)} unchanged,"
             f" {run.get('failed', 0) + run.get('refused_upserts', 0)} failed"
             f" (started {when(float(run.get('started_at', 0)))})"
         )

@@ -343,6 +343,16 @@ def test_the_status_says_a_run_whose_process_was_killed_stopped() -> None:
     assert state(state="done", alive_at=killed) == "done"
 
 
+def test_the_status_of_a_finished_run_over_no_users_says_0_not_unknown(
+    emulator: Emulator,
+) -> None:
+    # A run over no users counts them: 0 of 0, not "0 of ?" (an unknown number).
+    app = make_app(emulator, 0)
+    assert sync_users(app).exit_code == 0
+    status = app.test_cli_runner().invoke(args=["meisa", "status"]).output
+    assert "backfill: done, 0 of 0 users read" in status
+
+
 def test_ctrl_c_while_a_stop_at_a_refused_key_is_saved_ends_with_the_keys_error(
     tmp_path: Path,
 ) -> None:

@@ -188,9 +188,14 @@ def sync_users_command(max_share: float, restart: bool, dry_run: bool, failures:
         per_hour=per_hour,
         report=lambda progress: click.echo(_cli_text.progress_line(progress), err=True),
     )
-    # A stop (SIGTERM: a redeploy, kill) is Ctrl+C: noted stopped, a rerun need not wait.
+    # A stop (SIGTERM: a redeploy, kill; SIGHUP: the terminal or SSH session closed) is
+    # Ctrl+C: noted stopped, a rerun need not wait. A signal ignored (nohup) stays ignored.
+    stops = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
     main = threading.current_thread() is threading.main_thread()
-    term = signal.signal(signal.SIGTERM, signal.default_int_handler) if main else None
+    kept = {stop: signal.getsignal(stop) for stop in stops if main}
+    for stop, handler in kept.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(stop, signal.default_int_handler)
     try:
         try:
             result = go(users, restart=restart)
@@ -205,8 +210,8 @@ def sync_users_command(max_share: float, restart: bool, dry_run: bool, failures:
     except STORE_ERRORS as error:
         raise click.ClickException(_cli_text.store_failed(error)) from None
     finally:
-        if term is not None:
-            signal.signal(signal.SIGTERM, term)
+        for stop, handler in kept.items():
+            signal.signal(stop, handler)
     click.echo(_cli_text.progress_line(result))
     if failed := result.run.failed + result.refused:
         raise click.ClickException(

@@ -1355,18 +1355,20 @@ def test_a_backfill_stopped_by_a_refused_key_names_a_user_mapped_without_externa
     assert "The run stopped at user user0@example.com (not synced" in result.output
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP], ids=["term", "hup"])
 def test_a_backfill_stopped_with_sigterm_is_noted_stopped_and_a_rerun_starts_at_once(
-    emulator_factory: Callable[..., Emulator], tmp_path: Path
+    emulator_factory: Callable[..., Emulator], tmp_path: Path, stop: int
 ) -> None:
-    # SIGTERM (a redeploy, kill, docker stop) is a stop as Ctrl+C is: the run is noted
-    # stopped, so the next one goes on at once rather than being refused for 90 s.
+    # SIGTERM (a redeploy, kill, docker stop) and SIGHUP (the SSH session of a run that
+    # takes days closed) are stops as Ctrl+C is: the run is noted stopped, so the next
+    # one goes on at once rather than being refused for 90 s.
     emulator = emulator_factory(rate_limit=None)
     emulator.faults.set(latency=0.002)
     process = sync_users_process(emulator.url, emulator.live_key, 1000, tmp_path / "instance")
     first = subprocess.Popen(**process, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         assert emulator.wait_for(lambda e: len(e.requests_to(UPSERT)) >= 100, timeout=60)
-        first.send_signal(signal.SIGTERM)
+        first.send_signal(stop)
         _, stopped = first.communicate(timeout=30)
     finally:
         first.kill()

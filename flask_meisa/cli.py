@@ -33,6 +33,7 @@ from .operations import Operation
 if TYPE_CHECKING:
     from typing import TypeAlias
 
+    from ._engine.base import DeliveryStatus
     from ._engine.celery import CeleryDispatcher
     from ._engine.delivery import Delivery
     from ._engine.redis_dead import RedisDeadLetters
@@ -240,6 +241,16 @@ def _backfill_target(state: MeisaState, *, start: bool) -> backfill.Target:
     return backfill.StoreTarget(store, engine.refuse_foreign, state.settings.resync_after)
 
 
+def _flushed(meisa: Meisa, timeout: float) -> tuple[bool, DeliveryStatus]:
+    """Whether all was delivered within ``timeout`` s, and the status then. If not, this
+    process stops delivering at once: the wait asked for is over, and the exit hook would
+    wait ``MEISA_FLUSH_TIMEOUT`` more (what is left stays in the store)."""
+    flushed, status = meisa.flush(timeout), meisa.status()
+    if not flushed:
+        meisa.close(current_app, 0)
+    return flushed, status
+
+
 @meisa_cli.command("flush")
 @click.option(
     "--timeout", default=30.0, show_default=True, type=click.FloatRange(min=0), callback=_a_number
@@ -248,7 +259,7 @@ def flush_command(timeout: float) -> None:
     """Wait until the host has delivered everything pending (this process delivers when
     no other does)."""
     meisa = _extension(host=True)
-    flushed, status = meisa.flush(timeout), meisa.status()
+    flushed, status = _flushed(meisa, timeout)
     if not flushed:
         who = f"pid {status.delivering_pid}" if status.delivering_pid else "no process"
         raise click.ClickException(
@@ -368,7 +379,7 @@ def dead_letters_retry(ids: tuple[int, ...], every: bool, timeout: float, force:
         return
     if not (meisa := _extension()).state().delivering():
         raise click.ClickException("delivery is off here (MEISA_ENABLED / MEISA_SUPPRESS_SEND)")
-    delivered, status = meisa.flush(timeout), meisa.status()
+    delivered, status = _flushed(meisa, timeout)
     left = f"{status.dead_letters} dead letter(s){_cli_text.stopped_run(status)}"
     if not delivered:
         raise click.ClickException(f"not all delivered within {timeout:g}s; {left}")

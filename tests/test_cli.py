@@ -34,6 +34,9 @@ from tests.apps import build_app
 from tests.hostile import Exchange
 from tests.hostile import hostile
 from tests.hostile import response
+from tests.process_support import ROOT
+from tests.process_support import environment
+from tests.process_support import store_path
 
 
 @pytest.fixture
@@ -441,6 +444,28 @@ def test_flush_that_times_out_says_what_is_left_and_who_delivers(
         assert re.search(r"paused for: \d+\.\ds", status), status
     finally:
         app.extensions["meisa"].state(app).close(0)  # the event is left in the store
+
+
+def test_flush_that_times_out_ends_at_its_timeout_not_the_exit_hooks(
+    emulator: Any, tmp_path: Path
+) -> None:
+    # Meisa is down and the command delivers (no other process does): at its --timeout it
+    # stops, rather than wait MEISA_FLUSH_TIMEOUT more in the exit hook (60 s here).
+    instance = tmp_path / "instance"
+    instance.mkdir()
+    with Store(store_path(instance)).write() as db:
+        pending.add(db, Operation("upsert", {"email": "ada@example.com"}), LANE_BACKFILL)
+    emulator.faults.outage(300)
+    env = environment(
+        emulator,
+        instance,
+        MEISA_TEST_FLUSH_TIMEOUT="60",
+        FLASK_APP="tests.served_app:create_app()",
+    )
+    command = [sys.executable, "-m", "flask", "meisa", "flush", "--timeout", "0.5"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1
+    assert "1 operations still pending after 0.5s" in done.stderr, done.stderr
 
 
 def test_dead_letters_named_by_the_thousand_are_purged_and_said_ten_at_most(

@@ -10,11 +10,14 @@ import functools
 import logging
 import multiprocessing.util
 import os
+import signal
 import sys
 import threading
 import time
 import weakref
 from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 from typing import Any
 
@@ -135,3 +138,21 @@ os.register_at_fork(
     after_in_parent=_after_fork_in_parent,
     after_in_child=_after_fork_in_child,
 )
+
+
+@contextmanager
+def stops_interrupt() -> Iterator[None]:
+    """In the main thread, for the block: ``SIGTERM`` (a redeploy, ``kill``) and ``SIGHUP``
+    (the terminal or SSH session closed) raise :class:`KeyboardInterrupt`, as Ctrl+C does;
+    one ignored (``nohup``) stays ignored."""
+    stops = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    main = threading.current_thread() is threading.main_thread()
+    kept = {stop: signal.getsignal(stop) for stop in stops if main}
+    for stop, handler in kept.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(stop, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        for stop, handler in kept.items():
+            signal.signal(stop, handler)

@@ -7,9 +7,7 @@ import functools
 import itertools
 import json
 import math
-import signal
 import sqlite3
-import threading
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -25,6 +23,7 @@ from ._engine import backfill
 from ._engine import dead
 from ._engine.store import STORE_ERRORS
 from ._engine.store import ForAnotherMeisa
+from ._process import stops_interrupt
 from ._values import parse_rate_limit
 from .config import config_template
 from .errors import MeisaError
@@ -98,9 +97,8 @@ def suppressions_command(check: str | None) -> None:
     """Load the suppression set now and show its size (or check one address)."""
     suppression = (meisa := _extension()).state().suppression
     if not suppression.load():
-        raise click.ClickException(
-            f"could not load the suppression set: {suppression.last_error or 'unknown error'}"
-        )
+        why = suppression.last_error or "unknown error"
+        raise click.ClickException(f"could not load the suppression set: {why}")
     as_of = f"as of {_cli_text.plain(suppression.as_of or '?')}"
     click.echo(f"{suppression.count} suppressed addresses ({as_of})")
     if check is not None:
@@ -189,20 +187,13 @@ def sync_users_command(max_share: float, restart: bool, dry_run: bool, failures:
         per_hour=per_hour,
         report=lambda progress: click.echo(_cli_text.progress_line(progress), err=True),
     )
-    # A stop (SIGTERM: a redeploy, kill; SIGHUP: the terminal or SSH session closed) is
-    # Ctrl+C: noted stopped, a rerun need not wait. A signal ignored (nohup) stays ignored.
-    stops = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
-    main = threading.current_thread() is threading.main_thread()
-    kept = {stop: signal.getsignal(stop) for stop in stops if main}
-    for stop, handler in kept.items():
-        if handler is not signal.SIG_IGN:
-            signal.signal(stop, signal.default_int_handler)
-    try:
-        try:
-            result = go(users, restart=restart)
-        except backfill.UsersChanged as changed:
-            click.echo(_cli_text.users_changed(changed), err=True)
-            result = go(query(), again=True)
+    try:  # a stop is Ctrl+C: noted stopped, a rerun need not wait
+        with stops_interrupt():
+            try:
+                result = go(users, restart=restart)
+            except backfill.UsersChanged as changed:
+                click.echo(_cli_text.users_changed(changed), err=True)
+                result = go(query(), again=True)
     except KeyboardInterrupt:
         click.echo("interrupted: run the command again to go on from where it stopped", err=True)
         raise SystemExit(130) from None
@@ -210,9 +201,6 @@ def sync_users_command(max_share: float, restart: bool, dry_run: bool, failures:
         raise click.ClickException(_cli_text.key_refused(refused, meisa.status())) from None
     except STORE_ERRORS as error:
         raise click.ClickException(_cli_text.store_failed(error)) from None
-    finally:
-        for stop, handler in kept.items():
-            signal.signal(stop, handler)
     click.echo(_cli_text.progress_line(result))
     if failed := result.run.failed + result.refused:
         raise click.ClickException(
@@ -224,10 +212,8 @@ def _backfill_target(state: MeisaState, *, start: bool) -> backfill.Target:
     # Redis under Celery, else the store, whose delivery ``start`` starts (if none runs).
     delivery = state.settings.delivery
     if start and (delivery not in ("thread", "celery") or not state.delivering()):
-        raise click.ClickException(
-            'sync-users needs background delivery (MEISA_DELIVERY = "thread" or "celery",'
-            " delivery on)"
-        )
+        needs = 'background delivery (MEISA_DELIVERY = "thread" or "celery", delivery on)'
+        raise click.ClickException(f"sync-users needs {needs}")
     if delivery == "celery":
         return cast("CeleryDispatcher", state.dispatcher).backfill(state.settings.resync_after)
     store, engine = state.host_store(), cast("Delivery", state.dispatcher)
@@ -242,9 +228,8 @@ def _backfill_target(state: MeisaState, *, start: bool) -> backfill.Target:
 
 
 def _flushed(meisa: Meisa, timeout: float) -> tuple[bool, DeliveryStatus]:
-    """Whether all was delivered within ``timeout`` s, and the status then. If not, this
-    process stops delivering at once: the wait asked for is over, and the exit hook would
-    wait ``MEISA_FLUSH_TIMEOUT`` more (what is left stays in the store)."""
+    """Whether all was delivered within ``timeout`` s, and the status then; if not, this
+    process stops delivering now (the exit hook would wait ``MEISA_FLUSH_TIMEOUT`` more)."""
     flushed, status = meisa.flush(timeout), meisa.status()
     if not flushed:
         meisa.close(current_app, 0)

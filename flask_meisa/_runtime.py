@@ -222,11 +222,17 @@ class MeisaState:
         """The store of ``MEISA_DELIVERY = "thread"`` (opened on first use): the
         ``MEISA_OUTBOX`` file, or memory when it is ``None`` or cannot be written."""
         if self._store is None:
+            from ._engine.mounts import not_sqlite
             from ._engine.store import Store
 
             path = self.store_path()
             if path is not None:
                 self._refuse_another_accounts_store(path)
+                if self.settings.outbox != DEFAULTS["MEISA_OUTBOX"] and not_sqlite(path):
+                    raise ConfigurationError(  # (the default's own file, damaged, is set aside)
+                        f"MEISA_OUTBOX names {path!r}, which is not a SQLite database: set it "
+                        "to a file of its own (the file was left as it is)"
+                    )
             with making:  # not during a fork, the memory one's either: see _before_fork
                 try:
                     self._store = Store(path, busy_timeout=self.settings.outbox_busy_timeout)

@@ -229,13 +229,16 @@ def test_a_store_with_a_damaged_page_is_set_aside_and_what_can_be_read_is_delive
     assert delivered_ids(emulator) <= set(left)
 
 
-def test_a_file_that_is_not_a_database_is_set_aside_and_a_fresh_store_used(
+def test_the_default_store_file_that_is_not_a_database_is_set_aside_and_a_fresh_store_used(
     emulator: Emulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    path = tmp_path / STORE_FILE
+    path = tmp_path / "instance" / STORE_FILE  # the default's own file, its header damaged
+    path.parent.mkdir()
     path.write_bytes(b"these bytes are no database " * 100)
     caplog.set_level(logging.ERROR, logger="flask_meisa.engine")
-    app = thread_app(emulator, MEISA_OUTBOX=str(path))
+    app = Flask(__name__, instance_path=str(path.parent))
+    app.config.update(emulator_config(emulator, MEISA_DELIVERY="thread"))
+    meisa = Meisa(app)
     (aside,) = set_aside(path)
     assert aside.read_bytes() == b"these bytes are no database " * 100
     fresh = sqlite3.connect(path)  # checked as a new store is: WAL, this schema
@@ -245,11 +248,24 @@ def test_a_file_that_is_not_a_database_is_set_aside_and_a_fresh_store_used(
     (error,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert str(path) in error and "with the 0 operations" in error
     assert emulator.live_key not in error
-    meisa = meisa_of(app)
     with app.app_context():
         meisa.upsert({"email": "ada@example.com", "external_id": "fresh"})
         assert meisa.flush(5)
     assert delivered_ids(emulator) == {"fresh"}
+
+
+@pytest.mark.parametrize("content", [b"SECRET=1\n", b"SQLite format 2\x00" + bytes(100)])
+def test_an_outbox_naming_a_file_that_is_not_a_database_is_refused_and_left_alone(
+    emulator: Emulator, tmp_path: Path, content: bytes
+) -> None:
+    # A careless MEISA_OUTBOX (the app's .env, say) was renamed aside as a damaged store.
+    path = tmp_path / ".env"
+    path.write_bytes(content)
+    with pytest.raises(ConfigurationError, match="which is not a SQLite database") as raised:
+        thread_app(emulator, MEISA_OUTBOX=str(path))
+    assert str(path) in str(raised.value) and emulator.live_key not in str(raised.value)
+    assert [found.name for found in tmp_path.iterdir()] == [".env"]
+    assert path.read_bytes() == content
 
 
 def test_a_damaged_store_behind_a_link_is_set_aside_beside_its_target(
@@ -263,14 +279,15 @@ def test_a_damaged_store_behind_a_link_is_set_aside_beside_its_target(
     path.parent.mkdir()
     target.write_bytes(b"these bytes are no database " * 100)
     path.symlink_to(target)
-    app = thread_app(emulator, MEISA_OUTBOX=str(path))
+    app = Flask(__name__, instance_path=str(path.parent))  # the default's own file
+    app.config.update(emulator_config(emulator, MEISA_DELIVERY="thread"))
+    meisa = Meisa(app)
     assert path.is_symlink() and path.resolve() == target
     (aside,) = set_aside(target)
     assert aside.read_bytes() == b"these bytes are no database " * 100
     with sqlite3.connect(target) as fresh:
         assert fresh.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     fresh.close()
-    meisa = meisa_of(app)
     with app.app_context():
         meisa.upsert({"email": "ada@example.com", "external_id": "fresh"})
         assert meisa.flush(5)

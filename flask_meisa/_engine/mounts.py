@@ -86,6 +86,14 @@ def sqlite_files(path: str) -> tuple[str, str, str]:
     return real, real + "-wal", real + "-shm"
 
 
+def not_sqlite(path: str) -> bool:
+    """Whether ``path`` holds bytes that are not a SQLite database (by its header): a file
+    of something else, not one of ours to set aside if damaged (missing or empty: not so)."""
+    with suppress(OSError), open(path, "rb") as file:  # (what fails, SQLite says)
+        return (head := file.read(16)) != b"" and head != b"SQLite format 3\x00"
+    return False
+
+
 def home(path: str, found: str) -> str:
     """Where the store file ``path``, opened where SQLite ``found`` it, is now: there, when
     the folder ``path`` names is gone but that one is not (a folder linked to a shared one,

@@ -93,7 +93,9 @@ KEYS: tuple[Key, ...] = (
         notes="Only connection errors, timeouts, 5xx and 429 are retried; any other 4xx is"
               " final."),
     Key("MEISA_RETRY_BASE_DELAY", _SECONDS, 0.5, _values.seconds(0),
-        "first backoff ceiling; doubles per attempt, with full jitter"),
+        "first backoff ceiling; doubles per attempt, with full jitter",
+        notes="Background delivery probes a Meisa that looks down (3 failures in a row) at"
+              " most once a second, however small this and MEISA_RETRY_MAX_DELAY are."),
     Key("MEISA_RETRY_MAX_DELAY", _SECONDS, 30.0, _values.seconds(0),
         "cap on any one backoff delay and on an honoured `Retry-After`"),
     Key("MEISA_RETRY_DEADLINE", _SECONDS, 600.0, _ABOVE_0,

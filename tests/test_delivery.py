@@ -329,6 +329,21 @@ def test_an_outage_of_seconds_loses_nothing_and_wastes_little(
     assert 1 <= refused < 20  # not one failed attempt per operation: Meisa was probed
 
 
+@pytest.mark.parametrize("delays", [(0.0, 30.0), (0.5, 0.0), (1e-9, 0.01)])
+def test_retry_delays_of_zero_never_retry_a_failing_meisa_in_a_tight_loop(
+    emulator: Emulator, make_engine: MakeEngine, delays: tuple[float, float]
+) -> None:
+    # MEISA_RETRY_BASE_DELAY = 0 (or MEISA_RETRY_MAX_DELAY = 0) made about 700 calls a
+    # second against a Meisa answering 503: once it looks down it is probed once a second.
+    base_delay, max_delay = delays
+    emulator.faults.outage(60)
+    policy = RetryPolicy(max_attempts=None, base_delay=base_delay, max_delay=max_delay)
+    make_engine(emulator, retry=policy).submit([upsert(1), upsert(2), track(3)])
+    assert emulator.wait_for_requests(5, timeout=10)
+    times = [r.time for r in emulator.requests[:5]]
+    assert times[3] - times[2] >= 0.99 and times[4] - times[3] >= 0.99
+
+
 def test_a_429_pauses_every_lane_for_its_retry_after(
     emulator: Emulator, make_engine: MakeEngine, hooks: RecordingHooks
 ) -> None:

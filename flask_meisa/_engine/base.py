@@ -211,6 +211,9 @@ Step = Literal["delivered", "failed", "retry", "upsert_contact", "event_again"]
 #: Failures in a row (no answer, or 5xx) after which Meisa is treated as down: delivery
 #: pauses with a growing backoff, then probes with one call at a time.
 OUTAGE_THRESHOLD = 3
+#: The shortest of those pauses, however small the retry delays (0 included): a Meisa that
+#: looks down is probed at most once a second, never in a tight loop.
+OUTAGE_MIN_PAUSE = 1.0
 
 #: The ``code`` of a 429 from Meisa's per-recipient send guardrail.
 SEND_GUARDRAIL = "send_guardrail"
@@ -350,7 +353,7 @@ def pause_for(
     pause = decision.pause
     if decision.outage and failures >= OUTAGE_THRESHOLD:
         ceiling = policy.base_delay * 2.0 ** min(failures - 1, 64)
-        pause = max(pause, min(policy.max_delay, ceiling))
+        pause = max(pause, min(policy.max_delay, ceiling), OUTAGE_MIN_PAUSE)
         logger.info(
             "flask-meisa: %d failed calls in a row; pausing delivery for %.2f s", failures, pause
         )

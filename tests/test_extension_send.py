@@ -12,6 +12,7 @@ from flask import Flask
 from flask_meisa import APIConnectionError
 from flask_meisa import APITimeoutError
 from flask_meisa import Meisa
+from flask_meisa import RateLimitError
 from flask_meisa import UnprocessableEntityError
 from flask_meisa import ValidationError
 from flask_meisa._suppression import SuppressionSet
@@ -27,6 +28,7 @@ from tests.process_support import wait_until
 
 TRIGGER = "/emails/trigger/"
 UNSUBSCRIBED = "/contacts/api/unsubscribed-emails/"
+UPSERT = "/contacts/upsert/"
 
 
 @pytest.fixture
@@ -280,6 +282,34 @@ def test_each_attempt_of_a_synchronous_send_spends_a_slot_of_the_budget(
             assert wait_until(lambda: meisa.status().budget_left == {"8/minute": 0}, 10)
             assert not meisa.flush(0.2)  # the other two wait for the window
         assert 429 not in [r.status for r in emulator.requests]
+    finally:
+        meisa.state(app).close(0.0)
+
+
+def test_a_429_for_the_key_met_by_a_synchronous_send_pauses_background_delivery(
+    emulator: Any,
+) -> None:
+    # The host's delivery waits out the Retry-After of a 429 met outside it, as of its own,
+    # rather than draw another 429; the send guardrail's, about one recipient, pauses nothing.
+    app = build_app(emulator_config(emulator, MEISA_DELIVERY="thread", MEISA_MAX_ATTEMPTS=1))
+    meisa: Meisa = app.extensions["meisa"]
+    emulator.set_send_guardrail("1/hour")
+    try:
+        with app.app_context():
+            meisa.send("receipt", "ada@example.com")
+            with pytest.raises(RateLimitError, match="send_guardrail"):
+                meisa.send("receipt", "ada@example.com")
+            meisa.upsert({"email": "grace@example.com"})
+            assert meisa.flush(5)  # the guardrail's Retry-After (an hour) is not waited
+            emulator.faults.force_429(1, retry_after=2, path=TRIGGER)
+            with pytest.raises(RateLimitError, match="rate_limited"):
+                meisa.send("receipt", "linus@example.com")
+            meisa.upsert({"email": "linus@example.com"})
+            assert meisa.flush(5)
+        sends, upserts = emulator.requests_to(TRIGGER), emulator.requests_to(UPSERT)
+        assert [r.status for r in sends] == [200, 429, 429] and len(upserts) == 2
+        assert upserts[0].time - sends[1].time < 1.0
+        assert upserts[1].time - sends[2].time >= 2.0
     finally:
         meisa.state(app).close(0.0)
 

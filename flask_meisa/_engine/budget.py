@@ -22,6 +22,7 @@ from ..operations import LANE_TRANSACTIONAL
 from ..retry import RetryPolicy
 from .base import OUTAGE_THRESHOLD
 from .base import Decision
+from .base import decide
 from .base import pause_for
 from .store import STORE_ERRORS
 from .store import Store
@@ -55,35 +56,42 @@ def remaining(windows: Sequence[RateWindow], ended: Sequence[int], flying: int) 
 
 @contextlib.contextmanager
 def settling(
-    token: str | None, end: Callable[[str, bool, bool], None], *, over: bool
+    token: str | None,
+    end: Callable[[str, bool, bool, RateLimitError | None], None],
+    *,
+    over: bool,
 ) -> Iterator[None]:
-    """Make a call outside delivery, then ``end(token, made, timed_out)`` the slot it holds
-    (if any ``token``): Meisa may count a call without an answer in time
+    """Make a call outside delivery, then ``end(token, made, timed_out, limited)`` the slot
+    it holds (if any ``token``, or a 429 ``limited`` it, which pauses delivery as one met
+    there does): Meisa may count a call without an answer in time
     (:class:`APITimeoutError`) until its lease ends, and one made ``over`` the budget too
     (every process must see the window as Meisa does), unless it refused it (a 429)."""
-    made, timed_out = True, False
+    made, timed_out, limited = True, False, None
     try:
         yield
     except APITimeoutError:
         timed_out = True
         raise
-    except RateLimitError:
+    except RateLimitError as error:
         # Over the budget, a 429 is the expected answer: counted, each refused attempt
         # of a burst of sends would keep the window shut for everyone a period longer.
-        made = not over
+        made, limited = not over, error
         raise
     finally:
-        if token:
-            end(token, made, timed_out)
+        if token or limited:
+            end(token or "", made, timed_out, limited)
 
 
 class Budget:
     """The key's sliding-window budget in ``store`` (docs/delivery.md): ``spec`` is e.g.
     ``"60/minute;1000/hour"`` (``None``: no budget), ``lease`` the longest a call can take
-    (a slot held longer counts as answered when its lease ends)."""
+    (a slot held longer counts as answered when its lease ends), ``retry`` delivery's policy
+    (how long a 429 pauses it)."""
 
-    def __init__(self, store: Store, spec: str | None, *, lease: float) -> None:
-        self.store = store
+    def __init__(
+        self, store: Store, spec: str | None, *, lease: float, retry: RetryPolicy | None = None
+    ) -> None:
+        self.store, self.retry = store, retry or RetryPolicy()
         self.windows = parse_rate_limit(spec) if spec else ()
         self.lease = lease
         self._horizon = max((window.period for window in self.windows), default=0.0)
@@ -201,10 +209,14 @@ class Budget:
         with settling(token, self._end, over=not free):
             yield free and token is not None
 
-    def _end(self, token: str, made: bool, timed_out: bool) -> None:
+    def _end(self, token: str, made: bool, timed_out: bool, limited: Exception | None) -> None:
         # Where the store fails here, the slot's lease ends it.
         with contextlib.suppress(*STORE_ERRORS), self.store.write() as db:
-            self.settle(db, token, made=made, now=Store.now(db), timed_out=timed_out)
+            now = Store.now(db)
+            self.settle(db, token, made=made, now=now, timed_out=timed_out)
+            if limited is not None:  # delivery pauses as for a 429 of its own (not a guardrail's)
+                decision = decide("send", limited, attempts=1, elapsed=0.0, policy=self.retry)
+                self.note(db, decision, now, self.retry)
 
     def remaining(self) -> dict[str, int]:
         """Calls that could start now in each window, by label (``{"60/minute": 57}``)."""

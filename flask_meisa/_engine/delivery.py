@@ -56,7 +56,8 @@ class Delivery(Writer):
     ) -> None:
         require_real_threads()
         self.store, self.settings = store, settings
-        self.budget = Budget(store, settings.rate_limit, lease=lease_of(settings.call_timeout))
+        lease = lease_of(settings.call_timeout)
+        self.budget = Budget(store, settings.rate_limit, lease=lease, retry=retry)
         self.hooks = HookCaller(hooks, logger)
         self.client_factory, self.retry = client_factory, retry
         self._capacity, self._poll = settings.queue_size, poll_interval

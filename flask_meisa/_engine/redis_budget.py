@@ -181,9 +181,10 @@ class RedisBudget:
         with settling(token, self._end, over=not taken):
             yield taken
 
-    def _end(self, token: str, made: bool, timed_out: bool) -> None:
+    def _end(self, token: str, made: bool, timed_out: bool, limited: object) -> None:
         try:
-            self.finish(token, made=made, timed_out=timed_out)
+            if token:
+                self.finish(token, made=made, timed_out=timed_out)
         except RedisError:
             self._unreachable_until = time.monotonic() + UNREACHABLE_FOR
 

@@ -182,6 +182,26 @@ def test_calls_made_over_the_budget_that_meisa_refuses_give_their_slots_back(
         redis_client.close()
 
 
+def test_a_429_for_the_key_met_outside_the_workers_pauses_them_for_its_retry_after(
+    make_budget: MakeBudget, emulator_factory: Callable[..., Emulator]
+) -> None:
+    # A synchronous send's 429 for the key pauses every worker, as one of their own does;
+    # the send guardrail's (about one recipient) pauses nothing.
+    emu = emulator_factory(rate_limit=None)
+    emu.set_send_guardrail("1/hour")
+    budget = make_budget(None)
+    base = MeisaClient(emu.live_key, emu.url, retry=RetryPolicy.never())
+    client = base.with_options(slot=lambda seconds: budget.slot(seconds, LEASE))
+    client.trigger_email("receipt", "ada@example.com")
+    with pytest.raises(RateLimitError, match="send_guardrail"):
+        client.trigger_email("receipt", "ada@example.com")
+    assert budget.snapshot()[0] == 0.0
+    emu.faults.force_429(1, retry_after=30)
+    with pytest.raises(RateLimitError, match="rate_limited"):
+        client.ping()
+    assert 29.0 < budget.snapshot()[0] <= 30.0
+
+
 def test_a_call_made_over_the_budget_without_an_answer_in_time_counts_to_its_lease_end(
     make_budget: MakeBudget,
 ) -> None:

@@ -34,6 +34,7 @@ from .redis_store import RedisDeliveryStore
 
 if TYPE_CHECKING:
     from .._runtime import MeisaState
+    from ..retry import RetryPolicy
 
 logger = logging.getLogger("flask_meisa.engine")
 
@@ -59,6 +60,7 @@ class CeleryDispatcher(base.Dispatcher):
         ledger_size: int = 10_000,
         priority_fields: Sequence[str] = ("plan", "subscription_status"),
         lost_after: float | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self._celery = celery_app
         self._hooks = base.HookCaller(hooks, logger)
@@ -70,7 +72,7 @@ class CeleryDispatcher(base.Dispatcher):
             self.store, functools.partial(self.submit, refused=True)
         )
         #: The key's shared budget (``None`` without a key).
-        self.budget = RedisBudget(redis, rate_limit, budget_key) if budget_key else None
+        self.budget = RedisBudget(redis, rate_limit, budget_key, retry) if budget_key else None
         self._priority_fields = tuple(priority_fields)
         self._call_timeout = call_timeout
         self._ledger_size = ledger_size
@@ -388,4 +390,5 @@ def make_dispatcher(state: MeisaState) -> CeleryDispatcher:
         ledger_size=options.queue_size,
         priority_fields=options.priority_fields,
         lost_after=celery_setup.lost_after(celery_app, options.call_timeout),
+        retry=state.background_retry_policy(),
     )

@@ -20,8 +20,10 @@ from .._values import parse_rate_limit
 from ..operations import LANE_NAMES
 from ..operations import LANE_ROUTINE
 from ..operations import LANE_TRANSACTIONAL
+from ..retry import RetryPolicy
 from . import redis_scripts as lua
 from .base import OUTAGE_THRESHOLD
+from .base import decide
 from .budget import allowed
 from .budget import remaining
 from .budget import settling
@@ -60,9 +62,13 @@ class Acquired:
 
 class RedisBudget:
     """The budget ``spec`` (``"60/minute;1000/hour"``; ``None``: no limit, the pause and
-    breaker still hold) of ``api_key`` (only its digest is kept) in the Redis ``redis``."""
+    breaker still hold) of ``api_key`` (only its digest is kept) in the Redis ``redis``;
+    ``retry`` the workers' policy (how long a 429 pauses them)."""
 
-    def __init__(self, redis: Any, spec: str | None, api_key: str) -> None:
+    def __init__(
+        self, redis: Any, spec: str | None, api_key: str, retry: RetryPolicy | None = None
+    ) -> None:
+        self.retry = retry or RetryPolicy()
         self.windows = parse_rate_limit(spec) if spec is not None else ()
         # Every key of one budget in one Redis Cluster slot (the braces).
         self._prefix = prefix = f"meisa:{{budget:{_digest(api_key)[:20]}}}"
@@ -181,10 +187,13 @@ class RedisBudget:
         with settling(token, self._end, over=not taken):
             yield taken
 
-    def _end(self, token: str, made: bool, timed_out: bool, limited: object) -> None:
+    def _end(self, token: str, made: bool, timed_out: bool, limited: Exception | None) -> None:
         try:
             if token:
                 self.finish(token, made=made, timed_out=timed_out)
+            if limited is not None:  # the workers pause as for a 429 of their own
+                decision = decide("send", limited, attempts=1, elapsed=0.0, policy=self.retry)
+                self.pause(decision.pause)
         except RedisError:
             self._unreachable_until = time.monotonic() + UNREACHABLE_FOR
 

@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import pytest
 from flask import Flask
 
 from flask_meisa import Meisa
+from flask_meisa import delivery_dropped
 from flask_meisa._engine import known
 from flask_meisa._engine import pending
 from flask_meisa._engine.host import HostLock
@@ -945,6 +947,34 @@ def test_no_store_file_under_testing_with_delivery_suppressed(emulator: Emulator
     assert "engine: thread" in invoke(app, "status").output
     assert os.listdir(app.instance_path) == []
     assert emulator.requests == []
+
+
+def test_drops_a_slow_delivery_dropped_receiver_had_not_reached_are_reported_at_close(
+    emulator: Emulator,
+) -> None:
+    # A receiver making a slow call (a synchronous meisa.send to a slow Meisa) held the
+    # reporter thread: at close, what it had not reached went unreported and unlogged.
+    emulator.faults.outage(60)  # nothing is delivered: the store keeps one upsert
+    app = thread_app(emulator, MEISA_QUEUE_SIZE=1)
+    meisa, reported, held, release = meisa_of(app), [], threading.Event(), threading.Event()
+
+    def slow_receiver(sender: Flask, operation: Operation, **extra: Any) -> None:
+        reported.append((operation.payload["email"], threading.current_thread().name))
+        if len(reported) == 1:
+            held.set()
+            release.wait(10)
+
+    try:
+        with delivery_dropped.connected_to(slow_receiver, app), app.app_context():
+            for n in range(5):
+                meisa.upsert({"email": f"user{n}@example.com"})
+            assert held.wait(5)
+            meisa.close(timeout=0)
+            assert len(reported) == meisa.status().dropped == 4
+        assert reported[0][1] == "flask-meisa-reporter"
+        assert {thread for _, thread in reported[1:]} == {threading.current_thread().name}
+    finally:
+        release.set()
 
 
 def test_dead_letters_retried_from_a_shell_for_another_meisa_are_not_sent_to_the_server_s(

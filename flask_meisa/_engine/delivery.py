@@ -182,6 +182,10 @@ class Delivery(Writer):
         with self._lock:  # what is given up on: reporting from here (see _drop)
             lost, self._intake = self._intake, []
             self._caller.count(reporting=len(lost))
+            unreported = list(self._reports)  # behind a slow receiver
+            self._reports.clear()
+        for operation, reason, why in unreported:
+            self._drop([operation], reason, why)
         if not self.store.durable:
             with contextlib.suppress(*STORE_ERRORS), self.store.write() as db:
                 taken = pending.take_all(db)

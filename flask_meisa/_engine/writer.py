@@ -3,6 +3,7 @@ process's writer thread at the end of the group's window (docs/delivery.md, step
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import math
@@ -64,8 +65,9 @@ class Writer:
     _ticks_until: float
     _writer_idle: bool
     _dropped_here: int  # shed from memory, or not stored (writer_error)
-    # What the writer shed, for the reporter thread to report (started on the first).
-    _reports: list[tuple[list[Operation], str, str]]
+    # What the writer shed, for the reporter thread to report one at a time (started on the
+    # first); what it has not taken when delivery stops, close reports.
+    _reports: collections.deque[tuple[Operation, str, str]]
     _reporter: bool
     # Live operations stored, as last counted plus added since, and when to count again.
     _live_rows: int
@@ -83,7 +85,7 @@ class Writer:
         self._due, self._ticks_until = math.inf, 0.0
         self._writer_idle, self._store_failing = False, None
         self._live_rows, self._count_at = 0, 0.0
-        self._reports, self._reporter = [], False
+        self._reports, self._reporter = collections.deque(), False
 
     def _take_in(self, batch: list[Operation]) -> None:
         """(Under the lock.) ``batch`` joins the intake: stored within the group window."""
@@ -136,7 +138,7 @@ class Writer:
             if not self._reporter and not self._stopping:
                 self._reporter = self._spawn(self._report_loop, "flask-meisa-reporter")
             if self._reporter and not self._stopping:
-                self._reports.append((operations, reason, why))
+                self._reports.extend((op, reason, why) for op in operations)
                 self._to_report.notify()
                 return
         self._drop(operations, reason, why)
@@ -146,11 +148,10 @@ class Writer:
             with self._lock:
                 while not self._reports and not self._stopping:
                     self._to_report.wait()
-                reports, self._reports = self._reports, []
-            if not reports:
-                return  # (what the writer sheds from here on, it reports itself)
-            for operations, reason, why in reports:
-                self._drop(operations, reason, why)
+                if not self._reports:
+                    return  # (what the writer sheds from here on, it reports itself)
+                operation, reason, why = self._reports.popleft()
+            self._drop([operation], reason, why)
             with self._lock:  # a flush waits for these hooks
                 self._progress += 1
                 self._idle.notify_all()

@@ -316,7 +316,7 @@ def test_a_second_run_is_refused_while_another_runs_and_the_first_goes_on(
     first.join(60)
     assert second.exit_code == 1, second.output
     assert "another 'flask meisa sync-users' runs the backfill" in second.output
-    assert "taken over once it has not noted it runs for 90 s" in second.output
+    assert "from another, once it has not noted it runs for 90 s" in second.output
     assert after == before
     assert results[0].exit_code == 0, results[0].output
     assert results[0].output.splitlines()[-1].startswith("600 of 600 users done")

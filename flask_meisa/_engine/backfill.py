@@ -8,6 +8,8 @@ import contextlib
 import dataclasses
 import functools
 import itertools
+import os
+import socket
 import sqlite3
 import time
 import uuid
@@ -39,6 +41,9 @@ BACKLOG_FOR = 300.0
 KEEP_FAILURES = 1_000
 #: How often a run notes in its store that its process still runs (seconds).
 ALIVE_EVERY = 30.0
+_PIDS = "/proc/self/ns/pid"  # a container's pids are its own
+#: This host (and its pids), as a run notes its process's: one gone here is known gone.
+HOST = socket.gethostname() + (os.readlink(_PIDS) if os.path.exists(_PIDS) else "")
 
 
 @dataclass
@@ -57,12 +62,20 @@ class Run:
     last: list[Any] | None = None  # the last user mapped: [position, *names], checked again
     alive_at: float | None = None  # when its process last noted it runs (None: stopped)
     owner: str | None = None  # the command that runs it (one taken over stops)
+    process: list[Any] | None = None  # [HOST, pid] of the process that runs it
 
 
 def alive(run: dict[str, Any], now: float) -> bool:
     """Whether a process runs the kept ``run``, unfinished: not when it was interrupted, nor
-    once its process has not noted it runs for three :data:`ALIVE_EVERY` (killed)."""
-    at = run.get("alive_at")
+    once its process is gone (killed) on this host, or elsewhere has not noted it runs for
+    three :data:`ALIVE_EVERY`."""
+    at, (host, pid) = run.get("alive_at"), run.get("process") or (None, 0)
+    if host == HOST:
+        with contextlib.suppress(PermissionError):  # (another user's process runs)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return False
     return run.get("state") == "running" and at is not None and now - at <= 3 * ALIVE_EVERY
 
 
@@ -77,8 +90,8 @@ class AlreadyRunning(MeisaError):
             f"another 'flask meisa sync-users' runs the backfill (its process last noted it"
             f" runs at {noted}, {max(now - alive_at, 0):.0f} s ago): wait for it to"
             " finish, or stop it (Ctrl+C), then run the command again to go on. A run whose"
-            f" process was killed is taken over once it has not noted it runs for"
-            f" {3 * ALIVE_EVERY:.0f} s."
+            " process was killed is taken over at once on its host; from another, once it"
+            f" has not noted it runs for {3 * ALIVE_EVERY:.0f} s."
         )
 
 
@@ -246,7 +259,7 @@ def run(
         since = current.started_at if again and current is not None else began
         current = Run(started_at=since, refused_before=target.backlog()[1])
     current.total, current.max_share, current.alive_at = total, max_share, began
-    current.owner = uuid.uuid4().hex
+    current.owner, current.process = uuid.uuid4().hex, [HOST, os.getpid()]
     target.save(current, fresh=fresh, start=True)
     started, start_done, last_report = time.monotonic(), current.position, 0.0
 

@@ -1156,6 +1156,31 @@ def test_a_backfill_stops_once_meisa_refuses_an_upsert_for_its_key_in_a_row(
     assert len(by_user) == 3_000 and set(by_user.values()) == {1}
 
 
+def test_a_revoked_key_stops_a_backfill_in_seconds_at_the_default_retry_delay(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    # A revoked key is no fault that passes: at the default MEISA_RETRY_MAX_DELAY (30 s)
+    # its refusals in a row kept the run at "0 done" for two minutes. It stops in seconds,
+    # naming the status (not the key), and exits non-zero; the next run goes on.
+    key, outbox = "meisa_live_revoked0000000000000000", str(tmp_path / "meisa-outbox.sqlite3")
+    app = make_app(emulator, 300, MEISA_API_KEY=key, MEISA_OUTBOX=outbox)
+    began = time.monotonic()
+    try:
+        result = sync_users(app)
+    finally:
+        app.extensions["meisa"].close(app)
+    took = time.monotonic() - began
+    assert result.exit_code == 1, result.output
+    assert "(HTTP 401 [authentication_failed]" in result.output and key not in result.output
+    assert took < (dead.REFUSALS_TO_STOP - 1) * dead.REFUSAL_DELAY + 5, took
+    fixed = make_app(emulator, 300, MEISA_OUTBOX=outbox)
+    try:
+        again = sync_users(fixed)
+    finally:
+        fixed.extensions["meisa"].close(fixed)
+    assert again.output.splitlines()[-1].startswith("300 of 300 users done"), again.output
+
+
 @pytest.mark.parametrize("status", [401, 403])
 def test_a_refusal_for_a_moment_is_retried_and_the_backfill_goes_on(
     emulator: Emulator, status: int

@@ -29,8 +29,10 @@ _MESSAGE_LIMIT = 300
 OTHER_MEISA = "other_meisa"
 #: The attempt of a backfill upsert refused for the key that stops its run: a proxy may
 #: answer 401 for a moment (a deploy), so the earlier ones are retried, each after
-#: ``MEISA_RETRY_MAX_DELAY`` (a revoked key stops the run in about two minutes).
+#: :data:`REFUSAL_DELAY` s at most (a revoked key stops the run in about four seconds:
+#: no fault that passes, it would refuse every user).
 REFUSALS_TO_STOP = 5
+REFUSAL_DELAY = 1.0
 # One parameter however many: SQLite takes at most 32,766 (as some build it, 250,000).
 _EACH = "(SELECT value FROM json_each(?))"
 
@@ -97,15 +99,17 @@ def retried_refusal(
     policy: RetryPolicy,
     refused: int,
 ) -> Outcome:
-    """``settled``, or a retry after ``policy.max_delay`` when it fails ``operation`` as
-    refused for the key (:func:`key_refusal`, ``run()`` the backfill's) and the key refused
-    it fewer than :data:`REFUSALS_TO_STOP` times in a row (``refused`` before this attempt;
-    its other failures do not count): no dead letter, and the run goes on."""
+    """``settled``, or a retry after :data:`REFUSAL_DELAY` (``policy.max_delay`` if less)
+    when it fails ``operation`` as refused for the key (:func:`key_refusal`, ``run()`` the
+    backfill's) and the key refused it fewer than :data:`REFUSALS_TO_STOP` times in a row
+    (``refused`` before this attempt; its other failures do not count): no dead letter,
+    and the run goes on."""
     if settled.step != "failed" or error is None or refused + 1 >= REFUSALS_TO_STOP:
         return settled
     if key_refusal(operation, error, run()) is None:
         return settled
-    decision = dataclasses.replace(settled.decision, action="retry", delay=policy.max_delay)
+    delay = min(policy.max_delay, REFUSAL_DELAY)
+    decision = dataclasses.replace(settled.decision, action="retry", delay=delay)
     return dataclasses.replace(settled, decision=decision, step="retry")
 
 

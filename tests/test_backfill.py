@@ -1156,6 +1156,41 @@ def test_a_backfill_stops_once_meisa_refuses_an_upsert_for_its_key_in_a_row(
     assert len(by_user) == 3_000 and set(by_user.values()) == {1}
 
 
+def test_a_user_source_that_raises_midway_stops_with_one_line_and_the_next_run_goes_on(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    # The query behind @meisa.users_to_sync fails at its 451st user (the database went
+    # away): no traceback, nor "the delivery store failed" for an OSError of the query's,
+    # but one line naming what raised and where; the chunks stored are kept, and the next
+    # run goes on from them.
+    app = make_app(emulator, 1000, MEISA_OUTBOX=str(tmp_path / "meisa-outbox.sqlite3"))
+    meisa: Meisa = app.extensions["meisa"]
+    query, count = meisa.user_source  # type: ignore[misc]
+
+    def users() -> Any:
+        for read, person in enumerate(query(), start=1):
+            if read == 451:
+                raise ConnectionError("server closed the connection\n(background: ...)")
+            yield person
+
+    meisa.users_to_sync(users, count=count)
+    try:
+        result = sync_users(app)
+        meisa.users_to_sync(query, count=count)
+        again = sync_users(app)
+    finally:
+        meisa.close(app)
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 1, result.output
+    assert result.output.splitlines()[-1] == (
+        "Error: @meisa.users_to_sync raised ConnectionError (server closed the connection)"
+        " reading user #451: the run stopped there, what it stored is kept. Fix it, then run"
+        " 'flask meisa sync-users' again to go on from where it stopped."
+    )
+    assert again.exit_code == 0, again.output
+    by_user = upserts_by_user(emulator)
+    assert len(by_user) == 1000 and set(by_user.values()) == {1}
+
+
 def test_a_revoked_key_stops_a_backfill_in_seconds_at_the_default_retry_delay(
     emulator: Emulator, tmp_path: Path
 ) -> None:

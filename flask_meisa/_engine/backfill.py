@@ -108,6 +108,19 @@ class KeyRefused(Exception):
         self.status, self.user = status, user
 
 
+class UsersFailed(MeisaError):
+    """The user source (``@meisa.users_to_sync``) raised ``error`` reading user ``number``:
+    the run stopped there, what it stored kept."""
+
+    def __init__(self, number: int, error: Exception) -> None:
+        why = next(iter(str(error).splitlines()), "")  # one line (a query's error has more)
+        super().__init__(
+            f"@meisa.users_to_sync raised {type(error).__name__}{f' ({why})' if why else ''}"
+            f" reading user #{number:,}: the run stopped there, what it stored is kept. Fix"
+            " it, then run 'flask meisa sync-users' again to go on from where it stopped."
+        )
+
+
 class UsersChanged(Exception):
     """The users before the last run's position are not those it read (deleted, or new)."""
 
@@ -285,7 +298,7 @@ def run(
         return progress
 
     try:
-        rest = _from_position(iter(users), current, to_operation, target)
+        rest = _from_position(_read(users), current, to_operation, target)
         # Done as it starts: the users read (moved back if failed ones are read again) less
         # the upserts an earlier run left waiting, answered from now on.
         start_done = current.position - target.backlog()[0]
@@ -351,6 +364,16 @@ def _from_position(
         # been deleted since (going on from the position would skip as many others).
         target.go_back(run, past_last)
     return users
+
+
+def _read(users: Iterable[Any]) -> Iterator[Any]:
+    """``users``, an error of their source raised as :class:`UsersFailed`."""
+    number = 0
+    try:
+        for number, user in enumerate(users, start=1):  # noqa: B007 (read in the except)
+            yield user
+    except Exception as error:
+        raise UsersFailed(number + 1, error) from error
 
 
 def _names(operation: Operation) -> list[str | None]:

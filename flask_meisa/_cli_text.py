@@ -73,6 +73,16 @@ def store_failed(error: BaseException) -> str:
     )
 
 
+def not_flushed(status: DeliveryStatus, timeout: float, locked: bool) -> str:
+    """What ``flush`` left after ``timeout``, who delivers it (this process stopped), and
+    whether another process holds the store's write lock (``locked``)."""
+    pid = status.delivering_pid
+    who = f"pid {pid}" if pid not in (None, os.getpid()) else "no other process"
+    why = ": another process is writing to the store (it holds its write lock)"
+    left = f"{status.pending} operations still pending after {timeout:g}s ({who} delivers)"
+    return left + (why if locked else "")
+
+
 def status_report(status: DeliveryStatus, store_path: str | None, now: float) -> str:
     """``flask meisa status``: store, delivering process, lanes, counters, backfill (``now``:
     by the clock its run notes it runs by)."""

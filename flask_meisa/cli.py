@@ -246,10 +246,9 @@ def flush_command(timeout: float) -> None:
     meisa = _extension(host=True)
     flushed, status = _flushed(meisa, timeout)
     if not flushed:
-        who = f"pid {status.delivering_pid}" if status.delivering_pid else "no process"
-        raise click.ClickException(
-            f"{status.pending} operations still pending after {timeout:g}s ({who} delivers)"
-        )
+        state = meisa.state()
+        locked = state.settings.delivery == "thread" and state.host_store().write_locked()
+        raise click.ClickException(_cli_text.not_flushed(status, timeout, locked))
     # What failed is no longer pending, but not delivered either.
     dead = f"; {status.dead_letters} dead letter(s): see 'flask meisa dead-letters'"
     click.echo(f"nothing pending{dead if status.dead_letters else ''}")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import queue
 import re
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -436,7 +438,7 @@ def test_flush_that_times_out_says_what_is_left_and_who_delivers(
             assert emulator.wait_for_requests(1, "/events/track/")
         result = invoke(app, "flush", "--timeout", "0.3")
         assert result.exit_code == 1
-        assert f"1 operations still pending after 0.3s (pid {os.getpid()} delivers)" in (
+        assert "1 operations still pending after 0.3s (no other process delivers)" in (
             result.output
         )
         status = invoke(app, "status").output
@@ -466,6 +468,44 @@ def test_flush_that_times_out_ends_at_its_timeout_not_the_exit_hooks(
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == 1
     assert "1 operations still pending after 0.5s" in done.stderr, done.stderr
+
+
+def test_flush_while_another_process_writes_says_so_and_ends_at_its_timeout(
+    emulator: Any, tmp_path: Path
+) -> None:
+    # Another process holds the store's write lock (a long transaction, a sqlite3 shell):
+    # the command cannot take delivery over. It said "the delivery store failed (database
+    # is locked); operations wait in memory" (none did) and "(no process delivers)", and
+    # its own wait for the lock, on the connection its reads share, took it past --timeout
+    # (2.4 s at --timeout 0, 6.5 s at 5).
+    instance = tmp_path / "instance"
+    instance.mkdir()
+    with Store(store_path(instance)).write() as db:
+        pending.add(db, Operation("upsert", {"email": "ada@example.com"}), LANE_BACKFILL)
+    env = environment(emulator, instance, FLASK_APP="tests.served_app:create_app()")
+    command = [sys.executable, "-m", "flask", "meisa", "flush", "--timeout"]
+    run = functools.partial(subprocess.run, cwd=ROOT, env=env, capture_output=True, text=True)
+    writer = sqlite3.connect(store_path(instance), isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        began = time.monotonic()
+        quick = run([*command, "0"], timeout=30)
+        startup = time.monotonic() - began  # its interpreter's start, and no wait
+        began = time.monotonic()
+        done = run([*command, "1.5"], timeout=30)
+        took = time.monotonic() - began
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    for result in (quick, done):
+        assert result.returncode == 1, result.stderr
+        assert "operations wait in memory" not in result.stderr  # (none did)
+    assert "(database is locked: another process is writing to it)" in done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        "Error: 1 operations still pending after 1.5s (no other process delivers): another"
+        " process is writing to the store (it holds its write lock)"
+    ), done.stderr
+    assert took < startup + 1.5 + 0.5, (took, startup)
 
 
 def test_dead_letters_named_by_the_thousand_are_purged_and_said_ten_at_most(

@@ -283,7 +283,7 @@ def test_a_locked_store_never_fails_a_request(
         with app.app_context():
             assert not meisa.flush(0.5)  # held in memory until the store takes them
         assert emu.requests_to(UPSERT) == []
-        assert "the delivery store failed (database is locked)" in caplog.text
+        assert "the delivery store failed (database is locked: another process" in caplog.text
     finally:
         locker.execute("ROLLBACK")
         locker.close()

@@ -129,6 +129,10 @@ class Caller:
 
     def _take_over(self, lock: HostLock) -> None:
         try:
+            # Not waited for with the store's own connection, which all this process's
+            # reads share: another process writing for long, it is tried again next pass.
+            if self.store.write_locked(0.1):
+                raise sqlite3.OperationalError("database is locked")
             with self.store.write() as db:
                 released = pending.release_flights(db, self.taken)  # not its own calls under way
                 foreign = dead.bury_foreign(db, self.target)

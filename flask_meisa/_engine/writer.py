@@ -299,5 +299,7 @@ class Writer:
         """Log once when the store starts failing, and once when it works again."""
         failing, self._store_failing = self._store_failing, error
         if (failing is None) != (error is None):
-            state = f"failed ({error}); operations wait in memory" if error else "works again"
-            logger.warning("flask-meisa: the delivery store %s", state)
+            locked = ": another process is writing to it" if "locked" in str(error) else ""
+            state = f"failed ({error}{locked})" if error else "works again"
+            more = "; what this process has not stored waits in memory, tried again"
+            logger.warning("flask-meisa: the delivery store %s%s", state, more if error else "")

@@ -21,6 +21,9 @@ from flask.cli import AppGroup
 from . import _cli_text
 from ._engine import backfill
 from ._engine import dead
+from ._engine.delivery import Delivery
+from ._engine.delivery import StoreBackfill
+from ._engine.mounts import write_locked
 from ._engine.store import STORE_ERRORS
 from ._engine.store import ForAnotherMeisa
 from ._process import stops_interrupt
@@ -34,7 +37,6 @@ if TYPE_CHECKING:
 
     from ._engine.base import DeliveryStatus
     from ._engine.celery import CeleryDispatcher
-    from ._engine.delivery import Delivery
     from ._engine.redis_dead import RedisDeadLetters
     from ._runtime import MeisaState
     from .extension import Meisa
@@ -216,15 +218,15 @@ def _backfill_target(state: MeisaState, *, start: bool) -> backfill.Target:
         raise click.ClickException(f"sync-users needs {needs}")
     if delivery == "celery":
         return cast("CeleryDispatcher", state.dispatcher).backfill(state.settings.resync_after)
-    store, engine = state.host_store(), cast("Delivery", state.dispatcher)
+    store, engine = state.host_store(), cast(Delivery, state.dispatcher)
     if not start:
-        return backfill.StoreTarget(store, resync_after=state.settings.resync_after)
+        return StoreBackfill(store, resync_after=state.settings.resync_after)
     if not store.durable:
         click.echo("note: MEISA_OUTBOX is memory: the backfill cannot resume after an exit")
     # Delivery taken over first, where no process delivers: a store last delivered for
     # another Meisa (the host switched keys) takes this one's rows from then on.
     engine.first_pass(5.0)
-    return backfill.StoreTarget(store, engine.refuse_foreign, state.settings.resync_after)
+    return StoreBackfill(store, engine.refuse_foreign, state.settings.resync_after)
 
 
 def _flushed(meisa: Meisa, timeout: float) -> tuple[bool, DeliveryStatus]:
@@ -247,7 +249,7 @@ def flush_command(timeout: float) -> None:
     flushed, status = _flushed(meisa, timeout)
     if not flushed:
         state = meisa.state()
-        locked = state.settings.delivery == "thread" and state.host_store().write_locked()
+        locked = state.settings.delivery == "thread" and write_locked(state.host_store().path)
         raise click.ClickException(_cli_text.not_flushed(status, timeout, locked))
     # What failed is no longer pending, but not delivered either.
     dead = f"; {status.dead_letters} dead letter(s): see 'flask meisa dead-letters'"
@@ -283,7 +285,7 @@ def _dead_letters() -> DeadLetters:
             f" {state.settings.delivery!r}"
         )
     store = state.host_store()
-    return dead.StoreDeadLetters(store, cast("Delivery", state.dispatcher).refuse_foreign)
+    return dead.StoreDeadLetters(store, cast(Delivery, state.dispatcher).refuse_foreign)
 
 
 def _letters(letters: DeadLetters, ids: list[int]) -> list[dead.DeadLetter]:

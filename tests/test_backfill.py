@@ -28,6 +28,7 @@ from flask_meisa import contact_synced
 from flask_meisa._engine import backfill
 from flask_meisa._engine import dead
 from flask_meisa._engine import pending
+from flask_meisa._engine.delivery import StoreBackfill
 from flask_meisa._engine.store import Store
 from flask_meisa.emulator import Emulator
 from flask_meisa.operations import Operation
@@ -366,7 +367,7 @@ def test_ctrl_c_while_a_stop_at_a_refused_key_is_saved_ends_with_the_keys_error(
         if isinstance(sys.exc_info()[1], backfill.KeyRefused):
             raise KeyboardInterrupt
 
-    target = backfill.StoreTarget(store, ctrl_c_as_the_stop_is_saved)
+    target = StoreBackfill(store, ctrl_c_as_the_stop_is_saved)
     people = [{"email": f"user{n}@example.com", "external_id": str(n)} for n in range(400)]
 
     def users() -> Any:
@@ -404,7 +405,7 @@ def test_ctrl_c_as_a_chunk_is_stored_keeps_the_position_of_the_chunks_stored(
             interrupted.append(True)
             raise KeyboardInterrupt
 
-    target = backfill.StoreTarget(store, ctrl_c_as_the_second_chunk_is_stored)
+    target = StoreBackfill(store, ctrl_c_as_the_second_chunk_is_stored)
     people = [{"email": f"user{n}@example.com", "external_id": str(n)} for n in range(400)]
 
     def to_operation(user: dict[str, str]) -> Operation:
@@ -429,7 +430,7 @@ def test_a_run_that_goes_on_behind_its_waiting_upserts_gives_its_rate_once_some_
 ) -> None:
     # A redeployed host: the run goes on with the upserts it stored before still waiting
     # (an hour's worth at the default budget).
-    target = backfill.StoreTarget(Store(str(tmp_path / "store.sqlite3")))
+    target = StoreBackfill(Store(str(tmp_path / "store.sqlite3")))
     people = [{"email": f"user{n}@example.com", "external_id": str(n)} for n in range(400)]
 
     def to_operation(user: dict[str, str]) -> Operation:
@@ -636,7 +637,7 @@ def test_a_run_taken_over_while_slow_stops_and_leaves_the_others_notes(
     try:
         with app.app_context():
             assert wait_until(lambda: (meisa.status().backfill or {}).get("position") == 200)
-        target = backfill.StoreTarget(Store(str(outbox)))
+        target = StoreBackfill(Store(str(outbox)))
         slow = target.load()
         assert slow is not None and slow.alive_at is not None
         slow.alive_at -= 3 * backfill.ALIVE_EVERY + 1
@@ -673,7 +674,7 @@ def test_a_backfill_killed_at_any_moment_goes_on_where_it_stopped(
     killed_at = len(emulator.requests_to(UPSERT))
     # Its note says it ran a moment ago, but its process is gone from this host: the rerun
     # takes it over at once (not 3 ALIVE_EVERY later), and goes on where it stopped.
-    target = backfill.StoreTarget(Store(str(tmp_path / "instance" / "meisa-outbox.sqlite3")))
+    target = StoreBackfill(Store(str(tmp_path / "instance" / "meisa-outbox.sqlite3")))
     killed = target.load()
     assert killed is not None and killed.alive_at is not None and killed.position > 0
     assert not backfill.alive(dataclasses.asdict(killed), time.time())
@@ -1503,7 +1504,7 @@ def test_a_backfill_at_the_default_budget_stores_minutes_of_upserts_not_hours(
         assert run.stdout is not None and "3,000 users at ~950/hour" in run.stdout.readline()
         # The first calls, paced: by the second the run has read all it may (or 1,200).
         assert emulator.wait_for(lambda e: len(e.requests_to(UPSERT)) >= 2, timeout=30)
-        target = backfill.StoreTarget(Store(str(tmp_path / "instance" / "meisa-outbox.sqlite3")))
+        target = StoreBackfill(Store(str(tmp_path / "instance" / "meisa-outbox.sqlite3")))
         kept = target.load()
         waiting, _ = target.backlog()
     finally:

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import itertools
 import os
 import socket
-import sqlite3
 import time
 import uuid
 from collections.abc import Callable
@@ -21,15 +19,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import MeisaError
-from ..operations import LANE_BACKFILL
 from ..operations import LANE_ROUTINE
 from ..operations import Operation
 from ..operations import identities
 from . import known
-from . import pending
 from .budget import allowed
 from .known import unchanged
-from .store import Store
 
 #: Users read, mapped and stored together (one transaction).
 CHUNK = 200
@@ -378,54 +373,6 @@ def _read(users: Iterable[Any]) -> Iterator[Any]:
 
 def _names(operation: Operation) -> list[str | None]:
     return list(identities(operation.payload))
-
-
-class StoreTarget(Target):
-    """A backfill through the delivery store: a chunk's rows and the run's position are
-    written in one transaction. ``refuse`` raises in a write when the store is delivered
-    for another Meisa, which would send the run's upserts there."""
-
-    _get, _put = staticmethod(Store.get_meta), staticmethod(Store.set_meta)
-
-    def __init__(
-        self,
-        store: Store,
-        refuse: Callable[[sqlite3.Connection], None] | None = None,
-        resync_after: float = 86400.0,
-    ) -> None:
-        self.store, self.refuse, self.resync_after = store, refuse, resync_after
-
-    @contextlib.contextmanager
-    def _kept(self, write: bool = False) -> Iterator[sqlite3.Connection]:
-        with self.store.write() if write else self.store.read() as db:
-            if write and self.refuse is not None:
-                self.refuse(db)
-            yield db
-
-    def _queue(
-        self, db: sqlite3.Connection, run: Run, operations: list[Operation], now: float
-    ) -> None:
-        for operation in operations:
-            had = functools.cache(functools.partial(known.lookup, db, operation.payload))
-            fresh = known.fresh_part(operation, had(), now, db)
-            # Meisa has this state and nothing of the contact waits: no row at all.
-            if fresh is None or (
-                self._unchanged(fresh, had, run, now) and not pending.waits(db, fresh)
-            ):
-                if fresh is not None:
-                    known.remember(db, fresh.payload, now, accepted=False)
-                run.skipped += 1
-            else:
-                pending.add(db, fresh, LANE_BACKFILL)
-                run.queued += 1
-
-    def backlog(self) -> tuple[int, int]:
-        """Backfill rows waiting for Meisa, and those Meisa ever refused (dead letters)."""
-        with self.store.read() as db:
-            waiting = db.execute(
-                "SELECT count(*) FROM meisa_ops WHERE priority = 'backfill' AND state != 'dead'"
-            ).fetchone()[0]
-            return waiting, int(Store.get_meta(db, "backfill_refused_upserts", 0))
 
 
 def _failure(user: Any, position: int, error: Exception) -> dict[str, Any]:

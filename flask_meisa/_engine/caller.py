@@ -28,6 +28,7 @@ from .base import settle
 from .base import too_late
 from .host import HostFiles
 from .host import HostLock
+from .mounts import write_locked
 from .store import STORE_ERRORS
 from .store import ForAnotherMeisa
 from .store import Store
@@ -131,7 +132,7 @@ class Caller:
         try:
             # Not waited for with the store's own connection, which all this process's
             # reads share: another process writing for long, it is tried again next pass.
-            if self.store.write_locked(0.1):
+            if write_locked(self.store.path, 0.1):
                 raise sqlite3.OperationalError("database is locked")
             with self.store.write() as db:
                 released = pending.release_flights(db, self.taken)  # not its own calls under way

@@ -10,6 +10,7 @@ import errno
 import os
 import re
 import shutil
+import sqlite3
 import stat
 from contextlib import suppress
 
@@ -91,6 +92,21 @@ def not_sqlite(path: str) -> bool:
     of something else, not one of ours to set aside if damaged (missing or empty: not so)."""
     with suppress(OSError), open(path, "rb") as file:  # (what fails, SQLite says)
         return (head := file.read(16)) != b"" and head != b"SQLite format 3\x00"
+    return False
+
+
+def write_locked(path: str | None, wait: float = 0.0) -> bool:
+    """Whether another process holds the write lock of the store file ``path`` (``wait``
+    seconds at most, on a connection of its own: this process's waits for none of it)."""
+    if path is None:
+        return False
+    db = sqlite3.connect(path, timeout=wait, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError:
+        return True
+    finally:
+        db.close()  # (and with it the transaction it began)
     return False
 
 

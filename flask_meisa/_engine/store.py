@@ -296,20 +296,6 @@ class Store:
         )
         return f": the delivery store {self.path} refused them ({error}){fix}"
 
-    def write_locked(self, wait: float = 0.0) -> bool:
-        """Whether another process holds the file's write lock (``wait`` seconds at most,
-        on a connection of its own: this process's waits for none of it)."""
-        if self.path is None:
-            return False
-        db = sqlite3.connect(self.path, timeout=wait, isolation_level=None)
-        try:
-            db.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError:
-            return True
-        finally:
-            db.close()  # (and with it the transaction it began)
-        return False
-
     def moved(self, *, link: bool = False) -> bool:
         """Whether the file this process has open was deleted or replaced (a deploy, a backup
         restored): the other processes of the host see only the file now at the path. With

@@ -203,11 +203,13 @@ class SuppressionSet:
                 self._retry_at = self._clock() + self._retry_interval
                 self.last_error = error
             _logger.warning(
-                "Meisa suppression list %s; next attempt in %gs",
+                "Meisa suppression list %s%s",
                 f"refresh failed ({error}); keeping the last list"
                 if self._current is not None
                 else f"could not be loaded ({error}); suppressing nothing until it loads",
-                self._retry_interval,
+                ""
+                if isinstance(exc, errors.EngineClosed)  # exiting: there is no next one
+                else f"; next attempt in {self._retry_interval:g}s",
             )
             return False
         else:

@@ -233,6 +233,9 @@ def test_a_suppression_fetch_retried_after_the_exit_hook_makes_no_engine_again(
     assert closed.is_set(), app.output
     assert "engine after exit False" in app.output, app.output
     assert len(calls) == 1, (calls, app.output)  # no attempt after the exit hook
+    # Said as it is: an exiting process makes no next attempt.
+    assert "could not be loaded (delivery engine is closed" in app.output, app.output
+    assert "next attempt" not in app.output, app.output
 
 
 def test_a_request_served_after_the_exit_hook_is_answered_and_its_work_refused(

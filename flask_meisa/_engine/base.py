@@ -209,11 +209,9 @@ Action = Literal["done", "retry", "recover", "fail"]
 Step = Literal["delivered", "failed", "retry", "upsert_contact", "event_again"]
 
 #: Failures in a row (no answer, or 5xx) after which Meisa is treated as down: delivery
-#: pauses with a growing backoff, then probes with one call at a time.
-OUTAGE_THRESHOLD = 3
-#: The shortest of those pauses, however small the retry delays (0 included): a Meisa that
-#: looks down is probed at most once a second, never in a tight loop.
-OUTAGE_MIN_PAUSE = 1.0
+#: pauses with a growing backoff, at least a second however small the retry delays (0
+#: included: never a tight loop), then probes with one call at a time.
+OUTAGE_THRESHOLD, OUTAGE_MIN_PAUSE = 3, 1.0
 
 #: The ``code`` of a 429 from Meisa's per-recipient send guardrail.
 SEND_GUARDRAIL = "send_guardrail"

@@ -249,7 +249,7 @@ def flush_command(timeout: float) -> None:
     flushed, status = _flushed(meisa, timeout)
     if not flushed:
         state = meisa.state()
-        locked = state.settings.delivery == "thread" and write_locked(state.host_store().path)
+        locked = state.settings.delivery == "thread" and write_locked(state.host_store())
         raise click.ClickException(_cli_text.not_flushed(status, timeout, locked))
     # What failed is no longer pending, but not delivered either.
     dead = f"; {status.dead_letters} dead letter(s): see 'flask meisa dead-letters'"

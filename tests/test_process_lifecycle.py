@@ -28,6 +28,7 @@ from flask import Flask
 
 from flask_meisa import Meisa
 from flask_meisa._engine.delivery import Delivery
+from flask_meisa._engine.mounts import write_locked
 from flask_meisa._engine.store import SCHEMA_VERSION
 from flask_meisa._engine.store import Store
 from flask_meisa.emulator import Emulator
@@ -499,6 +500,30 @@ def test_a_child_forked_while_another_thread_makes_the_store_opens_it(tmp_path: 
     os.close(released)
     _, status = os.waitpid(pids[0], 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_look_at_the_stores_write_lock_waits_for_the_fork_hook(tmp_path: Path) -> None:
+    # Whether another process writes was looked at on a connection of its own, outside the
+    # store's lock: a gunicorn master (--preload) forking meanwhile left SQLite's memory
+    # mutex held in the worker by no thread, and the worker hung at its next use of SQLite
+    # (at its exit, for good: its master stopped, it held the tests' output pipes open).
+    store = Store(tmp_path / STORE_NAME)
+    looked = threading.Event()
+
+    def look() -> None:
+        write_locked(store)
+        looked.set()
+
+    store.before_fork()  # what the fork hook holds while os.fork() runs
+    looker = threading.Thread(target=look)
+    try:
+        looker.start()
+        assert not looked.wait(0.3)  # no SQLite call while a fork may be under way
+    finally:
+        store.after_fork_in_parent()
+    assert looked.wait(10)
+    looker.join()
+    store.close()
 
 
 def locks() -> list[str]:

@@ -132,7 +132,7 @@ class Caller:
         try:
             # Not waited for with the store's own connection, which all this process's
             # reads share: another process writing for long, it is tried again next pass.
-            if write_locked(self.store.path, 0.1):
+            if write_locked(self.store, 0.1):
                 raise sqlite3.OperationalError("database is locked")
             with self.store.write() as db:
                 released = pending.release_flights(db, self.taken)  # not its own calls under way

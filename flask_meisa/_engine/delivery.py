@@ -234,7 +234,8 @@ class Delivery(Writer):
                 status.oldest_wait[lane] = max(status.oldest_wait.get(lane, 0.0), waited)
         status.dropped += self._dropped_here
         lock, own = self._host_lock, os.getpid() if self._started else None
-        status.delivering_pid = own if lock is None else HostLock.holder(lock.path)
+        # (Held here: its pid may not be written yet, as it was just taken.)
+        status.delivering_pid = own if lock is None or lock.held else HostLock.holder(lock.path)
         return status
 
     def after_fork(self) -> None:

@@ -13,6 +13,10 @@ import shutil
 import sqlite3
 import stat
 from contextlib import suppress
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .store import Store
 
 #: Filesystem types other hosts may share (as ``/proc/self/mountinfo`` names them). Not 9p
 #: nor virtiofs: one host's files shown to a sandbox or a VM on it (gVisor's root and
@@ -95,18 +99,20 @@ def not_sqlite(path: str) -> bool:
     return False
 
 
-def write_locked(path: str | None, wait: float = 0.0) -> bool:
-    """Whether another process holds the write lock of the store file ``path`` (``wait``
-    seconds at most, on a connection of its own: this process's waits for none of it)."""
-    if path is None:
+def write_locked(store: Store, wait: float = 0.0) -> bool:
+    """Whether another process holds the write lock of ``store``'s file (``wait`` seconds at
+    most, on a connection of its own, not for the busy timeout of the one this process's
+    threads share), under the store's lock as every use of SQLite: a fork waits for it."""
+    if store.path is None:
         return False
-    db = sqlite3.connect(path, timeout=wait, isolation_level=None)
-    try:
-        db.execute("BEGIN IMMEDIATE")
-    except sqlite3.OperationalError:
-        return True
-    finally:
-        db.close()  # (and with it the transaction it began)
+    with store.read():
+        db = sqlite3.connect(store.path, timeout=wait, isolation_level=None)
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError:
+            return True
+        finally:
+            db.close()  # (and with it the transaction it began)
     return False
 
 

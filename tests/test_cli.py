@@ -448,15 +448,21 @@ def test_flush_that_times_out_says_what_is_left_and_who_delivers(
         app.extensions["meisa"].state(app).close(0)  # the event is left in the store
 
 
+def instance_with_one_upsert(tmp_path: Path) -> Path:
+    """An instance folder whose store holds one upsert waiting."""
+    instance = tmp_path / "instance"
+    instance.mkdir()
+    with Store(store_path(instance)).write() as db:
+        pending.add(db, Operation("upsert", {"email": "ada@example.com"}), LANE_BACKFILL)
+    return instance
+
+
 def test_flush_that_times_out_ends_at_its_timeout_not_the_exit_hooks(
     emulator: Any, tmp_path: Path
 ) -> None:
     # Meisa is down and the command delivers (no other process does): at its --timeout it
     # stops, rather than wait MEISA_FLUSH_TIMEOUT more in the exit hook (60 s here).
-    instance = tmp_path / "instance"
-    instance.mkdir()
-    with Store(store_path(instance)).write() as db:
-        pending.add(db, Operation("upsert", {"email": "ada@example.com"}), LANE_BACKFILL)
+    instance = instance_with_one_upsert(tmp_path)
     emulator.faults.outage(300)
     env = environment(
         emulator,
@@ -478,10 +484,7 @@ def test_flush_while_another_process_writes_says_so_and_ends_at_its_timeout(
     # is locked); operations wait in memory" (none did) and "(no process delivers)", and
     # its own wait for the lock, on the connection its reads share, took it past --timeout
     # (2.4 s at --timeout 0, 6.5 s at 5).
-    instance = tmp_path / "instance"
-    instance.mkdir()
-    with Store(store_path(instance)).write() as db:
-        pending.add(db, Operation("upsert", {"email": "ada@example.com"}), LANE_BACKFILL)
+    instance = instance_with_one_upsert(tmp_path)
     env = environment(emulator, instance, FLASK_APP="tests.served_app:create_app()")
     command = [sys.executable, "-m", "flask", "meisa", "flush", "--timeout"]
     run = functools.partial(subprocess.run, cwd=ROOT, env=env, capture_output=True, text=True)

@@ -1,6 +1,6 @@
 """Background delivery (``MEISA_DELIVERY = "thread"``): requests hand operations over in memory,
 each group is stored (:mod:`.writer`), and the host's delivery lock holder delivers
-(docs/delivery.md)."""
+(docs/delivery.md); a backfill's upserts go through the same store (:class:`StoreBackfill`)."""
 
 from __future__ import annotations
 

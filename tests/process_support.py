@@ -4,6 +4,7 @@ outside, and counting at the emulator what was lost or repeated."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -105,6 +106,7 @@ class Process:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            start_new_session=True,  # its group: what it leaves running is stopped with it
         )
         self.pid = self.popen.pid
         self.out: list[str] = []
@@ -196,10 +198,14 @@ class Processes:
         return self.start([sys.executable, "-m", "tests.served_app", *scenario], env)
 
     def stop_all(self) -> None:
-        """Stop every process still running (SIGTERM, then SIGKILL), by pid."""
+        """Stop every process still running (SIGTERM, then SIGKILL), by pid, then what each
+        left running (a server's workers orphaned by a killed master, which would hold its
+        output pipes open: closing them would wait for good), by its group."""
         for process in reversed(self.started):
             if process.popen.poll() is None:
                 process.stop(timeout=30)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
             for stream in (process.popen.stdout, process.popen.stderr):
                 if stream is not None:
                     stream.close()

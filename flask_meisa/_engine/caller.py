@@ -130,8 +130,8 @@ class Caller:
 
     def _take_over(self, lock: HostLock) -> None:
         try:
-            # Not waited for with the store's own connection, which all this process's
-            # reads share: another process writing for long, it is tried again next pass.
+            # Waited for 0.1 s, not the busy timeout of the connection this process's reads
+            # share: another process writing for long, it is tried again next pass.
             if write_locked(self.store, 0.1):
                 raise sqlite3.OperationalError("database is locked")
             with self.store.write() as db:

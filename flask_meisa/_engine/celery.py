@@ -14,8 +14,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 from typing import Any
 
-import redis
-
 from ..errors import DeliveryError
 from ..errors import EngineClosed
 from ..operations import LANE_BACKFILL
@@ -27,8 +25,8 @@ from . import celery_setup
 from . import known
 from .celery_worker import DeliveryWorker
 from .celery_worker import lane_queues
-from .redis_budget import UNREACHABLE_FOR
 from .redis_budget import RedisBudget
+from .redis_budget import Stall
 from .redis_dead import RedisDeadLetters
 from .redis_store import RedisDeliveryStore
 
@@ -71,16 +69,18 @@ class CeleryDispatcher(base.Dispatcher):
         self.dead_letters = RedisDeadLetters(
             self.store, functools.partial(self.submit, refused=True)
         )
+        # Redis (or the broker) timed out a moment ago: publishing drops at once, and sends
+        # take no slot, instead of waiting out a socket timeout again (ask by ask).
+        self.stall = Stall()
         #: The key's shared budget (``None`` without a key).
-        self.budget = RedisBudget(redis, rate_limit, budget_key, retry) if budget_key else None
+        self.budget = (
+            RedisBudget(redis, rate_limit, budget_key, retry, self.stall) if budget_key else None
+        )
         self._priority_fields = tuple(priority_fields)
         self._call_timeout = call_timeout
         self._ledger_size = ledger_size
         self._lost_after = lost_after
         self._closed = False
-        # time.monotonic() until which Redis is taken as stalled (it, or the broker, timed
-        # out): publishing drops at once instead of waiting out a socket timeout per operation.
-        self._stalled_until = 0.0
         # What to report if Redis loses its data: those submitted here not seen finished yet.
         self._epoch: str | None = None
         self._ledger: dict[str, Operation] = {}
@@ -130,7 +130,7 @@ class CeleryDispatcher(base.Dispatcher):
         :class:`DeliveryError` instead; closed: ``EngineClosed``); ``False``: none left."""
         if self._closed:
             raise EngineClosed(f"delivery engine is closed; {operation.describe()} was not sent")
-        if time.monotonic() < self._stalled_until:  # nothing of it reached Redis
+        if self.stall:  # nothing of it reached Redis
             cause = "TimeoutError"
             self._drop(operation, "broker_unavailable", cause, record=False, refused=refused)
             return True
@@ -139,10 +139,11 @@ class CeleryDispatcher(base.Dispatcher):
                 self._send(*task)
         except Exception as error:
             origin = error.__cause__ or error  # kombu raises its own error from the broker's
-            if isinstance(origin, redis.exceptions.TimeoutError):
-                self._stalled_until = time.monotonic() + UNREACHABLE_FOR
-            # The text of a broker error can hold its URL: only its class is told.
-            self._drop(operation, "broker_unavailable", type(origin).__name__, refused=refused)
+            self.stall.note(origin)
+            # The text of a broker error can hold its URL: only its class is told. Stalled,
+            # its records are left to expire rather than waiting out their cleanup too.
+            cause, record = type(origin).__name__, not self.stall
+            self._drop(operation, "broker_unavailable", cause, record=record, refused=refused)
             return True
         if tasks:
             with self._lock:

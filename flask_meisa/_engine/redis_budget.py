@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .._values import parse_rate_limit
 from ..operations import LANE_NAMES
@@ -35,9 +36,25 @@ logger = logging.getLogger("flask_meisa.engine")
 
 #: The longest wait handed out at once; the task comes back and asks again.
 MAX_WAIT = 300.0
-#: Seconds a call outside the workers asks no slot of a Redis that just failed to give one
-#: (each ask could wait out its socket timeout again: every retry, every request).
+#: Seconds a process asks nothing of a Redis that just timed out (each ask could wait out
+#: its socket timeout again: every retry, every request, every release).
 UNREACHABLE_FOR = 10.0
+
+
+class Stall:
+    """Whether Redis timed out in this process less than :data:`UNREACHABLE_FOR` ago; one
+    for its publishing and its budget, so that neither waits on what the other found."""
+
+    until = 0.0  # time.monotonic()
+
+    def __bool__(self) -> bool:
+        return time.monotonic() < self.until
+
+    def note(self, error: BaseException) -> None:
+        """Take a timeout as a stall (a refused connection fails at once: no need)."""
+        if isinstance(error, RedisTimeoutError):
+            self.until = time.monotonic() + UNREACHABLE_FOR
+
 
 #: A call made over the budget, in flight until its lease ends as a taken slot is (KEYS: the
 #: calls in flight; ARGV: its token, its lease).
@@ -66,7 +83,12 @@ class RedisBudget:
     ``retry`` the workers' policy (how long a 429 pauses them)."""
 
     def __init__(
-        self, redis: Any, spec: str | None, api_key: str, retry: RetryPolicy | None = None
+        self,
+        redis: Any,
+        spec: str | None,
+        api_key: str,
+        retry: RetryPolicy | None = None,
+        stall: Stall | None = None,
     ) -> None:
         self.retry = retry or RetryPolicy()
         self.windows = parse_rate_limit(spec) if spec is not None else ()
@@ -81,7 +103,7 @@ class RedisBudget:
         # By period, not limit: apps on one key with different limits count the same calls.
         self._windows = [f"{prefix}:w{window.period:g}" for window in self.windows]
         self._redis = redis
-        self._unreachable_until = 0.0  # time.monotonic(): no slot is asked until then
+        self.stall = Stall() if stall is None else stall  # no slot is asked while it lasts
         self._acquire, self._finish, self._pause, self._hold, self._fly = (
             redis.register_script(lua.TIME + body)
             for body in (lua.ACQUIRE, lua.FINISH, lua.PAUSE, lua.HOLD, _FLY)
@@ -163,8 +185,8 @@ class RedisBudget:
         deadline, waiter = time.monotonic() + max(timeout, 0.0), uuid.uuid4().hex
         token, taken = "", False  # the token it is counted by; whether a slot's
         try:
-            if time.monotonic() < self._unreachable_until:
-                raise RedisError("unreachable a moment ago")
+            if self.stall:
+                raise RedisError("timed out a moment ago")
             ask = functools.partial(self.acquire, lease=lease, lane=LANE_TRANSACTIONAL)
             got = ask(waiter=waiter)
             while got.token is None and time.monotonic() + got.wait <= deadline:
@@ -178,8 +200,8 @@ class RedisBudget:
                 self._fly(keys=[self._flying_key], args=[flying, lease])
                 token = flying  # (once in flight: Redis may have failed to put it there)
         except RedisError as error:
-            if time.monotonic() >= self._unreachable_until:
-                self._unreachable_until = time.monotonic() + UNREACHABLE_FOR
+            if not self.stall:
+                self.stall.note(error)
                 logger.warning(
                     "flask-meisa: no budget slot from Redis (%s); calling without one",
                     type(error).__name__,
@@ -194,8 +216,8 @@ class RedisBudget:
             if limited is not None:  # the workers pause as for a 429 of their own
                 decision = decide("send", limited, attempts=1, elapsed=0.0, policy=self.retry)
                 self.pause(decision.pause)
-        except RedisError:
-            self._unreachable_until = time.monotonic() + UNREACHABLE_FOR
+        except RedisError as error:
+            self.stall.note(error)
 
     def finish(
         self,

@@ -735,6 +735,25 @@ def test_a_redis_that_lost_its_data_has_what_was_pending_reported(
     assert len(hooks.of("dropped")) == 2
 
 
+def test_a_data_loss_reports_nothing_that_a_flush_found_finished(
+    make: MakeDispatcher, hooks: RecordingHooks, client: Any
+) -> None:
+    # The ledger was pruned of what it asked Redis about, once a second: a flush that found
+    # nothing pending within that second left its operations there, and a data loss later
+    # reported them dropped though Meisa had them.
+    dispatcher = make()
+    ops = [upsert(n) for n in range(3)]
+    for op in ops:
+        dispatcher.publish(op)
+    dispatcher.store.finish([op.id for op in ops], "delivered", 3)  # as a worker would
+    assert dispatcher.flush(timeout=1)
+    later = upsert(9)
+    dispatcher.publish(later)  # pending as Redis loses its data
+    client.flushall()  # as a restart without persistence does
+    assert dispatcher.flush(timeout=1) is False
+    assert [op.id for op in hooks.of("dropped")] == [later.id]
+
+
 def test_a_data_loss_counts_what_the_full_ledger_forgot_without_naming_it(
     make: MakeDispatcher, hooks: RecordingHooks, client: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

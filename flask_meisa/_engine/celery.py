@@ -242,6 +242,7 @@ class CeleryDispatcher(base.Dispatcher):
             if due:
                 self._next_look = now + _LOOK_EVERY
             ids = list(self._ledger) if due else []
+            newest = next(reversed(self._ledger), None)
         epoch, pending, unfinished, now = self.store.look(ids)
         if due and self._lost_after is not None:
             try:  # a broker can lose a message: publish again what no worker has run
@@ -264,6 +265,9 @@ class CeleryDispatcher(base.Dispatcher):
                 for op_id, waiting in zip(ids, unfinished, strict=True):
                     if not waiting:
                         self._ledger.pop(op_id, None)
+                # Nothing pending: all it published before this look is finished.
+                while not pending and newest in self._ledger:
+                    self._ledger.pop(next(iter(self._ledger)))
                 while len(self._ledger) >= self._ledger_size:
                     del self._ledger[next(iter(self._ledger))]
                     self._forgotten += 1

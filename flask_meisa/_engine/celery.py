@@ -69,8 +69,7 @@ class CeleryDispatcher(base.Dispatcher):
         self.dead_letters = RedisDeadLetters(
             self.store, functools.partial(self.submit, refused=True)
         )
-        # Redis (or the broker) timed out a moment ago: publishing drops at once, and sends
-        # take no slot, instead of waiting out a socket timeout again (ask by ask).
+        # While Redis (or the broker) just timed out: publishing drops, sends take no slot.
         self.stall = Stall()
         #: The key's shared budget (``None`` without a key).
         self.budget = (
@@ -131,19 +130,20 @@ class CeleryDispatcher(base.Dispatcher):
         if self._closed:
             raise EngineClosed(f"delivery engine is closed; {operation.describe()} was not sent")
         if self.stall:  # nothing of it reached Redis
-            cause = "TimeoutError"
-            self._drop(operation, "broker_unavailable", cause, record=False, refused=refused)
+            self._drop(operation, "TimeoutError", record=False, refused=refused)
             return True
+        recorded = False  # Redis took its records (then only the broker may have failed)
         try:
-            for task in (tasks := self.tasks(operation, read_at)):
+            tasks = self.tasks(operation, read_at)
+            recorded = True
+            for task in tasks:
                 self._send(*task)
         except Exception as error:
             origin = error.__cause__ or error  # kombu raises its own error from the broker's
-            self.stall.note(origin)
-            # The text of a broker error can hold its URL: only its class is told. Stalled,
-            # its records are left to expire rather than waiting out their cleanup too.
-            cause, record = type(origin).__name__, not self.stall
-            self._drop(operation, "broker_unavailable", cause, record=record, refused=refused)
+            self.stall.note(origin)  # then its records, if any, expire: no cleanup to wait on
+            # The text of a broker error can hold its URL: only its class is told.
+            cause, record = type(origin).__name__, recorded or not self.stall
+            self._drop(operation, cause, record=record, refused=refused)
             return True
         if tasks:
             with self._lock:
@@ -162,15 +162,8 @@ class CeleryDispatcher(base.Dispatcher):
             ignore_result=True,
         )
 
-    def _drop(
-        self,
-        operation: Operation,
-        reason: str,
-        cause: str | None = None,
-        *,
-        record: bool = True,
-        refused: bool = False,
-    ) -> None:
+    def _drop(self, operation: Operation, cause: str, *, record: bool, refused: bool) -> None:
+        # Not published; ``record``: counted in Redis, unless it timed out a moment ago.
         refused = refused or operation.kind == "send"
         if record:
             with contextlib.suppress(Exception):  # Redis may be out of reach too
@@ -178,9 +171,10 @@ class CeleryDispatcher(base.Dispatcher):
         if refused:
             what = f"publishing failed ({cause}); {operation.describe()} was not sent"
             raise DeliveryError(what) from None
-        detail = f"{reason}: {cause}" if cause else reason
-        logger.warning("flask-meisa: dropped %s (%s)", operation.describe(), detail)
-        self._hooks.call("dropped", operation, reason)
+        logger.warning(
+            "flask-meisa: dropped %s (broker_unavailable: %s)", operation.describe(), cause
+        )
+        self._hooks.call("dropped", operation, "broker_unavailable")
 
     def tasks(
         self, operation: Operation, read_at: float | None = None

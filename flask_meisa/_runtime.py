@@ -57,6 +57,7 @@ class MeisaState:
         self._pid = os.getpid()
         self._client: MeisaClient | None = None
         self._dispatcher: Dispatcher | None = None
+        self._closing: Dispatcher | None = None  # flushed by the exit hook's close()
         self._store: Store | None = None
         #: Why the default store fell back to memory in this process (``None``: it did not).
         self.fell_back: str | None = None
@@ -301,7 +302,8 @@ class MeisaState:
         synchronous send, a suppression list load)."""
         if not self.delivering():
             return contextlib.nullcontext()
-        return self.dispatcher.budget_slot(timeout)
+        # While the exit hook flushes the engine, the engine's (none is made then).
+        return (self._closing or self.dispatcher).budget_slot(timeout)
 
     def _fetch_suppressions(self) -> UnsubscribedEmails:
         # Bounded like a send (a first send waits for it), in at most 3 attempts.
@@ -322,11 +324,13 @@ class MeisaState:
         # (a memory store) of its own, and is flushed at exit (dispatcher).
         with self._lock:
             dispatcher, self._dispatcher = self._dispatcher, None
+            self._closing = dispatcher if exited.is_set() else None
             client, self._client = self._client, None
             store, self._store = self._store, None
             self._started = False
             live.discard(self)
         left = 0 if dispatcher is None else dispatcher.close(timeout)
+        self._closing = None
         self.suppression.close()
         if client is not None:
             client.close()

@@ -29,6 +29,9 @@ Scenarios:
   has a delivery engine again);
 - ``exit-request``: deliver a request's operations, exit; after the exit hook, serve one more
   request and print ``late request <status> dropped <reasons>``;
+- ``exit-paused [<email>]``: pause the host's delivery for 2 s (as a 429 does), send
+  ``receipt`` to ``<email>`` in the background (without one, upsert a user), exit; print
+  ``suppressed <email>`` or ``failed <error>`` for what delivery reports meanwhile;
 - ``pool <n>``: deliver a request's operations, start ``n`` ``multiprocessing`` children
   (forked) that make five requests each and return, then flush, print ``pool flushed
   <bool> exits <codes>``.
@@ -55,7 +58,10 @@ from flask_login import login_user
 
 from flask_meisa import Meisa
 from flask_meisa import delivery_dropped
+from flask_meisa import delivery_failed
+from flask_meisa import email_suppressed
 from flask_meisa._engine.delivery import Delivery
+from flask_meisa._engine.store import Store
 from tests.apps import User
 
 #: ``POST /work/<n>`` upserts user ``n % USERS``.
@@ -304,6 +310,20 @@ def exit_request() -> None:
     weakref.finalize(app, late)
 
 
+def exit_paused(email: str | None) -> None:
+    app = create_app()
+    meisa: Meisa = app.extensions["meisa"]
+    email_suppressed.connect(lambda _, to_email, **kw: say(f"suppressed {to_email}"), app, False)
+    delivery_failed.connect(lambda _, error, **kw: say(f"failed {error}"), app, False)
+    with app.app_context(), meisa.state(app).store().write() as db:
+        Store.set_meta(db, "pause_until", time.time() + 2.0)
+    with app.app_context():
+        if email is None:
+            meisa.upsert({"email": "user0@example.com", "external_id": "u0"})
+        else:
+            meisa.send("receipt", email, background=True)
+
+
 def keep_response(testing: bool) -> None:
     global KEPT
     app = create_app()
@@ -333,6 +353,8 @@ def main(argv: list[str]) -> None:
         exit_fetch()
     elif scenario == "exit-request":
         exit_request()
+    elif scenario == "exit-paused":
+        exit_paused(numbers[0] if numbers else None)
     elif scenario == "pool":
         pool(int(numbers[0]))
     elif scenario == "fork":

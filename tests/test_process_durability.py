@@ -28,6 +28,7 @@ from tests.process_support import environment
 from tests.process_support import no_loss
 from tests.process_support import run_app
 from tests.process_support import stored
+from tests.process_support import stored_kinds
 from tests.process_support import tally
 from tests.process_support import wait_stored
 
@@ -246,6 +247,25 @@ def test_a_request_served_after_the_exit_hook_is_answered_and_its_work_refused(
     output = run_app(environment(emu, instance, MEISA_TEST_RATE="none"), "exit-request")
     assert "late request 200 dropped ['refused', 'refused']" in output, output  # upsert, event
     assert "EngineClosed" not in output, output
+
+
+def test_a_send_delivered_by_the_exit_flush_to_a_suppressed_address_is_suppressed(
+    emu: Emulator, instance: Path
+) -> None:
+    # One process leaves a send in the store (the host paused); another delivers it in its
+    # exit flush, its suppression list not loaded yet: skipped as in normal delivery, not
+    # refused by Meisa (422) and reported failed (its list fetch found no engine to count on).
+    emu.suppress("gone@example.com")
+    env = environment(emu, instance, MEISA_TEST_FLUSH_TIMEOUT="0")
+    run_app(env, "exit-paused", "gone@example.com")
+    assert stored_kinds(instance)["send"] == 1
+    emu.clear_requests()
+    output = run_app(environment(emu, instance, MEISA_TEST_FLUSH_TIMEOUT="10"), "exit-paused")
+    assert "suppressed gone@example.com" in output, output
+    assert "failed" not in output, output
+    assert not emu.requests_to("/api/v1" + TRIGGER), output
+    status = stored(instance)
+    assert (status.pending, status.dead_letters) == (0, 0), output
 
 
 def test_a_locked_store_never_fails_a_request(

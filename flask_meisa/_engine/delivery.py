@@ -135,6 +135,8 @@ class Delivery(Writer):
 
     def budget_slot(self, timeout: float) -> contextlib.AbstractContextManager[bool]:
         """A slot of the host's budget for a call made in the caller's thread."""
+        if self._stopping:  # no send is delivered any more: a list fetch is no use
+            raise EngineClosed("delivery engine is closed: this process is exiting")
         return self.budget.slot(timeout)
 
     def flush(self, timeout: float | None = None) -> bool:

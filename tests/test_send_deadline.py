@@ -12,6 +12,10 @@ import pytest
 from flask import Flask
 
 from flask_meisa import Meisa
+from flask_meisa import RateLimitError
+from flask_meisa.emulator import Emulator
+from flask_meisa.testing import emulator_config
+from tests.apps import build_app
 from tests.hostile import Exchange
 from tests.hostile import hostile
 from tests.hostile import response
@@ -35,8 +39,9 @@ def make_app(url: str) -> Flask:
     return app
 
 
-def four_concurrent_sends(app: Flask) -> list[float]:
-    """The wall time of each of four sends made at once, as the first of the process."""
+def four_concurrent_sends(app: Flask, refused: bool = False) -> list[float]:
+    """The wall time of each of four sends made at once, as the first of the process
+    (``refused``: one may fail for the key's pause after a 429)."""
     times: list[float] = []
     errors: list[BaseException] = []
 
@@ -48,6 +53,9 @@ def four_concurrent_sends(app: Flask) -> list[float]:
                     "password_reset", f"user{number}@example.com"
                 )
             assert result.status == "sent"
+        except RateLimitError as error:
+            if not refused or "paused" not in str(error):
+                errors.append(error)
         except BaseException as error:
             errors.append(error)
         times.append(time.monotonic() - started)
@@ -89,7 +97,8 @@ def test_the_first_sends_end_within_the_deadline_whatever_the_list_does(
 
     with hostile(list_answers(answer_list)) as server, caplog.at_level(logging.WARNING):
         app = make_app(server.url)
-        times = four_concurrent_sends(app)
+        # A 429 for the key pauses every call of the host: no send draws another one.
+        times = four_concurrent_sends(app, refused=name == "the list always answers 429")
         app.extensions["meisa"].close(app, 0)
     print(f"{name}: worst send {max(times):.2f} s (deadline {DEADLINE:g} s)")
     assert max(times) <= DEADLINE + CONNECT + 1.0, times
@@ -128,3 +137,35 @@ def test_background_sends_while_the_first_list_loads_log_no_warning(
                 assert result.status == "queued"
         app.extensions["meisa"].close(app, 0)
     assert "not loaded within" not in caplog.text
+
+
+def test_a_send_waits_out_the_hosts_pause_after_a_429_within_its_deadline_else_fails(
+    emulator: Emulator,
+) -> None:
+    # A 429 met by another call (another worker's) pauses the host (the store's meta): a
+    # send then takes its slot once the pause is over, or, the pause outlasting its
+    # deadline, fails at once with a RateLimitError, not called (it drew another 429).
+    config = emulator_config(
+        emulator, MEISA_DELIVERY="thread", MEISA_MAX_ATTEMPTS=1, MEISA_SEND_DEADLINE=DEADLINE
+    )
+    app = build_app(config)
+    meisa: Meisa = app.extensions["meisa"]
+    try:
+        with app.app_context():
+            for retry_after in (1, 2 * DEADLINE):
+                emulator.faults.force_429(1, retry_after=retry_after, path="/emails/trigger/")
+                with pytest.raises(RateLimitError, match="Emulated fault"):
+                    meisa.send("receipt", "ada@example.com")
+                refused = emulator.requests_to("/emails/trigger/")[-1].time
+                started = time.monotonic()
+                if retry_after == 1:
+                    assert meisa.send("receipt", "grace@example.com").status == "sent"
+                    assert emulator.requests_to("/emails/trigger/")[-1].time - refused >= 1.0
+                else:
+                    with pytest.raises(RateLimitError, match=r"past the deadline; not made") as ra:
+                        meisa.send("receipt", "linus@example.com")
+                    assert ra.value.retry_after == pytest.approx(2 * DEADLINE, abs=0.2)
+                    assert time.monotonic() - started < 1.0
+                    assert len(emulator.requests_to("/emails/trigger/")) == 3
+    finally:
+        meisa.state(app).close(0.0)

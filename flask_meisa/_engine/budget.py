@@ -54,6 +54,15 @@ def remaining(windows: Sequence[RateWindow], ended: Sequence[int], flying: int) 
     return {w.label: max(w.limit - n - flying, 0) for w, n in zip(windows, ended, strict=True)}
 
 
+def paused(seconds: float) -> RateLimitError:
+    """What a call outside delivery raises, not made, when the host's pause after a 429
+    lasts ``seconds`` more, past its deadline."""
+    message = f"calls paused {seconds:.1f} s more by a 429, past the deadline; not made"
+    return RateLimitError(
+        "the key's budget", 429, message, code="rate_limited", retry_after=seconds
+    )
+
+
 @contextlib.contextmanager
 def settling(
     token: str | None,
@@ -187,14 +196,18 @@ class Budget:
     def slot(self, timeout: float) -> Iterator[bool]:
         """Hold a transactional slot for a call made in the caller's thread, waiting at most
         ``timeout`` seconds; yields whether one was free (the call is made anyway, counted
-        as :func:`settling` says)."""
+        as :func:`settling` says, unless the host is paused that long: :func:`paused`)."""
         deadline, free = time.monotonic() + timeout, True
         while True:
             try:
                 with self.store.write() as db:
-                    now = Store.now(db)
-                    token, wait = self.take(db, now, LANE_TRANSACTIONAL)
-                    left = deadline - time.monotonic()
+                    now, left = Store.now(db), deadline - time.monotonic()
+                    # A 429's pause is waited for, or (past the deadline) fails the call.
+                    if (pause := self.gate(db, now, 0)) > left:
+                        raise paused(pause)
+                    token, wait = (
+                        (None, pause) if pause else self.take(db, now, LANE_TRANSACTIONAL)
+                    )
                     # A slot that frees only past the deadline is not waited for: the call
                     # would be left too little time to be answered. Made over the budget, it
                     # is counted all the same (Meisa counts it if it takes it).

@@ -170,10 +170,10 @@ def test_calls_made_over_the_budget_that_meisa_refuses_give_their_slots_back(
     base = MeisaClient(emu.live_key, emu.url, retry=RetryPolicy.never())
     client = base.with_options(slot=lambda seconds: budget.slot(seconds, LEASE))
     client.ping()  # the minute's one, in both windows
-    for _ in range(3):  # over the budget: made anyway, and refused
-        with pytest.raises(RateLimitError):
+    for _ in range(3):  # over the budget: made anyway, and refused; the rest not made
+        with pytest.raises(RateLimitError):  # while the workers are paused for its Retry-After
             client.ping()
-    assert [r.status for r in emu.requests] == [200, 429, 429, 429]
+    assert [r.status for r in emu.requests] == [200, 429]
     redis_client = redis.Redis.from_url(redis_url)
     try:
         (window,) = redis_client.keys("*:w60")
@@ -200,6 +200,10 @@ def test_a_429_for_the_key_met_outside_the_workers_pauses_them_for_its_retry_aft
     with pytest.raises(RateLimitError, match="rate_limited"):
         client.ping()
     assert 29.0 < budget.snapshot()[0] <= 30.0
+    # Nor is another call made outside them into that pause (past what it waits): it fails.
+    with pytest.raises(RateLimitError, match="past the deadline; not made"):
+        client.with_options(retry=RetryPolicy(max_attempts=1, deadline=2.0)).ping()
+    assert len(emu.requests_to("/ping/")) == 1
 
 
 def test_a_call_made_over_the_budget_without_an_answer_in_time_counts_to_its_lease_end(

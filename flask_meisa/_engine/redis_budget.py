@@ -26,6 +26,7 @@ from . import redis_scripts as lua
 from .base import OUTAGE_THRESHOLD
 from .base import decide
 from .budget import allowed
+from .budget import paused
 from .budget import remaining
 from .budget import settling
 from .redis_records import _digest
@@ -195,6 +196,8 @@ class RedisBudget:
             self.forget([] if got.token else [waiter])  # not back: its place holds nothing
             if got.token is not None:
                 token, taken = got.token, True
+            elif (pause := self.snapshot()[0]) > 0:  # a 429's, past the deadline: no call
+                raise paused(pause)
             else:  # over the budget: in flight all the same
                 flying = f"{LANE_TRANSACTIONAL}:{waiter}:"
                 self._fly(keys=[self._flying_key], args=[flying, lease])

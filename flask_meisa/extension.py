@@ -39,8 +39,8 @@ from ._runtime import MeisaState
 from .client import MeisaClient
 from .config import DEFAULTS
 from .config import MeisaSettings
+from .errors import APIError
 from .errors import EngineClosed
-from .errors import UnprocessableEntityError
 from .errors import ValidationError
 from .operations import Operation
 from .operations import deliver
@@ -242,12 +242,12 @@ class Meisa:
         deferral.report_queued(state, operation, delivering)
         if not delivering:
             return no_call("disabled", reason="delivery_suppressed")
-        try:
-            # Waiting for the list and for budget slots count against the deadline.
+        try:  # (waiting for the list and for budget slots counts against the deadline)
+            state.reporter.guard(address)
             policy = state.retry_policy(deadline=max(ends - time.monotonic(), 0.001))
             client = state.client.with_options(retry=policy, slot=state.budget_slot)
             result = deliver(client, operation)
-        except UnprocessableEntityError as error:
+        except APIError as error:
             state.reporter.learn(address, error)
             raise
         return state.reporter.sent(body, result, operation=None)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import time
 import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -17,6 +18,7 @@ from blinker import Signal
 from flask import current_app
 from flask import has_app_context
 
+from .errors import RateLimitError
 from .errors import UnprocessableEntityError
 from .results import SendResult
 
@@ -133,6 +135,7 @@ class SignalReporter:
     def __init__(self, app: Flask, suppression: SuppressionSet) -> None:
         self._app = weakref.ref(app)
         self.suppression = suppression
+        self._guarded: dict[str, tuple[float, RateLimitError]] = {}  # address -> until, 429
 
     def _emit(self, signal: Signal, **kwargs: Any) -> None:
         app = self._app()
@@ -192,7 +195,21 @@ class SignalReporter:
         self._emit(delivery_dropped, operation=operation, reason=reason)
 
     def learn(self, address: str, error: BaseException) -> None:
-        """A send to ``address`` Meisa refused with 422 ``recipient_suppressed``: the
-        address joins the suppression set."""
+        """A send to ``address`` Meisa refused: with 422 ``recipient_suppressed``, the address
+        joins the suppression set; with the send guardrail's 429, :meth:`guard` refuses
+        this process's synchronous sends to it until its ``Retry-After`` has passed."""
         if isinstance(error, UnprocessableEntityError) and error.code == "recipient_suppressed":
             self.suppression.add(address)
+        elif isinstance(error, RateLimitError) and error.code == "send_guardrail":
+            now = time.monotonic()
+            if len(self._guarded) >= 10_000:  # bounded: the ones over go first
+                self._guarded = {a: held for a, held in self._guarded.items() if held[0] > now}
+            self._guarded[address] = (now + (error.retry_after or 0.0), error)
+
+    def guard(self, address: str) -> None:
+        """Raise the send guardrail's 429 for ``address`` again, without a call to Meisa
+        (which would refuse it, spending the key's budget), while its ``Retry-After`` lasts."""
+        until, error = self._guarded.get(address, (0.0, None))
+        if error is not None and (left := until - time.monotonic()) > 0:
+            code, endpoint = error.code, error.endpoint
+            raise RateLimitError(endpoint, 429, error.message, code=code, retry_after=left)

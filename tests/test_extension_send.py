@@ -314,6 +314,33 @@ def test_a_429_for_the_key_met_by_a_synchronous_send_pauses_background_delivery(
         meisa.state(app).close(0.0)
 
 
+def test_sends_in_a_loop_to_one_address_past_the_guardrail_call_meisa_no_more(
+    emulator: Any,
+) -> None:
+    # A careless loop: once Meisa's guardrail refused an address, the next sends to it fail
+    # the same way without a call until its Retry-After has passed (each call spent a slot
+    # of the key's budget: 70 sends left none for a minute of everyone's work).
+    app = build_app(emulator_config(emulator, MEISA_DELIVERY="thread"))
+    meisa: Meisa = app.extensions["meisa"]
+    emulator.set_send_guardrail("2/hour")
+    outcomes: list[str] = []
+    try:
+        with app.app_context():
+            for _ in range(10):
+                try:
+                    outcomes.append(meisa.send("receipt", "Loop@Example.com ").status)
+                except RateLimitError as error:
+                    assert (
+                        error.code == "send_guardrail" and 3500 < (error.retry_after or 0) <= 3600
+                    )
+                    outcomes.append(error.code)
+            assert meisa.send("receipt", "other@example.com").status == "sent"
+        assert outcomes == ["sent"] * 2 + ["send_guardrail"] * 8
+        assert [r.status for r in emulator.requests_to(TRIGGER)] == [200, 200, 429, 200]
+    finally:
+        meisa.state(app).close(0.0)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("background", [True, False])
 def test_a_send_that_got_no_answer_in_time_holds_its_slot_until_its_lease_ends(

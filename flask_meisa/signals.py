@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import threading
 import time
 import weakref
 from collections.abc import Mapping
@@ -135,7 +136,9 @@ class SignalReporter:
     def __init__(self, app: Flask, suppression: SuppressionSet) -> None:
         self._app = weakref.ref(app)
         self.suppression = suppression
-        self._guarded: dict[str, tuple[float, RateLimitError]] = {}  # address -> until, 429
+        # {address: (until, its 429)}, at most 10,000: a flood of addresses pushes out the first.
+        self._guarded: dict[str, tuple[float, RateLimitError]] = {}
+        self._guard_lock = threading.Lock()
 
     def _emit(self, signal: Signal, **kwargs: Any) -> None:
         app = self._app()
@@ -201,10 +204,10 @@ class SignalReporter:
         if isinstance(error, UnprocessableEntityError) and error.code == "recipient_suppressed":
             self.suppression.add(address)
         elif isinstance(error, RateLimitError) and error.code == "send_guardrail":
-            now = time.monotonic()
-            if len(self._guarded) >= 10_000:  # bounded: the ones over go first
-                self._guarded = {a: held for a, held in self._guarded.items() if held[0] > now}
-            self._guarded[address] = (now + (error.retry_after or 0.0), error)
+            with self._guard_lock:
+                while len(self._guarded) >= 10_000:
+                    del self._guarded[next(iter(self._guarded))]
+                self._guarded[address] = (time.monotonic() + (error.retry_after or 0.0), error)
 
     def guard(self, address: str) -> None:
         """Raise the send guardrail's 429 for ``address`` again, without a call to Meisa

@@ -158,8 +158,8 @@ def sync_users_command(max_share: float, restart: bool, dry_run: bool, failures:
             " @meisa.users_to_sync"
         )
     query, count = meisa.user_source
-    users: Any = query()
-    total = count() if count is not None else len(users) if hasattr(users, "__len__") else None
+    users: Any = backfill.before_run(query)
+    total = backfill.before_run(count or getattr(users, "__len__", None), "the count of ")
     if isinstance(users, str | bytes | dict) or not isinstance(users, Iterable):
         raise click.ClickException(f"@meisa.users_to_sync returned {type(users).__name__}")
     if total is not None and (type(total) is not int or total < 0):  # a whole number
@@ -195,7 +195,7 @@ def sync_users_command(max_share: float, restart: bool, dry_run: bool, failures:
                 result = go(users, restart=restart)
             except backfill.UsersChanged as changed:
                 click.echo(_cli_text.users_changed(changed), err=True)
-                result = go(query(), again=True)
+                result = go(backfill.before_run(query), again=True)
     except KeyboardInterrupt:
         click.echo("interrupted: run the command again to go on from where it stopped", err=True)
         raise SystemExit(130) from None

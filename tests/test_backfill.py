@@ -1192,6 +1192,46 @@ def test_a_user_source_that_raises_midway_stops_with_one_line_and_the_next_run_g
     assert len(by_user) == 1000 and set(by_user.values()) == {1}
 
 
+def database_down() -> Any:
+    raise ConnectionError("could not connect to server\nIs the server running?")
+
+
+@pytest.mark.parametrize("fails", ["query", "count", "len"])
+def test_a_user_source_that_raises_before_the_run_stops_with_one_line_and_nothing_done(
+    emulator: Emulator, tmp_path: Path, fails: str
+) -> None:
+    # The database is down as the command starts: the query, its count, or the len() of
+    # what the query returned raises. One line naming it (no traceback), exit code 1, no
+    # run kept; the next run, the source working again, syncs every user.
+    app = make_app(emulator, 300, MEISA_OUTBOX=str(tmp_path / "meisa-outbox.sqlite3"))
+    meisa: Meisa = app.extensions["meisa"]
+    query, count = meisa.user_source  # type: ignore[misc]
+    sized = type("Sized", (list,), {"__len__": lambda users: database_down()})
+    broken = {
+        "query": (database_down, count),
+        "count": (query, database_down),
+        "len": (lambda: sized(query()), None),
+    }
+    meisa.users_to_sync(broken[fails][0], count=broken[fails][1])
+    try:
+        result = sync_users(app)
+        with app.app_context():
+            kept = meisa.status().backfill
+        meisa.users_to_sync(query, count=count)
+        again = sync_users(app)
+    finally:
+        meisa.close(app)
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 1, result.output
+    what = "@meisa.users_to_sync" if fails == "query" else "the count of @meisa.users_to_sync"
+    assert result.output == (
+        f"Error: {what} raised ConnectionError (could not connect to server) before the run"
+        " started: nothing was done. Fix it, then run 'flask meisa sync-users' again.\n"
+    )
+    assert kept is None and again.exit_code == 0, again.output
+    by_user = upserts_by_user(emulator)
+    assert len(by_user) == 300 and set(by_user.values()) == {1}
+
+
 def test_a_revoked_key_stops_a_backfill_in_seconds_at_the_default_retry_delay(
     emulator: Emulator, tmp_path: Path
 ) -> None:

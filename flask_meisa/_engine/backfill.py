@@ -104,16 +104,29 @@ class KeyRefused(Exception):
 
 
 class UsersFailed(MeisaError):
-    """The user source (``@meisa.users_to_sync``) raised ``error`` reading user ``number``:
-    the run stopped there, what it stored kept."""
+    """The user source (``@meisa.users_to_sync``, or its ``count``: ``what``) raised
+    ``error`` reading user ``number``: the run stopped there, what it stored kept; or, at
+    ``number`` 0, before the run started: nothing done."""
 
-    def __init__(self, number: int, error: Exception) -> None:
+    def __init__(self, number: int, error: Exception, what: str = "") -> None:
         why = next(iter(str(error).splitlines()), "")  # one line (a query's error has more)
+        where = f"reading user #{number:,}: the run stopped there, what it stored is kept"
         super().__init__(
-            f"@meisa.users_to_sync raised {type(error).__name__}{f' ({why})' if why else ''}"
-            f" reading user #{number:,}: the run stopped there, what it stored is kept. Fix"
-            " it, then run 'flask meisa sync-users' again to go on from where it stopped."
+            f"{what}@meisa.users_to_sync raised {type(error).__name__}"
+            f"{f' ({why})' if why else ''} "
+            + (where if number else "before the run started: nothing was done")
+            + ". Fix it, then run 'flask meisa sync-users' again"
+            + (" to go on from where it stopped." if number else ".")
         )
+
+
+def before_run(source: Callable[[], Any] | None, what: str = "") -> Any:
+    """What ``source`` (the user query, or its count: ``what``) returns (``None``: none); an
+    error it raises (the database down, a wrong table name) is one line, as one midway is."""
+    try:
+        return None if source is None else source()
+    except Exception as error:
+        raise UsersFailed(0, error, what) from error
 
 
 class UsersChanged(Exception):

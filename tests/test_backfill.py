@@ -40,6 +40,7 @@ from tests.backfill_app import live_sync_retried
 from tests.backfill_app import sync_users_process
 from tests.backfill_app import upgrade_while_read
 from tests.engine_support import query
+from tests.process_support import store_path
 from tests.process_support import wait_until
 
 UPSERT = "/contacts/upsert/"
@@ -1479,6 +1480,36 @@ def test_a_backfill_stopped_with_sigterm_is_noted_stopped_and_a_rerun_starts_at_
     second = subprocess.run(**process, capture_output=True, text=True, timeout=120)
     assert second.returncode == 0, second.stderr
     assert len(upserts_by_user(emulator)) == 1000
+
+
+@pytest.mark.parametrize("ctrl_c", [False, True], ids=["pipe-closed", "then-ctrl-c"])
+def test_a_backfill_whose_output_reader_is_gone_stops_noted_stopped_and_a_rerun_goes_on(
+    emulator_factory: Callable[..., Emulator], tmp_path: Path, ctrl_c: bool
+) -> None:
+    # 'flask meisa sync-users 2>&1 | head -1': the reader of its progress lines is gone,
+    # maybe with a Ctrl+C (head dies of it first). The run stops at its next line, as
+    # at a closed terminal, noted stopped (not left "running" with its summary unwritten),
+    # with exit code 1; the next run goes on, each user sent once.
+    emulator = emulator_factory(rate_limit=None)
+    emulator.faults.set(latency=0.002)
+    process = sync_users_process(emulator.url, emulator.live_key, 1000, tmp_path / "instance")
+    first = subprocess.Popen(**process, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert first.stderr is not None and b"users done" in first.stderr.readline()
+        first.stderr.close()  # the next progress line (a second on) meets a broken pipe
+        if ctrl_c:
+            first.send_signal(signal.SIGINT)
+        first.wait(30)
+    finally:
+        first.kill()
+        first.wait(30)
+    assert first.returncode == 1  # (the reader gone, "interrupted" cannot be said either)
+    run = StoreBackfill(Store(str(store_path(tmp_path / "instance")))).load()
+    assert run is not None and run.state == "running" and run.alive_at is None, run
+    second = subprocess.run(**process, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stderr
+    by_user = upserts_by_user(emulator)
+    assert len(by_user) == 1000 and set(by_user.values()) == {1}
 
 
 def test_a_live_sync_in_flight_while_a_chunk_is_queued_is_not_undone(

@@ -336,7 +336,8 @@ def run(
         # it would count the users whose upserts went as done).
         try:
             if isinstance(stop, KeyboardInterrupt):
-                tick(force=True)
+                with contextlib.suppress(OSError):  # (its reader gone with it: 2>&1 | head)
+                    tick(force=True)
             # No process runs it (the next run starts), as kept: not an interrupted write's.
             with contextlib.suppress(AlreadyRunning):  # nor when another took it over
                 kept = target.load() or current

@@ -60,12 +60,15 @@ def _at_exit() -> None:
     # First what collected apps and responses hand over in daemon threads (run_apart): exit
     # would stop those before they stored, delivered or reported it.
     ends = time.monotonic() + DEFAULTS["MEISA_FLUSH_TIMEOUT"]
-    for thread in threading.enumerate():
-        if thread.name in ("flask-meisa-release", "flask-meisa-close"):
-            thread.join(max(ends - time.monotonic(), 0.0))
-    exited.set()
-    for state in list(live):
-        _close_quietly(state, None)
+    try:
+        for thread in threading.enumerate():
+            if thread.name in ("flask-meisa-release", "flask-meisa-close"):
+                thread.join(max(ends - time.monotonic(), 0.0))
+        exited.set()
+        for state in list(live):
+            _close_quietly(state, None)
+    except KeyboardInterrupt:  # Ctrl+C (again) as it delivers: it ends now, no traceback
+        logger.warning("meisa: exit interrupted: what is pending stays in a file outbox only")
 
 
 def _before_fork() -> None:

@@ -1,7 +1,7 @@
 """A small app with many users, for backfill tests (in-process, or ``flask --app
 tests.backfill_app meisa sync-users`` in a subprocess, configured by the environment:
 ``MEISA_TEST_URL``, ``MEISA_TEST_KEY``, ``BACKFILL_USERS``, ``BACKFILL_INSTANCE`` and
-optionally ``BACKFILL_RATE_LIMIT``)."""
+optionally ``BACKFILL_RATE_LIMIT``, ``BACKFILL_FLUSH_TIMEOUT``)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def create_app(config: dict[str, Any] | None = None, users: int | None = None) -
         MEISA_BASE_URL=env.get("MEISA_TEST_URL"),
         MEISA_RATE_LIMIT=env.get("BACKFILL_RATE_LIMIT") or None,
         MEISA_CUSTOM_FIELDS=["plan"],
-        MEISA_FLUSH_TIMEOUT=0.5,
+        MEISA_FLUSH_TIMEOUT=float(env.get("BACKFILL_FLUSH_TIMEOUT", "0.5")),
     )
     app.config.update(config or {})
     count = int(env.get("BACKFILL_USERS", "0")) if users is None else users

@@ -1512,6 +1512,39 @@ def test_a_backfill_whose_output_reader_is_gone_stops_noted_stopped_and_a_rerun_
     assert len(by_user) == 1000 and set(by_user.values()) == {1}
 
 
+def test_a_second_ctrl_c_as_the_exit_hook_delivers_ends_the_command_without_a_traceback(
+    emulator_factory: Callable[..., Emulator], tmp_path: Path
+) -> None:
+    # Ctrl+C: "interrupted", then the exit hook delivers what waits for up to
+    # MEISA_FLUSH_TIMEOUT (60 s here). A second Ctrl+C there ended it with a traceback from
+    # the atexit callback; it ends it at once with one line, and the next run goes on.
+    emulator = emulator_factory(rate_limit=None)
+    emulator.faults.set(latency=0.02)
+    process = sync_users_process(emulator.url, emulator.live_key, 300, tmp_path / "instance")
+    process["env"]["BACKFILL_FLUSH_TIMEOUT"] = "60"
+    first = subprocess.Popen(**process, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert emulator.wait_for(lambda e: len(e.requests_to(UPSERT)) >= 20, timeout=60)
+        first.send_signal(signal.SIGINT)
+        assert first.stderr is not None
+        while b"interrupted" not in (line := first.stderr.readline()):
+            assert line, "no 'interrupted' line"
+        answered = len(emulator.requests_to(UPSERT))  # the exit hook then answers more
+        assert emulator.wait_for(lambda e: len(e.requests_to(UPSERT)) >= answered + 3, 30)
+        first.send_signal(signal.SIGINT)
+        _, said = first.communicate(timeout=15)
+    finally:
+        first.kill()
+        first.wait(30)
+    assert first.returncode == 130 and b"Traceback" not in said, said.decode()
+    assert said.decode().splitlines() == [
+        "meisa: exit interrupted: what is pending stays in a file outbox only"
+    ]
+    second = subprocess.run(**process, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert len(upserts_by_user(emulator)) == 300
+
+
 def test_a_live_sync_in_flight_while_a_chunk_is_queued_is_not_undone(
     emulator: Emulator,
 ) -> None:

@@ -4,11 +4,14 @@ status report, dead letters, and the times in them."""
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 from typing import Any
+
+import click
 
 from ._engine import backfill
 from ._engine import dead
@@ -55,6 +58,17 @@ def progress_line(progress: Progress) -> str:
         f"{progress.done:,}{total} users done ({rate}), {run.skipped:,} unchanged, "
         f"{run.failed + progress.refused:,} failed, {progress.waiting:,} waiting{eta}"
     )
+
+
+def report(progress: Progress) -> None:
+    """Print ``progress`` on stderr. One that takes no line (``2</dev/null``) is as
+    ``2>/dev/null``: the run goes on; a reader that went (a broken pipe) stops it, as a
+    closed terminal does."""
+    try:
+        click.echo(progress_line(progress), err=True)
+    except OSError as error:
+        if error.errno != errno.EBADF:
+            raise
 
 
 def users_changed(changed: Exception) -> str:

@@ -187,7 +187,7 @@ def sync_users_command(max_share: float, restart: bool, dry_run: bool, failures:
         total=total,
         max_share=max_share,
         per_hour=per_hour,
-        report=lambda progress: click.echo(_cli_text.progress_line(progress), err=True),
+        report=_cli_text.report,
     )
     try:  # a stop is Ctrl+C: noted stopped, a rerun need not wait
         with stops_interrupt():

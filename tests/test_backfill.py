@@ -1512,6 +1512,22 @@ def test_a_backfill_whose_output_reader_is_gone_stops_noted_stopped_and_a_rerun_
     assert len(by_user) == 1000 and set(by_user.values()) == {1}
 
 
+@pytest.mark.parametrize("stderr", ["2</dev/null", "2>&-"], ids=["read-only", "closed"])
+def test_a_backfill_whose_stderr_takes_no_line_runs_to_its_end(
+    emulator: Emulator, tmp_path: Path, stderr: str
+) -> None:
+    # 'flask meisa sync-users 2</dev/null' (for 2>/dev/null): each progress line failed
+    # (EBADF), taken for a store failure; the run stopped at user 0, and so did every
+    # rerun. A stderr that takes no line is as 2>/dev/null (closed, it already was): the
+    # run goes on to its end.
+    process = sync_users_process(emulator.url, emulator.live_key, 300, tmp_path / "instance")
+    process["args"] = ["sh", "-c", f'exec "$@" {stderr}', "sh", *process["args"]]
+    done = subprocess.run(**process, stdout=subprocess.PIPE, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout
+    assert done.stdout.splitlines()[-1].startswith("300 of 300 users done"), done.stdout
+    assert len(upserts_by_user(emulator)) == 300
+
+
 def test_a_second_ctrl_c_as_the_exit_hook_delivers_ends_the_command_without_a_traceback(
     emulator_factory: Callable[..., Emulator], tmp_path: Path
 ) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -275,6 +277,60 @@ def test_a_redis_that_lost_its_data_has_what_was_pending_reported(
     # Reported and delivered anyway: only what was in a worker's hands (or finished)
     # around the restart.
     assert len(reported & delivered) <= 4, len(reported & delivered)
+
+
+def test_publishing_resumes_as_soon_as_a_stalled_redis_answers_again(
+    own_redis: Callable[..., RedisServer], emulator: Emulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    # After a timeout a process drops what it releases for 10 s, rather than each release
+    # waiting out the socket timeout (5 s): those 10 s ran on after Redis was back, so a
+    # blip of a second cost every process ten seconds of syncs.
+    caplog.set_level(logging.WARNING, logger="flask_meisa")
+    server = own_redis()
+    assert server.process is not None
+    app = Flask(__name__)
+    app.config.update(
+        MEISA_API_KEY=emulator.live_key, MEISA_BASE_URL=emulator.url, MEISA_DELIVERY="celery"
+    )
+    app.extensions["celery"] = make_celery(server.url)
+    meisa = Meisa(app)
+
+    def release(n: int) -> float:
+        started = time.monotonic()
+        meisa.upsert({"email": f"user{n}@example.com"})
+        return time.monotonic() - started
+
+    dispatcher = meisa.state(app).dispatcher
+    assert isinstance(dispatcher, CeleryDispatcher)
+    stall = dispatcher.stall
+    try:
+        with app.app_context():
+            release(0)
+            os.kill(server.process.pid, signal.SIGSTOP)
+            try:
+                assert release(1) < 7.0  # one socket timeout
+                assert release(2) < 0.5  # then dropped at once, the probe waiting on Redis
+                child = os.fork()  # (as a server's worker): no probe of its parent's
+                if child == 0:
+                    code = 1
+                    try:  # dropped at once; its own probe ends its stall
+                        code = 0 if release(3) < 0.5 and wait_until(lambda: not stall) else 2
+                    finally:
+                        os._exit(code)
+            finally:
+                os.kill(server.process.pid, signal.SIGCONT)
+            back = time.monotonic()
+            assert wait_until(lambda: not stall, timeout=5.0), "still stalled 5 s on"
+            resumed = time.monotonic() - back
+            assert os.waitpid(child, 0)[1] == 0
+            child_resumed = time.monotonic() - back
+            assert release(4) < 0.5
+            assert dispatcher.status().pending == 2  # user0, user4
+        assert (resumed < 2.0, child_resumed < 3.0) == (True, True), (resumed, child_resumed)
+        assert caplog.text.count("broker_unavailable: TimeoutError") == 2  # user1, user2
+    finally:
+        meisa.state(app).close(timeout=0)
+        app.extensions["celery"].close()
 
 
 def test_an_outage_pauses_every_worker_together(

@@ -70,7 +70,7 @@ class CeleryDispatcher(base.Dispatcher):
             self.store, functools.partial(self.submit, refused=True)
         )
         # While Redis (or the broker) just timed out: publishing drops, sends take no slot.
-        self.stall = Stall()
+        self.stall = Stall(redis.ping, self._ping_broker)
         #: The key's shared budget (``None`` without a key).
         self.budget = (
             RedisBudget(redis, rate_limit, budget_key, retry, self.stall) if budget_key else None
@@ -149,6 +149,10 @@ class CeleryDispatcher(base.Dispatcher):
             with self._lock:
                 self._ledger[operation.id] = operation
         return bool(tasks)
+
+    def _ping_broker(self) -> None:
+        with self._celery.connection_for_write() as broker:
+            broker.channel().close()  # (kombu's Redis transport pings as it opens one)
 
     def _send(self, lane: int, op: dict[str, Any], meta: dict[str, Any]) -> None:
         queue = self.queues[LANE_NAMES[lane]]

@@ -7,8 +7,10 @@ import contextlib
 import functools
 import logging
 import math
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from collections.abc import Iterator
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ from typing import Any
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .._threads import start_daemon
 from .._values import parse_rate_limit
 from ..operations import LANE_NAMES
 from ..operations import LANE_ROUTINE
@@ -43,18 +46,39 @@ UNREACHABLE_FOR = 10.0
 
 
 class Stall:
-    """Whether Redis timed out in this process less than :data:`UNREACHABLE_FOR` ago; one
-    for its publishing and its budget, so that neither waits on what the other found."""
+    """Whether Redis timed out in this process less than :data:`UNREACHABLE_FOR` ago and has
+    not answered since; one for its publishing and its budget, so that neither waits on what
+    the other found. While it lasts, a thread of the process calls each of ``pings`` (each
+    raises unless its Redis answers) about once a second, no request waiting on them, and
+    ends it once they all answer."""
 
     until = 0.0  # time.monotonic()
 
+    def __init__(self, *pings: Callable[[], object]) -> None:
+        self._pings, self._probe = pings, threading.Thread()  # (one never started)
+
     def __bool__(self) -> bool:
-        return time.monotonic() < self.until
+        stalled = time.monotonic() < self.until
+        if stalled and self._pings and not self._probe.is_alive():  # (none in a forked child)
+            with contextlib.suppress(RuntimeError):  # none at interpreter shutdown
+                self._probe = start_daemon(self._wait, "meisa-stall-probe")
+        return stalled
 
     def note(self, error: BaseException) -> None:
         """Take a timeout as a stall (a refused connection fails at once: no need)."""
         if isinstance(error, RedisTimeoutError):
             self.until = time.monotonic() + UNREACHABLE_FOR
+            bool(self)  # its probe starts
+
+    def _wait(self) -> None:
+        while time.monotonic() < self.until:
+            try:
+                for ping in self._pings:
+                    ping()
+            except Exception:  # (each waits out its socket timeout at most)
+                time.sleep(1.0)
+            else:
+                self.until = 0.0
 
 
 #: A call made over the budget, in flight until its lease ends as a taken slot is (KEYS: the

@@ -61,7 +61,7 @@ class Stall:
         stalled = time.monotonic() < self.until
         if stalled and self._pings and not self._probe.is_alive():  # (none in a forked child)
             with contextlib.suppress(RuntimeError):  # none at interpreter shutdown
-                self._probe = start_daemon(self._wait, "meisa-stall-probe")
+                self._probe = start_daemon(self._wait, "flask-meisa-stall-probe")
         return stalled
 
     def note(self, error: BaseException) -> None:

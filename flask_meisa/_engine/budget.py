@@ -203,7 +203,7 @@ class Budget:
                 with self.store.write() as db:
                     now, left = Store.now(db), deadline - time.monotonic()
                     # A 429's pause is waited for, or (past the deadline) fails the call.
-                    if (pause := self.gate(db, now, 0)) > left:
+                    if (pause := self.gate(db, now, 0)) > max(left, 0.0):
                         raise paused(pause)
                     token, wait = (
                         (None, pause) if pause else self.take(db, now, LANE_TRANSACTIONAL)

@@ -351,7 +351,7 @@ class MeisaClient:
                 return result
             error = result
             delay = policy.delay_for(attempt, error, time.monotonic() - started)
-            outcome = f"{endpoint} {_describe(error)} on attempt {attempt}"
+            outcome = f"{endpoint} {_describe(error, endpoint)} on attempt {attempt}"
             if delay is None:
                 if policy.is_retryable(error) and policy.max_attempts != 1:
                     logger.warning("%s; giving up", outcome)
@@ -362,8 +362,11 @@ class MeisaClient:
             time.sleep(delay)
 
 
-def _describe(error: errors.APIError | errors.APIConnectionError) -> str:
-    """A failed attempt for a log line: the status and code, or the reason."""
+def _describe(error: errors.APIError | errors.APIConnectionError, endpoint: str) -> str:
+    """A failed attempt at ``endpoint`` for a log line: the status and code, the reason, or
+    (refused by the key's budget, a pause after a 429) why it was not made."""
+    if isinstance(error, errors.APIError) and error.endpoint != endpoint:
+        return f"not made: {error.message}"
     if isinstance(error, errors.APIError):
         return f"answered {error.status}{f' [{error.code}]' if error.code else ''}"
     return f"failed: {error.reason}"

@@ -153,7 +153,7 @@ def test_background_sends_while_the_first_list_loads_log_no_warning(
 
 
 def test_a_send_waits_out_the_hosts_pause_after_a_429_within_its_deadline_else_fails(
-    emulator: Emulator,
+    emulator: Emulator, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A 429 met by another call (another worker's) pauses the host (the store's meta): a
     # send then takes its slot once the pause is over, or, the pause outlasting its
@@ -164,7 +164,7 @@ def test_a_send_waits_out_the_hosts_pause_after_a_429_within_its_deadline_else_f
     app = build_app(config)
     meisa: Meisa = app.extensions["meisa"]
     try:
-        with app.app_context():
+        with app.app_context(), caplog.at_level(logging.DEBUG, "flask_meisa.client"):
             for retry_after in (1, 2 * DEADLINE):
                 emulator.faults.force_429(1, retry_after=retry_after, path="/emails/trigger/")
                 with pytest.raises(RateLimitError, match="Emulated fault"):
@@ -180,5 +180,8 @@ def test_a_send_waits_out_the_hosts_pause_after_a_429_within_its_deadline_else_f
                     assert ra.value.retry_after == pytest.approx(2 * DEADLINE, abs=0.2)
                     assert time.monotonic() - started < 1.0
                     assert len(emulator.requests_to("/emails/trigger/")) == 3
+        # The log tells Meisa's two 429s from the send not made (it said "answered 429").
+        assert caplog.text.count("answered 429") == 2, caplog.text
+        assert "POST /emails/trigger/ not made: calls paused" in caplog.text, caplog.text
     finally:
         meisa.state(app).close(0.0)

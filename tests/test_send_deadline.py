@@ -13,12 +13,15 @@ from flask import Flask
 
 from flask_meisa import Meisa
 from flask_meisa import RateLimitError
+from flask_meisa._engine.base import OUTAGE_THRESHOLD
+from flask_meisa._engine.store import Store
 from flask_meisa.emulator import Emulator
 from flask_meisa.testing import emulator_config
 from tests.apps import build_app
 from tests.hostile import Exchange
 from tests.hostile import hostile
 from tests.hostile import response
+from tests.process_support import wait_until
 
 DEADLINE, READ, CONNECT = 3.0, 2.0, 1.0
 SENT = {"status": "sent", "email_send_id": "e1", "contact_id": "c1"}
@@ -120,6 +123,35 @@ def test_a_send_whose_slot_only_an_answer_frees_goes_over_the_budget_at_its_dead
             result = app.extensions["meisa"].send("password_reset", "ada@example.com")
         assert result.status == "sent"
         app.extensions["meisa"].close(app, 0)
+
+
+def test_a_send_after_an_outage_is_made_though_delivery_still_pauses_for_it(
+    emulator: Emulator,
+) -> None:
+    # Three failures in a row pause delivery 4 s (MEISA_RETRY_BASE_DELAY 1 s doubled twice),
+    # past the send's deadline; Meisa is back meanwhile. The send is made: it failed at once
+    # with a RateLimitError "calls paused 4.0 s more by a 429", though no 429 was seen.
+    config = emulator_config(
+        emulator, MEISA_DELIVERY="thread", MEISA_SEND_DEADLINE=2.0, MEISA_RETRY_BASE_DELAY=1.0
+    )
+    app = build_app(config)
+    meisa: Meisa = app.extensions["meisa"]
+    state = meisa.state(app)
+
+    def failures() -> int:
+        with state.store().read() as db:
+            return int(Store.get_meta(db, "failures", 0))
+
+    try:
+        with app.app_context():
+            meisa.is_suppressed("ada@example.com")  # the list loaded before the outage
+            emulator.faults.outage(60)
+            meisa.upsert({"email": "grace@example.com", "external_id": "g1"})
+            assert wait_until(lambda: failures() >= OUTAGE_THRESHOLD)
+            emulator.faults.clear()
+            assert meisa.send("receipt", "ada@example.com").status == "sent"
+    finally:
+        state.close(0.0)
 
 
 def test_a_list_that_loads_is_used_and_later_sends_wait_for_nothing() -> None:

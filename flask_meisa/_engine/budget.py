@@ -202,8 +202,10 @@ class Budget:
             try:
                 with self.store.write() as db:
                     now, left = Store.now(db), deadline - time.monotonic()
-                    # A 429's pause is waited for, or (past the deadline) fails the call.
-                    if (pause := self.gate(db, now, 0)) > max(left, 0.0):
+                    # A 429's pause is waited for, or (past the deadline) fails the call; an
+                    # outage's is not (a 429 counts no failure): the call probes as it did.
+                    down = int(Store.get_meta(db, "failures", 0)) >= OUTAGE_THRESHOLD
+                    if (pause := 0.0 if down else self.gate(db, now, 0)) > max(left, 0.0):
                         raise paused(pause)
                     token, wait = (
                         (None, pause) if pause else self.take(db, now, LANE_TRANSACTIONAL)

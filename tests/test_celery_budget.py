@@ -206,6 +206,21 @@ def test_a_429_for_the_key_met_outside_the_workers_pauses_them_for_its_retry_aft
     assert len(emu.requests_to("/ping/")) == 1
 
 
+def test_a_call_outside_the_workers_is_made_while_they_pause_for_an_outage(
+    make_budget: MakeBudget, emulator: Emulator
+) -> None:
+    # Three calls in a row failed (Meisa looked down) and the workers paused for 30 s; Meisa is
+    # back. A call outside them is made (a probe, as before any pause counted for it), not
+    # failed at once with "calls paused 30.0 s more by a 429" when no 429 was seen.
+    budget = make_budget(None)
+    for _ in range(3):
+        budget.finish(budget.acquire(lease=LEASE).token or "", outage=True)
+    budget.pause(30.0)
+    client = MeisaClient(emulator.live_key, emulator.url, retry=RetryPolicy(deadline=2.0))
+    client.with_options(slot=lambda seconds: budget.slot(seconds, LEASE)).ping()
+    assert len(emulator.requests_to("/ping/")) == 1
+
+
 def test_a_call_made_over_the_budget_without_an_answer_in_time_counts_to_its_lease_end(
     make_budget: MakeBudget,
 ) -> None:

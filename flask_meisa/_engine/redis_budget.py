@@ -220,8 +220,8 @@ class RedisBudget:
             self.forget([] if got.token else [waiter])  # not back: its place holds nothing
             if got.token is not None:
                 token, taken = got.token, True
-            elif (pause := self.snapshot()[0]) > 0:  # a 429's, past the deadline: no call
-                raise paused(pause)
+            elif (pause := self.snapshot()[0]) > 0 and not self.down():
+                raise paused(pause)  # a 429's, past the deadline: no call (an outage's: a probe)
             else:  # over the budget: in flight all the same
                 flying = f"{LANE_TRANSACTIONAL}:{waiter}:"
                 self._fly(keys=[self._flying_key], args=[flying, lease])
@@ -273,6 +273,10 @@ class RedisBudget:
         """Let no call start for ``seconds`` (a 429, an outage); never shortens a pause."""
         if seconds > 0 and math.isfinite(seconds):
             self._pause(keys=[self._pause_key], args=[seconds])
+
+    def down(self) -> bool:
+        """Whether Meisa looks down: its last calls failed in a row (a 429 is an answer)."""
+        return int(self._redis.get(self._failures_key) or 0) >= OUTAGE_THRESHOLD
 
     def snapshot(self) -> tuple[float, dict[int, int], dict[str, int] | None]:
         """``(paused_for, in_flight, remaining)``: the pause left, calls in flight by lane and

@@ -43,6 +43,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger("flask_meisa")
+#: How long a send guardrail's 429 without a usable ``Retry-After`` (none, 0, below 0, a
+#: date past, unreadable) refuses its address: a loop then calls once a minute, not each time.
+GUARD_UNTOLD = 60.0
 
 _signals = Namespace()
 
@@ -207,7 +210,8 @@ class SignalReporter:
             with self._guard_lock:
                 while len(self._guarded) >= 10_000:
                     del self._guarded[next(iter(self._guarded))]
-                self._guarded[address] = (time.monotonic() + (error.retry_after or 0.0), error)
+                wait = error.retry_after or GUARD_UNTOLD
+                self._guarded[address] = (time.monotonic() + wait, error)
 
     def guard(self, address: str) -> None:
         """Raise the send guardrail's 429 for ``address`` again, without a call to Meisa

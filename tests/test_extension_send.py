@@ -341,6 +341,39 @@ def test_sends_in_a_loop_to_one_address_past_the_guardrail_call_meisa_no_more(
         meisa.state(app).close(0.0)
 
 
+@pytest.mark.parametrize("retry_after", [None, "0", "abc"])
+def test_a_guardrail_refusal_without_a_usable_retry_after_still_stops_the_loop(
+    retry_after: str | None,
+) -> None:
+    # Meisa need not say how long (the emulator always does): 20 sends made 20 calls, each
+    # refused and each spending a slot of the key's budget. Now one, then a minute's wait.
+    def answer(exchange: Exchange) -> None:
+        if exchange.path.endswith(UNSUBSCRIBED):
+            exchange.send(response(200, {"as_of": None, "count": 0, "emails": []}))
+            return
+        refused = {"detail": "Too many emails to this recipient", "code": "send_guardrail"}
+        headers = {} if retry_after is None else {"Retry-After": retry_after}
+        exchange.send(response(429, refused, headers))
+
+    with hostile(answer) as server:
+        app = build_app(
+            {
+                "MEISA_API_KEY": "meisa_live_" + "g" * 24,
+                "MEISA_BASE_URL": server.url,
+                "MEISA_SUPPRESS_SEND": False,
+                "MEISA_MAX_ATTEMPTS": 1,
+            }
+        )
+        meisa: Meisa = app.extensions["meisa"]
+        with app.app_context():
+            for _ in range(20):
+                with pytest.raises(RateLimitError, match="send_guardrail") as refused:
+                    meisa.send("receipt", "ada@example.com")
+        meisa.state(app).close(0.0)
+    assert 59 < (refused.value.retry_after or 0) <= 60
+    assert [path for _, path in server.requests].count("/api/v1" + TRIGGER) == 1
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("background", [True, False])
 def test_a_send_that_got_no_answer_in_time_holds_its_slot_until_its_lease_ends(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import socket
 import time
 from collections.abc import Callable
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 import redis
 
+from flask_meisa._engine.celery_setup import REDIS_TIMEOUTS
 from flask_meisa._engine.redis_budget import RedisBudget
 from flask_meisa.client import MeisaClient
 from flask_meisa.emulator import Emulator
@@ -927,3 +929,25 @@ def test_a_backfill_waiter_behind_the_lanes_ahead_comes_back_when_its_slot_frees
         lease=LEASE, lane=LANE_BACKFILL, share=0.25, waiter="b", place=backfill.place
     ).token, "the backfill's slot is free"
     assert told <= free + 0.1, (backfill.wait, free - asked)
+
+
+def test_a_redis_refusing_connections_is_logged_once_not_per_call(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every slot asked of a Redis that refuses connections fails at once and the call is
+    made without one; the warning is said once, not on every send."""
+    with socket.socket() as unused:  # a loopback port that nothing listens on
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    url = f"redis://127.0.0.1:{port}/0"  # made as the engine makes its client
+    client = redis.Redis.from_url(url, health_check_interval=30, **REDIS_TIMEOUTS)
+    budget = RedisBudget(client, "10/second", KEY)
+    began = time.monotonic()
+    for _ in range(5):
+        with budget.slot(1.0, lease=LEASE) as got:
+            assert got is False  # made without a slot
+    assert time.monotonic() - began < 2.0  # refused at once: no stall waited out
+    warned = [r for r in caplog.records if "no budget slot from Redis" in r.getMessage()]
+    assert len(warned) == 1
+    assert "ConnectionError" in warned[0].getMessage()
+    client.close()

@@ -129,6 +129,7 @@ class RedisBudget:
         self._windows = [f"{prefix}:w{window.period:g}" for window in self.windows]
         self._redis = redis
         self.stall = Stall() if stall is None else stall  # no slot is asked while it lasts
+        self._warned_until = 0.0  # time.monotonic(): no slot failure is logged again before
         self._acquire, self._finish, self._pause, self._hold, self._fly = (
             redis.register_script(lua.TIME + body)
             for body in (lua.ACQUIRE, lua.FINISH, lua.PAUSE, lua.HOLD, _FLY)
@@ -227,8 +228,10 @@ class RedisBudget:
                 self._fly(keys=[self._flying_key], args=[flying, lease])
                 token = flying  # (once in flight: Redis may have failed to put it there)
         except RedisError as error:
-            if not self.stall:
-                self.stall.note(error)
+            self.stall.note(error)
+            # Said once in a while: a refused connection fails each send at once, unstalled.
+            if time.monotonic() >= self._warned_until:
+                self._warned_until = time.monotonic() + UNREACHABLE_FOR
                 logger.warning(
                     "flask-meisa: no budget slot from Redis (%s); calling without one",
                     type(error).__name__,

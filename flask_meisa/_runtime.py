@@ -19,13 +19,13 @@ from typing import TypeVar
 
 from ._deferral import HeldBatches
 from ._engine.base import Dispatcher
-from ._engine.base import require_real_threads
 from ._process import close_apart
 from ._process import exited
 from ._process import forks_without_hooks
 from ._process import live
 from ._process import making
 from ._suppression import SuppressionSet
+from ._threads import require_real_threads
 from .client import MeisaClient
 from .config import DEFAULTS
 from .config import INSTANCE_PREFIX

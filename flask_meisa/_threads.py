@@ -4,9 +4,12 @@ server's own threads."""
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import weakref
 from collections.abc import Callable
+
+from .errors import ConfigurationError
 
 #: What servers send a worker to stop, reload or report. A C handler (uWSGI's) runs in
 #: whichever thread the kernel hands a process's signal to, and exits the process from
@@ -37,3 +40,19 @@ def after_fork_in_child() -> None:
     starts): those signals given back, so that ``SIGTERM`` (``terminate()``) ends it."""
     if threading.current_thread() in _ours:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+
+
+def require_real_threads() -> None:
+    """Raise :class:`ConfigurationError` where gevent or eventlet has patched ``threading``:
+    an engine's threads of its own would be greenlets."""
+    gevent, eventlet = sys.modules.get("gevent.monkey"), sys.modules.get("eventlet.patcher")
+    if gevent is not None and gevent.is_module_patched("threading"):
+        green = "gevent"
+    elif eventlet is not None and eventlet.is_monkey_patched("thread"):
+        green = "eventlet"
+    else:
+        return
+    raise ConfigurationError(
+        f"background delivery needs real threads, and {green} monkey-patching makes them "
+        'greenlets: set MEISA_DELIVERY = "sync" (or "celery")'
+    )

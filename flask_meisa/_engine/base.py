@@ -4,7 +4,6 @@ the client it calls with, and :func:`settle`: what a call's outcome means."""
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 from collections.abc import Callable
 from collections.abc import Iterable
@@ -19,7 +18,6 @@ from typing import Protocol
 
 from ..errors import APIConnectionError
 from ..errors import APIError
-from ..errors import ConfigurationError
 from ..errors import DeliveryError
 from ..errors import NotFoundError
 from ..errors import RateLimitError
@@ -185,22 +183,6 @@ class Dispatcher(Protocol):
 
     def after_fork(self) -> None:
         """In a forked child: forget the parent's threads, locks and connections."""
-
-
-def require_real_threads() -> None:
-    """Raise :class:`ConfigurationError` where gevent or eventlet has patched ``threading``:
-    an engine's threads of its own would be greenlets."""
-    gevent, eventlet = sys.modules.get("gevent.monkey"), sys.modules.get("eventlet.patcher")
-    if gevent is not None and gevent.is_module_patched("threading"):
-        green = "gevent"
-    elif eventlet is not None and eventlet.is_monkey_patched("thread"):
-        green = "eventlet"
-    else:
-        return
-    raise ConfigurationError(
-        f"background delivery needs real threads, and {green} monkey-patching makes them "
-        'greenlets: set MEISA_DELIVERY = "sync" (or "celery")'
-    )
 
 
 Action = Literal["done", "retry", "recover", "fail"]

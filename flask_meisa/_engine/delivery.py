@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from .._threads import require_real_threads
 from ..errors import EngineClosed
 from ..operations import LANE_BACKFILL
 from ..operations import LANE_NAMES
@@ -29,7 +30,6 @@ from .base import DeliveryStatus
 from .base import HookCaller
 from .base import in_hook
 from .base import lease_of
-from .base import require_real_threads
 from .budget import Budget
 from .caller import Caller
 from .host import HostFiles

@@ -243,12 +243,12 @@ class Meisa:
         if not delivering:
             return no_call("disabled", reason="delivery_suppressed")
         try:  # (waiting for the list and for budget slots counts against the deadline)
-            state.reporter.guard(address)
+            state.reporter.guard(operation)
             policy = state.retry_policy(deadline=max(ends - time.monotonic(), 0.001))
             client = state.client.with_options(retry=policy, slot=state.budget_slot)
             result = deliver(client, operation)
         except APIError as error:
-            state.reporter.learn(address, error)
+            state.reporter.learn(operation, error)
             raise
         return state.reporter.sent(body, result, operation=None)
 

@@ -189,8 +189,6 @@ class SignalReporter:
 
     def failed(self, operation: Operation, error: BaseException) -> None:
         """Report a refused operation or one whose retries ran out."""
-        if operation.kind == "send":
-            self.learn(operation.payload["to_email"], error)
         # The engine logs the failure itself (once, without payload values).
         logger.debug("meisa: %s failed: %s", operation.describe(), error)
         self._emit(delivery_failed, operation=operation, error=error)
@@ -200,10 +198,13 @@ class SignalReporter:
         logger.debug("meisa: %s dropped: %s", operation.describe(), reason)
         self._emit(delivery_dropped, operation=operation, reason=reason)
 
-    def learn(self, address: str, error: BaseException) -> None:
-        """A send to ``address`` Meisa refused: with 422 ``recipient_suppressed``, the address
+    def learn(self, operation: Operation, error: BaseException) -> None:
+        """A send (``operation``) Meisa refused: with 422 ``recipient_suppressed``, its address
         joins the suppression set; with the send guardrail's 429, :meth:`guard` refuses
-        this process's synchronous sends to it until its ``Retry-After`` has passed."""
+        this process's sends to it until its ``Retry-After`` has passed."""
+        address = operation.payload.get("to_email", "") if operation.kind == "send" else ""
+        if not address:
+            return
         if isinstance(error, UnprocessableEntityError) and error.code == "recipient_suppressed":
             self.suppression.add(address)
         elif isinstance(error, RateLimitError) and error.code == "send_guardrail":
@@ -213,9 +214,10 @@ class SignalReporter:
                 wait = error.retry_after or GUARD_UNTOLD
                 self._guarded[address] = (time.monotonic() + wait, error)
 
-    def guard(self, address: str) -> None:
-        """Raise the send guardrail's 429 for ``address`` again, without a call to Meisa
+    def guard(self, operation: Operation) -> None:
+        """Raise the send guardrail's 429 of a send's address again, without a call to Meisa
         (which would refuse it, spending the key's budget), while its ``Retry-After`` lasts."""
+        address = operation.payload.get("to_email", "") if operation.kind == "send" else ""
         until, error = self._guarded.get(address, (0.0, None))
         if error is not None and (left := until - time.monotonic()) > 0:
             code, endpoint = error.code, error.endpoint

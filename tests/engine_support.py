@@ -93,6 +93,12 @@ class RecordingHooks:
     def skipped(self, operation: Operation, reason: str) -> None:
         self._record("skipped", operation, reason)
 
+    def guard(self, operation: Operation) -> None:
+        pass
+
+    def learn(self, operation: Operation, error: BaseException) -> None:
+        pass
+
     def delivered(self, operation: Operation, result: Any) -> None:
         self._record("delivered", operation, result)
 

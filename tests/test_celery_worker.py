@@ -15,7 +15,9 @@ from typing import Any
 
 import pytest
 import redis
+from flask import Flask
 
+from flask_meisa import Meisa
 from flask_meisa._engine import celery_worker
 from flask_meisa._engine import redis_dead
 from flask_meisa._engine.celery import CeleryDispatcher
@@ -36,6 +38,8 @@ from flask_meisa.operations import LANE_AUTOMATION
 from flask_meisa.operations import LANE_ROUTINE
 from flask_meisa.operations import Operation
 from flask_meisa.retry import RetryPolicy
+from flask_meisa.signals import delivery_failed
+from flask_meisa.testing import emulator_config
 from tests.celery_support import make_celery
 from tests.celery_support import redis_client_fixture  # noqa: F401
 from tests.celery_support import redis_url_fixture  # noqa: F401
@@ -485,6 +489,33 @@ def test_a_send_guardrail_429_delays_only_that_send(
     assert worker.budget.snapshot()[0] == 0.0  # the key is not paused
     assert worker.run(*submit(receipt(3, "bob@example.com"))) is None  # others go
     assert [r.status for r in emulator.requests_to(TRIGGER)] == [200, 429, 200]
+
+
+def test_sends_to_an_address_the_guardrail_refused_fail_as_it_did_without_a_call(
+    make_worker: MakeWorker, submit: Submit, store: RedisDeliveryStore, emulator: Emulator
+) -> None:
+    # A worker made a call for each: five queued receipts to one address (guardrail 1/hour)
+    # made five, four refused 429. After the first refusal the next ones fail the same way
+    # (delivery_failed with the guardrail's 429) without a call; other addresses' go.
+    app = Flask(__name__)
+    app.config.update(emulator_config(emulator))
+    reporter = Meisa(app).state(app).reporter
+    emulator.set_send_guardrail("1/hour")
+    worker, failed = make_worker(hooks=reporter), []
+
+    def receipt(n: int, to: str) -> Operation:
+        body = {"trigger_key": "receipt", "to_email": to, "idempotency_key": f"r-{n}"}
+        return Operation("send", body)
+
+    with delivery_failed.connected_to(lambda _, error, **kw: failed.append(error), app):
+        for n in range(5):
+            assert worker.run(*submit(receipt(n, "ada@example.com"))) is None
+        assert worker.run(*submit(receipt(9, "bob@example.com"))) is None
+    assert [r.status for r in emulator.requests_to(TRIGGER)] == [200, 429, 200]
+    assert [(e.code, 3500 < (e.retry_after or 0) <= 3600) for e in failed] == [
+        ("send_guardrail", True)
+    ] * 4
+    assert RedisDeadLetters(store).count() == 4
 
 
 def test_failures_in_a_row_pause_every_worker_then_one_probe_goes(

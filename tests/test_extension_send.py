@@ -16,6 +16,7 @@ from flask_meisa import RateLimitError
 from flask_meisa import UnprocessableEntityError
 from flask_meisa import ValidationError
 from flask_meisa._suppression import SuppressionSet
+from flask_meisa.signals import delivery_failed
 from flask_meisa.signals import email_sent
 from flask_meisa.signals import email_suppressed
 from flask_meisa.testing import emulator_config
@@ -372,6 +373,39 @@ def test_a_guardrail_refusal_without_a_usable_retry_after_still_stops_the_loop(
         meisa.state(app).close(0.0)
     assert 59 < (refused.value.retry_after or 0) <= 60
     assert [path for _, path in server.requests].count("/api/v1" + TRIGGER) == 1
+
+
+@pytest.mark.parametrize("engine", ["thread", "sync"])
+def test_background_sends_in_a_loop_past_the_guardrail_end_as_the_refused_one_without_a_call(
+    emulator: Any, engine: str
+) -> None:
+    # Queued, each made its call: 10 to one address (guardrail 2/hour) made 10, 8 refused
+    # 429 (each a slot of the key's budget). After the first refusal the next ones fail as
+    # it did (delivery_failed with the guardrail's 429, a dead letter) without a call.
+    config = emulator_config(emulator, MEISA_DELIVERY=engine, MEISA_RATE_LIMIT="60/minute")
+    app = build_app({**config, "MEISA_MAX_ATTEMPTS": 1})  # (sync: no retry by the client)
+    meisa: Meisa = app.extensions["meisa"]
+    emulator.set_send_guardrail("2/hour")
+    failed: list[Any] = []
+    try:
+        with (
+            delivery_failed.connected_to(lambda _, error, **kw: failed.append(error), sender=app),
+            app.app_context(),
+        ):
+            for _ in range(10):
+                assert meisa.send("receipt", "loop@example.com", background=True).status
+            meisa.send("receipt", "other@example.com", background=True)
+            assert meisa.flush(10)
+            status = meisa.status()
+        assert sorted(r.status for r in emulator.requests_to(TRIGGER)) == [200, 200, 200, 429]
+        assert [e.code for e in failed] == ["send_guardrail"] * 8
+        assert all(3500 < (e.retry_after or 0) <= 3600 for e in failed)
+        assert (status.delivered, status.failed) == (3, 8)
+        if engine == "thread":
+            # The four calls and the suppression list's load: 5 slots (before: 12).
+            assert status.dead_letters == 8 and status.budget_left == {"60/minute": 55}
+    finally:
+        meisa.state(app).close(0.0)
 
 
 @pytest.mark.slow

@@ -23,7 +23,9 @@ from ..errors import NotFoundError
 from ..errors import RateLimitError
 from ..errors import ServerError
 from ..errors import ValidationError
+from ..operations import Attempt
 from ..operations import Operation
+from ..operations import attempt
 from ..retry import RetryPolicy
 
 if TYPE_CHECKING:
@@ -36,13 +38,19 @@ ClientFactory = Callable[[], "MeisaClient"]
 
 
 class DeliveryHooks(Protocol):
-    """What an engine reports back to the extension. Hooks must not raise."""
+    """What an engine reports back to the extension. Hooks must not raise (but ``guard``)."""
 
     def skip_reason(self, operation: Operation) -> str | None:
         """Checked just before a call: a reason not to make it (e.g. ``"suppressed"``)."""
 
     def skipped(self, operation: Operation, reason: str) -> None:
         """The operation was not delivered on purpose (see :meth:`skip_reason`)."""
+
+    def guard(self, operation: Operation) -> None:
+        """Checked just before a call: raise Meisa's 429 for it when known (no call)."""
+
+    def learn(self, operation: Operation, error: BaseException) -> None:
+        """Meisa answered the call for ``operation`` with ``error``."""
 
     def delivered(self, operation: Operation, result: Any) -> None:
         """Meisa accepted the operation (``result``), or had the upsert's state (``None``)."""
@@ -74,6 +82,16 @@ class HookCaller:
         """The hook's reason to skip ``operation``; a hook that raises skips nothing."""
         reason: str | None = self.call("skip_reason", operation)
         return reason
+
+    def attempt(self, get_client: Callable[[], MeisaClient], call: Operation) -> Attempt:
+        """:func:`attempt` ``call`` unless ``guard`` raises (not made); ``learn`` its error."""
+        try:
+            self.hooks.guard(call)
+        except RateLimitError as refused:
+            return Attempt(error=refused)
+        if (outcome := attempt(get_client, call)).error is not None:
+            self.call("learn", call, outcome.error)
+        return outcome
 
     def call(self, name: str, operation: Operation, *args: Any) -> Any:
         """Call hook ``name`` and return what it returns (``None`` when it raised)."""

@@ -17,7 +17,6 @@ from typing import Any
 
 from ..operations import LANE_BACKFILL
 from ..operations import Attempt
-from ..operations import attempt
 from . import dead
 from . import known
 from . import pending
@@ -268,10 +267,11 @@ class Caller:
 
     def _call(self, row: pending.Row, token: str) -> Report:
         operation = row.operation
-        reason = None if row.recover else self.delivery.hooks.skip_reason(operation)
+        hooks = self.delivery.hooks
+        reason = None if row.recover else hooks.skip_reason(operation)
         outcome = Attempt(error=too_late(operation, row.first_attempt, time.time()))
         if reason is None and outcome.error is None:
-            outcome = attempt(self.client, call_for(operation, row.recover == 1))
+            outcome = hooks.attempt(self.client, call_for(operation, row.recover == 1))
         self.count(calls=-1, reporting=1)
         try:
             while True:

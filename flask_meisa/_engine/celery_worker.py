@@ -274,7 +274,7 @@ class DeliveryWorker:
                 self.store.first_attempt(operation.id, meta["first_attempt"])
             outcome = operations.Attempt(error=late)
             if late is None:
-                outcome = operations.attempt(self._client, base.call_for(operation, recovering))
+                outcome = self._hooks.attempt(self._client, base.call_for(operation, recovering))
         except BaseException:
             if budget is not None and token is not None:
                 budget.finish(token)  # interrupted mid-call: the slot counts as spent

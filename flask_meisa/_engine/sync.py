@@ -12,9 +12,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 from typing import Any
 
-from ..errors import MeisaError
 from ..operations import Operation
-from ..operations import deliver
 from ..retry import RetryPolicy
 from .base import DeliveryStatus
 from .base import Dispatcher
@@ -54,9 +52,8 @@ class InlineDispatcher(Dispatcher):
         client, recovering, recovered = self._state.client, False, False
         while True:
             operation.attempts += 1
-            try:
-                result = deliver(client, call_for(operation, recovering))
-            except MeisaError as error:
+            outcome = self._hooks.attempt(lambda: client, call_for(operation, recovering))
+            if (error := outcome.error) is not None:
                 settled = _settle(operation, error, recovering=recovering, recovered=recovered)
                 if settled.step == "upsert_contact":
                     recovering = True  # the contact does not exist yet: upsert it, then again
@@ -66,7 +63,7 @@ class InlineDispatcher(Dispatcher):
                 self._report("failed", operation, error)
                 return
             if not recovering:
-                self._report("delivered", operation, result)
+                self._report("delivered", operation, outcome.result)
                 return
             recovering, recovered = False, True  # the contact exists now: the event again
 

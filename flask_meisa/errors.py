@@ -172,6 +172,12 @@ class RateLimitError(APIError):
 
     retryable = True
 
+    @property
+    def about_recipient(self) -> bool:
+        """Whether it is the send guardrail's (``send_guardrail``: too many emails to one
+        address), which holds that recipient's sends only, for its whole ``Retry-After``."""
+        return self.code == "send_guardrail"
+
 
 class ServerError(APIError):
     """5xx: trouble on Meisa's side; safe to retry."""

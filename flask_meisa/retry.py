@@ -81,7 +81,9 @@ class RetryPolicy:
         delay = self.backoff(attempt)
         retry_after = getattr(error, "retry_after", None)
         if retry_after is not None:
-            delay = max(delay, min(max(retry_after, 0.0), self.max_retry_after))
+            # A recipient's guardrail refuses a retry sooner than it asked: not capped.
+            cap = math.inf if getattr(error, "about_recipient", False) else self.max_retry_after
+            delay = max(delay, min(max(retry_after, 0.0), cap))
         if self.deadline is not None and elapsed + delay > self.deadline:
             return None
         return delay

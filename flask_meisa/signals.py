@@ -207,7 +207,7 @@ class SignalReporter:
             return
         if isinstance(error, UnprocessableEntityError) and error.code == "recipient_suppressed":
             self.suppression.add(address)
-        elif isinstance(error, RateLimitError) and error.code == "send_guardrail":
+        elif isinstance(error, RateLimitError) and error.about_recipient:
             with self._guard_lock:
                 while len(self._guarded) >= 10_000:
                     del self._guarded[next(iter(self._guarded))]

@@ -291,3 +291,14 @@ def test_no_attempt_limit_retries_until_the_deadline_only() -> None:
     error = ServerError("POST /contacts/upsert/", 503, "down")
     assert policy.delay_for(10_000, error, elapsed=10.0) is not None
     assert policy.delay_for(10_000, error, elapsed=99.5) is None
+
+
+def test_a_send_guardrails_retry_after_is_not_capped() -> None:
+    # One recipient's window: a retry sooner than it asks is refused again (a 429 and a
+    # slot of the key's budget each time), so its whole wait counts against the deadline.
+    error = RateLimitError(EP, 429, "x", code="send_guardrail", retry_after=3600.0)
+    assert error.about_recipient
+    assert fixed(0.0).delay_for(1, error, 0.0) is None  # past the 60 s deadline: give up
+    assert RetryPolicy(deadline=None, random=lambda: 0.0).delay_for(1, error, 0.0) == 3600.0
+    key = RateLimitError(EP, 429, "x", code="rate_limited", retry_after=3600.0)
+    assert not key.about_recipient and fixed(0.0).delay_for(1, key, 0.0) == 60.0

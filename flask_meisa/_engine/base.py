@@ -213,8 +213,6 @@ Step = Literal["delivered", "failed", "retry", "upsert_contact", "event_again"]
 #: included: never a tight loop), then probes with one call at a time.
 OUTAGE_THRESHOLD, OUTAGE_MIN_PAUSE = 3, 1.0
 
-#: The ``code`` of a 429 from Meisa's per-recipient send guardrail.
-SEND_GUARDRAIL = "send_guardrail"
 #: Meisa deduplicates a send's idempotency key for this long, in seconds.
 IDEMPOTENCY_WINDOW = 3600.0
 #: What a replayed send leaves of that window for its wait in a queue, in seconds.
@@ -265,7 +263,7 @@ def decide(
     answered = isinstance(error, APIError) and not isinstance(error, ServerError)
     if isinstance(error, NotFoundError) and kind == "track":
         return Decision("recover" if can_recover else "fail", unknown_contact=True)
-    if isinstance(error, RateLimitError) and kind == "send" and error.code == SEND_GUARDRAIL:
+    if isinstance(error, RateLimitError) and kind == "send" and error.about_recipient:
         # About one recipient: that recipient's sends wait as long as Meisa asks (capped
         # only by the deadline); the key and everyone else carry on.
         wait = error.retry_after if error.retry_after is not None else policy.backoff(attempts)

@@ -127,3 +127,16 @@ def test_the_overview_runs_against_the_emulator(name: str, emulator: Emulator) -
     assert [s["trigger_key"] for s in emulator.sends()] == ["password_reset"]
     contact = emulator.contact(email=User.email)
     assert contact is not None and contact["custom_fields"]["plan"] == "pro"
+
+
+def test_the_emulators_quick_start_runs_with_the_integrating_factory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "config", types.ModuleType("config"))
+    namespace = the_users_parts(flask_login.LoginManager(), "flask.Flask")
+    run(blocks("docs/integrating.md", "## One extension")[0], namespace, "integrating.md")
+    exercise = """with app.test_request_context():
+        plan_changed.send(app, user=user, new_plan="pro")
+        meisa.send("verification_code", user.email, variables={"code": "123456"})"""
+    quick_start = blocks("docs/emulator.md", "## Quick start")[0].replace("...", exercise)
+    run("from flask_meisa import plan_changed\n" + quick_start, namespace, "emulator.md")

@@ -15,6 +15,7 @@ import flask
 import flask_login
 import pytest
 
+from flask_meisa import Meisa
 from flask_meisa.emulator import Emulator
 from flask_meisa.testing import emulator_config
 
@@ -140,3 +141,16 @@ def test_the_emulators_quick_start_runs_with_the_integrating_factory(
         meisa.send("verification_code", user.email, variables={"code": "123456"})"""
     quick_start = blocks("docs/emulator.md", "## Quick start")[0].replace("...", exercise)
     run("from flask_meisa import plan_changed\n" + quick_start, namespace, "emulator.md")
+
+
+def test_the_typical_settings_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEISA_API_KEY", "meisa_live_docs_example")  # not a key of any Meisa
+    settings = blocks("docs/configuration.md", "## Typical settings")
+    assert len(settings) == 3
+    for number, block in enumerate(settings):
+        module: dict[str, Any] = {}
+        run(block, module, f"configuration.md: typical settings {number}")
+        app = flask.Flask("yourapp")  # each block on a config that has the key
+        app.config.from_mapping(MEISA_API_KEY="meisa_live_docs_example")
+        app.config.from_mapping({k: v for k, v in module.items() if k.isupper()})
+        Meisa(app).close(app)  # every value accepted

@@ -1,10 +1,9 @@
 """The Python examples of README.md and docs/quickstart.md run as written, in order, against
 the embedded emulator: only the user's own parts (a user, Flask-Login's manager, a code)
-are supplied, and the imports the README's steps 3, 5 and 7 leave out."""
+are supplied."""
 
 from __future__ import annotations
 
-import pkgutil
 import re
 import sys
 import types
@@ -20,15 +19,13 @@ from flask_meisa.emulator import Emulator
 from flask_meisa.testing import emulator_config
 
 ROOT = Path(__file__).resolve().parent.parent
-# file: the section of the integration steps (config, factory, steps), the heading of the
-# test, the imports the steps leave out
+# file: the section of the integration steps (config, factory, steps), the heading of the test
 DOCS = {
     "README.md": (
         ("## Integrate it in five minutes", "## Configuration"),
         "## Testing your own app",
-        ("flask.Flask", "flask.current_app", "flask_meisa.track_event"),
     ),
-    "docs/quickstart.md": (("## 2. Configure", "## 8. Test it"), "## 8. Test it", ()),
+    "docs/quickstart.md": (("## 2. Configure", "## 8. Test it"), "## 8. Test it"),
 }
 
 
@@ -49,8 +46,8 @@ def run(code: str, namespace: dict[str, Any], label: str) -> None:
     exec(compile(code, label, "exec"), namespace)
 
 
-def the_users_parts(login_manager: flask_login.LoginManager, *names: str) -> dict[str, Any]:
-    """What the examples take from the user's app: its user, login manager, imports."""
+def the_users_parts(login_manager: flask_login.LoginManager) -> dict[str, Any]:
+    """What the examples take from the user's app: its user, its login manager."""
     user = User()
     login_manager.user_loader(lambda user_id: user)
     return {
@@ -61,7 +58,6 @@ def the_users_parts(login_manager: flask_login.LoginManager, *names: str) -> dic
         "login_manager": login_manager,
         **{name: getattr(flask_login, name) for name in ("current_user", "login_required")},
         **{name: getattr(flask, name) for name in ("flash", "request")},
-        **{name.rpartition(".")[2]: pkgutil.resolve_name(name) for name in names},
     }
 
 
@@ -69,7 +65,7 @@ def the_users_parts(login_manager: flask_login.LoginManager, *names: str) -> dic
 def test_the_integration_steps_run_against_the_emulator(
     name: str, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    (start, end), test_heading, imports = DOCS[name]
+    (start, end), test_heading = DOCS[name]
     config, factory, *steps = blocks(name, start, end)
     monkeypatch.setenv("MEISA_API_KEY", emulator.live_key)
     monkeypatch.setenv("MEISA_BASE_URL", emulator.url)  # the quickstart's offline setup
@@ -77,7 +73,7 @@ def test_the_integration_steps_run_against_the_emulator(
     vars(module)["MEISA_BASE_URL"] = emulator.url  # the README's config: the real Meisa
     run(config, vars(module), f"{name}: config")
     monkeypatch.setitem(sys.modules, "config", module)
-    namespace = the_users_parts(flask_login.LoginManager(), *imports)
+    namespace = the_users_parts(flask_login.LoginManager())
     run(factory, namespace, f"{name}: factory")
     app = namespace["app"] = namespace["create_app"]()
     app.secret_key = "docs-examples"
@@ -134,7 +130,7 @@ def test_the_emulators_quick_start_runs_with_the_integrating_factory(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setitem(sys.modules, "config", types.ModuleType("config"))
-    namespace = the_users_parts(flask_login.LoginManager(), "flask.Flask")
+    namespace = the_users_parts(flask_login.LoginManager())
     run(blocks("docs/integrating.md", "## One extension")[0], namespace, "integrating.md")
     exercise = """with app.test_request_context():
         plan_changed.send(app, user=user, new_plan="pro")

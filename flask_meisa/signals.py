@@ -44,8 +44,9 @@ __all__ = [
 
 logger = logging.getLogger("flask_meisa")
 #: How long a send guardrail's 429 without a usable ``Retry-After`` (none, 0, below 0, a
-#: date past, unreadable) refuses its address: a loop then calls once a minute, not each time.
-GUARD_UNTOLD = 60.0
+#: date past, unreadable) refuses its address: a loop then calls once a minute, not each time;
+#: and the longest (an hour, Meisa's longest window): a later call asks again.
+GUARD_UNTOLD, GUARD_LONGEST = 60.0, 3600.0
 
 _signals = Namespace()
 
@@ -211,7 +212,7 @@ class SignalReporter:
             with self._guard_lock:
                 while len(self._guarded) >= 10_000:
                     del self._guarded[next(iter(self._guarded))]
-                wait = error.retry_after or GUARD_UNTOLD
+                wait = min(error.retry_after or GUARD_UNTOLD, GUARD_LONGEST)
                 self._guarded[address] = (time.monotonic() + wait, error)
 
     def guard(self, operation: Operation) -> None:

@@ -316,3 +316,25 @@ def test_a_locked_store_never_fails_a_request(
     assert [r.status for r in emu.requests_to(UPSERT)] == [201, 201]  # two users, merged
     assert sorted(s["to_email"] for s in emu.sends()) == ["later@example.com", "now@example.com"]
     assert stored(Path(app.instance_path)).pending == 0
+
+
+def test_a_send_whose_suppression_check_the_exit_flush_cut_short_stays_stored(
+    emu: Emulator, instance: Path
+) -> None:
+    # As above, but the flush's time runs out while the list fetch it started waits for a
+    # slow list: the fetch fails (engine closed). The send went out unchecked (Meisa answered
+    # 422, a dead letter); now it is not made and stays stored, checked at the next start.
+    emu.suppress("gone@example.com")
+    env = environment(emu, instance, MEISA_TEST_FLUSH_TIMEOUT="0")
+    run_app(env, "exit-paused", "gone@example.com")
+    emu.clear_requests()
+    emu.faults.set(latency=4.0, paths=["/contacts/api/unsubscribed-emails/"])
+    output = run_app(environment(emu, instance, MEISA_TEST_FLUSH_TIMEOUT="3"), "exit-paused")
+    assert "engine is closed" in output, output  # (the fetch failed, as it still may)
+    assert not emu.requests_to("/api/v1" + TRIGGER), output
+    assert stored_kinds(instance)["send"] == 1, output
+    emu.faults.set()
+    output = run_app(environment(emu, instance, MEISA_TEST_FLUSH_TIMEOUT="10"), "exit-paused")
+    assert "suppressed gone@example.com" in output, output
+    assert not emu.requests_to("/api/v1" + TRIGGER), output
+    assert stored(instance).dead_letters == 0, output

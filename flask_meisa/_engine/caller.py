@@ -269,8 +269,10 @@ class Caller:
         operation = row.operation
         hooks = self.delivery.hooks
         reason = None if row.recover else hooks.skip_reason(operation)
+        # Stopped meanwhile (its suppression check may have failed for it): no call, stored.
+        stopped = reason is None and self._stopped
         outcome = Attempt(error=too_late(operation, row.first_attempt, time.time()))
-        if reason is None and outcome.error is None:
+        if not stopped and reason is None and outcome.error is None:
             outcome = hooks.attempt(self.client, call_for(operation, row.recover == 1))
         self.count(calls=-1, reporting=1)
         try:
@@ -287,6 +289,9 @@ class Caller:
                         if pending.still_taken(db, taken):
                             if reason is not None:
                                 return self._over(db, taken, "skipped", "skipped", reason)
+                            if stopped:
+                                pending.retry_at(db, taken, now, recover=taken.recover)
+                                return lambda: None
                             return self._settle(db, taken, outcome, now)
                         if self.files is None or not self.files.to_follow():
                             return lambda: None  # the process delivering now settles it

@@ -177,11 +177,11 @@ class Delivery(Writer):
             self._wait_until(lambda: not self._unstored(), deadline)
             if self.is_holder:
                 self.flush(deadline - time.monotonic())
-        with self._lock:  # and no delivery thread starts from here on
+        with self._lock:  # and no delivery thread starts from here on (nor calls: first)
+            self._caller.stop()
             self._stopping = True
             self._wake.notify_all()
             self._to_report.notify_all()
-            self._caller.stop()
         # The writer (first) stores what it can, or has it back past the store's busy timeout
         # (more time for it alone); threads in a call are left to it, all in one allowance.
         ends = time.monotonic() + 2.0

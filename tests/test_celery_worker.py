@@ -541,6 +541,36 @@ def test_failures_in_a_row_pause_every_worker_then_one_probe_goes(
     assert "3 failed calls in a row; pausing delivery for 2.00 s" in caplog.text
 
 
+def test_sends_refused_without_a_call_between_failures_do_not_hold_the_breaker_shut(
+    make_worker: MakeWorker, submit: Submit, emulator: Emulator
+) -> None:
+    # Meisa down (503s) and, between its failures, receipts to an address the guardrail
+    # refused, failed without a call: each counted as Meisa answering, the breaker never
+    # opened and the workers never paused. A call not made counts as nothing.
+    app = Flask(__name__)
+    app.config.update(emulator_config(emulator))
+    reporter = Meisa(app).state(app).reporter
+    emulator.set_send_guardrail("1/hour")
+    policy = RetryPolicy(max_attempts=10, base_delay=0.5, max_delay=4.0, deadline=60.0)
+    worker = make_worker(hooks=reporter, retry=policy)
+
+    def receipt(n: int) -> Operation:
+        body = {"trigger_key": "receipt", "to_email": "ada@example.com"}
+        return Operation("send", {**body, "idempotency_key": f"r-{n}"})
+
+    for n in range(2):
+        assert worker.run(*submit(receipt(n))) is None
+    emulator.faults.fail_next(3, 503, path=UPSERT)
+    for n in range(3):
+        assert worker.run(*submit(receipt(10 + n))) is None  # refused: no call
+        again = worker.run(*submit(Operation("upsert", {"email": f"u{n}@b.co"})))
+        assert isinstance(again, RunAgain)
+    assert [r.status for r in emulator.requests_to(TRIGGER)] == [200, 429]
+    assert worker.budget is not None
+    paused, _, _ = worker.budget.snapshot()
+    assert 1.5 < paused <= 2.0  # the backoff's ceiling after 3 failures: 0.5 * 2 ** 2
+
+
 def test_a_wait_longer_than_the_longest_countdown_is_made_of_several(
     make_worker: MakeWorker, submit: Submit, store: RedisDeliveryStore, emulator: Emulator
 ) -> None:

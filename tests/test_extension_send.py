@@ -411,6 +411,39 @@ def test_background_sends_in_a_loop_past_the_guardrail_end_as_the_refused_one_wi
         meisa.state(app).close(0.0)
 
 
+def test_sends_refused_without_a_call_do_not_hide_an_outage(emulator: Any) -> None:
+    # Meisa down (every upsert 503) and, between its failures, sends to an address the
+    # guardrail refused, ended with its 429 without a call: they counted as Meisa
+    # answering, each ending the failures in a row, and delivery never paused. A call not
+    # made counts as nothing: the third failure in a row pauses delivery.
+    config = emulator_config(emulator, MEISA_DELIVERY="thread", MEISA_RATE_LIMIT="60/minute")
+    app = build_app({**config, "MEISA_RETRY_DEADLINE": 0.001})  # no retry: the 503s fail
+    meisa: Meisa = app.extensions["meisa"]
+    emulator.set_send_guardrail("1/hour")
+    failed: list[Any] = []
+    try:
+        with (
+            delivery_failed.connected_to(lambda _, error, **kw: failed.append(error), sender=app),
+            app.app_context(),
+        ):
+            for _ in range(2):
+                meisa.send("receipt", "loop@example.com", background=True)
+                assert meisa.flush(10)
+            emulator.faults.fail_next(3, status=503, path=UPSERT)
+            for n in range(3):
+                meisa.send("receipt", "loop@example.com", background=True)
+                assert meisa.flush(10)
+                meisa.upsert({"email": f"user{n}@example.com", "external_id": f"u{n}"})
+                assert meisa.flush(10)
+            status = meisa.status()
+        assert sorted(r.status for r in emulator.requests_to(TRIGGER)) == [200, 429]
+        assert [r.status for r in emulator.requests_to(UPSERT)] == [503] * 3
+        assert [getattr(e, "code", None) for e in failed].count("send_guardrail") == 4
+        assert status.paused_for > 0
+    finally:
+        meisa.state(app).close(0.0)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("background", [True, False])
 def test_a_send_that_got_no_answer_in_time_holds_its_slot_until_its_lease_ends(

@@ -252,15 +252,15 @@ def decide(
     elapsed: float,
     policy: RetryPolicy,
     can_recover: bool = False,
+    made: bool = True,
 ) -> Decision:
-    """What the outcome of a call (``error``, or ``None``) means after ``attempts`` over
-    ``elapsed`` seconds; ``can_recover``: a 404 event may upsert its contact. Pure."""
+    """What a call's outcome (``error``, or ``None``; not ``made``: no answer, no failure)
+    means after ``attempts`` in ``elapsed`` s; ``can_recover``: a 404 event may upsert. Pure."""
     if error is None:
         return Decision("done")
-    outage = isinstance(error, ServerError) or (
-        isinstance(error, APIConnectionError) and error.retryable
-    )
-    answered = isinstance(error, APIError) and not isinstance(error, ServerError)
+    retryable = isinstance(error, APIConnectionError) and error.retryable
+    outage = made and (isinstance(error, ServerError) or retryable)
+    answered = made and isinstance(error, APIError) and not isinstance(error, ServerError)
     if isinstance(error, NotFoundError) and kind == "track":
         return Decision("recover" if can_recover else "fail", unknown_contact=True)
     if isinstance(error, RateLimitError) and kind == "send" and error.about_recipient:
@@ -268,8 +268,8 @@ def decide(
         # only by the deadline); the key and everyone else carry on.
         wait = error.retry_after if error.retry_after is not None else policy.backoff(attempts)
         if policy.deadline is not None and elapsed + wait > policy.deadline:
-            return Decision("fail", recipient=True)
-        return Decision("retry", delay=wait, recipient=True)
+            return Decision("fail", answered=answered, recipient=True)
+        return Decision("retry", delay=wait, answered=answered, recipient=True)
     delay = policy.delay_for(attempts, error, elapsed)
     pause = 0.0
     if isinstance(error, RateLimitError):
@@ -322,9 +322,10 @@ def settle(
     recovered: bool,
     elapsed: float,
     policy: RetryPolicy,
+    made: bool = True,
 ) -> Outcome:
-    """What the outcome of the call :func:`call_for` made for ``operation`` means for it;
-    ``recovered``: the event upserted its contact once already (it is recovered once)."""
+    """What the outcome of the call :func:`call_for` made for ``operation`` (or not
+    ``made``) means for it; ``recovered``: the event upserted its contact once already."""
     call = call_for(operation, recovering)
     decision = decide(
         call.kind,
@@ -333,6 +334,7 @@ def settle(
         elapsed=elapsed,
         policy=policy,
         can_recover=bool(operation.contact) and not recovering and not recovered,
+        made=made,
     )
     if decision.action == "done":
         accepted = call.payload if call.kind == "upsert" else None

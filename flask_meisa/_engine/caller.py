@@ -329,6 +329,7 @@ class Caller:
             recovered=row.recover == 2,
             elapsed=now - (row.first_attempt or now),
             policy=retry,
+            made=outcome.made,
         )
         run = functools.partial(Store.get_meta, db, "backfill")
         # The key's refusals in a row, by id: read for any row (a live sync may have joined

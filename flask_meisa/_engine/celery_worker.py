@@ -287,6 +287,7 @@ class DeliveryWorker:
             recovered=bool(meta.get("recovered")),
             elapsed=answered_at - meta["first_attempt"],
             policy=self._retry,
+            made=outcome.made,
         )
         if budget is not None:  # a 429 about the key: no other call may start from now
             budget.pause(settled.decision.pause)

@@ -230,11 +230,14 @@ def _backfill_target(state: MeisaState, *, start: bool) -> backfill.Target:
 
 
 def _flushed(meisa: Meisa, timeout: float) -> tuple[bool, DeliveryStatus]:
-    """Whether all was delivered within ``timeout`` s, and the status then; if not, this
-    process stops delivering now (the exit hook would wait ``MEISA_FLUSH_TIMEOUT`` more)."""
-    flushed, status = meisa.flush(timeout), meisa.status()
-    if not flushed:
-        meisa.close(current_app, 0)
+    """Whether all was delivered within ``timeout`` s, and the status then; if not (or at
+    Ctrl+C), this process stops delivering now, not in ``MEISA_FLUSH_TIMEOUT`` at exit."""
+    flushed = False
+    try:
+        flushed, status = meisa.flush(timeout), meisa.status()
+    finally:
+        if not flushed:
+            meisa.close(current_app, 0)
     return flushed, status
 
 
@@ -245,8 +248,7 @@ def _flushed(meisa: Meisa, timeout: float) -> tuple[bool, DeliveryStatus]:
 def flush_command(timeout: float) -> None:
     """Wait until the host has delivered everything pending (this process delivers when
     no other does)."""
-    meisa = _extension(host=True)
-    flushed, status = _flushed(meisa, timeout)
+    flushed, status = _flushed(meisa := _extension(host=True), timeout)
     if not flushed:
         state = meisa.state()
         locked = state.settings.delivery == "thread" and write_locked(state.host_store())
@@ -260,8 +262,7 @@ def flush_command(timeout: float) -> None:
 def status_command() -> None:
     """Show delivery for the whole host: pending work per lane and its age, latency,
     retries, dead letters, budget, which process delivers, counters, the backfill."""
-    meisa = _extension(host=True)
-    state, status = meisa.state(), meisa.status()
+    state, status = (meisa := _extension(host=True)).state(), meisa.status()
     now = _backfill_target(state, start=False).clock() if status.backfill else time.time()
     click.echo(_cli_text.status_report(status, state.store_path(), now))
 
@@ -322,8 +323,7 @@ def dead_letters_group(context: click.Context) -> None:
 @dead_letters_group.command("list")
 def dead_letters_list() -> None:
     """List dead letters, oldest first, with their errors (no payload values)."""
-    letters = _dead_letters().find()
-    for letter in letters:
+    for letter in (letters := _dead_letters().find()):
         click.echo(_cli_text.letter_line(letter))
     click.echo(f"{len(letters)} dead letter(s)" if letters else "no dead letters")
 

@@ -7,6 +7,7 @@ import functools
 import os
 import queue
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -474,6 +475,30 @@ def test_flush_that_times_out_ends_at_its_timeout_not_the_exit_hooks(
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == 1
     assert "1 operations still pending after 0.5s" in done.stderr, done.stderr
+
+
+def test_flush_stopped_with_ctrl_c_ends_at_once_and_keeps_what_is_pending(
+    emulator: Any, tmp_path: Path
+) -> None:
+    # Meisa is down: Ctrl+C in 'flask meisa flush --timeout 30' said "Aborted!", then the
+    # exit hook delivered for MEISA_FLUSH_TIMEOUT more (60 s here; a second Ctrl+C there
+    # printed a traceback). It ends at once; the upsert stays in the store for the next.
+    instance = instance_with_one_upsert(tmp_path)
+    emulator.faults.outage(300)
+    app = "tests.served_app:create_app()"
+    env = environment(emulator, instance, MEISA_TEST_FLUSH_TIMEOUT="60", FLASK_APP=app)
+    command = [sys.executable, "-m", "flask", "meisa", "flush", "--timeout", "30"]
+    flush = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert emulator.wait_for(lambda e: e.requests_to("/contacts/upsert/"), 20)
+        flush.send_signal(signal.SIGINT)
+        _, said = flush.communicate(timeout=15)
+    finally:
+        flush.kill()
+        flush.wait(30)
+    assert flush.returncode == 1 and said == "\nAborted!\n", said
+    with Store(store_path(instance)).read() as db:
+        assert db.execute("SELECT count(*) FROM meisa_ops").fetchone()[0] == 1
 
 
 def test_flush_while_another_process_writes_says_so_and_ends_at_its_timeout(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 from collections.abc import Callable
 from collections.abc import Iterator
@@ -22,6 +23,12 @@ from tests.process_support import Processes
 
 #: Fails any test whose logs, errors, reprs, CLI output or operations show an API key.
 pytest_plugins = ["tests.secrets_guard"]
+
+# Started in the background by a shell without job control (CI, `cmd &` in a script), the
+# suite inherits SIGINT ignored, and so would every process a test then Ctrl+Cs, which hangs
+# on. Handled here, it starts at its default in those children.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 #: ``key=`` value of :class:`EmulatorAPI` calls meaning "the helper's own key".
 OWN_KEY = ""
